@@ -1,0 +1,127 @@
+//! The `replog` command line. One file per subcommand; this one holds the argument
+//! definitions and dispatch.
+
+mod data;
+mod disk;
+mod inspect;
+mod site;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "replog",
+    version,
+    about = "Journaled virtual disks, replicated to a second site, restored at any point",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a site directory: configuration, machines/.
+    Init { site: PathBuf },
+    /// Manage disks.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+    /// Write bytes to a disk through the journal (then flush: durable on exit 0).
+    Write {
+        site: PathBuf,
+        /// MACHINE/DISK
+        disk: String,
+        /// Byte offset to write at (any offset, no alignment needed).
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// File to read the bytes from ("-" for standard input).
+        #[arg(long, conflicts_with = "zero")]
+        input: Option<PathBuf>,
+        /// Instead of data, make this many bytes at OFFSET read as zeros (discard).
+        #[arg(long)]
+        zero: Option<String>,
+    },
+    /// Read bytes of a disk as it is now (journal + parent).
+    Read {
+        site: PathBuf,
+        /// MACHINE/DISK
+        disk: String,
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// Bytes to read (default: to the end of the disk).
+        #[arg(long)]
+        length: Option<String>,
+        /// Output file (sparse: zero blocks become holes); default standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Seal every machine's active segment and merge what may be merged, now.
+    Compact {
+        site: PathBuf,
+        /// Only this machine.
+        machine: Option<String>,
+    },
+    /// Show each machine's journal: segments, LSNs, watermark, last point.
+    Status {
+        site: PathBuf,
+        machine: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dump and verify a site, machine, journal directory or segment file; exit 1 on
+    /// corruption, naming the file and offset.
+    Inspect {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiskCommand {
+    /// Create a disk (and its machine, if new): a sparse parent image of SIZE bytes,
+    /// or a copy of a raw image whose holes and zero blocks stay holes.
+    Create {
+        site: PathBuf,
+        /// MACHINE/DISK, names of letters, digits, '.', '_', '-'
+        disk: String,
+        /// Size: bytes, or with K/M/G/T (binary); a multiple of 512, at most 64T.
+        #[arg(long)]
+        size: String,
+        /// Raw image to copy into the new disk (at most SIZE bytes).
+        #[arg(long)]
+        import: Option<PathBuf>,
+    },
+    /// List machines and disks.
+    List { site: PathBuf },
+}
+
+/// Run a parsed command line; errors are printed and become exit code 1.
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Init { site } => site::init(&site),
+        Command::Disk(DiskCommand::Create { site, disk, size, import }) => {
+            disk::create(&site, &disk, &size, import.as_deref())
+        }
+        Command::Disk(DiskCommand::List { site }) => disk::list(&site),
+        Command::Write { site, disk, offset, input, zero } => {
+            data::write(&site, &disk, offset, input.as_deref(), zero.as_deref())
+        }
+        Command::Read { site, disk, offset, length, output } => {
+            data::read(&site, &disk, offset, length.as_deref(), output.as_deref())
+        }
+        Command::Compact { site, machine } => site::compact(&site, machine.as_deref()),
+        Command::Status { site, machine, json } => site::status(&site, machine.as_deref(), json),
+        Command::Inspect { path, json } => return inspect::run(&path, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("replog: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The compactor: merges sealed segments into the parent images and deletes them.
+//!
+//! Order, for crash safety (each step durable before the next begins):
+//! 1. write every record of the batch into the parents (in LSN order);
+//! 2. fdatasync every parent touched;
+//! 3. drop the batch's extents from the index (reads now go to the parents, which hold
+//!    the same bytes — so compaction never changes what a read returns);
+//! 4. persist the merge watermark (atomic rename);
+//! 5. delete the segment files.
+//!
+//! A crash before 4 leaves the segments in place and they are merged again (merging is
+//! idempotent); a crash between 4 and 5 leaves merged segments that recovery deletes.
+//!
+//! Holds keep the watermark back: initial replication holds it to freeze the parents,
+//! the shipper holds it at the last LSN the target acknowledged. Only segments whose
+//! last LSN is at or below every hold are merged.
+
+use crate::error::{Error, Result};
+use crate::format::meta::Watermark;
+use crate::format::RecordKind;
+use crate::journal::reader::{scan_segment, Expect};
+use crate::storage::write_atomic;
+use crate::volume::{MachineInner, JOURNAL_DIR, WATERMARK_FILE};
+use crossbeam::channel::{bounded, RecvTimeoutError};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Watermark holds of one machine.
+#[derive(Debug, Default)]
+pub struct Holds {
+    inner: Arc<Mutex<HoldTable>>,
+}
+
+#[derive(Debug, Default)]
+struct HoldTable {
+    next: u64,
+    limits: BTreeMap<u64, u64>,
+}
+
+impl Holds {
+    pub fn hold(&self, lsn: u64) -> WatermarkHold {
+        let mut t = self.inner.lock();
+        let id = t.next;
+        t.next += 1;
+        t.limits.insert(id, lsn);
+        WatermarkHold {
+            table: Arc::downgrade(&self.inner),
+            id,
+        }
+    }
+
+    /// The highest LSN that may be merged (u64::MAX when nothing holds).
+    pub fn limit(&self) -> u64 {
+        self.inner.lock().limits.values().copied().min().unwrap_or(u64::MAX)
+    }
+}
+
+/// Keeps the merge watermark at or below an LSN while it lives.
+#[derive(Debug)]
+pub struct WatermarkHold {
+    table: Weak<Mutex<HoldTable>>,
+    id: u64,
+}
+
+impl WatermarkHold {
+    /// Move the hold (for example, as the target acknowledges more).
+    pub fn set(&self, lsn: u64) {
+        if let Some(t) = self.table.upgrade() {
+            t.lock().limits.insert(self.id, lsn);
+        }
+    }
+}
+
+impl Drop for WatermarkHold {
+    fn drop(&mut self) {
+        if let Some(t) = self.table.upgrade() {
+            t.lock().limits.remove(&self.id);
+        }
+    }
+}
+
+/// What one compaction did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactStats {
+    pub segments: usize,
+    pub records: u64,
+    pub bytes: u64,
+    pub watermark: u64,
+}
+
+/// Merge every sealed segment that the holds allow.
+pub(crate) fn compact_once(m: &MachineInner) -> Result<CompactStats> {
+    let _one_at_a_time = m.compaction.lock();
+    m.check_poison()?;
+    let limit = m.holds.limit();
+    let batch: Vec<_> = m
+        .sealed
+        .lock()
+        .values()
+        .take_while(|s| s.last_lsn <= limit)
+        .cloned()
+        .collect();
+    let Some(last) = batch.last() else {
+        return Ok(CompactStats::default());
+    };
+    let new_mark = Watermark {
+        lsn: last.last_lsn,
+        segment_seq: last.seq,
+    };
+    let mut stats = CompactStats {
+        segments: batch.len(),
+        watermark: new_mark.lsn,
+        ..Default::default()
+    };
+
+    // 1. Parents get every record, oldest first. A record superseded by a newer one
+    // is still written: the newer one may not be durable yet.
+    let mut touched = vec![false; m.disks.len()];
+    for seg in &batch {
+        let expect = Expect {
+            machine_id: Some(m.machine_id),
+            seq: Some(seg.seq),
+            first_lsn: Some(seg.first_lsn),
+            disk_count: Some(m.disks.len() as u32),
+        };
+        let scan = scan_segment(seg.file.as_ref(), expect, |rec| {
+            let h = &rec.header;
+            let Some(disk) = m.disks.get(h.disk as usize) else {
+                return Ok(());
+            };
+            match h.kind {
+                RecordKind::Write => disk.parent.write_at(&[rec.payload], h.offset)?,
+                RecordKind::Zero => disk.parent.punch_hole(h.offset, h.length)?,
+                RecordKind::Point => return Ok(()),
+            }
+            if let Some(t) = touched.get_mut(h.disk as usize) {
+                *t = true;
+            }
+            stats.records += 1;
+            stats.bytes += h.length;
+            Ok(())
+        })
+        .map_err(|e| fail(m, e))?;
+        if let Some(err) = scan.fault_error(seg.file.as_ref()) {
+            tracing::error!(machine = %m.name, "compaction stopped: {err}");
+            return Err(err);
+        }
+        if !scan.is_sealed() {
+            return Err(Error::corruption(seg.file.path(), scan.end, "sealed segment lost its footer"));
+        }
+    }
+    // 2. Parents durable.
+    for (disk, t) in m.disks.iter().zip(&touched) {
+        if *t {
+            disk.parent.sync_data().map_err(|e| fail(m, e))?;
+        }
+    }
+    // 3. Reads move to the parents.
+    {
+        let mut st = m.state.write();
+        for seg in &batch {
+            for map in st.disks.iter_mut() {
+                map.remove_segment(seg.seq);
+            }
+        }
+    }
+    // 4. Watermark durable.
+    let mark_path = m.dir.join(JOURNAL_DIR).join(WATERMARK_FILE);
+    write_atomic(m.storage.as_ref(), &mark_path, &new_mark.encode()).map_err(|e| fail(m, e))?;
+    *m.watermark.lock() = new_mark;
+    m.points.lock().retain(|p| p.lsn > new_mark.lsn);
+    // 5. Segments go.
+    {
+        let mut st = m.state.write();
+        let mut sealed = m.sealed.lock();
+        for seg in &batch {
+            st.files.remove(&seg.seq);
+            sealed.remove(&seg.seq);
+        }
+    }
+    for seg in &batch {
+        m.storage.remove_file(seg.file.path())?;
+    }
+    m.storage.sync_dir(&m.dir.join(JOURNAL_DIR))?;
+    tracing::debug!(machine = %m.name, segments = stats.segments, watermark = stats.watermark, "compacted");
+    Ok(stats)
+}
+
+/// An I/O failure while merging: parents may hold part of the batch, which is harmless
+/// (the segments stay), but after a failed fdatasync nothing later can be trusted.
+fn fail(m: &MachineInner, e: Error) -> Error {
+    if matches!(e, Error::Io { .. }) {
+        m.poison(&e)
+    } else {
+        e
+    }
+}
+
+/// The background compactor thread of one machine.
+#[derive(Debug)]
+pub(crate) struct Compactor {
+    stop: crossbeam::channel::Sender<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Compactor {
+    pub fn spawn(m: Arc<MachineInner>, interval: Duration) -> Self {
+        let (kick_tx, kick_rx) = bounded::<()>(1);
+        let (stop_tx, stop_rx) = bounded::<()>(0);
+        *m.compactor_kick.lock() = Some(kick_tx);
+        let thread = std::thread::Builder::new()
+            .name(format!("compactor-{}", m.name))
+            .spawn(move || loop {
+                crossbeam::channel::select! {
+                    recv(stop_rx) -> _ => return,
+                    recv(kick_rx) -> _ => {}
+                    default(interval) => {}
+                }
+                if m.is_poisoned() {
+                    continue;
+                }
+                if let Err(e) = compact_once(&m) {
+                    tracing::error!(machine = %m.name, "compaction failed: {e}");
+                    match stop_rx.recv_timeout(interval * 10) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                }
+            })
+            .ok();
+        Compactor {
+            stop: stop_tx,
+            thread,
+        }
+    }
+
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = self.stop.send(());
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Compactor {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

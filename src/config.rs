@@ -1,0 +1,73 @@
+//! Site settings, stored as `site.toml` in the site directory.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The first line of every `site.toml` (its "magic" and format version).
+pub const CONFIG_HEADER: &str = "# replog site configuration, format 1";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SiteConfig {
+    pub journal: JournalConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JournalConfig {
+    /// The active segment is sealed once it holds this many bytes.
+    pub segment_bytes: u64,
+    /// How often the background compactor looks for sealed segments to merge.
+    pub compact_interval_ms: u64,
+}
+
+impl Default for SiteConfig {
+    fn default() -> Self {
+        SiteConfig {
+            journal: JournalConfig::default(),
+        }
+    }
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            segment_bytes: 64 << 20,
+            compact_interval_ms: 1000,
+        }
+    }
+}
+
+impl JournalConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(4096..=(4u64 << 30)).contains(&self.segment_bytes) {
+            return Err(Error::InvalidInput(format!(
+                "journal.segment_bytes = {} is outside 4096..=4GiB",
+                self.segment_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl SiteConfig {
+    pub fn to_toml(&self) -> String {
+        let body = toml::to_string_pretty(self).unwrap_or_default();
+        format!("{CONFIG_HEADER}\n{body}")
+    }
+
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self> {
+        if !text.starts_with(CONFIG_HEADER) {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                what: format!("does not start with {CONFIG_HEADER:?}"),
+            });
+        }
+        let cfg: SiteConfig = toml::from_str(text).map_err(|e| {
+            Error::InvalidInput(format!("{}: {e}", path.display()))
+        })?;
+        cfg.journal.validate()?;
+        Ok(cfg)
+    }
+}

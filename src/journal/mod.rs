@@ -1,0 +1,441 @@
+//! The change journal of one machine: segment files of checksummed records.
+//!
+//! [`JournalWriter`] appends records to the active segment, seals it (footer + fsync)
+//! and opens the next. [`recover`] reads a journal directory back after a clean stop
+//! or a crash: it verifies every segment, cuts a torn tail off the last one only, and
+//! reports any other damage as corruption naming the segment and offset.
+//!
+//! The writer is not synchronised: [`crate::volume::Machine`] owns it behind a mutex,
+//! so that LSN order, file order and index order are one and the same.
+
+pub mod reader;
+
+use crate::error::{Error, Result};
+use crate::format::record::{PointPayload, FLAG_APP_CONSISTENT};
+use crate::format::segment::{parse_segment_name, segment_name};
+use crate::format::{now_ns, RecordHeader, RecordKind, SegmentFooter, SegmentHeader};
+use crate::storage::{OpenMode, Storage, StorageFile};
+use reader::{scan_segment, valid_records_after, Expect, ScannedRecord};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A recovery point known to the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Point {
+    pub lsn: u64,
+    pub time_ns: u64,
+    pub kind: PointKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PointKind {
+    /// A flush / fsync boundary.
+    Flush,
+    /// A segment seal.
+    Seal,
+    /// An application-consistent checkpoint.
+    AppConsistent,
+}
+
+/// A sealed, immutable segment.
+#[derive(Debug, Clone)]
+pub struct SealedSegment {
+    pub seq: u64,
+    pub first_lsn: u64,
+    pub last_lsn: u64,
+    pub records: u32,
+    pub bytes: u64,
+    pub sealed_ns: u64,
+    pub file: Arc<dyn StorageFile>,
+}
+
+/// Where an appended record landed.
+#[derive(Debug, Clone, Copy)]
+pub struct Appended {
+    pub lsn: u64,
+    pub seq: u64,
+    pub payload_offset: u64,
+}
+
+#[derive(Debug)]
+struct Active {
+    seq: u64,
+    file: Arc<dyn StorageFile>,
+    tail: u64,
+    records: u32,
+    first_lsn: Option<u64>,
+    chain_crc: u32,
+}
+
+/// Appends to the active segment; see the module documentation.
+#[derive(Debug)]
+pub struct JournalWriter {
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    machine_id: u64,
+    segment_bytes: u64,
+    active: Active,
+    next_lsn: u64,
+    last_point_lsn: u64,
+}
+
+impl JournalWriter {
+    /// The LSN the next record will get.
+    pub fn next_lsn(&self) -> u64 {
+        self.next_lsn
+    }
+
+    /// The newest LSN written (0: none ever).
+    pub fn last_lsn(&self) -> u64 {
+        self.next_lsn - 1
+    }
+
+    pub fn active_seq(&self) -> u64 {
+        self.active.seq
+    }
+
+    pub fn active_file(&self) -> Arc<dyn StorageFile> {
+        self.active.file.clone()
+    }
+
+    /// Bytes in the active segment.
+    pub fn active_bytes(&self) -> u64 {
+        self.active.tail
+    }
+
+    /// True when something was written since the newest point or seal.
+    pub fn has_unpointed_writes(&self) -> bool {
+        self.last_lsn() > self.last_point_lsn
+    }
+
+    /// Append one record. The payload is written in place after the header (one
+    /// `pwritev`); nothing is synced.
+    pub fn append(
+        &mut self,
+        kind: RecordKind,
+        flags: u8,
+        disk: u32,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+    ) -> Result<Appended> {
+        let lsn = self.next_lsn;
+        let h = RecordHeader::new(kind, flags, lsn, disk, offset, length, &[payload]);
+        let head = h.encode();
+        let at = self.active.tail;
+        self.active.file.write_at(&[&head, payload], at)?;
+        self.active.tail += h.total_len();
+        self.active.records += 1;
+        self.active.first_lsn.get_or_insert(lsn);
+        self.active.chain_crc = crc32c::crc32c_append(self.active.chain_crc, &h.crc.to_le_bytes());
+        self.next_lsn += 1;
+        if kind == RecordKind::Point {
+            self.last_point_lsn = lsn;
+        }
+        Ok(Appended {
+            lsn,
+            seq: self.active.seq,
+            payload_offset: at + head.len() as u64,
+        })
+    }
+
+    /// Append a recovery point record.
+    pub fn append_point(&mut self, app_consistent: bool) -> Result<Point> {
+        let time_ns = now_ns();
+        let payload = PointPayload { time_ns }.encode();
+        let flags = if app_consistent { FLAG_APP_CONSISTENT } else { 0 };
+        let a = self.append(RecordKind::Point, flags, 0, 0, 0, &payload)?;
+        Ok(Point {
+            lsn: a.lsn,
+            time_ns,
+            kind: if app_consistent {
+                PointKind::AppConsistent
+            } else {
+                PointKind::Flush
+            },
+        })
+    }
+
+    pub fn wants_rotation(&self) -> bool {
+        self.active.tail >= self.segment_bytes
+    }
+
+    /// Seal the active segment (footer, fdatasync) and start the next one. Returns
+    /// None, and does nothing, when the active segment holds no records.
+    pub fn seal(&mut self) -> Result<Option<SealedSegment>> {
+        let Some(first_lsn) = self.active.first_lsn else {
+            return Ok(None);
+        };
+        let sealed_ns = now_ns();
+        let footer = SegmentFooter {
+            records: self.active.records,
+            first_lsn,
+            last_lsn: self.last_lsn(),
+            footer_offset: self.active.tail,
+            sealed_ns,
+            chain_crc: self.active.chain_crc,
+        };
+        self.active.file.write_at(&[&footer.encode()], self.active.tail)?;
+        // The footer and every record before it must be durable before the next
+        // segment exists: recovery treats only the last segment as possibly torn.
+        self.active.file.sync_data()?;
+        let sealed = SealedSegment {
+            seq: self.active.seq,
+            first_lsn,
+            last_lsn: self.last_lsn(),
+            records: self.active.records,
+            bytes: self.active.tail + footer.encode().len() as u64,
+            sealed_ns,
+            file: self.active.file.clone(),
+        };
+        self.last_point_lsn = self.last_lsn();
+        self.active = create_segment(
+            self.storage.as_ref(),
+            &self.dir,
+            self.machine_id,
+            sealed.seq + 1,
+            self.next_lsn,
+        )?;
+        Ok(Some(sealed))
+    }
+}
+
+fn create_segment(
+    storage: &dyn Storage,
+    dir: &Path,
+    machine_id: u64,
+    seq: u64,
+    base_lsn: u64,
+) -> Result<Active> {
+    let path = dir.join(segment_name(seq));
+    let file = storage.open(&path, OpenMode::CreateNew)?;
+    let header = SegmentHeader::new(machine_id, seq, base_lsn, now_ns()).encode();
+    file.write_at(&[&header], 0)?;
+    // The name must be durable before any fsync of the file can promise its data.
+    storage.sync_dir(dir)?;
+    Ok(Active {
+        seq,
+        file,
+        tail: header.len() as u64,
+        records: 0,
+        first_lsn: None,
+        chain_crc: 0,
+    })
+}
+
+/// True if the last bytes of the file are a valid footer that says it ends there.
+fn ends_in_footer(file: &dyn StorageFile, len: u64) -> Result<bool> {
+    let footer_len = crate::format::FOOTER_LEN as u64;
+    if len < footer_len {
+        return Ok(false);
+    }
+    let mut b = [0u8; crate::format::FOOTER_LEN];
+    file.read_exact_at(&mut b, len - footer_len)?;
+    Ok(SegmentFooter::decode(&b).is_ok_and(|f| f.footer_offset + footer_len == len))
+}
+
+/// What recovery found.
+#[derive(Debug)]
+pub struct Recovered {
+    pub writer: JournalWriter,
+    pub sealed: Vec<SealedSegment>,
+    pub points: Vec<Point>,
+    /// Human-readable notes on what recovery repaired (torn tails cut, leftovers removed).
+    pub repairs: Vec<String>,
+}
+
+/// Settings recovery needs.
+#[derive(Debug, Clone, Copy)]
+pub struct JournalParams {
+    pub machine_id: u64,
+    pub disk_count: u32,
+    pub segment_bytes: u64,
+    /// Every record with LSN <= this is in the parents already.
+    pub watermark_lsn: u64,
+    /// Segments with seq <= this were merged (and may be left over from a crash).
+    pub watermark_seq: u64,
+}
+
+/// Segment files of a journal directory, oldest first.
+pub fn list_segments(storage: &dyn Storage, dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut segs: Vec<(u64, PathBuf)> = storage
+        .list_dir(dir)?
+        .into_iter()
+        .filter_map(|n| parse_segment_name(&n).map(|s| (s, dir.join(n))))
+        .collect();
+    segs.sort();
+    Ok(segs)
+}
+
+/// Open a journal directory: verify, repair the tail, and hand every live record
+/// (LSN above the watermark) to `each` in LSN order.
+pub fn recover(
+    storage: Arc<dyn Storage>,
+    dir: &Path,
+    params: JournalParams,
+    mut each: impl FnMut(u64, &ScannedRecord<'_>),
+) -> Result<Recovered> {
+    let mut repairs = Vec::new();
+    let mut segs = list_segments(storage.as_ref(), dir)?;
+    // Merged segments left behind by a crash between persisting the watermark and
+    // deleting them.
+    while let Some((seq, path)) = segs.first().cloned() {
+        if seq > params.watermark_seq {
+            break;
+        }
+        storage.remove_file(&path)?;
+        repairs.push(format!("removed merged segment {}", path.display()));
+        segs.remove(0);
+    }
+    if !repairs.is_empty() {
+        storage.sync_dir(dir)?;
+    }
+
+    let mut next_lsn = params.watermark_lsn + 1;
+    let mut last_point_lsn = params.watermark_lsn;
+    let mut expected_seq = segs.first().map(|(s, _)| *s);
+    let mut sealed = Vec::new();
+    let mut points = Vec::new();
+    let mut active: Option<Active> = None;
+    let count = segs.len();
+
+    for (i, (seq, path)) in segs.into_iter().enumerate() {
+        let is_last = i + 1 == count;
+        if Some(seq) != expected_seq {
+            return Err(Error::corruption(
+                &path,
+                0,
+                format!("segment {} is missing before it", expected_seq.unwrap_or(0)),
+            ));
+        }
+        expected_seq = Some(seq + 1);
+        let file = storage.open(&path, OpenMode::ReadWrite)?;
+        let expect = Expect {
+            machine_id: Some(params.machine_id),
+            seq: Some(seq),
+            first_lsn: Some(next_lsn),
+            disk_count: Some(params.disk_count),
+        };
+        let mut seg_points = Vec::new();
+        let scan = scan_segment(file.as_ref(), expect, |rec| {
+            if let Some((time_ns, app)) = rec.point() {
+                seg_points.push(Point {
+                    lsn: rec.header.lsn,
+                    time_ns,
+                    kind: if app { PointKind::AppConsistent } else { PointKind::Flush },
+                });
+            }
+            each(seq, rec);
+            Ok(())
+        })?;
+        // `each` has seen the valid prefix. Anything after it must be a torn tail of
+        // the last segment; damage elsewhere is corruption.
+        if let Some(f) = &scan.fault {
+            // A damaged segment that still ends in a valid footer was sealed (and
+            // synced): its damage is corruption, not a torn tail.
+            if !is_last || ends_in_footer(file.as_ref(), scan.file_len)? {
+                return Err(Error::corruption(&path, f.offset, f.what.clone()));
+            }
+        }
+        if let Some(last) = scan.last_lsn {
+            next_lsn = last + 1;
+        }
+        if let Some(p) = seg_points.last() {
+            last_point_lsn = p.lsn;
+        }
+        points.extend(seg_points);
+        if let (Some(footer), None) = (scan.footer, &scan.fault) {
+            last_point_lsn = footer.last_lsn;
+            points.push(Point {
+                lsn: footer.last_lsn,
+                time_ns: footer.sealed_ns,
+                kind: PointKind::Seal,
+            });
+            sealed.push(SealedSegment {
+                seq,
+                first_lsn: footer.first_lsn,
+                last_lsn: footer.last_lsn,
+                records: footer.records,
+                bytes: scan.file_len,
+                sealed_ns: footer.sealed_ns,
+                file,
+            });
+            continue;
+        }
+        if !is_last {
+            return Err(Error::corruption(
+                &path,
+                scan.end,
+                "segment has no footer but is not the newest (a sealed segment lost its end)",
+            ));
+        }
+        // The last segment, unsealed: cut a torn tail, keep appending after the valid
+        // prefix.
+        let Some(header) = scan.header else {
+            repairs.push(format!(
+                "removed newest segment {} with a torn header ({} bytes)",
+                path.display(),
+                scan.file_len
+            ));
+            drop(file);
+            storage.remove_file(&path)?;
+            storage.sync_dir(dir)?;
+            expected_seq = Some(seq);
+            continue;
+        };
+        if scan.end < scan.file_len {
+            let following = valid_records_after(file.as_ref(), scan.end)?;
+            let what = scan.fault.as_ref().map(|f| f.what.as_str()).unwrap_or("");
+            let mut note = format!(
+                "cut torn tail of {} at offset {}: {} bytes dropped ({what})",
+                path.display(),
+                scan.end,
+                scan.file_len - scan.end
+            );
+            if following > 0 {
+                note.push_str(&format!(
+                    "; {following} checksummed records followed it: unsynced writes if the \
+                     machine lost power, otherwise corruption"
+                ));
+            }
+            tracing::warn!("{note}");
+            repairs.push(note);
+            file.set_len(scan.end)?;
+            file.sync_data()?;
+        }
+        active = Some(Active {
+            seq: header.seq,
+            file,
+            tail: scan.end,
+            records: scan.records,
+            first_lsn: scan.first_lsn,
+            chain_crc: scan.chain_crc,
+        });
+    }
+
+    let active = match active {
+        Some(a) => a,
+        None => {
+            let seq = expected_seq.unwrap_or(params.watermark_seq + 1);
+            create_segment(storage.as_ref(), dir, params.machine_id, seq, next_lsn)?
+        }
+    };
+    if let Some(p) = points.last() {
+        last_point_lsn = last_point_lsn.max(p.lsn);
+    }
+    let writer = JournalWriter {
+        storage,
+        dir: dir.to_path_buf(),
+        machine_id: params.machine_id,
+        segment_bytes: params.segment_bytes,
+        active,
+        next_lsn,
+        last_point_lsn,
+    };
+    Ok(Recovered {
+        writer,
+        sealed,
+        points,
+        repairs,
+    })
+}

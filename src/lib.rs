@@ -1,0 +1,27 @@
+//! replog: replicate virtual disks to a second site and bring them back at any
+//! recovery point.
+//!
+//! Data flow (see `README.md` and `docs/DESIGN.md`): writes go through a [`Volume`]
+//! into the machine's change [`journal`]; reads see the newest data through the
+//! [`index`]; the [`compactor`] folds sealed segments back into the parent images.
+//! Every byte on disk goes through the [`storage`] seam and is laid out as documented
+//! in [`format`].
+
+#![warn(clippy::unwrap_used)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod compactor;
+pub mod config;
+pub mod error;
+pub mod format;
+pub mod index;
+pub mod inspect;
+pub mod journal;
+pub mod names;
+pub mod site;
+pub mod storage;
+pub mod volume;
+
+pub use error::{Error, Result};
+pub use site::Site;
+pub use volume::{Machine, Volume};

@@ -1,0 +1,249 @@
+//! A site directory: config, lock, machines.
+//!
+//! ```text
+//! SITE/
+//!   site.toml                       settings (see config.rs)
+//!   lock                            held (flock) by the process that owns the site;
+//!                                   holds "pid <pid> <command>" for error messages
+//!   machines/<machine>/machine.meta manifest: machine id, disks
+//!   machines/<machine>/disks/<disk>.img      parent images (sparse raw)
+//!   machines/<machine>/journal/<seq>.seg     change journal segments
+//!   machines/<machine>/journal/watermark     merge watermark
+//! ```
+//!
+//! The lock and the config use the file system directly (they administer the site);
+//! everything under `machines/` goes through [`Storage`].
+
+use crate::config::SiteConfig;
+use crate::error::{Error, Result};
+use crate::names::validate_name;
+use crate::storage::{FileStorage, Storage, StorageFile};
+use crate::volume::Machine;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const CONFIG_FILE: &str = "site.toml";
+pub const LOCK_FILE: &str = "lock";
+pub const MACHINES_DIR: &str = "machines";
+
+/// An open, locked site.
+#[derive(Debug)]
+pub struct Site {
+    path: PathBuf,
+    config: SiteConfig,
+    storage: Arc<dyn Storage>,
+    _lock: File,
+}
+
+/// True if `path` looks like a site directory.
+pub fn is_site(path: &Path) -> bool {
+    path.join(CONFIG_FILE).is_file()
+}
+
+impl Site {
+    /// Create a new site at `path` (which must not exist or be an empty directory).
+    pub fn init(path: &Path) -> Result<()> {
+        if path.exists() {
+            let empty = fs::read_dir(path)
+                .map_err(|e| Error::io("read", path, e))?
+                .next()
+                .is_none();
+            if !empty || !path.is_dir() {
+                return Err(Error::AlreadyExists(format!(
+                    "{} exists and is not an empty directory",
+                    path.display()
+                )));
+            }
+        }
+        fs::create_dir_all(path.join(MACHINES_DIR)).map_err(|e| Error::io("create", path, e))?;
+        let cfg = SiteConfig::default();
+        let tmp = path.join("site.toml.tmp");
+        fs::write(&tmp, cfg.to_toml()).map_err(|e| Error::io("write", &tmp, e))?;
+        fs::rename(&tmp, path.join(CONFIG_FILE)).map_err(|e| Error::io("rename", &tmp, e))?;
+        FileStorage.sync_dir(path)?;
+        Ok(())
+    }
+
+    /// Open and lock a site; fails with a message naming the holder if another process
+    /// has it.
+    pub fn open(path: &Path) -> Result<Site> {
+        Self::open_with(path, Arc::new(FileStorage))
+    }
+
+    pub fn open_with(path: &Path, storage: Arc<dyn Storage>) -> Result<Site> {
+        let config = Self::read_config(path)?;
+        let lock_path = path.join(LOCK_FILE);
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| Error::io("open", &lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = lock.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(Error::Locked(format!(
+                    "site {} is in use by {}; stop it first",
+                    path.display(),
+                    if holder.is_empty() { "another process" } else { holder }
+                )));
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(Error::io("lock", &lock_path, e)),
+        }
+        let me = format!(
+            "pid {} ({})\n",
+            std::process::id(),
+            std::env::args().collect::<Vec<_>>().join(" ")
+        );
+        let _ = lock.set_len(0);
+        let _ = lock.seek(SeekFrom::Start(0));
+        let _ = lock.write_all(me.as_bytes());
+        Ok(Site {
+            path: path.to_path_buf(),
+            config,
+            storage,
+            _lock: lock,
+        })
+    }
+
+    pub fn read_config(path: &Path) -> Result<SiteConfig> {
+        let cfg_path = path.join(CONFIG_FILE);
+        if !cfg_path.is_file() {
+            return Err(Error::NotFound(format!(
+                "{} is not a replog site (no {CONFIG_FILE}); create one with `replog init`",
+                path.display()
+            )));
+        }
+        let text = fs::read_to_string(&cfg_path).map_err(|e| Error::io("read", &cfg_path, e))?;
+        SiteConfig::from_toml(&cfg_path, &text)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn config(&self) -> &SiteConfig {
+        &self.config
+    }
+
+    pub fn storage(&self) -> Arc<dyn Storage> {
+        self.storage.clone()
+    }
+
+    pub fn machine_dir(&self, machine: &str) -> Result<PathBuf> {
+        validate_name("machine", machine)?;
+        Ok(self.path.join(MACHINES_DIR).join(machine))
+    }
+
+    /// Names of the site's machines.
+    pub fn machines(&self) -> Result<Vec<String>> {
+        list_machines(&self.path)
+    }
+
+    /// Create disk `machine/disk` (and the machine, if new) of `size` bytes, optionally
+    /// importing a raw image whose all-zero 4 KiB blocks stay holes.
+    pub fn create_disk(&self, machine: &str, disk: &str, size: u64, import: Option<&Path>) -> Result<()> {
+        validate_name("disk", disk)?;
+        crate::names::validate_disk_size(size)?;
+        let dir = self.machine_dir(machine)?;
+        let mut src = match import {
+            Some(p) => {
+                let f = File::open(p).map_err(|e| Error::io("open", p, e))?;
+                let len = f.metadata().map_err(|e| Error::io("stat", p, e))?.len();
+                if len > size {
+                    return Err(Error::InvalidInput(format!(
+                        "{} is {len} bytes, larger than the disk ({size} bytes)",
+                        p.display()
+                    )));
+                }
+                Some((f, p.to_path_buf()))
+            }
+            None => None,
+        };
+        let new_machine = !self.storage.exists(&dir.join(crate::volume::MANIFEST_FILE));
+        if new_machine {
+            Machine::create(self.storage.as_ref(), &dir)?;
+        }
+        let result = match src.as_mut() {
+            Some((f, p)) => {
+                let mut copy = |dst: &dyn StorageFile| import_sparse(f, p, dst);
+                Machine::add_disk(self.storage.as_ref(), &dir, disk, size, Some(&mut copy))
+            }
+            None => Machine::add_disk(self.storage.as_ref(), &dir, disk, size, None),
+        };
+        if result.is_err() && new_machine {
+            let _ = fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    /// Open a machine of this site.
+    pub fn open_machine(&self, machine: &str) -> Result<Machine> {
+        let dir = self.machine_dir(machine)?;
+        if !self.storage.exists(&dir.join(crate::volume::MANIFEST_FILE)) {
+            return Err(Error::NotFound(format!(
+                "site {} has no machine {machine}",
+                self.path.display()
+            )));
+        }
+        Machine::open(self.storage.clone(), &dir, machine, self.config.journal)
+    }
+}
+
+/// Machine names under a site directory (no lock needed: a read-only listing).
+pub fn list_machines(site: &Path) -> Result<Vec<String>> {
+    let dir = site.join(MACHINES_DIR);
+    let mut out = Vec::new();
+    for e in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
+        let e = e.map_err(|e| Error::io("list", &dir, e))?;
+        if let Some(name) = e.file_name().to_str() {
+            if validate_name("machine", name).is_ok() && e.path().is_dir() {
+                out.push(name.to_string());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Copy the data regions of `src` into `dst`, skipping holes (SEEK_DATA/SEEK_HOLE)
+/// and all-zero 4 KiB blocks, so holes stay holes.
+fn import_sparse(src: &mut File, path: &Path, dst: &dyn StorageFile) -> Result<()> {
+    use std::os::unix::io::AsRawFd;
+    const BLOCK: usize = 4096;
+    let len = src.metadata().map_err(|e| Error::io("stat", path, e))?.len();
+    let fd = src.as_raw_fd();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < len {
+        // SAFETY: lseek on an open descriptor with integer arguments only.
+        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: no more data
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let (start, end) = (data as u64, if hole < 0 { len } else { hole as u64 });
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            let chunk = buf.get_mut(..n).unwrap_or(&mut []);
+            src.read_exact_at(chunk, at).map_err(|e| Error::io("read", path, e))?;
+            for (i, block) in chunk.chunks(BLOCK).enumerate() {
+                if block.iter().any(|b| *b != 0) {
+                    dst.write_at(&[block], at + (i * BLOCK) as u64)?;
+                }
+            }
+            at += n as u64;
+        }
+        pos = end;
+    }
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! Fault injection on top of [`MemStorage`]: fail the Nth write or the Nth sync, then
+//! crash with [`MemStorage::crash`].
+
+use super::{CrashMode, MemStorage, OpenMode, Storage, StorageFile};
+use crate::error::{Error, Result};
+use parking_lot::Mutex;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Debug, Default)]
+struct Countdowns {
+    /// Writes (write_at, punch_hole) still allowed before one fails.
+    writes: Option<u64>,
+    /// Syncs (sync_data, sync_dir) still allowed before one fails.
+    syncs: Option<u64>,
+    /// Once a fault fired, every later call of that kind fails too (a dead disk).
+    sticky: bool,
+    fired: bool,
+}
+
+/// See the module documentation.
+#[derive(Debug, Clone, Default)]
+pub struct FaultyStorage {
+    mem: MemStorage,
+    faults: Arc<Mutex<Countdowns>>,
+}
+
+#[derive(Debug)]
+struct FaultyFile {
+    inner: Arc<dyn StorageFile>,
+    faults: Arc<Mutex<Countdowns>>,
+}
+
+impl FaultyStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn mem(&self) -> &MemStorage {
+        &self.mem
+    }
+
+    /// Let `n` more writes succeed, then fail the next (and, if `sticky`, all after).
+    pub fn fail_write_after(&self, n: u64, sticky: bool) {
+        let mut f = self.faults.lock();
+        f.writes = Some(n);
+        f.sticky = sticky;
+        f.fired = false;
+    }
+
+    /// Let `n` more syncs succeed, then fail the next (and, if `sticky`, all after).
+    pub fn fail_sync_after(&self, n: u64, sticky: bool) {
+        let mut f = self.faults.lock();
+        f.syncs = Some(n);
+        f.sticky = sticky;
+        f.fired = false;
+    }
+
+    /// Remove every pending fault.
+    pub fn heal(&self) {
+        *self.faults.lock() = Countdowns::default();
+    }
+
+    /// True once an injected fault has fired.
+    pub fn fired(&self) -> bool {
+        self.faults.lock().fired
+    }
+
+    pub fn crash(&self, mode: CrashMode) {
+        self.heal();
+        self.mem.crash(mode);
+    }
+}
+
+fn tick(slot: &mut Option<u64>, sticky: bool, fired: &mut bool) -> bool {
+    match slot {
+        None => false,
+        Some(0) => {
+            *fired = true;
+            if !sticky {
+                *slot = None;
+            }
+            true
+        }
+        Some(n) => {
+            *n -= 1;
+            false
+        }
+    }
+}
+
+fn injected(op: &'static str, path: &Path) -> Error {
+    Error::io(op, path, io::Error::from_raw_os_error(libc::EIO))
+}
+
+impl FaultyFile {
+    fn check_write(&self) -> bool {
+        let mut f = self.faults.lock();
+        let sticky = f.sticky;
+        let Countdowns { writes, fired, .. } = &mut *f;
+        tick(writes, sticky, fired)
+    }
+    fn check_sync(&self) -> bool {
+        let mut f = self.faults.lock();
+        let sticky = f.sticky;
+        let Countdowns { syncs, fired, .. } = &mut *f;
+        tick(syncs, sticky, fired)
+    }
+}
+
+impl Storage for FaultyStorage {
+    fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn StorageFile>> {
+        Ok(Arc::new(FaultyFile {
+            inner: self.mem.open(path, mode)?,
+            faults: self.faults.clone(),
+        }))
+    }
+    fn create_dir_all(&self, path: &Path) -> Result<()> {
+        self.mem.create_dir_all(path)
+    }
+    fn list_dir(&self, dir: &Path) -> Result<Vec<String>> {
+        self.mem.list_dir(dir)
+    }
+    fn remove_file(&self, path: &Path) -> Result<()> {
+        self.mem.remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> Result<()> {
+        self.mem.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> Result<()> {
+        let mut f = self.faults.lock();
+        let sticky = f.sticky;
+        let Countdowns { syncs, fired, .. } = &mut *f;
+        if tick(syncs, sticky, fired) {
+            return Err(injected("sync directory", dir));
+        }
+        drop(f);
+        self.mem.sync_dir(dir)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        self.mem.exists(path)
+    }
+}
+
+impl StorageFile for FaultyFile {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
+        if self.check_write() {
+            // A failed write may still have written part of its bytes.
+            if let Some(first) = bufs.first() {
+                let half = first.get(..first.len() / 2).unwrap_or(&[]);
+                self.inner.write_at(&[half], offset)?;
+            }
+            return Err(injected("write", self.path()));
+        }
+        self.inner.write_at(bufs, offset)
+    }
+    fn sync_data(&self) -> Result<()> {
+        if self.check_sync() {
+            return Err(injected("fdatasync", self.path()));
+        }
+        self.inner.sync_data()
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.inner.set_len(len)
+    }
+    fn len(&self) -> Result<u64> {
+        self.inner.len()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        if self.check_write() {
+            return Err(injected("punch hole in", self.path()));
+        }
+        self.inner.punch_hole(offset, len)
+    }
+}

@@ -1,0 +1,210 @@
+//! Real files.
+
+use super::{OpenMode, Storage, StorageFile};
+use crate::error::{Error, Result};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FileStorage;
+
+impl FileStorage {
+    pub fn new() -> Self {
+        FileStorage
+    }
+}
+
+#[derive(Debug)]
+struct RealFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl Storage for FileStorage {
+    fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn StorageFile>> {
+        let mut opts = OpenOptions::new();
+        match mode {
+            OpenMode::CreateNew => opts.read(true).write(true).create_new(true),
+            OpenMode::ReadWrite => opts.read(true).write(true),
+            OpenMode::ReadOnly => opts.read(true),
+        };
+        let file = opts.open(path).map_err(|e| Error::io("open", path, e))?;
+        Ok(Arc::new(RealFile {
+            path: path.to_path_buf(),
+            file,
+        }))
+    }
+
+    fn create_dir_all(&self, path: &Path) -> Result<()> {
+        fs::create_dir_all(path).map_err(|e| Error::io("create directory", path, e))
+    }
+
+    fn list_dir(&self, dir: &Path) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))? {
+            let entry = entry.map_err(|e| Error::io("list", dir, e))?;
+            let is_file = entry
+                .file_type()
+                .map_err(|e| Error::io("stat", entry.path(), e))?
+                .is_file();
+            if let (true, Some(name)) = (is_file, entry.file_name().to_str()) {
+                names.push(name.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn remove_file(&self, path: &Path) -> Result<()> {
+        fs::remove_file(path).map_err(|e| Error::io("remove", path, e))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> Result<()> {
+        fs::rename(from, to).map_err(|e| Error::io("rename", from, e))
+    }
+
+    fn sync_dir(&self, dir: &Path) -> Result<()> {
+        let d = File::open(dir).map_err(|e| Error::io("open directory", dir, e))?;
+        d.sync_all().map_err(|e| Error::io("sync directory", dir, e))
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+}
+
+impl StorageFile for RealFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            let Some(rest) = buf.get_mut(done..) else { break };
+            match self.file.read_at(rest, offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("read", &self.path, e)),
+            }
+        }
+        Ok(done)
+    }
+
+    fn write_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
+        if bufs.len() == 1 {
+            if let Some(b) = bufs.first() {
+                return self
+                    .file
+                    .write_all_at(b, offset)
+                    .map_err(|e| Error::io("write", &self.path, e));
+            }
+        }
+        pwritev_all(&self.file, bufs, offset).map_err(|e| Error::io("write", &self.path, e))
+    }
+
+    fn sync_data(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync", &self.path, e))
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io("set length of", &self.path, e))
+    }
+
+    fn len(&self) -> Result<u64> {
+        Ok(self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("stat", &self.path, e))?
+            .len())
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(Error::InvalidInput(format!("hole {offset}+{len} too large")));
+        };
+        // SAFETY: fallocate on a valid, open descriptor with plain integer arguments;
+        // no memory is passed to the kernel.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(Error::io("punch hole in", &self.path, err));
+        }
+        // The file system cannot punch holes: write zeros instead.
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = (end - at).min(zeros.len() as u64) as usize;
+            let chunk = zeros.get(..n).unwrap_or(&[]);
+            self.file
+                .write_all_at(chunk, at)
+                .map_err(|e| Error::io("write zeros to", &self.path, e))?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// `pwritev` until every byte of `bufs` is written.
+fn pwritev_all(file: &File, bufs: &[&[u8]], mut offset: u64) -> std::io::Result<()> {
+    let mut slices: Vec<&[u8]> = bufs.iter().copied().filter(|b| !b.is_empty()).collect();
+    while !slices.is_empty() {
+        let iov: Vec<libc::iovec> = slices
+            .iter()
+            .take(libc::UIO_MAXIOV as usize)
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        let off = i64::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: every iovec points into a slice borrowed for the duration of the call;
+        // the kernel only reads from them.
+        let n = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, off) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "pwritev wrote nothing"));
+        }
+        let mut n = n as usize;
+        offset += n as u64;
+        while n > 0 {
+            let Some(first) = slices.first_mut() else { break };
+            if n >= first.len() {
+                n -= first.len();
+                slices.remove(0);
+            } else {
+                *first = first.get(n..).unwrap_or(&[]);
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}

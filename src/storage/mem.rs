@@ -1,0 +1,274 @@
+//! In-memory storage that knows which bytes are durable.
+//!
+//! Every file keeps two images: `durable` (what survived the last sync) and `live`
+//! (what reads see), plus the writes made since the last sync, in order. A
+//! [`MemStorage::crash`] rebuilds every file from its durable image and a subset of
+//! its unsynced writes chosen by [`CrashMode`] — the way a power loss leaves a file
+//! whose dirty pages were written back partly and in any order.
+
+use super::{OpenMode, Storage, StorageFile};
+use crate::error::{Error, Result};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What a simulated crash does with writes that were not synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashMode {
+    /// Keep every unsynced write (a process crash: the page cache survives).
+    KeepAll,
+    /// Drop every unsynced write.
+    DropAll,
+    /// Keep, drop or cut short each unsynced write independently, from this seed.
+    Tear(u64),
+}
+
+#[derive(Debug, Default)]
+struct FileState {
+    durable: Vec<u8>,
+    live: Vec<u8>,
+    unsynced: Vec<(u64, Vec<u8>)>,
+}
+
+#[derive(Debug)]
+pub(super) struct MemFile {
+    path: PathBuf,
+    state: Arc<Mutex<FileState>>,
+    writable: bool,
+}
+
+#[derive(Debug, Default)]
+struct Fs {
+    files: BTreeMap<PathBuf, Arc<Mutex<FileState>>>,
+    dirs: BTreeSet<PathBuf>,
+}
+
+/// See the module documentation.
+#[derive(Debug, Default, Clone)]
+pub struct MemStorage {
+    fs: Arc<Mutex<Fs>>,
+}
+
+impl MemStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Simulate a power loss. Handles opened before it keep pointing at the same
+    /// files, so callers should drop whatever used them first.
+    pub fn crash(&self, mode: CrashMode) {
+        let fs = self.fs.lock();
+        let mut rng = match mode {
+            CrashMode::Tear(seed) => seed | 1,
+            _ => 1,
+        };
+        for state in fs.files.values() {
+            let mut st = state.lock();
+            let mut image = st.durable.clone();
+            for (offset, data) in std::mem::take(&mut st.unsynced) {
+                let keep = match mode {
+                    CrashMode::KeepAll => data.len(),
+                    CrashMode::DropAll => 0,
+                    CrashMode::Tear(_) => match xorshift(&mut rng) % 3 {
+                        0 => 0,
+                        1 => data.len(),
+                        _ => (xorshift(&mut rng) % (data.len() as u64 + 1)) as usize,
+                    },
+                };
+                if keep > 0 {
+                    apply(&mut image, offset, data.get(..keep).unwrap_or(&[]));
+                }
+            }
+            st.durable = image.clone();
+            st.live = image;
+        }
+    }
+
+    /// Total bytes in live files (for tests that check the journal stays bounded).
+    pub fn total_bytes(&self) -> u64 {
+        let fs = self.fs.lock();
+        fs.files.values().map(|f| f.lock().live.len() as u64).sum()
+    }
+
+    /// Overwrite bytes of a file directly, durably, as a bit rot or an attacker would.
+    pub fn corrupt(&self, path: &Path, offset: u64, bytes: &[u8]) -> Result<()> {
+        let fs = self.fs.lock();
+        let state = fs
+            .files
+            .get(path)
+            .ok_or_else(|| Error::io("corrupt", path, io::ErrorKind::NotFound.into()))?;
+        let mut st = state.lock();
+        apply(&mut st.live, offset, bytes);
+        apply(&mut st.durable, offset, bytes);
+        Ok(())
+    }
+}
+
+fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+fn apply(image: &mut Vec<u8>, offset: u64, data: &[u8]) {
+    let start = offset as usize;
+    let end = start + data.len();
+    if image.len() < end {
+        image.resize(end, 0);
+    }
+    if let Some(dst) = image.get_mut(start..end) {
+        dst.copy_from_slice(data);
+    }
+}
+
+fn not_found(op: &'static str, path: &Path) -> Error {
+    Error::io(op, path, io::ErrorKind::NotFound.into())
+}
+
+impl Storage for MemStorage {
+    fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn StorageFile>> {
+        let mut fs = self.fs.lock();
+        let state = match (mode, fs.files.get(path)) {
+            (OpenMode::CreateNew, Some(_)) => {
+                return Err(Error::io("open", path, io::ErrorKind::AlreadyExists.into()))
+            }
+            (OpenMode::CreateNew, None) => {
+                let parent = path.parent().unwrap_or(Path::new(""));
+                if !fs.dirs.contains(parent) {
+                    return Err(not_found("open", path));
+                }
+                let st = Arc::new(Mutex::new(FileState::default()));
+                fs.files.insert(path.to_path_buf(), st.clone());
+                st
+            }
+            (_, Some(st)) => st.clone(),
+            (_, None) => return Err(not_found("open", path)),
+        };
+        Ok(Arc::new(MemFile {
+            path: path.to_path_buf(),
+            state,
+            writable: mode != OpenMode::ReadOnly,
+        }))
+    }
+
+    fn create_dir_all(&self, path: &Path) -> Result<()> {
+        let mut fs = self.fs.lock();
+        let mut p = Some(path);
+        while let Some(dir) = p {
+            fs.dirs.insert(dir.to_path_buf());
+            p = dir.parent();
+        }
+        Ok(())
+    }
+
+    fn list_dir(&self, dir: &Path) -> Result<Vec<String>> {
+        let fs = self.fs.lock();
+        if !fs.dirs.contains(dir) {
+            return Err(not_found("list", dir));
+        }
+        Ok(fs
+            .files
+            .keys()
+            .filter(|p| p.parent() == Some(dir))
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+            .collect())
+    }
+
+    fn remove_file(&self, path: &Path) -> Result<()> {
+        let mut fs = self.fs.lock();
+        fs.files
+            .remove(path)
+            .map(|_| ())
+            .ok_or_else(|| not_found("remove", path))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> Result<()> {
+        let mut fs = self.fs.lock();
+        let st = fs.files.remove(from).ok_or_else(|| not_found("rename", from))?;
+        fs.files.insert(to.to_path_buf(), st);
+        Ok(())
+    }
+
+    fn sync_dir(&self, dir: &Path) -> Result<()> {
+        let fs = self.fs.lock();
+        if fs.dirs.contains(dir) {
+            Ok(())
+        } else {
+            Err(not_found("sync directory", dir))
+        }
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        let fs = self.fs.lock();
+        fs.files.contains_key(path) || fs.dirs.contains(path)
+    }
+}
+
+impl StorageFile for MemFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let st = self.state.lock();
+        let start = (offset as usize).min(st.live.len());
+        let end = (start + buf.len()).min(st.live.len());
+        let src = st.live.get(start..end).unwrap_or(&[]);
+        if let Some(dst) = buf.get_mut(..src.len()) {
+            dst.copy_from_slice(src);
+        }
+        Ok(src.len())
+    }
+
+    fn write_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
+        if !self.writable {
+            return Err(Error::io("write", &self.path, io::Error::from_raw_os_error(libc::EBADF)));
+        }
+        let data: Vec<u8> = bufs.concat();
+        let mut st = self.state.lock();
+        apply(&mut st.live, offset, &data);
+        st.unsynced.push((offset, data));
+        Ok(())
+    }
+
+    fn sync_data(&self) -> Result<()> {
+        let mut st = self.state.lock();
+        st.durable = st.live.clone();
+        st.unsynced.clear();
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        let mut st = self.state.lock();
+        let len = len as usize;
+        st.live.resize(len, 0);
+        st.durable.resize(len, 0);
+        // Unsynced writes past the new end are gone; cut those that straddle it.
+        st.unsynced.retain_mut(|(off, data)| {
+            let off = *off as usize;
+            if off >= len {
+                return false;
+            }
+            data.truncate(len - off);
+            true
+        });
+        Ok(())
+    }
+
+    fn len(&self) -> Result<u64> {
+        Ok(self.state.lock().live.len() as u64)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.len()?;
+        let end = (offset + len).min(size);
+        if end <= offset {
+            return Ok(());
+        }
+        let zeros = vec![0u8; (end - offset) as usize];
+        self.write_at(&[&zeros], offset)
+    }
+}

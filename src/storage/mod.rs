@@ -1,0 +1,110 @@
+//! The storage seam: every byte the engine reads or writes goes through [`Storage`]
+//! and [`StorageFile`].
+//!
+//! Three implementations:
+//! - [`FileStorage`]: real files (`pread`/`pwritev`/`fdatasync`/`fallocate`).
+//! - [`MemStorage`]: in memory, tracking which bytes are durable (synced) and which
+//!   are only "in the page cache", so that [`MemStorage::crash`] can drop or tear the
+//!   unsynced ones the way a power loss would.
+//! - [`FaultyStorage`]: wraps a [`MemStorage`] and fails the Nth write or sync.
+//!
+//! Namespace operations (create, rename, remove) are treated as durable at once by the
+//! in-memory model; the real implementation makes them durable with [`Storage::sync_dir`],
+//! which the engine calls after each of them where order matters.
+
+mod fault;
+mod file;
+mod mem;
+
+pub use fault::FaultyStorage;
+pub use file::FileStorage;
+pub use mem::{CrashMode, MemStorage};
+
+use crate::error::Result;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// How [`Storage::open`] opens a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Create the file; fail if it exists.
+    CreateNew,
+    /// Open an existing file for reading and writing.
+    ReadWrite,
+    /// Open an existing file for reading only.
+    ReadOnly,
+}
+
+/// A file system, real or simulated.
+pub trait Storage: Send + Sync + fmt::Debug {
+    fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn StorageFile>>;
+    fn create_dir_all(&self, path: &Path) -> Result<()>;
+    /// Names of the regular files directly inside `dir`, sorted.
+    fn list_dir(&self, dir: &Path) -> Result<Vec<String>>;
+    fn remove_file(&self, path: &Path) -> Result<()>;
+    /// Atomically replace `to` with `from`.
+    fn rename(&self, from: &Path, to: &Path) -> Result<()>;
+    /// Make creations, renames and removals inside `dir` durable.
+    fn sync_dir(&self, dir: &Path) -> Result<()>;
+    fn exists(&self, path: &Path) -> bool;
+}
+
+/// An open file.
+pub trait StorageFile: Send + Sync + fmt::Debug {
+    fn path(&self) -> &Path;
+    /// Read up to `buf.len()` bytes at `offset`; fewer only at end of file.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize>;
+    /// Write all of `bufs`, one after the other, starting at `offset`.
+    fn write_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()>;
+    /// Make every write so far durable (`fdatasync`).
+    fn sync_data(&self) -> Result<()>;
+    fn set_len(&self, len: u64) -> Result<()>;
+    fn len(&self) -> Result<u64>;
+    /// Make `offset..offset+len` read as zeros, releasing the space where the file
+    /// system can (a hole). Never changes the length.
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<()>;
+}
+
+impl<'a> dyn StorageFile + 'a {
+    /// Read exactly `buf.len()` bytes; a short read is corruption of the caller's
+    /// expectations and reported as such.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let n = self.read_at(buf, offset)?;
+        if n < buf.len() {
+            return Err(crate::error::Error::corruption(
+                self.path(),
+                offset + n as u64,
+                format!("file ends {} bytes early", buf.len() - n),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Read a whole small file.
+pub fn read_all(file: &dyn StorageFile) -> Result<Vec<u8>> {
+    let len = file.len()?;
+    let mut buf = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+    let n = file.read_at(&mut buf, 0)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// Write `bytes` to `path` atomically and durably: write a temporary file, sync it,
+/// rename it over `path`, sync the directory.
+pub fn write_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    if storage.exists(&tmp) {
+        storage.remove_file(&tmp)?;
+    }
+    let file = storage.open(&tmp, OpenMode::CreateNew)?;
+    file.write_at(&[bytes], 0)?;
+    file.sync_data()?;
+    drop(file);
+    storage.rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        storage.sync_dir(dir)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,670 @@
+//! A machine's disks as callers see them: read, write, zero, flush — over the parent
+//! images and the machine's change journal.
+//!
+//! Write path: take the journal lock, append the record (page cache only), insert its
+//! extent into the index, release. The write is acknowledged then; [`Machine::flush`]
+//! makes every acknowledged write durable with one `fdatasync` shared by all
+//! concurrent callers (group commit) and records a recovery point.
+//!
+//! Read path: look the range up in the index under a read lock (taking handles to the
+//! segment files it needs in the same critical section, so a concurrent compaction
+//! cannot delete them underneath), release, then read each piece from its segment, as
+//! zeros, or from the parent image.
+//!
+//! Lock order: `writer` → `state` → `sync`. `flush` never holds `sync` while taking
+//! `writer`.
+
+use crate::compactor::{self, Compactor, Holds};
+use crate::config::JournalConfig;
+use crate::error::{Error, Result};
+use crate::format::meta::{DiskEntry, Manifest, Watermark};
+use crate::format::record::MAX_PAYLOAD;
+use crate::format::RecordKind;
+use crate::index::{ExtentMap, Location, Piece};
+use crate::journal::{self, JournalParams, JournalWriter, Point, PointKind, SealedSegment};
+use crate::names::{validate_disk_size, validate_name};
+use crate::storage::{read_all, write_atomic, OpenMode, Storage, StorageFile};
+use parking_lot::{Condvar, Mutex, RwLock};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub const MANIFEST_FILE: &str = "machine.meta";
+pub const WATERMARK_FILE: &str = "watermark";
+pub const JOURNAL_DIR: &str = "journal";
+pub const DISKS_DIR: &str = "disks";
+
+/// One disk of a machine.
+#[derive(Debug)]
+pub(crate) struct Disk {
+    pub id: u32,
+    pub name: String,
+    pub size: u64,
+    pub parent: Arc<dyn StorageFile>,
+}
+
+/// Index and segment files, under one lock so lookups and file handles agree.
+#[derive(Debug, Default)]
+pub(crate) struct IndexState {
+    pub disks: Vec<ExtentMap>,
+    /// Every segment the index may point into, by sequence number.
+    pub files: BTreeMap<u64, Arc<dyn StorageFile>>,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    durable_lsn: u64,
+    in_progress: bool,
+}
+
+/// Shared state of an open machine.
+#[derive(Debug)]
+pub(crate) struct MachineInner {
+    pub name: String,
+    pub dir: PathBuf,
+    pub storage: Arc<dyn Storage>,
+    pub machine_id: u64,
+    pub disks: Vec<Disk>,
+    pub writer: Mutex<JournalWriter>,
+    pub state: RwLock<IndexState>,
+    pub sealed: Mutex<BTreeMap<u64, SealedSegment>>,
+    pub points: Mutex<Vec<Point>>,
+    pub watermark: Mutex<Watermark>,
+    pub holds: Holds,
+    /// Serialises compactions.
+    pub compaction: Mutex<()>,
+    sync: Mutex<SyncState>,
+    sync_cv: Condvar,
+    poisoned: AtomicBool,
+    poison_reason: Mutex<Option<String>>,
+    /// Wakes the background compactor after a seal.
+    pub compactor_kick: Mutex<Option<crossbeam::channel::Sender<()>>>,
+}
+
+/// An open machine: its journal, index, disks and compactor.
+#[derive(Debug)]
+pub struct Machine {
+    inner: Arc<MachineInner>,
+    compactor: Option<Compactor>,
+}
+
+/// A disk of an open machine, the handle reads and writes go through.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    inner: Arc<MachineInner>,
+    disk: u32,
+}
+
+/// Summary of a machine's journal for status and inspect.
+#[derive(Debug, Clone)]
+pub struct JournalStatus {
+    pub sealed_segments: usize,
+    pub journal_bytes: u64,
+    pub active_seq: u64,
+    pub last_lsn: u64,
+    pub durable_lsn: u64,
+    pub watermark: Watermark,
+    pub index_extents: usize,
+    pub last_point: Option<Point>,
+    pub poisoned: Option<String>,
+}
+
+impl Machine {
+    /// Create an empty machine directory (no disks yet).
+    pub fn create(storage: &dyn Storage, dir: &Path) -> Result<()> {
+        if storage.exists(&dir.join(MANIFEST_FILE)) {
+            return Err(Error::AlreadyExists(format!("machine {} exists", dir.display())));
+        }
+        storage.create_dir_all(&dir.join(JOURNAL_DIR))?;
+        storage.create_dir_all(&dir.join(DISKS_DIR))?;
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).map_err(|e| {
+            Error::io("random machine id", dir, std::io::Error::other(e.to_string()))
+        })?;
+        let manifest = Manifest {
+            machine_id: u64::from_le_bytes(id),
+            disks: Vec::new(),
+        };
+        write_atomic(storage, &dir.join(MANIFEST_FILE), &manifest.encode())
+    }
+
+    pub fn read_manifest(storage: &dyn Storage, dir: &Path) -> Result<Manifest> {
+        let path = dir.join(MANIFEST_FILE);
+        let bytes = read_all(storage.open(&path, OpenMode::ReadOnly)?.as_ref())?;
+        Manifest::decode(&bytes).map_err(|e| Error::corruption(&path, e.offset, e.what))
+    }
+
+    pub fn read_watermark(storage: &dyn Storage, dir: &Path) -> Result<Watermark> {
+        let path = dir.join(JOURNAL_DIR).join(WATERMARK_FILE);
+        if !storage.exists(&path) {
+            return Ok(Watermark::default());
+        }
+        let bytes = read_all(storage.open(&path, OpenMode::ReadOnly)?.as_ref())?;
+        Watermark::decode(&bytes).map_err(|e| Error::corruption(&path, e.offset, e.what))
+    }
+
+    /// Add a disk to a machine that is not open. With `import`, copy a raw image into
+    /// the new parent, leaving all-zero blocks as holes. Nothing is left behind on error.
+    pub fn add_disk(
+        storage: &dyn Storage,
+        dir: &Path,
+        name: &str,
+        size: u64,
+        import: Option<&mut dyn FnMut(&dyn StorageFile) -> Result<()>>,
+    ) -> Result<()> {
+        validate_name("disk", name)?;
+        validate_disk_size(size)?;
+        let mut manifest = Self::read_manifest(storage, dir)?;
+        if manifest.disks.iter().any(|d| d.name == name) {
+            return Err(Error::AlreadyExists(format!(
+                "disk {name} exists in machine {}",
+                dir.display()
+            )));
+        }
+        let path = dir.join(DISKS_DIR).join(format!("{name}.img"));
+        let result = (|| {
+            let parent = storage.open(&path, OpenMode::CreateNew)?;
+            parent.set_len(size)?;
+            if let Some(import) = import {
+                import(parent.as_ref())?;
+            }
+            parent.sync_data()?;
+            storage.sync_dir(&dir.join(DISKS_DIR))?;
+            let id = manifest.disks.iter().map(|d| d.id + 1).max().unwrap_or(0);
+            manifest.disks.push(DiskEntry {
+                id,
+                name: name.to_string(),
+                size,
+            });
+            write_atomic(storage, &dir.join(MANIFEST_FILE), &manifest.encode())
+        })();
+        if result.is_err() && storage.exists(&path) {
+            let _ = storage.remove_file(&path);
+        }
+        result
+    }
+
+    /// Open a machine: read its manifest and watermark, recover the journal, rebuild the
+    /// index. The background compactor is not started; see [`Machine::start_compactor`].
+    pub fn open(storage: Arc<dyn Storage>, dir: &Path, name: &str, cfg: JournalConfig) -> Result<Self> {
+        cfg.validate()?;
+        let manifest = Self::read_manifest(storage.as_ref(), dir)?;
+        let watermark = Self::read_watermark(storage.as_ref(), dir)?;
+        let mut disks = Vec::new();
+        for (i, d) in manifest.disks.iter().enumerate() {
+            if d.id as usize != i {
+                return Err(Error::corruption(dir.join(MANIFEST_FILE), 0, "disk ids are not 0..n"));
+            }
+            let path = dir.join(DISKS_DIR).join(format!("{}.img", d.name));
+            let parent = storage.open(&path, OpenMode::ReadWrite)?;
+            let len = parent.len()?;
+            if len != d.size {
+                return Err(Error::InvalidInput(format!(
+                    "parent image {} is {len} bytes but the disk is {} bytes; it was changed \
+                     outside replog",
+                    path.display(),
+                    d.size
+                )));
+            }
+            disks.push(Disk {
+                id: d.id,
+                name: d.name.clone(),
+                size: d.size,
+                parent,
+            });
+        }
+        let mut state = IndexState {
+            disks: vec![ExtentMap::new(); disks.len()],
+            files: BTreeMap::new(),
+        };
+        let jdir = dir.join(JOURNAL_DIR);
+        let params = JournalParams {
+            machine_id: manifest.machine_id,
+            disk_count: disks.len() as u32,
+            segment_bytes: cfg.segment_bytes,
+            watermark_lsn: watermark.lsn,
+            watermark_seq: watermark.segment_seq,
+        };
+        let rec = journal::recover(storage.clone(), &jdir, params, |seq, r| {
+            apply_to_index(&mut state, seq, r.header.kind, r.header.disk, r.header.offset, r.header.length, r.payload_offset);
+        })?;
+        for note in &rec.repairs {
+            tracing::info!(machine = name, "{note}");
+        }
+        for s in &rec.sealed {
+            state.files.insert(s.seq, s.file.clone());
+        }
+        state.files.insert(rec.writer.active_seq(), rec.writer.active_file());
+        let durable = rec.writer.last_lsn();
+        let inner = Arc::new(MachineInner {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            storage,
+            machine_id: manifest.machine_id,
+            disks,
+            writer: Mutex::new(rec.writer),
+            state: RwLock::new(state),
+            sealed: Mutex::new(rec.sealed.into_iter().map(|s| (s.seq, s)).collect()),
+            points: Mutex::new(rec.points),
+            watermark: Mutex::new(watermark),
+            holds: Holds::default(),
+            compaction: Mutex::new(()),
+            sync: Mutex::new(SyncState {
+                durable_lsn: durable,
+                in_progress: false,
+            }),
+            sync_cv: Condvar::new(),
+            poisoned: AtomicBool::new(false),
+            poison_reason: Mutex::new(None),
+            compactor_kick: Mutex::new(None),
+        });
+        Ok(Machine {
+            inner,
+            compactor: None,
+        })
+    }
+
+    /// Start the background compactor, waking every `interval` and after each seal.
+    pub fn start_compactor(&mut self, interval: std::time::Duration) {
+        if self.compactor.is_none() {
+            self.compactor = Some(Compactor::spawn(self.inner.clone(), interval));
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn disk_names(&self) -> Vec<String> {
+        self.inner.disks.iter().map(|d| d.name.clone()).collect()
+    }
+
+    /// The volume of disk `name`.
+    pub fn volume(&self, name: &str) -> Result<Volume> {
+        let d = self
+            .inner
+            .disks
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| Error::NotFound(format!("machine {} has no disk {name}", self.inner.name)))?;
+        Ok(Volume {
+            inner: self.inner.clone(),
+            disk: d.id,
+        })
+    }
+
+    /// Make every acknowledged write durable and record a recovery point. Returns the
+    /// LSN that is now durable.
+    pub fn flush(&self) -> Result<u64> {
+        self.inner.flush()
+    }
+
+    /// Seal the active segment now (a recovery point). Returns the sealed segment's last
+    /// LSN, or None if the active segment was empty.
+    pub fn seal(&self) -> Result<Option<u64>> {
+        let mut w = self.inner.writer.lock();
+        self.inner.check_poison()?;
+        let sealed = self.inner.seal_locked(&mut w)?;
+        Ok(sealed)
+    }
+
+    /// Merge every sealed segment the holds allow into the parents, now.
+    pub fn compact(&self) -> Result<compactor::CompactStats> {
+        compactor::compact_once(&self.inner)
+    }
+
+    /// Hold the merge watermark at or below `lsn` until the hold is dropped.
+    pub fn hold_watermark(&self, lsn: u64) -> compactor::WatermarkHold {
+        self.inner.holds.hold(lsn)
+    }
+
+    pub fn points(&self) -> Vec<Point> {
+        self.inner.points.lock().clone()
+    }
+
+    pub fn status(&self) -> JournalStatus {
+        let w = self.inner.writer.lock();
+        let (active_seq, active_bytes, last_lsn) = (w.active_seq(), w.active_bytes(), w.last_lsn());
+        drop(w);
+        let sealed = self.inner.sealed.lock();
+        let sealed_bytes: u64 = sealed.values().map(|s| s.bytes).sum();
+        let sealed_segments = sealed.len();
+        drop(sealed);
+        let index_extents = self.inner.state.read().disks.iter().map(|m| m.len()).sum();
+        JournalStatus {
+            sealed_segments,
+            journal_bytes: sealed_bytes + active_bytes,
+            active_seq,
+            last_lsn,
+            durable_lsn: self.inner.sync.lock().durable_lsn,
+            watermark: *self.inner.watermark.lock(),
+            index_extents,
+            last_point: self.inner.points.lock().last().copied(),
+            poisoned: self.inner.poison_reason.lock().clone(),
+        }
+    }
+
+    /// Flush, stop the compactor and close.
+    pub fn close(mut self) -> Result<()> {
+        let flushed = if self.inner.is_poisoned() { Ok(0) } else { self.flush() };
+        if let Some(c) = self.compactor.take() {
+            c.stop();
+        }
+        flushed.map(|_| ())
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // No flush here: dropping without `close` is what a crash looks like to tests.
+        if let Some(c) = self.compactor.take() {
+            c.stop();
+        }
+    }
+}
+
+pub(crate) fn apply_to_index(
+    state: &mut IndexState,
+    seq: u64,
+    kind: RecordKind,
+    disk: u32,
+    offset: u64,
+    length: u64,
+    payload_offset: u64,
+) {
+    let Some(map) = state.disks.get_mut(disk as usize) else {
+        return;
+    };
+    match kind {
+        RecordKind::Write => map.insert(
+            offset,
+            length,
+            Location::Segment {
+                seq,
+                offset: payload_offset,
+            },
+        ),
+        RecordKind::Zero => map.insert(offset, length, Location::Zero),
+        RecordKind::Point => {}
+    }
+}
+
+impl MachineInner {
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    pub fn check_poison(&self) -> Result<()> {
+        if self.is_poisoned() {
+            return Err(Error::Poisoned {
+                machine: self.name.clone(),
+                reason: self.poison_reason.lock().clone().unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuse every later write: after a failed write or sync nothing written since the
+    /// last good sync can be trusted to be on disk.
+    pub fn poison(&self, err: &Error) -> Error {
+        let reason = err.to_string();
+        tracing::error!(machine = %self.name, "poisoned: {reason}");
+        let mut r = self.poison_reason.lock();
+        if r.is_none() {
+            *r = Some(reason.clone());
+        }
+        self.poisoned.store(true, Ordering::Release);
+        drop(r);
+        self.sync_cv.notify_all();
+        Error::Poisoned {
+            machine: self.name.clone(),
+            reason,
+        }
+    }
+
+    fn disk(&self, id: u32) -> Result<&Disk> {
+        self.disks
+            .get(id as usize)
+            .ok_or_else(|| Error::NotFound(format!("disk id {id}")))
+    }
+
+    fn check_range(&self, disk: &Disk, what: &str, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= disk.size => Ok(()),
+            end => Err(Error::OutOfRange {
+                what: format!("{what} on {}/{}", self.name, disk.name),
+                offset,
+                end: end.unwrap_or(u64::MAX),
+                size: disk.size,
+            }),
+        }
+    }
+
+    /// Append records for a write or zero range, update the index, rotate if due.
+    fn append(&self, disk: u32, kind: RecordKind, offset: u64, len: u64, data: &[u8]) -> Result<u64> {
+        let d = self.disk(disk)?;
+        self.check_range(d, if kind == RecordKind::Write { "write" } else { "zero" }, offset, len)?;
+        if len == 0 {
+            return Ok(self.writer.lock().last_lsn());
+        }
+        let mut w = self.writer.lock();
+        self.check_poison()?;
+        let mut placed = Vec::new();
+        let step = u64::from(MAX_PAYLOAD);
+        let mut at = 0u64;
+        while at < len {
+            let n = (len - at).min(if kind == RecordKind::Write { step } else { len });
+            let payload = match kind {
+                RecordKind::Write => data.get(at as usize..(at + n) as usize).unwrap_or(&[]),
+                _ => &[],
+            };
+            let a = w
+                .append(kind, 0, disk, offset + at, n, payload)
+                .map_err(|e| self.poison(&e))?;
+            placed.push((a, offset + at, n));
+            at += n;
+        }
+        {
+            let mut st = self.state.write();
+            for (a, off, n) in &placed {
+                apply_to_index(&mut st, a.seq, kind, disk, *off, *n, a.payload_offset);
+            }
+        }
+        let lsn = w.last_lsn();
+        if w.wants_rotation() {
+            self.seal_locked(&mut w)?;
+        }
+        Ok(lsn)
+    }
+
+    /// Seal with the writer lock held.
+    pub(crate) fn seal_locked(&self, w: &mut JournalWriter) -> Result<Option<u64>> {
+        let sealed = match w.seal() {
+            Ok(s) => s,
+            Err(e) => return Err(self.poison(&e)),
+        };
+        let Some(sealed) = sealed else { return Ok(None) };
+        let last = sealed.last_lsn;
+        self.state.write().files.insert(w.active_seq(), w.active_file());
+        self.points.lock().push(Point {
+            lsn: last,
+            time_ns: sealed.sealed_ns,
+            kind: PointKind::Seal,
+        });
+        self.sealed.lock().insert(sealed.seq, sealed);
+        {
+            let mut s = self.sync.lock();
+            s.durable_lsn = s.durable_lsn.max(last);
+        }
+        self.sync_cv.notify_all();
+        if let Some(kick) = self.compactor_kick.lock().as_ref() {
+            let _ = kick.try_send(());
+        }
+        Ok(Some(last))
+    }
+
+    /// Group commit: see the module documentation.
+    pub(crate) fn flush(&self) -> Result<u64> {
+        self.check_poison()?;
+        let target = {
+            let mut w = self.writer.lock();
+            self.check_poison()?;
+            if w.has_unpointed_writes() {
+                let p = w.append_point(false).map_err(|e| self.poison(&e))?;
+                self.points.lock().push(p);
+            }
+            let t = w.last_lsn();
+            if w.wants_rotation() {
+                self.seal_locked(&mut w)?;
+            }
+            t
+        };
+        self.sync_to(target)?;
+        Ok(target)
+    }
+
+    /// Append an app-consistent point and make it durable.
+    pub(crate) fn checkpoint(&self) -> Result<Point> {
+        let p = {
+            let mut w = self.writer.lock();
+            self.check_poison()?;
+            let p = w.append_point(true).map_err(|e| self.poison(&e))?;
+            self.points.lock().push(p);
+            p
+        };
+        self.sync_to(p.lsn)?;
+        Ok(p)
+    }
+
+    fn sync_to(&self, target: u64) -> Result<()> {
+        let mut s = self.sync.lock();
+        loop {
+            self.check_poison()?;
+            if s.durable_lsn >= target {
+                return Ok(());
+            }
+            if !s.in_progress {
+                s.in_progress = true;
+                break;
+            }
+            self.sync_cv.wait(&mut s);
+        }
+        drop(s);
+        // This caller leads: one fdatasync covers every record appended so far, its own
+        // and those of every caller now waiting.
+        let (file, lsn) = {
+            let w = self.writer.lock();
+            (w.active_file(), w.last_lsn())
+        };
+        let res = file.sync_data();
+        let mut s = self.sync.lock();
+        s.in_progress = false;
+        let out = match res {
+            Ok(()) => {
+                s.durable_lsn = s.durable_lsn.max(lsn);
+                Ok(())
+            }
+            Err(e) => Err(self.poison(&e)),
+        };
+        drop(s);
+        self.sync_cv.notify_all();
+        out
+    }
+
+    /// Read `buf.len()` bytes at `offset` of disk `disk`.
+    fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let d = self.disk(disk)?;
+        self.check_range(d, "read", offset, buf.len() as u64)?;
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut files: Vec<(u64, Arc<dyn StorageFile>)> = Vec::new();
+        {
+            let st = self.state.read();
+            if let Some(map) = st.disks.get(disk as usize) {
+                map.lookup(offset, buf.len() as u64, &mut pieces);
+            }
+            for p in &pieces {
+                if let Some(Location::Segment { seq, .. }) = p.loc {
+                    if !files.iter().any(|(s, _)| *s == seq) {
+                        let f = st.files.get(&seq).ok_or_else(|| {
+                            Error::corruption(&self.dir, 0, format!("index points into unknown segment {seq}"))
+                        })?;
+                        files.push((seq, f.clone()));
+                    }
+                }
+            }
+        }
+        if pieces.is_empty() {
+            pieces.push(Piece {
+                start: offset,
+                len: buf.len() as u64,
+                loc: None,
+            });
+        }
+        for p in pieces {
+            let from = (p.start - offset) as usize;
+            let Some(dst) = buf.get_mut(from..from + p.len as usize) else {
+                continue;
+            };
+            match p.loc {
+                Some(Location::Zero) => dst.fill(0),
+                Some(Location::Segment { seq, offset: at }) => {
+                    let f = files.iter().find(|(s, _)| *s == seq).map(|(_, f)| f);
+                    if let Some(f) = f {
+                        f.read_exact_at(dst, at)?;
+                    }
+                }
+                None => {
+                    let n = d.parent.read_at(dst, p.start)?;
+                    if let Some(rest) = dst.get_mut(n..) {
+                        rest.fill(0);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Volume {
+    pub fn size(&self) -> u64 {
+        self.inner.disks.get(self.disk as usize).map(|d| d.size).unwrap_or(0)
+    }
+
+    pub fn name(&self) -> &str {
+        self.inner.disks.get(self.disk as usize).map(|d| d.name.as_str()).unwrap_or("")
+    }
+
+    pub fn machine(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Read at any offset and length inside the disk.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read(self.disk, offset, buf)
+    }
+
+    /// Write at any offset and length inside the disk; returns the record's LSN.
+    /// Acknowledged once in the page cache; durable after [`flush`](Self::flush).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<u64> {
+        self.inner
+            .append(self.disk, RecordKind::Write, offset, data.len() as u64, data)
+    }
+
+    /// Make `offset..offset+len` read as zeros (discard, write-zeroes, punch hole).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<u64> {
+        self.inner.append(self.disk, RecordKind::Zero, offset, len, &[])
+    }
+
+    /// Flush the machine's journal (all disks of a machine share one write order).
+    pub fn flush(&self) -> Result<u64> {
+        self.inner.flush()
+    }
+}
+
+impl Machine {
+    /// Record an app-consistent recovery point, durable on return.
+    pub fn checkpoint(&self) -> Result<Point> {
+        self.inner.checkpoint()
+    }
+}
