@@ -182,15 +182,16 @@ pub(crate) fn compact_once(m: &MachineInner) -> Result<CompactStats> {
         }
     }
     for seg in &batch {
-        m.storage.remove_file(seg.file.path())?;
+        m.storage.remove_file(seg.file.path()).map_err(|e| fail(m, e))?;
     }
-    m.storage.sync_dir(&m.dir.join(JOURNAL_DIR))?;
+    m.storage.sync_dir(&m.dir.join(JOURNAL_DIR)).map_err(|e| fail(m, e))?;
     tracing::debug!(machine = %m.name, segments = stats.segments, watermark = stats.watermark, "compacted");
     Ok(stats)
 }
 
 /// An I/O failure while merging: parents may hold part of the batch, which is harmless
-/// (the segments stay), but after a failed fdatasync nothing later can be trusted.
+/// (the segments stay), but after a failed fdatasync nothing later can be trusted. We
+/// do not tell a failed sync from other I/O failures here: any of them poisons.
 fn fail(m: &MachineInner, e: Error) -> Error {
     if matches!(e, Error::Io { .. }) {
         m.poison(&e)

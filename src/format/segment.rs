@@ -23,7 +23,8 @@
 //!  60   4 CRC-32C of bytes 0..60
 //! ```
 //!
-//! ## Segment footer (48 bytes, written once when the segment is sealed)
+//! ## Segment footer (48 bytes, written once when the segment is sealed, and only after
+//! every record before it is durable — so a footer on disk proves its records were)
 //!
 //! ```text
 //! off len field

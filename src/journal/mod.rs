@@ -175,9 +175,14 @@ impl JournalWriter {
             sealed_ns,
             chain_crc: self.active.chain_crc,
         };
+        // Records first, then the footer, each durable before the next step: a footer
+        // that reached the disk then proves every record before it was durable, so
+        // damage in front of a footer is corruption, never a torn tail (writeback may
+        // reorder pages, so one sync for both would not prove that).
+        self.active.file.sync_data()?;
         self.active.file.write_at(&[&footer.encode()], self.active.tail)?;
-        // The footer and every record before it must be durable before the next
-        // segment exists: recovery treats only the last segment as possibly torn.
+        // The footer must be durable before the next segment exists: recovery treats
+        // only the last segment as possibly torn.
         self.active.file.sync_data()?;
         let sealed = SealedSegment {
             seq: self.active.seq,

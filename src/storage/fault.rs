@@ -17,6 +17,10 @@ struct Countdowns {
     /// Once a fault fired, every later call of that kind fails too (a dead disk).
     sticky: bool,
     fired: bool,
+    /// Successful file syncs so far.
+    synced: u64,
+    /// Every file sync takes this long (to make concurrent callers overlap in tests).
+    sync_delay: Option<std::time::Duration>,
 }
 
 /// See the module documentation.
@@ -59,7 +63,21 @@ impl FaultyStorage {
 
     /// Remove every pending fault.
     pub fn heal(&self) {
-        *self.faults.lock() = Countdowns::default();
+        let mut f = self.faults.lock();
+        let (synced, sync_delay) = (f.synced, f.sync_delay);
+        *f = Countdowns::default();
+        f.synced = synced;
+        f.sync_delay = sync_delay;
+    }
+
+    /// Number of successful file syncs (fdatasync) so far.
+    pub fn sync_count(&self) -> u64 {
+        self.faults.lock().synced
+    }
+
+    /// Make every file sync sleep this long first.
+    pub fn set_sync_delay(&self, delay: Option<std::time::Duration>) {
+        self.faults.lock().sync_delay = delay;
     }
 
     /// True once an injected fault has fired.
@@ -165,7 +183,13 @@ impl StorageFile for FaultyFile {
         if self.check_sync() {
             return Err(injected("fdatasync", self.path()));
         }
-        self.inner.sync_data()
+        let delay = self.faults.lock().sync_delay;
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
+        self.inner.sync_data()?;
+        self.faults.lock().synced += 1;
+        Ok(())
     }
     fn set_len(&self, len: u64) -> Result<()> {
         self.inner.set_len(len)
