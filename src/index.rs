@@ -164,6 +164,16 @@ impl ExtentMap {
         }
     }
 
+    /// The extent covering `pos`, or else the first one starting after it.
+    pub fn at_or_after(&self, pos: u64) -> Option<(u64, Extent)> {
+        if let Some((&s, &e)) = self.map.range(..=pos).next_back() {
+            if s + e.len > pos {
+                return Some((s, e));
+            }
+        }
+        self.map.range(pos..).next().map(|(s, e)| (*s, *e))
+    }
+
     /// Remove every extent whose data lives in segment `seq`.
     pub fn remove_segment(&mut self, seq: u64) {
         self.map.retain(|_, e| e.loc.segment() != Some(seq));

@@ -660,6 +660,44 @@ impl Volume {
     pub fn flush(&self) -> Result<u64> {
         self.inner.flush()
     }
+
+    /// `SEEK_DATA` (`data`) or `SEEK_HOLE` from `offset`: journal data counts as data,
+    /// zeroed ranges as holes, and the parent image answers for the rest. None means
+    /// no data at or after `offset` (ENXIO).
+    pub fn seek(&self, offset: u64, data: bool) -> Result<Option<u64>> {
+        let d = self.inner.disk(self.disk)?;
+        let size = d.size;
+        let mut pos = offset;
+        while pos < size {
+            let ext = {
+                let st = self.inner.state.read();
+                st.disks.get(self.disk as usize).and_then(|m| m.at_or_after(pos))
+            };
+            match ext {
+                Some((start, e)) if start <= pos => {
+                    let is_data = e.loc != crate::index::Location::Zero;
+                    if is_data == data {
+                        return Ok(Some(pos));
+                    }
+                    pos = start + e.len;
+                }
+                other => {
+                    // The parent answers for pos..next (next: the next extent or the end).
+                    let next = other.map(|(s, _)| s).unwrap_or(size).min(size);
+                    let found = if data {
+                        d.parent.seek_data(pos)?
+                    } else {
+                        Some(d.parent.seek_hole(pos)?)
+                    };
+                    match found {
+                        Some(at) if at < next => return Ok(Some(at.max(pos))),
+                        _ => pos = next,
+                    }
+                }
+            }
+        }
+        Ok(if data { None } else { Some(size.max(offset)) })
+    }
 }
 
 impl Machine {

@@ -71,6 +71,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the site in the foreground: recover journals, run compactors, mount every
+    /// disk as DIR/<machine>/<disk>.img. SIGINT/SIGTERM flush, unmount and exit 0.
+    Serve {
+        site: PathBuf,
+        /// Mount the disks here (created if missing; a dead mount left by a killed
+        /// serve is detected and cleared).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+        /// FUSE session threads.
+        #[arg(long, default_value_t = 4)]
+        fuse_threads: usize,
+        /// Open disk files with FOPEN_DIRECT_IO (bypass the kernel page cache).
+        #[arg(long)]
+        direct_io: bool,
+        /// Largest FUSE write request in bytes.
+        #[arg(long, default_value_t = 1 << 20)]
+        max_write: u32,
+        /// Do not ask for FUSE_ASYNC_DIO.
+        #[arg(long)]
+        no_async_dio: bool,
+    },
     /// Dump and verify a site, machine, journal directory or segment file; exit 1 on
     /// corruption, naming the file and offset.
     Inspect {
@@ -116,6 +137,19 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Compact { site, machine } => site::compact(&site, machine.as_deref()),
         Command::Status { site, machine, json } => site::status(&site, machine.as_deref(), json),
         Command::Inspect { path, json } => return inspect::run(&path, json),
+        Command::Serve { site, mount, fuse_threads, direct_io, max_write, no_async_dio } => {
+            let opts = replog::serve::ServeOptions {
+                mount,
+                fuse_threads,
+                frontend: replog::frontend::FrontendOptions {
+                    max_write,
+                    async_dio: !no_async_dio,
+                    direct_io,
+                    ..Default::default()
+                },
+            };
+            replog::serve::serve(&site, &opts, || {})
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -197,6 +197,12 @@ impl StorageFile for FaultyFile {
     fn len(&self) -> Result<u64> {
         self.inner.len()
     }
+    fn seek_data(&self, offset: u64) -> Result<Option<u64>> {
+        self.inner.seek_data(offset)
+    }
+    fn seek_hole(&self, offset: u64) -> Result<u64> {
+        self.inner.seek_hole(offset)
+    }
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
         if self.check_write() {
             return Err(injected("punch hole in", self.path()));

@@ -127,6 +127,17 @@ impl StorageFile for RealFile {
             .len())
     }
 
+    fn seek_data(&self, offset: u64) -> Result<Option<u64>> {
+        match self.lseek(offset, libc::SEEK_DATA)? {
+            Some(at) => Ok(Some(at)),
+            None => Ok(None),
+        }
+    }
+
+    fn seek_hole(&self, offset: u64) -> Result<u64> {
+        Ok(self.lseek(offset, libc::SEEK_HOLE)?.unwrap_or(offset))
+    }
+
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
@@ -164,6 +175,26 @@ impl StorageFile for RealFile {
             at += n as u64;
         }
         Ok(())
+    }
+}
+
+impl RealFile {
+    /// `lseek` with SEEK_DATA / SEEK_HOLE; None for ENXIO (nothing of that kind after
+    /// `offset`).
+    fn lseek(&self, offset: u64, whence: i32) -> Result<Option<u64>> {
+        let off = i64::try_from(offset)
+            .map_err(|_| Error::InvalidInput(format!("offset {offset} too large")))?;
+        // SAFETY: lseek on an open descriptor with integer arguments only; it does not
+        // move any offset we rely on (all I/O here is positional).
+        let at = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        if at < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None);
+            }
+            return Err(Error::io("seek in", &self.path, err));
+        }
+        Ok(Some(at as u64))
     }
 }
 

@@ -64,6 +64,16 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     /// Make `offset..offset+len` read as zeros, releasing the space where the file
     /// system can (a hole). Never changes the length.
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()>;
+    /// The first offset at or after `offset` that holds data (`SEEK_DATA`), or None if
+    /// only holes follow. Files that do not track holes report data everywhere.
+    fn seek_data(&self, offset: u64) -> Result<Option<u64>> {
+        Ok((offset < self.len()?).then_some(offset))
+    }
+    /// The first offset at or after `offset` in a hole (`SEEK_HOLE`); the end of the
+    /// file counts as a hole.
+    fn seek_hole(&self, offset: u64) -> Result<u64> {
+        Ok(self.len()?.max(offset))
+    }
 }
 
 impl<'a> dyn StorageFile + 'a {

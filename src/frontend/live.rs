@@ -1,0 +1,417 @@
+//! The live view: `<machine>/<disk>.img` files backed by volumes.
+//!
+//! Request handlers call straight into the engine: a write is an append to the page
+//! cache plus an index update, a read is index lookup plus `pread`s, an `fsync` or a
+//! `flush` (close) is a group commit. No engine lock is held across a reply or a
+//! kernel notification: every engine call returns before the reply is sent.
+
+use crate::volume::{Machine, Volume};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+use std::ffi::OsStr;
+use std::time::{Duration, SystemTime};
+
+/// Kernel-facing choices, each measured in `docs/FUSE.md`.
+#[derive(Debug, Clone, Copy)]
+pub struct FrontendOptions {
+    /// Largest write request the kernel sends (bytes).
+    pub max_write: u32,
+    /// Ask for FUSE_ASYNC_DIO (the kernel submits a direct I/O's pieces in parallel).
+    pub async_dio: bool,
+    /// Open files with FOPEN_DIRECT_IO (no page cache in the FUSE layer); otherwise
+    /// FOPEN_KEEP_CACHE (cached pages stay valid across opens: all writes come through
+    /// this mount, so the cache cannot go stale).
+    pub direct_io: bool,
+    /// Let the kernel send parallel direct writes to one file.
+    pub parallel_direct_writes: bool,
+}
+
+impl Default for FrontendOptions {
+    fn default() -> Self {
+        FrontendOptions {
+            max_write: 1 << 20,
+            async_dio: true,
+            direct_io: false,
+            parallel_direct_writes: true,
+        }
+    }
+}
+
+const TTL: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
+enum Node {
+    Dir { children: Vec<(String, u64)> },
+    Disk { vol: Volume },
+}
+
+/// The live file system; see the module documentation.
+#[derive(Debug)]
+pub struct LiveFs {
+    /// Inode `i` is `nodes[i - 1]`; inode 1 is the root.
+    nodes: Vec<Node>,
+    opts: FrontendOptions,
+    started: SystemTime,
+    uid: u32,
+    gid: u32,
+}
+
+impl LiveFs {
+    pub fn new(machines: &[Machine], opts: FrontendOptions) -> crate::Result<Self> {
+        let mut nodes = vec![Node::Dir { children: Vec::new() }];
+        let mut root_children = Vec::new();
+        for m in machines {
+            let dir_ino = nodes.len() as u64 + 1;
+            nodes.push(Node::Dir { children: Vec::new() });
+            root_children.push((m.name().to_string(), dir_ino));
+            let mut children = Vec::new();
+            for d in m.disk_names() {
+                let ino = nodes.len() as u64 + 1;
+                nodes.push(Node::Disk { vol: m.volume(&d)? });
+                children.push((format!("{d}.img"), ino));
+            }
+            if let Some(Node::Dir { children: c }) = nodes.get_mut(dir_ino as usize - 1) {
+                *c = children;
+            }
+        }
+        if let Some(Node::Dir { children }) = nodes.get_mut(0) {
+            *children = root_children;
+        }
+        // SAFETY: getuid/getgid cannot fail and touch no memory.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Ok(LiveFs {
+            nodes,
+            opts,
+            started: SystemTime::now(),
+            uid,
+            gid,
+        })
+    }
+
+    fn node(&self, ino: INodeNo) -> Option<&Node> {
+        self.nodes.get((ino.0 as usize).checked_sub(1)?)
+    }
+
+    fn volume(&self, ino: INodeNo) -> Result<&Volume, Errno> {
+        match self.node(ino) {
+            Some(Node::Disk { vol }) => Ok(vol),
+            Some(Node::Dir { .. }) => Err(Errno::EISDIR),
+            None => Err(Errno::ENOENT),
+        }
+    }
+
+    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
+        let (kind, size, perm, nlink) = match self.node(ino)? {
+            Node::Dir { children } => (FileType::Directory, 0, 0o755, 2 + children.len() as u32),
+            Node::Disk { vol } => (FileType::RegularFile, vol.size(), 0o644, 1),
+        };
+        Some(FileAttr {
+            ino,
+            size,
+            blocks: size.div_ceil(512),
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+
+    fn refuse(&self, what: &str, reply_err: impl FnOnce(Errno)) {
+        tracing::warn!("refused: {what} (disk images have a fixed set and size)");
+        reply_err(Errno::EPERM);
+    }
+}
+
+fn errno(e: &crate::Error) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+impl Filesystem for LiveFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(nearest) = config.set_max_write(self.opts.max_write) {
+            let _ = config.set_max_write(nearest);
+        }
+        if self.opts.async_dio {
+            let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(Node::Dir { children }) = self.node(parent) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let found = children.iter().find(|(n, _)| OsStr::new(n) == name).map(|(_, i)| *i);
+        match found.and_then(|i| self.attr(INodeNo(i))) {
+            Some(a) => reply.entry(&TTL, &a, fuser::Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let Some(attr) = self.attr(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if let Some(size) = size {
+            if size != attr.size {
+                tracing::warn!(
+                    "refused: truncate of inode {} to {size} bytes (the disk is {} bytes and \
+                     never changes size)",
+                    ino.0,
+                    attr.size
+                );
+                return reply.error(Errno::EPERM);
+            }
+        }
+        // Mode, owner and times are not stored: the attributes stay as they are.
+        reply.attr(&TTL, &attr);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if let Err(e) = self.volume(ino) {
+            return reply.error(e);
+        }
+        let mut flags = if self.opts.direct_io {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        if self.opts.parallel_direct_writes {
+            flags |= FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
+        }
+        reply.opened(FileHandle(0), flags);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let vol = match self.volume(ino) {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
+        // Reads past the end return what is there (nothing), like any file.
+        let end = (offset + u64::from(size)).min(vol.size());
+        let len = end.saturating_sub(offset) as usize;
+        let mut buf = vec![0u8; len];
+        match vol.read(offset, &mut buf) {
+            Ok(()) => reply.data(&buf),
+            Err(e) => {
+                tracing::error!("read {}/{} at {offset}+{len}: {e}", vol.machine(), vol.name());
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let vol = match self.volume(ino) {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
+        match vol.write(offset, data) {
+            Ok(_) => reply.written(data.len() as u32),
+            Err(e) => {
+                tracing::warn!("write {}/{} at {offset}+{}: {e}", vol.machine(), vol.name(), data.len());
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lo: LockOwner, reply: ReplyEmpty) {
+        self.sync(ino, reply);
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.sync(ino, reply);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let vol = match self.volume(ino) {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let zero = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
+        let known = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !known != 0 || (mode & libc::FALLOC_FL_PUNCH_HOLE != 0 && !keep) {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        let end = offset.saturating_add(length);
+        if end > vol.size() && !keep {
+            tracing::warn!("refused: fallocate would grow {}/{} to {end} bytes", vol.machine(), vol.name());
+            return reply.error(Errno::EFBIG);
+        }
+        if !zero {
+            // Plain allocation inside the disk: every block is writable already.
+            return reply.ok();
+        }
+        let end = end.min(vol.size());
+        if end <= offset {
+            return reply.ok();
+        }
+        match vol.write_zeroes(offset, end - offset) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let vol = match self.volume(ino) {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
+        let Ok(off) = u64::try_from(offset) else {
+            return reply.error(Errno::EINVAL);
+        };
+        if off >= vol.size() {
+            return reply.error(Errno::ENXIO);
+        }
+        let data = match whence {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        match vol.seek(off, data) {
+            Ok(Some(at)) => reply.offset(at as i64),
+            Ok(None) => reply.error(Errno::ENXIO),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(Node::Dir { children }) = self.node(ino) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        let mut entries: Vec<(u64, FileType, &str)> = vec![(ino.0, FileType::Directory, "."), (1, FileType::Directory, "..")];
+        for (name, i) in children {
+            let kind = match self.node(INodeNo(*i)) {
+                Some(Node::Dir { .. }) => FileType::Directory,
+                _ => FileType::RegularFile,
+            };
+            entries.push((*i, kind, name));
+        }
+        for (k, (i, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(i), (k + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+        // No extended attributes; ENOSYS tells the kernel to stop asking.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn mknod(&self, _req: &Request, _p: INodeNo, name: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+        self.refuse(&format!("create {name:?}"), |e| reply.error(e));
+    }
+
+    fn create(&self, _req: &Request, _p: INodeNo, name: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
+        self.refuse(&format!("create {name:?}"), |e| reply.error(e));
+    }
+
+    fn mkdir(&self, _req: &Request, _p: INodeNo, name: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        self.refuse(&format!("mkdir {name:?}"), |e| reply.error(e));
+    }
+
+    fn unlink(&self, _req: &Request, _p: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.refuse(&format!("unlink {name:?}"), |e| reply.error(e));
+    }
+
+    fn rmdir(&self, _req: &Request, _p: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.refuse(&format!("rmdir {name:?}"), |e| reply.error(e));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        name: &OsStr,
+        _np: INodeNo,
+        _nn: &OsStr,
+        _f: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.refuse(&format!("rename {name:?}"), |e| reply.error(e));
+    }
+}
+
+impl LiveFs {
+    /// fsync and close: every write acknowledged so far becomes durable (group commit).
+    fn sync(&self, ino: INodeNo, reply: ReplyEmpty) {
+        let vol = match self.volume(ino) {
+            Ok(v) => v,
+            Err(_) => return reply.ok(), // directories: nothing to sync
+        };
+        match vol.flush() {
+            Ok(_) => reply.ok(),
+            Err(e) => {
+                tracing::error!("fsync {}/{}: {e}", vol.machine(), vol.name());
+                reply.error(errno(&e))
+            }
+        }
+    }
+}
