@@ -2,8 +2,10 @@
 //!
 //! Every figure is measured against a baseline taken in the same process, on the same
 //! file system, in the same directory, and printed as `value / baseline`. Engine and
-//! baseline runs are interleaved (baseline, engine, baseline, engine, ...) and the best
-//! run of each is kept, so a slow moment of the disk hurts both sides alike.
+//! baseline runs are interleaved in short slices (the disks of these machines drift
+//! over a run, e.g. as burst credits run out), so a slow moment hurts both sides alike:
+//! the write figures take the median slice of each side, the read figures the best of
+//! a few interleaved passes. The table says which, per figure.
 //!
 //! ```text
 //! replog-bench [--quick] [--json] [--dir DIR]
@@ -155,7 +157,7 @@ struct Bench {
     site: Site,
     /// 4 MiB of pseudo-random bytes; every data write is a slice of it.
     pattern: Aligned,
-    /// Best runs for the sequential figures, e.g. "best of 3".
+    /// Interleaved passes of each side in the read figures (the best is kept).
     reps: usize,
     /// Figure (a)'s journal, kept open for (b): its data is still in the journal.
     seq: Option<(Machine, Volume)>,
@@ -334,6 +336,16 @@ fn best(runs: &[f64]) -> f64 {
     runs.iter().copied().fold(0.0, f64::max)
 }
 
+fn median(runs: &[f64]) -> f64 {
+    let mut v = runs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v.get(n / 2).copied().unwrap_or(0.0),
+        n => (v.get(n / 2 - 1).copied().unwrap_or(0.0) + v.get(n / 2).copied().unwrap_or(0.0)) / 2.0,
+    }
+}
+
 fn fmt_runs(runs: &[f64]) -> String {
     runs.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join("/")
 }
@@ -368,67 +380,79 @@ impl Bench {
         const CHUNK: u64 = 64 * KIB;
         const SYNC_EVERY: u64 = 4 * MIB;
         let total = if self.quick { 128 * MIB } else { GIB };
+        let slices = if self.quick { 4 } else { 8 };
+        let slice = total / slices;
         let disk_size = 2 * GIB;
-        progress(&format!("{NAME}: {} MiB, best of {}", total / MIB, self.reps));
-        let (mut base, mut eng) = (Vec::new(), Vec::new());
-        for _ in 0..self.reps {
-            // Baseline: pwrite to a new plain file, fdatasync every 4 MiB.
-            remove_if_exists(&self.seq_plain)?;
-            settle();
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&self.seq_plain)?;
-            let t0 = Instant::now();
-            let mut at = 0;
-            while at < total {
-                f.write_all_at(pattern_at(self.pattern.as_slice(), at, CHUNK as usize), at)?;
-                at += CHUNK;
-                if at % SYNC_EVERY == 0 {
-                    f.sync_data()?;
-                }
-            }
-            f.sync_data()?;
-            base.push(mb_per_s(total, t0.elapsed()));
-            drop(f);
-
-            // Engine: Volume::write into a fresh journal, Machine::flush every 4 MiB.
-            if let Some((m, _)) = self.seq.take() {
-                m.close()?;
-            }
-            self.remove_machine("bench")?;
-            settle();
-            let (m, v) = self.fresh_machine("bench", disk_size)?;
-            let t0 = Instant::now();
-            let mut at = 0;
-            while at < total {
-                v.write(at, pattern_at(self.pattern.as_slice(), at, CHUNK as usize))?;
-                at += CHUNK;
-                if at % SYNC_EVERY == 0 {
-                    m.flush()?;
-                }
-            }
-            m.flush()?;
-            eng.push(mb_per_s(total, t0.elapsed()));
-            self.seq = Some((m, v));
+        progress(&format!(
+            "{NAME}: {} MiB each, in {slices} interleaved slices of {} MiB",
+            total / MIB,
+            slice / MIB
+        ));
+        // Each side writes its whole stream once, in slices taken in turn (baseline
+        // first in even slices, engine first in odd ones), so a disk that slows down
+        // over time (these are cloud disks) hurts both sides alike.
+        remove_if_exists(&self.seq_plain)?;
+        if let Some((m, _)) = self.seq.take() {
+            m.close()?;
         }
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&self.seq_plain)?;
+        let (m, v) = self.fresh_machine("bench", disk_size)?;
+        let (mut base, mut eng) = (Vec::new(), Vec::new());
+        let (mut base_t, mut eng_t) = (Duration::ZERO, Duration::ZERO);
+        for i in 0..slices {
+            let (from, to) = (i * slice, (i + 1) * slice);
+            for engine in [i % 2 == 1, i % 2 == 0] {
+                settle();
+                let t0 = Instant::now();
+                let mut at = from;
+                while at < to {
+                    let data = pattern_at(self.pattern.as_slice(), at, CHUNK as usize);
+                    if engine {
+                        v.write(at, data)?;
+                    } else {
+                        f.write_all_at(data, at)?;
+                    }
+                    at += CHUNK;
+                    if at % SYNC_EVERY == 0 {
+                        if engine {
+                            m.flush()?;
+                        } else {
+                            f.sync_data()?;
+                        }
+                    }
+                }
+                let t = t0.elapsed();
+                if engine {
+                    eng.push(mb_per_s(slice, t));
+                    eng_t += t;
+                } else {
+                    base.push(mb_per_s(slice, t));
+                    base_t += t;
+                }
+            }
+        }
+        drop(f);
+        let st = m.status();
+        self.seq = Some((m, v));
         self.seq_bytes = total;
-        let st = self.seq.as_ref().map(|(m, _)| m.status());
-        let journal = st
-            .as_ref()
-            .map(|s| format!(", journal {} MiB in {} sealed segments", s.journal_bytes / MIB, s.sealed_segments))
-            .unwrap_or_default();
         Ok(Figure::versus(
             NAME,
-            best(&eng),
-            best(&base),
+            median(&eng),
+            median(&base),
             "MB/s",
             format!(
-                "best of {} interleaved runs; engine {} vs plain {} MB/s{journal}; floor 0.8x, aim 1.0x",
-                self.reps,
+                "median of {slices} interleaved slices; engine {} vs plain {} MB/s; overall \
+                 {:.0} vs {:.0} MB/s; journal {} MiB in {} sealed segments; floor 0.8x, aim 1.0x",
                 fmt_runs(&eng),
-                fmt_runs(&base)
+                fmt_runs(&base),
+                mb_per_s(total, eng_t),
+                mb_per_s(total, base_t),
+                st.journal_bytes / MIB,
+                st.sealed_segments
             ),
         ))
     }
@@ -532,11 +556,17 @@ impl Bench {
         const NAME: &str = "random 4KiB write + flush each";
         const BLOCK: u64 = 4 * KIB;
         let ops: usize = if self.quick { 1000 } else { 5000 };
+        let rounds: usize = if self.quick { 4 } else { 10 };
+        let per_round = ops / rounds;
         let region = 256 * MIB;
-        let reps = 2;
-        progress(&format!("{NAME}: {ops} ops over {} MiB, best of {reps}", region / MIB));
+        progress(&format!(
+            "{NAME}: {ops} ops each over {} MiB, in {rounds} interleaved rounds",
+            region / MIB
+        ));
         let mut rng = Rng(0x0ff5_e7c0_ffee_0042);
-        let offsets: Vec<u64> = (0..ops).map(|_| rng.below(region / BLOCK) * BLOCK).collect();
+        let offsets: Vec<u64> = (0..per_round * rounds)
+            .map(|_| rng.below(region / BLOCK) * BLOCK)
+            .collect();
         let block = |i: usize| pattern_at(self.pattern.as_slice(), i as u64 * BLOCK, BLOCK as usize);
 
         // The plain file is preallocated by writing it in full (as fio lays out its
@@ -553,38 +583,39 @@ impl Bench {
             at += PATTERN_BYTES as u64;
         }
         plain.sync_all()?;
+        let (m, v) = self.fresh_machine("rand", region)?;
 
         let (mut base, mut eng) = (Vec::new(), Vec::new());
-        for _ in 0..reps {
-            settle();
-            let t0 = Instant::now();
-            for (i, off) in offsets.iter().enumerate() {
-                plain.write_all_at(block(i), *off)?;
-                plain.sync_data()?;
+        for (r, round) in offsets.chunks(per_round).enumerate() {
+            let first = r * per_round;
+            for engine in [r % 2 == 1, r % 2 == 0] {
+                settle();
+                let t0 = Instant::now();
+                for (i, off) in round.iter().enumerate() {
+                    if engine {
+                        v.write(*off, block(first + i))?;
+                        m.flush()?;
+                    } else {
+                        plain.write_all_at(block(first + i), *off)?;
+                        plain.sync_data()?;
+                    }
+                }
+                let rate = round.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+                if engine { eng.push(rate) } else { base.push(rate) }
             }
-            base.push(ops as f64 / t0.elapsed().as_secs_f64());
-
-            self.remove_machine("rand")?;
-            settle();
-            let (m, v) = self.fresh_machine("rand", region)?;
-            let t0 = Instant::now();
-            for (i, off) in offsets.iter().enumerate() {
-                v.write(*off, block(i))?;
-                m.flush()?;
-            }
-            eng.push(ops as f64 / t0.elapsed().as_secs_f64());
-            m.close()?;
         }
+        m.close()?;
         drop(plain);
         remove_if_exists(&plain_path)?;
         self.remove_machine("rand")?;
         Ok(Figure::versus(
             NAME,
-            best(&eng),
-            best(&base),
+            median(&eng),
+            median(&base),
             "ops/s",
             format!(
-                "one thread; best of {reps}; engine {} vs plain {} ops/s; plain file written in full first",
+                "one thread; median of {rounds} interleaved rounds of {per_round}; engine {} vs \
+                 plain {} ops/s; plain file written in full first",
                 fmt_runs(&eng),
                 fmt_runs(&base)
             ),

@@ -261,6 +261,20 @@ impl Filesystem for LiveFs {
             Ok(v) => v,
             Err(e) => return reply.error(e),
         };
+        // Like a block device: a write that starts inside the disk and runs past its
+        // end is cut at the end (a short write; the caller's next write gets ENOSPC).
+        let inside = vol.size().saturating_sub(offset).min(data.len() as u64) as usize;
+        let data = if inside > 0 && inside < data.len() {
+            tracing::warn!(
+                "short write: {}/{} at {offset}+{} runs past the end of the disk; {inside} bytes written",
+                vol.machine(),
+                vol.name(),
+                data.len()
+            );
+            data.get(..inside).unwrap_or(data)
+        } else {
+            data
+        };
         match vol.write(offset, data) {
             Ok(_) => reply.written(data.len() as u32),
             Err(e) => {

@@ -15,7 +15,10 @@ use std::path::Path;
 /// killed `serve` (stat fails with ENOTCONN, or the kernel still lists a replog mount
 /// there) and detach it, saying so.
 pub fn prepare_mountpoint(dir: &Path) -> Result<()> {
-    match std::fs::metadata(dir) {
+    // statfs always reaches the FUSE daemon (stat may be answered from the kernel's
+    // attribute cache even on a dead connection).
+    let probe = statfs(dir).and_then(|()| std::fs::metadata(dir));
+    match probe {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             tracing::warn!(
                 "{} is a dead FUSE mount left by a replog serve that did not stop cleanly; \
@@ -41,6 +44,28 @@ pub fn prepare_mountpoint(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `statfs(2)`: Ok if the file system at `dir` answers.
+pub fn statfs(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: statfs fills a zeroed plain-data struct from a valid C path.
+    let rc = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// True if `dir` is a replog mount whose daemon answers.
+pub fn is_live_replog_mount(dir: &Path) -> bool {
+    is_replog_mount(dir) && statfs(dir).is_ok()
 }
 
 /// True if the kernel lists a replog FUSE mount at `dir`.

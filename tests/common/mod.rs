@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod serve;
+
 use replog::config::JournalConfig;
 use replog::storage::Storage;
 use replog::Machine;

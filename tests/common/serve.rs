@@ -1,0 +1,180 @@
+//! Running `replog serve` as a child process for FUSE tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// True when FUSE tests can run here. With REPLOG_REQUIRE_FUSE=1 (set by .ci/run) a
+/// missing /dev/fuse, loop device support or root is a failure, not a skip.
+pub fn fuse_available(test: &str) -> bool {
+    let mut missing = Vec::new();
+    if !Path::new("/dev/fuse").exists() {
+        missing.push("/dev/fuse");
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root");
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        missing.push("/dev/loop-control");
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("{test}: needs {} for the real FUSE mount", missing.join(", "));
+    if std::env::var_os("REPLOG_REQUIRE_FUSE").is_some() {
+        panic!("{msg} (REPLOG_REQUIRE_FUSE is set, so this fails instead of skipping)");
+    }
+    eprintln!("SKIPPED {msg}");
+    false
+}
+
+pub fn replog() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_replog"))
+}
+
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run replog");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A site with machine vm1 and the given disks (name, size).
+pub fn make_site(root: &Path, disks: &[(&str, &str)]) -> PathBuf {
+    let site = root.join("site");
+    run_ok(replog().arg("init").arg(&site));
+    for (name, size) in disks {
+        run_ok(replog().args(["disk", "create"]).arg(&site).arg(format!("vm1/{name}")).args(["--size", size]));
+    }
+    site
+}
+
+/// A running `replog serve --mount`.
+pub struct Served {
+    pub child: Option<Child>,
+    pub mount: PathBuf,
+    pub log: PathBuf,
+    leave_mount: bool,
+}
+
+impl Served {
+    pub fn start(site: &Path, mount: &Path, extra: &[&str]) -> Served {
+        let log = site.with_extension(format!("serve-{}.log", std::process::id()));
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log");
+        let child = replog()
+            .arg("serve")
+            .arg(site)
+            .arg("--mount")
+            .arg(mount)
+            .args(extra)
+            .env("REPLOG_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn serve");
+        let s = Served { child: Some(child), mount: mount.to_path_buf(), log, leave_mount: false };
+        s.wait_mounted();
+        s
+    }
+
+    fn wait_mounted(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // A dead mount left by a killed serve is listed too, but stat fails on it.
+        while !replog::frontend::is_live_replog_mount(&self.mount) {
+            assert!(Instant::now() < deadline, "serve did not mount; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn disk(&self, name: &str) -> PathBuf {
+        self.mount.join("vm1").join(format!("{name}.img"))
+    }
+
+    /// SIGTERM and wait: the clean stop.
+    pub fn stop(mut self) -> ExitStatus {
+        let child = self.child.take().expect("running");
+        signal_and_wait(child, libc::SIGTERM)
+    }
+
+    /// SIGKILL: the crash. The dead mount stays behind, as it would.
+    pub fn kill(mut self) {
+        let child = self.child.take().expect("running");
+        signal_and_wait(child, libc::SIGKILL);
+        self.leave_mount = true;
+    }
+}
+
+fn signal_and_wait(mut child: Child, sig: i32) -> ExitStatus {
+    // SAFETY: kill with a pid we spawned and a valid signal number.
+    unsafe { libc::kill(child.id() as i32, sig) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve did not exit after signal {sig}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.take() {
+            signal_and_wait(c, libc::SIGKILL);
+        }
+        if !self.leave_mount {
+            let _ = replog::frontend::detach(&self.mount);
+        }
+    }
+}
+
+/// A loop device over `file`, detached on drop.
+pub struct Loop(pub String);
+
+impl Loop {
+    pub fn attach(file: &Path) -> Loop {
+        let out = Command::new("losetup").args(["-f", "--show"]).arg(file).output().expect("losetup");
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        Loop(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// A mounted file system, unmounted on drop.
+pub struct FsMount(pub PathBuf);
+
+impl FsMount {
+    pub fn mount(dev: &str, dir: &Path, opts: &str) -> FsMount {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let st = Command::new("mount").args(["-o", opts, dev]).arg(dir).status().expect("mount");
+        assert!(st.success(), "mount {dev} on {}", dir.display());
+        FsMount(dir.to_path_buf())
+    }
+}
+
+impl Drop for FsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+pub fn sh(cmd: &str, args: &[&str]) -> std::process::Output {
+    Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"))
+}
