@@ -82,6 +82,43 @@ impl Drop for WatermarkHold {
     }
 }
 
+/// When the background compactor merges.
+#[derive(Debug, Clone, Copy)]
+pub struct CompactPolicy {
+    /// How often it looks.
+    pub interval: Duration,
+    /// Merge once this many bytes of sealed segments may be merged…
+    pub min_bytes: u64,
+    /// …or once no write came for this long.
+    pub idle: Duration,
+}
+
+impl CompactPolicy {
+    /// Merge every sealed segment as soon as it may be (tests, tools).
+    pub fn eager(interval: Duration) -> Self {
+        CompactPolicy {
+            interval,
+            min_bytes: 0,
+            idle: Duration::ZERO,
+        }
+    }
+
+    fn due(&self, m: &MachineInner) -> bool {
+        let limit = m.holds.limit();
+        let (count, bytes) = m
+            .sealed
+            .lock()
+            .values()
+            .take_while(|s| s.last_lsn <= limit)
+            .fold((0usize, 0u64), |(c, b), s| (c + 1, b + s.bytes));
+        if count == 0 {
+            return false;
+        }
+        let idle_ns = crate::format::now_ns().saturating_sub(m.last_append_ns());
+        bytes >= self.min_bytes || u128::from(idle_ns) >= self.idle.as_nanos()
+    }
+}
+
 /// What one compaction did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CompactStats {
@@ -208,7 +245,8 @@ pub(crate) struct Compactor {
 }
 
 impl Compactor {
-    pub fn spawn(m: Arc<MachineInner>, interval: Duration) -> Self {
+    pub fn spawn(m: Arc<MachineInner>, policy: CompactPolicy) -> Self {
+        let interval = policy.interval;
         let (kick_tx, kick_rx) = bounded::<()>(1);
         let (stop_tx, stop_rx) = bounded::<()>(0);
         *m.compactor_kick.lock() = Some(kick_tx);
@@ -220,7 +258,7 @@ impl Compactor {
                     recv(kick_rx) -> _ => {}
                     default(interval) => {}
                 }
-                if m.is_poisoned() {
+                if m.is_poisoned() || !policy.due(&m) {
                     continue;
                 }
                 if let Err(e) = compact_once(&m) {

@@ -20,6 +20,13 @@ pub struct JournalConfig {
     pub segment_bytes: u64,
     /// How often the background compactor looks for sealed segments to merge.
     pub compact_interval_ms: u64,
+    /// The compactor merges once sealed, mergeable segments hold this many bytes…
+    pub compact_min_bytes: u64,
+    /// …or once the machine has taken no write for this long. Merging doubles the
+    /// bytes written, so it waits for a lull or a backlog instead of competing with
+    /// every burst of guest writes; the journal stays bounded by
+    /// `compact_min_bytes + segment_bytes` plus what holds keep.
+    pub compact_idle_ms: u64,
 }
 
 impl Default for SiteConfig {
@@ -35,11 +42,22 @@ impl Default for JournalConfig {
         JournalConfig {
             segment_bytes: 64 << 20,
             compact_interval_ms: 1000,
+            compact_min_bytes: 512 << 20,
+            compact_idle_ms: 2000,
         }
     }
 }
 
 impl JournalConfig {
+    /// The background compactor's policy from these settings.
+    pub fn compact_policy(&self) -> crate::compactor::CompactPolicy {
+        crate::compactor::CompactPolicy {
+            interval: std::time::Duration::from_millis(self.compact_interval_ms.max(1)),
+            min_bytes: self.compact_min_bytes,
+            idle: std::time::Duration::from_millis(self.compact_idle_ms),
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !(4096..=(4u64 << 30)).contains(&self.segment_bytes) {
             return Err(Error::InvalidInput(format!(

@@ -11,7 +11,6 @@ use crate::frontend::{self, FrontendOptions, LiveFs};
 use crate::site::Site;
 use crate::volume::Machine;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -57,11 +56,11 @@ fn wait_for_stop_signal(set: &libc::sigset_t) -> i32 {
 pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Result<()> {
     let signals = block_stop_signals();
     let site = Site::open(site_path)?;
-    let interval = Duration::from_millis(site.config().journal.compact_interval_ms);
+    let policy = site.config().journal.compact_policy();
     let mut machines: Vec<Machine> = Vec::new();
     for name in site.machines()? {
         let mut m = site.open_machine(&name)?;
-        m.start_compactor(interval);
+        m.start_compactor(policy);
         let s = m.status();
         tracing::info!(machine = %name, disks = ?m.disk_names(), last_lsn = s.last_lsn, "machine open");
         machines.push(m);

@@ -27,7 +27,7 @@ use crate::storage::{read_all, write_atomic, OpenMode, Storage, StorageFile};
 use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub const MANIFEST_FILE: &str = "machine.meta";
@@ -78,6 +78,8 @@ pub(crate) struct MachineInner {
     sync_cv: Condvar,
     poisoned: AtomicBool,
     poison_reason: Mutex<Option<String>>,
+    /// Wall-clock time of the newest append (for the compactor's idle test).
+    last_append_ns: AtomicU64,
     /// Wakes the background compactor after a seal.
     pub compactor_kick: Mutex<Option<crossbeam::channel::Sender<()>>>,
 }
@@ -257,6 +259,7 @@ impl Machine {
             sync_cv: Condvar::new(),
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
+            last_append_ns: AtomicU64::new(0),
             compactor_kick: Mutex::new(None),
         });
         Ok(Machine {
@@ -265,10 +268,11 @@ impl Machine {
         })
     }
 
-    /// Start the background compactor, waking every `interval` and after each seal.
-    pub fn start_compactor(&mut self, interval: std::time::Duration) {
+    /// Start the background compactor: it wakes every `policy.interval` and after each
+    /// seal, and merges when the policy says so.
+    pub fn start_compactor(&mut self, policy: compactor::CompactPolicy) {
         if self.compactor.is_none() {
-            self.compactor = Some(Compactor::spawn(self.inner.clone(), interval));
+            self.compactor = Some(Compactor::spawn(self.inner.clone(), policy));
         }
     }
 
@@ -391,6 +395,10 @@ pub(crate) fn apply_to_index(
 }
 
 impl MachineInner {
+    pub fn last_append_ns(&self) -> u64 {
+        self.last_append_ns.load(Ordering::Relaxed)
+    }
+
     pub fn is_poisoned(&self) -> bool {
         self.poisoned.load(Ordering::Acquire)
     }
@@ -475,6 +483,8 @@ impl MachineInner {
         if w.wants_rotation() {
             self.seal_locked(&mut w)?;
         }
+        drop(w);
+        self.last_append_ns.store(crate::format::now_ns(), Ordering::Relaxed);
         Ok(lsn)
     }
 

@@ -156,7 +156,7 @@ fn journal_stays_bounded_without_holds() {
     let dir = machine_dir();
     create_machine(&storage, &dir, &[1 << 20]);
     let mut m = open(Arc::new(storage.clone()), &dir, 16 * 1024).expect("open");
-    m.start_compactor(std::time::Duration::from_millis(5));
+    m.start_compactor(replog::compactor::CompactPolicy::eager(std::time::Duration::from_millis(5)));
     let v = m.volume("d0").expect("vol");
     for i in 0..400u64 {
         v.write((i * 4096) % (1 << 20), &pattern(i, 4096)).expect("write");

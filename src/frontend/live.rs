@@ -21,9 +21,10 @@ pub struct FrontendOptions {
     pub max_write: u32,
     /// Ask for FUSE_ASYNC_DIO (the kernel submits a direct I/O's pieces in parallel).
     pub async_dio: bool,
-    /// Open files with FOPEN_DIRECT_IO (no page cache in the FUSE layer); otherwise
-    /// FOPEN_KEEP_CACHE (cached pages stay valid across opens: all writes come through
-    /// this mount, so the cache cannot go stale).
+    /// Open every file with FOPEN_DIRECT_IO (no page cache in the FUSE layer). When
+    /// false, only O_DIRECT opens get it and the others FOPEN_KEEP_CACHE (cached pages
+    /// stay valid across opens: all writes come through this mount, so the cache
+    /// cannot go stale).
     pub direct_io: bool,
     /// Let the kernel send parallel direct writes to one file.
     pub parallel_direct_writes: bool,
@@ -202,11 +203,16 @@ impl Filesystem for LiveFs {
         reply.attr(&TTL, &attr);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if let Err(e) = self.volume(ino) {
             return reply.error(e);
         }
-        let mut flags = if self.opts.direct_io {
+        // Per open: an O_DIRECT opener (a VM, fio direct=1) gets FOPEN_DIRECT_IO, which
+        // sends its requests to us whole and unserialised; everyone else (a loop
+        // device, cp) shares the kernel page cache, kept across opens.
+        let direct = self.opts.direct_io || flags.0 & libc::O_DIRECT != 0;
+        tracing::debug!("open inode {} flags {:#o} direct {direct}", ino.0, flags.0);
+        let mut flags = if direct {
             FopenFlags::FOPEN_DIRECT_IO
         } else {
             FopenFlags::FOPEN_KEEP_CACHE

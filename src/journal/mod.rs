@@ -65,7 +65,13 @@ struct Active {
     records: u32,
     first_lsn: Option<u64>,
     chain_crc: u32,
+    /// Bytes before this offset have been handed to writeback already.
+    writeback_from: u64,
 }
+
+/// Start writeback of the active segment every this many bytes, so that data streams
+/// to the device while the guest writes and a flush or seal waits only for the tail.
+const WRITEBACK_CHUNK: u64 = 1 << 20;
 
 /// Appends to the active segment; see the module documentation.
 #[derive(Debug)]
@@ -125,6 +131,11 @@ impl JournalWriter {
         let at = self.active.tail;
         self.active.file.write_at(&[&head, payload], at)?;
         self.active.tail += h.total_len();
+        if self.active.tail - self.active.writeback_from >= WRITEBACK_CHUNK {
+            let from = self.active.writeback_from;
+            self.active.file.start_writeback(from, self.active.tail - from);
+            self.active.writeback_from = self.active.tail;
+        }
         self.active.records += 1;
         self.active.first_lsn.get_or_insert(lsn);
         self.active.chain_crc = crc32c::crc32c_append(self.active.chain_crc, &h.crc.to_le_bytes());
@@ -225,6 +236,7 @@ fn create_segment(
         records: 0,
         first_lsn: None,
         chain_crc: 0,
+        writeback_from: 0,
     })
 }
 
@@ -415,6 +427,7 @@ pub fn recover(
             records: scan.records,
             first_lsn: scan.first_lsn,
             chain_crc: scan.chain_crc,
+            writeback_from: scan.end,
         });
     }
 

@@ -127,6 +127,17 @@ impl StorageFile for RealFile {
             .len())
     }
 
+    fn start_writeback(&self, offset: u64, len: u64) {
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: sync_file_range on an open descriptor with integer arguments. It is a
+        // hint: failure is harmless (sync_data reports real errors).
+        unsafe {
+            libc::sync_file_range(self.file.as_raw_fd(), off, l, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+
     fn seek_data(&self, offset: u64) -> Result<Option<u64>> {
         match self.lseek(offset, libc::SEEK_DATA)? {
             Some(at) => Ok(Some(at)),

@@ -64,6 +64,10 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     /// Make `offset..offset+len` read as zeros, releasing the space where the file
     /// system can (a hole). Never changes the length.
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()>;
+    /// Start writing `offset..offset+len` back to the device without waiting for it
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a later `sync_data` then has little
+    /// left to do. A hint only; durability still needs `sync_data`.
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
     /// The first offset at or after `offset` that holds data (`SEEK_DATA`), or None if
     /// only holes follow. Files that do not track holes report data everywhere.
     fn seek_data(&self, offset: u64) -> Result<Option<u64>> {
