@@ -54,7 +54,13 @@ impl Holds {
 
     /// The highest LSN that may be merged (u64::MAX when nothing holds).
     pub fn limit(&self) -> u64 {
-        self.inner.lock().limits.values().copied().min().unwrap_or(u64::MAX)
+        self.inner
+            .lock()
+            .limits
+            .values()
+            .copied()
+            .min()
+            .unwrap_or(u64::MAX)
     }
 }
 
@@ -186,7 +192,11 @@ pub(crate) fn compact_once(m: &MachineInner) -> Result<CompactStats> {
             return Err(err);
         }
         if !scan.is_sealed() {
-            return Err(Error::corruption(seg.file.path(), scan.end, "sealed segment lost its footer"));
+            return Err(Error::corruption(
+                seg.file.path(),
+                scan.end,
+                "sealed segment lost its footer",
+            ));
         }
     }
     // 2. Parents durable.
@@ -219,9 +229,13 @@ pub(crate) fn compact_once(m: &MachineInner) -> Result<CompactStats> {
         }
     }
     for seg in &batch {
-        m.storage.remove_file(seg.file.path()).map_err(|e| fail(m, e))?;
+        m.storage
+            .remove_file(seg.file.path())
+            .map_err(|e| fail(m, e))?;
     }
-    m.storage.sync_dir(&m.dir.join(JOURNAL_DIR)).map_err(|e| fail(m, e))?;
+    m.storage
+        .sync_dir(&m.dir.join(JOURNAL_DIR))
+        .map_err(|e| fail(m, e))?;
     tracing::debug!(machine = %m.name, segments = stats.segments, watermark = stats.watermark, "compacted");
     Ok(stats)
 }

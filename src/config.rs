@@ -7,7 +7,7 @@ use std::path::Path;
 /// The first line of every `site.toml` (its "magic" and format version).
 pub const CONFIG_HEADER: &str = "# replog site configuration, format 1";
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SiteConfig {
     pub journal: JournalConfig,
@@ -27,14 +27,6 @@ pub struct JournalConfig {
     /// every burst of guest writes; the journal stays bounded by
     /// `compact_min_bytes + segment_bytes` plus what holds keep.
     pub compact_idle_ms: u64,
-}
-
-impl Default for SiteConfig {
-    fn default() -> Self {
-        SiteConfig {
-            journal: JournalConfig::default(),
-        }
-    }
 }
 
 impl Default for JournalConfig {
@@ -82,9 +74,8 @@ impl SiteConfig {
                 what: format!("does not start with {CONFIG_HEADER:?}"),
             });
         }
-        let cfg: SiteConfig = toml::from_str(text).map_err(|e| {
-            Error::InvalidInput(format!("{}: {e}", path.display()))
-        })?;
+        let cfg: SiteConfig = toml::from_str(text)
+            .map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))?;
         cfg.journal.validate()?;
         Ok(cfg)
     }

@@ -79,7 +79,11 @@ impl Error {
         }
     }
 
-    pub(crate) fn corruption(path: impl Into<PathBuf>, offset: u64, what: impl Into<String>) -> Self {
+    pub(crate) fn corruption(
+        path: impl Into<PathBuf>,
+        offset: u64,
+        what: impl Into<String>,
+    ) -> Self {
         Error::Corruption {
             path: path.into(),
             offset,

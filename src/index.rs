@@ -92,7 +92,13 @@ impl ExtentMap {
         if let Some((&s, &e)) = self.map.range(..start).next_back() {
             let e_end = s + e.len;
             if e_end > start {
-                self.map.insert(s, Extent { len: start - s, loc: e.loc });
+                self.map.insert(
+                    s,
+                    Extent {
+                        len: start - s,
+                        loc: e.loc,
+                    },
+                );
                 if e_end > end {
                     self.map.insert(
                         end,
@@ -186,6 +192,7 @@ impl ExtentMap {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -204,10 +211,26 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                Piece { start: 0, len: 40, loc: Some(seg(1, 1000)) },
-                Piece { start: 40, len: 20, loc: Some(seg(2, 5000)) },
-                Piece { start: 60, len: 40, loc: Some(seg(1, 1060)) },
-                Piece { start: 100, len: 20, loc: None },
+                Piece {
+                    start: 0,
+                    len: 40,
+                    loc: Some(seg(1, 1000))
+                },
+                Piece {
+                    start: 40,
+                    len: 20,
+                    loc: Some(seg(2, 5000))
+                },
+                Piece {
+                    start: 60,
+                    len: 40,
+                    loc: Some(seg(1, 1060))
+                },
+                Piece {
+                    start: 100,
+                    len: 20,
+                    loc: None
+                },
             ]
         );
         m.remove_segment(1);

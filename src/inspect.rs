@@ -82,17 +82,29 @@ pub fn inspect(path: &Path) -> Result<Report> {
         warnings: Vec::new(),
     };
     if !path.exists() {
-        return Err(Error::NotFound(format!("{} does not exist", path.display())));
+        return Err(Error::NotFound(format!(
+            "{} does not exist",
+            path.display()
+        )));
     }
     if path.is_file() {
-        inspect_journal(path.parent().unwrap_or(Path::new(".")), Some(path), &mut report)?;
+        inspect_journal(
+            path.parent().unwrap_or(Path::new(".")),
+            Some(path),
+            &mut report,
+        )?;
     } else if is_site(path) {
         for m in list_machines(path)? {
-            inspect_journal(&path.join(MACHINES_DIR).join(m).join(JOURNAL_DIR), None, &mut report)?;
+            inspect_journal(
+                &path.join(MACHINES_DIR).join(m).join(JOURNAL_DIR),
+                None,
+                &mut report,
+            )?;
         }
     } else if path.join(MANIFEST_FILE).is_file() {
         inspect_journal(&path.join(JOURNAL_DIR), None, &mut report)?;
-    } else if path.join(WATERMARK_FILE).is_file() || !list_segments(&FileStorage, path)?.is_empty() {
+    } else if path.join(WATERMARK_FILE).is_file() || !list_segments(&FileStorage, path)?.is_empty()
+    {
         inspect_journal(path, None, &mut report)?;
     } else {
         return Err(Error::InvalidInput(format!(
@@ -150,7 +162,12 @@ fn inspect_journal(dir: &Path, only: Option<&Path>, report: &mut Report) -> Resu
         machine_id: manifest.as_ref().map(|m| format!("{:016x}", m.machine_id)),
         disks: manifest
             .as_ref()
-            .map(|m| m.disks.iter().map(|d| format!("{} ({} bytes)", d.name, d.size)).collect())
+            .map(|m| {
+                m.disks
+                    .iter()
+                    .map(|d| format!("{} ({} bytes)", d.name, d.size))
+                    .collect()
+            })
             .unwrap_or_default(),
         watermark_lsn: watermark.map(|w| w.lsn).unwrap_or(0),
         segments: Vec::new(),
@@ -205,7 +222,11 @@ fn inspect_journal(dir: &Path, only: Option<&Path>, report: &mut Report) -> Resu
                         jr.points.push(PointReport {
                             lsn: rec.header.lsn,
                             time: rfc3339(t),
-                            kind: if app { "app-consistent" } else { "crash-consistent" },
+                            kind: if app {
+                                "app-consistent"
+                            } else {
+                                "crash-consistent"
+                            },
                         });
                     }
                 }
@@ -234,11 +255,17 @@ fn inspect_journal(dir: &Path, only: Option<&Path>, report: &mut Report) -> Resu
                 // Sealed segments never have torn tails.
                 let mut tail = [0u8; crate::format::FOOTER_LEN];
                 let ends_sealed = scan.file_len >= tail.len() as u64
-                    && file.read_at(&mut tail, scan.file_len - crate::format::FOOTER_LEN as u64).is_ok()
+                    && file
+                        .read_at(&mut tail, scan.file_len - crate::format::FOOTER_LEN as u64)
+                        .is_ok()
                     && crate::format::SegmentFooter::decode(&tail).is_ok();
                 !ends_sealed
             };
-            let following = if torn_tail { valid_records_after(file.as_ref(), scan.end)? } else { 0 };
+            let following = if torn_tail {
+                valid_records_after(file.as_ref(), scan.end)?
+            } else {
+                0
+            };
             if torn_tail && following == 0 {
                 report.warnings.push(format!(
                     "{}: torn tail at offset {} ({} bytes: {}); opening the site cuts it off",
@@ -278,7 +305,10 @@ pub fn print_text(r: &Report) {
         println!(
             "journal {}{}",
             j.path.display(),
-            j.machine.as_ref().map(|m| format!(" (machine {m})")).unwrap_or_default()
+            j.machine
+                .as_ref()
+                .map(|m| format!(" (machine {m})"))
+                .unwrap_or_default()
         );
         if let Some(id) = &j.machine_id {
             println!("  machine id {id}; disks: {}", j.disks.join(", "));
@@ -305,7 +335,11 @@ pub fn print_text(r: &Report) {
         let n = j.points.len();
         println!("  {n} recovery point(s)");
         let shown: Vec<&PointReport> = if n > 6 {
-            j.points.iter().take(3).chain(j.points.iter().skip(n - 3)).collect()
+            j.points
+                .iter()
+                .take(3)
+                .chain(j.points.iter().skip(n - 3))
+                .collect()
         } else {
             j.points.iter().collect()
         };

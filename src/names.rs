@@ -63,7 +63,7 @@ pub fn validate_disk_size(size: u64) -> Result<()> {
     if size == 0 {
         return Err(Error::InvalidInput("disk size must be positive".into()));
     }
-    if size % SECTOR != 0 {
+    if !size.is_multiple_of(SECTOR) {
         return Err(Error::InvalidInput(format!(
             "disk size {size} is not a multiple of the {SECTOR}-byte sector"
         )));
@@ -98,12 +98,25 @@ pub fn parse_size(s: &str) -> Result<u64> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
     #[test]
     fn hostile_names_are_refused() {
-        for bad in ["", "..", ".", "a/b", "../x", "a\0b", "a\nb", "-rf", ".hidden", "é", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "..",
+            ".",
+            "a/b",
+            "../x",
+            "a\0b",
+            "a\nb",
+            "-rf",
+            ".hidden",
+            "é",
+            &"x".repeat(65),
+        ] {
             assert!(validate_name("disk", bad).is_err(), "{bad:?} accepted");
         }
         for good in ["os", "vm1", "data-01", "a.b_c", &"x".repeat(64)] {
@@ -116,7 +129,16 @@ mod tests {
         assert_eq!(parse_disk_size("64M").unwrap(), 64 << 20);
         assert_eq!(parse_disk_size("1GiB").unwrap(), 1 << 30);
         assert_eq!(parse_disk_size("4096").unwrap(), 4096);
-        for bad in ["0", "-1", "100", "1.5G", "G", "65T", "99999999999999999999", "1E"] {
+        for bad in [
+            "0",
+            "-1",
+            "100",
+            "1.5G",
+            "G",
+            "65T",
+            "99999999999999999999",
+            "1E",
+        ] {
             assert!(parse_disk_size(bad).is_err(), "{bad:?} accepted");
         }
     }

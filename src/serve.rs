@@ -80,7 +80,8 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
             cfg.acl = fuser::SessionACL::All;
             cfg.n_threads = Some(opts.fuse_threads.max(1));
             cfg.clone_fd = opts.fuse_threads > 1;
-            let s = fuser::spawn_mount(fs, dir, &cfg).map_err(|e| Error::io("mount FUSE at", dir, e))?;
+            let s = fuser::spawn_mount(fs, dir, &cfg)
+                .map_err(|e| Error::io("mount FUSE at", dir, e))?;
             tracing::info!("mounted {} ({} machine(s))", dir.display(), machines.len());
             Some((s, dir.clone()))
         }

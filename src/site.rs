@@ -92,7 +92,11 @@ impl Site {
                 return Err(Error::Locked(format!(
                     "site {} is in use by {}; stop it first",
                     path.display(),
-                    if holder.is_empty() { "another process" } else { holder }
+                    if holder.is_empty() {
+                        "another process"
+                    } else {
+                        holder
+                    }
                 )));
             }
             Err(fs::TryLockError::Error(e)) => return Err(Error::io("lock", &lock_path, e)),
@@ -149,7 +153,13 @@ impl Site {
 
     /// Create disk `machine/disk` (and the machine, if new) of `size` bytes, optionally
     /// importing a raw image whose all-zero 4 KiB blocks stay holes.
-    pub fn create_disk(&self, machine: &str, disk: &str, size: u64, import: Option<&Path>) -> Result<()> {
+    pub fn create_disk(
+        &self,
+        machine: &str,
+        disk: &str,
+        size: u64,
+        import: Option<&Path>,
+    ) -> Result<()> {
         validate_name("disk", disk)?;
         crate::names::validate_disk_size(size)?;
         let dir = self.machine_dir(machine)?;
@@ -218,7 +228,10 @@ pub fn list_machines(site: &Path) -> Result<Vec<String>> {
 fn import_sparse(src: &mut File, path: &Path, dst: &dyn StorageFile) -> Result<()> {
     use std::os::unix::io::AsRawFd;
     const BLOCK: usize = 4096;
-    let len = src.metadata().map_err(|e| Error::io("stat", path, e))?.len();
+    let len = src
+        .metadata()
+        .map_err(|e| Error::io("stat", path, e))?
+        .len();
     let fd = src.as_raw_fd();
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
@@ -235,7 +248,8 @@ fn import_sparse(src: &mut File, path: &Path, dst: &dyn StorageFile) -> Result<(
         while at < end {
             let n = ((end - at) as usize).min(buf.len());
             let chunk = buf.get_mut(..n).unwrap_or(&mut []);
-            src.read_exact_at(chunk, at).map_err(|e| Error::io("read", path, e))?;
+            src.read_exact_at(chunk, at)
+                .map_err(|e| Error::io("read", path, e))?;
             for (i, block) in chunk.chunks(BLOCK).enumerate() {
                 if block.iter().any(|b| *b != 0) {
                     dst.write_at(&[block], at + (i * BLOCK) as u64)?;

@@ -35,6 +35,9 @@ pub const WATERMARK_FILE: &str = "watermark";
 pub const JOURNAL_DIR: &str = "journal";
 pub const DISKS_DIR: &str = "disks";
 
+/// Fills a new parent image (see [`Machine::add_disk`]).
+pub type ImportFn<'a> = dyn FnMut(&dyn StorageFile) -> Result<()> + 'a;
+
 /// One disk of a machine.
 #[derive(Debug)]
 pub(crate) struct Disk {
@@ -116,13 +119,20 @@ impl Machine {
     /// Create an empty machine directory (no disks yet).
     pub fn create(storage: &dyn Storage, dir: &Path) -> Result<()> {
         if storage.exists(&dir.join(MANIFEST_FILE)) {
-            return Err(Error::AlreadyExists(format!("machine {} exists", dir.display())));
+            return Err(Error::AlreadyExists(format!(
+                "machine {} exists",
+                dir.display()
+            )));
         }
         storage.create_dir_all(&dir.join(JOURNAL_DIR))?;
         storage.create_dir_all(&dir.join(DISKS_DIR))?;
         let mut id = [0u8; 8];
         getrandom::fill(&mut id).map_err(|e| {
-            Error::io("random machine id", dir, std::io::Error::other(e.to_string()))
+            Error::io(
+                "random machine id",
+                dir,
+                std::io::Error::other(e.to_string()),
+            )
         })?;
         let manifest = Manifest {
             machine_id: u64::from_le_bytes(id),
@@ -153,7 +163,7 @@ impl Machine {
         dir: &Path,
         name: &str,
         size: u64,
-        import: Option<&mut dyn FnMut(&dyn StorageFile) -> Result<()>>,
+        import: Option<&mut ImportFn<'_>>,
     ) -> Result<()> {
         validate_name("disk", name)?;
         validate_disk_size(size)?;
@@ -189,14 +199,23 @@ impl Machine {
 
     /// Open a machine: read its manifest and watermark, recover the journal, rebuild the
     /// index. The background compactor is not started; see [`Machine::start_compactor`].
-    pub fn open(storage: Arc<dyn Storage>, dir: &Path, name: &str, cfg: JournalConfig) -> Result<Self> {
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        name: &str,
+        cfg: JournalConfig,
+    ) -> Result<Self> {
         cfg.validate()?;
         let manifest = Self::read_manifest(storage.as_ref(), dir)?;
         let watermark = Self::read_watermark(storage.as_ref(), dir)?;
         let mut disks = Vec::new();
         for (i, d) in manifest.disks.iter().enumerate() {
             if d.id as usize != i {
-                return Err(Error::corruption(dir.join(MANIFEST_FILE), 0, "disk ids are not 0..n"));
+                return Err(Error::corruption(
+                    dir.join(MANIFEST_FILE),
+                    0,
+                    "disk ids are not 0..n",
+                ));
             }
             let path = dir.join(DISKS_DIR).join(format!("{}.img", d.name));
             let parent = storage.open(&path, OpenMode::ReadWrite)?;
@@ -229,7 +248,15 @@ impl Machine {
             watermark_seq: watermark.segment_seq,
         };
         let rec = journal::recover(storage.clone(), &jdir, params, |seq, r| {
-            apply_to_index(&mut state, seq, r.header.kind, r.header.disk, r.header.offset, r.header.length, r.payload_offset);
+            apply_to_index(
+                &mut state,
+                seq,
+                r.header.kind,
+                r.header.disk,
+                r.header.offset,
+                r.header.length,
+                r.payload_offset,
+            );
         })?;
         for note in &rec.repairs {
             tracing::info!(machine = name, "{note}");
@@ -237,7 +264,9 @@ impl Machine {
         for s in &rec.sealed {
             state.files.insert(s.seq, s.file.clone());
         }
-        state.files.insert(rec.writer.active_seq(), rec.writer.active_file());
+        state
+            .files
+            .insert(rec.writer.active_seq(), rec.writer.active_file());
         let durable = rec.writer.last_lsn();
         let inner = Arc::new(MachineInner {
             name: name.to_string(),
@@ -291,7 +320,9 @@ impl Machine {
             .disks
             .iter()
             .find(|d| d.name == name)
-            .ok_or_else(|| Error::NotFound(format!("machine {} has no disk {name}", self.inner.name)))?;
+            .ok_or_else(|| {
+                Error::NotFound(format!("machine {} has no disk {name}", self.inner.name))
+            })?;
         Ok(Volume {
             inner: self.inner.clone(),
             disk: d.id,
@@ -351,7 +382,11 @@ impl Machine {
 
     /// Flush, stop the compactor and close.
     pub fn close(mut self) -> Result<()> {
-        let flushed = if self.inner.is_poisoned() { Ok(0) } else { self.flush() };
+        let flushed = if self.inner.is_poisoned() {
+            Ok(0)
+        } else {
+            self.flush()
+        };
         if let Some(c) = self.compactor.take() {
             c.stop();
         }
@@ -450,9 +485,25 @@ impl MachineInner {
     }
 
     /// Append records for a write or zero range, update the index, rotate if due.
-    fn append(&self, disk: u32, kind: RecordKind, offset: u64, len: u64, data: &[u8]) -> Result<u64> {
+    fn append(
+        &self,
+        disk: u32,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+    ) -> Result<u64> {
         let d = self.disk(disk)?;
-        self.check_range(d, if kind == RecordKind::Write { "write" } else { "zero" }, offset, len)?;
+        self.check_range(
+            d,
+            if kind == RecordKind::Write {
+                "write"
+            } else {
+                "zero"
+            },
+            offset,
+            len,
+        )?;
         if len == 0 {
             return Ok(self.writer.lock().last_lsn());
         }
@@ -484,7 +535,8 @@ impl MachineInner {
             self.seal_locked(&mut w)?;
         }
         drop(w);
-        self.last_append_ns.store(crate::format::now_ns(), Ordering::Relaxed);
+        self.last_append_ns
+            .store(crate::format::now_ns(), Ordering::Relaxed);
         Ok(lsn)
     }
 
@@ -494,9 +546,14 @@ impl MachineInner {
             Ok(s) => s,
             Err(e) => return Err(self.poison(&e)),
         };
-        let Some(sealed) = sealed else { return Ok(None) };
+        let Some(sealed) = sealed else {
+            return Ok(None);
+        };
         let last = sealed.last_lsn;
-        self.state.write().files.insert(w.active_seq(), w.active_file());
+        self.state
+            .write()
+            .files
+            .insert(w.active_seq(), w.active_file());
         self.points.lock().push(Point {
             lsn: last,
             time_ns: sealed.sealed_ns,
@@ -597,7 +654,11 @@ impl MachineInner {
                 if let Some(Location::Segment { seq, .. }) = p.loc {
                     if !files.iter().any(|(s, _)| *s == seq) {
                         let f = st.files.get(&seq).ok_or_else(|| {
-                            Error::corruption(&self.dir, 0, format!("index points into unknown segment {seq}"))
+                            Error::corruption(
+                                &self.dir,
+                                0,
+                                format!("index points into unknown segment {seq}"),
+                            )
                         })?;
                         files.push((seq, f.clone()));
                     }
@@ -638,11 +699,19 @@ impl MachineInner {
 
 impl Volume {
     pub fn size(&self) -> u64 {
-        self.inner.disks.get(self.disk as usize).map(|d| d.size).unwrap_or(0)
+        self.inner
+            .disks
+            .get(self.disk as usize)
+            .map(|d| d.size)
+            .unwrap_or(0)
     }
 
     pub fn name(&self) -> &str {
-        self.inner.disks.get(self.disk as usize).map(|d| d.name.as_str()).unwrap_or("")
+        self.inner
+            .disks
+            .get(self.disk as usize)
+            .map(|d| d.name.as_str())
+            .unwrap_or("")
     }
 
     pub fn machine(&self) -> &str {
@@ -657,13 +726,19 @@ impl Volume {
     /// Write at any offset and length inside the disk; returns the record's LSN.
     /// Acknowledged once in the page cache; durable after [`flush`](Self::flush).
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<u64> {
-        self.inner
-            .append(self.disk, RecordKind::Write, offset, data.len() as u64, data)
+        self.inner.append(
+            self.disk,
+            RecordKind::Write,
+            offset,
+            data.len() as u64,
+            data,
+        )
     }
 
     /// Make `offset..offset+len` read as zeros (discard, write-zeroes, punch hole).
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<u64> {
-        self.inner.append(self.disk, RecordKind::Zero, offset, len, &[])
+        self.inner
+            .append(self.disk, RecordKind::Zero, offset, len, &[])
     }
 
     /// Flush the machine's journal (all disks of a machine share one write order).
@@ -681,7 +756,9 @@ impl Volume {
         while pos < size {
             let ext = {
                 let st = self.inner.state.read();
-                st.disks.get(self.disk as usize).and_then(|m| m.at_or_after(pos))
+                st.disks
+                    .get(self.disk as usize)
+                    .and_then(|m| m.at_or_after(pos))
             };
             match ext {
                 Some((start, e)) if start <= pos => {

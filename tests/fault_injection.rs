@@ -46,14 +46,33 @@ fn run(fault: Fault, n: u64, crash: CrashMode) -> bool {
         let data = pattern(i, len as usize);
         let vol = m.volume(&format!("d{disk}")).expect("vol");
         let (w, res) = if i % 7 == 3 {
-            (ModelWrite { disk, offset, len, data: None }, vol.write_zeroes(offset, len))
+            (
+                ModelWrite {
+                    disk,
+                    offset,
+                    len,
+                    data: None,
+                },
+                vol.write_zeroes(offset, len),
+            )
         } else {
             let res = vol.write(offset, &data);
-            (ModelWrite { disk, offset, len, data: Some(data) }, res)
+            (
+                ModelWrite {
+                    disk,
+                    offset,
+                    len,
+                    data: Some(data),
+                },
+                res,
+            )
         };
         match res {
             Ok(_) => {
-                assert!(!failed, "write {i} acknowledged after a failure poisoned the machine");
+                assert!(
+                    !failed,
+                    "write {i} acknowledged after a failure poisoned the machine"
+                );
                 apply(&mut model, &w);
                 pending.push(w);
             }
@@ -83,14 +102,23 @@ fn run(fault: Fault, n: u64, crash: CrashMode) -> bool {
             Ok(false) => {}
             Err(e) => {
                 failed = true;
-                assert!(matches!(e, Error::Poisoned { .. } | Error::Io { .. }), "step {i}: {e}");
+                assert!(
+                    matches!(e, Error::Poisoned { .. } | Error::Io { .. }),
+                    "step {i}: {e}"
+                );
             }
         }
     }
     let fired = storage.fired();
-    assert_eq!(fired, failed, "fault fired = {fired} but failure seen = {failed}");
+    assert_eq!(
+        fired, failed,
+        "fault fired = {fired} but failure seen = {failed}"
+    );
     if fired {
-        assert!(m.status().poisoned.is_some(), "a fault fired but the machine is not poisoned");
+        assert!(
+            m.status().poisoned.is_some(),
+            "a fault fired but the machine is not poisoned"
+        );
         assert!(m.flush().is_err(), "flush succeeded after a fault");
     }
     drop(m);
@@ -120,7 +148,10 @@ fn every_step(fault: Fault) {
         assert!(n < 10_000, "workload never finishes");
     }
     // The workload really does many writes / syncs, and the last run completed.
-    assert!(fired_count > 10, "only {fired_count} {fault:?} steps exercised");
+    assert!(
+        fired_count > 10,
+        "only {fired_count} {fault:?} steps exercised"
+    );
     eprintln!("{fault:?}: failed each of {fired_count} steps in turn");
 }
 
@@ -133,4 +164,3 @@ fn failing_each_write_loses_nothing_durable() {
 fn failing_each_sync_poisons_and_loses_nothing_durable() {
     every_step(Fault::Sync);
 }
-

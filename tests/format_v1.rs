@@ -31,7 +31,12 @@ fn v1_site_inspects_clean() {
     assert!(report.ok(), "{:?}", report.corruption);
     let j = &report.journals[0];
     assert_eq!(j.watermark_lsn, 4);
-    let sealed: Vec<_> = j.segments.iter().filter(|s| s.sealed).map(|s| s.seq).collect();
+    let sealed: Vec<_> = j
+        .segments
+        .iter()
+        .filter(|s| s.sealed)
+        .map(|s| s.seq)
+        .collect();
     assert_eq!(sealed, vec![2, 3]);
     assert_eq!(j.segments.last().map(|s| (s.seq, s.records)), Some((4, 2)));
 }
@@ -44,11 +49,15 @@ fn v1_site_opens_and_reads_the_same_disks() {
     let site = Site::open(&site_dir).expect("open v1 site");
     let m = site.open_machine("vm1").expect("open v1 machine");
     for disk in ["os", "data"] {
-        let want = std::fs::read(fixture().join("expected").join(format!("{disk}.img"))).expect("expected");
+        let want = std::fs::read(fixture().join("expected").join(format!("{disk}.img")))
+            .expect("expected");
         let v = m.volume(disk).expect("volume");
         let mut got = vec![0u8; v.size() as usize];
         v.read(0, &mut got).expect("read");
-        assert!(got == want, "disk {disk} of the v1 fixture reads differently");
+        assert!(
+            got == want,
+            "disk {disk} of the v1 fixture reads differently"
+        );
     }
     // And it keeps working: compact everything, read again.
     m.seal().expect("seal");

@@ -17,26 +17,42 @@ fn writes_past_the_end_truncate_and_strangers_are_refused() {
     let mnt = tmp.path().join("mnt");
     let served = Served::start(&site, &mnt, &[]);
     let path = served.disk("os");
-    let f = OpenOptions::new().read(true).write(true).open(&path).expect("open");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open");
     f.write_all_at(b"keep", 100).expect("write");
     f.sync_all().expect("fsync");
 
     // Past the end: ENOSPC, like a full block device; nothing written.
-    let err = f.write_all_at(&[7u8; 4096], 4 << 20).expect_err("write past the end");
+    let err = f
+        .write_all_at(&[7u8; 4096], 4 << 20)
+        .expect_err("write past the end");
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
     let mut tail = [0u8; 100];
-    f.read_exact_at(&mut tail, (4 << 20) - 100).expect("read tail");
+    f.read_exact_at(&mut tail, (4 << 20) - 100)
+        .expect("read tail");
     assert_eq!(tail, [0u8; 100], "a refused write changed the disk");
     // Across the end: the kernel splits the write at the end of the file, so like a
     // block device it is a short write: the bytes inside land, the rest is refused.
-    let n = f.write_at(&[7u8; 4096], (4 << 20) - 100).expect("short write across the end");
+    let n = f
+        .write_at(&[7u8; 4096], (4 << 20) - 100)
+        .expect("short write across the end");
     assert_eq!(n, 100, "a write across the end must stop at the end");
-    f.read_exact_at(&mut tail, (4 << 20) - 100).expect("read tail");
+    f.read_exact_at(&mut tail, (4 << 20) - 100)
+        .expect("read tail");
     assert_eq!(tail, [7u8; 100]);
 
     // Truncate and extend: EPERM; the size stays.
-    assert_eq!(f.set_len(1 << 20).expect_err("truncate").raw_os_error(), Some(libc::EPERM));
-    assert_eq!(f.set_len(8 << 20).expect_err("extend").raw_os_error(), Some(libc::EPERM));
+    assert_eq!(
+        f.set_len(1 << 20).expect_err("truncate").raw_os_error(),
+        Some(libc::EPERM)
+    );
+    assert_eq!(
+        f.set_len(8 << 20).expect_err("extend").raw_os_error(),
+        Some(libc::EPERM)
+    );
     assert_eq!(std::fs::metadata(&path).expect("stat").len(), 4 << 20);
 
     // New files, unknown names: refused.
@@ -65,14 +81,25 @@ fn writes_past_the_end_truncate_and_strangers_are_refused() {
     assert!(msg.contains("in use by pid"), "{msg}");
 
     let log = served.log_text();
-    assert!(log.contains("refused: truncate"), "no log line for the truncate:\n{log}");
-    assert!(log.contains("outside the disk"), "no log line for the write past the end:\n{log}");
+    assert!(
+        log.contains("refused: truncate"),
+        "no log line for the truncate:\n{log}"
+    );
+    assert!(
+        log.contains("outside the disk"),
+        "no log line for the write past the end:\n{log}"
+    );
     drop(f);
     assert!(served.stop().success());
 
     // Nothing refused reached the journal: the disk holds exactly "keep".
     let mut buf = vec![0u8; 4 << 20];
-    let out = replog().arg("read").arg(&site).arg("vm1/os").output().expect("read");
+    let out = replog()
+        .arg("read")
+        .arg(&site)
+        .arg("vm1/os")
+        .output()
+        .expect("read");
     buf.copy_from_slice(&out.stdout);
     let mut want = vec![0u8; 4 << 20];
     want[100..104].copy_from_slice(b"keep");
@@ -87,14 +114,24 @@ fn serve_refuses_bad_sites_and_mount_points() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     // Not a site.
-    let out = replog().arg("serve").arg(tmp.path()).output().expect("serve");
+    let out = replog()
+        .arg("serve")
+        .arg(tmp.path())
+        .output()
+        .expect("serve");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a replog site"));
     // Mount point is a file.
     let site = make_site(tmp.path(), &[("os", "1M")]);
     let file = tmp.path().join("file");
     std::fs::write(&file, b"x").expect("write");
-    let out = replog().arg("serve").arg(&site).arg("--mount").arg(&file).output().expect("serve");
+    let out = replog()
+        .arg("serve")
+        .arg(&site)
+        .arg("--mount")
+        .arg(&file)
+        .output()
+        .expect("serve");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
 }

@@ -33,7 +33,11 @@ fn kill_9_keeps_every_fsynced_batch() {
         let acked = acked.clone();
         let path = path.clone();
         std::thread::spawn(move || {
-            let f = OpenOptions::new().read(true).write(true).open(&path).expect("open");
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .expect("open");
             for i in 0..SLOTS {
                 let data = pattern(i, BATCH);
                 let base = i * (BATCH as u64 + 512) + 1;
@@ -55,7 +59,10 @@ fn kill_9_keeps_every_fsynced_batch() {
     served.kill();
     writer.join().expect("writer");
     let done = acked.load(Ordering::SeqCst);
-    assert!(done < SLOTS, "the writer finished before the kill; make the loop longer");
+    assert!(
+        done < SLOTS,
+        "the writer finished before the kill; make the loop longer"
+    );
 
     // Restart: the dead mount is detected and cleared, the journal recovered.
     let served = Served::start(&site, &mnt, &[]);
@@ -67,8 +74,12 @@ fn kill_9_keeps_every_fsynced_batch() {
     let f = std::fs::File::open(served.disk("os")).expect("open");
     for i in 0..done {
         let mut buf = vec![0u8; BATCH];
-        f.read_exact_at(&mut buf, i * (BATCH as u64 + 512) + 1).expect("read");
-        assert!(buf == pattern(i, BATCH), "batch {i} (of {done} acknowledged) lost or damaged");
+        f.read_exact_at(&mut buf, i * (BATCH as u64 + 512) + 1)
+            .expect("read");
+        assert!(
+            buf == pattern(i, BATCH),
+            "batch {i} (of {done} acknowledged) lost or damaged"
+        );
     }
     drop(f);
     assert!(served.stop().success());

@@ -24,7 +24,12 @@ fn ext4_on_a_loop_device_survives_a_restart() {
 
     // Files of assorted sizes, ~100 MiB in all.
     let files: Vec<(String, usize)> = (0..40)
-        .map(|i| (format!("dir{}/file{i}.bin", i % 4), 1000 + (i * 7_654_321) % (4 << 20)))
+        .map(|i| {
+            (
+                format!("dir{}/file{i}.bin", i % 4),
+                1000 + (i * 7_654_321) % (4 << 20),
+            )
+        })
         .collect();
     let total: usize = files.iter().map(|(_, n)| n).sum();
     assert!(total > 60 << 20, "workload too small: {total}");
@@ -32,7 +37,11 @@ fn ext4_on_a_loop_device_survives_a_restart() {
     {
         let lo = Loop::attach(&served.disk("os"));
         let out = sh("mkfs.ext4", &["-q", "-F", &lo.0]);
-        assert!(out.status.success(), "mkfs: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "mkfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         {
             let _m = FsMount::mount(&lo.0, &fsdir, "rw");
             for (i, (name, len)) in files.iter().enumerate() {

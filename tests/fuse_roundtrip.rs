@@ -58,7 +58,11 @@ fn round_trip_through_the_mount_matches_a_model() {
     let served = Served::start(&site, &tmp.path().join("mnt"), &[]);
     let path = served.disk("os");
     assert_eq!(std::fs::metadata(&path).expect("stat").len(), SIZE as u64);
-    let f = OpenOptions::new().read(true).write(true).open(&path).expect("open");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open");
     let mut model = vec![0u8; SIZE];
 
     // A fresh sparse disk is one hole.
@@ -81,7 +85,13 @@ fn round_trip_through_the_mount_matches_a_model() {
         f.write_all_at(&data, *off as u64).expect("write");
         model[*off..off + len].copy_from_slice(&data);
     }
-    for (off, len) in [(0, 20_000), (4000, 200), (999_999, 400_000), (SIZE - 1000, 1000), (5 << 20, 2 << 20)] {
+    for (off, len) in [
+        (0, 20_000),
+        (4000, 200),
+        (999_999, 400_000),
+        (SIZE - 1000, 1000),
+        (5 << 20, 2 << 20),
+    ] {
         let mut buf = vec![0u8; len];
         f.read_exact_at(&mut buf, off as u64).expect("read");
         assert!(buf == model[off..off + len], "read {off}+{len} differs");
@@ -94,12 +104,24 @@ fn round_trip_through_the_mount_matches_a_model() {
     // fallocate: punch a hole, zero a range.
     // SAFETY: fallocate on an open descriptor with integer arguments.
     let rc = unsafe {
-        libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 1_050_000, 100_000)
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            1_050_000,
+            100_000,
+        )
     };
     assert_eq!(rc, 0, "punch hole: {}", std::io::Error::last_os_error());
     model[1_050_000..1_150_000].fill(0);
     // SAFETY: as above.
-    let rc = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, (5 << 20) + 7, 4096 * 3) };
+    let rc = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_ZERO_RANGE,
+            (5 << 20) + 7,
+            4096 * 3,
+        )
+    };
     assert_eq!(rc, 0, "zero range: {}", std::io::Error::last_os_error());
     model[(5 << 20) + 7..(5 << 20) + 7 + 4096 * 3].fill(0);
     f.sync_data().expect("fdatasync");
@@ -116,13 +138,18 @@ fn round_trip_through_the_mount_matches_a_model() {
         let off = (k * 7919 % 4096) * 4096;
         let data = pattern(1000 + k as u64, 4096);
         ab.buf().copy_from_slice(&data);
-        d.write_all_at(ab.buf(), off as u64).expect("O_DIRECT write");
+        d.write_all_at(ab.buf(), off as u64)
+            .expect("O_DIRECT write");
         model[off..off + 4096].copy_from_slice(&data);
     }
     for k in 0..64usize {
         let off = (k * 7919 % 4096) * 4096;
-        d.read_exact_at(ab.buf(), off as u64).expect("O_DIRECT read");
-        assert!(ab.buf() == &model[off..off + 4096], "O_DIRECT read at {off}");
+        d.read_exact_at(ab.buf(), off as u64)
+            .expect("O_DIRECT read");
+        assert!(
+            ab.buf() == &model[off..off + 4096],
+            "O_DIRECT read at {off}"
+        );
     }
     d.sync_all().expect("fsync O_DIRECT");
     drop(d);

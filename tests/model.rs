@@ -17,9 +17,22 @@ const SEGMENT: u64 = 8192;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { disk: usize, offset: u64, len: u64, seed: u64 },
-    Zero { disk: usize, offset: u64, len: u64 },
-    Read { disk: usize, offset: u64, len: u64 },
+    Write {
+        disk: usize,
+        offset: u64,
+        len: u64,
+        seed: u64,
+    },
+    Zero {
+        disk: usize,
+        offset: u64,
+        len: u64,
+    },
+    Read {
+        disk: usize,
+        offset: u64,
+        len: u64,
+    },
     Flush,
     Seal,
     Compact,
@@ -71,22 +84,46 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
 
     for op in ops {
         match op {
-            Op::Write { disk, offset, len, seed } => {
+            Op::Write {
+                disk,
+                offset,
+                len,
+                seed,
+            } => {
                 let data = pattern(seed, len as usize);
-                m.volume(&format!("d{disk}")).expect("vol").write(offset, &data).expect("write");
-                let w = ModelWrite { disk, offset, len, data: Some(data) };
+                m.volume(&format!("d{disk}"))
+                    .expect("vol")
+                    .write(offset, &data)
+                    .expect("write");
+                let w = ModelWrite {
+                    disk,
+                    offset,
+                    len,
+                    data: Some(data),
+                };
                 apply(&mut model, &w);
                 pending.push(w);
             }
             Op::Zero { disk, offset, len } => {
-                m.volume(&format!("d{disk}")).expect("vol").write_zeroes(offset, len).expect("zero");
-                let w = ModelWrite { disk, offset, len, data: None };
+                m.volume(&format!("d{disk}"))
+                    .expect("vol")
+                    .write_zeroes(offset, len)
+                    .expect("zero");
+                let w = ModelWrite {
+                    disk,
+                    offset,
+                    len,
+                    data: None,
+                };
                 apply(&mut model, &w);
                 pending.push(w);
             }
             Op::Read { disk, offset, len } => {
                 let mut buf = vec![0u8; len as usize];
-                m.volume(&format!("d{disk}")).expect("vol").read(offset, &mut buf).expect("read");
+                m.volume(&format!("d{disk}"))
+                    .expect("vol")
+                    .read(offset, &mut buf)
+                    .expect("read");
                 prop_assert!(
                     buf[..] == model[disk][offset as usize..(offset + len) as usize],
                     "read of d{disk} {offset}+{len} differs from the model"
@@ -109,7 +146,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Compact => {
                 let before = read_disks(&m, &SIZES);
                 m.compact().expect("compact");
-                prop_assert!(read_disks(&m, &SIZES) == before, "compaction changed what reads return");
+                prop_assert!(
+                    read_disks(&m, &SIZES) == before,
+                    "compaction changed what reads return"
+                );
             }
             Op::Crash(mode) => {
                 drop(m);
@@ -137,7 +177,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
         }
     }
-    prop_assert!(read_disks(&m, &SIZES) == model, "final state differs from the model");
+    prop_assert!(
+        read_disks(&m, &SIZES) == model,
+        "final state differs from the model"
+    );
     Ok(())
 }
 
@@ -156,10 +199,13 @@ fn journal_stays_bounded_without_holds() {
     let dir = machine_dir();
     create_machine(&storage, &dir, &[1 << 20]);
     let mut m = open(Arc::new(storage.clone()), &dir, 16 * 1024).expect("open");
-    m.start_compactor(replog::compactor::CompactPolicy::eager(std::time::Duration::from_millis(5)));
+    m.start_compactor(replog::compactor::CompactPolicy::eager(
+        std::time::Duration::from_millis(5),
+    ));
     let v = m.volume("d0").expect("vol");
     for i in 0..400u64 {
-        v.write((i * 4096) % (1 << 20), &pattern(i, 4096)).expect("write");
+        v.write((i * 4096) % (1 << 20), &pattern(i, 4096))
+            .expect("write");
     }
     m.flush().expect("flush");
     // The background compactor merges sealed segments as they appear; give it a moment
@@ -168,10 +214,17 @@ fn journal_stays_bounded_without_holds() {
     loop {
         let s = m.status();
         if s.sealed_segments == 0 {
-            assert!(s.journal_bytes <= 2 * 16 * 1024, "journal {} bytes", s.journal_bytes);
+            assert!(
+                s.journal_bytes <= 2 * 16 * 1024,
+                "journal {} bytes",
+                s.journal_bytes
+            );
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "compactor never caught up: {s:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "compactor never caught up: {s:?}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let mut buf = vec![0u8; 4096];
@@ -191,10 +244,18 @@ fn hold_keeps_segments_until_released() {
     let hold = m.hold_watermark(0);
     v.write(4096, &pattern(2, 4096)).expect("write");
     m.seal().expect("seal");
-    assert_eq!(m.compact().expect("compact").segments, 0, "merged past a hold at LSN 0");
+    assert_eq!(
+        m.compact().expect("compact").segments,
+        0,
+        "merged past a hold at LSN 0"
+    );
     assert_eq!(m.status().sealed_segments, 2);
     hold.set(1);
-    assert_eq!(m.compact().expect("compact").segments, 1, "a hold at LSN 1 allows the first segment");
+    assert_eq!(
+        m.compact().expect("compact").segments,
+        1,
+        "a hold at LSN 1 allows the first segment"
+    );
     drop(hold);
     assert_eq!(m.compact().expect("compact").segments, 1);
     assert_eq!(m.status().sealed_segments, 0);
@@ -215,7 +276,8 @@ fn group_commit_shares_fsyncs() {
             std::thread::spawn(move || {
                 let v = m.volume("d0").expect("vol");
                 for i in 0..200u64 {
-                    v.write((t * 200 + i) * 4096, &pattern(t * 1000 + i, 4096)).expect("write");
+                    v.write((t * 200 + i) * 4096, &pattern(t * 1000 + i, 4096))
+                        .expect("write");
                     v.flush().expect("flush");
                 }
             })
@@ -225,7 +287,10 @@ fn group_commit_shares_fsyncs() {
         t.join().expect("thread");
     }
     let syncs = storage.sync_count() - before;
-    assert!(syncs <= 800, "{syncs} fdatasyncs for 1600 flushes: callers do not share them");
+    assert!(
+        syncs <= 800,
+        "{syncs} fdatasyncs for 1600 flushes: callers do not share them"
+    );
     let s = m.status();
     assert_eq!(s.durable_lsn, s.last_lsn);
     eprintln!("1600 flushes from 8 threads took {syncs} fdatasyncs");

@@ -15,7 +15,10 @@ fn a_site_has_one_owner_and_the_error_names_it() {
     let held = Site::open(&path).expect("first open");
     match Site::open(&path) {
         Err(Error::Locked(msg)) => {
-            assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
+            assert!(
+                msg.contains(&format!("pid {}", std::process::id())),
+                "{msg}"
+            );
         }
         other => panic!("second open: {other:?}"),
     }
@@ -28,7 +31,10 @@ fn a_site_has_one_owner_and_the_error_names_it() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use by pid"), "{err}");
-    assert!(!path.join("machines/vm1").exists(), "disk create changed a locked site");
+    assert!(
+        !path.join("machines/vm1").exists(),
+        "disk create changed a locked site"
+    );
     drop(held);
     Site::open(&path).expect("open after release");
 }
@@ -37,7 +43,10 @@ fn a_site_has_one_owner_and_the_error_names_it() {
 fn init_refuses_a_non_empty_directory() {
     let tmp = tempfile::tempdir().expect("tempdir");
     std::fs::write(tmp.path().join("x"), b"x").expect("write");
-    assert!(matches!(Site::init(tmp.path()), Err(Error::AlreadyExists(_))));
+    assert!(matches!(
+        Site::init(tmp.path()),
+        Err(Error::AlreadyExists(_))
+    ));
     let out = replog().arg("init").arg(tmp.path()).output().expect("run");
     assert_eq!(out.status.code(), Some(1));
 }
@@ -54,20 +63,38 @@ fn write_read_compact_round_trip_through_the_cli() {
     let site = tmp.path().join("s");
     let ok = |c: &mut Command| {
         let out = c.output().expect("run");
-        assert!(out.status.success(), "{:?}: {}", c, String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{:?}: {}",
+            c,
+            String::from_utf8_lossy(&out.stderr)
+        );
         out
     };
     ok(replog().arg("init").arg(&site));
-    ok(replog().args(["disk", "create"]).arg(&site).args(["vm1/os", "--size", "8M"]));
+    ok(replog()
+        .args(["disk", "create"])
+        .arg(&site)
+        .args(["vm1/os", "--size", "8M"]));
     let data: Vec<u8> = (0..300_001u32).map(|i| (i % 253) as u8).collect();
     let input = tmp.path().join("in");
     std::fs::write(&input, &data).expect("write input");
-    ok(replog().arg("write").arg(&site).args(["vm1/os", "--offset", "4097", "--input"]).arg(&input));
-    ok(replog().arg("write").arg(&site).args(["vm1/os", "--offset", "5000", "--zero", "1000"]));
+    ok(replog()
+        .arg("write")
+        .arg(&site)
+        .args(["vm1/os", "--offset", "4097", "--input"])
+        .arg(&input));
+    ok(replog()
+        .arg("write")
+        .arg(&site)
+        .args(["vm1/os", "--offset", "5000", "--zero", "1000"]));
     let mut want = data.clone();
     want[5000 - 4097..6000 - 4097].fill(0);
     for round in 0..2 {
-        let out = ok(replog().arg("read").arg(&site).args(["vm1/os", "--offset", "4097", "--length", "300001"]));
+        let out = ok(replog()
+            .arg("read")
+            .arg(&site)
+            .args(["vm1/os", "--offset", "4097", "--length", "300001"]));
         assert!(out.stdout == want, "round {round}: read differs");
         ok(replog().arg("compact").arg(&site));
     }

@@ -51,7 +51,8 @@ fn model_after(writes: usize) -> Vec<u8> {
 }
 
 fn first_segment(dir: &Path) -> PathBuf {
-    dir.join("journal").join(replog::format::segment::segment_name(1))
+    dir.join("journal")
+        .join(replog::format::segment::segment_name(1))
 }
 
 #[test]
@@ -63,23 +64,37 @@ fn cut_at_every_offset_keeps_exactly_the_complete_records() {
     for cut in 0..=full {
         let mem = MemStorage::new();
         build(Arc::new(mem.clone()), &dir, false);
-        let seg = mem.open(&first_segment(&dir), OpenMode::ReadWrite).expect("segment");
+        let seg = mem
+            .open(&first_segment(&dir), OpenMode::ReadWrite)
+            .expect("segment");
         assert_eq!(seg.len().expect("len"), full);
         seg.set_len(cut).expect("cut");
         drop(seg);
         let m = open(Arc::new(mem.clone()), &dir, 1 << 20)
             .unwrap_or_else(|e| panic!("recovery failed with the segment cut at {cut}: {e}"));
         let complete = ends.iter().filter(|(end, _)| *end <= cut).count();
-        let writes = ends.iter().filter(|(end, _)| *end <= cut).map(|(_, w)| *w).max().unwrap_or(0);
+        let writes = ends
+            .iter()
+            .filter(|(end, _)| *end <= cut)
+            .map(|(_, w)| *w)
+            .max()
+            .unwrap_or(0);
         assert_eq!(m.status().last_lsn, complete as u64, "cut at {cut}");
-        assert_eq!(read_disks(&m, &[SIZE])[0], model_after(writes), "cut at {cut}");
+        assert_eq!(
+            read_disks(&m, &[SIZE])[0],
+            model_after(writes),
+            "cut at {cut}"
+        );
         // The journal goes on after the cut: a new write lands and survives a reopen.
         let v = m.volume("d0").expect("vol");
         v.write(5000, b"after").expect("write after recovery");
         m.close().expect("close");
         let m = open(Arc::new(mem.clone()), &dir, 1 << 20).expect("reopen");
         let mut buf = [0u8; 5];
-        m.volume("d0").expect("vol").read(5000, &mut buf).expect("read");
+        m.volume("d0")
+            .expect("vol")
+            .read(5000, &mut buf)
+            .expect("read");
         assert_eq!(&buf, b"after", "cut at {cut}");
     }
 }
@@ -95,7 +110,10 @@ fn bit_flip_in_sealed_segment_is_reported_where_it_is() {
     // Write something more so the sealed segment is not the last one.
     {
         let m = open(fs.clone(), &dir, 1 << 20).expect("open");
-        m.volume("d0").expect("vol").write(12000, b"later").expect("write");
+        m.volume("d0")
+            .expect("vol")
+            .write(12000, b"later")
+            .expect("write");
         m.close().expect("close");
     }
     let seg = first_segment(&dir);
@@ -121,13 +139,22 @@ fn bit_flip_in_sealed_segment_is_reported_where_it_is() {
             Ok(_) => panic!("flip at {at}: opened a damaged sealed segment"),
         }
         let report = replog::inspect::inspect(&dir).expect("inspect");
-        let c = report.corruption.unwrap_or_else(|| panic!("inspect missed the flip at {at}"));
+        let c = report
+            .corruption
+            .unwrap_or_else(|| panic!("inspect missed the flip at {at}"));
         assert_eq!(c.path, seg);
-        assert!((rec_start..rec_end).contains(&c.offset), "inspect: flip at {at} reported at {}", c.offset);
+        assert!(
+            (rec_start..rec_end).contains(&c.offset),
+            "inspect: flip at {at} reported at {}",
+            c.offset
+        );
     }
     std::fs::write(&seg, &pristine).expect("restore");
     let m = open(fs, &dir, 1 << 20).expect("pristine opens");
-    assert_eq!(&read_disks(&m, &[SIZE])[0][..WRITES[0].1], &pattern(0, WRITES[0].1)[..]);
+    assert_eq!(
+        &read_disks(&m, &[SIZE])[0][..WRITES[0].1],
+        &pattern(0, WRITES[0].1)[..]
+    );
 }
 
 /// The newest segment, once sealed, is never treated as having a torn tail.
@@ -139,7 +166,9 @@ fn bit_flip_in_last_sealed_segment_is_corruption_not_a_torn_tail() {
     let ends = build(fs.clone(), &dir, true);
     // `build` sealed segment 1 and created segment 2 (empty); remove the empty one so
     // the sealed segment is the newest file.
-    let seg2 = dir.join("journal").join(replog::format::segment::segment_name(2));
+    let seg2 = dir
+        .join("journal")
+        .join(replog::format::segment::segment_name(2));
     std::fs::remove_file(&seg2).expect("remove empty active segment");
     let seg = first_segment(&dir);
     let mut bad = std::fs::read(&seg).expect("read");
@@ -148,5 +177,9 @@ fn bit_flip_in_last_sealed_segment_is_corruption_not_a_torn_tail() {
     std::fs::write(&seg, &bad).expect("write");
     let err = open(fs, &dir, 1 << 20).expect_err("damaged sealed segment opened");
     assert!(err.is_corruption(), "{err}");
-    assert_eq!(std::fs::read(&seg).expect("read").len(), bad.len(), "recovery cut a sealed segment");
+    assert_eq!(
+        std::fs::read(&seg).expect("read").len(),
+        bad.len(),
+        "recovery cut a sealed segment"
+    );
 }

@@ -18,6 +18,9 @@
 //!   current directory; not /tmp, which may be tmpfs). A fresh subdirectory is created
 //!   in it and removed at the end.
 
+#[path = "bench/fio.rs"]
+mod fio;
+
 use clap::Parser;
 use replog::{Machine, Site, Volume};
 use serde::Serialize;
@@ -98,6 +101,9 @@ struct Args {
     /// A short run of every figure (a few seconds in all).
     #[arg(long)]
     quick: bool,
+    /// Skip the FUSE (fio) figures.
+    #[arg(long)]
+    no_fuse: bool,
     /// Directory for temporary files (default: ./target/bench-tmp).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
@@ -182,7 +188,10 @@ fn main() {
 fn run(args: &Args) -> Result<()> {
     let (root, default_root) = match &args.dir {
         Some(d) => (d.clone(), false),
-        None => (std::env::current_dir()?.join("target").join("bench-tmp"), true),
+        None => (
+            std::env::current_dir()?.join("target").join("bench-tmp"),
+            true,
+        ),
     };
     fs::create_dir_all(&root).map_err(|e| format!("create {}: {e}", root.display()))?;
     let stamp = std::time::SystemTime::now()
@@ -224,6 +233,19 @@ fn run(args: &Args) -> Result<()> {
     figures.push(b.random_4k()?);
     figures.push(b.index_memory()?);
     drop(b);
+    if args.no_fuse {
+        progress("FUSE figures skipped (--no-fuse)");
+    } else {
+        let replog = std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("replog"))
+            .ok_or("cannot locate the replog binary")?;
+        progress("FUSE figures: fio through replog serve --mount against a plain file");
+        for f in fio::run_all(&work.path, &replog, args.quick)? {
+            let note = "fio, median of interleaved runs".to_string();
+            figures.push(Figure::versus(&f.name, f.value, f.baseline, f.unit, note));
+        }
+    }
     drop(work);
 
     if args.json {
@@ -284,7 +306,9 @@ impl Aligned {
     }
 
     fn as_mut_slice(&mut self) -> &mut [u8] {
-        self.v.get_mut(self.off..self.off + self.len).unwrap_or(&mut [])
+        self.v
+            .get_mut(self.off..self.off + self.len)
+            .unwrap_or(&mut [])
     }
 }
 
@@ -342,12 +366,17 @@ fn median(runs: &[f64]) -> f64 {
     match v.len() {
         0 => 0.0,
         n if n % 2 == 1 => v.get(n / 2).copied().unwrap_or(0.0),
-        n => (v.get(n / 2 - 1).copied().unwrap_or(0.0) + v.get(n / 2).copied().unwrap_or(0.0)) / 2.0,
+        n => {
+            (v.get(n / 2 - 1).copied().unwrap_or(0.0) + v.get(n / 2).copied().unwrap_or(0.0)) / 2.0
+        }
     }
 }
 
 fn fmt_runs(runs: &[f64]) -> String {
-    runs.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join("/")
+    runs.iter()
+        .map(|r| format!("{r:.0}"))
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 impl Bench {
@@ -489,7 +518,11 @@ impl Bench {
             Ok(t0.elapsed())
         };
         let extents = m.status().index_extents;
-        progress(&format!("{NAME}: {} MiB, {extents} extents, best of {}", total / MIB, self.reps));
+        progress(&format!(
+            "{NAME}: {} MiB, {extents} extents, best of {}",
+            total / MIB,
+            self.reps
+        ));
 
         // Cold: drop the page cache before every pass.
         let (mut base, mut eng) = (Vec::new(), Vec::new());
@@ -567,7 +600,8 @@ impl Bench {
         let offsets: Vec<u64> = (0..per_round * rounds)
             .map(|_| rng.below(region / BLOCK) * BLOCK)
             .collect();
-        let block = |i: usize| pattern_at(self.pattern.as_slice(), i as u64 * BLOCK, BLOCK as usize);
+        let block =
+            |i: usize| pattern_at(self.pattern.as_slice(), i as u64 * BLOCK, BLOCK as usize);
 
         // The plain file is preallocated by writing it in full (as fio lays out its
         // files), so its fdatasyncs write data only, no allocation metadata.
@@ -601,7 +635,11 @@ impl Bench {
                     }
                 }
                 let rate = round.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-                if engine { eng.push(rate) } else { base.push(rate) }
+                if engine {
+                    eng.push(rate)
+                } else {
+                    base.push(rate)
+                }
             }
         }
         m.close()?;
@@ -646,7 +684,10 @@ impl Bench {
         let before = live_bytes();
         let t0 = Instant::now();
         for (i, b) in blocks.iter().enumerate() {
-            v.write(u64::from(*b) * BLOCK, pattern_at(self.pattern.as_slice(), i as u64 * BLOCK, BLOCK as usize))?;
+            v.write(
+                u64::from(*b) * BLOCK,
+                pattern_at(self.pattern.as_slice(), i as u64 * BLOCK, BLOCK as usize),
+            )?;
         }
         m.flush()?;
         let elapsed = t0.elapsed();
@@ -683,7 +724,10 @@ fn print_table(figures: &[Figure]) -> Result<()> {
         "figure", "value", "baseline", "ratio"
     )?;
     for f in figures {
-        let ratio = f.ratio.map(|r| format!("{r:.3}x")).unwrap_or_else(|| "-".to_string());
+        let ratio = f
+            .ratio
+            .map(|r| format!("{r:.3}x"))
+            .unwrap_or_else(|| "-".to_string());
         writeln!(
             out,
             "{:<w$}  {:>10.1}  {:>10.1}  {:>7}  {}",

@@ -9,7 +9,13 @@ use std::path::Path;
 
 const CHUNK: usize = 4 << 20;
 
-pub fn write(path: &Path, disk: &str, offset: u64, input: Option<&Path>, zero: Option<&str>) -> Result<()> {
+pub fn write(
+    path: &Path,
+    disk: &str,
+    offset: u64,
+    input: Option<&Path>,
+    zero: Option<&str>,
+) -> Result<()> {
     let (machine, disk) = parse_disk_ref(disk)?;
     let site = Site::open(path)?;
     let m = site.open_machine(&machine)?;
@@ -21,13 +27,25 @@ pub fn write(path: &Path, disk: &str, offset: u64, input: Option<&Path>, zero: O
         written = len;
     } else {
         let mut src: Box<dyn Read> = match input {
-            None => return Err(Error::InvalidInput("give --input FILE (or -) or --zero LEN".into())),
+            None => {
+                return Err(Error::InvalidInput(
+                    "give --input FILE (or -) or --zero LEN".into(),
+                ))
+            }
             Some(p) if p == Path::new("-") => Box::new(std::io::stdin()),
-            Some(p) => Box::new(File::open(p).map_err(|e| Error::Io { op: "open", path: p.into(), source: e })?),
+            Some(p) => Box::new(File::open(p).map_err(|e| Error::Io {
+                op: "open",
+                path: p.into(),
+                source: e,
+            })?),
         };
         let mut buf = vec![0u8; CHUNK];
         loop {
-            let n = read_full(&mut src, &mut buf).map_err(|e| Error::Io { op: "read", path: "input".into(), source: e })?;
+            let n = read_full(&mut src, &mut buf).map_err(|e| Error::Io {
+                op: "read",
+                path: "input".into(),
+                source: e,
+            })?;
             if n == 0 {
                 break;
             }
@@ -54,7 +72,13 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-pub fn read(path: &Path, disk: &str, offset: u64, length: Option<&str>, output: Option<&Path>) -> Result<()> {
+pub fn read(
+    path: &Path,
+    disk: &str,
+    offset: u64,
+    length: Option<&str>,
+    output: Option<&Path>,
+) -> Result<()> {
     let (machine, disk) = parse_disk_ref(disk)?;
     let site = Site::open(path)?;
     let m = site.open_machine(&machine)?;
@@ -65,9 +89,21 @@ pub fn read(path: &Path, disk: &str, offset: u64, length: Option<&str>, output: 
     };
     let mut out_file = match output {
         Some(p) => {
-            let f = OpenOptions::new().write(true).create(true).truncate(true).open(p)
-                .map_err(|e| Error::Io { op: "create", path: p.into(), source: e })?;
-            f.set_len(len).map_err(|e| Error::Io { op: "set length of", path: p.into(), source: e })?;
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(p)
+                .map_err(|e| Error::Io {
+                    op: "create",
+                    path: p.into(),
+                    source: e,
+                })?;
+            f.set_len(len).map_err(|e| Error::Io {
+                op: "set length of",
+                path: p.into(),
+                source: e,
+            })?;
             Some((f, p))
         }
         None => None,
@@ -85,13 +121,19 @@ pub fn read(path: &Path, disk: &str, offset: u64, length: Option<&str>, output: 
                 for (i, block) in chunk.chunks(4096).enumerate() {
                     if block.iter().any(|b| *b != 0) {
                         f.write_all_at(block, done + (i * 4096) as u64)
-                            .map_err(|e| Error::Io { op: "write", path: (*p).into(), source: e })?;
+                            .map_err(|e| Error::Io {
+                                op: "write",
+                                path: (*p).into(),
+                                source: e,
+                            })?;
                     }
                 }
             }
-            None => stdout
-                .write_all(chunk)
-                .map_err(|e| Error::Io { op: "write", path: "stdout".into(), source: e })?,
+            None => stdout.write_all(chunk).map_err(|e| Error::Io {
+                op: "write",
+                path: "stdout".into(),
+                source: e,
+            })?,
         }
         done += n as u64;
     }

@@ -124,20 +124,42 @@ pub enum DiskCommand {
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Init { site } => site::init(&site),
-        Command::Disk(DiskCommand::Create { site, disk, size, import }) => {
-            disk::create(&site, &disk, &size, import.as_deref())
-        }
+        Command::Disk(DiskCommand::Create {
+            site,
+            disk,
+            size,
+            import,
+        }) => disk::create(&site, &disk, &size, import.as_deref()),
         Command::Disk(DiskCommand::List { site }) => disk::list(&site),
-        Command::Write { site, disk, offset, input, zero } => {
-            data::write(&site, &disk, offset, input.as_deref(), zero.as_deref())
-        }
-        Command::Read { site, disk, offset, length, output } => {
-            data::read(&site, &disk, offset, length.as_deref(), output.as_deref())
-        }
+        Command::Write {
+            site,
+            disk,
+            offset,
+            input,
+            zero,
+        } => data::write(&site, &disk, offset, input.as_deref(), zero.as_deref()),
+        Command::Read {
+            site,
+            disk,
+            offset,
+            length,
+            output,
+        } => data::read(&site, &disk, offset, length.as_deref(), output.as_deref()),
         Command::Compact { site, machine } => site::compact(&site, machine.as_deref()),
-        Command::Status { site, machine, json } => site::status(&site, machine.as_deref(), json),
+        Command::Status {
+            site,
+            machine,
+            json,
+        } => site::status(&site, machine.as_deref(), json),
         Command::Inspect { path, json } => return inspect::run(&path, json),
-        Command::Serve { site, mount, fuse_threads, direct_io, max_write, no_async_dio } => {
+        Command::Serve {
+            site,
+            mount,
+            fuse_threads,
+            direct_io,
+            max_write,
+            no_async_dio,
+        } => {
             let opts = replog::serve::ServeOptions {
                 mount,
                 fuse_threads,

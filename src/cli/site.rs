@@ -30,7 +30,10 @@ pub fn compact(path: &Path, only: Option<&str>) -> Result<()> {
         let s = m.compact()?;
         println!(
             "{name}: merged {} segment(s), {} records, {} bytes; watermark LSN {}",
-            s.segments, s.records, s.bytes, m.status().watermark.lsn
+            s.segments,
+            s.records,
+            s.bytes,
+            m.status().watermark.lsn
         );
         m.close()?;
     }

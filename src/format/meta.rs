@@ -56,10 +56,16 @@ pub fn encode(kind: u16, body: &[u8]) -> Vec<u8> {
 /// Check the envelope and return the body.
 pub fn decode(expect_kind: u16, b: &[u8]) -> Result<&[u8], DecodeError> {
     let Some(head) = b.get(..META_HEADER_LEN) else {
-        return Err(DecodeError::new(0, format!("file is {} bytes, too short", b.len())));
+        return Err(DecodeError::new(
+            0,
+            format!("file is {} bytes, too short", b.len()),
+        ));
     };
     if head.get(..8) != Some(&META_MAGIC[..]) {
-        return Err(DecodeError::new(0, "not a replog metadata file (bad magic)"));
+        return Err(DecodeError::new(
+            0,
+            "not a replog metadata file (bad magic)",
+        ));
     }
     let r = Le(head);
     let len = r.u32(16);
@@ -75,7 +81,10 @@ pub fn decode(expect_kind: u16, b: &[u8]) -> Result<&[u8], DecodeError> {
     }
     check_version(r.u16(8), r.u32(12), 8)?;
     if r.u16(10) != expect_kind {
-        return Err(DecodeError::new(10, format!("metadata kind {}, expected {expect_kind}", r.u16(10))));
+        return Err(DecodeError::new(
+            10,
+            format!("metadata kind {}, expected {expect_kind}", r.u16(10)),
+        ));
     }
     Ok(body)
 }
@@ -122,7 +131,10 @@ impl Watermark {
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         let body = decode(KIND_WATERMARK, b)?;
         if body.len() < 16 {
-            return Err(DecodeError::new(META_HEADER_LEN as u64, "watermark body cut short"));
+            return Err(DecodeError::new(
+                META_HEADER_LEN as u64,
+                "watermark body cut short",
+            ));
         }
         let r = Le(body);
         Ok(Watermark {
@@ -133,6 +145,7 @@ impl Watermark {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

@@ -140,7 +140,10 @@ impl RecordHeader {
         }
         let r = Le(b);
         let Some(kind) = RecordKind::from_code(r.u8(4)) else {
-            return Err(DecodeError::new(4, format!("unknown record kind {}", r.u8(4))));
+            return Err(DecodeError::new(
+                4,
+                format!("unknown record kind {}", r.u8(4)),
+            ));
         };
         let h = RecordHeader {
             kind,
@@ -153,14 +156,20 @@ impl RecordHeader {
             crc: r.u32(44),
         };
         if h.payload_len > MAX_PAYLOAD {
-            return Err(DecodeError::new(20, format!("payload length {} too large", h.payload_len)));
+            return Err(DecodeError::new(
+                20,
+                format!("payload length {} too large", h.payload_len),
+            ));
         }
         let flags_ok = match kind {
             RecordKind::Point => h.flags & !FLAG_APP_CONSISTENT == 0,
             _ => h.flags == 0,
         };
         if !flags_ok || r.u16(6) != 0 || r.u32(40) != 0 {
-            return Err(DecodeError::new(5, "unknown flags or non-zero reserved bytes"));
+            return Err(DecodeError::new(
+                5,
+                "unknown flags or non-zero reserved bytes",
+            ));
         }
         let shape_ok = match kind {
             RecordKind::Write => u64::from(h.payload_len) == h.length && h.length > 0,
@@ -212,6 +221,7 @@ impl PointPayload {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

@@ -91,7 +91,10 @@ impl SegmentHeader {
         let Some(b) = b.get(..SEGMENT_HEADER_LEN) else {
             return Err(DecodeError::new(
                 0,
-                format!("segment header is {} bytes, need {SEGMENT_HEADER_LEN}", b.len()),
+                format!(
+                    "segment header is {} bytes, need {SEGMENT_HEADER_LEN}",
+                    b.len()
+                ),
             ));
         };
         if b.get(..8) != Some(&SEGMENT_MAGIC[..]) {
@@ -185,6 +188,7 @@ pub fn parse_segment_name(name: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

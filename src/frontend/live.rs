@@ -62,11 +62,15 @@ pub struct LiveFs {
 
 impl LiveFs {
     pub fn new(machines: &[Machine], opts: FrontendOptions) -> crate::Result<Self> {
-        let mut nodes = vec![Node::Dir { children: Vec::new() }];
+        let mut nodes = vec![Node::Dir {
+            children: Vec::new(),
+        }];
         let mut root_children = Vec::new();
         for m in machines {
             let dir_ino = nodes.len() as u64 + 1;
-            nodes.push(Node::Dir { children: Vec::new() });
+            nodes.push(Node::Dir {
+                children: Vec::new(),
+            });
             root_children.push((m.name().to_string(), dir_ino));
             let mut children = Vec::new();
             for d in m.disk_names() {
@@ -153,7 +157,10 @@ impl Filesystem for LiveFs {
         let Some(Node::Dir { children }) = self.node(parent) else {
             return reply.error(Errno::ENOENT);
         };
-        let found = children.iter().find(|(n, _)| OsStr::new(n) == name).map(|(_, i)| *i);
+        let found = children
+            .iter()
+            .find(|(n, _)| OsStr::new(n) == name)
+            .map(|(_, i)| *i);
         match found.and_then(|i| self.attr(INodeNo(i))) {
             Some(a) => reply.entry(&TTL, &a, fuser::Generation(0)),
             None => reply.error(Errno::ENOENT),
@@ -245,7 +252,11 @@ impl Filesystem for LiveFs {
         match vol.read(offset, &mut buf) {
             Ok(()) => reply.data(&buf),
             Err(e) => {
-                tracing::error!("read {}/{} at {offset}+{len}: {e}", vol.machine(), vol.name());
+                tracing::error!(
+                    "read {}/{} at {offset}+{len}: {e}",
+                    vol.machine(),
+                    vol.name()
+                );
                 reply.error(errno(&e))
             }
         }
@@ -284,17 +295,36 @@ impl Filesystem for LiveFs {
         match vol.write(offset, data) {
             Ok(_) => reply.written(data.len() as u32),
             Err(e) => {
-                tracing::warn!("write {}/{} at {offset}+{}: {e}", vol.machine(), vol.name(), data.len());
+                tracing::warn!(
+                    "write {}/{} at {offset}+{}: {e}",
+                    vol.machine(),
+                    vol.name(),
+                    data.len()
+                );
                 reply.error(errno(&e))
             }
         }
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lo: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         self.sync(ino, reply);
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         self.sync(ino, reply);
     }
 
@@ -314,13 +344,18 @@ impl Filesystem for LiveFs {
         };
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let zero = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
-        let known = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        let known =
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
         if mode & !known != 0 || (mode & libc::FALLOC_FL_PUNCH_HOLE != 0 && !keep) {
             return reply.error(Errno::EOPNOTSUPP);
         }
         let end = offset.saturating_add(length);
         if end > vol.size() && !keep {
-            tracing::warn!("refused: fallocate would grow {}/{} to {end} bytes", vol.machine(), vol.name());
+            tracing::warn!(
+                "refused: fallocate would grow {}/{} to {end} bytes",
+                vol.machine(),
+                vol.name()
+            );
             return reply.error(Errno::EFBIG);
         }
         if !zero {
@@ -337,7 +372,15 @@ impl Filesystem for LiveFs {
         }
     }
 
-    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
         let vol = match self.volume(ino) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
@@ -360,11 +403,21 @@ impl Filesystem for LiveFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let Some(Node::Dir { children }) = self.node(ino) else {
             return reply.error(Errno::ENOTDIR);
         };
-        let mut entries: Vec<(u64, FileType, &str)> = vec![(ino.0, FileType::Directory, "."), (1, FileType::Directory, "..")];
+        let mut entries: Vec<(u64, FileType, &str)> = vec![
+            (ino.0, FileType::Directory, "."),
+            (1, FileType::Directory, ".."),
+        ];
         for (name, i) in children {
             let kind = match self.node(INodeNo(*i)) {
                 Some(Node::Dir { .. }) => FileType::Directory,
@@ -380,20 +433,53 @@ impl Filesystem for LiveFs {
         reply.ok();
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
         // No extended attributes; ENOSYS tells the kernel to stop asking.
         reply.error(Errno::ENOSYS);
     }
 
-    fn mknod(&self, _req: &Request, _p: INodeNo, name: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        name: &OsStr,
+        _m: u32,
+        _u: u32,
+        _r: u32,
+        reply: ReplyEntry,
+    ) {
         self.refuse(&format!("create {name:?}"), |e| reply.error(e));
     }
 
-    fn create(&self, _req: &Request, _p: INodeNo, name: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        name: &OsStr,
+        _m: u32,
+        _u: u32,
+        _f: i32,
+        reply: ReplyCreate,
+    ) {
         self.refuse(&format!("create {name:?}"), |e| reply.error(e));
     }
 
-    fn mkdir(&self, _req: &Request, _p: INodeNo, name: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        name: &OsStr,
+        _m: u32,
+        _u: u32,
+        reply: ReplyEntry,
+    ) {
         self.refuse(&format!("mkdir {name:?}"), |e| reply.error(e));
     }
 

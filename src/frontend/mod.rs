@@ -32,7 +32,10 @@ pub fn prepare_mountpoint(dir: &Path) -> Result<()> {
         }
         Err(e) => return Err(Error::io("stat mount point", dir, e)),
         Ok(m) if !m.is_dir() => {
-            return Err(Error::InvalidInput(format!("mount point {} is not a directory", dir.display())))
+            return Err(Error::InvalidInput(format!(
+                "mount point {} is not a directory",
+                dir.display()
+            )))
         }
         Ok(_) => {
             if is_replog_mount(dir) {
@@ -70,7 +73,10 @@ pub fn is_live_replog_mount(dir: &Path) -> bool {
 
 /// True if the kernel lists a replog FUSE mount at `dir`.
 pub fn is_replog_mount(dir: &Path) -> bool {
-    let Ok(canon) = dir.canonicalize().or_else(|_| Ok::<_, ()>(dir.to_path_buf())) else {
+    let Ok(canon) = dir
+        .canonicalize()
+        .or_else(|_| Ok::<_, ()>(dir.to_path_buf()))
+    else {
         return false;
     };
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
@@ -91,8 +97,9 @@ pub fn is_replog_mount(dir: &Path) -> bool {
 /// Lazily unmount `dir` (MNT_DETACH): works even while files on it are open.
 pub fn detach(dir: &Path) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| Error::InvalidInput(format!("mount point {} has a NUL byte", dir.display())))?;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
+        Error::InvalidInput(format!("mount point {} has a NUL byte", dir.display()))
+    })?;
     // SAFETY: umount2 with a valid NUL-terminated path and integer flags.
     let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     if rc != 0 {

@@ -133,7 +133,9 @@ impl JournalWriter {
         self.active.tail += h.total_len();
         if self.active.tail - self.active.writeback_from >= WRITEBACK_CHUNK {
             let from = self.active.writeback_from;
-            self.active.file.start_writeback(from, self.active.tail - from);
+            self.active
+                .file
+                .start_writeback(from, self.active.tail - from);
             self.active.writeback_from = self.active.tail;
         }
         self.active.records += 1;
@@ -154,7 +156,11 @@ impl JournalWriter {
     pub fn append_point(&mut self, app_consistent: bool) -> Result<Point> {
         let time_ns = now_ns();
         let payload = PointPayload { time_ns }.encode();
-        let flags = if app_consistent { FLAG_APP_CONSISTENT } else { 0 };
+        let flags = if app_consistent {
+            FLAG_APP_CONSISTENT
+        } else {
+            0
+        };
         let a = self.append(RecordKind::Point, flags, 0, 0, 0, &payload)?;
         Ok(Point {
             lsn: a.lsn,
@@ -191,7 +197,9 @@ impl JournalWriter {
         // damage in front of a footer is corruption, never a torn tail (writeback may
         // reorder pages, so one sync for both would not prove that).
         self.active.file.sync_data()?;
-        self.active.file.write_at(&[&footer.encode()], self.active.tail)?;
+        self.active
+            .file
+            .write_at(&[&footer.encode()], self.active.tail)?;
         // The footer must be durable before the next segment exists: recovery treats
         // only the last segment as possibly torn.
         self.active.file.sync_data()?;
@@ -339,7 +347,11 @@ pub fn recover(
                 seg_points.push(Point {
                     lsn: rec.header.lsn,
                     time_ns,
-                    kind: if app { PointKind::AppConsistent } else { PointKind::Flush },
+                    kind: if app {
+                        PointKind::AppConsistent
+                    } else {
+                        PointKind::Flush
+                    },
                 });
             }
             each(seq, rec);

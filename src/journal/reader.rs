@@ -144,7 +144,11 @@ pub fn scan_segment(
     };
 
     let Some(hb) = r.get(0, SEGMENT_HEADER_LEN)? else {
-        fault(&mut scan, 0, format!("segment header cut short ({len} bytes)"));
+        fault(
+            &mut scan,
+            0,
+            format!("segment header cut short ({len} bytes)"),
+        );
         return Ok(scan);
     };
     let header = match SegmentHeader::decode(hb) {
@@ -155,16 +159,37 @@ pub fn scan_segment(
         }
     };
     if let Some(id) = expect.machine_id.filter(|id| *id != header.machine_id) {
-        fault(&mut scan, 24, format!("segment belongs to machine {:#x}, not {id:#x}", header.machine_id));
+        fault(
+            &mut scan,
+            24,
+            format!(
+                "segment belongs to machine {:#x}, not {id:#x}",
+                header.machine_id
+            ),
+        );
         return Ok(scan);
     }
     if let Some(seq) = expect.seq.filter(|s| *s != header.seq) {
-        fault(&mut scan, 32, format!("header says segment {} but the file name says {seq}", header.seq));
+        fault(
+            &mut scan,
+            32,
+            format!(
+                "header says segment {} but the file name says {seq}",
+                header.seq
+            ),
+        );
         return Ok(scan);
     }
     let mut next_lsn = expect.first_lsn.unwrap_or(header.base_lsn);
     if header.base_lsn != next_lsn {
-        fault(&mut scan, 40, format!("segment starts at LSN {} but LSN {next_lsn} is next", header.base_lsn));
+        fault(
+            &mut scan,
+            40,
+            format!(
+                "segment starts at LSN {} but LSN {next_lsn} is next",
+                header.base_lsn
+            ),
+        );
         return Ok(scan);
     }
     scan.header = Some(header);
@@ -197,11 +222,19 @@ pub fn scan_segment(
                 && Some(footer.last_lsn) == scan.last_lsn
                 && Some(footer.first_lsn) == scan.first_lsn;
             if !agrees {
-                fault(&mut scan, pos, "footer disagrees with the records before it".into());
+                fault(
+                    &mut scan,
+                    pos,
+                    "footer disagrees with the records before it".into(),
+                );
                 return Ok(scan);
             }
             if pos + FOOTER_LEN as u64 != len {
-                fault(&mut scan, pos + FOOTER_LEN as u64, "bytes after the footer".into());
+                fault(
+                    &mut scan,
+                    pos + FOOTER_LEN as u64,
+                    "bytes after the footer".into(),
+                );
                 return Ok(scan);
             }
             scan.footer = Some(footer);
@@ -228,12 +261,20 @@ pub fn scan_segment(
             return Ok(scan);
         }
         if rh.lsn != next_lsn {
-            fault(&mut scan, pos + 8, format!("LSN {} where {next_lsn} was next", rh.lsn));
+            fault(
+                &mut scan,
+                pos + 8,
+                format!("LSN {} where {next_lsn} was next", rh.lsn),
+            );
             return Ok(scan);
         }
         if rh.kind != RecordKind::Point {
             if let Some(n) = expect.disk_count.filter(|n| rh.disk >= *n) {
-                fault(&mut scan, pos + 16, format!("disk id {} but the machine has {n} disks", rh.disk));
+                fault(
+                    &mut scan,
+                    pos + 16,
+                    format!("disk id {} but the machine has {n} disks", rh.disk),
+                );
                 return Ok(scan);
             }
         }

@@ -68,7 +68,8 @@ impl Storage for FileStorage {
 
     fn sync_dir(&self, dir: &Path) -> Result<()> {
         let d = File::open(dir).map_err(|e| Error::io("open directory", dir, e))?;
-        d.sync_all().map_err(|e| Error::io("sync directory", dir, e))
+        d.sync_all()
+            .map_err(|e| Error::io("sync directory", dir, e))
     }
 
     fn exists(&self, path: &Path) -> bool {
@@ -84,7 +85,9 @@ impl StorageFile for RealFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
         let mut done = 0;
         while done < buf.len() {
-            let Some(rest) = buf.get_mut(done..) else { break };
+            let Some(rest) = buf.get_mut(done..) else {
+                break;
+            };
             match self.file.read_at(rest, offset + done as u64) {
                 Ok(0) => break,
                 Ok(n) => done += n,
@@ -154,7 +157,9 @@ impl StorageFile for RealFile {
             return Ok(());
         }
         let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(Error::InvalidInput(format!("hole {offset}+{len} too large")));
+            return Err(Error::InvalidInput(format!(
+                "hole {offset}+{len} too large"
+            )));
         };
         // SAFETY: fallocate on a valid, open descriptor with plain integer arguments;
         // no memory is passed to the kernel.
@@ -221,7 +226,8 @@ fn pwritev_all(file: &File, bufs: &[&[u8]], mut offset: u64) -> std::io::Result<
                 iov_len: b.len(),
             })
             .collect();
-        let off = i64::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+        let off =
+            i64::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
         // SAFETY: every iovec points into a slice borrowed for the duration of the call;
         // the kernel only reads from them.
         let n = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, off) };
@@ -233,12 +239,17 @@ fn pwritev_all(file: &File, bufs: &[&[u8]], mut offset: u64) -> std::io::Result<
             return Err(err);
         }
         if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "pwritev wrote nothing"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                "pwritev wrote nothing",
+            ));
         }
         let mut n = n as usize;
         offset += n as u64;
         while n > 0 {
-            let Some(first) = slices.first_mut() else { break };
+            let Some(first) = slices.first_mut() else {
+                break;
+            };
             if n >= first.len() {
                 n -= first.len();
                 slices.remove(0);

@@ -187,7 +187,10 @@ impl Storage for MemStorage {
 
     fn rename(&self, from: &Path, to: &Path) -> Result<()> {
         let mut fs = self.fs.lock();
-        let st = fs.files.remove(from).ok_or_else(|| not_found("rename", from))?;
+        let st = fs
+            .files
+            .remove(from)
+            .ok_or_else(|| not_found("rename", from))?;
         fs.files.insert(to.to_path_buf(), st);
         Ok(())
     }
@@ -225,7 +228,11 @@ impl StorageFile for MemFile {
 
     fn write_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
         if !self.writable {
-            return Err(Error::io("write", &self.path, io::Error::from_raw_os_error(libc::EBADF)));
+            return Err(Error::io(
+                "write",
+                &self.path,
+                io::Error::from_raw_os_error(libc::EBADF),
+            ));
         }
         let data: Vec<u8> = bufs.concat();
         let mut st = self.state.lock();

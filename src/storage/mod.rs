@@ -51,6 +51,7 @@ pub trait Storage: Send + Sync + fmt::Debug {
 }
 
 /// An open file.
+#[allow(clippy::len_without_is_empty)] // a file's length, not a collection's
 pub trait StorageFile: Send + Sync + fmt::Debug {
     fn path(&self) -> &Path;
     /// Read up to `buf.len()` bytes at `offset`; fewer only at end of file.

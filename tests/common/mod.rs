@@ -76,7 +76,11 @@ pub fn apply(model: &mut [Vec<u8>], w: &ModelWrite) {
 
 /// After a crash: the disks must equal `durable` plus some prefix of `pending`.
 /// Returns the length of the matching prefix.
-pub fn matching_prefix(durable: &[Vec<u8>], pending: &[ModelWrite], actual: &[Vec<u8>]) -> Option<usize> {
+pub fn matching_prefix(
+    durable: &[Vec<u8>],
+    pending: &[ModelWrite],
+    actual: &[Vec<u8>],
+) -> Option<usize> {
     let mut state = durable.to_vec();
     if state == actual {
         return Some(0);

@@ -21,7 +21,10 @@ pub fn fuse_available(test: &str) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let msg = format!("{test}: needs {} for the real FUSE mount", missing.join(", "));
+    let msg = format!(
+        "{test}: needs {} for the real FUSE mount",
+        missing.join(", ")
+    );
     if std::env::var_os("REPLOG_REQUIRE_FUSE").is_some() {
         panic!("{msg} (REPLOG_REQUIRE_FUSE is set, so this fails instead of skipping)");
     }
@@ -49,7 +52,13 @@ pub fn make_site(root: &Path, disks: &[(&str, &str)]) -> PathBuf {
     let site = root.join("site");
     run_ok(replog().arg("init").arg(&site));
     for (name, size) in disks {
-        run_ok(replog().args(["disk", "create"]).arg(&site).arg(format!("vm1/{name}")).args(["--size", size]));
+        run_ok(
+            replog()
+                .args(["disk", "create"])
+                .arg(&site)
+                .arg(format!("vm1/{name}"))
+                .args(["--size", size]),
+        );
     }
     site
 }
@@ -65,7 +74,11 @@ pub struct Served {
 impl Served {
     pub fn start(site: &Path, mount: &Path, extra: &[&str]) -> Served {
         let log = site.with_extension(format!("serve-{}.log", std::process::id()));
-        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log");
         let child = replog()
             .arg("serve")
             .arg(site)
@@ -77,7 +90,12 @@ impl Served {
             .stderr(logf)
             .spawn()
             .expect("spawn serve");
-        let s = Served { child: Some(child), mount: mount.to_path_buf(), log, leave_mount: false };
+        let s = Served {
+            child: Some(child),
+            mount: mount.to_path_buf(),
+            log,
+            leave_mount: false,
+        };
         s.wait_mounted();
         s
     }
@@ -86,7 +104,11 @@ impl Served {
         let deadline = Instant::now() + Duration::from_secs(30);
         // A dead mount left by a killed serve is listed too, but stat fails on it.
         while !replog::frontend::is_live_replog_mount(&self.mount) {
-            assert!(Instant::now() < deadline, "serve did not mount; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "serve did not mount; log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -145,8 +167,16 @@ pub struct Loop(pub String);
 
 impl Loop {
     pub fn attach(file: &Path) -> Loop {
-        let out = Command::new("losetup").args(["-f", "--show"]).arg(file).output().expect("losetup");
-        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Loop(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 }
@@ -163,7 +193,11 @@ pub struct FsMount(pub PathBuf);
 impl FsMount {
     pub fn mount(dev: &str, dir: &Path, opts: &str) -> FsMount {
         std::fs::create_dir_all(dir).expect("mkdir");
-        let st = Command::new("mount").args(["-o", opts, dev]).arg(dir).status().expect("mount");
+        let st = Command::new("mount")
+            .args(["-o", opts, dev])
+            .arg(dir)
+            .status()
+            .expect("mount");
         assert!(st.success(), "mount {dev} on {}", dir.display());
         FsMount(dir.to_path_buf())
     }
@@ -176,5 +210,8 @@ impl Drop for FsMount {
 }
 
 pub fn sh(cmd: &str, args: &[&str]) -> std::process::Output {
-    Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"))
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
 }

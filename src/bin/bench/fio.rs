@@ -1,0 +1,215 @@
+//! FUSE figures: the same fio jobs through a `replog serve --mount` disk and on a plain
+//! file in the same directory, in the same run, interleaved (plain, replog, plain, …).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One fio comparison: value through replog, baseline on a plain file.
+pub struct FioFigure {
+    pub name: String,
+    pub value: f64,
+    pub baseline: f64,
+    pub unit: &'static str,
+}
+
+struct Serve {
+    child: Child,
+    mount: PathBuf,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        // SAFETY: signal to a child we spawned.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = replog::frontend::detach(&self.mount);
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn drop_caches() {
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3\n");
+}
+
+/// Run one fio job on `file`; returns (write or read) bandwidth in MB/s and IOPS.
+fn fio(file: &Path, args: &[String]) -> Result<(f64, f64), String> {
+    let out = run(Command::new("fio")
+        .arg("--name=bench")
+        .arg(format!("--filename={}", file.display()))
+        .arg("--output-format=json")
+        .args(args))?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| format!("fio json: {e}"))?;
+    let job = &doc["jobs"][0];
+    let side = if job["write"]["io_bytes"].as_f64().unwrap_or(0.0) > 0.0 {
+        "write"
+    } else {
+        "read"
+    };
+    let bw = job[side]["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6;
+    let iops = job[side]["iops"].as_f64().unwrap_or(0.0);
+    Ok((bw, iops))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Run every FUSE figure. `replog` is the binary to serve with.
+pub fn run_all(dir: &Path, replog: &Path, quick: bool) -> Result<Vec<FioFigure>, String> {
+    if Command::new("fio").arg("--version").output().is_err() {
+        return Err("fio is not installed (tools/bench installs it on Debian as root)".into());
+    }
+    let size: u64 = if quick { 256 << 20 } else { 1 << 30 };
+    let rounds = if quick { 1 } else { 3 };
+    let site = dir.join("fio-site");
+    let mount = dir.join("fio-mnt");
+    let plain = dir.join("fio-plain.img");
+    let _ = std::fs::remove_dir_all(&site);
+    let _ = std::fs::remove_file(&plain);
+    run(Command::new(replog).arg("init").arg(&site))?;
+    run(Command::new(replog)
+        .args(["disk", "create"])
+        .arg(&site)
+        .args(["vm1/bench", "--size"])
+        .arg(format!("{}", size * 2)))?;
+    let f = std::fs::File::create(&plain).map_err(|e| e.to_string())?;
+    f.set_len(size * 2).map_err(|e| e.to_string())?;
+    drop(f);
+
+    let log = std::fs::File::create(dir.join("fio-serve.log")).map_err(|e| e.to_string())?;
+    let child = Command::new(replog)
+        .arg("serve")
+        .arg(&site)
+        .arg("--mount")
+        .arg(&mount)
+        .env("REPLOG_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("spawn serve: {e}"))?;
+    let serve = Serve {
+        child,
+        mount: mount.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !replog::frontend::is_live_replog_mount(&serve.mount) {
+        if Instant::now() > deadline {
+            return Err("replog serve did not mount within 30 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let disk = mount.join("vm1").join("bench.img");
+
+    let s = |v: &str| v.to_string();
+    let seq_write = vec![
+        s("--rw=write"),
+        s("--bs=1M"),
+        format!("--size={size}"),
+        s("--direct=1"),
+        s("--end_fsync=1"),
+        s("--ioengine=psync"),
+    ];
+    let seq_read = vec![
+        s("--rw=read"),
+        s("--bs=1M"),
+        format!("--size={size}"),
+        s("--direct=1"),
+        s("--ioengine=psync"),
+    ];
+    let secs = if quick { 3 } else { 10 };
+    let rand_write = |jobs: u32| {
+        vec![
+            s("--rw=randwrite"),
+            s("--bs=4k"),
+            format!("--size={}", size.min(256 << 20)),
+            s("--fdatasync=1"),
+            s("--ioengine=psync"),
+            format!("--runtime={secs}"),
+            s("--time_based"),
+            format!("--numjobs={jobs}"),
+            s("--group_reporting"),
+        ]
+    };
+
+    let mut out = Vec::new();
+    let mut compare = |name: &str,
+                       args: &[String],
+                       unit: &'static str,
+                       iops: bool,
+                       cold: bool|
+     -> Result<(), String> {
+        let (mut v, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            if cold {
+                drop_caches();
+            }
+            let (bw, io) = fio(&plain, args)?;
+            b.push(if iops { io } else { bw });
+            if cold {
+                drop_caches();
+            }
+            let (bw, io) = fio(&disk, args)?;
+            v.push(if iops { io } else { bw });
+        }
+        out.push(FioFigure {
+            name: name.to_string(),
+            value: median(v),
+            baseline: median(b),
+            unit,
+        });
+        Ok(())
+    };
+    compare(
+        "FUSE seq write 1MiB direct=1 end_fsync=1 (fio)",
+        &seq_write,
+        "MB/s",
+        false,
+        false,
+    )?;
+    compare(
+        "FUSE seq read 1MiB direct=1, caches dropped (fio)",
+        &seq_read,
+        "MB/s",
+        false,
+        true,
+    )?;
+    compare(
+        "FUSE 4KiB rand write + fdatasync each (fio)",
+        &rand_write(1),
+        "IOPS",
+        true,
+        false,
+    )?;
+    compare(
+        "FUSE 4KiB rand write + fdatasync each, 4 jobs (fio)",
+        &rand_write(4),
+        "IOPS",
+        true,
+        false,
+    )?;
+    drop(serve);
+    let _ = std::fs::remove_dir_all(&site);
+    let _ = std::fs::remove_file(&plain);
+    Ok(out)
+}
