@@ -534,7 +534,11 @@ impl MachineInner {
         if w.wants_rotation() {
             self.seal_locked(&mut w)?;
         }
+        let writeback = w.take_writeback();
         drop(w);
+        if let Some((file, from, len)) = writeback {
+            file.start_writeback(from, len);
+        }
         self.last_append_ns
             .store(crate::format::now_ns(), Ordering::Relaxed);
         Ok(lsn)

@@ -131,13 +131,6 @@ impl JournalWriter {
         let at = self.active.tail;
         self.active.file.write_at(&[&head, payload], at)?;
         self.active.tail += h.total_len();
-        if self.active.tail - self.active.writeback_from >= WRITEBACK_CHUNK {
-            let from = self.active.writeback_from;
-            self.active
-                .file
-                .start_writeback(from, self.active.tail - from);
-            self.active.writeback_from = self.active.tail;
-        }
         self.active.records += 1;
         self.active.first_lsn.get_or_insert(lsn);
         self.active.chain_crc = crc32c::crc32c_append(self.active.chain_crc, &h.crc.to_le_bytes());
@@ -150,6 +143,18 @@ impl JournalWriter {
             seq: self.active.seq,
             payload_offset: at + head.len() as u64,
         })
+    }
+
+    /// Once a chunk of appends is waiting, hand out the range to start writing back
+    /// (the caller starts it after releasing the writer lock: it may block on a busy
+    /// device).
+    pub fn take_writeback(&mut self) -> Option<(Arc<dyn StorageFile>, u64, u64)> {
+        let from = self.active.writeback_from;
+        if self.active.tail - from < WRITEBACK_CHUNK {
+            return None;
+        }
+        self.active.writeback_from = self.active.tail;
+        Some((self.active.file.clone(), from, self.active.tail - from))
     }
 
     /// Append a recovery point record.
@@ -219,6 +224,7 @@ impl JournalWriter {
             self.machine_id,
             sealed.seq + 1,
             self.next_lsn,
+            self.segment_bytes,
         )?;
         Ok(Some(sealed))
     }
@@ -230,9 +236,11 @@ fn create_segment(
     machine_id: u64,
     seq: u64,
     base_lsn: u64,
+    segment_bytes: u64,
 ) -> Result<Active> {
     let path = dir.join(segment_name(seq));
     let file = storage.open(&path, OpenMode::CreateNew)?;
+    file.preallocate(segment_bytes);
     let header = SegmentHeader::new(machine_id, seq, base_lsn, now_ns()).encode();
     file.write_at(&[&header], 0)?;
     // The name must be durable before any fsync of the file can promise its data.
@@ -447,7 +455,14 @@ pub fn recover(
         Some(a) => a,
         None => {
             let seq = expected_seq.unwrap_or(params.watermark_seq + 1);
-            create_segment(storage.as_ref(), dir, params.machine_id, seq, next_lsn)?
+            create_segment(
+                storage.as_ref(),
+                dir,
+                params.machine_id,
+                seq,
+                next_lsn,
+                params.segment_bytes,
+            )?
         }
     };
     if let Some(p) = points.last() {

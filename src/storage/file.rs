@@ -130,6 +130,15 @@ impl StorageFile for RealFile {
             .len())
     }
 
+    fn preallocate(&self, len: u64) {
+        let Ok(l) = i64::try_from(len) else { return };
+        // SAFETY: fallocate on an open descriptor with integer arguments. A hint:
+        // failure (no space, unsupported) only means appends allocate as they go.
+        unsafe {
+            libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, l);
+        }
+    }
+
     fn start_writeback(&self, offset: u64, len: u64) {
         let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
             return;

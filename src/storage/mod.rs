@@ -65,6 +65,10 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     /// Make `offset..offset+len` read as zeros, releasing the space where the file
     /// system can (a hole). Never changes the length.
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()>;
+    /// Reserve space for the file to grow to `len` bytes without changing its length
+    /// (`fallocate(FALLOC_FL_KEEP_SIZE)`), so appends and their fdatasyncs do not
+    /// allocate blocks one by one. A hint only.
+    fn preallocate(&self, _len: u64) {}
     /// Start writing `offset..offset+len` back to the device without waiting for it
     /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a later `sync_data` then has little
     /// left to do. A hint only; durability still needs `sync_data`.
