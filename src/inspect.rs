@@ -189,8 +189,16 @@ fn inspect_journal(dir: &Path, only: Option<&Path>, report: &mut Report) -> Resu
         _ => None,
     };
     let count = segs.len();
+    // A lone segment is the newest (and may have a torn tail) only if no segment with
+    // a higher number sits beside it.
+    let newest_beside = list_segments(&storage, dir)
+        .ok()
+        .and_then(|v| v.last().map(|(s, _)| *s));
     for (i, (seq, path)) in segs.into_iter().enumerate() {
-        let is_last = i + 1 == count;
+        let is_last = match only {
+            Some(_) => newest_beside.is_none_or(|n| n <= seq),
+            None => i + 1 == count,
+        };
         let file = storage.open(&path, OpenMode::ReadOnly)?;
         let expect = Expect {
             machine_id: manifest.as_ref().map(|m| m.machine_id),
@@ -251,16 +259,13 @@ fn inspect_journal(dir: &Path, only: Option<&Path>, report: &mut Report) -> Resu
             next_lsn.get_or_insert(h.base_lsn);
         }
         if let Some(f) = scan.fault.clone() {
-            let torn_tail = is_last && scan.header.is_some() && {
-                // Sealed segments never have torn tails.
-                let mut tail = [0u8; crate::format::FOOTER_LEN];
-                let ends_sealed = scan.file_len >= tail.len() as u64
-                    && file
-                        .read_at(&mut tail, scan.file_len - crate::format::FOOTER_LEN as u64)
-                        .is_ok()
-                    && crate::format::SegmentFooter::decode(&tail).is_ok();
-                !ends_sealed
-            };
+            // The same rule recovery applies. A torn header is torn only as the newest
+            // segment of a journal; a lone file without a header is not a segment.
+            let torn_tail = is_last
+                && match scan.header {
+                    None => only.is_none(),
+                    Some(_) => crate::journal::may_be_torn_tail(file.as_ref(), &scan)?,
+                };
             let following = if torn_tail {
                 valid_records_after(file.as_ref(), scan.end)?
             } else {

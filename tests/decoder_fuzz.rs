@@ -9,7 +9,9 @@ use proptest::prelude::*;
 use replog::format::meta::{self, DiskEntry, Manifest, Watermark, KIND_MANIFEST, KIND_WATERMARK};
 use replog::format::record::{PointPayload, RecordHeader, RecordKind, FLAG_APP_CONSISTENT};
 use replog::format::segment::parse_segment_name;
-use replog::format::{SegmentFooter, SegmentHeader, FOOTER_LEN, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
+use replog::format::{
+    SegmentFooter, SegmentHeader, FOOTER_LEN, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
+};
 use replog::journal::reader::{scan_segment, valid_records_after, Expect, SegmentScan};
 use replog::storage::{MemStorage, OpenMode, Storage, StorageFile};
 use std::path::Path;
@@ -63,12 +65,21 @@ fn rec_strategy() -> impl Strategy<Value = Rec> {
                 app: app && kind == RecordKind::Point,
                 disk: if kind == RecordKind::Point { 0 } else { disk },
                 // Keep offset + length representable, as the decoder demands.
-                offset: if kind == RecordKind::Point { 0 } else { offset.min(u64::MAX - len) },
+                offset: if kind == RecordKind::Point {
+                    0
+                } else {
+                    offset.min(u64::MAX - len)
+                },
                 payload: match kind {
                     RecordKind::Write => payload,
                     RecordKind::Zero => Vec::new(),
                     // A point's time, plus optional fields a newer version may add.
-                    RecordKind::Point => payload.iter().copied().chain([0; 8]).take(8 + payload.len() % 5).collect(),
+                    RecordKind::Point => payload
+                        .iter()
+                        .copied()
+                        .chain([0; 8])
+                        .take(8 + payload.len() % 5)
+                        .collect(),
                 },
                 zero_len,
             }
@@ -78,21 +89,29 @@ fn rec_strategy() -> impl Strategy<Value = Rec> {
 fn seg_strategy() -> impl Strategy<Value = Seg> {
     (
         any::<u64>(),
-        prop_oneof![1u64..10, any::<u64>()],
-        // LSN u64::MAX itself is kept out: see `scan_survives_lsn_u64_max`.
-        prop_oneof![0u64..100, (u64::MAX - 64)..(u64::MAX - 16), any::<u64>().prop_map(|x| x >> 1)],
+        // Valid segments: numbers in 1..2^62, LSNs in 1..2^63 (the format's ranges;
+        // out-of-range values are covered by the mutation tests and
+        // `scan_survives_lsn_u64_max`).
+        prop_oneof![1u64..10, 1u64..(1 << 62)],
+        prop_oneof![
+            1u64..100,
+            ((1u64 << 63) - 64)..((1u64 << 63) - 16),
+            1u64..(1 << 63)
+        ],
         any::<u64>(),
         prop::collection::vec(rec_strategy(), 0..12),
         any::<bool>(),
     )
-        .prop_map(|(machine_id, seq, base_lsn, created_ns, records, sealed)| Seg {
-            machine_id,
-            seq,
-            base_lsn,
-            created_ns,
-            records,
-            sealed,
-        })
+        .prop_map(
+            |(machine_id, seq, base_lsn, created_ns, records, sealed)| Seg {
+                machine_id,
+                seq,
+                base_lsn,
+                created_ns,
+                records,
+                sealed,
+            },
+        )
 }
 
 fn record_len(r: &Rec) -> u64 {
@@ -105,11 +124,21 @@ fn record_len(r: &Rec) -> u64 {
 
 /// Encode a segment exactly as the writer lays it out.
 fn build(s: &Seg) -> Vec<u8> {
-    let mut out = SegmentHeader::new(s.machine_id, s.seq, s.base_lsn, s.created_ns).encode().to_vec();
+    let mut out = SegmentHeader::new(s.machine_id, s.seq, s.base_lsn, s.created_ns)
+        .encode()
+        .to_vec();
     let mut chain = 0u32;
     for (i, r) in s.records.iter().enumerate() {
         let flags = if r.app { FLAG_APP_CONSISTENT } else { 0 };
-        let h = RecordHeader::new(r.kind, flags, s.base_lsn + i as u64, r.disk, r.offset, record_len(r), &[&r.payload]);
+        let h = RecordHeader::new(
+            r.kind,
+            flags,
+            s.base_lsn + i as u64,
+            r.disk,
+            r.offset,
+            record_len(r),
+            &[&r.payload],
+        );
         out.extend_from_slice(&h.encode());
         out.extend_from_slice(&r.payload);
         chain = crc32c::crc32c_append(chain, &h.crc.to_le_bytes());
@@ -132,15 +161,37 @@ fn build(s: &Seg) -> Vec<u8> {
 
 #[derive(Debug, Clone)]
 enum Mutation {
-    Flip { at: usize, bit: u8 },
-    Set { at: usize, value: u8 },
+    Flip {
+        at: usize,
+        bit: u8,
+    },
+    Set {
+        at: usize,
+        value: u8,
+    },
     /// Overwrite 4 or 8 bytes with an interesting integer.
-    Field { at: usize, value: u64, wide: bool },
-    Truncate { at: usize },
-    Insert { at: usize, bytes: Vec<u8> },
-    Remove { at: usize, n: usize },
+    Field {
+        at: usize,
+        value: u64,
+        wide: bool,
+    },
+    Truncate {
+        at: usize,
+    },
+    Insert {
+        at: usize,
+        bytes: Vec<u8>,
+    },
+    Remove {
+        at: usize,
+        n: usize,
+    },
     /// Copy a range of the input over another place (a splice of its own records).
-    Copy { from: usize, to: usize, n: usize },
+    Copy {
+        from: usize,
+        to: usize,
+        n: usize,
+    },
 }
 
 fn mutation_strategy() -> impl Strategy<Value = Mutation> {
@@ -240,7 +291,10 @@ fn fix_crcs(b: &mut [u8]) {
         if end > b.len() {
             return;
         }
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[pos..pos + 44]), &b[pos + RECORD_HEADER_LEN..end]);
+        let crc = crc32c::crc32c_append(
+            crc32c::crc32c(&b[pos..pos + 44]),
+            &b[pos + RECORD_HEADER_LEN..end],
+        );
         b[pos + 44..pos + 48].copy_from_slice(&crc.to_le_bytes());
         pos = end;
     }
@@ -259,7 +313,13 @@ fn fix_meta_crc(b: &mut [u8]) {
 
 /// Every decoder on `b` (and on a few windows of it): must not panic.
 fn decode_everything(b: &[u8]) {
-    for start in [0, 1, 4, SEGMENT_HEADER_LEN, b.len().saturating_sub(FOOTER_LEN)] {
+    for start in [
+        0,
+        1,
+        4,
+        SEGMENT_HEADER_LEN,
+        b.len().saturating_sub(FOOTER_LEN),
+    ] {
         let w = b.get(start..).unwrap_or(&[]);
         if let Ok(h) = SegmentHeader::decode(w) {
             assert_eq!(h.version, 1);
@@ -269,7 +329,11 @@ fn decode_everything(b: &[u8]) {
         }
         let _ = SegmentFooter::is_footer(w);
         if let Ok(f) = SegmentFooter::decode(w) {
-            assert_eq!(&f.encode()[..], &w[..FOOTER_LEN], "footer re-encodes differently");
+            assert_eq!(
+                &f.encode()[..],
+                &w[..FOOTER_LEN],
+                "footer re-encodes differently"
+            );
         }
         let _ = RecordHeader::is_record(w);
         if let Ok(h) = RecordHeader::decode(w) {
@@ -278,7 +342,11 @@ fn decode_everything(b: &[u8]) {
             let _ = h.verify(payload);
             if let Some(p) = exact {
                 if h.verify(p).is_ok() {
-                    assert_eq!(&h.encode()[..], &w[..RECORD_HEADER_LEN], "record re-encodes differently");
+                    assert_eq!(
+                        &h.encode()[..],
+                        &w[..RECORD_HEADER_LEN],
+                        "record re-encodes differently"
+                    );
                 }
             }
             let _ = h.total_len();
@@ -299,8 +367,12 @@ const SEG_PATH: &str = "/journal/00000000000000000001.seg";
 
 fn mem_file(bytes: &[u8]) -> Arc<dyn StorageFile> {
     let storage = MemStorage::new();
-    storage.create_dir_all(Path::new("/journal")).expect("mkdir");
-    let f = storage.open(Path::new(SEG_PATH), OpenMode::CreateNew).expect("create");
+    storage
+        .create_dir_all(Path::new("/journal"))
+        .expect("mkdir");
+    let f = storage
+        .open(Path::new(SEG_PATH), OpenMode::CreateNew)
+        .expect("create");
     if !bytes.is_empty() {
         f.write_at(&[bytes], 0).expect("write");
     }
@@ -316,7 +388,10 @@ fn scan_checked(bytes: &[u8], expect: Expect) -> SegmentScan {
     let scan = scan_segment(file.as_ref(), expect, |rec| {
         // The CRC must verify, against the payload handed out and against the file.
         if let Err(e) = rec.header.verify(rec.payload) {
-            panic!("record at {} handed out with a bad CRC: {}", rec.offset, e.what);
+            panic!(
+                "record at {} handed out with a bad CRC: {}",
+                rec.offset, e.what
+            );
         }
         let at = rec.offset as usize;
         let pat = rec.payload_offset as usize;
@@ -324,7 +399,11 @@ fn scan_checked(bytes: &[u8], expect: Expect) -> SegmentScan {
         assert_eq!(pat, at + RECORD_HEADER_LEN);
         let end = pat + rec.header.payload_len as usize;
         assert!(end <= bytes.len(), "record runs past the end of the file");
-        assert_eq!(rec.payload, &bytes[pat..end], "payload is not the file's bytes");
+        assert_eq!(
+            rec.payload,
+            &bytes[pat..end],
+            "payload is not the file's bytes"
+        );
         let on_disk = RecordHeader::decode(&bytes[at..]).expect("handed-out header decodes");
         assert_eq!(on_disk, rec.header);
         on_disk.verify(&bytes[pat..end]).expect("file bytes verify");
@@ -357,14 +436,21 @@ fn scan_checked(bytes: &[u8], expect: Expect) -> SegmentScan {
     if let Some(f) = &scan.fault {
         assert!(scan.footer.is_none());
         assert!(!f.what.is_empty());
-        assert!(f.offset <= scan.file_len + FOOTER_LEN as u64, "fault offset {} past the file", f.offset);
+        assert!(
+            f.offset <= scan.file_len + FOOTER_LEN as u64,
+            "fault offset {} past the file",
+            f.offset
+        );
     } else if let Some(f) = &scan.footer {
         assert_eq!(scan.end + FOOTER_LEN as u64, scan.file_len);
         assert_eq!(f.records, scan.records);
         assert_eq!(f.chain_crc, scan.chain_crc);
         assert!(scan.is_sealed());
     } else {
-        assert_eq!(scan.end, scan.file_len, "clean unsealed scan must reach the end");
+        assert_eq!(
+            scan.end, scan.file_len,
+            "clean unsealed scan must reach the end"
+        );
     }
     // The torn-tail helper on the same bytes, from the scan's end and from elsewhere.
     for from in [scan.end, 0, 1, bytes.len() as u64, bytes.len() as u64 + 10] {
@@ -407,15 +493,26 @@ fn expect_for(s: &Seg, choice: u8) -> Expect {
 fn manifest_strategy() -> impl Strategy<Value = Manifest> {
     (
         any::<u64>(),
-        prop::collection::vec((any::<u32>(), "[a-z0-9._-]{0,16}|\\PC{0,8}", any::<u64>()), 0..6),
+        prop::collection::vec(
+            (any::<u32>(), "[a-z0-9._-]{0,16}|\\PC{0,8}", any::<u64>()),
+            0..6,
+        ),
     )
         .prop_map(|(machine_id, disks)| Manifest {
             machine_id,
-            disks: disks.into_iter().map(|(id, name, size)| DiskEntry { id, name, size }).collect(),
+            disks: disks
+                .into_iter()
+                .map(|(id, name, size)| DiskEntry { id, name, size })
+                .collect(),
         })
 }
 
+/// `cases` per property, unless PROPTEST_CASES is set (for longer runs by hand).
 fn config(cases: u32) -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(cases);
     ProptestConfig {
         cases,
         // Failures are reported with their minimal input; no regression files are
@@ -426,7 +523,7 @@ fn config(cases: u32) -> ProptestConfig {
 }
 
 proptest! {
-    #![proptest_config(config(4096))]
+    #![proptest_config(config(8192))]
 
     #[test]
     fn decoders_never_panic_on_arbitrary_bytes(b in prop::collection::vec(any::<u8>(), 0..400)) {
@@ -448,7 +545,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(config(1500))]
+    #![proptest_config(config(3000))]
 
     #[test]
     fn valid_segments_scan_clean(s in seg_strategy()) {
@@ -470,7 +567,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(config(6000))]
+    #![proptest_config(config(12000))]
 
     #[test]
     fn mutated_segments_never_hand_out_bad_records(
@@ -493,7 +590,7 @@ proptest! {
     #[test]
     fn mutated_metadata_never_panics(
         m in manifest_strategy(),
-        w in (any::<u64>(), any::<u64>()),
+        w in (0u64..(1 << 63), 0u64..(1 << 62)),
         muts in prop::collection::vec(mutation_strategy(), 0..4),
         fix in any::<bool>(),
     ) {
@@ -523,9 +620,30 @@ fn every_bit_flip_of_a_sealed_segment() {
         base_lsn: 41,
         created_ns: 5,
         records: vec![
-            Rec { kind: RecordKind::Write, app: false, disk: 0, offset: 4096, payload: b"hello, journal".to_vec(), zero_len: 0 },
-            Rec { kind: RecordKind::Zero, app: false, disk: 1, offset: 0, payload: vec![], zero_len: 1 << 20 },
-            Rec { kind: RecordKind::Point, app: true, disk: 0, offset: 0, payload: 7u64.to_le_bytes().to_vec(), zero_len: 0 },
+            Rec {
+                kind: RecordKind::Write,
+                app: false,
+                disk: 0,
+                offset: 4096,
+                payload: b"hello, journal".to_vec(),
+                zero_len: 0,
+            },
+            Rec {
+                kind: RecordKind::Zero,
+                app: false,
+                disk: 1,
+                offset: 0,
+                payload: vec![],
+                zero_len: 1 << 20,
+            },
+            Rec {
+                kind: RecordKind::Point,
+                app: true,
+                disk: 0,
+                offset: 0,
+                payload: 7u64.to_le_bytes().to_vec(),
+                zero_len: 0,
+            },
         ],
         sealed: true,
     };
@@ -551,15 +669,93 @@ fn every_bit_flip_of_a_sealed_segment() {
 /// `rh.lsn + 1` (src/journal/reader.rs, `next_lsn = rh.lsn + 1`) and panic with
 /// "attempt to add with overflow" in debug builds; release builds wrap to 0.
 #[test]
-#[ignore = "engine bug: scan_segment overflows `rh.lsn + 1` at LSN u64::MAX"]
+
 fn scan_survives_lsn_u64_max() {
     let s = Seg {
         machine_id: 1,
         seq: 1,
         base_lsn: u64::MAX,
         created_ns: 0,
-        records: vec![Rec { kind: RecordKind::Write, app: false, disk: 0, offset: 0, payload: vec![1], zero_len: 0 }],
+        records: vec![Rec {
+            kind: RecordKind::Write,
+            app: false,
+            disk: 0,
+            offset: 0,
+            payload: vec![1],
+            zero_len: 0,
+        }],
         sealed: false,
     };
     scan_checked(&build(&s), expect_for(&s, 0));
+}
+
+/// A journal directory in memory holding `files` (name, bytes).
+fn mem_journal(files: &[(&str, Vec<u8>)]) -> Arc<MemStorage> {
+    let storage = MemStorage::new();
+    storage
+        .create_dir_all(Path::new("/m/journal"))
+        .expect("mkdir");
+    for (name, bytes) in files {
+        let f = storage
+            .open(&Path::new("/m/journal").join(name), OpenMode::CreateNew)
+            .expect("create");
+        f.write_at(&[bytes], 0).expect("write");
+    }
+    Arc::new(storage)
+}
+
+fn recover_params(machine_id: u64) -> replog::journal::JournalParams {
+    replog::journal::JournalParams {
+        machine_id,
+        disk_count: 1,
+        segment_bytes: 1 << 20,
+        watermark_lsn: 0,
+        watermark_seq: 0,
+    }
+}
+
+/// Engine bug (found by tools/fuzz): the newest segment ends in a CRC-valid footer
+/// whose footer offset is u64::MAX; recovery's `ends_in_footer` computes
+/// `f.footer_offset + footer_len` (src/journal/mod.rs, `ends_in_footer`) and panics
+/// with "attempt to add with overflow" in debug builds.
+#[test]
+
+fn recover_survives_footer_offset_u64_max() {
+    let mut seg = SegmentHeader::new(1, 1, 1, 0).encode().to_vec();
+    let footer = SegmentFooter {
+        records: 0,
+        first_lsn: 0,
+        last_lsn: 0,
+        footer_offset: u64::MAX,
+        sealed_ns: 0,
+        chain_crc: 0,
+    };
+    seg.extend_from_slice(&footer.encode());
+    let storage = mem_journal(&[("00000000000000000001.seg", seg)]);
+    let r = replog::journal::recover(
+        storage,
+        Path::new("/m/journal"),
+        recover_params(1),
+        |_, _| {},
+    );
+    assert!(
+        r.is_err(),
+        "a footer that disagrees with its segment is corruption"
+    );
+}
+
+/// Engine bug (found by tools/fuzz): a segment file named after sequence number
+/// u64::MAX makes recovery compute `seq + 1` (src/journal/mod.rs, `expected_seq =
+/// Some(seq + 1)`) and panic with "attempt to add with overflow" in debug builds.
+#[test]
+
+fn recover_survives_segment_seq_u64_max() {
+    let seg = SegmentHeader::new(1, u64::MAX, 1, 0).encode().to_vec();
+    let storage = mem_journal(&[("18446744073709551615.seg", seg)]);
+    let _ = replog::journal::recover(
+        storage,
+        Path::new("/m/journal"),
+        recover_params(1),
+        |_, _| {},
+    );
 }

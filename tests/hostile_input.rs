@@ -120,12 +120,25 @@ fn site_with_disk() -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let site = tmp.path().join("site");
     ok([Path::new("init"), &site]);
-    ok(["disk".as_ref(), "create".as_ref(), site.as_os_str(), "vm1/os".as_ref(), "--size".as_ref(), "1M".as_ref()]);
+    ok([
+        "disk".as_ref(),
+        "create".as_ref(),
+        site.as_os_str(),
+        "vm1/os".as_ref(),
+        "--size".as_ref(),
+        "1M".as_ref(),
+    ]);
     (tmp, site)
 }
 
-fn disk_create(site: &Path, disk: &str, size_arg: &str, import: Option<&Path>) -> (i32, String, String) {
-    let mut args: Vec<std::ffi::OsString> = vec!["disk".into(), "create".into(), site.into(), disk.into()];
+fn disk_create(
+    site: &Path,
+    disk: &str,
+    size_arg: &str,
+    import: Option<&Path>,
+) -> (i32, String, String) {
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["disk".into(), "create".into(), site.into(), disk.into()];
     // `--size=VALUE` so that values such as "-1" are not taken for flags.
     args.push(format!("--size={size_arg}").into());
     if let Some(p) = import {
@@ -180,7 +193,10 @@ fn disk_create_refuses_bad_names_and_changes_nothing() {
                 name.to_string()
             };
             let (code, stdout, stderr) = disk_create(&site, &name, "1M", None);
-            assert_eq!(code, 1, "{name:?} accepted\nstdout: {stdout}\nstderr: {stderr}");
+            assert_eq!(
+                code, 1,
+                "{name:?} accepted\nstdout: {stdout}\nstderr: {stderr}"
+            );
             assert!(
                 stderr.contains("invalid") || stderr.contains("MACHINE/DISK"),
                 "{name:?}: unclear message: {stderr}"
@@ -229,10 +245,20 @@ fn disk_create_refuses_bad_sizes_and_changes_nothing() {
     for size in bad {
         for disk in ["vm1/data", "vm9/os"] {
             let (code, stdout, stderr) = disk_create(&site, disk, size, None);
-            assert_eq!(code, 1, "size {size:?} accepted\nstdout: {stdout}\nstderr: {stderr}");
-            assert!(stderr.contains("size"), "size {size:?}: unclear message: {stderr}");
+            assert_eq!(
+                code, 1,
+                "size {size:?} accepted\nstdout: {stdout}\nstderr: {stderr}"
+            );
+            assert!(
+                stderr.contains("size"),
+                "size {size:?}: unclear message: {stderr}"
+            );
             assert!(!stderr.contains("panicked"), "{size:?}: {stderr}");
-            assert_same(&before, &snapshot(&site), &format!("disk create --size {size:?}"));
+            assert_same(
+                &before,
+                &snapshot(&site),
+                &format!("disk create --size {size:?}"),
+            );
         }
     }
 }
@@ -253,8 +279,15 @@ fn disk_create_refuses_oversized_import_and_existing_disk() {
     for disk in ["vm1/data", "vm2/os"] {
         let (code, _, stderr) = disk_create(&site, disk, "1M", Some(&big));
         assert_eq!(code, 1, "oversized import into {disk} accepted");
-        assert!(stderr.contains("larger than the disk"), "unclear message: {stderr}");
-        assert_same(&before, &without_lock_contents(snapshot(&site)), "oversized import");
+        assert!(
+            stderr.contains("larger than the disk"),
+            "unclear message: {stderr}"
+        );
+        assert_same(
+            &before,
+            &without_lock_contents(snapshot(&site)),
+            "oversized import",
+        );
     }
 
     // An import that does not exist.
@@ -263,33 +296,52 @@ fn disk_create_refuses_oversized_import_and_existing_disk() {
         let (code, _, stderr) = disk_create(&site, disk, "1M", Some(&missing));
         assert_eq!(code, 1, "missing import accepted");
         assert!(stderr.contains("missing.raw"), "unclear message: {stderr}");
-        assert_same(&before, &without_lock_contents(snapshot(&site)), "missing import");
+        assert_same(
+            &before,
+            &without_lock_contents(snapshot(&site)),
+            "missing import",
+        );
     }
 
     // An import that is a directory.
     let (code, _, _) = disk_create(&site, "vm2/os", "1M", Some(tmp.path()));
     assert_eq!(code, 1, "directory import accepted");
-    assert_same(&before, &without_lock_contents(snapshot(&site)), "directory import");
+    assert_same(
+        &before,
+        &without_lock_contents(snapshot(&site)),
+        "directory import",
+    );
 
     // The same disk again, with the same or another size.
     for size in ["1M", "2M"] {
         let (code, _, stderr) = disk_create(&site, "vm1/os", size, None);
         assert_eq!(code, 1, "second create of vm1/os accepted");
         assert!(stderr.contains("exists"), "unclear message: {stderr}");
-        assert_same(&before, &without_lock_contents(snapshot(&site)), "second create");
+        assert_same(
+            &before,
+            &without_lock_contents(snapshot(&site)),
+            "second create",
+        );
     }
     let small = tmp.path().join("small.raw");
     fs::write(&small, vec![7u8; 4096]).expect("write");
     let (code, _, stderr) = disk_create(&site, "vm1/os", "1M", Some(&small));
     assert_eq!(code, 1, "second create with import accepted");
     assert!(stderr.contains("exists"), "unclear message: {stderr}");
-    assert_same(&before, &without_lock_contents(snapshot(&site)), "second create with import");
+    assert_same(
+        &before,
+        &without_lock_contents(snapshot(&site)),
+        "second create with import",
+    );
 
     // A site that does not exist is not created by `disk create`.
     let nosite = tmp.path().join("nosite");
     let (code, _, stderr) = disk_create(&nosite, "vm1/os", "1M", None);
     assert_eq!(code, 1);
-    assert!(stderr.contains("not a replog site"), "unclear message: {stderr}");
+    assert!(
+        stderr.contains("not a replog site"),
+        "unclear message: {stderr}"
+    );
     assert!(!nosite.exists());
 }
 
@@ -311,7 +363,8 @@ fn sparse_import_keeps_content_and_holes() {
             f.write_all_at(&block, at).expect("write");
         }
         // An allocated block of zeros: must become a hole too.
-        f.write_all_at(&[0u8; 65536], 30 << 20).expect("write zeros");
+        f.write_all_at(&[0u8; 65536], 30 << 20)
+            .expect("write zeros");
         // A short, unaligned tail is not a whole block.
         f.write_all_at(b"tail", SRC_LEN - 4).expect("write tail");
         f.sync_all().expect("sync");
@@ -331,8 +384,14 @@ fn sparse_import_keeps_content_and_holes() {
     assert_eq!(meta.len(), SIZE);
     let got = fs::read(&img).expect("read image");
     let want = fs::read(&src).expect("read source");
-    assert!(got[..SRC_LEN as usize] == want[..], "imported content differs");
-    assert!(got[SRC_LEN as usize..].iter().all(|b| *b == 0), "bytes past the import are not zero");
+    assert!(
+        got[..SRC_LEN as usize] == want[..],
+        "imported content differs"
+    );
+    assert!(
+        got[SRC_LEN as usize..].iter().all(|b| *b == 0),
+        "bytes past the import are not zero"
+    );
     let allocated = meta.blocks() * 512;
     // Five 4 KiB data blocks plus the tail block; allow for file-system slack.
     assert!(
@@ -348,7 +407,10 @@ fn sparse_import_keeps_content_and_holes() {
         "--output".as_ref(),
         out.as_os_str(),
     ]);
-    assert!(fs::read(&out).expect("read out") == got, "engine read differs from the image");
+    assert!(
+        fs::read(&out).expect("read out") == got,
+        "engine read differs from the image"
+    );
 }
 
 // ---------------------------------------------------------------- inspect
@@ -376,7 +438,8 @@ fn site_with_sealed_segment() -> (tempfile::TempDir, PathBuf, PathBuf) {
     replog::Site::init(&site_dir).expect("init");
     {
         let site = replog::Site::open(&site_dir).expect("open");
-        site.create_disk("vm1", "os", 1 << 20, None).expect("create disk");
+        site.create_disk("vm1", "os", 1 << 20, None)
+            .expect("create disk");
         let machine = site.open_machine("vm1").expect("open machine");
         let vol = machine.volume("os").expect("volume");
         for (i, (offset, len)) in WRITES.iter().enumerate() {
@@ -396,7 +459,11 @@ fn site_with_sealed_segment() -> (tempfile::TempDir, PathBuf, PathBuf) {
     assert_eq!(segs.len(), 2, "one sealed and one active segment: {segs:?}");
     let sealed = segs[0].clone();
     let bytes = fs::read(&sealed).expect("read");
-    assert_eq!(&bytes[bytes.len() - FOOTER_LEN..][..4], b"RFTR", "first segment is sealed");
+    assert_eq!(
+        &bytes[bytes.len() - FOOTER_LEN..][..4],
+        b"RFTR",
+        "first segment is sealed"
+    );
     (tmp, site_dir, sealed)
 }
 
@@ -407,11 +474,21 @@ fn corruption_line(path: &Path, offset: usize) -> String {
 #[test]
 fn inspect_valid_segment_site_and_json() {
     let (_tmp, site, sealed) = site_with_sealed_segment();
-    for p in [&site, &sealed, &site.join("machines/vm1"), &site.join("machines/vm1/journal")] {
+    for p in [
+        &site,
+        &sealed,
+        &site.join("machines/vm1"),
+        &site.join("machines/vm1/journal"),
+    ] {
         let out = ok([Path::new("inspect"), p]);
-        assert!(out.contains("all checksums verified: OK"), "{}: {out}", p.display());
+        assert!(
+            out.contains("all checksums verified: OK"),
+            "{}: {out}",
+            p.display()
+        );
         let json = ok([Path::new("inspect"), p, Path::new("--json")]);
-        let doc: serde_json::Value = serde_json::from_str(json.trim()).expect("inspect --json is JSON");
+        let doc: serde_json::Value =
+            serde_json::from_str(json.trim()).expect("inspect --json is JSON");
         assert!(doc["corruption"].is_null(), "{doc}");
         assert!(doc["journals"].is_array(), "{doc}");
     }
@@ -446,7 +523,12 @@ fn inspect_names_file_and_offset_of_damaged_record_in_sealed_segment() {
                 let line = corruption_line(&sealed, *rec_at);
                 for p in [&sealed, &site, &site.join("machines/vm1/journal")] {
                     let (code, stdout, stderr) = replog([Path::new("inspect"), p]);
-                    assert_eq!(code, 1, "record {i} flip at {flip_at} not caught via {}", p.display());
+                    assert_eq!(
+                        code,
+                        1,
+                        "record {i} flip at {flip_at} not caught via {}",
+                        p.display()
+                    );
                     assert!(
                         stdout.contains(&line),
                         "record {i} flip at {flip_at} via {}: want {line:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
@@ -455,17 +537,25 @@ fn inspect_names_file_and_offset_of_damaged_record_in_sealed_segment() {
                     assert!(stdout.contains("checksum"), "{stdout}");
                 }
                 // JSON names the same file and offset.
-                let (code, stdout, _) = replog([Path::new("inspect"), &sealed, Path::new("--json")]);
+                let (code, stdout, _) =
+                    replog([Path::new("inspect"), &sealed, Path::new("--json")]);
                 assert_eq!(code, 1);
                 let doc: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON");
-                assert_eq!(doc["corruption"]["offset"].as_u64(), Some(*rec_at as u64), "{doc}");
+                assert_eq!(
+                    doc["corruption"]["offset"].as_u64(),
+                    Some(*rec_at as u64),
+                    "{doc}"
+                );
                 assert_eq!(doc["corruption"]["path"].as_str(), sealed.to_str(), "{doc}");
                 // A lone copy outside any site.
                 let copy = copy_dir.path().join("00000000000000000001.seg");
                 fs::write(&copy, &bad).expect("write copy");
                 let (code, stdout, _) = replog([Path::new("inspect"), &copy]);
                 assert_eq!(code, 1, "copy: record {i} flip at {flip_at} not caught");
-                assert!(stdout.contains(&corruption_line(&copy, *rec_at)), "copy: {stdout}");
+                assert!(
+                    stdout.contains(&corruption_line(&copy, *rec_at)),
+                    "copy: {stdout}"
+                );
             }
         }
     }
@@ -495,13 +585,19 @@ fn inspect_flipped_header_and_footer_bytes_are_caught_in_sealed_segment() {
         bad[at] ^= 0x04;
         fs::write(&sealed, &bad).expect("write");
         let (code, stdout, stderr) = replog([Path::new("inspect"), &site]);
-        assert_eq!(code, 1, "flip at {at} not caught\nstdout:\n{stdout}\nstderr:\n{stderr}");
+        assert_eq!(
+            code, 1,
+            "flip at {at} not caught\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        );
         assert!(stdout.contains(&want), "flip at {at}: {stdout}");
         // Inspected alone the segment still ends in its footer, so damage before the
         // footer is corruption there too.
         if at < footer_at {
             let (code, stdout, _) = replog([Path::new("inspect"), &sealed]);
-            assert_eq!(code, 1, "flip at {at} not caught in the lone segment: {stdout}");
+            assert_eq!(
+                code, 1,
+                "flip at {at} not caught in the lone segment: {stdout}"
+            );
             assert!(stdout.contains(&want), "flip at {at}: {stdout}");
         }
     }
@@ -517,7 +613,10 @@ fn inspect_missing_empty_truncated_and_random_files() {
     let missing = dir.path().join("nope.seg");
     let (code, _, stderr) = replog([Path::new("inspect"), &missing]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("does not exist") && stderr.contains("nope.seg"), "{stderr}");
+    assert!(
+        stderr.contains("does not exist") && stderr.contains("nope.seg"),
+        "{stderr}"
+    );
     let (code, _, _) = replog([Path::new("inspect"), &missing, Path::new("--json")]);
     assert_eq!(code, 1);
 
@@ -535,13 +634,26 @@ fn inspect_missing_empty_truncated_and_random_files() {
 
     // Truncated copies.
     let records = walk_records(&good);
-    let mut lengths: Vec<usize> = vec![1, 4, 8, 9, 12, 40, 59, 60, 63, 64, 65, 67, 68, 100, 111, 112];
+    let mut lengths: Vec<usize> = vec![
+        1, 4, 8, 9, 12, 40, 59, 60, 63, 64, 65, 67, 68, 100, 111, 112,
+    ];
     for (at, payload_at, len) in &records {
-        lengths.extend([*at + 1, *at + 4, *at + 47, *payload_at, payload_at + len / 2, payload_at + len - 1]);
+        lengths.extend([
+            *at + 1,
+            *at + 4,
+            *at + 47,
+            *payload_at,
+            payload_at + len / 2,
+            payload_at + len - 1,
+        ]);
     }
     let footer_at = good.len() - FOOTER_LEN;
     lengths.extend([footer_at, footer_at + 1, footer_at + 4, good.len() - 1]);
-    let boundaries: Vec<usize> = records.iter().map(|(at, _, _)| *at).chain([footer_at]).collect();
+    let boundaries: Vec<usize> = records
+        .iter()
+        .map(|(at, _, _)| *at)
+        .chain([footer_at])
+        .collect();
     let cut = dir.path().join("00000000000000000001.seg");
     for len in lengths {
         fs::write(&cut, &good[..len]).expect("write");
@@ -549,11 +661,17 @@ fn inspect_missing_empty_truncated_and_random_files() {
         let name = cut.display().to_string();
         if len < SEGMENT_HEADER_LEN {
             assert_eq!(code, 1, "len {len}: {stdout}");
-            assert!(stdout.contains(&corruption_line(&cut, 0)), "len {len}: {stdout}");
+            assert!(
+                stdout.contains(&corruption_line(&cut, 0)),
+                "len {len}: {stdout}"
+            );
         } else if boundaries.contains(&len) {
             // Cut at a record boundary: a clean, unsealed segment.
             assert_eq!(code, 0, "len {len}: {stdout}{stderr}");
-            assert!(stdout.contains("all checksums verified: OK"), "len {len}: {stdout}");
+            assert!(
+                stdout.contains("all checksums verified: OK"),
+                "len {len}: {stdout}"
+            );
         } else {
             // Cut inside a record or the footer of a lone segment: a torn tail (warning,
             // exit 0) or corruption (exit 1), named either way.
@@ -594,7 +712,10 @@ fn inspect_missing_empty_truncated_and_random_files() {
             assert_eq!(code, 1, "round {round}: random bytes accepted: {stdout}");
         }
         if code == 1 {
-            assert!(stdout.contains(&format!("CORRUPTION in {}", file.display())), "{stdout}");
+            assert!(
+                stdout.contains(&format!("CORRUPTION in {}", file.display())),
+                "{stdout}"
+            );
         }
         let (code2, json, _) = replog([Path::new("inspect"), &file, Path::new("--json")]);
         assert_eq!(code, code2);
@@ -613,7 +734,10 @@ fn inspect_damaged_metadata_in_a_site() {
         fs::write(&manifest, &bad).expect("write");
         let (code, stdout, _) = replog([Path::new("inspect"), &site]);
         assert_eq!(code, 1, "manifest flip at {at} not caught: {stdout}");
-        assert!(stdout.contains(&format!("CORRUPTION in {}", manifest.display())), "{stdout}");
+        assert!(
+            stdout.contains(&format!("CORRUPTION in {}", manifest.display())),
+            "{stdout}"
+        );
     }
     for len in [0, 10, good.len() - 1] {
         fs::write(&manifest, &good[..len]).expect("write");
@@ -624,13 +748,20 @@ fn inspect_damaged_metadata_in_a_site() {
 
     // A damaged watermark.
     let wm = site.join("machines/vm1/journal/watermark");
-    let bytes = Watermark { lsn: 0, segment_seq: 0 }.encode();
+    let bytes = Watermark {
+        lsn: 0,
+        segment_seq: 0,
+    }
+    .encode();
     let mut bad = bytes.clone();
     bad[30] ^= 1;
     fs::write(&wm, &bad).expect("write");
     let (code, stdout, _) = replog([Path::new("inspect"), &site]);
     assert_eq!(code, 1, "{stdout}");
-    assert!(stdout.contains(&format!("CORRUPTION in {}", wm.display())), "{stdout}");
+    assert!(
+        stdout.contains(&format!("CORRUPTION in {}", wm.display())),
+        "{stdout}"
+    );
     fs::write(&wm, &bytes).expect("write");
     ok([Path::new("inspect"), &site]);
 }
@@ -641,11 +772,19 @@ fn inspect_damaged_metadata_in_a_site() {
 /// (`params.watermark_lsn + 1`) and after the last record in
 /// `journal::reader::scan_segment` (`next_lsn = rh.lsn + 1`).
 #[test]
-#[ignore = "engine bug: LSN u64::MAX overflows `+ 1` in inspect/recover/scan_segment"]
+
 fn inspect_survives_extreme_lsns() {
     let (_tmp, site, _sealed) = site_with_sealed_segment();
     let wm = site.join("machines/vm1/journal/watermark");
-    fs::write(&wm, Watermark { lsn: u64::MAX, segment_seq: 0 }.encode()).expect("write");
+    fs::write(
+        &wm,
+        Watermark {
+            lsn: u64::MAX,
+            segment_seq: 0,
+        }
+        .encode(),
+    )
+    .expect("write");
     // `replog` asserts the exit code is 0 or 1.
     let _ = replog([Path::new("inspect"), &site]);
     let _ = replog([Path::new("inspect"), &site.join("machines/vm1/journal")]);

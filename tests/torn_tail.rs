@@ -183,3 +183,21 @@ fn bit_flip_in_last_sealed_segment_is_corruption_not_a_torn_tail() {
         "recovery cut a sealed segment"
     );
 }
+
+/// The newest segment with an intact header that belongs to another machine is
+/// corruption: recovery must not take it for a torn header and delete it.
+#[test]
+fn foreign_header_in_newest_segment_is_corruption_not_deleted() {
+    let dir = machine_dir();
+    let mem = MemStorage::new();
+    build(Arc::new(mem.clone()), &dir, false);
+    let seg = first_segment(&dir);
+    let foreign = replog::format::SegmentHeader::new(0xdead_beef, 1, 1, 0).encode();
+    mem.corrupt(&seg, 0, &foreign).expect("rewrite header");
+    let err = open(Arc::new(mem.clone()), &dir, 1 << 20).expect_err("foreign segment accepted");
+    assert!(err.is_corruption(), "{err}");
+    assert!(
+        mem.exists(&seg),
+        "recovery deleted a segment it did not understand"
+    );
+}

@@ -137,6 +137,12 @@ impl Watermark {
             ));
         }
         let r = Le(body);
+        if r.u64(0) >= super::record::MAX_LSN || r.u64(8) >= super::segment::MAX_SEGMENT_SEQ {
+            return Err(DecodeError::new(
+                META_HEADER_LEN as u64,
+                "watermark out of range",
+            ));
+        }
         Ok(Watermark {
             lsn: r.u64(0),
             segment_seq: r.u64(8),

@@ -28,6 +28,8 @@ pub const RECORD_MAGIC: [u8; 4] = *b"RREC";
 pub const RECORD_HEADER_LEN: usize = 48;
 /// Largest payload one record may carry. Bigger writes are split into several records.
 pub const MAX_PAYLOAD: u32 = 8 << 20;
+/// LSNs are below this (2^63), so `lsn + 1` never overflows anywhere.
+pub const MAX_LSN: u64 = 1 << 63;
 /// Flag bit: the point is app-consistent.
 pub const FLAG_APP_CONSISTENT: u8 = 1;
 
@@ -155,6 +157,12 @@ impl RecordHeader {
             length: r.u64(32),
             crc: r.u32(44),
         };
+        if h.lsn == 0 || h.lsn >= MAX_LSN {
+            return Err(DecodeError::new(
+                8,
+                format!("LSN {} is out of range", h.lsn),
+            ));
+        }
         if h.payload_len > MAX_PAYLOAD {
             return Err(DecodeError::new(
                 20,

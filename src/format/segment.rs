@@ -47,6 +47,9 @@ pub const SEGMENT_MAGIC: [u8; 8] = *b"\x89RLS\r\n\x1a\n";
 pub const SEGMENT_HEADER_LEN: usize = 64;
 pub const FOOTER_MAGIC: [u8; 4] = *b"RFTR";
 pub const FOOTER_LEN: usize = 48;
+/// Segment numbers are below this (10^19 would not fit the 20-digit names' meaning
+/// of "sorted"; 2^62 leaves room for `seq + 1` everywhere).
+pub const MAX_SEGMENT_SEQ: u64 = 1 << 62;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
@@ -109,6 +112,22 @@ impl SegmentHeader {
         if usize::from(r.u16(10)) != SEGMENT_HEADER_LEN {
             return Err(DecodeError::new(10, format!("header length {}", r.u16(10))));
         }
+        if r.u32(20) != 0 || r.u32(56) != 0 {
+            return Err(DecodeError::new(20, "non-zero reserved bytes"));
+        }
+        let (seq, base_lsn) = (r.u64(32), r.u64(40));
+        if seq == 0 || seq >= MAX_SEGMENT_SEQ {
+            return Err(DecodeError::new(
+                32,
+                format!("segment number {seq} is out of range"),
+            ));
+        }
+        if base_lsn == 0 || base_lsn >= super::record::MAX_LSN {
+            return Err(DecodeError::new(
+                40,
+                format!("base LSN {base_lsn} is out of range"),
+            ));
+        }
         Ok(SegmentHeader {
             version: r.u16(8),
             compat: r.u32(16),
@@ -146,6 +165,14 @@ impl SegmentFooter {
         b
     }
 
+    /// True if `b` holds a footer whose magic and checksum are right, whatever its
+    /// fields say (a footer that was written, even if it disagrees with its segment).
+    pub fn checksum_ok(b: &[u8]) -> bool {
+        Self::is_footer(b)
+            && b.len() >= FOOTER_LEN
+            && crc32c::crc32c(b.get(..44).unwrap_or(&[])) == Le(b).u32(44)
+    }
+
     /// True if `b` starts with the footer magic (as opposed to a record).
     pub fn is_footer(b: &[u8]) -> bool {
         b.get(..4) == Some(&FOOTER_MAGIC[..])
@@ -161,6 +188,9 @@ impl SegmentFooter {
         let r = Le(b);
         if crc32c::crc32c(b.get(..44).unwrap_or(&[])) != r.u32(44) {
             return Err(DecodeError::new(0, "footer checksum mismatch"));
+        }
+        if r.u64(24) >= 1 << 62 || r.u64(16) >= super::record::MAX_LSN {
+            return Err(DecodeError::new(16, "footer offset or LSN out of range"));
         }
         Ok(SegmentFooter {
             records: r.u32(4),
@@ -184,7 +214,10 @@ pub fn parse_segment_name(name: &str) -> Option<u64> {
     if digits.len() != 20 || !digits.bytes().all(|c| c.is_ascii_digit()) {
         return None;
     }
-    digits.parse().ok()
+    digits
+        .parse()
+        .ok()
+        .filter(|s| *s > 0 && *s < MAX_SEGMENT_SEQ)
 }
 
 #[cfg(test)]

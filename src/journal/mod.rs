@@ -13,7 +13,9 @@ pub mod reader;
 use crate::error::{Error, Result};
 use crate::format::record::{PointPayload, FLAG_APP_CONSISTENT};
 use crate::format::segment::{parse_segment_name, segment_name};
-use crate::format::{now_ns, RecordHeader, RecordKind, SegmentFooter, SegmentHeader};
+use crate::format::{
+    now_ns, RecordHeader, RecordKind, SegmentFooter, SegmentHeader, SEGMENT_HEADER_LEN,
+};
 use crate::storage::{OpenMode, Storage, StorageFile};
 use reader::{scan_segment, valid_records_after, Expect, ScannedRecord};
 use std::path::{Path, PathBuf};
@@ -256,7 +258,20 @@ fn create_segment(
     })
 }
 
-/// True if the last bytes of the file are a valid footer that says it ends there.
+/// For the newest segment of a journal whose scan found damage: may that damage be a
+/// torn tail (unsynced writes cut by a crash), to be cut off? Not if the segment ends
+/// in a written footer (its records were durable before the footer was written), nor
+/// if its header is intact but belongs elsewhere (another machine, number or LSN).
+/// A torn header (`scan.header` is None) is for the caller to judge.
+pub fn may_be_torn_tail(file: &dyn StorageFile, scan: &reader::SegmentScan) -> Result<bool> {
+    let foreign_header = scan
+        .fault
+        .as_ref()
+        .is_some_and(|f| scan.header.is_some() && f.offset < SEGMENT_HEADER_LEN as u64);
+    Ok(!foreign_header && !ends_in_footer(file, scan.file_len)?)
+}
+
+/// True if the file ends in a written footer (right magic and checksum).
 fn ends_in_footer(file: &dyn StorageFile, len: u64) -> Result<bool> {
     let footer_len = crate::format::FOOTER_LEN as u64;
     if len < footer_len {
@@ -264,7 +279,7 @@ fn ends_in_footer(file: &dyn StorageFile, len: u64) -> Result<bool> {
     }
     let mut b = [0u8; crate::format::FOOTER_LEN];
     file.read_exact_at(&mut b, len - footer_len)?;
-    Ok(SegmentFooter::decode(&b).is_ok_and(|f| f.footer_offset + footer_len == len))
+    Ok(SegmentFooter::checksum_ok(&b))
 }
 
 /// What recovery found.
@@ -369,8 +384,9 @@ pub fn recover(
         // the last segment; damage elsewhere is corruption.
         if let Some(f) = &scan.fault {
             // A damaged segment that still ends in a valid footer was sealed (and
-            // synced): its damage is corruption, not a torn tail.
-            if !is_last || ends_in_footer(file.as_ref(), scan.file_len)? {
+            // synced): its damage is corruption, not a torn tail. So is an intact
+            // header that belongs elsewhere (another machine, number or LSN).
+            if !is_last || !may_be_torn_tail(file.as_ref(), &scan)? {
                 return Err(Error::corruption(&path, f.offset, f.what.clone()));
             }
         }

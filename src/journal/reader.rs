@@ -158,6 +158,8 @@ pub fn scan_segment(
             return Ok(scan);
         }
     };
+    // From here on the header is intact: a mismatch below is not a torn write.
+    scan.header = Some(header);
     if let Some(id) = expect.machine_id.filter(|id| *id != header.machine_id) {
         fault(
             &mut scan,
@@ -192,7 +194,6 @@ pub fn scan_segment(
         );
         return Ok(scan);
     }
-    scan.header = Some(header);
     let mut pos = SEGMENT_HEADER_LEN as u64;
     scan.end = pos;
 

@@ -16,8 +16,8 @@
 //! Any panic — in replog or in an assertion here — is a finding.
 
 use replog::format::meta::{self, Manifest, Watermark};
-use replog::format::segment::segment_name;
 use replog::format::record::{PointPayload, FLAG_APP_CONSISTENT};
+use replog::format::segment::segment_name;
 use replog::format::{
     RecordHeader, RecordKind, SegmentFooter, SegmentHeader, FOOTER_LEN, RECORD_HEADER_LEN,
     SEGMENT_HEADER_LEN,
@@ -30,29 +30,19 @@ use std::sync::Arc;
 
 const DIR: &str = "/m/journal";
 
-/// True when the input trips the known LSN-overflow bug (a segment whose base LSN is
-/// so close to u64::MAX that a record can carry LSN u64::MAX; see README.md), and the
-/// environment asks to skip it (`REPLOG_FUZZ_SKIP_KNOWN=1`) so that a run can look
-/// for other bugs.
-fn skip_known(data: &[u8]) -> bool {
-    static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*SKIP.get_or_init(|| std::env::var_os("REPLOG_FUZZ_SKIP_KNOWN").is_some_and(|v| v == "1")) {
-        return false;
-    }
-    let records_max = (data.len() / RECORD_HEADER_LEN) as u64 + 1;
-    let near_top = |lsn: u64| lsn >= u64::MAX - records_max;
-    SegmentHeader::decode(data).is_ok_and(|h| near_top(h.base_lsn))
-        || Watermark::decode(data).is_ok_and(|w| near_top(w.lsn))
-}
-
 /// Check one input; panics on any finding.
 pub fn check(data: &[u8]) {
-    if skip_known(data) {
-        return;
-    }
     decode_everything(data);
     let header = SegmentHeader::decode(data).ok();
-    scan_checked(data, Expect { machine_id: None, seq: None, first_lsn: None, disk_count: None });
+    scan_checked(
+        data,
+        Expect {
+            machine_id: None,
+            seq: None,
+            first_lsn: None,
+            disk_count: None,
+        },
+    );
     if let Some(h) = header {
         scan_checked(
             data,
@@ -69,7 +59,13 @@ pub fn check(data: &[u8]) {
 
 /// Every decoder on `b` and on a few windows of it.
 pub fn decode_everything(b: &[u8]) {
-    for start in [0, 1, 4, SEGMENT_HEADER_LEN, b.len().saturating_sub(FOOTER_LEN)] {
+    for start in [
+        0,
+        1,
+        4,
+        SEGMENT_HEADER_LEN,
+        b.len().saturating_sub(FOOTER_LEN),
+    ] {
         let w = b.get(start..).unwrap_or(&[]);
         if let Ok(h) = SegmentHeader::decode(w) {
             let again = SegmentHeader::decode(&h.encode()).expect("header re-decodes");
@@ -77,7 +73,11 @@ pub fn decode_everything(b: &[u8]) {
         }
         let _ = SegmentFooter::is_footer(w);
         if let Ok(f) = SegmentFooter::decode(w) {
-            assert_eq!(&f.encode()[..], w.get(..FOOTER_LEN).unwrap_or(&[]), "footer does not round-trip");
+            assert_eq!(
+                &f.encode()[..],
+                w.get(..FOOTER_LEN).unwrap_or(&[]),
+                "footer does not round-trip"
+            );
         }
         let _ = RecordHeader::is_record(w);
         if let Ok(h) = RecordHeader::decode(w) {
@@ -86,15 +86,27 @@ pub fn decode_everything(b: &[u8]) {
             if let Some(p) = payload.get(..h.payload_len as usize) {
                 let _ = h.verify(p);
             }
-            assert_eq!(&h.encode()[..], w.get(..RECORD_HEADER_LEN).unwrap_or(&[]), "record header does not round-trip");
+            assert_eq!(
+                &h.encode()[..],
+                w.get(..RECORD_HEADER_LEN).unwrap_or(&[]),
+                "record header does not round-trip"
+            );
             let _ = h.total_len();
         }
         let _ = PointPayload::decode(w);
         if let Ok(m) = Manifest::decode(w) {
-            assert_eq!(Manifest::decode(&m.encode()).ok(), Some(m), "manifest does not round-trip");
+            assert_eq!(
+                Manifest::decode(&m.encode()).ok(),
+                Some(m),
+                "manifest does not round-trip"
+            );
         }
         if let Ok(wm) = Watermark::decode(w) {
-            assert_eq!(Watermark::decode(&wm.encode()).ok(), Some(wm), "watermark does not round-trip");
+            assert_eq!(
+                Watermark::decode(&wm.encode()).ok(),
+                Some(wm),
+                "watermark does not round-trip"
+            );
         }
         for kind in [0, meta::KIND_MANIFEST, meta::KIND_WATERMARK, u16::MAX] {
             let _ = meta::decode(kind, w);
@@ -121,19 +133,29 @@ pub fn scan_checked(bytes: &[u8], expect: Expect) -> SegmentScan {
     let mut chain = 0u32;
     let scan = scan_segment(file.as_ref(), expect, |rec| {
         if let Err(e) = rec.header.verify(rec.payload) {
-            panic!("record at {} handed out with a bad CRC: {}", rec.offset, e.what);
+            panic!(
+                "record at {} handed out with a bad CRC: {}",
+                rec.offset, e.what
+            );
         }
         let at = rec.offset as usize;
         let pat = rec.payload_offset as usize;
         assert!(at >= SEGMENT_HEADER_LEN, "record inside the segment header");
         assert_eq!(pat, at + RECORD_HEADER_LEN);
         let end = pat + rec.header.payload_len as usize;
-        let file_payload = bytes.get(pat..end).expect("record runs past the end of the file");
+        let file_payload = bytes
+            .get(pat..end)
+            .expect("record runs past the end of the file");
         assert_eq!(rec.payload, file_payload, "payload is not the file's bytes");
-        let on_disk = RecordHeader::decode(bytes.get(at..).unwrap_or(&[])).expect("handed-out header decodes");
+        let on_disk = RecordHeader::decode(bytes.get(at..).unwrap_or(&[]))
+            .expect("handed-out header decodes");
         assert_eq!(on_disk, rec.header);
         if let Some(p) = prev_lsn {
-            assert_eq!(Some(rec.header.lsn), p.checked_add(1), "LSNs are not consecutive");
+            assert_eq!(
+                Some(rec.header.lsn),
+                p.checked_add(1),
+                "LSNs are not consecutive"
+            );
         }
         if let Some(n) = expect.disk_count {
             if rec.header.kind != RecordKind::Point {
@@ -166,7 +188,10 @@ pub fn scan_checked(bytes: &[u8], expect: Expect) -> SegmentScan {
         assert_eq!(f.records, scan.records);
         assert_eq!(f.chain_crc, scan.chain_crc);
     } else {
-        assert_eq!(scan.end, scan.file_len, "clean unsealed scan must reach the end");
+        assert_eq!(
+            scan.end, scan.file_len,
+            "clean unsealed scan must reach the end"
+        );
     }
     for from in [scan.end, 0, 1, bytes.len() as u64] {
         let _ = valid_records_after(file.as_ref(), from).expect("MemStorage reads never fail");
@@ -191,7 +216,10 @@ fn recover_checked(bytes: &[u8], header: Option<SegmentHeader>) {
     };
     let storage = Arc::new(storage);
     let Ok(rec) = recover(storage.clone(), Path::new(DIR), params, |_, r| {
-        assert!(r.header.verify(r.payload).is_ok(), "recovery handed out a bad record");
+        assert!(
+            r.header.verify(r.payload).is_ok(),
+            "recovery handed out a bad record"
+        );
     }) else {
         return;
     };
@@ -200,9 +228,23 @@ fn recover_checked(bytes: &[u8], header: Option<SegmentHeader>) {
     assert!(!segs.is_empty(), "recovery left no segment");
     for (_, path) in segs {
         let f = storage.open(&path, OpenMode::ReadOnly).expect("open");
-        let scan = scan_segment(f.as_ref(), Expect { machine_id: None, seq: None, first_lsn: None, disk_count: None }, |_| Ok(()))
-            .expect("scan");
-        assert!(scan.fault.is_none(), "recovery left a faulty segment {}: {:?}", path.display(), scan.fault);
+        let scan = scan_segment(
+            f.as_ref(),
+            Expect {
+                machine_id: None,
+                seq: None,
+                first_lsn: None,
+                disk_count: None,
+            },
+            |_| Ok(()),
+        )
+        .expect("scan");
+        assert!(
+            scan.fault.is_none(),
+            "recovery left a faulty segment {}: {:?}",
+            path.display(),
+            scan.fault
+        );
     }
 }
 
@@ -220,7 +262,7 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -230,14 +272,14 @@ impl Rng {
         if n == 0 {
             0
         } else {
-            self.next() % n
+            self.next_u64() % n
         }
     }
     pub fn chance(&mut self, one_in: u64) -> bool {
         self.below(one_in) == 0
     }
     fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
+        (0..n).map(|_| self.next_u64() as u8).collect()
     }
 }
 
@@ -265,9 +307,11 @@ pub fn valid_segment(rng: &mut Rng) -> Vec<u8> {
     let base_lsn = match rng.below(4) {
         0 => rng.below(100),
         1 => u64::MAX - rng.below(40),
-        _ => rng.next() >> rng.below(64),
+        _ => rng.next_u64() >> rng.below(64),
     };
-    let mut out = SegmentHeader::new(rng.next(), rng.below(5), base_lsn, rng.next()).encode().to_vec();
+    let mut out = SegmentHeader::new(rng.next_u64(), rng.below(5), base_lsn, rng.next_u64())
+        .encode()
+        .to_vec();
     let n = rng.below(17);
     let mut chain = 0u32;
     let mut lsn = base_lsn;
@@ -278,14 +322,39 @@ pub fn valid_segment(rng: &mut Rng) -> Vec<u8> {
                 let n = 1 + rng.below(300) as usize;
                 let p = rng.bytes(n);
                 let len = p.len() as u64;
-                (RecordKind::Write, 0, rng.below(5) as u32, rng.below(1 << 30), len, p)
+                (
+                    RecordKind::Write,
+                    0,
+                    rng.below(5) as u32,
+                    rng.below(1 << 30),
+                    len,
+                    p,
+                )
             }
-            1 => (RecordKind::Zero, 0, rng.below(5) as u32, rng.below(1 << 30), 1 + rng.below(1 << 24), Vec::new()),
+            1 => (
+                RecordKind::Zero,
+                0,
+                rng.below(5) as u32,
+                rng.below(1 << 30),
+                1 + rng.below(1 << 24),
+                Vec::new(),
+            ),
             _ => {
-                let mut p = rng.next().to_le_bytes().to_vec();
+                let mut p = rng.next_u64().to_le_bytes().to_vec();
                 let extra = rng.below(4) as usize;
                 p.extend(rng.bytes(extra));
-                (RecordKind::Point, if rng.chance(2) { FLAG_APP_CONSISTENT } else { 0 }, 0, 0, 0, p)
+                (
+                    RecordKind::Point,
+                    if rng.chance(2) {
+                        FLAG_APP_CONSISTENT
+                    } else {
+                        0
+                    },
+                    0,
+                    0,
+                    0,
+                    p,
+                )
             }
         };
         let h = RecordHeader::new(kind, flags, lsn, disk, offset, length, &[&payload]);
@@ -302,9 +371,9 @@ pub fn valid_segment(rng: &mut Rng) -> Vec<u8> {
         let f = SegmentFooter {
             records: count,
             first_lsn: base_lsn,
-            last_lsn: base_lsn + u64::from(count) - 1,
+            last_lsn: base_lsn + (u64::from(count) - 1),
             footer_offset: out.len() as u64,
-            sealed_ns: rng.next(),
+            sealed_ns: rng.next_u64(),
             chain_crc: chain,
         };
         out.extend_from_slice(&f.encode());
@@ -315,8 +384,19 @@ pub fn valid_segment(rng: &mut Rng) -> Vec<u8> {
 /// Offsets of the fields of a segment (header, each record, footer), for
 /// structure-aware overwrites.
 fn field_offsets(b: &[u8]) -> Vec<(usize, usize)> {
-    let mut out: Vec<(usize, usize)> =
-        [(8, 2), (10, 2), (12, 4), (16, 4), (20, 4), (24, 8), (32, 8), (40, 8), (48, 8), (56, 4)].to_vec();
+    let mut out: Vec<(usize, usize)> = [
+        (8, 2),
+        (10, 2),
+        (12, 4),
+        (16, 4),
+        (20, 4),
+        (24, 8),
+        (32, 8),
+        (40, 8),
+        (48, 8),
+        (56, 4),
+    ]
+    .to_vec();
     let mut pos = SEGMENT_HEADER_LEN;
     while pos + RECORD_HEADER_LEN <= b.len() {
         if SegmentFooter::is_footer(&b[pos..]) {
@@ -325,7 +405,17 @@ fn field_offsets(b: &[u8]) -> Vec<(usize, usize)> {
             }
             break;
         }
-        for (o, n) in [(4, 1), (5, 1), (6, 2), (8, 8), (16, 4), (20, 4), (24, 8), (32, 8), (40, 4)] {
+        for (o, n) in [
+            (4, 1),
+            (5, 1),
+            (6, 2),
+            (8, 8),
+            (16, 4),
+            (20, 4),
+            (24, 8),
+            (32, 8),
+            (40, 4),
+        ] {
             out.push((pos + o, n));
         }
         let plen = u32::from_le_bytes(b[pos + 20..pos + 24].try_into().unwrap_or([0; 4])) as usize;
@@ -359,7 +449,10 @@ pub fn fix_crcs(b: &mut [u8]) {
         if end > b.len() {
             return;
         }
-        let crc = crc32c_append(crc32c_append(0, &b[pos..pos + 44]), &b[pos + RECORD_HEADER_LEN..end]);
+        let crc = crc32c_append(
+            crc32c_append(0, &b[pos..pos + 44]),
+            &b[pos + RECORD_HEADER_LEN..end],
+        );
         b[pos + 44..pos + 48].copy_from_slice(&crc.to_le_bytes());
         pos = end;
     }
@@ -384,7 +477,11 @@ pub fn mutate(rng: &mut Rng, b: &mut Vec<u8>, other: &[u8]) {
             3 | 4 => {
                 let fields = field_offsets(b);
                 let (at, n) = fields[rng.below(fields.len() as u64) as usize];
-                let v = if rng.chance(3) { rng.next() } else { INTERESTING[rng.below(INTERESTING.len() as u64) as usize] };
+                let v = if rng.chance(3) {
+                    rng.next_u64()
+                } else {
+                    INTERESTING[rng.below(INTERESTING.len() as u64) as usize]
+                };
                 for (i, byte) in v.to_le_bytes().iter().take(n).enumerate() {
                     if let Some(x) = b.get_mut(at + i) {
                         *x = *byte;

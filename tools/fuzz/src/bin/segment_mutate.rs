@@ -87,18 +87,33 @@ fn install_hook() -> LastPanic {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_default();
-        if let Ok(mut g) = l.lock() {
-            *g = Some((loc, msg));
+        if INSIDE_CHECK.with(|c| c.get()) {
+            if let Ok(mut g) = l.lock() {
+                *g = Some((loc, msg));
+            }
+        } else {
+            eprintln!("segment-mutate itself panicked at {loc}: {msg}");
         }
     }));
     last
 }
 
+thread_local! {
+    static INSIDE_CHECK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn run_one(data: &[u8], last: &LastPanic) -> Option<(String, String)> {
+    INSIDE_CHECK.with(|c| c.set(true));
     let r = std::panic::catch_unwind(|| check(data));
+    INSIDE_CHECK.with(|c| c.set(false));
     match r {
         Ok(()) => None,
-        Err(_) => Some(last.lock().ok().and_then(|mut g| g.take()).unwrap_or_default()),
+        Err(_) => Some(
+            last.lock()
+                .ok()
+                .and_then(|mut g| g.take())
+                .unwrap_or_default(),
+        ),
     }
 }
 
@@ -148,7 +163,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        return if crashed { ExitCode::from(1) } else { ExitCode::SUCCESS };
+        return if crashed {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        };
     }
 
     println!("segment-mutate: seed {}, {} s", args.seed, args.seconds);
@@ -169,9 +188,15 @@ fn main() -> ExitCode {
         if let Some((loc, msg)) = run_one(&input, &last) {
             let entry = crashes.entry(loc.clone()).or_insert_with(|| {
                 let _ = std::fs::create_dir_all(&args.artifacts);
-                let p = args.artifacts.join(format!("crash-{}-{iterations}", args.seed));
+                let p = args
+                    .artifacts
+                    .join(format!("crash-{}-{iterations}", args.seed));
                 let _ = std::fs::write(&p, &input);
-                println!("CRASH at {loc}: {msg}\n  input ({} bytes) saved as {}", input.len(), p.display());
+                println!(
+                    "CRASH at {loc}: {msg}\n  input ({} bytes) saved as {}",
+                    input.len(),
+                    p.display()
+                );
                 (0, p, msg)
             });
             entry.0 += 1;
@@ -180,7 +205,10 @@ fn main() -> ExitCode {
             }
         }
         if Instant::now() >= next_report {
-            println!("  {iterations} inputs, {} distinct crash site(s)", crashes.len());
+            println!(
+                "  {iterations} inputs, {} distinct crash site(s)",
+                crashes.len()
+            );
             next_report += Duration::from_secs(10);
         }
     }
