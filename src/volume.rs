@@ -35,6 +35,9 @@ pub const WATERMARK_FILE: &str = "watermark";
 pub const JOURNAL_DIR: &str = "journal";
 pub const DISKS_DIR: &str = "disks";
 
+/// Pieces of a range and the segment files they read from.
+type Resolved = (Vec<Piece>, Vec<(u64, Arc<dyn StorageFile>)>);
+
 /// Fills a new parent image (see [`Machine::add_disk`]).
 pub type ImportFn<'a> = dyn FnMut(&dyn StorageFile) -> Result<()> + 'a;
 
@@ -643,16 +646,15 @@ impl MachineInner {
         out
     }
 
-    /// Read `buf.len()` bytes at `offset` of disk `disk`.
-    fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let d = self.disk(disk)?;
-        self.check_range(d, "read", offset, buf.len() as u64)?;
+    /// Split `offset..offset+len` of `disk` into pieces and take handles to the segment
+    /// files they need, in one critical section (see the module documentation).
+    fn resolve(&self, disk: u32, offset: u64, len: u64) -> Result<Resolved> {
         let mut pieces: Vec<Piece> = Vec::new();
         let mut files: Vec<(u64, Arc<dyn StorageFile>)> = Vec::new();
         {
             let st = self.state.read();
             if let Some(map) = st.disks.get(disk as usize) {
-                map.lookup(offset, buf.len() as u64, &mut pieces);
+                map.lookup(offset, len, &mut pieces);
             }
             for p in &pieces {
                 if let Some(Location::Segment { seq, .. }) = p.loc {
@@ -672,10 +674,40 @@ impl MachineInner {
         if pieces.is_empty() {
             pieces.push(Piece {
                 start: offset,
-                len: buf.len() as u64,
+                len,
                 loc: None,
             });
         }
+        Ok((pieces, files))
+    }
+
+    /// Start reading a range into the page cache (for sequential readers).
+    fn prefetch(&self, disk: u32, offset: u64, len: u64) -> Result<()> {
+        let d = self.disk(disk)?;
+        let len = len.min(d.size.saturating_sub(offset));
+        if len == 0 {
+            return Ok(());
+        }
+        let (pieces, files) = self.resolve(disk, offset, len)?;
+        for p in pieces {
+            match p.loc {
+                None => d.parent.prefetch(p.start, p.len),
+                Some(Location::Segment { seq, offset: at }) => {
+                    if let Some((_, f)) = files.iter().find(|(s, _)| *s == seq) {
+                        f.prefetch(at, p.len);
+                    }
+                }
+                Some(Location::Zero) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Read `buf.len()` bytes at `offset` of disk `disk`.
+    fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let d = self.disk(disk)?;
+        self.check_range(d, "read", offset, buf.len() as u64)?;
+        let (pieces, files) = self.resolve(disk, offset, buf.len() as u64)?;
         for p in pieces {
             let from = (p.start - offset) as usize;
             let Some(dst) = buf.get_mut(from..from + p.len as usize) else {
@@ -725,6 +757,11 @@ impl Volume {
     /// Read at any offset and length inside the disk.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.inner.read(self.disk, offset, buf)
+    }
+
+    /// Hint that `offset..offset+len` will be read soon (sequential readers).
+    pub fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.prefetch(self.disk, offset, len)
     }
 
     /// Write at any offset and length inside the disk; returns the record's LSN.

@@ -43,6 +43,24 @@ impl Default for FrontendOptions {
 
 const TTL: Duration = Duration::from_secs(60);
 
+thread_local! {
+    /// Each session thread's read buffer, reused: no allocation, zeroing or page faults
+    /// per request.
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `len` bytes of `scratch` starting at a page boundary (copies between the page
+/// cache and a buffer are several times slower when their alignments differ).
+fn page_aligned(scratch: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    const PAGE: usize = 4096;
+    if scratch.len() < len + PAGE {
+        scratch.resize(len + PAGE, 0);
+    }
+    let skip = scratch.as_ptr().align_offset(PAGE).min(PAGE);
+    let end = (skip + len).min(scratch.len());
+    scratch.get_mut(skip..end).unwrap_or(&mut [])
+}
+
 #[derive(Debug)]
 enum Node {
     Dir { children: Vec<(String, u64)> },
@@ -58,6 +76,20 @@ pub struct LiveFs {
     started: SystemTime,
     uid: u32,
     gid: u32,
+    seq_reads: SequentialReads,
+}
+
+/// Where each inode's last read ended, to spot sequential readers.
+#[derive(Debug, Default)]
+struct SequentialReads(parking_lot::Mutex<std::collections::HashMap<u64, u64>>);
+
+impl SequentialReads {
+    /// Record a read; true if it continued the previous one.
+    fn record(&self, ino: u64, offset: u64, len: u64) -> bool {
+        let mut m = self.0.lock();
+        let prev = m.insert(ino, offset + len);
+        prev == Some(offset)
+    }
 }
 
 impl LiveFs {
@@ -93,6 +125,7 @@ impl LiveFs {
             started: SystemTime::now(),
             uid,
             gid,
+            seq_reads: SequentialReads::default(),
         })
     }
 
@@ -248,18 +281,27 @@ impl Filesystem for LiveFs {
         // Reads past the end return what is there (nothing), like any file.
         let end = (offset + u64::from(size)).min(vol.size());
         let len = end.saturating_sub(offset) as usize;
-        let mut buf = vec![0u8; len];
-        match vol.read(offset, &mut buf) {
-            Ok(()) => reply.data(&buf),
-            Err(e) => {
-                tracing::error!(
-                    "read {}/{} at {offset}+{len}: {e}",
-                    vol.machine(),
-                    vol.name()
-                );
-                reply.error(errno(&e))
+        READ_BUF.with_borrow_mut(|scratch| {
+            let buf = page_aligned(scratch, len);
+            match vol.read(offset, buf) {
+                Ok(()) => {
+                    reply.data(buf);
+                    // After replying: a sequential reader's next request finds its data
+                    // on its way into the page cache.
+                    if self.seq_reads.record(ino.0, offset, len as u64) {
+                        let _ = vol.prefetch(end, 2 * len as u64);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "read {}/{} at {offset}+{len}: {e}",
+                        vol.machine(),
+                        vol.name()
+                    );
+                    reply.error(errno(&e))
+                }
             }
-        }
+        })
     }
 
     fn write(

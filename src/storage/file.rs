@@ -139,6 +139,16 @@ impl StorageFile for RealFile {
         }
     }
 
+    fn prefetch(&self, offset: u64, len: u64) {
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: posix_fadvise on an open descriptor with integer arguments; a hint.
+        unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), off, l, libc::POSIX_FADV_WILLNEED);
+        }
+    }
+
     fn start_writeback(&self, offset: u64, len: u64) {
         let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
             return;

@@ -69,6 +69,9 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     /// (`fallocate(FALLOC_FL_KEEP_SIZE)`), so appends and their fdatasyncs do not
     /// allocate blocks one by one. A hint only.
     fn preallocate(&self, _len: u64) {}
+    /// Start reading `offset..offset+len` into the page cache in the background
+    /// (`posix_fadvise(WILLNEED)`). A hint only.
+    fn prefetch(&self, _offset: u64, _len: u64) {}
     /// Start writing `offset..offset+len` back to the device without waiting for it
     /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a later `sync_data` then has little
     /// left to do. A hint only; durability still needs `sync_data`.
