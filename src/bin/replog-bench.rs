@@ -102,8 +102,15 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Skip the FUSE (fio) figures.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fuse_only")]
     no_fuse: bool,
+    /// Run only the FUSE (fio) figures.
+    #[arg(long)]
+    fuse_only: bool,
+    /// Extra argument for `replog serve` in the FUSE figures (repeatable), to measure
+    /// a front-end option, e.g. --serve-arg=--fuse-threads=1.
+    #[arg(long, allow_hyphen_values = true)]
+    serve_arg: Vec<String>,
     /// Directory for temporary files (default: ./target/bench-tmp).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
@@ -225,13 +232,15 @@ fn run(args: &Args) -> Result<()> {
     };
 
     let mut figures = Vec::new();
-    figures.push(b.append_64k()?);
-    figures.extend(b.read_sequential()?);
-    if let Some((m, _)) = b.seq.take() {
-        m.close()?;
+    if !args.fuse_only {
+        figures.push(b.append_64k()?);
+        figures.extend(b.read_sequential()?);
+        if let Some((m, _)) = b.seq.take() {
+            m.close()?;
+        }
+        figures.push(b.random_4k()?);
+        figures.push(b.index_memory()?);
     }
-    figures.push(b.random_4k()?);
-    figures.push(b.index_memory()?);
     drop(b);
     if args.no_fuse {
         progress("FUSE figures skipped (--no-fuse)");
@@ -241,7 +250,7 @@ fn run(args: &Args) -> Result<()> {
             .map(|d| d.join("replog"))
             .ok_or("cannot locate the replog binary")?;
         progress("FUSE figures: fio through replog serve --mount against a plain file");
-        for f in fio::run_all(&work.path, &replog, args.quick)? {
+        for f in fio::run_all(&work.path, &replog, args.quick, &args.serve_arg)? {
             let note = "fio, median of interleaved runs".to_string();
             figures.push(Figure::versus(&f.name, f.value, f.baseline, f.unit, note));
         }

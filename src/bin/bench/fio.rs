@@ -76,7 +76,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Run every FUSE figure. `replog` is the binary to serve with.
-pub fn run_all(dir: &Path, replog: &Path, quick: bool) -> Result<Vec<FioFigure>, String> {
+pub fn run_all(
+    dir: &Path,
+    replog: &Path,
+    quick: bool,
+    serve_args: &[String],
+) -> Result<Vec<FioFigure>, String> {
     if Command::new("fio").arg("--version").output().is_err() {
         return Err("fio is not installed (tools/bench installs it on Debian as root)".into());
     }
@@ -103,6 +108,7 @@ pub fn run_all(dir: &Path, replog: &Path, quick: bool) -> Result<Vec<FioFigure>,
         .arg(&site)
         .arg("--mount")
         .arg(&mount)
+        .args(serve_args)
         .env("REPLOG_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(log)
