@@ -162,6 +162,7 @@ pub(crate) fn compact_once(m: &MachineInner) -> Result<CompactStats> {
     // 1. Parents get every record, oldest first. A record superseded by a newer one
     // is still written: the newer one may not be durable yet.
     let mut touched = vec![false; m.disks.len()];
+    let sizes: Vec<u64> = m.disks.iter().map(|d| d.size).collect();
     for seg in &batch {
         let expect = Expect {
             machine_id: Some(m.machine_id),
@@ -174,6 +175,9 @@ pub(crate) fn compact_once(m: &MachineInner) -> Result<CompactStats> {
             let Some(disk) = m.disks.get(h.disk as usize) else {
                 return Ok(());
             };
+            if let Some(what) = crate::volume::record_outside_disk(h, &sizes) {
+                return Err(Error::corruption(seg.file.path(), rec.offset, what));
+            }
             match h.kind {
                 RecordKind::Write => disk.parent.write_at(&[rec.payload], h.offset)?,
                 RecordKind::Zero => disk.parent.punch_hole(h.offset, h.length)?,
@@ -186,10 +190,17 @@ pub(crate) fn compact_once(m: &MachineInner) -> Result<CompactStats> {
             stats.bytes += h.length;
             Ok(())
         })
-        .map_err(|e| fail(m, e))?;
+        .map_err(|e| {
+            if e.is_corruption() {
+                m.damaged(seg.seq, e)
+            } else {
+                fail(m, e)
+            }
+        })?;
         if let Some(err) = scan.fault_error(seg.file.as_ref()) {
-            tracing::error!(machine = %m.name, "compaction stopped: {err}");
-            return Err(err);
+            // Damage found after the segment was verified on open: its data must not
+            // be served any more, and nothing may be merged past it.
+            return Err(m.damaged(seg.seq, err));
         }
         if !scan.is_sealed() {
             return Err(Error::corruption(

@@ -16,8 +16,8 @@ use std::ops::Bound;
 /// Where the newest data of an extent lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Location {
-    /// Reads as zeros (a discard or write-zeroes record).
-    Zero,
+    /// Reads as zeros (a discard or write-zeroes record in segment `seq`).
+    Zero { seq: u64 },
     /// In segment `seq`, starting at byte `offset` of the file.
     Segment { seq: u64, offset: u64 },
 }
@@ -26,7 +26,7 @@ impl Location {
     /// The location `delta` bytes further into the same data.
     fn advance(self, delta: u64) -> Self {
         match self {
-            Location::Zero => Location::Zero,
+            Location::Zero { seq } => Location::Zero { seq },
             Location::Segment { seq, offset } => Location::Segment {
                 seq,
                 offset: offset + delta,
@@ -34,11 +34,15 @@ impl Location {
         }
     }
 
-    pub fn segment(self) -> Option<u64> {
+    /// The segment whose record put this extent here.
+    pub fn segment(self) -> u64 {
         match self {
-            Location::Zero => None,
-            Location::Segment { seq, .. } => Some(seq),
+            Location::Zero { seq } | Location::Segment { seq, .. } => seq,
         }
+    }
+
+    pub fn is_zero(self) -> bool {
+        matches!(self, Location::Zero { .. })
     }
 }
 
@@ -180,9 +184,9 @@ impl ExtentMap {
         self.map.range(pos..).next().map(|(s, e)| (*s, *e))
     }
 
-    /// Remove every extent whose data lives in segment `seq`.
+    /// Remove every extent that a record of segment `seq` put here (data and zeros).
     pub fn remove_segment(&mut self, seq: u64) {
-        self.map.retain(|_, e| e.loc.segment() != Some(seq));
+        self.map.retain(|_, e| e.loc.segment() != seq);
     }
 
     /// Iterate over extents in disk order.
@@ -262,7 +266,7 @@ mod tests {
                     let want = model[b as usize];
                     let got = p.loc.map(|l| match l.advance(b - p.start) {
                         Location::Segment { seq, offset } => (seq, offset),
-                        Location::Zero => (u64::MAX, 0),
+                        Location::Zero { .. } => (u64::MAX, 0),
                     });
                     prop_assert_eq!(got, want, "byte {}", b);
                 }

@@ -121,7 +121,10 @@ fn inspect_journal(dir: &Path, only: Option<&Path>, report: &mut Report) -> Resu
     let manifest_path = machine_dir.map(|m| m.join(MANIFEST_FILE));
     let manifest = match manifest_path.as_ref().filter(|p| p.is_file()) {
         Some(p) => {
-            let bytes = read_all(storage.open(p, OpenMode::ReadOnly)?.as_ref())?;
+            let bytes = read_all(
+                storage.open(p, OpenMode::ReadOnly)?.as_ref(),
+                crate::volume::META_FILE_LIMIT,
+            )?;
             match Manifest::decode(&bytes) {
                 Ok(m) => Some(m),
                 Err(e) => {
@@ -138,7 +141,10 @@ fn inspect_journal(dir: &Path, only: Option<&Path>, report: &mut Report) -> Resu
     };
     let wm_path = dir.join(WATERMARK_FILE);
     let watermark = if wm_path.is_file() && only.is_none() {
-        let bytes = read_all(storage.open(&wm_path, OpenMode::ReadOnly)?.as_ref())?;
+        let bytes = read_all(
+            storage.open(&wm_path, OpenMode::ReadOnly)?.as_ref(),
+            crate::volume::META_FILE_LIMIT,
+        )?;
         match Watermark::decode(&bytes) {
             Ok(w) => Some(w),
             Err(e) => {
@@ -218,7 +224,19 @@ fn inspect_journal(dir: &Path, only: Option<&Path>, report: &mut Report) -> Resu
             bytes: 0,
             data_bytes: 0,
         };
+        let sizes: Vec<u64> = manifest
+            .as_ref()
+            .map(|m| m.disks.iter().map(|d| d.size).collect())
+            .unwrap_or_default();
+        let mut outside: Option<Corruption> = None;
         let scan = scan_segment(file.as_ref(), expect, |rec| {
+            if let Some(what) = crate::volume::record_outside_disk(&rec.header, &sizes) {
+                outside.get_or_insert(Corruption {
+                    path: path.clone(),
+                    offset: rec.offset,
+                    what,
+                });
+            }
             match rec.header.kind {
                 crate::format::RecordKind::Write => {
                     sr.writes += 1;
@@ -241,6 +259,9 @@ fn inspect_journal(dir: &Path, only: Option<&Path>, report: &mut Report) -> Resu
             }
             Ok(())
         })?;
+        if let Some(c) = outside {
+            report.corrupt(c);
+        }
         sr.sealed = scan.is_sealed();
         sr.records = scan.records;
         sr.first_lsn = scan.first_lsn;

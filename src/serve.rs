@@ -12,6 +12,9 @@ use crate::site::Site;
 use crate::volume::Machine;
 use std::path::{Path, PathBuf};
 
+/// How long a stop waits for the kernel to release a detached mount.
+const UNMOUNT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub mount: Option<PathBuf>,
@@ -105,10 +108,22 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
         if let Err(e) = frontend::detach(&dir) {
             tracing::error!("unmount {}: {e}", dir.display());
         }
-        if let Err(e) = s.join() {
-            tracing::debug!("FUSE session ended: {e}");
+        // The session ends when the kernel lets go of the mount. Something may still
+        // hold it (a loop device): then stop waiting; the journals are flushed, and
+        // when this process exits the kernel aborts the connection (its users get
+        // errors, as they would from a disk that went away).
+        let (done_tx, done_rx) = crossbeam::channel::bounded(1);
+        std::thread::spawn(move || {
+            let _ = done_tx.send(s.join());
+        });
+        match done_rx.recv_timeout(UNMOUNT_WAIT) {
+            Ok(_) => tracing::info!("unmounted {}", dir.display()),
+            Err(_) => tracing::warn!(
+                "{} is still in use (a loop device or an open file?); detached it and \
+                 stopping anyway: its users will see I/O errors",
+                dir.display()
+            ),
         }
-        tracing::info!("unmounted {}", dir.display());
     }
     for m in machines {
         let name = m.name().to_string();

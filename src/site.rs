@@ -166,7 +166,15 @@ impl Site {
         let mut src = match import {
             Some(p) => {
                 let f = File::open(p).map_err(|e| Error::io("open", p, e))?;
-                let len = f.metadata().map_err(|e| Error::io("stat", p, e))?.len();
+                let meta = f.metadata().map_err(|e| Error::io("stat", p, e))?;
+                if !meta.is_file() {
+                    return Err(Error::InvalidInput(format!(
+                        "{} is not a regular file; import a raw image file (copy a \
+                         device or pipe to a file first)",
+                        p.display()
+                    )));
+                }
+                let len = meta.len();
                 if len > size {
                     return Err(Error::InvalidInput(format!(
                         "{} is {len} bytes, larger than the disk ({size} bytes)",
@@ -239,7 +247,11 @@ fn import_sparse(src: &mut File, path: &Path, dst: &dyn StorageFile) -> Result<(
         // SAFETY: lseek on an open descriptor with integer arguments only.
         let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
         if data < 0 {
-            break; // ENXIO: no more data
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // no more data
+            }
+            return Err(Error::io("seek data in", path, err));
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };

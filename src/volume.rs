@@ -34,6 +34,9 @@ pub const MANIFEST_FILE: &str = "machine.meta";
 pub const WATERMARK_FILE: &str = "watermark";
 pub const JOURNAL_DIR: &str = "journal";
 pub const DISKS_DIR: &str = "disks";
+/// Largest manifest or watermark file read (envelope + the largest body allowed).
+pub const META_FILE_LIMIT: u64 =
+    crate::format::meta::META_HEADER_LEN as u64 + crate::format::meta::MAX_META_BODY as u64;
 
 /// Pieces of a range and the segment files they read from.
 type Resolved = (Vec<Piece>, Vec<(u64, Arc<dyn StorageFile>)>);
@@ -56,6 +59,9 @@ pub(crate) struct IndexState {
     pub disks: Vec<ExtentMap>,
     /// Every segment the index may point into, by sequence number.
     pub files: BTreeMap<u64, Arc<dyn StorageFile>>,
+    /// Segments found damaged after they were opened (by the compactor): reads that
+    /// need them fail instead of returning their bytes.
+    pub damaged: BTreeMap<u64, String>,
 }
 
 #[derive(Debug, Default)]
@@ -146,7 +152,10 @@ impl Machine {
 
     pub fn read_manifest(storage: &dyn Storage, dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST_FILE);
-        let bytes = read_all(storage.open(&path, OpenMode::ReadOnly)?.as_ref())?;
+        let bytes = read_all(
+            storage.open(&path, OpenMode::ReadOnly)?.as_ref(),
+            META_FILE_LIMIT,
+        )?;
         Manifest::decode(&bytes).map_err(|e| Error::corruption(&path, e.offset, e.what))
     }
 
@@ -155,7 +164,10 @@ impl Machine {
         if !storage.exists(&path) {
             return Ok(Watermark::default());
         }
-        let bytes = read_all(storage.open(&path, OpenMode::ReadOnly)?.as_ref())?;
+        let bytes = read_all(
+            storage.open(&path, OpenMode::ReadOnly)?.as_ref(),
+            META_FILE_LIMIT,
+        )?;
         Watermark::decode(&bytes).map_err(|e| Error::corruption(&path, e.offset, e.what))
     }
 
@@ -220,6 +232,17 @@ impl Machine {
                     "disk ids are not 0..n",
                 ));
             }
+            // The manifest's names become paths and FUSE entries: never trust them.
+            let bad_name = validate_name("disk", &d.name).is_err()
+                || manifest.disks.iter().filter(|o| o.name == d.name).count() > 1
+                || validate_disk_size(d.size).is_err();
+            if bad_name {
+                return Err(Error::corruption(
+                    dir.join(MANIFEST_FILE),
+                    0,
+                    format!("disk entry {:?} ({} bytes) is not valid", d.name, d.size),
+                ));
+            }
             let path = dir.join(DISKS_DIR).join(format!("{}.img", d.name));
             let parent = storage.open(&path, OpenMode::ReadWrite)?;
             let len = parent.len()?;
@@ -241,6 +264,7 @@ impl Machine {
         let mut state = IndexState {
             disks: vec![ExtentMap::new(); disks.len()],
             files: BTreeMap::new(),
+            damaged: BTreeMap::new(),
         };
         let jdir = dir.join(JOURNAL_DIR);
         let params = JournalParams {
@@ -250,7 +274,14 @@ impl Machine {
             watermark_lsn: watermark.lsn,
             watermark_seq: watermark.segment_seq,
         };
+        let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
+        let mut outside: Option<Error> = None;
         let rec = journal::recover(storage.clone(), &jdir, params, |seq, r| {
+            if let Some(what) = record_outside_disk(&r.header, &sizes) {
+                let path = jdir.join(crate::format::segment::segment_name(seq));
+                outside.get_or_insert(Error::corruption(path, r.offset, what));
+                return;
+            }
             apply_to_index(
                 &mut state,
                 seq,
@@ -261,6 +292,9 @@ impl Machine {
                 r.payload_offset,
             );
         })?;
+        if let Some(e) = outside {
+            return Err(e);
+        }
         for note in &rec.repairs {
             tracing::info!(machine = name, "{note}");
         }
@@ -270,6 +304,9 @@ impl Machine {
         state
             .files
             .insert(rec.writer.active_seq(), rec.writer.active_file());
+        // What recovery found may still be only in the page cache (a killed process
+        // leaves it there): make it durable before anyone is told it is.
+        rec.writer.active_file().sync_data()?;
         let durable = rec.writer.last_lsn();
         let inner = Arc::new(MachineInner {
             name: name.to_string(),
@@ -354,6 +391,9 @@ impl Machine {
 
     /// Hold the merge watermark at or below `lsn` until the hold is dropped.
     pub fn hold_watermark(&self, lsn: u64) -> compactor::WatermarkHold {
+        // Wait for a merge in progress: once this returns, nothing above `lsn` is
+        // being merged into the parents.
+        let _no_merge_running = self.inner.compaction.lock();
         self.inner.holds.hold(lsn)
     }
 
@@ -385,11 +425,7 @@ impl Machine {
 
     /// Flush, stop the compactor and close.
     pub fn close(mut self) -> Result<()> {
-        let flushed = if self.inner.is_poisoned() {
-            Ok(0)
-        } else {
-            self.flush()
-        };
+        let flushed = self.flush();
         if let Some(c) = self.compactor.take() {
             c.stop();
         }
@@ -404,6 +440,25 @@ impl Drop for Machine {
             c.stop();
         }
     }
+}
+
+/// A write or zero record whose range does not fit its disk (a checksum only proves
+/// the bytes are the ones written, not that they make sense).
+pub(crate) fn record_outside_disk(
+    h: &crate::format::RecordHeader,
+    sizes: &[u64],
+) -> Option<String> {
+    if h.kind == RecordKind::Point {
+        return None;
+    }
+    let size = sizes.get(h.disk as usize)?;
+    let end = h.offset.checked_add(h.length)?;
+    (end > *size).then(|| {
+        format!(
+            "record for disk {} covers {}..{end}, past the disk's {size} bytes",
+            h.disk, h.offset
+        )
+    })
 }
 
 pub(crate) fn apply_to_index(
@@ -427,7 +482,7 @@ pub(crate) fn apply_to_index(
                 offset: payload_offset,
             },
         ),
-        RecordKind::Zero => map.insert(offset, length, Location::Zero),
+        RecordKind::Zero => map.insert(offset, length, Location::Zero { seq }),
         RecordKind::Point => {}
     }
 }
@@ -467,6 +522,15 @@ impl MachineInner {
             machine: self.name.clone(),
             reason,
         }
+    }
+
+    /// A segment turned out damaged: stop serving it and poison the machine (the
+    /// damage must be mended, by resynchronisation, before anything continues).
+    pub(crate) fn damaged(&self, seq: u64, err: Error) -> Error {
+        tracing::error!(machine = %self.name, "segment {seq} is damaged: {err}");
+        self.state.write().damaged.insert(seq, err.to_string());
+        self.poison(&err);
+        err
     }
 
     fn disk(&self, id: u32) -> Result<&Disk> {
@@ -657,6 +721,11 @@ impl MachineInner {
                 map.lookup(offset, len, &mut pieces);
             }
             for p in &pieces {
+                if let Some(loc) = p.loc {
+                    if let Some(why) = st.damaged.get(&loc.segment()) {
+                        return Err(Error::corruption(&self.dir, p.start, why.clone()));
+                    }
+                }
                 if let Some(Location::Segment { seq, .. }) = p.loc {
                     if !files.iter().any(|(s, _)| *s == seq) {
                         let f = st.files.get(&seq).ok_or_else(|| {
@@ -697,7 +766,7 @@ impl MachineInner {
                         f.prefetch(at, p.len);
                     }
                 }
-                Some(Location::Zero) => {}
+                Some(Location::Zero { .. }) => {}
             }
         }
         Ok(())
@@ -714,7 +783,7 @@ impl MachineInner {
                 continue;
             };
             match p.loc {
-                Some(Location::Zero) => dst.fill(0),
+                Some(Location::Zero { .. }) => dst.fill(0),
                 Some(Location::Segment { seq, offset: at }) => {
                     let f = files.iter().find(|(s, _)| *s == seq).map(|(_, f)| f);
                     if let Some(f) = f {
@@ -803,7 +872,7 @@ impl Volume {
             };
             match ext {
                 Some((start, e)) if start <= pos => {
-                    let is_data = e.loc != crate::index::Location::Zero;
+                    let is_data = !e.loc.is_zero();
                     if is_data == data {
                         return Ok(Some(pos));
                     }

@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use replog::format::{RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 use replog::storage::{FileStorage, MemStorage, OpenMode, Storage};
-use replog::Error;
+use replog::{Error, Machine};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -199,5 +199,40 @@ fn foreign_header_in_newest_segment_is_corruption_not_deleted() {
     assert!(
         mem.exists(&seg),
         "recovery deleted a segment it did not understand"
+    );
+}
+
+/// Damage that appears in a sealed segment after the machine opened (bit rot) is found
+/// by the compactor: nothing is merged, the machine is poisoned, and reads that need
+/// the damaged segment fail instead of returning its bytes.
+#[test]
+fn damage_found_by_the_compactor_is_never_served() {
+    let dir = machine_dir();
+    let mem = MemStorage::new();
+    let ends = build(Arc::new(mem.clone()), &dir, true);
+    let m = open(Arc::new(mem.clone()), &dir, 1 << 20).expect("open");
+    let v = m.volume("d0").expect("vol");
+    let mut buf = vec![0u8; 513];
+    v.read(9000, &mut buf).expect("read before the damage");
+    // Flip a byte in the payload of the 4th write (at 9000, 513 bytes).
+    mem.corrupt(&first_segment(&dir), ends[2].0 + 48 + 10, &[0xff])
+        .expect("corrupt");
+    let err = m
+        .compact()
+        .expect_err("compaction merged a damaged segment");
+    assert!(err.is_corruption(), "{err}");
+    assert!(
+        m.status().poisoned.is_some(),
+        "damage did not poison the machine"
+    );
+    let err = v
+        .read(9000, &mut buf)
+        .expect_err("served data from a damaged segment");
+    assert!(err.is_corruption(), "{err}");
+    assert!(v.write(0, b"x").is_err(), "accepted a write after damage");
+    assert_eq!(
+        Machine::read_watermark(&mem, &dir).expect("watermark").lsn,
+        0,
+        "merged past damage"
     );
 }

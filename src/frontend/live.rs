@@ -281,6 +281,9 @@ impl Filesystem for LiveFs {
         // Reads past the end return what is there (nothing), like any file.
         let end = (offset + u64::from(size)).min(vol.size());
         let len = end.saturating_sub(offset) as usize;
+        if len == 0 {
+            return reply.data(&[]);
+        }
         READ_BUF.with_borrow_mut(|scratch| {
             let buf = page_aligned(scratch, len);
             match vol.read(offset, buf) {
@@ -320,6 +323,9 @@ impl Filesystem for LiveFs {
             Ok(v) => v,
             Err(e) => return reply.error(e),
         };
+        if data.is_empty() {
+            return reply.written(0);
+        }
         // Like a block device: a write that starts inside the disk and runs past its
         // end is cut at the end (a short write; the caller's next write gets ENOSPC).
         let inside = vol.size().saturating_sub(offset).min(data.len() as u64) as usize;

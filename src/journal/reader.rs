@@ -299,7 +299,9 @@ pub fn scan_segment(
 /// Count records with valid checksums anywhere after `from` (a slow byte-by-byte
 /// search used only to word the warning when a torn tail is cut off).
 pub fn valid_records_after(file: &dyn StorageFile, from: u64) -> Result<usize> {
-    let len = file.len()?;
+    // Look at most one segment's worth past the damage (a hostile file may be huge).
+    const WINDOW: u64 = 256 << 20;
+    let len = file.len()?.min(from.saturating_add(WINDOW));
     let mut buf = vec![0u8; (len.saturating_sub(from)) as usize];
     let n = file.read_at(&mut buf, from)?;
     buf.truncate(n);

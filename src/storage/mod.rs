@@ -104,9 +104,16 @@ impl<'a> dyn StorageFile + 'a {
     }
 }
 
-/// Read a whole small file.
-pub fn read_all(file: &dyn StorageFile) -> Result<Vec<u8>> {
+/// Read a whole small file (at most `limit` bytes; a bigger one is corruption).
+pub fn read_all(file: &dyn StorageFile, limit: u64) -> Result<Vec<u8>> {
     let len = file.len()?;
+    if len > limit {
+        return Err(crate::error::Error::corruption(
+            file.path(),
+            limit,
+            format!("file is {len} bytes, more than the {limit} it can be"),
+        ));
+    }
     let mut buf = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
     let n = file.read_at(&mut buf, 0)?;
     buf.truncate(n);
