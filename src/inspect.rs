@@ -280,8 +280,13 @@ fn inspect_journal(dir: &Path, only: Option<&Path>, report: &mut Report) -> Resu
             next_lsn.get_or_insert(h.base_lsn);
         }
         if let Some(f) = scan.fault.clone() {
-            // The same rule recovery applies. A torn header is torn only as the newest
-            // segment of a journal; a lone file without a header is not a segment.
+            // Which damage may be a torn tail: the rule recovery applies. A torn header
+            // is torn only as the newest segment of a journal; a lone file without a
+            // header is not a segment. Inspect is stricter than recovery in one case:
+            // if checksummed records follow the damage, recovery still cuts there (after
+            // a power loss those are unsynced writes persisted out of order) with a
+            // warning, but inspect reports corruption, since it cannot know whether the
+            // machine lost power.
             let torn_tail = is_last
                 && match scan.header {
                     None => only.is_none(),
