@@ -53,9 +53,22 @@ fn round_trip_through_the_mount_matches_a_model() {
     if !fuse_available("round_trip_through_the_mount_matches_a_model") {
         return;
     }
+    round_trip(&[]);
+}
+
+/// The same with writes handed to worker threads and two session threads.
+#[test]
+fn round_trip_with_write_workers_matches_a_model() {
+    if !fuse_available("round_trip_with_write_workers_matches_a_model") {
+        return;
+    }
+    round_trip(&["--write-workers", "2", "--fuse-threads", "2"]);
+}
+
+fn round_trip(serve_args: &[&str]) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let site = make_site(tmp.path(), &[("os", "32M")]);
-    let served = Served::start(&site, &tmp.path().join("mnt"), &[]);
+    let served = Served::start(&site, &tmp.path().join("mnt"), serve_args);
     let path = served.disk("os");
     assert_eq!(std::fs::metadata(&path).expect("stat").len(), SIZE as u64);
     let f = OpenOptions::new()
@@ -162,7 +175,7 @@ fn round_trip_through_the_mount_matches_a_model() {
 
     // After a clean stop and a new serve, still equal.
     assert!(served.stop().success());
-    let served = Served::start(&site, &tmp.path().join("mnt"), &[]);
+    let served = Served::start(&site, &tmp.path().join("mnt"), serve_args);
     let again = std::fs::read(served.disk("os")).expect("read after restart");
     assert!(again == model, "disk differs from the model after restart");
     assert!(served.stop().success());

@@ -91,6 +91,10 @@ pub enum Command {
         /// Do not ask for FUSE_ASYNC_DIO.
         #[arg(long)]
         no_async_dio: bool,
+        /// Hand writes to N worker threads that append and reply while the session
+        /// threads read the next requests (0: session threads write themselves).
+        #[arg(long, default_value_t = 0)]
+        write_workers: usize,
     },
     /// Dump and verify a site, machine, journal directory or segment file; exit 1 on
     /// corruption, naming the file and offset.
@@ -159,6 +163,7 @@ pub fn run(cli: Cli) -> ExitCode {
             direct_io,
             max_write,
             no_async_dio,
+            write_workers,
         } => {
             let opts = replog::serve::ServeOptions {
                 mount,
@@ -167,6 +172,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     max_write,
                     async_dio: !no_async_dio,
                     direct_io,
+                    write_workers,
                     ..Default::default()
                 },
             };

@@ -28,6 +28,10 @@ pub struct FrontendOptions {
     pub direct_io: bool,
     /// Let the kernel send parallel direct writes to one file.
     pub parallel_direct_writes: bool,
+    /// Hand writes to this many worker threads, which append and reply, so the
+    /// session thread goes back to reading the next request at once (0: the session
+    /// thread appends and replies itself). Costs a copy of the data.
+    pub write_workers: usize,
 }
 
 impl Default for FrontendOptions {
@@ -37,6 +41,7 @@ impl Default for FrontendOptions {
             async_dio: true,
             direct_io: false,
             parallel_direct_writes: true,
+            write_workers: 0,
         }
     }
 }
@@ -77,6 +82,61 @@ pub struct LiveFs {
     uid: u32,
     gid: u32,
     seq_reads: SequentialReads,
+    /// Present when writes are handed to workers.
+    workers: Option<crossbeam::channel::Sender<WriteJob>>,
+}
+
+/// A write handed to a worker thread.
+struct WriteJob {
+    vol: Volume,
+    offset: u64,
+    data: Vec<u8>,
+    reply: ReplyWrite,
+}
+
+impl std::fmt::Debug for WriteJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WriteJob({}+{})", self.offset, self.data.len())
+    }
+}
+
+/// Append a write and reply; shared by the session thread and the workers.
+fn do_write(vol: &Volume, offset: u64, data: &[u8], reply: ReplyWrite) {
+    match vol.write(offset, data) {
+        Ok(_) => reply.written(data.len() as u32),
+        Err(e) => {
+            tracing::warn!(
+                "write {}/{} at {offset}+{}: {e}",
+                vol.machine(),
+                vol.name(),
+                data.len()
+            );
+            reply.error(errno(&e))
+        }
+    }
+}
+
+/// Start `n` write workers; they stop when the sender is dropped (with the file system).
+fn spawn_write_workers(n: usize) -> Option<crossbeam::channel::Sender<WriteJob>> {
+    if n == 0 {
+        return None;
+    }
+    let (tx, rx) = crossbeam::channel::bounded::<WriteJob>(64);
+    for i in 0..n {
+        let rx = rx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("fuse-write-{i}"))
+            .spawn(move || {
+                for job in rx {
+                    do_write(&job.vol, job.offset, &job.data, job.reply);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("could not start write worker: {e}; writing inline");
+            return None;
+        }
+    }
+    Some(tx)
 }
 
 /// Where each inode's last read ended, to spot sequential readers.
@@ -126,6 +186,7 @@ impl LiveFs {
             uid,
             gid,
             seq_reads: SequentialReads::default(),
+            workers: spawn_write_workers(opts.write_workers),
         })
     }
 
@@ -340,17 +401,19 @@ impl Filesystem for LiveFs {
         } else {
             data
         };
-        match vol.write(offset, data) {
-            Ok(_) => reply.written(data.len() as u32),
-            Err(e) => {
-                tracing::warn!(
-                    "write {}/{} at {offset}+{}: {e}",
-                    vol.machine(),
-                    vol.name(),
-                    data.len()
-                );
-                reply.error(errno(&e))
+        match &self.workers {
+            Some(tx) => {
+                let job = WriteJob {
+                    vol: vol.clone(),
+                    offset,
+                    data: data.to_vec(),
+                    reply,
+                };
+                if let Err(crossbeam::channel::SendError(job)) = tx.send(job) {
+                    do_write(&job.vol, job.offset, &job.data, job.reply);
+                }
             }
+            None => do_write(vol, offset, data, reply),
         }
     }
 
