@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod format;
 pub mod frontend;
+pub mod identity;
 pub mod index;
 pub mod inspect;
 pub mod journal;

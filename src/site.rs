@@ -3,6 +3,8 @@
 //! ```text
 //! SITE/
 //!   site.toml                       settings (see config.rs)
+//!   identity/cert.pem, key.pem      the site's certificate and key (see identity.rs)
+//!   trusted-peers                   IDs of the sites this one trusts
 //!   lock                            held (flock) by the process that owns the site;
 //!                                   holds "pid <pid> <command>" for error messages
 //!   machines/<machine>/machine.meta manifest: machine id, disks
@@ -63,6 +65,7 @@ impl Site {
         let tmp = path.join("site.toml.tmp");
         fs::write(&tmp, cfg.to_toml()).map_err(|e| Error::io("write", &tmp, e))?;
         fs::rename(&tmp, path.join(CONFIG_FILE)).map_err(|e| Error::io("rename", &tmp, e))?;
+        crate::identity::Identity::create(path)?;
         FileStorage.sync_dir(path)?;
         Ok(())
     }

@@ -26,6 +26,10 @@ pub struct Cli {
 pub enum Command {
     /// Create a site directory: configuration, machines/.
     Init { site: PathBuf },
+    /// Print this site's ID (the SHA-256 fingerprint of its certificate).
+    Id { site: PathBuf },
+    /// Trust a peer site for mutual TLS: pin its ID (as `replog id` prints it there).
+    Trust { site: PathBuf, peer_id: String },
     /// Manage disks.
     #[command(subcommand)]
     Disk(DiskCommand),
@@ -128,6 +132,8 @@ pub enum DiskCommand {
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Init { site } => site::init(&site),
+        Command::Id { site } => site::id(&site),
+        Command::Trust { site, peer_id } => site::trust(&site, &peer_id),
         Command::Disk(DiskCommand::Create {
             site,
             disk,

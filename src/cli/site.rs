@@ -7,7 +7,31 @@ use std::path::Path;
 
 pub fn init(path: &Path) -> Result<()> {
     Site::init(path)?;
-    println!("created site {}", path.display());
+    let id = replog::identity::Identity::load(path)?.id();
+    println!("created site {} (ID {id})", path.display());
+    Ok(())
+}
+
+pub fn id(path: &Path) -> Result<()> {
+    Site::read_config(path)?;
+    println!("{}", replog::identity::Identity::load(path)?.id());
+    Ok(())
+}
+
+pub fn trust(path: &Path, peer: &str) -> Result<()> {
+    Site::read_config(path)?;
+    let peer = replog::identity::SiteId::parse(peer)?;
+    let me = replog::identity::Identity::load(path)?.id();
+    if peer == me {
+        return Err(replog::Error::InvalidInput(format!(
+            "{peer} is this site's own ID; trust the other site's ID"
+        )));
+    }
+    if replog::identity::trust(path, peer)? {
+        println!("{} now trusts {peer}", path.display());
+    } else {
+        println!("{} already trusts {peer}", path.display());
+    }
     Ok(())
 }
 
