@@ -11,6 +11,17 @@ pub const CONFIG_HEADER: &str = "# replog site configuration, format 1";
 #[serde(default, deny_unknown_fields)]
 pub struct SiteConfig {
     pub journal: JournalConfig,
+    pub replica: ReplicaConfig,
+}
+
+/// Settings for the replicas this site holds as a target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicaConfig {
+    /// Where the key that encrypts replica data at rest lives; empty means
+    /// `SITE/identity/replica.key`. Point it outside the store (another volume) so
+    /// that a copy of the store alone cannot be read.
+    pub key_file: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

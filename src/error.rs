@@ -65,6 +65,11 @@ pub enum Error {
         size: u64,
     },
 
+    /// A replication chain is broken (a gap, a segment that differs from the one stored
+    /// under its number): the replica needs resynchronisation.
+    #[error("broken chain: {0}")]
+    BrokenChain(String),
+
     /// A file written by a newer replog, or with incompatible feature bits.
     #[error("unsupported format in {}: {what}", path.display())]
     Unsupported { path: PathBuf, what: String },
@@ -100,7 +105,7 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            Error::Corruption { .. } | Error::Poisoned { .. } => libc::EIO,
+            Error::Corruption { .. } | Error::Poisoned { .. } | Error::BrokenChain(_) => libc::EIO,
             Error::InvalidInput(_) => libc::EINVAL,
             Error::NotFound(_) => libc::ENOENT,
             Error::AlreadyExists(_) => libc::EEXIST,

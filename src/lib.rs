@@ -20,6 +20,7 @@ pub mod index;
 pub mod inspect;
 pub mod journal;
 pub mod names;
+pub mod replica;
 pub mod replication;
 pub mod serve;
 pub mod site;

@@ -136,6 +136,19 @@ impl Site {
         &self.path
     }
 
+    /// The key that encrypts this site's replicas at rest (created on first use).
+    pub fn replica_key(&self) -> Result<crate::replica::crypt::ReplicaKey> {
+        let configured = &self.config.replica.key_file;
+        let path = if configured.is_empty() {
+            self.path
+                .join(crate::identity::IDENTITY_DIR)
+                .join("replica.key")
+        } else {
+            PathBuf::from(configured)
+        };
+        crate::replica::crypt::ReplicaKey::load_or_create(&path)
+    }
+
     pub fn config(&self) -> &SiteConfig {
         &self.config
     }

@@ -19,7 +19,11 @@
 //! length followed by their bytes, fields in declaration order:
 //! `machine_id: u64, disks: [ { id: u32, name: string, size: u64 } ]`.
 //!
-//! ## Merge watermark body (kind 2), 16 bytes
+//! ## Replica manifest body (kind 3): postcard encoding of
+//! `replica::store::ReplicaManifest`: `source_site: [u8; 32], machine_id: u64,
+//! disks: [ { id: u32, name: string, size: u64 } ]`.
+//!
+//! ## Merge watermark body (kind 2), 16 bytes (also a replica's "received" mark)
 //!
 //! ```text
 //!   0   8 merge watermark LSN: every record with LSN <= this is in the parents
@@ -35,6 +39,7 @@ pub const META_MAGIC: [u8; 8] = *b"\x89RLM\r\n\x1a\n";
 pub const META_HEADER_LEN: usize = 24;
 pub const KIND_MANIFEST: u16 = 1;
 pub const KIND_WATERMARK: u16 = 2;
+pub const KIND_REPLICA_MANIFEST: u16 = 3;
 /// Largest metadata body accepted (a manifest with thousands of disks fits).
 pub const MAX_META_BODY: u32 = 1 << 20;
 

@@ -1,0 +1,275 @@
+//! A replica's segment store at the target: every segment received is verified like
+//! the source's own recovery would verify it, stored gap-free and exactly once,
+//! encrypted, fsynced — and only then acknowledged.
+//!
+//! ```text
+//! SITE/replicas/<machine>/replica.meta         manifest: source site, machine id, disks
+//! SITE/replicas/<machine>/received             last segment stored (LSN, seq): a watermark file
+//! SITE/replicas/<machine>/segments/<seq>.seg.enc   encrypted segments (see crypt.rs)
+//! ```
+//!
+//! Order for a new segment: write it to a temporary file, fsync, rename, fsync the
+//! directory, then persist `received`. A crash between the rename and `received` leaves
+//! one segment past the mark; opening the store verifies it and takes it in, or
+//! removes it if it does not verify.
+
+use super::crypt::ReplicaKey;
+use crate::error::{Error, Result};
+use crate::format::meta::{self, DiskEntry, Watermark, KIND_REPLICA_MANIFEST};
+use crate::format::segment::segment_name;
+use crate::journal::reader::{scan_segment, Expect};
+use crate::names::validate_name;
+use crate::storage::{write_atomic, FileStorage, MemStorage, OpenMode, Storage};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const REPLICAS_DIR: &str = "replicas";
+const MANIFEST: &str = "replica.meta";
+const RECEIVED: &str = "received";
+const SEGMENTS: &str = "segments";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaManifest {
+    pub source_site: [u8; 32],
+    pub machine_id: u64,
+    pub disks: Vec<DiskEntry>,
+}
+
+/// What happened to a segment handed to [`ReplicaStore::receive`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receipt {
+    /// Stored now; everything up to `lsn` is durable here.
+    Stored { lsn: u64 },
+    /// Stored before (a resend); nothing changed.
+    Duplicate { lsn: u64 },
+}
+
+/// One machine's replica segments.
+#[derive(Debug)]
+pub struct ReplicaStore {
+    dir: PathBuf,
+    key: ReplicaKey,
+    manifest: ReplicaManifest,
+    received: Watermark,
+}
+
+fn enc_name(seq: u64) -> String {
+    format!("{}.enc", segment_name(seq))
+}
+
+impl ReplicaStore {
+    pub fn dir_of(site: &Path, machine: &str) -> Result<PathBuf> {
+        validate_name("machine", machine)?;
+        Ok(site.join(REPLICAS_DIR).join(machine))
+    }
+
+    /// Start a replica of `machine`.
+    pub fn create(
+        site: &Path,
+        machine: &str,
+        manifest: ReplicaManifest,
+        key: ReplicaKey,
+    ) -> Result<Self> {
+        let dir = Self::dir_of(site, machine)?;
+        if dir.join(MANIFEST).exists() {
+            return Err(Error::AlreadyExists(format!(
+                "a replica of {machine} exists at {}",
+                dir.display()
+            )));
+        }
+        for d in &manifest.disks {
+            validate_name("disk", &d.name)?;
+            crate::names::validate_disk_size(d.size)?;
+        }
+        let fs = FileStorage;
+        fs.create_dir_all(&dir.join(SEGMENTS))?;
+        let body =
+            postcard::to_stdvec(&manifest).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        write_atomic(
+            &fs,
+            &dir.join(MANIFEST),
+            &meta::encode(KIND_REPLICA_MANIFEST, &body),
+        )?;
+        Self::open(site, machine, key)
+    }
+
+    pub fn open(site: &Path, machine: &str, key: ReplicaKey) -> Result<Self> {
+        let dir = Self::dir_of(site, machine)?;
+        let mpath = dir.join(MANIFEST);
+        if !mpath.exists() {
+            return Err(Error::NotFound(format!(
+                "site {} holds no replica of {machine}",
+                site.display()
+            )));
+        }
+        let bytes = std::fs::read(&mpath).map_err(|e| Error::io("read", &mpath, e))?;
+        let body = meta::decode(KIND_REPLICA_MANIFEST, &bytes)
+            .map_err(|e| Error::corruption(&mpath, e.offset, e.what))?;
+        let manifest: ReplicaManifest =
+            postcard::from_bytes(body).map_err(|e| Error::corruption(&mpath, 24, e.to_string()))?;
+        let rpath = dir.join(RECEIVED);
+        let received = if rpath.exists() {
+            let b = std::fs::read(&rpath).map_err(|e| Error::io("read", &rpath, e))?;
+            Watermark::decode(&b).map_err(|e| Error::corruption(&rpath, e.offset, e.what))?
+        } else {
+            Watermark::default()
+        };
+        let mut store = ReplicaStore {
+            dir,
+            key,
+            manifest,
+            received,
+        };
+        store.reconcile()?;
+        Ok(store)
+    }
+
+    pub fn manifest(&self) -> &ReplicaManifest {
+        &self.manifest
+    }
+
+    /// The newest segment stored (LSN 0 / seq 0: none).
+    pub fn received(&self) -> Watermark {
+        self.received
+    }
+
+    fn seg_path(&self, seq: u64) -> PathBuf {
+        self.dir.join(SEGMENTS).join(enc_name(seq))
+    }
+
+    /// Take in (or remove) a segment stored just past the mark by a crash.
+    fn reconcile(&mut self) -> Result<()> {
+        let next = self.received.segment_seq + 1;
+        let path = self.seg_path(next);
+        if !path.exists() {
+            return Ok(());
+        }
+        let taken = std::fs::read(&path)
+            .map_err(|e| Error::io("read", &path, e))
+            .and_then(|ct| self.key.open(self.manifest.machine_id, next, &ct, &path))
+            .and_then(|plain| self.verify(next, &plain));
+        match taken {
+            Ok(last_lsn) => {
+                tracing::info!("replica: took in segment {next} stored before a crash");
+                self.mark(Watermark {
+                    lsn: last_lsn,
+                    segment_seq: next,
+                })
+            }
+            Err(e) => {
+                tracing::warn!("replica: removing unacknowledged segment {next}: {e}");
+                std::fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
+                FileStorage.sync_dir(&self.dir.join(SEGMENTS))
+            }
+        }
+    }
+
+    fn mark(&mut self, w: Watermark) -> Result<()> {
+        write_atomic(&FileStorage, &self.dir.join(RECEIVED), &w.encode())?;
+        self.received = w;
+        Ok(())
+    }
+
+    /// Verify a whole sealed segment `seq` that must follow what is stored; returns its
+    /// last LSN. Everything the source's recovery checks is checked here.
+    fn verify(&self, seq: u64, plain: &[u8]) -> Result<u64> {
+        let mem = MemStorage::new();
+        let dir = Path::new("/incoming");
+        let path = dir.join(segment_name(seq));
+        mem.create_dir_all(dir)?;
+        let f = mem.open(&path, OpenMode::CreateNew)?;
+        f.write_at(&[plain], 0)?;
+        let sizes: Vec<u64> = self.manifest.disks.iter().map(|d| d.size).collect();
+        let mut outside = None;
+        let expect = Expect {
+            machine_id: Some(self.manifest.machine_id),
+            seq: Some(seq),
+            first_lsn: Some(self.received.lsn + 1),
+            disk_count: Some(sizes.len() as u32),
+        };
+        let scan = scan_segment(f.as_ref(), expect, |rec| {
+            if let Some(what) = crate::volume::record_outside_disk(&rec.header, &sizes) {
+                outside.get_or_insert((rec.offset, what));
+            }
+            Ok(())
+        })?;
+        let named = self.seg_path(seq);
+        if let Some(fault) = &scan.fault {
+            return Err(Error::corruption(named, fault.offset, fault.what.clone()));
+        }
+        if let Some((offset, what)) = outside {
+            return Err(Error::corruption(named, offset, what));
+        }
+        match (scan.footer, scan.last_lsn) {
+            (Some(_), Some(last)) => Ok(last),
+            _ => Err(Error::corruption(
+                named,
+                scan.end,
+                "segment is not sealed or holds no records",
+            )),
+        }
+    }
+
+    /// Receive segment `seq` (its plain bytes as the source has them). Verified, then
+    /// stored durably, then acknowledged; nothing is stored if anything is wrong.
+    pub fn receive(&mut self, seq: u64, plain: &[u8]) -> Result<Receipt> {
+        if seq <= self.received.segment_seq {
+            let path = self.seg_path(seq);
+            let stored = std::fs::read(&path)
+                .map_err(|e| Error::io("read", &path, e))
+                .and_then(|ct| self.key.open(self.manifest.machine_id, seq, &ct, &path));
+            return match stored {
+                Ok(p) if p == plain => Ok(Receipt::Duplicate {
+                    lsn: self.received.lsn,
+                }),
+                Ok(_) => Err(Error::BrokenChain(format!(
+                    "segment {seq} differs from the one stored under that number"
+                ))),
+                Err(e) => Err(e),
+            };
+        }
+        if seq != self.received.segment_seq + 1 {
+            return Err(Error::BrokenChain(format!(
+                "segment {seq} arrived but {} is next (a gap)",
+                self.received.segment_seq + 1
+            )));
+        }
+        let last_lsn = self.verify(seq, plain).map_err(|e| match e {
+            Error::Corruption { offset, what, .. } if what.contains("was next") => {
+                Error::BrokenChain(format!(
+                    "segment {seq} does not continue the chain at LSN {} (offset {offset}: {what})",
+                    self.received.lsn + 1
+                ))
+            }
+            other => other,
+        })?;
+        let ct = self.key.seal(self.manifest.machine_id, seq, plain)?;
+        let path = self.seg_path(seq);
+        let tmp = path.with_extension("tmp");
+        let fs = FileStorage;
+        if fs.exists(&tmp) {
+            fs.remove_file(&tmp)?;
+        }
+        let f = fs.open(&tmp, OpenMode::CreateNew)?;
+        f.write_at(&[&ct], 0)?;
+        f.sync_data()?;
+        drop(f);
+        fs.rename(&tmp, &path)?;
+        fs.sync_dir(&self.dir.join(SEGMENTS))?;
+        self.mark(Watermark {
+            lsn: last_lsn,
+            segment_seq: seq,
+        })?;
+        Ok(Receipt::Stored { lsn: last_lsn })
+    }
+
+    /// The plain bytes of stored segment `seq`, decrypted and authenticated.
+    pub fn read_segment(&self, seq: u64) -> Result<Vec<u8>> {
+        if seq == 0 || seq > self.received.segment_seq {
+            return Err(Error::NotFound(format!("segment {seq} is not stored")));
+        }
+        let path = self.seg_path(seq);
+        let ct = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+        self.key.open(self.manifest.machine_id, seq, &ct, &path)
+    }
+}

@@ -1,0 +1,189 @@
+//! The target's segment store: verified, gap-free, exactly once, encrypted at rest.
+
+use replog::config::JournalConfig;
+use replog::format::meta::DiskEntry;
+use replog::format::segment::segment_name;
+use replog::replica::crypt::ReplicaKey;
+use replog::replica::store::{Receipt, ReplicaManifest, ReplicaStore};
+use replog::storage::FileStorage;
+use replog::{Error, Machine};
+use std::path::Path;
+use std::sync::Arc;
+
+/// A source machine with three sealed segments; returns (machine id, segment bytes).
+fn source(dir: &Path) -> (u64, Vec<Vec<u8>>) {
+    let fs = FileStorage;
+    Machine::create(&fs, dir).expect("create");
+    Machine::add_disk(&fs, dir, "os", 1 << 20, None).expect("disk");
+    let m =
+        Machine::open(Arc::new(FileStorage), dir, "vm1", JournalConfig::default()).expect("open");
+    let v = m.volume("os").expect("vol");
+    for i in 0..3u64 {
+        v.write(i * 10_000 + 3, &vec![b'a' + i as u8; 5000])
+            .expect("write");
+        m.flush().expect("flush");
+        m.seal().expect("seal");
+    }
+    let id = Machine::read_manifest(&fs, dir)
+        .expect("manifest")
+        .machine_id;
+    let segs = (1..=3)
+        .map(|s| std::fs::read(dir.join("journal").join(segment_name(s))).expect("segment"))
+        .collect();
+    (id, segs)
+}
+
+fn replica(site: &Path, machine_id: u64) -> ReplicaStore {
+    let manifest = ReplicaManifest {
+        source_site: [1u8; 32],
+        machine_id,
+        disks: vec![DiskEntry {
+            id: 0,
+            name: "os".into(),
+            size: 1 << 20,
+        }],
+    };
+    let key = ReplicaKey::load_or_create(&site.join("identity/replica.key")).expect("key");
+    ReplicaStore::create(site, "vm1", manifest, key).expect("create replica")
+}
+
+fn key(site: &Path) -> ReplicaKey {
+    ReplicaKey::load_or_create(&site.join("identity/replica.key")).expect("key")
+}
+
+#[test]
+fn segments_are_stored_in_order_exactly_once_and_encrypted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (id, segs) = source(&tmp.path().join("src"));
+    let site = tmp.path().join("target");
+    let mut r = replica(&site, id);
+
+    // A gap is refused, nothing stored.
+    assert!(matches!(r.receive(2, &segs[1]), Err(Error::BrokenChain(_))));
+    assert_eq!(r.received().segment_seq, 0);
+
+    let Receipt::Stored { lsn: l1 } = r.receive(1, &segs[0]).expect("seg 1") else {
+        panic!("not stored")
+    };
+    assert!(l1 > 0);
+    // A resend is idempotent.
+    assert_eq!(
+        r.receive(1, &segs[0]).expect("resend"),
+        Receipt::Duplicate { lsn: l1 }
+    );
+    // A different segment under a stored number is a broken chain.
+    assert!(matches!(r.receive(1, &segs[1]), Err(Error::BrokenChain(_))));
+
+    // A flipped byte anywhere: refused, nothing stored, the chain goes on after.
+    for at in [10, 64 + 20, 64 + 48 + 100, segs[1].len() - 3] {
+        let mut bad = segs[1].clone();
+        bad[at] ^= 0x08;
+        let err = r.receive(2, &bad).expect_err("damaged segment stored");
+        assert!(err.is_corruption(), "flip at {at}: {err}");
+        assert_eq!(r.received().segment_seq, 1);
+    }
+    r.receive(2, &segs[1]).expect("seg 2");
+    r.receive(3, &segs[2]).expect("seg 3");
+    for (i, s) in segs.iter().enumerate() {
+        assert_eq!(&r.read_segment(i as u64 + 1).expect("read back"), s);
+    }
+    // At rest, the data is not readable.
+    for entry in std::fs::read_dir(site.join("replicas/vm1/segments")).expect("ls") {
+        let bytes = std::fs::read(entry.expect("entry").path()).expect("read");
+        assert!(
+            !bytes.windows(64).any(|w| w.iter().all(|b| *b == b'a')),
+            "plaintext at rest"
+        );
+    }
+    // Reopen: same state.
+    drop(r);
+    let r = ReplicaStore::open(&site, "vm1", key(&site)).expect("reopen");
+    assert_eq!(r.received().segment_seq, 3);
+}
+
+#[test]
+fn wrong_machine_and_wrong_key_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (id, segs) = source(&tmp.path().join("src"));
+    let site = tmp.path().join("target");
+    let mut r = replica(&site, id ^ 1);
+    let err = r
+        .receive(1, &segs[0])
+        .expect_err("foreign machine's segment stored");
+    assert!(err.is_corruption(), "{err}");
+
+    let site2 = tmp.path().join("target2");
+    let mut r2 = replica(&site2, id);
+    r2.receive(1, &segs[0]).expect("seg 1");
+    drop(r2);
+    let other = tmp.path().join("other.key");
+    let err = ReplicaStore::open(
+        &site2,
+        "vm1",
+        ReplicaKey::load_or_create(&other).expect("key"),
+    )
+    .and_then(|s| s.read_segment(1))
+    .expect_err("opened with another key");
+    assert!(err.is_corruption(), "{err}");
+}
+
+#[test]
+fn a_crash_between_storing_and_marking_is_reconciled() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (id, segs) = source(&tmp.path().join("src"));
+    let site = tmp.path().join("target");
+    let mut r = replica(&site, id);
+    r.receive(1, &segs[0]).expect("seg 1");
+    let received_1 = std::fs::read(site.join("replicas/vm1/received")).expect("mark");
+    r.receive(2, &segs[1]).expect("seg 2");
+    drop(r);
+    // Roll the mark back to segment 1, as if the crash came before it was persisted.
+    std::fs::write(site.join("replicas/vm1/received"), &received_1).expect("roll back");
+    let r = ReplicaStore::open(&site, "vm1", key(&site)).expect("reopen");
+    assert_eq!(
+        r.received().segment_seq,
+        2,
+        "the stored segment was not taken in"
+    );
+
+    // And a damaged leftover is removed, not taken in.
+    drop(r);
+    std::fs::write(site.join("replicas/vm1/received"), &received_1).expect("roll back");
+    let p = site
+        .join("replicas/vm1/segments")
+        .join(format!("{}.enc", segment_name(2)));
+    let mut ct = std::fs::read(&p).expect("read");
+    let n = ct.len();
+    ct[n - 5] ^= 1;
+    std::fs::write(&p, ct).expect("damage");
+    let mut r = ReplicaStore::open(&site, "vm1", key(&site)).expect("reopen");
+    assert_eq!(r.received().segment_seq, 1);
+    assert!(!p.exists(), "a leftover that does not verify was kept");
+    r.receive(2, &segs[1]).expect("seg 2 again");
+}
+
+#[test]
+fn hostile_names_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for bad in ["../x", "a/b", ".."] {
+        assert!(ReplicaStore::dir_of(tmp.path(), bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn the_site_config_can_place_the_key_outside_the_store() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let site = tmp.path().join("s");
+    replog::Site::init(&site).expect("init");
+    let elsewhere = tmp.path().join("vault/replica.key");
+    let cfg = std::fs::read_to_string(site.join("site.toml")).expect("cfg");
+    let cfg = cfg.replace(
+        "key_file = \"\"",
+        &format!("key_file = {:?}", elsewhere.display().to_string()),
+    );
+    std::fs::write(site.join("site.toml"), cfg).expect("write cfg");
+    let s = replog::Site::open(&site).expect("open");
+    s.replica_key().expect("key");
+    assert!(elsewhere.exists(), "key not created where the config says");
+    assert!(!site.join("identity/replica.key").exists());
+}
