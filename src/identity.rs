@@ -91,13 +91,20 @@ impl Identity {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
         let made = rcgen::generate_simple_self_signed(vec!["replog-site".to_string()])
             .map_err(|e| Error::InvalidInput(format!("generating the site certificate: {e}")))?;
-        write_private(
-            &dir.join(KEY_FILE),
+        // A key without a certificate is a creation that did not finish: replace it.
+        let key_path = dir.join(KEY_FILE);
+        if key_path.exists() && !dir.join(CERT_FILE).exists() {
+            std::fs::remove_file(&key_path).map_err(|e| Error::io("remove", &key_path, e))?;
+        }
+        write_new(
+            &key_path,
             made.signing_key.serialize_pem().as_bytes(),
+            0o600,
         )?;
-        let cert_path = dir.join(CERT_FILE);
-        std::fs::write(&cert_path, made.cert.pem())
-            .map_err(|e| Error::io("write", &cert_path, e))?;
+        // The certificate last: its presence is what says "this site has an identity".
+        write_new(&dir.join(CERT_FILE), made.cert.pem().as_bytes(), 0o644)?;
+        crate::storage::Storage::sync_dir(&crate::storage::FileStorage, &dir)?;
+        crate::storage::Storage::sync_dir(&crate::storage::FileStorage, site)?;
         Self::load(site)
     }
 
@@ -120,13 +127,14 @@ impl Identity {
     }
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Create `path` (it must not exist) with `mode`, write `bytes`, fsync.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(path)
         .map_err(|e| Error::io("create", path, e))?;
     f.write_all(bytes)
@@ -148,7 +156,7 @@ pub fn trusted_peers(site: &Path) -> Result<BTreeSet<SiteId>> {
             continue;
         }
         let id = SiteId::parse(line).map_err(|_| {
-            Error::corruption(&path, n as u64, format!("line {}: not a site ID", n + 1))
+            Error::InvalidInput(format!("{} line {}: not a site ID", path.display(), n + 1))
         })?;
         out.insert(id);
     }
@@ -156,9 +164,18 @@ pub fn trusted_peers(site: &Path) -> Result<BTreeSet<SiteId>> {
 }
 
 /// Pin `peer` in `site`'s trusted peers (idempotent; the file is replaced atomically,
-/// so a running `serve` sees either the old or the new set). Returns false if it was
-/// trusted already.
+/// so a reader sees either the old or the new set; TLS configurations take a copy
+/// when they are built). Returns false if it was trusted already. Concurrent calls
+/// are serialised by an flock on `trusted-peers.lock`.
 pub fn trust(site: &Path, peer: SiteId) -> Result<bool> {
+    let lock_path = site.join(format!("{TRUST_FILE}.lock"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io("open", &lock_path, e))?;
+    lock.lock().map_err(|e| Error::io("lock", &lock_path, e))?;
     let mut peers = trusted_peers(site)?;
     if !peers.insert(peer) {
         return Ok(false);

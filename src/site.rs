@@ -61,11 +61,13 @@ impl Site {
             }
         }
         fs::create_dir_all(path.join(MACHINES_DIR)).map_err(|e| Error::io("create", path, e))?;
+        // The identity first: site.toml is what makes the directory a site, so it goes
+        // in last and a site never exists without its identity.
+        crate::identity::Identity::create(path)?;
         let cfg = SiteConfig::default();
         let tmp = path.join("site.toml.tmp");
         fs::write(&tmp, cfg.to_toml()).map_err(|e| Error::io("write", &tmp, e))?;
         fs::rename(&tmp, path.join(CONFIG_FILE)).map_err(|e| Error::io("rename", &tmp, e))?;
-        crate::identity::Identity::create(path)?;
         FileStorage.sync_dir(path)?;
         Ok(())
     }

@@ -24,7 +24,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create a site directory: configuration, machines/.
+    /// Create a site directory: configuration, identity (key + self-signed
+    /// certificate), machines/.
     Init { site: PathBuf },
     /// Print this site's ID (the SHA-256 fingerprint of its certificate).
     Id { site: PathBuf },
@@ -76,7 +77,8 @@ pub enum Command {
         json: bool,
     },
     /// Run the site in the foreground: recover journals, run compactors, mount every
-    /// disk as DIR/<machine>/<disk>.img. SIGINT/SIGTERM flush, unmount and exit 0.
+    /// disk as DIR/<machine>/<disk>.img. SIGINT/SIGTERM flush, unmount and exit 0 (1
+    /// if a flush fails); a mount still in use is detached and let go after 10 s.
     Serve {
         site: PathBuf,
         /// Mount the disks here (created if missing; a dead mount left by a killed
@@ -115,12 +117,14 @@ pub enum DiskCommand {
     /// or a copy of a raw image whose holes and zero blocks stay holes.
     Create {
         site: PathBuf,
-        /// MACHINE/DISK, names of letters, digits, '.', '_', '-'
+        /// MACHINE/DISK: each name 1-64 ASCII letters, digits, '.', '_', '-', not
+        /// starting with '.' or '-'
         disk: String,
         /// Size: bytes, or with K/M/G/T (binary); a multiple of 512, at most 64T.
         #[arg(long)]
         size: String,
-        /// Raw image to copy into the new disk (at most SIZE bytes).
+        /// Raw image file to copy into the new disk (a regular file, at most SIZE bytes;
+        /// holes and zero blocks stay holes).
         #[arg(long)]
         import: Option<PathBuf>,
     },

@@ -470,6 +470,12 @@ pub fn recover(
     let active = match active {
         Some(a) => a,
         None => {
+            // The newest segment is sealed, but its footer may still be only in the page
+            // cache (a kill -9 between writing it and its fdatasync). It must be durable
+            // before a newer segment exists: recovery treats only the newest as torn.
+            if let Some(last) = sealed.last() {
+                last.file.sync_data()?;
+            }
             let seq = expected_seq.unwrap_or(params.watermark_seq + 1);
             create_segment(
                 storage.as_ref(),

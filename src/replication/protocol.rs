@@ -25,8 +25,10 @@ use std::io::{self, Read, Write};
 pub const FRAME_MAGIC: [u8; 4] = *b"RPLF";
 pub const PROTOCOL_VERSION: u16 = 1;
 pub const FRAME_HEADER_LEN: usize = 16;
-/// Largest frame body: one journal segment chunk plus its envelope.
+/// Largest frame body: one segment chunk plus its envelope.
 pub const MAX_FRAME_BODY: u32 = 16 << 20;
+/// Largest segment chunk (uncompressed bytes) in one frame.
+pub const MAX_CHUNK: usize = 8 << 20;
 
 /// Why a frame was refused.
 #[derive(Debug, thiserror::Error)]
@@ -48,13 +50,16 @@ pub enum FrameError {
 pub enum Message {
     /// First message each way: who speaks, which protocol features it has.
     Hello { site_id: [u8; 32], software: String },
-    /// Source → target: one sealed journal segment of `machine`, whole (the
-    /// segment file's bytes, LZ4-compressed when `compressed`).
-    Segment {
+    /// Source → target: a piece of sealed journal segment `seq` of `machine` (its
+    /// file's bytes from `offset`, LZ4-compressed when `compressed`). Segments are
+    /// bigger than a frame, so they travel in chunks of at most [`MAX_CHUNK`] bytes;
+    /// the target verifies and stores the segment when the chunk ending at
+    /// `segment_len` arrives.
+    SegmentChunk {
         machine: String,
         seq: u64,
-        first_lsn: u64,
-        last_lsn: u64,
+        segment_len: u64,
+        offset: u64,
         compressed: bool,
         bytes: Vec<u8>,
     },
@@ -144,14 +149,18 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8], crc: u32) -> Result<T, Fram
     Ok(msg)
 }
 
-/// Read one frame. At most one maximum-size body is allocated, and only after its
-/// header checked out.
+/// Read one frame. The body buffer grows as its bytes arrive (never past the checked
+/// length), so a peer that claims a large frame and stalls holds little memory.
 pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameError> {
     let mut h = [0u8; FRAME_HEADER_LEN];
     r.read_exact(&mut h)?;
     let (len, crc) = check_header(&h)?;
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body)?;
+    // Grow with the bytes that arrive, not with what the header claims.
+    let mut body = Vec::new();
+    r.take(u64::from(len)).read_to_end(&mut body)?;
+    if body.len() != len as usize {
+        return Err(FrameError::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
     decode_body(&body, crc)
 }
 
@@ -177,14 +186,28 @@ mod tests {
     use proptest::prelude::*;
 
     fn sample() -> Message {
-        Message::Segment {
+        Message::SegmentChunk {
             machine: "vm1".into(),
             seq: 7,
-            first_lsn: 100,
-            last_lsn: 180,
+            segment_len: 9000,
+            offset: 3000,
             compressed: false,
             bytes: (0..3000u32).map(|i| i as u8).collect(),
         }
+    }
+
+    #[test]
+    fn a_full_chunk_fits_a_frame() {
+        let m = Message::SegmentChunk {
+            machine: "x".repeat(64),
+            seq: u64::MAX,
+            segment_len: u64::MAX,
+            offset: u64::MAX,
+            compressed: true,
+            bytes: vec![0xAB; MAX_CHUNK],
+        };
+        let f = encode(&m).unwrap();
+        assert_eq!(decode::<Message>(&f).unwrap().0, m);
     }
 
     #[test]
