@@ -397,6 +397,25 @@ impl Machine {
         self.inner.holds.hold(lsn)
     }
 
+    /// The machine's id (from its manifest; segments carry it).
+    pub fn machine_id(&self) -> u64 {
+        self.inner.machine_id
+    }
+
+    /// Disk names and sizes, in disk-id order.
+    pub fn disks(&self) -> Vec<(String, u64)> {
+        self.inner
+            .disks
+            .iter()
+            .map(|d| (d.name.clone(), d.size))
+            .collect()
+    }
+
+    /// The sealed segments still in the journal, oldest first.
+    pub fn sealed_segments(&self) -> Vec<SealedSegment> {
+        self.inner.sealed.lock().values().cloned().collect()
+    }
+
     pub fn points(&self) -> Vec<Point> {
         self.inner.points.lock().clone()
     }

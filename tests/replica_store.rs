@@ -44,7 +44,7 @@ fn replica(site: &Path, machine_id: u64) -> ReplicaStore {
         }],
     };
     let key = ReplicaKey::load_or_create(&site.join("identity/replica.key")).expect("key");
-    ReplicaStore::create(site, "vm1", manifest, key).expect("create replica")
+    ReplicaStore::create(site, "vm1", manifest, Default::default(), key).expect("create replica")
 }
 
 fn key(site: &Path) -> ReplicaKey {

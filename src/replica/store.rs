@@ -64,10 +64,13 @@ impl ReplicaStore {
     }
 
     /// Start a replica of `machine`.
+    /// Start a replica of `machine` whose chain begins after `base` (the point the
+    /// initial copy of the disks stands for: segments up to it are never sent).
     pub fn create(
         site: &Path,
         machine: &str,
         manifest: ReplicaManifest,
+        base: Watermark,
         key: ReplicaKey,
     ) -> Result<Self> {
         let dir = Self::dir_of(site, machine)?;
@@ -83,6 +86,8 @@ impl ReplicaStore {
         }
         let fs = FileStorage;
         fs.create_dir_all(&dir.join(SEGMENTS))?;
+        // The received mark first: the manifest, written last, says "created".
+        write_atomic(&fs, &dir.join(RECEIVED), &base.encode())?;
         let body =
             postcard::to_stdvec(&manifest).map_err(|e| Error::InvalidInput(e.to_string()))?;
         write_atomic(

@@ -4,3 +4,6 @@
 //! on these (issue 4 onwards).
 
 pub mod protocol;
+pub mod receiver;
+pub mod shipper;
+pub mod transport;

@@ -50,6 +50,17 @@ pub enum FrameError {
 pub enum Message {
     /// First message each way: who speaks, which protocol features it has.
     Hello { site_id: [u8; 32], software: String },
+    /// Source → target: replicate `machine` (created at the target if new; its chain
+    /// starts after `base_lsn` / segment `base_seq`). Answered by `Protected`.
+    Protect {
+        machine: String,
+        machine_id: u64,
+        disks: Vec<(String, u64)>,
+        base_lsn: u64,
+        base_seq: u64,
+    },
+    /// Target → source: the replica holds everything up to `lsn` (segment `seq`).
+    Protected { machine: String, lsn: u64, seq: u64 },
     /// Source → target: a piece of sealed journal segment `seq` of `machine` (its
     /// file's bytes from `offset`, LZ4-compressed when `compressed`). Segments are
     /// bigger than a frame, so they travel in chunks of at most [`MAX_CHUNK`] bytes;
@@ -99,7 +110,7 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
 }
 
 /// Write one message as a frame.
-pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), FrameError> {
+pub fn write_frame<T: Serialize>(w: &mut (impl Write + ?Sized), msg: &T) -> Result<(), FrameError> {
     w.write_all(&encode(msg)?)?;
     Ok(())
 }

@@ -1,0 +1,271 @@
+//! The target side of a replication session: checks who speaks, opens or creates the
+//! machine's replica, assembles segment chunks, stores each whole segment through the
+//! replica store (verify, encrypt, fsync) and only then acknowledges it.
+//!
+//! A frame that does not decode, a chunk out of order, a segment that fails
+//! verification or breaks the chain: an `Error` message goes back, the session closes,
+//! and nothing of that segment is stored.
+
+use super::protocol::{read_frame, write_frame, ErrorCode, FrameError, Message, MAX_CHUNK};
+use crate::error::Error;
+use crate::format::meta::{DiskEntry, Watermark};
+use crate::identity::SiteId;
+use crate::replica::crypt::ReplicaKey;
+use crate::replica::store::{ReplicaManifest, ReplicaStore};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A replica store shared by the sessions of one machine.
+type SharedStore = Arc<Mutex<ReplicaStore>>;
+/// Why a session ends: the class the peer is told, and the reason.
+type Refusal = (ErrorCode, String);
+
+/// The largest segment a target assembles in memory.
+pub const MAX_SEGMENT: u64 = 1 << 30;
+
+/// What a target site needs to receive replicas.
+#[derive(Debug)]
+pub struct Target {
+    pub site: PathBuf,
+    pub me: SiteId,
+    key: ReplicaKey,
+    /// One open store per machine; a second session for the same machine waits.
+    stores: Mutex<HashMap<String, Arc<Mutex<ReplicaStore>>>>,
+}
+
+impl Target {
+    pub fn new(site: PathBuf, me: SiteId, key: ReplicaKey) -> Self {
+        Target {
+            site,
+            me,
+            key,
+            stores: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn store(&self, peer: SiteId, m: &Message) -> Result<(String, SharedStore), Refusal> {
+        let Message::Protect {
+            machine,
+            machine_id,
+            disks,
+            base_lsn,
+            base_seq,
+        } = m
+        else {
+            return Err((ErrorCode::Fatal, "expected Protect".into()));
+        };
+        if let Some(s) = self.stores.lock().get(machine) {
+            return Ok((machine.clone(), s.clone()));
+        }
+        let fatal = |e: Error| (ErrorCode::Fatal, e.to_string());
+        let store = match ReplicaStore::open(&self.site, machine, self.key.clone()) {
+            Ok(s) => s,
+            Err(Error::NotFound(_)) => {
+                let manifest = ReplicaManifest {
+                    source_site: peer.0,
+                    machine_id: *machine_id,
+                    disks: disks
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (name, size))| DiskEntry {
+                            id: i as u32,
+                            name: name.clone(),
+                            size: *size,
+                        })
+                        .collect(),
+                };
+                let base = Watermark {
+                    lsn: *base_lsn,
+                    segment_seq: *base_seq,
+                };
+                ReplicaStore::create(&self.site, machine, manifest, base, self.key.clone())
+                    .map_err(fatal)?
+            }
+            Err(e) => return Err(fatal(e)),
+        };
+        let man = store.manifest();
+        if man.source_site != peer.0 || man.machine_id != *machine_id {
+            return Err((
+                ErrorCode::Fatal,
+                format!("this site's replica of {machine} belongs to another site or machine"),
+            ));
+        }
+        let store = Arc::new(Mutex::new(store));
+        self.stores.lock().insert(machine.clone(), store.clone());
+        Ok((machine.clone(), store))
+    }
+
+    /// Run one session with `peer` (already authenticated by TLS) until it ends.
+    pub fn session(&self, stream: &mut (impl Read + Write), peer: SiteId) {
+        match self.run(stream, peer) {
+            Ok(()) => tracing::debug!("replication session with {peer} ended"),
+            Err((code, why)) => {
+                tracing::warn!("replication session with {peer} closed: {why}");
+                let _ = write_frame(stream, &Message::Error { code, message: why });
+                let _ = stream.flush();
+            }
+        }
+    }
+
+    fn run(&self, s: &mut (impl Read + Write), peer: SiteId) -> Result<(), Refusal> {
+        let frame = |e: FrameError| (ErrorCode::Fatal, e.to_string());
+        let send = |s: &mut dyn Write, m: &Message| {
+            write_frame(s, m).map_err(frame)?;
+            s.flush().map_err(|e| (ErrorCode::Retry, e.to_string()))
+        };
+        match read_frame::<Message>(s).map_err(frame)? {
+            Message::Hello { site_id, .. } if site_id == peer.0 => {}
+            Message::Hello { .. } => {
+                return Err((
+                    ErrorCode::Fatal,
+                    "Hello names another site than its certificate".into(),
+                ))
+            }
+            _ => return Err((ErrorCode::Fatal, "expected Hello".into())),
+        }
+        send(
+            s,
+            &Message::Hello {
+                site_id: self.me.0,
+                software: software(),
+            },
+        )?;
+        let mut current: Option<(String, SharedStore)> = None;
+        let mut assembling: Option<(u64, u64, Vec<u8>)> = None;
+        loop {
+            let msg = match read_frame::<Message>(s) {
+                Ok(m) => m,
+                Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Ok(())
+                }
+                Err(e) => return Err(frame(e)),
+            };
+            match msg {
+                m @ Message::Protect { .. } => {
+                    let (name, store) = self.store(peer, &m)?;
+                    let w = store.lock().received();
+                    send(
+                        s,
+                        &Message::Protected {
+                            machine: name.clone(),
+                            lsn: w.lsn,
+                            seq: w.segment_seq,
+                        },
+                    )?;
+                    current = Some((name, store));
+                    assembling = None;
+                }
+                Message::SegmentChunk {
+                    machine,
+                    seq,
+                    segment_len,
+                    offset,
+                    compressed,
+                    bytes,
+                } => {
+                    let Some((name, store)) = &current else {
+                        return Err((ErrorCode::Fatal, "segment before Protect".into()));
+                    };
+                    if &machine != name {
+                        return Err((
+                            ErrorCode::Fatal,
+                            format!("segment for {machine} in a session for {name}"),
+                        ));
+                    }
+                    if segment_len > MAX_SEGMENT {
+                        return Err((
+                            ErrorCode::Fatal,
+                            format!("segment of {segment_len} bytes is over the limit"),
+                        ));
+                    }
+                    let data = if compressed {
+                        decompress(&bytes)?
+                    } else {
+                        bytes
+                    };
+                    let buf = match assembling.as_mut() {
+                        Some((s_seq, s_len, buf))
+                            if *s_seq == seq
+                                && *s_len == segment_len
+                                && buf.len() as u64 == offset =>
+                        {
+                            buf
+                        }
+                        _ if offset == 0 => {
+                            &mut assembling.insert((seq, segment_len, Vec::new())).2
+                        }
+                        _ => {
+                            return Err((
+                                ErrorCode::BrokenChain,
+                                format!("chunk at {offset} of segment {seq} out of order"),
+                            ))
+                        }
+                    };
+                    buf.extend_from_slice(&data);
+                    if buf.len() as u64 > segment_len {
+                        return Err((
+                            ErrorCode::Fatal,
+                            format!("segment {seq} is longer than announced"),
+                        ));
+                    }
+                    if buf.len() as u64 == segment_len {
+                        let whole = assembling.take().map(|a| a.2).unwrap_or_default();
+                        let receipt = store.lock().receive(seq, &whole).map_err(|e| {
+                            let code = match e {
+                                Error::BrokenChain(_) | Error::Corruption { .. } => {
+                                    ErrorCode::BrokenChain
+                                }
+                                Error::Io { .. } => ErrorCode::Retry,
+                                _ => ErrorCode::Fatal,
+                            };
+                            (code, e.to_string())
+                        })?;
+                        let lsn = match receipt {
+                            crate::replica::store::Receipt::Stored { lsn }
+                            | crate::replica::store::Receipt::Duplicate { lsn } => lsn,
+                        };
+                        send(
+                            s,
+                            &Message::Ack {
+                                machine: name.clone(),
+                                lsn,
+                            },
+                        )?;
+                    }
+                }
+                Message::Error { code, message } => {
+                    return Err((code, format!("peer reported: {message}")));
+                }
+                other => {
+                    return Err((
+                        ErrorCode::Fatal,
+                        format!("unexpected message {:?}", std::mem::discriminant(&other)),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+pub fn software() -> String {
+    format!("replog {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// LZ4 block with a 4-byte little-endian size in front, at most [`MAX_CHUNK`] bytes.
+fn decompress(bytes: &[u8]) -> Result<Vec<u8>, Refusal> {
+    let size = bytes
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or((ErrorCode::Fatal, "compressed chunk cut short".to_string()))?;
+    if size > MAX_CHUNK {
+        return Err((
+            ErrorCode::Fatal,
+            format!("compressed chunk claims {size} bytes"),
+        ));
+    }
+    lz4_flex::block::decompress_size_prepended(bytes)
+        .map_err(|e| (ErrorCode::Fatal, format!("LZ4: {e}")))
+}

@@ -1,0 +1,121 @@
+//! Mutual TLS 1.3 over TCP between pinned sites (see [`crate::identity`]).
+//!
+//! Blocking I/O with timeouts: a session is a thread. The trusted set is read afresh
+//! for every connection, so `replog trust` takes effect without a restart.
+
+use crate::error::{Error, Result};
+use crate::identity::{self, Identity, SiteId};
+use rustls::{ClientConnection, ServerConnection, StreamOwned};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a read or write may block before the session is given up.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub type ClientStream = StreamOwned<ClientConnection, TcpStream>;
+pub type ServerStream = StreamOwned<ServerConnection, TcpStream>;
+
+fn peer_id(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Result<SiteId> {
+    certs
+        .and_then(|c| c.first())
+        .map(|c| SiteId::of_cert(c))
+        .ok_or_else(|| Error::InvalidInput("peer presented no certificate".into()))
+}
+
+fn tls_io(op: &'static str, addr: &str, e: std::io::Error) -> Error {
+    Error::io(op, PathBuf::from(addr), e)
+}
+
+/// Connect to the site at `addr` as `site` (its identity and trusted peers). The
+/// handshake completes before this returns: an untrusted or unreachable peer is an
+/// error here, before any data is sent.
+pub fn connect(site: &Path, addr: &str, timeout: Duration) -> Result<(ClientStream, SiteId)> {
+    let me = Identity::load(site)?;
+    let cfg = Arc::new(identity::client_config(
+        &me,
+        identity::trusted_peers(site)?,
+    )?);
+    let sock: SocketAddr = addr
+        .to_socket_addrs()
+        .map_err(|e| tls_io("resolve", addr, e))?
+        .next()
+        .ok_or_else(|| Error::InvalidInput(format!("{addr} resolves to no address")))?;
+    let tcp =
+        TcpStream::connect_timeout(&sock, timeout).map_err(|e| tls_io("connect to", addr, e))?;
+    tcp.set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| tls_io("configure", addr, e))?;
+    tcp.set_write_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| tls_io("configure", addr, e))?;
+    tcp.set_nodelay(true)
+        .map_err(|e| tls_io("configure", addr, e))?;
+    let name = rustls::pki_types::ServerName::try_from("replog-site")
+        .map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let conn = ClientConnection::new(cfg, name).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let mut stream = StreamOwned::new(conn, tcp);
+    while stream.conn.is_handshaking() {
+        stream
+            .conn
+            .complete_io(&mut stream.sock)
+            .map_err(|e| tls_io("TLS handshake with", addr, e))?;
+    }
+    let peer = peer_id(stream.conn.peer_certificates())?;
+    Ok((stream, peer))
+}
+
+/// Accept TLS sessions on `addr` for `site`, running `session` on a thread for each
+/// one whose handshake succeeds (untrusted peers are refused in the handshake, before
+/// `session` sees a byte). Returns the bound address; the listener runs until the
+/// process exits.
+pub fn listen(
+    site: &Path,
+    addr: &str,
+    session: impl Fn(ServerStream, SiteId) + Send + Sync + 'static,
+) -> Result<SocketAddr> {
+    let me = Arc::new(Identity::load(site)?);
+    let listener = TcpListener::bind(addr).map_err(|e| tls_io("listen on", addr, e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| tls_io("listen on", addr, e))?;
+    let site = site.to_path_buf();
+    let session = Arc::new(session);
+    std::thread::Builder::new()
+        .name("replication-listener".into())
+        .spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { continue };
+                let (me, site, session) = (me.clone(), site.clone(), session.clone());
+                let _ = std::thread::Builder::new()
+                    .name("replication-session".into())
+                    .spawn(move || {
+                        let from = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                        match accept(&me, &site, tcp) {
+                            Ok((stream, peer)) => session(stream, peer),
+                            Err(e) => tracing::warn!("refused a connection from {from}: {e}"),
+                        }
+                    });
+            }
+        })
+        .map_err(|e| Error::io("start listener thread", PathBuf::from(addr), e))?;
+    Ok(bound)
+}
+
+fn accept(me: &Identity, site: &Path, tcp: TcpStream) -> Result<(ServerStream, SiteId)> {
+    let cfg = Arc::new(identity::server_config(me, identity::trusted_peers(site)?)?);
+    let from = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    tcp.set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| tls_io("configure", &from, e))?;
+    tcp.set_write_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| tls_io("configure", &from, e))?;
+    let conn = ServerConnection::new(cfg).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let mut stream = StreamOwned::new(conn, tcp);
+    while stream.conn.is_handshaking() {
+        stream
+            .conn
+            .complete_io(&mut stream.sock)
+            .map_err(|e| tls_io("TLS handshake with", &from, e))?;
+    }
+    let peer = peer_id(stream.conn.peer_certificates())?;
+    Ok((stream, peer))
+}
