@@ -140,15 +140,7 @@ impl Site {
 
     /// The key that encrypts this site's replicas at rest (created on first use).
     pub fn replica_key(&self) -> Result<crate::replica::crypt::ReplicaKey> {
-        let configured = &self.config.replica.key_file;
-        let path = if configured.is_empty() {
-            self.path
-                .join(crate::identity::IDENTITY_DIR)
-                .join("replica.key")
-        } else {
-            PathBuf::from(configured)
-        };
-        crate::replica::crypt::ReplicaKey::load_or_create(&path)
+        replica_key_at(&self.path)
     }
 
     pub fn config(&self) -> &SiteConfig {
@@ -231,6 +223,19 @@ impl Site {
         }
         Machine::open(self.storage.clone(), &dir, machine, self.config.journal)
     }
+}
+
+/// The replica key of the site at `path`, wherever its config places it (no lock
+/// needed: restores read replicas while `serve` runs).
+pub fn replica_key_at(path: &Path) -> Result<crate::replica::crypt::ReplicaKey> {
+    let config = Site::read_config(path)?;
+    let configured = &config.replica.key_file;
+    let key = if configured.is_empty() {
+        path.join(crate::identity::IDENTITY_DIR).join("replica.key")
+    } else {
+        PathBuf::from(configured)
+    };
+    crate::replica::crypt::ReplicaKey::load_or_create(&key)
 }
 
 /// Machine names under a site directory (no lock needed: a read-only listing).

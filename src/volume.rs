@@ -411,6 +411,12 @@ impl Machine {
             .collect()
     }
 
+    /// The parent image of disk number `disk` (initial replication reads it while a
+    /// watermark hold keeps it frozen).
+    pub(crate) fn parent(&self, disk: usize) -> Option<Arc<dyn StorageFile>> {
+        self.inner.disks.get(disk).map(|d| d.parent.clone())
+    }
+
     /// The sealed segments still in the journal, oldest first.
     pub fn sealed_segments(&self) -> Vec<SealedSegment> {
         self.inner.sealed.lock().values().cloned().collect()

@@ -42,6 +42,8 @@ fn replica(site: &Path, machine_id: u64) -> ReplicaStore {
             name: "os".into(),
             size: 1 << 20,
         }],
+        base_lsn: 0,
+        base_seq: 0,
     };
     let key = ReplicaKey::load_or_create(&site.join("identity/replica.key")).expect("key");
     ReplicaStore::create(site, "vm1", manifest, Default::default(), key).expect("create replica")

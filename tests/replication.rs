@@ -121,3 +121,73 @@ fn sealed_segments_ship_in_order_and_merge_only_after_ack() {
         "the target stored something for an untrusted source"
     );
 }
+
+/// Initial replication of parents that hold data (with holes), then deltas, then a
+/// restore of the latest point at the target: byte-equal to the source's disks.
+#[test]
+fn initial_copy_then_deltas_restore_byte_equal() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    for s in [&a, &b] {
+        replog(&["init"], s);
+    }
+    let (ida, idb) = (replog(&["id"], &a), replog(&["id"], &b));
+    replog(&["trust", &idb], &a);
+    replog(&["trust", &ida], &b);
+    replog(&["disk", "create", "vm1/os", "--size", "16M"], &a);
+    replog(&["disk", "create", "vm1/data", "--size", "4M"], &a);
+    let addr = start_target(&b);
+
+    let site = Site::open(&a).expect("open source");
+    let m = site.open_machine("vm1").expect("machine");
+    let (os, data) = (m.volume("os").expect("os"), m.volume("data").expect("data"));
+    // Data in the parents (merged), with holes between.
+    for i in 0..6u64 {
+        os.write(i * 2_500_000 + 13, &vec![0x40 + i as u8; 300_000])
+            .expect("write");
+    }
+    data.write(4096 * 7 + 1, b"parent data").expect("write");
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    m.compact().expect("compact");
+    // And more in the journal, unmerged, before protection starts.
+    os.write(1_000_000, &vec![0xEE; 50_000]).expect("write");
+    os.write_zeroes(2_500_000, 100_000).expect("zero");
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+
+    let mut shipper = Shipper::new(&a, &m, &addr);
+    let r = shipper.ship_once(&m).expect("ship");
+    assert!(r.initial_completed);
+    assert!(
+        r.initial_bytes >= 1_800_000 && r.initial_bytes < 4 << 20,
+        "sent {} bytes of parents",
+        r.initial_bytes
+    );
+    assert_eq!(r.segments, 1);
+
+    // Writes go on; they ship as deltas.
+    data.write(3_000_000, &vec![0x77; 200_000]).expect("write");
+    os.write(15_000_000, b"the end").expect("write");
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    assert_eq!(shipper.ship_once(&m).expect("ship").segments, 1);
+
+    let key = replog::site::replica_key_at(&b).expect("key");
+    let store = ReplicaStore::open(&b, "vm1", key).expect("replica");
+    let out = tmp.path().join("restored");
+    let restored =
+        replog::replica::restore::restore_latest(&store, &out, &|_, _| {}).expect("restore");
+    assert_eq!(restored.lsn, shipper.acked_lsn());
+    for (name, vol) in [("os", &os), ("data", &data)] {
+        let mut want = vec![0u8; vol.size() as usize];
+        vol.read(0, &mut want).expect("read source");
+        let got = std::fs::read(out.join(format!("{name}.img"))).expect("restored image");
+        assert!(got == want, "restored {name} differs from the source");
+    }
+    // A second restore into the same directory is refused, and leaves it as it was.
+    let err =
+        replog::replica::restore::restore_latest(&store, &out, &|_, _| {}).expect_err("overwrote");
+    assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+    assert!(!out.join("os.img.partial").exists());
+}

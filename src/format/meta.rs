@@ -21,7 +21,10 @@
 //!
 //! ## Replica manifest body (kind 3): postcard encoding of
 //! `replica::store::ReplicaManifest`: `source_site: [u8; 32], machine_id: u64,
-//! disks: [ { id: u32, name: string, size: u64 } ]`.
+//! disks: [ { id: u32, name: string, size: u64 } ], base_lsn: u64, base_seq: u64`.
+//!
+//! ## Initial-copy progress body (kind 4): postcard encoding of
+//! `replica::store::InitialProgress`: `chunks: u64, disk: u32, offset: u64, done: bool`.
 //!
 //! ## Merge watermark body (kind 2), 16 bytes (also a replica's "received" mark)
 //!
@@ -40,6 +43,7 @@ pub const META_HEADER_LEN: usize = 24;
 pub const KIND_MANIFEST: u16 = 1;
 pub const KIND_WATERMARK: u16 = 2;
 pub const KIND_REPLICA_MANIFEST: u16 = 3;
+pub const KIND_INITIAL_PROGRESS: u16 = 4;
 /// Largest metadata body accepted (a manifest with thousands of disks fits).
 pub const MAX_META_BODY: u32 = 1 << 20;
 

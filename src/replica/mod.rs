@@ -3,4 +3,5 @@
 //! Recovery points, retention and the replay engine build on it (issue 5).
 
 pub mod crypt;
+pub mod restore;
 pub mod store;

@@ -27,12 +27,32 @@ pub const REPLICAS_DIR: &str = "replicas";
 const MANIFEST: &str = "replica.meta";
 const RECEIVED: &str = "received";
 const SEGMENTS: &str = "segments";
+const BASE: &str = "base";
+const INITIAL: &str = "initial";
+/// Base chunks are encrypted under numbers from here up, so that their keys never
+/// coincide with a segment's (segment numbers stay below 2^62).
+const BASE_KEY_DOMAIN: u64 = 1 << 63;
+
+/// How far initial replication got (persisted after every chunk).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitialProgress {
+    /// Base chunks stored.
+    pub chunks: u64,
+    /// Where the next chunk may start: disk and byte offset.
+    pub disk: u32,
+    pub offset: u64,
+    /// Every disk has been copied.
+    pub done: bool,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaManifest {
     pub source_site: [u8; 32],
     pub machine_id: u64,
     pub disks: Vec<DiskEntry>,
+    /// The chain starts after this LSN and segment (what the initial copy stands for).
+    pub base_lsn: u64,
+    pub base_seq: u64,
 }
 
 /// What happened to a segment handed to [`ReplicaStore::receive`].
@@ -51,6 +71,7 @@ pub struct ReplicaStore {
     key: ReplicaKey,
     manifest: ReplicaManifest,
     received: Watermark,
+    initial: InitialProgress,
 }
 
 fn enc_name(seq: u64) -> String {
@@ -86,6 +107,7 @@ impl ReplicaStore {
         }
         let fs = FileStorage;
         fs.create_dir_all(&dir.join(SEGMENTS))?;
+        fs.create_dir_all(&dir.join(BASE))?;
         // The received mark first: the manifest, written last, says "created".
         write_atomic(&fs, &dir.join(RECEIVED), &base.encode())?;
         let body =
@@ -119,11 +141,21 @@ impl ReplicaStore {
         } else {
             Watermark::default()
         };
+        let ipath = dir.join(INITIAL);
+        let initial = if ipath.exists() {
+            let b = std::fs::read(&ipath).map_err(|e| Error::io("read", &ipath, e))?;
+            let body = meta::decode(meta::KIND_INITIAL_PROGRESS, &b)
+                .map_err(|e| Error::corruption(&ipath, e.offset, e.what))?;
+            postcard::from_bytes(body).map_err(|e| Error::corruption(&ipath, 24, e.to_string()))?
+        } else {
+            InitialProgress::default()
+        };
         let mut store = ReplicaStore {
             dir,
             key,
             manifest,
             received,
+            initial,
         };
         store.reconcile()?;
         Ok(store)
@@ -249,23 +281,116 @@ impl ReplicaStore {
             other => other,
         })?;
         let ct = self.key.seal(self.manifest.machine_id, seq, plain)?;
-        let path = self.seg_path(seq);
+        self.write_durably(&self.seg_path(seq), &ct)?;
+        self.mark(Watermark {
+            lsn: last_lsn,
+            segment_seq: seq,
+        })?;
+        Ok(Receipt::Stored { lsn: last_lsn })
+    }
+
+    pub fn initial(&self) -> InitialProgress {
+        self.initial
+    }
+
+    fn base_path(&self, n: u64) -> PathBuf {
+        self.dir.join(BASE).join(format!("{n:020}.enc"))
+    }
+
+    fn save_initial(&mut self, p: InitialProgress) -> Result<()> {
+        let body = postcard::to_stdvec(&p).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        write_atomic(
+            &FileStorage,
+            &self.dir.join(INITIAL),
+            &meta::encode(meta::KIND_INITIAL_PROGRESS, &body),
+        )?;
+        self.initial = p;
+        Ok(())
+    }
+
+    /// Store one chunk of the initial copy: `data` is disk `disk` at `offset`. Chunks
+    /// must come in disk order, each at or after the previous one's end.
+    pub fn receive_base(&mut self, disk: u32, offset: u64, data: &[u8]) -> Result<()> {
+        if self.initial.done {
+            return Err(Error::InvalidInput(
+                "the initial copy is already complete".into(),
+            ));
+        }
+        let size = self
+            .manifest
+            .disks
+            .get(disk as usize)
+            .map(|d| d.size)
+            .ok_or_else(|| Error::InvalidInput(format!("no disk {disk} in this replica")))?;
+        let end = offset.checked_add(data.len() as u64).unwrap_or(u64::MAX);
+        if end > size {
+            return Err(Error::OutOfRange {
+                what: "initial copy chunk".into(),
+                offset,
+                end,
+                size,
+            });
+        }
+        if (disk, offset) < (self.initial.disk, self.initial.offset) {
+            return Err(Error::BrokenChain(format!(
+                "initial chunk for disk {disk} at {offset} is behind the copy's position"
+            )));
+        }
+        let mut plain = Vec::with_capacity(16 + data.len());
+        plain.extend_from_slice(&disk.to_le_bytes());
+        plain.extend_from_slice(&0u32.to_le_bytes());
+        plain.extend_from_slice(&offset.to_le_bytes());
+        plain.extend_from_slice(data);
+        let n = self.initial.chunks;
+        let ct = self
+            .key
+            .seal(self.manifest.machine_id, BASE_KEY_DOMAIN + n, &plain)?;
+        self.write_durably(&self.base_path(n), &ct)?;
+        self.save_initial(InitialProgress {
+            chunks: n + 1,
+            disk,
+            offset: end,
+            done: false,
+        })
+    }
+
+    /// Mark the initial copy complete.
+    pub fn finish_initial(&mut self) -> Result<()> {
+        let p = InitialProgress {
+            done: true,
+            ..self.initial
+        };
+        self.save_initial(p)
+    }
+
+    /// Base chunk `n`: (disk, offset, data), decrypted and authenticated.
+    pub fn read_base(&self, n: u64) -> Result<(u32, u64, Vec<u8>)> {
+        let path = self.base_path(n);
+        let ct = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+        let plain = self
+            .key
+            .open(self.manifest.machine_id, BASE_KEY_DOMAIN + n, &ct, &path)?;
+        let field = |a: usize, b: usize| plain.get(a..b).unwrap_or(&[]);
+        let disk = u32::from_le_bytes(field(0, 4).try_into().unwrap_or([0; 4]));
+        let offset = u64::from_le_bytes(field(8, 16).try_into().unwrap_or([0; 8]));
+        Ok((disk, offset, field(16, plain.len()).to_vec()))
+    }
+
+    fn write_durably(&self, path: &Path, bytes: &[u8]) -> Result<()> {
         let tmp = path.with_extension("tmp");
         let fs = FileStorage;
         if fs.exists(&tmp) {
             fs.remove_file(&tmp)?;
         }
         let f = fs.open(&tmp, OpenMode::CreateNew)?;
-        f.write_at(&[&ct], 0)?;
+        f.write_at(&[bytes], 0)?;
         f.sync_data()?;
         drop(f);
-        fs.rename(&tmp, &path)?;
-        fs.sync_dir(&self.dir.join(SEGMENTS))?;
-        self.mark(Watermark {
-            lsn: last_lsn,
-            segment_seq: seq,
-        })?;
-        Ok(Receipt::Stored { lsn: last_lsn })
+        fs.rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            fs.sync_dir(dir)?;
+        }
+        Ok(())
     }
 
     /// The plain bytes of stored segment `seq`, decrypted and authenticated.

@@ -59,8 +59,29 @@ pub enum Message {
         base_lsn: u64,
         base_seq: u64,
     },
-    /// Target → source: the replica holds everything up to `lsn` (segment `seq`).
-    Protected { machine: String, lsn: u64, seq: u64 },
+    /// Target → source: the replica holds everything up to `lsn` (segment `seq`); the
+    /// initial copy is complete, or resumes at disk `resume_disk`, byte
+    /// `resume_offset`; `free_bytes` is the room left at the target.
+    Protected {
+        machine: String,
+        lsn: u64,
+        seq: u64,
+        initial_done: bool,
+        resume_disk: u32,
+        resume_offset: u64,
+        free_bytes: u64,
+    },
+    /// Source → target: initial replication, the parent image of disk `disk` at
+    /// `offset` (holes and zero blocks are never sent; LZ4 when `compressed`).
+    InitialChunk {
+        machine: String,
+        disk: u32,
+        offset: u64,
+        compressed: bool,
+        bytes: Vec<u8>,
+    },
+    /// Source → target: every disk has been copied; answered by `Ack` at the base LSN.
+    InitialDone { machine: String },
     /// Source → target: a piece of sealed journal segment `seq` of `machine` (its
     /// file's bytes from `offset`, LZ4-compressed when `compressed`). Segments are
     /// bigger than a frame, so they travel in chunks of at most [`MAX_CHUNK`] bytes;

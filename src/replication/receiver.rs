@@ -76,6 +76,8 @@ impl Target {
                             size: *size,
                         })
                         .collect(),
+                    base_lsn: *base_lsn,
+                    base_seq: *base_seq,
                 };
                 let base = Watermark {
                     lsn: *base_lsn,
@@ -146,17 +148,73 @@ impl Target {
             match msg {
                 m @ Message::Protect { .. } => {
                     let (name, store) = self.store(peer, &m)?;
-                    let w = store.lock().received();
+                    let (w, init) = {
+                        let st = store.lock();
+                        (st.received(), st.initial())
+                    };
                     send(
                         s,
                         &Message::Protected {
                             machine: name.clone(),
                             lsn: w.lsn,
                             seq: w.segment_seq,
+                            initial_done: init.done,
+                            resume_disk: init.disk,
+                            resume_offset: init.offset,
+                            free_bytes: free_bytes(&self.site),
                         },
                     )?;
                     current = Some((name, store));
                     assembling = None;
+                }
+                Message::InitialChunk {
+                    machine,
+                    disk,
+                    offset,
+                    compressed,
+                    bytes,
+                } => {
+                    let Some((name, store)) = &current else {
+                        return Err((ErrorCode::Fatal, "initial chunk before Protect".into()));
+                    };
+                    if &machine != name {
+                        return Err((
+                            ErrorCode::Fatal,
+                            format!("chunk for {machine} in a session for {name}"),
+                        ));
+                    }
+                    let data = if compressed {
+                        decompress(&bytes)?
+                    } else {
+                        bytes
+                    };
+                    store
+                        .lock()
+                        .receive_base(disk, offset, &data)
+                        .map_err(refusal)?;
+                }
+                Message::InitialDone { machine } => {
+                    let Some((name, store)) = &current else {
+                        return Err((ErrorCode::Fatal, "InitialDone before Protect".into()));
+                    };
+                    if &machine != name {
+                        return Err((
+                            ErrorCode::Fatal,
+                            format!("InitialDone for {machine} in a session for {name}"),
+                        ));
+                    }
+                    let lsn = {
+                        let mut st = store.lock();
+                        st.finish_initial().map_err(refusal)?;
+                        st.received().lsn
+                    };
+                    send(
+                        s,
+                        &Message::Ack {
+                            machine: name.clone(),
+                            lsn,
+                        },
+                    )?;
                 }
                 Message::SegmentChunk {
                     machine,
@@ -213,16 +271,7 @@ impl Target {
                     }
                     if buf.len() as u64 == segment_len {
                         let whole = assembling.take().map(|a| a.2).unwrap_or_default();
-                        let receipt = store.lock().receive(seq, &whole).map_err(|e| {
-                            let code = match e {
-                                Error::BrokenChain(_) | Error::Corruption { .. } => {
-                                    ErrorCode::BrokenChain
-                                }
-                                Error::Io { .. } => ErrorCode::Retry,
-                                _ => ErrorCode::Fatal,
-                            };
-                            (code, e.to_string())
-                        })?;
+                        let receipt = store.lock().receive(seq, &whole).map_err(refusal)?;
                         let lsn = match receipt {
                             crate::replica::store::Receipt::Stored { lsn }
                             | crate::replica::store::Receipt::Duplicate { lsn } => lsn,
@@ -247,6 +296,33 @@ impl Target {
                 }
             }
         }
+    }
+}
+
+/// How a store error is reported to the source.
+fn refusal(e: Error) -> Refusal {
+    let code = match e {
+        Error::BrokenChain(_) | Error::Corruption { .. } => ErrorCode::BrokenChain,
+        // No space, a full disk, a passing I/O error: the source retries later.
+        Error::Io { .. } => ErrorCode::Retry,
+        _ => ErrorCode::Fatal,
+    };
+    (code, e.to_string())
+}
+
+/// Bytes free for the site's files (statvfs), 0 if unknown.
+pub fn free_bytes(site: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(site.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    // SAFETY: statvfs fills a zeroed plain-data struct from a valid C path.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return 0;
+        }
+        st.f_bavail.saturating_mul(st.f_frsize)
     }
 }
 

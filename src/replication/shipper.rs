@@ -18,13 +18,23 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Ships one machine to one target.
-#[derive(Debug)]
 pub struct Shipper {
     site: PathBuf,
     target: String,
     /// Keeps every segment the target has not acknowledged.
     hold: WatermarkHold,
     acked_lsn: u64,
+    progress: Option<Box<Progress>>,
+}
+
+impl std::fmt::Debug for Shipper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Shipper(to {}, acked LSN {})",
+            self.target, self.acked_lsn
+        )
+    }
 }
 
 /// What one pass did.
@@ -33,7 +43,14 @@ pub struct ShipReport {
     pub segments: usize,
     pub bytes: u64,
     pub acked_lsn: u64,
+    /// Bytes of parent data sent by initial replication in this pass.
+    pub initial_bytes: u64,
+    /// Initial replication finished in this pass.
+    pub initial_completed: bool,
 }
+
+/// Called with (bytes of the disks scanned, total bytes of the disks).
+pub type Progress = dyn Fn(u64, u64) + Send + Sync;
 
 fn send(s: &mut ClientStream, m: &Message) -> Result<()> {
     write_frame(s, m).map_err(|e| Error::InvalidInput(format!("sending: {e}")))?;
@@ -62,7 +79,90 @@ impl Shipper {
             target: target.to_string(),
             hold: machine.hold_watermark(base),
             acked_lsn: base,
+            progress: None,
         }
+    }
+
+    /// Report initial-replication progress to `f`.
+    pub fn on_progress(&mut self, f: Box<Progress>) {
+        self.progress = Some(f);
+    }
+
+    /// Copy the frozen parent images from `resume` on: only data regions (SEEK_DATA),
+    /// and within them only 4 KiB blocks that are not all zero, LZ4 on the wire.
+    fn initial_copy(
+        &self,
+        s: &mut ClientStream,
+        machine: &Machine,
+        resume: (u32, u64),
+    ) -> Result<u64> {
+        const BLOCK: usize = 4096;
+        let disks = machine.disks();
+        let total: u64 = disks.iter().map(|(_, size)| size).sum();
+        let mut scanned_before: u64 = disks
+            .iter()
+            .take(resume.0 as usize)
+            .map(|(_, size)| size)
+            .sum();
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; MAX_CHUNK];
+        for (i, (_, size)) in disks.iter().enumerate().skip(resume.0 as usize) {
+            let parent = machine
+                .parent(i)
+                .ok_or_else(|| Error::NotFound(format!("disk {i}")))?;
+            let mut pos = if i as u32 == resume.0 { resume.1 } else { 0 };
+            while pos < *size {
+                let Some(data) = parent.seek_data(pos)? else {
+                    break;
+                };
+                if data >= *size {
+                    break;
+                }
+                let hole = parent.seek_hole(data)?.min(*size);
+                let mut at = data;
+                while at < hole {
+                    let n = ((hole - at) as usize).min(MAX_CHUNK);
+                    let chunk = buf.get_mut(..n).unwrap_or(&mut []);
+                    parent.read_exact_at(chunk, at)?;
+                    // Send each run of non-zero blocks.
+                    let mut run: Option<usize> = None;
+                    for b in 0..=n.div_ceil(BLOCK) {
+                        let block = chunk.get(b * BLOCK..((b + 1) * BLOCK).min(n));
+                        let nonzero = block.is_some_and(|x| x.iter().any(|v| *v != 0));
+                        match (nonzero, run) {
+                            (true, None) => run = Some(b * BLOCK),
+                            (false, Some(start)) => {
+                                let end = (b * BLOCK).min(n);
+                                let bytes = chunk.get(start..end).unwrap_or(&[]);
+                                send(
+                                    s,
+                                    &Message::InitialChunk {
+                                        machine: machine.name().to_string(),
+                                        disk: i as u32,
+                                        offset: at + start as u64,
+                                        compressed: true,
+                                        bytes: lz4_flex::block::compress_prepend_size(bytes),
+                                    },
+                                )?;
+                                sent += bytes.len() as u64;
+                                run = None;
+                            }
+                            _ => {}
+                        }
+                    }
+                    at += n as u64;
+                    if let Some(p) = &self.progress {
+                        p(scanned_before + at, total);
+                    }
+                }
+                pos = hole;
+            }
+            scanned_before += size;
+            if let Some(p) = &self.progress {
+                p(scanned_before, total);
+            }
+        }
+        Ok(sent)
     }
 
     pub fn acked_lsn(&self) -> u64 {
@@ -99,8 +199,15 @@ impl Shipper {
                 base_seq: w.segment_seq,
             },
         )?;
-        let (mut acked, mut acked_seq) = match recv(&mut s)? {
-            Message::Protected { lsn, seq, .. } => (lsn, seq),
+        let (mut acked, mut acked_seq, initial_done, resume) = match recv(&mut s)? {
+            Message::Protected {
+                lsn,
+                seq,
+                initial_done,
+                resume_disk,
+                resume_offset,
+                ..
+            } => (lsn, seq, initial_done, (resume_disk, resume_offset)),
             other => {
                 return Err(Error::InvalidInput(format!(
                     "expected Protected, got {other:?}"
@@ -111,6 +218,20 @@ impl Shipper {
             acked_lsn: acked,
             ..Default::default()
         };
+        if !initial_done {
+            report.initial_bytes = self.initial_copy(&mut s, machine, resume)?;
+            send(
+                &mut s,
+                &Message::InitialDone {
+                    machine: machine.name().to_string(),
+                },
+            )?;
+            match recv(&mut s)? {
+                Message::Ack { .. } => {}
+                other => return Err(Error::InvalidInput(format!("expected Ack, got {other:?}"))),
+            }
+            report.initial_completed = true;
+        }
         for seg in machine.sealed_segments() {
             if seg.seq <= acked_seq {
                 continue;
