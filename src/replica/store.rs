@@ -322,7 +322,7 @@ impl ReplicaStore {
             .get(disk as usize)
             .map(|d| d.size)
             .ok_or_else(|| Error::InvalidInput(format!("no disk {disk} in this replica")))?;
-        let end = offset.checked_add(data.len() as u64).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(data.len() as u64);
         if end > size {
             return Err(Error::OutOfRange {
                 what: "initial copy chunk".into(),
