@@ -12,6 +12,43 @@ pub const CONFIG_HEADER: &str = "# replog site configuration, format 1";
 pub struct SiteConfig {
     pub journal: JournalConfig,
     pub replica: ReplicaConfig,
+    pub replication: ReplicationConfig,
+}
+
+/// How a source ships its protected machines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// The active segment of a protected machine is sealed (and shipped) this often,
+    /// so the lag stays at seconds.
+    pub seal_interval_ms: u64,
+    /// Waits after consecutive recoverable failures (network, no space at the
+    /// target): 1, 2, 4, 8, 10 minutes…
+    pub retry_schedule_ms: Vec<u64>,
+    /// …then this, for as long as it takes.
+    pub retry_then_ms: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            seal_interval_ms: 2000,
+            retry_schedule_ms: vec![60_000, 120_000, 240_000, 480_000, 600_000],
+            retry_then_ms: 1_800_000,
+        }
+    }
+}
+
+impl ReplicationConfig {
+    /// The wait before retry number `n` (0-based).
+    pub fn retry_delay(&self, n: usize) -> std::time::Duration {
+        let ms = self
+            .retry_schedule_ms
+            .get(n)
+            .copied()
+            .unwrap_or(self.retry_then_ms);
+        std::time::Duration::from_millis(ms)
+    }
 }
 
 /// Settings for the replicas this site holds as a target.

@@ -76,7 +76,7 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         Error::Io {
             op,
             path: path.into(),
@@ -84,11 +84,7 @@ impl Error {
         }
     }
 
-    pub(crate) fn corruption(
-        path: impl Into<PathBuf>,
-        offset: u64,
-        what: impl Into<String>,
-    ) -> Self {
+    pub fn corruption(path: impl Into<PathBuf>, offset: u64, what: impl Into<String>) -> Self {
         Error::Corruption {
             path: path.into(),
             offset,

@@ -8,9 +8,18 @@
 
 use crate::error::{Error, Result};
 use crate::frontend::{self, FrontendOptions, LiveFs};
+use crate::replication::health::{MachineStatus, PointRef, SiteStatus, STATUS_FILE};
+use crate::replication::receiver::Target;
+use crate::replication::relationship::Relationship;
+use crate::replication::run::ShipLoop;
+use crate::replication::transport;
 use crate::site::Site;
 use crate::volume::Machine;
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// How long a stop waits for the kernel to release a detached mount.
 const UNMOUNT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -18,6 +27,8 @@ const UNMOUNT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub mount: Option<PathBuf>,
+    /// Receive replicas from trusted sites on this address (host:port).
+    pub listen: Option<String>,
     /// FUSE session threads (each with its own /dev/fuse descriptor).
     pub fuse_threads: usize,
     pub frontend: FrontendOptions,
@@ -27,6 +38,7 @@ impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
             mount: None,
+            listen: None,
             fuse_threads: 4,
             frontend: FrontendOptions::default(),
         }
@@ -60,14 +72,27 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
     let signals = block_stop_signals();
     let site = Site::open(site_path)?;
     let policy = site.config().journal.compact_policy();
-    let mut machines: Vec<Machine> = Vec::new();
+    let mut machines: Vec<Arc<Machine>> = Vec::new();
     for name in site.machines()? {
         let mut m = site.open_machine(&name)?;
         m.start_compactor(policy);
         let s = m.status();
         tracing::info!(machine = %name, disks = ?m.disk_names(), last_lsn = s.last_lsn, "machine open");
-        machines.push(m);
+        machines.push(Arc::new(m));
     }
+    if let Some(addr) = &opts.listen {
+        let me = crate::identity::Identity::load(site_path)?.id();
+        let target = Arc::new(Target::new(
+            site_path.to_path_buf(),
+            me,
+            site.replica_key()?,
+        ));
+        let bound = transport::listen(site_path, addr, move |mut stream, peer| {
+            target.session(&mut stream, peer)
+        })?;
+        tracing::info!("receiving replicas on {bound} (site ID {me})");
+    }
+    let background = Background::start(site_path, &machines, site.config().replication.clone());
     let session = match &opts.mount {
         Some(dir) => {
             frontend::prepare_mountpoint(dir)?;
@@ -95,6 +120,7 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
     let sig = wait_for_stop_signal(&signals);
     tracing::info!("signal {sig}: flushing and stopping");
 
+    background.stop();
     let mut first_err = None;
     for m in &machines {
         if let Err(e) = m.flush() {
@@ -127,6 +153,10 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
     }
     for m in machines {
         let name = m.name().to_string();
+        let Ok(m) = Arc::try_unwrap(m) else {
+            tracing::error!(machine = %name, "still in use at stop; its journal was flushed");
+            continue;
+        };
         if let Err(e) = m.close() {
             tracing::error!(machine = %name, "close: {e}");
             first_err.get_or_insert(e);
@@ -135,5 +165,149 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// What `serve` runs besides the mount: a shipping loop per protected machine (picked
+/// up within a second of `replog protect`), and the status file.
+struct Background {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Background {
+    fn start(
+        site: &Path,
+        machines: &[Arc<Machine>],
+        cfg: crate::config::ReplicationConfig,
+    ) -> Background {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (site, machines, stop2) = (site.to_path_buf(), machines.to_vec(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("serve-background".into())
+            .spawn(move || {
+                let loops: Mutex<HashMap<String, ShipLoop>> = Mutex::new(HashMap::new());
+                let mut pending_since: HashMap<String, std::time::Instant> = HashMap::new();
+                while !stop2.load(Ordering::Acquire) {
+                    for m in &machines {
+                        if loops.lock().contains_key(m.name()) {
+                            continue;
+                        }
+                        match Relationship::load(&site, m.name()) {
+                            Ok(Some(rel)) => {
+                                tracing::info!(
+                                    machine = m.name(),
+                                    "protecting toward {}",
+                                    rel.target
+                                );
+                                let l = ShipLoop::spawn(site.clone(), m.clone(), rel, cfg.clone());
+                                loops.lock().insert(m.name().to_string(), l);
+                            }
+                            Ok(None) => {}
+                            Err(e) => tracing::error!(machine = m.name(), "relationship: {e}"),
+                        }
+                    }
+                    write_status(&site, &machines, &loops.lock(), &mut pending_since);
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                }
+                for (_, l) in loops.into_inner() {
+                    l.stop();
+                }
+                write_status(&site, &machines, &HashMap::new(), &mut pending_since);
+            })
+            .ok();
+        Background { stop, thread }
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The status of one machine as `replog status` reports it.
+pub fn machine_status(
+    m: &Machine,
+    ship: Option<&crate::replication::run::LoopStatus>,
+    lag: Option<f64>,
+) -> MachineStatus {
+    let s = m.status();
+    let last_point = s.last_point.map(|p| PointRef {
+        lsn: p.lsn,
+        time: crate::format::rfc3339(p.time_ns),
+    });
+    let (state, health, reason, progress, target, acked) = match (ship, &s.poisoned) {
+        (_, Some(p)) => ("protected", "critical", p.clone(), None, None, None),
+        (Some(l), None) => (
+            l.state,
+            l.health,
+            l.reason.clone(),
+            l.progress,
+            Some(l.target.clone()),
+            Some(l.acked_lsn),
+        ),
+        (None, None) => (
+            "unprotected",
+            "healthy",
+            "not protected; journal healthy".to_string(),
+            None,
+            None,
+            None,
+        ),
+    };
+    MachineStatus {
+        name: m.name().to_string(),
+        role: "primary".into(),
+        state: state.into(),
+        health: health.into(),
+        reason,
+        lag_seconds: if ship.is_some() { lag } else { None },
+        journal_bytes: s.journal_bytes,
+        progress,
+        last_point,
+        target,
+        acked_lsn: acked,
+        last_lsn: s.last_lsn,
+    }
+}
+
+fn write_status(
+    site: &Path,
+    machines: &[Arc<Machine>],
+    loops: &HashMap<String, ShipLoop>,
+    pending_since: &mut HashMap<String, std::time::Instant>,
+) {
+    let mut out = Vec::new();
+    for m in machines {
+        let ship = loops.get(m.name()).map(|l| l.status.lock().clone());
+        // Lag: how long the target has been behind (since the first write it lacks).
+        let lag = ship.as_ref().map(|l| {
+            if l.acked_lsn >= m.status().last_lsn {
+                pending_since.remove(m.name());
+                0.0
+            } else {
+                let since = *pending_since
+                    .entry(m.name().to_string())
+                    .or_insert_with(std::time::Instant::now);
+                since.elapsed().as_secs_f64()
+            }
+        });
+        out.push(machine_status(m, ship.as_ref(), lag));
+    }
+    let id = crate::identity::Identity::load(site)
+        .map(|i| i.id().to_string())
+        .unwrap_or_default();
+    let doc = SiteStatus {
+        site: id,
+        machines: out,
+    };
+    let Ok(text) = serde_json::to_string(&doc) else {
+        return;
+    };
+    let tmp = site.join(format!("{STATUS_FILE}.tmp"));
+    if std::fs::write(&tmp, text).is_ok() {
+        let _ = std::fs::rename(&tmp, site.join(STATUS_FILE));
     }
 }

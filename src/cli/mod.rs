@@ -4,6 +4,7 @@
 mod data;
 mod disk;
 mod inspect;
+mod replicate;
 mod site;
 
 use clap::{Parser, Subcommand};
@@ -85,6 +86,9 @@ pub enum Command {
         /// serve is detected and cleared).
         #[arg(long)]
         mount: Option<PathBuf>,
+        /// Receive replicas from trusted sites on ADDR (host:port).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
         /// FUSE session threads.
         #[arg(long, default_value_t = 4)]
         fuse_threads: usize,
@@ -101,6 +105,31 @@ pub enum Command {
         /// threads read the next requests (0: session threads write themselves).
         #[arg(long, default_value_t = 0)]
         write_workers: usize,
+    },
+    /// Enable protection of MACHINE toward the target site at ADDR: checks the machine,
+    /// that the target is reachable and trusted both ways and has room, then records
+    /// the relationship; a running `serve` starts initial replication within a second.
+    Protect {
+        site: PathBuf,
+        machine: String,
+        /// The target site's `serve --listen` address (host:port).
+        #[arg(long)]
+        target: String,
+    },
+    /// Write every disk of a replica held at this (target) site as DIR/<disk>.img
+    /// (sparse raw images), at the newest point received. Works while `serve` runs.
+    Restore {
+        site: PathBuf,
+        machine: String,
+        /// The recovery point: `latest` (any-point restore comes with recovery points).
+        #[arg(long, default_value = "latest")]
+        at: String,
+        /// Directory for the images (created; existing images are not overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// No progress bar, a JSON summary.
+        #[arg(long)]
+        json: bool,
     },
     /// Dump and verify a site, machine, journal directory or segment file; exit 1 on
     /// corruption, naming the file and offset.
@@ -166,9 +195,22 @@ pub fn run(cli: Cli) -> ExitCode {
             json,
         } => site::status(&site, machine.as_deref(), json),
         Command::Inspect { path, json } => return inspect::run(&path, json),
+        Command::Protect {
+            site,
+            machine,
+            target,
+        } => replicate::protect(&site, &machine, &target),
+        Command::Restore {
+            site,
+            machine,
+            at,
+            out,
+            json,
+        } => replicate::restore(&site, &machine, &at, &out, json),
         Command::Serve {
             site,
             mount,
+            listen,
             fuse_threads,
             direct_io,
             max_write,
@@ -177,6 +219,7 @@ pub fn run(cli: Cli) -> ExitCode {
         } => {
             let opts = replog::serve::ServeOptions {
                 mount,
+                listen,
                 fuse_threads,
                 frontend: replog::frontend::FrontendOptions {
                     max_write,

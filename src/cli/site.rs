@@ -1,8 +1,6 @@
 //! `replog init`, `replog compact`, `replog status`.
 
-use replog::format::rfc3339;
 use replog::{Result, Site};
-use serde_json::json;
 use std::path::Path;
 
 pub fn init(path: &Path) -> Result<()> {
@@ -35,7 +33,7 @@ pub fn trust(path: &Path, peer: &str) -> Result<()> {
     Ok(())
 }
 
-fn machines(site: &Site, only: Option<&str>) -> Result<Vec<String>> {
+fn machines_of(site: &Site, only: Option<&str>) -> Result<Vec<String>> {
     match only {
         Some(m) => {
             site.machine_dir(m)?;
@@ -47,7 +45,7 @@ fn machines(site: &Site, only: Option<&str>) -> Result<Vec<String>> {
 
 pub fn compact(path: &Path, only: Option<&str>) -> Result<()> {
     let site = Site::open(path)?;
-    for name in machines(&site, only)? {
+    for name in machines_of(&site, only)? {
         let m = site.open_machine(&name)?;
         m.flush()?;
         m.seal()?;
@@ -65,43 +63,66 @@ pub fn compact(path: &Path, only: Option<&str>) -> Result<()> {
 }
 
 pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
-    let site = Site::open(path)?;
-    let mut out = Vec::new();
-    for name in machines(&site, only)? {
-        let m = site.open_machine(&name)?;
-        let s = m.status();
-        out.push(json!({
-            "name": name,
-            "role": "primary",
-            "state": "unprotected",
-            "health": if s.poisoned.is_some() { "critical" } else { "healthy" },
-            "reason": s.poisoned.clone().unwrap_or_else(|| "not protected yet; journal healthy".into()),
-            "lag_seconds": null,
-            "journal_bytes": s.journal_bytes,
-            "progress": null,
-            "last_point": s.last_point.map(|p| json!({"lsn": p.lsn, "time": rfc3339(p.time_ns)})),
-            "disks": m.disk_names(),
-            "last_lsn": s.last_lsn,
-            "watermark_lsn": s.watermark.lsn,
-            "sealed_segments": s.sealed_segments,
-        }));
+    use replog::replication::health::{SiteStatus, STATUS_FILE};
+    let doc: SiteStatus = match Site::open(path) {
+        // `serve` owns the site: it keeps status.json current.
+        Err(replog::Error::Locked(_)) => {
+            let p = path.join(STATUS_FILE);
+            let text = std::fs::read_to_string(&p).map_err(|e| replog::Error::io("read", &p, e))?;
+            serde_json::from_str(&text)
+                .map_err(|e| replog::Error::corruption(&p, e.column() as u64, e.to_string()))?
+        }
+        Err(e) => return Err(e),
+        Ok(site) => {
+            let mut machines = Vec::new();
+            for name in machines_of(&site, only)? {
+                let m = site.open_machine(&name)?;
+                let mut st = replog::serve::machine_status(&m, None, None);
+                if let Some(r) = replog::replication::relationship::Relationship::load(path, &name)?
+                {
+                    st.state = "protected".into();
+                    st.health = "warning".into();
+                    st.reason = format!(
+                        "protected toward {}, but `replog serve` is not running",
+                        r.target
+                    );
+                    st.target = Some(r.target);
+                }
+                machines.push(st);
+            }
+            let id = replog::identity::Identity::load(path)
+                .map(|i| i.id().to_string())
+                .unwrap_or_default();
+            SiteStatus { site: id, machines }
+        }
+    };
+    let mut doc = doc;
+    if let Some(m) = only {
+        doc.machines.retain(|x| x.name == m);
     }
     if as_json {
-        let doc = json!({"site": path.display().to_string(), "machines": out});
-        println!("{doc}");
+        println!("{}", serde_json::to_string(&doc).unwrap_or_default());
     } else {
-        for m in &out {
+        for m in &doc.machines {
+            let lag = m
+                .lag_seconds
+                .map(|l| format!("lag {l:.1} s; "))
+                .unwrap_or_default();
+            let progress = m
+                .progress
+                .map(|p| format!("{:.0}% copied; ", p * 100.0))
+                .unwrap_or_default();
             println!(
-                "{}: {} / {} — {}; journal {} bytes in {} sealed segment(s) + active; LSN {}, watermark {}; last point {}",
-                m["name"].as_str().unwrap_or(""),
-                m["state"].as_str().unwrap_or(""),
-                m["health"].as_str().unwrap_or(""),
-                m["reason"].as_str().unwrap_or(""),
-                m["journal_bytes"],
-                m["sealed_segments"],
-                m["last_lsn"],
-                m["watermark_lsn"],
-                m["last_point"]["lsn"],
+                "{}: {} / {} — {}; {lag}{progress}journal {} bytes; last point {}",
+                m.name,
+                m.state,
+                m.health,
+                m.reason,
+                m.journal_bytes,
+                m.last_point
+                    .as_ref()
+                    .map(|p| format!("LSN {} at {}", p.lsn, p.time))
+                    .unwrap_or_else(|| "none".into()),
             );
         }
     }

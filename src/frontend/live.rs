@@ -153,7 +153,7 @@ impl SequentialReads {
 }
 
 impl LiveFs {
-    pub fn new(machines: &[Machine], opts: FrontendOptions) -> crate::Result<Self> {
+    pub fn new(machines: &[std::sync::Arc<Machine>], opts: FrontendOptions) -> crate::Result<Self> {
         let mut nodes = vec![Node::Dir {
             children: Vec::new(),
         }];

@@ -3,7 +3,10 @@
 //! ([`crate::identity`]); the shipper, receiver, initial replication and resync build
 //! on these (issue 4 onwards).
 
+pub mod health;
 pub mod protocol;
 pub mod receiver;
+pub mod relationship;
+pub mod run;
 pub mod shipper;
 pub mod transport;

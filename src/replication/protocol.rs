@@ -97,6 +97,11 @@ pub enum Message {
     },
     /// Target → source: everything of `machine` up to `lsn` is stored durably.
     Ack { machine: String, lsn: u64 },
+    /// Source → target: how much room is there? (`replog protect` asks before it
+    /// creates a relationship.) Answered by `Room`.
+    Probe,
+    /// Target → source: bytes free where replicas are stored.
+    Room { free_bytes: u64 },
     /// Either way: the session ends because of this.
     Error { code: ErrorCode, message: String },
 }

@@ -285,6 +285,14 @@ impl Target {
                         )?;
                     }
                 }
+                Message::Probe => {
+                    send(
+                        s,
+                        &Message::Room {
+                            free_bytes: free_bytes(&self.site),
+                        },
+                    )?;
+                }
                 Message::Error { code, message } => {
                     return Err((code, format!("peer reported: {message}")));
                 }

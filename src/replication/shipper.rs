@@ -6,7 +6,7 @@
 //! frozen parent) comes next, and until it exists the replica's chain starts at the
 //! merge watermark the source has when protection starts.
 
-use super::protocol::{read_frame, write_frame, ErrorCode, Message, MAX_CHUNK};
+use super::protocol::{read_frame, write_frame, ErrorCode, FrameError, Message, MAX_CHUNK};
 use super::receiver::software;
 use super::transport::{self, ClientStream};
 use crate::compactor::WatermarkHold;
@@ -53,7 +53,10 @@ pub struct ShipReport {
 pub type Progress = dyn Fn(u64, u64) + Send + Sync;
 
 fn send(s: &mut ClientStream, m: &Message) -> Result<()> {
-    write_frame(s, m).map_err(|e| Error::InvalidInput(format!("sending: {e}")))?;
+    write_frame(s, m).map_err(|e| match e {
+        FrameError::Io(io) => Error::io("send to", PathBuf::from("target"), io),
+        other => Error::InvalidInput(format!("sending: {other}")),
+    })?;
     s.flush()
         .map_err(|e| Error::io("send to", PathBuf::from("target"), e))
 }
@@ -65,6 +68,8 @@ fn recv(s: &mut ClientStream) -> Result<Message> {
             _ => Error::InvalidInput(format!("target refused ({code:?}): {message}")),
         }),
         Ok(m) => Ok(m),
+        // A cut connection is a network failure (retried), not a protocol one.
+        Err(FrameError::Io(io)) => Err(Error::io("receive from", PathBuf::from("target"), io)),
         Err(e) => Err(Error::InvalidInput(format!("target: {e}"))),
     }
 }

@@ -1,0 +1,182 @@
+//! The shipping loop a running `serve` keeps for each protected machine: seal the
+//! active segment on a short timer, ship what the target lacks (initial replication
+//! first), and keep the machine's health.
+//!
+//! Recoverable failures (network, the target out of space or busy) are retried on
+//! the configured schedule (1, 2, 4, 8, 10 minutes, then every 30) with health Warning;
+//! a broken chain, an authentication or trust failure, or a refusal the target calls
+//! fatal make the machine Critical and stop shipping until an operator acts (restart
+//! `serve` after fixing trust; resynchronisation mends a broken chain).
+
+use super::relationship::Relationship;
+use super::shipper::Shipper;
+use crate::config::ReplicationConfig;
+use crate::error::Error;
+use crate::volume::Machine;
+use parking_lot::Mutex;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Replication state of one machine, as status shows it.
+#[derive(Debug, Clone)]
+pub struct LoopStatus {
+    pub state: &'static str,
+    pub health: &'static str,
+    pub reason: String,
+    pub progress: Option<f64>,
+    pub acked_lsn: u64,
+    pub target: String,
+}
+
+/// A running shipping loop.
+#[derive(Debug)]
+pub struct ShipLoop {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    pub status: Arc<Mutex<LoopStatus>>,
+}
+
+/// How a failure is handled.
+enum Class {
+    Retry,
+    Critical(&'static str),
+}
+
+fn classify(e: &Error) -> Class {
+    match e {
+        Error::BrokenChain(_) => Class::Critical("resync-required"),
+        Error::Io { op, source, .. } => {
+            // rustls reports a refused certificate as InvalidData from the handshake.
+            if op.contains("TLS") && source.kind() == std::io::ErrorKind::InvalidData {
+                Class::Critical("protected")
+            } else {
+                Class::Retry
+            }
+        }
+        Error::InvalidInput(m) if m.contains("(Retry)") => Class::Retry,
+        _ => Class::Critical("protected"),
+    }
+}
+
+impl ShipLoop {
+    pub fn spawn(
+        site: PathBuf,
+        machine: Arc<Machine>,
+        rel: Relationship,
+        cfg: ReplicationConfig,
+    ) -> ShipLoop {
+        let stop = Arc::new(AtomicBool::new(false));
+        let status = Arc::new(Mutex::new(LoopStatus {
+            state: "initial-replication",
+            health: "warning",
+            reason: format!("connecting to {}", rel.target),
+            progress: Some(0.0),
+            acked_lsn: 0,
+            target: rel.target.clone(),
+        }));
+        let thread = {
+            let (stop, status) = (stop.clone(), status.clone());
+            std::thread::Builder::new()
+                .name(format!("ship-{}", machine.name()))
+                .spawn(move || run(site, machine, rel, cfg, stop, status))
+                .ok()
+        };
+        ShipLoop {
+            stop,
+            thread,
+            status,
+        }
+    }
+
+    /// Stop shipping (after the pass in progress).
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sleep up to `d`, waking early when `stop` is set.
+fn nap(stop: &AtomicBool, d: Duration) {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::Acquire) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
+    }
+}
+
+fn run(
+    site: PathBuf,
+    machine: Arc<Machine>,
+    rel: Relationship,
+    cfg: ReplicationConfig,
+    stop: Arc<AtomicBool>,
+    status: Arc<Mutex<LoopStatus>>,
+) {
+    let mut shipper = Shipper::new(&site, &machine, &rel.target);
+    {
+        let status = status.clone();
+        shipper.on_progress(Box::new(move |done, total| {
+            let mut s = status.lock();
+            s.state = "initial-replication";
+            s.progress = Some(if total == 0 {
+                1.0
+            } else {
+                done as f64 / total as f64
+            });
+        }));
+    }
+    let mut failures = 0usize;
+    let mut initial_done = false;
+    while !stop.load(Ordering::Acquire) {
+        if let Err(e) = machine.seal() {
+            let mut s = status.lock();
+            s.health = "critical";
+            s.reason = format!("the journal failed: {e}");
+            return;
+        }
+        match shipper.ship_once(&machine) {
+            Ok(report) => {
+                failures = 0;
+                initial_done |= report.initial_completed || report.initial_bytes == 0;
+                let mut s = status.lock();
+                s.acked_lsn = report.acked_lsn;
+                if initial_done {
+                    s.state = "protected";
+                    s.progress = None;
+                }
+                s.health = "healthy";
+                s.reason = format!("replicating to {}", rel.target);
+            }
+            Err(e) => match classify(&e) {
+                Class::Critical(state) => {
+                    tracing::error!(machine = machine.name(), "replication stopped: {e}");
+                    let mut s = status.lock();
+                    s.state = state;
+                    s.health = "critical";
+                    s.reason = format!("{e}; replication stopped until an operator acts");
+                    return;
+                }
+                Class::Retry => {
+                    let wait = cfg.retry_delay(failures);
+                    failures += 1;
+                    tracing::warn!(
+                        machine = machine.name(),
+                        "replication failed ({e}); retry {failures} in {wait:?}"
+                    );
+                    {
+                        let mut s = status.lock();
+                        s.health = "warning";
+                        s.reason = format!("{e}; retry {failures} in {:.0} s", wait.as_secs_f64());
+                    }
+                    nap(&stop, wait);
+                    continue;
+                }
+            },
+        }
+        nap(&stop, Duration::from_millis(cfg.seal_interval_ms));
+    }
+}

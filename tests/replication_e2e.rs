@@ -1,0 +1,214 @@
+//! End to end, as an operator does it: two sites on 127.0.0.1 trust each other, the
+//! target listens, the source serves its disks over FUSE, `replog protect`, writes
+//! through the mount during and after initial replication, wait for lag 0 in
+//! `replog status --json`, `replog restore --at latest` at the target: byte-equal.
+
+mod common;
+
+use common::serve::*;
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn fast_replication(site: &Path) {
+    let p = site.join("site.toml");
+    let text = std::fs::read_to_string(&p).expect("cfg");
+    let mut cfg = replog::config::SiteConfig::from_toml(&p, &text).expect("parse cfg");
+    cfg.replication.seal_interval_ms = 200;
+    cfg.replication.retry_schedule_ms = vec![100, 200, 400];
+    cfg.replication.retry_then_ms = 500;
+    std::fs::write(&p, cfg.to_toml()).expect("write cfg");
+}
+
+fn status(site: &Path) -> serde_json::Value {
+    let out = replog()
+        .arg("status")
+        .arg(site)
+        .arg("--json")
+        .output()
+        .expect("status");
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status json")
+}
+
+struct Listener(Child);
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // SAFETY: signal to a child we spawned.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn protect_replicate_and_restore_latest_byte_equal() {
+    if !fuse_available("protect_replicate_and_restore_latest_byte_equal") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    run_ok(replog().arg("init").arg(&src));
+    run_ok(replog().arg("init").arg(&dst));
+    fast_replication(&src);
+    let id_src = run_ok(replog().arg("id").arg(&src)).trim().to_string();
+    let id_dst = run_ok(replog().arg("id").arg(&dst)).trim().to_string();
+    run_ok(replog().arg("trust").arg(&src).arg(&id_dst));
+    run_ok(replog().arg("trust").arg(&dst).arg(&id_src));
+    run_ok(
+        replog()
+            .args(["disk", "create"])
+            .arg(&src)
+            .args(["vm1/os", "--size", "32M"]),
+    );
+    run_ok(
+        replog()
+            .args(["disk", "create"])
+            .arg(&src)
+            .args(["vm1/data", "--size", "8M"]),
+    );
+    // Data in the parents before protection (imported), so initial replication has work.
+    let raw = tmp.path().join("raw");
+    std::fs::write(&raw, common::pattern(9, 3 << 20)).expect("raw");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _target = Listener(
+        replog()
+            .arg("serve")
+            .arg(&dst)
+            .args(["--listen", &addr])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("target serve"),
+    );
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    let os = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(served.disk("os"))
+        .expect("os");
+    let data = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(served.disk("data"))
+        .expect("data");
+    os.write_all_at(&common::pattern(1, 5 << 20), 1 << 20)
+        .expect("write");
+    os.sync_all().expect("fsync");
+
+    // The target may take a moment to listen.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = replog()
+            .arg("protect")
+            .arg(&src)
+            .arg("vm1")
+            .args(["--target", &addr])
+            .output()
+            .expect("protect");
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "protect: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Protecting twice is refused.
+    let out = replog()
+        .arg("protect")
+        .arg(&src)
+        .arg("vm1")
+        .args(["--target", &addr])
+        .output()
+        .expect("protect");
+    assert_eq!(out.status.code(), Some(1));
+
+    // Writes during initial replication and after it.
+    for i in 0..20u64 {
+        data.write_all_at(&common::pattern(100 + i, 70_001), i * 300_000 + 11)
+            .expect("write");
+        os.write_all_at(&common::pattern(200 + i, 4096), (i * 997 % 8000) * 4096)
+            .expect("write");
+        if i % 5 == 0 {
+            data.sync_all().expect("fsync");
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    os.sync_all().expect("fsync");
+    data.sync_all().expect("fsync");
+
+    // Wait for protected, healthy, lag 0.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = status(&src);
+        let m = &st["machines"][0];
+        if m["state"] == "protected" && m["health"] == "healthy" && m["lag_seconds"] == 0.0 {
+            assert_eq!(m["target"], addr.as_str());
+            break;
+        }
+        assert!(Instant::now() < deadline, "never caught up: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Restore at the target while it runs; compare with the source through the mount.
+    let out_dir = tmp.path().join("restored");
+    let out = run_ok(
+        replog()
+            .arg("restore")
+            .arg(&dst)
+            .arg("vm1")
+            .args(["--at", "latest", "--out"])
+            .arg(&out_dir)
+            .arg("--json"),
+    );
+    let doc: serde_json::Value = serde_json::from_str(out.trim()).expect("restore json");
+    assert!(doc["lsn"].as_u64().unwrap_or(0) > 0);
+    for (name, f, size) in [("os", &os, 32usize << 20), ("data", &data, 8 << 20)] {
+        let mut want = vec![0u8; size];
+        f.read_exact_at(&mut want, 0).expect("read source");
+        let got = std::fs::read(out_dir.join(format!("{name}.img"))).expect("restored");
+        assert!(got == want, "restored {name} differs from the source");
+    }
+    // At rest the target holds no plaintext of the data.
+    let needle = &common::pattern(1, 5 << 20)[..64];
+    for e in walk(&dst.join("replicas")) {
+        let bytes = std::fs::read(&e).expect("read");
+        assert!(
+            !bytes.windows(64).any(|w| w == needle),
+            "plaintext at rest in {}",
+            e.display()
+        );
+    }
+    drop(os);
+    drop(data);
+    assert!(served.stop().success());
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read_dir") {
+        let p = e.expect("entry").path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
