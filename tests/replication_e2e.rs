@@ -212,3 +212,206 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Two trusted sites with machine vm1 (one 16 MiB disk) at the source; returns
+/// (src, dst, addr).
+fn pair(tmp: &Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let (src, dst) = (tmp.join("src"), tmp.join("dst"));
+    run_ok(replog().arg("init").arg(&src));
+    run_ok(replog().arg("init").arg(&dst));
+    fast_replication(&src);
+    let id_src = run_ok(replog().arg("id").arg(&src)).trim().to_string();
+    let id_dst = run_ok(replog().arg("id").arg(&dst)).trim().to_string();
+    run_ok(replog().arg("trust").arg(&src).arg(&id_dst));
+    run_ok(replog().arg("trust").arg(&dst).arg(&id_src));
+    run_ok(
+        replog()
+            .args(["disk", "create"])
+            .arg(&src)
+            .args(["vm1/os", "--size", "16M"]),
+    );
+    (src, dst, format!("127.0.0.1:{}", free_port()))
+}
+
+fn target(dst: &Path, addr: &str) -> Listener {
+    let l = Listener(
+        replog()
+            .arg("serve")
+            .arg(dst)
+            .args(["--listen", addr])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("target serve"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "target never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    l
+}
+
+fn wait_for(src: &Path, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = status(src);
+        if ok(&st["machines"][0]) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// kill -9 the target in the middle of delta shipping: the source goes to Warning and
+/// retries on the (scaled) schedule; the target comes back; the source converges with
+/// no gap and no duplicate, and the replica restores byte-equal.
+#[test]
+fn target_killed_mid_shipping_then_back_converges() {
+    if !fuse_available("target_killed_mid_shipping_then_back_converges") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, dst, addr) = pair(tmp.path());
+    let mut t = target(&dst, &addr);
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    run_ok(
+        replog()
+            .arg("protect")
+            .arg(&src)
+            .arg("vm1")
+            .args(["--target", &addr]),
+    );
+    let os = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(served.disk("os"))
+        .expect("os");
+    os.write_all_at(&common::pattern(1, 1 << 20), 0)
+        .expect("write");
+    os.sync_all().expect("fsync");
+    wait_for(&src, "protected", |m| {
+        m["state"] == "protected" && m["lag_seconds"] == 0.0
+    });
+
+    // Kill the target hard while writes keep coming.
+    // SAFETY: signal to a child we spawned.
+    unsafe { libc::kill(t.0.id() as i32, libc::SIGKILL) };
+    let _ = t.0.wait();
+    for i in 0..10u64 {
+        os.write_all_at(&common::pattern(10 + i, 100_000), 2_000_000 + i * 150_000)
+            .expect("write");
+        os.sync_all().expect("fsync");
+    }
+    let st = wait_for(&src, "warning", |m| m["health"] == "warning");
+    assert!(
+        st["machines"][0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("retry"),
+        "warning without a retry: {st}"
+    );
+    std::mem::forget(t); // already dead
+    let _t = target(&dst, &addr);
+    wait_for(&src, "healthy again", |m| {
+        m["health"] == "healthy" && m["lag_seconds"] == 0.0
+    });
+
+    let out_dir = tmp.path().join("restored");
+    run_ok(
+        replog()
+            .arg("restore")
+            .arg(&dst)
+            .arg("vm1")
+            .args(["--at", "latest", "--out"])
+            .arg(&out_dir),
+    );
+    let mut want = vec![0u8; 16 << 20];
+    os.read_exact_at(&mut want, 0).expect("read");
+    let got = std::fs::read(out_dir.join("os.img")).expect("restored");
+    assert!(got == want, "replica differs after the target came back");
+    drop(os);
+    assert!(served.stop().success());
+}
+
+/// The target stops trusting the source: the next connection is refused in the
+/// handshake, and the source's machine goes Critical with the reason.
+#[test]
+fn untrusted_source_goes_critical_with_the_reason() {
+    if !fuse_available("untrusted_source_goes_critical_with_the_reason") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, dst, addr) = pair(tmp.path());
+    let _t = target(&dst, &addr);
+    run_ok(
+        replog()
+            .arg("protect")
+            .arg(&src)
+            .arg("vm1")
+            .args(["--target", &addr]),
+    );
+    // The target forgets the source before the source's serve connects.
+    std::fs::write(
+        dst.join("trusted-peers"),
+        "# replog trusted peers, format 1\n",
+    )
+    .expect("untrust");
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    let st = wait_for(&src, "critical", |m| m["health"] == "critical");
+    let reason = st["machines"][0]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        reason.contains("TLS") || reason.contains("certificate"),
+        "reason: {reason}"
+    );
+    assert!(
+        !dst.join("replicas/vm1").exists(),
+        "the untrusted source's data reached the target"
+    );
+    assert!(served.stop().success());
+}
+
+/// `replog protect` checks its prerequisites, each with a clear error, and records
+/// nothing when one fails.
+#[test]
+fn protect_prerequisites_are_checked() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, dst, addr) = pair(tmp.path());
+    let fail = |args: &[&str], what: &str| {
+        let out = replog()
+            .arg("protect")
+            .arg(&src)
+            .args(args)
+            .output()
+            .expect("protect");
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(err.contains(what), "{args:?}: {err}");
+        assert!(
+            !src.join("machines/vm1/relationship.toml").exists(),
+            "{args:?} recorded a relationship"
+        );
+    };
+    fail(&["nope", "--target", &addr], "no machine");
+    fail(&["vm1", "--target", &addr], "not reachable");
+    let _t = target(&dst, &addr);
+    std::fs::write(
+        dst.join("trusted-peers"),
+        "# replog trusted peers, format 1\n",
+    )
+    .expect("untrust");
+    fail(&["vm1", "--target", &addr], "refused this site");
+    let id_src = run_ok(replog().arg("id").arg(&src)).trim().to_string();
+    run_ok(replog().arg("trust").arg(&dst).arg(&id_src));
+    run_ok(
+        replog()
+            .arg("protect")
+            .arg(&src)
+            .arg("vm1")
+            .args(["--target", &addr]),
+    );
+    assert!(src.join("machines/vm1/relationship.toml").exists());
+}

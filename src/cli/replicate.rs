@@ -1,6 +1,7 @@
 //! `replog protect`, `replog restore`.
 
 use replog::identity::{self, SiteId};
+
 use replog::replica::store::ReplicaStore;
 use replog::replication::protocol::{read_frame, write_frame, Message};
 use replog::replication::relationship::Relationship;
@@ -24,6 +25,7 @@ pub fn protect(site: &Path, machine: &str, target: &str) -> Result<()> {
             r.target
         )));
     }
+    let me = identity::Identity::load(site)?.id();
     let (mut s, peer) =
         transport::connect(site, target, Duration::from_secs(10)).map_err(|e| match e {
             Error::Io { op, source, .. } if op.contains("TLS") => Error::InvalidInput(format!(
@@ -35,11 +37,24 @@ pub fn protect(site: &Path, machine: &str, target: &str) -> Result<()> {
             }
             other => other,
         })?;
-    let me = identity::Identity::load(site)?.id();
     let talk = |s: &mut transport::ClientStream, m: &Message| -> Result<Message> {
         write_frame(s, m).map_err(|e| Error::InvalidInput(e.to_string()))?;
         s.flush().map_err(|e| Error::io("send to", target, e))?;
-        read_frame(s).map_err(|e| Error::InvalidInput(format!("target: {e}")))
+        read_frame(s).map_err(|e| match e {
+            // In TLS 1.3 the target's refusal of our certificate arrives on the first read.
+            replog::replication::protocol::FrameError::Io(io)
+                if io
+                    .get_ref()
+                    .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some()) =>
+            {
+                Error::InvalidInput(format!(
+                    "the target at {target} refused this site ({io}); run `replog trust {} {me}` \
+                     there",
+                    "<target site>"
+                ))
+            }
+            other => Error::InvalidInput(format!("target: {other}")),
+        })
     };
     match talk(
         &mut s,

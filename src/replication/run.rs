@@ -48,17 +48,19 @@ enum Class {
 fn classify(e: &Error) -> Class {
     match e {
         Error::BrokenChain(_) => Class::Critical("resync-required"),
-        Error::Io { op, source, .. } => {
-            // rustls reports a refused certificate as InvalidData from the handshake.
-            if op.contains("TLS") && source.kind() == std::io::ErrorKind::InvalidData {
-                Class::Critical("protected")
-            } else {
-                Class::Retry
-            }
-        }
+        // An error from TLS itself (a refused certificate, an alert from the peer
+        // saying it refused ours — in TLS 1.3 that arrives on the first read) is an
+        // authentication failure; anything else on the socket is the network.
+        Error::Io { source, .. } if is_tls_failure(source) => Class::Critical("protected"),
+        Error::Io { .. } => Class::Retry,
         Error::InvalidInput(m) if m.contains("(Retry)") => Class::Retry,
         _ => Class::Critical("protected"),
     }
+}
+
+fn is_tls_failure(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
 }
 
 impl ShipLoop {
@@ -154,10 +156,17 @@ fn run(
             Err(e) => match classify(&e) {
                 Class::Critical(state) => {
                     tracing::error!(machine = machine.name(), "replication stopped: {e}");
+                    let hint = match &e {
+                        Error::Io { source, .. } if is_tls_failure(source) => {
+                            " (TLS authentication failed: check that both sites trust each other \
+                             with `replog trust`)"
+                        }
+                        _ => "",
+                    };
                     let mut s = status.lock();
                     s.state = state;
                     s.health = "critical";
-                    s.reason = format!("{e}; replication stopped until an operator acts");
+                    s.reason = format!("{e}{hint}; replication stopped until an operator acts");
                     return;
                 }
                 Class::Retry => {
