@@ -279,6 +279,7 @@ fn write_status(
     loops: &HashMap<String, ShipLoop>,
     pending_since: &mut HashMap<String, std::time::Instant>,
 ) {
+    let as_of_ns = crate::format::now_ns();
     let mut out = Vec::new();
     for m in machines {
         let ship = loops.get(m.name()).map(|l| l.status.lock().clone());
@@ -302,6 +303,7 @@ fn write_status(
     let doc = SiteStatus {
         site: id,
         machines: out,
+        as_of_ns,
     };
     let Ok(text) = serde_json::to_string(&doc) else {
         return;

@@ -153,18 +153,11 @@ fn protect_replicate_and_restore_latest_byte_equal() {
     os.sync_all().expect("fsync");
     data.sync_all().expect("fsync");
 
-    // Wait for protected, healthy, lag 0.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = status(&src);
-        let m = &st["machines"][0];
-        if m["state"] == "protected" && m["health"] == "healthy" && m["lag_seconds"] == 0.0 {
-            assert_eq!(m["target"], addr.as_str());
-            break;
-        }
-        assert!(Instant::now() < deadline, "never caught up: {st}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // Wait for protected, healthy, lag 0 — in a status taken after the last fsync.
+    let st = wait_for(&src, "caught up", |m| {
+        m["state"] == "protected" && m["health"] == "healthy" && m["lag_seconds"] == 0.0
+    });
+    assert_eq!(st["machines"][0]["target"], addr.as_str());
 
     // Restore at the target while it runs; compare with the source through the mount.
     let out_dir = tmp.path().join("restored");
@@ -251,11 +244,13 @@ fn target(dst: &Path, addr: &str) -> Listener {
     l
 }
 
+/// Wait for a status taken after now in which machine 0 satisfies `ok`.
 fn wait_for(src: &Path, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let since = replog::format::now_ns();
     loop {
         let st = status(src);
-        if ok(&st["machines"][0]) {
+        if st["as_of_ns"].as_u64().unwrap_or(0) > since && ok(&st["machines"][0]) {
             return st;
         }
         assert!(Instant::now() < deadline, "never {what}: {st}");
@@ -414,4 +409,192 @@ fn protect_prerequisites_are_checked() {
             .args(["--target", &addr]),
     );
     assert!(src.join("machines/vm1/relationship.toml").exists());
+}
+
+/// A TCP proxy between the sites that can cut every connection (and refuse new ones)
+/// or flip one byte of the source's stream.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    /// Flip the byte at this offset of the next source→target connection.
+    flip_at: Arc<Mutex<Option<u64>>>,
+    flipped: Arc<AtomicBool>,
+}
+
+use parking_lot::Mutex;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+impl Proxy {
+    fn start(target: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let flip_at = Arc::new(Mutex::new(None));
+        let flipped = Arc::new(AtomicBool::new(false));
+        let (c, f, fl) = (cut.clone(), flip_at.clone(), flipped.clone());
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                let Ok(inbound) = inbound else { continue };
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: connection refused in effect
+                }
+                let Ok(outbound) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                let flip = f.lock().take();
+                pump(
+                    inbound.try_clone().expect("clone"),
+                    outbound.try_clone().expect("clone"),
+                    c.clone(),
+                    flip,
+                    fl.clone(),
+                );
+                pump(outbound, inbound, c.clone(), None, fl.clone());
+            }
+        });
+        Proxy {
+            port,
+            cut,
+            flip_at,
+            flipped,
+        }
+    }
+}
+
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    cut: Arc<AtomicBool>,
+    flip: Option<u64>,
+    flipped: Arc<AtomicBool>,
+) {
+    std::thread::spawn(move || {
+        let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
+        let mut seen = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if cut.load(Ordering::SeqCst) {
+                break;
+            }
+            match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if let Some(at) = flip {
+                        if at >= seen && at < seen + n as u64 {
+                            buf[(at - seen) as usize] ^= 0x01;
+                            flipped.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    seen += n as u64;
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+        let _ = from.shutdown(Shutdown::Both);
+        let _ = to.shutdown(Shutdown::Both);
+    });
+}
+
+/// Through a proxy: a cut makes the source Warning and retry, then Healthy again; a
+/// flipped byte aborts the session with nothing applied, then replication recovers;
+/// the replica ends byte-equal.
+#[test]
+fn cuts_and_flipped_bytes_are_retried_and_nothing_bad_is_applied() {
+    if !fuse_available("cuts_and_flipped_bytes_are_retried_and_nothing_bad_is_applied") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, dst, addr) = pair(tmp.path());
+    let _t = target(&dst, &addr);
+    let proxy = Proxy::start(addr.clone());
+    let via = format!("127.0.0.1:{}", proxy.port);
+    run_ok(
+        replog()
+            .arg("protect")
+            .arg(&src)
+            .arg("vm1")
+            .args(["--target", &via]),
+    );
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    let os = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(served.disk("os"))
+        .expect("os");
+    os.write_all_at(&common::pattern(1, 1 << 20), 0)
+        .expect("write");
+    os.sync_all().expect("fsync");
+    wait_for(&src, "protected", |m| {
+        m["state"] == "protected" && m["lag_seconds"] == 0.0
+    });
+
+    // Cut: Warning with retries, then Healthy once the path is back.
+    proxy.cut.store(true, Ordering::SeqCst);
+    os.write_all_at(&common::pattern(2, 300_000), 3_000_000)
+        .expect("write");
+    os.sync_all().expect("fsync");
+    let st = wait_for(&src, "warning", |m| m["health"] == "warning");
+    assert!(
+        st["machines"][0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("retry"),
+        "{st}"
+    );
+    proxy.cut.store(false, Ordering::SeqCst);
+    wait_for(&src, "healthy after the cut", |m| {
+        m["health"] == "healthy" && m["lag_seconds"] == 0.0
+    });
+
+    // Flip one byte well inside the next session's data.
+    *proxy.flip_at.lock() = Some(200_000);
+    os.write_all_at(&common::pattern(3, 2 << 20), 6_000_000)
+        .expect("write");
+    os.sync_all().expect("fsync");
+    wait_for(&src, "healthy after the flip", |m| {
+        m["health"] == "healthy" && m["lag_seconds"] == 0.0 && proxy.flipped.load(Ordering::SeqCst)
+    });
+    let log = served.log_text();
+    assert!(
+        log.contains("replication failed"),
+        "the flipped byte did not abort a session:\n{log}"
+    );
+
+    let out_dir = tmp.path().join("restored");
+    run_ok(
+        replog()
+            .arg("restore")
+            .arg(&dst)
+            .arg("vm1")
+            .args(["--at", "latest", "--out"])
+            .arg(&out_dir),
+    );
+    let mut want = vec![0u8; 16 << 20];
+    os.read_exact_at(&mut want, 0).expect("read");
+    let got = std::fs::read(out_dir.join("os.img")).expect("restored");
+    if got != want {
+        let first = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+        let last = got
+            .iter()
+            .zip(&want)
+            .rposition(|(a, b)| a != b)
+            .unwrap_or(0);
+        panic!(
+            "replica differs in {first}..={last}; status {}",
+            status(&src)
+        );
+    }
+    drop(os);
+    assert!(served.stop().success());
 }

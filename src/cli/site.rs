@@ -93,7 +93,11 @@ pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
             let id = replog::identity::Identity::load(path)
                 .map(|i| i.id().to_string())
                 .unwrap_or_default();
-            SiteStatus { site: id, machines }
+            SiteStatus {
+                site: id,
+                machines,
+                as_of_ns: replog::format::now_ns(),
+            }
         }
     };
     let mut doc = doc;

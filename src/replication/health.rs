@@ -31,6 +31,10 @@ pub struct PointRef {
 pub struct SiteStatus {
     pub site: String,
     pub machines: Vec<MachineStatus>,
+    /// When this status was taken (ns since the epoch): everything that happened before
+    /// it is reflected in it.
+    #[serde(default)]
+    pub as_of_ns: u64,
 }
 
 pub const STATUS_FILE: &str = "status.json";

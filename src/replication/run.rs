@@ -58,9 +58,29 @@ fn classify(e: &Error) -> Class {
     }
 }
 
+/// True if a socket error is TLS refusing a certificate (ours or the peer's). Other
+/// TLS errors — a record that fails its MAC because a byte was flipped in transit, a
+/// message that does not decode — abort the session but are retried like the network.
 fn is_tls_failure(e: &std::io::Error) -> bool {
-    e.get_ref()
-        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+    use rustls::AlertDescription as A;
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return false;
+    };
+    matches!(
+        tls,
+        rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::AlertReceived(
+                A::AccessDenied
+                    | A::BadCertificate
+                    | A::UnknownCA
+                    | A::CertificateUnknown
+                    | A::CertificateRequired
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateExpired
+            )
+    )
 }
 
 impl ShipLoop {
