@@ -598,3 +598,160 @@ fn cuts_and_flipped_bytes_are_retried_and_nothing_bad_is_applied() {
     drop(os);
     assert!(served.stop().success());
 }
+
+/// kill -9 the source in the middle of initial replication, then the target: each
+/// time the copy resumes where it stopped (the target refuses a chunk behind its
+/// position, so a restart from zero would fail), and the replica ends byte-equal.
+#[test]
+fn kill_9_during_initial_replication_resumes() {
+    if !fuse_available("kill_9_during_initial_replication_resumes") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, dst, addr) = pair(tmp.path());
+    // A second, big disk full of incompressible data, so the copy takes a while.
+    let raw = tmp.path().join("big.raw");
+    std::fs::write(&raw, common::pattern(77, 192 << 20)).expect("raw");
+    run_ok(
+        replog()
+            .args(["disk", "create"])
+            .arg(&src)
+            .args(["vm1/big", "--size", "256M", "--import"])
+            .arg(&raw),
+    );
+    std::fs::remove_file(&raw).expect("rm raw");
+    let mut t = target(&dst, &addr);
+    run_ok(
+        replog()
+            .arg("protect")
+            .arg(&src)
+            .arg("vm1")
+            .args(["--target", &addr]),
+    );
+    let mnt = tmp.path().join("mnt");
+
+    let progress = |m: &serde_json::Value| m["progress"].as_f64().unwrap_or(0.0);
+    // Kill the source part-way.
+    let served = Served::start(&src, &mnt, &[]);
+    let st = wait_for(&src, "copying", |m| progress(m) > 0.1 && progress(m) < 0.9);
+    served.kill();
+    let before = progress(&st["machines"][0]);
+    // Kill the target part-way through the resumed copy.
+    let served = Served::start(&src, &mnt, &[]);
+    let st = wait_for(&src, "copying again", |m| progress(m) > before);
+    assert_ne!(
+        st["machines"][0]["health"], "critical",
+        "the resumed copy was refused: {st}"
+    );
+    // SAFETY: signal to a child we spawned.
+    unsafe { libc::kill(t.0.id() as i32, libc::SIGKILL) };
+    let _ = t.0.wait();
+    std::mem::forget(t);
+    let _t = target(&dst, &addr);
+    let os = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(served.disk("os"))
+        .expect("os");
+    os.write_all_at(b"written during the copy", 12345)
+        .expect("write");
+    os.sync_all().expect("fsync");
+    wait_for(&src, "protected", |m| {
+        m["state"] == "protected" && m["health"] == "healthy" && m["lag_seconds"] == 0.0
+    });
+
+    let out_dir = tmp.path().join("restored");
+    run_ok(
+        replog()
+            .arg("restore")
+            .arg(&dst)
+            .arg("vm1")
+            .args(["--at", "latest", "--out"])
+            .arg(&out_dir),
+    );
+    for (name, size) in [("os", 16usize << 20), ("big", 256 << 20)] {
+        let f = std::fs::File::open(served.disk(name)).expect("open");
+        let mut want = vec![0u8; size];
+        f.read_exact_at(&mut want, 0).expect("read");
+        let got = std::fs::read(out_dir.join(format!("{name}.img"))).expect("restored");
+        assert!(got == want, "restored {name} differs");
+    }
+    drop(os);
+    assert!(served.stop().success());
+}
+
+/// The target runs out of space: recoverable, retried, nothing corrupt; when space
+/// returns, replication converges.
+#[test]
+fn target_out_of_space_is_retried_until_room_returns() {
+    if !fuse_available("target_out_of_space_is_retried_until_room_returns") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, dst, addr) = pair(tmp.path());
+    let replicas = dst.join("replicas");
+    std::fs::create_dir_all(&replicas).expect("mkdir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&replicas)
+        .status()
+        .expect("mount tmpfs");
+    assert!(mounted.success(), "could not mount a small tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _cleanup = Unmount(replicas.clone());
+    let _t = target(&dst, &addr);
+    run_ok(
+        replog()
+            .arg("protect")
+            .arg(&src)
+            .arg("vm1")
+            .args(["--target", &addr]),
+    );
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    let os = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(served.disk("os"))
+        .expect("os");
+    os.write_all_at(&common::pattern(5, 8 << 20), 4096)
+        .expect("write");
+    os.sync_all().expect("fsync");
+    let st = wait_for(&src, "warning", |m| {
+        m["health"] == "warning" && m["reason"].as_str().unwrap_or("").contains("retry")
+    });
+    assert_ne!(st["machines"][0]["health"], "critical");
+    let grown = std::process::Command::new("mount")
+        .args(["-o", "remount,size=256m"])
+        .arg(&replicas)
+        .status()
+        .expect("remount");
+    assert!(grown.success());
+    wait_for(&src, "caught up", |m| {
+        m["state"] == "protected" && m["health"] == "healthy" && m["lag_seconds"] == 0.0
+    });
+    let out_dir = tmp.path().join("restored");
+    run_ok(
+        replog()
+            .arg("restore")
+            .arg(&dst)
+            .arg("vm1")
+            .args(["--at", "latest", "--out"])
+            .arg(&out_dir),
+    );
+    let mut want = vec![0u8; 16 << 20];
+    os.read_exact_at(&mut want, 0).expect("read");
+    assert!(
+        std::fs::read(out_dir.join("os.img")).expect("restored") == want,
+        "replica differs"
+    );
+    drop(os);
+    assert!(served.stop().success());
+}
