@@ -73,8 +73,14 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
     let site = Site::open(site_path)?;
     let policy = site.config().journal.compact_policy();
     let mut machines: Vec<Arc<Machine>> = Vec::new();
+    // Protected machines get a watermark hold before their compactor starts, so that
+    // nothing the target lacks is merged before the shipping loop takes over.
+    let mut early_holds = Vec::new();
     for name in site.machines()? {
         let mut m = site.open_machine(&name)?;
+        if Relationship::load(site_path, &name)?.is_some() {
+            early_holds.push(m.hold_watermark(m.status().watermark.lsn));
+        }
         m.start_compactor(policy);
         let s = m.status();
         tracing::info!(machine = %name, disks = ?m.disk_names(), last_lsn = s.last_lsn, "machine open");
@@ -93,6 +99,7 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
         tracing::info!("receiving replicas on {bound} (site ID {me})");
     }
     let background = Background::start(site_path, &machines, site.config().replication.clone());
+    drop(early_holds); // the shipping loops hold the watermark now
     let session = match &opts.mount {
         Some(dir) => {
             frontend::prepare_mountpoint(dir)?;
@@ -183,10 +190,18 @@ impl Background {
     ) -> Background {
         let stop = Arc::new(AtomicBool::new(false));
         let (site, machines, stop2) = (site.to_path_buf(), machines.to_vec(), stop.clone());
+        // The machines protected now start shipping before this returns.
+        let loops: Mutex<HashMap<String, ShipLoop>> = Mutex::new(HashMap::new());
+        for m in &machines {
+            if let Ok(Some(rel)) = Relationship::load(&site, m.name()) {
+                tracing::info!(machine = m.name(), "protecting toward {}", rel.target);
+                let l = ShipLoop::spawn(site.clone(), m.clone(), rel, cfg.clone());
+                loops.lock().insert(m.name().to_string(), l);
+            }
+        }
         let thread = std::thread::Builder::new()
             .name("serve-background".into())
             .spawn(move || {
-                let loops: Mutex<HashMap<String, ShipLoop>> = Mutex::new(HashMap::new());
                 let mut pending_since: HashMap<String, std::time::Instant> = HashMap::new();
                 while !stop2.load(Ordering::Acquire) {
                     for m in &machines {

@@ -49,6 +49,13 @@ pub fn compact(path: &Path, only: Option<&str>) -> Result<()> {
         let m = site.open_machine(&name)?;
         m.flush()?;
         m.seal()?;
+        if replog::replication::relationship::Relationship::load(path, &name)?.is_some() {
+            // Only the target's acknowledgement may release a protected machine's
+            // segments; `serve` merges them as they are acknowledged.
+            println!("{name}: protected; its journal is merged by `replog serve` as the target acknowledges it");
+            m.close()?;
+            continue;
+        }
         let s = m.compact()?;
         println!(
             "{name}: merged {} segment(s), {} records, {} bytes; watermark LSN {}",

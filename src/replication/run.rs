@@ -99,11 +99,14 @@ impl ShipLoop {
             acked_lsn: 0,
             target: rel.target.clone(),
         }));
+        // The shipper (and with it the watermark hold) exists before this returns:
+        // from now on nothing the target lacks can be merged away.
+        let shipper = Shipper::new(&site, &machine, &rel.target);
         let thread = {
             let (stop, status) = (stop.clone(), status.clone());
             std::thread::Builder::new()
                 .name(format!("ship-{}", machine.name()))
-                .spawn(move || run(site, machine, rel, cfg, stop, status))
+                .spawn(move || run(shipper, machine, rel, cfg, stop, status))
                 .ok()
         };
         ShipLoop {
@@ -131,17 +134,35 @@ fn nap(stop: &AtomicBool, d: Duration) {
 }
 
 fn run(
-    site: PathBuf,
+    mut shipper: Shipper,
     machine: Arc<Machine>,
     rel: Relationship,
     cfg: ReplicationConfig,
     stop: Arc<AtomicBool>,
     status: Arc<Mutex<LoopStatus>>,
 ) {
-    let mut shipper = Shipper::new(&site, &machine, &rel.target);
     {
         let status = status.clone();
+        // A progress bar for the initial copy when a person watches serve's terminal.
+        let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            let b = indicatif::ProgressBar::new(1);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} initial replication {bar:30} {bytes}/{total_bytes} {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b.set_message(machine.name().to_string());
+            b
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
         shipper.on_progress(Box::new(move |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+            if done >= total {
+                bar.finish_and_clear();
+            }
             let mut s = status.lock();
             s.state = "initial-replication";
             s.progress = Some(if total == 0 {
