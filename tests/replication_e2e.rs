@@ -312,6 +312,25 @@ fn target_killed_mid_shipping_then_back_converges() {
         m["health"] == "healthy" && m["lag_seconds"] == 0.0
     });
 
+    // Now kill -9 the source while it ships, and bring it back.
+    os.write_all_at(&common::pattern(50, 3 << 20), 8_000_000)
+        .expect("write");
+    os.sync_all().expect("fsync");
+    drop(os);
+    served.kill();
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    let os = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(served.disk("os"))
+        .expect("os");
+    os.write_all_at(b"after the source came back", 12_000_000)
+        .expect("write");
+    os.sync_all().expect("fsync");
+    wait_for(&src, "healthy after the source restart", |m| {
+        m["health"] == "healthy" && m["lag_seconds"] == 0.0
+    });
+
     let out_dir = tmp.path().join("restored");
     run_ok(
         replog()
@@ -416,6 +435,8 @@ fn protect_prerequisites_are_checked() {
 struct Proxy {
     port: u16,
     cut: Arc<AtomicBool>,
+    /// Milliseconds to hold every forwarded chunk (a slow, far link).
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Flip the byte at this offset of the next source→target connection.
     flip_at: Arc<Mutex<Option<u64>>>,
     flipped: Arc<AtomicBool>,
@@ -434,7 +455,13 @@ impl Proxy {
         let cut = Arc::new(AtomicBool::new(false));
         let flip_at = Arc::new(Mutex::new(None));
         let flipped = Arc::new(AtomicBool::new(false));
-        let (c, f, fl) = (cut.clone(), flip_at.clone(), flipped.clone());
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (c, f, fl, d) = (
+            cut.clone(),
+            flip_at.clone(),
+            flipped.clone(),
+            delay_ms.clone(),
+        );
         std::thread::spawn(move || {
             for inbound in listener.incoming() {
                 let Ok(inbound) = inbound else { continue };
@@ -451,13 +478,15 @@ impl Proxy {
                     c.clone(),
                     flip,
                     fl.clone(),
+                    d.clone(),
                 );
-                pump(outbound, inbound, c.clone(), None, fl.clone());
+                pump(outbound, inbound, c.clone(), None, fl.clone(), d.clone());
             }
         });
         Proxy {
             port,
             cut,
+            delay_ms,
             flip_at,
             flipped,
         }
@@ -470,6 +499,7 @@ fn pump(
     cut: Arc<AtomicBool>,
     flip: Option<u64>,
     flipped: Arc<AtomicBool>,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
 ) {
     std::thread::spawn(move || {
         let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
@@ -489,6 +519,10 @@ fn pump(
                         }
                     }
                     seen += n as u64;
+                    let d = delay_ms.load(Ordering::SeqCst);
+                    if d > 0 {
+                        std::thread::sleep(Duration::from_millis(d));
+                    }
                     if to.write_all(&buf[..n]).is_err() {
                         break;
                     }
@@ -556,6 +590,16 @@ fn cuts_and_flipped_bytes_are_retried_and_nothing_bad_is_applied() {
     wait_for(&src, "healthy after the cut", |m| {
         m["health"] == "healthy" && m["lag_seconds"] == 0.0
     });
+
+    // A slow link: everything still arrives, only later.
+    proxy.delay_ms.store(30, Ordering::SeqCst);
+    os.write_all_at(&common::pattern(4, 500_000), 9_000_000)
+        .expect("write");
+    os.sync_all().expect("fsync");
+    wait_for(&src, "healthy over a slow link", |m| {
+        m["health"] == "healthy" && m["lag_seconds"] == 0.0
+    });
+    proxy.delay_ms.store(0, Ordering::SeqCst);
 
     // Flip one byte well inside the next session's data.
     *proxy.flip_at.lock() = Some(200_000);
