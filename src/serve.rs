@@ -77,7 +77,7 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
     // nothing the target lacks is merged before the shipping loop takes over.
     let mut early_holds = Vec::new();
     for name in site.machines()? {
-        let mut m = site.open_machine(&name)?;
+        let m = site.open_machine(&name)?;
         if Relationship::load(site_path, &name)?.is_some() {
             early_holds.push(m.hold_watermark(m.status().watermark.lsn));
         }
@@ -127,6 +127,11 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
     let sig = wait_for_stop_signal(&signals);
     tracing::info!("signal {sig}: flushing and stopping");
 
+    // Compactors first: once a shipping loop stops, its hold is gone, and nothing the
+    // target has not acknowledged may be merged.
+    for m in &machines {
+        m.stop_compactor();
+    }
     background.stop();
     let mut first_err = None;
     for m in &machines {

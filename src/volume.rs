@@ -100,7 +100,7 @@ pub(crate) struct MachineInner {
 #[derive(Debug)]
 pub struct Machine {
     inner: Arc<MachineInner>,
-    compactor: Option<Compactor>,
+    compactor: Mutex<Option<Compactor>>,
 }
 
 /// A disk of an open machine, the handle reads and writes go through.
@@ -333,15 +333,30 @@ impl Machine {
         });
         Ok(Machine {
             inner,
-            compactor: None,
+            compactor: Mutex::new(None),
         })
+    }
+
+    /// Stop the background compactor (waiting for a merge in progress). Used before
+    /// replication lets go of its holds, so nothing unacknowledged is merged.
+    pub fn stop_compactor(&self) {
+        let c = self.compactor.lock().take();
+        if let Some(c) = c {
+            c.stop();
+        }
+    }
+
+    /// Wait until no merge is running (the next one will see the holds as they are).
+    pub fn wait_for_merge(&self) {
+        drop(self.inner.compaction.lock());
     }
 
     /// Start the background compactor: it wakes every `policy.interval` and after each
     /// seal, and merges when the policy says so.
-    pub fn start_compactor(&mut self, policy: compactor::CompactPolicy) {
-        if self.compactor.is_none() {
-            self.compactor = Some(Compactor::spawn(self.inner.clone(), policy));
+    pub fn start_compactor(&self, policy: compactor::CompactPolicy) {
+        let mut c = self.compactor.lock();
+        if c.is_none() {
+            *c = Some(Compactor::spawn(self.inner.clone(), policy));
         }
     }
 
@@ -449,9 +464,9 @@ impl Machine {
     }
 
     /// Flush, stop the compactor and close.
-    pub fn close(mut self) -> Result<()> {
+    pub fn close(self) -> Result<()> {
         let flushed = self.flush();
-        if let Some(c) = self.compactor.take() {
+        if let Some(c) = self.compactor.lock().take() {
             c.stop();
         }
         flushed.map(|_| ())
@@ -461,7 +476,7 @@ impl Machine {
 impl Drop for Machine {
     fn drop(&mut self) {
         // No flush here: dropping without `close` is what a crash looks like to tests.
-        if let Some(c) = self.compactor.take() {
+        if let Some(c) = self.compactor.lock().take() {
             c.stop();
         }
     }

@@ -198,7 +198,7 @@ fn journal_stays_bounded_without_holds() {
     let storage = FaultyStorage::new();
     let dir = machine_dir();
     create_machine(&storage, &dir, &[1 << 20]);
-    let mut m = open(Arc::new(storage.clone()), &dir, 16 * 1024).expect("open");
+    let m = open(Arc::new(storage.clone()), &dir, 16 * 1024).expect("open");
     m.start_compactor(replog::compactor::CompactPolicy::eager(
         std::time::Duration::from_millis(5),
     ));

@@ -1,6 +1,7 @@
-//! Encryption at rest of replica segments: AES-256-GCM, with a key derived per segment
-//! (HKDF-SHA256 from the site's replica key, salted with the machine id, the info
-//! naming the segment number), so no two segments share a key.
+//! Encryption at rest of replica segments and initial-copy chunks: AES-256-GCM, with a
+//! key derived per file (HKDF-SHA256 from the site's replica key, salted with the
+//! machine id, the info "replog segment <n>" or "replog base <n>"), so no two files
+//! share a key.
 //!
 //! ## Encrypted segment file
 //!
@@ -27,6 +28,9 @@ use std::path::Path;
 
 pub const MAGIC: [u8; 8] = *b"\x89RLE\r\n\x1a\n";
 pub const HEADER_LEN: usize = 40;
+/// HKDF labels: segments and initial-copy chunks never share a key.
+const SEGMENT_LABEL: &[u8] = b"replog segment ";
+const BASE_LABEL: &[u8] = b"replog base ";
 
 /// The site's replica key.
 #[derive(Clone)]
@@ -75,9 +79,9 @@ impl ReplicaKey {
         ReplicaKey(k)
     }
 
-    fn segment_cipher(&self, machine_id: u64, seq: u64) -> Result<Aes256Gcm> {
+    fn cipher(&self, label: &[u8], machine_id: u64, seq: u64) -> Result<Aes256Gcm> {
         let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(&machine_id.to_le_bytes()), &self.0);
-        let mut info = b"replog segment ".to_vec();
+        let mut info = label.to_vec();
         info.extend_from_slice(&seq.to_le_bytes());
         let mut okm = [0u8; 32];
         hk.expand(&info, &mut okm)
@@ -87,6 +91,20 @@ impl ReplicaKey {
 
     /// Encrypt segment `seq` of machine `machine_id`.
     pub fn seal(&self, machine_id: u64, seq: u64, plain: &[u8]) -> Result<Vec<u8>> {
+        self.seal_as(SEGMENT_LABEL, machine_id, seq, plain)
+    }
+
+    /// Encrypt initial-copy chunk `n` of machine `machine_id` (a key domain of its own).
+    pub fn seal_base(&self, machine_id: u64, n: u64, plain: &[u8]) -> Result<Vec<u8>> {
+        self.seal_as(BASE_LABEL, machine_id, n, plain)
+    }
+
+    /// Decrypt and authenticate initial-copy chunk `n`.
+    pub fn open_base(&self, machine_id: u64, n: u64, bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
+        self.open_as(BASE_LABEL, machine_id, n, bytes, path)
+    }
+
+    fn seal_as(&self, label: &[u8], machine_id: u64, seq: u64, plain: &[u8]) -> Result<Vec<u8>> {
         let mut nonce = [0u8; 12];
         getrandom::fill(&mut nonce)
             .map_err(|e| Error::InvalidInput(format!("random nonce: {e}")))?;
@@ -98,7 +116,7 @@ impl ReplicaKey {
         let crc = crc32c::crc32c(&head[..36]);
         head[36..40].copy_from_slice(&crc.to_le_bytes());
         let ct = self
-            .segment_cipher(machine_id, seq)?
+            .cipher(label, machine_id, seq)?
             .encrypt(
                 Nonce::from_slice(&nonce),
                 Payload {
@@ -114,6 +132,17 @@ impl ReplicaKey {
 
     /// Decrypt and authenticate an encrypted segment; `path` names it in errors.
     pub fn open(&self, machine_id: u64, seq: u64, bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
+        self.open_as(SEGMENT_LABEL, machine_id, seq, bytes, path)
+    }
+
+    fn open_as(
+        &self,
+        label: &[u8],
+        machine_id: u64,
+        seq: u64,
+        bytes: &[u8],
+        path: &Path,
+    ) -> Result<Vec<u8>> {
         let Some(head) = bytes.get(..HEADER_LEN) else {
             return Err(Error::corruption(
                 path,
@@ -149,7 +178,7 @@ impl ReplicaKey {
                 "encrypted segment is not the one named",
             ));
         }
-        self.segment_cipher(machine_id, seq)?
+        self.cipher(label, machine_id, seq)?
             .decrypt(
                 Nonce::from_slice(field(24, 36)),
                 Payload {

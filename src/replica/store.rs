@@ -29,9 +29,6 @@ const RECEIVED: &str = "received";
 const SEGMENTS: &str = "segments";
 const BASE: &str = "base";
 const INITIAL: &str = "initial";
-/// Base chunks are encrypted under numbers from here up, so that their keys never
-/// coincide with a segment's (segment numbers stay below 2^62).
-const BASE_KEY_DOMAIN: u64 = 1 << 63;
 
 /// How far initial replication got (persisted after every chunk).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -342,9 +339,7 @@ impl ReplicaStore {
         plain.extend_from_slice(&offset.to_le_bytes());
         plain.extend_from_slice(data);
         let n = self.initial.chunks;
-        let ct = self
-            .key
-            .seal(self.manifest.machine_id, BASE_KEY_DOMAIN + n, &plain)?;
+        let ct = self.key.seal_base(self.manifest.machine_id, n, &plain)?;
         self.write_durably(&self.base_path(n), &ct)?;
         self.save_initial(InitialProgress {
             chunks: n + 1,
@@ -369,7 +364,7 @@ impl ReplicaStore {
         let ct = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
         let plain = self
             .key
-            .open(self.manifest.machine_id, BASE_KEY_DOMAIN + n, &ct, &path)?;
+            .open_base(self.manifest.machine_id, n, &ct, &path)?;
         let field = |a: usize, b: usize| plain.get(a..b).unwrap_or(&[]);
         let disk = u32::from_le_bytes(field(0, 4).try_into().unwrap_or([0; 4]));
         let offset = u64::from_le_bytes(field(8, 16).try_into().unwrap_or([0; 8]));

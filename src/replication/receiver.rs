@@ -57,46 +57,61 @@ impl Target {
         else {
             return Err((ErrorCode::Fatal, "expected Protect".into()));
         };
-        if let Some(s) = self.stores.lock().get(machine) {
-            return Ok((machine.clone(), s.clone()));
+        if *base_seq >= crate::format::segment::MAX_SEGMENT_SEQ
+            || *base_lsn >= crate::format::record::MAX_LSN
+        {
+            return Err((ErrorCode::Fatal, "base segment or LSN out of range".into()));
         }
         let fatal = |e: Error| (ErrorCode::Fatal, e.to_string());
-        let store = match ReplicaStore::open(&self.site, machine, self.key.clone()) {
-            Ok(s) => s,
-            Err(Error::NotFound(_)) => {
-                let manifest = ReplicaManifest {
-                    source_site: peer.0,
-                    machine_id: *machine_id,
-                    disks: disks
-                        .iter()
-                        .enumerate()
-                        .map(|(i, (name, size))| DiskEntry {
-                            id: i as u32,
-                            name: name.clone(),
-                            size: *size,
-                        })
-                        .collect(),
-                    base_lsn: *base_lsn,
-                    base_seq: *base_seq,
+        // Under the table's lock, so two sessions never open the same store twice.
+        let mut stores = self.stores.lock();
+        let store = match stores.get(machine) {
+            Some(s) => s.clone(),
+            None => {
+                let store = match ReplicaStore::open(&self.site, machine, self.key.clone()) {
+                    Ok(s) => s,
+                    Err(Error::NotFound(_)) => {
+                        let manifest = ReplicaManifest {
+                            source_site: peer.0,
+                            machine_id: *machine_id,
+                            disks: disks
+                                .iter()
+                                .enumerate()
+                                .map(|(i, (name, size))| DiskEntry {
+                                    id: i as u32,
+                                    name: name.clone(),
+                                    size: *size,
+                                })
+                                .collect(),
+                            base_lsn: *base_lsn,
+                            base_seq: *base_seq,
+                        };
+                        let base = Watermark {
+                            lsn: *base_lsn,
+                            segment_seq: *base_seq,
+                        };
+                        ReplicaStore::create(&self.site, machine, manifest, base, self.key.clone())
+                            .map_err(fatal)?
+                    }
+                    Err(e) => return Err(fatal(e)),
                 };
-                let base = Watermark {
-                    lsn: *base_lsn,
-                    segment_seq: *base_seq,
-                };
-                ReplicaStore::create(&self.site, machine, manifest, base, self.key.clone())
-                    .map_err(fatal)?
+                let store = Arc::new(Mutex::new(store));
+                stores.insert(machine.clone(), store.clone());
+                store
             }
-            Err(e) => return Err(fatal(e)),
         };
-        let man = store.manifest();
-        if man.source_site != peer.0 || man.machine_id != *machine_id {
-            return Err((
-                ErrorCode::Fatal,
-                format!("this site's replica of {machine} belongs to another site or machine"),
-            ));
+        drop(stores);
+        // Every Protect, not just the first: the replica must be this peer's machine.
+        {
+            let st = store.lock();
+            let man = st.manifest();
+            if man.source_site != peer.0 || man.machine_id != *machine_id {
+                return Err((
+                    ErrorCode::Fatal,
+                    format!("this site's replica of {machine} belongs to another site or machine"),
+                ));
+            }
         }
-        let store = Arc::new(Mutex::new(store));
-        self.stores.lock().insert(machine.clone(), store.clone());
         Ok((machine.clone(), store))
     }
 

@@ -101,7 +101,8 @@ impl ShipLoop {
         }));
         // The shipper (and with it the watermark hold) exists before this returns:
         // from now on nothing the target lacks can be merged away.
-        let shipper = Shipper::new(&site, &machine, &rel.target);
+        let mut shipper = Shipper::new(&site, &machine, &rel.target);
+        shipper.stop_on(stop.clone());
         let thread = {
             let (stop, status) = (stop.clone(), status.clone());
             std::thread::Builder::new()
@@ -123,6 +124,15 @@ impl ShipLoop {
             let _ = t.join();
         }
     }
+}
+
+/// Stopped by a Critical error: keep the shipper, and with it the watermark hold,
+/// until serve stops — what the target has not acknowledged must not be merged.
+fn park(stop: &AtomicBool, shipper: Shipper) {
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(shipper);
 }
 
 /// Sleep up to `d`, waking early when `stop` is set.
@@ -179,6 +189,8 @@ fn run(
             let mut s = status.lock();
             s.health = "critical";
             s.reason = format!("the journal failed: {e}");
+            drop(s);
+            park(&stop, shipper);
             return;
         }
         match shipper.ship_once(&machine) {
@@ -208,6 +220,8 @@ fn run(
                     s.state = state;
                     s.health = "critical";
                     s.reason = format!("{e}{hint}; replication stopped until an operator acts");
+                    drop(s);
+                    park(&stop, shipper);
                     return;
                 }
                 Class::Retry => {

@@ -25,6 +25,7 @@ pub struct Shipper {
     hold: WatermarkHold,
     acked_lsn: u64,
     progress: Option<Box<Progress>>,
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl std::fmt::Debug for Shipper {
@@ -53,12 +54,24 @@ pub struct ShipReport {
 pub type Progress = dyn Fn(u64, u64) + Send + Sync;
 
 fn send(s: &mut ClientStream, m: &Message) -> Result<()> {
-    write_frame(s, m).map_err(|e| match e {
-        FrameError::Io(io) => Error::io("send to", PathBuf::from("target"), io),
-        other => Error::InvalidInput(format!("sending: {other}")),
-    })?;
-    s.flush()
-        .map_err(|e| Error::io("send to", PathBuf::from("target"), e))
+    let sent = write_frame(s, m)
+        .map_err(|e| match e {
+            FrameError::Io(io) => Error::io("send to", PathBuf::from("target"), io),
+            other => Error::InvalidInput(format!("sending: {other}")),
+        })
+        .and_then(|()| {
+            s.flush()
+                .map_err(|e| Error::io("send to", PathBuf::from("target"), e))
+        });
+    match sent {
+        // The target may have refused something and closed: its Error frame, if it
+        // got here, says why (and whether to retry) better than the broken pipe.
+        Err(e @ Error::Io { .. }) => match recv(s) {
+            Err(refusal @ (Error::BrokenChain(_) | Error::InvalidInput(_))) => Err(refusal),
+            _ => Err(e),
+        },
+        other => other,
+    }
 }
 
 fn recv(s: &mut ClientStream) -> Result<Message> {
@@ -85,7 +98,28 @@ impl Shipper {
             hold: machine.hold_watermark(base),
             acked_lsn: base,
             progress: None,
+            stop: None,
         }
+    }
+
+    /// Give up a pass (between chunks) once `stop` is set.
+    pub fn stop_on(&mut self, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.stop = Some(stop);
+    }
+
+    fn stopping(&self) -> Result<()> {
+        if self
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Acquire))
+        {
+            return Err(Error::io(
+                "ship to",
+                PathBuf::from(&self.target),
+                std::io::Error::from(std::io::ErrorKind::Interrupted),
+            ));
+        }
+        Ok(())
     }
 
     /// Report initial-replication progress to `f`.
@@ -127,6 +161,7 @@ impl Shipper {
                 let mut at = data;
                 while at < hole {
                     let n = ((hole - at) as usize).min(MAX_CHUNK);
+                    self.stopping()?;
                     let chunk = buf.get_mut(..n).unwrap_or(&mut []);
                     parent.read_exact_at(chunk, at)?;
                     // Send each run of non-zero blocks.
@@ -219,12 +254,38 @@ impl Shipper {
                 )))
             }
         };
+        // The target's position must be a point of this machine's own history.
+        let newest_seq = machine.sealed_segments().last().map(|g| g.seq).unwrap_or(0);
+        if acked_seq > newest_seq.max(w.segment_seq) || acked > machine.status().last_lsn {
+            return Err(Error::BrokenChain(format!(
+                "the target's replica of {} is ahead of this source (segment {acked_seq}, LSN \
+                 {acked}): it holds another history",
+                machine.name()
+            )));
+        }
         let mut report = ShipReport {
             acked_lsn: acked,
             ..Default::default()
         };
         if !initial_done {
+            // The parents must stand exactly for the replica's base while they are
+            // copied: hold there, let a running merge finish, and check.
+            self.hold.set(acked);
+            machine.wait_for_merge();
+            let frozen = machine.status().watermark;
+            if frozen.lsn != acked {
+                return Err(Error::BrokenChain(format!(
+                    "the replica's initial copy is based on LSN {acked} but this source's \
+                     parents stand for LSN {}: resynchronisation required",
+                    frozen.lsn
+                )));
+            }
             report.initial_bytes = self.initial_copy(&mut s, machine, resume)?;
+            if machine.status().watermark != frozen {
+                return Err(Error::BrokenChain(
+                    "the parents changed during the initial copy".into(),
+                ));
+            }
             send(
                 &mut s,
                 &Message::InitialDone {
@@ -241,7 +302,7 @@ impl Shipper {
             if seg.seq <= acked_seq {
                 continue;
             }
-            if seg.seq != acked_seq + 1 {
+            if seg.seq != acked_seq + 1 || seg.first_lsn != acked + 1 {
                 return Err(Error::BrokenChain(format!(
                     "the target has up to segment {acked_seq}, but the source's journal starts at {}",
                     seg.seq
@@ -268,11 +329,16 @@ impl Shipper {
                 offset += n as u64;
             }
             match recv(&mut s)? {
-                Message::Ack { lsn, .. } => {
+                Message::Ack { lsn, machine: m } if lsn == seg.last_lsn && m == machine.name() => {
                     acked = lsn;
                     acked_seq = seg.seq;
                 }
-                other => return Err(Error::InvalidInput(format!("expected Ack, got {other:?}"))),
+                other => {
+                    return Err(Error::InvalidInput(format!(
+                        "expected the Ack of segment {} (LSN {}), got {other:?}",
+                        seg.seq, seg.last_lsn
+                    )))
+                }
             }
             // Acknowledged: now, and only now, the compactor may merge it.
             self.hold.set(acked);

@@ -8,11 +8,16 @@ use crate::identity::{self, Identity, SiteId};
 use rustls::{ClientConnection, ServerConnection, StreamOwned};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a read or write may block before the session is given up.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an unauthenticated peer may take over each step of the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections allowed in their handshake at once.
+pub const MAX_HANDSHAKES: usize = 64;
 
 pub type ClientStream = StreamOwned<ClientConnection, TcpStream>;
 pub type ServerStream = StreamOwned<ServerConnection, TcpStream>;
@@ -80,21 +85,35 @@ pub fn listen(
         .map_err(|e| tls_io("listen on", addr, e))?;
     let site = site.to_path_buf();
     let session = Arc::new(session);
+    let handshaking = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("replication-listener".into())
         .spawn(move || {
             for tcp in listener.incoming() {
                 let Ok(tcp) = tcp else { continue };
+                // Unauthenticated peers get a bounded number of threads, each for a
+                // bounded time.
+                if handshaking.load(Ordering::Acquire) >= MAX_HANDSHAKES {
+                    tracing::warn!("too many connections in their handshake; refusing one");
+                    continue;
+                }
+                handshaking.fetch_add(1, Ordering::AcqRel);
+                let counter = handshaking.clone();
                 let (me, site, session) = (me.clone(), site.clone(), session.clone());
-                let _ = std::thread::Builder::new()
+                let spawned = std::thread::Builder::new()
                     .name("replication-session".into())
                     .spawn(move || {
                         let from = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                        match accept(&me, &site, tcp) {
+                        let accepted = accept(&me, &site, tcp);
+                        counter.fetch_sub(1, Ordering::AcqRel);
+                        match accepted {
                             Ok((stream, peer)) => session(stream, peer),
                             Err(e) => tracing::warn!("refused a connection from {from}: {e}"),
                         }
                     });
+                if spawned.is_err() {
+                    handshaking.fetch_sub(1, Ordering::AcqRel);
+                }
             }
         })
         .map_err(|e| Error::io("start listener thread", PathBuf::from(addr), e))?;
@@ -104,10 +123,12 @@ pub fn listen(
 fn accept(me: &Identity, site: &Path, tcp: TcpStream) -> Result<(ServerStream, SiteId)> {
     let cfg = Arc::new(identity::server_config(me, identity::trusted_peers(site)?)?);
     let from = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    tcp.set_read_timeout(Some(IO_TIMEOUT))
-        .map_err(|e| tls_io("configure", &from, e))?;
-    tcp.set_write_timeout(Some(IO_TIMEOUT))
-        .map_err(|e| tls_io("configure", &from, e))?;
+    let timeouts = |t: &TcpStream, d: Duration| {
+        t.set_read_timeout(Some(d))
+            .and_then(|()| t.set_write_timeout(Some(d)))
+            .map_err(|e| tls_io("configure", &from, e))
+    };
+    timeouts(&tcp, HANDSHAKE_TIMEOUT)?;
     let conn = ServerConnection::new(cfg).map_err(|e| Error::InvalidInput(e.to_string()))?;
     let mut stream = StreamOwned::new(conn, tcp);
     while stream.conn.is_handshaking() {
@@ -117,5 +138,6 @@ fn accept(me: &Identity, site: &Path, tcp: TcpStream) -> Result<(ServerStream, S
             .map_err(|e| tls_io("TLS handshake with", &from, e))?;
     }
     let peer = peer_id(stream.conn.peer_certificates())?;
+    timeouts(&stream.sock, IO_TIMEOUT)?;
     Ok((stream, peer))
 }
