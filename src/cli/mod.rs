@@ -70,15 +70,17 @@ pub enum Command {
         /// Only this machine.
         machine: Option<String>,
     },
-    /// Show each machine's journal: segments, LSNs, watermark, last point.
+    /// Show each machine's state, health with the reason, replication lag, initial-copy
+    /// progress, journal size and last point (read from the running `serve` if any).
     Status {
         site: PathBuf,
         machine: Option<String>,
         #[arg(long)]
         json: bool,
     },
-    /// Run the site in the foreground: recover journals, run compactors, mount every
-    /// disk as DIR/<machine>/<disk>.img. SIGINT/SIGTERM flush, unmount and exit 0 (1
+    /// Run the site in the foreground: recover journals, run compactors, replicate
+    /// protected machines, receive replicas (--listen), mount every disk as
+    /// DIR/<machine>/<disk>.img (--mount). SIGINT/SIGTERM flush, unmount and exit 0 (1
     /// if a flush fails); a mount still in use is detached and let go after 10 s.
     Serve {
         site: PathBuf,
