@@ -331,19 +331,7 @@ fn target_killed_mid_shipping_then_back_converges() {
         m["health"] == "healthy" && m["lag_seconds"] == 0.0
     });
 
-    let out_dir = tmp.path().join("restored");
-    run_ok(
-        replog()
-            .arg("restore")
-            .arg(&dst)
-            .arg("vm1")
-            .args(["--at", "latest", "--out"])
-            .arg(&out_dir),
-    );
-    let mut want = vec![0u8; 16 << 20];
-    os.read_exact_at(&mut want, 0).expect("read");
-    let got = std::fs::read(out_dir.join("os.img")).expect("restored");
-    assert!(got == want, "replica differs after the target came back");
+    restore_and_compare(&dst, &tmp.path().join("restored"), &[("os", &os)]);
     drop(os);
     assert!(served.stop().success());
 }
@@ -615,30 +603,7 @@ fn cuts_and_flipped_bytes_are_retried_and_nothing_bad_is_applied() {
         "the flipped byte did not abort a session:\n{log}"
     );
 
-    let out_dir = tmp.path().join("restored");
-    run_ok(
-        replog()
-            .arg("restore")
-            .arg(&dst)
-            .arg("vm1")
-            .args(["--at", "latest", "--out"])
-            .arg(&out_dir),
-    );
-    let mut want = vec![0u8; 16 << 20];
-    os.read_exact_at(&mut want, 0).expect("read");
-    let got = std::fs::read(out_dir.join("os.img")).expect("restored");
-    if got != want {
-        let first = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
-        let last = got
-            .iter()
-            .zip(&want)
-            .rposition(|(a, b)| a != b)
-            .unwrap_or(0);
-        panic!(
-            "replica differs in {first}..={last}; status {}",
-            status(&src)
-        );
-    }
+    restore_and_compare(&dst, &tmp.path().join("restored"), &[("os", &os)]);
     drop(os);
     assert!(served.stop().success());
 }
@@ -781,21 +746,35 @@ fn target_out_of_space_is_retried_until_room_returns() {
     wait_for(&src, "caught up", |m| {
         m["state"] == "protected" && m["health"] == "healthy" && m["lag_seconds"] == 0.0
     });
-    let out_dir = tmp.path().join("restored");
+    restore_and_compare(&dst, &tmp.path().join("restored"), &[("os", &os)]);
+    drop(os);
+    assert!(served.stop().success());
+}
+
+/// `replog restore --at latest` at the target into `out`, and each restored disk must
+/// equal the source's disk as read through `file`; a difference names its range.
+fn restore_and_compare(dst: &Path, out: &Path, disks: &[(&str, &std::fs::File)]) {
     run_ok(
         replog()
             .arg("restore")
-            .arg(&dst)
+            .arg(dst)
             .arg("vm1")
             .args(["--at", "latest", "--out"])
-            .arg(&out_dir),
+            .arg(out),
     );
-    let mut want = vec![0u8; 16 << 20];
-    os.read_exact_at(&mut want, 0).expect("read");
-    assert!(
-        std::fs::read(out_dir.join("os.img")).expect("restored") == want,
-        "replica differs"
-    );
-    drop(os);
-    assert!(served.stop().success());
+    for (name, file) in disks {
+        let size = file.metadata().expect("stat").len() as usize;
+        let mut want = vec![0u8; size];
+        file.read_exact_at(&mut want, 0).expect("read source");
+        let got = std::fs::read(out.join(format!("{name}.img"))).expect("restored image");
+        if got != want {
+            let first = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+            let last = got
+                .iter()
+                .zip(&want)
+                .rposition(|(a, b)| a != b)
+                .unwrap_or(0);
+            panic!("restored {name} differs from the source in {first}..={last}");
+        }
+    }
 }

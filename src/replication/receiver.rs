@@ -189,15 +189,7 @@ impl Target {
                     compressed,
                     bytes,
                 } => {
-                    let Some((name, store)) = &current else {
-                        return Err((ErrorCode::Fatal, "initial chunk before Protect".into()));
-                    };
-                    if &machine != name {
-                        return Err((
-                            ErrorCode::Fatal,
-                            format!("chunk for {machine} in a session for {name}"),
-                        ));
-                    }
+                    let (_, store) = session_store(&current, &machine, "initial chunk")?;
                     let data = if compressed {
                         decompress(&bytes)?
                     } else {
@@ -209,15 +201,7 @@ impl Target {
                         .map_err(refusal)?;
                 }
                 Message::InitialDone { machine } => {
-                    let Some((name, store)) = &current else {
-                        return Err((ErrorCode::Fatal, "InitialDone before Protect".into()));
-                    };
-                    if &machine != name {
-                        return Err((
-                            ErrorCode::Fatal,
-                            format!("InitialDone for {machine} in a session for {name}"),
-                        ));
-                    }
+                    let (name, store) = session_store(&current, &machine, "InitialDone")?;
                     let lsn = {
                         let mut st = store.lock();
                         st.finish_initial().map_err(refusal)?;
@@ -239,15 +223,7 @@ impl Target {
                     compressed,
                     bytes,
                 } => {
-                    let Some((name, store)) = &current else {
-                        return Err((ErrorCode::Fatal, "segment before Protect".into()));
-                    };
-                    if &machine != name {
-                        return Err((
-                            ErrorCode::Fatal,
-                            format!("segment for {machine} in a session for {name}"),
-                        ));
-                    }
+                    let (name, store) = session_store(&current, &machine, "segment")?;
                     if segment_len > MAX_SEGMENT {
                         return Err((
                             ErrorCode::Fatal,
@@ -319,6 +295,22 @@ impl Target {
                 }
             }
         }
+    }
+}
+
+/// The store of the machine this session protects; `machine` must name it.
+fn session_store<'a>(
+    current: &'a Option<(String, SharedStore)>,
+    machine: &str,
+    what: &str,
+) -> Result<(&'a String, &'a SharedStore), Refusal> {
+    match current {
+        None => Err((ErrorCode::Fatal, format!("{what} before Protect"))),
+        Some((name, _)) if name != machine => Err((
+            ErrorCode::Fatal,
+            format!("{what} for {machine} in a session for {name}"),
+        )),
+        Some((name, store)) => Ok((name, store)),
     }
 }
 
