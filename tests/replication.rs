@@ -191,3 +191,104 @@ fn initial_copy_then_deltas_restore_byte_equal() {
     assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
     assert!(!out.join("os.img.partial").exists());
 }
+
+/// Every point received restores exactly the source's disk at that point; points list
+/// with IDs; LSN, ID and time forms resolve; an unknown point writes nothing.
+#[test]
+fn every_received_point_restores_the_disk_as_it_was() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    for s in [&a, &b] {
+        replog(&["init"], s);
+    }
+    let (ida, idb) = (replog(&["id"], &a), replog(&["id"], &b));
+    replog(&["trust", &idb], &a);
+    replog(&["trust", &ida], &b);
+    replog(&["disk", "create", "vm1/os", "--size", "2M"], &a);
+    let addr = start_target(&b);
+    let site = Site::open(&a).expect("open source");
+    let m = site.open_machine("vm1").expect("machine");
+    let v = m.volume("os").expect("vol");
+    let mut shipper = Shipper::new(&a, &m, &addr);
+    shipper.ship_once(&m).expect("initial");
+    // Each flush is a point; remember the disk at each.
+    let mut states = Vec::new();
+    for i in 0..8u64 {
+        v.write(i * 123_457 % 1_900_000, &vec![i as u8 + 1; 50_000])
+            .expect("write");
+        if i % 3 == 2 {
+            v.write_zeroes(i * 10_000, 30_000).expect("zero");
+        }
+        let lsn = m.flush().expect("flush");
+        let mut disk = vec![0u8; 2 << 20];
+        v.read(0, &mut disk).expect("read");
+        states.push((lsn, disk));
+        if i % 2 == 1 {
+            m.seal().expect("seal");
+        }
+    }
+    m.seal().expect("seal");
+    shipper.ship_once(&m).expect("ship");
+
+    let key = replog::site::replica_key_at(&b).expect("key");
+    let store = ReplicaStore::open(&b, "vm1", key).expect("replica");
+    let points = replog::replica::points::list(&store).expect("points");
+    for (lsn, disk) in &states {
+        assert!(
+            points.iter().any(|p| p.lsn == *lsn),
+            "flush at LSN {lsn} is not a point"
+        );
+        let out = tmp.path().join(format!("at-{lsn}"));
+        let r =
+            replog::replica::restore::restore_at(&store, *lsn, &out, &|_, _| {}).expect("restore");
+        assert_eq!(r.lsn, *lsn);
+        assert!(
+            std::fs::read(out.join("os.img")).expect("image") == *disk,
+            "restore at LSN {lsn} differs"
+        );
+    }
+    // The forms of POINT resolve to the same LSN.
+    let p = points[points.len() / 2];
+    use replog::replica::points::resolve;
+    assert_eq!(resolve(&store, &p.id()).expect("id"), p.lsn);
+    assert_eq!(resolve(&store, &p.lsn.to_string()).expect("lsn"), p.lsn);
+    // Times print to the microsecond: one microsecond later is at or after p.
+    let t = replog::format::rfc3339(p.time_ns + 1_000);
+    let by_time = resolve(&store, &t).expect("time");
+    assert!(
+        by_time >= p.lsn,
+        "{t} resolved to {by_time}, before point {}",
+        p.lsn
+    );
+    let found = points.iter().find(|q| q.lsn == by_time).expect("a point");
+    assert!(found.time_ns <= p.time_ns + 1_000);
+    assert_eq!(
+        resolve(&store, "latest").expect("latest"),
+        store.received().lsn
+    );
+    // Unknown points and times before the first point: clear errors, nothing written.
+    for bad in ["pt-999999", "999999", "1970-01-01T00:00:00Z", "yesterday"] {
+        assert!(resolve(&store, bad).is_err(), "{bad} resolved");
+    }
+    let out = tmp.path().join("bad");
+    let status = Command::new(env!("CARGO_BIN_EXE_replog"))
+        .arg("restore")
+        .arg(&b)
+        .args(["vm1", "--at", "pt-999999", "--out"])
+        .arg(&out)
+        .status()
+        .expect("restore");
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        !out.exists() || std::fs::read_dir(&out).expect("ls").next().is_none(),
+        "wrote to --out"
+    );
+    // `points --json` carries the contract's fields.
+    let doc: serde_json::Value =
+        serde_json::from_str(&replog(&["points", "vm1", "--json"], &b)).expect("json");
+    assert_eq!(doc["machine"], "vm1");
+    let first = &doc["points"][0];
+    for field in ["id", "lsn", "time", "kind"] {
+        assert!(!first[field].is_null(), "points JSON lacks {field}: {doc}");
+    }
+}

@@ -119,17 +119,26 @@ pub enum Command {
         target: String,
     },
     /// Write every disk of a replica held at this (target) site as DIR/<disk>.img
-    /// (sparse raw images), at the newest point received. Works while `serve` runs.
+    /// (sparse raw images), at a recovery point. Works while `serve` runs.
     Restore {
         site: PathBuf,
         machine: String,
-        /// The recovery point: `latest` (any-point restore comes with recovery points).
+        /// The recovery point: `latest`, an LSN, an RFC 3339 time (the newest point at
+        /// or before it), or a point ID from `replog points`.
         #[arg(long, default_value = "latest")]
         at: String,
         /// Directory for the images (created; existing images are not overwritten).
         #[arg(long)]
         out: PathBuf,
         /// No progress bar, a JSON summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the recovery points of a replica held at this (target) site: every flush
+    /// and segment seal received, with LSN, time and ID.
+    Points {
+        site: PathBuf,
+        machine: String,
         #[arg(long)]
         json: bool,
     },
@@ -197,6 +206,11 @@ pub fn run(cli: Cli) -> ExitCode {
             json,
         } => site::status(&site, machine.as_deref(), json),
         Command::Inspect { path, json } => return inspect::run(&path, json),
+        Command::Points {
+            site,
+            machine,
+            json,
+        } => replicate::points(&site, &machine, json),
         Command::Protect {
             site,
             machine,

@@ -105,11 +105,6 @@ pub fn protect(site: &Path, machine: &str, target: &str) -> Result<()> {
 }
 
 pub fn restore(site: &Path, machine: &str, at: &str, out: &Path, json: bool) -> Result<()> {
-    if at != "latest" {
-        return Err(Error::InvalidInput(format!(
-            "--at {at}: this version restores `latest` only (any-point restore comes with recovery points)"
-        )));
-    }
     let key = replog::site::replica_key_at(site)?;
     let store = ReplicaStore::open(site, machine, key)?;
     let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -122,7 +117,8 @@ pub fn restore(site: &Path, machine: &str, at: &str, out: &Path, json: bool) -> 
         );
         b
     };
-    let r = replog::replica::restore::restore_latest(&store, out, &|done, total| {
+    let lsn = replog::replica::points::resolve(&store, at)?;
+    let r = replog::replica::restore::restore_at(&store, lsn, out, &|done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;
@@ -139,6 +135,56 @@ pub fn restore(site: &Path, machine: &str, at: &str, out: &Path, json: bool) -> 
             println!("{}", p.display());
         }
         println!("restored {machine} at LSN {} into {}", r.lsn, out.display());
+    }
+    Ok(())
+}
+
+pub fn points(site: &Path, machine: &str, json: bool) -> Result<()> {
+    let key = replog::site::replica_key_at(site)?;
+    let store = ReplicaStore::open(site, machine, key)?;
+    let points = replog::replica::points::list(&store)?;
+    let kind = |p: &replog::replica::points::ReplicaPoint| {
+        if p.app_consistent {
+            "app-consistent"
+        } else {
+            "crash-consistent"
+        }
+    };
+    if json {
+        let list: Vec<_> = points
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "id": p.id(),
+                    "lsn": p.lsn,
+                    "time": replog::format::rfc3339(p.time_ns),
+                    "kind": kind(p),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"machine": machine, "points": list})
+        );
+        return Ok(());
+    }
+    let n = points.len();
+    println!("{machine}: {n} recovery point(s)");
+    for (i, p) in points.iter().enumerate() {
+        // A long list is summarised for people; --json has every point.
+        if n > 12 && (5..n - 5).contains(&i) {
+            if i == 5 {
+                println!("  … {} more …", n - 10);
+            }
+            continue;
+        }
+        println!(
+            "  {:<12} LSN {:>10}  {}  {}",
+            p.id(),
+            p.lsn,
+            replog::format::rfc3339(p.time_ns),
+            kind(p)
+        );
     }
     Ok(())
 }

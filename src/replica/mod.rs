@@ -3,5 +3,6 @@
 //! Recovery points, retention and the replay engine build on it (issue 5).
 
 pub mod crypt;
+pub mod points;
 pub mod restore;
 pub mod store;

@@ -29,6 +29,25 @@ pub fn restore_latest(
     out: &Path,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Restored> {
+    restore_at(store, store.received().lsn, out, progress)
+}
+
+/// Restore `store` as it was at LSN `upto` (a recovery point the caller resolved):
+/// every record with a higher LSN is left out.
+pub fn restore_at(
+    store: &ReplicaStore,
+    upto: u64,
+    out: &Path,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Restored> {
+    let man0 = store.manifest();
+    if upto < man0.base_lsn || upto > store.received().lsn {
+        return Err(Error::NotFound(format!(
+            "LSN {upto} is outside what this replica holds ({}..={})",
+            man0.base_lsn,
+            store.received().lsn
+        )));
+    }
     let init = store.initial();
     if !init.done {
         return Err(Error::InvalidInput(
@@ -78,6 +97,9 @@ pub fn restore_latest(
         let sizes: Vec<u64> = man.disks.iter().map(|d| d.size).collect();
         let mut next_lsn = man.base_lsn + 1;
         for (k, seq) in (man.base_seq + 1..=received.segment_seq).enumerate() {
+            if next_lsn > upto {
+                break; // everything after the point stays out
+            }
             let plain = store.read_segment(seq)?;
             // Verify the whole segment before applying any of it.
             let mem = MemStorage::new();
@@ -101,7 +123,9 @@ pub fn restore_latest(
                     ));
                 }
                 let h = rec.header;
-                ops.push((h.disk, h.kind, h.offset, h.length, rec.payload_offset));
+                if h.lsn <= upto {
+                    ops.push((h.disk, h.kind, h.offset, h.length, rec.payload_offset));
+                }
                 Ok(())
             })?;
             if let Some(f) = scan.fault {
@@ -148,7 +172,7 @@ pub fn restore_latest(
         }
         fs.sync_dir(out)?;
         Ok(Restored {
-            lsn: received.lsn,
+            lsn: upto,
             images,
             bytes_written: written,
         })
