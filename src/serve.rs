@@ -15,7 +15,6 @@ use crate::replication::run::ShipLoop;
 use crate::replication::transport;
 use crate::site::Site;
 use crate::volume::Machine;
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -196,41 +195,18 @@ impl Background {
         let stop = Arc::new(AtomicBool::new(false));
         let (site, machines, stop2) = (site.to_path_buf(), machines.to_vec(), stop.clone());
         // The machines protected now start shipping before this returns.
-        let loops: Mutex<HashMap<String, ShipLoop>> = Mutex::new(HashMap::new());
-        for m in &machines {
-            if let Ok(Some(rel)) = Relationship::load(&site, m.name()) {
-                tracing::info!(machine = m.name(), "protecting toward {}", rel.target);
-                let l = ShipLoop::spawn(site.clone(), m.clone(), rel, cfg.clone());
-                loops.lock().insert(m.name().to_string(), l);
-            }
-        }
+        let mut loops: HashMap<String, ShipLoop> = HashMap::new();
+        start_new_loops(&site, &machines, &cfg, &mut loops);
         let thread = std::thread::Builder::new()
             .name("serve-background".into())
             .spawn(move || {
                 let mut pending_since: HashMap<String, std::time::Instant> = HashMap::new();
                 while !stop2.load(Ordering::Acquire) {
-                    for m in &machines {
-                        if loops.lock().contains_key(m.name()) {
-                            continue;
-                        }
-                        match Relationship::load(&site, m.name()) {
-                            Ok(Some(rel)) => {
-                                tracing::info!(
-                                    machine = m.name(),
-                                    "protecting toward {}",
-                                    rel.target
-                                );
-                                let l = ShipLoop::spawn(site.clone(), m.clone(), rel, cfg.clone());
-                                loops.lock().insert(m.name().to_string(), l);
-                            }
-                            Ok(None) => {}
-                            Err(e) => tracing::error!(machine = m.name(), "relationship: {e}"),
-                        }
-                    }
-                    write_status(&site, &machines, &loops.lock(), &mut pending_since);
+                    start_new_loops(&site, &machines, &cfg, &mut loops);
+                    write_status(&site, &machines, &loops, &mut pending_since);
                     std::thread::sleep(std::time::Duration::from_millis(250));
                 }
-                for (_, l) in loops.into_inner() {
+                for (_, l) in loops {
                     l.stop();
                 }
                 write_status(&site, &machines, &HashMap::new(), &mut pending_since);
@@ -243,6 +219,30 @@ impl Background {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Start a shipping loop for every machine that has a relationship and no loop yet
+/// (`replog protect` may add one while serve runs).
+fn start_new_loops(
+    site: &Path,
+    machines: &[Arc<Machine>],
+    cfg: &crate::config::ReplicationConfig,
+    loops: &mut HashMap<String, ShipLoop>,
+) {
+    for m in machines {
+        if loops.contains_key(m.name()) {
+            continue;
+        }
+        match Relationship::load(site, m.name()) {
+            Ok(Some(rel)) => {
+                tracing::info!(machine = m.name(), "protecting toward {}", rel.target);
+                let l = ShipLoop::spawn(site.to_path_buf(), m.clone(), rel, cfg.clone());
+                loops.insert(m.name().to_string(), l);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(machine = m.name(), "relationship: {e}"),
         }
     }
 }
