@@ -1,6 +1,7 @@
-//! The target side: replicas of other sites' machines. So far: the segment store
-//! ([`store`]) — verified, gap-free, exactly-once, encrypted at rest ([`crypt`]).
-//! Recovery points, retention and the replay engine build on it (issue 5).
+//! The target side: replicas of other sites' machines — the [`store`] (verified,
+//! gap-free, exactly-once, encrypted at rest by [`crypt`]), their recovery
+//! [`points`], and [`restore`] at any of them. Retention and a target compactor are
+//! still to come.
 
 pub mod crypt;
 pub mod points;

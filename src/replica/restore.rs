@@ -1,9 +1,10 @@
-//! Restore: write every disk of a replica, as of the newest point received, to
-//! `OUT/<disk>.img` (sparse raw images).
+//! Restore: write every disk of a replica, as of a recovery point (the newest
+//! received, or any point `points::resolve` names), to `OUT/<disk>.img` (sparse raw
+//! images).
 //!
-//! The initial copy's base chunks are written first, then every stored segment is
-//! decrypted, verified record by record (the same scanner recovery uses) and applied
-//! in LSN order. Images are written as `<disk>.img.partial` and renamed only when all of
+//! The initial copy's base chunks are written first, then every stored segment up to
+//! the point is decrypted, verified whole (the same scanner recovery uses) and its
+//! records with LSNs up to the point applied in LSN order. Images are written as `<disk>.img.partial` and renamed only when all of
 //! them are complete and fsynced: on any error nothing is left in OUT.
 
 use super::store::ReplicaStore;

@@ -6,6 +6,8 @@
 //! SITE/replicas/<machine>/replica.meta         manifest: source site, machine id, disks
 //! SITE/replicas/<machine>/received             last segment stored (LSN, seq): a watermark file
 //! SITE/replicas/<machine>/segments/<seq>.seg.enc   encrypted segments (see crypt.rs)
+//! SITE/replicas/<machine>/base/<n>.enc         encrypted initial-copy chunks
+//! SITE/replicas/<machine>/initial              initial-copy progress (chunks, position, done)
 //! ```
 //!
 //! Order for a new segment: write it to a temporary file, fsync, rename, fsync the

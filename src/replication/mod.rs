@@ -1,7 +1,8 @@
-//! Replication between sites. So far: the wire protocol's framing and messages
-//! ([`protocol`]). The transport is mutual TLS 1.3 between pinned peers
-//! ([`crate::identity`]); the shipper, receiver, initial replication and resync build
-//! on these (issue 4 onwards).
+//! Replication between sites: the wire protocol ([`protocol`]) over mutual TLS 1.3
+//! between pinned peers ([`transport`], [`crate::identity`]); the source's
+//! [`shipper`] and the per-machine loop [`run`] that `serve` keeps; the target's
+//! [`receiver`]; a machine's [`relationship`]; the [`health`] that status shows.
+//! Resynchronisation is still to come.
 
 pub mod health;
 pub mod protocol;

@@ -2,9 +2,9 @@
 //! in order, and move the watermark hold to what the target acknowledged — only then
 //! may the compactor merge (and delete) a segment.
 //!
-//! This is delta replication only; initial replication (copying the disks under a
-//! frozen parent) comes next, and until it exists the replica's chain starts at the
-//! merge watermark the source has when protection starts.
+//! A pass first finishes initial replication if the target says it is not done
+//! (copying the parents frozen at the replica's base, resuming where the target's
+//! persisted position says), then ships every sealed segment the target lacks.
 
 use super::protocol::{read_frame, write_frame, ErrorCode, FrameError, Message, MAX_CHUNK};
 use super::receiver::software;
