@@ -49,12 +49,8 @@ fn sealed_segments_ship_in_order_and_merge_only_after_ack() {
         tmp.path().join("b"),
         tmp.path().join("c"),
     );
-    for s in [&a, &b, &c] {
-        replog(&["init"], s);
-    }
-    let (ida, idb) = (replog(&["id"], &a), replog(&["id"], &b));
-    replog(&["trust", &idb], &a);
-    replog(&["trust", &ida], &b);
+    trusted_pair(&a, &b);
+    replog(&["init"], &c);
     replog(&["disk", "create", "vm1/os", "--size", "8M"], &a);
     let addr = start_target(&b);
 
@@ -128,12 +124,7 @@ fn sealed_segments_ship_in_order_and_merge_only_after_ack() {
 fn initial_copy_then_deltas_restore_byte_equal() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    for s in [&a, &b] {
-        replog(&["init"], s);
-    }
-    let (ida, idb) = (replog(&["id"], &a), replog(&["id"], &b));
-    replog(&["trust", &idb], &a);
-    replog(&["trust", &ida], &b);
+    trusted_pair(&a, &b);
     replog(&["disk", "create", "vm1/os", "--size", "16M"], &a);
     replog(&["disk", "create", "vm1/data", "--size", "4M"], &a);
     let addr = start_target(&b);
@@ -198,12 +189,7 @@ fn initial_copy_then_deltas_restore_byte_equal() {
 fn every_received_point_restores_the_disk_as_it_was() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    for s in [&a, &b] {
-        replog(&["init"], s);
-    }
-    let (ida, idb) = (replog(&["id"], &a), replog(&["id"], &b));
-    replog(&["trust", &idb], &a);
-    replog(&["trust", &ida], &b);
+    trusted_pair(&a, &b);
     replog(&["disk", "create", "vm1/os", "--size", "2M"], &a);
     let addr = start_target(&b);
     let site = Site::open(&a).expect("open source");
@@ -291,4 +277,13 @@ fn every_received_point_restores_the_disk_as_it_was() {
     for field in ["id", "lsn", "time", "kind"] {
         assert!(!first[field].is_null(), "points JSON lacks {field}: {doc}");
     }
+}
+
+/// `replog init` both sites and make each trust the other.
+fn trusted_pair(a: &Path, b: &Path) {
+    replog(&["init"], a);
+    replog(&["init"], b);
+    let (ida, idb) = (replog(&["id"], a), replog(&["id"], b));
+    replog(&["trust", &idb], a);
+    replog(&["trust", &ida], b);
 }

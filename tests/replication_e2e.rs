@@ -736,7 +736,12 @@ fn target_out_of_space_is_retried_until_room_returns() {
     let st = wait_for(&src, "warning", |m| {
         m["health"] == "warning" && m["reason"].as_str().unwrap_or("").contains("retry")
     });
-    assert_ne!(st["machines"][0]["health"], "critical");
+    // The operator is told why.
+    let reason = st["machines"][0]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(reason.contains("No space left"), "reason: {reason}");
     let grown = std::process::Command::new("mount")
         .args(["-o", "remount,size=256m"])
         .arg(&replicas)
