@@ -52,13 +52,25 @@ impl ReplicationConfig {
 }
 
 /// Settings for the replicas this site holds as a target.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReplicaConfig {
     /// Where the key that encrypts replica data at rest lives; empty means
     /// `SITE/identity/replica.key`. Point it outside the store (another volume) so
     /// that a copy of the store alone cannot be read.
     pub key_file: String,
+    /// How often the target compactor looks for expired points to fold into the
+    /// replica parents (serve).
+    pub compact_interval_ms: u64,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            key_file: String::new(),
+            compact_interval_ms: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

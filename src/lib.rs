@@ -12,6 +12,8 @@
 
 pub mod compactor;
 pub mod config;
+pub mod control;
+pub mod digest;
 pub mod error;
 pub mod format;
 pub mod frontend;

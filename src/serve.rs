@@ -98,11 +98,23 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
         tracing::info!("receiving replicas on {bound} (site ID {me})");
     }
     let background = Background::start(site_path, &machines, site.config().replication.clone());
+    let control = crate::control::ControlServer::start(site_path, machines.clone())?;
+    let replica_stop = Arc::new(AtomicBool::new(false));
+    let replica_compactor = crate::replica::compact::spawn_loop(
+        site_path.to_path_buf(),
+        site.replica_key()?,
+        std::time::Duration::from_millis(site.config().replica.compact_interval_ms.max(10)),
+        replica_stop.clone(),
+    );
     drop(early_holds); // the shipping loops hold the watermark now
     let session = match &opts.mount {
         Some(dir) => {
             frontend::prepare_mountpoint(dir)?;
-            let fs = LiveFs::new(&machines, opts.frontend)?;
+            let fs = LiveFs::new(
+                &machines,
+                opts.frontend,
+                Some((site_path.to_path_buf(), site.replica_key()?)),
+            )?;
             let mut cfg = fuser::Config::default();
             cfg.mount_options = vec![
                 fuser::MountOption::FSName(format!("replog:{}", site_path.display())),
@@ -132,6 +144,11 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
         m.stop_compactor();
     }
     background.stop();
+    drop(control);
+    replica_stop.store(true, Ordering::Release);
+    if let Some(t) = replica_compactor {
+        let _ = t.join();
+    }
     let mut first_err = None;
     for m in &machines {
         if let Err(e) = m.flush() {

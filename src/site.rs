@@ -221,7 +221,15 @@ impl Site {
                 self.path.display()
             )));
         }
-        Machine::open(self.storage.clone(), &dir, machine, self.config.journal)
+        let m = Machine::open(self.storage.clone(), &dir, machine, self.config.journal)?;
+        // A protected machine's points carry digests, whoever appends them.
+        if self
+            .storage
+            .exists(&dir.join(crate::replication::relationship::FILE))
+        {
+            m.keep_digests()?;
+        }
+        Ok(m)
     }
 }
 

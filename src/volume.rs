@@ -16,6 +16,7 @@
 
 use crate::compactor::{self, Compactor, Holds};
 use crate::config::JournalConfig;
+use crate::digest::DiskDigest;
 use crate::error::{Error, Result};
 use crate::format::meta::{DiskEntry, Manifest, Watermark};
 use crate::format::record::MAX_PAYLOAD;
@@ -94,6 +95,10 @@ pub(crate) struct MachineInner {
     last_append_ns: AtomicU64,
     /// Wakes the background compactor after a seal.
     pub compactor_kick: Mutex<Option<crossbeam::channel::Sender<()>>>,
+    /// Per-disk digests (see `crate::digest`), kept once `Machine::keep_digests` ran:
+    /// updated with the writer lock held, so a point's digests are exactly the state
+    /// at its LSN.
+    digests: Mutex<Option<Vec<DiskDigest>>>,
 }
 
 /// An open machine: its journal, index, disks and compactor.
@@ -330,6 +335,7 @@ impl Machine {
             poison_reason: Mutex::new(None),
             last_append_ns: AtomicU64::new(0),
             compactor_kick: Mutex::new(None),
+            digests: Mutex::new(None),
         });
         Ok(Machine {
             inner,
@@ -637,6 +643,8 @@ impl MachineInner {
                 apply_to_index(&mut st, a.seq, kind, disk, *off, *n, a.payload_offset);
             }
         }
+        self.update_digest(disk, kind, offset, len, data)
+            .map_err(|e| self.poison(&e))?;
         let lsn = w.last_lsn();
         if w.wants_rotation() {
             self.seal_locked(&mut w)?;
@@ -651,8 +659,94 @@ impl MachineInner {
         Ok(lsn)
     }
 
-    /// Seal with the writer lock held.
+    /// Keep the disk's digest current after a write or zero range was indexed (the
+    /// writer lock is held, so no other write can come between). Partial blocks are
+    /// read back through the index.
+    fn update_digest(
+        &self,
+        disk: u32,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let mut g = self.digests.lock();
+        let Some(d) = g.as_mut().and_then(|v| v.get_mut(disk as usize)) else {
+            return Ok(());
+        };
+        let mut read = |at: u64, buf: &mut [u8]| self.read(disk, at, buf);
+        match kind {
+            RecordKind::Write => d.write(offset, data, &mut read),
+            _ => d.zero(offset, len, &mut read),
+        }
+    }
+
+    /// The digests a point appended now carries.
+    fn point_digests(&self) -> Option<Vec<u64>> {
+        self.digests
+            .lock()
+            .as_ref()
+            .map(|v| v.iter().map(DiskDigest::value).collect())
+    }
+
+    /// Append a point record (the writer lock held).
+    fn append_point_locked(&self, w: &mut JournalWriter, app: bool) -> Result<Point> {
+        let p = w
+            .append_point(app, self.point_digests())
+            .map_err(|e| self.poison(&e))?;
+        self.points.lock().push(p);
+        Ok(p)
+    }
+
+    /// Start keeping digests: compute every disk's from its contents (reading only
+    /// where there is data), with the writer lock held so no write slips past.
+    pub(crate) fn keep_digests(&self) -> Result<()> {
+        let w = self.writer.lock();
+        if self.digests.lock().is_some() {
+            return Ok(());
+        }
+        let mut all = Vec::new();
+        for (id, d) in self.disks.iter().enumerate() {
+            let id = id as u32;
+            let mut ranges = Vec::new();
+            let mut pos = 0;
+            while pos < d.size {
+                let Some(start) = self.seek(id, pos, true)? else {
+                    break;
+                };
+                let end = self.seek(id, start, false)?.unwrap_or(d.size).min(d.size);
+                ranges.push((start, end));
+                pos = end.max(start + 1);
+            }
+            let mut dd = DiskDigest::zeroed(d.size);
+            // The per-block CRCs of the data ranges; the rest stay zero blocks.
+            let step = 1u64 << 20;
+            let mut buf = vec![0u8; step as usize];
+            for &(start, end) in &ranges {
+                let mut at = start - start % crate::digest::BLOCK;
+                while at < end {
+                    let n = step.min(d.size - at) as usize;
+                    let b = buf.get_mut(..n).unwrap_or(&mut []);
+                    self.read(id, at, b)?;
+                    for (k, blk) in b.chunks(crate::digest::BLOCK as usize).enumerate() {
+                        dd.set(at / crate::digest::BLOCK + k as u64, crc32c::crc32c(blk));
+                    }
+                    at += n as u64;
+                }
+            }
+            all.push(dd);
+        }
+        *self.digests.lock() = Some(all);
+        drop(w);
+        Ok(())
+    }
+
+    /// Seal with the writer lock held. A segment always ends on a point record, so
+    /// every seal is a point with digests.
     pub(crate) fn seal_locked(&self, w: &mut JournalWriter) -> Result<Option<u64>> {
+        if w.has_unpointed_writes() {
+            self.append_point_locked(w, false)?;
+        }
         let sealed = match w.seal() {
             Ok(s) => s,
             Err(e) => return Err(self.poison(&e)),
@@ -689,8 +783,7 @@ impl MachineInner {
             let mut w = self.writer.lock();
             self.check_poison()?;
             if w.has_unpointed_writes() {
-                let p = w.append_point(false).map_err(|e| self.poison(&e))?;
-                self.points.lock().push(p);
+                self.append_point_locked(&mut w, false)?;
             }
             let t = w.last_lsn();
             if w.wants_rotation() {
@@ -707,9 +800,7 @@ impl MachineInner {
         let p = {
             let mut w = self.writer.lock();
             self.check_poison()?;
-            let p = w.append_point(true).map_err(|e| self.poison(&e))?;
-            self.points.lock().push(p);
-            p
+            self.append_point_locked(&mut w, true)?
         };
         self.sync_to(p.lsn)?;
         Ok(p)
@@ -748,6 +839,43 @@ impl MachineInner {
         drop(s);
         self.sync_cv.notify_all();
         out
+    }
+
+    /// Next data (or hole) at or after `offset` of `disk`: the index first, the parent
+    /// where the index has nothing.
+    pub(crate) fn seek(&self, disk: u32, offset: u64, data: bool) -> Result<Option<u64>> {
+        let d = self.disk(disk)?;
+        let size = d.size;
+        let mut pos = offset;
+        while pos < size {
+            let ext = {
+                let st = self.state.read();
+                st.disks.get(disk as usize).and_then(|m| m.at_or_after(pos))
+            };
+            match ext {
+                Some((start, e)) if start <= pos => {
+                    let is_data = !e.loc.is_zero();
+                    if is_data == data {
+                        return Ok(Some(pos));
+                    }
+                    pos = start + e.len;
+                }
+                other => {
+                    // The parent answers for pos..next (next: the next extent or the end).
+                    let next = other.map(|(s, _)| s).unwrap_or(size).min(size);
+                    let found = if data {
+                        d.parent.seek_data(pos)?
+                    } else {
+                        Some(d.parent.seek_hole(pos)?)
+                    };
+                    match found {
+                        Some(at) if at < next => return Ok(Some(at.max(pos))),
+                        _ => pos = next,
+                    }
+                }
+            }
+        }
+        Ok(if data { None } else { Some(size.max(offset)) })
     }
 
     /// Split `offset..offset+len` of `disk` into pieces and take handles to the segment
@@ -900,44 +1028,23 @@ impl Volume {
     /// zeroed ranges as holes, and the parent image answers for the rest. None means
     /// no data at or after `offset` (ENXIO).
     pub fn seek(&self, offset: u64, data: bool) -> Result<Option<u64>> {
-        let d = self.inner.disk(self.disk)?;
-        let size = d.size;
-        let mut pos = offset;
-        while pos < size {
-            let ext = {
-                let st = self.inner.state.read();
-                st.disks
-                    .get(self.disk as usize)
-                    .and_then(|m| m.at_or_after(pos))
-            };
-            match ext {
-                Some((start, e)) if start <= pos => {
-                    let is_data = !e.loc.is_zero();
-                    if is_data == data {
-                        return Ok(Some(pos));
-                    }
-                    pos = start + e.len;
-                }
-                other => {
-                    // The parent answers for pos..next (next: the next extent or the end).
-                    let next = other.map(|(s, _)| s).unwrap_or(size).min(size);
-                    let found = if data {
-                        d.parent.seek_data(pos)?
-                    } else {
-                        Some(d.parent.seek_hole(pos)?)
-                    };
-                    match found {
-                        Some(at) if at < next => return Ok(Some(at.max(pos))),
-                        _ => pos = next,
-                    }
-                }
-            }
-        }
-        Ok(if data { None } else { Some(size.max(offset)) })
+        self.inner.seek(self.disk, offset, data)
     }
 }
 
 impl Machine {
+    /// Start keeping per-disk digests, so every later point carries them (what a
+    /// restore at the target checks itself against). Reads every disk's data once,
+    /// holding writes back meanwhile; a no-op when already kept.
+    pub fn keep_digests(&self) -> Result<()> {
+        self.inner.keep_digests()
+    }
+
+    /// Whether points carry digests.
+    pub fn keeps_digests(&self) -> bool {
+        self.inner.digests.lock().is_some()
+    }
+
     /// Record an app-consistent recovery point, durable on return.
     pub fn checkpoint(&self) -> Result<Point> {
         self.inner.checkpoint()

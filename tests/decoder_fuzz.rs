@@ -416,7 +416,11 @@ fn scan_checked(bytes: &[u8], expect: Expect) -> SegmentScan {
             }
         }
         if rec.header.kind == RecordKind::Point {
-            assert!(rec.point().is_some(), "point payload does not decode");
+            assert!(
+                rec.point().is_some(),
+                "point payload does not decode: {:?}",
+                rec.payload
+            );
         }
         prev_lsn = Some(rec.header.lsn);
         chain = crc32c::crc32c_append(chain, &rec.header.crc.to_le_bytes());

@@ -250,11 +250,20 @@ fn hold_keeps_segments_until_released() {
         "merged past a hold at LSN 0"
     );
     assert_eq!(m.status().sealed_segments, 2);
+    // Every seal ends on a point record: the first segment is the write and its point.
+    let first_last = m.sealed_segments()[0].last_lsn;
+    assert_eq!(first_last, 2);
     hold.set(1);
     assert_eq!(
         m.compact().expect("compact").segments,
+        0,
+        "merged past LSN 1"
+    );
+    hold.set(first_last);
+    assert_eq!(
+        m.compact().expect("compact").segments,
         1,
-        "a hold at LSN 1 allows the first segment"
+        "a hold at the first segment's last LSN allows it"
     );
     drop(hold);
     assert_eq!(m.compact().expect("compact").segments, 1);

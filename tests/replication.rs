@@ -164,12 +164,10 @@ fn initial_copy_then_deltas_restore_byte_equal() {
     m.seal().expect("seal");
     assert_eq!(shipper.ship_once(&m).expect("ship").segments, 1);
 
-    let key = replog::site::replica_key_at(&b).expect("key");
-    let store = ReplicaStore::open(&b, "vm1", key).expect("replica");
     let out = tmp.path().join("restored");
-    let restored =
-        replog::replica::restore::restore_latest(&store, &out, &|_, _| {}).expect("restore");
+    let restored = restore(&b, "latest", &out).expect("restore");
     assert_eq!(restored.lsn, shipper.acked_lsn());
+    assert!(restored.verified, "the point carries digests");
     for (name, vol) in [("os", &os), ("data", &data)] {
         let mut want = vec![0u8; vol.size() as usize];
         vol.read(0, &mut want).expect("read source");
@@ -177,8 +175,7 @@ fn initial_copy_then_deltas_restore_byte_equal() {
         assert!(got == want, "restored {name} differs from the source");
     }
     // A second restore into the same directory is refused, and leaves it as it was.
-    let err =
-        replog::replica::restore::restore_latest(&store, &out, &|_, _| {}).expect_err("overwrote");
+    let err = restore(&b, "latest", &out).expect_err("overwrote");
     assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
     assert!(!out.join("os.img.partial").exists());
 }
@@ -225,22 +222,22 @@ fn every_received_point_restores_the_disk_as_it_was() {
             "flush at LSN {lsn} is not a point"
         );
         let out = tmp.path().join(format!("at-{lsn}"));
-        let r =
-            replog::replica::restore::restore_at(&store, *lsn, &out, &|_, _| {}).expect("restore");
+        let r = restore(&b, &lsn.to_string(), &out).expect("restore");
         assert_eq!(r.lsn, *lsn);
+        assert!(r.verified, "point {lsn} carries digests");
         assert!(
             std::fs::read(out.join("os.img")).expect("image") == *disk,
             "restore at LSN {lsn} differs"
         );
     }
     // The forms of POINT resolve to the same LSN.
-    let p = points[points.len() / 2];
-    use replog::replica::points::resolve;
-    assert_eq!(resolve(&store, &p.id()).expect("id"), p.lsn);
-    assert_eq!(resolve(&store, &p.lsn.to_string()).expect("lsn"), p.lsn);
+    let p = points[points.len() / 2].clone();
+    let resolve = |at: &str| replog::replica::points::resolve(&store, at).map(|p| p.lsn);
+    assert_eq!(resolve(&p.id()).expect("id"), p.lsn);
+    assert_eq!(resolve(&p.lsn.to_string()).expect("lsn"), p.lsn);
     // Times print to the microsecond: one microsecond later is at or after p.
     let t = replog::format::rfc3339(p.time_ns + 1_000);
-    let by_time = resolve(&store, &t).expect("time");
+    let by_time = resolve(&t).expect("time");
     assert!(
         by_time >= p.lsn,
         "{t} resolved to {by_time}, before point {}",
@@ -248,13 +245,10 @@ fn every_received_point_restores_the_disk_as_it_was() {
     );
     let found = points.iter().find(|q| q.lsn == by_time).expect("a point");
     assert!(found.time_ns <= p.time_ns + 1_000);
-    assert_eq!(
-        resolve(&store, "latest").expect("latest"),
-        store.received().lsn
-    );
+    assert_eq!(resolve("latest").expect("latest"), store.received().lsn);
     // Unknown points and times before the first point: clear errors, nothing written.
     for bad in ["pt-999999", "999999", "1970-01-01T00:00:00Z", "yesterday"] {
-        assert!(resolve(&store, bad).is_err(), "{bad} resolved");
+        assert!(resolve(bad).is_err(), "{bad} resolved");
     }
     let out = tmp.path().join("bad");
     let status = Command::new(env!("CARGO_BIN_EXE_replog"))
@@ -286,4 +280,11 @@ fn trusted_pair(a: &Path, b: &Path) {
     let (ida, idb) = (replog(&["id"], a), replog(&["id"], b));
     replog(&["trust", &idb], a);
     replog(&["trust", &ida], b);
+}
+
+/// Restore the replica of vm1 at site `b` at POINT `at` into `out`.
+fn restore(b: &Path, at: &str, out: &Path) -> replog::Result<replog::replica::restore::Restored> {
+    let key = replog::site::replica_key_at(b)?;
+    let store = ReplicaStore::open_readonly(b, "vm1", key)?;
+    replog::replica::restore::restore_at(store, at, out, &|_, _| {})
 }

@@ -117,6 +117,28 @@ pub enum Command {
         /// The target site's `serve --listen` address (host:port).
         #[arg(long)]
         target: String,
+        /// How long the target keeps every recovery point (e.g. 24h, 90m, 30s).
+        #[arg(long, default_value = "24h")]
+        retention: String,
+        /// How long the target keeps app-consistent points (at least --retention).
+        #[arg(long, default_value = "72h")]
+        app_retention: String,
+    },
+    /// Record a recovery point of MACHINE now (through the running `serve`, or by
+    /// opening the site when none runs): a flush, or with --app-consistent a point
+    /// marked app-consistent.
+    Checkpoint {
+        site: PathBuf,
+        machine: String,
+        /// Mark the point app-consistent (the applications' data is complete on disk).
+        #[arg(long)]
+        app_consistent: bool,
+        /// Freeze the file system mounted at MOUNTPOINT (FIFREEZE) around the
+        /// checkpoint, so everything it holds is on the disk; it is always thawed.
+        #[arg(long, value_name = "MOUNTPOINT", requires = "app_consistent")]
+        freeze: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
     },
     /// Write every disk of a replica held at this (target) site as DIR/<disk>.img
     /// (sparse raw images), at a recovery point. Works while `serve` runs.
@@ -134,8 +156,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the recovery points of a replica held at this (target) site: every flush
-    /// and segment seal received, with LSN, time and ID.
+    /// List the recovery points of a replica held at this (target) site that its
+    /// retention keeps: every flush, segment seal and checkpoint received, with ID,
+    /// LSN, time and kind (a long list is summarised; --json has all).
     Points {
         site: PathBuf,
         machine: String,
@@ -215,7 +238,16 @@ pub fn run(cli: Cli) -> ExitCode {
             site,
             machine,
             target,
-        } => replicate::protect(&site, &machine, &target),
+            retention,
+            app_retention,
+        } => replicate::protect(&site, &machine, &target, &retention, &app_retention),
+        Command::Checkpoint {
+            site,
+            machine,
+            app_consistent,
+            freeze,
+            json,
+        } => replicate::checkpoint(&site, &machine, app_consistent, freeze.as_deref(), json),
         Command::Restore {
             site,
             machine,

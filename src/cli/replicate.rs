@@ -11,8 +11,21 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-pub fn protect(site: &Path, machine: &str, target: &str) -> Result<()> {
+pub fn protect(
+    site: &Path,
+    machine: &str,
+    target: &str,
+    retention: &str,
+    app_retention: &str,
+) -> Result<()> {
     Site::read_config(site)?;
+    let every = replog::replication::relationship::parse_retention("--retention", retention)?;
+    let app = replog::replication::relationship::parse_retention("--app-retention", app_retention)?;
+    if app < every {
+        return Err(Error::InvalidInput(format!(
+            "--app-retention {app_retention} is shorter than --retention {retention}"
+        )));
+    }
     let dir = site.join(replog::site::MACHINES_DIR).join(machine);
     replog::names::validate_name("machine", machine)?;
     let storage = replog::storage::FileStorage;
@@ -95,6 +108,8 @@ pub fn protect(site: &Path, machine: &str, target: &str) -> Result<()> {
     Relationship {
         target: target.to_string(),
         target_id: peer.to_string(),
+        retention: Some(retention.to_string()),
+        app_retention: Some(app_retention.to_string()),
     }
     .save(site, machine)?;
     println!(
@@ -106,42 +121,63 @@ pub fn protect(site: &Path, machine: &str, target: &str) -> Result<()> {
 
 pub fn restore(site: &Path, machine: &str, at: &str, out: &Path, json: bool) -> Result<()> {
     let key = replog::site::replica_key_at(site)?;
-    let store = ReplicaStore::open(site, machine, key)?;
+    let store = ReplicaStore::open_readonly(site, machine, key)?;
+    // Resolve and pin the point before anything is written to OUT.
+    let image = replog::replica::replay::PointImage::open(store, at)?;
     let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         indicatif::ProgressBar::hidden()
     } else {
         let b = indicatif::ProgressBar::new(1);
         b.set_style(
-            indicatif::ProgressStyle::with_template("restoring {bar:40} {pos}/{len} pieces {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "restoring {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b
     };
-    let lsn = replog::replica::points::resolve(&store, at)?;
-    let r = replog::replica::restore::restore_at(&store, lsn, out, &|done, total| {
+    let r = replog::replica::restore::restore(&image, out, &|done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;
     bar.finish_and_clear();
+    let point = image.point();
     if json {
         let doc = serde_json::json!({
             "machine": machine,
+            "point": point.id(),
             "lsn": r.lsn,
+            "time": (point.time_ns > 0).then(|| replog::format::rfc3339(point.time_ns)),
             "images": r.images,
+            "bytes": r.bytes_written,
+            "verified": r.verified,
         });
         println!("{doc}");
     } else {
         for p in &r.images {
             println!("{}", p.display());
         }
-        println!("restored {machine} at LSN {} into {}", r.lsn, out.display());
+        println!(
+            "restored {machine} at {} (LSN {}) into {}",
+            point.id(),
+            r.lsn,
+            out.display()
+        );
+        if r.verified {
+            println!("every disk matches the source's digest at that point");
+        } else {
+            println!(
+                "warning: this point carries no digests (written before protection kept them); \
+                 the images were not verified"
+            );
+        }
     }
     Ok(())
 }
 
 pub fn points(site: &Path, machine: &str, json: bool) -> Result<()> {
     let key = replog::site::replica_key_at(site)?;
-    let store = ReplicaStore::open(site, machine, key)?;
+    let store = ReplicaStore::open_readonly(site, machine, key)?;
     let points = replog::replica::points::list(&store)?;
     let kind = |p: &replog::replica::points::ReplicaPoint| {
         if p.app_consistent {
@@ -159,6 +195,7 @@ pub fn points(site: &Path, machine: &str, json: bool) -> Result<()> {
                     "lsn": p.lsn,
                     "time": replog::format::rfc3339(p.time_ns),
                     "kind": kind(p),
+                    "digests": p.digests.is_some(),
                 })
             })
             .collect();
@@ -169,14 +206,19 @@ pub fn points(site: &Path, machine: &str, json: bool) -> Result<()> {
         return Ok(());
     }
     let n = points.len();
-    println!("{machine}: {n} recovery point(s)");
+    let app = points.iter().filter(|p| p.app_consistent).count();
+    println!("{machine}: {n} recovery point(s), {app} app-consistent");
+    let mut hidden = 0usize;
     for (i, p) in points.iter().enumerate() {
-        // A long list is summarised for people; --json has every point.
-        if n > 12 && (5..n - 5).contains(&i) {
-            if i == 5 {
-                println!("  … {} more …", n - 10);
-            }
+        // A long list is summarised for people (the oldest, the newest and every
+        // app-consistent point); --json has every point.
+        if n > 12 && (5..n - 5).contains(&i) && !p.app_consistent {
+            hidden += 1;
             continue;
+        }
+        if hidden > 0 {
+            println!("  … {hidden} more crash-consistent …");
+            hidden = 0;
         }
         println!(
             "  {:<12} LSN {:>10}  {}  {}",
@@ -184,6 +226,123 @@ pub fn points(site: &Path, machine: &str, json: bool) -> Result<()> {
             p.lsn,
             replog::format::rfc3339(p.time_ns),
             kind(p)
+        );
+    }
+    Ok(())
+}
+
+/// `FIFREEZE` / `FITHAW` (`_IOWR('X', 119, int)` / `_IOWR('X', 120, int)`).
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+/// A file system frozen with FIFREEZE; thawed when dropped, whatever happened.
+struct Frozen {
+    dir: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl Frozen {
+    fn freeze(path: &Path) -> Result<Frozen> {
+        let dir = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: FIFREEZE takes an int argument it ignores; the fd is valid.
+        let rc = unsafe { libc::ioctl(dir.as_raw_fd(), FIFREEZE as _, 0) };
+        if rc != 0 {
+            return Err(Error::io(
+                "freeze (FIFREEZE)",
+                path,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(Frozen {
+            dir,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: as above.
+        let rc = unsafe { libc::ioctl(self.dir.as_raw_fd(), FITHAW as _, 0) };
+        if rc != 0 {
+            eprintln!(
+                "replog: thaw (FITHAW) of {} failed: {}; run `fsfreeze -u {}`",
+                self.path.display(),
+                std::io::Error::last_os_error(),
+                self.path.display()
+            );
+        }
+    }
+}
+
+/// Record a recovery point of MACHINE: through the running serve when there is one,
+/// else by opening the site. With `freeze`, the file system mounted there is frozen
+/// around it (and always thawed).
+pub fn checkpoint(
+    site: &Path,
+    machine: &str,
+    app_consistent: bool,
+    freeze: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    replog::names::validate_name("machine", machine)?;
+    Site::read_config(site)?;
+    let req = replog::control::Request::Checkpoint {
+        machine: machine.to_string(),
+        app_consistent,
+    };
+    let frozen = freeze.map(Frozen::freeze).transpose()?;
+    let done = (|| -> Result<(u64, u64)> {
+        if let Some(reply) = replog::control::request(site, &req)? {
+            return match (reply.ok, reply.lsn, reply.time_ns) {
+                (true, Some(lsn), Some(t)) => Ok((lsn, t)),
+                _ => Err(Error::InvalidInput(
+                    reply
+                        .error
+                        .unwrap_or_else(|| "serve refused the checkpoint".into()),
+                )),
+            };
+        }
+        let s = Site::open(site)?;
+        let m = std::sync::Arc::new(s.open_machine(machine)?);
+        let reply = replog::control::handle(std::slice::from_ref(&m), &req);
+        if let Ok(m) = std::sync::Arc::try_unwrap(m) {
+            m.close()?;
+        }
+        match (reply.ok, reply.lsn, reply.time_ns) {
+            (true, Some(lsn), Some(t)) => Ok((lsn, t)),
+            _ => Err(Error::InvalidInput(reply.error.unwrap_or_default())),
+        }
+    })();
+    drop(frozen); // thaw first, whatever happened
+    let (lsn, time_ns) = done?;
+    let kind = if app_consistent {
+        "app-consistent"
+    } else {
+        "crash-consistent"
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "machine": machine,
+                "id": format!("pt-{lsn}"),
+                "lsn": lsn,
+                "time": replog::format::rfc3339(time_ns),
+                "kind": kind,
+            })
+        );
+    } else {
+        println!(
+            "{machine}: {kind} point pt-{lsn} at {}{}",
+            replog::format::rfc3339(time_ns),
+            if freeze.is_some() {
+                " (file system frozen around it)"
+            } else {
+                ""
+            }
         );
     }
     Ok(())

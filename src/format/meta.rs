@@ -26,6 +26,13 @@
 //! ## Initial-copy progress body (kind 4): postcard encoding of
 //! `replica::store::InitialProgress`: `chunks: u64, disk: u32, offset: u64, done: bool`.
 //!
+//! ## Replica parent mark body (kind 5): postcard encoding of
+//! `replica::store::ParentMark`: `lsn: u64, seq: u64, point: Option<{ lsn: u64,
+//! time_ns: u64, app: bool, digests: Option<[u64]> }>, merging_to: Option<(u64, u64)>`.
+//!
+//! ## Replica retention body (kind 6): postcard encoding of
+//! `replica::store::Retention`: `window_ms: u64, app_window_ms: u64`.
+//!
 //! ## Merge watermark body (kind 2), 16 bytes (also a replica's "received" mark)
 //!
 //! ```text
@@ -44,6 +51,8 @@ pub const KIND_MANIFEST: u16 = 1;
 pub const KIND_WATERMARK: u16 = 2;
 pub const KIND_REPLICA_MANIFEST: u16 = 3;
 pub const KIND_INITIAL_PROGRESS: u16 = 4;
+pub const KIND_PARENT_MARK: u16 = 5;
+pub const KIND_RETENTION: u16 = 6;
 /// Largest metadata body accepted (a manifest with thousands of disks fits).
 pub const MAX_META_BODY: u32 = 1 << 20;
 

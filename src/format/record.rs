@@ -6,8 +6,8 @@
 //! off len field
 //!   0   4 magic "RREC" (52 52 45 43)
 //!   4   1 kind: 1 = write (payload = the data), 2 = zero (discard / write-zeroes;
-//!         no payload), 3 = recovery point (payload: 8-byte time in ns, then
-//!         optional fields a newer version may add, which older readers skip)
+//!         no payload), 3 = recovery point (payload: see below; a newer version may
+//!         add fields after those, which older readers skip)
 //!   5   1 flags: bit 0 = app-consistent (points only); other bits must be zero
 //!   6   2 reserved, zero
 //!   8   8 LSN (strictly increasing within a machine, across its segments)
@@ -17,6 +17,18 @@
 //!  32   8 length in bytes of the disk range (writes: = payload length; points: 0)
 //!  40   4 reserved, zero
 //!  44   4 CRC-32C of bytes 0..44 followed by the payload
+//! ```
+//!
+//! ## Point payload
+//!
+//! ```text
+//!   0   8 wall-clock time in ns since the Unix epoch
+//! optional (present when the machine keeps digests, i.e. it is protected; a layout
+//! that does not fit — another block size, too short — reads as no digests):
+//!   8   4 number of disks n
+//!  12   4 digest block size in bytes (4096)
+//!  16 8*n digest of each disk in disk-id order, state after every record with an
+//!         LSN <= this point's (see `crate::digest`)
 //! ```
 //!
 //! A record is never split across segments. Its CRC covers the whole header, so a
@@ -209,21 +221,51 @@ impl RecordHeader {
 }
 
 /// Payload of a point record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PointPayload {
     pub time_ns: u64,
+    /// Digest of every disk at this point (see [`crate::digest`]), when kept.
+    pub digests: Option<Vec<u64>>,
 }
 
 impl PointPayload {
-    pub fn encode(&self) -> [u8; 8] {
-        self.time_ns.to_le_bytes()
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = self.time_ns.to_le_bytes().to_vec();
+        if let Some(d) = &self.digests {
+            b.extend_from_slice(&(d.len() as u32).to_le_bytes());
+            b.extend_from_slice(&(crate::digest::BLOCK as u32).to_le_bytes());
+            for v in d {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        b
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         if b.len() < 8 {
             return Err(DecodeError::new(0, "point payload cut short"));
         }
+        let time_ns = Le(b).u64(0);
+        if b.len() < 16 {
+            return Ok(PointPayload {
+                time_ns,
+                digests: None,
+            });
+        }
+        // Digests in a layout this version does not know (another block size, a count
+        // the payload cannot hold) are no digests: the point stays a point.
+        let n = Le(b).u32(8) as usize;
+        let block = Le(b).u32(12);
+        let want = n.checked_mul(8).and_then(|x| x.checked_add(16));
+        if u64::from(block) != crate::digest::BLOCK || want.is_none_or(|w| b.len() < w) {
+            return Ok(PointPayload {
+                time_ns,
+                digests: None,
+            });
+        }
+        let digests = (0..n).map(|k| Le(b).u64(16 + 8 * k)).collect();
         Ok(PointPayload {
-            time_ns: Le(b).u64(0),
+            time_ns,
+            digests: Some(digests),
         })
     }
 }

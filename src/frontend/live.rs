@@ -5,6 +5,7 @@
 //! `flush` (close) is a group commit. No engine lock is held across a reply or a
 //! kernel notification: every engine call returns before the reply is sent.
 
+use super::points::{PNode, PointViews};
 use crate::volume::{Machine, Volume};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
@@ -84,7 +85,12 @@ pub struct LiveFs {
     seq_reads: SequentialReads,
     /// Present when writes are handed to workers.
     workers: Option<crossbeam::channel::Sender<WriteJob>>,
+    /// The replicas' points (inodes from 2^40 up), on a site that holds replicas.
+    views: Option<PointViews>,
 }
+
+/// Entries of point views change as points come and expire.
+const VIEW_TTL: Duration = Duration::from_secs(1);
 
 /// A write handed to a worker thread.
 struct WriteJob {
@@ -153,7 +159,13 @@ impl SequentialReads {
 }
 
 impl LiveFs {
-    pub fn new(machines: &[std::sync::Arc<Machine>], opts: FrontendOptions) -> crate::Result<Self> {
+    /// The file system of `machines`; with `replicas` (the site and its replica key),
+    /// also the read-only points of every replica the site holds.
+    pub fn new(
+        machines: &[std::sync::Arc<Machine>],
+        opts: FrontendOptions,
+        replicas: Option<(std::path::PathBuf, crate::replica::crypt::ReplicaKey)>,
+    ) -> crate::Result<Self> {
         let mut nodes = vec![Node::Dir {
             children: Vec::new(),
         }];
@@ -187,6 +199,59 @@ impl LiveFs {
             gid,
             seq_reads: SequentialReads::default(),
             workers: spawn_write_workers(opts.write_workers),
+            views: replicas.map(|(site, key)| PointViews::new(site, key)),
+        })
+    }
+
+    /// The machine a static directory inode stands for.
+    fn machine_of_dir(&self, ino: u64) -> Option<&str> {
+        match self.nodes.first() {
+            Some(Node::Dir { children }) => children
+                .iter()
+                .find(|(_, i)| *i == ino)
+                .map(|(n, _)| n.as_str()),
+            _ => None,
+        }
+    }
+
+    /// Look up `name` in `parent` among the point views.
+    fn view_lookup(&self, parent: u64, name: &str) -> Option<u64> {
+        let views = self.views.as_ref()?;
+        if PointViews::is_dynamic(parent) {
+            return views.lookup(parent, name);
+        }
+        if parent == 1 {
+            return views
+                .has_replica(name)
+                .then(|| views.ino(PNode::MachineDir(name.to_string())));
+        }
+        let m = self.machine_of_dir(parent)?;
+        (name == "points" && views.has_replica(m))
+            .then(|| views.ino(PNode::PointsDir(m.to_string())))
+    }
+
+    fn view_attr(&self, ino: u64) -> Option<FileAttr> {
+        let e = self.views.as_ref()?.entry(ino)?;
+        let (perm, nlink) = match e.kind {
+            FileType::Directory => (0o555, 2),
+            _ => (0o444, 1),
+        };
+        Some(FileAttr {
+            ino: INodeNo(e.ino),
+            size: e.size,
+            blocks: e.size.div_ceil(512),
+            atime: e.time,
+            mtime: e.time,
+            ctime: e.time,
+            crtime: e.time,
+            kind: e.kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
         })
     }
 
@@ -195,6 +260,9 @@ impl LiveFs {
     }
 
     fn volume(&self, ino: INodeNo) -> Result<&Volume, Errno> {
+        if PointViews::is_dynamic(ino.0) {
+            return Err(Errno::EROFS); // the points are read-only
+        }
         match self.node(ino) {
             Some(Node::Disk { vol }) => Ok(vol),
             Some(Node::Dir { .. }) => Err(Errno::EISDIR),
@@ -248,20 +316,33 @@ impl Filesystem for LiveFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let Some(Node::Dir { children }) = self.node(parent) else {
-            return reply.error(Errno::ENOENT);
+        let found = match self.node(parent) {
+            Some(Node::Dir { children }) if !PointViews::is_dynamic(parent.0) => children
+                .iter()
+                .find(|(n, _)| OsStr::new(n) == name)
+                .map(|(_, i)| *i),
+            _ => None,
         };
-        let found = children
-            .iter()
-            .find(|(n, _)| OsStr::new(n) == name)
-            .map(|(_, i)| *i);
-        match found.and_then(|i| self.attr(INodeNo(i))) {
-            Some(a) => reply.entry(&TTL, &a, fuser::Generation(0)),
+        if let Some(a) = found.and_then(|i| self.attr(INodeNo(i))) {
+            return reply.entry(&TTL, &a, fuser::Generation(0));
+        }
+        let view = name
+            .to_str()
+            .and_then(|n| self.view_lookup(parent.0, n))
+            .and_then(|i| self.view_attr(i));
+        match view {
+            Some(a) => reply.entry(&VIEW_TTL, &a, fuser::Generation(0)),
             None => reply.error(Errno::ENOENT),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if PointViews::is_dynamic(ino.0) {
+            return match self.view_attr(ino.0) {
+                Some(a) => reply.attr(&VIEW_TTL, &a),
+                None => reply.error(Errno::ENOENT),
+            };
+        }
         match self.attr(ino) {
             Some(a) => reply.attr(&TTL, &a),
             None => reply.error(Errno::ENOENT),
@@ -286,9 +367,12 @@ impl Filesystem for LiveFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let Some(attr) = self.attr(ino) else {
+        let Some(attr) = self.attr(ino).or_else(|| self.view_attr(ino.0)) else {
             return reply.error(Errno::ENOENT);
         };
+        if PointViews::is_dynamic(ino.0) && size.is_some() {
+            return reply.error(Errno::EROFS);
+        }
         if let Some(size) = size {
             if size != attr.size {
                 tracing::warn!(
@@ -305,6 +389,13 @@ impl Filesystem for LiveFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if let (true, Some(views)) = (PointViews::is_dynamic(ino.0), &self.views) {
+            return match views.open(ino.0, flags.0) {
+                // A point never changes: its pages may stay cached.
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                Err(e) => reply.error(e),
+            };
+        }
         if let Err(e) = self.volume(ino) {
             return reply.error(e);
         }
@@ -328,13 +419,19 @@ impl Filesystem for LiveFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if let (true, Some(views)) = (PointViews::is_dynamic(ino.0), &self.views) {
+            return match views.read(fh.0, offset, size) {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(e),
+            };
+        }
         let vol = match self.volume(ino) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
@@ -425,7 +522,26 @@ impl Filesystem for LiveFs {
         _lo: LockOwner,
         reply: ReplyEmpty,
     ) {
+        if PointViews::is_dynamic(ino.0) {
+            return reply.ok();
+        }
         self.sync(ino, reply);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let (true, Some(views)) = (PointViews::is_dynamic(ino.0), &self.views) {
+            views.release(fh.0);
+        }
+        reply.ok();
     }
 
     fn fsync(
@@ -492,6 +608,16 @@ impl Filesystem for LiveFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        if PointViews::is_dynamic(ino.0) {
+            // Every byte of a point counts as data.
+            let size = self.view_attr(ino.0).map_or(0, |a| a.size);
+            return match (u64::try_from(offset), whence) {
+                (Ok(o), _) if o >= size => reply.error(Errno::ENXIO),
+                (Ok(o), libc::SEEK_DATA) => reply.offset(o as i64),
+                (Ok(_), libc::SEEK_HOLE) => reply.offset(size as i64),
+                _ => reply.error(Errno::EINVAL),
+            };
+        }
         let vol = match self.volume(ino) {
             Ok(v) => v,
             Err(e) => return reply.error(e),
@@ -522,22 +648,45 @@ impl Filesystem for LiveFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(Node::Dir { children }) = self.node(ino) else {
-            return reply.error(Errno::ENOTDIR);
-        };
-        let mut entries: Vec<(u64, FileType, &str)> = vec![
-            (ino.0, FileType::Directory, "."),
-            (1, FileType::Directory, ".."),
+        let mut entries: Vec<(u64, FileType, String)> = vec![
+            (ino.0, FileType::Directory, ".".into()),
+            (1, FileType::Directory, "..".into()),
         ];
-        for (name, i) in children {
-            let kind = match self.node(INodeNo(*i)) {
-                Some(Node::Dir { .. }) => FileType::Directory,
-                _ => FileType::RegularFile,
+        if PointViews::is_dynamic(ino.0) {
+            match self.views.as_ref().and_then(|v| v.children(ino.0)) {
+                Some(c) => entries.extend(c),
+                None => return reply.error(Errno::ENOTDIR),
+            }
+        } else {
+            let Some(Node::Dir { children }) = self.node(ino) else {
+                return reply.error(Errno::ENOTDIR);
             };
-            entries.push((*i, kind, name));
+            for (name, i) in children {
+                let kind = match self.node(INodeNo(*i)) {
+                    Some(Node::Dir { .. }) => FileType::Directory,
+                    _ => FileType::RegularFile,
+                };
+                entries.push((*i, kind, name.clone()));
+            }
+            if let Some(views) = &self.views {
+                if ino.0 == 1 {
+                    // Replicas with no local machine of their name.
+                    for m in views.replicas() {
+                        if !children.iter().any(|(n, _)| *n == m) {
+                            let i = views.ino(PNode::MachineDir(m.clone()));
+                            entries.push((i, FileType::Directory, m));
+                        }
+                    }
+                } else if let Some(m) = self.machine_of_dir(ino.0) {
+                    if views.has_replica(m) {
+                        let i = views.ino(PNode::PointsDir(m.to_string()));
+                        entries.push((i, FileType::Directory, "points".into()));
+                    }
+                }
+            }
         }
         for (k, (i, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(i), (k + 1) as u64, kind, name) {
+            if reply.add(INodeNo(i), (k + 1) as u64, kind, &name) {
                 break;
             }
         }
@@ -619,6 +768,9 @@ impl Filesystem for LiveFs {
 impl LiveFs {
     /// fsync and close: every write acknowledged so far becomes durable (group commit).
     fn sync(&self, ino: INodeNo, reply: ReplyEmpty) {
+        if PointViews::is_dynamic(ino.0) {
+            return reply.ok();
+        }
         let vol = match self.volume(ino) {
             Ok(v) => v,
             Err(_) => return reply.ok(), // directories: nothing to sync

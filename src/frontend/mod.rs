@@ -1,10 +1,13 @@
 //! The FUSE front end: every disk of the site's machines as
 //! `MOUNT/<machine>/<disk>.img`, a fixed-size raw image that a VM, a loop device or fio
-//! reads and writes. Every write goes into the machine's change journal.
+//! reads and writes. Every write goes into the machine's change journal. On a site
+//! that holds replicas, every recovery point they keep is there too, read-only:
+//! `MOUNT/<machine>/points/<point>/<disk>.img` (see `points.rs`).
 //!
 //! Kernel options and their measured effect are documented in `docs/FUSE.md`.
 
 mod live;
+mod points;
 
 pub use live::{FrontendOptions, LiveFs};
 

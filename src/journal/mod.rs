@@ -160,9 +160,13 @@ impl JournalWriter {
     }
 
     /// Append a recovery point record.
-    pub fn append_point(&mut self, app_consistent: bool) -> Result<Point> {
+    pub fn append_point(
+        &mut self,
+        app_consistent: bool,
+        digests: Option<Vec<u64>>,
+    ) -> Result<Point> {
         let time_ns = now_ns();
-        let payload = PointPayload { time_ns }.encode();
+        let payload = PointPayload { time_ns, digests }.encode();
         let flags = if app_consistent {
             FLAG_APP_CONSISTENT
         } else {

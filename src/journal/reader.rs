@@ -33,6 +33,14 @@ impl ScannedRecord<'_> {
         let p = PointPayload::decode(self.payload).ok()?;
         Some((p.time_ns, self.header.flags & FLAG_APP_CONSISTENT != 0))
     }
+
+    /// The disk digests a point record carries (None: not a point, or none kept).
+    pub fn point_digests(&self) -> Option<Vec<u64>> {
+        if self.header.kind != RecordKind::Point {
+            return None;
+        }
+        PointPayload::decode(self.payload).ok()?.digests
+    }
 }
 
 /// Where and why a scan stopped early.

@@ -1,7 +1,9 @@
-//! Encryption at rest of replica segments and initial-copy chunks: AES-256-GCM, with a
-//! key derived per file (HKDF-SHA256 from the site's replica key, salted with the
-//! machine id, the info "replog segment <n>" or "replog base <n>"), so no two files
-//! share a key.
+//! Encryption at rest of replica segments, their record indexes and parent chunks:
+//! AES-256-GCM, with a key derived per file (HKDF-SHA256 from the site's replica key,
+//! salted with the machine id, the info "replog segment <n>", "replog segment index
+//! <n>" or "replog parent chunk <disk << 40 | n>"), so no two files share a key. A
+//! parent chunk rewritten by the target compactor keeps its key and gets a fresh
+//! random 96-bit nonce (safe far beyond 2^32 rewrites of one chunk).
 //!
 //! ## Encrypted segment file
 //!
@@ -30,7 +32,8 @@ pub const MAGIC: [u8; 8] = *b"\x89RLE\r\n\x1a\n";
 pub const HEADER_LEN: usize = 40;
 /// HKDF labels: segments and initial-copy chunks never share a key.
 const SEGMENT_LABEL: &[u8] = b"replog segment ";
-const BASE_LABEL: &[u8] = b"replog base ";
+const CHUNK_LABEL: &[u8] = b"replog parent chunk ";
+const INDEX_LABEL: &[u8] = b"replog segment index ";
 
 /// The site's replica key.
 #[derive(Clone)]
@@ -94,14 +97,37 @@ impl ReplicaKey {
         self.seal_as(SEGMENT_LABEL, machine_id, seq, plain)
     }
 
-    /// Encrypt initial-copy chunk `n` of machine `machine_id` (a key domain of its own).
-    pub fn seal_base(&self, machine_id: u64, n: u64, plain: &[u8]) -> Result<Vec<u8>> {
-        self.seal_as(BASE_LABEL, machine_id, n, plain)
+    /// Encrypt replica parent chunk `id` (`disk << 40 | chunk number`; a key domain
+    /// of its own).
+    pub fn seal_chunk(&self, machine_id: u64, id: u64, plain: &[u8]) -> Result<Vec<u8>> {
+        self.seal_as(CHUNK_LABEL, machine_id, id, plain)
     }
 
-    /// Decrypt and authenticate initial-copy chunk `n`.
-    pub fn open_base(&self, machine_id: u64, n: u64, bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
-        self.open_as(BASE_LABEL, machine_id, n, bytes, path)
+    /// Decrypt and authenticate replica parent chunk `id`.
+    pub fn open_chunk(
+        &self,
+        machine_id: u64,
+        id: u64,
+        bytes: &[u8],
+        path: &Path,
+    ) -> Result<Vec<u8>> {
+        self.open_as(CHUNK_LABEL, machine_id, id, bytes, path)
+    }
+
+    /// Encrypt the record index of segment `seq`.
+    pub fn seal_index(&self, machine_id: u64, seq: u64, plain: &[u8]) -> Result<Vec<u8>> {
+        self.seal_as(INDEX_LABEL, machine_id, seq, plain)
+    }
+
+    /// Decrypt and authenticate the record index of segment `seq`.
+    pub fn open_index(
+        &self,
+        machine_id: u64,
+        seq: u64,
+        bytes: &[u8],
+        path: &Path,
+    ) -> Result<Vec<u8>> {
+        self.open_as(INDEX_LABEL, machine_id, seq, bytes, path)
     }
 
     fn seal_as(&self, label: &[u8], machine_id: u64, seq: u64, plain: &[u8]) -> Result<Vec<u8>> {

@@ -1,19 +1,24 @@
-//! Recovery points held by a replica: every flush/fsync point record and every segment
-//! seal in the segments received, each an LSN with its wall-clock time. (Retention,
-//! app-consistent checkpoints and digests come with the rest of recovery points.)
+//! Recovery points held by a replica: every flush/fsync point record and every seal in
+//! the segments received (from their indexes), and the point the parent stands for
+//! after a merge — each an LSN with its wall-clock time, its kind and the source's
+//! digests of every disk there.
+//!
+//! Retention (per replica, set by the source's relationship): a point is kept while it
+//! is younger than the window, an app-consistent one while it is younger than the
+//! app-consistent window, and the newest point always. Points retention lets go are
+//! "expired": not listed, not restorable, and the target compactor merges them away.
 
-use super::store::ReplicaStore;
+use super::store::{IndexedPoint, ReplicaStore};
 use crate::error::{Error, Result};
-use crate::journal::reader::{scan_segment, Expect};
-use crate::storage::{MemStorage, OpenMode, Storage};
-use std::path::Path;
 
 /// One recovery point.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaPoint {
     pub lsn: u64,
     pub time_ns: u64,
     pub app_consistent: bool,
+    /// The source's digest of each disk at this point (None: not kept then).
+    pub digests: Option<Vec<u64>>,
 }
 
 impl ReplicaPoint {
@@ -21,80 +26,105 @@ impl ReplicaPoint {
     pub fn id(&self) -> String {
         format!("pt-{}", self.lsn)
     }
+
+    fn from_indexed(p: &IndexedPoint) -> Self {
+        ReplicaPoint {
+            lsn: p.lsn,
+            time_ns: p.time_ns,
+            app_consistent: p.app,
+            digests: p.digests.clone(),
+        }
+    }
 }
 
-/// Every point in the stored segments, oldest first (one per LSN).
-pub fn list(store: &ReplicaStore) -> Result<Vec<ReplicaPoint>> {
-    let man = store.manifest();
+/// Every point that can still be materialised, oldest first: the parent's (when it is
+/// one), then every point after the parent (and not before a merge under way).
+pub fn materialisable(store: &ReplicaStore) -> Result<Vec<ReplicaPoint>> {
+    let parent = store.parent();
+    let floor = parent
+        .merging_to
+        .map_or(parent.lsn, |(l, _)| l.max(parent.lsn));
     let mut out: Vec<ReplicaPoint> = Vec::new();
-    let mut next_lsn = man.base_lsn + 1;
-    for seq in man.base_seq + 1..=store.received().segment_seq {
-        let plain = store.read_segment(seq)?;
-        let mem = MemStorage::new();
-        let dir = Path::new("/points");
-        mem.create_dir_all(dir)?;
-        let f = mem.open(&dir.join("seg"), OpenMode::CreateNew)?;
-        f.write_at(&[&plain], 0)?;
-        let expect = Expect {
-            machine_id: Some(man.machine_id),
-            seq: Some(seq),
-            first_lsn: Some(next_lsn),
-            disk_count: Some(man.disks.len() as u32),
-        };
-        let scan = scan_segment(f.as_ref(), expect, |rec| {
-            if let Some((time_ns, app)) = rec.point() {
-                out.push(ReplicaPoint {
-                    lsn: rec.header.lsn,
-                    time_ns,
-                    app_consistent: app,
-                });
-            }
-            Ok(())
-        })?;
-        if let Some(fault) = scan.fault {
-            return Err(Error::corruption(
-                format!("replica segment {seq}"),
-                fault.offset,
-                fault.what,
-            ));
+    if parent.merging_to.is_none() {
+        if let Some(p) = &parent.point {
+            out.push(ReplicaPoint::from_indexed(p));
         }
-        if let Some(footer) = scan.footer {
-            if out.last().map(|p| p.lsn) != Some(footer.last_lsn) {
-                out.push(ReplicaPoint {
-                    lsn: footer.last_lsn,
-                    time_ns: footer.sealed_ns,
-                    app_consistent: false,
-                });
+    }
+    for seq in parent.seq + 1..=store.received().segment_seq {
+        let index = store.segment_index(seq)?;
+        for p in &index.points {
+            if p.lsn >= floor && out.last().is_none_or(|q| q.lsn < p.lsn) {
+                out.push(ReplicaPoint::from_indexed(p));
             }
-        }
-        if let Some(last) = scan.last_lsn {
-            next_lsn = last + 1;
         }
     }
     Ok(out)
 }
 
+/// Whether retention keeps `p` at `now_ns` (the newest point is kept regardless).
+pub fn kept(store: &ReplicaStore, p: &ReplicaPoint, now_ns: u64) -> bool {
+    let r = store.retention();
+    let age_ms = now_ns.saturating_sub(p.time_ns) / 1_000_000;
+    age_ms <= r.window_ms || (p.app_consistent && age_ms <= r.app_window_ms.max(r.window_ms))
+}
+
+/// The points retention keeps at `now_ns`, oldest first.
+pub fn retained(store: &ReplicaStore, now_ns: u64) -> Result<Vec<ReplicaPoint>> {
+    let all = materialisable(store)?;
+    let newest = all.last().map(|p| p.lsn);
+    Ok(all
+        .into_iter()
+        .filter(|p| Some(p.lsn) == newest || kept(store, p, now_ns))
+        .collect())
+}
+
+/// The points `replog points` lists now.
+pub fn list(store: &ReplicaStore) -> Result<Vec<ReplicaPoint>> {
+    retained(store, crate::format::now_ns())
+}
+
 /// Resolve a POINT (`latest`, an LSN, an RFC 3339 time — the newest point at or before
-/// it — or a point ID) to the LSN of a point this replica holds.
-pub fn resolve(store: &ReplicaStore, at: &str) -> Result<u64> {
+/// it — or a point ID) to a point this replica keeps.
+pub fn resolve(store: &ReplicaStore, at: &str) -> Result<ReplicaPoint> {
+    let now = crate::format::now_ns();
+    let points = retained(store, now)?;
     if at == "latest" {
-        return Ok(store.received().lsn);
+        if let Some(p) = points.last() {
+            return Ok(p.clone());
+        }
+        if store.initial().done {
+            // Only the initial copy so far: its state is the one point there is.
+            return Ok(ReplicaPoint {
+                lsn: store.parent().lsn,
+                time_ns: 0,
+                app_consistent: false,
+                digests: None,
+            });
+        }
+        return Err(Error::NotFound(
+            "this replica holds no recovery point yet (initial replication is not complete)".into(),
+        ));
     }
-    let points = list(store)?;
-    let unknown = || {
-        Error::NotFound(format!(
+    let oldest = points.first().map(|p| p.lsn).unwrap_or(u64::MAX);
+    let by_lsn = |lsn: u64| -> Result<ReplicaPoint> {
+        if let Some(p) = points.iter().find(|p| p.lsn == lsn) {
+            return Ok(p.clone());
+        }
+        if lsn < oldest {
+            return Err(Error::NotFound(format!(
+                "{at:?} has expired: it is older than this replica's retention keeps \
+                 (oldest point kept: pt-{oldest})"
+            )));
+        }
+        Err(Error::NotFound(format!(
             "{at:?} is not a recovery point of this replica (see `replog points`)"
-        ))
-    };
-    let by_lsn = |lsn: u64| {
-        points
-            .iter()
-            .find(|p| p.lsn == lsn)
-            .map(|p| p.lsn)
-            .ok_or_else(unknown)
+        )))
     };
     if let Some(n) = at.strip_prefix("pt-") {
-        return by_lsn(n.parse().map_err(|_| unknown())?);
+        let lsn = n.parse().map_err(|_| {
+            Error::NotFound(format!("{at:?} is not a point ID (see `replog points`)"))
+        })?;
+        return by_lsn(lsn);
     }
     if let Ok(lsn) = at.parse::<u64>() {
         return by_lsn(lsn);
@@ -112,6 +142,15 @@ pub fn resolve(store: &ReplicaStore, at: &str) -> Result<u64> {
         .iter()
         .rev()
         .find(|p| p.time_ns <= ns)
-        .map(|p| p.lsn)
-        .ok_or_else(|| Error::NotFound(format!("no recovery point at or before {at}")))
+        .cloned()
+        .ok_or_else(|| {
+            Error::NotFound(match points.first() {
+                Some(p) => format!(
+                    "no recovery point at or before {at}: the oldest point kept is {} at {}",
+                    p.id(),
+                    crate::format::rfc3339(p.time_ns)
+                ),
+                None => format!("no recovery point at or before {at}"),
+            })
+        })
 }

@@ -1,17 +1,24 @@
-//! Restore: write every disk of a replica, as of a recovery point (the newest
-//! received, or any point `points::resolve` names), to `OUT/<disk>.img` (sparse raw
-//! images).
+//! Restore: write every disk of a replica, as of one recovery point, to
+//! `OUT/<disk>.img` (sparse raw images), and prove the result.
 //!
-//! The initial copy's base chunks are written first, then every stored segment up to
-//! the point is decrypted, verified whole (the same scanner recovery uses) and its
-//! records with LSNs up to the point applied in LSN order. Images are written as `<disk>.img.partial` and renamed only when all of
-//! them are complete and fsynced: on any error nothing is left in OUT.
+//! The point is opened through the replay engine (replay.rs), which pins it and maps
+//! every byte of every disk to a parent chunk, a segment payload or zeroes. The
+//! images are then written in two passes that touch each source once: the parent
+//! chunks (only where the map leaves the parent in charge), then each segment
+//! decrypted once, its surviving payloads written where they land. All-zero 4 KiB
+//! blocks are never written, so the images stay sparse.
+//!
+//! Proof: when the point carries the source's digests (see `crate::digest`), every
+//! image is read back after its fsync and its digest compared; any difference fails
+//! the restore. Images are written as `<disk>.img.partial` and renamed only when all
+//! of them are complete, fsynced and verified: on any error nothing is left in OUT.
 
-use super::store::ReplicaStore;
+use super::replay::PointImage;
+use super::store::{ReplicaStore, CHUNK_BYTES};
+use crate::digest::BLOCK;
 use crate::error::{Error, Result};
-use crate::format::RecordKind;
-use crate::journal::reader::{scan_segment, Expect};
-use crate::storage::{FileStorage, MemStorage, OpenMode, Storage, StorageFile};
+use crate::index::{Location, Piece};
+use crate::storage::{FileStorage, OpenMode, Storage, StorageFile};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -21,151 +28,197 @@ pub struct Restored {
     pub lsn: u64,
     pub images: Vec<PathBuf>,
     pub bytes_written: u64,
+    /// Every image matched the source's digest at the point (false: the point carries
+    /// no digests, so there was nothing to check against).
+    pub verified: bool,
 }
 
-/// Restore the newest point of `store` into `out`. `progress(done, total)` counts
-/// base chunks and segments applied.
-pub fn restore_latest(
-    store: &ReplicaStore,
-    out: &Path,
-    progress: &dyn Fn(u64, u64),
-) -> Result<Restored> {
-    restore_at(store, store.received().lsn, out, progress)
-}
-
-/// Restore `store` as it was at LSN `upto` (a recovery point the caller resolved):
-/// every record with a higher LSN is left out.
+/// Restore `store` at POINT `at` (any form `points::resolve` takes) into `out`.
 pub fn restore_at(
-    store: &ReplicaStore,
-    upto: u64,
+    store: ReplicaStore,
+    at: &str,
     out: &Path,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Restored> {
-    let man0 = store.manifest();
-    if upto < man0.base_lsn || upto > store.received().lsn {
-        return Err(Error::NotFound(format!(
-            "LSN {upto} is outside what this replica holds ({}..={})",
-            man0.base_lsn,
-            store.received().lsn
-        )));
-    }
-    let init = store.initial();
-    if !init.done {
-        return Err(Error::InvalidInput(
-            "the initial replication of this machine is not complete yet; nothing to restore"
-                .into(),
-        ));
-    }
-    std::fs::create_dir_all(out).map_err(|e| Error::io("create", out, e))?;
-    let fs = FileStorage;
-    let man = store.manifest().clone();
-    let mut files: Vec<(PathBuf, PathBuf, Arc<dyn StorageFile>)> = Vec::new();
-    let cleanup = |files: &[(PathBuf, PathBuf, Arc<dyn StorageFile>)]| {
-        for (partial, _, _) in files {
-            let _ = std::fs::remove_file(partial);
-        }
-    };
-    let result = (|| -> Result<Restored> {
-        for d in &man.disks {
-            let fin = out.join(format!("{}.img", d.name));
-            if fin.exists() {
-                return Err(Error::AlreadyExists(format!(
-                    "{} exists; restore into an empty directory",
-                    fin.display()
-                )));
+    let image = PointImage::open(store, at)?;
+    restore(&image, out, progress)
+}
+
+/// Write `data` at `offset` of `f`, leaving out all-zero 4 KiB blocks.
+fn write_sparse(f: &dyn StorageFile, offset: u64, data: &[u8]) -> Result<()> {
+    let mut run: Option<usize> = None; // start of the current non-zero run
+    let mut pos = 0usize;
+    while pos < data.len() {
+        // Blocks follow the disk's 4 KiB grid.
+        let next = ((offset + pos as u64) / BLOCK + 1) * BLOCK;
+        let end = ((next - offset) as usize).min(data.len());
+        let zero = data
+            .get(pos..end)
+            .is_some_and(|b| b.iter().all(|x| *x == 0));
+        match (zero, run) {
+            (true, Some(s)) => {
+                f.write_at(&[data.get(s..pos).unwrap_or(&[])], offset + s as u64)?;
+                run = None;
             }
+            (false, None) => run = Some(pos),
+            _ => {}
+        }
+        pos = end;
+    }
+    if let Some(s) = run {
+        f.write_at(&[data.get(s..).unwrap_or(&[])], offset + s as u64)?;
+    }
+    Ok(())
+}
+
+/// The digest of a written image, reading only its data ranges.
+fn image_digest(f: &dyn StorageFile, size: u64) -> Result<u64> {
+    let mut ranges = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let Some(start) = f.seek_data(pos)? else {
+            break;
+        };
+        if start >= size {
+            break;
+        }
+        let end = f.seek_hole(start)?.min(size);
+        ranges.push((start, end));
+        pos = end.max(start + 1);
+    }
+    crate::digest::of_ranges(size, &ranges, &mut |at, buf| f.read_exact_at(buf, at))
+}
+
+/// Restore the point `image` holds into `out`.
+pub fn restore(image: &PointImage, out: &Path, progress: &dyn Fn(u64, u64)) -> Result<Restored> {
+    let fs = FileStorage;
+    let disks = image.disks().to_vec();
+    for d in &disks {
+        let fin = out.join(format!("{}.img", d.name));
+        if fin.exists() {
+            return Err(Error::AlreadyExists(format!(
+                "{} exists; restore into an empty directory",
+                fin.display()
+            )));
+        }
+    }
+    let created_out = !out.exists();
+    std::fs::create_dir_all(out).map_err(|e| Error::io("create", out, e))?;
+    let mut files: Vec<(PathBuf, PathBuf, Arc<dyn StorageFile>)> = Vec::new();
+    let result = (|| -> Result<Restored> {
+        for d in &disks {
             let partial = out.join(format!("{}.img.partial", d.name));
             if partial.exists() {
                 fs.remove_file(&partial)?;
             }
             let f = fs.open(&partial, OpenMode::CreateNew)?;
+            files.push((partial, out.join(format!("{}.img", d.name)), f.clone()));
             f.set_len(d.size)?;
-            files.push((partial, fin, f));
         }
-        let received = store.received();
-        let segments = received.segment_seq.saturating_sub(man.base_seq);
-        let total = init.chunks + segments;
-        let mut written = 0u64;
-        for n in 0..init.chunks {
-            let (disk, offset, data) = store.read_base(n)?;
-            let (_, _, f) = files.get(disk as usize).ok_or_else(|| {
-                Error::corruption(out, n, format!("base chunk {n} names disk {disk}"))
-            })?;
-            f.write_at(&[&data], offset)?;
-            written += data.len() as u64;
-            progress(n + 1, total);
-        }
-        let sizes: Vec<u64> = man.disks.iter().map(|d| d.size).collect();
-        let mut next_lsn = man.base_lsn + 1;
-        for (k, seq) in (man.base_seq + 1..=received.segment_seq).enumerate() {
-            if next_lsn > upto {
-                break; // everything after the point stays out
+        let store = image.store();
+        // What comes from where: parent pieces per disk, segment pieces by segment.
+        let mut parent_work: Vec<(u32, u64, Vec<Piece>)> = Vec::new();
+        let mut seg_work: Vec<(u64, u32, u64, u64, u64)> = Vec::new(); // seq, disk, at, from, len
+        let mut total = 0u64;
+        for (id, _) in disks.iter().enumerate() {
+            let id = id as u32;
+            let Some(map) = image.map(id) else { continue };
+            for n in store.stored_chunks(id)? {
+                let mut pieces = Vec::new();
+                map.lookup(n * CHUNK_BYTES, store.chunk_len(id, n)? as u64, &mut pieces);
+                pieces.retain(|p| p.loc.is_none());
+                if !pieces.is_empty() {
+                    total += pieces.iter().map(|p| p.len).sum::<u64>();
+                    parent_work.push((id, n, pieces));
+                }
             }
-            let plain = store.read_segment(seq)?;
-            // Verify the whole segment before applying any of it.
-            let mem = MemStorage::new();
-            let dir = Path::new("/restore");
-            mem.create_dir_all(dir)?;
-            let seg = mem.open(&dir.join("seg"), OpenMode::CreateNew)?;
-            seg.write_at(&[&plain], 0)?;
-            let expect = Expect {
-                machine_id: Some(man.machine_id),
-                seq: Some(seq),
-                first_lsn: Some(next_lsn),
-                disk_count: Some(sizes.len() as u32),
+            for (start, e) in map.iter() {
+                if let Location::Segment { seq, offset } = e.loc {
+                    seg_work.push((seq, id, start, offset, e.len));
+                    total += e.len;
+                }
+            }
+        }
+        seg_work.sort_unstable();
+        let mut done = 0u64;
+        progress(0, total);
+        for (id, n, pieces) in parent_work {
+            let Some(chunk) = store.read_chunk(id, n)? else {
+                continue;
             };
-            let mut ops: Vec<(u32, RecordKind, u64, u64, u64)> = Vec::new();
-            let scan = scan_segment(seg.as_ref(), expect, |rec| {
-                if let Some(what) = crate::volume::record_outside_disk(&rec.header, &sizes) {
-                    return Err(Error::corruption(
-                        format!("replica segment {seq}"),
-                        rec.offset,
-                        what,
-                    ));
-                }
-                let h = rec.header;
-                if h.lsn <= upto {
-                    ops.push((h.disk, h.kind, h.offset, h.length, rec.payload_offset));
-                }
-                Ok(())
-            })?;
-            if let Some(f) = scan.fault {
-                return Err(Error::corruption(
-                    format!("replica segment {seq}"),
-                    f.offset,
-                    f.what,
-                ));
+            let Some((_, _, f)) = files.get(id as usize) else {
+                continue;
+            };
+            for p in pieces {
+                let within = (p.start - n * CHUNK_BYTES) as usize;
+                let data = chunk.get(within..within + p.len as usize).unwrap_or(&[]);
+                write_sparse(f.as_ref(), p.start, data)?;
+                done += p.len;
             }
-            for (disk, kind, offset, length, payload_at) in ops {
-                let Some((_, _, f)) = files.get(disk as usize) else {
-                    continue;
-                };
-                match kind {
-                    RecordKind::Write => {
-                        let data = plain
-                            .get(payload_at as usize..(payload_at + length) as usize)
-                            .ok_or_else(|| {
-                                Error::corruption(
-                                    format!("replica segment {seq}"),
-                                    payload_at,
-                                    "payload out of the segment",
-                                )
-                            })?;
-                        f.write_at(&[data], offset)?;
-                        written += length;
-                    }
-                    RecordKind::Zero => f.punch_hole(offset, length)?,
-                    RecordKind::Point => {}
+            progress(done, total);
+        }
+        let mut i = 0;
+        while i < seg_work.len() {
+            let seq = seg_work.get(i).map(|w| w.0).unwrap_or(0);
+            let plain = image.segment(seq)?;
+            while let Some(&(s, id, at, from, len)) = seg_work.get(i) {
+                if s != seq {
+                    break;
                 }
+                let data = plain
+                    .get(from as usize..(from + len) as usize)
+                    .ok_or_else(|| {
+                        Error::corruption(
+                            store.dir().join("segments"),
+                            from,
+                            format!("payload past the end of segment {seq}"),
+                        )
+                    })?;
+                if let Some((_, _, f)) = files.get(id as usize) {
+                    write_sparse(f.as_ref(), at, data)?;
+                }
+                done += len;
+                i += 1;
             }
-            if let Some(last) = scan.last_lsn {
-                next_lsn = last + 1;
-            }
-            progress(init.chunks + k as u64 + 1, total);
+            progress(done, total);
         }
         for (_, _, f) in &files {
             f.sync_data()?;
         }
+        let point = image.point();
+        let verified = match &point.digests {
+            Some(want) => {
+                if want.len() != disks.len() {
+                    return Err(Error::corruption(
+                        store.dir(),
+                        0,
+                        format!(
+                            "{} carries {} digests for {} disks",
+                            point.id(),
+                            want.len(),
+                            disks.len()
+                        ),
+                    ));
+                }
+                for ((d, (_, fin, f)), want) in disks.iter().zip(&files).zip(want) {
+                    let got = image_digest(f.as_ref(), d.size)?;
+                    if got != *want {
+                        return Err(Error::corruption(
+                            fin,
+                            0,
+                            format!(
+                                "restored disk {} does not match the source's digest at {} \
+                                 (source {want:016x}, restored {got:016x}); nothing was kept",
+                                d.name,
+                                point.id()
+                            ),
+                        ));
+                    }
+                }
+                true
+            }
+            None => false,
+        };
         let mut images = Vec::new();
         for (partial, fin, _) in &files {
             fs.rename(partial, fin)?;
@@ -173,13 +226,19 @@ pub fn restore_at(
         }
         fs.sync_dir(out)?;
         Ok(Restored {
-            lsn: upto,
+            lsn: point.lsn,
             images,
-            bytes_written: written,
+            bytes_written: done,
+            verified,
         })
     })();
     if result.is_err() {
-        cleanup(&files);
+        for (partial, _, _) in &files {
+            let _ = std::fs::remove_file(partial);
+        }
+        if created_out {
+            let _ = std::fs::remove_dir(out);
+        }
     }
     result
 }

@@ -1,36 +1,127 @@
-//! A replica's segment store at the target: every segment received is verified like
-//! the source's own recovery would verify it, stored gap-free and exactly once,
-//! encrypted, fsynced — and only then acknowledged.
+//! A replica's store at the target: every segment received is verified like the
+//! source's own recovery would verify it, stored gap-free and exactly once,
+//! encrypted, fsynced — and only then acknowledged. Below the segments lie the
+//! replica parent images, kept as encrypted fixed-size chunks.
 //!
 //! ```text
-//! SITE/replicas/<machine>/replica.meta         manifest: source site, machine id, disks
-//! SITE/replicas/<machine>/received             last segment stored (LSN, seq): a watermark file
+//! SITE/replicas/<machine>/replica.meta             manifest: source site, machine id, disks
+//! SITE/replicas/<machine>/received                 last segment stored (LSN, seq): a watermark file
+//! SITE/replicas/<machine>/parent.meta              what the parent chunks hold (ParentMark)
+//! SITE/replicas/<machine>/retention.meta           how long points are kept (Retention)
 //! SITE/replicas/<machine>/segments/<seq>.seg.enc   encrypted segments (see crypt.rs)
-//! SITE/replicas/<machine>/base/<n>.enc         encrypted initial-copy chunks
-//! SITE/replicas/<machine>/initial              initial-copy progress (chunks, position, done)
+//! SITE/replicas/<machine>/segments/<seq>.idx.enc   each one's records and points (SegmentIndex)
+//! SITE/replicas/<machine>/parent/<disk>/<n>.enc    parent chunk n of disk id <disk>: bytes
+//!                                                  n*1MiB.. of the disk; missing = zeroes
+//! SITE/replicas/<machine>/initial                  initial-copy progress (chunks, position, done)
+//! SITE/replicas/<machine>/pins/, merge.lock        readers' pins (see pin.rs)
 //! ```
 //!
-//! Order for a new segment: write it to a temporary file, fsync, rename, fsync the
-//! directory, then persist `received`. A crash between the rename and `received` leaves
-//! one segment past the mark; opening the store verifies it and takes it in, or
-//! removes it if it does not verify.
+//! Order for a new segment: verify it, write its index and then the segment (each to a
+//! temporary file, fsync, rename, fsync the directory), then persist `received`. A
+//! crash between the rename and `received` leaves one segment past the mark; opening
+//! the store for writing verifies it and takes it in, or removes it if it does not
+//! verify. Readers (restore, views, the target compactor) open the store read-only and
+//! never look past the mark.
+//!
+//! The initial copy is written straight into the parent chunks (read, overlay,
+//! encrypt, write temporary, fsync, rename), then its position is persisted: a resent
+//! chunk after a crash overlays the same bytes again.
 
 use super::crypt::ReplicaKey;
 use crate::error::{Error, Result};
 use crate::format::meta::{self, DiskEntry, Watermark, KIND_REPLICA_MANIFEST};
 use crate::format::segment::segment_name;
+use crate::format::RecordKind;
 use crate::journal::reader::{scan_segment, Expect};
 use crate::names::validate_name;
 use crate::storage::{write_atomic, FileStorage, MemStorage, OpenMode, Storage};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub const REPLICAS_DIR: &str = "replicas";
 const MANIFEST: &str = "replica.meta";
 const RECEIVED: &str = "received";
 const SEGMENTS: &str = "segments";
-const BASE: &str = "base";
+const PARENT: &str = "parent";
+const PARENT_MARK: &str = "parent.meta";
+const RETENTION: &str = "retention.meta";
 const INITIAL: &str = "initial";
+pub(crate) const PINS: &str = "pins";
+pub(crate) const MERGE_LOCK: &str = "merge.lock";
+
+/// Bytes per parent chunk.
+pub const CHUNK_BYTES: u64 = 1 << 20;
+/// Dirty parent chunks a [`ChunkEditor`] keeps in memory before writing them out.
+const EDITOR_BUDGET: usize = 256 << 20;
+
+/// What the replica parent chunks hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentMark {
+    /// Every record with an LSN <= `lsn` is in the parent chunks; the chain goes on
+    /// with segment `seq + 1`.
+    pub lsn: u64,
+    pub seq: u64,
+    /// The recovery point the parent stands for, when it is one (after a merge; the
+    /// initial copy is not).
+    pub point: Option<IndexedPoint>,
+    /// A merge toward (LSN, seq) is under way: points before that LSN are gone, and
+    /// each parent chunk is somewhere between `lsn` and it (replaying the chain from
+    /// `seq + 1` over any of those states gives the same result).
+    pub merging_to: Option<(u64, u64)>,
+}
+
+/// How long a replica keeps recovery points (set by the source's relationship).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Every point younger than this is kept.
+    pub window_ms: u64,
+    /// App-consistent points younger than this are kept (at least `window_ms`).
+    pub app_window_ms: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            window_ms: 24 * 3600 * 1000,
+            app_window_ms: 72 * 3600 * 1000,
+        }
+    }
+}
+
+/// One record of a stored segment, as its index lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexedRecord {
+    pub lsn: u64,
+    pub disk: u32,
+    /// A zero (discard) record; otherwise a write whose payload is at `payload_at`
+    /// in the segment's plain bytes.
+    pub zero: bool,
+    pub offset: u64,
+    pub length: u64,
+    pub payload_at: u64,
+}
+
+/// One recovery point in a stored segment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexedPoint {
+    pub lsn: u64,
+    pub time_ns: u64,
+    pub app: bool,
+    pub digests: Option<Vec<u64>>,
+}
+
+/// The records and points of one stored segment (`<seq>.idx.enc`, postcard, in field
+/// order), so points can be listed and a point's image mapped without decrypting
+/// every segment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentIndex {
+    pub first_lsn: u64,
+    pub last_lsn: u64,
+    pub sealed_ns: u64,
+    pub records: Vec<IndexedRecord>,
+    pub points: Vec<IndexedPoint>,
+}
 
 /// How far initial replication got (persisted after every chunk).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,10 +162,32 @@ pub struct ReplicaStore {
     manifest: ReplicaManifest,
     received: Watermark,
     initial: InitialProgress,
+    parent: ParentMark,
+    retention: Retention,
 }
 
 fn enc_name(seq: u64) -> String {
     format!("{}.enc", segment_name(seq))
+}
+
+fn idx_name(seq: u64) -> String {
+    format!("{seq:020}.idx.enc")
+}
+
+fn read_meta<T: serde::de::DeserializeOwned>(path: &Path, kind: u16) -> Result<Option<T>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let b = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+    let body = meta::decode(kind, &b).map_err(|e| Error::corruption(path, e.offset, e.what))?;
+    postcard::from_bytes(body)
+        .map(Some)
+        .map_err(|e| Error::corruption(path, 24, e.to_string()))
+}
+
+fn write_meta<T: Serialize>(path: &Path, kind: u16, v: &T) -> Result<()> {
+    let body = postcard::to_stdvec(v).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    write_atomic(&FileStorage, path, &meta::encode(kind, &body))
 }
 
 impl ReplicaStore {
@@ -106,9 +219,17 @@ impl ReplicaStore {
         }
         let fs = FileStorage;
         fs.create_dir_all(&dir.join(SEGMENTS))?;
-        fs.create_dir_all(&dir.join(BASE))?;
-        // The received mark first: the manifest, written last, says "created".
+        fs.create_dir_all(&dir.join(PARENT))?;
+        fs.create_dir_all(&dir.join(PINS))?;
+        // The marks first: the manifest, written last, says "created".
         write_atomic(&fs, &dir.join(RECEIVED), &base.encode())?;
+        let parent = ParentMark {
+            lsn: base.lsn,
+            seq: base.segment_seq,
+            point: None,
+            merging_to: None,
+        };
+        write_meta(&dir.join(PARENT_MARK), meta::KIND_PARENT_MARK, &parent)?;
         let body =
             postcard::to_stdvec(&manifest).map_err(|e| Error::InvalidInput(e.to_string()))?;
         write_atomic(
@@ -119,7 +240,17 @@ impl ReplicaStore {
         Self::open(site, machine, key)
     }
 
+    /// Open for receiving (the serve that owns the site): a segment a crash left past
+    /// the mark is taken in or removed.
     pub fn open(site: &Path, machine: &str, key: ReplicaKey) -> Result<Self> {
+        let mut store = Self::open_readonly(site, machine, key)?;
+        store.reconcile()?;
+        Ok(store)
+    }
+
+    /// Open for reading (restore, views, the target compactor): changes nothing and
+    /// sees nothing past the `received` mark.
+    pub fn open_readonly(site: &Path, machine: &str, key: ReplicaKey) -> Result<Self> {
         let dir = Self::dir_of(site, machine)?;
         let mpath = dir.join(MANIFEST);
         if !mpath.exists() {
@@ -128,36 +259,78 @@ impl ReplicaStore {
                 site.display()
             )));
         }
-        let bytes = std::fs::read(&mpath).map_err(|e| Error::io("read", &mpath, e))?;
-        let body = meta::decode(KIND_REPLICA_MANIFEST, &bytes)
-            .map_err(|e| Error::corruption(&mpath, e.offset, e.what))?;
-        let manifest: ReplicaManifest =
-            postcard::from_bytes(body).map_err(|e| Error::corruption(&mpath, 24, e.to_string()))?;
-        let rpath = dir.join(RECEIVED);
-        let received = if rpath.exists() {
-            let b = std::fs::read(&rpath).map_err(|e| Error::io("read", &rpath, e))?;
-            Watermark::decode(&b).map_err(|e| Error::corruption(&rpath, e.offset, e.what))?
-        } else {
-            Watermark::default()
-        };
-        let ipath = dir.join(INITIAL);
-        let initial = if ipath.exists() {
-            let b = std::fs::read(&ipath).map_err(|e| Error::io("read", &ipath, e))?;
-            let body = meta::decode(meta::KIND_INITIAL_PROGRESS, &b)
-                .map_err(|e| Error::corruption(&ipath, e.offset, e.what))?;
-            postcard::from_bytes(body).map_err(|e| Error::corruption(&ipath, 24, e.to_string()))?
-        } else {
-            InitialProgress::default()
-        };
+        let manifest: ReplicaManifest = read_meta(&mpath, KIND_REPLICA_MANIFEST)?
+            .ok_or_else(|| Error::NotFound(mpath.display().to_string()))?;
         let mut store = ReplicaStore {
             dir,
             key,
+            received: Watermark::default(),
+            initial: InitialProgress::default(),
+            parent: ParentMark {
+                lsn: manifest.base_lsn,
+                seq: manifest.base_seq,
+                point: None,
+                merging_to: None,
+            },
+            retention: Retention::default(),
             manifest,
-            received,
-            initial,
         };
-        store.reconcile()?;
+        store.refresh()?;
         Ok(store)
+    }
+
+    /// Read the marks again (a long-lived reader catching up with the receiver and
+    /// the target compactor).
+    pub fn refresh(&mut self) -> Result<()> {
+        let rpath = self.dir.join(RECEIVED);
+        if rpath.exists() {
+            let b = std::fs::read(&rpath).map_err(|e| Error::io("read", &rpath, e))?;
+            self.received =
+                Watermark::decode(&b).map_err(|e| Error::corruption(&rpath, e.offset, e.what))?;
+        }
+        if let Some(i) = read_meta(&self.dir.join(INITIAL), meta::KIND_INITIAL_PROGRESS)? {
+            self.initial = i;
+        }
+        if let Some(p) = read_meta(&self.dir.join(PARENT_MARK), meta::KIND_PARENT_MARK)? {
+            self.parent = p;
+        }
+        if let Some(r) = read_meta(&self.dir.join(RETENTION), meta::KIND_RETENTION)? {
+            self.retention = r;
+        }
+        Ok(())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn key(&self) -> &ReplicaKey {
+        &self.key
+    }
+
+    /// What the parent chunks hold.
+    pub fn parent(&self) -> &ParentMark {
+        &self.parent
+    }
+
+    /// Persist a new parent mark (the target compactor).
+    pub fn set_parent(&mut self, mark: ParentMark) -> Result<()> {
+        write_meta(&self.dir.join(PARENT_MARK), meta::KIND_PARENT_MARK, &mark)?;
+        self.parent = mark;
+        Ok(())
+    }
+
+    pub fn retention(&self) -> Retention {
+        self.retention
+    }
+
+    /// Persist the retention the source asked for (when it changed).
+    pub fn set_retention(&mut self, r: Retention) -> Result<()> {
+        if r != self.retention || !self.dir.join(RETENTION).exists() {
+            write_meta(&self.dir.join(RETENTION), meta::KIND_RETENTION, &r)?;
+            self.retention = r;
+        }
+        Ok(())
     }
 
     pub fn manifest(&self) -> &ReplicaManifest {
@@ -173,11 +346,19 @@ impl ReplicaStore {
         self.dir.join(SEGMENTS).join(enc_name(seq))
     }
 
+    fn idx_path(&self, seq: u64) -> PathBuf {
+        self.dir.join(SEGMENTS).join(idx_name(seq))
+    }
+
     /// Take in (or remove) a segment stored just past the mark by a crash.
     fn reconcile(&mut self) -> Result<()> {
         let next = self.received.segment_seq + 1;
         let path = self.seg_path(next);
         if !path.exists() {
+            let idx = self.idx_path(next);
+            if idx.exists() {
+                std::fs::remove_file(&idx).map_err(|e| Error::io("remove", &idx, e))?;
+            }
             return Ok(());
         }
         let taken = std::fs::read(&path)
@@ -185,10 +366,11 @@ impl ReplicaStore {
             .and_then(|ct| self.key.open(self.manifest.machine_id, next, &ct, &path))
             .and_then(|plain| self.verify(next, &plain));
         match taken {
-            Ok(last_lsn) => {
+            Ok(index) => {
                 tracing::info!("replica: took in segment {next} stored before a crash");
+                self.write_index(next, &index)?;
                 self.mark(Watermark {
-                    lsn: last_lsn,
+                    lsn: index.last_lsn,
                     segment_seq: next,
                 })
             }
@@ -206,54 +388,35 @@ impl ReplicaStore {
         Ok(())
     }
 
-    /// Verify a whole sealed segment `seq` that must follow what is stored; returns its
-    /// last LSN. Everything the source's recovery checks is checked here.
-    fn verify(&self, seq: u64, plain: &[u8]) -> Result<u64> {
-        let mem = MemStorage::new();
-        let dir = Path::new("/incoming");
-        let path = dir.join(segment_name(seq));
-        mem.create_dir_all(dir)?;
-        let f = mem.open(&path, OpenMode::CreateNew)?;
-        f.write_at(&[plain], 0)?;
-        let sizes: Vec<u64> = self.manifest.disks.iter().map(|d| d.size).collect();
-        let mut outside = None;
-        let expect = Expect {
-            machine_id: Some(self.manifest.machine_id),
-            seq: Some(seq),
-            first_lsn: Some(self.received.lsn + 1),
-            disk_count: Some(sizes.len() as u32),
-        };
-        let scan = scan_segment(f.as_ref(), expect, |rec| {
-            if let Some(what) = crate::volume::record_outside_disk(&rec.header, &sizes) {
-                outside.get_or_insert((rec.offset, what));
-            }
-            Ok(())
-        })?;
+    /// Verify a whole sealed segment `seq` that must follow what is stored and index
+    /// its records and points. Everything the source's recovery checks is checked.
+    fn verify(&self, seq: u64, plain: &[u8]) -> Result<SegmentIndex> {
         let named = self.seg_path(seq);
-        if let Some(fault) = &scan.fault {
-            return Err(Error::corruption(named, fault.offset, fault.what.clone()));
-        }
-        if let Some((offset, what)) = outside {
-            return Err(Error::corruption(named, offset, what));
-        }
-        match (scan.footer, scan.last_lsn) {
-            (Some(_), Some(last)) => Ok(last),
-            _ => Err(Error::corruption(
-                named,
-                scan.end,
-                "segment is not sealed or holds no records",
-            )),
-        }
+        index_segment(
+            &self.manifest,
+            seq,
+            Some(self.received.lsn + 1),
+            plain,
+            &named,
+        )
     }
 
     /// Receive segment `seq` (its plain bytes as the source has them). Verified, then
     /// stored durably, then acknowledged; nothing is stored if anything is wrong.
     pub fn receive(&mut self, seq: u64, plain: &[u8]) -> Result<Receipt> {
         if seq <= self.received.segment_seq {
-            let path = self.seg_path(seq);
-            let stored = std::fs::read(&path)
-                .map_err(|e| Error::io("read", &path, e))
-                .and_then(|ct| self.key.open(self.manifest.machine_id, seq, &ct, &path));
+            // The target compactor may have merged it since this store was opened.
+            if let Some(p) = read_meta(&self.dir.join(PARENT_MARK), meta::KIND_PARENT_MARK)? {
+                self.parent = p;
+            }
+            if seq <= self.parent.seq {
+                // Merged into the parent already (and perhaps deleted): nothing left to
+                // compare it with.
+                return Ok(Receipt::Duplicate {
+                    lsn: self.received.lsn,
+                });
+            }
+            let stored = self.read_segment(seq);
             return match stored {
                 Ok(p) if p == plain => Ok(Receipt::Duplicate {
                     lsn: self.received.lsn,
@@ -270,7 +433,7 @@ impl ReplicaStore {
                 self.received.segment_seq + 1
             )));
         }
-        let last_lsn = self.verify(seq, plain).map_err(|e| match e {
+        let index = self.verify(seq, plain).map_err(|e| match e {
             Error::Corruption { offset, what, .. } if what.contains("was next") => {
                 Error::BrokenChain(format!(
                     "segment {seq} does not continue the chain at LSN {} (offset {offset}: {what})",
@@ -279,30 +442,88 @@ impl ReplicaStore {
             }
             other => other,
         })?;
+        self.write_index(seq, &index)?;
         let ct = self.key.seal(self.manifest.machine_id, seq, plain)?;
-        self.write_durably(&self.seg_path(seq), &ct)?;
+        write_durably(&self.seg_path(seq), &ct)?;
         self.mark(Watermark {
-            lsn: last_lsn,
+            lsn: index.last_lsn,
             segment_seq: seq,
         })?;
-        Ok(Receipt::Stored { lsn: last_lsn })
+        Ok(Receipt::Stored {
+            lsn: index.last_lsn,
+        })
+    }
+
+    fn write_index(&self, seq: u64, index: &SegmentIndex) -> Result<()> {
+        let body = postcard::to_stdvec(index).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let ct = self.key.seal_index(self.manifest.machine_id, seq, &body)?;
+        write_durably(&self.idx_path(seq), &ct)
+    }
+
+    /// The records and points of stored segment `seq` (from its index file, or from
+    /// the segment itself when the index is missing).
+    pub fn segment_index(&self, seq: u64) -> Result<SegmentIndex> {
+        if seq == 0 || seq > self.received.segment_seq {
+            return Err(Error::NotFound(format!("segment {seq} is not stored")));
+        }
+        let path = self.idx_path(seq);
+        match std::fs::read(&path) {
+            Ok(ct) => {
+                let body = self
+                    .key
+                    .open_index(self.manifest.machine_id, seq, &ct, &path)?;
+                postcard::from_bytes(&body).map_err(|e| Error::corruption(&path, 40, e.to_string()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let plain = self.read_segment(seq)?;
+                index_segment(&self.manifest, seq, None, &plain, &self.seg_path(seq))
+            }
+            Err(e) => Err(Error::io("read", &path, e)),
+        }
+    }
+
+    /// Remove stored segments `from..=upto` (merged into the parent and needed by no
+    /// reader), and their indexes.
+    pub fn remove_segments(&self, from: u64, upto: u64) -> Result<u64> {
+        let mut n = 0;
+        for seq in from..=upto {
+            for path in [self.seg_path(seq), self.idx_path(seq)] {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => n += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io("remove", &path, e)),
+                }
+            }
+        }
+        if n > 0 {
+            FileStorage.sync_dir(&self.dir.join(SEGMENTS))?;
+        }
+        Ok(n)
+    }
+
+    /// The oldest segment file still stored (None: none).
+    pub fn oldest_stored_segment(&self) -> Result<Option<u64>> {
+        let dir = self.dir.join(SEGMENTS);
+        let mut oldest = None;
+        for e in std::fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
+            let e = e.map_err(|e| Error::io("list", &dir, e))?;
+            let name = e.file_name();
+            let Some(num) = name.to_str().and_then(|n| n.split('.').next()) else {
+                continue;
+            };
+            if let Ok(seq) = num.parse::<u64>() {
+                oldest = Some(oldest.map_or(seq, |o: u64| o.min(seq)));
+            }
+        }
+        Ok(oldest)
     }
 
     pub fn initial(&self) -> InitialProgress {
         self.initial
     }
 
-    fn base_path(&self, n: u64) -> PathBuf {
-        self.dir.join(BASE).join(format!("{n:020}.enc"))
-    }
-
     fn save_initial(&mut self, p: InitialProgress) -> Result<()> {
-        let body = postcard::to_stdvec(&p).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        write_atomic(
-            &FileStorage,
-            &self.dir.join(INITIAL),
-            &meta::encode(meta::KIND_INITIAL_PROGRESS, &body),
-        )?;
+        write_meta(&self.dir.join(INITIAL), meta::KIND_INITIAL_PROGRESS, &p)?;
         self.initial = p;
         Ok(())
     }
@@ -315,12 +536,7 @@ impl ReplicaStore {
                 "the initial copy is already complete".into(),
             ));
         }
-        let size = self
-            .manifest
-            .disks
-            .get(disk as usize)
-            .map(|d| d.size)
-            .ok_or_else(|| Error::InvalidInput(format!("no disk {disk} in this replica")))?;
+        let size = self.disk_size(disk)?;
         let end = offset.saturating_add(data.len() as u64);
         if end > size {
             return Err(Error::OutOfRange {
@@ -335,16 +551,11 @@ impl ReplicaStore {
                 "initial chunk for disk {disk} at {offset} is behind the copy's position"
             )));
         }
-        let mut plain = Vec::with_capacity(16 + data.len());
-        plain.extend_from_slice(&disk.to_le_bytes());
-        plain.extend_from_slice(&0u32.to_le_bytes());
-        plain.extend_from_slice(&offset.to_le_bytes());
-        plain.extend_from_slice(data);
-        let n = self.initial.chunks;
-        let ct = self.key.seal_base(self.manifest.machine_id, n, &plain)?;
-        self.write_durably(&self.base_path(n), &ct)?;
+        let mut ed = ChunkEditor::new(self);
+        ed.write(disk, offset, data)?;
+        ed.finish()?;
         self.save_initial(InitialProgress {
-            chunks: n + 1,
+            chunks: self.initial.chunks + 1,
             disk,
             offset: end,
             done: false,
@@ -360,34 +571,69 @@ impl ReplicaStore {
         self.save_initial(p)
     }
 
-    /// Base chunk `n`: (disk, offset, data), decrypted and authenticated.
-    pub fn read_base(&self, n: u64) -> Result<(u32, u64, Vec<u8>)> {
-        let path = self.base_path(n);
-        let ct = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
-        let plain = self
-            .key
-            .open_base(self.manifest.machine_id, n, &ct, &path)?;
-        let field = |a: usize, b: usize| plain.get(a..b).unwrap_or(&[]);
-        let disk = u32::from_le_bytes(field(0, 4).try_into().unwrap_or([0; 4]));
-        let offset = u64::from_le_bytes(field(8, 16).try_into().unwrap_or([0; 8]));
-        Ok((disk, offset, field(16, plain.len()).to_vec()))
+    fn disk_size(&self, disk: u32) -> Result<u64> {
+        self.manifest
+            .disks
+            .get(disk as usize)
+            .map(|d| d.size)
+            .ok_or_else(|| Error::InvalidInput(format!("no disk {disk} in this replica")))
     }
 
-    fn write_durably(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        let tmp = path.with_extension("tmp");
-        let fs = FileStorage;
-        if fs.exists(&tmp) {
-            fs.remove_file(&tmp)?;
+    fn chunk_path(&self, disk: u32, n: u64) -> PathBuf {
+        self.dir
+            .join(PARENT)
+            .join(disk.to_string())
+            .join(format!("{n:010}.enc"))
+    }
+
+    /// Length of parent chunk `n` of `disk` (the last one may be short).
+    pub fn chunk_len(&self, disk: u32, n: u64) -> Result<usize> {
+        let size = self.disk_size(disk)?;
+        Ok((size.saturating_sub(n * CHUNK_BYTES)).min(CHUNK_BYTES) as usize)
+    }
+
+    /// Parent chunk `n` of `disk`, decrypted and authenticated (None: all zeroes).
+    pub fn read_chunk(&self, disk: u32, n: u64) -> Result<Option<Vec<u8>>> {
+        let path = self.chunk_path(disk, n);
+        let ct = match std::fs::read(&path) {
+            Ok(ct) => ct,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("read", &path, e)),
+        };
+        let id = u64::from(disk) << 40 | n;
+        let plain = self
+            .key
+            .open_chunk(self.manifest.machine_id, id, &ct, &path)?;
+        if plain.len() != self.chunk_len(disk, n)? {
+            return Err(Error::corruption(
+                &path,
+                0,
+                format!("parent chunk holds {} bytes", plain.len()),
+            ));
         }
-        let f = fs.open(&tmp, OpenMode::CreateNew)?;
-        f.write_at(&[bytes], 0)?;
-        f.sync_data()?;
-        drop(f);
-        fs.rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            fs.sync_dir(dir)?;
+        Ok(Some(plain))
+    }
+
+    /// The parent chunks of `disk` that hold data, in order.
+    pub fn stored_chunks(&self, disk: u32) -> Result<Vec<u64>> {
+        let dir = self.dir.join(PARENT).join(disk.to_string());
+        if !dir.exists() {
+            return Ok(Vec::new());
         }
-        Ok(())
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
+            let e = e.map_err(|e| Error::io("list", &dir, e))?;
+            let name = e.file_name();
+            if let Some(n) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".enc"))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                out.push(n);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
     }
 
     /// The plain bytes of stored segment `seq`, decrypted and authenticated.
@@ -396,7 +642,238 @@ impl ReplicaStore {
             return Err(Error::NotFound(format!("segment {seq} is not stored")));
         }
         let path = self.seg_path(seq);
-        let ct = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+        let ct = std::fs::read(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::corruption(
+                &path,
+                0,
+                "segment missing from the replica (deleted or lost)",
+            ),
+            _ => Error::io("read", &path, e),
+        })?;
         self.key.open(self.manifest.machine_id, seq, &ct, &path)
+    }
+}
+
+/// Verify the plain bytes of sealed segment `seq` of the replica's machine (starting
+/// at `first_lsn` when given) and index them; `named` names it in errors.
+fn index_segment(
+    man: &ReplicaManifest,
+    seq: u64,
+    first_lsn: Option<u64>,
+    plain: &[u8],
+    named: &Path,
+) -> Result<SegmentIndex> {
+    let mem = MemStorage::new();
+    let dir = Path::new("/incoming");
+    let path = dir.join(segment_name(seq));
+    mem.create_dir_all(dir)?;
+    let f = mem.open(&path, OpenMode::CreateNew)?;
+    f.write_at(&[plain], 0)?;
+    let sizes: Vec<u64> = man.disks.iter().map(|d| d.size).collect();
+    let mut outside = None;
+    let mut index = SegmentIndex::default();
+    let expect = Expect {
+        machine_id: Some(man.machine_id),
+        seq: Some(seq),
+        first_lsn,
+        disk_count: Some(sizes.len() as u32),
+    };
+    let scan = scan_segment(f.as_ref(), expect, |rec| {
+        if let Some(what) = crate::volume::record_outside_disk(&rec.header, &sizes) {
+            outside.get_or_insert((rec.offset, what));
+        }
+        let h = rec.header;
+        match h.kind {
+            RecordKind::Point => {
+                if let Some((time_ns, app)) = rec.point() {
+                    index.points.push(IndexedPoint {
+                        lsn: h.lsn,
+                        time_ns,
+                        app,
+                        digests: rec.point_digests(),
+                    });
+                }
+            }
+            kind => index.records.push(IndexedRecord {
+                lsn: h.lsn,
+                disk: h.disk,
+                zero: kind == RecordKind::Zero,
+                offset: h.offset,
+                length: h.length,
+                payload_at: rec.payload_offset,
+            }),
+        }
+        Ok(())
+    })?;
+    if let Some(fault) = &scan.fault {
+        return Err(Error::corruption(named, fault.offset, fault.what.clone()));
+    }
+    if let Some((offset, what)) = outside {
+        return Err(Error::corruption(named, offset, what));
+    }
+    match (scan.footer, scan.first_lsn, scan.last_lsn) {
+        (Some(footer), Some(first), Some(last)) => {
+            index.first_lsn = first;
+            index.last_lsn = last;
+            index.sealed_ns = footer.sealed_ns;
+            // A seal is a point (segments written before seals ended on a point record
+            // have none there).
+            if index.points.last().map(|p| p.lsn) != Some(last) {
+                index.points.push(IndexedPoint {
+                    lsn: last,
+                    time_ns: footer.sealed_ns,
+                    app: false,
+                    digests: None,
+                });
+            }
+            Ok(index)
+        }
+        _ => Err(Error::corruption(
+            named,
+            scan.end,
+            "segment is not sealed or holds no records",
+        )),
+    }
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let fs = FileStorage;
+    if fs.exists(&tmp) {
+        fs.remove_file(&tmp)?;
+    }
+    let f = fs.open(&tmp, OpenMode::CreateNew)?;
+    f.write_at(&[bytes], 0)?;
+    f.sync_data()?;
+    drop(f);
+    fs.rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        fs.sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Edits parent chunks: writes and zeroes land in decrypted chunks kept in memory,
+/// written out (encrypted, temporary, fsync, rename; all-zero chunks removed) when
+/// they pass a memory budget and at [`ChunkEditor::finish`], which also fsyncs the
+/// directories. Replaying records over chunks is idempotent, so a crash in between
+/// only leaves chunks somewhere between their old and new states.
+pub struct ChunkEditor<'a> {
+    store: &'a ReplicaStore,
+    dirty: BTreeMap<(u32, u64), Vec<u8>>,
+    bytes: usize,
+    dirs: std::collections::BTreeSet<u32>,
+}
+
+impl<'a> ChunkEditor<'a> {
+    pub fn new(store: &'a ReplicaStore) -> Self {
+        ChunkEditor {
+            store,
+            dirty: BTreeMap::new(),
+            bytes: 0,
+            dirs: Default::default(),
+        }
+    }
+
+    fn apply(&mut self, disk: u32, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+        let size = self.store.disk_size(disk)?;
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= size)
+            .ok_or_else(|| Error::OutOfRange {
+                what: "parent chunk edit".into(),
+                offset,
+                end: offset.saturating_add(len),
+                size,
+            })?;
+        let mut at = offset;
+        while at < end {
+            let n = at / CHUNK_BYTES;
+            let within = (at % CHUNK_BYTES) as usize;
+            let take = ((end - at) as usize).min(CHUNK_BYTES as usize - within);
+            if !self.dirty.contains_key(&(disk, n)) {
+                let chunk = match self.store.read_chunk(disk, n)? {
+                    Some(c) => c,
+                    None => vec![0u8; self.store.chunk_len(disk, n)?],
+                };
+                self.bytes += chunk.len();
+                self.dirty.insert((disk, n), chunk);
+            }
+            if let Some(chunk) = self.dirty.get_mut(&(disk, n)) {
+                let dst = chunk
+                    .get_mut(within..within + take)
+                    .ok_or_else(|| Error::InvalidInput("chunk edit out of range".into()))?;
+                match data {
+                    Some(d) => {
+                        let from = (at - offset) as usize;
+                        dst.copy_from_slice(d.get(from..from + take).unwrap_or(&[]));
+                    }
+                    None => dst.fill(0),
+                }
+            }
+            at += take as u64;
+        }
+        if self.bytes > EDITOR_BUDGET {
+            self.write_out()?;
+        }
+        Ok(())
+    }
+
+    /// `data` written at `offset` of `disk`.
+    pub fn write(&mut self, disk: u32, offset: u64, data: &[u8]) -> Result<()> {
+        self.apply(disk, offset, data.len() as u64, Some(data))
+    }
+
+    /// `offset..offset+len` of `disk` zeroed.
+    pub fn zero(&mut self, disk: u32, offset: u64, len: u64) -> Result<()> {
+        self.apply(disk, offset, len, None)
+    }
+
+    fn write_out(&mut self) -> Result<()> {
+        let fs = FileStorage;
+        let mut renames = Vec::new();
+        for ((disk, n), chunk) in std::mem::take(&mut self.dirty) {
+            let path = self.store.chunk_path(disk, n);
+            self.dirs.insert(disk);
+            if chunk.iter().all(|b| *b == 0) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io("remove", &path, e)),
+                }
+                continue;
+            }
+            if let Some(dir) = path.parent() {
+                fs.create_dir_all(dir)?;
+            }
+            let id = u64::from(disk) << 40 | n;
+            let ct = self
+                .store
+                .key
+                .seal_chunk(self.store.manifest.machine_id, id, &chunk)?;
+            let tmp = path.with_extension("tmp");
+            if fs.exists(&tmp) {
+                fs.remove_file(&tmp)?;
+            }
+            let f = fs.open(&tmp, OpenMode::CreateNew)?;
+            f.write_at(&[&ct], 0)?;
+            f.sync_data()?;
+            renames.push((tmp, path));
+        }
+        for (tmp, path) in renames {
+            fs.rename(&tmp, &path)?;
+        }
+        self.bytes = 0;
+        Ok(())
+    }
+
+    /// Write every edited chunk out and make the renames durable.
+    pub fn finish(mut self) -> Result<()> {
+        self.write_out()?;
+        let fs = FileStorage;
+        for disk in &self.dirs {
+            fs.sync_dir(&self.store.dir.join(PARENT).join(disk.to_string()))?;
+        }
+        fs.sync_dir(&self.store.dir.join(PARENT))
     }
 }

@@ -51,13 +51,17 @@ pub enum Message {
     /// First message each way: who speaks, which protocol features it has.
     Hello { site_id: [u8; 32], software: String },
     /// Source → target: replicate `machine` (created at the target if new; its chain
-    /// starts after `base_lsn` / segment `base_seq`). Answered by `Protected`.
+    /// starts after `base_lsn` / segment `base_seq`; the target keeps every point for
+    /// `retention_ms` and app-consistent ones for `app_retention_ms`). Answered by
+    /// `Protected`.
     Protect {
         machine: String,
         machine_id: u64,
         disks: Vec<(String, u64)>,
         base_lsn: u64,
         base_seq: u64,
+        retention_ms: u64,
+        app_retention_ms: u64,
     },
     /// Target → source: the replica holds everything up to `lsn` (segment `seq`); the
     /// initial copy is complete, or resumes at disk `resume_disk`, byte

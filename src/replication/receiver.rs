@@ -53,6 +53,8 @@ impl Target {
             disks,
             base_lsn,
             base_seq,
+            retention_ms,
+            app_retention_ms,
         } = m
         else {
             return Err((ErrorCode::Fatal, "expected Protect".into()));
@@ -112,6 +114,16 @@ impl Target {
                 ));
             }
         }
+        if *retention_ms == 0 {
+            return Err((ErrorCode::Fatal, "retention of 0 ms".into()));
+        }
+        store
+            .lock()
+            .set_retention(crate::replica::store::Retention {
+                window_ms: *retention_ms,
+                app_window_ms: (*app_retention_ms).max(*retention_ms),
+            })
+            .map_err(fatal)?;
         Ok((machine.clone(), store))
     }
 

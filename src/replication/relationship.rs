@@ -4,6 +4,8 @@
 //! # replog relationship, format 1
 //! target = "10.0.0.2:7000"
 //! target_id = "<the target site's ID, 64 hex digits>"
+//! retention = "24h"          # optional: keep every recovery point this long
+//! app_retention = "72h"      # optional: keep app-consistent points this long
 //! ```
 //!
 //! Written by `replog protect` (atomically, without the site lock, so it works while
@@ -22,6 +24,26 @@ const HEADER: &str = "# replog relationship, format 1";
 pub struct Relationship {
     pub target: String,
     pub target_id: String,
+    /// How long the target keeps every recovery point (humantime; default 24h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<String>,
+    /// How long the target keeps app-consistent points (default 72h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_retention: Option<String>,
+}
+
+/// Parse a retention such as "24h" or "90s" into milliseconds.
+pub fn parse_retention(what: &str, text: &str) -> Result<u64> {
+    let d = humantime::parse_duration(text).map_err(|e| {
+        Error::InvalidInput(format!("{what} {text:?}: {e} (use e.g. 24h, 90m, 30s)"))
+    })?;
+    let ms = d.as_millis();
+    if ms == 0 || ms > u128::from(u64::MAX / 1_000_000) {
+        return Err(Error::InvalidInput(format!(
+            "{what} {text:?} is out of range"
+        )));
+    }
+    Ok(ms as u64)
 }
 
 fn path(site: &Path, machine: &str) -> Result<PathBuf> {
@@ -35,6 +57,20 @@ fn path(site: &Path, machine: &str) -> Result<PathBuf> {
 impl Relationship {
     pub fn target_id(&self) -> Result<SiteId> {
         SiteId::parse(&self.target_id)
+    }
+
+    /// (every point, app-consistent points) retention in milliseconds.
+    pub fn retention_ms(&self) -> Result<(u64, u64)> {
+        let d = crate::replica::store::Retention::default();
+        let w = match &self.retention {
+            Some(t) => parse_retention("retention", t)?,
+            None => d.window_ms,
+        };
+        let a = match &self.app_retention {
+            Some(t) => parse_retention("app_retention", t)?,
+            None => d.app_window_ms,
+        };
+        Ok((w, a.max(w)))
     }
 
     /// The relationship of `machine`, if it is protected.
@@ -53,6 +89,8 @@ impl Relationship {
         let r: Relationship = toml::from_str(&text)
             .map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())))?;
         r.target_id()?;
+        r.retention_ms()
+            .map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())))?;
         Ok(Some(r))
     }
 

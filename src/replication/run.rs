@@ -103,6 +103,10 @@ impl ShipLoop {
         // from now on nothing the target lacks can be merged away.
         let mut shipper = Shipper::new(&site, &machine, &rel.target);
         shipper.stop_on(stop.clone());
+        match rel.retention_ms() {
+            Ok((every, app)) => shipper.set_retention(every, app),
+            Err(e) => tracing::error!(machine = machine.name(), "retention: {e}"),
+        }
         let thread = {
             let (stop, status) = (stop.clone(), status.clone());
             std::thread::Builder::new()

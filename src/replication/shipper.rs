@@ -26,6 +26,8 @@ pub struct Shipper {
     acked_lsn: u64,
     progress: Option<Box<Progress>>,
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// What the target keeps: (every point, app-consistent points), in ms.
+    retention: (u64, u64),
 }
 
 impl std::fmt::Debug for Shipper {
@@ -91,6 +93,10 @@ impl Shipper {
     /// Start shipping `machine` from `site` to the target at `target`. From now on the
     /// compactor keeps every segment the target has not acknowledged.
     pub fn new(site: &Path, machine: &Machine, target: &str) -> Shipper {
+        // Points from now on carry digests (a no-op when the machine keeps them).
+        if let Err(e) = machine.keep_digests() {
+            tracing::error!(machine = machine.name(), "digests: {e}");
+        }
         let base = machine.status().watermark.lsn;
         Shipper {
             site: site.to_path_buf(),
@@ -99,7 +105,16 @@ impl Shipper {
             acked_lsn: base,
             progress: None,
             stop: None,
+            retention: {
+                let r = crate::replica::store::Retention::default();
+                (r.window_ms, r.app_window_ms)
+            },
         }
+    }
+
+    /// How long the target keeps points: (every point, app-consistent ones), in ms.
+    pub fn set_retention(&mut self, every_ms: u64, app_ms: u64) {
+        self.retention = (every_ms, app_ms.max(every_ms));
     }
 
     /// Give up a pass (between chunks) once `stop` is set.
@@ -237,6 +252,8 @@ impl Shipper {
                 disks: machine.disks(),
                 base_lsn: w.lsn,
                 base_seq: w.segment_seq,
+                retention_ms: self.retention.0,
+                app_retention_ms: self.retention.1,
             },
         )?;
         let (mut acked, mut acked_seq, initial_done, resume) = match recv(&mut s)? {
