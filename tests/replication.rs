@@ -2,44 +2,13 @@
 //! ship in order, are stored verified and encrypted at the target, are acknowledged,
 //! and only then merged at the source; untrusted peers get nothing.
 
+mod common;
+
+use common::pair::{replog, restore, start_target, trusted_pair};
 use replog::replica::store::ReplicaStore;
-use replog::replication::receiver::Target;
 use replog::replication::shipper::Shipper;
-use replog::replication::transport;
 use replog::{Error, Site};
-use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-
-/// `replog <verb...> SITE <rest...>`: the site goes after the verb words given in `verb`.
-fn replog(args: &[&str], site: &Path) -> String {
-    let verb = if args[0] == "disk" { 2 } else { 1 };
-    let out = Command::new(env!("CARGO_BIN_EXE_replog"))
-        .args(&args[..verb])
-        .arg(site)
-        .args(&args[verb..])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn start_target(site: &Path) -> String {
-    let s = Site::open(site).expect("open target");
-    let key = s.replica_key().expect("key");
-    let me = replog::identity::Identity::load(site).expect("id").id();
-    let target = Arc::new(Target::new(site.to_path_buf(), me, key));
-    std::mem::forget(s); // the target site stays owned by this test process
-    let addr = transport::listen(site, "127.0.0.1:0", move |mut stream, peer| {
-        target.session(&mut stream, peer)
-    })
-    .expect("listen");
-    addr.to_string()
-}
 
 #[test]
 fn sealed_segments_ship_in_order_and_merge_only_after_ack() {
@@ -271,20 +240,4 @@ fn every_received_point_restores_the_disk_as_it_was() {
     for field in ["id", "lsn", "time", "kind"] {
         assert!(!first[field].is_null(), "points JSON lacks {field}: {doc}");
     }
-}
-
-/// `replog init` both sites and make each trust the other.
-fn trusted_pair(a: &Path, b: &Path) {
-    replog(&["init"], a);
-    replog(&["init"], b);
-    let (ida, idb) = (replog(&["id"], a), replog(&["id"], b));
-    replog(&["trust", &idb], a);
-    replog(&["trust", &ida], b);
-}
-
-/// Restore the replica of vm1 at site `b` at POINT `at` into `out`.
-fn restore(b: &Path, at: &str, out: &Path) -> replog::Result<replog::replica::restore::Restored> {
-    let key = replog::site::replica_key_at(b)?;
-    let store = ReplicaStore::open_readonly(b, "vm1", key)?;
-    replog::replica::restore::restore_at(store, at, out, &|_, _| {})
 }

@@ -1,0 +1,60 @@
+//! Two sites for replication tests: a source and an in-process target on 127.0.0.1.
+
+use replog::replica::store::ReplicaStore;
+use replog::replication::receiver::Target;
+use replog::replication::transport;
+use replog::Site;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+/// `replog <verb...> SITE <rest...>`: the site goes after the verb words given in `verb`.
+pub fn replog(args: &[&str], site: &Path) -> String {
+    let verb = if args[0] == "disk" { 2 } else { 1 };
+    let out = Command::new(env!("CARGO_BIN_EXE_replog"))
+        .args(&args[..verb])
+        .arg(site)
+        .args(&args[verb..])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Listen for replicas at `site` in this process; returns the address.
+pub fn start_target(site: &Path) -> String {
+    let s = Site::open(site).expect("open target");
+    let key = s.replica_key().expect("key");
+    let me = replog::identity::Identity::load(site).expect("id").id();
+    let target = Arc::new(Target::new(site.to_path_buf(), me, key));
+    std::mem::forget(s); // the target site stays owned by this test process
+    let addr = transport::listen(site, "127.0.0.1:0", move |mut stream, peer| {
+        target.session(&mut stream, peer)
+    })
+    .expect("listen");
+    addr.to_string()
+}
+
+/// `replog init` both sites and make each trust the other.
+pub fn trusted_pair(a: &Path, b: &Path) {
+    replog(&["init"], a);
+    replog(&["init"], b);
+    let (ida, idb) = (replog(&["id"], a), replog(&["id"], b));
+    replog(&["trust", &idb], a);
+    replog(&["trust", &ida], b);
+}
+
+/// Restore the replica of vm1 at site `b` at POINT `at` into `out`.
+pub fn restore(
+    b: &Path,
+    at: &str,
+    out: &Path,
+) -> replog::Result<replog::replica::restore::Restored> {
+    let key = replog::site::replica_key_at(b)?;
+    let store = ReplicaStore::open_readonly(b, "vm1", key)?;
+    replog::replica::restore::restore_at(store, at, out, &|_, _| {})
+}
