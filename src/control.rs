@@ -28,8 +28,7 @@ pub const SOCKET: &str = "control.sock";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
-    /// Record a recovery point of `machine`: a flush (crash-consistent) or an
-    /// app-consistent checkpoint.
+    /// Record a recovery point of `machine` now: crash-consistent or app-consistent.
     Checkpoint {
         machine: String,
         app_consistent: bool,
@@ -68,11 +67,7 @@ pub fn handle(machines: &[Arc<Machine>], req: &Request) -> Reply {
             let Some(m) = machines.iter().find(|m| m.name() == machine) else {
                 return Reply::err(format!("this site has no machine {machine}"));
             };
-            let done = if *app_consistent {
-                m.checkpoint().map(|p| (p.lsn, p.time_ns))
-            } else {
-                m.flush().map(|lsn| (lsn, crate::format::now_ns()))
-            };
+            let done = m.point(*app_consistent).map(|p| (p.lsn, p.time_ns));
             match done {
                 Ok((lsn, time_ns)) => Reply {
                     ok: true,

@@ -795,12 +795,12 @@ impl MachineInner {
         Ok(target)
     }
 
-    /// Append an app-consistent point and make it durable.
-    pub(crate) fn checkpoint(&self) -> Result<Point> {
+    /// Append a point (app-consistent or not) and make it durable.
+    pub(crate) fn checkpoint(&self, app: bool) -> Result<Point> {
         let p = {
             let mut w = self.writer.lock();
             self.check_poison()?;
-            self.append_point_locked(&mut w, true)?
+            self.append_point_locked(&mut w, app)?
         };
         self.sync_to(p.lsn)?;
         Ok(p)
@@ -1047,6 +1047,12 @@ impl Machine {
 
     /// Record an app-consistent recovery point, durable on return.
     pub fn checkpoint(&self) -> Result<Point> {
-        self.inner.checkpoint()
+        self.inner.checkpoint(true)
+    }
+
+    /// Record a recovery point now (a new point record even when nothing was written
+    /// since the last one), app-consistent or crash-consistent; durable on return.
+    pub fn point(&self, app_consistent: bool) -> Result<Point> {
+        self.inner.checkpoint(app_consistent)
     }
 }

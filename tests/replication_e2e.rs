@@ -12,39 +12,6 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-fn fast_replication(site: &Path) {
-    let p = site.join("site.toml");
-    let text = std::fs::read_to_string(&p).expect("cfg");
-    let mut cfg = replog::config::SiteConfig::from_toml(&p, &text).expect("parse cfg");
-    cfg.replication.seal_interval_ms = 200;
-    cfg.replication.retry_schedule_ms = vec![100, 200, 400];
-    cfg.replication.retry_then_ms = 500;
-    std::fs::write(&p, cfg.to_toml()).expect("write cfg");
-}
-
-fn status(site: &Path) -> serde_json::Value {
-    let out = replog()
-        .arg("status")
-        .arg(site)
-        .arg("--json")
-        .output()
-        .expect("status");
-    assert!(
-        out.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status json")
-}
-
 struct Listener(Child);
 impl Drop for Listener {
     fn drop(&mut self) {
@@ -242,20 +209,6 @@ fn target(dst: &Path, addr: &str) -> Listener {
         std::thread::sleep(Duration::from_millis(50));
     }
     l
-}
-
-/// Wait for a status taken after now in which machine 0 satisfies `ok`.
-fn wait_for(src: &Path, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let since = replog::format::now_ns();
-    loop {
-        let st = status(src);
-        if st["as_of_ns"].as_u64().unwrap_or(0) > since && ok(&st["machines"][0]) {
-            return st;
-        }
-        assert!(Instant::now() < deadline, "never {what}: {st}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// kill -9 the target in the middle of delta shipping: the source goes to Warning and

@@ -125,8 +125,8 @@ pub enum Command {
         app_retention: String,
     },
     /// Record a recovery point of MACHINE now (through the running `serve`, or by
-    /// opening the site when none runs): a flush, or with --app-consistent a point
-    /// marked app-consistent.
+    /// opening the site when none runs): crash-consistent, or with --app-consistent
+    /// marked app-consistent; prints its ID.
     Checkpoint {
         site: PathBuf,
         machine: String,

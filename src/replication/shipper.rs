@@ -93,9 +93,18 @@ impl Shipper {
     /// Start shipping `machine` from `site` to the target at `target`. From now on the
     /// compactor keeps every segment the target has not acknowledged.
     pub fn new(site: &Path, machine: &Machine, target: &str) -> Shipper {
-        // Points from now on carry digests (a no-op when the machine keeps them).
+        // Points from now on carry digests (a no-op when the machine keeps them). What
+        // the journal holds from before is sealed and merged into the parents (as far
+        // as holds allow: a machine already protected has one at what the target
+        // lacks), so the initial copy covers it and every point shipped has digests.
+        let fresh = !machine.keeps_digests();
         if let Err(e) = machine.keep_digests() {
             tracing::error!(machine = machine.name(), "digests: {e}");
+        }
+        if fresh {
+            if let Err(e) = machine.seal().and_then(|_| machine.compact()) {
+                tracing::warn!(machine = machine.name(), "merge before protection: {e}");
+            }
         }
         let base = machine.status().watermark.lsn;
         Shipper {
