@@ -20,6 +20,8 @@
 
 #[path = "bench/fio.rs"]
 mod fio;
+#[path = "bench/replica.rs"]
+mod replica;
 
 use clap::Parser;
 use replog::{Machine, Site, Volume};
@@ -240,6 +242,10 @@ fn run(args: &Args) -> Result<()> {
         }
         figures.push(b.random_4k()?);
         figures.push(b.index_memory()?);
+        figures.push(b.digest_cost()?);
+        let target = replica::TargetSite::start(&b)?;
+        figures.push(b.restore_point(&target)?);
+        figures.push(b.view_open(&target)?);
     }
     drop(b);
     if args.no_fuse {
