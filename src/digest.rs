@@ -178,7 +178,7 @@ pub fn of_ranges(
     let mut buf = vec![0u8; 1 << 20];
     for &(start, end) in data_ranges {
         let (b0, b1) = (start / BLOCK, end.min(size).div_ceil(BLOCK));
-        for i in next.max(0)..b0.max(next) {
+        for i in next..b0.max(next) {
             value ^= mix(i, zero_of(i));
         }
         let mut i = b0.max(next);

@@ -110,7 +110,8 @@ fn initial_copy_then_deltas_restore_byte_equal() {
     m.flush().expect("flush");
     m.seal().expect("seal");
     m.compact().expect("compact");
-    // And more in the journal, unmerged, before protection starts.
+    // And more in the journal before protection starts (protection merges it first,
+    // so the initial copy covers it and every point shipped carries digests).
     os.write(1_000_000, &vec![0xEE; 50_000]).expect("write");
     os.write_zeroes(2_500_000, 100_000).expect("zero");
     m.flush().expect("flush");
@@ -120,11 +121,11 @@ fn initial_copy_then_deltas_restore_byte_equal() {
     let r = shipper.ship_once(&m).expect("ship");
     assert!(r.initial_completed);
     assert!(
-        r.initial_bytes >= 1_800_000 && r.initial_bytes < 4 << 20,
+        r.initial_bytes >= 1_700_000 && r.initial_bytes < 4 << 20,
         "sent {} bytes of parents",
         r.initial_bytes
     );
-    assert_eq!(r.segments, 1);
+    assert_eq!(r.segments, 0, "the journal was merged before the copy");
 
     // Writes go on; they ship as deltas.
     data.write(3_000_000, &vec![0x77; 200_000]).expect("write");

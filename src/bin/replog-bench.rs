@@ -113,6 +113,11 @@ struct Args {
     /// a front-end option, e.g. --serve-arg=--fuse-threads=1.
     #[arg(long, allow_hyphen_values = true)]
     serve_arg: Vec<String>,
+    /// Run only the engine figures whose group is named here: journal (append and the
+    /// reads of its data), random, index, digest, restore, view (FUSE figures are
+    /// governed by --no-fuse / --fuse-only).
+    #[arg(long, value_name = "GROUP")]
+    only: Vec<String>,
     /// Directory for temporary files (default: ./target/bench-tmp).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
@@ -234,18 +239,33 @@ fn run(args: &Args) -> Result<()> {
     };
 
     let mut figures = Vec::new();
+    let want = |group: &str| args.only.is_empty() || args.only.iter().any(|o| o == group);
     if !args.fuse_only {
-        figures.push(b.append_64k()?);
-        figures.extend(b.read_sequential()?);
-        if let Some((m, _)) = b.seq.take() {
-            m.close()?;
+        if want("journal") {
+            figures.push(b.append_64k()?);
+            figures.extend(b.read_sequential()?);
+            if let Some((m, _)) = b.seq.take() {
+                m.close()?;
+            }
         }
-        figures.push(b.random_4k()?);
-        figures.push(b.index_memory()?);
-        figures.push(b.digest_cost()?);
-        let target = replica::TargetSite::start(&b)?;
-        figures.push(b.restore_point(&target)?);
-        figures.push(b.view_open(&target)?);
+        if want("random") {
+            figures.push(b.random_4k()?);
+        }
+        if want("index") {
+            figures.push(b.index_memory()?);
+        }
+        if want("digest") {
+            figures.push(b.digest_cost()?);
+        }
+        if want("restore") || want("view") {
+            let target = replica::TargetSite::start(&b)?;
+            if want("restore") {
+                figures.push(b.restore_point(&target)?);
+            }
+            if want("view") {
+                figures.push(b.view_open(&target)?);
+            }
+        }
     }
     drop(b);
     if args.no_fuse {

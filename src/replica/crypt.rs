@@ -24,7 +24,7 @@
 //! not backed up with the store); see `Site::replica_key`.
 
 use crate::error::{Error, Result};
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use std::path::Path;
 
@@ -169,21 +169,49 @@ impl ReplicaKey {
         bytes: &[u8],
         path: &Path,
     ) -> Result<Vec<u8>> {
-        let Some(head) = bytes.get(..HEADER_LEN) else {
+        let mut buf = bytes.to_vec();
+        self.open_in_place(label, machine_id, seq, &mut buf, path)?;
+        Ok(buf)
+    }
+
+    /// Decrypt and authenticate replica parent chunk `id` held in `buf`, in place:
+    /// `buf` then holds the plain bytes (no copy, no allocation).
+    pub fn open_chunk_in_place(
+        &self,
+        machine_id: u64,
+        id: u64,
+        buf: &mut Vec<u8>,
+        path: &Path,
+    ) -> Result<()> {
+        self.open_in_place(CHUNK_LABEL, machine_id, id, buf, path)
+    }
+
+    /// Check the header of the encrypted file in `buf`, then decrypt the rest in place.
+    fn open_in_place(
+        &self,
+        label: &[u8],
+        machine_id: u64,
+        seq: u64,
+        buf: &mut Vec<u8>,
+        path: &Path,
+    ) -> Result<()> {
+        let Some(head) = buf.get(..HEADER_LEN) else {
             return Err(Error::corruption(
                 path,
                 0,
                 "encrypted segment header cut short",
             ));
         };
-        if head.get(..8) != Some(&MAGIC[..]) {
+        let mut h = [0u8; HEADER_LEN];
+        h.copy_from_slice(head);
+        if h.get(..8) != Some(&MAGIC[..]) {
             return Err(Error::corruption(
                 path,
                 0,
                 "not an encrypted replog segment",
             ));
         }
-        let field = |a: usize, b: usize| head.get(a..b).unwrap_or(&[]);
+        let field = |a: usize, b: usize| h.get(a..b).unwrap_or(&[]);
         if crc32c::crc32c(field(0, 36)).to_le_bytes() != field(36, 40) {
             return Err(Error::corruption(
                 path,
@@ -204,14 +232,9 @@ impl ReplicaKey {
                 "encrypted segment is not the one named",
             ));
         }
+        buf.drain(..HEADER_LEN);
         self.cipher(label, machine_id, seq)?
-            .decrypt(
-                Nonce::from_slice(field(24, 36)),
-                Payload {
-                    msg: bytes.get(HEADER_LEN..).unwrap_or(&[]),
-                    aad: field(0, 36),
-                },
-            )
+            .decrypt_in_place(Nonce::from_slice(field(24, 36)), field(0, 36), buf)
             .map_err(|_| {
                 Error::corruption(
                     path,

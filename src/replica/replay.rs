@@ -61,13 +61,16 @@ impl<K: PartialEq + Copy, V: Clone> Lru<K, V> {
     }
 }
 
+/// A parent chunk, decrypted (None: all zeroes), shared by the readers that need it.
+type Chunk = Arc<Option<Vec<u8>>>;
+
 /// A replica's disks at one point, read-only.
 pub struct PointImage {
     store: ReplicaStore,
     point: ReplicaPoint,
     maps: Vec<ExtentMap>,
     segments: Mutex<Lru<u64, Arc<Vec<u8>>>>,
-    chunks: Mutex<Lru<(u32, u64), Arc<Option<Vec<u8>>>>>,
+    chunks: Mutex<Lru<(u32, u64), Chunk>>,
     _pin: Pin,
 }
 
@@ -171,7 +174,7 @@ impl PointImage {
         Ok(plain)
     }
 
-    fn chunk(&self, disk: u32, n: u64) -> Result<Arc<Option<Vec<u8>>>> {
+    fn chunk(&self, disk: u32, n: u64) -> Result<Chunk> {
         let mut cache = self.chunks.lock();
         if let Some(c) = cache.get((disk, n)) {
             return Ok(c);

@@ -8,9 +8,13 @@
 //! decrypted once, its surviving payloads written where they land. All-zero 4 KiB
 //! blocks are never written, so the images stay sparse.
 //!
-//! Proof: when the point carries the source's digests (see `crate::digest`), every
-//! image is read back after its fsync and its digest compared; any difference fails
-//! the restore. Images are written as `<disk>.img.partial` and renamed only when all
+//! The work items (parent chunks, segments) are spread over every core, so decrypting
+//! one overlaps writing another.
+//!
+//! Proof: when the point carries the source's digests (see `crate::digest`), the
+//! digest of every image is computed from the blocks as they are written (blocks
+//! written in parts by several pieces are read back after the fsync) and compared;
+//! any difference fails the restore. Images are written as `<disk>.img.partial` and renamed only when all
 //! of them are complete, fsynced and verified: on any error nothing is left in OUT.
 
 use super::replay::PointImage;
@@ -71,22 +75,41 @@ fn write_sparse(f: &dyn StorageFile, offset: u64, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The digest of a written image, reading only its data ranges.
-fn image_digest(f: &dyn StorageFile, size: u64) -> Result<u64> {
-    let mut ranges = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let Some(start) = f.seek_data(pos)? else {
-            break;
+/// What one worker learnt about the blocks it wrote: the CRC of every block it wrote
+/// whole, and the blocks it wrote only part of (read back at the end).
+#[derive(Default)]
+struct Blocks {
+    whole: Vec<(u32, u64, u32)>,
+    partial: Vec<(u32, u64)>,
+}
+
+impl Blocks {
+    /// Note `data` written at `offset` of `disk` (of `size` bytes).
+    fn note(&mut self, disk: u32, size: u64, offset: u64, data: &[u8]) {
+        let Some((first, last)) = crate::digest::DiskDigest::blocks(offset, data.len() as u64)
+        else {
+            return;
         };
-        if start >= size {
-            break;
+        let end = offset + data.len() as u64;
+        for i in first..=last {
+            let start = i * BLOCK;
+            let stop = (start + BLOCK).min(size);
+            if start >= offset && stop <= end {
+                let at = (start - offset) as usize;
+                let b = data.get(at..at + (stop - start) as usize).unwrap_or(&[]);
+                self.whole.push((disk, i, crc32c::crc32c(b)));
+            } else {
+                self.partial.push((disk, i));
+            }
         }
-        let end = f.seek_hole(start)?.min(size);
-        ranges.push((start, end));
-        pos = end.max(start + 1);
     }
-    crate::digest::of_ranges(size, &ranges, &mut |at, buf| f.read_exact_at(buf, at))
+}
+
+/// One unit of restore work: a parent chunk's pieces, or one segment's payloads.
+enum Work {
+    Chunk(u32, u64, Vec<Piece>),
+    /// seq, then (disk, disk offset, payload offset, length)
+    Segment(u64, Vec<(u32, u64, u64, u64)>),
 }
 
 /// Restore the point `image` holds into `out`.
@@ -116,9 +139,11 @@ pub fn restore(image: &PointImage, out: &Path, progress: &dyn Fn(u64, u64)) -> R
             f.set_len(d.size)?;
         }
         let store = image.store();
-        // What comes from where: parent pieces per disk, segment pieces by segment.
-        let mut parent_work: Vec<(u32, u64, Vec<Piece>)> = Vec::new();
-        let mut seg_work: Vec<(u64, u32, u64, u64, u64)> = Vec::new(); // seq, disk, at, from, len
+        let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
+        // What comes from where: parent pieces per chunk, segment pieces by segment.
+        let mut work: Vec<Work> = Vec::new();
+        let mut by_seg: std::collections::BTreeMap<u64, Vec<(u32, u64, u64, u64)>> =
+            Default::default();
         let mut total = 0u64;
         for (id, _) in disks.iter().enumerate() {
             let id = id as u32;
@@ -129,61 +154,139 @@ pub fn restore(image: &PointImage, out: &Path, progress: &dyn Fn(u64, u64)) -> R
                 pieces.retain(|p| p.loc.is_none());
                 if !pieces.is_empty() {
                     total += pieces.iter().map(|p| p.len).sum::<u64>();
-                    parent_work.push((id, n, pieces));
+                    work.push(Work::Chunk(id, n, pieces));
                 }
             }
             for (start, e) in map.iter() {
                 if let Location::Segment { seq, offset } = e.loc {
-                    seg_work.push((seq, id, start, offset, e.len));
+                    by_seg
+                        .entry(seq)
+                        .or_default()
+                        .push((id, start, offset, e.len));
                     total += e.len;
                 }
             }
         }
-        seg_work.sort_unstable();
-        let mut done = 0u64;
+        work.extend(by_seg.into_iter().map(|(seq, w)| Work::Segment(seq, w)));
         progress(0, total);
-        for (id, n, pieces) in parent_work {
-            let Some(chunk) = store.read_chunk(id, n)? else {
-                continue;
-            };
-            let Some((_, _, f)) = files.get(id as usize) else {
-                continue;
-            };
-            for p in pieces {
-                let within = (p.start - n * CHUNK_BYTES) as usize;
-                let data = chunk.get(within..within + p.len as usize).unwrap_or(&[]);
-                write_sparse(f.as_ref(), p.start, data)?;
-                done += p.len;
-            }
-            progress(done, total);
-        }
-        let mut i = 0;
-        while i < seg_work.len() {
-            let seq = seg_work.get(i).map(|w| w.0).unwrap_or(0);
-            let plain = image.segment(seq)?;
-            while let Some(&(s, id, at, from, len)) = seg_work.get(i) {
-                if s != seq {
-                    break;
+        // Every core takes work items in turn: decrypting and writing overlap.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let (tx, rx) = crossbeam::channel::unbounded::<u64>();
+        let workers = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(4, 8);
+        let run = |tx: crossbeam::channel::Sender<u64>| -> Result<Blocks> {
+            let mut blocks = Blocks::default();
+            let mut chunk = Vec::with_capacity(CHUNK_BYTES as usize + 64);
+            loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = work.get(k) else {
+                    return Ok(blocks);
+                };
+                let mut bytes = 0u64;
+                match item {
+                    Work::Chunk(id, n, pieces) => {
+                        let Some((_, _, f)) = files.get(*id as usize) else {
+                            continue;
+                        };
+                        if !store.read_chunk_into(*id, *n, &mut chunk)? {
+                            continue;
+                        }
+                        for p in pieces {
+                            let within = (p.start - n * CHUNK_BYTES) as usize;
+                            let data = chunk.get(within..within + p.len as usize).unwrap_or(&[]);
+                            write_sparse(f.as_ref(), p.start, data)?;
+                            blocks.note(*id, sizes[*id as usize], p.start, data);
+                            bytes += p.len;
+                        }
+                        // Start writing back now, so the disk works while we decrypt
+                        // (the final fsync then finds little left to do).
+                        f.start_writeback(n * CHUNK_BYTES, CHUNK_BYTES);
+                    }
+                    Work::Segment(seq, pieces) => {
+                        let plain = store.read_segment(*seq)?;
+                        for &(id, at, from, len) in pieces {
+                            let data = plain.get(from as usize..(from + len) as usize).ok_or_else(
+                                || {
+                                    Error::corruption(
+                                        store.dir().join("segments"),
+                                        from,
+                                        format!("payload past the end of segment {seq}"),
+                                    )
+                                },
+                            )?;
+                            if let Some((_, _, f)) = files.get(id as usize) {
+                                write_sparse(f.as_ref(), at, data)?;
+                                blocks.note(id, sizes[id as usize], at, data);
+                                f.start_writeback(at, len);
+                            }
+                            bytes += len;
+                        }
+                    }
                 }
-                let data = plain
-                    .get(from as usize..(from + len) as usize)
-                    .ok_or_else(|| {
-                        Error::corruption(
-                            store.dir().join("segments"),
-                            from,
-                            format!("payload past the end of segment {seq}"),
-                        )
-                    })?;
-                if let Some((_, _, f)) = files.get(id as usize) {
-                    write_sparse(f.as_ref(), at, data)?;
-                }
-                done += len;
-                i += 1;
+                let _ = tx.send(bytes);
             }
-            progress(done, total);
+        };
+        let mut done = 0u64;
+        let results: Vec<Result<Blocks>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    let (run, tx, next, n) = (&run, tx.clone(), &next, work.len());
+                    s.spawn(move || {
+                        let r = run(tx);
+                        if r.is_err() {
+                            // Stop the others: the restore has failed.
+                            next.store(n, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        r
+                    })
+                })
+                .collect();
+            drop(tx);
+            // Progress is reported from this thread, as each work item completes.
+            for bytes in rx {
+                done += bytes;
+                progress(done, total);
+            }
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::InvalidInput("restore worker panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        let mut digests: Vec<crate::digest::DiskDigest> = sizes
+            .iter()
+            .map(|s| crate::digest::DiskDigest::zeroed(*s))
+            .collect();
+        let mut partial = Vec::new();
+        for r in results {
+            let b = r?;
+            for (id, i, crc) in b.whole {
+                if let Some(d) = digests.get_mut(id as usize) {
+                    d.set(i, crc);
+                }
+            }
+            partial.extend(b.partial);
         }
         for (_, _, f) in &files {
             f.sync_data()?;
+        }
+        // Blocks written in parts (by several pieces) are read back whole.
+        partial.sort_unstable();
+        partial.dedup();
+        let mut buf = vec![0u8; BLOCK as usize];
+        for (id, i) in partial {
+            if let (Some(d), Some((_, _, f))) =
+                (digests.get_mut(id as usize), files.get(id as usize))
+            {
+                let (at, n) = d.range(i);
+                let b = buf.get_mut(..n).unwrap_or(&mut []);
+                f.read_exact_at(b, at)?;
+                d.set(i, crc32c::crc32c(b));
+            }
         }
         let point = image.point();
         let verified = match &point.digests {
@@ -200,8 +303,10 @@ pub fn restore(image: &PointImage, out: &Path, progress: &dyn Fn(u64, u64)) -> R
                         ),
                     ));
                 }
-                for ((d, (_, fin, f)), want) in disks.iter().zip(&files).zip(want) {
-                    let got = image_digest(f.as_ref(), d.size)?;
+                for (((d, (_, fin, _)), want), dg) in
+                    disks.iter().zip(&files).zip(want).zip(&digests)
+                {
+                    let got = dg.value();
                     if got != *want {
                         return Err(Error::corruption(
                             fin,

@@ -594,24 +594,34 @@ impl ReplicaStore {
 
     /// Parent chunk `n` of `disk`, decrypted and authenticated (None: all zeroes).
     pub fn read_chunk(&self, disk: u32, n: u64) -> Result<Option<Vec<u8>>> {
+        let mut buf = Vec::new();
+        Ok(self.read_chunk_into(disk, n, &mut buf)?.then_some(buf))
+    }
+
+    /// Parent chunk `n` of `disk` into `buf` (reused: no allocation once it is big
+    /// enough); false, and `buf` untouched, when the chunk is all zeroes.
+    pub fn read_chunk_into(&self, disk: u32, n: u64, buf: &mut Vec<u8>) -> Result<bool> {
+        use std::io::Read;
         let path = self.chunk_path(disk, n);
-        let ct = match std::fs::read(&path) {
-            Ok(ct) => ct,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("read", &path, e)),
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io("open", &path, e)),
         };
+        buf.clear();
+        f.read_to_end(buf)
+            .map_err(|e| Error::io("read", &path, e))?;
         let id = u64::from(disk) << 40 | n;
-        let plain = self
-            .key
-            .open_chunk(self.manifest.machine_id, id, &ct, &path)?;
-        if plain.len() != self.chunk_len(disk, n)? {
+        self.key
+            .open_chunk_in_place(self.manifest.machine_id, id, buf, &path)?;
+        if buf.len() != self.chunk_len(disk, n)? {
             return Err(Error::corruption(
                 &path,
                 0,
-                format!("parent chunk holds {} bytes", plain.len()),
+                format!("parent chunk holds {} bytes", buf.len()),
             ));
         }
-        Ok(Some(plain))
+        Ok(true)
     }
 
     /// The parent chunks of `disk` that hold data, in order.
