@@ -174,6 +174,9 @@ pub fn request(site: &Path, req: &Request) -> Result<Option<Reply>> {
         }
         Err(e) => return Err(Error::io("connect to", &path, e)),
     };
+    // A checkpoint is one fsync; a serve that does not answer in a minute is stuck.
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(10)));
     let mut text = serde_json::to_string(req).map_err(|e| Error::InvalidInput(e.to_string()))?;
     text.push('\n');
     (&conn)

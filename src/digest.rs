@@ -2,16 +2,17 @@
 //!
 //! The digest of a disk is a rolling checksum in the style of LTX (litestream): the
 //! disk is cut into 4 KiB blocks (the last one may be shorter), each block `i` with
-//! contents `b` contributes `mix(i, crc32c(b))`, and the digest is the XOR of every
-//! contribution. Replacing block `i`'s contents changes the digest by
-//! `mix(i, old) ^ mix(i, new)`, so the source keeps it current in O(1) per block
-//! written, with one CRC-32C per block (the CRCs are kept: 4 bytes per 4 KiB, 0.1% of
-//! the disk's size, in memory).
+//! contents `b` contributes `mix(i, crc32c(b)) ^ mix(i, crc32c(zeroes))` — so an
+//! all-zero block contributes nothing and an all-zero disk's digest is 0 — and the
+//! digest is the XOR of every contribution. Replacing block `i`'s contents changes the
+//! digest by `mix(i, old) ^ mix(i, new)`, so the source keeps it current in O(1) per
+//! block written, with one CRC-32C per block (the CRCs are kept: 4 bytes per 4 KiB,
+//! 0.1% of the disk's size, in memory).
 //!
-//! `mix` is splitmix64's finaliser over `(i << 32) | crc`: every bit of the block
-//! number and of the CRC reaches every bit of the contribution, so a block's data
-//! moved to another block, two equal blocks swapped or a block missing all change the
-//! digest. It is a check against mistakes (a replay bug, a lost or stale block, a
+//! `mix` runs splitmix64's finaliser over the block number, XORs in the CRC and runs
+//! it again: every bit of the (full 64-bit) block number and of the CRC reaches every
+//! bit of the contribution, so a block's data moved to another block, two equal blocks
+//! swapped or a block missing all change the digest. It is a check against mistakes (a replay bug, a lost or stale block, a
 //! decryption of the wrong chunk), not a MAC: the stored data is authenticated by
 //! AES-GCM.
 //!
@@ -23,18 +24,31 @@ use crate::error::Result;
 /// Digest block size.
 pub const BLOCK: u64 = 4096;
 
-/// splitmix64's finaliser over the block number and its CRC.
-pub fn mix(block: u64, crc: u32) -> u64 {
-    let mut z = (block << 32 | u64::from(crc)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
 
-/// CRC-32C of `len` zero bytes.
+/// The mix of a block number and a CRC (see the module documentation).
+pub fn mix(block: u64, crc: u32) -> u64 {
+    splitmix(splitmix(block) ^ u64::from(crc))
+}
+
+/// CRC-32C of `len` zero bytes (the full-block one is computed once).
 pub fn zero_crc(len: usize) -> u32 {
     const Z: [u8; BLOCK as usize] = [0; BLOCK as usize];
+    static FULL: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    if len == BLOCK as usize {
+        return *FULL.get_or_init(|| crc32c::crc32c(&Z));
+    }
     crc32c::crc32c(Z.get(..len).unwrap_or(&Z))
+}
+
+/// What block `i` (of `len` bytes) with CRC `crc` adds to a digest.
+pub fn contribution(i: u64, len: usize, crc: u32) -> u64 {
+    mix(i, crc) ^ mix(i, zero_crc(len))
 }
 
 /// Length of block `i` of a disk of `size` bytes.
@@ -51,22 +65,18 @@ pub struct DiskDigest {
 }
 
 impl DiskDigest {
-    /// The digest of an all-zero disk of `size` bytes.
+    /// The digest of an all-zero disk of `size` bytes (0).
     pub fn zeroed(size: u64) -> Self {
         let blocks = size.div_ceil(BLOCK);
-        let full = zero_crc(BLOCK as usize);
-        let mut value = 0u64;
-        let mut crcs = Vec::with_capacity(blocks as usize);
-        for i in 0..blocks {
-            let c = if block_len(size, i) == BLOCK as usize {
-                full
-            } else {
-                zero_crc(block_len(size, i))
-            };
-            crcs.push(c);
-            value ^= mix(i, c);
+        let mut crcs = vec![zero_crc(BLOCK as usize); blocks as usize];
+        if let Some(last) = crcs.last_mut() {
+            *last = zero_crc(block_len(size, blocks - 1));
         }
-        DiskDigest { size, crcs, value }
+        DiskDigest {
+            size,
+            crcs,
+            value: 0,
+        }
     }
 
     pub fn value(&self) -> u64 {
@@ -163,39 +173,24 @@ pub fn of_ranges(
     data_ranges: &[(u64, u64)],
     read: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
 ) -> Result<u64> {
-    let blocks = size.div_ceil(BLOCK);
-    let full_zero = zero_crc(BLOCK as usize);
-    let zero_of = |i: u64| {
-        let n = block_len(size, i);
-        if n == BLOCK as usize {
-            full_zero
-        } else {
-            zero_crc(n)
-        }
-    };
     let mut value = 0u64;
     let mut next = 0u64; // first block not yet counted
     let mut buf = vec![0u8; 1 << 20];
     for &(start, end) in data_ranges {
         let (b0, b1) = (start / BLOCK, end.min(size).div_ceil(BLOCK));
-        for i in next..b0.max(next) {
-            value ^= mix(i, zero_of(i));
-        }
+        // Blocks outside the data ranges are zero: they add nothing.
         let mut i = b0.max(next);
         while i < b1 {
             let n = ((b1 - i) * BLOCK).min(buf.len() as u64);
-            let bytes = (n).min(size - i * BLOCK) as usize;
+            let bytes = n.min(size - i * BLOCK) as usize;
             let chunk = buf.get_mut(..bytes).unwrap_or(&mut []);
             read(i * BLOCK, chunk)?;
             for (k, b) in chunk.chunks(BLOCK as usize).enumerate() {
-                value ^= mix(i + k as u64, crc32c::crc32c(b));
+                value ^= contribution(i + k as u64, b.len(), crc32c::crc32c(b));
             }
             i += bytes.div_ceil(BLOCK as usize) as u64;
         }
         next = next.max(b1);
-    }
-    for i in next..blocks {
-        value ^= mix(i, zero_of(i));
     }
     Ok(value)
 }

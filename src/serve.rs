@@ -98,14 +98,7 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
         tracing::info!("receiving replicas on {bound} (site ID {me})");
     }
     let background = Background::start(site_path, &machines, site.config().replication.clone());
-    let control = crate::control::ControlServer::start(site_path, machines.clone())?;
-    let replica_stop = Arc::new(AtomicBool::new(false));
-    let replica_compactor = crate::replica::compact::spawn_loop(
-        site_path.to_path_buf(),
-        site.replica_key()?,
-        std::time::Duration::from_millis(site.config().replica.compact_interval_ms.max(10)),
-        replica_stop.clone(),
-    );
+    let replica_key = site.replica_key()?;
     drop(early_holds); // the shipping loops hold the watermark now
     let session = match &opts.mount {
         Some(dir) => {
@@ -113,7 +106,7 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
             let fs = LiveFs::new(
                 &machines,
                 opts.frontend,
-                Some((site_path.to_path_buf(), site.replica_key()?)),
+                Some((site_path.to_path_buf(), replica_key.clone())),
             )?;
             let mut cfg = fuser::Config::default();
             cfg.mount_options = vec![
@@ -133,6 +126,21 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
         }
         None => None,
     };
+    // Started last, once nothing above can fail: they stop with the rest below.
+    let control = match crate::control::ControlServer::start(site_path, machines.clone()) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("no control socket ({e}); `replog checkpoint` cannot reach this serve");
+            None
+        }
+    };
+    let replica_stop = Arc::new(AtomicBool::new(false));
+    let replica_compactor = crate::replica::compact::spawn_loop(
+        site_path.to_path_buf(),
+        replica_key,
+        std::time::Duration::from_millis(site.config().replica.compact_interval_ms.max(10)),
+        replica_stop.clone(),
+    );
     tracing::info!("serving {}; SIGINT or SIGTERM stops", site_path.display());
     ready();
     let sig = wait_for_stop_signal(&signals);

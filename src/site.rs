@@ -227,7 +227,11 @@ impl Site {
             .storage
             .exists(&dir.join(crate::replication::relationship::FILE))
         {
-            m.keep_digests()?;
+            if let Err(e) = m.keep_digests() {
+                // Its points then carry no digests (restores say so); the machine and
+                // the site stay usable.
+                tracing::error!(machine, "cannot keep digests: {e}");
+            }
         }
         Ok(m)
     }

@@ -719,13 +719,16 @@ impl MachineInner {
                 pos = end.max(start + 1);
             }
             let mut dd = DiskDigest::zeroed(d.size);
-            // The per-block CRCs of the data ranges; the rest stay zero blocks.
+            // The per-block CRCs of the data ranges (each block read once, only as much
+            // as the range needs); the rest stay zero blocks.
             let step = 1u64 << 20;
             let mut buf = vec![0u8; step as usize];
+            let mut next = 0u64; // first block not yet read
             for &(start, end) in &ranges {
-                let mut at = start - start % crate::digest::BLOCK;
-                while at < end {
-                    let n = step.min(d.size - at) as usize;
+                let mut at = (start / crate::digest::BLOCK).max(next) * crate::digest::BLOCK;
+                let stop = (end.div_ceil(crate::digest::BLOCK) * crate::digest::BLOCK).min(d.size);
+                while at < stop {
+                    let n = step.min(stop - at) as usize;
                     let b = buf.get_mut(..n).unwrap_or(&mut []);
                     self.read(id, at, b)?;
                     for (k, blk) in b.chunks(crate::digest::BLOCK as usize).enumerate() {
@@ -733,6 +736,7 @@ impl MachineInner {
                     }
                     at += n as u64;
                 }
+                next = stop.div_ceil(crate::digest::BLOCK);
             }
             all.push(dd);
         }

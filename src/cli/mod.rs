@@ -79,9 +79,12 @@ pub enum Command {
         json: bool,
     },
     /// Run the site in the foreground: recover journals, run compactors, replicate
-    /// protected machines, receive replicas (--listen), mount every disk as
-    /// DIR/<machine>/<disk>.img (--mount). SIGINT/SIGTERM flush, unmount and exit 0 (1
-    /// if a flush fails); a mount still in use is detached and let go after 10 s.
+    /// protected machines, receive replicas (--listen) and fold their expired points
+    /// into replica parents, mount every disk as DIR/<machine>/<disk>.img and every
+    /// replica point read-only as DIR/<machine>/points/<point>/<disk>.img (--mount),
+    /// answer `replog checkpoint` on SITE/control.sock. SIGINT/SIGTERM flush, unmount
+    /// and exit 0 (1 if a flush fails); a mount still in use is detached and let go
+    /// after 10 s.
     Serve {
         site: PathBuf,
         /// Mount the disks here (created if missing; a dead mount left by a killed
@@ -141,7 +144,9 @@ pub enum Command {
         json: bool,
     },
     /// Write every disk of a replica held at this (target) site as DIR/<disk>.img
-    /// (sparse raw images), at a recovery point. Works while `serve` runs.
+    /// (sparse raw images), at a recovery point, and check each against the source's
+    /// digest at that point (a mismatch fails, nothing is kept). Works while `serve`
+    /// runs; on any error nothing is written to DIR.
     Restore {
         site: PathBuf,
         machine: String,

@@ -236,27 +236,41 @@ const FIFREEZE: libc::c_ulong = 0xC004_5877;
 const FITHAW: libc::c_ulong = 0xC004_5878;
 
 /// A file system frozen with FIFREEZE; thawed when dropped, whatever happened.
+/// SIGINT, SIGTERM and SIGHUP are held back while it is frozen (delivered after the
+/// thaw), so Ctrl-C cannot leave it frozen.
 struct Frozen {
     dir: std::fs::File,
     path: std::path::PathBuf,
+    old_mask: libc::sigset_t,
 }
 
 impl Frozen {
     fn freeze(path: &Path) -> Result<Frozen> {
         let dir = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+        // SAFETY: plain signal-mask calls on locally owned sigset_t values.
+        let old_mask = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            old
+        };
         use std::os::fd::AsRawFd;
         // SAFETY: FIFREEZE takes an int argument it ignores; the fd is valid.
         let rc = unsafe { libc::ioctl(dir.as_raw_fd(), FIFREEZE as _, 0) };
         if rc != 0 {
-            return Err(Error::io(
-                "freeze (FIFREEZE)",
-                path,
-                std::io::Error::last_os_error(),
-            ));
+            let err = std::io::Error::last_os_error();
+            // SAFETY: restores the mask saved above.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut()) };
+            return Err(Error::io("freeze (FIFREEZE)", path, err));
         }
         Ok(Frozen {
             dir,
             path: path.to_path_buf(),
+            old_mask,
         })
     }
 }
@@ -274,6 +288,8 @@ impl Drop for Frozen {
                 self.path.display()
             );
         }
+        // SAFETY: restores the mask saved at freeze; held-back signals arrive now.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut()) };
     }
 }
 

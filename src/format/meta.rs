@@ -28,7 +28,8 @@
 //!
 //! ## Replica parent mark body (kind 5): postcard encoding of
 //! `replica::store::ParentMark`: `lsn: u64, seq: u64, point: Option<{ lsn: u64,
-//! time_ns: u64, app: bool, digests: Option<[u64]> }>, merging_to: Option<(u64, u64)>`.
+//! time_ns: u64, app: bool, digests: Option<[u64]>, received_ns: u64 }>, merging_to:
+//! Option<(u64, u64)>`.
 //!
 //! ## Replica retention body (kind 6): postcard encoding of
 //! `replica::store::Retention`: `window_ms: u64, app_window_ms: u64`.

@@ -3,7 +3,8 @@
 //! after a merge — each an LSN with its wall-clock time, its kind and the source's
 //! digests of every disk there.
 //!
-//! Retention (per replica, set by the source's relationship): a point is kept while it
+//! Retention (per replica, set by the source's relationship; ages count from when this
+//! site stored the point, not from the source's clock): a point is kept while it
 //! is younger than the window, an app-consistent one while it is younger than the
 //! app-consistent window, and the newest point always. Points retention lets go are
 //! "expired": not listed, not restorable, and the target compactor merges them away.
@@ -19,6 +20,8 @@ pub struct ReplicaPoint {
     pub app_consistent: bool,
     /// The source's digest of each disk at this point (None: not kept then).
     pub digests: Option<Vec<u64>>,
+    /// When this site stored it (retention ages points by this clock).
+    pub received_ns: u64,
 }
 
 impl ReplicaPoint {
@@ -33,6 +36,7 @@ impl ReplicaPoint {
             time_ns: p.time_ns,
             app_consistent: p.app,
             digests: p.digests.clone(),
+            received_ns: p.received_ns,
         }
     }
 }
@@ -64,7 +68,7 @@ pub fn materialisable(store: &ReplicaStore) -> Result<Vec<ReplicaPoint>> {
 /// Whether retention keeps `p` at `now_ns` (the newest point is kept regardless).
 pub fn kept(store: &ReplicaStore, p: &ReplicaPoint, now_ns: u64) -> bool {
     let r = store.retention();
-    let age_ms = now_ns.saturating_sub(p.time_ns) / 1_000_000;
+    let age_ms = now_ns.saturating_sub(p.received_ns) / 1_000_000;
     age_ms <= r.window_ms || (p.app_consistent && age_ms <= r.app_window_ms.max(r.window_ms))
 }
 
@@ -99,6 +103,7 @@ pub fn resolve(store: &ReplicaStore, at: &str) -> Result<ReplicaPoint> {
                 time_ns: 0,
                 app_consistent: false,
                 digests: None,
+                received_ns: 0,
             });
         }
         return Err(Error::NotFound(

@@ -75,15 +75,22 @@ fn write_sparse(f: &dyn StorageFile, offset: u64, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// What one worker learnt about the blocks it wrote: the CRC of every block it wrote
-/// whole, and the blocks it wrote only part of (read back at the end).
-#[derive(Default)]
+/// What one worker learnt about the blocks it wrote: per disk, the XOR of the digest
+/// contributions of every block it wrote whole, and the blocks it wrote only part of
+/// (read back at the end).
 struct Blocks {
-    whole: Vec<(u32, u64, u32)>,
+    whole: Vec<u64>,
     partial: Vec<(u32, u64)>,
 }
 
 impl Blocks {
+    fn new(disks: usize) -> Self {
+        Blocks {
+            whole: vec![0; disks],
+            partial: Vec::new(),
+        }
+    }
+
     /// Note `data` written at `offset` of `disk` (of `size` bytes).
     fn note(&mut self, disk: u32, size: u64, offset: u64, data: &[u8]) {
         let Some((first, last)) = crate::digest::DiskDigest::blocks(offset, data.len() as u64)
@@ -97,7 +104,9 @@ impl Blocks {
             if start >= offset && stop <= end {
                 let at = (start - offset) as usize;
                 let b = data.get(at..at + (stop - start) as usize).unwrap_or(&[]);
-                self.whole.push((disk, i, crc32c::crc32c(b)));
+                if let Some(acc) = self.whole.get_mut(disk as usize) {
+                    *acc ^= crate::digest::contribution(i, b.len(), crc32c::crc32c(b));
+                }
             } else {
                 self.partial.push((disk, i));
             }
@@ -176,7 +185,7 @@ pub fn restore(image: &PointImage, out: &Path, progress: &dyn Fn(u64, u64)) -> R
             .map_or(2, |n| n.get())
             .clamp(4, 8);
         let run = |tx: crossbeam::channel::Sender<u64>| -> Result<Blocks> {
-            let mut blocks = Blocks::default();
+            let mut blocks = Blocks::new(sizes.len());
             let mut chunk = Vec::with_capacity(CHUNK_BYTES as usize + 64);
             loop {
                 let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -257,17 +266,12 @@ pub fn restore(image: &PointImage, out: &Path, progress: &dyn Fn(u64, u64)) -> R
                 })
                 .collect()
         });
-        let mut digests: Vec<crate::digest::DiskDigest> = sizes
-            .iter()
-            .map(|s| crate::digest::DiskDigest::zeroed(*s))
-            .collect();
+        let mut digests: Vec<u64> = vec![0; sizes.len()];
         let mut partial = Vec::new();
         for r in results {
             let b = r?;
-            for (id, i, crc) in b.whole {
-                if let Some(d) = digests.get_mut(id as usize) {
-                    d.set(i, crc);
-                }
+            for (d, acc) in digests.iter_mut().zip(&b.whole) {
+                *d ^= acc;
             }
             partial.extend(b.partial);
         }
@@ -279,13 +283,15 @@ pub fn restore(image: &PointImage, out: &Path, progress: &dyn Fn(u64, u64)) -> R
         partial.dedup();
         let mut buf = vec![0u8; BLOCK as usize];
         for (id, i) in partial {
-            if let (Some(d), Some((_, _, f))) =
-                (digests.get_mut(id as usize), files.get(id as usize))
-            {
-                let (at, n) = d.range(i);
+            if let (Some(d), Some((_, _, f)), Some(size)) = (
+                digests.get_mut(id as usize),
+                files.get(id as usize),
+                sizes.get(id as usize),
+            ) {
+                let n = (size - i * BLOCK).min(BLOCK) as usize;
                 let b = buf.get_mut(..n).unwrap_or(&mut []);
-                f.read_exact_at(b, at)?;
-                d.set(i, crc32c::crc32c(b));
+                f.read_exact_at(b, i * BLOCK)?;
+                *d ^= crate::digest::contribution(i, n, crc32c::crc32c(b));
             }
         }
         let point = image.point();
@@ -306,7 +312,7 @@ pub fn restore(image: &PointImage, out: &Path, progress: &dyn Fn(u64, u64)) -> R
                 for (((d, (_, fin, _)), want), dg) in
                     disks.iter().zip(&files).zip(want).zip(&digests)
                 {
-                    let got = dg.value();
+                    let got = *dg;
                     if got != *want {
                         return Err(Error::corruption(
                             fin,

@@ -106,9 +106,14 @@ pub struct IndexedRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexedPoint {
     pub lsn: u64,
+    /// The source's clock at the point.
     pub time_ns: u64,
     pub app: bool,
     pub digests: Option<Vec<u64>>,
+    /// This site's clock when the segment holding the point was stored: retention
+    /// ages points by it, so a source clock that is off cannot expire history early
+    /// or keep it for ever.
+    pub received_ns: u64,
 }
 
 /// The records and points of one stored segment (`<seq>.idx.enc`, postcard, in field
@@ -261,6 +266,15 @@ impl ReplicaStore {
         }
         let manifest: ReplicaManifest = read_meta(&mpath, KIND_REPLICA_MANIFEST)?
             .ok_or_else(|| Error::NotFound(mpath.display().to_string()))?;
+        if !dir.join(PARENT_MARK).exists() && dir.join("base").exists() {
+            // Written before replica parents existed: its initial copy is elsewhere.
+            return Err(Error::Unsupported {
+                path: dir.clone(),
+                what: "a replica in the layout before replica parents (base/ chunks); \
+                       remove it and protect the machine again"
+                    .into(),
+            });
+        }
         let mut store = ReplicaStore {
             dir,
             key,
@@ -417,6 +431,17 @@ impl ReplicaStore {
                 });
             }
             let stored = self.read_segment(seq);
+            if stored.is_err() {
+                // Merged and removed since the mark was read above?
+                if let Some(p) = read_meta(&self.dir.join(PARENT_MARK), meta::KIND_PARENT_MARK)? {
+                    self.parent = p;
+                }
+                if seq <= self.parent.seq {
+                    return Ok(Receipt::Duplicate {
+                        lsn: self.received.lsn,
+                    });
+                }
+            }
             return match stored {
                 Ok(p) if p == plain => Ok(Receipt::Duplicate {
                     lsn: self.received.lsn,
@@ -508,7 +533,10 @@ impl ReplicaStore {
         for e in std::fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
             let e = e.map_err(|e| Error::io("list", &dir, e))?;
             let name = e.file_name();
-            let Some(num) = name.to_str().and_then(|n| n.split('.').next()) else {
+            let Some(num) = name.to_str().and_then(|n| {
+                n.strip_suffix(".seg.enc")
+                    .or_else(|| n.strip_suffix(".idx.enc"))
+            }) else {
                 continue;
             };
             if let Ok(seq) = num.parse::<u64>() {
@@ -701,6 +729,7 @@ fn index_segment(
                         time_ns,
                         app,
                         digests: rec.point_digests(),
+                        received_ns: crate::format::now_ns(),
                     });
                 }
             }
@@ -734,6 +763,7 @@ fn index_segment(
                     time_ns: footer.sealed_ns,
                     app: false,
                     digests: None,
+                    received_ns: crate::format::now_ns(),
                 });
             }
             Ok(index)
