@@ -225,6 +225,9 @@ pub(crate) fn compact_once(m: &MachineInner) -> Result<CompactStats> {
             }
         }
     }
+    // The parents as replog leaves them (so a change made while it is not running
+    // shows).
+    m.write_parents_stamp();
     // 4. Watermark durable.
     let mark_path = m.dir.join(JOURNAL_DIR).join(WATERMARK_FILE);
     write_atomic(m.storage.as_ref(), &mark_path, &new_mark.encode()).map_err(|e| fail(m, e))?;

@@ -27,6 +27,17 @@ pub struct ReplicationConfig {
     pub retry_schedule_ms: Vec<u64>,
     /// …then this, for as long as it takes.
     pub retry_then_ms: u64,
+    /// Unshipped journal reaching this share of the machine's total disk size makes a
+    /// resync required (and lets the compactor merge it, keeping the journal bounded).
+    pub resync_threshold_percent: u64,
+    /// When resyncs start by themselves: local "HH:00-HH:00" (may wrap midnight),
+    /// "always" or "never" (`replog resync --now` starts one at any time).
+    pub resync_window: String,
+    /// Saturdays and Sundays count as inside the window.
+    pub resync_weekends: bool,
+    /// Bytes per compared chunk (a power of two, 4 KiB to 1 MiB). 4 KiB measured best:
+    /// fewest bytes sent for scattered changes (see tools/bench).
+    pub resync_chunk_bytes: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -35,6 +46,10 @@ impl Default for ReplicationConfig {
             seal_interval_ms: 2000,
             retry_schedule_ms: vec![60_000, 120_000, 240_000, 480_000, 600_000],
             retry_then_ms: 1_800_000,
+            resync_threshold_percent: 50,
+            resync_window: "18:00-08:00".into(),
+            resync_weekends: true,
+            resync_chunk_bytes: 4096,
         }
     }
 }

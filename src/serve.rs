@@ -315,6 +315,7 @@ pub fn machine_status(
         target,
         acked_lsn: acked,
         last_lsn: s.last_lsn,
+        resync: ship.and_then(|l| l.resync),
     }
 }
 

@@ -106,6 +106,35 @@ pub(crate) struct MachineInner {
 pub struct Machine {
     inner: Arc<MachineInner>,
     compactor: Mutex<Option<Compactor>>,
+    /// Set at open when a parent image is not as replog left it.
+    changed_offline: Option<String>,
+}
+
+/// `parents.stamp`: size, mtime, ctime and inode of every parent image as replog left
+/// it (written after every merge and at close). A parent written by anything else
+/// while replog was not running no longer matches (ctime cannot be set back).
+const STAMP_FILE: &str = "parents.stamp";
+
+fn parents_stamp(dir: &Path, disks: &[Disk]) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = String::new();
+    for d in disks {
+        let p = dir.join(DISKS_DIR).join(format!("{}.img", d.name));
+        match std::fs::metadata(&p) {
+            Ok(m) => out.push_str(&format!(
+                "{} {} {}.{} {}.{} {}\n",
+                d.name,
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec(),
+                m.ino()
+            )),
+            Err(_) => out.push_str(&format!("{} missing\n", d.name)),
+        }
+    }
+    out
 }
 
 /// A disk of an open machine, the handle reads and writes go through.
@@ -337,10 +366,42 @@ impl Machine {
             compactor_kick: Mutex::new(None),
             digests: Mutex::new(None),
         });
+        // Were the parents changed while replog was not running?
+        let stamp_path = dir.join(STAMP_FILE);
+        let changed_offline = match std::fs::read_to_string(&stamp_path) {
+            Ok(old) if old != parents_stamp(dir, &inner.disks) => {
+                let names: Vec<&str> = old
+                    .lines()
+                    .zip(
+                        parents_stamp(dir, &inner.disks)
+                            .lines()
+                            .map(str::to_string)
+                            .collect::<Vec<_>>(),
+                    )
+                    .filter(|(a, b)| a != b)
+                    .filter_map(|(a, _)| a.split(' ').next())
+                    .collect();
+                Some(format!(
+                    "disk image(s) {} changed while replog was not running",
+                    names.join(", ")
+                ))
+            }
+            _ => None,
+        };
+        if let Some(why) = &changed_offline {
+            tracing::warn!(machine = name, "{why}");
+        }
         Ok(Machine {
             inner,
             compactor: Mutex::new(None),
+            changed_offline,
         })
+    }
+
+    /// Why the parents are not as replog left them, if they are not (a resync of a
+    /// protected machine is then required).
+    pub fn changed_offline(&self) -> Option<String> {
+        self.changed_offline.clone()
     }
 
     /// Stop the background compactor (waiting for a merge in progress). Used before
@@ -475,6 +536,7 @@ impl Machine {
         if let Some(c) = self.compactor.lock().take() {
             c.stop();
         }
+        self.inner.write_parents_stamp();
         flushed.map(|_| ())
     }
 }
@@ -696,6 +758,18 @@ impl MachineInner {
             .map_err(|e| self.poison(&e))?;
         self.points.lock().push(p);
         Ok(p)
+    }
+
+    /// Record the parents as they are now (after a merge, at close).
+    pub(crate) fn write_parents_stamp(&self) {
+        if !self.dir.exists() {
+            return; // not on the real file system (in-memory storage in tests)
+        }
+        let path = self.dir.join(STAMP_FILE);
+        let stamp = parents_stamp(&self.dir, &self.disks);
+        if let Err(e) = std::fs::write(&path, stamp) {
+            tracing::warn!(machine = %self.name, "{}: {e}", path.display());
+        }
     }
 
     /// Start keeping digests: compute every disk's from its contents (reading only

@@ -651,6 +651,8 @@ fn target_out_of_space_is_retried_until_room_returns() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let (src, dst, addr) = pair(tmp.path());
+    // This test is about retrying: the journal may grow past the resync threshold.
+    edit_config(&src, |c| c.replication.resync_threshold_percent = 10_000);
     let replicas = dst.join("replicas");
     std::fs::create_dir_all(&replicas).expect("mkdir");
     let mounted = std::process::Command::new("mount")

@@ -143,6 +143,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Resynchronise a protected machine with its replica: compare chunks (SHA-256)
+    /// at both ends and send only those that differ. Marks a resync required; it runs
+    /// in the resync window (replication.resync_window, local time) or, with --now, at
+    /// once. `replog status` shows progress, chunks compared and bytes sent.
+    Resync {
+        site: PathBuf,
+        machine: String,
+        /// Start at once instead of waiting for the window.
+        #[arg(long)]
+        now: bool,
+    },
     /// Write every disk of a replica held at this (target) site as DIR/<disk>.img
     /// (sparse raw images), at a recovery point, and check each against the source's
     /// digest at that point (a mismatch fails, nothing is kept). Works while `serve`
@@ -246,6 +257,7 @@ pub fn run(cli: Cli) -> ExitCode {
             retention,
             app_retention,
         } => replicate::protect(&site, &machine, &target, &retention, &app_retention),
+        Command::Resync { site, machine, now } => replicate::resync(&site, &machine, now),
         Command::Checkpoint {
             site,
             machine,

@@ -363,3 +363,30 @@ pub fn checkpoint(
     }
     Ok(())
 }
+
+/// Mark a resync of MACHINE required (and, with `now`, wanted at once).
+pub fn resync(site: &Path, machine: &str, now: bool) -> Result<()> {
+    Site::read_config(site)?;
+    if Relationship::load(site, machine)?.is_none() {
+        return Err(Error::InvalidInput(format!(
+            "{machine} is not protected; nothing to resynchronise"
+        )));
+    }
+    replog::replication::resync::SourceResync::require(site, machine, "requested by an operator")?;
+    if now {
+        replog::replication::resync::request_now(site, machine)?;
+        println!("{machine}: resync requested now; a running serve starts it within a second");
+    } else {
+        let cfg = Site::read_config(site)?.replication;
+        println!(
+            "{machine}: resync required; it starts in the resync window ({}{})",
+            cfg.resync_window,
+            if cfg.resync_weekends {
+                " and weekends"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}

@@ -9,6 +9,11 @@
 //! except those a reader that started from an older parent still maps into (its pin
 //! says which), which a later pass removes. A crash anywhere redoes the merge from the
 //! intent: replaying records over chunks is idempotent.
+//!
+//! The same thread scrubs: every pass authenticates up to 64 MiB more of the stored
+//! segments, round robin, so a damaged file is found before a restore needs it. Damage
+//! (found here or by a merge) is recorded in the replica's `damaged` file; the next
+//! session tells the source, which resynchronises.
 
 use super::pin::{live_pins, merge_lock};
 use super::points;
@@ -42,6 +47,9 @@ pub fn compact_replica(
     store.refresh()?;
     let pins = live_pins(&dir, &lock)?;
     let parent = store.parent().clone();
+    if parent.resyncing {
+        return Ok(stats); // the resync owns the parent until it ends
+    }
     let target = match parent.merging_to {
         Some(t) => Some(t), // an interrupted merge: finish it
         None => {
@@ -71,8 +79,18 @@ pub fn compact_replica(
         let mut ed = ChunkEditor::new(&store);
         let mut point = None;
         for s in parent.seq + 1..=seq {
-            let index = store.segment_index(s)?;
-            let plain = store.read_segment(s)?;
+            let read = store
+                .segment_index(s)
+                .and_then(|i| Ok((i, store.read_segment(s)?)));
+            let (index, plain) = match read {
+                Ok(x) => x,
+                Err(e @ crate::error::Error::Corruption { .. }) => {
+                    // The chain is broken here: say so (the source resyncs) and stop.
+                    store.mark_damaged(&e.to_string())?;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
             for r in &index.records {
                 if r.zero {
                     ed.zero(r.disk, r.offset, r.length)?;
@@ -101,6 +119,8 @@ pub fn compact_replica(
             seq,
             point,
             merging_to: None,
+            resyncing: false,
+            valid_from: parent.valid_from,
         })?;
         stats.merged_to = Some(lsn);
         stats.files_removed = remove_unneeded(&store, &live_pins(&dir, &lock)?)?;
@@ -141,6 +161,7 @@ pub fn spawn_loop(
         .name("replica-compactor".into())
         .spawn(move || {
             let mut next = std::time::Instant::now() + interval;
+            let mut scrub_at: std::collections::HashMap<String, u64> = Default::default();
             while !stop.load(std::sync::atomic::Ordering::Acquire) {
                 if std::time::Instant::now() < next {
                     std::thread::sleep(std::time::Duration::from_millis(100).min(interval));
@@ -159,8 +180,58 @@ pub fn spawn_loop(
                     if let Err(err) = compact_replica(&site, &name, key.clone(), now) {
                         tracing::error!(machine = %name, "replica compaction: {err}");
                     }
+                    let at = scrub_at.entry(name.clone()).or_default();
+                    if let Err(err) = scrub_replica(&site, &name, key.clone(), at, 64 << 20) {
+                        tracing::error!(machine = %name, "replica scrub: {err}");
+                    }
                 }
             }
         })
         .ok()
+}
+
+/// Verify stored segments of the replica of `machine` (decrypt and authenticate), at
+/// most `budget` bytes this call, from segment `*next` on (wrapping around); damage
+/// found is recorded so the source resyncs. A scrub, so that a damaged file is found
+/// before anyone needs it.
+pub fn scrub_replica(
+    site: &Path,
+    machine: &str,
+    key: super::crypt::ReplicaKey,
+    next: &mut u64,
+    budget: u64,
+) -> Result<()> {
+    let store = ReplicaStore::open_readonly(site, machine, key)?;
+    let parent = store.parent();
+    if parent.resyncing || store.damage()?.is_some() {
+        return Ok(());
+    }
+    let (first, last) = (parent.seq + 1, store.received().segment_seq);
+    if first > last {
+        return Ok(());
+    }
+    if *next < first || *next > last {
+        *next = first;
+    }
+    let mut done = 0u64;
+    while done < budget {
+        let seq = *next;
+        match store.read_segment(seq).and_then(|p| {
+            store.segment_index(seq)?;
+            Ok(p.len() as u64)
+        }) {
+            Ok(n) => done += n.max(1),
+            Err(e @ crate::error::Error::Corruption { .. }) => {
+                tracing::error!(machine, "replica segment {seq} is damaged: {e}");
+                store.mark_damaged(&e.to_string())?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        *next = if seq >= last { first } else { seq + 1 };
+        if *next == first {
+            break; // one full round per call at most
+        }
+    }
+    Ok(())
 }

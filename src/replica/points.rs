@@ -92,11 +92,16 @@ pub fn list(store: &ReplicaStore) -> Result<Vec<ReplicaPoint>> {
 pub fn resolve(store: &ReplicaStore, at: &str) -> Result<ReplicaPoint> {
     let now = crate::format::now_ns();
     let points = retained(store, now)?;
+    if store.parent().resyncing {
+        return Err(Error::NotFound(
+            "this replica is being resynchronised; no point can be read until it ends".into(),
+        ));
+    }
     if at == "latest" {
         if let Some(p) = points.last() {
             return Ok(p.clone());
         }
-        if store.initial().done {
+        if store.initial().done && store.parent().valid_from <= store.parent().lsn {
             // Only the initial copy so far: its state is the one point there is.
             return Ok(ReplicaPoint {
                 lsn: store.parent().lsn,

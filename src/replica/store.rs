@@ -14,6 +14,8 @@
 //!                                                  n*1MiB.. of the disk; missing = zeroes
 //! SITE/replicas/<machine>/initial                  initial-copy progress (chunks, position, done)
 //! SITE/replicas/<machine>/pins/, merge.lock        readers' pins (see pin.rs)
+//! SITE/replicas/<machine>/damaged                  why the replica needs a resync (text)
+//! SITE/replicas/<machine>/resync.meta              a resync under way (see resync.rs)
 //! ```
 //!
 //! Order for a new segment: verify it, write its index and then the segment (each to a
@@ -47,6 +49,7 @@ const PARENT: &str = "parent";
 const PARENT_MARK: &str = "parent.meta";
 const RETENTION: &str = "retention.meta";
 const INITIAL: &str = "initial";
+const DAMAGED: &str = "damaged";
 pub(crate) const PINS: &str = "pins";
 pub(crate) const MERGE_LOCK: &str = "merge.lock";
 
@@ -69,6 +72,12 @@ pub struct ParentMark {
     /// each parent chunk is somewhere between `lsn` and it (replaying the chain from
     /// `seq + 1` over any of those states gives the same result).
     pub merging_to: Option<(u64, u64)>,
+    /// A resynchronisation is rewriting the parent (see resync.rs): no point can be
+    /// opened until it ends.
+    pub resyncing: bool,
+    /// Points before this LSN are not consistent (the chunks a resync took were read
+    /// at various times after its base) and are never offered.
+    pub valid_from: u64,
 }
 
 /// How long a replica keeps recovery points (set by the source's relationship).
@@ -179,7 +188,10 @@ fn idx_name(seq: u64) -> String {
     format!("{seq:020}.idx.enc")
 }
 
-fn read_meta<T: serde::de::DeserializeOwned>(path: &Path, kind: u16) -> Result<Option<T>> {
+pub(crate) fn read_meta<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    kind: u16,
+) -> Result<Option<T>> {
     if !path.exists() {
         return Ok(None);
     }
@@ -190,7 +202,7 @@ fn read_meta<T: serde::de::DeserializeOwned>(path: &Path, kind: u16) -> Result<O
         .map_err(|e| Error::corruption(path, 24, e.to_string()))
 }
 
-fn write_meta<T: Serialize>(path: &Path, kind: u16, v: &T) -> Result<()> {
+pub(crate) fn write_meta<T: Serialize>(path: &Path, kind: u16, v: &T) -> Result<()> {
     let body = postcard::to_stdvec(v).map_err(|e| Error::InvalidInput(e.to_string()))?;
     write_atomic(&FileStorage, path, &meta::encode(kind, &body))
 }
@@ -233,6 +245,8 @@ impl ReplicaStore {
             seq: base.segment_seq,
             point: None,
             merging_to: None,
+            resyncing: false,
+            valid_from: 0,
         };
         write_meta(&dir.join(PARENT_MARK), meta::KIND_PARENT_MARK, &parent)?;
         let body =
@@ -285,6 +299,8 @@ impl ReplicaStore {
                 seq: manifest.base_seq,
                 point: None,
                 merging_to: None,
+                resyncing: false,
+                valid_from: 0,
             },
             retention: Retention::default(),
             manifest,
@@ -394,6 +410,36 @@ impl ReplicaStore {
                 FileStorage.sync_dir(&self.dir.join(SEGMENTS))
             }
         }
+    }
+
+    /// Why this replica needs a resync, if damage was found in it (`damaged`, text).
+    pub fn damage(&self) -> Result<Option<String>> {
+        let path = self.dir.join(DAMAGED);
+        match std::fs::read_to_string(&path) {
+            Ok(t) => Ok(Some(t.trim().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("read", &path, e)),
+        }
+    }
+
+    /// Record damage found in this replica (the source will be told to resync).
+    pub fn mark_damaged(&self, why: &str) -> Result<()> {
+        write_atomic(&FileStorage, &self.dir.join(DAMAGED), why.as_bytes())
+    }
+
+    /// The damage is mended (a resync ended).
+    pub(crate) fn clear_damage(&self) -> Result<()> {
+        let path = self.dir.join(DAMAGED);
+        match std::fs::remove_file(&path) {
+            Ok(()) => FileStorage.sync_dir(&self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", &path, e)),
+        }
+    }
+
+    /// Set the received mark (a resync moves it back to its base).
+    pub(crate) fn set_received(&mut self, w: Watermark) -> Result<()> {
+        self.mark(w)
     }
 
     fn mark(&mut self, w: Watermark) -> Result<()> {

@@ -19,6 +19,18 @@ pub struct MachineStatus {
     pub target: Option<String>,
     pub acked_lsn: Option<u64>,
     pub last_lsn: u64,
+    /// A resync under way or last finished: chunks compared of all, chunks and bytes
+    /// sent.
+    #[serde(default)]
+    pub resync: Option<ResyncCounters>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncCounters {
+    pub chunks_compared: u64,
+    pub chunks_total: u64,
+    pub chunks_sent: u64,
+    pub bytes_sent: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,13 +1,14 @@
 //! Replication between sites: the wire protocol ([`protocol`]) over mutual TLS 1.3
 //! between pinned peers ([`transport`], [`crate::identity`]); the source's
 //! [`shipper`] and the per-machine loop [`run`] that `serve` keeps; the target's
-//! [`receiver`]; a machine's [`relationship`]; the [`health`] that status shows.
-//! Resynchronisation is still to come.
+//! [`receiver`]; a machine's [`relationship`]; the [`health`] that status shows;
+//! [`resync`]: when a broken chain is mended by comparing chunks.
 
 pub mod health;
 pub mod protocol;
 pub mod receiver;
 pub mod relationship;
+pub mod resync;
 pub mod run;
 pub mod shipper;
 pub mod transport;

@@ -65,7 +65,8 @@ pub enum Message {
     },
     /// Target → source: the replica holds everything up to `lsn` (segment `seq`); the
     /// initial copy is complete, or resumes at disk `resume_disk`, byte
-    /// `resume_offset`; `free_bytes` is the room left at the target.
+    /// `resume_offset`; `free_bytes` is the room left at the target; `diverged` says
+    /// why the replica needs a resync (a damaged stored segment, a resync under way).
     Protected {
         machine: String,
         lsn: u64,
@@ -74,7 +75,64 @@ pub enum Message {
         resume_disk: u32,
         resume_offset: u64,
         free_bytes: u64,
+        diverged: Option<String>,
     },
+    /// Source → target: resynchronise `machine` in chunks of `chunk_bytes`; afterwards
+    /// the chain continues after `base_lsn` / segment `base_seq`. Answered by
+    /// `ResyncState` (where a resync with this base stopped, or 0).
+    ResyncStart {
+        machine: String,
+        base_lsn: u64,
+        base_seq: u64,
+        chunk_bytes: u64,
+    },
+    /// Target → source: the resync's position and counters, persisted.
+    ResyncState {
+        machine: String,
+        disk: u32,
+        next: u64,
+        compared: u64,
+        sent_chunks: u64,
+        sent_bytes: u64,
+    },
+    /// Source → target: send the hashes of chunks `first..first+count` of `disk`, one
+    /// per `group` chunks (SHA-256 of a chunk; of a group, SHA-256 of its chunks'
+    /// hashes): groups first, then the chunks of the groups that differ.
+    ResyncHashRequest {
+        machine: String,
+        disk: u32,
+        first: u64,
+        count: u64,
+        group: u64,
+    },
+    /// Target → source: those hashes.
+    ResyncHashes {
+        machine: String,
+        disk: u32,
+        first: u64,
+        hashes: Vec<[u8; 32]>,
+    },
+    /// Source → target: a chunk that differs (LZ4 when `compressed`).
+    ResyncChunk {
+        machine: String,
+        disk: u32,
+        offset: u64,
+        compressed: bool,
+        bytes: Vec<u8>,
+    },
+    /// Source → target: the batch is complete; persist the position and counters.
+    /// Answered by `ResyncState`.
+    ResyncBatchDone {
+        machine: String,
+        disk: u32,
+        next: u64,
+        compared: u64,
+        sent_chunks: u64,
+        sent_bytes: u64,
+    },
+    /// Source → target: every chunk compared; points before `valid_from` are not
+    /// consistent. Answered by `Ack` at the base.
+    ResyncDone { machine: String, valid_from: u64 },
     /// Source → target: initial replication, the parent image of disk `disk` at
     /// `offset` (holes and zero blocks are never sent; LZ4 when `compressed`).
     InitialChunk {

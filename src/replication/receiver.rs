@@ -164,6 +164,9 @@ impl Target {
         )?;
         let mut current: Option<(String, SharedStore)> = None;
         let mut assembling: Option<(u64, u64, Vec<u8>)> = None;
+        // The differing chunks of the resync batch in flight (applied at its end).
+        let mut resync_editor: Vec<(u32, u64, Vec<u8>)> = Vec::new();
+        let mut hash_cache: Option<(u32, u64, Vec<[u8; 32]>)> = None;
         loop {
             let msg = match read_frame::<Message>(s) {
                 Ok(m) => m,
@@ -175,9 +178,14 @@ impl Target {
             match msg {
                 m @ Message::Protect { .. } => {
                     let (name, store) = self.store(peer, &m)?;
-                    let (w, init) = {
+                    let (w, init, diverged) = {
                         let st = store.lock();
-                        (st.received(), st.initial())
+                        let diverged = match st.resync_progress() {
+                            Ok(Some(_)) => Some("a resync is under way".to_string()),
+                            Ok(None) => st.damage().map_err(refusal)?,
+                            Err(e) => Some(format!("resync progress unreadable: {e}")),
+                        };
+                        (st.received(), st.initial(), diverged)
                     };
                     send(
                         s,
@@ -189,6 +197,7 @@ impl Target {
                             resume_disk: init.disk,
                             resume_offset: init.offset,
                             free_bytes: free_bytes(&self.site),
+                            diverged,
                         },
                     )?;
                     current = Some((name, store));
@@ -288,6 +297,139 @@ impl Target {
                         )?;
                     }
                 }
+                Message::ResyncStart {
+                    machine,
+                    base_lsn,
+                    base_seq,
+                    chunk_bytes,
+                } => {
+                    let (name, store) = session_store(&current, &machine, "ResyncStart")?;
+                    let p = store
+                        .lock()
+                        .begin_resync(base_lsn, base_seq, chunk_bytes)
+                        .map_err(refusal)?;
+                    resync_editor.clear();
+                    hash_cache = None;
+                    send(s, &resync_state(name, &p))?;
+                }
+                Message::ResyncHashRequest {
+                    machine,
+                    disk,
+                    first,
+                    count,
+                    group,
+                } => {
+                    let (name, store) = session_store(&current, &machine, "ResyncHashRequest")?;
+                    if count > MAX_HASHES || group == 0 || group > count.max(1) {
+                        return Err((
+                            ErrorCode::Fatal,
+                            format!("{count} hashes in groups of {group} asked for"),
+                        ));
+                    }
+                    // Chunk hashes of the last range asked for are kept: the detail
+                    // requests that follow a group request fall inside it.
+                    let cached = match &hash_cache {
+                        Some((d, f, h))
+                            if *d == disk && *f <= first && first + count <= f + h.len() as u64 =>
+                        {
+                            let at = (first - f) as usize;
+                            h.get(at..at + count as usize).map(<[_]>::to_vec)
+                        }
+                        _ => None,
+                    };
+                    let chunk_hashes = match cached {
+                        Some(h) => h,
+                        None => {
+                            let st = store.lock();
+                            let p = st
+                                .resync_progress()
+                                .map_err(refusal)?
+                                .ok_or((ErrorCode::Fatal, "no resync under way".to_string()))?;
+                            let h = st
+                                .resync_hashes(p.chunk_bytes, disk, first, count)
+                                .map_err(refusal)?;
+                            hash_cache = Some((disk, first, h.clone()));
+                            h
+                        }
+                    };
+                    let hashes =
+                        crate::replica::resync::group_hashes(&chunk_hashes, group as usize);
+                    send(
+                        s,
+                        &Message::ResyncHashes {
+                            machine: name.clone(),
+                            disk,
+                            first,
+                            hashes,
+                        },
+                    )?;
+                }
+                Message::ResyncChunk {
+                    machine,
+                    disk,
+                    offset,
+                    compressed,
+                    bytes,
+                } => {
+                    session_store(&current, &machine, "ResyncChunk")?;
+                    let data = if compressed {
+                        decompress(&bytes)?
+                    } else {
+                        bytes
+                    };
+                    resync_editor.push((disk, offset, data));
+                    let held: usize = resync_editor.iter().map(|c| c.2.len()).sum();
+                    if held > MAX_RESYNC_BATCH {
+                        return Err((ErrorCode::Fatal, "resync batch too large".into()));
+                    }
+                }
+                Message::ResyncBatchDone {
+                    machine,
+                    disk,
+                    next,
+                    compared,
+                    sent_chunks,
+                    sent_bytes,
+                } => {
+                    let (name, store) = session_store(&current, &machine, "ResyncBatchDone")?;
+                    let p = {
+                        let mut st = store.lock();
+                        let cur = st
+                            .resync_progress()
+                            .map_err(refusal)?
+                            .ok_or((ErrorCode::Fatal, "no resync under way".to_string()))?;
+                        let p = crate::replica::resync::ResyncProgress {
+                            disk,
+                            next,
+                            compared,
+                            sent_chunks,
+                            sent_bytes,
+                            ..cur
+                        };
+                        st.apply_resync(&resync_editor, p).map_err(refusal)?;
+                        p
+                    };
+                    resync_editor.clear();
+                    send(s, &resync_state(name, &p))?;
+                }
+                Message::ResyncDone {
+                    machine,
+                    valid_from,
+                } => {
+                    let (name, store) = session_store(&current, &machine, "ResyncDone")?;
+                    let lsn = {
+                        let mut st = store.lock();
+                        st.finish_resync(valid_from).map_err(refusal)?;
+                        st.received().lsn
+                    };
+                    send(
+                        s,
+                        &Message::Ack {
+                            machine: name.clone(),
+                            lsn,
+                        },
+                    )?;
+                }
                 Message::Probe => {
                     send(
                         s,
@@ -323,6 +465,22 @@ fn session_store<'a>(
             format!("{what} for {machine} in a session for {name}"),
         )),
         Some((name, store)) => Ok((name, store)),
+    }
+}
+
+/// Hashes one `ResyncHashRequest` may ask for.
+pub const MAX_HASHES: u64 = 1 << 16;
+/// Bytes of differing chunks one resync batch may carry.
+const MAX_RESYNC_BATCH: usize = 256 << 20;
+
+fn resync_state(machine: &str, p: &crate::replica::resync::ResyncProgress) -> Message {
+    Message::ResyncState {
+        machine: machine.to_string(),
+        disk: p.disk,
+        next: p.next,
+        compared: p.compared,
+        sent_chunks: p.sent_chunks,
+        sent_bytes: p.sent_bytes,
     }
 }
 

@@ -3,12 +3,17 @@
 //! first), and keep the machine's health.
 //!
 //! Recoverable failures (network, the target out of space or busy) are retried on
-//! the configured schedule (1, 2, 4, 8, 10 minutes, then every 30) with health Warning;
-//! a broken chain, an authentication or trust failure, or a refusal the target calls
-//! fatal make the machine Critical and stop shipping until an operator acts (restart
-//! `serve` after fixing trust; resynchronisation mends a broken chain).
+//! the configured schedule (1, 2, 4, 8, 10 minutes, then every 30) with health Warning.
+//! A broken chain (a gap, a damaged segment on either side, a replica that diverged, a
+//! source behind its target), unshipped journal past the threshold, or a disk changed
+//! while replog was not running make a resync required (Warning, with the reason): it
+//! runs in the resync window or at `replog resync --now`, resumes after an
+//! interruption, and replication goes on from its end. An authentication or trust
+//! failure, or a refusal the target calls fatal, make the machine Critical and stop
+//! shipping until an operator acts.
 
 use super::relationship::Relationship;
+use super::resync::{SourceResync, Window};
 use super::shipper::Shipper;
 use crate::config::ReplicationConfig;
 use crate::error::Error;
@@ -29,6 +34,7 @@ pub struct LoopStatus {
     pub progress: Option<f64>,
     pub acked_lsn: u64,
     pub target: String,
+    pub resync: Option<crate::replication::health::ResyncCounters>,
 }
 
 /// A running shipping loop.
@@ -42,12 +48,14 @@ pub struct ShipLoop {
 /// How a failure is handled.
 enum Class {
     Retry,
+    /// The chain is broken: mend it by resynchronisation.
+    Resync,
     Critical(&'static str),
 }
 
 fn classify(e: &Error) -> Class {
     match e {
-        Error::BrokenChain(_) => Class::Critical("resync-required"),
+        Error::BrokenChain(_) => Class::Resync,
         // An error from TLS itself (a refused certificate, an alert from the peer
         // saying it refused ours — in TLS 1.3 that arrives on the first read) is an
         // authentication failure; anything else on the socket is the network.
@@ -98,6 +106,7 @@ impl ShipLoop {
             progress: Some(0.0),
             acked_lsn: 0,
             target: rel.target.clone(),
+            resync: None,
         }));
         // The shipper (and with it the watermark hold) exists before this returns:
         // from now on nothing the target lacks can be merged away.
@@ -188,7 +197,130 @@ fn run(
     }
     let mut failures = 0usize;
     let mut initial_done = false;
+    let site = shipper.site().to_path_buf();
+    let name = machine.name().to_string();
+    let window = match Window::parse(&cfg.resync_window, cfg.resync_weekends) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(machine = %name, "{e}; resyncs start only with --now");
+            Window::parse("never", false).unwrap_or(Window {
+                from_hour: 0,
+                to_hour: 0,
+                weekends: false,
+            })
+        }
+    };
+    if let Some(why) = machine.changed_offline() {
+        let _ = SourceResync::require(&site, &name, &why);
+    }
+    let disk_bytes: u64 = machine.disks().iter().map(|(_, s)| s).sum();
     while !stop.load(Ordering::Acquire) {
+        // A resync required: wait for the window (or --now), then run it.
+        let pending = match SourceResync::load(&site, &name) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(machine = %name, "resync state: {e}");
+                None
+            }
+        };
+        if let Some(req) = pending {
+            // Meanwhile the journal must stay bounded: nothing is shipped, so let the
+            // compactor merge everything (the resync brings the target along).
+            if req.base.is_none() {
+                shipper.release_hold(machine.status().last_lsn);
+            }
+            let now = super::resync::requested_now(&site, &name);
+            if !(now || req.base.is_some() || window.open_now()) {
+                let mut s = status.lock();
+                s.state = "resync-required";
+                s.health = "warning";
+                s.progress = None;
+                s.reason = format!(
+                    "resync required: {}; it starts in the resync window ({}{}) or with \
+                     `replog resync --now`",
+                    req.reason,
+                    cfg.resync_window,
+                    if cfg.resync_weekends {
+                        " and weekends"
+                    } else {
+                        ""
+                    }
+                );
+                drop(s);
+                nap(
+                    &stop,
+                    Duration::from_millis(cfg.seal_interval_ms.clamp(100, 1000)),
+                );
+                continue;
+            }
+            {
+                let mut s = status.lock();
+                s.state = "resyncing";
+                s.health = "warning";
+                s.progress = Some(0.0);
+                s.reason = format!("resynchronising: {}", req.reason);
+            }
+            let st = status.clone();
+            shipper.on_progress(Box::new(move |done, total| {
+                let mut s = st.lock();
+                s.progress = Some(if total == 0 {
+                    1.0
+                } else {
+                    done as f64 / total as f64
+                });
+                let r = s.resync.get_or_insert_with(Default::default);
+                r.chunks_compared = done;
+                r.chunks_total = total;
+            }));
+            match shipper.resync_once(&machine, cfg.resync_chunk_bytes) {
+                Ok(r) => {
+                    failures = 0;
+                    tracing::info!(
+                        machine = %name,
+                        "resynchronised: {} chunks compared, {} sent ({} bytes)",
+                        r.compared,
+                        r.sent_chunks,
+                        r.sent_bytes
+                    );
+                    let mut s = status.lock();
+                    s.resync = Some(crate::replication::health::ResyncCounters {
+                        chunks_compared: r.compared,
+                        chunks_total: r.compared,
+                        chunks_sent: r.sent_chunks,
+                        bytes_sent: r.sent_bytes,
+                    });
+                    s.state = "protected";
+                    s.progress = None;
+                    s.health = "healthy";
+                    s.reason = format!("resynchronised; replicating to {}", rel.target);
+                    continue;
+                }
+                Err(e) => match classify(&e) {
+                    Class::Retry | Class::Resync => {
+                        let wait = cfg.retry_delay(failures);
+                        failures += 1;
+                        tracing::warn!(machine = %name, "resync failed ({e}); retry {failures} in {wait:?}");
+                        let mut s = status.lock();
+                        s.health = "warning";
+                        s.reason = format!(
+                            "resync failed: {e}; retry {failures} in {:.0} s",
+                            wait.as_secs_f64()
+                        );
+                        drop(s);
+                        nap(&stop, wait);
+                        continue;
+                    }
+                    Class::Critical(_) => {
+                        let mut s = status.lock();
+                        s.health = "critical";
+                        s.reason = format!("resync failed: {e}; stopped until an operator acts");
+                        drop(s);
+                        park(&stop, shipper);
+                        return;
+                    }
+                },
+            }
+        }
         if let Err(e) = machine.seal() {
             let mut s = status.lock();
             s.health = "critical";
@@ -209,8 +341,33 @@ fn run(
                 }
                 s.health = "healthy";
                 s.reason = format!("replicating to {}", rel.target);
+                drop(s);
+                // Too much journal the target lacks: stop holding it, resync later.
+                let unshipped = machine.status().journal_bytes;
+                if initial_done
+                    && disk_bytes > 0
+                    && unshipped.saturating_mul(100)
+                        >= disk_bytes.saturating_mul(cfg.resync_threshold_percent)
+                {
+                    let why = format!(
+                        "unshipped journal reached {} MiB, {}% of the disks",
+                        unshipped >> 20,
+                        unshipped.saturating_mul(100) / disk_bytes
+                    );
+                    if let Err(e) = SourceResync::require(&site, &name, &why) {
+                        tracing::error!(machine = %name, "{e}");
+                    }
+                    continue;
+                }
             }
             Err(e) => match classify(&e) {
+                Class::Resync => {
+                    tracing::warn!(machine = %name, "chain broken: {e}; resync required");
+                    if let Err(e2) = SourceResync::require(&site, &name, &e.to_string()) {
+                        tracing::error!(machine = %name, "{e2}");
+                    }
+                    continue;
+                }
                 Class::Critical(state) => {
                     tracing::error!(machine = machine.name(), "replication stopped: {e}");
                     let hint = match &e {
@@ -235,6 +392,24 @@ fn run(
                         machine = machine.name(),
                         "replication failed ({e}); retry {failures} in {wait:?}"
                     );
+                    // Unreachable for long with the journal growing: resync later.
+                    let unshipped = machine.status().journal_bytes;
+                    if initial_done
+                        && disk_bytes > 0
+                        && unshipped.saturating_mul(100)
+                            >= disk_bytes.saturating_mul(cfg.resync_threshold_percent)
+                    {
+                        let why = format!(
+                            "unshipped journal reached {} MiB, {}% of the disks, while the \
+                             target was unreachable",
+                            unshipped >> 20,
+                            unshipped.saturating_mul(100) / disk_bytes
+                        );
+                        if let Err(e) = SourceResync::require(&site, &name, &why) {
+                            tracing::error!(machine = %name, "{e}");
+                        }
+                        continue;
+                    }
                     {
                         let mut s = status.lock();
                         s.health = "warning";

@@ -52,6 +52,17 @@ pub struct ShipReport {
     pub initial_completed: bool,
 }
 
+/// What the target answered to Protect.
+struct Protected {
+    lsn: u64,
+    seq: u64,
+    initial_done: bool,
+    resume: (u32, u64),
+    diverged: Option<String>,
+    /// The source's watermark announced in Protect.
+    base: crate::format::meta::Watermark,
+}
+
 /// Called with (bytes of the disks scanned, total bytes of the disks).
 pub type Progress = dyn Fn(u64, u64) + Send + Sync;
 
@@ -119,6 +130,16 @@ impl Shipper {
                 (r.window_ms, r.app_window_ms)
             },
         }
+    }
+
+    pub fn site(&self) -> &Path {
+        &self.site
+    }
+
+    /// Stop keeping the journal for the target (a resync will bring it along): the
+    /// compactor may merge up to `lsn`.
+    pub fn release_hold(&mut self, lsn: u64) {
+        self.hold.set(lsn);
     }
 
     /// How long the target keeps points: (every point, app-consistent ones), in ms.
@@ -234,7 +255,8 @@ impl Shipper {
     }
 
     /// Connect, protect, and ship every sealed segment the target lacks.
-    pub fn ship_once(&mut self, machine: &Machine) -> Result<ShipReport> {
+    /// Connect, greet and announce `machine`: the stream and the target's answer.
+    fn handshake(&self, machine: &Machine) -> Result<(ClientStream, Protected)> {
         let (mut s, peer) = transport::connect(&self.site, &self.target, Duration::from_secs(10))?;
         let me = crate::identity::Identity::load(&self.site)?.id();
         send(
@@ -265,21 +287,41 @@ impl Shipper {
                 app_retention_ms: self.retention.1,
             },
         )?;
-        let (mut acked, mut acked_seq, initial_done, resume) = match recv(&mut s)? {
+        match recv(&mut s)? {
             Message::Protected {
                 lsn,
                 seq,
                 initial_done,
                 resume_disk,
                 resume_offset,
+                diverged,
                 ..
-            } => (lsn, seq, initial_done, (resume_disk, resume_offset)),
-            other => {
-                return Err(Error::InvalidInput(format!(
-                    "expected Protected, got {other:?}"
-                )))
-            }
-        };
+            } => Ok((
+                s,
+                Protected {
+                    lsn,
+                    seq,
+                    initial_done,
+                    resume: (resume_disk, resume_offset),
+                    diverged,
+                    base: w,
+                },
+            )),
+            other => Err(Error::InvalidInput(format!(
+                "expected Protected, got {other:?}"
+            ))),
+        }
+    }
+
+    pub fn ship_once(&mut self, machine: &Machine) -> Result<ShipReport> {
+        let (mut s, p) = self.handshake(machine)?;
+        if let Some(why) = p.diverged {
+            return Err(Error::BrokenChain(format!(
+                "the target's replica diverged: {why}"
+            )));
+        }
+        let (mut acked, mut acked_seq, initial_done, resume, w) =
+            (p.lsn, p.seq, p.initial_done, p.resume, p.base);
         // The target's position must be a point of this machine's own history.
         let newest_seq = machine.sealed_segments().last().map(|g| g.seq).unwrap_or(0);
         if acked_seq > newest_seq.max(w.segment_seq) || acked > machine.status().last_lsn {
@@ -375,6 +417,256 @@ impl Shipper {
         }
         self.hold.set(acked);
         self.acked_lsn = acked;
+        Ok(report)
+    }
+}
+
+/// What one resync pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResyncReport {
+    /// Chunks compared and chunks (and their bytes) sent, over the whole resync
+    /// (persisted at the target, so they carry over an interruption).
+    pub compared: u64,
+    pub sent_chunks: u64,
+    pub sent_bytes: u64,
+    /// Of those, what this pass did.
+    pub compared_now: u64,
+    pub sent_bytes_now: u64,
+    /// Bytes of hashes received in this pass.
+    pub hash_bytes_now: u64,
+    /// The first consistent point after the resync.
+    pub valid_from: u64,
+}
+
+/// Chunks per group hash: 1 MiB worth.
+fn group_of(chunk_bytes: u64) -> u64 {
+    ((1 << 20) / chunk_bytes).max(1)
+}
+
+impl Shipper {
+    /// Resynchronise the target's replica with `machine` by comparing chunks of
+    /// `chunk_bytes` and sending the ones that differ; resumes a resync that was
+    /// interrupted (same base, persisted at both ends). Writes go on meanwhile: the
+    /// journal after the base ships as usual afterwards.
+    pub fn resync_once(&mut self, machine: &Machine, chunk_bytes: u64) -> Result<ResyncReport> {
+        use super::resync::{SourceResync, BATCH_BYTES};
+        crate::replica::resync::check_chunk_bytes(chunk_bytes)?;
+        let mut state = SourceResync::load(&self.site, machine.name())?.unwrap_or_default();
+        // The base: where the chain continues afterwards. A base from an interrupted
+        // resync stays if the journal still holds everything after it.
+        let base = match state.base {
+            Some((lsn, seq))
+                if state.chunk_bytes == chunk_bytes
+                    && machine.status().watermark.lsn <= lsn
+                    && machine
+                        .sealed_segments()
+                        .first()
+                        .is_none_or(|g| g.seq <= seq + 1) =>
+            {
+                (lsn, seq)
+            }
+            _ => {
+                machine.seal()?;
+                let last = machine.status().last_lsn;
+                let seq = machine
+                    .sealed_segments()
+                    .last()
+                    .map(|g| g.seq)
+                    .unwrap_or(machine.status().watermark.segment_seq);
+                (last, seq)
+            }
+        };
+        // Keep every segment after the base until the target acknowledges it.
+        self.hold.set(base.0);
+        state.base = Some(base);
+        state.chunk_bytes = chunk_bytes;
+        state.save(&self.site, machine.name())?;
+
+        let (mut s, p) = self.handshake(machine)?;
+        if !p.initial_done {
+            return Err(Error::InvalidInput(
+                "the initial replication is not complete; it runs instead of a resync".into(),
+            ));
+        }
+        let name = machine.name().to_string();
+        send(
+            &mut s,
+            &Message::ResyncStart {
+                machine: name.clone(),
+                base_lsn: base.0,
+                base_seq: base.1,
+                chunk_bytes,
+            },
+        )?;
+        let expect_state = |m: Message| -> Result<(u32, u64, u64, u64, u64)> {
+            match m {
+                Message::ResyncState {
+                    disk,
+                    next,
+                    compared,
+                    sent_chunks,
+                    sent_bytes,
+                    ..
+                } => Ok((disk, next, compared, sent_chunks, sent_bytes)),
+                other => Err(Error::InvalidInput(format!(
+                    "expected ResyncState, got {other:?}"
+                ))),
+            }
+        };
+        let (mut disk0, mut next0, mut compared, mut sent_chunks, mut sent_bytes) =
+            expect_state(recv(&mut s)?)?;
+        let mut report = ResyncReport::default();
+        let disks = machine.disks();
+        let total_chunks: u64 = disks.iter().map(|(_, sz)| sz.div_ceil(chunk_bytes)).sum();
+        let group = group_of(chunk_bytes);
+        let batch = (BATCH_BYTES / chunk_bytes).max(group) / group * group;
+        for (d, (dname, size)) in disks.iter().enumerate() {
+            let d = d as u32;
+            if d < disk0 {
+                continue;
+            }
+            let vol = machine.volume(dname)?;
+            let chunks = size.div_ceil(chunk_bytes);
+            let mut c = if d == disk0 { next0 } else { 0 };
+            while c < chunks {
+                self.stopping()?;
+                let count = batch.min(chunks - c);
+                // Our hashes while the target computes its own.
+                let read = |at: u64, buf: &mut [u8]| vol.read(at, buf);
+                let (ours, theirs) = std::thread::scope(|sc| -> Result<_> {
+                    let h = sc.spawn(|| {
+                        crate::replica::resync::hash_chunks(*size, chunk_bytes, c, count, &read)
+                    });
+                    send(
+                        &mut s,
+                        &Message::ResyncHashRequest {
+                            machine: name.clone(),
+                            disk: d,
+                            first: c,
+                            count,
+                            group,
+                        },
+                    )?;
+                    let theirs = match recv(&mut s)? {
+                        Message::ResyncHashes { hashes, .. } => hashes,
+                        other => {
+                            return Err(Error::InvalidInput(format!(
+                                "expected ResyncHashes, got {other:?}"
+                            )))
+                        }
+                    };
+                    let ours = h
+                        .join()
+                        .unwrap_or_else(|_| Err(Error::InvalidInput("hashing panicked".into())))?;
+                    Ok((ours, theirs))
+                })?;
+                report.hash_bytes_now += 32 * theirs.len() as u64;
+                let our_groups = crate::replica::resync::group_hashes(&ours, group as usize);
+                if our_groups.len() != theirs.len() {
+                    return Err(Error::InvalidInput(format!(
+                        "the target sent {} group hashes for {} chunks",
+                        theirs.len(),
+                        ours.len()
+                    )));
+                }
+                for (g, (a, b)) in our_groups.iter().zip(&theirs).enumerate() {
+                    if a == b {
+                        continue;
+                    }
+                    // This group differs: compare its chunks one by one.
+                    let g0 = c + g as u64 * group;
+                    let gn = group.min(c + count - g0);
+                    send(
+                        &mut s,
+                        &Message::ResyncHashRequest {
+                            machine: name.clone(),
+                            disk: d,
+                            first: g0,
+                            count: gn,
+                            group: 1,
+                        },
+                    )?;
+                    let detail = match recv(&mut s)? {
+                        Message::ResyncHashes { hashes, .. } if hashes.len() as u64 == gn => hashes,
+                        other => {
+                            return Err(Error::InvalidInput(format!(
+                                "expected {gn} chunk hashes, got {other:?}"
+                            )))
+                        }
+                    };
+                    report.hash_bytes_now += 32 * gn;
+                    for (k, theirs) in detail.iter().enumerate() {
+                        let i = g0 + k as u64;
+                        let ours = ours.get((i - c) as usize);
+                        if ours == Some(theirs) {
+                            continue;
+                        }
+                        let at = i * chunk_bytes;
+                        let len = chunk_bytes.min(size - at) as usize;
+                        let mut data = vec![0u8; len];
+                        vol.read(at, &mut data)?;
+                        let bytes = lz4_flex::block::compress_prepend_size(&data);
+                        report.sent_bytes_now += bytes.len() as u64;
+                        sent_bytes += bytes.len() as u64;
+                        sent_chunks += 1;
+                        send(
+                            &mut s,
+                            &Message::ResyncChunk {
+                                machine: name.clone(),
+                                disk: d,
+                                offset: at,
+                                compressed: true,
+                                bytes,
+                            },
+                        )?;
+                    }
+                }
+                compared += count;
+                report.compared_now += count;
+                send(
+                    &mut s,
+                    &Message::ResyncBatchDone {
+                        machine: name.clone(),
+                        disk: d,
+                        next: c + count,
+                        compared,
+                        sent_chunks,
+                        sent_bytes,
+                    },
+                )?;
+                let st = expect_state(recv(&mut s)?)?;
+                (disk0, next0) = (st.0, st.1);
+                c += count;
+                if let Some(progress) = &self.progress {
+                    progress(compared.min(total_chunks), total_chunks);
+                }
+            }
+        }
+        // A point after every read: the first consistent state of the replica.
+        let valid_from = machine.point(false)?.lsn;
+        send(
+            &mut s,
+            &Message::ResyncDone {
+                machine: name.clone(),
+                valid_from,
+            },
+        )?;
+        match recv(&mut s)? {
+            Message::Ack { lsn, .. } if lsn == base.0 => {}
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "expected the Ack of the resync at LSN {}, got {other:?}",
+                    base.0
+                )))
+            }
+        }
+        SourceResync::clear(&self.site, machine.name())?;
+        self.acked_lsn = base.0;
+        let _ = (disk0, next0);
+        report.compared = compared;
+        report.sent_chunks = sent_chunks;
+        report.sent_bytes = sent_bytes;
+        report.valid_from = valid_from;
         Ok(report)
     }
 }

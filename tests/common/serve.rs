@@ -227,12 +227,19 @@ pub fn free_port() -> u16 {
 
 /// Seal every 200 ms and retry quickly, for tests.
 pub fn fast_replication(site: &Path) {
+    edit_config(site, |cfg| {
+        cfg.replication.seal_interval_ms = 200;
+        cfg.replication.retry_schedule_ms = vec![100, 200, 400];
+        cfg.replication.retry_then_ms = 500;
+    });
+}
+
+/// Change a site's site.toml.
+pub fn edit_config(site: &Path, f: impl FnOnce(&mut replog::config::SiteConfig)) {
     let p = site.join("site.toml");
     let text = std::fs::read_to_string(&p).expect("cfg");
     let mut cfg = replog::config::SiteConfig::from_toml(&p, &text).expect("parse cfg");
-    cfg.replication.seal_interval_ms = 200;
-    cfg.replication.retry_schedule_ms = vec![100, 200, 400];
-    cfg.replication.retry_then_ms = 500;
+    f(&mut cfg);
     std::fs::write(&p, cfg.to_toml()).expect("write cfg");
 }
 

@@ -1,0 +1,353 @@
+//! Resynchronisation at the target: bring a replica whose chain broke back in line
+//! with the source by comparing fixed-size chunks and taking only those that differ.
+//!
+//! ```text
+//! begin   fold every segment that still verifies into the parent (stop at the first
+//!         that does not), then persist resync.meta (base, chunk size, position 0);
+//!         parent.meta says "resyncing": no point can be opened meanwhile
+//! hashes  SHA-256 of chunks first..first+count of a disk, from the parent chunks
+//! apply   the source's differing chunks, written into the parent (ChunkEditor:
+//!         encrypted, temp + fsync + rename), then the new position and counters are
+//!         persisted — an interrupted resync continues from there
+//! finish  remove every stored segment, set the received mark to the resync's base,
+//!         set the parent mark (base, no point; points before `valid_from` are not
+//!         consistent and are never offered), remove resync.meta
+//! ```
+//!
+//! The source reads its chunks at various times after the base; its journal after the
+//! base then ships as usual. Replaying those records over any such chunk gives the
+//! source's state at every point from `valid_from` (a point the source appends after
+//! its last read) on.
+
+use super::pin;
+use super::store::{ChunkEditor, ParentMark, ReplicaStore, CHUNK_BYTES};
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Where a resync stands (`resync.meta`, kind 7).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncProgress {
+    /// The source's chain continues after this LSN and segment once the resync ends.
+    pub base_lsn: u64,
+    pub base_seq: u64,
+    /// Bytes per compared chunk.
+    pub chunk_bytes: u64,
+    /// Next chunk to compare: disk and chunk number.
+    pub disk: u32,
+    pub next: u64,
+    /// Chunks compared, chunks taken from the source and their bytes, so far.
+    pub compared: u64,
+    pub sent_chunks: u64,
+    pub sent_bytes: u64,
+}
+
+/// Smallest and largest chunk size; it must divide the parent chunk size.
+pub const MIN_CHUNK: u64 = 4096;
+
+pub fn check_chunk_bytes(n: u64) -> Result<()> {
+    if !(MIN_CHUNK..=CHUNK_BYTES).contains(&n) || !n.is_power_of_two() {
+        return Err(Error::InvalidInput(format!(
+            "resync chunk size {n}: a power of two from 4 KiB to 1 MiB"
+        )));
+    }
+    Ok(())
+}
+
+/// SHA-256 of `data`.
+pub fn hash(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// One hash per `group` consecutive chunk hashes (SHA-256 of their concatenation; a
+/// group of one is the chunk's hash itself).
+pub fn group_hashes(chunks: &[[u8; 32]], group: usize) -> Vec<[u8; 32]> {
+    if group <= 1 {
+        return chunks.to_vec();
+    }
+    chunks
+        .chunks(group)
+        .map(|g| {
+            let mut h = Sha256::new();
+            for c in g {
+                h.update(c);
+            }
+            h.finalize().into()
+        })
+        .collect()
+}
+
+/// Hashes of `count` chunks of `chunk_bytes` from `first` of a disk of `size` bytes,
+/// each read by `read(offset, buf)` (any all-zero range may be skipped by `zero`),
+/// on every core.
+pub fn hash_chunks(
+    size: u64,
+    chunk_bytes: u64,
+    first: u64,
+    count: u64,
+    read: &(dyn Fn(u64, &mut [u8]) -> Result<()> + Sync),
+) -> Result<Vec<[u8; 32]>> {
+    let total = size.div_ceil(chunk_bytes);
+    let end = first.saturating_add(count).min(total);
+    if first >= end {
+        return Ok(Vec::new());
+    }
+    let n = (end - first) as usize;
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(4)
+        .min(n);
+    let per = n.div_ceil(workers.max(1));
+    let parts: Vec<Result<Vec<[u8; 32]>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                s.spawn(move || -> Result<Vec<[u8; 32]>> {
+                    let from = first + (w * per) as u64;
+                    let to = (from + per as u64).min(end);
+                    // Read in big pieces, hash per chunk.
+                    let step = (1u64 << 20).max(chunk_bytes);
+                    let mut buf = vec![0u8; step as usize];
+                    let mut out = Vec::with_capacity((to.saturating_sub(from)) as usize);
+                    let mut c = from;
+                    while c < to {
+                        let at = c * chunk_bytes;
+                        let chunks = (step / chunk_bytes).min(to - c);
+                        let len = (chunks * chunk_bytes).min(size - at) as usize;
+                        let b = buf.get_mut(..len).unwrap_or(&mut []);
+                        read(at, b)?;
+                        for piece in b.chunks(chunk_bytes as usize) {
+                            out.push(hash(piece));
+                        }
+                        c += chunks;
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::InvalidInput("hash worker panicked".into())))
+            })
+            .collect()
+    });
+    let mut out = Vec::with_capacity(n);
+    for p in parts {
+        out.extend(p?);
+    }
+    Ok(out)
+}
+
+impl ReplicaStore {
+    /// Where a resync of this replica stands, if one is under way.
+    pub fn resync_progress(&self) -> Result<Option<ResyncProgress>> {
+        super::store::read_meta(&self.resync_path(), crate::format::meta::KIND_RESYNC)
+    }
+
+    fn resync_path(&self) -> std::path::PathBuf {
+        self.dir().join("resync.meta")
+    }
+
+    fn save_resync(&self, p: &ResyncProgress) -> Result<()> {
+        super::store::write_meta(&self.resync_path(), crate::format::meta::KIND_RESYNC, p)
+    }
+
+    /// Start (or resume) a resync toward the source's base. A resync under way with
+    /// the same base and chunk size resumes where it stopped; otherwise the chain is
+    /// folded into the parent and the comparison starts from the beginning.
+    pub fn begin_resync(
+        &mut self,
+        base_lsn: u64,
+        base_seq: u64,
+        chunk_bytes: u64,
+    ) -> Result<ResyncProgress> {
+        check_chunk_bytes(chunk_bytes)?;
+        if let Some(p) = self.resync_progress()? {
+            if p.base_lsn == base_lsn && p.base_seq == base_seq && p.chunk_bytes == chunk_bytes {
+                return Ok(p);
+            }
+        }
+        let dir = self.dir().to_path_buf();
+        let lock = pin::merge_lock(&dir)?;
+        self.refresh()?;
+        let readers = pin::live_pins(&dir, &lock)?;
+        if !readers.is_empty() && !self.parent().resyncing {
+            return Err(Error::Io {
+                op: "resync",
+                path: dir.clone(),
+                source: std::io::Error::other(format!(
+                    "{} reader(s) (restores or mounted point views) are using this replica; \
+                     the resync waits for them (Retry)",
+                    readers.len()
+                )),
+            });
+        }
+        // From here on no point can be opened: the parent is about to change in ways
+        // no record explains.
+        let mut mark = self.parent().clone();
+        mark.resyncing = true;
+        self.set_parent(mark)?;
+        drop(lock);
+        self.fold_chain()?;
+        let p = ResyncProgress {
+            base_lsn,
+            base_seq,
+            chunk_bytes,
+            ..Default::default()
+        };
+        self.save_resync(&p)?;
+        Ok(p)
+    }
+
+    /// Merge every stored segment after the parent that still reads and verifies into
+    /// the parent, in order; stop at the first that does not (what follows is lost
+    /// anyway and the comparison will fetch it).
+    fn fold_chain(&mut self) -> Result<()> {
+        let from = self.parent().seq;
+        let mut ed = ChunkEditor::new(self);
+        let mut last = None;
+        for seq in from + 1..=self.received().segment_seq {
+            let (index, plain) = match self.segment_index(seq).and_then(|i| {
+                let p = self.read_segment(seq)?;
+                Ok((i, p))
+            }) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("resync: segment {seq} is not usable ({e}); folding stops");
+                    break;
+                }
+            };
+            for r in &index.records {
+                if r.zero {
+                    ed.zero(r.disk, r.offset, r.length)?;
+                } else if let Some(d) =
+                    plain.get(r.payload_at as usize..(r.payload_at + r.length) as usize)
+                {
+                    ed.write(r.disk, r.offset, d)?;
+                }
+            }
+            last = Some((index.last_lsn, seq));
+        }
+        ed.finish()?;
+        if let Some((lsn, seq)) = last {
+            let mark = ParentMark {
+                lsn,
+                seq,
+                point: None,
+                merging_to: None,
+                resyncing: true,
+                valid_from: 0,
+            };
+            self.set_parent(mark)?;
+        }
+        Ok(())
+    }
+
+    /// SHA-256 of chunks `first..first+count` of `disk` as the replica parent holds
+    /// them.
+    pub fn resync_hashes(
+        &self,
+        chunk_bytes: u64,
+        disk: u32,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<[u8; 32]>> {
+        check_chunk_bytes(chunk_bytes)?;
+        let size = self
+            .manifest()
+            .disks
+            .get(disk as usize)
+            .map(|d| d.size)
+            .ok_or_else(|| Error::InvalidInput(format!("no disk {disk} in this replica")))?;
+        hash_chunks(size, chunk_bytes, first, count, &|at, buf| {
+            self.read_parent(disk, at, buf)
+        })
+    }
+
+    /// Read `buf.len()` bytes of the parent of `disk` at `offset` (missing chunks are
+    /// zeroes).
+    pub fn read_parent(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0usize;
+        let mut chunk = Vec::new();
+        let mut have: Option<u64> = None;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let n = at / CHUNK_BYTES;
+            let within = (at % CHUNK_BYTES) as usize;
+            let take = (buf.len() - done).min(CHUNK_BYTES as usize - within);
+            let dst = buf.get_mut(done..done + take).unwrap_or(&mut []);
+            if have != Some(n) {
+                if !self.read_chunk_into(disk, n, &mut chunk)? {
+                    chunk.clear();
+                }
+                have = Some(n);
+            }
+            match chunk.get(within..within + take) {
+                Some(src) if !chunk.is_empty() => dst.copy_from_slice(src),
+                _ => dst.fill(0),
+            }
+            done += take;
+        }
+        Ok(())
+    }
+
+    /// Apply the source's chunks of one batch and persist the new position.
+    pub fn apply_resync(
+        &mut self,
+        chunks: &[(u32, u64, Vec<u8>)],
+        progress: ResyncProgress,
+    ) -> Result<()> {
+        let Some(cur) = self.resync_progress()? else {
+            return Err(Error::InvalidInput("no resync is under way".into()));
+        };
+        if (progress.base_lsn, progress.base_seq, progress.chunk_bytes)
+            != (cur.base_lsn, cur.base_seq, cur.chunk_bytes)
+        {
+            return Err(Error::InvalidInput(
+                "resync batch for another resync".into(),
+            ));
+        }
+        let mut ed = ChunkEditor::new(self);
+        for (disk, offset, data) in chunks {
+            ed.write(*disk, *offset, data)?;
+        }
+        ed.finish()?;
+        self.save_resync(&progress)
+    }
+
+    /// The resync is complete: the replica's chain continues after the base; points
+    /// before `valid_from` are never offered.
+    pub fn finish_resync(&mut self, valid_from: u64) -> Result<()> {
+        let Some(p) = self.resync_progress()? else {
+            return Err(Error::InvalidInput("no resync is under way".into()));
+        };
+        if let Some(oldest) = self.oldest_stored_segment()? {
+            let newest = self.received().segment_seq.max(oldest);
+            self.remove_segments(oldest, newest)?;
+        }
+        self.set_received(crate::format::meta::Watermark {
+            lsn: p.base_lsn,
+            segment_seq: p.base_seq,
+        })?;
+        self.set_parent(ParentMark {
+            lsn: p.base_lsn,
+            seq: p.base_seq,
+            point: None,
+            merging_to: None,
+            resyncing: false,
+            valid_from,
+        })?;
+        self.clear_damage()?;
+        let path = self.resync_path();
+        std::fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
+        tracing::info!(
+            "replica: resynchronised ({} of {} chunks taken, {} bytes); chain continues after LSN {}",
+            p.sent_chunks,
+            p.compared,
+            p.sent_bytes,
+            p.base_lsn
+        );
+        Ok(())
+    }
+}
