@@ -101,7 +101,14 @@ pub fn resolve(store: &ReplicaStore, at: &str) -> Result<ReplicaPoint> {
         if let Some(p) = points.last() {
             return Ok(p.clone());
         }
-        if store.initial().done && store.parent().valid_from <= store.parent().lsn {
+        if store.initial().done && store.parent().valid_from > store.parent().lsn {
+            return Err(Error::NotFound(
+                "no consistent point since the resync yet (the first one arrives with the \
+                 next segment)"
+                    .into(),
+            ));
+        }
+        if store.initial().done {
             // Only the initial copy so far: its state is the one point there is.
             return Ok(ReplicaPoint {
                 lsn: store.parent().lsn,

@@ -642,8 +642,10 @@ impl Shipper {
                 }
             }
         }
-        // A point after every read: the first consistent state of the replica.
+        // A point after every read: the first consistent state of the replica; sealed,
+        // so the next pass ships it.
         let valid_from = machine.point(false)?.lsn;
+        machine.seal()?;
         send(
             &mut s,
             &Message::ResyncDone {
