@@ -27,6 +27,8 @@ pub struct MachineStatus {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResyncCounters {
+    /// Chunks compared before this run started (an interrupted resync resumed).
+    pub resumed_from: u64,
     pub chunks_compared: u64,
     pub chunks_total: u64,
     pub chunks_sent: u64,

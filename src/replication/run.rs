@@ -272,7 +272,7 @@ fn run(
                 r.chunks_compared = done;
                 r.chunks_total = total;
             }));
-            match shipper.resync_once(&machine, cfg.resync_chunk_bytes) {
+            match shipper.resync_batched(&machine, cfg.resync_chunk_bytes, cfg.resync_batch_bytes) {
                 Ok(r) => {
                     failures = 0;
                     tracing::info!(
@@ -284,6 +284,7 @@ fn run(
                     );
                     let mut s = status.lock();
                     s.resync = Some(crate::replication::health::ResyncCounters {
+                        resumed_from: r.resumed_from,
                         chunks_compared: r.compared,
                         chunks_total: r.compared,
                         chunks_sent: r.sent_chunks,

@@ -28,6 +28,9 @@ pub struct Shipper {
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// What the target keeps: (every point, app-consistent points), in ms.
     retention: (u64, u64),
+    /// Where a resync reports its counters as it goes (status shows them).
+    resync_counters:
+        Option<std::sync::Arc<parking_lot::Mutex<crate::replication::health::ResyncCounters>>>,
 }
 
 impl std::fmt::Debug for Shipper {
@@ -129,7 +132,16 @@ impl Shipper {
                 let r = crate::replica::store::Retention::default();
                 (r.window_ms, r.app_window_ms)
             },
+            resync_counters: None,
         }
+    }
+
+    /// Keep `c` current with a resync's counters as it goes.
+    pub fn report_resync_to(
+        &mut self,
+        c: std::sync::Arc<parking_lot::Mutex<crate::replication::health::ResyncCounters>>,
+    ) {
+        self.resync_counters = Some(c);
     }
 
     pub fn site(&self) -> &Path {
@@ -424,6 +436,8 @@ impl Shipper {
 /// What one resync pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ResyncReport {
+    /// Chunks compared before this pass (a resync resumed).
+    pub resumed_from: u64,
     /// Chunks compared and chunks (and their bytes) sent, over the whole resync
     /// (persisted at the target, so they carry over an interruption).
     pub compared: u64,
@@ -449,7 +463,17 @@ impl Shipper {
     /// interrupted (same base, persisted at both ends). Writes go on meanwhile: the
     /// journal after the base ships as usual afterwards.
     pub fn resync_once(&mut self, machine: &Machine, chunk_bytes: u64) -> Result<ResyncReport> {
-        use super::resync::{SourceResync, BATCH_BYTES};
+        self.resync_batched(machine, chunk_bytes, super::resync::BATCH_BYTES)
+    }
+
+    /// [`Shipper::resync_once`] comparing `batch_bytes` of disk per round trip.
+    pub fn resync_batched(
+        &mut self,
+        machine: &Machine,
+        chunk_bytes: u64,
+        batch_bytes: u64,
+    ) -> Result<ResyncReport> {
+        use super::resync::SourceResync;
         crate::replica::resync::check_chunk_bytes(chunk_bytes)?;
         let mut state = SourceResync::load(&self.site, machine.name())?.unwrap_or_default();
         // The base: where the chain continues afterwards. A base from an interrupted
@@ -515,11 +539,14 @@ impl Shipper {
         };
         let (mut disk0, mut next0, mut compared, mut sent_chunks, mut sent_bytes) =
             expect_state(recv(&mut s)?)?;
-        let mut report = ResyncReport::default();
+        let mut report = ResyncReport {
+            resumed_from: compared,
+            ..Default::default()
+        };
         let disks = machine.disks();
         let total_chunks: u64 = disks.iter().map(|(_, sz)| sz.div_ceil(chunk_bytes)).sum();
         let group = group_of(chunk_bytes);
-        let batch = (BATCH_BYTES / chunk_bytes).max(group) / group * group;
+        let batch = (batch_bytes / chunk_bytes).max(group) / group * group;
         for (d, (dname, size)) in disks.iter().enumerate() {
             let d = d as u32;
             if d < disk0 {
@@ -637,6 +664,15 @@ impl Shipper {
                 let st = expect_state(recv(&mut s)?)?;
                 (disk0, next0) = (st.0, st.1);
                 c += count;
+                if let Some(rc) = &self.resync_counters {
+                    *rc.lock() = crate::replication::health::ResyncCounters {
+                        resumed_from: report.resumed_from,
+                        chunks_compared: compared,
+                        chunks_total: total_chunks,
+                        chunks_sent: sent_chunks,
+                        bytes_sent: sent_bytes,
+                    };
+                }
                 if let Some(progress) = &self.progress {
                     progress(compared.min(total_chunks), total_chunks);
                 }

@@ -1,0 +1,264 @@
+//! Resynchronisation as an operator sees it, with `serve` processes on both sites:
+//! the journal overflows while the target is down, the resync waits for its window,
+//! `replog resync --now` starts it, writes through the FUSE mount go on during it and
+//! reach the replica; kill -9 of either side mid-resync resumes without starting over.
+
+mod common;
+
+use common::serve::*;
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+struct Target(Child);
+
+impl Target {
+    fn start(dst: &Path, addr: &str) -> Target {
+        let t = Target(
+            replog()
+                .arg("serve")
+                .arg(dst)
+                .args(["--listen", addr])
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("target serve"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "target never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        t
+    }
+
+    fn kill9(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        // SAFETY: signal to a child we spawned.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+/// Two trusted sites with vm1 (one disk of `size`) at the source; fast replication,
+/// resyncs only on request, small batches; returns (src, dst, addr).
+fn sites(root: &Path, size: &str, threshold: u64) -> (PathBuf, PathBuf, String) {
+    let (src, dst) = (root.join("src"), root.join("dst"));
+    run_ok(replog().arg("init").arg(&src));
+    run_ok(replog().arg("init").arg(&dst));
+    fast_replication(&src);
+    edit_config(&src, |c| {
+        c.replication.resync_window = "never".into();
+        c.replication.resync_weekends = false;
+        c.replication.resync_threshold_percent = threshold;
+        c.replication.resync_batch_bytes = 1 << 20;
+    });
+    let id_src = run_ok(replog().arg("id").arg(&src)).trim().to_string();
+    let id_dst = run_ok(replog().arg("id").arg(&dst)).trim().to_string();
+    run_ok(replog().arg("trust").arg(&src).arg(&id_dst));
+    run_ok(replog().arg("trust").arg(&dst).arg(&id_src));
+    run_ok(
+        replog()
+            .args(["disk", "create"])
+            .arg(&src)
+            .args(["vm1/os", "--size", size]),
+    );
+    (src, dst, format!("127.0.0.1:{}", free_port()))
+}
+
+fn protect(src: &Path, addr: &str) {
+    run_ok(
+        replog()
+            .arg("protect")
+            .arg(src)
+            .arg("vm1")
+            .args(["--target", addr]),
+    );
+}
+
+fn restore_equals(dst: &Path, out: &Path, disk: &std::fs::File, size: usize) {
+    let doc = run_ok(
+        replog()
+            .arg("restore")
+            .arg(dst)
+            .arg("vm1")
+            .args(["--at", "latest", "--out"])
+            .arg(out)
+            .arg("--json"),
+    );
+    let doc: serde_json::Value = serde_json::from_str(doc.trim()).expect("json");
+    assert_eq!(doc["verified"], true, "{doc}");
+    let mut want = vec![0u8; size];
+    disk.read_exact_at(&mut want, 0).expect("read source");
+    let got = std::fs::read(out.join("os.img")).expect("restored");
+    assert!(got == want, "the replica differs from the source");
+}
+
+#[test]
+fn overflow_waits_for_the_window_then_resync_now_with_writes_going_on() {
+    if !fuse_available("overflow_waits_for_the_window_then_resync_now_with_writes_going_on") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, dst, addr) = sites(tmp.path(), "16M", 25);
+    let target = Target::start(&dst, &addr);
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    let os = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(served.disk("os"))
+        .expect("os");
+    os.write_all_at(&common::pattern(1, 3 << 20), 0)
+        .expect("write");
+    os.sync_all().expect("fsync");
+    protect(&src, &addr);
+    wait_for(&src, "protected", |m| {
+        m["state"] == "protected" && m["lag_seconds"] == 0.0
+    });
+    // The target goes away; the guest writes more than 25% of the disk.
+    drop(target);
+    for i in 0..6u64 {
+        os.write_all_at(&common::pattern(10 + i, 1 << 20), (i * 2 + 1) << 20)
+            .expect("write");
+        os.sync_all().expect("fsync");
+    }
+    let st = wait_for(&src, "resync-required", |m| m["state"] == "resync-required");
+    let m = &st["machines"][0];
+    assert_eq!(m["health"], "warning");
+    assert!(
+        m["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unshipped journal"),
+        "{m}"
+    );
+    // The journal stays bounded: the compactor merges what the target never got.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&src)["machines"][0]["journal_bytes"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+        > 4 << 20
+    {
+        assert!(Instant::now() < deadline, "the journal was not merged");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The target is back, but outside the window nothing starts by itself.
+    let _target = Target::start(&dst, &addr);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(status(&src)["machines"][0]["state"], "resync-required");
+    // --now starts it; writes go on through the mount meanwhile.
+    let out = run_ok(replog().arg("resync").arg(&src).arg("vm1").arg("--now"));
+    assert!(out.contains("now"), "{out}");
+    for i in 0..20u64 {
+        os.write_all_at(
+            &common::pattern(100 + i, 65_536),
+            (i * 700_000) % (15 << 20),
+        )
+        .expect("write during resync");
+        if i % 4 == 0 {
+            os.sync_all().expect("fsync");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    os.sync_all().expect("fsync");
+    let st = wait_for(&src, "resynced and caught up", |m| {
+        m["state"] == "protected" && m["health"] == "healthy" && m["lag_seconds"] == 0.0
+    });
+    let r = &st["machines"][0]["resync"];
+    let total = r["chunks_total"].as_u64().unwrap_or(0);
+    assert_eq!(r["chunks_compared"].as_u64(), Some(total), "{r}");
+    assert!(total == (16 << 20) / 4096, "{r}");
+    let sent = r["chunks_sent"].as_u64().unwrap_or(0);
+    assert!(
+        sent > 0 && sent < total,
+        "sent {sent} of {total} chunks: {r}"
+    );
+    restore_equals(&dst, &tmp.path().join("restored"), &os, 16 << 20);
+    drop(os);
+    assert!(served.stop().success());
+}
+
+/// Wait until the source's resync has compared some chunks but not all.
+fn wait_mid_resync(src: &Path) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = status(src);
+        let m = &st["machines"][0];
+        let done = m["resync"]["chunks_compared"].as_u64().unwrap_or(0);
+        let total = m["resync"]["chunks_total"].as_u64().unwrap_or(0);
+        if m["state"] == "resyncing" && done > 0 && done < total {
+            return done;
+        }
+        assert!(Instant::now() < deadline, "never mid-resync: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn kill_9_of_either_side_mid_resync_resumes_without_starting_over() {
+    if !fuse_available("kill_9_of_either_side_mid_resync_resumes_without_starting_over") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, dst, addr) = sites(tmp.path(), "256M", 50);
+    let target = Target::start(&dst, &addr);
+    let mnt = tmp.path().join("mnt");
+    let served = Served::start(&src, &mnt, &[]);
+    protect(&src, &addr);
+    wait_for(&src, "protected", |m| m["state"] == "protected");
+    let os = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(served.disk("os"))
+        .expect("os");
+    for i in 0..64u64 {
+        os.write_all_at(&common::pattern(i, 8192), i * (4 << 20))
+            .expect("write");
+    }
+    os.sync_all().expect("fsync");
+    drop(os);
+    // kill -9 of the source mid-resync.
+    run_ok(replog().arg("resync").arg(&src).arg("vm1").arg("--now"));
+    let before = wait_mid_resync(&src);
+    served.kill();
+    let served = Served::start(&src, &mnt, &[]);
+    let st = wait_for(&src, "resumed and done", |m| {
+        m["state"] == "protected" && m["resync"]["resumed_from"].as_u64().unwrap_or(0) > 0
+    });
+    let r = &st["machines"][0]["resync"];
+    assert!(
+        r["resumed_from"].as_u64().unwrap_or(0) >= before.saturating_sub(256),
+        "resumed from {r} after {before} chunks were compared"
+    );
+    // kill -9 of the target mid-resync.
+    run_ok(replog().arg("resync").arg(&src).arg("vm1").arg("--now"));
+    wait_mid_resync(&src);
+    target.kill9();
+    let _target = Target::start(&dst, &addr);
+    let st = wait_for(&src, "resumed after the target's kill", |m| {
+        m["state"] == "protected"
+            && m["health"] == "healthy"
+            && m["resync"]["resumed_from"].as_u64().unwrap_or(0) > 0
+    });
+    let r = &st["machines"][0]["resync"];
+    assert_eq!(
+        r["chunks_compared"].as_u64(),
+        r["chunks_total"].as_u64(),
+        "{r}"
+    );
+    let os = OpenOptions::new()
+        .read(true)
+        .open(served.disk("os"))
+        .expect("os");
+    wait_for(&src, "caught up", |m| m["lag_seconds"] == 0.0);
+    restore_equals(&dst, &tmp.path().join("restored"), &os, 256 << 20);
+    drop(os);
+    assert!(served.stop().success());
+}
