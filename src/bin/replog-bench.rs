@@ -22,6 +22,8 @@
 mod fio;
 #[path = "bench/replica.rs"]
 mod replica;
+#[path = "bench/resync.rs"]
+mod resync;
 
 use clap::Parser;
 use replog::{Machine, Site, Volume};
@@ -114,7 +116,7 @@ struct Args {
     #[arg(long, allow_hyphen_values = true)]
     serve_arg: Vec<String>,
     /// Run only the engine figures whose group is named here: journal (append and the
-    /// reads of its data), random, index, digest, restore, view (FUSE figures are
+    /// reads of its data), random, index, digest, restore, view, resync (FUSE figures are
     /// governed by --no-fuse / --fuse-only).
     #[arg(long, value_name = "GROUP")]
     only: Vec<String>,
@@ -257,13 +259,16 @@ fn run(args: &Args) -> Result<()> {
         if want("digest") {
             figures.push(b.digest_cost()?);
         }
-        if want("restore") || want("view") {
+        if want("restore") || want("view") || want("resync") {
             let target = replica::TargetSite::start(&b)?;
             if want("restore") {
                 figures.push(b.restore_point(&target)?);
             }
             if want("view") {
                 figures.push(b.view_open(&target)?);
+            }
+            if want("resync") {
+                figures.extend(b.resync(&target)?);
             }
         }
     }

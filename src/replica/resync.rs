@@ -42,11 +42,12 @@ pub struct ResyncProgress {
     pub sent_bytes: u64,
 }
 
-/// Smallest and largest chunk size; it must divide the parent chunk size.
+/// Smallest and largest compared chunk.
 pub const MIN_CHUNK: u64 = 4096;
+pub const MAX_CHUNK: u64 = 1 << 20;
 
 pub fn check_chunk_bytes(n: u64) -> Result<()> {
-    if !(MIN_CHUNK..=CHUNK_BYTES).contains(&n) || !n.is_power_of_two() {
+    if !(MIN_CHUNK..=MAX_CHUNK).contains(&n) || !n.is_power_of_two() {
         return Err(Error::InvalidInput(format!(
             "resync chunk size {n}: a power of two from 4 KiB to 1 MiB"
         )));

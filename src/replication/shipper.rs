@@ -70,12 +70,24 @@ struct Protected {
 pub type Progress = dyn Fn(u64, u64) + Send + Sync;
 
 fn send(s: &mut ClientStream, m: &Message) -> Result<()> {
+    send_opt(s, m, true)
+}
+
+/// Send without flushing (more follows at once; the last one flushes).
+fn send_more(s: &mut ClientStream, m: &Message) -> Result<()> {
+    send_opt(s, m, false)
+}
+
+fn send_opt(s: &mut ClientStream, m: &Message, flush: bool) -> Result<()> {
     let sent = write_frame(s, m)
         .map_err(|e| match e {
             FrameError::Io(io) => Error::io("send to", PathBuf::from("target"), io),
             other => Error::InvalidInput(format!("sending: {other}")),
         })
         .and_then(|()| {
+            if !flush {
+                return Ok(());
+            }
             s.flush()
                 .map_err(|e| Error::io("send to", PathBuf::from("target"), e))
         });
@@ -596,47 +608,60 @@ impl Shipper {
                         ours.len()
                     )));
                 }
-                for (g, (a, b)) in our_groups.iter().zip(&theirs).enumerate() {
-                    if a == b {
-                        continue;
+                // The groups that differ: ask for all their chunk hashes at once (the
+                // answers come back in order), then send the chunks that differ.
+                let differing: Vec<u64> = our_groups
+                    .iter()
+                    .zip(&theirs)
+                    .enumerate()
+                    .filter(|(_, (a, b))| a != b)
+                    .map(|(g, _)| c + g as u64 * group)
+                    .collect();
+                for (k, &g0) in differing.iter().enumerate() {
+                    let m = Message::ResyncHashRequest {
+                        machine: name.clone(),
+                        disk: d,
+                        first: g0,
+                        count: group.min(c + count - g0),
+                        group: 1,
+                    };
+                    if k + 1 == differing.len() {
+                        send(&mut s, &m)?;
+                    } else {
+                        send_more(&mut s, &m)?;
                     }
-                    // This group differs: compare its chunks one by one.
-                    let g0 = c + g as u64 * group;
+                }
+                let mut data = vec![0u8; chunk_bytes as usize];
+                for &g0 in &differing {
                     let gn = group.min(c + count - g0);
-                    send(
-                        &mut s,
-                        &Message::ResyncHashRequest {
-                            machine: name.clone(),
-                            disk: d,
-                            first: g0,
-                            count: gn,
-                            group: 1,
-                        },
-                    )?;
                     let detail = match recv(&mut s)? {
-                        Message::ResyncHashes { hashes, .. } if hashes.len() as u64 == gn => hashes,
+                        Message::ResyncHashes { hashes, first, .. }
+                            if hashes.len() as u64 == gn && first == g0 =>
+                        {
+                            hashes
+                        }
                         other => {
                             return Err(Error::InvalidInput(format!(
-                                "expected {gn} chunk hashes, got {other:?}"
+                                "expected {gn} chunk hashes from {g0}, got {other:?}"
                             )))
                         }
                     };
                     report.hash_bytes_now += 32 * gn;
                     for (k, theirs) in detail.iter().enumerate() {
                         let i = g0 + k as u64;
-                        let ours = ours.get((i - c) as usize);
-                        if ours == Some(theirs) {
+                        if ours.get((i - c) as usize) == Some(theirs) {
                             continue;
                         }
                         let at = i * chunk_bytes;
                         let len = chunk_bytes.min(size - at) as usize;
-                        let mut data = vec![0u8; len];
-                        vol.read(at, &mut data)?;
-                        let bytes = lz4_flex::block::compress_prepend_size(&data);
+                        let buf = data.get_mut(..len).unwrap_or(&mut []);
+                        vol.read(at, buf)?;
+                        let bytes = lz4_flex::block::compress_prepend_size(buf);
                         report.sent_bytes_now += bytes.len() as u64;
                         sent_bytes += bytes.len() as u64;
                         sent_chunks += 1;
-                        send(
+                        // Flushed with the batch's end.
+                        send_more(
                             &mut s,
                             &Message::ResyncChunk {
                                 machine: name.clone(),

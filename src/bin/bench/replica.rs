@@ -51,7 +51,7 @@ impl TargetSite {
         })
     }
 
-    fn store(&self, machine: &str) -> Result<ReplicaStore> {
+    pub fn store(&self, machine: &str) -> Result<ReplicaStore> {
         let key = replog::site::replica_key_at(&self.path)?;
         Ok(ReplicaStore::open_readonly(&self.path, machine, key)?)
     }
