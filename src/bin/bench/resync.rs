@@ -78,8 +78,7 @@ fn rsync(src: &Path, port: u16, name: &str) -> Result<(f64, u64)> {
         text.lines()
             .find_map(|l| l.strip_prefix(key))
             .map(|v| {
-                v.trim()
-                    .split_whitespace()
+                v.split_whitespace()
                     .next()
                     .unwrap_or("0")
                     .replace(',', "")
