@@ -121,10 +121,34 @@ pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
                 .unwrap_or_default();
             let progress = m
                 .progress
-                .map(|p| format!("{:.0}% copied; ", p * 100.0))
+                .map(|p| {
+                    let verb = if m.state == "resyncing" {
+                        "compared"
+                    } else {
+                        "copied"
+                    };
+                    format!("{:.0}% {verb}; ", p * 100.0)
+                })
+                .unwrap_or_default();
+            let resync = m
+                .resync
+                .map(|r| {
+                    format!(
+                        "resync: {}/{} chunks compared, {} sent ({} bytes){}; ",
+                        r.chunks_compared,
+                        r.chunks_total,
+                        r.chunks_sent,
+                        r.bytes_sent,
+                        if r.resumed_from > 0 {
+                            format!(", resumed at {}", r.resumed_from)
+                        } else {
+                            String::new()
+                        }
+                    )
+                })
                 .unwrap_or_default();
             println!(
-                "{}: {} / {} — {}; {lag}{progress}journal {} bytes; last point {}",
+                "{}: {} / {} — {}; {lag}{progress}{resync}journal {} bytes; last point {}",
                 m.name,
                 m.state,
                 m.health,
