@@ -141,6 +141,22 @@ fn a_broken_chain_is_mended_by_sending_only_what_differs() {
     // Delta replication goes on from the resync's base.
     shipper.ship_once(&m).expect("ship after the resync");
     assert_replica_equals(&p, &disks(&m), "after the resync");
+    // The resync's chunks lie in patch files over the parent until the target
+    // compactor folds them in; the replica reads the same before and after.
+    let key = replog::site::replica_key_at(&p.b).expect("key");
+    let open = || {
+        replog::replica::store::ReplicaStore::open_readonly(&p.b, "vm1", key.clone())
+            .expect("store")
+    };
+    assert!(open().parent().patches > 0, "no patch written");
+    replog::replica::compact::compact_replica(&p.b, "vm1", key.clone(), replog::format::now_ns())
+        .expect("compact");
+    assert_eq!(open().parent().patches, 0, "patches not folded");
+    assert!(
+        !p.b.join("replicas/vm1/patches").exists(),
+        "patch files left"
+    );
+    assert_replica_equals(&p, &disks(&m), "after folding the patches");
     scatter(&m, 77, 3);
     m.flush().expect("flush");
     m.seal().expect("seal");

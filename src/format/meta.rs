@@ -29,11 +29,12 @@
 //! ## Replica parent mark body (kind 5): postcard encoding of
 //! `replica::store::ParentMark`: `lsn: u64, seq: u64, point: Option<{ lsn: u64,
 //! time_ns: u64, app: bool, digests: Option<[u64]>, received_ns: u64 }>, merging_to:
-//! Option<(u64, u64)>, resyncing: bool, valid_from: u64`.
+//! Option<(u64, u64)>, resyncing: bool, valid_from: u64, patches: u64`.
 //!
 //! ## Replica resync progress body (kind 7): postcard encoding of
 //! `replica::resync::ResyncProgress`: `base_lsn: u64, base_seq: u64, chunk_bytes: u64,
-//! disk: u32, next: u64, compared: u64, sent_chunks: u64, sent_bytes: u64`.
+//! disk: u32, next: u64, compared: u64, sent_chunks: u64, sent_bytes: u64, patches:
+//! u64`.
 //!
 //! ## Replica retention body (kind 6): postcard encoding of
 //! `replica::store::Retention`: `window_ms: u64, app_window_ms: u64`.

@@ -50,6 +50,9 @@ pub fn compact_replica(
     if parent.resyncing {
         return Ok(stats); // the resync owns the parent until it ends
     }
+    if store.has_stale_patches() && pins.is_empty() {
+        store.remove_patches()?;
+    }
     let target = match parent.merging_to {
         Some(t) => Some(t), // an interrupted merge: finish it
         None => {
@@ -65,7 +68,8 @@ pub fn compact_replica(
                 }
                 best = Some((index.last_lsn, seq));
             }
-            best
+            // A resync's patches are folded in at once (they lie below every point).
+            best.or((parent.patches > 0).then_some((parent.lsn, parent.seq)))
         }
     };
     if let Some((lsn, seq)) = target {
@@ -77,7 +81,23 @@ pub fn compact_replica(
         }
         drop(lock);
         let mut ed = ChunkEditor::new(&store);
-        let mut point = None;
+        let mut point = parent.point.clone();
+        for n in 1..=parent.patches {
+            let index = store.patch_index(n)?;
+            let plain = store.read_layer(super::store::PATCH_SEQ + n)?;
+            for r in &index.records {
+                let data = plain
+                    .get(r.payload_at as usize..(r.payload_at + r.length) as usize)
+                    .ok_or_else(|| {
+                        crate::error::Error::corruption(
+                            store.dir().join("patches"),
+                            r.payload_at,
+                            format!("payload past the end of patch {n}"),
+                        )
+                    })?;
+                ed.write(r.disk, r.offset, data)?;
+            }
+        }
         for s in parent.seq + 1..=seq {
             let read = store
                 .segment_index(s)
@@ -121,9 +141,14 @@ pub fn compact_replica(
             merging_to: None,
             resyncing: false,
             valid_from: parent.valid_from,
+            patches: 0,
         })?;
         stats.merged_to = Some(lsn);
-        stats.files_removed = remove_unneeded(&store, &live_pins(&dir, &lock)?)?;
+        let pins = live_pins(&dir, &lock)?;
+        if pins.is_empty() {
+            store.remove_patches()?;
+        }
+        stats.files_removed = remove_unneeded(&store, &pins)?;
         tracing::info!(
             machine,
             lsn,

@@ -112,6 +112,22 @@ impl PointImage {
             .iter()
             .map(|_| ExtentMap::new())
             .collect();
+        // A resync's patches lie under every segment (records at "LSN 0").
+        for n in 1..=store.parent().patches {
+            let index = store.patch_index(n)?;
+            for r in &index.records {
+                if let Some(map) = maps.get_mut(r.disk as usize) {
+                    map.insert(
+                        r.offset,
+                        r.length,
+                        Location::Segment {
+                            seq: super::store::PATCH_SEQ + n,
+                            offset: r.payload_at,
+                        },
+                    );
+                }
+            }
+        }
         for seq in from_seq + 1..=store.received().segment_seq {
             let index = store.segment_index(seq)?;
             if index.first_lsn > point.lsn {
@@ -163,13 +179,13 @@ impl PointImage {
         self.maps.get(disk as usize)
     }
 
-    /// Segment `seq`'s plain bytes (cached).
+    /// Segment `seq`'s plain bytes, or a patch's (`PATCH_SEQ + n`) (cached).
     pub fn segment(&self, seq: u64) -> Result<Arc<Vec<u8>>> {
         let mut cache = self.segments.lock();
         if let Some(s) = cache.get(seq) {
             return Ok(s);
         }
-        let plain = Arc::new(self.store.read_segment(seq)?);
+        let plain = Arc::new(self.store.read_layer(seq)?);
         cache.put(seq, plain.clone(), plain.len());
         Ok(plain)
     }

@@ -213,7 +213,7 @@ pub fn restore(image: &PointImage, out: &Path, progress: &dyn Fn(u64, u64)) -> R
                         f.start_writeback(n * CHUNK_BYTES, CHUNK_BYTES);
                     }
                     Work::Segment(seq, pieces) => {
-                        let plain = store.read_segment(*seq)?;
+                        let plain = store.read_layer(*seq)?;
                         for &(id, at, from, len) in pieces {
                             let data = plain.get(from as usize..(from + len) as usize).ok_or_else(
                                 || {

@@ -6,9 +6,11 @@
 //!         that does not), then persist resync.meta (base, chunk size, position 0);
 //!         parent.meta says "resyncing": no point can be opened meanwhile
 //! hashes  SHA-256 of chunks first..first+count of a disk, from the parent chunks
-//! apply   the source's differing chunks, written into the parent (ChunkEditor:
-//!         encrypted, temp + fsync + rename), then the new position and counters are
-//!         persisted — an interrupted resync continues from there
+//! apply   the source's differing chunks of a batch, written as one patch file
+//!         (encrypted data + index, temp + fsync + rename), then the new position,
+//!         counters and patch count are persisted — an interrupted resync continues
+//!         from there. Patches lie on top of the parent (readers map them like
+//!         segments) until the target compactor folds them in
 //! finish  remove every stored segment, set the received mark to the resync's base,
 //!         set the parent mark (base, no point; points before `valid_from` are not
 //!         consistent and are never offered), remove resync.meta
@@ -40,6 +42,8 @@ pub struct ResyncProgress {
     pub compared: u64,
     pub sent_chunks: u64,
     pub sent_bytes: u64,
+    /// Patch files written so far (each batch's chunks are one).
+    pub patches: u64,
 }
 
 /// Smallest and largest compared chunk.
@@ -206,7 +210,20 @@ impl ReplicaStore {
     /// anyway and the comparison will fetch it).
     fn fold_chain(&mut self) -> Result<()> {
         let from = self.parent().seq;
+        let old_patches = self.parent().patches;
         let mut ed = ChunkEditor::new(self);
+        // An earlier resync's patches first (no reader is pinned: checked above).
+        for n in 1..=old_patches {
+            let index = self.patch_index(n)?;
+            let plain = self.read_layer(super::store::PATCH_SEQ + n)?;
+            for r in &index.records {
+                if let Some(d) =
+                    plain.get(r.payload_at as usize..(r.payload_at + r.length) as usize)
+                {
+                    ed.write(r.disk, r.offset, d)?;
+                }
+            }
+        }
         let mut last = None;
         for seq in from + 1..=self.received().segment_seq {
             let (index, plain) = match self.segment_index(seq).and_then(|i| {
@@ -231,18 +248,17 @@ impl ReplicaStore {
             last = Some((index.last_lsn, seq));
         }
         ed.finish()?;
-        if let Some((lsn, seq)) = last {
-            let mark = ParentMark {
-                lsn,
-                seq,
-                point: None,
-                merging_to: None,
-                resyncing: true,
-                valid_from: 0,
-            };
-            self.set_parent(mark)?;
-        }
-        Ok(())
+        let (lsn, seq) = last.unwrap_or((self.parent().lsn, self.parent().seq));
+        self.set_parent(ParentMark {
+            lsn,
+            seq,
+            point: None,
+            merging_to: None,
+            resyncing: true,
+            valid_from: 0,
+            patches: 0,
+        })?;
+        self.remove_patches()
     }
 
     /// SHA-256 of chunks `first..first+count` of `disk` as the replica parent holds
@@ -309,11 +325,17 @@ impl ReplicaStore {
                 "resync batch for another resync".into(),
             ));
         }
-        let mut ed = ChunkEditor::new(self);
-        for (disk, offset, data) in chunks {
-            ed.write(*disk, *offset, data)?;
+        // The chunks become one patch file (written once, not merged into 256 KiB
+        // parent chunks now: the compactor folds patches in later, off the resync's
+        // path).
+        let mut progress = ResyncProgress {
+            patches: cur.patches,
+            ..progress
+        };
+        if !chunks.is_empty() {
+            progress.patches = cur.patches + 1;
+            self.write_patch(progress.patches, chunks)?;
         }
-        ed.finish()?;
         self.save_resync(&progress)
     }
 
@@ -338,6 +360,7 @@ impl ReplicaStore {
             merging_to: None,
             resyncing: false,
             valid_from,
+            patches: p.patches,
         })?;
         self.clear_damage()?;
         let path = self.resync_path();

@@ -15,6 +15,8 @@
 //! SITE/replicas/<machine>/initial                  initial-copy progress (chunks, position, done)
 //! SITE/replicas/<machine>/pins/, merge.lock        readers' pins (see pin.rs)
 //! SITE/replicas/<machine>/damaged                  why the replica needs a resync (text)
+//! SITE/replicas/<machine>/patches/<n>.{data,idx}.enc  a resync's chunks, on top of the
+//!                                                  parent until the compactor folds them
 //! SITE/replicas/<machine>/resync.meta              a resync under way (see resync.rs)
 //! ```
 //!
@@ -50,6 +52,7 @@ const PARENT_MARK: &str = "parent.meta";
 const RETENTION: &str = "retention.meta";
 const INITIAL: &str = "initial";
 const DAMAGED: &str = "damaged";
+const PATCHES: &str = "patches";
 pub(crate) const PINS: &str = "pins";
 pub(crate) const MERGE_LOCK: &str = "merge.lock";
 
@@ -81,7 +84,14 @@ pub struct ParentMark {
     /// Points before this LSN are not consistent (the chunks a resync took were read
     /// at various times after its base) and are never offered.
     pub valid_from: u64,
+    /// Patch files 1..=patches (a resync's chunks) lie on top of the parent chunks,
+    /// below the segments, until the target compactor folds them in.
+    pub patches: u64,
 }
+
+/// Sequence numbers from here on name patch files where a segment's number would go
+/// (segment numbers stay below 2^62): patch `n` is `PATCH_SEQ + n`.
+pub const PATCH_SEQ: u64 = 1 << 62;
 
 /// How long a replica keeps recovery points (set by the source's relationship).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -250,6 +260,7 @@ impl ReplicaStore {
             merging_to: None,
             resyncing: false,
             valid_from: 0,
+            patches: 0,
         };
         write_meta(&dir.join(PARENT_MARK), meta::KIND_PARENT_MARK, &parent)?;
         let body =
@@ -304,6 +315,7 @@ impl ReplicaStore {
                 merging_to: None,
                 resyncing: false,
                 valid_from: 0,
+                patches: 0,
             },
             retention: Retention::default(),
             manifest,
@@ -721,6 +733,88 @@ impl ReplicaStore {
         }
         out.sort_unstable();
         Ok(out)
+    }
+
+    fn patch_path(&self, n: u64, what: &str) -> PathBuf {
+        self.dir.join(PATCHES).join(format!("{n:010}.{what}.enc"))
+    }
+
+    /// Store patch `n`: `chunks` (disk, offset, data) as one encrypted file of their
+    /// bytes and an index of records pointing into it (LSN 0: below every point).
+    pub fn write_patch(&self, n: u64, chunks: &[(u32, u64, Vec<u8>)]) -> Result<()> {
+        let mut plain = Vec::new();
+        let mut index = SegmentIndex::default();
+        for (disk, offset, data) in chunks {
+            self.disk_size(*disk).and_then(|size| {
+                if offset.saturating_add(data.len() as u64) > size {
+                    Err(Error::OutOfRange {
+                        what: "resync chunk".into(),
+                        offset: *offset,
+                        end: offset.saturating_add(data.len() as u64),
+                        size,
+                    })
+                } else {
+                    Ok(())
+                }
+            })?;
+            index.records.push(IndexedRecord {
+                lsn: 0,
+                disk: *disk,
+                zero: false,
+                offset: *offset,
+                length: data.len() as u64,
+                payload_at: plain.len() as u64,
+            });
+            plain.extend_from_slice(data);
+        }
+        FileStorage.create_dir_all(&self.dir.join(PATCHES))?;
+        let id = PATCH_SEQ + n;
+        let body = postcard::to_stdvec(&index).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        write_durably(
+            &self.patch_path(n, "idx"),
+            &self.key.seal_index(self.manifest.machine_id, id, &body)?,
+        )?;
+        write_durably(
+            &self.patch_path(n, "data"),
+            &self.key.seal(self.manifest.machine_id, id, &plain)?,
+        )
+    }
+
+    /// The records of patch `n`.
+    pub fn patch_index(&self, n: u64) -> Result<SegmentIndex> {
+        let path = self.patch_path(n, "idx");
+        let ct = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+        let body = self
+            .key
+            .open_index(self.manifest.machine_id, PATCH_SEQ + n, &ct, &path)?;
+        postcard::from_bytes(&body).map_err(|e| Error::corruption(&path, 40, e.to_string()))
+    }
+
+    /// Remove every patch file (folded into the parent, needed by no reader).
+    pub fn remove_patches(&self) -> Result<()> {
+        let dir = self.dir.join(PATCHES);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => FileStorage.sync_dir(&self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", &dir, e)),
+        }
+    }
+
+    /// Whether patch files lie around that the parent mark no longer counts.
+    pub fn has_stale_patches(&self) -> bool {
+        self.parent.patches == 0 && !self.parent.resyncing && self.dir.join(PATCHES).exists()
+    }
+
+    /// The plain bytes a map location's `seq` names: a stored segment, or a patch
+    /// (`PATCH_SEQ + n`).
+    pub fn read_layer(&self, seq: u64) -> Result<Vec<u8>> {
+        if seq > PATCH_SEQ {
+            let n = seq - PATCH_SEQ;
+            let path = self.patch_path(n, "data");
+            let ct = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+            return self.key.open(self.manifest.machine_id, seq, &ct, &path);
+        }
+        self.read_segment(seq)
     }
 
     /// The plain bytes of stored segment `seq`, decrypted and authenticated.

@@ -502,14 +502,16 @@ impl Shipper {
                 (lsn, seq)
             }
             _ => {
+                // The end of the newest sealed segment (writes may go on meanwhile: they
+                // land in the next segment, which ships afterwards).
                 machine.seal()?;
-                let last = machine.status().last_lsn;
-                let seq = machine
-                    .sealed_segments()
-                    .last()
-                    .map(|g| g.seq)
-                    .unwrap_or(machine.status().watermark.segment_seq);
-                (last, seq)
+                match machine.sealed_segments().last() {
+                    Some(g) => (g.last_lsn, g.seq),
+                    None => {
+                        let w = machine.status().watermark;
+                        (w.lsn, w.segment_seq)
+                    }
+                }
             }
         };
         // Keep every segment after the base until the target acknowledges it.
