@@ -262,3 +262,26 @@ fn kill_9_of_either_side_mid_resync_resumes_without_starting_over() {
     drop(os);
     assert!(served.stop().success());
 }
+
+#[test]
+fn inside_the_window_a_required_resync_starts_by_itself() {
+    if !fuse_available("inside_the_window_a_required_resync_starts_by_itself") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, dst, addr) = sites(tmp.path(), "8M", 50);
+    edit_config(&src, |c| c.replication.resync_window = "always".into());
+    let _target = Target::start(&dst, &addr);
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    protect(&src, &addr);
+    wait_for(&src, "protected", |m| m["state"] == "protected");
+    // Required, not asked for now: inside the window it runs on its own.
+    let out = run_ok(replog().arg("resync").arg(&src).arg("vm1"));
+    assert!(out.contains("window"), "{out}");
+    let st = wait_for(&src, "resynced", |m| {
+        m["state"] == "protected"
+            && m["resync"]["chunks_compared"].as_u64() == Some((8 << 20) / 4096)
+    });
+    assert_eq!(st["machines"][0]["resync"]["chunks_sent"], 0, "{st}");
+    assert!(served.stop().success());
+}
