@@ -164,6 +164,11 @@ pub(crate) fn compact_once(m: &MachineInner) -> Result<CompactStats> {
     let mut touched = vec![false; m.disks.len()];
     let sizes: Vec<u64> = m.disks.iter().map(|d| d.size).collect();
     for seg in &batch {
+        if m.mended.lock().contains(&seg.seq) {
+            // Damaged, and every live range of it was rewritten since: nothing of it
+            // is needed (newer records hold its ranges).
+            continue;
+        }
         let expect = Expect {
             machine_id: Some(m.machine_id),
             seq: Some(seg.seq),

@@ -22,6 +22,7 @@ use crate::format::meta::{DiskEntry, Manifest, Watermark};
 use crate::format::record::MAX_PAYLOAD;
 use crate::format::RecordKind;
 use crate::index::{ExtentMap, Location, Piece};
+use crate::journal::reader::Expect;
 use crate::journal::{self, JournalParams, JournalWriter, Point, PointKind, SealedSegment};
 use crate::names::{validate_disk_size, validate_name};
 use crate::storage::{read_all, write_atomic, OpenMode, Storage, StorageFile};
@@ -91,6 +92,10 @@ pub(crate) struct MachineInner {
     sync_cv: Condvar,
     poisoned: AtomicBool,
     poison_reason: Mutex<Option<String>>,
+    /// A write or sync failed (not only damage found): mending cannot lift the poison.
+    poisoned_by_io: AtomicBool,
+    /// Damaged segments whose every live range was rewritten: merges skip them.
+    pub mended: Mutex<std::collections::BTreeSet<u64>>,
     /// Wall-clock time of the newest append (for the compactor's idle test).
     last_append_ns: AtomicU64,
     /// Wakes the background compactor after a seal.
@@ -362,6 +367,8 @@ impl Machine {
             sync_cv: Condvar::new(),
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
+            poisoned_by_io: AtomicBool::new(false),
+            mended: Mutex::new(Default::default()),
             last_append_ns: AtomicU64::new(0),
             compactor_kick: Mutex::new(None),
             digests: Mutex::new(None),
@@ -617,6 +624,11 @@ impl MachineInner {
     /// Refuse every later write: after a failed write or sync nothing written since the
     /// last good sync can be trusted to be on disk.
     pub fn poison(&self, err: &Error) -> Error {
+        self.poisoned_by_io.store(true, Ordering::Release);
+        self.poison_with(err)
+    }
+
+    fn poison_with(&self, err: &Error) -> Error {
         let reason = err.to_string();
         tracing::error!(machine = %self.name, "poisoned: {reason}");
         let mut r = self.poison_reason.lock();
@@ -637,7 +649,7 @@ impl MachineInner {
     pub(crate) fn damaged(&self, seq: u64, err: Error) -> Error {
         tracing::error!(machine = %self.name, "segment {seq} is damaged: {err}");
         self.state.write().damaged.insert(seq, err.to_string());
-        self.poison(&err);
+        self.poison_with(&err);
         err
     }
 
@@ -684,6 +696,32 @@ impl MachineInner {
         }
         let mut w = self.writer.lock();
         self.check_poison()?;
+        self.append_locked(&mut w, disk, kind, offset, len, data)?;
+        let lsn = w.last_lsn();
+        if w.wants_rotation() {
+            self.seal_locked(&mut w)?;
+        }
+        let writeback = w.take_writeback();
+        drop(w);
+        if let Some((file, from, len)) = writeback {
+            file.start_writeback(from, len);
+        }
+        self.last_append_ns
+            .store(crate::format::now_ns(), Ordering::Relaxed);
+        Ok(lsn)
+    }
+
+    /// Append records for a range and index them, the writer lock held (`append`'s
+    /// core; also used to mend damaged ranges).
+    fn append_locked(
+        &self,
+        w: &mut JournalWriter,
+        disk: u32,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+    ) -> Result<()> {
         let mut placed = Vec::new();
         let step = u64::from(MAX_PAYLOAD);
         let mut at = 0u64;
@@ -707,18 +745,7 @@ impl MachineInner {
         }
         self.update_digest(disk, kind, offset, len, data)
             .map_err(|e| self.poison(&e))?;
-        let lsn = w.last_lsn();
-        if w.wants_rotation() {
-            self.seal_locked(&mut w)?;
-        }
-        let writeback = w.take_writeback();
-        drop(w);
-        if let Some((file, from, len)) = writeback {
-            file.start_writeback(from, len);
-        }
-        self.last_append_ns
-            .store(crate::format::now_ns(), Ordering::Relaxed);
-        Ok(lsn)
+        Ok(())
     }
 
     /// Keep the disk's digest current after a write or zero range was indexed (the
@@ -1110,7 +1137,138 @@ impl Volume {
     }
 }
 
+/// A range whose newest data lies in a damaged segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedRange {
+    pub seq: u64,
+    pub disk: u32,
+    pub offset: u64,
+    pub len: u64,
+    /// The data, when its record still verifies (it lies before the damage).
+    pub data: Option<Vec<u8>>,
+}
+
 impl Machine {
+    /// Whether the machine refuses writes (a failed write or sync, or damage found).
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.is_poisoned()
+    }
+
+    /// A segment turned out damaged (the shipper's check before sending): its data is
+    /// not served any more and the machine stops taking writes until it is mended.
+    pub fn report_damage(&self, seq: u64, err: Error) -> Error {
+        self.inner.damaged(seq, err)
+    }
+
+    /// Every range whose newest data lies in a damaged segment, with the data where
+    /// the segment's records still verify up to it.
+    pub fn damaged_ranges(&self) -> Result<Vec<DamagedRange>> {
+        let inner = &self.inner;
+        let st = inner.state.read();
+        let mut out = Vec::new();
+        for &seq in st.damaged.keys() {
+            let Some(file) = st.files.get(&seq) else {
+                continue;
+            };
+            // Records wholly before the first fault still verify.
+            let first_lsn = inner.sealed.lock().get(&seq).map(|g| g.first_lsn);
+            let expect = Expect {
+                machine_id: Some(inner.machine_id),
+                seq: Some(seq),
+                first_lsn,
+                disk_count: Some(inner.disks.len() as u32),
+            };
+            let good_until =
+                match crate::journal::reader::scan_segment(file.as_ref(), expect, |_| Ok(())) {
+                    Ok(scan) => scan.fault.map_or(scan.end, |f| f.offset),
+                    Err(_) => 0,
+                };
+            for (d, map) in st.disks.iter().enumerate() {
+                for (start, e) in map.iter() {
+                    if e.loc.segment() != seq {
+                        continue;
+                    }
+                    let data = match e.loc {
+                        Location::Segment { offset, .. } if offset + e.len <= good_until => {
+                            let mut buf = vec![0u8; e.len as usize];
+                            file.read_exact_at(&mut buf, offset).ok().map(|()| buf)
+                        }
+                        _ => None,
+                    };
+                    out.push(DamagedRange {
+                        seq,
+                        disk: d as u32,
+                        offset: start,
+                        len: e.len,
+                        data,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Mend damaged segments: rewrite each range (`data` for every range
+    /// [`Machine::damaged_ranges`] gave) as new writes — only where the range still
+    /// reads from the damaged segment — then let the machine take writes again and
+    /// have merges skip those segments. Refused if a write or sync failed too.
+    pub fn mend(&self, ranges: &[(DamagedRange, Vec<u8>)]) -> Result<()> {
+        let inner = &self.inner;
+        if inner.poisoned_by_io.load(Ordering::Acquire) {
+            return inner.check_poison();
+        }
+        let mut w = inner.writer.lock();
+        for (r, data) in ranges {
+            if data.len() as u64 != r.len {
+                return Err(Error::InvalidInput(format!(
+                    "mend of {}+{} with {} bytes",
+                    r.offset,
+                    r.len,
+                    data.len()
+                )));
+            }
+            // Only the pieces still in the damaged segment (a newer write wins).
+            let mut pieces = Vec::new();
+            if let Some(map) = inner.state.read().disks.get(r.disk as usize) {
+                map.lookup(r.offset, r.len, &mut pieces);
+            }
+            for p in pieces {
+                if p.loc.map(Location::segment) != Some(r.seq) {
+                    continue;
+                }
+                let from = (p.start - r.offset) as usize;
+                let piece = data.get(from..from + p.len as usize).unwrap_or(&[]);
+                inner.append_locked(&mut w, r.disk, RecordKind::Write, p.start, p.len, piece)?;
+            }
+        }
+        let still = {
+            let st = inner.state.read();
+            st.disks.iter().any(|m| {
+                m.iter()
+                    .any(|(_, e)| st.damaged.contains_key(&e.loc.segment()))
+            })
+        };
+        if still {
+            return Err(Error::InvalidInput(
+                "damaged ranges remain after mending".into(),
+            ));
+        }
+        {
+            let mut st = inner.state.write();
+            let seqs: Vec<u64> = st.damaged.keys().copied().collect();
+            inner.mended.lock().extend(seqs);
+            st.damaged.clear();
+        }
+        *inner.poison_reason.lock() = None;
+        inner.poisoned.store(false, Ordering::Release);
+        if w.wants_rotation() {
+            inner.seal_locked(&mut w)?;
+        }
+        drop(w);
+        tracing::warn!(machine = %inner.name, "damaged segments mended ({} ranges rewritten)", ranges.len());
+        inner.flush().map(|_| ())
+    }
+
     /// Start keeping per-disk digests, so every later point carries them (what a
     /// restore at the target checks itself against). Reads every disk's data once,
     /// holding writes back meanwhile; a no-op when already kept.

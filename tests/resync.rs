@@ -314,3 +314,89 @@ fn a_disk_changed_while_replog_was_not_running_is_detected() {
 
 #[allow(dead_code)]
 fn unused(_: &Path) {}
+
+/// Flip a byte `back` bytes before the end of journal segment `seq`'s payload area of
+/// the source (inside its last write record's payload).
+fn damage_source_segment(a: &Path, seq: u64, at: usize) {
+    let path = a
+        .join("machines/vm1/journal")
+        .join(replog::format::segment::segment_name(seq));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("segment");
+    let mut b = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, at as u64).expect("read");
+    b[0] ^= 0x10;
+    std::os::unix::fs::FileExt::write_all_at(&f, &b, at as u64).expect("flip");
+}
+
+#[test]
+fn damage_in_the_source_journal_is_never_served_and_is_mended() {
+    let p = pair(4 << 20);
+    let site = Site::open(&p.a).expect("source");
+    let m = site.open_machine("vm1").expect("machine");
+    let v = m.volume("data").expect("vol");
+    let mut shipper = Shipper::new(&p.a, &m, &p.addr);
+    shipper.ship_once(&m).expect("initial");
+    // A: shipped. Then B over A's range and C elsewhere, in one unshipped segment.
+    let a = common::pattern(1, 8192);
+    v.write(65_536, &a).expect("A");
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    shipper.ship_once(&m).expect("ship A");
+    let c = common::pattern(3, 4096);
+    v.write(300_000, &c).expect("C");
+    let b = common::pattern(2, 8192);
+    v.write(65_536, &b).expect("B");
+    m.flush().expect("flush");
+    let seq = m.sealed_segments().last().map(|g| g.seq).unwrap_or(0) + 1;
+    m.seal().expect("seal");
+    // Damage B's payload (the last write record: 48-byte footer + point record before
+    // the end, B's payload before those).
+    let seg = m
+        .sealed_segments()
+        .into_iter()
+        .find(|g| g.seq == seq)
+        .expect("segment");
+    let end = seg.file.len().expect("len") as usize;
+    damage_source_segment(&p.a, seq, end - 48 - 48 - 16 - 48 - 100);
+    // The shipper finds it before sending; the damaged data is never served.
+    let err = shipper
+        .ship_once(&m)
+        .expect_err("shipped a damaged segment");
+    assert!(matches!(err, Error::BrokenChain(_)), "{err}");
+    let mut buf = vec![0u8; 8192];
+    assert!(v.read(65_536, &mut buf).is_err(), "damaged data served");
+    assert!(m.is_poisoned());
+    // The resync mends: C (its record verifies) is kept, B (damaged) is lost and A
+    // comes back from the replica; the machine takes writes again.
+    let r = shipper.resync_once(&m, CHUNK).expect("resync");
+    assert!(r.mended_bytes >= 8192 + 4096, "{r:?}");
+    assert_eq!(r.lost_bytes, 8192, "{r:?}");
+    assert!(!m.is_poisoned());
+    v.read(65_536, &mut buf).expect("read mended");
+    assert!(buf == a, "the damaged range is not the replica's data");
+    let mut cbuf = vec![0u8; 4096];
+    v.read(300_000, &mut cbuf).expect("read C");
+    assert!(cbuf == c, "an intact record was lost");
+    v.write(0, b"writes go on").expect("write after mending");
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    shipper.ship_once(&m).expect("ship");
+    assert_replica_equals(&p, &disks(&m), "after mending the source");
+    // Merges skip the mended segment; the machine reopens cleanly.
+    shipper.release_hold(m.status().last_lsn);
+    m.compact().expect("compact past the mended segment");
+    m.close().expect("close");
+    drop(site);
+    let site = Site::open(&p.a).expect("source");
+    let m = site.open_machine("vm1").expect("reopen");
+    let mut buf = vec![0u8; 8192];
+    m.volume("data")
+        .expect("vol")
+        .read(65_536, &mut buf)
+        .expect("read");
+    assert!(buf == a);
+}

@@ -309,6 +309,53 @@ impl ReplicaStore {
         Ok(())
     }
 
+    /// Read the replica's bytes at `offset` of `disk` as the parent and the patches
+    /// written so far hold them (a range the source lost, mended from here).
+    pub fn read_replica(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let size = self
+            .manifest()
+            .disks
+            .get(disk as usize)
+            .map(|d| d.size)
+            .ok_or_else(|| Error::InvalidInput(format!("no disk {disk} in this replica")))?;
+        let end = offset.checked_add(buf.len() as u64).filter(|e| *e <= size);
+        let Some(end) = end else {
+            return Err(Error::OutOfRange {
+                what: "fetch from the replica".into(),
+                offset,
+                end: offset.saturating_add(buf.len() as u64),
+                size,
+            });
+        };
+        self.read_parent(disk, offset, buf)?;
+        let patches = match self.resync_progress()? {
+            Some(p) => p.patches,
+            None => self.parent().patches,
+        };
+        for n in 1..=patches {
+            let index = self.patch_index(n)?;
+            let mut plain = None;
+            for r in index.records.iter().filter(|r| r.disk == disk) {
+                let (a, b) = (r.offset.max(offset), (r.offset + r.length).min(end));
+                if a >= b {
+                    continue;
+                }
+                if plain.is_none() {
+                    plain = Some(self.read_layer(super::store::PATCH_SEQ + n)?);
+                }
+                let src_at = (r.payload_at + (a - r.offset)) as usize;
+                let len = (b - a) as usize;
+                if let (Some(src), Some(dst)) = (
+                    plain.as_ref().and_then(|p| p.get(src_at..src_at + len)),
+                    buf.get_mut((a - offset) as usize..(a - offset) as usize + len),
+                ) {
+                    dst.copy_from_slice(src);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Apply the source's chunks of one batch and persist the new position.
     pub fn apply_resync(
         &mut self,

@@ -130,6 +130,21 @@ pub enum Message {
         sent_chunks: u64,
         sent_bytes: u64,
     },
+    /// Source → target: send the replica's bytes `offset..offset+len` of `disk` (a
+    /// range damaged at the source, mended from the replica). Answered by
+    /// `ResyncData`.
+    ResyncFetch {
+        machine: String,
+        disk: u32,
+        offset: u64,
+        len: u64,
+    },
+    /// Target → source: those bytes (LZ4 when `compressed`).
+    ResyncData {
+        machine: String,
+        compressed: bool,
+        bytes: Vec<u8>,
+    },
     /// Source → target: every chunk compared; points before `valid_from` are not
     /// consistent. Answered by `Ack` at the base.
     ResyncDone { machine: String, valid_from: u64 },

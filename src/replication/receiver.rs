@@ -412,6 +412,30 @@ impl Target {
                     resync_editor.clear();
                     send(s, &resync_state(name, &p))?;
                 }
+                Message::ResyncFetch {
+                    machine,
+                    disk,
+                    offset,
+                    len,
+                } => {
+                    let (name, store) = session_store(&current, &machine, "ResyncFetch")?;
+                    if len > MAX_CHUNK as u64 {
+                        return Err((ErrorCode::Fatal, format!("fetch of {len} bytes")));
+                    }
+                    let mut data = vec![0u8; len as usize];
+                    store
+                        .lock()
+                        .read_replica(disk, offset, &mut data)
+                        .map_err(refusal)?;
+                    send(
+                        s,
+                        &Message::ResyncData {
+                            machine: name.clone(),
+                            compressed: true,
+                            bytes: lz4_flex::block::compress_prepend_size(&data),
+                        },
+                    )?;
+                }
                 Message::ResyncDone {
                     machine,
                     valid_from,

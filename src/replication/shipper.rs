@@ -400,6 +400,34 @@ impl Shipper {
                     seg.seq
                 )));
             }
+            // Never send what does not verify: damage found here stops the machine
+            // serving that segment and calls for a resync (which mends it).
+            let expect = crate::journal::reader::Expect {
+                machine_id: Some(machine.machine_id()),
+                seq: Some(seg.seq),
+                first_lsn: Some(seg.first_lsn),
+                disk_count: Some(machine.disks().len() as u32),
+            };
+            let damage =
+                match crate::journal::reader::scan_segment(seg.file.as_ref(), expect, |_| Ok(())) {
+                    Ok(scan) => scan.fault_error(seg.file.as_ref()).or_else(|| {
+                        (!scan.is_sealed()).then(|| {
+                            Error::corruption(
+                                seg.file.path(),
+                                scan.end,
+                                "sealed segment lost its footer",
+                            )
+                        })
+                    }),
+                    Err(e) => Some(e),
+                };
+            if let Some(e) = damage {
+                let e = machine.report_damage(seg.seq, e);
+                return Err(Error::BrokenChain(format!(
+                    "this source's journal segment {} is damaged: {e}",
+                    seg.seq
+                )));
+            }
             let len = seg.file.len()?;
             let mut offset = 0u64;
             let mut buf = vec![0u8; MAX_CHUNK];
@@ -462,6 +490,10 @@ pub struct ResyncReport {
     pub hash_bytes_now: u64,
     /// The first consistent point after the resync.
     pub valid_from: u64,
+    /// Bytes of damaged source ranges rewritten, and of those, taken from the replica
+    /// because their records did not verify (those writes are lost).
+    pub mended_bytes: u64,
+    pub lost_bytes: u64,
 }
 
 /// Chunks per group hash: 1 MiB worth.
@@ -503,8 +535,11 @@ impl Shipper {
             }
             _ => {
                 // The end of the newest sealed segment (writes may go on meanwhile: they
-                // land in the next segment, which ships afterwards).
-                machine.seal()?;
+                // land in the next segment, which ships afterwards). A machine stopped
+                // by damage cannot seal; its sealed segments are what there is.
+                if !machine.is_poisoned() {
+                    machine.seal()?;
+                }
                 match machine.sealed_segments().last() {
                     Some(g) => (g.last_lsn, g.seq),
                     None => {
@@ -557,6 +592,66 @@ impl Shipper {
             resumed_from: compared,
             ..Default::default()
         };
+        // Damage in this source's journal: rewrite each damaged range — from the
+        // segment itself where its records still verify, else from the replica (the
+        // writes it held are lost then, and said so).
+        let damaged = machine.damaged_ranges()?;
+        if !damaged.is_empty() {
+            let mut mended = Vec::new();
+            for r in damaged {
+                let data = match &r.data {
+                    Some(d) => d.clone(),
+                    None => {
+                        let mut out = Vec::with_capacity(r.len as usize);
+                        let mut at = r.offset;
+                        while at < r.offset + r.len {
+                            let n = (r.offset + r.len - at).min(4 << 20);
+                            send(
+                                &mut s,
+                                &Message::ResyncFetch {
+                                    machine: name.clone(),
+                                    disk: r.disk,
+                                    offset: at,
+                                    len: n,
+                                },
+                            )?;
+                            match recv(&mut s)? {
+                                Message::ResyncData { bytes, .. } => {
+                                    let d = lz4_flex::block::decompress_size_prepended(&bytes)
+                                        .map_err(|e| Error::InvalidInput(format!("LZ4: {e}")))?;
+                                    if d.len() as u64 != n {
+                                        return Err(Error::InvalidInput(
+                                            "the target sent a range of another size".into(),
+                                        ));
+                                    }
+                                    out.extend_from_slice(&d);
+                                }
+                                other => {
+                                    return Err(Error::InvalidInput(format!(
+                                        "expected ResyncData, got {other:?}"
+                                    )))
+                                }
+                            }
+                            at += n;
+                        }
+                        tracing::warn!(
+                            machine = %name,
+                            "disk {} bytes {}..{}: the writes in damaged segment {} are lost; \
+                             taken from the replica",
+                            r.disk,
+                            r.offset,
+                            r.offset + r.len,
+                            r.seq
+                        );
+                        report.lost_bytes += r.len;
+                        out
+                    }
+                };
+                report.mended_bytes += r.len;
+                mended.push((r, data));
+            }
+            machine.mend(&mended)?;
+        }
         let disks = machine.disks();
         let total_chunks: u64 = disks.iter().map(|(_, sz)| sz.div_ceil(chunk_bytes)).sum();
         let group = group_of(chunk_bytes);
