@@ -285,3 +285,47 @@ fn inside_the_window_a_required_resync_starts_by_itself() {
     assert_eq!(st["machines"][0]["resync"]["chunks_sent"], 0, "{st}");
     assert!(served.stop().success());
 }
+
+#[test]
+fn a_disk_written_while_serve_was_stopped_is_detected_and_resynced() {
+    if !fuse_available("a_disk_written_while_serve_was_stopped_is_detected_and_resynced") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, dst, addr) = sites(tmp.path(), "8M", 50);
+    edit_config(&src, |c| c.replication.resync_window = "always".into());
+    let _target = Target::start(&dst, &addr);
+    let mnt = tmp.path().join("mnt");
+    let served = Served::start(&src, &mnt, &[]);
+    protect(&src, &addr);
+    wait_for(&src, "protected", |m| {
+        m["state"] == "protected" && m["lag_seconds"] == 0.0
+    });
+    assert!(served.stop().success());
+    // Written directly, behind replog's back.
+    let img = src.join("machines/vm1/disks/os.img");
+    let f = OpenOptions::new().write(true).open(&img).expect("parent");
+    f.write_all_at(b"changed while replog was not running", 1_000_000)
+        .expect("write");
+    f.sync_all().expect("fsync");
+    drop(f);
+    let served = Served::start(&src, &mnt, &[]);
+    let st = wait_for(&src, "detected and resynced", |m| {
+        m["state"] == "protected" && m["resync"]["chunks_sent"].as_u64().unwrap_or(0) > 0
+    });
+    assert_eq!(st["machines"][0]["resync"]["chunks_sent"], 1, "{st}");
+    assert!(served
+        .log_text()
+        .contains("changed while replog was not running"));
+    let os = OpenOptions::new()
+        .read(true)
+        .open(served.disk("os"))
+        .expect("os");
+    wait_for(&src, "caught up", |m| m["lag_seconds"] == 0.0);
+    restore_equals(&dst, &tmp.path().join("restored"), &os, 8 << 20);
+    // points says what the resync took away.
+    let out = run_ok(replog().arg("points").arg(&dst).arg("vm1"));
+    assert!(out.contains("removed by a resynchronisation"), "{out}");
+    drop(os);
+    assert!(served.stop().success());
+}

@@ -179,6 +179,10 @@ pub fn points(site: &Path, machine: &str, json: bool) -> Result<()> {
     let key = replog::site::replica_key_at(site)?;
     let store = ReplicaStore::open_readonly(site, machine, key)?;
     let points = replog::replica::points::list(&store)?;
+    let resynced = (store.parent().valid_from > 0).then_some(store.parent().valid_from);
+    if store.parent().resyncing && !json {
+        println!("{machine}: a resynchronisation is under way; no point can be read until it ends");
+    }
     let kind = |p: &replog::replica::points::ReplicaPoint| {
         if p.app_consistent {
             "app-consistent"
@@ -201,13 +205,23 @@ pub fn points(site: &Path, machine: &str, json: bool) -> Result<()> {
             .collect();
         println!(
             "{}",
-            serde_json::json!({"machine": machine, "points": list})
+            serde_json::json!({
+                "machine": machine,
+                "points": list,
+                "resynced_before": resynced,
+            })
         );
         return Ok(());
     }
     let n = points.len();
     let app = points.iter().filter(|p| p.app_consistent).count();
     println!("{machine}: {n} recovery point(s), {app} app-consistent");
+    if let Some(lsn) = resynced {
+        println!(
+            "  (points before LSN {lsn} were removed by a resynchronisation: the replica \
+             cannot be materialised at them any more)"
+        );
+    }
     let mut hidden = 0usize;
     for (i, p) in points.iter().enumerate() {
         // A long list is summarised for people (the oldest, the newest and every

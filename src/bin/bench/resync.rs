@@ -180,6 +180,39 @@ impl Bench {
                     .into(),
             ));
         }
+        // The chunk size: the same 1% change resynced with 4, 16 and 64 KiB chunks.
+        let mut base: Option<(f64, u64)> = None;
+        for cb in [4096u64, 16384, 65536] {
+            let blocks = size / BLOCK;
+            for i in 0..blocks / 100 {
+                let b = rng.below(blocks);
+                let data = pattern_at(self.pattern.as_slice(), i * 8191 + cb, BLOCK as usize);
+                v.write(b * BLOCK, data)?;
+            }
+            m.flush()?;
+            settle();
+            let t0 = Instant::now();
+            let r = shipper.resync_once(&m, cb)?;
+            let secs = t0.elapsed().as_secs_f64();
+            let bytes = r.sent_bytes_now + r.hash_bytes_now;
+            m.seal()?;
+            shipper.ship_once(&m)?;
+            let (bt, bb) = *base.get_or_insert((secs, bytes));
+            figures.push(Figure::versus(
+                &format!("resync 1% changed, {} KiB chunks: time", cb / 1024),
+                secs,
+                bt,
+                "s",
+                format!(
+                    "{} KiB on the wire ({} chunks sent, {} KiB of hashes); baseline: 4 KiB \
+                     chunks, {} KiB",
+                    bytes / 1024,
+                    r.sent_chunks,
+                    r.hash_bytes_now / 1024,
+                    bb / 1024
+                ),
+            ));
+        }
         drop(daemon);
         drop(v);
         m.close()?;
