@@ -557,9 +557,10 @@ impl Shipper {
 
         let (mut s, p) = self.handshake(machine)?;
         if !p.initial_done {
-            return Err(Error::InvalidInput(
-                "the initial replication is not complete; it runs instead of a resync".into(),
-            ));
+            // Nothing to compare with yet: the initial copy (which the next pass
+            // resumes) brings the replica along instead.
+            SourceResync::clear(&self.site, machine.name())?;
+            return Ok(ResyncReport::default());
         }
         let name = machine.name().to_string();
         send(
