@@ -400,3 +400,44 @@ fn damage_in_the_source_journal_is_never_served_and_is_mended() {
         .expect("read");
     assert!(buf == a);
 }
+
+#[test]
+fn a_source_that_lost_its_journal_is_behind_its_target_and_resyncs() {
+    let p = pair(4 << 20);
+    {
+        let site = Site::open(&p.a).expect("source");
+        let m = site.open_machine("vm1").expect("machine");
+        let mut shipper = Shipper::new(&p.a, &m, &p.addr);
+        shipper.ship_once(&m).expect("initial");
+        scatter(&m, 5, 20);
+        m.flush().expect("flush");
+        m.seal().expect("seal");
+        shipper.ship_once(&m).expect("ship");
+        // Lost: the machine stops without closing, and its journal is gone (as if the
+        // file system lost it in an unclean stop); only the parents remain.
+        drop(m);
+    }
+    let journal = p.a.join("machines/vm1/journal");
+    for e in std::fs::read_dir(&journal).expect("journal") {
+        let path = e.expect("entry").path();
+        if path.extension().is_some_and(|x| x == "seg") {
+            std::fs::remove_file(&path).expect("lose");
+        }
+    }
+    let site = Site::open(&p.a).expect("source");
+    let m = site
+        .open_machine("vm1")
+        .expect("machine reopens on its parents");
+    let mut shipper = Shipper::new(&p.a, &m, &p.addr);
+    scatter(&m, 6, 3);
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    let err = shipper
+        .ship_once(&m)
+        .expect_err("shipped onto a different history");
+    assert!(matches!(err, Error::BrokenChain(_)), "{err}");
+    shipper.resync_once(&m, CHUNK).expect("resync");
+    m.seal().expect("seal");
+    shipper.ship_once(&m).expect("ship");
+    assert_replica_equals(&p, &disks(&m), "after losing the journal");
+}
