@@ -312,11 +312,7 @@ fn a_disk_changed_while_replog_was_not_running_is_detected() {
     );
 }
 
-#[allow(dead_code)]
-fn unused(_: &Path) {}
-
-/// Flip a byte `back` bytes before the end of journal segment `seq`'s payload area of
-/// the source (inside its last write record's payload).
+/// Flip the byte at `at` of the source's journal segment `seq`.
 fn damage_source_segment(a: &Path, seq: u64, at: usize) {
     let path = a
         .join("machines/vm1/journal")
