@@ -412,12 +412,13 @@ impl Proxy {
                 let Ok(outbound) = TcpStream::connect(&target) else {
                     continue;
                 };
-                let flip = f.lock().take();
+                // The flip goes to the first session that gets that far (a short
+                // session with nothing to ship does not use it up).
                 pump(
                     inbound.try_clone().expect("clone"),
                     outbound.try_clone().expect("clone"),
                     c.clone(),
-                    flip,
+                    Some(f.clone()),
                     fl.clone(),
                     d.clone(),
                 );
@@ -438,7 +439,7 @@ fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
     cut: Arc<AtomicBool>,
-    flip: Option<u64>,
+    flip: Option<Arc<Mutex<Option<u64>>>>,
     flipped: Arc<AtomicBool>,
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
 ) {
@@ -453,10 +454,14 @@ fn pump(
             match from.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    if let Some(at) = flip {
-                        if at >= seen && at < seen + n as u64 {
-                            buf[(at - seen) as usize] ^= 0x01;
-                            flipped.store(true, Ordering::SeqCst);
+                    if let Some(shared) = &flip {
+                        let mut f = shared.lock();
+                        if let Some(at) = *f {
+                            if at >= seen && at < seen + n as u64 {
+                                buf[(at - seen) as usize] ^= 0x01;
+                                flipped.store(true, Ordering::SeqCst);
+                                *f = None;
+                            }
                         }
                     }
                     seen += n as u64;
@@ -542,7 +547,7 @@ fn cuts_and_flipped_bytes_are_retried_and_nothing_bad_is_applied() {
     });
     proxy.delay_ms.store(0, Ordering::SeqCst);
 
-    // Flip one byte well inside the next session's data.
+    // Flip one byte well inside the next session that carries this much data.
     *proxy.flip_at.lock() = Some(200_000);
     os.write_all_at(&common::pattern(3, 2 << 20), 6_000_000)
         .expect("write");
