@@ -222,6 +222,16 @@ impl Site {
             )));
         }
         let m = Machine::open(self.storage.clone(), &dir, machine, self.config.journal)?;
+        // A protected machine changed behind replog's back: record that a resync is
+        // required now (closing rewrites the stamp, and the change would be forgotten).
+        if let Some(why) = m.changed_offline() {
+            if self
+                .storage
+                .exists(&dir.join(crate::replication::relationship::FILE))
+            {
+                crate::replication::resync::SourceResync::require(&self.path, machine, &why)?;
+            }
+        }
         // A protected machine's points carry digests, whoever appends them.
         if self
             .storage

@@ -696,7 +696,7 @@ impl MachineInner {
         }
         let mut w = self.writer.lock();
         self.check_poison()?;
-        self.append_locked(&mut w, disk, kind, offset, len, data)?;
+        self.append_locked(&mut w, disk, kind, offset, len, data, true)?;
         let lsn = w.last_lsn();
         if w.wants_rotation() {
             self.seal_locked(&mut w)?;
@@ -713,6 +713,7 @@ impl MachineInner {
 
     /// Append records for a range and index them, the writer lock held (`append`'s
     /// core; also used to mend damaged ranges).
+    #[allow(clippy::too_many_arguments)]
     fn append_locked(
         &self,
         w: &mut JournalWriter,
@@ -721,6 +722,7 @@ impl MachineInner {
         offset: u64,
         len: u64,
         data: &[u8],
+        digest: bool,
     ) -> Result<()> {
         let mut placed = Vec::new();
         let step = u64::from(MAX_PAYLOAD);
@@ -743,8 +745,10 @@ impl MachineInner {
                 apply_to_index(&mut st, a.seq, kind, disk, *off, *n, a.payload_offset);
             }
         }
-        self.update_digest(disk, kind, offset, len, data)
-            .map_err(|e| self.poison(&e))?;
+        if digest {
+            self.update_digest(disk, kind, offset, len, data)
+                .map_err(|e| self.poison(&e))?;
+        }
         Ok(())
     }
 
@@ -1149,6 +1153,11 @@ pub struct DamagedRange {
 }
 
 impl Machine {
+    /// Whether a segment of this machine was found damaged (and is not mended yet).
+    pub fn has_damage(&self) -> bool {
+        !self.inner.state.read().damaged.is_empty()
+    }
+
     /// Whether the machine refuses writes (a failed write or sync, or damage found).
     pub fn is_poisoned(&self) -> bool {
         self.inner.is_poisoned()
@@ -1218,6 +1227,9 @@ impl Machine {
             return inner.check_poison();
         }
         let mut w = inner.writer.lock();
+        // Digests after every piece is in: a partial block read back before that could
+        // still reach into the damaged segment.
+        let mut written: Vec<(u32, u64, Vec<u8>)> = Vec::new();
         for (r, data) in ranges {
             if data.len() as u64 != r.len {
                 return Err(Error::InvalidInput(format!(
@@ -1238,7 +1250,16 @@ impl Machine {
                 }
                 let from = (p.start - r.offset) as usize;
                 let piece = data.get(from..from + p.len as usize).unwrap_or(&[]);
-                inner.append_locked(&mut w, r.disk, RecordKind::Write, p.start, p.len, piece)?;
+                inner.append_locked(
+                    &mut w,
+                    r.disk,
+                    RecordKind::Write,
+                    p.start,
+                    p.len,
+                    piece,
+                    false,
+                )?;
+                written.push((r.disk, p.start, piece.to_vec()));
             }
         }
         let still = {
@@ -1258,6 +1279,11 @@ impl Machine {
             let seqs: Vec<u64> = st.damaged.keys().copied().collect();
             inner.mended.lock().extend(seqs);
             st.damaged.clear();
+        }
+        for (disk, at, piece) in &written {
+            inner
+                .update_digest(*disk, RecordKind::Write, *at, piece.len() as u64, piece)
+                .map_err(|e| inner.poison(&e))?;
         }
         *inner.poison_reason.lock() = None;
         inner.poisoned.store(false, Ordering::Release);

@@ -47,8 +47,8 @@ pub fn compact_replica(
     store.refresh()?;
     let pins = live_pins(&dir, &lock)?;
     let parent = store.parent().clone();
-    if parent.resyncing {
-        return Ok(stats); // the resync owns the parent until it ends
+    if parent.resyncing || store.resync_progress()?.is_some() {
+        return Ok(stats); // a resync owns the parent until it has ended
     }
     if store.has_stale_patches() && pins.is_empty() {
         store.remove_patches()?;
@@ -134,6 +134,13 @@ pub fn compact_replica(
         }
         ed.finish()?;
         let lock = merge_lock(&dir)?;
+        let mut fresh = ReplicaStore::open_readonly(site, machine, store.key().clone())?;
+        fresh.refresh()?;
+        if fresh.parent().resyncing || fresh.resync_progress()?.is_some() {
+            // A resync began meanwhile (it refuses while a merge is marked, so this is
+            // only a guard): its mark stands.
+            return Ok(stats);
+        }
         store.set_parent(ParentMark {
             lsn,
             seq,

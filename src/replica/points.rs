@@ -50,7 +50,7 @@ pub fn materialisable(store: &ReplicaStore) -> Result<Vec<ReplicaPoint>> {
         .map_or(parent.lsn, |(l, _)| l.max(parent.lsn));
     let mut out: Vec<ReplicaPoint> = Vec::new();
     if parent.merging_to.is_none() {
-        if let Some(p) = &parent.point {
+        if let Some(p) = parent.point.as_ref().filter(|p| p.lsn >= parent.valid_from) {
             out.push(ReplicaPoint::from_indexed(p));
         }
     }

@@ -176,6 +176,15 @@ impl ReplicaStore {
         let dir = self.dir().to_path_buf();
         let lock = pin::merge_lock(&dir)?;
         self.refresh()?;
+        if self.parent().merging_to.is_some() {
+            return Err(Error::Io {
+                op: "resync",
+                path: dir.clone(),
+                source: std::io::Error::other(
+                    "the target compactor is merging into this replica; the resync waits (Retry)",
+                ),
+            });
+        }
         let readers = pin::live_pins(&dir, &lock)?;
         if !readers.is_empty() && !self.parent().resyncing {
             return Err(Error::Io {

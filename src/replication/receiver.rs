@@ -166,6 +166,7 @@ impl Target {
         let mut assembling: Option<(u64, u64, Vec<u8>)> = None;
         // The differing chunks of the resync batch in flight (applied at its end).
         let mut resync_editor: Vec<(u32, u64, Vec<u8>)> = Vec::new();
+        let mut resync_held = 0usize;
         let mut hash_cache: Option<(u32, u64, Vec<[u8; 32]>)> = None;
         loop {
             let msg = match read_frame::<Message>(s) {
@@ -304,11 +305,17 @@ impl Target {
                     chunk_bytes,
                 } => {
                     let (name, store) = session_store(&current, &machine, "ResyncStart")?;
+                    if base_seq >= crate::format::segment::MAX_SEGMENT_SEQ
+                        || base_lsn >= crate::format::record::MAX_LSN
+                    {
+                        return Err((ErrorCode::Fatal, "resync base out of range".into()));
+                    }
                     let p = store
                         .lock()
                         .begin_resync(base_lsn, base_seq, chunk_bytes)
                         .map_err(refusal)?;
                     resync_editor.clear();
+                    resync_held = 0;
                     hash_cache = None;
                     send(s, &resync_state(name, &p))?;
                 }
@@ -320,7 +327,11 @@ impl Target {
                     group,
                 } => {
                     let (name, store) = session_store(&current, &machine, "ResyncHashRequest")?;
-                    if count > MAX_HASHES || group == 0 || group > count.max(1) {
+                    if count > MAX_HASHES
+                        || group == 0
+                        || group > count.max(1)
+                        || first.checked_add(count).is_none()
+                    {
                         return Err((
                             ErrorCode::Fatal,
                             format!("{count} hashes in groups of {group} asked for"),
@@ -377,9 +388,9 @@ impl Target {
                     } else {
                         bytes
                     };
+                    resync_held += data.len();
                     resync_editor.push((disk, offset, data));
-                    let held: usize = resync_editor.iter().map(|c| c.2.len()).sum();
-                    if held > MAX_RESYNC_BATCH {
+                    if resync_held > MAX_RESYNC_BATCH {
                         return Err((ErrorCode::Fatal, "resync batch too large".into()));
                     }
                 }

@@ -367,6 +367,15 @@ fn run(
                     if let Err(e2) = SourceResync::require(&site, &name, &e.to_string()) {
                         tracing::error!(machine = %name, "{e2}");
                     }
+                    // Damage stops the machine taking writes: mend it now, not in the
+                    // window.
+                    if machine.has_damage() {
+                        let _ = super::resync::request_now(&site, &name);
+                    }
+                    nap(
+                        &stop,
+                        Duration::from_millis(cfg.seal_interval_ms.clamp(100, 1000)),
+                    );
                     continue;
                 }
                 Class::Critical(state) => {

@@ -519,6 +519,11 @@ impl Shipper {
     ) -> Result<ResyncReport> {
         use super::resync::SourceResync;
         crate::replica::resync::check_chunk_bytes(chunk_bytes)?;
+        // At most as many hashes per request as the target answers.
+        let batch_bytes = batch_bytes.clamp(
+            chunk_bytes,
+            chunk_bytes.saturating_mul(super::receiver::MAX_HASHES),
+        );
         let mut state = SourceResync::load(&self.site, machine.name())?.unwrap_or_default();
         // The base: where the chain continues afterwards. A base from an interrupted
         // resync stays if the journal still holds everything after it.
@@ -597,7 +602,7 @@ impl Shipper {
         // segment itself where its records still verify, else from the replica (the
         // writes it held are lost then, and said so).
         let damaged = machine.damaged_ranges()?;
-        if !damaged.is_empty() {
+        if !damaged.is_empty() || machine.has_damage() {
             let mut mended = Vec::new();
             for r in damaged {
                 let data = match &r.data {
@@ -618,6 +623,16 @@ impl Shipper {
                             )?;
                             match recv(&mut s)? {
                                 Message::ResyncData { bytes, .. } => {
+                                    // The size prefix decides the allocation: check it.
+                                    let claimed = bytes
+                                        .get(..4)
+                                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                                        .unwrap_or(u32::MAX);
+                                    if u64::from(claimed) != n {
+                                        return Err(Error::InvalidInput(
+                                            "the target sent a range of another size".into(),
+                                        ));
+                                    }
                                     let d = lz4_flex::block::decompress_size_prepended(&bytes)
                                         .map_err(|e| Error::InvalidInput(format!("LZ4: {e}")))?;
                                     if d.len() as u64 != n {
@@ -652,6 +667,11 @@ impl Shipper {
                 mended.push((r, data));
             }
             machine.mend(&mended)?;
+            // Merge past the mended segment soon (merges skip it): a damaged segment
+            // left in the journal would fail the next open's recovery.
+            if let Err(e) = machine.compact() {
+                tracing::warn!(machine = %name, "merge after mending: {e}");
+            }
         }
         let disks = machine.disks();
         let total_chunks: u64 = disks.iter().map(|(_, sz)| sz.div_ceil(chunk_bytes)).sum();
@@ -773,6 +793,9 @@ impl Shipper {
                 }
                 compared += count;
                 report.compared_now += count;
+                // What was read must be durable here before the target keeps it: a crash
+                // could otherwise take back a write the replica already has.
+                machine.flush()?;
                 send(
                     &mut s,
                     &Message::ResyncBatchDone {
