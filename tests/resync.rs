@@ -437,3 +437,38 @@ fn a_source_that_lost_its_journal_is_behind_its_target_and_resyncs() {
     shipper.ship_once(&m).expect("ship");
     assert_replica_equals(&p, &disks(&m), "after losing the journal");
 }
+
+#[test]
+fn points_taken_during_a_resync_are_never_offered() {
+    let p = pair(4 << 20);
+    let site = Site::open(&p.a).expect("source");
+    let m = Arc::new(site.open_machine("vm1").expect("machine"));
+    let mut shipper = Shipper::new(&p.a, &m, &p.addr);
+    shipper.ship_once(&m).expect("initial");
+    break_chain(&m, &mut shipper);
+    // Writes with flushes and seals go on while the resync compares.
+    {
+        let m = m.clone();
+        shipper.on_progress(Box::new(move |_, _| {
+            scatter(&m, 333, 2);
+            m.flush().expect("flush during the resync");
+            m.seal().expect("seal during the resync");
+        }));
+    }
+    let r = shipper.resync_batched(&m, CHUNK, 1 << 20).expect("resync");
+    shipper.on_progress(Box::new(|_, _| {}));
+    m.seal().expect("seal");
+    shipper.ship_once(&m).expect("ship");
+    let key = replog::site::replica_key_at(&p.b).expect("key");
+    let store =
+        replog::replica::store::ReplicaStore::open_readonly(&p.b, "vm1", key).expect("store");
+    let points = replog::replica::points::list(&store).expect("points");
+    assert!(!points.is_empty());
+    assert!(
+        points.iter().all(|q| q.lsn >= r.valid_from),
+        "a point taken during the resync is offered: {:?} (valid from {})",
+        points.iter().map(|q| q.lsn).collect::<Vec<_>>(),
+        r.valid_from
+    );
+    assert_replica_equals(&p, &disks(&m), "after a resync with writes going on");
+}

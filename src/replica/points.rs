@@ -45,9 +45,15 @@ impl ReplicaPoint {
 /// one), then every point after the parent (and not before a merge under way).
 pub fn materialisable(store: &ReplicaStore) -> Result<Vec<ReplicaPoint>> {
     let parent = store.parent();
+    if parent.resyncing {
+        return Ok(Vec::new());
+    }
+    // Nothing before the parent, a merge under way, or a resync's first consistent
+    // point.
     let floor = parent
         .merging_to
-        .map_or(parent.lsn, |(l, _)| l.max(parent.lsn));
+        .map_or(parent.lsn, |(l, _)| l.max(parent.lsn))
+        .max(parent.valid_from);
     let mut out: Vec<ReplicaPoint> = Vec::new();
     if parent.merging_to.is_none() {
         if let Some(p) = parent.point.as_ref().filter(|p| p.lsn >= parent.valid_from) {
