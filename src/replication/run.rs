@@ -148,6 +148,20 @@ fn park(stop: &AtomicBool, shipper: Shipper) {
     drop(shipper);
 }
 
+/// Journal bytes the target does not have: sealed segments past `acked` and the active
+/// one (acknowledged segments waiting to be merged do not count).
+fn unshipped_bytes(machine: &Machine, acked: u64) -> u64 {
+    let sealed = machine.sealed_segments();
+    let sealed_total: u64 = sealed.iter().map(|g| g.bytes).sum();
+    let active = machine.status().journal_bytes.saturating_sub(sealed_total);
+    sealed
+        .iter()
+        .filter(|g| g.last_lsn > acked)
+        .map(|g| g.bytes)
+        .sum::<u64>()
+        + active
+}
+
 /// Sleep up to `d`, waking early when `stop` is set.
 fn nap(stop: &AtomicBool, d: Duration) {
     let until = Instant::now() + d;
@@ -344,7 +358,7 @@ fn run(
                 s.reason = format!("replicating to {}", rel.target);
                 drop(s);
                 // Too much journal the target lacks: stop holding it, resync later.
-                let unshipped = machine.status().journal_bytes;
+                let unshipped = unshipped_bytes(&machine, shipper.acked_lsn());
                 if initial_done
                     && disk_bytes > 0
                     && unshipped.saturating_mul(100)
@@ -403,7 +417,7 @@ fn run(
                         "replication failed ({e}); retry {failures} in {wait:?}"
                     );
                     // Unreachable for long with the journal growing: resync later.
-                    let unshipped = machine.status().journal_bytes;
+                    let unshipped = unshipped_bytes(&machine, shipper.acked_lsn());
                     if initial_done
                         && disk_bytes > 0
                         && unshipped.saturating_mul(100)
