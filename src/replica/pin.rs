@@ -25,8 +25,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::store::{MERGE_LOCK, PINS};
 
-/// `merge.lock`, held exclusively until dropped.
-pub struct MergeLock(#[allow(dead_code)] File);
+/// `merge.lock`, held exclusively until dropped (the flock goes with the file).
+pub struct MergeLock {
+    _file: File,
+}
 
 /// Take `merge.lock` of the replica in `dir` (waits while another holds it).
 pub fn merge_lock(dir: &Path) -> Result<MergeLock> {
@@ -38,7 +40,7 @@ pub fn merge_lock(dir: &Path) -> Result<MergeLock> {
         .open(&path)
         .map_err(|e| Error::io("open", &path, e))?;
     f.lock().map_err(|e| Error::io("lock", &path, e))?;
-    Ok(MergeLock(f))
+    Ok(MergeLock { _file: f })
 }
 
 /// What a pin protects.
