@@ -94,6 +94,14 @@ pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
                         r.target
                     );
                     st.target = Some(r.target);
+                    if let Some(req) = replog::replication::resync::SourceResync::load(path, &name)?
+                    {
+                        st.state = "resync-required".into();
+                        st.reason = format!(
+                            "resync required: {}; `replog serve` is not running",
+                            req.reason
+                        );
+                    }
                 }
                 machines.push(st);
             }
