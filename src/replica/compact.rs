@@ -83,26 +83,11 @@ pub fn compact_replica(
         let mut ed = ChunkEditor::new(&store);
         let mut point = parent.point.clone();
         for n in 1..=parent.patches {
-            let index = store.patch_index(n)?;
-            let plain = store.read_layer(super::store::PATCH_SEQ + n)?;
-            for r in &index.records {
-                let data = plain
-                    .get(r.payload_at as usize..(r.payload_at + r.length) as usize)
-                    .ok_or_else(|| {
-                        crate::error::Error::corruption(
-                            store.dir().join("patches"),
-                            r.payload_at,
-                            format!("payload past the end of patch {n}"),
-                        )
-                    })?;
-                ed.write(r.disk, r.offset, data)?;
-            }
+            let (index, plain) = store.layer(super::store::PATCH_SEQ + n)?;
+            ed.apply_layer(&index, &plain)?;
         }
         for s in parent.seq + 1..=seq {
-            let read = store
-                .segment_index(s)
-                .and_then(|i| Ok((i, store.read_segment(s)?)));
-            let (index, plain) = match read {
+            let (index, plain) = match store.layer(s) {
                 Ok(x) => x,
                 Err(e @ crate::error::Error::Corruption { .. }) => {
                     // The chain is broken here: say so (the source resyncs) and stop.
@@ -111,22 +96,7 @@ pub fn compact_replica(
                 }
                 Err(e) => return Err(e),
             };
-            for r in &index.records {
-                if r.zero {
-                    ed.zero(r.disk, r.offset, r.length)?;
-                } else {
-                    let data = plain
-                        .get(r.payload_at as usize..(r.payload_at + r.length) as usize)
-                        .ok_or_else(|| {
-                            crate::error::Error::corruption(
-                                store.dir().join("segments"),
-                                r.payload_at,
-                                format!("payload past the end of segment {s}"),
-                            )
-                        })?;
-                    ed.write(r.disk, r.offset, data)?;
-                }
-            }
+            ed.apply_layer(&index, &plain)?;
             if s == seq {
                 point = index.points.iter().rfind(|p| p.lsn == lsn).cloned();
             }

@@ -223,37 +223,19 @@ impl ReplicaStore {
         let mut ed = ChunkEditor::new(self);
         // An earlier resync's patches first (no reader is pinned: checked above).
         for n in 1..=old_patches {
-            let index = self.patch_index(n)?;
-            let plain = self.read_layer(super::store::PATCH_SEQ + n)?;
-            for r in &index.records {
-                if let Some(d) =
-                    plain.get(r.payload_at as usize..(r.payload_at + r.length) as usize)
-                {
-                    ed.write(r.disk, r.offset, d)?;
-                }
-            }
+            let (index, plain) = self.layer(super::store::PATCH_SEQ + n)?;
+            ed.apply_layer(&index, &plain)?;
         }
         let mut last = None;
         for seq in from + 1..=self.received().segment_seq {
-            let (index, plain) = match self.segment_index(seq).and_then(|i| {
-                let p = self.read_segment(seq)?;
-                Ok((i, p))
-            }) {
+            let (index, plain) = match self.layer(seq) {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!("resync: segment {seq} is not usable ({e}); folding stops");
                     break;
                 }
             };
-            for r in &index.records {
-                if r.zero {
-                    ed.zero(r.disk, r.offset, r.length)?;
-                } else if let Some(d) =
-                    plain.get(r.payload_at as usize..(r.payload_at + r.length) as usize)
-                {
-                    ed.write(r.disk, r.offset, d)?;
-                }
-            }
+            ed.apply_layer(&index, &plain)?;
             last = Some((index.last_lsn, seq));
         }
         ed.finish()?;
@@ -280,12 +262,7 @@ impl ReplicaStore {
         count: u64,
     ) -> Result<Vec<[u8; 32]>> {
         check_chunk_bytes(chunk_bytes)?;
-        let size = self
-            .manifest()
-            .disks
-            .get(disk as usize)
-            .map(|d| d.size)
-            .ok_or_else(|| Error::InvalidInput(format!("no disk {disk} in this replica")))?;
+        let size = self.disk_size(disk)?;
         hash_chunks(size, chunk_bytes, first, count, &|at, buf| {
             self.read_parent(disk, at, buf)
         })
@@ -321,12 +298,7 @@ impl ReplicaStore {
     /// Read the replica's bytes at `offset` of `disk` as the parent and the patches
     /// written so far hold them (a range the source lost, mended from here).
     pub fn read_replica(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let size = self
-            .manifest()
-            .disks
-            .get(disk as usize)
-            .map(|d| d.size)
-            .ok_or_else(|| Error::InvalidInput(format!("no disk {disk} in this replica")))?;
+        let size = self.disk_size(disk)?;
         let end = offset.checked_add(buf.len() as u64).filter(|e| *e <= size);
         let Some(end) = end else {
             return Err(Error::OutOfRange {

@@ -530,7 +530,7 @@ impl ReplicaStore {
         })?;
         self.write_index(seq, &index)?;
         let ct = self.key.seal(self.manifest.machine_id, seq, plain)?;
-        write_durably(&self.seg_path(seq), &ct)?;
+        write_atomic(&FileStorage, &self.seg_path(seq), &ct)?;
         self.mark(Watermark {
             lsn: index.last_lsn,
             segment_seq: seq,
@@ -543,7 +543,7 @@ impl ReplicaStore {
     fn write_index(&self, seq: u64, index: &SegmentIndex) -> Result<()> {
         let body = postcard::to_stdvec(index).map_err(|e| Error::InvalidInput(e.to_string()))?;
         let ct = self.key.seal_index(self.manifest.machine_id, seq, &body)?;
-        write_durably(&self.idx_path(seq), &ct)
+        write_atomic(&FileStorage, &self.idx_path(seq), &ct)
     }
 
     /// The records and points of stored segment `seq` (from its index file, or from
@@ -660,7 +660,8 @@ impl ReplicaStore {
         self.save_initial(p)
     }
 
-    fn disk_size(&self, disk: u32) -> Result<u64> {
+    /// Size of disk id `disk` of this replica.
+    pub(crate) fn disk_size(&self, disk: u32) -> Result<u64> {
         self.manifest
             .disks
             .get(disk as usize)
@@ -770,11 +771,13 @@ impl ReplicaStore {
         FileStorage.create_dir_all(&self.dir.join(PATCHES))?;
         let id = PATCH_SEQ + n;
         let body = postcard::to_stdvec(&index).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        write_durably(
+        write_atomic(
+            &FileStorage,
             &self.patch_path(n, "idx"),
             &self.key.seal_index(self.manifest.machine_id, id, &body)?,
         )?;
-        write_durably(
+        write_atomic(
+            &FileStorage,
             &self.patch_path(n, "data"),
             &self.key.seal(self.manifest.machine_id, id, &plain)?,
         )
@@ -803,6 +806,17 @@ impl ReplicaStore {
     /// Whether patch files lie around that the parent mark no longer counts.
     pub fn has_stale_patches(&self) -> bool {
         self.parent.patches == 0 && !self.parent.resyncing && self.dir.join(PATCHES).exists()
+    }
+
+    /// The index and plain bytes of a layer: stored segment `seq`, or patch `n` as
+    /// `PATCH_SEQ + n`.
+    pub fn layer(&self, seq: u64) -> Result<(SegmentIndex, Vec<u8>)> {
+        let index = if seq > PATCH_SEQ {
+            self.patch_index(seq - PATCH_SEQ)?
+        } else {
+            self.segment_index(seq)?
+        };
+        Ok((index, self.read_layer(seq)?))
     }
 
     /// The plain bytes a map location's `seq` names: a stored segment, or a patch
@@ -919,23 +933,6 @@ fn index_segment(
     }
 }
 
-fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let fs = FileStorage;
-    if fs.exists(&tmp) {
-        fs.remove_file(&tmp)?;
-    }
-    let f = fs.open(&tmp, OpenMode::CreateNew)?;
-    f.write_at(&[bytes], 0)?;
-    f.sync_data()?;
-    drop(f);
-    fs.rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs.sync_dir(dir)?;
-    }
-    Ok(())
-}
-
 /// Edits parent chunks: writes and zeroes land in decrypted chunks kept in memory,
 /// written out (encrypted, temporary, fsync, rename; all-zero chunks removed) when
 /// they pass a memory budget and at [`ChunkEditor::finish`], which also fsyncs the
@@ -998,6 +995,28 @@ impl<'a> ChunkEditor<'a> {
         }
         if self.bytes > EDITOR_BUDGET {
             self.write_out()?;
+        }
+        Ok(())
+    }
+
+    /// Apply every record of a layer (a stored segment or a patch: its index and its
+    /// plain bytes, as [`ReplicaStore::layer`] gives them), in order.
+    pub fn apply_layer(&mut self, index: &SegmentIndex, plain: &[u8]) -> Result<()> {
+        for r in &index.records {
+            if r.zero {
+                self.zero(r.disk, r.offset, r.length)?;
+                continue;
+            }
+            let data = plain
+                .get(r.payload_at as usize..(r.payload_at + r.length) as usize)
+                .ok_or_else(|| {
+                    Error::corruption(
+                        self.store.dir(),
+                        r.payload_at,
+                        format!("record at LSN {} runs past the end of its file", r.lsn),
+                    )
+                })?;
+            self.write(r.disk, r.offset, data)?;
         }
         Ok(())
     }
