@@ -162,6 +162,33 @@ fn unshipped_bytes(machine: &Machine, acked: u64) -> u64 {
         + active
 }
 
+/// Whether the journal the target lacks has reached the resync threshold; if so, a
+/// resync is recorded as required (`context` ends the reason).
+fn overflowed(
+    machine: &Machine,
+    shipper: &Shipper,
+    cfg: &ReplicationConfig,
+    site: &std::path::Path,
+    context: &str,
+) -> bool {
+    let disk_bytes: u64 = machine.disks().iter().map(|(_, s)| s).sum();
+    let unshipped = unshipped_bytes(machine, shipper.acked_lsn());
+    if disk_bytes == 0
+        || unshipped.saturating_mul(100) < disk_bytes.saturating_mul(cfg.resync_threshold_percent)
+    {
+        return false;
+    }
+    let why = format!(
+        "unshipped journal reached {} MiB, {}% of the disks{context}",
+        unshipped >> 20,
+        unshipped.saturating_mul(100) / disk_bytes
+    );
+    if let Err(e) = SourceResync::require(site, machine.name(), &why) {
+        tracing::error!(machine = machine.name(), "{e}");
+    }
+    true
+}
+
 /// Sleep up to `d`, waking early when `stop` is set.
 fn nap(stop: &AtomicBool, d: Duration) {
     let until = Instant::now() + d;
@@ -227,7 +254,6 @@ fn run(
     if let Some(why) = machine.changed_offline() {
         let _ = SourceResync::require(&site, &name, &why);
     }
-    let disk_bytes: u64 = machine.disks().iter().map(|(_, s)| s).sum();
     while !stop.load(Ordering::Acquire) {
         // A resync required: wait for the window (or --now), then run it.
         let pending = match SourceResync::load(&site, &name) {
@@ -358,20 +384,7 @@ fn run(
                 s.reason = format!("replicating to {}", rel.target);
                 drop(s);
                 // Too much journal the target lacks: stop holding it, resync later.
-                let unshipped = unshipped_bytes(&machine, shipper.acked_lsn());
-                if initial_done
-                    && disk_bytes > 0
-                    && unshipped.saturating_mul(100)
-                        >= disk_bytes.saturating_mul(cfg.resync_threshold_percent)
-                {
-                    let why = format!(
-                        "unshipped journal reached {} MiB, {}% of the disks",
-                        unshipped >> 20,
-                        unshipped.saturating_mul(100) / disk_bytes
-                    );
-                    if let Err(e) = SourceResync::require(&site, &name, &why) {
-                        tracing::error!(machine = %name, "{e}");
-                    }
+                if initial_done && overflowed(&machine, &shipper, &cfg, &site, "") {
                     continue;
                 }
             }
@@ -417,21 +430,8 @@ fn run(
                         "replication failed ({e}); retry {failures} in {wait:?}"
                     );
                     // Unreachable for long with the journal growing: resync later.
-                    let unshipped = unshipped_bytes(&machine, shipper.acked_lsn());
-                    if initial_done
-                        && disk_bytes > 0
-                        && unshipped.saturating_mul(100)
-                            >= disk_bytes.saturating_mul(cfg.resync_threshold_percent)
-                    {
-                        let why = format!(
-                            "unshipped journal reached {} MiB, {}% of the disks, while the \
-                             target was unreachable",
-                            unshipped >> 20,
-                            unshipped.saturating_mul(100) / disk_bytes
-                        );
-                        if let Err(e) = SourceResync::require(&site, &name, &why) {
-                            tracing::error!(machine = %name, "{e}");
-                        }
+                    let why = ", while the target was unreachable";
+                    if initial_done && overflowed(&machine, &shipper, &cfg, &site, why) {
                         continue;
                     }
                     {
