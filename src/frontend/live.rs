@@ -236,23 +236,7 @@ impl LiveFs {
             FileType::Directory => (0o555, 2),
             _ => (0o444, 1),
         };
-        Some(FileAttr {
-            ino: INodeNo(e.ino),
-            size: e.size,
-            blocks: e.size.div_ceil(512),
-            atime: e.time,
-            mtime: e.time,
-            ctime: e.time,
-            crtime: e.time,
-            kind: e.kind,
-            perm,
-            nlink,
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
-            blksize: 4096,
-            flags: 0,
-        })
+        Some(self.file_attr(INodeNo(e.ino), e.kind, e.size, perm, nlink, e.time))
     }
 
     fn node(&self, ino: INodeNo) -> Option<&Node> {
@@ -275,14 +259,27 @@ impl LiveFs {
             Node::Dir { children } => (FileType::Directory, 0, 0o755, 2 + children.len() as u32),
             Node::Disk { vol } => (FileType::RegularFile, vol.size(), 0o644, 1),
         };
-        Some(FileAttr {
+        Some(self.file_attr(ino, kind, size, perm, nlink, self.started))
+    }
+
+    /// The attributes every entry shares but for these.
+    fn file_attr(
+        &self,
+        ino: INodeNo,
+        kind: FileType,
+        size: u64,
+        perm: u16,
+        nlink: u32,
+        time: SystemTime,
+    ) -> FileAttr {
+        FileAttr {
             ino,
             size,
             blocks: size.div_ceil(512),
-            atime: self.started,
-            mtime: self.started,
-            ctime: self.started,
-            crtime: self.started,
+            atime: time,
+            mtime: time,
+            ctime: time,
+            crtime: time,
             kind,
             perm,
             nlink,
@@ -291,7 +288,7 @@ impl LiveFs {
             rdev: 0,
             blksize: 4096,
             flags: 0,
-        })
+        }
     }
 
     fn refuse(&self, what: &str, reply_err: impl FnOnce(Errno)) {

@@ -229,13 +229,7 @@ impl Target {
                         st.finish_initial().map_err(refusal)?;
                         st.received().lsn
                     };
-                    send(
-                        s,
-                        &Message::Ack {
-                            machine: name.clone(),
-                            lsn,
-                        },
-                    )?;
+                    send(s, &ack(name, lsn))?;
                 }
                 Message::SegmentChunk {
                     machine,
@@ -289,13 +283,7 @@ impl Target {
                             crate::replica::store::Receipt::Stored { lsn }
                             | crate::replica::store::Receipt::Duplicate { lsn } => lsn,
                         };
-                        send(
-                            s,
-                            &Message::Ack {
-                                machine: name.clone(),
-                                lsn,
-                            },
-                        )?;
+                        send(s, &ack(name, lsn))?;
                     }
                 }
                 Message::ResyncStart {
@@ -457,13 +445,7 @@ impl Target {
                         st.finish_resync(valid_from).map_err(refusal)?;
                         st.received().lsn
                     };
-                    send(
-                        s,
-                        &Message::Ack {
-                            machine: name.clone(),
-                            lsn,
-                        },
-                    )?;
+                    send(s, &ack(name, lsn))?;
                 }
                 Message::Probe => {
                     send(
@@ -507,6 +489,13 @@ fn session_store<'a>(
 pub const MAX_HASHES: u64 = 1 << 16;
 /// Bytes of differing chunks one resync batch may carry.
 const MAX_RESYNC_BATCH: usize = 256 << 20;
+
+fn ack(machine: &str, lsn: u64) -> Message {
+    Message::Ack {
+        machine: machine.to_string(),
+        lsn,
+    }
+}
 
 fn resync_state(machine: &str, p: &crate::replica::resync::ResyncProgress) -> Message {
     Message::ResyncState {

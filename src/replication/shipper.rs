@@ -592,7 +592,7 @@ impl Shipper {
                 ))),
             }
         };
-        let (mut disk0, mut next0, mut compared, mut sent_chunks, mut sent_bytes) =
+        let (disk0, next0, mut compared, mut sent_chunks, mut sent_bytes) =
             expect_state(recv(&mut s)?)?;
         let mut report = ResyncReport {
             resumed_from: compared,
@@ -807,8 +807,8 @@ impl Shipper {
                         sent_bytes,
                     },
                 )?;
-                let st = expect_state(recv(&mut s)?)?;
-                (disk0, next0) = (st.0, st.1);
+                // The target persisted the batch before it answered.
+                expect_state(recv(&mut s)?)?;
                 c += count;
                 if let Some(rc) = &self.resync_counters {
                     *rc.lock() = crate::replication::health::ResyncCounters {
@@ -846,7 +846,6 @@ impl Shipper {
         }
         SourceResync::clear(&self.site, machine.name())?;
         self.acked_lsn = base.0;
-        let _ = (disk0, next0);
         report.compared = compared;
         report.sent_chunks = sent_chunks;
         report.sent_bytes = sent_bytes;
