@@ -159,25 +159,7 @@ fn ext4_comes_back_clean_at_twenty_random_points() {
         }
     };
     write_files(0, 8, &mut written);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = replog()
-            .arg("protect")
-            .arg(&a)
-            .arg("vm1")
-            .args(["--target", &addr])
-            .output()
-            .expect("protect");
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "protect: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    protect_when_listening(&a, &addr);
     // Files go on during initial replication and after it.
     write_files(8, 24, &mut written);
     // An app-consistent checkpoint with the file system frozen around it.

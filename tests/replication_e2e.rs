@@ -9,17 +9,7 @@ use common::serve::*;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
-
-struct Listener(Child);
-impl Drop for Listener {
-    fn drop(&mut self) {
-        // SAFETY: signal to a child we spawned.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
+use std::time::Duration;
 
 #[test]
 fn protect_replicate_and_restore_latest_byte_equal() {
@@ -52,15 +42,7 @@ fn protect_replicate_and_restore_latest_byte_equal() {
     std::fs::write(&raw, common::pattern(9, 3 << 20)).expect("raw");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let _target = Listener(
-        replog()
-            .arg("serve")
-            .arg(&dst)
-            .args(["--listen", &addr])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("target serve"),
-    );
+    let _target = TargetServe::start(&dst, &addr);
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
     let os = OpenOptions::new()
         .read(true)
@@ -76,26 +58,7 @@ fn protect_replicate_and_restore_latest_byte_equal() {
         .expect("write");
     os.sync_all().expect("fsync");
 
-    // The target may take a moment to listen.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = replog()
-            .arg("protect")
-            .arg(&src)
-            .arg("vm1")
-            .args(["--target", &addr])
-            .output()
-            .expect("protect");
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "protect: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    protect_when_listening(&src, &addr);
     // Protecting twice is refused.
     let out = replog()
         .arg("protect")
@@ -176,39 +139,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 /// Two trusted sites with machine vm1 (one 16 MiB disk) at the source; returns
 /// (src, dst, addr).
 fn pair(tmp: &Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
-    let (src, dst) = (tmp.join("src"), tmp.join("dst"));
-    run_ok(replog().arg("init").arg(&src));
-    run_ok(replog().arg("init").arg(&dst));
-    fast_replication(&src);
-    let id_src = run_ok(replog().arg("id").arg(&src)).trim().to_string();
-    let id_dst = run_ok(replog().arg("id").arg(&dst)).trim().to_string();
-    run_ok(replog().arg("trust").arg(&src).arg(&id_dst));
-    run_ok(replog().arg("trust").arg(&dst).arg(&id_src));
-    run_ok(
-        replog()
-            .args(["disk", "create"])
-            .arg(&src)
-            .args(["vm1/os", "--size", "16M"]),
-    );
-    (src, dst, format!("127.0.0.1:{}", free_port()))
-}
-
-fn target(dst: &Path, addr: &str) -> Listener {
-    let l = Listener(
-        replog()
-            .arg("serve")
-            .arg(dst)
-            .args(["--listen", addr])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("target serve"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "target never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    l
+    two_sites(tmp, "16M")
 }
 
 /// kill -9 the target in the middle of delta shipping: the source goes to Warning and
@@ -221,7 +152,7 @@ fn target_killed_mid_shipping_then_back_converges() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let (src, dst, addr) = pair(tmp.path());
-    let mut t = target(&dst, &addr);
+    let t = TargetServe::start(&dst, &addr);
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
     run_ok(
         replog()
@@ -243,9 +174,7 @@ fn target_killed_mid_shipping_then_back_converges() {
     });
 
     // Kill the target hard while writes keep coming.
-    // SAFETY: signal to a child we spawned.
-    unsafe { libc::kill(t.0.id() as i32, libc::SIGKILL) };
-    let _ = t.0.wait();
+    t.kill9();
     for i in 0..10u64 {
         os.write_all_at(&common::pattern(10 + i, 100_000), 2_000_000 + i * 150_000)
             .expect("write");
@@ -259,8 +188,7 @@ fn target_killed_mid_shipping_then_back_converges() {
             .contains("retry"),
         "warning without a retry: {st}"
     );
-    std::mem::forget(t); // already dead
-    let _t = target(&dst, &addr);
+    let _t = TargetServe::start(&dst, &addr);
     wait_for(&src, "healthy again", |m| {
         m["health"] == "healthy" && m["lag_seconds"] == 0.0
     });
@@ -298,7 +226,7 @@ fn untrusted_source_goes_critical_with_the_reason() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let (src, dst, addr) = pair(tmp.path());
-    let _t = target(&dst, &addr);
+    let _t = TargetServe::start(&dst, &addr);
     run_ok(
         replog()
             .arg("protect")
@@ -352,7 +280,7 @@ fn protect_prerequisites_are_checked() {
     };
     fail(&["nope", "--target", &addr], "no machine");
     fail(&["vm1", "--target", &addr], "not reachable");
-    let _t = target(&dst, &addr);
+    let _t = TargetServe::start(&dst, &addr);
     std::fs::write(
         dst.join("trusted-peers"),
         "# replog trusted peers, format 1\n",
@@ -496,7 +424,7 @@ fn cuts_and_flipped_bytes_are_retried_and_nothing_bad_is_applied() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let (src, dst, addr) = pair(tmp.path());
-    let _t = target(&dst, &addr);
+    let _t = TargetServe::start(&dst, &addr);
     let proxy = Proxy::start(addr.clone());
     let via = format!("127.0.0.1:{}", proxy.port);
     run_ok(
@@ -587,7 +515,7 @@ fn kill_9_during_initial_replication_resumes() {
             .arg(&raw),
     );
     std::fs::remove_file(&raw).expect("rm raw");
-    let mut t = target(&dst, &addr);
+    let t = TargetServe::start(&dst, &addr);
     run_ok(
         replog()
             .arg("protect")
@@ -610,11 +538,8 @@ fn kill_9_during_initial_replication_resumes() {
         st["machines"][0]["health"], "critical",
         "the resumed copy was refused: {st}"
     );
-    // SAFETY: signal to a child we spawned.
-    unsafe { libc::kill(t.0.id() as i32, libc::SIGKILL) };
-    let _ = t.0.wait();
-    std::mem::forget(t);
-    let _t = target(&dst, &addr);
+    t.kill9();
+    let _t = TargetServe::start(&dst, &addr);
     let os = OpenOptions::new()
         .read(true)
         .write(true)
@@ -676,7 +601,7 @@ fn target_out_of_space_is_retried_until_room_returns() {
         }
     }
     let _cleanup = Unmount(replicas.clone());
-    let _t = target(&dst, &addr);
+    let _t = TargetServe::start(&dst, &addr);
     run_ok(
         replog()
             .arg("protect")

@@ -9,78 +9,19 @@ use common::serve::*;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-
-struct Target(Child);
-
-impl Target {
-    fn start(dst: &Path, addr: &str) -> Target {
-        let t = Target(
-            replog()
-                .arg("serve")
-                .arg(dst)
-                .args(["--listen", addr])
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("target serve"),
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "target never listened");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        t
-    }
-
-    fn kill9(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        // SAFETY: signal to a child we spawned.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
 
 /// Two trusted sites with vm1 (one disk of `size`) at the source; fast replication,
 /// resyncs only on request, small batches; returns (src, dst, addr).
 fn sites(root: &Path, size: &str, threshold: u64) -> (PathBuf, PathBuf, String) {
-    let (src, dst) = (root.join("src"), root.join("dst"));
-    run_ok(replog().arg("init").arg(&src));
-    run_ok(replog().arg("init").arg(&dst));
-    fast_replication(&src);
+    let (src, dst, addr) = two_sites(root, size);
     edit_config(&src, |c| {
         c.replication.resync_window = "never".into();
         c.replication.resync_weekends = false;
         c.replication.resync_threshold_percent = threshold;
         c.replication.resync_batch_bytes = 1 << 20;
     });
-    let id_src = run_ok(replog().arg("id").arg(&src)).trim().to_string();
-    let id_dst = run_ok(replog().arg("id").arg(&dst)).trim().to_string();
-    run_ok(replog().arg("trust").arg(&src).arg(&id_dst));
-    run_ok(replog().arg("trust").arg(&dst).arg(&id_src));
-    run_ok(
-        replog()
-            .args(["disk", "create"])
-            .arg(&src)
-            .args(["vm1/os", "--size", size]),
-    );
-    (src, dst, format!("127.0.0.1:{}", free_port()))
-}
-
-fn protect(src: &Path, addr: &str) {
-    run_ok(
-        replog()
-            .arg("protect")
-            .arg(src)
-            .arg("vm1")
-            .args(["--target", addr]),
-    );
+    (src, dst, addr)
 }
 
 fn restore_equals(dst: &Path, out: &Path, disk: &std::fs::File, size: usize) {
@@ -108,7 +49,7 @@ fn overflow_waits_for_the_window_then_resync_now_with_writes_going_on() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let (src, dst, addr) = sites(tmp.path(), "16M", 25);
-    let target = Target::start(&dst, &addr);
+    let target = TargetServe::start(&dst, &addr);
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
     let os = OpenOptions::new()
         .read(true)
@@ -118,7 +59,7 @@ fn overflow_waits_for_the_window_then_resync_now_with_writes_going_on() {
     os.write_all_at(&common::pattern(1, 3 << 20), 0)
         .expect("write");
     os.sync_all().expect("fsync");
-    protect(&src, &addr);
+    protect_when_listening(&src, &addr);
     wait_for(&src, "protected", |m| {
         m["state"] == "protected" && m["lag_seconds"] == 0.0
     });
@@ -150,7 +91,7 @@ fn overflow_waits_for_the_window_then_resync_now_with_writes_going_on() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // The target is back, but outside the window nothing starts by itself.
-    let _target = Target::start(&dst, &addr);
+    let _target = TargetServe::start(&dst, &addr);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(status(&src)["machines"][0]["state"], "resync-required");
     // --now starts it; writes go on through the mount meanwhile.
@@ -208,10 +149,10 @@ fn kill_9_of_either_side_mid_resync_resumes_without_starting_over() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let (src, dst, addr) = sites(tmp.path(), "256M", 50);
-    let target = Target::start(&dst, &addr);
+    let target = TargetServe::start(&dst, &addr);
     let mnt = tmp.path().join("mnt");
     let served = Served::start(&src, &mnt, &[]);
-    protect(&src, &addr);
+    protect_when_listening(&src, &addr);
     wait_for(&src, "protected", |m| m["state"] == "protected");
     let os = OpenOptions::new()
         .read(true)
@@ -241,7 +182,7 @@ fn kill_9_of_either_side_mid_resync_resumes_without_starting_over() {
     run_ok(replog().arg("resync").arg(&src).arg("vm1").arg("--now"));
     wait_mid_resync(&src);
     target.kill9();
-    let _target = Target::start(&dst, &addr);
+    let _target = TargetServe::start(&dst, &addr);
     let st = wait_for(&src, "resumed after the target's kill", |m| {
         m["state"] == "protected"
             && m["health"] == "healthy"
@@ -271,9 +212,9 @@ fn inside_the_window_a_required_resync_starts_by_itself() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (src, dst, addr) = sites(tmp.path(), "8M", 50);
     edit_config(&src, |c| c.replication.resync_window = "always".into());
-    let _target = Target::start(&dst, &addr);
+    let _target = TargetServe::start(&dst, &addr);
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
-    protect(&src, &addr);
+    protect_when_listening(&src, &addr);
     wait_for(&src, "protected", |m| m["state"] == "protected");
     // Required, not asked for now: inside the window it runs on its own.
     let out = run_ok(replog().arg("resync").arg(&src).arg("vm1"));
@@ -294,10 +235,10 @@ fn a_disk_written_while_serve_was_stopped_is_detected_and_resynced() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (src, dst, addr) = sites(tmp.path(), "8M", 50);
     edit_config(&src, |c| c.replication.resync_window = "always".into());
-    let _target = Target::start(&dst, &addr);
+    let _target = TargetServe::start(&dst, &addr);
     let mnt = tmp.path().join("mnt");
     let served = Served::start(&src, &mnt, &[]);
-    protect(&src, &addr);
+    protect_when_listening(&src, &addr);
     wait_for(&src, "protected", |m| {
         m["state"] == "protected" && m["lag_seconds"] == 0.0
     });

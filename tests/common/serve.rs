@@ -276,3 +276,90 @@ pub fn wait_for(
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A target: `replog serve DST --listen ADDR`, listening when `start` returns; SIGTERM
+/// (a clean stop) when dropped.
+pub struct TargetServe(Option<std::process::Child>);
+
+impl TargetServe {
+    pub fn start(dst: &Path, addr: &str) -> TargetServe {
+        let t = TargetServe(Some(
+            replog()
+                .arg("serve")
+                .arg(dst)
+                .args(["--listen", addr])
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("target serve"),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "target never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        t
+    }
+
+    /// kill -9: the crash.
+    pub fn kill9(mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for TargetServe {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            // SAFETY: signal to a child we spawned and have not reaped.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Two sites under `root` that trust each other: `src` (fast replication) with
+/// machine vm1 and one disk `os` of `size`, and `dst`; returns (src, dst, an address
+/// for dst to listen on).
+pub fn two_sites(root: &Path, size: &str) -> (PathBuf, PathBuf, String) {
+    let (src, dst) = (root.join("src"), root.join("dst"));
+    run_ok(replog().arg("init").arg(&src));
+    run_ok(replog().arg("init").arg(&dst));
+    fast_replication(&src);
+    let id_src = run_ok(replog().arg("id").arg(&src)).trim().to_string();
+    let id_dst = run_ok(replog().arg("id").arg(&dst)).trim().to_string();
+    run_ok(replog().arg("trust").arg(&src).arg(&id_dst));
+    run_ok(replog().arg("trust").arg(&dst).arg(&id_src));
+    run_ok(
+        replog()
+            .args(["disk", "create"])
+            .arg(&src)
+            .args(["vm1/os", "--size", size]),
+    );
+    (src, dst, format!("127.0.0.1:{}", free_port()))
+}
+
+/// `replog protect SRC vm1 --target ADDR`, again until the target answers (it may
+/// take a moment to listen).
+pub fn protect_when_listening(src: &Path, addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = replog()
+            .arg("protect")
+            .arg(src)
+            .arg("vm1")
+            .args(["--target", addr])
+            .output()
+            .expect("protect");
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "protect: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
