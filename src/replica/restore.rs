@@ -8,8 +8,9 @@
 //! decrypted once, its surviving payloads written where they land. All-zero 4 KiB
 //! blocks are never written, so the images stay sparse.
 //!
-//! The work items (parent chunks, segments) are spread over every core, so decrypting
-//! one overlaps writing another.
+//! The work items (parent chunks, segments) are spread over 4 to 8 workers (one per
+//! core, at least 4: the work waits on the disk as much as on the CPU), so decrypting
+//! one overlaps writing and reading others.
 //!
 //! Proof: when the point carries the source's digests (see `crate::digest`), the
 //! digest of every image is computed from the blocks as they are written (blocks
