@@ -11,9 +11,8 @@
 //! A crash before 4 leaves the segments in place and they are merged again (merging is
 //! idempotent); a crash between 4 and 5 leaves merged segments that recovery deletes.
 //!
-//! Holds keep the watermark back: initial replication holds it to freeze the parents,
-//! the shipper holds it at the last LSN the target acknowledged. Only segments whose
-//! last LSN is at or below every hold are merged.
+//! Holds (`crate::holds`) keep the watermark back: only segments whose last LSN is at
+//! or below every hold are merged.
 
 use crate::error::{Error, Result};
 use crate::format::meta::Watermark;
@@ -22,71 +21,9 @@ use crate::journal::reader::{scan_segment, Expect};
 use crate::storage::write_atomic;
 use crate::volume::{MachineInner, JOURNAL_DIR, WATERMARK_FILE};
 use crossbeam::channel::{bounded, RecvTimeoutError};
-use parking_lot::Mutex;
-use std::collections::BTreeMap;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-
-/// Watermark holds of one machine.
-#[derive(Debug, Default)]
-pub struct Holds {
-    inner: Arc<Mutex<HoldTable>>,
-}
-
-#[derive(Debug, Default)]
-struct HoldTable {
-    next: u64,
-    limits: BTreeMap<u64, u64>,
-}
-
-impl Holds {
-    pub fn hold(&self, lsn: u64) -> WatermarkHold {
-        let mut t = self.inner.lock();
-        let id = t.next;
-        t.next += 1;
-        t.limits.insert(id, lsn);
-        WatermarkHold {
-            table: Arc::downgrade(&self.inner),
-            id,
-        }
-    }
-
-    /// The highest LSN that may be merged (u64::MAX when nothing holds).
-    pub fn limit(&self) -> u64 {
-        self.inner
-            .lock()
-            .limits
-            .values()
-            .copied()
-            .min()
-            .unwrap_or(u64::MAX)
-    }
-}
-
-/// Keeps the merge watermark at or below an LSN while it lives.
-#[derive(Debug)]
-pub struct WatermarkHold {
-    table: Weak<Mutex<HoldTable>>,
-    id: u64,
-}
-
-impl WatermarkHold {
-    /// Move the hold (for example, as the target acknowledges more).
-    pub fn set(&self, lsn: u64) {
-        if let Some(t) = self.table.upgrade() {
-            t.lock().limits.insert(self.id, lsn);
-        }
-    }
-}
-
-impl Drop for WatermarkHold {
-    fn drop(&mut self) {
-        if let Some(t) = self.table.upgrade() {
-            t.lock().limits.remove(&self.id);
-        }
-    }
-}
 
 /// When the background compactor merges.
 #[derive(Debug, Clone, Copy)]

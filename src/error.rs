@@ -1,11 +1,19 @@
 //! One public error type for the whole crate.
 //!
 //! Each variant is a kind a caller can match on and carries the context that says
-//! where it happened (file, offset, machine). Messages are written for people: what
-//! happened, where, and — where there is one — what to do next.
+//! where it happened (file, offset, machine, peer). Messages are written for people:
+//! what happened, where, and — where there is one — what to do next.
+//!
+//! What to do about an error is decided by its kind, never by its message:
+//! [`Error::class`] says whether an operation is retried later ([`ErrorClass::Retry`]),
+//! mended by resynchronisation ([`ErrorClass::NeedsResync`]) or stopped until an
+//! operator acts ([`ErrorClass::Critical`]). The shipping loop, the resync, the
+//! receiver's refusals ([`Error::refusal_code`]) and the command line all use it.
 
 use std::io;
 use std::path::PathBuf;
+
+pub use crate::replication::protocol::RefusalCode;
 
 /// The crate-wide result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -13,11 +21,21 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// An operating-system I/O error, with the operation and the file it touched.
+    /// A local operating-system I/O error, with the operation and the file it touched.
     #[error("{op} {}: {source}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// A network error talking to a peer site (connect, send, receive), with the
+    /// peer's address.
+    #[error("{op} {peer}: {source}")]
+    Net {
+        op: &'static str,
+        peer: String,
         #[source]
         source: io::Error,
     },
@@ -56,6 +74,11 @@ pub enum Error {
     )]
     Poisoned { machine: String, reason: String },
 
+    /// Writes to the machine are refused for now (a failover is taking it over, or
+    /// it was failed over): EROFS to a guest.
+    #[error("machine {machine} does not take writes: {reason}")]
+    Fenced { machine: String, reason: String },
+
     /// An I/O request outside the disk: never grows the disk.
     #[error("{what}: range {offset}..{end} is outside the disk ({size} bytes)")]
     OutOfRange {
@@ -73,6 +96,49 @@ pub enum Error {
     /// A file written by a newer replog, or with incompatible feature bits.
     #[error("unsupported format in {}: {what}", path.display())]
     Unsupported { path: PathBuf, what: String },
+
+    /// The peer site refused what this site asked for, saying why (its `Error` frame).
+    #[error("{peer} refused ({}): {message}", code.as_str())]
+    Refused {
+        peer: String,
+        code: RefusalCode,
+        message: String,
+    },
+
+    /// TLS authentication failed: the peer refused this site's certificate
+    /// (`by_peer`), or this site refused the peer's (not trusted: `replog trust` pins
+    /// sites on both ends).
+    #[error("TLS authentication with {peer} failed: {why}")]
+    Auth {
+        peer: String,
+        why: String,
+        by_peer: bool,
+    },
+
+    /// The peer broke the protocol: a frame that does not decode, a message out of
+    /// place, another protocol version.
+    #[error("protocol error with {peer}: {what}")]
+    Protocol { peer: String, what: String },
+
+    /// Something this needs is in use (a merge, readers of a replica); try later.
+    #[error("{0}")]
+    Busy(String),
+
+    /// There is not enough room where the data must go.
+    #[error("no space: {0}")]
+    NoSpace(String),
+}
+
+/// What to do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Recoverable (network, no space, busy): retry on the schedule, health Warning.
+    Retry,
+    /// The replication chain is broken or the data damaged: resynchronise.
+    NeedsResync,
+    /// Non-recoverable (trust, protocol, a replica in an invalid state, bad input):
+    /// stop and tell an operator; health Critical.
+    Critical,
 }
 
 impl Error {
@@ -92,22 +158,145 @@ impl Error {
         }
     }
 
+    pub fn protocol(peer: impl Into<String>, what: impl Into<String>) -> Self {
+        Error::Protocol {
+            peer: peer.into(),
+            what: what.into(),
+        }
+    }
+
     /// True for errors that say the stored data is damaged.
     pub fn is_corruption(&self) -> bool {
         matches!(self, Error::Corruption { .. })
     }
 
+    /// Retry, resynchronise, or stop: see [`ErrorClass`].
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::Io { .. } | Error::Net { .. } | Error::Busy(_) | Error::NoSpace(_) => {
+                ErrorClass::Retry
+            }
+            Error::Corruption { .. } | Error::BrokenChain(_) => ErrorClass::NeedsResync,
+            Error::Refused { code, .. } => code.class(),
+            Error::Auth { .. }
+            | Error::Protocol { .. }
+            | Error::InvalidInput(_)
+            | Error::NotFound(_)
+            | Error::AlreadyExists(_)
+            | Error::Locked(_)
+            | Error::Poisoned { .. }
+            | Error::Fenced { .. }
+            | Error::OutOfRange { .. }
+            | Error::Unsupported { .. } => ErrorClass::Critical,
+        }
+    }
+
+    /// How a target tells a source that this error ended its request.
+    pub fn refusal_code(&self) -> RefusalCode {
+        match self {
+            Error::NoSpace(_) => RefusalCode::NoSpace,
+            Error::Io { source, .. } if is_no_space(source) => RefusalCode::NoSpace,
+            Error::Io { .. } | Error::Net { .. } => RefusalCode::Unavailable,
+            Error::Busy(_) => RefusalCode::Busy,
+            Error::Corruption { .. } | Error::BrokenChain(_) => RefusalCode::BrokenChain,
+            Error::Refused { code, .. } => *code,
+            Error::NotFound(_) => RefusalCode::UnknownMachine,
+            Error::Fenced { .. } => RefusalCode::Fenced,
+            Error::Protocol { .. } | Error::InvalidInput(_) | Error::OutOfRange { .. } => {
+                RefusalCode::Protocol
+            }
+            Error::Unsupported { .. } => RefusalCode::Version,
+            Error::Auth { .. } => RefusalCode::NotOwner,
+            Error::AlreadyExists(_) | Error::Locked(_) | Error::Poisoned { .. } => {
+                RefusalCode::Fatal
+            }
+        }
+    }
+
     /// The errno a FUSE front end should answer with.
     pub fn errno(&self) -> i32 {
         match self {
-            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Io { source, .. } | Error::Net { source, .. } => {
+                source.raw_os_error().unwrap_or(libc::EIO)
+            }
             Error::Corruption { .. } | Error::Poisoned { .. } | Error::BrokenChain(_) => libc::EIO,
-            Error::InvalidInput(_) => libc::EINVAL,
+            Error::Fenced { .. } => libc::EROFS,
+            Error::InvalidInput(_) | Error::Protocol { .. } => libc::EINVAL,
             Error::NotFound(_) => libc::ENOENT,
             Error::AlreadyExists(_) => libc::EEXIST,
-            Error::Locked(_) => libc::EBUSY,
-            Error::OutOfRange { .. } => libc::ENOSPC,
+            Error::Locked(_) | Error::Busy(_) => libc::EBUSY,
+            Error::OutOfRange { .. } | Error::NoSpace(_) => libc::ENOSPC,
             Error::Unsupported { .. } => libc::EOPNOTSUPP,
+            Error::Refused { .. } | Error::Auth { .. } => libc::EIO,
         }
+    }
+}
+
+/// ENOSPC or EDQUOT: the file system is full.
+pub fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_its_class() {
+        let io = || io::Error::from_raw_os_error(libc::EIO);
+        let table: Vec<(Error, ErrorClass)> = vec![
+            (Error::io("read", "/x", io()), ErrorClass::Retry),
+            (
+                Error::Net {
+                    op: "connect to",
+                    peer: "10.0.0.2:7000".into(),
+                    source: io(),
+                },
+                ErrorClass::Retry,
+            ),
+            (Error::Busy("merging".into()), ErrorClass::Retry),
+            (Error::NoSpace("full".into()), ErrorClass::Retry),
+            (Error::corruption("/x", 3, "crc"), ErrorClass::NeedsResync),
+            (Error::BrokenChain("gap".into()), ErrorClass::NeedsResync),
+            (
+                Error::Auth {
+                    peer: "p".into(),
+                    why: "untrusted".into(),
+                    by_peer: true,
+                },
+                ErrorClass::Critical,
+            ),
+            (Error::protocol("p", "bad frame"), ErrorClass::Critical),
+            (Error::InvalidInput("x".into()), ErrorClass::Critical),
+            (Error::NotFound("x".into()), ErrorClass::Critical),
+            (
+                Error::Fenced {
+                    machine: "vm1".into(),
+                    reason: "failover".into(),
+                },
+                ErrorClass::Critical,
+            ),
+        ];
+        for (e, want) in table {
+            assert_eq!(e.class(), want, "{e}");
+        }
+        // A refusal's class is its code's, whatever the message says.
+        for code in RefusalCode::ALL {
+            let e = Error::Refused {
+                peer: "p".into(),
+                code,
+                message: "(Retry) was next TLS".into(),
+            };
+            assert_eq!(e.class(), code.class(), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn a_full_disk_is_no_space_not_a_passing_io_error() {
+        let full = Error::io("write", "/x", io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(full.refusal_code(), RefusalCode::NoSpace);
+        assert_eq!(full.class(), ErrorClass::Retry);
+        let eio = Error::io("write", "/x", io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(eio.refusal_code(), RefusalCode::Unavailable);
     }
 }

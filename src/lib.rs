@@ -10,6 +10,7 @@
 #![warn(clippy::unwrap_used)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod chunk_hash;
 pub mod compactor;
 pub mod config;
 pub mod control;
@@ -17,6 +18,7 @@ pub mod digest;
 pub mod error;
 pub mod format;
 pub mod frontend;
+pub mod holds;
 pub mod identity;
 pub mod index;
 pub mod inspect;

@@ -229,7 +229,9 @@ impl Site {
                 .storage
                 .exists(&dir.join(crate::replication::relationship::FILE))
             {
-                crate::replication::resync::SourceResync::require(&self.path, machine, &why)?;
+                crate::replication::resync_schedule::SourceResync::require(
+                    &self.path, machine, &why,
+                )?;
             }
         }
         // A protected machine's points carry digests, whoever appends them.

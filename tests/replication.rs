@@ -80,7 +80,8 @@ fn sealed_segments_ship_in_order_and_merge_only_after_ack() {
     let err = Shipper::new(&c, &mc, &addr)
         .ship_once(&mc)
         .expect_err("untrusted source shipped");
-    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert!(matches!(err, Error::Auth { .. }), "{err}");
+    assert_eq!(err.class(), replog::error::ErrorClass::Critical, "{err}");
     assert!(
         !b.join("replicas/vm2").exists(),
         "the target stored something for an untrusted source"

@@ -1,15 +1,13 @@
 //! `replog protect`, `replog restore`.
 
-use replog::identity::{self, SiteId};
+use replog::identity;
 
 use replog::replica::store::ReplicaStore;
-use replog::replication::protocol::{read_frame, write_frame, Message};
+use replog::replication::protocol::Message;
 use replog::replication::relationship::Relationship;
-use replog::replication::{receiver, transport};
+use replog::replication::shipper::Link;
 use replog::{Error, Result, Site};
-use std::io::Write;
 use std::path::Path;
-use std::time::Duration;
 
 pub fn protect(
     site: &Path,
@@ -39,57 +37,30 @@ pub fn protect(
         )));
     }
     let me = identity::Identity::load(site)?.id();
-    let (mut s, peer) =
-        transport::connect(site, target, Duration::from_secs(10)).map_err(|e| match e {
-            Error::Io { op, source, .. } if op.contains("TLS") => Error::InvalidInput(format!(
-                "the target at {target} and this site do not trust each other ({source}); run \
-             `replog trust` on both sites with the other's ID (`replog id`)"
-            )),
-            Error::Io { source, .. } => {
-                Error::InvalidInput(format!("the target at {target} is not reachable: {source}"))
-            }
-            other => other,
-        })?;
-    let talk = |s: &mut transport::ClientStream, m: &Message| -> Result<Message> {
-        write_frame(s, m).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        s.flush().map_err(|e| Error::io("send to", target, e))?;
-        read_frame(s).map_err(|e| match e {
-            // In TLS 1.3 the target's refusal of our certificate arrives on the first read.
-            replog::replication::protocol::FrameError::Io(io)
-                if io
-                    .get_ref()
-                    .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some()) =>
-            {
-                Error::InvalidInput(format!(
-                    "the target at {target} refused this site ({io}); run `replog trust {} {me}` \
-                     there",
-                    "<target site>"
-                ))
-            }
-            other => Error::InvalidInput(format!("target: {other}")),
-        })
+    // What went wrong, said for the person at the keyboard; decided by kind.
+    let explain = |e: Error| match e {
+        Error::Auth {
+            why, by_peer: true, ..
+        } => Error::InvalidInput(format!(
+            "the target at {target} refused this site ({why}); run `replog trust <target \
+             site> {me}` there"
+        )),
+        Error::Auth { why, .. } => Error::InvalidInput(format!(
+            "this site does not trust the target at {target} ({why}); run `replog trust {} \
+             <the target's ID>` here (the target prints its ID with `replog id`)",
+            site.display()
+        )),
+        Error::Net { source, .. } => {
+            Error::InvalidInput(format!("the target at {target} is not reachable: {source}"))
+        }
+        other => other,
     };
-    match talk(
-        &mut s,
-        &Message::Hello {
-            site_id: me.0,
-            software: receiver::software(),
-        },
-    )? {
-        Message::Hello { site_id, .. } if SiteId(site_id) == peer => {}
-        _ => {
-            return Err(Error::InvalidInput(
-                "the target did not identify itself".into(),
-            ))
-        }
-    }
-    let free = match talk(&mut s, &Message::Probe)? {
+    let mut link = Link::connect(site, target).map_err(explain)?;
+    let peer = link.peer_id();
+    link.send(&Message::Probe).map_err(explain)?;
+    let free = match link.recv().map_err(explain)? {
         Message::Room { free_bytes } => free_bytes,
-        _ => {
-            return Err(Error::InvalidInput(
-                "the target did not say how much room it has".into(),
-            ))
-        }
+        other => return Err(link.unexpected("Room", &other)),
     };
     // Room for the data the disks hold now (holes and zeros are not sent) plus the
     // journal.
@@ -386,9 +357,13 @@ pub fn resync(site: &Path, machine: &str, now: bool) -> Result<()> {
             "{machine} is not protected; nothing to resynchronise"
         )));
     }
-    replog::replication::resync::SourceResync::require(site, machine, "requested by an operator")?;
+    replog::replication::resync_schedule::SourceResync::require(
+        site,
+        machine,
+        "requested by an operator",
+    )?;
     if now {
-        replog::replication::resync::request_now(site, machine)?;
+        replog::replication::resync_schedule::request_now(site, machine)?;
         println!("{machine}: resync requested now; a running serve starts it within a second");
     } else {
         let cfg = Site::read_config(site)?.replication;

@@ -94,7 +94,8 @@ pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
                         r.target
                     );
                     st.target = Some(r.target);
-                    if let Some(req) = replog::replication::resync::SourceResync::load(path, &name)?
+                    if let Some(req) =
+                        replog::replication::resync_schedule::SourceResync::load(path, &name)?
                     {
                         st.state = "resync-required".into();
                         st.reason = format!(

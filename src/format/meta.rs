@@ -32,7 +32,7 @@
 //! Option<(u64, u64)>, resyncing: bool, valid_from: u64, patches: u64`.
 //!
 //! ## Replica resync progress body (kind 7): postcard encoding of
-//! `replica::resync::ResyncProgress`: `base_lsn: u64, base_seq: u64, chunk_bytes: u64,
+//! `replica::resync_apply::ResyncProgress`: `base_lsn: u64, base_seq: u64, chunk_bytes: u64,
 //! disk: u32, next: u64, compared: u64, sent_chunks: u64, sent_bytes: u64, patches:
 //! u64`.
 //!

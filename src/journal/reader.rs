@@ -48,6 +48,17 @@ impl ScannedRecord<'_> {
 pub struct ScanFault {
     pub offset: u64,
     pub what: String,
+    pub kind: FaultKind,
+}
+
+/// What kind of fault a scan found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// Bytes that do not decode or fail a checksum (or a torn tail).
+    Damage,
+    /// Intact, checksummed content that does not continue what was expected: a
+    /// segment or record whose LSN is not the next one.
+    Discontinuity,
 }
 
 /// The result of scanning one segment.
@@ -148,7 +159,18 @@ pub fn scan_segment(
         start: 0,
     };
     let fault = |scan: &mut SegmentScan, offset: u64, what: String| {
-        scan.fault = Some(ScanFault { offset, what });
+        scan.fault = Some(ScanFault {
+            offset,
+            what,
+            kind: FaultKind::Damage,
+        });
+    };
+    let gap = |scan: &mut SegmentScan, offset: u64, what: String| {
+        scan.fault = Some(ScanFault {
+            offset,
+            what,
+            kind: FaultKind::Discontinuity,
+        });
     };
 
     let Some(hb) = r.get(0, SEGMENT_HEADER_LEN)? else {
@@ -192,7 +214,7 @@ pub fn scan_segment(
     }
     let mut next_lsn = expect.first_lsn.unwrap_or(header.base_lsn);
     if header.base_lsn != next_lsn {
-        fault(
+        gap(
             &mut scan,
             40,
             format!(
@@ -270,7 +292,7 @@ pub fn scan_segment(
             return Ok(scan);
         }
         if rh.lsn != next_lsn {
-            fault(
+            gap(
                 &mut scan,
                 pos + 8,
                 format!("LSN {} where {next_lsn} was next", rh.lsn),

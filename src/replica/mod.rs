@@ -11,5 +11,5 @@ pub mod pin;
 pub mod points;
 pub mod replay;
 pub mod restore;
-pub mod resync;
+pub mod resync_apply;
 pub mod store;

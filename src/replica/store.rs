@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::format::meta::{self, DiskEntry, Watermark, KIND_REPLICA_MANIFEST};
 use crate::format::segment::segment_name;
 use crate::format::RecordKind;
-use crate::journal::reader::{scan_segment, Expect};
+use crate::journal::reader::{scan_segment, Expect, FaultKind};
 use crate::names::validate_name;
 use crate::storage::{write_atomic, FileStorage, MemStorage, OpenMode, Storage};
 use serde::{Deserialize, Serialize};
@@ -382,6 +382,11 @@ impl ReplicaStore {
         &self.manifest
     }
 
+    /// The generation of the machine this replica holds.
+    pub fn generation(&self) -> u32 {
+        1
+    }
+
     /// The newest segment stored (LSN 0 / seq 0: none).
     pub fn received(&self) -> Watermark {
         self.received
@@ -519,15 +524,7 @@ impl ReplicaStore {
                 self.received.segment_seq + 1
             )));
         }
-        let index = self.verify(seq, plain).map_err(|e| match e {
-            Error::Corruption { offset, what, .. } if what.contains("was next") => {
-                Error::BrokenChain(format!(
-                    "segment {seq} does not continue the chain at LSN {} (offset {offset}: {what})",
-                    self.received.lsn + 1
-                ))
-            }
-            other => other,
-        })?;
+        let index = self.verify(seq, plain)?;
         self.write_index(seq, &index)?;
         let ct = self.key.seal(self.manifest.machine_id, seq, plain)?;
         write_atomic(&FileStorage, &self.seg_path(seq), &ct)?;
@@ -902,7 +899,13 @@ fn index_segment(
         Ok(())
     })?;
     if let Some(fault) = &scan.fault {
-        return Err(Error::corruption(named, fault.offset, fault.what.clone()));
+        return Err(match fault.kind {
+            FaultKind::Discontinuity => Error::BrokenChain(format!(
+                "segment {seq} does not continue the chain (offset {}: {})",
+                fault.offset, fault.what
+            )),
+            FaultKind::Damage => Error::corruption(named, fault.offset, fault.what.clone()),
+        });
     }
     if let Some((offset, what)) = outside {
         return Err(Error::corruption(named, offset, what));

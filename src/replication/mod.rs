@@ -8,7 +8,7 @@ pub mod health;
 pub mod protocol;
 pub mod receiver;
 pub mod relationship;
-pub mod resync;
+pub mod resync_schedule;
 pub mod run;
 pub mod shipper;
 pub mod transport;

@@ -6,7 +6,7 @@
 //! ```text
 //! off len field
 //!   0   4 magic "RPLF" (52 50 4C 46)
-//!   4   2 protocol version (1)
+//!   4   2 protocol version (2; version 1 is refused: its messages are another enum)
 //!   6   2 reserved, zero
 //!   8   4 body length in bytes (at most MAX_FRAME_BODY)
 //!  12   4 CRC-32C of the body
@@ -18,12 +18,39 @@
 //! [`FrameError`]: the session must be closed and nothing of the frame applied. The
 //! length is checked before anything is allocated, so a hostile peer cannot make the
 //! reader allocate more than one maximum frame.
+//!
+//! ## Versions and features
+//!
+//! The version in every frame header is the protocol version; a peer speaking another
+//! one is refused, naming both (a version-1 peer cannot read this build's frames, and
+//! says so naming both too). `Hello`, the first message each way, repeats the version
+//! and carries feature bits: what this build can do (`features`) and what the peer
+//! must be able to do for this session (`required`); a peer that lacks a required bit
+//! is refused naming it. [`Message`] is postcard-encoded by variant index: new
+//! variants go at the end, and any change to an existing one is a new version.
+//!
+//! Version history: 1 (fc86700 … f501a4c: Hello without version or features, no
+//! generations, `ErrorCode` Retry/BrokenChain/UnknownMachine/Fatal); 2 (this build:
+//! `Hello { protocol, features, required }`, the machine's generation in Protect,
+//! Protected, InitialChunk, SegmentChunk and ResyncStart, [`RefusalCode`]).
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 pub const FRAME_MAGIC: [u8; 4] = *b"RPLF";
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// Feature bits (`Hello::features`): the machine's generation travels with Protect,
+/// segments and resyncs, and lower generations are refused.
+pub const FEATURE_GENERATIONS: u64 = 1 << 0;
+/// Resynchronisation by chunk hashes (ResyncStart … ResyncDone).
+pub const FEATURE_RESYNC: u64 = 1 << 1;
+/// A source mends damaged ranges from the replica (ResyncFetch / ResyncData).
+pub const FEATURE_RESYNC_FETCH: u64 = 1 << 2;
+/// What this build can do.
+pub const FEATURES: u64 = FEATURE_GENERATIONS | FEATURE_RESYNC | FEATURE_RESYNC_FETCH;
+/// What this build needs of its peer.
+pub const REQUIRED_FEATURES: u64 = FEATURE_GENERATIONS;
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Largest frame body: one segment chunk plus its envelope.
 pub const MAX_FRAME_BODY: u32 = 16 << 20;
@@ -39,7 +66,10 @@ pub enum FrameError {
     Malformed(String),
     #[error("frame body of {0} bytes is over the {MAX_FRAME_BODY}-byte limit")]
     TooLarge(u64),
-    #[error("peer speaks protocol version {0}; this build speaks {PROTOCOL_VERSION}")]
+    #[error(
+        "the peer speaks protocol version {0}; this build speaks version {PROTOCOL_VERSION} \
+         (upgrade the older site)"
+    )]
     Version(u16),
     #[error("frame checksum mismatch")]
     Checksum,
@@ -48,15 +78,24 @@ pub enum FrameError {
 /// Messages between a source (primary) and a target (replica) site.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
-    /// First message each way: who speaks, which protocol features it has.
-    Hello { site_id: [u8; 32], software: String },
+    /// First message each way: who speaks, its protocol version, what it can do and
+    /// what it needs the other side to be able to do (feature bits).
+    Hello {
+        site_id: [u8; 32],
+        software: String,
+        protocol: u16,
+        features: u64,
+        required: u64,
+    },
     /// Source → target: replicate `machine` (created at the target if new; its chain
     /// starts after `base_lsn` / segment `base_seq`; the target keeps every point for
-    /// `retention_ms` and app-consistent ones for `app_retention_ms`). Answered by
-    /// `Protected`.
+    /// `retention_ms` and app-consistent ones for `app_retention_ms`; `generation` is
+    /// the machine's at the source: a lower one than the replica's is refused as
+    /// fenced). Answered by `Protected`.
     Protect {
         machine: String,
         machine_id: u64,
+        generation: u32,
         disks: Vec<(String, u64)>,
         base_lsn: u64,
         base_seq: u64,
@@ -66,9 +105,11 @@ pub enum Message {
     /// Target → source: the replica holds everything up to `lsn` (segment `seq`); the
     /// initial copy is complete, or resumes at disk `resume_disk`, byte
     /// `resume_offset`; `free_bytes` is the room left at the target; `diverged` says
-    /// why the replica needs a resync (a damaged stored segment, a resync under way).
+    /// why the replica needs a resync (a damaged stored segment, a resync under way);
+    /// `generation` is the replica's.
     Protected {
         machine: String,
+        generation: u32,
         lsn: u64,
         seq: u64,
         initial_done: bool,
@@ -82,6 +123,7 @@ pub enum Message {
     /// `ResyncState` (where a resync with this base stopped, or 0).
     ResyncStart {
         machine: String,
+        generation: u32,
         base_lsn: u64,
         base_seq: u64,
         chunk_bytes: u64,
@@ -152,6 +194,7 @@ pub enum Message {
     /// `offset` (holes and zero blocks are never sent; LZ4 when `compressed`).
     InitialChunk {
         machine: String,
+        generation: u32,
         disk: u32,
         offset: u64,
         compressed: bool,
@@ -166,6 +209,7 @@ pub enum Message {
     /// `segment_len` arrives.
     SegmentChunk {
         machine: String,
+        generation: u32,
         seq: u64,
         segment_len: u64,
         offset: u64,
@@ -180,20 +224,118 @@ pub enum Message {
     /// Target → source: bytes free where replicas are stored.
     Room { free_bytes: u64 },
     /// Either way: the session ends because of this.
-    Error { code: ErrorCode, message: String },
+    Error { code: RefusalCode, message: String },
 }
 
-/// Error classes, so the other side can tell recoverable from fatal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ErrorCode {
-    /// Try again later (no space, busy).
-    Retry,
-    /// The chain is broken (gap, checksum): resynchronise.
+/// Why a site refused, so the other side knows what to do (see
+/// [`RefusalCode::class`]); the message says it for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RefusalCode {
+    /// Something needed is in use at the target (a merge, readers): retry.
+    Busy,
+    /// The target is out of space: retry when there is room.
+    NoSpace,
+    /// A passing failure at the target (I/O, its own storage unreachable): retry.
+    Unavailable,
+    /// The chain is broken (a gap, a segment that does not verify or differs from the
+    /// one stored): resynchronise.
     BrokenChain,
-    /// The machine is unknown at the target.
+    /// The target holds no such machine, or it is not a replica there.
     UnknownMachine,
-    /// Anything the operator must look at.
+    /// The replica belongs to another site or machine, or the Hello names another
+    /// site than its certificate.
+    NotOwner,
+    /// A message out of place or out of range, a frame that does not decode.
+    Protocol,
+    /// Another protocol version, or a feature the other side needs and lacks.
+    Version,
+    /// The sender's generation of the machine is older than the receiver's: it was
+    /// failed over and may not replicate it any more.
+    Fenced,
+    /// Anything else the operator must look at.
     Fatal,
+}
+
+impl RefusalCode {
+    pub const ALL: [RefusalCode; 10] = [
+        RefusalCode::Busy,
+        RefusalCode::NoSpace,
+        RefusalCode::Unavailable,
+        RefusalCode::BrokenChain,
+        RefusalCode::UnknownMachine,
+        RefusalCode::NotOwner,
+        RefusalCode::Protocol,
+        RefusalCode::Version,
+        RefusalCode::Fenced,
+        RefusalCode::Fatal,
+    ];
+
+    /// Retry, resynchronise or stop.
+    pub fn class(self) -> crate::error::ErrorClass {
+        use crate::error::ErrorClass;
+        match self {
+            RefusalCode::Busy | RefusalCode::NoSpace | RefusalCode::Unavailable => {
+                ErrorClass::Retry
+            }
+            RefusalCode::BrokenChain => ErrorClass::NeedsResync,
+            RefusalCode::UnknownMachine
+            | RefusalCode::NotOwner
+            | RefusalCode::Protocol
+            | RefusalCode::Version
+            | RefusalCode::Fenced
+            | RefusalCode::Fatal => ErrorClass::Critical,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalCode::Busy => "busy",
+            RefusalCode::NoSpace => "no space",
+            RefusalCode::Unavailable => "unavailable",
+            RefusalCode::BrokenChain => "broken chain",
+            RefusalCode::UnknownMachine => "unknown machine",
+            RefusalCode::NotOwner => "not the owner",
+            RefusalCode::Protocol => "protocol",
+            RefusalCode::Version => "version",
+            RefusalCode::Fenced => "fenced",
+            RefusalCode::Fatal => "fatal",
+        }
+    }
+}
+
+/// This build's `Hello` from the site with ID `site_id`.
+pub fn hello(site_id: [u8; 32]) -> Message {
+    Message::Hello {
+        site_id,
+        software: format!("replog {}", env!("CARGO_PKG_VERSION")),
+        protocol: PROTOCOL_VERSION,
+        features: FEATURES,
+        required: REQUIRED_FEATURES,
+    }
+}
+
+/// Check a peer's `Hello` fields: the same protocol version, and each side has what
+/// the other requires. The error names both versions or the missing feature bits.
+pub fn check_hello(protocol: u16, features: u64, required: u64) -> Result<(), String> {
+    if protocol != PROTOCOL_VERSION {
+        return Err(format!(
+            "the peer speaks protocol version {protocol}; this build speaks version \
+             {PROTOCOL_VERSION}"
+        ));
+    }
+    let we_lack = required & !FEATURES;
+    if we_lack != 0 {
+        return Err(format!(
+            "the peer requires protocol features {we_lack:#x} that this build lacks"
+        ));
+    }
+    let they_lack = REQUIRED_FEATURES & !features;
+    if they_lack != 0 {
+        return Err(format!(
+            "the peer lacks protocol features {they_lack:#x} that this build requires"
+        ));
+    }
+    Ok(())
 }
 
 /// Encode one message as a frame.
@@ -302,6 +444,7 @@ mod tests {
     fn sample() -> Message {
         Message::SegmentChunk {
             machine: "vm1".into(),
+            generation: 1,
             seq: 7,
             segment_len: 9000,
             offset: 3000,
@@ -314,6 +457,7 @@ mod tests {
     fn a_full_chunk_fits_a_frame() {
         let m = Message::SegmentChunk {
             machine: "x".repeat(64),
+            generation: u32::MAX,
             seq: u64::MAX,
             segment_len: u64::MAX,
             offset: u64::MAX,
@@ -385,8 +529,8 @@ mod tests {
             lsn: 1,
         })
         .unwrap();
-        v[4] = 2;
-        assert!(matches!(decode::<Message>(&v), Err(FrameError::Version(2))));
+        v[4] = 1;
+        assert!(matches!(decode::<Message>(&v), Err(FrameError::Version(1))));
         assert!(matches!(
             read_frame::<Message>(&mut &b"GET / HTTP/1.1\r\n\r\n"[..]),
             Err(FrameError::Malformed(_))

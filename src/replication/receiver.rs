@@ -2,11 +2,14 @@
 //! machine's replica, assembles segment chunks, stores each whole segment through the
 //! replica store (verify, encrypt, fsync) and only then acknowledges it.
 //!
-//! A frame that does not decode, a chunk out of order, a segment that fails
-//! verification or breaks the chain: an `Error` message goes back, the session closes,
-//! and nothing of that segment is stored.
+//! One [`Session`] per connection, one method per message. A frame that does not
+//! decode, a message out of place, a chunk out of order, a segment that fails
+//! verification or breaks the chain: an `Error` message with a [`RefusalCode`] goes
+//! back (`Error::refusal_code` maps store errors to codes, so the source's
+//! `Error::class` decides retry, resync or stop), the session closes, and nothing of
+//! that segment is stored.
 
-use super::protocol::{read_frame, write_frame, ErrorCode, FrameError, Message, MAX_CHUNK};
+use super::protocol::{self, read_frame, write_frame, FrameError, Message, RefusalCode, MAX_CHUNK};
 use crate::error::Error;
 use crate::format::meta::{DiskEntry, Watermark};
 use crate::identity::SiteId;
@@ -20,11 +23,24 @@ use std::sync::Arc;
 
 /// A replica store shared by the sessions of one machine.
 type SharedStore = Arc<Mutex<ReplicaStore>>;
-/// Why a session ends: the class the peer is told, and the reason.
-type Refusal = (ErrorCode, String);
+/// Why a session ends: the code the peer is told, and the reason.
+type Refusal = (RefusalCode, String);
 
 /// The largest segment a target assembles in memory.
 pub const MAX_SEGMENT: u64 = 1 << 30;
+/// Hashes one `ResyncHashRequest` may ask for.
+pub const MAX_HASHES: u64 = 1 << 16;
+/// Bytes of differing chunks one resync batch may carry.
+const MAX_RESYNC_BATCH: usize = 256 << 20;
+
+/// A store error as the source is told it.
+fn refusal(e: Error) -> Refusal {
+    (e.refusal_code(), e.to_string())
+}
+
+fn protocol_error(what: impl Into<String>) -> Refusal {
+    (RefusalCode::Protocol, what.into())
+}
 
 /// What a target site needs to receive replicas.
 #[derive(Debug)]
@@ -46,449 +62,618 @@ impl Target {
         }
     }
 
-    fn store(&self, peer: SiteId, m: &Message) -> Result<(String, SharedStore), Refusal> {
-        let Message::Protect {
-            machine,
-            machine_id,
-            disks,
-            base_lsn,
-            base_seq,
-            retention_ms,
-            app_retention_ms,
-        } = m
-        else {
-            return Err((ErrorCode::Fatal, "expected Protect".into()));
-        };
-        if *base_seq >= crate::format::segment::MAX_SEGMENT_SEQ
-            || *base_lsn >= crate::format::record::MAX_LSN
-        {
-            return Err((ErrorCode::Fatal, "base segment or LSN out of range".into()));
-        }
-        let fatal = |e: Error| (ErrorCode::Fatal, e.to_string());
-        // Under the table's lock, so two sessions never open the same store twice.
-        let mut stores = self.stores.lock();
-        let store = match stores.get(machine) {
-            Some(s) => s.clone(),
-            None => {
-                let store = match ReplicaStore::open(&self.site, machine, self.key.clone()) {
-                    Ok(s) => s,
-                    Err(Error::NotFound(_)) => {
-                        let manifest = ReplicaManifest {
-                            source_site: peer.0,
-                            machine_id: *machine_id,
-                            disks: disks
-                                .iter()
-                                .enumerate()
-                                .map(|(i, (name, size))| DiskEntry {
-                                    id: i as u32,
-                                    name: name.clone(),
-                                    size: *size,
-                                })
-                                .collect(),
-                            base_lsn: *base_lsn,
-                            base_seq: *base_seq,
-                        };
-                        let base = Watermark {
-                            lsn: *base_lsn,
-                            segment_seq: *base_seq,
-                        };
-                        ReplicaStore::create(&self.site, machine, manifest, base, self.key.clone())
-                            .map_err(fatal)?
-                    }
-                    Err(e) => return Err(fatal(e)),
-                };
-                let store = Arc::new(Mutex::new(store));
-                stores.insert(machine.clone(), store.clone());
-                store
-            }
-        };
-        drop(stores);
-        // Every Protect, not just the first: the replica must be this peer's machine.
-        {
-            let st = store.lock();
-            let man = st.manifest();
-            if man.source_site != peer.0 || man.machine_id != *machine_id {
-                return Err((
-                    ErrorCode::Fatal,
-                    format!("this site's replica of {machine} belongs to another site or machine"),
-                ));
-            }
-        }
-        if *retention_ms == 0 {
-            return Err((ErrorCode::Fatal, "retention of 0 ms".into()));
-        }
-        store
-            .lock()
-            .set_retention(crate::replica::store::Retention {
-                window_ms: *retention_ms,
-                app_window_ms: (*app_retention_ms).max(*retention_ms),
-            })
-            .map_err(fatal)?;
-        Ok((machine.clone(), store))
-    }
-
     /// Run one session with `peer` (already authenticated by TLS) until it ends.
     pub fn session(&self, stream: &mut (impl Read + Write), peer: SiteId) {
-        match self.run(stream, peer) {
+        let mut session = Session {
+            target: self,
+            peer,
+            current: None,
+            assembling: None,
+            resync_chunks: Vec::new(),
+            resync_held: 0,
+            hash_cache: None,
+        };
+        match session.run(stream) {
             Ok(()) => tracing::debug!("replication session with {peer} ended"),
             Err((code, why)) => {
-                tracing::warn!("replication session with {peer} closed: {why}");
+                tracing::warn!(
+                    "replication session with {peer} closed ({}): {why}",
+                    code.as_str()
+                );
                 let _ = write_frame(stream, &Message::Error { code, message: why });
                 let _ = stream.flush();
             }
         }
     }
 
-    fn run(&self, s: &mut (impl Read + Write), peer: SiteId) -> Result<(), Refusal> {
-        let frame = |e: FrameError| (ErrorCode::Fatal, e.to_string());
-        let send = |s: &mut dyn Write, m: &Message| {
-            write_frame(s, m).map_err(frame)?;
-            s.flush().map_err(|e| (ErrorCode::Retry, e.to_string()))
-        };
-        match read_frame::<Message>(s).map_err(frame)? {
-            Message::Hello { site_id, .. } if site_id == peer.0 => {}
-            Message::Hello { .. } => {
-                return Err((
-                    ErrorCode::Fatal,
-                    "Hello names another site than its certificate".into(),
-                ))
-            }
-            _ => return Err((ErrorCode::Fatal, "expected Hello".into())),
+    /// The store of `machine`, opened once (or created from `protect` when this site
+    /// has no replica of it yet).
+    fn store_for(&self, peer: SiteId, protect: &ProtectRequest) -> Result<SharedStore, Refusal> {
+        // Under the table's lock, so two sessions never open the same store twice.
+        let mut stores = self.stores.lock();
+        if let Some(s) = stores.get(&protect.machine) {
+            return Ok(s.clone());
         }
-        send(
-            s,
-            &Message::Hello {
-                site_id: self.me.0,
-                software: software(),
-            },
-        )?;
-        let mut current: Option<(String, SharedStore)> = None;
-        let mut assembling: Option<(u64, u64, Vec<u8>)> = None;
-        // The differing chunks of the resync batch in flight (applied at its end).
-        let mut resync_editor: Vec<(u32, u64, Vec<u8>)> = Vec::new();
-        let mut resync_held = 0usize;
-        let mut hash_cache: Option<(u32, u64, Vec<[u8; 32]>)> = None;
+        let store = match ReplicaStore::open(&self.site, &protect.machine, self.key.clone()) {
+            Ok(s) => s,
+            Err(Error::NotFound(_)) => {
+                let manifest = ReplicaManifest {
+                    source_site: peer.0,
+                    machine_id: protect.machine_id,
+                    disks: protect
+                        .disks
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (name, size))| DiskEntry {
+                            id: i as u32,
+                            name: name.clone(),
+                            size: *size,
+                        })
+                        .collect(),
+                    base_lsn: protect.base_lsn,
+                    base_seq: protect.base_seq,
+                };
+                let base = Watermark {
+                    lsn: protect.base_lsn,
+                    segment_seq: protect.base_seq,
+                };
+                ReplicaStore::create(
+                    &self.site,
+                    &protect.machine,
+                    manifest,
+                    base,
+                    self.key.clone(),
+                )
+                .map_err(refusal)?
+            }
+            Err(e) => return Err(refusal(e)),
+        };
+        let store = Arc::new(Mutex::new(store));
+        stores.insert(protect.machine.clone(), store.clone());
+        Ok(store)
+    }
+}
+
+/// The fields of a `Protect`.
+struct ProtectRequest {
+    machine: String,
+    machine_id: u64,
+    generation: u32,
+    disks: Vec<(String, u64)>,
+    base_lsn: u64,
+    base_seq: u64,
+    retention_ms: u64,
+    app_retention_ms: u64,
+}
+
+/// A segment being assembled from its chunks.
+struct Assembly {
+    seq: u64,
+    len: u64,
+    bytes: Vec<u8>,
+}
+
+/// One connection from a source.
+struct Session<'a> {
+    target: &'a Target,
+    peer: SiteId,
+    /// The machine this session protects (set by Protect) and its generation.
+    current: Option<(String, SharedStore, u32)>,
+    assembling: Option<Assembly>,
+    /// The differing chunks of the resync batch in flight (applied at its end).
+    resync_chunks: Vec<(u32, u64, Vec<u8>)>,
+    resync_held: usize,
+    /// Chunk hashes of the last range asked for: the detail requests that follow a
+    /// group request fall inside it.
+    hash_cache: Option<(u32, u64, Vec<[u8; 32]>)>,
+}
+
+impl Session<'_> {
+    fn run(&mut self, s: &mut (impl Read + Write)) -> Result<(), Refusal> {
+        self.hello(s)?;
         loop {
             let msg = match read_frame::<Message>(s) {
                 Ok(m) => m,
                 Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     return Ok(())
                 }
-                Err(e) => return Err(frame(e)),
+                Err(e) => return Err(frame_refusal(e)),
             };
-            match msg {
-                m @ Message::Protect { .. } => {
-                    let (name, store) = self.store(peer, &m)?;
-                    let (w, init, diverged) = {
-                        let st = store.lock();
-                        let diverged = match st.resync_progress() {
-                            Ok(Some(_)) => Some("a resync is under way".to_string()),
-                            Ok(None) => st.damage().map_err(refusal)?,
-                            Err(e) => Some(format!("resync progress unreadable: {e}")),
-                        };
-                        (st.received(), st.initial(), diverged)
-                    };
-                    send(
-                        s,
-                        &Message::Protected {
-                            machine: name.clone(),
-                            lsn: w.lsn,
-                            seq: w.segment_seq,
-                            initial_done: init.done,
-                            resume_disk: init.disk,
-                            resume_offset: init.offset,
-                            free_bytes: free_bytes(&self.site),
-                            diverged,
-                        },
-                    )?;
-                    current = Some((name, store));
-                    assembling = None;
-                }
-                Message::InitialChunk {
-                    machine,
-                    disk,
-                    offset,
-                    compressed,
-                    bytes,
-                } => {
-                    let (_, store) = session_store(&current, &machine, "initial chunk")?;
-                    let data = if compressed {
-                        decompress(&bytes)?
-                    } else {
-                        bytes
-                    };
-                    store
-                        .lock()
-                        .receive_base(disk, offset, &data)
-                        .map_err(refusal)?;
-                }
-                Message::InitialDone { machine } => {
-                    let (name, store) = session_store(&current, &machine, "InitialDone")?;
-                    let lsn = {
-                        let mut st = store.lock();
-                        st.finish_initial().map_err(refusal)?;
-                        st.received().lsn
-                    };
-                    send(s, &ack(name, lsn))?;
-                }
-                Message::SegmentChunk {
-                    machine,
-                    seq,
-                    segment_len,
-                    offset,
-                    compressed,
-                    bytes,
-                } => {
-                    let (name, store) = session_store(&current, &machine, "segment")?;
-                    if segment_len > MAX_SEGMENT {
-                        return Err((
-                            ErrorCode::Fatal,
-                            format!("segment of {segment_len} bytes is over the limit"),
-                        ));
-                    }
-                    let data = if compressed {
-                        decompress(&bytes)?
-                    } else {
-                        bytes
-                    };
-                    let buf = match assembling.as_mut() {
-                        Some((s_seq, s_len, buf))
-                            if *s_seq == seq
-                                && *s_len == segment_len
-                                && buf.len() as u64 == offset =>
-                        {
-                            buf
-                        }
-                        _ if offset == 0 => {
-                            &mut assembling.insert((seq, segment_len, Vec::new())).2
-                        }
-                        _ => {
-                            return Err((
-                                ErrorCode::BrokenChain,
-                                format!("chunk at {offset} of segment {seq} out of order"),
-                            ))
-                        }
-                    };
-                    buf.extend_from_slice(&data);
-                    if buf.len() as u64 > segment_len {
-                        return Err((
-                            ErrorCode::Fatal,
-                            format!("segment {seq} is longer than announced"),
-                        ));
-                    }
-                    if buf.len() as u64 == segment_len {
-                        let whole = assembling.take().map(|a| a.2).unwrap_or_default();
-                        let receipt = store.lock().receive(seq, &whole).map_err(refusal)?;
-                        let lsn = match receipt {
-                            crate::replica::store::Receipt::Stored { lsn }
-                            | crate::replica::store::Receipt::Duplicate { lsn } => lsn,
-                        };
-                        send(s, &ack(name, lsn))?;
-                    }
-                }
-                Message::ResyncStart {
-                    machine,
-                    base_lsn,
-                    base_seq,
-                    chunk_bytes,
-                } => {
-                    let (name, store) = session_store(&current, &machine, "ResyncStart")?;
-                    if base_seq >= crate::format::segment::MAX_SEGMENT_SEQ
-                        || base_lsn >= crate::format::record::MAX_LSN
-                    {
-                        return Err((ErrorCode::Fatal, "resync base out of range".into()));
-                    }
-                    let p = store
-                        .lock()
-                        .begin_resync(base_lsn, base_seq, chunk_bytes)
-                        .map_err(refusal)?;
-                    resync_editor.clear();
-                    resync_held = 0;
-                    hash_cache = None;
-                    send(s, &resync_state(name, &p))?;
-                }
-                Message::ResyncHashRequest {
-                    machine,
-                    disk,
-                    first,
-                    count,
-                    group,
-                } => {
-                    let (name, store) = session_store(&current, &machine, "ResyncHashRequest")?;
-                    if count > MAX_HASHES
-                        || group == 0
-                        || group > count.max(1)
-                        || first.checked_add(count).is_none()
-                    {
-                        return Err((
-                            ErrorCode::Fatal,
-                            format!("{count} hashes in groups of {group} asked for"),
-                        ));
-                    }
-                    // Chunk hashes of the last range asked for are kept: the detail
-                    // requests that follow a group request fall inside it.
-                    let cached = match &hash_cache {
-                        Some((d, f, h))
-                            if *d == disk && *f <= first && first + count <= f + h.len() as u64 =>
-                        {
-                            let at = (first - f) as usize;
-                            h.get(at..at + count as usize).map(<[_]>::to_vec)
-                        }
-                        _ => None,
-                    };
-                    let chunk_hashes = match cached {
-                        Some(h) => h,
-                        None => {
-                            let st = store.lock();
-                            let p = st
-                                .resync_progress()
-                                .map_err(refusal)?
-                                .ok_or((ErrorCode::Fatal, "no resync under way".to_string()))?;
-                            let h = st
-                                .resync_hashes(p.chunk_bytes, disk, first, count)
-                                .map_err(refusal)?;
-                            hash_cache = Some((disk, first, h.clone()));
-                            h
-                        }
-                    };
-                    let hashes =
-                        crate::replica::resync::group_hashes(&chunk_hashes, group as usize);
-                    send(
-                        s,
-                        &Message::ResyncHashes {
-                            machine: name.clone(),
-                            disk,
-                            first,
-                            hashes,
-                        },
-                    )?;
-                }
-                Message::ResyncChunk {
-                    machine,
-                    disk,
-                    offset,
-                    compressed,
-                    bytes,
-                } => {
-                    session_store(&current, &machine, "ResyncChunk")?;
-                    let data = if compressed {
-                        decompress(&bytes)?
-                    } else {
-                        bytes
-                    };
-                    resync_held += data.len();
-                    resync_editor.push((disk, offset, data));
-                    if resync_held > MAX_RESYNC_BATCH {
-                        return Err((ErrorCode::Fatal, "resync batch too large".into()));
-                    }
-                }
-                Message::ResyncBatchDone {
-                    machine,
-                    disk,
-                    next,
-                    compared,
-                    sent_chunks,
-                    sent_bytes,
-                } => {
-                    let (name, store) = session_store(&current, &machine, "ResyncBatchDone")?;
-                    let p = {
-                        let mut st = store.lock();
-                        let cur = st
-                            .resync_progress()
-                            .map_err(refusal)?
-                            .ok_or((ErrorCode::Fatal, "no resync under way".to_string()))?;
-                        let p = crate::replica::resync::ResyncProgress {
-                            disk,
-                            next,
-                            compared,
-                            sent_chunks,
-                            sent_bytes,
-                            ..cur
-                        };
-                        st.apply_resync(&resync_editor, p).map_err(refusal)?;
-                        p
-                    };
-                    resync_editor.clear();
-                    send(s, &resync_state(name, &p))?;
-                }
-                Message::ResyncFetch {
-                    machine,
-                    disk,
-                    offset,
-                    len,
-                } => {
-                    let (name, store) = session_store(&current, &machine, "ResyncFetch")?;
-                    if len > MAX_CHUNK as u64 {
-                        return Err((ErrorCode::Fatal, format!("fetch of {len} bytes")));
-                    }
-                    let mut data = vec![0u8; len as usize];
-                    store
-                        .lock()
-                        .read_replica(disk, offset, &mut data)
-                        .map_err(refusal)?;
-                    send(
-                        s,
-                        &Message::ResyncData {
-                            machine: name.clone(),
-                            compressed: true,
-                            bytes: lz4_flex::block::compress_prepend_size(&data),
-                        },
-                    )?;
-                }
-                Message::ResyncDone {
-                    machine,
-                    valid_from,
-                } => {
-                    let (name, store) = session_store(&current, &machine, "ResyncDone")?;
-                    let lsn = {
-                        let mut st = store.lock();
-                        st.finish_resync(valid_from).map_err(refusal)?;
-                        st.received().lsn
-                    };
-                    send(s, &ack(name, lsn))?;
-                }
-                Message::Probe => {
-                    send(
-                        s,
-                        &Message::Room {
-                            free_bytes: free_bytes(&self.site),
-                        },
-                    )?;
-                }
-                Message::Error { code, message } => {
-                    return Err((code, format!("peer reported: {message}")));
-                }
-                other => {
-                    return Err((
-                        ErrorCode::Fatal,
-                        format!("unexpected message {:?}", std::mem::discriminant(&other)),
-                    ));
-                }
+            if let Some(reply) = self.handle(msg)? {
+                send(s, &reply)?;
             }
         }
     }
-}
 
-/// The store of the machine this session protects; `machine` must name it.
-fn session_store<'a>(
-    current: &'a Option<(String, SharedStore)>,
-    machine: &str,
-    what: &str,
-) -> Result<(&'a String, &'a SharedStore), Refusal> {
-    match current {
-        None => Err((ErrorCode::Fatal, format!("{what} before Protect"))),
-        Some((name, _)) if name != machine => Err((
-            ErrorCode::Fatal,
-            format!("{what} for {machine} in a session for {name}"),
-        )),
-        Some((name, store)) => Ok((name, store)),
+    /// The first message each way: the peer must name the site its certificate says,
+    /// and speak this protocol version with the features needed.
+    fn hello(&mut self, s: &mut (impl Read + Write)) -> Result<(), Refusal> {
+        match read_frame::<Message>(s).map_err(frame_refusal)? {
+            Message::Hello {
+                site_id,
+                protocol,
+                features,
+                required,
+                ..
+            } => {
+                if site_id != self.peer.0 {
+                    return Err((
+                        RefusalCode::NotOwner,
+                        "Hello names another site than its certificate".into(),
+                    ));
+                }
+                protocol::check_hello(protocol, features, required)
+                    .map_err(|why| (RefusalCode::Version, why))?;
+            }
+            _ => return Err(protocol_error("expected Hello")),
+        }
+        send(s, &protocol::hello(self.target.me.0))
+    }
+
+    /// One message; the reply to send, if it has one.
+    fn handle(&mut self, msg: Message) -> Result<Option<Message>, Refusal> {
+        match msg {
+            Message::Protect {
+                machine,
+                machine_id,
+                generation,
+                disks,
+                base_lsn,
+                base_seq,
+                retention_ms,
+                app_retention_ms,
+            } => self
+                .on_protect(ProtectRequest {
+                    machine,
+                    machine_id,
+                    generation,
+                    disks,
+                    base_lsn,
+                    base_seq,
+                    retention_ms,
+                    app_retention_ms,
+                })
+                .map(Some),
+            Message::InitialChunk {
+                machine,
+                generation,
+                disk,
+                offset,
+                compressed,
+                bytes,
+            } => self
+                .on_initial_chunk(&machine, generation, disk, offset, compressed, bytes)
+                .map(|()| None),
+            Message::InitialDone { machine } => self.on_initial_done(&machine).map(Some),
+            Message::SegmentChunk {
+                machine,
+                generation,
+                seq,
+                segment_len,
+                offset,
+                compressed,
+                bytes,
+            } => self.on_segment_chunk(
+                &machine,
+                generation,
+                seq,
+                segment_len,
+                offset,
+                compressed,
+                bytes,
+            ),
+            Message::ResyncStart {
+                machine,
+                generation,
+                base_lsn,
+                base_seq,
+                chunk_bytes,
+            } => self
+                .on_resync_start(&machine, generation, base_lsn, base_seq, chunk_bytes)
+                .map(Some),
+            Message::ResyncHashRequest {
+                machine,
+                disk,
+                first,
+                count,
+                group,
+            } => self
+                .on_hash_request(&machine, disk, first, count, group)
+                .map(Some),
+            Message::ResyncChunk {
+                machine,
+                disk,
+                offset,
+                compressed,
+                bytes,
+            } => self
+                .on_resync_chunk(&machine, disk, offset, compressed, bytes)
+                .map(|()| None),
+            Message::ResyncBatchDone {
+                machine,
+                disk,
+                next,
+                compared,
+                sent_chunks,
+                sent_bytes,
+            } => self
+                .on_batch_done(&machine, disk, next, compared, sent_chunks, sent_bytes)
+                .map(Some),
+            Message::ResyncFetch {
+                machine,
+                disk,
+                offset,
+                len,
+            } => self.on_fetch(&machine, disk, offset, len).map(Some),
+            Message::ResyncDone {
+                machine,
+                valid_from,
+            } => self.on_resync_done(&machine, valid_from).map(Some),
+            Message::Probe => Ok(Some(Message::Room {
+                free_bytes: free_bytes(&self.target.site),
+            })),
+            Message::Error { code, message } => Err((code, format!("peer reported: {message}"))),
+            other => Err(protocol_error(format!(
+                "unexpected message {}",
+                super::shipper::message_name(&other)
+            ))),
+        }
+    }
+
+    /// The store of the machine this session protects; `machine` must name it.
+    fn store(&self, machine: &str, what: &str) -> Result<(&str, &SharedStore), Refusal> {
+        match &self.current {
+            None => Err(protocol_error(format!("{what} before Protect"))),
+            Some((name, _, _)) if name != machine => Err(protocol_error(format!(
+                "{what} for {machine} in a session for {name}"
+            ))),
+            Some((name, store, _)) => Ok((name, store)),
+        }
+    }
+
+    /// The store, for a message that carries the generation: it must be the session's.
+    fn store_at(
+        &self,
+        machine: &str,
+        generation: u32,
+        what: &str,
+    ) -> Result<(&str, &SharedStore), Refusal> {
+        let found = self.store(machine, what)?;
+        match &self.current {
+            Some((_, _, g)) if *g != generation => Err(protocol_error(format!(
+                "{what} of generation {generation} in a session of generation {g}"
+            ))),
+            _ => Ok(found),
+        }
+    }
+
+    fn on_protect(&mut self, p: ProtectRequest) -> Result<Message, Refusal> {
+        if p.base_seq >= crate::format::segment::MAX_SEGMENT_SEQ
+            || p.base_lsn >= crate::format::record::MAX_LSN
+        {
+            return Err(protocol_error("base segment or LSN out of range"));
+        }
+        if p.retention_ms == 0 {
+            return Err(protocol_error("retention of 0 ms"));
+        }
+        let store = self.target.store_for(self.peer, &p)?;
+        let reply = {
+            let mut st = store.lock();
+            // Every Protect, not just the first: the replica must be this peer's machine.
+            let man = st.manifest();
+            if man.source_site != self.peer.0 || man.machine_id != p.machine_id {
+                return Err((
+                    RefusalCode::NotOwner,
+                    format!(
+                        "this site's replica of {} belongs to another site or machine",
+                        p.machine
+                    ),
+                ));
+            }
+            if p.generation < st.generation() {
+                return Err((
+                    RefusalCode::Fenced,
+                    format!(
+                        "{} generation {} is older than this replica's generation {}: it \
+                         was failed over",
+                        p.machine,
+                        p.generation,
+                        st.generation()
+                    ),
+                ));
+            }
+            st.set_retention(crate::replica::store::Retention {
+                window_ms: p.retention_ms,
+                app_window_ms: p.app_retention_ms.max(p.retention_ms),
+            })
+            .map_err(refusal)?;
+            let diverged = match st.resync_progress() {
+                Ok(Some(_)) => Some("a resync is under way".to_string()),
+                Ok(None) => st.damage().map_err(refusal)?,
+                Err(e) => Some(format!("resync progress unreadable: {e}")),
+            };
+            let (w, init) = (st.received(), st.initial());
+            Message::Protected {
+                machine: p.machine.clone(),
+                generation: st.generation(),
+                lsn: w.lsn,
+                seq: w.segment_seq,
+                initial_done: init.done,
+                resume_disk: init.disk,
+                resume_offset: init.offset,
+                free_bytes: free_bytes(&self.target.site),
+                diverged,
+            }
+        };
+        self.current = Some((p.machine, store, p.generation));
+        self.assembling = None;
+        Ok(reply)
+    }
+
+    fn on_initial_chunk(
+        &mut self,
+        machine: &str,
+        generation: u32,
+        disk: u32,
+        offset: u64,
+        compressed: bool,
+        bytes: Vec<u8>,
+    ) -> Result<(), Refusal> {
+        let (_, store) = self.store_at(machine, generation, "initial chunk")?;
+        let data = if compressed {
+            decompress(&bytes)?
+        } else {
+            bytes
+        };
+        store
+            .lock()
+            .receive_base(disk, offset, &data)
+            .map_err(refusal)
+    }
+
+    fn on_initial_done(&mut self, machine: &str) -> Result<Message, Refusal> {
+        let (name, store) = self.store(machine, "InitialDone")?;
+        let lsn = {
+            let mut st = store.lock();
+            st.finish_initial().map_err(refusal)?;
+            st.received().lsn
+        };
+        Ok(ack(name, lsn))
+    }
+
+    #[allow(clippy::too_many_arguments)] // the message's fields
+    fn on_segment_chunk(
+        &mut self,
+        machine: &str,
+        generation: u32,
+        seq: u64,
+        segment_len: u64,
+        offset: u64,
+        compressed: bool,
+        bytes: Vec<u8>,
+    ) -> Result<Option<Message>, Refusal> {
+        let (name, store) = self.store_at(machine, generation, "segment")?;
+        let (name, store) = (name.to_string(), store.clone());
+        if segment_len > MAX_SEGMENT {
+            return Err(protocol_error(format!(
+                "segment of {segment_len} bytes is over the limit"
+            )));
+        }
+        let data = if compressed {
+            decompress(&bytes)?
+        } else {
+            bytes
+        };
+        let a = match self.assembling.as_mut() {
+            Some(a) if a.seq == seq && a.len == segment_len && a.bytes.len() as u64 == offset => a,
+            _ if offset == 0 => self.assembling.insert(Assembly {
+                seq,
+                len: segment_len,
+                bytes: Vec::new(),
+            }),
+            _ => {
+                return Err((
+                    RefusalCode::BrokenChain,
+                    format!("chunk at {offset} of segment {seq} out of order"),
+                ))
+            }
+        };
+        a.bytes.extend_from_slice(&data);
+        if a.bytes.len() as u64 > segment_len {
+            return Err(protocol_error(format!(
+                "segment {seq} is longer than announced"
+            )));
+        }
+        if (a.bytes.len() as u64) < segment_len {
+            return Ok(None);
+        }
+        let whole = self.assembling.take().map(|a| a.bytes).unwrap_or_default();
+        let lsn = match store.lock().receive(seq, &whole).map_err(refusal)? {
+            crate::replica::store::Receipt::Stored { lsn }
+            | crate::replica::store::Receipt::Duplicate { lsn } => lsn,
+        };
+        Ok(Some(ack(&name, lsn)))
+    }
+
+    fn on_resync_start(
+        &mut self,
+        machine: &str,
+        generation: u32,
+        base_lsn: u64,
+        base_seq: u64,
+        chunk_bytes: u64,
+    ) -> Result<Message, Refusal> {
+        let (name, store) = self.store_at(machine, generation, "ResyncStart")?;
+        if base_seq >= crate::format::segment::MAX_SEGMENT_SEQ
+            || base_lsn >= crate::format::record::MAX_LSN
+        {
+            return Err(protocol_error("resync base out of range"));
+        }
+        let p = store
+            .lock()
+            .begin_resync(base_lsn, base_seq, chunk_bytes)
+            .map_err(refusal)?;
+        let reply = resync_state(name, &p);
+        self.resync_chunks.clear();
+        self.resync_held = 0;
+        self.hash_cache = None;
+        Ok(reply)
+    }
+
+    fn on_hash_request(
+        &mut self,
+        machine: &str,
+        disk: u32,
+        first: u64,
+        count: u64,
+        group: u64,
+    ) -> Result<Message, Refusal> {
+        let (name, store) = self.store(machine, "ResyncHashRequest")?;
+        if count > MAX_HASHES
+            || group == 0
+            || group > count.max(1)
+            || first.checked_add(count).is_none()
+        {
+            return Err(protocol_error(format!(
+                "{count} hashes in groups of {group} asked for"
+            )));
+        }
+        let cached = match &self.hash_cache {
+            Some((d, f, h)) if *d == disk && *f <= first && first + count <= f + h.len() as u64 => {
+                let at = (first - f) as usize;
+                h.get(at..at + count as usize).map(<[_]>::to_vec)
+            }
+            _ => None,
+        };
+        let name = name.to_string();
+        let chunk_hashes = match cached {
+            Some(h) => h,
+            None => {
+                let st = store.lock();
+                let p = st
+                    .resync_progress()
+                    .map_err(refusal)?
+                    .ok_or_else(|| protocol_error("no resync under way"))?;
+                let h = st
+                    .resync_hashes(p.chunk_bytes, disk, first, count)
+                    .map_err(refusal)?;
+                drop(st);
+                self.hash_cache = Some((disk, first, h.clone()));
+                h
+            }
+        };
+        Ok(Message::ResyncHashes {
+            machine: name,
+            disk,
+            first,
+            hashes: crate::chunk_hash::group_hashes(&chunk_hashes, group as usize),
+        })
+    }
+
+    fn on_resync_chunk(
+        &mut self,
+        machine: &str,
+        disk: u32,
+        offset: u64,
+        compressed: bool,
+        bytes: Vec<u8>,
+    ) -> Result<(), Refusal> {
+        self.store(machine, "ResyncChunk")?;
+        let data = if compressed {
+            decompress(&bytes)?
+        } else {
+            bytes
+        };
+        self.resync_held += data.len();
+        self.resync_chunks.push((disk, offset, data));
+        if self.resync_held > MAX_RESYNC_BATCH {
+            return Err(protocol_error("resync batch too large"));
+        }
+        Ok(())
+    }
+
+    fn on_batch_done(
+        &mut self,
+        machine: &str,
+        disk: u32,
+        next: u64,
+        compared: u64,
+        sent_chunks: u64,
+        sent_bytes: u64,
+    ) -> Result<Message, Refusal> {
+        let (name, store) = self.store(machine, "ResyncBatchDone")?;
+        let p = {
+            let mut st = store.lock();
+            let cur = st
+                .resync_progress()
+                .map_err(refusal)?
+                .ok_or_else(|| protocol_error("no resync under way"))?;
+            let p = crate::replica::resync_apply::ResyncProgress {
+                disk,
+                next,
+                compared,
+                sent_chunks,
+                sent_bytes,
+                ..cur
+            };
+            st.apply_resync(&self.resync_chunks, p).map_err(refusal)?;
+            p
+        };
+        let reply = resync_state(name, &p);
+        self.resync_chunks.clear();
+        self.resync_held = 0;
+        Ok(reply)
+    }
+
+    fn on_fetch(
+        &mut self,
+        machine: &str,
+        disk: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Message, Refusal> {
+        let (name, store) = self.store(machine, "ResyncFetch")?;
+        if len > MAX_CHUNK as u64 {
+            return Err(protocol_error(format!("fetch of {len} bytes")));
+        }
+        let mut data = vec![0u8; len as usize];
+        store
+            .lock()
+            .read_replica(disk, offset, &mut data)
+            .map_err(refusal)?;
+        Ok(Message::ResyncData {
+            machine: name.to_string(),
+            compressed: true,
+            bytes: lz4_flex::block::compress_prepend_size(&data),
+        })
+    }
+
+    fn on_resync_done(&mut self, machine: &str, valid_from: u64) -> Result<Message, Refusal> {
+        let (name, store) = self.store(machine, "ResyncDone")?;
+        let lsn = {
+            let mut st = store.lock();
+            st.finish_resync(valid_from).map_err(refusal)?;
+            st.received().lsn
+        };
+        Ok(ack(name, lsn))
     }
 }
 
-/// Hashes one `ResyncHashRequest` may ask for.
-pub const MAX_HASHES: u64 = 1 << 16;
-/// Bytes of differing chunks one resync batch may carry.
-const MAX_RESYNC_BATCH: usize = 256 << 20;
+/// A frame that does not decode, as the refusal the peer is told.
+fn frame_refusal(e: FrameError) -> Refusal {
+    let code = match e {
+        FrameError::Version(_) => RefusalCode::Version,
+        FrameError::Io(_) => RefusalCode::Unavailable,
+        _ => RefusalCode::Protocol,
+    };
+    (code, e.to_string())
+}
+
+fn send(s: &mut dyn Write, m: &Message) -> Result<(), Refusal> {
+    write_frame(s, m).map_err(frame_refusal)?;
+    s.flush()
+        .map_err(|e| (RefusalCode::Unavailable, e.to_string()))
+}
 
 fn ack(machine: &str, lsn: u64) -> Message {
     Message::Ack {
@@ -497,7 +682,7 @@ fn ack(machine: &str, lsn: u64) -> Message {
     }
 }
 
-fn resync_state(machine: &str, p: &crate::replica::resync::ResyncProgress) -> Message {
+fn resync_state(machine: &str, p: &crate::replica::resync_apply::ResyncProgress) -> Message {
     Message::ResyncState {
         machine: machine.to_string(),
         disk: p.disk,
@@ -506,17 +691,6 @@ fn resync_state(machine: &str, p: &crate::replica::resync::ResyncProgress) -> Me
         sent_chunks: p.sent_chunks,
         sent_bytes: p.sent_bytes,
     }
-}
-
-/// How a store error is reported to the source.
-fn refusal(e: Error) -> Refusal {
-    let code = match e {
-        Error::BrokenChain(_) | Error::Corruption { .. } => ErrorCode::BrokenChain,
-        // No space, a full disk, a passing I/O error: the source retries later.
-        Error::Io { .. } => ErrorCode::Retry,
-        _ => ErrorCode::Fatal,
-    };
-    (code, e.to_string())
 }
 
 /// Bytes free for the site's files (statvfs), 0 if unknown.
@@ -535,22 +709,17 @@ pub fn free_bytes(site: &std::path::Path) -> u64 {
     }
 }
 
-pub fn software() -> String {
-    format!("replog {}", env!("CARGO_PKG_VERSION"))
-}
-
 /// LZ4 block with a 4-byte little-endian size in front, at most [`MAX_CHUNK`] bytes.
 fn decompress(bytes: &[u8]) -> Result<Vec<u8>, Refusal> {
     let size = bytes
         .get(..4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        .ok_or((ErrorCode::Fatal, "compressed chunk cut short".to_string()))?;
+        .ok_or_else(|| protocol_error("compressed chunk cut short"))?;
     if size > MAX_CHUNK {
-        return Err((
-            ErrorCode::Fatal,
-            format!("compressed chunk claims {size} bytes"),
-        ));
+        return Err(protocol_error(format!(
+            "compressed chunk claims {size} bytes"
+        )));
     }
     lz4_flex::block::decompress_size_prepended(bytes)
-        .map_err(|e| (ErrorCode::Fatal, format!("LZ4: {e}")))
+        .map_err(|e| protocol_error(format!("LZ4: {e}")))
 }

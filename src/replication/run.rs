@@ -13,10 +13,10 @@
 //! shipping until an operator acts.
 
 use super::relationship::Relationship;
-use super::resync::{SourceResync, Window};
+use super::resync_schedule::{SourceResync, Window};
 use super::shipper::Shipper;
 use crate::config::ReplicationConfig;
-use crate::error::Error;
+use crate::error::{Error, ErrorClass};
 use crate::volume::Machine;
 use parking_lot::Mutex;
 use std::path::PathBuf;
@@ -43,52 +43,6 @@ pub struct ShipLoop {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     pub status: Arc<Mutex<LoopStatus>>,
-}
-
-/// How a failure is handled.
-enum Class {
-    Retry,
-    /// The chain is broken: mend it by resynchronisation.
-    Resync,
-    Critical(&'static str),
-}
-
-fn classify(e: &Error) -> Class {
-    match e {
-        Error::BrokenChain(_) => Class::Resync,
-        // An error from TLS itself (a refused certificate, an alert from the peer
-        // saying it refused ours — in TLS 1.3 that arrives on the first read) is an
-        // authentication failure; anything else on the socket is the network.
-        Error::Io { source, .. } if is_tls_failure(source) => Class::Critical("protected"),
-        Error::Io { .. } => Class::Retry,
-        Error::InvalidInput(m) if m.contains("(Retry)") => Class::Retry,
-        _ => Class::Critical("protected"),
-    }
-}
-
-/// True if a socket error is TLS refusing a certificate (ours or the peer's). Other
-/// TLS errors — a record that fails its MAC because a byte was flipped in transit, a
-/// message that does not decode — abort the session but are retried like the network.
-fn is_tls_failure(e: &std::io::Error) -> bool {
-    use rustls::AlertDescription as A;
-    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
-        return false;
-    };
-    matches!(
-        tls,
-        rustls::Error::InvalidCertificate(_)
-            | rustls::Error::NoCertificatesPresented
-            | rustls::Error::AlertReceived(
-                A::AccessDenied
-                    | A::BadCertificate
-                    | A::UnknownCA
-                    | A::CertificateUnknown
-                    | A::CertificateRequired
-                    | A::UnsupportedCertificate
-                    | A::CertificateRevoked
-                    | A::CertificateExpired
-            )
-    )
 }
 
 impl ShipLoop {
@@ -269,7 +223,7 @@ fn run(
             if req.base.is_none() {
                 shipper.release_hold(machine.status().last_lsn);
             }
-            let now = super::resync::requested_now(&site, &name);
+            let now = super::resync_schedule::requested_now(&site, &name);
             if !(now || req.base.is_some() || window.open_now()) {
                 let mut s = status.lock();
                 s.state = "resync-required";
@@ -336,8 +290,8 @@ fn run(
                     s.reason = format!("resynchronised; replicating to {}", rel.target);
                     continue;
                 }
-                Err(e) => match classify(&e) {
-                    Class::Retry | Class::Resync => {
+                Err(e) => match e.class() {
+                    ErrorClass::Retry | ErrorClass::NeedsResync => {
                         let wait = cfg.retry_delay(failures);
                         failures += 1;
                         tracing::warn!(machine = %name, "resync failed ({e}); retry {failures} in {wait:?}");
@@ -351,7 +305,7 @@ fn run(
                         nap(&stop, wait);
                         continue;
                     }
-                    Class::Critical(_) => {
+                    ErrorClass::Critical => {
                         let mut s = status.lock();
                         s.health = "critical";
                         s.reason = format!("resync failed: {e}; stopped until an operator acts");
@@ -388,8 +342,8 @@ fn run(
                     continue;
                 }
             }
-            Err(e) => match classify(&e) {
-                Class::Resync => {
+            Err(e) => match e.class() {
+                ErrorClass::NeedsResync => {
                     tracing::warn!(machine = %name, "chain broken: {e}; resync required");
                     if let Err(e2) = SourceResync::require(&site, &name, &e.to_string()) {
                         tracing::error!(machine = %name, "{e2}");
@@ -397,7 +351,7 @@ fn run(
                     // Damage stops the machine taking writes: mend it now, not in the
                     // window.
                     if machine.has_damage() {
-                        let _ = super::resync::request_now(&site, &name);
+                        let _ = super::resync_schedule::request_now(&site, &name);
                     }
                     nap(
                         &stop,
@@ -405,24 +359,23 @@ fn run(
                     );
                     continue;
                 }
-                Class::Critical(state) => {
+                ErrorClass::Critical => {
                     tracing::error!(machine = machine.name(), "replication stopped: {e}");
                     let hint = match &e {
-                        Error::Io { source, .. } if is_tls_failure(source) => {
-                            " (TLS authentication failed: check that both sites trust each other \
-                             with `replog trust`)"
+                        Error::Auth { .. } => {
+                            " (check that both sites trust each other with `replog trust`)"
                         }
                         _ => "",
                     };
                     let mut s = status.lock();
-                    s.state = state;
+                    s.state = "protected";
                     s.health = "critical";
                     s.reason = format!("{e}{hint}; replication stopped until an operator acts");
                     drop(s);
                     park(&stop, shipper);
                     return;
                 }
-                Class::Retry => {
+                ErrorClass::Retry => {
                     let wait = cfg.retry_delay(failures);
                     failures += 1;
                     tracing::warn!(

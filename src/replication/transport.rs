@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::identity::{self, Identity, SiteId};
 use rustls::{ClientConnection, ServerConnection, StreamOwned};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,15 +22,65 @@ pub const MAX_HANDSHAKES: usize = 64;
 pub type ClientStream = StreamOwned<ClientConnection, TcpStream>;
 pub type ServerStream = StreamOwned<ServerConnection, TcpStream>;
 
-fn peer_id(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Result<SiteId> {
+fn peer_id(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>, peer: &str) -> Result<SiteId> {
     certs
         .and_then(|c| c.first())
         .map(|c| SiteId::of_cert(c))
-        .ok_or_else(|| Error::InvalidInput("peer presented no certificate".into()))
+        .ok_or_else(|| Error::Auth {
+            peer: peer.to_string(),
+            why: "the peer presented no certificate".into(),
+            by_peer: false,
+        })
+}
+
+/// An error on the connection with `peer`: TLS refusing a certificate (ours or the
+/// peer's — in TLS 1.3 the peer's refusal of ours arrives as an alert on the first
+/// read) is an authentication failure; anything else is the network. Other TLS
+/// errors (a record that fails its MAC because a byte was flipped in transit) abort
+/// the session but are the network's fault, retried like it.
+pub fn net_error(op: &'static str, peer: &str, e: std::io::Error) -> Error {
+    match tls_refusal(&e) {
+        Some((why, by_peer)) => Error::Auth {
+            peer: peer.to_string(),
+            why,
+            by_peer,
+        },
+        None => Error::Net {
+            op,
+            peer: peer.to_string(),
+            source: e,
+        },
+    }
+}
+
+/// The certificate refusal inside a socket error, if it is one, and whether it was
+/// the peer that refused (an alert it sent) rather than this site.
+fn tls_refusal(e: &std::io::Error) -> Option<(String, bool)> {
+    use rustls::AlertDescription as A;
+    let tls = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>())?;
+    let refused = matches!(
+        tls,
+        rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::AlertReceived(
+                A::AccessDenied
+                    | A::BadCertificate
+                    | A::UnknownCA
+                    | A::CertificateUnknown
+                    | A::CertificateRequired
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateExpired
+            )
+    );
+    let by_peer = matches!(tls, rustls::Error::AlertReceived(_));
+    refused.then(|| (tls.to_string(), by_peer))
 }
 
 fn tls_io(op: &'static str, addr: &str, e: std::io::Error) -> Error {
-    Error::io(op, PathBuf::from(addr), e)
+    net_error(op, addr, e)
 }
 
 /// Connect to the site at `addr` as `site` (its identity and trusted peers). The
@@ -47,6 +97,7 @@ pub fn connect(site: &Path, addr: &str, timeout: Duration) -> Result<(ClientStre
         .map_err(|e| tls_io("resolve", addr, e))?
         .next()
         .ok_or_else(|| Error::InvalidInput(format!("{addr} resolves to no address")))?;
+    // (A name that does not resolve is the network's answer too: retried.)
     let tcp =
         TcpStream::connect_timeout(&sock, timeout).map_err(|e| tls_io("connect to", addr, e))?;
     tcp.set_read_timeout(Some(IO_TIMEOUT))
@@ -65,7 +116,7 @@ pub fn connect(site: &Path, addr: &str, timeout: Duration) -> Result<(ClientStre
             .complete_io(&mut stream.sock)
             .map_err(|e| tls_io("TLS handshake with", addr, e))?;
     }
-    let peer = peer_id(stream.conn.peer_certificates())?;
+    let peer = peer_id(stream.conn.peer_certificates(), addr)?;
     Ok((stream, peer))
 }
 
@@ -116,7 +167,7 @@ pub fn listen(
                 }
             }
         })
-        .map_err(|e| Error::io("start listener thread", PathBuf::from(addr), e))?;
+        .map_err(|e| net_error("start the listener thread for", addr, e))?;
     Ok(bound)
 }
 
@@ -137,7 +188,7 @@ fn accept(me: &Identity, site: &Path, tcp: TcpStream) -> Result<(ServerStream, S
             .complete_io(&mut stream.sock)
             .map_err(|e| tls_io("TLS handshake with", &from, e))?;
     }
-    let peer = peer_id(stream.conn.peer_certificates())?;
+    let peer = peer_id(stream.conn.peer_certificates(), &from)?;
     timeouts(&stream.sock, IO_TIMEOUT)?;
     Ok((stream, peer))
 }

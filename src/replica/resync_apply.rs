@@ -23,9 +23,9 @@
 
 use super::pin;
 use super::store::{ChunkEditor, ParentMark, ReplicaStore, CHUNK_BYTES};
+use crate::chunk_hash::{check_chunk_bytes, hash_chunks};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// Where a resync stands (`resync.meta`, kind 7).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,104 +44,6 @@ pub struct ResyncProgress {
     pub sent_bytes: u64,
     /// Patch files written so far (each batch's chunks are one).
     pub patches: u64,
-}
-
-/// Smallest and largest compared chunk.
-pub const MIN_CHUNK: u64 = 4096;
-pub const MAX_CHUNK: u64 = 1 << 20;
-
-pub fn check_chunk_bytes(n: u64) -> Result<()> {
-    if !(MIN_CHUNK..=MAX_CHUNK).contains(&n) || !n.is_power_of_two() {
-        return Err(Error::InvalidInput(format!(
-            "resync chunk size {n}: a power of two from 4 KiB to 1 MiB"
-        )));
-    }
-    Ok(())
-}
-
-/// SHA-256 of `data`.
-pub fn hash(data: &[u8]) -> [u8; 32] {
-    Sha256::digest(data).into()
-}
-
-/// One hash per `group` consecutive chunk hashes (SHA-256 of their concatenation; a
-/// group of one is the chunk's hash itself).
-pub fn group_hashes(chunks: &[[u8; 32]], group: usize) -> Vec<[u8; 32]> {
-    if group <= 1 {
-        return chunks.to_vec();
-    }
-    chunks
-        .chunks(group)
-        .map(|g| {
-            let mut h = Sha256::new();
-            for c in g {
-                h.update(c);
-            }
-            h.finalize().into()
-        })
-        .collect()
-}
-
-/// Hashes of `count` chunks of `chunk_bytes` from `first` of a disk of `size` bytes,
-/// each read by `read(offset, buf)` (any all-zero range may be skipped by `zero`),
-/// on every core.
-pub fn hash_chunks(
-    size: u64,
-    chunk_bytes: u64,
-    first: u64,
-    count: u64,
-    read: &(dyn Fn(u64, &mut [u8]) -> Result<()> + Sync),
-) -> Result<Vec<[u8; 32]>> {
-    let total = size.div_ceil(chunk_bytes);
-    let end = first.saturating_add(count).min(total);
-    if first >= end {
-        return Ok(Vec::new());
-    }
-    let n = (end - first) as usize;
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .min(4)
-        .min(n);
-    let per = n.div_ceil(workers.max(1));
-    let parts: Vec<Result<Vec<[u8; 32]>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers)
-            .map(|w| {
-                s.spawn(move || -> Result<Vec<[u8; 32]>> {
-                    let from = first + (w * per) as u64;
-                    let to = (from + per as u64).min(end);
-                    // Read in big pieces, hash per chunk.
-                    let step = (1u64 << 20).max(chunk_bytes);
-                    let mut buf = vec![0u8; step as usize];
-                    let mut out = Vec::with_capacity((to.saturating_sub(from)) as usize);
-                    let mut c = from;
-                    while c < to {
-                        let at = c * chunk_bytes;
-                        let chunks = (step / chunk_bytes).min(to - c);
-                        let len = (chunks * chunk_bytes).min(size - at) as usize;
-                        let b = buf.get_mut(..len).unwrap_or(&mut []);
-                        read(at, b)?;
-                        for piece in b.chunks(chunk_bytes as usize) {
-                            out.push(hash(piece));
-                        }
-                        c += chunks;
-                    }
-                    Ok(out)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::InvalidInput("hash worker panicked".into())))
-            })
-            .collect()
-    });
-    let mut out = Vec::with_capacity(n);
-    for p in parts {
-        out.extend(p?);
-    }
-    Ok(out)
 }
 
 impl ReplicaStore {
@@ -177,25 +79,19 @@ impl ReplicaStore {
         let lock = pin::merge_lock(&dir)?;
         self.refresh()?;
         if self.parent().merging_to.is_some() {
-            return Err(Error::Io {
-                op: "resync",
-                path: dir.clone(),
-                source: std::io::Error::other(
-                    "the target compactor is merging into this replica; the resync waits (Retry)",
-                ),
-            });
+            return Err(Error::Busy(format!(
+                "the target compactor is merging into the replica at {}; the resync waits",
+                dir.display()
+            )));
         }
         let readers = pin::live_pins(&dir, &lock)?;
         if !readers.is_empty() && !self.parent().resyncing {
-            return Err(Error::Io {
-                op: "resync",
-                path: dir.clone(),
-                source: std::io::Error::other(format!(
-                    "{} reader(s) (restores or mounted point views) are using this replica; \
-                     the resync waits for them (Retry)",
-                    readers.len()
-                )),
-            });
+            return Err(Error::Busy(format!(
+                "{} reader(s) (restores or mounted point views) are using the replica at \
+                 {}; the resync waits for them",
+                readers.len(),
+                dir.display()
+            )));
         }
         // From here on no point can be opened: the parent is about to change in ways
         // no record explains.

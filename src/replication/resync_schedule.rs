@@ -4,7 +4,7 @@
 //! `SITE/machines/<m>/resync.toml` says a resync is required (and why) and, once one
 //! has started, its base (the LSN and segment after which the chain continues) and
 //! chunk size, so a `serve` restarted mid-resync resumes the same one. Its position and
-//! counters live at the target (`replica::resync`). `replog resync SITE MACHINE --now`
+//! counters live at the target (`replica::resync_apply`). `replog resync SITE MACHINE --now`
 //! leaves `resync.now` next to it: the next pass starts at once, window or not.
 //!
 //! Triggers (see `run.rs`): the target reports a broken chain or a diverged replica;

@@ -1,0 +1,115 @@
+//! Initial replication: copy the parent images, frozen at the replica's base by the
+//! watermark hold, from where the target's persisted position says — data regions
+//! only (SEEK_DATA/SEEK_HOLE), and within them only 4 KiB blocks that are not all
+//! zero, LZ4 on the wire.
+
+use super::{Link, Protected, Shipper};
+use crate::error::{Error, Result};
+use crate::replication::protocol::{Message, MAX_CHUNK};
+use crate::volume::Machine;
+
+impl Shipper {
+    /// Bring the replica's initial copy to its end; returns the parent bytes sent.
+    pub(super) fn initial_replication(
+        &self,
+        link: &mut Link,
+        machine: &Machine,
+        p: &Protected,
+    ) -> Result<u64> {
+        // The parents must stand exactly for the replica's base while they are
+        // copied: hold there, let a running merge finish, and check.
+        self.hold.set(p.lsn);
+        machine.wait_for_merge();
+        let frozen = machine.status().watermark;
+        if frozen.lsn != p.lsn {
+            return Err(Error::BrokenChain(format!(
+                "the replica's initial copy is based on LSN {} but this source's parents \
+                 stand for LSN {}: resynchronisation required",
+                p.lsn, frozen.lsn
+            )));
+        }
+        let sent = self.initial_copy(link, machine, p.resume)?;
+        if machine.status().watermark != frozen {
+            return Err(Error::BrokenChain(
+                "the parents changed during the initial copy".into(),
+            ));
+        }
+        link.send(&Message::InitialDone {
+            machine: machine.name().to_string(),
+        })?;
+        match link.recv()? {
+            Message::Ack { .. } => Ok(sent),
+            other => Err(link.unexpected("Ack", &other)),
+        }
+    }
+
+    /// Copy the frozen parent images from `resume` on.
+    fn initial_copy(&self, link: &mut Link, machine: &Machine, resume: (u32, u64)) -> Result<u64> {
+        const BLOCK: usize = 4096;
+        let disks = machine.disks();
+        let total: u64 = disks.iter().map(|(_, size)| size).sum();
+        let mut scanned_before: u64 = disks
+            .iter()
+            .take(resume.0 as usize)
+            .map(|(_, size)| size)
+            .sum();
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; MAX_CHUNK];
+        for (i, (_, size)) in disks.iter().enumerate().skip(resume.0 as usize) {
+            let parent = machine
+                .parent(i)
+                .ok_or_else(|| Error::NotFound(format!("disk {i}")))?;
+            let mut pos = if i as u32 == resume.0 { resume.1 } else { 0 };
+            while pos < *size {
+                let Some(data) = parent.seek_data(pos)? else {
+                    break;
+                };
+                if data >= *size {
+                    break;
+                }
+                let hole = parent.seek_hole(data)?.min(*size);
+                let mut at = data;
+                while at < hole {
+                    let n = ((hole - at) as usize).min(MAX_CHUNK);
+                    self.stopping()?;
+                    let chunk = buf.get_mut(..n).unwrap_or(&mut []);
+                    parent.read_exact_at(chunk, at)?;
+                    // Send each run of non-zero blocks.
+                    let mut run: Option<usize> = None;
+                    for b in 0..=n.div_ceil(BLOCK) {
+                        let block = chunk.get(b * BLOCK..((b + 1) * BLOCK).min(n));
+                        let nonzero = block.is_some_and(|x| x.iter().any(|v| *v != 0));
+                        match (nonzero, run) {
+                            (true, None) => run = Some(b * BLOCK),
+                            (false, Some(start)) => {
+                                let end = (b * BLOCK).min(n);
+                                let bytes = chunk.get(start..end).unwrap_or(&[]);
+                                link.send(&Message::InitialChunk {
+                                    machine: machine.name().to_string(),
+                                    generation: machine.generation(),
+                                    disk: i as u32,
+                                    offset: at + start as u64,
+                                    compressed: true,
+                                    bytes: lz4_flex::block::compress_prepend_size(bytes),
+                                })?;
+                                sent += bytes.len() as u64;
+                                run = None;
+                            }
+                            _ => {}
+                        }
+                    }
+                    at += n as u64;
+                    if let Some(p) = &self.progress {
+                        p(scanned_before + at, total);
+                    }
+                }
+                pos = hole;
+            }
+            scanned_before += size;
+            if let Some(p) = &self.progress {
+                p(scanned_before, total);
+            }
+        }
+        Ok(sent)
+    }
+}

@@ -1,0 +1,361 @@
+//! The source side of replication: ship a machine's sealed segments to its target,
+//! in order, and move the watermark hold to what the target acknowledged — only then
+//! may the compactor merge (and delete) a segment.
+//!
+//! A pass ([`Shipper::ship_once`]) connects and greets ([`Link`]), announces the
+//! machine (Protect → Protected), finishes initial replication if the target says it
+//! is not done (`initial.rs`: the parents frozen at the replica's base, copied from
+//! where the target's persisted position says), then ships every sealed segment the
+//! target lacks (`delta.rs`). A resynchronisation is its own pass
+//! (`resync_session.rs`).
+
+mod delta;
+mod initial;
+mod resync_session;
+
+pub use resync_session::ResyncReport;
+
+use super::protocol::{self, read_frame, write_frame, FrameError, Message};
+use super::transport::{self, net_error, ClientStream};
+use crate::error::{Error, Result};
+use crate::format::meta::Watermark;
+use crate::holds::WatermarkHold;
+use crate::identity::SiteId;
+use crate::volume::Machine;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Ships one machine to one target.
+pub struct Shipper {
+    site: PathBuf,
+    target: String,
+    /// Keeps every segment the target has not acknowledged.
+    hold: WatermarkHold,
+    acked_lsn: u64,
+    progress: Option<Box<Progress>>,
+    stop: Option<Arc<AtomicBool>>,
+    /// What the target keeps: (every point, app-consistent points), in ms.
+    retention: (u64, u64),
+    /// Where a resync reports its counters as it goes (status shows them).
+    resync_counters: Option<Arc<parking_lot::Mutex<crate::replication::health::ResyncCounters>>>,
+}
+
+impl std::fmt::Debug for Shipper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Shipper(to {}, acked LSN {})",
+            self.target, self.acked_lsn
+        )
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShipReport {
+    pub segments: usize,
+    pub bytes: u64,
+    pub acked_lsn: u64,
+    /// Bytes of parent data sent by initial replication in this pass.
+    pub initial_bytes: u64,
+    /// Initial replication finished in this pass.
+    pub initial_completed: bool,
+}
+
+/// What the target answered to Protect.
+struct Protected {
+    lsn: u64,
+    seq: u64,
+    initial_done: bool,
+    resume: (u32, u64),
+    diverged: Option<String>,
+    /// The source's watermark announced in Protect.
+    base: Watermark,
+}
+
+/// Called with (bytes of the disks scanned, total bytes of the disks).
+pub type Progress = dyn Fn(u64, u64) + Send + Sync;
+
+/// A session with a peer site, greeted: frames in and out, and the errors they become
+/// (a refusal, the network, authentication, a protocol violation), each naming the
+/// peer.
+pub struct Link {
+    stream: ClientStream,
+    peer: String,
+    peer_id: SiteId,
+}
+
+impl Link {
+    /// Connect to `addr` as `site`, exchange `Hello`s (the peer's must name the site
+    /// its certificate says and speak this protocol version with the features needed).
+    pub fn connect(site: &Path, addr: &str) -> Result<Link> {
+        let (stream, peer_id) = transport::connect(site, addr, Duration::from_secs(10))?;
+        let mut link = Link {
+            stream,
+            peer: addr.to_string(),
+            peer_id,
+        };
+        let me = crate::identity::Identity::load(site)?.id();
+        link.send(&protocol::hello(me.0))?;
+        match link.recv()? {
+            Message::Hello {
+                site_id,
+                protocol,
+                features,
+                required,
+                ..
+            } => {
+                if SiteId(site_id) != peer_id {
+                    return Err(Error::Auth {
+                        peer: link.peer.clone(),
+                        why: "its Hello names another site than its certificate".into(),
+                        by_peer: false,
+                    });
+                }
+                protocol::check_hello(protocol, features, required)
+                    .map_err(|what| Error::protocol(&link.peer, what))?;
+            }
+            other => return Err(link.unexpected("Hello", &other)),
+        }
+        Ok(link)
+    }
+
+    /// The peer's site ID (from its certificate).
+    pub fn peer_id(&self) -> SiteId {
+        self.peer_id
+    }
+
+    /// Send and flush.
+    pub fn send(&mut self, m: &Message) -> Result<()> {
+        self.send_opt(m, true)
+    }
+
+    /// Send without flushing (more follows at once; the last one flushes).
+    pub fn send_more(&mut self, m: &Message) -> Result<()> {
+        self.send_opt(m, false)
+    }
+
+    fn send_opt(&mut self, m: &Message, flush: bool) -> Result<()> {
+        let sent = write_frame(&mut self.stream, m)
+            .map_err(|e| self.frame_error("send to", e))
+            .and_then(|()| {
+                if !flush {
+                    return Ok(());
+                }
+                self.stream
+                    .flush()
+                    .map_err(|e| net_error("send to", &self.peer, e))
+            });
+        match sent {
+            // The peer may have refused something and closed: its Error frame, if it
+            // got here, says why (and whether to retry) better than the broken pipe.
+            Err(e @ (Error::Net { .. } | Error::Auth { .. })) => match self.recv() {
+                Err(refusal @ Error::Refused { .. }) => Err(refusal),
+                _ => Err(e),
+            },
+            other => other,
+        }
+    }
+
+    /// The next message; an `Error` frame becomes [`Error::Refused`].
+    pub fn recv(&mut self) -> Result<Message> {
+        match read_frame::<Message>(&mut self.stream) {
+            Ok(Message::Error { code, message }) => Err(Error::Refused {
+                peer: self.peer.clone(),
+                code,
+                message,
+            }),
+            Ok(m) => Ok(m),
+            Err(e) => Err(self.frame_error("receive from", e)),
+        }
+    }
+
+    fn frame_error(&self, op: &'static str, e: FrameError) -> Error {
+        match e {
+            // A cut connection is the network (retried), not the protocol.
+            FrameError::Io(io) => net_error(op, &self.peer, io),
+            other => Error::protocol(&self.peer, other.to_string()),
+        }
+    }
+
+    /// The peer answered `got` where `want` was due.
+    pub fn unexpected(&self, want: &str, got: &Message) -> Error {
+        Error::protocol(
+            &self.peer,
+            format!("expected {want}, got {}", message_name(got)),
+        )
+    }
+}
+
+/// A message's name, for errors (its fields may be megabytes of data).
+pub(crate) fn message_name(m: &Message) -> String {
+    let full = format!("{m:?}");
+    let name: String = full
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    name
+}
+
+impl Shipper {
+    /// Start shipping `machine` from `site` to the target at `target`. From now on the
+    /// compactor keeps every segment the target has not acknowledged.
+    pub fn new(site: &Path, machine: &Machine, target: &str) -> Shipper {
+        // Points from now on carry digests (a no-op when the machine keeps them). What
+        // the journal holds from before is sealed and merged into the parents (as far
+        // as holds allow: a machine already protected has one at what the target
+        // lacks), so the initial copy covers it and every point shipped has digests.
+        let fresh = !machine.keeps_digests();
+        if let Err(e) = machine.keep_digests() {
+            tracing::error!(machine = machine.name(), "digests: {e}");
+        }
+        if fresh {
+            if let Err(e) = machine.seal().and_then(|_| machine.compact()) {
+                tracing::warn!(machine = machine.name(), "merge before protection: {e}");
+            }
+        }
+        let base = machine.status().watermark.lsn;
+        Shipper {
+            site: site.to_path_buf(),
+            target: target.to_string(),
+            hold: machine.hold_watermark(base),
+            acked_lsn: base,
+            progress: None,
+            stop: None,
+            retention: {
+                let r = crate::replica::store::Retention::default();
+                (r.window_ms, r.app_window_ms)
+            },
+            resync_counters: None,
+        }
+    }
+
+    /// Keep `c` current with a resync's counters as it goes.
+    pub fn report_resync_to(
+        &mut self,
+        c: Arc<parking_lot::Mutex<crate::replication::health::ResyncCounters>>,
+    ) {
+        self.resync_counters = Some(c);
+    }
+
+    pub fn site(&self) -> &Path {
+        &self.site
+    }
+
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Stop keeping the journal for the target (a resync will bring it along): the
+    /// compactor may merge up to `lsn`.
+    pub fn release_hold(&mut self, lsn: u64) {
+        self.hold.set(lsn);
+    }
+
+    /// How long the target keeps points: (every point, app-consistent ones), in ms.
+    pub fn set_retention(&mut self, every_ms: u64, app_ms: u64) {
+        self.retention = (every_ms, app_ms.max(every_ms));
+    }
+
+    /// Give up a pass (between chunks) once `stop` is set.
+    pub fn stop_on(&mut self, stop: Arc<AtomicBool>) {
+        self.stop = Some(stop);
+    }
+
+    fn stopping(&self) -> Result<()> {
+        if self
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Acquire))
+        {
+            return Err(Error::Net {
+                op: "ship to",
+                peer: self.target.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::Interrupted),
+            });
+        }
+        Ok(())
+    }
+
+    /// Report initial-replication (and resync) progress to `f`.
+    pub fn on_progress(&mut self, f: Box<Progress>) {
+        self.progress = Some(f);
+    }
+
+    pub fn acked_lsn(&self) -> u64 {
+        self.acked_lsn
+    }
+
+    /// Connect, greet and announce `machine`: the link and the target's answer.
+    fn handshake(&self, machine: &Machine) -> Result<(Link, Protected)> {
+        let mut link = Link::connect(&self.site, &self.target)?;
+        let w = machine.status().watermark;
+        link.send(&Message::Protect {
+            machine: machine.name().to_string(),
+            machine_id: machine.machine_id(),
+            generation: machine.generation(),
+            disks: machine.disks(),
+            base_lsn: w.lsn,
+            base_seq: w.segment_seq,
+            retention_ms: self.retention.0,
+            app_retention_ms: self.retention.1,
+        })?;
+        match link.recv()? {
+            Message::Protected {
+                lsn,
+                seq,
+                initial_done,
+                resume_disk,
+                resume_offset,
+                diverged,
+                ..
+            } => Ok((
+                link,
+                Protected {
+                    lsn,
+                    seq,
+                    initial_done,
+                    resume: (resume_disk, resume_offset),
+                    diverged,
+                    base: w,
+                },
+            )),
+            other => Err(link.unexpected("Protected", &other)),
+        }
+    }
+
+    /// Connect, protect, finish the initial copy if it is not done, and ship every
+    /// sealed segment the target lacks.
+    pub fn ship_once(&mut self, machine: &Machine) -> Result<ShipReport> {
+        let (mut link, p) = self.handshake(machine)?;
+        if let Some(why) = p.diverged {
+            return Err(Error::BrokenChain(format!(
+                "the target's replica diverged: {why}"
+            )));
+        }
+        // The target's position must be a point of this machine's own history.
+        let newest_seq = machine.sealed_segments().last().map(|g| g.seq).unwrap_or(0);
+        if p.seq > newest_seq.max(p.base.segment_seq) || p.lsn > machine.status().last_lsn {
+            return Err(Error::BrokenChain(format!(
+                "the target's replica of {} is ahead of this source (segment {}, LSN \
+                 {}): it holds another history",
+                machine.name(),
+                p.seq,
+                p.lsn
+            )));
+        }
+        let mut report = ShipReport {
+            acked_lsn: p.lsn,
+            ..Default::default()
+        };
+        if !p.initial_done {
+            report.initial_bytes = self.initial_replication(&mut link, machine, &p)?;
+            report.initial_completed = true;
+        }
+        self.ship_segments(&mut link, machine, (p.lsn, p.seq), &mut report)?;
+        Ok(report)
+    }
+}

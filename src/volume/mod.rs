@@ -1,0 +1,452 @@
+//! A machine's disks as callers see them: read, write, zero, flush — over the parent
+//! images and the machine's change journal.
+//!
+//! Write path: take the journal lock, append the record (page cache only), insert its
+//! extent into the index, release. The write is acknowledged then; [`Machine::flush`]
+//! makes every acknowledged write durable with one `fdatasync` shared by all
+//! concurrent callers (group commit) and records a recovery point.
+//!
+//! Read path: look the range up in the index under a read lock (taking handles to the
+//! segment files it needs in the same critical section, so a concurrent compaction
+//! cannot delete them underneath), release, then read each piece from its segment, as
+//! zeros, or from the parent image.
+//!
+//! Lock order: `writer` → `state` → `sync`. `flush` never holds `sync` while taking
+//! `writer`.
+
+use crate::compactor::{self, Compactor};
+use crate::config::JournalConfig;
+use crate::digest::DiskDigest;
+use crate::error::{Error, Result};
+use crate::format::meta::{DiskEntry, Manifest, Watermark};
+use crate::format::record::MAX_PAYLOAD;
+use crate::format::RecordKind;
+use crate::holds::{self, Holds};
+use crate::index::{ExtentMap, Location, Piece};
+use crate::journal::reader::Expect;
+use crate::journal::{self, JournalParams, JournalWriter, Point, PointKind, SealedSegment};
+use crate::names::{validate_disk_size, validate_name};
+use crate::storage::{read_all, write_atomic, OpenMode, Storage, StorageFile};
+use parking_lot::{Condvar, Mutex, RwLock};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+mod damage;
+mod open;
+mod read;
+mod write;
+
+pub use damage::DamagedRange;
+pub(crate) use open::{apply_to_index, record_outside_disk};
+
+pub const MANIFEST_FILE: &str = "machine.meta";
+pub const WATERMARK_FILE: &str = "watermark";
+pub const JOURNAL_DIR: &str = "journal";
+pub const DISKS_DIR: &str = "disks";
+/// Largest manifest or watermark file read (envelope + the largest body allowed).
+pub const META_FILE_LIMIT: u64 =
+    crate::format::meta::META_HEADER_LEN as u64 + crate::format::meta::MAX_META_BODY as u64;
+
+/// Fills a new parent image (see [`Machine::add_disk`]).
+pub type ImportFn<'a> = dyn FnMut(&dyn StorageFile) -> Result<()> + 'a;
+
+/// One disk of a machine.
+#[derive(Debug)]
+pub(crate) struct Disk {
+    pub id: u32,
+    pub name: String,
+    pub size: u64,
+    pub parent: Arc<dyn StorageFile>,
+}
+
+/// Index and segment files, under one lock so lookups and file handles agree.
+#[derive(Debug, Default)]
+pub(crate) struct IndexState {
+    pub disks: Vec<ExtentMap>,
+    /// Every segment the index may point into, by sequence number.
+    pub files: BTreeMap<u64, Arc<dyn StorageFile>>,
+    /// Segments found damaged after they were opened (by the compactor): reads that
+    /// need them fail instead of returning their bytes.
+    pub damaged: BTreeMap<u64, String>,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    durable_lsn: u64,
+    in_progress: bool,
+}
+
+/// Shared state of an open machine.
+#[derive(Debug)]
+pub(crate) struct MachineInner {
+    pub name: String,
+    pub dir: PathBuf,
+    pub storage: Arc<dyn Storage>,
+    pub machine_id: u64,
+    pub disks: Vec<Disk>,
+    pub writer: Mutex<JournalWriter>,
+    pub state: RwLock<IndexState>,
+    pub sealed: Mutex<BTreeMap<u64, SealedSegment>>,
+    pub points: Mutex<Vec<Point>>,
+    pub watermark: Mutex<Watermark>,
+    pub holds: Holds,
+    /// Serialises compactions.
+    pub compaction: Mutex<()>,
+    sync: Mutex<SyncState>,
+    sync_cv: Condvar,
+    poisoned: AtomicBool,
+    poison_reason: Mutex<Option<String>>,
+    /// A write or sync failed (not only damage found): mending cannot lift the poison.
+    poisoned_by_io: AtomicBool,
+    /// Damaged segments whose every live range was rewritten: merges skip them.
+    pub mended: Mutex<std::collections::BTreeSet<u64>>,
+    /// Wall-clock time of the newest append (for the compactor's idle test).
+    last_append_ns: AtomicU64,
+    /// Wakes the background compactor after a seal.
+    pub compactor_kick: Mutex<Option<crossbeam::channel::Sender<()>>>,
+    /// Per-disk digests (see `crate::digest`), kept once `Machine::keep_digests` ran:
+    /// updated with the writer lock held, so a point's digests are exactly the state
+    /// at its LSN.
+    digests: Mutex<Option<Vec<DiskDigest>>>,
+    /// The machine's generation (see `crate::protection`): grows by one at every
+    /// promotion; segments and messages carry it.
+    pub generation: u32,
+}
+
+/// An open machine: its journal, index, disks and compactor.
+#[derive(Debug)]
+pub struct Machine {
+    inner: Arc<MachineInner>,
+    compactor: Mutex<Option<Compactor>>,
+    /// Set at open when a parent image is not as replog left it.
+    changed_offline: Option<String>,
+}
+
+/// A disk of an open machine, the handle reads and writes go through.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    inner: Arc<MachineInner>,
+    disk: u32,
+}
+
+/// Summary of a machine's journal for status and inspect.
+#[derive(Debug, Clone)]
+pub struct JournalStatus {
+    pub sealed_segments: usize,
+    pub journal_bytes: u64,
+    pub active_seq: u64,
+    pub last_lsn: u64,
+    pub durable_lsn: u64,
+    pub watermark: Watermark,
+    pub index_extents: usize,
+    pub last_point: Option<Point>,
+    pub poisoned: Option<String>,
+}
+
+impl Machine {
+    /// Why the parents are not as replog left them, if they are not (a resync of a
+    /// protected machine is then required).
+    pub fn changed_offline(&self) -> Option<String> {
+        self.changed_offline.clone()
+    }
+
+    /// Stop the background compactor (waiting for a merge in progress). Used before
+    /// replication lets go of its holds, so nothing unacknowledged is merged.
+    pub fn stop_compactor(&self) {
+        let c = self.compactor.lock().take();
+        if let Some(c) = c {
+            c.stop();
+        }
+    }
+
+    /// Wait until no merge is running (the next one will see the holds as they are).
+    pub fn wait_for_merge(&self) {
+        drop(self.inner.compaction.lock());
+    }
+
+    /// Start the background compactor: it wakes every `policy.interval` and after each
+    /// seal, and merges when the policy says so.
+    pub fn start_compactor(&self, policy: compactor::CompactPolicy) {
+        let mut c = self.compactor.lock();
+        if c.is_none() {
+            *c = Some(Compactor::spawn(self.inner.clone(), policy));
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn disk_names(&self) -> Vec<String> {
+        self.inner.disks.iter().map(|d| d.name.clone()).collect()
+    }
+
+    /// The volume of disk `name`.
+    pub fn volume(&self, name: &str) -> Result<Volume> {
+        let d = self
+            .inner
+            .disks
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| {
+                Error::NotFound(format!("machine {} has no disk {name}", self.inner.name))
+            })?;
+        Ok(Volume {
+            inner: self.inner.clone(),
+            disk: d.id,
+        })
+    }
+
+    /// Make every acknowledged write durable and record a recovery point. Returns the
+    /// LSN that is now durable.
+    pub fn flush(&self) -> Result<u64> {
+        self.inner.flush()
+    }
+
+    /// Seal the active segment now (a recovery point). Returns the sealed segment's last
+    /// LSN, or None if the active segment was empty.
+    pub fn seal(&self) -> Result<Option<u64>> {
+        let mut w = self.inner.writer.lock();
+        self.inner.check_poison()?;
+        let sealed = self.inner.seal_locked(&mut w)?;
+        Ok(sealed)
+    }
+
+    /// Merge every sealed segment the holds allow into the parents, now.
+    pub fn compact(&self) -> Result<compactor::CompactStats> {
+        compactor::compact_once(&self.inner)
+    }
+
+    /// Hold the merge watermark at or below `lsn` until the hold is dropped.
+    pub fn hold_watermark(&self, lsn: u64) -> holds::WatermarkHold {
+        // Wait for a merge in progress: once this returns, nothing above `lsn` is
+        // being merged into the parents.
+        let _no_merge_running = self.inner.compaction.lock();
+        self.inner.holds.hold(lsn)
+    }
+
+    /// The machine's generation (from its manifest; segments and messages carry it).
+    pub fn generation(&self) -> u32 {
+        self.inner.generation
+    }
+
+    /// The machine's id (from its manifest; segments carry it).
+    pub fn machine_id(&self) -> u64 {
+        self.inner.machine_id
+    }
+
+    /// Disk names and sizes, in disk-id order.
+    pub fn disks(&self) -> Vec<(String, u64)> {
+        self.inner
+            .disks
+            .iter()
+            .map(|d| (d.name.clone(), d.size))
+            .collect()
+    }
+
+    /// The parent image of disk number `disk` (initial replication reads it while a
+    /// watermark hold keeps it frozen).
+    pub(crate) fn parent(&self, disk: usize) -> Option<Arc<dyn StorageFile>> {
+        self.inner.disks.get(disk).map(|d| d.parent.clone())
+    }
+
+    /// The sealed segments still in the journal, oldest first.
+    pub fn sealed_segments(&self) -> Vec<SealedSegment> {
+        self.inner.sealed.lock().values().cloned().collect()
+    }
+
+    pub fn points(&self) -> Vec<Point> {
+        self.inner.points.lock().clone()
+    }
+
+    pub fn status(&self) -> JournalStatus {
+        let w = self.inner.writer.lock();
+        let (active_seq, active_bytes, last_lsn) = (w.active_seq(), w.active_bytes(), w.last_lsn());
+        drop(w);
+        let sealed = self.inner.sealed.lock();
+        let sealed_bytes: u64 = sealed.values().map(|s| s.bytes).sum();
+        let sealed_segments = sealed.len();
+        drop(sealed);
+        let index_extents = self.inner.state.read().disks.iter().map(|m| m.len()).sum();
+        JournalStatus {
+            sealed_segments,
+            journal_bytes: sealed_bytes + active_bytes,
+            active_seq,
+            last_lsn,
+            durable_lsn: self.inner.sync.lock().durable_lsn,
+            watermark: *self.inner.watermark.lock(),
+            index_extents,
+            last_point: self.inner.points.lock().last().copied(),
+            poisoned: self.inner.poison_reason.lock().clone(),
+        }
+    }
+
+    /// Flush, stop the compactor and close.
+    pub fn close(self) -> Result<()> {
+        let flushed = self.flush();
+        if let Some(c) = self.compactor.lock().take() {
+            c.stop();
+        }
+        self.inner.write_parents_stamp();
+        flushed.map(|_| ())
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // No flush here: dropping without `close` is what a crash looks like to tests.
+        if let Some(c) = self.compactor.lock().take() {
+            c.stop();
+        }
+    }
+}
+
+impl MachineInner {
+    pub fn last_append_ns(&self) -> u64 {
+        self.last_append_ns.load(Ordering::Relaxed)
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    pub fn check_poison(&self) -> Result<()> {
+        if self.is_poisoned() {
+            return Err(Error::Poisoned {
+                machine: self.name.clone(),
+                reason: self.poison_reason.lock().clone().unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuse every later write: after a failed write or sync nothing written since the
+    /// last good sync can be trusted to be on disk.
+    pub fn poison(&self, err: &Error) -> Error {
+        self.poisoned_by_io.store(true, Ordering::Release);
+        self.poison_with(err)
+    }
+
+    fn poison_with(&self, err: &Error) -> Error {
+        let reason = err.to_string();
+        tracing::error!(machine = %self.name, "poisoned: {reason}");
+        let mut r = self.poison_reason.lock();
+        if r.is_none() {
+            *r = Some(reason.clone());
+        }
+        self.poisoned.store(true, Ordering::Release);
+        drop(r);
+        self.sync_cv.notify_all();
+        Error::Poisoned {
+            machine: self.name.clone(),
+            reason,
+        }
+    }
+
+    fn disk(&self, id: u32) -> Result<&Disk> {
+        self.disks
+            .get(id as usize)
+            .ok_or_else(|| Error::NotFound(format!("disk id {id}")))
+    }
+
+    fn check_range(&self, disk: &Disk, what: &str, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= disk.size => Ok(()),
+            end => Err(Error::OutOfRange {
+                what: format!("{what} on {}/{}", self.name, disk.name),
+                offset,
+                end: end.unwrap_or(u64::MAX),
+                size: disk.size,
+            }),
+        }
+    }
+}
+
+impl Volume {
+    pub fn size(&self) -> u64 {
+        self.inner
+            .disks
+            .get(self.disk as usize)
+            .map(|d| d.size)
+            .unwrap_or(0)
+    }
+
+    pub fn name(&self) -> &str {
+        self.inner
+            .disks
+            .get(self.disk as usize)
+            .map(|d| d.name.as_str())
+            .unwrap_or("")
+    }
+
+    pub fn machine(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Read at any offset and length inside the disk.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read(self.disk, offset, buf)
+    }
+
+    /// Hint that `offset..offset+len` will be read soon (sequential readers).
+    pub fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.prefetch(self.disk, offset, len)
+    }
+
+    /// Write at any offset and length inside the disk; returns the record's LSN.
+    /// Acknowledged once in the page cache; durable after [`flush`](Self::flush).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<u64> {
+        self.inner.append(
+            self.disk,
+            RecordKind::Write,
+            offset,
+            data.len() as u64,
+            data,
+        )
+    }
+
+    /// Make `offset..offset+len` read as zeros (discard, write-zeroes, punch hole).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<u64> {
+        self.inner
+            .append(self.disk, RecordKind::Zero, offset, len, &[])
+    }
+
+    /// Flush the machine's journal (all disks of a machine share one write order).
+    pub fn flush(&self) -> Result<u64> {
+        self.inner.flush()
+    }
+
+    /// `SEEK_DATA` (`data`) or `SEEK_HOLE` from `offset`: journal data counts as data,
+    /// zeroed ranges as holes, and the parent image answers for the rest. None means
+    /// no data at or after `offset` (ENXIO).
+    pub fn seek(&self, offset: u64, data: bool) -> Result<Option<u64>> {
+        self.inner.seek(self.disk, offset, data)
+    }
+}
+
+impl Machine {
+    /// Start keeping per-disk digests, so every later point carries them (what a
+    /// restore at the target checks itself against). Reads every disk's data once,
+    /// holding writes back meanwhile; a no-op when already kept.
+    pub fn keep_digests(&self) -> Result<()> {
+        self.inner.keep_digests()
+    }
+
+    /// Whether points carry digests.
+    pub fn keeps_digests(&self) -> bool {
+        self.inner.digests.lock().is_some()
+    }
+
+    /// Record an app-consistent recovery point, durable on return.
+    pub fn checkpoint(&self) -> Result<Point> {
+        self.inner.checkpoint(true)
+    }
+
+    /// Record a recovery point now (a new point record even when nothing was written
+    /// since the last one), app-consistent or crash-consistent; durable on return.
+    pub fn point(&self, app_consistent: bool) -> Result<Point> {
+        self.inner.checkpoint(app_consistent)
+    }
+}

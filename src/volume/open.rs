@@ -1,0 +1,334 @@
+//! Creating and opening machines: the manifest, disks, journal recovery, the index
+//! rebuild, and the stamp that shows a parent changed while replog was not running.
+
+use super::*;
+
+impl Machine {
+    /// Create an empty machine directory (no disks yet).
+    pub fn create(storage: &dyn Storage, dir: &Path) -> Result<()> {
+        if storage.exists(&dir.join(MANIFEST_FILE)) {
+            return Err(Error::AlreadyExists(format!(
+                "machine {} exists",
+                dir.display()
+            )));
+        }
+        storage.create_dir_all(&dir.join(JOURNAL_DIR))?;
+        storage.create_dir_all(&dir.join(DISKS_DIR))?;
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).map_err(|e| {
+            Error::io(
+                "random machine id",
+                dir,
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        let manifest = Manifest {
+            machine_id: u64::from_le_bytes(id),
+            disks: Vec::new(),
+        };
+        write_atomic(storage, &dir.join(MANIFEST_FILE), &manifest.encode())
+    }
+
+    pub fn read_manifest(storage: &dyn Storage, dir: &Path) -> Result<Manifest> {
+        let path = dir.join(MANIFEST_FILE);
+        let bytes = read_all(
+            storage.open(&path, OpenMode::ReadOnly)?.as_ref(),
+            META_FILE_LIMIT,
+        )?;
+        Manifest::decode(&bytes).map_err(|e| Error::corruption(&path, e.offset, e.what))
+    }
+
+    pub fn read_watermark(storage: &dyn Storage, dir: &Path) -> Result<Watermark> {
+        let path = dir.join(JOURNAL_DIR).join(WATERMARK_FILE);
+        if !storage.exists(&path) {
+            return Ok(Watermark::default());
+        }
+        let bytes = read_all(
+            storage.open(&path, OpenMode::ReadOnly)?.as_ref(),
+            META_FILE_LIMIT,
+        )?;
+        Watermark::decode(&bytes).map_err(|e| Error::corruption(&path, e.offset, e.what))
+    }
+
+    /// Add a disk to a machine that is not open. With `import`, copy a raw image into
+    /// the new parent, leaving all-zero blocks as holes. Nothing is left behind on error.
+    pub fn add_disk(
+        storage: &dyn Storage,
+        dir: &Path,
+        name: &str,
+        size: u64,
+        import: Option<&mut ImportFn<'_>>,
+    ) -> Result<()> {
+        validate_name("disk", name)?;
+        validate_disk_size(size)?;
+        let mut manifest = Self::read_manifest(storage, dir)?;
+        if manifest.disks.iter().any(|d| d.name == name) {
+            return Err(Error::AlreadyExists(format!(
+                "disk {name} exists in machine {}",
+                dir.display()
+            )));
+        }
+        let path = dir.join(DISKS_DIR).join(format!("{name}.img"));
+        let result = (|| {
+            let parent = storage.open(&path, OpenMode::CreateNew)?;
+            parent.set_len(size)?;
+            if let Some(import) = import {
+                import(parent.as_ref())?;
+            }
+            parent.sync_data()?;
+            storage.sync_dir(&dir.join(DISKS_DIR))?;
+            let id = manifest.disks.iter().map(|d| d.id + 1).max().unwrap_or(0);
+            manifest.disks.push(DiskEntry {
+                id,
+                name: name.to_string(),
+                size,
+            });
+            write_atomic(storage, &dir.join(MANIFEST_FILE), &manifest.encode())
+        })();
+        if result.is_err() && storage.exists(&path) {
+            let _ = storage.remove_file(&path);
+        }
+        result
+    }
+
+    /// Open a machine: read its manifest and watermark, recover the journal, rebuild the
+    /// index. The background compactor is not started; see [`Machine::start_compactor`].
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        name: &str,
+        cfg: JournalConfig,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let manifest = Self::read_manifest(storage.as_ref(), dir)?;
+        let watermark = Self::read_watermark(storage.as_ref(), dir)?;
+        let mut disks = Vec::new();
+        for (i, d) in manifest.disks.iter().enumerate() {
+            if d.id as usize != i {
+                return Err(Error::corruption(
+                    dir.join(MANIFEST_FILE),
+                    0,
+                    "disk ids are not 0..n",
+                ));
+            }
+            // The manifest's names become paths and FUSE entries: never trust them.
+            let bad_name = validate_name("disk", &d.name).is_err()
+                || manifest.disks.iter().filter(|o| o.name == d.name).count() > 1
+                || validate_disk_size(d.size).is_err();
+            if bad_name {
+                return Err(Error::corruption(
+                    dir.join(MANIFEST_FILE),
+                    0,
+                    format!("disk entry {:?} ({} bytes) is not valid", d.name, d.size),
+                ));
+            }
+            let path = dir.join(DISKS_DIR).join(format!("{}.img", d.name));
+            let parent = storage.open(&path, OpenMode::ReadWrite)?;
+            let len = parent.len()?;
+            if len != d.size {
+                return Err(Error::InvalidInput(format!(
+                    "parent image {} is {len} bytes but the disk is {} bytes; it was changed \
+                     outside replog",
+                    path.display(),
+                    d.size
+                )));
+            }
+            disks.push(Disk {
+                id: d.id,
+                name: d.name.clone(),
+                size: d.size,
+                parent,
+            });
+        }
+        let mut state = IndexState {
+            disks: vec![ExtentMap::new(); disks.len()],
+            files: BTreeMap::new(),
+            damaged: BTreeMap::new(),
+        };
+        let jdir = dir.join(JOURNAL_DIR);
+        let params = JournalParams {
+            machine_id: manifest.machine_id,
+            disk_count: disks.len() as u32,
+            segment_bytes: cfg.segment_bytes,
+            watermark_lsn: watermark.lsn,
+            watermark_seq: watermark.segment_seq,
+        };
+        let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
+        let mut outside: Option<Error> = None;
+        let rec = journal::recover(storage.clone(), &jdir, params, |seq, r| {
+            if let Some(what) = record_outside_disk(&r.header, &sizes) {
+                let path = jdir.join(crate::format::segment::segment_name(seq));
+                outside.get_or_insert(Error::corruption(path, r.offset, what));
+                return;
+            }
+            apply_to_index(
+                &mut state,
+                seq,
+                r.header.kind,
+                r.header.disk,
+                r.header.offset,
+                r.header.length,
+                r.payload_offset,
+            );
+        })?;
+        if let Some(e) = outside {
+            return Err(e);
+        }
+        for note in &rec.repairs {
+            tracing::info!(machine = name, "{note}");
+        }
+        for s in &rec.sealed {
+            state.files.insert(s.seq, s.file.clone());
+        }
+        state
+            .files
+            .insert(rec.writer.active_seq(), rec.writer.active_file());
+        // What recovery found may still be only in the page cache (a killed process
+        // leaves it there): make it durable before anyone is told it is.
+        rec.writer.active_file().sync_data()?;
+        let durable = rec.writer.last_lsn();
+        let inner = Arc::new(MachineInner {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            storage,
+            machine_id: manifest.machine_id,
+            disks,
+            writer: Mutex::new(rec.writer),
+            state: RwLock::new(state),
+            sealed: Mutex::new(rec.sealed.into_iter().map(|s| (s.seq, s)).collect()),
+            points: Mutex::new(rec.points),
+            watermark: Mutex::new(watermark),
+            holds: Holds::default(),
+            compaction: Mutex::new(()),
+            sync: Mutex::new(SyncState {
+                durable_lsn: durable,
+                in_progress: false,
+            }),
+            sync_cv: Condvar::new(),
+            poisoned: AtomicBool::new(false),
+            poison_reason: Mutex::new(None),
+            poisoned_by_io: AtomicBool::new(false),
+            mended: Mutex::new(Default::default()),
+            last_append_ns: AtomicU64::new(0),
+            compactor_kick: Mutex::new(None),
+            digests: Mutex::new(None),
+            generation: 1,
+        });
+        // Were the parents changed while replog was not running?
+        let stamp_path = dir.join(STAMP_FILE);
+        let changed_offline = match std::fs::read_to_string(&stamp_path) {
+            Ok(old) if old != parents_stamp(dir, &inner.disks) => {
+                let names: Vec<&str> = old
+                    .lines()
+                    .zip(
+                        parents_stamp(dir, &inner.disks)
+                            .lines()
+                            .map(str::to_string)
+                            .collect::<Vec<_>>(),
+                    )
+                    .filter(|(a, b)| a != b)
+                    .filter_map(|(a, _)| a.split(' ').next())
+                    .collect();
+                Some(format!(
+                    "disk image(s) {} changed while replog was not running",
+                    names.join(", ")
+                ))
+            }
+            _ => None,
+        };
+        if let Some(why) = &changed_offline {
+            tracing::warn!(machine = name, "{why}");
+        }
+        Ok(Machine {
+            inner,
+            compactor: Mutex::new(None),
+            changed_offline,
+        })
+    }
+}
+
+/// `parents.stamp`: size, mtime, ctime and inode of every parent image as replog left
+/// it (written after every merge and at close). A parent written by anything else
+/// while replog was not running no longer matches (ctime cannot be set back).
+const STAMP_FILE: &str = "parents.stamp";
+
+fn parents_stamp(dir: &Path, disks: &[Disk]) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = String::new();
+    for d in disks {
+        let p = dir.join(DISKS_DIR).join(format!("{}.img", d.name));
+        match std::fs::metadata(&p) {
+            Ok(m) => out.push_str(&format!(
+                "{} {} {}.{} {}.{} {}\n",
+                d.name,
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec(),
+                m.ino()
+            )),
+            Err(_) => out.push_str(&format!("{} missing\n", d.name)),
+        }
+    }
+    out
+}
+
+/// A write or zero record whose range does not fit its disk (a checksum only proves
+/// the bytes are the ones written, not that they make sense).
+pub(crate) fn record_outside_disk(
+    h: &crate::format::RecordHeader,
+    sizes: &[u64],
+) -> Option<String> {
+    if h.kind == RecordKind::Point {
+        return None;
+    }
+    let size = sizes.get(h.disk as usize)?;
+    let end = h.offset.checked_add(h.length)?;
+    (end > *size).then(|| {
+        format!(
+            "record for disk {} covers {}..{end}, past the disk's {size} bytes",
+            h.disk, h.offset
+        )
+    })
+}
+
+pub(crate) fn apply_to_index(
+    state: &mut IndexState,
+    seq: u64,
+    kind: RecordKind,
+    disk: u32,
+    offset: u64,
+    length: u64,
+    payload_offset: u64,
+) {
+    let Some(map) = state.disks.get_mut(disk as usize) else {
+        return;
+    };
+    match kind {
+        RecordKind::Write => map.insert(
+            offset,
+            length,
+            Location::Segment {
+                seq,
+                offset: payload_offset,
+            },
+        ),
+        RecordKind::Zero => map.insert(offset, length, Location::Zero { seq }),
+        RecordKind::Point => {}
+    }
+}
+
+impl MachineInner {
+    /// Record the parents as they are now (after a merge, at close).
+    pub(crate) fn write_parents_stamp(&self) {
+        if !self.dir.exists() {
+            return; // not on the real file system (in-memory storage in tests)
+        }
+        let path = self.dir.join(STAMP_FILE);
+        let stamp = parents_stamp(&self.dir, &self.disks);
+        if let Err(e) = std::fs::write(&path, stamp) {
+            tracing::warn!(machine = %self.name, "{}: {e}", path.display());
+        }
+    }
+}
