@@ -22,7 +22,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 pub const IDENTITY_DIR: &str = "identity";
@@ -184,14 +184,11 @@ pub fn trust(site: &Path, peer: SiteId) -> Result<bool> {
     for p in &peers {
         text.push_str(&format!("{p}\n"));
     }
-    let path = site.join(TRUST_FILE);
-    let tmp: PathBuf = site.join(format!("{TRUST_FILE}.tmp"));
-    std::fs::write(&tmp, text).map_err(|e| Error::io("write", &tmp, e))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io("sync", &tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &tmp, e))?;
-    crate::storage::Storage::sync_dir(&crate::storage::FileStorage, site)?;
+    crate::storage::write_atomic(
+        &crate::storage::FileStorage,
+        &site.join(TRUST_FILE),
+        text.as_bytes(),
+    )?;
     Ok(true)
 }
 

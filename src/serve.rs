@@ -85,29 +85,43 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
         tracing::info!(machine = %name, disks = ?m.disk_names(), last_lsn = s.last_lsn, "machine open");
         machines.push(Arc::new(m));
     }
+    let replicas = crate::replica::store::Replicas::local(site_path)?;
+    let interval =
+        std::time::Duration::from_millis(site.config().replica.compact_interval_ms.max(10));
+    let replica_loops = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    for m in replicas.machines()? {
+        replica_loops
+            .lock()
+            .push(crate::replica::maintain::ReplicaLoop::spawn(
+                replicas.clone(),
+                m,
+                interval,
+            ));
+    }
     if let Some(addr) = &opts.listen {
         let me = crate::identity::Identity::load(site_path)?.id();
-        let target = Arc::new(Target::new(
-            site_path.to_path_buf(),
-            me,
-            site.replica_key()?,
-        ));
+        let loops = replica_loops.clone();
+        let r = replicas.clone();
+        let target = Arc::new(Target::new(me, replicas.clone()).on_new_replica(move |m| {
+            loops
+                .lock()
+                .push(crate::replica::maintain::ReplicaLoop::spawn(
+                    r.clone(),
+                    m.to_string(),
+                    interval,
+                ));
+        }));
         let bound = transport::listen(site_path, addr, move |mut stream, peer| {
             target.session(&mut stream, peer)
         })?;
         tracing::info!("receiving replicas on {bound} (site ID {me})");
     }
     let background = Background::start(site_path, &machines, site.config().replication.clone());
-    let replica_key = site.replica_key()?;
     drop(early_holds); // the shipping loops hold the watermark now
     let session = match &opts.mount {
         Some(dir) => {
             frontend::prepare_mountpoint(dir)?;
-            let fs = LiveFs::new(
-                &machines,
-                opts.frontend,
-                Some((site_path.to_path_buf(), replica_key.clone())),
-            )?;
+            let fs = LiveFs::new(&machines, opts.frontend, Some(replicas.clone()))?;
             let mut cfg = fuser::Config::default();
             cfg.mount_options = vec![
                 fuser::MountOption::FSName(format!("replog:{}", site_path.display())),
@@ -134,13 +148,7 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
             None
         }
     };
-    let replica_stop = Arc::new(AtomicBool::new(false));
-    let replica_compactor = crate::replica::compact::spawn_loop(
-        site_path.to_path_buf(),
-        replica_key,
-        std::time::Duration::from_millis(site.config().replica.compact_interval_ms.max(10)),
-        replica_stop.clone(),
-    );
+
     tracing::info!("serving {}; SIGINT or SIGTERM stops", site_path.display());
     ready();
     let sig = wait_for_stop_signal(&signals);
@@ -153,9 +161,8 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
     }
     background.stop();
     drop(control);
-    replica_stop.store(true, Ordering::Release);
-    if let Some(t) = replica_compactor {
-        let _ = t.join();
+    for l in std::mem::take(&mut *replica_loops.lock()) {
+        l.stop();
     }
     let mut first_err = None;
     for m in &machines {
@@ -354,8 +361,11 @@ fn write_status(
     let Ok(text) = serde_json::to_string(&doc) else {
         return;
     };
-    let tmp = site.join(format!("{STATUS_FILE}.tmp"));
-    if std::fs::write(&tmp, text).is_ok() {
-        let _ = std::fs::rename(&tmp, site.join(STATUS_FILE));
+    if let Err(e) = crate::storage::write_replace(
+        &crate::storage::FileStorage,
+        &site.join(STATUS_FILE),
+        text.as_bytes(),
+    ) {
+        tracing::warn!("status: {e}");
     }
 }

@@ -65,11 +65,11 @@ impl Site {
         // in last and a site never exists without its identity.
         crate::identity::Identity::create(path)?;
         let cfg = SiteConfig::default();
-        let tmp = path.join("site.toml.tmp");
-        fs::write(&tmp, cfg.to_toml()).map_err(|e| Error::io("write", &tmp, e))?;
-        fs::rename(&tmp, path.join(CONFIG_FILE)).map_err(|e| Error::io("rename", &tmp, e))?;
-        FileStorage.sync_dir(path)?;
-        Ok(())
+        crate::storage::write_atomic(
+            &FileStorage,
+            &path.join(CONFIG_FILE),
+            cfg.to_toml().as_bytes(),
+        )
     }
 
     /// Open and lock a site; fails with a message naming the holder if another process

@@ -141,7 +141,9 @@ impl Fixture {
 
     fn store(&self) -> ReplicaStore {
         let key = replog::site::replica_key_at(&self.b).expect("key");
-        ReplicaStore::open_readonly(&self.b, "vm1", key).expect("replica")
+        replog::replica::store::Replicas::with_key(&self.b, key)
+            .open_readonly("vm1")
+            .expect("replica")
     }
 
     fn image(&self, at: &str) -> replog::Result<PointImage> {
@@ -233,7 +235,12 @@ fn retention_merges_around_open_views_and_running_restores() {
 
     // A view of an old point is open: the compactor merges up to it at most.
     let view = f.image(&format!("pt-{old_lsn}")).expect("open old point");
-    let stats = compact_replica(&f.b, "vm1", f.store().key().clone(), later).expect("compact");
+    let stats = compact_replica(
+        &replog::replica::store::Replicas::with_key(&f.b, f.store().key().clone()),
+        "vm1",
+        later,
+    )
+    .expect("compact");
     let merged = stats.merged_to.expect("something merged");
     assert!(
         merged <= old_lsn,
@@ -257,7 +264,12 @@ fn retention_merges_around_open_views_and_running_restores() {
     let merged_during = std::cell::Cell::new(None);
     let r = replog::replica::restore::restore(&img, &out, &|done, total| {
         if merged_during.get().is_none() && done > 0 && done < total {
-            let s = compact_replica(&f.b, "vm1", key.clone(), later).expect("compact");
+            let s = compact_replica(
+                &replog::replica::store::Replicas::with_key(&f.b, key.clone()),
+                "vm1",
+                later,
+            )
+            .expect("compact");
             merged_during.set(Some(s.merged_to));
         }
     })
@@ -270,7 +282,12 @@ fn retention_merges_around_open_views_and_running_restores() {
     );
     drop(img);
     // Segments merged and no longer pinned are gone; the parent is the newest point.
-    let s = compact_replica(&f.b, "vm1", key.clone(), later).expect("compact");
+    let s = compact_replica(
+        &replog::replica::store::Replicas::with_key(&f.b, key.clone()),
+        "vm1",
+        later,
+    )
+    .expect("compact");
     let store = f.store();
     assert_eq!(store.parent().lsn, new_lsn);
     assert!(store.parent().point.is_some());
@@ -400,7 +417,12 @@ fn a_merge_interrupted_by_a_crash_is_redone_and_never_serves_wrong_data() {
     let pinned = f.image(&format!("pt-{first_lsn}")).expect("open");
     drop(pinned); // released: the merge may go all the way, but deletion is checked below
     let keep = f.image("latest").expect("pin latest from the old parent");
-    let s = compact_replica(&f.b, "vm1", key.clone(), later).expect("merge");
+    let s = compact_replica(
+        &replog::replica::store::Replicas::with_key(&f.b, key.clone()),
+        "vm1",
+        later,
+    )
+    .expect("merge");
     let target = f.store().parent().clone();
     assert_eq!(s.merged_to, Some(target.lsn));
     assert!(target.lsn > before.lsn);
@@ -429,7 +451,12 @@ fn a_merge_interrupted_by_a_crash_is_redone_and_never_serves_wrong_data() {
     check(&f, "chunks merged, mark not moved");
     drop(keep);
     // The next pass redoes the merge and finishes.
-    compact_replica(&f.b, "vm1", key.clone(), later).expect("redo");
+    compact_replica(
+        &replog::replica::store::Replicas::with_key(&f.b, key.clone()),
+        "vm1",
+        later,
+    )
+    .expect("redo");
     assert_eq!(f.store().parent().lsn, target.lsn);
     assert_eq!(f.store().parent().merging_to, None);
     check(&f, "after the redo");
@@ -452,7 +479,12 @@ fn a_merge_interrupted_by_a_crash_is_redone_and_never_serves_wrong_data() {
         "newest point after a bare intent differs"
     );
     drop(img);
-    compact_replica(&f.b, "vm1", key, later).expect("finish");
+    compact_replica(
+        &replog::replica::store::Replicas::with_key(&f.b, key),
+        "vm1",
+        later,
+    )
+    .expect("finish");
     assert_eq!(f.store().parent().lsn, received.lsn);
     let img = f.image("latest").expect("latest");
     assert!(

@@ -44,9 +44,12 @@ fn replica(site: &Path, machine_id: u64) -> ReplicaStore {
         }],
         base_lsn: 0,
         base_seq: 0,
+        generation: 1,
     };
     let key = ReplicaKey::load_or_create(&site.join("identity/replica.key")).expect("key");
-    ReplicaStore::create(site, "vm1", manifest, Default::default(), key).expect("create replica")
+    replog::replica::store::Replicas::with_key(site, key)
+        .create("vm1", manifest, Default::default())
+        .expect("create replica")
 }
 
 fn key(site: &Path) -> ReplicaKey {
@@ -99,7 +102,9 @@ fn segments_are_stored_in_order_exactly_once_and_encrypted() {
     }
     // Reopen: same state.
     drop(r);
-    let r = ReplicaStore::open(&site, "vm1", key(&site)).expect("reopen");
+    let r = replog::replica::store::Replicas::with_key(&site, key(&site))
+        .open("vm1")
+        .expect("reopen");
     assert_eq!(r.received().segment_seq, 3);
 }
 
@@ -119,11 +124,11 @@ fn wrong_machine_and_wrong_key_are_refused() {
     r2.receive(1, &segs[0]).expect("seg 1");
     drop(r2);
     let other = tmp.path().join("other.key");
-    let err = ReplicaStore::open(
+    let err = replog::replica::store::Replicas::with_key(
         &site2,
-        "vm1",
         ReplicaKey::load_or_create(&other).expect("key"),
     )
+    .open("vm1")
     .and_then(|s| s.read_segment(1))
     .expect_err("opened with another key");
     assert!(err.is_corruption(), "{err}");
@@ -141,7 +146,9 @@ fn a_crash_between_storing_and_marking_is_reconciled() {
     drop(r);
     // Roll the mark back to segment 1, as if the crash came before it was persisted.
     std::fs::write(site.join("replicas/vm1/received"), &received_1).expect("roll back");
-    let r = ReplicaStore::open(&site, "vm1", key(&site)).expect("reopen");
+    let r = replog::replica::store::Replicas::with_key(&site, key(&site))
+        .open("vm1")
+        .expect("reopen");
     assert_eq!(
         r.received().segment_seq,
         2,
@@ -158,7 +165,9 @@ fn a_crash_between_storing_and_marking_is_reconciled() {
     let n = ct.len();
     ct[n - 5] ^= 1;
     std::fs::write(&p, ct).expect("damage");
-    let mut r = ReplicaStore::open(&site, "vm1", key(&site)).expect("reopen");
+    let mut r = replog::replica::store::Replicas::with_key(&site, key(&site))
+        .open("vm1")
+        .expect("reopen");
     assert_eq!(r.received().segment_seq, 1);
     assert!(!p.exists(), "a leftover that does not verify was kept");
     r.receive(2, &segs[1]).expect("seg 2 again");
@@ -167,9 +176,23 @@ fn a_crash_between_storing_and_marking_is_reconciled() {
 #[test]
 fn hostile_names_are_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    for bad in ["../x", "a/b", ".."] {
-        assert!(ReplicaStore::dir_of(tmp.path(), bad).is_err(), "{bad}");
+    let replicas = replog::replica::store::Replicas::with_key(tmp.path(), key(tmp.path()));
+    for bad in ["../x", "a/b", "..", ""] {
+        assert!(replicas.open_readonly(bad).is_err(), "{bad}");
+        let manifest = ReplicaManifest {
+            source_site: [1u8; 32],
+            machine_id: 1,
+            disks: Vec::new(),
+            base_lsn: 0,
+            base_seq: 0,
+            generation: 1,
+        };
+        assert!(
+            replicas.create(bad, manifest, Default::default()).is_err(),
+            "{bad}"
+        );
     }
+    assert!(!tmp.path().join("x").exists() && !tmp.path().join("replicas").exists());
 }
 
 #[test]

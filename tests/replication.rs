@@ -5,7 +5,6 @@
 mod common;
 
 use common::pair::{replog, restore, start_target, trusted_pair};
-use replog::replica::store::ReplicaStore;
 use replog::replication::shipper::Shipper;
 use replog::{Error, Site};
 use std::process::Command;
@@ -47,7 +46,9 @@ fn sealed_segments_ship_in_order_and_merge_only_after_ack() {
     // At the target: the same bytes, stored and decryptable with the target's key.
     let key = replog::replica::crypt::ReplicaKey::load_or_create(&b.join("identity/replica.key"))
         .expect("key");
-    let store = ReplicaStore::open(&b, "vm1", key.clone()).expect("replica");
+    let store = replog::replica::store::Replicas::with_key(&b, key.clone())
+        .open("vm1")
+        .expect("replica");
     for s in &sealed {
         let mut want = vec![0u8; s.file.len().expect("len") as usize];
         s.file.read_exact_at(&mut want, 0).expect("read");
@@ -185,7 +186,9 @@ fn every_received_point_restores_the_disk_as_it_was() {
     shipper.ship_once(&m).expect("ship");
 
     let key = replog::site::replica_key_at(&b).expect("key");
-    let store = ReplicaStore::open(&b, "vm1", key).expect("replica");
+    let store = replog::replica::store::Replicas::with_key(&b, key)
+        .open("vm1")
+        .expect("replica");
     let points = replog::replica::points::list(&store).expect("points");
     for (lsn, disk) in &states {
         assert!(

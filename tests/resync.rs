@@ -145,12 +145,17 @@ fn a_broken_chain_is_mended_by_sending_only_what_differs() {
     // compactor folds them in; the replica reads the same before and after.
     let key = replog::site::replica_key_at(&p.b).expect("key");
     let open = || {
-        replog::replica::store::ReplicaStore::open_readonly(&p.b, "vm1", key.clone())
+        replog::replica::store::Replicas::with_key(&p.b, key.clone())
+            .open_readonly("vm1")
             .expect("store")
     };
     assert!(open().parent().patches > 0, "no patch written");
-    replog::replica::compact::compact_replica(&p.b, "vm1", key.clone(), replog::format::now_ns())
-        .expect("compact");
+    replog::replica::compact::compact_replica(
+        &replog::replica::store::Replicas::with_key(&p.b, key.clone()),
+        "vm1",
+        replog::format::now_ns(),
+    )
+    .expect("compact");
     assert_eq!(open().parent().patches, 0, "patches not folded");
     assert!(
         !p.b.join("replicas/vm1/patches").exists(),
@@ -164,8 +169,9 @@ fn a_broken_chain_is_mended_by_sending_only_what_differs() {
     assert_replica_equals(&p, &disks(&m), "deltas after the resync");
     // Points from before the resync are gone; the resync's end is a point.
     let key = replog::site::replica_key_at(&p.b).expect("key");
-    let store =
-        replog::replica::store::ReplicaStore::open_readonly(&p.b, "vm1", key).expect("store");
+    let store = replog::replica::store::Replicas::with_key(&p.b, key)
+        .open_readonly("vm1")
+        .expect("store");
     let points = replog::replica::points::list(&store).expect("points");
     assert!(
         points.iter().all(|q| q.lsn >= r.valid_from),
@@ -205,10 +211,14 @@ fn a_damaged_replica_segment_is_found_reported_and_mended() {
     std::fs::write(victim, &bytes).expect("damage");
     // The scrub finds it; the damage is never served.
     let key = replog::site::replica_key_at(&p.b).expect("key");
-    let mut next = 0;
-    replog::replica::compact::scrub_replica(&p.b, "vm1", key.clone(), &mut next, u64::MAX)
-        .expect("scrub");
-    let store = replog::replica::store::ReplicaStore::open_readonly(&p.b, "vm1", key.clone())
+    replog::replica::scrub::scrub_replica(
+        &replog::replica::store::Replicas::with_key(&p.b, key.clone()),
+        "vm1",
+        u64::MAX,
+    )
+    .expect("scrub");
+    let store = replog::replica::store::Replicas::with_key(&p.b, key.clone())
+        .open_readonly("vm1")
         .expect("store");
     let why = store.damage().expect("damage").expect("damage recorded");
     assert!(why.contains(".seg.enc"), "{why}");
@@ -226,8 +236,9 @@ fn a_damaged_replica_segment_is_found_reported_and_mended() {
     );
     shipper.ship_once(&m).expect("ship");
     assert_replica_equals(&p, &disks(&m), "after mending");
-    let store =
-        replog::replica::store::ReplicaStore::open_readonly(&p.b, "vm1", key).expect("store");
+    let store = replog::replica::store::Replicas::with_key(&p.b, key)
+        .open_readonly("vm1")
+        .expect("store");
     assert_eq!(store.damage().expect("damage"), None);
 }
 
@@ -460,8 +471,9 @@ fn points_taken_during_a_resync_are_never_offered() {
     m.seal().expect("seal");
     shipper.ship_once(&m).expect("ship");
     let key = replog::site::replica_key_at(&p.b).expect("key");
-    let store =
-        replog::replica::store::ReplicaStore::open_readonly(&p.b, "vm1", key).expect("store");
+    let store = replog::replica::store::Replicas::with_key(&p.b, key)
+        .open_readonly("vm1")
+        .expect("store");
     let points = replog::replica::points::list(&store).expect("points");
     assert!(!points.is_empty());
     assert!(

@@ -2,7 +2,7 @@
 
 use replog::identity;
 
-use replog::replica::store::ReplicaStore;
+use replog::replica::store::Replicas;
 use replog::replication::protocol::Message;
 use replog::replication::relationship::Relationship;
 use replog::replication::shipper::Link;
@@ -91,8 +91,7 @@ pub fn protect(
 }
 
 pub fn restore(site: &Path, machine: &str, at: &str, out: &Path, json: bool) -> Result<()> {
-    let key = replog::site::replica_key_at(site)?;
-    let store = ReplicaStore::open_readonly(site, machine, key)?;
+    let store = Replicas::local(site)?.open_readonly(machine)?;
     // Resolve and pin the point before anything is written to OUT.
     let image = replog::replica::replay::PointImage::open(store, at)?;
     let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -147,8 +146,7 @@ pub fn restore(site: &Path, machine: &str, at: &str, out: &Path, json: bool) -> 
 }
 
 pub fn points(site: &Path, machine: &str, json: bool) -> Result<()> {
-    let key = replog::site::replica_key_at(site)?;
-    let store = ReplicaStore::open_readonly(site, machine, key)?;
+    let store = Replicas::local(site)?.open_readonly(machine)?;
     let points = replog::replica::points::list(&store)?;
     let resynced = (store.parent().valid_from > 0).then_some(store.parent().valid_from);
     if store.parent().resyncing && !json {

@@ -5,8 +5,8 @@
 //! ```text
 //! off len field
 //!   0   8 magic: 89 52 4C 4D 0D 0A 1A 0A ("\x89RLM\r\n\x1a\n")
-//!   8   2 format version (1)
-//!  10   2 kind: 1 = machine manifest, 2 = merge watermark
+//!   8   2 format version of this kind (see below; each kind has its own)
+//!  10   2 kind: 1 = machine manifest, 2 = merge watermark, 3 … 7 replica files
 //!  12   4 incompatible feature bits
 //!  16   4 body length in bytes
 //!  20   4 CRC-32C of bytes 0..20 followed by the body
@@ -46,7 +46,22 @@
 //!   8   8 sequence number of the last merged segment (0: none)
 //! ```
 //!
-//! Both files are replaced atomically (write temporary, fsync, rename, fsync dir).
+//! Every file is replaced atomically (write temporary, fsync, rename, fsync dir).
+//!
+//! ## Versions
+//!
+//! Until f501a4c every kind was written as version 1, even after a body gained
+//! fields. Since then each kind has its own version ([`version_of`]), bumped whenever
+//! its body changes; a reader reads every older version (or refuses it naming both
+//! versions) and refuses newer ones. Bodies must be consumed exactly: bytes left over
+//! are corruption, not ignored.
+//!
+//! | kind | version 1 | version 2 |
+//! |---|---|---|
+//! | 1 machine manifest | `machine_id, disks` | `+ role, generation, fence` |
+//! | 3 replica manifest | `source_site, machine_id, disks, base_lsn, base_seq` | `+ generation` |
+//! | 5 parent mark | any of the development layouts (see `replica::store::ParentMark`) | the layout above |
+//! | 7 resync progress | without `patches`, or with it | with `patches` |
 
 use super::{check_version, DecodeError, Le, LeMut};
 use serde::{Deserialize, Serialize};
@@ -60,14 +75,46 @@ pub const KIND_INITIAL_PROGRESS: u16 = 4;
 pub const KIND_PARENT_MARK: u16 = 5;
 pub const KIND_RETENTION: u16 = 6;
 pub const KIND_RESYNC: u16 = 7;
+/// A replica's scrub state (`replica::scrub::ScrubState`).
+pub const KIND_SCRUB: u16 = 8;
+
+/// The version of `kind` this build writes, which is also the newest it reads.
+pub fn version_of(kind: u16) -> u16 {
+    match kind {
+        KIND_MANIFEST => 1,
+        KIND_REPLICA_MANIFEST | KIND_PARENT_MARK | KIND_RESYNC => 2,
+        _ => 1,
+    }
+}
+
+/// The name of a kind, for messages.
+pub fn kind_name(kind: u16) -> &'static str {
+    match kind {
+        KIND_MANIFEST => "machine manifest",
+        KIND_WATERMARK => "merge watermark",
+        KIND_REPLICA_MANIFEST => "replica manifest",
+        KIND_INITIAL_PROGRESS => "initial-copy progress",
+        KIND_PARENT_MARK => "replica parent mark",
+        KIND_RETENTION => "replica retention",
+        KIND_RESYNC => "resync progress",
+        KIND_SCRUB => "scrub state",
+        _ => "unknown kind",
+    }
+}
 /// Largest metadata body accepted (a manifest with thousands of disks fits).
 pub const MAX_META_BODY: u32 = 1 << 20;
 
+/// A metadata file of `kind` at the version this build writes.
 pub fn encode(kind: u16, body: &[u8]) -> Vec<u8> {
+    encode_version(kind, version_of(kind), body)
+}
+
+/// A metadata file of `kind` at `version` (fixtures and tests of older versions).
+pub fn encode_version(kind: u16, version: u16, body: &[u8]) -> Vec<u8> {
     let mut head = [0u8; META_HEADER_LEN];
     let mut w = LeMut(&mut head);
     w.put(0, &META_MAGIC);
-    w.u16(8, super::FORMAT_VERSION);
+    w.u16(8, version);
     w.u16(10, kind);
     w.u32(12, 0);
     w.u32(16, body.len() as u32);
@@ -78,8 +125,8 @@ pub fn encode(kind: u16, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Check the envelope and return the body.
-pub fn decode(expect_kind: u16, b: &[u8]) -> Result<&[u8], DecodeError> {
+/// Check the envelope; return the body's version and the body.
+pub fn decode(expect_kind: u16, b: &[u8]) -> Result<(u16, &[u8]), DecodeError> {
     let Some(head) = b.get(..META_HEADER_LEN) else {
         return Err(DecodeError::new(
             0,
@@ -104,14 +151,39 @@ pub fn decode(expect_kind: u16, b: &[u8]) -> Result<&[u8], DecodeError> {
     if crc != r.u32(20) {
         return Err(DecodeError::new(20, "checksum mismatch"));
     }
-    check_version(r.u16(8), r.u32(12), 8)?;
     if r.u16(10) != expect_kind {
         return Err(DecodeError::new(
             10,
-            format!("metadata kind {}, expected {expect_kind}", r.u16(10)),
+            format!(
+                "metadata kind {} ({}), expected {expect_kind} ({})",
+                r.u16(10),
+                kind_name(r.u16(10)),
+                kind_name(expect_kind)
+            ),
         ));
     }
-    Ok(body)
+    let version = r.u16(8);
+    if version == 0 || version > version_of(expect_kind) {
+        return Err(DecodeError::new(
+            8,
+            format!(
+                "{} version {version}; this build reads versions 1 to {}",
+                kind_name(expect_kind),
+                version_of(expect_kind)
+            ),
+        ));
+    }
+    check_version(1, r.u32(12), 8)?;
+    Ok((version, body))
+}
+
+/// Decode a postcard body that must be consumed exactly (None: it does not decode, or
+/// bytes are left over).
+pub fn body_exact<T: serde::de::DeserializeOwned>(body: &[u8]) -> Option<T> {
+    match postcard::take_from_bytes::<T>(body) {
+        Ok((v, [])) => Some(v),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,9 +205,10 @@ impl Manifest {
         encode(KIND_MANIFEST, &body)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        let body = decode(KIND_MANIFEST, b)?;
-        postcard::from_bytes(body)
-            .map_err(|e| DecodeError::new(META_HEADER_LEN as u64, format!("manifest: {e}")))
+        let (_, body) = decode(KIND_MANIFEST, b)?;
+        body_exact(body).ok_or_else(|| {
+            DecodeError::new(META_HEADER_LEN as u64, "manifest body does not decode")
+        })
     }
 }
 
@@ -154,11 +227,11 @@ impl Watermark {
         encode(KIND_WATERMARK, &body)
     }
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        let body = decode(KIND_WATERMARK, b)?;
-        if body.len() < 16 {
+        let (_, body) = decode(KIND_WATERMARK, b)?;
+        if body.len() != 16 {
             return Err(DecodeError::new(
                 META_HEADER_LEN as u64,
-                "watermark body cut short",
+                "watermark body is not 16 bytes",
             ));
         }
         let r = Le(body);

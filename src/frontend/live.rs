@@ -164,7 +164,7 @@ impl LiveFs {
     pub fn new(
         machines: &[std::sync::Arc<Machine>],
         opts: FrontendOptions,
-        replicas: Option<(std::path::PathBuf, crate::replica::crypt::ReplicaKey)>,
+        replicas: Option<crate::replica::store::Replicas>,
     ) -> crate::Result<Self> {
         let mut nodes = vec![Node::Dir {
             children: Vec::new(),
@@ -199,7 +199,7 @@ impl LiveFs {
             gid,
             seq_reads: SequentialReads::default(),
             workers: spawn_write_workers(opts.write_workers),
-            views: replicas.map(|(site, key)| PointViews::new(site, key)),
+            views: replicas.map(PointViews::new),
         })
     }
 

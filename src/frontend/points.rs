@@ -11,14 +11,12 @@
 //! Inodes of these entries are allocated on first sight, from 2^40 up, and stay the
 //! same for the life of the mount.
 
-use crate::replica::crypt::ReplicaKey;
 use crate::replica::points::ReplicaPoint;
 use crate::replica::replay::PointImage;
-use crate::replica::store::{ReplicaManifest, ReplicaStore, REPLICAS_DIR};
+use crate::replica::store::{ReplicaManifest, ReplicaStore, Replicas};
 use fuser::{Errno, FileType};
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
@@ -57,8 +55,7 @@ pub(crate) struct Entry {
 type Listing = (Instant, Arc<Vec<ReplicaPoint>>);
 
 pub(crate) struct PointViews {
-    site: PathBuf,
-    key: ReplicaKey,
+    replicas: Replicas,
     table: Mutex<Table>,
     handles: Mutex<HashMap<u64, (Arc<PointImage>, u32)>>,
     images: Mutex<HashMap<(String, u64), Weak<PointImage>>>,
@@ -68,7 +65,7 @@ pub(crate) struct PointViews {
 
 impl std::fmt::Debug for PointViews {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PointViews({})", self.site.display())
+        write!(f, "PointViews({:?})", self.replicas.backend())
     }
 }
 
@@ -77,10 +74,9 @@ fn errno(e: &crate::Error) -> Errno {
 }
 
 impl PointViews {
-    pub fn new(site: PathBuf, key: ReplicaKey) -> Self {
+    pub fn new(replicas: Replicas) -> Self {
         PointViews {
-            site,
-            key,
+            replicas,
             table: Mutex::new(Table::default()),
             handles: Mutex::new(HashMap::new()),
             images: Mutex::new(HashMap::new()),
@@ -95,24 +91,11 @@ impl PointViews {
 
     /// The machines this site holds replicas of.
     pub fn replicas(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Ok(entries) = std::fs::read_dir(self.site.join(REPLICAS_DIR)) {
-            for e in entries.flatten() {
-                if let Some(name) = e.file_name().to_str() {
-                    if self.has_replica(name) {
-                        out.push(name.to_string());
-                    }
-                }
-            }
-        }
-        out.sort();
-        out
+        self.replicas.machines().unwrap_or_default()
     }
 
     pub fn has_replica(&self, machine: &str) -> bool {
-        ReplicaStore::dir_of(&self.site, machine)
-            .map(|d| d.join("replica.meta").exists())
-            .unwrap_or(false)
+        self.replicas.has(machine)
     }
 
     pub fn ino(&self, node: PNode) -> u64 {
@@ -131,7 +114,7 @@ impl PointViews {
     }
 
     fn store(&self, machine: &str) -> crate::Result<ReplicaStore> {
-        ReplicaStore::open_readonly(&self.site, machine, self.key.clone())
+        self.replicas.open_readonly(machine)
     }
 
     fn manifest(&self, machine: &str) -> Option<ReplicaManifest> {

@@ -10,16 +10,14 @@
 //! says which), which a later pass removes. A crash anywhere redoes the merge from the
 //! intent: replaying records over chunks is idempotent.
 //!
-//! The same thread scrubs: every pass authenticates up to 64 MiB more of the stored
-//! segments, round robin, so a damaged file is found before a restore needs it. Damage
-//! (found here or by a merge) is recorded in the replica's `damaged` file; the next
-//! session tells the source, which resynchronises.
+//! Damage found by a merge is recorded in the replica's `damaged` file (as the scrub,
+//! `scrub.rs`, records what it finds); the next session tells the source, which
+//! resynchronises.
 
 use super::pin::{live_pins, merge_lock};
 use super::points;
-use super::store::{ChunkEditor, ParentMark, ReplicaStore};
+use super::store::{ChunkEditor, ParentMark, ReplicaStore, Replicas};
 use crate::error::Result;
-use std::path::Path;
 
 /// What one pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -30,27 +28,21 @@ pub struct MergeStats {
     pub files_removed: u64,
 }
 
-/// One pass over the replica of `machine` at the target `site`.
-pub fn compact_replica(
-    site: &Path,
-    machine: &str,
-    key: super::crypt::ReplicaKey,
-    now_ns: u64,
-) -> Result<MergeStats> {
-    let mut store = ReplicaStore::open_readonly(site, machine, key)?;
+/// One pass over the replica of `machine`, as if the time were `now_ns`.
+pub fn compact_replica(replicas: &Replicas, machine: &str, now_ns: u64) -> Result<MergeStats> {
+    let mut store = replicas.open_readonly(machine)?;
     let mut stats = MergeStats::default();
     if !store.initial().done {
         return Ok(stats);
     }
-    let dir = store.dir().to_path_buf();
-    let lock = merge_lock(&dir)?;
+    let lock = merge_lock(&store)?;
     store.refresh()?;
-    let pins = live_pins(&dir, &lock)?;
+    let pins = live_pins(&store, &lock)?;
     let parent = store.parent().clone();
     if parent.resyncing || store.resync_progress()?.is_some() {
         return Ok(stats); // a resync owns the parent until it has ended
     }
-    if store.has_stale_patches() && pins.is_empty() {
+    if store.has_stale_patches()? && pins.is_empty() {
         store.remove_patches()?;
     }
     let target = match parent.merging_to {
@@ -103,9 +95,8 @@ pub fn compact_replica(
             stats.segments_merged += 1;
         }
         ed.finish()?;
-        let lock = merge_lock(&dir)?;
-        let mut fresh = ReplicaStore::open_readonly(site, machine, store.key().clone())?;
-        fresh.refresh()?;
+        let lock = merge_lock(&store)?;
+        let fresh = replicas.open_readonly(machine)?;
         if fresh.parent().resyncing || fresh.resync_progress()?.is_some() {
             // A resync began meanwhile (it refuses while a merge is marked, so this is
             // only a guard): its mark stands.
@@ -121,7 +112,7 @@ pub fn compact_replica(
             patches: 0,
         })?;
         stats.merged_to = Some(lsn);
-        let pins = live_pins(&dir, &lock)?;
+        let pins = live_pins(&store, &lock)?;
         if pins.is_empty() {
             store.remove_patches()?;
         }
@@ -149,91 +140,4 @@ fn remove_unneeded(store: &ReplicaStore, pins: &[super::pin::PinInfo]) -> Result
         Some(oldest) if oldest <= upto => store.remove_segments(oldest, upto),
         _ => Ok(0),
     }
-}
-
-/// Run a pass over every replica at `site` every `interval` until `stop` is set (the
-/// target compactor thread of `serve`).
-pub fn spawn_loop(
-    site: std::path::PathBuf,
-    key: super::crypt::ReplicaKey,
-    interval: std::time::Duration,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> Option<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("replica-compactor".into())
-        .spawn(move || {
-            let mut next = std::time::Instant::now() + interval;
-            let mut scrub_at: std::collections::HashMap<String, u64> = Default::default();
-            while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                if std::time::Instant::now() < next {
-                    std::thread::sleep(std::time::Duration::from_millis(100).min(interval));
-                    continue;
-                }
-                next = std::time::Instant::now() + interval;
-                let dir = site.join(super::store::REPLICAS_DIR);
-                let Ok(entries) = std::fs::read_dir(&dir) else {
-                    continue;
-                };
-                for e in entries.flatten() {
-                    let Some(name) = e.file_name().to_str().map(str::to_string) else {
-                        continue;
-                    };
-                    let now = crate::format::now_ns();
-                    if let Err(err) = compact_replica(&site, &name, key.clone(), now) {
-                        tracing::error!(machine = %name, "replica compaction: {err}");
-                    }
-                    let at = scrub_at.entry(name.clone()).or_default();
-                    if let Err(err) = scrub_replica(&site, &name, key.clone(), at, 64 << 20) {
-                        tracing::error!(machine = %name, "replica scrub: {err}");
-                    }
-                }
-            }
-        })
-        .ok()
-}
-
-/// Verify stored segments of the replica of `machine` (decrypt and authenticate), at
-/// most `budget` bytes this call, from segment `*next` on (wrapping around); damage
-/// found is recorded so the source resyncs. A scrub, so that a damaged file is found
-/// before anyone needs it.
-pub fn scrub_replica(
-    site: &Path,
-    machine: &str,
-    key: super::crypt::ReplicaKey,
-    next: &mut u64,
-    budget: u64,
-) -> Result<()> {
-    let store = ReplicaStore::open_readonly(site, machine, key)?;
-    let parent = store.parent();
-    if parent.resyncing || store.damage()?.is_some() {
-        return Ok(());
-    }
-    let (first, last) = (parent.seq + 1, store.received().segment_seq);
-    if first > last {
-        return Ok(());
-    }
-    if *next < first || *next > last {
-        *next = first;
-    }
-    let mut done = 0u64;
-    while done < budget {
-        let seq = *next;
-        match store.read_segment(seq).and_then(|p| {
-            store.segment_index(seq)?;
-            Ok(p.len() as u64)
-        }) {
-            Ok(n) => done += n.max(1),
-            Err(e @ crate::error::Error::Corruption { .. }) => {
-                tracing::error!(machine, "replica segment {seq} is damaged: {e}");
-                store.mark_damaged(&e.to_string())?;
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        }
-        *next = if seq >= last { first } else { seq + 1 };
-        if *next == first {
-            break; // one full round per call at most
-        }
-    }
-    Ok(())
 }

@@ -77,7 +77,7 @@ impl ReplicaKey {
         Ok(ReplicaKey(k))
     }
 
-    #[cfg(test)]
+    /// A key from its bytes (tests, tools; a site's key comes from its key file).
     pub fn from_bytes(k: [u8; 32]) -> Self {
         ReplicaKey(k)
     }

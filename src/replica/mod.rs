@@ -5,11 +5,14 @@
 //! [`compact`]or that folds expired points into the parent, and the readers' [`pin`]s
 //! that keep it away from what is being read.
 
+pub mod backend;
 pub mod compact;
 pub mod crypt;
+pub mod maintain;
 pub mod pin;
 pub mod points;
 pub mod replay;
 pub mod restore;
 pub mod resync_apply;
+pub mod scrub;
 pub mod store;

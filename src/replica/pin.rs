@@ -1,11 +1,12 @@
 //! Readers' pins: how a restore or a mounted point view keeps the target compactor
 //! away from what it reads, across processes.
 //!
-//! A reader takes `merge.lock` (flock, exclusive, briefly), reads the marks, chooses
-//! its point and leaves a pin in `pins/`: a file it holds an exclusive flock on for as
-//! long as it reads, holding 16 bytes — the point's LSN and the sequence number of the
-//! parent mark it started from, both little-endian u64. The target compactor takes
-//! `merge.lock` while it decides how far to merge, and:
+//! A reader takes `merge.lock` (exclusive, briefly), reads the marks, chooses its
+//! point and leaves a pin under `pins/` (a [`ReplicaBackend::pin`]: live for as long
+//! as its holder keeps it, gone when the holder drops it or dies), holding 16 bytes —
+//! the point's LSN and the sequence number of the parent mark it started from, both
+//! little-endian u64. The target compactor takes `merge.lock` while it decides how
+//! far to merge, and:
 //!
 //! - merges no further than the oldest pinned point (so the point stays), and
 //! - deletes no segment after the oldest pinned parent start (so the segments a
@@ -15,32 +16,23 @@
 //! where no record between its start and its point wrote, and there the parent is
 //! the same at every state in between.
 //!
-//! A pin whose holder died is unlocked; the compactor removes it.
+//! [`ReplicaBackend::pin`]: super::backend::ReplicaBackend::pin
 
-use crate::error::{Error, Result};
-use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use super::backend::Held;
+use super::store::{ReplicaStore, MERGE_LOCK, PINS};
+use crate::error::Result;
 
-use super::store::{MERGE_LOCK, PINS};
-
-/// `merge.lock`, held exclusively until dropped (the flock goes with the file).
+/// `merge.lock`, held exclusively until dropped.
+#[derive(Debug)]
 pub struct MergeLock {
-    _file: File,
+    _held: Box<dyn Held>,
 }
 
-/// Take `merge.lock` of the replica in `dir` (waits while another holds it).
-pub fn merge_lock(dir: &Path) -> Result<MergeLock> {
-    let path = dir.join(MERGE_LOCK);
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io("open", &path, e))?;
-    f.lock().map_err(|e| Error::io("lock", &path, e))?;
-    Ok(MergeLock { _file: f })
+/// Take `merge.lock` of `store`'s replica (waits while another holds it).
+pub fn merge_lock(store: &ReplicaStore) -> Result<MergeLock> {
+    Ok(MergeLock {
+        _held: store.backend().lock(&store.key_of(MERGE_LOCK))?,
+    })
 }
 
 /// What a pin protects.
@@ -52,90 +44,43 @@ pub struct PinInfo {
     pub from_seq: u64,
 }
 
-/// A held pin; dropping it releases and removes it.
-#[derive(Debug)]
-pub struct Pin {
-    path: PathBuf,
-    _file: File,
-    pub info: PinInfo,
-}
+impl PinInfo {
+    fn encode(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.lsn.to_le_bytes());
+        b[8..].copy_from_slice(&self.from_seq.to_le_bytes());
+        b
+    }
 
-impl Drop for Pin {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+    fn decode(b: &[u8]) -> Option<PinInfo> {
+        let lsn = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
+        let from_seq = u64::from_le_bytes(b.get(8..16)?.try_into().ok()?);
+        Some(PinInfo { lsn, from_seq })
     }
 }
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
+/// A held pin; dropping it releases and removes it.
+#[derive(Debug)]
+pub struct Pin {
+    _held: Box<dyn Held>,
+    pub info: PinInfo,
+}
 
-/// Leave a pin in the replica in `dir`. Call with `merge.lock` held.
-pub fn pin(dir: &Path, info: PinInfo, _held: &MergeLock) -> Result<Pin> {
-    let pins = dir.join(PINS);
-    std::fs::create_dir_all(&pins).map_err(|e| Error::io("create", &pins, e))?;
-    let name = format!(
-        "{}-{}-{}",
-        std::process::id(),
-        crate::format::now_ns(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
-    let tmp = pins.join(format!(".{name}"));
-    let path = pins.join(&name);
-    let mut f = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .open(&tmp)
-        .map_err(|e| Error::io("create", &tmp, e))?;
-    f.lock().map_err(|e| Error::io("lock", &tmp, e))?;
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&info.lsn.to_le_bytes());
-    b[8..].copy_from_slice(&info.from_seq.to_le_bytes());
-    f.write_all(&b).map_err(|e| Error::io("write", &tmp, e))?;
-    // Locked before it has its name: the compactor never sees it unlocked.
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &tmp, e))?;
+/// Leave a pin in `store`'s replica. Call with `merge.lock` held.
+pub fn pin(store: &ReplicaStore, info: PinInfo, _held: &MergeLock) -> Result<Pin> {
     Ok(Pin {
-        path,
-        _file: f,
+        _held: store.backend().pin(&store.key_of(PINS), &info.encode())?,
         info,
     })
 }
 
-/// The pins of live readers of the replica in `dir`; pins of dead ones are removed.
+/// The pins of live readers of `store`'s replica; pins of dead ones are removed.
 /// Call with `merge.lock` held.
-pub fn live_pins(dir: &Path, _held: &MergeLock) -> Result<Vec<PinInfo>> {
-    let pins = dir.join(PINS);
-    let mut out = Vec::new();
-    let entries = match std::fs::read_dir(&pins) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(Error::io("list", &pins, e)),
-    };
-    for e in entries {
-        let e = e.map_err(|e| Error::io("list", &pins, e))?;
-        let path = e.path();
-        let dead_tmp = e.file_name().to_string_lossy().starts_with('.');
-        let mut f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io("open", &path, e)),
-        };
-        match f.try_lock() {
-            Ok(()) => {
-                // Nobody holds it: its reader is gone.
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
-            Err(TryLockError::WouldBlock) if !dead_tmp => {}
-            Err(TryLockError::WouldBlock) => continue,
-            Err(TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
-        }
-        let mut b = [0u8; 16];
-        if f.read_exact(&mut b).is_ok() {
-            let (l, s) = b.split_at(8);
-            out.push(PinInfo {
-                lsn: u64::from_le_bytes(l.try_into().unwrap_or([0; 8])),
-                from_seq: u64::from_le_bytes(s.try_into().unwrap_or([0; 8])),
-            });
-        }
-    }
-    Ok(out)
+pub fn live_pins(store: &ReplicaStore, _held: &MergeLock) -> Result<Vec<PinInfo>> {
+    Ok(store
+        .backend()
+        .live_pins(&store.key_of(PINS))?
+        .iter()
+        .filter_map(|b| PinInfo::decode(b))
+        .collect())
 }

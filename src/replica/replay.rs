@@ -86,7 +86,7 @@ impl std::fmt::Debug for PointImage {
 impl PointImage {
     /// Open `store` (read-only) at POINT `at` (any form `points::resolve` takes).
     pub fn open(mut store: ReplicaStore, at: &str) -> Result<PointImage> {
-        let lock = pin::merge_lock(store.dir())?;
+        let lock = pin::merge_lock(&store)?;
         store.refresh()?;
         if !store.initial().done {
             return Err(Error::InvalidInput(
@@ -98,7 +98,7 @@ impl PointImage {
         let point = points::resolve(&store, at)?;
         let from_seq = store.parent().seq;
         let held = pin::pin(
-            store.dir(),
+            &store,
             PinInfo {
                 lsn: point.lsn,
                 from_seq,

@@ -136,7 +136,7 @@ pub fn restore(image: &PointImage, out: &Path, progress: &dyn Fn(u64, u64)) -> R
         }
     }
     let created_out = !out.exists();
-    std::fs::create_dir_all(out).map_err(|e| Error::io("create", out, e))?;
+    fs.create_dir_all(out)?;
     let mut files: Vec<(PathBuf, PathBuf, Arc<dyn StorageFile>)> = Vec::new();
     let result = (|| -> Result<Restored> {
         for d in &disks {
@@ -346,10 +346,10 @@ pub fn restore(image: &PointImage, out: &Path, progress: &dyn Fn(u64, u64)) -> R
     })();
     if result.is_err() {
         for (partial, _, _) in &files {
-            let _ = std::fs::remove_file(partial);
+            let _ = fs.remove_file(partial);
         }
         if created_out {
-            let _ = std::fs::remove_dir(out);
+            let _ = fs.remove_dir(out);
         }
     }
     result

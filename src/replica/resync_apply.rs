@@ -46,18 +46,65 @@ pub struct ResyncProgress {
     pub patches: u64,
 }
 
+impl ResyncProgress {
+    /// Version 1 is either layout development builds wrote under it: without
+    /// `patches` (1f7c5c7 … b897280) or with it (7fb0b33 … f501a4c, the layout of
+    /// version 2).
+    fn decode_version(version: u16, body: &[u8]) -> Option<ResyncProgress> {
+        use crate::format::meta::body_exact;
+        if version >= 2 {
+            return body_exact(body);
+        }
+        if let Some(p) = body_exact::<ResyncProgress>(body) {
+            return Some(p);
+        }
+        #[derive(Deserialize)]
+        struct NoPatches {
+            base_lsn: u64,
+            base_seq: u64,
+            chunk_bytes: u64,
+            disk: u32,
+            next: u64,
+            compared: u64,
+            sent_chunks: u64,
+            sent_bytes: u64,
+        }
+        body_exact::<NoPatches>(body).map(|p| ResyncProgress {
+            base_lsn: p.base_lsn,
+            base_seq: p.base_seq,
+            chunk_bytes: p.chunk_bytes,
+            disk: p.disk,
+            next: p.next,
+            compared: p.compared,
+            sent_chunks: p.sent_chunks,
+            sent_bytes: p.sent_bytes,
+            patches: 0,
+        })
+    }
+}
+
+const RESYNC: &str = "resync.meta";
+
 impl ReplicaStore {
     /// Where a resync of this replica stands, if one is under way.
     pub fn resync_progress(&self) -> Result<Option<ResyncProgress>> {
-        super::store::read_meta(&self.resync_path(), crate::format::meta::KIND_RESYNC)
-    }
-
-    fn resync_path(&self) -> std::path::PathBuf {
-        self.dir().join("resync.meta")
+        let kind = crate::format::meta::KIND_RESYNC;
+        match self.read_meta_version(RESYNC, kind)? {
+            None => Ok(None),
+            Some((v, body)) => ResyncProgress::decode_version(v, &body)
+                .map(Some)
+                .ok_or_else(|| {
+                    Error::corruption(
+                        self.locate(RESYNC),
+                        crate::format::meta::META_HEADER_LEN as u64,
+                        format!("resync progress version {v} does not decode"),
+                    )
+                }),
+        }
     }
 
     fn save_resync(&self, p: &ResyncProgress) -> Result<()> {
-        super::store::write_meta(&self.resync_path(), crate::format::meta::KIND_RESYNC, p)
+        self.write_meta(RESYNC, crate::format::meta::KIND_RESYNC, p)
     }
 
     /// Start (or resume) a resync toward the source's base. A resync under way with
@@ -75,8 +122,8 @@ impl ReplicaStore {
                 return Ok(p);
             }
         }
-        let dir = self.dir().to_path_buf();
-        let lock = pin::merge_lock(&dir)?;
+        let dir = self.dir();
+        let lock = pin::merge_lock(self)?;
         self.refresh()?;
         if self.parent().merging_to.is_some() {
             return Err(Error::Busy(format!(
@@ -84,7 +131,7 @@ impl ReplicaStore {
                 dir.display()
             )));
         }
-        let readers = pin::live_pins(&dir, &lock)?;
+        let readers = pin::live_pins(self, &lock)?;
         if !readers.is_empty() && !self.parent().resyncing {
             return Err(Error::Busy(format!(
                 "{} reader(s) (restores or mounted point views) are using the replica at \
@@ -99,6 +146,9 @@ impl ReplicaStore {
         mark.resyncing = true;
         self.set_parent(mark)?;
         drop(lock);
+        if self.damage()?.is_some() {
+            self.drop_unreadable_chunks()?;
+        }
         self.fold_chain()?;
         let p = ResyncProgress {
             base_lsn,
@@ -110,6 +160,28 @@ impl ReplicaStore {
         Ok(p)
     }
 
+    /// Remove every parent chunk that does not authenticate (damage the scrub or a
+    /// merge found): it reads as zeroes from now on, and the comparison that follows
+    /// sends whatever of its bytes the source holds.
+    fn drop_unreadable_chunks(&self) -> Result<()> {
+        for (d, _) in self.manifest().disks.iter().enumerate() {
+            let disk = d as u32;
+            for n in self.stored_chunks(disk)? {
+                match self.read_chunk(disk, n) {
+                    Ok(_) => {}
+                    Err(e) if e.is_corruption() => {
+                        tracing::warn!(
+                            "resync: parent chunk {n} of disk {disk} is damaged ({e}); removed"
+                        );
+                        self.remove_chunk(disk, n)?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Merge every stored segment after the parent that still reads and verifies into
     /// the parent, in order; stop at the first that does not (what follows is lost
     /// anyway and the comparison will fetch it).
@@ -117,10 +189,16 @@ impl ReplicaStore {
         let from = self.parent().seq;
         let old_patches = self.parent().patches;
         let mut ed = ChunkEditor::new(self);
-        // An earlier resync's patches first (no reader is pinned: checked above).
+        // An earlier resync's patches first (no reader is pinned: checked above). One
+        // that does not authenticate is left out: the comparison brings its bytes back.
         for n in 1..=old_patches {
-            let (index, plain) = self.layer(super::store::PATCH_SEQ + n)?;
-            ed.apply_layer(&index, &plain)?;
+            match self.layer(super::store::PATCH_SEQ + n) {
+                Ok((index, plain)) => ed.apply_layer(&index, &plain)?,
+                Err(e) if e.is_corruption() => {
+                    tracing::warn!("resync: patch {n} is damaged ({e}); left out")
+                }
+                Err(e) => return Err(e),
+            }
         }
         let mut last = None;
         for seq in from + 1..=self.received().segment_seq {
@@ -287,8 +365,7 @@ impl ReplicaStore {
             patches: p.patches,
         })?;
         self.clear_damage()?;
-        let path = self.resync_path();
-        std::fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
+        self.backend().delete(&[self.key_of(RESYNC)])?;
         tracing::info!(
             "replica: resynchronised ({} of {} chunks taken, {} bytes); chain continues after LSN {}",
             p.sent_chunks,

@@ -13,12 +13,10 @@ use super::protocol::{self, read_frame, write_frame, FrameError, Message, Refusa
 use crate::error::Error;
 use crate::format::meta::{DiskEntry, Watermark};
 use crate::identity::SiteId;
-use crate::replica::crypt::ReplicaKey;
-use crate::replica::store::{ReplicaManifest, ReplicaStore};
+use crate::replica::store::{ReplicaManifest, ReplicaStore, Replicas};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// A replica store shared by the sessions of one machine.
@@ -45,21 +43,38 @@ fn protocol_error(what: impl Into<String>) -> Refusal {
 /// What a target site needs to receive replicas.
 #[derive(Debug)]
 pub struct Target {
-    pub site: PathBuf,
     pub me: SiteId,
-    key: ReplicaKey,
+    replicas: Replicas,
     /// One open store per machine; a second session for the same machine waits.
     stores: Mutex<HashMap<String, Arc<Mutex<ReplicaStore>>>>,
+    /// Told the name of every replica created (serve starts its loops, the mount
+    /// shows it).
+    on_new: Option<NewReplicaHook>,
+}
+
+/// What a target calls when it creates a replica.
+struct NewReplicaHook(Box<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for NewReplicaHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NewReplicaHook")
+    }
 }
 
 impl Target {
-    pub fn new(site: PathBuf, me: SiteId, key: ReplicaKey) -> Self {
+    pub fn new(me: SiteId, replicas: Replicas) -> Self {
         Target {
-            site,
             me,
-            key,
+            replicas,
             stores: Mutex::new(HashMap::new()),
+            on_new: None,
         }
+    }
+
+    /// Call `f` with the machine's name whenever a new replica is created.
+    pub fn on_new_replica(mut self, f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.on_new = Some(NewReplicaHook(Box::new(f)));
+        self
     }
 
     /// Run one session with `peer` (already authenticated by TLS) until it ends.
@@ -94,7 +109,7 @@ impl Target {
         if let Some(s) = stores.get(&protect.machine) {
             return Ok(s.clone());
         }
-        let store = match ReplicaStore::open(&self.site, &protect.machine, self.key.clone()) {
+        let store = match self.replicas.open(&protect.machine) {
             Ok(s) => s,
             Err(Error::NotFound(_)) => {
                 let manifest = ReplicaManifest {
@@ -112,19 +127,20 @@ impl Target {
                         .collect(),
                     base_lsn: protect.base_lsn,
                     base_seq: protect.base_seq,
+                    generation: protect.generation,
                 };
                 let base = Watermark {
                     lsn: protect.base_lsn,
                     segment_seq: protect.base_seq,
                 };
-                ReplicaStore::create(
-                    &self.site,
-                    &protect.machine,
-                    manifest,
-                    base,
-                    self.key.clone(),
-                )
-                .map_err(refusal)?
+                let created = self
+                    .replicas
+                    .create(&protect.machine, manifest, base)
+                    .map_err(refusal)?;
+                if let Some(f) = &self.on_new {
+                    (f.0)(&protect.machine);
+                }
+                created
             }
             Err(e) => return Err(refusal(e)),
         };
@@ -310,7 +326,7 @@ impl Session<'_> {
                 valid_from,
             } => self.on_resync_done(&machine, valid_from).map(Some),
             Message::Probe => Ok(Some(Message::Room {
-                free_bytes: free_bytes(&self.target.site),
+                free_bytes: self.target.replicas.free_bytes(),
             })),
             Message::Error { code, message } => Err((code, format!("peer reported: {message}"))),
             other => Err(protocol_error(format!(
@@ -401,7 +417,7 @@ impl Session<'_> {
                 initial_done: init.done,
                 resume_disk: init.disk,
                 resume_offset: init.offset,
-                free_bytes: free_bytes(&self.target.site),
+                free_bytes: self.target.replicas.free_bytes(),
                 diverged,
             }
         };
@@ -690,22 +706,6 @@ fn resync_state(machine: &str, p: &crate::replica::resync_apply::ResyncProgress)
         compared: p.compared,
         sent_chunks: p.sent_chunks,
         sent_bytes: p.sent_bytes,
-    }
-}
-
-/// Bytes free for the site's files (statvfs), 0 if unknown.
-pub fn free_bytes(site: &std::path::Path) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(site.as_os_str().as_bytes()) else {
-        return 0;
-    };
-    // SAFETY: statvfs fills a zeroed plain-data struct from a valid C path.
-    unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
-            return 0;
-        }
-        st.f_bavail.saturating_mul(st.f_frsize)
     }
 }
 

@@ -97,16 +97,10 @@ impl Relationship {
     pub fn save(&self, site: &Path, machine: &str) -> Result<()> {
         let p = path(site, machine)?;
         let body = toml::to_string(self).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        let tmp = p.with_extension("tmp");
-        std::fs::write(&tmp, format!("{HEADER}\n{body}"))
-            .map_err(|e| Error::io("write", &tmp, e))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io("sync", &tmp, e))?;
-        std::fs::rename(&tmp, &p).map_err(|e| Error::io("rename", &tmp, e))?;
-        if let Some(dir) = p.parent() {
-            crate::storage::Storage::sync_dir(&crate::storage::FileStorage, dir)?;
-        }
-        Ok(())
+        crate::storage::write_atomic(
+            &crate::storage::FileStorage,
+            &p,
+            format!("{HEADER}\n{body}").as_bytes(),
+        )
     }
 }

@@ -159,6 +159,21 @@ impl Storage for FaultyStorage {
     fn exists(&self, path: &Path) -> bool {
         self.mem.exists(path)
     }
+    fn list_dirs(&self, dir: &Path) -> Result<Vec<String>> {
+        self.mem.list_dirs(dir)
+    }
+    fn remove_dir(&self, dir: &Path) -> Result<()> {
+        self.mem.remove_dir(dir)
+    }
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> Result<bool> {
+        self.mem.rename_noreplace(from, to)
+    }
+    fn lock(&self, path: &Path, wait: bool) -> Result<Option<Box<dyn super::StorageLock>>> {
+        self.mem.lock(path, wait)
+    }
+    fn free_bytes(&self, path: &Path) -> Option<u64> {
+        self.mem.free_bytes(path)
+    }
 }
 
 impl StorageFile for FaultyFile {

@@ -75,7 +75,103 @@ impl Storage for FileStorage {
     fn exists(&self, path: &Path) -> bool {
         path.exists()
     }
+
+    fn list_dirs(&self, dir: &Path) -> Result<Vec<String>> {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("list", dir, e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("list", dir, e))?;
+            let is_dir = entry
+                .file_type()
+                .map_err(|e| Error::io("stat", entry.path(), e))?
+                .is_dir();
+            if let (true, Some(name)) = (is_dir, entry.file_name().to_str()) {
+                names.push(name.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn remove_dir(&self, dir: &Path) -> Result<()> {
+        match fs::remove_dir(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove directory", dir, e)),
+        }
+    }
+
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> Result<bool> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_bytes())
+                .map_err(|_| Error::InvalidInput(format!("{} has a NUL byte", p.display())))
+        };
+        let (f, t) = (c(from)?, c(to)?);
+        // SAFETY: renameat2 with two valid NUL-terminated paths relative to the
+        // current directory (AT_FDCWD) and a flag; no memory is retained.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                f.as_ptr(),
+                libc::AT_FDCWD,
+                t.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            return Ok(false);
+        }
+        Err(Error::io("rename", from, e))
+    }
+
+    fn lock(&self, path: &Path, wait: bool) -> Result<Option<Box<dyn super::StorageLock>>> {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io("open", path, e))?;
+        if wait {
+            f.lock().map_err(|e| Error::io("lock", path, e))?;
+        } else {
+            match f.try_lock() {
+                Ok(()) => {}
+                Err(fs::TryLockError::WouldBlock) => return Ok(None),
+                Err(fs::TryLockError::Error(e)) => return Err(Error::io("lock", path, e)),
+            }
+        }
+        Ok(Some(Box::new(FileLock(f))))
+    }
+
+    fn free_bytes(&self, path: &Path) -> Option<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+        // SAFETY: statvfs fills a zeroed plain-data struct from a valid C path.
+        unsafe {
+            let mut st: libc::statvfs = std::mem::zeroed();
+            if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+                return None;
+            }
+            Some(st.f_bavail.saturating_mul(st.f_frsize))
+        }
+    }
 }
+
+/// A flock held on an open file; closing the file releases it.
+#[derive(Debug)]
+struct FileLock(#[allow(dead_code)] File);
+
+impl super::StorageLock for FileLock {}
 
 impl StorageFile for RealFile {
     fn path(&self) -> &Path {

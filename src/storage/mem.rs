@@ -45,10 +45,41 @@ struct Fs {
     dirs: BTreeSet<PathBuf>,
 }
 
+/// Locks held (see [`Storage::lock`]): within this process only, like flocks taken
+/// by one process through separate opens.
+///
+/// A lock belongs to the file, not to its name (as a flock does): it follows the file
+/// through a rename. Files are told apart by their state's address, kept alive by
+/// the guard.
+#[derive(Debug, Default)]
+struct Locks {
+    held: Mutex<BTreeSet<usize>>,
+    freed: parking_lot::Condvar,
+}
+
 /// See the module documentation.
 #[derive(Debug, Default, Clone)]
 pub struct MemStorage {
     fs: Arc<Mutex<Fs>>,
+    locks: Arc<Locks>,
+}
+
+#[derive(Debug)]
+struct MemLock {
+    locks: Arc<Locks>,
+    file: Arc<Mutex<FileState>>,
+}
+
+impl super::StorageLock for MemLock {}
+
+impl Drop for MemLock {
+    fn drop(&mut self) {
+        self.locks
+            .held
+            .lock()
+            .remove(&(Arc::as_ptr(&self.file) as usize));
+        self.locks.freed.notify_all();
+    }
 }
 
 impl MemStorage {
@@ -207,6 +238,74 @@ impl Storage for MemStorage {
     fn exists(&self, path: &Path) -> bool {
         let fs = self.fs.lock();
         fs.files.contains_key(path) || fs.dirs.contains(path)
+    }
+
+    fn list_dirs(&self, dir: &Path) -> Result<Vec<String>> {
+        let fs = self.fs.lock();
+        Ok(fs
+            .dirs
+            .iter()
+            .filter(|p| p.parent() == Some(dir))
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+            .collect())
+    }
+
+    fn remove_dir(&self, dir: &Path) -> Result<()> {
+        let mut fs = self.fs.lock();
+        let busy = fs.files.keys().any(|p| p.starts_with(dir))
+            || fs.dirs.iter().any(|p| p != dir && p.starts_with(dir));
+        if busy {
+            return Err(Error::io(
+                "remove directory",
+                dir,
+                io::Error::from_raw_os_error(libc::ENOTEMPTY),
+            ));
+        }
+        fs.dirs.remove(dir);
+        Ok(())
+    }
+
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> Result<bool> {
+        let mut fs = self.fs.lock();
+        if fs.files.contains_key(to) {
+            return Ok(false);
+        }
+        let st = fs
+            .files
+            .remove(from)
+            .ok_or_else(|| not_found("rename", from))?;
+        fs.files.insert(to.to_path_buf(), st);
+        Ok(true)
+    }
+
+    fn lock(&self, path: &Path, wait: bool) -> Result<Option<Box<dyn super::StorageLock>>> {
+        if !self.exists(path) {
+            self.open(path, OpenMode::CreateNew)?;
+        }
+        let file = self
+            .fs
+            .lock()
+            .files
+            .get(path)
+            .cloned()
+            .ok_or_else(|| not_found("lock", path))?;
+        let id = Arc::as_ptr(&file) as usize;
+        let mut held = self.locks.held.lock();
+        while held.contains(&id) {
+            if !wait {
+                return Ok(None);
+            }
+            self.locks.freed.wait(&mut held);
+        }
+        held.insert(id);
+        Ok(Some(Box::new(MemLock {
+            locks: self.locks.clone(),
+            file,
+        })))
+    }
+
+    fn free_bytes(&self, _path: &Path) -> Option<u64> {
+        None
     }
 }
 

@@ -22,7 +22,7 @@ pub use mem::{CrashMode, MemStorage};
 
 use crate::error::Result;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// How [`Storage::open`] opens a file.
@@ -48,7 +48,25 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Make creations, renames and removals inside `dir` durable.
     fn sync_dir(&self, dir: &Path) -> Result<()>;
     fn exists(&self, path: &Path) -> bool;
+    /// Names of the directories directly inside `dir`, sorted (none if `dir` is
+    /// missing).
+    fn list_dirs(&self, dir: &Path) -> Result<Vec<String>>;
+    /// Remove an empty directory (a missing one is fine).
+    fn remove_dir(&self, dir: &Path) -> Result<()>;
+    /// Rename `from` to `to` only if `to` does not exist: false (and nothing changed)
+    /// if it does. Atomic.
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> Result<bool>;
+    /// An exclusive lock on the file at `path` (created if missing), held until the
+    /// returned guard is dropped: across processes for real files (flock), within the
+    /// process for the in-memory storage. With `wait`, blocks until it is free;
+    /// without, None when another holder has it.
+    fn lock(&self, path: &Path, wait: bool) -> Result<Option<Box<dyn StorageLock>>>;
+    /// Bytes free for new files where `path` lives (None: unknown).
+    fn free_bytes(&self, path: &Path) -> Option<u64>;
 }
+
+/// A held lock (see [`Storage::lock`]); released when dropped.
+pub trait StorageLock: Send + Sync + fmt::Debug {}
 
 /// An open file.
 #[allow(clippy::len_without_is_empty)] // a file's length, not a collection's
@@ -121,19 +139,65 @@ pub fn read_all(file: &dyn StorageFile, limit: u64) -> Result<Vec<u8>> {
 }
 
 /// Write `bytes` to `path` atomically and durably: write a temporary file, sync it,
-/// rename it over `path`, sync the directory.
+/// rename it over `path`, sync the directory. The one way replog replaces a file.
 pub fn write_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    let tmp = write_temp(storage, path, bytes)?;
+    storage.rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        storage.sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Replace `path` atomically but not durably (no fsync): readers see the old bytes
+/// or the new, and after a crash either may be there. Only for derived files whose
+/// loss costs nothing, rewritten often (the status a running serve keeps).
+pub fn write_replace(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_name(path);
+    if storage.exists(&tmp) {
+        storage.remove_file(&tmp)?;
+    }
+    storage
+        .open(&tmp, OpenMode::CreateNew)?
+        .write_at(&[bytes], 0)?;
+    storage.rename(&tmp, path)
+}
+
+/// Like [`write_atomic`], but only if `path` does not exist yet: false (and nothing
+/// left behind) if it does.
+pub fn write_new(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<bool> {
+    let tmp = write_temp(storage, path, bytes)?;
+    let created = storage.rename_noreplace(&tmp, path)?;
+    if !created {
+        storage.remove_file(&tmp)?;
+    }
+    if let Some(dir) = path.parent() {
+        storage.sync_dir(dir)?;
+    }
+    Ok(created)
+}
+
+/// `bytes` written and synced to the temporary name of `path`.
+pub fn write_temp(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<PathBuf> {
+    let tmp = temp_name(path);
     if storage.exists(&tmp) {
         storage.remove_file(&tmp)?;
     }
     let file = storage.open(&tmp, OpenMode::CreateNew)?;
     file.write_at(&[bytes], 0)?;
     file.sync_data()?;
-    drop(file);
-    storage.rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        storage.sync_dir(dir)?;
-    }
-    Ok(())
+    Ok(tmp)
+}
+
+/// The temporary name a file is written under before it is renamed into place:
+/// `NAME.tmp` beside it.
+pub fn temp_name(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// True when `e` says a file or directory does not exist.
+pub fn is_not_found(e: &crate::error::Error) -> bool {
+    matches!(e, crate::error::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
 }

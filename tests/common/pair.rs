@@ -1,6 +1,5 @@
 //! Two sites for replication tests: a source and an in-process target on 127.0.0.1.
 
-use replog::replica::store::ReplicaStore;
 use replog::replication::receiver::Target;
 use replog::replication::transport;
 use replog::Site;
@@ -30,7 +29,10 @@ pub fn start_target(site: &Path) -> String {
     let s = Site::open(site).expect("open target");
     let key = s.replica_key().expect("key");
     let me = replog::identity::Identity::load(site).expect("id").id();
-    let target = Arc::new(Target::new(site.to_path_buf(), me, key));
+    let target = Arc::new(Target::new(
+        me,
+        replog::replica::store::Replicas::with_key(site, key),
+    ));
     std::mem::forget(s); // the target site stays owned by this test process
     let addr = transport::listen(site, "127.0.0.1:0", move |mut stream, peer| {
         target.session(&mut stream, peer)
@@ -55,6 +57,6 @@ pub fn restore(
     out: &Path,
 ) -> replog::Result<replog::replica::restore::Restored> {
     let key = replog::site::replica_key_at(b)?;
-    let store = ReplicaStore::open_readonly(b, "vm1", key)?;
+    let store = replog::replica::store::Replicas::with_key(b, key).open_readonly("vm1")?;
     replog::replica::restore::restore_at(store, at, out, &|_, _| {})
 }

@@ -39,7 +39,10 @@ impl TargetSite {
         replog::identity::trust(source, tid)?;
         replog::identity::trust(&path, sid)?;
         let site = Site::open(&path)?;
-        let target = Arc::new(Target::new(path.clone(), tid, site.replica_key()?));
+        let target = Arc::new(Target::new(
+            tid,
+            replog::replica::store::Replicas::local(&path)?,
+        ));
         let addr =
             replog::replication::transport::listen(&path, "127.0.0.1:0", move |mut s, peer| {
                 target.session(&mut s, peer)
@@ -52,8 +55,7 @@ impl TargetSite {
     }
 
     pub fn store(&self, machine: &str) -> Result<ReplicaStore> {
-        let key = replog::site::replica_key_at(&self.path)?;
-        Ok(ReplicaStore::open_readonly(&self.path, machine, key)?)
+        Ok(replog::replica::store::Replicas::local(&self.path)?.open_readonly(machine)?)
     }
 }
 

@@ -95,8 +95,8 @@ fn rsync(src: &Path, port: u16, name: &str) -> Result<(f64, u64)> {
 
 /// One pass of the target compactor over the bench replica.
 fn fold(t: &TargetSite) -> Result<()> {
-    let key = replog::site::replica_key_at(&t.path)?;
-    replog::replica::compact::compact_replica(&t.path, "rs", key, replog::format::now_ns())?;
+    let replicas = replog::replica::store::Replicas::local(&t.path)?;
+    replog::replica::compact::compact_replica(&replicas, "rs", replog::format::now_ns())?;
     Ok(())
 }
 

@@ -1,0 +1,74 @@
+//! The loop `serve` keeps for each replica it holds: every `interval`, one pass of the
+//! target compactor (`compact.rs`) and one budget of the scrub (`scrub.rs`).
+
+use super::store::Replicas;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Bytes the scrub checks per pass.
+pub const SCRUB_BUDGET: u64 = 64 << 20;
+
+/// A running maintenance loop of one replica; stops when told or dropped.
+#[derive(Debug)]
+pub struct ReplicaLoop {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ReplicaLoop {
+    pub fn spawn(replicas: Replicas, machine: String, interval: Duration) -> ReplicaLoop {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("replica-{machine}"))
+                .spawn(move || {
+                    let mut next = Instant::now() + interval;
+                    while !stop.load(Ordering::Acquire) {
+                        if Instant::now() < next {
+                            std::thread::sleep(Duration::from_millis(50).min(interval));
+                            continue;
+                        }
+                        next = Instant::now() + interval;
+                        pass(&replicas, &machine);
+                    }
+                })
+                .ok()
+        };
+        ReplicaLoop { stop, thread }
+    }
+
+    /// Stop after the pass in progress.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ReplicaLoop {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// One compaction pass and one scrub budget.
+pub fn pass(replicas: &Replicas, machine: &str) {
+    if !replicas.has(machine) {
+        return;
+    }
+    let now = crate::format::now_ns();
+    if let Err(e) = super::compact::compact_replica(replicas, machine, now) {
+        tracing::error!(machine, "replica compaction: {e}");
+    }
+    if let Err(e) = super::scrub::scrub_replica(replicas, machine, SCRUB_BUDGET) {
+        tracing::error!(machine, "replica scrub: {e}");
+    }
+}

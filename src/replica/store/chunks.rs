@@ -1,0 +1,195 @@
+//! The replica parent: encrypted chunks of [`CHUNK_BYTES`] per disk (a missing chunk
+//! reads as zeroes), and the [`ChunkEditor`] that changes them.
+
+use super::{ReplicaStore, SegmentIndex, CHUNK_BYTES};
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+
+pub(super) const PARENT: &str = "parent";
+
+/// Dirty parent chunks a [`ChunkEditor`] keeps in memory before writing them out.
+const EDITOR_BUDGET: usize = 256 << 20;
+
+pub(super) fn chunk_rel(disk: u32, n: u64) -> String {
+    format!("{PARENT}/{disk}/{n:010}.enc")
+}
+
+/// The key-derivation id of chunk `n` of `disk`.
+fn chunk_id(disk: u32, n: u64) -> u64 {
+    u64::from(disk) << 40 | n
+}
+
+impl ReplicaStore {
+    /// Length of parent chunk `n` of `disk` (the last one may be short).
+    pub fn chunk_len(&self, disk: u32, n: u64) -> Result<usize> {
+        let size = self.disk_size(disk)?;
+        Ok((size.saturating_sub(n * CHUNK_BYTES)).min(CHUNK_BYTES) as usize)
+    }
+
+    /// Parent chunk `n` of `disk`, decrypted and authenticated (None: all zeroes).
+    pub fn read_chunk(&self, disk: u32, n: u64) -> Result<Option<Vec<u8>>> {
+        let mut buf = Vec::new();
+        Ok(self.read_chunk_into(disk, n, &mut buf)?.then_some(buf))
+    }
+
+    /// Parent chunk `n` of `disk` into `buf` (reused: no allocation once it is big
+    /// enough); false, and `buf` untouched, when the chunk is all zeroes.
+    pub fn read_chunk_into(&self, disk: u32, n: u64, buf: &mut Vec<u8>) -> Result<bool> {
+        let rel = chunk_rel(disk, n);
+        if !self.backend().get_into(&self.key_of(&rel), buf)? {
+            return Ok(false);
+        }
+        let path = self.locate(&rel);
+        self.key()
+            .open_chunk_in_place(self.manifest.machine_id, chunk_id(disk, n), buf, &path)?;
+        if buf.len() != self.chunk_len(disk, n)? {
+            return Err(Error::corruption(
+                &path,
+                0,
+                format!("parent chunk holds {} bytes", buf.len()),
+            ));
+        }
+        Ok(true)
+    }
+
+    /// Remove parent chunk `n` of `disk` (it reads as zeroes afterwards).
+    pub(crate) fn remove_chunk(&self, disk: u32, n: u64) -> Result<()> {
+        self.backend().delete(&[self.key_of(&chunk_rel(disk, n))])
+    }
+
+    /// The parent chunks of `disk` that hold data, in order.
+    pub fn stored_chunks(&self, disk: u32) -> Result<Vec<u64>> {
+        let mut out: Vec<u64> = self
+            .backend()
+            .list(&self.key_of(&format!("{PARENT}/{disk}")))?
+            .iter()
+            .filter_map(|n| n.strip_suffix(".enc")?.parse::<u64>().ok())
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+}
+
+/// Edits parent chunks: writes and zeroes land in decrypted chunks kept in memory,
+/// written out (encrypted, as one batch of atomic puts; all-zero chunks removed) when
+/// they pass a memory budget and at [`ChunkEditor::finish`]. Replaying records over
+/// chunks is idempotent, so a crash in between only leaves chunks somewhere between
+/// their old and new states.
+pub struct ChunkEditor<'a> {
+    store: &'a ReplicaStore,
+    dirty: BTreeMap<(u32, u64), Vec<u8>>,
+    bytes: usize,
+}
+
+impl<'a> ChunkEditor<'a> {
+    pub fn new(store: &'a ReplicaStore) -> Self {
+        ChunkEditor {
+            store,
+            dirty: BTreeMap::new(),
+            bytes: 0,
+        }
+    }
+
+    fn apply(&mut self, disk: u32, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+        let size = self.store.disk_size(disk)?;
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= size)
+            .ok_or_else(|| Error::OutOfRange {
+                what: "parent chunk edit".into(),
+                offset,
+                end: offset.saturating_add(len),
+                size,
+            })?;
+        let mut at = offset;
+        while at < end {
+            let n = at / CHUNK_BYTES;
+            let within = (at % CHUNK_BYTES) as usize;
+            let take = ((end - at) as usize).min(CHUNK_BYTES as usize - within);
+            if !self.dirty.contains_key(&(disk, n)) {
+                let chunk = match self.store.read_chunk(disk, n)? {
+                    Some(c) => c,
+                    None => vec![0u8; self.store.chunk_len(disk, n)?],
+                };
+                self.bytes += chunk.len();
+                self.dirty.insert((disk, n), chunk);
+            }
+            if let Some(chunk) = self.dirty.get_mut(&(disk, n)) {
+                let dst = chunk
+                    .get_mut(within..within + take)
+                    .ok_or_else(|| Error::InvalidInput("chunk edit out of range".into()))?;
+                match data {
+                    Some(d) => {
+                        let from = (at - offset) as usize;
+                        dst.copy_from_slice(d.get(from..from + take).unwrap_or(&[]));
+                    }
+                    None => dst.fill(0),
+                }
+            }
+            at += take as u64;
+        }
+        if self.bytes > EDITOR_BUDGET {
+            self.write_out()?;
+        }
+        Ok(())
+    }
+
+    /// Apply every record of a layer (a stored segment or a patch: its index and its
+    /// plain bytes, as [`ReplicaStore::layer`] gives them), in order.
+    pub fn apply_layer(&mut self, index: &SegmentIndex, plain: &[u8]) -> Result<()> {
+        for r in &index.records {
+            if r.zero {
+                self.zero(r.disk, r.offset, r.length)?;
+                continue;
+            }
+            let data = plain
+                .get(r.payload_at as usize..(r.payload_at + r.length) as usize)
+                .ok_or_else(|| {
+                    Error::corruption(
+                        self.store.dir(),
+                        r.payload_at,
+                        format!("record at LSN {} runs past the end of its file", r.lsn),
+                    )
+                })?;
+            self.write(r.disk, r.offset, data)?;
+        }
+        Ok(())
+    }
+
+    /// `data` written at `offset` of `disk`.
+    pub fn write(&mut self, disk: u32, offset: u64, data: &[u8]) -> Result<()> {
+        self.apply(disk, offset, data.len() as u64, Some(data))
+    }
+
+    /// `offset..offset+len` of `disk` zeroed.
+    pub fn zero(&mut self, disk: u32, offset: u64, len: u64) -> Result<()> {
+        self.apply(disk, offset, len, None)
+    }
+
+    fn write_out(&mut self) -> Result<()> {
+        let mut puts = Vec::new();
+        let mut zeroed = Vec::new();
+        for ((disk, n), chunk) in std::mem::take(&mut self.dirty) {
+            let key = self.store.key_of(&chunk_rel(disk, n));
+            if chunk.iter().all(|b| *b == 0) {
+                zeroed.push(key);
+                continue;
+            }
+            let ct = self.store.key().seal_chunk(
+                self.store.manifest.machine_id,
+                chunk_id(disk, n),
+                &chunk,
+            )?;
+            puts.push((key, ct));
+        }
+        self.store.backend().put_batch(&puts)?;
+        self.store.backend().delete(&zeroed)?;
+        self.bytes = 0;
+        Ok(())
+    }
+
+    /// Write every edited chunk out, durably.
+    pub fn finish(mut self) -> Result<()> {
+        self.write_out()
+    }
+}

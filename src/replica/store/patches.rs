@@ -1,0 +1,120 @@
+//! Patches: a resync's differing chunks, one encrypted data file and one index per
+//! batch, lying on top of the parent chunks (below every segment) until the target
+//! compactor folds them in. Point images and restores map them like segments, under
+//! the number `PATCH_SEQ + n`.
+
+use super::{IndexedRecord, ReplicaStore, SegmentIndex, PATCH_SEQ};
+use crate::error::{Error, Result};
+
+pub(super) const PATCHES: &str = "patches";
+
+fn patch_rel(n: u64, what: &str) -> String {
+    format!("{PATCHES}/{n:010}.{what}.enc")
+}
+
+impl ReplicaStore {
+    /// Store patch `n`: `chunks` (disk, offset, data) as one encrypted file of their
+    /// bytes and an index of records pointing into it (LSN 0: below every point).
+    pub fn write_patch(&self, n: u64, chunks: &[(u32, u64, Vec<u8>)]) -> Result<()> {
+        let mut plain = Vec::new();
+        let mut index = SegmentIndex::default();
+        for (disk, offset, data) in chunks {
+            let size = self.disk_size(*disk)?;
+            let end = offset.saturating_add(data.len() as u64);
+            if end > size {
+                return Err(Error::OutOfRange {
+                    what: "resync chunk".into(),
+                    offset: *offset,
+                    end,
+                    size,
+                });
+            }
+            index.records.push(IndexedRecord {
+                lsn: 0,
+                disk: *disk,
+                zero: false,
+                offset: *offset,
+                length: data.len() as u64,
+                payload_at: plain.len() as u64,
+            });
+            plain.extend_from_slice(data);
+        }
+        let id = PATCH_SEQ + n;
+        let body = postcard::to_stdvec(&index).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let machine_id = self.manifest.machine_id;
+        self.backend().put_batch(&[
+            (
+                self.key_of(&patch_rel(n, "idx")),
+                self.key().seal_index(machine_id, id, &body)?,
+            ),
+            (
+                self.key_of(&patch_rel(n, "data")),
+                self.key().seal(machine_id, id, &plain)?,
+            ),
+        ])
+    }
+
+    /// The records of patch `n`.
+    pub fn patch_index(&self, n: u64) -> Result<SegmentIndex> {
+        let rel = patch_rel(n, "idx");
+        let path = self.locate(&rel);
+        let ct = self
+            .backend()
+            .get(&self.key_of(&rel))?
+            .ok_or_else(|| Error::corruption(&path, 0, "patch index missing from the replica"))?;
+        let body = self
+            .key()
+            .open_index(self.manifest.machine_id, PATCH_SEQ + n, &ct, &path)?;
+        crate::format::meta::body_exact(&body)
+            .ok_or_else(|| Error::corruption(&path, 40, "patch index does not decode"))
+    }
+
+    /// The patch files present, whether or not the parent mark counts them.
+    pub fn stored_patches(&self) -> Result<Vec<String>> {
+        self.backend().list(&self.key_of(PATCHES))
+    }
+
+    /// Remove every patch file (folded into the parent, needed by no reader).
+    pub fn remove_patches(&self) -> Result<()> {
+        let keys: Vec<String> = self
+            .stored_patches()?
+            .iter()
+            .map(|n| self.key_of(&format!("{PATCHES}/{n}")))
+            .collect();
+        self.backend().delete(&keys)
+    }
+
+    /// Whether patch files lie around that the parent mark no longer counts.
+    pub fn has_stale_patches(&self) -> Result<bool> {
+        Ok(
+            self.parent.patches == 0
+                && !self.parent.resyncing
+                && !self.stored_patches()?.is_empty(),
+        )
+    }
+
+    /// The index and plain bytes of a layer: stored segment `seq`, or patch `n` as
+    /// `PATCH_SEQ + n`.
+    pub fn layer(&self, seq: u64) -> Result<(SegmentIndex, Vec<u8>)> {
+        let index = if seq > PATCH_SEQ {
+            self.patch_index(seq - PATCH_SEQ)?
+        } else {
+            self.segment_index(seq)?
+        };
+        Ok((index, self.read_layer(seq)?))
+    }
+
+    /// The plain bytes a map location's `seq` names: a stored segment, or a patch
+    /// (`PATCH_SEQ + n`).
+    pub fn read_layer(&self, seq: u64) -> Result<Vec<u8>> {
+        if seq > PATCH_SEQ {
+            let rel = patch_rel(seq - PATCH_SEQ, "data");
+            let path = self.locate(&rel);
+            let ct = self.backend().get(&self.key_of(&rel))?.ok_or_else(|| {
+                Error::corruption(&path, 0, "patch data missing from the replica")
+            })?;
+            return self.key().open(self.manifest.machine_id, seq, &ct, &path);
+        }
+        self.read_segment(seq)
+    }
+}
