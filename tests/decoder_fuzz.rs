@@ -322,7 +322,7 @@ fn decode_everything(b: &[u8]) {
     ] {
         let w = b.get(start..).unwrap_or(&[]);
         if let Ok(h) = SegmentHeader::decode(w) {
-            assert_eq!(h.version, 1);
+            assert!(h.version == 1 || h.version == 2, "version {}", h.version);
             // What decodes must re-encode to the same fields.
             let again = SegmentHeader::decode(&h.encode()).expect("re-decode");
             assert_eq!(again, h);
@@ -501,13 +501,21 @@ fn manifest_strategy() -> impl Strategy<Value = Manifest> {
             (any::<u32>(), "[a-z0-9._-]{0,16}|\\PC{0,8}", any::<u64>()),
             0..6,
         ),
+        1..u32::MAX,
+        0..3u8,
     )
-        .prop_map(|(machine_id, disks)| Manifest {
-            machine_id,
+        .prop_map(|(machine_id, disks, generation, role)| Manifest {
             disks: disks
                 .into_iter()
                 .map(|(id, name, size)| DiskEntry { id, name, size })
                 .collect(),
+            generation,
+            role: match role {
+                0 => replog::protection::Role::Primary,
+                1 => replog::protection::Role::Replica,
+                _ => replog::protection::Role::Test,
+            },
+            ..Manifest::new(machine_id)
         })
 }
 
@@ -715,6 +723,7 @@ fn recover_params(machine_id: u64) -> replog::journal::JournalParams {
         segment_bytes: 1 << 20,
         watermark_lsn: 0,
         watermark_seq: 0,
+        generation: 1,
     }
 }
 

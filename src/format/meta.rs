@@ -16,8 +16,12 @@
 //! ## Machine manifest body (kind 1): postcard encoding of [`Manifest`]
 //!
 //! postcard writes integers as LEB128 varints, strings and sequences as a varint
-//! length followed by their bytes, fields in declaration order:
-//! `machine_id: u64, disks: [ { id: u32, name: string, size: u64 } ]`.
+//! length followed by their bytes, enums as a varint variant index, options as 0 or
+//! 1 and the value, fields in declaration order. Version 2: `machine_id: u64, disks:
+//! [ { id: u32, name: string, size: u64 } ], role: (0 primary, 1 replica, 2 test),
+//! generation: u32, fence: Option<{ by_site: [u8; 32], generation: u32, at_ns: u64,
+//! reason: string }>`. Version 1 had `machine_id` and `disks` only (a primary at
+//! generation 1, not fenced).
 //!
 //! ## Replica manifest body (kind 3): postcard encoding of
 //! `replica::store::ReplicaManifest`: `source_site: [u8; 32], machine_id: u64,
@@ -81,7 +85,7 @@ pub const KIND_SCRUB: u16 = 8;
 /// The version of `kind` this build writes, which is also the newest it reads.
 pub fn version_of(kind: u16) -> u16 {
     match kind {
-        KIND_MANIFEST => 1,
+        KIND_MANIFEST => 2,
         KIND_REPLICA_MANIFEST | KIND_PARENT_MARK | KIND_RESYNC => 2,
         _ => 1,
     }
@@ -173,7 +177,13 @@ pub fn decode(expect_kind: u16, b: &[u8]) -> Result<(u16, &[u8]), DecodeError> {
             ),
         ));
     }
-    check_version(1, r.u32(12), 8)?;
+    check_version(
+        kind_name(expect_kind),
+        version,
+        version_of(expect_kind),
+        r.u32(12),
+        12,
+    )?;
     Ok((version, body))
 }
 
@@ -190,6 +200,12 @@ pub fn body_exact<T: serde::de::DeserializeOwned>(body: &[u8]) -> Option<T> {
 pub struct Manifest {
     pub machine_id: u64,
     pub disks: Vec<DiskEntry>,
+    /// What this site is for the machine.
+    pub role: crate::protection::Role,
+    /// The machine's generation (1 when created, +1 per promotion).
+    pub generation: u32,
+    /// Set when a newer generation took the machine over: its writes are refused.
+    pub fence: Option<crate::protection::Fence>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,10 +220,36 @@ impl Manifest {
         let body = postcard::to_stdvec(self).unwrap_or_default();
         encode(KIND_MANIFEST, &body)
     }
+    /// A new primary's manifest: generation 1, not fenced.
+    pub fn new(machine_id: u64) -> Self {
+        Manifest {
+            machine_id,
+            disks: Vec::new(),
+            role: crate::protection::Role::Primary,
+            generation: 1,
+            fence: None,
+        }
+    }
+
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        let (_, body) = decode(KIND_MANIFEST, b)?;
-        body_exact(body).ok_or_else(|| {
-            DecodeError::new(META_HEADER_LEN as u64, "manifest body does not decode")
+        let (version, body) = decode(KIND_MANIFEST, b)?;
+        let bad = || DecodeError::new(META_HEADER_LEN as u64, "manifest body does not decode");
+        if version >= 2 {
+            let m: Manifest = body_exact(body).ok_or_else(bad)?;
+            if m.generation == 0 {
+                return Err(DecodeError::new(META_HEADER_LEN as u64, "generation 0"));
+            }
+            return Ok(m);
+        }
+        #[derive(Deserialize)]
+        struct V1 {
+            machine_id: u64,
+            disks: Vec<DiskEntry>,
+        }
+        let v1: V1 = body_exact(body).ok_or_else(bad)?;
+        Ok(Manifest {
+            disks: v1.disks,
+            ..Manifest::new(v1.machine_id)
         })
     }
 }
@@ -256,12 +298,12 @@ mod tests {
     #[test]
     fn manifest_round_trip_and_damage() {
         let m = Manifest {
-            machine_id: 5,
             disks: vec![DiskEntry {
                 id: 0,
                 name: "os".into(),
                 size: 1 << 30,
             }],
+            ..Manifest::new(5)
         };
         let b = m.encode();
         assert_eq!(Manifest::decode(&b).unwrap(), m);

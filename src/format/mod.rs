@@ -30,9 +30,6 @@ impl DecodeError {
     }
 }
 
-/// The format version this build writes.
-pub const FORMAT_VERSION: u16 = 1;
-
 /// Incompatible feature bits this build understands (none yet). A file with any other
 /// incompatible bit set is refused, not guessed at.
 pub const SUPPORTED_INCOMPAT: u32 = 0;
@@ -85,12 +82,19 @@ impl LeMut<'_> {
     }
 }
 
-/// Check a format version and incompatible feature bits read from a file.
-pub(crate) fn check_version(version: u16, incompat: u32, at: u64) -> Result<(), DecodeError> {
-    if version == 0 || version > FORMAT_VERSION {
+/// Check a format version (this build reads 1 to `newest` of `what`) and the
+/// incompatible feature bits read from a file.
+pub(crate) fn check_version(
+    what: &str,
+    version: u16,
+    newest: u16,
+    incompat: u32,
+    at: u64,
+) -> Result<(), DecodeError> {
+    if version == 0 || version > newest {
         return Err(DecodeError::new(
             at,
-            format!("format version {version}; this build reads versions 1..={FORMAT_VERSION}"),
+            format!("{what} version {version}; this build reads versions 1 to {newest}"),
         ));
     }
     let unknown = incompat & !SUPPORTED_INCOMPAT;

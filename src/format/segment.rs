@@ -10,7 +10,7 @@
 //! off len field
 //!   0   8 magic: 89 52 4C 53 0D 0A 1A 0A  ("\x89RLS\r\n\x1a\n", PNG-style: high
 //!         bit, line endings and ^Z catch text-mode and truncating transfers)
-//!   8   2 format version (1)
+//!   8   2 format version (2; version 1 is read: bytes 56..60 were reserved)
 //!  10   2 header length in bytes (64)
 //!  12   4 incompatible feature bits (a reader refuses any it does not know)
 //!  16   4 compatible feature bits (a reader ignores those it does not know)
@@ -19,7 +19,8 @@
 //!  32   8 segment sequence number
 //!  40   8 base LSN: every record in the segment has an LSN >= this
 //!  48   8 creation time, nanoseconds since the Unix epoch
-//!  56   4 reserved, zero
+//!  56   4 the machine's generation when the segment was written (>= 1; version 1:
+//!         reserved zero, read as generation 1)
 //!  60   4 CRC-32C of bytes 0..60
 //! ```
 //!
@@ -50,6 +51,8 @@ pub const FOOTER_LEN: usize = 48;
 /// Segment numbers are below this (10^19 would not fit the 20-digit names' meaning
 /// of "sorted"; 2^62 leaves room for `seq + 1` everywhere).
 pub const MAX_SEGMENT_SEQ: u64 = 1 << 62;
+/// The segment format version this build writes (and the newest it reads).
+pub const SEGMENT_VERSION: u16 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
@@ -59,18 +62,27 @@ pub struct SegmentHeader {
     pub seq: u64,
     pub base_lsn: u64,
     pub created_ns: u64,
+    /// The machine's generation when the segment was written.
+    pub generation: u32,
 }
 
 impl SegmentHeader {
     pub fn new(machine_id: u64, seq: u64, base_lsn: u64, created_ns: u64) -> Self {
         SegmentHeader {
-            version: super::FORMAT_VERSION,
+            version: SEGMENT_VERSION,
             compat: 0,
             machine_id,
             seq,
             base_lsn,
             created_ns,
+            generation: 1,
         }
+    }
+
+    /// The same header for a machine at `generation`.
+    pub fn with_generation(mut self, generation: u32) -> Self {
+        self.generation = generation;
+        self
     }
 
     pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN] {
@@ -85,6 +97,9 @@ impl SegmentHeader {
         w.u64(32, self.seq);
         w.u64(40, self.base_lsn);
         w.u64(48, self.created_ns);
+        if self.version >= 2 {
+            w.u32(56, self.generation);
+        }
         let crc = crc32c::crc32c(b.get(..60).unwrap_or(&[]));
         LeMut(&mut b).u32(60, crc);
         b
@@ -108,12 +123,23 @@ impl SegmentHeader {
         if crc != r.u32(60) {
             return Err(DecodeError::new(0, "segment header checksum mismatch"));
         }
-        check_version(r.u16(8), r.u32(12), 8)?;
+        let version = r.u16(8);
+        check_version("segment", version, SEGMENT_VERSION, r.u32(12), 8)?;
         if usize::from(r.u16(10)) != SEGMENT_HEADER_LEN {
             return Err(DecodeError::new(10, format!("header length {}", r.u16(10))));
         }
-        if r.u32(20) != 0 || r.u32(56) != 0 {
+        if r.u32(20) != 0 {
             return Err(DecodeError::new(20, "non-zero reserved bytes"));
+        }
+        let generation = match version {
+            1 if r.u32(56) != 0 => {
+                return Err(DecodeError::new(56, "non-zero reserved bytes"));
+            }
+            1 => 1,
+            _ => r.u32(56),
+        };
+        if generation == 0 {
+            return Err(DecodeError::new(56, "generation 0"));
         }
         let (seq, base_lsn) = (r.u64(32), r.u64(40));
         if seq == 0 || seq >= MAX_SEGMENT_SEQ {
@@ -135,6 +161,7 @@ impl SegmentHeader {
             seq: r.u64(32),
             base_lsn: r.u64(40),
             created_ns: r.u64(48),
+            generation,
         })
     }
 }
@@ -236,6 +263,27 @@ mod tests {
             assert!(SegmentHeader::decode(&bad).is_err(), "flip at {i} accepted");
         }
         assert!(SegmentHeader::decode(&b[..10]).is_err());
+    }
+
+    #[test]
+    fn version_1_reads_as_generation_1_and_newer_versions_are_refused() {
+        let mut v1 = SegmentHeader::new(7, 3, 100, 123);
+        v1.version = 1;
+        let b = v1.encode();
+        assert_eq!(SegmentHeader::decode(&b).map(|h| h.generation), Ok(1));
+        let v2 = SegmentHeader::new(7, 3, 100, 123).with_generation(5);
+        assert_eq!(
+            SegmentHeader::decode(&v2.encode()).map(|h| h.generation),
+            Ok(5)
+        );
+        let mut v3 = v2;
+        v3.version = 3;
+        let err = SegmentHeader::decode(&v3.encode()).expect_err("version 3 read");
+        assert!(
+            err.what.contains("version 3") && err.what.contains("1 to 2"),
+            "{}",
+            err.what
+        );
     }
 
     #[test]

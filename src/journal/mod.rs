@@ -81,6 +81,7 @@ pub struct JournalWriter {
     storage: Arc<dyn Storage>,
     dir: PathBuf,
     machine_id: u64,
+    generation: u32,
     segment_bytes: u64,
     active: Active,
     next_lsn: u64,
@@ -228,6 +229,7 @@ impl JournalWriter {
             self.storage.as_ref(),
             &self.dir,
             self.machine_id,
+            self.generation,
             sealed.seq + 1,
             self.next_lsn,
             self.segment_bytes,
@@ -240,6 +242,7 @@ fn create_segment(
     storage: &dyn Storage,
     dir: &Path,
     machine_id: u64,
+    generation: u32,
     seq: u64,
     base_lsn: u64,
     segment_bytes: u64,
@@ -247,7 +250,9 @@ fn create_segment(
     let path = dir.join(segment_name(seq));
     let file = storage.open(&path, OpenMode::CreateNew)?;
     file.preallocate(segment_bytes);
-    let header = SegmentHeader::new(machine_id, seq, base_lsn, now_ns()).encode();
+    let header = SegmentHeader::new(machine_id, seq, base_lsn, now_ns())
+        .with_generation(generation)
+        .encode();
     file.write_at(&[&header], 0)?;
     // The name must be durable before any fsync of the file can promise its data.
     storage.sync_dir(dir)?;
@@ -306,6 +311,8 @@ pub struct JournalParams {
     pub watermark_lsn: u64,
     /// Segments with seq <= this were merged (and may be left over from a crash).
     pub watermark_seq: u64,
+    /// The machine's generation: new segments carry it.
+    pub generation: u32,
 }
 
 /// Segment files of a journal directory, oldest first.
@@ -485,6 +492,7 @@ pub fn recover(
                 storage.as_ref(),
                 dir,
                 params.machine_id,
+                params.generation,
                 seq,
                 next_lsn,
                 params.segment_bytes,
@@ -498,6 +506,7 @@ pub fn recover(
         storage,
         dir: dir.to_path_buf(),
         machine_id: params.machine_id,
+        generation: params.generation,
         segment_bytes: params.segment_bytes,
         active,
         next_lsn,

@@ -50,7 +50,7 @@ impl ResyncProgress {
     /// Version 1 is either layout development builds wrote under it: without
     /// `patches` (1f7c5c7 … b897280) or with it (7fb0b33 … f501a4c, the layout of
     /// version 2).
-    fn decode_version(version: u16, body: &[u8]) -> Option<ResyncProgress> {
+    pub(crate) fn decode_version(version: u16, body: &[u8]) -> Option<ResyncProgress> {
         use crate::format::meta::body_exact;
         if version >= 2 {
             return body_exact(body);

@@ -398,6 +398,7 @@ impl Session<'_> {
                     ),
                 ));
             }
+            st.set_generation(p.generation).map_err(refusal)?;
             st.set_retention(crate::replica::store::Retention {
                 window_ms: p.retention_ms,
                 app_window_ms: p.app_retention_ms.max(p.retention_ms),

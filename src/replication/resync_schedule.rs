@@ -21,6 +21,9 @@ use std::path::{Path, PathBuf};
 pub const BATCH_BYTES: u64 = 64 << 20;
 
 const FILE: &str = "resync.toml";
+/// The first line of `resync.toml` since format 2 (format 1 had no header line; its
+/// fields were the same, and it is read as they are).
+const HEADER: &str = "# replog resync state, format 2";
 const NOW: &str = "resync.now";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,9 +44,20 @@ impl SourceResync {
     pub fn load(site: &Path, machine: &str) -> Result<Option<SourceResync>> {
         let p = dir(site, machine)?.join(FILE);
         match std::fs::read_to_string(&p) {
-            Ok(t) => toml::from_str(&t)
-                .map(Some)
-                .map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display()))),
+            Ok(t) => {
+                if t.starts_with("# replog resync state") && !t.starts_with(HEADER) {
+                    return Err(Error::Unsupported {
+                        path: p,
+                        what: format!(
+                            "{:?}: this build reads resync state formats 1 and 2",
+                            t.lines().next().unwrap_or("")
+                        ),
+                    });
+                }
+                toml::from_str(&t)
+                    .map(Some)
+                    .map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io("read", &p, e)),
         }
@@ -52,7 +66,11 @@ impl SourceResync {
     pub fn save(&self, site: &Path, machine: &str) -> Result<()> {
         let p = dir(site, machine)?.join(FILE);
         let body = toml::to_string(self).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        crate::storage::write_atomic(&crate::storage::FileStorage, &p, body.as_bytes())
+        crate::storage::write_atomic(
+            &crate::storage::FileStorage,
+            &p,
+            format!("{HEADER}\n{body}").as_bytes(),
+        )
     }
 
     /// Record that a resync is required (keeping a base already chosen).

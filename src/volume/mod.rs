@@ -113,6 +113,11 @@ pub(crate) struct MachineInner {
     /// The machine's generation (see `crate::protection`): grows by one at every
     /// promotion; segments and messages carry it.
     pub generation: u32,
+    /// What this site is for the machine (from its manifest).
+    pub role: crate::protection::Role,
+    /// Why writes are refused (EROFS), when they are: a newer generation took the
+    /// machine over (persisted in the manifest), or the command channel fenced it.
+    fence: Mutex<Option<String>>,
 }
 
 /// An open machine: its journal, index, disks and compactor.
@@ -232,6 +237,31 @@ impl Machine {
         self.inner.generation
     }
 
+    /// What this site is for the machine.
+    pub fn role(&self) -> crate::protection::Role {
+        self.inner.role
+    }
+
+    /// Refuse every write and zero range from now on (EROFS to a guest), with
+    /// `reason`; a write in progress completes first (the writer lock is taken).
+    /// Points, flushes and seals still work. Returns the last LSN written.
+    pub fn fence(&self, reason: &str) -> u64 {
+        let w = self.inner.writer.lock();
+        *self.inner.fence.lock() = Some(reason.to_string());
+        w.last_lsn()
+    }
+
+    /// Take writes again.
+    pub fn unfence(&self) {
+        let _w = self.inner.writer.lock();
+        *self.inner.fence.lock() = None;
+    }
+
+    /// Why writes are refused, if they are.
+    pub fn fenced(&self) -> Option<String> {
+        self.inner.fence.lock().clone()
+    }
+
     /// The machine's id (from its manifest; segments carry it).
     pub fn machine_id(&self) -> u64 {
         self.inner.machine_id
@@ -310,6 +340,17 @@ impl MachineInner {
 
     pub fn is_poisoned(&self) -> bool {
         self.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Refuse a guest write while fenced.
+    fn check_fence(&self) -> Result<()> {
+        match &*self.fence.lock() {
+            Some(reason) => Err(Error::Fenced {
+                machine: self.name.clone(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 
     pub fn check_poison(&self) -> Result<()> {

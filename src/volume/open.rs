@@ -22,10 +22,7 @@ impl Machine {
                 std::io::Error::other(e.to_string()),
             )
         })?;
-        let manifest = Manifest {
-            machine_id: u64::from_le_bytes(id),
-            disks: Vec::new(),
-        };
+        let manifest = Manifest::new(u64::from_le_bytes(id));
         write_atomic(storage, &dir.join(MANIFEST_FILE), &manifest.encode())
     }
 
@@ -152,6 +149,7 @@ impl Machine {
             segment_bytes: cfg.segment_bytes,
             watermark_lsn: watermark.lsn,
             watermark_seq: watermark.segment_seq,
+            generation: manifest.generation,
         };
         let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
         let mut outside: Option<Error> = None;
@@ -212,7 +210,17 @@ impl Machine {
             last_append_ns: AtomicU64::new(0),
             compactor_kick: Mutex::new(None),
             digests: Mutex::new(None),
-            generation: 1,
+            generation: manifest.generation,
+            role: manifest.role,
+            fence: Mutex::new(manifest.fence.as_ref().map(|f| {
+                format!(
+                    "it was failed over to site {} (generation {}) at {}: {}",
+                    crate::identity::SiteId(f.by_site),
+                    f.generation,
+                    crate::format::rfc3339(f.at_ns),
+                    f.reason
+                )
+            })),
         });
         // Were the parents changed while replog was not running?
         let stamp_path = dir.join(STAMP_FILE);

@@ -29,6 +29,7 @@ impl MachineInner {
         }
         let mut w = self.writer.lock();
         self.check_poison()?;
+        self.check_fence()?;
         self.append_locked(&mut w, disk, kind, offset, len, data, true)?;
         let lsn = w.last_lsn();
         if w.wants_rotation() {

@@ -620,6 +620,21 @@ impl ReplicaStore {
         self.manifest.generation
     }
 
+    /// The source speaks for a newer generation of the machine: record it (the
+    /// replica then refuses the older one).
+    pub fn set_generation(&mut self, generation: u32) -> Result<()> {
+        if generation <= self.manifest.generation {
+            return Ok(());
+        }
+        let manifest = ReplicaManifest {
+            generation,
+            ..self.manifest.clone()
+        };
+        self.write_meta(MANIFEST, KIND_REPLICA_MANIFEST, &manifest)?;
+        self.manifest = manifest;
+        Ok(())
+    }
+
     /// The newest segment stored (LSN 0 / seq 0: none).
     pub fn received(&self) -> Watermark {
         self.received
@@ -711,4 +726,71 @@ impl ReplicaStore {
             .map(|d| d.size)
             .ok_or_else(|| Error::InvalidInput(format!("no disk {disk} in this replica")))
     }
+}
+
+/// Any metadata file replog writes (the envelope of `format::meta`), decoded by its
+/// kind and version: what `replog inspect FILE` shows, and what the fuzz targets
+/// feed every decoder through.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaFile {
+    MachineManifest(meta::Manifest),
+    Watermark(Watermark),
+    ReplicaManifest(ReplicaManifest),
+    InitialProgress(InitialProgress),
+    ParentMark(ParentMark),
+    Retention(Retention),
+    ResyncProgress(super::resync_apply::ResyncProgress),
+    Scrub(super::scrub::ScrubState),
+}
+
+/// Decode a metadata file whatever its kind; the kind and version come from its
+/// envelope.
+pub fn decode_meta_file(
+    b: &[u8],
+) -> std::result::Result<(u16, MetaFile), crate::format::DecodeError> {
+    use crate::format::DecodeError;
+    let kind = b
+        .get(10..12)
+        .map(|k| u16::from_le_bytes([k[0], k[1]]))
+        .ok_or_else(|| DecodeError::new(0, "file is too short for a metadata envelope"))?;
+    let bad = |what: &str| {
+        DecodeError::new(
+            meta::META_HEADER_LEN as u64,
+            format!("{what} does not decode"),
+        )
+    };
+    if kind == meta::KIND_MANIFEST {
+        return Ok((kind, MetaFile::MachineManifest(meta::Manifest::decode(b)?)));
+    }
+    if kind == meta::KIND_WATERMARK {
+        return Ok((kind, MetaFile::Watermark(Watermark::decode(b)?)));
+    }
+    let (version, body) = meta::decode(kind, b)?;
+    let file = match kind {
+        meta::KIND_REPLICA_MANIFEST => MetaFile::ReplicaManifest(
+            ReplicaManifest::decode_version(version, body)
+                .ok_or_else(|| bad("replica manifest"))?,
+        ),
+        meta::KIND_INITIAL_PROGRESS => {
+            MetaFile::InitialProgress(body_exact(body).ok_or_else(|| bad("initial progress"))?)
+        }
+        meta::KIND_PARENT_MARK => MetaFile::ParentMark(
+            ParentMark::decode_version(version, body).ok_or_else(|| bad("parent mark"))?,
+        ),
+        meta::KIND_RETENTION => {
+            MetaFile::Retention(body_exact(body).ok_or_else(|| bad("retention"))?)
+        }
+        meta::KIND_RESYNC => MetaFile::ResyncProgress(
+            super::resync_apply::ResyncProgress::decode_version(version, body)
+                .ok_or_else(|| bad("resync progress"))?,
+        ),
+        meta::KIND_SCRUB => MetaFile::Scrub(body_exact(body).ok_or_else(|| bad("scrub state"))?),
+        other => {
+            return Err(DecodeError::new(
+                10,
+                format!("unknown metadata kind {other}"),
+            ))
+        }
+    };
+    Ok((kind, file))
 }

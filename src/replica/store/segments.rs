@@ -271,6 +271,12 @@ pub(super) fn index_segment(
     if let Some((offset, what)) = outside {
         return Err(Error::corruption(named, offset, what));
     }
+    if let Some(h) = scan.header.filter(|h| h.generation > man.generation) {
+        return Err(Error::InvalidInput(format!(
+            "segment {seq} was written at generation {} but the replica is at generation {}",
+            h.generation, man.generation
+        )));
+    }
     match (scan.footer, scan.first_lsn, scan.last_lsn) {
         (Some(footer), Some(first), Some(last)) => {
             index.first_lsn = first;

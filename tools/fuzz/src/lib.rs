@@ -28,6 +28,8 @@ use replog::storage::{MemStorage, OpenMode, Storage, StorageFile};
 use std::path::Path;
 use std::sync::Arc;
 
+pub mod decoders;
+
 const DIR: &str = "/m/journal";
 
 /// Check one input; panics on any finding.
@@ -213,6 +215,7 @@ fn recover_checked(bytes: &[u8], header: Option<SegmentHeader>) {
         segment_bytes: 1 << 20,
         watermark_lsn: h.base_lsn.saturating_sub(1),
         watermark_seq: h.seq.saturating_sub(1),
+        generation: h.generation,
     };
     let storage = Arc::new(storage);
     let Ok(rec) = recover(storage.clone(), Path::new(DIR), params, |_, r| {
@@ -278,7 +281,7 @@ impl Rng {
     pub fn chance(&mut self, one_in: u64) -> bool {
         self.below(one_in) == 0
     }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next_u64() as u8).collect()
     }
 }
@@ -462,6 +465,15 @@ pub fn fix_crcs(b: &mut [u8]) {
 /// interesting values, truncations, insertions, removals, splices from `other`, then
 /// (half the time) repair the checksums.
 pub fn mutate(rng: &mut Rng, b: &mut Vec<u8>, other: &[u8]) {
+    mutate_raw(rng, b, other);
+    if rng.chance(2) {
+        fix_crcs(b);
+    }
+}
+
+/// [`mutate`]'s mutations without the checksum repair (field overwrites land on the
+/// segment layout's offsets, which in other formats are just offsets).
+pub fn mutate_raw(rng: &mut Rng, b: &mut Vec<u8>, other: &[u8]) {
     let rounds = 1 + rng.below(8);
     for _ in 0..rounds {
         let len = b.len();
@@ -514,8 +526,5 @@ pub fn mutate(rng: &mut Rng, b: &mut Vec<u8>, other: &[u8]) {
             }
             _ => {}
         }
-    }
-    if rng.chance(2) {
-        fix_crcs(b);
     }
 }

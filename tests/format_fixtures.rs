@@ -1,0 +1,382 @@
+//! Every format fixture under tests/fixtures (see its README) opens as it should: read
+//! the same as when it was written, or refused with a message naming both versions.
+
+mod common;
+
+use replog::replica::store::Replicas;
+use replog::replication::protocol::{self, FrameError, Message, RefusalCode};
+use sha2::Digest;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        let dst = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).expect("copy");
+        }
+    }
+}
+
+/// A fresh copy of fixture site `name` (its `site/` directory). Its retention was an
+/// hour when it was written; the copy keeps every point for a century, so that the
+/// points it had then are there whenever the test runs (its retention.meta is read
+/// first, as written).
+fn site_copy(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let site = tmp.path().join("site");
+    copy_dir(&fixtures().join(name).join("site"), &site);
+    let r = site.join("replicas/vm1/retention.meta");
+    if r.exists() {
+        let b = std::fs::read(&r).expect("retention");
+        let (v, _) = replog::format::meta::decode(replog::format::meta::KIND_RETENTION, &b)
+            .expect("retention.meta decodes");
+        assert_eq!(v, 1);
+        let century: u64 = 100 * 365 * 24 * 3600 * 1000;
+        let body = postcard::to_stdvec(&replog::replica::store::Retention {
+            window_ms: century,
+            app_window_ms: century,
+        })
+        .expect("encode");
+        std::fs::write(
+            &r,
+            replog::format::meta::encode(replog::format::meta::KIND_RETENTION, &body),
+        )
+        .expect("write");
+    }
+    (tmp, site)
+}
+
+fn sha256(b: &[u8]) -> String {
+    sha2::Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// Restore every point `expected.sha256` names and compare the sums.
+fn check_expected(name: &str, site: &Path) {
+    let sums = std::fs::read_to_string(fixtures().join(name).join("expected.sha256"))
+        .expect("expected.sha256");
+    for line in sums.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (sum, at, disk) = (f[0], f[1], f[2]);
+        let out = site.with_file_name(format!("restored-{at}-{disk}"));
+        let store = Replicas::local(site)
+            .expect("replicas")
+            .open_readonly("vm1")
+            .expect("open replica");
+        let r = replog::replica::restore::restore_at(store, at, &out, &|_, _| {})
+            .unwrap_or_else(|e| panic!("{name}: restore {at}: {e}"));
+        assert!(r.verified, "{name}: restore at {at} not verified");
+        let got = std::fs::read(out.join(format!("{disk}.img"))).expect("image");
+        assert_eq!(
+            sha256(&got),
+            sum,
+            "{name}: {disk} at {at} reads differently"
+        );
+        std::fs::remove_dir_all(&out).expect("clean");
+    }
+}
+
+#[test]
+fn a_version_1_replica_opens_lists_its_points_and_restores_them_identically() {
+    let (_t, site) = site_copy("v1/target");
+    let replicas = Replicas::local(&site).expect("replicas");
+    let store = replicas.open("vm1").expect("open for receiving");
+    assert_eq!(
+        store.generation(),
+        1,
+        "a version-1 manifest is generation 1"
+    );
+    let points: Vec<u64> = replog::replica::points::list(&store)
+        .expect("points")
+        .iter()
+        .map(|p| p.lsn)
+        .collect();
+    let want: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("v1/target/points.json")).expect("points"),
+    )
+    .expect("json");
+    let want: Vec<u64> = want
+        .iter()
+        .map(|p| p["lsn"].as_u64().expect("lsn"))
+        .collect();
+    assert_eq!(points, want);
+    assert!(
+        store.parent().point.is_some(),
+        "the merged parent's point is kept"
+    );
+    drop(store);
+    check_expected("v1/target", &site);
+    // Every object authenticates: a whole scrub round finds nothing.
+    let r = replog::replica::scrub::scrub_replica(&replicas, "vm1", u64::MAX).expect("scrub");
+    assert!(r.round_completed && r.damage.is_none(), "{r:?}");
+    // The target compactor folds it further, and it still reads the same at latest.
+    let later = replog::format::now_ns() + 101 * 365 * 24 * 3600 * 1_000_000_000;
+    let merged =
+        replog::replica::compact::compact_replica(&replicas, "vm1", later).expect("compact");
+    assert!(merged.merged_to.is_some(), "nothing merged: {merged:?}");
+    let sums = std::fs::read_to_string(fixtures().join("v1/target/expected.sha256")).expect("sums");
+    let latest: Vec<&str> = sums.lines().filter(|l| l.contains(" latest ")).collect();
+    let out = site.with_file_name("after-merge");
+    let store = replicas.open_readonly("vm1").expect("store");
+    replog::replica::restore::restore_at(store, "latest", &out, &|_, _| {}).expect("restore");
+    for l in latest {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let got = std::fs::read(out.join(format!("{}.img", f[2]))).expect("image");
+        assert_eq!(sha256(&got), f[0], "after a merge of the v1 replica");
+    }
+}
+
+#[test]
+fn a_version_1_replica_after_a_resync_restores_through_its_patches() {
+    let (_t, site) = site_copy("v1/target-resynced");
+    let store = Replicas::local(&site)
+        .expect("replicas")
+        .open("vm1")
+        .expect("open");
+    assert!(store.parent().patches > 0, "the fixture has patches");
+    assert!(store.parent().valid_from > 0);
+    drop(store);
+    check_expected("v1/target-resynced", &site);
+}
+
+#[test]
+fn a_version_1_replica_in_the_middle_of_a_resync_resumes_it() {
+    let (_t, site) = site_copy("v1/target-resyncing");
+    let mut store = Replicas::local(&site)
+        .expect("replicas")
+        .open("vm1")
+        .expect("open");
+    let p = store
+        .resync_progress()
+        .expect("resync.meta decodes")
+        .expect("a resync is under way");
+    assert_eq!((p.base_lsn, p.base_seq, p.chunk_bytes), (153, 8, 4096));
+    assert!(p.compared > 0 && p.patches == 1, "{p:?}");
+    assert!(store.parent().resyncing);
+    let err = replog::replica::points::resolve(&store, "latest").expect_err("a point");
+    assert!(err.to_string().contains("resynchronised"), "{err}");
+    // The same resync (same base and chunk size) resumes where it stopped.
+    let again = store.begin_resync(153, 8, 4096).expect("resume");
+    assert_eq!(again, p);
+    // Its source side: resync.toml of format 1 (no header) with the base.
+    let dir = tempfile::tempdir().expect("tmp");
+    let m = dir.path().join("machines/vm1");
+    std::fs::create_dir_all(&m).expect("mkdir");
+    for f in ["resync.toml", "relationship.toml", "parents.stamp"] {
+        std::fs::copy(fixtures().join("v1/source").join(f), m.join(f)).expect("copy");
+    }
+    std::fs::write(m.join("machine.meta"), b"").expect("placeholder");
+    let r = replog::replication::resync_schedule::SourceResync::load(dir.path(), "vm1")
+        .expect("resync.toml v1")
+        .expect("present");
+    assert_eq!(r.base, Some((153, 8)));
+    assert_eq!(r.chunk_bytes, 4096);
+    let rel = replog::replication::relationship::Relationship::load(dir.path(), "vm1")
+        .expect("relationship.toml v1")
+        .expect("present");
+    assert_eq!(
+        rel.retention_ms().expect("retention"),
+        (3_600_000, 7_200_000)
+    );
+    // Written again, it is format 2 and reads back the same.
+    r.save(dir.path(), "vm1").expect("save");
+    let text = std::fs::read_to_string(m.join("resync.toml")).expect("read");
+    assert!(
+        text.starts_with("# replog resync state, format 2"),
+        "{text}"
+    );
+    assert_eq!(
+        replog::replication::resync_schedule::SourceResync::load(dir.path(), "vm1")
+            .expect("v2")
+            .expect("present"),
+        r
+    );
+}
+
+#[test]
+fn a_replica_in_the_layout_before_recovery_points_is_refused_naming_both_layouts() {
+    let (_t, site) = site_copy("v1/target-before-points");
+    let err = Replicas::local(&site)
+        .expect("replicas")
+        .open_readonly("vm1")
+        .expect_err("opened a base/ layout replica");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, replog::Error::Unsupported { .. })
+            && msg.contains("layout 1")
+            && msg.contains("layout 2"),
+        "{msg}"
+    );
+}
+
+/// The development layouts of parent.meta and resync.meta written under version 1.
+#[test]
+fn every_layout_written_as_version_1_decodes_exactly() {
+    let legacy = fixtures().join("v1/legacy");
+    for (file, want_point_recv, want_resync, want_valid_from, merging) in [
+        ("parent.meta.dcea4b2", 0u64, false, 0u64, Some((2000, 19))),
+        (
+            "parent.meta.9c13afe",
+            1_764_000_000_500_000_000,
+            false,
+            0,
+            Some((2000, 19)),
+        ),
+        (
+            "parent.meta.1f7c5c7",
+            1_764_000_000_500_000_000,
+            true,
+            999,
+            None,
+        ),
+    ] {
+        let (_t, site) = site_copy("v1/target");
+        std::fs::copy(legacy.join(file), site.join("replicas/vm1/parent.meta")).expect("copy");
+        let store = Replicas::local(&site)
+            .expect("replicas")
+            .open_readonly("vm1")
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let p = store.parent();
+        assert_eq!((p.lsn, p.seq), (1234, 17), "{file}");
+        assert_eq!(p.merging_to, merging, "{file}");
+        assert_eq!(
+            (p.resyncing, p.valid_from, p.patches),
+            (want_resync, want_valid_from, 0)
+        );
+        let point = p.point.as_ref().expect("point");
+        assert_eq!(
+            (point.lsn, point.received_ns),
+            (1234, want_point_recv),
+            "{file}"
+        );
+    }
+    let (_t, site) = site_copy("v1/target");
+    std::fs::copy(
+        legacy.join("resync.meta.1f7c5c7"),
+        site.join("replicas/vm1/resync.meta"),
+    )
+    .expect("copy");
+    let p = Replicas::local(&site)
+        .expect("replicas")
+        .open_readonly("vm1")
+        .expect("open")
+        .resync_progress()
+        .expect("decodes")
+        .expect("present");
+    assert_eq!(
+        (
+            p.base_lsn,
+            p.base_seq,
+            p.disk,
+            p.next,
+            p.compared,
+            p.sent_chunks,
+            p.sent_bytes,
+            p.patches
+        ),
+        (500, 9, 1, 77, 333, 12, 40_000, 0)
+    );
+}
+
+#[test]
+fn a_metadata_file_of_a_newer_version_is_refused_naming_both() {
+    let (_t, site) = site_copy("v1/target");
+    let p = site.join("replicas/vm1/parent.meta");
+    let b = std::fs::read(&p).expect("read");
+    let body = &b[replog::format::meta::META_HEADER_LEN..];
+    std::fs::write(
+        &p,
+        replog::format::meta::encode_version(replog::format::meta::KIND_PARENT_MARK, 9, body),
+    )
+    .expect("write");
+    let err = Replicas::local(&site)
+        .expect("replicas")
+        .open_readonly("vm1")
+        .expect_err("opened version 9");
+    let msg = err.to_string();
+    assert!(msg.contains("version 9") && msg.contains("1 to 2"), "{msg}");
+}
+
+/// A connection's two directions, in memory.
+struct Duplex {
+    input: std::io::Cursor<Vec<u8>>,
+    output: Vec<u8>,
+}
+
+impl std::io::Read for Duplex {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+
+impl std::io::Write for Duplex {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.output.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_protocol_1_peer_is_refused_naming_both_versions() {
+    for frame in ["hello.frame", "protect.frame"] {
+        let bytes = std::fs::read(fixtures().join("v1/protocol").join(frame)).expect("frame");
+        // Read by this build: refused, naming both versions.
+        let err = protocol::read_frame::<Message>(&mut &bytes[..]).expect_err("decoded v1");
+        assert!(matches!(err, FrameError::Version(1)), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("version 1") && msg.contains("version 2"),
+            "{msg}"
+        );
+        // Sent to a target: it answers with a refusal of class Version that says so.
+        let tmp = tempfile::tempdir().expect("tmp");
+        let replicas = Replicas::with_key(
+            tmp.path(),
+            replog::replica::crypt::ReplicaKey::from_bytes([1; 32]),
+        );
+        let target =
+            replog::replication::receiver::Target::new(replog::identity::SiteId([8; 32]), replicas);
+        let mut wire = Duplex {
+            input: std::io::Cursor::new(bytes),
+            output: Vec::new(),
+        };
+        target.session(&mut wire, replog::identity::SiteId([7; 32]));
+        let (answer, _) = protocol::decode::<Message>(&wire.output).expect("an answer");
+        match answer {
+            Message::Error { code, message } => {
+                assert_eq!(code, RefusalCode::Version);
+                assert!(
+                    message.contains("version 1") && message.contains("version 2"),
+                    "{message}"
+                );
+            }
+            other => panic!("answered {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_hello_with_another_version_or_missing_features_is_refused() {
+    let err = protocol::check_hello(3, protocol::FEATURES, 0).expect_err("version 3");
+    assert!(
+        err.contains("version 3") && err.contains("version 2"),
+        "{err}"
+    );
+    let err = protocol::check_hello(2, 0, 0).expect_err("no generations");
+    assert!(err.contains("lacks"), "{err}");
+    let err = protocol::check_hello(2, protocol::FEATURES, 1 << 40).expect_err("unknown bit");
+    assert!(err.contains("requires"), "{err}");
+    protocol::check_hello(2, protocol::FEATURES, protocol::REQUIRED_FEATURES).expect("this build");
+}

@@ -1,0 +1,9 @@
+//! libFuzzer target: the bytes are a stream of protocol frames. See tools/fuzz/README.md.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    replog_fuzz::decoders::Target::Frame.check(data);
+});

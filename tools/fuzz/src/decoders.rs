@@ -1,0 +1,486 @@
+//! The other decoders: protocol frames and messages, encrypted-file headers (and
+//! their authentication), and every metadata file (manifests, marks, progress
+//! records, in every version). One check and one generator of valid inputs each; the
+//! stable driver (`decoders-mutate`) and the libFuzzer targets (`frame`, `crypt`,
+//! `meta`) share them.
+
+use crate::Rng;
+use replog::format::meta::{self, DiskEntry, Watermark};
+use replog::replica::crypt::ReplicaKey;
+use replog::replica::store::{
+    decode_meta_file, IndexedPoint, InitialProgress, MetaFile, ParentMark, ReplicaManifest,
+    Retention,
+};
+use replog::replication::protocol::{self, Message, RefusalCode};
+use std::path::Path;
+
+/// Which decoder a driver exercises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Frame,
+    Crypt,
+    Meta,
+}
+
+impl Target {
+    pub fn parse(s: &str) -> Option<Target> {
+        match s {
+            "frame" => Some(Target::Frame),
+            "crypt" => Some(Target::Crypt),
+            "meta" => Some(Target::Meta),
+            _ => None,
+        }
+    }
+
+    pub fn check(self, data: &[u8]) {
+        match self {
+            Target::Frame => check_frame(data),
+            Target::Crypt => check_crypt(data),
+            Target::Meta => check_meta(data),
+        }
+    }
+
+    pub fn valid(self, rng: &mut Rng) -> Vec<u8> {
+        match self {
+            Target::Frame => valid_frames(rng),
+            Target::Crypt => valid_crypt(rng),
+            Target::Meta => valid_meta(rng),
+        }
+    }
+
+    /// Recompute the checksums the format has, so mutations reach the checks
+    /// behind them.
+    pub fn fix_crcs(self, b: &mut [u8]) {
+        match self {
+            Target::Frame => fix_frame_crcs(b),
+            Target::Crypt => {
+                if b.len() >= 40 {
+                    let crc = crc32c::crc32c(&b[..36]);
+                    b[36..40].copy_from_slice(&crc.to_le_bytes());
+                }
+            }
+            Target::Meta => {
+                if b.len() >= meta::META_HEADER_LEN {
+                    let crc = crc32c::crc32c_append(
+                        crc32c::crc32c(&b[..20]),
+                        &b[meta::META_HEADER_LEN..],
+                    );
+                    b[20..24].copy_from_slice(&crc.to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ frames
+
+/// The bytes are a stream of frames: decode them one after another, as a receiver
+/// would. Whatever decodes must re-encode to a frame that decodes the same; the
+/// streaming reader must agree with the slice decoder.
+pub fn check_frame(data: &[u8]) {
+    let mut at = 0usize;
+    while at < data.len() {
+        let rest = &data[at..];
+        let sliced = protocol::decode::<Message>(rest);
+        let streamed = protocol::read_frame::<Message>(&mut &rest[..]);
+        match (&sliced, &streamed) {
+            (Ok((m, used)), Ok(s)) => {
+                assert_eq!(m, s, "read_frame and decode disagree");
+                // postcard reads overlong varints too, so the bytes need not be the
+                // canonical encoding; the value must survive a round trip.
+                let again = protocol::encode(m).expect("re-encode");
+                let (back, n) = protocol::decode::<Message>(&again).expect("re-decode");
+                assert_eq!(
+                    (&back, n),
+                    (m, again.len()),
+                    "re-encoding changed the message"
+                );
+                assert!(*used <= rest.len());
+                if let Message::Hello {
+                    protocol: p,
+                    features,
+                    required,
+                    ..
+                } = m
+                {
+                    let _ = protocol::check_hello(*p, *features, *required);
+                }
+                at += used;
+            }
+            (Err(_), Err(_)) => return,
+            (a, b) => panic!("decode {a:?} but read_frame {b:?}"),
+        }
+    }
+}
+
+fn name(rng: &mut Rng) -> String {
+    match rng.below(4) {
+        0 => "vm1".into(),
+        1 => String::new(),
+        2 => "../x".into(),
+        _ => "m".repeat(rng.below(70) as usize),
+    }
+}
+
+fn bytes(rng: &mut Rng, max: u64) -> Vec<u8> {
+    (0..rng.below(max)).map(|_| rng.next_u64() as u8).collect()
+}
+
+fn num(rng: &mut Rng) -> u64 {
+    match rng.below(4) {
+        0 => rng.below(10),
+        1 => u64::MAX - rng.below(3),
+        _ => rng.next_u64(),
+    }
+}
+
+/// A random message of any kind.
+pub fn valid_message(rng: &mut Rng) -> Message {
+    let machine = name(rng);
+    match rng.below(20) {
+        0 => Message::Hello {
+            site_id: [rng.next_u64() as u8; 32],
+            software: "replog".into(),
+            protocol: rng.below(4) as u16,
+            features: num(rng),
+            required: num(rng),
+        },
+        1 => Message::Protect {
+            machine,
+            machine_id: num(rng),
+            generation: num(rng) as u32,
+            disks: vec![(name(rng), num(rng)); rng.below(4) as usize],
+            base_lsn: num(rng),
+            base_seq: num(rng),
+            retention_ms: num(rng),
+            app_retention_ms: num(rng),
+        },
+        2 => Message::Protected {
+            machine,
+            generation: num(rng) as u32,
+            lsn: num(rng),
+            seq: num(rng),
+            initial_done: rng.chance(2),
+            resume_disk: num(rng) as u32,
+            resume_offset: num(rng),
+            free_bytes: num(rng),
+            diverged: rng.chance(2).then(|| "damage".into()),
+        },
+        3 => Message::ResyncStart {
+            machine,
+            generation: num(rng) as u32,
+            base_lsn: num(rng),
+            base_seq: num(rng),
+            chunk_bytes: num(rng),
+        },
+        4 => Message::ResyncState {
+            machine,
+            disk: num(rng) as u32,
+            next: num(rng),
+            compared: num(rng),
+            sent_chunks: num(rng),
+            sent_bytes: num(rng),
+        },
+        5 => Message::ResyncHashRequest {
+            machine,
+            disk: num(rng) as u32,
+            first: num(rng),
+            count: num(rng),
+            group: num(rng),
+        },
+        6 => Message::ResyncHashes {
+            machine,
+            disk: num(rng) as u32,
+            first: num(rng),
+            hashes: vec![[rng.next_u64() as u8; 32]; rng.below(5) as usize],
+        },
+        7 => Message::ResyncChunk {
+            machine,
+            disk: num(rng) as u32,
+            offset: num(rng),
+            compressed: rng.chance(2),
+            bytes: bytes(rng, 200),
+        },
+        8 => Message::ResyncBatchDone {
+            machine,
+            disk: num(rng) as u32,
+            next: num(rng),
+            compared: num(rng),
+            sent_chunks: num(rng),
+            sent_bytes: num(rng),
+        },
+        9 => Message::ResyncFetch {
+            machine,
+            disk: num(rng) as u32,
+            offset: num(rng),
+            len: num(rng),
+        },
+        10 => Message::ResyncData {
+            machine,
+            compressed: rng.chance(2),
+            bytes: bytes(rng, 200),
+        },
+        11 => Message::ResyncDone {
+            machine,
+            valid_from: num(rng),
+        },
+        12 => Message::InitialChunk {
+            machine,
+            generation: num(rng) as u32,
+            disk: num(rng) as u32,
+            offset: num(rng),
+            compressed: rng.chance(2),
+            bytes: bytes(rng, 300),
+        },
+        13 => Message::InitialDone { machine },
+        14 => Message::SegmentChunk {
+            machine,
+            generation: num(rng) as u32,
+            seq: num(rng),
+            segment_len: num(rng),
+            offset: num(rng),
+            compressed: rng.chance(2),
+            bytes: bytes(rng, 300),
+        },
+        15 => Message::Ack {
+            machine,
+            lsn: num(rng),
+        },
+        16 => Message::Probe,
+        17 => Message::Room {
+            free_bytes: num(rng),
+        },
+        _ => Message::Error {
+            code: RefusalCode::ALL[rng.below(RefusalCode::ALL.len() as u64) as usize],
+            message: name(rng),
+        },
+    }
+}
+
+/// One to four valid frames back to back.
+pub fn valid_frames(rng: &mut Rng) -> Vec<u8> {
+    let mut out = Vec::new();
+    for _ in 0..1 + rng.below(4) {
+        out.extend(protocol::encode(&valid_message(rng)).expect("encode"));
+    }
+    out
+}
+
+fn fix_frame_crcs(b: &mut [u8]) {
+    let mut at = 0usize;
+    while at + protocol::FRAME_HEADER_LEN <= b.len() {
+        let len = u32::from_le_bytes([b[at + 8], b[at + 9], b[at + 10], b[at + 11]]) as usize;
+        let body = at + protocol::FRAME_HEADER_LEN;
+        let Some(end) = body.checked_add(len).filter(|e| *e <= b.len()) else {
+            return;
+        };
+        let crc = crc32c::crc32c(&b[body..end]);
+        b[at + 12..at + 16].copy_from_slice(&crc.to_le_bytes());
+        at = end;
+    }
+}
+
+// ------------------------------------------------------------------ encrypted files
+
+const KEY: [u8; 32] = [0x5a; 32];
+
+/// The bytes are an encrypted replica file: open them as every kind (segment,
+/// index, parent chunk) under the number the header names and a few others. Nothing
+/// mutated may authenticate unless it is byte-identical to what was sealed; what
+/// opens must seal and open again to the same plain bytes.
+pub fn check_crypt(data: &[u8]) {
+    let key = ReplicaKey::from_bytes(KEY);
+    let p = Path::new("/fuzz/file.enc");
+    let named = data
+        .get(16..24)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .unwrap_or(0);
+    for machine in [1u64, 2] {
+        for seq in [named, named.wrapping_add(1), 0] {
+            for opened in [
+                key.open(machine, seq, data, p),
+                key.open_index(machine, seq, data, p),
+                key.open_chunk(machine, seq, data, p),
+            ] {
+                match opened {
+                    Ok(plain) => {
+                        let again = key.seal(machine, seq, &plain).expect("seal");
+                        assert_eq!(key.open(machine, seq, &again, p).expect("open"), plain);
+                    }
+                    Err(e) => assert!(
+                        e.is_corruption() || matches!(e, replog::Error::Unsupported { .. }),
+                        "an encrypted file failed with {e}"
+                    ),
+                }
+            }
+        }
+    }
+    let mut buf = data.to_vec();
+    let _ = key.open_chunk_in_place(1, named, &mut buf, p);
+}
+
+/// A sealed segment, index or chunk of a few hundred bytes.
+pub fn valid_crypt(rng: &mut Rng) -> Vec<u8> {
+    let key = ReplicaKey::from_bytes(KEY);
+    let plain = bytes(rng, 400);
+    let (machine, seq) = (1 + rng.below(2), num(rng));
+    match rng.below(3) {
+        0 => key.seal(machine, seq, &plain),
+        1 => key.seal_index(machine, seq, &plain),
+        _ => key.seal_chunk(machine, seq, &plain),
+    }
+    .expect("seal")
+}
+
+// ------------------------------------------------------------------ metadata files
+
+/// The bytes are a metadata file: every decoder, by the kind the envelope names and
+/// by every other kind. What decodes must re-encode (at this build's version) to a
+/// file that decodes to the same value.
+pub fn check_meta(data: &[u8]) {
+    for kind in 0..12u16 {
+        let _ = meta::decode(kind, data);
+    }
+    let _ = meta::Manifest::decode(data);
+    let _ = Watermark::decode(data);
+    if let Ok((kind, file)) = decode_meta_file(data) {
+        let again = match &file {
+            MetaFile::MachineManifest(m) => m.encode(),
+            MetaFile::Watermark(w) => w.encode(),
+            MetaFile::ReplicaManifest(v) => encode(kind, v),
+            MetaFile::InitialProgress(v) => encode(kind, v),
+            MetaFile::ParentMark(v) => encode(kind, v),
+            MetaFile::Retention(v) => encode(kind, v),
+            MetaFile::ResyncProgress(v) => encode(kind, v),
+            MetaFile::Scrub(v) => encode(kind, v),
+        };
+        let (k2, file2) = decode_meta_file(&again).expect("re-decode");
+        assert_eq!((k2, file2), (kind, file), "re-encoding changed the value");
+    }
+}
+
+fn encode<T: serde::Serialize>(kind: u16, v: &T) -> Vec<u8> {
+    meta::encode(kind, &postcard::to_stdvec(v).expect("postcard"))
+}
+
+fn point(rng: &mut Rng) -> Option<IndexedPoint> {
+    rng.chance(2).then(|| IndexedPoint {
+        lsn: num(rng),
+        time_ns: num(rng),
+        app: rng.chance(2),
+        digests: rng.chance(2).then(|| vec![num(rng); rng.below(4) as usize]),
+        received_ns: num(rng),
+    })
+}
+
+/// A valid metadata file of any kind, at this build's version or (for the kinds
+/// that have them) at version 1.
+pub fn valid_meta(rng: &mut Rng) -> Vec<u8> {
+    let disks = (0..rng.below(4))
+        .map(|i| DiskEntry {
+            id: i as u32,
+            name: name(rng),
+            size: num(rng),
+        })
+        .collect::<Vec<_>>();
+    match rng.below(9) {
+        0 => meta::Manifest {
+            disks,
+            generation: 1 + rng.below(9) as u32,
+            ..meta::Manifest::new(num(rng))
+        }
+        .encode(),
+        1 => Watermark {
+            lsn: rng.below(1 << 40),
+            segment_seq: rng.below(1 << 40),
+        }
+        .encode(),
+        2 => encode(
+            meta::KIND_REPLICA_MANIFEST,
+            &ReplicaManifest {
+                source_site: [3; 32],
+                machine_id: num(rng),
+                disks,
+                base_lsn: num(rng),
+                base_seq: num(rng),
+                generation: num(rng) as u32,
+            },
+        ),
+        3 => encode(
+            meta::KIND_INITIAL_PROGRESS,
+            &InitialProgress {
+                chunks: num(rng),
+                disk: num(rng) as u32,
+                offset: num(rng),
+                done: rng.chance(2),
+            },
+        ),
+        4 => encode(
+            meta::KIND_PARENT_MARK,
+            &ParentMark {
+                lsn: num(rng),
+                seq: num(rng),
+                point: point(rng),
+                merging_to: rng.chance(2).then(|| (num(rng), num(rng))),
+                resyncing: rng.chance(2),
+                valid_from: num(rng),
+                patches: num(rng),
+            },
+        ),
+        5 => encode(
+            meta::KIND_RETENTION,
+            &Retention {
+                window_ms: num(rng),
+                app_window_ms: num(rng),
+            },
+        ),
+        6 => encode(
+            meta::KIND_RESYNC,
+            &replog::replica::resync_apply::ResyncProgress {
+                base_lsn: num(rng),
+                base_seq: num(rng),
+                chunk_bytes: num(rng),
+                disk: num(rng) as u32,
+                next: num(rng),
+                compared: num(rng),
+                sent_chunks: num(rng),
+                sent_bytes: num(rng),
+                patches: num(rng),
+            },
+        ),
+        7 => encode(
+            meta::KIND_SCRUB,
+            &replog::replica::scrub::ScrubState {
+                after: name(rng),
+                round_started_ns: num(rng),
+                checked: num(rng),
+                bytes: num(rng),
+                found: rng.chance(2).then(|| name(rng)),
+                last_full_ns: rng.chance(2).then(|| num(rng)),
+                last_full_checked: num(rng),
+                last_found: None,
+            },
+        ),
+        _ => {
+            // Version 1 of the parent mark: the layout before resync fields.
+            #[derive(serde::Serialize)]
+            struct V1 {
+                lsn: u64,
+                seq: u64,
+                point: Option<IndexedPoint>,
+                merging_to: Option<(u64, u64)>,
+            }
+            meta::encode_version(
+                meta::KIND_PARENT_MARK,
+                1,
+                &postcard::to_stdvec(&V1 {
+                    lsn: num(rng),
+                    seq: num(rng),
+                    point: point(rng),
+                    merging_to: None,
+                })
+                .expect("postcard"),
+            )
+        }
+    }
+}
