@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::frontend::{self, FrontendOptions, LiveFs};
-use crate::replication::health::{MachineStatus, PointRef, SiteStatus, STATUS_FILE};
+use crate::protection::status::{MachineStatus, SiteStatus, STATUS_FILE};
 use crate::replication::receiver::Target;
 use crate::replication::relationship::Relationship;
 use crate::replication::run::ShipLoop;
@@ -279,51 +279,34 @@ fn start_new_loops(
     }
 }
 
-/// The status of one machine as `replog status` reports it.
+/// The status of one machine of a running serve as `replog status` reports it.
 pub fn machine_status(
+    site: &Path,
     m: &Machine,
     ship: Option<&crate::replication::run::LoopStatus>,
     lag: Option<f64>,
 ) -> MachineStatus {
-    let s = m.status();
-    let last_point = s.last_point.map(|p| PointRef {
-        lsn: p.lsn,
-        time: crate::format::rfc3339(p.time_ns),
-    });
-    let (state, health, reason, progress, target, acked) = match (ship, &s.poisoned) {
-        (_, Some(p)) => ("protected", "critical", p.clone(), None, None, None),
-        (Some(l), None) => (
-            l.state,
-            l.health,
-            l.reason.clone(),
-            l.progress,
-            Some(l.target.clone()),
-            Some(l.acked_lsn),
-        ),
-        (None, None) => (
-            "unprotected",
-            "healthy",
-            "not protected; journal healthy".to_string(),
-            None,
-            None,
-            None,
-        ),
-    };
-    MachineStatus {
-        name: m.name().to_string(),
-        role: "primary".into(),
-        state: state.into(),
-        health: health.into(),
-        reason,
-        lag_seconds: if ship.is_some() { lag } else { None },
-        journal_bytes: s.journal_bytes,
-        progress,
-        last_point,
-        target,
-        acked_lsn: acked,
-        last_lsn: s.last_lsn,
-        resync: ship.and_then(|l| l.resync),
-    }
+    use crate::protection::status::{derive, Facts, PrimaryFacts};
+    let journal = m.status();
+    let rel = Relationship::load(site, m.name()).ok().flatten();
+    let resync = crate::replication::resync_schedule::SourceResync::load(site, m.name())
+        .ok()
+        .flatten();
+    derive(
+        m.name(),
+        &Facts::Primary(PrimaryFacts {
+            role: m.role(),
+            generation: m.generation(),
+            journal: &journal,
+            fenced: m.fenced(),
+            failed_over: m.failed_over(),
+            relationship: rel.as_ref(),
+            resync: resync.as_ref(),
+            ship,
+            lag_seconds: lag,
+            serve_running: true,
+        }),
+    )
 }
 
 fn write_status(
@@ -348,7 +331,10 @@ fn write_status(
                 since.elapsed().as_secs_f64()
             }
         });
-        out.push(machine_status(m, ship.as_ref(), lag));
+        out.push(machine_status(site, m, ship.as_ref(), lag));
+    }
+    if let Ok(replicas) = crate::replica::store::Replicas::local(site) {
+        out.extend(crate::protection::status::replicas_status(&replicas));
     }
     let id = crate::identity::Identity::load(site)
         .map(|i| i.id().to_string())

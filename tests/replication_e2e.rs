@@ -88,6 +88,31 @@ fn protect_replicate_and_restore_latest_byte_equal() {
         m["state"] == "protected" && m["health"] == "healthy" && m["lag_seconds"] == 0.0
     });
     assert_eq!(st["machines"][0]["target"], addr.as_str());
+    assert_eq!(st["machines"][0]["role"], "primary");
+    assert_eq!(st["machines"][0]["generation"], 1);
+    let acked = st["machines"][0]["acked_lsn"].as_u64().expect("acked");
+
+    // The target lists its replica: role replica, generation, the newest point (the
+    // source's acknowledged end), a lag, the source.
+    let id_src_json = serde_json::Value::from(id_src.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let replica = loop {
+        let t = status(&dst);
+        let r = t["machines"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["role"] == "replica").cloned());
+        if let Some(r) = r.filter(|r| r["last_point"]["lsn"].as_u64() >= Some(acked)) {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no replica in {t}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(replica["name"], "vm1");
+    assert_eq!(replica["state"], "protected");
+    assert_eq!(replica["health"], "healthy", "{replica}");
+    assert_eq!(replica["generation"], 1);
+    assert_eq!(replica["source"], id_src_json);
+    assert!(replica["lag_seconds"].as_f64().is_some(), "{replica}");
 
     // Restore at the target while it runs; compare with the source through the mount.
     let out_dir = tmp.path().join("restored");

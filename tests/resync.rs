@@ -122,9 +122,27 @@ fn a_broken_chain_is_mended_by_sending_only_what_differs() {
     let err = shipper.ship_once(&m).expect_err("shipped over a gap");
     assert!(matches!(err, Error::BrokenChain(_)), "{err}");
 
+    // What status is told as the resync goes: the counters, chunks sent included.
+    let told = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    {
+        let told = told.clone();
+        shipper.report_resync_to(Box::new(move |c| told.lock().push(c)));
+    }
     let r = shipper.resync_once(&m, CHUNK).expect("resync");
     let total: u64 = m.disks().iter().map(|(_, s)| s / CHUNK).sum();
     assert_eq!(r.compared, total, "every chunk compared once");
+    let last = *told.lock().last().expect("counters reported");
+    assert_eq!(
+        (
+            last.chunks_compared,
+            last.chunks_total,
+            last.chunks_sent,
+            last.bytes_sent
+        ),
+        (total, total, r.sent_chunks, r.sent_bytes),
+        "status is told what was sent"
+    );
+    assert!(last.chunks_sent > 0);
     // 45 scattered blocks changed (some may coincide): only those travel.
     assert!(
         r.sent_chunks >= 1 && r.sent_chunks <= 45,

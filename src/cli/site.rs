@@ -70,7 +70,7 @@ pub fn compact(path: &Path, only: Option<&str>) -> Result<()> {
 }
 
 pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
-    use replog::replication::health::{SiteStatus, STATUS_FILE};
+    use replog::protection::status::{SiteStatus, STATUS_FILE};
     let doc: SiteStatus = match Site::open(path) {
         // `serve` owns the site: it keeps status.json current.
         Err(replog::Error::Locked(_)) => {
@@ -84,28 +84,11 @@ pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
             let mut machines = Vec::new();
             for name in machines_of(&site, only)? {
                 let m = site.open_machine(&name)?;
-                let mut st = replog::serve::machine_status(&m, None, None);
-                if let Some(r) = replog::replication::relationship::Relationship::load(path, &name)?
-                {
-                    st.state = "protected".into();
-                    st.health = "warning".into();
-                    st.reason = format!(
-                        "protected toward {}, but `replog serve` is not running",
-                        r.target
-                    );
-                    st.target = Some(r.target);
-                    if let Some(req) =
-                        replog::replication::resync_schedule::SourceResync::load(path, &name)?
-                    {
-                        st.state = "resync-required".into();
-                        st.reason = format!(
-                            "resync required: {}; `replog serve` is not running",
-                            req.reason
-                        );
-                    }
-                }
-                machines.push(st);
+                machines.push(replog::protection::status::offline_primary(path, &m)?);
             }
+            machines.extend(replog::protection::status::replicas_status(
+                &replog::replica::store::Replicas::local(path)?,
+            ));
             let id = replog::identity::Identity::load(path)
                 .map(|i| i.id().to_string())
                 .unwrap_or_default();
@@ -131,7 +114,7 @@ pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
             let progress = m
                 .progress
                 .map(|p| {
-                    let verb = if m.state == "resyncing" {
+                    let verb = if m.state == replog::protection::State::Resyncing {
                         "compared"
                     } else {
                         "copied"
@@ -156,13 +139,32 @@ pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
                     )
                 })
                 .unwrap_or_default();
+            let scrub = m
+                .scrub
+                .as_ref()
+                .map(|s| match (&s.last_full, &s.found) {
+                    (_, Some(found)) => format!("scrub found: {found}; "),
+                    (Some(t), None) => {
+                        format!("scrub: all {} objects verified at {t}; ", s.objects)
+                    }
+                    (None, None) => {
+                        format!("scrub: first round, {} objects so far; ", s.in_progress)
+                    }
+                })
+                .unwrap_or_default();
+            let journal = if m.role == replog::protection::Role::Replica {
+                String::new()
+            } else {
+                format!("journal {} bytes; ", m.journal_bytes)
+            };
             println!(
-                "{}: {} / {} — {}; {lag}{progress}{resync}journal {} bytes; last point {}",
+                "{} ({}, generation {}): {} / {} — {}; {lag}{progress}{resync}{scrub}{journal}last point {}",
                 m.name,
+                m.role,
+                m.generation,
                 m.state,
                 m.health,
                 m.reason,
-                m.journal_bytes,
                 m.last_point
                     .as_ref()
                     .map(|p| format!("LSN {} at {}", p.lsn, p.time))

@@ -1,1 +1,362 @@
-//! (filled in below)
+//! What `replog status` shows for each machine a site holds — primaries, test copies
+//! and replicas — derived in one place, [`derive`], from the facts about it: its
+//! manifest (role, generation, fence), its journal, its relationship and resync
+//! record, the live state of its shipping loop when `serve` runs, and for a replica
+//! its marks, newest point, resync and scrub.
+//!
+//! A running `serve` writes the site's status to `SITE/status.json` four times a
+//! second; `replog status` reads that file while `serve` holds the site, and derives
+//! the same from the files otherwise (with `serve_running: false`).
+
+use super::{Health, Role, State};
+use crate::replica::store::ReplicaStore;
+use crate::replication::relationship::Relationship;
+use crate::replication::resync_schedule::SourceResync;
+use crate::volume::JournalStatus;
+use serde::{Deserialize, Serialize};
+
+pub const STATUS_FILE: &str = "status.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineStatus {
+    pub name: String,
+    pub role: Role,
+    pub state: State,
+    pub generation: u32,
+    pub health: Health,
+    pub reason: String,
+    pub lag_seconds: Option<f64>,
+    pub journal_bytes: u64,
+    pub progress: Option<f64>,
+    pub last_point: Option<PointRef>,
+    /// Primaries: the target replicated to.
+    pub target: Option<String>,
+    /// Primaries: the newest LSN the target acknowledged.
+    pub acked_lsn: Option<u64>,
+    /// Primaries: the newest LSN written; replicas: the newest received.
+    pub last_lsn: u64,
+    /// A resync under way or last finished: chunks compared of all, chunks and bytes
+    /// sent.
+    #[serde(default)]
+    pub resync: Option<ResyncCounters>,
+    /// Replicas: the source site's ID.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Replicas: the scrub's last complete round and what it found.
+    #[serde(default)]
+    pub scrub: Option<ScrubSummary>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncCounters {
+    /// Chunks compared before this run started (an interrupted resync resumed).
+    pub resumed_from: u64,
+    pub chunks_compared: u64,
+    pub chunks_total: u64,
+    pub chunks_sent: u64,
+    pub bytes_sent: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointRef {
+    pub lsn: u64,
+    pub time: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubSummary {
+    /// When the last round that covered every object ended (RFC 3339), if one did.
+    pub last_full: Option<String>,
+    /// Objects it checked.
+    pub objects: u64,
+    /// What it found (None: every object authenticated).
+    pub found: Option<String>,
+    /// Objects checked in the round under way.
+    pub in_progress: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteStatus {
+    pub site: String,
+    pub machines: Vec<MachineStatus>,
+    /// When this status was taken (ns since the epoch): everything that happened before
+    /// it is reflected in it.
+    #[serde(default)]
+    pub as_of_ns: u64,
+}
+
+/// The live state of a machine's shipping loop.
+#[derive(Debug, Clone)]
+pub struct ShipView {
+    pub state: State,
+    pub health: Health,
+    pub reason: String,
+    pub progress: Option<f64>,
+    pub acked_lsn: u64,
+    pub target: String,
+    pub resync: Option<ResyncCounters>,
+}
+
+/// What is known about a primary (or test copy) machine.
+pub struct PrimaryFacts<'a> {
+    pub role: Role,
+    pub generation: u32,
+    pub journal: &'a JournalStatus,
+    /// Why its writes are refused, if they are.
+    pub fenced: Option<String>,
+    /// The persisted fence: a newer generation took it over.
+    pub failed_over: bool,
+    pub relationship: Option<&'a Relationship>,
+    pub resync: Option<&'a SourceResync>,
+    /// The shipping loop, when serve runs one.
+    pub ship: Option<&'a ShipView>,
+    pub lag_seconds: Option<f64>,
+    pub serve_running: bool,
+}
+
+/// What is known about a replica.
+pub struct ReplicaFacts<'a> {
+    pub store: &'a ReplicaStore,
+    pub now_ns: u64,
+}
+
+pub enum Facts<'a> {
+    Primary(PrimaryFacts<'a>),
+    Replica(ReplicaFacts<'a>),
+}
+
+/// The one derivation of what status shows.
+pub fn derive(name: &str, facts: &Facts<'_>) -> MachineStatus {
+    match facts {
+        Facts::Primary(f) => primary(name, f),
+        Facts::Replica(f) => replica(name, f),
+    }
+}
+
+fn point_ref(lsn: u64, time_ns: u64) -> PointRef {
+    PointRef {
+        lsn,
+        time: crate::format::rfc3339(time_ns),
+    }
+}
+
+fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
+    let j = f.journal;
+    let mut st = MachineStatus {
+        name: name.to_string(),
+        role: f.role,
+        state: State::Unprotected,
+        generation: f.generation,
+        health: Health::Healthy,
+        reason: "not protected; journal healthy".into(),
+        lag_seconds: None,
+        journal_bytes: j.journal_bytes,
+        progress: None,
+        last_point: j.last_point.map(|p| point_ref(p.lsn, p.time_ns)),
+        target: f.relationship.map(|r| r.target.clone()),
+        acked_lsn: None,
+        last_lsn: j.last_lsn,
+        resync: None,
+        source: None,
+        scrub: None,
+    };
+    if f.role == Role::Test {
+        st.state = State::TestFailover;
+        st.reason = "a test copy: writable, isolated from replication".into();
+    }
+    match (f.ship, f.relationship) {
+        (Some(l), _) => {
+            st.state = l.state;
+            st.health = l.health;
+            st.reason = l.reason.clone();
+            st.progress = l.progress;
+            st.target = Some(l.target.clone());
+            st.acked_lsn = Some(l.acked_lsn);
+            st.resync = l.resync;
+            st.lag_seconds = f.lag_seconds;
+        }
+        (None, Some(r)) => {
+            st.state = State::Protected;
+            st.health = Health::Warning;
+            st.reason = format!(
+                "protected toward {}, but `replog serve` is not running",
+                r.target
+            );
+            if let Some(req) = f.resync {
+                st.state = State::ResyncRequired;
+                st.reason = format!("resync required: {}", req.reason);
+                if !f.serve_running {
+                    st.reason.push_str("; `replog serve` is not running");
+                }
+            }
+        }
+        (None, None) => {}
+    }
+    if f.failed_over {
+        st.state = State::FailedOver;
+    }
+    if let Some(why) = &f.fenced {
+        st.health = st.health.max(Health::Warning);
+        st.reason = format!("writes refused: {why}");
+    }
+    if let Some(p) = &j.poisoned {
+        st.health = Health::Critical;
+        st.reason = p.clone();
+    }
+    st
+}
+
+fn replica(name: &str, f: &ReplicaFacts<'_>) -> MachineStatus {
+    let s = f.store;
+    let newest = crate::replica::points::newest(s).ok().flatten();
+    let received = s.received();
+    let mut st = MachineStatus {
+        name: name.to_string(),
+        role: Role::Replica,
+        state: State::Protected,
+        generation: s.generation(),
+        health: Health::Healthy,
+        reason: String::new(),
+        lag_seconds: newest
+            .as_ref()
+            .map(|p| f.now_ns.saturating_sub(p.time_ns) as f64 / 1e9),
+        journal_bytes: 0,
+        progress: None,
+        last_point: newest.as_ref().map(|p| point_ref(p.lsn, p.time_ns)),
+        target: None,
+        acked_lsn: None,
+        last_lsn: received.lsn,
+        resync: None,
+        source: Some(crate::identity::SiteId(s.manifest().source_site).to_string()),
+        scrub: None,
+    };
+    let source = st.source.clone().unwrap_or_default();
+    st.reason = format!("receiving from {source}");
+    if let Ok(scrub) = s.scrub_state() {
+        st.scrub = Some(ScrubSummary {
+            last_full: scrub.last_full_ns.map(crate::format::rfc3339),
+            objects: scrub.last_full_checked,
+            found: scrub.last_found.clone().or(scrub.found.clone()),
+            in_progress: scrub.checked,
+        });
+    }
+    let total: u64 = s.manifest().disks.iter().map(|d| d.size).sum();
+    if !s.initial().done {
+        st.state = State::InitialReplication;
+        st.health = Health::Warning;
+        let before: u64 = s
+            .manifest()
+            .disks
+            .iter()
+            .take(s.initial().disk as usize)
+            .map(|d| d.size)
+            .sum();
+        st.progress = (total > 0).then(|| (before + s.initial().offset) as f64 / total as f64);
+        st.reason = format!("initial replication from {source}");
+        return st;
+    }
+    match s.resync_progress() {
+        Ok(Some(p)) => {
+            let chunks = s
+                .manifest()
+                .disks
+                .iter()
+                .map(|d| d.size.div_ceil(p.chunk_bytes.max(1)))
+                .sum::<u64>();
+            st.state = State::Resyncing;
+            st.health = Health::Warning;
+            st.progress = (chunks > 0).then(|| p.compared as f64 / chunks as f64);
+            st.resync = Some(ResyncCounters {
+                resumed_from: 0,
+                chunks_compared: p.compared,
+                chunks_total: chunks,
+                chunks_sent: p.sent_chunks,
+                bytes_sent: p.sent_bytes,
+            });
+            st.reason = format!("being resynchronised with {source}");
+            return st;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            st.health = Health::Critical;
+            st.reason = format!("resync state unreadable: {e}");
+            return st;
+        }
+    }
+    match s.damage() {
+        Ok(Some(why)) => {
+            st.state = State::ResyncRequired;
+            st.health = Health::Warning;
+            st.reason = format!("{why}; the source resynchronises at its next contact");
+        }
+        Ok(None) => {}
+        Err(e) => {
+            st.health = Health::Critical;
+            st.reason = format!("damage record unreadable: {e}");
+        }
+    }
+    st
+}
+
+/// The status of a primary of an open site as it is on disk (no serve, or before
+/// its loop started): facts gathered from the site's files.
+pub fn offline_primary(
+    site: &std::path::Path,
+    m: &crate::volume::Machine,
+) -> crate::error::Result<MachineStatus> {
+    let rel = Relationship::load(site, m.name())?;
+    let resync = SourceResync::load(site, m.name())?;
+    let journal = m.status();
+    Ok(derive(
+        m.name(),
+        &Facts::Primary(PrimaryFacts {
+            role: m.role(),
+            generation: m.generation(),
+            journal: &journal,
+            fenced: m.fenced(),
+            failed_over: m.failed_over(),
+            relationship: rel.as_ref(),
+            resync: resync.as_ref(),
+            ship: None,
+            lag_seconds: None,
+            serve_running: false,
+        }),
+    ))
+}
+
+/// The status of every replica `replicas` holds (those that do not open are shown
+/// Critical, with the reason).
+pub fn replicas_status(replicas: &crate::replica::store::Replicas) -> Vec<MachineStatus> {
+    let now = crate::format::now_ns();
+    let mut out = Vec::new();
+    for name in replicas.machines().unwrap_or_default() {
+        match replicas.open_readonly(&name) {
+            Ok(store) => out.push(derive(
+                &name,
+                &Facts::Replica(ReplicaFacts {
+                    store: &store,
+                    now_ns: now,
+                }),
+            )),
+            Err(e) => out.push(MachineStatus {
+                name: name.clone(),
+                role: Role::Replica,
+                state: State::Protected,
+                generation: 0,
+                health: Health::Critical,
+                reason: format!("the replica does not open: {e}"),
+                lag_seconds: None,
+                journal_bytes: 0,
+                progress: None,
+                last_point: None,
+                target: None,
+                acked_lsn: None,
+                last_lsn: 0,
+                resync: None,
+                source: None,
+                scrub: None,
+            }),
+        }
+    }
+    out
+}

@@ -71,6 +71,28 @@ pub fn materialisable(store: &ReplicaStore) -> Result<Vec<ReplicaPoint>> {
     Ok(out)
 }
 
+/// The newest point the replica holds (cheap: one index read), for status.
+pub fn newest(store: &ReplicaStore) -> Result<Option<ReplicaPoint>> {
+    let parent = store.parent();
+    if parent.resyncing {
+        return Ok(None);
+    }
+    let floor = parent.valid_from;
+    let received = store.received().segment_seq;
+    if received > parent.seq {
+        let index = store.segment_index(received)?;
+        if let Some(p) = index.points.iter().rev().find(|p| p.lsn >= floor) {
+            return Ok(Some(ReplicaPoint::from_indexed(p)));
+        }
+        return Ok(None);
+    }
+    Ok(parent
+        .point
+        .as_ref()
+        .filter(|p| p.lsn >= floor && parent.merging_to.is_none())
+        .map(ReplicaPoint::from_indexed))
+}
+
 /// Whether retention keeps `p` at `now_ns` (the newest point is kept regardless).
 pub fn kept(store: &ReplicaStore, p: &ReplicaPoint, now_ns: u64) -> bool {
     let r = store.retention();

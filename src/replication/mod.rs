@@ -1,10 +1,10 @@
 //! Replication between sites: the wire protocol ([`protocol`]) over mutual TLS 1.3
 //! between pinned peers ([`transport`], [`crate::identity`]); the source's
 //! [`shipper`] and the per-machine loop [`run`] that `serve` keeps; the target's
-//! [`receiver`]; a machine's [`relationship`]; the [`health`] that status shows;
-//! [`resync`]: when a broken chain is mended by comparing chunks.
+//! [`receiver`]; a machine's [`relationship`]; [`resync_schedule`]: when a broken
+//! chain is mended by comparing chunks. What status shows is derived in
+//! [`crate::protection::status`].
 
-pub mod health;
 pub mod protocol;
 pub mod receiver;
 pub mod relationship;

@@ -26,16 +26,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Replication state of one machine, as status shows it.
-#[derive(Debug, Clone)]
-pub struct LoopStatus {
-    pub state: &'static str,
-    pub health: &'static str,
-    pub reason: String,
-    pub progress: Option<f64>,
-    pub acked_lsn: u64,
-    pub target: String,
-    pub resync: Option<crate::replication::health::ResyncCounters>,
-}
+pub use crate::protection::status::ShipView as LoopStatus;
+use crate::protection::{Health, State};
 
 /// A running shipping loop.
 #[derive(Debug)]
@@ -54,8 +46,8 @@ impl ShipLoop {
     ) -> ShipLoop {
         let stop = Arc::new(AtomicBool::new(false));
         let status = Arc::new(Mutex::new(LoopStatus {
-            state: "initial-replication",
-            health: "warning",
+            state: State::InitialReplication,
+            health: Health::Warning,
             reason: format!("connecting to {}", rel.target),
             progress: Some(0.0),
             acked_lsn: 0,
@@ -182,7 +174,7 @@ fn run(
                 bar.finish_and_clear();
             }
             let mut s = status.lock();
-            s.state = "initial-replication";
+            s.state = State::InitialReplication;
             s.progress = Some(if total == 0 {
                 1.0
             } else {
@@ -226,8 +218,8 @@ fn run(
             let now = super::resync_schedule::requested_now(&site, &name);
             if !(now || req.base.is_some() || window.open_now()) {
                 let mut s = status.lock();
-                s.state = "resync-required";
-                s.health = "warning";
+                s.state = State::ResyncRequired;
+                s.health = Health::Warning;
                 s.progress = None;
                 s.reason = format!(
                     "resync required: {}; it starts in the resync window ({}{}) or with \
@@ -249,8 +241,8 @@ fn run(
             }
             {
                 let mut s = status.lock();
-                s.state = "resyncing";
-                s.health = "warning";
+                s.state = State::Resyncing;
+                s.health = Health::Warning;
                 s.progress = Some(0.0);
                 s.reason = format!("resynchronising: {}", req.reason);
             }
@@ -262,10 +254,9 @@ fn run(
                 } else {
                     done as f64 / total as f64
                 });
-                let r = s.resync.get_or_insert_with(Default::default);
-                r.chunks_compared = done;
-                r.chunks_total = total;
             }));
+            let st = status.clone();
+            shipper.report_resync_to(Box::new(move |c| st.lock().resync = Some(c)));
             match shipper.resync_batched(&machine, cfg.resync_chunk_bytes, cfg.resync_batch_bytes) {
                 Ok(r) => {
                     failures = 0;
@@ -277,16 +268,16 @@ fn run(
                         r.sent_bytes
                     );
                     let mut s = status.lock();
-                    s.resync = Some(crate::replication::health::ResyncCounters {
+                    s.resync = Some(crate::protection::status::ResyncCounters {
                         resumed_from: r.resumed_from,
                         chunks_compared: r.compared,
                         chunks_total: r.compared,
                         chunks_sent: r.sent_chunks,
                         bytes_sent: r.sent_bytes,
                     });
-                    s.state = "protected";
+                    s.state = State::Protected;
                     s.progress = None;
-                    s.health = "healthy";
+                    s.health = Health::Healthy;
                     s.reason = format!("resynchronised; replicating to {}", rel.target);
                     continue;
                 }
@@ -296,7 +287,7 @@ fn run(
                         failures += 1;
                         tracing::warn!(machine = %name, "resync failed ({e}); retry {failures} in {wait:?}");
                         let mut s = status.lock();
-                        s.health = "warning";
+                        s.health = Health::Warning;
                         s.reason = format!(
                             "resync failed: {e}; retry {failures} in {:.0} s",
                             wait.as_secs_f64()
@@ -307,7 +298,7 @@ fn run(
                     }
                     ErrorClass::Critical => {
                         let mut s = status.lock();
-                        s.health = "critical";
+                        s.health = Health::Critical;
                         s.reason = format!("resync failed: {e}; stopped until an operator acts");
                         drop(s);
                         park(&stop, shipper);
@@ -318,7 +309,7 @@ fn run(
         }
         if let Err(e) = machine.seal() {
             let mut s = status.lock();
-            s.health = "critical";
+            s.health = Health::Critical;
             s.reason = format!("the journal failed: {e}");
             drop(s);
             park(&stop, shipper);
@@ -331,10 +322,10 @@ fn run(
                 let mut s = status.lock();
                 s.acked_lsn = report.acked_lsn;
                 if initial_done {
-                    s.state = "protected";
+                    s.state = State::Protected;
                     s.progress = None;
                 }
-                s.health = "healthy";
+                s.health = Health::Healthy;
                 s.reason = format!("replicating to {}", rel.target);
                 drop(s);
                 // Too much journal the target lacks: stop holding it, resync later.
@@ -368,8 +359,8 @@ fn run(
                         _ => "",
                     };
                     let mut s = status.lock();
-                    s.state = "protected";
-                    s.health = "critical";
+                    s.state = State::Protected;
+                    s.health = Health::Critical;
                     s.reason = format!("{e}{hint}; replication stopped until an operator acts");
                     drop(s);
                     park(&stop, shipper);
@@ -389,7 +380,7 @@ fn run(
                     }
                     {
                         let mut s = status.lock();
-                        s.health = "warning";
+                        s.health = Health::Warning;
                         s.reason = format!("{e}; retry {failures} in {:.0} s", wait.as_secs_f64());
                     }
                     nap(&stop, wait);

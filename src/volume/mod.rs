@@ -118,6 +118,8 @@ pub(crate) struct MachineInner {
     /// Why writes are refused (EROFS), when they are: a newer generation took the
     /// machine over (persisted in the manifest), or the command channel fenced it.
     fence: Mutex<Option<String>>,
+    /// The manifest says a newer generation took the machine over.
+    failed_over: bool,
 }
 
 /// An open machine: its journal, index, disks and compactor.
@@ -255,6 +257,11 @@ impl Machine {
     pub fn unfence(&self) {
         let _w = self.inner.writer.lock();
         *self.inner.fence.lock() = None;
+    }
+
+    /// Whether the manifest says a newer generation took the machine over.
+    pub fn failed_over(&self) -> bool {
+        self.inner.failed_over
     }
 
     /// Why writes are refused, if they are.

@@ -212,6 +212,7 @@ impl Machine {
             digests: Mutex::new(None),
             generation: manifest.generation,
             role: manifest.role,
+            failed_over: manifest.fence.is_some(),
             fence: Mutex::new(manifest.fence.as_ref().map(|f| {
                 format!(
                     "it was failed over to site {} (generation {}) at {}: {}",

@@ -40,7 +40,7 @@ pub struct Shipper {
     /// What the target keeps: (every point, app-consistent points), in ms.
     retention: (u64, u64),
     /// Where a resync reports its counters as it goes (status shows them).
-    resync_counters: Option<Arc<parking_lot::Mutex<crate::replication::health::ResyncCounters>>>,
+    resync_counters: Option<Box<ResyncCounterSink>>,
 }
 
 impl std::fmt::Debug for Shipper {
@@ -78,6 +78,9 @@ struct Protected {
 
 /// Called with (bytes of the disks scanned, total bytes of the disks).
 pub type Progress = dyn Fn(u64, u64) + Send + Sync;
+
+/// Called with a resync's counters as it goes.
+pub type ResyncCounterSink = dyn Fn(crate::protection::status::ResyncCounters) + Send + Sync;
 
 /// A session with a peer site, greeted: frames in and out, and the errors they become
 /// (a refusal, the network, authentication, a protocol violation), each naming the
@@ -233,12 +236,10 @@ impl Shipper {
         }
     }
 
-    /// Keep `c` current with a resync's counters as it goes.
-    pub fn report_resync_to(
-        &mut self,
-        c: Arc<parking_lot::Mutex<crate::replication::health::ResyncCounters>>,
-    ) {
-        self.resync_counters = Some(c);
+    /// Tell `sink` a resync's counters after every batch (chunks compared of all,
+    /// chunks and bytes sent).
+    pub fn report_resync_to(&mut self, sink: Box<ResyncCounterSink>) {
+        self.resync_counters = Some(sink);
     }
 
     pub fn site(&self) -> &Path {

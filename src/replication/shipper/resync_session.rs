@@ -321,14 +321,14 @@ impl<'a> ResyncRun<'a> {
                 let count = batch.min(chunks - c);
                 self.compare_batch(&vol, d, *size, c, count, group)?;
                 c += count;
-                if let Some(rc) = &self.shipper.resync_counters {
-                    *rc.lock() = crate::replication::health::ResyncCounters {
+                if let Some(sink) = &self.shipper.resync_counters {
+                    sink(crate::protection::status::ResyncCounters {
                         resumed_from: self.report.resumed_from,
                         chunks_compared: self.compared,
                         chunks_total: total_chunks,
                         chunks_sent: self.sent_chunks,
                         bytes_sent: self.sent_bytes,
-                    };
+                    });
                 }
                 if let Some(progress) = &self.shipper.progress {
                     progress(self.compared.min(total_chunks), total_chunks);
