@@ -1,5 +1,7 @@
-//! The control socket: how commands reach a running `serve`, which holds the site's
-//! lock and its machines open.
+//! The control channel: how commands that change a site reach it. With a `serve`
+//! running (which holds the site's lock and its machines open) they go through its
+//! control socket; with none, the command takes the site lock itself and does the
+//! same work offline ([`offline`]), through the same functions (`crate::ops`).
 //!
 //! `SITE/control.sock` is a Unix stream socket (mode 0600: the site's owner only).
 //! A client sends one JSON line and reads one JSON line back:
@@ -7,14 +9,13 @@
 //! ```text
 //! → {"op": "checkpoint", "machine": "vm1", "app_consistent": true}
 //! ← {"ok": true, "lsn": 1234, "time_ns": 1700000000000000000}
-//! ← {"ok": false, "error": "site has no machine vm9"}
+//! ← {"ok": false, "error": "this site has no machine vm9"}
 //! ```
 //!
 //! A socket file left by a serve that died is replaced by the next serve (which holds
 //! the site lock, so no other serve can be using it).
 
 use crate::error::{Error, Result};
-use crate::volume::Machine;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -33,9 +34,58 @@ pub enum Request {
         machine: String,
         app_consistent: bool,
     },
+    /// Create disk `machine/disk` (and the machine, if new), optionally importing a
+    /// raw image; a running serve shows it under its mount at once.
+    CreateDisk {
+        machine: String,
+        disk: String,
+        size: u64,
+        import: Option<PathBuf>,
+    },
+    /// Close machine `machine` and remove it from the site (refused for a protected
+    /// machine).
+    RemoveMachine {
+        machine: String,
+    },
+    /// Record `machine`'s relationship; a running serve starts shipping at once.
+    Protect {
+        machine: String,
+        relationship: crate::replication::relationship::Relationship,
+    },
+    /// A resync of `machine` is required (`now`: start it at once, window or not).
+    Resync {
+        machine: String,
+        now: bool,
+    },
+    /// Seal, and merge what may be merged (protected machines: what the target has
+    /// acknowledged).
+    Compact {
+        machine: Option<String>,
+    },
+    /// Seal and ship everything written to `machine` so far; answer once the target
+    /// acknowledged it (`lsn`), or after `timeout_ms`.
+    Ship {
+        machine: String,
+        timeout_ms: u64,
+    },
+    /// Stop shipping `machine` (its journal is kept) until `resume-shipping`.
+    PauseShipping {
+        machine: String,
+    },
+    ResumeShipping {
+        machine: String,
+    },
+    /// Refuse writes to `machine` (EROFS) from now on; answers the last LSN written.
+    Fence {
+        machine: String,
+        reason: String,
+    },
+    Unfence {
+        machine: String,
+    },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reply {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,41 +94,51 @@ pub struct Reply {
     pub lsn: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_ns: Option<u64>,
+    /// What was done, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl Reply {
-    fn err(e: impl std::fmt::Display) -> Reply {
+    pub fn err(e: impl std::fmt::Display) -> Reply {
         Reply {
             ok: false,
             error: Some(e.to_string()),
-            lsn: None,
-            time_ns: None,
+            ..Default::default()
+        }
+    }
+
+    pub fn done(detail: impl Into<String>) -> Reply {
+        Reply {
+            ok: true,
+            detail: Some(detail.into()),
+            ..Default::default()
+        }
+    }
+
+    pub fn at(lsn: u64) -> Reply {
+        Reply {
+            ok: true,
+            lsn: Some(lsn),
+            ..Default::default()
+        }
+    }
+
+    /// The reply as a result: its error becomes `Error::InvalidInput`.
+    pub fn into_result(self) -> Result<Reply> {
+        if self.ok {
+            Ok(self)
+        } else {
+            Err(Error::InvalidInput(
+                self.error.unwrap_or_else(|| "refused".into()),
+            ))
         }
     }
 }
 
-/// Carry out `req` on `machines`.
-pub fn handle(machines: &[Arc<Machine>], req: &Request) -> Reply {
-    match req {
-        Request::Checkpoint {
-            machine,
-            app_consistent,
-        } => {
-            let Some(m) = machines.iter().find(|m| m.name() == machine) else {
-                return Reply::err(format!("this site has no machine {machine}"));
-            };
-            let done = m.point(*app_consistent).map(|p| (p.lsn, p.time_ns));
-            match done {
-                Ok((lsn, time_ns)) => Reply {
-                    ok: true,
-                    error: None,
-                    lsn: Some(lsn),
-                    time_ns: Some(time_ns),
-                },
-                Err(e) => Reply::err(e),
-            }
-        }
-    }
+/// Who carries out requests: a running serve's registry.
+pub trait Handler: Send + Sync {
+    fn handle(&self, req: &Request) -> Reply;
 }
 
 /// The listening side, run by `serve`; stops (and removes the socket) when dropped.
@@ -89,7 +149,7 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    pub fn start(site: &Path, machines: Vec<Arc<Machine>>) -> Result<ControlServer> {
+    pub fn start(site: &Path, handler: Arc<dyn Handler>) -> Result<ControlServer> {
         let path = site.join(SOCKET);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -111,11 +171,12 @@ impl ControlServer {
                             break;
                         }
                         let Ok(conn) = conn else { continue };
-                        let machines = machines.clone();
-                        // One thread per client: a checkpoint waits for an fsync.
+                        let handler = handler.clone();
+                        // One thread per client: a checkpoint waits for an fsync, a ship
+                        // for the target.
                         let _ = std::thread::Builder::new()
                             .name("control-client".into())
-                            .spawn(move || serve_client(conn, &machines));
+                            .spawn(move || serve_client(conn, handler.as_ref()));
                     }
                 })
                 .map_err(|e| Error::io("spawn", &path, e))?
@@ -140,7 +201,7 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve_client(conn: UnixStream, machines: &[Arc<Machine>]) {
+fn serve_client(conn: UnixStream, handler: &dyn Handler) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
     let mut line = String::new();
     let mut r = BufReader::new(&conn);
@@ -149,13 +210,23 @@ fn serve_client(conn: UnixStream, machines: &[Arc<Machine>]) {
         return;
     }
     let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => handle(machines, &req),
+        Ok(req) => handler.handle(&req),
         Err(e) => Reply::err(format!("bad request: {e}")),
     };
     let mut w = &conn;
     if let Ok(mut text) = serde_json::to_string(&reply) {
         text.push('\n');
         let _ = w.write_all(text.as_bytes());
+    }
+}
+
+/// How long a client waits for serve's answer: a ship waits for the target, the rest
+/// for an fsync.
+fn reply_timeout(req: &Request) -> Duration {
+    match req {
+        Request::Ship { timeout_ms, .. } => Duration::from_millis(*timeout_ms + 10_000),
+        Request::CreateDisk { .. } | Request::RemoveMachine { .. } => Duration::from_secs(600),
+        _ => Duration::from_secs(60),
     }
 }
 
@@ -174,8 +245,7 @@ pub fn request(site: &Path, req: &Request) -> Result<Option<Reply>> {
         }
         Err(e) => return Err(Error::io("connect to", &path, e)),
     };
-    // A checkpoint is one fsync; a serve that does not answer in a minute is stuck.
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = conn.set_read_timeout(Some(reply_timeout(req)));
     let _ = conn.set_write_timeout(Some(Duration::from_secs(10)));
     let mut text = serde_json::to_string(req).map_err(|e| Error::InvalidInput(e.to_string()))?;
     text.push('\n');
@@ -189,4 +259,82 @@ pub fn request(site: &Path, req: &Request) -> Result<Option<Reply>> {
     serde_json::from_str(&line)
         .map(Some)
         .map_err(|e| Error::InvalidInput(format!("{}: bad reply {line:?}: {e}", path.display())))
+}
+
+/// Carry out `req` at `site`: through its running serve, or offline with the site's
+/// lock when none runs.
+pub fn run(site: &Path, req: &Request) -> Result<Reply> {
+    match request(site, req)? {
+        Some(reply) => reply.into_result(),
+        None => offline(site, req),
+    }
+}
+
+/// Carry out `req` with no serve running: take the site's lock and do it.
+pub fn offline(site: &Path, req: &Request) -> Result<Reply> {
+    use crate::ops;
+    let s = crate::site::Site::open(site)?;
+    match req {
+        Request::Checkpoint {
+            machine,
+            app_consistent,
+        } => {
+            let m = s.open_machine(machine)?;
+            let p = m.point(*app_consistent)?;
+            m.close()?;
+            Ok(Reply {
+                ok: true,
+                lsn: Some(p.lsn),
+                time_ns: Some(p.time_ns),
+                ..Default::default()
+            })
+        }
+        Request::CreateDisk {
+            machine,
+            disk,
+            size,
+            import,
+        } => {
+            ops::create_disk(&s, machine, disk, *size, import.as_deref())?;
+            Ok(Reply::done(format!(
+                "created disk {machine}/{disk} ({size} bytes)"
+            )))
+        }
+        Request::RemoveMachine { machine } => {
+            ops::remove_machine_files(&s, machine)?;
+            Ok(Reply::done(format!("removed machine {machine}")))
+        }
+        Request::Protect {
+            machine,
+            relationship,
+        } => {
+            ops::record_protection(&s, machine, relationship)?;
+            Ok(Reply::done(format!(
+                "{machine} is protected toward {}; a running `replog serve` starts initial \
+                 replication",
+                relationship.target
+            )))
+        }
+        Request::Resync { machine, now } => {
+            ops::require_resync(&s, machine, *now)?;
+            Ok(Reply::done(format!("{machine}: resync required")))
+        }
+        Request::Compact { machine } => {
+            let mut lines = Vec::new();
+            for name in ops::machines_of(&s, machine.as_deref())? {
+                let m = s.open_machine(&name)?;
+                lines.push(ops::compact(site, &m)?);
+                m.close()?;
+            }
+            Ok(Reply::done(lines.join("\n")))
+        }
+        Request::Ship { .. }
+        | Request::PauseShipping { .. }
+        | Request::ResumeShipping { .. }
+        | Request::Fence { .. }
+        | Request::Unfence { .. } => Err(Error::InvalidInput(format!(
+            "{req:?} needs a running `replog serve {}`",
+            site.display()
+        ))),
+    }
 }

@@ -24,6 +24,7 @@ pub mod index;
 pub mod inspect;
 pub mod journal;
 pub mod names;
+pub mod ops;
 pub mod protection;
 pub mod replica;
 pub mod replication;

@@ -35,6 +35,9 @@ pub enum Command {
     /// Manage disks.
     #[command(subcommand)]
     Disk(DiskCommand),
+    /// Manage machines.
+    #[command(subcommand)]
+    Machine(MachineCommand),
     /// Write bytes to a disk through the journal (then flush: durable on exit 0).
     Write {
         site: PathBuf,
@@ -191,9 +194,18 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum MachineCommand {
+    /// Close MACHINE (a running serve stops its loops and it vanishes from the mount)
+    /// and delete it: its disks and journal. Refused for a protected machine.
+    Remove { site: PathBuf, machine: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum DiskCommand {
     /// Create a disk (and its machine, if new): a sparse parent image of SIZE bytes,
-    /// or a copy of a raw image whose holes and zero blocks stay holes.
+    /// or a copy of a raw image whose holes and zero blocks stay holes. With a serve
+    /// running, it creates the disk and shows it under the mount at once. Refused for
+    /// a protected machine (its replica has the disks it had then).
     Create {
         site: PathBuf,
         /// MACHINE/DISK: each name 1-64 ASCII letters, digits, '.', '_', '-', not
@@ -224,6 +236,9 @@ pub fn run(cli: Cli) -> ExitCode {
             import,
         }) => disk::create(&site, &disk, &size, import.as_deref()),
         Command::Disk(DiskCommand::List { site }) => disk::list(&site),
+        Command::Machine(MachineCommand::Remove { site, machine }) => {
+            disk::remove_machine(&site, &machine)
+        }
         Command::Write {
             site,
             disk,

@@ -76,17 +76,20 @@ pub fn protect(
             "the target has {free} bytes free; {machine} needs at least {need}"
         )));
     }
-    Relationship {
+    let relationship = Relationship {
         target: target.to_string(),
         target_id: peer.to_string(),
         retention: Some(retention.to_string()),
         app_retention: Some(app_retention.to_string()),
-    }
-    .save(site, machine)?;
-    println!(
-        "{machine} is protected toward {target} (site {peer}); a running `replog serve {}` starts initial replication",
-        site.display()
-    );
+    };
+    let reply = replog::control::run(
+        site,
+        &replog::control::Request::Protect {
+            machine: machine.to_string(),
+            relationship,
+        },
+    )?;
+    println!("{} (target site {peer})", reply.detail.unwrap_or_default());
     Ok(())
 }
 
@@ -294,25 +297,12 @@ pub fn checkpoint(
     };
     let frozen = freeze.map(Frozen::freeze).transpose()?;
     let done = (|| -> Result<(u64, u64)> {
-        if let Some(reply) = replog::control::request(site, &req)? {
-            return match (reply.ok, reply.lsn, reply.time_ns) {
-                (true, Some(lsn), Some(t)) => Ok((lsn, t)),
-                _ => Err(Error::InvalidInput(
-                    reply
-                        .error
-                        .unwrap_or_else(|| "serve refused the checkpoint".into()),
-                )),
-            };
-        }
-        let s = Site::open(site)?;
-        let m = std::sync::Arc::new(s.open_machine(machine)?);
-        let reply = replog::control::handle(std::slice::from_ref(&m), &req);
-        if let Ok(m) = std::sync::Arc::try_unwrap(m) {
-            m.close()?;
-        }
-        match (reply.ok, reply.lsn, reply.time_ns) {
-            (true, Some(lsn), Some(t)) => Ok((lsn, t)),
-            _ => Err(Error::InvalidInput(reply.error.unwrap_or_default())),
+        let reply = replog::control::run(site, &req)?;
+        match (reply.lsn, reply.time_ns) {
+            (Some(lsn), Some(t)) => Ok((lsn, t)),
+            _ => Err(Error::InvalidInput(
+                "the checkpoint was not recorded".into(),
+            )),
         }
     })();
     drop(frozen); // thaw first, whatever happened
@@ -349,22 +339,17 @@ pub fn checkpoint(
 
 /// Mark a resync of MACHINE required (and, with `now`, wanted at once).
 pub fn resync(site: &Path, machine: &str, now: bool) -> Result<()> {
-    Site::read_config(site)?;
-    if Relationship::load(site, machine)?.is_none() {
-        return Err(Error::InvalidInput(format!(
-            "{machine} is not protected; nothing to resynchronise"
-        )));
-    }
-    replog::replication::resync_schedule::SourceResync::require(
+    let cfg = Site::read_config(site)?.replication;
+    replog::control::run(
         site,
-        machine,
-        "requested by an operator",
+        &replog::control::Request::Resync {
+            machine: machine.to_string(),
+            now,
+        },
     )?;
     if now {
-        replog::replication::resync_schedule::request_now(site, machine)?;
         println!("{machine}: resync requested now; a running serve starts it within a second");
     } else {
-        let cfg = Site::read_config(site)?.replication;
         println!(
             "{machine}: resync required; it starts in the resync window ({}{})",
             cfg.resync_window,

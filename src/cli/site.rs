@@ -44,28 +44,14 @@ fn machines_of(site: &Site, only: Option<&str>) -> Result<Vec<String>> {
 }
 
 pub fn compact(path: &Path, only: Option<&str>) -> Result<()> {
-    let site = Site::open(path)?;
-    for name in machines_of(&site, only)? {
-        let m = site.open_machine(&name)?;
-        m.flush()?;
-        m.seal()?;
-        if replog::replication::relationship::Relationship::load(path, &name)?.is_some() {
-            // Only the target's acknowledgement may release a protected machine's
-            // segments; `serve` merges them as they are acknowledged.
-            println!("{name}: protected; its journal is merged by `replog serve` as the target acknowledges it");
-            m.close()?;
-            continue;
-        }
-        let s = m.compact()?;
-        println!(
-            "{name}: merged {} segment(s), {} records, {} bytes; watermark LSN {}",
-            s.segments,
-            s.records,
-            s.bytes,
-            m.status().watermark.lsn
-        );
-        m.close()?;
-    }
+    Site::read_config(path)?;
+    let reply = replog::control::run(
+        path,
+        &replog::control::Request::Compact {
+            machine: only.map(str::to_string),
+        },
+    )?;
+    println!("{}", reply.detail.unwrap_or_default());
     Ok(())
 }
 

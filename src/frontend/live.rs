@@ -6,13 +6,15 @@
 //! kernel notification: every engine call returns before the reply is sent.
 
 use super::points::{PNode, PointViews};
-use crate::volume::{Machine, Volume};
+use super::tree::{Node, Tree, ROOT};
+use crate::volume::Volume;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
     ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// Kernel-facing choices, each measured in `docs/FUSE.md`.
@@ -67,17 +69,11 @@ fn page_aligned(scratch: &mut Vec<u8>, len: usize) -> &mut [u8] {
     scratch.get_mut(skip..end).unwrap_or(&mut [])
 }
 
-#[derive(Debug)]
-enum Node {
-    Dir { children: Vec<(String, u64)> },
-    Disk { vol: Volume },
-}
-
 /// The live file system; see the module documentation.
 #[derive(Debug)]
 pub struct LiveFs {
-    /// Inode `i` is `nodes[i - 1]`; inode 1 is the root.
-    nodes: Vec<Node>,
+    /// The machines' directories and disks, as the registry changes them.
+    tree: Arc<Tree>,
     opts: FrontendOptions,
     started: SystemTime,
     uid: u32,
@@ -159,40 +155,17 @@ impl SequentialReads {
 }
 
 impl LiveFs {
-    /// The file system of `machines`; with `replicas` (the site and its replica key),
-    /// also the read-only points of every replica the site holds.
+    /// The file system of the machines `tree` shows (the registry keeps it current);
+    /// with `replicas`, also the read-only points of every replica the site holds.
     pub fn new(
-        machines: &[std::sync::Arc<Machine>],
+        tree: Arc<Tree>,
         opts: FrontendOptions,
         replicas: Option<crate::replica::store::Replicas>,
     ) -> crate::Result<Self> {
-        let mut nodes = vec![Node::Dir {
-            children: Vec::new(),
-        }];
-        let mut root_children = Vec::new();
-        for m in machines {
-            let dir_ino = nodes.len() as u64 + 1;
-            nodes.push(Node::Dir {
-                children: Vec::new(),
-            });
-            root_children.push((m.name().to_string(), dir_ino));
-            let mut children = Vec::new();
-            for d in m.disk_names() {
-                let ino = nodes.len() as u64 + 1;
-                nodes.push(Node::Disk { vol: m.volume(&d)? });
-                children.push((format!("{d}.img"), ino));
-            }
-            if let Some(Node::Dir { children: c }) = nodes.get_mut(dir_ino as usize - 1) {
-                *c = children;
-            }
-        }
-        if let Some(Node::Dir { children }) = nodes.get_mut(0) {
-            *children = root_children;
-        }
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         Ok(LiveFs {
-            nodes,
+            tree,
             opts,
             started: SystemTime::now(),
             uid,
@@ -201,17 +174,6 @@ impl LiveFs {
             workers: spawn_write_workers(opts.write_workers),
             views: replicas.map(PointViews::new),
         })
-    }
-
-    /// The machine a static directory inode stands for.
-    fn machine_of_dir(&self, ino: u64) -> Option<&str> {
-        match self.nodes.first() {
-            Some(Node::Dir { children }) => children
-                .iter()
-                .find(|(_, i)| *i == ino)
-                .map(|(n, _)| n.as_str()),
-            _ => None,
-        }
     }
 
     /// Look up `name` in `parent` among the point views.
@@ -225,9 +187,8 @@ impl LiveFs {
                 .has_replica(name)
                 .then(|| views.ino(PNode::MachineDir(name.to_string())));
         }
-        let m = self.machine_of_dir(parent)?;
-        (name == "points" && views.has_replica(m))
-            .then(|| views.ino(PNode::PointsDir(m.to_string())))
+        let m = self.tree.machine_of_dir(parent)?;
+        (name == "points" && views.has_replica(&m)).then(|| views.ino(PNode::PointsDir(m)))
     }
 
     fn view_attr(&self, ino: u64) -> Option<FileAttr> {
@@ -239,15 +200,16 @@ impl LiveFs {
         Some(self.file_attr(INodeNo(e.ino), e.kind, e.size, perm, nlink, e.time))
     }
 
-    fn node(&self, ino: INodeNo) -> Option<&Node> {
-        self.nodes.get((ino.0 as usize).checked_sub(1)?)
-    }
-
-    fn volume(&self, ino: INodeNo) -> Result<&Volume, Errno> {
+    /// The disk behind `ino` (a machine removed meanwhile: ENOENT, even for a file
+    /// still open).
+    fn volume(&self, ino: INodeNo) -> Result<Volume, Errno> {
         if PointViews::is_dynamic(ino.0) {
             return Err(Errno::EROFS); // the points are read-only
         }
-        match self.node(ino) {
+        if ino.0 == ROOT {
+            return Err(Errno::EISDIR);
+        }
+        match self.tree.node(ino.0) {
             Some(Node::Disk { vol }) => Ok(vol),
             Some(Node::Dir { .. }) => Err(Errno::EISDIR),
             None => Err(Errno::ENOENT),
@@ -255,9 +217,20 @@ impl LiveFs {
     }
 
     fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
-        let (kind, size, perm, nlink) = match self.node(ino)? {
-            Node::Dir { children } => (FileType::Directory, 0, 0o755, 2 + children.len() as u32),
-            Node::Disk { vol } => (FileType::RegularFile, vol.size(), 0o644, 1),
+        let (kind, size, perm, nlink) = if ino.0 == ROOT {
+            (
+                FileType::Directory,
+                0,
+                0o755,
+                2 + self.tree.machines().len() as u32,
+            )
+        } else {
+            match self.tree.node(ino.0)? {
+                Node::Dir { children, .. } => {
+                    (FileType::Directory, 0, 0o755, 2 + children.len() as u32)
+                }
+                Node::Disk { vol } => (FileType::RegularFile, vol.size(), 0o644, 1),
+            }
         };
         Some(self.file_attr(ino, kind, size, perm, nlink, self.started))
     }
@@ -313,11 +286,8 @@ impl Filesystem for LiveFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let found = match self.node(parent) {
-            Some(Node::Dir { children }) if !PointViews::is_dynamic(parent.0) => children
-                .iter()
-                .find(|(n, _)| OsStr::new(n) == name)
-                .map(|(_, i)| *i),
+        let found = match (PointViews::is_dynamic(parent.0), name.to_str()) {
+            (false, Some(n)) => self.tree.lookup(parent.0, n),
             _ => None,
         };
         if let Some(a) = found.and_then(|i| self.attr(INodeNo(i))) {
@@ -507,7 +477,7 @@ impl Filesystem for LiveFs {
                     do_write(&job.vol, job.offset, &job.data, job.reply);
                 }
             }
-            None => do_write(vol, offset, data, reply),
+            None => do_write(&vol, offset, data, reply),
         }
     }
 
@@ -655,28 +625,36 @@ impl Filesystem for LiveFs {
                 None => return reply.error(Errno::ENOTDIR),
             }
         } else {
-            let Some(Node::Dir { children }) = self.node(ino) else {
-                return reply.error(Errno::ENOTDIR);
+            let children: Vec<(String, u64, FileType)> = if ino.0 == ROOT {
+                self.tree
+                    .machines()
+                    .into_iter()
+                    .map(|(n, i)| (n, i, FileType::Directory))
+                    .collect()
+            } else {
+                match self.tree.node(ino.0) {
+                    Some(Node::Dir { children, .. }) => children
+                        .into_iter()
+                        .map(|(n, i)| (n, i, FileType::RegularFile))
+                        .collect(),
+                    _ => return reply.error(Errno::ENOTDIR),
+                }
             };
-            for (name, i) in children {
-                let kind = match self.node(INodeNo(*i)) {
-                    Some(Node::Dir { .. }) => FileType::Directory,
-                    _ => FileType::RegularFile,
-                };
-                entries.push((*i, kind, name.clone()));
+            for (name, i, kind) in &children {
+                entries.push((*i, *kind, name.clone()));
             }
             if let Some(views) = &self.views {
-                if ino.0 == 1 {
+                if ino.0 == ROOT {
                     // Replicas with no local machine of their name.
                     for m in views.replicas() {
-                        if !children.iter().any(|(n, _)| *n == m) {
+                        if !children.iter().any(|(n, _, _)| *n == m) {
                             let i = views.ino(PNode::MachineDir(m.clone()));
                             entries.push((i, FileType::Directory, m));
                         }
                     }
-                } else if let Some(m) = self.machine_of_dir(ino.0) {
-                    if views.has_replica(m) {
-                        let i = views.ino(PNode::PointsDir(m.to_string()));
+                } else if let Some(m) = self.tree.machine_of_dir(ino.0) {
+                    if views.has_replica(&m) {
+                        let i = views.ino(PNode::PointsDir(m));
                         entries.push((i, FileType::Directory, "points".into()));
                     }
                 }

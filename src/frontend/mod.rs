@@ -8,8 +8,10 @@
 
 mod live;
 mod points;
+mod tree;
 
 pub use live::{FrontendOptions, LiveFs};
+pub use tree::Tree;
 
 use crate::error::{Error, Result};
 use std::path::Path;

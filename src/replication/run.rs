@@ -18,6 +18,7 @@ use super::shipper::Shipper;
 use crate::config::ReplicationConfig;
 use crate::error::{Error, ErrorClass};
 use crate::volume::Machine;
+use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +36,89 @@ pub struct ShipLoop {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     pub status: Arc<Mutex<LoopStatus>>,
+    commands: Sender<ShipCommand>,
+}
+
+/// What the loop answers a ship request with: the LSN the target acknowledged, or
+/// why it could not.
+pub type ShipAnswer = std::result::Result<u64, String>;
+
+/// The command channel into a machine's shipping loop.
+#[derive(Debug)]
+pub enum ShipCommand {
+    /// Seal now and ship everything written before the request; answer once the
+    /// target has acknowledged it (or with the error that stopped it).
+    ShipNow(Sender<ShipAnswer>),
+    /// Stop shipping (the watermark hold stays: nothing unshipped is merged) until
+    /// `Resume`; answered once the pass in progress has ended.
+    Pause(Sender<()>),
+    Resume,
+}
+
+/// The loop's side of the command channel.
+struct Control {
+    rx: Receiver<ShipCommand>,
+    paused: bool,
+    /// Ship requests: the LSN each must see acknowledged, and where to answer.
+    waiting: Vec<(u64, Sender<ShipAnswer>)>,
+}
+
+impl Control {
+    /// Take the commands that arrived.
+    fn drain(&mut self, machine: &Machine) {
+        while let Ok(c) = self.rx.try_recv() {
+            self.take(c, machine);
+        }
+    }
+
+    fn take(&mut self, c: ShipCommand, machine: &Machine) {
+        match c {
+            ShipCommand::ShipNow(tx) => self.waiting.push((machine.status().last_lsn, tx)),
+            ShipCommand::Pause(tx) => {
+                self.paused = true;
+                let _ = tx.send(());
+            }
+            ShipCommand::Resume => self.paused = false,
+        }
+    }
+
+    /// Sleep up to `d`, waking early when `stop` is set or a ship request arrives.
+    fn wait(&mut self, stop: &AtomicBool, d: Duration, machine: &Machine) {
+        let until = Instant::now() + d;
+        while !stop.load(Ordering::Acquire) && Instant::now() < until {
+            let slice = Duration::from_millis(20).min(until - Instant::now());
+            match self.rx.recv_timeout(slice) {
+                Ok(c) => {
+                    // A ship request is answered (or, paused, refused) at once.
+                    self.take(c, machine);
+                    if !self.waiting.is_empty() {
+                        return;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(slice),
+            }
+        }
+    }
+
+    /// The target acknowledged `lsn`: answer the requests it covers.
+    fn acked(&mut self, lsn: u64) {
+        self.waiting.retain(|(want, tx)| {
+            if *want <= lsn {
+                let _ = tx.send(Ok(lsn));
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Answer every request with `why`.
+    fn failed(&mut self, why: &str) {
+        for (_, tx) in self.waiting.drain(..) {
+            let _ = tx.send(Err(why.to_string()));
+        }
+    }
 }
 
 impl ShipLoop {
@@ -62,20 +146,78 @@ impl ShipLoop {
             Ok((every, app)) => shipper.set_retention(every, app),
             Err(e) => tracing::error!(machine = machine.name(), "retention: {e}"),
         }
+        let (commands, rx) = crossbeam::channel::unbounded();
+        let control = Control {
+            rx,
+            paused: false,
+            waiting: Vec::new(),
+        };
         let thread = {
             let (stop, status) = (stop.clone(), status.clone());
             std::thread::Builder::new()
                 .name(format!("ship-{}", machine.name()))
-                .spawn(move || run(shipper, machine, rel, cfg, stop, status))
+                .spawn(move || run(shipper, machine, rel, cfg, stop, status, control))
                 .ok()
         };
         ShipLoop {
             stop,
             thread,
             status,
+            commands,
         }
     }
 
+    /// A handle on the loop's command channel (cheap; usable without holding the
+    /// loop).
+    pub fn handle(&self) -> ShipHandle {
+        ShipHandle {
+            commands: self.commands.clone(),
+        }
+    }
+}
+
+/// The command channel into a shipping loop.
+#[derive(Debug, Clone)]
+pub struct ShipHandle {
+    commands: Sender<ShipCommand>,
+}
+
+impl ShipHandle {
+    /// Seal and ship everything written so far; the LSN the target acknowledged.
+    pub fn ship_now(&self, timeout: Duration) -> crate::error::Result<u64> {
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        let gone = || Error::Busy("the shipping loop has stopped".into());
+        self.commands
+            .send(ShipCommand::ShipNow(tx))
+            .map_err(|_| gone())?;
+        match rx.recv_timeout(timeout) {
+            Ok(Ok(lsn)) => Ok(lsn),
+            Ok(Err(why)) => Err(Error::Busy(format!("shipping failed: {why}"))),
+            Err(RecvTimeoutError::Timeout) => Err(Error::Busy(format!(
+                "the target did not acknowledge within {} s",
+                timeout.as_secs()
+            ))),
+            Err(RecvTimeoutError::Disconnected) => Err(gone()),
+        }
+    }
+
+    /// Stop shipping until [`ShipLoop::resume`]; returns once the pass in progress
+    /// has ended.
+    pub fn pause(&self, timeout: Duration) -> crate::error::Result<()> {
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        self.commands
+            .send(ShipCommand::Pause(tx))
+            .map_err(|_| Error::Busy("the shipping loop has stopped".into()))?;
+        rx.recv_timeout(timeout)
+            .map_err(|_| Error::Busy("the shipping loop did not pause in time".into()))
+    }
+
+    pub fn resume(&self) {
+        let _ = self.commands.send(ShipCommand::Resume);
+    }
+}
+
+impl ShipLoop {
     /// Stop shipping (after the pass in progress).
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Release);
@@ -86,10 +228,19 @@ impl ShipLoop {
 }
 
 /// Stopped by a Critical error: keep the shipper, and with it the watermark hold,
-/// until serve stops — what the target has not acknowledged must not be merged.
-fn park(stop: &AtomicBool, shipper: Shipper) {
+/// until serve stops — what the target has not acknowledged must not be merged. Ship
+/// requests are answered with `why`.
+fn park(stop: &AtomicBool, shipper: Shipper, control: Control, why: &str) {
     while !stop.load(Ordering::Acquire) {
-        std::thread::sleep(Duration::from_millis(50));
+        match control.rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(ShipCommand::ShipNow(tx)) => {
+                let _ = tx.send(Err(why.to_string()));
+            }
+            Ok(ShipCommand::Pause(tx)) => {
+                let _ = tx.send(());
+            }
+            _ => {}
+        }
     }
     drop(shipper);
 }
@@ -135,14 +286,6 @@ fn overflowed(
     true
 }
 
-/// Sleep up to `d`, waking early when `stop` is set.
-fn nap(stop: &AtomicBool, d: Duration) {
-    let until = Instant::now() + d;
-    while !stop.load(Ordering::Acquire) && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
-    }
-}
-
 fn run(
     mut shipper: Shipper,
     machine: Arc<Machine>,
@@ -150,6 +293,7 @@ fn run(
     cfg: ReplicationConfig,
     stop: Arc<AtomicBool>,
     status: Arc<Mutex<LoopStatus>>,
+    mut control: Control,
 ) {
     {
         let status = status.clone();
@@ -201,6 +345,15 @@ fn run(
         let _ = SourceResync::require(&site, &name, &why);
     }
     while !stop.load(Ordering::Acquire) {
+        control.drain(&machine);
+        if control.paused {
+            control.failed("shipping is paused");
+            let mut s = status.lock();
+            s.reason = format!("shipping to {} is paused", rel.target);
+            drop(s);
+            control.wait(&stop, Duration::from_millis(50), &machine);
+            continue;
+        }
         // A resync required: wait for the window (or --now), then run it.
         let pending = match SourceResync::load(&site, &name) {
             Ok(p) => p,
@@ -232,10 +385,12 @@ fn run(
                         ""
                     }
                 );
+                control.failed(&s.reason);
                 drop(s);
-                nap(
+                control.wait(
                     &stop,
                     Duration::from_millis(cfg.seal_interval_ms.clamp(100, 1000)),
+                    &machine,
                 );
                 continue;
             }
@@ -292,16 +447,18 @@ fn run(
                             "resync failed: {e}; retry {failures} in {:.0} s",
                             wait.as_secs_f64()
                         );
+                        control.failed(&s.reason);
                         drop(s);
-                        nap(&stop, wait);
+                        control.wait(&stop, wait, &machine);
                         continue;
                     }
                     ErrorClass::Critical => {
                         let mut s = status.lock();
                         s.health = Health::Critical;
                         s.reason = format!("resync failed: {e}; stopped until an operator acts");
+                        let why = s.reason.clone();
                         drop(s);
-                        park(&stop, shipper);
+                        park(&stop, shipper, control, &why);
                         return;
                     }
                 },
@@ -311,13 +468,15 @@ fn run(
             let mut s = status.lock();
             s.health = Health::Critical;
             s.reason = format!("the journal failed: {e}");
+            let why = s.reason.clone();
             drop(s);
-            park(&stop, shipper);
+            park(&stop, shipper, control, &why);
             return;
         }
         match shipper.ship_once(&machine) {
             Ok(report) => {
                 failures = 0;
+                control.acked(report.acked_lsn);
                 initial_done |= report.initial_completed || report.initial_bytes == 0;
                 let mut s = status.lock();
                 s.acked_lsn = report.acked_lsn;
@@ -335,6 +494,7 @@ fn run(
             }
             Err(e) => match e.class() {
                 ErrorClass::NeedsResync => {
+                    control.failed(&e.to_string());
                     tracing::warn!(machine = %name, "chain broken: {e}; resync required");
                     if let Err(e2) = SourceResync::require(&site, &name, &e.to_string()) {
                         tracing::error!(machine = %name, "{e2}");
@@ -344,9 +504,10 @@ fn run(
                     if machine.has_damage() {
                         let _ = super::resync_schedule::request_now(&site, &name);
                     }
-                    nap(
+                    control.wait(
                         &stop,
                         Duration::from_millis(cfg.seal_interval_ms.clamp(100, 1000)),
+                        &machine,
                     );
                     continue;
                 }
@@ -362,11 +523,13 @@ fn run(
                     s.state = State::Protected;
                     s.health = Health::Critical;
                     s.reason = format!("{e}{hint}; replication stopped until an operator acts");
+                    let why = s.reason.clone();
                     drop(s);
-                    park(&stop, shipper);
+                    park(&stop, shipper, control, &why);
                     return;
                 }
                 ErrorClass::Retry => {
+                    control.failed(&e.to_string());
                     let wait = cfg.retry_delay(failures);
                     failures += 1;
                     tracing::warn!(
@@ -383,11 +546,11 @@ fn run(
                         s.health = Health::Warning;
                         s.reason = format!("{e}; retry {failures} in {:.0} s", wait.as_secs_f64());
                     }
-                    nap(&stop, wait);
+                    control.wait(&stop, wait, &machine);
                     continue;
                 }
             },
         }
-        nap(&stop, Duration::from_millis(cfg.seal_interval_ms));
+        control.wait(&stop, Duration::from_millis(cfg.seal_interval_ms), &machine);
     }
 }

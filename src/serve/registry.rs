@@ -1,0 +1,469 @@
+//! The live registry of a running `serve`: every machine it holds open (primaries,
+//! test copies) with its loops, and every replica with its maintenance loop. Machines
+//! come and go while serve runs — created, removed, protected, reloaded after their
+//! role changed — and each one's loops start and stop with it; the mount's tree
+//! (`frontend::Tree`) follows, so a machine appears or vanishes under the mount at
+//! once.
+//!
+//! Order, for each machine (the rules the journal's safety rests on):
+//! - opening a protected machine: watermark hold first, then the compactor, then the
+//!   shipping loop (whose shipper holds from then on), then the early hold goes — so
+//!   nothing the target lacks is ever merged;
+//! - closing one: compactor first, then the shipping loop (its hold goes with it),
+//!   then flush and close.
+//!
+//! Every command that changes a running site arrives here ([`Handler`]), through the
+//! control socket.
+
+use crate::config::SiteConfig;
+use crate::control::{Handler, Reply, Request};
+use crate::error::{Error, Result};
+use crate::frontend::Tree;
+use crate::protection::status::{MachineStatus, SiteStatus};
+use crate::replica::maintain::ReplicaLoop;
+use crate::replica::store::Replicas;
+use crate::replication::relationship::Relationship;
+use crate::replication::run::{ShipHandle, ShipLoop};
+use crate::site::Site;
+use crate::volume::Machine;
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One open machine and its shipping loop.
+struct Entry {
+    machine: Arc<Machine>,
+    ship: Option<ShipLoop>,
+}
+
+/// See the module documentation.
+pub struct Registry {
+    site: Site,
+    config: SiteConfig,
+    replicas: Replicas,
+    tree: Arc<Tree>,
+    machines: Mutex<BTreeMap<String, Entry>>,
+    replica_loops: Mutex<BTreeMap<String, ReplicaLoop>>,
+    /// Since when each machine's target has been behind (for its lag).
+    behind_since: Mutex<HashMap<String, Instant>>,
+    /// Replicas' status, recomputed every few seconds (it reads their marks).
+    replica_status: Mutex<(Option<Instant>, Vec<MachineStatus>)>,
+    /// Changes of the set of machines are made one at a time.
+    changing: Mutex<()>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Registry({})", self.site.path().display())
+    }
+}
+
+/// How often a replica's status is worked out again.
+const REPLICA_STATUS_EVERY: Duration = Duration::from_secs(2);
+
+impl Registry {
+    /// The registry of `site` (owned, locked): nothing open yet; see [`Registry::start`].
+    pub fn new(site: Site) -> Result<Arc<Registry>> {
+        let replicas = Replicas::local(site.path())?;
+        Ok(Arc::new(Registry {
+            config: site.config().clone(),
+            site,
+            replicas,
+            tree: Arc::new(Tree::default()),
+            machines: Mutex::new(BTreeMap::new()),
+            replica_loops: Mutex::new(BTreeMap::new()),
+            behind_since: Mutex::new(HashMap::new()),
+            replica_status: Mutex::new((None, Vec::new())),
+            changing: Mutex::new(()),
+        }))
+    }
+
+    /// Open every machine of the site and start every replica's loop.
+    pub fn start(&self) -> Result<()> {
+        for name in self.site.machines()? {
+            self.open(&name)?;
+        }
+        for name in self.replicas.machines()? {
+            self.add_replica(&name);
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        self.site.path()
+    }
+
+    pub fn replicas(&self) -> &Replicas {
+        &self.replicas
+    }
+
+    /// The tree the mount shows (shared with the file system).
+    pub fn tree(&self) -> Arc<Tree> {
+        self.tree.clone()
+    }
+
+    /// Names of the open machines.
+    pub fn names(&self) -> Vec<String> {
+        self.machines.lock().keys().cloned().collect()
+    }
+
+    pub fn machine(&self, name: &str) -> Option<Arc<Machine>> {
+        self.machines.lock().get(name).map(|e| e.machine.clone())
+    }
+
+    /// Open machine `name` and start its loops (see the module documentation for
+    /// the order); show it under the mount.
+    fn open(&self, name: &str) -> Result<()> {
+        let m = Arc::new(self.site.open_machine(name)?);
+        let rel = Relationship::load(self.path(), name)?;
+        let early = rel
+            .as_ref()
+            .map(|_| m.hold_watermark(m.status().watermark.lsn));
+        m.start_compactor(self.config.journal.compact_policy());
+        let ship = rel.map(|rel| self.ship_loop(&m, rel));
+        drop(early); // the shipping loop holds the watermark now
+        self.tree.add_machine(&m)?;
+        tracing::info!(
+            machine = name,
+            disks = ?m.disk_names(),
+            role = %m.role(),
+            generation = m.generation(),
+            last_lsn = m.status().last_lsn,
+            "machine open"
+        );
+        self.machines
+            .lock()
+            .insert(name.to_string(), Entry { machine: m, ship });
+        Ok(())
+    }
+
+    fn ship_loop(&self, m: &Arc<Machine>, rel: Relationship) -> ShipLoop {
+        tracing::info!(machine = m.name(), "protecting toward {}", rel.target);
+        ShipLoop::spawn(
+            self.path().to_path_buf(),
+            m.clone(),
+            rel,
+            self.config.replication.clone(),
+        )
+    }
+
+    /// Stop machine `name`'s loops, flush and close it; it vanishes from the mount.
+    fn close(&self, name: &str) -> Result<()> {
+        let Some(entry) = self.machines.lock().remove(name) else {
+            return Err(Error::NotFound(format!(
+                "this site has no open machine {name}"
+            )));
+        };
+        self.tree.remove_machine(name);
+        self.behind_since.lock().remove(name);
+        close_entry(name, entry)
+    }
+
+    /// Open machine `name` again (its manifest changed: a disk, its role, a fence).
+    pub fn reload(&self, name: &str) -> Result<()> {
+        let _one = self.changing.lock();
+        if self.machines.lock().contains_key(name) {
+            self.close(name)?;
+        }
+        self.open(name)
+    }
+
+    /// A replica appeared (created by the receiver): start its loop; show it.
+    pub fn add_replica(&self, name: &str) {
+        let interval = Duration::from_millis(self.config.replica.compact_interval_ms.max(10));
+        let mut loops = self.replica_loops.lock();
+        if !loops.contains_key(name) {
+            loops.insert(
+                name.to_string(),
+                ReplicaLoop::spawn(self.replicas.clone(), name.to_string(), interval),
+            );
+        }
+        drop(loops);
+        *self.replica_status.lock() = (None, Vec::new());
+        self.tree.root_entry_changed(name);
+    }
+
+    /// The shipping loop of `name`, or why there is none.
+    fn with_ship<T>(&self, name: &str, f: impl FnOnce(&ShipHandle) -> Result<T>) -> Result<T> {
+        // Taken out of the table: what is done with it may wait for the target.
+        let handle = {
+            let machines = self.machines.lock();
+            let entry = machines
+                .get(name)
+                .ok_or_else(|| Error::NotFound(format!("this site has no open machine {name}")))?;
+            entry
+                .ship
+                .as_ref()
+                .map(ShipLoop::handle)
+                .ok_or_else(|| Error::InvalidInput(format!("{name} is not protected")))?
+        };
+        f(&handle)
+    }
+
+    /// The site's status now.
+    pub fn status(&self) -> SiteStatus {
+        let as_of_ns = crate::format::now_ns();
+        let mut out = Vec::new();
+        {
+            let machines = self.machines.lock();
+            for (name, e) in machines.iter() {
+                let ship = e.ship.as_ref().map(|l| l.status.lock().clone());
+                // Lag: how long the target has been behind (since the first write it
+                // lacks).
+                let lag = ship.as_ref().map(|l| {
+                    if l.acked_lsn >= e.machine.status().last_lsn {
+                        self.behind_since.lock().remove(name);
+                        0.0
+                    } else {
+                        self.behind_since
+                            .lock()
+                            .entry(name.clone())
+                            .or_insert_with(Instant::now)
+                            .elapsed()
+                            .as_secs_f64()
+                    }
+                });
+                out.push(super::machine_status(
+                    self.path(),
+                    &e.machine,
+                    ship.as_ref(),
+                    lag,
+                ));
+            }
+        }
+        let mut rs = self.replica_status.lock();
+        if rs.0.is_none_or(|t| t.elapsed() >= REPLICA_STATUS_EVERY) {
+            *rs = (
+                Some(Instant::now()),
+                crate::protection::status::replicas_status(&self.replicas),
+            );
+        }
+        out.extend(rs.1.iter().cloned());
+        drop(rs);
+        let site = crate::identity::Identity::load(self.path())
+            .map(|i| i.id().to_string())
+            .unwrap_or_default();
+        SiteStatus {
+            site,
+            machines: out,
+            as_of_ns,
+        }
+    }
+
+    /// Stop everything, in the order the holds need: every compactor first, then the
+    /// shipping and replica loops, then flush and close every machine. The first error.
+    pub fn stop(&self) -> Result<()> {
+        let entries: Vec<(String, Entry)> = std::mem::take(&mut *self.machines.lock())
+            .into_iter()
+            .collect();
+        for (_, e) in &entries {
+            e.machine.stop_compactor();
+        }
+        for l in std::mem::take(&mut *self.replica_loops.lock()).into_values() {
+            l.stop();
+        }
+        let mut first_err = None;
+        for (name, e) in entries {
+            if let Err(err) = close_entry(&name, e) {
+                tracing::error!(machine = %name, "close: {err}");
+                first_err.get_or_insert(err);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Flush every open machine (before the mount goes).
+    pub fn flush_all(&self) -> Result<()> {
+        let machines: Vec<Arc<Machine>> = self
+            .machines
+            .lock()
+            .values()
+            .map(|e| e.machine.clone())
+            .collect();
+        let mut first_err = None;
+        for m in machines {
+            if let Err(e) = m.flush() {
+                tracing::error!(machine = m.name(), "flush: {e}");
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn create_disk(
+        &self,
+        machine: &str,
+        disk: &str,
+        size: u64,
+        import: Option<&Path>,
+    ) -> Result<Reply> {
+        let _one = self.changing.lock();
+        // The disk is added to the closed machine; then it opens again with it.
+        let was_open = self.machines.lock().contains_key(machine);
+        if was_open {
+            if Relationship::load(self.path(), machine)?.is_some() {
+                return Err(Error::InvalidInput(format!(
+                    "{machine} is protected: its replica has the disks it had then, so no \
+                     disk can be added to it"
+                )));
+            }
+            self.close(machine)?;
+        }
+        let made = crate::ops::create_disk(&self.site, machine, disk, size, import);
+        let opened = if was_open || made.is_ok() {
+            self.open(machine)
+        } else {
+            Ok(())
+        };
+        made?;
+        opened?;
+        Ok(Reply::done(format!(
+            "created disk {machine}/{disk} ({size} bytes)"
+        )))
+    }
+
+    fn remove_machine(&self, machine: &str) -> Result<Reply> {
+        let _one = self.changing.lock();
+        if Relationship::load(self.path(), machine)?.is_some() {
+            return Err(Error::InvalidInput(format!(
+                "{machine} is protected; it cannot be removed while its replica depends on it"
+            )));
+        }
+        if self.machines.lock().contains_key(machine) {
+            self.close(machine)?;
+        }
+        crate::ops::remove_machine_files(&self.site, machine)?;
+        Ok(Reply::done(format!("removed machine {machine}")))
+    }
+
+    fn protect(&self, machine: &str, rel: &Relationship) -> Result<Reply> {
+        let _one = self.changing.lock();
+        crate::ops::record_protection(&self.site, machine, rel)?;
+        let mut machines = self.machines.lock();
+        let entry = machines
+            .get_mut(machine)
+            .ok_or_else(|| Error::NotFound(format!("this site has no open machine {machine}")))?;
+        if entry.ship.is_none() {
+            entry.ship = Some(self.ship_loop(&entry.machine, rel.clone()));
+        }
+        Ok(Reply::done(format!(
+            "{machine} is protected toward {}; initial replication has started",
+            rel.target
+        )))
+    }
+
+    fn handle_request(&self, req: &Request) -> Result<Reply> {
+        match req {
+            Request::Checkpoint {
+                machine,
+                app_consistent,
+            } => {
+                let m = self.machine(machine).ok_or_else(|| {
+                    Error::NotFound(format!("this site has no machine {machine}"))
+                })?;
+                let p = m.point(*app_consistent)?;
+                Ok(Reply {
+                    ok: true,
+                    lsn: Some(p.lsn),
+                    time_ns: Some(p.time_ns),
+                    ..Default::default()
+                })
+            }
+            Request::CreateDisk {
+                machine,
+                disk,
+                size,
+                import,
+            } => self.create_disk(machine, disk, *size, import.as_deref()),
+            Request::RemoveMachine { machine } => self.remove_machine(machine),
+            Request::Protect {
+                machine,
+                relationship,
+            } => self.protect(machine, relationship),
+            Request::Resync { machine, now } => {
+                crate::ops::require_resync(&self.site, machine, *now)?;
+                Ok(Reply::done(format!(
+                    "{machine}: resync required{}",
+                    if *now { "; it starts at once" } else { "" }
+                )))
+            }
+            Request::Compact { machine } => {
+                let names = match machine {
+                    Some(m) => vec![m.clone()],
+                    None => self.names(),
+                };
+                let mut lines = Vec::new();
+                for name in names {
+                    let m = self.machine(&name).ok_or_else(|| {
+                        Error::NotFound(format!("this site has no machine {name}"))
+                    })?;
+                    lines.push(crate::ops::compact(self.path(), &m)?);
+                }
+                Ok(Reply::done(lines.join("\n")))
+            }
+            Request::Ship {
+                machine,
+                timeout_ms,
+            } => {
+                let timeout = Duration::from_millis(*timeout_ms);
+                self.with_ship(machine, |l| l.ship_now(timeout))
+                    .map(Reply::at)
+            }
+            Request::PauseShipping { machine } => self
+                .with_ship(machine, |l| l.pause(Duration::from_secs(60)))
+                .map(|()| Reply::done(format!("shipping of {machine} paused"))),
+            Request::ResumeShipping { machine } => self
+                .with_ship(machine, |l| {
+                    l.resume();
+                    Ok(())
+                })
+                .map(|()| Reply::done(format!("shipping of {machine} resumed"))),
+            Request::Fence { machine, reason } => {
+                let m = self.machine(machine).ok_or_else(|| {
+                    Error::NotFound(format!("this site has no machine {machine}"))
+                })?;
+                Ok(Reply::at(m.fence(reason)))
+            }
+            Request::Unfence { machine } => {
+                let m = self.machine(machine).ok_or_else(|| {
+                    Error::NotFound(format!("this site has no machine {machine}"))
+                })?;
+                m.unfence();
+                Ok(Reply::done(format!("{machine} takes writes again")))
+            }
+        }
+    }
+}
+
+impl Handler for Registry {
+    fn handle(&self, req: &Request) -> Reply {
+        match self.handle_request(req) {
+            Ok(r) => r,
+            Err(e) => Reply::err(e),
+        }
+    }
+}
+
+/// Stop an entry's loops (compactor first), flush and close its machine.
+fn close_entry(name: &str, e: Entry) -> Result<()> {
+    e.machine.stop_compactor();
+    if let Some(l) = e.ship {
+        l.stop();
+    }
+    let flushed = e.machine.flush();
+    // Other holders (a control request in flight) let go within moments.
+    let mut m = e.machine;
+    for _ in 0..200 {
+        match Arc::try_unwrap(m) {
+            Ok(machine) => return flushed.and(machine.close()),
+            Err(back) => {
+                m = back;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    tracing::error!(machine = %name, "still in use at close; its journal was flushed");
+    flushed.map(|_| ())
+}
