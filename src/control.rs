@@ -230,6 +230,11 @@ fn reply_timeout(req: &Request) -> Duration {
     }
 }
 
+/// Whether a serve is listening on `site`'s control socket.
+pub fn serve_running(site: &Path) -> bool {
+    UnixStream::connect(site.join(SOCKET)).is_ok()
+}
+
 /// Send `req` to the serve running on `site`; Ok(None) when none is listening.
 pub fn request(site: &Path, req: &Request) -> Result<Option<Reply>> {
     let path = site.join(SOCKET);

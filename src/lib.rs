@@ -22,6 +22,7 @@ pub mod holds;
 pub mod identity;
 pub mod index;
 pub mod inspect;
+pub mod jobs;
 pub mod journal;
 pub mod names;
 pub mod ops;

@@ -148,6 +148,13 @@ fn protect_replicate_and_restore_latest_byte_equal() {
     assert!(served.stop().success());
 }
 
+/// `replog jobs SITE --json`: the jobs, newest first.
+fn jobs(site: &Path) -> Vec<serde_json::Value> {
+    let out = run_ok(replog().arg("jobs").arg(site).arg("--json"));
+    let doc: serde_json::Value = serde_json::from_str(out.trim()).expect("jobs json");
+    doc["jobs"].as_array().cloned().unwrap_or_default()
+}
+
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).expect("read_dir") {
@@ -556,6 +563,14 @@ fn kill_9_during_initial_replication_resumes() {
     let st = wait_for(&src, "copying", |m| progress(m) > 0.1 && progress(m) < 0.9);
     served.kill();
     let before = progress(&st["machines"][0]);
+    // The job of the copy the killed serve was running: in progress, its process gone.
+    let copy = jobs(&src)
+        .into_iter()
+        .find(|j| j["kind"] == "initial-replication")
+        .expect("an initial-replication job");
+    assert_eq!(copy["state"], "in-progress", "{copy}");
+    assert_eq!(copy["owner_gone"], true, "{copy}");
+    let copy_id = copy["id"].as_str().expect("id").to_string();
     // Kill the target part-way through the resumed copy.
     let served = Served::start(&src, &mnt, &[]);
     let st = wait_for(&src, "copying again", |m| progress(m) > before);
@@ -576,16 +591,62 @@ fn kill_9_during_initial_replication_resumes() {
     wait_for(&src, "protected", |m| {
         m["state"] == "protected" && m["health"] == "healthy" && m["lag_seconds"] == 0.0
     });
+    // The same job went on in the restarted serve and succeeded once the target's next
+    // session showed the copy complete.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let copy = loop {
+        let all = jobs(&src);
+        let copies: Vec<_> = all
+            .iter()
+            .filter(|j| j["kind"] == "initial-replication")
+            .cloned()
+            .collect();
+        assert_eq!(copies.len(), 1, "one copy, one job: {all:?}");
+        if copies[0]["state"] == "succeeded" {
+            break copies[0].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "{:?}", copies[0]);
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        copy["id"],
+        copy_id.as_str(),
+        "the restarted serve began another job"
+    );
+    let steps = copy["steps"].as_array().expect("steps");
+    assert!(
+        steps.iter().any(|s| s["name"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("resumed by process")),
+        "{copy}"
+    );
+    assert_eq!(
+        steps.last().map(|s| s["name"].clone()),
+        Some(serde_json::Value::from("verify the end state"))
+    );
+    let protect = jobs(&src)
+        .into_iter()
+        .find(|j| j["kind"] == "protect")
+        .expect("a protect job");
+    assert_eq!(protect["state"], "succeeded", "{protect}");
 
     let out_dir = tmp.path().join("restored");
-    run_ok(
+    let out = run_ok(
         replog()
             .arg("restore")
             .arg(&dst)
             .arg("vm1")
-            .args(["--at", "latest", "--out"])
+            .args(["--at", "latest", "--json", "--out"])
             .arg(&out_dir),
     );
+    let doc: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    let restore = jobs(&dst)
+        .into_iter()
+        .find(|j| j["id"] == doc["job"])
+        .expect("the restore's job");
+    assert_eq!(restore["kind"], "restore");
+    assert_eq!(restore["state"], "succeeded", "{restore}");
     for (name, size) in [("os", 16usize << 20), ("big", 256 << 20)] {
         let f = std::fs::File::open(served.disk(name)).expect("open");
         let mut want = vec![0u8; size];

@@ -4,6 +4,7 @@
 mod data;
 mod disk;
 mod inspect;
+mod jobs;
 mod replicate;
 mod site;
 
@@ -184,6 +185,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the site's jobs — protect, initial replication, resync, restore: newest
+    /// first with their state; with JOB, its steps; --json: every field.
+    Jobs {
+        site: PathBuf,
+        /// A job ID (`j-…`) as the list shows it.
+        job: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Dump and verify a site, machine, journal directory or segment file; exit 1 on
     /// corruption, naming the file and offset.
     Inspect {
@@ -260,6 +270,7 @@ pub fn run(cli: Cli) -> ExitCode {
             json,
         } => site::status(&site, machine.as_deref(), json),
         Command::Inspect { path, json } => return inspect::run(&path, json),
+        Command::Jobs { site, job, json } => jobs::show(&site, job.as_deref(), json),
         Command::Points {
             site,
             machine,

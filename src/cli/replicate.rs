@@ -2,6 +2,7 @@
 
 use replog::identity;
 
+use replog::jobs::{JobHandle, JobKind};
 use replog::replica::store::Replicas;
 use replog::replication::protocol::Message;
 use replog::replication::relationship::Relationship;
@@ -37,6 +38,61 @@ pub fn protect(
         )));
     }
     let me = identity::Identity::load(site)?.id();
+    // From here on it is a job: each check a step, the end state verified.
+    let mut job = JobHandle::start(site, JobKind::Protect, Some(machine))?;
+    let done = protect_steps(
+        &mut job,
+        site,
+        machine,
+        target,
+        retention,
+        app_retention,
+        &manifest,
+        me,
+    );
+    match done {
+        Ok((detail, rel)) => {
+            let serve_runs = replog::control::serve_running(site);
+            let finished = job.finish(|| {
+                match Relationship::load(site, machine)? {
+                    Some(back) if back == rel => {}
+                    _ => {
+                        return Err(Error::InvalidInput(
+                            "the relationship does not read back as recorded".into(),
+                        ))
+                    }
+                }
+                Ok(if serve_runs {
+                    "the relationship reads back; the running serve is shipping".into()
+                } else {
+                    "the relationship reads back; shipping starts with `replog serve`".into()
+                })
+            })?;
+            println!("{detail} (job {})", finished.id);
+            Ok(())
+        }
+        Err(e) => {
+            job.fail(&e);
+            Err(e)
+        }
+    }
+}
+
+/// The steps of `replog protect` once its arguments are good: reach and greet the
+/// target, check its room, record the relationship (through the running serve, which
+/// starts shipping, or offline).
+#[allow(clippy::too_many_arguments)]
+fn protect_steps(
+    job: &mut JobHandle,
+    site: &Path,
+    machine: &str,
+    target: &str,
+    retention: &str,
+    app_retention: &str,
+    manifest: &replog::format::meta::Manifest,
+    me: identity::SiteId,
+) -> Result<(String, Relationship)> {
+    let dir = site.join(replog::site::MACHINES_DIR).join(machine);
     // What went wrong, said for the person at the keyboard; decided by kind.
     let explain = |e: Error| match e {
         Error::Auth {
@@ -55,8 +111,13 @@ pub fn protect(
         }
         other => other,
     };
+    job.step(&format!(
+        "reach the target at {target} (mutual TLS, both sites trusted)"
+    ));
     let mut link = Link::connect(site, target).map_err(explain)?;
     let peer = link.peer_id();
+    job.progress(format!("target site {peer}"));
+    job.step("check the room at the target");
     link.send(&Message::Probe).map_err(explain)?;
     let free = match link.recv().map_err(explain)? {
         Message::Room { free_bytes } => free_bytes,
@@ -76,6 +137,8 @@ pub fn protect(
             "the target has {free} bytes free; {machine} needs at least {need}"
         )));
     }
+    job.progress(format!("{free} bytes free, {need} needed"));
+    job.step("record the relationship");
     let relationship = Relationship {
         target: target.to_string(),
         target_id: peer.to_string(),
@@ -86,17 +149,26 @@ pub fn protect(
         site,
         &replog::control::Request::Protect {
             machine: machine.to_string(),
-            relationship,
+            relationship: relationship.clone(),
         },
     )?;
-    println!("{} (target site {peer})", reply.detail.unwrap_or_default());
-    Ok(())
+    Ok((
+        format!("{} (target site {peer})", reply.detail.unwrap_or_default()),
+        relationship,
+    ))
 }
 
 pub fn restore(site: &Path, machine: &str, at: &str, out: &Path, json: bool) -> Result<()> {
     let store = Replicas::local(site)?.open_readonly(machine)?;
     // Resolve and pin the point before anything is written to OUT.
     let image = replog::replica::replay::PointImage::open(store, at)?;
+    let mut job = JobHandle::start(site, JobKind::Restore, Some(machine))?;
+    job.step(&format!(
+        "open {} (LSN {}) and map every disk",
+        image.point().id(),
+        image.point().lsn
+    ));
+    job.step(&format!("write the images into {}", out.display()));
     let bar = if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         indicatif::ProgressBar::hidden()
     } else {
@@ -109,12 +181,41 @@ pub fn restore(site: &Path, machine: &str, at: &str, out: &Path, json: bool) -> 
         );
         b
     };
-    let r = replog::replica::restore::restore(&image, out, &|done, total| {
+    let progress = parking_lot::Mutex::new((job, std::time::Instant::now()));
+    let written = replog::replica::restore::restore(&image, out, &|done, total| {
         bar.set_length(total);
         bar.set_position(done);
-    })?;
+        let mut g = progress.lock();
+        if g.1.elapsed() >= std::time::Duration::from_secs(1) {
+            g.1 = std::time::Instant::now();
+            g.0.progress(format!("{done} of {total} bytes"));
+        }
+    });
     bar.finish_and_clear();
+    let mut job = progress.into_inner().0;
+    let r = match written {
+        Ok(r) => r,
+        Err(e) => {
+            job.fail(&e);
+            return Err(e);
+        }
+    };
+    job.progress(format!("{} bytes written", r.bytes_written));
     let point = image.point();
+    let finished = job.finish(|| {
+        Ok(if r.verified {
+            format!(
+                "every image matches the source's digest at {} (nothing is kept otherwise)",
+                point.id()
+            )
+        } else {
+            format!(
+                "{} carries no digests (written before protection kept them): every byte \
+                 read was authenticated, the images could not be compared with the source",
+                point.id()
+            )
+        })
+    })?;
     if json {
         let doc = serde_json::json!({
             "machine": machine,
@@ -124,6 +225,7 @@ pub fn restore(site: &Path, machine: &str, at: &str, out: &Path, json: bool) -> 
             "images": r.images,
             "bytes": r.bytes_written,
             "verified": r.verified,
+            "job": finished.id,
         });
         println!("{doc}");
     } else {

@@ -17,6 +17,7 @@ use super::resync_schedule::{SourceResync, Window};
 use super::shipper::Shipper;
 use crate::config::ReplicationConfig;
 use crate::error::{Error, ErrorClass};
+use crate::jobs::{JobHandle, JobKind};
 use crate::volume::Machine;
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
@@ -286,6 +287,168 @@ fn overflowed(
     true
 }
 
+/// The jobs a shipping loop runs (`crate::jobs`): the initial replication (begun at
+/// its first progress, or resumed from a serve that died), each resync; the end state
+/// of each is checked at the next good pass — a handshake in which the target says
+/// its copy is complete and in line — and only then do they succeed.
+struct LoopJobs {
+    site: PathBuf,
+    machine: String,
+    /// The initial replication in progress (shared with the progress callback) and
+    /// when its record was last updated.
+    initial: Arc<Mutex<(Option<JobHandle>, Instant)>>,
+    resync: Option<JobHandle>,
+    to_verify: Vec<JobHandle>,
+}
+
+impl LoopJobs {
+    fn new(site: &std::path::Path, machine: &str) -> Self {
+        LoopJobs {
+            site: site.to_path_buf(),
+            machine: machine.to_string(),
+            initial: Arc::new(Mutex::new((None, Instant::now()))),
+            resync: None,
+            to_verify: Vec::new(),
+        }
+    }
+
+    /// Take over the jobs a serve that stopped left in progress for this machine: the
+    /// work goes on here (or was done: then the next good pass checks it).
+    fn adopt(&mut self) {
+        let orphans = crate::jobs::list(&self.site).unwrap_or_default();
+        for kind in [JobKind::InitialReplication, JobKind::Resync] {
+            let orphan = orphans.iter().any(|j| {
+                j.kind == kind
+                    && j.machine.as_deref() == Some(self.machine.as_str())
+                    && j.state == crate::jobs::JobState::InProgress
+                    && j.owner_gone()
+            });
+            if !orphan {
+                continue;
+            }
+            match JobHandle::resume_or_start(&self.site, kind, &self.machine) {
+                Ok(mut j) => {
+                    j.step(match kind {
+                        JobKind::Resync => "compare chunks and send those that differ",
+                        _ => "copy the disks",
+                    });
+                    match kind {
+                        JobKind::Resync => self.resync = Some(j),
+                        _ => self.initial.lock().0 = Some(j),
+                    }
+                }
+                Err(e) => tracing::warn!(machine = %self.machine, "job record: {e}"),
+            }
+        }
+    }
+
+    /// A good shipping pass with no resync pending: work adopted from a stopped serve
+    /// that needed nothing more is done; its end state is checked at the next pass.
+    fn nothing_left(&mut self, initial_bytes: u64) {
+        if self.initial.lock().0.is_some() {
+            self.initial_copied(initial_bytes);
+        }
+        if let Some(mut j) = self.resync.take() {
+            if let Err(e) = j.step_done(Some("it had ended before the restart")) {
+                tracing::warn!(machine = %self.machine, "job record: {e}");
+            }
+            self.to_verify.push(j);
+        }
+    }
+
+    /// The initial copy is at `done` of `total` bytes.
+    fn initial_progress(
+        initial: &Mutex<(Option<JobHandle>, Instant)>,
+        site: &std::path::Path,
+        machine: &str,
+        done: u64,
+        total: u64,
+    ) {
+        let mut g = initial.lock();
+        if g.0.is_none() {
+            match JobHandle::resume_or_start(site, JobKind::InitialReplication, machine) {
+                Ok(mut j) => {
+                    j.step("copy the disks");
+                    g.0 = Some(j);
+                }
+                Err(e) => tracing::warn!(machine, "job record: {e}"),
+            }
+        }
+        let now = Instant::now();
+        if now.duration_since(g.1) >= Duration::from_secs(1) || done >= total {
+            g.1 = now;
+            if let Some(j) = g.0.as_mut() {
+                j.progress(format!("{done} of {total} bytes scanned"));
+            }
+        }
+    }
+
+    fn initial_copied(&mut self, bytes: u64) {
+        if let Some(mut j) = self.initial.lock().0.take() {
+            if let Err(e) = j.step_done(Some(format!("{bytes} bytes of data sent"))) {
+                tracing::warn!(machine = %self.machine, "job record: {e}");
+            }
+            self.to_verify.push(j);
+        }
+    }
+
+    fn resync_started(&mut self, reason: &str) {
+        if self.resync.is_none() {
+            match JobHandle::resume_or_start(&self.site, JobKind::Resync, &self.machine) {
+                Ok(mut j) => {
+                    j.step(&format!(
+                        "compare chunks and send those that differ ({reason})"
+                    ));
+                    self.resync = Some(j);
+                }
+                Err(e) => tracing::warn!(machine = %self.machine, "job record: {e}"),
+            }
+        }
+    }
+
+    fn resync_done(&mut self, r: &super::shipper::ResyncReport) {
+        if let Some(mut j) = self.resync.take() {
+            let detail = format!(
+                "{} chunks compared, {} sent ({} bytes), {} bytes mended, {} lost; the \
+                 replica is consistent from LSN {}",
+                r.compared, r.sent_chunks, r.sent_bytes, r.mended_bytes, r.lost_bytes, r.valid_from
+            );
+            if let Err(e) = j.step_done(Some(detail)) {
+                tracing::warn!(machine = %self.machine, "job record: {e}");
+            }
+            self.to_verify.push(j);
+        }
+    }
+
+    /// A good pass: the target's handshake said its copy is complete, not diverged,
+    /// and in line up to `acked`.
+    fn pass_ok(&mut self, acked: u64, target: &str) {
+        for j in self.to_verify.drain(..) {
+            let id = j.id().to_string();
+            let verified = j.finish(|| {
+                Ok(format!(
+                    "{target} answered a new session: its copy is complete, not diverged, \
+                     acknowledged up to LSN {acked}"
+                ))
+            });
+            if let Err(e) = verified {
+                tracing::warn!(job = %id, "job record: {e}");
+            }
+        }
+    }
+
+    /// The work stopped for good (Critical) or must start over (the chain broke): the
+    /// jobs in flight fail with `e`.
+    fn failed(&mut self, e: &Error) {
+        let mut all: Vec<JobHandle> = self.to_verify.drain(..).collect();
+        all.extend(self.resync.take());
+        all.extend(self.initial.lock().0.take());
+        for j in all {
+            j.fail(e);
+        }
+    }
+}
+
 fn run(
     mut shipper: Shipper,
     machine: Arc<Machine>,
@@ -295,8 +458,15 @@ fn run(
     status: Arc<Mutex<LoopStatus>>,
     mut control: Control,
 ) {
+    let mut jobs = LoopJobs::new(shipper.site(), machine.name());
+    jobs.adopt();
     {
         let status = status.clone();
+        let (initial, site, mname) = (
+            jobs.initial.clone(),
+            shipper.site().to_path_buf(),
+            machine.name().to_string(),
+        );
         // A progress bar for the initial copy when a person watches serve's terminal.
         let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             let b = indicatif::ProgressBar::new(1);
@@ -312,6 +482,7 @@ fn run(
             indicatif::ProgressBar::hidden()
         };
         shipper.on_progress(Box::new(move |done, total| {
+            LoopJobs::initial_progress(&initial, &site, &mname, done, total);
             bar.set_length(total);
             bar.set_position(done);
             if done >= total {
@@ -412,9 +583,11 @@ fn run(
             }));
             let st = status.clone();
             shipper.report_resync_to(Box::new(move |c| st.lock().resync = Some(c)));
+            jobs.resync_started(&req.reason);
             match shipper.resync_batched(&machine, cfg.resync_chunk_bytes, cfg.resync_batch_bytes) {
                 Ok(r) => {
                     failures = 0;
+                    jobs.resync_done(&r);
                     tracing::info!(
                         machine = %name,
                         "resynchronised: {} chunks compared, {} sent ({} bytes)",
@@ -453,6 +626,7 @@ fn run(
                         continue;
                     }
                     ErrorClass::Critical => {
+                        jobs.failed(&e);
                         let mut s = status.lock();
                         s.health = Health::Critical;
                         s.reason = format!("resync failed: {e}; stopped until an operator acts");
@@ -477,6 +651,8 @@ fn run(
             Ok(report) => {
                 failures = 0;
                 control.acked(report.acked_lsn);
+                jobs.pass_ok(report.acked_lsn, &rel.target);
+                jobs.nothing_left(report.initial_bytes);
                 initial_done |= report.initial_completed || report.initial_bytes == 0;
                 let mut s = status.lock();
                 s.acked_lsn = report.acked_lsn;
@@ -495,6 +671,7 @@ fn run(
             Err(e) => match e.class() {
                 ErrorClass::NeedsResync => {
                     control.failed(&e.to_string());
+                    jobs.failed(&e);
                     tracing::warn!(machine = %name, "chain broken: {e}; resync required");
                     if let Err(e2) = SourceResync::require(&site, &name, &e.to_string()) {
                         tracing::error!(machine = %name, "{e2}");
@@ -512,6 +689,7 @@ fn run(
                     continue;
                 }
                 ErrorClass::Critical => {
+                    jobs.failed(&e);
                     tracing::error!(machine = machine.name(), "replication stopped: {e}");
                     let hint = match &e {
                         Error::Auth { .. } => {

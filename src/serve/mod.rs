@@ -73,6 +73,13 @@ fn wait_for_stop_signal(set: &libc::sigset_t) -> i32 {
 pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Result<()> {
     let signals = block_stop_signals();
     let registry = Registry::new(Site::open(site_path)?)?;
+    // Jobs a serve that died left behind: the resumable ones are taken over by the
+    // loops that go on with them; the others end as interrupted.
+    match crate::jobs::reap(site_path) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!("{n} job(s) of a process that stopped ended as interrupted"),
+        Err(e) => tracing::warn!("jobs: {e}"),
+    }
     registry.start()?;
     if let Some(addr) = &opts.listen {
         let me = crate::identity::Identity::load(site_path)?.id();

@@ -1,0 +1,478 @@
+//! Jobs: the record of every long operation — protect, initial replication, resync,
+//! restore (and the failovers, reprotects and plans to come) — with its steps, state,
+//! times and error, kept under the site so an operator can see what happened.
+//!
+//! `SITE/jobs/<id>.json`, one file a job (written atomically at every change, so a
+//! crash leaves the last state written), as DESIGN.md's `replog jobs --json` shows it,
+//! plus `format` (1), the owner's pid and its start time. IDs sort by start time
+//! (`j-<UTC yyyymmddThhmmss>-<microseconds>-<4 hex>`). The history is bounded: the newest
+//! [`HISTORY`] ended jobs are kept; jobs in progress or waiting never go.
+//!
+//! A job is `succeeded` only after its end state was checked: [`JobHandle::finish`]
+//! runs the check as the job's last step, and only its success ends the job well.
+//! A job whose process died is adopted by the next one that goes on with the work
+//! (a restarted serve resumes an initial replication or a resync, and says so in a
+//! step); one nobody can resume is failed as interrupted by the next serve.
+
+use crate::error::{Error, Result};
+use crate::format::{now_ns, rfc3339};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const JOBS_DIR: &str = "jobs";
+/// Ended jobs kept.
+pub const HISTORY: usize = 200;
+const FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobKind {
+    Protect,
+    InitialReplication,
+    Resync,
+    FailoverPlanned,
+    FailoverUnplanned,
+    FailoverTest,
+    CleanupTest,
+    ChangePoint,
+    Cancel,
+    Commit,
+    Reprotect,
+    Plan,
+    Restore,
+}
+
+impl JobKind {
+    /// Whether a process that goes on with the work picks up this kind of job
+    /// after the one that began it died.
+    pub fn resumable(self) -> bool {
+        matches!(self, JobKind::InitialReplication | JobKind::Resync)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Protect => "protect",
+            JobKind::InitialReplication => "initial-replication",
+            JobKind::Resync => "resync",
+            JobKind::FailoverPlanned => "failover-planned",
+            JobKind::FailoverUnplanned => "failover-unplanned",
+            JobKind::FailoverTest => "failover-test",
+            JobKind::CleanupTest => "cleanup-test",
+            JobKind::ChangePoint => "change-point",
+            JobKind::Cancel => "cancel",
+            JobKind::Commit => "commit",
+            JobKind::Reprotect => "reprotect",
+            JobKind::Plan => "plan",
+            JobKind::Restore => "restore",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    InProgress,
+    Waiting,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn ended(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::InProgress => "in-progress",
+            JobState::Waiting => "waiting",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    pub name: String,
+    pub state: JobState,
+    pub started: String,
+    pub ended: Option<String>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub format: u32,
+    pub id: String,
+    pub kind: JobKind,
+    pub machine: Option<String>,
+    pub plan: Option<String>,
+    pub state: JobState,
+    pub started: String,
+    pub ended: Option<String>,
+    pub error: Option<String>,
+    pub steps: Vec<Step>,
+    /// The process that runs the job: pid and its start time (clock ticks since
+    /// boot, from /proc), so a reused pid is not taken for it.
+    pub owner_pid: u32,
+    pub owner_start: u64,
+}
+
+fn dir(site: &Path) -> PathBuf {
+    site.join(JOBS_DIR)
+}
+
+fn path_of(site: &Path, id: &str) -> Result<PathBuf> {
+    let ok = id.starts_with("j-")
+        && id.len() <= 40
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'T');
+    if !ok {
+        return Err(Error::InvalidInput(format!(
+            "{id:?} is not a job ID (see `replog jobs`)"
+        )));
+    }
+    Ok(dir(site).join(format!("{id}.json")))
+}
+
+/// When the process `pid` started (clock ticks since boot), if it runs.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl Job {
+    /// Whether the process that runs it is gone.
+    pub fn owner_gone(&self) -> bool {
+        process_start(self.owner_pid) != Some(self.owner_start)
+    }
+}
+
+/// A job this process runs: every change is persisted at once.
+#[derive(Debug)]
+pub struct JobHandle {
+    site: PathBuf,
+    job: Job,
+}
+
+fn me() -> (u32, u64) {
+    let pid = std::process::id();
+    (pid, process_start(pid).unwrap_or(0))
+}
+
+fn new_id() -> String {
+    let now = std::time::SystemTime::now();
+    let t = humantime::format_rfc3339_seconds(now).to_string();
+    let stamp: String = t.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    let stamp = stamp.trim_end_matches('Z');
+    let micros = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_micros())
+        .unwrap_or(0);
+    let mut r = [0u8; 2];
+    let _ = getrandom::fill(&mut r);
+    format!("j-{stamp}-{micros:06}-{:02x}{:02x}", r[0], r[1])
+}
+
+impl JobHandle {
+    /// Begin a job of `kind` (for `machine`), in progress.
+    pub fn start(site: &Path, kind: JobKind, machine: Option<&str>) -> Result<JobHandle> {
+        let (pid, start) = me();
+        let h = JobHandle {
+            site: site.to_path_buf(),
+            job: Job {
+                format: FORMAT,
+                id: new_id(),
+                kind,
+                machine: machine.map(str::to_string),
+                plan: None,
+                state: JobState::InProgress,
+                started: rfc3339(now_ns()),
+                ended: None,
+                error: None,
+                steps: Vec::new(),
+                owner_pid: pid,
+                owner_start: start,
+            },
+        };
+        h.save()?;
+        Ok(h)
+    }
+
+    /// Go on with the newest job of `kind` for `machine` that is in progress and
+    /// whose process died, if there is one (saying so in a step); else begin one.
+    pub fn resume_or_start(site: &Path, kind: JobKind, machine: &str) -> Result<JobHandle> {
+        let orphan = list(site)?.into_iter().find(|j| {
+            j.kind == kind
+                && j.machine.as_deref() == Some(machine)
+                && j.state == JobState::InProgress
+                && j.owner_gone()
+        });
+        let Some(mut job) = orphan else {
+            return JobHandle::start(site, kind, Some(machine));
+        };
+        let gone = job.owner_pid;
+        let (pid, start) = me();
+        job.owner_pid = pid;
+        job.owner_start = start;
+        for s in job
+            .steps
+            .iter_mut()
+            .filter(|s| s.state == JobState::InProgress)
+        {
+            s.state = JobState::Failed;
+            s.ended = Some(rfc3339(now_ns()));
+            s.detail = Some(format!("interrupted: process {gone} stopped"));
+        }
+        let mut h = JobHandle {
+            site: site.to_path_buf(),
+            job,
+        };
+        h.step(&format!(
+            "resumed by process {pid} after process {gone} stopped"
+        ));
+        h.step_done(None::<String>)?;
+        Ok(h)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.job.id
+    }
+
+    pub fn job(&self) -> &Job {
+        &self.job
+    }
+
+    fn save(&self) -> Result<()> {
+        let p = path_of(&self.site, &self.job.id)?;
+        crate::storage::Storage::create_dir_all(&crate::storage::FileStorage, &dir(&self.site))?;
+        let text = serde_json::to_string_pretty(&self.job)
+            .map_err(|e| Error::InvalidInput(e.to_string()))?;
+        crate::storage::write_atomic(&crate::storage::FileStorage, &p, text.as_bytes())
+    }
+
+    /// Begin step `name` (an unfinished step before it ends as succeeded). Persisted
+    /// by the next change or now if `save` is called; errors writing the record are
+    /// logged, never allowed to stop the work itself.
+    pub fn step(&mut self, name: &str) {
+        self.close_open_step(JobState::Succeeded, None);
+        self.job.steps.push(Step {
+            name: name.to_string(),
+            state: JobState::InProgress,
+            started: rfc3339(now_ns()),
+            ended: None,
+            detail: None,
+        });
+        self.save_logged();
+    }
+
+    /// Say how the step in progress is going.
+    pub fn progress(&mut self, detail: impl Into<String>) {
+        if let Some(s) = self.job.steps.last_mut() {
+            s.detail = Some(detail.into());
+        }
+        self.save_logged();
+    }
+
+    /// The step in progress succeeded.
+    pub fn step_done(&mut self, detail: Option<impl Into<String>>) -> Result<()> {
+        self.close_open_step(JobState::Succeeded, detail.map(Into::into));
+        self.save()
+    }
+
+    fn close_open_step(&mut self, state: JobState, detail: Option<String>) {
+        if let Some(s) = self
+            .job
+            .steps
+            .last_mut()
+            .filter(|s| s.state == JobState::InProgress)
+        {
+            s.state = state;
+            s.ended = Some(rfc3339(now_ns()));
+            if detail.is_some() {
+                s.detail = detail;
+            }
+        }
+    }
+
+    fn save_logged(&self) {
+        if let Err(e) = self.save() {
+            tracing::warn!(job = %self.job.id, "job record: {e}");
+        }
+    }
+
+    /// Check the end state (`verify`, the job's last step, saying what it found) and
+    /// end the job: succeeded only if the check passed.
+    pub fn finish(mut self, verify: impl FnOnce() -> Result<String>) -> Result<Job> {
+        self.step("verify the end state");
+        match verify() {
+            Ok(found) => {
+                self.close_open_step(JobState::Succeeded, Some(found));
+                self.job.state = JobState::Succeeded;
+                self.job.ended = Some(rfc3339(now_ns()));
+                self.save()?;
+                prune(&self.site);
+                Ok(self.job)
+            }
+            Err(e) => {
+                let why = format!("the end state did not verify: {e}");
+                self.fail_with(&why);
+                Err(e)
+            }
+        }
+    }
+
+    /// End the job as failed, with the reason (the step in progress fails with it).
+    pub fn fail(mut self, e: &Error) -> Job {
+        self.fail_with(&e.to_string());
+        self.job
+    }
+
+    fn fail_with(&mut self, why: &str) {
+        self.close_open_step(JobState::Failed, Some(why.to_string()));
+        self.job.state = JobState::Failed;
+        self.job.error = Some(why.to_string());
+        self.job.ended = Some(rfc3339(now_ns()));
+        self.save_logged();
+        prune(&self.site);
+    }
+}
+
+/// Every job of the site, newest first (files that do not decode are skipped, with a
+/// warning).
+pub fn list(site: &Path) -> Result<Vec<Job>> {
+    let d = dir(site);
+    let mut names: Vec<String> = match std::fs::read_dir(&d) {
+        Ok(e) => e
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("j-") && n.ends_with(".json"))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("list", &d, e)),
+    };
+    names.sort();
+    names.reverse();
+    let mut out = Vec::new();
+    for n in names {
+        let p = d.join(&n);
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // pruned
+            Err(e) => return Err(Error::io("read", &p, e)),
+        };
+        match serde_json::from_str::<Job>(&text) {
+            Ok(j) if j.format == FORMAT => out.push(j),
+            Ok(j) => tracing::warn!(
+                "{}: job format {}; this build reads 1",
+                p.display(),
+                j.format
+            ),
+            Err(e) => tracing::warn!("{}: not a job record: {e}", p.display()),
+        }
+    }
+    Ok(out)
+}
+
+/// Job `id`.
+pub fn get(site: &Path, id: &str) -> Result<Job> {
+    let p = path_of(site, id)?;
+    let text = std::fs::read_to_string(&p).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::NotFound(format!("this site has no job {id}")),
+        _ => Error::io("read", &p, e),
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::corruption(&p, 0, e.to_string()))
+}
+
+/// Jobs in progress whose process died and which nobody resumes: failed, as
+/// interrupted (a starting serve calls this; resumable kinds are left to the loops
+/// that go on with them).
+pub fn reap(site: &Path) -> Result<usize> {
+    let mut n = 0;
+    for job in list(site)? {
+        if job.state != JobState::InProgress || job.kind.resumable() || !job.owner_gone() {
+            continue;
+        }
+        let gone = job.owner_pid;
+        let h = JobHandle {
+            site: site.to_path_buf(),
+            job,
+        };
+        h.fail(&Error::InvalidInput(format!(
+            "interrupted: process {gone} stopped before the job ended"
+        )));
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Keep the newest [`HISTORY`] ended jobs.
+fn prune(site: &Path) {
+    let Ok(jobs) = list(site) else { return };
+    for j in jobs.iter().filter(|j| j.state.ended()).skip(HISTORY) {
+        if let Ok(p) = path_of(site, &j.id) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_succeeds_only_when_its_end_state_verifies() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut j = JobHandle::start(tmp.path(), JobKind::Restore, Some("vm1")).unwrap();
+        j.step("write");
+        j.progress("half");
+        let id = j.id().to_string();
+        assert_eq!(get(tmp.path(), &id).unwrap().state, JobState::InProgress);
+        let done = j.finish(|| Ok("checked".into())).unwrap();
+        assert_eq!(done.state, JobState::Succeeded);
+        let back = get(tmp.path(), &id).unwrap();
+        assert_eq!(back, done);
+        assert_eq!(back.steps.len(), 2);
+        assert_eq!(back.steps[1].detail.as_deref(), Some("checked"));
+
+        let j = JobHandle::start(tmp.path(), JobKind::Protect, Some("vm1")).unwrap();
+        let id = j.id().to_string();
+        let err = j.finish(|| Err(Error::InvalidInput("it was not there".into())));
+        assert!(err.is_err());
+        let back = get(tmp.path(), &id).unwrap();
+        assert_eq!(back.state, JobState::Failed);
+        assert!(back
+            .error
+            .unwrap()
+            .contains("did not verify: it was not there"));
+        assert_eq!(list(tmp.path()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn history_is_bounded_and_ids_are_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let keep = JobHandle::start(tmp.path(), JobKind::Resync, Some("vm1")).unwrap();
+        for _ in 0..HISTORY + 5 {
+            let j = JobHandle::start(tmp.path(), JobKind::Restore, None).unwrap();
+            j.finish(|| Ok(String::new())).unwrap();
+        }
+        let all = list(tmp.path()).unwrap();
+        assert_eq!(all.iter().filter(|j| j.state.ended()).count(), HISTORY);
+        assert!(
+            all.iter().any(|j| j.id == keep.id()),
+            "an unfinished job was pruned"
+        );
+        for bad in ["../x", "j-../../etc/passwd", "", "x"] {
+            assert!(get(tmp.path(), bad).is_err(), "{bad}");
+        }
+    }
+}
