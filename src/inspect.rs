@@ -1,14 +1,20 @@
-//! `replog inspect`: dump and verify a site, a machine, a journal or one segment.
+//! `replog inspect`: dump and verify a site, a machine, a journal or one segment —
+//! and the replicas a site holds, or one replica file.
 //!
 //! Read-only: files are opened read-only and nothing is repaired. Every record's
 //! checksum, every footer and LSN continuity are verified with the same scanner
-//! recovery uses. The report names the first corruption exactly (file and offset).
+//! recovery uses. Every replica file — segment, segment index, parent chunk, patch,
+//! metadata — is decrypted and authenticated with the site's replica key, every
+//! segment verified as the source's recovery would and its index compared with it,
+//! and the chain from the parent to the newest segment checked. The report names
+//! the first corruption exactly (file and offset).
 
 use crate::error::{Error, Result};
 use crate::format::meta::{Manifest, Watermark};
 use crate::format::rfc3339;
 use crate::journal::reader::{scan_segment, valid_records_after, Expect};
 use crate::journal::{list_segments, PointKind};
+use crate::replica::store::Replicas;
 use crate::site::{is_site, list_machines, MACHINES_DIR};
 use crate::storage::{read_all, FileStorage, OpenMode, Storage};
 use crate::volume::{JOURNAL_DIR, MANIFEST_FILE, WATERMARK_FILE};
@@ -18,6 +24,9 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub journals: Vec<JournalReport>,
+    pub replicas: Vec<ReplicaReport>,
+    /// Single metadata or encrypted files inspected on their own.
+    pub files: Vec<FileReport>,
     /// The first corruption found, if any.
     pub corruption: Option<Corruption>,
     pub warnings: Vec<String>,
@@ -55,6 +64,34 @@ pub struct SegmentReport {
     pub data_bytes: u64,
 }
 
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplicaReport {
+    pub machine: String,
+    pub generation: u32,
+    pub source: String,
+    pub initial_done: bool,
+    pub parent_lsn: u64,
+    pub received_lsn: u64,
+    pub segments: u64,
+    pub parent_chunks: u64,
+    pub patches: u64,
+    pub points: u64,
+    pub objects_verified: u64,
+    pub bytes_verified: u64,
+    pub resync_under_way: bool,
+    pub damage_recorded: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileReport {
+    pub path: PathBuf,
+    /// What the file is.
+    pub kind: String,
+    /// What it holds, or what is needed to check it.
+    pub detail: String,
+    pub verified: bool,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PointReport {
     pub lsn: u64,
@@ -63,8 +100,9 @@ pub struct PointReport {
 }
 
 impl Report {
+    /// Nothing is damaged and everything asked about was verified.
     pub fn ok(&self) -> bool {
-        self.corruption.is_none()
+        self.corruption.is_none() && self.files.iter().all(|f| f.verified)
     }
 
     fn corrupt(&mut self, e: Corruption) {
@@ -78,6 +116,8 @@ impl Report {
 pub fn inspect(path: &Path) -> Result<Report> {
     let mut report = Report {
         journals: Vec::new(),
+        replicas: Vec::new(),
+        files: Vec::new(),
         corruption: None,
         warnings: Vec::new(),
     };
@@ -87,7 +127,9 @@ pub fn inspect(path: &Path) -> Result<Report> {
             path.display()
         )));
     }
-    if path.is_file() {
+    if path.is_file() && !is_segment_file(path)? {
+        inspect_file(path, &mut report)?;
+    } else if path.is_file() {
         inspect_journal(
             path.parent().unwrap_or(Path::new(".")),
             Some(path),
@@ -101,6 +143,12 @@ pub fn inspect(path: &Path) -> Result<Report> {
                 &mut report,
             )?;
         }
+        let replicas = Replicas::local(path)?;
+        for m in replicas.machines()? {
+            inspect_replica(&replicas, &m, &mut report)?;
+        }
+    } else if let Some((site, machine)) = replica_dir(path) {
+        inspect_replica(&Replicas::local(&site)?, &machine, &mut report)?;
     } else if path.join(MANIFEST_FILE).is_file() {
         inspect_journal(&path.join(JOURNAL_DIR), None, &mut report)?;
     } else if path.join(WATERMARK_FILE).is_file() || !list_segments(&FileStorage, path)?.is_empty()
@@ -108,11 +156,211 @@ pub fn inspect(path: &Path) -> Result<Report> {
         inspect_journal(path, None, &mut report)?;
     } else {
         return Err(Error::InvalidInput(format!(
-            "{} is not a replog site, machine, journal or segment",
+            "{} is not a replog site, machine, journal, segment or replica",
             path.display()
         )));
     }
     Ok(report)
+}
+
+/// Whether `path` is a journal segment (its magic; a file too short is taken for one,
+/// so the segment scanner reports what is wrong with it).
+fn is_segment_file(path: &Path) -> Result<bool> {
+    let mut head = [0u8; 8];
+    let f = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let n = std::os::unix::fs::FileExt::read_at(&f, &mut head, 0)
+        .map_err(|e| Error::io("read", path, e))?;
+    Ok(n < 8
+        || head == crate::format::segment::SEGMENT_MAGIC
+        || !(head == crate::format::meta::META_MAGIC || head == crate::replica::crypt::MAGIC))
+}
+
+/// `SITE/replicas/<machine>` → (SITE, machine), when `path` is (in) one.
+fn replica_dir(path: &Path) -> Option<(PathBuf, String)> {
+    let abs = path.canonicalize().ok()?;
+    let mut p = abs.as_path();
+    while let Some(parent) = p.parent() {
+        if parent
+            .file_name()
+            .is_some_and(|n| n == crate::replica::store::REPLICAS_DIR)
+        {
+            let site = parent.parent()?;
+            if is_site(site) {
+                let machine = p.file_name()?.to_str()?.to_string();
+                return Some((site.to_path_buf(), machine));
+            }
+        }
+        p = parent;
+    }
+    None
+}
+
+/// One metadata or encrypted replica file on its own: decoded; an encrypted one is
+/// authenticated when it lies in a site's replica (the site has the key), and
+/// otherwise the report says what it needs.
+fn inspect_file(path: &Path, report: &mut Report) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+    if bytes.starts_with(&crate::format::meta::META_MAGIC) {
+        match crate::replica::store::decode_meta_file(&bytes) {
+            Ok((kind, file)) => report.files.push(FileReport {
+                path: path.to_path_buf(),
+                kind: format!(
+                    "{} (metadata kind {kind}, version {})",
+                    crate::format::meta::kind_name(kind),
+                    bytes
+                        .get(8..10)
+                        .map_or(0, |v| u16::from_le_bytes([v[0], v[1]]))
+                ),
+                detail: format!("{file:?}"),
+                verified: true,
+            }),
+            Err(e) => report.corrupt(Corruption {
+                path: path.to_path_buf(),
+                offset: e.offset,
+                what: e.what,
+            }),
+        }
+        return Ok(());
+    }
+    // An encrypted replica file: which one, and can it be checked here?
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let kind = if name.ends_with(".seg.enc") {
+        "encrypted replica segment"
+    } else if name.ends_with(".data.enc") {
+        "encrypted resync patch"
+    } else if name.ends_with(".idx.enc") {
+        "encrypted index (of a segment or a patch)"
+    } else {
+        "encrypted replica parent chunk"
+    };
+    let Some((site, machine)) = replica_dir(path) else {
+        report.files.push(FileReport {
+            path: path.to_path_buf(),
+            kind: kind.into(),
+            detail: "encrypted with a site's replica key: it can be checked only with its \
+                     site — run `replog inspect SITE` (or inspect it where it lies, under \
+                     SITE/replicas/<machine>/)"
+                .into(),
+            verified: false,
+        });
+        return Ok(());
+    };
+    let before = report.corruption.is_none();
+    inspect_replica(&Replicas::local(&site)?, &machine, report)?;
+    report.files.push(FileReport {
+        path: path.to_path_buf(),
+        kind: kind.into(),
+        detail: format!(
+            "checked with its replica ({machine} at {}) and every other file of it",
+            site.display()
+        ),
+        verified: before && report.corruption.is_none(),
+    });
+    Ok(())
+}
+
+/// Verify every file of the replica of `machine`.
+fn inspect_replica(replicas: &Replicas, machine: &str, report: &mut Report) -> Result<()> {
+    let mut rr = ReplicaReport {
+        machine: machine.to_string(),
+        ..Default::default()
+    };
+    let store = match replicas.open_readonly(machine) {
+        Ok(s) => s,
+        Err(Error::Corruption { path, offset, what }) => {
+            report.corrupt(Corruption { path, offset, what });
+            report.replicas.push(rr);
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    rr.generation = store.generation();
+    rr.source = crate::identity::SiteId(store.manifest().source_site).to_string();
+    rr.initial_done = store.initial().done;
+    rr.parent_lsn = store.parent().lsn;
+    rr.received_lsn = store.received().lsn;
+    rr.patches = store.parent().patches;
+    rr.damage_recorded = store.damage()?;
+    // Every metadata file decodes (reading them at open did most; these may be absent).
+    for meta in ["initial", "retention.meta", "resync.meta", "scrub.meta"] {
+        if let Some(b) = store.backend().get(&store.key_of(meta))? {
+            if let Err(e) = crate::replica::store::decode_meta_file(&b) {
+                report.corrupt(Corruption {
+                    path: store.locate(meta),
+                    offset: e.offset,
+                    what: e.what,
+                });
+            }
+        }
+    }
+    rr.resync_under_way = match store.resync_progress() {
+        Ok(p) => p.is_some(),
+        Err(Error::Corruption { path, offset, what }) => {
+            report.corrupt(Corruption { path, offset, what });
+            false
+        }
+        Err(e) => return Err(e),
+    };
+    // Every object authenticates.
+    let found = |e: Error, report: &mut Report| -> Result<()> {
+        match e {
+            Error::Corruption { path, offset, what } => {
+                report.corrupt(Corruption { path, offset, what });
+                Ok(())
+            }
+            other => Err(other),
+        }
+    };
+    for item in crate::replica::scrub::items(&store)? {
+        match item.check(&store) {
+            Ok(n) => {
+                rr.objects_verified += 1;
+                rr.bytes_verified += n;
+                match item {
+                    crate::replica::scrub::Item::Chunk(..) => rr.parent_chunks += 1,
+                    crate::replica::scrub::Item::Segment(_) => rr.segments += 1,
+                    _ => {}
+                }
+            }
+            Err(e) => found(e, report)?,
+        }
+    }
+    // The chain: from the parent to the newest segment, every LSN once, each segment
+    // what its index says.
+    let mut next = store.parent().lsn + 1;
+    for seq in store.parent().seq + 1..=store.received().segment_seq {
+        match store.verify_segment(seq, next) {
+            Ok(index) => next = index.last_lsn + 1,
+            Err(Error::BrokenChain(what)) => {
+                report.corrupt(Corruption {
+                    path: store.locate(&format!("segments/{seq:020}.seg.enc")),
+                    offset: 0,
+                    what: format!("the chain breaks: {what}"),
+                });
+                break;
+            }
+            Err(e) => {
+                found(e, report)?;
+                break;
+            }
+        }
+    }
+    if report.corruption.is_none() && next != store.received().lsn + 1 {
+        report.corrupt(Corruption {
+            path: store.locate("received"),
+            offset: 0,
+            what: format!(
+                "the received mark says LSN {} but the segments end at {}",
+                store.received().lsn,
+                next - 1
+            ),
+        });
+    }
+    rr.points = crate::replica::points::materialisable(&store)
+        .map(|p| p.len() as u64)
+        .unwrap_or(0);
+    report.replicas.push(rr);
+    Ok(())
 }
 
 fn inspect_journal(dir: &Path, only: Option<&Path>, report: &mut Report) -> Result<()> {
@@ -381,10 +629,51 @@ pub fn print_text(r: &Report) {
             println!("    LSN {:>8}  {}  {}", p.lsn, p.time, p.kind);
         }
     }
+    for rr in &r.replicas {
+        println!(
+            "replica {} (generation {}, from site {})",
+            rr.machine, rr.generation, rr.source
+        );
+        println!(
+            "  parent at LSN {}, received up to LSN {}; {} segment(s), {} parent chunk(s), \
+             {} patch(es), {} point(s){}",
+            rr.parent_lsn,
+            rr.received_lsn,
+            rr.segments,
+            rr.parent_chunks,
+            rr.patches,
+            rr.points,
+            if rr.initial_done {
+                ""
+            } else {
+                "; initial replication not complete"
+            }
+        );
+        println!(
+            "  {} file(s), {} bytes decrypted and authenticated{}",
+            rr.objects_verified,
+            rr.bytes_verified,
+            if rr.resync_under_way {
+                "; a resync is under way"
+            } else {
+                ""
+            }
+        );
+        if let Some(d) = &rr.damage_recorded {
+            println!("  damage recorded (the source resynchronises): {d}");
+        }
+    }
+    for f in &r.files {
+        println!("{}: {}", f.path.display(), f.kind);
+        println!("  {}", f.detail);
+    }
     for w in &r.warnings {
         println!("warning: {w}");
     }
     match &r.corruption {
+        None if r.files.iter().any(|f| !f.verified) => {
+            println!("not verified: see above for what it needs")
+        }
         None => println!("all checksums verified: OK"),
         Some(c) => println!(
             "CORRUPTION in {} at offset {}: {}",

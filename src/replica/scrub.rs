@@ -40,7 +40,7 @@ pub struct ScrubState {
 
 /// One object the scrub checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Item {
+pub enum Item {
     Segment(u64),
     Index(u64),
     Chunk(u32, u64),
@@ -50,7 +50,7 @@ enum Item {
 
 impl Item {
     /// Its name in the replica (the scrub's order is these names' order).
-    fn name(&self) -> String {
+    pub fn name(&self) -> String {
         match self {
             Item::Segment(s) => format!("segments/{s:020}.seg.enc"),
             Item::Index(s) => format!("segments/{s:020}.idx.enc"),
@@ -61,7 +61,7 @@ impl Item {
     }
 
     /// Read, decrypt and authenticate it; the bytes read.
-    fn check(&self, store: &ReplicaStore) -> Result<u64> {
+    pub fn check(&self, store: &ReplicaStore) -> Result<u64> {
         Ok(match self {
             Item::Segment(s) => store.read_segment(*s)?.len() as u64,
             Item::Index(s) => store
@@ -75,7 +75,7 @@ impl Item {
 }
 
 /// Every object of the replica as its marks say it is now, in the scrub's order.
-fn items(store: &ReplicaStore) -> Result<Vec<Item>> {
+pub fn items(store: &ReplicaStore) -> Result<Vec<Item>> {
     let mut out = Vec::new();
     for (d, _) in store.manifest().disks.iter().enumerate() {
         for n in store.stored_chunks(d as u32)? {

@@ -156,6 +156,36 @@ impl ReplicaStore {
         }
     }
 
+    /// Check stored segment `seq` against everything known of it: it decrypts and
+    /// authenticates, verifies as the source's recovery would (starting at
+    /// `first_lsn`), and its index lists exactly its records and points.
+    pub fn verify_segment(&self, seq: u64, first_lsn: u64) -> Result<SegmentIndex> {
+        let plain = self.read_segment(seq)?;
+        let fresh = index_segment(
+            &self.manifest,
+            seq,
+            Some(first_lsn),
+            &plain,
+            &self.locate(&seg_rel(seq)),
+        )?;
+        let stored = self.segment_index(seq)?;
+        let same_points = stored.points.len() == fresh.points.len()
+            && stored.points.iter().zip(&fresh.points).all(|(a, b)| {
+                (a.lsn, a.time_ns, a.app, &a.digests) == (b.lsn, b.time_ns, b.app, &b.digests)
+            });
+        if stored.records != fresh.records
+            || (stored.first_lsn, stored.last_lsn) != (fresh.first_lsn, fresh.last_lsn)
+            || !same_points
+        {
+            return Err(Error::corruption(
+                self.locate(&idx_rel(seq)),
+                0,
+                format!("the index of segment {seq} does not list what the segment holds"),
+            ));
+        }
+        Ok(stored)
+    }
+
     /// Remove stored segments `from..=upto` (merged into the parent and needed by no
     /// reader), and their indexes. Returns how many files went.
     pub fn remove_segments(&self, from: u64, upto: u64) -> Result<u64> {
