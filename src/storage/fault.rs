@@ -21,6 +21,8 @@ struct Countdowns {
     synced: u64,
     /// Every file sync takes this long (to make concurrent callers overlap in tests).
     sync_delay: Option<std::time::Duration>,
+    /// The errno an injected failure carries (EIO unless set).
+    errno: Option<i32>,
 }
 
 /// See the module documentation.
@@ -70,6 +72,11 @@ impl FaultyStorage {
         f.sync_delay = sync_delay;
     }
 
+    /// Injected failures carry `errno` (say ENOSPC for a full disk) instead of EIO.
+    pub fn fail_with(&self, errno: i32) {
+        self.faults.lock().errno = Some(errno);
+    }
+
     /// Number of successful file syncs (fdatasync) so far.
     pub fn sync_count(&self) -> u64 {
         self.faults.lock().synced
@@ -108,8 +115,12 @@ fn tick(slot: &mut Option<u64>, sticky: bool, fired: &mut bool) -> bool {
     }
 }
 
-fn injected(op: &'static str, path: &Path) -> Error {
-    Error::io(op, path, io::Error::from_raw_os_error(libc::EIO))
+fn injected(op: &'static str, path: &Path, errno: Option<i32>) -> Error {
+    Error::io(
+        op,
+        path,
+        io::Error::from_raw_os_error(errno.unwrap_or(libc::EIO)),
+    )
 }
 
 impl FaultyFile {
@@ -151,7 +162,7 @@ impl Storage for FaultyStorage {
         let sticky = f.sticky;
         let Countdowns { syncs, fired, .. } = &mut *f;
         if tick(syncs, sticky, fired) {
-            return Err(injected("sync directory", dir));
+            return Err(injected("sync directory", dir, f.errno));
         }
         drop(f);
         self.mem.sync_dir(dir)
@@ -190,13 +201,13 @@ impl StorageFile for FaultyFile {
                 let half = first.get(..first.len() / 2).unwrap_or(&[]);
                 self.inner.write_at(&[half], offset)?;
             }
-            return Err(injected("write", self.path()));
+            return Err(injected("write", self.path(), self.faults.lock().errno));
         }
         self.inner.write_at(bufs, offset)
     }
     fn sync_data(&self) -> Result<()> {
         if self.check_sync() {
-            return Err(injected("fdatasync", self.path()));
+            return Err(injected("fdatasync", self.path(), self.faults.lock().errno));
         }
         let delay = self.faults.lock().sync_delay;
         if let Some(d) = delay {
@@ -220,7 +231,11 @@ impl StorageFile for FaultyFile {
     }
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
         if self.check_write() {
-            return Err(injected("punch hole in", self.path()));
+            return Err(injected(
+                "punch hole in",
+                self.path(),
+                self.faults.lock().errno,
+            ));
         }
         self.inner.punch_hole(offset, len)
     }

@@ -1,0 +1,303 @@
+//! Every refusal the receiver sends, provoked for real through a session, with the
+//! class the source gives it: retry later, resynchronise, or stop (Critical). The
+//! class comes from the refusal's code, never from its words.
+
+mod common;
+
+use replog::error::{Error, ErrorClass};
+use replog::identity::SiteId;
+use replog::replica::backend::DirBackend;
+use replog::replica::crypt::ReplicaKey;
+use replog::replica::store::Replicas;
+use replog::replication::protocol::{self, Message, RefusalCode};
+use replog::replication::receiver::Target;
+use replog::storage::{FaultyStorage, MemStorage, OpenMode, Storage};
+use std::path::Path;
+use std::sync::Arc;
+
+const PEER: [u8; 32] = [7; 32];
+
+/// A connection's two directions, in memory.
+struct Duplex {
+    input: std::io::Cursor<Vec<u8>>,
+    output: Vec<u8>,
+}
+
+impl std::io::Read for Duplex {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+
+impl std::io::Write for Duplex {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.output.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Run a session of `msgs` (after this build's Hello, unless `hello` is false); the
+/// refusal that ended it, if one did.
+fn session(target: &Target, hello: bool, msgs: &[Message]) -> Option<(RefusalCode, String)> {
+    let mut input = Vec::new();
+    if hello {
+        input.extend(protocol::encode(&protocol::hello(PEER)).expect("hello"));
+    }
+    for m in msgs {
+        input.extend(protocol::encode(m).expect("encode"));
+    }
+    let mut wire = Duplex {
+        input: std::io::Cursor::new(input),
+        output: Vec::new(),
+    };
+    target.session(&mut wire, SiteId(PEER));
+    let mut at = 0;
+    while at < wire.output.len() {
+        let (m, used) = protocol::decode::<Message>(&wire.output[at..]).expect("answer");
+        if let Message::Error { code, message } = m {
+            return Some((code, message));
+        }
+        at += used;
+    }
+    None
+}
+
+/// Sealed segments of a machine (id, segment bytes), written in memory.
+fn segments() -> (u64, Vec<Vec<u8>>) {
+    let mem = MemStorage::new();
+    let dir = Path::new("/src/vm1");
+    common::create_machine(&mem, dir, &[1 << 20]);
+    let m = common::open(Arc::new(mem.clone()), dir, 1 << 20).expect("open");
+    for i in 0..3u64 {
+        m.volume("d0")
+            .expect("vol")
+            .write(i * 4096, &common::pattern(i, 4096))
+            .expect("write");
+        m.flush().expect("flush");
+        m.seal().expect("seal");
+    }
+    let segs = (1..=3)
+        .map(|s| {
+            let p = dir
+                .join("journal")
+                .join(replog::format::segment::segment_name(s));
+            replog::storage::read_all(
+                mem.open(&p, OpenMode::ReadOnly).expect("seg").as_ref(),
+                1 << 30,
+            )
+            .expect("read")
+        })
+        .collect();
+    (m.machine_id(), segs)
+}
+
+fn protect(machine_id: u64, generation: u32) -> Message {
+    Message::Protect {
+        machine: "vm1".into(),
+        machine_id,
+        generation,
+        disks: vec![("d0".into(), 1 << 20)],
+        base_lsn: 0,
+        base_seq: 0,
+        retention_ms: 60_000,
+        app_retention_ms: 60_000,
+    }
+}
+
+fn chunk(seq: u64, bytes: &[u8]) -> Message {
+    Message::SegmentChunk {
+        machine: "vm1".into(),
+        generation: 1,
+        seq,
+        segment_len: bytes.len() as u64,
+        offset: 0,
+        compressed: false,
+        bytes: bytes.to_vec(),
+    }
+}
+
+/// The refusal's code is `want`, and the source would class it `class`.
+fn assert_refused(got: Option<(RefusalCode, String)>, want: RefusalCode, class: ErrorClass) {
+    let (code, message) = got.unwrap_or_else(|| panic!("no refusal; wanted {want:?}"));
+    assert_eq!(code, want, "{message}");
+    let as_source_sees_it = Error::Refused {
+        peer: "target".into(),
+        code,
+        message,
+    };
+    assert_eq!(as_source_sees_it.class(), class, "{as_source_sees_it}");
+}
+
+fn target_in(fs: &FaultyStorage) -> Target {
+    Target::new(
+        SiteId([8; 32]),
+        Replicas::new(
+            Arc::new(DirBackend::new(Arc::new(fs.clone()), "/t/replicas")),
+            ReplicaKey::from_bytes([3; 32]),
+        ),
+    )
+}
+
+#[test]
+fn every_refusal_the_receiver_sends_has_its_class() {
+    let (id, segs) = segments();
+    let fs = FaultyStorage::new();
+    let t = target_in(&fs);
+
+    // Protocol violations: Critical.
+    assert_refused(
+        session(&t, false, &[Message::Probe]),
+        RefusalCode::Protocol,
+        ErrorClass::Critical,
+    );
+    assert_refused(
+        session(&t, true, &[chunk(1, &segs[0])]),
+        RefusalCode::Protocol,
+        ErrorClass::Critical,
+    );
+    let hostile = Message::ResyncHashRequest {
+        machine: "vm1".into(),
+        disk: 0,
+        first: 0,
+        count: u64::MAX,
+        group: 1,
+    };
+    assert_refused(
+        session(&t, true, &[protect(id, 1), hostile]),
+        RefusalCode::Protocol,
+        ErrorClass::Critical,
+    );
+    // Another protocol version: Critical.
+    let old_hello = Message::Hello {
+        site_id: PEER,
+        software: "replog 0".into(),
+        protocol: 3,
+        features: protocol::FEATURES,
+        required: 0,
+    };
+    let mut input = protocol::encode(&old_hello).expect("encode");
+    input.extend(protocol::encode(&Message::Probe).expect("encode"));
+    let mut wire = Duplex {
+        input: std::io::Cursor::new(input),
+        output: Vec::new(),
+    };
+    t.session(&mut wire, SiteId(PEER));
+    let (m, _) = protocol::decode::<Message>(&wire.output).expect("answer");
+    match m {
+        Message::Error { code, message } => {
+            assert_eq!(code, RefusalCode::Version);
+            assert!(
+                message.contains("version 3") && message.contains("version 2"),
+                "{message}"
+            );
+            assert_eq!(
+                Error::Refused {
+                    peer: "t".into(),
+                    code,
+                    message
+                }
+                .class(),
+                ErrorClass::Critical
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // A Hello that names another site than the certificate: Critical.
+    let mut wire = Duplex {
+        input: std::io::Cursor::new(protocol::encode(&protocol::hello([9; 32])).expect("encode")),
+        output: Vec::new(),
+    };
+    t.session(&mut wire, SiteId(PEER));
+    let (m, _) = protocol::decode::<Message>(&wire.output).expect("answer");
+    assert!(
+        matches!(
+            m,
+            Message::Error {
+                code: RefusalCode::NotOwner,
+                ..
+            }
+        ),
+        "{m:?}"
+    );
+
+    // The replica is made and takes segment 1; a gap after it: resynchronise.
+    assert_eq!(
+        session(&t, true, &[protect(id, 1), chunk(1, &segs[0])]),
+        None
+    );
+    assert_refused(
+        session(&t, true, &[protect(id, 1), chunk(3, &segs[2])]),
+        RefusalCode::BrokenChain,
+        ErrorClass::NeedsResync,
+    );
+    // Different bytes under a stored number: resynchronise.
+    let mut other = segs[0].clone();
+    let n = other.len();
+    other[n - 60] ^= 1;
+    assert_refused(
+        session(&t, true, &[protect(id, 1), chunk(1, &other)]),
+        RefusalCode::BrokenChain,
+        ErrorClass::NeedsResync,
+    );
+    // Another machine under this replica's name: Critical.
+    assert_refused(
+        session(&t, true, &[protect(id ^ 1, 1)]),
+        RefusalCode::NotOwner,
+        ErrorClass::Critical,
+    );
+    // A newer generation is taken; then the older one is fenced: Critical.
+    assert_eq!(session(&t, true, &[protect(id, 2)]), None);
+    assert_refused(
+        session(&t, true, &[protect(id, 1)]),
+        RefusalCode::Fenced,
+        ErrorClass::Critical,
+    );
+
+    // The target compactor is merging into the replica: busy, retry.
+    {
+        let r = Replicas::new(
+            Arc::new(DirBackend::new(Arc::new(fs.clone()), "/t/replicas")),
+            ReplicaKey::from_bytes([3; 32]),
+        );
+        let mut st = r.open("vm1").expect("store");
+        let mut mark = st.parent().clone();
+        mark.merging_to = Some((1, 1));
+        st.set_parent(mark).expect("mark");
+    }
+    let fresh = target_in(&fs);
+    let resync = Message::ResyncStart {
+        machine: "vm1".into(),
+        generation: 2,
+        base_lsn: 3,
+        base_seq: 1,
+        chunk_bytes: 4096,
+    };
+    assert_refused(
+        session(&fresh, true, &[protect(id, 2), resync]),
+        RefusalCode::Busy,
+        ErrorClass::Retry,
+    );
+
+    // Out of space at the target: retry when there is room; another I/O error: retry.
+    for (errno, code) in [
+        (libc::ENOSPC, RefusalCode::NoSpace),
+        (libc::EIO, RefusalCode::Unavailable),
+    ] {
+        let full = FaultyStorage::new();
+        let t = target_in(&full);
+        full.fail_with(errno);
+        full.fail_write_after(0, true);
+        assert_refused(
+            session(&t, true, &[protect(id, 1)]),
+            code,
+            ErrorClass::Retry,
+        );
+        full.heal();
+        assert_eq!(
+            session(&t, true, &[protect(id, 1), chunk(1, &segs[0])]),
+            None
+        );
+    }
+}
