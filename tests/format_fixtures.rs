@@ -380,3 +380,122 @@ fn a_hello_with_another_version_or_missing_features_is_refused() {
     assert!(err.contains("requires"), "{err}");
     protocol::check_hello(2, protocol::FEATURES, protocol::REQUIRED_FEATURES).expect("this build");
 }
+
+// ------------------------------------------------------------------ version 2
+
+fn version_of(path: &Path) -> u16 {
+    let b = std::fs::read(path).expect("read");
+    u16::from_le_bytes([b[8], b[9]])
+}
+
+#[test]
+fn the_version_2_source_site_opens_and_reads_the_same_disks() {
+    let (_t, site) = site_copy("v2/site");
+    assert_eq!(version_of(&site.join("machines/vm1/machine.meta")), 2);
+    let report = replog::inspect::inspect(&site).expect("inspect");
+    assert!(report.ok(), "{:?}", report.corruption);
+    let s = replog::Site::open(&site).expect("open");
+    let m = s.open_machine("vm1").expect("machine");
+    assert_eq!(m.generation(), 1);
+    assert_eq!(m.role(), replog::protection::Role::Primary);
+    assert!(m.fenced().is_none());
+    let sums = std::fs::read_to_string(fixtures().join("v2/site/expected.sha256")).expect("sums");
+    for line in sums.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let v = m.volume(f[2]).expect("vol");
+        let mut buf = vec![0u8; v.size() as usize];
+        v.read(0, &mut buf).expect("read");
+        assert_eq!(
+            sha256(&buf),
+            f[0],
+            "disk {} of the v2 site reads differently",
+            f[2]
+        );
+    }
+    assert!(
+        replog::replication::relationship::Relationship::load(&site, "vm1")
+            .expect("relationship")
+            .is_some()
+    );
+}
+
+#[test]
+fn the_version_2_replica_opens_and_restores_identically() {
+    let (_t, site) = site_copy("v2/target");
+    let dir = site.join("replicas/vm1");
+    assert_eq!(version_of(&dir.join("replica.meta")), 2);
+    assert_eq!(version_of(&dir.join("parent.meta")), 2);
+    let replicas = Replicas::local(&site).expect("replicas");
+    let store = replicas.open("vm1").expect("open");
+    assert_eq!(store.generation(), 1);
+    assert!(store.scrub_state().expect("scrub").last_full_ns.is_some());
+    drop(store);
+    check_expected("v2/target", &site);
+    let report = replog::inspect::inspect(&site).expect("inspect");
+    assert!(report.ok(), "{:?}", report.corruption);
+
+    let (_t, site) = site_copy("v2/target-resyncing");
+    let store = Replicas::local(&site)
+        .expect("replicas")
+        .open("vm1")
+        .expect("open");
+    assert_eq!(version_of(&site.join("replicas/vm1/resync.meta")), 2);
+    let p = store
+        .resync_progress()
+        .expect("decodes")
+        .expect("under way");
+    assert!(p.compared > 0, "{p:?}");
+    let src = tempfile::tempdir().expect("tmp");
+    let m = src.path().join("machines/vm1");
+    std::fs::create_dir_all(&m).expect("mkdir");
+    std::fs::copy(
+        fixtures().join("v2/source/resync.toml"),
+        m.join("resync.toml"),
+    )
+    .expect("copy");
+    let r = replog::replication::resync_schedule::SourceResync::load(src.path(), "vm1")
+        .expect("resync.toml format 2")
+        .expect("present");
+    assert_eq!(r.base.map(|b| b.0), Some(p.base_lsn));
+}
+
+#[test]
+fn version_2_frames_and_job_records_decode() {
+    let hello = std::fs::read(fixtures().join("v2/protocol/hello.frame")).expect("frame");
+    match protocol::decode::<Message>(&hello).expect("hello").0 {
+        Message::Hello {
+            site_id,
+            protocol: p,
+            features,
+            required,
+            ..
+        } => {
+            assert_eq!(site_id, [7; 32]);
+            protocol::check_hello(p, features, required).expect("this build's own Hello");
+        }
+        other => panic!("{other:?}"),
+    }
+    let protect = std::fs::read(fixtures().join("v2/protocol/protect.frame")).expect("frame");
+    match protocol::decode::<Message>(&protect).expect("protect").0 {
+        Message::Protect {
+            machine,
+            generation,
+            base_lsn,
+            ..
+        } => assert_eq!((machine.as_str(), generation, base_lsn), ("vm1", 3, 10)),
+        other => panic!("{other:?}"),
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    copy_dir(&fixtures().join("v2/jobs"), &tmp.path().join("jobs"));
+    let jobs = replog::jobs::list(tmp.path()).expect("jobs");
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].state, replog::jobs::JobState::Succeeded);
+    assert_eq!(jobs[0].kind, replog::jobs::JobKind::Restore);
+    assert_eq!(
+        replog::jobs::get(tmp.path(), &jobs[0].id)
+            .expect("get")
+            .steps
+            .len(),
+        2
+    );
+}

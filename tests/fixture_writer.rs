@@ -1,0 +1,238 @@
+//! Writes the fixtures of the formats this build writes (`tests/fixtures/v2`, see its
+//! README) — run by hand when a format gains a version, never in CI:
+//!
+//! ```text
+//! cargo test --test fixture_writer -- --ignored
+//! ```
+//!
+//! When a format changes again, bump its version, change this writer to write the new
+//! fixtures into a new directory (`v3`), and keep the old ones with their tests.
+
+mod common;
+
+use common::pair::{replog, restore, start_target, trusted_pair};
+use replog::replica::store::Replicas;
+use replog::replication::protocol::{self, Message};
+use replog::replication::shipper::Shipper;
+use replog::Site;
+use sha2::Digest;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        let dst = to.join(e.file_name());
+        let t = e.file_type().expect("type");
+        if t.is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else if t.is_file() {
+            std::fs::copy(e.path(), &dst).expect("copy");
+        }
+    }
+}
+
+/// A site copied for a fixture, without what only a running process has.
+fn keep_site(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    copy_dir(from, to);
+    for f in ["lock", "status.json", "trusted-peers.lock", "control.sock"] {
+        let _ = std::fs::remove_file(to.join(f));
+    }
+    let _ = std::fs::remove_file(to.join("replicas/vm1/merge.lock"));
+    for d in ["machines", "replicas"] {
+        if to.join(d).is_dir() {
+            std::fs::write(to.join(d).join(".keep"), b"").expect("keep");
+        }
+    }
+}
+
+fn scatter(m: &replog::Machine, disk: &str, seed: u64, n: u64) {
+    let v = m.volume(disk).expect("vol");
+    let blocks = v.size() / 4096;
+    for i in 0..n {
+        let b = (seed * 7919 + i * 104_729) % blocks;
+        v.write(b * 4096, &common::pattern(seed + i, 4096))
+            .expect("write");
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    sha2::Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+#[test]
+#[ignore]
+fn write_version_2_fixtures() {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v2");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    trusted_pair(&a, &b);
+    let raw = tmp.path().join("os.raw");
+    std::fs::write(&raw, common::pattern(17, 256 << 10)).expect("raw");
+    replog(
+        &[
+            "disk",
+            "create",
+            "vm1/os",
+            "--size",
+            "2M",
+            "--import",
+            raw.to_str().expect("path"),
+        ],
+        &a,
+    );
+    replog(&["disk", "create", "vm1/data", "--size", "1M"], &a);
+    let addr = start_target(&b);
+    let site = Site::open(&a).expect("source");
+    let m = site.open_machine("vm1").expect("machine");
+    let mut sh = Shipper::new(&a, &m, &addr);
+    sh.set_retention(3_600_000, 7_200_000);
+    sh.ship_once(&m).expect("initial");
+    for round in 0..3u64 {
+        scatter(&m, "os", 10 + round, 12);
+        scatter(&m, "data", 40 + round, 4);
+        m.flush().expect("flush");
+        if round == 1 {
+            m.checkpoint().expect("app point");
+        }
+        m.volume("os")
+            .expect("vol")
+            .write_zeroes(8192 * (round + 1), 4096)
+            .expect("zero");
+        m.flush().expect("flush");
+        m.seal().expect("seal");
+        sh.ship_once(&m).expect("ship");
+    }
+    // One merge at the target (all but the newest point expired "three hours later").
+    sh.set_retention(1000, 1000);
+    scatter(&m, "os", 70, 6);
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    sh.ship_once(&m).expect("ship");
+    let replicas = Replicas::local(&b).expect("replicas");
+    let later = replog::format::now_ns() + 3 * 3600 * 1_000_000_000;
+    replog::replica::compact::compact_replica(&replicas, "vm1", later).expect("merge");
+    sh.set_retention(3_600_000, 7_200_000);
+    scatter(&m, "os", 100, 8);
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    sh.ship_once(&m).expect("ship");
+    replog::replica::scrub::scrub_replica(&replicas, "vm1", u64::MAX).expect("scrub");
+
+    // v2/target: a replica with a merged parent, segments after it, a scrub state.
+    keep_site(&b, &out.join("target/site"));
+    let mut sums = String::new();
+    for at in ["latest"] {
+        let o = tmp.path().join(format!("restored-{at}"));
+        assert!(restore(&b, at, &o).expect("restore").verified);
+        for d in ["os", "data"] {
+            let img = std::fs::read(o.join(format!("{d}.img"))).expect("image");
+            sums.push_str(&format!("{} {at} {d}\n", hex(&img)));
+        }
+    }
+    std::fs::write(out.join("target/expected.sha256"), sums).expect("sums");
+
+    // v2/site: the source, protected (machine.meta 2, segments 2, relationship),
+    // its disks as they read now.
+    replog::replication::relationship::Relationship {
+        target: addr.clone(),
+        target_id: replog::identity::Identity::load(&b)
+            .expect("id")
+            .id()
+            .to_string(),
+        retention: Some("1h".into()),
+        app_retention: Some("2h".into()),
+    }
+    .save(&a, "vm1")
+    .expect("relationship");
+    scatter(&m, "data", 300, 3);
+    m.flush().expect("flush");
+    let mut sums = String::new();
+    for d in ["os", "data"] {
+        let v = m.volume(d).expect("vol");
+        let mut buf = vec![0u8; v.size() as usize];
+        v.read(0, &mut buf).expect("read");
+        sums.push_str(&format!("{} now {d}\n", hex(&buf)));
+    }
+    drop(sh);
+    m.close().expect("close");
+    drop(site);
+    keep_site(&a, &out.join("site/site"));
+    std::fs::write(out.join("site/expected.sha256"), sums).expect("sums");
+
+    // v2/target-resyncing and v2/source: a resync stopped after its first batch.
+    let site = Site::open(&a).expect("source");
+    let m = site.open_machine("vm1").expect("machine");
+    let mut sh = Shipper::new(&a, &m, &addr);
+    sh.ship_once(&m).expect("ship");
+    scatter(&m, "os", 500, 20);
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    sh.release_hold(m.status().last_lsn);
+    m.compact().expect("compact");
+    scatter(&m, "os", 900, 4);
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    assert!(sh.ship_once(&m).is_err(), "the chain should be broken");
+    replog::replication::resync_schedule::SourceResync::require(&a, "vm1", "fixture")
+        .expect("require");
+    let stop = Arc::new(AtomicBool::new(false));
+    sh.stop_on(stop.clone());
+    {
+        let stop = stop.clone();
+        sh.on_progress(Box::new(move |done, _| {
+            if done > 0 {
+                stop.store(true, Ordering::Release);
+            }
+        }));
+    }
+    sh.resync_batched(&m, 4096, 1 << 20)
+        .expect_err("did not stop");
+    keep_site(&b, &out.join("target-resyncing/site"));
+    let s = out.join("source");
+    let _ = std::fs::remove_dir_all(&s);
+    std::fs::create_dir_all(&s).expect("mkdir");
+    for f in ["relationship.toml", "resync.toml"] {
+        std::fs::copy(a.join("machines/vm1").join(f), s.join(f)).expect("copy");
+    }
+    m.close().expect("close");
+
+    // v2/protocol: a Hello and a Protect as this build sends them.
+    let p = out.join("protocol");
+    std::fs::create_dir_all(&p).expect("mkdir");
+    std::fs::write(
+        p.join("hello.frame"),
+        protocol::encode(&protocol::hello([7; 32])).expect("hello"),
+    )
+    .expect("write");
+    let protect = Message::Protect {
+        machine: "vm1".into(),
+        machine_id: 42,
+        generation: 3,
+        disks: vec![("os".into(), 4 << 20)],
+        base_lsn: 10,
+        base_seq: 2,
+        retention_ms: 1000,
+        app_retention_ms: 2000,
+    };
+    std::fs::write(
+        p.join("protect.frame"),
+        protocol::encode(&protect).expect("protect"),
+    )
+    .expect("write");
+
+    // v2/jobs: the jobs the source site recorded (format 1).
+    let j = out.join("jobs");
+    let _ = std::fs::remove_dir_all(&j);
+    let mut job = replog::jobs::JobHandle::start(&a, replog::jobs::JobKind::Restore, Some("vm1"))
+        .expect("job");
+    job.step("a step");
+    job.finish(|| Ok("checked".into())).expect("finish");
+    copy_dir(&a.join("jobs"), &j);
+}
