@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub const FILE: &str = "relationship.toml";
+/// How long a target keeps every recovery point unless the relationship says: 24 h.
+pub const DEFAULT_RETENTION_MS: u64 = 24 * 3600 * 1000;
+/// How long it keeps app-consistent points: 72 h.
+pub const DEFAULT_APP_RETENTION_MS: u64 = 72 * 3600 * 1000;
 const HEADER: &str = "# replog relationship, format 1";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,14 +65,13 @@ impl Relationship {
 
     /// (every point, app-consistent points) retention in milliseconds.
     pub fn retention_ms(&self) -> Result<(u64, u64)> {
-        let d = crate::replica::store::Retention::default();
         let w = match &self.retention {
             Some(t) => parse_retention("retention", t)?,
-            None => d.window_ms,
+            None => DEFAULT_RETENTION_MS,
         };
         let a = match &self.app_retention {
             Some(t) => parse_retention("app_retention", t)?,
-            None => d.app_window_ms,
+            None => DEFAULT_APP_RETENTION_MS,
         };
         Ok((w, a.max(w)))
     }

@@ -188,9 +188,10 @@ pub struct Retention {
 
 impl Default for Retention {
     fn default() -> Self {
+        use crate::replication::relationship::{DEFAULT_APP_RETENTION_MS, DEFAULT_RETENTION_MS};
         Retention {
-            window_ms: 24 * 3600 * 1000,
-            app_window_ms: 72 * 3600 * 1000,
+            window_ms: DEFAULT_RETENTION_MS,
+            app_window_ms: DEFAULT_APP_RETENTION_MS,
         }
     }
 }

@@ -228,10 +228,10 @@ impl Shipper {
             acked_lsn: base,
             progress: None,
             stop: None,
-            retention: {
-                let r = crate::replica::store::Retention::default();
-                (r.window_ms, r.app_window_ms)
-            },
+            retention: (
+                super::relationship::DEFAULT_RETENTION_MS,
+                super::relationship::DEFAULT_APP_RETENTION_MS,
+            ),
             resync_counters: None,
         }
     }
