@@ -121,8 +121,8 @@ pub(crate) fn compact_once(m: &MachineInner) -> Result<CompactStats> {
                 return Err(Error::corruption(seg.file.path(), rec.offset, what));
             }
             match h.kind {
-                RecordKind::Write => disk.parent.write_at(&[rec.payload], h.offset)?,
-                RecordKind::Zero => disk.parent.punch_hole(h.offset, h.length)?,
+                RecordKind::Write => disk.parent().write_at(&[rec.payload], h.offset)?,
+                RecordKind::Zero => disk.parent().punch_hole(h.offset, h.length)?,
                 RecordKind::Point => return Ok(()),
             }
             if let Some(t) = touched.get_mut(h.disk as usize) {
@@ -155,7 +155,7 @@ pub(crate) fn compact_once(m: &MachineInner) -> Result<CompactStats> {
     // 2. Parents durable.
     for (disk, t) in m.disks.iter().zip(&touched) {
         if *t {
-            disk.parent.sync_data().map_err(|e| fail(m, e))?;
+            disk.parent().sync_data().map_err(|e| fail(m, e))?;
         }
     }
     // 3. Reads move to the parents.

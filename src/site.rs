@@ -221,7 +221,18 @@ impl Site {
                 self.path.display()
             )));
         }
-        let m = Machine::open(self.storage.clone(), &dir, machine, self.config.journal)?;
+        let manifest = Machine::read_manifest(self.storage.as_ref(), &dir)?;
+        let bases = match &manifest.base {
+            Some(base) => Some(self.base_parents(&dir, &manifest, base)?),
+            None => None,
+        };
+        let m = Machine::open_on(
+            self.storage.clone(),
+            &dir,
+            machine,
+            self.config.journal,
+            bases,
+        )?;
         // A protected machine changed behind replog's back: record that a resync is
         // required now (closing rewrites the stamp, and the change would be forgotten).
         if let Some(why) = m.changed_offline() {
@@ -246,6 +257,54 @@ impl Site {
             }
         }
         Ok(m)
+    }
+}
+
+impl Site {
+    /// The parents of a machine that stands on a replica point: that point opened
+    /// (and pinned) once, one read-only parent per disk.
+    fn base_parents(
+        &self,
+        dir: &Path,
+        manifest: &crate::format::meta::Manifest,
+        base: &crate::protection::Base,
+    ) -> Result<Vec<Arc<dyn crate::storage::StorageFile>>> {
+        let replicas = crate::replica::store::Replicas::local(&self.path)?;
+        let store = replicas.open(&base.replica)?;
+        let image = Arc::new(crate::replica::replay::PointImage::open(
+            store,
+            &base.lsn.to_string(),
+        )?);
+        if image.point().lsn != base.lsn {
+            return Err(Error::InvalidInput(format!(
+                "replica {} no longer offers the point at LSN {} that machine {} stands on",
+                base.replica,
+                base.lsn,
+                dir.display()
+            )));
+        }
+        let mut parents: Vec<Arc<dyn crate::storage::StorageFile>> = Vec::new();
+        for d in &manifest.disks {
+            let size = image
+                .disks()
+                .iter()
+                .find(|r| r.id == d.id && r.size == d.size)
+                .map(|r| r.size)
+                .ok_or_else(|| {
+                    Error::InvalidInput(format!(
+                        "replica {} has no disk {} of {} bytes",
+                        base.replica, d.name, d.size
+                    ))
+                })?;
+            parents.push(Arc::new(crate::volume::PointParent::new(
+                dir.join(crate::volume::DISKS_DIR)
+                    .join(format!("{}.img", d.name)),
+                image.clone(),
+                d.id,
+                size,
+            )));
+        }
+        Ok(parents)
     }
 }
 

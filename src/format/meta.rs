@@ -17,10 +17,14 @@
 //!
 //! postcard writes integers as LEB128 varints, strings and sequences as a varint
 //! length followed by their bytes, enums as a varint variant index, options as 0 or
-//! 1 and the value, fields in declaration order. Version 2: `machine_id: u64, disks:
+//! 1 and the value, fields in declaration order. Version 3: `machine_id: u64, disks:
 //! [ { id: u32, name: string, size: u64 } ], role: (0 primary, 1 replica, 2 test),
 //! generation: u32, fence: Option<{ by_site: [u8; 32], generation: u32, at_ns: u64,
-//! reason: string }>`. Version 1 had `machine_id` and `disks` only (a primary at
+//! reason: string }>, base: Option<{ replica: string, lsn: u64, time_ns: u64 }>,
+//! pending: Option<{ kind: (0 planned, 1 unplanned, 2 test), from_generation: u32,
+//! source_site: [u8; 32], started_ns: u64 }>, intent: Option<{ target_site: [u8; 32],
+//! target: string, generation: u32, job: string, started_ns: u64 }>`. Version 2 ended
+//! after `fence`; version 1 had `machine_id` and `disks` only (a primary at
 //! generation 1, not fenced).
 //!
 //! ## Replica manifest body (kind 3): postcard encoding of
@@ -85,7 +89,7 @@ pub const KIND_SCRUB: u16 = 8;
 /// The version of `kind` this build writes, which is also the newest it reads.
 pub fn version_of(kind: u16) -> u16 {
     match kind {
-        KIND_MANIFEST => 2,
+        KIND_MANIFEST => 3,
         KIND_REPLICA_MANIFEST | KIND_PARENT_MARK | KIND_RESYNC => 2,
         _ => 1,
     }
@@ -206,6 +210,12 @@ pub struct Manifest {
     pub generation: u32,
     /// Set when a newer generation took the machine over: its writes are refused.
     pub fence: Option<crate::protection::Fence>,
+    /// The parents are a replica at a point (version 3).
+    pub base: Option<crate::protection::Base>,
+    /// A promotion not committed yet (version 3).
+    pub pending: Option<crate::protection::Pending>,
+    /// A planned failover under way at this primary (version 3).
+    pub intent: Option<crate::protection::Intent>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,18 +238,42 @@ impl Manifest {
             role: crate::protection::Role::Primary,
             generation: 1,
             fence: None,
+            base: None,
+            pending: None,
+            intent: None,
         }
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         let (version, body) = decode(KIND_MANIFEST, b)?;
         let bad = || DecodeError::new(META_HEADER_LEN as u64, "manifest body does not decode");
-        if version >= 2 {
+        if version >= 3 {
             let m: Manifest = body_exact(body).ok_or_else(bad)?;
             if m.generation == 0 {
                 return Err(DecodeError::new(META_HEADER_LEN as u64, "generation 0"));
             }
             return Ok(m);
+        }
+        if version == 2 {
+            #[derive(Deserialize)]
+            struct V2 {
+                machine_id: u64,
+                disks: Vec<DiskEntry>,
+                role: crate::protection::Role,
+                generation: u32,
+                fence: Option<crate::protection::Fence>,
+            }
+            let v2: V2 = body_exact(body).ok_or_else(bad)?;
+            if v2.generation == 0 {
+                return Err(DecodeError::new(META_HEADER_LEN as u64, "generation 0"));
+            }
+            return Ok(Manifest {
+                disks: v2.disks,
+                role: v2.role,
+                generation: v2.generation,
+                fence: v2.fence,
+                ..Manifest::new(v2.machine_id)
+            });
         }
         #[derive(Deserialize)]
         struct V1 {

@@ -51,6 +51,66 @@ pub struct Fence {
     pub reason: String,
 }
 
+/// Which failover made a machine what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailoverKind {
+    /// Run at the primary: writes stopped, everything shipped, zero loss.
+    Planned,
+    /// Run at the target: the source is lost, promoted at a chosen point.
+    Unplanned,
+    /// An isolated writable copy of a point; replication goes on.
+    Test,
+}
+
+impl FailoverKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailoverKind::Planned => "planned",
+            FailoverKind::Unplanned => "unplanned",
+            FailoverKind::Test => "test",
+        }
+    }
+}
+
+/// A machine whose parents are a replica at a point (a promoted machine before its
+/// fold, a test copy): no parent image files, nothing copied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Base {
+    /// The replica of this site (`SITE/replicas/<replica>`).
+    pub replica: String,
+    /// The point's LSN: the machine's journal starts after it.
+    pub lsn: u64,
+    /// The point's time at the source (ns since the epoch).
+    pub time_ns: u64,
+}
+
+/// A promotion not committed yet: the machine is `commit-pending`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    pub kind: FailoverKind,
+    /// The replica's generation before the promotion (cancel restores it).
+    pub from_generation: u32,
+    /// The site the machine was replicated from.
+    pub source_site: [u8; 32],
+    /// When the failover started (ns since the epoch).
+    pub started_ns: u64,
+}
+
+/// A planned failover under way at the primary: writes are fenced until it ends; a
+/// primary that restarts with one asks the target how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    /// The target's site ID and address.
+    pub target_site: [u8; 32],
+    pub target: String,
+    /// The generation the target is asked to promote to.
+    pub generation: u32,
+    /// The job that runs it.
+    pub job: String,
+    pub started_ns: u64,
+}
+
 /// A machine's state as status shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -108,4 +168,4 @@ macro_rules! display_as_str {
         }
     )*};
 }
-display_as_str!(Role, State, Health);
+display_as_str!(Role, State, Health, FailoverKind);

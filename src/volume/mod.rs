@@ -33,11 +33,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+mod base;
 mod damage;
 mod open;
 mod read;
 mod write;
 
+pub use base::PointParent;
 pub use damage::DamagedRange;
 pub(crate) use open::{apply_to_index, record_outside_disk};
 
@@ -58,7 +60,29 @@ pub(crate) struct Disk {
     pub id: u32,
     pub name: String,
     pub size: u64,
-    pub parent: Arc<dyn StorageFile>,
+    /// The parent image, or a replica point until the fold swaps the file in.
+    parent: RwLock<Arc<dyn StorageFile>>,
+}
+
+impl Disk {
+    pub fn new(id: u32, name: String, size: u64, parent: Arc<dyn StorageFile>) -> Disk {
+        Disk {
+            id,
+            name,
+            size,
+            parent: RwLock::new(parent),
+        }
+    }
+
+    /// The parent as it is now (a cheap clone; the fold may swap it later).
+    pub fn parent(&self) -> Arc<dyn StorageFile> {
+        self.parent.read().clone()
+    }
+
+    /// Swap in the parent image the fold wrote.
+    pub(crate) fn set_parent(&self, parent: Arc<dyn StorageFile>) {
+        *self.parent.write() = parent;
+    }
 }
 
 /// Index and segment files, under one lock so lookups and file handles agree.
@@ -119,7 +143,15 @@ pub(crate) struct MachineInner {
     /// machine over (persisted in the manifest), or the command channel fenced it.
     fence: Mutex<Option<String>>,
     /// The manifest says a newer generation took the machine over.
-    failed_over: bool,
+    failed_over: AtomicBool,
+    /// The parents are a replica at a point (until the fold).
+    base: Mutex<Option<crate::protection::Base>>,
+    /// A promotion not committed yet.
+    pending: Mutex<Option<crate::protection::Pending>>,
+    /// A planned failover under way at this primary.
+    intent: Mutex<Option<crate::protection::Intent>>,
+    /// Serialises rewrites of `machine.meta`.
+    manifest_lock: Mutex<()>,
 }
 
 /// An open machine: its journal, index, disks and compactor.
@@ -127,6 +159,8 @@ pub(crate) struct MachineInner {
 pub struct Machine {
     inner: Arc<MachineInner>,
     compactor: Mutex<Option<Compactor>>,
+    /// Keeps the compactor at the base point while the parents are a replica point.
+    base_hold: Mutex<Option<holds::WatermarkHold>>,
     /// Set at open when a parent image is not as replog left it.
     changed_offline: Option<String>,
 }
@@ -261,7 +295,72 @@ impl Machine {
 
     /// Whether the manifest says a newer generation took the machine over.
     pub fn failed_over(&self) -> bool {
-        self.inner.failed_over
+        self.inner.failed_over.load(Ordering::Acquire)
+    }
+
+    /// A newer generation took the machine over: persist the fence in the manifest
+    /// (and drop a planned failover's intent), refuse writes from now on. Idempotent.
+    pub fn persist_fence(&self, fence: crate::protection::Fence) -> Result<()> {
+        let reason = fence_reason(&fence);
+        let w = self.inner.writer.lock();
+        self.inner.update_manifest(|m| {
+            m.fence = Some(fence.clone());
+            m.intent = None;
+        })?;
+        *self.inner.intent.lock() = None;
+        *self.inner.fence.lock() = Some(reason);
+        self.inner.failed_over.store(true, Ordering::Release);
+        drop(w);
+        Ok(())
+    }
+
+    /// Where the parents come from while they are a replica point.
+    pub fn base(&self) -> Option<crate::protection::Base> {
+        self.inner.base.lock().clone()
+    }
+
+    /// The promotion not committed yet, if any.
+    pub fn pending(&self) -> Option<crate::protection::Pending> {
+        self.inner.pending.lock().clone()
+    }
+
+    /// The planned failover under way at this primary, if any.
+    pub fn intent(&self) -> Option<crate::protection::Intent> {
+        self.inner.intent.lock().clone()
+    }
+
+    /// Record (or clear) a planned failover's intent, durably.
+    pub fn set_intent(&self, intent: Option<crate::protection::Intent>) -> Result<()> {
+        self.inner.update_manifest(|m| m.intent = intent.clone())?;
+        *self.inner.intent.lock() = intent;
+        Ok(())
+    }
+
+    /// The promotion is final: clear `pending`, durably.
+    pub fn clear_pending(&self) -> Result<()> {
+        self.inner.update_manifest(|m| m.pending = None)?;
+        *self.inner.pending.lock() = None;
+        Ok(())
+    }
+
+    /// The fold wrote every parent image: swap them in, drop the base from the
+    /// manifest, release the compactor. `parents` are in disk-id order.
+    pub fn finish_fold(&self, parents: Vec<Arc<dyn StorageFile>>) -> Result<()> {
+        if parents.len() != self.inner.disks.len() {
+            return Err(Error::InvalidInput("fold: one parent per disk".into()));
+        }
+        // No merge may run while the parents change (none can: the hold), and no
+        // read sees a mix: each swap is atomic per disk, and both sources hold the
+        // same bytes.
+        let _merge = self.inner.compaction.lock();
+        self.inner.update_manifest(|m| m.base = None)?;
+        for (d, p) in self.inner.disks.iter().zip(parents) {
+            d.set_parent(p);
+        }
+        *self.inner.base.lock() = None;
+        self.inner.write_parents_stamp();
+        self.base_hold.lock().take();
+        Ok(())
     }
 
     /// Why writes are refused, if they are.
@@ -286,7 +385,7 @@ impl Machine {
     /// The parent image of disk number `disk` (initial replication reads it while a
     /// watermark hold keeps it frozen).
     pub(crate) fn parent(&self, disk: usize) -> Option<Arc<dyn StorageFile>> {
-        self.inner.disks.get(disk).map(|d| d.parent.clone())
+        self.inner.disks.get(disk).map(|d| d.parent())
     }
 
     /// The sealed segments still in the journal, oldest first.
@@ -340,7 +439,30 @@ impl Drop for Machine {
     }
 }
 
+/// What status and errors say about a persisted fence.
+pub(crate) fn fence_reason(f: &crate::protection::Fence) -> String {
+    format!(
+        "it was failed over to site {} (generation {}) at {}: {}",
+        crate::identity::SiteId(f.by_site),
+        f.generation,
+        crate::format::rfc3339(f.at_ns),
+        f.reason
+    )
+}
+
 impl MachineInner {
+    /// Read `machine.meta`, change it, write it back atomically.
+    pub(crate) fn update_manifest(&self, change: impl FnOnce(&mut Manifest)) -> Result<()> {
+        let _g = self.manifest_lock.lock();
+        let mut m = Machine::read_manifest(self.storage.as_ref(), &self.dir)?;
+        change(&mut m);
+        write_atomic(
+            self.storage.as_ref(),
+            &self.dir.join(MANIFEST_FILE),
+            &m.encode(),
+        )
+    }
+
     pub fn last_append_ns(&self) -> u64 {
         self.last_append_ns.load(Ordering::Relaxed)
     }

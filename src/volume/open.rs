@@ -96,8 +96,30 @@ impl Machine {
         name: &str,
         cfg: JournalConfig,
     ) -> Result<Self> {
+        Self::open_on(storage, dir, name, cfg, None)
+    }
+
+    /// Open a machine whose manifest names a base (a replica point): `bases` are its
+    /// disks' parents, in disk-id order (see `volume::PointParent`).
+    pub fn open_on(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        name: &str,
+        cfg: JournalConfig,
+        bases: Option<Vec<Arc<dyn StorageFile>>>,
+    ) -> Result<Self> {
         cfg.validate()?;
         let manifest = Self::read_manifest(storage.as_ref(), dir)?;
+        let bases = match (&manifest.base, bases) {
+            (Some(_), Some(b)) if b.len() == manifest.disks.len() => Some(b),
+            (Some(b), _) => {
+                return Err(Error::InvalidInput(format!(
+                    "machine {name} stands on replica {} at LSN {}: open it through its site",
+                    b.replica, b.lsn
+                )))
+            }
+            (None, _) => None,
+        };
         let watermark = Self::read_watermark(storage.as_ref(), dir)?;
         let mut disks = Vec::new();
         for (i, d) in manifest.disks.iter().enumerate() {
@@ -120,7 +142,10 @@ impl Machine {
                 ));
             }
             let path = dir.join(DISKS_DIR).join(format!("{}.img", d.name));
-            let parent = storage.open(&path, OpenMode::ReadWrite)?;
+            let parent = match bases.as_ref().and_then(|b| b.get(i)) {
+                Some(b) => b.clone(),
+                None => storage.open(&path, OpenMode::ReadWrite)?,
+            };
             let len = parent.len()?;
             if len != d.size {
                 return Err(Error::InvalidInput(format!(
@@ -130,12 +155,7 @@ impl Machine {
                     d.size
                 )));
             }
-            disks.push(Disk {
-                id: d.id,
-                name: d.name.clone(),
-                size: d.size,
-                parent,
-            });
+            disks.push(Disk::new(d.id, d.name.clone(), d.size, parent));
         }
         let mut state = IndexState {
             disks: vec![ExtentMap::new(); disks.len()],
@@ -212,20 +232,31 @@ impl Machine {
             digests: Mutex::new(None),
             generation: manifest.generation,
             role: manifest.role,
-            failed_over: manifest.fence.is_some(),
-            fence: Mutex::new(manifest.fence.as_ref().map(|f| {
-                format!(
-                    "it was failed over to site {} (generation {}) at {}: {}",
-                    crate::identity::SiteId(f.by_site),
-                    f.generation,
-                    crate::format::rfc3339(f.at_ns),
-                    f.reason
-                )
-            })),
+            failed_over: AtomicBool::new(manifest.fence.is_some()),
+            fence: Mutex::new(match (&manifest.fence, &manifest.intent) {
+                (Some(f), _) => Some(super::fence_reason(f)),
+                // A planned failover did not finish: fenced until it is known how
+                // it ended (see `failover::planned::resolve`).
+                (None, Some(i)) => Some(format!(
+                    "a planned failover to {} (job {}) has not finished",
+                    i.target, i.job
+                )),
+                (None, None) => None,
+            }),
+            base: Mutex::new(manifest.base.clone()),
+            pending: Mutex::new(manifest.pending.clone()),
+            intent: Mutex::new(manifest.intent.clone()),
+            manifest_lock: Mutex::new(()),
         });
+        let base_hold = manifest
+            .base
+            .as_ref()
+            .map(|b| inner.holds.hold(b.lsn.min(watermark.lsn)));
         // Were the parents changed while replog was not running?
         let stamp_path = dir.join(STAMP_FILE);
         let changed_offline = match std::fs::read_to_string(&stamp_path) {
+            // A replica point has no file to change (the fold writes the stamp).
+            _ if manifest.base.is_some() => None,
             Ok(old) if old != parents_stamp(dir, &inner.disks) => {
                 let names: Vec<&str> = old
                     .lines()
@@ -251,6 +282,7 @@ impl Machine {
         Ok(Machine {
             inner,
             compactor: Mutex::new(None),
+            base_hold: Mutex::new(base_hold),
             changed_offline,
         })
     }

@@ -30,9 +30,9 @@ impl MachineInner {
                     // The parent answers for pos..next (next: the next extent or the end).
                     let next = other.map(|(s, _)| s).unwrap_or(size).min(size);
                     let found = if data {
-                        d.parent.seek_data(pos)?
+                        d.parent().seek_data(pos)?
                     } else {
-                        Some(d.parent.seek_hole(pos)?)
+                        Some(d.parent().seek_hole(pos)?)
                     };
                     match found {
                         Some(at) if at < next => return Ok(Some(at.max(pos))),
@@ -94,7 +94,7 @@ impl MachineInner {
         let (pieces, files) = self.resolve(disk, offset, len)?;
         for p in pieces {
             match p.loc {
-                None => d.parent.prefetch(p.start, p.len),
+                None => d.parent().prefetch(p.start, p.len),
                 Some(Location::Segment { seq, offset: at }) => {
                     if let Some((_, f)) = files.iter().find(|(s, _)| *s == seq) {
                         f.prefetch(at, p.len);
@@ -125,7 +125,7 @@ impl MachineInner {
                     }
                 }
                 None => {
-                    let n = d.parent.read_at(dst, p.start)?;
+                    let n = d.parent().read_at(dst, p.start)?;
                     if let Some(rest) = dst.get_mut(n..) {
                         rest.fill(0);
                     }
