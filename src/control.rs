@@ -97,6 +97,9 @@ pub struct Reply {
     /// What was done, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The error's class and refusal code, so the client decides as serve would.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<crate::error::Failure>,
 }
 
 impl Reply {
@@ -104,6 +107,16 @@ impl Reply {
         Reply {
             ok: false,
             error: Some(e.to_string()),
+            ..Default::default()
+        }
+    }
+
+    /// `e`, with its class and code.
+    pub fn failed(e: &Error) -> Reply {
+        Reply {
+            ok: false,
+            error: Some(e.to_string()),
+            failure: Some(crate::error::Failure::of(e)),
             ..Default::default()
         }
     }
@@ -124,14 +137,17 @@ impl Reply {
         }
     }
 
-    /// The reply as a result: its error becomes `Error::InvalidInput`.
+    /// The reply as a result: its error comes back with the class (and refusal code)
+    /// it had in serve; one without them becomes `Error::InvalidInput`.
     pub fn into_result(self) -> Result<Reply> {
         if self.ok {
-            Ok(self)
-        } else {
-            Err(Error::InvalidInput(
+            return Ok(self);
+        }
+        match self.failure {
+            Some(f) => Err(f.into_error("serve")),
+            None => Err(Error::InvalidInput(
                 self.error.unwrap_or_else(|| "refused".into()),
-            ))
+            )),
         }
     }
 }

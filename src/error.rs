@@ -79,6 +79,11 @@ pub enum Error {
     #[error("machine {machine} does not take writes: {reason}")]
     Fenced { machine: String, reason: String },
 
+    /// The machine was closed (removed, or reopened after a change) while a request
+    /// for it was in flight: look it up again.
+    #[error("machine {machine} was closed (removed, or reopened after a change)")]
+    Closed { machine: String },
+
     /// An I/O request outside the disk: never grows the disk.
     #[error("{what}: range {offset}..{end} is outside the disk ({size} bytes)")]
     OutOfRange {
@@ -130,7 +135,8 @@ pub enum Error {
 }
 
 /// What to do about an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ErrorClass {
     /// Recoverable (network, no space, busy): retry on the schedule, health Warning.
     Retry,
@@ -139,6 +145,53 @@ pub enum ErrorClass {
     /// Non-recoverable (trust, protocol, a replica in an invalid state, bad input):
     /// stop and tell an operator; health Critical.
     Critical,
+}
+
+/// An error as it crosses a thread or the control socket: its class, the refusal
+/// code when a peer refused, and the message. [`Failure::into_error`] gives back an
+/// `Error` of the same class (and code), so callers on the far side decide as the
+/// near side would.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Failure {
+    pub class: ErrorClass,
+    pub code: Option<RefusalCode>,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn of(e: &Error) -> Failure {
+        Failure {
+            class: e.class(),
+            code: match e {
+                Error::Refused { code, .. } => Some(*code),
+                Error::Fenced { .. } => Some(RefusalCode::Fenced),
+                _ => None,
+            },
+            message: e.to_string(),
+        }
+    }
+
+    /// A temporary condition (paused, waiting for a window): retry later.
+    pub fn retry(message: impl Into<String>) -> Failure {
+        Failure {
+            class: ErrorClass::Retry,
+            code: None,
+            message: message.into(),
+        }
+    }
+
+    pub fn into_error(self, peer: &str) -> Error {
+        match (self.class, self.code) {
+            (_, Some(code)) => Error::Refused {
+                peer: peer.to_string(),
+                code,
+                message: self.message,
+            },
+            (ErrorClass::Retry, None) => Error::Busy(self.message),
+            (ErrorClass::NeedsResync, None) => Error::BrokenChain(self.message),
+            (ErrorClass::Critical, None) => Error::InvalidInput(self.message),
+        }
+    }
 }
 
 impl Error {
@@ -173,9 +226,11 @@ impl Error {
     /// Retry, resynchronise, or stop: see [`ErrorClass`].
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::Io { .. } | Error::Net { .. } | Error::Busy(_) | Error::NoSpace(_) => {
-                ErrorClass::Retry
-            }
+            Error::Io { .. }
+            | Error::Net { .. }
+            | Error::Busy(_)
+            | Error::NoSpace(_)
+            | Error::Closed { .. } => ErrorClass::Retry,
             Error::Corruption { .. } | Error::BrokenChain(_) => ErrorClass::NeedsResync,
             Error::Refused { code, .. } => code.class(),
             Error::Auth { .. }
@@ -196,7 +251,7 @@ impl Error {
         match self {
             Error::NoSpace(_) => RefusalCode::NoSpace,
             Error::Io { source, .. } if is_no_space(source) => RefusalCode::NoSpace,
-            Error::Io { .. } | Error::Net { .. } => RefusalCode::Unavailable,
+            Error::Io { .. } | Error::Net { .. } | Error::Closed { .. } => RefusalCode::Unavailable,
             Error::Busy(_) => RefusalCode::Busy,
             Error::Corruption { .. } | Error::BrokenChain(_) => RefusalCode::BrokenChain,
             Error::Refused { code, .. } => *code,
@@ -222,7 +277,7 @@ impl Error {
             Error::Corruption { .. } | Error::Poisoned { .. } | Error::BrokenChain(_) => libc::EIO,
             Error::Fenced { .. } => libc::EROFS,
             Error::InvalidInput(_) | Error::Protocol { .. } => libc::EINVAL,
-            Error::NotFound(_) => libc::ENOENT,
+            Error::NotFound(_) | Error::Closed { .. } => libc::ENOENT,
             Error::AlreadyExists(_) => libc::EEXIST,
             Error::Locked(_) | Error::Busy(_) => libc::EBUSY,
             Error::OutOfRange { .. } | Error::NoSpace(_) => libc::ENOSPC,

@@ -143,9 +143,13 @@ pub fn inspect(path: &Path) -> Result<Report> {
                 &mut report,
             )?;
         }
-        let replicas = Replicas::local(path)?;
-        for m in replicas.machines()? {
-            inspect_replica(&replicas, &m, &mut report)?;
+        // Only a site that holds replicas has (or needs) a replica key: inspect
+        // never creates one.
+        if path.join(crate::replica::store::REPLICAS_DIR).is_dir() {
+            let replicas = Replicas::local(path)?;
+            for m in replicas.machines()? {
+                inspect_replica(&replicas, &m, &mut report)?;
+            }
         }
     } else if let Some((site, machine)) = replica_dir(path) {
         inspect_replica(&Replicas::local(&site)?, &machine, &mut report)?;

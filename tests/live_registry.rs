@@ -61,13 +61,41 @@ fn machines_created_and_removed_while_serving_appear_and_vanish_under_the_mount(
     f.read_exact_at(&mut back, 12_345).expect("read vm2");
     assert!(back == data);
 
-    // A disk added to an open machine: it closes, gains the disk, opens again.
+    // A disk added to an open machine: it closes, gains the disk, opens again — while
+    // a writer keeps writing through a file opened before. Its file keeps working
+    // (same inode), no write fails, and every one is there afterwards.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (f, stop) = (f.try_clone().expect("dup"), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || n < 20 {
+                let block = common::pattern(100 + n, 4096);
+                f.write_all_at(&block, (1 << 20) + (n % 256) * 4096)
+                    .unwrap_or_else(|e| panic!("write {n} during the reload: {e}"));
+                n += 1;
+            }
+            f.sync_all().expect("fsync after the reload");
+            n
+        })
+    };
     run_ok(
         replog()
             .args(["disk", "create"])
             .arg(&site)
             .args(["vm2/data", "--size", "1M"]),
     );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().expect("writer");
+    let mut block = vec![0u8; 4096];
+    for n in written.saturating_sub(256)..written {
+        f.read_exact_at(&mut block, (1 << 20) + (n % 256) * 4096)
+            .expect("read through the file opened before the reload");
+        assert!(
+            block == common::pattern(100 + n, 4096),
+            "write {n} of {written} is not there after the reload"
+        );
+    }
     assert_eq!(names(&mnt.join("vm2")), vec!["data.img", "os.img"]);
     let again = std::fs::File::open(&img).expect("reopen");
     let mut back = vec![0u8; data.len()];

@@ -33,16 +33,6 @@ pub fn trust(path: &Path, peer: &str) -> Result<()> {
     Ok(())
 }
 
-fn machines_of(site: &Site, only: Option<&str>) -> Result<Vec<String>> {
-    match only {
-        Some(m) => {
-            site.machine_dir(m)?;
-            Ok(vec![m.to_string()])
-        }
-        None => site.machines(),
-    }
-}
-
 pub fn compact(path: &Path, only: Option<&str>) -> Result<()> {
     Site::read_config(path)?;
     let reply = replog::control::run(
@@ -68,8 +58,13 @@ pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
         Err(e) => return Err(e),
         Ok(site) => {
             let mut machines = Vec::new();
-            for name in machines_of(&site, only)? {
-                let m = site.open_machine(&name)?;
+            // MACHINE may be a replica only: filtered below, refused if nothing matches.
+            let names = site.machines()?;
+            for name in names
+                .iter()
+                .filter(|n| only.is_none_or(|o| o == n.as_str()))
+            {
+                let m = site.open_machine(name)?;
                 machines.push(replog::protection::status::offline_primary(path, &m)?);
             }
             machines.extend(replog::protection::status::replicas_status(
@@ -88,6 +83,12 @@ pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
     let mut doc = doc;
     if let Some(m) = only {
         doc.machines.retain(|x| x.name == m);
+        if doc.machines.is_empty() {
+            return Err(replog::Error::NotFound(format!(
+                "site {} has no machine or replica {m}",
+                path.display()
+            )));
+        }
     }
     if as_json {
         println!("{}", serde_json::to_string(&doc).unwrap_or_default());

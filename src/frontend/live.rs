@@ -90,6 +90,7 @@ const VIEW_TTL: Duration = Duration::from_secs(1);
 
 /// A write handed to a worker thread.
 struct WriteJob {
+    ino: u64,
     vol: Volume,
     offset: u64,
     data: Vec<u8>,
@@ -102,9 +103,32 @@ impl std::fmt::Debug for WriteJob {
     }
 }
 
-/// Append a write and reply; shared by the session thread and the workers.
-fn do_write(vol: &Volume, offset: u64, data: &[u8], reply: ReplyWrite) {
-    match vol.write(offset, data) {
+/// How long a write waits for a machine that is being reopened (a disk added).
+const REOPEN_WAIT: Duration = Duration::from_secs(10);
+
+/// Append a write and reply; shared by the session thread and the workers. A write
+/// that finds its machine closed (reopened after a change) goes to the machine the
+/// tree shows under the same inode now; one removed gets ENOENT.
+fn do_write(tree: &Tree, ino: u64, vol: &Volume, offset: u64, data: &[u8], reply: ReplyWrite) {
+    let mut vol = vol.clone();
+    let started = std::time::Instant::now();
+    let result = loop {
+        match vol.write(offset, data) {
+            Err(crate::Error::Closed { .. }) if started.elapsed() < REOPEN_WAIT => {
+                match tree.node(ino) {
+                    Some(Node::Disk { vol: now }) if !now.same_machine(&vol) => vol = now,
+                    Some(Node::Disk { .. }) => std::thread::sleep(Duration::from_millis(5)),
+                    _ => {
+                        break Err(crate::Error::Closed {
+                            machine: vol.machine().to_string(),
+                        })
+                    }
+                }
+            }
+            r => break r,
+        }
+    };
+    match result {
         Ok(_) => reply.written(data.len() as u32),
         Err(e) => {
             tracing::warn!(
@@ -119,18 +143,19 @@ fn do_write(vol: &Volume, offset: u64, data: &[u8], reply: ReplyWrite) {
 }
 
 /// Start `n` write workers; they stop when the sender is dropped (with the file system).
-fn spawn_write_workers(n: usize) -> Option<crossbeam::channel::Sender<WriteJob>> {
+fn spawn_write_workers(n: usize, tree: &Arc<Tree>) -> Option<crossbeam::channel::Sender<WriteJob>> {
     if n == 0 {
         return None;
     }
     let (tx, rx) = crossbeam::channel::bounded::<WriteJob>(64);
     for i in 0..n {
         let rx = rx.clone();
+        let tree = tree.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("fuse-write-{i}"))
             .spawn(move || {
                 for job in rx {
-                    do_write(&job.vol, job.offset, &job.data, job.reply);
+                    do_write(&tree, job.ino, &job.vol, job.offset, &job.data, job.reply);
                 }
             });
         if let Err(e) = spawned {
@@ -165,13 +190,13 @@ impl LiveFs {
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         Ok(LiveFs {
-            tree,
+            tree: tree.clone(),
             opts,
             started: SystemTime::now(),
             uid,
             gid,
             seq_reads: SequentialReads::default(),
-            workers: spawn_write_workers(opts.write_workers),
+            workers: spawn_write_workers(opts.write_workers, &tree),
             views: replicas.map(PointViews::new),
         })
     }
@@ -468,16 +493,19 @@ impl Filesystem for LiveFs {
         match &self.workers {
             Some(tx) => {
                 let job = WriteJob {
+                    ino: ino.0,
                     vol: vol.clone(),
                     offset,
                     data: data.to_vec(),
                     reply,
                 };
                 if let Err(crossbeam::channel::SendError(job)) = tx.send(job) {
-                    do_write(&job.vol, job.offset, &job.data, job.reply);
+                    do_write(
+                        &self.tree, ino.0, &job.vol, job.offset, &job.data, job.reply,
+                    );
                 }
             }
-            None => do_write(&vol, offset, data, reply),
+            None => do_write(&self.tree, ino.0, &vol, offset, data, reply),
         }
     }
 

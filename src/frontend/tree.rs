@@ -4,9 +4,10 @@
 //! entries (names, attributes, directory listings) are invalidated through the
 //! session's notifier, so a new machine appears at once and a removed one vanishes.
 //!
-//! Inode numbers are never reused within a mount (a file handle or cached entry of a
-//! removed machine can never reach a new one); they stay below the point views'
-//! numbers (`points.rs`, from 2^40).
+//! Inode numbers are never reused within a mount for another file (a file handle or
+//! cached entry of a removed machine can never reach a new one); a machine reopened
+//! after a change (a disk added) keeps its numbers, so its open files go on working.
+//! They stay below the point views' numbers (`points.rs`, from 2^40).
 
 use crate::error::Result;
 use crate::volume::{Machine, Volume};
@@ -62,21 +63,37 @@ impl Tree {
         *self.notifier.lock() = Some(n);
     }
 
-    /// Show `m` as `<machine>/<disk>.img` (replacing what showed under its name).
+    /// Show `m` as `<machine>/<disk>.img`, replacing what showed under its name: a
+    /// machine reopened (a disk added) keeps its directory's and its disks' inode
+    /// numbers, so files open on them go on working.
     pub fn add_machine(&self, m: &Machine) -> Result<()> {
         let mut disks = Vec::new();
         for d in m.disk_names() {
             disks.push((format!("{d}.img"), m.volume(&d)?));
         }
-        let old = self.take(m.name());
+        let mut old = self.take(m.name());
         {
             let mut t = self.inner.write();
-            let dir = t.next;
-            t.next += 1;
+            let dir = match &old {
+                Some((dir, _)) => *dir,
+                None => {
+                    t.next += 1;
+                    t.next - 1
+                }
+            };
             let mut children = BTreeMap::new();
             for (name, vol) in disks {
-                let ino = t.next;
-                t.next += 1;
+                let kept = old.as_mut().and_then(|(_, kids)| {
+                    let i = kids.iter().position(|(n, _)| *n == name)?;
+                    Some(kids.swap_remove(i).1)
+                });
+                let ino = match kept {
+                    Some(ino) => ino,
+                    None => {
+                        t.next += 1;
+                        t.next - 1
+                    }
+                };
                 t.nodes.insert(ino, Node::Disk { vol });
                 children.insert(name, ino);
             }

@@ -16,8 +16,7 @@
 
 use crate::error::{Error, Result};
 use crate::storage::{
-    is_not_found, read_all, temp_name, write_atomic, write_new, write_temp, OpenMode, Storage,
-    StorageLock,
+    is_not_found, read_all, write_atomic, write_new, write_temp, OpenMode, Storage, StorageLock,
 };
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -247,28 +246,30 @@ impl ReplicaBackend for DirBackend {
             paths.iter().zip(items.iter().map(|(_, v)| v)).collect();
         let per = jobs.len().div_ceil(8).max(1);
         let storage = self.storage.as_ref();
-        std::thread::scope(|sc| -> Result<()> {
+        let temps = std::thread::scope(|sc| -> Result<Vec<PathBuf>> {
             let handles: Vec<_> = jobs
                 .chunks(per)
                 .map(|part| {
-                    sc.spawn(move || -> Result<()> {
+                    sc.spawn(move || -> Result<Vec<PathBuf>> {
+                        let mut temps = Vec::with_capacity(part.len());
                         for (p, v) in part {
-                            write_temp(storage, p, v)?;
+                            temps.push(write_temp(storage, p, v)?);
                         }
-                        Ok(())
+                        Ok(temps)
                     })
                 })
                 .collect();
+            let mut temps = Vec::with_capacity(paths.len());
             for h in handles {
-                h.join().unwrap_or_else(|_| {
+                temps.extend(h.join().unwrap_or_else(|_| {
                     Err(Error::InvalidInput("writer thread panicked".into()))
-                })?;
+                })?);
             }
-            Ok(())
+            Ok(temps)
         })?;
         let mut dirs = std::collections::BTreeSet::new();
-        for p in &paths {
-            self.storage.rename(&temp_name(p), p)?;
+        for (p, tmp) in paths.iter().zip(&temps) {
+            self.storage.rename(tmp, p)?;
             if let Some(d) = p.parent() {
                 dirs.insert(d.to_path_buf());
             }

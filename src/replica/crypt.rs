@@ -57,14 +57,28 @@ impl ReplicaKey {
             }
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
+            // Written under a temporary name and linked into place without replacing:
+            // two processes that race both end up with the one key that won.
+            let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(path)
-                .map_err(|e| Error::io("create", path, e))?;
-            f.write_all(&k).map_err(|e| Error::io("write", path, e))?;
-            f.sync_all().map_err(|e| Error::io("sync", path, e))?;
+                .open(&tmp)
+                .map_err(|e| Error::io("create", &tmp, e))?;
+            f.write_all(&k).map_err(|e| Error::io("write", &tmp, e))?;
+            f.sync_all().map_err(|e| Error::io("sync", &tmp, e))?;
+            drop(f);
+            let linked = std::fs::hard_link(&tmp, path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io("link", path, e)),
+            }
+            if let Some(dir) = path.parent() {
+                crate::storage::Storage::sync_dir(&crate::storage::FileStorage, dir)?;
+            }
         }
         let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
         let k: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
@@ -219,10 +233,23 @@ impl ReplicaKey {
                 "encrypted segment header checksum mismatch",
             ));
         }
-        if field(8, 10) != 1u16.to_le_bytes() || field(10, 16) != [0u8; 6] {
+        if field(8, 10) != 1u16.to_le_bytes() {
+            let v = u16::from_le_bytes([
+                h.get(8).copied().unwrap_or(0),
+                h.get(9).copied().unwrap_or(0),
+            ]);
             return Err(Error::Unsupported {
                 path: path.to_path_buf(),
-                what: "unknown encrypted segment version or features".into(),
+                what: format!("encrypted file version {v}; this build reads version 1"),
+            });
+        }
+        if field(10, 16) != [0u8; 6] {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                what: format!(
+                    "encrypted file feature bits {:02x?} that this build does not know",
+                    field(10, 16)
+                ),
             });
         }
         if field(16, 24) != seq.to_le_bytes() {

@@ -49,7 +49,8 @@ pub enum Item {
 }
 
 impl Item {
-    /// Its name in the replica (the scrub's order is these names' order).
+    /// Its place in the scrub's order (numbers padded so names sort; for the real
+    /// object key see the store).
     pub fn name(&self) -> String {
         match self {
             Item::Segment(s) => format!("segments/{s:020}.seg.enc"),

@@ -41,8 +41,9 @@ pub struct ShipLoop {
 }
 
 /// What the loop answers a ship request with: the LSN the target acknowledged, or
-/// why it could not.
-pub type ShipAnswer = std::result::Result<u64, String>;
+/// why it could not (with the error's class, so a fenced or refused machine is not
+/// mistaken for a passing failure).
+pub type ShipAnswer = std::result::Result<u64, crate::error::Failure>;
 
 /// The command channel into a machine's shipping loop.
 #[derive(Debug)]
@@ -114,10 +115,20 @@ impl Control {
         });
     }
 
-    /// Answer every request with `why`.
+    /// Answer every request with a passing condition (paused, waiting for the resync
+    /// window): the caller may try again.
     fn failed(&mut self, why: &str) {
+        self.failed_with(crate::error::Failure::retry(why));
+    }
+
+    /// Answer every request with the error that stopped the pass.
+    fn failed_err(&mut self, e: &Error) {
+        self.failed_with(crate::error::Failure::of(e));
+    }
+
+    fn failed_with(&mut self, f: crate::error::Failure) {
         for (_, tx) in self.waiting.drain(..) {
-            let _ = tx.send(Err(why.to_string()));
+            let _ = tx.send(Err(f.clone()));
         }
     }
 }
@@ -193,7 +204,7 @@ impl ShipHandle {
             .map_err(|_| gone())?;
         match rx.recv_timeout(timeout) {
             Ok(Ok(lsn)) => Ok(lsn),
-            Ok(Err(why)) => Err(Error::Busy(format!("shipping failed: {why}"))),
+            Ok(Err(f)) => Err(f.into_error("the target")),
             Err(RecvTimeoutError::Timeout) => Err(Error::Busy(format!(
                 "the target did not acknowledge within {} s",
                 timeout.as_secs()
@@ -231,11 +242,12 @@ impl ShipLoop {
 /// Stopped by a Critical error: keep the shipper, and with it the watermark hold,
 /// until serve stops — what the target has not acknowledged must not be merged. Ship
 /// requests are answered with `why`.
-fn park(stop: &AtomicBool, shipper: Shipper, control: Control, why: &str) {
+fn park(stop: &AtomicBool, shipper: Shipper, mut control: Control, why: crate::error::Failure) {
+    control.failed_with(why.clone());
     while !stop.load(Ordering::Acquire) {
         match control.rx.recv_timeout(Duration::from_millis(50)) {
             Ok(ShipCommand::ShipNow(tx)) => {
-                let _ = tx.send(Err(why.to_string()));
+                let _ = tx.send(Err(why.clone()));
             }
             Ok(ShipCommand::Pause(tx)) => {
                 let _ = tx.send(());
@@ -244,6 +256,47 @@ fn park(stop: &AtomicBool, shipper: Shipper, control: Control, why: &str) {
         }
     }
     drop(shipper);
+}
+
+/// The target refused the machine as fenced: a newer generation of it runs there.
+/// Persist the fence (writes refused for good, never a resync over it), say so in
+/// status; true if that is what `e` was. The tail the target never acknowledged stays
+/// in the journal: the shipper's hold is kept while parked, and a failed-over machine
+/// gets no compactor when it is opened again.
+fn fenced_by_target(
+    machine: &Machine,
+    rel: &Relationship,
+    e: &Error,
+    status: &Mutex<LoopStatus>,
+) -> bool {
+    let Error::Refused {
+        code: crate::replication::protocol::RefusalCode::Fenced,
+        message,
+        ..
+    } = e
+    else {
+        return false;
+    };
+    let fence = crate::protection::Fence {
+        by_site: rel.target_id().map(|id| id.0).unwrap_or([0; 32]),
+        // At least one more than ours (the target's message says which).
+        generation: machine.generation() + 1,
+        at_ns: crate::format::now_ns(),
+        reason: message.clone(),
+    };
+    if let Err(e2) = machine.persist_fence(fence) {
+        tracing::error!(machine = machine.name(), "cannot record the fence: {e2}");
+    }
+    tracing::warn!(machine = machine.name(), "failed over elsewhere: {message}");
+    let mut s = status.lock();
+    s.state = State::FailedOver;
+    s.health = Health::Warning;
+    s.reason = format!(
+        "failed over: {} refused it as fenced ({message}); writes are refused and \
+         replication has stopped",
+        rel.target
+    );
+    true
 }
 
 /// Journal bytes the target does not have: sealed segments past `acked` and the active
@@ -630,9 +683,10 @@ fn run(
                         let mut s = status.lock();
                         s.health = Health::Critical;
                         s.reason = format!("resync failed: {e}; stopped until an operator acts");
-                        let why = s.reason.clone();
                         drop(s);
-                        park(&stop, shipper, control, &why);
+                        // Fenced: recorded, and status says failed-over.
+                        fenced_by_target(&machine, &rel, &e, &status);
+                        park(&stop, shipper, control, crate::error::Failure::of(&e));
                         return;
                     }
                 },
@@ -642,9 +696,9 @@ fn run(
             let mut s = status.lock();
             s.health = Health::Critical;
             s.reason = format!("the journal failed: {e}");
-            let why = s.reason.clone();
             drop(s);
-            park(&stop, shipper, control, &why);
+            jobs.failed(&e);
+            park(&stop, shipper, control, crate::error::Failure::of(&e));
             return;
         }
         match shipper.ship_once(&machine) {
@@ -670,7 +724,7 @@ fn run(
             }
             Err(e) => match e.class() {
                 ErrorClass::NeedsResync => {
-                    control.failed(&e.to_string());
+                    control.failed_err(&e);
                     jobs.failed(&e);
                     tracing::warn!(machine = %name, "chain broken: {e}; resync required");
                     if let Err(e2) = SourceResync::require(&site, &name, &e.to_string()) {
@@ -690,6 +744,10 @@ fn run(
                 }
                 ErrorClass::Critical => {
                     jobs.failed(&e);
+                    if fenced_by_target(&machine, &rel, &e, &status) {
+                        park(&stop, shipper, control, crate::error::Failure::of(&e));
+                        return;
+                    }
                     tracing::error!(machine = machine.name(), "replication stopped: {e}");
                     let hint = match &e {
                         Error::Auth { .. } => {
@@ -701,13 +759,12 @@ fn run(
                     s.state = State::Protected;
                     s.health = Health::Critical;
                     s.reason = format!("{e}{hint}; replication stopped until an operator acts");
-                    let why = s.reason.clone();
                     drop(s);
-                    park(&stop, shipper, control, &why);
+                    park(&stop, shipper, control, crate::error::Failure::of(&e));
                     return;
                 }
                 ErrorClass::Retry => {
-                    control.failed(&e.to_string());
+                    control.failed_err(&e);
                     let wait = cfg.retry_delay(failures);
                     failures += 1;
                     tracing::warn!(

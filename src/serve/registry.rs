@@ -118,11 +118,18 @@ impl Registry {
     fn open(&self, name: &str) -> Result<()> {
         let m = Arc::new(self.site.open_machine(name)?);
         let rel = Relationship::load(self.path(), name)?;
+        // A failed-over machine ships nothing and merges nothing: what its target
+        // never acknowledged stays in the journal (the old tail, kept for reprotect).
+        let failed_over = m.failed_over();
         let early = rel
             .as_ref()
             .map(|_| m.hold_watermark(m.status().watermark.lsn));
-        m.start_compactor(self.config.journal.compact_policy());
-        let ship = rel.map(|rel| self.ship_loop(&m, rel));
+        if !failed_over {
+            m.start_compactor(self.config.journal.compact_policy());
+        }
+        let ship = rel
+            .filter(|_| !failed_over)
+            .map(|rel| self.ship_loop(&m, rel));
         drop(early); // the shipping loop holds the watermark now
         self.tree.add_machine(&m)?;
         tracing::info!(
@@ -151,12 +158,20 @@ impl Registry {
 
     /// Stop machine `name`'s loops, flush and close it; it vanishes from the mount.
     fn close(&self, name: &str) -> Result<()> {
+        self.close_keeping(name, false)
+    }
+
+    /// Close machine `name`; with `reopening`, it stays under the mount (writes in
+    /// flight wait for the machine that reopens under the same inodes).
+    fn close_keeping(&self, name: &str, reopening: bool) -> Result<()> {
         let Some(entry) = self.machines.lock().remove(name) else {
             return Err(Error::NotFound(format!(
                 "this site has no open machine {name}"
             )));
         };
-        self.tree.remove_machine(name);
+        if !reopening {
+            self.tree.remove_machine(name);
+        }
         self.behind_since.lock().remove(name);
         close_entry(name, entry)
     }
@@ -165,9 +180,13 @@ impl Registry {
     pub fn reload(&self, name: &str) -> Result<()> {
         let _one = self.changing.lock();
         if self.machines.lock().contains_key(name) {
-            self.close(name)?;
+            self.close_keeping(name, true)?;
         }
-        self.open(name)
+        let opened = self.open(name);
+        if opened.is_err() {
+            self.tree.remove_machine(name);
+        }
+        opened
     }
 
     /// A replica appeared (created by the receiver): start its loop; show it.
@@ -309,7 +328,7 @@ impl Registry {
                      disk can be added to it"
                 )));
             }
-            self.close(machine)?;
+            self.close_keeping(machine, true)?;
         }
         let made = crate::ops::create_disk(&self.site, machine, disk, size, import);
         let opened = if was_open || made.is_ok() {
@@ -317,6 +336,9 @@ impl Registry {
         } else {
             Ok(())
         };
+        if opened.is_err() {
+            self.tree.remove_machine(machine);
+        }
         made?;
         opened?;
         Ok(Reply::done(format!(
@@ -441,7 +463,7 @@ impl Handler for Registry {
     fn handle(&self, req: &Request) -> Reply {
         match self.handle_request(req) {
             Ok(r) => r,
-            Err(e) => Reply::err(e),
+            Err(e) => Reply::failed(&e),
         }
     }
 }
@@ -452,6 +474,10 @@ fn close_entry(name: &str, e: Entry) -> Result<()> {
     if let Some(l) = e.ship {
         l.stop();
     }
+    // From here on a write through a handle still held (a FUSE request in flight)
+    // gets `Error::Closed` and looks the machine up again: none reaches this journal
+    // after its last flush.
+    e.machine.mark_closed();
     let flushed = e.machine.flush();
     // Other holders (a control request in flight) let go within moments.
     let mut m = e.machine;

@@ -177,19 +177,27 @@ pub fn write_new(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<boo
     Ok(created)
 }
 
-/// `bytes` written and synced to the temporary name of `path`.
+/// `bytes` written and synced to a temporary name of `path` of its own (two writers
+/// of one file never share a temporary: the winner of a `write_new` race holds its
+/// own bytes, and concurrent `write_atomic`s of one file each rename whole files).
 pub fn write_temp(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<PathBuf> {
-    let tmp = temp_name(path);
-    if storage.exists(&tmp) {
-        storage.remove_file(&tmp)?;
-    }
+    let tmp = unique_temp_name(path);
     let file = storage.open(&tmp, OpenMode::CreateNew)?;
     file.write_at(&[bytes], 0)?;
     file.sync_data()?;
     Ok(tmp)
 }
 
-/// The temporary name a file is written under before it is renamed into place:
+/// `NAME.<pid>-<n>.tmp` beside `path`: unique within this host's live processes.
+fn unique_temp_name(path: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}-{n}.tmp", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// The temporary name `write_replace` writes under before it renames into place:
 /// `NAME.tmp` beside it.
 pub fn temp_name(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();

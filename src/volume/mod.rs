@@ -152,6 +152,10 @@ pub(crate) struct MachineInner {
     intent: Mutex<Option<crate::protection::Intent>>,
     /// Serialises rewrites of `machine.meta`.
     manifest_lock: Mutex<()>,
+    /// Closed (removed, or reopened after a change): writes get `Error::Closed`, so a
+    /// request in flight looks the machine up again instead of writing to a journal
+    /// that another open machine now owns.
+    closed: AtomicBool,
 }
 
 /// An open machine: its journal, index, disks and compactor.
@@ -419,8 +423,17 @@ impl Machine {
         }
     }
 
+    /// Refuse every further write with `Error::Closed` (a write in progress completes
+    /// first): the machine is about to be closed, perhaps while others still hold
+    /// handles to its disks.
+    pub fn mark_closed(&self) {
+        let _w = self.inner.writer.lock();
+        self.inner.closed.store(true, Ordering::Release);
+    }
+
     /// Flush, stop the compactor and close.
     pub fn close(self) -> Result<()> {
+        self.mark_closed();
         let flushed = self.flush();
         if let Some(c) = self.compactor.lock().take() {
             c.stop();
@@ -471,8 +484,13 @@ impl MachineInner {
         self.poisoned.load(Ordering::Acquire)
     }
 
-    /// Refuse a guest write while fenced.
+    /// Refuse a guest write while fenced or once closed.
     fn check_fence(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed {
+                machine: self.name.clone(),
+            });
+        }
         match &*self.fence.lock() {
             Some(reason) => Err(Error::Fenced {
                 machine: self.name.clone(),
@@ -535,6 +553,11 @@ impl MachineInner {
 }
 
 impl Volume {
+    /// Whether `other` is a disk of the same open machine (not of one reopened since).
+    pub fn same_machine(&self, other: &Volume) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     pub fn size(&self) -> u64 {
         self.inner
             .disks

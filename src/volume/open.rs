@@ -247,6 +247,7 @@ impl Machine {
             pending: Mutex::new(manifest.pending.clone()),
             intent: Mutex::new(manifest.intent.clone()),
             manifest_lock: Mutex::new(()),
+            closed: AtomicBool::new(false),
         });
         let base_hold = manifest
             .base
@@ -368,7 +369,8 @@ impl MachineInner {
         }
         let path = self.dir.join(STAMP_FILE);
         let stamp = parents_stamp(&self.dir, &self.disks);
-        if let Err(e) = std::fs::write(&path, stamp) {
+        // Atomic: a torn stamp would read as "changed offline" and force a resync.
+        if let Err(e) = write_atomic(&crate::storage::FileStorage, &path, stamp.as_bytes()) {
             tracing::warn!(machine = %self.name, "{}: {e}", path.display());
         }
     }

@@ -305,6 +305,19 @@ impl Shipper {
             app_retention_ms: self.retention.1,
         })?;
         match link.recv()? {
+            // A target that holds a newer generation than ours took the machine over:
+            // fenced, whatever its position says (never "ahead, so resync").
+            Message::Protected { generation, .. } if generation > machine.generation() => {
+                Err(Error::Refused {
+                    peer: self.target.clone(),
+                    code: crate::replication::protocol::RefusalCode::Fenced,
+                    message: format!(
+                        "the target holds generation {generation} of {}; this site's is {}",
+                        machine.name(),
+                        machine.generation()
+                    ),
+                })
+            }
             Message::Protected {
                 lsn,
                 seq,
