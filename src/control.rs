@@ -83,6 +83,41 @@ pub enum Request {
     Unfence {
         machine: String,
     },
+    /// Fail replica `machine` over at POINT `at`: unplanned (promoted, commit
+    /// pending) or test (an isolated copy named `as_name`).
+    Failover {
+        machine: String,
+        kind: crate::protection::FailoverKind,
+        at: String,
+        as_name: Option<String>,
+        /// Unplanned: first wait this many seconds for the primary to contact this
+        /// site, fence it and take what it still ships.
+        #[serde(default)]
+        shutdown_source: Option<u64>,
+    },
+    /// At the primary: a planned failover of `machine` to its target.
+    PlannedFailover {
+        machine: String,
+    },
+    /// Remove a test copy of `machine` (`as_name`, default `MACHINE-test`).
+    CleanupTest {
+        machine: String,
+        as_name: Option<String>,
+        note: Option<String>,
+    },
+    /// Move `machine`'s pending failover to POINT `at`.
+    ChangePoint {
+        machine: String,
+        at: String,
+    },
+    /// Cancel `machine`'s pending unplanned failover.
+    CancelFailover {
+        machine: String,
+    },
+    /// Make `machine`'s failover final.
+    Commit {
+        machine: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +132,9 @@ pub struct Reply {
     /// What was done, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The job that recorded the operation (`replog jobs SITE JOB`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
     /// The error's class and refusal code, so the client decides as serve would.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<crate::error::Failure>,
@@ -241,7 +279,14 @@ fn serve_client(conn: UnixStream, handler: &dyn Handler) {
 fn reply_timeout(req: &Request) -> Duration {
     match req {
         Request::Ship { timeout_ms, .. } => Duration::from_millis(*timeout_ms + 10_000),
-        Request::CreateDisk { .. } | Request::RemoveMachine { .. } => Duration::from_secs(600),
+        Request::CreateDisk { .. }
+        | Request::RemoveMachine { .. }
+        | Request::Failover { .. }
+        | Request::PlannedFailover { .. }
+        | Request::CleanupTest { .. }
+        | Request::ChangePoint { .. }
+        | Request::CancelFailover { .. }
+        | Request::Commit { .. } => Duration::from_secs(7200),
         _ => Duration::from_secs(60),
     }
 }
@@ -348,6 +393,25 @@ pub fn offline(site: &Path, req: &Request) -> Result<Reply> {
                 m.close()?;
             }
             Ok(Reply::done(lines.join("\n")))
+        }
+        Request::Failover { .. }
+        | Request::CleanupTest { .. }
+        | Request::ChangePoint { .. }
+        | Request::CancelFailover { .. }
+        | Request::Commit { .. } => {
+            let host = crate::failover::Offline::new(s)?;
+            crate::failover::run::handle(&host, req)
+        }
+        Request::PlannedFailover { machine } => {
+            let rel = crate::replication::relationship::Relationship::load(site, machine)?
+                .ok_or_else(|| {
+                    Error::InvalidInput(format!(
+                        "{machine} is not protected: there is no target to fail over to"
+                    ))
+                })?;
+            let host = crate::failover::Offline::new(s)?;
+            let ship = crate::failover::planned::OfflineShipping::new(site, &rel.target);
+            crate::failover::planned::run(&host, &ship, machine)
         }
         Request::Ship { .. }
         | Request::PauseShipping { .. }

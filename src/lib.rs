@@ -16,6 +16,7 @@ pub mod config;
 pub mod control;
 pub mod digest;
 pub mod error;
+pub mod failover;
 pub mod format;
 pub mod frontend;
 pub mod holds;

@@ -270,10 +270,9 @@ impl Site {
         base: &crate::protection::Base,
     ) -> Result<Vec<Arc<dyn crate::storage::StorageFile>>> {
         let replicas = crate::replica::store::Replicas::local(&self.path)?;
-        let store = replicas.open(&base.replica)?;
-        let image = Arc::new(crate::replica::replay::PointImage::open(
-            store,
-            &base.lsn.to_string(),
+        let store = replicas.open_readonly(&base.replica)?;
+        let image = Arc::new(crate::replica::replay::PointImage::open_exact(
+            store, base.lsn,
         )?);
         if image.point().lsn != base.lsn {
             return Err(Error::InvalidInput(format!(
@@ -329,6 +328,16 @@ pub fn list_machines(site: &Path) -> Result<Vec<String>> {
         let e = e.map_err(|e| Error::io("list", &dir, e))?;
         if let Some(name) = e.file_name().to_str() {
             if validate_name("machine", name).is_ok() && e.path().is_dir() {
+                // A directory without a manifest is a creation (or a promotion) that
+                // died before its commit point: not a machine.
+                if !e.path().join(crate::volume::MANIFEST_FILE).exists() {
+                    tracing::warn!(
+                        "{}: no {}; not a machine (an interrupted creation)",
+                        e.path().display(),
+                        crate::volume::MANIFEST_FILE
+                    );
+                    continue;
+                }
                 out.push(name.to_string());
             }
         }

@@ -3,6 +3,7 @@
 
 mod data;
 mod disk;
+mod failover;
 mod inspect;
 mod jobs;
 mod replicate;
@@ -194,6 +195,62 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fail MACHINE over. At the primary, --planned: refuse writes (EROFS), ship
+    /// everything and have it acknowledged, the target promotes at the last LSN (zero
+    /// loss; this site becomes failed-over). At the target, with no mode: an
+    /// unplanned failover to --at POINT (default latest): the replica becomes a
+    /// writable machine of this site at once (nothing copied), commit pending. --test:
+    /// an isolated writable copy of the point named --as (default MACHINE-test);
+    /// replication goes on. Before commit: --change-point POINT, --cancel (unplanned
+    /// only). --cleanup-test removes a test copy. Exit 0 done (verified), 1 failed
+    /// (nothing changed unless it says so), 2 usage.
+    Failover {
+        site: PathBuf,
+        machine: String,
+        /// At the primary: zero-loss failover to its target.
+        #[arg(long, group = "mode")]
+        planned: bool,
+        /// At the target: an isolated writable copy of the point.
+        #[arg(long, group = "mode")]
+        test: bool,
+        /// At the target: remove a test copy (--as NAME; default MACHINE-test).
+        #[arg(long, group = "mode")]
+        cleanup_test: bool,
+        /// Before commit: move the failover to POINT (writes made since are dropped).
+        #[arg(long, group = "mode", value_name = "POINT")]
+        change_point: Option<String>,
+        /// Before commit: undo an unplanned failover (the machine is a replica again).
+        #[arg(long, group = "mode")]
+        cancel: bool,
+        /// The point: latest, latest-app-consistent, an LSN, an RFC 3339 time or a
+        /// point ID from `replog points`.
+        #[arg(long, value_name = "POINT", conflicts_with_all = ["planned", "cleanup_test", "change_point", "cancel"])]
+        at: Option<String>,
+        /// The test copy's name (default MACHINE-test).
+        #[arg(long = "as", value_name = "NAME", conflicts_with_all = ["planned", "change_point", "cancel"])]
+        as_name: Option<String>,
+        /// A note kept in the cleanup job (what the test found).
+        #[arg(long, requires = "cleanup_test")]
+        note: Option<String>,
+        /// Unplanned: first try (for a bounded time) to reach the primary, fence it and
+        /// take what it can still ship, then promote at the newest point.
+        #[arg(long, conflicts_with_all = ["planned", "test", "cleanup_test", "change_point", "cancel", "at"])]
+        shutdown_source: bool,
+        /// Seconds to wait for the primary with --shutdown-source.
+        #[arg(long, default_value_t = 30, requires = "shutdown_source")]
+        shutdown_timeout: u64,
+        /// A JSON summary (the job's ID, the point), no progress.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make MACHINE's failover final: the replica's other points go, its parents
+    /// become local files, and it is a primary of this site (unprotected).
+    Commit {
+        site: PathBuf,
+        machine: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Dump and verify a site, machine, journal directory or segment file; exit 1 on
     /// corruption, naming the file and offset.
     Inspect {
@@ -270,6 +327,51 @@ pub fn run(cli: Cli) -> ExitCode {
             json,
         } => site::status(&site, machine.as_deref(), json),
         Command::Inspect { path, json } => return inspect::run(&path, json),
+        Command::Failover {
+            site,
+            machine,
+            planned,
+            test,
+            cleanup_test,
+            change_point,
+            cancel,
+            at,
+            as_name,
+            note,
+            shutdown_source,
+            shutdown_timeout,
+            json,
+        } => {
+            let mode = if planned {
+                failover::Mode::Planned
+            } else if test {
+                failover::Mode::Test
+            } else if cleanup_test {
+                failover::Mode::CleanupTest
+            } else if let Some(p) = change_point {
+                failover::Mode::ChangePoint(p)
+            } else if cancel {
+                failover::Mode::Cancel
+            } else {
+                failover::Mode::Unplanned {
+                    shutdown_source: shutdown_source.then_some(shutdown_timeout),
+                }
+            };
+            failover::run(
+                &site,
+                &machine,
+                mode,
+                at.as_deref(),
+                as_name.as_deref(),
+                note.as_deref(),
+                json,
+            )
+        }
+        Command::Commit {
+            site,
+            machine,
+            json,
+        } => failover::commit(&site, &machine, json),
         Command::Jobs { site, job, json } => jobs::show(&site, job.as_deref(), json),
         Command::Points {
             site,

@@ -85,6 +85,8 @@ pub const KIND_RETENTION: u16 = 6;
 pub const KIND_RESYNC: u16 = 7;
 /// A replica's scrub state (`replica::scrub::ScrubState`).
 pub const KIND_SCRUB: u16 = 8;
+/// A replica promoted by a failover (`failover`): version 1.
+pub const KIND_PROMOTION: u16 = 9;
 
 /// The version of `kind` this build writes, which is also the newest it reads.
 pub fn version_of(kind: u16) -> u16 {
@@ -106,6 +108,7 @@ pub fn kind_name(kind: u16) -> &'static str {
         KIND_RETENTION => "replica retention",
         KIND_RESYNC => "resync progress",
         KIND_SCRUB => "scrub state",
+        KIND_PROMOTION => "promotion",
         _ => "unknown kind",
     }
 }

@@ -112,6 +112,10 @@ pub struct PrimaryFacts<'a> {
     pub ship: Option<&'a ShipView>,
     pub lag_seconds: Option<f64>,
     pub serve_running: bool,
+    /// Stands on a replica point (a promoted machine before its fold, a test copy).
+    pub base: Option<crate::protection::Base>,
+    /// A failover not committed yet.
+    pub pending: Option<crate::protection::Pending>,
 }
 
 /// What is known about a replica.
@@ -160,9 +164,35 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
         source: None,
         scrub: None,
     };
+    if st.last_point.is_none() {
+        // Nothing written since the failover: the point it stands on.
+        st.last_point = f.base.as_ref().map(|b| point_ref(b.lsn, b.time_ns));
+    }
     if f.role == Role::Test {
         st.state = State::TestFailover;
-        st.reason = "a test copy: writable, isolated from replication".into();
+        st.reason = match &f.base {
+            Some(b) => format!(
+                "a test copy of {} at pt-{}: writable, isolated from replication",
+                b.replica, b.lsn
+            ),
+            None => "a test copy: writable, isolated from replication".into(),
+        };
+    }
+    if let (Some(p), Some(b)) = (&f.pending, &f.base) {
+        st.state = State::CommitPending;
+        st.reason = format!(
+            "{} failover at pt-{} (generation {} → {}): commit pending — `replog commit`, \
+             or `replog failover --change-point`{}",
+            p.kind,
+            b.lsn,
+            p.from_generation,
+            f.generation,
+            if p.kind == crate::protection::FailoverKind::Unplanned {
+                " or `--cancel`"
+            } else {
+                ""
+            }
+        );
     }
     match (f.ship, f.relationship) {
         (Some(l), _) => {
@@ -320,6 +350,8 @@ pub fn offline_primary(
             ship: None,
             lag_seconds: None,
             serve_running: false,
+            base: m.base(),
+            pending: m.pending(),
         }),
     ))
 }

@@ -55,6 +55,8 @@ pub trait ReplicaBackend: Send + Sync + fmt::Debug {
     fn exists(&self, key: &str) -> Result<bool>;
     /// Remove objects (missing ones are fine); durable on return.
     fn delete(&self, keys: &[String]) -> Result<()>;
+    /// Remove every object under `prefix` (a whole replica); durable on return.
+    fn delete_prefix(&self, prefix: &str) -> Result<()>;
     /// An exclusive lock named `key`, held until the guard is dropped (waits for it).
     fn lock(&self, key: &str) -> Result<Box<dyn Held>>;
     /// Leave a pin under `prefix` holding `body`, live until the guard is dropped (or
@@ -297,6 +299,27 @@ impl ReplicaBackend for DirBackend {
 
     fn exists(&self, key: &str) -> Result<bool> {
         Ok(self.storage.exists(&self.path(key)?))
+    }
+
+    fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        let dir = self.path(prefix)?;
+        fn walk(s: &dyn Storage, dir: &Path) -> Result<()> {
+            for f in s.list_dir(dir)? {
+                s.remove_file(&dir.join(f))?;
+            }
+            for d in s.list_dirs(dir)? {
+                walk(s, &dir.join(d))?;
+            }
+            s.remove_dir(dir)
+        }
+        if !self.storage.exists(&dir) {
+            return Ok(());
+        }
+        walk(self.storage.as_ref(), &dir)?;
+        match dir.parent() {
+            Some(parent) => self.storage.sync_dir(parent),
+            None => Ok(()),
+        }
     }
 
     fn delete(&self, keys: &[String]) -> Result<()> {

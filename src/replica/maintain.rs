@@ -64,6 +64,16 @@ pub fn pass(replicas: &Replicas, machine: &str) {
     if !replicas.has(machine) {
         return;
     }
+    // Promoted by a failover: every point stays as it is (a change of point may
+    // need any of them) until the failover is cancelled or committed.
+    match replicas.open_readonly(machine).and_then(|s| s.promotion()) {
+        Ok(None) => {}
+        Ok(Some(_)) => return,
+        Err(e) => {
+            tracing::error!(machine, "replica promotion record: {e}");
+            return;
+        }
+    }
     let now = crate::format::now_ns();
     if let Err(e) = super::compact::compact_replica(replicas, machine, now) {
         tracing::error!(machine, "replica compaction: {e}");

@@ -110,6 +110,27 @@ pub fn retained(store: &ReplicaStore, now_ns: u64) -> Result<Vec<ReplicaPoint>> 
         .collect())
 }
 
+/// The point at exactly `lsn`, whatever its age, if the replica can still
+/// materialise it (the initial copy's state included).
+pub fn exact(store: &ReplicaStore, lsn: u64) -> Result<ReplicaPoint> {
+    if let Some(p) = materialisable(store)?.into_iter().find(|p| p.lsn == lsn) {
+        return Ok(p);
+    }
+    let parent = store.parent();
+    if store.initial().done && parent.lsn == lsn && !parent.resyncing && parent.valid_from <= lsn {
+        return Ok(ReplicaPoint {
+            lsn,
+            time_ns: 0,
+            app_consistent: false,
+            digests: None,
+            received_ns: 0,
+        });
+    }
+    Err(Error::NotFound(format!(
+        "the replica can no longer materialise the point at LSN {lsn}"
+    )))
+}
+
 /// The points `replog points` lists now.
 pub fn list(store: &ReplicaStore) -> Result<Vec<ReplicaPoint>> {
     retained(store, crate::format::now_ns())
@@ -150,12 +171,26 @@ pub fn resolve(store: &ReplicaStore, at: &str) -> Result<ReplicaPoint> {
             "this replica holds no recovery point yet (initial replication is not complete)".into(),
         ));
     }
+    if at == "latest-app-consistent" {
+        return points
+            .iter()
+            .rev()
+            .find(|p| p.app_consistent)
+            .cloned()
+            .ok_or_else(|| {
+                Error::NotFound(
+                    "this replica holds no app-consistent point (take one with `replog \
+                     checkpoint SITE MACHINE --app-consistent` at the source)"
+                        .into(),
+                )
+            });
+    }
     let oldest = points.first().map(|p| p.lsn).unwrap_or(u64::MAX);
     let by_lsn = |lsn: u64| -> Result<ReplicaPoint> {
         if let Some(p) = points.iter().find(|p| p.lsn == lsn) {
             return Ok(p.clone());
         }
-        if lsn < oldest {
+        if lsn < oldest && !points.is_empty() {
             return Err(Error::NotFound(format!(
                 "{at:?} has expired: it is older than this replica's retention keeps \
                  (oldest point kept: pt-{oldest})"

@@ -85,7 +85,21 @@ impl std::fmt::Debug for PointImage {
 
 impl PointImage {
     /// Open `store` (read-only) at POINT `at` (any form `points::resolve` takes).
-    pub fn open(mut store: ReplicaStore, at: &str) -> Result<PointImage> {
+    pub fn open(store: ReplicaStore, at: &str) -> Result<PointImage> {
+        Self::open_with(store, |s| points::resolve(s, at))
+    }
+
+    /// Open `store` at the point with LSN `lsn`, retention or not, as long as the
+    /// replica can still materialise it (what a promoted machine or a test copy
+    /// stands on: pinned while it is open, so never merged away).
+    pub fn open_exact(store: ReplicaStore, lsn: u64) -> Result<PointImage> {
+        Self::open_with(store, |s| points::exact(s, lsn))
+    }
+
+    fn open_with(
+        mut store: ReplicaStore,
+        resolve: impl FnOnce(&ReplicaStore) -> Result<ReplicaPoint>,
+    ) -> Result<PointImage> {
         let lock = pin::merge_lock(&store)?;
         store.refresh()?;
         if !store.initial().done {
@@ -95,7 +109,7 @@ impl PointImage {
                     .into(),
             ));
         }
-        let point = points::resolve(&store, at)?;
+        let point = resolve(&store)?;
         let from_seq = store.parent().seq;
         let held = pin::pin(
             &store,

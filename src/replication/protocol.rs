@@ -47,8 +47,11 @@ pub const FEATURE_GENERATIONS: u64 = 1 << 0;
 pub const FEATURE_RESYNC: u64 = 1 << 1;
 /// A source mends damaged ranges from the replica (ResyncFetch / ResyncData).
 pub const FEATURE_RESYNC_FETCH: u64 = 1 << 2;
+/// Planned failover: `Promote` / `Promoted`.
+pub const FEATURE_FAILOVER: u64 = 1 << 3;
 /// What this build can do.
-pub const FEATURES: u64 = FEATURE_GENERATIONS | FEATURE_RESYNC | FEATURE_RESYNC_FETCH;
+pub const FEATURES: u64 =
+    FEATURE_GENERATIONS | FEATURE_RESYNC | FEATURE_RESYNC_FETCH | FEATURE_FAILOVER;
 /// What this build needs of its peer.
 pub const REQUIRED_FEATURES: u64 = FEATURE_GENERATIONS;
 pub const FRAME_HEADER_LEN: usize = 16;
@@ -225,6 +228,23 @@ pub enum Message {
     Room { free_bytes: u64 },
     /// Either way: the session ends because of this.
     Error { code: RefusalCode, message: String },
+    /// Source → target, a planned failover (feature `FEATURE_FAILOVER`): the source
+    /// takes no writes and the target has acknowledged everything up to `lsn`; promote
+    /// the replica at exactly `lsn` to `generation`. Answered by `Promoted` once the
+    /// promoted disks open and match the point's digests — or by `Error`, and then
+    /// nothing was promoted.
+    Promote {
+        machine: String,
+        machine_id: u64,
+        generation: u32,
+        lsn: u64,
+    },
+    /// Target → source: promoted at `lsn`; the source's generation is fenced.
+    Promoted {
+        machine: String,
+        generation: u32,
+        lsn: u64,
+    },
 }
 
 /// Why a site refused, so the other side knows what to do (see

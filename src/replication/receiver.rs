@@ -31,6 +31,30 @@ pub const MAX_HASHES: u64 = 1 << 16;
 /// Bytes of differing chunks one resync batch may carry.
 const MAX_RESYNC_BATCH: usize = 256 << 20;
 
+/// Refused when a failover promoted the replica past `generation`: the sender is
+/// the old primary, fenced.
+fn check_promotion(st: &ReplicaStore, machine: &str, generation: u32) -> Result<(), Refusal> {
+    match st.promotion().map_err(refusal)? {
+        Some(p) if p.generation > generation => Err((
+            RefusalCode::Fenced,
+            format!(
+                "{machine} was failed over to site {} at {} ({} failover, generation {}{}); \
+                 the sender's generation {generation} is fenced",
+                SiteId(p.site),
+                crate::format::rfc3339(p.at_ns),
+                p.kind,
+                p.generation,
+                if p.committed {
+                    ", committed"
+                } else {
+                    ", not committed yet"
+                }
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A store error as the source is told it.
 fn refusal(e: Error) -> Refusal {
     (e.refusal_code(), e.to_string())
@@ -50,6 +74,24 @@ pub struct Target {
     /// Told the name of every replica created (serve starts its loops, the mount
     /// shows it).
     on_new: Option<NewReplicaHook>,
+    /// The site directory, when this target is a site's (its machines are checked:
+    /// a machine promoted here is never taken as a replica again).
+    site: Option<std::path::PathBuf>,
+    /// Carries out a planned failover's promotion (serve's registry).
+    on_promote: Option<PromoteHook>,
+}
+
+/// What a target calls to promote a replica for a planned failover: (machine, LSN,
+/// generation) → Ok once the promoted machine is open and verified; on Err nothing
+/// was promoted.
+pub type PromoteFn = dyn Fn(&str, u64, u32) -> crate::error::Result<()> + Send + Sync;
+
+struct PromoteHook(Box<PromoteFn>);
+
+impl std::fmt::Debug for PromoteHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PromoteHook")
+    }
 }
 
 /// What a target calls when it creates a replica.
@@ -68,7 +110,52 @@ impl Target {
             replicas,
             stores: Mutex::new(HashMap::new()),
             on_new: None,
+            site: None,
+            on_promote: None,
         }
+    }
+
+    /// Promote replicas for planned failovers with `f`.
+    pub fn on_promote(
+        mut self,
+        f: impl Fn(&str, u64, u32) -> crate::error::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.on_promote = Some(PromoteHook(Box::new(f)));
+        self
+    }
+
+    /// This target is the site at `path`.
+    pub fn at_site(mut self, path: &std::path::Path) -> Self {
+        self.site = Some(path.to_path_buf());
+        self
+    }
+
+    /// Machine `machine` is a machine of this site (promoted here, or its own):
+    /// refused — fenced when this site's generation is newer than the sender's.
+    fn check_not_a_machine_here(&self, machine: &str, generation: u32) -> Result<(), Refusal> {
+        let Some(site) = &self.site else {
+            return Ok(());
+        };
+        let dir = site.join(crate::site::MACHINES_DIR).join(machine);
+        if !dir.join(crate::volume::MANIFEST_FILE).exists() {
+            return Ok(());
+        }
+        let m = crate::volume::Machine::read_manifest(&crate::storage::FileStorage, &dir)
+            .map_err(refusal)?;
+        if m.generation > generation {
+            return Err((
+                RefusalCode::Fenced,
+                format!(
+                    "{machine} was failed over to this site (generation {}); the sender's \
+                     generation {generation} is fenced",
+                    m.generation
+                ),
+            ));
+        }
+        Err((
+            RefusalCode::NotOwner,
+            format!("{machine} is a machine of this site, not a replica"),
+        ))
     }
 
     /// Call `f` with the machine's name whenever a new replica is created.
@@ -104,6 +191,9 @@ impl Target {
     /// The store of `machine`, opened once (or created from `protect` when this site
     /// has no replica of it yet).
     fn store_for(&self, peer: SiteId, protect: &ProtectRequest) -> Result<SharedStore, Refusal> {
+        // A machine of this site (promoted here) is never a replica again, even if
+        // a store of it is still cached from before.
+        self.check_not_a_machine_here(&protect.machine, protect.generation)?;
         // Under the table's lock, so two sessions never open the same store twice.
         let mut stores = self.stores.lock();
         if let Some(s) = stores.get(&protect.machine) {
@@ -325,6 +415,14 @@ impl Session<'_> {
                 machine,
                 valid_from,
             } => self.on_resync_done(&machine, valid_from).map(Some),
+            Message::Promote {
+                machine,
+                machine_id,
+                generation,
+                lsn,
+            } => self
+                .on_promote(&machine, machine_id, generation, lsn)
+                .map(Some),
             Message::Probe => Ok(Some(Message::Room {
                 free_bytes: self.target.replicas.free_bytes(),
             })),
@@ -363,6 +461,57 @@ impl Session<'_> {
         }
     }
 
+    /// A planned failover: the source is fenced and everything up to `lsn` was
+    /// acknowledged in this session; promote at exactly `lsn` to `generation`.
+    fn on_promote(
+        &mut self,
+        machine: &str,
+        machine_id: u64,
+        generation: u32,
+        lsn: u64,
+    ) -> Result<Message, Refusal> {
+        let (name, store) = self.store(machine, "Promote")?;
+        let (name, store) = (name.to_string(), store.clone());
+        {
+            let mut st = store.lock();
+            st.refresh().map_err(refusal)?;
+            if st.manifest().machine_id != machine_id {
+                return Err((
+                    RefusalCode::NotOwner,
+                    format!("this site's replica of {name} is of another machine"),
+                ));
+            }
+            check_promotion(&st, &name, generation)?;
+            if generation != st.generation() + 1 {
+                return Err(protocol_error(format!(
+                    "promote {name} to generation {generation}: the replica is at generation {}",
+                    st.generation()
+                )));
+            }
+            if st.received().lsn != lsn {
+                return Err((
+                    RefusalCode::BrokenChain,
+                    format!(
+                        "promote {name} at LSN {lsn}: the replica holds up to LSN {}",
+                        st.received().lsn
+                    ),
+                ));
+            }
+        }
+        let Some(hook) = &self.target.on_promote else {
+            return Err((
+                RefusalCode::Fatal,
+                "this target cannot promote replicas (it is not a site's serve)".into(),
+            ));
+        };
+        (hook.0)(&name, lsn, generation).map_err(refusal)?;
+        Ok(Message::Promoted {
+            machine: name,
+            generation,
+            lsn,
+        })
+    }
+
     fn on_protect(&mut self, p: ProtectRequest) -> Result<Message, Refusal> {
         if p.base_seq >= crate::format::segment::MAX_SEGMENT_SEQ
             || p.base_lsn >= crate::format::record::MAX_LSN
@@ -386,6 +535,7 @@ impl Session<'_> {
                     ),
                 ));
             }
+            check_promotion(&st, &p.machine, p.generation)?;
             if p.generation < st.generation() {
                 return Err((
                     RefusalCode::Fenced,
@@ -505,7 +655,9 @@ impl Session<'_> {
             return Ok(None);
         }
         let whole = self.assembling.take().map(|a| a.bytes).unwrap_or_default();
-        let lsn = match store.lock().receive(seq, &whole).map_err(refusal)? {
+        let mut st = store.lock();
+        check_promotion(&st, &name, generation)?;
+        let lsn = match st.receive(seq, &whole).map_err(refusal)? {
             crate::replica::store::Receipt::Stored { lsn }
             | crate::replica::store::Receipt::Duplicate { lsn } => lsn,
         };
@@ -526,10 +678,12 @@ impl Session<'_> {
         {
             return Err(protocol_error("resync base out of range"));
         }
-        let p = store
-            .lock()
+        let mut st = store.lock();
+        check_promotion(&st, name, generation)?;
+        let p = st
             .begin_resync(base_lsn, base_seq, chunk_bytes)
             .map_err(refusal)?;
+        drop(st);
         let reply = resync_state(name, &p);
         self.resync_chunks.clear();
         self.resync_held = 0;

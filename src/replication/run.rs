@@ -55,6 +55,9 @@ pub enum ShipCommand {
     /// `Resume`; answered once the pass in progress has ended.
     Pause(Sender<()>),
     Resume,
+    /// A planned failover's last step (the machine fenced, everything up to the LSN
+    /// acknowledged): ask the target to promote at the LSN to the generation.
+    Promote(u64, u32, Sender<super::shipper::PromoteOutcome>),
 }
 
 /// The loop's side of the command channel.
@@ -63,6 +66,11 @@ struct Control {
     paused: bool,
     /// Ship requests: the LSN each must see acknowledged, and where to answer.
     waiting: Vec<(u64, Sender<ShipAnswer>)>,
+    /// A promotion to ask the target for.
+    promote: Option<(u64, u32, Sender<super::shipper::PromoteOutcome>)>,
+    /// A planned failover's outcome is not known (this process began it and lost the
+    /// answer, or a process that died did): the next contact with the target tells.
+    resolve_intent: bool,
 }
 
 impl Control {
@@ -81,6 +89,7 @@ impl Control {
                 let _ = tx.send(());
             }
             ShipCommand::Resume => self.paused = false,
+            ShipCommand::Promote(lsn, g, tx) => self.promote = Some((lsn, g, tx)),
         }
     }
 
@@ -93,7 +102,7 @@ impl Control {
                 Ok(c) => {
                     // A ship request is answered (or, paused, refused) at once.
                     self.take(c, machine);
-                    if !self.waiting.is_empty() {
+                    if !self.waiting.is_empty() || self.promote.is_some() {
                         return;
                     }
                 }
@@ -163,6 +172,8 @@ impl ShipLoop {
             rx,
             paused: false,
             waiting: Vec::new(),
+            promote: None,
+            resolve_intent: false,
         };
         let thread = {
             let (stop, status) = (stop.clone(), status.clone());
@@ -195,6 +206,34 @@ pub struct ShipHandle {
 }
 
 impl ShipHandle {
+    /// Ask the target to promote the machine at `lsn` to `generation` (a planned
+    /// failover's last step); how it ended.
+    pub fn promote(
+        &self,
+        lsn: u64,
+        generation: u32,
+        timeout: Duration,
+    ) -> super::shipper::PromoteOutcome {
+        use super::shipper::PromoteOutcome;
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        if self
+            .commands
+            .send(ShipCommand::Promote(lsn, generation, tx))
+            .is_err()
+        {
+            return PromoteOutcome::NotPromoted(Error::Busy(
+                "the shipping loop has stopped".into(),
+            ));
+        }
+        match rx.recv_timeout(timeout) {
+            Ok(o) => o,
+            Err(_) => PromoteOutcome::Unknown(Error::Busy(format!(
+                "no answer from the target within {} s",
+                timeout.as_secs()
+            ))),
+        }
+    }
+
     /// Seal and ship everything written so far; the LSN the target acknowledged.
     pub fn ship_now(&self, timeout: Duration) -> crate::error::Result<u64> {
         let (tx, rx) = crossbeam::channel::bounded(1);
@@ -251,6 +290,11 @@ fn park(stop: &AtomicBool, shipper: Shipper, mut control: Control, why: crate::e
             }
             Ok(ShipCommand::Pause(tx)) => {
                 let _ = tx.send(());
+            }
+            Ok(ShipCommand::Promote(_, _, tx)) => {
+                let _ = tx.send(super::shipper::PromoteOutcome::NotPromoted(
+                    why.clone().into_error("the target"),
+                ));
             }
             _ => {}
         }
@@ -568,8 +612,50 @@ fn run(
     if let Some(why) = machine.changed_offline() {
         let _ = SourceResync::require(&site, &name, &why);
     }
+    // A planned failover a process that died began: the first contact tells how it
+    // ended (refused as fenced: promoted; answered: not).
+    control.resolve_intent = machine.intent().is_some();
     while !stop.load(Ordering::Acquire) {
         control.drain(&machine);
+        if let Some((lsn, generation, tx)) = control.promote.take() {
+            use super::shipper::PromoteOutcome;
+            let outcome = shipper.promote_at_target(&machine, lsn, generation);
+            match &outcome {
+                PromoteOutcome::Promoted => {
+                    let fence = crate::protection::Fence {
+                        by_site: rel.target_id().map(|id| id.0).unwrap_or([0; 32]),
+                        generation,
+                        at_ns: crate::format::now_ns(),
+                        reason: format!("planned failover at LSN {lsn}"),
+                    };
+                    let persisted = machine.persist_fence(fence);
+                    let _ = tx.send(match persisted {
+                        Ok(()) => outcome,
+                        Err(e) => PromoteOutcome::Unknown(e),
+                    });
+                    let mut s = status.lock();
+                    s.state = State::FailedOver;
+                    s.health = Health::Healthy;
+                    s.reason = format!(
+                        "failed over to {} at LSN {lsn} (generation {generation}): writes \
+                         are refused and replication has stopped",
+                        rel.target
+                    );
+                    drop(s);
+                    let why = crate::error::Failure {
+                        class: ErrorClass::Critical,
+                        code: Some(crate::replication::protocol::RefusalCode::Fenced),
+                        message: format!("{name} was failed over to {}", rel.target),
+                    };
+                    park(&stop, shipper, control, why);
+                    return;
+                }
+                PromoteOutcome::NotPromoted(_) => {}
+                PromoteOutcome::Unknown(_) => control.resolve_intent = true,
+            }
+            let _ = tx.send(outcome);
+            continue;
+        }
         if control.paused {
             control.failed("shipping is paused");
             let mut s = status.lock();
@@ -704,6 +790,23 @@ fn run(
         match shipper.ship_once(&machine) {
             Ok(report) => {
                 failures = 0;
+                if control.resolve_intent {
+                    // The target took our generation: it did not promote.
+                    control.resolve_intent = false;
+                    match machine.set_intent(None) {
+                        Ok(()) => {
+                            machine.unfence();
+                            tracing::info!(
+                                machine = %name,
+                                "the planned failover did not happen at {}: takes writes again",
+                                rel.target
+                            );
+                        }
+                        Err(e) => {
+                            tracing::error!(machine = %name, "clear the failover intent: {e}")
+                        }
+                    }
+                }
                 control.acked(report.acked_lsn);
                 jobs.pass_ok(report.acked_lsn, &rel.target);
                 jobs.nothing_left(report.initial_bytes);

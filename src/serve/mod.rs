@@ -84,13 +84,22 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
     if let Some(addr) = &opts.listen {
         let me = crate::identity::Identity::load(site_path)?.id();
         let weak = Arc::downgrade(&registry);
-        let target = Arc::new(Target::new(me, registry.replicas().clone()).on_new_replica(
-            move |m| {
-                if let Some(r) = weak.upgrade() {
-                    r.add_replica(m);
-                }
-            },
-        ));
+        let target = Arc::new(
+            Target::new(me, registry.replicas().clone())
+                .at_site(site_path)
+                .on_promote({
+                    let weak = Arc::downgrade(&registry);
+                    move |m, lsn, generation| match weak.upgrade() {
+                        Some(r) => r.planned_promote(m, lsn, generation),
+                        None => Err(crate::Error::Busy("serve is stopping".into())),
+                    }
+                })
+                .on_new_replica(move |m| {
+                    if let Some(r) = weak.upgrade() {
+                        r.add_replica(m);
+                    }
+                }),
+        );
         let bound = transport::listen(site_path, addr, move |mut stream, peer| {
             target.session(&mut stream, peer)
         })?;
@@ -205,6 +214,8 @@ pub fn machine_status(
             ship,
             lag_seconds: lag,
             serve_running: true,
+            base: m.base(),
+            pending: m.pending(),
         }),
     )
 }

@@ -82,6 +82,7 @@ impl Registry {
 
     /// Open every machine of the site and start every replica's loop.
     pub fn start(&self) -> Result<()> {
+        crate::failover::reconcile(&self.site, &self.replicas)?;
         for name in self.site.machines()? {
             self.open(&name)?;
         }
@@ -219,6 +220,14 @@ impl Registry {
                 .ok_or_else(|| Error::InvalidInput(format!("{name} is not protected")))?
         };
         f(&handle)
+    }
+
+    /// The target's half of a planned failover: promote replica `machine` at exactly
+    /// `lsn` to `generation`, check the point's digests, then open it (the mount
+    /// shows it). On any error nothing stays promoted.
+    pub fn planned_promote(&self, machine: &str, lsn: u64, generation: u32) -> Result<()> {
+        let _one = self.changing.lock();
+        crate::failover::run::planned_target(&Host(self), machine, lsn, generation).map(|_| ())
     }
 
     /// The site's status now.
@@ -448,6 +457,36 @@ impl Registry {
                 })?;
                 Ok(Reply::at(m.fence(reason)))
             }
+            Request::PlannedFailover { machine } => {
+                if self.machine(machine).is_none() && self.replicas.has(machine) {
+                    return Err(Error::InvalidInput(format!(
+                        "{machine} is a replica at this site: a planned failover runs at its \
+                         primary"
+                    )));
+                }
+                let handle = self.with_ship(machine, |h| Ok(h.clone()))?;
+                let ship = crate::failover::planned::LoopShipping(handle);
+                let _one = self.changing.lock();
+                crate::failover::planned::run(&Host(self), &ship, machine)
+            }
+            Request::Failover { .. }
+            | Request::CleanupTest { .. }
+            | Request::ChangePoint { .. }
+            | Request::CancelFailover { .. }
+            | Request::Commit { .. } => {
+                let _one = self.changing.lock();
+                let reply = crate::failover::run::handle(&Host(self), req);
+                // A committed failover's replica may be gone: its loop and points too.
+                let names: Vec<String> = self.replica_loops.lock().keys().cloned().collect();
+                for name in names {
+                    if !self.replicas.has(&name) {
+                        self.replica_loops.lock().remove(&name);
+                        self.tree.root_entry_changed(&name);
+                    }
+                }
+                *self.replica_status.lock() = (None, Vec::new());
+                reply
+            }
             Request::Unfence { machine } => {
                 let m = self.machine(machine).ok_or_else(|| {
                     Error::NotFound(format!("this site has no machine {machine}"))
@@ -465,6 +504,40 @@ impl Handler for Registry {
             Ok(r) => r,
             Err(e) => Reply::failed(&e),
         }
+    }
+}
+
+/// The registry as the failover commands see it: opening a machine shows it under
+/// the mount, closing one hides it. (The caller holds `changing`.)
+struct Host<'a>(&'a Registry);
+
+impl crate::failover::Host for Host<'_> {
+    fn site(&self) -> &Site {
+        &self.0.site
+    }
+
+    fn replicas(&self) -> &Replicas {
+        &self.0.replicas
+    }
+
+    fn open(&self, name: &str) -> Result<()> {
+        if self.0.machines.lock().contains_key(name) {
+            return Ok(());
+        }
+        self.0.open(name)
+    }
+
+    fn close(&self, name: &str) -> Result<()> {
+        if !self.0.machines.lock().contains_key(name) {
+            return Ok(());
+        }
+        self.0.close(name)
+    }
+
+    fn machine(&self, name: &str) -> Result<Arc<Machine>> {
+        self.0
+            .machine(name)
+            .ok_or_else(|| Error::NotFound(format!("this site has no open machine {name}")))
     }
 }
 

@@ -58,6 +58,7 @@ const PARENT_MARK: &str = "parent.meta";
 const RETENTION: &str = "retention.meta";
 const INITIAL: &str = "initial";
 const DAMAGED: &str = "damaged";
+const PROMOTED: &str = "promoted.meta";
 pub(crate) const PINS: &str = "pins";
 pub(crate) const MERGE_LOCK: &str = "merge.lock";
 
@@ -66,6 +67,27 @@ pub(crate) const MERGE_LOCK: &str = "merge.lock";
 /// measured a resync with 1% of blocks changed 1.4x faster than 1 MiB, and restore
 /// no slower (see tools/bench).
 pub const CHUNK_BYTES: u64 = 256 << 10;
+
+/// The replica was promoted by a failover (`SITE/replicas/<m>/promoted.meta`): from
+/// then on the receiver refuses the older generation as fenced, and the replica's
+/// compactor and scrub stand still (every point stays for a change of point), until
+/// the failover is cancelled (the record goes) or committed (the replica goes once
+/// the promoted machine no longer stands on it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Promotion {
+    pub kind: crate::protection::FailoverKind,
+    /// The promoted machine's generation; the replica's was `from_generation`.
+    pub generation: u32,
+    pub from_generation: u32,
+    /// The point promoted (its LSN).
+    pub lsn: u64,
+    /// When (ns since the epoch).
+    pub at_ns: u64,
+    /// This site's ID (who holds the newer generation).
+    pub site: [u8; 32],
+    /// Committed: no way back; the points are gone for `replog points`.
+    pub committed: bool,
+}
 
 /// What the replica parent chunks hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -338,6 +360,13 @@ impl Replicas {
                 .backend
                 .exists(&format!("{machine}/{MANIFEST}"))
                 .unwrap_or(false)
+    }
+
+    /// Remove the replica of `machine`, every object of it (a committed failover's
+    /// replica, once nothing stands on it). Durable on return.
+    pub fn remove(&self, machine: &str) -> Result<()> {
+        validate_name("machine", machine)?;
+        self.backend.delete_prefix(machine)
     }
 
     /// The machines this site holds replicas of.
@@ -619,6 +648,19 @@ impl ReplicaStore {
     /// The generation of the machine this replica holds.
     pub fn generation(&self) -> u32 {
         self.manifest.generation
+    }
+
+    /// The failover that promoted this replica, if one did.
+    pub fn promotion(&self) -> Result<Option<Promotion>> {
+        self.read_meta(PROMOTED, meta::KIND_PROMOTION)
+    }
+
+    /// Record (or, with None, remove) the promotion, durably.
+    pub fn set_promotion(&self, p: Option<&Promotion>) -> Result<()> {
+        match p {
+            Some(p) => self.write_meta(PROMOTED, meta::KIND_PROMOTION, p),
+            None => self.backend().delete(&[self.key_of(PROMOTED)]),
+        }
     }
 
     /// The source speaks for a newer generation of the machine: record it (the

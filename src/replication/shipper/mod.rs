@@ -89,6 +89,8 @@ pub struct Link {
     stream: ClientStream,
     peer: String,
     peer_id: SiteId,
+    /// The feature bits the peer's `Hello` announced.
+    peer_features: u64,
 }
 
 impl Link {
@@ -100,6 +102,7 @@ impl Link {
             stream,
             peer: addr.to_string(),
             peer_id,
+            peer_features: 0,
         };
         let me = crate::identity::Identity::load(site)?.id();
         link.send(&protocol::hello(me.0))?;
@@ -120,6 +123,7 @@ impl Link {
                 }
                 protocol::check_hello(protocol, features, required)
                     .map_err(|what| Error::protocol(&link.peer, what))?;
+                link.peer_features = features;
             }
             other => return Err(link.unexpected("Hello", &other)),
         }
@@ -129,6 +133,11 @@ impl Link {
     /// The peer's site ID (from its certificate).
     pub fn peer_id(&self) -> SiteId {
         self.peer_id
+    }
+
+    /// The feature bits the peer announced.
+    pub fn peer_features(&self) -> u64 {
+        self.peer_features
     }
 
     /// Send and flush.
@@ -191,6 +200,17 @@ impl Link {
             format!("expected {want}, got {}", message_name(got)),
         )
     }
+}
+
+/// How asking a target to promote ended.
+#[derive(Debug)]
+pub enum PromoteOutcome {
+    /// The target promoted the replica: this site is fenced.
+    Promoted,
+    /// It did not (refused, or never asked): this site may take writes again.
+    NotPromoted(Error),
+    /// The connection failed after the request left: the next contact tells.
+    Unknown(Error),
 }
 
 /// A message's name, for errors (its fields may be megabytes of data).
@@ -338,6 +358,50 @@ impl Shipper {
                 },
             )),
             other => Err(link.unexpected("Protected", &other)),
+        }
+    }
+
+    /// A planned failover's last step: ask the target to promote `machine` at
+    /// exactly `lsn` (everything up to it acknowledged, the machine fenced).
+    pub fn promote_at_target(
+        &self,
+        machine: &Machine,
+        lsn: u64,
+        generation: u32,
+    ) -> PromoteOutcome {
+        let (mut link, p) = match self.handshake(machine) {
+            Ok(x) => x,
+            Err(e) => return PromoteOutcome::NotPromoted(e),
+        };
+        if p.lsn != lsn {
+            return PromoteOutcome::NotPromoted(Error::BrokenChain(format!(
+                "the target holds {} up to LSN {}, not {lsn}",
+                machine.name(),
+                p.lsn
+            )));
+        }
+        if link.peer_features() & protocol::FEATURE_FAILOVER == 0 {
+            return PromoteOutcome::NotPromoted(Error::protocol(
+                &self.target,
+                "the target's replog cannot carry out a planned failover (no failover feature)",
+            ));
+        }
+        let sent = link.send(&Message::Promote {
+            machine: machine.name().to_string(),
+            machine_id: machine.machine_id(),
+            generation,
+            lsn,
+        });
+        match sent.and_then(|()| link.recv()) {
+            Ok(Message::Promoted {
+                generation: g,
+                lsn: l,
+                ..
+            }) if g == generation && l == lsn => PromoteOutcome::Promoted,
+            Ok(other) => PromoteOutcome::Unknown(link.unexpected("Promoted", &other)),
+            // The target refuses only what it did not do.
+            Err(e @ Error::Refused { .. }) => PromoteOutcome::NotPromoted(e),
+            Err(e) => PromoteOutcome::Unknown(e),
         }
     }
 

@@ -1,0 +1,341 @@
+//! The primary's half of a planned failover: zero loss, all or nothing.
+//!
+//! 1. **Fence.** The intent is persisted in `machine.meta` (target, generation + 1,
+//!    job) and writes are refused from then on (EROFS; a write in flight completes
+//!    first); the journal is flushed and sealed: its last LSN is the point.
+//! 2. **Ship** everything and wait for the target's acknowledgement of that LSN.
+//! 3. **Promote**: `Promote { lsn, generation + 1 }`; the target promotes at exactly
+//!    that LSN, verifies the point's digests and answers `Promoted`.
+//! 4. **Fenced for good**: the fence is persisted (the intent goes with it); the
+//!    machine is `failed-over`, its loops stop, what its target never acknowledged
+//!    (nothing, here) stays in its journal.
+//!
+//! A failure before the target promoted (unreachable, refused, a step that fails)
+//! clears the intent and unfences: the machine is `protected` again, and the job
+//! fails with the reason. When the answer to `Promote` is lost, the next contact with
+//! the target tells (refused as fenced: promoted; answered: not) — the ship loop
+//! resolves it, also after a restart, since the intent is persisted.
+
+use super::Host;
+use crate::control::Reply;
+use crate::error::{Error, Result};
+use crate::jobs::{JobHandle, JobKind};
+use crate::protection::{Intent, Role};
+use crate::replication::relationship::Relationship;
+use crate::replication::shipper::PromoteOutcome;
+use crate::volume::Machine;
+use std::time::{Duration, Instant};
+
+/// How a primary ships for a planned failover: its running ship loop (serve), or a
+/// shipper of its own (offline).
+pub trait Shipping {
+    /// Seal and ship everything; the LSN the target acknowledged.
+    fn ship_all(&self, m: &Machine) -> Result<u64>;
+    /// Ask the target to promote.
+    fn promote(&self, m: &Machine, lsn: u64, generation: u32) -> PromoteOutcome;
+    /// The outcome was lost: find out (contact the target), waiting at most `wait`.
+    /// Ok(true): promoted (the fence is persisted); Ok(false): not (the intent is
+    /// cleared and the machine unfenced).
+    fn resolve(&self, m: &Machine, wait: Duration) -> Result<bool>;
+}
+
+/// How long shipping and the target's promotion may take.
+const SHIP_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long a lost answer is waited for.
+const RESOLVE_WAIT: Duration = Duration::from_secs(60);
+
+/// `replog failover SITE MACHINE --planned`.
+pub fn run(host: &dyn Host, ship: &dyn Shipping, name: &str) -> Result<Reply> {
+    let site = host.site().path().to_path_buf();
+    let m = host.machine(name)?;
+    let rel = Relationship::load(&site, name)?.ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "{name} is not protected: there is no target to fail over to"
+        ))
+    })?;
+    if m.role() != Role::Primary {
+        return Err(Error::InvalidInput(format!(
+            "{name} is a {} here, not a primary: a planned failover runs at the primary",
+            m.role()
+        )));
+    }
+    if m.failed_over() {
+        return Err(Error::InvalidInput(format!(
+            "{name} was already failed over ({})",
+            m.fenced().unwrap_or_default()
+        )));
+    }
+    if let Some(i) = m.intent() {
+        return Err(Error::Busy(format!(
+            "a planned failover of {name} (job {}) has not finished; its outcome is known \
+             at the next contact with {}",
+            i.job, i.target
+        )));
+    }
+    if m.pending().is_some() {
+        return Err(Error::InvalidInput(format!(
+            "{name}'s own failover is not committed yet: commit it first"
+        )));
+    }
+    let target_id = rel.target_id()?;
+    let generation = m.generation() + 1;
+    let mut job = JobHandle::start(&site, JobKind::FailoverPlanned, Some(name))?;
+    let id = job.id().to_string();
+    let started = Instant::now();
+
+    job.step("fence writes");
+    let fenced = (|| -> Result<u64> {
+        m.set_intent(Some(Intent {
+            target_site: target_id.0,
+            target: rel.target.clone(),
+            generation,
+            job: id.clone(),
+            started_ns: crate::format::now_ns(),
+        }))?;
+        m.fence(&format!(
+            "a planned failover to {} is under way (job {id})",
+            rel.target
+        ));
+        m.flush()?;
+        m.seal()?;
+        Ok(m.status().last_lsn)
+    })();
+    let lsn = match fenced {
+        Ok(l) => l,
+        Err(e) => return Err(roll_back(&m, job, e, &id)),
+    };
+    if let Err(e) = job.step_done(Some(format!("writes refused; the last LSN is {lsn}"))) {
+        return Err(roll_back(&m, job, e, &id));
+    }
+
+    job.step("ship everything and have it acknowledged");
+    match ship.ship_all(&m) {
+        Ok(acked) if acked >= lsn => {
+            let _ = job.step_done(Some(format!(
+                "{} acknowledged up to LSN {acked}",
+                rel.target
+            )));
+        }
+        Ok(acked) => {
+            let e = Error::Busy(format!(
+                "{} acknowledged up to LSN {acked}, not {lsn}",
+                rel.target
+            ));
+            return Err(roll_back(&m, job, e, &id));
+        }
+        Err(e) => return Err(roll_back(&m, job, e, &id)),
+    }
+
+    job.step("promote at the target");
+    let promoted = match ship.promote(&m, lsn, generation) {
+        PromoteOutcome::Promoted => true,
+        PromoteOutcome::NotPromoted(e) => return Err(roll_back(&m, job, e, &id)),
+        PromoteOutcome::Unknown(e) => {
+            job.progress(format!(
+                "the answer was lost ({e}); asking {} how it ended",
+                rel.target
+            ));
+            match ship.resolve(&m, RESOLVE_WAIT) {
+                Ok(p) => p,
+                Err(e2) => {
+                    let why = Error::Busy(format!(
+                        "the planned failover's outcome is not known ({e}; then {e2}): {name} \
+                         stays fenced until {} answers (the shipping loop asks at every \
+                         contact)",
+                        rel.target
+                    ));
+                    let _ = job.fail(&why);
+                    return Err(with_job(why, &id));
+                }
+            }
+        }
+    };
+    if !promoted {
+        let e = Error::Busy(format!("{} did not promote {name}", rel.target));
+        let _ = job.fail(&e);
+        return Err(with_job(
+            Error::Busy(format!(
+                "the planned failover of {name} did not happen: {} did not promote it; {name} \
+                 takes writes again",
+                rel.target
+            )),
+            &id,
+        ));
+    }
+    // The fence is persisted by whoever learnt of the promotion; make sure.
+    if !m.failed_over() {
+        let fence = crate::protection::Fence {
+            by_site: target_id.0,
+            generation,
+            at_ns: crate::format::now_ns(),
+            reason: format!("planned failover at LSN {lsn}"),
+        };
+        if let Err(e) = m.persist_fence(fence) {
+            let _ = job.fail(&e);
+            return Err(with_job(e, &id));
+        }
+    }
+    let _ = job.step_done(Some(format!(
+        "{} promoted {name} at LSN {lsn} to generation {generation}",
+        rel.target
+    )));
+    drop(m);
+    // Reopened: a failed-over machine has no loops (its journal is kept).
+    host.close(name)?;
+    host.open(name)?;
+    let job_id = id.clone();
+    job.finish(|| {
+        let man = Machine::read_manifest(
+            &crate::storage::FileStorage,
+            &host.site().machine_dir(name)?,
+        )?;
+        match (&man.fence, &man.intent) {
+            (Some(f), None) if f.generation == generation => Ok(format!(
+                "{name} is failed-over here (fenced, generation {} runs at {}); zero loss: \
+                 everything up to LSN {lsn} was acknowledged before the promotion",
+                f.generation, rel.target
+            )),
+            _ => Err(Error::InvalidInput(format!(
+                "{name}'s manifest does not record the failover to generation {generation}"
+            ))),
+        }
+    })
+    .map_err(|e| with_job(e, &job_id))?;
+    Ok(Reply {
+        ok: true,
+        lsn: Some(lsn),
+        job: Some(id),
+        detail: Some(format!(
+            "{name} failed over to {} at LSN {lsn} in {:.1} s with zero loss: it runs there \
+             now (generation {generation}, commit pending: `replog commit` there); this \
+             site's copy is fenced",
+            rel.target,
+            started.elapsed().as_secs_f64()
+        )),
+        ..Default::default()
+    })
+}
+
+/// A step before the promotion failed: take writes again, fail the job.
+fn roll_back(m: &Machine, job: JobHandle, e: Error, id: &str) -> Error {
+    let cleared = m.set_intent(None);
+    if cleared.is_ok() {
+        m.unfence();
+    }
+    let _ = job.fail(&e);
+    let tail = match cleared {
+        Ok(()) => format!("{} takes writes again", m.name()),
+        Err(e2) => format!(
+            "{} stays fenced: its failover intent could not be cleared ({e2})",
+            m.name()
+        ),
+    };
+    with_job(
+        Error::Busy(format!(
+            "the planned failover of {} did not happen: {e}; {tail}",
+            m.name()
+        )),
+        id,
+    )
+}
+
+fn with_job(e: Error, id: &str) -> Error {
+    match e {
+        Error::Busy(m) => Error::Busy(format!("{m} (job {id})")),
+        Error::InvalidInput(m) => Error::InvalidInput(format!("{m} (job {id})")),
+        other => other,
+    }
+}
+
+/// A shipper of its own, for a planned failover with no serve running.
+pub struct OfflineShipping {
+    pub site: std::path::PathBuf,
+    pub target: String,
+    shipper: parking_lot::Mutex<Option<crate::replication::shipper::Shipper>>,
+}
+
+impl OfflineShipping {
+    pub fn new(site: &std::path::Path, target: &str) -> Self {
+        OfflineShipping {
+            site: site.to_path_buf(),
+            target: target.to_string(),
+            shipper: parking_lot::Mutex::new(None),
+        }
+    }
+
+    fn with<T>(
+        &self,
+        m: &Machine,
+        f: impl FnOnce(&mut crate::replication::shipper::Shipper) -> T,
+    ) -> T {
+        let mut s = self.shipper.lock();
+        let shipper = s.get_or_insert_with(|| {
+            crate::replication::shipper::Shipper::new(&self.site, m, &self.target)
+        });
+        f(shipper)
+    }
+}
+
+impl Shipping for OfflineShipping {
+    fn ship_all(&self, m: &Machine) -> Result<u64> {
+        self.with(m, |s| {
+            let want = m.status().last_lsn;
+            let mut acked = 0;
+            for _ in 0..100 {
+                acked = s.ship_once(m)?.acked_lsn;
+                if acked >= want {
+                    break;
+                }
+            }
+            Ok(acked)
+        })
+    }
+
+    fn promote(&self, m: &Machine, lsn: u64, generation: u32) -> PromoteOutcome {
+        self.with(m, |s| s.promote_at_target(m, lsn, generation))
+    }
+
+    fn resolve(&self, m: &Machine, _wait: Duration) -> Result<bool> {
+        let contact = self.with(m, |s| s.ship_once(m));
+        match contact {
+            Ok(_) => {
+                m.set_intent(None)?;
+                m.unfence();
+                Ok(false)
+            }
+            Err(Error::Refused {
+                code: crate::replication::protocol::RefusalCode::Fenced,
+                ..
+            }) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A running serve's ship loop (through its handle).
+pub struct LoopShipping(pub crate::replication::run::ShipHandle);
+
+impl Shipping for LoopShipping {
+    fn ship_all(&self, _m: &Machine) -> Result<u64> {
+        self.0.ship_now(SHIP_TIMEOUT)
+    }
+
+    fn promote(&self, _m: &Machine, lsn: u64, generation: u32) -> PromoteOutcome {
+        self.0.promote(lsn, generation, SHIP_TIMEOUT)
+    }
+
+    fn resolve(&self, m: &Machine, wait: Duration) -> Result<bool> {
+        // The loop asks at its next contact and clears the intent either way.
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            if m.intent().is_none() {
+                return Ok(m.failed_over());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(Error::Busy(format!(
+            "no contact with the target within {} s",
+            wait.as_secs()
+        )))
+    }
+}

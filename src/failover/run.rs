@@ -1,0 +1,462 @@
+//! The failover commands as jobs: what `replog failover` / `replog commit` do once
+//! they reach a site (through serve's control socket, or offline). Each is a job
+//! whose last step checks the end state: a promoted machine or test copy succeeds
+//! only once its disks are open and the point it stands on matches the source's
+//! digests; a cleaned-up test copy only once it is gone and its replica unchanged.
+
+use super::{verify, Host};
+use crate::control::Reply;
+use crate::error::{Error, Result};
+use crate::jobs::{JobHandle, JobKind};
+use crate::protection::FailoverKind;
+use crate::replica::replay::PointImage;
+
+/// A job's reply: what was done, the job, the LSN.
+fn reply(detail: String, job: &str, lsn: Option<u64>) -> Reply {
+    Reply {
+        ok: true,
+        detail: Some(detail),
+        lsn,
+        job: Some(job.to_string()),
+        ..Default::default()
+    }
+}
+
+/// Run `work` as job `job`; a failure ends the job with it (and names the job).
+fn as_job<T>(
+    job: JobHandle,
+    work: impl FnOnce(&mut JobHandle) -> Result<T>,
+) -> Result<(JobHandle, T)> {
+    let mut job = job;
+    match work(&mut job) {
+        Ok(t) => Ok((job, t)),
+        Err(e) => {
+            let id = job.id().to_string();
+            job.fail(&e);
+            Err(with_job(e, &id))
+        }
+    }
+}
+
+/// `e`, saying which job recorded it (the class stays).
+fn with_job(e: Error, id: &str) -> Error {
+    match e {
+        Error::InvalidInput(m) => Error::InvalidInput(format!("{m} (job {id})")),
+        Error::NotFound(m) => Error::NotFound(format!("{m} (job {id})")),
+        Error::AlreadyExists(m) => Error::AlreadyExists(format!("{m} (job {id})")),
+        other => other,
+    }
+}
+
+/// Unplanned or test failover of replica `machine` at POINT `at` (test: as
+/// `as_name`).
+pub fn failover(
+    host: &dyn Host,
+    machine: &str,
+    kind: FailoverKind,
+    at: &str,
+    as_name: Option<&str>,
+) -> Result<Reply> {
+    let site = host.site().path().to_path_buf();
+    let job = JobHandle::start(&site, super::job_kind(kind), Some(machine))?;
+    let (job, promoted) = as_job(job, |job| {
+        job.step("promote");
+        let p = super::promote(host.site(), host.replicas(), machine, at, kind, as_name)?;
+        job.step_done(Some(format!(
+            "{} at pt-{} ({}{}), generation {}: nothing copied",
+            p.name,
+            p.lsn,
+            if p.time_ns > 0 {
+                crate::format::rfc3339(p.time_ns)
+            } else {
+                "the initial copy".into()
+            },
+            if p.app_consistent {
+                ", app-consistent"
+            } else {
+                ""
+            },
+            p.generation
+        )))?;
+        job.step("open the disks");
+        host.open(&p.name)?;
+        let m = host.machine(&p.name)?;
+        job.step_done(Some(format!(
+            "{} writable: {}",
+            p.name,
+            m.disk_names().join(", ")
+        )))?;
+        Ok(p)
+    })?;
+    let id = job.id().to_string();
+    let name = promoted.name.clone();
+    let checked = job.finish(|| {
+        let image = PointImage::open_exact(host.replicas().open_readonly(machine)?, promoted.lsn)?;
+        let v = verify::verify(&image)?;
+        let m = host.machine(&name)?;
+        let base = m
+            .base()
+            .ok_or_else(|| Error::InvalidInput(format!("{name} does not stand on the replica")))?;
+        if base.lsn != promoted.lsn {
+            return Err(Error::InvalidInput(format!(
+                "{name} stands on LSN {}, not {}",
+                base.lsn, promoted.lsn
+            )));
+        }
+        Ok(if v.digests_matched {
+            format!(
+                "the disks open; every disk matches the source's digests at pt-{} ({} bytes \
+                 read)",
+                promoted.lsn, v.bytes
+            )
+        } else {
+            format!(
+                "the disks open; pt-{} carries no digests (the initial copy): every one of \
+                 its {} bytes read was authenticated",
+                promoted.lsn, v.bytes
+            )
+        })
+    });
+    if let Err(e) = checked {
+        // Not what it should be: no writes until an operator looks.
+        if let Ok(m) = host.machine(&name) {
+            m.fence(&format!("the failover's check failed: {e}"));
+        }
+        return Err(with_job(e, &id));
+    }
+    Ok(reply(
+        format!(
+            "{} {} failover: {name} is writable at pt-{} (generation {}); {}",
+            machine,
+            kind,
+            promoted.lsn,
+            promoted.generation,
+            match kind {
+                FailoverKind::Test => format!(
+                    "replication of {machine} goes on; remove the copy with `replog failover \
+                     SITE {machine} --cleanup-test{}`",
+                    if name == super::test_name(machine) {
+                        String::new()
+                    } else {
+                        format!(" --as {name}")
+                    }
+                ),
+                _ => format!(
+                    "commit it with `replog commit SITE {machine}`, or change its point or \
+                     cancel it"
+                ),
+            }
+        ),
+        &id,
+        Some(promoted.lsn),
+    ))
+}
+
+/// Remove test copy `as_name` (default `MACHINE-test`) of replica `machine`.
+pub fn cleanup_test(
+    host: &dyn Host,
+    machine: &str,
+    as_name: Option<&str>,
+    note: Option<&str>,
+) -> Result<Reply> {
+    let name = as_name
+        .map(str::to_string)
+        .unwrap_or_else(|| super::test_name(machine));
+    crate::names::validate_name("test copy", &name)?;
+    let site = host.site().path().to_path_buf();
+    let job = JobHandle::start(&site, JobKind::CleanupTest, Some(machine))?;
+    let replica_before = host
+        .replicas()
+        .open_readonly(machine)
+        .map(|s| (s.manifest().clone(), s.promotion().ok().flatten()));
+    let (job, base) = as_job(job, |job| {
+        if let Some(n) = note {
+            job.step("note");
+            job.step_done(Some(n.to_string()))?;
+        }
+        job.step("remove the test copy");
+        let base = super::cleanup_test(host, &name)?;
+        if base.replica != machine {
+            return Err(Error::InvalidInput(format!(
+                "{name} is a test copy of {}, not of {machine}",
+                base.replica
+            )));
+        }
+        job.step_done(Some(format!("{name} removed")))?;
+        Ok(base)
+    })?;
+    let id = job.id().to_string();
+    job.finish(|| {
+        if host.site().machine_dir(&name)?.exists() {
+            return Err(Error::InvalidInput(format!("{name} is still there")));
+        }
+        let after = host
+            .replicas()
+            .open_readonly(machine)
+            .map(|s| (s.manifest().clone(), s.promotion().ok().flatten()));
+        match (&replica_before, &after) {
+            (Ok(b), Ok(a)) if a == b => Ok(format!(
+                "{name} is gone; replica {machine} is as it was (generation {}, not promoted)",
+                a.0.generation
+            )),
+            _ => Err(Error::InvalidInput(format!(
+                "replica {machine} changed while its test copy was removed"
+            ))),
+        }
+    })
+    .map_err(|e| with_job(e, &id))?;
+    Ok(reply(
+        format!(
+            "test copy {name} of {machine} (pt-{}) removed; replica unchanged",
+            base.lsn
+        ),
+        &id,
+        None,
+    ))
+}
+
+/// Move the pending failover of `machine` to POINT `at`.
+pub fn change_point(host: &dyn Host, machine: &str, at: &str) -> Result<Reply> {
+    let site = host.site().path().to_path_buf();
+    let job = JobHandle::start(&site, JobKind::ChangePoint, Some(machine))?;
+    let (job, (lsn, dropped)) = as_job(job, |job| {
+        job.step("change the point");
+        let r = super::change_point(host, machine, at)?;
+        job.step_done(Some(format!(
+            "now at pt-{}; {} bytes of journal written since the failover dropped",
+            r.0, r.1
+        )))?;
+        Ok(r)
+    })?;
+    let id = job.id().to_string();
+    job.finish(|| {
+        let m = host.machine(machine)?;
+        match m.base() {
+            Some(b) if b.lsn == lsn && m.pending().is_some() => {
+                let image = PointImage::open_exact(host.replicas().open_readonly(machine)?, lsn)?;
+                let v = verify::verify(&image)?;
+                Ok(format!(
+                    "{machine} stands on pt-{lsn}, commit pending{}",
+                    if v.digests_matched {
+                        "; every disk matches the source's digests"
+                    } else {
+                        ""
+                    }
+                ))
+            }
+            _ => Err(Error::InvalidInput(format!("{machine} is not at pt-{lsn}"))),
+        }
+    })
+    .map_err(|e| with_job(e, &id))?;
+    Ok(reply(
+        format!(
+            "{machine} moved to pt-{lsn}; {dropped} bytes written since the failover were \
+             dropped"
+        ),
+        &id,
+        Some(lsn),
+    ))
+}
+
+/// Cancel the pending unplanned failover of `machine`.
+pub fn cancel(host: &dyn Host, machine: &str) -> Result<Reply> {
+    let site = host.site().path().to_path_buf();
+    let job = JobHandle::start(&site, JobKind::Cancel, Some(machine))?;
+    let (job, dropped) = as_job(job, |job| {
+        job.step("cancel");
+        let d = super::cancel(host, machine)?;
+        job.step_done(Some(format!(
+            "the promoted machine removed ({d} bytes of journal written since dropped)"
+        )))?;
+        Ok(d)
+    })?;
+    let id = job.id().to_string();
+    job.finish(|| {
+        if host
+            .site()
+            .machine_dir(machine)?
+            .join(crate::volume::MANIFEST_FILE)
+            .exists()
+        {
+            return Err(Error::InvalidInput(format!(
+                "{machine} is still a machine here"
+            )));
+        }
+        let store = host.replicas().open_readonly(machine)?;
+        match store.promotion()? {
+            None => Ok(format!(
+                "{machine} is a replica again (generation {}); replication resumes when \
+                 its source connects",
+                store.generation()
+            )),
+            Some(_) => Err(Error::InvalidInput(format!(
+                "replica {machine} is still marked promoted"
+            ))),
+        }
+    })
+    .map_err(|e| with_job(e, &id))?;
+    Ok(reply(
+        format!(
+            "failover of {machine} cancelled: it is a replica again; {dropped} bytes written \
+             since the failover were dropped"
+        ),
+        &id,
+        None,
+    ))
+}
+
+/// Commit the pending failover of `machine`.
+pub fn commit(host: &dyn Host, machine: &str) -> Result<Reply> {
+    let site = host.site().path().to_path_buf();
+    let job = JobHandle::start(&site, JobKind::Commit, Some(machine))?;
+    let (job, ()) = as_job(job, |job| super::commit(host, machine, job))?;
+    let id = job.id().to_string();
+    job.finish(|| {
+        let m = host.machine(machine)?;
+        if m.pending().is_some() || m.base().is_some() {
+            return Err(Error::InvalidInput(format!(
+                "{machine} still has a pending failover or stands on its replica"
+            )));
+        }
+        let gone = !host.replicas().has(machine) || super::stands_on(host.site(), machine)?;
+        if !gone {
+            return Err(Error::InvalidInput(format!(
+                "replica {machine} is still there"
+            )));
+        }
+        Ok(format!(
+            "{machine} is a primary of this site (generation {}), its parents local files; \
+             the replica's points are gone",
+            m.generation()
+        ))
+    })
+    .map_err(|e| with_job(e, &id))?;
+    Ok(reply(
+        format!(
+            "{machine} committed: a primary of this site, unprotected (protect it with \
+             `replog reprotect` or `replog protect`)"
+        ),
+        &id,
+        None,
+    ))
+}
+
+/// Carry out a failover request (`control::Request::Failover` and the rest).
+pub fn handle(host: &dyn Host, req: &crate::control::Request) -> Result<Reply> {
+    use crate::control::Request;
+    match req {
+        Request::Failover {
+            machine,
+            kind,
+            at,
+            as_name,
+            shutdown_source: _,
+        } => match kind {
+            FailoverKind::Planned => Err(Error::InvalidInput(
+                "a planned failover runs at the primary (`replog failover SITE MACHINE \
+                 --planned` there)"
+                    .into(),
+            )),
+            _ => failover(host, machine, *kind, at, as_name.as_deref()),
+        },
+        Request::CleanupTest {
+            machine,
+            as_name,
+            note,
+        } => cleanup_test(host, machine, as_name.as_deref(), note.as_deref()),
+        Request::ChangePoint { machine, at } => change_point(host, machine, at),
+        Request::CancelFailover { machine } => cancel(host, machine),
+        Request::Commit { machine } => commit(host, machine),
+        other => Err(Error::InvalidInput(format!(
+            "not a failover request: {other:?}"
+        ))),
+    }
+}
+
+/// The target's half of a planned failover: promote replica `machine` at exactly
+/// `lsn` to `generation`, verify the point's digests before anyone can write, then
+/// open it. All or nothing: on any error the promotion is undone (and the source,
+/// told so, takes writes again).
+pub fn planned_target(host: &dyn Host, machine: &str, lsn: u64, generation: u32) -> Result<Reply> {
+    let site = host.site().path().to_path_buf();
+    let job = JobHandle::start(&site, JobKind::FailoverPlanned, Some(machine))?;
+    let undo = |what: &str| {
+        let dir = host.site().machine_dir(machine);
+        if let Ok(d) = dir {
+            let _ = host.close(machine);
+            if d.exists() {
+                let _ = std::fs::remove_dir_all(&d);
+            }
+        }
+        if let Ok(s) = host.replicas().open_readonly(machine) {
+            let _ = s.set_promotion(None);
+        }
+        tracing::warn!(machine, "planned failover undone: {what}");
+    };
+    let result = as_job(job, |job| {
+        job.step("promote");
+        let p = super::promote(
+            host.site(),
+            host.replicas(),
+            machine,
+            &lsn.to_string(),
+            FailoverKind::Planned,
+            None,
+        )?;
+        if p.generation != generation || p.lsn != lsn {
+            undo("generation or point differs");
+            return Err(Error::InvalidInput(format!(
+                "asked for generation {generation} at LSN {lsn}; the replica gives generation \
+                 {} at LSN {}",
+                p.generation, p.lsn
+            )));
+        }
+        job.step_done(Some(format!(
+            "{machine} at pt-{lsn}, generation {generation}: nothing copied"
+        )))?;
+        job.step("verify the point's digests");
+        let checked = PointImage::open_exact(host.replicas().open_readonly(machine)?, lsn)
+            .and_then(|image| verify::verify(&image));
+        let v = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                undo(&e.to_string());
+                return Err(e);
+            }
+        };
+        job.step_done(Some(if v.digests_matched {
+            format!(
+                "every disk matches the source's digests ({} bytes read)",
+                v.bytes
+            )
+        } else {
+            format!("no digests at this point; {} bytes authenticated", v.bytes)
+        }))?;
+        job.step("open the disks");
+        if let Err(e) = host.open(machine) {
+            undo(&e.to_string());
+            return Err(e);
+        }
+        job.step_done(Some(format!("{machine} writable")))?;
+        Ok(())
+    });
+    let (job, ()) = result?;
+    let id = job.id().to_string();
+    job.finish(|| {
+        let m = host.machine(machine)?;
+        match (m.base(), m.pending()) {
+            (Some(b), Some(_)) if b.lsn == lsn && m.generation() == generation => Ok(format!(
+                "{machine} is open at pt-{lsn}, generation {generation}, commit pending"
+            )),
+            _ => Err(Error::InvalidInput(format!(
+                "{machine} is not open as promoted at pt-{lsn}"
+            ))),
+        }
+    })
+    .map_err(|e| with_job(e, &id))?;
+    Ok(reply(
+        format!("{machine} promoted at pt-{lsn} (generation {generation})"),
+        &id,
+        Some(lsn),
+    ))
+}

@@ -1,0 +1,525 @@
+//! Failover through real serves, real TLS on 127.0.0.1 and real FUSE mounts at both
+//! sites: test failover (the copy's writes never reach the replica, replication goes
+//! on, cleanup leaves nothing), unplanned failover at a chosen point with change of
+//! point, commit and the old primary learning it is fenced, cancel, planned
+//! failover with zero loss, and every bad input refused with nothing changed.
+
+mod common;
+
+use common::serve::*;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+fn out(cmd: &mut std::process::Command) -> Output {
+    cmd.output().expect("run replog")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `replog failover SITE vm1 ARGS…`.
+fn failover(site: &Path, args: &[&str]) -> Output {
+    out(replog().arg("failover").arg(site).arg("vm1").args(args))
+}
+
+fn write_at(img: &Path, off: u64, data: &[u8]) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(img)
+        .unwrap_or_else(|e| panic!("open {}: {e}", img.display()));
+    f.write_all_at(data, off).expect("write");
+    f.sync_all().expect("fsync");
+}
+
+fn read_all(img: &Path) -> Vec<u8> {
+    std::fs::read(img).unwrap_or_else(|e| panic!("read {}: {e}", img.display()))
+}
+
+/// Wait until the source's target has acknowledged everything written so far.
+fn wait_shipped(src: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let since = replog::format::now_ns();
+    loop {
+        let st = status(src);
+        let m = &st["machines"][0];
+        let (acked, last) = (m["acked_lsn"].as_u64(), m["last_lsn"].as_u64());
+        let fresh = st["as_of_ns"].as_u64().unwrap_or(0) > since;
+        if fresh && m["state"] == "protected" && acked.is_some() && acked >= last {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never shipped: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The status entry of `name` with `role` at `site`, from a status taken after now.
+fn entry(site: &Path, name: &str, role: &str) -> Option<serde_json::Value> {
+    fresh_status(site)["machines"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == name && m["role"] == role)
+        .cloned()
+}
+
+/// A status written after now (a running serve rewrites it every quarter second).
+fn fresh_status(site: &Path) -> serde_json::Value {
+    let since = replog::format::now_ns();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = status(site);
+        if st["as_of_ns"].as_u64().unwrap_or(0) > since || Instant::now() > deadline {
+            return st;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A protected source with a mount and a listening target with a mount, vm1/os of
+/// 16 MiB, initial replication done.
+struct Pair {
+    _tmp: tempfile::TempDir,
+    src: PathBuf,
+    dst: PathBuf,
+    addr: String,
+    src_serve: Option<Served>,
+    dst_serve: Option<Served>,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (src, dst, addr) = two_sites(tmp.path(), "16M");
+        let dst_serve = Served::start(&dst, &tmp.path().join("dst-mnt"), &["--listen", &addr]);
+        let src_serve = Served::start(&src, &tmp.path().join("src-mnt"), &[]);
+        protect_when_listening(&src, &addr);
+        wait_shipped(&src);
+        Pair {
+            src,
+            dst,
+            addr,
+            src_serve: Some(src_serve),
+            dst_serve: Some(dst_serve),
+            _tmp: tmp,
+        }
+    }
+
+    fn src_img(&self) -> PathBuf {
+        self.src_serve.as_ref().expect("src serve").disk("os")
+    }
+
+    fn dst_mnt(&self) -> PathBuf {
+        self.dst_serve.as_ref().expect("dst serve").mount.clone()
+    }
+
+    fn points(&self) -> serde_json::Value {
+        let o = out(replog()
+            .arg("points")
+            .arg(&self.dst)
+            .arg("vm1")
+            .arg("--json"));
+        assert!(o.status.success(), "points: {}", text(&o));
+        serde_json::from_slice(&o.stdout).expect("points json")
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        if let Some(s) = self.src_serve.take() {
+            s.stop();
+        }
+        if let Some(s) = self.dst_serve.take() {
+            s.stop();
+        }
+    }
+}
+
+#[test]
+fn a_test_copy_is_writable_isolated_and_cleaned_up_while_replication_goes_on() {
+    if !fuse_available("a_test_copy_is_writable_isolated") {
+        return;
+    }
+    let p = Pair::new();
+    let a = common::pattern(1, MIB as usize);
+    write_at(&p.src_img(), 3 * MIB, &a);
+    wait_shipped(&p.src);
+
+    let o = failover(&p.dst, &["--test"]);
+    assert!(o.status.success(), "test failover: {}", text(&o));
+    let copy = p.dst_mnt().join("vm1-test/os.img");
+    // At once, writable, the point's bytes.
+    let seen = read_all(&copy);
+    assert_eq!(seen.len() as u64, 16 * MIB);
+    assert!(
+        seen[3 * MIB as usize..4 * MIB as usize] == a[..],
+        "test copy lacks the point's data"
+    );
+    let b = common::pattern(2, MIB as usize);
+    write_at(&copy, 8 * MIB, &b);
+    assert!(read_all(&copy)[8 * MIB as usize..9 * MIB as usize] == b[..]);
+    let st = entry(&p.dst, "vm1-test", "test").expect("test copy in status");
+    assert_eq!(st["state"], "test-failover", "{st}");
+
+    // A second copy under another name, at once; a taken name is refused.
+    let o = failover(&p.dst, &["--test", "--as", "vm1-t2"]);
+    assert!(o.status.success(), "second test copy: {}", text(&o));
+    assert!(p.dst_mnt().join("vm1-t2/os.img").exists());
+    let o = failover(&p.dst, &["--test"]);
+    assert_eq!(o.status.code(), Some(1), "a taken name: {}", text(&o));
+
+    // Replication goes on meanwhile; the copy's writes never reach the replica.
+    let c = common::pattern(3, MIB as usize);
+    write_at(&p.src_img(), 10 * MIB, &c);
+    wait_shipped(&p.src);
+    let restored = p._tmp.path().join("restored");
+    let o = out(replog()
+        .arg("restore")
+        .arg(&p.dst)
+        .arg("vm1")
+        .args(["--at", "latest", "--out"])
+        .arg(&restored)
+        .arg("--json"));
+    assert!(o.status.success(), "restore: {}", text(&o));
+    let r = read_all(&restored.join("os.img"));
+    assert!(
+        r[10 * MIB as usize..11 * MIB as usize] == c[..],
+        "replication stopped"
+    );
+    assert!(
+        r[8 * MIB as usize..9 * MIB as usize]
+            .iter()
+            .all(|&x| x == 0),
+        "the test copy's write reached the replica"
+    );
+    // The copy still shows its own point, not the newer one.
+    assert!(read_all(&copy)[10 * MIB as usize..11 * MIB as usize]
+        .iter()
+        .all(|&x| x == 0));
+
+    // Cleanup: gone from the mount and the site, the note in the job.
+    let o = failover(&p.dst, &["--cleanup-test", "--note", "boot checked"]);
+    assert!(o.status.success(), "cleanup: {}", text(&o));
+    assert!(!copy.exists(), "the test copy is still under the mount");
+    assert!(!p.dst.join("machines/vm1-test").exists());
+    let o = failover(&p.dst, &["--cleanup-test", "--as", "vm1-t2"]);
+    assert!(o.status.success(), "cleanup 2: {}", text(&o));
+    let jobs = out(replog().arg("jobs").arg(&p.dst).arg("--json"));
+    let jobs: serde_json::Value = serde_json::from_slice(&jobs.stdout).expect("jobs");
+    assert!(
+        jobs["jobs"]
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .any(|j| j["kind"] == "cleanup-test"
+                && j["state"] == "succeeded"
+                && j.to_string().contains("boot checked")),
+        "no succeeded cleanup job with the note: {jobs}"
+    );
+    assert!(jobs["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .any(|j| j["kind"] == "failover-test" && j["state"] == "succeeded"));
+    // The replica goes on being a replica.
+    assert!(entry(&p.dst, "vm1", "replica").is_some());
+}
+
+#[test]
+fn unplanned_failover_change_point_commit_and_the_old_primary_learns_it_is_fenced() {
+    if !fuse_available("unplanned_failover_change_point_commit") {
+        return;
+    }
+    let mut p = Pair::new();
+    let a = common::pattern(11, MIB as usize);
+    write_at(&p.src_img(), 0, &a);
+    let cp = out(replog()
+        .arg("checkpoint")
+        .arg(&p.src)
+        .arg("vm1")
+        .args(["--app-consistent", "--json"]));
+    assert!(cp.status.success(), "checkpoint: {}", text(&cp));
+    let p1: serde_json::Value = serde_json::from_slice(&cp.stdout).expect("checkpoint json");
+    let p1 = p1["id"].as_str().expect("point id").to_string();
+    let b = common::pattern(12, MIB as usize);
+    write_at(&p.src_img(), 0, &b);
+    wait_shipped(&p.src);
+    let final_src = read_all(&p.src_img());
+    // The source is lost.
+    p.src_serve.take().expect("src").kill();
+
+    let o = failover(&p.dst, &["--at", &p1]);
+    assert!(o.status.success(), "unplanned failover: {}", text(&o));
+    let img = p.dst_mnt().join("vm1/os.img");
+    assert!(
+        read_all(&img)[..MIB as usize] == a[..],
+        "not the state at {p1}"
+    );
+    let st = entry(&p.dst, "vm1", "primary").expect("promoted in status");
+    assert_eq!(st["state"], "commit-pending", "{st}");
+    assert_eq!(st["generation"], 2, "{st}");
+    // A write, then a change of point: it is dropped, and the command says so.
+    write_at(&img, 5 * MIB, &common::pattern(13, MIB as usize));
+    let o = failover(&p.dst, &["--change-point", "latest"]);
+    assert!(o.status.success(), "change point: {}", text(&o));
+    assert!(
+        text(&o).contains("bytes written since the failover were dropped"),
+        "{}",
+        text(&o)
+    );
+    assert!(read_all(&img) == final_src, "not the source's latest state");
+    // Still commit-pending; a cancel of the unplanned failover would be allowed, a
+    // second failover is refused.
+    assert_eq!(failover(&p.dst, &[]).status.code(), Some(1));
+
+    let o = out(replog().arg("commit").arg(&p.dst).arg("vm1"));
+    assert!(o.status.success(), "commit: {}", text(&o));
+    let st = entry(&p.dst, "vm1", "primary").expect("primary");
+    assert_eq!(st["state"], "unprotected", "{st}");
+    assert!(
+        entry(&p.dst, "vm1", "replica").is_none(),
+        "the replica is still listed"
+    );
+    assert!(read_all(&img) == final_src, "commit changed the disk");
+    let c = common::pattern(14, MIB as usize);
+    write_at(&img, 7 * MIB, &c);
+    assert!(read_all(&img)[7 * MIB as usize..8 * MIB as usize] == c[..]);
+    assert!(!p.dst.join("machines/vm1/fold").exists());
+    assert!(
+        p.dst.join("machines/vm1/disks/os.img").exists(),
+        "not folded"
+    );
+    // Commit again: nothing pending.
+    assert_eq!(
+        out(replog().arg("commit").arg(&p.dst).arg("vm1"))
+            .status
+            .code(),
+        Some(1)
+    );
+
+    // The old primary comes back: at its first contact it learns it was failed over,
+    // refuses writes, and changes nothing at the new primary.
+    let before = read_all(&img);
+    let tmp = p._tmp.path().to_path_buf();
+    let back = Served::start(&p.src, &tmp.join("src-mnt"), &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = status(&p.src);
+        if st["machines"][0]["state"] == "failed-over" {
+            assert!(
+                st["machines"][0]["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("fenced"),
+                "{st}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old primary never learnt: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(back.disk("os"))
+        .expect("open");
+    let e = f.write_all_at(b"x", 0).and_then(|()| f.sync_all());
+    assert_eq!(
+        e.expect_err("a fenced primary took a write").raw_os_error(),
+        Some(libc::EROFS)
+    );
+    assert!(
+        read_all(&img) == before,
+        "the old primary changed the new one"
+    );
+    back.stop();
+    // After a restart it is still fenced (persisted), with no loops.
+    let again = Served::start(&p.src, &tmp.join("src-mnt"), &[]);
+    let st = fresh_status(&p.src);
+    assert_eq!(st["machines"][0]["state"], "failed-over", "{st}");
+    again.stop();
+}
+
+#[test]
+fn an_unplanned_failover_can_be_cancelled_and_replication_resumes() {
+    if !fuse_available("an_unplanned_failover_can_be_cancelled") {
+        return;
+    }
+    let mut p = Pair::new();
+    write_at(&p.src_img(), MIB, &common::pattern(21, MIB as usize));
+    wait_shipped(&p.src);
+    p.src_serve.take().expect("src").stop();
+    let o = failover(&p.dst, &[]);
+    assert!(o.status.success(), "failover: {}", text(&o));
+    write_at(&p.dst_mnt().join("vm1/os.img"), 0, b"written at the target");
+    let o = failover(&p.dst, &["--cancel"]);
+    assert!(o.status.success(), "cancel: {}", text(&o));
+    assert!(
+        !p.dst_mnt().join("vm1/os.img").exists(),
+        "the promoted disk is still mounted"
+    );
+    assert!(!p.dst.join("machines/vm1").exists());
+    assert_eq!(
+        entry(&p.dst, "vm1", "replica").expect("replica")["generation"],
+        1
+    );
+    // The primary comes back and replicates again.
+    let tmp = p._tmp.path().to_path_buf();
+    p.src_serve = Some(Served::start(&p.src, &tmp.join("src-mnt"), &[]));
+    let c = common::pattern(22, MIB as usize);
+    write_at(&p.src_img(), 4 * MIB, &c);
+    wait_shipped(&p.src);
+    assert!(p.points()["points"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty()));
+}
+
+#[test]
+fn a_planned_failover_loses_nothing_and_fences_the_old_primary() {
+    if !fuse_available("a_planned_failover_loses_nothing") {
+        return;
+    }
+    let p = Pair::new();
+    // Written, fsynced, and some not shipped yet when the failover starts.
+    for i in 0..8u64 {
+        write_at(
+            &p.src_img(),
+            i * 2 * MIB,
+            &common::pattern(30 + i, MIB as usize),
+        );
+    }
+    let final_src = read_all(&p.src_img());
+    let o = out(replog()
+        .arg("failover")
+        .arg(&p.src)
+        .arg("vm1")
+        .arg("--planned"));
+    assert!(o.status.success(), "planned failover: {}", text(&o));
+    // The old primary refuses writes.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p.src_img())
+        .expect("open");
+    let e = f.write_all_at(b"late", 0).and_then(|()| f.sync_all());
+    assert_eq!(
+        e.expect_err("write after failover").raw_os_error(),
+        Some(libc::EROFS)
+    );
+    let st = fresh_status(&p.src);
+    assert_eq!(st["machines"][0]["state"], "failed-over", "{st}");
+    // The target has it, byte for byte, writable, commit pending, generation 2.
+    let img = p.dst_mnt().join("vm1/os.img");
+    assert!(
+        read_all(&img) == final_src,
+        "the promoted disk differs from the source"
+    );
+    let st = entry(&p.dst, "vm1", "primary").expect("promoted");
+    assert_eq!(st["state"], "commit-pending", "{st}");
+    assert_eq!(st["generation"], 2, "{st}");
+    write_at(&img, 0, b"the new primary writes");
+    // A planned failover cannot be cancelled; it is committed.
+    assert_eq!(failover(&p.dst, &["--cancel"]).status.code(), Some(1));
+    let o = out(replog().arg("commit").arg(&p.dst).arg("vm1"));
+    assert!(o.status.success(), "commit: {}", text(&o));
+    assert!(read_all(&img).starts_with(b"the new primary writes"));
+    // Both jobs succeeded, at both sites.
+    for site in [&p.src, &p.dst] {
+        let jobs = out(replog().arg("jobs").arg(site).arg("--json"));
+        let jobs: serde_json::Value = serde_json::from_slice(&jobs.stdout).expect("jobs");
+        assert!(
+            jobs["jobs"]
+                .as_array()
+                .expect("jobs")
+                .iter()
+                .any(|j| j["kind"] == "failover-planned" && j["state"] == "succeeded"),
+            "{jobs}"
+        );
+    }
+    // A second planned failover of the failed-over machine is refused.
+    let o = out(replog()
+        .arg("failover")
+        .arg(&p.src)
+        .arg("vm1")
+        .arg("--planned"));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+}
+
+#[test]
+fn bad_failover_requests_are_refused_and_change_nothing() {
+    if !fuse_available("bad_failover_requests_are_refused") {
+        return;
+    }
+    let p = Pair::new();
+    let listing = |site: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(site.join("machines"))
+            .expect("machines")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let (src_before, dst_before) = (listing(&p.src), listing(&p.dst));
+    let cases: Vec<(&Path, Vec<&str>, &str)> = vec![
+        (&p.dst, vec!["nosuch"], "no replica"),
+        (&p.dst, vec!["vm1", "--planned"], "runs at its primary"),
+        (&p.src, vec!["vm1", "--test"], "no replica"),
+        (&p.src, vec!["vm1"], "no replica"),
+        (&p.dst, vec!["vm1", "--test", "--as", "../x"], "test copy"),
+        (&p.dst, vec!["vm1", "--test", "--as", "a/b"], "test copy"),
+        (
+            &p.dst,
+            vec!["vm1", "--at", "pt-999999999"],
+            "not a recovery point",
+        ),
+        (&p.dst, vec!["vm1", "--at", "yesterday-ish"], "--at"),
+        (
+            &p.dst,
+            vec!["vm1", "--change-point", "latest"],
+            "no failover pending",
+        ),
+        (&p.dst, vec!["vm1", "--cancel"], "nothing to cancel"),
+        (&p.dst, vec!["vm1", "--cleanup-test"], "no machine"),
+    ];
+    for (site, args, says) in &cases {
+        let o = out(replog().arg("failover").arg(site).args(args));
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
+        assert!(
+            text(&o).contains(says),
+            "{args:?} should say {says:?}: {}",
+            text(&o)
+        );
+    }
+    // Usage errors: exit 2.
+    for args in [
+        vec!["vm1", "--planned", "--test"],
+        vec!["vm1", "--cancel", "--at", "latest"],
+        vec!["vm1", "--note", "x"],
+    ] {
+        let o = out(replog().arg("failover").arg(&p.dst).args(&args));
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+    }
+    let o = out(replog().arg("commit").arg(&p.dst).arg("vm1"));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "commit with nothing pending: {}",
+        text(&o)
+    );
+    assert!(text(&o).contains("no failover pending"), "{}", text(&o));
+    assert_eq!(listing(&p.src), src_before);
+    assert_eq!(listing(&p.dst), dst_before);
+    assert!(entry(&p.dst, "vm1", "replica").is_some());
+    // The source is still protected and replicating.
+    write_at(&p.src_img(), 0, b"still replicating");
+    wait_shipped(&p.src);
+    let _ = &p.addr;
+}
