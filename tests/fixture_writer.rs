@@ -236,3 +236,117 @@ fn write_version_2_fixtures() {
     job.finish(|| Ok("checked".into())).expect("finish");
     copy_dir(&a.join("jobs"), &j);
 }
+
+/// `tests/fixtures/v3`: the formats the failover issue changed or added — machine
+/// manifest 3 (base, pending, intent) for a promoted machine, a test copy, a primary
+/// with a planned failover's intent and a failed-over one; the replica's promotion
+/// record (kind 9, version 1); `Promote` / `Promoted` frames and this build's `Hello`
+/// (with the failover feature bit).
+#[test]
+#[ignore]
+fn write_version_3_fixtures() {
+    use replog::format::meta::{self, DiskEntry, Manifest};
+    use replog::protection::{Base, FailoverKind, Fence, Intent, Pending, Role};
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v3");
+    let _ = std::fs::remove_dir_all(&out);
+    let m = out.join("manifests");
+    std::fs::create_dir_all(&m).expect("mkdir");
+    let disks = vec![DiskEntry {
+        id: 0,
+        name: "os".into(),
+        size: 16 << 20,
+    }];
+    let base = Base {
+        replica: "vm1".into(),
+        lsn: 1234,
+        time_ns: 1_796_000_000_000_000_000,
+    };
+    let promoted = Manifest {
+        disks: disks.clone(),
+        role: Role::Primary,
+        generation: 2,
+        base: Some(base.clone()),
+        pending: Some(Pending {
+            kind: FailoverKind::Unplanned,
+            from_generation: 1,
+            source_site: [5; 32],
+            started_ns: 1_796_000_001_000_000_000,
+        }),
+        ..Manifest::new(42)
+    };
+    let test_copy = Manifest {
+        disks: disks.clone(),
+        role: Role::Test,
+        generation: 1,
+        base: Some(base),
+        ..Manifest::new(42)
+    };
+    let intent = Manifest {
+        disks: disks.clone(),
+        intent: Some(Intent {
+            target_site: [6; 32],
+            target: "127.0.0.1:7000".into(),
+            generation: 2,
+            job: "j-20261202T000000-000000-abcd".into(),
+            started_ns: 1_796_000_002_000_000_000,
+        }),
+        ..Manifest::new(42)
+    };
+    let failed_over = Manifest {
+        disks,
+        fence: Some(Fence {
+            by_site: [6; 32],
+            generation: 2,
+            at_ns: 1_796_000_003_000_000_000,
+            reason: "planned failover at LSN 1234".into(),
+        }),
+        ..Manifest::new(42)
+    };
+    for (name, man) in [
+        ("promoted.meta", promoted),
+        ("test-copy.meta", test_copy),
+        ("intent.meta", intent),
+        ("failed-over.meta", failed_over),
+    ] {
+        std::fs::write(m.join(name), man.encode()).expect("write");
+    }
+    let promotion = replog::replica::store::Promotion {
+        kind: FailoverKind::Planned,
+        generation: 2,
+        from_generation: 1,
+        lsn: 1234,
+        at_ns: 1_796_000_004_000_000_000,
+        site: [6; 32],
+        committed: false,
+    };
+    let body = postcard::to_stdvec(&promotion).expect("postcard");
+    std::fs::write(
+        m.join("promotion.meta"),
+        meta::encode(meta::KIND_PROMOTION, &body),
+    )
+    .expect("write");
+    let p = out.join("protocol");
+    std::fs::create_dir_all(&p).expect("mkdir");
+    for (name, msg) in [
+        ("hello.frame", protocol::hello([7; 32])),
+        (
+            "promote.frame",
+            Message::Promote {
+                machine: "vm1".into(),
+                machine_id: 42,
+                generation: 2,
+                lsn: 1234,
+            },
+        ),
+        (
+            "promoted.frame",
+            Message::Promoted {
+                machine: "vm1".into(),
+                generation: 2,
+                lsn: 1234,
+            },
+        ),
+    ] {
+        std::fs::write(p.join(name), protocol::encode(&msg).expect("encode")).expect("write");
+    }
+}

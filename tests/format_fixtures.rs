@@ -499,3 +499,80 @@ fn version_2_frames_and_job_records_decode() {
         2
     );
 }
+
+#[test]
+fn version_3_manifests_promotion_records_and_failover_frames_decode() {
+    use replog::format::meta::{self, Manifest};
+    use replog::protection::{FailoverKind, Role};
+    let m = fixtures().join("v3/manifests");
+    let read = |f: &str| Manifest::decode(&std::fs::read(m.join(f)).expect(f)).expect(f);
+    let promoted = read("promoted.meta");
+    assert_eq!(promoted.role, Role::Primary);
+    assert_eq!(promoted.generation, 2);
+    assert_eq!(
+        promoted.base.as_ref().map(|b| (b.replica.as_str(), b.lsn)),
+        Some(("vm1", 1234))
+    );
+    assert_eq!(
+        promoted.pending.as_ref().map(|p| p.kind),
+        Some(FailoverKind::Unplanned)
+    );
+    let t = read("test-copy.meta");
+    assert_eq!(
+        (t.role, t.pending.is_none(), t.base.is_some()),
+        (Role::Test, true, true)
+    );
+    let i = read("intent.meta");
+    assert_eq!(i.intent.as_ref().map(|i| i.generation), Some(2));
+    let f = read("failed-over.meta");
+    assert_eq!(f.fence.as_ref().map(|f| f.generation), Some(2));
+    // A version-2 manifest reads as before: no base, nothing pending.
+    let v2 = Manifest::decode(
+        &std::fs::read(fixtures().join("v2/site/site/machines/vm1/machine.meta")).expect("v2"),
+    )
+    .expect("v2 manifest");
+    assert!(v2.base.is_none() && v2.pending.is_none() && v2.intent.is_none());
+    // A newer version is refused naming both.
+    let body = &promoted.encode()[meta::META_HEADER_LEN..];
+    let newer = meta::encode_version(meta::KIND_MANIFEST, 4, body);
+    let e = Manifest::decode(&newer).expect_err("version 4");
+    assert!(e.what.contains('4') && e.what.contains('3'), "{}", e.what);
+
+    let bytes = std::fs::read(m.join("promotion.meta")).expect("promotion");
+    let (v, body) = meta::decode(meta::KIND_PROMOTION, &bytes).expect("promotion envelope");
+    assert_eq!(v, 1);
+    let p: replog::replica::store::Promotion = meta::body_exact(body).expect("promotion body");
+    assert_eq!(
+        (p.kind, p.generation, p.lsn, p.committed),
+        (FailoverKind::Planned, 2, 1234, false)
+    );
+
+    let frames = fixtures().join("v3/protocol");
+    let frame = |f: &str| {
+        protocol::decode::<Message>(&std::fs::read(frames.join(f)).expect(f))
+            .expect(f)
+            .0
+    };
+    assert!(matches!(
+        frame("promote.frame"),
+        Message::Promote {
+            generation: 2,
+            lsn: 1234,
+            ..
+        }
+    ));
+    assert!(matches!(
+        frame("promoted.frame"),
+        Message::Promoted {
+            generation: 2,
+            lsn: 1234,
+            ..
+        }
+    ));
+    match frame("hello.frame") {
+        Message::Hello { features, .. } => {
+            assert_ne!(features & protocol::FEATURE_FAILOVER, 0, "no failover bit")
+        }
+        other => panic!("not a Hello: {other:?}"),
+    }
+}

@@ -350,8 +350,13 @@ pub fn handle(host: &dyn Host, req: &crate::control::Request) -> Result<Reply> {
             kind,
             at,
             as_name,
-            shutdown_source: _,
+            shutdown_source,
         } => match kind {
+            _ if shutdown_source.is_some() => Err(Error::InvalidInput(
+                "--shutdown-source is not available in this build yet: fail over without it \
+                 (the old primary learns it is fenced at its first contact)"
+                    .into(),
+            )),
             FailoverKind::Planned => Err(Error::InvalidInput(
                 "a planned failover runs at the primary (`replog failover SITE MACHINE \
                  --planned` there)"

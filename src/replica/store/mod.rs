@@ -784,6 +784,7 @@ pub enum MetaFile {
     Retention(Retention),
     ResyncProgress(super::resync_apply::ResyncProgress),
     Scrub(super::scrub::ScrubState),
+    Promotion(Promotion),
 }
 
 /// Decode a metadata file whatever its kind; the kind and version come from its
@@ -828,6 +829,9 @@ pub fn decode_meta_file(
                 .ok_or_else(|| bad("resync progress"))?,
         ),
         meta::KIND_SCRUB => MetaFile::Scrub(body_exact(body).ok_or_else(|| bad("scrub state"))?),
+        meta::KIND_PROMOTION => {
+            MetaFile::Promotion(body_exact(body).ok_or_else(|| bad("promotion"))?)
+        }
         other => {
             return Err(DecodeError::new(
                 10,

@@ -137,7 +137,7 @@ fn num(rng: &mut Rng) -> u64 {
 /// A random message of any kind.
 pub fn valid_message(rng: &mut Rng) -> Message {
     let machine = name(rng);
-    match rng.below(20) {
+    match rng.below(22) {
         0 => Message::Hello {
             site_id: [rng.next_u64() as u8; 32],
             software: "replog".into(),
@@ -250,6 +250,17 @@ pub fn valid_message(rng: &mut Rng) -> Message {
         17 => Message::Room {
             free_bytes: num(rng),
         },
+        18 => Message::Promote {
+            machine,
+            machine_id: num(rng),
+            generation: num(rng) as u32,
+            lsn: num(rng),
+        },
+        19 => Message::Promoted {
+            machine,
+            generation: num(rng) as u32,
+            lsn: num(rng),
+        },
         _ => Message::Error {
             code: RefusalCode::ALL[rng.below(RefusalCode::ALL.len() as u64) as usize],
             message: name(rng),
@@ -353,6 +364,7 @@ pub fn check_meta(data: &[u8]) {
             MetaFile::Retention(v) => encode(kind, v),
             MetaFile::ResyncProgress(v) => encode(kind, v),
             MetaFile::Scrub(v) => encode(kind, v),
+            MetaFile::Promotion(v) => encode(kind, v),
         };
         let (k2, file2) = decode_meta_file(&again).expect("re-decode");
         assert_eq!((k2, file2), (kind, file), "re-encoding changed the value");
@@ -383,13 +395,42 @@ pub fn valid_meta(rng: &mut Rng) -> Vec<u8> {
             size: num(rng),
         })
         .collect::<Vec<_>>();
-    match rng.below(9) {
+    match rng.below(11) {
         0 => meta::Manifest {
             disks,
             generation: 1 + rng.below(9) as u32,
             ..meta::Manifest::new(num(rng))
         }
         .encode(),
+        9 => meta::Manifest {
+            disks,
+            generation: 1 + rng.below(9) as u32,
+            base: Some(replog::protection::Base {
+                replica: name(rng),
+                lsn: num(rng),
+                time_ns: num(rng),
+            }),
+            pending: rng.chance(2).then(|| replog::protection::Pending {
+                kind: replog::protection::FailoverKind::Unplanned,
+                from_generation: num(rng) as u32,
+                source_site: [4; 32],
+                started_ns: num(rng),
+            }),
+            ..meta::Manifest::new(num(rng))
+        }
+        .encode(),
+        10 => encode(
+            meta::KIND_PROMOTION,
+            &replog::replica::store::Promotion {
+                kind: replog::protection::FailoverKind::Planned,
+                generation: num(rng) as u32,
+                from_generation: num(rng) as u32,
+                lsn: num(rng),
+                at_ns: num(rng),
+                site: [5; 32],
+                committed: rng.chance(2),
+            },
+        ),
         1 => Watermark {
             lsn: rng.below(1 << 40),
             segment_seq: rng.below(1 << 40),
