@@ -411,7 +411,7 @@ pub fn offline(site: &Path, req: &Request) -> Result<Reply> {
                 })?;
             let host = crate::failover::Offline::new(s)?;
             let ship = crate::failover::planned::OfflineShipping::new(site, &rel.target);
-            crate::failover::planned::run(&host, &ship, machine)
+            crate::failover::planned::run(&host, &ship, machine, None)
         }
         Request::Ship { .. }
         | Request::PauseShipping { .. }

@@ -17,6 +17,7 @@ pub mod control;
 pub mod digest;
 pub mod error;
 pub mod failover;
+pub mod failpoint;
 pub mod format;
 pub mod frontend;
 pub mod holds;

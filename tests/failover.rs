@@ -31,36 +31,6 @@ fn failover(site: &Path, args: &[&str]) -> Output {
     out(replog().arg("failover").arg(site).arg("vm1").args(args))
 }
 
-fn write_at(img: &Path, off: u64, data: &[u8]) {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(img)
-        .unwrap_or_else(|e| panic!("open {}: {e}", img.display()));
-    f.write_all_at(data, off).expect("write");
-    f.sync_all().expect("fsync");
-}
-
-fn read_all(img: &Path) -> Vec<u8> {
-    std::fs::read(img).unwrap_or_else(|e| panic!("read {}: {e}", img.display()))
-}
-
-/// Wait until the source's target has acknowledged everything written so far.
-fn wait_shipped(src: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let since = replog::format::now_ns();
-    loop {
-        let st = status(src);
-        let m = &st["machines"][0];
-        let (acked, last) = (m["acked_lsn"].as_u64(), m["last_lsn"].as_u64());
-        let fresh = st["as_of_ns"].as_u64().unwrap_or(0) > since;
-        if fresh && m["state"] == "protected" && acked.is_some() && acked >= last {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never shipped: {st}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The status entry of `name` with `role` at `site`, from a status taken after now.
 fn entry(site: &Path, name: &str, role: &str) -> Option<serde_json::Value> {
     fresh_status(site)["machines"]
@@ -522,4 +492,85 @@ fn bad_failover_requests_are_refused_and_change_nothing() {
     write_at(&p.src_img(), 0, b"still replicating");
     wait_shipped(&p.src);
     let _ = &p.addr;
+}
+
+#[test]
+fn shutdown_source_has_the_primary_ship_everything_then_promotes_with_zero_loss() {
+    if !fuse_available("shutdown_source_has_the_primary_ship_everything") {
+        return;
+    }
+    let p = Pair::new();
+    for i in 0..6u64 {
+        write_at(
+            &p.src_img(),
+            i * 2 * MIB,
+            &common::pattern(50 + i, MIB as usize),
+        );
+    }
+    let final_src = read_all(&p.src_img());
+    let o = failover(
+        &p.dst,
+        &["--shutdown-source", "--shutdown-timeout", "60", "--json"],
+    );
+    assert!(
+        o.status.success(),
+        "failover --shutdown-source: {}",
+        text(&o)
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let detail = reply["detail"].as_str().unwrap_or("");
+    assert!(detail.contains("nothing lost"), "{reply}");
+    // The primary shut down: fenced, its job records who asked.
+    let st = fresh_status(&p.src);
+    assert_eq!(st["machines"][0]["state"], "failed-over", "{st}");
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p.src_img())
+        .and_then(|f| f.write_all_at(b"x", 0).and_then(|()| f.sync_all()));
+    assert_eq!(
+        e.expect_err("the shut-down primary took a write")
+            .raw_os_error(),
+        Some(libc::EROFS)
+    );
+    let jobs = out(replog().arg("jobs").arg(&p.src).arg("--json"));
+    let jobs: serde_json::Value = serde_json::from_slice(&jobs.stdout).expect("jobs json");
+    assert!(
+        jobs.to_string().contains("shutdown-source"),
+        "the primary's job does not say who asked: {jobs}"
+    );
+    // Promoted at the newest LSN: every byte written at the primary is there.
+    let promoted = p.dst_mnt().join("vm1/os.img");
+    assert!(read_all(&promoted) == final_src, "lost writes");
+    let st = entry(&p.dst, "vm1", "primary").expect("promoted");
+    assert_eq!(st["state"], "commit-pending", "{st}");
+}
+
+#[test]
+fn shutdown_source_with_the_primary_gone_promotes_at_the_newest_point_and_says_so() {
+    if !fuse_available("shutdown_source_with_the_primary_gone") {
+        return;
+    }
+    let mut p = Pair::new();
+    write_at(&p.src_img(), 0, &common::pattern(60, MIB as usize));
+    wait_shipped(&p.src);
+    let shipped = read_all(&p.src_img());
+    p.src_serve.take().expect("src").kill();
+    let started = Instant::now();
+    let o = failover(&p.dst, &["--shutdown-source", "--shutdown-timeout", "2"]);
+    assert!(o.status.success(), "failover: {}", text(&o));
+    assert!(
+        text(&o).contains("did not contact this site within 2 s"),
+        "{}",
+        text(&o)
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert!(read_all(&p.dst_mnt().join("vm1/os.img")) == shipped);
+    // Offline, the target cannot ask: refused, nothing changed.
+    let mut q = Pair::new();
+    q.dst_serve.take().expect("dst").stop();
+    let o = failover(&q.dst, &["--shutdown-source"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("needs this site's"), "{}", text(&o));
+    let o = out(replog().arg("points").arg(&q.dst).arg("vm1"));
+    assert!(o.status.success(), "still a replica: {}", text(&o));
 }

@@ -150,6 +150,7 @@ pub fn promote(
             site: me.0,
             committed: false,
         }))?;
+        crate::failpoint::hit("promote:after-record");
     }
     let made = (|| -> Result<()> {
         let fs = FileStorage;

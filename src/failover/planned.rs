@@ -44,8 +44,9 @@ const SHIP_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long a lost answer is waited for.
 const RESOLVE_WAIT: Duration = Duration::from_secs(60);
 
-/// `replog failover SITE MACHINE --planned`.
-pub fn run(host: &dyn Host, ship: &dyn Shipping, name: &str) -> Result<Reply> {
+/// `replog failover SITE MACHINE --planned`; `note` says who asked, in the job (the
+/// target, for `--shutdown-source`).
+pub fn run(host: &dyn Host, ship: &dyn Shipping, name: &str, note: Option<&str>) -> Result<Reply> {
     let site = host.site().path().to_path_buf();
     let m = host.machine(name)?;
     let rel = Relationship::load(&site, name)?.ok_or_else(|| {
@@ -82,6 +83,10 @@ pub fn run(host: &dyn Host, ship: &dyn Shipping, name: &str) -> Result<Reply> {
     let mut job = JobHandle::start(&site, JobKind::FailoverPlanned, Some(name))?;
     let id = job.id().to_string();
     let started = Instant::now();
+    if let Some(n) = note {
+        job.step("who asked");
+        job.step_done(Some(n.to_string()))?;
+    }
 
     job.step("fence writes");
     let fenced = (|| -> Result<u64> {
@@ -107,6 +112,7 @@ pub fn run(host: &dyn Host, ship: &dyn Shipping, name: &str) -> Result<Reply> {
     if let Err(e) = job.step_done(Some(format!("writes refused; the last LSN is {lsn}"))) {
         return Err(roll_back(&m, job, e, &id));
     }
+    crate::failpoint::hit("planned:after-intent");
 
     job.step("ship everything and have it acknowledged");
     match ship.ship_all(&m) {
@@ -115,6 +121,7 @@ pub fn run(host: &dyn Host, ship: &dyn Shipping, name: &str) -> Result<Reply> {
                 "{} acknowledged up to LSN {acked}",
                 rel.target
             )));
+            crate::failpoint::hit("planned:after-ship");
         }
         Ok(acked) => {
             let e = Error::Busy(format!(
@@ -129,6 +136,32 @@ pub fn run(host: &dyn Host, ship: &dyn Shipping, name: &str) -> Result<Reply> {
     job.step("promote at the target");
     let promoted = match ship.promote(&m, lsn, generation) {
         PromoteOutcome::Promoted => true,
+        // The target is at a newer generation already (an unplanned failover there
+        // meanwhile, e.g. `--shutdown-source` that stopped waiting): fenced for good.
+        PromoteOutcome::NotPromoted(
+            e @ Error::Refused {
+                code: crate::replication::protocol::RefusalCode::Fenced,
+                ..
+            },
+        ) => {
+            let fence = crate::protection::Fence {
+                by_site: target_id.0,
+                generation,
+                at_ns: crate::format::now_ns(),
+                reason: format!("{} failed {name} over meanwhile: {e}", rel.target),
+            };
+            let persisted = m.persist_fence(fence);
+            let why = Error::InvalidInput(format!(
+                "the planned failover of {name} did not run to its end: {e}; {name} stays \
+                 fenced ({}): the unshipped tail is kept in its journal",
+                match persisted {
+                    Ok(()) => "failed-over".to_string(),
+                    Err(e2) => format!("the fence could not be persisted: {e2}"),
+                }
+            ));
+            let _ = job.fail(&why);
+            return Err(with_job(why, &id));
+        }
         PromoteOutcome::NotPromoted(e) => return Err(roll_back(&m, job, e, &id)),
         PromoteOutcome::Unknown(e) => {
             job.progress(format!(

@@ -352,8 +352,11 @@ pub fn handle(host: &dyn Host, req: &crate::control::Request) -> Result<Reply> {
             as_name,
             shutdown_source,
         } => match kind {
+            // Served by a running serve (`Registry`): the primary reaches the target,
+            // never the other way round, so only a listening target can ask it.
             _ if shutdown_source.is_some() => Err(Error::InvalidInput(
-                "--shutdown-source is not available in this build yet: fail over without it \
+                "--shutdown-source needs this site's `replog serve --listen` running: the \
+                 primary is asked to shut down when it next connects; fail over without it \
                  (the old primary learns it is fenced at its first contact)"
                     .into(),
             )),
@@ -399,6 +402,20 @@ pub fn planned_target(host: &dyn Host, machine: &str, lsn: u64, generation: u32)
         tracing::warn!(machine, "planned failover undone: {what}");
     };
     let result = as_job(job, |job| {
+        // Verified before anything is recorded: a crash at any step leaves either no
+        // promotion (the primary takes writes again) or a verified one.
+        job.step("verify the point's digests");
+        let v = PointImage::open_exact(host.replicas().open_readonly(machine)?, lsn)
+            .and_then(|image| verify::verify(&image))?;
+        job.step_done(Some(if v.digests_matched {
+            format!(
+                "every disk matches the source's digests ({} bytes read)",
+                v.bytes
+            )
+        } else {
+            format!("no digests at this point; {} bytes authenticated", v.bytes)
+        }))?;
+        crate::failpoint::hit("promote:after-verify");
         job.step("promote");
         let p = super::promote(
             host.site(),
@@ -416,27 +433,10 @@ pub fn planned_target(host: &dyn Host, machine: &str, lsn: u64, generation: u32)
                 p.generation, p.lsn
             )));
         }
+        crate::failpoint::hit("promote:after-manifest");
         job.step_done(Some(format!(
             "{machine} at pt-{lsn}, generation {generation}: nothing copied"
         )))?;
-        job.step("verify the point's digests");
-        let checked = PointImage::open_exact(host.replicas().open_readonly(machine)?, lsn)
-            .and_then(|image| verify::verify(&image));
-        let v = match checked {
-            Ok(v) => v,
-            Err(e) => {
-                undo(&e.to_string());
-                return Err(e);
-            }
-        };
-        job.step_done(Some(if v.digests_matched {
-            format!(
-                "every disk matches the source's digests ({} bytes read)",
-                v.bytes
-            )
-        } else {
-            format!("no digests at this point; {} bytes authenticated", v.bytes)
-        }))?;
         job.step("open the disks");
         if let Err(e) = host.open(machine) {
             undo(&e.to_string());

@@ -274,10 +274,15 @@ pub enum RefusalCode {
     Fenced,
     /// Anything else the operator must look at.
     Fatal,
+    /// The target is failing the machine over and asks its primary to shut down:
+    /// fence writes, ship everything, and ask for the promotion (a planned failover
+    /// the target began, `replog failover --shutdown-source`). A sender that does not
+    /// act on it retries.
+    FailoverRequested,
 }
 
 impl RefusalCode {
-    pub const ALL: [RefusalCode; 10] = [
+    pub const ALL: [RefusalCode; 11] = [
         RefusalCode::Busy,
         RefusalCode::NoSpace,
         RefusalCode::Unavailable,
@@ -288,15 +293,17 @@ impl RefusalCode {
         RefusalCode::Version,
         RefusalCode::Fenced,
         RefusalCode::Fatal,
+        RefusalCode::FailoverRequested,
     ];
 
     /// Retry, resynchronise or stop.
     pub fn class(self) -> crate::error::ErrorClass {
         use crate::error::ErrorClass;
         match self {
-            RefusalCode::Busy | RefusalCode::NoSpace | RefusalCode::Unavailable => {
-                ErrorClass::Retry
-            }
+            RefusalCode::Busy
+            | RefusalCode::NoSpace
+            | RefusalCode::Unavailable
+            | RefusalCode::FailoverRequested => ErrorClass::Retry,
             RefusalCode::BrokenChain => ErrorClass::NeedsResync,
             RefusalCode::UnknownMachine
             | RefusalCode::NotOwner
@@ -319,6 +326,7 @@ impl RefusalCode {
             RefusalCode::Version => "version",
             RefusalCode::Fenced => "fenced",
             RefusalCode::Fatal => "fatal",
+            RefusalCode::FailoverRequested => "failover requested",
         }
     }
 }

@@ -79,6 +79,67 @@ pub struct Target {
     site: Option<std::path::PathBuf>,
     /// Carries out a planned failover's promotion (serve's registry).
     on_promote: Option<PromoteHook>,
+    /// Promotions under way and primaries asked to shut down.
+    failovers: Arc<Failovers>,
+}
+
+/// Failovers of a target's replicas as its receiver sees them: promotions under way
+/// (a Protect of the machine meanwhile is told to wait: the promotion may still be
+/// undone, so the sender is not fenced yet), and primaries asked to shut down for
+/// a failover (`replog failover --shutdown-source`): told so at their next Protect.
+#[derive(Debug, Default)]
+pub struct Failovers {
+    promoting: Mutex<std::collections::HashSet<String>>,
+    /// Machine → whether its primary was told.
+    shutdown: Mutex<HashMap<String, bool>>,
+}
+
+impl Failovers {
+    /// Ask machine `machine`'s primary to shut down at its next contact.
+    pub fn request_shutdown(&self, machine: &str) {
+        self.shutdown.lock().insert(machine.to_string(), false);
+    }
+
+    /// Whether the primary of `machine` was told to shut down.
+    pub fn shutdown_delivered(&self, machine: &str) -> bool {
+        self.shutdown.lock().get(machine).copied().unwrap_or(false)
+    }
+
+    /// Stop asking; whether the primary had been told.
+    pub fn withdraw_shutdown(&self, machine: &str) -> bool {
+        self.shutdown.lock().remove(machine).unwrap_or(false)
+    }
+
+    /// A request not told yet: marked told.
+    fn deliver_shutdown(&self, machine: &str) -> bool {
+        match self.shutdown.lock().get_mut(machine) {
+            Some(told @ false) => {
+                *told = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn promoting(&self, machine: &str) -> bool {
+        self.promoting.lock().contains(machine)
+    }
+}
+
+/// Marks a promotion under way while it lives.
+struct Promoting<'a>(&'a Failovers, String);
+
+impl<'a> Promoting<'a> {
+    fn start(f: &'a Failovers, machine: &str) -> Promoting<'a> {
+        f.promoting.lock().insert(machine.to_string());
+        Promoting(f, machine.to_string())
+    }
+}
+
+impl Drop for Promoting<'_> {
+    fn drop(&mut self) {
+        self.0.promoting.lock().remove(&self.1);
+    }
 }
 
 /// What a target calls to promote a replica for a planned failover: (machine, LSN,
@@ -112,7 +173,15 @@ impl Target {
             on_new: None,
             site: None,
             on_promote: None,
+            failovers: Arc::default(),
         }
+    }
+
+    /// Share the failover state with `f` (serve's registry asks primaries to shut
+    /// down through it).
+    pub fn with_failovers(mut self, f: Arc<Failovers>) -> Self {
+        self.failovers = f;
+        self
     }
 
     /// Promote replicas for planned failovers with `f`.
@@ -504,7 +573,11 @@ impl Session<'_> {
                 "this target cannot promote replicas (it is not a site's serve)".into(),
             ));
         };
-        (hook.0)(&name, lsn, generation).map_err(refusal)?;
+        {
+            let _under_way = Promoting::start(&self.target.failovers, &name);
+            (hook.0)(&name, lsn, generation).map_err(refusal)?;
+        }
+        crate::failpoint::hit("promote:before-reply");
         Ok(Message::Promoted {
             machine: name,
             generation,
@@ -520,6 +593,12 @@ impl Session<'_> {
         }
         if p.retention_ms == 0 {
             return Err(protocol_error("retention of 0 ms"));
+        }
+        if self.target.failovers.promoting(&p.machine) {
+            return Err((
+                RefusalCode::Busy,
+                format!("a failover of {} is under way here", p.machine),
+            ));
         }
         let store = self.target.store_for(self.peer, &p)?;
         let reply = {
@@ -545,6 +624,17 @@ impl Session<'_> {
                         p.machine,
                         p.generation,
                         st.generation()
+                    ),
+                ));
+            }
+            if self.target.failovers.deliver_shutdown(&p.machine) {
+                return Err((
+                    RefusalCode::FailoverRequested,
+                    format!(
+                        "the target asks {}'s primary to shut down for a failover: fence \
+                         writes, ship everything and have it promoted there (a planned \
+                         failover)",
+                        p.machine
                     ),
                 ));
             }

@@ -71,6 +71,8 @@ struct Control {
     /// A planned failover's outcome is not known (this process began it and lost the
     /// answer, or a process that died did): the next contact with the target tells.
     resolve_intent: bool,
+    /// Begins a planned failover when the target asks for one.
+    on_failover_request: Option<FailoverRequestFn>,
 }
 
 impl Control {
@@ -142,12 +144,20 @@ impl Control {
     }
 }
 
+/// What a loop calls when its target asks the machine's primary to shut down for a
+/// failover (with the machine's name): begin a planned failover. It must not wait
+/// for the loop (the failover drives the loop through its command channel).
+pub type FailoverRequestFn = Arc<dyn Fn(&str) + Send + Sync>;
+
 impl ShipLoop {
+    /// Start the loop; `on_failover_request` begins a planned failover when the target
+    /// asks for one (serve's registry; without it such a request is retried).
     pub fn spawn(
         site: PathBuf,
         machine: Arc<Machine>,
         rel: Relationship,
         cfg: ReplicationConfig,
+        on_failover_request: Option<FailoverRequestFn>,
     ) -> ShipLoop {
         let stop = Arc::new(AtomicBool::new(false));
         let status = Arc::new(Mutex::new(LoopStatus {
@@ -174,6 +184,7 @@ impl ShipLoop {
             waiting: Vec::new(),
             promote: None,
             resolve_intent: false,
+            on_failover_request,
         };
         let thread = {
             let (stop, status) = (stop.clone(), status.clone());
@@ -622,6 +633,7 @@ fn run(
             let outcome = shipper.promote_at_target(&machine, lsn, generation);
             match &outcome {
                 PromoteOutcome::Promoted => {
+                    crate::failpoint::hit("planned:after-promoted");
                     let fence = crate::protection::Fence {
                         by_site: rel.target_id().map(|id| id.0).unwrap_or([0; 32]),
                         generation,
@@ -824,6 +836,23 @@ fn run(
                 if initial_done && overflowed(&machine, &shipper, &cfg, &site, "") {
                     continue;
                 }
+            }
+            // The target fails the machine over and asks us to shut down first: a
+            // planned failover, begun here, ships everything and has it promoted.
+            Err(Error::Refused {
+                code: super::protocol::RefusalCode::FailoverRequested,
+                message,
+                ..
+            }) => {
+                tracing::warn!(machine = %name, "{}: {message}", rel.target);
+                match &control.on_failover_request {
+                    Some(begin) if machine.intent().is_none() && !machine.failed_over() => {
+                        begin(&name)
+                    }
+                    _ => {}
+                }
+                control.wait(&stop, Duration::from_millis(50), &machine);
+                continue;
             }
             Err(e) => match e.class() {
                 ErrorClass::NeedsResync => {

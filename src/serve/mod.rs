@@ -87,6 +87,7 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
         let target = Arc::new(
             Target::new(me, registry.replicas().clone())
                 .at_site(site_path)
+                .with_failovers(registry.failovers())
                 .on_promote({
                     let weak = Arc::downgrade(&registry);
                     move |m, lsn, generation| match weak.upgrade() {

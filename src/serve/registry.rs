@@ -20,8 +20,10 @@ use crate::control::{Handler, Reply, Request};
 use crate::error::{Error, Result};
 use crate::frontend::Tree;
 use crate::protection::status::{MachineStatus, SiteStatus};
+use crate::protection::FailoverKind;
 use crate::replica::maintain::ReplicaLoop;
 use crate::replica::store::Replicas;
+use crate::replication::receiver::Failovers;
 use crate::replication::relationship::Relationship;
 use crate::replication::run::{ShipHandle, ShipLoop};
 use crate::site::Site;
@@ -29,7 +31,7 @@ use crate::volume::Machine;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 /// One open machine and its shipping loop.
@@ -52,6 +54,10 @@ pub struct Registry {
     replica_status: Mutex<(Option<Instant>, Vec<MachineStatus>)>,
     /// Changes of the set of machines are made one at a time.
     changing: Mutex<()>,
+    /// Promotions under way and shutdown requests, shared with the receiver.
+    failovers: Arc<Failovers>,
+    /// This registry, for what its loops call back (a target's shutdown request).
+    me: Weak<Registry>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -67,7 +73,9 @@ impl Registry {
     /// The registry of `site` (owned, locked): nothing open yet; see [`Registry::start`].
     pub fn new(site: Site) -> Result<Arc<Registry>> {
         let replicas = Replicas::local(site.path())?;
-        Ok(Arc::new(Registry {
+        Ok(Arc::new_cyclic(|me| Registry {
+            failovers: Arc::default(),
+            me: me.clone(),
             config: site.config().clone(),
             site,
             replicas,
@@ -78,6 +86,11 @@ impl Registry {
             replica_status: Mutex::new((None, Vec::new())),
             changing: Mutex::new(()),
         }))
+    }
+
+    /// The failover state the receiver shares (see [`Failovers`]).
+    pub fn failovers(&self) -> Arc<Failovers> {
+        self.failovers.clone()
     }
 
     /// Open every machine of the site and start every replica's loop.
@@ -154,7 +167,117 @@ impl Registry {
             m.clone(),
             rel,
             self.config.replication.clone(),
+            Some(self.on_failover_request()),
         )
+    }
+
+    /// What a shipping loop calls when its target asks for a shutdown: a planned
+    /// failover, on a thread of its own (it drives the loop that called).
+    fn on_failover_request(&self) -> crate::replication::run::FailoverRequestFn {
+        let me = self.me.clone();
+        Arc::new(move |machine: &str| {
+            let (me, machine) = (me.clone(), machine.to_string());
+            let thread_name = format!("failover-{machine}");
+            let spawned = std::thread::Builder::new()
+                .name(thread_name.clone())
+                .spawn(move || {
+                    let Some(r) = me.upgrade() else { return };
+                    let note = "the target asked for it (replog failover --shutdown-source)";
+                    match r.planned_failover(&machine, Some(note)) {
+                        Ok(reply) => tracing::info!(
+                            machine = %machine,
+                            "{}",
+                            reply.detail.unwrap_or_default()
+                        ),
+                        Err(e) => tracing::warn!(machine = %machine, "{e}"),
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!("start {thread_name}: {e}");
+            }
+        })
+    }
+
+    /// `replog failover SITE MACHINE --planned` here, the primary.
+    fn planned_failover(&self, machine: &str, note: Option<&str>) -> Result<Reply> {
+        if self.machine(machine).is_none() && self.replicas.has(machine) {
+            return Err(Error::InvalidInput(format!(
+                "{machine} is a replica at this site: a planned failover runs at its primary"
+            )));
+        }
+        let handle = self.with_ship(machine, |h| Ok(h.clone()))?;
+        let ship = crate::failover::planned::LoopShipping(handle);
+        let _one = self.changing.lock();
+        crate::failover::planned::run(&Host(self), &ship, machine, note)
+    }
+
+    /// `--shutdown-source`: ask the primary, at its next contact, to shut down (a
+    /// planned failover it carries out), and wait up to `secs` for the promotion.
+    /// Ok(Some): the primary did, and the machine is promoted with nothing lost;
+    /// Ok(None, why): it did not in time — promote unplanned, and say `why`.
+    fn shutdown_source(
+        &self,
+        machine: &str,
+        secs: u64,
+    ) -> Result<std::result::Result<Reply, String>> {
+        crate::names::validate_name("machine", machine)?;
+        if !self.replicas.has(machine) {
+            return Err(Error::NotFound(format!(
+                "this site holds no replica of {machine}"
+            )));
+        }
+        let promoted = || -> Result<Option<crate::replica::store::Promotion>> {
+            self.replicas.open_readonly(machine)?.promotion()
+        };
+        if let Some(p) = promoted()? {
+            return Err(Error::InvalidInput(format!(
+                "{machine} was already failed over ({}, at LSN {})",
+                p.kind, p.lsn
+            )));
+        }
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(secs);
+        self.failovers.request_shutdown(machine);
+        tracing::info!(
+            machine,
+            "asking the primary to shut down for a failover ({secs} s)"
+        );
+        let done = loop {
+            match promoted() {
+                // Promoted and open (the planned promotion opens before it answers).
+                Ok(Some(p)) if self.machine(machine).is_some() => break Some(p),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(machine, "{e}"),
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let told = self.failovers.withdraw_shutdown(machine);
+        if let Some(p) = done {
+            return Ok(Ok(Reply {
+                ok: true,
+                lsn: Some(p.lsn),
+                detail: Some(format!(
+                    "the primary was reached in {:.1} s: it fenced its writes, shipped \
+                     everything and had {machine} promoted here at LSN {} (generation {}): \
+                     nothing lost; commit pending (`replog commit`)",
+                    started.elapsed().as_secs_f64(),
+                    p.lsn,
+                    p.generation
+                )),
+                ..Default::default()
+            }));
+        }
+        Ok(Err(if told {
+            format!(
+                "the primary was told to shut down but did not finish within {secs} s (it \
+                 is fenced at its next contact; what it did not ship stays in its journal)"
+            )
+        } else {
+            format!("the primary did not contact this site within {secs} s")
+        }))
     }
 
     /// Stop machine `name`'s loops, flush and close it; it vanishes from the mount.
@@ -228,6 +351,22 @@ impl Registry {
     pub fn planned_promote(&self, machine: &str, lsn: u64, generation: u32) -> Result<()> {
         let _one = self.changing.lock();
         crate::failover::run::planned_target(&Host(self), machine, lsn, generation).map(|_| ())
+    }
+
+    /// A failover request at this site (see `failover::run::handle`).
+    fn failover_request(&self, req: &Request) -> Result<Reply> {
+        let _one = self.changing.lock();
+        let reply = crate::failover::run::handle(&Host(self), req);
+        // A committed failover's replica may be gone: its loop and points too.
+        let names: Vec<String> = self.replica_loops.lock().keys().cloned().collect();
+        for name in names {
+            if !self.replicas.has(&name) {
+                self.replica_loops.lock().remove(&name);
+                self.tree.root_entry_changed(&name);
+            }
+        }
+        *self.replica_status.lock() = (None, Vec::new());
+        reply
     }
 
     /// The site's status now.
@@ -457,36 +596,54 @@ impl Registry {
                 })?;
                 Ok(Reply::at(m.fence(reason)))
             }
-            Request::PlannedFailover { machine } => {
-                if self.machine(machine).is_none() && self.replicas.has(machine) {
-                    return Err(Error::InvalidInput(format!(
-                        "{machine} is a replica at this site: a planned failover runs at its \
-                         primary"
-                    )));
+            Request::PlannedFailover { machine } => self.planned_failover(machine, None),
+            Request::Failover {
+                machine,
+                kind: FailoverKind::Unplanned,
+                at,
+                as_name,
+                shutdown_source: Some(secs),
+            } => {
+                let why = match self.shutdown_source(machine, *secs)? {
+                    Ok(reply) => return Ok(reply),
+                    Err(why) => why,
+                };
+                let unplanned = Request::Failover {
+                    machine: machine.clone(),
+                    kind: FailoverKind::Unplanned,
+                    at: at.clone(),
+                    as_name: as_name.clone(),
+                    shutdown_source: None,
+                };
+                let mut reply = self.failover_request(&unplanned);
+                // A promotion that was under way when the wait ended finished first
+                // (it holds `changing`): it stands.
+                if let Err(Error::InvalidInput(_)) = &reply {
+                    if let Ok(Some(p)) = self.replicas.open_readonly(machine)?.promotion() {
+                        if p.kind == FailoverKind::Planned && self.machine(machine).is_some() {
+                            reply = Ok(Reply {
+                                ok: true,
+                                lsn: Some(p.lsn),
+                                detail: Some(format!(
+                                    "the primary shut down as the wait ended and had \
+                                     {machine} promoted here at LSN {}: nothing lost",
+                                    p.lsn
+                                )),
+                                ..Default::default()
+                            });
+                        }
+                    }
                 }
-                let handle = self.with_ship(machine, |h| Ok(h.clone()))?;
-                let ship = crate::failover::planned::LoopShipping(handle);
-                let _one = self.changing.lock();
-                crate::failover::planned::run(&Host(self), &ship, machine)
+                reply.map(|mut r| {
+                    r.detail = Some(format!("{why}; {}", r.detail.unwrap_or_default()));
+                    r
+                })
             }
             Request::Failover { .. }
             | Request::CleanupTest { .. }
             | Request::ChangePoint { .. }
             | Request::CancelFailover { .. }
-            | Request::Commit { .. } => {
-                let _one = self.changing.lock();
-                let reply = crate::failover::run::handle(&Host(self), req);
-                // A committed failover's replica may be gone: its loop and points too.
-                let names: Vec<String> = self.replica_loops.lock().keys().cloned().collect();
-                for name in names {
-                    if !self.replicas.has(&name) {
-                        self.replica_loops.lock().remove(&name);
-                        self.tree.root_entry_changed(&name);
-                    }
-                }
-                *self.replica_status.lock() = (None, Vec::new());
-                reply
-            }
+            | Request::Commit { .. } => self.failover_request(req),
             Request::Unfence { machine } => {
                 let m = self.machine(machine).ok_or_else(|| {
                     Error::NotFound(format!("this site has no machine {machine}"))

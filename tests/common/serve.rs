@@ -73,6 +73,16 @@ pub struct Served {
 
 impl Served {
     pub fn start(site: &Path, mount: &Path, extra: &[&str]) -> Served {
+        Served::start_with_env(site, mount, extra, &[])
+    }
+
+    /// `start`, with environment variables (a failpoint) set for serve.
+    pub fn start_with_env(
+        site: &Path,
+        mount: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Served {
         let log = site.with_extension(format!("serve-{}.log", std::process::id()));
         let logf = std::fs::OpenOptions::new()
             .create(true)
@@ -86,6 +96,7 @@ impl Served {
             .arg(mount)
             .args(extra)
             .env("REPLOG_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
@@ -125,6 +136,24 @@ impl Served {
     pub fn stop(mut self) -> ExitStatus {
         let child = self.child.take().expect("running");
         signal_and_wait(child, libc::SIGTERM)
+    }
+
+    /// Wait (at most `timeout`) for serve to end on its own (a failpoint killed it);
+    /// its dead mount stays behind, as it would.
+    pub fn wait_exit(mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        self.leave_mount = true;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("serve did not end; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL: the crash. The dead mount stays behind, as it would.
@@ -360,6 +389,37 @@ pub fn protect_when_listening(src: &Path, addr: &str) {
             "protect: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn write_at(img: &Path, off: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(img)
+        .unwrap_or_else(|e| panic!("open {}: {e}", img.display()));
+    f.write_all_at(data, off).expect("write");
+    f.sync_all().expect("fsync");
+}
+
+pub fn read_all(img: &Path) -> Vec<u8> {
+    std::fs::read(img).unwrap_or_else(|e| panic!("read {}: {e}", img.display()))
+}
+
+/// Wait until the source's target has acknowledged everything written so far.
+pub fn wait_shipped(src: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let since = replog::format::now_ns();
+    loop {
+        let st = status(src);
+        let m = &st["machines"][0];
+        let (acked, last) = (m["acked_lsn"].as_u64(), m["last_lsn"].as_u64());
+        let fresh = st["as_of_ns"].as_u64().unwrap_or(0) > since;
+        if fresh && m["state"] == "protected" && acked.is_some() && acked >= last {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never shipped: {st}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }

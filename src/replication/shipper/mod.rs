@@ -392,6 +392,9 @@ impl Shipper {
             generation,
             lsn,
         });
+        if sent.is_ok() {
+            crate::failpoint::hit("planned:after-promote-sent");
+        }
         match sent.and_then(|()| link.recv()) {
             Ok(Message::Promoted {
                 generation: g,

@@ -1,0 +1,28 @@
+//! Crash points, for the kill -9 tests of multi-step operations.
+//!
+//! `REPLOG_FAILPOINT=NAME` makes this process kill itself with SIGKILL — what
+//! `kill -9` does: no destructor runs, nothing is flushed — when it reaches the point
+//! called NAME. Unset (always, outside tests), [`hit`] costs one environment lookup
+//! and the operations it sits in are rare (failover steps), never the data path.
+//!
+//! The points of a planned failover, in the order they are reached:
+//!
+//! | point | side | reached when |
+//! |---|---|---|
+//! | `planned:after-intent` | primary | the intent is persisted and writes refused |
+//! | `planned:after-ship` | primary | the target acknowledged the last LSN |
+//! | `planned:after-promote-sent` | primary | `Promote` was sent, no answer read |
+//! | `promote:after-verify` | target | the point's digests matched; nothing recorded |
+//! | `promote:after-record` | target | the promotion record is written, no manifest |
+//! | `promote:after-manifest` | target | the promoted machine's manifest is written |
+//! | `promote:before-reply` | target | the machine is open; `Promoted` not sent |
+//! | `planned:after-promoted` | primary | `Promoted` read; the fence not persisted |
+
+/// Kill this process (SIGKILL) if `REPLOG_FAILPOINT` names `point`.
+pub fn hit(point: &str) {
+    if std::env::var_os("REPLOG_FAILPOINT").is_some_and(|v| v == point) {
+        tracing::error!("failpoint {point}: killing this process");
+        // SAFETY: kill(2) on our own pid with a valid signal number.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
