@@ -240,7 +240,9 @@ fn unplanned_failover_change_point_commit_and_the_old_primary_learns_it_is_fence
     let o = failover(&p.dst, &["--change-point", "latest"]);
     assert!(o.status.success(), "change point: {}", text(&o));
     assert!(
-        text(&o).contains("bytes written since the failover were dropped"),
+        text(&o).contains(&format!(
+            "{MIB} bytes written since the failover were dropped"
+        )),
         "{}",
         text(&o)
     );

@@ -2,15 +2,18 @@
 //! multi-disk workloads materialises exactly the source's disks at that LSN (through a
 //! point image and through restore, which proves itself with the source's digests);
 //! retention and the target compactor never disturb a point being read; damaged or
-//! lost replica files fail loudly and write nothing.
+//! lost replica files fail loudly and write nothing; an unplanned failover at every
+//! point, and a change of point from it, gives exactly the model's disks there.
 
 mod common;
 
-use common::pair::{replog, restore, start_target, trusted_pair};
+use common::pair::{replog, restore, start_receiver, trusted_pair};
 use replog::replica::compact::compact_replica;
 use replog::replica::replay::PointImage;
 use replog::replica::store::ReplicaStore;
 use replog::replication::shipper::Shipper;
+use replog::failover::{Host, Offline};
+use replog::protection::FailoverKind;
 use replog::{Error, Machine, Site};
 use std::path::{Path, PathBuf};
 
@@ -69,7 +72,7 @@ impl Fixture {
             &a,
         );
         replog(&["disk", "create", "vm1/data", "--size", "1049088"], &a);
-        let addr = start_target(&b);
+        let addr = start_receiver(&b);
         let site = Site::open(&a).expect("open source");
         let m = site.open_machine("vm1").expect("machine");
         let mut model = vec![vec![0u8; SIZES[0] as usize], vec![0u8; SIZES[1] as usize]];
@@ -491,4 +494,63 @@ fn a_merge_interrupted_by_a_crash_is_redone_and_never_serves_wrong_data() {
         read_image(&img) == want,
         "newest point after finishing differs"
     );
+}
+
+/// Every disk of machine vm1 at `host`, whole.
+fn read_promoted(host: &Offline) -> Vec<Vec<u8>> {
+    let m = host.machine("vm1").expect("promoted machine");
+    SIZES
+        .iter()
+        .zip(NAMES)
+        .map(|(size, name)| {
+            let mut buf = vec![0u8; *size as usize];
+            m.volume(name).expect("volume").read(0, &mut buf).expect("read");
+            buf
+        })
+        .collect()
+}
+
+#[test]
+fn an_unplanned_failover_at_every_point_equals_the_model_there() {
+    let seed = 41;
+    let mut f = Fixture::new(seed);
+    let mut rng = Rng(seed * 7919 + 1);
+    f.workload(&mut rng, 60);
+    assert!(f.states.len() >= 8, "too few points: {}", f.states.len());
+    let host = Offline::new(Site::open(&f.b).expect("target site")).expect("host");
+    let run = replog::failover::run::failover;
+    for (k, (lsn, want)) in f.states.iter().enumerate() {
+        let at = lsn.to_string();
+        run(&host, "vm1", FailoverKind::Unplanned, &at, None)
+            .unwrap_or_else(|e| panic!("failover at {lsn}: {e}"));
+        assert!(
+            read_promoted(&host) == *want,
+            "failed over at LSN {lsn}: the disks differ from the model"
+        );
+        // The promoted machine takes writes; a change of point drops them and gives
+        // exactly the other point.
+        let m = host.machine("vm1").expect("machine");
+        m.volume("data")
+            .expect("data")
+            .write(4096, &common::pattern(k as u64, 8192))
+            .expect("write to the promoted machine");
+        m.flush().expect("flush");
+        drop(m);
+        let (other, other_want) = &f.states[rng.below(f.states.len() as u64) as usize];
+        let r = replog::failover::run::change_point(&host, "vm1", &other.to_string())
+            .unwrap_or_else(|e| panic!("change point {lsn} -> {other}: {e}"));
+        let detail = r.detail.unwrap_or_default();
+        assert!(detail.contains("8192 bytes"), "{detail}");
+        assert!(
+            read_promoted(&host) == *other_want,
+            "changed from LSN {lsn} to {other}: the disks differ from the model"
+        );
+        replog::failover::run::cancel(&host, "vm1").expect("cancel");
+        assert!(host.machine("vm1").is_err(), "vm1 is still a machine");
+    }
+    // The replica itself never changed: its newest point is the source's last state.
+    let last = f.states.last().expect("states");
+    let img = f.image("latest").expect("latest");
+    assert_eq!(img.point().lsn, last.0);
+    assert!(read_image(&img) == last.1, "the replica changed");
 }

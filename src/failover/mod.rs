@@ -249,22 +249,15 @@ fn remove_machine_dir(dir: &Path) -> Result<()> {
     }
 }
 
-/// Journal bytes of a closed machine (what a change of point or a cancel drops).
-fn journal_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir.join(JOURNAL_DIR))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
+/// Bytes machine `name` changed since its point (each byte once, however often it
+/// was written): what a change of point or a cancel drops.
+fn written_since(host: &dyn Host, name: &str) -> Result<u64> {
+    Ok(host.machine(name)?.journal_extent_bytes())
 }
 
 /// Cancel an unplanned failover of `name`: the promoted machine goes (with what was
 /// written to it), the replica is a replica again and takes the source's
-/// replication. Returns the journal bytes dropped.
+/// replication. Returns the bytes dropped.
 pub fn cancel(host: &dyn Host, name: &str) -> Result<u64> {
     let site = host.site();
     let replica = host.replicas().open_readonly(name)?;
@@ -289,15 +282,15 @@ pub fn cancel(host: &dyn Host, name: &str) -> Result<u64> {
              it cannot be cancelled (commit it, then fail back)"
         )));
     }
+    let dropped = written_since(host, name)?;
     host.close(name)?;
-    let dropped = journal_bytes(&dir);
     remove_machine_dir(&dir)?;
     replica.set_promotion(None)?;
     Ok(dropped)
 }
 
 /// Move the pending failover of `name` to POINT `at`: the writes made since are
-/// dropped. Returns (the new point's LSN, the journal bytes dropped).
+/// dropped. Returns (the new point's LSN, the bytes dropped).
 pub fn change_point(host: &dyn Host, name: &str, at: &str) -> Result<(u64, u64)> {
     let site = host.site();
     let (mut manifest, _pending, base) = pending_of(site, name)?;
@@ -306,9 +299,9 @@ pub fn change_point(host: &dyn Host, name: &str, at: &str) -> Result<(u64, u64)>
     // Resolve (and check) the new point before anything changes.
     let image = PointImage::open(store, at)?;
     let point = image.point().clone();
+    let dropped = written_since(host, name)?;
     host.close(name)?;
     let dir = site.machine_dir(name)?;
-    let dropped = journal_bytes(&dir);
     let fs = FileStorage;
     let jdir = dir.join(JOURNAL_DIR);
     // The journal first (every record of the dropped writes), then the watermark,

@@ -223,7 +223,7 @@ pub fn change_point(host: &dyn Host, machine: &str, at: &str) -> Result<Reply> {
         job.step("change the point");
         let r = super::change_point(host, machine, at)?;
         job.step_done(Some(format!(
-            "now at pt-{}; {} bytes of journal written since the failover dropped",
+            "now at pt-{}; {} bytes written since the failover dropped",
             r.0, r.1
         )))?;
         Ok(r)
@@ -266,7 +266,7 @@ pub fn cancel(host: &dyn Host, machine: &str) -> Result<Reply> {
         job.step("cancel");
         let d = super::cancel(host, machine)?;
         job.step_done(Some(format!(
-            "the promoted machine removed ({d} bytes of journal written since dropped)"
+            "the promoted machine removed ({d} bytes written since dropped)"
         )))?;
         Ok(d)
     })?;

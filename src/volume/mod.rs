@@ -401,6 +401,17 @@ impl Machine {
         self.inner.points.lock().clone()
     }
 
+    /// Bytes of the disks the journal holds now, each once however often it was
+    /// written (for a machine that stands on a replica point: what differs from it).
+    pub fn journal_extent_bytes(&self) -> u64 {
+        let state = self.inner.state.read();
+        state
+            .disks
+            .iter()
+            .map(|m| m.iter().map(|(_, e)| e.len).sum::<u64>())
+            .sum()
+    }
+
     pub fn status(&self) -> JournalStatus {
         let w = self.inner.writer.lock();
         let (active_seq, active_bytes, last_lsn) = (w.active_seq(), w.active_bytes(), w.last_lsn());

@@ -27,13 +27,20 @@ pub fn replog(args: &[&str], site: &Path) -> String {
 /// Listen for replicas at `site` in this process; returns the address.
 pub fn start_target(site: &Path) -> String {
     let s = Site::open(site).expect("open target");
-    let key = s.replica_key().expect("key");
+    let addr = start_receiver(site);
+    std::mem::forget(s); // the target site stays owned by this test process
+    addr
+}
+
+/// Listen for replicas at `site` in this process without owning the site (a test
+/// opens it as a site later, to fail over); returns the address.
+pub fn start_receiver(site: &Path) -> String {
+    let key = replog::site::replica_key_at(site).expect("key");
     let me = replog::identity::Identity::load(site).expect("id").id();
     let target = Arc::new(Target::new(
         me,
         replog::replica::store::Replicas::with_key(site, key),
     ));
-    std::mem::forget(s); // the target site stays owned by this test process
     let addr = transport::listen(site, "127.0.0.1:0", move |mut stream, peer| {
         target.session(&mut stream, peer)
     })
