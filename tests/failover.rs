@@ -388,6 +388,12 @@ fn a_planned_failover_loses_nothing_and_fences_the_old_primary() {
     );
     let st = fresh_status(&p.src);
     assert_eq!(st["machines"][0]["state"], "failed-over", "{st}");
+    // Where it went: the target's site ID, generation 2.
+    let dst_id = run_ok(replog().arg("id").arg(&p.dst)).trim().to_string();
+    let to = &st["machines"][0]["failed_over_to"];
+    assert_eq!(to["site"], dst_id.as_str(), "{st}");
+    assert_eq!(to["generation"], 2, "{st}");
+    assert_eq!(st["machines"][0]["target"], p.addr.as_str(), "{st}");
     // The target has it, byte for byte, writable, commit pending, generation 2.
     let img = p.dst_mnt().join("vm1/os.img");
     assert!(

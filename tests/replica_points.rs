@@ -8,12 +8,12 @@
 mod common;
 
 use common::pair::{replog, restore, start_receiver, trusted_pair};
+use replog::failover::{Host, Offline};
+use replog::protection::FailoverKind;
 use replog::replica::compact::compact_replica;
 use replog::replica::replay::PointImage;
 use replog::replica::store::ReplicaStore;
 use replog::replication::shipper::Shipper;
-use replog::failover::{Host, Offline};
-use replog::protection::FailoverKind;
 use replog::{Error, Machine, Site};
 use std::path::{Path, PathBuf};
 
@@ -504,7 +504,10 @@ fn read_promoted(host: &Offline) -> Vec<Vec<u8>> {
         .zip(NAMES)
         .map(|(size, name)| {
             let mut buf = vec![0u8; *size as usize];
-            m.volume(name).expect("volume").read(0, &mut buf).expect("read");
+            m.volume(name)
+                .expect("volume")
+                .read(0, &mut buf)
+                .expect("read");
             buf
         })
         .collect()

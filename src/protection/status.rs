@@ -45,6 +45,20 @@ pub struct MachineStatus {
     /// Replicas: the scrub's last complete round and what it found.
     #[serde(default)]
     pub scrub: Option<ScrubSummary>,
+    /// A failed-over primary: where it went (the site that runs the newer generation;
+    /// `target` is that site's address).
+    #[serde(default)]
+    pub failed_over_to: Option<FailedOverTo>,
+}
+
+/// Where a failed-over primary went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedOverTo {
+    /// The site ID that holds the newer generation.
+    pub site: String,
+    pub generation: u32,
+    /// When this site learnt of it (RFC 3339).
+    pub at: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +120,8 @@ pub struct PrimaryFacts<'a> {
     pub fenced: Option<String>,
     /// The persisted fence: a newer generation took it over.
     pub failed_over: bool,
+    /// That fence: where it went.
+    pub fence: Option<crate::protection::Fence>,
     pub relationship: Option<&'a Relationship>,
     pub resync: Option<&'a SourceResync>,
     /// The shipping loop, when serve runs one.
@@ -163,6 +179,11 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
         resync: None,
         source: None,
         scrub: None,
+        failed_over_to: f.fence.as_ref().map(|x| FailedOverTo {
+            site: crate::identity::SiteId(x.by_site).to_string(),
+            generation: x.generation,
+            at: crate::format::rfc3339(x.at_ns),
+        }),
     };
     if st.last_point.is_none() {
         // Nothing written since the failover: the point it stands on.
@@ -259,6 +280,7 @@ fn replica(name: &str, f: &ReplicaFacts<'_>) -> MachineStatus {
         resync: None,
         source: Some(crate::identity::SiteId(s.manifest().source_site).to_string()),
         scrub: None,
+        failed_over_to: None,
     };
     let source = st.source.clone().unwrap_or_default();
     st.reason = format!("receiving from {source}");
@@ -345,6 +367,7 @@ pub fn offline_primary(
             journal: &journal,
             fenced: m.fenced(),
             failed_over: m.failed_over(),
+            fence: m.fence_record(),
             relationship: rel.as_ref(),
             resync: resync.as_ref(),
             ship: None,
@@ -387,6 +410,7 @@ pub fn replicas_status(replicas: &crate::replica::store::Replicas) -> Vec<Machin
                 resync: None,
                 source: None,
                 scrub: None,
+                failed_over_to: None,
             }),
         }
     }

@@ -210,6 +210,7 @@ pub fn machine_status(
             journal: &journal,
             fenced: m.fenced(),
             failed_over: m.failed_over(),
+            fence: m.fence_record(),
             relationship: rel.as_ref(),
             resync: resync.as_ref(),
             ship,

@@ -144,6 +144,8 @@ pub(crate) struct MachineInner {
     fence: Mutex<Option<String>>,
     /// The manifest says a newer generation took the machine over.
     failed_over: AtomicBool,
+    /// The persisted fence (where the machine went), if it was failed over.
+    fence_record: Mutex<Option<crate::protection::Fence>>,
     /// The parents are a replica at a point (until the fold).
     base: Mutex<Option<crate::protection::Base>>,
     /// A promotion not committed yet.
@@ -313,9 +315,16 @@ impl Machine {
         })?;
         *self.inner.intent.lock() = None;
         *self.inner.fence.lock() = Some(reason);
+        *self.inner.fence_record.lock() = Some(fence);
         self.inner.failed_over.store(true, Ordering::Release);
         drop(w);
         Ok(())
+    }
+
+    /// The persisted fence of a failed-over machine: the site and generation that
+    /// took it over, and when this site learnt of it.
+    pub fn fence_record(&self) -> Option<crate::protection::Fence> {
+        self.inner.fence_record.lock().clone()
     }
 
     /// Where the parents come from while they are a replica point.

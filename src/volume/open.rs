@@ -233,6 +233,7 @@ impl Machine {
             generation: manifest.generation,
             role: manifest.role,
             failed_over: AtomicBool::new(manifest.fence.is_some()),
+            fence_record: Mutex::new(manifest.fence.clone()),
             fence: Mutex::new(match (&manifest.fence, &manifest.intent) {
                 (Some(f), _) => Some(super::fence_reason(f)),
                 // A planned failover did not finish: fenced until it is known how
