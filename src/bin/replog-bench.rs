@@ -20,6 +20,8 @@
 
 #[path = "bench/engine.rs"]
 mod engine;
+#[path = "bench/failover.rs"]
+mod failover;
 #[path = "bench/fio.rs"]
 mod fio;
 #[path = "bench/replica.rs"]
@@ -121,7 +123,7 @@ struct Args {
     #[arg(long, allow_hyphen_values = true)]
     serve_arg: Vec<String>,
     /// Run only the engine figures whose group is named here: journal (append and the
-    /// reads of its data), random, index, digest, restore, view, resync (FUSE figures are
+    /// reads of its data), random, index, digest, restore, view, resync, failover (FUSE figures are
     /// governed by --no-fuse / --fuse-only).
     #[arg(long, value_name = "GROUP")]
     only: Vec<String>,
@@ -264,7 +266,7 @@ fn run(args: &Args) -> Result<()> {
         if want("digest") {
             figures.push(b.digest_cost()?);
         }
-        if want("restore") || want("view") || want("resync") {
+        if want("restore") || want("view") || want("resync") || want("failover") {
             let target = replica::TargetSite::start(&b)?;
             if want("restore") {
                 figures.push(b.restore_point(&target)?);
@@ -274,6 +276,10 @@ fn run(args: &Args) -> Result<()> {
             }
             if want("resync") {
                 figures.extend(b.resync(&target)?);
+            }
+            if want("failover") {
+                figures.extend(b.failover_by_size(&target)?);
+                figures.push(b.planned_failover(&target)?);
             }
         }
     }

@@ -9,6 +9,7 @@ use super::{
     drop_caches, fmt_runs, mb_per_s, median, pattern_at, progress, settle, Bench, Figure, Result,
     Rng, GIB, KIB, MIB,
 };
+use replog::failover::Offline;
 use replog::replica::replay::PointImage;
 use replog::replica::store::ReplicaStore;
 use replog::replication::receiver::Target;
@@ -24,7 +25,9 @@ use std::time::Instant;
 pub struct TargetSite {
     pub path: PathBuf,
     pub addr: String,
-    _site: Site,
+    /// The site, as the failover commands see it with no serve running; it also
+    /// carries out the promotion of a planned failover.
+    pub host: Arc<Offline>,
 }
 
 impl TargetSite {
@@ -38,11 +41,16 @@ impl TargetSite {
         );
         replog::identity::trust(source, tid)?;
         replog::identity::trust(&path, sid)?;
-        let site = Site::open(&path)?;
-        let target = Arc::new(Target::new(
-            tid,
-            replog::replica::store::Replicas::local(&path)?,
-        ));
+        let host = Arc::new(Offline::new(Site::open(&path)?)?);
+        let promoting = host.clone();
+        let target = Arc::new(
+            Target::new(tid, replog::replica::store::Replicas::local(&path)?)
+                .at_site(&path)
+                .on_promote(move |m, lsn, generation| {
+                    replog::failover::run::planned_target(&*promoting, m, lsn, generation)
+                        .map(|_| ())
+                }),
+        );
         let addr =
             replog::replication::transport::listen(&path, "127.0.0.1:0", move |mut s, peer| {
                 target.session(&mut s, peer)
@@ -50,7 +58,7 @@ impl TargetSite {
         Ok(TargetSite {
             path,
             addr: addr.to_string(),
-            _site: site,
+            host,
         })
     }
 
@@ -190,33 +198,39 @@ impl Bench {
 
     /// Open a point of a 1 GiB and of an 8 GiB disk with the same history (20
     /// segments of scattered 4 KiB writes): the time should not grow with the size.
+    /// A replica at `t` of machine `name` with one `size` disk and the same history
+    /// whatever the size: 2000 4 KiB writes in the first GiB, a flush every 10, 20
+    /// segments, all shipped.
+    pub fn replica_with_history(&mut self, t: &TargetSite, name: &str, size: u64) -> Result<()> {
+        self.site.create_disk(name, "d0", size, None)?;
+        let m = self.site.open_machine(name)?;
+        let v = m.volume("d0")?;
+        let mut shipper = Shipper::new(self.site.path(), &m, &t.addr);
+        shipper.ship_once(&m)?;
+        let mut rng = Rng(99);
+        for i in 0..2000u64 {
+            let at = rng.below(GIB / 4096) * 4096;
+            v.write(at, pattern_at(self.pattern.as_slice(), i * 4096, 4096))?;
+            if i % 10 == 9 {
+                m.flush()?;
+            }
+            if i % 100 == 99 {
+                m.seal()?;
+            }
+        }
+        m.seal()?;
+        shipper.ship_once(&m)?;
+        drop(v);
+        m.close()?;
+        Ok(())
+    }
+
     pub fn view_open(&mut self, t: &TargetSite) -> Result<Figure> {
         const NAME: &str = "open a point view, 8GiB vs 1GiB disk";
         progress(&format!("{NAME}: two replicas with the same history"));
-        let mut names = Vec::new();
-        for (name, size) in [("view1g", GIB), ("view8g", 8 * GIB)] {
-            self.site.create_disk(name, "d0", size, None)?;
-            let m = self.site.open_machine(name)?;
-            let v = m.volume("d0")?;
-            let mut shipper = Shipper::new(self.site.path(), &m, &t.addr);
-            shipper.ship_once(&m)?;
-            let mut rng = Rng(99);
-            for i in 0..2000u64 {
-                let at = rng.below(GIB / 4096) * 4096;
-                v.write(at, pattern_at(self.pattern.as_slice(), i * 4096, 4096))?;
-                if i % 10 == 9 {
-                    m.flush()?;
-                }
-                if i % 100 == 99 {
-                    m.seal()?;
-                }
-            }
-            m.seal()?;
-            shipper.ship_once(&m)?;
-            drop(v);
-            m.close()?;
-            names.push(name);
-        }
+        let names = ["view1g", "view8g"];
+        self.replica_with_history(t, names[0], GIB)?;
+        self.replica_with_history(t, names[1], 8 * GIB)?;
         let runs = if self.quick { 10 } else { 40 };
         let (mut small, mut big) = (Vec::new(), Vec::new());
         for i in 0..runs {
