@@ -121,7 +121,7 @@ pub struct PrimaryFacts<'a> {
     /// The persisted fence: a newer generation took it over.
     pub failed_over: bool,
     /// That fence: where it went.
-    pub fence: Option<crate::protection::Fence>,
+    pub fence: Option<Box<crate::protection::Fence>>,
     pub relationship: Option<&'a Relationship>,
     pub resync: Option<&'a SourceResync>,
     /// The shipping loop, when serve runs one.
@@ -367,7 +367,7 @@ pub fn offline_primary(
             journal: &journal,
             fenced: m.fenced(),
             failed_over: m.failed_over(),
-            fence: m.fence_record(),
+            fence: m.fence_record().map(Box::new),
             relationship: rel.as_ref(),
             resync: resync.as_ref(),
             ship: None,

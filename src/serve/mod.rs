@@ -210,7 +210,7 @@ pub fn machine_status(
             journal: &journal,
             fenced: m.fenced(),
             failed_over: m.failed_over(),
-            fence: m.fence_record(),
+            fence: m.fence_record().map(Box::new),
             relationship: rel.as_ref(),
             resync: resync.as_ref(),
             ship,
