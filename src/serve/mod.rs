@@ -238,7 +238,7 @@ impl StatusWriter {
                 .name("status".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Acquire) {
-                        write_status(registry.path(), &registry.status());
+                        registry.publish_status();
                         std::thread::sleep(std::time::Duration::from_millis(250));
                     }
                 })
@@ -255,7 +255,7 @@ impl StatusWriter {
     }
 }
 
-fn write_status(site: &Path, doc: &SiteStatus) {
+pub(crate) fn write_status(site: &Path, doc: &SiteStatus) {
     let Ok(text) = serde_json::to_string(doc) else {
         return;
     };

@@ -58,6 +58,9 @@ pub struct Registry {
     failovers: Arc<Failovers>,
     /// This registry, for what its loops call back (a target's shutdown request).
     me: Weak<Registry>,
+    /// `status.json` is worked out and written by one at a time (a snapshot taken
+    /// before a change never replaces one taken after it).
+    publishing: Mutex<()>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -76,6 +79,7 @@ impl Registry {
         Ok(Arc::new_cyclic(|me| Registry {
             failovers: Arc::default(),
             me: me.clone(),
+            publishing: Mutex::new(()),
             config: site.config().clone(),
             site,
             replicas,
@@ -369,6 +373,12 @@ impl Registry {
         reply
     }
 
+    /// Write the site's status to `status.json` now.
+    pub fn publish_status(&self) {
+        let _one = self.publishing.lock();
+        super::write_status(self.path(), &self.status());
+    }
+
     /// The site's status now.
     pub fn status(&self) -> SiteStatus {
         let as_of_ns = crate::format::now_ns();
@@ -657,10 +667,13 @@ impl Registry {
 
 impl Handler for Registry {
     fn handle(&self, req: &Request) -> Reply {
-        match self.handle_request(req) {
+        let reply = match self.handle_request(req) {
             Ok(r) => r,
             Err(e) => Reply::failed(&e),
-        }
+        };
+        // What the request changed is in `replog status` as soon as it is answered.
+        self.publish_status();
+        reply
     }
 }
 
