@@ -232,8 +232,10 @@ pub enum Command {
         /// A note kept in the cleanup job (what the test found).
         #[arg(long, requires = "cleanup_test")]
         note: Option<String>,
-        /// Unplanned: first try (for a bounded time) to reach the primary, fence it and
-        /// take what it can still ship, then promote at the newest point.
+        /// Unplanned: first ask the primary to shut down — at its next connection it
+        /// fences its writes, ships everything and has the machine promoted here (a
+        /// planned failover, nothing lost); if it has not within --shutdown-timeout,
+        /// promote at the newest point. Needs this site's `serve --listen` running.
         #[arg(long, conflicts_with_all = ["planned", "test", "cleanup_test", "change_point", "cancel", "at"])]
         shutdown_source: bool,
         /// Seconds to wait for the primary with --shutdown-source.
