@@ -582,3 +582,134 @@ fn shutdown_source_with_the_primary_gone_promotes_at_the_newest_point_and_says_s
     let o = out(replog().arg("points").arg(&q.dst).arg("vm1"));
     assert!(o.status.success(), "still a replica: {}", text(&o));
 }
+
+/// On machine disk `img` (a test copy or a promoted machine, under a target's
+/// mount): ext4 put there by the source is clean and every file in `sums` intact; a
+/// file written to it survives umount and e2fsck; then raw I/O as a VM issues it —
+/// O_DIRECT writes and reads, a discard (punch hole) that reads back as zeroes, fsync.
+fn use_like_a_vm(img: &Path, dir: &Path, sums: &Path, what: &str) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    {
+        let lo = Loop::attach(img);
+        let fsck = sh("e2fsck", &["-fn", &lo.0]);
+        assert!(fsck.status.success(), "{what}: e2fsck: {}", text(&fsck));
+        let _m = FsMount::mount(&lo.0, dir, "rw");
+        let check = std::process::Command::new("sha256sum")
+            .args(["--quiet", "-c"])
+            .arg(sums)
+            .current_dir(dir)
+            .output()
+            .expect("sha256sum");
+        assert!(check.status.success(), "{what}: files: {}", text(&check));
+        std::fs::write(dir.join(format!("{what}.txt")), what).expect("write a file");
+        drop(_m);
+        let fsck = sh("e2fsck", &["-fn", &lo.0]);
+        assert!(
+            fsck.status.success(),
+            "{what}: e2fsck after writes: {}",
+            text(&fsck)
+        );
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(img)
+        .expect("open O_DIRECT");
+    let mut raw = vec![0u8; 2 * 4096 + 65536];
+    let skew = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[skew..skew + 65536];
+    buf.copy_from_slice(&common::pattern(77, 65536));
+    let want = buf.to_vec();
+    f.write_all_at(buf, 2 * MIB).expect("O_DIRECT write");
+    buf.fill(0);
+    f.read_exact_at(buf, 2 * MIB).expect("O_DIRECT read");
+    assert!(buf[..] == want[..], "{what}: O_DIRECT read back differs");
+    // SAFETY: fallocate on an open descriptor with integer arguments.
+    let rc = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            (2 * MIB + 4096) as i64,
+            8192,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "{what}: discard: {}",
+        std::io::Error::last_os_error()
+    );
+    f.sync_all().expect("fsync");
+    f.read_exact_at(buf, 2 * MIB).expect("read after discard");
+    assert!(
+        buf[..4096] == want[..4096],
+        "{what}: discard reached too far"
+    );
+    assert!(
+        buf[4096..12288].iter().all(|&b| b == 0),
+        "{what}: not discarded"
+    );
+    assert!(
+        buf[12288..] == want[12288..],
+        "{what}: discard reached too far"
+    );
+}
+
+#[test]
+fn a_test_copy_and_a_promoted_machine_hold_the_sources_ext4_and_take_direct_io_and_discard() {
+    if !fuse_available("a_test_copy_and_a_promoted_machine_hold_the_sources_ext4") {
+        return;
+    }
+    let mut p = Pair::new();
+    let tmp = p._tmp.path().to_path_buf();
+    let (fs_dir, sums) = (tmp.join("fs"), tmp.join("files.sha256"));
+    {
+        let lo = Loop::attach(&p.src_img());
+        let mk = sh("mkfs.ext4", &["-q", "-F", &lo.0]);
+        assert!(mk.status.success(), "mkfs: {}", text(&mk));
+        let m = FsMount::mount(&lo.0, &fs_dir, "rw");
+        for i in 0..6u64 {
+            std::fs::write(
+                fs_dir.join(format!("f{i}.bin")),
+                common::pattern(200 + i, (300 + 97 * i as usize) << 10),
+            )
+            .expect("file");
+        }
+        let s = std::process::Command::new("sh")
+            .args(["-c", "sha256sum f*.bin"])
+            .current_dir(&fs_dir)
+            .output()
+            .expect("sha256sum");
+        std::fs::write(&sums, &s.stdout).expect("sums");
+        drop(m);
+    }
+    wait_shipped(&p.src);
+
+    let o = failover(&p.dst, &["--test"]);
+    assert!(o.status.success(), "test failover: {}", text(&o));
+    use_like_a_vm(
+        &p.dst_mnt().join("vm1-test/os.img"),
+        &fs_dir,
+        &sums,
+        "test-copy",
+    );
+    let o = failover(&p.dst, &["--cleanup-test"]);
+    assert!(o.status.success(), "cleanup: {}", text(&o));
+
+    p.src_serve.take().expect("src").kill();
+    let o = failover(&p.dst, &[]);
+    assert!(o.status.success(), "failover: {}", text(&o));
+    let img = p.dst_mnt().join("vm1/os.img");
+    {
+        // What the test copy wrote never reached the replica the machine stands on.
+        let lo = Loop::attach(&img);
+        let _m = FsMount::mount(&lo.0, &fs_dir, "ro,noload");
+        assert!(
+            fs_dir.join("f0.bin").exists() && !fs_dir.join("test-copy.txt").exists(),
+            "a test copy's write leaked into the replica"
+        );
+    }
+    use_like_a_vm(&img, &fs_dir, &sums, "promoted");
+}
