@@ -257,6 +257,12 @@ fn roll_back(m: &Machine, job: JobHandle, e: Error, id: &str) -> Error {
     }
     let _ = job.fail(&e);
     let tail = match cleared {
+        // Fenced by the target meanwhile (an unplanned failover there): for good.
+        Ok(()) if m.failed_over() => format!(
+            "{} stays fenced: {}",
+            m.name(),
+            m.fenced().unwrap_or_default()
+        ),
         Ok(()) => format!("{} takes writes again", m.name()),
         Err(e2) => format!(
             "{} stays fenced: its failover intent could not be cleared ({e2})",

@@ -575,7 +575,23 @@ impl Session<'_> {
         };
         {
             let _under_way = Promoting::start(&self.target.failovers, &name);
-            (hook.0)(&name, lsn, generation).map_err(refusal)?;
+            if let Err(e) = (hook.0)(&name, lsn, generation) {
+                // Promoted meanwhile by another failover (an unplanned one that
+                // overtook this request): the sender is fenced, not free to go on.
+                if let Ok(Some(p)) = store.lock().promotion() {
+                    if p.generation >= generation {
+                        return Err((
+                            RefusalCode::Fenced,
+                            format!(
+                                "{name} was failed over here meanwhile ({} failover, \
+                                 generation {}): {e}",
+                                p.kind, p.generation
+                            ),
+                        ));
+                    }
+                }
+                return Err(refusal(e));
+            }
         }
         crate::failpoint::hit("promote:before-reply");
         Ok(Message::Promoted {

@@ -293,9 +293,13 @@ impl Machine {
         w.last_lsn()
     }
 
-    /// Take writes again.
+    /// Take writes again — unless the machine was failed over (its persisted fence
+    /// is for good: nothing unfences it).
     pub fn unfence(&self) {
         let _w = self.inner.writer.lock();
+        if self.inner.failed_over.load(Ordering::Acquire) {
+            return;
+        }
         *self.inner.fence.lock() = None;
     }
 
