@@ -49,9 +49,15 @@ pub const FEATURE_RESYNC: u64 = 1 << 1;
 pub const FEATURE_RESYNC_FETCH: u64 = 1 << 2;
 /// Planned failover: `Promote` / `Promoted`.
 pub const FEATURE_FAILOVER: u64 = 1 << 3;
+/// A source acts on `RefusalCode::FailoverRequested` (`--shutdown-source`); a target
+/// sends that code only to a source with this bit.
+pub const FEATURE_SHUTDOWN_REQUEST: u64 = 1 << 4;
 /// What this build can do.
-pub const FEATURES: u64 =
-    FEATURE_GENERATIONS | FEATURE_RESYNC | FEATURE_RESYNC_FETCH | FEATURE_FAILOVER;
+pub const FEATURES: u64 = FEATURE_GENERATIONS
+    | FEATURE_RESYNC
+    | FEATURE_RESYNC_FETCH
+    | FEATURE_FAILOVER
+    | FEATURE_SHUTDOWN_REQUEST;
 /// What this build needs of its peer.
 pub const REQUIRED_FEATURES: u64 = FEATURE_GENERATIONS;
 pub const FRAME_HEADER_LEN: usize = 16;
@@ -479,6 +485,21 @@ mod tests {
             compressed: false,
             bytes: (0..3000u32).map(|i| i as u8).collect(),
         }
+    }
+
+    /// A refusal code's wire form is its index (postcard): a new code goes at the
+    /// end, or older peers read one refusal as another.
+    #[test]
+    fn refusal_codes_keep_their_wire_index() {
+        for (i, code) in RefusalCode::ALL.iter().enumerate() {
+            assert_eq!(
+                postcard::to_allocvec(code).unwrap(),
+                vec![i as u8],
+                "{code:?}"
+            );
+        }
+        assert_eq!(RefusalCode::ALL[8], RefusalCode::Fenced);
+        assert_eq!(RefusalCode::ALL[10], RefusalCode::FailoverRequested);
     }
 
     #[test]

@@ -243,6 +243,7 @@ impl Target {
             resync_chunks: Vec::new(),
             resync_held: 0,
             hash_cache: None,
+            peer_features: 0,
         };
         match session.run(stream) {
             Ok(()) => tracing::debug!("replication session with {peer} ended"),
@@ -341,6 +342,8 @@ struct Session<'a> {
     /// Chunk hashes of the last range asked for: the detail requests that follow a
     /// group request fall inside it.
     hash_cache: Option<(u32, u64, Vec<[u8; 32]>)>,
+    /// The feature bits of the peer's Hello.
+    peer_features: u64,
 }
 
 impl Session<'_> {
@@ -379,6 +382,7 @@ impl Session<'_> {
                 }
                 protocol::check_hello(protocol, features, required)
                     .map_err(|why| (RefusalCode::Version, why))?;
+                self.peer_features = features;
             }
             _ => return Err(protocol_error("expected Hello")),
         }
@@ -643,7 +647,11 @@ impl Session<'_> {
                     ),
                 ));
             }
-            if self.target.failovers.deliver_shutdown(&p.machine) {
+            // Only to a primary that knows the request (an older one could not decode
+            // the code); one that does not is failed over unplanned at the timeout.
+            if self.peer_features & protocol::FEATURE_SHUTDOWN_REQUEST != 0
+                && self.target.failovers.deliver_shutdown(&p.machine)
+            {
                 return Err((
                     RefusalCode::FailoverRequested,
                     format!(
@@ -983,4 +991,29 @@ fn decompress(bytes: &[u8]) -> Result<Vec<u8>, Refusal> {
     }
     lz4_flex::block::decompress_size_prepended(bytes)
         .map_err(|e| protocol_error(format!("LZ4: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Failovers;
+
+    #[test]
+    fn a_shutdown_request_is_delivered_once_to_its_machine_and_never_after_withdraw() {
+        let f = Failovers::default();
+        assert!(!f.deliver_shutdown("vm1"), "nothing asked yet");
+        f.request_shutdown("vm1");
+        assert!(!f.shutdown_delivered("vm1"));
+        assert!(!f.deliver_shutdown("vm2"), "another machine is not asked");
+        assert!(f.deliver_shutdown("vm1"));
+        assert!(f.shutdown_delivered("vm1"));
+        assert!(!f.deliver_shutdown("vm1"), "told once only");
+        assert!(
+            f.withdraw_shutdown("vm1"),
+            "the withdrawal says it was told"
+        );
+        assert!(!f.deliver_shutdown("vm1"), "not after the withdrawal");
+        f.request_shutdown("vm1");
+        assert!(!f.withdraw_shutdown("vm1"), "withdrawn before it was told");
+        assert!(!f.deliver_shutdown("vm1"));
+    }
 }

@@ -260,6 +260,14 @@ impl Registry {
         };
         let told = self.failovers.withdraw_shutdown(machine);
         if let Some(p) = done {
+            if p.kind != crate::protection::FailoverKind::Planned {
+                // Another failover (an operator's unplanned one) promoted it meanwhile.
+                return Err(Error::InvalidInput(format!(
+                    "{machine} was failed over meanwhile by a {} failover (at LSN {}, \
+                     generation {}); the primary's tail was not asked for",
+                    p.kind, p.lsn, p.generation
+                )));
+            }
             return Ok(Ok(Reply {
                 ok: true,
                 lsn: Some(p.lsn),

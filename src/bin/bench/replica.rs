@@ -196,8 +196,6 @@ impl Bench {
         ))
     }
 
-    /// Open a point of a 1 GiB and of an 8 GiB disk with the same history (20
-    /// segments of scattered 4 KiB writes): the time should not grow with the size.
     /// A replica at `t` of machine `name` with one `size` disk and the same history
     /// whatever the size: 2000 4 KiB writes in the first GiB, a flush every 10, 20
     /// segments, all shipped.
