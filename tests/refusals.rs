@@ -10,7 +10,7 @@ use replog::replica::backend::DirBackend;
 use replog::replica::crypt::ReplicaKey;
 use replog::replica::store::Replicas;
 use replog::replication::protocol::{self, Message, RefusalCode};
-use replog::replication::receiver::Target;
+use replog::replication::receiver::{Failovers, Target};
 use replog::storage::{FaultyStorage, MemStorage, OpenMode, Storage};
 use std::path::Path;
 use std::sync::Arc;
@@ -41,10 +41,21 @@ impl std::io::Write for Duplex {
 /// Run a session of `msgs` (after this build's Hello, unless `hello` is false); the
 /// refusal that ended it, if one did.
 fn session(target: &Target, hello: bool, msgs: &[Message]) -> Option<(RefusalCode, String)> {
-    let mut input = Vec::new();
-    if hello {
-        input.extend(protocol::encode(&protocol::hello(PEER)).expect("hello"));
-    }
+    let hello = if hello {
+        protocol::encode(&protocol::hello(PEER)).expect("hello")
+    } else {
+        Vec::new()
+    };
+    session_after(target, hello, msgs)
+}
+
+/// Run a session of `msgs` after the frame bytes `hello`; the refusal that ended it.
+fn session_after(
+    target: &Target,
+    hello: Vec<u8>,
+    msgs: &[Message],
+) -> Option<(RefusalCode, String)> {
+    let mut input = hello;
     for m in msgs {
         input.extend(protocol::encode(m).expect("encode"));
     }
@@ -300,4 +311,48 @@ fn every_refusal_the_receiver_sends_has_its_class() {
             None
         );
     }
+}
+
+/// `--shutdown-source` asks only a primary whose Hello has the shutdown-request bit:
+/// one built before it (the v3 fixture's Hello) could not decode the refusal, so it is
+/// never sent one, and the request waits for a primary that knows it.
+#[test]
+fn a_shutdown_request_goes_only_to_a_primary_that_knows_it() {
+    let (id, segs) = segments();
+    let fs = FaultyStorage::new();
+    let failovers = Arc::new(Failovers::default());
+    let t = target_in(&fs).with_failovers(failovers.clone());
+    assert_eq!(
+        session(&t, true, &[protect(id, 1), chunk(1, &segs[0])]),
+        None
+    );
+    failovers.request_shutdown("vm1");
+
+    let old_hello = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v3/protocol/hello.frame"),
+    )
+    .expect("fixture");
+    match protocol::decode::<Message>(&old_hello).expect("hello").0 {
+        Message::Hello { features, .. } => {
+            assert_eq!(features & protocol::FEATURE_SHUTDOWN_REQUEST, 0)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        session_after(&t, old_hello, &[protect(id, 1), chunk(2, &segs[1])]),
+        None,
+        "an older primary goes on replicating"
+    );
+
+    assert_refused(
+        session(&t, true, &[protect(id, 1)]),
+        RefusalCode::FailoverRequested,
+        ErrorClass::Retry,
+    );
+    assert_eq!(
+        session(&t, true, &[protect(id, 1), chunk(3, &segs[2])]),
+        None,
+        "told once"
+    );
+    assert!(failovers.withdraw_shutdown("vm1"), "it was told");
 }

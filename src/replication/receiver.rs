@@ -100,11 +100,6 @@ impl Failovers {
         self.shutdown.lock().insert(machine.to_string(), false);
     }
 
-    /// Whether the primary of `machine` was told to shut down.
-    pub fn shutdown_delivered(&self, machine: &str) -> bool {
-        self.shutdown.lock().get(machine).copied().unwrap_or(false)
-    }
-
     /// Stop asking; whether the primary had been told.
     pub fn withdraw_shutdown(&self, machine: &str) -> bool {
         self.shutdown.lock().remove(machine).unwrap_or(false)
@@ -581,19 +576,9 @@ impl Session<'_> {
             let _under_way = Promoting::start(&self.target.failovers, &name);
             if let Err(e) = (hook.0)(&name, lsn, generation) {
                 // Promoted meanwhile by another failover (an unplanned one that
-                // overtook this request): the sender is fenced, not free to go on.
-                if let Ok(Some(p)) = store.lock().promotion() {
-                    if p.generation >= generation {
-                        return Err((
-                            RefusalCode::Fenced,
-                            format!(
-                                "{name} was failed over here meanwhile ({} failover, \
-                                 generation {}): {e}",
-                                p.kind, p.generation
-                            ),
-                        ));
-                    }
-                }
+                // overtook this request): the sender, at `generation - 1`, is fenced.
+                check_promotion(&store.lock(), &name, generation - 1)
+                    .map_err(|(code, why)| (code, format!("{why} ({e})")))?;
                 return Err(refusal(e));
             }
         }
@@ -1002,10 +987,8 @@ mod tests {
         let f = Failovers::default();
         assert!(!f.deliver_shutdown("vm1"), "nothing asked yet");
         f.request_shutdown("vm1");
-        assert!(!f.shutdown_delivered("vm1"));
         assert!(!f.deliver_shutdown("vm2"), "another machine is not asked");
         assert!(f.deliver_shutdown("vm1"));
-        assert!(f.shutdown_delivered("vm1"));
         assert!(!f.deliver_shutdown("vm1"), "told once only");
         assert!(
             f.withdraw_shutdown("vm1"),
