@@ -99,6 +99,10 @@ pub(crate) fn compact_once(m: &MachineInner) -> Result<CompactStats> {
     // 1. Parents get every record, oldest first. A record superseded by a newer one
     // is still written: the newer one may not be durable yet.
     let mut touched = vec![false; m.disks.len()];
+    // A machine keeping a changed-block map records what it merges (see
+    // `volume::ChangedMap`).
+    let tracking = m.changed.lock().is_some();
+    let mut merged: Vec<(u32, u64, u64)> = Vec::new();
     let sizes: Vec<u64> = m.disks.iter().map(|d| d.size).collect();
     for seg in &batch {
         if m.mended.lock().contains(&seg.seq) {
@@ -127,6 +131,9 @@ pub(crate) fn compact_once(m: &MachineInner) -> Result<CompactStats> {
             }
             if let Some(t) = touched.get_mut(h.disk as usize) {
                 *t = true;
+            }
+            if tracking {
+                merged.push((h.disk, h.offset, h.length));
             }
             stats.records += 1;
             stats.bytes += h.length;
@@ -170,6 +177,19 @@ pub(crate) fn compact_once(m: &MachineInner) -> Result<CompactStats> {
     // The parents as replog leaves them (so a change made while it is not running
     // shows).
     m.write_parents_stamp();
+    // The changed-block map holds the batch before the journal stops holding it.
+    if tracking {
+        let mut changed = m.changed.lock();
+        if let Some(map) = changed.as_mut() {
+            let mut next = map.clone();
+            for (d, o, l) in &merged {
+                next.add(*d, *o, *l);
+            }
+            next.save(m.storage.as_ref(), &m.dir)
+                .map_err(|e| fail(m, e))?;
+            *map = next;
+        }
+    }
     // 4. Watermark durable.
     let mark_path = m.dir.join(JOURNAL_DIR).join(WATERMARK_FILE);
     write_atomic(m.storage.as_ref(), &mark_path, &new_mark.encode()).map_err(|e| fail(m, e))?;

@@ -193,6 +193,24 @@ pub fn trust(site: &Path, peer: SiteId) -> Result<bool> {
 }
 
 /// Accepts exactly the certificates whose fingerprints are pinned.
+/// A certificate whose site ID is not pinned (the ID is in the message, so a
+/// client can tell that it reached itself).
+struct NotTrusted(SiteId);
+
+impl std::fmt::Debug for NotTrusted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::fmt::Display for NotTrusted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "site {} is not trusted", self.0)
+    }
+}
+
+impl std::error::Error for NotTrusted {}
+
 #[derive(Debug)]
 struct Pinned {
     peers: BTreeSet<SiteId>,
@@ -206,9 +224,9 @@ impl Pinned {
             Ok(())
         } else {
             tracing::warn!("refused a peer that is not trusted: site ID {id}");
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ))
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(NotTrusted(id))),
+            )))
         }
     }
 

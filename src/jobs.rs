@@ -46,7 +46,10 @@ impl JobKind {
     /// Whether a process that goes on with the work picks up this kind of job
     /// after the one that began it died.
     pub fn resumable(self) -> bool {
-        matches!(self, JobKind::InitialReplication | JobKind::Resync)
+        matches!(
+            self,
+            JobKind::InitialReplication | JobKind::Resync | JobKind::Reprotect
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -157,6 +160,9 @@ impl Job {
     }
 }
 
+/// The owner of a job handed over to another process (no process has pid 0).
+const HANDED_OVER: u32 = 0;
+
 /// A job this process runs: every change is persisted at once.
 #[derive(Debug)]
 pub struct JobHandle {
@@ -229,23 +235,37 @@ impl JobHandle {
             .iter_mut()
             .filter(|s| s.state == JobState::InProgress)
         {
-            s.state = JobState::Failed;
             s.ended = Some(rfc3339(now_ns()));
-            s.detail = Some(format!("interrupted: process {gone} stopped"));
+            if gone == HANDED_OVER {
+                s.state = JobState::Succeeded;
+            } else {
+                s.state = JobState::Failed;
+                s.detail = Some(format!("interrupted: process {gone} stopped"));
+            }
         }
         let mut h = JobHandle {
             site: site.to_path_buf(),
             job,
         };
-        h.step(&format!(
-            "resumed by process {pid} after process {gone} stopped"
-        ));
+        h.step(&if gone == HANDED_OVER {
+            format!("taken over by process {pid}")
+        } else {
+            format!("resumed by process {pid} after process {gone} stopped")
+        });
         h.step_done(None::<String>)?;
         Ok(h)
     }
 
     pub fn id(&self) -> &str {
         &self.job.id
+    }
+
+    /// Leave the job, in progress, to the process that goes on with it (serve's
+    /// shipping loop takes it over with `resume_or_start`).
+    pub fn hand_over(&mut self) -> Result<()> {
+        self.job.owner_pid = HANDED_OVER;
+        self.job.owner_start = 0;
+        self.save()
     }
 
     pub fn job(&self) -> &Job {

@@ -167,7 +167,7 @@ pub enum Command {
         site: PathBuf,
         machine: String,
         /// The recovery point: `latest`, an LSN, an RFC 3339 time (the newest point at
-        /// or before it), or a point ID from `replog points`.
+        /// or before it), or a point ID from `replog points` (an `orphan-…` point too).
         #[arg(long, default_value = "latest")]
         at: String,
         /// Directory for the images (created; existing images are not overwritten).
@@ -185,6 +185,10 @@ pub enum Command {
         machine: String,
         #[arg(long)]
         json: bool,
+        /// Remove orphan point POINT (kept by a reprotect: the old primary's own
+        /// last state); only orphan points are removed this way.
+        #[arg(long, value_name = "POINT")]
+        remove: Option<String>,
     },
     /// Show the site's jobs — protect, initial replication, resync, restore: newest
     /// first with their state; with JOB, its steps; --json: every field.
@@ -244,6 +248,28 @@ pub enum Command {
         /// A JSON summary (the job's ID, the point), no progress.
         #[arg(long)]
         json: bool,
+    },
+    /// Replicate MACHINE (promoted here and committed) toward the site at --target:
+    /// its old primary becomes the replica from its own disks and only the blocks that
+    /// differ travel (its unshipped tail is kept there as an `orphan` point); another
+    /// site gets a full initial copy. Refused: a machine not committed, this site, an
+    /// untrusted site, a site holding a newer generation. Waits for the job while
+    /// serve runs (--no-wait: return at once).
+    Reprotect {
+        site: PathBuf,
+        machine: String,
+        /// The target site's `serve --listen` address (host:port).
+        #[arg(long)]
+        target: String,
+        /// How long the target keeps every recovery point (e.g. 24h, 90m, 30s).
+        #[arg(long, default_value = "24h")]
+        retention: String,
+        /// How long the target keeps app-consistent points (at least --retention).
+        #[arg(long, default_value = "72h")]
+        app_retention: String,
+        /// Return once the relationship is recorded.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Make MACHINE's failover final: the replica's other points go, its parents
     /// become local files, and it is a primary of this site (unprotected).
@@ -369,6 +395,21 @@ pub fn run(cli: Cli) -> ExitCode {
                 json,
             )
         }
+        Command::Reprotect {
+            site,
+            machine,
+            target,
+            retention,
+            app_retention,
+            no_wait,
+        } => replicate::reprotect(
+            &site,
+            &machine,
+            &target,
+            &retention,
+            &app_retention,
+            !no_wait,
+        ),
         Command::Commit {
             site,
             machine,
@@ -379,6 +420,16 @@ pub fn run(cli: Cli) -> ExitCode {
             site,
             machine,
             json,
+            remove: Some(id),
+        } => {
+            let _ = json;
+            replicate::remove_point(&site, &machine, &id)
+        }
+        Command::Points {
+            site,
+            machine,
+            json,
+            remove: None,
         } => replicate::points(&site, &machine, json),
         Command::Protect {
             site,

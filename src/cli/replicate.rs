@@ -78,23 +78,13 @@ pub fn protect(
     }
 }
 
-/// The steps of `replog protect` once its arguments are good: reach and greet the
-/// target, check its room, record the relationship (through the running serve, which
-/// starts shipping, or offline).
-#[allow(clippy::too_many_arguments)]
-fn protect_steps(
-    job: &mut JobHandle,
-    site: &Path,
-    machine: &str,
-    target: &str,
-    retention: &str,
-    app_retention: &str,
-    manifest: &replog::format::meta::Manifest,
-    me: identity::SiteId,
-) -> Result<(String, Relationship)> {
-    let dir = site.join(replog::site::MACHINES_DIR).join(machine);
-    // What went wrong, said for the person at the keyboard; decided by kind.
-    let explain = |e: Error| match e {
+/// What went wrong reaching a target, said for the person at the keyboard; decided
+/// by kind.
+fn explain_link(site: &Path, target: &str, me: identity::SiteId, e: Error) -> Error {
+    match e {
+        Error::Auth { why, .. } if why.contains(&me.to_string()) => {
+            Error::InvalidInput(format!("{target} is this site ({me}): choose another site"))
+        }
         Error::Auth {
             why, by_peer: true, ..
         } => Error::InvalidInput(format!(
@@ -110,7 +100,238 @@ fn protect_steps(
             Error::InvalidInput(format!("the target at {target} is not reachable: {source}"))
         }
         other => other,
+    }
+}
+
+/// `replog reprotect`: replicate a promoted, committed machine toward `target` — its
+/// old primary (only what differs travels) or any other site (a full copy). The
+/// checks and the relationship are this command's steps; serve's shipping loop goes
+/// on with the job (seed, delta, orphan kept, caught up), which this command waits
+/// for when serve runs and `wait`.
+pub fn reprotect(
+    site: &Path,
+    machine: &str,
+    target: &str,
+    retention: &str,
+    app_retention: &str,
+    wait: bool,
+) -> Result<()> {
+    Site::read_config(site)?;
+    let every = replog::replication::relationship::parse_retention("--retention", retention)?;
+    let app = replog::replication::relationship::parse_retention("--app-retention", app_retention)?;
+    if app < every {
+        return Err(Error::InvalidInput(format!(
+            "--app-retention {app_retention} is shorter than --retention {retention}"
+        )));
+    }
+    replog::names::validate_name("machine", machine)?;
+    let dir = site.join(replog::site::MACHINES_DIR).join(machine);
+    let storage = replog::storage::FileStorage;
+    let manifest = replog::Machine::read_manifest(&storage, &dir).map_err(|_| {
+        Error::NotFound(format!("site {} has no machine {machine}", site.display()))
+    })?;
+    if manifest.fence.is_some() {
+        return Err(Error::InvalidInput(format!(
+            "{machine} was failed over away from this site (it is fenced here): reprotect it \
+             where it was promoted"
+        )));
+    }
+    if manifest.pending.is_some() || manifest.base.is_some() {
+        return Err(Error::InvalidInput(format!(
+            "{machine}'s failover is not committed: run `replog commit {} {machine}` first",
+            site.display()
+        )));
+    }
+    if manifest.role != replog::protection::Role::Primary {
+        return Err(Error::InvalidInput(format!(
+            "{machine} is a {} here, not a primary",
+            manifest.role
+        )));
+    }
+    if let Some(r) = Relationship::load(site, machine)? {
+        return Err(Error::AlreadyExists(format!(
+            "{machine} is already protected toward {}",
+            r.target
+        )));
+    }
+    let me = identity::Identity::load(site)?.id();
+    let mut job = JobHandle::start(site, JobKind::Reprotect, Some(machine))?;
+    let steps = (|| -> Result<Relationship> {
+        let explain = |e: Error| explain_link(site, target, me, e);
+        job.step(&format!(
+            "reach the target at {target} (mutual TLS, both sites trusted)"
+        ));
+        let mut link = Link::connect(site, target).map_err(explain)?;
+        let peer = link.peer_id();
+        if peer == me {
+            return Err(Error::InvalidInput(format!(
+                "{target} is this site ({me}): choose another site"
+            )));
+        }
+        if link.peer_features() & replog::replication::protocol::FEATURE_REPROTECT == 0 {
+            return Err(Error::InvalidInput(format!(
+                "the target at {target} runs a replog that cannot reprotect (no reprotect feature)"
+            )));
+        }
+        job.progress(format!("target site {peer}"));
+        job.step("check what the target holds of the machine");
+        let map = replog::volume::ChangedMap::load(&storage, &dir)?;
+        let w = replog::Machine::read_watermark(&storage, &dir)?;
+        link.send(&Message::Reprotect {
+            machine: machine.to_string(),
+            machine_id: manifest.machine_id,
+            generation: manifest.generation,
+            since: map.as_ref().map_or(0, |m| m.since),
+            foreign_upto: map.as_ref().and_then(|m| m.foreign_upto),
+            disks: manifest
+                .disks
+                .iter()
+                .map(|d| (d.name.clone(), d.size))
+                .collect(),
+            base_lsn: w.lsn,
+            base_seq: w.segment_seq,
+            probe: true,
+        })
+        .map_err(explain)?;
+        use replog::replication::protocol::{Held, RefusalCode};
+        let held = match link.recv() {
+            Ok(Message::ReprotectState {
+                held, generation, ..
+            }) => (held, generation),
+            Ok(other) => return Err(link.unexpected("ReprotectState", &other)),
+            Err(Error::Refused {
+                code: RefusalCode::Fenced,
+                message,
+                ..
+            }) => {
+                return Err(Error::InvalidInput(format!(
+                    "the target at {target} holds a newer generation of {machine} than this \
+                     site's {} ({message}): replicating toward it would be split brain",
+                    manifest.generation
+                )))
+            }
+            Err(e) => return Err(explain(e)),
+        };
+        job.progress(match held {
+            (Held::Nothing, _) => format!(
+                "it holds no copy of {machine}: an alternate location, the initial replication \
+                 copies every disk"
+            ),
+            (Held::OldPrimary, g) => format!(
+                "it holds generation {g} of {machine} (the old primary): it becomes the replica, \
+                 only what differs travels{}",
+                if map.is_none() {
+                    "; this machine keeps no changed-block map, so chunk checksums decide"
+                } else {
+                    ""
+                }
+            ),
+            (_, g) => format!("it holds a replica of {machine} at generation {g}"),
+        });
+        if map.is_none() && held.0 == Held::OldPrimary {
+            // Without a map only a resync can tell what differs: start one with a
+            // fresh map (empty) so the copy is seeded, then compared.
+            replog::volume::ChangedMap::new(w.lsn, None, manifest.disks.len())
+                .save(&storage, &dir)?;
+            replog::replication::resync_schedule::SourceResync::require(
+                site,
+                machine,
+                "reprotect without a changed-block map: compare every chunk",
+            )?;
+            replog::replication::resync_schedule::request_now(site, machine)?;
+        }
+        job.step("record the relationship");
+        let relationship = Relationship {
+            target: target.to_string(),
+            target_id: peer.to_string(),
+            retention: Some(retention.to_string()),
+            app_retention: Some(app_retention.to_string()),
+        };
+        // serve's shipping loop goes on with this job.
+        job.hand_over()?;
+        replog::control::run(
+            site,
+            &replog::control::Request::Protect {
+                machine: machine.to_string(),
+                relationship: relationship.clone(),
+            },
+        )?;
+        Ok(relationship)
+    })();
+    if let Err(e) = steps {
+        job.fail(&e);
+        return Err(e);
+    }
+    let id = job.id().to_string();
+    drop(job);
+    if !wait || !replog::control::serve_running(site) {
+        println!(
+            "{machine}: relationship toward {target} recorded; the reprotect goes on {} (job {id})",
+            if replog::control::serve_running(site) {
+                "in serve"
+            } else {
+                "when `replog serve` starts"
+            }
+        );
+        return Ok(());
+    }
+    wait_for_job(site, &id)
+}
+
+/// Wait for job `id` (run by serve) to end, showing its newest step on a terminal;
+/// Ok only when it succeeded.
+fn wait_for_job(site: &Path, id: &str) -> Result<()> {
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.enable_steady_tick(std::time::Duration::from_millis(200));
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
     };
+    loop {
+        let j = replog::jobs::get(site, id)?;
+        if let Some(s) = j.steps.last() {
+            bar.set_message(format!(
+                "{}: {}",
+                s.name,
+                s.detail.clone().unwrap_or_default()
+            ));
+        }
+        if j.state.ended() {
+            bar.finish_and_clear();
+            for s in &j.steps {
+                println!("{}: {}", s.name, s.detail.clone().unwrap_or_default());
+            }
+            return if j.state == replog::jobs::JobState::Succeeded {
+                println!("reprotected (job {id})");
+                Ok(())
+            } else {
+                Err(Error::InvalidInput(format!(
+                    "the reprotect failed: {} (job {id})",
+                    j.error.unwrap_or_default()
+                )))
+            };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// The steps of `replog protect` once its arguments are good: reach and greet the
+/// target, check its room, record the relationship (through the running serve, which
+/// starts shipping, or offline).
+#[allow(clippy::too_many_arguments)]
+fn protect_steps(
+    job: &mut JobHandle,
+    site: &Path,
+    machine: &str,
+    target: &str,
+    retention: &str,
+    app_retention: &str,
+    manifest: &replog::format::meta::Manifest,
+    me: identity::SiteId,
+) -> Result<(String, Relationship)> {
+    let dir = site.join(replog::site::MACHINES_DIR).join(machine);
+    let explain = |e: Error| explain_link(site, target, me, e);
     job.step(&format!(
         "reach the target at {target} (mutual TLS, both sites trusted)"
     ));
@@ -159,6 +380,9 @@ fn protect_steps(
 }
 
 pub fn restore(site: &Path, machine: &str, at: &str, out: &Path, json: bool) -> Result<()> {
+    if at.starts_with("orphan-") {
+        return restore_orphan(site, machine, at, out, json);
+    }
     let store = Replicas::local(site)?.open_readonly(machine)?;
     // Resolve and pin the point before anything is written to OUT.
     let image = replog::replica::replay::PointImage::open(store, at)?;
@@ -250,13 +474,74 @@ pub fn restore(site: &Path, machine: &str, at: &str, out: &Path, json: bool) -> 
     Ok(())
 }
 
+/// Restore an orphan point (the old primary's own last state, kept by a reprotect).
+fn restore_orphan(site: &Path, machine: &str, id: &str, out: &Path, json: bool) -> Result<()> {
+    let mut job = JobHandle::start(site, JobKind::Restore, Some(machine))?;
+    job.step(&format!("write orphan point {id} into {}", out.display()));
+    let (images, bytes) = match replog::failover::reprotect::restore_orphan(site, machine, id, out)
+    {
+        Ok(x) => x,
+        Err(e) => {
+            job.fail(&e);
+            return Err(e);
+        }
+    };
+    let finished = job.finish(|| {
+        Ok(format!(
+            "{} image(s), {bytes} bytes: the old primary's disks as it left them (an orphan \
+             point carries no digests to compare with)",
+            images.len()
+        ))
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "machine": machine, "point": id, "images": images, "bytes": bytes,
+                "verified": false, "job": finished.id,
+            })
+        );
+    } else {
+        for p in &images {
+            println!("{}", p.display());
+        }
+        println!(
+            "restored {machine} at orphan point {id} into {}",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// `replog points --remove ID`: remove an orphan point (only orphans).
+pub fn remove_point(site: &Path, machine: &str, id: &str) -> Result<()> {
+    replog::failover::reprotect::remove_orphan(site, machine, id)?;
+    println!("orphan point {id} of {machine} removed");
+    Ok(())
+}
+
 pub fn points(site: &Path, machine: &str, json: bool) -> Result<()> {
-    let store = Replicas::local(site)?.open_readonly(machine)?;
+    let orphans = replog::failover::reprotect::orphans(site, machine)?;
+    let replicas = Replicas::local(site)?;
+    if !replicas.has(machine) && !orphans.is_empty() {
+        return print_points(machine, &[], None, &orphans, json);
+    }
+    let store = replicas.open_readonly(machine)?;
     let points = replog::replica::points::list(&store)?;
     let resynced = (store.parent().valid_from > 0).then_some(store.parent().valid_from);
     if store.parent().resyncing && !json {
         println!("{machine}: a resynchronisation is under way; no point can be read until it ends");
     }
+    print_points(machine, &points, resynced, &orphans, json)
+}
+
+fn print_points(
+    machine: &str,
+    points: &[replog::replica::points::ReplicaPoint],
+    resynced: Option<u64>,
+    orphans: &[replog::replication::protocol::OrphanReport],
+    json: bool,
+) -> Result<()> {
     let kind = |p: &replog::replica::points::ReplicaPoint| {
         if p.app_consistent {
             "app-consistent"
@@ -265,7 +550,7 @@ pub fn points(site: &Path, machine: &str, json: bool) -> Result<()> {
         }
     };
     if json {
-        let list: Vec<_> = points
+        let mut list: Vec<_> = points
             .iter()
             .map(|p| {
                 serde_json::json!({
@@ -277,6 +562,17 @@ pub fn points(site: &Path, machine: &str, json: bool) -> Result<()> {
                 })
             })
             .collect();
+        list.extend(orphans.iter().map(|o| {
+            serde_json::json!({
+                "id": o.id,
+                "lsn": o.last_lsn,
+                "time": (o.last_ns > 0).then(|| replog::format::rfc3339(o.last_ns)),
+                "kind": "orphan",
+                "digests": false,
+                "first_lsn": o.first_lsn,
+                "bytes": o.bytes,
+            })
+        }));
         println!(
             "{}",
             serde_json::json!({
@@ -314,6 +610,22 @@ pub fn points(site: &Path, machine: &str, json: bool) -> Result<()> {
             p.lsn,
             replog::format::rfc3339(p.time_ns),
             kind(p)
+        );
+    }
+    for o in orphans {
+        println!(
+            "  {:<12} LSN {:>10}  {}  orphan (the old primary's own tail: LSN {}..={}, {} bytes; \
+             removed only with --remove)",
+            o.id,
+            o.last_lsn,
+            if o.last_ns > 0 {
+                replog::format::rfc3339(o.last_ns)
+            } else {
+                "-".into()
+            },
+            o.first_lsn,
+            o.last_lsn,
+            o.bytes
         );
     }
     Ok(())

@@ -20,6 +20,7 @@
 //! shows a promoted machine or a test copy at once.
 
 pub mod planned;
+pub mod reprotect;
 pub mod run;
 pub mod verify;
 
@@ -397,6 +398,17 @@ pub fn fold(host: &dyn Host, name: &str, job: &mut JobHandle) -> Result<()> {
     fs.sync_dir(&dir.join(DISKS_DIR))?;
     let _ = std::fs::remove_dir(&work);
     let m = host.machine(name)?;
+    // From here on the machine remembers what it changes since the point — and
+    // what the replica had after it, which its old primary wrote — so that a
+    // reprotect toward the old primary sends only what differs. Before the hold goes:
+    // everything written since the point is still in the journal.
+    if m.changed_map().is_none() {
+        m.start_tracking(foreign_ranges(
+            host.replicas(),
+            &base,
+            manifest.disks.len(),
+        )?)?;
+    }
     m.finish_fold(parents)?;
     drop(m);
     job.step_done(Some(format!(
@@ -416,6 +428,28 @@ pub fn fold(host: &dyn Host, name: &str, job: &mut JobHandle) -> Result<()> {
         job.step_done(Some(format!("replica {} removed", base.replica)))?;
     }
     Ok(())
+}
+
+/// The ranges replica `base.replica` stored after the promoted point: what its old
+/// primary wrote that the point did not take.
+fn foreign_ranges(
+    replicas: &Replicas,
+    base: &Base,
+    disks: usize,
+) -> Result<crate::volume::ChangedMap> {
+    let store = replicas.open_readonly(&base.replica)?;
+    let received = store.received();
+    let mut map = crate::volume::ChangedMap::new(base.lsn, Some(received.lsn), disks);
+    for seq in store.parent().seq + 1..=received.segment_seq {
+        let index = store.segment_index(seq)?;
+        if index.last_lsn <= base.lsn {
+            continue;
+        }
+        for r in index.records.iter().filter(|r| r.lsn > base.lsn) {
+            map.add(r.disk, r.offset, r.length);
+        }
+    }
+    Ok(map)
 }
 
 /// A promotion that died before its machine's manifest was written did not happen:

@@ -87,6 +87,11 @@ pub const KIND_RESYNC: u16 = 7;
 pub const KIND_SCRUB: u16 = 8;
 /// A replica promoted by a failover (`failover`): version 1.
 pub const KIND_PROMOTION: u16 = 9;
+/// A machine's changed-block map since its base point (`volume::ChangedMap`): version 1.
+pub const KIND_CHANGED: u16 = 10;
+/// A replica seeded from an old primary's own disks by a reprotect
+/// (`failover::reprotect::Seed`): version 1.
+pub const KIND_SEED: u16 = 11;
 
 /// The version of `kind` this build writes, which is also the newest it reads.
 pub fn version_of(kind: u16) -> u16 {
@@ -109,6 +114,8 @@ pub fn kind_name(kind: u16) -> &'static str {
         KIND_RESYNC => "resync progress",
         KIND_SCRUB => "scrub state",
         KIND_PROMOTION => "promotion",
+        KIND_CHANGED => "changed-block map",
+        KIND_SEED => "reprotect seed",
         _ => "unknown kind",
     }
 }

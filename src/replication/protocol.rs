@@ -52,12 +52,16 @@ pub const FEATURE_FAILOVER: u64 = 1 << 3;
 /// A source acts on `RefusalCode::FailoverRequested` (`--shutdown-source`); a target
 /// sends that code only to a source with this bit.
 pub const FEATURE_SHUTDOWN_REQUEST: u64 = 1 << 4;
+/// Reprotect: `Reprotect` / `ReprotectState`, a replica seeded from an old primary's
+/// own disks.
+pub const FEATURE_REPROTECT: u64 = 1 << 5;
 /// What this build can do.
 pub const FEATURES: u64 = FEATURE_GENERATIONS
     | FEATURE_RESYNC
     | FEATURE_RESYNC_FETCH
     | FEATURE_FAILOVER
-    | FEATURE_SHUTDOWN_REQUEST;
+    | FEATURE_SHUTDOWN_REQUEST
+    | FEATURE_REPROTECT;
 /// What this build needs of its peer.
 pub const REQUIRED_FEATURES: u64 = FEATURE_GENERATIONS;
 pub const FRAME_HEADER_LEN: usize = 16;
@@ -251,6 +255,66 @@ pub enum Message {
         generation: u32,
         lsn: u64,
     },
+    /// Source → target, before `Protect` (feature `FEATURE_REPROTECT`): `machine` at
+    /// `generation` was promoted at LSN `since` and keeps a map of what it changed
+    /// since (holding also what its replica had stored after `since`, up to
+    /// `foreign_upto`); its replica's chain will start after `base_lsn` / `base_seq`.
+    /// A target holding an older generation of the machine as its own (the old
+    /// primary) makes it a replica seeded from its own disks; `probe` only asks what
+    /// the target holds. Answered by `ReprotectState`.
+    Reprotect {
+        machine: String,
+        machine_id: u64,
+        generation: u32,
+        since: u64,
+        foreign_upto: Option<u64>,
+        disks: Vec<(String, u64)>,
+        base_lsn: u64,
+        base_seq: u64,
+        probe: bool,
+    },
+    /// Target → source: what it holds of the machine; for a seeded replica, the
+    /// ranges the old primary wrote after `since` that are still in its journal
+    /// (`tail`: disk, offset, length), whether its journal and the source's map
+    /// cover everything it wrote after `since` (`covered`; if not, a resync follows
+    /// the copy), the orphan point it kept, and the LSN of the first point it
+    /// verified after the copy.
+    ReprotectState {
+        machine: String,
+        held: Held,
+        generation: u32,
+        tail: Vec<(u32, u64, u64)>,
+        covered: bool,
+        seeded_bytes: u64,
+        orphan: Option<OrphanReport>,
+        verified: Option<u64>,
+    },
+}
+
+/// What a target holds of a machine it is asked to reprotect toward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Held {
+    /// Nothing: an alternate location, the normal initial copy follows.
+    Nothing,
+    /// An older generation of the machine as its own (the old primary).
+    OldPrimary,
+    /// A replica seeded from the old primary's disks by this reprotect.
+    Seeded,
+    /// A replica of this generation (a reprotect toward it began with a full copy).
+    Replica,
+}
+
+/// The old primary's last state, kept as a recovery point of kind `orphan`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrphanReport {
+    pub id: String,
+    pub first_lsn: u64,
+    pub last_lsn: u64,
+    /// Bytes its journal wrote after the point (each byte once).
+    pub bytes: u64,
+    /// The clock of its first and last point after the promoted one (0: none).
+    pub first_ns: u64,
+    pub last_ns: u64,
 }
 
 /// Why a site refused, so the other side knows what to do (see

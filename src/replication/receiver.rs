@@ -81,6 +81,22 @@ pub struct Target {
     on_promote: Option<PromoteHook>,
     /// Promotions under way and primaries asked to shut down.
     failovers: Arc<Failovers>,
+    /// Answers a reprotect toward this site (serve's registry).
+    on_reprotect: Option<ReprotectHook>,
+}
+
+type ReprotectFn = dyn Fn(
+        &crate::failover::reprotect::Request,
+    ) -> crate::error::Result<crate::failover::reprotect::Answer>
+    + Send
+    + Sync;
+
+struct ReprotectHook(Box<ReprotectFn>);
+
+impl std::fmt::Debug for ReprotectHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReprotectHook")
+    }
 }
 
 /// Failovers of a target's replicas as its receiver sees them: promotions under way
@@ -169,7 +185,23 @@ impl Target {
             site: None,
             on_promote: None,
             failovers: Arc::default(),
+            on_reprotect: None,
         }
+    }
+
+    /// Answer reprotects toward this site with `f` (seed a replica from this site's
+    /// own copy of the machine).
+    pub fn on_reprotect(
+        mut self,
+        f: impl Fn(
+                &crate::failover::reprotect::Request,
+            ) -> crate::error::Result<crate::failover::reprotect::Answer>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        self.on_reprotect = Some(ReprotectHook(Box::new(f)));
+        self
     }
 
     /// Share the failover state with `f` (serve's registry asks primaries to shut
@@ -491,6 +523,32 @@ impl Session<'_> {
             } => self
                 .on_promote(&machine, machine_id, generation, lsn)
                 .map(Some),
+            Message::Reprotect {
+                machine,
+                machine_id,
+                generation,
+                since,
+                foreign_upto,
+                disks,
+                base_lsn,
+                base_seq,
+                probe,
+            } => self
+                .on_reprotect(crate::failover::reprotect::Request {
+                    peer: self.peer,
+                    machine,
+                    machine_id,
+                    generation,
+                    since,
+                    foreign_upto,
+                    disks,
+                    base: Watermark {
+                        lsn: base_lsn,
+                        segment_seq: base_seq,
+                    },
+                    probe,
+                })
+                .map(Some),
             Message::Probe => Ok(Some(Message::Room {
                 free_bytes: self.target.replicas.free_bytes(),
             })),
@@ -587,6 +645,55 @@ impl Session<'_> {
             machine: name,
             generation,
             lsn,
+        })
+    }
+
+    fn on_reprotect(
+        &mut self,
+        req: crate::failover::reprotect::Request,
+    ) -> Result<Message, Refusal> {
+        if req.base.segment_seq >= crate::format::segment::MAX_SEGMENT_SEQ
+            || req.base.lsn >= crate::format::record::MAX_LSN
+            || req.since >= crate::format::record::MAX_LSN
+        {
+            return Err(protocol_error("reprotect base or point out of range"));
+        }
+        if self.target.failovers.promoting(&req.machine) {
+            return Err((
+                RefusalCode::Busy,
+                format!("a failover of {} is under way here", req.machine),
+            ));
+        }
+        let Some(hook) = &self.target.on_reprotect else {
+            return Err((
+                RefusalCode::Fatal,
+                "this target cannot take a reprotect (it is not a site's serve)".into(),
+            ));
+        };
+        // A store cached from before the seeding would not know it.
+        self.target.stores.lock().remove(&req.machine);
+        let a = (hook.0)(&req).map_err(refusal)?;
+        let seed = a.seed.unwrap_or_else(|| crate::failover::reprotect::Seed {
+            source_site: req.peer.0,
+            generation: a.generation,
+            from_generation: a.generation,
+            since: req.since,
+            tail: Vec::new(),
+            covered: true,
+            orphan: None,
+            state: crate::failover::reprotect::SeedState::Seeding { disk: 0, offset: 0 },
+            seeded_bytes: 0,
+            verified: None,
+        });
+        Ok(Message::ReprotectState {
+            machine: req.machine,
+            held: a.held,
+            generation: a.generation,
+            tail: seed.tail,
+            covered: seed.covered,
+            seeded_bytes: seed.seeded_bytes,
+            orphan: seed.orphan,
+            verified: seed.verified,
         })
     }
 
@@ -760,6 +867,9 @@ impl Session<'_> {
             crate::replica::store::Receipt::Stored { lsn }
             | crate::replica::store::Receipt::Duplicate { lsn } => lsn,
         };
+        drop(st);
+        crate::failover::reprotect::verify_after_segment(&self.target.replicas, &name, seq)
+            .map_err(refusal)?;
         Ok(Some(ack(&name, lsn)))
     }
 

@@ -407,6 +407,10 @@ struct LoopJobs {
     initial: Arc<Mutex<(Option<JobHandle>, Instant)>>,
     resync: Option<JobHandle>,
     to_verify: Vec<JobHandle>,
+    /// The machine keeps a changed-block map: its initial copy is a reprotect, one
+    /// job with steps seed, delta, orphan kept, caught up.
+    reprotecting: bool,
+    reprotect: Arc<Mutex<Option<JobHandle>>>,
 }
 
 impl LoopJobs {
@@ -417,7 +421,69 @@ impl LoopJobs {
             initial: Arc::new(Mutex::new((None, Instant::now()))),
             resync: None,
             to_verify: Vec::new(),
+            reprotecting: false,
+            reprotect: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// The reprotect job: the one `replog reprotect` handed over (or one a stopped
+    /// serve left), else a new one.
+    fn reprotect_job(
+        slot: &Mutex<Option<JobHandle>>,
+        site: &std::path::Path,
+        machine: &str,
+        f: impl FnOnce(&mut JobHandle),
+    ) {
+        let mut g = slot.lock();
+        if g.is_none() {
+            match JobHandle::resume_or_start(site, JobKind::Reprotect, machine) {
+                Ok(j) => *g = Some(j),
+                Err(e) => tracing::warn!(machine, "job record: {e}"),
+            }
+        }
+        if let Some(j) = g.as_mut() {
+            f(j);
+        }
+    }
+
+    /// What the target said at a handshake of a reprotect.
+    fn reprotect_seen(
+        slot: &Mutex<Option<JobHandle>>,
+        site: &std::path::Path,
+        machine: &str,
+        target: &str,
+        r: &super::shipper::ReprotectView,
+    ) {
+        use super::protocol::Held;
+        Self::reprotect_job(slot, site, machine, |j| {
+            if j.job().steps.iter().any(|s| s.name == "seed") {
+                return;
+            }
+            j.step("seed");
+            let detail = match r.held {
+                Held::Seeded => format!(
+                    "{target} made its own older copy (generation {} there before) the \
+                     replica: {} bytes seeded from its disks, {} ranges it wrote after the \
+                     point go back{}",
+                    r.generation,
+                    r.seeded_bytes,
+                    r.tail.len(),
+                    if r.covered {
+                        ""
+                    } else {
+                        "; its journal does not cover everything: a resync follows"
+                    }
+                ),
+                Held::Nothing => format!(
+                    "{target} holds no copy of {machine}: an alternate location, full initial copy"
+                ),
+                Held::Replica | Held::OldPrimary => {
+                    format!("{target} already holds a replica of this generation")
+                }
+            };
+            let _ = j.step_done(Some(detail));
+            j.step("delta");
+        });
     }
 
     /// Take over the jobs a serve that stopped left in progress for this machine: the
@@ -425,6 +491,9 @@ impl LoopJobs {
     fn adopt(&mut self) {
         let orphans = crate::jobs::list(&self.site).unwrap_or_default();
         for kind in [JobKind::InitialReplication, JobKind::Resync] {
+            if kind == JobKind::InitialReplication && self.reprotecting {
+                continue;
+            }
             let orphan = orphans.iter().any(|j| {
                 j.kind == kind
                     && j.machine.as_deref() == Some(self.machine.as_str())
@@ -491,6 +560,81 @@ impl LoopJobs {
         }
     }
 
+    /// A pass of a reprotect went well: the copy ended (`copied` bytes), or the
+    /// target verified a point (then the job succeeds and the map goes).
+    fn reprotect_pass(
+        &mut self,
+        machine: &Machine,
+        target: &str,
+        r: Option<&super::shipper::ReprotectView>,
+        report: &super::shipper::ShipReport,
+        initial_done: bool,
+    ) {
+        use super::protocol::Held;
+        let slot = self.reprotect.clone();
+        let (site, name) = (self.site.clone(), self.machine.clone());
+        let mut g = slot.lock();
+        if g.is_none() {
+            if !initial_done {
+                return;
+            }
+            drop(g);
+            Self::reprotect_job(&slot, &site, &name, |_| {});
+            g = slot.lock();
+        }
+        let Some(j) = g.as_mut() else { return };
+        let has = |j: &JobHandle, n: &str| j.job().steps.iter().any(|s| s.name == n);
+        if initial_done && !has(j, "orphan kept") {
+            let _ = j.step_done(Some(format!(
+                "{} bytes of blocks that differ sent",
+                report.initial_bytes
+            )));
+            j.step("orphan kept");
+            let _ = j.step_done(Some(match r {
+                Some(v) if v.held == Held::Seeded => {
+                    crate::failover::reprotect::orphan_detail(v.orphan.as_ref())
+                }
+                _ => "none: the target held no older copy".into(),
+            }));
+            j.step("caught up");
+        }
+        let verified = match r {
+            Some(v) if v.held == Held::Seeded => v.verified,
+            // A full copy: the target's answer of this pass is the check, as for an
+            // initial replication.
+            _ if initial_done => Some(report.acked_lsn),
+            _ => None,
+        };
+        let Some(lsn) = verified else {
+            j.progress(format!(
+                "acknowledged up to LSN {}; waiting for {target} to check a point's digests",
+                report.acked_lsn
+            ));
+            return;
+        };
+        let Some(j) = g.take() else { return };
+        let id = j.id().to_string();
+        let seeded = r.is_some_and(|v| v.held == Held::Seeded);
+        let done = j.finish(|| {
+            machine.stop_tracking()?;
+            Ok(if seeded {
+                format!(
+                    "{target} checked the point at LSN {lsn} against this machine's digests: \
+                     every disk matches; acknowledged up to LSN {}",
+                    report.acked_lsn
+                )
+            } else {
+                format!(
+                    "{target} answered a new session: its copy is complete, not diverged, \
+                     acknowledged up to LSN {lsn}"
+                )
+            })
+        });
+        if let Err(e) = done {
+            tracing::warn!(job = %id, "job record: {e}");
+        }
+    }
+
     fn initial_copied(&mut self, bytes: u64) {
         if let Some(mut j) = self.initial.lock().0.take() {
             if let Err(e) = j.step_done(Some(format!("{bytes} bytes of data sent"))) {
@@ -551,6 +695,7 @@ impl LoopJobs {
         let mut all: Vec<JobHandle> = self.to_verify.drain(..).collect();
         all.extend(self.resync.take());
         all.extend(self.initial.lock().0.take());
+        all.extend(self.reprotect.lock().take());
         for j in all {
             j.fail(e);
         }
@@ -567,7 +712,19 @@ fn run(
     mut control: Control,
 ) {
     let mut jobs = LoopJobs::new(shipper.site(), machine.name());
+    jobs.reprotecting = machine.changed_map().is_some();
     jobs.adopt();
+    if jobs.reprotecting {
+        let (slot, site, mname, target) = (
+            jobs.reprotect.clone(),
+            shipper.site().to_path_buf(),
+            machine.name().to_string(),
+            rel.target.clone(),
+        );
+        shipper.on_reprotect_state(Box::new(move |r| {
+            LoopJobs::reprotect_seen(&slot, &site, &mname, &target, r)
+        }));
+    }
     {
         let status = status.clone();
         let (initial, site, mname) = (
@@ -575,6 +732,7 @@ fn run(
             shipper.site().to_path_buf(),
             machine.name().to_string(),
         );
+        let (reprotect, reprotecting) = (jobs.reprotect.clone(), jobs.reprotecting);
         // A progress bar for the initial copy when a person watches serve's terminal.
         let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             let b = indicatif::ProgressBar::new(1);
@@ -590,7 +748,16 @@ fn run(
             indicatif::ProgressBar::hidden()
         };
         shipper.on_progress(Box::new(move |done, total| {
-            LoopJobs::initial_progress(&initial, &site, &mname, done, total);
+            if reprotecting {
+                if let Some(j) = reprotect.lock().as_mut() {
+                    j.progress(format!(
+                        "{done} of {total} bytes that differ sent, {} blocks left",
+                        (total - done.min(total)).div_ceil(4096)
+                    ));
+                }
+            } else {
+                LoopJobs::initial_progress(&initial, &site, &mname, done, total);
+            }
             bar.set_length(total);
             bar.set_position(done);
             if done >= total {
@@ -821,8 +988,22 @@ fn run(
                 }
                 control.acked(report.acked_lsn);
                 jobs.pass_ok(report.acked_lsn, &rel.target);
-                jobs.nothing_left(report.initial_bytes);
                 initial_done |= report.initial_completed || report.initial_bytes == 0;
+                if jobs.reprotecting {
+                    let view = shipper.reprotect_state().cloned();
+                    jobs.reprotect_pass(
+                        &machine,
+                        &rel.target,
+                        view.as_ref(),
+                        &report,
+                        initial_done,
+                    );
+                    if machine.changed_map().is_none() {
+                        jobs.reprotecting = false;
+                    }
+                } else {
+                    jobs.nothing_left(report.initial_bytes);
+                }
                 let mut s = status.lock();
                 s.acked_lsn = report.acked_lsn;
                 if initial_done {

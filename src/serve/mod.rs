@@ -95,6 +95,13 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
                         None => Err(crate::Error::Busy("serve is stopping".into())),
                     }
                 })
+                .on_reprotect({
+                    let weak = Arc::downgrade(&registry);
+                    move |req| match weak.upgrade() {
+                        Some(r) => r.reprotect_answer(req),
+                        None => Err(crate::Error::Busy("serve is stopping".into())),
+                    }
+                })
                 .on_new_replica(move |m| {
                     if let Some(r) = weak.upgrade() {
                         r.add_replica(m);

@@ -365,6 +365,80 @@ impl Registry {
         crate::failover::run::planned_target(&Host(self), machine, lsn, generation).map(|_| ())
     }
 
+    /// A reprotect toward this site (the receiver's hook): seed a replica from this
+    /// site's own copy of the machine, keep its orphan point; the replica's loop
+    /// starts once it is seeded. A job records what this site did.
+    pub fn reprotect_answer(
+        &self,
+        req: &crate::failover::reprotect::Request,
+    ) -> Result<crate::failover::reprotect::Answer> {
+        use crate::failover::reprotect::{self, SeedState};
+        let _one = self.changing.lock();
+        let before = reprotect::read_seed(&self.replicas, &req.machine)?.map(|s| s.state);
+        let had_machine = self
+            .site
+            .machine_dir(&req.machine)?
+            .join(crate::volume::MANIFEST_FILE)
+            .exists();
+        let mut job = (!req.probe && had_machine && before != Some(SeedState::OrphanKept))
+            .then(|| {
+                crate::jobs::JobHandle::start(
+                    self.site.path(),
+                    crate::jobs::JobKind::Reprotect,
+                    Some(&req.machine),
+                )
+            })
+            .transpose()?;
+        if let Some(j) = job.as_mut() {
+            j.step(&format!(
+                "seed a replica of generation {} for site {} from this site's copy",
+                req.generation, req.peer
+            ));
+        }
+        let answer = match reprotect::answer(&Host(self), req) {
+            Ok(a) => a,
+            Err(e) => {
+                if let Some(j) = job {
+                    j.fail(&e);
+                }
+                return Err(e);
+            }
+        };
+        if let Some(seed) = answer
+            .seed
+            .as_ref()
+            .filter(|s| s.state == SeedState::OrphanKept)
+        {
+            self.add_replica(&req.machine);
+            if let Some(mut j) = job {
+                j.step_done(Some(format!(
+                    "{} bytes of data seeded; {} ranges written here after LSN {} go back{}",
+                    seed.seeded_bytes,
+                    seed.tail.len(),
+                    seed.since,
+                    if seed.covered {
+                        ""
+                    } else {
+                        "; a resync follows (the journals do not cover everything)"
+                    }
+                )))?;
+                j.step("orphan kept");
+                j.step_done(Some(reprotect::orphan_detail(seed.orphan.as_ref())))?;
+                let name = req.machine.clone();
+                let replicas = self.replicas.clone();
+                j.finish(move || {
+                    let store = replicas.open_readonly(&name)?;
+                    Ok(format!(
+                        "replica of {name} at generation {} reads back; its copy is completed by \
+                         the sender",
+                        store.generation()
+                    ))
+                })?;
+            }
+        }
+        Ok(answer)
+    }
+
     /// A failover request at this site (see `failover::run::handle`).
     fn failover_request(&self, req: &Request) -> Result<Reply> {
         let _one = self.changing.lock();

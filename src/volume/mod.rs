@@ -34,12 +34,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 mod base;
+mod changed;
 mod damage;
 mod open;
 mod read;
 mod write;
 
 pub use base::PointParent;
+pub use changed::{ChangedMap, CHANGED_FILE};
 pub use damage::DamagedRange;
 pub(crate) use open::{apply_to_index, record_outside_disk};
 
@@ -154,6 +156,9 @@ pub(crate) struct MachineInner {
     intent: Mutex<Option<crate::protection::Intent>>,
     /// Serialises rewrites of `machine.meta`.
     manifest_lock: Mutex<()>,
+    /// The changed-block map, kept from a promotion's fold until a reprotect is
+    /// verified (see `changed`); the compactor adds what it merges.
+    pub changed: Mutex<Option<ChangedMap>>,
     /// Closed (removed, or reopened after a change): writes get `Error::Closed`, so a
     /// request in flight looks the machine up again instead of writing to a journal
     /// that another open machine now owns.
@@ -176,6 +181,17 @@ pub struct Machine {
 pub struct Volume {
     inner: Arc<MachineInner>,
     disk: u32,
+}
+
+/// What a journal holds after an LSN (see [`Machine::records_after`]).
+#[derive(Debug, Clone, Default)]
+pub struct Tail {
+    pub ranges: Vec<(u32, u64, u64)>,
+    pub first_lsn: Option<u64>,
+    pub last_lsn: u64,
+    /// The clock of the first and last point after the LSN.
+    pub first_ns: Option<u64>,
+    pub last_ns: u64,
 }
 
 /// Summary of a machine's journal for status and inspect.
@@ -378,6 +394,74 @@ impl Machine {
         self.inner.write_parents_stamp();
         self.base_hold.lock().take();
         Ok(())
+    }
+
+    /// Keep a changed-block map from now on, starting with `map` (a promotion's
+    /// fold, before its hold goes: everything since the base is still in the
+    /// journal).
+    pub fn start_tracking(&self, map: ChangedMap) -> Result<()> {
+        let _merge = self.inner.compaction.lock();
+        map.save(self.inner.storage.as_ref(), &self.inner.dir)?;
+        *self.inner.changed.lock() = Some(map);
+        Ok(())
+    }
+
+    /// What the merges since the map's base point changed in the parents, if the
+    /// machine keeps a map (the journal holds the rest).
+    pub fn changed_map(&self) -> Option<ChangedMap> {
+        let _merge = self.inner.compaction.lock();
+        self.inner.changed.lock().clone()
+    }
+
+    /// Stop keeping the map (a reprotect was verified: the journal and the target
+    /// answer for everything from here on).
+    pub fn stop_tracking(&self) -> Result<()> {
+        let _merge = self.inner.compaction.lock();
+        let path = self.inner.dir.join(CHANGED_FILE);
+        if self.inner.storage.exists(&path) {
+            self.inner.storage.remove_file(&path)?;
+            self.inner.storage.sync_dir(&self.inner.dir)?;
+        }
+        *self.inner.changed.lock() = None;
+        Ok(())
+    }
+
+    /// The write and zero records of the journal after `lsn` (disk, offset, length)
+    /// and the LSN and time range of what the journal holds after it: an old
+    /// primary's tail.
+    pub fn records_after(&self, lsn: u64) -> Result<Tail> {
+        let files: Vec<(u64, Arc<dyn StorageFile>)> = self
+            .inner
+            .state
+            .read()
+            .files
+            .iter()
+            .map(|(s, f)| (*s, f.clone()))
+            .collect();
+        let mut tail = Tail::default();
+        for (seq, f) in files {
+            let expect = Expect {
+                machine_id: Some(self.inner.machine_id),
+                seq: Some(seq),
+                first_lsn: None,
+                disk_count: Some(self.inner.disks.len() as u32),
+            };
+            crate::journal::reader::scan_segment(f.as_ref(), expect, |rec| {
+                let h = &rec.header;
+                if h.lsn <= lsn || h.kind == RecordKind::Point {
+                    return Ok(());
+                }
+                tail.ranges.push((h.disk, h.offset, h.length));
+                tail.first_lsn = Some(tail.first_lsn.map_or(h.lsn, |l: u64| l.min(h.lsn)));
+                tail.last_lsn = tail.last_lsn.max(h.lsn);
+                Ok(())
+            })?;
+        }
+        for p in self.inner.points.lock().iter().filter(|p| p.lsn > lsn) {
+            tail.first_ns = Some(tail.first_ns.map_or(p.time_ns, |t: u64| t.min(p.time_ns)));
+            tail.last_ns = tail.last_ns.max(p.time_ns);
+        }
+        Ok(tail)
     }
 
     /// Why writes are refused, if they are.

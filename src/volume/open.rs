@@ -205,6 +205,7 @@ impl Machine {
         // leaves it there): make it durable before anyone is told it is.
         rec.writer.active_file().sync_data()?;
         let durable = rec.writer.last_lsn();
+        let changed = super::ChangedMap::load(storage.as_ref(), dir)?;
         let inner = Arc::new(MachineInner {
             name: name.to_string(),
             dir: dir.to_path_buf(),
@@ -248,6 +249,7 @@ impl Machine {
             pending: Mutex::new(manifest.pending.clone()),
             intent: Mutex::new(manifest.intent.clone()),
             manifest_lock: Mutex::new(()),
+            changed: Mutex::new(changed),
             closed: AtomicBool::new(false),
         });
         let base_hold = manifest

@@ -28,7 +28,15 @@ impl Shipper {
                 p.lsn, frozen.lsn
             )));
         }
-        let sent = self.initial_copy(link, machine, p.resume)?;
+        let seeded = self
+            .reprotect
+            .as_ref()
+            .filter(|r| r.held == crate::replication::protocol::Held::Seeded)
+            .cloned();
+        let sent = match &seeded {
+            Some(r) => self.delta_copy(link, machine, p.resume, r)?,
+            None => self.initial_copy(link, machine, p.resume)?,
+        };
         if machine.status().watermark != frozen {
             return Err(Error::BrokenChain(
                 "the parents changed during the initial copy".into(),
@@ -38,9 +46,111 @@ impl Shipper {
             machine: machine.name().to_string(),
         })?;
         match link.recv()? {
-            Message::Ack { .. } => Ok(sent),
-            other => Err(link.unexpected("Ack", &other)),
+            Message::Ack { .. } => {}
+            other => return Err(link.unexpected("Ack", &other)),
         }
+        if seeded.is_some() {
+            // A point to check the seeded replica against, shipped in this pass.
+            machine.checkpoint()?;
+            machine.seal()?;
+        }
+        if let Some(r) = seeded.filter(|r| !r.covered) {
+            // The old primary merged writes neither journal still names: compare
+            // every chunk (a resync, at once).
+            let why = format!(
+                "reprotect toward {}: the old primary's journal and this site's map do not \
+                 cover everything it wrote after LSN {}{}",
+                self.target,
+                machine.changed_map().map_or(0, |m| m.since),
+                r.orphan
+                    .as_ref()
+                    .map(|o| format!(" (orphan {})", o.id))
+                    .unwrap_or_default()
+            );
+            crate::replication::resync_schedule::SourceResync::require(
+                &self.site,
+                machine.name(),
+                &why,
+            )?;
+            crate::replication::resync_schedule::request_now(&self.site, machine.name())?;
+        }
+        Ok(sent)
+    }
+
+    /// A reprotect's copy over a replica seeded from the old primary's own disks:
+    /// only the 4 KiB blocks that differ — what this machine changed since the point
+    /// (its map) and what the old primary wrote after it (its tail) — from the frozen
+    /// parents, zero blocks too, from `resume` on. Returns the data bytes sent.
+    fn delta_copy(
+        &self,
+        link: &mut Link,
+        machine: &Machine,
+        resume: (u32, u64),
+        r: &super::ReprotectView,
+    ) -> Result<u64> {
+        let mut want = machine.changed_map().ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "{} keeps no changed-block map: a reprotect over a seeded replica needs one",
+                machine.name()
+            ))
+        })?;
+        for (d, o, l) in &r.tail {
+            want.add(*d, *o, *l);
+        }
+        let disks = machine.disks();
+        let runs: Vec<(u32, u64, u64)> = disks
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (_, size))| {
+                want.ranges(i as u32, *size)
+                    .into_iter()
+                    .map(move |(o, l)| (i as u32, o, l))
+            })
+            .collect();
+        let total: u64 = runs.iter().map(|r| r.2).sum();
+        let mut done: u64 = 0;
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; MAX_CHUNK];
+        for (disk, start, len) in runs {
+            let end = start + len;
+            if (disk, end) <= resume {
+                done += len;
+                continue;
+            }
+            let parent = machine
+                .parent(disk as usize)
+                .ok_or_else(|| Error::NotFound(format!("disk {disk}")))?;
+            let mut at = if disk == resume.0 {
+                start.max(resume.1)
+            } else {
+                start
+            };
+            done += at - start;
+            while at < end {
+                self.stopping()?;
+                let n = ((end - at) as usize).min(MAX_CHUNK);
+                let chunk = buf.get_mut(..n).unwrap_or(&mut []);
+                parent.read_exact_at(chunk, at)?;
+                link.send(&Message::InitialChunk {
+                    machine: machine.name().to_string(),
+                    generation: machine.generation(),
+                    disk,
+                    offset: at,
+                    compressed: true,
+                    bytes: lz4_flex::block::compress_prepend_size(chunk),
+                })?;
+                sent += n as u64;
+                at += n as u64;
+                done += n as u64;
+                if let Some(p) = &self.progress {
+                    p(done, total);
+                }
+            }
+        }
+        if let Some(p) = &self.progress {
+            p(total, total);
+        }
+        Ok(sent)
     }
 
     /// Copy the frozen parent images from `resume` on.

@@ -41,6 +41,25 @@ pub struct Shipper {
     retention: (u64, u64),
     /// Where a resync reports its counters as it goes (status shows them).
     resync_counters: Option<Box<ResyncCounterSink>>,
+    /// What the target answered to the last `Reprotect` (a machine keeping a
+    /// changed-block map sends one before every `Protect`).
+    reprotect: Option<ReprotectView>,
+    on_reprotect: Option<Box<ReprotectSink>>,
+}
+
+/// Called with the target's answer to each `Reprotect`.
+pub type ReprotectSink = dyn Fn(&ReprotectView) + Send + Sync;
+
+/// The target's `ReprotectState`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReprotectView {
+    pub held: protocol::Held,
+    pub generation: u32,
+    pub tail: Vec<(u32, u64, u64)>,
+    pub covered: bool,
+    pub seeded_bytes: u64,
+    pub orphan: Option<protocol::OrphanReport>,
+    pub verified: Option<u64>,
 }
 
 impl std::fmt::Debug for Shipper {
@@ -253,6 +272,61 @@ impl Shipper {
                 super::relationship::DEFAULT_APP_RETENTION_MS,
             ),
             resync_counters: None,
+            reprotect: None,
+            on_reprotect: None,
+        }
+    }
+
+    /// Tell `f` the target's answer to every `Reprotect`.
+    pub fn on_reprotect_state(&mut self, f: Box<ReprotectSink>) {
+        self.on_reprotect = Some(f);
+    }
+
+    /// What the target said of the reprotect at the last handshake.
+    pub fn reprotect_state(&self) -> Option<&ReprotectView> {
+        self.reprotect.as_ref()
+    }
+
+    /// Ask the target what it holds of `machine` (promoted at the map's point) and,
+    /// unless `probe`, have it seed its own older copy as the replica.
+    pub fn reprotect_exchange(
+        link: &mut Link,
+        machine: &Machine,
+        map: &crate::volume::ChangedMap,
+        probe: bool,
+    ) -> Result<ReprotectView> {
+        let w = machine.status().watermark;
+        link.send(&Message::Reprotect {
+            machine: machine.name().to_string(),
+            machine_id: machine.machine_id(),
+            generation: machine.generation(),
+            since: map.since,
+            foreign_upto: map.foreign_upto,
+            disks: machine.disks(),
+            base_lsn: w.lsn,
+            base_seq: w.segment_seq,
+            probe,
+        })?;
+        match link.recv()? {
+            Message::ReprotectState {
+                held,
+                generation,
+                tail,
+                covered,
+                seeded_bytes,
+                orphan,
+                verified,
+                ..
+            } => Ok(ReprotectView {
+                held,
+                generation,
+                tail,
+                covered,
+                seeded_bytes,
+                orphan,
+                verified,
+            }),
+            other => Err(link.unexpected("ReprotectState", &other)),
         }
     }
 
@@ -311,8 +385,17 @@ impl Shipper {
     }
 
     /// Connect, greet and announce `machine`: the link and the target's answer.
-    fn handshake(&self, machine: &Machine) -> Result<(Link, Protected)> {
+    fn handshake(&mut self, machine: &Machine) -> Result<(Link, Protected)> {
         let mut link = Link::connect(&self.site, &self.target)?;
+        if let Some(map) = machine.changed_map() {
+            if link.peer_features() & protocol::FEATURE_REPROTECT != 0 {
+                let view = Self::reprotect_exchange(&mut link, machine, &map, false)?;
+                if let Some(f) = &self.on_reprotect {
+                    f(&view);
+                }
+                self.reprotect = Some(view);
+            }
+        }
         let w = machine.status().watermark;
         link.send(&Message::Protect {
             machine: machine.name().to_string(),
@@ -364,7 +447,7 @@ impl Shipper {
     /// A planned failover's last step: ask the target to promote `machine` at
     /// exactly `lsn` (everything up to it acknowledged, the machine fenced).
     pub fn promote_at_target(
-        &self,
+        &mut self,
         machine: &Machine,
         lsn: u64,
         generation: u32,

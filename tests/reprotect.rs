@@ -1,0 +1,318 @@
+//! Reprotect and failback through real serves, real TLS on 127.0.0.1 and real FUSE
+//! mounts at both sites: an unplanned failover that leaves a tail at the old primary
+//! and writes at the new one, the reprotect that sends only the blocks that differ
+//! and keeps the tail as an orphan point, a planned failback, the reprotect back,
+//! and every refused target.
+
+mod common;
+
+use common::serve::*;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 4096;
+const DISK: u64 = 64 * MIB;
+
+fn out(cmd: &mut std::process::Command) -> Output {
+    cmd.output().expect("run replog")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn ok(cmd: &mut std::process::Command, what: &str) -> String {
+    let o = out(cmd);
+    assert!(o.status.success(), "{what}: {}", text(&o));
+    text(&o)
+}
+
+/// Random 4 KiB blocks (distinct, seeded) written through `img`, each with its own
+/// pattern; returns the blocks.
+fn scatter(img: &Path, seed: u64, count: usize, model: &mut [u8]) -> BTreeSet<u64> {
+    let mut blocks = BTreeSet::new();
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while blocks.len() < count {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        blocks.insert(x % (DISK / BLOCK));
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(img)
+        .expect("open");
+    for (i, b) in blocks.iter().enumerate() {
+        let data = common::pattern(seed * 100_000 + i as u64, BLOCK as usize);
+        std::os::unix::fs::FileExt::write_all_at(&f, &data, b * BLOCK).expect("write");
+        let at = (b * BLOCK) as usize;
+        model[at..at + BLOCK as usize].copy_from_slice(&data);
+    }
+    f.sync_all().expect("fsync");
+    blocks
+}
+
+fn restore_to(site: &Path, point: &str, out_dir: &Path) -> Vec<u8> {
+    ok(
+        replog()
+            .arg("restore")
+            .arg(site)
+            .arg("vm1")
+            .args(["--at", point, "--out"])
+            .arg(out_dir),
+        "restore",
+    );
+    let img = out_dir.join("os.img");
+    let data = read_all(&img);
+    std::fs::remove_dir_all(out_dir).expect("clean");
+    data
+}
+
+fn points(site: &Path) -> serde_json::Value {
+    let o = ok(
+        replog().arg("points").arg(site).arg("vm1").arg("--json"),
+        "points",
+    );
+    serde_json::from_str(o.lines().next().unwrap_or("")).expect("points json")
+}
+
+fn job_detail(o: &str, step: &str) -> String {
+    o.lines()
+        .find(|l| l.starts_with(&format!("{step}:")))
+        .unwrap_or_else(|| panic!("no step {step} in:\n{o}"))
+        .to_string()
+}
+
+/// The number after `word` in `line` ("123 bytes" → 123).
+fn number_before(line: &str, word: &str) -> u64 {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let i = words
+        .iter()
+        .position(|w| *w == word)
+        .unwrap_or_else(|| panic!("no {word} in {line}"));
+    words[i - 1].parse().unwrap_or_else(|_| panic!("{line}"))
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Sites {
+    tmp: tempfile::TempDir,
+    a: PathBuf,
+    b: PathBuf,
+    addr_a: String,
+    addr_b: String,
+}
+
+fn sites() -> Sites {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b, addr_b) = two_sites(tmp.path(), "64M");
+    fast_replication(&b);
+    let addr_a = format!("127.0.0.1:{}", free_port());
+    Sites {
+        a,
+        b,
+        addr_a,
+        addr_b,
+        tmp,
+    }
+}
+
+impl Sites {
+    fn mnt(&self, s: &str) -> PathBuf {
+        self.tmp.path().join(format!("{s}-mnt"))
+    }
+    fn serve_a(&self) -> Served {
+        Served::start(&self.a, &self.mnt("a"), &["--listen", &self.addr_a])
+    }
+    fn serve_b(&self) -> Served {
+        Served::start(&self.b, &self.mnt("b"), &["--listen", &self.addr_b])
+    }
+}
+
+#[test]
+fn reprotect_after_an_unplanned_failover_sends_only_what_differs_keeps_the_tail_and_fails_back() {
+    if !fuse_available("reprotect_after_an_unplanned_failover") {
+        return;
+    }
+    let s = sites();
+    let mut sb = Some(s.serve_b());
+    let sa = s.serve_a();
+    protect_when_listening(&s.a, &s.addr_b);
+    wait_shipped(&s.a);
+    let img_a = sa.disk("os");
+    let mut model_a = vec![0u8; DISK as usize];
+    // W1, a point P, W2 (shipped, after P: the old primary's writes the point does
+    // not take), W3 (never shipped: the target is down).
+    scatter(&img_a, 1, 2000, &mut model_a);
+    let cp = ok(
+        replog()
+            .arg("checkpoint")
+            .arg(&s.a)
+            .arg("vm1")
+            .arg("--json"),
+        "checkpoint",
+    );
+    let p: serde_json::Value = serde_json::from_str(cp.trim()).expect("checkpoint json");
+    let p = p["id"].as_str().expect("id").to_string();
+    let model_p = model_a.clone();
+    let w2 = scatter(&img_a, 2, 300, &mut model_a);
+    wait_shipped(&s.a);
+    sb.take().expect("b").kill();
+    let w3 = scatter(&img_a, 3, 300, &mut model_a);
+    assert!(read_all(&img_a) == model_a);
+    sa.kill();
+
+    // Unplanned failover at P, commit; the new primary writes W4.
+    let sb = s.serve_b();
+    ok(
+        replog()
+            .arg("failover")
+            .arg(&s.b)
+            .arg("vm1")
+            .args(["--at", &p]),
+        "failover",
+    );
+    ok(replog().arg("commit").arg(&s.b).arg("vm1"), "commit");
+    let img_b = sb.disk("os");
+    assert!(read_all(&img_b) == model_p, "the promoted disk is not P");
+    let mut model_b = model_p.clone();
+    let w4 = scatter(&img_b, 4, 300, &mut model_b);
+
+    // The old primary comes back (listening) and learns it is fenced.
+    let sa = s.serve_a();
+    wait_until("the old primary is fenced", || {
+        status(&s.a)["machines"][0]["state"] == "failed-over"
+    });
+    // Refused targets first: the site itself, then a site that does not trust us.
+    let me = out(replog()
+        .arg("reprotect")
+        .arg(&s.b)
+        .arg("vm1")
+        .args(["--target", &s.addr_b]));
+    assert_eq!(me.status.code(), Some(1), "{}", text(&me));
+    assert!(text(&me).contains("is this site"), "{}", text(&me));
+
+    // Reprotect toward the old primary.
+    let o = ok(
+        replog().arg("reprotect").arg(&s.b).arg("vm1").args([
+            "--target",
+            &s.addr_a,
+            "--retention",
+            "1h",
+        ]),
+        "reprotect",
+    );
+    let differ: BTreeSet<u64> = w2.union(&w3).chain(w4.iter()).copied().collect();
+    let sent = number_before(&job_detail(&o, "delta"), "bytes");
+    assert!(
+        sent <= differ.len() as u64 * BLOCK && sent >= w4.len() as u64 * BLOCK,
+        "sent {sent} bytes for {} differing blocks:\n{o}",
+        differ.len()
+    );
+    assert!(job_detail(&o, "orphan kept").contains("orphan-g1-"), "{o}");
+    assert!(o.contains("reprotected"), "{o}");
+    // The original's disks now follow the new primary at every later point.
+    wait_shipped(&s.b);
+    let r = s.tmp.path().join("r");
+    assert!(
+        restore_to(&s.a, "latest", &r) == model_b,
+        "replica != new primary"
+    );
+    let w5 = scatter(&img_b, 5, 200, &mut model_b);
+    wait_shipped(&s.b);
+    assert!(
+        restore_to(&s.a, "latest", &r) == model_b,
+        "replica != new primary after more writes"
+    );
+    // The orphan point is the old primary's last state, listed, restorable.
+    let pts = points(&s.a);
+    let orphan = pts["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .find(|p| p["kind"] == "orphan")
+        .unwrap_or_else(|| panic!("no orphan point: {pts}"));
+    let oid = orphan["id"].as_str().expect("id").to_string();
+    assert!(
+        restore_to(&s.a, &oid, &r) == model_a,
+        "orphan != old primary's last state"
+    );
+    // Only orphans are removed by --remove.
+    let bad = out(replog()
+        .arg("points")
+        .arg(&s.a)
+        .arg("vm1")
+        .args(["--remove", "latest"]));
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
+
+    // Failback: planned failover back to the original, commit there, reprotect back.
+    ok(
+        replog()
+            .arg("failover")
+            .arg(&s.b)
+            .arg("vm1")
+            .arg("--planned"),
+        "planned failback",
+    );
+    ok(
+        replog().arg("commit").arg(&s.a).arg("vm1"),
+        "commit at the original",
+    );
+    let img_a = sa.disk("os");
+    let now_a = read_all(&img_a);
+    assert!(now_a == model_b, "the failback lost or kept something");
+    // None of the rolled-back tail (W3) survives where the new primary did not write.
+    for b in w3.difference(&w4.union(&w5).copied().collect()) {
+        let at = (*b * BLOCK) as usize;
+        assert!(
+            now_a[at..at + BLOCK as usize] == model_p[at..at + BLOCK as usize],
+            "block {b} of the old tail survived"
+        );
+    }
+    let mut model = model_b.clone();
+    let w6 = scatter(&img_a, 6, 100, &mut model);
+    let o = ok(
+        replog()
+            .arg("reprotect")
+            .arg(&s.a)
+            .arg("vm1")
+            .args(["--target", &s.addr_b]),
+        "reprotect back",
+    );
+    let sent = number_before(&job_detail(&o, "delta"), "bytes");
+    assert!(
+        sent <= w6.len() as u64 * BLOCK,
+        "sent {sent} for {} blocks:\n{o}",
+        w6.len()
+    );
+    assert!(job_detail(&o, "orphan kept").contains("none"), "{o}");
+    wait_shipped(&s.a);
+    assert!(
+        restore_to(&s.b, "latest", &r) == model,
+        "back replica != original"
+    );
+    // Removing the orphan point.
+    ok(
+        replog()
+            .arg("points")
+            .arg(&s.a)
+            .arg("vm1")
+            .args(["--remove", &oid]),
+        "remove orphan",
+    );
+    sa.stop();
+    sb.stop();
+}
