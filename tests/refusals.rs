@@ -356,3 +356,52 @@ fn a_shutdown_request_goes_only_to_a_primary_that_knows_it() {
     );
     assert!(failovers.withdraw_shutdown("vm1"), "it was told");
 }
+
+/// Two sessions for one machine (a sender that died and came back while the target
+/// still drains the old connection): the newer Protect takes the store over, and
+/// the older session is refused at its next message instead of writing behind the
+/// newer one's position.
+#[test]
+fn a_newer_session_for_a_machine_takes_it_over_from_the_older() {
+    use std::io::Write as _;
+    use std::os::unix::net::UnixStream;
+    let (id, segs) = segments();
+    let fs = FaultyStorage::new();
+    let t = Arc::new(target_in(&fs));
+    let (mut old_sender, mut old_wire) = UnixStream::pair().expect("pair");
+    let t1 = t.clone();
+    let old = std::thread::spawn(move || t1.session(&mut old_wire, SiteId(PEER)));
+    let send = |s: &mut UnixStream, m: &Message| {
+        s.write_all(&protocol::encode(m).expect("encode"))
+            .expect("send")
+    };
+    send(&mut old_sender, &protocol::hello(PEER));
+    send(&mut old_sender, &protect(id, 1));
+    // Hello and Protected come back: the old session owns the store now.
+    for _ in 0..2 {
+        let m: Message = protocol::read_frame(&mut old_sender).expect("answer");
+        assert!(!matches!(m, Message::Error { .. }), "{m:?}");
+    }
+    // The newer session: Protect, then the first segment.
+    assert_eq!(
+        session(&t, true, &[protect(id, 1), chunk(1, &segs[0])]),
+        None
+    );
+    // The older one's segment is refused, and changes nothing.
+    send(&mut old_sender, &chunk(2, &segs[1]));
+    let m: Message = protocol::read_frame(&mut old_sender).expect("answer");
+    match m {
+        Message::Error { code, message } => {
+            assert_eq!(code, RefusalCode::Busy, "{message}");
+            assert!(message.contains("newer session"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(old_sender);
+    old.join().expect("old session");
+    // The newer session's position is intact: segment 2 follows segment 1 there.
+    assert_eq!(
+        session(&t, true, &[protect(id, 1), chunk(2, &segs[1])]),
+        None
+    );
+}

@@ -316,3 +316,293 @@ fn reprotect_after_an_unplanned_failover_sends_only_what_differs_keeps_the_tail_
     sa.stop();
     sb.stop();
 }
+
+/// An ext4 file system on `img` (through a loop device): e2fsck clean, every file of
+/// `sums` intact, then one more file written (`stage.txt`) and its sum added.
+fn ext4_stage(img: &Path, dir: &Path, sums: &Path, stage: &str) {
+    let lo = Loop::attach(img);
+    let fsck = sh("e2fsck", &["-fn", &lo.0]);
+    assert!(fsck.status.success(), "{stage}: e2fsck: {}", text(&fsck));
+    {
+        let _m = FsMount::mount(&lo.0, dir, "rw");
+        if sums.exists() {
+            let check = std::process::Command::new("sha256sum")
+                .args(["--quiet", "-c"])
+                .arg(sums)
+                .current_dir(dir)
+                .output()
+                .expect("sha256sum");
+            assert!(check.status.success(), "{stage}: files: {}", text(&check));
+        }
+        let name = format!("{stage}.bin");
+        std::fs::write(
+            dir.join(&name),
+            common::pattern(stage.len() as u64 * 7, 3 << 20),
+        )
+        .expect("write a file");
+        let sum = std::process::Command::new("sha256sum")
+            .arg(&name)
+            .current_dir(dir)
+            .output()
+            .expect("sha256sum");
+        let mut all = std::fs::read_to_string(sums).unwrap_or_default();
+        all.push_str(&String::from_utf8_lossy(&sum.stdout));
+        std::fs::write(sums, all).expect("sums");
+        assert!(sh("sync", &[]).status.success());
+    }
+    let fsck = sh("e2fsck", &["-fn", &lo.0]);
+    assert!(
+        fsck.status.success(),
+        "{stage}: e2fsck after: {}",
+        text(&fsck)
+    );
+}
+
+#[test]
+fn the_planned_four_stage_cycle_keeps_ext4_intact_through_the_mounts() {
+    if !fuse_available("the_planned_four_stage_cycle") {
+        return;
+    }
+    let s = sites();
+    let sb = s.serve_b();
+    let sa = s.serve_a();
+    let (dir, sums) = (s.tmp.path().join("fs"), s.tmp.path().join("sums"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mkfs = sh(
+        "mkfs.ext4",
+        &["-q", "-F", sa.disk("os").to_str().expect("path")],
+    );
+    assert!(mkfs.status.success(), "mkfs: {}", text(&mkfs));
+    ext4_stage(&sa.disk("os"), &dir, &sums, "start");
+    protect_when_listening(&s.a, &s.addr_b);
+    wait_shipped(&s.a);
+    // 1. fail over (planned) to B, commit.
+    ok(
+        replog()
+            .arg("failover")
+            .arg(&s.a)
+            .arg("vm1")
+            .arg("--planned"),
+        "failover",
+    );
+    ok(replog().arg("commit").arg(&s.b).arg("vm1"), "commit at b");
+    ext4_stage(&sb.disk("os"), &dir, &sums, "at-b");
+    // 2. reprotect B → A: delta only.
+    let o = ok(
+        replog()
+            .arg("reprotect")
+            .arg(&s.b)
+            .arg("vm1")
+            .args(["--target", &s.addr_a]),
+        "reprotect to a",
+    );
+    let sent = number_before(&job_detail(&o, "delta"), "bytes");
+    assert!(
+        sent < 16 * MIB,
+        "a delta of {sent} bytes for one file:\n{o}"
+    );
+    ext4_stage(&sb.disk("os"), &dir, &sums, "reprotected");
+    wait_shipped(&s.b);
+    // 3. fail back (planned), commit at A.
+    ok(
+        replog()
+            .arg("failover")
+            .arg(&s.b)
+            .arg("vm1")
+            .arg("--planned"),
+        "failback",
+    );
+    ok(replog().arg("commit").arg(&s.a).arg("vm1"), "commit at a");
+    ext4_stage(&sa.disk("os"), &dir, &sums, "back-at-a");
+    // 4. reprotect A → B.
+    let o = ok(
+        replog()
+            .arg("reprotect")
+            .arg(&s.a)
+            .arg("vm1")
+            .args(["--target", &s.addr_b]),
+        "reprotect to b",
+    );
+    assert!(
+        number_before(&job_detail(&o, "delta"), "bytes") < 16 * MIB,
+        "{o}"
+    );
+    wait_shipped(&s.a);
+    let r = s.tmp.path().join("r");
+    assert!(restore_to(&s.b, "latest", &r) == read_all(&sa.disk("os")));
+    sa.stop();
+    sb.stop();
+}
+
+fn job_state(site: &Path) -> Option<serde_json::Value> {
+    let o = out(replog().arg("jobs").arg(site).arg("--json"));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    v["jobs"]
+        .as_array()?
+        .iter()
+        .find(|j| {
+            j["kind"] == "reprotect"
+                && j["steps"][0]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("reach"))
+        })
+        .cloned()
+}
+
+/// kill -9 of `who` ("a": the old primary after seeding, "b": the new primary mid-delta),
+/// then a restart: the reprotect goes on and the replica equals the new primary.
+fn killed_mid_reprotect(who: &str) {
+    let s = sites();
+    let mut sb = Some(s.serve_b());
+    let sa = s.serve_a();
+    protect_when_listening(&s.a, &s.addr_b);
+    wait_shipped(&s.a);
+    let mut model = vec![0u8; DISK as usize];
+    scatter(&sa.disk("os"), 7, 500, &mut model);
+    wait_shipped(&s.a);
+    sb.take().expect("b").kill();
+    scatter(&sa.disk("os"), 8, 200, &mut model);
+    sa.kill();
+    let sb0 = s.serve_b();
+    ok(replog().arg("failover").arg(&s.b).arg("vm1"), "failover");
+    ok(replog().arg("commit").arg(&s.b).arg("vm1"), "commit");
+    let mut model_b = read_all(&sb0.disk("os"));
+    scatter(&sb0.disk("os"), 9, 1500, &mut model_b);
+    let (sa, sb) = match who {
+        "a" => {
+            let sa = Served::start_with_env(
+                &s.a,
+                &s.mnt("a"),
+                &["--listen", &s.addr_a],
+                &[("REPLOG_FAILPOINT", "reprotect:seeded")],
+            );
+            (sa, sb0)
+        }
+        _ => {
+            sb0.stop();
+            let sb = Served::start_with_env(
+                &s.b,
+                &s.mnt("b"),
+                &["--listen", &s.addr_b],
+                &[("REPLOG_FAILPOINT", "reprotect:delta-sent")],
+            );
+            (s.serve_a(), sb)
+        }
+    };
+    ok(
+        replog()
+            .arg("reprotect")
+            .arg(&s.b)
+            .arg("vm1")
+            .args(["--target", &s.addr_a, "--no-wait"]),
+        "reprotect",
+    );
+    // The failpoint kills one side; it comes back without it.
+    let (sa, sb) = if who == "a" {
+        sa.wait_exit(Duration::from_secs(60));
+        (s.serve_a(), sb)
+    } else {
+        sb.wait_exit(Duration::from_secs(60));
+        (sa, s.serve_b())
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !job_state(&s.b).is_some_and(|j| j["state"] == "succeeded") {
+        assert!(
+            Instant::now() < deadline,
+            "never: the reprotect succeeds; job {:?}\nlog a:\n{}\nlog b:\n{}",
+            job_state(&s.b),
+            sa.log_text(),
+            sb.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let job = job_state(&s.b).expect("job");
+    if who == "b" {
+        assert!(job.to_string().contains("resumed by process"), "{job}");
+    }
+    wait_shipped(&s.b);
+    let r = s.tmp.path().join("r");
+    assert!(
+        restore_to(&s.a, "latest", &r) == model_b,
+        "replica != new primary"
+    );
+    sa.stop();
+    sb.stop();
+}
+
+#[test]
+fn kill_9_of_the_old_primary_mid_reprotect_resumes() {
+    if fuse_available("kill_9_of_the_old_primary_mid_reprotect") {
+        killed_mid_reprotect("a");
+    }
+}
+
+#[test]
+fn kill_9_of_the_new_primary_mid_reprotect_resumes() {
+    if fuse_available("kill_9_of_the_new_primary_mid_reprotect") {
+        killed_mid_reprotect("b");
+    }
+}
+
+#[test]
+fn refused_reprotects_change_nothing() {
+    if !fuse_available("refused_reprotects_change_nothing") {
+        return;
+    }
+    let s = sites();
+    let mut sb = Some(s.serve_b());
+    let sa = s.serve_a();
+    protect_when_listening(&s.a, &s.addr_b);
+    wait_shipped(&s.a);
+    sa.kill();
+    let refused = |site: &Path, target: &str, why: &str| {
+        let o = out(replog()
+            .arg("reprotect")
+            .arg(site)
+            .arg("vm1")
+            .args(["--target", target]));
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains(why), "want {why:?}: {}", text(&o));
+    };
+    // A replica, not a machine of this site; not committed yet.
+    refused(&s.b, &s.addr_a, "no machine vm1");
+    ok(replog().arg("failover").arg(&s.b).arg("vm1"), "failover");
+    refused(&s.b, &s.addr_a, "not committed");
+    ok(replog().arg("commit").arg(&s.b).arg("vm1"), "commit");
+    // The old primary is fenced: it may not reprotect what it lost.
+    let sa = s.serve_a();
+    wait_until("fenced", || {
+        status(&s.a)["machines"][0]["state"] == "failed-over"
+    });
+    refused(&s.a, &s.addr_b, "failed over away");
+    // The site itself; a site that does not trust this one.
+    refused(&s.b, &s.addr_b, "is this site");
+    let c = s.tmp.path().join("c");
+    ok(replog().arg("init").arg(&c), "init c");
+    let addr_c = format!("127.0.0.1:{}", free_port());
+    let sc = TargetServe::start(&c, &addr_c);
+    refused(&s.b, &addr_c, "trust");
+    drop(sc);
+    // Nothing changed: B has no relationship, A still holds its fenced machine.
+    assert!(!s.b.join("machines/vm1/relationship.toml").exists());
+    assert!(s.a.join("machines/vm1/machine.meta").exists());
+    assert!(!s.a.join("replicas/vm1").exists());
+    // A target holding a newer generation: B's machine made newer at A by hand
+    // (generation 5), B at 2 → split brain refused.
+    sa.stop();
+    let dir = s.a.join("machines/vm1");
+    let mut m =
+        replog::Machine::read_manifest(&replog::storage::FileStorage, &dir).expect("manifest");
+    m.generation = 5;
+    replog::storage::write_atomic(
+        &replog::storage::FileStorage,
+        &dir.join("machine.meta"),
+        &m.encode(),
+    )
+    .expect("write");
+    let sa = s.serve_a();
+    refused(&s.b, &s.addr_a, "split brain");
+    assert!(!s.a.join("replicas/vm1").exists());
+    sa.stop();
+    sb.take().expect("b").stop();
+}

@@ -102,6 +102,13 @@ pub fn run(host: &dyn Host, ship: &dyn Shipping, name: &str, note: Option<&str>)
             rel.target
         ));
         m.flush()?;
+        // The promoted point must be a point the replica holds: when the journal
+        // holds none at its last LSN (nothing written since the initial copy, whose
+        // base is not a point), record one.
+        let st = m.status();
+        if st.last_point.map(|p| p.lsn) != Some(st.last_lsn) {
+            m.checkpoint()?;
+        }
         m.seal()?;
         Ok(m.status().last_lsn)
     })();

@@ -83,6 +83,8 @@ pub struct Answer {
     pub held: Held,
     pub generation: u32,
     pub seed: Option<Seed>,
+    /// This call created the replica (a store of the machine cached before is stale).
+    pub created: bool,
 }
 
 pub fn read_seed(replicas: &Replicas, machine: &str) -> Result<Option<Seed>> {
@@ -154,13 +156,16 @@ pub fn answer(host: &dyn Host, req: &Request) -> Result<Answer> {
                     held: Held::Seeded,
                     generation: seed.generation,
                     seed: Some(seed),
+                    created: false,
                 });
             }
+            let created = matches!(seed.state, SeedState::Seeding { .. });
             let seed = go_on(host, req, seed)?;
             return Ok(Answer {
                 held: Held::Seeded,
                 generation: seed.generation,
                 seed: Some(seed),
+                created,
             });
         }
         return Err(refuse(
@@ -194,6 +199,7 @@ pub fn answer(host: &dyn Host, req: &Request) -> Result<Answer> {
             held: Held::Replica,
             generation: man.generation,
             seed: None,
+            created: false,
         });
     }
     if !dir.join(MANIFEST_FILE).exists() {
@@ -201,6 +207,7 @@ pub fn answer(host: &dyn Host, req: &Request) -> Result<Answer> {
             held: Held::Nothing,
             generation: 0,
             seed: None,
+            created: false,
         });
     }
     let man = Machine::read_manifest(&FileStorage, &dir)?;
@@ -260,6 +267,7 @@ pub fn answer(host: &dyn Host, req: &Request) -> Result<Answer> {
             held: Held::OldPrimary,
             generation: man.generation,
             seed: None,
+            created: false,
         });
     }
     // 1. Fenced first: the newer generation exists, whatever happens next.
@@ -316,6 +324,7 @@ pub fn answer(host: &dyn Host, req: &Request) -> Result<Answer> {
         held: Held::Seeded,
         generation: seed.generation,
         seed: Some(seed),
+        created: true,
     })
 }
 
@@ -354,6 +363,7 @@ fn go_on(host: &dyn Host, req: &Request, mut seed: Seed) -> Result<Seed> {
         machine.close()?;
         seed.state = SeedState::Seeded;
         write_seed(replicas, name, &seed)?;
+        crate::failpoint::hit("reprotect:seeded");
     }
     if seed.state == SeedState::Seeded {
         // 5.

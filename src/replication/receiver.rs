@@ -17,10 +17,22 @@ use crate::replica::store::{ReplicaManifest, ReplicaStore, Replicas};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// A replica store shared by the sessions of one machine.
-type SharedStore = Arc<Mutex<ReplicaStore>>;
+/// A replica store shared by the sessions of one machine, and the session that owns
+/// it: the newest Protect takes it over (under the store's lock), so an older
+/// session still draining what its dead or reconnected sender sent is refused at its
+/// next message instead of writing behind the new one's position.
+#[derive(Debug)]
+struct Slot {
+    store: Mutex<ReplicaStore>,
+    owner: AtomicU64,
+}
+type SharedStore = Arc<Slot>;
+
+/// Session tokens (0 is nobody's).
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 /// Why a session ends: the code the peer is told, and the reason.
 type Refusal = (RefusalCode, String);
 
@@ -70,7 +82,7 @@ pub struct Target {
     pub me: SiteId,
     replicas: Replicas,
     /// One open store per machine; a second session for the same machine waits.
-    stores: Mutex<HashMap<String, Arc<Mutex<ReplicaStore>>>>,
+    stores: Mutex<HashMap<String, SharedStore>>,
     /// Told the name of every replica created (serve starts its loops, the mount
     /// shows it).
     on_new: Option<NewReplicaHook>,
@@ -271,6 +283,7 @@ impl Target {
             resync_held: 0,
             hash_cache: None,
             peer_features: 0,
+            token: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
         };
         match session.run(stream) {
             Ok(()) => tracing::debug!("replication session with {peer} ended"),
@@ -331,7 +344,10 @@ impl Target {
             }
             Err(e) => return Err(refusal(e)),
         };
-        let store = Arc::new(Mutex::new(store));
+        let store = Arc::new(Slot {
+            store: Mutex::new(store),
+            owner: AtomicU64::new(0),
+        });
         stores.insert(protect.machine.clone(), store.clone());
         Ok(store)
     }
@@ -371,6 +387,8 @@ struct Session<'a> {
     hash_cache: Option<(u32, u64, Vec<[u8; 32]>)>,
     /// The feature bits of the peer's Hello.
     peer_features: u64,
+    /// This session's token (see [`Slot`]).
+    token: u64,
 }
 
 impl Session<'_> {
@@ -571,6 +589,26 @@ impl Session<'_> {
         }
     }
 
+    /// The store of `slot`, locked, while this session owns it.
+    fn lock<'s>(
+        &self,
+        slot: &'s Slot,
+    ) -> Result<parking_lot::MutexGuard<'s, ReplicaStore>, Refusal> {
+        let st = slot.store.lock();
+        if slot.owner.load(Ordering::SeqCst) != self.token {
+            return Err((
+                RefusalCode::Busy,
+                format!(
+                    "a newer session for {} took this one over",
+                    self.current
+                        .as_ref()
+                        .map_or("the machine", |c| c.0.as_str())
+                ),
+            ));
+        }
+        Ok(st)
+    }
+
     /// The store, for a message that carries the generation: it must be the session's.
     fn store_at(
         &self,
@@ -599,7 +637,7 @@ impl Session<'_> {
         let (name, store) = self.store(machine, "Promote")?;
         let (name, store) = (name.to_string(), store.clone());
         {
-            let mut st = store.lock();
+            let mut st = self.lock(&store)?;
             st.refresh().map_err(refusal)?;
             if st.manifest().machine_id != machine_id {
                 return Err((
@@ -635,7 +673,7 @@ impl Session<'_> {
             if let Err(e) = (hook.0)(&name, lsn, generation) {
                 // Promoted meanwhile by another failover (an unplanned one that
                 // overtook this request): the sender, at `generation - 1`, is fenced.
-                check_promotion(&store.lock(), &name, generation - 1)
+                check_promotion(&*self.lock(&store)?, &name, generation - 1)
                     .map_err(|(code, why)| (code, format!("{why} ({e})")))?;
                 return Err(refusal(e));
             }
@@ -670,9 +708,15 @@ impl Session<'_> {
                 "this target cannot take a reprotect (it is not a site's serve)".into(),
             ));
         };
-        // A store cached from before the seeding would not know it.
-        self.target.stores.lock().remove(&req.machine);
         let a = (hook.0)(&req).map_err(refusal)?;
+        if a.created {
+            // A store cached from before the seeding (this site's replica of an
+            // earlier stage, promoted since) does not know the new one: drop it, and
+            // refuse whoever still holds it.
+            if let Some(old) = self.target.stores.lock().remove(&req.machine) {
+                old.owner.store(0, Ordering::SeqCst);
+            }
+        }
         let seed = a.seed.unwrap_or_else(|| crate::failover::reprotect::Seed {
             source_site: req.peer.0,
             generation: a.generation,
@@ -714,7 +758,10 @@ impl Session<'_> {
         }
         let store = self.target.store_for(self.peer, &p)?;
         let reply = {
-            let mut st = store.lock();
+            let mut st = store.store.lock();
+            // This session owns the store from here: an older one is refused at its
+            // next message (its sender will find this position, not the other's).
+            store.owner.store(self.token, Ordering::SeqCst);
             // Every Protect, not just the first: the replica must be this peer's machine.
             let man = st.manifest();
             if man.source_site != self.peer.0 || man.machine_id != p.machine_id {
@@ -798,8 +845,7 @@ impl Session<'_> {
         } else {
             bytes
         };
-        store
-            .lock()
+        self.lock(store)?
             .receive_base(disk, offset, &data)
             .map_err(refusal)
     }
@@ -807,7 +853,7 @@ impl Session<'_> {
     fn on_initial_done(&mut self, machine: &str) -> Result<Message, Refusal> {
         let (name, store) = self.store(machine, "InitialDone")?;
         let lsn = {
-            let mut st = store.lock();
+            let mut st = self.lock(&store)?;
             st.finish_initial().map_err(refusal)?;
             st.received().lsn
         };
@@ -861,7 +907,7 @@ impl Session<'_> {
             return Ok(None);
         }
         let whole = self.assembling.take().map(|a| a.bytes).unwrap_or_default();
-        let mut st = store.lock();
+        let mut st = self.lock(&store)?;
         check_promotion(&st, &name, generation)?;
         let lsn = match st.receive(seq, &whole).map_err(refusal)? {
             crate::replica::store::Receipt::Stored { lsn }
@@ -887,7 +933,7 @@ impl Session<'_> {
         {
             return Err(protocol_error("resync base out of range"));
         }
-        let mut st = store.lock();
+        let mut st = self.lock(&store)?;
         check_promotion(&st, name, generation)?;
         let p = st
             .begin_resync(base_lsn, base_seq, chunk_bytes)
@@ -929,7 +975,7 @@ impl Session<'_> {
         let chunk_hashes = match cached {
             Some(h) => h,
             None => {
-                let st = store.lock();
+                let st = self.lock(&store)?;
                 let p = st
                     .resync_progress()
                     .map_err(refusal)?
@@ -983,7 +1029,7 @@ impl Session<'_> {
     ) -> Result<Message, Refusal> {
         let (name, store) = self.store(machine, "ResyncBatchDone")?;
         let p = {
-            let mut st = store.lock();
+            let mut st = self.lock(&store)?;
             let cur = st
                 .resync_progress()
                 .map_err(refusal)?
@@ -1017,8 +1063,7 @@ impl Session<'_> {
             return Err(protocol_error(format!("fetch of {len} bytes")));
         }
         let mut data = vec![0u8; len as usize];
-        store
-            .lock()
+        self.lock(store)?
             .read_replica(disk, offset, &mut data)
             .map_err(refusal)?;
         Ok(Message::ResyncData {
@@ -1031,7 +1076,7 @@ impl Session<'_> {
     fn on_resync_done(&mut self, machine: &str, valid_from: u64) -> Result<Message, Refusal> {
         let (name, store) = self.store(machine, "ResyncDone")?;
         let lsn = {
-            let mut st = store.lock();
+            let mut st = self.lock(&store)?;
             st.finish_resync(valid_from).map_err(refusal)?;
             st.received().lsn
         };

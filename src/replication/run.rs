@@ -462,8 +462,8 @@ impl LoopJobs {
             j.step("seed");
             let detail = match r.held {
                 Held::Seeded => format!(
-                    "{target} made its own older copy (generation {} there before) the \
-                     replica: {} bytes seeded from its disks, {} ranges it wrote after the \
+                    "{target} made its own older copy the replica of generation {}: {} \
+                     bytes seeded from its disks, {} ranges it wrote after the \
                      point go back{}",
                     r.generation,
                     r.seeded_bytes,

@@ -785,6 +785,8 @@ pub enum MetaFile {
     ResyncProgress(super::resync_apply::ResyncProgress),
     Scrub(super::scrub::ScrubState),
     Promotion(Promotion),
+    ChangedMap(crate::volume::ChangedMap),
+    Seed(crate::failover::reprotect::Seed),
 }
 
 /// Decode a metadata file whatever its kind; the kind and version come from its
@@ -809,6 +811,12 @@ pub fn decode_meta_file(
     if kind == meta::KIND_WATERMARK {
         return Ok((kind, MetaFile::Watermark(Watermark::decode(b)?)));
     }
+    if kind == meta::KIND_CHANGED {
+        return Ok((
+            kind,
+            MetaFile::ChangedMap(crate::volume::ChangedMap::decode(b)?),
+        ));
+    }
     let (version, body) = meta::decode(kind, b)?;
     let file = match kind {
         meta::KIND_REPLICA_MANIFEST => MetaFile::ReplicaManifest(
@@ -832,6 +840,7 @@ pub fn decode_meta_file(
         meta::KIND_PROMOTION => {
             MetaFile::Promotion(body_exact(body).ok_or_else(|| bad("promotion"))?)
         }
+        meta::KIND_SEED => MetaFile::Seed(body_exact(body).ok_or_else(|| bad("reprotect seed"))?),
         other => {
             return Err(DecodeError::new(
                 10,

@@ -142,6 +142,9 @@ impl Shipper {
                 sent += n as u64;
                 at += n as u64;
                 done += n as u64;
+                if sent >= 1 << 20 {
+                    crate::failpoint::hit("reprotect:delta-sent");
+                }
                 if let Some(p) = &self.progress {
                     p(done, total);
                 }
