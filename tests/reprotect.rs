@@ -250,6 +250,27 @@ fn reprotect_after_an_unplanned_failover_sends_only_what_differs_keeps_the_tail_
         restore_to(&s.a, &oid, &r) == model_a,
         "orphan != old primary's last state"
     );
+    // ... and browsable through the mount without a restore, read-only.
+    let browse = |what: &str| {
+        let dir = sa.mount.join("vm1").join("points");
+        let listed: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{what}: {}: {e}", dir.display()))
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(listed.contains(&oid), "{what}: {listed:?}");
+        let img = dir.join(&oid).join("os.img");
+        assert!(
+            read_all(&img) == model_a,
+            "{what}: browsed orphan != old primary"
+        );
+        let w = std::fs::OpenOptions::new().write(true).open(&img);
+        assert_eq!(
+            w.err().and_then(|e| e.raw_os_error()),
+            Some(libc::EROFS),
+            "{what}: orphan point opened for writing"
+        );
+    };
+    browse("beside the replica");
     // Only orphans are removed by --remove.
     let bad = out(replog()
         .arg("points")
@@ -274,6 +295,7 @@ fn reprotect_after_an_unplanned_failover_sends_only_what_differs_keeps_the_tail_
     let img_a = sa.disk("os");
     let now_a = read_all(&img_a);
     assert!(now_a == model_b, "the failback lost or kept something");
+    browse("beside the promoted machine");
     // None of the rolled-back tail (W3) survives where the new primary did not write.
     for b in w3.difference(&w4.union(&w5).copied().collect()) {
         let at = (*b * BLOCK) as usize;

@@ -181,11 +181,12 @@ impl SequentialReads {
 
 impl LiveFs {
     /// The file system of the machines `tree` shows (the registry keeps it current);
-    /// with `replicas`, also the read-only points of every replica the site holds.
-    pub fn new(
+    /// with `views`, also the read-only points of every replica the site holds (and
+    /// its orphan points).
+    pub(crate) fn new(
         tree: Arc<Tree>,
         opts: FrontendOptions,
-        replicas: Option<crate::replica::store::Replicas>,
+        views: Option<PointViews>,
     ) -> crate::Result<Self> {
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -197,7 +198,7 @@ impl LiveFs {
             gid,
             seq_reads: SequentialReads::default(),
             workers: spawn_write_workers(opts.write_workers, &tree),
-            views: replicas.map(PointViews::new),
+            views,
         })
     }
 

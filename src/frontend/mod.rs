@@ -7,7 +7,7 @@
 //! Kernel options and their measured effect are documented in `docs/FUSE.md`.
 
 mod live;
-mod points;
+pub(crate) mod points;
 mod tree;
 
 pub use live::{FrontendOptions, LiveFs};

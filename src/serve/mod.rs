@@ -120,7 +120,10 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
             let fs = LiveFs::new(
                 registry.tree(),
                 opts.frontend,
-                Some(registry.replicas().clone()),
+                Some(
+                    frontend::points::PointViews::new(registry.replicas().clone())
+                        .with_orphans(site_path),
+                ),
             )?;
             let mut cfg = fuser::Config::default();
             cfg.mount_options = vec![
