@@ -17,12 +17,32 @@
 //! | `promote:after-manifest` | target | the promoted machine's manifest is written |
 //! | `promote:before-reply` | target | the machine is open; `Promoted` not sent |
 //! | `planned:after-promoted` | primary | `Promoted` read; the fence not persisted |
+//!
+//! The points of a reprotect:
+//!
+//! | point | side | reached when |
+//! |---|---|---|
+//! | `reprotect:seeded` | old primary | its disks are copied into the replica; the tail not kept yet |
+//! | `reprotect:delta-sent` | new primary | at least 1 MiB of the blocks that differ sent |
+//!
+//! `REPLOG_FAILPOINT=NAME:stall` stops the thread that reaches NAME for good instead
+//! (the test looks at the process meanwhile — its status — and kills it itself).
 
-/// Kill this process (SIGKILL) if `REPLOG_FAILPOINT` names `point`.
+/// Kill this process (SIGKILL) if `REPLOG_FAILPOINT` names `point`; stall the
+/// calling thread for good if it names `point:stall`.
 pub fn hit(point: &str) {
-    if std::env::var_os("REPLOG_FAILPOINT").is_some_and(|v| v == point) {
+    let Some(v) = std::env::var_os("REPLOG_FAILPOINT") else {
+        return;
+    };
+    if v == point {
         tracing::error!("failpoint {point}: killing this process");
         // SAFETY: kill(2) on our own pid with a valid signal number.
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+    if v.to_str().and_then(|v| v.strip_suffix(":stall")) == Some(point) {
+        tracing::error!("failpoint {point}: this thread stalls until the process is killed");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
     }
 }

@@ -506,7 +506,7 @@ fn killed_mid_reprotect(who: &str) {
                 &s.b,
                 &s.mnt("b"),
                 &["--listen", &s.addr_b],
-                &[("REPLOG_FAILPOINT", "reprotect:delta-sent")],
+                &[("REPLOG_FAILPOINT", "reprotect:delta-sent:stall")],
             );
             (s.serve_a(), sb)
         }
@@ -524,7 +524,38 @@ fn killed_mid_reprotect(who: &str) {
         sa.wait_exit(Duration::from_secs(60));
         (s.serve_a(), sb)
     } else {
-        sb.wait_exit(Duration::from_secs(60));
+        // Stalled mid-delta: status shows what is sent and what is left; then kill -9.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let seen = loop {
+            let v = status(&s.b);
+            let seen = v["machines"][0]["reprotect"].clone();
+            if seen["stage"] == "delta"
+                && seen["bytes_sent"].as_u64().is_some_and(|b| b > 0)
+                && seen["blocks_left"].as_u64().is_some_and(|b| b > 0)
+            {
+                break seen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never: status shows the delta under way: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(
+            seen["bytes_total"].as_u64() > seen["bytes_sent"].as_u64()
+                && seen["orphan"]
+                    .as_str()
+                    .is_some_and(|o| o.starts_with("orphan-g1-")),
+            "{seen}"
+        );
+        let line = text(&out(replog().arg("status").arg(&s.b)));
+        assert!(
+            line.contains("reprotect: delta,")
+                && line.contains("blocks left")
+                && line.contains("sending the blocks that differ"),
+            "{line}"
+        );
+        sb.kill();
         (sa, s.serve_b())
     };
     let deadline = Instant::now() + Duration::from_secs(60);

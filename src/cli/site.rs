@@ -126,6 +126,23 @@ pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
                     )
                 })
                 .unwrap_or_default();
+            let reprotect = m
+                .reprotect
+                .as_ref()
+                .map(|r| {
+                    format!(
+                        "reprotect: {}, {} of {} bytes that differ sent, {} blocks left{}; ",
+                        r.stage,
+                        r.bytes_sent,
+                        r.bytes_total,
+                        r.blocks_left,
+                        r.orphan
+                            .as_ref()
+                            .map(|o| format!(", orphan point {o} kept"))
+                            .unwrap_or_default()
+                    )
+                })
+                .unwrap_or_default();
             let scrub = m
                 .scrub
                 .as_ref()
@@ -145,7 +162,7 @@ pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
                 format!("journal {} bytes; ", m.journal_bytes)
             };
             println!(
-                "{} ({}, generation {}): {} / {} — {}; {lag}{progress}{resync}{scrub}{journal}last point {}",
+                "{} ({}, generation {}): {} / {} — {}; {lag}{progress}{resync}{reprotect}{scrub}{journal}last point {}",
                 m.name,
                 m.role,
                 m.generation,

@@ -49,6 +49,26 @@ pub struct MachineStatus {
     /// `target` is that site's address).
     #[serde(default)]
     pub failed_over_to: Option<FailedOverTo>,
+    /// A reprotect under way (primaries): its stage and what is left to send.
+    #[serde(default)]
+    pub reprotect: Option<ReprotectCounters>,
+}
+
+/// A reprotect under way, as its shipping loop sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReprotectCounters {
+    /// `seed` (the target makes its older copy the replica), `delta` (the blocks that
+    /// differ travel), `caught up` (shipping; waiting for the target to check a
+    /// point's digests).
+    pub stage: String,
+    /// Bytes of blocks that differ sent, of all (a full copy's bytes at an alternate
+    /// location).
+    pub bytes_sent: u64,
+    pub bytes_total: u64,
+    /// 4 KiB blocks left to send.
+    pub blocks_left: u64,
+    /// The orphan point the old primary kept, if it kept one.
+    pub orphan: Option<String>,
 }
 
 /// Where a failed-over primary went.
@@ -109,6 +129,7 @@ pub struct ShipView {
     pub acked_lsn: u64,
     pub target: String,
     pub resync: Option<ResyncCounters>,
+    pub reprotect: Option<ReprotectCounters>,
 }
 
 /// What is known about a primary (or test copy) machine.
@@ -179,6 +200,7 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
         resync: None,
         source: None,
         scrub: None,
+        reprotect: None,
         failed_over_to: f.fence.as_ref().map(|x| FailedOverTo {
             site: crate::identity::SiteId(x.by_site).to_string(),
             generation: x.generation,
@@ -224,6 +246,7 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
             st.target = Some(l.target.clone());
             st.acked_lsn = Some(l.acked_lsn);
             st.resync = l.resync;
+            st.reprotect = l.reprotect.clone();
             st.lag_seconds = f.lag_seconds;
         }
         (None, Some(r)) => {
@@ -281,6 +304,7 @@ fn replica(name: &str, f: &ReplicaFacts<'_>) -> MachineStatus {
         source: Some(crate::identity::SiteId(s.manifest().source_site).to_string()),
         scrub: None,
         failed_over_to: None,
+        reprotect: None,
     };
     let source = st.source.clone().unwrap_or_default();
     st.reason = format!("receiving from {source}");
@@ -411,6 +435,7 @@ pub fn replicas_status(replicas: &crate::replica::store::Replicas) -> Vec<Machin
                 source: None,
                 scrub: None,
                 failed_over_to: None,
+                reprotect: None,
             }),
         }
     }

@@ -168,6 +168,7 @@ impl ShipLoop {
             acked_lsn: 0,
             target: rel.target.clone(),
             resync: None,
+            reprotect: None,
         }));
         // The shipper (and with it the watermark hold) exists before this returns:
         // from now on nothing the target lacks can be merged away.
@@ -721,8 +722,13 @@ fn run(
             machine.name().to_string(),
             rel.target.clone(),
         );
+        let status = status.clone();
         shipper.on_reprotect_state(Box::new(move |r| {
-            LoopJobs::reprotect_seen(&slot, &site, &mname, &target, r)
+            LoopJobs::reprotect_seen(&slot, &site, &mname, &target, r);
+            let mut s = status.lock();
+            let c = s.reprotect.get_or_insert_with(Default::default);
+            c.stage = "delta".into();
+            c.orphan = r.orphan.as_ref().map(|o| o.id.clone());
         }));
     }
     {
@@ -733,6 +739,7 @@ fn run(
             machine.name().to_string(),
         );
         let (reprotect, reprotecting) = (jobs.reprotect.clone(), jobs.reprotecting);
+        let target = rel.target.clone();
         // A progress bar for the initial copy when a person watches serve's terminal.
         let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             let b = indicatif::ProgressBar::new(1);
@@ -748,13 +755,23 @@ fn run(
             indicatif::ProgressBar::hidden()
         };
         shipper.on_progress(Box::new(move |done, total| {
+            let blocks_left = (total - done.min(total)).div_ceil(4096);
             if reprotecting {
                 if let Some(j) = reprotect.lock().as_mut() {
                     j.progress(format!(
-                        "{done} of {total} bytes that differ sent, {} blocks left",
-                        (total - done.min(total)).div_ceil(4096)
+                        "{done} of {total} bytes that differ sent, {blocks_left} blocks left"
                     ));
                 }
+                let mut s = status.lock();
+                s.reason = format!(
+                    "reprotect toward {target}: sending the blocks that differ ({done} of \
+                     {total} bytes)"
+                );
+                let c = s.reprotect.get_or_insert_with(Default::default);
+                c.stage = "delta".into();
+                c.bytes_sent = done;
+                c.bytes_total = total;
+                c.blocks_left = blocks_left;
             } else {
                 LoopJobs::initial_progress(&initial, &site, &mname, done, total);
             }
@@ -998,8 +1015,15 @@ fn run(
                         &report,
                         initial_done,
                     );
+                    let mut s = status.lock();
                     if machine.changed_map().is_none() {
                         jobs.reprotecting = false;
+                        s.reprotect = None;
+                    } else if initial_done {
+                        let c = s.reprotect.get_or_insert_with(Default::default);
+                        c.stage = "caught up".into();
+                        c.blocks_left = 0;
+                        c.bytes_sent = c.bytes_sent.max(report.initial_bytes);
                     }
                 } else {
                     jobs.nothing_left(report.initial_bytes);
