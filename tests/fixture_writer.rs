@@ -350,3 +350,88 @@ fn write_version_3_fixtures() {
         std::fs::write(p.join(name), protocol::encode(&msg).expect("encode")).expect("write");
     }
 }
+
+/// `tests/fixtures/v4`: the formats the reprotect issue added — a changed-block map
+/// (kind 10, version 1), a reprotect seed (kind 11, version 1), an orphan point's
+/// `orphan.json`; `Reprotect` / `ReprotectState` frames and this build's `Hello` (with
+/// the reprotect feature bit).
+#[test]
+#[ignore]
+fn write_version_4_fixtures() {
+    use replog::failover::reprotect::{Seed, SeedState};
+    use replog::format::meta;
+    use replog::replication::protocol::{Held, OrphanReport};
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v4");
+    let _ = std::fs::remove_dir_all(&out);
+    let m = out.join("meta");
+    std::fs::create_dir_all(&m).expect("mkdir");
+    let mut map = replog::volume::ChangedMap::new(1234, Some(1300), 2);
+    map.add(0, 4096, 8192);
+    map.add(0, 1 << 20, 4096);
+    map.add(1, 0, 65536);
+    std::fs::write(m.join("changed.meta"), map.encode().expect("encode")).expect("write");
+    let orphan = OrphanReport {
+        id: "orphan-g1-1400".into(),
+        first_lsn: 1235,
+        last_lsn: 1400,
+        bytes: 12288,
+        first_ns: 1_796_000_005_000_000_000,
+        last_ns: 1_796_000_006_000_000_000,
+    };
+    let seed = Seed {
+        source_site: [6; 32],
+        generation: 2,
+        from_generation: 1,
+        since: 1234,
+        tail: vec![(0, 8192, 4096), (1, 65536, 8192)],
+        covered: true,
+        orphan: Some(orphan.clone()),
+        state: SeedState::Seeding {
+            disk: 1,
+            offset: 64 << 20,
+        },
+        seeded_bytes: 1 << 20,
+        verified: None,
+    };
+    let body = postcard::to_stdvec(&seed).expect("postcard");
+    std::fs::write(m.join("seed.meta"), meta::encode(meta::KIND_SEED, &body)).expect("write");
+    std::fs::write(
+        m.join("orphan.json"),
+        serde_json::to_string_pretty(&orphan).expect("json"),
+    )
+    .expect("write");
+    let p = out.join("protocol");
+    std::fs::create_dir_all(&p).expect("mkdir");
+    for (name, msg) in [
+        ("hello.frame", protocol::hello([7; 32])),
+        (
+            "reprotect.frame",
+            Message::Reprotect {
+                machine: "vm1".into(),
+                machine_id: 42,
+                generation: 2,
+                since: 1234,
+                foreign_upto: Some(1300),
+                disks: vec![("os".into(), 16 << 20)],
+                base_lsn: 1500,
+                base_seq: 7,
+                probe: false,
+            },
+        ),
+        (
+            "reprotect-state.frame",
+            Message::ReprotectState {
+                machine: "vm1".into(),
+                held: Held::Seeded,
+                generation: 2,
+                tail: vec![(0, 8192, 4096)],
+                covered: true,
+                seeded_bytes: 1 << 20,
+                orphan: Some(orphan),
+                verified: Some(1501),
+            },
+        ),
+    ] {
+        std::fs::write(p.join(name), protocol::encode(&msg).expect("encode")).expect("write");
+    }
+}

@@ -576,3 +576,76 @@ fn version_3_manifests_promotion_records_and_failover_frames_decode() {
         other => panic!("not a Hello: {other:?}"),
     }
 }
+
+#[test]
+fn version_4_changed_maps_seeds_orphans_and_reprotect_frames_decode() {
+    use replog::failover::reprotect::SeedState;
+    use replog::replica::store::{decode_meta_file, MetaFile};
+    use replog::replication::protocol::{Held, OrphanReport};
+    let m = fixtures().join("v4/meta");
+    let read = |f: &str| {
+        decode_meta_file(&std::fs::read(m.join(f)).expect(f))
+            .expect(f)
+            .1
+    };
+    match read("changed.meta") {
+        MetaFile::ChangedMap(map) => {
+            assert_eq!((map.since, map.foreign_upto), (1234, Some(1300)));
+            assert_eq!(map.ranges(0, 16 << 20), vec![(4096, 8192), (1 << 20, 4096)]);
+            assert_eq!(map.ranges(1, 16 << 20), vec![(0, 65536)]);
+        }
+        other => panic!("{other:?}"),
+    }
+    match read("seed.meta") {
+        MetaFile::Seed(s) => {
+            assert_eq!((s.generation, s.from_generation, s.since), (2, 1, 1234));
+            assert_eq!(
+                s.state,
+                SeedState::Seeding {
+                    disk: 1,
+                    offset: 64 << 20
+                }
+            );
+            assert_eq!(s.tail, vec![(0, 8192, 4096), (1, 65536, 8192)]);
+            assert_eq!(s.orphan.map(|o| o.id), Some("orphan-g1-1400".to_string()));
+        }
+        other => panic!("{other:?}"),
+    }
+    let o: OrphanReport =
+        serde_json::from_str(&std::fs::read_to_string(m.join("orphan.json")).expect("orphan"))
+            .expect("orphan.json");
+    assert_eq!((o.first_lsn, o.last_lsn, o.bytes), (1235, 1400, 12288));
+
+    let frames = fixtures().join("v4/protocol");
+    let frame = |f: &str| {
+        protocol::decode::<Message>(&std::fs::read(frames.join(f)).expect(f))
+            .expect(f)
+            .0
+    };
+    assert!(matches!(
+        frame("reprotect.frame"),
+        Message::Reprotect {
+            generation: 2,
+            since: 1234,
+            foreign_upto: Some(1300),
+            base_lsn: 1500,
+            probe: false,
+            ..
+        }
+    ));
+    assert!(matches!(
+        frame("reprotect-state.frame"),
+        Message::ReprotectState {
+            held: Held::Seeded,
+            verified: Some(1501),
+            covered: true,
+            ..
+        }
+    ));
+    match frame("hello.frame") {
+        Message::Hello { features, .. } => {
+            assert!(features & protocol::FEATURE_REPROTECT != 0)
+        }
+        other => panic!("{other:?}"),
+    }
+}

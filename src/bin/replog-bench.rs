@@ -20,6 +20,8 @@
 
 #[path = "bench/engine.rs"]
 mod engine;
+#[path = "bench/failback.rs"]
+mod failback;
 #[path = "bench/failover.rs"]
 mod failover;
 #[path = "bench/fio.rs"]
@@ -123,7 +125,7 @@ struct Args {
     #[arg(long, allow_hyphen_values = true)]
     serve_arg: Vec<String>,
     /// Run only the engine figures whose group is named here: journal (append and the
-    /// reads of its data), random, index, digest, restore, view, resync, failover (FUSE figures are
+    /// reads of its data), random, index, digest, restore, view, resync, failover, failback (FUSE figures are
     /// governed by --no-fuse / --fuse-only).
     #[arg(long, value_name = "GROUP")]
     only: Vec<String>,
@@ -266,7 +268,10 @@ fn run(args: &Args) -> Result<()> {
         if want("digest") {
             figures.push(b.digest_cost()?);
         }
-        if want("restore") || want("view") || want("resync") || want("failover") {
+        if ["restore", "view", "resync", "failover", "failback"]
+            .iter()
+            .any(|g| want(g))
+        {
             let target = replica::TargetSite::start(&b)?;
             if want("restore") {
                 figures.push(b.restore_point(&target)?);
@@ -280,6 +285,9 @@ fn run(args: &Args) -> Result<()> {
             if want("failover") {
                 figures.extend(b.failover_by_size(&target)?);
                 figures.push(b.planned_failover(&target)?);
+            }
+            if want("failback") {
+                figures.extend(b.failback(&target)?);
             }
         }
     }

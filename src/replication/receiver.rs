@@ -38,6 +38,8 @@ type Refusal = (RefusalCode, String);
 
 /// The largest segment a target assembles in memory.
 pub const MAX_SEGMENT: u64 = 1 << 30;
+/// Initial-copy bytes a session holds before it stores them.
+const BASE_BATCH: usize = 16 << 20;
 /// Hashes one `ResyncHashRequest` may ask for.
 pub const MAX_HASHES: u64 = 1 << 16;
 /// Bytes of differing chunks one resync batch may carry.
@@ -284,6 +286,8 @@ impl Target {
             hash_cache: None,
             peer_features: 0,
             token: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
+            base_pending: Vec::new(),
+            base_pending_bytes: 0,
         };
         match session.run(stream) {
             Ok(()) => tracing::debug!("replication session with {peer} ended"),
@@ -389,6 +393,10 @@ struct Session<'a> {
     peer_features: u64,
     /// This session's token (see [`Slot`]).
     token: u64,
+    /// Initial-copy chunks received, checked and not stored yet (at most
+    /// [`BASE_BATCH`] bytes).
+    base_pending: Vec<(u32, u64, Vec<u8>)>,
+    base_pending_bytes: usize,
 }
 
 impl Session<'_> {
@@ -398,10 +406,15 @@ impl Session<'_> {
             let msg = match read_frame::<Message>(s) {
                 Ok(m) => m,
                 Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    return Ok(())
+                    // What arrived whole is kept: the sender resumes after it.
+                    return self.flush_base();
                 }
                 Err(e) => return Err(frame_refusal(e)),
             };
+            if !matches!(msg, Message::InitialChunk { .. }) {
+                // Everything else sees the initial chunks before it stored.
+                self.flush_base()?;
+            }
             if let Some(reply) = self.handle(msg)? {
                 send(s, &reply)?;
             }
@@ -845,15 +858,49 @@ impl Session<'_> {
         } else {
             bytes
         };
+        // Checked now (a bad chunk is refused as itself), stored in batches: one
+        // edit of the parent chunks and one position write for many small chunks (a
+        // reprotect's delta is mostly single 4 KiB blocks).
+        {
+            let st = self.lock(store)?;
+            let from = self
+                .base_pending
+                .last()
+                .map_or_else(|| st.base_position(), |(d, o, b)| (*d, o + b.len() as u64));
+            st.check_base(from, disk, offset, data.len() as u64)
+                .map_err(refusal)?;
+        }
+        self.base_pending_bytes += data.len();
+        self.base_pending.push((disk, offset, data));
+        if self.base_pending_bytes >= BASE_BATCH {
+            self.flush_base()?;
+        }
+        Ok(())
+    }
+
+    /// Store the initial-copy chunks received and not stored yet.
+    fn flush_base(&mut self) -> Result<(), Refusal> {
+        if self.base_pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.base_pending);
+        self.base_pending_bytes = 0;
+        let Some((_, store, _)) = &self.current else {
+            return Err(protocol_error("initial chunk before Protect"));
+        };
+        let items: Vec<(u32, u64, &[u8])> = pending
+            .iter()
+            .map(|(d, o, b)| (*d, *o, b.as_slice()))
+            .collect();
         self.lock(store)?
-            .receive_base(disk, offset, &data)
+            .receive_base_batch(&items)
             .map_err(refusal)
     }
 
     fn on_initial_done(&mut self, machine: &str) -> Result<Message, Refusal> {
         let (name, store) = self.store(machine, "InitialDone")?;
         let lsn = {
-            let mut st = self.lock(&store)?;
+            let mut st = self.lock(store)?;
             st.finish_initial().map_err(refusal)?;
             st.received().lsn
         };
@@ -933,7 +980,7 @@ impl Session<'_> {
         {
             return Err(protocol_error("resync base out of range"));
         }
-        let mut st = self.lock(&store)?;
+        let mut st = self.lock(store)?;
         check_promotion(&st, name, generation)?;
         let p = st
             .begin_resync(base_lsn, base_seq, chunk_bytes)
@@ -975,7 +1022,7 @@ impl Session<'_> {
         let chunk_hashes = match cached {
             Some(h) => h,
             None => {
-                let st = self.lock(&store)?;
+                let st = self.lock(store)?;
                 let p = st
                     .resync_progress()
                     .map_err(refusal)?
@@ -1029,7 +1076,7 @@ impl Session<'_> {
     ) -> Result<Message, Refusal> {
         let (name, store) = self.store(machine, "ResyncBatchDone")?;
         let p = {
-            let mut st = self.lock(&store)?;
+            let mut st = self.lock(store)?;
             let cur = st
                 .resync_progress()
                 .map_err(refusal)?
@@ -1076,7 +1123,7 @@ impl Session<'_> {
     fn on_resync_done(&mut self, machine: &str, valid_from: u64) -> Result<Message, Refusal> {
         let (name, store) = self.store(machine, "ResyncDone")?;
         let lsn = {
-            let mut st = self.lock(&store)?;
+            let mut st = self.lock(store)?;
             st.finish_resync(valid_from).map_err(refusal)?;
             st.received().lsn
         };

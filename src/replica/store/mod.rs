@@ -721,13 +721,26 @@ impl ReplicaStore {
     /// Store one chunk of the initial copy: `data` is disk `disk` at `offset`. Chunks
     /// must come in disk order, each at or after the previous one's end.
     pub fn receive_base(&mut self, disk: u32, offset: u64, data: &[u8]) -> Result<()> {
+        self.receive_base_batch(&[(disk, offset, data)])
+    }
+
+    /// Where the initial copy stands after a chunk of `len` bytes at `offset` of
+    /// `disk` received when it stood at `at`; an error (nothing changed) for a chunk
+    /// out of the disk or behind that position.
+    pub fn check_base(
+        &self,
+        at: (u32, u64),
+        disk: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<(u32, u64)> {
         if self.initial.done {
             return Err(Error::InvalidInput(
                 "the initial copy is already complete".into(),
             ));
         }
         let size = self.disk_size(disk)?;
-        let end = offset.saturating_add(data.len() as u64);
+        let end = offset.saturating_add(len);
         if end > size {
             return Err(Error::OutOfRange {
                 what: "initial copy chunk".into(),
@@ -736,18 +749,39 @@ impl ReplicaStore {
                 size,
             });
         }
-        if (disk, offset) < (self.initial.disk, self.initial.offset) {
+        if (disk, offset) < at {
             return Err(Error::BrokenChain(format!(
                 "initial chunk for disk {disk} at {offset} is behind the copy's position"
             )));
         }
+        Ok((disk, end))
+    }
+
+    /// The copy's persisted position (disk, offset).
+    pub fn base_position(&self) -> (u32, u64) {
+        (self.initial.disk, self.initial.offset)
+    }
+
+    /// Store chunks of the initial copy, in order (see [`Self::receive_base`]): one
+    /// edit of the parent chunks they touch, then the position, durably. Every chunk
+    /// is checked before anything is written.
+    pub fn receive_base_batch(&mut self, items: &[(u32, u64, &[u8])]) -> Result<()> {
+        let mut at = self.base_position();
+        for (disk, offset, data) in items {
+            at = self.check_base(at, *disk, *offset, data.len() as u64)?;
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
         let mut ed = ChunkEditor::new(self);
-        ed.write(disk, offset, data)?;
+        for (disk, offset, data) in items {
+            ed.write(*disk, *offset, data)?;
+        }
         ed.finish()?;
         self.save_initial(InitialProgress {
-            chunks: self.initial.chunks + 1,
-            disk,
-            offset: end,
+            chunks: self.initial.chunks + items.len() as u64,
+            disk: at.0,
+            offset: at.1,
             done: false,
         })
     }
