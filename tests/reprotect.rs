@@ -398,57 +398,37 @@ fn the_planned_four_stage_cycle_keeps_ext4_intact_through_the_mounts() {
     ext4_stage(&sa.disk("os"), &dir, &sums, "start");
     protect_when_listening(&s.a, &s.addr_b);
     wait_shipped(&s.a);
-    // 1. fail over (planned) to B, commit.
-    ok(
-        replog()
-            .arg("failover")
-            .arg(&s.a)
-            .arg("vm1")
-            .arg("--planned"),
-        "failover",
-    );
-    ok(replog().arg("commit").arg(&s.b).arg("vm1"), "commit at b");
-    ext4_stage(&sb.disk("os"), &dir, &sums, "at-b");
-    // 2. reprotect B → A: delta only.
-    let o = ok(
-        replog()
-            .arg("reprotect")
-            .arg(&s.b)
-            .arg("vm1")
-            .args(["--target", &s.addr_a]),
-        "reprotect to a",
-    );
-    let sent = number_before(&job_detail(&o, "delta"), "bytes");
-    assert!(
-        sent < 16 * MIB,
-        "a delta of {sent} bytes for one file:\n{o}"
-    );
-    ext4_stage(&sb.disk("os"), &dir, &sums, "reprotected");
+    // 1. fail over (planned) to B, commit; 2. reprotect B → A: delta only.
+    let stage = |from: &Path, to: &Path, img: &Path, back: &str, label: &str| {
+        ok(
+            replog()
+                .arg("failover")
+                .arg(from)
+                .arg("vm1")
+                .arg("--planned"),
+            &format!("failover to {label}"),
+        );
+        ok(replog().arg("commit").arg(to).arg("vm1"), "commit");
+        ext4_stage(img, &dir, &sums, &format!("at-{label}"));
+        let o = ok(
+            replog()
+                .arg("reprotect")
+                .arg(to)
+                .arg("vm1")
+                .args(["--target", back]),
+            "reprotect",
+        );
+        let sent = number_before(&job_detail(&o, "delta"), "bytes");
+        assert!(
+            sent < 16 * MIB,
+            "a delta of {sent} bytes for one file:\n{o}"
+        );
+        ext4_stage(img, &dir, &sums, &format!("reprotected-from-{label}"));
+    };
+    stage(&s.a, &s.b, &sb.disk("os"), &s.addr_a, "b");
     wait_shipped(&s.b);
-    // 3. fail back (planned), commit at A.
-    ok(
-        replog()
-            .arg("failover")
-            .arg(&s.b)
-            .arg("vm1")
-            .arg("--planned"),
-        "failback",
-    );
-    ok(replog().arg("commit").arg(&s.a).arg("vm1"), "commit at a");
-    ext4_stage(&sa.disk("os"), &dir, &sums, "back-at-a");
-    // 4. reprotect A → B.
-    let o = ok(
-        replog()
-            .arg("reprotect")
-            .arg(&s.a)
-            .arg("vm1")
-            .args(["--target", &s.addr_b]),
-        "reprotect to b",
-    );
-    assert!(
-        number_before(&job_detail(&o, "delta"), "bytes") < 16 * MIB,
-        "{o}"
-    );
+    // 3. fail back (planned), commit at A; 4. reprotect A → B.
+    stage(&s.b, &s.a, &sa.disk("os"), &s.addr_b, "a");
     wait_shipped(&s.a);
     let r = s.tmp.path().join("r");
     assert!(restore_to(&s.b, "latest", &r) == read_all(&sa.disk("os")));
