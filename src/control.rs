@@ -94,11 +94,25 @@ pub enum Request {
         /// site, fence it and take what it still ships.
         #[serde(default)]
         shutdown_source: Option<u64>,
+        /// The job's ID (chosen by the caller) and the plan it runs for.
+        #[serde(default)]
+        job: crate::jobs::JobSpec,
     },
     /// At the primary: a planned failover of `machine` to its target.
     PlannedFailover {
         machine: String,
+        #[serde(default)]
+        job: crate::jobs::JobSpec,
     },
+    /// Record one point in each of `machines` at one barrier (a plan point): writes
+    /// to all of them are held at once, at most `max_pause_ms` to take the holds.
+    PlanCheckpoint {
+        machines: Vec<String>,
+        app_consistent: bool,
+        max_pause_ms: u64,
+    },
+    /// What this serve runs with (its mount directory).
+    ServeInfo,
     /// Remove a test copy of `machine` (`as_name`, default `MACHINE-test`).
     CleanupTest {
         machine: String,
@@ -138,6 +152,39 @@ pub struct Reply {
     /// The error's class and refusal code, so the client decides as serve would.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<crate::error::Failure>,
+    /// `serve-info`: the directory serve mounts the disks under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount: Option<PathBuf>,
+    /// `plan-checkpoint`: what the barrier recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_point: Option<PlanPointReply>,
+}
+
+/// A plan point as recorded: its ID, each machine's point, how long writes waited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanPointReply {
+    pub id: u64,
+    /// (machine, LSN, time in ns) in name order.
+    pub points: Vec<(String, u64, u64)>,
+    /// How long writes to the first machine held were held, in µs.
+    pub held_us: u64,
+    /// How long taking the holds took (writes in flight finishing), in µs.
+    pub waited_us: u64,
+}
+
+impl PlanPointReply {
+    pub fn of(p: &crate::volume::PlanPoint) -> Self {
+        PlanPointReply {
+            id: p.id,
+            points: p
+                .points
+                .iter()
+                .map(|(m, pt)| (m.clone(), pt.lsn, pt.time_ns))
+                .collect(),
+            held_us: p.held.as_micros() as u64,
+            waited_us: p.waited.as_micros() as u64,
+        }
+    }
 }
 
 impl Reply {
@@ -283,6 +330,7 @@ fn reply_timeout(req: &Request) -> Duration {
         | Request::RemoveMachine { .. }
         | Request::Failover { .. }
         | Request::PlannedFailover { .. }
+        | Request::PlanCheckpoint { .. }
         | Request::CleanupTest { .. }
         | Request::ChangePoint { .. }
         | Request::CancelFailover { .. }
@@ -402,7 +450,36 @@ pub fn offline(site: &Path, req: &Request) -> Result<Reply> {
             let host = crate::failover::Offline::new(s)?;
             crate::failover::run::handle(&host, req)
         }
-        Request::PlannedFailover { machine } => {
+        Request::PlanCheckpoint {
+            machines,
+            app_consistent,
+            max_pause_ms,
+        } => {
+            let mut open = Vec::new();
+            for name in machines {
+                open.push(s.open_machine(name)?);
+            }
+            let refs: Vec<&crate::volume::Machine> = open.iter().collect();
+            let p = crate::volume::plan_point(
+                &refs,
+                *app_consistent,
+                Duration::from_millis(*max_pause_ms),
+            );
+            for m in open {
+                m.close()?;
+            }
+            let p = p?;
+            Ok(Reply {
+                ok: true,
+                plan_point: Some(PlanPointReply::of(&p)),
+                ..Default::default()
+            })
+        }
+        Request::ServeInfo => Err(Error::InvalidInput(format!(
+            "no `replog serve {}` runs",
+            site.display()
+        ))),
+        Request::PlannedFailover { machine, job } => {
             let rel = crate::replication::relationship::Relationship::load(site, machine)?
                 .ok_or_else(|| {
                     Error::InvalidInput(format!(
@@ -411,7 +488,7 @@ pub fn offline(site: &Path, req: &Request) -> Result<Reply> {
                 })?;
             let host = crate::failover::Offline::new(s)?;
             let ship = crate::failover::planned::OfflineShipping::new(site, &rel.target);
-            crate::failover::planned::run(&host, &ship, machine, None)
+            crate::failover::planned::run_as(&host, &ship, machine, None, job)
         }
         Request::Ship { .. }
         | Request::PauseShipping { .. }

@@ -46,9 +46,10 @@ impl JobKind {
     /// Whether a process that goes on with the work picks up this kind of job
     /// after the one that began it died.
     pub fn resumable(self) -> bool {
+        // A plan run is resumed by `replog plan resume`, from its run's state.
         matches!(
             self,
-            JobKind::InitialReplication | JobKind::Resync | JobKind::Reprotect
+            JobKind::InitialReplication | JobKind::Resync | JobKind::Reprotect | JobKind::Plan
         )
     }
 
@@ -160,6 +161,27 @@ impl Job {
     }
 }
 
+/// How a caller wants a job it asks for recorded: with an ID it chose (to find the
+/// job after a crash) and as part of a plan's run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub id: Option<String>,
+    pub plan: Option<String>,
+}
+
+impl JobSpec {
+    /// Begin the job of `kind` for `machine` as this spec says.
+    pub fn start(&self, site: &Path, kind: JobKind, machine: Option<&str>) -> Result<JobHandle> {
+        JobHandle::start_as(
+            site,
+            self.id.as_deref(),
+            kind,
+            machine,
+            self.plan.as_deref(),
+        )
+    }
+}
+
 /// The owner of a job handed over to another process (no process has pid 0).
 const HANDED_OVER: u32 = 0;
 
@@ -175,7 +197,10 @@ fn me() -> (u32, u64) {
     (pid, process_start(pid).unwrap_or(0))
 }
 
-fn new_id() -> String {
+/// A new job ID (unique: its time to the microsecond and 16 random bits). A caller
+/// may choose a job's ID before the job exists ([`JobHandle::start_as`]), so that it
+/// can find the job after a crash.
+pub fn new_id() -> String {
     let now = std::time::SystemTime::now();
     let t = humantime::format_rfc3339_seconds(now).to_string();
     let stamp: String = t.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
@@ -192,15 +217,38 @@ fn new_id() -> String {
 impl JobHandle {
     /// Begin a job of `kind` (for `machine`), in progress.
     pub fn start(site: &Path, kind: JobKind, machine: Option<&str>) -> Result<JobHandle> {
+        JobHandle::start_as(site, None, kind, machine, None)
+    }
+
+    /// Begin a job of `kind` (for `machine`, as part of a run of `plan`), with the ID
+    /// `id` chosen beforehand (refused when a job has it already) or a new one.
+    pub fn start_as(
+        site: &Path,
+        id: Option<&str>,
+        kind: JobKind,
+        machine: Option<&str>,
+        plan: Option<&str>,
+    ) -> Result<JobHandle> {
+        let id = match id {
+            Some(id) => {
+                if path_of(site, id)?.exists() {
+                    return Err(Error::AlreadyExists(format!(
+                        "job {id} exists already: an operation is asked for twice"
+                    )));
+                }
+                id.to_string()
+            }
+            None => new_id(),
+        };
         let (pid, start) = me();
         let h = JobHandle {
             site: site.to_path_buf(),
             job: Job {
                 format: FORMAT,
-                id: new_id(),
+                id,
                 kind,
                 machine: machine.map(str::to_string),
-                plan: None,
+                plan: plan.map(str::to_string),
                 state: JobState::InProgress,
                 started: rfc3339(now_ns()),
                 ended: None,
@@ -223,20 +271,37 @@ impl JobHandle {
                 && j.state == JobState::InProgress
                 && j.owner_gone()
         });
-        let Some(mut job) = orphan else {
+        let Some(job) = orphan else {
             return JobHandle::start(site, kind, Some(machine));
         };
+        JobHandle::adopt(site, job)
+    }
+
+    /// Take job `id` over (its process died, or it waits for an operator): this
+    /// process owns it from now on, in progress; steps its predecessor left in
+    /// progress end as interrupted, and a step says who goes on.
+    pub fn take_over(site: &Path, id: &str) -> Result<JobHandle> {
+        let mut h = JobHandle::adopt(site, get(site, id)?)?;
+        h.job.state = JobState::InProgress;
+        h.job.ended = None;
+        h.job.error = None;
+        h.save()?;
+        Ok(h)
+    }
+
+    fn adopt(site: &Path, mut job: Job) -> Result<JobHandle> {
         let gone = job.owner_pid;
+        let was = job.state;
         let (pid, start) = me();
         job.owner_pid = pid;
         job.owner_start = start;
         for s in job
             .steps
             .iter_mut()
-            .filter(|s| s.state == JobState::InProgress)
+            .filter(|s| s.state == JobState::InProgress || s.state == JobState::Waiting)
         {
             s.ended = Some(rfc3339(now_ns()));
-            if gone == HANDED_OVER {
+            if gone == HANDED_OVER || s.state == JobState::Waiting {
                 s.state = JobState::Succeeded;
             } else {
                 s.state = JobState::Failed;
@@ -247,13 +312,63 @@ impl JobHandle {
             site: site.to_path_buf(),
             job,
         };
-        h.step(&if gone == HANDED_OVER {
-            format!("taken over by process {pid}")
-        } else {
-            format!("resumed by process {pid} after process {gone} stopped")
+        h.step(&match was {
+            JobState::Waiting => format!("resumed by process {pid}"),
+            _ if gone == HANDED_OVER => format!("taken over by process {pid}"),
+            JobState::Failed => format!("resumed by process {pid} after it stopped"),
+            _ => format!("resumed by process {pid} after process {gone} stopped"),
         });
         h.step_done(None::<String>)?;
         Ok(h)
+    }
+
+    /// Begin step `name` beside the steps in progress (several go on at once: the
+    /// failovers of a plan's group); returns its number for [`end_step`].
+    ///
+    /// [`end_step`]: JobHandle::end_step
+    pub fn begin_step(&mut self, name: &str) -> usize {
+        self.job.steps.push(Step {
+            name: name.to_string(),
+            state: JobState::InProgress,
+            started: rfc3339(now_ns()),
+            ended: None,
+            detail: None,
+        });
+        self.save_logged();
+        self.job.steps.len() - 1
+    }
+
+    /// End step number `n` (from [`begin_step`](JobHandle::begin_step)) as `state`.
+    pub fn end_step(&mut self, n: usize, state: JobState, detail: Option<String>) {
+        if let Some(s) = self.job.steps.get_mut(n) {
+            s.state = state;
+            s.ended = state.ended().then(|| rfc3339(now_ns()));
+            if detail.is_some() {
+                s.detail = detail;
+            }
+        }
+        self.save_logged();
+    }
+
+    /// Say how step number `n` is going.
+    pub fn step_detail(&mut self, n: usize, detail: String) {
+        if let Some(s) = self.job.steps.get_mut(n) {
+            s.detail = Some(detail);
+        }
+        self.save_logged();
+    }
+
+    /// The job waits for an operator (a plan's manual action): step number `n` waits,
+    /// the job is `waiting`, and no process owns it.
+    pub fn wait_for_operator(mut self, n: usize) -> Result<Job> {
+        if let Some(s) = self.job.steps.get_mut(n) {
+            s.state = JobState::Waiting;
+        }
+        self.job.state = JobState::Waiting;
+        self.job.owner_pid = HANDED_OVER;
+        self.job.owner_start = 0;
+        self.save()?;
+        Ok(self.job)
     }
 
     pub fn id(&self) -> &str {

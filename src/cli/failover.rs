@@ -54,6 +54,7 @@ pub fn run(
     let req = match mode {
         Mode::Planned => Request::PlannedFailover {
             machine: machine.into(),
+            job: Default::default(),
         },
         Mode::Unplanned { shutdown_source } => Request::Failover {
             machine: machine.into(),
@@ -61,6 +62,7 @@ pub fn run(
             at,
             as_name: None,
             shutdown_source,
+            job: Default::default(),
         },
         Mode::Test => Request::Failover {
             machine: machine.into(),
@@ -68,6 +70,7 @@ pub fn run(
             at,
             as_name: as_name.map(str::to_string),
             shutdown_source: None,
+            job: Default::default(),
         },
         Mode::CleanupTest => Request::CleanupTest {
             machine: machine.into(),

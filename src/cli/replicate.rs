@@ -559,6 +559,7 @@ fn print_points(
                     "time": replog::format::rfc3339(p.time_ns),
                     "kind": kind(p),
                     "digests": p.digests.is_some(),
+                    "plan_point": p.plan_point.map(replog::replica::points::plan_point_id),
                 })
             })
             .collect();
@@ -596,7 +597,7 @@ fn print_points(
     for (i, p) in points.iter().enumerate() {
         // A long list is summarised for people (the oldest, the newest and every
         // app-consistent point); --json has every point.
-        if n > 12 && (5..n - 5).contains(&i) && !p.app_consistent {
+        if n > 12 && (5..n - 5).contains(&i) && !p.app_consistent && p.plan_point.is_none() {
             hidden += 1;
             continue;
         }
@@ -605,11 +606,17 @@ fn print_points(
             hidden = 0;
         }
         println!(
-            "  {:<12} LSN {:>10}  {}  {}",
+            "  {:<12} LSN {:>10}  {}  {}{}",
             p.id(),
             p.lsn,
             replog::format::rfc3339(p.time_ns),
-            kind(p)
+            kind(p),
+            p.plan_point
+                .map(|id| format!(
+                    ", plan point {}",
+                    replog::replica::points::plan_point_id(id)
+                ))
+                .unwrap_or_default()
         );
     }
     for o in orphans {

@@ -19,7 +19,7 @@
 use super::Host;
 use crate::control::Reply;
 use crate::error::{Error, Result};
-use crate::jobs::{JobHandle, JobKind};
+use crate::jobs::{JobHandle, JobKind, JobSpec};
 use crate::protection::{Intent, Role};
 use crate::replication::relationship::Relationship;
 use crate::replication::shipper::PromoteOutcome;
@@ -47,6 +47,17 @@ const RESOLVE_WAIT: Duration = Duration::from_secs(60);
 /// `replog failover SITE MACHINE --planned`; `note` says who asked, in the job (the
 /// target, for `--shutdown-source`).
 pub fn run(host: &dyn Host, ship: &dyn Shipping, name: &str, note: Option<&str>) -> Result<Reply> {
+    run_as(host, ship, name, note, &JobSpec::default())
+}
+
+/// [`run`], recorded as `spec` says (a plan's run chooses the job's ID).
+pub fn run_as(
+    host: &dyn Host,
+    ship: &dyn Shipping,
+    name: &str,
+    note: Option<&str>,
+    spec: &JobSpec,
+) -> Result<Reply> {
     let site = host.site().path().to_path_buf();
     let m = host.machine(name)?;
     let rel = Relationship::load(&site, name)?.ok_or_else(|| {
@@ -80,7 +91,7 @@ pub fn run(host: &dyn Host, ship: &dyn Shipping, name: &str, note: Option<&str>)
     }
     let target_id = rel.target_id()?;
     let generation = m.generation() + 1;
-    let mut job = JobHandle::start(&site, JobKind::FailoverPlanned, Some(name))?;
+    let mut job = spec.start(&site, JobKind::FailoverPlanned, Some(name))?;
     let id = job.id().to_string();
     let started = Instant::now();
     if let Some(n) = note {

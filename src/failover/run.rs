@@ -7,7 +7,7 @@
 use super::{verify, Host};
 use crate::control::Reply;
 use crate::error::{Error, Result};
-use crate::jobs::{JobHandle, JobKind};
+use crate::jobs::{JobHandle, JobKind, JobSpec};
 use crate::protection::FailoverKind;
 use crate::replica::replay::PointImage;
 
@@ -57,8 +57,20 @@ pub fn failover(
     at: &str,
     as_name: Option<&str>,
 ) -> Result<Reply> {
+    failover_as(host, machine, kind, at, as_name, &JobSpec::default())
+}
+
+/// [`failover`], recorded as `spec` says (a plan's run chooses the job's ID).
+pub fn failover_as(
+    host: &dyn Host,
+    machine: &str,
+    kind: FailoverKind,
+    at: &str,
+    as_name: Option<&str>,
+    spec: &JobSpec,
+) -> Result<Reply> {
     let site = host.site().path().to_path_buf();
-    let job = JobHandle::start(&site, super::job_kind(kind), Some(machine))?;
+    let job = spec.start(&site, super::job_kind(kind), Some(machine))?;
     let (job, promoted) = as_job(job, |job| {
         job.step("promote");
         let p = super::promote(host.site(), host.replicas(), machine, at, kind, as_name)?;
@@ -351,6 +363,7 @@ pub fn handle(host: &dyn Host, req: &crate::control::Request) -> Result<Reply> {
             at,
             as_name,
             shutdown_source,
+            job,
         } => match kind {
             // Served by a running serve (`Registry`): the primary reaches the target,
             // never the other way round, so only a listening target can ask it.
@@ -365,7 +378,7 @@ pub fn handle(host: &dyn Host, req: &crate::control::Request) -> Result<Reply> {
                  --planned` there)"
                     .into(),
             )),
-            _ => failover(host, machine, *kind, at, as_name.as_deref()),
+            _ => failover_as(host, machine, *kind, at, as_name.as_deref(), job),
         },
         Request::CleanupTest {
             machine,

@@ -29,7 +29,13 @@
 //!  12   4 digest block size in bytes (4096)
 //!  16 8*n digest of each disk in disk-id order, state after every record with an
 //!         LSN <= this point's (see `crate::digest`)
+//! optional, only after the digests (present when `replog plan checkpoint` recorded
+//! the point at one barrier with other machines' points):
+//! 16+8n 8 plan-point ID (non-zero: the barrier's wall clock in ns); every machine
+//!         of the barrier carries the same ID
 //! ```
+//!
+//! Builds before plan points read the digests and skip the ID, as the layout allows.
 //!
 //! A record is never split across segments. Its CRC covers the whole header, so a
 //! flipped bit in the LSN, offset or length is caught like one in the data.
@@ -226,6 +232,8 @@ pub struct PointPayload {
     pub time_ns: u64,
     /// Digest of every disk at this point (see [`crate::digest`]), when kept.
     pub digests: Option<Vec<u64>>,
+    /// The plan point this point belongs to (written only after digests).
+    pub plan_point: Option<u64>,
 }
 
 impl PointPayload {
@@ -236,6 +244,11 @@ impl PointPayload {
             b.extend_from_slice(&(crate::digest::BLOCK as u32).to_le_bytes());
             for v in d {
                 b.extend_from_slice(&v.to_le_bytes());
+            }
+            // The ID has a place only after the digests; a machine that keeps none is
+            // refused a plan point before it gets here (`Machine::plan_barrier`).
+            if let Some(id) = self.plan_point.filter(|&id| id != 0) {
+                b.extend_from_slice(&id.to_le_bytes());
             }
         }
         b
@@ -249,6 +262,7 @@ impl PointPayload {
             return Ok(PointPayload {
                 time_ns,
                 digests: None,
+                plan_point: None,
             });
         }
         // Digests in a layout this version does not know (another block size, a count
@@ -256,16 +270,22 @@ impl PointPayload {
         let n = Le(b).u32(8) as usize;
         let block = Le(b).u32(12);
         let want = n.checked_mul(8).and_then(|x| x.checked_add(16));
-        if u64::from(block) != crate::digest::BLOCK || want.is_none_or(|w| b.len() < w) {
+        let Some(want) = want.filter(|&w| u64::from(block) == crate::digest::BLOCK && b.len() >= w)
+        else {
             return Ok(PointPayload {
                 time_ns,
                 digests: None,
+                plan_point: None,
             });
-        }
+        };
         let digests = (0..n).map(|k| Le(b).u64(16 + 8 * k)).collect();
+        let plan_point = (b.len() >= want + 8)
+            .then(|| Le(b).u64(want))
+            .filter(|&id| id != 0);
         Ok(PointPayload {
             time_ns,
             digests: Some(digests),
+            plan_point,
         })
     }
 }
@@ -293,6 +313,31 @@ mod tests {
             };
             assert!(caught, "flip in header byte {i} not caught");
         }
+    }
+
+    #[test]
+    fn a_plan_point_id_follows_the_digests_and_older_layouts_still_read() {
+        let p = PointPayload {
+            time_ns: 7,
+            digests: Some(vec![1, 2]),
+            plan_point: Some(99),
+        };
+        let b = p.encode();
+        assert_eq!(b.len(), 16 + 16 + 8);
+        assert_eq!(PointPayload::decode(&b).unwrap(), p);
+        // What a build before plan points reads: the same digests (it stops there).
+        let before = PointPayload::decode(&b[..32]).unwrap();
+        assert_eq!(before.digests, p.digests);
+        assert_eq!(before.plan_point, None);
+        // No digests, no place for an ID: it is not written.
+        let bare = PointPayload {
+            time_ns: 7,
+            digests: None,
+            plan_point: Some(99),
+        };
+        assert_eq!(bare.encode().len(), 8);
+        // A cut ID is no ID.
+        assert_eq!(PointPayload::decode(&b[..36]).unwrap().plan_point, None);
     }
 
     #[test]

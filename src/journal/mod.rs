@@ -160,14 +160,21 @@ impl JournalWriter {
         Some((self.active.file.clone(), from, self.active.tail - from))
     }
 
-    /// Append a recovery point record.
+    /// Append a recovery point record (`plan_point`: the ID of the plan point it
+    /// belongs to; written only with digests, see `format::record`).
     pub fn append_point(
         &mut self,
         app_consistent: bool,
         digests: Option<Vec<u64>>,
+        plan_point: Option<u64>,
     ) -> Result<Point> {
         let time_ns = now_ns();
-        let payload = PointPayload { time_ns, digests }.encode();
+        let payload = PointPayload {
+            time_ns,
+            digests,
+            plan_point,
+        }
+        .encode();
         let flags = if app_consistent {
             FLAG_APP_CONSISTENT
         } else {

@@ -41,6 +41,14 @@ impl ScannedRecord<'_> {
         }
         PointPayload::decode(self.payload).ok()?.digests
     }
+
+    /// The plan point a point record belongs to (`replog plan checkpoint`).
+    pub fn point_plan(&self) -> Option<u64> {
+        if self.header.kind != RecordKind::Point {
+            return None;
+        }
+        PointPayload::decode(self.payload).ok()?.plan_point
+    }
 }
 
 /// Where and why a scan stopped early.

@@ -10,7 +10,8 @@
 //! ```text
 //! off len field
 //!   0   8 magic: 89 52 4C 45 0D 0A 1A 0A ("\x89RLE\r\n\x1a\n")
-//!   8   2 format version (1)
+//!   8   2 format version (1; an index file: 2 since plan points — the plain
+//!         body gained `plan_points`, see `replica::store::SegmentIndex`)
 //!  10   2 reserved, zero
 //!  12   4 incompatible feature bits
 //!  16   8 segment sequence number (bound into the key and the AAD)
@@ -34,6 +35,10 @@ pub const HEADER_LEN: usize = 40;
 const SEGMENT_LABEL: &[u8] = b"replog segment ";
 const CHUNK_LABEL: &[u8] = b"replog parent chunk ";
 const INDEX_LABEL: &[u8] = b"replog segment index ";
+/// The version of every encrypted file but indexes.
+const VERSION: u16 = 1;
+/// The version of index files this build writes (it reads 1 and 2).
+pub const INDEX_VERSION: u16 = 2;
 
 /// The site's replica key.
 #[derive(Clone)]
@@ -108,13 +113,13 @@ impl ReplicaKey {
 
     /// Encrypt segment `seq` of machine `machine_id`.
     pub fn seal(&self, machine_id: u64, seq: u64, plain: &[u8]) -> Result<Vec<u8>> {
-        self.seal_as(SEGMENT_LABEL, machine_id, seq, plain)
+        self.seal_as(SEGMENT_LABEL, VERSION, machine_id, seq, plain)
     }
 
     /// Encrypt replica parent chunk `id` (`disk << 40 | chunk number`; a key domain
     /// of its own).
     pub fn seal_chunk(&self, machine_id: u64, id: u64, plain: &[u8]) -> Result<Vec<u8>> {
-        self.seal_as(CHUNK_LABEL, machine_id, id, plain)
+        self.seal_as(CHUNK_LABEL, VERSION, machine_id, id, plain)
     }
 
     /// Decrypt and authenticate replica parent chunk `id`.
@@ -130,10 +135,11 @@ impl ReplicaKey {
 
     /// Encrypt the record index of segment `seq`.
     pub fn seal_index(&self, machine_id: u64, seq: u64, plain: &[u8]) -> Result<Vec<u8>> {
-        self.seal_as(INDEX_LABEL, machine_id, seq, plain)
+        self.seal_as(INDEX_LABEL, INDEX_VERSION, machine_id, seq, plain)
     }
 
-    /// Decrypt and authenticate the record index of segment `seq`.
+    /// Decrypt and authenticate the record index of segment `seq` (whichever
+    /// version).
     pub fn open_index(
         &self,
         machine_id: u64,
@@ -141,16 +147,38 @@ impl ReplicaKey {
         bytes: &[u8],
         path: &Path,
     ) -> Result<Vec<u8>> {
-        self.open_as(INDEX_LABEL, machine_id, seq, bytes, path)
+        self.open_index_versioned(machine_id, seq, bytes, path)
+            .map(|(_, body)| body)
     }
 
-    fn seal_as(&self, label: &[u8], machine_id: u64, seq: u64, plain: &[u8]) -> Result<Vec<u8>> {
+    /// Decrypt and authenticate the record index of segment `seq`: its version and
+    /// plain body.
+    pub fn open_index_versioned(
+        &self,
+        machine_id: u64,
+        seq: u64,
+        bytes: &[u8],
+        path: &Path,
+    ) -> Result<(u16, Vec<u8>)> {
+        let mut buf = bytes.to_vec();
+        let v = self.open_in_place(INDEX_LABEL, INDEX_VERSION, machine_id, seq, &mut buf, path)?;
+        Ok((v, buf))
+    }
+
+    fn seal_as(
+        &self,
+        label: &[u8],
+        version: u16,
+        machine_id: u64,
+        seq: u64,
+        plain: &[u8],
+    ) -> Result<Vec<u8>> {
         let mut nonce = [0u8; 12];
         getrandom::fill(&mut nonce)
             .map_err(|e| Error::InvalidInput(format!("random nonce: {e}")))?;
         let mut head = [0u8; HEADER_LEN];
         head[..8].copy_from_slice(&MAGIC);
-        head[8..10].copy_from_slice(&1u16.to_le_bytes());
+        head[8..10].copy_from_slice(&version.to_le_bytes());
         head[16..24].copy_from_slice(&seq.to_le_bytes());
         head[24..36].copy_from_slice(&nonce);
         let crc = crc32c::crc32c(&head[..36]);
@@ -184,7 +212,7 @@ impl ReplicaKey {
         path: &Path,
     ) -> Result<Vec<u8>> {
         let mut buf = bytes.to_vec();
-        self.open_in_place(label, machine_id, seq, &mut buf, path)?;
+        self.open_in_place(label, VERSION, machine_id, seq, &mut buf, path)?;
         Ok(buf)
     }
 
@@ -197,18 +225,21 @@ impl ReplicaKey {
         buf: &mut Vec<u8>,
         path: &Path,
     ) -> Result<()> {
-        self.open_in_place(CHUNK_LABEL, machine_id, id, buf, path)
+        self.open_in_place(CHUNK_LABEL, VERSION, machine_id, id, buf, path)
+            .map(|_| ())
     }
 
-    /// Check the header of the encrypted file in `buf`, then decrypt the rest in place.
+    /// Check the header of the encrypted file in `buf` (versions 1 to `newest`), then
+    /// decrypt the rest in place; returns the file's version.
     fn open_in_place(
         &self,
         label: &[u8],
+        newest: u16,
         machine_id: u64,
         seq: u64,
         buf: &mut Vec<u8>,
         path: &Path,
-    ) -> Result<()> {
+    ) -> Result<u16> {
         let Some(head) = buf.get(..HEADER_LEN) else {
             return Err(Error::corruption(
                 path,
@@ -233,14 +264,21 @@ impl ReplicaKey {
                 "encrypted segment header checksum mismatch",
             ));
         }
-        if field(8, 10) != 1u16.to_le_bytes() {
-            let v = u16::from_le_bytes([
-                h.get(8).copied().unwrap_or(0),
-                h.get(9).copied().unwrap_or(0),
-            ]);
+        let version = u16::from_le_bytes([
+            h.get(8).copied().unwrap_or(0),
+            h.get(9).copied().unwrap_or(0),
+        ]);
+        if !(1..=newest).contains(&version) {
             return Err(Error::Unsupported {
                 path: path.to_path_buf(),
-                what: format!("encrypted file version {v}; this build reads version 1"),
+                what: if newest == 1 {
+                    format!("encrypted file version {version}; this build reads version 1")
+                } else {
+                    format!(
+                        "encrypted file version {version}; this build reads versions 1 to \
+                         {newest}"
+                    )
+                },
             });
         }
         if field(10, 16) != [0u8; 6] {
@@ -268,7 +306,8 @@ impl ReplicaKey {
                     HEADER_LEN as u64,
                     "authentication failed (damaged, or another key)",
                 )
-            })
+            })?;
+        Ok(version)
     }
 }
 

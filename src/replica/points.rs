@@ -22,6 +22,8 @@ pub struct ReplicaPoint {
     pub digests: Option<Vec<u64>>,
     /// When this site stored it (retention ages points by this clock).
     pub received_ns: u64,
+    /// The plan point it belongs to (`replog plan checkpoint` at the source), if any.
+    pub plan_point: Option<u64>,
 }
 
 impl ReplicaPoint {
@@ -30,15 +32,21 @@ impl ReplicaPoint {
         format!("pt-{}", self.lsn)
     }
 
-    fn from_indexed(p: &IndexedPoint) -> Self {
+    fn from_indexed(p: &IndexedPoint, plan_point: Option<u64>) -> Self {
         ReplicaPoint {
             lsn: p.lsn,
             time_ns: p.time_ns,
             app_consistent: p.app,
             digests: p.digests.clone(),
             received_ns: p.received_ns,
+            plan_point,
         }
     }
+}
+
+/// A plan point's ID as `replog points` prints it and `--at` accepts it.
+pub fn plan_point_id(id: u64) -> String {
+    format!("pp-{id}")
 }
 
 /// Every point that can still be materialised, oldest first: the parent's (when it is
@@ -57,14 +65,14 @@ pub fn materialisable(store: &ReplicaStore) -> Result<Vec<ReplicaPoint>> {
     let mut out: Vec<ReplicaPoint> = Vec::new();
     if parent.merging_to.is_none() {
         if let Some(p) = parent.point.as_ref().filter(|p| p.lsn >= parent.valid_from) {
-            out.push(ReplicaPoint::from_indexed(p));
+            out.push(ReplicaPoint::from_indexed(p, None));
         }
     }
     for seq in parent.seq + 1..=store.received().segment_seq {
         let index = store.segment_index(seq)?;
         for p in &index.points {
             if p.lsn >= floor && out.last().is_none_or(|q| q.lsn < p.lsn) {
-                out.push(ReplicaPoint::from_indexed(p));
+                out.push(ReplicaPoint::from_indexed(p, index.plan_point_at(p.lsn)));
             }
         }
     }
@@ -82,7 +90,10 @@ pub fn newest(store: &ReplicaStore) -> Result<Option<ReplicaPoint>> {
     if received > parent.seq {
         let index = store.segment_index(received)?;
         if let Some(p) = index.points.iter().rev().find(|p| p.lsn >= floor) {
-            return Ok(Some(ReplicaPoint::from_indexed(p)));
+            return Ok(Some(ReplicaPoint::from_indexed(
+                p,
+                index.plan_point_at(p.lsn),
+            )));
         }
         return Ok(None);
     }
@@ -90,7 +101,7 @@ pub fn newest(store: &ReplicaStore) -> Result<Option<ReplicaPoint>> {
         .point
         .as_ref()
         .filter(|p| p.lsn >= floor && parent.merging_to.is_none())
-        .map(ReplicaPoint::from_indexed))
+        .map(|p| ReplicaPoint::from_indexed(p, None)))
 }
 
 /// Whether retention keeps `p` at `now_ns` (the newest point is kept regardless).
@@ -124,6 +135,7 @@ pub fn exact(store: &ReplicaStore, lsn: u64) -> Result<ReplicaPoint> {
             app_consistent: false,
             digests: None,
             received_ns: 0,
+            plan_point: None,
         });
     }
     Err(Error::NotFound(format!(
@@ -165,6 +177,7 @@ pub fn resolve(store: &ReplicaStore, at: &str) -> Result<ReplicaPoint> {
                 app_consistent: false,
                 digests: None,
                 received_ns: 0,
+                plan_point: None,
             });
         }
         return Err(Error::NotFound(
@@ -183,6 +196,24 @@ pub fn resolve(store: &ReplicaStore, at: &str) -> Result<ReplicaPoint> {
                      checkpoint SITE MACHINE --app-consistent` at the source)"
                         .into(),
                 )
+            });
+    }
+    if let Some(n) = at.strip_prefix("pp-") {
+        let id: u64 = n.parse().map_err(|_| {
+            Error::NotFound(format!(
+                "{at:?} is not a plan point ID (see `replog points`)"
+            ))
+        })?;
+        return points
+            .iter()
+            .rev()
+            .find(|p| p.plan_point == Some(id))
+            .cloned()
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "this replica keeps no point of plan point {at} (expired, not received \
+                     yet, or never taken of this machine; see `replog points`)"
+                ))
             });
     }
     let oldest = points.first().map(|p| p.lsn).unwrap_or(u64::MAX);

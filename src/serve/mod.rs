@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+mod name_locks;
 mod registry;
 pub use registry::Registry;
 
@@ -117,6 +118,7 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
     let session = match &opts.mount {
         Some(dir) => {
             frontend::prepare_mountpoint(dir)?;
+            registry.set_mount(&std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()));
             let fs = LiveFs::new(
                 registry.tree(),
                 opts.frontend,

@@ -15,6 +15,7 @@
 //! Every command that changes a running site arrives here ([`Handler`]), through the
 //! control socket.
 
+use super::name_locks::NameLocks;
 use crate::config::SiteConfig;
 use crate::control::{Handler, Reply, Request};
 use crate::error::{Error, Result};
@@ -52,8 +53,11 @@ pub struct Registry {
     behind_since: Mutex<HashMap<String, Instant>>,
     /// Replicas' status, recomputed every few seconds (it reads their marks).
     replica_status: Mutex<(Option<Instant>, Vec<MachineStatus>)>,
-    /// Changes of the set of machines are made one at a time.
-    changing: Mutex<()>,
+    /// Changes to a machine are made one at a time (per name: changes to other
+    /// machines go on beside them).
+    changing: NameLocks,
+    /// The directory the disks are mounted under (`serve --mount`).
+    mount: Mutex<Option<std::path::PathBuf>>,
     /// Promotions under way and shutdown requests, shared with the receiver.
     failovers: Arc<Failovers>,
     /// This registry, for what its loops call back (a target's shutdown request).
@@ -88,8 +92,15 @@ impl Registry {
             replica_loops: Mutex::new(BTreeMap::new()),
             behind_since: Mutex::new(HashMap::new()),
             replica_status: Mutex::new((None, Vec::new())),
-            changing: Mutex::new(()),
+            changing: NameLocks::default(),
+            mount: Mutex::new(None),
         }))
+    }
+
+    /// The disks are mounted under `dir` (what `replog plan` hands its actions as
+    /// REPLOG_MOUNT, and checks the failed-over machines' disks under).
+    pub fn set_mount(&self, dir: &Path) {
+        *self.mount.lock() = Some(dir.to_path_buf());
     }
 
     /// The failover state the receiver shares (see [`Failovers`]).
@@ -187,7 +198,7 @@ impl Registry {
                 .spawn(move || {
                     let Some(r) = me.upgrade() else { return };
                     let note = "the target asked for it (replog failover --shutdown-source)";
-                    match r.planned_failover(&machine, Some(note)) {
+                    match r.planned_failover(&machine, Some(note), &Default::default()) {
                         Ok(reply) => tracing::info!(
                             machine = %machine,
                             "{}",
@@ -203,7 +214,12 @@ impl Registry {
     }
 
     /// `replog failover SITE MACHINE --planned` here, the primary.
-    fn planned_failover(&self, machine: &str, note: Option<&str>) -> Result<Reply> {
+    fn planned_failover(
+        &self,
+        machine: &str,
+        note: Option<&str>,
+        spec: &crate::jobs::JobSpec,
+    ) -> Result<Reply> {
         if self.machine(machine).is_none() && self.replicas.has(machine) {
             return Err(Error::InvalidInput(format!(
                 "{machine} is a replica at this site: a planned failover runs at its primary"
@@ -211,8 +227,8 @@ impl Registry {
         }
         let handle = self.with_ship(machine, |h| Ok(h.clone()))?;
         let ship = crate::failover::planned::LoopShipping(handle);
-        let _one = self.changing.lock();
-        crate::failover::planned::run(&Host(self), &ship, machine, note)
+        let _one = self.changing.lock(&[machine]);
+        crate::failover::planned::run_as(&Host(self), &ship, machine, note, spec)
     }
 
     /// `--shutdown-source`: ask the primary, at its next contact, to shut down (a
@@ -314,7 +330,7 @@ impl Registry {
 
     /// Open machine `name` again (its manifest changed: a disk, its role, a fence).
     pub fn reload(&self, name: &str) -> Result<()> {
-        let _one = self.changing.lock();
+        let _one = self.changing.lock(&[name]);
         if self.machines.lock().contains_key(name) {
             self.close_keeping(name, true)?;
         }
@@ -361,7 +377,7 @@ impl Registry {
     /// `lsn` to `generation`, check the point's digests, then open it (the mount
     /// shows it). On any error nothing stays promoted.
     pub fn planned_promote(&self, machine: &str, lsn: u64, generation: u32) -> Result<()> {
-        let _one = self.changing.lock();
+        let _one = self.changing.lock(&[machine]);
         crate::failover::run::planned_target(&Host(self), machine, lsn, generation).map(|_| ())
     }
 
@@ -373,7 +389,7 @@ impl Registry {
         req: &crate::failover::reprotect::Request,
     ) -> Result<crate::failover::reprotect::Answer> {
         use crate::failover::reprotect::{self, SeedState};
-        let _one = self.changing.lock();
+        let _one = self.changing.lock(&[&req.machine]);
         let before = reprotect::read_seed(&self.replicas, &req.machine)?.map(|s| s.state);
         let had_machine = self
             .site
@@ -441,7 +457,7 @@ impl Registry {
 
     /// A failover request at this site (see `failover::run::handle`).
     fn failover_request(&self, req: &Request) -> Result<Reply> {
-        let _one = self.changing.lock();
+        let _one = self.changing.lock(&failover_names(req));
         let reply = crate::failover::run::handle(&Host(self), req);
         // A committed failover's replica may be gone: its loop and points too.
         let names: Vec<String> = self.replica_loops.lock().keys().cloned().collect();
@@ -558,7 +574,7 @@ impl Registry {
         size: u64,
         import: Option<&Path>,
     ) -> Result<Reply> {
-        let _one = self.changing.lock();
+        let _one = self.changing.lock(&[machine]);
         // The disk is added to the closed machine; then it opens again with it.
         let was_open = self.machines.lock().contains_key(machine);
         if was_open {
@@ -587,7 +603,7 @@ impl Registry {
     }
 
     fn remove_machine(&self, machine: &str) -> Result<Reply> {
-        let _one = self.changing.lock();
+        let _one = self.changing.lock(&[machine]);
         if Relationship::load(self.path(), machine)?.is_some() {
             return Err(Error::InvalidInput(format!(
                 "{machine} is protected; it cannot be removed while its replica depends on it"
@@ -601,7 +617,7 @@ impl Registry {
     }
 
     fn protect(&self, machine: &str, rel: &Relationship) -> Result<Reply> {
-        let _one = self.changing.lock();
+        let _one = self.changing.lock(&[machine]);
         crate::ops::record_protection(&self.site, machine, rel)?;
         let mut machines = self.machines.lock();
         let entry = machines
@@ -688,13 +704,42 @@ impl Registry {
                 })?;
                 Ok(Reply::at(m.fence(reason)))
             }
-            Request::PlannedFailover { machine } => self.planned_failover(machine, None),
+            Request::PlannedFailover { machine, job } => self.planned_failover(machine, None, job),
+            Request::PlanCheckpoint {
+                machines,
+                app_consistent,
+                max_pause_ms,
+            } => {
+                let mut open = Vec::new();
+                for name in machines {
+                    open.push(self.machine(name).ok_or_else(|| {
+                        Error::NotFound(format!("this site has no open machine {name}"))
+                    })?);
+                }
+                let refs: Vec<&Machine> = open.iter().map(|m| m.as_ref()).collect();
+                let p = crate::volume::plan_point(
+                    &refs,
+                    *app_consistent,
+                    Duration::from_millis(*max_pause_ms),
+                )?;
+                Ok(Reply {
+                    ok: true,
+                    plan_point: Some(crate::control::PlanPointReply::of(&p)),
+                    ..Default::default()
+                })
+            }
+            Request::ServeInfo => Ok(Reply {
+                ok: true,
+                mount: self.mount.lock().clone(),
+                ..Default::default()
+            }),
             Request::Failover {
                 machine,
                 kind: FailoverKind::Unplanned,
                 at,
                 as_name,
                 shutdown_source: Some(secs),
+                job,
             } => {
                 let why = match self.shutdown_source(machine, *secs)? {
                     Ok(reply) => return Ok(reply),
@@ -706,6 +751,7 @@ impl Registry {
                     at: at.clone(),
                     as_name: as_name.clone(),
                     shutdown_source: None,
+                    job: job.clone(),
                 };
                 let mut reply = self.failover_request(&unplanned);
                 // A promotion that was under way when the wait ended finished first
@@ -756,6 +802,32 @@ impl Handler for Registry {
         // What the request changed is in `replog status` as soon as it is answered.
         self.publish_status();
         reply
+    }
+}
+
+/// The machine names a failover request changes (the replica's, and a test copy's).
+fn failover_names(req: &Request) -> Vec<String> {
+    match req {
+        Request::Failover {
+            machine,
+            kind: FailoverKind::Test,
+            as_name,
+            ..
+        }
+        | Request::CleanupTest {
+            machine, as_name, ..
+        } => vec![
+            machine.clone(),
+            as_name
+                .clone()
+                .unwrap_or_else(|| crate::failover::test_name(machine)),
+        ],
+        Request::Failover { machine, .. }
+        | Request::ChangePoint { machine, .. }
+        | Request::CancelFailover { machine }
+        | Request::Commit { machine }
+        | Request::PlannedFailover { machine, .. } => vec![machine.clone()],
+        _ => Vec::new(),
     }
 }
 

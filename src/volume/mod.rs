@@ -33,12 +33,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+mod barrier;
 mod base;
 mod changed;
 mod damage;
 mod open;
 mod read;
 mod write;
+
+pub use barrier::{plan_point, PlanPoint};
 
 pub use base::PointParent;
 pub use changed::{ChangedMap, CHANGED_FILE};

@@ -118,8 +118,19 @@ impl MachineInner {
 
     /// Append a point record (the writer lock held).
     pub(super) fn append_point_locked(&self, w: &mut JournalWriter, app: bool) -> Result<Point> {
+        self.append_tagged_point_locked(w, app, None)
+    }
+
+    /// Append a point record that belongs to plan point `plan_point` (the writer lock
+    /// held).
+    pub(super) fn append_tagged_point_locked(
+        &self,
+        w: &mut JournalWriter,
+        app: bool,
+        plan_point: Option<u64>,
+    ) -> Result<Point> {
         let p = w
-            .append_point(app, self.point_digests())
+            .append_point(app, self.point_digests(), plan_point)
             .map_err(|e| self.poison(&e))?;
         self.points.lock().push(p);
         Ok(p)

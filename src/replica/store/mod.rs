@@ -245,9 +245,18 @@ pub struct IndexedPoint {
     pub received_ns: u64,
 }
 
+/// A point of a stored segment that belongs to a plan point (`replog plan
+/// checkpoint`): its LSN and the plan point's ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanTag {
+    pub lsn: u64,
+    pub id: u64,
+}
+
 /// The records and points of one stored segment (`<seq>.idx.enc`, postcard, in field
 /// order), so points can be listed and a point's image mapped without decrypting
-/// every segment.
+/// every segment. Index version 2 (the encrypted file's header) added `plan_points`;
+/// version 1 is the same without it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentIndex {
     pub first_lsn: u64,
@@ -255,6 +264,37 @@ pub struct SegmentIndex {
     pub sealed_ns: u64,
     pub records: Vec<IndexedRecord>,
     pub points: Vec<IndexedPoint>,
+    pub plan_points: Vec<PlanTag>,
+}
+
+impl SegmentIndex {
+    /// Decode an index body of `version` (each layout must consume the body exactly).
+    pub fn decode(version: u16, body: &[u8]) -> Option<SegmentIndex> {
+        if version >= 2 {
+            return body_exact(body);
+        }
+        #[derive(Deserialize)]
+        struct V1 {
+            first_lsn: u64,
+            last_lsn: u64,
+            sealed_ns: u64,
+            records: Vec<IndexedRecord>,
+            points: Vec<IndexedPoint>,
+        }
+        body_exact::<V1>(body).map(|v| SegmentIndex {
+            first_lsn: v.first_lsn,
+            last_lsn: v.last_lsn,
+            sealed_ns: v.sealed_ns,
+            records: v.records,
+            points: v.points,
+            plan_points: Vec::new(),
+        })
+    }
+
+    /// The plan point that the point at `lsn` belongs to.
+    pub fn plan_point_at(&self, lsn: u64) -> Option<u64> {
+        self.plan_points.iter().find(|t| t.lsn == lsn).map(|t| t.id)
+    }
 }
 
 /// How far initial replication got (persisted after every chunk).

@@ -62,10 +62,10 @@ impl ReplicaStore {
             .backend()
             .get(&self.key_of(&rel))?
             .ok_or_else(|| Error::corruption(&path, 0, "patch index missing from the replica"))?;
-        let body = self
-            .key()
-            .open_index(self.manifest.machine_id, PATCH_SEQ + n, &ct, &path)?;
-        crate::format::meta::body_exact(&body)
+        let (version, body) =
+            self.key()
+                .open_index_versioned(self.manifest.machine_id, PATCH_SEQ + n, &ct, &path)?;
+        SegmentIndex::decode(version, &body)
             .ok_or_else(|| Error::corruption(&path, 40, "patch index does not decode"))
     }
 

@@ -137,10 +137,10 @@ impl ReplicaStore {
         match self.backend().get(&self.key_of(&rel))? {
             Some(ct) => {
                 let path = self.locate(&rel);
-                let body = self
-                    .key()
-                    .open_index(self.manifest.machine_id, seq, &ct, &path)?;
-                crate::format::meta::body_exact(&body)
+                let (version, body) =
+                    self.key()
+                        .open_index_versioned(self.manifest.machine_id, seq, &ct, &path)?;
+                SegmentIndex::decode(version, &body)
                     .ok_or_else(|| Error::corruption(&path, 40, "segment index does not decode"))
             }
             None => {
@@ -173,9 +173,15 @@ impl ReplicaStore {
             && stored.points.iter().zip(&fresh.points).all(|(a, b)| {
                 (a.lsn, a.time_ns, a.app, &a.digests) == (b.lsn, b.time_ns, b.app, &b.digests)
             });
+        // An index written before plan points (version 1) lists none of them.
+        let same_plan_points = stored
+            .plan_points
+            .iter()
+            .all(|t| fresh.plan_points.contains(t));
         if stored.records != fresh.records
             || (stored.first_lsn, stored.last_lsn) != (fresh.first_lsn, fresh.last_lsn)
             || !same_points
+            || !same_plan_points
         {
             return Err(Error::corruption(
                 self.locate(&idx_rel(seq)),
@@ -269,6 +275,9 @@ pub(super) fn index_segment(
         match h.kind {
             RecordKind::Point => {
                 if let Some((time_ns, app)) = rec.point() {
+                    if let Some(id) = rec.point_plan() {
+                        index.plan_points.push(super::PlanTag { lsn: h.lsn, id });
+                    }
                     index.points.push(IndexedPoint {
                         lsn: h.lsn,
                         time_ns,
