@@ -132,6 +132,11 @@ fn dir(site: &Path) -> PathBuf {
     site.join(JOBS_DIR)
 }
 
+/// Refused unless `id` has the form of a job ID (so it names no other file).
+pub fn check_id(id: &str) -> Result<()> {
+    path_of(Path::new(""), id).map(|_| ())
+}
+
 fn path_of(site: &Path, id: &str) -> Result<PathBuf> {
     let ok = id.starts_with("j-")
         && id.len() <= 40
@@ -147,7 +152,7 @@ fn path_of(site: &Path, id: &str) -> Result<PathBuf> {
 }
 
 /// When the process `pid` started (clock ticks since boot), if it runs.
-fn process_start(pid: u32) -> Option<u64> {
+pub fn process_start(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces.
     let after = stat.rsplit_once(')')?.1;
@@ -480,6 +485,33 @@ impl JobHandle {
         self.save_logged();
         prune(&self.site);
     }
+}
+
+/// End job `id`, which no process runs now (it waits for an operator, or its run
+/// stopped), as `state`, saying `why` in a last step.
+pub fn close(site: &Path, id: &str, state: JobState, why: &str) -> Result<()> {
+    let mut job = get(site, id)?;
+    let now = rfc3339(now_ns());
+    for s in job.steps.iter_mut().filter(|s| !s.state.ended()) {
+        s.state = JobState::Cancelled;
+        s.ended = Some(now.clone());
+    }
+    job.steps.push(Step {
+        name: why.to_string(),
+        state: JobState::Succeeded,
+        started: now.clone(),
+        ended: Some(now.clone()),
+        detail: None,
+    });
+    job.state = state;
+    job.ended = Some(now);
+    let h = JobHandle {
+        site: site.to_path_buf(),
+        job,
+    };
+    h.save()?;
+    prune(site);
+    Ok(())
 }
 
 /// Every job of the site, newest first (files that do not decode are skipped, with a

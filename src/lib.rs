@@ -28,6 +28,7 @@ pub mod jobs;
 pub mod journal;
 pub mod names;
 pub mod ops;
+pub mod plan;
 pub mod protection;
 pub mod replica;
 pub mod replication;

@@ -6,6 +6,7 @@ mod disk;
 mod failover;
 mod inspect;
 mod jobs;
+mod plan;
 mod replicate;
 mod site;
 
@@ -190,8 +191,9 @@ pub enum Command {
         #[arg(long, value_name = "POINT")]
         remove: Option<String>,
     },
-    /// Show the site's jobs — protect, initial replication, resync, restore: newest
-    /// first with their state; with JOB, its steps; --json: every field.
+    /// Show the site's jobs — protect, initial replication, resync, restore,
+    /// failovers, reprotects, plan runs: newest first with their state; with JOB, its
+    /// steps; --json: every field.
     Jobs {
         site: PathBuf,
         /// A job ID (`j-…`) as the list shows it.
@@ -279,10 +281,130 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Recovery plans: machines in ordered groups, failed over as one operation with
+    /// programs and manual steps before and after each group.
+    #[command(subcommand)]
+    Plan(PlanCommand),
     /// Dump and verify a site, machine, journal directory or segment file; exit 1 on
     /// corruption, naming the file and offset.
     Inspect {
         path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlanCommand {
+    /// Validate a plan file against this site and store it.
+    ///
+    /// FILE is TOML: name, 1-7 [[group]]s of machines, actions
+    /// [[group.before]] / [[group.after]] with `run` + `timeout` + `on`, or `manual`)
+    /// against this site and store it. Every machine must be a primary or a replica
+    /// here; add the plan at each site that will run it. A bad plan is refused naming
+    /// the line and the key; nothing is stored.
+    Add {
+        site: PathBuf,
+        file: PathBuf,
+        /// Replace a stored plan of the same name (refused while a run of it is
+        /// unfinished).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// List the plans stored here, with their last run.
+    List {
+        site: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a plan: its groups, actions and runs.
+    Show {
+        site: PathBuf,
+        plan: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a plan (refused while a run of it is unfinished).
+    Remove { site: PathBuf, plan: String },
+    /// Fail the plan's machines over, group by group (--dry-run: check only).
+    ///
+    /// Before-actions in order, the
+    /// group's machines side by side, group N+1 once every machine of group N is up
+    /// (its disks under serve's mount), then after-actions. Needs this site's serve.
+    /// Exit 0: every machine up (verified), or paused at a manual step (job
+    /// `waiting`; it prints how to resume); 1: failed (planned and test runs stop at
+    /// the first failure and can be resumed; unplanned runs go on to the end and list
+    /// every failure). Actions get REPLOG_SITE, REPLOG_PLAN, REPLOG_GROUP (1-based),
+    /// REPLOG_FAILOVER, REPLOG_MACHINES (space-separated), REPLOG_MOUNT, REPLOG_JOB.
+    #[command(group(clap::ArgGroup::new("kind").required(true).args(["planned", "unplanned", "test"])))]
+    Failover {
+        site: PathBuf,
+        plan: String,
+        /// At the primary site: zero-loss failovers to the target.
+        #[arg(long)]
+        planned: bool,
+        /// At the target: the source site is lost.
+        #[arg(long)]
+        unplanned: bool,
+        /// At the target: isolated test copies (MACHINE-test); replication goes on.
+        #[arg(long)]
+        test: bool,
+        /// The point: latest (default), latest-app-consistent, plan-point (the newest
+        /// plan point every machine keeps; see `plan checkpoint`) or a plan point ID
+        /// (pp-…).
+        #[arg(long, value_name = "POINT", conflicts_with = "planned")]
+        at: Option<String>,
+        /// Check everything a run needs (serve and its mount, machines and roles,
+        /// points, programs executable); print the steps and an estimate; change
+        /// nothing, run no program. Exit 1 when a check fails.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Go on with the plan's newest unfinished run.
+    ///
+    /// After a manual step, a stop at a
+    /// failure (the failed step runs again), or a crash of the command that ran it.
+    Resume {
+        site: PathBuf,
+        plan: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every test copy that the plan's newest test run made.
+    CleanupTest {
+        site: PathBuf,
+        plan: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Commit every machine of the plan that has a failover pending here.
+    Commit {
+        site: PathBuf,
+        plan: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a plan point: one point per machine of the plan at one barrier.
+    ///
+    /// At the primary site: hold writes to every machine of the plan at one barrier,
+    /// record one point in each under a shared plan-point ID (pp-…), release them;
+    /// prints how long writes were held. `plan failover --at plan-point` at the target
+    /// fails over to the newest plan point every machine keeps.
+    Checkpoint {
+        site: PathBuf,
+        plan: String,
+        /// Mark the points app-consistent.
+        #[arg(long)]
+        app_consistent: bool,
+        /// Freeze the file system mounted at MOUNTPOINT (FIFREEZE) around the plan
+        /// point (repeat for each); always thawed.
+        #[arg(long, value_name = "MOUNTPOINT", requires = "app_consistent")]
+        freeze: Vec<PathBuf>,
+        /// Give up, recording nothing, if writes cannot all be held within this long.
+        #[arg(long, default_value = "5s")]
+        max_pause: String,
         #[arg(long)]
         json: bool,
     },
@@ -316,6 +438,49 @@ pub enum DiskCommand {
     },
     /// List machines and disks.
     List { site: PathBuf },
+}
+
+fn run_plan(cmd: PlanCommand) -> ExitCode {
+    match cmd {
+        PlanCommand::Add {
+            site,
+            file,
+            replace,
+        } => plan::add(&site, &file, replace),
+        PlanCommand::List { site, json } => plan::list(&site, json),
+        PlanCommand::Show { site, plan, json } => plan::show(&site, &plan, json),
+        PlanCommand::Remove { site, plan } => plan::remove(&site, &plan),
+        PlanCommand::Failover {
+            site,
+            plan,
+            planned,
+            unplanned: _,
+            test,
+            at,
+            dry_run,
+            json,
+        } => {
+            let kind = if planned {
+                replog::protection::FailoverKind::Planned
+            } else if test {
+                replog::protection::FailoverKind::Test
+            } else {
+                replog::protection::FailoverKind::Unplanned
+            };
+            plan::failover(&site, &plan, kind, at.as_deref(), dry_run, json)
+        }
+        PlanCommand::Resume { site, plan, json } => plan::resume(&site, &plan, json),
+        PlanCommand::CleanupTest { site, plan, json } => plan::cleanup_test(&site, &plan, json),
+        PlanCommand::Commit { site, plan, json } => plan::commit(&site, &plan, json),
+        PlanCommand::Checkpoint {
+            site,
+            plan,
+            app_consistent,
+            freeze,
+            max_pause,
+            json,
+        } => plan::checkpoint(&site, &plan, app_consistent, &freeze, &max_pause, json),
+    }
 }
 
 /// Run a parsed command line; errors are printed and become exit code 1.
@@ -355,6 +520,7 @@ pub fn run(cli: Cli) -> ExitCode {
             json,
         } => site::status(&site, machine.as_deref(), json),
         Command::Inspect { path, json } => return inspect::run(&path, json),
+        Command::Plan(cmd) => return run_plan(cmd),
         Command::Failover {
             site,
             machine,

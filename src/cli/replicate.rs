@@ -645,14 +645,14 @@ const FITHAW: libc::c_ulong = 0xC004_5878;
 /// A file system frozen with FIFREEZE; thawed when dropped, whatever happened.
 /// SIGINT, SIGTERM and SIGHUP are held back while it is frozen (delivered after the
 /// thaw), so Ctrl-C cannot leave it frozen.
-struct Frozen {
+pub(super) struct Frozen {
     dir: std::fs::File,
     path: std::path::PathBuf,
     old_mask: libc::sigset_t,
 }
 
 impl Frozen {
-    fn freeze(path: &Path) -> Result<Frozen> {
+    pub(super) fn freeze(path: &Path) -> Result<Frozen> {
         let dir = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
         // SAFETY: plain signal-mask calls on locally owned sigset_t values.
         let old_mask = unsafe {

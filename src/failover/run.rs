@@ -11,6 +11,10 @@ use crate::jobs::{JobHandle, JobKind, JobSpec};
 use crate::protection::FailoverKind;
 use crate::replica::replay::PointImage;
 
+/// The step of a failover job after which the promoted machine or test copy exists
+/// (a plan's cleanup removes the copies of test failovers that got past it).
+pub const PROMOTE_STEP: &str = "promote";
+
 /// A job's reply: what was done, the job, the LSN.
 fn reply(detail: String, job: &str, lsn: Option<u64>) -> Reply {
     Reply {
@@ -72,7 +76,7 @@ pub fn failover_as(
     let site = host.site().path().to_path_buf();
     let job = spec.start(&site, super::job_kind(kind), Some(machine))?;
     let (job, promoted) = as_job(job, |job| {
-        job.step("promote");
+        job.step(PROMOTE_STEP);
         let p = super::promote(host.site(), host.replicas(), machine, at, kind, as_name)?;
         job.step_done(Some(format!(
             "{} at pt-{} ({}{}), generation {}: nothing copied",

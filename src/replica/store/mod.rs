@@ -355,6 +355,17 @@ pub enum Receipt {
     Duplicate { lsn: u64 },
 }
 
+/// Whether the site at `site` holds a replica of `machine` (in `SITE/replicas/`; no
+/// key needed, nothing created).
+pub fn held_at(site: &Path, machine: &str) -> bool {
+    validate_name("machine", machine).is_ok()
+        && site
+            .join(REPLICAS_DIR)
+            .join(machine)
+            .join(MANIFEST)
+            .is_file()
+}
+
 /// A target's replicas: where they are kept and the key that encrypts them.
 #[derive(Clone, Debug)]
 pub struct Replicas {

@@ -1,0 +1,922 @@
+//! A recovery plan's run: group by group, the before-actions in order, the group's
+//! machines failed over side by side, then the after-actions — as one job.
+//!
+//! The runner works in the process of `replog plan failover` (or `plan resume`),
+//! holding the plan's lock; each machine's failover is a request to this site's
+//! running serve, which records it as a job of its own. The run's state is typed,
+//! in `SITE/plans/runs/<job>.json` (format [`FORMAT`]), written atomically before the
+//! job shows a change:
+//!
+//! - the plan as it was when the run began (a later `plan add --replace` does not
+//!   change a run under way), the kind, the point rule and the plan point chosen;
+//! - `next`: the first step of [`steps`] not done;
+//! - each machine's outcome and the ID of its failover job, chosen here and
+//!   persisted *before* the request goes to serve. After a crash of this process
+//!   that ID says what happened: no such job — serve never began it, ask again with
+//!   the same ID; a job in progress — wait for it; succeeded — the machine is up;
+//!   failed — try again under a new ID;
+//! - the action running (its process group), killed by a `resume` if it outlived
+//!   the runner: an action interrupted by a crash runs again from its start.
+//!
+//! Planned and test runs stop at the first failure (state `stopped`; `resume` runs
+//! the failed step again — machines already up are not failed over again);
+//! unplanned runs go on to the end and fail listing every failure. A manual action
+//! leaves the run `waiting` until `replog plan resume`.
+
+use super::action::{self, Started};
+use super::file::{Action, ActionKind, Plan};
+use crate::control::{Reply, Request};
+use crate::error::{Error, Result};
+use crate::format::meta::Manifest;
+use crate::jobs::{self, Job, JobHandle, JobKind, JobSpec, JobState};
+use crate::protection::FailoverKind;
+use crate::storage::{write_atomic, FileStorage, Storage};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const RUNS_DIR: &str = "runs";
+pub const FORMAT: u32 = 1;
+
+/// Where a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    /// A process works on it — or died doing so (the plan's lock is free then):
+    /// `resume` goes on.
+    Running,
+    /// At a manual action, until `resume`.
+    Waiting,
+    /// A planned or test run stopped at a failure; `resume` tries the step again.
+    Stopped,
+    Succeeded,
+    /// An unplanned run ended with failures (each one reported).
+    Failed,
+    /// Cleaned up or given up; nothing more happens to it.
+    Ended,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Waiting => "waiting",
+            RunState::Stopped => "stopped",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Ended => "ended",
+        }
+    }
+
+    pub fn unfinished(self) -> bool {
+        matches!(
+            self,
+            RunState::Running | RunState::Waiting | RunState::Stopped
+        )
+    }
+}
+
+/// A machine's part in a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineRun {
+    /// Its name at this site once failed over (the test copy's for a test run).
+    pub name: String,
+    /// The point its failover asks for (`latest`, `latest-app-consistent`, `pt-N`).
+    pub point: String,
+    /// Its failover job's ID, chosen before the request was sent.
+    pub job: Option<String>,
+    pub state: MachineState,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MachineState {
+    Pending,
+    Up,
+    Failed,
+}
+
+/// The persisted state of a run (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    pub format: u32,
+    pub job: String,
+    pub plan: Plan,
+    pub kind: FailoverKind,
+    /// The point rule asked for (`latest`, `latest-app-consistent`, `plan-point`,
+    /// `pp-ID`; planned: `last LSN`).
+    pub at: String,
+    /// The plan point every machine fails over to, when the rule chose one.
+    pub plan_point: Option<u64>,
+    /// The first step of `steps(plan, kind)` not done.
+    pub next: usize,
+    pub state: RunState,
+    pub machines: BTreeMap<String, MachineRun>,
+    /// What failed (an unplanned run goes on past failures and lists them at its end).
+    pub failures: Vec<String>,
+    /// The action running now, if any.
+    pub action: Option<Started>,
+    /// Where serve mounts the disks (REPLOG_MOUNT).
+    pub mount: Option<PathBuf>,
+}
+
+/// A step of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepRef {
+    Action {
+        group: usize,
+        after: bool,
+        index: usize,
+    },
+    Failover {
+        group: usize,
+    },
+}
+
+/// Every step of a run of `plan` as `kind`, in order: per group, the before-actions
+/// that run for the kind, the failover of the group's machines, the after-actions.
+pub fn steps(plan: &Plan, kind: FailoverKind) -> Vec<StepRef> {
+    let mut out = Vec::new();
+    for (group, g) in plan.groups.iter().enumerate() {
+        for (index, a) in g.before.iter().enumerate() {
+            if a.runs_on(kind) {
+                out.push(StepRef::Action {
+                    group,
+                    after: false,
+                    index,
+                });
+            }
+        }
+        out.push(StepRef::Failover { group });
+        for (index, a) in g.after.iter().enumerate() {
+            if a.runs_on(kind) {
+                out.push(StepRef::Action {
+                    group,
+                    after: true,
+                    index,
+                });
+            }
+        }
+    }
+    out
+}
+
+impl Run {
+    pub fn action(&self, group: usize, after: bool, index: usize) -> Option<&Action> {
+        let g = self.plan.groups.get(group)?;
+        if after { &g.after } else { &g.before }.get(index)
+    }
+
+    /// A step as the job names it.
+    pub fn step_name(&self, step: StepRef) -> String {
+        match step {
+            StepRef::Action {
+                group,
+                after,
+                index,
+            } => format!(
+                "group {}: {} {}: {}",
+                group + 1,
+                if after { "after" } else { "before" },
+                index + 1,
+                self.action(group, after, index)
+                    .map(Action::describe)
+                    .unwrap_or_default()
+            ),
+            StepRef::Failover { group } => format!(
+                "group {}: fail over {}",
+                group + 1,
+                self.plan
+                    .groups
+                    .get(group)
+                    .map(|g| g.machines.join(", "))
+                    .unwrap_or_default()
+            ),
+        }
+    }
+}
+
+fn runs_dir(site: &Path) -> PathBuf {
+    site.join(super::store::PLANS_DIR).join(RUNS_DIR)
+}
+
+fn run_path(site: &Path, job: &str) -> Result<PathBuf> {
+    jobs::check_id(job)?;
+    Ok(runs_dir(site).join(format!("{job}.json")))
+}
+
+/// Persist `run`.
+pub fn save(site: &Path, run: &Run) -> Result<()> {
+    FileStorage.create_dir_all(&runs_dir(site))?;
+    let text = serde_json::to_string_pretty(run).map_err(|e| Error::InvalidInput(e.to_string()))?;
+    write_atomic(&FileStorage, &run_path(site, &run.job)?, text.as_bytes())
+}
+
+/// The run recorded by job `job`.
+pub fn load(site: &Path, job: &str) -> Result<Run> {
+    let p = run_path(site, job)?;
+    let text = std::fs::read_to_string(&p).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::NotFound(format!("job {job} is not a plan's run")),
+        _ => Error::io("read", &p, e),
+    })?;
+    let run: Run =
+        serde_json::from_str(&text).map_err(|e| Error::corruption(&p, 0, e.to_string()))?;
+    if run.format != FORMAT {
+        return Err(Error::Unsupported {
+            path: p,
+            what: format!(
+                "plan run format {}; this build reads format {FORMAT}",
+                run.format
+            ),
+        });
+    }
+    Ok(run)
+}
+
+/// Every run of plan `plan` at this site, newest first.
+pub fn runs_of(site: &Path, plan: &str) -> Result<Vec<Run>> {
+    let d = runs_dir(site);
+    let mut names: Vec<String> = match std::fs::read_dir(&d) {
+        Ok(e) => e
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
+            .filter(|n| n.starts_with("j-"))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("list", &d, e)),
+    };
+    names.sort();
+    names.reverse();
+    let mut out = Vec::new();
+    for n in names {
+        let run = load(site, &n)?;
+        if run.plan.name == plan {
+            out.push(run);
+        }
+    }
+    Ok(out)
+}
+
+/// The newest run of `plan` that is not finished (running, waiting or stopped).
+pub fn unfinished(site: &Path, plan: &str) -> Result<Option<Run>> {
+    Ok(runs_of(site, plan)?
+        .into_iter()
+        .find(|r| r.state.unfinished()))
+}
+
+/// What the command that ran the plan reports.
+#[derive(Debug)]
+pub enum Ended {
+    Succeeded(Job),
+    /// Paused at a manual action.
+    Waiting {
+        job: Job,
+        text: String,
+    },
+    Failed {
+        job: Job,
+        error: String,
+    },
+}
+
+/// What the runner tells the command as it goes (a progress bar on a terminal).
+pub trait Progress: Sync {
+    fn step(&self, done: usize, total: usize, what: &str);
+}
+
+/// No progress shown.
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn step(&self, _: usize, _: usize, _: &str) {}
+}
+
+/// What a run needs while it goes.
+struct Ctx<'a> {
+    site: PathBuf,
+    progress: &'a dyn Progress,
+    run: Mutex<Run>,
+    job: Mutex<JobHandle>,
+}
+
+impl Ctx<'_> {
+    fn save(&self, run: &Run) {
+        if let Err(e) = save(&self.site, run) {
+            // The run goes on; a crash now would resume from an older state (every
+            // step is safe to repeat).
+            tracing::error!(job = %run.job, "plan run state: {e}");
+        }
+    }
+
+    fn update<T>(&self, f: impl FnOnce(&mut Run) -> T) -> T {
+        let mut run = self.run.lock();
+        let t = f(&mut run);
+        self.save(&run);
+        t
+    }
+}
+
+/// The mount of the serve running at `site` (None: serve runs without one); an
+/// error when no serve runs.
+pub fn serve_mount(site: &Path) -> Result<Option<PathBuf>> {
+    match crate::control::request(site, &Request::ServeInfo)? {
+        Some(reply) => Ok(reply.into_result()?.mount),
+        None => Err(Error::InvalidInput(format!(
+            "a plan fails machines over through this site's running serve: start `replog \
+             serve {} --mount DIR` first",
+            site.display()
+        ))),
+    }
+}
+
+/// `replog plan failover SITE PLAN`: run plan `name` as `kind` at point rule `at`.
+pub fn start(
+    site: &Path,
+    name: &str,
+    kind: FailoverKind,
+    at: &str,
+    progress: &dyn Progress,
+) -> Result<Ended> {
+    let _lock = super::store::lock(site, name)?;
+    let plan = super::store::load(site, name)?;
+    for old in runs_of(site, name)?
+        .into_iter()
+        .filter(|r| r.state.unfinished())
+    {
+        if old.state == RunState::Stopped {
+            // A stopped run is given up for the new one.
+            let mut old = old;
+            old.state = RunState::Ended;
+            save(site, &old)?;
+            continue;
+        }
+        return Err(Error::InvalidInput(format!(
+            "run {} of plan {name} is {}: go on with `replog plan resume {} {name}`{}",
+            old.job,
+            match old.state {
+                RunState::Waiting => "waiting at a manual action",
+                _ => "unfinished (its process stopped)",
+            },
+            site.display(),
+            if old.kind == FailoverKind::Test {
+                format!(
+                    " or remove its copies with `replog plan cleanup-test {} {name}`",
+                    site.display()
+                )
+            } else {
+                String::new()
+            }
+        )));
+    }
+    let mount = serve_mount(site)?;
+    if kind != FailoverKind::Planned && mount.is_none() {
+        return Err(Error::InvalidInput(format!(
+            "serve runs without --mount: the failed-over machines would have nowhere to \
+             come up; restart it with `replog serve {} --mount DIR`",
+            site.display()
+        )));
+    }
+    let (plan_point, points) = super::points::choose(site, &plan, kind, at)?;
+    let machines = plan
+        .machines()
+        .map(|m| {
+            let name = match kind {
+                FailoverKind::Test => crate::failover::test_name(m),
+                _ => m.clone(),
+            };
+            let point = points.get(m).cloned().unwrap_or_else(|| at.to_string());
+            (
+                m.clone(),
+                MachineRun {
+                    name,
+                    point,
+                    job: None,
+                    state: MachineState::Pending,
+                    detail: None,
+                },
+            )
+        })
+        .collect();
+    let mut job = JobHandle::start_as(site, None, JobKind::Plan, None, Some(name))?;
+    job.step(&format!("plan {name}: {kind} failover"));
+    job.step_done(Some(match plan_point {
+        Some(id) => format!(
+            "at plan point {} (every machine's point of one barrier)",
+            crate::replica::points::plan_point_id(id)
+        ),
+        None if kind == FailoverKind::Planned => "at each machine's last LSN (zero loss)".into(),
+        None => format!("at {at} of each machine"),
+    }))?;
+    let run = Run {
+        format: FORMAT,
+        job: job.id().to_string(),
+        plan,
+        kind,
+        at: at.to_string(),
+        plan_point,
+        next: 0,
+        state: RunState::Running,
+        machines,
+        failures: Vec::new(),
+        action: None,
+        mount,
+    };
+    save(site, &run)?;
+    drive(Ctx {
+        site: site.to_path_buf(),
+        progress,
+        run: Mutex::new(run),
+        job: Mutex::new(job),
+    })
+}
+
+/// `replog plan resume SITE PLAN`: go on with the newest unfinished run of `name`.
+pub fn resume(site: &Path, name: &str, progress: &dyn Progress) -> Result<Ended> {
+    let _lock = super::store::lock(site, name)?;
+    let Some(mut run) = unfinished(site, name)? else {
+        let newest = runs_of(site, name)?.into_iter().next();
+        return Err(Error::InvalidInput(match newest {
+            Some(r) => format!(
+                "the newest run of plan {name} (job {}) {}: nothing to resume",
+                r.job,
+                match r.state {
+                    RunState::Succeeded => "succeeded".to_string(),
+                    RunState::Failed => format!(
+                        "ended with failures ({}); fail those machines over one by one",
+                        r.failures.join("; ")
+                    ),
+                    _ => "was cleaned up or given up".to_string(),
+                }
+            ),
+            None => format!("plan {name} has no run at this site"),
+        }));
+    };
+    let mount = serve_mount(site)?;
+    if run.kind != FailoverKind::Planned && mount.is_none() {
+        return Err(Error::InvalidInput(
+            "serve runs without --mount: the failed-over machines would have nowhere to come up"
+                .into(),
+        ));
+    }
+    let killed = run.action.take().is_some_and(|a| a.kill_if_running());
+    let mut job = JobHandle::take_over(site, &run.job)?;
+    if killed {
+        job.step("stop the action the stopped runner left running");
+        job.step_done(Some("its process group was killed; the action runs again"))?;
+    }
+    run.state = RunState::Running;
+    run.mount = mount;
+    for m in run.machines.values_mut() {
+        if m.state == MachineState::Failed {
+            m.state = MachineState::Pending;
+        }
+    }
+    save(site, &run)?;
+    drive(Ctx {
+        site: site.to_path_buf(),
+        progress,
+        run: Mutex::new(run),
+        job: Mutex::new(job),
+    })
+}
+
+/// Run the steps from `run.next` to the end, a manual action or a stop.
+fn drive(ctx: Ctx<'_>) -> Result<Ended> {
+    let (all, kind) = {
+        let run = ctx.run.lock();
+        (steps(&run.plan, run.kind), run.kind)
+    };
+    loop {
+        let next = ctx.run.lock().next;
+        let Some(&step) = all.get(next) else { break };
+        let name = ctx.run.lock().step_name(step);
+        ctx.progress.step(next, all.len(), &name);
+        let failed = match step {
+            StepRef::Action {
+                group,
+                after,
+                index,
+            } => {
+                let action = ctx.run.lock().action(group, after, index).cloned();
+                let Some(action) = action else { break };
+                if let ActionKind::Manual { text } = &action.what {
+                    return wait_at_manual(ctx, next, &name, text);
+                }
+                run_action(&ctx, &name, group, &action).err()
+            }
+            StepRef::Failover { group } => fail_over_group(&ctx, group).err(),
+        };
+        if let Some(why) = failed {
+            if kind == FailoverKind::Unplanned {
+                ctx.update(|r| r.failures.push(why));
+            } else {
+                return stop(ctx, why);
+            }
+        }
+        ctx.update(|r| r.next = next + 1);
+        crate::failpoint::hit("plan:after-step");
+    }
+    ctx.progress
+        .step(all.len(), all.len(), "verify every machine is up");
+    finish(ctx)
+}
+
+/// A manual action: the run waits for `plan resume` (which goes on after it).
+fn wait_at_manual(ctx: Ctx<'_>, next: usize, name: &str, text: &str) -> Result<Ended> {
+    let n = ctx.job.lock().begin_step(name);
+    ctx.update(|r| {
+        r.next = next + 1;
+        r.state = RunState::Waiting;
+    });
+    let job = ctx.job.into_inner().wait_for_operator(n)?;
+    Ok(Ended::Waiting {
+        job,
+        text: text.to_string(),
+    })
+}
+
+/// A planned or test run stops at its first failure.
+fn stop(ctx: Ctx<'_>, why: String) -> Result<Ended> {
+    ctx.update(|r| r.state = RunState::Stopped);
+    let job = ctx.job.into_inner();
+    let error =
+        format!("{why}; the run stopped there (`replog plan resume` tries that step again)");
+    let job = job.fail(&Error::InvalidInput(error.clone()));
+    Ok(Ended::Failed { job, error })
+}
+
+/// The end: an unplanned run with failures fails listing them; otherwise every
+/// machine's state is checked again and only then does the job succeed.
+fn finish(ctx: Ctx<'_>) -> Result<Ended> {
+    let run = ctx.run.lock().clone();
+    let job = ctx.job.into_inner();
+    if !run.failures.is_empty() {
+        let error = format!(
+            "{} of the plan's steps failed (the run went on to its end): {}",
+            run.failures.len(),
+            run.failures.join("; ")
+        );
+        let mut done = run;
+        done.state = RunState::Failed;
+        save(&ctx.site, &done)?;
+        let job = job.fail(&Error::InvalidInput(error.clone()));
+        return Ok(Ended::Failed { job, error });
+    }
+    let site = ctx.site.clone();
+    let checked = job.finish(|| {
+        let mut lines = Vec::new();
+        for (m, mr) in &run.machines {
+            lines.push(up(&site, &run, m, &mr.name)?);
+        }
+        Ok(lines.join("; "))
+    });
+    let mut done = run;
+    match checked {
+        Ok(job) => {
+            done.state = RunState::Succeeded;
+            save(&site, &done)?;
+            Ok(Ended::Succeeded(job))
+        }
+        Err(e) => {
+            done.state = RunState::Failed;
+            save(&site, &done)?;
+            let job = jobs::get(&site, &done.job)?;
+            Ok(Ended::Failed {
+                job,
+                error: format!("the end state did not verify: {e}"),
+            })
+        }
+    }
+}
+
+/// Run action `action` (a `run`), recording it as step `name`.
+fn run_action(
+    ctx: &Ctx<'_>,
+    name: &str,
+    group: usize,
+    action: &Action,
+) -> std::result::Result<(), String> {
+    let ActionKind::Run {
+        argv, timeout_ms, ..
+    } = &action.what
+    else {
+        return Ok(());
+    };
+    let n = ctx.job.lock().begin_step(name);
+    let env = environment(ctx, group);
+    let ran = action::run(argv, &env, Duration::from_millis(*timeout_ms), |started| {
+        ctx.update(|r| r.action = Some(started));
+        ctx.job
+            .lock()
+            .step_detail(n, format!("running (process {})", started.pid));
+        crate::failpoint::hit("plan:action-started");
+    });
+    ctx.update(|r| r.action = None);
+    match ran {
+        Ok(f) if f.succeeded() => {
+            ctx.job
+                .lock()
+                .end_step(n, JobState::Succeeded, Some(f.describe()));
+            Ok(())
+        }
+        Ok(f) => {
+            let d = f.describe();
+            ctx.job
+                .lock()
+                .end_step(n, JobState::Failed, Some(d.clone()));
+            Err(format!(
+                "{name} failed: {}",
+                d.lines().next().unwrap_or_default()
+            ))
+        }
+        Err(e) => {
+            ctx.job
+                .lock()
+                .end_step(n, JobState::Failed, Some(e.to_string()));
+            Err(format!("{name} did not start: {e}"))
+        }
+    }
+}
+
+/// The environment an action of group `group` gets.
+fn environment(ctx: &Ctx<'_>, group: usize) -> Vec<(String, String)> {
+    let run = ctx.run.lock();
+    let site = std::fs::canonicalize(&ctx.site).unwrap_or_else(|_| ctx.site.clone());
+    let machines = run
+        .plan
+        .groups
+        .get(group)
+        .map(|g| g.machines.join(" "))
+        .unwrap_or_default();
+    vec![
+        ("REPLOG_SITE".into(), site.display().to_string()),
+        ("REPLOG_PLAN".into(), run.plan.name.clone()),
+        ("REPLOG_GROUP".into(), (group + 1).to_string()),
+        ("REPLOG_FAILOVER".into(), run.kind.as_str().into()),
+        ("REPLOG_MACHINES".into(), machines),
+        (
+            "REPLOG_MOUNT".into(),
+            run.mount
+                .as_ref()
+                .map(|m| m.display().to_string())
+                .unwrap_or_default(),
+        ),
+        ("REPLOG_JOB".into(), run.job.clone()),
+    ]
+}
+
+/// Fail over every machine of group `group` that is not up yet, side by side; Err
+/// names every one that failed.
+fn fail_over_group(ctx: &Ctx<'_>, group: usize) -> std::result::Result<(), String> {
+    let machines: Vec<String> = {
+        let run = ctx.run.lock();
+        run.plan
+            .groups
+            .get(group)
+            .map(|g| g.machines.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| {
+                run.machines
+                    .get(m)
+                    .is_some_and(|mr| mr.state != MachineState::Up)
+            })
+            .collect()
+    };
+    let failures: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = machines
+            .iter()
+            .map(|m| {
+                s.spawn(move || {
+                    let kind = ctx.run.lock().kind;
+                    let n = ctx
+                        .job
+                        .lock()
+                        .begin_step(&format!("group {}: fail over {m} ({kind})", group + 1));
+                    let outcome = fail_over(ctx, m);
+                    let (state, detail) = match &outcome {
+                        Ok(d) => (MachineState::Up, d.clone()),
+                        Err(e) => (MachineState::Failed, e.clone()),
+                    };
+                    ctx.update(|r| {
+                        if let Some(mr) = r.machines.get_mut(m) {
+                            mr.state = state;
+                            mr.detail = Some(detail.clone());
+                        }
+                    });
+                    let js = if state == MachineState::Up {
+                        JobState::Succeeded
+                    } else {
+                        JobState::Failed
+                    };
+                    ctx.job.lock().end_step(n, js, Some(detail));
+                    outcome.err().map(|e| format!("{m}: {e}"))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Some("a failover thread panicked".into()))
+            })
+            .collect()
+    });
+    let up: Vec<String> = {
+        let run = ctx.run.lock();
+        run.plan
+            .groups
+            .get(group)
+            .map(|g| g.machines.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| {
+                run.machines
+                    .get(m)
+                    .is_some_and(|mr| mr.state == MachineState::Up)
+            })
+            .collect()
+    };
+    let mut job = ctx.job.lock();
+    let n = job.begin_step(&format!("group {}: machines up", group + 1));
+    if failures.is_empty() {
+        job.end_step(n, JobState::Succeeded, Some(up.join(", ")));
+        Ok(())
+    } else {
+        job.end_step(
+            n,
+            JobState::Failed,
+            Some(format!(
+                "up: {}; failed: {}",
+                if up.is_empty() {
+                    "none".into()
+                } else {
+                    up.join(", ")
+                },
+                failures.join("; ")
+            )),
+        );
+        Err(format!("failover of {}", failures.join("; ")))
+    }
+}
+
+/// Fail machine `m` over (or find that it was, after a crash); Ok says how it is up.
+fn fail_over(ctx: &Ctx<'_>, m: &str) -> std::result::Result<String, String> {
+    let (kind, point, name, earlier, plan) = {
+        let run = ctx.run.lock();
+        let mr = run
+            .machines
+            .get(m)
+            .ok_or_else(|| format!("{m} is not in the run"))?;
+        (
+            run.kind,
+            mr.point.clone(),
+            mr.name.clone(),
+            mr.job.clone(),
+            run.plan.name.clone(),
+        )
+    };
+    let site = ctx.site.clone();
+    // A failover asked for before a crash: its job says how it went.
+    let mut id = None;
+    if let Some(earlier) = earlier {
+        match ended_job(&site, &earlier) {
+            Some(j) if j.state == JobState::Succeeded => {
+                return up(&site, &ctx.run.lock(), m, &name)
+                    .map(|d| format!("job {earlier} (before the restart): {d}"))
+                    .map_err(|e| e.to_string());
+            }
+            // Never begun by serve: ask again under the same ID (a request still in
+            // flight then finds its job taken and waits for it below).
+            None => id = Some(earlier),
+            Some(_) => {}
+        }
+    }
+    let id = id.unwrap_or_else(jobs::new_id);
+    ctx.update(|r| {
+        if let Some(mr) = r.machines.get_mut(m) {
+            mr.job = Some(id.clone());
+        }
+    });
+    let spec = JobSpec {
+        id: Some(id.clone()),
+        plan: Some(plan),
+    };
+    let req = match kind {
+        FailoverKind::Planned => Request::PlannedFailover {
+            machine: m.to_string(),
+            job: spec,
+        },
+        _ => Request::Failover {
+            machine: m.to_string(),
+            kind,
+            at: point,
+            as_name: (kind == FailoverKind::Test).then_some(name.clone()),
+            shutdown_source: None,
+            job: spec,
+        },
+    };
+    let reply: Result<Reply> = match crate::control::request(&site, &req) {
+        Ok(Some(r)) => r.into_result(),
+        Ok(None) => Err(Error::InvalidInput("serve stopped running".into())),
+        Err(e) => Err(e),
+    };
+    crate::failpoint::hit("plan:after-request");
+    // The job is the truth when there is one (serve may have carried the failover
+    // out for an earlier request with this ID).
+    match ended_job(&site, &id) {
+        Some(j) if j.state == JobState::Succeeded => up(&site, &ctx.run.lock(), m, &name)
+            .map(|d| format!("job {id}: {d}"))
+            .map_err(|e| e.to_string()),
+        Some(j) => Err(format!(
+            "{} (job {id})",
+            j.error
+                .unwrap_or_else(|| format!("the job ended {}", j.state.as_str()))
+        )),
+        None => Err(match reply {
+            Err(e) => e.to_string(),
+            Ok(_) => format!("serve answered but recorded no job {id}"),
+        }),
+    }
+}
+
+/// Job `id` once it has ended (waiting while serve works on it); None when there is
+/// no such job. A job whose process died ends as failed here.
+fn ended_job(site: &Path, id: &str) -> Option<Job> {
+    let mut unreadable = 0;
+    loop {
+        match jobs::get(site, id) {
+            Ok(j) if j.state.ended() => return Some(j),
+            Ok(mut j) if j.owner_gone() => {
+                j.state = JobState::Failed;
+                j.error = Some(format!(
+                    "the process that ran it ({}) stopped before it ended",
+                    j.owner_pid
+                ));
+                return Some(j);
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(100)),
+            Err(Error::NotFound(_)) => return None,
+            Err(e) => {
+                tracing::warn!("job {id}: {e}");
+                unreadable += 1;
+                if unreadable > 50 {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Check that machine `m` of `run` is up as `name` now: its failover recorded here
+/// and, where it runs here, every disk under the mount with its size.
+pub fn up(site: &Path, run: &Run, m: &str, name: &str) -> Result<String> {
+    let dir = site.join(crate::site::MACHINES_DIR).join(name);
+    let man: Manifest = crate::volume::Machine::read_manifest(&FileStorage, &dir)
+        .map_err(|e| Error::InvalidInput(format!("{name} is not a machine of this site: {e}")))?;
+    if run.kind == FailoverKind::Planned {
+        return match &man.fence {
+            Some(f) => Ok(format!(
+                "{m} runs at the target now (generation {}); failed-over here",
+                f.generation
+            )),
+            None => Err(Error::InvalidInput(format!(
+                "{m} is not failed over: this site still runs it"
+            ))),
+        };
+    }
+    let base = man
+        .base
+        .as_ref()
+        .filter(|b| b.replica == m)
+        .ok_or_else(|| Error::InvalidInput(format!("{name} does not stand on replica {m}")))?;
+    let mount = run
+        .mount
+        .as_ref()
+        .ok_or_else(|| Error::InvalidInput("no mount to find the disks under".into()))?;
+    let mut disks = Vec::new();
+    for d in &man.disks {
+        let img = mount.join(name).join(format!("{}.img", d.name));
+        let md = std::fs::metadata(&img)
+            .map_err(|e| Error::InvalidInput(format!("{}: {e}", img.display())))?;
+        if md.len() != d.size {
+            return Err(Error::InvalidInput(format!(
+                "{} is {} bytes, not {}",
+                img.display(),
+                md.len(),
+                d.size
+            )));
+        }
+        disks.push(d.name.clone());
+    }
+    Ok(format!(
+        "{name} up at pt-{} ({} under {})",
+        base.lsn,
+        disks.join(", "),
+        mount.join(name).display()
+    ))
+}
