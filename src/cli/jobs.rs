@@ -21,7 +21,15 @@ pub fn show(site: &Path, id: Option<&str>, json: bool) -> Result<()> {
     }
     for j in &list {
         let state = if j.state == jobs::JobState::InProgress && j.owner_gone() {
-            format!("in-progress (its process {} stopped)", j.owner_pid)
+            format!(
+                "in-progress (its process {} stopped{})",
+                j.owner_pid,
+                if j.kind == jobs::JobKind::Plan {
+                    "; `replog plan resume` goes on"
+                } else {
+                    ""
+                }
+            )
         } else {
             j.state.as_str().to_string()
         };
@@ -29,7 +37,11 @@ pub fn show(site: &Path, id: Option<&str>, json: bool) -> Result<()> {
             "{}  {:<20} {:<10} {:<12} started {}{}{}",
             j.id,
             j.kind.as_str(),
-            j.machine.as_deref().unwrap_or("-"),
+            match (&j.machine, &j.plan) {
+                (Some(m), _) => m.clone(),
+                (None, Some(p)) => format!("plan {p}"),
+                (None, None) => "-".into(),
+            },
             state,
             j.started,
             j.ended

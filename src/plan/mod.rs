@@ -112,7 +112,8 @@ pub fn cleanup_test(site: &Path, name: &str) -> Result<Job> {
             }
         }
     }
-    if test_run.state.unfinished() {
+    let run_job_open = jobs::get(site, &test_run.job).is_ok_and(|j| !j.state.ended());
+    if run_job_open {
         jobs::close(
             site,
             &test_run.job,
