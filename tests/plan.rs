@@ -175,6 +175,19 @@ impl Drop for Sites {
     }
 }
 
+/// A status written after now (a running serve rewrites it every quarter second).
+fn fresh_status(site: &Path) -> serde_json::Value {
+    let since = replog::format::now_ns();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = status(site);
+        if st["as_of_ns"].as_u64().unwrap_or(0) > since || Instant::now() > deadline {
+            return st;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The names under `mount` ending in `-test`, sorted, space-separated (what a script
 /// sees as up in a test failover).
 const LIST_COPIES: &str = r#"ls "$REPLOG_MOUNT" | grep -- '-test$' | tr '\n' ' '"#;
@@ -892,7 +905,7 @@ fn a_planned_plan_run_at_the_primary_promotes_every_machine_at_the_target() {
             Some(libc::EROFS)
         );
     }
-    let st = status(&s.dst);
+    let st = fresh_status(&s.dst);
     for m in ["db", "app", "web"] {
         let e = st["machines"]
             .as_array()
@@ -906,7 +919,7 @@ fn a_planned_plan_run_at_the_primary_promotes_every_machine_at_the_target() {
     assert_eq!(plan_job(&s.src, "erp")["state"], "succeeded");
     let o = plan("commit", &s.dst, &["erp"]);
     assert!(o.status.success(), "plan commit: {}", text(&o));
-    let st = status(&s.dst);
+    let st = fresh_status(&s.dst);
     for m in ["db", "app", "web"] {
         assert!(st["machines"]
             .as_array()

@@ -46,6 +46,12 @@ pub trait Host {
     fn open(&self, name: &str) -> Result<()>;
     /// Machine `name` is about to change on disk (or go): close it.
     fn close(&self, name: &str) -> Result<()>;
+    /// Machine `name` is about to change on disk and opens again right after: close
+    /// it, keeping it where people see it meanwhile (serve: under the mount, where a
+    /// write in flight waits for the reopened machine, and in status).
+    fn close_to_reopen(&self, name: &str) -> Result<()> {
+        self.close(name)
+    }
     /// Machine `name`, open (serve: the open one; offline: opened now).
     fn machine(&self, name: &str) -> Result<Arc<Machine>>;
 }
@@ -294,14 +300,33 @@ pub fn cancel(host: &dyn Host, name: &str) -> Result<u64> {
 /// dropped. Returns (the new point's LSN, the bytes dropped).
 pub fn change_point(host: &dyn Host, name: &str, at: &str) -> Result<(u64, u64)> {
     let site = host.site();
-    let (mut manifest, _pending, base) = pending_of(site, name)?;
+    let (manifest, _pending, base) = pending_of(site, name)?;
     let store = host.replicas().open_readonly(&base.replica)?;
     let promotion = store.promotion()?;
     // Resolve (and check) the new point before anything changes.
     let image = PointImage::open(store, at)?;
-    let point = image.point().clone();
     let dropped = written_since(host, name)?;
-    host.close(name)?;
+    host.close_to_reopen(name)?;
+    let changed = move_to_point(host, name, manifest, base, promotion, image);
+    // Open again whatever happened: the machine as it now is on disk (an error
+    // leaves the old point or the new, never a mix).
+    let reopened = host.open(name);
+    let lsn = changed?;
+    reopened?;
+    Ok((lsn, dropped))
+}
+
+/// The files' part of [`change_point`], with the machine closed.
+fn move_to_point(
+    host: &dyn Host,
+    name: &str,
+    mut manifest: Manifest,
+    base: Base,
+    promotion: Option<Promotion>,
+    image: PointImage,
+) -> Result<u64> {
+    let site = host.site();
+    let point = image.point().clone();
     let dir = site.machine_dir(name)?;
     let fs = FileStorage;
     let jdir = dir.join(JOURNAL_DIR);
@@ -332,9 +357,7 @@ pub fn change_point(host: &dyn Host, name: &str, at: &str) -> Result<(u64, u64)>
         p.lsn = point.lsn;
         image.store().set_promotion(Some(&p))?;
     }
-    drop(image);
-    host.open(name)?;
-    Ok((point.lsn, dropped))
+    Ok(point.lsn)
 }
 
 /// Commit the pending failover of `name`: no way back; the replica's other points

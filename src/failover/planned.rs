@@ -123,7 +123,7 @@ pub fn run_as(
         m.seal()?;
         Ok(m.status().last_lsn)
     })();
-    let lsn = match fenced {
+    let mut lsn = match fenced {
         Ok(l) => l,
         Err(e) => return Err(roll_back(&m, job, e, &id)),
     };
@@ -133,12 +133,21 @@ pub fn run_as(
     crate::failpoint::hit("planned:after-intent");
 
     job.step("ship everything and have it acknowledged");
-    match ship.ship_all(&m) {
+    match ship_to_the_end(ship, &m, lsn) {
         Ok(acked) if acked >= lsn => {
             let _ = job.step_done(Some(format!(
-                "{} acknowledged up to LSN {acked}",
-                rel.target
+                "{} acknowledged up to LSN {acked}{}",
+                rel.target,
+                if acked > lsn {
+                    format!(
+                        " (after {lsn}, points only: a resync or a checkpoint ran while \
+                         writes were refused; the promoted point is LSN {acked})"
+                    )
+                } else {
+                    String::new()
+                }
             )));
+            lsn = acked;
             crate::failpoint::hit("planned:after-ship");
         }
         Ok(acked) => {
@@ -232,7 +241,7 @@ pub fn run_as(
     )));
     drop(m);
     // Reopened: a failed-over machine has no loops (its journal is kept).
-    host.close(name)?;
+    host.close_to_reopen(name)?;
     host.open(name)?;
     let job_id = id.clone();
     job.finish(|| {
@@ -265,6 +274,41 @@ pub fn run_as(
         )),
         ..Default::default()
     })
+}
+
+/// Ship everything and have it acknowledged, up to the machine's last LSN — which
+/// may have grown past `fenced_at` (the last LSN when writes were fenced) by points
+/// only: a resync that was under way appends its first consistent point, an
+/// operator's checkpoint or a flush a point of their own. The state is the same at
+/// all of them, and the target may keep only the newest (a resync hides the points
+/// before its end), so the promotion is at the newest, once every record after
+/// `fenced_at` is known to be a point. Returns the LSN acknowledged, the last.
+fn ship_to_the_end(ship: &dyn Shipping, m: &Machine, fenced_at: u64) -> Result<u64> {
+    let mut acked = ship.ship_all(m)?;
+    for _ in 0..10 {
+        let last = m.status().last_lsn;
+        if acked >= last {
+            break;
+        }
+        acked = ship.ship_all(m)?;
+    }
+    let last = m.status().last_lsn;
+    if acked < last {
+        return Err(Error::Busy(format!(
+            "the journal kept growing while writes were refused (LSN {last}, acknowledged \
+             {acked})"
+        )));
+    }
+    if acked > fenced_at {
+        let tail = m.records_after(fenced_at)?;
+        if !tail.ranges.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "{} data records followed LSN {fenced_at} although writes were refused",
+                tail.ranges.len()
+            )));
+        }
+    }
+    Ok(acked)
 }
 
 /// A step before the promotion failed: take writes again, fail the job.

@@ -56,6 +56,11 @@ pub struct Registry {
     /// Changes to a machine are made one at a time (per name: changes to other
     /// machines go on beside them).
     changing: NameLocks,
+    /// Machines closed to open again at once (a failover changed them): status
+    /// shows them as they last were meanwhile.
+    reloading: Mutex<std::collections::BTreeSet<String>>,
+    /// The machines' status as last worked out.
+    last_status: Mutex<Vec<MachineStatus>>,
     /// The directory the disks are mounted under (`serve --mount`).
     mount: Mutex<Option<std::path::PathBuf>>,
     /// Promotions under way and shutdown requests, shared with the receiver.
@@ -94,6 +99,8 @@ impl Registry {
             replica_status: Mutex::new((None, Vec::new())),
             changing: NameLocks::default(),
             mount: Mutex::new(None),
+            reloading: Mutex::default(),
+            last_status: Mutex::default(),
         }))
     }
 
@@ -378,7 +385,11 @@ impl Registry {
     /// shows it). On any error nothing stays promoted.
     pub fn planned_promote(&self, machine: &str, lsn: u64, generation: u32) -> Result<()> {
         let _one = self.changing.lock(&[machine]);
-        crate::failover::run::planned_target(&Host(self), machine, lsn, generation).map(|_| ())
+        let promoted =
+            crate::failover::run::planned_target(&Host(self), machine, lsn, generation).map(|_| ());
+        // The promoted machine is in `replog status` as soon as the primary hears of it.
+        self.publish_status();
+        promoted
     }
 
     /// A reprotect toward this site (the receiver's hook): seed a replica from this
@@ -508,6 +519,17 @@ impl Registry {
                 ));
             }
         }
+        // A machine closed to be opened again at once is still there.
+        {
+            let reloading = self.reloading.lock();
+            let last = self.last_status.lock();
+            for name in reloading.iter() {
+                if !out.iter().any(|m| &m.name == name) {
+                    out.extend(last.iter().filter(|m| &m.name == name).cloned());
+                }
+            }
+        }
+        *self.last_status.lock() = out.clone();
         let mut rs = self.replica_status.lock();
         if rs.0.is_none_or(|t| t.elapsed() >= REPLICA_STATUS_EVERY) {
             *rs = (
@@ -845,10 +867,15 @@ impl crate::failover::Host for Host<'_> {
     }
 
     fn open(&self, name: &str) -> Result<()> {
+        let reloading = self.0.reloading.lock().remove(name);
         if self.0.machines.lock().contains_key(name) {
             return Ok(());
         }
-        self.0.open(name)
+        let opened = self.0.open(name);
+        if opened.is_err() && reloading {
+            self.0.tree.remove_machine(name);
+        }
+        opened
     }
 
     fn close(&self, name: &str) -> Result<()> {
@@ -856,6 +883,18 @@ impl crate::failover::Host for Host<'_> {
             return Ok(());
         }
         self.0.close(name)
+    }
+
+    fn close_to_reopen(&self, name: &str) -> Result<()> {
+        if !self.0.machines.lock().contains_key(name) {
+            return Ok(());
+        }
+        self.0.reloading.lock().insert(name.to_string());
+        let closed = self.0.close_keeping(name, true);
+        if closed.is_err() {
+            self.0.reloading.lock().remove(name);
+        }
+        closed
     }
 
     fn machine(&self, name: &str) -> Result<Arc<Machine>> {
