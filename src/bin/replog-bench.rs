@@ -26,6 +26,8 @@ mod failback;
 mod failover;
 #[path = "bench/fio.rs"]
 mod fio;
+#[path = "bench/plan.rs"]
+mod plan;
 #[path = "bench/replica.rs"]
 mod replica;
 #[path = "bench/resync.rs"]
@@ -125,8 +127,9 @@ struct Args {
     #[arg(long, allow_hyphen_values = true)]
     serve_arg: Vec<String>,
     /// Run only the engine figures whose group is named here: journal (append and the
-    /// reads of its data), random, index, digest, restore, view, resync, failover, failback (FUSE figures are
-    /// governed by --no-fuse / --fuse-only).
+    /// reads of its data), random, index, digest, restore, view, resync, failover, failback,
+    /// plan (FUSE figures, the plan's failover among them, are governed by --no-fuse /
+    /// --fuse-only).
     #[arg(long, value_name = "GROUP")]
     only: Vec<String>,
     /// Directory for temporary files (default: ./target/bench-tmp).
@@ -268,6 +271,9 @@ fn run(args: &Args) -> Result<()> {
         if want("digest") {
             figures.push(b.digest_cost()?);
         }
+        if want("plan") {
+            figures.push(b.plan_point_pause()?);
+        }
         if ["restore", "view", "resync", "failover", "failback"]
             .iter()
             .any(|g| want(g))
@@ -304,6 +310,15 @@ fn run(args: &Args) -> Result<()> {
             let note = "fio, median of interleaved runs".to_string();
             figures.push(Figure::versus(&f.name, f.value, f.baseline, f.unit, note));
         }
+        progress("plan failover: 4 machines as one plan against one after another");
+        let (value, base, note) = plan::parallel_failover(&work.path, &replog, args.quick)?;
+        figures.push(Figure::versus(
+            "plan failover of 4 machines in one group vs one after another",
+            value,
+            base,
+            "ms",
+            note,
+        ));
     }
     drop(work);
 
