@@ -435,3 +435,98 @@ fn write_version_4_fixtures() {
         std::fs::write(p.join(name), protocol::encode(&msg).expect("encode")).expect("write");
     }
 }
+
+#[test]
+#[ignore]
+fn write_version_5_fixtures() {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v5");
+    let _ = std::fs::remove_dir_all(&out);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    trusted_pair(&a, &b);
+    for m in ["vm1", "vm2"] {
+        replog(&["disk", "create", &format!("{m}/os"), "--size", "1M"], &a);
+    }
+    let addr = start_target(&b);
+    let site = Site::open(&a).expect("source");
+    let ms: Vec<replog::Machine> = ["vm1", "vm2"]
+        .iter()
+        .map(|n| site.open_machine(n).expect("machine"))
+        .collect();
+    let mut shippers: Vec<Shipper> = ms.iter().map(|m| Shipper::new(&a, m, &addr)).collect();
+    for (m, sh) in ms.iter().zip(shippers.iter_mut()) {
+        sh.set_retention(3_600_000, 7_200_000);
+        sh.ship_once(m).expect("initial");
+        scatter(m, "os", 5, 6);
+        m.flush().expect("flush");
+    }
+    // v5/target: two replicas whose segments hold one plan point (index version 2).
+    let refs: Vec<&replog::Machine> = ms.iter().collect();
+    let pp = replog::volume::plan_point(&refs, true, std::time::Duration::from_secs(5))
+        .expect("plan point");
+    for (m, sh) in ms.iter().zip(shippers.iter_mut()) {
+        scatter(m, "os", 9, 3);
+        m.flush().expect("flush");
+        m.seal().expect("seal");
+        sh.ship_once(m).expect("ship");
+    }
+    keep_site(&b, &out.join("target/site"));
+    let _ = std::fs::remove_file(out.join("target/site/replicas/vm2/merge.lock"));
+    let points: Vec<serde_json::Value> = pp
+        .points
+        .iter()
+        .map(|(m, p)| serde_json::json!({"machine": m, "lsn": p.lsn}))
+        .collect();
+    std::fs::write(
+        out.join("target/plan-point.json"),
+        serde_json::to_string_pretty(&serde_json::json!({"id": pp.id, "points": points}))
+            .expect("json"),
+    )
+    .expect("write");
+
+    // v5/site: a plan file and the state of a run of it (format 1), stopped at a
+    // manual step.
+    let site_dir = out.join("site");
+    std::fs::create_dir_all(site_dir.join("plans/runs")).expect("mkdir");
+    let plan_text = "name = \"erp\"\n[[group]]\nmachines = [\"vm1\"]\n  [[group.after]]\n  run = \"/bin/true --quick\"\n  timeout = \"2m\"\n  on = [\"test\", \"planned\"]\n  [[group.after]]\n  manual = \"Check vm1\"\n[[group]]\nmachines = [\"vm2\"]\n";
+    std::fs::write(site_dir.join("plans/erp.toml"), plan_text).expect("write");
+    let plan =
+        replog::plan::file::parse(plan_text, "erp.toml", &replog::plan::file::Checks::STORED)
+            .expect("plan");
+    let job = "j-20261203T220000-000001-abcd".to_string();
+    let mut machines = std::collections::BTreeMap::new();
+    for (m, state) in [
+        ("vm1", replog::plan::run::MachineState::Up),
+        ("vm2", replog::plan::run::MachineState::Pending),
+    ] {
+        machines.insert(
+            m.to_string(),
+            replog::plan::run::MachineRun {
+                name: format!("{m}-test"),
+                point: "latest".into(),
+                job: (m == "vm1").then(|| "j-20261203T220000-000002-abcd".to_string()),
+                state,
+                detail: None,
+            },
+        );
+    }
+    let run = replog::plan::run::Run {
+        format: replog::plan::run::FORMAT,
+        job: job.clone(),
+        plan,
+        kind: replog::protection::FailoverKind::Test,
+        at: "latest".into(),
+        plan_point: None,
+        next: 3,
+        state: replog::plan::run::RunState::Waiting,
+        machines,
+        failures: Vec::new(),
+        action: None,
+        mount: Some("/mnt/dr".into()),
+    };
+    std::fs::write(
+        site_dir.join(format!("plans/runs/{job}.json")),
+        serde_json::to_string_pretty(&run).expect("json"),
+    )
+    .expect("write");
+}

@@ -365,6 +365,8 @@ pub fn check_meta(data: &[u8]) {
             MetaFile::ResyncProgress(v) => encode(kind, v),
             MetaFile::Scrub(v) => encode(kind, v),
             MetaFile::Promotion(v) => encode(kind, v),
+            MetaFile::ChangedMap(v) => v.encode().expect("a decoded map encodes"),
+            MetaFile::Seed(v) => encode(kind, v),
         };
         let (k2, file2) = decode_meta_file(&again).expect("re-decode");
         assert_eq!((k2, file2), (kind, file), "re-encoding changed the value");
