@@ -25,6 +25,14 @@
 //! | `reprotect:seeded` | old primary | its disks are copied into the replica; the tail not kept yet |
 //! | `reprotect:delta-sent` | new primary | at least 1 MiB of the blocks that differ sent |
 //!
+//! The points of a recovery plan's run (in the process of `replog plan failover`):
+//!
+//! | point | reached when |
+//! |---|---|
+//! | `plan:after-request` | serve answered a machine's failover request; the run has not recorded the outcome |
+//! | `plan:action-started` | a `run` action's process started and was recorded |
+//! | `plan:after-step` | a step's outcome was recorded |
+//!
 //! `REPLOG_FAILPOINT=NAME:stall` stops the thread that reaches NAME for good instead
 //! (the test looks at the process meanwhile — its status — and kills it itself).
 

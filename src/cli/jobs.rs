@@ -34,7 +34,7 @@ pub fn show(site: &Path, id: Option<&str>, json: bool) -> Result<()> {
             j.state.as_str().to_string()
         };
         println!(
-            "{}  {:<20} {:<10} {:<12} started {}{}{}",
+            "{}  {:<20} {:<16} {:<12} started {}{}{}",
             j.id,
             j.kind.as_str(),
             match (&j.machine, &j.plan) {
