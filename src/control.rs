@@ -113,6 +113,16 @@ pub enum Request {
     },
     /// What this serve runs with (its mount directory).
     ServeInfo,
+    /// A failover of `machine` as `name` whose job did not end well although its
+    /// promotion was made: check it now (a plan's resume, instead of failing over
+    /// twice).
+    VerifyFailover {
+        machine: String,
+        kind: crate::protection::FailoverKind,
+        name: String,
+        #[serde(default)]
+        job: crate::jobs::JobSpec,
+    },
     /// Remove a test copy of `machine` (`as_name`, default `MACHINE-test`).
     CleanupTest {
         machine: String,
@@ -331,6 +341,7 @@ fn reply_timeout(req: &Request) -> Duration {
         | Request::Failover { .. }
         | Request::PlannedFailover { .. }
         | Request::PlanCheckpoint { .. }
+        | Request::VerifyFailover { .. }
         | Request::CleanupTest { .. }
         | Request::ChangePoint { .. }
         | Request::CancelFailover { .. }
@@ -443,6 +454,7 @@ pub fn offline(site: &Path, req: &Request) -> Result<Reply> {
             Ok(Reply::done(lines.join("\n")))
         }
         Request::Failover { .. }
+        | Request::VerifyFailover { .. }
         | Request::CleanupTest { .. }
         | Request::ChangePoint { .. }
         | Request::CancelFailover { .. }

@@ -25,6 +25,9 @@
 //! | `reprotect:seeded` | old primary | its disks are copied into the replica; the tail not kept yet |
 //! | `reprotect:delta-sent` | new primary | at least 1 MiB of the blocks that differ sent |
 //!
+//! `failover:before-verify`: an unplanned or test failover at the target has
+//! promoted and opened the machine; its digest check has not run.
+//!
 //! The points of a recovery plan's run (in the process of `replog plan failover`):
 //!
 //! | point | reached when |

@@ -46,10 +46,9 @@ impl JobKind {
     /// Whether a process that goes on with the work picks up this kind of job
     /// after the one that began it died.
     pub fn resumable(self) -> bool {
-        // A plan run is resumed by `replog plan resume`, from its run's state.
         matches!(
             self,
-            JobKind::InitialReplication | JobKind::Resync | JobKind::Reprotect | JobKind::Plan
+            JobKind::InitialReplication | JobKind::Resync | JobKind::Reprotect
         )
     }
 
@@ -151,12 +150,17 @@ fn path_of(site: &Path, id: &str) -> Result<PathBuf> {
     Ok(dir(site).join(format!("{id}.json")))
 }
 
-/// When the process `pid` started (clock ticks since boot), if it runs.
+/// When the process `pid` started (clock ticks since boot), if it runs (a zombie —
+/// dead, not yet reaped by its parent — does not).
 pub fn process_start(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces.
     let after = stat.rsplit_once(')')?.1;
-    after.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = after.split_whitespace();
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 impl Job {
@@ -565,7 +569,14 @@ pub fn get(site: &Path, id: &str) -> Result<Job> {
 pub fn reap(site: &Path) -> Result<usize> {
     let mut n = 0;
     for job in list(site)? {
-        if job.state != JobState::InProgress || job.kind.resumable() || !job.owner_gone() {
+        // A plan's run is resumed by `replog plan resume` from its state file; a
+        // plan-kind job without one (a commit, a cleanup, a run that died before its
+        // state was first saved) is not.
+        let resumable = match job.kind {
+            JobKind::Plan => crate::plan::run::is_run(site, &job.id),
+            k => k.resumable(),
+        };
+        if job.state != JobState::InProgress || resumable || !job.owner_gone() {
             continue;
         }
         let gone = job.owner_pid;

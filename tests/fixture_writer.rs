@@ -507,6 +507,7 @@ fn write_version_5_fixtures() {
                 job: (m == "vm1").then(|| "j-20261203T220000-000002-abcd".to_string()),
                 state,
                 detail: None,
+                made: m == "vm1",
             },
         );
     }

@@ -719,4 +719,6 @@ fn version_5_plan_points_index_version_2_plans_and_runs_read_back() {
         run.machines["vm1"].job.as_deref(),
         Some("j-20261203T220000-000002-abcd")
     );
+    // Written before `made` existed: it reads as not made.
+    assert!(!run.machines["vm1"].made);
 }

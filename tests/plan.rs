@@ -62,6 +62,8 @@ struct Sites {
     tmp: tempfile::TempDir,
     src: PathBuf,
     dst: PathBuf,
+    /// Where the target listens.
+    addr: String,
     src_serve: Option<Served>,
     dst_serve: Option<Served>,
 }
@@ -110,6 +112,7 @@ impl Sites {
             tmp,
             src,
             dst,
+            addr,
             src_serve: Some(src_serve),
             dst_serve: Some(dst_serve),
         };
@@ -927,4 +930,128 @@ fn a_planned_plan_run_at_the_primary_promotes_every_machine_at_the_target() {
             .iter()
             .any(|x| x["name"] == m && x["role"] == "primary" && x["state"] == "unprotected"));
     }
+}
+
+#[test]
+fn an_interrupted_run_is_given_up_only_by_abandon_and_a_new_run_is_refused_until_then() {
+    if !fuse_available("an_interrupted_run_is_given_up") {
+        return;
+    }
+    let s = Sites::new(&["db", "app"]);
+    let (started, go) = (s.dir().join("started"), s.dir().join("go"));
+    let block = script(
+        s.dir(),
+        "block.sh",
+        &format!(
+            "[ -e {go} ] && exit 0\ntouch {started}\nexec sleep 60",
+            go = go.display(),
+            started = started.display()
+        ),
+    );
+    s.add_plan(
+        &s.dst,
+        &format!(
+            "name = \"erp\"\n[[group]]\nmachines = [\"db\"]\n[[group]]\nmachines = [\"app\"]\n  [[group.before]]\n  run = \"{}\"\n",
+            block.display()
+        ),
+    );
+    let mut cli = replog()
+        .args(["plan", "failover"])
+        .arg(&s.dst)
+        .args(["erp", "--unplanned"])
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !started.exists() {
+        assert!(Instant::now() < deadline, "the action never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cli.kill().expect("kill -9");
+    cli.wait().expect("wait");
+    let run_job = plan_job(&s.dst, "erp")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let left = run_state(&s.dst, &run_job)["action"]["pid"]
+        .as_u64()
+        .expect("the action's process") as i32;
+    // A new run is refused while this one is unfinished; the message says what to do.
+    let o = plan("failover", &s.dst, &["erp", "--unplanned"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("replog plan abandon"), "{}", text(&o));
+    let o = plan("abandon", &s.dst, &["erp"]);
+    assert!(o.status.success(), "abandon: {}", text(&o));
+    let j = job(&s.dst, &run_job);
+    assert_eq!(j["state"], "cancelled", "{j}");
+    assert!(j["steps"].to_string().contains("db (as db)"), "{j}");
+    let dead = (0..100).any(|_| {
+        let gone = std::fs::read_to_string(format!("/proc/{left}/stat"))
+            .map(|st| {
+                st.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        std::thread::sleep(Duration::from_millis(20));
+        gone
+    });
+    assert!(dead, "abandon left the run's program running");
+    // db stays failed over; a new run goes on (db cannot fail over again: reported).
+    assert!(s.dst_mnt().join("db/os.img").exists());
+    std::fs::write(&go, "").expect("go");
+    let o = plan("failover", &s.dst, &["erp", "--unplanned"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("db: "), "{}", text(&o));
+    assert!(
+        s.dst_mnt().join("app/os.img").exists(),
+        "app did not come up"
+    );
+    let o = plan("abandon", &s.dst, &["erp"]);
+    assert_eq!(o.status.code(), Some(1), "nothing left to abandon");
+}
+
+#[test]
+fn resume_takes_over_a_failover_serve_made_before_it_died() {
+    if !fuse_available("resume_takes_over_a_failover") {
+        return;
+    }
+    let mut s = Sites::new(&["db", "app"]);
+    s.add_plan(
+        &s.dst,
+        "name = \"erp\"\n[[group]]\nmachines = [\"db\"]\n[[group]]\nmachines = [\"app\"]\n",
+    );
+    // The target's serve dies right after it promoted and opened db's test copy,
+    // before the copy's check.
+    let mount = s.dst_mnt();
+    s.dst_serve.take().expect("dst serve").stop();
+    let dying = Served::start_with_env(
+        &s.dst,
+        &mount,
+        &["--listen", &s.addr],
+        &[("REPLOG_FAILPOINT", "failover:before-verify")],
+    );
+    let o = plan("failover", &s.dst, &["erp", "--test"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    dying.wait_exit(Duration::from_secs(30));
+    s.dst_serve = Some(Served::start(&s.dst, &mount, &["--listen", &s.addr]));
+    assert_eq!(plan_job(&s.dst, "erp")["state"], "failed");
+    // The copy was made; its job was failed as interrupted by the new serve.
+    assert!(s.dst.join("machines/db-test/machine.meta").exists());
+    let o = plan("resume", &s.dst, &["erp"]);
+    assert!(o.status.success(), "resume: {}", text(&o));
+    let j = plan_job(&s.dst, "erp");
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(j["steps"].to_string().contains("checked now"), "{j}");
+    let db_jobs: Vec<serde_json::Value> = jobs(&s.dst)
+        .into_iter()
+        .filter(|j| j["kind"] == "failover-test" && j["machine"] == "db")
+        .collect();
+    assert_eq!(db_jobs.len(), 2, "{db_jobs:?}");
+    assert_eq!(db_jobs[0]["state"], "succeeded");
+    assert_eq!(db_jobs[1]["state"], "failed");
+    for m in ["db", "app"] {
+        assert!(s.dst_mnt().join(format!("{m}-test/os.img")).exists());
+    }
+    let o = plan("cleanup-test", &s.dst, &["erp"]);
+    assert!(o.status.success(), "cleanup: {}", text(&o));
+    assert!(!s.dst.join("machines/db-test").exists());
 }

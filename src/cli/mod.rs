@@ -372,6 +372,14 @@ pub enum PlanCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Give up the plan's unfinished run (waiting, stopped or interrupted): its job is
+    /// cancelled; the machines it failed over stay as they are (listed).
+    Abandon {
+        site: PathBuf,
+        plan: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove every test copy that the plan's newest test run made.
     CleanupTest {
         site: PathBuf,
@@ -470,6 +478,7 @@ fn run_plan(cmd: PlanCommand) -> ExitCode {
             plan::failover(&site, &plan, kind, at.as_deref(), dry_run, json)
         }
         PlanCommand::Resume { site, plan, json } => plan::resume(&site, &plan, json),
+        PlanCommand::Abandon { site, plan, json } => plan::abandon(&site, &plan, json),
         PlanCommand::CleanupTest { site, plan, json } => plan::cleanup_test(&site, &plan, json),
         PlanCommand::Commit { site, plan, json } => plan::commit(&site, &plan, json),
         PlanCommand::Checkpoint {

@@ -57,7 +57,16 @@ fn done(r: Result<()>) -> ExitCode {
 pub fn add(site: &Path, file: &Path, replace: bool) -> ExitCode {
     done((|| {
         Site::read_config(site)?;
-        let text = std::fs::read(file).map_err(|e| Error::io("read", file, e))?;
+        // At most one byte more than a plan may have: /dev/zero is refused, not read.
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(
+                std::fs::File::open(file).map_err(|e| Error::io("open", file, e))?,
+                replog::plan::file::MAX_FILE_BYTES as u64 + 1,
+            ),
+            &mut text,
+        )
+        .map_err(|e| Error::io("read", file, e))?;
         let text = String::from_utf8(text)
             .map_err(|_| Error::InvalidInput(format!("{}: not UTF-8 text", file.display())))?;
         let plan = store::add(site, &text, &file.display().to_string(), replace)?;
@@ -356,6 +365,15 @@ fn print_job(job: &replog::jobs::Job, json: bool, what: &str) {
         }
         println!("{what} (job {})", job.id);
     }
+}
+
+pub fn abandon(site: &Path, name: &str, json: bool) -> ExitCode {
+    done((|| {
+        Site::read_config(site)?;
+        let job = run::abandon(site, name)?;
+        print_job(&job, json, &format!("plan {name}: the run is given up"));
+        Ok(())
+    })())
 }
 
 pub fn cleanup_test(site: &Path, name: &str, json: bool) -> ExitCode {

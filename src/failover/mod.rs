@@ -506,7 +506,13 @@ pub fn reconcile(site: &Site, replicas: &Replicas) -> Result<Vec<String>> {
 /// Whether a machine of `site` stands on replica `replica`.
 pub fn stands_on(site: &Site, replica: &str) -> Result<bool> {
     for m in site.machines()? {
-        let man = Machine::read_manifest(&FileStorage, &site.machine_dir(&m)?)?;
+        // Changes to other machines go on meanwhile (serve locks per name): one
+        // removed since the listing stands on nothing.
+        let man = match Machine::read_manifest(&FileStorage, &site.machine_dir(&m)?) {
+            Ok(man) => man,
+            Err(_) if !site.machine_dir(&m)?.join(MANIFEST_FILE).exists() => continue,
+            Err(e) => return Err(e),
+        };
         if man.base.as_ref().is_some_and(|b| b.replica == replica) {
             return Ok(true);
         }
@@ -514,8 +520,9 @@ pub fn stands_on(site: &Site, replica: &str) -> Result<bool> {
     Ok(false)
 }
 
-/// Remove test copy `name`; the replica it stood on is left as it was.
-pub fn cleanup_test(host: &dyn Host, name: &str) -> Result<Base> {
+/// Remove test copy `name` of replica `replica`; the replica is left as it was. A
+/// copy of another replica is refused before anything changes.
+pub fn cleanup_test(host: &dyn Host, replica: &str, name: &str) -> Result<Base> {
     let site = host.site();
     let m = manifest_of(site, name)?;
     let base = match (m.role, m.base) {
@@ -527,6 +534,12 @@ pub fn cleanup_test(host: &dyn Host, name: &str) -> Result<Base> {
             )))
         }
     };
+    if base.replica != replica {
+        return Err(Error::InvalidInput(format!(
+            "{name} is a test copy of {}, not of {replica}",
+            base.replica
+        )));
+    }
     host.close(name)?;
     remove_machine_dir(&site.machine_dir(name)?)?;
     Ok(base)

@@ -102,37 +102,12 @@ pub fn failover_as(
             p.name,
             m.disk_names().join(", ")
         )))?;
+        crate::failpoint::hit("failover:before-verify");
         Ok(p)
     })?;
     let id = job.id().to_string();
     let name = promoted.name.clone();
-    let checked = job.finish(|| {
-        let image = PointImage::open_exact(host.replicas().open_readonly(machine)?, promoted.lsn)?;
-        let v = verify::verify(&image)?;
-        let m = host.machine(&name)?;
-        let base = m
-            .base()
-            .ok_or_else(|| Error::InvalidInput(format!("{name} does not stand on the replica")))?;
-        if base.lsn != promoted.lsn {
-            return Err(Error::InvalidInput(format!(
-                "{name} stands on LSN {}, not {}",
-                base.lsn, promoted.lsn
-            )));
-        }
-        Ok(if v.digests_matched {
-            format!(
-                "the disks open; every disk matches the source's digests at pt-{} ({} bytes \
-                 read)",
-                promoted.lsn, v.bytes
-            )
-        } else {
-            format!(
-                "the disks open; pt-{} carries no digests (the initial copy): every one of \
-                 its {} bytes read was authenticated",
-                promoted.lsn, v.bytes
-            )
-        })
-    });
+    let checked = job.finish(|| verify_promoted(host, machine, &name, promoted.lsn));
     if let Err(e) = checked {
         // Not what it should be: no writes until an operator looks.
         if let Ok(m) = host.machine(&name) {
@@ -168,6 +143,94 @@ pub fn failover_as(
     ))
 }
 
+/// The end state of a failover of replica `machine` as `name` at `lsn`: `name` is
+/// open standing on the replica at `lsn`, and the point matches the source's digests.
+fn verify_promoted(host: &dyn Host, machine: &str, name: &str, lsn: u64) -> Result<String> {
+    let image = PointImage::open_exact(host.replicas().open_readonly(machine)?, lsn)?;
+    let v = verify::verify(&image)?;
+    let m = host.machine(name)?;
+    let base = m
+        .base()
+        .ok_or_else(|| Error::InvalidInput(format!("{name} does not stand on the replica")))?;
+    if base.replica != machine || base.lsn != lsn {
+        return Err(Error::InvalidInput(format!(
+            "{name} stands on {} at LSN {}, not {machine} at {lsn}",
+            base.replica, base.lsn
+        )));
+    }
+    Ok(if v.digests_matched {
+        format!(
+            "the disks open; every disk matches the source's digests at pt-{lsn} ({} bytes \
+             read)",
+            v.bytes
+        )
+    } else {
+        format!(
+            "the disks open; pt-{lsn} carries no digests (the initial copy): every one of its \
+             {} bytes read was authenticated",
+            v.bytes
+        )
+    })
+}
+
+/// A failover of replica `machine` as `name` (its test copy, or itself) whose job did
+/// not end well although the promotion was made (serve stopped between the two, or
+/// the check failed): check it now, as a job of its own, and say so. A recovery
+/// plan's resume takes over what it finds this way instead of failing over twice.
+pub fn verify_existing(
+    host: &dyn Host,
+    machine: &str,
+    kind: FailoverKind,
+    name: &str,
+    spec: &JobSpec,
+) -> Result<Reply> {
+    crate::names::validate_name("machine", name)?;
+    let site = host.site().path().to_path_buf();
+    let job = spec.start(&site, super::job_kind(kind), Some(machine))?;
+    let (job, lsn) = as_job(job, |job| {
+        job.step("find the promotion made before");
+        let man = super::manifest_of(host.site(), name)?;
+        let base = man
+            .base
+            .as_ref()
+            .filter(|b| b.replica == machine)
+            .ok_or_else(|| {
+                Error::InvalidInput(format!("{name} does not stand on replica {machine}"))
+            })?;
+        let role_fits = match kind {
+            FailoverKind::Test => man.role == crate::protection::Role::Test,
+            _ => man.pending.as_ref().is_some_and(|p| p.kind == kind),
+        };
+        if !role_fits {
+            return Err(Error::InvalidInput(format!(
+                "{name} is not the result of a {kind} failover of {machine}"
+            )));
+        }
+        host.open(name)?;
+        // A copy whose earlier check failed was fenced then: an operator looks at it.
+        if let Some(why) = host.machine(name)?.fenced() {
+            return Err(Error::InvalidInput(format!("{name} refuses writes: {why}")));
+        }
+        job.step_done(Some(format!(
+            "{name} stands on {machine} at pt-{}",
+            base.lsn
+        )))?;
+        Ok(base.lsn)
+    })?;
+    let id = job.id().to_string();
+    if let Err(e) = job.finish(|| verify_promoted(host, machine, name, lsn)) {
+        if let Ok(m) = host.machine(name) {
+            m.fence(&format!("the failover's check failed: {e}"));
+        }
+        return Err(with_job(e, &id));
+    }
+    Ok(reply(
+        format!("{name} ({kind} failover of {machine}) checked: writable at pt-{lsn}"),
+        &id,
+        Some(lsn),
+    ))
+}
+
 /// Remove test copy `as_name` (default `MACHINE-test`) of replica `machine`.
 pub fn cleanup_test(
     host: &dyn Host,
@@ -191,13 +254,7 @@ pub fn cleanup_test(
             job.step_done(Some(n.to_string()))?;
         }
         job.step("remove the test copy");
-        let base = super::cleanup_test(host, &name)?;
-        if base.replica != machine {
-            return Err(Error::InvalidInput(format!(
-                "{name} is a test copy of {}, not of {machine}",
-                base.replica
-            )));
-        }
+        let base = super::cleanup_test(host, machine, &name)?;
         job.step_done(Some(format!("{name} removed")))?;
         Ok(base)
     })?;
@@ -390,6 +447,12 @@ pub fn handle(host: &dyn Host, req: &crate::control::Request) -> Result<Reply> {
             note,
         } => cleanup_test(host, machine, as_name.as_deref(), note.as_deref()),
         Request::ChangePoint { machine, at } => change_point(host, machine, at),
+        Request::VerifyFailover {
+            machine,
+            kind,
+            name,
+            job,
+        } => verify_existing(host, machine, *kind, name, job),
         Request::CancelFailover { machine } => cancel(host, machine),
         Request::Commit { machine } => commit(host, machine),
         other => Err(Error::InvalidInput(format!(

@@ -65,24 +65,63 @@ impl Finished {
     }
 }
 
-/// The process group an action runs in: its pid and start time (so a reused pid is
-/// not taken for it).
+/// The process group an action runs in: its leader's pid and start time (so a reused
+/// pid is not taken for it) and the session it runs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Started {
     pub pid: u32,
     pub start: u64,
+    #[serde(default)]
+    pub session: u32,
+}
+
+/// (process group, session, state) of process `pid`, from /proc.
+fn group_of(pid: u32) -> Option<(u32, u32, char)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    Some((
+        f.get(2)?.parse().ok()?,
+        f.get(3)?.parse().ok()?,
+        f.first()?.chars().next()?,
+    ))
 }
 
 impl Started {
-    /// Kill the action's whole process group if it still runs (after a crash of the
-    /// runner that started it).
+    /// Kill what is left of the action's process group (after a crash of the runner
+    /// that started it): its leader if it still runs, and every live process of the
+    /// group in the same session — the leader may have exited while what it started
+    /// goes on. Returns whether anything was killed.
     pub fn kill_if_running(&self) -> bool {
-        if crate::jobs::process_start(self.pid) != Some(self.start) {
-            return false;
+        let leader = crate::jobs::process_start(self.pid) == Some(self.start);
+        let mut members: Vec<u32> = Vec::new();
+        if self.session != 0 {
+            if let Ok(entries) = std::fs::read_dir("/proc") {
+                for e in entries.filter_map(|e| e.ok()) {
+                    let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+                    else {
+                        continue;
+                    };
+                    if let Some((pgrp, sid, state)) = group_of(pid) {
+                        if pgrp == self.pid && sid == self.session && state != 'Z' {
+                            members.push(pid);
+                        }
+                    }
+                }
+            }
+        } else if leader {
+            members.push(self.pid);
         }
-        // SAFETY: kill(2) of a process group we started (checked by its start time).
-        unsafe { libc::kill(-(self.pid as i32), libc::SIGKILL) };
-        true
+        if leader {
+            // SAFETY: kill(2) of the process group we started (its leader checked by
+            // its start time).
+            unsafe { libc::kill(-(self.pid as i32), libc::SIGKILL) };
+        }
+        for pid in &members {
+            // SAFETY: kill(2) of a process of the group we started, in its session.
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+        leader || !members.is_empty()
     }
 }
 
@@ -116,6 +155,7 @@ pub fn run(
     started(Started {
         pid,
         start: crate::jobs::process_start(pid).unwrap_or(0),
+        session: group_of(pid).map_or(0, |(_, sid, _)| sid),
     });
     // The output is read as it comes (a full pipe would stop the action), keeping
     // its end.
@@ -172,7 +212,17 @@ pub fn run(
     // came within a moment is what is kept.
     let (tail, total) = rx.recv_timeout(Duration::from_secs(1)).unwrap_or_default();
     let start = tail.len().saturating_sub(OUTPUT_TAIL);
-    let mut output = String::from_utf8_lossy(tail.get(start..).unwrap_or_default()).into_owned();
+    // Kept for people to read in `replog jobs`: no terminal control sequences.
+    let mut output: String = String::from_utf8_lossy(tail.get(start..).unwrap_or_default())
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect();
     if total == 0 {
         output.clear();
     }

@@ -72,6 +72,7 @@ fn check_machine(
     m: &str,
     kind: FailoverKind,
     point: &str,
+    status: Option<&crate::protection::status::SiteStatus>,
 ) -> std::result::Result<(String, f64), String> {
     let known = super::store::known(site, m);
     if kind == FailoverKind::Planned {
@@ -98,6 +99,23 @@ fn check_machine(
         let rel = crate::replication::relationship::Relationship::load(site, m)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("{m} is not protected: there is no target to fail over to"))?;
+        // The failover ships through the machine's replication: it must be working
+        // (serve's status says so; the target answered lately).
+        if let Some(st) = status {
+            let e = st
+                .machines
+                .iter()
+                .find(|x| x.name == m && x.role == Role::Primary)
+                .ok_or_else(|| format!("serve has no machine {m} open"))?;
+            if e.state != crate::protection::State::Protected
+                || e.health != crate::protection::Health::Healthy
+            {
+                return Err(format!(
+                    "its replication is {} / {}: {}",
+                    e.state, e.health, e.reason
+                ));
+            }
+        }
         let unshipped = bytes_under(&dir.join(crate::volume::JOURNAL_DIR));
         return Ok((
             format!(
@@ -173,6 +191,11 @@ pub fn dry_run(site: &Path, name: &str, kind: FailoverKind, at: &str) -> Result<
             ));
         }
     }
+    let serving = crate::control::serve_running(site);
+    let status: Option<crate::protection::status::SiteStatus> = serving
+        .then(|| std::fs::read_to_string(site.join(crate::protection::status::STATUS_FILE)).ok())
+        .flatten()
+        .and_then(|t| serde_json::from_str(&t).ok());
     match crate::control::request(site, &crate::control::Request::ServeInfo) {
         Ok(Some(reply)) => match reply.into_result().map(|r| r.mount) {
             Ok(Some(m)) if crate::frontend::is_live_replog_mount(&m) => {}
@@ -284,7 +307,7 @@ pub fn dry_run(site: &Path, name: &str, kind: FailoverKind, at: &str) -> Result<
                 for m in &g.machines {
                     let point = points.get(m).cloned().unwrap_or_else(|| at.to_string());
                     let step = format!("group {}: fail over {m} ({kind})", group + 1);
-                    match check_machine(site, m, kind, &point) {
+                    match check_machine(site, m, kind, &point, status.as_ref()) {
                         Ok((detail, s)) => {
                             slowest = slowest.max(s);
                             checks.push(Check {

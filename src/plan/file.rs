@@ -436,8 +436,8 @@ fn program(line: &str) -> std::result::Result<Vec<String>, String> {
     let Some(first) = argv.first() else {
         return Err("empty: name the program to run".into());
     };
-    if argv.iter().any(|w| w.contains('\0')) {
-        return Err(format!("{line:?} holds a NUL character"));
+    if line.chars().any(char::is_control) {
+        return Err(format!("{line:?} holds control characters"));
     }
     let p = Path::new(first);
     if !p.is_absolute() {
@@ -594,6 +594,7 @@ machines = ["app", "web"]
             ("name = \"p\"\n[[group]]\nmachines = [\"db\"]\n[[group.after]]\nmanual = \"wait\"\ntimeout = \"1s\"\n".into(), "line 6, group 1, after action 1, key `timeout`", "no timeout"),
             ("name = \"p\"\n[[group]]\nmachines = [\"db\"]\n[[group.after]]\nmanual = \"  \"\n".into(), "line 5", "empty"),
             ("name = \"p\"\n[[group]]\nmachines = [\"db\"]\n[[group.after]]\nmanual = \"a\\u0007b\"\n".into(), "line 5", "control characters"),
+            ("name = \"p\"\n[[group]]\nmachines = [\"db\"]\n[[group.after]]\nrun = \"/bin/echo \\u001b[2J\"\n".into(), "line 5, group 1, after action 1, key `run`", "control characters"),
             ("name = \"p\"\n[[group]]\nmachines = [\"db\"]\n[[group.after]]\nrun = \"/bin/true\"\nscript = \"x\"\n".into(), "line 6", "unknown field `script`"),
             ("name = \"p\"\n[[group\nmachines = [\"db\"]\n".into(), "line 2", "TOML"),
             ("name = 5\n".into(), "line 1", "TOML"),

@@ -36,13 +36,34 @@ fn manifest(site: &Path, name: &str) -> Option<crate::format::meta::Manifest> {
         .flatten()
 }
 
-/// Whether failover job `id` got as far as making its machine (or test copy).
-fn made_its_copy(site: &Path, id: &str) -> bool {
+/// Whether `name` is a test copy of replica `m` here.
+fn is_test_copy_of(site: &Path, name: &str, m: &str) -> bool {
+    manifest(site, name).is_some_and(|man| {
+        man.role == crate::protection::Role::Test
+            && man.base.as_ref().is_some_and(|b| b.replica == m)
+    })
+}
+
+/// Whether failover job `id` got past its promotion (made its machine or copy).
+pub(crate) fn made_by_job(site: &Path, id: &str) -> bool {
     jobs::get(site, id).is_ok_and(|j| {
         j.steps
             .iter()
             .any(|s| s.name == crate::failover::run::PROMOTE_STEP && s.state == JobState::Succeeded)
     })
+}
+
+/// Wait until job `id` has ended (a failover serve may still be working on when the
+/// command that asked for it died); at most an hour.
+fn wait_ended(site: &Path, id: &str) {
+    for _ in 0..36_000 {
+        match jobs::get(site, id) {
+            Ok(j) if !j.state.ended() && !j.owner_gone() => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            _ => return,
+        }
+    }
 }
 
 /// `replog plan cleanup-test SITE PLAN`: remove every test copy the newest test run
@@ -70,17 +91,24 @@ pub fn cleanup_test(site: &Path, name: &str) -> Result<Job> {
     let mut failed = Vec::new();
     let mut removed = Vec::new();
     for (m, mr) in &test_run.machines {
-        let made = mr.job.as_deref().is_some_and(|id| made_its_copy(site, id));
+        // Made by this run: its failover said so when it ended, or its job (waited
+        // for, if serve still works on it) got past its promotion. A copy of that
+        // name the run did not make (an operator's) is left alone.
+        let made = mr.made
+            || mr.job.as_deref().is_some_and(|id| {
+                wait_ended(site, id);
+                made_by_job(site, id)
+            });
         let exists = manifest(site, &mr.name).is_some();
         let n = job.begin_step(&format!("remove test copy {} of {m}", mr.name));
-        if !exists || !made {
+        if !exists || !made || !is_test_copy_of(site, &mr.name, m) {
             job.end_step(
                 n,
                 JobState::Succeeded,
-                Some(if exists {
-                    format!("{} was not made by this run: left alone", mr.name)
-                } else {
+                Some(if !exists {
                     "no copy (the run did not make one)".into()
+                } else {
+                    format!("{} was not made by this run: left alone", mr.name)
                 }),
             );
             continue;
@@ -112,6 +140,17 @@ pub fn cleanup_test(site: &Path, name: &str) -> Result<Job> {
             }
         }
     }
+    if !failed.is_empty() {
+        // The run stays as it was: cleanup-test can be run again.
+        let e = Error::InvalidInput(format!(
+            "{} test cop{} could not be removed: {}",
+            failed.len(),
+            if failed.len() == 1 { "y" } else { "ies" },
+            failed.join("; ")
+        ));
+        job.fail(&e);
+        return Err(e);
+    }
     let run_job_open = jobs::get(site, &test_run.job).is_ok_and(|j| !j.state.ended());
     if run_job_open {
         jobs::close(
@@ -123,16 +162,6 @@ pub fn cleanup_test(site: &Path, name: &str) -> Result<Job> {
     }
     test_run.state = RunState::Ended;
     run::save(site, &test_run)?;
-    if !failed.is_empty() {
-        let e = Error::InvalidInput(format!(
-            "{} test cop{} could not be removed: {}",
-            failed.len(),
-            if failed.len() == 1 { "y" } else { "ies" },
-            failed.join("; ")
-        ));
-        job.fail(&e);
-        return Err(e);
-    }
     job.finish(|| {
         let left: Vec<&String> = removed
             .iter()

@@ -126,7 +126,15 @@ pub fn choose(
     let common = common.unwrap_or_default();
     let id = match wanted {
         Some(id) if common.contains(&id) => id,
-        None if !common.is_empty() => *common.iter().next_back().unwrap_or(&0),
+        // The newest by the write order of a machine (every barrier holds all its
+        // machines, so any one machine's LSNs order them), not by the ID's clock.
+        None if !common.is_empty() => {
+            let first = held.values().next();
+            *common
+                .iter()
+                .max_by_key(|id| first.and_then(|ids| ids.get(id)).map_or(0, |p| p.lsn))
+                .unwrap_or(&0)
+        }
         _ => {
             let each: Vec<String> = held
                 .iter()

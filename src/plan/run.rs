@@ -89,6 +89,10 @@ pub struct MachineRun {
     pub job: Option<String>,
     pub state: MachineState,
     pub detail: Option<String>,
+    /// Its failover made the machine or copy (got past the promotion), known when
+    /// the failover ended: what a test run's cleanup removes.
+    #[serde(default)]
+    pub made: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,12 +256,40 @@ pub fn runs_of(site: &Path, plan: &str) -> Result<Vec<Run>> {
     names.reverse();
     let mut out = Vec::new();
     for n in names {
-        let run = load(site, &n)?;
-        if run.plan.name == plan {
-            out.push(run);
+        match load(site, &n) {
+            Ok(run) if run.plan.name == plan => out.push(run),
+            Ok(_) => {}
+            // One run that does not read (damaged, or a newer build's) does not stop
+            // the others; it is named.
+            Err(e) => tracing::warn!("plan run {n}: {e}"),
         }
     }
     Ok(out)
+}
+
+/// Finished runs of a plan kept (their state files; their jobs age out with the
+/// job history).
+pub const RUNS_KEPT: usize = 50;
+
+/// Keep the newest [`RUNS_KEPT`] finished runs of `plan`.
+fn prune(site: &Path, plan: &str) {
+    let Ok(runs) = runs_of(site, plan) else {
+        return;
+    };
+    for r in runs
+        .iter()
+        .filter(|r| !r.state.unfinished())
+        .skip(RUNS_KEPT)
+    {
+        if let Ok(p) = run_path(site, &r.job) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Whether job `job` is a plan's run (a state file says where it stands).
+pub fn is_run(site: &Path, job: &str) -> bool {
+    run_path(site, job).is_ok_and(|p| p.is_file())
 }
 
 /// The newest run of `plan` that is not finished (running, waiting or stopped).
@@ -303,19 +335,21 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn save(&self, run: &Run) {
-        if let Err(e) = save(&self.site, run) {
-            // The run goes on; a crash now would resume from an older state (every
-            // step is safe to repeat).
-            tracing::error!(job = %run.job, "plan run state: {e}");
-        }
-    }
-
-    fn update<T>(&self, f: impl FnOnce(&mut Run) -> T) -> T {
+    /// Change the run and persist it; Err when it could not be persisted.
+    fn update<T>(&self, f: impl FnOnce(&mut Run) -> T) -> Result<T> {
         let mut run = self.run.lock();
         let t = f(&mut run);
-        self.save(&run);
-        t
+        save(&self.site, &run)?;
+        Ok(t)
+    }
+
+    /// Change the run and persist it, logging a failure to persist: for what a
+    /// resume would find out again by itself (an outcome kept in a job, a program
+    /// that runs again).
+    fn note(&self, f: impl FnOnce(&mut Run)) {
+        if let Err(e) = self.update(f) {
+            tracing::error!(job = %self.run.lock().job, "plan run state: {e}");
+        }
     }
 }
 
@@ -342,35 +376,32 @@ pub fn start(
 ) -> Result<Ended> {
     let _lock = super::store::lock(site, name)?;
     let plan = super::store::load(site, name)?;
-    for old in runs_of(site, name)?
-        .into_iter()
-        .filter(|r| r.state.unfinished())
-    {
-        if old.state == RunState::Stopped {
-            // A stopped run is given up for the new one.
-            let mut old = old;
-            old.state = RunState::Ended;
-            save(site, &old)?;
-            continue;
-        }
+    if let Some(old) = unfinished(site, name)? {
         return Err(Error::InvalidInput(format!(
-            "run {} of plan {name} is {}: go on with `replog plan resume {} {name}`{}",
+            "run {} of plan {name} ({} failover) is {}: go on with `replog plan resume {} \
+             {name}`{}",
             old.job,
+            old.kind,
             match old.state {
                 RunState::Waiting => "waiting at a manual action",
+                RunState::Stopped => "stopped at a failure",
                 _ => "unfinished (its process stopped)",
             },
             site.display(),
             if old.kind == FailoverKind::Test {
                 format!(
-                    " or remove its copies with `replog plan cleanup-test {} {name}`",
+                    ", or remove its copies with `replog plan cleanup-test {} {name}`",
                     site.display()
                 )
             } else {
-                String::new()
+                format!(
+                    ", or give it up with `replog plan abandon {} {name}`",
+                    site.display()
+                )
             }
         )));
     }
+    prune(site, name);
     let mount = serve_mount(site)?;
     if kind != FailoverKind::Planned && mount.is_none() {
         return Err(Error::InvalidInput(format!(
@@ -396,6 +427,7 @@ pub fn start(
                     job: None,
                     state: MachineState::Pending,
                     detail: None,
+                    made: false,
                 },
             )
         })
@@ -454,6 +486,14 @@ pub fn resume(site: &Path, name: &str, progress: &dyn Progress) -> Result<Ended>
             None => format!("plan {name} has no run at this site"),
         }));
     };
+    // Its job ended well but the run's state was not saved after it: done.
+    if let Ok(j) = jobs::get(site, &run.job) {
+        if j.state == JobState::Succeeded {
+            run.state = RunState::Succeeded;
+            save(site, &run)?;
+            return Ok(Ended::Succeeded(j));
+        }
+    }
     let mount = serve_mount(site)?;
     if run.kind != FailoverKind::Planned && mount.is_none() {
         return Err(Error::InvalidInput(
@@ -469,9 +509,21 @@ pub fn resume(site: &Path, name: &str, progress: &dyn Progress) -> Result<Ended>
     }
     run.state = RunState::Running;
     run.mount = mount;
-    for m in run.machines.values_mut() {
-        if m.state == MachineState::Failed {
-            m.state = MachineState::Pending;
+    // The step it stopped at runs again: its group's failed machines are tried again
+    // (an unplanned run's failures in groups it went past stay as they were).
+    if let Some(StepRef::Failover { group }) = steps(&run.plan, run.kind).get(run.next).copied() {
+        let again: Vec<String> = run
+            .plan
+            .groups
+            .get(group)
+            .map(|g| g.machines.clone())
+            .unwrap_or_default();
+        for m in again {
+            if let Some(mr) = run.machines.get_mut(&m) {
+                if mr.state == MachineState::Failed {
+                    mr.state = MachineState::Pending;
+                }
+            }
         }
     }
     save(site, &run)?;
@@ -481,6 +533,49 @@ pub fn resume(site: &Path, name: &str, progress: &dyn Progress) -> Result<Ended>
         run: Mutex::new(run),
         job: Mutex::new(job),
     })
+}
+
+/// `replog plan abandon SITE PLAN`: give up the plan's unfinished run (its job is
+/// cancelled; what it failed over stays failed over, and is listed).
+pub fn abandon(site: &Path, name: &str) -> Result<Job> {
+    let _lock = super::store::lock(site, name)?;
+    let mut run = unfinished(site, name)?
+        .ok_or_else(|| Error::InvalidInput(format!("plan {name} has no unfinished run here")))?;
+    if run.kind == FailoverKind::Test {
+        return Err(Error::InvalidInput(format!(
+            "run {} is a test run: `replog plan cleanup-test {} {name}` ends it and removes \
+             its copies",
+            run.job,
+            site.display()
+        )));
+    }
+    let killed = run.action.take().is_some_and(|a| a.kill_if_running());
+    let up: Vec<String> = run
+        .machines
+        .iter()
+        .filter(|(_, mr)| mr.state == MachineState::Up)
+        .map(|(m, mr)| format!("{m} (as {})", mr.name))
+        .collect();
+    let why = format!(
+        "abandoned by an operator; failed over and left as they are: {}{}",
+        if up.is_empty() {
+            "none".to_string()
+        } else {
+            up.join(", ")
+        },
+        if killed {
+            "; the program it left running was killed"
+        } else {
+            ""
+        }
+    );
+    if jobs::get(site, &run.job).is_ok_and(|j| !j.state.ended()) {
+        jobs::close(site, &run.job, JobState::Cancelled, &why)?;
+    }
+    run.state = RunState::Ended;
+    run.failures.push(why);
+    save(site, &run)?;
+    jobs::get(site, &run.job)
 }
 
 /// Run the steps from `run.next` to the end, a manual action or a stop.
@@ -511,12 +606,12 @@ fn drive(ctx: Ctx<'_>) -> Result<Ended> {
         };
         if let Some(why) = failed {
             if kind == FailoverKind::Unplanned {
-                ctx.update(|r| r.failures.push(why));
+                ctx.update(|r| r.failures.push(why))?;
             } else {
                 return stop(ctx, why);
             }
         }
-        ctx.update(|r| r.next = next + 1);
+        ctx.update(|r| r.next = next + 1)?;
         crate::failpoint::hit("plan:after-step");
     }
     ctx.progress
@@ -530,7 +625,7 @@ fn wait_at_manual(ctx: Ctx<'_>, next: usize, name: &str, text: &str) -> Result<E
     ctx.update(|r| {
         r.next = next + 1;
         r.state = RunState::Waiting;
-    });
+    })?;
     let job = ctx.job.into_inner().wait_for_operator(n)?;
     Ok(Ended::Waiting {
         job,
@@ -540,7 +635,7 @@ fn wait_at_manual(ctx: Ctx<'_>, next: usize, name: &str, text: &str) -> Result<E
 
 /// A planned or test run stops at its first failure.
 fn stop(ctx: Ctx<'_>, why: String) -> Result<Ended> {
-    ctx.update(|r| r.state = RunState::Stopped);
+    ctx.update(|r| r.state = RunState::Stopped)?;
     let job = ctx.job.into_inner();
     let error =
         format!("{why}; the run stopped there (`replog plan resume` tries that step again)");
@@ -608,13 +703,13 @@ fn run_action(
     let n = ctx.job.lock().begin_step(name);
     let env = environment(ctx, group);
     let ran = action::run(argv, &env, Duration::from_millis(*timeout_ms), |started| {
-        ctx.update(|r| r.action = Some(started));
+        ctx.note(|r| r.action = Some(started));
         ctx.job
             .lock()
             .step_detail(n, format!("running (process {})", started.pid));
         crate::failpoint::hit("plan:action-started");
     });
-    ctx.update(|r| r.action = None);
+    ctx.note(|r| r.action = None);
     match ran {
         Ok(f) if f.succeeded() => {
             ctx.job
@@ -701,10 +796,14 @@ fn fail_over_group(ctx: &Ctx<'_>, group: usize) -> std::result::Result<(), Strin
                         Ok(d) => (MachineState::Up, d.clone()),
                         Err(e) => (MachineState::Failed, e.clone()),
                     };
-                    ctx.update(|r| {
+                    let job_id = ctx.run.lock().machines.get(m).and_then(|mr| mr.job.clone());
+                    let made = state == MachineState::Up
+                        || job_id.is_some_and(|id| super::made_by_job(&ctx.site, &id));
+                    ctx.note(|r| {
                         if let Some(mr) = r.machines.get_mut(m) {
                             mr.state = state;
                             mr.detail = Some(detail.clone());
+                            mr.made |= made;
                         }
                     });
                     let js = if state == MachineState::Up {
@@ -792,15 +891,24 @@ fn fail_over(ctx: &Ctx<'_>, m: &str) -> std::result::Result<String, String> {
             // Never begun by serve: ask again under the same ID (a request still in
             // flight then finds its job taken and waits for it below).
             None => id = Some(earlier),
-            Some(_) => {}
+            // It failed — perhaps after its promotion was made (serve stopped before
+            // the check): take over what was made rather than fail over twice.
+            Some(_) => {
+                if let Some(done) = take_over_made(ctx, m, kind, &name, &plan)? {
+                    return Ok(done);
+                }
+            }
         }
     }
     let id = id.unwrap_or_else(jobs::new_id);
+    // Persisted before the request goes: after a crash, this ID is how the failover
+    // is found again (never asked for twice).
     ctx.update(|r| {
         if let Some(mr) = r.machines.get_mut(m) {
             mr.job = Some(id.clone());
         }
-    });
+    })
+    .map_err(|e| format!("the run's state could not be saved, nothing asked: {e}"))?;
     let spec = JobSpec {
         id: Some(id.clone()),
         plan: Some(plan),
@@ -835,6 +943,86 @@ fn fail_over(ctx: &Ctx<'_>, m: &str) -> std::result::Result<String, String> {
             "{} (job {id})",
             j.error
                 .unwrap_or_else(|| format!("the job ended {}", j.state.as_str()))
+        )),
+        None => Err(match reply {
+            Err(e) => e.to_string(),
+            Ok(_) => format!("serve answered but recorded no job {id}"),
+        }),
+    }
+}
+
+/// After machine `m`'s failover job failed: what that failover made, checked and
+/// taken over, if it made anything. A planned one: the target promoted the machine
+/// after all (the primary learns it at its next contact: waited for, at most two
+/// minutes, while the intent stands). An unplanned or test one: the promoted
+/// machine or copy stands on the replica — serve checks it now, as a job of its own
+/// (`Request::VerifyFailover`). Ok(None): nothing was made, fail over again.
+fn take_over_made(
+    ctx: &Ctx<'_>,
+    m: &str,
+    kind: FailoverKind,
+    name: &str,
+    plan: &str,
+) -> std::result::Result<Option<String>, String> {
+    let site = ctx.site.clone();
+    let manifest = |n: &str| -> Option<Manifest> {
+        let dir = site.join(crate::site::MACHINES_DIR).join(n);
+        crate::volume::Machine::read_manifest(&FileStorage, &dir).ok()
+    };
+    if kind == FailoverKind::Planned {
+        let until = std::time::Instant::now() + Duration::from_secs(120);
+        while manifest(m).is_some_and(|man| man.intent.is_some())
+            && std::time::Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let run = ctx.run.lock().clone();
+        return Ok(up(&site, &run, m, name)
+            .ok()
+            .map(|d| format!("promoted at the target although its job failed: {d}")));
+    }
+    let made = manifest(name).is_some_and(|man| {
+        man.base.as_ref().is_some_and(|b| b.replica == m)
+            && match kind {
+                FailoverKind::Test => man.role == crate::protection::Role::Test,
+                _ => man.pending.as_ref().is_some_and(|p| p.kind == kind),
+            }
+    });
+    if !made {
+        return Ok(None);
+    }
+    let id = jobs::new_id();
+    ctx.update(|r| {
+        if let Some(mr) = r.machines.get_mut(m) {
+            mr.job = Some(id.clone());
+        }
+    })
+    .map_err(|e| format!("the run's state could not be saved, nothing asked: {e}"))?;
+    let req = Request::VerifyFailover {
+        machine: m.to_string(),
+        kind,
+        name: name.to_string(),
+        job: JobSpec {
+            id: Some(id.clone()),
+            plan: Some(plan.to_string()),
+        },
+    };
+    let reply = match crate::control::request(&site, &req) {
+        Ok(Some(r)) => r.into_result(),
+        Ok(None) => Err(Error::InvalidInput("serve stopped running".into())),
+        Err(e) => Err(e),
+    };
+    match ended_job(&site, &id) {
+        Some(j) if j.state == JobState::Succeeded => up(&site, &ctx.run.lock(), m, name)
+            .map(|d| {
+                Some(format!(
+                    "made before the restart, checked now (job {id}): {d}"
+                ))
+            })
+            .map_err(|e| e.to_string()),
+        Some(j) => Err(format!(
+            "{name} was made before the restart but does not check out: {} (job {id})",
+            j.error.unwrap_or_default()
         )),
         None => Err(match reply {
             Err(e) => e.to_string(),

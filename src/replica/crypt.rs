@@ -10,8 +10,8 @@
 //! ```text
 //! off len field
 //!   0   8 magic: 89 52 4C 45 0D 0A 1A 0A ("\x89RLE\r\n\x1a\n")
-//!   8   2 format version (1; an index file: 2 since plan points — the plain
-//!         body gained `plan_points`, see `replica::store::SegmentIndex`)
+//!   8   2 format version (1; an index file: 1, or 2 when it lists plan points —
+//!         its plain body then has `plan_points`, see `replica::store::SegmentIndex`)
 //!  10   2 reserved, zero
 //!  12   4 incompatible feature bits
 //!  16   8 segment sequence number (bound into the key and the AAD)
@@ -133,9 +133,21 @@ impl ReplicaKey {
         self.open_as(CHUNK_LABEL, machine_id, id, bytes, path)
     }
 
-    /// Encrypt the record index of segment `seq`.
+    /// Encrypt the record index of segment `seq` (its body in this build's layout).
     pub fn seal_index(&self, machine_id: u64, seq: u64, plain: &[u8]) -> Result<Vec<u8>> {
         self.seal_as(INDEX_LABEL, INDEX_VERSION, machine_id, seq, plain)
+    }
+
+    /// Encrypt the record index of segment `seq` whose body is in the layout of
+    /// index `version` (1 or 2).
+    pub fn seal_index_as(
+        &self,
+        version: u16,
+        machine_id: u64,
+        seq: u64,
+        plain: &[u8],
+    ) -> Result<Vec<u8>> {
+        self.seal_as(INDEX_LABEL, version, machine_id, seq, plain)
     }
 
     /// Decrypt and authenticate the record index of segment `seq` (whichever

@@ -110,6 +110,21 @@ impl Registry {
         *self.mount.lock() = Some(dir.to_path_buf());
     }
 
+    /// Run `f` again (a few times) while it finds a machine closed: a failover closed
+    /// and reopened it meanwhile, and the next lookup finds the new instance.
+    fn retry_closed<T>(&self, f: impl Fn() -> Result<T>) -> Result<T> {
+        let mut tries = 0;
+        loop {
+            match f() {
+                Err(Error::Closed { .. }) if tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// The failover state the receiver shares (see [`Failovers`]).
     pub fn failovers(&self) -> Arc<Failovers> {
         self.failovers.clone()
@@ -660,10 +675,12 @@ impl Registry {
                 machine,
                 app_consistent,
             } => {
-                let m = self.machine(machine).ok_or_else(|| {
-                    Error::NotFound(format!("this site has no machine {machine}"))
+                let p = self.retry_closed(|| {
+                    let m = self.machine(machine).ok_or_else(|| {
+                        Error::NotFound(format!("this site has no machine {machine}"))
+                    })?;
+                    m.point(*app_consistent)
                 })?;
-                let p = m.point(*app_consistent)?;
                 Ok(Reply {
                     ok: true,
                     lsn: Some(p.lsn),
@@ -732,18 +749,20 @@ impl Registry {
                 app_consistent,
                 max_pause_ms,
             } => {
-                let mut open = Vec::new();
-                for name in machines {
-                    open.push(self.machine(name).ok_or_else(|| {
-                        Error::NotFound(format!("this site has no open machine {name}"))
-                    })?);
-                }
-                let refs: Vec<&Machine> = open.iter().map(|m| m.as_ref()).collect();
-                let p = crate::volume::plan_point(
-                    &refs,
-                    *app_consistent,
-                    Duration::from_millis(*max_pause_ms),
-                )?;
+                let p = self.retry_closed(|| {
+                    let mut open = Vec::new();
+                    for name in machines {
+                        open.push(self.machine(name).ok_or_else(|| {
+                            Error::NotFound(format!("this site has no open machine {name}"))
+                        })?);
+                    }
+                    let refs: Vec<&Machine> = open.iter().map(|m| m.as_ref()).collect();
+                    crate::volume::plan_point(
+                        &refs,
+                        *app_consistent,
+                        Duration::from_millis(*max_pause_ms),
+                    )
+                })?;
                 Ok(Reply {
                     ok: true,
                     plan_point: Some(crate::control::PlanPointReply::of(&p)),
@@ -800,6 +819,7 @@ impl Registry {
                 })
             }
             Request::Failover { .. }
+            | Request::VerifyFailover { .. }
             | Request::CleanupTest { .. }
             | Request::ChangePoint { .. }
             | Request::CancelFailover { .. }
@@ -844,6 +864,7 @@ fn failover_names(req: &Request) -> Vec<String> {
                 .clone()
                 .unwrap_or_else(|| crate::failover::test_name(machine)),
         ],
+        Request::VerifyFailover { machine, name, .. } => vec![machine.clone(), name.clone()],
         Request::Failover { machine, .. }
         | Request::ChangePoint { machine, .. }
         | Request::CancelFailover { machine }

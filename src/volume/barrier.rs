@@ -15,12 +15,29 @@
 //! taken is released and nothing is recorded. The point records carry the plan
 //! point's ID (the barrier's wall clock in ns) after their digests
 //! (`format::record`); the points are made durable after the locks are released, so
-//! writes wait only for the appends.
+//! writes wait only for the appends. Should an append fail (a write error poisons
+//! that machine), the machines before it keep a point with the ID while the others
+//! have none: no machine set offers it as a plan point of all of them, and what was
+//! recorded is still one instant's state.
 
 use super::Machine;
 use crate::error::{Error, Result};
 use crate::journal::Point;
 use std::time::{Duration, Instant};
+
+/// A plan-point ID: the wall clock in ns, never below one this process gave before
+/// (a clock stepped back cannot make a later plan point look older).
+fn next_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = crate::format::now_ns().max(1);
+    let prev = LAST
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+            Some(now.max(last + 1))
+        })
+        .unwrap_or(0);
+    now.max(prev + 1)
+}
 
 /// What a barrier recorded.
 #[derive(Debug, Clone)]
@@ -94,10 +111,15 @@ pub fn plan_point(
         }
     }
     let waited = start.elapsed();
-    let id = crate::format::now_ns().max(1);
+    // Checked again under the locks: a machine closed meanwhile (reopened by a
+    // failover, whose new instance owns the journal now) or fenced takes no point.
+    for m in &sorted {
+        m.inner.check_fence()?;
+        m.inner.check_poison()?;
+    }
+    let id = next_id();
     let mut points = Vec::with_capacity(sorted.len());
     for (m, g) in sorted.iter().zip(guards.iter_mut()) {
-        m.inner.check_poison()?;
         let p = m
             .inner
             .append_tagged_point_locked(g, app_consistent, Some(id))?;

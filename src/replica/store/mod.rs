@@ -291,6 +291,32 @@ impl SegmentIndex {
         })
     }
 
+    /// The body to store and its index version: version 1 (the layout before plan
+    /// points, which older builds read) when the segment holds no plan point.
+    pub fn encode(&self) -> Result<(u16, Vec<u8>)> {
+        #[derive(Serialize)]
+        struct V1<'a> {
+            first_lsn: u64,
+            last_lsn: u64,
+            sealed_ns: u64,
+            records: &'a [IndexedRecord],
+            points: &'a [IndexedPoint],
+        }
+        let body = if self.plan_points.is_empty() {
+            postcard::to_stdvec(&V1 {
+                first_lsn: self.first_lsn,
+                last_lsn: self.last_lsn,
+                sealed_ns: self.sealed_ns,
+                records: &self.records,
+                points: &self.points,
+            })
+        } else {
+            postcard::to_stdvec(self)
+        }
+        .map_err(|e| Error::InvalidInput(e.to_string()))?;
+        Ok((if self.plan_points.is_empty() { 1 } else { 2 }, body))
+    }
+
     /// The plan point that the point at `lsn` belongs to.
     pub fn plan_point_at(&self, lsn: u64) -> Option<u64> {
         self.plan_points.iter().find(|t| t.lsn == lsn).map(|t| t.id)

@@ -40,12 +40,12 @@ impl ReplicaStore {
             plain.extend_from_slice(data);
         }
         let id = PATCH_SEQ + n;
-        let body = postcard::to_stdvec(&index).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let (version, body) = index.encode()?;
         let machine_id = self.manifest.machine_id;
         self.backend().put_batch(&[
             (
                 self.key_of(&patch_rel(n, "idx")),
-                self.key().seal_index(machine_id, id, &body)?,
+                self.key().seal_index_as(version, machine_id, id, &body)?,
             ),
             (
                 self.key_of(&patch_rel(n, "data")),

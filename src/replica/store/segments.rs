@@ -120,16 +120,22 @@ impl ReplicaStore {
     }
 
     fn write_index(&self, seq: u64, index: &SegmentIndex) -> Result<()> {
-        let body = postcard::to_stdvec(index).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let (version, body) = index.encode()?;
         let ct = self
             .key()
-            .seal_index(self.manifest.machine_id, seq, &body)?;
+            .seal_index_as(version, self.manifest.machine_id, seq, &body)?;
         self.backend().put(&self.key_of(&idx_rel(seq)), &ct)
     }
 
     /// The records and points of stored segment `seq` (from its index, or from the
     /// segment itself when the index is missing).
     pub fn segment_index(&self, seq: u64) -> Result<SegmentIndex> {
+        self.segment_index_versioned(seq).map(|(_, i)| i)
+    }
+
+    /// [`segment_index`](Self::segment_index) and the version of its index file
+    /// (None: no index file, the segment was indexed now).
+    fn segment_index_versioned(&self, seq: u64) -> Result<(Option<u16>, SegmentIndex)> {
         if seq == 0 || seq > self.received.segment_seq {
             return Err(Error::NotFound(format!("segment {seq} is not stored")));
         }
@@ -141,6 +147,7 @@ impl ReplicaStore {
                     self.key()
                         .open_index_versioned(self.manifest.machine_id, seq, &ct, &path)?;
                 SegmentIndex::decode(version, &body)
+                    .map(|i| (Some(version), i))
                     .ok_or_else(|| Error::corruption(&path, 40, "segment index does not decode"))
             }
             None => {
@@ -152,6 +159,7 @@ impl ReplicaStore {
                     &plain,
                     &self.locate(&seg_rel(seq)),
                 )
+                .map(|i| (None, i))
             }
         }
     }
@@ -168,16 +176,18 @@ impl ReplicaStore {
             &plain,
             &self.locate(&seg_rel(seq)),
         )?;
-        let stored = self.segment_index(seq)?;
+        let (version, stored) = self.segment_index_versioned(seq)?;
         let same_points = stored.points.len() == fresh.points.len()
             && stored.points.iter().zip(&fresh.points).all(|(a, b)| {
                 (a.lsn, a.time_ns, a.app, &a.digests) == (b.lsn, b.time_ns, b.app, &b.digests)
             });
-        // An index written before plan points (version 1) lists none of them.
-        let same_plan_points = stored
-            .plan_points
-            .iter()
-            .all(|t| fresh.plan_points.contains(t));
+        // An index of version 1 (written before plan points, or by a build that
+        // wrote version 1 for a segment without any) lists none of them; one of
+        // version 2 lists every one.
+        let same_plan_points = match version {
+            Some(1) => stored.plan_points.is_empty(),
+            _ => stored.plan_points == fresh.plan_points,
+        };
         if stored.records != fresh.records
             || (stored.first_lsn, stored.last_lsn) != (fresh.first_lsn, fresh.last_lsn)
             || !same_points
