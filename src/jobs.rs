@@ -409,14 +409,7 @@ impl JobHandle {
     /// logged, never allowed to stop the work itself.
     pub fn step(&mut self, name: &str) {
         self.close_open_step(JobState::Succeeded, None);
-        self.job.steps.push(Step {
-            name: name.to_string(),
-            state: JobState::InProgress,
-            started: rfc3339(now_ns()),
-            ended: None,
-            detail: None,
-        });
-        self.save_logged();
+        self.begin_step(name);
     }
 
     /// Say how the step in progress is going.

@@ -40,19 +40,6 @@ fn entry(site: &Path, name: &str, role: &str) -> Option<serde_json::Value> {
         .cloned()
 }
 
-/// A status written after now (a running serve rewrites it every quarter second).
-fn fresh_status(site: &Path) -> serde_json::Value {
-    let since = replog::format::now_ns();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let st = status(site);
-        if st["as_of_ns"].as_u64().unwrap_or(0) > since || Instant::now() > deadline {
-            return st;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A protected source with a mount and a listening target with a mount, vm1/os of
 /// 16 MiB, initial replication done.
 struct Pair {

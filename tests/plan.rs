@@ -71,14 +71,7 @@ struct Sites {
 impl Sites {
     fn new(machines: &[&str]) -> Sites {
         let tmp = tempfile::tempdir().expect("tmp");
-        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
-        run_ok(replog().arg("init").arg(&src));
-        run_ok(replog().arg("init").arg(&dst));
-        fast_replication(&src);
-        let id_src = run_ok(replog().arg("id").arg(&src)).trim().to_string();
-        let id_dst = run_ok(replog().arg("id").arg(&dst)).trim().to_string();
-        run_ok(replog().arg("trust").arg(&src).arg(&id_dst));
-        run_ok(replog().arg("trust").arg(&dst).arg(&id_src));
+        let (src, dst) = trusted_sites(tmp.path());
         for m in machines {
             run_ok(
                 replog()
@@ -175,19 +168,6 @@ impl Drop for Sites {
         if let Some(s) = self.dst_serve.take() {
             s.stop();
         }
-    }
-}
-
-/// A status written after now (a running serve rewrites it every quarter second).
-fn fresh_status(site: &Path) -> serde_json::Value {
-    let since = replog::format::now_ns();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let st = status(site);
-        if st["as_of_ns"].as_u64().unwrap_or(0) > since || Instant::now() > deadline {
-            return st;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -505,6 +485,38 @@ machines = ["db", "app"]
     assert_eq!(o.status.code(), Some(1), "an ended unplanned run resumed");
 }
 
+/// A plan program that blocks (touching `started`) until `go` exists, and then passes
+/// at once: (the program, started, go).
+fn blocking_program(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (started, go) = (dir.join("started"), dir.join("go"));
+    let block = script(
+        dir,
+        "block.sh",
+        &format!(
+            "[ -e {go} ] && exit 0\ntouch {started}\nexec sleep 60",
+            go = go.display(),
+            started = started.display()
+        ),
+    );
+    (block, started, go)
+}
+
+/// `replog plan failover SITE erp KIND`, left running once `started` exists.
+fn failover_until(site: &Path, kind: &str, started: &Path) -> std::process::Child {
+    let cli = replog()
+        .args(["plan", "failover"])
+        .arg(site)
+        .args(["erp", kind])
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !started.exists() {
+        assert!(Instant::now() < deadline, "the action never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cli
+}
+
 /// The plan job's run state file (what `resume` goes on from).
 fn run_state(site: &Path, job: &str) -> serde_json::Value {
     let p = site.join("plans/runs").join(format!("{job}.json"));
@@ -517,16 +529,7 @@ fn resume_goes_on_after_kill_9_of_the_command() {
         return;
     }
     let s = Sites::new(&["db", "app", "web"]);
-    let (started, go) = (s.dir().join("started"), s.dir().join("go"));
-    let block = script(
-        s.dir(),
-        "block.sh",
-        &format!(
-            "[ -e {go} ] && exit 0\ntouch {started}\nexec sleep 60",
-            go = go.display(),
-            started = started.display()
-        ),
-    );
+    let (block, started, go) = blocking_program(s.dir());
     s.add_plan(
         &s.dst,
         &format!(
@@ -542,17 +545,7 @@ machines = ["app", "web"]
         ),
     );
     // 1. Killed while an action runs.
-    let mut cli = replog()
-        .args(["plan", "failover"])
-        .arg(&s.dst)
-        .args(["erp", "--test"])
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !started.exists() {
-        assert!(Instant::now() < deadline, "the action never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut cli = failover_until(&s.dst, "--test", &started);
     cli.kill().expect("kill -9");
     cli.wait().expect("wait");
     let j = plan_job(&s.dst, "erp");
@@ -938,16 +931,7 @@ fn an_interrupted_run_is_given_up_only_by_abandon_and_a_new_run_is_refused_until
         return;
     }
     let s = Sites::new(&["db", "app"]);
-    let (started, go) = (s.dir().join("started"), s.dir().join("go"));
-    let block = script(
-        s.dir(),
-        "block.sh",
-        &format!(
-            "[ -e {go} ] && exit 0\ntouch {started}\nexec sleep 60",
-            go = go.display(),
-            started = started.display()
-        ),
-    );
+    let (block, started, go) = blocking_program(s.dir());
     s.add_plan(
         &s.dst,
         &format!(
@@ -955,17 +939,7 @@ fn an_interrupted_run_is_given_up_only_by_abandon_and_a_new_run_is_refused_until
             block.display()
         ),
     );
-    let mut cli = replog()
-        .args(["plan", "failover"])
-        .arg(&s.dst)
-        .args(["erp", "--unplanned"])
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !started.exists() {
-        assert!(Instant::now() < deadline, "the action never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut cli = failover_until(&s.dst, "--unplanned", &started);
     cli.kill().expect("kill -9");
     cli.wait().expect("wait");
     let run_job = plan_job(&s.dst, "erp")["id"]

@@ -36,6 +36,15 @@ fn manifest(site: &Path, name: &str) -> Option<crate::format::meta::Manifest> {
         .flatten()
 }
 
+/// What serve's reply said, and which job recorded it.
+fn said(r: crate::control::Reply) -> String {
+    format!(
+        "{}{}",
+        r.detail.unwrap_or_default(),
+        r.job.map(|j| format!(" (job {j})")).unwrap_or_default()
+    )
+}
+
 /// Whether `name` is a test copy of replica `m` here.
 fn is_test_copy_of(site: &Path, name: &str, m: &str) -> bool {
     manifest(site, name).is_some_and(|man| {
@@ -124,15 +133,7 @@ pub fn cleanup_test(site: &Path, name: &str) -> Result<Job> {
         match asked {
             Ok(r) => {
                 removed.push(mr.name.clone());
-                job.end_step(
-                    n,
-                    JobState::Succeeded,
-                    Some(format!(
-                        "{}{}",
-                        r.detail.unwrap_or_default(),
-                        r.job.map(|j| format!(" (job {j})")).unwrap_or_default()
-                    )),
-                );
+                job.end_step(n, JobState::Succeeded, Some(said(r)));
             }
             Err(e) => {
                 job.end_step(n, JobState::Failed, Some(e.to_string()));
@@ -224,15 +225,7 @@ pub fn commit(site: &Path, name: &str) -> Result<Job> {
             continue;
         }
         match crate::control::run(site, &Request::Commit { machine: m.clone() }) {
-            Ok(r) => job.end_step(
-                n,
-                JobState::Succeeded,
-                Some(format!(
-                    "{}{}",
-                    r.detail.unwrap_or_default(),
-                    r.job.map(|j| format!(" (job {j})")).unwrap_or_default()
-                )),
-            ),
+            Ok(r) => job.end_step(n, JobState::Succeeded, Some(said(r))),
             Err(e) => {
                 job.end_step(n, JobState::Failed, Some(e.to_string()));
                 failed.push(format!("{m}: {e}"));

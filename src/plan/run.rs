@@ -169,6 +169,18 @@ pub fn steps(plan: &Plan, kind: FailoverKind) -> Vec<StepRef> {
 }
 
 impl Run {
+    /// The machines of group `group` whose state `keep` accepts, in the plan's order.
+    fn group_machines(&self, group: usize, keep: impl Fn(MachineState) -> bool) -> Vec<String> {
+        self.plan
+            .groups
+            .get(group)
+            .map(|g| g.machines.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| self.machines.get(m).is_some_and(|mr| keep(mr.state)))
+            .collect()
+    }
+
     pub fn action(&self, group: usize, after: bool, index: usize) -> Option<&Action> {
         let g = self.plan.groups.get(group)?;
         if after { &g.after } else { &g.before }.get(index)
@@ -766,21 +778,10 @@ fn environment(ctx: &Ctx<'_>, group: usize) -> Vec<(String, String)> {
 /// Fail over every machine of group `group` that is not up yet, side by side; Err
 /// names every one that failed.
 fn fail_over_group(ctx: &Ctx<'_>, group: usize) -> std::result::Result<(), String> {
-    let machines: Vec<String> = {
-        let run = ctx.run.lock();
-        run.plan
-            .groups
-            .get(group)
-            .map(|g| g.machines.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|m| {
-                run.machines
-                    .get(m)
-                    .is_some_and(|mr| mr.state != MachineState::Up)
-            })
-            .collect()
-    };
+    let machines = ctx
+        .run
+        .lock()
+        .group_machines(group, |s| s != MachineState::Up);
     let failures: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = machines
             .iter()
@@ -824,21 +825,10 @@ fn fail_over_group(ctx: &Ctx<'_>, group: usize) -> std::result::Result<(), Strin
             })
             .collect()
     });
-    let up: Vec<String> = {
-        let run = ctx.run.lock();
-        run.plan
-            .groups
-            .get(group)
-            .map(|g| g.machines.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|m| {
-                run.machines
-                    .get(m)
-                    .is_some_and(|mr| mr.state == MachineState::Up)
-            })
-            .collect()
-    };
+    let up = ctx
+        .run
+        .lock()
+        .group_machines(group, |s| s == MachineState::Up);
     let mut job = ctx.job.lock();
     let n = job.begin_step(&format!("group {}: machines up", group + 1));
     if failures.is_empty() {
@@ -927,18 +917,25 @@ fn fail_over(ctx: &Ctx<'_>, m: &str) -> std::result::Result<String, String> {
             job: spec,
         },
     };
-    let reply: Result<Reply> = match crate::control::request(&site, &req) {
+    ask(&site, &req, &id)?;
+    up(&site, &ctx.run.lock(), m, &name)
+        .map(|d| format!("job {id}: {d}"))
+        .map_err(|e| e.to_string())
+}
+
+/// Send `req` (whose job is `id`) to serve and wait for that job to end: Ok once it
+/// succeeded; Err says why not. The job is the truth when there is one — serve may
+/// have carried the request out for an earlier one with the same ID — and the reply
+/// only when serve refused before it began a job.
+fn ask(site: &Path, req: &Request, id: &str) -> std::result::Result<(), String> {
+    let reply: Result<Reply> = match crate::control::request(site, req) {
         Ok(Some(r)) => r.into_result(),
         Ok(None) => Err(Error::InvalidInput("serve stopped running".into())),
         Err(e) => Err(e),
     };
     crate::failpoint::hit("plan:after-request");
-    // The job is the truth when there is one (serve may have carried the failover
-    // out for an earlier request with this ID).
-    match ended_job(&site, &id) {
-        Some(j) if j.state == JobState::Succeeded => up(&site, &ctx.run.lock(), m, &name)
-            .map(|d| format!("job {id}: {d}"))
-            .map_err(|e| e.to_string()),
+    match ended_job(site, id) {
+        Some(j) if j.state == JobState::Succeeded => Ok(()),
         Some(j) => Err(format!(
             "{} (job {id})",
             j.error
@@ -1007,28 +1004,15 @@ fn take_over_made(
             plan: Some(plan.to_string()),
         },
     };
-    let reply = match crate::control::request(&site, &req) {
-        Ok(Some(r)) => r.into_result(),
-        Ok(None) => Err(Error::InvalidInput("serve stopped running".into())),
-        Err(e) => Err(e),
-    };
-    match ended_job(&site, &id) {
-        Some(j) if j.state == JobState::Succeeded => up(&site, &ctx.run.lock(), m, name)
-            .map(|d| {
-                Some(format!(
-                    "made before the restart, checked now (job {id}): {d}"
-                ))
-            })
-            .map_err(|e| e.to_string()),
-        Some(j) => Err(format!(
-            "{name} was made before the restart but does not check out: {} (job {id})",
-            j.error.unwrap_or_default()
-        )),
-        None => Err(match reply {
-            Err(e) => e.to_string(),
-            Ok(_) => format!("serve answered but recorded no job {id}"),
-        }),
-    }
+    ask(&site, &req, &id)
+        .map_err(|e| format!("{name} was made before the restart but does not check out: {e}"))?;
+    up(&site, &ctx.run.lock(), m, name)
+        .map(|d| {
+            Some(format!(
+                "made before the restart, checked now (job {id}): {d}"
+            ))
+        })
+        .map_err(|e| e.to_string())
 }
 
 /// Job `id` once it has ended (waiting while serve works on it); None when there is

@@ -288,6 +288,19 @@ pub fn status(site: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("status json")
 }
 
+/// A status written after now (a running serve rewrites it every quarter second).
+pub fn fresh_status(site: &Path) -> serde_json::Value {
+    let since = replog::format::now_ns();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = status(site);
+        if st["as_of_ns"].as_u64().unwrap_or(0) > since || Instant::now() > deadline {
+            return st;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Wait for a status taken after now in which machine 0 satisfies `ok`.
 pub fn wait_for(
     src: &Path,
@@ -348,10 +361,8 @@ impl Drop for TargetServe {
     }
 }
 
-/// Two sites under `root` that trust each other: `src` (fast replication) with
-/// machine vm1 and one disk `os` of `size`, and `dst`; returns (src, dst, an address
-/// for dst to listen on).
-pub fn two_sites(root: &Path, size: &str) -> (PathBuf, PathBuf, String) {
+/// Two sites under `root`, `src` (fast replication) and `dst`, that trust each other.
+pub fn trusted_sites(root: &Path) -> (PathBuf, PathBuf) {
     let (src, dst) = (root.join("src"), root.join("dst"));
     run_ok(replog().arg("init").arg(&src));
     run_ok(replog().arg("init").arg(&dst));
@@ -360,6 +371,14 @@ pub fn two_sites(root: &Path, size: &str) -> (PathBuf, PathBuf, String) {
     let id_dst = run_ok(replog().arg("id").arg(&dst)).trim().to_string();
     run_ok(replog().arg("trust").arg(&src).arg(&id_dst));
     run_ok(replog().arg("trust").arg(&dst).arg(&id_src));
+    (src, dst)
+}
+
+/// Two sites under `root` that trust each other: `src` (fast replication) with
+/// machine vm1 and one disk `os` of `size`, and `dst`; returns (src, dst, an address
+/// for dst to listen on).
+pub fn two_sites(root: &Path, size: &str) -> (PathBuf, PathBuf, String) {
+    let (src, dst) = trusted_sites(root);
     run_ok(
         replog()
             .args(["disk", "create"])

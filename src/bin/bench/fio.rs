@@ -13,9 +13,10 @@ pub struct FioFigure {
     pub unit: &'static str,
 }
 
-struct Serve {
-    child: Child,
-    mount: PathBuf,
+/// A `replog serve` child, stopped (SIGTERM) when dropped.
+pub(crate) struct Serve {
+    pub(crate) child: Child,
+    pub(crate) mount: PathBuf,
 }
 
 impl Drop for Serve {
@@ -34,7 +35,7 @@ impl Drop for Serve {
     }
 }
 
-fn run(cmd: &mut Command) -> Result<String, String> {
+pub(crate) fn run(cmd: &mut Command) -> Result<String, String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
     if !out.status.success() {
         return Err(format!(

@@ -9,9 +9,10 @@
 //!   against failing the same four over one after another with `replog failover`,
 //!   through real serves, TLS on 127.0.0.1 and FUSE mounts (with the FUSE figures).
 
+use super::fio::{run, Serve};
 use super::{median, progress, Bench, Figure, Result, GIB, MIB};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -85,40 +86,6 @@ impl Bench {
             ),
         ))
     }
-}
-
-/// A `replog serve` child, stopped (SIGTERM) when dropped.
-struct Serve {
-    child: Child,
-    mount: PathBuf,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        // SAFETY: signal to a child we spawned.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = replog::frontend::detach(&self.mount);
-    }
-}
-
-fn run(cmd: &mut Command) -> std::result::Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn serve(
