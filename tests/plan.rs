@@ -1029,3 +1029,80 @@ fn resume_takes_over_a_failover_serve_made_before_it_died() {
     assert!(o.status.success(), "cleanup: {}", text(&o));
     assert!(!s.dst.join("machines/db-test").exists());
 }
+
+#[test]
+fn a_plan_point_with_frozen_file_systems_is_app_consistent_and_thaws_them() {
+    if !fuse_available("a_plan_point_with_frozen_file_systems") {
+        return;
+    }
+    let s = Sites::new(&["db", "app"]);
+    let body = "name = \"pair\"\n[[group]]\nmachines = [\"db\", \"app\"]\n";
+    s.add_plan(&s.src, body);
+    s.add_plan(&s.dst, body);
+    // ext4 on both machines' disks, through loop devices on the source's mount.
+    let mut held = Vec::new();
+    let mut mounts = Vec::new();
+    for m in ["db", "app"] {
+        let lo = Loop::attach(&s.src_mnt().join(format!("{m}/os.img")));
+        let mk = sh("mkfs.ext4", &["-q", "-F", &lo.0]);
+        assert!(
+            mk.status.success(),
+            "mkfs: {}",
+            String::from_utf8_lossy(&mk.stderr)
+        );
+        let dir = s.dir().join(format!("fs-{m}"));
+        let fs = FsMount::mount(&lo.0, &dir, "rw");
+        std::fs::write(dir.join("before.txt"), m).expect("write");
+        mounts.push(dir);
+        held.push((fs, lo));
+    }
+    let o = replog()
+        .args(["plan", "checkpoint"])
+        .arg(&s.src)
+        .args(["pair", "--app-consistent", "--json"])
+        .arg("--freeze")
+        .arg(&mounts[0])
+        .arg("--freeze")
+        .arg(&mounts[1])
+        .output()
+        .expect("plan checkpoint");
+    assert!(o.status.success(), "{}", text(&o));
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(doc["app_consistent"], true);
+    assert!(doc["frozen_ms"].as_f64().is_some(), "{doc}");
+    let id = doc["plan_point"].as_str().expect("id").to_string();
+    // Thawed: both file systems take writes again.
+    for dir in &mounts {
+        std::fs::write(dir.join("after.txt"), "later").expect("write after the thaw");
+    }
+    drop(held);
+    s.wait_shipped();
+    // At the target: each machine's point of the plan point is app-consistent, and its
+    // ext4 is clean with the file written before it.
+    for m in ["db", "app"] {
+        let out = s.dir().join(format!("restored-{m}"));
+        run_ok(
+            replog()
+                .arg("restore")
+                .arg(&s.dst)
+                .arg(m)
+                .args(["--at", &id, "--out"])
+                .arg(&out)
+                .arg("--json"),
+        );
+        let img = out.join("os.img");
+        let fsck = sh("e2fsck", &["-fn", img.to_str().expect("path")]);
+        assert!(
+            fsck.status.success(),
+            "{m}: {}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        let pts = run_ok(replog().arg("points").arg(&s.dst).arg(m).arg("--json"));
+        let pts: serde_json::Value = serde_json::from_str(&pts).expect("json");
+        assert!(pts["points"]
+            .as_array()
+            .expect("points")
+            .iter()
+            .any(|p| p["plan_point"] == id.as_str() && p["kind"] == "app-consistent"));
+    }
+}
