@@ -183,17 +183,31 @@ pub struct PlanPointReply {
 }
 
 impl PlanPointReply {
-    pub fn of(p: &crate::volume::PlanPoint) -> Self {
-        PlanPointReply {
-            id: p.id,
-            points: p
-                .points
-                .iter()
-                .map(|(m, pt)| (m.clone(), pt.lsn, pt.time_ns))
-                .collect(),
-            held_us: p.held.as_micros() as u64,
-            waited_us: p.waited.as_micros() as u64,
-        }
+    /// `PlanCheckpoint` over `machines`, open here: the barrier, and the reply.
+    pub fn record(
+        machines: &[&crate::volume::Machine],
+        app_consistent: bool,
+        max_pause_ms: u64,
+    ) -> Result<Reply> {
+        let p = crate::volume::plan_point(
+            machines,
+            app_consistent,
+            Duration::from_millis(max_pause_ms),
+        )?;
+        Ok(Reply {
+            ok: true,
+            plan_point: Some(PlanPointReply {
+                id: p.id,
+                points: p
+                    .points
+                    .iter()
+                    .map(|(m, pt)| (m.clone(), pt.lsn, pt.time_ns))
+                    .collect(),
+                held_us: p.held.as_micros() as u64,
+                waited_us: p.waited.as_micros() as u64,
+            }),
+            ..Default::default()
+        })
     }
 }
 
@@ -472,20 +486,11 @@ pub fn offline(site: &Path, req: &Request) -> Result<Reply> {
                 open.push(s.open_machine(name)?);
             }
             let refs: Vec<&crate::volume::Machine> = open.iter().collect();
-            let p = crate::volume::plan_point(
-                &refs,
-                *app_consistent,
-                Duration::from_millis(*max_pause_ms),
-            );
+            let reply = PlanPointReply::record(&refs, *app_consistent, *max_pause_ms);
             for m in open {
                 m.close()?;
             }
-            let p = p?;
-            Ok(Reply {
-                ok: true,
-                plan_point: Some(PlanPointReply::of(&p)),
-                ..Default::default()
-            })
+            reply
         }
         Request::ServeInfo => Err(Error::InvalidInput(format!(
             "no `replog serve {}` runs",

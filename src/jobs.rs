@@ -179,6 +179,14 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
+    /// A job of a run (or cleanup, or commit) of plan `plan`, under a new ID.
+    pub fn of_plan(plan: &str) -> JobSpec {
+        JobSpec {
+            id: None,
+            plan: Some(plan.to_string()),
+        }
+    }
+
     /// Begin the job of `kind` for `machine` as this spec says.
     pub fn start(&self, site: &Path, kind: JobKind, machine: Option<&str>) -> Result<JobHandle> {
         JobHandle::start_as(
@@ -231,7 +239,7 @@ impl JobHandle {
 
     /// Begin a job of `kind` (for `machine`, as part of a run of `plan`), with the ID
     /// `id` chosen beforehand (refused when a job has it already) or a new one.
-    pub fn start_as(
+    fn start_as(
         site: &Path,
         id: Option<&str>,
         kind: JobKind,
@@ -487,25 +495,19 @@ impl JobHandle {
 /// End job `id`, which no process runs now (it waits for an operator, or its run
 /// stopped), as `state`, saying `why` in a last step.
 pub fn close(site: &Path, id: &str, state: JobState, why: &str) -> Result<()> {
-    let mut job = get(site, id)?;
-    let now = rfc3339(now_ns());
-    for s in job.steps.iter_mut().filter(|s| !s.state.ended()) {
-        s.state = JobState::Cancelled;
-        s.ended = Some(now.clone());
-    }
-    job.steps.push(Step {
-        name: why.to_string(),
-        state: JobState::Succeeded,
-        started: now.clone(),
-        ended: Some(now.clone()),
-        detail: None,
-    });
-    job.state = state;
-    job.ended = Some(now);
-    let h = JobHandle {
+    let mut h = JobHandle {
         site: site.to_path_buf(),
-        job,
+        job: get(site, id)?,
     };
+    for n in 0..h.job.steps.len() {
+        if h.job.steps.get(n).is_some_and(|s| !s.state.ended()) {
+            h.end_step(n, JobState::Cancelled, None);
+        }
+    }
+    let n = h.begin_step(why);
+    h.end_step(n, JobState::Succeeded, None);
+    h.job.state = state;
+    h.job.ended = Some(rfc3339(now_ns()));
     h.save()?;
     prune(site);
     Ok(())
@@ -515,19 +517,9 @@ pub fn close(site: &Path, id: &str, state: JobState, why: &str) -> Result<()> {
 /// warning).
 pub fn list(site: &Path) -> Result<Vec<Job>> {
     let d = dir(site);
-    let mut names: Vec<String> = match std::fs::read_dir(&d) {
-        Ok(e) => e
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| n.starts_with("j-") && n.ends_with(".json"))
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io("list", &d, e)),
-    };
-    names.sort();
-    names.reverse();
     let mut out = Vec::new();
-    for n in names {
-        let p = d.join(&n);
+    for id in ids_in(&d)? {
+        let p = d.join(format!("{id}.json"));
         let text = match std::fs::read_to_string(&p) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // pruned
@@ -544,6 +536,23 @@ pub fn list(site: &Path) -> Result<Vec<Job>> {
         }
     }
     Ok(out)
+}
+
+/// The job IDs that name files `<id>.json` in `dir` (job records, plan runs),
+/// newest first (IDs sort by start time); none when `dir` is not there.
+pub fn ids_in(dir: &Path) -> Result<Vec<String>> {
+    let mut ids: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(e) => e
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
+            .filter(|n| check_id(n).is_ok())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("list", dir, e)),
+    };
+    ids.sort();
+    ids.reverse();
+    Ok(ids)
 }
 
 /// Job `id`.

@@ -171,6 +171,29 @@ impl Drop for Sites {
     }
 }
 
+/// Plan `erp` of two groups; `action` ("before" or "after", a program) runs with
+/// the second.
+fn erp(first: &[&str], second: &[&str], action: Option<(&str, &Path)>) -> String {
+    let list = |ms: &[&str]| {
+        ms.iter()
+            .map(|m| format!("\"{m}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut t = format!(
+        "name = \"erp\"\n[[group]]\nmachines = [{}]\n[[group]]\nmachines = [{}]\n",
+        list(first),
+        list(second)
+    );
+    if let Some((phase, program)) = action {
+        t.push_str(&format!(
+            "  [[group.{phase}]]\n  run = \"{}\"\n",
+            program.display()
+        ));
+    }
+    t
+}
+
 /// The names under `mount` ending in `-test`, sorted, space-separated (what a script
 /// sees as up in a test failover).
 const LIST_COPIES: &str = r#"ls "$REPLOG_MOUNT" | grep -- '-test$' | tr '\n' ' '"#;
@@ -389,17 +412,7 @@ fn a_failing_program_stops_a_test_run_and_cleanup_removes_what_it_made() {
     );
     s.add_plan(
         &s.dst,
-        &format!(
-            r#"name = "erp"
-[[group]]
-machines = ["db"]
-[[group]]
-machines = ["app", "web"]
-  [[group.before]]
-  run = "{}"
-"#,
-            fail.display()
-        ),
+        &erp(&["db"], &["app", "web"], Some(("before", &fail))),
     );
     let o = plan("failover", &s.dst, &["erp", "--test"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
@@ -448,17 +461,7 @@ fn an_unplanned_run_goes_on_past_a_machine_that_cannot_fail_over() {
     );
     s.add_plan(
         &s.dst,
-        &format!(
-            r#"name = "erp"
-[[group]]
-machines = ["web"]
-[[group]]
-machines = ["db", "app"]
-  [[group.after]]
-  run = "{}"
-"#,
-            rec.display()
-        ),
+        &erp(&["web"], &["db", "app"], Some(("after", &rec))),
     );
     let o = plan("failover", &s.dst, &["erp", "--unplanned"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
@@ -532,17 +535,7 @@ fn resume_goes_on_after_kill_9_of_the_command() {
     let (block, started, go) = blocking_program(s.dir());
     s.add_plan(
         &s.dst,
-        &format!(
-            r#"name = "erp"
-[[group]]
-machines = ["db"]
-[[group]]
-machines = ["app", "web"]
-  [[group.before]]
-  run = "{}"
-"#,
-            block.display()
-        ),
+        &erp(&["db"], &["app", "web"], Some(("before", &block))),
     );
     // 1. Killed while an action runs.
     let mut cli = failover_until(&s.dst, "--test", &started);
@@ -932,13 +925,7 @@ fn an_interrupted_run_is_given_up_only_by_abandon_and_a_new_run_is_refused_until
     }
     let s = Sites::new(&["db", "app"]);
     let (block, started, go) = blocking_program(s.dir());
-    s.add_plan(
-        &s.dst,
-        &format!(
-            "name = \"erp\"\n[[group]]\nmachines = [\"db\"]\n[[group]]\nmachines = [\"app\"]\n  [[group.before]]\n  run = \"{}\"\n",
-            block.display()
-        ),
-    );
+    s.add_plan(&s.dst, &erp(&["db"], &["app"], Some(("before", &block))));
     let mut cli = failover_until(&s.dst, "--unplanned", &started);
     cli.kill().expect("kill -9");
     cli.wait().expect("wait");
@@ -989,10 +976,7 @@ fn resume_takes_over_a_failover_serve_made_before_it_died() {
         return;
     }
     let mut s = Sites::new(&["db", "app"]);
-    s.add_plan(
-        &s.dst,
-        "name = \"erp\"\n[[group]]\nmachines = [\"db\"]\n[[group]]\nmachines = [\"app\"]\n",
-    );
+    s.add_plan(&s.dst, &erp(&["db"], &["app"], None));
     // The target's serve dies right after it promoted and opened db's test copy,
     // before the copy's check.
     let mount = s.dst_mnt();

@@ -168,7 +168,8 @@ pub enum Command {
         site: PathBuf,
         machine: String,
         /// The recovery point: `latest`, an LSN, an RFC 3339 time (the newest point at
-        /// or before it), or a point ID from `replog points` (an `orphan-…` point too).
+        /// or before it), or a point ID from `replog points` (an `orphan-…` point too, or
+        /// a plan point `pp-…`: this machine's point of it).
         #[arg(long, default_value = "latest")]
         at: String,
         /// Directory for the images (created; existing images are not overwritten).
@@ -228,8 +229,8 @@ pub enum Command {
         /// Before commit: undo an unplanned failover (the machine is a replica again).
         #[arg(long, group = "mode")]
         cancel: bool,
-        /// The point: latest, latest-app-consistent, an LSN, an RFC 3339 time or a
-        /// point ID from `replog points`.
+        /// The point: latest, latest-app-consistent, an LSN, an RFC 3339 time, a point
+        /// ID from `replog points`, or a plan point `pp-…` (this machine's point of it).
         #[arg(long, value_name = "POINT", conflicts_with_all = ["planned", "cleanup_test", "change_point", "cancel"])]
         at: Option<String>,
         /// The test copy's name (default MACHINE-test).
@@ -448,7 +449,7 @@ pub enum DiskCommand {
     List { site: PathBuf },
 }
 
-fn run_plan(cmd: PlanCommand) -> ExitCode {
+fn run_plan(cmd: PlanCommand) -> replog::Result<()> {
     match cmd {
         PlanCommand::Add {
             site,
@@ -529,7 +530,7 @@ pub fn run(cli: Cli) -> ExitCode {
             json,
         } => site::status(&site, machine.as_deref(), json),
         Command::Inspect { path, json } => return inspect::run(&path, json),
-        Command::Plan(cmd) => return run_plan(cmd),
+        Command::Plan(cmd) => run_plan(cmd),
         Command::Failover {
             site,
             machine,

@@ -7,7 +7,6 @@ use replog::plan::{dry, points, run, store};
 use replog::protection::FailoverKind;
 use replog::{Error, Result, Site};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::time::Duration;
 
 /// A progress bar over a run's steps, on a terminal and without --json.
@@ -41,43 +40,28 @@ impl Drop for Bar {
     }
 }
 
-/// Print `e` and exit 1.
-fn failed(e: &Error) -> ExitCode {
-    eprintln!("replog: {e}");
-    ExitCode::from(1)
-}
-
-fn done(r: Result<()>) -> ExitCode {
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => failed(&e),
-    }
-}
-
-pub fn add(site: &Path, file: &Path, replace: bool) -> ExitCode {
-    done((|| {
-        Site::read_config(site)?;
-        // At most one byte more than a plan may have: /dev/zero is refused, not read.
-        let mut text = Vec::new();
-        std::io::Read::read_to_end(
-            &mut std::io::Read::take(
-                std::fs::File::open(file).map_err(|e| Error::io("open", file, e))?,
-                replog::plan::file::MAX_FILE_BYTES as u64 + 1,
-            ),
-            &mut text,
-        )
-        .map_err(|e| Error::io("read", file, e))?;
-        let text = String::from_utf8(text)
-            .map_err(|_| Error::InvalidInput(format!("{}: not UTF-8 text", file.display())))?;
-        let plan = store::add(site, &text, &file.display().to_string(), replace)?;
-        println!(
-            "plan {} stored: {} group(s), {} machine(s)",
-            plan.name,
-            plan.groups.len(),
-            plan.machines().count()
-        );
-        Ok(())
-    })())
+pub fn add(site: &Path, file: &Path, replace: bool) -> Result<()> {
+    Site::read_config(site)?;
+    // At most one byte more than a plan may have: /dev/zero is refused, not read.
+    let mut text = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(
+            std::fs::File::open(file).map_err(|e| Error::io("open", file, e))?,
+            replog::plan::file::MAX_FILE_BYTES as u64 + 1,
+        ),
+        &mut text,
+    )
+    .map_err(|e| Error::io("read", file, e))?;
+    let text = String::from_utf8(text)
+        .map_err(|_| Error::InvalidInput(format!("{}: not UTF-8 text", file.display())))?;
+    let plan = store::add(site, &text, &file.display().to_string(), replace)?;
+    println!(
+        "plan {} stored: {} group(s), {} machine(s)",
+        plan.name,
+        plan.groups.len(),
+        plan.machines().count()
+    );
+    Ok(())
 }
 
 fn action_doc(a: &replog::plan::file::Action) -> serde_json::Value {
@@ -115,85 +99,79 @@ fn plan_doc(site: &Path, p: &Plan) -> Result<serde_json::Value> {
     }))
 }
 
-pub fn list(site: &Path, json: bool) -> ExitCode {
-    done((|| {
-        Site::read_config(site)?;
-        let plans = store::list(site)?;
-        if json {
-            let docs: Result<Vec<_>> = plans.iter().map(|p| plan_doc(site, p)).collect();
-            println!("{}", serde_json::json!({ "plans": docs? }));
-            return Ok(());
-        }
-        if plans.is_empty() {
-            println!("no plans at {}", site.display());
-        }
-        for p in &plans {
-            let last = run::runs_of(site, &p.name)?.into_iter().next();
-            println!(
-                "{:<20} {} group(s), {} machine(s){}",
-                p.name,
-                p.groups.len(),
-                p.machines().count(),
-                last.map(|r| format!(
-                    "; last run {} ({} failover, {})",
-                    r.job,
-                    r.kind,
-                    r.state.as_str()
-                ))
-                .unwrap_or_default()
-            );
-        }
-        Ok(())
-    })())
+pub fn list(site: &Path, json: bool) -> Result<()> {
+    Site::read_config(site)?;
+    let plans = store::list(site)?;
+    if json {
+        let docs: Result<Vec<_>> = plans.iter().map(|p| plan_doc(site, p)).collect();
+        println!("{}", serde_json::json!({ "plans": docs? }));
+        return Ok(());
+    }
+    if plans.is_empty() {
+        println!("no plans at {}", site.display());
+    }
+    for p in &plans {
+        let last = run::runs_of(site, &p.name)?.into_iter().next();
+        println!(
+            "{:<20} {} group(s), {} machine(s){}",
+            p.name,
+            p.groups.len(),
+            p.machines().count(),
+            last.map(|r| format!(
+                "; last run {} ({} failover, {})",
+                r.job,
+                r.kind,
+                r.state.as_str()
+            ))
+            .unwrap_or_default()
+        );
+    }
+    Ok(())
 }
 
-pub fn show(site: &Path, name: &str, json: bool) -> ExitCode {
-    done((|| {
-        Site::read_config(site)?;
-        let p = store::load(site, name)?;
-        if json {
-            println!("{}", plan_doc(site, &p)?);
-            return Ok(());
-        }
-        println!("plan {}", p.name);
-        for (i, g) in p.groups.iter().enumerate() {
-            println!("  group {}: {}", i + 1, g.machines.join(", "));
-            for (phase, list) in [("before", &g.before), ("after", &g.after)] {
-                for a in list {
-                    let on: Vec<&str> = a.on.iter().map(|k| k.as_str()).collect();
-                    let timeout = match &a.what {
-                        ActionKind::Run { timeout_ms, .. } => format!(
-                            ", timeout {}",
-                            humantime::format_duration(Duration::from_millis(*timeout_ms))
-                        ),
-                        ActionKind::Manual { .. } => String::new(),
-                    };
-                    println!(
-                        "    {phase}: {} (on {}{timeout})",
-                        a.describe(),
-                        on.join(", ")
-                    );
-                }
+pub fn show(site: &Path, name: &str, json: bool) -> Result<()> {
+    Site::read_config(site)?;
+    let p = store::load(site, name)?;
+    if json {
+        println!("{}", plan_doc(site, &p)?);
+        return Ok(());
+    }
+    println!("plan {}", p.name);
+    for (i, g) in p.groups.iter().enumerate() {
+        println!("  group {}: {}", i + 1, g.machines.join(", "));
+        for (phase, list) in [("before", &g.before), ("after", &g.after)] {
+            for a in list {
+                let on: Vec<&str> = a.on.iter().map(|k| k.as_str()).collect();
+                let timeout = match &a.what {
+                    ActionKind::Run { timeout_ms, .. } => format!(
+                        ", timeout {}",
+                        humantime::format_duration(Duration::from_millis(*timeout_ms))
+                    ),
+                    ActionKind::Manual { .. } => String::new(),
+                };
+                println!(
+                    "    {phase}: {} (on {}{timeout})",
+                    a.describe(),
+                    on.join(", ")
+                );
             }
         }
-        for r in run::runs_of(site, name)?.iter().take(5) {
-            println!("  run {}: {} failover, {}", r.job, r.kind, r.state.as_str());
-        }
-        Ok(())
-    })())
+    }
+    for r in run::runs_of(site, name)?.iter().take(5) {
+        println!("  run {}: {} failover, {}", r.job, r.kind, r.state.as_str());
+    }
+    Ok(())
 }
 
-pub fn remove(site: &Path, name: &str) -> ExitCode {
-    done((|| {
-        Site::read_config(site)?;
-        store::remove(site, name)?;
-        println!("plan {name} removed");
-        Ok(())
-    })())
+pub fn remove(site: &Path, name: &str) -> Result<()> {
+    Site::read_config(site)?;
+    store::remove(site, name)?;
+    println!("plan {name} removed");
+    Ok(())
 }
 
-/// Print how a run ended; its exit code: 0 succeeded or waiting, 1 failed.
-fn report(site: &Path, name: &str, ended: Ended, json: bool) -> ExitCode {
+/// Print how a run ended: Ok when it succeeded or waits, Err (exit 1) when it failed.
+fn report(site: &Path, name: &str, ended: Ended, json: bool) -> Result<()> {
     let resume = format!("replog plan resume {} {name}", site.display());
     let (job, state, error, text) = match ended {
         Ended::Succeeded(job) => (job, "succeeded", None, None),
@@ -242,15 +220,15 @@ fn report(site: &Path, name: &str, ended: Ended, json: bool) -> ExitCode {
         }
     }
     match error {
-        Some(e) => {
-            eprintln!("replog: plan {name} failed (job {}): {e}", job.id);
-            ExitCode::from(1)
-        }
-        None => ExitCode::SUCCESS,
+        Some(e) => Err(Error::InvalidInput(format!(
+            "plan {name} failed (job {}): {e}",
+            job.id
+        ))),
+        None => Ok(()),
     }
 }
 
-#[allow(clippy::fn_params_excessive_bools)]
+/// `at`: POINT (clap refuses it with --planned, which is at each machine's last LSN).
 pub fn failover(
     site: &Path,
     name: &str,
@@ -258,38 +236,24 @@ pub fn failover(
     at: Option<&str>,
     dry_run: bool,
     json: bool,
-) -> ExitCode {
-    if let Err(e) = Site::read_config(site) {
-        return failed(&e);
-    }
+) -> Result<()> {
+    Site::read_config(site)?;
     let at = match (kind, at) {
-        (FailoverKind::Planned, Some(_)) => {
-            return failed(&Error::InvalidInput(
-                "--at does not go with --planned: a planned failover is at each machine's \
-                 last LSN (zero loss)"
-                    .into(),
-            ))
-        }
-        (FailoverKind::Planned, None) => "last-lsn",
+        (FailoverKind::Planned, _) => "last-lsn",
         (_, Some(a)) => a,
         (_, None) => "latest",
     };
     if dry_run {
-        return match dry::dry_run(site, name, kind, at) {
-            Ok(r) => print_dry(&r, json),
-            Err(e) => failed(&e),
-        };
+        return print_dry(&dry::dry_run(site, name, kind, at)?, json);
     }
     let bar = Bar::new(json);
     let ended = run::start(site, name, kind, at, &bar);
     drop(bar);
-    match ended {
-        Ok(e) => report(site, name, e, json),
-        Err(e) => failed(&e),
-    }
+    report(site, name, ended?, json)
 }
 
-fn print_dry(r: &dry::Report, json: bool) -> ExitCode {
+/// Print what a dry run found: Err (exit 1) when a check failed.
+fn print_dry(r: &dry::Report, json: bool) -> Result<()> {
     if json {
         let mut doc = serde_json::to_value(r).unwrap_or_default();
         doc["ok"] = serde_json::Value::Bool(r.ok());
@@ -330,23 +294,21 @@ fn print_dry(r: &dry::Report, json: bool) -> ExitCode {
         }
     }
     if r.ok() {
-        ExitCode::SUCCESS
+        Ok(())
     } else {
-        ExitCode::from(1)
+        Err(Error::InvalidInput(format!(
+            "the dry run found {} problem(s)",
+            r.problems.len()
+        )))
     }
 }
 
-pub fn resume(site: &Path, name: &str, json: bool) -> ExitCode {
-    if let Err(e) = Site::read_config(site) {
-        return failed(&e);
-    }
+pub fn resume(site: &Path, name: &str, json: bool) -> Result<()> {
+    Site::read_config(site)?;
     let bar = Bar::new(json);
     let ended = run::resume(site, name, &bar);
     drop(bar);
-    match ended {
-        Ok(e) => report(site, name, e, json),
-        Err(e) => failed(&e),
-    }
+    report(site, name, ended?, json)
 }
 
 fn print_job(job: &replog::jobs::Job, json: bool, what: &str) {
@@ -367,35 +329,29 @@ fn print_job(job: &replog::jobs::Job, json: bool, what: &str) {
     }
 }
 
-pub fn abandon(site: &Path, name: &str, json: bool) -> ExitCode {
-    done((|| {
-        Site::read_config(site)?;
-        let job = run::abandon(site, name)?;
-        print_job(&job, json, &format!("plan {name}: the run is given up"));
-        Ok(())
-    })())
+pub fn abandon(site: &Path, name: &str, json: bool) -> Result<()> {
+    Site::read_config(site)?;
+    let job = run::abandon(site, name)?;
+    print_job(&job, json, &format!("plan {name}: the run is given up"));
+    Ok(())
 }
 
-pub fn cleanup_test(site: &Path, name: &str, json: bool) -> ExitCode {
-    done((|| {
-        Site::read_config(site)?;
-        let job = replog::plan::cleanup_test(site, name)?;
-        print_job(
-            &job,
-            json,
-            &format!("plan {name}: the test copies are gone"),
-        );
-        Ok(())
-    })())
+pub fn cleanup_test(site: &Path, name: &str, json: bool) -> Result<()> {
+    Site::read_config(site)?;
+    let job = replog::plan::cleanup_test(site, name)?;
+    print_job(
+        &job,
+        json,
+        &format!("plan {name}: the test copies are gone"),
+    );
+    Ok(())
 }
 
-pub fn commit(site: &Path, name: &str, json: bool) -> ExitCode {
-    done((|| {
-        Site::read_config(site)?;
-        let job = replog::plan::commit(site, name)?;
-        print_job(&job, json, &format!("plan {name}: committed"));
-        Ok(())
-    })())
+pub fn commit(site: &Path, name: &str, json: bool) -> Result<()> {
+    Site::read_config(site)?;
+    let job = replog::plan::commit(site, name)?;
+    print_job(&job, json, &format!("plan {name}: committed"));
+    Ok(())
 }
 
 pub fn checkpoint(
@@ -405,67 +361,65 @@ pub fn checkpoint(
     freeze: &[PathBuf],
     max_pause: &str,
     json: bool,
-) -> ExitCode {
-    done((|| {
-        Site::read_config(site)?;
-        let max_pause = humantime::parse_duration(max_pause)
-            .map_err(|e| Error::InvalidInput(format!("--max-pause {max_pause:?}: {e}")))?;
-        let plan = store::load(site, name)?;
-        let t = std::time::Instant::now();
-        // Frozen in the order given, thawed in the reverse order whatever happens.
-        let mut frozen = Vec::new();
-        let taken = (|| {
-            for dir in freeze {
-                frozen.push(super::replicate::Frozen::freeze(dir)?);
-            }
-            points::checkpoint(site, &plan, app_consistent, max_pause)
-        })();
-        while let Some(f) = frozen.pop() {
-            drop(f);
+) -> Result<()> {
+    Site::read_config(site)?;
+    let max_pause = humantime::parse_duration(max_pause)
+        .map_err(|e| Error::InvalidInput(format!("--max-pause {max_pause:?}: {e}")))?;
+    let plan = store::load(site, name)?;
+    let t = std::time::Instant::now();
+    // Frozen in the order given, thawed in the reverse order whatever happens.
+    let mut frozen = Vec::new();
+    let taken = (|| {
+        for dir in freeze {
+            frozen.push(super::replicate::Frozen::freeze(dir)?);
         }
-        let frozen_ms = (!freeze.is_empty()).then(|| t.elapsed().as_secs_f64() * 1000.0);
-        let p = taken?;
-        let id = replog::replica::points::plan_point_id(p.id);
-        if json {
-            let pts: Vec<_> = p
-                .points
-                .iter()
-                .map(|(m, lsn, t)| {
-                    serde_json::json!({
-                        "machine": m, "id": format!("pt-{lsn}"), "lsn": lsn,
-                        "time": replog::format::rfc3339(*t),
-                    })
-                })
-                .collect();
-            println!(
-                "{}",
+        points::checkpoint(site, &plan, app_consistent, max_pause)
+    })();
+    while let Some(f) = frozen.pop() {
+        drop(f);
+    }
+    let frozen_ms = (!freeze.is_empty()).then(|| t.elapsed().as_secs_f64() * 1000.0);
+    let p = taken?;
+    let id = replog::replica::points::plan_point_id(p.id);
+    if json {
+        let pts: Vec<_> = p
+            .points
+            .iter()
+            .map(|(m, lsn, t)| {
                 serde_json::json!({
-                    "plan": name, "plan_point": id, "app_consistent": app_consistent,
-                    "points": pts, "writes_held_us": p.held_us, "waited_us": p.waited_us,
-                    "frozen_ms": frozen_ms,
+                    "machine": m, "id": format!("pt-{lsn}"), "lsn": lsn,
+                    "time": replog::format::rfc3339(*t),
                 })
-            );
-        } else {
-            println!(
-                "plan {name}: {} plan point {id}",
-                if app_consistent {
-                    "app-consistent"
-                } else {
-                    "crash-consistent"
-                }
-            );
-            for (m, lsn, _) in &p.points {
-                println!("  {m}: pt-{lsn}");
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "plan": name, "plan_point": id, "app_consistent": app_consistent,
+                "points": pts, "writes_held_us": p.held_us, "waited_us": p.waited_us,
+                "frozen_ms": frozen_ms,
+            })
+        );
+    } else {
+        println!(
+            "plan {name}: {} plan point {id}",
+            if app_consistent {
+                "app-consistent"
+            } else {
+                "crash-consistent"
             }
-            println!(
-                "writes held {:.3} ms (taking the holds: {:.3} ms){}",
-                p.held_us as f64 / 1000.0,
-                p.waited_us as f64 / 1000.0,
-                frozen_ms
-                    .map(|ms| format!("; file systems frozen {ms:.1} ms"))
-                    .unwrap_or_default()
-            );
+        );
+        for (m, lsn, _) in &p.points {
+            println!("  {m}: pt-{lsn}");
         }
-        Ok(())
-    })())
+        println!(
+            "writes held {:.3} ms (taking the holds: {:.3} ms){}",
+            p.held_us as f64 / 1000.0,
+            p.waited_us as f64 / 1000.0,
+            frozen_ms
+                .map(|ms| format!("; file systems frozen {ms:.1} ms"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
 }

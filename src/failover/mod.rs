@@ -219,6 +219,17 @@ pub fn promote(
     })
 }
 
+/// Whether a machine with manifest `man` is what a failover of `kind` of replica
+/// `replica` makes: it stands on the replica, and is a test copy (test) or has that
+/// failover pending (planned, unplanned).
+pub fn made_by(man: &Manifest, replica: &str, kind: FailoverKind) -> bool {
+    man.base.as_ref().is_some_and(|b| b.replica == replica)
+        && match kind {
+            FailoverKind::Test => man.role == Role::Test,
+            _ => man.pending.as_ref().is_some_and(|p| p.kind == kind),
+        }
+}
+
 /// The manifest of machine `name`, refused unless it exists.
 fn manifest_of(site: &Site, name: &str) -> Result<Manifest> {
     let dir = site.machine_dir(name)?;

@@ -79,19 +79,9 @@ pub fn failover_as(
         job.step(PROMOTE_STEP);
         let p = super::promote(host.site(), host.replicas(), machine, at, kind, as_name)?;
         job.step_done(Some(format!(
-            "{} at pt-{} ({}{}), generation {}: nothing copied",
+            "{} at {}, generation {}: nothing copied",
             p.name,
-            p.lsn,
-            if p.time_ns > 0 {
-                crate::format::rfc3339(p.time_ns)
-            } else {
-                "the initial copy".into()
-            },
-            if p.app_consistent {
-                ", app-consistent"
-            } else {
-                ""
-            },
+            crate::replica::points::describe(p.lsn, p.time_ns, p.app_consistent),
             p.generation
         )))?;
         job.step("open the disks");
@@ -190,32 +180,21 @@ pub fn verify_existing(
     let (job, lsn) = as_job(job, |job| {
         job.step("find the promotion made before");
         let man = super::manifest_of(host.site(), name)?;
-        let base = man
-            .base
-            .as_ref()
-            .filter(|b| b.replica == machine)
-            .ok_or_else(|| {
-                Error::InvalidInput(format!("{name} does not stand on replica {machine}"))
-            })?;
-        let role_fits = match kind {
-            FailoverKind::Test => man.role == crate::protection::Role::Test,
-            _ => man.pending.as_ref().is_some_and(|p| p.kind == kind),
+        let lsn = match &man.base {
+            Some(b) if super::made_by(&man, machine, kind) => b.lsn,
+            _ => {
+                return Err(Error::InvalidInput(format!(
+                    "{name} is not the result of a {kind} failover of {machine}"
+                )))
+            }
         };
-        if !role_fits {
-            return Err(Error::InvalidInput(format!(
-                "{name} is not the result of a {kind} failover of {machine}"
-            )));
-        }
         host.open(name)?;
         // A copy whose earlier check failed was fenced then: an operator looks at it.
         if let Some(why) = host.machine(name)?.fenced() {
             return Err(Error::InvalidInput(format!("{name} refuses writes: {why}")));
         }
-        job.step_done(Some(format!(
-            "{name} stands on {machine} at pt-{}",
-            base.lsn
-        )))?;
-        Ok(base.lsn)
+        job.step_done(Some(format!("{name} stands on {machine} at pt-{lsn}")))?;
+        Ok(lsn)
     })?;
     let id = job.id().to_string();
     if let Err(e) = job.finish(|| verify_promoted(host, machine, name, lsn)) {

@@ -156,23 +156,13 @@ fn check_machine(
     let bytes = bytes_under(&site.join(crate::replica::store::REPLICAS_DIR).join(m));
     Ok((
         format!(
-            "{} at {} ({}{})",
+            "{} at {}",
             if kind == FailoverKind::Test {
                 crate::failover::test_name(m)
             } else {
                 m.to_string()
             },
-            p.id(),
-            if p.time_ns > 0 {
-                crate::format::rfc3339(p.time_ns)
-            } else {
-                "the initial copy".into()
-            },
-            if p.app_consistent {
-                ", app-consistent"
-            } else {
-                ""
-            }
+            crate::replica::points::describe(p.lsn, p.time_ns, p.app_consistent)
         ),
         FAILOVER_BASE_S + bytes as f64 / VERIFY_BYTES_PER_S,
     ))
@@ -183,35 +173,45 @@ pub fn dry_run(site: &Path, name: &str, kind: FailoverKind, at: &str) -> Result<
     let plan: Plan = super::store::load(site, name)?;
     let mut problems = Vec::new();
     if let Some(r) = super::run::unfinished(site, name)? {
-        if r.state != super::run::RunState::Stopped {
-            problems.push(format!(
-                "run {} of this plan is {}: resume it first",
-                r.job,
-                r.state.as_str()
-            ));
-        }
+        problems.push(format!(
+            "run {} of this plan is {}: a new run is refused until it is resumed, cleaned \
+             up (test) or abandoned",
+            r.job,
+            r.state.as_str()
+        ));
     }
-    let serving = crate::control::serve_running(site);
+    let serving = match crate::control::request(site, &crate::control::Request::ServeInfo) {
+        Ok(Some(reply)) => {
+            match reply.into_result().map(|r| r.mount) {
+                Ok(Some(m)) if crate::frontend::is_live_replog_mount(&m) => {}
+                Ok(Some(m)) => {
+                    problems.push(format!("serve's mount {} does not answer", m.display()))
+                }
+                Ok(None) if kind == FailoverKind::Planned => {}
+                Ok(None) => problems.push(
+                    "serve runs without --mount: the machines would have nowhere to come up".into(),
+                ),
+                Err(e) => problems.push(format!("serve: {e}")),
+            }
+            true
+        }
+        Ok(None) => {
+            problems.push(format!(
+                "no serve runs at {}: start `replog serve SITE --mount DIR`",
+                site.display()
+            ));
+            false
+        }
+        Err(e) => {
+            problems.push(format!("serve: {e}"));
+            false
+        }
+    };
+    // What serve says of its machines (their replication's health, for planned runs).
     let status: Option<crate::protection::status::SiteStatus> = serving
         .then(|| std::fs::read_to_string(site.join(crate::protection::status::STATUS_FILE)).ok())
         .flatten()
         .and_then(|t| serde_json::from_str(&t).ok());
-    match crate::control::request(site, &crate::control::Request::ServeInfo) {
-        Ok(Some(reply)) => match reply.into_result().map(|r| r.mount) {
-            Ok(Some(m)) if crate::frontend::is_live_replog_mount(&m) => {}
-            Ok(Some(m)) => problems.push(format!("serve's mount {} does not answer", m.display())),
-            Ok(None) if kind == FailoverKind::Planned => {}
-            Ok(None) => problems.push(
-                "serve runs without --mount: the machines would have nowhere to come up".into(),
-            ),
-            Err(e) => problems.push(format!("serve: {e}")),
-        },
-        Ok(None) => problems.push(format!(
-            "no serve runs at {}: start `replog serve SITE --mount DIR`",
-            site.display()
-        )),
-        Err(e) => problems.push(format!("serve: {e}")),
-    }
     let points = match super::points::choose(site, &plan, kind, at) {
         Ok((_, p)) => p,
         Err(e) => {
@@ -238,29 +238,15 @@ pub fn dry_run(site: &Path, name: &str, kind: FailoverKind, at: &str) -> Result<
             }
         }
     }
-    let run_shape = super::run::Run {
-        format: super::run::FORMAT,
-        job: String::new(),
-        plan: plan.clone(),
-        kind,
-        at: at.to_string(),
-        plan_point: None,
-        next: 0,
-        state: super::run::RunState::Running,
-        machines: Default::default(),
-        failures: Vec::new(),
-        action: None,
-        mount: None,
-    };
     for step in steps(&plan, kind) {
-        let name = run_shape.step_name(step);
+        let name = step.name(&plan);
         match step {
             StepRef::Action {
                 group,
                 after,
                 index,
             } => {
-                let Some(a) = run_shape.action(group, after, index) else {
+                let Some(a) = plan.action(group, after, index) else {
                     continue;
                 };
                 let (ok, detail) = match &a.what {

@@ -97,6 +97,12 @@ impl Plan {
     pub fn machines(&self) -> impl Iterator<Item = &String> {
         self.groups.iter().flat_map(|g| g.machines.iter())
     }
+
+    /// Action `index` (0-based) before or after group `group` (0-based).
+    pub fn action(&self, group: usize, after: bool, index: usize) -> Option<&Action> {
+        let g = self.groups.get(group)?;
+        if after { &g.after } else { &g.before }.get(index)
+    }
 }
 
 /// What this site is for a machine a plan names.

@@ -21,14 +21,14 @@ pub mod store;
 
 use crate::control::Request;
 use crate::error::{Error, Result};
-use crate::jobs::{self, Job, JobHandle, JobKind, JobState};
+use crate::jobs::{self, Job, JobKind, JobSpec, JobState};
 use crate::protection::FailoverKind;
 use crate::storage::FileStorage;
 use run::RunState;
 use std::path::Path;
 
 /// The manifest of machine `name` here, if it is one.
-fn manifest(site: &Path, name: &str) -> Option<crate::format::meta::Manifest> {
+pub(super) fn manifest(site: &Path, name: &str) -> Option<crate::format::meta::Manifest> {
     let dir = site.join(crate::site::MACHINES_DIR).join(name);
     dir.join(crate::volume::MANIFEST_FILE)
         .is_file()
@@ -47,32 +47,14 @@ fn said(r: crate::control::Reply) -> String {
 
 /// Whether `name` is a test copy of replica `m` here.
 fn is_test_copy_of(site: &Path, name: &str, m: &str) -> bool {
-    manifest(site, name).is_some_and(|man| {
-        man.role == crate::protection::Role::Test
-            && man.base.as_ref().is_some_and(|b| b.replica == m)
-    })
+    manifest(site, name).is_some_and(|man| crate::failover::made_by(&man, m, FailoverKind::Test))
 }
 
-/// Whether failover job `id` got past its promotion (made its machine or copy).
-pub(crate) fn made_by_job(site: &Path, id: &str) -> bool {
-    jobs::get(site, id).is_ok_and(|j| {
-        j.steps
-            .iter()
-            .any(|s| s.name == crate::failover::run::PROMOTE_STEP && s.state == JobState::Succeeded)
-    })
-}
-
-/// Wait until job `id` has ended (a failover serve may still be working on when the
-/// command that asked for it died); at most an hour.
-fn wait_ended(site: &Path, id: &str) {
-    for _ in 0..36_000 {
-        match jobs::get(site, id) {
-            Ok(j) if !j.state.ended() && !j.owner_gone() => {
-                std::thread::sleep(std::time::Duration::from_millis(100))
-            }
-            _ => return,
-        }
-    }
+/// Whether failover job `j` got past its promotion (made its machine or copy).
+pub(super) fn got_past_promotion(j: &Job) -> bool {
+    j.steps
+        .iter()
+        .any(|s| s.name == crate::failover::run::PROMOTE_STEP && s.state == JobState::Succeeded)
 }
 
 /// `replog plan cleanup-test SITE PLAN`: remove every test copy the newest test run
@@ -87,7 +69,7 @@ pub fn cleanup_test(site: &Path, name: &str) -> Result<Job> {
             "plan {name} has no test run here with copies to clean up"
         )));
     };
-    let mut job = JobHandle::start_as(site, None, JobKind::Plan, None, Some(name))?;
+    let mut job = JobSpec::of_plan(name).start(site, JobKind::Plan, None)?;
     job.step(&format!(
         "plan {name}: clean up the test copies of run {}",
         test_run.job
@@ -104,10 +86,10 @@ pub fn cleanup_test(site: &Path, name: &str) -> Result<Job> {
         // for, if serve still works on it) got past its promotion. A copy of that
         // name the run did not make (an operator's) is left alone.
         let made = mr.made
-            || mr.job.as_deref().is_some_and(|id| {
-                wait_ended(site, id);
-                made_by_job(site, id)
-            });
+            || mr
+                .job
+                .as_deref()
+                .is_some_and(|id| run::ended_job(site, id).is_some_and(|j| got_past_promotion(&j)));
         let exists = manifest(site, &mr.name).is_some();
         let n = job.begin_step(&format!("remove test copy {} of {m}", mr.name));
         if !exists || !made || !is_test_copy_of(site, &mr.name, m) {
@@ -206,7 +188,7 @@ pub fn commit(site: &Path, name: &str) -> Result<Job> {
             "no machine of plan {name} has a failover pending here (nothing to commit)"
         )));
     }
-    let mut job = JobHandle::start_as(site, None, JobKind::Plan, None, Some(name))?;
+    let mut job = JobSpec::of_plan(name).start(site, JobKind::Plan, None)?;
     job.step(&format!("plan {name}: commit"));
     job.step_done(Some(format!(
         "{} of {} machines have a failover pending here",

@@ -55,25 +55,27 @@ pub fn checkpoint(
         .ok_or_else(|| Error::InvalidInput("the plan point was not recorded".into()))
 }
 
-/// The plan points each machine's replica keeps: ID → that machine's point.
-fn plan_points_of(site: &Path, machine: &str) -> Result<BTreeMap<u64, ReplicaPoint>> {
-    let store = crate::replica::store::Replicas::local(site)?.open_readonly(machine)?;
+/// The plan points `machine`'s replica keeps (ID → its point there), or None when
+/// the machine cannot fail over here now (not a replica here, or promoted already).
+fn plan_points_of(site: &Path, machine: &str) -> Result<Option<BTreeMap<u64, ReplicaPoint>>> {
+    // Checked before the replica key is read: nothing is created for a primary.
+    if !crate::replica::store::held_at(site, machine) {
+        return Ok(None);
+    }
+    // A replica that does not open, or was promoted, fails at its own step.
+    let Ok(store) = crate::replica::store::Replicas::local(site)?.open_readonly(machine) else {
+        return Ok(None);
+    };
+    if !matches!(store.promotion(), Ok(None)) {
+        return Ok(None);
+    }
     let mut out = BTreeMap::new();
     for p in retained(&store, crate::format::now_ns())? {
         if let Some(id) = p.plan_point {
             out.insert(id, p);
         }
     }
-    Ok(out)
-}
-
-/// Whether `machine` can fail over here now: a replica, not promoted.
-fn can_fail_over(site: &Path, machine: &str) -> bool {
-    crate::replica::store::held_at(site, machine)
-        && crate::replica::store::Replicas::local(site)
-            .and_then(|r| r.open_readonly(machine))
-            .and_then(|s| s.promotion())
-            .is_ok_and(|p| p.is_none())
+    Ok(Some(out))
 }
 
 /// The point each machine of a run of `plan` as `kind` asks for, by the rule `at`:
@@ -106,8 +108,10 @@ pub fn choose(
     // Machines that cannot fail over at all fail at their step (an unplanned run goes
     // on without them); the others must share the point.
     let mut held: BTreeMap<String, BTreeMap<u64, ReplicaPoint>> = BTreeMap::new();
-    for m in plan.machines().filter(|m| can_fail_over(site, m)) {
-        held.insert(m.clone(), plan_points_of(site, m)?);
+    for m in plan.machines() {
+        if let Some(ids) = plan_points_of(site, m)? {
+            held.insert(m.clone(), ids);
+        }
     }
     if held.is_empty() {
         return Err(Error::InvalidInput(format!(

@@ -11,10 +11,11 @@
 //!   change a run under way), the kind, the point rule and the plan point chosen;
 //! - `next`: the first step of [`steps`] not done;
 //! - each machine's outcome and the ID of its failover job, chosen here and
-//!   persisted *before* the request goes to serve. After a crash of this process
-//!   that ID says what happened: no such job — serve never began it, ask again with
-//!   the same ID; a job in progress — wait for it; succeeded — the machine is up;
-//!   failed — try again under a new ID;
+//!   persisted *before* the request goes to serve. After a crash of this process or
+//!   of serve that ID says what happened: no such job — serve never began it, ask
+//!   again with the same ID; a job in progress — wait for it; succeeded — the
+//!   machine is up; failed — take over what it made, if anything (checked by serve,
+//!   [`take_over_made`]), else try again under a new ID;
 //! - the action running (its process group), killed by a `resume` if it outlived
 //!   the runner: an action interrupted by a crash runs again from its start.
 //!
@@ -27,7 +28,6 @@ use super::action::{self, Started};
 use super::file::{Action, ActionKind, Plan};
 use crate::control::{Reply, Request};
 use crate::error::{Error, Result};
-use crate::format::meta::Manifest;
 use crate::jobs::{self, Job, JobHandle, JobKind, JobSpec, JobState};
 use crate::protection::FailoverKind;
 use crate::storage::{write_atomic, FileStorage, Storage};
@@ -111,7 +111,7 @@ pub struct Run {
     pub plan: Plan,
     pub kind: FailoverKind,
     /// The point rule asked for (`latest`, `latest-app-consistent`, `plan-point`,
-    /// `pp-ID`; planned: `last LSN`).
+    /// `pp-ID`; planned: `last-lsn`).
     pub at: String,
     /// The plan point every machine fails over to, when the rule chose one.
     pub plan_point: Option<u64>,
@@ -145,25 +145,19 @@ pub enum StepRef {
 pub fn steps(plan: &Plan, kind: FailoverKind) -> Vec<StepRef> {
     let mut out = Vec::new();
     for (group, g) in plan.groups.iter().enumerate() {
-        for (index, a) in g.before.iter().enumerate() {
-            if a.runs_on(kind) {
-                out.push(StepRef::Action {
+        let actions = |after: bool, list: &[Action]| -> Vec<StepRef> {
+            (0..list.len())
+                .filter(|&i| list.get(i).is_some_and(|a| a.runs_on(kind)))
+                .map(|index| StepRef::Action {
                     group,
-                    after: false,
+                    after,
                     index,
-                });
-            }
-        }
+                })
+                .collect()
+        };
+        out.extend(actions(false, &g.before));
         out.push(StepRef::Failover { group });
-        for (index, a) in g.after.iter().enumerate() {
-            if a.runs_on(kind) {
-                out.push(StepRef::Action {
-                    group,
-                    after: true,
-                    index,
-                });
-            }
-        }
+        out.extend(actions(true, &g.after));
     }
     out
 }
@@ -180,15 +174,12 @@ impl Run {
             .filter(|m| self.machines.get(m).is_some_and(|mr| keep(mr.state)))
             .collect()
     }
+}
 
-    pub fn action(&self, group: usize, after: bool, index: usize) -> Option<&Action> {
-        let g = self.plan.groups.get(group)?;
-        if after { &g.after } else { &g.before }.get(index)
-    }
-
-    /// A step as the job names it.
-    pub fn step_name(&self, step: StepRef) -> String {
-        match step {
+impl StepRef {
+    /// The step as the job and the dry run name it.
+    pub fn name(self, plan: &Plan) -> String {
+        match self {
             StepRef::Action {
                 group,
                 after,
@@ -198,15 +189,14 @@ impl Run {
                 group + 1,
                 if after { "after" } else { "before" },
                 index + 1,
-                self.action(group, after, index)
+                plan.action(group, after, index)
                     .map(Action::describe)
                     .unwrap_or_default()
             ),
             StepRef::Failover { group } => format!(
                 "group {}: fail over {}",
                 group + 1,
-                self.plan
-                    .groups
+                plan.groups
                     .get(group)
                     .map(|g| g.machines.join(", "))
                     .unwrap_or_default()
@@ -254,20 +244,8 @@ pub fn load(site: &Path, job: &str) -> Result<Run> {
 
 /// Every run of plan `plan` at this site, newest first.
 pub fn runs_of(site: &Path, plan: &str) -> Result<Vec<Run>> {
-    let d = runs_dir(site);
-    let mut names: Vec<String> = match std::fs::read_dir(&d) {
-        Ok(e) => e
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
-            .filter(|n| n.starts_with("j-"))
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io("list", &d, e)),
-    };
-    names.sort();
-    names.reverse();
     let mut out = Vec::new();
-    for n in names {
+    for n in jobs::ids_in(&runs_dir(site))? {
         match load(site, &n) {
             Ok(run) if run.plan.name == plan => out.push(run),
             Ok(_) => {}
@@ -331,13 +309,6 @@ pub trait Progress: Sync {
     fn step(&self, done: usize, total: usize, what: &str);
 }
 
-/// No progress shown.
-pub struct Quiet;
-
-impl Progress for Quiet {
-    fn step(&self, _: usize, _: usize, _: &str) {}
-}
-
 /// What a run needs while it goes.
 struct Ctx<'a> {
     site: PathBuf,
@@ -355,6 +326,27 @@ impl Ctx<'_> {
         Ok(t)
     }
 
+    /// Record `id` as machine `m`'s failover job, persisted before anything is asked
+    /// (after a crash, it is how the failover is found again: never asked twice);
+    /// the spec to ask with.
+    fn new_job(&self, m: &str, id: String) -> std::result::Result<JobSpec, String> {
+        let plan = self.update(|r| {
+            if let Some(mr) = r.machines.get_mut(m) {
+                mr.job = Some(id.clone());
+            }
+            r.plan.name.clone()
+        });
+        match plan {
+            Ok(plan) => Ok(JobSpec {
+                id: Some(id),
+                plan: Some(plan),
+            }),
+            Err(e) => Err(format!(
+                "the run's state could not be saved, nothing asked: {e}"
+            )),
+        }
+    }
+
     /// Change the run and persist it, logging a failure to persist: for what a
     /// resume would find out again by itself (an outcome kept in a job, a program
     /// that runs again).
@@ -365,17 +357,27 @@ impl Ctx<'_> {
     }
 }
 
-/// The mount of the serve running at `site` (None: serve runs without one); an
-/// error when no serve runs.
-pub fn serve_mount(site: &Path) -> Result<Option<PathBuf>> {
-    match crate::control::request(site, &Request::ServeInfo)? {
-        Some(reply) => Ok(reply.into_result()?.mount),
-        None => Err(Error::InvalidInput(format!(
-            "a plan fails machines over through this site's running serve: start `replog \
-             serve {} --mount DIR` first",
+/// The mount of the serve running at `site` (None: serve runs without one, which
+/// only a planned run may do); an error when no serve runs.
+fn serve_mount(site: &Path, kind: FailoverKind) -> Result<Option<PathBuf>> {
+    let mount = match crate::control::request(site, &Request::ServeInfo)? {
+        Some(reply) => reply.into_result()?.mount,
+        None => {
+            return Err(Error::InvalidInput(format!(
+                "a plan fails machines over through this site's running serve: start \
+                 `replog serve {} --mount DIR` first",
+                site.display()
+            )))
+        }
+    };
+    if kind != FailoverKind::Planned && mount.is_none() {
+        return Err(Error::InvalidInput(format!(
+            "serve runs without --mount: the failed-over machines would have nowhere to \
+             come up; restart it with `replog serve {} --mount DIR`",
             site.display()
-        ))),
+        )));
     }
+    Ok(mount)
 }
 
 /// `replog plan failover SITE PLAN`: run plan `name` as `kind` at point rule `at`.
@@ -414,14 +416,7 @@ pub fn start(
         )));
     }
     prune(site, name);
-    let mount = serve_mount(site)?;
-    if kind != FailoverKind::Planned && mount.is_none() {
-        return Err(Error::InvalidInput(format!(
-            "serve runs without --mount: the failed-over machines would have nowhere to \
-             come up; restart it with `replog serve {} --mount DIR`",
-            site.display()
-        )));
-    }
+    let mount = serve_mount(site, kind)?;
     let (plan_point, points) = super::points::choose(site, &plan, kind, at)?;
     let machines = plan
         .machines()
@@ -444,7 +439,7 @@ pub fn start(
             )
         })
         .collect();
-    let mut job = JobHandle::start_as(site, None, JobKind::Plan, None, Some(name))?;
+    let mut job = JobSpec::of_plan(name).start(site, JobKind::Plan, None)?;
     job.step(&format!("plan {name}: {kind} failover"));
     job.step_done(Some(match plan_point {
         Some(id) => format!(
@@ -468,13 +463,7 @@ pub fn start(
         action: None,
         mount,
     };
-    save(site, &run)?;
-    drive(Ctx {
-        site: site.to_path_buf(),
-        progress,
-        run: Mutex::new(run),
-        job: Mutex::new(job),
-    })
+    go(site, run, job, progress)
 }
 
 /// `replog plan resume SITE PLAN`: go on with the newest unfinished run of `name`.
@@ -506,13 +495,7 @@ pub fn resume(site: &Path, name: &str, progress: &dyn Progress) -> Result<Ended>
             return Ok(Ended::Succeeded(j));
         }
     }
-    let mount = serve_mount(site)?;
-    if run.kind != FailoverKind::Planned && mount.is_none() {
-        return Err(Error::InvalidInput(
-            "serve runs without --mount: the failed-over machines would have nowhere to come up"
-                .into(),
-        ));
-    }
+    let mount = serve_mount(site, run.kind)?;
     let killed = run.action.take().is_some_and(|a| a.kill_if_running());
     let mut job = JobHandle::take_over(site, &run.job)?;
     if killed {
@@ -524,27 +507,13 @@ pub fn resume(site: &Path, name: &str, progress: &dyn Progress) -> Result<Ended>
     // The step it stopped at runs again: its group's failed machines are tried again
     // (an unplanned run's failures in groups it went past stay as they were).
     if let Some(StepRef::Failover { group }) = steps(&run.plan, run.kind).get(run.next).copied() {
-        let again: Vec<String> = run
-            .plan
-            .groups
-            .get(group)
-            .map(|g| g.machines.clone())
-            .unwrap_or_default();
-        for m in again {
+        for m in run.group_machines(group, |s| s == MachineState::Failed) {
             if let Some(mr) = run.machines.get_mut(&m) {
-                if mr.state == MachineState::Failed {
-                    mr.state = MachineState::Pending;
-                }
+                mr.state = MachineState::Pending;
             }
         }
     }
-    save(site, &run)?;
-    drive(Ctx {
-        site: site.to_path_buf(),
-        progress,
-        run: Mutex::new(run),
-        job: Mutex::new(job),
-    })
+    go(site, run, job, progress)
 }
 
 /// `replog plan abandon SITE PLAN`: give up the plan's unfinished run (its job is
@@ -590,6 +559,17 @@ pub fn abandon(site: &Path, name: &str) -> Result<Job> {
     jobs::get(site, &run.job)
 }
 
+/// Save `run` (its job `job`, owned by this process) and drive it.
+fn go(site: &Path, run: Run, job: JobHandle, progress: &dyn Progress) -> Result<Ended> {
+    save(site, &run)?;
+    drive(Ctx {
+        site: site.to_path_buf(),
+        progress,
+        run: Mutex::new(run),
+        job: Mutex::new(job),
+    })
+}
+
 /// Run the steps from `run.next` to the end, a manual action or a stop.
 fn drive(ctx: Ctx<'_>) -> Result<Ended> {
     let (all, kind) = {
@@ -599,7 +579,7 @@ fn drive(ctx: Ctx<'_>) -> Result<Ended> {
     loop {
         let next = ctx.run.lock().next;
         let Some(&step) = all.get(next) else { break };
-        let name = ctx.run.lock().step_name(step);
+        let name = step.name(&ctx.run.lock().plan);
         ctx.progress.step(next, all.len(), &name);
         let failed = match step {
             StepRef::Action {
@@ -607,7 +587,7 @@ fn drive(ctx: Ctx<'_>) -> Result<Ended> {
                 after,
                 index,
             } => {
-                let action = ctx.run.lock().action(group, after, index).cloned();
+                let action = ctx.run.lock().plan.action(group, after, index).cloned();
                 let Some(action) = action else { break };
                 if let ActionKind::Manual { text } = &action.what {
                     return wait_at_manual(ctx, next, &name, text);
@@ -799,7 +779,9 @@ fn fail_over_group(ctx: &Ctx<'_>, group: usize) -> std::result::Result<(), Strin
                     };
                     let job_id = ctx.run.lock().machines.get(m).and_then(|mr| mr.job.clone());
                     let made = state == MachineState::Up
-                        || job_id.is_some_and(|id| super::made_by_job(&ctx.site, &id));
+                        || job_id.is_some_and(|id| {
+                            jobs::get(&ctx.site, &id).is_ok_and(|j| super::got_past_promotion(&j))
+                        });
                     ctx.note(|r| {
                         if let Some(mr) = r.machines.get_mut(m) {
                             mr.state = state;
@@ -854,19 +836,13 @@ fn fail_over_group(ctx: &Ctx<'_>, group: usize) -> std::result::Result<(), Strin
 
 /// Fail machine `m` over (or find that it was, after a crash); Ok says how it is up.
 fn fail_over(ctx: &Ctx<'_>, m: &str) -> std::result::Result<String, String> {
-    let (kind, point, name, earlier, plan) = {
+    let (kind, point, name, earlier) = {
         let run = ctx.run.lock();
         let mr = run
             .machines
             .get(m)
             .ok_or_else(|| format!("{m} is not in the run"))?;
-        (
-            run.kind,
-            mr.point.clone(),
-            mr.name.clone(),
-            mr.job.clone(),
-            run.plan.name.clone(),
-        )
+        (run.kind, mr.point.clone(), mr.name.clone(), mr.job.clone())
     };
     let site = ctx.site.clone();
     // A failover asked for before a crash: its job says how it went.
@@ -884,25 +860,14 @@ fn fail_over(ctx: &Ctx<'_>, m: &str) -> std::result::Result<String, String> {
             // It failed — perhaps after its promotion was made (serve stopped before
             // the check): take over what was made rather than fail over twice.
             Some(_) => {
-                if let Some(done) = take_over_made(ctx, m, kind, &name, &plan)? {
+                if let Some(done) = take_over_made(ctx, m, kind, &name)? {
                     return Ok(done);
                 }
             }
         }
     }
     let id = id.unwrap_or_else(jobs::new_id);
-    // Persisted before the request goes: after a crash, this ID is how the failover
-    // is found again (never asked for twice).
-    ctx.update(|r| {
-        if let Some(mr) = r.machines.get_mut(m) {
-            mr.job = Some(id.clone());
-        }
-    })
-    .map_err(|e| format!("the run's state could not be saved, nothing asked: {e}"))?;
-    let spec = JobSpec {
-        id: Some(id.clone()),
-        plan: Some(plan),
-    };
+    let spec = ctx.new_job(m, id.clone())?;
     let req = match kind {
         FailoverKind::Planned => Request::PlannedFailover {
             machine: m.to_string(),
@@ -959,16 +924,11 @@ fn take_over_made(
     m: &str,
     kind: FailoverKind,
     name: &str,
-    plan: &str,
 ) -> std::result::Result<Option<String>, String> {
     let site = ctx.site.clone();
-    let manifest = |n: &str| -> Option<Manifest> {
-        let dir = site.join(crate::site::MACHINES_DIR).join(n);
-        crate::volume::Machine::read_manifest(&FileStorage, &dir).ok()
-    };
     if kind == FailoverKind::Planned {
         let until = std::time::Instant::now() + Duration::from_secs(120);
-        while manifest(m).is_some_and(|man| man.intent.is_some())
+        while super::manifest(&site, m).is_some_and(|man| man.intent.is_some())
             && std::time::Instant::now() < until
         {
             std::thread::sleep(Duration::from_millis(200));
@@ -978,31 +938,15 @@ fn take_over_made(
             .ok()
             .map(|d| format!("promoted at the target although its job failed: {d}")));
     }
-    let made = manifest(name).is_some_and(|man| {
-        man.base.as_ref().is_some_and(|b| b.replica == m)
-            && match kind {
-                FailoverKind::Test => man.role == crate::protection::Role::Test,
-                _ => man.pending.as_ref().is_some_and(|p| p.kind == kind),
-            }
-    });
-    if !made {
+    if !super::manifest(&site, name).is_some_and(|man| crate::failover::made_by(&man, m, kind)) {
         return Ok(None);
     }
     let id = jobs::new_id();
-    ctx.update(|r| {
-        if let Some(mr) = r.machines.get_mut(m) {
-            mr.job = Some(id.clone());
-        }
-    })
-    .map_err(|e| format!("the run's state could not be saved, nothing asked: {e}"))?;
     let req = Request::VerifyFailover {
         machine: m.to_string(),
         kind,
         name: name.to_string(),
-        job: JobSpec {
-            id: Some(id.clone()),
-            plan: Some(plan.to_string()),
-        },
+        job: ctx.new_job(m, id.clone())?,
     };
     ask(&site, &req, &id)
         .map_err(|e| format!("{name} was made before the restart but does not check out: {e}"))?;
@@ -1017,7 +961,7 @@ fn take_over_made(
 
 /// Job `id` once it has ended (waiting while serve works on it); None when there is
 /// no such job. A job whose process died ends as failed here.
-fn ended_job(site: &Path, id: &str) -> Option<Job> {
+pub(super) fn ended_job(site: &Path, id: &str) -> Option<Job> {
     let mut unreadable = 0;
     loop {
         match jobs::get(site, id) {
@@ -1047,9 +991,8 @@ fn ended_job(site: &Path, id: &str) -> Option<Job> {
 /// Check that machine `m` of `run` is up as `name` now: its failover recorded here
 /// and, where it runs here, every disk under the mount with its size.
 pub fn up(site: &Path, run: &Run, m: &str, name: &str) -> Result<String> {
-    let dir = site.join(crate::site::MACHINES_DIR).join(name);
-    let man: Manifest = crate::volume::Machine::read_manifest(&FileStorage, &dir)
-        .map_err(|e| Error::InvalidInput(format!("{name} is not a machine of this site: {e}")))?;
+    let man = super::manifest(site, name)
+        .ok_or_else(|| Error::InvalidInput(format!("{name} is not a machine of this site")))?;
     if run.kind == FailoverKind::Planned {
         return match &man.fence {
             Some(f) => Ok(format!(

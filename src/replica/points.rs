@@ -44,6 +44,24 @@ impl ReplicaPoint {
     }
 }
 
+/// A point for people: `pt-N (time[, app-consistent])`, the time being "the initial
+/// copy" for the initial copy's state (no source time).
+pub fn describe(lsn: u64, time_ns: u64, app_consistent: bool) -> String {
+    format!(
+        "pt-{lsn} ({}{})",
+        if time_ns > 0 {
+            crate::format::rfc3339(time_ns)
+        } else {
+            "the initial copy".into()
+        },
+        if app_consistent {
+            ", app-consistent"
+        } else {
+            ""
+        }
+    )
+}
+
 /// A plan point's ID as `replog points` prints it and `--at` accepts it.
 pub fn plan_point_id(id: u64) -> String {
     format!("pp-{id}")

@@ -167,6 +167,15 @@ impl Registry {
     /// Open machine `name` and start its loops (see the module documentation for
     /// the order); show it under the mount.
     fn open(&self, name: &str) -> Result<()> {
+        let opened = self.open_entry(name);
+        // A machine closed to be reopened leaves the mount if it does not open again.
+        if self.reloading.lock().remove(name) && opened.is_err() {
+            self.tree.remove_machine(name);
+        }
+        opened
+    }
+
+    fn open_entry(&self, name: &str) -> Result<()> {
         let m = Arc::new(self.site.open_machine(name)?);
         let rel = Relationship::load(self.path(), name)?;
         // A failed-over machine ships nothing and merges nothing: what its target
@@ -343,11 +352,18 @@ impl Registry {
                 "this site has no open machine {name}"
             )));
         };
-        if !reopening {
+        if reopening {
+            // Under the mount and in status until it opens again (`open`).
+            self.reloading.lock().insert(name.to_string());
+        } else {
             self.tree.remove_machine(name);
         }
         self.behind_since.lock().remove(name);
-        close_entry(name, entry)
+        let closed = close_entry(name, entry);
+        if reopening && closed.is_err() && self.reloading.lock().remove(name) {
+            self.tree.remove_machine(name);
+        }
+        closed
     }
 
     /// Open machine `name` again (its manifest changed: a disk, its role, a fence).
@@ -356,11 +372,7 @@ impl Registry {
         if self.machines.lock().contains_key(name) {
             self.close_keeping(name, true)?;
         }
-        let opened = self.open(name);
-        if opened.is_err() {
-            self.tree.remove_machine(name);
-        }
-        opened
+        self.open(name)
     }
 
     /// A replica appeared (created by the receiver): start its loop; show it.
@@ -624,14 +636,12 @@ impl Registry {
             self.close_keeping(machine, true)?;
         }
         let made = crate::ops::create_disk(&self.site, machine, disk, size, import);
+        // (A machine that does not open again leaves the mount: `open`.)
         let opened = if was_open || made.is_ok() {
             self.open(machine)
         } else {
             Ok(())
         };
-        if opened.is_err() {
-            self.tree.remove_machine(machine);
-        }
         made?;
         opened?;
         Ok(Reply::done(format!(
@@ -748,27 +758,16 @@ impl Registry {
                 machines,
                 app_consistent,
                 max_pause_ms,
-            } => {
-                let p = self.retry_closed(|| {
-                    let mut open = Vec::new();
-                    for name in machines {
-                        open.push(self.machine(name).ok_or_else(|| {
-                            Error::NotFound(format!("this site has no open machine {name}"))
-                        })?);
-                    }
-                    let refs: Vec<&Machine> = open.iter().map(|m| m.as_ref()).collect();
-                    crate::volume::plan_point(
-                        &refs,
-                        *app_consistent,
-                        Duration::from_millis(*max_pause_ms),
-                    )
-                })?;
-                Ok(Reply {
-                    ok: true,
-                    plan_point: Some(crate::control::PlanPointReply::of(&p)),
-                    ..Default::default()
-                })
-            }
+            } => self.retry_closed(|| {
+                let mut open = Vec::new();
+                for name in machines {
+                    open.push(self.machine(name).ok_or_else(|| {
+                        Error::NotFound(format!("this site has no open machine {name}"))
+                    })?);
+                }
+                let refs: Vec<&Machine> = open.iter().map(|m| m.as_ref()).collect();
+                crate::control::PlanPointReply::record(&refs, *app_consistent, *max_pause_ms)
+            }),
             Request::ServeInfo => Ok(Reply {
                 ok: true,
                 mount: self.mount.lock().clone(),
@@ -888,15 +887,10 @@ impl crate::failover::Host for Host<'_> {
     }
 
     fn open(&self, name: &str) -> Result<()> {
-        let reloading = self.0.reloading.lock().remove(name);
         if self.0.machines.lock().contains_key(name) {
             return Ok(());
         }
-        let opened = self.0.open(name);
-        if opened.is_err() && reloading {
-            self.0.tree.remove_machine(name);
-        }
-        opened
+        self.0.open(name)
     }
 
     fn close(&self, name: &str) -> Result<()> {
@@ -910,12 +904,7 @@ impl crate::failover::Host for Host<'_> {
         if !self.0.machines.lock().contains_key(name) {
             return Ok(());
         }
-        self.0.reloading.lock().insert(name.to_string());
-        let closed = self.0.close_keeping(name, true);
-        if closed.is_err() {
-            self.0.reloading.lock().remove(name);
-        }
-        closed
+        self.0.close_keeping(name, true)
     }
 
     fn machine(&self, name: &str) -> Result<Arc<Machine>> {

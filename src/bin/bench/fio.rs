@@ -19,6 +19,42 @@ pub(crate) struct Serve {
     pub(crate) mount: PathBuf,
 }
 
+impl Serve {
+    /// `replog serve SITE --mount MOUNT ARGS…` (its log in `log`), once mounted.
+    pub(crate) fn start(
+        replog: &Path,
+        site: &Path,
+        mount: &Path,
+        args: &[impl AsRef<std::ffi::OsStr>],
+        log: &Path,
+    ) -> Result<Serve, String> {
+        let log = std::fs::File::create(log).map_err(|e| e.to_string())?;
+        let child = Command::new(replog)
+            .arg("serve")
+            .arg(site)
+            .arg("--mount")
+            .arg(mount)
+            .args(args)
+            .env("REPLOG_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("spawn serve: {e}"))?;
+        let serve = Serve {
+            child,
+            mount: mount.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !replog::frontend::is_live_replog_mount(mount) {
+            if Instant::now() > deadline {
+                return Err("replog serve did not mount within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(serve)
+    }
+}
+
 impl Drop for Serve {
     fn drop(&mut self) {
         // SAFETY: signal to a child we spawned.
@@ -103,29 +139,13 @@ pub fn run_all(
     f.set_len(size * 2).map_err(|e| e.to_string())?;
     drop(f);
 
-    let log = std::fs::File::create(dir.join("fio-serve.log")).map_err(|e| e.to_string())?;
-    let child = Command::new(replog)
-        .arg("serve")
-        .arg(&site)
-        .arg("--mount")
-        .arg(&mount)
-        .args(serve_args)
-        .env("REPLOG_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("spawn serve: {e}"))?;
-    let serve = Serve {
-        child,
-        mount: mount.clone(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !replog::frontend::is_live_replog_mount(&serve.mount) {
-        if Instant::now() > deadline {
-            return Err("replog serve did not mount within 30 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let serve = Serve::start(
+        replog,
+        &site,
+        &mount,
+        serve_args,
+        &dir.join("fio-serve.log"),
+    )?;
     let disk = mount.join("vm1").join("bench.img");
 
     let s = |v: &str| v.to_string();

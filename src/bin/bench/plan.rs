@@ -12,7 +12,7 @@
 use super::fio::{run, Serve};
 use super::{median, progress, Bench, Figure, Result, GIB, MIB};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -88,38 +88,6 @@ impl Bench {
     }
 }
 
-fn serve(
-    replog: &Path,
-    site: &Path,
-    mount: &Path,
-    extra: &[&str],
-) -> std::result::Result<Serve, String> {
-    let log = std::fs::File::create(site.with_extension("serve.log")).map_err(|e| e.to_string())?;
-    let child = Command::new(replog)
-        .arg("serve")
-        .arg(site)
-        .arg("--mount")
-        .arg(mount)
-        .args(extra)
-        .env("REPLOG_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("spawn serve: {e}"))?;
-    let s = Serve {
-        child,
-        mount: mount.to_path_buf(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !replog::frontend::is_live_replog_mount(mount) {
-        if Instant::now() > deadline {
-            return Err("replog serve did not mount within 30 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(s)
-}
-
 /// Plan failover of 4 machines in one group vs the same 4 one after another:
 /// (value ms, baseline ms, note).
 pub fn parallel_failover(
@@ -161,13 +129,21 @@ pub fn parallel_failover(
         .map_err(|e| e.to_string())?
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let dst_serve = serve(
+    let dst_serve = Serve::start(
         replog,
         &dst,
         &dir.join("plan-dst-mnt"),
         &["--listen", &addr],
+        &dst.with_extension("serve.log"),
     )?;
-    let src_serve = serve(replog, &src, &dir.join("plan-src-mnt"), &[])?;
+    let no_args: &[&str] = &[];
+    let src_serve = Serve::start(
+        replog,
+        &src,
+        &dir.join("plan-src-mnt"),
+        no_args,
+        &src.with_extension("serve.log"),
+    )?;
     for n in &names {
         let deadline = Instant::now() + Duration::from_secs(30);
         while let Err(e) = run(Command::new(replog)
