@@ -515,9 +515,10 @@ fn shutdown_source_has_the_primary_ship_everything_then_promotes_with_zero_loss(
     let reply: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     let detail = reply["detail"].as_str().unwrap_or("");
     assert!(detail.contains("nothing lost"), "{reply}");
-    // The primary shut down: fenced, its job records who asked.
-    let st = fresh_status(&p.src);
-    assert_eq!(st["machines"][0]["state"], "failed-over", "{st}");
+    // The primary shut down: fenced, its job records who asked. It learns of the
+    // promotion from the target's reply and reopens the machine fenced, a moment
+    // after the target's command returned.
+    wait_for(&p.src, "failed over", |m| m["state"] == "failed-over");
     let e = std::fs::OpenOptions::new()
         .write(true)
         .open(p.src_img())

@@ -502,3 +502,62 @@ fn points_taken_during_a_resync_are_never_offered() {
     );
     assert_replica_equals(&p, &disks(&m), "after a resync with writes going on");
 }
+
+/// A 1 GiB disk whose resync sends more than the target's limit for one batch (256
+/// MiB) in all, batch after batch. Until 3f48609 the target summed the bytes of every
+/// batch of a session against that limit and closed the session part-way ("send to
+/// target: Broken pipe" in `tools/bench`'s 1 GiB resync).
+#[test]
+fn a_1gib_resync_sending_more_than_one_batch_limit_in_all_converges() {
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    trusted_pair(&a, &b);
+    replog(&["disk", "create", "vm1/os", "--size", "1G"], &a);
+    let addr = start_target(&b);
+    let site = Site::open(&a).expect("source");
+    let m = site.open_machine("vm1").expect("machine");
+    let mut shipper = Shipper::new(&a, &m, &addr);
+    shipper.ship_once(&m).expect("initial");
+    // 320 MiB changed, merged at the source without being shipped: the chain breaks.
+    let v = m.volume("os").expect("vol");
+    for i in 0..320 {
+        let at = (i * 3 % 1024) * MIB;
+        v.write(at, &common::pattern(i, MIB as usize))
+            .expect("write");
+        if i % 16 == 15 {
+            m.flush().expect("flush");
+        }
+    }
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    shipper.release_hold(m.status().last_lsn);
+    m.compact().expect("compact");
+    v.write(5 * MIB, &common::pattern(999, 4096))
+        .expect("write");
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    let err = shipper.ship_once(&m).expect_err("shipped over a gap");
+    assert!(matches!(err, Error::BrokenChain(_)), "{err}");
+
+    let r = shipper.resync_once(&m, CHUNK).expect("resync of 1 GiB");
+    assert_eq!(r.compared, GIB / CHUNK, "every chunk compared once");
+    assert!(
+        r.sent_chunks * CHUNK > 256 * MIB,
+        "sent only {} chunks: the test must send more than one batch's limit",
+        r.sent_chunks
+    );
+    shipper.ship_once(&m).expect("ship after the resync");
+    let out = tmp.path().join("restored");
+    let restored = restore(&b, "latest", &out).expect("restore");
+    assert!(restored.verified, "the point's digests do not match");
+    // Byte for byte, a MiB at a time.
+    let img = std::fs::File::open(out.join("os.img")).expect("image");
+    let (mut want, mut got) = (vec![0u8; MIB as usize], vec![0u8; MIB as usize]);
+    for at in (0..GIB).step_by(MIB as usize) {
+        v.read(at, &mut want).expect("read source");
+        std::os::unix::fs::FileExt::read_exact_at(&img, &mut got, at).expect("read image");
+        assert!(got == want, "the replica differs in the MiB at {at}");
+    }
+}

@@ -26,6 +26,8 @@ mod failback;
 mod failover;
 #[path = "bench/fio.rs"]
 mod fio;
+#[path = "bench/pipeline.rs"]
+mod pipeline;
 #[path = "bench/plan.rs"]
 mod plan;
 #[path = "bench/replica.rs"]
@@ -127,8 +129,8 @@ struct Args {
     #[arg(long, allow_hyphen_values = true)]
     serve_arg: Vec<String>,
     /// Run only the engine figures whose group is named here: journal (append and the
-    /// reads of its data), random, index, digest, restore, view, resync, failover, failback,
-    /// plan (FUSE figures, the plan's failover among them, are governed by --no-fuse /
+    /// reads of its data), random, index, digest, plan, amplification, ship, initial,
+    /// restore, view, resync, failover, failback (FUSE figures, the plan's failover among them, are governed by --no-fuse /
     /// --fuse-only).
     #[arg(long, value_name = "GROUP")]
     only: Vec<String>,
@@ -207,6 +209,14 @@ const PATTERN_BYTES: usize = 4 << 20;
 
 fn main() {
     let args = Args::parse();
+    // The target in this process says why it closed a session (RUST_LOG overrides).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     if let Err(e) = run(&args) {
         eprintln!("replog-bench: {e}");
         std::process::exit(1);
@@ -274,11 +284,22 @@ fn run(args: &Args) -> Result<()> {
         if want("plan") {
             figures.push(b.plan_point_pause()?);
         }
-        if ["restore", "view", "resync", "failover", "failback"]
-            .iter()
-            .any(|g| want(g))
+        if want("amplification") {
+            figures.push(b.write_amplification()?);
+        }
+        if [
+            "ship", "initial", "restore", "view", "resync", "failover", "failback",
+        ]
+        .iter()
+        .any(|g| want(g))
         {
             let target = replica::TargetSite::start(&b)?;
+            if want("ship") {
+                figures.push(b.ship_throughput(&target)?);
+            }
+            if want("initial") {
+                figures.push(b.initial_vs_rsync(&target)?);
+            }
             if want("restore") {
                 figures.push(b.restore_point(&target)?);
             }

@@ -116,6 +116,11 @@ pub enum Command {
         /// threads read the next requests (0: session threads write themselves).
         #[arg(long, default_value_t = 0)]
         write_workers: usize,
+        /// Asynchronous FUSE requests (direct I/O pieces, readahead) the kernel keeps
+        /// in flight to this mount (the kernel's own default is 12); the congestion
+        /// threshold is set to 3/4 of it.
+        #[arg(long, default_value_t = replog::frontend::FrontendOptions::default().max_background)]
+        max_background: u16,
     },
     /// Enable protection of MACHINE toward the target site at ADDR: checks the machine,
     /// that the target is reachable and trusted both ways and has room, then records
@@ -638,6 +643,7 @@ pub fn run(cli: Cli) -> ExitCode {
             max_write,
             no_async_dio,
             write_workers,
+            max_background,
         } => {
             let opts = replog::serve::ServeOptions {
                 mount,
@@ -648,6 +654,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     async_dio: !no_async_dio,
                     direct_io,
                     write_workers,
+                    max_background,
                     ..Default::default()
                 },
             };

@@ -35,6 +35,11 @@ pub struct FrontendOptions {
     /// session thread goes back to reading the next request at once (0: the session
     /// thread appends and replies itself). Costs a copy of the data.
     pub write_workers: usize,
+    /// Background (asynchronous) requests the kernel may have outstanding: with
+    /// FUSE_ASYNC_DIO every piece of an O_DIRECT request is one, so this bounds the
+    /// queue depth the mount sees (the kernel's default is 12). The congestion
+    /// threshold is 3/4 of it.
+    pub max_background: u16,
 }
 
 impl Default for FrontendOptions {
@@ -45,6 +50,7 @@ impl Default for FrontendOptions {
             direct_io: false,
             parallel_direct_writes: true,
             write_workers: 0,
+            max_background: 64,
         }
     }
 }
@@ -307,6 +313,14 @@ impl Filesystem for LiveFs {
         }
         if self.opts.async_dio {
             let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        }
+        let bg = self.opts.max_background.max(1);
+        if let Err(nearest) = config.set_max_background(bg) {
+            let _ = config.set_max_background(nearest);
+        }
+        let congestion = (u32::from(bg) * 3 / 4).max(1) as u16;
+        if let Err(nearest) = config.set_congestion_threshold(congestion) {
+            let _ = config.set_congestion_threshold(nearest);
         }
         Ok(())
     }

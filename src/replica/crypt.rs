@@ -25,12 +25,13 @@
 //! not backed up with the store); see `Site::replica_key`.
 
 use crate::error::{Error, Result};
-use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use std::path::Path;
 
 pub const MAGIC: [u8; 8] = *b"\x89RLE\r\n\x1a\n";
 pub const HEADER_LEN: usize = 40;
+/// The AES-GCM tag after the ciphertext.
+pub const TAG_LEN: usize = 16;
 /// HKDF labels: segments and initial-copy chunks never share a key.
 const SEGMENT_LABEL: &[u8] = b"replog segment ";
 const CHUNK_LABEL: &[u8] = b"replog parent chunk ";
@@ -101,14 +102,19 @@ impl ReplicaKey {
         ReplicaKey(k)
     }
 
-    fn cipher(&self, label: &[u8], machine_id: u64, seq: u64) -> Result<Aes256Gcm> {
+    /// The AEAD key of one file. AES-256-GCM through ring (its assembly runs at
+    /// several GB/s here, about four times RustCrypto's `aes-gcm`; see tools/bench's
+    /// shipping figure); the bytes on disk are the same either way.
+    fn cipher(&self, label: &[u8], machine_id: u64, seq: u64) -> Result<LessSafeKey> {
         let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(&machine_id.to_le_bytes()), &self.0);
         let mut info = label.to_vec();
         info.extend_from_slice(&seq.to_le_bytes());
         let mut okm = [0u8; 32];
         hk.expand(&info, &mut okm)
             .map_err(|_| Error::InvalidInput("key derivation failed".into()))?;
-        Aes256Gcm::new_from_slice(&okm).map_err(|_| Error::InvalidInput("bad key length".into()))
+        UnboundKey::new(&AES_256_GCM, &okm)
+            .map(LessSafeKey::new)
+            .map_err(|_| Error::InvalidInput("bad key length".into()))
     }
 
     /// Encrypt segment `seq` of machine `machine_id`.
@@ -185,6 +191,28 @@ impl ReplicaKey {
         seq: u64,
         plain: &[u8],
     ) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(HEADER_LEN + plain.len() + TAG_LEN);
+        out.resize(HEADER_LEN, 0);
+        out.extend_from_slice(plain);
+        self.seal_framed_as(label, version, machine_id, seq, &mut out)?;
+        Ok(out)
+    }
+
+    /// Encrypt segment `seq` in place: `buf` holds [`HEADER_LEN`] bytes of room, then
+    /// the plain segment; afterwards it holds the encrypted file (the header written,
+    /// the tag appended). Keep [`TAG_LEN`] bytes of spare capacity to avoid a copy.
+    pub fn seal_framed(&self, machine_id: u64, seq: u64, buf: &mut Vec<u8>) -> Result<()> {
+        self.seal_framed_as(SEGMENT_LABEL, VERSION, machine_id, seq, buf)
+    }
+
+    fn seal_framed_as(
+        &self,
+        label: &[u8],
+        version: u16,
+        machine_id: u64,
+        seq: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
         let mut nonce = [0u8; 12];
         getrandom::fill(&mut nonce)
             .map_err(|e| Error::InvalidInput(format!("random nonce: {e}")))?;
@@ -195,19 +223,20 @@ impl ReplicaKey {
         head[24..36].copy_from_slice(&nonce);
         let crc = crc32c::crc32c(&head[..36]);
         head[36..40].copy_from_slice(&crc.to_le_bytes());
-        let ct = self
+        let Some(room) = buf.get_mut(..HEADER_LEN) else {
+            return Err(Error::InvalidInput("no room for the header".into()));
+        };
+        room.copy_from_slice(&head);
+        let tag = self
             .cipher(label, machine_id, seq)?
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: plain,
-                    aad: &head[..36],
-                },
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&head[..36]),
+                buf.get_mut(HEADER_LEN..).unwrap_or(&mut []),
             )
             .map_err(|_| Error::InvalidInput("encryption failed".into()))?;
-        let mut out = head.to_vec();
-        out.extend_from_slice(&ct);
-        Ok(out)
+        buf.extend_from_slice(tag.as_ref());
+        Ok(())
     }
 
     /// Decrypt and authenticate an encrypted segment; `path` names it in errors.
@@ -309,16 +338,25 @@ impl ReplicaKey {
                 "encrypted segment is not the one named",
             ));
         }
-        buf.drain(..HEADER_LEN);
-        self.cipher(label, machine_id, seq)?
-            .decrypt_in_place(Nonce::from_slice(field(24, 36)), field(0, 36), buf)
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(field(24, 36));
+        let plain_len = self
+            .cipher(label, machine_id, seq)?
+            .open_within(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(field(0, 36)),
+                buf,
+                HEADER_LEN..,
+            )
             .map_err(|_| {
                 Error::corruption(
                     path,
                     HEADER_LEN as u64,
                     "authentication failed (damaged, or another key)",
                 )
-            })?;
+            })?
+            .len();
+        buf.truncate(plain_len);
         Ok(version)
     }
 }

@@ -31,6 +31,58 @@ struct Slot {
 }
 type SharedStore = Arc<Slot>;
 
+/// The store of `slot`, locked, while session `token` owns it.
+fn lock_owned<'s>(
+    slot: &'s Slot,
+    token: u64,
+    name: &str,
+) -> Result<parking_lot::MutexGuard<'s, ReplicaStore>, Refusal> {
+    let st = slot.store.lock();
+    if slot.owner.load(Ordering::SeqCst) != token {
+        return Err((
+            RefusalCode::Busy,
+            format!("a newer session for {name} took this one over"),
+        ));
+    }
+    Ok(st)
+}
+
+/// A whole segment to verify, encrypt, store and acknowledge (on the store thread
+/// while the session reads the next one).
+struct StoreJob {
+    slot: SharedStore,
+    token: u64,
+    name: String,
+    generation: u32,
+    seq: u64,
+    bytes: Vec<u8>,
+}
+
+impl StoreJob {
+    /// Store the segment: its Ack, and the buffer back for the next segment (a fresh
+    /// 64 MiB buffer per segment cost page faults and zeroing on every page).
+    fn run(mut self, target: &Target) -> (Result<Message, Refusal>, Vec<u8>) {
+        let r = self.store(target);
+        (r, self.bytes)
+    }
+
+    fn store(&mut self, target: &Target) -> Result<Message, Refusal> {
+        let mut st = lock_owned(&self.slot, self.token, &self.name)?;
+        check_promotion(&st, &self.name, self.generation)?;
+        let lsn = match st
+            .receive_framed(self.seq, &mut self.bytes)
+            .map_err(refusal)?
+        {
+            crate::replica::store::Receipt::Stored { lsn }
+            | crate::replica::store::Receipt::Duplicate { lsn } => lsn,
+        };
+        drop(st);
+        crate::failover::reprotect::verify_after_segment(&target.replicas, &self.name, self.seq)
+            .map_err(refusal)?;
+        Ok(ack(&self.name, lsn))
+    }
+}
+
 /// Session tokens (0 is nobody's).
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 /// Why a session ends: the code the peer is told, and the reason.
@@ -274,13 +326,34 @@ impl Target {
         self
     }
 
-    /// Run one session with `peer` (already authenticated by TLS) until it ends.
+    /// Run one session with `peer` (already authenticated by TLS) until it ends, one
+    /// message at a time: a segment is stored before the next frame is read.
     pub fn session(&self, stream: &mut (impl Read + Write), peer: SiteId) {
+        self.session_with(stream, peer, |_| false)
+    }
+
+    /// [`Target::session`] over a TLS stream: a segment is stored while the next
+    /// one arrives (the sender keeps several unacknowledged).
+    pub fn session_tls(
+        &self,
+        stream: &mut crate::replication::transport::ServerStream,
+        peer: SiteId,
+    ) {
+        self.session_with(stream, peer, crate::replication::transport::input_ready)
+    }
+
+    fn session_with<S: Read + Write>(
+        &self,
+        stream: &mut S,
+        peer: SiteId,
+        input_ready: fn(&mut S) -> bool,
+    ) {
         let mut session = Session {
             target: self,
             peer,
             current: None,
             assembling: None,
+            spare: Vec::new(),
             resync_chunks: Vec::new(),
             resync_held: 0,
             hash_cache: None,
@@ -289,7 +362,7 @@ impl Target {
             base_pending: Vec::new(),
             base_pending_bytes: 0,
         };
-        match session.run(stream) {
+        match session.run(stream, input_ready) {
             Ok(()) => tracing::debug!("replication session with {peer} ended"),
             Err((code, why)) => {
                 tracing::warn!(
@@ -373,6 +446,7 @@ struct ProtectRequest {
 struct Assembly {
     seq: u64,
     len: u64,
+    /// [`crate::replica::crypt::HEADER_LEN`] bytes of room, then what arrived.
     bytes: Vec<u8>,
 }
 
@@ -383,6 +457,8 @@ struct Session<'a> {
     /// The machine this session protects (set by Protect) and its generation.
     current: Option<(String, SharedStore, u32)>,
     assembling: Option<Assembly>,
+    /// A stored segment's buffer, for the next one to be assembled in.
+    spare: Vec<u8>,
     /// The differing chunks of the resync batch in flight (applied at its end).
     resync_chunks: Vec<(u32, u64, Vec<u8>)>,
     resync_held: usize,
@@ -399,26 +475,92 @@ struct Session<'a> {
     base_pending_bytes: usize,
 }
 
+/// The Ack of the segment being stored, sent once it is stored.
+type PendingStore<'s> = std::thread::ScopedJoinHandle<'s, (Result<Message, Refusal>, Vec<u8>)>;
+
+fn finish_store(
+    pending: &mut Option<PendingStore<'_>>,
+    spare: &mut Vec<u8>,
+    s: &mut impl Write,
+) -> Result<(), Refusal> {
+    let Some(h) = pending.take() else {
+        return Ok(());
+    };
+    let (ack, buf) = h.join().unwrap_or_else(|_| {
+        (
+            Err((RefusalCode::Fatal, "storing a segment panicked".into())),
+            Vec::new(),
+        )
+    });
+    *spare = buf;
+    send(s, &ack?)
+}
+
 impl Session<'_> {
-    fn run(&mut self, s: &mut (impl Read + Write)) -> Result<(), Refusal> {
+    /// Read and answer messages until the peer closes. A whole segment is stored on a
+    /// thread of its own while the next one's chunks arrive; its Ack goes out before
+    /// any other reply, and before this thread would wait for input that
+    /// `input_ready` says is not there (the sender may be waiting for that Ack).
+    fn run<S: Read + Write>(
+        &mut self,
+        s: &mut S,
+        input_ready: fn(&mut S) -> bool,
+    ) -> Result<(), Refusal> {
         self.hello(s)?;
-        loop {
-            let msg = match read_frame::<Message>(s) {
-                Ok(m) => m,
-                Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    // What arrived whole is kept: the sender resumes after it.
-                    return self.flush_base();
+        let target = self.target;
+        std::thread::scope(|sc| {
+            let mut pending = None;
+            loop {
+                if pending.is_some() && !input_ready(s) {
+                    finish_store(&mut pending, &mut self.spare, s)?;
                 }
-                Err(e) => return Err(frame_refusal(e)),
-            };
-            if !matches!(msg, Message::InitialChunk { .. }) {
-                // Everything else sees the initial chunks before it stored.
-                self.flush_base()?;
+                let msg = match read_frame::<Message>(s) {
+                    Ok(m) => m,
+                    Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        // What arrived whole is kept: the sender resumes after it.
+                        finish_store(&mut pending, &mut self.spare, s).ok();
+                        return self.flush_base();
+                    }
+                    Err(e) => return Err(frame_refusal(e)),
+                };
+                if let Message::SegmentChunk {
+                    machine,
+                    generation,
+                    seq,
+                    segment_len,
+                    offset,
+                    compressed,
+                    bytes,
+                } = msg
+                {
+                    self.flush_base()?;
+                    let job = self.on_segment_chunk(
+                        &machine,
+                        generation,
+                        seq,
+                        segment_len,
+                        offset,
+                        compressed,
+                        bytes,
+                    )?;
+                    if let Some(job) = job {
+                        // One segment stored at a time, Acks in order.
+                        finish_store(&mut pending, &mut self.spare, s)?;
+                        pending = Some(sc.spawn(move || job.run(target)));
+                    }
+                    continue;
+                }
+                // Everything else follows the segments before it.
+                finish_store(&mut pending, &mut self.spare, s)?;
+                if !matches!(msg, Message::InitialChunk { .. }) {
+                    // Everything else sees the initial chunks before it stored.
+                    self.flush_base()?;
+                }
+                if let Some(reply) = self.handle(msg)? {
+                    send(s, &reply)?;
+                }
             }
-            if let Some(reply) = self.handle(msg)? {
-                send(s, &reply)?;
-            }
-        }
+        })
     }
 
     /// The first message each way: the peer must name the site its certificate says,
@@ -490,15 +632,27 @@ impl Session<'_> {
                 offset,
                 compressed,
                 bytes,
-            } => self.on_segment_chunk(
-                &machine,
-                generation,
-                seq,
-                segment_len,
-                offset,
-                compressed,
-                bytes,
-            ),
+            } => {
+                // `run` stores segments on a thread of their own; here (no such
+                // thread) a whole one is stored before the reply.
+                let job = self.on_segment_chunk(
+                    &machine,
+                    generation,
+                    seq,
+                    segment_len,
+                    offset,
+                    compressed,
+                    bytes,
+                )?;
+                match job {
+                    Some(j) => {
+                        let (ack, buf) = j.run(self.target);
+                        self.spare = buf;
+                        ack.map(Some)
+                    }
+                    None => Ok(None),
+                }
+            }
             Message::ResyncStart {
                 machine,
                 generation,
@@ -607,19 +761,11 @@ impl Session<'_> {
         &self,
         slot: &'s Slot,
     ) -> Result<parking_lot::MutexGuard<'s, ReplicaStore>, Refusal> {
-        let st = slot.store.lock();
-        if slot.owner.load(Ordering::SeqCst) != self.token {
-            return Err((
-                RefusalCode::Busy,
-                format!(
-                    "a newer session for {} took this one over",
-                    self.current
-                        .as_ref()
-                        .map_or("the machine", |c| c.0.as_str())
-                ),
-            ));
-        }
-        Ok(st)
+        let name = self
+            .current
+            .as_ref()
+            .map_or("the machine", |c| c.0.as_str());
+        lock_owned(slot, self.token, name)
     }
 
     /// The store, for a message that carries the generation: it must be the session's.
@@ -917,7 +1063,7 @@ impl Session<'_> {
         offset: u64,
         compressed: bool,
         bytes: Vec<u8>,
-    ) -> Result<Option<Message>, Refusal> {
+    ) -> Result<Option<StoreJob>, Refusal> {
         let (name, store) = self.store_at(machine, generation, "segment")?;
         let (name, store) = (name.to_string(), store.clone());
         if segment_len > MAX_SEGMENT {
@@ -930,13 +1076,30 @@ impl Session<'_> {
         } else {
             bytes
         };
+        // The segment is assembled after room for its encrypted file's header, and
+        // encrypted in place there (`ReplicaStore::receive_framed`).
+        const ROOM: usize = crate::replica::crypt::HEADER_LEN;
         let a = match self.assembling.as_mut() {
-            Some(a) if a.seq == seq && a.len == segment_len && a.bytes.len() as u64 == offset => a,
-            _ if offset == 0 => self.assembling.insert(Assembly {
-                seq,
-                len: segment_len,
-                bytes: Vec::new(),
-            }),
+            Some(a)
+                if a.seq == seq
+                    && a.len == segment_len
+                    && (a.bytes.len() - ROOM) as u64 == offset =>
+            {
+                a
+            }
+            // The whole segment's room at once (its length is checked above): growing
+            // by doubling copied and faulted in every segment several times.
+            _ if offset == 0 => {
+                let mut bytes = std::mem::take(&mut self.spare);
+                bytes.clear();
+                bytes.reserve(ROOM + segment_len as usize + crate::replica::crypt::TAG_LEN);
+                bytes.resize(ROOM, 0);
+                self.assembling.insert(Assembly {
+                    seq,
+                    len: segment_len,
+                    bytes,
+                })
+            }
             _ => {
                 return Err((
                     RefusalCode::BrokenChain,
@@ -945,25 +1108,24 @@ impl Session<'_> {
             }
         };
         a.bytes.extend_from_slice(&data);
-        if a.bytes.len() as u64 > segment_len {
+        let got = (a.bytes.len() - ROOM) as u64;
+        if got > segment_len {
             return Err(protocol_error(format!(
                 "segment {seq} is longer than announced"
             )));
         }
-        if (a.bytes.len() as u64) < segment_len {
+        if got < segment_len {
             return Ok(None);
         }
         let whole = self.assembling.take().map(|a| a.bytes).unwrap_or_default();
-        let mut st = self.lock(&store)?;
-        check_promotion(&st, &name, generation)?;
-        let lsn = match st.receive(seq, &whole).map_err(refusal)? {
-            crate::replica::store::Receipt::Stored { lsn }
-            | crate::replica::store::Receipt::Duplicate { lsn } => lsn,
-        };
-        drop(st);
-        crate::failover::reprotect::verify_after_segment(&self.target.replicas, &name, seq)
-            .map_err(refusal)?;
-        Ok(Some(ack(&name, lsn)))
+        Ok(Some(StoreJob {
+            slot: store,
+            token: self.token,
+            name,
+            generation,
+            seq,
+            bytes: whole,
+        }))
     }
 
     fn on_resync_start(

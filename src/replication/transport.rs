@@ -120,6 +120,24 @@ pub fn connect(site: &Path, addr: &str, timeout: Duration) -> Result<(ClientStre
     Ok((stream, peer))
 }
 
+/// Whether a read of `s` would find data without waiting: plaintext rustls holds
+/// already, or bytes (or the peer's close) waiting on the socket.
+pub fn input_ready(s: &mut ServerStream) -> bool {
+    match s.conn.process_new_packets() {
+        Ok(st) if st.plaintext_bytes_to_read() > 0 => return true,
+        Ok(_) => {}
+        // The next read reports it.
+        Err(_) => return true,
+    }
+    let mut p = libc::pollfd {
+        fd: std::os::unix::io::AsRawFd::as_raw_fd(&s.sock),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, a zero timeout.
+    unsafe { libc::poll(&mut p, 1, 0) > 0 }
+}
+
 /// Accept TLS sessions on `addr` for `site`, running `session` on a thread for each
 /// one whose handshake succeeds (untrusted peers are refused in the handshake, before
 /// `session` sees a byte). Returns the bound address; the listener runs until the

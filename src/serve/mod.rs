@@ -110,7 +110,7 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
                 }),
         );
         let bound = transport::listen(site_path, addr, move |mut stream, peer| {
-            target.session(&mut stream, peer)
+            target.session_tls(&mut stream, peer)
         })?;
         tracing::info!("receiving replicas on {bound} (site ID {me})");
     }

@@ -42,7 +42,7 @@ pub fn start_receiver(site: &Path) -> String {
         replog::replica::store::Replicas::with_key(site, key),
     ));
     let addr = transport::listen(site, "127.0.0.1:0", move |mut stream, peer| {
-        target.session(&mut stream, peer)
+        target.session_tls(&mut stream, peer)
     })
     .expect("listen");
     addr.to_string()

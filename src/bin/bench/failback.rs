@@ -106,7 +106,7 @@ impl Bench {
                 }),
         );
         let a_addr = replog::replication::transport::listen(&a, "127.0.0.1:0", move |mut s, p| {
-            receiver.session(&mut s, p)
+            receiver.session_tls(&mut s, p)
         })?;
 
         // A → B: the whole disk, incompressible.

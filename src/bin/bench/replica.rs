@@ -53,7 +53,7 @@ impl TargetSite {
         );
         let addr =
             replog::replication::transport::listen(&path, "127.0.0.1:0", move |mut s, peer| {
-                target.session(&mut s, peer)
+                target.session_tls(&mut s, peer)
             })?;
         Ok(TargetSite {
             path,

@@ -15,13 +15,13 @@ use std::time::Instant;
 const BLOCK: u64 = 4096;
 
 /// An rsync daemon on 127.0.0.1 serving `dir` as module `bench`; stopped on drop.
-struct RsyncDaemon {
+pub(crate) struct RsyncDaemon {
     child: std::process::Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl RsyncDaemon {
-    fn start(work: &Path, dir: &Path) -> Result<RsyncDaemon> {
+    pub(crate) fn start(work: &Path, dir: &Path) -> Result<RsyncDaemon> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();

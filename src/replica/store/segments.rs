@@ -8,6 +8,7 @@ use crate::format::meta::Watermark;
 use crate::format::segment::segment_name;
 use crate::format::RecordKind;
 use crate::journal::reader::{scan_segment, Expect, FaultKind};
+use crate::replica::crypt;
 use crate::storage::{MemStorage, OpenMode, Storage};
 use std::path::Path;
 
@@ -66,6 +67,18 @@ impl ReplicaStore {
     /// Receive segment `seq` (its plain bytes as the source has them). Verified, then
     /// stored durably, then acknowledged; nothing is stored if anything is wrong.
     pub fn receive(&mut self, seq: u64, plain: &[u8]) -> Result<Receipt> {
+        let mut framed = Vec::with_capacity(crypt::HEADER_LEN + plain.len() + crypt::TAG_LEN);
+        framed.resize(crypt::HEADER_LEN, 0);
+        framed.extend_from_slice(plain);
+        self.receive_framed(seq, &mut framed)
+    }
+
+    /// [`receive`](Self::receive) of a segment held after [`crypt::HEADER_LEN`] bytes
+    /// of room in `framed`: it is encrypted in place and written from there (no copy
+    /// of a segment that may be 64 MiB; the receiver assembles segments that way, and
+    /// reuses the buffer afterwards).
+    pub fn receive_framed(&mut self, seq: u64, framed: &mut Vec<u8>) -> Result<Receipt> {
+        let plain = framed.get(crypt::HEADER_LEN..).unwrap_or(&[]);
         if seq <= self.received.segment_seq {
             // The target compactor may have merged it since this store was opened.
             if let Some(p) = self.read_parent_mark()? {
@@ -108,8 +121,9 @@ impl ReplicaStore {
         }
         let index = self.verify(seq, plain)?;
         self.write_index(seq, &index)?;
-        let ct = self.key().seal(self.manifest.machine_id, seq, plain)?;
-        self.backend().put(&self.key_of(&seg_rel(seq)), &ct)?;
+        self.key()
+            .seal_framed(self.manifest.machine_id, seq, framed)?;
+        self.backend().put(&self.key_of(&seg_rel(seq)), framed)?;
         self.set_received(Watermark {
             lsn: index.last_lsn,
             segment_seq: seq,

@@ -131,13 +131,14 @@ impl Shipper {
                 let n = ((end - at) as usize).min(MAX_CHUNK);
                 let chunk = buf.get_mut(..n).unwrap_or(&mut []);
                 parent.read_exact_at(chunk, at)?;
+                let (compressed, bytes) = super::pack(chunk);
                 link.send(&Message::InitialChunk {
                     machine: machine.name().to_string(),
                     generation: machine.generation(),
                     disk,
                     offset: at,
-                    compressed: true,
-                    bytes: lz4_flex::block::compress_prepend_size(chunk),
+                    compressed,
+                    bytes,
                 })?;
                 sent += n as u64;
                 at += n as u64;
@@ -196,16 +197,17 @@ impl Shipper {
                             (true, None) => run = Some(b * BLOCK),
                             (false, Some(start)) => {
                                 let end = (b * BLOCK).min(n);
-                                let bytes = chunk.get(start..end).unwrap_or(&[]);
+                                let piece = chunk.get(start..end).unwrap_or(&[]);
+                                let (compressed, bytes) = super::pack(piece);
                                 link.send(&Message::InitialChunk {
                                     machine: machine.name().to_string(),
                                     generation: machine.generation(),
                                     disk: i as u32,
                                     offset: at + start as u64,
-                                    compressed: true,
-                                    bytes: lz4_flex::block::compress_prepend_size(bytes),
+                                    compressed,
+                                    bytes,
                                 })?;
-                                sent += bytes.len() as u64;
+                                sent += piece.len() as u64;
                                 run = None;
                             }
                             _ => {}

@@ -429,7 +429,7 @@ impl<'a> ResyncRun<'a> {
                 let len = chunk_bytes.min(size - at) as usize;
                 let buf = data.get_mut(..len).unwrap_or(&mut []);
                 vol.read(at, buf)?;
-                let bytes = lz4_flex::block::compress_prepend_size(buf);
+                let (compressed, bytes) = super::pack(buf);
                 self.report.sent_bytes_now += bytes.len() as u64;
                 self.sent_bytes += bytes.len() as u64;
                 self.sent_chunks += 1;
@@ -438,7 +438,7 @@ impl<'a> ResyncRun<'a> {
                     machine: self.name.clone(),
                     disk: d,
                     offset: at,
-                    compressed: true,
+                    compressed,
                     bytes,
                 })?;
             }

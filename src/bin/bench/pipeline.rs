@@ -1,0 +1,219 @@
+//! Pipeline figures: how fast sealed segments ship against how fast the journal takes
+//! them, the initial replication of a half-full image against an rsync daemon, and the
+//! bytes the engine writes to disk per byte a guest writes (journal and merge).
+
+use super::replica::TargetSite;
+use super::resync::RsyncDaemon;
+use super::{
+    drop_caches, mb_per_s, median, pattern_at, progress, settle, Bench, Figure, Result, GIB, KIB,
+    MIB,
+};
+use replog::replication::shipper::Shipper;
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::time::Instant;
+
+/// This process's bytes sent towards storage so far (`/proc/self/io`: write_bytes
+/// less cancelled_write_bytes; counted when a page is dirtied, mapped pages included).
+fn written_to_disk() -> Result<u64> {
+    let io = fs::read_to_string("/proc/self/io")?;
+    let field = |k: &str| -> u64 {
+        io.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(field("write_bytes:").saturating_sub(field("cancelled_write_bytes:")))
+}
+
+impl Bench {
+    /// Ship `size` of sealed, incompressible segments to the target (TLS on loopback,
+    /// the target verifying, encrypting and fsyncing each) against the rate at which
+    /// the journal took the same writes (64 KiB writes, a flush every 4 MiB).
+    pub fn ship_throughput(&mut self, t: &TargetSite) -> Result<Figure> {
+        const NAME: &str = "shipping throughput vs journal append";
+        let size = if self.quick { 256 * MIB } else { 2 * GIB };
+        progress(&format!(
+            "{NAME}: {} MiB of sealed segments to a target over TLS on loopback",
+            size / MIB
+        ));
+        self.site.create_disk("ship", "d0", size, None)?;
+        let m = self.site.open_machine("ship")?;
+        let v = m.volume("d0")?;
+        let mut shipper = Shipper::new(self.site.path(), &m, &t.addr);
+        // Protected, initial copy (of an empty disk) done: from here on only deltas.
+        shipper.ship_once(&m)?;
+        settle();
+        let t0 = Instant::now();
+        let mut at = 0;
+        while at < size {
+            v.write(
+                at,
+                pattern_at(self.pattern.as_slice(), at * 5, (64 * KIB) as usize),
+            )?;
+            at += 64 * KIB;
+            if at.is_multiple_of(4 * MIB) {
+                m.flush()?;
+            }
+        }
+        m.flush()?;
+        m.seal()?;
+        let append = t0.elapsed();
+        settle();
+        let t0 = Instant::now();
+        let r = shipper.ship_once(&m)?;
+        let ship = t0.elapsed();
+        let (ours, theirs) = (mb_per_s(r.bytes, ship), mb_per_s(size, append));
+        drop(v);
+        m.close()?;
+        fs::remove_dir_all(self.site.machine_dir("ship")?)?;
+        Ok(Figure::versus(
+            NAME,
+            ours,
+            theirs,
+            "MB/s",
+            format!(
+                "{} segments, {} MiB incompressible: shipped and acknowledged in {:.2} s \
+                 ({ours:.0} MB/s) vs appended (64 KiB writes, flush every 4 MiB) in {:.2} s; \
+                 aim: >= 300 MB/s and >= 1.0x",
+                r.segments,
+                r.bytes / MIB,
+                ship.as_secs_f64(),
+                append.as_secs_f64()
+            ),
+        ))
+    }
+
+    /// Initial replication of a half-full image (data in every other MiB,
+    /// incompressible) against `rsync --sparse` of the same image to a daemon, caches
+    /// dropped before each, three interleaved rounds.
+    pub fn initial_vs_rsync(&mut self, t: &TargetSite) -> Result<Figure> {
+        const NAME: &str = "initial replication of a half-full 1GiB image";
+        let size = if self.quick { 128 * MIB } else { GIB };
+        progress(&format!(
+            "{NAME}: a {} MiB image against an rsync daemon",
+            size / MIB
+        ));
+        let raw = self.dir.join("initial-src.raw");
+        {
+            let f = OpenOptions::new().write(true).create_new(true).open(&raw)?;
+            f.set_len(size)?;
+            let mut at = 0;
+            while at < size {
+                if (at / MIB).is_multiple_of(2) {
+                    f.write_all_at(
+                        pattern_at(self.pattern.as_slice(), at * 11, MIB as usize),
+                        at,
+                    )?;
+                }
+                at += MIB;
+            }
+            f.sync_all()?;
+        }
+        let rdir = self.dir.join("initial-rsync");
+        fs::create_dir_all(&rdir)?;
+        let daemon = RsyncDaemon::start(&self.dir, &rdir)?;
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        let rounds = if self.quick { 1 } else { 3 };
+        for round in 0..rounds {
+            let name = format!("init{round}");
+            self.site.create_disk(&name, "d0", size, Some(&raw))?;
+            let m = self.site.open_machine(&name)?;
+            let mut shipper = Shipper::new(self.site.path(), &m, &t.addr);
+            drop_caches();
+            let t0 = Instant::now();
+            shipper.ship_once(&m)?;
+            ours.push(t0.elapsed().as_secs_f64());
+            m.close()?;
+            fs::remove_dir_all(self.site.machine_dir(&name)?)?;
+            let _ = fs::remove_file(rdir.join("img"));
+            drop_caches();
+            let t0 = Instant::now();
+            let out = Command::new("rsync")
+                .args(["--sparse", "--whole-file"])
+                .arg(&raw)
+                .arg(format!("rsync://127.0.0.1:{}/bench/img", daemon.port))
+                .output()?;
+            // rsync leaves the copy in the page cache: its fsync is part of the copy.
+            fs::File::open(rdir.join("img"))?.sync_all()?;
+            theirs.push(t0.elapsed().as_secs_f64());
+            if !out.status.success() {
+                return Err(format!("rsync: {}", String::from_utf8_lossy(&out.stderr)).into());
+            }
+        }
+        drop(daemon);
+        fs::remove_file(&raw)?;
+        let _ = fs::remove_dir_all(&rdir);
+        let s = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        Ok(Figure::versus(
+            NAME,
+            median(&ours),
+            median(&theirs),
+            "s",
+            format!(
+                "{} MiB, data in every other MiB; initial replication over TLS (target \
+                 encrypts, fsyncs) {} s vs rsync --sparse --whole-file to a daemon + fsync {} s; \
+                 caches dropped; floor 1.0x, aim 0.5x",
+                size / MIB,
+                s(&ours),
+                s(&theirs)
+            ),
+        ))
+    }
+
+    /// Bytes this process writes to disk per byte written to a disk: journal appends
+    /// (records, footers, metadata) and the compactor's merge into the parent image.
+    pub fn write_amplification(&mut self) -> Result<Figure> {
+        const NAME: &str = "bytes written to disk per guest byte";
+        let size = if self.quick { 256 * MIB } else { GIB };
+        progress(&format!(
+            "{NAME}: {} MiB of 64 KiB writes, journaled and merged",
+            size / MIB
+        ));
+        self.site.create_disk("wa", "d0", size, None)?;
+        let m = self.site.open_machine("wa")?;
+        let v = m.volume("d0")?;
+        settle();
+        let before = written_to_disk()?;
+        let mut at = 0;
+        while at < size {
+            v.write(
+                at,
+                pattern_at(self.pattern.as_slice(), at * 13, (64 * KIB) as usize),
+            )?;
+            at += 64 * KIB;
+            if at.is_multiple_of(4 * MIB) {
+                m.flush()?;
+            }
+        }
+        m.flush()?;
+        m.seal()?;
+        let journal = written_to_disk()? - before;
+        m.compact()?;
+        drop(v);
+        m.close()?;
+        settle();
+        let total = written_to_disk()? - before;
+        fs::remove_dir_all(self.site.machine_dir("wa")?)?;
+        Ok(Figure::versus(
+            NAME,
+            total as f64 / size as f64,
+            0.0,
+            "bytes/byte",
+            format!(
+                "{} MiB written in 64 KiB writes: {} MiB to disk in all (journal {} MiB, \
+                 merge and the rest {} MiB), from /proc/self/io; floor 2.1, aim 2.05",
+                size / MIB,
+                total / MIB,
+                journal / MIB,
+                (total - journal) / MIB
+            ),
+        ))
+    }
+}
