@@ -227,6 +227,20 @@ fn fail(m: &MachineInner, e: Error) -> Error {
     }
 }
 
+/// Run the calling thread at a lower CPU priority (nice 10): merging is background
+/// work, and on a machine with few cores it took CPU from the FUSE threads serving
+/// the guest (during a 1 GiB fio write the compactor used more CPU than the four
+/// FUSE threads together). It still gets its share, so a busy guest cannot starve it
+/// and the journal stays bounded.
+pub(crate) fn background_priority() {
+    // SAFETY: gettid and setpriority take plain integers; PRIO_PROCESS with a thread
+    // ID changes that thread only (Linux).
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
 /// The background compactor thread of one machine.
 #[derive(Debug)]
 pub(crate) struct Compactor {
@@ -242,20 +256,23 @@ impl Compactor {
         *m.compactor_kick.lock() = Some(kick_tx);
         let thread = std::thread::Builder::new()
             .name(format!("compactor-{}", m.name))
-            .spawn(move || loop {
-                crossbeam::channel::select! {
-                    recv(stop_rx) -> _ => return,
-                    recv(kick_rx) -> _ => {}
-                    default(interval) => {}
-                }
-                if m.is_poisoned() || !policy.due(&m) {
-                    continue;
-                }
-                if let Err(e) = compact_once(&m) {
-                    tracing::error!(machine = %m.name, "compaction failed: {e}");
-                    match stop_rx.recv_timeout(interval * 10) {
-                        Err(RecvTimeoutError::Timeout) => {}
-                        _ => return,
+            .spawn(move || {
+                background_priority();
+                loop {
+                    crossbeam::channel::select! {
+                        recv(stop_rx) -> _ => return,
+                        recv(kick_rx) -> _ => {}
+                        default(interval) => {}
+                    }
+                    if m.is_poisoned() || !policy.due(&m) {
+                        continue;
+                    }
+                    if let Err(e) = compact_once(&m) {
+                        tracing::error!(machine = %m.name, "compaction failed: {e}");
+                        match stop_rx.recv_timeout(interval * 10) {
+                            Err(RecvTimeoutError::Timeout) => {}
+                            _ => return,
+                        }
                     }
                 }
             })

@@ -26,6 +26,8 @@ mod failback;
 mod failover;
 #[path = "bench/fio.rs"]
 mod fio;
+#[path = "bench/lag.rs"]
+mod lag;
 #[path = "bench/pipeline.rs"]
 mod pipeline;
 #[path = "bench/plan.rs"]
@@ -130,8 +132,9 @@ struct Args {
     serve_arg: Vec<String>,
     /// Run only the engine figures whose group is named here: journal (append and the
     /// reads of its data), random, index, digest, plan, amplification, ship, initial,
-    /// restore, view, resync, failover, failback (FUSE figures, the plan's failover among them, are governed by --no-fuse /
-    /// --fuse-only).
+    /// restore, view, resync, failover, failback; and of the FUSE figures: fio (every
+    /// fio comparison), lag (replication lag under load), plan (both the plan point's
+    /// pause and the plan's failover). --no-fuse / --fuse-only still apply.
     #[arg(long, value_name = "GROUP")]
     only: Vec<String>,
     /// Directory for temporary files (default: ./target/bench-tmp).
@@ -326,20 +329,34 @@ fn run(args: &Args) -> Result<()> {
             .parent()
             .map(|d| d.join("replog"))
             .ok_or("cannot locate the replog binary")?;
-        progress("FUSE figures: fio through replog serve --mount against a plain file");
-        for f in fio::run_all(&work.path, &replog, args.quick, &args.serve_arg)? {
-            let note = "fio, median of interleaved runs".to_string();
-            figures.push(Figure::versus(&f.name, f.value, f.baseline, f.unit, note));
+        if want("fio") {
+            progress("FUSE figures: fio through replog serve --mount against a plain file");
+            for f in fio::run_all(&work.path, &replog, args.quick, &args.serve_arg)? {
+                let note = "fio, median of interleaved runs".to_string();
+                figures.push(Figure::versus(&f.name, f.value, f.baseline, f.unit, note));
+            }
         }
-        progress("plan failover: 4 machines as one plan against one after another");
-        let (value, base, note) = plan::parallel_failover(&work.path, &replog, args.quick)?;
-        figures.push(Figure::versus(
-            "plan failover of 4 machines in one group vs one after another",
-            value,
-            base,
-            "ms",
-            note,
-        ));
+        if want("lag") {
+            let (p99, note) = lag::lag_under_load(&work.path, &replog, args.quick)?;
+            figures.push(Figure::versus(
+                "replication lag p99 under 100 MB/s of guest writes",
+                p99,
+                0.0,
+                "s",
+                note,
+            ));
+        }
+        if want("plan") {
+            progress("plan failover: 4 machines as one plan against one after another");
+            let (value, base, note) = plan::parallel_failover(&work.path, &replog, args.quick)?;
+            figures.push(Figure::versus(
+                "plan failover of 4 machines in one group vs one after another",
+                value,
+                base,
+                "ms",
+                note,
+            ));
+        }
     }
     drop(work);
 

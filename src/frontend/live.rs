@@ -172,16 +172,38 @@ fn spawn_write_workers(n: usize, tree: &Arc<Tree>) -> Option<crossbeam::channel:
     Some(tx)
 }
 
-/// Where each inode's last read ended, to spot sequential readers.
+/// Where each inode's last read ended and how far ahead of it reads were asked for,
+/// to spot sequential readers and keep a readahead window in front of them.
 #[derive(Debug, Default)]
-struct SequentialReads(parking_lot::Mutex<std::collections::HashMap<u64, u64>>);
+struct SequentialReads(parking_lot::Mutex<std::collections::HashMap<u64, (u64, u64)>>);
+
+/// The readahead window in front of a sequential reader: at least this much…
+const READAHEAD_MIN: u64 = 8 << 20;
+/// …or this many of its requests, whichever is more.
+const READAHEAD_REQUESTS: u64 = 8;
 
 impl SequentialReads {
-    /// Record a read; true if it continued the previous one.
-    fn record(&self, ino: u64, offset: u64, len: u64) -> bool {
+    /// Record a read of `len` bytes at `offset`: the range to ask the engine to fetch
+    /// now, if the read continued the previous one and the window ahead of it has
+    /// shrunk to half. A direct reader at queue depth 1 waits for each request in
+    /// turn, so the disk must already be reading the next ones (2x the request, as
+    /// before, measured 0.4x a plain file; the window keeps several MiB in flight).
+    fn record(&self, ino: u64, offset: u64, len: u64) -> Option<(u64, u64)> {
         let mut m = self.0.lock();
-        let prev = m.insert(ino, offset + len);
-        prev == Some(offset)
+        let end = offset + len;
+        let (prev_end, asked) = m.get(&ino).copied().unwrap_or((u64::MAX, 0));
+        if prev_end != offset {
+            m.insert(ino, (end, end));
+            return None;
+        }
+        let window = READAHEAD_MIN.max(READAHEAD_REQUESTS * len);
+        let asked = asked.max(end);
+        if asked >= end + window / 2 {
+            m.insert(ino, (end, asked));
+            return None;
+        }
+        m.insert(ino, (end, end + window));
+        Some((asked, end + window - asked))
     }
 }
 
@@ -456,8 +478,8 @@ impl Filesystem for LiveFs {
                     reply.data(buf);
                     // After replying: a sequential reader's next request finds its data
                     // on its way into the page cache.
-                    if self.seq_reads.record(ino.0, offset, len as u64) {
-                        let _ = vol.prefetch(end, 2 * len as u64);
+                    if let Some((at, n)) = self.seq_reads.record(ino.0, offset, len as u64) {
+                        let _ = vol.prefetch(at, n);
                     }
                 }
                 Err(e) => {

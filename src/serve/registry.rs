@@ -49,8 +49,9 @@ pub struct Registry {
     tree: Arc<Tree>,
     machines: Mutex<BTreeMap<String, Entry>>,
     replica_loops: Mutex<BTreeMap<String, ReplicaLoop>>,
-    /// Since when each machine's target has been behind (for its lag).
-    behind_since: Mutex<HashMap<String, Instant>>,
+    /// Each machine's newest LSN as the status writer saw it, tick by tick (for its
+    /// lag; see [`LsnClock`]).
+    lsn_seen: Mutex<HashMap<String, LsnClock>>,
     /// Replicas' status, recomputed every few seconds (it reads their marks).
     replica_status: Mutex<(Option<Instant>, Vec<MachineStatus>)>,
     /// Changes to a machine are made one at a time (per name: changes to other
@@ -95,7 +96,7 @@ impl Registry {
             tree: Arc::new(Tree::default()),
             machines: Mutex::new(BTreeMap::new()),
             replica_loops: Mutex::new(BTreeMap::new()),
-            behind_since: Mutex::new(HashMap::new()),
+            lsn_seen: Mutex::new(HashMap::new()),
             replica_status: Mutex::new((None, Vec::new())),
             changing: NameLocks::default(),
             mount: Mutex::new(None),
@@ -358,7 +359,7 @@ impl Registry {
         } else {
             self.tree.remove_machine(name);
         }
-        self.behind_since.lock().remove(name);
+        self.lsn_seen.lock().remove(name);
         let closed = close_entry(name, entry);
         if reopening && closed.is_err() && self.reloading.lock().remove(name) {
             self.tree.remove_machine(name);
@@ -523,20 +524,14 @@ impl Registry {
             let machines = self.machines.lock();
             for (name, e) in machines.iter() {
                 let ship = e.ship.as_ref().map(|l| l.status.lock().clone());
-                // Lag: how long the target has been behind (since the first write it
-                // lacks).
+                // Lag: the age of the oldest write the target lacks.
                 let lag = ship.as_ref().map(|l| {
-                    if l.acked_lsn >= e.machine.status().last_lsn {
-                        self.behind_since.lock().remove(name);
-                        0.0
-                    } else {
-                        self.behind_since
-                            .lock()
-                            .entry(name.clone())
-                            .or_insert_with(Instant::now)
-                            .elapsed()
-                            .as_secs_f64()
-                    }
+                    self.lsn_seen
+                        .lock()
+                        .entry(name.clone())
+                        .or_default()
+                        .lag(l.acked_lsn, e.machine.status().last_lsn, Instant::now())
+                        .as_secs_f64()
                 });
                 out.push(super::machine_status(
                     self.path(),
@@ -938,4 +933,71 @@ fn close_entry(name: &str, e: Entry) -> Result<()> {
     }
     tracing::error!(machine = %name, "still in use at close; its journal was flushed");
     flushed.map(|_| ())
+}
+
+/// When a machine's newest LSN was seen, oldest first: the write after LSN `a` was
+/// made after the last tick at which the newest LSN was still `a` or below, so the
+/// age of the oldest write a target lacks is (at most) the time since that tick.
+/// Samples go in only when the LSN moved; a very long outage thins them to every
+/// other one (the lag stays an upper bound, coarser).
+#[derive(Debug, Default)]
+struct LsnClock(std::collections::VecDeque<(u64, Instant)>);
+
+impl LsnClock {
+    const MAX_SAMPLES: usize = 1 << 16;
+
+    fn lag(&mut self, acked: u64, last: u64, now: Instant) -> Duration {
+        let q = &mut self.0;
+        if acked >= last {
+            // Caught up: this tick is where the next write's age starts.
+            q.clear();
+            q.push_back((last, now));
+            return Duration::ZERO;
+        }
+        if q.back().is_none_or(|b| b.0 != last) {
+            q.push_back((last, now));
+        }
+        // The newest sample the target holds is the start; older ones are done with.
+        while q.get(1).is_some_and(|s| s.0 <= acked) {
+            q.pop_front();
+        }
+        if q.len() > Self::MAX_SAMPLES {
+            let mut keep = 0usize;
+            q.retain(|_| {
+                keep += 1;
+                keep % 2 == 1
+            });
+        }
+        q.front()
+            .map_or(Duration::ZERO, |(_, t)| now.saturating_duration_since(*t))
+    }
+}
+
+#[cfg(test)]
+mod lag_tests {
+    use super::*;
+
+    #[test]
+    fn lag_is_the_age_of_the_oldest_write_the_target_lacks() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut c = LsnClock::default();
+        assert_eq!(c.lag(10, 10, at(0)), Duration::ZERO);
+        // Writes 11..20 come after the tick at 0 ms.
+        assert_eq!(c.lag(10, 20, at(250)), Duration::from_millis(250));
+        assert_eq!(c.lag(10, 30, at(500)), Duration::from_millis(500));
+        // The target takes 11..20: the oldest write it lacks (21) came after 250 ms.
+        assert_eq!(c.lag(20, 40, at(750)), Duration::from_millis(500));
+        // Continuously behind, but keeping up: the lag stays bounded (the old
+        // "behind since" grew with the wall clock here).
+        let mut lsn = 40;
+        for k in 4..400u64 {
+            lsn += 10;
+            let l = c.lag(lsn - 20, lsn, at(250 * k));
+            assert!(l <= Duration::from_millis(750), "lag {l:?} at tick {k}");
+        }
+        // Caught up: zero, and the next write's age starts at this tick.
+        assert_eq!(c.lag(lsn, lsn, at(100_000)), Duration::ZERO);
+        assert_eq!(c.lag(lsn, lsn + 1, at(100_250)), Duration::from_millis(250));
+    }
 }
