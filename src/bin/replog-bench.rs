@@ -156,6 +156,26 @@ struct Figure {
 }
 
 impl Figure {
+    /// Interleaved runs of both sides, pair by pair: value and baseline are the
+    /// medians, the ratio the median of the pairs' ratios (a disk that changes speed
+    /// mid-run moves both runs of a pair, not one side's median).
+    fn paired(name: &str, ours: &[f64], theirs: &[f64], unit: &str, note: String) -> Figure {
+        let ratios: Vec<f64> = ours
+            .iter()
+            .zip(theirs)
+            .filter(|(_, b)| **b > 0.0)
+            .map(|(a, b)| a / b)
+            .collect();
+        Figure {
+            name: name.to_string(),
+            value: median(ours),
+            baseline: median(theirs),
+            ratio: (!ratios.is_empty()).then(|| median(&ratios)),
+            unit: unit.to_string(),
+            note,
+        }
+    }
+
     fn versus(name: &str, value: f64, baseline: f64, unit: &str, note: String) -> Figure {
         Figure {
             name: name.to_string(),

@@ -23,7 +23,7 @@
 
 use super::pin;
 use super::store::{ChunkEditor, ParentMark, ReplicaStore, CHUNK_BYTES};
-use crate::chunk_hash::{check_chunk_bytes, hash_chunks};
+use crate::chunk_hash::{check_chunk_bytes, hash_chunks, ChunkHash};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -226,20 +226,26 @@ impl ReplicaStore {
         self.remove_patches()
     }
 
-    /// SHA-256 of chunks `first..first+count` of `disk` as the replica parent holds
-    /// them.
+    /// The hashes (`algo`) of chunks `first..first+count` of `disk` as the replica
+    /// parent holds them.
     pub fn resync_hashes(
         &self,
         chunk_bytes: u64,
         disk: u32,
         first: u64,
         count: u64,
+        algo: ChunkHash,
     ) -> Result<Vec<[u8; 32]>> {
         check_chunk_bytes(chunk_bytes)?;
         let size = self.disk_size(disk)?;
-        hash_chunks(size, chunk_bytes, first, count, &|at, buf| {
-            self.read_parent(disk, at, buf)
-        })
+        hash_chunks(
+            size,
+            chunk_bytes,
+            first,
+            count,
+            &|at, buf| self.read_parent(disk, at, buf),
+            algo,
+        )
     }
 
     /// Read `buf.len()` bytes of the parent of `disk` at `offset` (missing chunks are

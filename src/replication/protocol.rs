@@ -61,13 +61,26 @@ pub const FEATURE_SHUTDOWN_REQUEST: u64 = 1 << 4;
 /// Reprotect: `Reprotect` / `ReprotectState`, a replica seeded from an old primary's
 /// own disks.
 pub const FEATURE_REPROTECT: u64 = 1 << 5;
+/// Resync chunk and group hashes are BLAKE3 (SHA-256 unless both sides set it).
+pub const FEATURE_RESYNC_BLAKE3: u64 = 1 << 6;
 /// What this build can do.
 pub const FEATURES: u64 = FEATURE_GENERATIONS
     | FEATURE_RESYNC
     | FEATURE_RESYNC_FETCH
     | FEATURE_FAILOVER
     | FEATURE_SHUTDOWN_REQUEST
-    | FEATURE_REPROTECT;
+    | FEATURE_REPROTECT
+    | FEATURE_RESYNC_BLAKE3;
+
+/// The chunk hash of a resync with a peer whose Hello said `peer_features` (this
+/// build sets every bit of [`FEATURES`]).
+pub fn chunk_hash_for(peer_features: u64) -> crate::chunk_hash::ChunkHash {
+    if peer_features & FEATURE_RESYNC_BLAKE3 != 0 {
+        crate::chunk_hash::ChunkHash::Blake3
+    } else {
+        crate::chunk_hash::ChunkHash::Sha256
+    }
+}
 /// What this build needs of its peer.
 pub const REQUIRED_FEATURES: u64 = FEATURE_GENERATIONS;
 pub const FRAME_HEADER_LEN: usize = 16;
@@ -546,6 +559,18 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), FrameErro
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
+    #[test]
+    fn resync_hashes_are_blake3_only_when_the_peer_says_so() {
+        use crate::chunk_hash::ChunkHash;
+        assert_eq!(chunk_hash_for(FEATURES), ChunkHash::Blake3);
+        // Every build before the bit: SHA-256.
+        assert_eq!(
+            chunk_hash_for(FEATURES & !FEATURE_RESYNC_BLAKE3),
+            ChunkHash::Sha256
+        );
+        assert_eq!(chunk_hash_for(0), ChunkHash::Sha256);
+    }
+
     use super::*;
     use proptest::prelude::*;
 

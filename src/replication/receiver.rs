@@ -1190,7 +1190,13 @@ impl Session<'_> {
                     .map_err(refusal)?
                     .ok_or_else(|| protocol_error("no resync under way"))?;
                 let h = st
-                    .resync_hashes(p.chunk_bytes, disk, first, count)
+                    .resync_hashes(
+                        p.chunk_bytes,
+                        disk,
+                        first,
+                        count,
+                        protocol::chunk_hash_for(self.peer_features),
+                    )
                     .map_err(refusal)?;
                 drop(st);
                 self.hash_cache = Some((disk, first, h.clone()));
@@ -1201,7 +1207,11 @@ impl Session<'_> {
             machine: name,
             disk,
             first,
-            hashes: crate::chunk_hash::group_hashes(&chunk_hashes, group as usize),
+            hashes: crate::chunk_hash::group_hashes(
+                &chunk_hashes,
+                group as usize,
+                protocol::chunk_hash_for(self.peer_features),
+            ),
         })
     }
 
