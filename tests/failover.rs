@@ -43,6 +43,8 @@ fn entry(site: &Path, name: &str, role: &str) -> Option<serde_json::Value> {
 /// A protected source with a mount and a listening target with a mount, vm1/os of
 /// 16 MiB, initial replication done.
 struct Pair {
+    // Dropped first: the dead mounts of killed serves go before the directory.
+    _sweep: MountSweep,
     _tmp: tempfile::TempDir,
     src: PathBuf,
     dst: PathBuf,
@@ -65,6 +67,7 @@ impl Pair {
             addr,
             src_serve: Some(src_serve),
             dst_serve: Some(dst_serve),
+            _sweep: MountSweep(tmp.path().to_path_buf()),
             _tmp: tmp,
         }
     }

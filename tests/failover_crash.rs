@@ -58,6 +58,7 @@ fn crash_at(point: &str, side: Side, expect: Option<bool>) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tmp");
+    let _sweep = MountSweep(tmp.path().to_path_buf());
     let (src, dst, addr) = two_sites(tmp.path(), "16M");
     let (src_mnt, dst_mnt) = (tmp.path().join("src-mnt"), tmp.path().join("dst-mnt"));
     let env = [("REPLOG_FAILPOINT", point)];

@@ -168,6 +168,8 @@ impl Drop for Sites {
         if let Some(s) = self.dst_serve.take() {
             s.stop();
         }
+        // The dead mounts of serves a test killed.
+        drop(MountSweep(self.tmp.path().to_path_buf()));
     }
 }
 

@@ -442,3 +442,25 @@ pub fn wait_shipped(src: &Path) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Detaches every replog mount under a directory when dropped: a test that killed a
+/// serve leaves its dead mount behind, as a crash would, and the next test run would
+/// find it still listed.
+pub struct MountSweep(pub PathBuf);
+
+impl Drop for MountSweep {
+    fn drop(&mut self) {
+        let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
+            return;
+        };
+        for line in mounts.lines() {
+            let mut f = line.split_whitespace();
+            let (Some(src), Some(dir)) = (f.next(), f.next()) else {
+                continue;
+            };
+            if src.starts_with("replog:") && Path::new(dir).starts_with(&self.0) {
+                let _ = replog::frontend::detach(Path::new(dir));
+            }
+        }
+    }
+}
