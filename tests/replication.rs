@@ -246,3 +246,38 @@ fn every_received_point_restores_the_disk_as_it_was() {
         assert!(!first[field].is_null(), "points JSON lacks {field}: {doc}");
     }
 }
+
+/// A new shipper (a restarted serve) whose target already holds every sealed segment
+/// ships nothing, and still moves the hold (and what it reports as acknowledged) to
+/// the target's position: otherwise the compactor could never merge them and the loop
+/// would take them for unshipped.
+#[test]
+fn a_pass_that_ships_nothing_still_moves_the_hold_to_the_target() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    trusted_pair(&a, &b);
+    replog(&["disk", "create", "vm1/os", "--size", "8M"], &a);
+    let addr = start_target(&b);
+    let site = Site::open(&a).expect("open source");
+    let m = site.open_machine("vm1").expect("machine");
+    let v = m.volume("os").expect("vol");
+    let mut first = Shipper::new(&a, &m, &addr);
+    first.ship_once(&m).expect("initial");
+    for i in 0..3u64 {
+        v.write(i * 100_000, &vec![i as u8 + 1; 70_000]).expect("write");
+        m.flush().expect("flush");
+        m.seal().expect("seal");
+    }
+    first.ship_once(&m).expect("deltas");
+    let last = m.status().last_lsn;
+    assert_eq!(first.acked_lsn(), last);
+    drop(first);
+    // What a restarted serve does: a new shipper, its hold at the merge watermark.
+    let mut again = Shipper::new(&a, &m, &addr);
+    assert!(again.acked_lsn() < last, "the test needs unmerged segments");
+    let r = again.ship_once(&m).expect("nothing to ship");
+    assert_eq!(r.segments, 0);
+    assert_eq!(again.acked_lsn(), last, "acknowledged: the target's position");
+    let merged = m.compact().expect("compact");
+    assert_eq!(merged.watermark, last, "the hold kept the merge back");
+}

@@ -90,6 +90,9 @@ type Refusal = (RefusalCode, String);
 
 /// The largest segment a target assembles in memory.
 pub const MAX_SEGMENT: u64 = 1 << 30;
+/// Room reserved for a segment as it starts to arrive, at most (a default segment is
+/// 64 MiB).
+const RESERVE_MAX: usize = 256 << 20;
 /// Initial-copy bytes a session holds before it stores them.
 const BASE_BATCH: usize = 16 << 20;
 /// Hashes one `ResyncHashRequest` may ask for.
@@ -509,16 +512,41 @@ impl Session<'_> {
         self.hello(s)?;
         let target = self.target;
         std::thread::scope(|sc| {
-            let mut pending = None;
+            let mut pending: Option<PendingStore<'_>> = None;
+            let r = self.run_loop(s, input_ready, sc, &mut pending, target);
+            // A store still running when the session failed: wait for it here (a
+            // panic in it must not take the Error frame with it).
+            if let Some(h) = pending.take() {
+                let _ = h.join();
+            }
+            r
+        })
+    }
+
+    fn run_loop<'scope, 'env, S: Read + Write>(
+        &mut self,
+        s: &mut S,
+        input_ready: fn(&mut S) -> bool,
+        sc: &'scope std::thread::Scope<'scope, 'env>,
+        pending: &mut Option<PendingStore<'scope>>,
+        target: &'env Target,
+    ) -> Result<(), Refusal> {
+        {
             loop {
                 if pending.is_some() && !input_ready(s) {
-                    finish_store(&mut pending, &mut self.spare, s)?;
+                    finish_store(pending, &mut self.spare, s)?;
                 }
                 let msg = match read_frame::<Message>(s) {
                     Ok(m) => m,
                     Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                         // What arrived whole is kept: the sender resumes after it.
-                        finish_store(&mut pending, &mut self.spare, s).ok();
+                        if let Err((code, why)) = finish_store(pending, &mut self.spare, s) {
+                            tracing::warn!(
+                                "the last segment of a session that ended was not stored \
+                                 ({}): {why}",
+                                code.as_str()
+                            );
+                        }
                         return self.flush_base();
                     }
                     Err(e) => return Err(frame_refusal(e)),
@@ -545,13 +573,13 @@ impl Session<'_> {
                     )?;
                     if let Some(job) = job {
                         // One segment stored at a time, Acks in order.
-                        finish_store(&mut pending, &mut self.spare, s)?;
-                        pending = Some(sc.spawn(move || job.run(target)));
+                        finish_store(pending, &mut self.spare, s)?;
+                        *pending = Some(sc.spawn(move || job.run(target)));
                     }
                     continue;
                 }
                 // Everything else follows the segments before it.
-                finish_store(&mut pending, &mut self.spare, s)?;
+                finish_store(pending, &mut self.spare, s)?;
                 if !matches!(msg, Message::InitialChunk { .. }) {
                     // Everything else sees the initial chunks before it stored.
                     self.flush_base()?;
@@ -560,7 +588,7 @@ impl Session<'_> {
                     send(s, &reply)?;
                 }
             }
-        })
+        }
     }
 
     /// The first message each way: the peer must name the site its certificate says,
@@ -1092,7 +1120,11 @@ impl Session<'_> {
             _ if offset == 0 => {
                 let mut bytes = std::mem::take(&mut self.spare);
                 bytes.clear();
-                bytes.reserve(ROOM + segment_len as usize + crate::replica::crypt::TAG_LEN);
+                // Bounded up front (a peer announcing a huge segment gets room as its
+                // bytes arrive).
+                bytes.reserve(
+                    ROOM + (segment_len as usize).min(RESERVE_MAX) + crate::replica::crypt::TAG_LEN,
+                );
                 bytes.resize(ROOM, 0);
                 self.assembling.insert(Assembly {
                     seq,

@@ -115,7 +115,11 @@ impl Control {
     }
 
     /// [`wait`](Self::wait), returning early once the journal holds a sealed segment
-    /// past `acked` (it sealed one when it filled).
+    /// past `acked` (it sealed one when it filled), or [`SHIP_EARLY_BYTES`] wait in
+    /// the active segment: under a steady stream of writes, segments are then sealed
+    /// about once per pass, as big as what arrived while the last one shipped — small
+    /// when shipping keeps up (a low lag), bigger when it does not (fewer, larger
+    /// segments, each fsynced once at the target).
     fn wait_for_sealed(&mut self, stop: &AtomicBool, d: Duration, machine: &Machine, acked: u64) {
         let until = Instant::now() + d;
         let step = Duration::from_millis(50);
@@ -128,6 +132,7 @@ impl Control {
                 .sealed_segments()
                 .last()
                 .is_some_and(|s| s.last_lsn > acked)
+                || machine.active_bytes() >= SHIP_EARLY_BYTES
             {
                 return;
             }
@@ -722,6 +727,10 @@ impl LoopJobs {
         }
     }
 }
+
+/// Unshipped bytes in the active segment that make the loop seal and ship before
+/// the seal interval is up (see `Control::wait_for_sealed`).
+const SHIP_EARLY_BYTES: u64 = 8 << 20;
 
 fn run(
     mut shipper: Shipper,

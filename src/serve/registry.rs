@@ -935,9 +935,10 @@ fn close_entry(name: &str, e: Entry) -> Result<()> {
     flushed.map(|_| ())
 }
 
-/// When a machine's newest LSN was seen, oldest first: the write after LSN `a` was
-/// made after the last tick at which the newest LSN was still `a` or below, so the
-/// age of the oldest write a target lacks is (at most) the time since that tick.
+/// The last tick at which each newest LSN of a machine was seen, oldest first: the
+/// write after LSN `a` was made after the last tick at which the newest LSN was still
+/// `a` or below, so the age of the oldest write a target lacks is (at most) the time
+/// since that tick.
 /// Samples go in only when the LSN moved; a very long outage thins them to every
 /// other one (the lag stays an upper bound, coarser).
 #[derive(Debug, Default)]
@@ -954,8 +955,10 @@ impl LsnClock {
             q.push_back((last, now));
             return Duration::ZERO;
         }
-        if q.back().is_none_or(|b| b.0 != last) {
-            q.push_back((last, now));
+        // A sample is the last tick at which its LSN was the newest.
+        match q.back_mut() {
+            Some(b) if b.0 == last => b.1 = now,
+            _ => q.push_back((last, now)),
         }
         // The newest sample the target holds is the start; older ones are done with.
         while q.get(1).is_some_and(|s| s.0 <= acked) {
@@ -996,6 +999,16 @@ mod lag_tests {
             let l = c.lag(lsn - 20, lsn, at(250 * k));
             assert!(l <= Duration::from_millis(750), "lag {l:?} at tick {k}");
         }
+        // An outage with no new writes: the target behind at LSN 10 while the newest
+        // stays 12 for a minute, then it takes 12 just as 13 arrives: the oldest
+        // write it lacks is a quarter second old, not a minute.
+        let mut o = LsnClock::default();
+        assert_eq!(o.lag(10, 10, at(0)), Duration::ZERO);
+        for k in 1..=240u64 {
+            o.lag(10, 12, at(250 * k));
+        }
+        assert_eq!(o.lag(10, 12, at(60_000)), Duration::from_millis(60_000));
+        assert_eq!(o.lag(12, 13, at(60_250)), Duration::from_millis(250));
         // Caught up: zero, and the next write's age starts at this tick.
         assert_eq!(c.lag(lsn, lsn, at(100_000)), Duration::ZERO);
         assert_eq!(c.lag(lsn, lsn + 1, at(100_250)), Duration::from_millis(250));

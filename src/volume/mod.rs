@@ -512,6 +512,11 @@ impl Machine {
             .sum()
     }
 
+    /// Bytes in the active (unsealed) segment.
+    pub fn active_bytes(&self) -> u64 {
+        self.inner.writer.lock().active_bytes()
+    }
+
     pub fn status(&self) -> JournalStatus {
         let w = self.inner.writer.lock();
         let (active_seq, active_bytes, last_lsn) = (w.active_seq(), w.active_bytes(), w.last_lsn());

@@ -40,6 +40,11 @@ impl Shipper {
         acked: (u64, u64),
         report: &mut ShipReport,
     ) -> Result<()> {
+        // The target holds everything up to `acked`: so may the hold (a pass that
+        // ships nothing must still move it there, or the compactor waits forever and
+        // the loop sees "unshipped" segments the target has).
+        self.acked_lsn = acked.0;
+        self.hold.set(acked.0);
         let todo: Vec<SealedSegment> = machine
             .sealed_segments()
             .into_iter()
@@ -50,7 +55,16 @@ impl Shipper {
             sc.spawn(move || {
                 let mut prev = acked;
                 for seg in &todo {
-                    let item = prepare(machine, seg, prev);
+                    // A panic here is an error of this pass, not a dead loop thread.
+                    let item = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        prepare(machine, seg, prev)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(Error::InvalidInput(format!(
+                            "preparing segment {} panicked",
+                            seg.seq
+                        )))
+                    });
                     let failed = item.is_err();
                     prev = (seg.last_lsn, seg.seq);
                     // The sender gone (it failed) or a failure sent: stop reading.

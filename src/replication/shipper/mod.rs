@@ -183,10 +183,18 @@ impl Link {
         match sent {
             // The peer may have refused something and closed: its Error frame, if it
             // got here, says why (and whether to retry) better than the broken pipe.
-            Err(e @ (Error::Net { .. } | Error::Auth { .. })) => match self.recv() {
-                Err(refusal @ Error::Refused { .. }) => Err(refusal),
-                _ => Err(e),
-            },
+            // Acks of segments in flight may come before it (the delta sender keeps
+            // several unacknowledged): read past them.
+            Err(e @ (Error::Net { .. } | Error::Auth { .. })) => {
+                for _ in 0..=delta::WINDOW + 1 {
+                    match self.recv() {
+                        Err(refusal @ Error::Refused { .. }) => return Err(refusal),
+                        Ok(Message::Ack { .. }) => continue,
+                        _ => break,
+                    }
+                }
+                Err(e)
+            }
             other => other,
         }
     }
