@@ -73,14 +73,31 @@ pub struct CompactStats {
 
 /// Merge every sealed segment that the holds allow.
 pub(crate) fn compact_once(m: &MachineInner) -> Result<CompactStats> {
+    compact_batch(m, u64::MAX)
+}
+
+/// What the background compactor merges in one pass, at most (at least one segment):
+/// it goes on at once while merging is due, but between passes other I/O on the disk
+/// — the guest's, a target's fsyncs — is not queued behind one sync of everything.
+const BACKGROUND_BATCH_BYTES: u64 = 128 << 20;
+
+/// Merge the oldest sealed segments the holds allow, up to `max_bytes` of them (at
+/// least one).
+fn compact_batch(m: &MachineInner, max_bytes: u64) -> Result<CompactStats> {
     let _one_at_a_time = m.compaction.lock();
     m.check_poison()?;
     let limit = m.holds.limit();
+    let mut taken = 0u64;
     let batch: Vec<_> = m
         .sealed
         .lock()
         .values()
         .take_while(|s| s.last_lsn <= limit)
+        .take_while(|s| {
+            let first = taken == 0;
+            taken = taken.saturating_add(s.bytes);
+            first || taken <= max_bytes
+        })
         .cloned()
         .collect();
     let Some(last) = batch.last() else {
@@ -157,6 +174,15 @@ pub(crate) fn compact_once(m: &MachineInner) -> Result<CompactStats> {
                 scan.end,
                 "sealed segment lost its footer",
             ));
+        }
+        // Start writing this segment's share back now (whole file: len 0 is "to the
+        // end"), so the sync below is short: one sync of a 512 MiB batch queued it all
+        // at once and stalled every other fsync on the disk — the shipping target's
+        // among them — for seconds (ext4 commits wait for that data).
+        for (disk, t) in m.disks.iter().zip(&touched) {
+            if *t {
+                disk.parent().start_writeback(0, 0);
+            }
         }
     }
     // 2. Parents durable.
@@ -264,14 +290,21 @@ impl Compactor {
                         recv(kick_rx) -> _ => {}
                         default(interval) => {}
                     }
-                    if m.is_poisoned() || !policy.due(&m) {
-                        continue;
-                    }
-                    if let Err(e) = compact_once(&m) {
-                        tracing::error!(machine = %m.name, "compaction failed: {e}");
-                        match stop_rx.recv_timeout(interval * 10) {
-                            Err(RecvTimeoutError::Timeout) => {}
-                            _ => return,
+                    // Batch after batch while merging is due (BACKGROUND_BATCH_BYTES).
+                    while !m.is_poisoned() && policy.due(&m) {
+                        match compact_batch(&m, BACKGROUND_BATCH_BYTES) {
+                            Ok(st) if st.segments > 0 => {}
+                            Ok(_) => break,
+                            Err(e) => {
+                                tracing::error!(machine = %m.name, "compaction failed: {e}");
+                                match stop_rx.recv_timeout(interval * 10) {
+                                    Err(RecvTimeoutError::Timeout) => break,
+                                    _ => return,
+                                }
+                            }
+                        }
+                        if stop_rx.try_recv().is_ok() {
+                            return;
                         }
                     }
                 }

@@ -264,7 +264,8 @@ fn a_pass_that_ships_nothing_still_moves_the_hold_to_the_target() {
     let mut first = Shipper::new(&a, &m, &addr);
     first.ship_once(&m).expect("initial");
     for i in 0..3u64 {
-        v.write(i * 100_000, &vec![i as u8 + 1; 70_000]).expect("write");
+        v.write(i * 100_000, &vec![i as u8 + 1; 70_000])
+            .expect("write");
         m.flush().expect("flush");
         m.seal().expect("seal");
     }
@@ -277,7 +278,11 @@ fn a_pass_that_ships_nothing_still_moves_the_hold_to_the_target() {
     assert!(again.acked_lsn() < last, "the test needs unmerged segments");
     let r = again.ship_once(&m).expect("nothing to ship");
     assert_eq!(r.segments, 0);
-    assert_eq!(again.acked_lsn(), last, "acknowledged: the target's position");
+    assert_eq!(
+        again.acked_lsn(),
+        last,
+        "acknowledged: the target's position"
+    );
     let merged = m.compact().expect("compact");
     assert_eq!(merged.watermark, last, "the hold kept the merge back");
 }
