@@ -551,27 +551,9 @@ impl Session<'_> {
                     }
                     Err(e) => return Err(frame_refusal(e)),
                 };
-                if let Message::SegmentChunk {
-                    machine,
-                    generation,
-                    seq,
-                    segment_len,
-                    offset,
-                    compressed,
-                    bytes,
-                } = msg
-                {
+                if matches!(msg, Message::SegmentChunk { .. }) {
                     self.flush_base()?;
-                    let job = self.on_segment_chunk(
-                        &machine,
-                        generation,
-                        seq,
-                        segment_len,
-                        offset,
-                        compressed,
-                        bytes,
-                    )?;
-                    if let Some(job) = job {
+                    if let Some(job) = self.on_segment_chunk(msg)? {
                         // One segment stored at a time, Acks in order.
                         finish_store(pending, &mut self.spare, s)?;
                         *pending = Some(sc.spawn(move || job.run(target)));
@@ -652,26 +634,10 @@ impl Session<'_> {
                 .on_initial_chunk(&machine, generation, disk, offset, compressed, bytes)
                 .map(|()| None),
             Message::InitialDone { machine } => self.on_initial_done(&machine).map(Some),
-            Message::SegmentChunk {
-                machine,
-                generation,
-                seq,
-                segment_len,
-                offset,
-                compressed,
-                bytes,
-            } => {
+            m @ Message::SegmentChunk { .. } => {
                 // `run` stores segments on a thread of their own; here (no such
                 // thread) a whole one is stored before the reply.
-                let job = self.on_segment_chunk(
-                    &machine,
-                    generation,
-                    seq,
-                    segment_len,
-                    offset,
-                    compressed,
-                    bytes,
-                )?;
+                let job = self.on_segment_chunk(m)?;
                 match job {
                     Some(j) => {
                         let (ack, buf) = j.run(self.target);
@@ -1082,17 +1048,22 @@ impl Session<'_> {
     }
 
     #[allow(clippy::too_many_arguments)] // the message's fields
-    fn on_segment_chunk(
-        &mut self,
-        machine: &str,
-        generation: u32,
-        seq: u64,
-        segment_len: u64,
-        offset: u64,
-        compressed: bool,
-        bytes: Vec<u8>,
-    ) -> Result<Option<StoreJob>, Refusal> {
-        let (name, store) = self.store_at(machine, generation, "segment")?;
+    /// A `SegmentChunk`: its bytes go into the segment being assembled; a whole
+    /// segment comes back as the job that stores it.
+    fn on_segment_chunk(&mut self, msg: Message) -> Result<Option<StoreJob>, Refusal> {
+        let Message::SegmentChunk {
+            machine,
+            generation,
+            seq,
+            segment_len,
+            offset,
+            compressed,
+            bytes,
+        } = msg
+        else {
+            return Err(protocol_error("expected a segment chunk"));
+        };
+        let (name, store) = self.store_at(&machine, generation, "segment")?;
         let (name, store) = (name.to_string(), store.clone());
         if segment_len > MAX_SEGMENT {
             return Err(protocol_error(format!(

@@ -71,6 +71,75 @@ impl Drop for Serve {
     }
 }
 
+/// Two trusted sites for a figure through real serves: `DIR/<name>-src` and
+/// `DIR/<name>-dst` (made afresh).
+pub(crate) struct ServedPair {
+    pub(crate) src: PathBuf,
+    pub(crate) dst: PathBuf,
+}
+
+impl ServedPair {
+    pub(crate) fn init(dir: &Path, replog: &Path, name: &str) -> Result<ServedPair, String> {
+        let (src, dst) = (
+            dir.join(format!("{name}-src")),
+            dir.join(format!("{name}-dst")),
+        );
+        for s in [&src, &dst] {
+            let _ = std::fs::remove_dir_all(s);
+            run(Command::new(replog).arg("init").arg(s))?;
+        }
+        let id =
+            |s: &Path| run(Command::new(replog).arg("id").arg(s)).map(|t| t.trim().to_string());
+        run(Command::new(replog).arg("trust").arg(&src).arg(id(&dst)?))?;
+        run(Command::new(replog).arg("trust").arg(&dst).arg(id(&src)?))?;
+        Ok(ServedPair { src, dst })
+    }
+
+    /// Start both serves, each with its mount (`<site>-mnt`), the target listening
+    /// on a free port of 127.0.0.1: (address, source serve, target serve).
+    pub(crate) fn serve(&self, replog: &Path) -> Result<(String, Serve, Serve), String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let dst = Serve::start(
+            replog,
+            &self.dst,
+            &self.dst.with_extension("mnt"),
+            &["--listen", &addr],
+            &self.dst.with_extension("serve.log"),
+        )?;
+        let no_args: &[&str] = &[];
+        let src = Serve::start(
+            replog,
+            &self.src,
+            &self.src.with_extension("mnt"),
+            no_args,
+            &self.src.with_extension("serve.log"),
+        )?;
+        Ok((addr, src, dst))
+    }
+
+    /// `replog protect SRC MACHINE --target ADDR`, retried until the target listens
+    /// (30 s at most).
+    pub(crate) fn protect(&self, replog: &Path, machine: &str, addr: &str) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Err(e) = run(Command::new(replog)
+            .arg("protect")
+            .arg(&self.src)
+            .arg(machine)
+            .args(["--target", addr]))
+        {
+            if Instant::now() > deadline {
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+}
+
 pub(crate) fn run(cmd: &mut Command) -> Result<String, String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
     if !out.status.success() {

@@ -5,7 +5,7 @@
 //! figure is the 99th percentile of the lag status reports (the age of the oldest
 //! write the target has not acknowledged).
 
-use super::fio::{run, Serve};
+use super::fio::{run, ServedPair};
 use super::{median, pattern, progress, MIB};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
@@ -26,52 +26,16 @@ pub fn lag_under_load(
         (2048 * MIB, 60)
     };
     let rate_mib = 100u64;
-    let (src, dst) = (dir.join("lag-src"), dir.join("lag-dst"));
-    for s in [&src, &dst] {
-        let _ = std::fs::remove_dir_all(s);
-        run(Command::new(replog).arg("init").arg(s))?;
-    }
-    let id = |s: &Path| run(Command::new(replog).arg("id").arg(s)).map(|t| t.trim().to_string());
-    run(Command::new(replog).arg("trust").arg(&src).arg(id(&dst)?))?;
-    run(Command::new(replog).arg("trust").arg(&dst).arg(id(&src)?))?;
+    let pair = ServedPair::init(dir, replog, "lag")?;
+    let src = pair.src.clone();
     run(Command::new(replog)
         .args(["disk", "create"])
         .arg(&src)
         .arg("vm1/d0")
         .arg("--size")
         .arg(size.to_string()))?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let _dst_serve = Serve::start(
-        replog,
-        &dst,
-        &dir.join("lag-dst-mnt"),
-        &["--listen", &addr],
-        &dst.with_extension("serve.log"),
-    )?;
-    let no_args: &[&str] = &[];
-    let src_serve = Serve::start(
-        replog,
-        &src,
-        &dir.join("lag-src-mnt"),
-        no_args,
-        &src.with_extension("serve.log"),
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while let Err(e) = run(Command::new(replog)
-        .arg("protect")
-        .arg(&src)
-        .arg("vm1")
-        .args(["--target", &addr]))
-    {
-        if Instant::now() > deadline {
-            return Err(e);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (addr, src_serve, _dst_serve) = pair.serve(replog)?;
+    pair.protect(replog, "vm1", &addr)?;
     let status = || -> std::result::Result<serde_json::Value, String> {
         let st: serde_json::Value = serde_json::from_str(&run(Command::new(replog)
             .arg("status")

@@ -9,6 +9,7 @@ use super::{
     MIB,
 };
 use replog::replication::shipper::Shipper;
+use replog::{Machine, Volume};
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::process::Command;
@@ -28,6 +29,25 @@ fn written_to_disk() -> Result<u64> {
 }
 
 impl Bench {
+    /// Write `size` bytes of incompressible data to `v` in 64 KiB writes (pattern
+    /// offset `at * stride`), a flush every 4 MiB, then flush and seal.
+    fn write_stream(&self, m: &Machine, v: &Volume, size: u64, stride: u64) -> Result<()> {
+        let mut at = 0;
+        while at < size {
+            v.write(
+                at,
+                pattern_at(self.pattern.as_slice(), at * stride, (64 * KIB) as usize),
+            )?;
+            at += 64 * KIB;
+            if at.is_multiple_of(4 * MIB) {
+                m.flush()?;
+            }
+        }
+        m.flush()?;
+        m.seal()?;
+        Ok(())
+    }
+
     /// Ship `size` of sealed, incompressible segments to the target (TLS on loopback,
     /// the target verifying, encrypting and fsyncing each) against the rate at which
     /// the journal took the same writes (64 KiB writes, a flush every 4 MiB).
@@ -46,19 +66,7 @@ impl Bench {
         shipper.ship_once(&m)?;
         settle();
         let t0 = Instant::now();
-        let mut at = 0;
-        while at < size {
-            v.write(
-                at,
-                pattern_at(self.pattern.as_slice(), at * 5, (64 * KIB) as usize),
-            )?;
-            at += 64 * KIB;
-            if at.is_multiple_of(4 * MIB) {
-                m.flush()?;
-            }
-        }
-        m.flush()?;
-        m.seal()?;
+        self.write_stream(&m, &v, size, 5)?;
         let append = t0.elapsed();
         settle();
         let t0 = Instant::now();
@@ -181,19 +189,7 @@ impl Bench {
         let v = m.volume("d0")?;
         settle();
         let before = written_to_disk()?;
-        let mut at = 0;
-        while at < size {
-            v.write(
-                at,
-                pattern_at(self.pattern.as_slice(), at * 13, (64 * KIB) as usize),
-            )?;
-            at += 64 * KIB;
-            if at.is_multiple_of(4 * MIB) {
-                m.flush()?;
-            }
-        }
-        m.flush()?;
-        m.seal()?;
+        self.write_stream(&m, &v, size, 13)?;
         let journal = written_to_disk()? - before;
         m.compact()?;
         drop(v);

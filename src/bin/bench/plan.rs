@@ -9,7 +9,7 @@
 //!   against failing the same four over one after another with `replog failover`,
 //!   through real serves, TLS on 127.0.0.1 and FUSE mounts (with the FUSE figures).
 
-use super::fio::{run, Serve};
+use super::fio::{run, ServedPair};
 use super::{median, progress, Bench, Figure, Result, GIB, MIB};
 use std::path::Path;
 use std::process::Command;
@@ -102,20 +102,14 @@ pub fn parallel_failover(
     };
     let rounds = if quick { 1 } else { 3 };
     let names: Vec<String> = (0..4).map(|k| format!("pm{k}")).collect();
-    let (src, dst) = (dir.join("plan-src"), dir.join("plan-dst"));
-    for s in [&src, &dst] {
-        let _ = std::fs::remove_dir_all(s);
-        run(Command::new(replog).arg("init").arg(s))?;
-    }
+    let pair = ServedPair::init(dir, replog, "plan")?;
+    let (src, dst) = (pair.src.clone(), pair.dst.clone());
     let cfg_path = src.join("site.toml");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| e.to_string())?;
     let mut cfg =
         replog::config::SiteConfig::from_toml(&cfg_path, &text).map_err(|e| e.to_string())?;
     cfg.replication.seal_interval_ms = 200;
     std::fs::write(&cfg_path, cfg.to_toml()).map_err(|e| e.to_string())?;
-    let id = |s: &Path| run(Command::new(replog).arg("id").arg(s)).map(|t| t.trim().to_string());
-    run(Command::new(replog).arg("trust").arg(&src).arg(id(&dst)?))?;
-    run(Command::new(replog).arg("trust").arg(&dst).arg(id(&src)?))?;
     for n in &names {
         run(Command::new(replog)
             .args(["disk", "create"])
@@ -124,39 +118,9 @@ pub fn parallel_failover(
             .arg("--size")
             .arg(size.to_string()))?;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let dst_serve = Serve::start(
-        replog,
-        &dst,
-        &dir.join("plan-dst-mnt"),
-        &["--listen", &addr],
-        &dst.with_extension("serve.log"),
-    )?;
-    let no_args: &[&str] = &[];
-    let src_serve = Serve::start(
-        replog,
-        &src,
-        &dir.join("plan-src-mnt"),
-        no_args,
-        &src.with_extension("serve.log"),
-    )?;
+    let (addr, src_serve, dst_serve) = pair.serve(replog)?;
     for n in &names {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while let Err(e) = run(Command::new(replog)
-            .arg("protect")
-            .arg(&src)
-            .arg(n)
-            .args(["--target", &addr]))
-        {
-            if Instant::now() > deadline {
-                return Err(e);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        pair.protect(replog, n, &addr)?;
     }
     progress(&format!(
         "plan failover: writing {} MiB of incompressible data to each of 4 machines",
