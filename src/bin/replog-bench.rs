@@ -198,10 +198,26 @@ struct WorkDir {
     path: PathBuf,
     /// The default parent, removed too if the run left it empty.
     parent: Option<PathBuf>,
+    /// Every figure was measured (else the serves' logs are shown on drop).
+    finished: bool,
 }
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
+        if !self.finished {
+            // A figure failed: what the serves it ran said, before it all goes.
+            for log in fs::read_dir(&self.path).into_iter().flatten().flatten() {
+                let p = log.path();
+                if p.to_string_lossy().ends_with(".serve.log") {
+                    let text = fs::read_to_string(&p).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                    progress(&format!("the end of {}:", p.display()));
+                    for l in tail.iter().rev() {
+                        eprintln!("    {l}");
+                    }
+                }
+            }
+        }
         let _ = fs::remove_dir_all(&self.path);
         if let Some(p) = &self.parent {
             let _ = fs::remove_dir(p);
@@ -264,6 +280,7 @@ fn run(args: &Args) -> Result<()> {
     let work = WorkDir {
         path,
         parent: default_root.then(|| root.clone()),
+        finished: false,
     };
     progress(&format!(
         "temporary files in {}{}",
@@ -378,6 +395,8 @@ fn run(args: &Args) -> Result<()> {
             ));
         }
     }
+    let mut work = work;
+    work.finished = true;
     drop(work);
 
     if args.json {

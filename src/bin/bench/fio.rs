@@ -213,7 +213,7 @@ pub fn run_all(
         &site,
         &mount,
         serve_args,
-        &dir.join("fio-serve.log"),
+        &dir.join("fio.serve.log"),
     )?;
     let disk = mount.join("vm1").join("bench.img");
 
