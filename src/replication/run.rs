@@ -761,6 +761,12 @@ fn run(
         }));
     }
     {
+        // Status follows each Ack, not only each pass's end (a backlog after an
+        // outage ships in one long pass).
+        let status = status.clone();
+        shipper.on_ack(Box::new(move |lsn| status.lock().acked_lsn = lsn));
+    }
+    {
         let status = status.clone();
         let (initial, site, mname) = (
             jobs.initial.clone(),

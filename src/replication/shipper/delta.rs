@@ -154,6 +154,9 @@ impl Shipper {
         }
         self.hold.set(last_lsn);
         self.acked_lsn = last_lsn;
+        if let Some(f) = &self.on_ack {
+            f(last_lsn);
+        }
         report.segments += 1;
         report.bytes += len;
         report.acked_lsn = last_lsn;

@@ -41,11 +41,17 @@ pub struct Shipper {
     retention: (u64, u64),
     /// Where a resync reports its counters as it goes (status shows them).
     resync_counters: Option<Box<ResyncCounterSink>>,
+    /// Told every acknowledged LSN as it arrives (status shows it; a long pass would
+    /// otherwise show its progress only at its end).
+    on_ack: Option<Box<AckSink>>,
     /// What the target answered to the last `Reprotect` (a machine keeping a
     /// changed-block map sends one before every `Protect`).
     reprotect: Option<ReprotectView>,
     on_reprotect: Option<Box<ReprotectSink>>,
 }
+
+/// Called with each LSN the target acknowledges.
+pub type AckSink = dyn Fn(u64) + Send + Sync;
 
 /// Called with the target's answer to each `Reprotect`.
 pub type ReprotectSink = dyn Fn(&ReprotectView) + Send + Sync;
@@ -299,6 +305,7 @@ impl Shipper {
                 super::relationship::DEFAULT_APP_RETENTION_MS,
             ),
             resync_counters: None,
+            on_ack: None,
             reprotect: None,
             on_reprotect: None,
         }
@@ -361,6 +368,11 @@ impl Shipper {
     /// chunks and bytes sent).
     pub fn report_resync_to(&mut self, sink: Box<ResyncCounterSink>) {
         self.resync_counters = Some(sink);
+    }
+
+    /// Tell `f` every LSN the target acknowledges, as it arrives.
+    pub fn on_ack(&mut self, f: Box<AckSink>) {
+        self.on_ack = Some(f);
     }
 
     pub fn site(&self) -> &Path {
