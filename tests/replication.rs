@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::pair::{replog, restore, start_target, trusted_pair};
+use common::pair::{one_disk, replog, restore, start_target, trusted_pair, OneDisk};
 use replog::replication::shipper::Shipper;
 use replog::{Error, Site};
 use std::process::Command;
@@ -156,11 +156,7 @@ fn initial_copy_then_deltas_restore_byte_equal() {
 /// with IDs; LSN, ID and time forms resolve; an unknown point writes nothing.
 #[test]
 fn every_received_point_restores_the_disk_as_it_was() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    trusted_pair(&a, &b);
-    replog(&["disk", "create", "vm1/os", "--size", "2M"], &a);
-    let addr = start_target(&b);
+    let OneDisk { tmp, a, b, addr } = one_disk("2M");
     let site = Site::open(&a).expect("open source");
     let m = site.open_machine("vm1").expect("machine");
     let v = m.volume("os").expect("vol");
@@ -253,11 +249,9 @@ fn every_received_point_restores_the_disk_as_it_was() {
 /// would take them for unshipped.
 #[test]
 fn a_pass_that_ships_nothing_still_moves_the_hold_to_the_target() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    trusted_pair(&a, &b);
-    replog(&["disk", "create", "vm1/os", "--size", "8M"], &a);
-    let addr = start_target(&b);
+    let OneDisk {
+        tmp: _tmp, a, addr, ..
+    } = one_disk("8M");
     let site = Site::open(&a).expect("open source");
     let m = site.open_machine("vm1").expect("machine");
     let v = m.volume("os").expect("vol");

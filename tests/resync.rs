@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::pair::{replog, restore, start_target, trusted_pair};
+use common::pair::{one_disk, replog, restore, start_target, trusted_pair, OneDisk};
 use replog::replication::shipper::Shipper;
 use replog::{Error, Machine, Site};
 use std::path::{Path, PathBuf};
@@ -511,11 +511,7 @@ fn points_taken_during_a_resync_are_never_offered() {
 fn a_1gib_resync_sending_more_than_one_batch_limit_in_all_converges() {
     const GIB: u64 = 1 << 30;
     const MIB: u64 = 1 << 20;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    trusted_pair(&a, &b);
-    replog(&["disk", "create", "vm1/os", "--size", "1G"], &a);
-    let addr = start_target(&b);
+    let OneDisk { tmp, a, b, addr } = one_disk("1G");
     let site = Site::open(&a).expect("source");
     let m = site.open_machine("vm1").expect("machine");
     let mut shipper = Shipper::new(&a, &m, &addr);

@@ -121,10 +121,6 @@ pub enum Command {
         /// threshold is set to 3/4 of it.
         #[arg(long, default_value_t = replog::frontend::FrontendOptions::default().max_background)]
         max_background: u16,
-        /// Use the kernel's writeback cache for buffered writes (FUSE_WRITEBACK_CACHE):
-        /// the writes of several jobs reach replog together at an fsync.
-        #[arg(long)]
-        writeback_cache: bool,
     },
     /// Enable protection of MACHINE toward the target site at ADDR: checks the machine,
     /// that the target is reachable and trusted both ways and has room, then records
@@ -648,7 +644,6 @@ pub fn run(cli: Cli) -> ExitCode {
             no_async_dio,
             write_workers,
             max_background,
-            writeback_cache,
         } => {
             let opts = replog::serve::ServeOptions {
                 mount,
@@ -660,7 +655,6 @@ pub fn run(cli: Cli) -> ExitCode {
                     direct_io,
                     write_workers,
                     max_background,
-                    writeback_cache,
                     ..Default::default()
                 },
             };

@@ -531,44 +531,42 @@ impl Session<'_> {
         pending: &mut Option<PendingStore<'scope>>,
         target: &'env Target,
     ) -> Result<(), Refusal> {
-        {
-            loop {
-                if pending.is_some() && !input_ready(s) {
-                    finish_store(pending, &mut self.spare, s)?;
-                }
-                let msg = match read_frame::<Message>(s) {
-                    Ok(m) => m,
-                    Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                        // What arrived whole is kept: the sender resumes after it.
-                        if let Err((code, why)) = finish_store(pending, &mut self.spare, s) {
-                            tracing::warn!(
-                                "the last segment of a session that ended was not stored \
-                                 ({}): {why}",
-                                code.as_str()
-                            );
-                        }
-                        return self.flush_base();
-                    }
-                    Err(e) => return Err(frame_refusal(e)),
-                };
-                if matches!(msg, Message::SegmentChunk { .. }) {
-                    self.flush_base()?;
-                    if let Some(job) = self.on_segment_chunk(msg)? {
-                        // One segment stored at a time, Acks in order.
-                        finish_store(pending, &mut self.spare, s)?;
-                        *pending = Some(sc.spawn(move || job.run(target)));
-                    }
-                    continue;
-                }
-                // Everything else follows the segments before it.
+        loop {
+            if pending.is_some() && !input_ready(s) {
                 finish_store(pending, &mut self.spare, s)?;
-                if !matches!(msg, Message::InitialChunk { .. }) {
-                    // Everything else sees the initial chunks before it stored.
-                    self.flush_base()?;
+            }
+            let msg = match read_frame::<Message>(s) {
+                Ok(m) => m,
+                Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    // What arrived whole is kept: the sender resumes after it.
+                    if let Err((code, why)) = finish_store(pending, &mut self.spare, s) {
+                        tracing::warn!(
+                            "the last segment of a session that ended was not stored \
+                             ({}): {why}",
+                            code.as_str()
+                        );
+                    }
+                    return self.flush_base();
                 }
-                if let Some(reply) = self.handle(msg)? {
-                    send(s, &reply)?;
+                Err(e) => return Err(frame_refusal(e)),
+            };
+            if matches!(msg, Message::SegmentChunk { .. }) {
+                self.flush_base()?;
+                if let Some(job) = self.on_segment_chunk(msg)? {
+                    // One segment stored at a time, Acks in order.
+                    finish_store(pending, &mut self.spare, s)?;
+                    *pending = Some(sc.spawn(move || job.run(target)));
                 }
+                continue;
+            }
+            // Everything else follows the segments before it.
+            finish_store(pending, &mut self.spare, s)?;
+            if !matches!(msg, Message::InitialChunk { .. }) {
+                // Everything else sees the initial chunks before it stored.
+                self.flush_base()?;
+            }
+            if let Some(reply) = self.handle(msg)? {
+                send(s, &reply)?;
             }
         }
     }
@@ -634,19 +632,9 @@ impl Session<'_> {
                 .on_initial_chunk(&machine, generation, disk, offset, compressed, bytes)
                 .map(|()| None),
             Message::InitialDone { machine } => self.on_initial_done(&machine).map(Some),
-            m @ Message::SegmentChunk { .. } => {
-                // `run` stores segments on a thread of their own; here (no such
-                // thread) a whole one is stored before the reply.
-                let job = self.on_segment_chunk(m)?;
-                match job {
-                    Some(j) => {
-                        let (ack, buf) = j.run(self.target);
-                        self.spare = buf;
-                        ack.map(Some)
-                    }
-                    None => Ok(None),
-                }
-            }
+            // `run` takes every segment chunk itself (it stores whole segments on a
+            // thread of their own).
+            Message::SegmentChunk { .. } => Err(protocol_error("segment chunk out of place")),
             Message::ResyncStart {
                 machine,
                 generation,
@@ -1047,7 +1035,6 @@ impl Session<'_> {
         Ok(ack(name, lsn))
     }
 
-    #[allow(clippy::too_many_arguments)] // the message's fields
     /// A `SegmentChunk`: its bytes go into the segment being assembled; a whole
     /// segment comes back as the job that stores it.
     fn on_segment_chunk(&mut self, msg: Message) -> Result<Option<StoreJob>, Refusal> {

@@ -97,8 +97,20 @@ impl Control {
 
     /// Sleep up to `d`, waking early when `stop` is set or a ship request arrives.
     fn wait(&mut self, stop: &AtomicBool, d: Duration, machine: &Machine) {
+        self.wait_until(stop, d, machine, || false);
+    }
+
+    /// [`wait`](Self::wait), returning early once `done()` holds (checked between
+    /// 20 ms slices).
+    fn wait_until(
+        &mut self,
+        stop: &AtomicBool,
+        d: Duration,
+        machine: &Machine,
+        done: impl Fn() -> bool,
+    ) {
         let until = Instant::now() + d;
-        while !stop.load(Ordering::Acquire) && Instant::now() < until {
+        while !stop.load(Ordering::Acquire) && Instant::now() < until && !done() {
             let slice = Duration::from_millis(20).min(until - Instant::now());
             match self.rx.recv_timeout(slice) {
                 Ok(c) => {
@@ -121,22 +133,13 @@ impl Control {
     /// when shipping keeps up (a low lag), bigger when it does not (fewer, larger
     /// segments, each fsynced once at the target).
     fn wait_for_sealed(&mut self, stop: &AtomicBool, d: Duration, machine: &Machine, acked: u64) {
-        let until = Instant::now() + d;
-        let step = Duration::from_millis(50);
-        while !stop.load(Ordering::Acquire) && Instant::now() < until {
-            self.wait(stop, step.min(until - Instant::now()), machine);
-            if !self.waiting.is_empty() || self.promote.is_some() {
-                return;
-            }
-            if machine
+        self.wait_until(stop, d, machine, || {
+            machine
                 .sealed_segments()
                 .last()
                 .is_some_and(|s| s.last_lsn > acked)
                 || machine.active_bytes() >= SHIP_EARLY_BYTES
-            {
-                return;
-            }
-        }
+        });
     }
 
     /// The target acknowledged `lsn`: answer the requests it covers.

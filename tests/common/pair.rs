@@ -57,6 +57,25 @@ pub fn trusted_pair(a: &Path, b: &Path) {
     replog(&["trust", &ida], b);
 }
 
+/// Two trusted sites under a temporary directory: the source `a` with disk vm1/os of
+/// `size` (a `replog disk create --size` value), the target `b` listening at `addr`
+/// in this process.
+pub struct OneDisk {
+    pub tmp: tempfile::TempDir,
+    pub a: std::path::PathBuf,
+    pub b: std::path::PathBuf,
+    pub addr: String,
+}
+
+pub fn one_disk(size: &str) -> OneDisk {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    trusted_pair(&a, &b);
+    replog(&["disk", "create", "vm1/os", "--size", size], &a);
+    let addr = start_target(&b);
+    OneDisk { tmp, a, b, addr }
+}
+
 /// Restore the replica of vm1 at site `b` at POINT `at` into `out`.
 pub fn restore(
     b: &Path,

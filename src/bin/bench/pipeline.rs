@@ -10,8 +10,7 @@ use super::{
 };
 use replog::replication::shipper::Shipper;
 use replog::{Machine, Volume};
-use std::fs::{self, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs;
 use std::process::Command;
 use std::time::Instant;
 
@@ -103,22 +102,7 @@ impl Bench {
             "{NAME}: a {} MiB image against an rsync daemon",
             size / MIB
         ));
-        let raw = self.dir.join("initial-src.raw");
-        {
-            let f = OpenOptions::new().write(true).create_new(true).open(&raw)?;
-            f.set_len(size)?;
-            let mut at = 0;
-            while at < size {
-                if (at / MIB).is_multiple_of(2) {
-                    f.write_all_at(
-                        pattern_at(self.pattern.as_slice(), at * 11, MIB as usize),
-                        at,
-                    )?;
-                }
-                at += MIB;
-            }
-            f.sync_all()?;
-        }
+        let raw = self.raw_image("initial-src.raw", size, 11, |mib| mib.is_multiple_of(2))?;
         let rdir = self.dir.join("initial-rsync");
         fs::create_dir_all(&rdir)?;
         let daemon = RsyncDaemon::start(&self.dir, &rdir)?;

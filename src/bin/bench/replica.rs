@@ -80,22 +80,7 @@ impl Bench {
             size / MIB
         ));
         // The source disk: data in three of every four MiB, holes in the fourth.
-        let raw = self.dir.join("restore-src.raw");
-        {
-            let f = OpenOptions::new().write(true).create_new(true).open(&raw)?;
-            f.set_len(size)?;
-            let mut at = 0;
-            while at < size {
-                if (at / MIB) % 4 != 3 {
-                    f.write_all_at(
-                        pattern_at(self.pattern.as_slice(), at * 7, MIB as usize),
-                        at,
-                    )?;
-                }
-                at += MIB;
-            }
-            f.sync_all()?;
-        }
+        let raw = self.raw_image("restore-src.raw", size, 7, |mib| mib % 4 != 3)?;
         self.site.create_disk("rsrc", "d0", size, Some(&raw))?;
         let m = self.site.open_machine("rsrc")?;
         let v = m.volume("d0")?;

@@ -109,19 +109,7 @@ impl Bench {
             size / MIB
         ));
         // The image: every block data.
-        let raw = self.dir.join("resync-src.raw");
-        {
-            let f = OpenOptions::new().write(true).create_new(true).open(&raw)?;
-            let mut at = 0;
-            while at < size {
-                f.write_all_at(
-                    pattern_at(self.pattern.as_slice(), at * 3, MIB as usize),
-                    at,
-                )?;
-                at += MIB;
-            }
-            f.sync_all()?;
-        }
+        let raw = self.raw_image("resync-src.raw", size, 3, |_| true)?;
         self.site.create_disk("rs", "d0", size, Some(&raw))?;
         let m = self.site.open_machine("rs")?;
         let v = m.volume("d0")?;

@@ -123,3 +123,32 @@ pub(crate) fn fmt_runs(runs: &[f64]) -> String {
         .collect::<Vec<_>>()
         .join("/")
 }
+
+impl Bench {
+    /// A raw image of `size` bytes, `name` in the run directory: the MiBs for which
+    /// `data(MiB number)` holds are pattern bytes (from offset `at * stride`), the rest
+    /// holes; synced.
+    pub(crate) fn raw_image(
+        &self,
+        name: &str,
+        size: u64,
+        stride: u64,
+        data: impl Fn(u64) -> bool,
+    ) -> Result<PathBuf> {
+        let raw = self.dir.join(name);
+        let f = OpenOptions::new().write(true).create_new(true).open(&raw)?;
+        f.set_len(size)?;
+        let mut at = 0;
+        while at < size {
+            if data(at / MIB) {
+                f.write_all_at(
+                    pattern_at(self.pattern.as_slice(), at * stride, MIB as usize),
+                    at,
+                )?;
+            }
+            at += MIB;
+        }
+        f.sync_all()?;
+        Ok(raw)
+    }
+}

@@ -51,7 +51,7 @@ impl Shipper {
             .filter(|s| s.seq > acked.1)
             .collect();
         let (tx, rx) = crossbeam::channel::bounded::<Result<Prepared>>(PREPARED_AHEAD);
-        let result = std::thread::scope(|sc| {
+        std::thread::scope(|sc| {
             sc.spawn(move || {
                 let mut prev = acked;
                 for seg in &todo {
@@ -77,9 +77,7 @@ impl Shipper {
             // Unblock the preparing thread if the sender stopped early.
             drop(rx);
             r
-        });
-        self.hold.set(self.acked_lsn);
-        result
+        })
     }
 
     fn send_prepared(

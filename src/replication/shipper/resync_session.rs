@@ -351,8 +351,8 @@ impl<'a> ResyncRun<'a> {
         let chunk_bytes = self.chunk_bytes;
         // Our hashes while the target computes its own.
         let read = |at: u64, buf: &mut [u8]| vol.read(at, buf);
+        let algo = crate::replication::protocol::chunk_hash_for(self.link.peer_features());
         let (ours, theirs) = std::thread::scope(|sc| -> Result<_> {
-            let algo = crate::replication::protocol::chunk_hash_for(self.link.peer_features());
             let h = sc.spawn(move || hash_chunks(size, chunk_bytes, c, count, &read, algo));
             self.link.send(&Message::ResyncHashRequest {
                 machine: self.name.clone(),
@@ -371,7 +371,6 @@ impl<'a> ResyncRun<'a> {
             Ok((ours, theirs))
         })?;
         self.report.hash_bytes_now += 32 * theirs.len() as u64;
-        let algo = crate::replication::protocol::chunk_hash_for(self.link.peer_features());
         let our_groups = group_hashes(&ours, group as usize, algo);
         if our_groups.len() != theirs.len() {
             return Err(Error::protocol(
