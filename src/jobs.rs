@@ -150,20 +150,61 @@ fn path_of(site: &Path, id: &str) -> Result<PathBuf> {
     Ok(dir(site).join(format!("{id}.json")))
 }
 
-/// When the process `pid` started (clock ticks since boot), if it runs (a zombie —
-/// dead, not yet reaped by its parent — does not).
-pub fn process_start(pid: u32) -> Option<u64> {
+/// What `/proc/<pid>/stat` says of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    /// `R`, `S`, `D`, `Z` (a zombie: dead, not yet reaped by its parent)…
+    pub state: char,
+    pub pgrp: u32,
+    pub session: u32,
+    /// When it started, in clock ticks since boot.
+    pub start: u64,
+}
+
+/// Process `pid` as /proc has it, if there is one.
+pub fn proc_stat(pid: u32) -> Option<ProcStat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces.
-    let after = stat.rsplit_once(')')?.1;
-    let mut fields = after.split_whitespace();
-    if fields.next()? == "Z" {
-        return None;
-    }
-    fields.nth(18)?.parse().ok()
+    // The command name (field 2) is in parentheses and may hold spaces; after it,
+    // field 3 (state) is the first.
+    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(ProcStat {
+        state: f.first()?.chars().next()?,
+        pgrp: f.get(2)?.parse().ok()?,
+        session: f.get(3)?.parse().ok()?,
+        start: f.get(19)?.parse().ok()?,
+    })
+}
+
+/// When the process `pid` started (clock ticks since boot), if it runs (a zombie
+/// does not).
+pub fn process_start(pid: u32) -> Option<u64> {
+    proc_stat(pid).filter(|p| p.state != 'Z').map(|p| p.start)
 }
 
 impl Job {
+    /// A new step `name`, in progress (in memory); its number.
+    fn push_step(&mut self, name: &str) -> usize {
+        self.steps.push(Step {
+            name: name.to_string(),
+            state: JobState::InProgress,
+            started: rfc3339(now_ns()),
+            ended: None,
+            detail: None,
+        });
+        self.steps.len() - 1
+    }
+
+    /// Step number `n` is now `state` (in memory).
+    fn set_step(&mut self, n: usize, state: JobState, detail: Option<String>) {
+        if let Some(s) = self.steps.get_mut(n) {
+            s.state = state;
+            s.ended = state.ended().then(|| rfc3339(now_ns()));
+            if detail.is_some() {
+                s.detail = detail;
+            }
+        }
+    }
+
     /// Whether the process that runs it is gone.
     pub fn owner_gone(&self) -> bool {
         process_start(self.owner_pid) != Some(self.owner_start)
@@ -344,26 +385,14 @@ impl JobHandle {
     ///
     /// [`end_step`]: JobHandle::end_step
     pub fn begin_step(&mut self, name: &str) -> usize {
-        self.job.steps.push(Step {
-            name: name.to_string(),
-            state: JobState::InProgress,
-            started: rfc3339(now_ns()),
-            ended: None,
-            detail: None,
-        });
+        let n = self.job.push_step(name);
         self.save_logged();
-        self.job.steps.len() - 1
+        n
     }
 
     /// End step number `n` (from [`begin_step`](JobHandle::begin_step)) as `state`.
     pub fn end_step(&mut self, n: usize, state: JobState, detail: Option<String>) {
-        if let Some(s) = self.job.steps.get_mut(n) {
-            s.state = state;
-            s.ended = state.ended().then(|| rfc3339(now_ns()));
-            if detail.is_some() {
-                s.detail = detail;
-            }
-        }
+        self.job.set_step(n, state, detail);
         self.save_logged();
     }
 
@@ -493,24 +522,29 @@ impl JobHandle {
 }
 
 /// End job `id`, which no process runs now (it waits for an operator, or its run
-/// stopped), as `state`, saying `why` in a last step.
-pub fn close(site: &Path, id: &str, state: JobState, why: &str) -> Result<()> {
-    let mut h = JobHandle {
-        site: site.to_path_buf(),
-        job: get(site, id)?,
-    };
-    for n in 0..h.job.steps.len() {
-        if h.job.steps.get(n).is_some_and(|s| !s.state.ended()) {
-            h.end_step(n, JobState::Cancelled, None);
+/// stopped), as `state`, saying `why` in a last step; saved once. A job that has
+/// ended already stays as it is. Returns the job as it is now.
+pub fn close(site: &Path, id: &str, state: JobState, why: &str) -> Result<Job> {
+    let mut job = get(site, id)?;
+    if job.state.ended() {
+        return Ok(job);
+    }
+    for n in 0..job.steps.len() {
+        if job.steps.get(n).is_some_and(|s| !s.state.ended()) {
+            job.set_step(n, JobState::Cancelled, None);
         }
     }
-    let n = h.begin_step(why);
-    h.end_step(n, JobState::Succeeded, None);
-    h.job.state = state;
-    h.job.ended = Some(rfc3339(now_ns()));
+    let n = job.push_step(why);
+    job.set_step(n, JobState::Succeeded, None);
+    job.state = state;
+    job.ended = Some(rfc3339(now_ns()));
+    let h = JobHandle {
+        site: site.to_path_buf(),
+        job,
+    };
     h.save()?;
     prune(site);
-    Ok(())
+    Ok(h.job)
 }
 
 /// Every job of the site, newest first (files that do not decode are skipped, with a
@@ -566,18 +600,13 @@ pub fn get(site: &Path, id: &str) -> Result<Job> {
 }
 
 /// Jobs in progress whose process died and which nobody resumes: failed, as
-/// interrupted (a starting serve calls this; resumable kinds are left to the loops
-/// that go on with them).
-pub fn reap(site: &Path) -> Result<usize> {
+/// interrupted (a starting serve calls this). Resumable kinds are left to the loops
+/// that go on with them, and so is every job for which `resumed_elsewhere` holds
+/// (a plan's run, which `replog plan resume` continues from its state file).
+pub fn reap(site: &Path, resumed_elsewhere: impl Fn(&Job) -> bool) -> Result<usize> {
     let mut n = 0;
     for job in list(site)? {
-        // A plan's run is resumed by `replog plan resume` from its state file; a
-        // plan-kind job without one (a commit, a cleanup, a run that died before its
-        // state was first saved) is not.
-        let resumable = match job.kind {
-            JobKind::Plan => crate::plan::run::is_run(site, &job.id),
-            k => k.resumable(),
-        };
+        let resumable = job.kind.resumable() || resumed_elsewhere(&job);
         if job.state != JobState::InProgress || resumable || !job.owner_gone() {
             continue;
         }

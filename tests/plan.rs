@@ -169,7 +169,7 @@ impl Drop for Sites {
             s.stop();
         }
         // The dead mounts of serves a test killed.
-        drop(MountSweep(self.tmp.path().to_path_buf()));
+        sweep_mounts(self.tmp.path());
     }
 }
 
@@ -558,16 +558,7 @@ fn resume_goes_on_after_kill_9_of_the_command() {
     std::fs::write(&go, "").expect("go");
     let o = plan("resume", &s.dst, &["erp"]);
     assert!(o.status.success(), "resume: {}", text(&o));
-    let gone = (0..100).any(|_| {
-        let dead = std::fs::read_to_string(format!("/proc/{left}/stat"))
-            .map(|st| {
-                st.rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(true);
-        std::thread::sleep(Duration::from_millis(20));
-        dead
-    });
+    let gone = gone_soon(left);
     assert!(gone, "the action the dead runner left was not stopped");
     for m in ["db", "app", "web"] {
         assert!(s.dst_mnt().join(format!("{m}-test/os.img")).exists());
@@ -947,16 +938,7 @@ fn an_interrupted_run_is_given_up_only_by_abandon_and_a_new_run_is_refused_until
     let j = job(&s.dst, &run_job);
     assert_eq!(j["state"], "cancelled", "{j}");
     assert!(j["steps"].to_string().contains("db (as db)"), "{j}");
-    let dead = (0..100).any(|_| {
-        let gone = std::fs::read_to_string(format!("/proc/{left}/stat"))
-            .map(|st| {
-                st.rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(true);
-        std::thread::sleep(Duration::from_millis(20));
-        gone
-    });
+    let dead = gone_soon(left);
     assert!(dead, "abandon left the run's program running");
     // db stays failed over; a new run goes on (db cannot fail over again: reported).
     assert!(s.dst_mnt().join("db/os.img").exists());
@@ -1083,6 +1065,16 @@ fn a_plan_point_with_frozen_file_systems_is_app_consistent_and_thaws_them() {
             "{m}: {}",
             String::from_utf8_lossy(&fsck.stdout)
         );
+        let cat = sh(
+            "debugfs",
+            &["-R", "cat /before.txt", img.to_str().expect("path")],
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&cat.stdout),
+            m,
+            "{m}: the file written before the plan point: {}",
+            String::from_utf8_lossy(&cat.stderr)
+        );
         let pts = run_ok(replog().arg("points").arg(&s.dst).arg(m).arg("--json"));
         let pts: serde_json::Value = serde_json::from_str(&pts).expect("json");
         assert!(pts["points"]
@@ -1091,4 +1083,13 @@ fn a_plan_point_with_frozen_file_systems_is_app_consistent_and_thaws_them() {
             .iter()
             .any(|p| p["plan_point"] == id.as_str() && p["kind"] == "app-consistent"));
     }
+}
+
+/// Whether process `pid` is gone (or a zombie) within 2 s.
+fn gone_soon(pid: i32) -> bool {
+    (0..100).any(|_| {
+        let gone = replog::jobs::process_start(pid as u32).is_none();
+        std::thread::sleep(Duration::from_millis(20));
+        gone
+    })
 }

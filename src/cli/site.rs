@@ -46,15 +46,10 @@ pub fn compact(path: &Path, only: Option<&str>) -> Result<()> {
 }
 
 pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
-    use replog::protection::status::{SiteStatus, STATUS_FILE};
+    use replog::protection::status::SiteStatus;
     let doc: SiteStatus = match Site::open(path) {
         // `serve` owns the site: it keeps status.json current.
-        Err(replog::Error::Locked(_)) => {
-            let p = path.join(STATUS_FILE);
-            let text = std::fs::read_to_string(&p).map_err(|e| replog::Error::io("read", &p, e))?;
-            serde_json::from_str(&text)
-                .map_err(|e| replog::Error::corruption(&p, e.column() as u64, e.to_string()))?
-        }
+        Err(replog::Error::Locked(_)) => SiteStatus::load(path)?,
         Err(e) => return Err(e),
         Ok(site) => {
             let mut machines = Vec::new();

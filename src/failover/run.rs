@@ -97,14 +97,7 @@ pub fn failover_as(
     })?;
     let id = job.id().to_string();
     let name = promoted.name.clone();
-    let checked = job.finish(|| verify_promoted(host, machine, &name, promoted.lsn));
-    if let Err(e) = checked {
-        // Not what it should be: no writes until an operator looks.
-        if let Ok(m) = host.machine(&name) {
-            m.fence(&format!("the failover's check failed: {e}"));
-        }
-        return Err(with_job(e, &id));
-    }
+    finish_verified(host, job, machine, &name, promoted.lsn)?;
     Ok(reply(
         format!(
             "{} {} failover: {name} is writable at pt-{} (generation {}); {}",
@@ -197,17 +190,32 @@ pub fn verify_existing(
         Ok(lsn)
     })?;
     let id = job.id().to_string();
+    finish_verified(host, job, machine, name, lsn)?;
+    Ok(reply(
+        format!("{name} ({kind} failover of {machine}) checked: writable at pt-{lsn}"),
+        &id,
+        Some(lsn),
+    ))
+}
+
+/// End `job` once `name` (promoted from `machine` at `lsn`) checks out
+/// ([`verify_promoted`]); if it does not, fence it — no writes until an operator
+/// looks — and fail the job.
+fn finish_verified(
+    host: &dyn Host,
+    job: JobHandle,
+    machine: &str,
+    name: &str,
+    lsn: u64,
+) -> Result<()> {
+    let id = job.id().to_string();
     if let Err(e) = job.finish(|| verify_promoted(host, machine, name, lsn)) {
         if let Ok(m) = host.machine(name) {
             m.fence(&format!("the failover's check failed: {e}"));
         }
         return Err(with_job(e, &id));
     }
-    Ok(reply(
-        format!("{name} ({kind} failover of {machine}) checked: writable at pt-{lsn}"),
-        &id,
-        Some(lsn),
-    ))
+    Ok(())
 }
 
 /// Remove test copy `as_name` (default `MACHINE-test`) of replica `machine`.

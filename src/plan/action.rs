@@ -75,53 +75,39 @@ pub struct Started {
     pub session: u32,
 }
 
-/// (process group, session, state) of process `pid`, from /proc.
-fn group_of(pid: u32) -> Option<(u32, u32, char)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    Some((
-        f.get(2)?.parse().ok()?,
-        f.get(3)?.parse().ok()?,
-        f.first()?.chars().next()?,
-    ))
-}
-
 impl Started {
     /// Kill what is left of the action's process group (after a crash of the runner
     /// that started it): its leader if it still runs, and every live process of the
     /// group in the same session — the leader may have exited while what it started
     /// goes on. Returns whether anything was killed.
     pub fn kill_if_running(&self) -> bool {
-        let leader = crate::jobs::process_start(self.pid) == Some(self.start);
-        let mut members: Vec<u32> = Vec::new();
-        if self.session != 0 {
-            if let Ok(entries) = std::fs::read_dir("/proc") {
-                for e in entries.filter_map(|e| e.ok()) {
-                    let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
-                    else {
-                        continue;
-                    };
-                    if let Some((pgrp, sid, state)) = group_of(pid) {
-                        if pgrp == self.pid && sid == self.session && state != 'Z' {
-                            members.push(pid);
-                        }
-                    }
-                }
-            }
-        } else if leader {
-            members.push(self.pid);
-        }
-        if leader {
+        use crate::jobs::proc_stat;
+        if crate::jobs::process_start(self.pid) == Some(self.start) {
             // SAFETY: kill(2) of the process group we started (its leader checked by
-            // its start time).
+            // its start time): every member goes with it.
             unsafe { libc::kill(-(self.pid as i32), libc::SIGKILL) };
+            return true;
         }
+        if self.session == 0 {
+            // Started by a build that did not record the session: nothing to tell
+            // the group's members from another group of the same number.
+            return false;
+        }
+        let members: Vec<u32> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| {
+                proc_stat(pid).is_some_and(|p| {
+                    p.pgrp == self.pid && p.session == self.session && p.state != 'Z'
+                })
+            })
+            .collect();
         for pid in &members {
             // SAFETY: kill(2) of a process of the group we started, in its session.
             unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
         }
-        leader || !members.is_empty()
+        !members.is_empty()
     }
 }
 
@@ -155,7 +141,7 @@ pub fn run(
     started(Started {
         pid,
         start: crate::jobs::process_start(pid).unwrap_or(0),
-        session: group_of(pid).map_or(0, |(_, sid, _)| sid),
+        session: crate::jobs::proc_stat(pid).map_or(0, |p| p.session),
     });
     // The output is read as it comes (a full pipe would stop the action), keeping
     // its end.
@@ -294,12 +280,9 @@ mod tests {
         let live = || {
             std::fs::read_dir("/proc")
                 .unwrap()
-                .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
-                .filter(|stat| {
-                    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
-                    let f: Vec<&str> = after.split_whitespace().collect();
-                    f.get(2) == Some(&pgid.to_string().as_str()) && f.first() != Some(&"Z")
-                })
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(crate::jobs::proc_stat)
+                .filter(|p| p.pgrp == pgid && p.state != 'Z')
                 .count()
         };
         let mut left = live();

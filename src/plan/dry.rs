@@ -208,10 +208,16 @@ pub fn dry_run(site: &Path, name: &str, kind: FailoverKind, at: &str) -> Result<
         }
     };
     // What serve says of its machines (their replication's health, for planned runs).
-    let status: Option<crate::protection::status::SiteStatus> = serving
-        .then(|| std::fs::read_to_string(site.join(crate::protection::status::STATUS_FILE)).ok())
-        .flatten()
-        .and_then(|t| serde_json::from_str(&t).ok());
+    let status = match (serving, kind) {
+        (true, FailoverKind::Planned) => match crate::protection::status::SiteStatus::load(site) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                problems.push(format!("the replication health cannot be checked: {e}"));
+                None
+            }
+        },
+        _ => None,
+    };
     let points = match super::points::choose(site, &plan, kind, at) {
         Ok((_, p)) => p,
         Err(e) => {

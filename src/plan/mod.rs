@@ -21,7 +21,7 @@ pub mod store;
 
 use crate::control::Request;
 use crate::error::{Error, Result};
-use crate::jobs::{self, Job, JobKind, JobSpec, JobState};
+use crate::jobs::{Job, JobKind, JobSpec, JobState};
 use crate::protection::FailoverKind;
 use crate::storage::FileStorage;
 use run::RunState;
@@ -134,17 +134,11 @@ pub fn cleanup_test(site: &Path, name: &str) -> Result<Job> {
         job.fail(&e);
         return Err(e);
     }
-    let run_job_open = jobs::get(site, &test_run.job).is_ok_and(|j| !j.state.ended());
-    if run_job_open {
-        jobs::close(
-            site,
-            &test_run.job,
-            JobState::Cancelled,
-            &format!("its test copies were cleaned up by job {}", job.id()),
-        )?;
-    }
-    test_run.state = RunState::Ended;
-    run::save(site, &test_run)?;
+    run::end(
+        site,
+        &mut test_run,
+        &format!("its test copies were cleaned up by job {}", job.id()),
+    )?;
     job.finish(|| {
         let left: Vec<&String> = removed
             .iter()

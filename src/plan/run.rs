@@ -261,11 +261,8 @@ pub fn runs_of(site: &Path, plan: &str) -> Result<Vec<Run>> {
 /// job history).
 pub const RUNS_KEPT: usize = 50;
 
-/// Keep the newest [`RUNS_KEPT`] finished runs of `plan`.
-fn prune(site: &Path, plan: &str) {
-    let Ok(runs) = runs_of(site, plan) else {
-        return;
-    };
+/// Keep the newest [`RUNS_KEPT`] finished runs of those of one plan, `runs`.
+fn prune(site: &Path, runs: &[Run]) {
     for r in runs
         .iter()
         .filter(|r| !r.state.unfinished())
@@ -390,7 +387,8 @@ pub fn start(
 ) -> Result<Ended> {
     let _lock = super::store::lock(site, name)?;
     let plan = super::store::load(site, name)?;
-    if let Some(old) = unfinished(site, name)? {
+    let runs = runs_of(site, name)?;
+    if let Some(old) = runs.iter().find(|r| r.state.unfinished()) {
         return Err(Error::InvalidInput(format!(
             "run {} of plan {name} ({} failover) is {}: go on with `replog plan resume {} \
              {name}`{}",
@@ -415,7 +413,7 @@ pub fn start(
             }
         )));
     }
-    prune(site, name);
+    prune(site, &runs);
     let mount = serve_mount(site, kind)?;
     let (plan_point, points) = super::points::choose(site, &plan, kind, at)?;
     let machines = plan
@@ -550,13 +548,17 @@ pub fn abandon(site: &Path, name: &str) -> Result<Job> {
             ""
         }
     );
-    if jobs::get(site, &run.job).is_ok_and(|j| !j.state.ended()) {
-        jobs::close(site, &run.job, JobState::Cancelled, &why)?;
-    }
+    run.failures.push(why.clone());
+    end(site, &mut run, &why)
+}
+
+/// End `run` for good: its job, if still open, is cancelled saying `why`; the run is
+/// saved as ended. Returns the job.
+pub(super) fn end(site: &Path, run: &mut Run, why: &str) -> Result<Job> {
+    let job = jobs::close(site, &run.job, JobState::Cancelled, why)?;
     run.state = RunState::Ended;
-    run.failures.push(why);
-    save(site, &run)?;
-    jobs::get(site, &run.job)
+    save(site, run)?;
+    Ok(job)
 }
 
 /// Save `run` (its job `job`, owned by this process) and drive it.

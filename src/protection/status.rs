@@ -119,6 +119,16 @@ pub struct SiteStatus {
     pub as_of_ns: u64,
 }
 
+impl SiteStatus {
+    /// The status a running `serve` keeps in `SITE/status.json`.
+    pub fn load(site: &std::path::Path) -> crate::Result<SiteStatus> {
+        let p = site.join(STATUS_FILE);
+        let text = std::fs::read_to_string(&p).map_err(|e| crate::Error::io("read", &p, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| crate::Error::corruption(&p, e.column() as u64, e.to_string()))
+    }
+}
+
 /// The live state of a machine's shipping loop.
 #[derive(Debug, Clone)]
 pub struct ShipView {

@@ -76,7 +76,13 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
     let registry = Registry::new(Site::open(site_path)?)?;
     // Jobs a serve that died left behind: the resumable ones are taken over by the
     // loops that go on with them; the others end as interrupted.
-    match crate::jobs::reap(site_path) {
+    // A plan's run is resumed by `replog plan resume` from its state file; a
+    // plan-kind job without one (a commit, a cleanup, a run that died before its
+    // state was first saved) is not.
+    let plan_run = |j: &crate::jobs::Job| {
+        j.kind == crate::jobs::JobKind::Plan && crate::plan::run::is_run(site_path, &j.id)
+    };
+    match crate::jobs::reap(site_path, plan_run) {
         Ok(0) => {}
         Ok(n) => tracing::warn!("{n} job(s) of a process that stopped ended as interrupted"),
         Err(e) => tracing::warn!("jobs: {e}"),

@@ -25,8 +25,9 @@ use crate::error::{Error, Result};
 use crate::journal::Point;
 use std::time::{Duration, Instant};
 
-/// A plan-point ID: the wall clock in ns, never below one this process gave before
-/// (a clock stepped back cannot make a later plan point look older).
+/// A plan-point ID: the wall clock in ns, unique within this process (two plan
+/// points taken in one clock tick, or after the clock stepped back, still differ).
+/// Which plan point is newest is decided by LSN, not by ID (`plan::points`).
 fn next_id() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(0);

@@ -601,12 +601,19 @@ impl MachineInner {
     }
 
     /// Refuse a guest write while fenced or once closed.
-    fn check_fence(&self) -> Result<()> {
+    /// Refused once the machine is closed (or reopened: the new instance owns the
+    /// journal).
+    fn check_closed(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed {
                 machine: self.name.clone(),
             });
         }
+        Ok(())
+    }
+
+    fn check_fence(&self) -> Result<()> {
+        self.check_closed()?;
         match &*self.fence.lock() {
             Some(reason) => Err(Error::Fenced {
                 machine: self.name.clone(),

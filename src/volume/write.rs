@@ -242,13 +242,9 @@ impl MachineInner {
         let p = {
             let mut w = self.writer.lock();
             self.check_poison()?;
-            // A machine closed meanwhile (reopened by a failover: the new instance
-            // owns the journal now) takes no point through this handle.
-            if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-                return Err(crate::Error::Closed {
-                    machine: self.name.clone(),
-                });
-            }
+            // A point, unlike a write, is taken from a fenced machine; a closed one
+            // takes none through this handle.
+            self.check_closed()?;
             self.append_point_locked(&mut w, app)?
         };
         self.sync_to(p.lsn)?;

@@ -450,17 +450,22 @@ pub struct MountSweep(pub PathBuf);
 
 impl Drop for MountSweep {
     fn drop(&mut self) {
-        let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
-            return;
+        sweep_mounts(&self.0);
+    }
+}
+
+/// Detach every replog mount under `dir`.
+pub fn sweep_mounts(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
+        return;
+    };
+    for line in mounts.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(src), Some(mnt)) = (f.next(), f.next()) else {
+            continue;
         };
-        for line in mounts.lines() {
-            let mut f = line.split_whitespace();
-            let (Some(src), Some(dir)) = (f.next(), f.next()) else {
-                continue;
-            };
-            if src.starts_with("replog:") && Path::new(dir).starts_with(&self.0) {
-                let _ = replog::frontend::detach(Path::new(dir));
-            }
+        if src.starts_with("replog:") && Path::new(mnt).starts_with(dir) {
+            let _ = replog::frontend::detach(Path::new(mnt));
         }
     }
 }
