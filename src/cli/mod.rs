@@ -360,9 +360,10 @@ pub enum PlanCommand {
         /// (pp-…).
         #[arg(long, value_name = "POINT", conflicts_with = "planned")]
         at: Option<String>,
-        /// Check everything a run needs (serve and its mount, machines and roles,
-        /// points, programs executable); print the steps and an estimate; change
-        /// nothing, run no program. Exit 1 when a check fails.
+        /// Check everything a run needs (serve and its mount, machines and roles, for
+        /// a planned run their replication's health, no unfinished run, points,
+        /// programs executable); print the steps and an estimate; change nothing,
+        /// run no program. Exit 1 when a check fails.
         #[arg(long)]
         dry_run: bool,
         #[arg(long)]
@@ -378,8 +379,9 @@ pub enum PlanCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Give up the plan's unfinished run (waiting, stopped or interrupted): its job is
-    /// cancelled; the machines it failed over stay as they are (listed).
+    /// Give up the plan's unfinished run (waiting, stopped or interrupted; a test run
+    /// is ended by cleanup-test instead): its job is cancelled, a program it left
+    /// running is killed, the machines it failed over stay as they are (listed).
     Abandon {
         site: PathBuf,
         plan: String,
