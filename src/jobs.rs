@@ -335,11 +335,11 @@ impl JobHandle {
         JobHandle::adopt(site, job)
     }
 
-    /// Take job `id` over (its process died, or it waits for an operator): this
+    /// Take `job` over (its process died, or it waits for an operator): this
     /// process owns it from now on, in progress; steps its predecessor left in
     /// progress end as interrupted, and a step says who goes on.
-    pub fn take_over(site: &Path, id: &str) -> Result<JobHandle> {
-        let mut h = JobHandle::adopt(site, get(site, id)?)?;
+    pub fn take_over(site: &Path, job: Job) -> Result<JobHandle> {
+        let mut h = JobHandle::adopt(site, job)?;
         h.job.state = JobState::InProgress;
         h.job.ended = None;
         h.job.error = None;

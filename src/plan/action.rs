@@ -138,10 +138,11 @@ pub fn run(
         .spawn()
         .map_err(|e| Error::io("start", program, e))?;
     let pid = child.id();
+    let stat = crate::jobs::proc_stat(pid);
     started(Started {
         pid,
-        start: crate::jobs::process_start(pid).unwrap_or(0),
-        session: crate::jobs::proc_stat(pid).map_or(0, |p| p.session),
+        start: stat.map_or(0, |p| p.start),
+        session: stat.map_or(0, |p| p.session),
     });
     // The output is read as it comes (a full pipe would stop the action), keeping
     // its end.

@@ -45,11 +45,6 @@ fn said(r: crate::control::Reply) -> String {
     )
 }
 
-/// Whether `name` is a test copy of replica `m` here.
-fn is_test_copy_of(site: &Path, name: &str, m: &str) -> bool {
-    manifest(site, name).is_some_and(|man| crate::failover::made_by(&man, m, FailoverKind::Test))
-}
-
 /// Whether failover job `j` got past its promotion (made its machine or copy).
 pub(super) fn got_past_promotion(j: &Job) -> bool {
     j.steps
@@ -90,9 +85,11 @@ pub fn cleanup_test(site: &Path, name: &str) -> Result<Job> {
                 .job
                 .as_deref()
                 .is_some_and(|id| run::ended_job(site, id).is_some_and(|j| got_past_promotion(&j)));
-        let exists = manifest(site, &mr.name).is_some();
+        let copy = manifest(site, &mr.name);
+        let exists = copy.is_some();
+        let is_copy = copy.is_some_and(|man| crate::failover::made_by(&man, m, FailoverKind::Test));
         let n = job.begin_step(&format!("remove test copy {} of {m}", mr.name));
-        if !exists || !made || !is_test_copy_of(site, &mr.name, m) {
+        if !exists || !made || !is_copy {
             job.end_step(
                 n,
                 JobState::Succeeded,

@@ -486,16 +486,15 @@ pub fn resume(site: &Path, name: &str, progress: &dyn Progress) -> Result<Ended>
         }));
     };
     // Its job ended well but the run's state was not saved after it: done.
-    if let Ok(j) = jobs::get(site, &run.job) {
-        if j.state == JobState::Succeeded {
-            run.state = RunState::Succeeded;
-            save(site, &run)?;
-            return Ok(Ended::Succeeded(j));
-        }
+    let j = jobs::get(site, &run.job)?;
+    if j.state == JobState::Succeeded {
+        run.state = RunState::Succeeded;
+        save(site, &run)?;
+        return Ok(Ended::Succeeded(j));
     }
     let mount = serve_mount(site, run.kind)?;
     let killed = run.action.take().is_some_and(|a| a.kill_if_running());
-    let mut job = JobHandle::take_over(site, &run.job)?;
+    let mut job = JobHandle::take_over(site, j)?;
     if killed {
         job.step("stop the action the stopped runner left running");
         job.step_done(Some("its process group was killed; the action runs again"))?;
