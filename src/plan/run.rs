@@ -146,9 +146,10 @@ pub fn steps(plan: &Plan, kind: FailoverKind) -> Vec<StepRef> {
     let mut out = Vec::new();
     for (group, g) in plan.groups.iter().enumerate() {
         let actions = |after: bool, list: &[Action]| -> Vec<StepRef> {
-            (0..list.len())
-                .filter(|&i| list.get(i).is_some_and(|a| a.runs_on(kind)))
-                .map(|index| StepRef::Action {
+            list.iter()
+                .enumerate()
+                .filter(|(_, a)| a.runs_on(kind))
+                .map(|(index, _)| StepRef::Action {
                     group,
                     after,
                     index,
