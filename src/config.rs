@@ -81,6 +81,10 @@ pub struct ReplicaConfig {
     /// How often the target compactor looks for expired points to fold into the
     /// replica parents (serve).
     pub compact_interval_ms: u64,
+    /// Where replicas received here are kept: empty for `SITE/replicas/`, or
+    /// `s3://BUCKET[/PREFIX]` for an S3 bucket (settings in `[replica.s3]`).
+    pub store: String,
+    pub s3: S3Settings,
 }
 
 impl Default for ReplicaConfig {
@@ -88,6 +92,42 @@ impl Default for ReplicaConfig {
         ReplicaConfig {
             key_file: String::new(),
             compact_interval_ms: 10_000,
+            store: String::new(),
+            s3: S3Settings::default(),
+        }
+    }
+}
+
+/// How to reach the S3 bucket of `replica.store` (see `replica::objects`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Settings {
+    /// The store's URL (`https://s3.eu-west-1.amazonaws.com`, `http://127.0.0.1:8333`).
+    pub endpoint: String,
+    pub region: String,
+    /// A file holding `access_key_id = "…"` and `secret_access_key = "…"` (mode 0600);
+    /// empty: `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` from the environment.
+    pub credentials_file: String,
+    /// The store ignores `If-None-Match: *` (Garage): no writer fencing. Without this
+    /// such a store is refused.
+    pub unfenced: bool,
+    /// Objects no manifest names any more are deleted this long after (readers on
+    /// other hosts may still be reading them).
+    pub gc_grace_ms: u64,
+    /// Longest wait for a connection or for the first byte of an answer; bodies get
+    /// four times as long.
+    pub timeout_ms: u64,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        S3Settings {
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            credentials_file: String::new(),
+            unfenced: false,
+            gc_grace_ms: 3_600_000,
+            timeout_ms: 30_000,
         }
     }
 }
@@ -140,6 +180,34 @@ impl JournalConfig {
     }
 }
 
+impl ReplicaConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.store.is_empty() {
+            return Ok(());
+        }
+        crate::replica::objects::S3Location::parse(&self.store)?;
+        if self.s3.endpoint.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "replica.store = {:?} needs replica.s3.endpoint (the store's URL)",
+                self.store
+            )));
+        }
+        if !(self.s3.endpoint.starts_with("http://") || self.s3.endpoint.starts_with("https://"))
+        {
+            return Err(Error::InvalidInput(format!(
+                "replica.s3.endpoint = {:?} is not an http:// or https:// URL",
+                self.s3.endpoint
+            )));
+        }
+        if self.s3.timeout_ms == 0 {
+            return Err(Error::InvalidInput(
+                "replica.s3.timeout_ms must be more than 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl SiteConfig {
     pub fn to_toml(&self) -> String {
         let body = toml::to_string_pretty(self).unwrap_or_default();
@@ -156,6 +224,7 @@ impl SiteConfig {
         let cfg: SiteConfig = toml::from_str(text)
             .map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))?;
         cfg.journal.validate()?;
+        cfg.replica.validate()?;
         Ok(cfg)
     }
 }

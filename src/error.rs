@@ -132,6 +132,17 @@ pub enum Error {
     /// There is not enough room where the data must go.
     #[error("no space: {0}")]
     NoSpace(String),
+
+    /// The object store that keeps replicas (S3) failed a request: `transient` when
+    /// it was unreachable, slow or busy (retry), otherwise refused for good (wrong
+    /// credentials, no such bucket, written by another receiver). Never carries the
+    /// credentials.
+    #[error("replica store {store}: {what}")]
+    Store {
+        store: String,
+        what: String,
+        transient: bool,
+    },
 }
 
 /// What to do about an error.
@@ -230,7 +241,11 @@ impl Error {
             | Error::Net { .. }
             | Error::Busy(_)
             | Error::NoSpace(_)
-            | Error::Closed { .. } => ErrorClass::Retry,
+            | Error::Closed { .. }
+            | Error::Store {
+                transient: true, ..
+            } => ErrorClass::Retry,
+            Error::Store { .. } => ErrorClass::Critical,
             Error::Corruption { .. } | Error::BrokenChain(_) => ErrorClass::NeedsResync,
             Error::Refused { code, .. } => code.class(),
             Error::Auth { .. }
@@ -252,6 +267,10 @@ impl Error {
             Error::NoSpace(_) => RefusalCode::NoSpace,
             Error::Io { source, .. } if is_no_space(source) => RefusalCode::NoSpace,
             Error::Io { .. } | Error::Net { .. } | Error::Closed { .. } => RefusalCode::Unavailable,
+            Error::Store {
+                transient: true, ..
+            } => RefusalCode::Unavailable,
+            Error::Store { .. } => RefusalCode::Fatal,
             Error::Busy(_) => RefusalCode::Busy,
             Error::Corruption { .. } | Error::BrokenChain(_) => RefusalCode::BrokenChain,
             Error::Refused { code, .. } => *code,
@@ -282,7 +301,7 @@ impl Error {
             Error::Locked(_) | Error::Busy(_) => libc::EBUSY,
             Error::OutOfRange { .. } | Error::NoSpace(_) => libc::ENOSPC,
             Error::Unsupported { .. } => libc::EOPNOTSUPP,
-            Error::Refused { .. } | Error::Auth { .. } => libc::EIO,
+            Error::Refused { .. } | Error::Auth { .. } | Error::Store { .. } => libc::EIO,
         }
     }
 }

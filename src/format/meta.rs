@@ -92,6 +92,9 @@ pub const KIND_CHANGED: u16 = 10;
 /// A replica seeded from an old primary's own disks by a reprotect
 /// (`failover::reprotect::Seed`): version 1.
 pub const KIND_SEED: u16 = 11;
+/// A replica's manifest in an object store (`replica::objects::backend::Manifest`):
+/// version 1.
+pub const KIND_OBJECT_MANIFEST: u16 = 12;
 
 /// The version of `kind` this build writes, which is also the newest it reads.
 pub fn version_of(kind: u16) -> u16 {
@@ -116,6 +119,7 @@ pub fn kind_name(kind: u16) -> &'static str {
         KIND_PROMOTION => "promotion",
         KIND_CHANGED => "changed-block map",
         KIND_SEED => "reprotect seed",
+        KIND_OBJECT_MANIFEST => "object-store replica manifest",
         _ => "unknown kind",
     }
 }

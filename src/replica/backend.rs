@@ -69,6 +69,11 @@ pub trait ReplicaBackend: Send + Sync + fmt::Debug {
     fn free_bytes(&self) -> u64;
     /// Where `key` lives, for messages (a file path, a URL).
     fn locate(&self, key: &str) -> PathBuf;
+    /// Delete what `machine` keeps and no longer needs (an object store's superseded
+    /// manifests and unnamed objects, after their grace period); how many went.
+    fn collect(&self, _machine: &str) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 /// Check a key: `/`-separated names, none empty, `.` or `..`, no NUL or leading `-`.

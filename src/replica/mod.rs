@@ -9,6 +9,7 @@ pub mod backend;
 pub mod compact;
 pub mod crypt;
 pub mod maintain;
+pub mod objects;
 pub mod pin;
 pub mod points;
 pub mod replay;
