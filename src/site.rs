@@ -48,6 +48,20 @@ pub fn is_site(path: &Path) -> bool {
 impl Site {
     /// Create a new site at `path` (which must not exist or be an empty directory).
     pub fn init(path: &Path) -> Result<()> {
+        Self::init_with(path, SiteConfig::default())
+    }
+
+    /// Create a new site with `cfg` as its settings. A replica store in an object
+    /// store is checked first (reachable, credentials good, create-if-absent
+    /// honoured): nothing is created if it fails.
+    pub fn init_with(path: &Path, cfg: SiteConfig) -> Result<()> {
+        cfg.journal.validate()?;
+        cfg.replica.validate()?;
+        if !cfg.replica.store.is_empty() {
+            let scratch = tempfile_dir()?;
+            crate::replica::store::object_backend(&scratch, &cfg.replica)?.ensure_probed()?;
+            let _ = fs::remove_dir_all(&scratch);
+        }
         if path.exists() {
             let empty = fs::read_dir(path)
                 .map_err(|e| Error::io("read", path, e))?
@@ -64,7 +78,6 @@ impl Site {
         // The identity first: site.toml is what makes the directory a site, so it goes
         // in last and a site never exists without its identity.
         crate::identity::Identity::create(path)?;
-        let cfg = SiteConfig::default();
         crate::storage::write_atomic(
             &FileStorage,
             &path.join(CONFIG_FILE),
@@ -318,6 +331,17 @@ pub fn replica_key_at(path: &Path) -> Result<crate::replica::crypt::ReplicaKey> 
         PathBuf::from(configured)
     };
     crate::replica::crypt::ReplicaKey::load_or_create(&key)
+}
+
+/// A scratch directory for a check that needs one.
+fn tempfile_dir() -> Result<PathBuf> {
+    let p = std::env::temp_dir().join(format!(
+        "replog-init-{}-{}",
+        std::process::id(),
+        crate::format::now_ns()
+    ));
+    fs::create_dir_all(&p).map_err(|e| Error::io("create", &p, e))?;
+    Ok(p)
 }
 
 /// Machine names under a site directory (no lock needed: a read-only listing).

@@ -30,7 +30,25 @@ pub struct Cli {
 pub enum Command {
     /// Create a site directory: configuration, identity (key + self-signed
     /// certificate), machines/.
-    Init { site: PathBuf },
+    Init {
+        site: PathBuf,
+        /// Keep replicas received here in an S3 bucket (s3://BUCKET[/PREFIX]) instead
+        /// of SITE/replicas/. Credentials from AWS_ACCESS_KEY_ID /
+        /// AWS_SECRET_ACCESS_KEY, or --s3-credentials-file. The store is checked
+        /// (reachable, bucket and credentials good, create-if-absent honoured) before
+        /// anything is created.
+        #[arg(long, value_name = "s3://BUCKET[/PREFIX]")]
+        replica_store: Option<String>,
+        /// The S3 store's URL (http://127.0.0.1:8333, https://s3.eu-west-1.amazonaws.com).
+        #[arg(long, value_name = "URL", requires = "replica_store")]
+        s3_endpoint: Option<String>,
+        /// The S3 region (default us-east-1).
+        #[arg(long, value_name = "R", requires = "replica_store")]
+        s3_region: Option<String>,
+        /// A file (mode 0600) with access_key_id = "…" and secret_access_key = "…".
+        #[arg(long, value_name = "FILE", requires = "replica_store")]
+        s3_credentials_file: Option<PathBuf>,
+    },
     /// Print this site's ID (the SHA-256 fingerprint of its certificate).
     Id { site: PathBuf },
     /// Trust a peer site for mutual TLS: pin its ID (as `replog id` prints it there).
@@ -503,7 +521,21 @@ fn run_plan(cmd: PlanCommand) -> replog::Result<()> {
 /// Run a parsed command line; errors are printed and become exit code 1.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Init { site } => site::init(&site),
+        Command::Init {
+            site,
+            replica_store,
+            s3_endpoint,
+            s3_region,
+            s3_credentials_file,
+        } => site::init(
+            &site,
+            site::StoreArgs {
+                replica_store,
+                s3_endpoint,
+                s3_region,
+                s3_credentials_file,
+            },
+        ),
         Command::Id { site } => site::id(&site),
         Command::Trust { site, peer_id } => site::trust(&site, &peer_id),
         Command::Disk(DiskCommand::Create {

@@ -3,10 +3,34 @@
 use replog::{Result, Site};
 use std::path::Path;
 
-pub fn init(path: &Path) -> Result<()> {
-    Site::init(path)?;
+/// `replog init`'s replica-store options.
+pub struct StoreArgs {
+    pub replica_store: Option<String>,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    pub s3_credentials_file: Option<std::path::PathBuf>,
+}
+
+pub fn init(path: &Path, args: StoreArgs) -> Result<()> {
+    let mut cfg = replog::config::SiteConfig::default();
+    if let Some(store) = args.replica_store {
+        cfg.replica.store = store;
+        cfg.replica.s3.endpoint = args.s3_endpoint.unwrap_or_default();
+        if let Some(r) = args.s3_region {
+            cfg.replica.s3.region = r;
+        }
+        if let Some(f) = args.s3_credentials_file {
+            let f = std::path::absolute(&f).map_err(|e| replog::Error::io("resolve", &f, e))?;
+            cfg.replica.s3.credentials_file = f.display().to_string();
+        }
+    }
+    let store = cfg.replica.store.clone();
+    Site::init_with(path, cfg)?;
     let id = replog::identity::Identity::load(path)?.id();
     println!("created site {} (ID {id})", path.display());
+    if !store.is_empty() {
+        println!("replicas received here are kept in {store}");
+    }
     Ok(())
 }
 

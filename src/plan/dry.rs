@@ -153,7 +153,13 @@ fn check_machine(
         }
     }
     let p = crate::replica::points::resolve(&store, point).map_err(|e| e.to_string())?;
-    let bytes = bytes_under(&site.join(crate::replica::store::REPLICAS_DIR).join(m));
+    let dir = site.join(crate::replica::store::REPLICAS_DIR).join(m);
+    let bytes = if dir.is_dir() {
+        bytes_under(&dir)
+    } else {
+        // In an object store: what verification reads is about the disks' size.
+        store.manifest().disks.iter().map(|d| d.size).sum()
+    };
     Ok((
         format!(
             "{} at {}",

@@ -81,4 +81,7 @@ pub fn pass(replicas: &Replicas, machine: &str) {
     if let Err(e) = super::scrub::scrub_replica(replicas, machine, SCRUB_BUDGET) {
         tracing::error!(machine, "replica scrub: {e}");
     }
+    if let Err(e) = replicas.backend().collect(machine) {
+        tracing::warn!(machine, "replica store collection: {e}");
+    }
 }

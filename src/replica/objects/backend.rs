@@ -220,12 +220,15 @@ impl ObjectBackend {
         }
     }
 
-    /// Before the first write: does the store refuse a second create-if-absent?
-    fn ensure_probed(&self) -> Result<()> {
+    /// Check the store as a writer needs it (reachable, credentials and bucket good,
+    /// create-if-absent honoured unless configured unfenced); done once, before the
+    /// first write.
+    pub fn ensure_probed(&self) -> Result<()> {
         let mut p = self.probed.lock();
         if p.is_some() {
             return Ok(());
         }
+        self.objects.check_bucket()?;
         let key = format!(".probe-{:016x}", self.writer);
         let first = self.objects.put_if_absent(&key, b"probe 1")?;
         let second = self.objects.put_if_absent(&key, b"probe 2")?;

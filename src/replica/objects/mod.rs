@@ -45,6 +45,10 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     fn delete(&self, keys: &[String]) -> Result<()>;
     /// Where `key` is, for messages (`s3://bucket/prefix/key`).
     fn locate(&self, key: &str) -> String;
+    /// Check that the bucket exists and these credentials may use it.
+    fn check_bucket(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// `s3://BUCKET[/PREFIX]` of `replica.store`.

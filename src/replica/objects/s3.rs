@@ -476,6 +476,30 @@ impl ObjectStore for S3Objects {
     fn locate(&self, key: &str) -> String {
         format!("{}{key}", self.url)
     }
+
+    fn check_bucket(&self) -> Result<()> {
+        let url = self.bucket.head_bucket(Some(&self.credentials)).sign(SIGN_TTL);
+        let r = self.call(
+            "",
+            || self.send("HEAD", url.as_str(), &[], None, &[200, 403, 404]),
+            || Ok(None),
+        )?;
+        match r.status {
+            404 => Err(self.err(
+                "",
+                format!("NoSuchBucket: bucket {} does not exist", self.bucket.name()),
+                false,
+            )),
+            403 => Err(self.err(
+                "",
+                "AccessDenied (HTTP 403): these credentials may not use the bucket (wrong \
+                 key, or the bucket's policy)"
+                    .into(),
+                false,
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A transport error in words, without the URL (which carries the signature).

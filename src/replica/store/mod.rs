@@ -385,11 +385,60 @@ pub enum Receipt {
 /// key needed, nothing created).
 pub fn held_at(site: &Path, machine: &str) -> bool {
     validate_name("machine", machine).is_ok()
-        && site
-            .join(REPLICAS_DIR)
-            .join(machine)
-            .join(MANIFEST)
-            .is_file()
+        && match backend_at(site) {
+            Ok(Some(b)) => b.exists(&format!("{machine}/{MANIFEST}")).unwrap_or(false),
+            Ok(None) => site
+                .join(REPLICAS_DIR)
+                .join(machine)
+                .join(MANIFEST)
+                .is_file(),
+            Err(_) => false,
+        }
+}
+
+/// Local state of an object-store replica store (locks, pins): `SITE/replica-state/`.
+pub const REPLICA_STATE_DIR: &str = "replica-state";
+
+/// The object-store backend of the site at `site`, if its `replica.store` names one
+/// (None: replicas in `SITE/replicas/`). One per store in a process: the receiver,
+/// the target compactor, scrub and failovers of one `serve` write through the same
+/// one and never fence each other.
+pub fn backend_at(site: &Path) -> Result<Option<Arc<dyn ReplicaBackend>>> {
+    use crate::replica::objects::ObjectBackend;
+    use parking_lot::Mutex;
+    use std::collections::HashMap;
+    use std::sync::{OnceLock, Weak};
+    static SHARED: OnceLock<Mutex<HashMap<PathBuf, Weak<ObjectBackend>>>> = OnceLock::new();
+    let config = crate::site::Site::read_config(site)?;
+    if config.replica.store.is_empty() {
+        return Ok(None);
+    }
+    let id = site.canonicalize().unwrap_or_else(|_| site.to_path_buf());
+    let mut shared = SHARED.get_or_init(Default::default).lock();
+    if let Some(b) = shared.get(&id).and_then(Weak::upgrade) {
+        return Ok(Some(b));
+    }
+    let backend = Arc::new(object_backend(site, &config.replica)?);
+    shared.retain(|_, w| w.strong_count() > 0);
+    shared.insert(id, Arc::downgrade(&backend));
+    Ok(Some(backend))
+}
+
+/// A new object-store backend for the replica settings `r` of the site at `site`.
+pub fn object_backend(
+    site: &Path,
+    r: &crate::config::ReplicaConfig,
+) -> Result<crate::replica::objects::ObjectBackend> {
+    use crate::replica::objects::{Credentials, ObjectBackend, S3Location, S3Objects};
+    r.validate()?;
+    let location = S3Location::parse(&r.store)?;
+    let objects = S3Objects::new(&location, &r.s3, Credentials::load(&r.s3.credentials_file)?)?;
+    Ok(ObjectBackend::new(
+        Arc::new(objects),
+        DirBackend::new(Arc::new(FileStorage), site.join(REPLICA_STATE_DIR)),
+        std::time::Duration::from_millis(r.s3.gc_grace_ms),
+        r.s3.unfenced,
+    ))
 }
 
 /// A target's replicas: where they are kept and the key that encrypts them.
@@ -408,7 +457,10 @@ impl Replicas {
     /// no lock needed, restores read replicas while `serve` runs.
     pub fn local(path: &Path) -> Result<Self> {
         let key = crate::site::replica_key_at(path)?;
-        Ok(Replicas::with_key(path, key))
+        match backend_at(path)? {
+            Some(backend) => Ok(Replicas::new(backend, key)),
+            None => Ok(Replicas::with_key(path, key)),
+        }
     }
 
     /// The replicas in `SITE/replicas/` of the site at `path`, with `key`.
