@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod pair;
+pub mod seaweed;
 pub mod serve;
 
 use replog::config::JournalConfig;

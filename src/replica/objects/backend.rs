@@ -329,6 +329,10 @@ impl ObjectBackend {
 
     /// Commit manifest `seq + 1` = this process's base changed by `change`.
     fn commit(&self, m: &str, named: &[String], change: &dyn Fn(&mut Manifest, u64)) -> Result<()> {
+        if !named.is_empty() {
+            // Crash tests: data objects PUT, their manifest not yet.
+            crate::failpoint::hit("s3:before-manifest");
+        }
         self.ensure_probed()?;
         let cell = self.cell(m)?;
         let mut st = cell.lock();

@@ -7,7 +7,7 @@
 mod backend;
 mod s3;
 
-pub use backend::{ObjectBackend, MANIFEST_KIND};
+pub use backend::{Entry, Manifest, ObjectBackend, MANIFEST_KIND};
 pub use s3::{Credentials, S3Objects};
 
 use crate::error::{Error, Result};
