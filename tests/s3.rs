@@ -73,7 +73,8 @@ impl S3Target {
             assert!(Instant::now() < deadline, "target did not die:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
-        sweep_mounts(self.mount.parent().expect("parent"));
+        // Its dead mount, as a crash leaves it.
+        let _ = replog::frontend::detach(&self.mount);
     }
 }
 
@@ -257,4 +258,251 @@ fn a_target_on_s3_receives_restores_browses_fails_over_and_keeps_no_replica_data
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn a_volume_server_killed_while_segments_ship_changes_nothing() {
+    let test = "a_volume_server_killed_while_segments_ship_changes_nothing";
+    if !fuse_available(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let _sweep = MountSweep(tmp.path().to_path_buf());
+    let Some(mut cluster) = Cluster::start(&tmp.path().join("cluster"), test) else {
+        return;
+    };
+    let (src, dst, addr) = s3_pair(tmp.path(), &cluster, "vol", "32M");
+    let _target = S3Target::start(&dst, &addr, &[]);
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    let os = served.disk("os");
+    write_some(&os, 1, 20);
+    protect_when_listening(&src, &addr);
+    caught_up(&src);
+    // Segments ship while one of the four volume servers dies.
+    for round in 0..10 {
+        write_some(&os, 10 + round, 8);
+        if round == 3 {
+            cluster.kill_volume(1);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    caught_up(&src);
+    assert!(restore_os(&dst, "latest", &tmp.path().join("r")) == read_all(&os));
+}
+
+#[test]
+fn a_receiver_killed_between_a_data_put_and_its_manifest_resumes_and_the_orphan_is_collected() {
+    let test =
+        "a_receiver_killed_between_a_data_put_and_its_manifest_resumes_and_the_orphan_is_collected";
+    if !fuse_available(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let _sweep = MountSweep(tmp.path().to_path_buf());
+    let Some(cluster) = Cluster::start(&tmp.path().join("cluster"), test) else {
+        return;
+    };
+    let (src, dst, addr) = s3_pair(tmp.path(), &cluster, "crash", "32M");
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    let os = served.disk("os");
+    write_some(&os, 1, 40);
+    // The first batch of the initial copy is PUT; the process dies before the
+    // manifest that would name it.
+    let dying = S3Target::start(&dst, &addr, &[("REPLOG_FAILPOINT", "s3:before-manifest")]);
+    protect_when_listening(&src, &addr);
+    dying.wait_killed();
+    let manifest_names = |cluster: &Cluster| -> Vec<String> {
+        let keys = cluster.keys("crash/vm1/m/");
+        let newest = keys.last().expect("a manifest").clone();
+        let store = replica_objects(cluster);
+        let m = replog::replica::objects::Manifest::decode(
+            &replog::replica::objects::ObjectStore::get(&store, &newest)
+                .expect("get")
+                .expect("manifest"),
+            &newest,
+        )
+        .expect("decode");
+        m.entries
+            .values()
+            .filter_map(|e| match e {
+                replog::replica::objects::Entry::Object { name, .. } => {
+                    Some(format!("crash/vm1/{name}"))
+                }
+                replog::replica::objects::Entry::Inline(_) => None,
+            })
+            .chain(m.dropped.iter().map(|(n, _)| format!("crash/vm1/{n}")))
+            .collect()
+    };
+    let named = manifest_names(&cluster);
+    let orphans: Vec<String> = cluster
+        .keys("crash/vm1/d/")
+        .into_iter()
+        .filter(|k| !named.contains(k))
+        .collect();
+    assert!(!orphans.is_empty(), "the failpoint left no unnamed object");
+
+    // Back without the failpoint: the source resends, the replica converges.
+    let target = S3Target::start(&dst, &addr, &[]);
+    write_some(&os, 2, 20);
+    caught_up(&src);
+    assert!(restore_os(&dst, "latest", &tmp.path().join("r")) == read_all(&os));
+    // A grace period (3 s here) on, the replica loop has deleted every orphan, and
+    // every data object left is named by the newest manifest.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let keys = cluster.keys("crash/vm1/d/");
+        let named = manifest_names(&cluster);
+        let unnamed: Vec<&String> = keys.iter().filter(|k| !named.contains(k)).collect();
+        if unnamed.is_empty() && orphans.iter().all(|o| !keys.contains(o)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "unnamed objects stay: {unnamed:?}\n{}",
+            target.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(restore_os(&dst, "latest", &tmp.path().join("r2")) == read_all(&os));
+}
+
+/// The bucket, as the tests' own client.
+fn replica_objects(cluster: &Cluster) -> replog::replica::objects::S3Objects {
+    use replog::replica::objects::{Credentials, S3Location, S3Objects};
+    S3Objects::new(
+        &S3Location::parse(&format!("s3://{}", seaweed::BUCKET)).expect("location"),
+        &replog::config::S3Settings {
+            endpoint: cluster.endpoint(),
+            ..Default::default()
+        },
+        Credentials::new(seaweed::ACCESS_KEY, seaweed::SECRET_KEY),
+    )
+    .expect("store")
+}
+
+#[test]
+fn of_two_receivers_for_one_replica_the_older_one_is_fenced_and_its_writes_never_show() {
+    let test = "of_two_receivers_for_one_replica_the_older_one_is_fenced_and_its_writes_never_show";
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let Some(cluster) = Cluster::start(&tmp.path().join("cluster"), test) else {
+        return;
+    };
+    let site = tmp.path().join("t");
+    cluster.init_site(&site, "two");
+    edit_config(&site, |c| c.replica.s3.gc_grace_ms = 2000);
+    for (k, v) in seaweed::env() {
+        std::env::set_var(k, v);
+    }
+    let cfg = replog::site::Site::read_config(&site).expect("config").replica;
+    use replog::replica::backend::ReplicaBackend;
+    let first = replog::replica::store::object_backend(&site, &cfg).expect("first");
+    first.put("vm1/received", b"first 1").expect("put");
+    first.put("vm1/segments/1.seg.enc", &vec![1u8; 100_000]).expect("put");
+    // A second receiver takes the replica over (a replaced target host, say).
+    let second = replog::replica::store::object_backend(&site, &cfg).expect("second");
+    assert_eq!(second.get("vm1/received").expect("get").as_deref(), Some(&b"first 1"[..]));
+    second.put("vm1/received", b"second 1").expect("put");
+    // The first one's next writes fail, Critical, naming why; none of them shows.
+    let e = first
+        .put("vm1/segments/2.seg.enc", &vec![2u8; 100_000])
+        .expect_err("fenced");
+    assert_eq!(e.class(), replog::error::ErrorClass::Critical, "{e}");
+    assert!(e.to_string().contains("another receiver"), "{e}");
+    assert!(first.put("vm1/received", b"first 2").is_err());
+    let reader = replog::replica::store::object_backend(&site, &cfg).expect("reader");
+    assert_eq!(reader.get("vm1/received").expect("get").as_deref(), Some(&b"second 1"[..]));
+    assert_eq!(reader.get("vm1/segments/2.seg.enc").expect("get"), None);
+    // Its object was PUT, never named: collected by the second one after the grace.
+    let leftover = || {
+        cluster
+            .keys("two/vm1/d/segments/")
+            .into_iter()
+            .filter(|k| k.contains("2.seg.enc"))
+            .count()
+    };
+    assert_eq!(leftover(), 1);
+    std::thread::sleep(Duration::from_millis(2500));
+    second.collect("vm1").expect("collect");
+    assert_eq!(leftover(), 0);
+    assert_eq!(
+        reader.get("vm1/segments/1.seg.enc").expect("get").map(|b| b.len()),
+        Some(100_000)
+    );
+}
+
+#[test]
+fn the_store_down_is_a_warning_with_retries_then_replication_converges() {
+    let test = "the_store_down_is_a_warning_with_retries_then_replication_converges";
+    if !fuse_available(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let _sweep = MountSweep(tmp.path().to_path_buf());
+    let Some(mut cluster) = Cluster::start(&tmp.path().join("cluster"), test) else {
+        return;
+    };
+    let (src, dst, addr) = s3_pair(tmp.path(), &cluster, "down", "32M");
+    edit_config(&dst, |c| c.replica.s3.timeout_ms = 2000);
+    let _target = S3Target::start(&dst, &addr, &[]);
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    let os = served.disk("os");
+    write_some(&os, 1, 20);
+    protect_when_listening(&src, &addr);
+    caught_up(&src);
+    cluster.kill_gateway();
+    write_some(&os, 2, 20);
+    let st = wait_for(&src, "warned", |m| {
+        m["health"] == "warning"
+            && m["reason"].as_str().unwrap_or("").contains("replica store")
+    });
+    let reason = st["machines"][0]["reason"].as_str().unwrap_or("").to_string();
+    assert!(reason.contains("retry"), "the retry schedule is named: {reason}");
+    assert!(reason.contains("unreachable"), "{reason}");
+    cluster.start_gateway();
+    caught_up(&src);
+    assert!(restore_os(&dst, "latest", &tmp.path().join("r")) == read_all(&os));
+}
+
+#[test]
+fn credentials_that_may_not_write_are_critical_with_the_stores_reason() {
+    let test = "credentials_that_may_not_write_are_critical_with_the_stores_reason";
+    if !fuse_available(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let _sweep = MountSweep(tmp.path().to_path_buf());
+    let Some(cluster) = Cluster::start(&tmp.path().join("cluster"), test) else {
+        return;
+    };
+    let (src, dst, addr) = s3_pair(tmp.path(), &cluster, "creds", "16M");
+    // The target runs with a key that may read and list the bucket, not write it.
+    let target = S3Target::start(
+        &dst,
+        &addr,
+        &[
+            ("AWS_ACCESS_KEY_ID", seaweed::READER_KEY),
+            ("AWS_SECRET_ACCESS_KEY", seaweed::READER_SECRET),
+        ],
+    );
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    write_some(&served.disk("os"), 1, 10);
+    protect_when_listening(&src, &addr);
+    let st = wait_for(&src, "critical", |m| m["health"] == "critical");
+    let reason = st["machines"][0]["reason"].as_str().unwrap_or("").to_string();
+    assert!(reason.contains("AccessDenied"), "{reason}");
+    assert!(!reason.contains(seaweed::READER_SECRET));
+    // Wrong credentials altogether: serve refuses to start, saying why.
+    drop(target);
+    let out = replog()
+        .arg("serve")
+        .arg(&dst)
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .env("AWS_ACCESS_KEY_ID", seaweed::ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        .output()
+        .expect("serve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("SignatureDoesNotMatch") || err.contains("AccessDenied"), "{err}");
+    assert!(!err.contains("not-the-secret"), "{err}");
 }

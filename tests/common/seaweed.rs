@@ -103,6 +103,7 @@ impl Cluster {
                 &format!("-mdir={}", mdir.display()),
                 "-defaultReplication=002",
                 "-volumeSizeLimitMB=64",
+                "-telemetry=false",
             ],
         );
         c.others.push(("master", master));
@@ -131,7 +132,9 @@ impl Cluster {
 
     fn spawn(&self, name: &str, args: &[&str]) -> Child {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).expect("log");
+        // The filer keeps its store (leveldb) in its working directory.
         Command::new(&self.weed)
+            .current_dir(&self.dir)
             .args(args)
             .stdout(Stdio::null())
             .stderr(log)
@@ -191,7 +194,12 @@ impl Cluster {
         self.others.push(("s3", gw));
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", s)).is_err() {
-            assert!(Instant::now() < deadline, "the S3 gateway never listened");
+            assert!(
+                Instant::now() < deadline,
+                "the S3 gateway never listened:\n{}\nfiler:\n{}",
+                tail(&self.dir.join("s3.log")),
+                tail(&self.dir.join("filer.log"))
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -323,6 +331,13 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// The last lines of a log.
+fn tail(p: &Path) -> String {
+    let t = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = t.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
 /// The environment a target's `replog` processes need for the cluster.
