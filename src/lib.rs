@@ -35,6 +35,8 @@ pub mod replication;
 pub mod serve;
 pub mod site;
 pub mod storage;
+#[doc(hidden)]
+pub mod testkit;
 pub mod volume;
 
 pub use error::{Error, Result};

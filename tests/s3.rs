@@ -368,16 +368,7 @@ fn a_receiver_killed_between_a_data_put_and_its_manifest_resumes_and_the_orphan_
 
 /// The bucket, as the tests' own client.
 fn replica_objects(cluster: &Cluster) -> replog::replica::objects::S3Objects {
-    use replog::replica::objects::{Credentials, S3Location, S3Objects};
-    S3Objects::new(
-        &S3Location::parse(&format!("s3://{}", seaweed::BUCKET)).expect("location"),
-        &replog::config::S3Settings {
-            endpoint: cluster.endpoint(),
-            ..Default::default()
-        },
-        Credentials::new(seaweed::ACCESS_KEY, seaweed::SECRET_KEY),
-    )
-    .expect("store")
+    cluster.0.bucket().expect("bucket")
 }
 
 #[test]
@@ -443,7 +434,7 @@ fn the_store_down_is_a_warning_with_retries_then_replication_converges() {
     };
     let (src, dst, addr) = s3_pair(tmp.path(), &cluster, "down", "32M");
     edit_config(&dst, |c| c.replica.s3.timeout_ms = 2000);
-    let _target = S3Target::start(&dst, &addr, &[]);
+    let target = S3Target::start(&dst, &addr, &[]);
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
     let os = served.disk("os");
     write_some(&os, 1, 20);
@@ -458,7 +449,13 @@ fn the_store_down_is_a_warning_with_retries_then_replication_converges() {
     let reason = st["machines"][0]["reason"].as_str().unwrap_or("").to_string();
     assert!(reason.contains("retry"), "the retry schedule is named: {reason}");
     assert!(reason.contains("unreachable"), "{reason}");
+    // A target started while its store is down starts all the same, and takes its
+    // replicas up once the store answers.
+    drop(target);
+    let target = S3Target::start(&dst, &addr, &[]);
+    write_some(&os, 3, 10);
     cluster.start_gateway();
+    let _ = &target;
     caught_up(&src);
     assert!(restore_os(&dst, "latest", &tmp.path().join("r")) == read_all(&os));
 }

@@ -79,6 +79,14 @@ impl std::fmt::Debug for Registry {
     }
 }
 
+/// How often serve tries again to load the replicas of a store it could not reach.
+const REPLICA_LOAD_RETRY: Duration = Duration::from_secs(3);
+
+/// An object store that did not answer (as opposed to one that refused).
+fn store_unreachable(e: &Error) -> bool {
+    matches!(e, Error::Store { transient: true, .. })
+}
+
 /// How often a replica's status is worked out again.
 const REPLICA_STATUS_EVERY: Duration = Duration::from_secs(2);
 
@@ -132,11 +140,55 @@ impl Registry {
     }
 
     /// Open every machine of the site and start every replica's loop.
+    ///
+    /// A replica store in an object store that cannot be reached does not stop
+    /// serve: its machines open, and the replicas are taken up once the store
+    /// answers (tried every few seconds; senders are refused as unavailable
+    /// meanwhile and retry). A store that refuses for good (credentials, bucket)
+    /// stops it, saying why.
     pub fn start(&self) -> Result<()> {
-        crate::failover::reconcile(&self.site, &self.replicas)?;
+        let reconciled = crate::failover::reconcile(&self.site, &self.replicas);
+        if let Err(e) = &reconciled {
+            if !store_unreachable(e) {
+                return reconciled.map(|_| ());
+            }
+        }
         for name in self.site.machines()? {
             self.open(&name)?;
         }
+        match reconciled.and_then(|_| self.add_replicas()) {
+            Err(e) if store_unreachable(&e) => {
+                tracing::warn!("replicas not loaded, the store is unreachable: {e}; trying again");
+                let me = self.me.clone();
+                std::thread::Builder::new()
+                    .name("replicas-load".into())
+                    .spawn(move || loop {
+                        std::thread::sleep(REPLICA_LOAD_RETRY);
+                        let Some(r) = me.upgrade() else { return };
+                        let loaded = crate::failover::reconcile(&r.site, &r.replicas)
+                            .and_then(|_| r.add_replicas());
+                        match loaded {
+                            Ok(()) => {
+                                tracing::info!("replica store reachable: replicas loaded");
+                                return;
+                            }
+                            Err(e) if store_unreachable(&e) => {
+                                tracing::warn!("replica store still unreachable: {e}")
+                            }
+                            Err(e) => {
+                                tracing::error!("replicas not loaded: {e}");
+                                return;
+                            }
+                        }
+                    })
+                    .map_err(|e| Error::io("spawn", self.path(), e))?;
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    fn add_replicas(&self) -> Result<()> {
         for name in self.replicas.machines()? {
             self.add_replica(&name);
         }
