@@ -36,6 +36,8 @@ mod plan;
 mod replica;
 #[path = "bench/resync.rs"]
 mod resync;
+#[path = "bench/s3.rs"]
+mod s3;
 #[path = "bench/util.rs"]
 mod util;
 use util::*;
@@ -328,12 +330,17 @@ fn run(args: &Args) -> Result<()> {
             figures.push(b.write_amplification()?);
         }
         if [
-            "ship", "initial", "restore", "view", "resync", "failover", "failback",
+            "ship", "initial", "restore", "view", "resync", "failover", "failback", "s3",
         ]
         .iter()
         .any(|g| want(g))
         {
             let target = replica::TargetSite::start(&b)?;
+            if want("s3") {
+                let s3 = s3::S3Target::start(&b)?;
+                figures.push(b.s3_vs_local(&target, &s3)?);
+                figures.push(b.s3_fleet(&s3)?);
+            }
             if want("ship") {
                 figures.push(b.ship_throughput(&target)?);
             }

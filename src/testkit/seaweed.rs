@@ -31,6 +31,15 @@ pub fn find_weed() -> Option<PathBuf> {
     .find(|p| p.is_file())
 }
 
+/// SeaweedFS's replica placement: `002` (three copies on three servers of one rack),
+/// or `REPLOG_SEAWEED_REPLICATION` (benchmarks: what the copies cost).
+pub fn replication() -> String {
+    std::env::var("REPLOG_SEAWEED_REPLICATION")
+        .ok()
+        .filter(|r| r.len() == 3 && r.bytes().all(|b| b.is_ascii_digit()))
+        .unwrap_or_else(|| "002".into())
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -103,7 +112,7 @@ impl Cluster {
                 &format!("-port={}", m.0),
                 &format!("-port.grpc={}", m.1),
                 &format!("-mdir={}", mdir.display()),
-                "-defaultReplication=002",
+                &format!("-defaultReplication={}", replication()),
                 "-volumeSizeLimitMB=64",
                 "-telemetry=false",
             ],
@@ -123,7 +132,7 @@ impl Cluster {
                 &format!("-port={}", f.0),
                 &format!("-port.grpc={}", f.1),
                 &format!("-master=127.0.0.1:{}.{}", m.0, m.1),
-                "-defaultReplicaPlacement=002",
+                &format!("-defaultReplicaPlacement={}", replication()),
             ],
         )?;
         c.others.push(("filer", filer));

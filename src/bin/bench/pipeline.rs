@@ -8,11 +8,11 @@ use super::{
     drop_caches, mb_per_s, median, pattern_at, progress, settle, Bench, Figure, Result, GIB, KIB,
     MIB,
 };
-use replog::replication::shipper::Shipper;
+use replog::replication::shipper::{ShipReport, Shipper};
 use replog::{Machine, Volume};
 use std::fs;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// This process's bytes sent towards storage so far (`/proc/self/io`: write_bytes
 /// less cancelled_write_bytes; counted when a page is dirtied, mapped pages included).
@@ -57,24 +57,8 @@ impl Bench {
             "{NAME}: {} MiB of sealed segments to a target over TLS on loopback",
             size / MIB
         ));
-        self.site.create_disk("ship", "d0", size, None)?;
-        let m = self.site.open_machine("ship")?;
-        let v = m.volume("d0")?;
-        let mut shipper = Shipper::new(self.site.path(), &m, &t.addr);
-        // Protected, initial copy (of an empty disk) done: from here on only deltas.
-        shipper.ship_once(&m)?;
-        settle();
-        let t0 = Instant::now();
-        self.write_stream(&m, &v, size, 5)?;
-        let append = t0.elapsed();
-        settle();
-        let t0 = Instant::now();
-        let r = shipper.ship_once(&m)?;
-        let ship = t0.elapsed();
+        let (r, ship, append) = self.ship_sealed(t, "ship", size)?;
         let (ours, theirs) = (mb_per_s(r.bytes, ship), mb_per_s(size, append));
-        drop(v);
-        m.close()?;
-        fs::remove_dir_all(self.site.machine_dir("ship")?)?;
         Ok(Figure::versus(
             NAME,
             ours,
@@ -90,6 +74,35 @@ impl Bench {
                 append.as_secs_f64()
             ),
         ))
+    }
+
+    /// Write `size` of incompressible data to a new machine `name` (protected toward
+    /// `t`, its empty initial copy done), sealed; then ship it all in one pass. What
+    /// was shipped, how long shipping and appending took. The machine is removed.
+    pub fn ship_sealed(
+        &self,
+        t: &TargetSite,
+        name: &str,
+        size: u64,
+    ) -> Result<(ShipReport, Duration, Duration)> {
+        self.site.create_disk(name, "d0", size, None)?;
+        let m = self.site.open_machine(name)?;
+        let v = m.volume("d0")?;
+        let mut shipper = Shipper::new(self.site.path(), &m, &t.addr);
+        // Protected, initial copy (of an empty disk) done: from here on only deltas.
+        shipper.ship_once(&m)?;
+        settle();
+        let t0 = Instant::now();
+        self.write_stream(&m, &v, size, 5)?;
+        let append = t0.elapsed();
+        settle();
+        let t0 = Instant::now();
+        let r = shipper.ship_once(&m)?;
+        let ship = t0.elapsed();
+        drop(v);
+        m.close()?;
+        fs::remove_dir_all(self.site.machine_dir(name)?)?;
+        Ok((r, ship, append))
     }
 
     /// Initial replication of a half-full image (data in every other MiB,

@@ -32,8 +32,13 @@ pub struct TargetSite {
 
 impl TargetSite {
     pub fn start(b: &Bench) -> Result<TargetSite> {
-        let path = b.dir.join("target");
-        Site::init(&path)?;
+        Self::start_with(b, "target", replog::config::SiteConfig::default())
+    }
+
+    /// A target in `b.dir/<name>` with settings `cfg` (an S3 replica store, say).
+    pub fn start_with(b: &Bench, name: &str, cfg: replog::config::SiteConfig) -> Result<TargetSite> {
+        let path = b.dir.join(name);
+        Site::init_with(&path, cfg)?;
         let source = b.site.path();
         let (sid, tid) = (
             replog::identity::Identity::load(source)?.id(),

@@ -8,7 +8,7 @@ mod backend;
 mod s3;
 
 pub use backend::{Entry, Manifest, ObjectBackend, MANIFEST_KIND};
-pub use s3::{Credentials, S3Objects};
+pub use s3::{requests_sent, Credentials, S3Objects};
 
 use crate::error::{Error, Result};
 use parking_lot::Mutex;
