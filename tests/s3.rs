@@ -503,3 +503,81 @@ fn credentials_that_may_not_write_are_critical_with_the_stores_reason() {
     assert!(err.contains("SignatureDoesNotMatch") || err.contains("AccessDenied"), "{err}");
     assert!(!err.contains("not-the-secret"), "{err}");
 }
+
+#[test]
+fn retention_merges_in_the_bucket_and_a_failback_cycle_reprotects_into_it() {
+    let test = "retention_merges_in_the_bucket_and_a_failback_cycle_reprotects_into_it";
+    if !fuse_available(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let _sweep = MountSweep(tmp.path().to_path_buf());
+    let Some(cluster) = Cluster::start(&tmp.path().join("cluster"), test) else {
+        return;
+    };
+    // Every replog process of this test reaches the store.
+    for (k, v) in seaweed::env() {
+        std::env::set_var(k, v);
+    }
+    let (a, b, addr_b) = s3_pair(tmp.path(), &cluster, "cycle", "32M");
+    fast_replication(&b);
+    let addr_a = format!("127.0.0.1:{}", free_port());
+    let sb = Served::start(&b, &tmp.path().join("b-mnt"), &["--listen", &addr_b]);
+    let sa = Served::start(&a, &tmp.path().join("a-mnt"), &["--listen", &addr_a]);
+    write_some(&sa.disk("os"), 1, 30);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = replog()
+            .arg("protect")
+            .arg(&a)
+            .arg("vm1")
+            .args(["--target", &addr_b, "--retention", "2s", "--app-retention", "2s"])
+            .output()
+            .expect("protect");
+        if o.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", String::from_utf8_lossy(&o.stderr));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_shipped(&a);
+    let oldest = |site: &Path| -> u64 {
+        let p = run_ok(replog().arg("points").arg(site).arg("vm1").arg("--json"));
+        let p: serde_json::Value = serde_json::from_str(&p).expect("json");
+        p["points"][0]["lsn"].as_u64().expect("a point")
+    };
+    let first = oldest(&b);
+    // Points expire after 2 s and the target compactor folds them into parent chunks
+    // in the bucket (new chunk objects, the old ones collected later).
+    for round in 2..6 {
+        write_some(&sa.disk("os"), round, 20);
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    wait_shipped(&a);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while oldest(&b) <= first {
+        assert!(Instant::now() < deadline, "no point ever expired");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(restore_os(&b, "latest", &tmp.path().join("r1")) == read_all(&sa.disk("os")));
+
+    // Planned failover to B, commit, reprotect B → A (A's local directory holds the
+    // replica); then back: planned failover to A, commit, reprotect A → B — B's old
+    // primary becomes the replica, seeded from its own disks, into the bucket.
+    let stage = |from: &Path, to: &Path, back: &str| {
+        run_ok(replog().arg("failover").arg(from).arg("vm1").arg("--planned"));
+        run_ok(replog().arg("commit").arg(to).arg("vm1"));
+        run_ok(replog().arg("reprotect").arg(to).arg("vm1").args(["--target", back]));
+    };
+    stage(&a, &b, &addr_a);
+    write_some(&sb.disk("os"), 7, 20);
+    wait_shipped(&b);
+    stage(&b, &a, &addr_b);
+    write_some(&sa.disk("os"), 8, 20);
+    wait_shipped(&a);
+    assert!(restore_os(&b, "latest", &tmp.path().join("r2")) == read_all(&sa.disk("os")));
+    assert!(!b.join("replicas").exists(), "the replica went to the bucket");
+    assert!(cluster.keys("cycle/vm1/m/").len() >= 1);
+    sa.stop();
+    sb.stop();
+}

@@ -113,7 +113,7 @@ impl Cluster {
                 &format!("-port.grpc={}", m.1),
                 &format!("-mdir={}", mdir.display()),
                 &format!("-defaultReplication={}", replication()),
-                "-volumeSizeLimitMB=64",
+                "-volumeSizeLimitMB=256",
                 "-telemetry=false",
             ],
         )?;
@@ -168,7 +168,7 @@ impl Cluster {
                 &format!("-port.grpc={}", p.1),
                 &format!("-dir={}", vdir.display()),
                 &format!("-mserver=127.0.0.1:{}.{}", self.master.0, self.master.1),
-                "-max=16",
+                "-max=64",
                 "-preStopSeconds=0",
                 "-minFreeSpace=64MiB",
             ],

@@ -97,7 +97,25 @@ impl Bench {
         let append = t0.elapsed();
         settle();
         let t0 = Instant::now();
-        let r = shipper.ship_once(&m)?;
+        // As serve's loop does: a pass that fails in passing is tried again (each
+        // try resumes where the last one's acknowledgements left off).
+        let mut r = ShipReport::default();
+        let mut tries = 0;
+        loop {
+            match shipper.ship_once(&m) {
+                Ok(pass) => {
+                    r.bytes += pass.bytes;
+                    r.segments += pass.segments;
+                    break;
+                }
+                Err(e) if e.class() == replog::error::ErrorClass::Retry && tries < 5 => {
+                    progress(&format!("{name}: a pass failed in passing, again: {e}"));
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let ship = t0.elapsed();
         drop(v);
         m.close()?;
