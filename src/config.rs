@@ -192,11 +192,17 @@ impl ReplicaConfig {
                 self.store
             )));
         }
-        if !(self.s3.endpoint.starts_with("http://") || self.s3.endpoint.starts_with("https://"))
-        {
+        if !(self.s3.endpoint.starts_with("http://") || self.s3.endpoint.starts_with("https://")) {
             return Err(Error::InvalidInput(format!(
                 "replica.s3.endpoint = {:?} is not an http:// or https:// URL",
                 self.s3.endpoint
+            )));
+        }
+        if self.s3.gc_grace_ms < 1000 {
+            return Err(Error::InvalidInput(format!(
+                "replica.s3.gc_grace_ms = {} is less than 1000: readers need at least a \
+                 second (an hour is the default)",
+                self.s3.gc_grace_ms
             )));
         }
         if self.s3.timeout_ms == 0 {

@@ -146,7 +146,10 @@ pub fn inspect(path: &Path) -> Result<Report> {
         // Only a site that holds replicas has (or needs) a replica key: inspect
         // never creates one.
         if path.join(crate::replica::store::REPLICAS_DIR).is_dir()
-            || !crate::site::Site::read_config(path)?.replica.store.is_empty()
+            || !crate::site::Site::read_config(path)?
+                .replica
+                .store
+                .is_empty()
         {
             let replicas = Replicas::local(path)?;
             for m in replicas.machines()? {

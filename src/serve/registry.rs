@@ -84,7 +84,13 @@ const REPLICA_LOAD_RETRY: Duration = Duration::from_secs(3);
 
 /// An object store that did not answer (as opposed to one that refused).
 fn store_unreachable(e: &Error) -> bool {
-    matches!(e, Error::Store { transient: true, .. })
+    matches!(
+        e,
+        Error::Store {
+            transient: true,
+            ..
+        }
+    )
 }
 
 /// How often a replica's status is worked out again.

@@ -143,7 +143,8 @@ impl Cluster {
 
     fn spawn(&self, name: &str, args: &[&str]) -> Result<Child> {
         let log_path = self.dir.join(format!("{name}.log"));
-        let log = std::fs::File::create(&log_path).map_err(|e| Error::io("create", &log_path, e))?;
+        let log =
+            std::fs::File::create(&log_path).map_err(|e| Error::io("create", &log_path, e))?;
         // The filer keeps its store (leveldb) in its working directory.
         Command::new(&self.weed)
             .current_dir(&self.dir)
@@ -249,9 +250,7 @@ impl Cluster {
             if Instant::now() > deadline {
                 return Err(failed(format!("the cluster never took a write: {last}")));
             }
-            let url = bucket
-                .create_bucket(&creds)
-                .sign(Duration::from_secs(60));
+            let url = bucket.create_bucket(&creds).sign(Duration::from_secs(60));
             let made = agent.put(url.as_str()).send(&[][..]);
             let url = bucket
                 .put_object(Some(&creds), "ready")
@@ -301,8 +300,8 @@ impl Cluster {
     /// A credentials file (mode 0600) with the cluster's key, for `[replica.s3]
     /// credentials_file`.
     pub fn credentials_file(&self) -> Result<PathBuf> {
-        use std::os::unix::fs::OpenOptionsExt;
         use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let p = self.dir.join("credentials");
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -353,4 +352,3 @@ fn tail(p: &Path) -> String {
     let lines: Vec<&str> = t.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
-

@@ -4,6 +4,7 @@
 //! never pass unnoticed.
 #![allow(dead_code)]
 
+#[allow(unused_imports)]
 pub use replog::testkit::seaweed::{ACCESS_KEY, BUCKET, READER_KEY, READER_SECRET, SECRET_KEY};
 use std::path::Path;
 

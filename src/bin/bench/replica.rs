@@ -36,7 +36,11 @@ impl TargetSite {
     }
 
     /// A target in `b.dir/<name>` with settings `cfg` (an S3 replica store, say).
-    pub fn start_with(b: &Bench, name: &str, cfg: replog::config::SiteConfig) -> Result<TargetSite> {
+    pub fn start_with(
+        b: &Bench,
+        name: &str,
+        cfg: replog::config::SiteConfig,
+    ) -> Result<TargetSite> {
         let path = b.dir.join(name);
         Site::init_with(&path, cfg)?;
         let source = b.site.path();

@@ -185,7 +185,14 @@ impl Bench {
                         while t0.elapsed() < Duration::from_secs(secs) {
                             for _ in 0..4 {
                                 let off = (at * 64 * KIB) % (64 * MIB);
-                                v.write(off, pattern_at(pattern, (i as u64 * 977 + at) * 4096, (64 * KIB) as usize))?;
+                                v.write(
+                                    off,
+                                    pattern_at(
+                                        pattern,
+                                        (i as u64 * 977 + at) * 4096,
+                                        (64 * KIB) as usize,
+                                    ),
+                                )?;
                                 at += 1;
                             }
                             m.flush()?;
@@ -213,7 +220,9 @@ impl Bench {
                 .into_iter()
                 .map(|h| {
                     h.join().unwrap_or_else(|_| {
-                        Err(replog::Error::InvalidInput("a machine's thread panicked".into()))
+                        Err(replog::Error::InvalidInput(
+                            "a machine's thread panicked".into(),
+                        ))
                     })
                 })
                 .collect();

@@ -75,7 +75,10 @@ pub struct Manifest {
 pub enum Entry {
     Inline(#[serde(with = "serde_bytes")] Vec<u8>),
     /// `name` is relative to the machine (`d/<rel>~<writer>-<n>`).
-    Object { name: String, len: u64 },
+    Object {
+        name: String,
+        len: u64,
+    },
 }
 
 impl Manifest {
@@ -161,7 +164,11 @@ pub struct ObjectBackend {
 
 impl fmt::Debug for ObjectBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ObjectBackend({:?}, writer {:016x})", self.objects, self.writer)
+        write!(
+            f,
+            "ObjectBackend({:?}, writer {:016x})",
+            self.objects, self.writer
+        )
     }
 }
 
@@ -175,10 +182,14 @@ fn split(key: &str) -> Result<(&str, &str)> {
     Ok(key.split_once('/').unwrap_or((key, "")))
 }
 
-
 impl ObjectBackend {
     /// Over `objects`, with locks and pins in `local` (a directory backend).
-    pub fn new(objects: Arc<dyn ObjectStore>, local: DirBackend, grace: Duration, unfenced: bool) -> Self {
+    pub fn new(
+        objects: Arc<dyn ObjectStore>,
+        local: DirBackend,
+        grace: Duration,
+        unfenced: bool,
+    ) -> Self {
         let mut b = [0u8; 8];
         let _ = getrandom::fill(&mut b);
         ObjectBackend {
@@ -273,7 +284,11 @@ impl ObjectBackend {
                 return Manifest::decode(&b, &self.objects.locate(&key));
             }
         }
-        Err(self.store_err(m, "its manifests change faster than they can be read".into(), true))
+        Err(self.store_err(
+            m,
+            "its manifests change faster than they can be read".into(),
+            true,
+        ))
     }
 
     fn cell(&self, m: &str) -> Result<Arc<Mutex<Machine>>> {
@@ -324,7 +339,42 @@ impl ObjectBackend {
         );
         tracing::error!(machine = m, "{what}");
         st.fenced = Some(what.clone());
+        // No longer a writer: reads take the newest manifest again.
+        st.wrote = false;
+        st.loaded_at = Instant::now() - READ_TTL * 2;
         self.store_err(m, what, false)
+    }
+
+    /// Check that the chain still ends at this process's base: manifests after it
+    /// that are this writer's own (commits whose answers were lost) are taken as the
+    /// base; one of another writer fences.
+    fn verify_chain(&self, m: &str, st: &mut Machine) -> Result<()> {
+        let latest = self.latest_seq(m)?;
+        if latest < st.base.seq {
+            let why = format!(
+                "its newest manifest is {latest}, before this process's {}",
+                st.base.seq
+            );
+            return Err(self.fence(m, st, &why));
+        }
+        for seq in st.base.seq + 1..=latest {
+            let key = manifest_key(m, seq);
+            let own = self
+                .objects
+                .get(&key)?
+                .map(|b| Manifest::decode(&b, &self.objects.locate(&key)))
+                .transpose()?
+                .filter(|t| t.writer == self.writer);
+            match own {
+                Some(t) => st.base = Arc::new(t),
+                None => {
+                    let why = format!("manifest {seq} is not this process's");
+                    return Err(self.fence(m, st, &why));
+                }
+            }
+        }
+        st.verified_at = Instant::now();
+        Ok(())
     }
 
     /// Commit manifest `seq + 1` = this process's base changed by `change`.
@@ -340,15 +390,14 @@ impl ObjectBackend {
             return Err(self.store_err(m, why.clone(), false));
         }
         if st.foreign && !st.wrote {
-            return Err(self.fence(m, &mut st, "its manifest changed after this process read it"));
+            return Err(self.fence(
+                m,
+                &mut st,
+                "its manifest changed after this process read it",
+            ));
         }
         if st.verified_at.elapsed() > self.grace / 2 {
-            let latest = self.latest_seq(m)?;
-            if latest != st.base.seq {
-                let why = format!("manifest {latest} is newer than this process's {}", st.base.seq);
-                return Err(self.fence(m, &mut st, &why));
-            }
-            st.verified_at = Instant::now();
+            self.verify_chain(m, &mut st)?;
         }
         loop {
             let now = self.now_ns();
@@ -397,6 +446,18 @@ impl ObjectBackend {
         Ok(name)
     }
 
+    /// After a failed commit: its objects are nobody's now (collected as orphans).
+    fn forget_pending(&self, m: &str, named: &[String], done: &Result<()>) {
+        if done.is_err() {
+            if let Some(c) = self.machines.lock().get(m) {
+                let mut st = c.lock();
+                for n in named {
+                    st.pending.remove(n);
+                }
+            }
+        }
+    }
+
     /// Write `bytes` as a new data object of `m`; the entry that names it.
     fn put_data(&self, m: &str, rel: &str, bytes: &[u8]) -> Result<(String, Entry)> {
         if bytes.len() <= INLINE_MAX {
@@ -415,26 +476,37 @@ impl ObjectBackend {
     /// objects deleted.
     pub fn collect_machine(&self, m: &str) -> Result<u64> {
         let cell = self.cell(m)?;
+        if !cell.lock().wrote {
+            return Ok(0);
+        }
+        // Listed before this process's state is taken: an object named after the
+        // listing is not in it, one named before it is in the state.
+        let manifests: Vec<ObjectInfo> = self.objects.list(&format!("{m}/m/"))?;
+        let data: Vec<ObjectInfo> = self.objects.list(&format!("{m}/d/"))?;
         let (base, pending) = {
-            let st = cell.lock();
+            let mut st = cell.lock();
             if !st.wrote || st.fenced.is_some() {
+                return Ok(0);
+            }
+            // Another writer took the replica over since this process's last commit:
+            // its objects are not ours to judge.
+            let newest = manifests
+                .last()
+                .and_then(|o| o.key.rsplit('/').next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            if newest != st.base.seq {
+                self.verify_chain(m, &mut st)?;
                 return Ok(0);
             }
             (st.base.clone(), st.pending.clone())
         };
-        if !self
-            .local
-            .live_pins(&format!("{m}/{}", crate::replica::store::PINS))?
-            .is_empty()
-        {
-            return Ok(0);
-        }
+        // Readers on this host and elsewhere take the newest manifest at most a
+        // second before they read what it names: the grace period covers them.
         let now = self.now_ns();
         let grace = self.grace.as_nanos() as u64;
         let old = |t: u64| now.saturating_sub(t) > grace;
         let mut gone = Vec::new();
         // Manifests: k may go once k + 1 has existed for the grace period.
-        let manifests: Vec<ObjectInfo> = self.objects.list(&format!("{m}/m/"))?;
         for pair in manifests.windows(2) {
             if let [a, b] = pair {
                 if old(b.modified_ns) {
@@ -460,7 +532,7 @@ impl ObjectBackend {
             })
             .chain(base.dropped.iter().map(|(n, _)| n.as_str()))
             .collect();
-        for o in self.objects.list(&format!("{m}/d/"))? {
+        for o in data {
             let Some(rel) = o.key.strip_prefix(&format!("{m}/")) else {
                 continue;
             };
@@ -474,9 +546,15 @@ impl ObjectBackend {
         self.objects.delete(&gone)?;
         if !dropped_old.is_empty() {
             let forget: BTreeSet<String> = dropped_old.into_iter().collect();
-            self.commit(m, &[], &|mf, _| mf.dropped.retain(|(n, _)| !forget.contains(n)))?;
+            self.commit(m, &[], &|mf, _| {
+                mf.dropped.retain(|(n, _)| !forget.contains(n))
+            })?;
         }
-        tracing::debug!(machine = m, objects = gone.len(), "collected replica objects");
+        tracing::debug!(
+            machine = m,
+            objects = gone.len(),
+            "collected replica objects"
+        );
         Ok(gone.len() as u64)
     }
 }
@@ -517,11 +595,15 @@ impl ReplicaBackend for ObjectBackend {
     fn put(&self, key: &str, bytes: &[u8]) -> Result<()> {
         let (m, rel) = split(key)?;
         if rel.is_empty() {
-            return Err(Error::InvalidInput(format!("{key:?} names a replica, not an object")));
+            return Err(Error::InvalidInput(format!(
+                "{key:?} names a replica, not an object"
+            )));
         }
         let (name, entry) = self.put_data(m, rel, bytes)?;
         let named: Vec<String> = (!name.is_empty()).then_some(name).into_iter().collect();
-        self.commit(m, &named, &|mf, now| mf.set(rel, entry.clone(), now))
+        let done = self.commit(m, &named, &|mf, now| mf.set(rel, entry.clone(), now));
+        self.forget_pending(m, &named, &done);
+        done
     }
 
     fn put_if_absent(&self, key: &str, bytes: &[u8]) -> Result<bool> {
@@ -538,7 +620,9 @@ impl ReplicaBackend for ObjectBackend {
         for (k, v) in items {
             let (m, rel) = split(k)?;
             if rel.is_empty() {
-                return Err(Error::InvalidInput(format!("{k:?} names a replica, not an object")));
+                return Err(Error::InvalidInput(format!(
+                    "{k:?} names a replica, not an object"
+                )));
             }
             by_machine.entry(m).or_default().push((rel, v));
         }
@@ -571,11 +655,13 @@ impl ReplicaBackend for ObjectBackend {
                 .filter(|(_, n, _)| !n.is_empty())
                 .map(|(_, n, _)| n.clone())
                 .collect();
-            self.commit(m, &named, &|mf, now| {
+            let done = self.commit(m, &named, &|mf, now| {
                 for (rel, _, e) in &written {
                     mf.set(rel, e.clone(), now);
                 }
-            })?;
+            });
+            self.forget_pending(m, &named, &done);
+            done?;
         }
         Ok(())
     }
@@ -593,14 +679,14 @@ impl ReplicaBackend for ObjectBackend {
         } else {
             format!("{rel}/")
         };
-        let mut names: Vec<String> = view
+        // Sorted by name, as a directory lists (`parent` before `parent.meta`).
+        let names: BTreeSet<String> = view
             .entries
             .range(under.clone()..)
             .take_while(|(k, _)| k.starts_with(&under))
             .filter_map(|(k, _)| k[under.len()..].split('/').next().map(str::to_string))
             .collect();
-        names.dedup();
-        Ok(names)
+        Ok(names.into_iter().collect())
     }
 
     fn exists(&self, key: &str) -> Result<bool> {
@@ -660,6 +746,12 @@ impl ReplicaBackend for ObjectBackend {
                 }
             });
         }
+        // Under the machine's lock, and marked gone for every holder of its state: a
+        // commit waiting for the lock must not bring the replica back.
+        let cell = self.cell(m)?;
+        let mut st = cell.lock();
+        st.fenced = Some(format!("replica {m} was removed"));
+        st.wrote = false;
         let mut manifests: Vec<String> = self
             .objects
             .list(&format!("{m}/m/"))?
@@ -677,6 +769,7 @@ impl ReplicaBackend for ObjectBackend {
             .map(|o| o.key)
             .collect();
         self.objects.delete(&data)?;
+        drop(st);
         self.machines.lock().remove(m);
         Ok(())
     }
@@ -800,7 +893,7 @@ mod tests {
         let big = vec![3u8; 9000];
         b.put("vm1/parent/1/0.enc", &big).unwrap();
         b.put("vm1/parent/1/0.enc", &vec![4u8; 9000]).unwrap(); // drops the first
-        // A crashed writer's object: PUT, never named.
+                                                                // A crashed writer's object: PUT, never named.
         o.put("vm1/d/parent/1/5.enc~dead-0", &big).unwrap();
         let before = o.keys();
         assert_eq!(b.collect("vm1").unwrap(), 0, "nothing is old enough yet");
@@ -814,8 +907,14 @@ mod tests {
         assert_eq!(n, 2 + 1, "two objects and manifest 1");
         assert!(!o.keys().iter().any(|k| k.contains("dead")));
         assert_eq!(data(&o), 1);
-        assert_eq!(b.get("vm1/parent/1/0.enc").unwrap().unwrap(), vec![4u8; 9000]);
-        assert_eq!(backend(&o).get("vm1/parent/1/0.enc").unwrap().unwrap(), vec![4u8; 9000]);
+        assert_eq!(
+            b.get("vm1/parent/1/0.enc").unwrap().unwrap(),
+            vec![4u8; 9000]
+        );
+        assert_eq!(
+            backend(&o).get("vm1/parent/1/0.enc").unwrap().unwrap(),
+            vec![4u8; 9000]
+        );
         // Forgetting the dropped object was a commit; the newest manifest stays.
         assert_eq!(b.latest_seq("vm1").unwrap(), 3);
         assert!(b.list("vm1").is_ok());
@@ -860,6 +959,64 @@ mod tests {
         assert!(!b.exists("vm1").unwrap());
         assert!(o.keys().iter().all(|k| !k.starts_with("vm1/")));
         assert_eq!(b.list("").unwrap(), vec!["vm2".to_string()]);
+    }
+
+    #[test]
+    fn a_commit_whose_answer_was_lost_is_taken_up_not_fenced() {
+        let o = Arc::new(MemObjects::new());
+        let b = ObjectBackend::new(
+            o.clone(),
+            DirBackend::new(Arc::new(MemStorage::new()), "/state"),
+            Duration::from_millis(20),
+            false,
+        );
+        b.put("vm1/received", b"1").unwrap();
+        // Manifest 2 of this very writer landed, its answer lost: the process still
+        // stands on 1.
+        let mut landed =
+            Manifest::decode(&o.get("vm1/m/00000000000000000001").unwrap().unwrap(), "m").unwrap();
+        landed.seq = 2;
+        landed.set("received", Entry::Inline(b"2".to_vec()), 0);
+        o.put("vm1/m/00000000000000000002", &landed.encode().unwrap())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(30)); // past half the grace period
+        b.put("vm1/received", b"3").unwrap();
+        assert_eq!(b.latest_seq("vm1").unwrap(), 3);
+        assert_eq!(backend(&o).get("vm1/received").unwrap().unwrap(), b"3");
+    }
+
+    #[test]
+    fn a_stale_writer_never_collects_the_new_writers_objects() {
+        let o = Arc::new(MemObjects::new());
+        let stale = backend(&o);
+        stale
+            .put("vm1/segments/1.seg.enc", &vec![1u8; 9000])
+            .unwrap();
+        let new = backend(&o);
+        new.get("vm1/segments/1.seg.enc").unwrap();
+        new.put("vm1/segments/2.seg.enc", &vec![2u8; 9000]).unwrap();
+        o.advance(GRACE.as_nanos() as u64 * 2);
+        stale.advance_clock(GRACE.as_nanos() as u64 * 2);
+        // The stale one never wrote again, so it was never fenced by a commit: its
+        // collection must find out, and delete nothing.
+        assert!(stale.collect("vm1").is_err());
+        assert_eq!(
+            new.get("vm1/segments/2.seg.enc").unwrap().unwrap(),
+            vec![2u8; 9000]
+        );
+        assert_eq!(
+            backend(&o).get("vm1/segments/2.seg.enc").unwrap().unwrap(),
+            vec![2u8; 9000]
+        );
+    }
+
+    #[test]
+    fn names_list_in_order_as_a_directory_lists_them() {
+        let o = Arc::new(MemObjects::new());
+        let b = backend(&o);
+        b.put("vm1/parent.meta", b"m").unwrap();
+        b.put("vm1/parent/1/0.enc", b"c").unwrap();
+        assert_eq!(b.list("vm1").unwrap(), vec!["parent", "parent.meta"]);
     }
 
     #[test]

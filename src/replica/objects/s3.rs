@@ -167,10 +167,7 @@ impl S3Objects {
             .into();
         Ok(S3Objects {
             bucket,
-            credentials: rusty_s3::Credentials::new(
-                creds.access_key_id,
-                creds.secret_access_key,
-            ),
+            credentials: rusty_s3::Credentials::new(creds.access_key_id, creds.secret_access_key),
             url: format!("s3://{}/{}", location.bucket, location.prefix),
             prefix: location.prefix.clone(),
             agent,
@@ -225,11 +222,7 @@ impl S3Objects {
             what: "no answer".into(),
             transient: true,
         });
-        Err(self.err(
-            key,
-            format!("{} ({TRIES} tries)", f.what),
-            true,
-        ))
+        Err(self.err(key, format!("{} ({TRIES} tries)", f.what), true))
     }
 
     /// Send one signed request; a status the caller expects comes back as a Reply,
@@ -301,15 +294,21 @@ impl S3Objects {
         }
         let (code, message) = error_of(&body);
         let what = match (code.as_str(), status) {
-            ("", 403) => "access denied (403): check the credentials and the bucket's policy".into(),
+            ("", 403) => {
+                "access denied (403): check the credentials and the bucket's policy".into()
+            }
             ("", 404) => "not found (404): does the bucket exist?".into(),
             ("", s) => format!("HTTP {s}"),
             (c, s) => format!("{c} (HTTP {s}): {message}"),
         };
-        Err(Failed {
-            what,
-            transient: status >= 500 || status == 429 || status == 408,
-        })
+        // 409 ConditionalRequestConflict: two conditional writes of one key at once;
+        // 400 RequestTimeout: the body came too slowly. Both pass.
+        let transient = status >= 500
+            || status == 429
+            || status == 408
+            || status == 409
+            || code == "RequestTimeout";
+        Err(Failed { what, transient })
     }
 
     /// HEAD `key`: its sha256 metadata if it exists.
@@ -329,7 +328,9 @@ impl S3Objects {
             return self.put_parts(key, &full, bytes, &sha).map(|()| true);
         }
         let mut action = self.bucket.put_object(Some(&self.credentials), &full);
-        action.headers_mut().insert("x-amz-meta-sha256", sha.clone());
+        action
+            .headers_mut()
+            .insert("x-amz-meta-sha256", sha.clone());
         let mut headers = vec![("x-amz-meta-sha256", sha.clone())];
         if if_absent {
             action.headers_mut().insert("if-none-match", "*");
@@ -385,37 +386,45 @@ impl S3Objects {
         )?;
         let text = String::from_utf8_lossy(&r.body);
         let created = CreateMultipartUpload::parse_response(&text).map_err(|e| {
-            self.err(key, format!("a multipart answer that does not parse: {e}"), true)
+            self.err(
+                key,
+                format!("a multipart answer that does not parse: {e}"),
+                true,
+            )
         })?;
         let upload_id = created.upload_id().to_string();
-        let uploaded = self.upload_parts(key, full, bytes, &upload_id).and_then(|etags| {
-            let action = self.bucket.complete_multipart_upload(
-                Some(&self.credentials),
-                full,
-                &upload_id,
-                etags.iter().map(String::as_str),
-            );
-            let url = action.sign(SIGN_TTL);
-            let body = action.body();
-            self.call(
-                key,
-                || self.send("POST", url.as_str(), &[], Some(body.as_bytes()), &[200]),
-                || match self.head_sha(full)? {
-                    Some(Some(h)) if h == sha => Ok(Some(Reply {
-                        status: 200,
-                        body: Vec::new(),
-                        sha256: Some(h),
-                        etag: None,
-                    })),
-                    _ => Ok(None),
-                },
-            )
-        });
+        let uploaded = self
+            .upload_parts(key, full, bytes, &upload_id)
+            .and_then(|etags| {
+                let action = self.bucket.complete_multipart_upload(
+                    Some(&self.credentials),
+                    full,
+                    &upload_id,
+                    etags.iter().map(String::as_str),
+                );
+                let url = action.sign(SIGN_TTL);
+                let body = action.body();
+                self.call(
+                    key,
+                    || self.send("POST", url.as_str(), &[], Some(body.as_bytes()), &[200]),
+                    || match self.head_sha(full)? {
+                        Some(Some(h)) if h == sha => Ok(Some(Reply {
+                            status: 200,
+                            body: Vec::new(),
+                            sha256: Some(h),
+                            etag: None,
+                        })),
+                        _ => Ok(None),
+                    },
+                )
+            });
         match uploaded {
             Ok(r) => {
                 // A completion can fail inside a 200 (S3 documents it): an Error body.
                 let (code, message) = error_of(&r.body);
-                if !code.is_empty() && !String::from_utf8_lossy(&r.body).contains("CompleteMultipartUploadResult") {
+                if !code.is_empty()
+                    && !String::from_utf8_lossy(&r.body).contains("CompleteMultipartUploadResult")
+                {
                     return Err(self.err(key, format!("{code}: {message}"), true));
                 }
                 Ok(())
@@ -432,7 +441,13 @@ impl S3Objects {
     }
 
     /// Every part of `bytes`, several at once; their ETags in order.
-    fn upload_parts(&self, key: &str, full: &str, bytes: &[u8], upload_id: &str) -> Result<Vec<String>> {
+    fn upload_parts(
+        &self,
+        key: &str,
+        full: &str,
+        bytes: &[u8],
+        upload_id: &str,
+    ) -> Result<Vec<String>> {
         let parts: Vec<&[u8]> = bytes.chunks(PART_BYTES).collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
         let etags = parking_lot::Mutex::new(vec![String::new(); parts.len()]);
@@ -458,7 +473,11 @@ impl S3Objects {
                                 || Ok(None),
                             )?;
                             let etag = r.etag.ok_or_else(|| {
-                                self.err(key, format!("part {number} answered without an ETag"), true)
+                                self.err(
+                                    key,
+                                    format!("part {number} answered without an ETag"),
+                                    true,
+                                )
                             })?;
                             etags.lock()[i] = etag;
                         }
@@ -511,7 +530,8 @@ impl S3Objects {
                         .as_deref()
                         .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
                         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map_or(0, |d| d.as_nanos() as u64),
+                        // A time that does not parse never makes an object old.
+                        .map_or(u64::MAX, |d| d.as_nanos() as u64),
                 });
             }
             for p in page.common_prefixes {
@@ -595,7 +615,15 @@ impl ObjectStore for S3Objects {
             let first = part.first().map_or("", String::as_str);
             let r = self.call(
                 first,
-                || self.send("POST", url.as_str(), &headers, Some(body.as_bytes()), &[200]),
+                || {
+                    self.send(
+                        "POST",
+                        url.as_str(),
+                        &headers,
+                        Some(body.as_bytes()),
+                        &[200],
+                    )
+                },
                 || Ok(None),
             )?;
             let (code, message) = error_of(&r.body);
@@ -611,7 +639,10 @@ impl ObjectStore for S3Objects {
     }
 
     fn check_bucket(&self) -> Result<()> {
-        let url = self.bucket.head_bucket(Some(&self.credentials)).sign(SIGN_TTL);
+        let url = self
+            .bucket
+            .head_bucket(Some(&self.credentials))
+            .sign(SIGN_TTL);
         let r = self.call(
             "",
             || self.send("HEAD", url.as_str(), &[], None, &[200, 403, 404]),
@@ -703,14 +734,18 @@ mod tests {
         .unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = Credentials::load(f.to_str().unwrap()).unwrap_err().to_string();
+        let e = Credentials::load(f.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("chmod 600"), "{e}");
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = Credentials::load(f.to_str().unwrap()).unwrap();
         assert_eq!(c.access_key_id, "AKID");
         assert!(!format!("{c:?}").contains("very-secret"));
         std::fs::write(&f, "secret_access_key = \"very-secret\"\nnope = 1\n").unwrap();
-        let e = Credentials::load(f.to_str().unwrap()).unwrap_err().to_string();
+        let e = Credentials::load(f.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains("very-secret"), "{e}");
     }
 }

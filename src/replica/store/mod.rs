@@ -500,12 +500,16 @@ impl Replicas {
 
     /// The machines this site holds replicas of.
     pub fn machines(&self) -> Result<Vec<String>> {
-        Ok(self
-            .backend
-            .list("")?
-            .into_iter()
-            .filter(|m| self.has(m))
-            .collect())
+        let mut out = Vec::new();
+        for m in self.backend.list("")? {
+            // An object store that fails here says so, rather than a short list.
+            if validate_name("machine", &m).is_ok()
+                && self.backend.exists(&format!("{m}/{MANIFEST}"))?
+            {
+                out.push(m);
+            }
+        }
+        Ok(out)
     }
 
     /// Bytes free where replicas are kept.
@@ -595,7 +599,7 @@ impl Replicas {
         base: Watermark,
     ) -> Result<ReplicaStore> {
         validate_name("machine", machine)?;
-        if self.has(machine) {
+        if self.backend.exists(&format!("{machine}/{MANIFEST}"))? {
             return Err(Error::AlreadyExists(format!(
                 "a replica of {machine} exists at {}",
                 self.backend.locate(machine).display()
