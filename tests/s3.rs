@@ -162,19 +162,51 @@ fn bytes_of_replicas_in(dir: &Path) -> u64 {
     n
 }
 
+/// What every end-to-end test here starts from: a temporary directory (its mounts
+/// swept at the end), a cluster, and `s3_pair` under `prefix`. None when the test
+/// cannot run here (no FUSE, no `weed`; CI fails instead).
+struct Setup {
+    cluster: Cluster,
+    src: PathBuf,
+    dst: PathBuf,
+    addr: String,
+    _sweep: MountSweep,
+    tmp: tempfile::TempDir,
+}
+
+fn setup(test: &str, prefix: &str, size: &str) -> Option<Setup> {
+    if !fuse_available(test) {
+        return None;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let sweep = MountSweep(tmp.path().to_path_buf());
+    let cluster = Cluster::start(&tmp.path().join("cluster"), test)?;
+    let (src, dst, addr) = s3_pair(tmp.path(), &cluster, prefix, size);
+    Some(Setup {
+        cluster,
+        src,
+        dst,
+        addr,
+        _sweep: sweep,
+        tmp,
+    })
+}
+
 #[test]
 fn a_target_on_s3_receives_restores_browses_fails_over_and_keeps_no_replica_data_locally() {
     let test =
         "a_target_on_s3_receives_restores_browses_fails_over_and_keeps_no_replica_data_locally";
-    if !fuse_available(test) {
-        return;
-    }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let _sweep = MountSweep(tmp.path().to_path_buf());
-    let Some(cluster) = Cluster::start(&tmp.path().join("cluster"), test) else {
+    let Some(Setup {
+        cluster,
+        src,
+        dst,
+        addr,
+        tmp,
+        ..
+    }) = setup(test, "site-b", "32M")
+    else {
         return;
     };
-    let (src, dst, addr) = s3_pair(tmp.path(), &cluster, "site-b", "32M");
     let target = S3Target::start(&dst, &addr, &[]);
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
     let os = served.disk("os");
@@ -307,15 +339,17 @@ fn a_target_on_s3_receives_restores_browses_fails_over_and_keeps_no_replica_data
 #[test]
 fn a_volume_server_killed_while_segments_ship_changes_nothing() {
     let test = "a_volume_server_killed_while_segments_ship_changes_nothing";
-    if !fuse_available(test) {
-        return;
-    }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let _sweep = MountSweep(tmp.path().to_path_buf());
-    let Some(mut cluster) = Cluster::start(&tmp.path().join("cluster"), test) else {
+    let Some(Setup {
+        mut cluster,
+        src,
+        dst,
+        addr,
+        tmp,
+        ..
+    }) = setup(test, "vol", "32M")
+    else {
         return;
     };
-    let (src, dst, addr) = s3_pair(tmp.path(), &cluster, "vol", "32M");
     let _target = S3Target::start(&dst, &addr, &[]);
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
     let os = served.disk("os");
@@ -338,15 +372,17 @@ fn a_volume_server_killed_while_segments_ship_changes_nothing() {
 fn a_receiver_killed_between_a_data_put_and_its_manifest_resumes_and_the_orphan_is_collected() {
     let test =
         "a_receiver_killed_between_a_data_put_and_its_manifest_resumes_and_the_orphan_is_collected";
-    if !fuse_available(test) {
-        return;
-    }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let _sweep = MountSweep(tmp.path().to_path_buf());
-    let Some(cluster) = Cluster::start(&tmp.path().join("cluster"), test) else {
+    let Some(Setup {
+        cluster,
+        src,
+        dst,
+        addr,
+        tmp,
+        ..
+    }) = setup(test, "crash", "32M")
+    else {
         return;
     };
-    let (src, dst, addr) = s3_pair(tmp.path(), &cluster, "crash", "32M");
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
     let os = served.disk("os");
     write_some(&os, 1, 40);
@@ -481,15 +517,17 @@ fn of_two_receivers_for_one_replica_the_older_one_is_fenced_and_its_writes_never
 #[test]
 fn the_store_down_is_a_warning_with_retries_then_replication_converges() {
     let test = "the_store_down_is_a_warning_with_retries_then_replication_converges";
-    if !fuse_available(test) {
-        return;
-    }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let _sweep = MountSweep(tmp.path().to_path_buf());
-    let Some(mut cluster) = Cluster::start(&tmp.path().join("cluster"), test) else {
+    let Some(Setup {
+        mut cluster,
+        src,
+        dst,
+        addr,
+        tmp,
+        ..
+    }) = setup(test, "down", "32M")
+    else {
         return;
     };
-    let (src, dst, addr) = s3_pair(tmp.path(), &cluster, "down", "32M");
     edit_config(&dst, |c| c.replica.s3.timeout_ms = 2000);
     let target = S3Target::start(&dst, &addr, &[]);
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
@@ -525,15 +563,17 @@ fn the_store_down_is_a_warning_with_retries_then_replication_converges() {
 #[test]
 fn credentials_that_may_not_write_are_critical_with_the_stores_reason() {
     let test = "credentials_that_may_not_write_are_critical_with_the_stores_reason";
-    if !fuse_available(test) {
-        return;
-    }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let _sweep = MountSweep(tmp.path().to_path_buf());
-    let Some(cluster) = Cluster::start(&tmp.path().join("cluster"), test) else {
+    let Some(Setup {
+        cluster: _cluster,
+        src,
+        dst,
+        addr,
+        tmp,
+        ..
+    }) = setup(test, "creds", "16M")
+    else {
         return;
     };
-    let (src, dst, addr) = s3_pair(tmp.path(), &cluster, "creds", "16M");
     // The target runs with a key that may read and list the bucket, not write it.
     let target = S3Target::start(
         &dst,
@@ -593,32 +633,7 @@ fn retention_merges_in_the_bucket_and_a_failback_cycle_reprotects_into_it() {
     let sb = Served::start(&b, &tmp.path().join("b-mnt"), &["--listen", &addr_b]);
     let sa = Served::start(&a, &tmp.path().join("a-mnt"), &["--listen", &addr_a]);
     write_some(&sa.disk("os"), 1, 30);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let o = replog()
-            .arg("protect")
-            .arg(&a)
-            .arg("vm1")
-            .args([
-                "--target",
-                &addr_b,
-                "--retention",
-                "2s",
-                "--app-retention",
-                "2s",
-            ])
-            .output()
-            .expect("protect");
-        if o.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    protect_when_listening_with(&a, &addr_b, &["--retention", "2s", "--app-retention", "2s"]);
     wait_shipped(&a);
     let first = status(&a)["machines"][0]["acked_lsn"]
         .as_u64()

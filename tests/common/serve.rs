@@ -391,6 +391,11 @@ pub fn two_sites(root: &Path, size: &str) -> (PathBuf, PathBuf, String) {
 /// `replog protect SRC vm1 --target ADDR`, again until the target answers (it may
 /// take a moment to listen).
 pub fn protect_when_listening(src: &Path, addr: &str) {
+    protect_when_listening_with(src, addr, &[]);
+}
+
+/// `protect_when_listening` with more options (`--retention 2s`, say).
+pub fn protect_when_listening_with(src: &Path, addr: &str, extra: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let out = replog()
@@ -398,6 +403,7 @@ pub fn protect_when_listening(src: &Path, addr: &str) {
             .arg(src)
             .arg("vm1")
             .args(["--target", addr])
+            .args(extra)
             .output()
             .expect("protect");
         if out.status.success() {

@@ -321,6 +321,20 @@ impl S3Objects {
         Ok((r.status == 200).then_some(r.sha256))
     }
 
+    /// Whether `full` is there holding bytes of hash `sha` (an earlier try landed):
+    /// then the answer that try should have had.
+    fn landed(&self, full: &str, sha: &str) -> std::result::Result<Option<Reply>, Failed> {
+        Ok(match self.head_sha(full)? {
+            Some(Some(h)) if h == sha => Some(Reply {
+                status: 200,
+                body: Vec::new(),
+                sha256: Some(h),
+                etag: None,
+            }),
+            _ => None,
+        })
+    }
+
     fn put_inner(&self, key: &str, bytes: &[u8], if_absent: bool) -> Result<bool> {
         let full = self.full(key);
         let sha = hex(&Sha256::digest(bytes));
@@ -338,26 +352,13 @@ impl S3Objects {
         }
         let url = action.sign(SIGN_TTL);
         let expect: &[u16] = if if_absent { &[200, 412] } else { &[200] };
-        let mut tried = false;
         let reply = self.call(
             key,
-            || {
-                tried = true;
-                self.send("PUT", url.as_str(), &headers, Some(bytes), expect)
-            },
+            || self.send("PUT", url.as_str(), &headers, Some(bytes), expect),
             // The try before may have landed: if the object is there with our bytes'
             // hash, it is done (and for create-if-absent, created by us).
-            || match self.head_sha(&full)? {
-                Some(Some(h)) if h == sha => Ok(Some(Reply {
-                    status: 200,
-                    body: Vec::new(),
-                    sha256: Some(h),
-                    etag: None,
-                })),
-                _ => Ok(None),
-            },
+            || self.landed(&full, &sha),
         )?;
-        let _ = tried;
         if reply.status == 412 {
             // Exists: ours only if an earlier try of this request made it, which the
             // check above would have said. Someone else's.
@@ -407,15 +408,7 @@ impl S3Objects {
                 self.call(
                     key,
                     || self.send("POST", url.as_str(), &[], Some(body.as_bytes()), &[200]),
-                    || match self.head_sha(full)? {
-                        Some(Some(h)) if h == sha => Ok(Some(Reply {
-                            status: 200,
-                            body: Vec::new(),
-                            sha256: Some(h),
-                            etag: None,
-                        })),
-                        _ => Ok(None),
-                    },
+                    || self.landed(full, sha),
                 )
             });
         match uploaded {
