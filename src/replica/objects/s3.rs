@@ -701,6 +701,92 @@ fn hex(b: &[u8]) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::{Arc, Mutex};
+
+    /// A one-object HTTP server that stores PUTs and answers HEADs with the stored
+    /// sha256 metadata, and drops the connection instead of answering the first PUT
+    /// (which it keeps): a request that succeeded with its answer lost.
+    fn lossy_server() -> (String, Arc<Mutex<(u32, Option<String>)>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(Mutex::new((0u32, None::<String>)));
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    continue;
+                }
+                let method = line.split_whitespace().next().unwrap_or("").to_string();
+                let (mut len, mut sha, mut expect) = (0usize, None, false);
+                loop {
+                    let mut h = String::new();
+                    reader.read_line(&mut h).unwrap();
+                    let h = h.trim_end();
+                    if h.is_empty() {
+                        break;
+                    }
+                    let (k, v) = h.split_once(':').unwrap();
+                    match k.to_ascii_lowercase().as_str() {
+                        "content-length" => len = v.trim().parse().unwrap(),
+                        "x-amz-meta-sha256" => sha = Some(v.trim().to_string()),
+                        "expect" => expect = true,
+                        _ => {}
+                    }
+                }
+                if expect {
+                    conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap();
+                }
+                let mut body = vec![0; len];
+                reader.read_exact(&mut body).unwrap();
+                let mut g = st.lock().unwrap();
+                let reply: &[u8] = match method.as_str() {
+                    "PUT" => {
+                        g.0 += 1;
+                        g.1 = sha;
+                        if g.0 == 1 {
+                            continue; // stored; the answer is lost
+                        }
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    }
+                    _ => match &g.1 {
+                        Some(h) => {
+                            let r = format!(
+                                "HTTP/1.1 200 OK\r\nx-amz-meta-sha256: {h}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                            );
+                            let _ = conn.write_all(r.as_bytes());
+                            continue;
+                        }
+                        None => b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    },
+                };
+                let _ = conn.write_all(reply);
+            }
+        });
+        (addr, state)
+    }
+
+    #[test]
+    fn a_put_whose_answer_was_lost_is_checked_not_sent_again() {
+        let (endpoint, state) = lossy_server();
+        let settings = crate::config::S3Settings {
+            endpoint,
+            timeout_ms: 2000,
+            ..Default::default()
+        };
+        let store = S3Objects::new(
+            &S3Location::parse("s3://bucket").unwrap(),
+            &settings,
+            Credentials::new("id", "secret"),
+        )
+        .unwrap();
+        store.put("vm1/d/x", b"the bytes").unwrap();
+        // One PUT reached the server; the retry found it there (HEAD, same hash).
+        assert_eq!(state.lock().unwrap().0, 1);
+    }
 
     #[test]
     fn error_documents_give_code_and_message() {
