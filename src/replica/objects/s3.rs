@@ -704,10 +704,13 @@ mod tests {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::sync::{Arc, Mutex};
 
+    /// PUTs received, and the sha256 metadata of the last.
+    type Seen = (u32, Option<String>);
+
     /// A one-object HTTP server that stores PUTs and answers HEADs with the stored
     /// sha256 metadata, and drops the connection instead of answering the first PUT
     /// (which it keeps): a request that succeeded with its answer lost.
-    fn lossy_server() -> (String, Arc<Mutex<(u32, Option<String>)>>) {
+    fn lossy_server() -> (String, Arc<Mutex<Seen>>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = format!("http://{}", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new((0u32, None::<String>)));
