@@ -693,3 +693,53 @@ fn retention_merges_in_the_bucket_and_a_failback_cycle_reprotects_into_it() {
     sa.stop();
     sb.stop();
 }
+
+#[test]
+fn damage_in_the_bucket_is_found_by_the_scrub_and_mended_by_a_resync() {
+    let test = "damage_in_the_bucket_is_found_by_the_scrub_and_mended_by_a_resync";
+    let Some(Setup {
+        cluster,
+        src,
+        dst,
+        addr,
+        tmp,
+        ..
+    }) = setup(test, "scrub", "32M")
+    else {
+        return;
+    };
+    edit_config(&src, |c| c.replication.resync_window = "always".into());
+    let _target = S3Target::start(&dst, &addr, &[]);
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    let os = served.disk("os");
+    write_some(&os, 1, 10);
+    protect_when_listening(&src, &addr);
+    for round in 2..6 {
+        write_some(&os, round, 10);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    caught_up(&src);
+    // Bit rot in the store: a byte of a stored segment flips.
+    let segments: Vec<String> = cluster
+        .keys("scrub/vm1/d/segments/")
+        .into_iter()
+        .filter(|k| k.contains(".seg.enc~"))
+        .collect();
+    assert!(segments.len() >= 2, "{segments:?}");
+    let victim = &segments[segments.len() / 2];
+    let bucket = replica_objects(&cluster);
+    use replog::replica::objects::ObjectStore;
+    let mut bytes = bucket.get(victim).expect("get").expect("segment");
+    let at = bytes.len() - 100;
+    bytes[at] ^= 1;
+    bucket.put(victim, &bytes).expect("damage");
+    // The target's scrub finds it, the source is told, resyncs, and the replica is
+    // whole again.
+    wait_for(&src, "resynced after the damage", |m| {
+        let total = m["resync"]["chunks_total"].as_u64().unwrap_or(0);
+        total > 0 && m["resync"]["chunks_compared"].as_u64() == Some(total)
+    });
+    write_some(&os, 9, 5);
+    caught_up(&src);
+    assert!(restore_os(&dst, "latest", &tmp.path().join("r")) == read_all(&os));
+}
