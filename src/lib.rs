@@ -26,6 +26,7 @@ pub mod index;
 pub mod inspect;
 pub mod jobs;
 pub mod journal;
+pub mod metrics;
 pub mod names;
 pub mod ops;
 pub mod plan;

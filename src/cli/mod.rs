@@ -139,6 +139,12 @@ pub enum Command {
         /// threshold is set to 3/4 of it.
         #[arg(long, default_value_t = replog::frontend::FrontendOptions::default().max_background)]
         max_background: u16,
+        /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics: per
+        /// machine lag, health, journal bytes, shipped bytes and segments, acknowledged
+        /// LSN, resync progress, retries, failovers; FUSE and fsync latency, TLS
+        /// sessions, replica store requests.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Enable protection of MACHINE toward the target site at ADDR: checks the machine,
     /// that the target is reachable and trusted both ways and has room, then records
@@ -678,10 +684,12 @@ pub fn run(cli: Cli) -> ExitCode {
             no_async_dio,
             write_workers,
             max_background,
+            metrics,
         } => {
             let opts = replog::serve::ServeOptions {
                 mount,
                 listen,
+                metrics,
                 fuse_threads,
                 frontend: replog::frontend::FrontendOptions {
                     max_write,

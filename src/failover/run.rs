@@ -98,6 +98,7 @@ pub fn failover_as(
     let id = job.id().to_string();
     let name = promoted.name.clone();
     finish_verified(host, job, machine, &name, promoted.lsn)?;
+    count_failover(machine, kind);
     Ok(reply(
         format!(
             "{} {} failover: {name} is writable at pt-{} (generation {}); {}",
@@ -196,6 +197,17 @@ pub fn verify_existing(
         &id,
         Some(lsn),
     ))
+}
+
+/// One more verified failover of `machine` in the metrics.
+fn count_failover(machine: &str, kind: FailoverKind) {
+    crate::metrics::get()
+        .failovers
+        .get_or_create(&crate::metrics::FailoverLabel {
+            machine: machine.to_string(),
+            kind: kind.to_string(),
+        })
+        .inc();
 }
 
 /// End `job` once `name` (promoted from `machine` at `lsn`) checks out
@@ -526,6 +538,7 @@ pub fn planned_target(host: &dyn Host, machine: &str, lsn: u64, generation: u32)
         }
     })
     .map_err(|e| with_job(e, &id))?;
+    count_failover(machine, FailoverKind::Planned);
     Ok(reply(
         format!("{machine} promoted at pt-{lsn} (generation {generation})"),
         &id,

@@ -116,6 +116,7 @@ const REOPEN_WAIT: Duration = Duration::from_secs(10);
 /// that finds its machine closed (reopened after a change) goes to the machine the
 /// tree shows under the same inode now; one removed gets ENOENT.
 fn do_write(tree: &Tree, ino: u64, vol: &Volume, offset: u64, data: &[u8], reply: ReplyWrite) {
+    let _timed = crate::metrics::get().timed("write");
     let mut vol = vol.clone();
     let started = std::time::Instant::now();
     let result = loop {
@@ -451,6 +452,7 @@ impl Filesystem for LiveFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _timed = crate::metrics::get().timed("read");
         if let (true, Some(views)) = (PointViews::is_dynamic(ino.0), &self.views) {
             return match views.read(fh.0, offset, size) {
                 Ok(data) => reply.data(&data),
@@ -550,6 +552,7 @@ impl Filesystem for LiveFs {
         _lo: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _timed = crate::metrics::get().timed("flush");
         if PointViews::is_dynamic(ino.0) {
             return reply.ok();
         }
@@ -580,6 +583,7 @@ impl Filesystem for LiveFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _timed = crate::metrics::get().timed("fsync");
         self.sync(ino, reply);
     }
 

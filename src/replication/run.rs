@@ -1024,6 +1024,16 @@ fn run(
         match shipper.ship_once(&machine) {
             Ok(report) => {
                 failures = 0;
+                let metrics = crate::metrics::get();
+                let label = metrics.machine(&name);
+                metrics
+                    .shipped_bytes
+                    .get_or_create(&label)
+                    .inc_by(report.bytes);
+                metrics
+                    .shipped_segments
+                    .get_or_create(&label)
+                    .inc_by(report.segments as u64);
                 if control.resolve_intent {
                     // The target took our generation: it did not promote.
                     control.resolve_intent = false;
@@ -1142,6 +1152,8 @@ fn run(
                     control.failed_err(&e);
                     let wait = cfg.retry_delay(failures);
                     failures += 1;
+                    let metrics = crate::metrics::get();
+                    metrics.retries.get_or_create(&metrics.machine(&name)).inc();
                     tracing::warn!(
                         machine = machine.name(),
                         "replication failed ({e}); retry {failures} in {wait:?}"

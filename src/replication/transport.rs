@@ -117,6 +117,10 @@ pub fn connect(site: &Path, addr: &str, timeout: Duration) -> Result<(ClientStre
             .map_err(|e| tls_io("TLS handshake with", addr, e))?;
     }
     let peer = peer_id(stream.conn.peer_certificates(), addr)?;
+    crate::metrics::get()
+        .tls_sessions
+        .get_or_create(&crate::metrics::DirectionLabel { direction: "out" })
+        .inc();
     Ok((stream, peer))
 }
 
@@ -208,5 +212,9 @@ fn accept(me: &Identity, site: &Path, tcp: TcpStream) -> Result<(ServerStream, S
     }
     let peer = peer_id(stream.conn.peer_certificates(), &from)?;
     timeouts(&stream.sock, IO_TIMEOUT)?;
+    crate::metrics::get()
+        .tls_sessions
+        .get_or_create(&crate::metrics::DirectionLabel { direction: "in" })
+        .inc();
     Ok((stream, peer))
 }

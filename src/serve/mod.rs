@@ -35,6 +35,8 @@ pub struct ServeOptions {
     /// FUSE session threads (each with its own /dev/fuse descriptor).
     pub fuse_threads: usize,
     pub frontend: FrontendOptions,
+    /// Serve Prometheus metrics at http://ADDR/metrics (see `crate::metrics`).
+    pub metrics: Option<String>,
 }
 
 impl Default for ServeOptions {
@@ -44,6 +46,7 @@ impl Default for ServeOptions {
             listen: None,
             fuse_threads: 4,
             frontend: FrontendOptions::default(),
+            metrics: None,
         }
     }
 }
@@ -88,6 +91,11 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
         Err(e) => tracing::warn!("jobs: {e}"),
     }
     registry.start()?;
+    if let Some(addr) = &opts.metrics {
+        let weak = Arc::downgrade(&registry);
+        let bound = crate::metrics::serve(addr, move || weak.upgrade().map(|r| r.status()))?;
+        tracing::info!("metrics at http://{bound}/metrics");
+    }
     if let Some(addr) = &opts.listen {
         let me = crate::identity::Identity::load(site_path)?.id();
         let weak = Arc::downgrade(&registry);

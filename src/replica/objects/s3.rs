@@ -236,6 +236,7 @@ impl S3Objects {
         expect: &[u16],
     ) -> std::result::Result<Reply, Failed> {
         REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::get().store_requests.inc();
         let sent = match method {
             "PUT" | "POST" => {
                 let mut req = if method == "PUT" {

@@ -1,0 +1,126 @@
+//! `replog serve SITE --metrics ADDR`: a running serve scraped over HTTP, its text
+//! parsed line by line, and the figures checked against what happened (writes and
+//! fsyncs through the mount, a protected machine shipping to a target).
+
+mod common;
+
+use common::serve::*;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+/// GET `path` from `addr`: (status line, body).
+fn get(addr: &str, path: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let (head, body) = out.split_once("\r\n\r\n").expect("a response");
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// Every sample line `name{labels} value` of the text, checked for form.
+fn samples(text: &str) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (key, value) = line.rsplit_once(' ').expect("name and value");
+        let name_end = key.find('{').unwrap_or(key.len());
+        let name = &key[..name_end];
+        assert!(
+            name.starts_with("replog_")
+                && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+            "bad metric name in {line:?}"
+        );
+        if name_end < key.len() {
+            assert!(key.ends_with('}'), "bad labels in {line:?}");
+        }
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        out.insert(key.to_string(), v);
+    }
+    out
+}
+
+#[test]
+fn a_running_serve_answers_metrics_that_follow_what_it_does() {
+    if !fuse_available("a_running_serve_answers_metrics_that_follow_what_it_does") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let _sweep = MountSweep(tmp.path().to_path_buf());
+    let (src, dst, addr) = two_sites(tmp.path(), "32M");
+    let _target = TargetServe::start(&dst, &addr);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let served = Served::start(&src, &tmp.path().join("mnt"), &["--metrics", &metrics]);
+    let (status, body) = get(&metrics, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    protect_when_listening(&src, &addr);
+    for i in 0..20u64 {
+        write_at(&served.disk("os"), i * 65536, &common::pattern(i, 65536));
+    }
+    wait_shipped(&src);
+    // The gauges come from the status at each scrape; the counters as things happen.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        let (_, body) = get(&metrics, "/metrics");
+        let m = samples(&body);
+        let shipped = m
+            .get("replog_shipped_bytes_total{machine=\"vm1\"}")
+            .copied()
+            .unwrap_or(0.0);
+        if shipped >= (20 * 65536) as f64 {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never shipped in the metrics:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let v = |k: &str| *m.get(k).unwrap_or_else(|| panic!("{k} missing: {m:?}"));
+    assert_eq!(v("replog_machine_health{machine=\"vm1\"}"), 0.0);
+    assert!(v("replog_machine_lag_seconds{machine=\"vm1\"}") >= 0.0);
+    assert!(v("replog_machine_journal_bytes{machine=\"vm1\"}") > 0.0);
+    assert!(v("replog_machine_acked_lsn{machine=\"vm1\"}") > 0.0);
+    assert!(v("replog_shipped_segments_total{machine=\"vm1\"}") >= 1.0);
+    // write_at fsyncs every write: 20 writes, 20 fsyncs at least.
+    assert!(v("replog_fuse_request_duration_seconds_count{op=\"write\"}") >= 20.0);
+    assert!(v("replog_fuse_request_duration_seconds_count{op=\"fsync\"}") >= 20.0);
+    assert!(v("replog_fsync_duration_seconds_count") >= 20.0);
+    assert!(v("replog_tls_sessions_total{direction=\"out\"}") >= 1.0);
+    assert!(m.contains_key("replog_replica_store_requests_total"));
+    // A machine in trouble shows in its health: the target goes away.
+    drop(_target);
+    for i in 0..4u64 {
+        write_at(
+            &served.disk("os"),
+            i * 4096,
+            &common::pattern(100 + i, 4096),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = samples(&get(&metrics, "/metrics").1);
+        if m.get("replog_machine_health{machine=\"vm1\"}") == Some(&1.0)
+            && m.get("replog_retries_total{machine=\"vm1\"}")
+                .copied()
+                .unwrap_or(0.0)
+                >= 1.0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never warning: {m:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Anything but /metrics is not found.
+    assert!(get(&metrics, "/other").0.contains("404"));
+    assert!(served.stop().success());
+}
