@@ -145,6 +145,10 @@ pub enum Command {
         /// sessions, replica store requests.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// How log lines on standard error look: `text` for people, `json` (one object
+        /// a line: timestamp, level, target, fields) for log collectors.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Enable protection of MACHINE toward the target site at ADDR: checks the machine,
     /// that the target is reachable and trusted both ways and has room, then records
@@ -322,6 +326,42 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print shell completions for SHELL (bash, zsh, fish, elvish, powershell) to
+    /// standard output, e.g. `replog completions bash > /etc/bash_completion.d/replog`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff) to standard output, e.g.
+    /// `replog man > /usr/local/share/man/man1/replog.1`; with COMMAND, that
+    /// command's page (`replog man serve > …/replog-serve.1`).
+    Man { command: Option<String> },
+}
+
+/// Write `bytes` to standard output (a reader that went away is not an error).
+fn print_bytes(bytes: &[u8]) -> replog::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.map_err(|e| replog::Error::io("write", std::path::Path::new("-"), e)),
+    }
+}
+
+/// `serve --log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Cli {
+    /// Whether log lines are to be JSON (`serve --log-format json`).
+    pub fn json_logs(&self) -> bool {
+        matches!(
+            self.command,
+            Command::Serve {
+                log_format: LogFormat::Json,
+                ..
+            }
+        )
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -575,6 +615,32 @@ pub fn run(cli: Cli) -> ExitCode {
             json,
         } => site::status(&site, machine.as_deref(), json),
         Command::Inspect { path, json } => return inspect::run(&path, json),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "replog", &mut out);
+            print_bytes(&out)
+        }
+        Command::Man { command } => {
+            use clap::CommandFactory;
+            let top = Cli::command();
+            let page = match &command {
+                None => Ok(top),
+                Some(name) => top
+                    .find_subcommand(name)
+                    .map(|c| c.clone().name(format!("replog-{name}")))
+                    .ok_or_else(|| {
+                        replog::Error::InvalidInput(format!("replog has no command {name:?}"))
+                    }),
+            };
+            page.and_then(|page| {
+                let mut out = Vec::new();
+                clap_mangen::Man::new(page)
+                    .render(&mut out)
+                    .map_err(|e| replog::Error::io("render", std::path::Path::new("man"), e))?;
+                print_bytes(&out)
+            })
+        }
         Command::Plan(cmd) => run_plan(cmd),
         Command::Failover {
             site,
@@ -685,6 +751,7 @@ pub fn run(cli: Cli) -> ExitCode {
             write_workers,
             max_background,
             metrics,
+            log_format: _,
         } => {
             let opts = replog::serve::ServeOptions {
                 mount,
