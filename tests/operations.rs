@@ -103,3 +103,76 @@ fn serve_logs_one_json_object_a_line_when_asked() {
         "{seen:?}"
     );
 }
+
+#[test]
+fn serve_tells_a_service_manager_when_it_is_ready_and_when_it_stops() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let site = tmp.path().join("s");
+    run_ok(replog().arg("init").arg(&site));
+    let sock_path = tmp.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind");
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = replog()
+        .arg("serve")
+        .arg(&site)
+        .args(["--listen", &addr])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve");
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("READY=1 within 30 s");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.starts_with("READY=1"), "{msg}");
+    // Ready means ready: the listener answers.
+    assert!(std::net::TcpStream::connect(&addr).is_ok());
+    // SAFETY: a signal to the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let n = sock.recv(&mut buf).expect("STOPPING=1");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("STOPPING=1"));
+    assert!(child.wait().expect("wait").success());
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let Some(analyze) = ["/usr/bin/systemd-analyze", "/bin/systemd-analyze"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        // Debian's systemd package; CI machines have it. Said, not silently passed.
+        eprintln!("SKIPPED the_systemd_unit_verifies: no systemd-analyze");
+        return;
+    };
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/systemd/replog@.service"),
+    )
+    .expect("unit");
+    assert!(unit.contains("Type=notify") && unit.contains("Restart=on-failure"));
+    // The unit as installed: the binary where the unit says (here, this build's), the
+    // man pages aside (they are installed by the operator, see the README).
+    let unit: String = unit
+        .replace("/usr/local/bin/replog", env!("CARGO_BIN_EXE_replog"))
+        .lines()
+        .filter(|l| !l.starts_with("Documentation="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tmp.path().join("replog@test.service");
+    std::fs::write(&path, unit).expect("write");
+    let out = std::process::Command::new(analyze)
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("replog@test"),
+        "{text}"
+    );
+}

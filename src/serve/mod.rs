@@ -51,6 +51,35 @@ impl Default for ServeOptions {
     }
 }
 
+/// Tell the service manager (systemd, `Type=notify`) how serve is: one datagram to
+/// `$NOTIFY_SOCKET` (a path, or `@name` for an abstract socket); nothing when it is
+/// not set. What systemd does with it is its business: failures are only logged.
+fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let sock = UnixDatagram::unbound()?;
+        let bytes = path.as_encoded_bytes();
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                SocketAddr::from_abstract_name(name)?
+            }
+            None => SocketAddr::from_pathname(&path)?,
+        };
+        sock.send_to_addr(state.as_bytes(), &addr)?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::warn!(
+            "notify the service manager ({}): {e}",
+            path.to_string_lossy()
+        );
+    }
+}
+
 /// Block SIGINT and SIGTERM in this thread (and every thread it starts later), so that
 /// [`wait_for_stop_signal`] can take them synchronously.
 fn block_stop_signals() -> libc::sigset_t {
@@ -175,9 +204,11 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
     };
 
     tracing::info!("serving {}; SIGINT or SIGTERM stops", site_path.display());
+    sd_notify(&format!("READY=1\nSTATUS=serving {}", site_path.display()));
     ready();
     let sig = wait_for_stop_signal(&signals);
     tracing::info!("signal {sig}: flushing and stopping");
+    sd_notify("STOPPING=1\nSTATUS=flushing and stopping");
 
     drop(control);
     status.stop();
