@@ -214,23 +214,176 @@ impl ReplicaConfig {
     }
 }
 
+impl ReplicationConfig {
+    /// What is wrong with these settings: (dotted key, why).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut p = Vec::new();
+        if self.seal_interval_ms < 10 {
+            p.push((
+                "replication.seal_interval_ms",
+                format!("{} is less than 10 (ms)", self.seal_interval_ms),
+            ));
+        }
+        if self.retry_schedule_ms.contains(&0) || self.retry_then_ms == 0 {
+            p.push((
+                "replication.retry_schedule_ms",
+                "a wait of 0 ms would retry in a busy loop".into(),
+            ));
+        }
+        if !(1..=100).contains(&self.resync_threshold_percent) {
+            p.push((
+                "replication.resync_threshold_percent",
+                format!("{} is outside 1..=100", self.resync_threshold_percent),
+            ));
+        }
+        if let Err(e) =
+            crate::replication::resync_schedule::Window::parse(&self.resync_window, true)
+        {
+            p.push(("replication.resync_window", e.to_string()));
+        }
+        let c = self.resync_chunk_bytes;
+        if !c.is_power_of_two() || !(4096..=(1 << 20)).contains(&c) {
+            p.push((
+                "replication.resync_chunk_bytes",
+                format!("{c} is not a power of two from 4096 to 1 MiB"),
+            ));
+        }
+        if self.resync_batch_bytes < c || self.resync_batch_bytes > (1 << 30) {
+            p.push((
+                "replication.resync_batch_bytes",
+                format!(
+                    "{} is outside resync_chunk_bytes..=1 GiB",
+                    self.resync_batch_bytes
+                ),
+            ));
+        }
+        p
+    }
+}
+
+/// Where in a TOML file something is: line numbers and dotted keys for messages
+/// (`site.toml line 12, key journal.segment_bytes: …`).
+pub struct TomlAt<'a> {
+    pub file: &'a Path,
+    pub text: &'a str,
+}
+
+impl TomlAt<'_> {
+    fn line_of_offset(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text
+            .get(..end)
+            .map_or(1, |t| t.matches('\n').count() + 1)
+    }
+
+    /// The dotted key line `line` (1-based) sets: its section's name and its own.
+    fn key_of_line(&self, line: usize) -> String {
+        let mut section = String::new();
+        for (i, l) in self.text.lines().enumerate() {
+            let l = l.trim();
+            if let Some(name) = l.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+                section = name
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .trim()
+                    .to_string();
+            }
+            if i + 1 == line {
+                let key = l.split_once('=').map(|(k, _)| k.trim()).unwrap_or("");
+                return match (section.is_empty(), key.is_empty()) {
+                    (_, true) if !section.is_empty() => format!("[{section}]"),
+                    (true, _) => key.to_string(),
+                    (false, false) => format!("{section}.{key}"),
+                    _ => String::new(),
+                };
+            }
+        }
+        String::new()
+    }
+
+    /// The line that sets dotted key `key` (None: it is not in the file: a default).
+    fn line_of_key(&self, key: &str) -> Option<usize> {
+        (1..=self.text.lines().count()).find(|&n| self.key_of_line(n) == key)
+    }
+
+    /// A TOML error (syntax, an unknown key, a value of the wrong type), located.
+    pub fn parse_error(&self, e: &toml::de::Error) -> Error {
+        let line = e.span().map_or(1, |s| self.line_of_offset(s.start));
+        let key = self.key_of_line(line);
+        self.message(Some(line), &key, e.message().trim())
+    }
+
+    /// A value that parsed but is not allowed, located by its key.
+    pub fn value_error(&self, key: &str, why: &str) -> Error {
+        self.message(self.line_of_key(key), key, why)
+    }
+
+    fn message(&self, line: Option<usize>, key: &str, why: &str) -> Error {
+        let at = match line {
+            Some(n) => format!("{} line {n}", self.file.display()),
+            None => format!("{} (default)", self.file.display()),
+        };
+        Error::InvalidInput(if key.is_empty() {
+            format!("{at}: {why}")
+        } else {
+            format!("{at}, key {key}: {why}")
+        })
+    }
+}
+
 impl SiteConfig {
+    /// What is wrong with these settings: (dotted key, why).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut p = Vec::new();
+        if let Err(e) = self.journal.validate() {
+            p.push(("journal.segment_bytes", e.to_string()));
+        }
+        p.extend(self.replication.problems());
+        if let Err(e) = self.replica.validate() {
+            let msg = e.to_string();
+            let key = [
+                "replica.s3.gc_grace_ms",
+                "replica.s3.timeout_ms",
+                "replica.s3.endpoint",
+            ]
+            .into_iter()
+            .find(|k| msg.contains(k))
+            .unwrap_or("replica.store");
+            p.push((key, msg));
+        }
+        p
+    }
+
+    /// Every problem of the settings in `text` (from `path`), each located; empty when
+    /// they are good.
+    pub fn check(path: &Path, text: &str) -> Vec<Error> {
+        if !text.starts_with(CONFIG_HEADER) {
+            return vec![Error::Unsupported {
+                path: path.to_path_buf(),
+                what: format!("does not start with {CONFIG_HEADER:?}"),
+            }];
+        }
+        let at = TomlAt { file: path, text };
+        match toml::from_str::<SiteConfig>(text) {
+            Err(e) => vec![at.parse_error(&e)],
+            Ok(cfg) => cfg
+                .problems()
+                .into_iter()
+                .map(|(k, why)| at.value_error(k, &why))
+                .collect(),
+        }
+    }
+
     pub fn to_toml(&self) -> String {
         let body = toml::to_string_pretty(self).unwrap_or_default();
         format!("{CONFIG_HEADER}\n{body}")
     }
 
+    /// The settings in `text` (from `path`), or the first problem, located as
+    /// `replog config check` reports it.
     pub fn from_toml(path: &Path, text: &str) -> Result<Self> {
-        if !text.starts_with(CONFIG_HEADER) {
-            return Err(Error::Unsupported {
-                path: path.to_path_buf(),
-                what: format!("does not start with {CONFIG_HEADER:?}"),
-            });
+        if let Some(e) = Self::check(path, text).into_iter().next() {
+            return Err(e);
         }
-        let cfg: SiteConfig = toml::from_str(text)
-            .map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))?;
-        cfg.journal.validate()?;
-        cfg.replica.validate()?;
-        Ok(cfg)
+        toml::from_str(text).map_err(|e| TomlAt { file: path, text }.parse_error(&e))
     }
 }

@@ -326,6 +326,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the site's settings.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Print shell completions for SHELL (bash, zsh, fish, elvish, powershell) to
     /// standard output, e.g. `replog completions bash > /etc/bash_completion.d/replog`.
     Completions { shell: clap_complete::Shell },
@@ -342,6 +345,14 @@ fn print_bytes(bytes: &[u8]) -> replog::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => other.map_err(|e| replog::Error::io("write", std::path::Path::new("-"), e)),
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate site.toml and every machine's relationship file: unknown keys and bad
+    /// values are reported with file, line and key (serve refuses to start with the
+    /// same message). Exit 0 all good, 1 otherwise.
+    Check { site: PathBuf },
 }
 
 /// `serve --log-format`.
@@ -615,6 +626,7 @@ pub fn run(cli: Cli) -> ExitCode {
             json,
         } => site::status(&site, machine.as_deref(), json),
         Command::Inspect { path, json } => return inspect::run(&path, json),
+        Command::Config(ConfigCommand::Check { site }) => return site::config_check(&site),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut out = Vec::new();

@@ -197,3 +197,39 @@ pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// `replog config check SITE`: every problem of site.toml and of each relationship,
+/// located; exit 1 if there is any.
+pub fn config_check(path: &Path) -> std::process::ExitCode {
+    let cfg_path = path.join(replog::site::CONFIG_FILE);
+    let mut problems = match std::fs::read_to_string(&cfg_path) {
+        Ok(text) => replog::config::SiteConfig::check(&cfg_path, &text),
+        Err(e) => vec![replog::Error::io("read", &cfg_path, e)],
+    };
+    let mut files = 1;
+    let machines = replog::site::list_machines(path).unwrap_or_default();
+    for m in machines {
+        let Ok(p) = replog::replication::relationship::Relationship::path_of(path, &m) else {
+            continue;
+        };
+        if !p.exists() {
+            continue;
+        }
+        files += 1;
+        match std::fs::read_to_string(&p) {
+            Ok(text) => problems.extend(replog::replication::relationship::Relationship::problems(
+                &p, &text,
+            )),
+            Err(e) => problems.push(replog::Error::io("read", &p, e)),
+        }
+    }
+    if problems.is_empty() {
+        println!("{}: {files} file(s) checked, all good", path.display());
+        return std::process::ExitCode::SUCCESS;
+    }
+    for p in &problems {
+        eprintln!("replog: {p}");
+    }
+    eprintln!("{} problem(s) in {files} file(s)", problems.len());
+    std::process::ExitCode::from(1)
+}

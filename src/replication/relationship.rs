@@ -89,12 +89,60 @@ impl Relationship {
                 what: format!("does not start with {HEADER:?}"),
             });
         }
-        let r: Relationship = toml::from_str(&text)
-            .map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())))?;
-        r.target_id()?;
-        r.retention_ms()
-            .map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())))?;
+        if let Some(e) = Self::problems(&p, &text).into_iter().next() {
+            return Err(e);
+        }
+        let r: Relationship = toml::from_str(&text).map_err(|e| {
+            crate::config::TomlAt {
+                file: &p,
+                text: &text,
+            }
+            .parse_error(&e)
+        })?;
         Ok(Some(r))
+    }
+
+    /// Every problem of the relationship file `text` (at `path`), each located (file,
+    /// line, key); empty when it is good.
+    pub fn problems(path: &Path, text: &str) -> Vec<Error> {
+        if !text.starts_with(HEADER) {
+            return vec![Error::Unsupported {
+                path: path.to_path_buf(),
+                what: format!("does not start with {HEADER:?}"),
+            }];
+        }
+        let at = crate::config::TomlAt { file: path, text };
+        let r: Relationship = match toml::from_str(text) {
+            Ok(r) => r,
+            Err(e) => return vec![at.parse_error(&e)],
+        };
+        let mut out = Vec::new();
+        let port_ok = r
+            .target
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok {
+            out.push(at.value_error("target", &format!("{:?} is not HOST:PORT", r.target)));
+        }
+        if let Err(e) = r.target_id() {
+            out.push(at.value_error("target_id", &e.to_string()));
+        }
+        for (key, v) in [
+            ("retention", &r.retention),
+            ("app_retention", &r.app_retention),
+        ] {
+            if let Some(t) = v {
+                if let Err(e) = parse_retention(key, t) {
+                    out.push(at.value_error(key, &e.to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Where `machine`'s relationship file is.
+    pub fn path_of(site: &Path, machine: &str) -> Result<PathBuf> {
+        path(site, machine)
     }
 
     pub fn save(&self, site: &Path, machine: &str) -> Result<()> {
