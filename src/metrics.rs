@@ -11,6 +11,7 @@
 //! | `replog_machine_journal_bytes` | gauge | bytes in the machine's journal |
 //! | `replog_machine_acked_lsn` | gauge | newest LSN the target acknowledged |
 //! | `replog_machine_resync_progress_ratio` | gauge | chunks compared / all, of the resync under way or last |
+//! | `replog_machine_rpo_seconds` | gauge | the RPO set with `protect --rpo` (lag beyond it: warning; twice: critical) |
 //!
 //! Counted as it happens:
 //!
@@ -72,6 +73,7 @@ pub struct Metrics {
     journal: Family<MachineLabel, Gauge>,
     acked: Family<MachineLabel, Gauge>,
     resync: Family<MachineLabel, FloatGauge>,
+    rpo: Family<MachineLabel, FloatGauge>,
     pub shipped_bytes: Family<MachineLabel, Counter>,
     pub shipped_segments: Family<MachineLabel, Counter>,
     pub retries: Family<MachineLabel, Counter>,
@@ -99,6 +101,7 @@ impl Metrics {
             journal: Family::default(),
             acked: Family::default(),
             resync: Family::default(),
+            rpo: Family::default(),
             shipped_bytes: Family::default(),
             shipped_segments: Family::default(),
             retries: Family::default(),
@@ -132,6 +135,12 @@ impl Metrics {
             "machine_resync_progress_ratio",
             "Chunks compared of all, of the resync under way or last finished",
             m.resync.clone(),
+        );
+        registry.register(
+            "machine_rpo_seconds",
+            "The machine's recovery point objective: lag beyond it is a warning, beyond \
+             twice it critical",
+            m.rpo.clone(),
         );
         registry.register(
             "shipped_bytes",
@@ -184,12 +193,16 @@ impl Metrics {
         self.journal.clear();
         self.acked.clear();
         self.resync.clear();
+        self.rpo.clear();
         for m in &doc.machines {
             let l = MachineLabel {
                 machine: m.name.clone(),
             };
             if let Some(lag) = m.lag_seconds {
                 self.lag.get_or_create(&l).set(lag);
+            }
+            if let Some(rpo) = m.rpo_seconds {
+                self.rpo.get_or_create(&l).set(rpo);
             }
             let health = match m.health {
                 crate::protection::Health::Healthy => 0,

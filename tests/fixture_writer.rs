@@ -148,6 +148,7 @@ fn write_version_2_fixtures() {
             .to_string(),
         retention: Some("1h".into()),
         app_retention: Some("2h".into()),
+        rpo: None,
     }
     .save(&a, "vm1")
     .expect("relationship");

@@ -124,3 +124,62 @@ fn a_running_serve_answers_metrics_that_follow_what_it_does() {
     assert!(get(&metrics, "/other").0.contains("404"));
     assert!(served.stop().success());
 }
+
+#[test]
+fn lag_beyond_the_rpo_is_a_warning_and_beyond_twice_it_critical() {
+    if !fuse_available("lag_beyond_the_rpo_is_a_warning_and_beyond_twice_it_critical") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let _sweep = MountSweep(tmp.path().to_path_buf());
+    let (src, dst, addr) = two_sites(tmp.path(), "32M");
+    let target = TargetServe::start(&dst, &addr);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let served = Served::start(&src, &tmp.path().join("mnt"), &["--metrics", &metrics]);
+    // A bad RPO is refused before anything is recorded.
+    let bad = replog()
+        .arg("protect")
+        .arg(&src)
+        .arg("vm1")
+        .args(["--target", &addr, "--rpo", "soon"])
+        .output()
+        .expect("protect");
+    assert_eq!(bad.status.code(), Some(1));
+    protect_when_listening_with(&src, &addr, &["--rpo", "2s"]);
+    write_at(&served.disk("os"), 0, &common::pattern(1, 4096));
+    let st = wait_for(&src, "healthy", |m| {
+        m["health"] == "healthy" && m["lag_seconds"] == 0.0
+    });
+    assert_eq!(st["machines"][0]["rpo_seconds"], 2.0);
+    // The target goes; writes go on; the lag grows past 2 s, then past 4 s.
+    drop(target);
+    let os = served.disk("os");
+    let writer = std::thread::spawn(move || {
+        for i in 0..60u64 {
+            write_at(&os, (i % 64) * 4096, &common::pattern(10 + i, 4096));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    wait_for(&src, "warning for the RPO", |m| {
+        m["health"] == "warning" && m["reason"].as_str().unwrap_or("").contains("over the RPO")
+    });
+    let st = wait_for(&src, "critical for the RPO", |m| {
+        m["health"] == "critical" && m["reason"].as_str().unwrap_or("").contains("twice the RPO")
+    });
+    let reason = st["machines"][0]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(reason.contains("of 2 s"), "{reason}");
+    let m = samples(&get(&metrics, "/metrics").1);
+    assert_eq!(
+        m.get("replog_machine_rpo_seconds{machine=\"vm1\"}"),
+        Some(&2.0)
+    );
+    assert_eq!(m.get("replog_machine_health{machine=\"vm1\"}"), Some(&2.0));
+    writer.join().expect("writer");
+    // The target comes back: the lag falls, the health with it.
+    let _target = TargetServe::start(&dst, &addr);
+    wait_for(&src, "healthy again", |m| m["health"] == "healthy");
+    assert!(served.stop().success());
+}

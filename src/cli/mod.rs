@@ -165,6 +165,11 @@ pub enum Command {
         /// How long the target keeps app-consistent points (at least --retention).
         #[arg(long, default_value = "72h")]
         app_retention: String,
+        /// The recovery point objective (e.g. 30s, 5m): replication lag beyond it makes
+        /// the machine Warning, beyond twice it Critical, with the reason (status and
+        /// metrics).
+        #[arg(long, value_name = "DURATION")]
+        rpo: Option<String>,
     },
     /// Record a recovery point of MACHINE now (through the running `serve`, or by
     /// opening the site when none runs): crash-consistent, or with --app-consistent
@@ -736,7 +741,15 @@ pub fn run(cli: Cli) -> ExitCode {
             target,
             retention,
             app_retention,
-        } => replicate::protect(&site, &machine, &target, &retention, &app_retention),
+            rpo,
+        } => replicate::protect(
+            &site,
+            &machine,
+            &target,
+            &retention,
+            &app_retention,
+            rpo.as_deref(),
+        ),
         Command::Resync { site, machine, now } => replicate::resync(&site, &machine, now),
         Command::Checkpoint {
             site,

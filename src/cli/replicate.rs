@@ -16,8 +16,12 @@ pub fn protect(
     target: &str,
     retention: &str,
     app_retention: &str,
+    rpo: Option<&str>,
 ) -> Result<()> {
     Site::read_config(site)?;
+    if let Some(r) = rpo {
+        replog::replication::relationship::parse_retention("--rpo", r)?;
+    }
     let every = replog::replication::relationship::parse_retention("--retention", retention)?;
     let app = replog::replication::relationship::parse_retention("--app-retention", app_retention)?;
     if app < every {
@@ -45,8 +49,7 @@ pub fn protect(
         site,
         machine,
         target,
-        retention,
-        app_retention,
+        (retention, app_retention, rpo),
         &manifest,
         me,
     );
@@ -246,6 +249,7 @@ pub fn reprotect(
             target_id: peer.to_string(),
             retention: Some(retention.to_string()),
             app_retention: Some(app_retention.to_string()),
+            rpo: None,
         };
         // serve's shipping loop goes on with this job.
         job.hand_over()?;
@@ -325,8 +329,7 @@ fn protect_steps(
     site: &Path,
     machine: &str,
     target: &str,
-    retention: &str,
-    app_retention: &str,
+    (retention, app_retention, rpo): (&str, &str, Option<&str>),
     manifest: &replog::format::meta::Manifest,
     me: identity::SiteId,
 ) -> Result<(String, Relationship)> {
@@ -365,6 +368,7 @@ fn protect_steps(
         target_id: peer.to_string(),
         retention: Some(retention.to_string()),
         app_retention: Some(app_retention.to_string()),
+        rpo: rpo.map(str::to_string),
     };
     let reply = replog::control::run(
         site,

@@ -26,6 +26,10 @@ pub struct MachineStatus {
     pub health: Health,
     pub reason: String,
     pub lag_seconds: Option<f64>,
+    /// Primaries protected with an RPO: its length (lag beyond it is a Warning,
+    /// beyond twice it Critical).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo_seconds: Option<f64>,
     pub journal_bytes: u64,
     pub progress: Option<f64>,
     pub last_point: Option<PointRef>,
@@ -201,6 +205,7 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
         health: Health::Healthy,
         reason: "not protected; journal healthy".into(),
         lag_seconds: None,
+        rpo_seconds: None,
         journal_bytes: j.journal_bytes,
         progress: None,
         last_point: j.last_point.map(|p| point_ref(p.lsn, p.time_ns)),
@@ -258,6 +263,23 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
             st.resync = l.resync;
             st.reprotect = l.reprotect.clone();
             st.lag_seconds = f.lag_seconds;
+            st.rpo_seconds = f.relationship.and_then(Relationship::rpo_seconds);
+            if let (Some(lag), Some(rpo)) = (st.lag_seconds, st.rpo_seconds) {
+                let (level, what) = if lag > 2.0 * rpo {
+                    (Health::Critical, "more than twice the RPO")
+                } else if lag > rpo {
+                    (Health::Warning, "over the RPO")
+                } else {
+                    (Health::Healthy, "")
+                };
+                if level > Health::Healthy && level >= st.health {
+                    st.reason = format!(
+                        "replication lag {lag:.1} s is {what} of {rpo} s; {}",
+                        st.reason
+                    );
+                    st.health = level;
+                }
+            }
         }
         (None, Some(r)) => {
             st.state = State::Protected;
@@ -301,6 +323,7 @@ fn replica(name: &str, f: &ReplicaFacts<'_>) -> MachineStatus {
         generation: s.generation(),
         health: Health::Healthy,
         reason: String::new(),
+        rpo_seconds: None,
         lag_seconds: newest
             .as_ref()
             .map(|p| f.now_ns.saturating_sub(p.time_ns) as f64 / 1e9),
@@ -435,6 +458,7 @@ pub fn replicas_status(replicas: &crate::replica::store::Replicas) -> Vec<Machin
                 health: Health::Critical,
                 reason: format!("the replica does not open: {e}"),
                 lag_seconds: None,
+                rpo_seconds: None,
                 journal_bytes: 0,
                 progress: None,
                 last_point: None,

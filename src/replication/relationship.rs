@@ -34,6 +34,10 @@ pub struct Relationship {
     /// How long the target keeps app-consistent points (default 72h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_retention: Option<String>,
+    /// The recovery point objective (humantime): lag beyond it is a Warning, beyond
+    /// twice it Critical (Azure Site Recovery's RPO threshold). None: no alert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo: Option<String>,
 }
 
 /// Parse a retention such as "24h" or "90s" into milliseconds.
@@ -61,6 +65,12 @@ fn path(site: &Path, machine: &str) -> Result<PathBuf> {
 impl Relationship {
     pub fn target_id(&self) -> Result<SiteId> {
         SiteId::parse(&self.target_id)
+    }
+
+    /// The RPO in seconds, if one is set (and parses).
+    pub fn rpo_seconds(&self) -> Option<f64> {
+        let t = self.rpo.as_deref()?;
+        parse_retention("rpo", t).ok().map(|ms| ms as f64 / 1000.0)
     }
 
     /// (every point, app-consistent points) retention in milliseconds.
@@ -130,6 +140,7 @@ impl Relationship {
         for (key, v) in [
             ("retention", &r.retention),
             ("app_retention", &r.app_retention),
+            ("rpo", &r.rpo),
         ] {
             if let Some(t) = v {
                 if let Err(e) = parse_retention(key, t) {

@@ -96,6 +96,7 @@ impl Bench {
                 target_id: tid.to_string(),
                 retention: None,
                 app_retention: None,
+                rpo: None,
             }
             .save(&src, &name)?;
             let m = host.machine(&name)?;
