@@ -133,3 +133,81 @@ fn every_bad_key_and_value_is_named_with_its_file_line_and_key() {
     );
     assert!(out.contains("2 problem(s) in 2 file(s)"), "{out}");
 }
+
+#[test]
+fn bandwidth_limits_are_checked_kept_and_changed_without_protecting_again() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let site = tmp.path().join("s");
+    run_ok(replog().arg("init").arg(&site));
+    run_ok(
+        replog()
+            .args(["disk", "create"])
+            .arg(&site)
+            .args(["vm1/os", "--size", "1M"]),
+    );
+    // Bad rates and schedules are refused before anything is tried.
+    for (flag, value) in [
+        ("--bandwidth", "fast"),
+        ("--bandwidth-schedule", "Funday=1MiB/s"),
+        ("--rpo", "soon"),
+    ] {
+        let out = replog()
+            .arg("protect")
+            .arg(&site)
+            .arg("vm1")
+            .args(["--target", "127.0.0.1:1", flag, value])
+            .output()
+            .expect("protect");
+        assert_eq!(out.status.code(), Some(1), "{flag} {value}");
+        assert!(!site.join("machines/vm1/relationship.toml").exists());
+    }
+    // Not protected: nothing to change.
+    let out = replog()
+        .args(["bandwidth"])
+        .arg(&site)
+        .args(["vm1", "20MiB/s"])
+        .output()
+        .expect("bandwidth");
+    assert_eq!(out.status.code(), Some(1));
+    // A protected machine (its relationship as protect writes it).
+    let id = run_ok(replog().arg("id").arg(&site)).trim().to_string();
+    let rel = site.join("machines/vm1/relationship.toml");
+    std::fs::write(
+        &rel,
+        format!(
+            "# replog relationship, format 1\ntarget = \"127.0.0.1:7411\"\ntarget_id = \"{id}\"\n"
+        ),
+    )
+    .expect("write");
+    run_ok(replog().arg("bandwidth").arg(&site).args([
+        "vm1",
+        "20MiB/s",
+        "--schedule",
+        "Mon-Fri 08:00-18:00=5MiB/s, *=unlimited",
+    ]));
+    let text = std::fs::read_to_string(&rel).expect("read");
+    assert!(text.contains("bandwidth = \"20MiB/s\""), "{text}");
+    assert!(text.contains("bandwidth_schedule = \"Mon-Fri 08:00-18:00=5MiB/s, *=unlimited\""));
+    let shown = run_ok(replog().arg("bandwidth").arg(&site).arg("vm1"));
+    assert!(
+        shown.contains("20MiB/s") && shown.contains("Mon-Fri"),
+        "{shown}"
+    );
+    run_ok(
+        replog()
+            .arg("bandwidth")
+            .arg(&site)
+            .args(["vm1", "unlimited", "--schedule", ""]),
+    );
+    let text = std::fs::read_to_string(&rel).expect("read");
+    assert!(!text.contains("bandwidth"), "{text}");
+    // A bad schedule written by hand is found by config check, named.
+    std::fs::write(
+        &rel,
+        format!("{text}bandwidth_schedule = \"Mon 9-5=1MiB/s\"\n"),
+    )
+    .expect("w");
+    let (code, out) = check(&site);
+    assert_eq!(code, 1);
+    assert!(out.contains("key bandwidth_schedule: "), "{out}");
+}

@@ -149,6 +149,8 @@ fn write_version_2_fixtures() {
         retention: Some("1h".into()),
         app_retention: Some("2h".into()),
         rpo: None,
+        bandwidth: None,
+        bandwidth_schedule: None,
     }
     .save(&a, "vm1")
     .expect("relationship");

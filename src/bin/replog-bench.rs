@@ -330,7 +330,15 @@ fn run(args: &Args) -> Result<()> {
             figures.push(b.write_amplification()?);
         }
         if [
-            "ship", "initial", "restore", "view", "resync", "failover", "failback", "s3",
+            "ship",
+            "initial",
+            "restore",
+            "view",
+            "resync",
+            "failover",
+            "failback",
+            "s3",
+            "bandwidth",
         ]
         .iter()
         .any(|g| want(g))
@@ -343,6 +351,9 @@ fn run(args: &Args) -> Result<()> {
             }
             if want("ship") {
                 figures.push(b.ship_throughput(&target)?);
+            }
+            if want("bandwidth") {
+                figures.push(b.bandwidth_limit(&target)?);
             }
             if want("initial") {
                 figures.push(b.initial_vs_rsync(&target)?);

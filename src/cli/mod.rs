@@ -170,6 +170,25 @@ pub enum Command {
         /// metrics).
         #[arg(long, value_name = "DURATION")]
         rpo: Option<String>,
+        /// The most this machine sends per second (e.g. 50MiB/s, 800kB/s; default
+        /// unlimited): initial replication, shipping, resync and reprotect alike.
+        /// `replog bandwidth` changes it later.
+        #[arg(long, value_name = "RATE")]
+        bandwidth: Option<String>,
+        /// Rates by local time over --bandwidth, the first rule that matches wins:
+        /// "Mon-Fri 08:00-18:00=10MiB/s, Sat-Sun=50MiB/s, *=unlimited".
+        #[arg(long, value_name = "RULES")]
+        bandwidth_schedule: Option<String>,
+    },
+    /// Change a protected machine's bandwidth limit without protecting it again (the
+    /// next shipping pass takes it up): RATE (e.g. 20MiB/s or unlimited) and/or
+    /// --schedule RULES ("" removes the schedule).
+    Bandwidth {
+        site: PathBuf,
+        machine: String,
+        rate: Option<String>,
+        #[arg(long, value_name = "RULES")]
+        schedule: Option<String>,
     },
     /// Record a recovery point of MACHINE now (through the running `serve`, or by
     /// opening the site when none runs): crash-consistent, or with --app-consistent
@@ -742,14 +761,26 @@ pub fn run(cli: Cli) -> ExitCode {
             retention,
             app_retention,
             rpo,
+            bandwidth,
+            bandwidth_schedule,
         } => replicate::protect(
             &site,
             &machine,
             &target,
-            &retention,
-            &app_retention,
-            rpo.as_deref(),
+            replicate::Settings {
+                retention: &retention,
+                app_retention: &app_retention,
+                rpo: rpo.as_deref(),
+                bandwidth: bandwidth.as_deref(),
+                bandwidth_schedule: bandwidth_schedule.as_deref(),
+            },
         ),
+        Command::Bandwidth {
+            site,
+            machine,
+            rate,
+            schedule,
+        } => replicate::bandwidth(&site, &machine, rate.as_deref(), schedule.as_deref()),
         Command::Resync { site, machine, now } => replicate::resync(&site, &machine, now),
         Command::Checkpoint {
             site,

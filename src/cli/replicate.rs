@@ -10,17 +10,31 @@ use replog::replication::shipper::Link;
 use replog::{Error, Result, Site};
 use std::path::Path;
 
-pub fn protect(
-    site: &Path,
-    machine: &str,
-    target: &str,
-    retention: &str,
-    app_retention: &str,
-    rpo: Option<&str>,
-) -> Result<()> {
+/// `replog protect`'s settings of the relationship beyond its target.
+pub struct Settings<'a> {
+    pub retention: &'a str,
+    pub app_retention: &'a str,
+    pub rpo: Option<&'a str>,
+    pub bandwidth: Option<&'a str>,
+    pub bandwidth_schedule: Option<&'a str>,
+}
+
+pub fn protect(site: &Path, machine: &str, target: &str, settings: Settings<'_>) -> Result<()> {
+    let Settings {
+        retention,
+        app_retention,
+        rpo,
+        ..
+    } = settings;
     Site::read_config(site)?;
     if let Some(r) = rpo {
         replog::replication::relationship::parse_retention("--rpo", r)?;
+    }
+    if let Some(b) = settings.bandwidth {
+        replog::replication::bandwidth::parse_rate(b)?;
+    }
+    if let Some(s) = settings.bandwidth_schedule {
+        replog::replication::bandwidth::Schedule::parse(s)?;
     }
     let every = replog::replication::relationship::parse_retention("--retention", retention)?;
     let app = replog::replication::relationship::parse_retention("--app-retention", app_retention)?;
@@ -44,15 +58,7 @@ pub fn protect(
     let me = identity::Identity::load(site)?.id();
     // From here on it is a job: each check a step, the end state verified.
     let mut job = JobHandle::start(site, JobKind::Protect, Some(machine))?;
-    let done = protect_steps(
-        &mut job,
-        site,
-        machine,
-        target,
-        (retention, app_retention, rpo),
-        &manifest,
-        me,
-    );
+    let done = protect_steps(&mut job, site, machine, target, &settings, &manifest, me);
     match done {
         Ok((detail, rel)) => {
             let serve_runs = replog::control::serve_running(site);
@@ -250,6 +256,8 @@ pub fn reprotect(
             retention: Some(retention.to_string()),
             app_retention: Some(app_retention.to_string()),
             rpo: None,
+            bandwidth: None,
+            bandwidth_schedule: None,
         };
         // serve's shipping loop goes on with this job.
         job.hand_over()?;
@@ -329,7 +337,7 @@ fn protect_steps(
     site: &Path,
     machine: &str,
     target: &str,
-    (retention, app_retention, rpo): (&str, &str, Option<&str>),
+    settings: &Settings<'_>,
     manifest: &replog::format::meta::Manifest,
     me: identity::SiteId,
 ) -> Result<(String, Relationship)> {
@@ -366,9 +374,11 @@ fn protect_steps(
     let relationship = Relationship {
         target: target.to_string(),
         target_id: peer.to_string(),
-        retention: Some(retention.to_string()),
-        app_retention: Some(app_retention.to_string()),
-        rpo: rpo.map(str::to_string),
+        retention: Some(settings.retention.to_string()),
+        app_retention: Some(settings.app_retention.to_string()),
+        rpo: settings.rpo.map(str::to_string),
+        bandwidth: settings.bandwidth.map(str::to_string),
+        bandwidth_schedule: settings.bandwidth_schedule.map(str::to_string),
     };
     let reply = replog::control::run(
         site,
@@ -785,5 +795,55 @@ pub fn resync(site: &Path, machine: &str, now: bool) -> Result<()> {
             }
         );
     }
+    Ok(())
+}
+
+/// `replog bandwidth SITE MACHINE [RATE] [--schedule RULES]`: change the relationship's
+/// limit in place (serve's next shipping pass takes it up).
+pub fn bandwidth(
+    site: &Path,
+    machine: &str,
+    rate: Option<&str>,
+    schedule: Option<&str>,
+) -> Result<()> {
+    Site::read_config(site)?;
+    let Some(mut rel) = Relationship::load(site, machine)? else {
+        return Err(Error::InvalidInput(format!(
+            "{machine} is not protected: give --bandwidth to `replog protect`"
+        )));
+    };
+    if rate.is_none() && schedule.is_none() {
+        rel.bandwidth()?;
+        println!(
+            "{machine}: {}{}",
+            rel.bandwidth.as_deref().unwrap_or("unlimited"),
+            rel.bandwidth_schedule
+                .as_deref()
+                .map(|s| format!(", schedule \"{s}\""))
+                .unwrap_or_default()
+        );
+        return Ok(());
+    }
+    if let Some(r) = rate {
+        replog::replication::bandwidth::parse_rate(r)?;
+        rel.bandwidth = (!r.eq_ignore_ascii_case("unlimited")).then(|| r.to_string());
+    }
+    if let Some(s) = schedule {
+        rel.bandwidth_schedule = if s.trim().is_empty() {
+            None
+        } else {
+            replog::replication::bandwidth::Schedule::parse(s)?;
+            Some(s.to_string())
+        };
+    }
+    rel.save(site, machine)?;
+    println!(
+        "{machine}: bandwidth {}{} (the next shipping pass takes it up)",
+        rel.bandwidth.as_deref().unwrap_or("unlimited"),
+        rel.bandwidth_schedule
+            .as_deref()
+            .map(|s| format!(", schedule \"{s}\""))
+            .unwrap_or_default()
+    );
     Ok(())
 }

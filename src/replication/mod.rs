@@ -5,6 +5,7 @@
 //! chain is mended by comparing chunks. What status shows is derived in
 //! [`crate::protection::status`].
 
+pub mod bandwidth;
 pub mod protocol;
 pub mod receiver;
 pub mod relationship;

@@ -38,6 +38,13 @@ pub struct Relationship {
     /// twice it Critical (Azure Site Recovery's RPO threshold). None: no alert.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpo: Option<String>,
+    /// The most the sender sends per second (`50MiB/s`; default unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<String>,
+    /// Rates by local time over `bandwidth` (`Mon-Fri 08:00-18:00=10MiB/s,
+    /// *=unlimited`; see `replication::bandwidth`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_schedule: Option<String>,
 }
 
 /// Parse a retention such as "24h" or "90s" into milliseconds.
@@ -65,6 +72,22 @@ fn path(site: &Path, machine: &str) -> Result<PathBuf> {
 impl Relationship {
     pub fn target_id(&self) -> Result<SiteId> {
         SiteId::parse(&self.target_id)
+    }
+
+    /// The bandwidth limit's settings.
+    pub fn bandwidth(&self) -> Result<crate::replication::bandwidth::Settings> {
+        use crate::replication::bandwidth::{parse_rate, Schedule, Settings};
+        Ok(Settings {
+            base: match &self.bandwidth {
+                Some(r) => parse_rate(r)?,
+                None => None,
+            },
+            schedule: self
+                .bandwidth_schedule
+                .as_deref()
+                .map(Schedule::parse)
+                .transpose()?,
+        })
     }
 
     /// The RPO in seconds, if one is set (and parses).
@@ -136,6 +159,16 @@ impl Relationship {
         }
         if let Err(e) = r.target_id() {
             out.push(at.value_error("target_id", &e.to_string()));
+        }
+        if let Some(b) = &r.bandwidth {
+            if let Err(e) = crate::replication::bandwidth::parse_rate(b) {
+                out.push(at.value_error("bandwidth", &e.to_string()));
+            }
+        }
+        if let Some(s) = &r.bandwidth_schedule {
+            if let Err(e) = crate::replication::bandwidth::Schedule::parse(s) {
+                out.push(at.value_error("bandwidth_schedule", &e.to_string()));
+            }
         }
         for (key, v) in [
             ("retention", &r.retention),

@@ -97,6 +97,8 @@ impl Bench {
                 retention: None,
                 app_retention: None,
                 rpo: None,
+                bandwidth: None,
+                bandwidth_schedule: None,
             }
             .save(&src, &name)?;
             let m = host.machine(&name)?;

@@ -15,7 +15,7 @@ mod resync_session;
 
 pub use resync_session::ResyncReport;
 
-use super::protocol::{self, read_frame, write_frame, FrameError, Message};
+use super::protocol::{self, read_frame, FrameError, Message};
 use super::transport::{self, net_error, ClientStream};
 use crate::error::{Error, Result};
 use crate::format::meta::Watermark;
@@ -48,6 +48,8 @@ pub struct Shipper {
     /// changed-block map sends one before every `Protect`).
     reprotect: Option<ReprotectView>,
     on_reprotect: Option<Box<ReprotectSink>>,
+    /// The machine's bandwidth limit, shared by every link this shipper opens.
+    limiter: Arc<crate::replication::bandwidth::Limiter>,
 }
 
 /// Called with each LSN the target acknowledges.
@@ -116,6 +118,8 @@ pub struct Link {
     peer_id: SiteId,
     /// The feature bits the peer's `Hello` announced.
     peer_features: u64,
+    /// The machine's bandwidth limit, which every frame sent waits for.
+    limiter: Option<Arc<crate::replication::bandwidth::Limiter>>,
 }
 
 impl Link {
@@ -128,6 +132,7 @@ impl Link {
             peer: addr.to_string(),
             peer_id,
             peer_features: 0,
+            limiter: None,
         };
         let me = crate::identity::Identity::load(site)?.id();
         link.send(&protocol::hello(me.0))?;
@@ -165,6 +170,11 @@ impl Link {
         self.peer_features
     }
 
+    /// Send every frame from now on through `limiter` (a machine's bandwidth limit).
+    pub fn limit(&mut self, limiter: Arc<crate::replication::bandwidth::Limiter>) {
+        self.limiter = Some(limiter);
+    }
+
     /// Send and flush.
     pub fn send(&mut self, m: &Message) -> Result<()> {
         self.send_opt(m, true)
@@ -176,8 +186,16 @@ impl Link {
     }
 
     fn send_opt(&mut self, m: &Message, flush: bool) -> Result<()> {
-        let sent = write_frame(&mut self.stream, m)
+        let sent = protocol::encode(m)
             .map_err(|e| self.frame_error("send to", e))
+            .and_then(|frame| {
+                if let Some(l) = &self.limiter {
+                    l.take(frame.len());
+                }
+                self.stream
+                    .write_all(&frame)
+                    .map_err(|e| net_error("send to", &self.peer, e))
+            })
             .and_then(|()| {
                 if !flush {
                     return Ok(());
@@ -308,6 +326,7 @@ impl Shipper {
             on_ack: None,
             reprotect: None,
             on_reprotect: None,
+            limiter: Arc::default(),
         }
     }
 
@@ -426,6 +445,14 @@ impl Shipper {
     /// Connect, greet and announce `machine`: the link and the target's answer.
     fn handshake(&mut self, machine: &Machine) -> Result<(Link, Protected)> {
         let mut link = Link::connect(&self.site, &self.target)?;
+        // The relationship's bandwidth settings as they are now (changed without
+        // re-protecting by `replog bandwidth`); the bucket itself goes on.
+        if let Ok(Some(rel)) =
+            crate::replication::relationship::Relationship::load(&self.site, machine.name())
+        {
+            self.limiter.set(rel.bandwidth().unwrap_or_default());
+        }
+        link.limit(self.limiter.clone());
         if let Some(map) = machine.changed_map() {
             if link.peer_features() & protocol::FEATURE_REPROTECT != 0 {
                 let view = Self::reprotect_exchange(&mut link, machine, &map, false)?;
