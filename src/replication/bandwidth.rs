@@ -45,7 +45,7 @@ pub fn parse_rate(text: &str) -> Result<Rate> {
         _ => return Err(bad()),
     };
     let bytes = n * mult;
-    if !(bytes >= 1024.0 && bytes < 1e15) {
+    if !(1024.0..1e15).contains(&bytes) {
         return Err(Error::InvalidInput(format!(
             "rate {text:?} is out of range (at least 1KiB/s)"
         )));
