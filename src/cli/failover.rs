@@ -85,19 +85,63 @@ pub fn run(
             machine: machine.into(),
         },
     };
-    let reply = control::run(site, &req)?;
+    let reply = with_progress(site, machine, json, || control::run(site, &req))?;
     print(&reply, json);
     Ok(())
 }
 
 pub fn commit(site: &Path, machine: &str, json: bool) -> Result<()> {
     replog::site::Site::read_config(site)?;
-    let reply = control::run(
-        site,
-        &Request::Commit {
-            machine: machine.into(),
-        },
-    )?;
+    let req = Request::Commit {
+        machine: machine.into(),
+    };
+    let reply = with_progress(site, machine, json, || control::run(site, &req))?;
     print(&reply, json);
     Ok(())
+}
+
+/// Run `f` (a request that carries out jobs) with a spinner on a terminal showing the
+/// newest step of the jobs it started for `machine` (a planned failover ships
+/// everything first; a verification reads the point); nothing with --json or when
+/// standard error is not a terminal.
+fn with_progress<T>(site: &Path, machine: &str, json: bool, f: impl FnOnce() -> T) -> T {
+    if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return f();
+    }
+    let dir = site.join("jobs");
+    let before: std::collections::HashSet<String> = replog::jobs::ids_in(&dir)
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar.set_message(format!("{machine}: asking the site…"));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let newest = replog::jobs::ids_in(&dir)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|id| !before.contains(id))
+                    .filter_map(|id| replog::jobs::get(site, &id).ok())
+                    .find(|j| j.machine.as_deref() == Some(machine));
+                if let Some(step) = newest.as_ref().and_then(|j| j.steps.last()) {
+                    bar.set_message(format!(
+                        "{machine}: {}{}",
+                        step.name,
+                        step.detail
+                            .as_deref()
+                            .map(|d| format!(": {d}"))
+                            .unwrap_or_default()
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        });
+        let out = f();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        bar.finish_and_clear();
+        out
+    })
 }
