@@ -176,3 +176,46 @@ fn the_systemd_unit_verifies() {
         "{text}"
     );
 }
+
+#[test]
+fn failover_commands_draw_progress_on_a_terminal_and_stay_quiet_off_it() {
+    let Some(script) = ["/usr/bin/script", "/bin/script"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        eprintln!("SKIPPED failover_commands_draw_progress…: no script(1) for a terminal");
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let site = tmp.path().join("s");
+    run_ok(replog().arg("init").arg(&site));
+    run_ok(
+        replog()
+            .args(["disk", "create"])
+            .arg(&site)
+            .args(["vm1/os", "--size", "1M"]),
+    );
+    let cmd = format!(
+        "{} commit {} vm1",
+        env!("CARGO_BIN_EXE_replog"),
+        site.display()
+    );
+    // On a terminal (script(1) gives it one): the spinner, then the refusal.
+    let out = std::process::Command::new(script)
+        .args(["-qc", &cmd, "/dev/null"])
+        .output()
+        .expect("script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("vm1: asking the site"), "{text}");
+    assert!(text.contains("no failover pending"), "{text}");
+    // Off a terminal: only the refusal.
+    let out = replog()
+        .arg("commit")
+        .arg(&site)
+        .arg("vm1")
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("asking the site"), "{text}");
+    assert!(text.contains("no failover pending"), "{text}");
+}
