@@ -812,16 +812,19 @@ pub fn bandwidth(
             "{machine} is not protected: give --bandwidth to `replog protect`"
         )));
     };
-    if rate.is_none() && schedule.is_none() {
-        rel.bandwidth()?;
-        println!(
-            "{machine}: {}{}",
+    let describe = |rel: &Relationship| {
+        format!(
+            "{}{}",
             rel.bandwidth.as_deref().unwrap_or("unlimited"),
             rel.bandwidth_schedule
                 .as_deref()
                 .map(|s| format!(", schedule \"{s}\""))
                 .unwrap_or_default()
-        );
+        )
+    };
+    if rate.is_none() && schedule.is_none() {
+        rel.bandwidth()?;
+        println!("{machine}: {}", describe(&rel));
         return Ok(());
     }
     if let Some(r) = rate {
@@ -838,12 +841,8 @@ pub fn bandwidth(
     }
     rel.save(site, machine)?;
     println!(
-        "{machine}: bandwidth {}{} (the next shipping pass takes it up)",
-        rel.bandwidth.as_deref().unwrap_or("unlimited"),
-        rel.bandwidth_schedule
-            .as_deref()
-            .map(|s| format!(", schedule \"{s}\""))
-            .unwrap_or_default()
+        "{machine}: bandwidth {} (the next shipping pass takes it up)",
+        describe(&rel)
     );
     Ok(())
 }
