@@ -75,6 +75,20 @@ fn ports() -> (u16, u16) {
 impl Cluster {
     /// Start a cluster of `weed` under `dir` and create the bucket.
     pub fn start(dir: &Path, weed: &Path) -> Result<Cluster> {
+        // The ports are picked free, then bound by other processes a moment later: a
+        // test beside this one may take one in between. Then a process dies; start
+        // again elsewhere (the failed attempt's processes are stopped as it drops).
+        let mut last = None;
+        for attempt in 0..3 {
+            match Self::start_once(&dir.join(format!("attempt-{attempt}")), weed) {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| failed("no attempt".into())))
+    }
+
+    fn start_once(dir: &Path, weed: &Path) -> Result<Cluster> {
         let io = |op: &'static str, p: &Path| {
             let p = p.to_path_buf();
             move |e| Error::io(op, p, e)
@@ -193,9 +207,16 @@ impl Cluster {
             ],
         )?;
         self.others.push(("s3", gw));
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", s)).is_err() {
-            if Instant::now() > deadline {
+            // A process that died (a port taken meanwhile) never comes back.
+            let dead = self
+                .others
+                .iter_mut()
+                .map(|(_, c)| c)
+                .chain(self.volumes.iter_mut().flatten())
+                .any(|c| c.try_wait().ok().flatten().is_some());
+            if dead || Instant::now() > deadline {
                 return Err(failed(format!(
                     "the S3 gateway never listened:\n{}\nfiler:\n{}",
                     tail(&self.dir.join("s3.log")),
