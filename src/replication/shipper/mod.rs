@@ -122,6 +122,9 @@ pub struct Link {
     limiter: Option<Arc<crate::replication::bandwidth::Limiter>>,
 }
 
+/// Bytes a bandwidth-limited link writes at a time (see [`Link::limit`]).
+const LIMITED_PIECE: usize = 64 << 10;
+
 impl Link {
     /// Connect to `addr` as `site`, exchange `Hello`s (the peer's must name the site
     /// its certificate says and speak this protocol version with the features needed).
@@ -189,12 +192,17 @@ impl Link {
         let sent = protocol::encode(m)
             .map_err(|e| self.frame_error("send to", e))
             .and_then(|frame| {
-                if let Some(l) = &self.limiter {
-                    l.take(frame.len());
-                }
-                self.stream
-                    .write_all(&frame)
-                    .map_err(|e| net_error("send to", &self.peer, e))
+                let limited = match &self.limiter {
+                    // Paced in pieces, so a large frame at a low rate still reaches
+                    // the target as a steady trickle, never a silence longer than its
+                    // read timeout.
+                    Some(l) => frame.chunks(LIMITED_PIECE).try_for_each(|piece| {
+                        l.take(piece.len());
+                        self.stream.write_all(piece)
+                    }),
+                    None => self.stream.write_all(&frame),
+                };
+                limited.map_err(|e| net_error("send to", &self.peer, e))
             })
             .and_then(|()| {
                 if !flush {
