@@ -379,6 +379,18 @@ impl ObjectBackend {
 
     /// Commit manifest `seq + 1` = this process's base changed by `change`.
     fn commit(&self, m: &str, named: &[String], change: &dyn Fn(&mut Manifest, u64)) -> Result<()> {
+        self.commit_if(m, named, &|_| true, change).map(|_| ())
+    }
+
+    /// [`Self::commit`] if `accept` takes the base it would build on (under the
+    /// machine's lock); false, nothing committed, if not.
+    fn commit_if(
+        &self,
+        m: &str,
+        named: &[String],
+        accept: &dyn Fn(&Manifest) -> bool,
+        change: &dyn Fn(&mut Manifest, u64),
+    ) -> Result<bool> {
         if !named.is_empty() {
             // Crash tests: data objects PUT, their manifest not yet.
             crate::failpoint::hit("s3:before-manifest");
@@ -400,6 +412,9 @@ impl ObjectBackend {
             self.verify_chain(m, &mut st)?;
         }
         loop {
+            if !accept(&st.base) {
+                return Ok(false);
+            }
             let now = self.now_ns();
             let mut next = (*st.base).clone();
             change(&mut next, now);
@@ -416,7 +431,7 @@ impl ObjectBackend {
                 st.wrote = true;
                 st.loaded_at = Instant::now();
                 st.verified_at = st.loaded_at;
-                return Ok(());
+                return Ok(true);
             }
             // Taken. By an earlier commit of ours whose answer was lost (the caller
             // saw an error)? Then build on it; otherwise someone else writes here.
@@ -446,9 +461,10 @@ impl ObjectBackend {
         Ok(name)
     }
 
-    /// After a failed commit: its objects are nobody's now (collected as orphans).
-    fn forget_pending(&self, m: &str, named: &[String], done: &Result<()>) {
-        if done.is_err() {
+    /// After a commit that failed (or was not made): its objects are nobody's now
+    /// (collected as orphans).
+    fn forget_pending(&self, m: &str, named: &[String], failed: bool) {
+        if failed {
             if let Some(c) = self.machines.lock().get(m) {
                 let mut st = c.lock();
                 for n in named {
@@ -602,16 +618,32 @@ impl ReplicaBackend for ObjectBackend {
         let (name, entry) = self.put_data(m, rel, bytes)?;
         let named: Vec<String> = (!name.is_empty()).then_some(name).into_iter().collect();
         let done = self.commit(m, &named, &|mf, now| mf.set(rel, entry.clone(), now));
-        self.forget_pending(m, &named, &done);
+        self.forget_pending(m, &named, done.is_err());
         done
     }
 
+    /// The check and the commit under one lock: of two racing callers one wins (the
+    /// loser's data object, if it wrote one, is an orphan, collected later).
     fn put_if_absent(&self, key: &str, bytes: &[u8]) -> Result<bool> {
         let (m, rel) = split(key)?;
+        if rel.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "{key:?} names a replica, not an object"
+            )));
+        }
         if self.view(m)?.entries.contains_key(rel) {
             return Ok(false);
         }
-        self.put(key, bytes).map(|()| true)
+        let (name, entry) = self.put_data(m, rel, bytes)?;
+        let named: Vec<String> = (!name.is_empty()).then_some(name).into_iter().collect();
+        let done = self.commit_if(
+            m,
+            &named,
+            &|base| !base.entries.contains_key(rel),
+            &|mf, now| mf.set(rel, entry.clone(), now),
+        );
+        self.forget_pending(m, &named, !matches!(done, Ok(true)));
+        done
     }
 
     /// Every data object at once (a few threads), then one manifest for them all.
@@ -660,7 +692,7 @@ impl ReplicaBackend for ObjectBackend {
                     mf.set(rel, e.clone(), now);
                 }
             });
-            self.forget_pending(m, &named, &done);
+            self.forget_pending(m, &named, done.is_err());
             done?;
         }
         Ok(())
@@ -1008,6 +1040,25 @@ mod tests {
             backend(&o).get("vm1/segments/2.seg.enc").unwrap().unwrap(),
             vec![2u8; 9000]
         );
+    }
+
+    #[test]
+    fn of_threads_racing_to_create_one_key_exactly_one_wins() {
+        let o = Arc::new(MemObjects::new());
+        let b = backend(&o);
+        for round in 0..20 {
+            let key = format!("vm1/k{round}");
+            let wins: usize = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..4u8)
+                    .map(|t| {
+                        let (b, key) = (&b, &key);
+                        sc.spawn(move || b.put_if_absent(key, &vec![t; 5000]).unwrap())
+                    })
+                    .collect();
+                hs.into_iter().map(|h| usize::from(h.join().unwrap())).sum()
+            });
+            assert_eq!(wins, 1, "round {round}");
+        }
     }
 
     #[test]
