@@ -20,6 +20,7 @@ pub enum Target {
     Frame,
     Crypt,
     Meta,
+    Config,
 }
 
 impl Target {
@@ -28,6 +29,7 @@ impl Target {
             "frame" => Some(Target::Frame),
             "crypt" => Some(Target::Crypt),
             "meta" => Some(Target::Meta),
+            "config" => Some(Target::Config),
             _ => None,
         }
     }
@@ -37,6 +39,7 @@ impl Target {
             Target::Frame => check_frame(data),
             Target::Crypt => check_crypt(data),
             Target::Meta => check_meta(data),
+            Target::Config => check_config(data),
         }
     }
 
@@ -45,6 +48,7 @@ impl Target {
             Target::Frame => valid_frames(rng),
             Target::Crypt => valid_crypt(rng),
             Target::Meta => valid_meta(rng),
+            Target::Config => valid_config(rng),
         }
     }
 
@@ -59,6 +63,7 @@ impl Target {
                     b[36..40].copy_from_slice(&crc.to_le_bytes());
                 }
             }
+            Target::Config => {}
             Target::Meta => {
                 if b.len() >= meta::META_HEADER_LEN {
                     let crc = crc32c::crc32c_append(
@@ -349,8 +354,15 @@ pub fn valid_crypt(rng: &mut Rng) -> Vec<u8> {
 /// by every other kind. What decodes must re-encode (at this build's version) to a
 /// file that decodes to the same value.
 pub fn check_meta(data: &[u8]) {
-    for kind in 0..12u16 {
+    for kind in 0..=meta::KIND_OBJECT_MANIFEST {
         let _ = meta::decode(kind, data);
+    }
+    // An object-store replica's manifest (kind 12): what decodes re-encodes to a
+    // file that decodes to the same manifest.
+    if let Ok(m) = replog::replica::objects::Manifest::decode(data, "fuzz") {
+        let again = m.encode().expect("a decoded manifest encodes");
+        let m2 = replog::replica::objects::Manifest::decode(&again, "fuzz").expect("re-decode");
+        assert_eq!(m, m2, "re-encoding changed the manifest");
     }
     let _ = meta::Manifest::decode(data);
     let _ = Watermark::decode(data);
@@ -397,7 +409,31 @@ pub fn valid_meta(rng: &mut Rng) -> Vec<u8> {
             size: num(rng),
         })
         .collect::<Vec<_>>();
-    match rng.below(11) {
+    match rng.below(12) {
+        11 => {
+            use replog::replica::objects::{Entry, Manifest};
+            let mut m = Manifest {
+                seq: num(rng),
+                writer: num(rng),
+                at_ns: num(rng),
+                ..Default::default()
+            };
+            for i in 0..rng.below(6) {
+                let e = if rng.chance(2) {
+                    Entry::Inline(vec![i as u8; rng.below(40) as usize])
+                } else {
+                    Entry::Object {
+                        name: format!("d/{}~{:016x}-{i}", name(rng), num(rng)),
+                        len: num(rng),
+                    }
+                };
+                m.entries.insert(format!("parent/1/{i}.enc"), e);
+            }
+            if rng.chance(2) {
+                m.dropped.push((name(rng), num(rng)));
+            }
+            m.encode().expect("encode")
+        }
         0 => meta::Manifest {
             disks,
             generation: 1 + rng.below(9) as u32,
@@ -525,5 +561,60 @@ pub fn valid_meta(rng: &mut Rng) -> Vec<u8> {
                 .expect("postcard"),
             )
         }
+    }
+}
+
+// ------------------------------------------------------------------ config
+
+/// The bytes are a `site.toml` or a `relationship.toml`: checking them never panics,
+/// every problem is located (a line inside the file, or "(default)"), and settings
+/// that check clean also load.
+pub fn check_config(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let lines = text.lines().count().max(1);
+    let located = |e: &replog::Error| {
+        let m = e.to_string();
+        if let Some(rest) = m.split(" line ").nth(1) {
+            let n: usize = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|d| d.parse().ok())
+                .expect("a line number");
+            assert!((1..=lines + 1).contains(&n), "line {n} of {lines}: {m}");
+        }
+    };
+    let site = Path::new("site.toml");
+    let problems = replog::config::SiteConfig::check(site, &text);
+    problems.iter().for_each(located);
+    if problems.is_empty() {
+        replog::config::SiteConfig::from_toml(site, &text).expect("clean settings load");
+    }
+    let rel = Path::new("relationship.toml");
+    replog::replication::relationship::Relationship::problems(rel, &text)
+        .iter()
+        .for_each(located);
+    let _ = replog::replication::bandwidth::parse_rate(&text);
+    let _ = replog::replication::bandwidth::Schedule::parse(&text);
+}
+
+/// A valid site.toml (settings varied) or relationship.toml.
+pub fn valid_config(rng: &mut Rng) -> Vec<u8> {
+    if rng.chance(2) {
+        let mut c = replog::config::SiteConfig::default();
+        c.replication.seal_interval_ms = 10 + rng.below(10_000);
+        c.replication.resync_window = ["always", "never", "18:00-08:00"][rng.below(3) as usize].into();
+        if rng.chance(3) {
+            c.replica.store = "s3://replicas/site-b".into();
+            c.replica.s3.endpoint = "http://127.0.0.1:8333".into();
+        }
+        c.to_toml().into_bytes()
+    } else {
+        format!(
+            "# replog relationship, format 1\ntarget = \"127.0.0.1:7411\"\ntarget_id = \"{}\"\n\
+             retention = \"24h\"\nrpo = \"30s\"\nbandwidth = \"50MiB/s\"\n\
+             bandwidth_schedule = \"Mon-Fri 08:00-18:00=10MiB/s, *=unlimited\"\n",
+            "ab".repeat(32)
+        )
+        .into_bytes()
     }
 }

@@ -4,7 +4,7 @@
 //! executions. See tools/fuzz/README.md.
 //!
 //! ```text
-//! decoders-mutate --target frame|crypt|meta [--execs N] [--seed S] [--artifacts DIR]
+//! decoders-mutate --target frame|crypt|meta|config [--execs N] [--seed S] [--artifacts DIR]
 //! decoders-mutate --target T --replay FILE...
 //! ```
 //!
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             _ => Err(format!(
-                "unknown argument {a:?}; usage: decoders-mutate --target frame|crypt|meta \
+                "unknown argument {a:?}; usage: decoders-mutate --target frame|crypt|meta|config \
                  [--execs N] [--seed S] [--artifacts DIR] [--replay FILE...]"
             )),
         };
@@ -62,7 +62,7 @@ fn main() -> ExitCode {
         }
     }
     let Some(target) = target else {
-        eprintln!("--target frame|crypt|meta is required");
+        eprintln!("--target frame|crypt|meta|config is required");
         return ExitCode::from(2);
     };
     let last: LastPanic = Arc::new(Mutex::new(None));
