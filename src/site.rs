@@ -323,14 +323,40 @@ impl Site {
 /// The replica key of the site at `path`, wherever its config places it (no lock
 /// needed: restores read replicas while `serve` runs).
 pub fn replica_key_at(path: &Path) -> Result<crate::replica::crypt::ReplicaKey> {
+    crate::replica::crypt::ReplicaKey::load_or_create(&replica_key_path(path)?)
+}
+
+/// Where the replica key of the site at `path` is (`[replica] key_file`, or
+/// `SITE/identity/replica.key`).
+pub fn replica_key_path(path: &Path) -> Result<PathBuf> {
     let config = Site::read_config(path)?;
     let configured = &config.replica.key_file;
-    let key = if configured.is_empty() {
+    Ok(if configured.is_empty() {
         path.join(crate::identity::IDENTITY_DIR).join("replica.key")
     } else {
         PathBuf::from(configured)
+    })
+}
+
+/// Refuse a private key (the site's TLS key, the replica key) that anyone but its
+/// owner may read or write: `serve` does not start on one.
+pub fn check_private(file: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = match fs::metadata(file) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("stat", file, e)),
     };
-    crate::replica::crypt::ReplicaKey::load_or_create(&key)
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(Error::InvalidInput(format!(
+            "{} holds a private key and is open to group or others (mode {mode:o}): \
+             `chmod 600 {}`, and consider the key exposed",
+            file.display(),
+            file.display()
+        )));
+    }
+    Ok(())
 }
 
 /// A scratch directory for a check that needs one.

@@ -219,3 +219,43 @@ fn failover_commands_draw_progress_on_a_terminal_and_stay_quiet_off_it() {
     assert!(!text.contains("asking the site"), "{text}");
     assert!(text.contains("no failover pending"), "{text}");
 }
+
+#[test]
+fn serve_refuses_private_keys_open_to_others() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let site = tmp.path().join("s");
+    run_ok(replog().arg("init").arg(&site));
+    let key = site.join("identity/key.pem");
+    let replica_key = site.join("identity/replica.key");
+    // The replica key is made on first use; make it now.
+    replog::site::replica_key_at(&site).expect("replica key");
+    for (file, mode) in [(&key, 0o644), (&replica_key, 0o640)] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let out = replog().arg("serve").arg(&site).output().expect("serve");
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&file.display().to_string()) && err.contains("chmod 600"),
+            "{err}"
+        );
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    // With both back to 0600 it starts (and stops on SIGTERM).
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = replog()
+        .arg("serve")
+        .arg(&site)
+        .args(["--listen", &addr])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "serve never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: a signal to the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().expect("wait").success());
+}

@@ -105,7 +105,14 @@ fn wait_for_stop_signal(set: &libc::sigset_t) -> i32 {
 /// Run the site until SIGINT/SIGTERM. `ready` is called once everything is up.
 pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Result<()> {
     let signals = block_stop_signals();
-    let registry = Registry::new(Site::open(site_path)?)?;
+    let site = Site::open(site_path)?;
+    crate::site::check_private(
+        &site_path
+            .join(crate::identity::IDENTITY_DIR)
+            .join(crate::identity::KEY_FILE),
+    )?;
+    crate::site::check_private(&crate::site::replica_key_path(site_path)?)?;
+    let registry = Registry::new(site)?;
     // Jobs a serve that died left behind: the resumable ones are taken over by the
     // loops that go on with them; the others end as interrupted.
     // A plan's run is resumed by `replog plan resume` from its state file; a
