@@ -754,3 +754,49 @@ fn restore_and_compare(dst: &Path, out: &Path, disks: &[(&str, &std::fs::File)])
         }
     }
 }
+
+/// Another trusted site answering at the target's address (the target's certificate
+/// was replaced, or a different site was put there): nothing is shipped to it, and the
+/// machine goes Critical naming both IDs.
+#[test]
+fn a_target_whose_identity_changed_is_refused_naming_both_ids() {
+    if !fuse_available("a_target_whose_identity_changed_is_refused_naming_both_ids") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, dst, addr) = pair(tmp.path());
+    let id_dst = run_ok(replog().arg("id").arg(&dst)).trim().to_string();
+    {
+        let _t = TargetServe::start(&dst, &addr);
+        run_ok(
+            replog()
+                .arg("protect")
+                .arg(&src)
+                .arg("vm1")
+                .args(["--target", &addr]),
+        );
+    }
+    // A second site, trusted by the source and trusting it, now answers at the address.
+    let other = tmp.path().join("other");
+    run_ok(replog().arg("init").arg(&other));
+    let id_other = run_ok(replog().arg("id").arg(&other)).trim().to_string();
+    let id_src = run_ok(replog().arg("id").arg(&src)).trim().to_string();
+    run_ok(replog().arg("trust").arg(&src).arg(&id_other));
+    run_ok(replog().arg("trust").arg(&other).arg(&id_src));
+    let _o = TargetServe::start(&other, &addr);
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    let st = wait_for(&src, "critical", |m| m["health"] == "critical");
+    let reason = st["machines"][0]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        reason.contains(&id_other) && reason.contains(&id_dst),
+        "both IDs named: {reason}"
+    );
+    assert!(
+        !other.join("replicas/vm1").exists(),
+        "data went to a site the machine does not replicate to"
+    );
+    assert!(served.stop().success());
+}

@@ -459,6 +459,22 @@ impl Shipper {
             crate::replication::relationship::Relationship::load(&self.site, machine.name())
         {
             self.limiter.set(rel.bandwidth().unwrap_or_default());
+            // Another site answers at the target's address (its certificate changed,
+            // or a different site was put there): never ship to it unasked.
+            if let Ok(want) = rel.target_id() {
+                if link.peer_id() != want {
+                    return Err(Error::Auth {
+                        peer: self.target.clone(),
+                        why: format!(
+                            "the site there presents ID {}, but {} replicates to ID {want}; if \
+                             the target really changed, protect the machine again toward it",
+                            link.peer_id(),
+                            machine.name()
+                        ),
+                        by_peer: false,
+                    });
+                }
+            }
         }
         link.limit(self.limiter.clone());
         if let Some(map) = machine.changed_map() {
