@@ -4,13 +4,26 @@
 //! TLS 1.3 that accepts only pinned peers, in both directions.
 //!
 //! ```text
-//! SITE/identity/cert.pem        the site's certificate (self-signed, rcgen)
+//! SITE/identity/cert.pem        the certificate the site presents (rcgen)
 //! SITE/identity/key.pem         its private key (PKCS#8, mode 0600)
+//! SITE/identity/lineage.pem     after a rotation: the certificates it had before,
+//!                               newest first, each signed by the next (absent before)
 //! SITE/trusted-peers            "# replog trusted peers, format 1", then one ID a line
 //! ```
 //!
 //! No certificate authority is involved: the fingerprint is the trust. Names in the
 //! certificate are not checked (sites are addressed by IP as often as by name).
+//!
+//! **Rotation** (`replog identity rotate`): a new key and certificate, the
+//! certificate signed by the old key; the old certificate joins the lineage. The site
+//! presents the chain `[current, previous, …, first]`; a peer accepts it when any
+//! certificate in it is pinned and every one is signed by the key of the next (so
+//! nobody can borrow another site's public certificate to claim its ID), and knows
+//! the site by the ID of the chain's first certificate, the lineage root. A site's ID
+//! therefore never changes: peers keep trusting it, and relationships and replicas
+//! that name it stay valid, with no step on their side. The old key is destroyed.
+//! Certificates are made valid until 4096 unless `--valid-days` says otherwise;
+//! [`Identity::expiry_warning`] speaks up [`EXPIRY_WARNING_DAYS`] days before the end.
 
 use crate::error::{Error, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -28,7 +41,14 @@ use std::sync::Arc;
 pub const IDENTITY_DIR: &str = "identity";
 pub const CERT_FILE: &str = "cert.pem";
 pub const KEY_FILE: &str = "key.pem";
+pub const LINEAGE_FILE: &str = "lineage.pem";
 pub const TRUST_FILE: &str = "trusted-peers";
+/// Rotations a site may make (the chain it presents grows by one certificate each).
+pub const MAX_LINEAGE: usize = 16;
+/// How long before its certificate ends that a site is warned.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+/// The name every replog certificate carries (not checked: the fingerprint is the trust).
+const CERT_NAME: &str = "replog-site";
 const TRUST_HEADER: &str = "# replog trusted peers, format 1";
 
 /// A site's ID: the SHA-256 of its certificate, written as 64 lowercase hex digits.
@@ -72,6 +92,8 @@ impl fmt::Display for SiteId {
 pub struct Identity {
     pub cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
+    /// The certificates the site had before, newest first (empty if it never rotated).
+    lineage: Vec<CertificateDer<'static>>,
 }
 
 impl fmt::Debug for Identity {
@@ -81,15 +103,66 @@ impl fmt::Debug for Identity {
 }
 
 impl Identity {
+    /// The site's ID: the fingerprint of its first certificate (the lineage root),
+    /// the same before and after rotations.
     pub fn id(&self) -> SiteId {
+        SiteId::of_cert(self.lineage.last().unwrap_or(&self.cert))
+    }
+
+    /// The fingerprint of the certificate the site presents now.
+    pub fn cert_id(&self) -> SiteId {
         SiteId::of_cert(&self.cert)
+    }
+
+    /// Rotations made so far.
+    pub fn rotations(&self) -> usize {
+        self.lineage.len()
+    }
+
+    /// What the site presents in TLS: its certificate, then its lineage.
+    fn chain(&self) -> Vec<CertificateDer<'static>> {
+        std::iter::once(self.cert.clone())
+            .chain(self.lineage.iter().cloned())
+            .collect()
+    }
+
+    /// When the certificate the site presents stops being valid (seconds since the
+    /// epoch).
+    pub fn not_after(&self) -> Result<i64> {
+        let (_, x) = x509_parser::parse_x509_certificate(&self.cert)
+            .map_err(|e| Error::InvalidInput(format!("the site certificate: {e}")))?;
+        Ok(x.validity().not_after.timestamp())
+    }
+
+    /// A warning when the certificate ends within [`EXPIRY_WARNING_DAYS`] of `now`
+    /// (seconds since the epoch), or has ended; the certificate is pinned, not
+    /// checked for time, so peers go on accepting it, but a rotation is due.
+    pub fn expiry_warning(&self, site: &Path, now: i64) -> Option<String> {
+        let end = self.not_after().ok()?;
+        let left = end.saturating_sub(now);
+        if left > EXPIRY_WARNING_DAYS * 86_400 {
+            return None;
+        }
+        let when = time::OffsetDateTime::from_unix_timestamp(end)
+            .map(|t| t.date().to_string())
+            .unwrap_or_else(|_| end.to_string());
+        let state = if left <= 0 {
+            format!("ended on {when}")
+        } else {
+            format!("ends on {when}, in {} days", (left + 86_399) / 86_400)
+        };
+        Some(format!(
+            "the site certificate {state}: run `replog identity rotate {}` (peers keep \
+             trusting the site; see README, \"Rotating a site's certificate\")",
+            site.display()
+        ))
     }
 
     /// Make a new key and self-signed certificate in `site/identity/`.
     pub fn create(site: &Path) -> Result<Identity> {
         let dir = site.join(IDENTITY_DIR);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
-        let made = rcgen::generate_simple_self_signed(vec!["replog-site".to_string()])
+        let made = rcgen::generate_simple_self_signed(vec![CERT_NAME.to_string()])
             .map_err(|e| Error::InvalidInput(format!("generating the site certificate: {e}")))?;
         // A key without a certificate is a creation that did not finish: replace it.
         let key_path = dir.join(KEY_FILE);
@@ -123,8 +196,194 @@ impl Identity {
         let key_path = dir.join(KEY_FILE);
         let key = PrivateKeyDer::from_pem_file(&key_path)
             .map_err(|e| Error::corruption(&key_path, 0, format!("private key: {e}")))?;
-        Ok(Identity { cert, key })
+        let lineage_path = dir.join(LINEAGE_FILE);
+        let mut lineage = Vec::new();
+        if lineage_path.exists() {
+            for c in CertificateDer::pem_file_iter(&lineage_path)
+                .map_err(|e| Error::corruption(&lineage_path, 0, format!("lineage: {e}")))?
+            {
+                lineage.push(
+                    c.map_err(|e| Error::corruption(&lineage_path, 0, format!("lineage: {e}")))?,
+                );
+            }
+        }
+        let me = Identity { cert, key, lineage };
+        // Peers check the chain; check it here first, so a damaged lineage is named
+        // at this site instead of as a refusal at every peer.
+        lineage_root(&me.chain())
+            .map_err(|why| Error::corruption(&lineage_path, 0, format!("lineage: {why}")))?;
+        Ok(me)
     }
+
+    /// Replace the site's key and certificate by new ones, the certificate signed by
+    /// the current key, which is then destroyed (see the module documentation). The
+    /// new certificate is valid for `valid_days` (None: until 4096). Crash-safe: the
+    /// new identity directory is built and synced beside the current one and
+    /// exchanged with it in one `renameat2(RENAME_EXCHANGE)`. Returns the
+    /// fingerprints of the old and the new certificate. The caller holds the site
+    /// (no serve runs): the directory's other files (the replica key) move along.
+    pub fn rotate(site: &Path, valid_days: Option<u32>) -> Result<(SiteId, SiteId)> {
+        let dir = site.join(IDENTITY_DIR);
+        let next = site.join(format!("{IDENTITY_DIR}.next"));
+        // What an interrupted rotation left: a new identity never put in place, or
+        // the old one after the exchange. Neither is in use.
+        if next.exists() {
+            std::fs::remove_dir_all(&next).map_err(|e| Error::io("remove", &next, e))?;
+        }
+        let cur = Self::load(site)?;
+        if cur.lineage.len() >= MAX_LINEAGE {
+            return Err(Error::InvalidInput(format!(
+                "site {} has rotated its certificate {MAX_LINEAGE} times, the most a \
+                 lineage holds",
+                site.display()
+            )));
+        }
+        let key_path = dir.join(KEY_FILE);
+        let pem =
+            std::fs::read_to_string(&key_path).map_err(|e| Error::io("read", &key_path, e))?;
+        let gen_err = |e: rcgen::Error| Error::InvalidInput(format!("making the certificate: {e}"));
+        let old_key = rcgen::KeyPair::from_pem(&pem).map_err(gen_err)?;
+        let new_key = rcgen::KeyPair::generate().map_err(gen_err)?;
+        let mut params =
+            rcgen::CertificateParams::new(vec![CERT_NAME.to_string()]).map_err(gen_err)?;
+        if let Some(days) = valid_days {
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::days(1);
+            params.not_after = now + time::Duration::days(i64::from(days));
+        }
+        // The issuer's name is the default one every replog certificate has.
+        let issuer = rcgen::Issuer::new(
+            rcgen::CertificateParams::new(vec![CERT_NAME.to_string()]).map_err(gen_err)?,
+            old_key,
+        );
+        let cert = params.signed_by(&new_key, &issuer).map_err(gen_err)?;
+        std::fs::create_dir_all(&next).map_err(|e| Error::io("create", &next, e))?;
+        // Everything else the directory holds (the replica key) goes along as the
+        // same files (hard links), never copies that could drift.
+        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+            let name = entry.file_name();
+            if [KEY_FILE, CERT_FILE, LINEAGE_FILE]
+                .iter()
+                .any(|n| name.as_os_str() == *n)
+            {
+                continue;
+            }
+            let from = entry.path();
+            let kind = entry.file_type().map_err(|e| Error::io("stat", &from, e))?;
+            if !kind.is_file() {
+                return Err(Error::InvalidInput(format!(
+                    "{} is not a regular file: move it out of {} before rotating",
+                    from.display(),
+                    dir.display()
+                )));
+            }
+            std::fs::hard_link(&from, next.join(&name)).map_err(|e| Error::io("link", &from, e))?;
+        }
+        write_new(
+            &next.join(KEY_FILE),
+            new_key.serialize_pem().as_bytes(),
+            0o600,
+        )?;
+        let mut lineage = pem_of(&cur.cert);
+        for c in &cur.lineage {
+            lineage.push_str(&pem_of(c));
+        }
+        write_new(&next.join(LINEAGE_FILE), lineage.as_bytes(), 0o644)?;
+        write_new(&next.join(CERT_FILE), cert.pem().as_bytes(), 0o644)?;
+        let fs = crate::storage::FileStorage;
+        crate::storage::Storage::sync_dir(&fs, &next)?;
+        // The new identity must load (and its chain verify) before it replaces the old.
+        let made = {
+            let probe = site.join(format!("{IDENTITY_DIR}.next"));
+            let staged = Identity {
+                cert: CertificateDer::from_pem_file(probe.join(CERT_FILE))
+                    .map_err(|e| Error::corruption(&probe, 0, format!("certificate: {e}")))?,
+                key: PrivateKeyDer::from_pem_file(probe.join(KEY_FILE))
+                    .map_err(|e| Error::corruption(&probe, 0, format!("private key: {e}")))?,
+                lineage: std::iter::once(cur.cert.clone())
+                    .chain(cur.lineage.iter().cloned())
+                    .collect(),
+            };
+            if lineage_root(&staged.chain()).map_err(Error::InvalidInput)? != cur.id() {
+                return Err(Error::InvalidInput(
+                    "the new certificate does not lead back to the site's ID".into(),
+                ));
+            }
+            staged.cert_id()
+        };
+        exchange(&next, &dir)?;
+        crate::storage::Storage::sync_dir(&fs, site)?;
+        // `next` now holds the old identity: its key goes.
+        std::fs::remove_dir_all(&next).map_err(|e| Error::io("remove", &next, e))?;
+        crate::storage::Storage::sync_dir(&fs, site)?;
+        Ok((cur.cert_id(), made))
+    }
+}
+
+fn pem_of(cert: &CertificateDer<'_>) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec()))
+}
+
+/// Swap two directories atomically.
+fn exchange(a: &Path, b: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| Error::InvalidInput(format!("{} has a NUL byte", p.display())))
+    };
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: two valid NUL-terminated paths.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::io("exchange", b, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn parse_cert<'a>(
+    c: &'a CertificateDer<'_>,
+) -> std::result::Result<x509_parser::certificate::X509Certificate<'a>, String> {
+    x509_parser::parse_x509_certificate(c)
+        .map(|(_, x)| x)
+        .map_err(|e| format!("certificate {}: {e}", SiteId::of_cert(c)))
+}
+
+/// The site a presented chain belongs to: `chain[0]` is the certificate whose key the
+/// peer proved it holds; every later one must have signed the one before it (a
+/// rotation's endorsement). The site's ID is the last one's fingerprint.
+pub fn lineage_root(chain: &[CertificateDer<'_>]) -> std::result::Result<SiteId, String> {
+    let last = chain.last().ok_or("no certificate")?;
+    if chain.len() > MAX_LINEAGE + 1 {
+        return Err(format!(
+            "a chain of {} certificates, more than {} rotations",
+            chain.len(),
+            MAX_LINEAGE
+        ));
+    }
+    for pair in chain.windows(2) {
+        let (Some(child), Some(parent)) = (pair.first(), pair.get(1)) else {
+            continue;
+        };
+        let (c, p) = (parse_cert(child)?, parse_cert(parent)?);
+        c.verify_signature(Some(p.public_key())).map_err(|e| {
+            format!(
+                "certificate {} is not signed by the key of {} before it: {e}",
+                SiteId::of_cert(child),
+                SiteId::of_cert(parent)
+            )
+        })?;
+    }
+    Ok(SiteId::of_cert(last))
 }
 
 /// Create `path` (it must not exist) with `mode`, write `bytes`, fsync.
@@ -218,15 +477,36 @@ struct Pinned {
 }
 
 impl Pinned {
-    fn check(&self, cert: &CertificateDer<'_>) -> std::result::Result<(), rustls::Error> {
-        let id = SiteId::of_cert(cert);
-        if self.peers.contains(&id) {
+    /// Accept `end_entity` (whose key the peer proves it holds) when it, or a
+    /// certificate of its lineage that endorses it, is pinned.
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        lineage: &[CertificateDer<'_>],
+    ) -> std::result::Result<(), rustls::Error> {
+        let chain: Vec<CertificateDer<'_>> = std::iter::once(end_entity.clone())
+            .chain(lineage.iter().cloned())
+            .collect();
+        let refuse = |e: Arc<dyn std::error::Error + Send + Sync>| {
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(e),
+            )))
+        };
+        let id = match lineage_root(&chain) {
+            Ok(id) => id,
+            Err(why) => {
+                tracing::warn!("refused a peer whose certificate lineage does not hold: {why}");
+                return refuse(Arc::new(NotTrusted(SiteId::of_cert(end_entity))));
+            }
+        };
+        if chain
+            .iter()
+            .any(|c| self.peers.contains(&SiteId::of_cert(c)))
+        {
             Ok(())
         } else {
             tracing::warn!("refused a peer that is not trusted: site ID {id}");
-            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                rustls::OtherError(Arc::new(NotTrusted(id))),
-            )))
+            refuse(Arc::new(NotTrusted(id)))
         }
     }
 
@@ -255,12 +535,12 @@ impl ServerCertVerifier for Pinned {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity)
+        self.check(end_entity, intermediates)
             .map(|()| ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -291,10 +571,10 @@ impl ClientCertVerifier for Pinned {
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> std::result::Result<ClientCertVerified, rustls::Error> {
-        self.check(end_entity)
+        self.check(end_entity, intermediates)
             .map(|()| ClientCertVerified::assertion())
     }
     fn client_auth_mandatory(&self) -> bool {
@@ -340,7 +620,7 @@ pub fn server_config(me: &Identity, peers: BTreeSet<SiteId>) -> Result<rustls::S
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_error)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![me.cert.clone()], me.key.clone_key())
+        .with_single_cert(me.chain(), me.key.clone_key())
         .map_err(tls_error)
 }
 
@@ -356,7 +636,7 @@ pub fn client_config(me: &Identity, peers: BTreeSet<SiteId>) -> Result<rustls::C
         .map_err(tls_error)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(vec![me.cert.clone()], me.key.clone_key())
+        .with_client_auth_cert(me.chain(), me.key.clone_key())
         .map_err(tls_error)
 }
 
@@ -379,5 +659,122 @@ mod tests {
         ] {
             assert!(SiteId::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn rotation_keeps_the_id_and_presents_an_endorsed_chain() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = Identity::create(tmp.path()).unwrap();
+        assert_eq!(first.id(), first.cert_id());
+        let (old, new) = Identity::rotate(tmp.path(), None).unwrap();
+        assert_eq!(old, first.cert_id());
+        let now = Identity::load(tmp.path()).unwrap();
+        assert_eq!(now.cert_id(), new);
+        assert_ne!(new, old);
+        assert_eq!(now.id(), first.id(), "the ID survives a rotation");
+        assert_eq!(now.rotations(), 1);
+        assert_eq!(lineage_root(&now.chain()).unwrap(), first.id());
+        // Twice more: the chain grows and still leads to the first certificate.
+        Identity::rotate(tmp.path(), None).unwrap();
+        Identity::rotate(tmp.path(), None).unwrap();
+        let third = Identity::load(tmp.path()).unwrap();
+        assert_eq!(third.rotations(), 3);
+        assert_eq!(lineage_root(&third.chain()).unwrap(), first.id());
+        // The old key is gone: only the current identity is on disk.
+        assert!(!tmp.path().join("identity.next").exists());
+        // Other files of the directory (the replica key) are kept, as they were.
+        let rk = tmp.path().join(IDENTITY_DIR).join("replica.key");
+        std::fs::write(&rk, b"replica key bytes").unwrap();
+        Identity::rotate(tmp.path(), None).unwrap();
+        assert_eq!(std::fs::read(&rk).unwrap(), b"replica key bytes");
+        // Both directions accept the chain when only the first ID is pinned.
+        let pinned = Pinned {
+            peers: [first.id()].into_iter().collect(),
+            provider: provider(),
+        };
+        let chain = third.chain();
+        pinned.check(&chain[0], &chain[1..]).unwrap();
+        // Not pinned at all: refused, naming the site's ID.
+        let other = Pinned {
+            peers: BTreeSet::new(),
+            provider: provider(),
+        };
+        let e = other.check(&chain[0], &chain[1..]).unwrap_err();
+        assert!(e.to_string().contains(&first.id().to_string()), "{e}");
+    }
+
+    #[test]
+    fn a_borrowed_lineage_is_refused() {
+        // Site B appends site A's (public) certificate to its own to pass for A.
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let ia = Identity::create(a.path()).unwrap();
+        let ib = Identity::create(b.path()).unwrap();
+        let forged = vec![ib.cert.clone(), ia.cert.clone()];
+        let why = lineage_root(&forged).unwrap_err();
+        assert!(why.contains("not signed"), "{why}");
+        let pinned = Pinned {
+            peers: [ia.id()].into_iter().collect(),
+            provider: provider(),
+        };
+        assert!(pinned.check(&forged[0], &forged[1..]).is_err());
+        // Even a pinned certificate with a bogus lineage behind it is refused.
+        let pinned_b = Pinned {
+            peers: [ib.id()].into_iter().collect(),
+            provider: provider(),
+        };
+        assert!(pinned_b.check(&forged[0], &forged[1..]).is_err());
+        // A site whose lineage file was tampered with does not load.
+        Identity::rotate(b.path(), None).unwrap();
+        std::fs::write(
+            b.path().join(IDENTITY_DIR).join(LINEAGE_FILE),
+            pem_of(&ia.cert),
+        )
+        .unwrap();
+        let e = Identity::load(b.path()).unwrap_err().to_string();
+        assert!(e.contains("lineage"), "{e}");
+    }
+
+    #[test]
+    fn a_certificate_ending_soon_is_warned_about() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = Identity::create(tmp.path()).unwrap();
+        let now = i64::try_from(crate::format::now_ns() / 1_000_000_000).unwrap();
+        assert_eq!(
+            first.expiry_warning(tmp.path(), now),
+            None,
+            "valid until 4096"
+        );
+        Identity::rotate(tmp.path(), Some(10)).unwrap();
+        let short = Identity::load(tmp.path()).unwrap();
+        let w = short.expiry_warning(tmp.path(), now).unwrap();
+        assert!(
+            w.contains("in 10 days") && w.contains("identity rotate"),
+            "{w}"
+        );
+        let w = short.expiry_warning(tmp.path(), now + 20 * 86_400).unwrap();
+        assert!(w.contains("ended on"), "{w}");
+        // Rotating again with the default validity clears it.
+        Identity::rotate(tmp.path(), None).unwrap();
+        let fine = Identity::load(tmp.path()).unwrap();
+        assert_eq!(fine.expiry_warning(tmp.path(), now), None);
+        assert_eq!(fine.id(), first.id());
+    }
+
+    #[test]
+    fn an_interrupted_rotation_is_cleaned_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = Identity::create(tmp.path()).unwrap();
+        // A half-built next identity (the crash came before the exchange).
+        let next = tmp.path().join("identity.next");
+        std::fs::create_dir_all(&next).unwrap();
+        std::fs::write(next.join(KEY_FILE), b"junk").unwrap();
+        assert_eq!(
+            Identity::load(tmp.path()).unwrap().cert_id(),
+            first.cert_id()
+        );
+        Identity::rotate(tmp.path(), None).unwrap();
+        assert!(!next.exists());
+        assert_eq!(Identity::load(tmp.path()).unwrap().id(), first.id());
     }
 }

@@ -366,6 +366,7 @@ mod tests {
             site: String::new(),
             machines: Vec::new(),
             as_of_ns: 0,
+            warnings: Vec::new(),
         });
         assert!(!m.encode().contains("replog_machine_health{"));
     }

@@ -800,3 +800,110 @@ fn a_target_whose_identity_changed_is_refused_naming_both_ids() {
     );
     assert!(served.stop().success());
 }
+
+/// `replog identity rotate` on both sites, one after the other, with replication
+/// going on: neither site re-pins anything, the IDs stay, shipping goes on healthy and
+/// the replica restores byte-equal. A certificate made to end soon shows as a site
+/// warning in status.
+#[test]
+fn rotating_either_sites_certificate_keeps_replication_going() {
+    if !fuse_available("rotating_either_sites_certificate_keeps_replication_going") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, dst, addr) = pair(tmp.path());
+    let id_src = run_ok(replog().arg("id").arg(&src)).trim().to_string();
+    let id_dst = run_ok(replog().arg("id").arg(&dst)).trim().to_string();
+    let trusted = |site: &Path| std::fs::read_to_string(site.join("trusted-peers")).expect("read");
+    let (trust_src, trust_dst) = (trusted(&src), trusted(&dst));
+    let t = TargetServe::start(&dst, &addr);
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    run_ok(
+        replog()
+            .arg("protect")
+            .arg(&src)
+            .arg("vm1")
+            .args(["--target", &addr]),
+    );
+    let os = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(served.disk("os"))
+        .expect("os");
+    os.write_all_at(&common::pattern(1, 1 << 20), 0)
+        .expect("write");
+    os.sync_all().expect("fsync");
+    wait_for(&src, "protected", |m| {
+        m["state"] == "protected" && m["lag_seconds"] == 0.0
+    });
+
+    // Not while its serve runs (it holds the identity): refused, nothing changed.
+    let cert_before = std::fs::read(dst.join("identity/cert.pem")).expect("cert");
+    let out = replog()
+        .args(["identity", "rotate"])
+        .arg(&dst)
+        .output()
+        .expect("rotate");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stop it"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(dst.join("identity/cert.pem")).expect("cert"),
+        cert_before
+    );
+    // The target rotates (its serve stopped, then started again).
+    drop(t);
+    let out = run_ok(replog().args(["identity", "rotate"]).arg(&dst));
+    assert!(out.contains(&id_dst), "the ID stays: {out}");
+    let _t = TargetServe::start(&dst, &addr);
+    os.write_all_at(&common::pattern(2, 300_000), 3_000_000)
+        .expect("write");
+    os.sync_all().expect("fsync");
+    wait_for(&src, "healthy after the target rotated", |m| {
+        m["health"] == "healthy" && m["lag_seconds"] == 0.0
+    });
+
+    // The source rotates too, with a certificate that ends in 10 days.
+    drop(os);
+    assert!(served.stop().success());
+    run_ok(
+        replog()
+            .args(["identity", "rotate"])
+            .arg(&src)
+            .args(["--valid-days", "10"]),
+    );
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    let os = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(served.disk("os"))
+        .expect("os");
+    os.write_all_at(&common::pattern(3, 500_000), 6_000_000)
+        .expect("write");
+    os.sync_all().expect("fsync");
+    let st = wait_for(&src, "healthy after the source rotated", |m| {
+        m["health"] == "healthy" && m["lag_seconds"] == 0.0
+    });
+    let warnings = st["warnings"].to_string();
+    assert!(
+        warnings.contains("in 10 days") && warnings.contains("identity rotate"),
+        "the short certificate is warned about: {st}"
+    );
+    let show = run_ok(replog().args(["identity", "show"]).arg(&src).arg("--json"));
+    let show: serde_json::Value = serde_json::from_str(&show).expect("json");
+    assert_eq!(show["id"], id_src.as_str());
+    assert_ne!(show["certificate"], id_src.as_str());
+    assert_eq!(show["rotations"], 1);
+
+    // Nobody re-pinned by hand; the IDs are what they were.
+    assert_eq!(trusted(&src), trust_src);
+    assert_eq!(trusted(&dst), trust_dst);
+    assert_eq!(run_ok(replog().arg("id").arg(&src)).trim(), id_src);
+    assert_eq!(run_ok(replog().arg("id").arg(&dst)).trim(), id_dst);
+    restore_and_compare(&dst, &tmp.path().join("restored"), &[("os", &os)]);
+    drop(os);
+    assert!(served.stop().success());
+}

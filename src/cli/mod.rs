@@ -49,8 +49,12 @@ pub enum Command {
         #[arg(long, value_name = "FILE", requires = "replica_store")]
         s3_credentials_file: Option<PathBuf>,
     },
-    /// Print this site's ID (the SHA-256 fingerprint of its certificate).
+    /// Print this site's ID (the SHA-256 fingerprint of its first certificate; the
+    /// same after `replog identity rotate`).
     Id { site: PathBuf },
+    /// The site's certificate: show it, or rotate it.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
     /// Trust a peer site for mutual TLS: pin its ID (as `replog id` prints it there).
     Trust { site: PathBuf, peer_id: String },
     /// Manage disks.
@@ -533,6 +537,27 @@ pub enum MachineCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// The site's ID, the certificate it presents now, when that ends, and how many
+    /// rotations it has made.
+    Show {
+        site: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the site's key and certificate: the new certificate is signed by the
+    /// old key, which is then destroyed, and the old certificate goes on being
+    /// presented after the new one, so peers keep trusting the site (its ID does not
+    /// change) with no step on their side. Stop the site's serve first.
+    Rotate {
+        site: PathBuf,
+        /// How long the new certificate is valid (default: until the year 4096).
+        #[arg(long, value_name = "DAYS")]
+        valid_days: Option<u32>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum DiskCommand {
     /// Create a disk (and its machine, if new): a sparse parent image of SIZE bytes,
     /// or a copy of a raw image whose holes and zero blocks stay holes. With a serve
@@ -618,6 +643,10 @@ pub fn run(cli: Cli) -> ExitCode {
             },
         ),
         Command::Id { site } => site::id(&site),
+        Command::Identity(IdentityCommand::Show { site, json }) => site::identity_show(&site, json),
+        Command::Identity(IdentityCommand::Rotate { site, valid_days }) => {
+            site::identity_rotate(&site, valid_days)
+        }
         Command::Trust { site, peer_id } => site::trust(&site, &peer_id),
         Command::Disk(DiskCommand::Create {
             site,

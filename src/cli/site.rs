@@ -40,6 +40,62 @@ pub fn id(path: &Path) -> Result<()> {
     Ok(())
 }
 
+pub fn identity_show(path: &Path, json: bool) -> Result<()> {
+    Site::read_config(path)?;
+    let me = replog::identity::Identity::load(path)?;
+    let now = replog::format::now_ns() / 1_000_000_000;
+    let end = me.not_after()?;
+    let until = time::OffsetDateTime::from_unix_timestamp(end)
+        .map(|t| t.date().to_string())
+        .unwrap_or_else(|_| end.to_string());
+    let warning = me.expiry_warning(path, i64::try_from(now).unwrap_or(i64::MAX));
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "id": me.id().to_string(),
+                "certificate": me.cert_id().to_string(),
+                "not_after": until,
+                "rotations": me.rotations(),
+                "warning": warning,
+            })
+        );
+    } else {
+        println!("id           {}", me.id());
+        println!("certificate  {}", me.cert_id());
+        println!("valid until  {until}");
+        println!("rotations    {}", me.rotations());
+        if let Some(w) = warning {
+            println!("WARNING      {w}");
+        }
+    }
+    Ok(())
+}
+
+pub fn identity_rotate(path: &Path, valid_days: Option<u32>) -> Result<()> {
+    Site::read_config(path)?;
+    if valid_days == Some(0) {
+        return Err(replog::Error::InvalidInput(
+            "--valid-days must be at least 1".into(),
+        ));
+    }
+    // No serve may run: it holds the identity, and may create the replica key in it.
+    let site = match Site::open(path) {
+        Err(replog::Error::Locked(_)) => {
+            return Err(replog::Error::Busy(format!(
+                "serve is running on {}: stop it, rotate, then start it again",
+                path.display()
+            )))
+        }
+        other => other?,
+    };
+    let (old, new) = replog::identity::Identity::rotate(path, valid_days)?;
+    drop(site);
+    let id = replog::identity::Identity::load(path)?.id();
+    println!("rotated: certificate {old} -> {new}; the site's ID stays {id}");
+    Ok(())
+}
+
 pub fn trust(path: &Path, peer: &str) -> Result<()> {
     Site::read_config(path)?;
     let peer = replog::identity::SiteId::parse(peer)?;
@@ -89,13 +145,12 @@ pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
             machines.extend(replog::protection::status::replicas_status(
                 &replog::replica::store::Replicas::local(path)?,
             ));
-            let id = replog::identity::Identity::load(path)
-                .map(|i| i.id().to_string())
-                .unwrap_or_default();
+            let (site, warnings) = SiteStatus::identity_facts(path);
             SiteStatus {
-                site: id,
+                site,
                 machines,
                 as_of_ns: replog::format::now_ns(),
+                warnings,
             }
         }
     };
@@ -112,6 +167,9 @@ pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
     if as_json {
         println!("{}", serde_json::to_string(&doc).unwrap_or_default());
     } else {
+        for w in &doc.warnings {
+            println!("site: WARNING {w}");
+        }
         for m in &doc.machines {
             let lag = m
                 .lag_seconds

@@ -121,9 +121,24 @@ pub struct SiteStatus {
     /// it is reflected in it.
     #[serde(default)]
     pub as_of_ns: u64,
+    /// What is wrong with the site as a whole (its certificate ending soon).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 impl SiteStatus {
+    /// The site's ID and its site-wide warnings, from its identity.
+    pub fn identity_facts(site: &std::path::Path) -> (String, Vec<String>) {
+        match crate::identity::Identity::load(site) {
+            Ok(me) => {
+                let now = crate::format::now_ns() / 1_000_000_000;
+                let warn = me.expiry_warning(site, i64::try_from(now).unwrap_or(i64::MAX));
+                (me.id().to_string(), warn.into_iter().collect())
+            }
+            Err(e) => (String::new(), vec![format!("the site identity: {e}")]),
+        }
+    }
+
     /// The status a running `serve` keeps in `SITE/status.json`.
     pub fn load(site: &std::path::Path) -> crate::Result<SiteStatus> {
         let p = site.join(STATUS_FILE);

@@ -22,15 +22,14 @@ pub const MAX_HANDSHAKES: usize = 64;
 pub type ClientStream = StreamOwned<ClientConnection, TcpStream>;
 pub type ServerStream = StreamOwned<ServerConnection, TcpStream>;
 
+/// The site the peer's certificate chain belongs to: its lineage root (see
+/// [`identity::lineage_root`]; the handshake's verifier has accepted the chain).
 fn peer_id(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>, peer: &str) -> Result<SiteId> {
-    certs
-        .and_then(|c| c.first())
-        .map(|c| SiteId::of_cert(c))
-        .ok_or_else(|| Error::Auth {
-            peer: peer.to_string(),
-            why: "the peer presented no certificate".into(),
-            by_peer: false,
-        })
+    identity::lineage_root(certs.unwrap_or_default()).map_err(|why| Error::Auth {
+        peer: peer.to_string(),
+        why: format!("the peer's certificate: {why}"),
+        by_peer: false,
+    })
 }
 
 /// An error on the connection with `peer`: TLS refusing a certificate (ours or the

@@ -112,6 +112,9 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
             .join(crate::identity::KEY_FILE),
     )?;
     crate::site::check_private(&crate::site::replica_key_path(site_path)?)?;
+    for w in crate::protection::status::SiteStatus::identity_facts(site_path).1 {
+        tracing::warn!("{w}");
+    }
     let registry = Registry::new(site)?;
     // Jobs a serve that died left behind: the resumable ones are taken over by the
     // loops that go on with them; the others end as interrupted.

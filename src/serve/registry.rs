@@ -619,13 +619,12 @@ impl Registry {
         }
         out.extend(rs.1.iter().cloned());
         drop(rs);
-        let site = crate::identity::Identity::load(self.path())
-            .map(|i| i.id().to_string())
-            .unwrap_or_default();
+        let (site, warnings) = SiteStatus::identity_facts(self.path());
         SiteStatus {
             site,
             machines: out,
             as_of_ns,
+            warnings,
         }
     }
 
