@@ -21,6 +21,9 @@ const SIZES: [u64; 2] = [64 * 1024, 32 * 1024];
 enum Fault {
     Write,
     Sync,
+    /// The power goes at this change (write, sync, creation, rename, removal, …):
+    /// it and every later one fail.
+    Cut,
 }
 
 /// Run the workload with the given fault armed; returns whether the fault fired.
@@ -33,6 +36,7 @@ fn run(fault: Fault, n: u64, crash: CrashMode) -> bool {
     match fault {
         Fault::Write => storage.fail_write_after(n, false),
         Fault::Sync => storage.fail_sync_after(n, false),
+        Fault::Cut => storage.cut_after(n),
     }
     let mut model: Vec<Vec<u8>> = SIZES.iter().map(|s| vec![0u8; *s as usize]).collect();
     let mut durable = model.clone();
@@ -163,4 +167,12 @@ fn failing_each_write_loses_nothing_durable() {
 #[test]
 fn failing_each_sync_poisons_and_loses_nothing_durable() {
     every_step(Fault::Sync);
+}
+
+/// A power loss at every change the workload makes in turn: unsynced writes, and
+/// names whose directory was not synced, are dropped (or torn); recovery finds every
+/// write made durable before the cut.
+#[test]
+fn a_power_cut_at_each_change_loses_nothing_durable() {
+    every_step(Fault::Cut);
 }

@@ -2,8 +2,9 @@
 //! of a receive, a target merge or a resync leaves a replica that reopens consistent.
 //!
 //! Each operation runs once per write it makes (and once per sync), with that write
-//! (or sync) failing; then the storage loses everything not synced (and, in a second
-//! pass, tears each unsynced write at random), the replica is reopened, and:
+//! (or sync) failing, and once per change of any kind with the power cut there; then
+//! the storage loses everything not synced — writes, and names whose directory was not
+//! synced — (and, in a second pass, tears each unsynced write at random), the replica is reopened, and:
 //! every point it offers equals the source's disks at that point, byte for byte; and
 //! the operation run again without faults completes, ending where a run without a
 //! crash ends.
@@ -149,23 +150,20 @@ fn crash_matrix(
 ) {
     let mut runs = 0;
     for mode in [CrashMode::DropAll, CrashMode::Tear(77)] {
-        for fail_sync in [false, true] {
+        for fault in ["write", "sync", "power cut at change"] {
             for n in 0.. {
                 let fs = FaultyStorage::new();
                 let r = replicas(&fs);
                 setup(&r);
-                if fail_sync {
-                    fs.fail_sync_after(n, true);
-                } else {
-                    fs.fail_write_after(n, true);
+                match fault {
+                    "write" => fs.fail_write_after(n, true),
+                    "sync" => fs.fail_sync_after(n, true),
+                    _ => fs.cut_after(n),
                 }
                 let result = op(&r);
                 let fired = fs.fired();
                 fs.crash(mode);
-                let what = format!(
-                    "{name}, {mode:?}, failing {} {n}",
-                    if fail_sync { "sync" } else { "write" }
-                );
+                let what = format!("{name}, {mode:?}, failing {fault} {n}");
                 assert!(
                     fired || result.is_ok(),
                     "{what}: {result:?} without a fault"

@@ -1,5 +1,6 @@
-//! Fault injection on top of [`MemStorage`]: fail the Nth write or the Nth sync, then
-//! crash with [`MemStorage::crash`].
+//! Fault injection on top of [`MemStorage`]: fail the Nth write or the Nth sync, or
+//! cut the power at the Nth change of any kind (every write, sync, creation, rename,
+//! removal and truncation from then on fails), then crash with [`MemStorage::crash`].
 
 use super::{CrashMode, MemStorage, OpenMode, Storage, StorageFile};
 use crate::error::{Error, Result};
@@ -23,6 +24,11 @@ struct Countdowns {
     sync_delay: Option<std::time::Duration>,
     /// The errno an injected failure carries (EIO unless set).
     errno: Option<i32>,
+    /// Changes of any kind still allowed before the power goes (then every change
+    /// fails, for good).
+    cut: Option<u64>,
+    /// Changes of any kind made so far.
+    changes: u64,
 }
 
 /// See the module documentation.
@@ -63,13 +69,28 @@ impl FaultyStorage {
         f.fired = false;
     }
 
+    /// Let `n` more changes of any kind (writes, syncs, creations, renames, removals,
+    /// truncations) succeed, then cut the power: that change and every later one
+    /// fails. With [`FaultyStorage::crash`] after it, a power loss at that moment.
+    pub fn cut_after(&self, n: u64) {
+        let mut f = self.faults.lock();
+        f.cut = Some(n);
+        f.fired = false;
+    }
+
+    /// Changes of any kind made so far (successful or not).
+    pub fn changes(&self) -> u64 {
+        self.faults.lock().changes
+    }
+
     /// Remove every pending fault.
     pub fn heal(&self) {
         let mut f = self.faults.lock();
-        let (synced, sync_delay) = (f.synced, f.sync_delay);
+        let (synced, sync_delay, changes) = (f.synced, f.sync_delay, f.changes);
         *f = Countdowns::default();
         f.synced = synced;
         f.sync_delay = sync_delay;
+        f.changes = changes;
     }
 
     /// Injected failures carry `errno` (say ENOSPC for a full disk) instead of EIO.
@@ -115,6 +136,23 @@ fn tick(slot: &mut Option<u64>, sticky: bool, fired: &mut bool) -> bool {
     }
 }
 
+/// Count one change; an error if the power is cut (at this change or before).
+fn change(faults: &Mutex<Countdowns>, op: &'static str, path: &Path) -> Result<()> {
+    let mut f = faults.lock();
+    f.changes += 1;
+    match &mut f.cut {
+        None => Ok(()),
+        Some(0) => {
+            f.fired = true;
+            Err(injected(op, path, f.errno))
+        }
+        Some(n) => {
+            *n -= 1;
+            Ok(())
+        }
+    }
+}
+
 fn injected(op: &'static str, path: &Path, errno: Option<i32>) -> Error {
     Error::io(
         op,
@@ -140,24 +178,33 @@ impl FaultyFile {
 
 impl Storage for FaultyStorage {
     fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn StorageFile>> {
+        if mode == OpenMode::CreateNew {
+            change(&self.faults, "create", path)?;
+        }
         Ok(Arc::new(FaultyFile {
             inner: self.mem.open(path, mode)?,
             faults: self.faults.clone(),
         }))
     }
     fn create_dir_all(&self, path: &Path) -> Result<()> {
+        if !self.mem.exists(path) {
+            change(&self.faults, "create directory", path)?;
+        }
         self.mem.create_dir_all(path)
     }
     fn list_dir(&self, dir: &Path) -> Result<Vec<String>> {
         self.mem.list_dir(dir)
     }
     fn remove_file(&self, path: &Path) -> Result<()> {
+        change(&self.faults, "remove", path)?;
         self.mem.remove_file(path)
     }
     fn rename(&self, from: &Path, to: &Path) -> Result<()> {
+        change(&self.faults, "rename", from)?;
         self.mem.rename(from, to)
     }
     fn sync_dir(&self, dir: &Path) -> Result<()> {
+        change(&self.faults, "sync directory", dir)?;
         let mut f = self.faults.lock();
         let sticky = f.sticky;
         let Countdowns { syncs, fired, .. } = &mut *f;
@@ -174,9 +221,11 @@ impl Storage for FaultyStorage {
         self.mem.list_dirs(dir)
     }
     fn remove_dir(&self, dir: &Path) -> Result<()> {
+        change(&self.faults, "remove directory", dir)?;
         self.mem.remove_dir(dir)
     }
     fn rename_noreplace(&self, from: &Path, to: &Path) -> Result<bool> {
+        change(&self.faults, "rename", from)?;
         self.mem.rename_noreplace(from, to)
     }
     fn lock(&self, path: &Path, wait: bool) -> Result<Option<Box<dyn super::StorageLock>>> {
@@ -195,6 +244,7 @@ impl StorageFile for FaultyFile {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
+        change(&self.faults, "write", self.path())?;
         if self.check_write() {
             // A failed write may still have written part of its bytes.
             if let Some(first) = bufs.first() {
@@ -206,6 +256,7 @@ impl StorageFile for FaultyFile {
         self.inner.write_at(bufs, offset)
     }
     fn sync_data(&self) -> Result<()> {
+        change(&self.faults, "fdatasync", self.path())?;
         if self.check_sync() {
             return Err(injected("fdatasync", self.path(), self.faults.lock().errno));
         }
@@ -218,6 +269,7 @@ impl StorageFile for FaultyFile {
         Ok(())
     }
     fn set_len(&self, len: u64) -> Result<()> {
+        change(&self.faults, "truncate", self.path())?;
         self.inner.set_len(len)
     }
     fn len(&self) -> Result<u64> {
@@ -230,6 +282,7 @@ impl StorageFile for FaultyFile {
         self.inner.seek_hole(offset)
     }
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        change(&self.faults, "punch hole in", self.path())?;
         if self.check_write() {
             return Err(injected(
                 "punch hole in",

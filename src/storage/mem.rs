@@ -5,6 +5,13 @@
 //! [`MemStorage::crash`] rebuilds every file from its durable image and a subset of
 //! its unsynced writes chosen by [`CrashMode`] — the way a power loss leaves a file
 //! whose dirty pages were written back partly and in any order.
+//!
+//! Names are durable only once their directory is synced: creations, renames and
+//! removals change the live namespace at once and the durable one at the next
+//! [`Storage::sync_dir`] of the directory that holds the name; a crash that drops
+//! unsynced writes goes back to the durable namespace (a file created and synced but
+//! whose directory was not is gone; a rename not followed by a directory sync is
+//! undone). Directories themselves are durable when made.
 
 use super::{OpenMode, Storage, StorageFile};
 use crate::error::{Error, Result};
@@ -41,7 +48,10 @@ pub(super) struct MemFile {
 
 #[derive(Debug, Default)]
 struct Fs {
+    /// The live namespace: what opens and listings see.
     files: BTreeMap<PathBuf, Arc<Mutex<FileState>>>,
+    /// The names a crash keeps: as of each directory's last sync.
+    durable_files: BTreeMap<PathBuf, Arc<Mutex<FileState>>>,
     dirs: BTreeSet<PathBuf>,
 }
 
@@ -90,7 +100,12 @@ impl MemStorage {
     /// Simulate a power loss. Handles opened before it keep pointing at the same
     /// files, so callers should drop whatever used them first.
     pub fn crash(&self, mode: CrashMode) {
-        let fs = self.fs.lock();
+        let mut fs = self.fs.lock();
+        if mode == CrashMode::KeepAll {
+            fs.durable_files = fs.files.clone();
+        } else {
+            fs.files = fs.durable_files.clone();
+        }
         let mut rng = match mode {
             CrashMode::Tear(seed) => seed | 1,
             _ => 1,
@@ -227,12 +242,20 @@ impl Storage for MemStorage {
     }
 
     fn sync_dir(&self, dir: &Path) -> Result<()> {
-        let fs = self.fs.lock();
-        if fs.dirs.contains(dir) {
-            Ok(())
-        } else {
-            Err(not_found("sync directory", dir))
+        let mut fs = self.fs.lock();
+        if !fs.dirs.contains(dir) {
+            return Err(not_found("sync directory", dir));
         }
+        let Fs {
+            files,
+            durable_files,
+            ..
+        } = &mut *fs;
+        durable_files.retain(|p, _| p.parent() != Some(dir));
+        for (p, st) in files.iter().filter(|(p, _)| p.parent() == Some(dir)) {
+            durable_files.insert(p.clone(), st.clone());
+        }
+        Ok(())
     }
 
     fn exists(&self, path: &Path) -> bool {
@@ -376,5 +399,48 @@ impl StorageFile for MemFile {
         }
         let zeros = vec![0u8; (end - offset) as usize];
         self.write_at(&[&zeros], offset)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn file(fs: &MemStorage, p: &str, bytes: &[u8]) {
+        let f = fs.open(Path::new(p), OpenMode::CreateNew).unwrap();
+        f.write_at(&[bytes], 0).unwrap();
+        f.sync_data().unwrap();
+    }
+
+    #[test]
+    fn names_survive_a_power_loss_only_once_their_directory_is_synced() {
+        let fs = MemStorage::new();
+        fs.create_dir_all(Path::new("/d")).unwrap();
+        file(&fs, "/d/a", b"a");
+        // Synced data, unsynced name: gone.
+        fs.crash(CrashMode::DropAll);
+        assert!(!fs.exists(Path::new("/d/a")));
+        file(&fs, "/d/a", b"a");
+        fs.sync_dir(Path::new("/d")).unwrap();
+        // A rename and a removal not followed by a directory sync are undone.
+        file(&fs, "/d/b", b"b");
+        fs.rename(Path::new("/d/b"), Path::new("/d/a")).unwrap();
+        fs.crash(CrashMode::DropAll);
+        let mut buf = [0u8; 1];
+        fs.open(Path::new("/d/a"), OpenMode::ReadOnly)
+            .unwrap()
+            .read_at(&mut buf, 0)
+            .unwrap();
+        assert_eq!(&buf, b"a");
+        assert!(!fs.exists(Path::new("/d/b")));
+        fs.remove_file(Path::new("/d/a")).unwrap();
+        fs.crash(CrashMode::Tear(3));
+        assert!(fs.exists(Path::new("/d/a")));
+        // A process crash (the kernel lives on) keeps every name.
+        file(&fs, "/d/c", b"c");
+        fs.crash(CrashMode::KeepAll);
+        fs.crash(CrashMode::DropAll);
+        assert!(fs.exists(Path::new("/d/c")));
     }
 }

@@ -8,9 +8,9 @@
 //!   unsynced ones the way a power loss would.
 //! - [`FaultyStorage`]: wraps a [`MemStorage`] and fails the Nth write or sync.
 //!
-//! Namespace operations (create, rename, remove) are treated as durable at once by the
-//! in-memory model; the real implementation makes them durable with [`Storage::sync_dir`],
-//! which the engine calls after each of them where order matters.
+//! Namespace operations (create, rename, remove) are durable only after a
+//! [`Storage::sync_dir`] of their directory, in the in-memory model as on a real file
+//! system: the engine calls it after each of them where they must survive a power loss.
 
 mod fault;
 mod file;
