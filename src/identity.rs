@@ -120,7 +120,7 @@ impl Identity {
     }
 
     /// What the site presents in TLS: its certificate, then its lineage.
-    fn chain(&self) -> Vec<CertificateDer<'static>> {
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
         std::iter::once(self.cert.clone())
             .chain(self.lineage.iter().cloned())
             .collect()
@@ -225,11 +225,7 @@ impl Identity {
     pub fn rotate(site: &Path, valid_days: Option<u32>) -> Result<(SiteId, SiteId)> {
         let dir = site.join(IDENTITY_DIR);
         let next = site.join(format!("{IDENTITY_DIR}.next"));
-        // What an interrupted rotation left: a new identity never put in place, or
-        // the old one after the exchange. Neither is in use.
-        if next.exists() {
-            std::fs::remove_dir_all(&next).map_err(|e| Error::io("remove", &next, e))?;
-        }
+        finish_rotation(site)?;
         let cur = Self::load(site)?;
         if cur.lineage.len() >= MAX_LINEAGE {
             return Err(Error::InvalidInput(format!(
@@ -249,7 +245,10 @@ impl Identity {
         if let Some(days) = valid_days {
             let now = time::OffsetDateTime::now_utc();
             params.not_before = now - time::Duration::days(1);
-            params.not_after = now + time::Duration::days(i64::from(days));
+            params.not_after = now
+                .checked_add(time::Duration::days(i64::from(days)))
+                .filter(|t| t.year() < 9999)
+                .ok_or_else(|| Error::InvalidInput(format!("{days} days is past the year 9999")))?;
         }
         // The issuer's name is the default one every replog certificate has.
         let issuer = rcgen::Issuer::new(
@@ -322,6 +321,18 @@ impl Identity {
     }
 }
 
+/// Remove what an interrupted rotation left: `identity.next/`, a new identity never
+/// put in place, or the old one (with its key) after the exchange. Neither is in use.
+/// Only with the site held (serve's start, a rotation): never beside a rotation.
+pub fn finish_rotation(site: &Path) -> Result<()> {
+    let next = site.join(format!("{IDENTITY_DIR}.next"));
+    if std::fs::symlink_metadata(&next).is_ok() {
+        std::fs::remove_dir_all(&next).map_err(|e| Error::io("remove", &next, e))?;
+        crate::storage::Storage::sync_dir(&crate::storage::FileStorage, site)?;
+    }
+    Ok(())
+}
+
 fn pem_of(cert: &CertificateDer<'_>) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec()))
 }
@@ -353,9 +364,15 @@ fn exchange(a: &Path, b: &Path) -> Result<()> {
 fn parse_cert<'a>(
     c: &'a CertificateDer<'_>,
 ) -> std::result::Result<x509_parser::certificate::X509Certificate<'a>, String> {
-    x509_parser::parse_x509_certificate(c)
-        .map(|(_, x)| x)
-        .map_err(|e| format!("certificate {}: {e}", SiteId::of_cert(c)))
+    match x509_parser::parse_x509_certificate(c) {
+        Ok(([], x)) => Ok(x),
+        Ok((rest, _)) => Err(format!(
+            "certificate {}: {} bytes after its end",
+            SiteId::of_cert(c),
+            rest.len()
+        )),
+        Err(e) => Err(format!("certificate {}: {e}", SiteId::of_cert(c))),
+    }
 }
 
 /// The site a presented chain belongs to: `chain[0]` is the certificate whose key the
@@ -375,6 +392,16 @@ pub fn lineage_root(chain: &[CertificateDer<'_>]) -> std::result::Result<SiteId,
             continue;
         };
         let (c, p) = (parse_cert(child)?, parse_cert(parent)?);
+        // Only what replog makes (rcgen: ECDSA P-256 with SHA-256), or Ed25519.
+        let alg = &c.signature_algorithm.algorithm;
+        if *alg != x509_parser::oid_registry::OID_SIG_ECDSA_WITH_SHA256
+            && *alg != x509_parser::oid_registry::OID_SIG_ED25519
+        {
+            return Err(format!(
+                "certificate {} is signed with {alg}, which replog does not accept",
+                SiteId::of_cert(child)
+            ));
+        }
         c.verify_signature(Some(p.public_key())).map_err(|e| {
             format!(
                 "certificate {} is not signed by the key of {} before it: {e}",
@@ -492,21 +519,22 @@ impl Pinned {
                 rustls::OtherError(e),
             )))
         };
-        let id = match lineage_root(&chain) {
-            Ok(id) => id,
-            Err(why) => {
-                tracing::warn!("refused a peer whose certificate lineage does not hold: {why}");
-                return refuse(Arc::new(NotTrusted(SiteId::of_cert(end_entity))));
-            }
+        // The pin first (a fingerprint is cheap; an unauthenticated peer gets no
+        // signature checks out of an unpinned chain): the site is the chain's root.
+        let Some(root) = chain.last() else {
+            return refuse(Arc::new(NotTrusted(SiteId::of_cert(end_entity))));
         };
-        if chain
-            .iter()
-            .any(|c| self.peers.contains(&SiteId::of_cert(c)))
-        {
-            Ok(())
-        } else {
+        let id = SiteId::of_cert(root);
+        if !self.peers.contains(&id) {
             tracing::warn!("refused a peer that is not trusted: site ID {id}");
-            refuse(Arc::new(NotTrusted(id)))
+            return refuse(Arc::new(NotTrusted(id)));
+        }
+        match lineage_root(&chain) {
+            Ok(_) => Ok(()),
+            Err(why) => {
+                tracing::warn!("refused site {id}: its certificate lineage does not hold: {why}");
+                refuse(Arc::new(NotTrusted(id)))
+            }
         }
     }
 
@@ -701,6 +729,13 @@ mod tests {
         };
         let e = other.check(&chain[0], &chain[1..]).unwrap_err();
         assert!(e.to_string().contains(&first.id().to_string()), "{e}");
+        // A chain is known by its root: pinning a later certificate does not let a
+        // chain ending in another (unpinned) certificate through.
+        let later = Pinned {
+            peers: [third.cert_id()].into_iter().collect(),
+            provider: provider(),
+        };
+        assert!(later.check(&chain[0], &chain[1..]).is_err());
     }
 
     #[test]

@@ -551,8 +551,9 @@ pub enum IdentityCommand {
     /// change) with no step on their side. Stop the site's serve first.
     Rotate {
         site: PathBuf,
-        /// How long the new certificate is valid (default: until the year 4096).
-        #[arg(long, value_name = "DAYS")]
+        /// How long the new certificate is valid, 1 to 36500 (default: until the
+        /// year 4096).
+        #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..=36500))]
         valid_days: Option<u32>,
     },
 }

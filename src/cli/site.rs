@@ -74,11 +74,6 @@ pub fn identity_show(path: &Path, json: bool) -> Result<()> {
 
 pub fn identity_rotate(path: &Path, valid_days: Option<u32>) -> Result<()> {
     Site::read_config(path)?;
-    if valid_days == Some(0) {
-        return Err(replog::Error::InvalidInput(
-            "--valid-days must be at least 1".into(),
-        ));
-    }
     // No serve may run: it holds the identity, and may create the replica key in it.
     let site = match Site::open(path) {
         Err(replog::Error::Locked(_)) => {

@@ -112,6 +112,7 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
             .join(crate::identity::KEY_FILE),
     )?;
     crate::site::check_private(&crate::site::replica_key_path(site_path)?)?;
+    crate::identity::finish_rotation(site_path)?;
     for w in crate::protection::status::SiteStatus::identity_facts(site_path).1 {
         tracing::warn!("{w}");
     }

@@ -4,7 +4,7 @@
 //! executions. See tools/fuzz/README.md.
 //!
 //! ```text
-//! decoders-mutate --target frame|crypt|meta|config [--execs N] [--seed S] [--artifacts DIR]
+//! decoders-mutate --target frame|crypt|meta|config|plan|state|cert [--execs N] [--seed S] [--artifacts DIR]
 //! decoders-mutate --target T --replay FILE...
 //! ```
 //!
@@ -30,6 +30,8 @@ fn main() -> ExitCode {
         .unwrap_or(1);
     let mut artifacts = PathBuf::from("artifacts/decoders-mutate");
     let mut replay = Vec::new();
+    let mut seeds: Option<PathBuf> = None;
+    let mut count: u64 = 16;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
@@ -47,13 +49,19 @@ fn main() -> ExitCode {
                 Ok(())
             }),
             "--artifacts" => value("--artifacts").map(|v| artifacts = v.into()),
+            "--write-seeds" => value("--write-seeds").map(|v| seeds = Some(v.into())),
+            "--count" => value("--count").and_then(|v| {
+                count = v.parse().map_err(|e| format!("--count: {e}"))?;
+                Ok(())
+            }),
             "--replay" => {
                 replay.extend(it.by_ref().map(PathBuf::from));
                 Ok(())
             }
             _ => Err(format!(
-                "unknown argument {a:?}; usage: decoders-mutate --target frame|crypt|meta|config \
-                 [--execs N] [--seed S] [--artifacts DIR] [--replay FILE...]"
+                "unknown argument {a:?}; usage: decoders-mutate --target frame|crypt|meta|config|plan|state|cert \
+                 [--execs N] [--seed S] [--artifacts DIR] [--replay FILE...] \
+                 [--write-seeds DIR [--count N]]"
             )),
         };
         if let Err(e) = r {
@@ -62,9 +70,26 @@ fn main() -> ExitCode {
         }
     }
     let Some(target) = target else {
-        eprintln!("--target frame|crypt|meta|config is required");
+        eprintln!("--target frame|crypt|meta|config|plan|state|cert is required");
         return ExitCode::from(2);
     };
+    if let Some(dir) = seeds {
+        // Valid inputs, unmutated: the corpus kept in the repository.
+        let mut rng = Rng::new(seed);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            eprintln!("{}: {e}", dir.display());
+            return ExitCode::from(2);
+        }
+        for n in 0..count {
+            let p = dir.join(format!("seed-{n:03}"));
+            if let Err(e) = std::fs::write(&p, target.valid(&mut rng)) {
+                eprintln!("{}: {e}", p.display());
+                return ExitCode::from(2);
+            }
+        }
+        println!("{count} seeds in {}", dir.display());
+        return ExitCode::SUCCESS;
+    }
     let last: LastPanic = Arc::new(Mutex::new(None));
     {
         let l = last.clone();
