@@ -4,8 +4,35 @@ use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// The first line of every `site.toml` (its "magic" and format version).
-pub const CONFIG_HEADER: &str = "# replog site configuration, format 1";
+/// The first line of every `site.toml` (its "magic" and format version), without the
+/// version: `# replog site configuration, format N`.
+pub const CONFIG_MAGIC: &str = "# replog site configuration, format ";
+/// The `site.toml` format this build writes, and the newest it reads: 2 added
+/// `[replica] store` and `[replica.s3]` (an object-store target); 1 is read the same.
+pub const CONFIG_FORMAT: u32 = 2;
+
+/// The format version that the first line of `text` (from `path`) names after
+/// `magic`, if this build reads it (1 to `newest`); otherwise a refusal naming both.
+pub fn read_format(path: &Path, text: &str, magic: &str, newest: u32) -> Result<u32> {
+    let first = text.lines().next().unwrap_or("");
+    let unsupported = |what: String| Error::Unsupported {
+        path: path.to_path_buf(),
+        what,
+    };
+    let Some(v) = first.strip_prefix(magic) else {
+        return Err(unsupported(format!(
+            "does not start with {:?}",
+            magic.trim_end()
+        )));
+    };
+    match v.trim().parse::<u32>() {
+        Ok(n) if (1..=newest).contains(&n) => Ok(n),
+        _ => Err(unsupported(format!(
+            "format {}; this build reads formats 1 to {newest}",
+            v.trim()
+        ))),
+    }
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -358,11 +385,8 @@ impl SiteConfig {
     /// Every problem of the settings in `text` (from `path`), each located; empty when
     /// they are good.
     pub fn check(path: &Path, text: &str) -> Vec<Error> {
-        if !text.starts_with(CONFIG_HEADER) {
-            return vec![Error::Unsupported {
-                path: path.to_path_buf(),
-                what: format!("does not start with {CONFIG_HEADER:?}"),
-            }];
+        if let Err(e) = read_format(path, text, CONFIG_MAGIC, CONFIG_FORMAT) {
+            return vec![e];
         }
         let at = TomlAt { file: path, text };
         match toml::from_str::<SiteConfig>(text) {
@@ -377,7 +401,7 @@ impl SiteConfig {
 
     pub fn to_toml(&self) -> String {
         let body = toml::to_string_pretty(self).unwrap_or_default();
-        format!("{CONFIG_HEADER}\n{body}")
+        format!("{CONFIG_MAGIC}{CONFIG_FORMAT}\n{body}")
     }
 
     /// The settings in `text` (from `path`), or the first problem, located as

@@ -534,3 +534,128 @@ fn write_version_5_fixtures() {
     )
     .expect("write");
 }
+
+/// v6: the formats of the object-store target and of operations — a bucket holding a
+/// replica (object manifests, kind 12 version 1, and immutable data objects), site.toml
+/// format 2 (`[replica] store`, `[replica.s3]`), relationship.toml format 2 (`rpo`,
+/// `bandwidth`, `bandwidth_schedule`), and a site identity rotated twice
+/// (`lineage.pem`).
+#[test]
+#[ignore]
+fn write_version_6_fixtures() {
+    use replog::replica::objects::{MemObjects, ObjectBackend, ObjectStore};
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v6");
+    let _ = std::fs::remove_dir_all(&out);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    trusted_pair(&a, &b);
+    let raw = tmp.path().join("os.raw");
+    std::fs::write(&raw, common::pattern(61, 256 << 10)).expect("raw");
+    replog(
+        &[
+            "disk",
+            "create",
+            "vm1/os",
+            "--size",
+            "1M",
+            "--import",
+            raw.to_str().expect("path"),
+        ],
+        &a,
+    );
+    replog(&["disk", "create", "vm1/data", "--size", "512K"], &a);
+
+    // object-store/: what an S3 target keeps of vm1, received over the protocol.
+    let bucket = Arc::new(MemObjects::new());
+    let key = replog::site::replica_key_at(&b).expect("key");
+    let backend = ObjectBackend::new(
+        bucket.clone(),
+        replog::replica::backend::DirBackend::new(
+            Arc::new(replog::storage::FileStorage),
+            tmp.path().join("state"),
+        ),
+        std::time::Duration::from_secs(1),
+        false,
+    );
+    let replicas = Replicas::new(Arc::new(backend), key.clone());
+    let addr = common::pair::start_receiver_into(&b, replicas.clone());
+    let site = Site::open(&a).expect("source");
+    let m = site.open_machine("vm1").expect("machine");
+    let mut sh = Shipper::new(&a, &m, &addr);
+    sh.set_retention(3_600_000, 7_200_000);
+    sh.ship_once(&m).expect("initial");
+    for round in 0..2u64 {
+        scatter(&m, "os", 20 + round, 8);
+        scatter(&m, "data", 30 + round, 3);
+        m.flush().expect("flush");
+        if round == 0 {
+            m.checkpoint().expect("app point");
+        }
+        m.seal().expect("seal");
+        sh.ship_once(&m).expect("ship");
+    }
+    let dir = out.join("object-store");
+    for k in bucket.keys() {
+        let bytes = bucket.get(&k).expect("get").expect("object");
+        let p = dir.join("bucket").join(&k);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&p, bytes).expect("write");
+    }
+    std::fs::copy(
+        replog::site::replica_key_path(&b).expect("key path"),
+        dir.join("replica.key"),
+    )
+    .expect("key");
+    let o = tmp.path().join("restored");
+    let store = replicas.open_readonly("vm1").expect("replica");
+    assert!(
+        replog::replica::restore::restore_at(store, "latest", &o, &|_, _| {})
+            .expect("restore")
+            .verified
+    );
+    let mut sums = String::new();
+    for d in ["os", "data"] {
+        let img = std::fs::read(o.join(format!("{d}.img"))).expect("image");
+        sums.push_str(&format!("{} latest {d}\n", hex(&img)));
+    }
+    std::fs::write(dir.join("expected.sha256"), sums).expect("sums");
+
+    // site/site.toml: format 2, with an object-store target.
+    let mut c = replog::config::SiteConfig::default();
+    c.replica.store = "s3://replicas/site-b".into();
+    c.replica.s3.endpoint = "http://127.0.0.1:8333".into();
+    c.replica.s3.region = "eu-west-1".into();
+    std::fs::create_dir_all(out.join("site")).expect("mkdir");
+    std::fs::write(out.join("site/site.toml"), c.to_toml()).expect("site.toml");
+
+    // source/relationship.toml: format 2, with an RPO and a bandwidth schedule.
+    replog::replication::relationship::Relationship {
+        target: addr.clone(),
+        target_id: replog::identity::Identity::load(&b)
+            .expect("id")
+            .id()
+            .to_string(),
+        retention: Some("1h".into()),
+        app_retention: Some("2h".into()),
+        rpo: Some("30s".into()),
+        bandwidth: Some("50MiB/s".into()),
+        bandwidth_schedule: Some("Mon-Fri 08:00-18:00=10MiB/s, *=unlimited".into()),
+    }
+    .save(&a, "vm1")
+    .expect("relationship");
+    std::fs::create_dir_all(out.join("source")).expect("mkdir");
+    std::fs::copy(
+        a.join("machines/vm1/relationship.toml"),
+        out.join("source/relationship.toml"),
+    )
+    .expect("copy");
+
+    // identity/: a site that rotated its certificate twice; `expected-id` its ID.
+    let id_site = tmp.path().join("rotated");
+    std::fs::create_dir_all(&id_site).expect("mkdir");
+    let first = replog::identity::Identity::create(&id_site).expect("identity");
+    replog::identity::Identity::rotate(&id_site, None).expect("rotate");
+    replog::identity::Identity::rotate(&id_site, None).expect("rotate");
+    copy_dir(&id_site.join("identity"), &out.join("identity"));
+    std::fs::write(out.join("identity/expected-id"), first.id().to_string()).expect("id");
+}

@@ -1,12 +1,18 @@
 //! A machine's replication relationship, `SITE/machines/<m>/relationship.toml`:
 //!
 //! ```text
-//! # replog relationship, format 1
+//! # replog relationship, format 2
 //! target = "10.0.0.2:7000"
 //! target_id = "<the target site's ID, 64 hex digits>"
 //! retention = "24h"          # optional: keep every recovery point this long
 //! app_retention = "72h"      # optional: keep app-consistent points this long
+//! rpo = "30s"                # optional: lag beyond it is Warning, beyond twice Critical
+//! bandwidth = "50MiB/s"      # optional: what shipping may send
+//! bandwidth_schedule = "Mon-Fri 08:00-18:00=10MiB/s, *=unlimited"   # optional
 //! ```
+//!
+//! Format 2 added `rpo`, `bandwidth` and `bandwidth_schedule`; format 1 files are read
+//! the same (they have none of them).
 //!
 //! Written by `replog protect` (atomically, without the site lock, so it works while
 //! `serve` runs); a running `serve` picks it up within a second.
@@ -21,7 +27,9 @@ pub const FILE: &str = "relationship.toml";
 pub const DEFAULT_RETENTION_MS: u64 = 24 * 3600 * 1000;
 /// How long it keeps app-consistent points: 72 h.
 pub const DEFAULT_APP_RETENTION_MS: u64 = 72 * 3600 * 1000;
-const HEADER: &str = "# replog relationship, format 1";
+const MAGIC: &str = "# replog relationship, format ";
+/// The format this build writes, and the newest it reads.
+pub const FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,12 +124,6 @@ impl Relationship {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&p).map_err(|e| Error::io("read", &p, e))?;
-        if !text.starts_with(HEADER) {
-            return Err(Error::Unsupported {
-                path: p,
-                what: format!("does not start with {HEADER:?}"),
-            });
-        }
         if let Some(e) = Self::problems(&p, &text).into_iter().next() {
             return Err(e);
         }
@@ -138,11 +140,8 @@ impl Relationship {
     /// Every problem of the relationship file `text` (at `path`), each located (file,
     /// line, key); empty when it is good.
     pub fn problems(path: &Path, text: &str) -> Vec<Error> {
-        if !text.starts_with(HEADER) {
-            return vec![Error::Unsupported {
-                path: path.to_path_buf(),
-                what: format!("does not start with {HEADER:?}"),
-            }];
+        if let Err(e) = crate::config::read_format(path, text, MAGIC, FORMAT) {
+            return vec![e];
         }
         let at = crate::config::TomlAt { file: path, text };
         let r: Relationship = match toml::from_str(text) {
@@ -195,7 +194,7 @@ impl Relationship {
         crate::storage::write_atomic(
             &crate::storage::FileStorage,
             &p,
-            format!("{HEADER}\n{body}").as_bytes(),
+            format!("{MAGIC}{FORMAT}\n{body}").as_bytes(),
         )
     }
 }

@@ -36,11 +36,13 @@ pub fn start_target(site: &Path) -> String {
 /// opens it as a site later, to fail over); returns the address.
 pub fn start_receiver(site: &Path) -> String {
     let key = replog::site::replica_key_at(site).expect("key");
+    start_receiver_into(site, replog::replica::store::Replicas::with_key(site, key))
+}
+
+/// Listen as `site` in this process, keeping what arrives in `replicas`.
+pub fn start_receiver_into(site: &Path, replicas: replog::replica::store::Replicas) -> String {
     let me = replog::identity::Identity::load(site).expect("id").id();
-    let target = Arc::new(Target::new(
-        me,
-        replog::replica::store::Replicas::with_key(site, key),
-    ));
+    let target = Arc::new(Target::new(me, replicas));
     let addr = transport::listen(site, "127.0.0.1:0", move |mut stream, peer| {
         target.session_tls(&mut stream, peer)
     })
