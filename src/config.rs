@@ -208,36 +208,59 @@ impl JournalConfig {
 }
 
 impl ReplicaConfig {
+    /// The first problem of [`ReplicaConfig::problems`], if any.
     pub fn validate(&self) -> Result<()> {
+        match self.problems().into_iter().next() {
+            None => Ok(()),
+            Some((_, why)) => Err(Error::InvalidInput(why)),
+        }
+    }
+
+    /// What is wrong with these settings: (dotted key, why).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut p = Vec::new();
         if self.store.is_empty() {
-            return Ok(());
+            return p;
         }
-        crate::replica::objects::S3Location::parse(&self.store)?;
+        if let Err(e) = crate::replica::objects::S3Location::parse(&self.store) {
+            p.push(("replica.store", e.to_string()));
+        }
         if self.s3.endpoint.is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "replica.store = {:?} needs replica.s3.endpoint (the store's URL)",
-                self.store
-            )));
-        }
-        if !(self.s3.endpoint.starts_with("http://") || self.s3.endpoint.starts_with("https://")) {
-            return Err(Error::InvalidInput(format!(
-                "replica.s3.endpoint = {:?} is not an http:// or https:// URL",
-                self.s3.endpoint
-            )));
+            p.push((
+                "replica.s3.endpoint",
+                format!(
+                    "replica.store = {:?} needs replica.s3.endpoint (the store's URL)",
+                    self.store
+                ),
+            ));
+        } else if !(self.s3.endpoint.starts_with("http://")
+            || self.s3.endpoint.starts_with("https://"))
+        {
+            p.push((
+                "replica.s3.endpoint",
+                format!(
+                    "replica.s3.endpoint = {:?} is not an http:// or https:// URL",
+                    self.s3.endpoint
+                ),
+            ));
         }
         if self.s3.gc_grace_ms < 1000 {
-            return Err(Error::InvalidInput(format!(
-                "replica.s3.gc_grace_ms = {} is less than 1000: readers need at least a \
-                 second (an hour is the default)",
-                self.s3.gc_grace_ms
-            )));
+            p.push((
+                "replica.s3.gc_grace_ms",
+                format!(
+                    "replica.s3.gc_grace_ms = {} is less than 1000: readers need at least a \
+                     second (an hour is the default)",
+                    self.s3.gc_grace_ms
+                ),
+            ));
         }
         if self.s3.timeout_ms == 0 {
-            return Err(Error::InvalidInput(
+            p.push((
+                "replica.s3.timeout_ms",
                 "replica.s3.timeout_ms must be more than 0".into(),
             ));
         }
-        Ok(())
+        p
     }
 }
 
@@ -271,11 +294,8 @@ impl ReplicationConfig {
             p.push(("replication.resync_window", e.to_string()));
         }
         let c = self.resync_chunk_bytes;
-        if !c.is_power_of_two() || !(4096..=(1 << 20)).contains(&c) {
-            p.push((
-                "replication.resync_chunk_bytes",
-                format!("{c} is not a power of two from 4096 to 1 MiB"),
-            ));
+        if let Err(e) = crate::chunk_hash::check_chunk_bytes(c) {
+            p.push(("replication.resync_chunk_bytes", e.to_string()));
         }
         if self.resync_batch_bytes < c || self.resync_batch_bytes > (1 << 30) {
             p.push((
@@ -367,18 +387,7 @@ impl SiteConfig {
             p.push(("journal.segment_bytes", e.to_string()));
         }
         p.extend(self.replication.problems());
-        if let Err(e) = self.replica.validate() {
-            let msg = e.to_string();
-            let key = [
-                "replica.s3.gc_grace_ms",
-                "replica.s3.timeout_ms",
-                "replica.s3.endpoint",
-            ]
-            .into_iter()
-            .find(|k| msg.contains(k))
-            .unwrap_or("replica.store");
-            p.push((key, msg));
-        }
+        p.extend(self.replica.problems());
         p
     }
 

@@ -138,24 +138,7 @@ impl Identity {
     /// (seconds since the epoch), or has ended; the certificate is pinned, not
     /// checked for time, so peers go on accepting it, but a rotation is due.
     pub fn expiry_warning(&self, site: &Path, now: i64) -> Option<String> {
-        let end = self.not_after().ok()?;
-        let left = end.saturating_sub(now);
-        if left > EXPIRY_WARNING_DAYS * 86_400 {
-            return None;
-        }
-        let when = time::OffsetDateTime::from_unix_timestamp(end)
-            .map(|t| t.date().to_string())
-            .unwrap_or_else(|_| end.to_string());
-        let state = if left <= 0 {
-            format!("ended on {when}")
-        } else {
-            format!("ends on {when}, in {} days", (left + 86_399) / 86_400)
-        };
-        Some(format!(
-            "the site certificate {state}: run `replog identity rotate {}` (peers keep \
-             trusting the site; see README, \"Rotating a site's certificate\")",
-            site.display()
-        ))
+        expiry_warning(site, self.not_after().ok()?, now)
     }
 
     /// Make a new key and self-signed certificate in `site/identity/`.
@@ -319,6 +302,33 @@ impl Identity {
         crate::storage::Storage::sync_dir(&fs, site)?;
         Ok((cur.cert_id(), made))
     }
+}
+
+/// The warning of [`Identity::expiry_warning`] for a certificate ending at `end`
+/// (seconds since the epoch), at `now`.
+pub fn expiry_warning(site: &Path, end: i64, now: i64) -> Option<String> {
+    let left = end.saturating_sub(now);
+    if left > EXPIRY_WARNING_DAYS * 86_400 {
+        return None;
+    }
+    let when = date_of(end);
+    let state = if left <= 0 {
+        format!("ended on {when}")
+    } else {
+        format!("ends on {when}, in {} days", (left + 86_399) / 86_400)
+    };
+    Some(format!(
+        "the site certificate {state}: run `replog identity rotate {}` (peers keep \
+         trusting the site; see README, \"Rotating a site's certificate\")",
+        site.display()
+    ))
+}
+
+/// `secs` since the epoch as a date (YYYY-MM-DD).
+pub fn date_of(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .map(|t| t.date().to_string())
+        .unwrap_or_else(|_| secs.to_string())
 }
 
 /// Remove what an interrupted rotation left: `identity.next/`, a new identity never

@@ -55,8 +55,9 @@ impl Site {
     /// store is checked first (reachable, credentials good, create-if-absent
     /// honoured): nothing is created if it fails.
     pub fn init_with(path: &Path, cfg: SiteConfig) -> Result<()> {
-        cfg.journal.validate()?;
-        cfg.replica.validate()?;
+        if let Some((key, why)) = cfg.problems().into_iter().next() {
+            return Err(Error::InvalidInput(format!("{key}: {why}")));
+        }
         if !cfg.replica.store.is_empty() {
             let scratch = tempfile_dir()?;
             crate::replica::store::object_backend(&scratch, &cfg.replica)?.ensure_probed()?;

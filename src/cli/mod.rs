@@ -174,8 +174,9 @@ pub enum Command {
         /// metrics).
         #[arg(long, value_name = "DURATION")]
         rpo: Option<String>,
-        /// The most this machine sends per second (e.g. 50MiB/s, 800kB/s; default
-        /// unlimited): initial replication, shipping, resync and reprotect alike.
+        /// The most this machine sends per second (e.g. 50MiB/s, 800kB/s — kB, MB, GB
+        /// are powers of ten, KiB, MiB, GiB of two; default unlimited): initial
+        /// replication, shipping, resync and reprotect alike.
         /// `replog bandwidth` changes it later.
         #[arg(long, value_name = "RATE")]
         bandwidth: Option<String>,

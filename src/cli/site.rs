@@ -45,9 +45,7 @@ pub fn identity_show(path: &Path, json: bool) -> Result<()> {
     let me = replog::identity::Identity::load(path)?;
     let now = replog::format::now_ns() / 1_000_000_000;
     let end = me.not_after()?;
-    let until = time::OffsetDateTime::from_unix_timestamp(end)
-        .map(|t| t.date().to_string())
-        .unwrap_or_else(|_| end.to_string());
+    let until = replog::identity::date_of(end);
     let warning = me.expiry_warning(path, i64::try_from(now).unwrap_or(i64::MAX));
     if json {
         println!(
@@ -140,12 +138,12 @@ pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
             machines.extend(replog::protection::status::replicas_status(
                 &replog::replica::store::Replicas::local(path)?,
             ));
-            let (site, warnings) = SiteStatus::identity_facts(path);
+            let identity = replog::protection::status::IdentityFacts::load(path);
             SiteStatus {
-                site,
+                site: identity.id.clone(),
                 machines,
                 as_of_ns: replog::format::now_ns(),
-                warnings,
+                warnings: identity.warnings(path),
             }
         }
     };

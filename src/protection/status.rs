@@ -127,24 +127,49 @@ pub struct SiteStatus {
 }
 
 impl SiteStatus {
-    /// The site's ID and its site-wide warnings, from its identity.
-    pub fn identity_facts(site: &std::path::Path) -> (String, Vec<String>) {
-        match crate::identity::Identity::load(site) {
-            Ok(me) => {
-                let now = crate::format::now_ns() / 1_000_000_000;
-                let warn = me.expiry_warning(site, i64::try_from(now).unwrap_or(i64::MAX));
-                (me.id().to_string(), warn.into_iter().collect())
-            }
-            Err(e) => (String::new(), vec![format!("the site identity: {e}")]),
-        }
-    }
-
     /// The status a running `serve` keeps in `SITE/status.json`.
     pub fn load(site: &std::path::Path) -> crate::Result<SiteStatus> {
         let p = site.join(STATUS_FILE);
         let text = std::fs::read_to_string(&p).map_err(|e| crate::Error::io("read", &p, e))?;
         serde_json::from_str(&text)
             .map_err(|e| crate::Error::corruption(&p, e.column() as u64, e.to_string()))
+    }
+}
+
+/// What status says about a site's identity: its ID and when its certificate ends,
+/// read once (serve holds the site, and a rotation needs it).
+#[derive(Debug, Clone)]
+pub struct IdentityFacts {
+    pub id: String,
+    /// When the certificate ends (seconds since the epoch), or why it is not known.
+    end: std::result::Result<i64, String>,
+}
+
+impl IdentityFacts {
+    pub fn load(site: &std::path::Path) -> IdentityFacts {
+        match crate::identity::Identity::load(site) {
+            Ok(me) => IdentityFacts {
+                id: me.id().to_string(),
+                end: me.not_after().map_err(|e| e.to_string()),
+            },
+            Err(e) => IdentityFacts {
+                id: String::new(),
+                end: Err(e.to_string()),
+            },
+        }
+    }
+
+    /// The site-wide warnings now: the certificate ending soon, or not readable.
+    pub fn warnings(&self, site: &std::path::Path) -> Vec<String> {
+        match &self.end {
+            Ok(end) => {
+                let now = crate::format::now_ns() / 1_000_000_000;
+                crate::identity::expiry_warning(site, *end, i64::try_from(now).unwrap_or(i64::MAX))
+                    .into_iter()
+                    .collect()
+            }
+            Err(e) => vec![format!("the site identity: {e}")],
+        }
     }
 }
 

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 /// A rate in bytes per second; None is unlimited.
 pub type Rate = Option<u64>;
 
-/// Parse `10MiB/s`, `500KiB/s`, `1GB/s`, `800kB/s`, `12345/s` or `unlimited`.
+/// Parse `10MiB/s`, `500KiB/s`, `1GB/s`, `800kB/s`, `12345/s` or `unlimited`. As for
+/// network rates, `kB`/`MB`/`GB` are powers of ten and `KiB`/`MiB`/`GiB` of two
+/// (unlike disk sizes, `names::parse_size`, where every unit is a power of two).
 pub fn parse_rate(text: &str) -> Result<Rate> {
     let t = text.trim();
     if t.eq_ignore_ascii_case("unlimited") {
@@ -156,19 +158,6 @@ impl Schedule {
     }
 }
 
-/// (weekday, minute of the day) now, local time.
-fn local_now() -> (u32, u32) {
-    // SAFETY: time/localtime_r fill plain structs we own.
-    unsafe {
-        let t = libc::time(std::ptr::null_mut());
-        let mut tm: libc::tm = std::mem::zeroed();
-        if libc::localtime_r(&t, &mut tm).is_null() {
-            return (1, 12 * 60);
-        }
-        (tm.tm_wday as u32, (tm.tm_hour * 60 + tm.tm_min) as u32)
-    }
-}
-
 /// The settings of a limit: a base rate and a schedule over it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
@@ -179,7 +168,7 @@ pub struct Settings {
 impl Settings {
     /// The rate now.
     pub fn rate_now(&self) -> Rate {
-        let (wday, minute) = local_now();
+        let (wday, minute) = super::resync_schedule::local_now();
         self.rate(wday, minute)
     }
 

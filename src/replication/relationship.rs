@@ -124,30 +124,24 @@ impl Relationship {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&p).map_err(|e| Error::io("read", &p, e))?;
-        if let Some(e) = Self::problems(&p, &text).into_iter().next() {
-            return Err(e);
+        match Self::parse(&p, &text) {
+            Ok(r) => Ok(Some(r)),
+            Err(mut problems) => Err(problems.swap_remove(0)),
         }
-        let r: Relationship = toml::from_str(&text).map_err(|e| {
-            crate::config::TomlAt {
-                file: &p,
-                text: &text,
-            }
-            .parse_error(&e)
-        })?;
-        Ok(Some(r))
     }
 
     /// Every problem of the relationship file `text` (at `path`), each located (file,
     /// line, key); empty when it is good.
     pub fn problems(path: &Path, text: &str) -> Vec<Error> {
-        if let Err(e) = crate::config::read_format(path, text, MAGIC, FORMAT) {
-            return vec![e];
-        }
+        Self::parse(path, text).err().unwrap_or_default()
+    }
+
+    /// The relationship in `text` (at `path`), or every problem of it, located (at
+    /// least one).
+    fn parse(path: &Path, text: &str) -> std::result::Result<Relationship, Vec<Error>> {
+        crate::config::read_format(path, text, MAGIC, FORMAT).map_err(|e| vec![e])?;
         let at = crate::config::TomlAt { file: path, text };
-        let r: Relationship = match toml::from_str(text) {
-            Ok(r) => r,
-            Err(e) => return vec![at.parse_error(&e)],
-        };
+        let r: Relationship = toml::from_str(text).map_err(|e| vec![at.parse_error(&e)])?;
         let mut out = Vec::new();
         let port_ok = r
             .target
@@ -180,7 +174,11 @@ impl Relationship {
                 }
             }
         }
-        out
+        if out.is_empty() {
+            Ok(r)
+        } else {
+            Err(out)
+        }
     }
 
     /// Where `machine`'s relationship file is.

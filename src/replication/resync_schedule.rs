@@ -178,21 +178,22 @@ impl Window {
 
     /// Whether now, in local time, is inside.
     pub fn open_now(&self) -> bool {
-        let (wday, hour) = local_now();
-        self.contains(wday, hour)
+        let (wday, minute) = local_now();
+        self.contains(wday, minute / 60)
     }
 }
 
-/// (weekday, hour) now in local time.
-fn local_now() -> (u32, u32) {
+/// (weekday, minute of the day) now, local time (Sunday is 0). Also what bandwidth
+/// schedules are read against.
+pub(crate) fn local_now() -> (u32, u32) {
     // SAFETY: time/localtime_r fill plain structs we own.
     unsafe {
         let t = libc::time(std::ptr::null_mut());
         let mut tm: libc::tm = std::mem::zeroed();
         if libc::localtime_r(&t, &mut tm).is_null() {
-            return (1, 12);
+            return (1, 12 * 60);
         }
-        (tm.tm_wday as u32, tm.tm_hour as u32)
+        (tm.tm_wday as u32, (tm.tm_hour * 60 + tm.tm_min) as u32)
     }
 }
 

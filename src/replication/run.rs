@@ -206,6 +206,10 @@ impl ShipLoop {
             Ok((every, app)) => shipper.set_retention(every, app),
             Err(e) => tracing::error!(machine = machine.name(), "retention: {e}"),
         }
+        match rel.target_id() {
+            Ok(id) => shipper.expect_target(id),
+            Err(e) => tracing::error!(machine = machine.name(), "target_id: {e}"),
+        }
         let (commands, rx) = crossbeam::channel::unbounded();
         let control = Control {
             rx,

@@ -113,7 +113,7 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
     )?;
     crate::site::check_private(&crate::site::replica_key_path(site_path)?)?;
     crate::identity::finish_rotation(site_path)?;
-    for w in crate::protection::status::SiteStatus::identity_facts(site_path).1 {
+    for w in crate::protection::status::IdentityFacts::load(site_path).warnings(site_path) {
         tracing::warn!("{w}");
     }
     let registry = Registry::new(site)?;

@@ -62,6 +62,8 @@ pub struct Registry {
     reloading: Mutex<std::collections::BTreeSet<String>>,
     /// The machines' status as last worked out.
     last_status: Mutex<Vec<MachineStatus>>,
+    /// The site's ID and certificate end, read at start.
+    identity: crate::protection::status::IdentityFacts,
     /// The directory the disks are mounted under (`serve --mount`).
     mount: Mutex<Option<std::path::PathBuf>>,
     /// Promotions under way and shutdown requests, shared with the receiver.
@@ -100,6 +102,7 @@ impl Registry {
     /// The registry of `site` (owned, locked): nothing open yet; see [`Registry::start`].
     pub fn new(site: Site) -> Result<Arc<Registry>> {
         let replicas = Replicas::local(site.path())?;
+        let site_path = &site.path().to_path_buf();
         Ok(Arc::new_cyclic(|me| Registry {
             failovers: Arc::default(),
             me: me.clone(),
@@ -116,6 +119,7 @@ impl Registry {
             mount: Mutex::new(None),
             reloading: Mutex::default(),
             last_status: Mutex::default(),
+            identity: crate::protection::status::IdentityFacts::load(site_path),
         }))
     }
 
@@ -619,12 +623,11 @@ impl Registry {
         }
         out.extend(rs.1.iter().cloned());
         drop(rs);
-        let (site, warnings) = SiteStatus::identity_facts(self.path());
         SiteStatus {
-            site,
+            site: self.identity.id.clone(),
             machines: out,
             as_of_ns,
-            warnings,
+            warnings: self.identity.warnings(self.path()),
         }
     }
 

@@ -50,6 +50,8 @@ pub struct Shipper {
     on_reprotect: Option<Box<ReprotectSink>>,
     /// The machine's bandwidth limit, shared by every link this shipper opens.
     limiter: Arc<crate::replication::bandwidth::Limiter>,
+    /// The site ID the target must present (the relationship's), when known.
+    target_id: Option<crate::identity::SiteId>,
 }
 
 /// Called with each LSN the target acknowledges.
@@ -335,6 +337,7 @@ impl Shipper {
             reprotect: None,
             on_reprotect: None,
             limiter: Arc::default(),
+            target_id: None,
         }
     }
 
@@ -421,6 +424,11 @@ impl Shipper {
         self.retention = (every_ms, app_ms.max(every_ms));
     }
 
+    /// Ship only to a target presenting `id` (the relationship's `target_id`).
+    pub fn expect_target(&mut self, id: crate::identity::SiteId) {
+        self.target_id = Some(id);
+    }
+
     /// Give up a pass (between chunks) once `stop` is set.
     pub fn stop_on(&mut self, stop: Arc<AtomicBool>) {
         self.stop = Some(stop);
@@ -453,28 +461,31 @@ impl Shipper {
     /// Connect, greet and announce `machine`: the link and the target's answer.
     fn handshake(&mut self, machine: &Machine) -> Result<(Link, Protected)> {
         let mut link = Link::connect(&self.site, &self.target)?;
-        // The relationship's bandwidth settings as they are now (changed without
-        // re-protecting by `replog bandwidth`); the bucket itself goes on.
-        if let Ok(Some(rel)) =
-            crate::replication::relationship::Relationship::load(&self.site, machine.name())
-        {
-            self.limiter.set(rel.bandwidth().unwrap_or_default());
-            // Another site answers at the target's address (its certificate changed,
-            // or a different site was put there): never ship to it unasked.
-            if let Ok(want) = rel.target_id() {
-                if link.peer_id() != want {
-                    return Err(Error::Auth {
-                        peer: self.target.clone(),
-                        why: format!(
-                            "the site there presents ID {}, but {} replicates to ID {want}; if \
-                             the target really changed, protect the machine again toward it",
-                            link.peer_id(),
-                            machine.name()
-                        ),
-                        by_peer: false,
-                    });
-                }
+        // Another site answers at the target's address (its certificate changed, or a
+        // different site was put there): never ship to it unasked.
+        if let Some(want) = self.target_id {
+            if link.peer_id() != want {
+                return Err(Error::Auth {
+                    peer: self.target.clone(),
+                    why: format!(
+                        "the site there presents ID {}, but {} replicates to ID {want}; if \
+                         the target really changed, protect the machine again toward it",
+                        link.peer_id(),
+                        machine.name()
+                    ),
+                    by_peer: false,
+                });
             }
+        }
+        // The bandwidth settings as they are now (`replog bandwidth` changes them in
+        // place, with or without a serve): read once a pass, beside a TLS handshake.
+        match crate::replication::relationship::Relationship::load(&self.site, machine.name()) {
+            Ok(Some(rel)) => self.limiter.set(rel.bandwidth()?),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                machine = machine.name(),
+                "relationship: {e}; the bandwidth limit stays as it was"
+            ),
         }
         link.limit(self.limiter.clone());
         if let Some(map) = machine.changed_map() {

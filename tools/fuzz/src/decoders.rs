@@ -584,17 +584,7 @@ pub fn valid_meta(rng: &mut Rng) -> Vec<u8> {
 pub fn check_config(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let lines = text.lines().count().max(1);
-    let located = |e: &replog::Error| {
-        let m = e.to_string();
-        if let Some(rest) = m.split(" line ").nth(1) {
-            let n: usize = rest
-                .split(|c: char| !c.is_ascii_digit())
-                .next()
-                .and_then(|d| d.parse().ok())
-                .expect("a line number");
-            assert!((1..=lines + 1).contains(&n), "line {n} of {lines}: {m}");
-        }
-    };
+    let located = |e: &replog::Error| assert_located(e, lines);
     let site = Path::new("site.toml");
     let problems = replog::config::SiteConfig::check(site, &text);
     problems.iter().for_each(located);
@@ -623,7 +613,7 @@ pub fn valid_config(rng: &mut Rng) -> Vec<u8> {
         c.to_toml().into_bytes()
     } else {
         format!(
-            "# replog relationship, format 1\ntarget = \"127.0.0.1:7411\"\ntarget_id = \"{}\"\n\
+            "# replog relationship, format 2\ntarget = \"127.0.0.1:7411\"\ntarget_id = \"{}\"\n\
              retention = \"24h\"\nrpo = \"30s\"\nbandwidth = \"50MiB/s\"\n\
              bandwidth_schedule = \"Mon-Fri 08:00-18:00=10MiB/s, *=unlimited\"\n",
             "ab".repeat(32)
