@@ -59,9 +59,10 @@ impl Site {
             return Err(Error::InvalidInput(format!("{key}: {why}")));
         }
         if !cfg.replica.store.is_empty() {
-            let scratch = tempfile_dir()?;
-            crate::replica::store::object_backend(&scratch, &cfg.replica)?.ensure_probed()?;
-            let _ = fs::remove_dir_all(&scratch);
+            crate::replica::objects::probe(
+                &crate::replica::store::object_store(&cfg.replica)?,
+                cfg.replica.s3.unfenced,
+            )?;
         }
         if path.exists() {
             let empty = fs::read_dir(path)
@@ -339,9 +340,11 @@ pub fn replica_key_path(path: &Path) -> Result<PathBuf> {
     })
 }
 
-/// Refuse a private key (the site's TLS key, the replica key) that anyone but its
-/// owner may read or write: `serve` does not start on one.
-pub fn check_private(file: &Path) -> Result<()> {
+/// Refuse a secret file — a private key (the site's TLS key, the replica key), S3
+/// credentials — that anyone but its owner may read or write: `serve` does not start
+/// on one. `holds` says what it holds ("a private key"). A missing file is not
+/// refused here.
+pub fn check_private(file: &Path, holds: &str) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let meta = match fs::metadata(file) {
         Ok(m) => m,
@@ -351,24 +354,13 @@ pub fn check_private(file: &Path) -> Result<()> {
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(Error::InvalidInput(format!(
-            "{} holds a private key and is open to group or others (mode {mode:o}): \
-             `chmod 600 {}`, and consider the key exposed",
+            "{} holds {holds} and is open to group or others (mode {mode:o}): \
+             `chmod 600 {}`, and consider it exposed",
             file.display(),
             file.display()
         )));
     }
     Ok(())
-}
-
-/// A scratch directory for a check that needs one.
-fn tempfile_dir() -> Result<PathBuf> {
-    let p = std::env::temp_dir().join(format!(
-        "replog-init-{}-{}",
-        std::process::id(),
-        crate::format::now_ns()
-    ));
-    fs::create_dir_all(&p).map_err(|e| Error::io("create", &p, e))?;
-    Ok(p)
 }
 
 /// Machine names under a site directory (no lock needed: a read-only listing).

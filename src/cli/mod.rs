@@ -48,6 +48,10 @@ pub enum Command {
         /// A file (mode 0600) with access_key_id = "…" and secret_access_key = "…".
         #[arg(long, value_name = "FILE", requires = "replica_store")]
         s3_credentials_file: Option<PathBuf>,
+        /// Use a store that ignores create-if-absent (Garage): a stale receiver can
+        /// then not be fenced, so run one receiver per replica at any time.
+        #[arg(long, requires = "replica_store")]
+        s3_unfenced: bool,
     },
     /// Print this site's ID (the SHA-256 fingerprint of its first certificate; the
     /// same after `replog identity rotate`).
@@ -635,6 +639,7 @@ pub fn run(cli: Cli) -> ExitCode {
             s3_endpoint,
             s3_region,
             s3_credentials_file,
+            s3_unfenced,
         } => site::init(
             &site,
             site::StoreArgs {
@@ -642,6 +647,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 s3_endpoint,
                 s3_region,
                 s3_credentials_file,
+                s3_unfenced,
             },
         ),
         Command::Id { site } => site::id(&site),

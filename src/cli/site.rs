@@ -9,6 +9,7 @@ pub struct StoreArgs {
     pub s3_endpoint: Option<String>,
     pub s3_region: Option<String>,
     pub s3_credentials_file: Option<std::path::PathBuf>,
+    pub s3_unfenced: bool,
 }
 
 pub fn init(path: &Path, args: StoreArgs) -> Result<()> {
@@ -16,6 +17,7 @@ pub fn init(path: &Path, args: StoreArgs) -> Result<()> {
     if let Some(store) = args.replica_store {
         cfg.replica.store = store;
         cfg.replica.s3.endpoint = args.s3_endpoint.unwrap_or_default();
+        cfg.replica.s3.unfenced = args.s3_unfenced;
         if let Some(r) = args.s3_region {
             cfg.replica.s3.region = r;
         }

@@ -110,8 +110,9 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
         &site_path
             .join(crate::identity::IDENTITY_DIR)
             .join(crate::identity::KEY_FILE),
+        "a private key",
     )?;
-    crate::site::check_private(&crate::site::replica_key_path(site_path)?)?;
+    crate::site::check_private(&crate::site::replica_key_path(site_path)?, "a private key")?;
     crate::identity::finish_rotation(site_path)?;
     for w in crate::protection::status::IdentityFacts::load(site_path).warnings(site_path) {
         tracing::warn!("{w}");

@@ -182,6 +182,32 @@ fn split(key: &str) -> Result<(&str, &str)> {
     Ok(key.split_once('/').unwrap_or((key, "")))
 }
 
+/// Check a store as a writer needs it: reachable, credentials and bucket good, and
+/// create-if-absent honoured (a probe object created twice; the second must be
+/// refused) unless `unfenced`. Whether it is honoured.
+pub fn probe(objects: &dyn ObjectStore, unfenced: bool) -> Result<bool> {
+    objects.check_bucket()?;
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    let key = format!(".probe-{:016x}", u64::from_le_bytes(b));
+    let first = objects.put_if_absent(&key, b"probe 1")?;
+    let second = objects.put_if_absent(&key, b"probe 2")?;
+    objects.delete(&[key])?;
+    let honoured = first && !second;
+    if !honoured && !unfenced {
+        return Err(Error::Store {
+            store: objects.locate(""),
+            what: "the store ignores If-None-Match on PUT (create-if-absent), so a stale \
+                   receiver could not be fenced and could overwrite a replica's manifest; \
+                   to use it anyway, with one receiver per replica at any time, give \
+                   `replog init` --s3-unfenced (replica.s3.unfenced = true in site.toml)"
+                .into(),
+            transient: false,
+        });
+    }
+    Ok(honoured)
+}
+
 impl ObjectBackend {
     /// Over `objects`, with locks and pins in `local` (a directory backend).
     pub fn new(
@@ -215,14 +241,6 @@ impl ObjectBackend {
         self.clock_offset_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
-    pub fn writer(&self) -> u64 {
-        self.writer
-    }
-
-    pub fn objects(&self) -> &Arc<dyn ObjectStore> {
-        &self.objects
-    }
-
     fn store_err(&self, m: &str, what: String, transient: bool) -> Error {
         Error::Store {
             store: self.objects.locate(m),
@@ -239,23 +257,7 @@ impl ObjectBackend {
         if p.is_some() {
             return Ok(());
         }
-        self.objects.check_bucket()?;
-        let key = format!(".probe-{:016x}", self.writer);
-        let first = self.objects.put_if_absent(&key, b"probe 1")?;
-        let second = self.objects.put_if_absent(&key, b"probe 2")?;
-        self.objects.delete(&[key])?;
-        let honoured = first && !second;
-        if !honoured && !self.unfenced {
-            return Err(self.store_err(
-                "",
-                "the store ignores If-None-Match on PUT (create-if-absent), so a stale \
-                 receiver could not be fenced and could overwrite a replica's manifest; \
-                 set replica.s3.unfenced = true in site.toml to use it anyway, with one \
-                 receiver per replica at any time"
-                    .into(),
-                false,
-            ));
-        }
+        let honoured = probe(self.objects.as_ref(), self.unfenced)?;
         *p = Some(honoured);
         Ok(())
     }

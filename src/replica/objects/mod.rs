@@ -7,7 +7,7 @@
 mod backend;
 mod s3;
 
-pub use backend::{Entry, Manifest, ObjectBackend, MANIFEST_KIND};
+pub use backend::{probe, Entry, Manifest, ObjectBackend};
 pub use s3::{requests_sent, Credentials, S3Objects};
 
 use crate::error::{Error, Result};

@@ -88,15 +88,7 @@ impl Credentials {
             return Ok(Credentials::new(&id, &secret));
         }
         let path = Path::new(file);
-        let meta = std::fs::metadata(path).map_err(|e| Error::io("stat", path, e))?;
-        use std::os::unix::fs::PermissionsExt;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(Error::InvalidInput(format!(
-                "{file} holds S3 credentials and is readable by others (mode {mode:o}): \
-                 chmod 600 it"
-            )));
-        }
+        crate::site::check_private(path, "S3 credentials")?;
         let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
         // The parser's message could quote the secret: say only where it failed.
         let c: CredentialsFile = toml::from_str(&text).map_err(|e| {
@@ -542,16 +534,6 @@ impl S3Objects {
         dirs.sort();
         dirs.dedup();
         Ok((objects, dirs))
-    }
-
-    /// Whether the store honours `If-None-Match: *` on PUT: create a probe object
-    /// twice; the second must be refused. Stores that ignore it (Garage) cannot fence
-    /// a stale writer.
-    pub fn honours_if_none_match(&self, probe: &str) -> Result<bool> {
-        let first = self.put_inner(probe, b"probe 1", true)?;
-        let second = self.put_inner(probe, b"probe 2", true)?;
-        self.delete(&[probe.to_string()])?;
-        Ok(first && !second)
     }
 }
 

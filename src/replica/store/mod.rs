@@ -381,19 +381,21 @@ pub enum Receipt {
     Duplicate { lsn: u64 },
 }
 
-/// Whether the site at `site` holds a replica of `machine` (in `SITE/replicas/`; no
-/// key needed, nothing created).
+/// Whether the site at `site` holds a replica of `machine` (in `SITE/replicas/` or
+/// its object store; no key needed, nothing created; false if it cannot say).
 pub fn held_at(site: &Path, machine: &str) -> bool {
+    let backend: Arc<dyn ReplicaBackend> = match backend_at(site) {
+        Ok(Some(b)) => b,
+        Ok(None) => Arc::new(DirBackend::new(
+            Arc::new(FileStorage),
+            site.join(REPLICAS_DIR),
+        )),
+        Err(_) => return false,
+    };
     validate_name("machine", machine).is_ok()
-        && match backend_at(site) {
-            Ok(Some(b)) => b.exists(&format!("{machine}/{MANIFEST}")).unwrap_or(false),
-            Ok(None) => site
-                .join(REPLICAS_DIR)
-                .join(machine)
-                .join(MANIFEST)
-                .is_file(),
-            Err(_) => false,
-        }
+        && backend
+            .exists(&format!("{machine}/{MANIFEST}"))
+            .unwrap_or(false)
 }
 
 /// Local state of an object-store replica store (locks, pins): `SITE/replica-state/`.
@@ -424,17 +426,26 @@ pub fn backend_at(site: &Path) -> Result<Option<Arc<dyn ReplicaBackend>>> {
     Ok(Some(backend))
 }
 
+/// The bucket the replica settings `r` name.
+pub fn object_store(
+    r: &crate::config::ReplicaConfig,
+) -> Result<crate::replica::objects::S3Objects> {
+    use crate::replica::objects::{Credentials, S3Location, S3Objects};
+    r.validate()?;
+    S3Objects::new(
+        &S3Location::parse(&r.store)?,
+        &r.s3,
+        Credentials::load(&r.s3.credentials_file)?,
+    )
+}
+
 /// A new object-store backend for the replica settings `r` of the site at `site`.
 pub fn object_backend(
     site: &Path,
     r: &crate::config::ReplicaConfig,
 ) -> Result<crate::replica::objects::ObjectBackend> {
-    use crate::replica::objects::{Credentials, ObjectBackend, S3Location, S3Objects};
-    r.validate()?;
-    let location = S3Location::parse(&r.store)?;
-    let objects = S3Objects::new(&location, &r.s3, Credentials::load(&r.s3.credentials_file)?)?;
-    Ok(ObjectBackend::new(
-        Arc::new(objects),
+    Ok(crate::replica::objects::ObjectBackend::new(
+        Arc::new(object_store(r)?),
         DirBackend::new(Arc::new(FileStorage), site.join(REPLICA_STATE_DIR)),
         std::time::Duration::from_millis(r.s3.gc_grace_ms),
         r.s3.unfenced,
@@ -453,8 +464,9 @@ impl Replicas {
         Replicas { backend, key }
     }
 
-    /// The replicas of the site at `path` (`SITE/replicas/`, the site's replica key):
-    /// no lock needed, restores read replicas while `serve` runs.
+    /// The replicas of the site at `path` (in `SITE/replicas/`, or in the object store
+    /// its `[replica] store` names; the site's replica key): no lock needed, restores
+    /// read replicas while `serve` runs.
     pub fn local(path: &Path) -> Result<Self> {
         let key = crate::site::replica_key_at(path)?;
         match backend_at(path)? {
@@ -482,13 +494,19 @@ impl Replicas {
         &self.key
     }
 
-    /// Whether a replica of `machine` is here.
+    /// Whether a replica of `machine` is here (false if the store cannot say: see
+    /// [`Replicas::holds`]).
     pub fn has(&self, machine: &str) -> bool {
-        validate_name("machine", machine).is_ok()
-            && self
-                .backend
-                .exists(&format!("{machine}/{MANIFEST}"))
-                .unwrap_or(false)
+        self.holds(machine).unwrap_or(false)
+    }
+
+    /// Whether a replica of `machine` is here; a store that cannot answer says so.
+    /// A name that is not a machine's is held nowhere.
+    pub fn holds(&self, machine: &str) -> Result<bool> {
+        if validate_name("machine", machine).is_err() {
+            return Ok(false);
+        }
+        self.backend.exists(&format!("{machine}/{MANIFEST}"))
     }
 
     /// Remove the replica of `machine`, every object of it (a committed failover's
@@ -503,9 +521,7 @@ impl Replicas {
         let mut out = Vec::new();
         for m in self.backend.list("")? {
             // An object store that fails here says so, rather than a short list.
-            if validate_name("machine", &m).is_ok()
-                && self.backend.exists(&format!("{m}/{MANIFEST}"))?
-            {
+            if self.holds(&m)? {
                 out.push(m);
             }
         }
@@ -599,7 +615,7 @@ impl Replicas {
         base: Watermark,
     ) -> Result<ReplicaStore> {
         validate_name("machine", machine)?;
-        if self.backend.exists(&format!("{machine}/{MANIFEST}"))? {
+        if self.holds(machine)? {
             return Err(Error::AlreadyExists(format!(
                 "a replica of {machine} exists at {}",
                 self.backend.locate(machine).display()

@@ -120,10 +120,19 @@ impl ReplicaStore {
             )));
         }
         let index = self.verify(seq, plain)?;
-        self.write_index(seq, &index)?;
+        let idx = self.sealed_index(seq, &index)?;
         self.key()
             .seal_framed(self.manifest.machine_id, seq, framed)?;
-        self.backend().put(&self.key_of(&seg_rel(seq)), framed)?;
+        // Index and segment in one batch (one commit in an object store, one directory
+        // sync in a directory); the segment's buffer is lent to it, not copied. Both
+        // are durable before `received` names them.
+        let mut batch = [
+            (self.key_of(&idx_rel(seq)), idx),
+            (self.key_of(&seg_rel(seq)), std::mem::take(framed)),
+        ];
+        let stored = self.backend().put_batch(&batch);
+        *framed = std::mem::take(&mut batch[1].1);
+        stored?;
         self.set_received(Watermark {
             lsn: index.last_lsn,
             segment_seq: seq,
@@ -134,11 +143,15 @@ impl ReplicaStore {
     }
 
     fn write_index(&self, seq: u64, index: &SegmentIndex) -> Result<()> {
-        let (version, body) = index.encode()?;
-        let ct = self
-            .key()
-            .seal_index_as(version, self.manifest.machine_id, seq, &body)?;
+        let ct = self.sealed_index(seq, index)?;
         self.backend().put(&self.key_of(&idx_rel(seq)), &ct)
+    }
+
+    /// The index file of segment `seq`, encrypted.
+    fn sealed_index(&self, seq: u64, index: &SegmentIndex) -> Result<Vec<u8>> {
+        let (version, body) = index.encode()?;
+        self.key()
+            .seal_index_as(version, self.manifest.machine_id, seq, &body)
     }
 
     /// The records and points of stored segment `seq` (from its index, or from the
