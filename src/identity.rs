@@ -16,12 +16,13 @@
 //!
 //! **Rotation** (`replog identity rotate`): a new key and certificate, the
 //! certificate signed by the old key; the old certificate joins the lineage. The site
-//! presents the chain `[current, previous, …, first]`; a peer accepts it when any
-//! certificate in it is pinned and every one is signed by the key of the next (so
-//! nobody can borrow another site's public certificate to claim its ID), and knows
-//! the site by the ID of the chain's first certificate, the lineage root. A site's ID
-//! therefore never changes: peers keep trusting it, and relationships and replicas
-//! that name it stay valid, with no step on their side. The old key is destroyed.
+//! presents the chain `[current, previous, …, first]`; a peer accepts it when its
+//! root — the last certificate, the site's first — is pinned and every certificate is
+//! signed by the key of the next (so nobody can borrow another site's public
+//! certificate to claim its ID), and knows the site by the root's fingerprint. A
+//! site's ID therefore never changes: peers keep trusting it, and relationships and
+//! replicas that name it stay valid, with no step on their side. The old key's file
+//! is deleted (not securely erased).
 //! Certificates are made valid until 4096 unless `--valid-days` says otherwise;
 //! [`Identity::expiry_warning`] speaks up [`EXPIRY_WARNING_DAYS`] days before the end.
 
@@ -152,13 +153,13 @@ impl Identity {
         if key_path.exists() && !dir.join(CERT_FILE).exists() {
             std::fs::remove_file(&key_path).map_err(|e| Error::io("remove", &key_path, e))?;
         }
-        write_new(
+        crate::storage::create_file_mode(
             &key_path,
             made.signing_key.serialize_pem().as_bytes(),
             0o600,
         )?;
         // The certificate last: its presence is what says "this site has an identity".
-        write_new(&dir.join(CERT_FILE), made.cert.pem().as_bytes(), 0o644)?;
+        crate::storage::create_file_mode(&dir.join(CERT_FILE), made.cert.pem().as_bytes(), 0o644)?;
         crate::storage::Storage::sync_dir(&crate::storage::FileStorage, &dir)?;
         crate::storage::Storage::sync_dir(&crate::storage::FileStorage, site)?;
         Self::load(site)
@@ -174,6 +175,13 @@ impl Identity {
                 cert_path.display()
             )));
         }
+        Self::load_dir(&dir)
+    }
+
+    /// The identity in `dir` (an identity directory): certificate, key and lineage,
+    /// the lineage verified and the key checked against the certificate.
+    fn load_dir(dir: &Path) -> Result<Identity> {
+        let cert_path = dir.join(CERT_FILE);
         let cert = CertificateDer::from_pem_file(&cert_path)
             .map_err(|e| Error::corruption(&cert_path, 0, format!("certificate: {e}")))?;
         let key_path = dir.join(KEY_FILE);
@@ -195,11 +203,13 @@ impl Identity {
         // at this site instead of as a refusal at every peer.
         lineage_root(&me.chain())
             .map_err(|why| Error::corruption(&lineage_path, 0, format!("lineage: {why}")))?;
+        rustls::sign::CertifiedKey::from_der(me.chain(), me.key.clone_key(), &provider())
+            .map_err(|e| Error::corruption(&key_path, 0, format!("private key: {e}")))?;
         Ok(me)
     }
 
     /// Replace the site's key and certificate by new ones, the certificate signed by
-    /// the current key, which is then destroyed (see the module documentation). The
+    /// the current key, whose file is then deleted (see the module documentation). The
     /// new certificate is valid for `valid_days` (None: until 4096). Crash-safe: the
     /// new identity directory is built and synced beside the current one and
     /// exchanged with it in one `renameat2(RENAME_EXCHANGE)`. Returns the
@@ -217,11 +227,8 @@ impl Identity {
                 site.display()
             )));
         }
-        let key_path = dir.join(KEY_FILE);
-        let pem =
-            std::fs::read_to_string(&key_path).map_err(|e| Error::io("read", &key_path, e))?;
         let gen_err = |e: rcgen::Error| Error::InvalidInput(format!("making the certificate: {e}"));
-        let old_key = rcgen::KeyPair::from_pem(&pem).map_err(gen_err)?;
+        let old_key = rcgen::KeyPair::try_from(&cur.key).map_err(gen_err)?;
         let new_key = rcgen::KeyPair::generate().map_err(gen_err)?;
         let mut params =
             rcgen::CertificateParams::new(vec![CERT_NAME.to_string()]).map_err(gen_err)?;
@@ -263,7 +270,7 @@ impl Identity {
             }
             std::fs::hard_link(&from, next.join(&name)).map_err(|e| Error::io("link", &from, e))?;
         }
-        write_new(
+        crate::storage::create_file_mode(
             &next.join(KEY_FILE),
             new_key.serialize_pem().as_bytes(),
             0o600,
@@ -272,35 +279,24 @@ impl Identity {
         for c in &cur.lineage {
             lineage.push_str(&pem_of(c));
         }
-        write_new(&next.join(LINEAGE_FILE), lineage.as_bytes(), 0o644)?;
-        write_new(&next.join(CERT_FILE), cert.pem().as_bytes(), 0o644)?;
+        crate::storage::create_file_mode(&next.join(LINEAGE_FILE), lineage.as_bytes(), 0o644)?;
+        crate::storage::create_file_mode(&next.join(CERT_FILE), cert.pem().as_bytes(), 0o644)?;
         let fs = crate::storage::FileStorage;
         crate::storage::Storage::sync_dir(&fs, &next)?;
-        // The new identity must load (and its chain verify) before it replaces the old.
-        let made = {
-            let probe = site.join(format!("{IDENTITY_DIR}.next"));
-            let staged = Identity {
-                cert: CertificateDer::from_pem_file(probe.join(CERT_FILE))
-                    .map_err(|e| Error::corruption(&probe, 0, format!("certificate: {e}")))?,
-                key: PrivateKeyDer::from_pem_file(probe.join(KEY_FILE))
-                    .map_err(|e| Error::corruption(&probe, 0, format!("private key: {e}")))?,
-                lineage: std::iter::once(cur.cert.clone())
-                    .chain(cur.lineage.iter().cloned())
-                    .collect(),
-            };
-            if lineage_root(&staged.chain()).map_err(Error::InvalidInput)? != cur.id() {
-                return Err(Error::InvalidInput(
-                    "the new certificate does not lead back to the site's ID".into(),
-                ));
-            }
-            staged.cert_id()
-        };
+        // The new identity must load as written (its chain verified, its key its
+        // certificate's) and keep the site's ID before it replaces the old.
+        let made = Self::load_dir(&next)?;
+        if made.id() != cur.id() {
+            return Err(Error::InvalidInput(
+                "the new certificate does not lead back to the site's ID".into(),
+            ));
+        }
         exchange(&next, &dir)?;
         crate::storage::Storage::sync_dir(&fs, site)?;
         // `next` now holds the old identity: its key goes.
         std::fs::remove_dir_all(&next).map_err(|e| Error::io("remove", &next, e))?;
         crate::storage::Storage::sync_dir(&fs, site)?;
-        Ok((cur.cert_id(), made))
+        Ok((cur.cert_id(), made.cert_id()))
     }
 }
 
@@ -349,26 +345,7 @@ fn pem_of(cert: &CertificateDer<'_>) -> String {
 
 /// Swap two directories atomically.
 fn exchange(a: &Path, b: &Path) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| Error::InvalidInput(format!("{} has a NUL byte", p.display())))
-    };
-    let (ca, cb) = (c(a)?, c(b)?);
-    // SAFETY: two valid NUL-terminated paths.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            ca.as_ptr(),
-            libc::AT_FDCWD,
-            cb.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if rc != 0 {
-        return Err(Error::io("exchange", b, std::io::Error::last_os_error()));
-    }
-    Ok(())
+    crate::storage::renameat2(a, b, libc::RENAME_EXCHANGE).map_err(|e| Error::io("exchange", b, e))
 }
 
 fn parse_cert<'a>(
@@ -421,21 +398,6 @@ pub fn lineage_root(chain: &[CertificateDer<'_>]) -> std::result::Result<SiteId,
         })?;
     }
     Ok(SiteId::of_cert(last))
-}
-
-/// Create `path` (it must not exist) with `mode`, write `bytes`, fsync.
-fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| Error::io("create", path, e))?;
-    f.write_all(bytes)
-        .map_err(|e| Error::io("write", path, e))?;
-    f.sync_all().map_err(|e| Error::io("sync", path, e))
 }
 
 /// The set of peers a site trusts.

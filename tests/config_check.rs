@@ -137,14 +137,7 @@ fn every_bad_key_and_value_is_named_with_its_file_line_and_key() {
 #[test]
 fn bandwidth_limits_are_checked_kept_and_changed_without_protecting_again() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let site = tmp.path().join("s");
-    run_ok(replog().arg("init").arg(&site));
-    run_ok(
-        replog()
-            .args(["disk", "create"])
-            .arg(&site)
-            .args(["vm1/os", "--size", "1M"]),
-    );
+    let site = make_site(tmp.path(), &[("os", "1M")]);
     // Bad rates and schedules are refused before anything is tried.
     for (flag, value) in [
         ("--bandwidth", "fast"),

@@ -17,15 +17,6 @@ use std::sync::Arc;
 
 const SIZES: [u64; 2] = [64 * 1024, 32 * 1024];
 
-#[derive(Clone, Copy, Debug)]
-enum Fault {
-    Write,
-    Sync,
-    /// The power goes at this change (write, sync, creation, rename, removal, …):
-    /// it and every later one fail.
-    Cut,
-}
-
 /// Run the workload with the given fault armed; returns whether the fault fired.
 fn run(fault: Fault, n: u64, crash: CrashMode) -> bool {
     let storage = FaultyStorage::new();
@@ -33,11 +24,7 @@ fn run(fault: Fault, n: u64, crash: CrashMode) -> bool {
     let dir = machine_dir();
     create_machine(&storage, &dir, &SIZES);
     let m = open(dyn_storage.clone(), &dir, 4096).expect("open");
-    match fault {
-        Fault::Write => storage.fail_write_after(n, false),
-        Fault::Sync => storage.fail_sync_after(n, false),
-        Fault::Cut => storage.cut_after(n),
-    }
+    fault.arm(&storage, n, false);
     let mut model: Vec<Vec<u8>> = SIZES.iter().map(|s| vec![0u8; *s as usize]).collect();
     let mut durable = model.clone();
     let mut pending = Vec::new();

@@ -11,6 +11,8 @@
 
 mod common;
 
+use common::Fault;
+
 use replog::format::meta::{DiskEntry, Watermark};
 use replog::format::segment::segment_name;
 use replog::replica::backend::DirBackend;
@@ -150,20 +152,16 @@ fn crash_matrix(
 ) {
     let mut runs = 0;
     for mode in [CrashMode::DropAll, CrashMode::Tear(77)] {
-        for fault in ["write", "sync", "power cut at change"] {
+        for fault in [Fault::Write, Fault::Sync, Fault::Cut] {
             for n in 0.. {
                 let fs = FaultyStorage::new();
                 let r = replicas(&fs);
                 setup(&r);
-                match fault {
-                    "write" => fs.fail_write_after(n, true),
-                    "sync" => fs.fail_sync_after(n, true),
-                    _ => fs.cut_after(n),
-                }
+                fault.arm(&fs, n, true);
                 let result = op(&r);
                 let fired = fs.fired();
                 fs.crash(mode);
-                let what = format!("{name}, {mode:?}, failing {fault} {n}");
+                let what = format!("{name}, {mode:?}, {fault:?} at {n}");
                 assert!(
                     fired || result.is_ok(),
                     "{what}: {result:?} without a fault"

@@ -48,7 +48,8 @@ pub fn identity_show(path: &Path, json: bool) -> Result<()> {
     let now = replog::format::now_ns() / 1_000_000_000;
     let end = me.not_after()?;
     let until = replog::identity::date_of(end);
-    let warning = me.expiry_warning(path, i64::try_from(now).unwrap_or(i64::MAX));
+    let warning =
+        replog::identity::expiry_warning(path, end, i64::try_from(now).unwrap_or(i64::MAX));
     if json {
         println!(
             "{}",

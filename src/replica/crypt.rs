@@ -61,20 +61,10 @@ impl ReplicaKey {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
             }
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
             // Written under a temporary name and linked into place without replacing:
             // two processes that race both end up with the one key that won.
             let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|e| Error::io("create", &tmp, e))?;
-            f.write_all(&k).map_err(|e| Error::io("write", &tmp, e))?;
-            f.sync_all().map_err(|e| Error::io("sync", &tmp, e))?;
-            drop(f);
+            crate::storage::create_file_mode(&tmp, &k, 0o600)?;
             let linked = std::fs::hard_link(&tmp, path);
             let _ = std::fs::remove_file(&tmp);
             match linked {

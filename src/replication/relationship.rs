@@ -186,13 +186,17 @@ impl Relationship {
         path(site, machine)
     }
 
-    pub fn save(&self, site: &Path, machine: &str) -> Result<()> {
-        let p = path(site, machine)?;
+    /// The file's text, as `save` writes it (format line first).
+    pub fn to_toml(&self) -> Result<String> {
         let body = toml::to_string(self).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        Ok(format!("{MAGIC}{FORMAT}\n{body}"))
+    }
+
+    pub fn save(&self, site: &Path, machine: &str) -> Result<()> {
         crate::storage::write_atomic(
             &crate::storage::FileStorage,
-            &p,
-            format!("{MAGIC}{FORMAT}\n{body}").as_bytes(),
+            &path(site, machine)?,
+            self.to_toml()?.as_bytes(),
         )
     }
 }

@@ -22,14 +22,17 @@ pub const MAX_HANDSHAKES: usize = 64;
 pub type ClientStream = StreamOwned<ClientConnection, TcpStream>;
 pub type ServerStream = StreamOwned<ServerConnection, TcpStream>;
 
-/// The site the peer's certificate chain belongs to: its lineage root (see
-/// [`identity::lineage_root`]; the handshake's verifier has accepted the chain).
+/// The site the peer's certificate chain belongs to: its root, the last certificate
+/// (the handshake's verifier has checked the pin and every endorsement).
 fn peer_id(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>, peer: &str) -> Result<SiteId> {
-    identity::lineage_root(certs.unwrap_or_default()).map_err(|why| Error::Auth {
-        peer: peer.to_string(),
-        why: format!("the peer's certificate: {why}"),
-        by_peer: false,
-    })
+    certs
+        .and_then(|c| c.last())
+        .map(|c| SiteId::of_cert(c))
+        .ok_or_else(|| Error::Auth {
+            peer: peer.to_string(),
+            why: "the peer presented no certificate".into(),
+            by_peer: false,
+        })
 }
 
 /// An error on the connection with `peer`: TLS refusing a certificate (ours or the
@@ -84,8 +87,13 @@ fn tls_io(op: &'static str, addr: &str, e: std::io::Error) -> Error {
 
 /// Connect to the site at `addr` as `site` (its identity and trusted peers). The
 /// handshake completes before this returns: an untrusted or unreachable peer is an
-/// error here, before any data is sent.
-pub fn connect(site: &Path, addr: &str, timeout: Duration) -> Result<(ClientStream, SiteId)> {
+/// error here, before any data is sent. The stream, the peer's site ID and this
+/// site's.
+pub fn connect(
+    site: &Path,
+    addr: &str,
+    timeout: Duration,
+) -> Result<(ClientStream, SiteId, SiteId)> {
     let me = Identity::load(site)?;
     let cfg = Arc::new(identity::client_config(
         &me,
@@ -120,7 +128,7 @@ pub fn connect(site: &Path, addr: &str, timeout: Duration) -> Result<(ClientStre
         .tls_sessions
         .get_or_create(&crate::metrics::DirectionLabel { direction: "out" })
         .inc();
-    Ok((stream, peer))
+    Ok((stream, peer, me.id()))
 }
 
 /// Whether a read of `s` would find data without waiting: plaintext rustls holds

@@ -114,10 +114,10 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
     )?;
     crate::site::check_private(&crate::site::replica_key_path(site_path)?, "a private key")?;
     crate::identity::finish_rotation(site_path)?;
-    for w in crate::protection::status::IdentityFacts::load(site_path).warnings(site_path) {
+    let registry = Registry::new(site)?;
+    for w in registry.identity().warnings(site_path) {
         tracing::warn!("{w}");
     }
-    let registry = Registry::new(site)?;
     // Jobs a serve that died left behind: the resumable ones are taken over by the
     // loops that go on with them; the others end as interrupted.
     // A plan's run is resumed by `replog plan resume` from its state file; a

@@ -123,6 +123,11 @@ impl Registry {
         }))
     }
 
+    /// The site's ID and when its certificate ends, as read at start.
+    pub fn identity(&self) -> &crate::protection::status::IdentityFacts {
+        &self.identity
+    }
+
     /// The disks are mounted under `dir` (what `replog plan` hands its actions as
     /// REPLOG_MOUNT, and checks the failed-over machines' disks under).
     pub fn set_mount(&self, dir: &Path) {

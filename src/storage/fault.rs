@@ -27,8 +27,6 @@ struct Countdowns {
     /// Changes of any kind still allowed before the power goes (then every change
     /// fails, for good).
     cut: Option<u64>,
-    /// Changes of any kind made so far.
-    changes: u64,
 }
 
 /// See the module documentation.
@@ -78,19 +76,13 @@ impl FaultyStorage {
         f.fired = false;
     }
 
-    /// Changes of any kind made so far (successful or not).
-    pub fn changes(&self) -> u64 {
-        self.faults.lock().changes
-    }
-
     /// Remove every pending fault.
     pub fn heal(&self) {
         let mut f = self.faults.lock();
-        let (synced, sync_delay, changes) = (f.synced, f.sync_delay, f.changes);
+        let (synced, sync_delay) = (f.synced, f.sync_delay);
         *f = Countdowns::default();
         f.synced = synced;
         f.sync_delay = sync_delay;
-        f.changes = changes;
     }
 
     /// Injected failures carry `errno` (say ENOSPC for a full disk) instead of EIO.
@@ -139,18 +131,11 @@ fn tick(slot: &mut Option<u64>, sticky: bool, fired: &mut bool) -> bool {
 /// Count one change; an error if the power is cut (at this change or before).
 fn change(faults: &Mutex<Countdowns>, op: &'static str, path: &Path) -> Result<()> {
     let mut f = faults.lock();
-    f.changes += 1;
-    match &mut f.cut {
-        None => Ok(()),
-        Some(0) => {
-            f.fired = true;
-            Err(injected(op, path, f.errno))
-        }
-        Some(n) => {
-            *n -= 1;
-            Ok(())
-        }
+    let Countdowns { cut, fired, .. } = &mut *f;
+    if tick(cut, true, fired) {
+        return Err(injected(op, path, f.errno));
     }
+    Ok(())
 }
 
 fn injected(op: &'static str, path: &Path, errno: Option<i32>) -> Error {

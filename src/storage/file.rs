@@ -106,31 +106,11 @@ impl Storage for FileStorage {
     }
 
     fn rename_noreplace(&self, from: &Path, to: &Path) -> Result<bool> {
-        use std::os::unix::ffi::OsStrExt;
-        let c = |p: &Path| {
-            std::ffi::CString::new(p.as_os_str().as_bytes())
-                .map_err(|_| Error::InvalidInput(format!("{} has a NUL byte", p.display())))
-        };
-        let (f, t) = (c(from)?, c(to)?);
-        // SAFETY: renameat2 with two valid NUL-terminated paths relative to the
-        // current directory (AT_FDCWD) and a flag; no memory is retained.
-        let rc = unsafe {
-            libc::renameat2(
-                libc::AT_FDCWD,
-                f.as_ptr(),
-                libc::AT_FDCWD,
-                t.as_ptr(),
-                libc::RENAME_NOREPLACE,
-            )
-        };
-        if rc == 0 {
-            return Ok(true);
+        match renameat2(from, to, libc::RENAME_NOREPLACE) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(Error::io("rename", from, e)),
         }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EEXIST) {
-            return Ok(false);
-        }
-        Err(Error::io("rename", from, e))
     }
 
     fn lock(&self, path: &Path, wait: bool) -> Result<Option<Box<dyn super::StorageLock>>> {
@@ -375,4 +355,47 @@ fn pwritev_all(file: &File, bufs: &[&[u8]], mut offset: u64) -> std::io::Result<
         }
     }
     Ok(())
+}
+
+/// `renameat2(from, to, flags)` (RENAME_NOREPLACE, RENAME_EXCHANGE) on two paths.
+pub(crate) fn renameat2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: renameat2 with two valid NUL-terminated paths relative to the current
+    // directory (AT_FDCWD) and a flag; no memory is retained.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            flags,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Create `path` (it must not exist) with permission `mode`, write `bytes`, fsync:
+/// how keys and certificates are written (a private key never exists, even for a
+/// moment, with a mode others may read).
+pub fn create_file_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| Error::io("create", path, e))?;
+    f.write_all(bytes)
+        .map_err(|e| Error::io("write", path, e))?;
+    f.sync_all().map_err(|e| Error::io("sync", path, e))
 }

@@ -6,7 +6,8 @@
 //! - [`MemStorage`]: in memory, tracking which bytes are durable (synced) and which
 //!   are only "in the page cache", so that [`MemStorage::crash`] can drop or tear the
 //!   unsynced ones the way a power loss would.
-//! - [`FaultyStorage`]: wraps a [`MemStorage`] and fails the Nth write or sync.
+//! - [`FaultyStorage`]: wraps a [`MemStorage`] and fails the Nth write or sync, or
+//!   cuts the power at the Nth change of any kind (`cut_after`).
 //!
 //! Namespace operations (create, rename, remove) are durable only after a
 //! [`Storage::sync_dir`] of their directory, in the in-memory model as on a real file
@@ -17,7 +18,8 @@ mod file;
 mod mem;
 
 pub use fault::FaultyStorage;
-pub use file::FileStorage;
+pub(crate) use file::renameat2;
+pub use file::{create_file_mode, FileStorage};
 pub use mem::{CrashMode, MemStorage};
 
 use crate::error::Result;

@@ -11,6 +11,28 @@ use replog::Machine;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// What a fault-injection run makes fail (see `FaultyStorage`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    Write,
+    Sync,
+    /// The power goes at this change (write, sync, creation, rename, removal, …):
+    /// it and every later one fail.
+    Cut,
+}
+
+impl Fault {
+    /// Let `n` operations of this kind through, then fail (the later ones too if
+    /// `sticky`; a power cut is always for good).
+    pub fn arm(self, fs: &replog::storage::FaultyStorage, n: u64, sticky: bool) {
+        match self {
+            Fault::Write => fs.fail_write_after(n, sticky),
+            Fault::Sync => fs.fail_sync_after(n, sticky),
+            Fault::Cut => fs.cut_after(n),
+        }
+    }
+}
+
 pub fn machine_dir() -> PathBuf {
     PathBuf::from("/site/machines/vm1")
 }

@@ -32,6 +32,21 @@ pub fn fuse_available(test: &str) -> bool {
     false
 }
 
+/// The first of `paths` that exists: a program a test needs (systemd-analyze,
+/// script). Missing, it is a skip that says so — and a failure where
+/// REPLOG_REQUIRE_FUSE is set (CI, whose tools/test installs them).
+pub fn tool(test: &str, paths: &[&str]) -> Option<PathBuf> {
+    if let Some(p) = paths.iter().map(PathBuf::from).find(|p| p.exists()) {
+        return Some(p);
+    }
+    let msg = format!("{test}: needs {}", paths.join(" or "));
+    if std::env::var_os("REPLOG_REQUIRE_FUSE").is_some() {
+        panic!("{msg} (REPLOG_REQUIRE_FUSE is set, so this fails instead of skipping)");
+    }
+    eprintln!("SKIPPED {msg}");
+    None
+}
+
 pub fn replog() -> Command {
     Command::new(env!("CARGO_BIN_EXE_replog"))
 }

@@ -131,7 +131,7 @@ impl Link {
     /// Connect to `addr` as `site`, exchange `Hello`s (the peer's must name the site
     /// its certificate says and speak this protocol version with the features needed).
     pub fn connect(site: &Path, addr: &str) -> Result<Link> {
-        let (stream, peer_id) = transport::connect(site, addr, Duration::from_secs(10))?;
+        let (stream, peer_id, me) = transport::connect(site, addr, Duration::from_secs(10))?;
         let mut link = Link {
             stream,
             peer: addr.to_string(),
@@ -139,7 +139,6 @@ impl Link {
             peer_features: 0,
             limiter: None,
         };
-        let me = crate::identity::Identity::load(site)?.id();
         link.send(&protocol::hello(me.0))?;
         match link.recv()? {
             Message::Hello {

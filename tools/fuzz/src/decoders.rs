@@ -612,12 +612,17 @@ pub fn valid_config(rng: &mut Rng) -> Vec<u8> {
         }
         c.to_toml().into_bytes()
     } else {
-        format!(
-            "# replog relationship, format 2\ntarget = \"127.0.0.1:7411\"\ntarget_id = \"{}\"\n\
-             retention = \"24h\"\nrpo = \"30s\"\nbandwidth = \"50MiB/s\"\n\
-             bandwidth_schedule = \"Mon-Fri 08:00-18:00=10MiB/s, *=unlimited\"\n",
-            "ab".repeat(32)
-        )
+        replog::replication::relationship::Relationship {
+            target: "127.0.0.1:7411".into(),
+            target_id: "ab".repeat(32),
+            retention: Some("24h".into()),
+            app_retention: None,
+            rpo: Some("30s".into()),
+            bandwidth: Some("50MiB/s".into()),
+            bandwidth_schedule: Some("Mon-Fri 08:00-18:00=10MiB/s, *=unlimited".into()),
+        }
+        .to_toml()
+        .expect("encodes")
         .into_bytes()
     }
 }
@@ -637,23 +642,29 @@ fn assert_located(e: &replog::Error, lines: usize) {
     }
 }
 
+/// What a machine of the fuzzed site is, by its name's length (the generator picks
+/// lengths of primaries and replicas).
+fn known_by_len(m: &str) -> replog::plan::file::Known {
+    use replog::plan::file::Known;
+    match m.len() % 4 {
+        0 => Known::Primary,
+        1 => Known::Replica,
+        2 => Known::TestCopy,
+        _ => Known::Unknown,
+    }
+}
+
 /// The bytes are a recovery plan file: parsing never panics, with the machines
 /// checked against a site and as a stored plan read back; errors name a line inside
 /// the file; a plan that parses lists its steps for every kind of failover, describes
 /// itself, and survives the JSON a plan run stores it in.
 pub fn check_plan(data: &[u8]) {
-    use replog::plan::file::{parse, Checks, Known};
+    use replog::plan::file::{parse, Checks};
     use replog::protection::FailoverKind;
     let text = String::from_utf8_lossy(data);
     let lines = text.lines().count().max(1);
-    let known = |m: &str| match m.len() % 4 {
-        0 => Known::Primary,
-        1 => Known::Replica,
-        2 => Known::TestCopy,
-        _ => Known::Unknown,
-    };
     let site = Checks {
-        machines: Some(&known),
+        machines: Some(&known_by_len),
         executables: false,
     };
     for checks in [&site, &Checks::STORED] {
@@ -825,19 +836,20 @@ pub fn check_cert(data: &[u8]) {
     }
 }
 
-/// A site rotated three times: its chain, current certificate first.
+/// A site rotated twice (tests/fixtures/v6/identity): its chain, current certificate
+/// first — the same in every process, so the kept corpus replays.
 fn sample_chain() -> &'static [rustls::pki_types::CertificateDer<'static>] {
+    use rustls::pki_types::pem::PemObject;
     static CHAIN: std::sync::OnceLock<Vec<rustls::pki_types::CertificateDer<'static>>> =
         std::sync::OnceLock::new();
     CHAIN.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        replog::identity::Identity::create(dir.path()).expect("identity");
-        for _ in 0..3 {
-            replog::identity::Identity::rotate(dir.path(), None).expect("rotate");
-        }
-        replog::identity::Identity::load(dir.path())
-            .expect("load")
-            .chain()
+        let pem = concat!(
+            include_str!("../../../tests/fixtures/v6/identity/cert.pem"),
+            include_str!("../../../tests/fixtures/v6/identity/lineage.pem")
+        );
+        rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+            .map(|c| c.expect("a fixture certificate"))
+            .collect()
     })
 }
 
@@ -865,14 +877,8 @@ mod tests {
         let mut rng = Rng::new(7);
         for _ in 0..200 {
             let text = String::from_utf8(valid_plan(&mut rng)).unwrap();
-            let known = |m: &str| match m.len() % 4 {
-                0 => replog::plan::file::Known::Primary,
-                1 => replog::plan::file::Known::Replica,
-                2 => replog::plan::file::Known::TestCopy,
-                _ => replog::plan::file::Known::Unknown,
-            };
             let checks = replog::plan::file::Checks {
-                machines: Some(&known),
+                machines: Some(&known_by_len),
                 executables: false,
             };
             replog::plan::file::parse(&text, "plan.toml", &checks)
