@@ -162,16 +162,10 @@ fn the_command_channel_ships_pauses_and_fences() {
     let mnt = tmp.path().join("mnt");
     let served = Served::start(&src, &mnt, &[]);
     protect_when_listening(&src, &addr);
-    let disk = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(served.disk("os"))
-        .expect("open");
+    let disk = open_disk(&served, "os");
 
     // Ship now and wait for the acknowledgement: it covers the write just made.
-    disk.write_all_at(&common::pattern(1, 1 << 20), 0)
-        .expect("write");
-    disk.sync_all().expect("fsync");
+    write_synced(&disk, 1, 1 << 20, 0);
     // (A status taken after the write.)
     let st = wait_for(&src, "the write counted", |m| {
         m["last_lsn"].as_u64() > Some(0)

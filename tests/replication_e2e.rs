@@ -6,7 +6,6 @@
 mod common;
 
 use common::serve::*;
-use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
@@ -44,19 +43,9 @@ fn protect_replicate_and_restore_latest_byte_equal() {
     let addr = format!("127.0.0.1:{port}");
     let _target = TargetServe::start(&dst, &addr);
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
-    let os = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(served.disk("os"))
-        .expect("os");
-    let data = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(served.disk("data"))
-        .expect("data");
-    os.write_all_at(&common::pattern(1, 5 << 20), 1 << 20)
-        .expect("write");
-    os.sync_all().expect("fsync");
+    let os = open_disk(&served, "os");
+    let data = open_disk(&served, "data");
+    write_synced(&os, 1, 5 << 20, 1 << 20);
 
     protect_when_listening(&src, &addr);
     // Protecting twice is refused.
@@ -186,31 +175,15 @@ fn target_killed_mid_shipping_then_back_converges() {
     let (src, dst, addr) = pair(tmp.path());
     let t = TargetServe::start(&dst, &addr);
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
-    run_ok(
-        replog()
-            .arg("protect")
-            .arg(&src)
-            .arg("vm1")
-            .args(["--target", &addr]),
-    );
-    let os = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(served.disk("os"))
-        .expect("os");
-    os.write_all_at(&common::pattern(1, 1 << 20), 0)
-        .expect("write");
-    os.sync_all().expect("fsync");
-    wait_for(&src, "protected", |m| {
-        m["state"] == "protected" && m["lag_seconds"] == 0.0
-    });
+    protect_vm1(&src, &addr);
+    let os = open_disk(&served, "os");
+    write_synced(&os, 1, 1 << 20, 0);
+    wait_caught_up(&src, "protected");
 
     // Kill the target hard while writes keep coming.
     t.kill9();
     for i in 0..10u64 {
-        os.write_all_at(&common::pattern(10 + i, 100_000), 2_000_000 + i * 150_000)
-            .expect("write");
-        os.sync_all().expect("fsync");
+        write_synced(&os, 10 + i, 100_000, 2_000_000 + i * 150_000);
     }
     let st = wait_for(&src, "warning", |m| m["health"] == "warning");
     assert!(
@@ -226,17 +199,11 @@ fn target_killed_mid_shipping_then_back_converges() {
     });
 
     // Now kill -9 the source while it ships, and bring it back.
-    os.write_all_at(&common::pattern(50, 3 << 20), 8_000_000)
-        .expect("write");
-    os.sync_all().expect("fsync");
+    write_synced(&os, 50, 3 << 20, 8_000_000);
     drop(os);
     served.kill();
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
-    let os = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(served.disk("os"))
-        .expect("os");
+    let os = open_disk(&served, "os");
     os.write_all_at(b"after the source came back", 12_000_000)
         .expect("write");
     os.sync_all().expect("fsync");
@@ -259,13 +226,7 @@ fn untrusted_source_goes_critical_with_the_reason() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (src, dst, addr) = pair(tmp.path());
     let _t = TargetServe::start(&dst, &addr);
-    run_ok(
-        replog()
-            .arg("protect")
-            .arg(&src)
-            .arg("vm1")
-            .args(["--target", &addr]),
-    );
+    protect_vm1(&src, &addr);
     // The target forgets the source before the source's serve connects.
     std::fs::write(
         dst.join("trusted-peers"),
@@ -321,13 +282,7 @@ fn protect_prerequisites_are_checked() {
     fail(&["vm1", "--target", &addr], "refused this site");
     let id_src = run_ok(replog().arg("id").arg(&src)).trim().to_string();
     run_ok(replog().arg("trust").arg(&dst).arg(&id_src));
-    run_ok(
-        replog()
-            .arg("protect")
-            .arg(&src)
-            .arg("vm1")
-            .args(["--target", &addr]),
-    );
+    protect_vm1(&src, &addr);
     assert!(src.join("machines/vm1/relationship.toml").exists());
 }
 
@@ -467,23 +422,13 @@ fn cuts_and_flipped_bytes_are_retried_and_nothing_bad_is_applied() {
             .args(["--target", &via]),
     );
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
-    let os = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(served.disk("os"))
-        .expect("os");
-    os.write_all_at(&common::pattern(1, 1 << 20), 0)
-        .expect("write");
-    os.sync_all().expect("fsync");
-    wait_for(&src, "protected", |m| {
-        m["state"] == "protected" && m["lag_seconds"] == 0.0
-    });
+    let os = open_disk(&served, "os");
+    write_synced(&os, 1, 1 << 20, 0);
+    wait_caught_up(&src, "protected");
 
     // Cut: Warning with retries, then Healthy once the path is back.
     proxy.cut.store(true, Ordering::SeqCst);
-    os.write_all_at(&common::pattern(2, 300_000), 3_000_000)
-        .expect("write");
-    os.sync_all().expect("fsync");
+    write_synced(&os, 2, 300_000, 3_000_000);
     let st = wait_for(&src, "warning", |m| m["health"] == "warning");
     assert!(
         st["machines"][0]["reason"]
@@ -499,9 +444,7 @@ fn cuts_and_flipped_bytes_are_retried_and_nothing_bad_is_applied() {
 
     // A slow link: everything still arrives, only later.
     proxy.delay_ms.store(30, Ordering::SeqCst);
-    os.write_all_at(&common::pattern(4, 500_000), 9_000_000)
-        .expect("write");
-    os.sync_all().expect("fsync");
+    write_synced(&os, 4, 500_000, 9_000_000);
     wait_for(&src, "healthy over a slow link", |m| {
         m["health"] == "healthy" && m["lag_seconds"] == 0.0
     });
@@ -509,9 +452,7 @@ fn cuts_and_flipped_bytes_are_retried_and_nothing_bad_is_applied() {
 
     // Flip one byte well inside the next session that carries this much data.
     *proxy.flip_at.lock() = Some(200_000);
-    os.write_all_at(&common::pattern(3, 2 << 20), 6_000_000)
-        .expect("write");
-    os.sync_all().expect("fsync");
+    write_synced(&os, 3, 2 << 20, 6_000_000);
     wait_for(&src, "healthy after the flip", |m| {
         m["health"] == "healthy" && m["lag_seconds"] == 0.0 && proxy.flipped.load(Ordering::SeqCst)
     });
@@ -548,13 +489,7 @@ fn kill_9_during_initial_replication_resumes() {
     );
     std::fs::remove_file(&raw).expect("rm raw");
     let t = TargetServe::start(&dst, &addr);
-    run_ok(
-        replog()
-            .arg("protect")
-            .arg(&src)
-            .arg("vm1")
-            .args(["--target", &addr]),
-    );
+    protect_vm1(&src, &addr);
     let mnt = tmp.path().join("mnt");
 
     let progress = |m: &serde_json::Value| m["progress"].as_f64().unwrap_or(0.0);
@@ -580,11 +515,7 @@ fn kill_9_during_initial_replication_resumes() {
     );
     t.kill9();
     let _t = TargetServe::start(&dst, &addr);
-    let os = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(served.disk("os"))
-        .expect("os");
+    let os = open_disk(&served, "os");
     os.write_all_at(b"written during the copy", 12345)
         .expect("write");
     os.sync_all().expect("fsync");
@@ -688,22 +619,10 @@ fn target_out_of_space_is_retried_until_room_returns() {
     }
     let _cleanup = Unmount(replicas.clone());
     let _t = TargetServe::start(&dst, &addr);
-    run_ok(
-        replog()
-            .arg("protect")
-            .arg(&src)
-            .arg("vm1")
-            .args(["--target", &addr]),
-    );
+    protect_vm1(&src, &addr);
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
-    let os = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(served.disk("os"))
-        .expect("os");
-    os.write_all_at(&common::pattern(5, 8 << 20), 4096)
-        .expect("write");
-    os.sync_all().expect("fsync");
+    let os = open_disk(&served, "os");
+    write_synced(&os, 5, 8 << 20, 4096);
     let st = wait_for(&src, "warning", |m| {
         m["health"] == "warning" && m["reason"].as_str().unwrap_or("").contains("retry")
     });
@@ -768,13 +687,7 @@ fn a_target_whose_identity_changed_is_refused_naming_both_ids() {
     let id_dst = run_ok(replog().arg("id").arg(&dst)).trim().to_string();
     {
         let _t = TargetServe::start(&dst, &addr);
-        run_ok(
-            replog()
-                .arg("protect")
-                .arg(&src)
-                .arg("vm1")
-                .args(["--target", &addr]),
-        );
+        protect_vm1(&src, &addr);
     }
     // A second site, trusted by the source and trusting it, now answers at the address.
     let other = tmp.path().join("other");
@@ -818,24 +731,10 @@ fn rotating_either_sites_certificate_keeps_replication_going() {
     let (trust_src, trust_dst) = (trusted(&src), trusted(&dst));
     let t = TargetServe::start(&dst, &addr);
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
-    run_ok(
-        replog()
-            .arg("protect")
-            .arg(&src)
-            .arg("vm1")
-            .args(["--target", &addr]),
-    );
-    let os = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(served.disk("os"))
-        .expect("os");
-    os.write_all_at(&common::pattern(1, 1 << 20), 0)
-        .expect("write");
-    os.sync_all().expect("fsync");
-    wait_for(&src, "protected", |m| {
-        m["state"] == "protected" && m["lag_seconds"] == 0.0
-    });
+    protect_vm1(&src, &addr);
+    let os = open_disk(&served, "os");
+    write_synced(&os, 1, 1 << 20, 0);
+    wait_caught_up(&src, "protected");
 
     // Not while its serve runs (it holds the identity): refused, nothing changed.
     let cert_before = std::fs::read(dst.join("identity/cert.pem")).expect("cert");
@@ -859,9 +758,7 @@ fn rotating_either_sites_certificate_keeps_replication_going() {
     let out = run_ok(replog().args(["identity", "rotate"]).arg(&dst));
     assert!(out.contains(&id_dst), "the ID stays: {out}");
     let _t = TargetServe::start(&dst, &addr);
-    os.write_all_at(&common::pattern(2, 300_000), 3_000_000)
-        .expect("write");
-    os.sync_all().expect("fsync");
+    write_synced(&os, 2, 300_000, 3_000_000);
     wait_for(&src, "healthy after the target rotated", |m| {
         m["health"] == "healthy" && m["lag_seconds"] == 0.0
     });
@@ -876,14 +773,8 @@ fn rotating_either_sites_certificate_keeps_replication_going() {
             .args(["--valid-days", "10"]),
     );
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
-    let os = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(served.disk("os"))
-        .expect("os");
-    os.write_all_at(&common::pattern(3, 500_000), 6_000_000)
-        .expect("write");
-    os.sync_all().expect("fsync");
+    let os = open_disk(&served, "os");
+    write_synced(&os, 3, 500_000, 6_000_000);
     let st = wait_for(&src, "healthy after the source rotated", |m| {
         m["health"] == "healthy" && m["lag_seconds"] == 0.0
     });

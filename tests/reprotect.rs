@@ -212,8 +212,20 @@ fn reprotect_after_an_unplanned_failover_sends_only_what_differs_keeps_the_tail_
             &s.addr_a,
             "--retention",
             "1h",
+            "--rpo",
+            "10m",
+            "--bandwidth",
+            "1GiB/s",
         ]),
         "reprotect",
+    );
+    // The settings given are the reprotected machine's relationship.
+    let rel = replog::replication::relationship::Relationship::load(&s.b, "vm1")
+        .expect("relationship")
+        .expect("protected");
+    assert_eq!(
+        (rel.rpo.as_deref(), rel.bandwidth.as_deref()),
+        (Some("10m"), Some("1GiB/s"))
     );
     let differ: BTreeSet<u64> = w2.union(&w3).chain(w4.iter()).copied().collect();
     let sent = number_before(&job_detail(&o, "delta"), "bytes");

@@ -51,18 +51,10 @@ fn overflow_waits_for_the_window_then_resync_now_with_writes_going_on() {
     let (src, dst, addr) = sites(tmp.path(), "16M", 25);
     let target = TargetServe::start(&dst, &addr);
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
-    let os = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(served.disk("os"))
-        .expect("os");
-    os.write_all_at(&common::pattern(1, 3 << 20), 0)
-        .expect("write");
-    os.sync_all().expect("fsync");
+    let os = open_disk(&served, "os");
+    write_synced(&os, 1, 3 << 20, 0);
     protect_when_listening(&src, &addr);
-    wait_for(&src, "protected", |m| {
-        m["state"] == "protected" && m["lag_seconds"] == 0.0
-    });
+    wait_caught_up(&src, "protected");
     // The target goes away; the guest writes more than 25% of the disk.
     drop(target);
     for i in 0..6u64 {
@@ -154,11 +146,7 @@ fn kill_9_of_either_side_mid_resync_resumes_without_starting_over() {
     let served = Served::start(&src, &mnt, &[]);
     protect_when_listening(&src, &addr);
     wait_for(&src, "protected", |m| m["state"] == "protected");
-    let os = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(served.disk("os"))
-        .expect("os");
+    let os = open_disk(&served, "os");
     for i in 0..64u64 {
         os.write_all_at(&common::pattern(i, 8192), i * (4 << 20))
             .expect("write");
@@ -239,9 +227,7 @@ fn a_disk_written_while_serve_was_stopped_is_detected_and_resynced() {
     let mnt = tmp.path().join("mnt");
     let served = Served::start(&src, &mnt, &[]);
     protect_when_listening(&src, &addr);
-    wait_for(&src, "protected", |m| {
-        m["state"] == "protected" && m["lag_seconds"] == 0.0
-    });
+    wait_caught_up(&src, "protected");
     assert!(served.stop().success());
     // Written directly, behind replog's back.
     let img = src.join("machines/vm1/disks/os.img");

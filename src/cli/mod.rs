@@ -167,27 +167,8 @@ pub enum Command {
         /// The target site's `serve --listen` address (host:port).
         #[arg(long)]
         target: String,
-        /// How long the target keeps every recovery point (e.g. 24h, 90m, 30s).
-        #[arg(long, default_value = "24h")]
-        retention: String,
-        /// How long the target keeps app-consistent points (at least --retention).
-        #[arg(long, default_value = "72h")]
-        app_retention: String,
-        /// The recovery point objective (e.g. 30s, 5m): replication lag beyond it makes
-        /// the machine Warning, beyond twice it Critical, with the reason (status and
-        /// metrics).
-        #[arg(long, value_name = "DURATION")]
-        rpo: Option<String>,
-        /// The most this machine sends per second (e.g. 50MiB/s, 800kB/s — kB, MB, GB
-        /// are powers of ten, KiB, MiB, GiB of two; default unlimited): initial
-        /// replication, shipping, resync and reprotect alike.
-        /// `replog bandwidth` changes it later.
-        #[arg(long, value_name = "RATE")]
-        bandwidth: Option<String>,
-        /// Rates by local time over --bandwidth, the first rule that matches wins:
-        /// "Mon-Fri 08:00-18:00=10MiB/s, Sat-Sun=50MiB/s, *=unlimited".
-        #[arg(long, value_name = "RULES")]
-        bandwidth_schedule: Option<String>,
+        #[command(flatten)]
+        settings: RelationshipArgs,
     },
     /// Change a protected machine's bandwidth limit without protecting it again (the
     /// next shipping pass takes it up): RATE (e.g. 20MiB/s or unlimited) and/or
@@ -330,12 +311,8 @@ pub enum Command {
         /// The target site's `serve --listen` address (host:port).
         #[arg(long)]
         target: String,
-        /// How long the target keeps every recovery point (e.g. 24h, 90m, 30s).
-        #[arg(long, default_value = "24h")]
-        retention: String,
-        /// How long the target keeps app-consistent points (at least --retention).
-        #[arg(long, default_value = "72h")]
-        app_retention: String,
+        #[command(flatten)]
+        settings: RelationshipArgs,
         /// Return once the relationship is recorded.
         #[arg(long)]
         no_wait: bool,
@@ -539,6 +516,44 @@ pub enum MachineCommand {
     /// Close MACHINE (a running serve stops its loops and it vanishes from the mount)
     /// and delete it: its disks and journal. Refused for a protected machine.
     Remove { site: PathBuf, machine: String },
+}
+
+/// What `protect` and `reprotect` record in the machine's relationship.
+#[derive(Debug, clap::Args)]
+pub struct RelationshipArgs {
+    /// How long the target keeps every recovery point (e.g. 24h, 90m, 30s).
+    #[arg(long, default_value = "24h")]
+    retention: String,
+    /// How long the target keeps app-consistent points (at least --retention).
+    #[arg(long, default_value = "72h")]
+    app_retention: String,
+    /// The recovery point objective (e.g. 30s, 5m): replication lag beyond it makes
+    /// the machine Warning, beyond twice it Critical, with the reason (status and
+    /// metrics).
+    #[arg(long, value_name = "DURATION")]
+    rpo: Option<String>,
+    /// The most this machine sends per second (e.g. 50MiB/s, 800kB/s — kB, MB, GB
+    /// are powers of ten, KiB, MiB, GiB of two; default unlimited): initial
+    /// replication, shipping, resync and reprotect alike.
+    /// `replog bandwidth` changes it later.
+    #[arg(long, value_name = "RATE")]
+    bandwidth: Option<String>,
+    /// Rates by local time over --bandwidth, the first rule that matches wins:
+    /// "Mon-Fri 08:00-18:00=10MiB/s, Sat-Sun=50MiB/s, *=unlimited".
+    #[arg(long, value_name = "RULES")]
+    bandwidth_schedule: Option<String>,
+}
+
+impl RelationshipArgs {
+    fn settings(&self) -> replicate::Settings<'_> {
+        replicate::Settings {
+            retention: &self.retention,
+            app_retention: &self.app_retention,
+            rpo: self.rpo.as_deref(),
+            bandwidth: self.bandwidth.as_deref(),
+            bandwidth_schedule: self.bandwidth_schedule.as_deref(),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -759,17 +774,9 @@ pub fn run(cli: Cli) -> ExitCode {
             site,
             machine,
             target,
-            retention,
-            app_retention,
+            settings,
             no_wait,
-        } => replicate::reprotect(
-            &site,
-            &machine,
-            &target,
-            &retention,
-            &app_retention,
-            !no_wait,
-        ),
+        } => replicate::reprotect(&site, &machine, &target, settings.settings(), !no_wait),
         Command::Commit {
             site,
             machine,
@@ -795,23 +802,8 @@ pub fn run(cli: Cli) -> ExitCode {
             site,
             machine,
             target,
-            retention,
-            app_retention,
-            rpo,
-            bandwidth,
-            bandwidth_schedule,
-        } => replicate::protect(
-            &site,
-            &machine,
-            &target,
-            replicate::Settings {
-                retention: &retention,
-                app_retention: &app_retention,
-                rpo: rpo.as_deref(),
-                bandwidth: bandwidth.as_deref(),
-                bandwidth_schedule: bandwidth_schedule.as_deref(),
-            },
-        ),
+            settings,
+        } => replicate::protect(&site, &machine, &target, settings.settings()),
         Command::Bandwidth {
             site,
             machine,

@@ -19,30 +19,47 @@ pub struct Settings<'a> {
     pub bandwidth_schedule: Option<&'a str>,
 }
 
+impl Settings<'_> {
+    /// Every flag checked, each error naming its flag, before anything is tried.
+    fn check(&self) -> Result<()> {
+        use replog::replication::relationship::parse_retention;
+        if let Some(r) = self.rpo {
+            parse_retention("--rpo", r)?;
+        }
+        if let Some(b) = self.bandwidth {
+            replog::replication::bandwidth::parse_rate(b)?;
+        }
+        if let Some(s) = self.bandwidth_schedule {
+            replog::replication::bandwidth::Schedule::parse(s)?;
+        }
+        let every = parse_retention("--retention", self.retention)?;
+        let app = parse_retention("--app-retention", self.app_retention)?;
+        if app < every {
+            return Err(Error::InvalidInput(format!(
+                "--app-retention {} is shorter than --retention {}",
+                self.app_retention, self.retention
+            )));
+        }
+        Ok(())
+    }
+
+    /// The relationship toward `target` (site `target_id`) with these settings.
+    fn relationship(&self, target: &str, target_id: String) -> Relationship {
+        Relationship {
+            target: target.to_string(),
+            target_id,
+            retention: Some(self.retention.to_string()),
+            app_retention: Some(self.app_retention.to_string()),
+            rpo: self.rpo.map(str::to_string),
+            bandwidth: self.bandwidth.map(str::to_string),
+            bandwidth_schedule: self.bandwidth_schedule.map(str::to_string),
+        }
+    }
+}
+
 pub fn protect(site: &Path, machine: &str, target: &str, settings: Settings<'_>) -> Result<()> {
-    let Settings {
-        retention,
-        app_retention,
-        rpo,
-        ..
-    } = settings;
     Site::read_config(site)?;
-    if let Some(r) = rpo {
-        replog::replication::relationship::parse_retention("--rpo", r)?;
-    }
-    if let Some(b) = settings.bandwidth {
-        replog::replication::bandwidth::parse_rate(b)?;
-    }
-    if let Some(s) = settings.bandwidth_schedule {
-        replog::replication::bandwidth::Schedule::parse(s)?;
-    }
-    let every = replog::replication::relationship::parse_retention("--retention", retention)?;
-    let app = replog::replication::relationship::parse_retention("--app-retention", app_retention)?;
-    if app < every {
-        return Err(Error::InvalidInput(format!(
-            "--app-retention {app_retention} is shorter than --retention {retention}"
-        )));
-    }
+    settings.check()?;
     let dir = site.join(replog::site::MACHINES_DIR).join(machine);
     replog::names::validate_name("machine", machine)?;
     let storage = replog::storage::FileStorage;
@@ -121,18 +138,11 @@ pub fn reprotect(
     site: &Path,
     machine: &str,
     target: &str,
-    retention: &str,
-    app_retention: &str,
+    settings: Settings<'_>,
     wait: bool,
 ) -> Result<()> {
     Site::read_config(site)?;
-    let every = replog::replication::relationship::parse_retention("--retention", retention)?;
-    let app = replog::replication::relationship::parse_retention("--app-retention", app_retention)?;
-    if app < every {
-        return Err(Error::InvalidInput(format!(
-            "--app-retention {app_retention} is shorter than --retention {retention}"
-        )));
-    }
+    settings.check()?;
     replog::names::validate_name("machine", machine)?;
     let dir = site.join(replog::site::MACHINES_DIR).join(machine);
     let storage = replog::storage::FileStorage;
@@ -250,15 +260,7 @@ pub fn reprotect(
             replog::replication::resync_schedule::request_now(site, machine)?;
         }
         job.step("record the relationship");
-        let relationship = Relationship {
-            target: target.to_string(),
-            target_id: peer.to_string(),
-            retention: Some(retention.to_string()),
-            app_retention: Some(app_retention.to_string()),
-            rpo: None,
-            bandwidth: None,
-            bandwidth_schedule: None,
-        };
+        let relationship = settings.relationship(target, peer.to_string());
         // serve's shipping loop goes on with this job.
         job.hand_over()?;
         replog::control::run(
@@ -371,15 +373,7 @@ fn protect_steps(
     }
     job.progress(format!("{free} bytes free, {need} needed"));
     job.step("record the relationship");
-    let relationship = Relationship {
-        target: target.to_string(),
-        target_id: peer.to_string(),
-        retention: Some(settings.retention.to_string()),
-        app_retention: Some(settings.app_retention.to_string()),
-        rpo: settings.rpo.map(str::to_string),
-        bandwidth: settings.bandwidth.map(str::to_string),
-        bandwidth_schedule: settings.bandwidth_schedule.map(str::to_string),
-    };
+    let relationship = settings.relationship(target, peer.to_string());
     let reply = replog::control::run(
         site,
         &replog::control::Request::Protect {

@@ -410,6 +410,39 @@ pub fn protect_when_listening(src: &Path, addr: &str) {
 }
 
 /// `protect_when_listening` with more options (`--retention 2s`, say).
+/// `replog protect SRC vm1 --target ADDR`, once (the target listens already).
+pub fn protect_vm1(src: &Path, addr: &str) {
+    run_ok(
+        replog()
+            .arg("protect")
+            .arg(src)
+            .arg("vm1")
+            .args(["--target", addr]),
+    );
+}
+
+/// Disk `name` of vm1 under a running serve's mount, open for reading and writing.
+pub fn open_disk(served: &Served, name: &str) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(served.disk(name))
+        .unwrap_or_else(|e| panic!("open {name}: {e}"))
+}
+
+/// Write `len` bytes of pattern `seed` at `off` into `f`, then fsync it.
+pub fn write_synced(f: &std::fs::File, seed: u64, len: usize, off: u64) {
+    std::os::unix::fs::FileExt::write_all_at(f, &super::pattern(seed, len), off).expect("write");
+    f.sync_all().expect("fsync");
+}
+
+/// Wait until machine 0 of `src` is protected with nothing left to ship.
+pub fn wait_caught_up(src: &Path, what: &str) -> serde_json::Value {
+    wait_for(src, what, |m| {
+        m["state"] == "protected" && m["lag_seconds"] == 0.0
+    })
+}
+
 pub fn protect_when_listening_with(src: &Path, addr: &str, extra: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

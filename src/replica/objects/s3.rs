@@ -22,10 +22,10 @@ use std::time::Duration;
 
 /// How long a signed URL is valid: longer than any request may take.
 const SIGN_TTL: Duration = Duration::from_secs(3600);
-/// Tries of one request that fails in passing (the first included).
-const TRIES: usize = 3;
-/// Waits between them.
+/// Waits between the tries of one request that fails in passing.
 const BACKOFF_MS: [u64; 2] = [100, 500];
+/// Tries of such a request (the first included): one more than the waits.
+const TRIES: usize = BACKOFF_MS.len() + 1;
 /// Objects at least this large go up in parts, several at once (the store's servers
 /// overlap their work: measured 0.41x → see README for the figure).
 const MULTIPART_FROM: usize = 16 << 20;
@@ -190,7 +190,7 @@ impl S3Objects {
         let mut last = None;
         for n in 0..TRIES {
             if n > 0 {
-                std::thread::sleep(Duration::from_millis(BACKOFF_MS[(n - 1).min(1)]));
+                std::thread::sleep(Duration::from_millis(BACKOFF_MS[n - 1]));
                 match before_retry() {
                     Ok(Some(r)) => return Ok(r),
                     Ok(None) => {}
