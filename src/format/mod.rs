@@ -108,6 +108,20 @@ pub(crate) fn check_version(
 }
 
 /// Nanoseconds since the Unix epoch, now.
+/// An LZ4 block with its size in front (4 bytes, little-endian), as
+/// `lz4_flex::block::compress_prepend_size` makes it: refused before any allocation
+/// when it claims more than `max` bytes.
+pub fn lz4_unpack(bytes: &[u8], max: usize) -> std::result::Result<Vec<u8>, String> {
+    let size = bytes
+        .first_chunk::<4>()
+        .map(|b| u32::from_le_bytes(*b) as usize)
+        .ok_or("cut short before its size")?;
+    if size > max {
+        return Err(format!("claims {size} bytes, more than {max}"));
+    }
+    lz4_flex::block::decompress_size_prepended(bytes).map_err(|e| format!("LZ4: {e}"))
+}
+
 pub fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

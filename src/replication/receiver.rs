@@ -1329,17 +1329,8 @@ fn resync_state(machine: &str, p: &crate::replica::resync_apply::ResyncProgress)
 
 /// LZ4 block with a 4-byte little-endian size in front, at most [`MAX_CHUNK`] bytes.
 fn decompress(bytes: &[u8]) -> Result<Vec<u8>, Refusal> {
-    let size = bytes
-        .get(..4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        .ok_or_else(|| protocol_error("compressed chunk cut short"))?;
-    if size > MAX_CHUNK {
-        return Err(protocol_error(format!(
-            "compressed chunk claims {size} bytes"
-        )));
-    }
-    lz4_flex::block::decompress_size_prepended(bytes)
-        .map_err(|e| protocol_error(format!("LZ4: {e}")))
+    crate::format::lz4_unpack(bytes, MAX_CHUNK)
+        .map_err(|e| protocol_error(format!("compressed chunk: {e}")))
 }
 
 #[cfg(test)]

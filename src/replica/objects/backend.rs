@@ -100,7 +100,7 @@ impl Manifest {
     }
 
     pub fn encode(&self) -> Result<Vec<u8>> {
-        let raw = postcard::to_stdvec(self).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let raw = crate::replica::store::postcard_body(self)?;
         let body = lz4_flex::compress_prepend_size(&raw);
         if body.len() > meta::MAX_META_BODY as usize {
             return Err(Error::InvalidInput(format!(
@@ -118,16 +118,10 @@ impl Manifest {
     pub fn decode(b: &[u8], at: &str) -> Result<Manifest> {
         let bad = |off: u64, what: String| Error::corruption(PathBuf::from(at), off, what);
         let (_, body) = meta::decode(MANIFEST_KIND, b).map_err(|e| bad(e.offset, e.what))?;
-        let len = body
-            .get(..4)
-            .map(|l| u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize)
-            .unwrap_or(usize::MAX);
-        if len > MAX_MANIFEST {
-            return Err(bad(24, format!("manifest claims {len} bytes")));
-        }
-        let raw = lz4_flex::decompress_size_prepended(body)
-            .map_err(|e| bad(24, format!("manifest does not decompress: {e}")))?;
-        meta::body_exact(&raw).ok_or_else(|| bad(24, "manifest does not decode".into()))
+        let at_body = meta::META_HEADER_LEN as u64;
+        let raw = crate::format::lz4_unpack(body, MAX_MANIFEST)
+            .map_err(|e| bad(at_body, format!("manifest body: {e}")))?;
+        meta::body_exact(&raw).ok_or_else(|| bad(at_body, "manifest does not decode".into()))
     }
 }
 
@@ -177,6 +171,11 @@ fn manifest_key(m: &str, seq: u64) -> String {
 }
 
 /// `<machine>/<rel>` → (machine, rel); rel may be empty for the machine itself.
+/// The number of the manifest stored under `key` (`<m>/m/<seq>`).
+fn manifest_seq(key: &str) -> Option<u64> {
+    key.rsplit('/').next()?.parse().ok()
+}
+
 fn split(key: &str) -> Result<(&str, &str)> {
     check_key(key)?;
     Ok(key.split_once('/').unwrap_or((key, "")))
@@ -268,7 +267,7 @@ impl ObjectBackend {
             .objects
             .list(&format!("{m}/m/"))?
             .iter()
-            .filter_map(|o| o.key.rsplit('/').next()?.parse::<u64>().ok())
+            .filter_map(|o| manifest_seq(&o.key))
             .max()
             .unwrap_or(0))
     }
@@ -322,11 +321,14 @@ impl ObjectBackend {
         let cell = self.cell(m)?;
         let mut st = cell.lock();
         if !st.wrote && st.loaded_at.elapsed() > READ_TTL {
-            let fresh = self.load_latest(m)?;
-            if fresh.seq != st.base.seq && fresh.writer != self.writer {
-                st.foreign = true;
+            // A listing tells whether anything changed; the manifest is read only then.
+            if self.latest_seq(m)? != st.base.seq {
+                let fresh = self.load_latest(m)?;
+                if fresh.seq != st.base.seq && fresh.writer != self.writer {
+                    st.foreign = true;
+                }
+                st.base = Arc::new(fresh);
             }
-            st.base = Arc::new(fresh);
             st.loaded_at = Instant::now();
             st.verified_at = st.loaded_at;
         }
@@ -510,7 +512,7 @@ impl ObjectBackend {
             // its objects are not ours to judge.
             let newest = manifests
                 .last()
-                .and_then(|o| o.key.rsplit('/').next()?.parse::<u64>().ok())
+                .and_then(|o| manifest_seq(&o.key))
                 .unwrap_or(0);
             if newest != st.base.seq {
                 self.verify_chain(m, &mut st)?;

@@ -645,7 +645,7 @@ impl Replicas {
     }
 }
 
-fn postcard_body<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+pub(crate) fn postcard_body<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     postcard::to_stdvec(v).map_err(|e| Error::InvalidInput(e.to_string()))
 }
 

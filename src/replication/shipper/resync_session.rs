@@ -288,8 +288,8 @@ impl<'a> ResyncRun<'a> {
             if u64::from(claimed) != n {
                 return Err(wrong_size());
             }
-            let d = lz4_flex::block::decompress_size_prepended(&bytes)
-                .map_err(|e| Error::protocol(self.shipper.target(), format!("LZ4: {e}")))?;
+            let d = crate::format::lz4_unpack(&bytes, n as usize)
+                .map_err(|e| Error::protocol(self.shipper.target(), e))?;
             if d.len() as u64 != n {
                 return Err(wrong_size());
             }
