@@ -117,14 +117,11 @@ impl Cluster {
         let m = c.master;
         let mdir = dir.join("master");
         std::fs::create_dir_all(&mdir).map_err(io("create", &mdir))?;
-        let master = c.spawn(
+        let master = c.spawn_server(
             "master",
+            "master",
+            m,
             &[
-                "master",
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-                &format!("-port={}", m.0),
-                &format!("-port.grpc={}", m.1),
                 &format!("-mdir={}", mdir.display()),
                 &format!("-defaultReplication={}", replication()),
                 "-volumeSizeLimitMB=256",
@@ -137,14 +134,11 @@ impl Cluster {
             c.volumes.push(Some(v));
         }
         let f = c.filer;
-        let filer = c.spawn(
+        let filer = c.spawn_server(
             "filer",
+            "filer",
+            f,
             &[
-                "filer",
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-                &format!("-port={}", f.0),
-                &format!("-port.grpc={}", f.1),
                 &format!("-master=127.0.0.1:{}.{}", m.0, m.1),
                 &format!("-defaultReplicaPlacement={}", replication()),
             ],
@@ -153,6 +147,23 @@ impl Cluster {
         c.start_gateway()?;
         c.create_bucket()?;
         Ok(c)
+    }
+
+    /// `weed ROLE` on 127.0.0.1 at `ports` (HTTP, gRPC), with `extra` flags.
+    fn spawn_server(
+        &self,
+        name: &str,
+        role: &str,
+        ports: (u16, u16),
+        extra: &[&str],
+    ) -> Result<Child> {
+        let (port, grpc) = (
+            format!("-port={}", ports.0),
+            format!("-port.grpc={}", ports.1),
+        );
+        let mut args = vec![role, "-ip=127.0.0.1", "-ip.bind=127.0.0.1", &port, &grpc];
+        args.extend_from_slice(extra);
+        self.spawn(name, &args)
     }
 
     fn spawn(&self, name: &str, args: &[&str]) -> Result<Child> {
@@ -173,14 +184,11 @@ impl Cluster {
         let vdir = self.dir.join(format!("volume{i}"));
         std::fs::create_dir_all(&vdir).map_err(|e| Error::io("create", &vdir, e))?;
         let p = ports();
-        self.spawn(
+        self.spawn_server(
             &format!("volume{i}"),
+            "volume",
+            p,
             &[
-                "volume",
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-                &format!("-port={}", p.0),
-                &format!("-port.grpc={}", p.1),
                 &format!("-dir={}", vdir.display()),
                 &format!("-mserver=127.0.0.1:{}.{}", self.master.0, self.master.1),
                 "-max=64",
