@@ -16,14 +16,8 @@ fn protect_replicate_and_restore_latest_byte_equal() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
-    run_ok(replog().arg("init").arg(&src));
-    run_ok(replog().arg("init").arg(&dst));
-    fast_replication(&src);
+    let (src, dst) = trusted_sites(tmp.path());
     let id_src = run_ok(replog().arg("id").arg(&src)).trim().to_string();
-    let id_dst = run_ok(replog().arg("id").arg(&dst)).trim().to_string();
-    run_ok(replog().arg("trust").arg(&src).arg(&id_dst));
-    run_ok(replog().arg("trust").arg(&dst).arg(&id_src));
     run_ok(
         replog()
             .args(["disk", "create"])

@@ -104,10 +104,7 @@ fn s3_pair(root: &Path, cluster: &Cluster, prefix: &str, size: &str) -> (PathBuf
         c.replica.s3.gc_grace_ms = 3000;
         c.replica.compact_interval_ms = 300;
     });
-    let id_src = run_ok(replog().arg("id").arg(&src)).trim().to_string();
-    let id_dst = run_ok(replog().arg("id").arg(&dst)).trim().to_string();
-    run_ok(replog().arg("trust").arg(&src).arg(&id_dst));
-    run_ok(replog().arg("trust").arg(&dst).arg(&id_src));
+    trust_each_other(&src, &dst);
     run_ok(
         replog()
             .args(["disk", "create"])

@@ -382,11 +382,16 @@ pub fn trusted_sites(root: &Path) -> (PathBuf, PathBuf) {
     run_ok(replog().arg("init").arg(&src));
     run_ok(replog().arg("init").arg(&dst));
     fast_replication(&src);
-    let id_src = run_ok(replog().arg("id").arg(&src)).trim().to_string();
-    let id_dst = run_ok(replog().arg("id").arg(&dst)).trim().to_string();
-    run_ok(replog().arg("trust").arg(&src).arg(&id_dst));
-    run_ok(replog().arg("trust").arg(&dst).arg(&id_src));
+    trust_each_other(&src, &dst);
     (src, dst)
+}
+
+/// `replog trust` both ways between two sites.
+pub fn trust_each_other(a: &Path, b: &Path) {
+    let id_a = run_ok(replog().arg("id").arg(a)).trim().to_string();
+    let id_b = run_ok(replog().arg("id").arg(b)).trim().to_string();
+    run_ok(replog().arg("trust").arg(a).arg(&id_b));
+    run_ok(replog().arg("trust").arg(b).arg(&id_a));
 }
 
 /// Two sites under `root` that trust each other: `src` (fast replication) with
