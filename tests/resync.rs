@@ -426,6 +426,191 @@ fn damage_in_the_source_journal_is_never_served_and_is_mended() {
     assert!(buf == a);
 }
 
+/// Write `a` (8 KiB at 64 KiB) and `b` (4 KiB at 300,000) into one new sealed segment
+/// of vm1/data; returns its number.
+fn two_writes_sealed(m: &Machine, a: &[u8], b: &[u8]) -> u64 {
+    let v = m.volume("data").expect("vol");
+    m.seal().expect("seal before");
+    v.write(65_536, a).expect("a");
+    v.write(300_000, b).expect("b");
+    m.flush().expect("flush");
+    let seq = m.sealed_segments().last().map_or(0, |g| g.seq) + 1;
+    m.seal().expect("seal");
+    seq
+}
+
+fn read_data(m: &Machine, at: u64, len: usize) -> Result<Vec<u8>, Error> {
+    let mut buf = vec![0u8; len];
+    m.volume("data")?.read(at, &mut buf)?;
+    Ok(buf)
+}
+
+/// Damage in a segment the target holds, found only when the machine opens (bit rot
+/// while it was stopped): the machine opens, refuses every range the damage may hide,
+/// and the resync takes those from the replica — nothing is lost.
+#[test]
+fn damage_found_at_open_in_a_shipped_segment_is_mended_from_the_replica() {
+    let p = pair(4 << 20);
+    let (a, b, later) = (
+        common::pattern(11, 8192),
+        common::pattern(12, 4096),
+        common::pattern(13, 4096),
+    );
+    let seq;
+    let want;
+    {
+        let site = Site::open(&p.a).expect("source");
+        let m = site.open_machine("vm1").expect("machine");
+        let mut shipper = Shipper::new(&p.a, &m, &p.addr);
+        shipper.ship_once(&m).expect("initial");
+        seq = two_writes_sealed(&m, &a, &b);
+        shipper.ship_once(&m).expect("ship");
+        // A later write, in the next segment, not shipped.
+        m.volume("data")
+            .expect("vol")
+            .write(500_000, &later)
+            .expect("later");
+        m.flush().expect("flush");
+        want = disks(&m);
+        m.close().expect("close");
+    }
+    // The first record's payload rots.
+    damage_source_segment(
+        &p.a,
+        seq,
+        replog::format::SEGMENT_HEADER_LEN + replog::format::RECORD_HEADER_LEN + 10,
+    );
+    let site = Site::open(&p.a).expect("source");
+    let m = site
+        .open_machine("vm1")
+        .expect("a damaged segment stopped the machine opening");
+    assert_eq!(m.damage().len(), 1, "{:?}", m.damage());
+    assert!(m.is_poisoned());
+    assert!(
+        read_data(&m, 65_536, 8192).is_err(),
+        "served a range the damage hides"
+    );
+    assert!(
+        read_data(&m, 0, 4096).is_err(),
+        "served a parent range the damage may hide"
+    );
+    assert_eq!(read_data(&m, 500_000, 4096).expect("later"), later);
+    let mut shipper = Shipper::new(&p.a, &m, &p.addr);
+    let r = shipper.resync_once(&m, CHUNK).expect("resync");
+    assert_eq!(r.lost_bytes, 0, "{r:?}");
+    assert!(!m.is_poisoned());
+    assert!(
+        disks(&m) == want,
+        "the mended machine differs from before the damage"
+    );
+    m.volume("data")
+        .expect("vol")
+        .write(0, b"writes go on")
+        .expect("write");
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    shipper.ship_once(&m).expect("ship");
+    let now = disks(&m);
+    assert_replica_equals(&p, &now, "after mending damage found at open");
+    // Mended for good: the next open indexes nothing of the damaged segment.
+    m.close().expect("close");
+    drop(site);
+    let site = Site::open(&p.a).expect("source");
+    let m = site.open_machine("vm1").expect("reopen");
+    assert!(m.damage().is_empty(), "{:?}", m.damage());
+    assert!(disks(&m) == now);
+}
+
+/// Damage in a segment the target never got, found at open: the records before the
+/// damage are kept, what was written after it is lost (reported), and the machine and
+/// its replica go on equal.
+#[test]
+fn damage_found_at_open_in_an_unshipped_segment_keeps_what_verifies() {
+    let p = pair(4 << 20);
+    let (a, b) = (common::pattern(21, 8192), common::pattern(22, 4096));
+    let seq;
+    let old_b;
+    {
+        let site = Site::open(&p.a).expect("source");
+        let m = site.open_machine("vm1").expect("machine");
+        let mut shipper = Shipper::new(&p.a, &m, &p.addr);
+        shipper.ship_once(&m).expect("initial");
+        old_b = read_data(&m, 300_000, 4096).expect("read");
+        seq = two_writes_sealed(&m, &a, &b);
+        m.close().expect("close");
+    }
+    // The second record (b) rots; the first (a) still verifies.
+    damage_source_segment(
+        &p.a,
+        seq,
+        replog::format::SEGMENT_HEADER_LEN + 2 * replog::format::RECORD_HEADER_LEN + 8192 + 10,
+    );
+    let site = Site::open(&p.a).expect("source");
+    let m = site.open_machine("vm1").expect("open");
+    assert!(m.is_poisoned());
+    let mut shipper = Shipper::new(&p.a, &m, &p.addr);
+    shipper.resync_once(&m, CHUNK).expect("resync");
+    assert!(!m.is_poisoned());
+    assert_eq!(
+        read_data(&m, 65_536, 8192).expect("a"),
+        a,
+        "a verified write was lost"
+    );
+    assert_eq!(
+        read_data(&m, 300_000, 4096).expect("b"),
+        old_b,
+        "the damaged write is not what was there before it"
+    );
+    m.seal().expect("seal");
+    shipper.ship_once(&m).expect("ship");
+    assert_replica_equals(&p, &disks(&m), "after losing the damaged writes");
+}
+
+/// Damage the shipper found survives a restart, even if the bytes read right again
+/// (the damage list): the machine stays stopped until a resync mends it.
+#[test]
+fn damage_found_by_the_shipper_survives_a_restart() {
+    let p = pair(4 << 20);
+    let (a, b) = (common::pattern(31, 8192), common::pattern(32, 4096));
+    let seq;
+    {
+        let site = Site::open(&p.a).expect("source");
+        let m = site.open_machine("vm1").expect("machine");
+        let mut shipper = Shipper::new(&p.a, &m, &p.addr);
+        shipper.ship_once(&m).expect("initial");
+        seq = two_writes_sealed(&m, &a, &b);
+        let at = replog::format::SEGMENT_HEADER_LEN + replog::format::RECORD_HEADER_LEN + 10;
+        damage_source_segment(&p.a, seq, at);
+        let err = shipper
+            .ship_once(&m)
+            .expect_err("shipped a damaged segment");
+        assert!(matches!(err, Error::BrokenChain(_)), "{err}");
+        // The flip goes away again (a read error that cleared, a repaired mirror).
+        damage_source_segment(&p.a, seq, at);
+        drop(shipper);
+        drop(m);
+    }
+    let site = Site::open(&p.a).expect("source");
+    let m = site.open_machine("vm1").expect("open");
+    assert_eq!(
+        m.damage().iter().map(|d| d.0).collect::<Vec<_>>(),
+        vec![seq],
+        "the restart forgot the damage"
+    );
+    assert!(m.is_poisoned());
+    assert!(
+        read_data(&m, 65_536, 8192).is_err(),
+        "served the damaged segment"
+    );
+    let mut shipper = Shipper::new(&p.a, &m, &p.addr);
+    shipper.resync_once(&m, CHUNK).expect("resync");
+    assert!(!m.is_poisoned());
+    assert_eq!(read_data(&m, 65_536, 8192).expect("a"), a);
+    m.seal().expect("seal");
+    shipper.ship_once(&m).expect("ship");
+    assert_replica_equals(&p, &disks(&m), "after mending");
+}
+
 #[test]
 fn a_source_that_lost_its_journal_is_behind_its_target_and_resyncs() {
     let p = pair(4 << 20);

@@ -6,7 +6,7 @@
 //! off len field
 //!   0   8 magic: 89 52 4C 4D 0D 0A 1A 0A ("\x89RLM\r\n\x1a\n")
 //!   8   2 format version of this kind (see below; each kind has its own)
-//!  10   2 kind: 1 = machine manifest, 2 = merge watermark, 3 … 7 replica files
+//!  10   2 kind: 1 = machine manifest, 2 = merge watermark, 3 … 13 (below)
 //!  12   4 incompatible feature bits
 //!  16   4 body length in bytes
 //!  20   4 CRC-32C of bytes 0..20 followed by the body
@@ -46,6 +46,10 @@
 //!
 //! ## Replica retention body (kind 6): postcard encoding of
 //! `replica::store::Retention`: `window_ms: u64, app_window_ms: u64`.
+//!
+//! ## Damage list body (kind 13): postcard encoding of `volume::DamageList`:
+//! `[ { seq: u64, what: string, mended: bool } ]`, by `seq`, strictly increasing;
+//! `what` at most 4096 bytes.
 //!
 //! ## Merge watermark body (kind 2), 16 bytes (also a replica's "received" mark)
 //!
@@ -95,6 +99,8 @@ pub const KIND_SEED: u16 = 11;
 /// A replica's manifest in an object store (`replica::objects::backend::Manifest`):
 /// version 1.
 pub const KIND_OBJECT_MANIFEST: u16 = 12;
+/// A machine's damage list (`volume::DamageList`): version 1.
+pub const KIND_DAMAGE: u16 = 13;
 
 /// The version of `kind` this build writes, which is also the newest it reads.
 pub fn version_of(kind: u16) -> u16 {
@@ -120,6 +126,7 @@ pub fn kind_name(kind: u16) -> &'static str {
         KIND_CHANGED => "changed-block map",
         KIND_SEED => "reprotect seed",
         KIND_OBJECT_MANIFEST => "object-store replica manifest",
+        KIND_DAMAGE => "damage list",
         _ => "unknown kind",
     }
 }

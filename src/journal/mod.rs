@@ -2,8 +2,10 @@
 //!
 //! [`JournalWriter`] appends records to the active segment, seals it (footer + fsync)
 //! and opens the next. [`recover`] reads a journal directory back after a clean stop
-//! or a crash: it verifies every segment, cuts a torn tail off the last one only, and
-//! reports any other damage as corruption naming the segment and offset.
+//! or a crash: it verifies every segment, cuts a torn tail off the last one only,
+//! reports damage in a segment it may not cut ([`DamagedSegment`]: indexed up to the
+//! damage, never beyond) and refuses anything else as corruption naming the segment
+//! and offset.
 //!
 //! The writer is not synchronised: [`crate::volume::Machine`] owns it behind a mutex,
 //! so that LSN order, file order and index order are one and the same.
@@ -11,10 +13,11 @@
 pub mod reader;
 
 use crate::error::{Error, Result};
-use crate::format::record::{PointPayload, FLAG_APP_CONSISTENT};
+use crate::format::record::{PointPayload, FLAG_APP_CONSISTENT, MAX_LSN};
 use crate::format::segment::{parse_segment_name, segment_name};
 use crate::format::{
-    now_ns, RecordHeader, RecordKind, SegmentFooter, SegmentHeader, SEGMENT_HEADER_LEN,
+    now_ns, RecordHeader, RecordKind, SegmentFooter, SegmentHeader, RECORD_HEADER_LEN,
+    SEGMENT_HEADER_LEN,
 };
 use crate::storage::{OpenMode, Storage, StorageFile};
 use reader::{scan_segment, valid_records_after, Expect, ScannedRecord};
@@ -296,6 +299,16 @@ pub fn may_be_torn_tail(file: &dyn StorageFile, scan: &reader::SegmentScan) -> R
     Ok(!foreign_header && !ends_in_footer(file, scan.file_len)?)
 }
 
+/// The footer the file ends in, if its magic and checksum are right.
+fn read_footer(file: &dyn StorageFile, len: u64) -> Result<Option<SegmentFooter>> {
+    if !ends_in_footer(file, len)? {
+        return Ok(None);
+    }
+    let mut b = [0u8; crate::format::FOOTER_LEN];
+    file.read_exact_at(&mut b, len - crate::format::FOOTER_LEN as u64)?;
+    Ok(SegmentFooter::decode(&b).ok())
+}
+
 /// True if the file ends in a written footer (right magic and checksum).
 fn ends_in_footer(file: &dyn StorageFile, len: u64) -> Result<bool> {
     let footer_len = crate::format::FOOTER_LEN as u64;
@@ -307,6 +320,18 @@ fn ends_in_footer(file: &dyn StorageFile, len: u64) -> Result<bool> {
     Ok(SegmentFooter::checksum_ok(&b))
 }
 
+/// A segment recovery may not cut (any but the newest, or the newest once sealed) that
+/// does not verify to its end: its records up to `offset` were handed out, nothing
+/// after. Which ranges the records after `offset` wrote cannot be known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedSegment {
+    pub seq: u64,
+    pub path: PathBuf,
+    /// Where the damage starts.
+    pub offset: u64,
+    pub what: String,
+}
+
 /// What recovery found.
 #[derive(Debug)]
 pub struct Recovered {
@@ -315,6 +340,9 @@ pub struct Recovered {
     pub points: Vec<Point>,
     /// Human-readable notes on what recovery repaired (torn tails cut, leftovers removed).
     pub repairs: Vec<String>,
+    /// Segments that are damaged past their verified prefix (oldest first). Each is in
+    /// `sealed` too, with the LSN range it must have had.
+    pub damaged: Vec<DamagedSegment>,
 }
 
 /// Settings recovery needs.
@@ -369,9 +397,14 @@ pub fn recover(
     let mut next_lsn = params.watermark_lsn + 1;
     let mut last_point_lsn = params.watermark_lsn;
     let mut expected_seq = segs.first().map(|(s, _)| *s);
-    let mut sealed = Vec::new();
+    let mut sealed: Vec<SealedSegment> = Vec::new();
     let mut points = Vec::new();
     let mut active: Option<Active> = None;
+    let mut damaged = Vec::new();
+    // A damaged segment whose last LSN is not known yet: the next segment's header
+    // tells (`sealed` index, its last verified LSN, the bound no record of it can
+    // exceed).
+    let mut open_end: Option<(usize, u64, u64)> = None;
     let count = segs.len();
 
     for (i, (seq, path)) in segs.into_iter().enumerate() {
@@ -388,7 +421,9 @@ pub fn recover(
         let expect = Expect {
             machine_id: Some(params.machine_id),
             seq: Some(seq),
-            first_lsn: Some(next_lsn),
+            // After a damaged segment of unknown end, this one's header says where
+            // the chain goes on (checked below).
+            first_lsn: open_end.is_none().then_some(next_lsn),
             disk_count: Some(params.disk_count),
         };
         let mut seg_points = Vec::new();
@@ -407,14 +442,86 @@ pub fn recover(
             each(seq, rec);
             Ok(())
         })?;
+        if let (Some((at, verified, _)), Some(h)) = (open_end, scan.header) {
+            // The chain goes on after what the damaged segment verifiably holds.
+            if h.base_lsn <= verified {
+                return Err(Error::corruption(
+                    &path,
+                    40,
+                    format!(
+                        "segment starts at LSN {} but the damaged segment before it \
+                         reached LSN {verified}",
+                        h.base_lsn
+                    ),
+                ));
+            }
+            if let Some(d) = sealed.get_mut(at) {
+                d.last_lsn = h.base_lsn - 1;
+            }
+            next_lsn = h.base_lsn;
+            open_end = None;
+        }
         // `each` has seen the valid prefix. Anything after it must be a torn tail of
-        // the last segment; damage elsewhere is corruption.
+        // the last segment, or damage (bit rot) in a segment that may not be cut.
         if let Some(f) = &scan.fault {
             // A damaged segment that still ends in a valid footer was sealed (and
-            // synced): its damage is corruption, not a torn tail. So is an intact
-            // header that belongs elsewhere (another machine, number or LSN).
+            // synced): its damage is not a torn tail.
             if !is_last || !may_be_torn_tail(file.as_ref(), &scan)? {
-                return Err(Error::corruption(&path, f.offset, f.what.clone()));
+                // An intact header that belongs elsewhere (another machine, number or
+                // LSN), or an LSN gap between intact records, is a journal put
+                // together wrongly, not damage: refused.
+                let foreign = scan.header.is_some() && f.offset < SEGMENT_HEADER_LEN as u64;
+                if foreign || f.kind == reader::FaultKind::Discontinuity {
+                    return Err(Error::corruption(&path, f.offset, f.what.clone()));
+                }
+                let first = scan.header.map_or(next_lsn, |h| h.base_lsn);
+                let verified = scan.last_lsn.unwrap_or(first.saturating_sub(1));
+                // The footer, if it still verifies and fits, says where it ended.
+                let footer = read_footer(file.as_ref(), scan.file_len)?.filter(|ft| {
+                    ft.first_lsn == first
+                        && ft.last_lsn >= verified
+                        && ft.last_lsn < MAX_LSN
+                        && ft.records >= scan.records
+                });
+                tracing::error!(
+                    "segment {} is damaged at offset {}: {}; its records before that are \
+                     kept, the ranges written after it are lost until a resync mends them",
+                    path.display(),
+                    f.offset,
+                    f.what
+                );
+                damaged.push(DamagedSegment {
+                    seq,
+                    path: path.clone(),
+                    offset: f.offset,
+                    what: f.what.clone(),
+                });
+                points.extend(seg_points);
+                if let Some(p) = points.last() {
+                    last_point_lsn = last_point_lsn.max(p.lsn);
+                }
+                // No record after the damage can be shorter than a header.
+                let bound = verified
+                    .saturating_add(
+                        scan.file_len.saturating_sub(f.offset) / RECORD_HEADER_LEN as u64,
+                    )
+                    .saturating_add(1)
+                    .min(MAX_LSN - 2);
+                let last = footer.map_or(bound, |ft| ft.last_lsn);
+                if footer.is_none() {
+                    open_end = Some((sealed.len(), verified, bound));
+                }
+                sealed.push(SealedSegment {
+                    seq,
+                    first_lsn: first,
+                    last_lsn: last,
+                    records: footer.map_or(scan.records, |ft| ft.records),
+                    bytes: scan.file_len,
+                    sealed_ns: footer.map_or(0, |ft| ft.sealed_ns),
+                    file,
+                });
+                next_lsn = last + 1;
+                continue;
             }
         }
         if let Some(last) = scan.last_lsn {
@@ -494,6 +601,13 @@ pub fn recover(
         });
     }
 
+    // A damaged segment of unknown end that nothing followed: the bound stands.
+    if let Some((at, _, bound)) = open_end {
+        if let Some(d) = sealed.get_mut(at) {
+            d.last_lsn = bound;
+        }
+        next_lsn = bound + 1;
+    }
     let active = match active {
         Some(a) => a,
         None => {
@@ -533,5 +647,6 @@ pub fn recover(
         sealed,
         points,
         repairs,
+        damaged,
     })
 }

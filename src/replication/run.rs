@@ -849,6 +849,17 @@ fn run(
     if let Some(why) = machine.changed_offline() {
         let _ = SourceResync::require(&site, &name, &why);
     }
+    // Damage found before this process (the damage list) or by recovery stops the
+    // machine taking writes: mend it now, not in the window.
+    if let Some((seq, what)) = machine.damage().into_iter().next() {
+        let why = format!("segment {seq} of the journal is damaged: {what}");
+        tracing::warn!(machine = %name, "{why}; resync required now");
+        if let Err(e) = SourceResync::require(&site, &name, &why)
+            .and_then(|()| super::resync_schedule::request_now(&site, &name))
+        {
+            tracing::error!(machine = %name, "{e}");
+        }
+    }
     // A planned failover a process that died began: the first contact tells how it
     // ended (refused as fenced: promoted; answered: not).
     control.resolve_intent = machine.intent().is_some();

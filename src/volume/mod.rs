@@ -45,7 +45,7 @@ pub use barrier::{plan_point, PlanPoint};
 
 pub use base::PointParent;
 pub use changed::{ChangedMap, CHANGED_FILE};
-pub use damage::DamagedRange;
+pub use damage::{DamageEntry, DamageList, DamagedRange, DAMAGE_FILE};
 pub(crate) use open::{apply_to_index, record_outside_disk};
 
 pub const MANIFEST_FILE: &str = "machine.meta";
@@ -96,9 +96,14 @@ pub(crate) struct IndexState {
     pub disks: Vec<ExtentMap>,
     /// Every segment the index may point into, by sequence number.
     pub files: BTreeMap<u64, Arc<dyn StorageFile>>,
-    /// Segments found damaged after they were opened (by the compactor): reads that
-    /// need them fail instead of returning their bytes.
+    /// Damaged segments (found by recovery, the shipper's check or the compactor, or
+    /// listed in the damage list): reads that need them fail instead of returning
+    /// their bytes.
     pub damaged: BTreeMap<u64, String>,
+    /// The damaged segments recovery could read only up to the damage: which ranges
+    /// their later records wrote is unknown, so every range whose newest verified data
+    /// is in such a segment or older (the parent included) is refused too.
+    pub lost: std::collections::BTreeSet<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -131,6 +136,11 @@ pub(crate) struct MachineInner {
     poisoned_by_io: AtomicBool,
     /// Damaged segments whose every live range was rewritten: merges skip them.
     pub mended: Mutex<std::collections::BTreeSet<u64>>,
+    /// The persisted damage list (`damage::DamageList`), rewritten under this lock.
+    pub damage_list: Mutex<damage::DamageList>,
+    /// Ranges a mend in progress rewrote (disk, offset, length): their digests are
+    /// updated once every batch is in (`Machine::finish_mend`).
+    mending: Mutex<Vec<(u32, u64, u64)>>,
     /// Wall-clock time of the newest append (for the compactor's idle test).
     last_append_ns: AtomicU64,
     /// Wakes the background compactor after a seal.

@@ -161,7 +161,12 @@ impl Machine {
             disks: vec![ExtentMap::new(); disks.len()],
             files: BTreeMap::new(),
             damaged: BTreeMap::new(),
+            lost: Default::default(),
         };
+        // Damage found before (by this process's predecessors) is not forgotten; a
+        // segment mended since holds nothing any range still needs.
+        let mut damage_list = super::DamageList::load(storage.as_ref(), dir)?;
+        let was_mended = damage_list.mended();
         let jdir = dir.join(JOURNAL_DIR);
         let params = JournalParams {
             machine_id: manifest.machine_id,
@@ -174,6 +179,9 @@ impl Machine {
         let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
         let mut outside: Option<Error> = None;
         let rec = journal::recover(storage.clone(), &jdir, params, |seq, r| {
+            if was_mended.contains(&seq) {
+                return; // every range it held was rewritten by newer records
+            }
             if let Some(what) = record_outside_disk(&r.header, &sizes) {
                 let path = jdir.join(crate::format::segment::segment_name(seq));
                 outside.get_or_insert(Error::corruption(path, r.offset, what));
@@ -198,6 +206,11 @@ impl Machine {
         for s in &rec.sealed {
             state.files.insert(s.seq, s.file.clone());
         }
+        let damage_note = damage_at_open(&mut state, &mut damage_list, &rec, watermark.segment_seq);
+        if damage_note.1 {
+            damage_list.save(storage.as_ref(), dir)?;
+        }
+        let mended = damage_list.mended();
         state
             .files
             .insert(rec.writer.active_seq(), rec.writer.active_file());
@@ -227,7 +240,9 @@ impl Machine {
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
             poisoned_by_io: AtomicBool::new(false),
-            mended: Mutex::new(Default::default()),
+            mended: Mutex::new(mended),
+            damage_list: Mutex::new(damage_list),
+            mending: Mutex::new(Vec::new()),
             last_append_ns: AtomicU64::new(0),
             compactor_kick: Mutex::new(None),
             digests: Mutex::new(None),
@@ -252,6 +267,10 @@ impl Machine {
             changed: Mutex::new(changed),
             closed: AtomicBool::new(false),
         });
+        if let Some(e) = damage_note.0 {
+            // Until a resync mends it (`replication::run` asks for one now).
+            inner.poison_with(&e);
+        }
         let base_hold = manifest
             .base
             .as_ref()
@@ -336,6 +355,47 @@ pub(crate) fn record_outside_disk(
             h.disk, h.offset
         )
     })
+}
+
+/// Mark damaged what recovery found damaged and what the damage list names (still
+/// unmended, still in the journal); drop the list's entries for segments merged past.
+/// Returns the first damage (for the poison) and whether the list changed.
+fn damage_at_open(
+    state: &mut IndexState,
+    list: &mut super::DamageList,
+    rec: &journal::Recovered,
+    watermark_seq: u64,
+) -> (Option<Error>, bool) {
+    let present = |seq: u64| state.files.contains_key(&seq) || rec.writer.active_seq() == seq;
+    let before = list.entries.clone();
+    list.entries
+        .retain(|e| e.seq > watermark_seq && present(e.seq));
+    let mut first = None;
+    for d in &rec.damaged {
+        if before.iter().any(|e| e.seq == d.seq && e.mended) {
+            continue;
+        }
+        let what = format!(
+            "segment {} is damaged at offset {}: {}",
+            d.path.display(),
+            d.offset,
+            d.what
+        );
+        state.lost.insert(d.seq);
+        state.damaged.insert(d.seq, what.clone());
+        list.add(d.seq, &what);
+        first.get_or_insert_with(|| Error::corruption(&d.path, d.offset, d.what.clone()));
+    }
+    for e in list.entries.iter().filter(|e| !e.mended) {
+        if let std::collections::btree_map::Entry::Vacant(v) = state.damaged.entry(e.seq) {
+            v.insert(e.what.clone());
+            first.get_or_insert_with(|| {
+                Error::corruption(Path::new(&format!("segment {}", e.seq)), 0, e.what.clone())
+            });
+        }
+    }
+    let changed = *list.entries != *before;
+    (first, changed)
 }
 
 pub(crate) fn apply_to_index(

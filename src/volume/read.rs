@@ -49,8 +49,10 @@ impl MachineInner {
     pub(super) fn resolve(&self, disk: u32, offset: u64, len: u64) -> Result<Resolved> {
         let mut pieces: Vec<Piece> = Vec::new();
         let mut files: Vec<(u64, Arc<dyn StorageFile>)> = Vec::new();
+        let lost;
         {
             let st = self.state.read();
+            lost = Self::lost(&st);
             if let Some(map) = st.disks.get(disk as usize) {
                 map.lookup(offset, len, &mut pieces);
             }
@@ -80,6 +82,20 @@ impl MachineInner {
                 len,
                 loc: None,
             });
+        }
+        // Damage recovery could not read past: a range whose newest verified data is
+        // that old may have been written after the damage.
+        if let Some((seq, why)) = lost {
+            if let Some(p) = pieces
+                .iter()
+                .find(|p| p.loc.is_none_or(|l| l.segment() <= seq))
+            {
+                return Err(Error::corruption(
+                    &self.dir,
+                    p.start,
+                    format!("may have been written after the damage in segment {seq} ({why})"),
+                ));
+            }
         }
         Ok((pieces, files))
     }

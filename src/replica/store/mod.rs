@@ -970,6 +970,7 @@ pub enum MetaFile {
     Promotion(Promotion),
     ChangedMap(crate::volume::ChangedMap),
     Seed(crate::failover::reprotect::Seed),
+    Damage(crate::volume::DamageList),
 }
 
 /// Decode a metadata file whatever its kind; the kind and version come from its
@@ -998,6 +999,12 @@ pub fn decode_meta_file(
         return Ok((
             kind,
             MetaFile::ChangedMap(crate::volume::ChangedMap::decode(b)?),
+        ));
+    }
+    if kind == meta::KIND_DAMAGE {
+        return Ok((
+            kind,
+            MetaFile::Damage(crate::volume::DamageList::decode(b)?),
         ));
     }
     let (version, body) = meta::decode(kind, b)?;

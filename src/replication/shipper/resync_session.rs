@@ -119,7 +119,7 @@ impl Shipper {
             return Ok(ResyncReport::default());
         }
         let mut run = ResyncRun::start(self, link, machine, base, chunk_bytes)?;
-        run.mend_damage()?;
+        run.mend_damage(p.seq)?;
         run.compare(batch_bytes)?;
         let report = run.finish()?;
         self.acked_lsn = base.0;
@@ -221,37 +221,73 @@ impl<'a> ResyncRun<'a> {
         })
     }
 
-    /// Step 3: rewrite every range still reading from a damaged segment.
-    fn mend_damage(&mut self) -> Result<()> {
-        let damaged = self.machine.damaged_ranges()?;
+    /// Step 3: rewrite every range still reading from a damaged segment
+    /// (`replica_holds`: the newest segment the target holds), in batches of at most
+    /// `MEND_BATCH` bytes.
+    fn mend_damage(&mut self, replica_holds: u64) -> Result<()> {
+        const MEND_BATCH: u64 = 64 << 20;
+        let damaged = self.machine.damaged_ranges(replica_holds)?;
         if damaged.is_empty() && !self.machine.has_damage() {
             return Ok(());
         }
-        let mut mended = Vec::new();
+        let lost_before = self.machine.damage();
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0u64;
+        let mut uncertain = 0u64;
         for r in damaged {
             let data = match &r.data {
                 Some(d) => d.clone(),
                 None => {
                     let data = self.fetch_from_replica(&r)?;
-                    tracing::warn!(
-                        machine = %self.name,
-                        "disk {} bytes {}..{}: the writes in damaged segment {} are lost; \
-                         taken from the replica",
-                        r.disk,
-                        r.offset,
-                        r.offset + r.len,
-                        r.seq
-                    );
-                    self.report.lost_bytes += r.len;
+                    if r.uncertain {
+                        uncertain += r.len;
+                    } else {
+                        tracing::warn!(
+                            machine = %self.name,
+                            "disk {} bytes {}..{}: the writes in damaged segment {} are \
+                             lost; taken from the replica",
+                            r.disk,
+                            r.offset,
+                            r.offset + r.len,
+                            r.seq
+                        );
+                        self.report.lost_bytes += r.len;
+                    }
                     data
                 }
             };
             self.report.mended_bytes += r.len;
-            mended.push((r, data));
+            batch_bytes += r.len;
+            batch.push((r, data));
+            if batch_bytes >= MEND_BATCH {
+                self.machine.mend(&batch)?;
+                batch.clear();
+                batch_bytes = 0;
+            }
         }
-        self.machine.mend(&mended)?;
-        // Merge past the mended segment soon (merges skip it): a damaged segment
-        // left in the journal would fail the next open's recovery.
+        self.machine.mend(&batch)?;
+        if uncertain > 0 {
+            tracing::warn!(
+                machine = %self.name,
+                "{uncertain} bytes whose newest data may lie past damage recovery found \
+                 were taken from the replica, which holds the damaged segments"
+            );
+        }
+        for (seq, what) in lost_before {
+            if seq > replica_holds {
+                tracing::warn!(
+                    machine = %self.name,
+                    "segment {seq} never reached the replica: whatever was written after \
+                     its damage is lost ({what})"
+                );
+            }
+        }
+        self.machine.finish_mend(replica_holds)?;
+        // Points carry digests again (reading the disks failed while damaged).
+        if let Err(e) = self.machine.keep_digests() {
+            tracing::warn!(machine = %self.name, "digests after mending: {e}");
+        }
+        // Merge past the mended segment soon (merges skip it).
         if let Err(e) = self.machine.compact() {
             tracing::warn!(machine = %self.name, "merge after mending: {e}");
         }

@@ -366,7 +366,7 @@ pub fn valid_crypt(rng: &mut Rng) -> Vec<u8> {
 /// by every other kind. What decodes must re-encode (at this build's version) to a
 /// file that decodes to the same value.
 pub fn check_meta(data: &[u8]) {
-    for kind in 0..=meta::KIND_OBJECT_MANIFEST {
+    for kind in 0..=meta::KIND_DAMAGE {
         let _ = meta::decode(kind, data);
     }
     // An object-store replica's manifest (kind 12): what decodes re-encodes to a
@@ -391,6 +391,7 @@ pub fn check_meta(data: &[u8]) {
             MetaFile::Promotion(v) => encode(kind, v),
             MetaFile::ChangedMap(v) => v.encode().expect("a decoded map encodes"),
             MetaFile::Seed(v) => encode(kind, v),
+            MetaFile::Damage(v) => v.encode().expect("a decoded list encodes"),
         };
         let (k2, file2) = decode_meta_file(&again).expect("re-decode");
         assert_eq!((k2, file2), (kind, file), "re-encoding changed the value");
@@ -421,7 +422,17 @@ pub fn valid_meta(rng: &mut Rng) -> Vec<u8> {
             size: num(rng),
         })
         .collect::<Vec<_>>();
-    match rng.below(12) {
+    match rng.below(13) {
+        12 => {
+            let mut list = replog::volume::DamageList::default();
+            for _ in 0..rng.below(4) {
+                list.add(num(rng), &name(rng));
+            }
+            if let Some(e) = list.entries.first_mut() {
+                e.mended = rng.chance(2);
+            }
+            list.encode().expect("encode")
+        }
         11 => {
             use replog::replica::objects::{Entry, Manifest};
             let mut m = Manifest {

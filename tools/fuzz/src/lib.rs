@@ -226,10 +226,16 @@ fn recover_checked(bytes: &[u8], header: Option<SegmentHeader>) {
     }) else {
         return;
     };
+    // A segment recovery reports damaged is kept as it is (never cut): every other
+    // segment it leaves must scan clean.
+    let damaged: Vec<u64> = rec.damaged.iter().map(|d| d.seq).collect();
     drop(rec);
     let segs = list_segments(storage.as_ref(), Path::new(DIR)).expect("list");
     assert!(!segs.is_empty(), "recovery left no segment");
-    for (_, path) in segs {
+    for (seq, path) in segs {
+        if damaged.contains(&seq) {
+            continue;
+        }
         let f = storage.open(&path, OpenMode::ReadOnly).expect("open");
         let scan = scan_segment(
             f.as_ref(),
