@@ -120,10 +120,16 @@ pub enum Error {
         by_peer: bool,
     },
 
-    /// The peer broke the protocol: a frame that does not decode, a message out of
-    /// place, another protocol version.
+    /// The session with the peer went wrong: a frame that does not decode, a message
+    /// out of place or out of range. Nothing of it was applied; a new session starts
+    /// over (retried), and health says why meanwhile.
     #[error("protocol error with {peer}: {what}")]
     Protocol { peer: String, what: String },
+
+    /// The peer speaks another protocol version, or lacks a feature this needs: no
+    /// new session will do better.
+    #[error("{peer} is incompatible: {what}")]
+    Incompatible { peer: String, what: String },
 
     /// Something this needs is in use (a merge, readers of a replica); try later.
     #[error("{0}")]
@@ -242,6 +248,7 @@ impl Error {
             | Error::Busy(_)
             | Error::NoSpace(_)
             | Error::Closed { .. }
+            | Error::Protocol { .. }
             | Error::Store {
                 transient: true, ..
             } => ErrorClass::Retry,
@@ -249,7 +256,7 @@ impl Error {
             Error::Corruption { .. } | Error::BrokenChain(_) => ErrorClass::NeedsResync,
             Error::Refused { code, .. } => code.class(),
             Error::Auth { .. }
-            | Error::Protocol { .. }
+            | Error::Incompatible { .. }
             | Error::InvalidInput(_)
             | Error::NotFound(_)
             | Error::AlreadyExists(_)
@@ -276,6 +283,7 @@ impl Error {
             Error::Refused { code, .. } => *code,
             Error::NotFound(_) => RefusalCode::UnknownMachine,
             Error::Fenced { .. } => RefusalCode::Fenced,
+            Error::Incompatible { .. } => RefusalCode::Version,
             Error::Protocol { .. } | Error::InvalidInput(_) | Error::OutOfRange { .. } => {
                 RefusalCode::Protocol
             }
@@ -295,7 +303,9 @@ impl Error {
             }
             Error::Corruption { .. } | Error::Poisoned { .. } | Error::BrokenChain(_) => libc::EIO,
             Error::Fenced { .. } => libc::EROFS,
-            Error::InvalidInput(_) | Error::Protocol { .. } => libc::EINVAL,
+            Error::InvalidInput(_) | Error::Protocol { .. } | Error::Incompatible { .. } => {
+                libc::EINVAL
+            }
             Error::NotFound(_) | Error::Closed { .. } => libc::ENOENT,
             Error::AlreadyExists(_) => libc::EEXIST,
             Error::Locked(_) | Error::Busy(_) => libc::EBUSY,
@@ -340,7 +350,14 @@ mod tests {
                 },
                 ErrorClass::Critical,
             ),
-            (Error::protocol("p", "bad frame"), ErrorClass::Critical),
+            (Error::protocol("p", "bad frame"), ErrorClass::Retry),
+            (
+                Error::Incompatible {
+                    peer: "p".into(),
+                    what: "protocol 3".into(),
+                },
+                ErrorClass::Critical,
+            ),
             (Error::InvalidInput("x".into()), ErrorClass::Critical),
             (Error::NotFound("x".into()), ErrorClass::Critical),
             (

@@ -157,16 +157,16 @@ fn every_refusal_the_receiver_sends_has_its_class() {
     let fs = FaultyStorage::new();
     let t = target_in(&fs);
 
-    // Protocol violations: Critical.
+    // Protocol violations: the session is closed, nothing applied, retried.
     assert_refused(
         session(&t, false, &[Message::Probe]),
         RefusalCode::Protocol,
-        ErrorClass::Critical,
+        ErrorClass::Retry,
     );
     assert_refused(
         session(&t, true, &[chunk(1, &segs[0])]),
         RefusalCode::Protocol,
-        ErrorClass::Critical,
+        ErrorClass::Retry,
     );
     let hostile = Message::ResyncHashRequest {
         machine: "vm1".into(),
@@ -178,7 +178,7 @@ fn every_refusal_the_receiver_sends_has_its_class() {
     assert_refused(
         session(&t, true, &[protect(id, 1), hostile]),
         RefusalCode::Protocol,
-        ErrorClass::Critical,
+        ErrorClass::Retry,
     );
     // Another protocol version: Critical.
     let old_hello = Message::Hello {

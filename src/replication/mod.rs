@@ -13,3 +13,4 @@ pub mod resync_schedule;
 pub mod run;
 pub mod shipper;
 pub mod transport;
+pub mod wire_fault;

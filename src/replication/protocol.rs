@@ -358,7 +358,8 @@ pub enum RefusalCode {
     /// The replica belongs to another site or machine, or the Hello names another
     /// site than its certificate.
     NotOwner,
-    /// A message out of place or out of range, a frame that does not decode.
+    /// A message out of place or out of range, a frame that does not decode: the
+    /// session is closed with nothing of it applied; retried.
     Protocol,
     /// Another protocol version, or a feature the other side needs and lacks.
     Version,
@@ -396,11 +397,12 @@ impl RefusalCode {
             RefusalCode::Busy
             | RefusalCode::NoSpace
             | RefusalCode::Unavailable
-            | RefusalCode::FailoverRequested => ErrorClass::Retry,
+            | RefusalCode::FailoverRequested
+            // The session went wrong (nothing of it applied): a new one starts over.
+            | RefusalCode::Protocol => ErrorClass::Retry,
             RefusalCode::BrokenChain => ErrorClass::NeedsResync,
             RefusalCode::UnknownMachine
             | RefusalCode::NotOwner
-            | RefusalCode::Protocol
             | RefusalCode::Version
             | RefusalCode::Fenced
             | RefusalCode::Fatal => ErrorClass::Critical,

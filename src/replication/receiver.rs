@@ -365,7 +365,11 @@ impl Target {
             base_pending: Vec::new(),
             base_pending_bytes: 0,
         };
-        match session.run(stream, input_ready) {
+        WIRE_FAULTS
+            .with(|f| *f.borrow_mut() = crate::replication::wire_fault::WireFaults::from_env());
+        let ended = session.run(stream, input_ready);
+        WIRE_FAULTS.with(|f| *f.borrow_mut() = None);
+        match ended {
             Ok(()) => tracing::debug!("replication session with {peer} ended"),
             Err((code, why)) => {
                 tracing::warn!(
@@ -1303,8 +1307,29 @@ fn frame_refusal(e: FrameError) -> Refusal {
     (code, e.to_string())
 }
 
+thread_local! {
+    /// This thread's session's injected faults (tests only: `REPLOG_WIRE_FAULTS`).
+    static WIRE_FAULTS: std::cell::RefCell<Option<crate::replication::wire_fault::WireFaults>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 fn send(s: &mut dyn Write, m: &Message) -> Result<(), Refusal> {
-    write_frame(s, m).map_err(frame_refusal)?;
+    let faulty = WIRE_FAULTS.with(|f| {
+        let mut f = f.borrow_mut();
+        let f = f.as_mut()?;
+        Some(
+            protocol::encode(m)
+                .map_err(frame_refusal)
+                .and_then(|frame| {
+                    f.write(s, &frame)
+                        .map_err(|e| (RefusalCode::Unavailable, e.to_string()))
+                }),
+        )
+    });
+    match faulty {
+        Some(r) => r?,
+        None => write_frame(s, m).map_err(frame_refusal)?,
+    }
     s.flush()
         .map_err(|e| (RefusalCode::Unavailable, e.to_string()))
 }

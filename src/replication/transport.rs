@@ -107,9 +107,10 @@ pub fn connect(
     // (A name that does not resolve is the network's answer too: retried.)
     let tcp =
         TcpStream::connect_timeout(&sock, timeout).map_err(|e| tls_io("connect to", addr, e))?;
-    tcp.set_read_timeout(Some(IO_TIMEOUT))
+    let io_timeout = super::wire_fault::io_timeout();
+    tcp.set_read_timeout(Some(io_timeout))
         .map_err(|e| tls_io("configure", addr, e))?;
-    tcp.set_write_timeout(Some(IO_TIMEOUT))
+    tcp.set_write_timeout(Some(io_timeout))
         .map_err(|e| tls_io("configure", addr, e))?;
     tcp.set_nodelay(true)
         .map_err(|e| tls_io("configure", addr, e))?;
@@ -218,7 +219,7 @@ fn accept(me: &Identity, site: &Path, tcp: TcpStream) -> Result<(ServerStream, S
             .map_err(|e| tls_io("TLS handshake with", &from, e))?;
     }
     let peer = peer_id(stream.conn.peer_certificates(), &from)?;
-    timeouts(&stream.sock, IO_TIMEOUT)?;
+    timeouts(&stream.sock, super::wire_fault::io_timeout())?;
     crate::metrics::get()
         .tls_sessions
         .get_or_create(&crate::metrics::DirectionLabel { direction: "in" })

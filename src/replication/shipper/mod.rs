@@ -122,6 +122,8 @@ pub struct Link {
     peer_features: u64,
     /// The machine's bandwidth limit, which every frame sent waits for.
     limiter: Option<Arc<crate::replication::bandwidth::Limiter>>,
+    /// Faults injected into the frames sent (tests only: `REPLOG_WIRE_FAULTS`).
+    faults: Option<crate::replication::wire_fault::WireFaults>,
 }
 
 /// Bytes a bandwidth-limited link writes at a time (see [`Link::limit`]).
@@ -138,6 +140,7 @@ impl Link {
             peer_id,
             peer_features: 0,
             limiter: None,
+            faults: crate::replication::wire_fault::WireFaults::from_env(),
         };
         link.send(&protocol::hello(me.0))?;
         match link.recv()? {
@@ -155,8 +158,12 @@ impl Link {
                         by_peer: false,
                     });
                 }
-                protocol::check_hello(protocol, features, required)
-                    .map_err(|what| Error::protocol(&link.peer, what))?;
+                protocol::check_hello(protocol, features, required).map_err(|what| {
+                    Error::Incompatible {
+                        peer: link.peer.clone(),
+                        what,
+                    }
+                })?;
                 link.peer_features = features;
             }
             other => return Err(link.unexpected("Hello", &other)),
@@ -193,6 +200,11 @@ impl Link {
         let sent = protocol::encode(m)
             .map_err(|e| self.frame_error("send to", e))
             .and_then(|frame| {
+                if let Some(f) = &mut self.faults {
+                    return f
+                        .write(&mut self.stream, &frame)
+                        .map_err(|e| net_error("send to", &self.peer, e));
+                }
                 let limited = match &self.limiter {
                     // Paced in pieces, so a large frame at a low rate still reaches
                     // the target as a steady trickle, never a silence longer than its
@@ -249,6 +261,10 @@ impl Link {
         match e {
             // A cut connection is the network (retried), not the protocol.
             FrameError::Io(io) => net_error(op, &self.peer, io),
+            FrameError::Version(_) => Error::Incompatible {
+                peer: self.peer.clone(),
+                what: e.to_string(),
+            },
             other => Error::protocol(&self.peer, other.to_string()),
         }
     }
