@@ -113,6 +113,9 @@ fn compact_batch(m: &MachineInner, max_bytes: u64) -> Result<CompactStats> {
         ..Default::default()
     };
 
+    // The parents are about to change: a crash from here until the stamp is written
+    // again must not look like a change made while replog was not running.
+    m.mark_parents_merging();
     // 1. Parents get every record, oldest first. A record superseded by a newer one
     // is still written: the newer one may not be durable yet.
     let mut touched = vec![false; m.disks.len()];

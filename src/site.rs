@@ -363,6 +363,38 @@ pub fn check_private(file: &Path, holds: &str) -> Result<()> {
     Ok(())
 }
 
+/// Remove the machine directories without a manifest under `site`: creations (or
+/// promotions, test copies) that died before their commit point. Only where nothing
+/// can be creating a machine meanwhile: `serve` calls it as it starts, holding the
+/// site. Returns the names removed.
+pub fn remove_interrupted_creations(site: &Path) -> Result<Vec<String>> {
+    let dir = site.join(MACHINES_DIR);
+    let mut removed = Vec::new();
+    for e in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
+        let e = e.map_err(|e| Error::io("list", &dir, e))?;
+        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let path = e.path();
+        let interrupted = validate_name("machine", &name).is_ok()
+            && path.is_dir()
+            && !path.join(crate::volume::MANIFEST_FILE).exists();
+        if interrupted {
+            fs::remove_dir_all(&path).map_err(|e| Error::io("remove", &path, e))?;
+            tracing::warn!(
+                "removed {}: a machine creation, promotion or test copy that died before \
+                 its manifest was written",
+                path.display()
+            );
+            removed.push(name);
+        }
+    }
+    if !removed.is_empty() {
+        crate::storage::Storage::sync_dir(&crate::storage::FileStorage, &dir)?;
+    }
+    Ok(removed)
+}
+
 /// Machine names under a site directory (no lock needed: a read-only listing).
 pub fn list_machines(site: &Path) -> Result<Vec<String>> {
     let dir = site.join(MACHINES_DIR);

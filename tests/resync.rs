@@ -341,6 +341,58 @@ fn a_disk_changed_while_replog_was_not_running_is_detected() {
     );
 }
 
+/// A kill -9 in the middle of a merge leaves parents replog itself changed: that is
+/// not a change made while replog was not running (found by tools/soak).
+#[test]
+fn a_merge_cut_short_is_not_a_change_made_offline() {
+    let p = pair(4 << 20);
+    {
+        let site = Site::open(&p.a).expect("source");
+        let m = site.open_machine("vm1").expect("machine");
+        m.volume("data")
+            .expect("vol")
+            .write(4096, b"merged by replog")
+            .expect("write");
+        m.flush().expect("flush");
+        m.seal().expect("seal");
+        m.compact().expect("compact");
+        m.close().expect("close");
+    }
+    // As a merge leaves it when killed: the stamp says "merging" and the parent
+    // changed since the last stamp.
+    std::fs::write(p.a.join("machines/vm1/parents.stamp"), "merging\n").expect("stamp");
+    let img = p.a.join("machines/vm1/disks/data.img");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .expect("parent");
+    std::os::unix::fs::FileExt::write_all_at(&f, b"merge in progress", 8192).expect("write");
+    drop(f);
+    {
+        let site = Site::open(&p.a).expect("source");
+        let m = site.open_machine("vm1").expect("machine");
+        assert_eq!(
+            m.changed_offline(),
+            None,
+            "a merge cut short taken for an offline change"
+        );
+        drop(m);
+    }
+    // The stamp is current again: a real change after this is still found.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .expect("parent");
+    std::os::unix::fs::FileExt::write_all_at(&f, b"behind replog's back", 12_288).expect("write");
+    drop(f);
+    let site = Site::open(&p.a).expect("source");
+    let m = site.open_machine("vm1").expect("machine");
+    assert!(
+        m.changed_offline().is_some(),
+        "an offline change went unnoticed"
+    );
+}
+
 /// Flip the byte at `at` of the source's journal segment `seq`.
 fn damage_source_segment(a: &Path, seq: u64, at: usize) {
     let path = a

@@ -105,3 +105,41 @@ fn write_read_compact_round_trip_through_the_cli() {
     assert_eq!(doc["machines"][0]["name"], "vm1");
     assert!(doc["machines"][0]["journal_bytes"].as_u64().is_some());
 }
+
+/// A machine directory without a manifest (a creation, promotion or test copy that died
+/// before its commit point) is removed when serve starts; real machines are not.
+#[test]
+fn interrupted_creations_are_removed_and_machines_kept() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let site = tmp.path().join("s");
+    assert!(replog()
+        .arg("init")
+        .arg(&site)
+        .status()
+        .expect("init")
+        .success());
+    assert!(replog()
+        .args(["disk", "create"])
+        .arg(&site)
+        .args(["vm1/os", "--size", "1M"])
+        .status()
+        .expect("disk create")
+        .success());
+    let leftover = site.join("machines/vm1-test");
+    std::fs::create_dir_all(leftover.join("journal")).expect("leftover");
+    std::fs::create_dir_all(leftover.join("disks")).expect("leftover");
+    let removed = replog::site::remove_interrupted_creations(&site).expect("remove");
+    assert_eq!(removed, vec!["vm1-test".to_string()]);
+    assert!(
+        !leftover.exists(),
+        "the interrupted creation is still there"
+    );
+    assert!(
+        site.join("machines/vm1/machine.meta").exists(),
+        "a machine was removed"
+    );
+    Site::open(&site)
+        .expect("site")
+        .open_machine("vm1")
+        .expect("vm1 opens");
+}

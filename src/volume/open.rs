@@ -280,6 +280,12 @@ impl Machine {
         let changed_offline = match std::fs::read_to_string(&stamp_path) {
             // A replica point has no file to change (the fold writes the stamp).
             _ if manifest.base.is_some() => None,
+            // replog itself was merging when it stopped (the journal still holds what
+            // it was writing): the parents as they are now are replog's.
+            Ok(old) if old == MERGING_STAMP => {
+                inner.write_parents_stamp();
+                None
+            }
             Ok(old) if old != parents_stamp(dir, &inner.disks) => {
                 let names: Vec<&str> = old
                     .lines()
@@ -313,8 +319,13 @@ impl Machine {
 
 /// `parents.stamp`: size, mtime, ctime and inode of every parent image as replog left
 /// it (written after every merge and at close). A parent written by anything else
-/// while replog was not running no longer matches (ctime cannot be set back).
+/// while replog was not running no longer matches (ctime cannot be set back). While a
+/// merge writes the parents it holds `merging` instead, so that a crash mid-merge is
+/// not taken for such a change (found by tools/soak: a kill -9 between a merge's
+/// writes and its new stamp forced a needless resync).
 const STAMP_FILE: &str = "parents.stamp";
+/// The stamp while a merge writes the parents.
+const MERGING_STAMP: &str = "merging\n";
 
 fn parents_stamp(dir: &Path, disks: &[Disk]) -> String {
     use std::os::unix::fs::MetadataExt;
@@ -426,6 +437,21 @@ pub(crate) fn apply_to_index(
 
 impl MachineInner {
     /// Record the parents as they are now (after a merge, at close).
+    /// A merge is about to write the parents (see `MERGING_STAMP`).
+    pub(crate) fn mark_parents_merging(&self) {
+        if !self.dir.exists() {
+            return;
+        }
+        let path = self.dir.join(STAMP_FILE);
+        if let Err(e) = write_atomic(
+            &crate::storage::FileStorage,
+            &path,
+            MERGING_STAMP.as_bytes(),
+        ) {
+            tracing::warn!(machine = %self.name, "{}: {e}", path.display());
+        }
+    }
+
     pub(crate) fn write_parents_stamp(&self) {
         if !self.dir.exists() {
             return; // not on the real file system (in-memory storage in tests)
