@@ -284,9 +284,10 @@ impl Error {
             Error::NotFound(_) => RefusalCode::UnknownMachine,
             Error::Fenced { .. } => RefusalCode::Fenced,
             Error::Incompatible { .. } => RefusalCode::Version,
-            Error::Protocol { .. } | Error::InvalidInput(_) | Error::OutOfRange { .. } => {
-                RefusalCode::Protocol
-            }
+            // A request the target refuses as it stands (out of range, not valid
+            // there) would be refused again: Fatal, not a session to retry.
+            Error::InvalidInput(_) | Error::OutOfRange { .. } => RefusalCode::Fatal,
+            Error::Protocol { .. } => RefusalCode::Protocol,
             Error::Unsupported { .. } => RefusalCode::Version,
             Error::Auth { .. } => RefusalCode::NotOwner,
             Error::AlreadyExists(_) | Error::Locked(_) | Error::Poisoned { .. } => {

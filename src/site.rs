@@ -376,9 +376,13 @@ pub fn remove_interrupted_creations(site: &Path) -> Result<Vec<String>> {
             continue;
         };
         let path = e.path();
+        // Only a manifest known to be absent (not one that cannot be looked at).
         let interrupted = validate_name("machine", &name).is_ok()
             && path.is_dir()
-            && !path.join(crate::volume::MANIFEST_FILE).exists();
+            && matches!(
+                path.join(crate::volume::MANIFEST_FILE).try_exists(),
+                Ok(false)
+            );
         if interrupted {
             fs::remove_dir_all(&path).map_err(|e| Error::io("remove", &path, e))?;
             tracing::warn!(

@@ -180,6 +180,17 @@ fn every_refusal_the_receiver_sends_has_its_class() {
         RefusalCode::Protocol,
         ErrorClass::Retry,
     );
+    // After the greeting, a frame whose header (not covered by its checksum) names
+    // another version is a damaged frame: Protocol, retried — not Version.
+    let mut input = protocol::encode(&protocol::hello(PEER)).expect("hello");
+    let mut damaged = protocol::encode(&protect(id, 1)).expect("encode");
+    damaged[4] ^= 0x08;
+    input.extend(damaged);
+    assert_refused(
+        session_after(&t, input, &[]),
+        RefusalCode::Protocol,
+        ErrorClass::Retry,
+    );
     // Another protocol version: Critical.
     let old_hello = Message::Hello {
         site_id: PEER,

@@ -235,6 +235,9 @@ fn bit_flip_in_last_sealed_segment_is_corruption_not_a_torn_tail() {
     assert!(seg2.exists(), "no new segment after the damaged one");
     // Even a range written before the damage may have been written again after it.
     let v = m.volume("d0").expect("vol");
+    // No hole is certain either: a sparse-aware reader must read, and be refused.
+    assert_eq!(v.seek(0, true).expect("seek data"), Some(0));
+    assert_eq!(v.seek(0, false).expect("seek hole"), Some(SIZE));
     let mut buf = vec![0u8; 33];
     let err = v
         .read(777, &mut buf)

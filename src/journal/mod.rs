@@ -442,9 +442,10 @@ pub fn recover(
             each(seq, rec);
             Ok(())
         })?;
-        if let (Some((at, verified, _)), Some(h)) = (open_end, scan.header) {
-            // The chain goes on after what the damaged segment verifiably holds.
-            if h.base_lsn <= verified {
+        if let (Some((at, verified, bound)), Some(h)) = (open_end, scan.header) {
+            // The chain goes on after what the damaged segment verifiably holds, and
+            // no further than it can hold.
+            if h.base_lsn <= verified || h.base_lsn > bound + 1 {
                 return Err(Error::corruption(
                     &path,
                     40,
@@ -471,7 +472,7 @@ pub fn recover(
                 // LSN), or an LSN gap between intact records, is a journal put
                 // together wrongly, not damage: refused.
                 let foreign = scan.header.is_some() && f.offset < SEGMENT_HEADER_LEN as u64;
-                if foreign || f.kind == reader::FaultKind::Discontinuity {
+                if foreign || f.kind != reader::FaultKind::Damage {
                     return Err(Error::corruption(&path, f.offset, f.what.clone()));
                 }
                 let first = scan.header.map_or(next_lsn, |h| h.base_lsn);

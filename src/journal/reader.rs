@@ -67,6 +67,9 @@ pub enum FaultKind {
     /// Intact, checksummed content that does not continue what was expected: a
     /// segment or record whose LSN is not the next one.
     Discontinuity,
+    /// Intact, checksummed content that makes no sense here (a record for a disk the
+    /// machine does not have): written wrongly, not damaged since.
+    Invalid,
 }
 
 /// The result of scanning one segment.
@@ -171,6 +174,13 @@ pub fn scan_segment(
             offset,
             what,
             kind: FaultKind::Damage,
+        });
+    };
+    let invalid = |scan: &mut SegmentScan, offset: u64, what: String| {
+        scan.fault = Some(ScanFault {
+            offset,
+            what,
+            kind: FaultKind::Invalid,
         });
     };
     let gap = |scan: &mut SegmentScan, offset: u64, what: String| {
@@ -309,7 +319,7 @@ pub fn scan_segment(
         }
         if rh.kind != RecordKind::Point {
             if let Some(n) = expect.disk_count.filter(|n| rh.disk >= *n) {
-                fault(
+                invalid(
                     &mut scan,
                     pos + 16,
                     format!("disk id {} but the machine has {n} disks", rh.disk),

@@ -552,6 +552,14 @@ impl Session<'_> {
                     }
                     return self.flush_base();
                 }
+                // After the greeting, another version in a frame header (which its
+                // checksum does not cover) is a damaged frame, not another replog.
+                Err(FrameError::Version(v)) => {
+                    return Err((
+                        RefusalCode::Protocol,
+                        format!("a frame of protocol version {v} in a session of this one"),
+                    ))
+                }
                 Err(e) => return Err(frame_refusal(e)),
             };
             if matches!(msg, Message::SegmentChunk { .. }) {

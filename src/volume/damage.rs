@@ -186,6 +186,11 @@ impl Machine {
         !self.inner.state.read().damaged.is_empty()
     }
 
+    /// The damaged segments recovery could read only up to the damage.
+    pub fn lost_segments(&self) -> Vec<u64> {
+        self.inner.state.read().lost.iter().copied().collect()
+    }
+
     /// The damaged segments not mended yet, with what was found (for status).
     pub fn damage(&self) -> Vec<(u64, String)> {
         let st = self.inner.state.read();
@@ -421,6 +426,10 @@ impl Machine {
                 .read(*disk, *at, &mut buf)
                 .and_then(|()| inner.update_digest(*disk, RecordKind::Write, *at, *len, &buf))
                 .map_err(|e| inner.poison(&e))?;
+        }
+        // Only if nothing else poisoned it meanwhile (a failed sync, new damage).
+        if inner.poisoned_by_io.load(Ordering::Acquire) || self.has_damage() {
+            return inner.check_poison();
         }
         *inner.poison_reason.lock() = None;
         inner.poisoned.store(false, Ordering::Release);

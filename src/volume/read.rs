@@ -12,6 +12,16 @@ impl MachineInner {
     pub(crate) fn seek(&self, disk: u32, offset: u64, data: bool) -> Result<Option<u64>> {
         let d = self.disk(disk)?;
         let size = d.size;
+        if !self.state.read().lost.is_empty() {
+            // Which ranges the damage hides is unknown: no hole is certain. All data,
+            // so that a sparse-aware reader reads (and is refused) instead of
+            // skipping a hole that may have been written.
+            return Ok(if data {
+                (offset < size).then_some(offset)
+            } else {
+                Some(size.max(offset))
+            });
+        }
         let mut pos = offset;
         while pos < size {
             let ext = {

@@ -341,7 +341,9 @@ pub(super) fn index_segment(
                 "segment {seq} does not continue the chain (offset {}: {})",
                 fault.offset, fault.what
             )),
-            FaultKind::Damage => Error::corruption(named, fault.offset, fault.what.clone()),
+            FaultKind::Damage | FaultKind::Invalid => {
+                Error::corruption(named, fault.offset, fault.what.clone())
+            }
         });
     }
     if let Some((offset, what)) = outside {

@@ -261,7 +261,10 @@ impl Link {
         match e {
             // A cut connection is the network (retried), not the protocol.
             FrameError::Io(io) => net_error(op, &self.peer, io),
-            FrameError::Version(_) => Error::Incompatible {
+            // Another version in the greeting is another replog; later, in a frame
+            // whose header (not covered by its checksum) was damaged, it is the
+            // session that went wrong.
+            FrameError::Version(_) if self.peer_features == 0 => Error::Incompatible {
                 peer: self.peer.clone(),
                 what: e.to_string(),
             },
@@ -580,10 +583,12 @@ impl Shipper {
             )));
         }
         if link.peer_features() & protocol::FEATURE_FAILOVER == 0 {
-            return PromoteOutcome::NotPromoted(Error::protocol(
-                &self.target,
-                "the target's replog cannot carry out a planned failover (no failover feature)",
-            ));
+            return PromoteOutcome::NotPromoted(Error::Incompatible {
+                peer: self.target.clone(),
+                what: "the target's replog cannot carry out a planned failover (no failover \
+                       feature)"
+                    .into(),
+            });
         }
         let sent = link.send(&Message::Promote {
             machine: machine.name().to_string(),

@@ -114,7 +114,11 @@ impl Shipper {
         let (link, p) = self.handshake(machine)?;
         if !p.initial_done {
             // Nothing to compare with yet: the initial copy (which the next pass
-            // resumes) brings the replica along instead.
+            // resumes) brings the replica along instead. Damage is mended from the
+            // journal alone, if it can be.
+            if machine.has_damage() {
+                mend_locally(machine)?;
+            }
             SourceResync::clear(&self.site, machine.name())?;
             return Ok(ResyncReport::default());
         }
@@ -165,6 +169,45 @@ impl Shipper {
         state.save(&self.site, machine.name())?;
         Ok(base)
     }
+}
+
+/// Mend damage with no replica to take data from (its initial copy is not complete):
+/// a segment recovery could read only up to the damage keeps its verified records
+/// (what was written after the damage is lost, logged); a range whose only copy is in
+/// the unreadable part of a segment cannot be mended, and the machine stays stopped
+/// saying so.
+fn mend_locally(machine: &Machine) -> Result<()> {
+    let ranges = machine.damaged_ranges(0)?;
+    let mut batch = Vec::new();
+    for r in ranges {
+        match r.data.clone() {
+            Some(d) => batch.push((r, d)),
+            None => {
+                return Err(Error::corruption(
+                    format!("segment {}", r.seq),
+                    0,
+                    format!(
+                        "disk {} bytes {}..{} are in the damaged part of segment {} and the \
+                         replica's initial copy is not complete: they cannot be mended \
+                         until it is",
+                        r.disk,
+                        r.offset,
+                        r.offset + r.len,
+                        r.seq
+                    ),
+                ))
+            }
+        }
+    }
+    for seq in machine.lost_segments() {
+        tracing::warn!(
+            machine = machine.name(),
+            "segment {seq} never reached the replica: whatever was written after its damage \
+             is lost"
+        );
+    }
+    machine.mend(&batch)?;
+    machine.finish_mend(0)
 }
 
 /// One resync pass, from `ResyncStart` to the `Ack` of `ResyncDone`.
@@ -230,7 +273,14 @@ impl<'a> ResyncRun<'a> {
         if damaged.is_empty() && !self.machine.has_damage() {
             return Ok(());
         }
-        let lost_before = self.machine.damage();
+        let lost_before: Vec<(u64, String)> = {
+            let lost = self.machine.lost_segments();
+            self.machine
+                .damage()
+                .into_iter()
+                .filter(|(s, _)| lost.contains(s))
+                .collect()
+        };
         let mut batch = Vec::new();
         let mut batch_bytes = 0u64;
         let mut uncertain = 0u64;
