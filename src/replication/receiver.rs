@@ -1312,7 +1312,23 @@ fn frame_refusal(e: FrameError) -> Refusal {
         FrameError::Io(_) => RefusalCode::Unavailable,
         _ => RefusalCode::Protocol,
     };
-    (code, e.to_string())
+    let why = match &e {
+        // A read timeout shows as EAGAIN ("Resource temporarily unavailable"): say what
+        // it is.
+        FrameError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            format!(
+                "no frame from the source for {} s: the session timed out",
+                crate::replication::wire_fault::io_timeout().as_secs()
+            )
+        }
+        _ => e.to_string(),
+    };
+    (code, why)
 }
 
 thread_local! {

@@ -47,6 +47,25 @@ pub fn net_error(op: &'static str, peer: &str, e: std::io::Error) -> Error {
             why,
             by_peer,
         },
+        // A read timeout shows as EAGAIN ("Resource temporarily unavailable"): say
+        // what it is.
+        None if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) =>
+        {
+            Error::Net {
+                op,
+                peer: peer.to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "nothing for {} s: the session timed out",
+                        super::wire_fault::io_timeout().as_secs()
+                    ),
+                ),
+            }
+        }
         None => Error::Net {
             op,
             peer: peer.to_string(),
@@ -225,4 +244,22 @@ fn accept(me: &Identity, site: &Path, tcp: TcpStream) -> Result<(ServerStream, S
         .get_or_create(&crate::metrics::DirectionLabel { direction: "in" })
         .inc();
     Ok((stream, peer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_timeout_says_it_timed_out_and_is_retried() {
+        let e = net_error(
+            "receive from",
+            "127.0.0.1:1",
+            std::io::Error::from(std::io::ErrorKind::WouldBlock),
+        );
+        let text = e.to_string();
+        assert!(text.contains("timed out"), "{text}");
+        assert!(!text.contains("temporarily unavailable"), "{text}");
+        assert_eq!(e.class(), crate::error::ErrorClass::Retry);
+    }
 }
