@@ -314,14 +314,7 @@ fn a_disk_changed_while_replog_was_not_running_is_detected() {
         m.close().expect("close");
     }
     // Someone writes the parent image directly.
-    let img = p.a.join("machines/vm1/disks/os.img");
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&img)
-        .expect("open parent");
-    std::os::unix::fs::FileExt::write_all_at(&f, b"written behind replog's back", 123_456)
-        .expect("write");
-    drop(f);
+    write_parent(&p.a, "os", 123_456, b"written behind replog's back");
     let site = Site::open(&p.a).expect("source");
     let m = site.open_machine("vm1").expect("machine");
     let why = m.changed_offline().expect("change not detected");
@@ -339,6 +332,17 @@ fn a_disk_changed_while_replog_was_not_running_is_detected() {
         site.open_machine("vm1").expect("machine").changed_offline(),
         None
     );
+}
+
+/// Write `data` at `at` of vm1's parent image of disk `disk` at site `a`, behind
+/// replog's back.
+fn write_parent(a: &Path, disk: &str, at: u64, data: &[u8]) {
+    let img = a.join(format!("machines/vm1/disks/{disk}.img"));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .expect("open parent");
+    std::os::unix::fs::FileExt::write_all_at(&f, data, at).expect("write");
 }
 
 /// A kill -9 in the middle of a merge leaves parents replog itself changed: that is
@@ -361,13 +365,7 @@ fn a_merge_cut_short_is_not_a_change_made_offline() {
     // As a merge leaves it when killed: the stamp says "merging" and the parent
     // changed since the last stamp.
     std::fs::write(p.a.join("machines/vm1/parents.stamp"), "merging\n").expect("stamp");
-    let img = p.a.join("machines/vm1/disks/data.img");
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&img)
-        .expect("parent");
-    std::os::unix::fs::FileExt::write_all_at(&f, b"merge in progress", 8192).expect("write");
-    drop(f);
+    write_parent(&p.a, "data", 8192, b"merge in progress");
     {
         let site = Site::open(&p.a).expect("source");
         let m = site.open_machine("vm1").expect("machine");
@@ -379,12 +377,7 @@ fn a_merge_cut_short_is_not_a_change_made_offline() {
         drop(m);
     }
     // The stamp is current again: a real change after this is still found.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&img)
-        .expect("parent");
-    std::os::unix::fs::FileExt::write_all_at(&f, b"behind replog's back", 12_288).expect("write");
-    drop(f);
+    write_parent(&p.a, "data", 12_288, b"behind replog's back");
     let site = Site::open(&p.a).expect("source");
     let m = site.open_machine("vm1").expect("machine");
     assert!(

@@ -153,6 +153,23 @@ impl Watcher {
     }
 }
 
+/// The faults stop; shipping from `src` catches up, health said what failed, and
+/// `dst`'s replica restores equal to `model`.
+fn settle(
+    faults: &Faults,
+    w: Watcher,
+    src: &Path,
+    dst: &Path,
+    scratch: &Path,
+    model: &[u8],
+    what: &str,
+) {
+    faults.off();
+    wait_caught_up(src, &format!("{what} after the faults"));
+    w.said_something(what);
+    replica_equals(dst, scratch, model, what);
+}
+
 /// Restore the newest point of vm1 at `site` and compare its disk with `want`.
 fn replica_equals(site: &Path, scratch: &Path, want: &[u8], what: &str) {
     let _ = std::fs::remove_dir_all(scratch);
@@ -234,20 +251,14 @@ fn every_phase_survives_faults_on_the_wire_and_converges() {
     let w = Watcher::start(&a);
     protect_when_listening(&a, &addr_b);
     wait_faults(&logs, 2, "initial replication");
-    faults.off();
-    wait_caught_up(&a, "initial replication after the faults");
-    w.said_something("initial replication");
-    replica_equals(&b, &scratch, &model, "initial replication");
+    settle(&faults, w, &a, &b, &scratch, &model, "initial replication");
 
     // 2. Delta shipping, writes going on.
     let before = faults_logged(&logs);
     faults.on(2, 6);
     let w = Watcher::start(&a);
     write_until_faults(&img_a, 10, &mut model, &logs, before, "delta shipping");
-    faults.off();
-    wait_caught_up(&a, "delta shipping after the faults");
-    w.said_something("delta shipping");
-    replica_equals(&b, &scratch, &model, "delta shipping");
+    settle(&faults, w, &a, &b, &scratch, &model, "delta shipping");
 
     // 3. A resync.
     let before = faults_logged(&logs);
@@ -255,10 +266,7 @@ fn every_phase_survives_faults_on_the_wire_and_converges() {
     let w = Watcher::start(&a);
     run_ok(replog().arg("resync").arg(&a).arg("vm1").arg("--now"));
     wait_faults(&logs, before + 2, "resync");
-    faults.off();
-    wait_caught_up(&a, "resync after the faults");
-    w.said_something("resync");
-    replica_equals(&b, &scratch, &model, "resync");
+    settle(&faults, w, &a, &b, &scratch, &model, "resync");
 
     // 4. A planned failover from the primary; then commit at the target.
     scatter(&img_a, 50, 300, &mut model);
