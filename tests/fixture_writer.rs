@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::pair::{replog, restore, start_target, trusted_pair};
+use common::pair::{create_vm1, replog, restore, start_target, trusted_pair};
 use replog::replica::store::Replicas;
 use replog::replication::protocol::{self, Message};
 use replog::replication::shipper::Shipper;
@@ -73,21 +73,7 @@ fn write_version_2_fixtures() {
     let tmp = tempfile::tempdir().expect("tmp");
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     trusted_pair(&a, &b);
-    let raw = tmp.path().join("os.raw");
-    std::fs::write(&raw, common::pattern(17, 256 << 10)).expect("raw");
-    replog(
-        &[
-            "disk",
-            "create",
-            "vm1/os",
-            "--size",
-            "2M",
-            "--import",
-            raw.to_str().expect("path"),
-        ],
-        &a,
-    );
-    replog(&["disk", "create", "vm1/data", "--size", "1M"], &a);
+    create_vm1(&a, &common::pattern(17, 256 << 10), "2M", "1M");
     let addr = start_target(&b);
     let site = Site::open(&a).expect("source");
     let m = site.open_machine("vm1").expect("machine");
@@ -549,21 +535,7 @@ fn write_version_6_fixtures() {
     let tmp = tempfile::tempdir().expect("tmp");
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     trusted_pair(&a, &b);
-    let raw = tmp.path().join("os.raw");
-    std::fs::write(&raw, common::pattern(61, 256 << 10)).expect("raw");
-    replog(
-        &[
-            "disk",
-            "create",
-            "vm1/os",
-            "--size",
-            "1M",
-            "--import",
-            raw.to_str().expect("path"),
-        ],
-        &a,
-    );
-    replog(&["disk", "create", "vm1/data", "--size", "512K"], &a);
+    create_vm1(&a, &common::pattern(61, 256 << 10), "1M", "512K");
 
     // object-store/: what an S3 target keeps of vm1, received over the protocol.
     let bucket = Arc::new(MemObjects::new());

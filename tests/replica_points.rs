@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::pair::{replog, restore, start_receiver, trusted_pair};
+use common::pair::{create_vm1, restore, start_receiver, trusted_pair};
 use replog::failover::{Host, Offline};
 use replog::protection::FailoverKind;
 use replog::replica::compact::compact_replica;
@@ -55,23 +55,9 @@ impl Fixture {
         let root = tmp.path().to_path_buf();
         let (a, b) = (root.join("a"), root.join("b"));
         trusted_pair(&a, &b);
-        let raw = root.join("os.raw");
         let mut os = common::pattern(seed, 2 << 20);
         os[300_000..700_000].fill(0); // a hole in the parent
-        std::fs::write(&raw, &os).expect("raw");
-        replog(
-            &[
-                "disk",
-                "create",
-                "vm1/os",
-                "--size",
-                "3M",
-                "--import",
-                raw.to_str().expect("path"),
-            ],
-            &a,
-        );
-        replog(&["disk", "create", "vm1/data", "--size", "1049088"], &a);
+        create_vm1(&a, &os, "3M", "1049088");
         let addr = start_receiver(&b);
         let site = Site::open(&a).expect("open source");
         let m = site.open_machine("vm1").expect("machine");

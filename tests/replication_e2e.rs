@@ -228,11 +228,7 @@ fn untrusted_source_goes_critical_with_the_reason() {
     )
     .expect("untrust");
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
-    let st = wait_for(&src, "critical", |m| m["health"] == "critical");
-    let reason = st["machines"][0]["reason"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let reason = critical_reason(&src);
     assert!(
         reason.contains("TLS") || reason.contains("certificate"),
         "reason: {reason}"
@@ -692,11 +688,7 @@ fn a_target_whose_identity_changed_is_refused_naming_both_ids() {
     run_ok(replog().arg("trust").arg(&other).arg(&id_src));
     let _o = TargetServe::start(&other, &addr);
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
-    let st = wait_for(&src, "critical", |m| m["health"] == "critical");
-    let reason = st["machines"][0]["reason"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let reason = critical_reason(&src);
     assert!(
         reason.contains(&id_other) && reason.contains(&id_dst),
         "both IDs named: {reason}"

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::pair::{one_disk, replog, restore, start_target, trusted_pair, OneDisk};
+use common::pair::{create_vm1, one_disk, restore, start_target, trusted_pair, OneDisk};
 use replog::replication::shipper::Shipper;
 use replog::{Error, Machine, Site};
 use std::path::{Path, PathBuf};
@@ -27,21 +27,12 @@ fn pair(os_size: u64) -> Pair {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     trusted_pair(&a, &b);
-    let raw = tmp.path().join("os.raw");
-    std::fs::write(&raw, common::pattern(7, (os_size / 2) as usize)).expect("raw");
-    replog(
-        &[
-            "disk",
-            "create",
-            "vm1/os",
-            "--size",
-            &os_size.to_string(),
-            "--import",
-            raw.to_str().expect("path"),
-        ],
+    create_vm1(
         &a,
+        &common::pattern(7, (os_size / 2) as usize),
+        &os_size.to_string(),
+        "2M",
     );
-    replog(&["disk", "create", "vm1/data", "--size", "2M"], &a);
     let addr = start_target(&b);
     Pair {
         _tmp: tmp,

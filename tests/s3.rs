@@ -587,11 +587,7 @@ fn credentials_that_may_not_write_are_critical_with_the_stores_reason() {
     let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
     write_some(&served.disk("os"), 1, 10);
     protect_when_listening(&src, &addr);
-    let st = wait_for(&src, "critical", |m| m["health"] == "critical");
-    let reason = st["machines"][0]["reason"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let reason = critical_reason(&src);
     assert!(reason.contains("AccessDenied"), "{reason}");
     assert!(!reason.contains(seaweed::READER_SECRET));
     // Wrong credentials altogether: serve refuses to start, saying why.

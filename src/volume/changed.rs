@@ -191,15 +191,7 @@ impl ChangedMap {
 
     /// The map of the machine at `dir`, if it keeps one.
     pub fn load(storage: &dyn Storage, dir: &Path) -> Result<Option<ChangedMap>> {
-        let path = dir.join(CHANGED_FILE);
-        if !storage.exists(&path) {
-            return Ok(None);
-        }
-        let f = storage.open(&path, crate::storage::OpenMode::ReadOnly)?;
-        let bytes = crate::storage::read_all(f.as_ref(), super::META_FILE_LIMIT)?;
-        ChangedMap::decode(&bytes)
-            .map(Some)
-            .map_err(|e| Error::corruption(&path, e.offset, e.what))
+        super::load_meta(storage, &dir.join(CHANGED_FILE), ChangedMap::decode)
     }
 
     pub fn save(&self, storage: &dyn Storage, dir: &Path) -> Result<()> {

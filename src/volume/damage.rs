@@ -69,14 +69,7 @@ impl DamageList {
     /// The list of the machine at `dir` (empty if it has none).
     pub fn load(storage: &dyn Storage, dir: &Path) -> Result<DamageList> {
         let path = dir.join(JOURNAL_DIR).join(DAMAGE_FILE);
-        if !storage.exists(&path) {
-            return Ok(DamageList::default());
-        }
-        let bytes = read_all(
-            storage.open(&path, OpenMode::ReadOnly)?.as_ref(),
-            META_FILE_LIMIT,
-        )?;
-        DamageList::decode(&bytes).map_err(|e| Error::corruption(&path, e.offset, e.what))
+        Ok(load_meta(storage, &path, DamageList::decode)?.unwrap_or_default())
     }
 
     /// Replace the list atomically (removed when empty).

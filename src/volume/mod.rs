@@ -56,6 +56,25 @@ pub const DISKS_DIR: &str = "disks";
 pub const META_FILE_LIMIT: u64 =
     crate::format::meta::META_HEADER_LEN as u64 + crate::format::meta::MAX_META_BODY as u64;
 
+/// Read and decode the small metadata file at `path` (None if there is none); what
+/// does not decode is corruption naming the file.
+pub(crate) fn load_meta<T>(
+    storage: &dyn Storage,
+    path: &Path,
+    decode: impl FnOnce(&[u8]) -> std::result::Result<T, crate::format::DecodeError>,
+) -> Result<Option<T>> {
+    if !storage.exists(path) {
+        return Ok(None);
+    }
+    let bytes = read_all(
+        storage.open(path, OpenMode::ReadOnly)?.as_ref(),
+        META_FILE_LIMIT,
+    )?;
+    decode(&bytes)
+        .map(Some)
+        .map_err(|e| Error::corruption(path, e.offset, e.what))
+}
+
 /// Fills a new parent image (see [`Machine::add_disk`]).
 pub type ImportFn<'a> = dyn FnMut(&dyn StorageFile) -> Result<()> + 'a;
 

@@ -37,14 +37,7 @@ impl Machine {
 
     pub fn read_watermark(storage: &dyn Storage, dir: &Path) -> Result<Watermark> {
         let path = dir.join(JOURNAL_DIR).join(WATERMARK_FILE);
-        if !storage.exists(&path) {
-            return Ok(Watermark::default());
-        }
-        let bytes = read_all(
-            storage.open(&path, OpenMode::ReadOnly)?.as_ref(),
-            META_FILE_LIMIT,
-        )?;
-        Watermark::decode(&bytes).map_err(|e| Error::corruption(&path, e.offset, e.what))
+        Ok(load_meta(storage, &path, Watermark::decode)?.unwrap_or_default())
     }
 
     /// Add a disk to a machine that is not open. With `import`, copy a raw image into
@@ -398,12 +391,15 @@ fn damage_at_open(
         first.get_or_insert_with(|| Error::corruption(&d.path, d.offset, d.what.clone()));
     }
     for e in list.entries.iter().filter(|e| !e.mended) {
-        if let std::collections::btree_map::Entry::Vacant(v) = state.damaged.entry(e.seq) {
-            v.insert(e.what.clone());
-            first.get_or_insert_with(|| {
-                Error::corruption(Path::new(&format!("segment {}", e.seq)), 0, e.what.clone())
-            });
+        if state.damaged.contains_key(&e.seq) {
+            continue;
         }
+        state.damaged.insert(e.seq, e.what.clone());
+        let path = match state.files.get(&e.seq) {
+            Some(f) => f.path().to_path_buf(),
+            None => rec.writer.active_file().path().to_path_buf(),
+        };
+        first.get_or_insert_with(|| Error::corruption(path, 0, e.what.clone()));
     }
     let changed = *list.entries != *before;
     (first, changed)

@@ -24,6 +24,21 @@ pub fn replog(args: &[&str], site: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Machine vm1 at site `a`: disk os of `os_size` imported from the bytes `raw` (written
+/// to a file beside the site first), and an empty disk data of `data_size`.
+pub fn create_vm1(a: &Path, raw: &[u8], os_size: &str, data_size: &str) {
+    let raw_path = a.with_extension("os.raw");
+    std::fs::write(&raw_path, raw).expect("raw");
+    let raw_arg = raw_path.to_str().expect("path");
+    replog(
+        &[
+            "disk", "create", "vm1/os", "--size", os_size, "--import", raw_arg,
+        ],
+        a,
+    );
+    replog(&["disk", "create", "vm1/data", "--size", data_size], a);
+}
+
 /// Listen for replicas at `site` in this process; returns the address.
 pub fn start_target(site: &Path) -> String {
     let s = Site::open(site).expect("open target");

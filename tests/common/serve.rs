@@ -334,6 +334,15 @@ pub fn wait_for(
     }
 }
 
+/// Wait until machine 0 of `src` is Critical; its reason.
+pub fn critical_reason(src: &Path) -> String {
+    let st = wait_for(src, "critical", |m| m["health"] == "critical");
+    st["machines"][0]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
 /// A target: `replog serve DST --listen ADDR`, listening when `start` returns; SIGTERM
 /// (a clean stop) when dropped.
 pub struct TargetServe(Option<std::process::Child>);
