@@ -16,8 +16,10 @@
 
 use crate::error::{Error, Result};
 use crate::format::{now_ns, rfc3339};
+use crate::storage::{FileStorage, Storage};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const JOBS_DIR: &str = "jobs";
 /// Ended jobs kept.
@@ -230,7 +232,20 @@ impl JobSpec {
 
     /// Begin the job of `kind` for `machine` as this spec says.
     pub fn start(&self, site: &Path, kind: JobKind, machine: Option<&str>) -> Result<JobHandle> {
+        self.start_on(Arc::new(FileStorage), site, kind, machine)
+    }
+
+    /// [`JobSpec::start`], the record kept on `storage` (the site's: a failover
+    /// records its jobs where it writes its state).
+    pub fn start_on(
+        &self,
+        storage: Arc<dyn Storage>,
+        site: &Path,
+        kind: JobKind,
+        machine: Option<&str>,
+    ) -> Result<JobHandle> {
         JobHandle::start_as(
+            storage,
             site,
             self.id.as_deref(),
             kind,
@@ -246,6 +261,7 @@ const HANDED_OVER: u32 = 0;
 /// A job this process runs: every change is persisted at once.
 #[derive(Debug)]
 pub struct JobHandle {
+    storage: Arc<dyn Storage>,
     site: PathBuf,
     job: Job,
 }
@@ -275,12 +291,14 @@ pub fn new_id() -> String {
 impl JobHandle {
     /// Begin a job of `kind` (for `machine`), in progress.
     pub fn start(site: &Path, kind: JobKind, machine: Option<&str>) -> Result<JobHandle> {
-        JobHandle::start_as(site, None, kind, machine, None)
+        JobSpec::default().start(site, kind, machine)
     }
 
     /// Begin a job of `kind` (for `machine`, as part of a run of `plan`), with the ID
-    /// `id` chosen beforehand (refused when a job has it already) or a new one.
+    /// `id` chosen beforehand (refused when a job has it already) or a new one; its
+    /// record kept on `storage`.
     fn start_as(
+        storage: Arc<dyn Storage>,
         site: &Path,
         id: Option<&str>,
         kind: JobKind,
@@ -289,7 +307,7 @@ impl JobHandle {
     ) -> Result<JobHandle> {
         let id = match id {
             Some(id) => {
-                if path_of(site, id)?.exists() {
+                if storage.exists(&path_of(site, id)?) {
                     return Err(Error::AlreadyExists(format!(
                         "job {id} exists already: an operation is asked for twice"
                     )));
@@ -300,6 +318,7 @@ impl JobHandle {
         };
         let (pid, start) = me();
         let h = JobHandle {
+            storage,
             site: site.to_path_buf(),
             job: Job {
                 format: FORMAT,
@@ -367,6 +386,7 @@ impl JobHandle {
             }
         }
         let mut h = JobHandle {
+            storage: Arc::new(FileStorage),
             site: site.to_path_buf(),
             job,
         };
@@ -435,10 +455,10 @@ impl JobHandle {
 
     fn save(&self) -> Result<()> {
         let p = path_of(&self.site, &self.job.id)?;
-        crate::storage::Storage::create_dir_all(&crate::storage::FileStorage, &dir(&self.site))?;
+        self.storage.create_dir_all(&dir(&self.site))?;
         let text = serde_json::to_string_pretty(&self.job)
             .map_err(|e| Error::InvalidInput(e.to_string()))?;
-        crate::storage::write_atomic(&crate::storage::FileStorage, &p, text.as_bytes())
+        crate::storage::write_atomic(self.storage.as_ref(), &p, text.as_bytes())
     }
 
     /// Begin step `name` (an unfinished step before it ends as succeeded). Persisted
@@ -494,7 +514,7 @@ impl JobHandle {
                 self.job.state = JobState::Succeeded;
                 self.job.ended = Some(rfc3339(now_ns()));
                 self.save()?;
-                prune(&self.site);
+                prune(self.storage.as_ref(), &self.site);
                 Ok(self.job)
             }
             Err(e) => {
@@ -517,7 +537,7 @@ impl JobHandle {
         self.job.error = Some(why.to_string());
         self.job.ended = Some(rfc3339(now_ns()));
         self.save_logged();
-        prune(&self.site);
+        prune(self.storage.as_ref(), &self.site);
     }
 }
 
@@ -539,27 +559,43 @@ pub fn close(site: &Path, id: &str, state: JobState, why: &str) -> Result<Job> {
     job.state = state;
     job.ended = Some(rfc3339(now_ns()));
     let h = JobHandle {
+        storage: Arc::new(FileStorage),
         site: site.to_path_buf(),
         job,
     };
     h.save()?;
-    prune(site);
+    prune(&FileStorage, site);
     Ok(h.job)
 }
 
 /// Every job of the site, newest first (files that do not decode are skipped, with a
 /// warning).
 pub fn list(site: &Path) -> Result<Vec<Job>> {
+    list_on(&FileStorage, site)
+}
+
+/// A job record is at most this big (a plan's job lists a few steps per machine).
+const RECORD_LIMIT: u64 = 16 << 20;
+
+/// [`list`] of the records kept on `storage`.
+pub fn list_on(storage: &dyn Storage, site: &Path) -> Result<Vec<Job>> {
     let d = dir(site);
     let mut out = Vec::new();
-    for id in ids_in(&d)? {
+    for id in ids_on(storage, &d)? {
         let p = d.join(format!("{id}.json"));
-        let text = match std::fs::read_to_string(&p) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // pruned
-            Err(e) => return Err(Error::io("read", &p, e)),
+        let bytes = match storage.open(&p, crate::storage::OpenMode::ReadOnly) {
+            Ok(f) => match crate::storage::read_all(f.as_ref(), RECORD_LIMIT) {
+                Ok(b) => b,
+                Err(e @ Error::Corruption { .. }) => {
+                    tracing::warn!("{}: not a job record: {e}", p.display());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+            Err(e) if crate::storage::is_not_found(&e) => continue, // pruned
+            Err(e) => return Err(e),
         };
-        match serde_json::from_str::<Job>(&text) {
+        match serde_json::from_slice::<Job>(&bytes) {
             Ok(j) if j.format == FORMAT => out.push(j),
             Ok(j) => tracing::warn!(
                 "{}: job format {}; this build reads 1",
@@ -575,15 +611,20 @@ pub fn list(site: &Path) -> Result<Vec<Job>> {
 /// The job IDs that name files `<id>.json` in `dir` (job records, plan runs),
 /// newest first (IDs sort by start time); none when `dir` is not there.
 pub fn ids_in(dir: &Path) -> Result<Vec<String>> {
-    let mut ids: Vec<String> = match std::fs::read_dir(dir) {
-        Ok(e) => e
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
-            .filter(|n| check_id(n).is_ok())
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io("list", dir, e)),
-    };
+    ids_on(&FileStorage, dir)
+}
+
+/// [`ids_in`] on `storage`.
+fn ids_on(storage: &dyn Storage, dir: &Path) -> Result<Vec<String>> {
+    if !storage.exists(dir) {
+        return Ok(Vec::new());
+    }
+    let mut ids: Vec<String> = storage
+        .list_dir(dir)?
+        .into_iter()
+        .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
+        .filter(|n| check_id(n).is_ok())
+        .collect();
     ids.sort();
     ids.reverse();
     Ok(ids)
@@ -612,6 +653,7 @@ pub fn reap(site: &Path, resumed_elsewhere: impl Fn(&Job) -> bool) -> Result<usi
         }
         let gone = job.owner_pid;
         let h = JobHandle {
+            storage: Arc::new(FileStorage),
             site: site.to_path_buf(),
             job,
         };
@@ -624,11 +666,13 @@ pub fn reap(site: &Path, resumed_elsewhere: impl Fn(&Job) -> bool) -> Result<usi
 }
 
 /// Keep the newest [`HISTORY`] ended jobs.
-fn prune(site: &Path) {
-    let Ok(jobs) = list(site) else { return };
+fn prune(storage: &dyn Storage, site: &Path) {
+    let Ok(jobs) = list_on(storage, site) else {
+        return;
+    };
     for j in jobs.iter().filter(|j| j.state.ended()).skip(HISTORY) {
         if let Ok(p) = path_of(site, &j.id) {
-            let _ = std::fs::remove_file(p);
+            let _ = storage.remove_file(&p);
         }
     }
 }

@@ -173,7 +173,25 @@ impl Site {
 
     /// Names of the site's machines.
     pub fn machines(&self) -> Result<Vec<String>> {
-        list_machines(&self.path)
+        list_machines_on(self.storage.as_ref(), &self.path)
+    }
+
+    /// The replicas this site keeps: in its object store if `[replica] store` names
+    /// one, else in `SITE/replicas/` on the site's storage; with the site's replica
+    /// key.
+    pub fn replicas(&self) -> Result<crate::replica::store::Replicas> {
+        use crate::replica::store::{backend_at, Replicas, REPLICAS_DIR};
+        let key = self.replica_key()?;
+        Ok(match backend_at(&self.path)? {
+            Some(backend) => Replicas::new(backend, key),
+            None => Replicas::new(
+                Arc::new(crate::replica::backend::DirBackend::new(
+                    self.storage.clone(),
+                    self.path.join(REPLICAS_DIR),
+                )),
+                key,
+            ),
+        })
     }
 
     /// Create disk `machine/disk` (and the machine, if new) of `size` bytes, optionally
@@ -222,7 +240,7 @@ impl Site {
             None => Machine::add_disk(self.storage.as_ref(), &dir, disk, size, None),
         };
         if result.is_err() && new_machine {
-            let _ = fs::remove_dir_all(&dir);
+            let _ = self.storage.remove_tree(&dir);
         }
         result
     }
@@ -284,8 +302,7 @@ impl Site {
         manifest: &crate::format::meta::Manifest,
         base: &crate::protection::Base,
     ) -> Result<Vec<Arc<dyn crate::storage::StorageFile>>> {
-        let replicas = crate::replica::store::Replicas::local(&self.path)?;
-        let store = replicas.open_readonly(&base.replica)?;
+        let store = self.replicas()?.open_readonly(&base.replica)?;
         let image = Arc::new(crate::replica::replay::PointImage::open_exact(
             store, base.lsn,
         )?);
@@ -401,27 +418,37 @@ pub fn remove_interrupted_creations(site: &Path) -> Result<Vec<String>> {
 
 /// Machine names under a site directory (no lock needed: a read-only listing).
 pub fn list_machines(site: &Path) -> Result<Vec<String>> {
+    list_machines_on(&FileStorage, site)
+}
+
+/// Machine names under the site directory `site` kept on `storage`.
+fn list_machines_on(storage: &dyn Storage, site: &Path) -> Result<Vec<String>> {
     let dir = site.join(MACHINES_DIR);
-    let mut out = Vec::new();
-    for e in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
-        let e = e.map_err(|e| Error::io("list", &dir, e))?;
-        if let Some(name) = e.file_name().to_str() {
-            if validate_name("machine", name).is_ok() && e.path().is_dir() {
-                // A directory without a manifest is a creation (or a promotion) that
-                // died before its commit point: not a machine.
-                if !e.path().join(crate::volume::MANIFEST_FILE).exists() {
-                    tracing::warn!(
-                        "{}: no {}; not a machine (an interrupted creation)",
-                        e.path().display(),
-                        crate::volume::MANIFEST_FILE
-                    );
-                    continue;
-                }
-                out.push(name.to_string());
-            }
-        }
+    if !storage.exists(&dir) {
+        return Err(Error::io(
+            "list",
+            &dir,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
     }
-    out.sort();
+    let mut out = Vec::new();
+    for name in storage.list_dirs(&dir)? {
+        if validate_name("machine", &name).is_err() {
+            continue;
+        }
+        // A directory without a manifest is a creation (or a promotion) that died
+        // before its commit point: not a machine.
+        let manifest = dir.join(&name).join(crate::volume::MANIFEST_FILE);
+        if !storage.exists(&manifest) {
+            tracing::warn!(
+                "{}: no {}; not a machine (an interrupted creation)",
+                dir.join(&name).display(),
+                crate::volume::MANIFEST_FILE
+            );
+            continue;
+        }
+        out.push(name);
+    }
     Ok(out)
 }
 

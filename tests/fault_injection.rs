@@ -131,6 +131,8 @@ fn every_step(fault: Fault) {
     loop {
         let fired = run(fault, n, CrashMode::DropAll);
         run(fault, n, CrashMode::Tear(n * 7 + 1));
+        run(fault, n, CrashMode::DropLastNames(1));
+        run(fault, n, CrashMode::DropLastNames(2));
         if !fired {
             break;
         }

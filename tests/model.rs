@@ -65,7 +65,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => prop_oneof![
             Just(CrashMode::DropAll),
             Just(CrashMode::KeepAll),
-            any::<u64>().prop_map(CrashMode::Tear)
+            any::<u64>().prop_map(CrashMode::Tear),
+            (1usize..4).prop_map(CrashMode::DropLastNames)
         ]
         .prop_map(Op::Crash),
         1 => Just(Op::Reopen),

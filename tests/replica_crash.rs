@@ -4,109 +4,24 @@
 //! Each operation runs once per write it makes (and once per sync), with that write
 //! (or sync) failing, and once per change of any kind with the power cut there; then
 //! the storage loses everything not synced — writes, and names whose directory was not
-//! synced — (and, in a second pass, tears each unsynced write at random), the replica is reopened, and:
+//! synced — (in a second pass, tears each unsynced write at random and keeps a prefix
+//! of the unsynced namespace changes; in two more, keeps every namespace change but
+//! the last one or two), the replica is reopened, and:
 //! every point it offers equals the source's disks at that point, byte for byte; and
 //! the operation run again without faults completes, ending where a run without a
 //! crash ends.
 
 mod common;
 
+use common::source::{receive_all, source, Source, DATA, OS};
 use common::Fault;
 
-use replog::format::meta::{DiskEntry, Watermark};
-use replog::format::segment::segment_name;
 use replog::replica::backend::DirBackend;
 use replog::replica::crypt::ReplicaKey;
 use replog::replica::replay::PointImage;
-use replog::replica::store::{ReplicaManifest, Replicas};
-use replog::storage::{CrashMode, FaultyStorage, MemStorage, OpenMode, Storage};
-use std::collections::BTreeMap;
-use std::path::Path;
+use replog::replica::store::Replicas;
+use replog::storage::{CrashMode, FaultyStorage};
 use std::sync::Arc;
-
-const OS: u64 = 1 << 20;
-const DATA: u64 = 256 << 10;
-
-/// The source: machine vm1 (os, data) in memory; its sealed segments and the disks
-/// at every point (flushes and seals).
-struct Source {
-    machine_id: u64,
-    segments: Vec<Vec<u8>>,
-    at: BTreeMap<u64, Vec<Vec<u8>>>,
-}
-
-fn source() -> Source {
-    let mem = MemStorage::new();
-    let dir = Path::new("/src/vm1");
-    common::create_machine(&mem, dir, &[OS, DATA]);
-    let m = common::open(Arc::new(mem.clone()), dir, 64 << 20).expect("open");
-    let mut model = vec![vec![0u8; OS as usize], vec![0u8; DATA as usize]];
-    let mut at = BTreeMap::new();
-    at.insert(0, model.clone());
-    let mut seed = 1u64;
-    for seg in 0..3 {
-        for round in 0..3 {
-            for w in 0..4u64 {
-                seed += 1;
-                let disk = (seed % 2) as usize;
-                let size = if disk == 0 { OS } else { DATA };
-                let len = 512 * (1 + (seed * 7 + w) % 40);
-                let off = (seed * 104_729 + w * 7919) % (size - len);
-                let v = m.volume(&format!("d{disk}")).expect("vol");
-                if (seg + round + w) % 5 == 4 {
-                    v.write_zeroes(off, len).expect("zero");
-                    model[disk][off as usize..(off + len) as usize].fill(0);
-                } else {
-                    let data = common::pattern(seed, len as usize);
-                    v.write(off, &data).expect("write");
-                    model[disk][off as usize..(off + len) as usize].copy_from_slice(&data);
-                }
-            }
-            let lsn = m.flush().expect("flush");
-            at.insert(lsn, model.clone());
-        }
-        let last = m.seal().expect("seal").expect("sealed");
-        at.insert(last, model.clone());
-    }
-    let segments = (1..=3)
-        .map(|s| {
-            let f = mem
-                .open(
-                    &dir.join("journal").join(segment_name(s)),
-                    OpenMode::ReadOnly,
-                )
-                .expect("segment");
-            replog::storage::read_all(f.as_ref(), 1 << 30).expect("read")
-        })
-        .collect();
-    Source {
-        machine_id: m.machine_id(),
-        segments,
-        at,
-    }
-}
-
-fn manifest(src: &Source) -> ReplicaManifest {
-    ReplicaManifest {
-        source_site: [3u8; 32],
-        machine_id: src.machine_id,
-        disks: vec![
-            DiskEntry {
-                id: 0,
-                name: "d0".into(),
-                size: OS,
-            },
-            DiskEntry {
-                id: 1,
-                name: "d1".into(),
-                size: DATA,
-            },
-        ],
-        base_lsn: 0,
-        base_seq: 0,
-        generation: 1,
-    }
-}
 
 fn replicas(fs: &FaultyStorage) -> Replicas {
     Replicas::new(
@@ -151,7 +66,12 @@ fn crash_matrix(
     check: &dyn Fn(&Replicas, &str),
 ) {
     let mut runs = 0;
-    for mode in [CrashMode::DropAll, CrashMode::Tear(77)] {
+    for mode in [
+        CrashMode::DropAll,
+        CrashMode::Tear(77),
+        CrashMode::DropLastNames(1),
+        CrashMode::DropLastNames(2),
+    ] {
         for fault in [Fault::Write, Fault::Sync, Fault::Cut] {
             for n in 0.. {
                 let fs = FaultyStorage::new();
@@ -180,21 +100,6 @@ fn crash_matrix(
         }
     }
     assert!(runs > 20, "{name}: only {runs} runs");
-}
-
-fn receive_all(r: &Replicas, src: &Source) -> replog::Result<()> {
-    let mut st = match r.open("vm1") {
-        Ok(s) => s,
-        Err(replog::Error::NotFound(_)) => r.create("vm1", manifest(src), Watermark::default())?,
-        Err(e) => return Err(e),
-    };
-    if !st.initial().done {
-        st.finish_initial()?;
-    }
-    for (i, seg) in src.segments.iter().enumerate() {
-        st.receive(i as u64 + 1, seg)?;
-    }
-    Ok(())
 }
 
 #[test]

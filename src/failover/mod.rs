@@ -32,7 +32,7 @@ use crate::protection::{Base, FailoverKind, Pending, Role};
 use crate::replica::replay::PointImage;
 use crate::replica::store::{Promotion, Replicas};
 use crate::site::Site;
-use crate::storage::{write_atomic, FileStorage, Storage};
+use crate::storage::write_atomic;
 use crate::volume::{Machine, DISKS_DIR, JOURNAL_DIR, MANIFEST_FILE, WATERMARK_FILE};
 use std::path::Path;
 use std::sync::Arc;
@@ -85,10 +85,11 @@ pub fn promote(
     as_name: Option<&str>,
 ) -> Result<Promoted> {
     validate_name("machine", machine)?;
+    let fs = site.storage();
     if !replicas.has(machine) {
         return Err(Error::NotFound(format!(
             "this site holds no replica of {machine}{}",
-            if site.machine_dir(machine)?.join(MANIFEST_FILE).exists() {
+            if fs.exists(&site.machine_dir(machine)?.join(MANIFEST_FILE)) {
                 " (it is a machine of this site: fail it over where its replica is)"
             } else {
                 ""
@@ -121,7 +122,7 @@ pub fn promote(
         )));
     }
     let dir = site.machine_dir(&name)?;
-    if dir.join(MANIFEST_FILE).exists() {
+    if fs.exists(&dir.join(MANIFEST_FILE)) {
         return Err(Error::AlreadyExists(format!(
             "this site already has a machine {name}{}",
             if kind == FailoverKind::Test {
@@ -160,15 +161,12 @@ pub fn promote(
         crate::failpoint::hit("promote:after-record");
     }
     let made = (|| -> Result<()> {
-        let fs = FileStorage;
-        if dir.exists() {
-            // A promotion that died before its manifest: nothing of it counts.
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io("remove", &dir, e))?;
-        }
+        // A promotion that died before its manifest: nothing of it counts.
+        fs.remove_tree(&dir)?;
         fs.create_dir_all(&dir.join(JOURNAL_DIR))?;
         fs.create_dir_all(&dir.join(DISKS_DIR))?;
         write_atomic(
-            &fs,
+            fs.as_ref(),
             &dir.join(JOURNAL_DIR).join(WATERMARK_FILE),
             &Watermark {
                 lsn: point.lsn,
@@ -196,14 +194,14 @@ pub fn promote(
             }),
             ..Manifest::new(manifest_r.machine_id)
         };
-        write_atomic(&fs, &dir.join(MANIFEST_FILE), &manifest.encode())?;
+        write_atomic(fs.as_ref(), &dir.join(MANIFEST_FILE), &manifest.encode())?;
         if let Some(parent) = dir.parent() {
             fs.sync_dir(parent)?;
         }
         Ok(())
     })();
     if let Err(e) = made {
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = fs.remove_tree(&dir);
         if kind != FailoverKind::Test {
             let _ = image.store().set_promotion(None);
         }
@@ -233,14 +231,17 @@ pub fn made_by(man: &Manifest, replica: &str, kind: FailoverKind) -> bool {
 /// The manifest of machine `name`, refused unless it exists.
 fn manifest_of(site: &Site, name: &str) -> Result<Manifest> {
     let dir = site.machine_dir(name)?;
-    if !dir.join(MANIFEST_FILE).exists() {
+    if !site.storage().exists(&dir.join(MANIFEST_FILE)) {
         return Err(Error::NotFound(format!("this site has no machine {name}")));
     }
-    Machine::read_manifest(&FileStorage, &dir)
+    Machine::read_manifest(site.storage().as_ref(), &dir)
 }
 
 fn pending_of(site: &Site, name: &str) -> Result<(Manifest, Pending, Base)> {
-    if !site.machine_dir(name)?.join(MANIFEST_FILE).exists() {
+    if !site
+        .storage()
+        .exists(&site.machine_dir(name)?.join(MANIFEST_FILE))
+    {
         return Err(Error::InvalidInput(format!(
             "{name} has no failover pending (it is not a machine of this site; nothing to \
              commit, change or cancel)"
@@ -258,11 +259,18 @@ fn pending_of(site: &Site, name: &str) -> Result<(Manifest, Pending, Base)> {
     }
 }
 
-/// Remove machine directory `dir` durably.
-fn remove_machine_dir(dir: &Path) -> Result<()> {
-    std::fs::remove_dir_all(dir).map_err(|e| Error::io("remove", dir, e))?;
+/// Remove machine directory `dir` of `site` durably: its manifest first (from then
+/// on it is no machine, and a crash leaves none with parts missing), then the rest.
+pub(crate) fn remove_machine_dir(site: &Site, dir: &Path) -> Result<()> {
+    let fs = site.storage();
+    let manifest = dir.join(MANIFEST_FILE);
+    if fs.exists(&manifest) {
+        fs.remove_file(&manifest)?;
+        fs.sync_dir(dir)?;
+    }
+    fs.remove_tree(dir)?;
     match dir.parent() {
-        Some(p) => FileStorage.sync_dir(p),
+        Some(p) => fs.sync_dir(p),
         None => Ok(()),
     }
 }
@@ -281,7 +289,7 @@ pub fn cancel(host: &dyn Host, name: &str) -> Result<u64> {
     let replica = host.replicas().open_readonly(name)?;
     let promotion = replica.promotion()?;
     let dir = site.machine_dir(name)?;
-    if !dir.join(MANIFEST_FILE).exists() {
+    if !site.storage().exists(&dir.join(MANIFEST_FILE)) {
         // A cancel that died after removing the machine: finish it.
         return match promotion {
             Some(p) if !p.committed => {
@@ -302,7 +310,7 @@ pub fn cancel(host: &dyn Host, name: &str) -> Result<u64> {
     }
     let dropped = written_since(host, name)?;
     host.close(name)?;
-    remove_machine_dir(&dir)?;
+    remove_machine_dir(site, &dir)?;
     replica.set_promotion(None)?;
     Ok(dropped)
 }
@@ -339,18 +347,20 @@ fn move_to_point(
     let site = host.site();
     let point = image.point().clone();
     let dir = site.machine_dir(name)?;
-    let fs = FileStorage;
+    let fs = site.storage();
     let jdir = dir.join(JOURNAL_DIR);
-    // The journal first (every record of the dropped writes), then the watermark,
-    // then the manifest: a crash leaves the old point with no writes, or the new.
-    for f in fs.list_dir(&jdir)? {
+    // The journal first (every record of the dropped writes), newest segment first
+    // so that what a crash leaves is a prefix of it, then the watermark, then the
+    // manifest: a crash leaves the old point with a prefix of its writes (the
+    // change not made), or the new point with none.
+    for f in fs.list_dir(&jdir)?.into_iter().rev() {
         if f != WATERMARK_FILE {
             fs.remove_file(&jdir.join(f))?;
         }
     }
     fs.sync_dir(&jdir)?;
     write_atomic(
-        &fs,
+        fs.as_ref(),
         &jdir.join(WATERMARK_FILE),
         &Watermark {
             lsn: point.lsn,
@@ -363,7 +373,7 @@ fn move_to_point(
         time_ns: point.time_ns,
         ..base
     });
-    write_atomic(&fs, &dir.join(MANIFEST_FILE), &manifest.encode())?;
+    write_atomic(fs.as_ref(), &dir.join(MANIFEST_FILE), &manifest.encode())?;
     if let Some(mut p) = promotion {
         p.lsn = point.lsn;
         image.store().set_promotion(Some(&p))?;
@@ -376,6 +386,11 @@ fn move_to_point(
 /// local files and the replica is removed.
 pub fn commit(host: &dyn Host, name: &str, job: &mut JobHandle) -> Result<()> {
     let site = host.site();
+    if let Some(finished) = unfinished_commit(host, name)? {
+        job.step("commit");
+        job.step_done(Some(finished))?;
+        return fold(host, name, job);
+    }
     let (_, pending, base) = pending_of(site, name)?;
     let store = host.replicas().open_readonly(&base.replica)?;
     job.step("commit");
@@ -403,6 +418,40 @@ pub fn commit(host: &dyn Host, name: &str, job: &mut JobHandle) -> Result<()> {
     fold(host, name, job)
 }
 
+/// A commit of `name` that stopped (a crash, a failed fold) after the replica's
+/// promotion record and the machine's manifest said committed: what it left to do
+/// is the fold and the replica's removal. Some(what was done) when that is so.
+fn unfinished_commit(host: &dyn Host, name: &str) -> Result<Option<String>> {
+    let site = host.site();
+    if !site
+        .storage()
+        .exists(&site.machine_dir(name)?.join(MANIFEST_FILE))
+    {
+        return Ok(None);
+    }
+    let man = manifest_of(site, name)?;
+    if man.pending.is_some() || man.role != Role::Primary {
+        return Ok(None);
+    }
+    // Its own replica (a test copy's base is another name, and a test copy is no
+    // primary), promoted to this generation and committed.
+    let replica = man.base.as_ref().map_or(name, |b| b.replica.as_str());
+    if replica != name || !host.replicas().has(name) {
+        return Ok(None);
+    }
+    let committed = host
+        .replicas()
+        .open_readonly(name)?
+        .promotion()?
+        .filter(|p| p.committed && p.generation == man.generation);
+    Ok(committed.map(|p| {
+        format!(
+            "{} failover at LSN {} was committed before; finishing it",
+            p.kind, p.lsn
+        )
+    }))
+}
+
 /// Write the parents of `name` (standing on a replica point) as local parent
 /// images, verified against the point's digests, swap them in, and remove the
 /// replica once nothing else stands on it.
@@ -410,18 +459,22 @@ pub fn fold(host: &dyn Host, name: &str, job: &mut JobHandle) -> Result<()> {
     let site = host.site();
     let manifest = manifest_of(site, name)?;
     let Some(base) = manifest.base.clone() else {
+        // Folded before; the replica may be left (a crash before its removal).
+        if host.replicas().has(name) && !stands_on(site, name)? {
+            job.step("remove replica");
+            host.replicas().remove(name)?;
+            job.step_done(Some(format!("replica {name} removed")))?;
+        }
         return Ok(());
     };
     job.step("fold");
     let dir = site.machine_dir(name)?;
     let work = dir.join("fold");
-    if work.exists() {
-        std::fs::remove_dir_all(&work).map_err(|e| Error::io("remove", &work, e))?;
-    }
+    let fs = site.storage();
+    fs.remove_tree(&work)?;
     let image = PointImage::open_exact(host.replicas().open_readonly(&base.replica)?, base.lsn)?;
-    let restored = crate::replica::restore::restore(&image, &work, &|_, _| {})?;
+    let restored = crate::replica::restore::restore_on(fs.as_ref(), &image, &work, &|_, _| {})?;
     drop(image);
-    let fs = FileStorage;
     let mut parents: Vec<Arc<dyn crate::storage::StorageFile>> = Vec::new();
     for d in &manifest.disks {
         let from = work.join(format!("{}.img", d.name));
@@ -430,7 +483,7 @@ pub fn fold(host: &dyn Host, name: &str, job: &mut JobHandle) -> Result<()> {
         parents.push(fs.open(&to, crate::storage::OpenMode::ReadWrite)?);
     }
     fs.sync_dir(&dir.join(DISKS_DIR))?;
-    let _ = std::fs::remove_dir(&work);
+    let _ = fs.remove_dir(&work);
     let m = host.machine(name)?;
     // From here on the machine remembers what it changes since the point — and
     // what the replica had after it, which its old primary wrote — so that a
@@ -497,12 +550,10 @@ pub fn reconcile(site: &Site, replicas: &Replicas) -> Result<Vec<String>> {
             continue;
         };
         let machine = site.machine_dir(&r)?;
-        if p.committed || machine.join(MANIFEST_FILE).exists() {
+        if p.committed || site.storage().exists(&machine.join(MANIFEST_FILE)) {
             continue;
         }
-        if machine.exists() {
-            std::fs::remove_dir_all(&machine).map_err(|e| Error::io("remove", &machine, e))?;
-        }
+        remove_machine_dir(site, &machine)?;
         store.set_promotion(None)?;
         tracing::warn!(
             replica = %r,
@@ -519,9 +570,10 @@ pub fn stands_on(site: &Site, replica: &str) -> Result<bool> {
     for m in site.machines()? {
         // Changes to other machines go on meanwhile (serve locks per name): one
         // removed since the listing stands on nothing.
-        let man = match Machine::read_manifest(&FileStorage, &site.machine_dir(&m)?) {
+        let dir = site.machine_dir(&m)?;
+        let man = match Machine::read_manifest(site.storage().as_ref(), &dir) {
             Ok(man) => man,
-            Err(_) if !site.machine_dir(&m)?.join(MANIFEST_FILE).exists() => continue,
+            Err(_) if !site.storage().exists(&dir.join(MANIFEST_FILE)) => continue,
             Err(e) => return Err(e),
         };
         if man.base.as_ref().is_some_and(|b| b.replica == replica) {
@@ -552,7 +604,7 @@ pub fn cleanup_test(host: &dyn Host, replica: &str, name: &str) -> Result<Base> 
         )));
     }
     host.close(name)?;
-    remove_machine_dir(&site.machine_dir(name)?)?;
+    remove_machine_dir(site, &site.machine_dir(name)?)?;
     Ok(base)
 }
 
@@ -575,7 +627,7 @@ pub struct Offline {
 
 impl Offline {
     pub fn new(site: Site) -> Result<Offline> {
-        let replicas = Replicas::local(site.path())?;
+        let replicas = site.replicas()?;
         Ok(Offline {
             site,
             replicas,

@@ -246,7 +246,7 @@ pub fn run_as(
     let job_id = id.clone();
     job.finish(|| {
         let man = Machine::read_manifest(
-            &crate::storage::FileStorage,
+            host.site().storage().as_ref(),
             &host.site().machine_dir(name)?,
         )?;
         match (&man.fence, &man.intent) {

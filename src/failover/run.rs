@@ -26,6 +26,13 @@ fn reply(detail: String, job: &str, lsn: Option<u64>) -> Reply {
     }
 }
 
+/// Begin the job of `kind` for `machine` as `spec` says, recorded on the site's
+/// storage.
+fn start(host: &dyn Host, spec: &JobSpec, kind: JobKind, machine: &str) -> Result<JobHandle> {
+    let site = host.site();
+    spec.start_on(site.storage(), site.path(), kind, Some(machine))
+}
+
 /// Run `work` as job `job`; a failure ends the job with it (and names the job).
 fn as_job<T>(
     job: JobHandle,
@@ -73,8 +80,7 @@ pub fn failover_as(
     as_name: Option<&str>,
     spec: &JobSpec,
 ) -> Result<Reply> {
-    let site = host.site().path().to_path_buf();
-    let job = spec.start(&site, super::job_kind(kind), Some(machine))?;
+    let job = start(host, spec, super::job_kind(kind), machine)?;
     let (job, promoted) = as_job(job, |job| {
         job.step(PROMOTE_STEP);
         let p = super::promote(host.site(), host.replicas(), machine, at, kind, as_name)?;
@@ -169,8 +175,7 @@ pub fn verify_existing(
     spec: &JobSpec,
 ) -> Result<Reply> {
     crate::names::validate_name("machine", name)?;
-    let site = host.site().path().to_path_buf();
-    let job = spec.start(&site, super::job_kind(kind), Some(machine))?;
+    let job = start(host, spec, super::job_kind(kind), machine)?;
     let (job, lsn) = as_job(job, |job| {
         job.step("find the promotion made before");
         let man = super::manifest_of(host.site(), name)?;
@@ -241,8 +246,7 @@ pub fn cleanup_test(
         .map(str::to_string)
         .unwrap_or_else(|| super::test_name(machine));
     crate::names::validate_name("test copy", &name)?;
-    let site = host.site().path().to_path_buf();
-    let job = JobHandle::start(&site, JobKind::CleanupTest, Some(machine))?;
+    let job = start(host, &JobSpec::default(), JobKind::CleanupTest, machine)?;
     let replica_before = host
         .replicas()
         .open_readonly(machine)
@@ -259,7 +263,11 @@ pub fn cleanup_test(
     })?;
     let id = job.id().to_string();
     job.finish(|| {
-        if host.site().machine_dir(&name)?.exists() {
+        if host
+            .site()
+            .storage()
+            .exists(&host.site().machine_dir(&name)?)
+        {
             return Err(Error::InvalidInput(format!("{name} is still there")));
         }
         let after = host
@@ -289,8 +297,7 @@ pub fn cleanup_test(
 
 /// Move the pending failover of `machine` to POINT `at`.
 pub fn change_point(host: &dyn Host, machine: &str, at: &str) -> Result<Reply> {
-    let site = host.site().path().to_path_buf();
-    let job = JobHandle::start(&site, JobKind::ChangePoint, Some(machine))?;
+    let job = start(host, &JobSpec::default(), JobKind::ChangePoint, machine)?;
     let (job, (lsn, dropped)) = as_job(job, |job| {
         job.step("change the point");
         let r = super::change_point(host, machine, at)?;
@@ -332,8 +339,7 @@ pub fn change_point(host: &dyn Host, machine: &str, at: &str) -> Result<Reply> {
 
 /// Cancel the pending unplanned failover of `machine`.
 pub fn cancel(host: &dyn Host, machine: &str) -> Result<Reply> {
-    let site = host.site().path().to_path_buf();
-    let job = JobHandle::start(&site, JobKind::Cancel, Some(machine))?;
+    let job = start(host, &JobSpec::default(), JobKind::Cancel, machine)?;
     let (job, dropped) = as_job(job, |job| {
         job.step("cancel");
         let d = super::cancel(host, machine)?;
@@ -344,12 +350,12 @@ pub fn cancel(host: &dyn Host, machine: &str) -> Result<Reply> {
     })?;
     let id = job.id().to_string();
     job.finish(|| {
-        if host
-            .site()
-            .machine_dir(machine)?
-            .join(crate::volume::MANIFEST_FILE)
-            .exists()
-        {
+        let site = host.site();
+        if site.storage().exists(
+            &site
+                .machine_dir(machine)?
+                .join(crate::volume::MANIFEST_FILE),
+        ) {
             return Err(Error::InvalidInput(format!(
                 "{machine} is still a machine here"
             )));
@@ -379,8 +385,7 @@ pub fn cancel(host: &dyn Host, machine: &str) -> Result<Reply> {
 
 /// Commit the pending failover of `machine`.
 pub fn commit(host: &dyn Host, machine: &str) -> Result<Reply> {
-    let site = host.site().path().to_path_buf();
-    let job = JobHandle::start(&site, JobKind::Commit, Some(machine))?;
+    let job = start(host, &JobSpec::default(), JobKind::Commit, machine)?;
     let (job, ()) = as_job(job, |job| super::commit(host, machine, job))?;
     let id = job.id().to_string();
     job.finish(|| {
@@ -465,17 +470,15 @@ pub fn handle(host: &dyn Host, req: &crate::control::Request) -> Result<Reply> {
 /// open it. All or nothing: on any error the promotion is undone (and the source,
 /// told so, takes writes again).
 pub fn planned_target(host: &dyn Host, machine: &str, lsn: u64, generation: u32) -> Result<Reply> {
-    let site = host.site().path().to_path_buf();
-    let job = JobHandle::start(&site, JobKind::FailoverPlanned, Some(machine))?;
+    let job = start(host, &JobSpec::default(), JobKind::FailoverPlanned, machine)?;
     let undo = |what: &str| {
-        let dir = host.site().machine_dir(machine);
-        if let Ok(d) = dir {
+        // The machine goes durably before the promotion record: never a writable
+        // machine beside a replica that takes the old generation again.
+        let gone = host.site().machine_dir(machine).and_then(|d| {
             let _ = host.close(machine);
-            if d.exists() {
-                let _ = std::fs::remove_dir_all(&d);
-            }
-        }
-        if let Ok(s) = host.replicas().open_readonly(machine) {
+            super::remove_machine_dir(host.site(), &d)
+        });
+        if let (Ok(()), Ok(s)) = (gone, host.replicas().open_readonly(machine)) {
             let _ = s.set_promotion(None);
         }
         tracing::warn!(machine, "planned failover undone: {what}");

@@ -306,21 +306,19 @@ impl ReplicaBackend for DirBackend {
         Ok(self.storage.exists(&self.path(key)?))
     }
 
+    /// A whole replica: its manifest first, durably (it vanishes at once for
+    /// readers, and a crash leaves no replica with parts missing), then the rest.
     fn delete_prefix(&self, prefix: &str) -> Result<()> {
         let dir = self.path(prefix)?;
-        fn walk(s: &dyn Storage, dir: &Path) -> Result<()> {
-            for f in s.list_dir(dir)? {
-                s.remove_file(&dir.join(f))?;
-            }
-            for d in s.list_dirs(dir)? {
-                walk(s, &dir.join(d))?;
-            }
-            s.remove_dir(dir)
-        }
         if !self.storage.exists(&dir) {
             return Ok(());
         }
-        walk(self.storage.as_ref(), &dir)?;
+        let manifest = dir.join(crate::replica::store::MANIFEST);
+        if self.storage.exists(&manifest) {
+            self.storage.remove_file(&manifest)?;
+            self.storage.sync_dir(&dir)?;
+        }
+        self.storage.remove_tree(&dir)?;
         match dir.parent() {
             Some(parent) => self.storage.sync_dir(parent),
             None => Ok(()),

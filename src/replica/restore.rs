@@ -124,24 +124,34 @@ enum Work {
 
 /// Restore the point `image` holds into `out`.
 pub fn restore(image: &PointImage, out: &Path, progress: &dyn Fn(u64, u64)) -> Result<Restored> {
-    let fs = FileStorage;
+    restore_on(&FileStorage, image, out, progress)
+}
+
+/// [`restore`] into directory `out` of `fs` (a failover's fold writes the parents
+/// through the site's storage).
+pub fn restore_on(
+    fs: &dyn Storage,
+    image: &PointImage,
+    out: &Path,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Restored> {
     let disks = image.disks().to_vec();
     for d in &disks {
         let fin = out.join(format!("{}.img", d.name));
-        if fin.exists() {
+        if fs.exists(&fin) {
             return Err(Error::AlreadyExists(format!(
                 "{} exists; restore into an empty directory",
                 fin.display()
             )));
         }
     }
-    let created_out = !out.exists();
+    let created_out = !fs.exists(out);
     fs.create_dir_all(out)?;
     let mut files: Vec<(PathBuf, PathBuf, Arc<dyn StorageFile>)> = Vec::new();
     let result = (|| -> Result<Restored> {
         for d in &disks {
             let partial = out.join(format!("{}.img.partial", d.name));
-            if partial.exists() {
+            if fs.exists(&partial) {
                 fs.remove_file(&partial)?;
             }
             let f = fs.open(&partial, OpenMode::CreateNew)?;

@@ -27,6 +27,8 @@ struct Countdowns {
     /// Changes of any kind still allowed before the power goes (then every change
     /// fails, for good).
     cut: Option<u64>,
+    /// Changes of any kind made so far.
+    changes: u64,
 }
 
 /// See the module documentation.
@@ -79,15 +81,22 @@ impl FaultyStorage {
     /// Remove every pending fault.
     pub fn heal(&self) {
         let mut f = self.faults.lock();
-        let (synced, sync_delay) = (f.synced, f.sync_delay);
+        let (synced, sync_delay, changes) = (f.synced, f.sync_delay, f.changes);
         *f = Countdowns::default();
         f.synced = synced;
         f.sync_delay = sync_delay;
+        f.changes = changes;
     }
 
     /// Injected failures carry `errno` (say ENOSPC for a full disk) instead of EIO.
     pub fn fail_with(&self, errno: i32) {
         self.faults.lock().errno = Some(errno);
+    }
+
+    /// Number of changes of any kind (the unit of [`FaultyStorage::cut_after`]) made
+    /// so far.
+    pub fn changes(&self) -> u64 {
+        self.faults.lock().changes
     }
 
     /// Number of successful file syncs (fdatasync) so far.
@@ -135,6 +144,7 @@ fn change(faults: &Mutex<Countdowns>, op: &'static str, path: &Path) -> Result<(
     if tick(cut, true, fired) {
         return Err(injected(op, path, f.errno));
     }
+    f.changes += 1;
     Ok(())
 }
 

@@ -97,6 +97,16 @@ impl Storage for FileStorage {
         Ok(names)
     }
 
+    /// `remove_dir_all` (any kind of entry, any name): a journalling file system
+    /// keeps the removals in order, so no sync is needed between them.
+    fn remove_tree(&self, dir: &Path) -> Result<()> {
+        match fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", dir, e)),
+        }
+    }
+
     fn remove_dir(&self, dir: &Path) -> Result<()> {
         match fs::remove_dir(dir) {
             Ok(()) => Ok(()),

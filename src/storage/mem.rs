@@ -11,7 +11,10 @@
 //! [`Storage::sync_dir`] of the directory that holds the name; a crash that drops
 //! unsynced writes goes back to the durable namespace (a file created and synced but
 //! whose directory was not is gone; a rename not followed by a directory sync is
-//! undone). Directories themselves are durable when made.
+//! undone). A tearing crash keeps, besides, a prefix of the namespace changes made
+//! since (each atomic: a rename moves both names at once), as a journalling file
+//! system commits them in order. Directories themselves are durable when made, and
+//! when removed (with the removals that emptied them).
 
 use super::{OpenMode, Storage, StorageFile};
 use crate::error::{Error, Result};
@@ -28,8 +31,13 @@ pub enum CrashMode {
     KeepAll,
     /// Drop every unsynced write.
     DropAll,
-    /// Keep, drop or cut short each unsynced write independently, from this seed.
+    /// Keep, drop or cut short each unsynced write independently, from this seed,
+    /// and keep a prefix of the unsynced namespace changes.
     Tear(u64),
+    /// Drop every unsynced write, keep every unsynced namespace change but the last
+    /// N: the journal had committed all but the operation in flight (and N - 1
+    /// before it).
+    DropLastNames(usize),
 }
 
 #[derive(Debug, Default)]
@@ -52,8 +60,14 @@ struct Fs {
     files: BTreeMap<PathBuf, Arc<Mutex<FileState>>>,
     /// The names a crash keeps: as of each directory's last sync.
     durable_files: BTreeMap<PathBuf, Arc<Mutex<FileState>>>,
+    /// The namespace changes not yet made durable by a sync of their directory, in
+    /// order; each one atomic (a rename is two names at once). A tearing crash keeps
+    /// a prefix of them, as a journalling file system commits them in order.
+    pending: Vec<Vec<(PathBuf, Binding)>>,
     dirs: BTreeSet<PathBuf>,
 }
+
+type Binding = Option<Arc<Mutex<FileState>>>;
 
 /// Locks held (see [`Storage::lock`]): within this process only, like flocks taken
 /// by one process through separate opens.
@@ -101,22 +115,45 @@ impl MemStorage {
     /// files, so callers should drop whatever used them first.
     pub fn crash(&self, mode: CrashMode) {
         let mut fs = self.fs.lock();
+        let mut rng = match mode {
+            CrashMode::Tear(seed) => seed | 1,
+            _ => 1,
+        };
+        let pending = std::mem::take(&mut fs.pending);
+        let kept = match mode {
+            CrashMode::KeepAll => pending.len(),
+            CrashMode::DropAll => 0,
+            CrashMode::DropLastNames(n) => pending.len().saturating_sub(n),
+            // Any prefix; half the time one that ends among the last few changes,
+            // where the operation the crash interrupted was.
+            CrashMode::Tear(_) => {
+                let n = pending.len() as u64;
+                match xorshift(&mut rng) % 2 {
+                    0 => (xorshift(&mut rng) % (n + 1)) as usize,
+                    _ => n.saturating_sub(xorshift(&mut rng) % 4) as usize,
+                }
+            }
+        };
+        for change in pending.into_iter().take(kept) {
+            for (name, binding) in change {
+                match binding {
+                    Some(st) => fs.durable_files.insert(name, st),
+                    None => fs.durable_files.remove(&name),
+                };
+            }
+        }
         if mode == CrashMode::KeepAll {
             fs.durable_files = fs.files.clone();
         } else {
             fs.files = fs.durable_files.clone();
         }
-        let mut rng = match mode {
-            CrashMode::Tear(seed) => seed | 1,
-            _ => 1,
-        };
         for state in fs.files.values() {
             let mut st = state.lock();
             let mut image = st.durable.clone();
             for (offset, data) in std::mem::take(&mut st.unsynced) {
                 let keep = match mode {
                     CrashMode::KeepAll => data.len(),
-                    CrashMode::DropAll => 0,
+                    CrashMode::DropAll | CrashMode::DropLastNames(_) => 0,
                     CrashMode::Tear(_) => match xorshift(&mut rng) % 3 {
                         0 => 0,
                         1 => data.len(),
@@ -170,6 +207,14 @@ fn apply(image: &mut Vec<u8>, offset: u64, data: &[u8]) {
     }
 }
 
+/// Drop from the pending namespace changes the names `durable` says are durable now.
+fn forget_pending(pending: &mut Vec<Vec<(PathBuf, Binding)>>, durable: impl Fn(&Path) -> bool) {
+    for change in pending.iter_mut() {
+        change.retain(|(p, _)| !durable(p));
+    }
+    pending.retain(|c| !c.is_empty());
+}
+
 fn not_found(op: &'static str, path: &Path) -> Error {
     Error::io(op, path, io::ErrorKind::NotFound.into())
 }
@@ -188,6 +233,8 @@ impl Storage for MemStorage {
                 }
                 let st = Arc::new(Mutex::new(FileState::default()));
                 fs.files.insert(path.to_path_buf(), st.clone());
+                fs.pending
+                    .push(vec![(path.to_path_buf(), Some(st.clone()))]);
                 st
             }
             (_, Some(st)) => st.clone(),
@@ -227,8 +274,9 @@ impl Storage for MemStorage {
         let mut fs = self.fs.lock();
         fs.files
             .remove(path)
-            .map(|_| ())
-            .ok_or_else(|| not_found("remove", path))
+            .ok_or_else(|| not_found("remove", path))?;
+        fs.pending.push(vec![(path.to_path_buf(), None)]);
+        Ok(())
     }
 
     fn rename(&self, from: &Path, to: &Path) -> Result<()> {
@@ -237,7 +285,11 @@ impl Storage for MemStorage {
             .files
             .remove(from)
             .ok_or_else(|| not_found("rename", from))?;
-        fs.files.insert(to.to_path_buf(), st);
+        fs.files.insert(to.to_path_buf(), st.clone());
+        fs.pending.push(vec![
+            (from.to_path_buf(), None),
+            (to.to_path_buf(), Some(st)),
+        ]);
         Ok(())
     }
 
@@ -255,6 +307,7 @@ impl Storage for MemStorage {
         for (p, st) in files.iter().filter(|(p, _)| p.parent() == Some(dir)) {
             durable_files.insert(p.clone(), st.clone());
         }
+        forget_pending(&mut fs.pending, |p| p.parent() == Some(dir));
         Ok(())
     }
 
@@ -284,6 +337,12 @@ impl Storage for MemStorage {
                 io::Error::from_raw_os_error(libc::ENOTEMPTY),
             ));
         }
+        // Directories are durable when made and when removed: so are the removals
+        // and renames that emptied this one (a journalling file system commits them
+        // before the rmdir), and a crash never brings back files without their
+        // directory.
+        fs.durable_files.retain(|p, _| !p.starts_with(dir));
+        forget_pending(&mut fs.pending, |p| p.starts_with(dir));
         fs.dirs.remove(dir);
         Ok(())
     }
@@ -297,7 +356,11 @@ impl Storage for MemStorage {
             .files
             .remove(from)
             .ok_or_else(|| not_found("rename", from))?;
-        fs.files.insert(to.to_path_buf(), st);
+        fs.files.insert(to.to_path_buf(), st.clone());
+        fs.pending.push(vec![
+            (from.to_path_buf(), None),
+            (to.to_path_buf(), Some(st)),
+        ]);
         Ok(true)
     }
 

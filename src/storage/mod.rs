@@ -65,6 +65,23 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn lock(&self, path: &Path, wait: bool) -> Result<Option<Box<dyn StorageLock>>>;
     /// Bytes free for new files where `path` lives (None: unknown).
     fn free_bytes(&self, path: &Path) -> Option<u64>;
+    /// Remove directory `dir` and everything in it (a missing one is fine),
+    /// bottom-up: each directory is synced once it is empty and before it goes, so a
+    /// crash never brings back a removed directory's files without it. The removal
+    /// of `dir` itself is durable after a `sync_dir` of its parent.
+    fn remove_tree(&self, dir: &Path) -> Result<()> {
+        if !self.exists(dir) {
+            return Ok(());
+        }
+        for d in self.list_dirs(dir)? {
+            self.remove_tree(&dir.join(d))?;
+        }
+        for f in self.list_dir(dir)? {
+            self.remove_file(&dir.join(f))?;
+        }
+        self.sync_dir(dir)?;
+        self.remove_dir(dir)
+    }
 }
 
 /// A held lock (see [`Storage::lock`]); released when dropped.

@@ -4,6 +4,7 @@
 pub mod pair;
 pub mod seaweed;
 pub mod serve;
+pub mod source;
 
 use replog::config::JournalConfig;
 use replog::storage::Storage;

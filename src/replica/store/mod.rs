@@ -52,7 +52,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub const REPLICAS_DIR: &str = "replicas";
-const MANIFEST: &str = "replica.meta";
+pub(crate) const MANIFEST: &str = "replica.meta";
 const RECEIVED: &str = "received";
 const PARENT_MARK: &str = "parent.meta";
 const RETENTION: &str = "retention.meta";
