@@ -616,11 +616,12 @@ pub fn ids_in(dir: &Path) -> Result<Vec<String>> {
 
 /// [`ids_in`] on `storage`.
 fn ids_on(storage: &dyn Storage, dir: &Path) -> Result<Vec<String>> {
-    if !storage.exists(dir) {
-        return Ok(Vec::new());
-    }
-    let mut ids: Vec<String> = storage
-        .list_dir(dir)?
+    let names = match storage.list_dir(dir) {
+        Ok(n) => n,
+        Err(e) if crate::storage::is_not_found(&e) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut ids: Vec<String> = names
         .into_iter()
         .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
         .filter(|n| check_id(n).is_ok())

@@ -19,7 +19,7 @@
 use crate::config::SiteConfig;
 use crate::error::{Error, Result};
 use crate::names::validate_name;
-use crate::storage::{FileStorage, Storage, StorageFile};
+use crate::storage::{FileStorage, OpenMode, Storage, StorageFile};
 use crate::volume::Machine;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -174,6 +174,38 @@ impl Site {
     /// Names of the site's machines.
     pub fn machines(&self) -> Result<Vec<String>> {
         list_machines_on(self.storage.as_ref(), &self.path)
+    }
+
+    /// Remove the machine directories without a manifest (a machine creation,
+    /// promotion or test copy that died before its commit point); the names removed.
+    /// Only a manifest known to be absent counts (not one that cannot be looked at).
+    /// A starting serve calls this before it opens anything.
+    pub fn remove_interrupted_creations(&self) -> Result<Vec<String>> {
+        let dir = self.path.join(MACHINES_DIR);
+        let fs = self.storage.as_ref();
+        let mut removed = Vec::new();
+        for name in fs.list_dirs(&dir)? {
+            if validate_name("machine", &name).is_err() {
+                continue;
+            }
+            let path = dir.join(&name);
+            match fs.open(&path.join(crate::volume::MANIFEST_FILE), OpenMode::ReadOnly) {
+                Ok(_) => continue,
+                Err(e) if crate::storage::is_not_found(&e) => {}
+                Err(e) => return Err(e),
+            }
+            fs.remove_tree(&path)?;
+            tracing::warn!(
+                "removed {}: a machine creation, promotion or test copy that died before \
+                 its manifest was written",
+                path.display()
+            );
+            removed.push(name);
+        }
+        if !removed.is_empty() {
+            fs.sync_dir(&dir)?;
+        }
+        Ok(removed)
     }
 
     /// The replicas this site keeps: in its object store if `[replica] store` names
@@ -378,42 +410,6 @@ pub fn check_private(file: &Path, holds: &str) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Remove the machine directories without a manifest under `site`: creations (or
-/// promotions, test copies) that died before their commit point. Only where nothing
-/// can be creating a machine meanwhile: `serve` calls it as it starts, holding the
-/// site. Returns the names removed.
-pub fn remove_interrupted_creations(site: &Path) -> Result<Vec<String>> {
-    let dir = site.join(MACHINES_DIR);
-    let mut removed = Vec::new();
-    for e in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
-        let e = e.map_err(|e| Error::io("list", &dir, e))?;
-        let Some(name) = e.file_name().to_str().map(str::to_string) else {
-            continue;
-        };
-        let path = e.path();
-        // Only a manifest known to be absent (not one that cannot be looked at).
-        let interrupted = validate_name("machine", &name).is_ok()
-            && path.is_dir()
-            && matches!(
-                path.join(crate::volume::MANIFEST_FILE).try_exists(),
-                Ok(false)
-            );
-        if interrupted {
-            fs::remove_dir_all(&path).map_err(|e| Error::io("remove", &path, e))?;
-            tracing::warn!(
-                "removed {}: a machine creation, promotion or test copy that died before \
-                 its manifest was written",
-                path.display()
-            );
-            removed.push(name);
-        }
-    }
-    if !removed.is_empty() {
-        crate::storage::Storage::sync_dir(&crate::storage::FileStorage, &dir)?;
-    }
-    Ok(removed)
 }
 
 /// Machine names under a site directory (no lock needed: a read-only listing).

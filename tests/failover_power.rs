@@ -272,6 +272,12 @@ fn check(w: &World, h: &Offline, done: &Done, final_lsn: u64, what: &str) {
         })
         .map(|r| r.unwrap_or_else(|e| panic!("{what}: {VM}'s manifest: {e}")));
     let replica = h.replicas().has(VM);
+    // Nothing is left of a replica removed or created only in part.
+    let replica_dir = site.path().join("replicas").join(VM);
+    assert!(
+        replica || !site.storage().exists(&replica_dir),
+        "{what}: a replica directory without its manifest"
+    );
     let promotion = if replica {
         h.replicas()
             .open_readonly(VM)
@@ -308,7 +314,9 @@ fn check(w: &World, h: &Offline, done: &Done, final_lsn: u64, what: &str) {
             "{what}: the test copy's disks"
         );
     }
-    // A job that says it succeeded has its end state (unless a later job changed it).
+    // A job that says it succeeded has its end state, unless a later step's job
+    // exists (in any state: begun is enough to have changed it — a cleanup removes
+    // the test copy, a cancel the machine — before its own record said so).
     let jobs = replog::jobs::list_on(site.storage().as_ref(), site.path()).expect("jobs");
     let any = |k: JobKind| jobs.iter().any(|j| j.kind == k);
     for j in jobs.iter().filter(|j| j.state == JobState::Succeeded) {
@@ -361,15 +369,17 @@ fn cut_everywhere(
     let (changes, _) = uncut(&w, ops);
     assert!(changes > 100, "{name}: only {changes} changes");
     let mut cuts = 0;
-    for pass in 0..4 {
+    for pass in 0..5 {
         for n in 0..changes + 10 {
             // Everything unsynced dropped; or each unsynced write kept, dropped or cut
             // short, and a prefix of the unsynced namespace changes kept; or the
-            // namespace changes kept but the last one or two.
+            // namespace changes kept but the last one or two; or everything kept (the
+            // process died, not the machine).
             let mode = match pass {
                 0 => CrashMode::DropAll,
                 1 => CrashMode::Tear(n.wrapping_mul(0x9E37_79B9) + 31),
-                p => CrashMode::DropLastNames(p - 1),
+                2 | 3 => CrashMode::DropLastNames(pass - 1),
+                _ => CrashMode::KeepAll,
             };
             let fs = FaultyStorage::new();
             let mut done = Done::default();
@@ -385,7 +395,10 @@ fn cut_everywhere(
                 "{name}, {mode:?}, cut at change {n} in step {}",
                 done.reached
             );
+            // As a starting serve does.
             let site = open_site(w.site_dir.path(), &fs);
+            site.remove_interrupted_creations()
+                .unwrap_or_else(|e| panic!("{what}: interrupted creations: {e}"));
             let replicas = site.replicas().expect("replicas");
             failover::reconcile(&site, &replicas)
                 .unwrap_or_else(|e| panic!("{what}: reconcile: {e}"));

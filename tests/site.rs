@@ -128,7 +128,8 @@ fn interrupted_creations_are_removed_and_machines_kept() {
     let leftover = site.join("machines/vm1-test");
     std::fs::create_dir_all(leftover.join("journal")).expect("leftover");
     std::fs::create_dir_all(leftover.join("disks")).expect("leftover");
-    let removed = replog::site::remove_interrupted_creations(&site).expect("remove");
+    let opened = Site::open(&site).expect("site");
+    let removed = opened.remove_interrupted_creations().expect("remove");
     assert_eq!(removed, vec!["vm1-test".to_string()]);
     assert!(
         !leftover.exists(),
@@ -138,8 +139,5 @@ fn interrupted_creations_are_removed_and_machines_kept() {
         site.join("machines/vm1/machine.meta").exists(),
         "a machine was removed"
     );
-    Site::open(&site)
-        .expect("site")
-        .open_machine("vm1")
-        .expect("vm1 opens");
+    opened.open_machine("vm1").expect("vm1 opens");
 }

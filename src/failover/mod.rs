@@ -201,8 +201,11 @@ pub fn promote(
         Ok(())
     })();
     if let Err(e) = made {
-        let _ = fs.remove_tree(&dir);
-        if kind != FailoverKind::Test {
+        // The machine goes (manifest first) before the record: never a writable
+        // machine beside a replica that takes the old generation again. If it cannot
+        // go, the record stays and the next start's reconcile decides.
+        let gone = remove_machine_dir(site, &dir);
+        if kind != FailoverKind::Test && gone.is_ok() {
             let _ = image.store().set_promotion(None);
         }
         return Err(e);
@@ -302,6 +305,11 @@ pub fn cancel(host: &dyn Host, name: &str) -> Result<u64> {
         };
     }
     let (_, pending, _) = pending_of(site, name)?;
+    if promotion.as_ref().is_some_and(|p| p.committed) {
+        return Err(Error::InvalidInput(format!(
+            "the failover of {name} was committed (a commit stopped before it ended): it              cannot be cancelled; finish it with `replog commit`"
+        )));
+    }
     if pending.kind != FailoverKind::Unplanned {
         return Err(Error::InvalidInput(format!(
             "{name} was failed over by a planned failover: its old primary is fenced, so \
@@ -540,9 +548,13 @@ fn foreign_ranges(
 }
 
 /// A promotion that died before its machine's manifest was written did not happen:
-/// its record goes (and the source may replicate again). Run before a site opens its
-/// machines and replicas. Returns the replicas it mended.
+/// its record goes (and the source may replicate again); what an interrupted
+/// creation or removal left of a replica (no manifest) goes too. Run before a site
+/// opens its machines and replicas. Returns the replicas it mended.
 pub fn reconcile(site: &Site, replicas: &Replicas) -> Result<Vec<String>> {
+    for r in replicas.backend().remove_leftovers()? {
+        tracing::warn!(replica = %r, "removed what an interrupted creation or removal left of replica {r}");
+    }
     let mut mended = Vec::new();
     for r in replicas.machines()? {
         let store = replicas.open_readonly(&r)?;
@@ -553,7 +565,9 @@ pub fn reconcile(site: &Site, replicas: &Replicas) -> Result<Vec<String>> {
         if p.committed || site.storage().exists(&machine.join(MANIFEST_FILE)) {
             continue;
         }
-        remove_machine_dir(site, &machine)?;
+        if site.storage().exists(&machine) {
+            remove_machine_dir(site, &machine)?;
+        }
         store.set_promotion(None)?;
         tracing::warn!(
             replica = %r,

@@ -91,7 +91,12 @@ pub fn run_as(
     }
     let target_id = rel.target_id()?;
     let generation = m.generation() + 1;
-    let mut job = spec.start(&site, JobKind::FailoverPlanned, Some(name))?;
+    let mut job = spec.start_on(
+        host.site().storage(),
+        &site,
+        JobKind::FailoverPlanned,
+        Some(name),
+    )?;
     let id = job.id().to_string();
     let started = Instant::now();
     if let Some(n) = note {

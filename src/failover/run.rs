@@ -474,15 +474,19 @@ pub fn planned_target(host: &dyn Host, machine: &str, lsn: u64, generation: u32)
     let undo = |what: &str| {
         // The machine goes durably before the promotion record: never a writable
         // machine beside a replica that takes the old generation again.
-        let gone = host.site().machine_dir(machine).and_then(|d| {
-            let _ = host.close(machine);
-            super::remove_machine_dir(host.site(), &d)
-        });
+        let gone = host
+            .site()
+            .machine_dir(machine)
+            .and_then(|d| host.close(machine).map(|()| d))
+            .and_then(|d| super::remove_machine_dir(host.site(), &d));
         if let (Ok(()), Ok(s)) = (gone, host.replicas().open_readonly(machine)) {
             let _ = s.set_promotion(None);
         }
         tracing::warn!(machine, "planned failover undone: {what}");
     };
+    // Once the promotion is made, any error undoes it (the source, told the failover
+    // failed, takes writes again).
+    let promoted = std::cell::Cell::new(false);
     let result = as_job(job, |job| {
         // Verified before anything is recorded: a crash at any step leaves either no
         // promotion (the primary takes writes again) or a verified one.
@@ -507,8 +511,8 @@ pub fn planned_target(host: &dyn Host, machine: &str, lsn: u64, generation: u32)
             FailoverKind::Planned,
             None,
         )?;
+        promoted.set(true);
         if p.generation != generation || p.lsn != lsn {
-            undo("generation or point differs");
             return Err(Error::InvalidInput(format!(
                 "asked for generation {generation} at LSN {lsn}; the replica gives generation \
                  {} at LSN {}",
@@ -520,14 +524,15 @@ pub fn planned_target(host: &dyn Host, machine: &str, lsn: u64, generation: u32)
             "{machine} at pt-{lsn}, generation {generation}: nothing copied"
         )))?;
         job.step("open the disks");
-        if let Err(e) = host.open(machine) {
-            undo(&e.to_string());
-            return Err(e);
-        }
+        host.open(machine)?;
         job.step_done(Some(format!("{machine} writable")))?;
         Ok(())
     });
-    let (job, ()) = result?;
+    let (job, ()) = result.inspect_err(|e| {
+        if promoted.get() {
+            undo(&e.to_string());
+        }
+    })?;
     let id = job.id().to_string();
     job.finish(|| {
         let m = host.machine(machine)?;
@@ -540,7 +545,10 @@ pub fn planned_target(host: &dyn Host, machine: &str, lsn: u64, generation: u32)
             ))),
         }
     })
-    .map_err(|e| with_job(e, &id))?;
+    .map_err(|e| {
+        undo(&e.to_string());
+        with_job(e, &id)
+    })?;
     count_failover(machine, FailoverKind::Planned);
     Ok(reply(
         format!("{machine} promoted at pt-{lsn} (generation {generation})"),

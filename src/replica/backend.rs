@@ -74,6 +74,12 @@ pub trait ReplicaBackend: Send + Sync + fmt::Debug {
     fn collect(&self, _machine: &str) -> Result<u64> {
         Ok(0)
     }
+    /// Remove what a creation or a removal cut short left of replicas (anything of a
+    /// machine without its manifest); the machines it cleaned. Only while nothing
+    /// else uses the store (a starting serve).
+    fn remove_leftovers(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Check a key: `/`-separated names, none empty, `.` or `..`, no NUL or leading `-`.
@@ -304,6 +310,26 @@ impl ReplicaBackend for DirBackend {
 
     fn exists(&self, key: &str) -> Result<bool> {
         Ok(self.storage.exists(&self.path(key)?))
+    }
+
+    fn remove_leftovers(&self) -> Result<Vec<String>> {
+        let mut cleaned = Vec::new();
+        for m in self.storage.list_dirs(&self.root)? {
+            let dir = self.root.join(&m);
+            if crate::names::validate_name("machine", &m).is_err()
+                || self
+                    .storage
+                    .exists(&dir.join(crate::replica::store::MANIFEST))
+            {
+                continue;
+            }
+            self.storage.remove_tree(&dir)?;
+            cleaned.push(m);
+        }
+        if !cleaned.is_empty() {
+            self.storage.sync_dir(&self.root)?;
+        }
+        Ok(cleaned)
     }
 
     /// A whole replica: its manifest first, durably (it vanishes at once for

@@ -114,7 +114,7 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
     )?;
     crate::site::check_private(&crate::site::replica_key_path(site_path)?, "a private key")?;
     crate::identity::finish_rotation(site_path)?;
-    crate::site::remove_interrupted_creations(site_path)?;
+    site.remove_interrupted_creations()?;
     let registry = Registry::new(site)?;
     for w in registry.identity().warnings(site_path) {
         tracing::warn!("{w}");

@@ -85,10 +85,12 @@ impl Storage for FileStorage {
         let mut names = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| Error::io("list", dir, e))?;
-            let is_dir = entry
+            let kind = entry
                 .file_type()
-                .map_err(|e| Error::io("stat", entry.path(), e))?
-                .is_dir();
+                .map_err(|e| Error::io("stat", entry.path(), e))?;
+            // A symbolic link to a directory counts as one (a machine's directory
+            // may be a link to another disk).
+            let is_dir = kind.is_dir() || (kind.is_symlink() && entry.path().is_dir());
             if let (true, Some(name)) = (is_dir, entry.file_name().to_str()) {
                 names.push(name.to_string());
             }

@@ -207,12 +207,28 @@ fn apply(image: &mut Vec<u8>, offset: u64, data: &[u8]) {
     }
 }
 
-/// Drop from the pending namespace changes the names `durable` says are durable now.
-fn forget_pending(pending: &mut Vec<Vec<(PathBuf, Binding)>>, durable: impl Fn(&Path) -> bool) {
-    for change in pending.iter_mut() {
-        change.retain(|(p, _)| !durable(p));
-    }
-    pending.retain(|c| !c.is_empty());
+/// The names `durable` says are durable now (their directory was synced, or
+/// removed): each pending change that touches one is durable as a whole — a rename
+/// moves both of its names at once — so its other names go into `durable_files`
+/// (those `durable` covers were taken from the live namespace already), and it
+/// leaves the pending list.
+fn forget_pending(
+    pending: &mut Vec<Vec<(PathBuf, Binding)>>,
+    durable_files: &mut BTreeMap<PathBuf, Arc<Mutex<FileState>>>,
+    durable: impl Fn(&Path) -> bool,
+) {
+    pending.retain(|change| {
+        if !change.iter().any(|(p, _)| durable(p)) {
+            return true;
+        }
+        for (p, binding) in change.iter().filter(|(p, _)| !durable(p)) {
+            match binding {
+                Some(st) => durable_files.insert(p.clone(), st.clone()),
+                None => durable_files.remove(p),
+            };
+        }
+        false
+    });
 }
 
 fn not_found(op: &'static str, path: &Path) -> Error {
@@ -307,7 +323,12 @@ impl Storage for MemStorage {
         for (p, st) in files.iter().filter(|(p, _)| p.parent() == Some(dir)) {
             durable_files.insert(p.clone(), st.clone());
         }
-        forget_pending(&mut fs.pending, |p| p.parent() == Some(dir));
+        let Fs {
+            pending,
+            durable_files,
+            ..
+        } = &mut *fs;
+        forget_pending(pending, durable_files, |p| p.parent() == Some(dir));
         Ok(())
     }
 
@@ -341,8 +362,13 @@ impl Storage for MemStorage {
         // and renames that emptied this one (a journalling file system commits them
         // before the rmdir), and a crash never brings back files without their
         // directory.
-        fs.durable_files.retain(|p, _| !p.starts_with(dir));
-        forget_pending(&mut fs.pending, |p| p.starts_with(dir));
+        let Fs {
+            pending,
+            durable_files,
+            ..
+        } = &mut *fs;
+        durable_files.retain(|p, _| !p.starts_with(dir));
+        forget_pending(pending, durable_files, |p| p.starts_with(dir));
         fs.dirs.remove(dir);
         Ok(())
     }
@@ -498,12 +524,57 @@ mod tests {
         assert_eq!(&buf, b"a");
         assert!(!fs.exists(Path::new("/d/b")));
         fs.remove_file(Path::new("/d/a")).unwrap();
-        fs.crash(CrashMode::Tear(3));
+        fs.crash(CrashMode::DropAll);
         assert!(fs.exists(Path::new("/d/a")));
         // A process crash (the kernel lives on) keeps every name.
         file(&fs, "/d/c", b"c");
         fs.crash(CrashMode::KeepAll);
         fs.crash(CrashMode::DropAll);
         assert!(fs.exists(Path::new("/d/c")));
+    }
+
+    #[test]
+    fn namespace_changes_survive_in_order_and_renames_whole() {
+        let fs = MemStorage::new();
+        for d in ["/x", "/y"] {
+            fs.create_dir_all(Path::new(d)).unwrap();
+        }
+        let names = |fs: &MemStorage| -> Vec<bool> {
+            ["/x/1", "/x/2", "/x/3"]
+                .iter()
+                .map(|p| fs.exists(Path::new(p)))
+                .collect()
+        };
+        // Three creations, none synced: all but the last one or two kept, in order.
+        for (drop, want) in [(1, [true, true, false]), (2, [true, false, false])] {
+            for n in 1..=3 {
+                file(&fs, &format!("/x/{n}"), b"n");
+            }
+            fs.crash(CrashMode::DropLastNames(drop));
+            assert_eq!(names(&fs), want, "all but the last {drop}");
+            fs.remove_tree(Path::new("/x")).unwrap();
+            fs.create_dir_all(Path::new("/x")).unwrap();
+        }
+        // A rename across directories is durable whole once either side is synced:
+        // the file is never under both names, nor under neither.
+        for synced in ["/x", "/y"] {
+            file(&fs, "/x/f", b"f");
+            fs.sync_dir(Path::new("/x")).unwrap();
+            fs.rename(Path::new("/x/f"), Path::new("/y/f")).unwrap();
+            fs.sync_dir(Path::new(synced)).unwrap();
+            fs.crash(CrashMode::DropAll);
+            assert!(!fs.exists(Path::new("/x/f")), "synced {synced}");
+            assert!(fs.exists(Path::new("/y/f")), "synced {synced}");
+            fs.remove_file(Path::new("/y/f")).unwrap();
+            fs.sync_dir(Path::new("/y")).unwrap();
+        }
+        // A removed directory does not come back, nor do its files.
+        fs.create_dir_all(Path::new("/x/sub")).unwrap();
+        file(&fs, "/x/sub/g", b"g");
+        fs.sync_dir(Path::new("/x/sub")).unwrap();
+        fs.remove_tree(Path::new("/x/sub")).unwrap();
+        fs.crash(CrashMode::DropAll);
+        assert!(!fs.exists(Path::new("/x/sub/g")));
+        assert!(!fs.exists(Path::new("/x/sub")));
     }
 }
