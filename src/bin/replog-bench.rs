@@ -345,9 +345,14 @@ fn run(args: &Args) -> Result<()> {
         {
             let target = replica::TargetSite::start(&b)?;
             if want("s3") {
-                let s3 = s3::S3Target::start(&b)?;
-                figures.push(b.s3_vs_local(&target, &s3)?);
-                figures.push(b.s3_fleet(&s3)?);
+                // Like for like first (one copy each side), then the store's own
+                // replication (three copies, the tests' setting).
+                let one = s3::S3Target::start(&b, 1)?;
+                figures.push(b.s3_vs_local(&target, &one)?);
+                drop(one);
+                let three = s3::S3Target::start(&b, 3)?;
+                figures.push(b.s3_vs_local(&target, &three)?);
+                figures.push(b.s3_fleet(&three)?);
             }
             if want("ship") {
                 figures.push(b.ship_throughput(&target)?);

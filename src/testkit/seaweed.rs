@@ -58,6 +58,8 @@ pub struct Cluster {
     master: (u16, u16),
     filer: (u16, u16),
     s3: (u16, u16),
+    /// SeaweedFS's replica placement for new volumes (`002`: three copies).
+    replication: String,
     pub volumes: Vec<Option<Child>>,
     others: Vec<(&'static str, Child)>,
 }
@@ -73,14 +75,21 @@ fn ports() -> (u16, u16) {
 }
 
 impl Cluster {
-    /// Start a cluster of `weed` under `dir` and create the bucket.
+    /// Start a cluster of `weed` under `dir` and create the bucket; its copies as
+    /// [`replication`] says.
     pub fn start(dir: &Path, weed: &Path) -> Result<Cluster> {
+        Self::start_with(dir, weed, &replication())
+    }
+
+    /// [`Cluster::start`] with replica placement `replication` (`000`: one copy;
+    /// `002`: three).
+    pub fn start_with(dir: &Path, weed: &Path, replication: &str) -> Result<Cluster> {
         // The ports are picked free, then bound by other processes a moment later: a
         // test beside this one may take one in between. Then a process dies; start
         // again elsewhere (the failed attempt's processes are stopped as it drops).
         let mut last = None;
         for attempt in 0..3 {
-            match Self::start_once(&dir.join(format!("attempt-{attempt}")), weed) {
+            match Self::start_once(&dir.join(format!("attempt-{attempt}")), weed, replication) {
                 Ok(c) => return Ok(c),
                 Err(e) => last = Some(e),
             }
@@ -88,7 +97,7 @@ impl Cluster {
         Err(last.unwrap_or_else(|| failed("no attempt".into())))
     }
 
-    fn start_once(dir: &Path, weed: &Path) -> Result<Cluster> {
+    fn start_once(dir: &Path, weed: &Path, replication: &str) -> Result<Cluster> {
         let io = |op: &'static str, p: &Path| {
             let p = p.to_path_buf();
             move |e| Error::io(op, p, e)
@@ -111,6 +120,7 @@ impl Cluster {
             master: ports(),
             filer: ports(),
             s3: ports(),
+            replication: replication.to_string(),
             volumes: Vec::new(),
             others: Vec::new(),
         };
@@ -123,7 +133,7 @@ impl Cluster {
             m,
             &[
                 &format!("-mdir={}", mdir.display()),
-                &format!("-defaultReplication={}", replication()),
+                &format!("-defaultReplication={}", c.replication),
                 "-volumeSizeLimitMB=256",
                 "-telemetry=false",
             ],
@@ -140,13 +150,34 @@ impl Cluster {
             f,
             &[
                 &format!("-master=127.0.0.1:{}.{}", m.0, m.1),
-                &format!("-defaultReplicaPlacement={}", replication()),
+                &format!("-defaultReplicaPlacement={}", c.replication),
             ],
         )?;
         c.others.push(("filer", filer));
         c.start_gateway()?;
         c.create_bucket()?;
         Ok(c)
+    }
+
+    /// The replica placement this cluster was started with.
+    pub fn replication(&self) -> &str {
+        &self.replication
+    }
+
+    /// Bytes the cluster's processes have caused to be written to disk so far
+    /// (`write_bytes` of `/proc/PID/io`, summed).
+    pub fn write_bytes(&self) -> u64 {
+        self.others
+            .iter()
+            .map(|(_, c)| c)
+            .chain(self.volumes.iter().flatten())
+            .filter_map(|c| std::fs::read_to_string(format!("/proc/{}/io", c.id())).ok())
+            .filter_map(|io| {
+                io.lines()
+                    .find_map(|l| l.strip_prefix("write_bytes:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .sum()
     }
 
     /// `weed ROLE` on 127.0.0.1 at `ports` (HTTP, gRPC), with `extra` flags.

