@@ -222,7 +222,12 @@ impl StorageFile for RealFile {
         let Ok(direct) = direct else {
             return self.write_at(&[data], offset);
         };
-        let mut bounce = vec![0u8; PIECE + ALIGN];
+        // Aligned buffers are reused (a fresh one costs a page fault per 4 KiB).
+        static SPARE: parking_lot::Mutex<Vec<Vec<u8>>> = parking_lot::Mutex::new(Vec::new());
+        let mut bounce = SPARE
+            .lock()
+            .pop()
+            .unwrap_or_else(|| vec![0u8; PIECE + ALIGN]);
         let start = bounce.as_ptr().align_offset(ALIGN).min(ALIGN);
         let mut done = 0usize;
         while done < aligned {
@@ -239,6 +244,12 @@ impl StorageFile for RealFile {
                 // the rest buffered.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
                 Err(e) => return Err(Error::io("write", &self.path, e)),
+            }
+        }
+        {
+            let mut spare = SPARE.lock();
+            if spare.len() < 4 {
+                spare.push(bounce);
             }
         }
         match data.get(done..) {
