@@ -307,7 +307,8 @@ pub fn cancel(host: &dyn Host, name: &str) -> Result<u64> {
     let (_, pending, _) = pending_of(site, name)?;
     if promotion.as_ref().is_some_and(|p| p.committed) {
         return Err(Error::InvalidInput(format!(
-            "the failover of {name} was committed (a commit stopped before it ended): it              cannot be cancelled; finish it with `replog commit`"
+            "the failover of {name} was committed (a commit stopped before it ended): it \
+             cannot be cancelled; finish it with `replog commit`"
         )));
     }
     if pending.kind != FailoverKind::Unplanned {
