@@ -436,7 +436,9 @@ fn cut_everywhere(
         }
     }
     assert!(cuts > 100, "{name}: only {cuts} cuts");
-    eprintln!("{name}: {cuts} power cuts, {refused_cancels} cancels of a committed failover refused");
+    eprintln!(
+        "{name}: {cuts} power cuts, {refused_cancels} cancels of a committed failover refused"
+    );
     refused_cancels
 }
 
