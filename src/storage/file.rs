@@ -202,9 +202,10 @@ impl StorageFile for RealFile {
     }
 
     /// Large writes at an aligned offset go around the page cache: the aligned part
-    /// through a second descriptor opened with O_DIRECT, in pieces copied into an
-    /// aligned buffer (the caller's need not be), the rest buffered. Where O_DIRECT
-    /// is refused (tmpfs, some file systems), all of it is written buffered.
+    /// through a second descriptor opened with O_DIRECT on the same file (through
+    /// `/proc/self/fd`, so a rename of the path cannot redirect it), in pieces copied
+    /// into an aligned buffer (the caller's need not be), the rest buffered. Where
+    /// O_DIRECT is refused (tmpfs, some file systems), all of it is written buffered.
     fn write_bulk(&self, data: &[u8], offset: u64) -> Result<()> {
         const ALIGN: usize = 4096;
         const PIECE: usize = 8 << 20;
@@ -217,7 +218,7 @@ impl StorageFile for RealFile {
             OpenOptions::new()
                 .write(true)
                 .custom_flags(libc::O_DIRECT)
-                .open(&self.path)
+                .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
         };
         let Ok(direct) = direct else {
             return self.write_at(&[data], offset);
