@@ -19,7 +19,7 @@
 use crate::config::SiteConfig;
 use crate::error::{Error, Result};
 use crate::names::validate_name;
-use crate::storage::{FileStorage, OpenMode, Storage, StorageFile};
+use crate::storage::{FileStorage, Storage, StorageFile};
 use crate::volume::Machine;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -182,28 +182,17 @@ impl Site {
     /// A starting serve calls this before it opens anything.
     pub fn remove_interrupted_creations(&self) -> Result<Vec<String>> {
         let dir = self.path.join(MACHINES_DIR);
-        let fs = self.storage.as_ref();
-        let mut removed = Vec::new();
-        for name in fs.list_dirs(&dir)? {
-            if validate_name("machine", &name).is_err() {
-                continue;
-            }
-            let path = dir.join(&name);
-            match fs.open(&path.join(crate::volume::MANIFEST_FILE), OpenMode::ReadOnly) {
-                Ok(_) => continue,
-                Err(e) if crate::storage::is_not_found(&e) => {}
-                Err(e) => return Err(e),
-            }
-            fs.remove_tree(&path)?;
+        let removed = crate::storage::remove_uncommitted_dirs(
+            self.storage.as_ref(),
+            &dir,
+            crate::volume::MANIFEST_FILE,
+        )?;
+        for name in &removed {
             tracing::warn!(
                 "removed {}: a machine creation, promotion or test copy that died before \
                  its manifest was written",
-                path.display()
+                dir.join(name).display()
             );
-            removed.push(name);
-        }
-        if !removed.is_empty() {
-            fs.sync_dir(&dir)?;
         }
         Ok(removed)
     }
@@ -212,18 +201,7 @@ impl Site {
     /// one, else in `SITE/replicas/` on the site's storage; with the site's replica
     /// key.
     pub fn replicas(&self) -> Result<crate::replica::store::Replicas> {
-        use crate::replica::store::{backend_at, Replicas, REPLICAS_DIR};
-        let key = self.replica_key()?;
-        Ok(match backend_at(&self.path)? {
-            Some(backend) => Replicas::new(backend, key),
-            None => Replicas::new(
-                Arc::new(crate::replica::backend::DirBackend::new(
-                    self.storage.clone(),
-                    self.path.join(REPLICAS_DIR),
-                )),
-                key,
-            ),
-        })
+        crate::replica::store::Replicas::local_on(self.storage.clone(), &self.path)
     }
 
     /// Create disk `machine/disk` (and the machine, if new) of `size` bytes, optionally

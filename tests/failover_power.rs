@@ -363,7 +363,7 @@ fn check(w: &World, h: &Offline, done: &Done, final_lsn: u64, what: &str) {
 }
 
 /// The scenario once without faults: how many changes it makes.
-fn uncut(w: &World, ops: &[Op]) -> (u64, Done) {
+fn uncut(w: &World, ops: &[Op]) -> u64 {
     let fs = FaultyStorage::new();
     let h = host(w, &fs);
     receive_all(h.replicas(), &w.src).expect("receive");
@@ -371,7 +371,7 @@ fn uncut(w: &World, ops: &[Op]) -> (u64, Done) {
     let before = fs.changes();
     run_ops(w, &h, ops, 0, false, &mut done);
     assert_eq!(done.reached, ops.len(), "the scenario fails without faults");
-    (fs.changes() - before, done)
+    fs.changes() - before
 }
 
 /// Cut the power at every change of `ops` in turn (every `stride`th), crash, reopen,
@@ -384,7 +384,7 @@ fn cut_everywhere(
 ) -> usize {
     let w = world();
     let final_lsn = w.points.0[final_point];
-    let (changes, _) = uncut(&w, ops);
+    let changes = uncut(&w, ops);
     assert!(changes > 100, "{name}: only {changes} changes");
     let (mut cuts, mut refused_cancels) = (0, 0);
     for pass in 0..5 {

@@ -262,20 +262,10 @@ fn pending_of(site: &Site, name: &str) -> Result<(Manifest, Pending, Base)> {
     }
 }
 
-/// Remove machine directory `dir` of `site` durably: its manifest first (from then
-/// on it is no machine, and a crash leaves none with parts missing), then the rest.
+/// Remove machine directory `dir` of `site` durably, its manifest first
+/// ([`crate::storage::remove_committed_dir`]).
 pub(crate) fn remove_machine_dir(site: &Site, dir: &Path) -> Result<()> {
-    let fs = site.storage();
-    let manifest = dir.join(MANIFEST_FILE);
-    if fs.exists(&manifest) {
-        fs.remove_file(&manifest)?;
-        fs.sync_dir(dir)?;
-    }
-    fs.remove_tree(dir)?;
-    match dir.parent() {
-        Some(p) => fs.sync_dir(p),
-        None => Ok(()),
-    }
+    crate::storage::remove_committed_dir(site.storage().as_ref(), dir, MANIFEST_FILE)
 }
 
 /// Bytes machine `name` changed since its point (each byte once, however often it

@@ -313,23 +313,11 @@ impl ReplicaBackend for DirBackend {
     }
 
     fn remove_leftovers(&self) -> Result<Vec<String>> {
-        let mut cleaned = Vec::new();
-        for m in self.storage.list_dirs(&self.root)? {
-            let dir = self.root.join(&m);
-            if crate::names::validate_name("machine", &m).is_err()
-                || self
-                    .storage
-                    .exists(&dir.join(crate::replica::store::MANIFEST))
-            {
-                continue;
-            }
-            self.storage.remove_tree(&dir)?;
-            cleaned.push(m);
-        }
-        if !cleaned.is_empty() {
-            self.storage.sync_dir(&self.root)?;
-        }
-        Ok(cleaned)
+        crate::storage::remove_uncommitted_dirs(
+            self.storage.as_ref(),
+            &self.root,
+            crate::replica::store::MANIFEST,
+        )
     }
 
     /// A whole replica: its manifest first, durably (it vanishes at once for
@@ -339,16 +327,11 @@ impl ReplicaBackend for DirBackend {
         if !self.storage.exists(&dir) {
             return Ok(());
         }
-        let manifest = dir.join(crate::replica::store::MANIFEST);
-        if self.storage.exists(&manifest) {
-            self.storage.remove_file(&manifest)?;
-            self.storage.sync_dir(&dir)?;
-        }
-        self.storage.remove_tree(&dir)?;
-        match dir.parent() {
-            Some(parent) => self.storage.sync_dir(parent),
-            None => Ok(()),
-        }
+        crate::storage::remove_committed_dir(
+            self.storage.as_ref(),
+            &dir,
+            crate::replica::store::MANIFEST,
+        )
     }
 
     fn delete(&self, keys: &[String]) -> Result<()> {

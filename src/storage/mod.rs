@@ -232,6 +232,52 @@ pub fn temp_name(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Remove directory `dir`, whose file `commit` says it is there (a machine's or a
+/// replica's manifest, written last when it was made): `commit` first, durably —
+/// from then on the directory is nothing, and a crash never leaves it with parts
+/// missing — then the rest, then the removal made durable in its parent.
+pub fn remove_committed_dir(storage: &dyn Storage, dir: &Path, commit: &str) -> Result<()> {
+    let c = dir.join(commit);
+    if storage.exists(&c) {
+        storage.remove_file(&c)?;
+        storage.sync_dir(dir)?;
+    }
+    storage.remove_tree(dir)?;
+    match dir.parent() {
+        Some(p) => storage.sync_dir(p),
+        None => Ok(()),
+    }
+}
+
+/// Remove the directories in `parent` whose names are machine names and that hold no
+/// file `commit` — known to be absent, not merely unreadable: what a creation or a
+/// removal cut short left (see [`remove_committed_dir`]). Only while nothing else
+/// creates such directories (a starting serve). Returns the names removed.
+pub fn remove_uncommitted_dirs(
+    storage: &dyn Storage,
+    parent: &Path,
+    commit: &str,
+) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for name in storage.list_dirs(parent)? {
+        if crate::names::validate_name("machine", &name).is_err() {
+            continue;
+        }
+        let dir = parent.join(&name);
+        match storage.open(&dir.join(commit), OpenMode::ReadOnly) {
+            Ok(_) => continue,
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e),
+        }
+        storage.remove_tree(&dir)?;
+        removed.push(name);
+    }
+    if !removed.is_empty() {
+        storage.sync_dir(parent)?;
+    }
+    Ok(removed)
+}
+
 /// True when `e` says a file or directory does not exist.
 pub fn is_not_found(e: &crate::error::Error) -> bool {
     matches!(e, crate::error::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 /// this is dropped).
 pub struct S3Target {
     cluster: Cluster,
+    /// Copies the store keeps of every object.
+    copies: u32,
     pub target: TargetSite,
 }
 
@@ -48,17 +50,11 @@ impl S3Target {
         cfg.replica.s3 = cluster.settings();
         cfg.replica.s3.credentials_file = cluster.credentials_file()?.display().to_string();
         let target = TargetSite::start_with(b, &format!("target-s3-{copies}"), cfg)?;
-        Ok(S3Target { cluster, target })
-    }
-
-    /// Copies the store keeps of every object.
-    fn copies(&self) -> u32 {
-        self.cluster
-            .replication()
-            .bytes()
-            .map(|b| u32::from(b.saturating_sub(b'0')))
-            .sum::<u32>()
-            + 1
+        Ok(S3Target {
+            cluster,
+            copies,
+            target,
+        })
     }
 }
 
@@ -91,7 +87,7 @@ impl Bench {
     /// Shipping `size` of sealed, incompressible segments to the S3 target against the
     /// same to the local-directory target, interleaved rounds.
     pub fn s3_vs_local(&mut self, local: &TargetSite, s3: &S3Target) -> Result<Figure> {
-        let copies = s3.copies();
+        let copies = s3.copies;
         let name = if copies == 1 {
             "S3 target, one copy: shipping throughput vs a local-directory target".to_string()
         } else {

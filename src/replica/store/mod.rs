@@ -468,11 +468,19 @@ impl Replicas {
     /// its `[replica] store` names; the site's replica key): no lock needed, restores
     /// read replicas while `serve` runs.
     pub fn local(path: &Path) -> Result<Self> {
+        Replicas::local_on(Arc::new(FileStorage), path)
+    }
+
+    /// [`Replicas::local`], a directory store kept on `storage` (the site's).
+    pub fn local_on(storage: Arc<dyn crate::storage::Storage>, path: &Path) -> Result<Self> {
         let key = crate::site::replica_key_at(path)?;
-        match backend_at(path)? {
-            Some(backend) => Ok(Replicas::new(backend, key)),
-            None => Ok(Replicas::with_key(path, key)),
-        }
+        Ok(match backend_at(path)? {
+            Some(backend) => Replicas::new(backend, key),
+            None => Replicas::new(
+                Arc::new(DirBackend::new(storage, path.join(REPLICAS_DIR))),
+                key,
+            ),
+        })
     }
 
     /// The replicas in `SITE/replicas/` of the site at `path`, with `key`.
