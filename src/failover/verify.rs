@@ -48,6 +48,13 @@ pub fn digests(image: &PointImage) -> Result<(Vec<u64>, u64)> {
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(2, 8);
+    // Consecutive chunks are mostly in the same segment, which is read and decrypted
+    // whole: so the workers' picks go round the `workers` spans of the work list in
+    // turn, and each worker mostly loads a segment of its own while the others load
+    // theirs (the k-th pick is item `spread(k)`).
+    let span = work.len().div_ceil(workers);
+    let picks = span * workers;
+    let spread = |k: usize| (k % workers) * span + k / workers;
     let results: Vec<Result<(Vec<u64>, u64)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
@@ -57,15 +64,18 @@ pub fn digests(image: &PointImage) -> Result<(Vec<u64>, u64)> {
                     let mut buf = vec![0u8; CHUNK_BYTES as usize];
                     loop {
                         let k = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&(disk, n)) = work.get(k) else {
+                        if k >= picks {
                             return Ok((acc, bytes));
+                        }
+                        let Some(&(disk, n)) = work.get(spread(k)) else {
+                            continue;
                         };
                         let size = disks.get(disk as usize).map_or(0, |d| d.size);
                         let at = n * CHUNK_BYTES;
                         let len = size.saturating_sub(at).min(CHUNK_BYTES) as usize;
                         let b = buf.get_mut(..len).unwrap_or(&mut []);
                         if let Err(e) = image.read(disk, at, b) {
-                            next.store(work.len(), Ordering::Relaxed);
+                            next.store(picks, Ordering::Relaxed);
                             return Err(e);
                         }
                         let Some(d) = acc.get_mut(disk as usize) else {

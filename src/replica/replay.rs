@@ -61,6 +61,57 @@ impl<K: PartialEq + Copy, V: Clone> Lru<K, V> {
     }
 }
 
+/// An [`Lru`] whose loads run outside its lock, so readers of different entries
+/// (a restore's or a verification's workers) read and decrypt in parallel, while
+/// readers of the same entry wait for the one load instead of repeating it.
+struct Cache<K, V> {
+    lru: Mutex<Lru<K, V>>,
+    /// Keys being loaded, each with the gate its loader holds.
+    loading: Mutex<Vec<(K, Arc<Mutex<()>>)>>,
+}
+
+impl<K: PartialEq + Copy, V: Clone> Cache<K, V> {
+    fn new(budget: usize) -> Self {
+        Cache {
+            lru: Mutex::new(Lru::new(budget)),
+            loading: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The entry for `k`, from the cache or from `load` (the value and its size).
+    /// A failed load is not cached: whoever waited for it tries again.
+    fn get_or_load(&self, k: K, load: impl FnOnce() -> Result<(V, usize)>) -> Result<V> {
+        if let Some(v) = self.lru.lock().get(k) {
+            return Ok(v);
+        }
+        let gate = {
+            let mut loading = self.loading.lock();
+            match loading.iter().find(|(key, _)| *key == k) {
+                Some((_, g)) => g.clone(),
+                None => {
+                    let g = Arc::new(Mutex::new(()));
+                    loading.push((k, g.clone()));
+                    g
+                }
+            }
+        };
+        let held = gate.lock();
+        // Loaded by the one this reader waited for?
+        if let Some(v) = self.lru.lock().get(k) {
+            return Ok(v);
+        }
+        let loaded = load();
+        if let Ok((v, size)) = &loaded {
+            self.lru.lock().put(k, v.clone(), *size);
+        }
+        self.loading
+            .lock()
+            .retain(|(key, g)| !(*key == k && Arc::ptr_eq(g, &gate)));
+        drop(held);
+        loaded.map(|(v, _)| v)
+    }
+}
+
 /// A parent chunk, decrypted (None: all zeroes), shared by the readers that need it.
 type Chunk = Arc<Option<Vec<u8>>>;
 
@@ -69,8 +120,8 @@ pub struct PointImage {
     store: ReplicaStore,
     point: ReplicaPoint,
     maps: Vec<ExtentMap>,
-    segments: Mutex<Lru<u64, Arc<Vec<u8>>>>,
-    chunks: Mutex<Lru<(u32, u64), Chunk>>,
+    segments: Cache<u64, Arc<Vec<u8>>>,
+    chunks: Cache<(u32, u64), Chunk>,
     _pin: Pin,
 }
 
@@ -169,8 +220,8 @@ impl PointImage {
             store,
             point,
             maps,
-            segments: Mutex::new(Lru::new(SEGMENT_CACHE)),
-            chunks: Mutex::new(Lru::new(CHUNK_CACHE)),
+            segments: Cache::new(SEGMENT_CACHE),
+            chunks: Cache::new(CHUNK_CACHE),
             _pin: held,
         })
     }
@@ -195,23 +246,17 @@ impl PointImage {
 
     /// Segment `seq`'s plain bytes, or a patch's (`PATCH_SEQ + n`) (cached).
     pub fn segment(&self, seq: u64) -> Result<Arc<Vec<u8>>> {
-        let mut cache = self.segments.lock();
-        if let Some(s) = cache.get(seq) {
-            return Ok(s);
-        }
-        let plain = Arc::new(self.store.read_layer(seq)?);
-        cache.put(seq, plain.clone(), plain.len());
-        Ok(plain)
+        self.segments.get_or_load(seq, || {
+            let plain = Arc::new(self.store.read_layer(seq)?);
+            let size = plain.len();
+            Ok((plain, size))
+        })
     }
 
     fn chunk(&self, disk: u32, n: u64) -> Result<Chunk> {
-        let mut cache = self.chunks.lock();
-        if let Some(c) = cache.get((disk, n)) {
-            return Ok(c);
-        }
-        let c = Arc::new(self.store.read_chunk(disk, n)?);
-        cache.put((disk, n), c.clone(), 1);
-        Ok(c)
+        self.chunks.get_or_load((disk, n), || {
+            Ok((Arc::new(self.store.read_chunk(disk, n)?), 1))
+        })
     }
 
     /// Read `buf.len()` bytes at `offset` of disk `disk` as they were at the point.
@@ -275,5 +320,72 @@ impl PointImage {
             done += take;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn cache_loads_each_entry_once_and_others_in_parallel() {
+        let cache: Cache<u64, u64> = Cache::new(1 << 20);
+        let loads = AtomicUsize::new(0);
+        let inside = AtomicUsize::new(0);
+        let most_inside = AtomicUsize::new(0);
+        let barrier = std::sync::Barrier::new(4);
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (cache, loads, inside, most, barrier) =
+                    (&cache, &loads, &inside, &most_inside, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    // Threads 0 and 1 want key 7, threads 2 and 3 key 8.
+                    let k = 7 + t / 2;
+                    let v = cache
+                        .get_or_load(k, || {
+                            loads.fetch_add(1, Ordering::SeqCst);
+                            // Wait (10 s at most) for the other key's load to be
+                            // under way too: it never is if loads are serialised.
+                            let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            let t0 = std::time::Instant::now();
+                            while most.load(Ordering::SeqCst) < 2
+                                && t0.elapsed() < std::time::Duration::from_secs(10)
+                            {
+                                std::thread::sleep(std::time::Duration::from_millis(1));
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(20));
+                            inside.fetch_sub(1, Ordering::SeqCst);
+                            Ok((k * 10, 1))
+                        })
+                        .unwrap();
+                    assert_eq!(v, k * 10);
+                });
+            }
+        });
+        assert_eq!(loads.load(Ordering::SeqCst), 2, "one load per key");
+        assert_eq!(
+            most_inside.load(Ordering::SeqCst),
+            2,
+            "the two keys loaded at the same time"
+        );
+    }
+
+    #[test]
+    fn a_failed_load_is_not_kept() {
+        let cache: Cache<u64, u64> = Cache::new(1 << 20);
+        assert!(cache
+            .get_or_load(1, || Err(Error::InvalidInput("disk gone".into())))
+            .is_err());
+        assert_eq!(cache.get_or_load(1, || Ok((5, 1))).unwrap(), 5);
+        assert_eq!(
+            cache.get_or_load(1, || Ok((6, 1))).unwrap(),
+            5,
+            "cached now"
+        );
+        assert!(cache.loading.lock().is_empty());
     }
 }

