@@ -392,7 +392,11 @@ fn run(args: &Args) -> Result<()> {
         if want("fio") {
             progress("FUSE figures: fio through replog serve --mount against a plain file");
             for f in fio::run_all(&work.path, &replog, args.quick, &args.serve_arg)? {
-                let note = "fio, median of interleaved runs".to_string();
+                let each: Vec<String> = f.rounds.iter().map(|r| format!("{r:.2}")).collect();
+                let note = format!(
+                    "fio, median of interleaved runs; each round's ratio {}",
+                    each.join("/")
+                );
                 figures.push(Figure::versus(&f.name, f.value, f.baseline, f.unit, note));
             }
         }

@@ -11,6 +11,9 @@ pub struct FioFigure {
     pub value: f64,
     pub baseline: f64,
     pub unit: &'static str,
+    /// Each interleaved round's ratio (replog / plain file run next to it): how far
+    /// the disk moved between rounds.
+    pub rounds: Vec<f64>,
 }
 
 /// A `replog serve` child, stopped (SIGTERM) when dropped.
@@ -272,11 +275,13 @@ pub fn run_all(
             let (bw, io) = fio(&disk, args)?;
             v.push(if iops { io } else { bw });
         }
+        let ratios = v.iter().zip(&b).map(|(v, b)| v / b).collect();
         out.push(FioFigure {
             name: name.to_string(),
             value: median(v),
             baseline: median(b),
             unit,
+            rounds: ratios,
         });
         Ok(())
     };
