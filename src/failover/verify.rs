@@ -11,7 +11,7 @@
 use crate::digest::{contribution, BLOCK};
 use crate::error::{Error, Result};
 use crate::index::Location;
-use crate::replica::replay::PointImage;
+use crate::replica::replay::{PointImage, SEGMENT_CACHE};
 use crate::replica::store::CHUNK_BYTES;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,11 +32,15 @@ pub fn digests(image: &PointImage) -> Result<(Vec<u64>, u64)> {
     let store = image.store();
     let disks = image.disks().to_vec();
     let mut work: Vec<(u32, u64)> = Vec::new();
+    // The end of the furthest payload read from any segment: about the size of the
+    // biggest segment, whole copies of which the readers cache.
+    let mut largest = 0u64;
     for d in &disks {
         let mut chunks: BTreeSet<u64> = store.stored_chunks(d.id)?.into_iter().collect();
         if let Some(map) = image.map(d.id) {
             for (start, e) in map.iter() {
-                if matches!(e.loc, Location::Segment { .. }) {
+                if let Location::Segment { offset, .. } = e.loc {
+                    largest = largest.max(offset + e.len);
                     let last = (start + e.len - 1) / CHUNK_BYTES;
                     chunks.extend(start / CHUNK_BYTES..=last);
                 }
@@ -49,12 +53,17 @@ pub fn digests(image: &PointImage) -> Result<(Vec<u64>, u64)> {
         .map_or(2, |n| n.get())
         .clamp(2, 8);
     // Consecutive chunks are mostly in the same segment, which is read and decrypted
-    // whole: so the workers' picks go round the `workers` spans of the work list in
-    // turn, and each worker mostly loads a segment of its own while the others load
-    // theirs (the k-th pick is item `spread(k)`).
-    let span = work.len().div_ceil(workers);
-    let picks = span * workers;
-    let spread = |k: usize| (k % workers) * span + k / workers;
+    // whole: so the workers' picks go round `spans` parts of the work list in turn,
+    // and the workers load different segments at once instead of waiting for the
+    // same one (the k-th pick is item `spread(k)`). No more parts than the readers'
+    // segment cache holds segments: each part keeps one in use, and more would evict
+    // each other's and load every segment again and again (one part when segments
+    // are bigger than half the cache: all workers in order, on one segment).
+    let fits = (SEGMENT_CACHE as u64 / largest.max(1)) as usize;
+    let spans = fits.clamp(1, workers);
+    let span = work.len().div_ceil(spans);
+    let picks = span * spans;
+    let spread = |k: usize| (k % spans) * span + k / spans;
     let results: Vec<Result<(Vec<u64>, u64)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {

@@ -244,6 +244,11 @@ impl ReplicaKey {
         path: &Path,
     ) -> Result<Vec<u8>> {
         self.open_in_place(SEGMENT_LABEL, VERSION, machine_id, seq, &mut buf, path)?;
+        // A buffer grown by doubling (an HTTP body read to its end) may hold twice
+        // what it carries; callers cache it by its length.
+        if buf.capacity() > buf.len() + buf.len() / 8 {
+            buf.shrink_to_fit();
+        }
         Ok(buf)
     }
 

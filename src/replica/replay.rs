@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// Decrypted segments kept for reads, in bytes.
-const SEGMENT_CACHE: usize = 256 << 20;
+pub(crate) const SEGMENT_CACHE: usize = 256 << 20;
 /// Decrypted parent chunks kept for reads.
 const CHUNK_CACHE: usize = 64;
 
@@ -50,7 +50,13 @@ impl<K: PartialEq + Copy, V: Clone> Lru<K, V> {
         Some(v)
     }
 
+    /// Keep `v` for `k` (replacing what `k` had: two readers may load it at once).
     fn put(&mut self, k: K, v: V, size: usize) {
+        if let Some(i) = self.entries.iter().position(|(key, _, _)| *key == k) {
+            if let Some((_, _, n)) = self.entries.remove(i) {
+                self.bytes -= n;
+            }
+        }
         self.entries.push_front((k, v, size));
         self.bytes += size;
         while self.bytes > self.budget && self.entries.len() > 1 {
@@ -62,12 +68,31 @@ impl<K: PartialEq + Copy, V: Clone> Lru<K, V> {
 }
 
 /// An [`Lru`] whose loads run outside its lock, so readers of different entries
-/// (a restore's or a verification's workers) read and decrypt in parallel, while
-/// readers of the same entry wait for the one load instead of repeating it.
+/// (a verification's workers, the readers of a point view) read and decrypt in
+/// parallel, while readers of the same entry wait for the one load instead of
+/// repeating it.
 struct Cache<K, V> {
     lru: Mutex<Lru<K, V>>,
     /// Keys being loaded, each with the gate its loader holds.
-    loading: Mutex<Vec<(K, Arc<Mutex<()>>)>>,
+    loading: Mutex<Vec<(K, Gate)>>,
+}
+
+type Gate = Arc<Mutex<()>>;
+
+/// A reader's gate for one key, unlisted when the reader is done with it, however
+/// that ends (a load that failed or panicked, or found the entry loaded meanwhile).
+struct Listed<'a, K: PartialEq> {
+    loading: &'a Mutex<Vec<(K, Gate)>>,
+    key: K,
+    gate: Gate,
+}
+
+impl<K: PartialEq> Drop for Listed<'_, K> {
+    fn drop(&mut self) {
+        self.loading
+            .lock()
+            .retain(|(k, g)| !(*k == self.key && Arc::ptr_eq(g, &self.gate)));
+    }
 }
 
 impl<K: PartialEq + Copy, V: Clone> Cache<K, V> {
@@ -84,31 +109,32 @@ impl<K: PartialEq + Copy, V: Clone> Cache<K, V> {
         if let Some(v) = self.lru.lock().get(k) {
             return Ok(v);
         }
-        let gate = {
+        let listed = {
             let mut loading = self.loading.lock();
-            match loading.iter().find(|(key, _)| *key == k) {
+            let gate = match loading.iter().find(|(key, _)| *key == k) {
                 Some((_, g)) => g.clone(),
                 None => {
-                    let g = Arc::new(Mutex::new(()));
+                    let g = Gate::default();
                     loading.push((k, g.clone()));
                     g
                 }
+            };
+            Listed {
+                loading: &self.loading,
+                key: k,
+                gate,
             }
         };
-        let held = gate.lock();
+        // Dropped before `listed` (declared after it): the gate is unlisted once
+        // nobody holds it through this reader.
+        let _held = listed.gate.lock();
         // Loaded by the one this reader waited for?
         if let Some(v) = self.lru.lock().get(k) {
             return Ok(v);
         }
-        let loaded = load();
-        if let Ok((v, size)) = &loaded {
-            self.lru.lock().put(k, v.clone(), *size);
-        }
-        self.loading
-            .lock()
-            .retain(|(key, g)| !(*key == k && Arc::ptr_eq(g, &gate)));
-        drop(held);
-        loaded.map(|(v, _)| v)
+        let (v, size) = load()?;
+        self.lru.lock().put(k, v.clone(), size);
+        Ok(v)
     }
 }
 
@@ -367,6 +393,7 @@ mod tests {
             }
         });
         assert_eq!(loads.load(Ordering::SeqCst), 2, "one load per key");
+        assert!(cache.loading.lock().is_empty(), "every gate unlisted");
         assert_eq!(
             most_inside.load(Ordering::SeqCst),
             2,
@@ -387,5 +414,37 @@ mod tests {
             "cached now"
         );
         assert!(cache.loading.lock().is_empty());
+    }
+
+    #[test]
+    fn a_reader_waiting_for_a_load_that_fails_loads_itself() {
+        let cache: Cache<u64, u64> = Cache::new(1 << 20);
+        let started = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            let failing = s.spawn(|| {
+                cache.get_or_load(3, || {
+                    started.wait();
+                    // Long enough for the other reader to be waiting at the gate.
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    Err(Error::InvalidInput("read failed".into()))
+                })
+            });
+            started.wait();
+            let waiting = cache.get_or_load(3, || Ok((30, 1)));
+            assert_eq!(waiting.unwrap(), 30);
+            assert!(failing.join().unwrap().is_err());
+        });
+        assert!(cache.loading.lock().is_empty());
+        assert_eq!(cache.lru.lock().entries.len(), 1);
+    }
+
+    #[test]
+    fn putting_a_key_again_replaces_it() {
+        let mut lru: Lru<u64, u64> = Lru::new(100);
+        lru.put(1, 10, 40);
+        lru.put(1, 11, 40);
+        assert_eq!(lru.entries.len(), 1);
+        assert_eq!(lru.bytes, 40);
+        assert_eq!(lru.get(1), Some(11));
     }
 }
