@@ -58,8 +58,10 @@ pub fn digests(image: &PointImage) -> Result<(Vec<u64>, u64)> {
     // same one (the k-th pick is item `spread(k)`). No more parts than the readers'
     // segment cache holds segments: each part keeps one in use, and more would evict
     // each other's and load every segment again and again (one part when segments
-    // are bigger than half the cache: all workers in order, on one segment).
-    let fits = (SEGMENT_CACHE as u64 / largest.max(1)) as usize;
+    // are over about half the cache: all workers in order, on one segment).
+    // A segment is a little more than its furthest payload (record headers, the
+    // footer): a quarter more is counted for it.
+    let fits = (SEGMENT_CACHE as u64 / (largest + largest / 4).max(1)) as usize;
     let spans = fits.clamp(1, workers);
     let span = work.len().div_ceil(spans);
     let picks = span * spans;
