@@ -118,17 +118,6 @@ impl ReplicaKey {
         self.seal_as(CHUNK_LABEL, VERSION, machine_id, id, plain)
     }
 
-    /// Decrypt and authenticate replica parent chunk `id`.
-    pub fn open_chunk(
-        &self,
-        machine_id: u64,
-        id: u64,
-        bytes: &[u8],
-        path: &Path,
-    ) -> Result<Vec<u8>> {
-        self.open_as(CHUNK_LABEL, machine_id, id, bytes, path)
-    }
-
     /// Encrypt the record index of segment `seq` (its body in this build's layout).
     pub fn seal_index(&self, machine_id: u64, seq: u64, plain: &[u8]) -> Result<Vec<u8>> {
         self.seal_as(INDEX_LABEL, INDEX_VERSION, machine_id, seq, plain)
@@ -229,14 +218,10 @@ impl ReplicaKey {
         Ok(())
     }
 
-    /// Decrypt and authenticate an encrypted segment; `path` names it in errors.
-    pub fn open(&self, machine_id: u64, seq: u64, bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
-        self.open_as(SEGMENT_LABEL, machine_id, seq, bytes, path)
-    }
-
-    /// [`open`](Self::open) of an encrypted segment read into `buf`, decrypted in
-    /// place: no second copy of a segment that may be 64 MiB.
-    pub fn open_owned(
+    /// Decrypt and authenticate an encrypted segment, read into `buf`; `path` names
+    /// it in errors. Decrypted in place: no second copy of a segment that may be
+    /// 64 MiB.
+    pub fn open(
         &self,
         machine_id: u64,
         seq: u64,
@@ -249,19 +234,6 @@ impl ReplicaKey {
         if buf.capacity() > buf.len() + buf.len() / 8 {
             buf.shrink_to_fit();
         }
-        Ok(buf)
-    }
-
-    fn open_as(
-        &self,
-        label: &[u8],
-        machine_id: u64,
-        seq: u64,
-        bytes: &[u8],
-        path: &Path,
-    ) -> Result<Vec<u8>> {
-        let mut buf = bytes.to_vec();
-        self.open_in_place(label, VERSION, machine_id, seq, &mut buf, path)?;
         Ok(buf)
     }
 
@@ -380,8 +352,7 @@ mod tests {
         let p = Path::new("x");
         let plain = b"segment bytes".repeat(100);
         let ct = k.seal(9, 3, &plain).unwrap();
-        assert_eq!(k.open(9, 3, &ct, p).unwrap(), plain);
-        assert_eq!(k.open_owned(9, 3, ct.clone(), p).unwrap(), plain);
+        assert_eq!(k.open(9, 3, ct.clone(), p).unwrap(), plain);
         assert!(
             !ct.windows(13).any(|w| w == b"segment bytes"),
             "plaintext visible"
@@ -389,18 +360,16 @@ mod tests {
         for i in 0..ct.len() {
             let mut bad = ct.clone();
             bad[i] ^= 1;
-            assert!(k.open(9, 3, &bad, p).is_err(), "flip at {i} accepted");
+            assert!(k.open(9, 3, bad, p).is_err(), "flip at {i} accepted");
         }
         assert!(
-            k.open(9, 4, &ct, p).is_err(),
+            k.open(9, 4, ct.clone(), p).is_err(),
             "a segment opened under another number"
         );
         assert!(
-            k.open(8, 3, &ct, p).is_err(),
+            k.open(8, 3, ct.clone(), p).is_err(),
             "a segment opened for another machine"
         );
-        assert!(ReplicaKey::from_bytes([8u8; 32])
-            .open(9, 3, &ct, p)
-            .is_err());
+        assert!(ReplicaKey::from_bytes([8u8; 32]).open(9, 3, ct, p).is_err());
     }
 }

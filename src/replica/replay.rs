@@ -17,7 +17,7 @@ use super::store::{ReplicaStore, CHUNK_BYTES};
 use crate::error::{Error, Result};
 use crate::format::meta::DiskEntry;
 use crate::index::{ExtentMap, Location, Piece};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -73,25 +73,22 @@ impl<K: PartialEq + Copy, V: Clone> Lru<K, V> {
 /// repeating it.
 struct Cache<K, V> {
     lru: Mutex<Lru<K, V>>,
-    /// Keys being loaded, each with the gate its loader holds.
-    loading: Mutex<Vec<(K, Gate)>>,
+    /// Keys being loaded; `loaded` is signalled whenever one leaves.
+    loading: Mutex<Vec<K>>,
+    loaded: Condvar,
 }
 
-type Gate = Arc<Mutex<()>>;
-
-/// A reader's gate for one key, unlisted when the reader is done with it, however
-/// that ends (a load that failed or panicked, or found the entry loaded meanwhile).
-struct Listed<'a, K: PartialEq> {
-    loading: &'a Mutex<Vec<(K, Gate)>>,
+/// A key listed as being loaded, unlisted (and its waiters woken) however the load
+/// ends: a value kept, an error, a panic.
+struct Loading<'a, K: PartialEq, V> {
+    cache: &'a Cache<K, V>,
     key: K,
-    gate: Gate,
 }
 
-impl<K: PartialEq> Drop for Listed<'_, K> {
+impl<K: PartialEq, V> Drop for Loading<'_, K, V> {
     fn drop(&mut self) {
-        self.loading
-            .lock()
-            .retain(|(k, g)| !(*k == self.key && Arc::ptr_eq(g, &self.gate)));
+        self.cache.loading.lock().retain(|k| *k != self.key);
+        self.cache.loaded.notify_all();
     }
 }
 
@@ -100,38 +97,31 @@ impl<K: PartialEq + Copy, V: Clone> Cache<K, V> {
         Cache {
             lru: Mutex::new(Lru::new(budget)),
             loading: Mutex::new(Vec::new()),
+            loaded: Condvar::new(),
         }
     }
 
     /// The entry for `k`, from the cache or from `load` (the value and its size).
-    /// A failed load is not cached: whoever waited for it tries again.
+    /// A failed load is not cached: a reader that waited for it loads itself.
     fn get_or_load(&self, k: K, load: impl FnOnce() -> Result<(V, usize)>) -> Result<V> {
         if let Some(v) = self.lru.lock().get(k) {
             return Ok(v);
         }
-        let listed = {
-            let mut loading = self.loading.lock();
-            let gate = match loading.iter().find(|(key, _)| *key == k) {
-                Some((_, g)) => g.clone(),
-                None => {
-                    let g = Gate::default();
-                    loading.push((k, g.clone()));
-                    g
-                }
-            };
-            Listed {
-                loading: &self.loading,
-                key: k,
-                gate,
-            }
-        };
-        // Dropped before `listed` (declared after it): the gate is unlisted once
-        // nobody holds it through this reader.
-        let _held = listed.gate.lock();
-        // Loaded by the one this reader waited for?
+        let mut loading = self.loading.lock();
+        // Looked up again under `loading`: a load that ended meanwhile kept its value
+        // before it was unlisted.
+        while loading.contains(&k) {
+            self.loaded.wait(&mut loading);
+        }
         if let Some(v) = self.lru.lock().get(k) {
             return Ok(v);
         }
+        loading.push(k);
+        drop(loading);
+        let _listed = Loading {
+            cache: self,
+            key: k,
+        };
         let (v, size) = load()?;
         self.lru.lock().put(k, v.clone(), size);
         Ok(v)
@@ -359,13 +349,12 @@ mod tests {
     fn cache_loads_each_entry_once_and_others_in_parallel() {
         let cache: Cache<u64, u64> = Cache::new(1 << 20);
         let loads = AtomicUsize::new(0);
-        let inside = AtomicUsize::new(0);
-        let most_inside = AtomicUsize::new(0);
+        // Loads that saw the other key's load under way while they ran.
+        let overlapped = AtomicUsize::new(0);
         let barrier = std::sync::Barrier::new(4);
         std::thread::scope(|s| {
             for t in 0..4u64 {
-                let (cache, loads, inside, most, barrier) =
-                    (&cache, &loads, &inside, &most_inside, &barrier);
+                let (cache, loads, overlapped, barrier) = (&cache, &loads, &overlapped, &barrier);
                 s.spawn(move || {
                     barrier.wait();
                     // Threads 0 and 1 want key 7, threads 2 and 3 key 8.
@@ -373,18 +362,18 @@ mod tests {
                     let v = cache
                         .get_or_load(k, || {
                             loads.fetch_add(1, Ordering::SeqCst);
-                            // Wait (10 s at most) for the other key's load to be
-                            // under way too: it never is if loads are serialised.
-                            let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
-                            most.fetch_max(now, Ordering::SeqCst);
+                            // Wait (10 s at most) for the other key's load to begin:
+                            // it never does while this one runs if loads are
+                            // serialised.
                             let t0 = std::time::Instant::now();
-                            while most.load(Ordering::SeqCst) < 2
+                            while loads.load(Ordering::SeqCst) < 2
                                 && t0.elapsed() < std::time::Duration::from_secs(10)
                             {
                                 std::thread::sleep(std::time::Duration::from_millis(1));
                             }
-                            std::thread::sleep(std::time::Duration::from_millis(20));
-                            inside.fetch_sub(1, Ordering::SeqCst);
+                            if loads.load(Ordering::SeqCst) >= 2 {
+                                overlapped.fetch_add(1, Ordering::SeqCst);
+                            }
                             Ok((k * 10, 1))
                         })
                         .unwrap();
@@ -393,12 +382,12 @@ mod tests {
             }
         });
         assert_eq!(loads.load(Ordering::SeqCst), 2, "one load per key");
-        assert!(cache.loading.lock().is_empty(), "every gate unlisted");
         assert_eq!(
-            most_inside.load(Ordering::SeqCst),
+            overlapped.load(Ordering::SeqCst),
             2,
             "the two keys loaded at the same time"
         );
+        assert!(cache.loading.lock().is_empty(), "every key unlisted");
     }
 
     #[test]

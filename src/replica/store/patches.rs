@@ -113,9 +113,7 @@ impl ReplicaStore {
             let ct = self.backend().get(&self.key_of(&rel))?.ok_or_else(|| {
                 Error::corruption(&path, 0, "patch data missing from the replica")
             })?;
-            return self
-                .key()
-                .open_owned(self.manifest.machine_id, seq, ct, &path);
+            return self.key().open(self.manifest.machine_id, seq, ct, &path);
         }
         self.read_segment(seq)
     }

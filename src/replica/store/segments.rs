@@ -34,7 +34,7 @@ impl ReplicaStore {
         let path = self.locate(&seg_rel(next));
         let taken = self
             .key()
-            .open_owned(self.manifest.machine_id, next, ct, &path)
+            .open(self.manifest.machine_id, next, ct, &path)
             .and_then(|plain| self.verify(next, &plain));
         match taken {
             Ok(index) => {
@@ -276,8 +276,7 @@ impl ReplicaStore {
                 "segment missing from the replica (deleted or lost)",
             )
         })?;
-        self.key()
-            .open_owned(self.manifest.machine_id, seq, ct, &path)
+        self.key().open(self.manifest.machine_id, seq, ct, &path)
     }
 }
 
