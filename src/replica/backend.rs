@@ -38,6 +38,14 @@ pub trait ReplicaBackend: Send + Sync + fmt::Debug {
     /// The whole object into `buf` (reused: no allocation once it is big enough);
     /// false, and `buf` untouched, if it does not exist.
     fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<bool>;
+    /// The first `len` bytes of the object (fewer if it is shorter), or None if it
+    /// does not exist.
+    fn get_head(&self, key: &str, len: usize) -> Result<Option<Vec<u8>>> {
+        Ok(self.get(key)?.map(|mut b| {
+            b.truncate(len);
+            b
+        }))
+    }
     /// Create or replace `key`, atomically and durably.
     fn put(&self, key: &str, bytes: &[u8]) -> Result<()>;
     /// Create `key` only if it does not exist; false (nothing written) if it does.
@@ -224,6 +232,19 @@ impl ReplicaBackend for DirBackend {
         let n = file.read_at(buf, 0)?;
         buf.truncate(n);
         Ok(true)
+    }
+
+    fn get_head(&self, key: &str, len: usize) -> Result<Option<Vec<u8>>> {
+        let path = self.path(key)?;
+        let file = match self.storage.open(&path, OpenMode::ReadOnly) {
+            Ok(f) => f,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut buf = vec![0u8; len];
+        let n = file.read_at(&mut buf, 0)?;
+        buf.truncate(n);
+        Ok(Some(buf))
     }
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {

@@ -36,6 +36,7 @@ pub const TAG_LEN: usize = 16;
 const SEGMENT_LABEL: &[u8] = b"replog segment ";
 const CHUNK_LABEL: &[u8] = b"replog parent chunk ";
 const INDEX_LABEL: &[u8] = b"replog segment index ";
+const HASHES_LABEL: &[u8] = b"replog chunk hashes ";
 /// The version of every encrypted file but indexes.
 const VERSION: u16 = 1;
 /// The version of index files this build writes (it reads 1 and 2).
@@ -116,6 +117,24 @@ impl ReplicaKey {
     /// of its own).
     pub fn seal_chunk(&self, machine_id: u64, id: u64, plain: &[u8]) -> Result<Vec<u8>> {
         self.seal_as(CHUNK_LABEL, VERSION, machine_id, id, plain)
+    }
+
+    /// Encrypt hash page `id` (`disk << 40 | page number`; see
+    /// `replica::store::hashes`).
+    pub fn seal_hashes(&self, machine_id: u64, id: u64, plain: &[u8]) -> Result<Vec<u8>> {
+        self.seal_as(HASHES_LABEL, VERSION, machine_id, id, plain)
+    }
+
+    /// Decrypt and authenticate hash page `id` held in `buf`, in place.
+    pub fn open_hashes_in_place(
+        &self,
+        machine_id: u64,
+        id: u64,
+        buf: &mut Vec<u8>,
+        path: &Path,
+    ) -> Result<()> {
+        self.open_in_place(HASHES_LABEL, VERSION, machine_id, id, buf, path)
+            .map(|_| ())
     }
 
     /// Encrypt the record index of segment `seq` (its body in this build's layout).
@@ -250,6 +269,20 @@ impl ReplicaKey {
             .map(|_| ())
     }
 
+    /// The AES-GCM nonce in the header of an encrypted file (its first
+    /// [`HEADER_LEN`] bytes), if they are a header: the magic and the header's
+    /// checksum hold. A parent chunk gets a fresh random nonce at every seal, so the
+    /// nonce names the sealed bytes without reading them.
+    pub fn header_nonce(head: &[u8]) -> Option<[u8; 12]> {
+        let head = head.get(..HEADER_LEN)?;
+        if head.get(..8)? != MAGIC
+            || crc32c::crc32c(head.get(..36)?).to_le_bytes() != *head.get(36..40)?
+        {
+            return None;
+        }
+        head.get(24..36)?.try_into().ok()
+    }
+
     /// Check the header of the encrypted file in `buf` (versions 1 to `newest`), then
     /// decrypt the rest in place; returns the file's version.
     fn open_in_place(
@@ -371,5 +404,38 @@ mod tests {
             "a segment opened for another machine"
         );
         assert!(ReplicaKey::from_bytes([8u8; 32]).open(9, 3, ct, p).is_err());
+    }
+
+    #[test]
+    fn a_header_names_its_seal_and_hash_pages_are_a_key_domain_of_their_own() {
+        let k = ReplicaKey::from_bytes([7u8; 32]);
+        let p = Path::new("x");
+        let plain = vec![5u8; 4096];
+        let (a, b) = (
+            k.seal_chunk(9, 3, &plain).unwrap(),
+            k.seal_chunk(9, 3, &plain).unwrap(),
+        );
+        let na = ReplicaKey::header_nonce(&a).unwrap();
+        assert_eq!(&a[24..36], &na);
+        assert_ne!(
+            Some(na),
+            ReplicaKey::header_nonce(&b),
+            "same bytes, same nonce"
+        );
+        // A damaged header names nothing.
+        for i in 0..HEADER_LEN {
+            let mut bad = a.clone();
+            bad[i] ^= 1;
+            assert_eq!(ReplicaKey::header_nonce(&bad), None, "flip at {i}");
+        }
+        assert_eq!(ReplicaKey::header_nonce(&a[..HEADER_LEN - 1]), None);
+        // A hash page opens as one, never as the chunk of the same id (or back).
+        let mut page = k.seal_hashes(9, 3, &plain).unwrap();
+        let mut as_chunk = page.clone();
+        assert!(k.open_chunk_in_place(9, 3, &mut as_chunk, p).is_err());
+        let mut chunk_as_page = a.clone();
+        assert!(k.open_hashes_in_place(9, 3, &mut chunk_as_page, p).is_err());
+        k.open_hashes_in_place(9, 3, &mut page, p).unwrap();
+        assert_eq!(page, plain);
     }
 }

@@ -22,7 +22,7 @@
 //! its last read) on.
 
 use super::pin;
-use super::store::{ChunkEditor, ParentMark, ReplicaStore, CHUNK_BYTES};
+use super::store::{hashes, ChunkEditor, ParentMark, ReplicaStore, CHUNK_BYTES};
 use crate::chunk_hash::{check_chunk_bytes, hash_chunks, ChunkHash};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -227,7 +227,8 @@ impl ReplicaStore {
     }
 
     /// The hashes (`algo`) of chunks `first..first+count` of `disk` as the replica
-    /// parent holds them.
+    /// parent holds them: from the hash pages for 4 KiB chunks and BLAKE3 (see
+    /// `store::hashes`), else read and hashed.
     pub fn resync_hashes(
         &self,
         chunk_bytes: u64,
@@ -238,6 +239,29 @@ impl ReplicaStore {
     ) -> Result<Vec<[u8; 32]>> {
         check_chunk_bytes(chunk_bytes)?;
         let size = self.disk_size(disk)?;
+        if (chunk_bytes, algo) == (hashes::PIECE, hashes::ALGO) {
+            let end = first.saturating_add(count).min(size.div_ceil(chunk_bytes));
+            if first >= end {
+                return Ok(Vec::new());
+            }
+            let per = CHUNK_BYTES / chunk_bytes;
+            let (from, to) = (first / per, end.div_ceil(per));
+            let all: Vec<[u8; 32]> = self
+                .parent_piece_hashes(disk, from, to)?
+                .into_iter()
+                .flatten()
+                .collect();
+            let skip = (first - from * per) as usize;
+            return all
+                .get(skip..skip + (end - first) as usize)
+                .map(<[_]>::to_vec)
+                .ok_or_else(|| {
+                    Error::InvalidInput(format!(
+                        "hash pages gave {} hashes for chunks {first}..{end} of disk {disk}",
+                        all.len()
+                    ))
+                });
+        }
         hash_chunks(
             size,
             chunk_bytes,

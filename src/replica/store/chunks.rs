@@ -1,8 +1,10 @@
 //! The replica parent: encrypted chunks of [`CHUNK_BYTES`] per disk (a missing chunk
 //! reads as zeroes), and the [`ChunkEditor`] that changes them.
 
+use super::hashes::{ChunkHead, Slot};
 use super::{ReplicaStore, SegmentIndex, CHUNK_BYTES};
 use crate::error::{Error, Result};
+use crate::replica::crypt::{ReplicaKey, HEADER_LEN};
 use std::collections::BTreeMap;
 
 pub(super) const PARENT: &str = "parent";
@@ -12,6 +14,36 @@ const EDITOR_BUDGET: usize = 256 << 20;
 
 pub(super) fn chunk_rel(disk: u32, n: u64) -> String {
     format!("{PARENT}/{disk}/{n:010}.enc")
+}
+
+/// `f` of every item, on up to four threads (fewer on fewer cores), in order.
+pub(super) fn parallel_map<T: Sync, U: Send>(
+    items: &[T],
+    f: impl Fn(&T) -> Result<U> + Sync,
+) -> Result<Vec<U>> {
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 4)
+        .min(items.len());
+    if workers <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    let per = items.len().div_ceil(workers);
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(per)
+            .map(|part| s.spawn(move || part.iter().map(f).collect::<Result<Vec<U>>>()))
+            .collect();
+        let mut out = Vec::with_capacity(items.len());
+        for h in handles {
+            out.extend(
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::InvalidInput("chunk worker panicked".into())))?,
+            );
+        }
+        Ok(out)
+    })
 }
 
 /// The key-derivation id of chunk `n` of `disk`.
@@ -35,11 +67,24 @@ impl ReplicaStore {
     /// Parent chunk `n` of `disk` into `buf` (reused: no allocation once it is big
     /// enough); false, and `buf` untouched, when the chunk is all zeroes.
     pub fn read_chunk_into(&self, disk: u32, n: u64, buf: &mut Vec<u8>) -> Result<bool> {
+        Ok(self.read_chunk_sealed(disk, n, buf)?.is_some())
+    }
+
+    /// [`Self::read_chunk_into`], giving the nonce the chunk was sealed with (None:
+    /// no chunk, all zeroes).
+    pub(super) fn read_chunk_sealed(
+        &self,
+        disk: u32,
+        n: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<[u8; 12]>> {
         let rel = chunk_rel(disk, n);
         if !self.backend().get_into(&self.key_of(&rel), buf)? {
-            return Ok(false);
+            return Ok(None);
         }
         let path = self.locate(&rel);
+        // Checked again, with the rest of the header, by the decryption below.
+        let nonce = ReplicaKey::header_nonce(buf).unwrap_or_default();
         self.key()
             .open_chunk_in_place(self.manifest.machine_id, chunk_id(disk, n), buf, &path)?;
         if buf.len() != self.chunk_len(disk, n)? {
@@ -49,7 +94,20 @@ impl ReplicaStore {
                 format!("parent chunk holds {} bytes", buf.len()),
             ));
         }
-        Ok(true)
+        Ok(Some(nonce))
+    }
+
+    /// The nonce in the header of parent chunk `n` of `disk`, read without the rest
+    /// of the chunk.
+    pub(super) fn chunk_head(&self, disk: u32, n: u64) -> Result<ChunkHead> {
+        let key = self.key_of(&chunk_rel(disk, n));
+        Ok(match self.backend().get_head(&key, HEADER_LEN)? {
+            None => ChunkHead::Missing,
+            Some(head) => match ReplicaKey::header_nonce(&head) {
+                Some(nonce) => ChunkHead::Sealed(nonce),
+                None => ChunkHead::Unreadable,
+            },
+        })
     }
 
     /// Remove parent chunk `n` of `disk` (it reads as zeroes afterwards).
@@ -166,24 +224,52 @@ impl<'a> ChunkEditor<'a> {
         self.apply(disk, offset, len, None)
     }
 
+    /// Seal every dirty chunk (on every core) and put them as one batch, all-zero
+    /// chunks removed; meanwhile hash their pieces for the hash pages, put after
+    /// them (in whatever order the two land, a slot counts only while its chunk
+    /// carries its nonce).
     fn write_out(&mut self) -> Result<()> {
-        let mut puts = Vec::new();
-        let mut zeroed = Vec::new();
-        for ((disk, n), chunk) in std::mem::take(&mut self.dirty) {
-            let key = self.store.key_of(&chunk_rel(disk, n));
+        let dirty: Vec<((u32, u64), Vec<u8>)> =
+            std::mem::take(&mut self.dirty).into_iter().collect();
+        let store = self.store;
+        let seal = |((disk, n), chunk): &((u32, u64), Vec<u8>)| -> Result<Option<Vec<u8>>> {
             if chunk.iter().all(|b| *b == 0) {
-                zeroed.push(key);
-                continue;
+                return Ok(None);
             }
-            let ct = self.store.key().seal_chunk(
-                self.store.manifest.machine_id,
-                chunk_id(disk, n),
-                &chunk,
-            )?;
-            puts.push((key, ct));
+            store
+                .key()
+                .seal_chunk(store.manifest.machine_id, chunk_id(*disk, *n), chunk)
+                .map(Some)
+        };
+        let sealed = parallel_map(&dirty, seal)?;
+        let mut puts = Vec::with_capacity(sealed.len());
+        let mut kept = Vec::with_capacity(sealed.len());
+        let mut zeroed = Vec::new();
+        for ((at, chunk), s) in dirty.iter().zip(sealed) {
+            let key = store.key_of(&chunk_rel(at.0, at.1));
+            match s {
+                None => zeroed.push(key),
+                Some(ct) => {
+                    let nonce = ReplicaKey::header_nonce(&ct).unwrap_or_default();
+                    kept.push((*at, nonce, chunk.as_slice()));
+                    puts.push((key, ct));
+                }
+            }
         }
-        self.store.backend().put_batch(&puts)?;
-        self.store.backend().delete(&zeroed)?;
+        std::thread::scope(|s| -> Result<()> {
+            let hashing = s.spawn(|| {
+                parallel_map(&kept, |(at, nonce, plain)| {
+                    Ok((*at, Slot::of(*nonce, plain)))
+                })
+            });
+            let stored = store.backend().put_batch(&puts);
+            let slots = hashing
+                .join()
+                .unwrap_or_else(|_| Err(Error::InvalidInput("hash worker panicked".into())))?;
+            stored?;
+            store.backend().put_batch(&store.page_updates(slots)?)
+        })?;
+        store.backend().delete(&zeroed)?;
         self.bytes = 0;
         Ok(())
     }

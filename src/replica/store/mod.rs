@@ -15,6 +15,8 @@
 //! <m>/segments/<seq>.idx.enc   each one's records and points (SegmentIndex)
 //! <m>/parent/<disk>/<n>.enc    parent chunk n of disk id <disk>: bytes   — chunks.rs
 //!                              n*256KiB.. of the disk; missing = zeroes
+//! <m>/hashes/<disk>/<p>.enc    hash page p: the BLAKE3 hashes of the 4 KiB pieces — hashes.rs
+//!                              of parent chunks p*64..p*64+64, for resyncs
 //! <m>/initial                  initial-copy progress (chunks, position, done)
 //! <m>/pins/, <m>/merge.lock    readers' pins (see pin.rs)
 //! <m>/damaged                  why the replica needs a resync (text)
@@ -36,6 +38,7 @@
 //! overlays the same bytes again.
 
 mod chunks;
+pub(crate) mod hashes;
 mod patches;
 mod segments;
 
