@@ -4,7 +4,7 @@
 //! Read-only: files are opened read-only and nothing is repaired. Every record's
 //! checksum, every footer and LSN continuity are verified with the same scanner
 //! recovery uses. Every replica file — segment, segment index, parent chunk, patch,
-//! metadata — is decrypted and authenticated with the site's replica key, every
+//! metadata, hash page — is decrypted and authenticated with the site's replica key, every
 //! segment verified as the source's recovery would and its index compared with it,
 //! and the chain from the parent to the newest segment checked. The report names
 //! the first corruption exactly (file and offset).
@@ -233,7 +233,14 @@ fn inspect_file(path: &Path, report: &mut Report) -> Result<()> {
     }
     // An encrypted replica file: which one, and can it be checked here?
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    let kind = if name.ends_with(".seg.enc") {
+    let in_hashes = path
+        .parent()
+        .and_then(|p| p.parent())
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == "hashes");
+    let kind = if in_hashes {
+        "encrypted hash page (a resync's cache of parent chunk hashes)"
+    } else if name.ends_with(".seg.enc") {
         "encrypted replica segment"
     } else if name.ends_with(".data.enc") {
         "encrypted resync patch"
@@ -332,6 +339,19 @@ fn inspect_replica(replicas: &Replicas, machine: &str, report: &mut Report) -> R
                 }
             }
             Err(e) => found(e, report)?,
+        }
+    }
+    // The hash pages (a resync's cache): damage is reported like any file's, though
+    // a resync would only read around the page and rebuild it.
+    for (d, _) in store.manifest().disks.iter().enumerate() {
+        for page in store.stored_hash_pages(d as u32)? {
+            match store.check_hash_page(d as u32, page) {
+                Ok(n) => {
+                    rr.objects_verified += 1;
+                    rr.bytes_verified += n;
+                }
+                Err(e) => found(e, report)?,
+            }
         }
     }
     // The chain: from the parent to the newest segment, every LSN once, each segment

@@ -513,6 +513,29 @@ fn of_two_receivers_for_one_replica_the_older_one_is_fenced_and_its_writes_never
             .map(|b| b.len()),
         Some(100_000)
     );
+    // The head of an object (a ranged GET; a resync reads each parent chunk's
+    // header so): the first bytes, all of a shorter one, none of a missing one.
+    let mut seg = vec![1u8; 100_000];
+    seg[..4].copy_from_slice(b"head");
+    reader.put("vm1/segments/3.seg.enc", &seg).expect("put");
+    assert_eq!(
+        reader.get_head("vm1/segments/3.seg.enc", 40).expect("head"),
+        Some(seg[..40].to_vec())
+    );
+    assert_eq!(
+        reader
+            .get_head("vm1/received", 40)
+            .expect("head")
+            .as_deref(),
+        Some(&b"second 1"[..])
+    );
+    assert_eq!(
+        reader.get_head("vm1/segments/9.seg.enc", 40).expect("head"),
+        None
+    );
+    let objects = replica_objects(&cluster);
+    use replog::replica::objects::ObjectStore;
+    assert_eq!(objects.get_head("no/such/object", 40).expect("head"), None);
 }
 
 #[test]

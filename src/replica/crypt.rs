@@ -1,9 +1,10 @@
 //! Encryption at rest of replica segments, their record indexes and parent chunks:
 //! AES-256-GCM, with a key derived per file (HKDF-SHA256 from the site's replica key,
 //! salted with the machine id, the info "replog segment <n>", "replog segment index
-//! <n>" or "replog parent chunk <disk << 40 | n>"), so no two files share a key. A
-//! parent chunk rewritten by the target compactor keeps its key and gets a fresh
-//! random 96-bit nonce (safe far beyond 2^32 rewrites of one chunk).
+//! <n>", "replog parent chunk <disk << 40 | n>" or "replog chunk hashes <disk << 40 |
+//! page>"), so no two files share a key. A
+//! parent chunk (or hash page) rewritten by the target compactor keeps its key and
+//! gets a fresh random 96-bit nonce (safe far beyond 2^32 rewrites of one chunk).
 //!
 //! ## Encrypted segment file
 //!

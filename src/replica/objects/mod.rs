@@ -30,6 +30,13 @@ pub struct ObjectInfo {
 /// time. Keys are relative to the prefix.
 pub trait ObjectStore: Send + Sync + fmt::Debug {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// The first `len` bytes of `key` (fewer if it is shorter); S3 asks for the range.
+    fn get_head(&self, key: &str, len: usize) -> Result<Option<Vec<u8>>> {
+        Ok(self.get(key)?.map(|mut b| {
+            b.truncate(len);
+            b
+        }))
+    }
     /// Create or replace; durable on return.
     fn put(&self, key: &str, bytes: &[u8]) -> Result<()>;
     /// Create only if absent (`If-None-Match: *`): false, nothing written, if it

@@ -83,8 +83,8 @@ impl ReplicaStore {
             return Ok(None);
         }
         let path = self.locate(&rel);
-        // Checked again, with the rest of the header, by the decryption below.
-        let nonce = ReplicaKey::header_nonce(buf).unwrap_or_default();
+        // A header that names no nonce fails the decryption below.
+        let nonce = ReplicaKey::header_nonce(buf);
         self.key()
             .open_chunk_in_place(self.manifest.machine_id, chunk_id(disk, n), buf, &path)?;
         if buf.len() != self.chunk_len(disk, n)? {
@@ -94,7 +94,9 @@ impl ReplicaStore {
                 format!("parent chunk holds {} bytes", buf.len()),
             ));
         }
-        Ok(Some(nonce))
+        nonce
+            .map(Some)
+            .ok_or_else(|| Error::corruption(&path, 0, "parent chunk header does not check"))
     }
 
     /// The nonce in the header of parent chunk `n` of `disk`, read without the rest
@@ -117,9 +119,14 @@ impl ReplicaStore {
 
     /// The parent chunks of `disk` that hold data, in order.
     pub fn stored_chunks(&self, disk: u32) -> Result<Vec<u64>> {
+        self.numbered(&format!("{PARENT}/{disk}"))
+    }
+
+    /// The numbers of the `<n>.enc` objects under `dir`, in order.
+    pub(super) fn numbered(&self, dir: &str) -> Result<Vec<u64>> {
         let mut out: Vec<u64> = self
             .backend()
-            .list(&self.key_of(&format!("{PARENT}/{disk}")))?
+            .list(&self.key_of(dir))?
             .iter()
             .filter_map(|n| n.strip_suffix(".enc")?.parse::<u64>().ok())
             .collect();
@@ -224,10 +231,11 @@ impl<'a> ChunkEditor<'a> {
         self.apply(disk, offset, len, None)
     }
 
-    /// Seal every dirty chunk (on every core) and put them as one batch, all-zero
+    /// Seal every dirty chunk (up to four at once) and put them as one batch, all-zero
     /// chunks removed; meanwhile hash their pieces for the hash pages, put after
     /// them (in whatever order the two land, a slot counts only while its chunk
-    /// carries its nonce).
+    /// carries its nonce). The plain and the sealed chunks are both held until the
+    /// batch is down: up to twice [`EDITOR_BUDGET`].
     fn write_out(&mut self) -> Result<()> {
         let dirty: Vec<((u32, u64), Vec<u8>)> =
             std::mem::take(&mut self.dirty).into_iter().collect();
@@ -250,13 +258,14 @@ impl<'a> ChunkEditor<'a> {
             match s {
                 None => zeroed.push(key),
                 Some(ct) => {
-                    let nonce = ReplicaKey::header_nonce(&ct).unwrap_or_default();
-                    kept.push((*at, nonce, chunk.as_slice()));
+                    if let Some(nonce) = ReplicaKey::header_nonce(&ct) {
+                        kept.push((*at, nonce, chunk.as_slice()));
+                    }
                     puts.push((key, ct));
                 }
             }
         }
-        std::thread::scope(|s| -> Result<()> {
+        let slots = std::thread::scope(|s| -> Result<Vec<((u32, u64), Slot)>> {
             let hashing = s.spawn(|| {
                 parallel_map(&kept, |(at, nonce, plain)| {
                     Ok((*at, Slot::of(*nonce, plain)))
@@ -265,12 +274,14 @@ impl<'a> ChunkEditor<'a> {
             let stored = store.backend().put_batch(&puts);
             let slots = hashing
                 .join()
-                .unwrap_or_else(|_| Err(Error::InvalidInput("hash worker panicked".into())))?;
+                .unwrap_or_else(|_| Err(Error::InvalidInput("hash worker panicked".into())));
             stored?;
-            store.backend().put_batch(&store.page_updates(slots)?)
+            slots
         })?;
         store.backend().delete(&zeroed)?;
         self.bytes = 0;
+        // The chunks are in place; the pages are a cache (a failure is warned).
+        store.store_slots(slots);
         Ok(())
     }
 

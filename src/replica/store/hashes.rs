@@ -20,8 +20,9 @@
 //! ```
 //!
 //! [`ChunkEditor`](super::ChunkEditor), the only writer of parent chunks, fills a
-//! slot from the plaintext it has just sealed and puts the page in the same batch as
-//! the chunk. A slot counts only while its nonce is the one in its chunk's header (a
+//! slot from the plaintext it has just sealed and puts the page after the chunk's
+//! batch (a failure to is warned: the page is a cache). A slot counts only while its
+//! nonce is the one in its chunk's header (a
 //! fresh random nonce at every seal). So a page that landed before its chunk, after
 //! it, or never (a crash, two editors racing on one page, an older build rewriting a
 //! chunk) is never wrong, only missed; a miss is hashed from the decrypted chunk as
@@ -29,13 +30,15 @@
 //! slots. A missing chunk is zeroes and needs no slot.
 //!
 //! What a slot trusts: a chunk whose header is intact holds the bytes it was sealed
-//! with. Damage to a chunk's body is for the scrub to find (a resync of a replica
-//! with recorded damage drops the chunks that do not authenticate first).
+//! with. Damage to a chunk's body is for the scrub to find — a resync no longer reads
+//! the chunks it has slots for — and a resync of a replica with recorded damage drops
+//! the chunks that do not authenticate first. `replog inspect` authenticates every
+//! page ([`ReplicaStore::check_hash_page`]).
 
 use super::chunks::parallel_map;
 use super::{ReplicaStore, CHUNK_BYTES};
 use crate::chunk_hash::{ChunkHash, MIN_CHUNK};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 
 const HASHES: &str = "hashes";
@@ -180,7 +183,7 @@ impl ReplicaStore {
                 );
                 Ok(Page::empty())
             }
-            Err(e) if e.is_corruption() => {
+            Err(e) if e.is_corruption() || matches!(e, Error::Unsupported { .. }) => {
                 tracing::warn!("hash page {}: {e}; rebuilt", path.display());
                 Ok(Page::empty())
             }
@@ -188,12 +191,54 @@ impl ReplicaStore {
         }
     }
 
+    /// The hash pages of `disk` that exist, by number.
+    pub fn stored_hash_pages(&self, disk: u32) -> Result<Vec<u64>> {
+        self.numbered(&format!("{HASHES}/{disk}"))
+    }
+
+    /// Check hash page `page` of `disk` as `replog inspect` does: it authenticates and
+    /// is in this build's layout; its size. (Everything else reads a damaged page as
+    /// empty and rebuilds it.)
+    pub fn check_hash_page(&self, disk: u32, page: u64) -> Result<u64> {
+        let rel = page_rel(disk, page);
+        let path = self.locate(&rel);
+        let mut buf = Vec::new();
+        if !self.backend().get_into(&self.key_of(&rel), &mut buf)? {
+            return Err(Error::NotFound(format!("no hash page {}", path.display())));
+        }
+        let len = buf.len() as u64;
+        self.key().open_hashes_in_place(
+            self.manifest.machine_id,
+            page_id(disk, page),
+            &mut buf,
+            &path,
+        )?;
+        Page::decode(&buf).ok_or_else(|| {
+            Error::corruption(&path, 0, "hash page is not in the layout this build reads")
+        })?;
+        Ok(len)
+    }
+
+    /// Put `slots` into their pages, durably. A cache: failing to is warned and
+    /// costs the next resync reading those chunks, never more.
+    pub(super) fn store_slots(&self, slots: Vec<((u32, u64), Slot)>) {
+        if slots.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .page_updates(slots)
+            .and_then(|puts| self.backend().put_batch(&puts))
+        {
+            tracing::warn!(
+                "hash pages of {} not updated ({e}); a resync reads those chunks instead",
+                self.dir().display()
+            );
+        }
+    }
+
     /// The sealed pages that take in `slots` (parent chunk → slot): each page they
     /// touch read, changed and sealed again, ready for a batch put.
-    pub(super) fn page_updates(
-        &self,
-        slots: Vec<((u32, u64), Slot)>,
-    ) -> Result<Vec<(String, Vec<u8>)>> {
+    fn page_updates(&self, slots: Vec<((u32, u64), Slot)>) -> Result<Vec<(String, Vec<u8>)>> {
         let mut pages: BTreeMap<(u32, u64), Vec<(u64, Slot)>> = BTreeMap::new();
         for ((disk, n), slot) in slots {
             pages
@@ -221,7 +266,7 @@ impl ReplicaStore {
 
     /// The hashes of the pieces of parent chunks `from..to` of `disk`, in order: from
     /// the hash pages where a slot matches its chunk, else from the decrypted chunk
-    /// (on every core; those slots are then written back).
+    /// (up to four at once; those slots are then written back).
     pub(crate) fn parent_piece_hashes(
         &self,
         disk: u32,
@@ -230,6 +275,16 @@ impl ReplicaStore {
     ) -> Result<Vec<Vec<[u8; 32]>>> {
         let size = self.disk_size(disk)?;
         let to = to.min(size.div_ceil(CHUNK_BYTES));
+        let zero_piece = ALGO.of(&[0u8; PIECE as usize]);
+        // A missing chunk's hashes: zeroes, the last piece of the disk maybe short.
+        let zeroes = |n: u64| -> Result<Vec<[u8; 32]>> {
+            let len = self.chunk_len(disk, n)?;
+            let mut h = vec![zero_piece; len / PIECE as usize];
+            if len % PIECE as usize != 0 {
+                h.push(ALGO.of(&vec![0u8; len % PIECE as usize]));
+            }
+            Ok(h)
+        };
         let mut out: Vec<Option<Vec<[u8; 32]>>> =
             Vec::with_capacity(to.saturating_sub(from) as usize);
         let mut misses = Vec::new();
@@ -237,11 +292,17 @@ impl ReplicaStore {
         for n in from..to {
             let want = self.chunk_len(disk, n)?.div_ceil(PIECE as usize);
             let found = match self.chunk_head(disk, n)? {
-                ChunkHead::Missing => Some(piece_hashes(&vec![0u8; self.chunk_len(disk, n)?])),
+                ChunkHead::Missing => Some(zeroes(n)?),
                 ChunkHead::Unreadable => None,
                 ChunkHead::Sealed(nonce) => {
-                    if page.as_ref().map(|(p, _)| *p) != Some(n / PAGE_CHUNKS) {
-                        page = Some((n / PAGE_CHUNKS, self.read_page(disk, n / PAGE_CHUNKS)?));
+                    let p = n / PAGE_CHUNKS;
+                    if page.as_ref().map(|(at, _)| *at) != Some(p) {
+                        // A page that cannot be read is a miss for its chunks.
+                        let pg = self.read_page(disk, p).unwrap_or_else(|e| {
+                            tracing::warn!("hash page {p} of disk {disk}: {e}; chunks read");
+                            Page::empty()
+                        });
+                        page = Some((p, pg));
                     }
                     page.as_ref()
                         .and_then(|(_, pg)| pg.slots.get((n % PAGE_CHUNKS) as usize))
@@ -270,17 +331,21 @@ impl ReplicaStore {
                     back.push(((disk, *n), s));
                     h
                 }
-                None => piece_hashes(&vec![0u8; self.chunk_len(disk, *n)?]),
+                None => zeroes(*n)?,
             };
             if let Some(o) = out.get_mut((n - from) as usize) {
                 *o = Some(hashes);
             }
         }
-        if !back.is_empty() {
-            let puts = self.page_updates(back)?;
-            self.backend().put_batch(&puts)?;
-        }
-        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+        self.store_slots(back);
+        out.into_iter()
+            .enumerate()
+            .map(|(i, h)| {
+                h.ok_or_else(|| {
+                    Error::InvalidInput(format!("no hashes for parent chunk {}", from + i as u64))
+                })
+            })
+            .collect()
     }
 }
 
@@ -297,6 +362,8 @@ mod tests {
 
     /// A disk that ends in a short parent chunk with a short last piece.
     const SIZE: u64 = 5 * CHUNK_BYTES + 3 * PIECE + 512;
+    /// A second disk over three pages, ending the same way.
+    const SIZE1: u64 = (2 * PAGE_CHUNKS + 3) * CHUNK_BYTES + 5 * PIECE + 512;
 
     fn store() -> (Arc<dyn ReplicaBackend>, ReplicaStore) {
         let backend: Arc<dyn ReplicaBackend> =
@@ -304,11 +371,18 @@ mod tests {
         let manifest = ReplicaManifest {
             source_site: [1u8; 32],
             machine_id: 77,
-            disks: vec![DiskEntry {
-                id: 0,
-                name: "os".into(),
-                size: SIZE,
-            }],
+            disks: vec![
+                DiskEntry {
+                    id: 0,
+                    name: "os".into(),
+                    size: SIZE,
+                },
+                DiskEntry {
+                    id: 1,
+                    name: "data".into(),
+                    size: SIZE1,
+                },
+            ],
             base_lsn: 0,
             base_seq: 0,
             generation: 1,
@@ -420,7 +494,7 @@ mod tests {
         b.put(&page_key, &old_page).unwrap();
         assert_eq!(via_pages(&s, 0, u64::MAX), want);
         let mended = b.get(&page_key).unwrap().unwrap();
-        assert_ne!(mended, old_page, "the missed slot is written back");
+        assert_ne!(mended, old_page, "the page is written again");
         damage_body(&b, 0);
         assert_eq!(
             via_pages(&s, 0, 64),
@@ -433,9 +507,76 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 1;
         b.put(&page_key, &bad).unwrap();
+        let e = s.check_hash_page(0, 0).unwrap_err();
+        assert!(e.is_corruption(), "inspect reports the page: {e}");
         let e = s.resync_hashes(PIECE, 0, 0, 64, ALGO).unwrap_err();
         assert!(e.is_corruption(), "chunk 0's damage reported: {e}");
         assert_eq!(via_pages(&s, 64, 64), want[64..128]);
+    }
+
+    fn read_and_hash_disk(s: &ReplicaStore, disk: u32, size: u64) -> Vec<[u8; 32]> {
+        crate::chunk_hash::hash_chunks(
+            size,
+            PIECE,
+            0,
+            u64::MAX,
+            &|at, buf| s.read_parent(disk, at, buf),
+            ALGO,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn every_page_of_another_disk_answers_for_its_chunks_the_short_last_one_too() {
+        let (b, s) = store();
+        let last = SIZE1.div_ceil(CHUNK_BYTES) - 1;
+        // Chunks in each of the three pages, the page edges and the short last chunk,
+        // in one editor (one batch touching three pages).
+        let mut ed = ChunkEditor::new(&s);
+        for (i, n) in [0, 63, 64, 100, 127, 128, last].into_iter().enumerate() {
+            let at = n * CHUNK_BYTES + 512 * i as u64;
+            let len = (SIZE1 - at).min(CHUNK_BYTES + 9000) as usize;
+            ed.write(1, at, &data(i as u8 + 20, len)).unwrap();
+        }
+        ed.finish().unwrap();
+        write(&s, 0, &data(7, CHUNK_BYTES as usize));
+        let want = read_and_hash_disk(&s, 1, SIZE1);
+        let want0 = read_and_hash(&s);
+        // Every stored chunk's body damaged: only the pages can still answer.
+        for n in s.stored_chunks(1).unwrap() {
+            let key = format!("vm1/parent/1/{n:010}.enc");
+            let mut c = b.get(&key).unwrap().unwrap();
+            c[HEADER_AT_BODY] ^= 1;
+            b.put(&key, &c).unwrap();
+        }
+        assert_eq!(s.stored_chunks(1).unwrap().len(), 11);
+        assert_eq!(s.stored_hash_pages(1).unwrap(), vec![0, 1, 2]);
+        for p in 0..3 {
+            assert!(s.check_hash_page(1, p).unwrap() > PAGE_LEN as u64);
+        }
+        assert_eq!(s.resync_hashes(PIECE, 1, 0, u64::MAX, ALGO).unwrap(), want);
+        assert_eq!(
+            s.resync_hashes(PIECE, 1, 63 * 64 + 5, 64 * 2, ALGO)
+                .unwrap(),
+            want[63 * 64 + 5..65 * 64 + 5]
+        );
+        // Disk 0's page is its own.
+        damage_body(&b, 0);
+        assert_eq!(via_pages(&s, 0, u64::MAX), want0);
+    }
+
+    #[test]
+    fn a_page_newer_than_its_chunk_is_not_believed() {
+        let (b, s) = store();
+        write(&s, 0, &data(1, CHUNK_BYTES as usize));
+        let key = "vm1/parent/0/0000000000.enc";
+        let old_chunk = b.get(key).unwrap().unwrap();
+        write(&s, 100, &data(2, 5000));
+        // A crash that kept the page's new slot but not the chunk: the old chunk file.
+        b.put(key, &old_chunk).unwrap();
+        let want = read_and_hash(&s);
+        assert_eq!(via_pages(&s, 0, u64::MAX), want);
+        assert_eq!(want[0], ALGO.of(&data(1, CHUNK_BYTES as usize)[..4096]));
     }
 
     #[test]
