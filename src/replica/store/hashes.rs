@@ -366,8 +366,11 @@ mod tests {
     const SIZE1: u64 = (2 * PAGE_CHUNKS + 3) * CHUNK_BYTES + 5 * PIECE + 512;
 
     fn store() -> (Arc<dyn ReplicaBackend>, ReplicaStore) {
-        let backend: Arc<dyn ReplicaBackend> =
-            Arc::new(DirBackend::new(Arc::new(MemStorage::new()), "/r"));
+        store_on(MemStorage::new())
+    }
+
+    fn store_on(mem: MemStorage) -> (Arc<dyn ReplicaBackend>, ReplicaStore) {
+        let backend: Arc<dyn ReplicaBackend> = Arc::new(DirBackend::new(Arc::new(mem), "/r"));
         let manifest = ReplicaManifest {
             source_site: [1u8; 32],
             machine_id: 77,
@@ -577,6 +580,24 @@ mod tests {
         let want = read_and_hash(&s);
         assert_eq!(via_pages(&s, 0, u64::MAX), want);
         assert_eq!(want[0], ALGO.of(&data(1, CHUNK_BYTES as usize)[..4096]));
+    }
+
+    #[test]
+    fn a_page_that_cannot_be_read_or_written_costs_a_miss_never_a_failed_edit() {
+        use crate::storage::Storage;
+        let mem = MemStorage::new();
+        let (_, s) = store_on(mem.clone());
+        // A file where the pages' directory would go: no page can be put there.
+        mem.create_dir_all(std::path::Path::new("/r/vm1/hashes"))
+            .unwrap();
+        crate::storage::write_atomic(&mem, std::path::Path::new("/r/vm1/hashes/0"), b"x").unwrap();
+        write(&s, 0, &data(1, 2 * CHUNK_BYTES as usize));
+        assert_eq!(
+            s.read_chunk(0, 1).unwrap().unwrap(),
+            data(1, 2 * CHUNK_BYTES as usize)[CHUNK_BYTES as usize..]
+        );
+        assert!(s.check_hash_page(0, 0).is_err(), "no page was written");
+        assert_eq!(via_pages(&s, 0, u64::MAX), read_and_hash(&s));
     }
 
     #[test]
