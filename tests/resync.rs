@@ -557,6 +557,78 @@ fn damage_found_at_open_in_a_shipped_segment_is_mended_from_the_replica() {
     assert!(disks(&m) == now);
 }
 
+/// Damage at both ends of one range: the source's segment holding it rots after the
+/// target merged that segment into a parent chunk, and that chunk rots too (the
+/// scrub finds it). The resync's mend asks the replica for the range; the replica
+/// dropped the chunk, so it answers that the bytes are lost there too — never
+/// zeroes — and the source keeps refusing to serve them.
+#[test]
+fn damage_at_both_ends_of_a_range_is_reported_never_mended_with_zeroes() {
+    let p = pair(4 << 20);
+    let (a, b) = (common::pattern(21, 8192), common::pattern(22, 4096));
+    let seq;
+    {
+        let site = Site::open(&p.a).expect("source");
+        let m = site.open_machine("vm1").expect("machine");
+        let mut shipper = Shipper::new(&p.a, &m, &p.addr);
+        shipper.ship_once(&m).expect("initial");
+        seq = two_writes_sealed(&m, &a, &b);
+        shipper.ship_once(&m).expect("ship");
+        m.close().expect("close");
+    }
+    // The target merges that segment into its parent, then the parent chunk holding
+    // `a` (disk data, chunk 0) rots and the scrub finds it.
+    let key = replog::site::replica_key_at(&p.b).expect("key");
+    let replicas = replog::replica::store::Replicas::with_key(&p.b, key.clone());
+    let much_later = replog::format::now_ns() + 400 * 24 * 3600 * 1_000_000_000;
+    replog::replica::compact::compact_replica(&replicas, "vm1", much_later).expect("merge");
+    let store = replicas.open_readonly("vm1").expect("store");
+    assert!(
+        store.parent().seq >= seq,
+        "segment {seq} not merged: {:?}",
+        store.parent()
+    );
+    let chunk = p.b.join("replicas/vm1/parent/1/0000000000.enc");
+    let mut bytes = std::fs::read(&chunk).expect("parent chunk");
+    let at = bytes.len() - 100;
+    bytes[at] ^= 1;
+    std::fs::write(&chunk, &bytes).expect("damage");
+    replog::replica::scrub::scrub_replica(&replicas, "vm1", u64::MAX).expect("scrub");
+    let why = store.damage().expect("damage").expect("damage recorded");
+    assert!(why.contains("0000000000.enc"), "{why}");
+    // The source's copy of `a` rots too.
+    damage_source_segment(
+        &p.a,
+        seq,
+        replog::format::SEGMENT_HEADER_LEN + replog::format::RECORD_HEADER_LEN + 10,
+    );
+    let site = Site::open(&p.a).expect("source");
+    let m = site.open_machine("vm1").expect("machine");
+    assert!(read_data(&m, 65_536, 8192).is_err());
+    let mut shipper = Shipper::new(&p.a, &m, &p.addr);
+    let e = shipper
+        .resync_once(&m, CHUNK)
+        .expect_err("mended a range no copy of which is left");
+    let text = e.to_string();
+    // The fetch covers every range the damage may hide (here all of chunk 0).
+    assert!(
+        text.contains("lost them too") && text.contains("disk 1 bytes 0..262144"),
+        "{text}"
+    );
+    assert!(
+        read_data(&m, 65_536, 8192).is_err(),
+        "the lost range is served after the failed resync"
+    );
+    // What the replica lost stays listed until the resync ends.
+    let store = replicas.open_readonly("vm1").expect("store");
+    let lost = store.lost_ranges().expect("lost");
+    assert!(
+        lost.iter()
+            .any(|(d, x, y)| *d == 1 && *x <= 65_536 && *y >= 65_536 + 8192),
+        "{lost:?}"
+    );
+}
+
 /// Damage in a segment the target never got, found at open: the records before the
 /// damage are kept, what was written after it is lost (reported), and the machine and
 /// its replica go on equal.

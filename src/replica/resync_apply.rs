@@ -26,6 +26,7 @@ use super::store::{hashes, ChunkEditor, ParentMark, ReplicaStore, CHUNK_BYTES};
 use crate::chunk_hash::{check_chunk_bytes, hash_chunks, ChunkHash};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 
 /// Where a resync stands (`resync.meta`, kind 7).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +85,33 @@ impl ResyncProgress {
 }
 
 const RESYNC: &str = "resync.meta";
+const DROPPED: &str = "dropped";
+
+/// The parts of `a..b` that no interval of `covered` covers, in order.
+fn remaining(covered: &mut [(u64, u64)], a: u64, b: u64) -> Vec<(u64, u64)> {
+    covered.sort_unstable();
+    let mut out = Vec::new();
+    let mut at = a;
+    for &(x, y) in covered.iter() {
+        if y <= at {
+            continue;
+        }
+        if x >= b {
+            break;
+        }
+        if x > at {
+            out.push((at, x));
+        }
+        at = at.max(y);
+        if at >= b {
+            return out;
+        }
+    }
+    if at < b {
+        out.push((at, b));
+    }
+    out
+}
 
 impl ReplicaStore {
     /// Where a resync of this replica stands, if one is under way.
@@ -162,8 +190,11 @@ impl ReplicaStore {
 
     /// Remove every parent chunk that does not authenticate (damage the scrub or a
     /// merge found): it reads as zeroes from now on, and the comparison that follows
-    /// sends whatever of its bytes the source holds.
+    /// sends whatever of its bytes the source holds. The chunks are listed in
+    /// `dropped` first, until the resync ends: their bytes are not the replica's to
+    /// give back meanwhile (see [`Self::read_replica`]).
     fn drop_unreadable_chunks(&self) -> Result<()> {
+        let mut bad = Vec::new();
         for (d, _) in self.manifest().disks.iter().enumerate() {
             let disk = d as u32;
             for n in self.stored_chunks(disk)? {
@@ -173,13 +204,62 @@ impl ReplicaStore {
                         tracing::warn!(
                             "resync: parent chunk {n} of disk {disk} is damaged ({e}); removed"
                         );
-                        self.remove_chunk(disk, n)?;
+                        bad.push((disk, n));
                     }
                     Err(e) => return Err(e),
                 }
             }
         }
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let mut lost = self.lost_ranges()?;
+        for (disk, n) in &bad {
+            let size = self.disk_size(*disk)?;
+            lost.insert((*disk, n * CHUNK_BYTES, ((n + 1) * CHUNK_BYTES).min(size)));
+        }
+        self.save_lost(&lost)?;
+        for (disk, n) in bad {
+            self.remove_chunk(disk, n)?;
+        }
         Ok(())
+    }
+
+    fn save_lost(&self, lost: &BTreeSet<(u32, u64, u64)>) -> Result<()> {
+        if lost.is_empty() {
+            return self.backend().delete(&[self.key_of(DROPPED)]);
+        }
+        let text: String = lost
+            .iter()
+            .map(|(d, a, b)| format!("{d} {a} {b}\n"))
+            .collect();
+        self.backend().put(&self.key_of(DROPPED), text.as_bytes())
+    }
+
+    /// What this resync lost of the replica's own bytes: the ranges of the parent
+    /// chunks it dropped as damaged that no record folded in since has rewritten
+    /// (`dropped`: a line "disk start end" each), until the resync ends.
+    pub fn lost_ranges(&self) -> Result<BTreeSet<(u32, u64, u64)>> {
+        let Some(b) = self.backend().get(&self.key_of(DROPPED))? else {
+            return Ok(BTreeSet::new());
+        };
+        String::from_utf8_lossy(&b)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let v: Vec<Option<u64>> = l.split_whitespace().map(|x| x.parse().ok()).collect();
+                match v.as_slice() {
+                    [Some(d), Some(a), Some(b)] if *d <= u64::from(u32::MAX) && a < b => {
+                        Ok((*d as u32, *a, *b))
+                    }
+                    _ => Err(Error::corruption(
+                        self.locate(DROPPED),
+                        0,
+                        format!("{l:?} is not a line \"disk start end\""),
+                    )),
+                }
+            })
+            .collect()
     }
 
     /// Merge every stored segment after the parent that still reads and verifies into
@@ -189,11 +269,24 @@ impl ReplicaStore {
         let from = self.parent().seq;
         let old_patches = self.parent().patches;
         let mut ed = ChunkEditor::new(self);
+        // What the folded records rewrite is no longer lost (see `lost_ranges`).
+        let mut folded: Vec<(u32, u64, u64)> = Vec::new();
+        let mut note = |index: &super::store::SegmentIndex| {
+            folded.extend(
+                index
+                    .records
+                    .iter()
+                    .map(|r| (r.disk, r.offset, r.offset + r.length)),
+            );
+        };
         // An earlier resync's patches first (no reader is pinned: checked above). One
         // that does not authenticate is left out: the comparison brings its bytes back.
         for n in 1..=old_patches {
             match self.layer(super::store::PATCH_SEQ + n) {
-                Ok((index, plain)) => ed.apply_layer(&index, &plain)?,
+                Ok((index, plain)) => {
+                    ed.apply_layer(&index, &plain)?;
+                    note(&index);
+                }
                 Err(e) if e.is_corruption() => {
                     tracing::warn!("resync: patch {n} is damaged ({e}); left out")
                 }
@@ -210,9 +303,27 @@ impl ReplicaStore {
                 }
             };
             ed.apply_layer(&index, &plain)?;
+            note(&index);
             last = Some((index.last_lsn, seq));
         }
         ed.finish()?;
+        let lost = self.lost_ranges()?;
+        if !lost.is_empty() {
+            let mut left = BTreeSet::new();
+            for (d, a, b) in lost {
+                let mut covered: Vec<(u64, u64)> = folded
+                    .iter()
+                    .filter(|(fd, _, _)| *fd == d)
+                    .map(|(_, x, y)| (*x, *y))
+                    .collect();
+                left.extend(
+                    remaining(&mut covered, a, b)
+                        .into_iter()
+                        .map(|(x, y)| (d, x, y)),
+                );
+            }
+            self.save_lost(&left)?;
+        }
         let (lsn, seq) = last.unwrap_or((self.parent().lsn, self.parent().seq));
         self.set_parent(ParentMark {
             lsn,
@@ -300,7 +411,9 @@ impl ReplicaStore {
     }
 
     /// Read the replica's bytes at `offset` of `disk` as the parent and the patches
-    /// written so far hold them (a range the source lost, mended from here).
+    /// written so far hold them (a range the source lost, mended from here). Bytes of
+    /// a parent chunk this resync dropped as damaged, not since brought back by a
+    /// patch, are lost here too: an error naming them, never zeroes.
     pub fn read_replica(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         let size = self.disk_size(disk)?;
         let end = offset.checked_add(buf.len() as u64).filter(|e| *e <= size);
@@ -317,6 +430,7 @@ impl ReplicaStore {
             Some(p) => p.patches,
             None => self.parent().patches,
         };
+        let mut patched = Vec::new();
         for n in 1..=patches {
             let index = self.patch_index(n)?;
             let mut plain = None;
@@ -325,6 +439,7 @@ impl ReplicaStore {
                 if a >= b {
                     continue;
                 }
+                patched.push((a, b));
                 if plain.is_none() {
                     plain = Some(self.read_layer(super::store::PATCH_SEQ + n)?);
                 }
@@ -336,6 +451,23 @@ impl ReplicaStore {
                 ) {
                     dst.copy_from_slice(src);
                 }
+            }
+        }
+        for (d, a, b) in self.lost_ranges()? {
+            let (a, b) = (a.max(offset), b.min(end));
+            if d != disk || a >= b {
+                continue;
+            }
+            if let Some((x, y)) = remaining(&mut patched, a, b).first() {
+                return Err(Error::corruption(
+                    self.locate(DROPPED),
+                    0,
+                    format!(
+                        "disk {disk} bytes {x}..{y}: the replica lost them too (the parent \
+                         chunk holding them did not authenticate and was dropped when this \
+                         resync began); no copy of them is left here"
+                    ),
+                ));
             }
         }
         Ok(())
@@ -395,7 +527,8 @@ impl ReplicaStore {
             patches: p.patches,
         })?;
         self.clear_damage()?;
-        self.backend().delete(&[self.key_of(RESYNC)])?;
+        self.backend()
+            .delete(&[self.key_of(DROPPED), self.key_of(RESYNC)])?;
         tracing::info!(
             "replica: resynchronised ({} of {} chunks taken, {} bytes); chain continues after LSN {}",
             p.sent_chunks,
@@ -404,5 +537,31 @@ impl ReplicaStore {
             p.base_lsn
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remaining;
+
+    #[test]
+    fn the_uncovered_parts_of_a_range_are_found() {
+        assert_eq!(remaining(&mut [], 10, 20), vec![(10, 20)]);
+        assert_eq!(remaining(&mut [(0, 30)], 10, 20), vec![]);
+        assert_eq!(
+            remaining(&mut [(15, 18), (0, 12)], 10, 20),
+            vec![(12, 15), (18, 20)]
+        );
+        assert_eq!(
+            remaining(&mut [(12, 15), (0, 12), (15, 20)], 10, 20),
+            vec![]
+        );
+        assert_eq!(remaining(&mut [(10, 14)], 10, 20), vec![(14, 20)]);
+        assert_eq!(remaining(&mut [(14, 25)], 10, 20), vec![(10, 14)]);
+        assert_eq!(remaining(&mut [(21, 30), (0, 5)], 10, 20), vec![(10, 20)]);
+        assert_eq!(
+            remaining(&mut [(11, 12), (11, 13), (16, 17)], 10, 20),
+            vec![(10, 11), (13, 16), (17, 20)]
+        );
     }
 }

@@ -23,6 +23,7 @@
 //! <m>/patches/<n>.{data,idx}.enc  a resync's chunks, on top of the parent  — patches.rs
 //!                              until the compactor folds them
 //! <m>/resync.meta              a resync under way (see resync_apply.rs)
+//! <m>/dropped                  what that resync lost of the replica's own bytes (text)
 //! <m>/scrub.meta               how far the scrub got, what it last found (scrub.rs)
 //! ```
 //!
