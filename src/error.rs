@@ -98,6 +98,11 @@ pub enum Error {
     #[error("broken chain: {0}")]
     BrokenChain(String),
 
+    /// Bytes no copy of which is left: damaged at the source and lost at the replica
+    /// too. Nothing retries its way out; an operator must decide.
+    #[error("data lost: {0}")]
+    Lost(String),
+
     /// A file written by a newer replog, or with incompatible feature bits.
     #[error("unsupported format in {}: {what}", path.display())]
     Unsupported { path: PathBuf, what: String },
@@ -264,7 +269,8 @@ impl Error {
             | Error::Poisoned { .. }
             | Error::Fenced { .. }
             | Error::OutOfRange { .. }
-            | Error::Unsupported { .. } => ErrorClass::Critical,
+            | Error::Unsupported { .. }
+            | Error::Lost(_) => ErrorClass::Critical,
         }
     }
 
@@ -290,9 +296,10 @@ impl Error {
             Error::Protocol { .. } => RefusalCode::Protocol,
             Error::Unsupported { .. } => RefusalCode::Version,
             Error::Auth { .. } => RefusalCode::NotOwner,
-            Error::AlreadyExists(_) | Error::Locked(_) | Error::Poisoned { .. } => {
-                RefusalCode::Fatal
-            }
+            Error::AlreadyExists(_)
+            | Error::Locked(_)
+            | Error::Poisoned { .. }
+            | Error::Lost(_) => RefusalCode::Fatal,
         }
     }
 
@@ -302,7 +309,10 @@ impl Error {
             Error::Io { source, .. } | Error::Net { source, .. } => {
                 source.raw_os_error().unwrap_or(libc::EIO)
             }
-            Error::Corruption { .. } | Error::Poisoned { .. } | Error::BrokenChain(_) => libc::EIO,
+            Error::Corruption { .. }
+            | Error::Poisoned { .. }
+            | Error::BrokenChain(_)
+            | Error::Lost(_) => libc::EIO,
             Error::Fenced { .. } => libc::EROFS,
             Error::InvalidInput(_) | Error::Protocol { .. } | Error::Incompatible { .. } => {
                 libc::EINVAL
@@ -343,6 +353,10 @@ mod tests {
             (Error::NoSpace("full".into()), ErrorClass::Retry),
             (Error::corruption("/x", 3, "crc"), ErrorClass::NeedsResync),
             (Error::BrokenChain("gap".into()), ErrorClass::NeedsResync),
+            (
+                Error::Lost("disk 1 bytes 0..4096".into()),
+                ErrorClass::Critical,
+            ),
             (
                 Error::Auth {
                     peer: "p".into(),

@@ -610,6 +610,8 @@ fn damage_at_both_ends_of_a_range_is_reported_never_mended_with_zeroes() {
         .resync_once(&m, CHUNK)
         .expect_err("mended a range no copy of which is left");
     let text = e.to_string();
+    // Nothing retries its way out of this: an operator must look.
+    assert_eq!(e.class(), replog::error::ErrorClass::Critical, "{text}");
     // The fetch covers every range the damage may hide (here all of chunk 0).
     assert!(
         text.contains("lost them too") && text.contains("disk 1 bytes 0..262144"),

@@ -168,6 +168,11 @@ impl ReplicaStore {
                 dir.display()
             )));
         }
+        // No resync is under way: a list of what one lost is a leftover of a crash
+        // inside `finish_resync` (its chunks are whole again), not this resync's.
+        if !self.parent().resyncing {
+            self.save_lost(&BTreeSet::new())?;
+        }
         // From here on no point can be opened: the parent is about to change in ways
         // no record explains.
         let mut mark = self.parent().clone();
@@ -215,8 +220,13 @@ impl ReplicaStore {
         }
         let mut lost = self.lost_ranges()?;
         for (disk, n) in &bad {
-            let size = self.disk_size(*disk)?;
-            lost.insert((*disk, n * CHUNK_BYTES, ((n + 1) * CHUNK_BYTES).min(size)));
+            let (a, b) = (
+                n * CHUNK_BYTES,
+                ((n + 1) * CHUNK_BYTES).min(self.disk_size(*disk)?),
+            );
+            if a < b {
+                lost.insert((*disk, a, b));
+            }
         }
         self.save_lost(&lost)?;
         for (disk, n) in bad {
@@ -439,17 +449,29 @@ impl ReplicaStore {
                 if a >= b {
                     continue;
                 }
-                patched.push((a, b));
                 if plain.is_none() {
                     plain = Some(self.read_layer(super::store::PATCH_SEQ + n)?);
                 }
                 let src_at = (r.payload_at + (a - r.offset)) as usize;
                 let len = (b - a) as usize;
-                if let (Some(src), Some(dst)) = (
+                match (
                     plain.as_ref().and_then(|p| p.get(src_at..src_at + len)),
                     buf.get_mut((a - offset) as usize..(a - offset) as usize + len),
                 ) {
-                    dst.copy_from_slice(src);
+                    (Some(src), Some(dst)) => {
+                        dst.copy_from_slice(src);
+                        patched.push((a, b));
+                    }
+                    _ => {
+                        return Err(Error::corruption(
+                            self.dir(),
+                            r.payload_at,
+                            format!(
+                                "patch {n}'s record at disk offset {} runs past its data",
+                                r.offset
+                            ),
+                        ))
+                    }
                 }
             }
         }
@@ -459,15 +481,12 @@ impl ReplicaStore {
                 continue;
             }
             if let Some((x, y)) = remaining(&mut patched, a, b).first() {
-                return Err(Error::corruption(
-                    self.locate(DROPPED),
-                    0,
-                    format!(
-                        "disk {disk} bytes {x}..{y}: the replica lost them too (the parent \
-                         chunk holding them did not authenticate and was dropped when this \
-                         resync began); no copy of them is left here"
-                    ),
-                ));
+                return Err(Error::Lost(format!(
+                    "disk {disk} bytes {x}..{y}: the replica lost them too (the parent chunk \
+                     holding them did not authenticate and was dropped when this resync \
+                     began, see {}); no copy of them is left here",
+                    self.locate(DROPPED).display()
+                )));
             }
         }
         Ok(())
@@ -541,8 +560,76 @@ impl ReplicaStore {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
-    use super::remaining;
+    use super::*;
+    use crate::format::meta::DiskEntry;
+    use crate::replica::backend::{DirBackend, ReplicaBackend};
+    use crate::replica::crypt::ReplicaKey;
+    use crate::replica::store::{ReplicaManifest, Replicas};
+    use crate::storage::MemStorage;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_dropped_chunk_is_lost_until_a_patch_brings_it_back_and_the_list_ends_with_the_resync() {
+        let backend: Arc<dyn ReplicaBackend> =
+            Arc::new(DirBackend::new(Arc::new(MemStorage::new()), "/r"));
+        let manifest = ReplicaManifest {
+            source_site: [1u8; 32],
+            machine_id: 5,
+            disks: vec![DiskEntry {
+                id: 0,
+                name: "os".into(),
+                size: 2 * CHUNK_BYTES,
+            }],
+            base_lsn: 0,
+            base_seq: 0,
+            generation: 1,
+        };
+        let mut s = Replicas::new(backend.clone(), ReplicaKey::from_bytes([4u8; 32]))
+            .create("vm1", manifest, Default::default())
+            .unwrap();
+        let mut ed = ChunkEditor::new(&s);
+        ed.write(0, 0, &vec![7u8; 2 * CHUNK_BYTES as usize])
+            .unwrap();
+        ed.finish().unwrap();
+        // A leftover list (a crash inside an earlier finish) does not outlive a new
+        // resync's start.
+        backend.put("vm1/dropped", b"0 0 4096\n").unwrap();
+        // Chunk 0 rots; the scrub's finding is recorded.
+        let key = "vm1/parent/0/0000000000.enc";
+        let mut c = backend.get(key).unwrap().unwrap();
+        let at = c.len() - 5;
+        c[at] ^= 1;
+        backend.put(key, &c).unwrap();
+        s.mark_damaged("parent chunk 0 does not authenticate")
+            .unwrap();
+        let p = s.begin_resync(0, 0, 4096).unwrap();
+        assert_eq!(
+            s.lost_ranges().unwrap(),
+            BTreeSet::from([(0, 0, CHUNK_BYTES)])
+        );
+        let mut buf = vec![0u8; 4096];
+        let e = s.read_replica(0, 8192, &mut buf).unwrap_err();
+        assert!(matches!(e, Error::Lost(_)), "{e}");
+        assert!(e.to_string().contains("bytes 8192..12288"), "{e}");
+        s.read_replica(0, CHUNK_BYTES, &mut buf).unwrap();
+        assert_eq!(buf, vec![7u8; 4096], "chunk 1 is whole");
+        // A patch brings 4096..12288 back from the source: those bytes are served;
+        // the rest of the chunk is not.
+        s.apply_resync(&[(0, 4096, vec![9u8; 8192])], p).unwrap();
+        s.read_replica(0, 8192, &mut buf).unwrap();
+        assert_eq!(buf, vec![9u8; 4096]);
+        let mut two = vec![0u8; 8192];
+        let e = s.read_replica(0, 0, &mut two).unwrap_err();
+        assert!(e.to_string().contains("bytes 0..4096"), "{e}");
+        let e = s.read_replica(0, 8192, &mut two).unwrap_err();
+        assert!(e.to_string().contains("bytes 12288..16384"), "{e}");
+        // The resync ends: the list goes with it.
+        s.finish_resync(1).unwrap();
+        assert!(s.lost_ranges().unwrap().is_empty());
+        assert_eq!(backend.get("vm1/dropped").unwrap(), None);
+    }
 
     #[test]
     fn the_uncovered_parts_of_a_range_are_found() {
