@@ -212,3 +212,53 @@ fn the_site_config_can_place_the_key_outside_the_store() {
     assert!(elsewhere.exists(), "key not created where the config says");
     assert!(!site.join("identity/replica.key").exists());
 }
+
+/// A resync drops a parent chunk that does not authenticate; the segments it then
+/// folds rewrite parts of it, and only those parts are the replica's to give back —
+/// the rest of the chunk is listed as lost until the resync ends.
+#[test]
+fn a_resync_gives_back_of_a_dropped_chunk_what_the_folded_segments_rewrote() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (id, segs) = source(&tmp.path().join("src"));
+    let site = tmp.path().join("target");
+    let mut r = replica(&site, id);
+    let mut ed = replog::replica::store::ChunkEditor::new(&r);
+    ed.write(0, 0, &vec![b'p'; 256 << 10]).expect("parent");
+    ed.finish().expect("parent");
+    for (i, s) in segs.iter().enumerate() {
+        r.receive(i as u64 + 1, s).expect("segment");
+    }
+    // Parent chunk 0 rots; the scrub's finding is recorded.
+    let chunk = site.join("replicas/vm1/parent/0/0000000000.enc");
+    let mut bytes = std::fs::read(&chunk).expect("chunk");
+    let at = bytes.len() - 7;
+    bytes[at] ^= 1;
+    std::fs::write(&chunk, &bytes).expect("damage");
+    r.mark_damaged("parent chunk 0 does not authenticate")
+        .expect("mark");
+    let w = r.received();
+    r.begin_resync(w.lsn, w.segment_seq, 4096).expect("begin");
+    // The three segments wrote 5000 bytes at 3, 10 003 and 20 003.
+    let lost: Vec<(u32, u64, u64)> = r.lost_ranges().expect("lost").into_iter().collect();
+    assert_eq!(
+        lost,
+        vec![
+            (0, 0, 3),
+            (0, 5003, 10_003),
+            (0, 15_003, 20_003),
+            (0, 25_003, 256 << 10)
+        ]
+    );
+    let mut buf = vec![0u8; 5000];
+    r.read_replica(0, 10_003, &mut buf)
+        .expect("rewritten by segment 2");
+    assert_eq!(buf, vec![b'b'; 5000]);
+    let e = r
+        .read_replica(0, 0, &mut buf)
+        .expect_err("lost bytes served");
+    assert!(matches!(e, Error::Lost(_)), "{e}");
+    assert!(e.to_string().contains("bytes 0..3"), "{e}");
+    // Beyond the dropped chunk the parent is whole (zeroes: never written).
+    r.read_replica(0, 300_000, &mut buf).expect("chunk 1");
+    assert_eq!(buf, vec![0u8; 5000]);
+}
