@@ -57,6 +57,13 @@ pub trait ReplicaBackend: Send + Sync + fmt::Debug {
         }
         Ok(())
     }
+    /// Several puts of objects whose loss costs nothing (a cache: the hash pages):
+    /// each replaced atomically — readers see the old bytes or the new — but not
+    /// necessarily durably, so after a crash any of them may be old, missing or
+    /// damaged, which their readers must tell.
+    fn put_cache_batch(&self, items: &[(String, Vec<u8>)]) -> Result<()> {
+        self.put_batch(items)
+    }
     /// The names directly under `prefix` (objects and deeper prefixes), sorted; none
     /// if there is nothing there.
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
@@ -310,6 +317,17 @@ impl ReplicaBackend for DirBackend {
         }
         for d in dirs {
             self.storage.sync_dir(&d)?;
+        }
+        Ok(())
+    }
+
+    /// No fsync: a file system's own ordering decides what a crash leaves.
+    fn put_cache_batch(&self, items: &[(String, Vec<u8>)]) -> Result<()> {
+        for (k, v) in items {
+            let path = self.path(k)?;
+            self.with_parent(&path, || {
+                crate::storage::write_replace(self.storage.as_ref(), &path, v)
+            })?;
         }
         Ok(())
     }

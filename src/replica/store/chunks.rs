@@ -232,7 +232,7 @@ impl<'a> ChunkEditor<'a> {
     }
 
     /// Seal every dirty chunk (up to four at once) and put them as one batch, all-zero
-    /// chunks removed; meanwhile hash their pieces for the hash pages, put after
+    /// chunks removed; meanwhile hash their pieces for the hash pages, replaced after
     /// them (in whatever order the two land, a slot counts only while its chunk
     /// carries its nonce). The plain and the sealed chunks are both held until the
     /// batch is down: up to twice [`EDITOR_BUDGET`].
