@@ -86,51 +86,31 @@ pub fn hash_chunks(
     if first >= end {
         return Ok(Vec::new());
     }
-    let n = (end - first) as usize;
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .min(4)
-        .min(n);
-    let per = n.div_ceil(workers.max(1));
-    let parts: Vec<Result<Vec<[u8; 32]>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers)
-            .map(|w| {
-                s.spawn(move || -> Result<Vec<[u8; 32]>> {
-                    let from = first + (w * per) as u64;
-                    let to = (from + per as u64).min(end);
-                    // Read in big pieces, hash per chunk.
-                    let step = (1u64 << 20).max(chunk_bytes);
-                    let mut buf = vec![0u8; step as usize];
-                    let mut out = Vec::with_capacity((to.saturating_sub(from)) as usize);
-                    let mut c = from;
-                    while c < to {
-                        let at = c * chunk_bytes;
-                        let chunks = (step / chunk_bytes).min(to - c);
-                        let len = (chunks * chunk_bytes).min(size - at) as usize;
-                        let b = buf.get_mut(..len).unwrap_or(&mut []);
-                        read(at, b)?;
-                        for piece in b.chunks(chunk_bytes as usize) {
-                            out.push(algo.of(piece));
-                        }
-                        c += chunks;
-                    }
-                    Ok(out)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::InvalidInput("hash worker panicked".into())))
-            })
-            .collect()
-    });
-    let mut out = Vec::with_capacity(n);
-    for p in parts {
-        out.extend(p?);
-    }
-    Ok(out)
+    // One run of consecutive chunks per worker, each read in big pieces.
+    let per = (end - first).div_ceil(crate::parallel::workers((end - first) as usize) as u64);
+    let runs: Vec<(u64, u64)> = (first..end)
+        .step_by(per.max(1) as usize)
+        .map(|from| (from, (from + per).min(end)))
+        .collect();
+    let parts = crate::parallel::map(&runs, |&(from, to)| -> Result<Vec<[u8; 32]>> {
+        let step = (1u64 << 20).max(chunk_bytes);
+        let mut buf = vec![0u8; step as usize];
+        let mut out = Vec::with_capacity((to - from) as usize);
+        let mut c = from;
+        while c < to {
+            let at = c * chunk_bytes;
+            let chunks = (step / chunk_bytes).min(to - c);
+            let len = (chunks * chunk_bytes).min(size - at) as usize;
+            let b = buf.get_mut(..len).unwrap_or(&mut []);
+            read(at, b)?;
+            for piece in b.chunks(chunk_bytes as usize) {
+                out.push(algo.of(piece));
+            }
+            c += chunks;
+        }
+        Ok(out)
+    })?;
+    Ok(parts.concat())
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ pub mod journal;
 pub mod metrics;
 pub mod names;
 pub mod ops;
+pub mod parallel;
 pub mod plan;
 pub mod protection;
 pub mod replica;

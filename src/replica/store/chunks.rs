@@ -16,36 +16,6 @@ pub(super) fn chunk_rel(disk: u32, n: u64) -> String {
     format!("{PARENT}/{disk}/{n:010}.enc")
 }
 
-/// `f` of every item, on up to four threads (fewer on fewer cores), in order.
-pub(super) fn parallel_map<T: Sync, U: Send>(
-    items: &[T],
-    f: impl Fn(&T) -> Result<U> + Sync,
-) -> Result<Vec<U>> {
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(1, 4)
-        .min(items.len());
-    if workers <= 1 {
-        return items.iter().map(&f).collect();
-    }
-    let per = items.len().div_ceil(workers);
-    let f = &f;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = items
-            .chunks(per)
-            .map(|part| s.spawn(move || part.iter().map(f).collect::<Result<Vec<U>>>()))
-            .collect();
-        let mut out = Vec::with_capacity(items.len());
-        for h in handles {
-            out.extend(
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::InvalidInput("chunk worker panicked".into())))?,
-            );
-        }
-        Ok(out)
-    })
-}
-
 /// The key-derivation id of chunk `n` of `disk`.
 fn chunk_id(disk: u32, n: u64) -> u64 {
     u64::from(disk) << 40 | n
@@ -249,7 +219,7 @@ impl<'a> ChunkEditor<'a> {
                 .seal_chunk(store.manifest.machine_id, chunk_id(*disk, *n), chunk)
                 .map(Some)
         };
-        let sealed = parallel_map(&dirty, seal)?;
+        let sealed = crate::parallel::map(&dirty, seal)?;
         let mut puts = Vec::with_capacity(sealed.len());
         let mut kept = Vec::with_capacity(sealed.len());
         let mut zeroed = Vec::new();
@@ -267,7 +237,7 @@ impl<'a> ChunkEditor<'a> {
         }
         let slots = std::thread::scope(|s| -> Result<Vec<((u32, u64), Slot)>> {
             let hashing = s.spawn(|| {
-                parallel_map(&kept, |(at, nonce, plain)| {
+                crate::parallel::map(&kept, |(at, nonce, plain)| {
                     Ok((*at, Slot::of(*nonce, plain)))
                 })
             });

@@ -36,7 +36,6 @@
 //! the chunks that do not authenticate first. `replog inspect` authenticates every
 //! page ([`ReplicaStore::check_hash_page`]).
 
-use super::chunks::parallel_map;
 use super::{ReplicaStore, CHUNK_BYTES};
 use crate::chunk_hash::{ChunkHash, MIN_CHUNK};
 use crate::error::{Error, Result};
@@ -160,32 +159,35 @@ impl Page {
 }
 
 impl ReplicaStore {
-    /// Page `page` of `disk`; an empty one when there is none or it does not
-    /// authenticate or decode (then warned: it is rewritten at its next update).
-    fn read_page(&self, disk: u32, page: u64) -> Result<Page> {
+    /// Page `page` of `disk` as stored, and its stored size: None if there is none;
+    /// an error if it does not authenticate or is not in this build's layout.
+    fn open_page(&self, disk: u32, page: u64) -> Result<Option<(Page, u64)>> {
         let rel = page_rel(disk, page);
         let mut buf = Vec::new();
         if !self.backend().get_into(&self.key_of(&rel), &mut buf)? {
-            return Ok(Page::empty());
+            return Ok(None);
         }
+        let len = buf.len() as u64;
         let path = self.locate(&rel);
-        let opened = self.key().open_hashes_in_place(
+        self.key().open_hashes_in_place(
             self.manifest.machine_id,
             page_id(disk, page),
             &mut buf,
             &path,
-        );
-        match opened.map(|()| Page::decode(&buf)) {
-            Ok(Some(p)) => Ok(p),
-            Ok(None) => {
-                tracing::warn!(
-                    "hash page {} is not in a layout this build reads; rebuilt",
-                    path.display()
-                );
-                Ok(Page::empty())
-            }
+        )?;
+        let p = Page::decode(&buf).ok_or_else(|| {
+            Error::corruption(&path, 0, "hash page is not in the layout this build reads")
+        })?;
+        Ok(Some((p, len)))
+    }
+
+    /// Page `page` of `disk`; an empty one when there is none or it does not
+    /// authenticate or decode (then warned: it is rewritten at its next update).
+    fn read_page(&self, disk: u32, page: u64) -> Result<Page> {
+        match self.open_page(disk, page) {
+            Ok(p) => Ok(p.map_or_else(Page::empty, |(p, _)| p)),
             Err(e) if e.is_corruption() || matches!(e, Error::Unsupported { .. }) => {
-                tracing::warn!("hash page {}: {e}; rebuilt", path.display());
+                tracing::warn!("hash page {page} of disk {disk}: {e}; rebuilt");
                 Ok(Page::empty())
             }
             Err(e) => Err(e),
@@ -201,33 +203,30 @@ impl ReplicaStore {
     /// is in this build's layout; its size. (Everything else reads a damaged page as
     /// empty and rebuilds it.)
     pub fn check_hash_page(&self, disk: u32, page: u64) -> Result<u64> {
-        let rel = page_rel(disk, page);
-        let path = self.locate(&rel);
-        let mut buf = Vec::new();
-        if !self.backend().get_into(&self.key_of(&rel), &mut buf)? {
-            return Err(Error::NotFound(format!("no hash page {}", path.display())));
-        }
-        let len = buf.len() as u64;
-        self.key().open_hashes_in_place(
-            self.manifest.machine_id,
-            page_id(disk, page),
-            &mut buf,
-            &path,
-        )?;
-        Page::decode(&buf).ok_or_else(|| {
-            Error::corruption(&path, 0, "hash page is not in the layout this build reads")
-        })?;
-        Ok(len)
+        self.open_page(disk, page)?.map(|(_, n)| n).ok_or_else(|| {
+            Error::NotFound(format!(
+                "no hash page {}",
+                self.locate(&page_rel(disk, page)).display()
+            ))
+        })
     }
 
-    /// Put `slots` into their pages, durably. A cache: failing to is warned and
-    /// costs the next resync reading those chunks, never more.
+    /// Put `slots` into their pages, atomically but not durably
+    /// ([`ReplicaBackend::put_cache_batch`](crate::replica::backend::ReplicaBackend::put_cache_batch)).
+    /// A cache: failing to, or a crash after, costs the next resync reading those
+    /// chunks, never more.
     pub(super) fn store_slots(&self, slots: Vec<((u32, u64), Slot)>) {
+        self.store_slots_over(slots, BTreeMap::new())
+    }
+
+    /// [`Self::store_slots`] over the pages in `read` where it has them (read moments
+    /// ago), reading the others.
+    fn store_slots_over(&self, slots: Vec<((u32, u64), Slot)>, read: BTreeMap<(u32, u64), Page>) {
         if slots.is_empty() {
             return;
         }
         if let Err(e) = self
-            .page_updates(slots)
+            .page_updates(slots, read)
             .and_then(|puts| self.backend().put_cache_batch(&puts))
         {
             tracing::warn!(
@@ -238,8 +237,13 @@ impl ReplicaStore {
     }
 
     /// The sealed pages that take in `slots` (parent chunk → slot): each page they
-    /// touch read, changed and sealed again, ready for a batch put.
-    fn page_updates(&self, slots: Vec<((u32, u64), Slot)>) -> Result<Vec<(String, Vec<u8>)>> {
+    /// touch read (unless `read` has it), changed and sealed again, ready for a batch
+    /// put.
+    fn page_updates(
+        &self,
+        slots: Vec<((u32, u64), Slot)>,
+        mut read: BTreeMap<(u32, u64), Page>,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
         let mut pages: BTreeMap<(u32, u64), Vec<(u64, Slot)>> = BTreeMap::new();
         for ((disk, n), slot) in slots {
             pages
@@ -249,7 +253,10 @@ impl ReplicaStore {
         }
         let mut out = Vec::with_capacity(pages.len());
         for ((disk, p), changes) in pages {
-            let mut page = self.read_page(disk, p)?;
+            let mut page = match read.remove(&(disk, p)) {
+                Some(page) => page,
+                None => self.read_page(disk, p)?,
+            };
             for (i, slot) in changes {
                 if let Some(s) = page.slots.get_mut(i as usize) {
                     *s = Some(slot);
@@ -289,7 +296,7 @@ impl ReplicaStore {
         let mut out: Vec<Option<Vec<[u8; 32]>>> =
             Vec::with_capacity(to.saturating_sub(from) as usize);
         let mut misses = Vec::new();
-        let mut page: Option<(u64, Page)> = None;
+        let mut pages: BTreeMap<(u32, u64), Page> = BTreeMap::new();
         for n in from..to {
             let want = self.chunk_len(disk, n)?.div_ceil(PIECE as usize);
             let found = match self.chunk_head(disk, n)? {
@@ -297,16 +304,15 @@ impl ReplicaStore {
                 ChunkHead::Unreadable => None,
                 ChunkHead::Sealed(nonce) => {
                     let p = n / PAGE_CHUNKS;
-                    if page.as_ref().map(|(at, _)| *at) != Some(p) {
+                    let page = pages.entry((disk, p)).or_insert_with(|| {
                         // A page that cannot be read is a miss for its chunks.
-                        let pg = self.read_page(disk, p).unwrap_or_else(|e| {
+                        self.read_page(disk, p).unwrap_or_else(|e| {
                             tracing::warn!("hash page {p} of disk {disk}: {e}; chunks read");
                             Page::empty()
-                        });
-                        page = Some((p, pg));
-                    }
-                    page.as_ref()
-                        .and_then(|(_, pg)| pg.slots.get((n % PAGE_CHUNKS) as usize))
+                        })
+                    });
+                    page.slots
+                        .get((n % PAGE_CHUNKS) as usize)
                         .and_then(|s| s.as_ref())
                         .filter(|s| s.nonce == nonce && s.hashes.len() == want)
                         .map(|s| s.hashes.clone())
@@ -317,7 +323,7 @@ impl ReplicaStore {
             }
             out.push(found);
         }
-        let hashed = parallel_map(&misses, |n| -> Result<Option<Slot>> {
+        let hashed = crate::parallel::map(&misses, |n| -> Result<Option<Slot>> {
             let mut buf = Vec::new();
             // None: gone meanwhile, zeroes.
             Ok(self
@@ -338,7 +344,7 @@ impl ReplicaStore {
                 *o = Some(hashes);
             }
         }
-        self.store_slots(back);
+        self.store_slots_over(back, pages);
         out.into_iter()
             .enumerate()
             .map(|(i, h)| {
