@@ -631,3 +631,53 @@ fn write_version_6_fixtures() {
     copy_dir(&id_site.join("identity"), &out.join("identity"));
     std::fs::write(out.join("identity/expected-id"), first.id().to_string()).expect("id");
 }
+
+/// v7: what a target keeps beside a replica since hash pages (layout 1: piece bytes,
+/// hash id, 64 slots of nonce + hashes) and the list of what a resync lost at both
+/// ends (`dropped`, text), both written by this build over a copy of `v2/target`
+/// (whose replica key and chunk files the pages belong to).
+#[test]
+#[ignore]
+fn write_version_7_fixtures() {
+    use replog::chunk_hash::ChunkHash;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let out = root.join("v7");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).expect("mkdir");
+    let tmp = tempfile::tempdir().expect("tmp");
+
+    // hash-pages/: the pages a resync writes back over a replica that had none.
+    let site = tmp.path().join("pages");
+    copy_dir(&root.join("v2/target/site"), &site);
+    let store = Replicas::local(&site)
+        .expect("replicas")
+        .open("vm1")
+        .expect("open");
+    for d in 0..store.manifest().disks.len() as u32 {
+        store
+            .resync_hashes(4096, d, 0, u64::MAX, ChunkHash::Blake3)
+            .expect("hashes");
+    }
+    copy_dir(&site.join("replicas/vm1/hashes"), &out.join("hash-pages"));
+
+    // dropped: a resync begun over a replica whose parent chunk 1 of disk 1 rotted.
+    let site = tmp.path().join("dropped");
+    copy_dir(&root.join("v2/target/site"), &site);
+    let chunk = site.join("replicas/vm1/parent/1/0000000001.enc");
+    let mut b = std::fs::read(&chunk).expect("chunk");
+    let at = b.len() - 9;
+    b[at] ^= 1;
+    std::fs::write(&chunk, &b).expect("damage");
+    let mut store = Replicas::local(&site)
+        .expect("replicas")
+        .open("vm1")
+        .expect("open");
+    store
+        .mark_damaged("parent chunk 1 of disk 1")
+        .expect("mark");
+    let w = store.received();
+    store
+        .begin_resync(w.lsn, w.segment_seq, 4096)
+        .expect("begin");
+    std::fs::copy(site.join("replicas/vm1/dropped"), out.join("dropped")).expect("copy");
+}

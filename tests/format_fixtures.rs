@@ -857,3 +857,98 @@ fn a_settings_or_relationship_file_of_a_newer_format_is_refused_naming_both() {
     );
     // Format 1 (v1, v2 fixtures) still reads: the tests of those fixtures open it.
 }
+
+/// Every piece hash of every disk of the replica in `site`, read from the parent
+/// chunks (what a resync computed before hash pages).
+fn read_and_hash(store: &replog::replica::store::ReplicaStore) -> Vec<Vec<[u8; 32]>> {
+    store
+        .manifest()
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(d, disk)| {
+            replog::chunk_hash::hash_chunks(
+                disk.size,
+                4096,
+                0,
+                u64::MAX,
+                &|at, buf| store.read_parent(d as u32, at, buf),
+                replog::chunk_hash::ChunkHash::Blake3,
+            )
+            .expect("read and hash")
+        })
+        .collect()
+}
+
+fn via_pages(store: &replog::replica::store::ReplicaStore) -> Vec<Vec<[u8; 32]>> {
+    (0..store.manifest().disks.len() as u32)
+        .map(|d| {
+            store
+                .resync_hashes(4096, d, 0, u64::MAX, replog::chunk_hash::ChunkHash::Blake3)
+                .expect("hashes")
+        })
+        .collect()
+}
+
+#[test]
+fn a_replica_written_before_hash_pages_resyncs_and_gains_them() {
+    let (_t, site) = site_copy("v2/target");
+    assert!(!site.join("replicas/vm1/hashes").exists());
+    let store = Replicas::local(&site)
+        .expect("replicas")
+        .open("vm1")
+        .expect("open");
+    let want = read_and_hash(&store);
+    assert_eq!(via_pages(&store), want);
+    for d in 0..2 {
+        let pages = store.stored_hash_pages(d).expect("pages");
+        assert!(!pages.is_empty(), "disk {d}: no page written back");
+        for p in pages {
+            store.check_hash_page(d, p).expect("the page authenticates");
+        }
+    }
+    assert_eq!(via_pages(&store), want, "answered from the pages");
+}
+
+#[test]
+fn version_7_hash_pages_and_the_dropped_list_open() {
+    let (_t, site) = site_copy("v2/target");
+    let dir = site.join("replicas/vm1");
+    copy_dir(&fixtures().join("v7/hash-pages"), &dir.join("hashes"));
+    let store = Replicas::local(&site)
+        .expect("replicas")
+        .open("vm1")
+        .expect("open");
+    for d in 0..2 {
+        store
+            .check_hash_page(d, 0)
+            .expect("a v7 page authenticates and decodes");
+    }
+    let want = read_and_hash(&store);
+    // Every chunk body damaged: only the v7 pages can still answer, and they do.
+    for d in 0..2 {
+        for e in std::fs::read_dir(dir.join(format!("parent/{d}"))).expect("ls") {
+            let path = e.expect("entry").path();
+            let mut b = std::fs::read(&path).expect("chunk");
+            let at = b.len() - 3;
+            b[at] ^= 1;
+            std::fs::write(&path, &b).expect("damage");
+        }
+    }
+    assert_eq!(via_pages(&store), want);
+
+    // The list of what a resync lost (text, "disk start end" per line), beside the
+    // chunk that resync dropped.
+    std::fs::copy(fixtures().join("v7/dropped"), dir.join("dropped")).expect("copy");
+    std::fs::remove_file(dir.join("parent/1/0000000001.enc")).expect("dropped");
+    let lost = store.lost_ranges().expect("decodes");
+    assert_eq!(
+        lost.into_iter().collect::<Vec<_>>(),
+        vec![(1, 262_144, 524_288)]
+    );
+    let mut buf = vec![0u8; 4096];
+    let e = store
+        .read_replica(1, 300_000, &mut buf)
+        .expect_err("lost bytes served");
+    assert!(matches!(e, replog::Error::Lost(_)), "{e}");
+}
