@@ -76,6 +76,9 @@ struct Cache<K, V> {
     /// Keys being loaded; `loaded` is signalled whenever one leaves.
     loading: Mutex<Vec<K>>,
     loaded: Condvar,
+    /// Readers waiting for another's load (tests watch it).
+    #[cfg(test)]
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 /// A key listed as being loaded, unlisted (and its waiters woken) however the load
@@ -98,6 +101,8 @@ impl<K: PartialEq + Copy, V: Clone> Cache<K, V> {
             lru: Mutex::new(Lru::new(budget)),
             loading: Mutex::new(Vec::new()),
             loaded: Condvar::new(),
+            #[cfg(test)]
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -111,7 +116,13 @@ impl<K: PartialEq + Copy, V: Clone> Cache<K, V> {
         // Looked up again under `loading`: a load that ended meanwhile kept its value
         // before it was unlisted.
         while loading.contains(&k) {
+            #[cfg(test)]
+            self.waiting
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.loaded.wait(&mut loading);
+            #[cfg(test)]
+            self.waiting
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         }
         if let Some(v) = self.lru.lock().get(k) {
             return Ok(v);
@@ -409,12 +420,21 @@ mod tests {
     fn a_reader_waiting_for_a_load_that_fails_loads_itself() {
         let cache: Cache<u64, u64> = Cache::new(1 << 20);
         let started = std::sync::Barrier::new(2);
+        let saw_waiter = AtomicUsize::new(0);
         std::thread::scope(|s| {
             let failing = s.spawn(|| {
                 cache.get_or_load(3, || {
                     started.wait();
-                    // Long enough for the other reader to be waiting at the gate.
-                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    // Until the other reader waits for this load (10 s at most: a
+                    // rendezvous, not a time limit; the assertion below says whether
+                    // it came).
+                    let t0 = std::time::Instant::now();
+                    while cache.waiting.load(Ordering::SeqCst) == 0
+                        && t0.elapsed() < std::time::Duration::from_secs(10)
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    saw_waiter.store(cache.waiting.load(Ordering::SeqCst), Ordering::SeqCst);
                     Err(Error::InvalidInput("read failed".into()))
                 })
             });
@@ -423,6 +443,11 @@ mod tests {
             assert_eq!(waiting.unwrap(), 30);
             assert!(failing.join().unwrap().is_err());
         });
+        assert_eq!(
+            saw_waiter.load(Ordering::SeqCst),
+            1,
+            "the second reader waited for the failing load"
+        );
         assert!(cache.loading.lock().is_empty());
         assert_eq!(cache.lru.lock().entries.len(), 1);
     }

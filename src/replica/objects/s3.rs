@@ -560,14 +560,12 @@ impl ObjectStore for S3Objects {
     }
 
     fn get_head(&self, key: &str, len: usize) -> Result<Option<Vec<u8>>> {
-        if len == 0 {
-            return Ok(self.get(key)?.map(|_| Vec::new()));
-        }
         let url = self
             .bucket
             .get_object(Some(&self.credentials), &self.full(key))
             .sign(SIGN_TTL);
-        let range = [("Range", format!("bytes=0-{}", len - 1))];
+        // At least byte 0 is asked for (a range cannot be empty); cut to `len` below.
+        let range = [("Range", format!("bytes=0-{}", len.max(1) - 1))];
         let r = self.call(
             key,
             || self.send("GET", url.as_str(), &range, None, &[200, 206, 404, 416]),
