@@ -72,7 +72,7 @@ pub fn group_hashes(chunks: &[[u8; 32]], group: usize, algo: ChunkHash) -> Vec<[
 
 /// Hashes of `count` chunks of `chunk_bytes` from `first` of a disk of `size` bytes,
 /// each read by `read(offset, buf)` (any all-zero range may be skipped by `zero`),
-/// on every core.
+/// on up to four threads ([`crate::parallel::map`]).
 pub fn hash_chunks(
     size: u64,
     chunk_bytes: u64,
