@@ -227,18 +227,35 @@ fn compact_batch(m: &MachineInner, max_bytes: u64) -> Result<CompactStats> {
     *m.watermark.lock() = new_mark;
     m.points.lock().retain(|p| p.lsn > new_mark.lsn);
     // 5. Segments go.
-    {
+    let sealed_bytes: u64 = {
         let mut st = m.state.write();
         let mut sealed = m.sealed.lock();
         for seg in &batch {
             st.files.remove(&seg.seq);
             sealed.remove(&seg.seq);
         }
-    }
+        sealed.values().map(|s| s.bytes).sum()
+    };
+    // Kept as spares to be written again (see `journal::spare`) where they may be,
+    // removed otherwise.
+    let jdir = m.dir.join(JOURNAL_DIR);
     for seg in &batch {
-        m.storage
-            .remove_file(seg.file.path())
+        let kept = m
+            .spares
+            .offer(
+                m.storage.as_ref(),
+                &jdir,
+                seg.seq,
+                &seg.file,
+                seg.bytes,
+                sealed_bytes,
+            )
             .map_err(|e| fail(m, e))?;
+        if !kept {
+            m.storage
+                .remove_file(seg.file.path())
+                .map_err(|e| fail(m, e))?;
+        }
     }
     m.storage
         .sync_dir(&m.dir.join(JOURNAL_DIR))

@@ -171,7 +171,8 @@ pub struct JournalConfig {
     /// …or once the machine has taken no write for this long. Merging doubles the
     /// bytes written, so it waits for a lull or a backlog instead of competing with
     /// every burst of guest writes; the journal stays bounded by
-    /// `compact_min_bytes + segment_bytes` plus what holds keep.
+    /// `compact_min_bytes + segment_bytes` plus what holds keep (merged segments kept
+    /// as spares to be written again count within it: `journal::spare`).
     pub compact_idle_ms: u64,
 }
 

@@ -569,12 +569,18 @@ fn inspect_journal(dir: &Path, only: Option<&Path>, report: &mut Report) -> Resu
                     None => only.is_none(),
                     Some(_) => crate::journal::may_be_torn_tail(file.as_ref(), &scan)?,
                 };
-            let following = if torn_tail {
+            // The newest segment written into a recycled file (`journal::spare`):
+            // an earlier segment's bytes follow its records, checksummed ones among
+            // them, as they do while it is being written. Not a fault.
+            let recycled = torn_tail && scan.header.is_some_and(|h| h.is_recycled());
+            let following = if torn_tail && !recycled {
                 valid_records_after(file.as_ref(), scan.end)?
             } else {
                 0
             };
-            if torn_tail && following == 0 {
+            if recycled {
+                sr.bytes = scan.end;
+            } else if torn_tail && following == 0 {
                 report.warnings.push(format!(
                     "{}: torn tail at offset {} ({} bytes: {}); opening the site cuts it off",
                     path.display(),

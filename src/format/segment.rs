@@ -13,7 +13,11 @@
 //!   8   2 format version (2; version 1 is read: bytes 56..60 were reserved)
 //!  10   2 header length in bytes (64)
 //!  12   4 incompatible feature bits (a reader refuses any it does not know)
-//!  16   4 compatible feature bits (a reader ignores those it does not know)
+//!  16   4 compatible feature bits (a reader ignores those it does not know):
+//!         bit 0 RECYCLED — the file held an earlier segment of the same journal (see
+//!         `journal::spare`): the bytes after its last record up to the file's end are
+//!         that segment's, stale records with lower LSNs, never a continuation. A
+//!         reader without the bit treats them as a torn tail, which is also right.
 //!  20   4 reserved, zero
 //!  24   8 machine id (random, from the machine manifest: segments never mix)
 //!  32   8 segment sequence number
@@ -53,6 +57,9 @@ pub const FOOTER_LEN: usize = 48;
 pub const MAX_SEGMENT_SEQ: u64 = 1 << 62;
 /// The segment format version this build writes (and the newest it reads).
 pub const SEGMENT_VERSION: u16 = 2;
+/// Compatible feature bit: the segment was written into a recycled file (header
+/// table above).
+pub const COMPAT_RECYCLED: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
@@ -83,6 +90,17 @@ impl SegmentHeader {
     pub fn with_generation(mut self, generation: u32) -> Self {
         self.generation = generation;
         self
+    }
+
+    /// The same header with compatible feature bits `compat` set.
+    pub fn with_compat(mut self, compat: u32) -> Self {
+        self.compat |= compat;
+        self
+    }
+
+    /// True if the segment was written into a recycled file.
+    pub fn is_recycled(&self) -> bool {
+        self.compat & COMPAT_RECYCLED != 0
     }
 
     pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN] {

@@ -11,6 +11,7 @@
 //! so that LSN order, file order and index order are one and the same.
 
 pub mod reader;
+pub mod spare;
 
 use crate::error::{Error, Result};
 use crate::format::record::{PointPayload, FLAG_APP_CONSISTENT, MAX_LSN};
@@ -21,6 +22,7 @@ use crate::format::{
 };
 use crate::storage::{OpenMode, Storage, StorageFile};
 use reader::{scan_segment, valid_records_after, Expect, ScannedRecord};
+use spare::Spares;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -72,6 +74,9 @@ struct Active {
     chain_crc: u32,
     /// Bytes before this offset have been handed to writeback already.
     writeback_from: u64,
+    /// A recycled file (see [`spare`]): the bytes from `tail` up to here are an
+    /// earlier segment's, cut off at the seal. 0 for a new file.
+    stale_to: u64,
 }
 
 /// Start writeback of the active segment every this many bytes, so that data streams
@@ -89,6 +94,7 @@ pub struct JournalWriter {
     active: Active,
     next_lsn: u64,
     last_point_lsn: u64,
+    spares: Spares,
 }
 
 impl JournalWriter {
@@ -108,6 +114,12 @@ impl JournalWriter {
 
     pub fn active_file(&self) -> Arc<dyn StorageFile> {
         self.active.file.clone()
+    }
+
+    /// The spare segment files new segments are written into (the compactor offers
+    /// merged segments to them).
+    pub fn spares(&self) -> Spares {
+        self.spares.clone()
     }
 
     /// Bytes in the active segment.
@@ -219,6 +231,12 @@ impl JournalWriter {
         // damage in front of a footer is corruption, never a torn tail (writeback may
         // reorder pages, so one sync for both would not prove that).
         self.active.file.sync_data()?;
+        // A recycled file: the earlier segment's bytes after the records go first, so
+        // that the footer ends the file (a crash between leaves a segment without a
+        // footer, the newest: recovered as the active one).
+        if self.active.stale_to > self.active.tail {
+            self.active.file.set_len(self.active.tail)?;
+        }
         self.active
             .file
             .write_at(&[&footer.encode()], self.active.tail)?;
@@ -244,37 +262,53 @@ impl JournalWriter {
             file: self.active.file.clone(),
         };
         self.last_point_lsn = self.last_lsn();
+        let header = SegmentHeader::new(self.machine_id, sealed.seq + 1, self.next_lsn, now_ns())
+            .with_generation(self.generation);
         self.active = create_segment(
             self.storage.as_ref(),
             &self.dir,
-            self.machine_id,
-            self.generation,
-            sealed.seq + 1,
-            self.next_lsn,
+            header,
             self.segment_bytes,
+            Some(&self.spares),
         )?;
         Ok(Some(sealed))
     }
 }
 
+/// Start segment `header.seq` in a spare file if `spares` has one free, else in a new
+/// file with `segment_bytes` preallocated.
 fn create_segment(
     storage: &dyn Storage,
     dir: &Path,
-    machine_id: u64,
-    generation: u32,
-    seq: u64,
-    base_lsn: u64,
+    header: SegmentHeader,
     segment_bytes: u64,
+    spares: Option<&Spares>,
 ) -> Result<Active> {
+    let seq = header.seq;
     let path = dir.join(segment_name(seq));
-    let file = storage.open(&path, OpenMode::CreateNew)?;
-    file.preallocate(segment_bytes);
-    let header = SegmentHeader::new(machine_id, seq, base_lsn, now_ns())
-        .with_generation(generation)
-        .encode();
-    file.write_at(&[&header], 0)?;
-    // The name must be durable before any fsync of the file can promise its data.
-    storage.sync_dir(dir)?;
+    let (file, header, stale_to) = match spares.and_then(|s| s.take()) {
+        Some(spare) => {
+            let stale_to = spare.len;
+            let header = header
+                .with_compat(crate::format::segment::COMPAT_RECYCLED)
+                .encode();
+            (
+                spare::reuse(storage, dir, spare, &path, &header)?,
+                header,
+                stale_to,
+            )
+        }
+        None => {
+            let file = storage.open(&path, OpenMode::CreateNew)?;
+            file.preallocate(segment_bytes);
+            let header = header.encode();
+            file.write_at(&[&header], 0)?;
+            // The name must be durable before any fsync of the file can promise its
+            // data.
+            storage.sync_dir(dir)?;
+            (file, header, 0)
+        }
+    };
     Ok(Active {
         seq,
         file,
@@ -283,6 +317,7 @@ fn create_segment(
         first_lsn: None,
         chain_crc: 0,
         writeback_from: 0,
+        stale_to,
     })
 }
 
@@ -390,7 +425,9 @@ pub fn recover(
         repairs.push(format!("removed merged segment {}", path.display()));
         segs.remove(0);
     }
-    if !repairs.is_empty() {
+    // Spares are never reused across a restart (see `spare`).
+    let spares_removed = spare::remove_leftovers(storage.as_ref(), dir)?;
+    if !repairs.is_empty() || spares_removed > 0 {
         storage.sync_dir(dir)?;
     }
 
@@ -571,7 +608,22 @@ pub fn recover(
             expected_seq = Some(seq);
             continue;
         };
-        if scan.end < scan.file_len {
+        if scan.end < scan.file_len && header.is_recycled() {
+            // What follows is the earlier segment's (and, after a crash, unsynced
+            // writes cut short): cut, as a torn tail is, so that nothing after the
+            // cut can ever continue the chain.
+            let note = format!(
+                "cut recycled segment {} at offset {}: the {} bytes after its records \
+                 were an earlier segment's, or writes a crash cut short",
+                path.display(),
+                scan.end,
+                scan.file_len - scan.end
+            );
+            tracing::info!("{note}");
+            repairs.push(note);
+            file.set_len(scan.end)?;
+            file.sync_data()?;
+        } else if scan.end < scan.file_len {
             let following = valid_records_after(file.as_ref(), scan.end)?;
             let what = scan.fault.as_ref().map(|f| f.what.as_str()).unwrap_or("");
             let mut note = format!(
@@ -599,6 +651,7 @@ pub fn recover(
             first_lsn: scan.first_lsn,
             chain_crc: scan.chain_crc,
             writeback_from: scan.end,
+            stale_to: 0,
         });
     }
 
@@ -619,15 +672,9 @@ pub fn recover(
                 last.file.sync_data()?;
             }
             let seq = expected_seq.unwrap_or(params.watermark_seq + 1);
-            create_segment(
-                storage.as_ref(),
-                dir,
-                params.machine_id,
-                params.generation,
-                seq,
-                next_lsn,
-                params.segment_bytes,
-            )?
+            let header = SegmentHeader::new(params.machine_id, seq, next_lsn, now_ns())
+                .with_generation(params.generation);
+            create_segment(storage.as_ref(), dir, header, params.segment_bytes, None)?
         }
     };
     if let Some(p) = points.last() {
@@ -642,6 +689,7 @@ pub fn recover(
         active,
         next_lsn,
         last_point_lsn,
+        spares: Spares::new(params.segment_bytes),
     };
     Ok(Recovered {
         writer,

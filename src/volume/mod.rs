@@ -140,6 +140,8 @@ pub(crate) struct MachineInner {
     pub machine_id: u64,
     pub disks: Vec<Disk>,
     pub writer: Mutex<JournalWriter>,
+    /// The journal's spare segment files (the writer's, shared with the compactor).
+    pub spares: crate::journal::spare::Spares,
     pub state: RwLock<IndexState>,
     pub sealed: Mutex<BTreeMap<u64, SealedSegment>>,
     pub points: Mutex<Vec<Point>>,
@@ -266,6 +268,8 @@ impl Machine {
     pub fn start_compactor(&self, policy: compactor::CompactPolicy) {
         let mut c = self.compactor.lock();
         if c.is_none() {
+            // The journal may hold this much before a merge: spares may use it.
+            self.inner.spares.allow(policy.min_bytes);
             *c = Some(Compactor::spawn(self.inner.clone(), policy));
         }
     }

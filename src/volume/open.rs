@@ -218,6 +218,7 @@ impl Machine {
             storage,
             machine_id: manifest.machine_id,
             disks,
+            spares: rec.writer.spares(),
             writer: Mutex::new(rec.writer),
             state: RwLock::new(state),
             sealed: Mutex::new(rec.sealed.into_iter().map(|s| (s.seq, s)).collect()),

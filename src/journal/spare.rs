@@ -1,0 +1,424 @@
+//! Spare segment files: merged segments kept to be written again, so that the journal
+//! appends into blocks that are already written.
+//!
+//! Why: an append to a new segment file extends it (or writes into blocks
+//! preallocated but not yet written), so every `fdatasync` of the active segment
+//! also writes the inode (its size, its extents). An overwrite of written blocks is
+//! data only. Measured with fio on this project's machines (4 KiB writes, an
+//! fdatasync each): 6.2–6.7 k IOPS appending or writing into preallocated blocks,
+//! 12.9–13.0 k IOPS overwriting written ones.
+//!
+//! How:
+//! - The compactor, instead of removing a merged segment, offers it
+//!   ([`Spares::offer`]): it is renamed to `<seq>.spare` in the journal directory and
+//!   kept while the sealed segments and the spares together stay within the
+//!   journal's budget (`journal.compact_min_bytes`, the size the journal may reach
+//!   before a merge anyway: so spares never make the journal's directory larger than
+//!   it may grow), at most [`MAX_SPARES`] of them, and while the file system keeps
+//!   [`MIN_FREE_BYTES`] free. Small segments are removed ([`MIN_SPARE_BYTES`]).
+//! - A new segment takes a spare if one is free ([`Spares::take`]: no one else holds
+//!   its file, so no reader of the merged segment can see it rewritten). The spare is
+//!   cut to a 4 KiB multiple before the old footer (so the file cannot end in a
+//!   footer), gets the new segment's header with the RECYCLED bit (see
+//!   `format::segment`), is made durable, and only then renamed to the segment's
+//!   name. A crash before the rename leaves a spare, after it a segment whose header
+//!   is right.
+//! - Bytes after the last record of a recycled segment are an earlier segment's:
+//!   records whose LSNs are below the segment's base LSN, never the next one, so a
+//!   scan stops at them as it stops at a torn tail. The seal cuts them off before it
+//!   writes the footer, so a sealed segment ends in its footer as always.
+//! - Spares are not kept across a restart: recovery removes them. So every earlier
+//!   segment a spare held was written by the same process with lower LSNs, even if a
+//!   failover later rewinds the journal's LSNs.
+
+use crate::error::{Error, Result};
+use crate::format::FOOTER_LEN;
+use crate::storage::{Storage, StorageFile};
+use parking_lot::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// At most this many spares per journal.
+pub const MAX_SPARES: usize = 16;
+/// No spare is kept while the file system has less than this free.
+pub const MIN_FREE_BYTES: u64 = 1 << 30;
+/// Segments smaller than this (or than half a full segment, if that is less) are
+/// removed, not kept: reusing one costs an fdatasync and a rename, more than a new
+/// file, and a small one saves little.
+pub const MIN_SPARE_BYTES: u64 = 64 << 10;
+/// The name suffix of spare files.
+pub const SPARE_SUFFIX: &str = ".spare";
+
+/// A spare file taken for a new segment.
+#[derive(Debug)]
+pub struct Spare {
+    pub file: Arc<dyn StorageFile>,
+    pub path: PathBuf,
+    /// Written bytes to keep: the file is cut to this before reuse.
+    pub len: u64,
+}
+
+/// The spares of one journal directory, shared by its writer and its compactor.
+#[derive(Debug, Clone)]
+pub struct Spares {
+    kept: Arc<Mutex<Vec<Spare>>>,
+    min_bytes: u64,
+    budget: Arc<AtomicU64>,
+}
+
+impl Spares {
+    /// Spares for a journal of `segment_bytes` segments, with a budget of two
+    /// segments until [`Spares::allow`] raises it.
+    pub fn new(segment_bytes: u64) -> Self {
+        Spares {
+            kept: Arc::new(Mutex::new(Vec::new())),
+            min_bytes: MIN_SPARE_BYTES.min(segment_bytes / 2).max(4096),
+            budget: Arc::new(AtomicU64::new(segment_bytes.saturating_mul(2))),
+        }
+    }
+
+    /// Let sealed segments and spares take `bytes` together (the compactor's
+    /// `compact_min_bytes`, if more than the budget already allowed).
+    pub fn allow(&self, bytes: u64) {
+        self.budget.fetch_max(bytes, Ordering::Relaxed);
+    }
+
+    /// Keep the merged segment `file` of `bytes` bytes (named `<seq>.seg` in `dir`)
+    /// as a spare, while `sealed_bytes` are still in the journal's sealed segments.
+    /// True if it was renamed to a spare name (the caller must not remove it); false
+    /// if the caller should remove it. The rename is durable after a `sync_dir` of
+    /// `dir`, as a removal would be.
+    pub fn offer(
+        &self,
+        storage: &dyn Storage,
+        dir: &Path,
+        seq: u64,
+        file: &Arc<dyn StorageFile>,
+        bytes: u64,
+        sealed_bytes: u64,
+    ) -> Result<bool> {
+        let len = bytes.saturating_sub(FOOTER_LEN as u64) & !4095;
+        if len < self.min_bytes {
+            return Ok(false);
+        }
+        let mut spares = self.kept.lock();
+        let kept: u64 = spares.iter().map(|s| s.len).sum();
+        let fits = sealed_bytes.saturating_add(kept).saturating_add(len)
+            <= self.budget.load(Ordering::Relaxed);
+        let room = storage.free_bytes(dir).is_none_or(|f| f >= MIN_FREE_BYTES);
+        if spares.len() >= MAX_SPARES || !fits || !room {
+            return Ok(false);
+        }
+        let path = dir.join(format!("{seq:020}{SPARE_SUFFIX}"));
+        if !storage.rename_noreplace(file.path(), &path)? {
+            return Ok(false);
+        }
+        spares.push(Spare {
+            file: file.clone(),
+            path,
+            len,
+        });
+        Ok(true)
+    }
+
+    /// The largest spare that nobody else holds a handle to (a reader that looked up
+    /// the merged segment before it was merged may still be reading it).
+    pub fn take(&self) -> Option<Spare> {
+        let mut spares = self.kept.lock();
+        let i = spares
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, s)| Arc::get_mut(&mut s.file).map(|_| (i, s.len)))
+            .max_by_key(|(_, len)| *len)
+            .map(|(i, _)| i)?;
+        Some(spares.swap_remove(i))
+    }
+
+    /// How many spares are kept (for tests and status).
+    pub fn count(&self) -> usize {
+        self.kept.lock().len()
+    }
+}
+
+/// Remove spare files left in `dir` by an earlier run (they are never reused across
+/// a restart). Returns how many were removed; the caller syncs the directory.
+pub fn remove_leftovers(storage: &dyn Storage, dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    for name in storage.list_dir(dir)? {
+        if is_spare_name(&name) {
+            storage.remove_file(&dir.join(&name))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// True for a name this module gives spares (`<20 digits>.spare`).
+pub fn is_spare_name(name: &str) -> bool {
+    name.strip_suffix(SPARE_SUFFIX)
+        .is_some_and(|d| d.len() == 20 && d.bytes().all(|c| c.is_ascii_digit()))
+}
+
+/// Make `spare` the segment file at `path`, starting with `header`: cut, header,
+/// fdatasync, rename, directory sync. Returns the file opened at its new name.
+/// Nothing is renamed unless the header is durable.
+pub(super) fn reuse(
+    storage: &dyn Storage,
+    dir: &Path,
+    spare: Spare,
+    path: &Path,
+    header: &[u8],
+) -> Result<Arc<dyn StorageFile>> {
+    spare.file.set_len(spare.len)?;
+    spare.file.write_at(&[header], 0)?;
+    spare.file.sync_data()?;
+    if !storage.rename_noreplace(&spare.path, path)? {
+        return Err(Error::corruption(
+            path,
+            0,
+            "a segment file of this number exists already",
+        ));
+    }
+    storage.sync_dir(dir)?;
+    drop(spare.file);
+    storage.open(path, crate::storage::OpenMode::ReadWrite)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::format::RecordKind;
+    use crate::journal::reader::{scan_segment, Expect};
+    use crate::journal::{recover, JournalParams, JournalWriter, SealedSegment};
+    use crate::storage::{CrashMode, MemStorage, OpenMode};
+
+    const SEGMENT: u64 = 64 << 10;
+    const ANY: Expect = Expect {
+        machine_id: None,
+        seq: None,
+        first_lsn: None,
+        disk_count: None,
+    };
+
+    fn dir() -> PathBuf {
+        PathBuf::from("/m/journal")
+    }
+
+    fn params(watermark_lsn: u64, watermark_seq: u64) -> JournalParams {
+        JournalParams {
+            machine_id: 7,
+            disk_count: 1,
+            segment_bytes: SEGMENT,
+            watermark_lsn,
+            watermark_seq,
+            generation: 1,
+        }
+    }
+
+    /// Payload of the record with `lsn`: 3000 bytes that name it.
+    fn payload(lsn: u64) -> Vec<u8> {
+        (0..3000u64)
+            .map(|i| (lsn.wrapping_mul(31).wrapping_add(i) % 251) as u8)
+            .collect()
+    }
+
+    fn append(w: &mut JournalWriter) -> u64 {
+        let lsn = w.next_lsn();
+        w.append(
+            RecordKind::Write,
+            0,
+            0,
+            lsn * 4096 % (1 << 20),
+            3000,
+            &payload(lsn),
+        )
+        .unwrap();
+        lsn
+    }
+
+    /// Fill and seal segments until one is full; return it.
+    fn fill_and_seal(w: &mut JournalWriter) -> SealedSegment {
+        while !w.wants_rotation() {
+            append(w);
+        }
+        w.seal().unwrap().unwrap()
+    }
+
+    /// A journal whose active segment is a recycled file: segment 1 filled, merged
+    /// (watermark) and offered as a spare, segment 2 sealed, segment 3 written into
+    /// the spare. Returns the storage, the writer and the watermark.
+    fn recycled_journal() -> (MemStorage, JournalWriter, (u64, u64)) {
+        let storage = MemStorage::new();
+        storage.create_dir_all(&dir()).unwrap();
+        let shared: Arc<dyn Storage> = Arc::new(storage.clone());
+        let mut w = recover(shared.clone(), &dir(), params(0, 0), |_, _| {})
+            .unwrap()
+            .writer;
+        let first = fill_and_seal(&mut w);
+        let mark = (first.last_lsn, first.seq);
+        let spares = w.spares();
+        assert!(spares
+            .offer(
+                shared.as_ref(),
+                &dir(),
+                first.seq,
+                &first.file,
+                first.bytes,
+                0
+            )
+            .unwrap());
+        drop(first);
+        shared.sync_dir(&dir()).unwrap();
+        assert_eq!(
+            storage.list_dir(&dir()).unwrap()[0],
+            format!("{:020}.spare", 1)
+        );
+        append(&mut w);
+        w.seal().unwrap().unwrap();
+        assert_eq!(spares.count(), 0, "segment 3 took the spare");
+        assert_eq!(w.active_seq(), 3);
+        (storage, w, mark)
+    }
+
+    #[test]
+    fn a_recycled_segment_recovers_exactly_its_records_after_any_crash() {
+        let modes = [CrashMode::DropAll, CrashMode::KeepAll]
+            .into_iter()
+            .chain((1..40).map(CrashMode::Tear));
+        for mode in modes {
+            let (storage, mut w, (mark_lsn, mark_seq)) = recycled_journal();
+            let file = w.active_file();
+            let header = crate::format::SegmentHeader::decode(&{
+                let mut b = [0u8; crate::format::SEGMENT_HEADER_LEN];
+                file.read_exact_at(&mut b, 0).unwrap();
+                b
+            })
+            .unwrap();
+            assert!(header.is_recycled());
+            assert!(
+                file.len().unwrap() > w.active_bytes() + 8000,
+                "the earlier segment's records follow"
+            );
+            // Three synced records, then three that may or may not survive.
+            let synced: Vec<u64> = (0..3).map(|_| append(&mut w)).collect();
+            file.sync_data().unwrap();
+            let last = (0..3).map(|_| append(&mut w)).last().unwrap();
+            drop((w, file));
+            storage.crash(mode);
+
+            let mut seen = Vec::new();
+            let r = recover(
+                Arc::new(storage.clone()),
+                &dir(),
+                params(mark_lsn, mark_seq),
+                |_, rec| {
+                    assert_eq!(rec.payload, &payload(rec.header.lsn)[..], "{mode:?}");
+                    seen.push(rec.header.lsn);
+                },
+            )
+            .unwrap();
+            // Segment 2's record, then a prefix of segment 3's that holds every
+            // synced one: never an earlier segment's record.
+            let first = mark_lsn + 1;
+            assert_eq!(seen, (first..first + seen.len() as u64).collect::<Vec<_>>());
+            assert!(seen.contains(synced.last().unwrap()), "{mode:?}: {seen:?}");
+            assert!(*seen.last().unwrap() <= last);
+            if mode == CrashMode::KeepAll {
+                assert_eq!(*seen.last().unwrap(), last);
+            }
+            assert!(
+                r.repairs.iter().any(|n| n.contains("recycled segment")),
+                "{mode:?}: {:?}",
+                r.repairs
+            );
+            assert!(r.damaged.is_empty());
+            // The cut segment goes on and seals cleanly.
+            let mut w = r.writer;
+            append(&mut w);
+            let sealed = w.seal().unwrap().unwrap();
+            let scan = scan_segment(sealed.file.as_ref(), ANY, |_| Ok(())).unwrap();
+            assert!(scan.is_sealed(), "{mode:?}: {:?}", scan.fault);
+        }
+    }
+
+    #[test]
+    fn a_sealed_recycled_segment_ends_in_its_footer() {
+        let (_storage, mut w, _) = recycled_journal();
+        for _ in 0..4 {
+            append(&mut w);
+        }
+        let sealed = w.seal().unwrap().unwrap();
+        assert_eq!(sealed.file.len().unwrap(), sealed.bytes);
+        let scan = scan_segment(sealed.file.as_ref(), ANY, |_| Ok(())).unwrap();
+        assert!(scan.is_sealed(), "{:?}", scan.fault);
+        assert_eq!(scan.records, 4);
+        // A full recycled segment goes past the spare's length and seals too.
+        let sealed = fill_and_seal(&mut w);
+        let scan = scan_segment(sealed.file.as_ref(), ANY, |_| Ok(())).unwrap();
+        assert!(scan.is_sealed(), "{:?}", scan.fault);
+    }
+
+    #[test]
+    fn a_spare_still_read_is_not_taken_and_leftovers_go_at_recovery() {
+        let storage = MemStorage::new();
+        storage.create_dir_all(&dir()).unwrap();
+        let shared: Arc<dyn Storage> = Arc::new(storage.clone());
+        let spares = Spares::new(SEGMENT);
+        let file = |n: u64, len: u64| {
+            let p = dir().join(crate::format::segment::segment_name(n));
+            let f = shared.open(&p, OpenMode::CreateNew).unwrap();
+            f.set_len(len).unwrap();
+            f
+        };
+        // Too small: refused, the caller removes it.
+        let small = file(1, 4000);
+        assert!(!spares
+            .offer(shared.as_ref(), &dir(), 1, &small, 4000, 0)
+            .unwrap());
+        shared.remove_file(small.path()).unwrap();
+        // A reader still holds the file: kept, but not taken until it lets go.
+        let a = file(2, 40_000);
+        assert!(spares
+            .offer(shared.as_ref(), &dir(), 2, &a, 40_000, 0)
+            .unwrap());
+        assert!(spares.take().is_none(), "a reader holds it");
+        drop(a);
+        let taken = spares.take().unwrap();
+        assert_eq!(taken.len, (40_000 - FOOTER_LEN as u64) & !4095);
+        // Spares and sealed segments stay within the budget: two segments by
+        // default, the compactor's allowance once raised.
+        let offer = |n: u64, sealed: u64| {
+            let f = file(n, SEGMENT + 100);
+            let kept = spares
+                .offer(shared.as_ref(), &dir(), n, &f, SEGMENT + 100, sealed)
+                .unwrap();
+            if !kept {
+                // As the compactor does.
+                shared.remove_file(f.path()).unwrap();
+            }
+            kept
+        };
+        assert!(
+            !offer(3, SEGMENT + 100),
+            "the sealed segments fill the budget"
+        );
+        assert!(offer(4, 0));
+        assert!(offer(5, 0));
+        assert!(!offer(6, 0), "two segments kept fill the default budget");
+        spares.allow(1 << 30);
+        let more = (7..7 + MAX_SPARES as u64).filter(|n| offer(*n, 0)).count();
+        assert_eq!(spares.count(), MAX_SPARES);
+        assert_eq!(more, MAX_SPARES - 2);
+        let names = storage.list_dir(&dir()).unwrap();
+        assert_eq!(names.len(), MAX_SPARES + 1, "{names:?}"); // and the one taken
+        assert!(names.iter().all(|n| is_spare_name(n)), "{names:?}");
+        // Recovery removes every spare (and the one taken above, left unused).
+        drop((taken, spares));
+        let r = recover(shared, &dir(), params(0, 0), |_, _| {}).unwrap();
+        let names = storage.list_dir(&dir()).unwrap();
+        assert!(names.iter().all(|n| !is_spare_name(n)), "{names:?}");
+        assert_eq!(r.writer.active_seq(), 1);
+    }
+}
