@@ -240,17 +240,19 @@ fn compact_batch(m: &MachineInner, max_bytes: u64) -> Result<CompactStats> {
     // removed otherwise.
     let jdir = m.dir.join(JOURNAL_DIR);
     for seg in &batch {
-        let kept = m
-            .spares
-            .offer(
-                m.storage.as_ref(),
-                &jdir,
-                seg.seq,
-                &seg.file,
-                seg.bytes,
-                sealed_bytes,
-            )
-            .map_err(|e| fail(m, e))?;
+        // A segment that was damaged (bit rot) is not written again.
+        let damaged = m.mended.lock().contains(&seg.seq);
+        let kept = !damaged
+            && m.spares
+                .offer(
+                    m.storage.as_ref(),
+                    &jdir,
+                    seg.seq,
+                    &seg.file,
+                    seg.bytes,
+                    sealed_bytes,
+                )
+                .map_err(|e| fail(m, e))?;
         if !kept {
             m.storage
                 .remove_file(seg.file.path())

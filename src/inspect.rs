@@ -482,7 +482,20 @@ fn inspect_journal(dir: &Path, only: Option<&Path>, report: &mut Report) -> Resu
             Some(_) => newest_beside.is_none_or(|n| n <= seq),
             None => i + 1 == count,
         };
-        let file = storage.open(&path, OpenMode::ReadOnly)?;
+        let merged_note = |path: &Path| {
+            format!(
+                "{}: merged while inspect read the journal (a running site); not checked",
+                path.display()
+            )
+        };
+        let file = match storage.open(&path, OpenMode::ReadOnly) {
+            Ok(f) => f,
+            Err(_) if only.is_none() && merged_meanwhile(&storage, dir, seq) => {
+                report.warnings.push(merged_note(&path));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let expect = Expect {
             machine_id: manifest.as_ref().map(|m| m.machine_id),
             seq: only.is_none().then_some(seq),
@@ -556,7 +569,12 @@ fn inspect_journal(dir: &Path, only: Option<&Path>, report: &mut Report) -> Resu
         } else if let Some(h) = scan.header {
             next_lsn.get_or_insert(h.base_lsn);
         }
-        if let Some(f) = scan.fault.clone() {
+        let fault = scan.fault.clone();
+        if fault.is_some() && only.is_none() && merged_meanwhile(&storage, dir, seq) {
+            // The compactor merged it and wrote another segment into the file (a
+            // spare) while it was read: what was read is no longer the segment.
+            report.warnings.push(merged_note(&path));
+        } else if let Some(f) = fault {
             // Which damage may be a torn tail: the rule recovery applies. A torn header
             // is torn only as the newest segment of a journal; a lone file without a
             // header is not a segment. Inspect is stricter than recovery in one case:
@@ -570,15 +588,15 @@ fn inspect_journal(dir: &Path, only: Option<&Path>, report: &mut Report) -> Resu
                     Some(_) => crate::journal::may_be_torn_tail(file.as_ref(), &scan)?,
                 };
             // The newest segment written into a recycled file (`journal::spare`):
-            // an earlier segment's bytes follow its records, checksummed ones among
-            // them, as they do while it is being written. Not a fault.
-            let recycled = torn_tail && scan.header.is_some_and(|h| h.is_recycled());
-            let following = if torn_tail && !recycled {
-                valid_records_after(file.as_ref(), scan.end)?
+            // an earlier segment's bytes follow its records, as they do while it is
+            // being written. Not a fault unless records of its own (its salt) follow.
+            let salt = scan.header.map_or(0, |h| h.salt);
+            let following = if torn_tail {
+                valid_records_after(file.as_ref(), scan.end, salt)?
             } else {
                 0
             };
-            if recycled {
+            if torn_tail && salt != 0 && following == 0 {
                 sr.bytes = scan.end;
             } else if torn_tail && following == 0 {
                 report.warnings.push(format!(
@@ -611,6 +629,18 @@ fn inspect_journal(dir: &Path, only: Option<&Path>, report: &mut Report) -> Resu
     }
     report.journals.push(jr);
     Ok(())
+}
+
+/// True if the merge watermark of journal `dir` now says segment `seq` was merged
+/// (read again: a running site merges while inspect reads).
+fn merged_meanwhile(storage: &FileStorage, dir: &Path, seq: u64) -> bool {
+    let Ok(f) = storage.open(&dir.join(WATERMARK_FILE), OpenMode::ReadOnly) else {
+        return false;
+    };
+    read_all(f.as_ref(), crate::volume::META_FILE_LIMIT)
+        .ok()
+        .and_then(|b| Watermark::decode(&b).ok())
+        .is_some_and(|w| seq <= w.segment_seq)
 }
 
 /// Print a report for people.
@@ -725,5 +755,31 @@ impl PointKind {
             PointKind::AppConsistent => "app-consistent",
             _ => "crash-consistent",
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_segment_is_merged_meanwhile_only_if_the_watermark_now_says_so() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        assert!(!merged_meanwhile(&FileStorage, dir, 1), "no watermark");
+        std::fs::write(dir.join(WATERMARK_FILE), b"not a watermark").unwrap();
+        assert!(
+            !merged_meanwhile(&FileStorage, dir, 1),
+            "a damaged watermark"
+        );
+        let w = Watermark {
+            lsn: 40,
+            segment_seq: 5,
+        };
+        std::fs::write(dir.join(WATERMARK_FILE), w.encode()).unwrap();
+        assert!(merged_meanwhile(&FileStorage, dir, 5));
+        assert!(merged_meanwhile(&FileStorage, dir, 4));
+        assert!(!merged_meanwhile(&FileStorage, dir, 6));
     }
 }

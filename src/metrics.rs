@@ -9,6 +9,7 @@
 //! | `replog_machine_lag_seconds` | gauge | replication lag (primaries) or age of the newest point (replicas) |
 //! | `replog_machine_health` | gauge | 0 healthy, 1 warning, 2 critical |
 //! | `replog_machine_journal_bytes` | gauge | bytes in the machine's journal |
+//! | `replog_machine_journal_spare_bytes` | gauge | bytes of merged segments kept to be written again |
 //! | `replog_machine_acked_lsn` | gauge | newest LSN the target acknowledged |
 //! | `replog_machine_resync_progress_ratio` | gauge | chunks compared / all, of the resync under way or last |
 //! | `replog_machine_rpo_seconds` | gauge | the RPO set with `protect --rpo` (lag beyond it: warning; twice: critical) |
@@ -71,6 +72,7 @@ pub struct Metrics {
     lag: Family<MachineLabel, FloatGauge>,
     health: Family<MachineLabel, Gauge>,
     journal: Family<MachineLabel, Gauge>,
+    spare: Family<MachineLabel, Gauge>,
     acked: Family<MachineLabel, Gauge>,
     resync: Family<MachineLabel, FloatGauge>,
     rpo: Family<MachineLabel, FloatGauge>,
@@ -99,6 +101,7 @@ impl Metrics {
             lag: Family::default(),
             health: Family::default(),
             journal: Family::default(),
+            spare: Family::default(),
             acked: Family::default(),
             resync: Family::default(),
             rpo: Family::default(),
@@ -125,6 +128,11 @@ impl Metrics {
             "machine_journal_bytes",
             "Bytes in the machine's change journal",
             m.journal.clone(),
+        );
+        registry.register(
+            "machine_journal_spare_bytes",
+            "Bytes of merged journal segments kept to be written again",
+            m.spare.clone(),
         );
         registry.register(
             "machine_acked_lsn",
@@ -191,6 +199,7 @@ impl Metrics {
         self.lag.clear();
         self.health.clear();
         self.journal.clear();
+        self.spare.clear();
         self.acked.clear();
         self.resync.clear();
         self.rpo.clear();
@@ -213,6 +222,9 @@ impl Metrics {
             self.journal
                 .get_or_create(&l)
                 .set(i64::try_from(m.journal_bytes).unwrap_or(i64::MAX));
+            self.spare
+                .get_or_create(&l)
+                .set(i64::try_from(m.journal_spare_bytes).unwrap_or(i64::MAX));
             if let Some(a) = m.acked_lsn {
                 self.acked
                     .get_or_create(&l)

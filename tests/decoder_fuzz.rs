@@ -458,7 +458,7 @@ fn scan_checked(bytes: &[u8], expect: Expect) -> SegmentScan {
     }
     // The torn-tail helper on the same bytes, from the scan's end and from elsewhere.
     for from in [scan.end, 0, 1, bytes.len() as u64, bytes.len() as u64 + 10] {
-        let _ = valid_records_after(file.as_ref(), from).expect("MemStorage reads never fail");
+        let _ = valid_records_after(file.as_ref(), from, 0).expect("MemStorage reads never fail");
     }
     scan
 }

@@ -683,8 +683,9 @@ fn write_version_7_fixtures() {
 }
 
 /// Version 8: a source site whose journal's newest segment was written into a
-/// recycled file (the segment header's compatible bit RECYCLED, an earlier segment's
-/// bytes after its records) with one spare left beside it, as a crash leaves them.
+/// recycled file (the segment header's incompatible bit RECYCLED and its salt, record
+/// CRCs salted, an earlier segment's bytes after its records) with one spare left
+/// beside it, as a crash leaves them.
 #[test]
 #[ignore]
 fn write_version_8_fixtures() {
@@ -716,9 +717,11 @@ fn write_version_8_fixtures() {
     m.flush().expect("flush");
     m.seal().expect("seal");
     m.compact().expect("compact");
-    // One more segment and the start of the next, written into spares.
+    // One more segment and the start of the next, written into spares, over the
+    // ranges the spares' stale records wrote (so reading any of those back as this
+    // journal's would change the disk).
     for i in 0..20u64 {
-        write(300_000 + i * 4_500, 4_000, 0x40 + i as u8);
+        write(i * 12_000 + 1_000, 4_000, 0x40 + i as u8);
     }
     m.flush().expect("flush");
     let mut buf = vec![0u8; 1 << 20];

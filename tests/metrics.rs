@@ -89,6 +89,7 @@ fn a_running_serve_answers_metrics_that_follow_what_it_does() {
     assert_eq!(v("replog_machine_health{machine=\"vm1\"}"), 0.0);
     assert!(v("replog_machine_lag_seconds{machine=\"vm1\"}") >= 0.0);
     assert!(v("replog_machine_journal_bytes{machine=\"vm1\"}") > 0.0);
+    assert!(v("replog_machine_journal_spare_bytes{machine=\"vm1\"}") >= 0.0);
     assert!(v("replog_machine_acked_lsn{machine=\"vm1\"}") > 0.0);
     assert!(v("replog_shipped_segments_total{machine=\"vm1\"}") >= 1.0);
     // write_at fsyncs every write: 20 writes, 20 fsyncs at least.

@@ -81,6 +81,9 @@ fn a_recycled_active_segment_inspects_clean_and_reopens_with_every_write() {
         .filter(|n| n.ends_with(".spare"))
         .collect();
     assert_eq!(spares.len(), 2, "{:?}", names(&dir));
+    // Status counts the disk they take.
+    let kept = m.status().spare_bytes;
+    assert!(kept > SEGMENT, "{kept}");
     // One more full segment: the next one is written into a spare.
     write(&m, &mut model, SEGMENT, SEGMENT + (8 << 10), 2);
     write(&m, &mut model, 100 << 10, 40 << 10, 3);
@@ -91,6 +94,7 @@ fn a_recycled_active_segment_inspects_clean_and_reopens_with_every_write() {
         1,
         "one spare taken: {after:?}"
     );
+    assert!(m.status().spare_bytes < kept);
     let active = dir
         .join("journal")
         .join(after.iter().rfind(|n| n.ends_with(".seg")).expect("seg"));

@@ -231,6 +231,11 @@ pub fn status(path: &Path, only: Option<&str>, as_json: bool) -> Result<()> {
                 .unwrap_or_default();
             let journal = if m.role == replog::protection::Role::Replica {
                 String::new()
+            } else if m.journal_spare_bytes > 0 {
+                format!(
+                    "journal {} bytes (+{} in spare segment files); ",
+                    m.journal_bytes, m.journal_spare_bytes
+                )
             } else {
                 format!("journal {} bytes; ", m.journal_bytes)
             };

@@ -91,13 +91,26 @@ pub(crate) fn check_version(
     incompat: u32,
     at: u64,
 ) -> Result<(), DecodeError> {
+    check_version_supporting(what, version, newest, incompat, SUPPORTED_INCOMPAT, at)
+}
+
+/// [`check_version`] for a layout that knows the incompatible feature bits
+/// `supported` (segments: `segment::INCOMPAT_RECYCLED`).
+pub(crate) fn check_version_supporting(
+    what: &str,
+    version: u16,
+    newest: u16,
+    incompat: u32,
+    supported: u32,
+    at: u64,
+) -> Result<(), DecodeError> {
     if version == 0 || version > newest {
         return Err(DecodeError::new(
             at,
             format!("{what} version {version}; this build reads versions 1 to {newest}"),
         ));
     }
-    let unknown = incompat & !SUPPORTED_INCOMPAT;
+    let unknown = incompat & !supported;
     if unknown != 0 {
         return Err(DecodeError::new(
             at,

@@ -16,7 +16,9 @@
 //!  24   8 disk byte offset (writes and zeros)
 //!  32   8 length in bytes of the disk range (writes: = payload length; points: 0)
 //!  40   4 reserved, zero
-//!  44   4 CRC-32C of bytes 0..44 followed by the payload
+//!  44   4 CRC-32C of bytes 0..44 followed by the payload; in a segment written into
+//!         a recycled file (segment header bit RECYCLED), of the segment's salt
+//!         (4 bytes, little-endian) followed by those
 //! ```
 //!
 //! ## Point payload
@@ -119,6 +121,17 @@ impl RecordHeader {
         h
     }
 
+    /// The same record with its CRC seeded with `salt` (a segment written into a
+    /// recycled file; 0: unsalted, the same record). Derived from the unsalted CRC
+    /// without reading the payload again: the CRC of `salt ‖ header ‖ payload`.
+    pub fn salted(mut self, salt: u32) -> Self {
+        if salt != 0 {
+            let len = 44 + self.payload_len as usize;
+            self.crc = crc32c::crc32c_combine(crc32c::crc32c(&salt.to_le_bytes()), self.crc, len);
+        }
+        self
+    }
+
     fn encode_without_crc(&self) -> [u8; RECORD_HEADER_LEN] {
         let mut b = [0u8; RECORD_HEADER_LEN];
         let mut w = LeMut(&mut b);
@@ -210,6 +223,12 @@ impl RecordHeader {
 
     /// Check the CRC over the header and `payload`.
     pub fn verify(&self, payload: &[u8]) -> Result<(), DecodeError> {
+        self.verify_salted(payload, 0)
+    }
+
+    /// Check the CRC over the header and `payload`, seeded with the segment's `salt`
+    /// (0: none).
+    pub fn verify_salted(&self, payload: &[u8], salt: u32) -> Result<(), DecodeError> {
         let expect = RecordHeader::new(
             self.kind,
             self.flags,
@@ -218,7 +237,8 @@ impl RecordHeader {
             self.offset,
             self.length,
             &[payload],
-        );
+        )
+        .salted(salt);
         if expect.crc != self.crc || payload.len() != self.payload_len as usize {
             return Err(DecodeError::new(44, "record checksum mismatch"));
         }
@@ -294,6 +314,23 @@ impl PointPayload {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_salted_crc_is_that_of_the_salt_then_the_record() {
+        let data = b"some payload bytes";
+        let h = RecordHeader::new(RecordKind::Write, 0, 9, 1, 4096, 18, &[data]);
+        let s = h.salted(0x1234_5678);
+        let mut direct = crc32c::crc32c(&0x1234_5678u32.to_le_bytes());
+        direct = crc32c::crc32c_append(direct, &h.encode()[..44]);
+        direct = crc32c::crc32c_append(direct, data);
+        assert_eq!(s.crc, direct);
+        assert_ne!(s.crc, h.crc);
+        assert_eq!(h.salted(0), h, "salt 0 is no salt");
+        s.verify_salted(data, 0x1234_5678).unwrap();
+        assert!(s.verify(data).is_err(), "a salted record fails unsalted");
+        assert!(h.verify_salted(data, 0x1234_5678).is_err());
+        assert!(s.verify_salted(data, 0x1234_5679).is_err());
+    }
 
     #[test]
     fn round_trip_and_crc_covers_everything() {

@@ -12,13 +12,18 @@
 //!         bit, line endings and ^Z catch text-mode and truncating transfers)
 //!   8   2 format version (2; version 1 is read: bytes 56..60 were reserved)
 //!  10   2 header length in bytes (64)
-//!  12   4 incompatible feature bits (a reader refuses any it does not know)
-//!  16   4 compatible feature bits (a reader ignores those it does not know):
-//!         bit 0 RECYCLED — the file held an earlier segment of the same journal (see
-//!         `journal::spare`): the bytes after its last record up to the file's end are
-//!         that segment's, stale records with lower LSNs, never a continuation. A
-//!         reader without the bit treats them as a torn tail, which is also right.
-//!  20   4 reserved, zero
+//!  12   4 incompatible feature bits (a reader refuses any it does not know):
+//!         bit 0 RECYCLED — the file held an earlier segment (see `journal::spare`):
+//!         every record's CRC is seeded with the salt at 20..24 (see `record`), and
+//!         the bytes after the last record up to the file's end are the earlier
+//!         segment's. Their records, and any record-like bytes in their payloads
+//!         (guest data), fail the salted CRC, so a scan stops there as at a torn
+//!         tail. A reader that does not know the bit must refuse the segment: it
+//!         would read every record as damaged.
+//!  16   4 compatible feature bits (a reader ignores those it does not know; none yet)
+//!  20   4 with RECYCLED: the salt, random and non-zero, chosen when the file was
+//!         taken for this segment (after every byte it holds was written); without:
+//!         reserved, zero
 //!  24   8 machine id (random, from the machine manifest: segments never mix)
 //!  32   8 segment sequence number
 //!  40   8 base LSN: every record in the segment has an LSN >= this
@@ -46,7 +51,7 @@
 //! A sealed segment ends exactly after its footer. A segment without a footer is the
 //! active one (or one torn by a crash; only the last segment of a journal may be so).
 
-use super::{check_version, DecodeError, Le, LeMut};
+use super::{DecodeError, Le, LeMut};
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"\x89RLS\r\n\x1a\n";
 pub const SEGMENT_HEADER_LEN: usize = 64;
@@ -57,14 +62,16 @@ pub const FOOTER_LEN: usize = 48;
 pub const MAX_SEGMENT_SEQ: u64 = 1 << 62;
 /// The segment format version this build writes (and the newest it reads).
 pub const SEGMENT_VERSION: u16 = 2;
-/// Compatible feature bit: the segment was written into a recycled file (header
-/// table above).
-pub const COMPAT_RECYCLED: u32 = 1;
+/// Incompatible feature bit: the segment was written into a recycled file, its
+/// records' CRCs salted (header table above).
+pub const INCOMPAT_RECYCLED: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
     pub version: u16,
     pub compat: u32,
+    /// Non-zero for a segment written into a recycled file: seeds every record's CRC.
+    pub salt: u32,
     pub machine_id: u64,
     pub seq: u64,
     pub base_lsn: u64,
@@ -78,6 +85,7 @@ impl SegmentHeader {
         SegmentHeader {
             version: SEGMENT_VERSION,
             compat: 0,
+            salt: 0,
             machine_id,
             seq,
             base_lsn,
@@ -92,15 +100,16 @@ impl SegmentHeader {
         self
     }
 
-    /// The same header with compatible feature bits `compat` set.
-    pub fn with_compat(mut self, compat: u32) -> Self {
-        self.compat |= compat;
+    /// The same header for a segment written into a recycled file, its records'
+    /// CRCs seeded with `salt` (non-zero).
+    pub fn recycled(mut self, salt: u32) -> Self {
+        self.salt = salt;
         self
     }
 
     /// True if the segment was written into a recycled file.
     pub fn is_recycled(&self) -> bool {
-        self.compat & COMPAT_RECYCLED != 0
+        self.salt != 0
     }
 
     pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN] {
@@ -109,8 +118,9 @@ impl SegmentHeader {
         w.put(0, &SEGMENT_MAGIC);
         w.u16(8, self.version);
         w.u16(10, SEGMENT_HEADER_LEN as u16);
-        w.u32(12, 0);
+        w.u32(12, if self.salt != 0 { INCOMPAT_RECYCLED } else { 0 });
         w.u32(16, self.compat);
+        w.u32(20, self.salt);
         w.u64(24, self.machine_id);
         w.u64(32, self.seq);
         w.u64(40, self.base_lsn);
@@ -142,12 +152,25 @@ impl SegmentHeader {
             return Err(DecodeError::new(0, "segment header checksum mismatch"));
         }
         let version = r.u16(8);
-        check_version("segment", version, SEGMENT_VERSION, r.u32(12), 8)?;
+        let incompat = r.u32(12);
+        super::check_version_supporting(
+            "segment",
+            version,
+            SEGMENT_VERSION,
+            incompat,
+            INCOMPAT_RECYCLED,
+            8,
+        )?;
         if usize::from(r.u16(10)) != SEGMENT_HEADER_LEN {
             return Err(DecodeError::new(10, format!("header length {}", r.u16(10))));
         }
-        if r.u32(20) != 0 {
-            return Err(DecodeError::new(20, "non-zero reserved bytes"));
+        let salt = r.u32(20);
+        match (incompat & INCOMPAT_RECYCLED != 0, salt) {
+            (true, 0) => return Err(DecodeError::new(20, "a recycled segment without a salt")),
+            (false, s) if s != 0 => {
+                return Err(DecodeError::new(20, "non-zero reserved bytes"));
+            }
+            _ => {}
         }
         let generation = match version {
             1 if r.u32(56) != 0 => {
@@ -175,6 +198,7 @@ impl SegmentHeader {
         Ok(SegmentHeader {
             version: r.u16(8),
             compat: r.u32(16),
+            salt,
             machine_id: r.u64(24),
             seq: r.u64(32),
             base_lsn: r.u64(40),
@@ -302,6 +326,39 @@ mod tests {
             "{}",
             err.what
         );
+    }
+
+    #[test]
+    fn a_recycled_header_carries_its_salt_under_an_incompatible_bit() {
+        let h = SegmentHeader::new(7, 3, 100, 123).recycled(0xdead_beef);
+        let b = h.encode();
+        assert_eq!(
+            u32::from_le_bytes(b[12..16].try_into().unwrap()),
+            INCOMPAT_RECYCLED
+        );
+        let d = SegmentHeader::decode(&b).unwrap();
+        assert_eq!(d, h);
+        assert!(d.is_recycled());
+        assert!(
+            !SegmentHeader::decode(&SegmentHeader::new(7, 3, 100, 123).encode())
+                .unwrap()
+                .is_recycled()
+        );
+        // The bit without a salt, a salt without the bit, an unknown bit: refused.
+        let reseal = |mut b: [u8; SEGMENT_HEADER_LEN]| {
+            let crc = crc32c::crc32c(&b[..60]);
+            b[60..].copy_from_slice(&crc.to_le_bytes());
+            SegmentHeader::decode(&b)
+        };
+        let mut no_salt = b;
+        no_salt[20..24].copy_from_slice(&0u32.to_le_bytes());
+        assert!(reseal(no_salt).unwrap_err().what.contains("salt"));
+        let mut no_bit = b;
+        no_bit[12..16].copy_from_slice(&0u32.to_le_bytes());
+        assert!(reseal(no_bit).unwrap_err().what.contains("reserved"));
+        let mut unknown = b;
+        unknown[12..16].copy_from_slice(&3u32.to_le_bytes());
+        assert!(reseal(unknown).unwrap_err().what.contains("0x2"));
     }
 
     #[test]

@@ -77,6 +77,8 @@ struct Active {
     /// A recycled file (see [`spare`]): the bytes from `tail` up to here are an
     /// earlier segment's, cut off at the seal. 0 for a new file.
     stale_to: u64,
+    /// The segment's record CRC salt (non-zero in a recycled file).
+    salt: u32,
 }
 
 /// Start writeback of the active segment every this many bytes, so that data streams
@@ -144,7 +146,8 @@ impl JournalWriter {
         payload: &[u8],
     ) -> Result<Appended> {
         let lsn = self.next_lsn;
-        let h = RecordHeader::new(kind, flags, lsn, disk, offset, length, &[payload]);
+        let h = RecordHeader::new(kind, flags, lsn, disk, offset, length, &[payload])
+            .salted(self.active.salt);
         let head = h.encode();
         let at = self.active.tail;
         self.active.file.write_at(&[&head, payload], at)?;
@@ -286,16 +289,18 @@ fn create_segment(
 ) -> Result<Active> {
     let seq = header.seq;
     let path = dir.join(segment_name(seq));
-    let (file, header, stale_to) = match spares.and_then(|s| s.take()) {
+    let (file, header, stale_to, salt) = match spares.and_then(|s| s.take()) {
         Some(spare) => {
             let stale_to = spare.len;
-            let header = header
-                .with_compat(crate::format::segment::COMPAT_RECYCLED)
-                .encode();
+            // Chosen now, after every byte the spare holds was written: nothing in it
+            // can carry a CRC salted with it.
+            let salt = spare::new_salt()?;
+            let header = header.recycled(salt).encode();
             (
                 spare::reuse(storage, dir, spare, &path, &header)?,
                 header,
                 stale_to,
+                salt,
             )
         }
         None => {
@@ -306,7 +311,7 @@ fn create_segment(
             // The name must be durable before any fsync of the file can promise its
             // data.
             storage.sync_dir(dir)?;
-            (file, header, 0)
+            (file, header, 0, 0)
         }
     };
     Ok(Active {
@@ -318,6 +323,7 @@ fn create_segment(
         chain_crc: 0,
         writeback_from: 0,
         stale_to,
+        salt,
     })
 }
 
@@ -608,37 +614,41 @@ pub fn recover(
             expected_seq = Some(seq);
             continue;
         };
-        if scan.end < scan.file_len && header.is_recycled() {
-            // What follows is the earlier segment's (and, after a crash, unsynced
-            // writes cut short): cut, as a torn tail is, so that nothing after the
-            // cut can ever continue the chain.
-            let note = format!(
-                "cut recycled segment {} at offset {}: the {} bytes after its records \
-                 were an earlier segment's, or writes a crash cut short",
-                path.display(),
-                scan.end,
-                scan.file_len - scan.end
-            );
-            tracing::info!("{note}");
-            repairs.push(note);
-            file.set_len(scan.end)?;
-            file.sync_data()?;
-        } else if scan.end < scan.file_len {
-            let following = valid_records_after(file.as_ref(), scan.end)?;
+        if scan.end < scan.file_len {
+            // Checksummed records of this segment (its salt: an earlier segment's in a
+            // recycled file fail it) after the cut.
+            let following = valid_records_after(file.as_ref(), scan.end, header.salt)?;
             let what = scan.fault.as_ref().map(|f| f.what.as_str()).unwrap_or("");
-            let mut note = format!(
-                "cut torn tail of {} at offset {}: {} bytes dropped ({what})",
-                path.display(),
-                scan.end,
-                scan.file_len - scan.end
-            );
+            let mut note = if header.is_recycled() {
+                // What follows is the earlier segment's (and, after a crash, unsynced
+                // writes cut short): cut, as a torn tail is, so that nothing after
+                // the cut can ever continue the chain.
+                format!(
+                    "cut recycled segment {} at offset {}: the {} bytes after its records \
+                     were an earlier segment's, or writes a crash cut short",
+                    path.display(),
+                    scan.end,
+                    scan.file_len - scan.end
+                )
+            } else {
+                format!(
+                    "cut torn tail of {} at offset {}: {} bytes dropped ({what})",
+                    path.display(),
+                    scan.end,
+                    scan.file_len - scan.end
+                )
+            };
             if following > 0 {
                 note.push_str(&format!(
                     "; {following} checksummed records followed it: unsynced writes if the \
                      machine lost power, otherwise corruption"
                 ));
             }
-            tracing::warn!("{note}");
+            if header.is_recycled() && following == 0 {
+                tracing::info!("{note}");
+            } else {
+                tracing::warn!("{note}");
+            }
             repairs.push(note);
             file.set_len(scan.end)?;
             file.sync_data()?;
@@ -652,6 +662,7 @@ pub fn recover(
             chain_crc: scan.chain_crc,
             writeback_from: scan.end,
             stale_to: 0,
+            salt: header.salt,
         });
     }
 

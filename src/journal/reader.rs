@@ -305,7 +305,7 @@ pub fn scan_segment(
             fault(&mut scan, pos, "record payload cut short".into());
             return Ok(scan);
         };
-        if let Err(e) = rh.verify(payload) {
+        if let Err(e) = rh.verify_salted(payload, header.salt) {
             fault(&mut scan, pos, e.what);
             return Ok(scan);
         }
@@ -344,9 +344,10 @@ pub fn scan_segment(
     }
 }
 
-/// Count records with valid checksums anywhere after `from` (a slow byte-by-byte
-/// search used only to word the warning when a torn tail is cut off).
-pub fn valid_records_after(file: &dyn StorageFile, from: u64) -> Result<usize> {
+/// Count records with valid checksums (seeded with the segment's `salt`, 0: none)
+/// anywhere after `from` (a slow byte-by-byte search used only to word the warning
+/// when a torn tail is cut off).
+pub fn valid_records_after(file: &dyn StorageFile, from: u64, salt: u32) -> Result<usize> {
     // Look at most one segment's worth past the damage (a hostile file may be huge).
     const WINDOW: u64 = 256 << 20;
     let len = file.len()?.min(from.saturating_add(WINDOW));
@@ -360,7 +361,7 @@ pub fn valid_records_after(file: &dyn StorageFile, from: u64) -> Result<usize> {
         if RecordHeader::is_record(rest) {
             if let Ok(h) = RecordHeader::decode(rest) {
                 let p = rest.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + h.payload_len as usize);
-                if p.is_some_and(|p| h.verify(p).is_ok()) {
+                if p.is_some_and(|p| h.verify_salted(p, salt).is_ok()) {
                     count += 1;
                     i += h.total_len() as usize;
                     continue;

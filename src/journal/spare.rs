@@ -15,21 +15,24 @@
 //!   journal's budget (`journal.compact_min_bytes`, the size the journal may reach
 //!   before a merge anyway: so spares never make the journal's directory larger than
 //!   it may grow), at most [`MAX_SPARES`] of them, and while the file system keeps
-//!   [`MIN_FREE_BYTES`] free. Small segments are removed ([`MIN_SPARE_BYTES`]).
+//!   [`MIN_FREE_BYTES`] free. Small segments are removed ([`MIN_SPARE_BYTES`]), and
+//!   segments that were damaged are never kept.
 //! - A new segment takes a spare if one is free ([`Spares::take`]: no one else holds
-//!   its file, so no reader of the merged segment can see it rewritten). The spare is
-//!   cut to a 4 KiB multiple before the old footer (so the file cannot end in a
-//!   footer), gets the new segment's header with the RECYCLED bit (see
-//!   `format::segment`), is made durable, and only then renamed to the segment's
-//!   name. A crash before the rename leaves a spare, after it a segment whose header
-//!   is right.
+//!   its file, so no reader of the merged segment can see it rewritten). See
+//!   `reuse`: the old footer zeroed, the file cut to a 4 KiB multiple before it and
+//!   its new last 4 KiB zeroed (so whatever length a crash leaves, it cannot end in a
+//!   footer), the new segment's header written with the RECYCLED bit and a fresh salt
+//!   (see `format::segment`) and made durable, and only then renamed to the
+//!   segment's name. A crash before the rename leaves a spare, after it a segment
+//!   whose header is right.
 //! - Bytes after the last record of a recycled segment are an earlier segment's:
-//!   records whose LSNs are below the segment's base LSN, never the next one, so a
-//!   scan stops at them as it stops at a torn tail. The seal cuts them off before it
-//!   writes the footer, so a sealed segment ends in its footer as always.
-//! - Spares are not kept across a restart: recovery removes them. So every earlier
-//!   segment a spare held was written by the same process with lower LSNs, even if a
-//!   failover later rewinds the journal's LSNs.
+//!   its records, and payloads that are a guest's data (which may look like records,
+//!   with any LSN). The segment's records' CRCs are seeded with its salt
+//!   ([`new_salt`], random, chosen after every byte in the spare was written), so
+//!   nothing there verifies: a scan stops at them as it stops at a torn tail. The
+//!   seal cuts them off before it writes the footer, so a sealed segment ends in its
+//!   footer as always.
+//! - Spares are not kept across a restart: recovery removes them.
 
 use crate::error::{Error, Result};
 use crate::format::FOOTER_LEN;
@@ -78,10 +81,11 @@ impl Spares {
         }
     }
 
-    /// Let sealed segments and spares take `bytes` together (the compactor's
-    /// `compact_min_bytes`, if more than the budget already allowed).
+    /// Let sealed segments and spares take `bytes` together (the background
+    /// compactor's `compact_min_bytes`: the journal may hold that much before a merge
+    /// anyway).
     pub fn allow(&self, bytes: u64) {
-        self.budget.fetch_max(bytes, Ordering::Relaxed);
+        self.budget.store(bytes, Ordering::Relaxed);
     }
 
     /// Keep the merged segment `file` of `bytes` bytes (named `<seq>.seg` in `dir`)
@@ -139,6 +143,11 @@ impl Spares {
     pub fn count(&self) -> usize {
         self.kept.lock().len()
     }
+
+    /// The bytes kept in spares (for status: the disk they take).
+    pub fn bytes(&self) -> u64 {
+        self.kept.lock().iter().map(|s| s.len).sum()
+    }
 }
 
 /// Remove spare files left in `dir` by an earlier run (they are never reused across
@@ -160,9 +169,25 @@ pub fn is_spare_name(name: &str) -> bool {
         .is_some_and(|d| d.len() == 20 && d.bytes().all(|c| c.is_ascii_digit()))
 }
 
-/// Make `spare` the segment file at `path`, starting with `header`: cut, header,
-/// fdatasync, rename, directory sync. Returns the file opened at its new name.
-/// Nothing is renamed unless the header is durable.
+/// A random, non-zero salt for a recycled segment's record CRCs.
+pub fn new_salt() -> Result<u32> {
+    loop {
+        let mut b = [0u8; 4];
+        getrandom::fill(&mut b)
+            .map_err(|e| Error::InvalidInput(format!("no random salt for a segment: {e}")))?;
+        let salt = u32::from_le_bytes(b);
+        if salt != 0 {
+            return Ok(salt);
+        }
+    }
+}
+
+/// Make `spare` the segment file at `path`, starting with `header`: zero its old
+/// footer, cut it, zero its new last 4 KiB, write the header, fdatasync, rename,
+/// sync the directory. Returns the file opened at its new name. Nothing is renamed
+/// unless the header is durable. Whichever length a crash leaves, the file cannot
+/// end in what reads as a footer: the old one is zeroes, and the bytes before the
+/// new end were a guest's.
 pub(super) fn reuse(
     storage: &dyn Storage,
     dir: &Path,
@@ -170,7 +195,17 @@ pub(super) fn reuse(
     path: &Path,
     header: &[u8],
 ) -> Result<Arc<dyn StorageFile>> {
+    let old = spare.file.len()?;
+    if old >= spare.len + FOOTER_LEN as u64 {
+        spare
+            .file
+            .write_at(&[&[0u8; FOOTER_LEN]], old - FOOTER_LEN as u64)?;
+    }
     spare.file.set_len(spare.len)?;
+    let last = spare.len.saturating_sub(4096);
+    spare
+        .file
+        .write_at(&[&[0u8; 4096][..(spare.len - last) as usize]], last)?;
     spare.file.write_at(&[header], 0)?;
     spare.file.sync_data()?;
     if !storage.rename_noreplace(&spare.path, path)? {
@@ -187,26 +222,19 @@ pub(super) fn reuse(
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
-mod tests {
-    use super::*;
+mod tests_support {
+    pub(super) use super::*;
     use crate::format::RecordKind;
-    use crate::journal::reader::{scan_segment, Expect};
     use crate::journal::{recover, JournalParams, JournalWriter, SealedSegment};
-    use crate::storage::{CrashMode, MemStorage, OpenMode};
+    use crate::storage::MemStorage;
 
-    const SEGMENT: u64 = 64 << 10;
-    const ANY: Expect = Expect {
-        machine_id: None,
-        seq: None,
-        first_lsn: None,
-        disk_count: None,
-    };
+    pub const SEGMENT: u64 = 64 << 10;
 
-    fn dir() -> PathBuf {
+    pub fn dir() -> PathBuf {
         PathBuf::from("/m/journal")
     }
 
-    fn params(watermark_lsn: u64, watermark_seq: u64) -> JournalParams {
+    pub fn params(watermark_lsn: u64, watermark_seq: u64) -> JournalParams {
         JournalParams {
             machine_id: 7,
             disk_count: 1,
@@ -218,13 +246,13 @@ mod tests {
     }
 
     /// Payload of the record with `lsn`: 3000 bytes that name it.
-    fn payload(lsn: u64) -> Vec<u8> {
+    pub fn payload(lsn: u64) -> Vec<u8> {
         (0..3000u64)
             .map(|i| (lsn.wrapping_mul(31).wrapping_add(i) % 251) as u8)
             .collect()
     }
 
-    fn append(w: &mut JournalWriter) -> u64 {
+    pub fn append(w: &mut JournalWriter) -> u64 {
         let lsn = w.next_lsn();
         w.append(
             RecordKind::Write,
@@ -239,17 +267,23 @@ mod tests {
     }
 
     /// Fill and seal segments until one is full; return it.
-    fn fill_and_seal(w: &mut JournalWriter) -> SealedSegment {
+    pub fn fill_and_seal(w: &mut JournalWriter) -> SealedSegment {
         while !w.wants_rotation() {
             append(w);
         }
         w.seal().unwrap().unwrap()
     }
 
+    pub fn header_of(file: &Arc<dyn StorageFile>) -> crate::format::SegmentHeader {
+        let mut b = [0u8; crate::format::SEGMENT_HEADER_LEN];
+        file.read_exact_at(&mut b, 0).unwrap();
+        crate::format::SegmentHeader::decode(&b).unwrap()
+    }
+
     /// A journal whose active segment is a recycled file: segment 1 filled, merged
     /// (watermark) and offered as a spare, segment 2 sealed, segment 3 written into
     /// the spare. Returns the storage, the writer and the watermark.
-    fn recycled_journal() -> (MemStorage, JournalWriter, (u64, u64)) {
+    pub fn recycled_journal() -> (MemStorage, JournalWriter, (u64, u64)) {
         let storage = MemStorage::new();
         storage.create_dir_all(&dir()).unwrap();
         let shared: Arc<dyn Storage> = Arc::new(storage.clone());
@@ -281,6 +315,22 @@ mod tests {
         assert_eq!(w.active_seq(), 3);
         (storage, w, mark)
     }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::tests_support::*;
+    use crate::journal::reader::{scan_segment, Expect};
+    use crate::journal::recover;
+    use crate::storage::{CrashMode, MemStorage, OpenMode};
+
+    const ANY: Expect = Expect {
+        machine_id: None,
+        seq: None,
+        first_lsn: None,
+        disk_count: None,
+    };
 
     #[test]
     fn a_recycled_segment_recovers_exactly_its_records_after_any_crash() {
@@ -420,5 +470,55 @@ mod tests {
         let names = storage.list_dir(&dir()).unwrap();
         assert!(names.iter().all(|n| !is_spare_name(n)), "{names:?}");
         assert_eq!(r.writer.active_seq(), 1);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod planted {
+    use super::tests_support::*;
+    use crate::format::{RecordHeader, RecordKind};
+    use crate::journal::recover;
+    use crate::storage::Storage;
+    use std::sync::Arc;
+
+    /// The bytes after a recycled segment's records are an earlier segment's, and
+    /// its payloads are a guest's: a record planted there, checksummed and carrying
+    /// exactly the next LSN, must never be read as this segment's. Only a record
+    /// salted with this segment's salt continues it (the control case).
+    #[test]
+    fn a_record_planted_after_a_recycled_segments_records_is_never_read() {
+        for (what, own_salt, earlier_salt) in [
+            ("unsalted (a guest's or a new file's)", false, 0u32),
+            ("another segment's salt", false, 0x5eed_0001),
+            ("this segment's own salt (control)", true, 0),
+        ] {
+            let (storage, mut w, (mark_lsn, mark_seq)) = recycled_journal();
+            let file = w.active_file();
+            let salt = header_of(&file).salt;
+            assert_ne!(salt, 0);
+            append(&mut w);
+            let (at, next) = (w.active_bytes(), w.next_lsn());
+            let data = [0xa5u8; 100];
+            let h = RecordHeader::new(RecordKind::Write, 0, next, 0, 0, 100, &[&data])
+                .salted(if own_salt { salt } else { earlier_salt });
+            file.write_at(&[&h.encode(), &data], at).unwrap();
+            file.sync_data().unwrap();
+            drop((w, file));
+            let mut seen = Vec::new();
+            let r = recover(
+                Arc::new(storage.clone()) as Arc<dyn Storage>,
+                &dir(),
+                params(mark_lsn, mark_seq),
+                |_, rec| seen.push(rec.header.lsn),
+            )
+            .unwrap();
+            assert_eq!(
+                seen.contains(&next),
+                own_salt,
+                "{what}: {seen:?} {:?}",
+                r.repairs
+            );
+        }
     }
 }

@@ -31,6 +31,10 @@ pub struct MachineStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpo_seconds: Option<f64>,
     pub journal_bytes: u64,
+    /// Bytes of merged journal segments kept to be written again (disk the journal
+    /// holds beside `journal_bytes`).
+    #[serde(default)]
+    pub journal_spare_bytes: u64,
     pub progress: Option<f64>,
     pub last_point: Option<PointRef>,
     /// Primaries: the target replicated to.
@@ -247,6 +251,7 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
         lag_seconds: None,
         rpo_seconds: None,
         journal_bytes: j.journal_bytes,
+        journal_spare_bytes: j.spare_bytes,
         progress: None,
         last_point: j.last_point.map(|p| point_ref(p.lsn, p.time_ns)),
         target: f.relationship.map(|r| r.target.clone()),
@@ -368,6 +373,7 @@ fn replica(name: &str, f: &ReplicaFacts<'_>) -> MachineStatus {
             .as_ref()
             .map(|p| f.now_ns.saturating_sub(p.time_ns) as f64 / 1e9),
         journal_bytes: 0,
+        journal_spare_bytes: 0,
         progress: None,
         last_point: newest.as_ref().map(|p| point_ref(p.lsn, p.time_ns)),
         target: None,
@@ -500,6 +506,7 @@ pub fn replicas_status(replicas: &crate::replica::store::Replicas) -> Vec<Machin
                 lag_seconds: None,
                 rpo_seconds: None,
                 journal_bytes: 0,
+                journal_spare_bytes: 0,
                 progress: None,
                 last_point: None,
                 target: None,

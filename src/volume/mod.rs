@@ -233,6 +233,8 @@ pub struct Tail {
 pub struct JournalStatus {
     pub sealed_segments: usize,
     pub journal_bytes: u64,
+    /// Bytes of merged segments kept to be written again (`journal::spare`).
+    pub spare_bytes: u64,
     pub active_seq: u64,
     pub last_lsn: u64,
     pub durable_lsn: u64,
@@ -562,6 +564,7 @@ impl Machine {
         JournalStatus {
             sealed_segments,
             journal_bytes: sealed_bytes + active_bytes,
+            spare_bytes: self.inner.spares.bytes(),
             active_seq,
             last_lsn,
             durable_lsn: self.inner.sync.lock().durable_lsn,
