@@ -81,6 +81,9 @@ struct Active {
     salt: u32,
 }
 
+/// A page of zeroes (see [`JournalWriter::append`]).
+static ZERO_PAGE: [u8; 4096] = [0; 4096];
+
 /// Start writeback of the active segment every this many bytes, so that data streams
 /// to the device while the guest writes and a flush or seal waits only for the tail.
 const WRITEBACK_CHUNK: u64 = 1 << 20;
@@ -150,8 +153,19 @@ impl JournalWriter {
             .salted(self.active.salt);
         let head = h.encode();
         let at = self.active.tail;
-        self.active.file.write_at(&[&head, payload], at)?;
-        self.active.tail += h.total_len();
+        let end = at + h.total_len();
+        // In a recycled file, zeroes after the record up to the next 4 KiB boundary:
+        // the record's last page is then written whole, and the kernel need not read
+        // the earlier segment's block first (a synchronous read per record when the
+        // spare is not in the page cache; appending past a file's end needs none).
+        // The zeroes are past the tail: the next record overwrites them.
+        let pad = if end < self.active.stale_to {
+            &ZERO_PAGE[..((4096 - end % 4096) % 4096) as usize]
+        } else {
+            &[][..]
+        };
+        self.active.file.write_at(&[&head, payload, pad], at)?;
+        self.active.tail = end;
         self.active.records += 1;
         self.active.first_lsn.get_or_insert(lsn);
         self.active.chain_crc = crc32c::crc32c_append(self.active.chain_crc, &h.crc.to_le_bytes());

@@ -394,6 +394,29 @@ mod tests {
     }
 
     #[test]
+    fn an_append_into_a_recycled_file_writes_its_last_page_whole() {
+        let (_storage, mut w, _) = recycled_journal();
+        let file = w.active_file();
+        for _ in 0..3 {
+            append(&mut w);
+            let tail = w.active_bytes();
+            let boundary = tail.div_ceil(4096) * 4096;
+            let mut after = vec![0xffu8; (boundary - tail) as usize];
+            file.read_exact_at(&mut after, tail).unwrap();
+            assert!(
+                after.iter().all(|b| *b == 0),
+                "zeroes from {tail} to {boundary}"
+            );
+            let mut next = [0u8; 64];
+            file.read_exact_at(&mut next, boundary).unwrap();
+            assert!(
+                next.iter().any(|b| *b != 0),
+                "the earlier segment's bytes follow"
+            );
+        }
+    }
+
+    #[test]
     fn a_sealed_recycled_segment_ends_in_its_footer() {
         let (_storage, mut w, _) = recycled_journal();
         for _ in 0..4 {
