@@ -262,3 +262,57 @@ fn a_resync_gives_back_of_a_dropped_chunk_what_the_folded_segments_rewrote() {
     r.read_replica(0, 300_000, &mut buf).expect("chunk 1");
     assert_eq!(buf, vec![0u8; 5000]);
 }
+
+/// A stored segment that does not read stops the resync's fold: the parent then
+/// holds older bytes than the replica received for every range that segment and the
+/// ones after it wrote. A fetch of them is refused as lost, never answered with the
+/// older bytes; the ranges folded before it, and the rest, are served. If even the
+/// damaged segment's index does not read, what it wrote is unknown: every byte.
+#[test]
+fn a_fold_stopped_by_a_damaged_segment_loses_what_the_unfolded_segments_wrote() {
+    for index_too in [false, true] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (id, segs) = source(&tmp.path().join("src"));
+        let site = tmp.path().join("target");
+        let mut r = replica(&site, id);
+        for (i, s) in segs.iter().enumerate() {
+            r.receive(i as u64 + 1, s).expect("segment");
+        }
+        let dir = site.join("replicas/vm1/segments");
+        let damage = |name: String| {
+            let p = dir.join(name);
+            let mut b = std::fs::read(&p).expect("stored file");
+            let at = b.len() - 9;
+            b[at] ^= 1;
+            std::fs::write(&p, &b).expect("damage");
+        };
+        damage(format!("{}.enc", segment_name(2)));
+        if index_too {
+            damage(format!("{:020}.idx.enc", 2));
+        }
+        let w = r.received();
+        r.begin_resync(w.lsn, w.segment_seq, 4096).expect("begin");
+        let lost: Vec<(u32, u64, u64)> = r.lost_ranges().expect("lost").into_iter().collect();
+        let mut buf = vec![0u8; 5000];
+        if index_too {
+            assert_eq!(lost, vec![(0, 0, 1 << 20)]);
+            let e = r
+                .read_replica(0, 3, &mut buf)
+                .expect_err("nothing is known");
+            assert!(matches!(e, Error::Lost(_)), "{e}");
+            continue;
+        }
+        // Segments 2 and 3 wrote 5000 bytes at 10 003 and 20 003.
+        assert_eq!(lost, vec![(0, 10_003, 15_003), (0, 20_003, 25_003)]);
+        r.read_replica(0, 3, &mut buf).expect("folded: segment 1");
+        assert_eq!(buf, vec![b'a'; 5000]);
+        for at in [10_003, 20_003] {
+            let e = r
+                .read_replica(0, at, &mut buf)
+                .expect_err("older bytes served");
+            assert!(matches!(e, Error::Lost(_)), "{e}");
+        }
+        r.read_replica(0, 300_000, &mut buf).expect("never written");
+        assert_eq!(buf, vec![0u8; 5000]);
+    }
+}

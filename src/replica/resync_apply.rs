@@ -304,11 +304,14 @@ impl ReplicaStore {
             }
         }
         let mut last = None;
-        for seq in from + 1..=self.received().segment_seq {
+        let received = self.received().segment_seq;
+        let mut stopped_at = None;
+        for seq in from + 1..=received {
             let (index, plain) = match self.layer(seq) {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!("resync: segment {seq} is not usable ({e}); folding stops");
+                    stopped_at = Some(seq);
                     break;
                 }
             };
@@ -317,8 +320,16 @@ impl ReplicaStore {
             last = Some((index.last_lsn, seq));
         }
         ed.finish()?;
+        // Where the fold stopped, the parent holds older bytes than the replica
+        // received for every range a segment from there on wrote: a fetch of them
+        // (a source mending its own damage) would get those older bytes as the
+        // mended data. They are lost here until a patch brings them back.
+        let unfolded = match stopped_at {
+            Some(seq) => self.written_by(seq, received)?,
+            None => BTreeSet::new(),
+        };
         let lost = self.lost_ranges()?;
-        if !lost.is_empty() {
+        if !lost.is_empty() || !unfolded.is_empty() {
             let mut left = BTreeSet::new();
             for (d, a, b) in lost {
                 let mut covered: Vec<(u64, u64)> = folded
@@ -332,7 +343,8 @@ impl ReplicaStore {
                         .map(|(x, y)| (d, x, y)),
                 );
             }
-            self.save_lost(&left)?;
+            left.extend(unfolded);
+            self.save_lost(&coalesce(left))?;
         }
         let (lsn, seq) = last.unwrap_or((self.parent().lsn, self.parent().seq));
         self.set_parent(ParentMark {
@@ -345,6 +357,38 @@ impl ReplicaStore {
             patches: 0,
         })?;
         self.remove_patches()
+    }
+
+    /// The ranges the stored segments `from..=to` wrote, from their indexes; every
+    /// disk whole if one of them cannot say (its index and its data do not read).
+    fn written_by(&self, from: u64, to: u64) -> Result<BTreeSet<(u32, u64, u64)>> {
+        let mut out = BTreeSet::new();
+        for seq in from..=to {
+            match self.segment_index(seq) {
+                Ok(index) => out.extend(
+                    index
+                        .records
+                        .iter()
+                        .filter(|r| r.length > 0)
+                        .map(|r| (r.disk, r.offset, r.offset + r.length)),
+                ),
+                Err(e) if e.is_corruption() => {
+                    tracing::warn!(
+                        "resync: what segment {seq} wrote cannot be read ({e}); the \
+                         replica's every byte is lost until the resync brings it back"
+                    );
+                    return self
+                        .manifest()
+                        .disks
+                        .iter()
+                        .enumerate()
+                        .map(|(d, _)| Ok((d as u32, 0, self.disk_size(d as u32)?)))
+                        .collect();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// The hashes (`algo`) of chunks `first..first+count` of `disk` as the replica
@@ -559,6 +603,19 @@ impl ReplicaStore {
     }
 }
 
+/// `ranges` (disk, start, end) with the overlapping and touching ones of a disk made
+/// one.
+fn coalesce(ranges: BTreeSet<(u32, u64, u64)>) -> BTreeSet<(u32, u64, u64)> {
+    let mut out: Vec<(u32, u64, u64)> = Vec::new();
+    for (d, a, b) in ranges {
+        match out.last_mut() {
+            Some((ld, _, lb)) if *ld == d && a <= *lb => *lb = (*lb).max(b),
+            _ => out.push((d, a, b)),
+        }
+    }
+    out.into_iter().collect()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
@@ -629,6 +686,19 @@ mod tests {
         s.finish_resync(1).unwrap();
         assert!(s.lost_ranges().unwrap().is_empty());
         assert_eq!(backend.get("vm1/dropped").unwrap(), None);
+    }
+
+    #[test]
+    fn touching_and_overlapping_ranges_of_a_disk_are_made_one() {
+        let c = coalesce(BTreeSet::from([
+            (0, 10, 20),
+            (0, 20, 30),
+            (0, 25, 28),
+            (0, 40, 50),
+            (1, 0, 5),
+            (1, 5, 6),
+        ]));
+        assert_eq!(c, BTreeSet::from([(0, 10, 30), (0, 40, 50), (1, 0, 6)]));
     }
 
     #[test]
