@@ -345,30 +345,33 @@ pub fn scan_segment(
 }
 
 /// Count records with valid checksums (seeded with the segment's `salt`, 0: none)
-/// anywhere after `from` (a slow byte-by-byte search used only to word the warning
-/// when a torn tail is cut off).
+/// anywhere after `from` (a search for the record magic, used only to word the
+/// warning when a torn tail is cut off).
 pub fn valid_records_after(file: &dyn StorageFile, from: u64, salt: u32) -> Result<usize> {
     // Look at most one segment's worth past the damage (a hostile file may be huge).
-    const WINDOW: u64 = 256 << 20;
-    let len = file.len()?.min(from.saturating_add(WINDOW));
+    // Behind a recycled segment's records lie an earlier segment's bytes up to the
+    // file's end, read at every open: only the first 8 MiB after the cut are
+    // searched there (records of its own persisted out of order lie near its tail).
+    let window: u64 = if salt != 0 { 8 << 20 } else { 256 << 20 };
+    let len = file.len()?.min(from.saturating_add(window));
     let mut buf = vec![0u8; (len.saturating_sub(from)) as usize];
     let n = file.read_at(&mut buf, from)?;
     buf.truncate(n);
     let mut count = 0;
-    let mut i = 1;
-    while i + RECORD_HEADER_LEN <= buf.len() {
+    // Records may not overlap: after one that verifies, the search goes on past it.
+    let mut next = 1;
+    for i in memchr::memmem::find_iter(&buf, &crate::format::record::RECORD_MAGIC) {
+        if i < next || i + RECORD_HEADER_LEN > buf.len() {
+            continue;
+        }
         let rest = buf.get(i..).unwrap_or(&[]);
-        if RecordHeader::is_record(rest) {
-            if let Ok(h) = RecordHeader::decode(rest) {
-                let p = rest.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + h.payload_len as usize);
-                if p.is_some_and(|p| h.verify_salted(p, salt).is_ok()) {
-                    count += 1;
-                    i += h.total_len() as usize;
-                    continue;
-                }
+        if let Ok(h) = RecordHeader::decode(rest) {
+            let p = rest.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + h.payload_len as usize);
+            if p.is_some_and(|p| h.verify_salted(p, salt).is_ok()) {
+                count += 1;
+                next = i + h.total_len() as usize;
             }
         }
-        i += 1;
     }
     Ok(count)
 }
