@@ -81,8 +81,8 @@ struct Active {
     salt: u32,
 }
 
-/// A page of zeroes (see [`JournalWriter::append`]).
-static ZERO_PAGE: [u8; 4096] = [0; 4096];
+/// A page of zeroes (see [`JournalWriter::append`] and `spare::reuse`).
+pub(crate) static ZERO_PAGE: [u8; 4096] = [0; 4096];
 
 /// Start writeback of the active segment every this many bytes, so that data streams
 /// to the device while the guest writes and a flush or seal waits only for the tail.

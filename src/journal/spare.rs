@@ -34,6 +34,7 @@
 //!   footer as always.
 //! - Spares are not kept across a restart: recovery removes them.
 
+use super::ZERO_PAGE;
 use crate::error::{Error, Result};
 use crate::format::FOOTER_LEN;
 use crate::storage::{Storage, StorageFile};
@@ -199,13 +200,13 @@ pub(super) fn reuse(
     if old >= spare.len + FOOTER_LEN as u64 {
         spare
             .file
-            .write_at(&[&[0u8; FOOTER_LEN]], old - FOOTER_LEN as u64)?;
+            .write_at(&[&ZERO_PAGE[..FOOTER_LEN]], old - FOOTER_LEN as u64)?;
     }
     spare.file.set_len(spare.len)?;
     let last = spare.len.saturating_sub(4096);
     spare
         .file
-        .write_at(&[&[0u8; 4096][..(spare.len - last) as usize]], last)?;
+        .write_at(&[&ZERO_PAGE[..(spare.len - last) as usize]], last)?;
     spare.file.write_at(&[header], 0)?;
     spare.file.sync_data()?;
     if !storage.rename_noreplace(&spare.path, path)? {
@@ -222,19 +223,20 @@ pub(super) fn reuse(
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
-mod tests_support {
-    pub(super) use super::*;
-    use crate::format::RecordKind;
+mod tests {
+    use super::*;
+    use crate::format::{RecordHeader, RecordKind};
+    use crate::journal::reader::{scan_segment, Expect};
     use crate::journal::{recover, JournalParams, JournalWriter, SealedSegment};
-    use crate::storage::MemStorage;
+    use crate::storage::{CrashMode, MemStorage, OpenMode};
 
-    pub const SEGMENT: u64 = 64 << 10;
+    const SEGMENT: u64 = 64 << 10;
 
-    pub fn dir() -> PathBuf {
+    fn dir() -> PathBuf {
         PathBuf::from("/m/journal")
     }
 
-    pub fn params(watermark_lsn: u64, watermark_seq: u64) -> JournalParams {
+    fn params(watermark_lsn: u64, watermark_seq: u64) -> JournalParams {
         JournalParams {
             machine_id: 7,
             disk_count: 1,
@@ -246,13 +248,13 @@ mod tests_support {
     }
 
     /// Payload of the record with `lsn`: 3000 bytes that name it.
-    pub fn payload(lsn: u64) -> Vec<u8> {
+    fn payload(lsn: u64) -> Vec<u8> {
         (0..3000u64)
             .map(|i| (lsn.wrapping_mul(31).wrapping_add(i) % 251) as u8)
             .collect()
     }
 
-    pub fn append(w: &mut JournalWriter) -> u64 {
+    fn append(w: &mut JournalWriter) -> u64 {
         let lsn = w.next_lsn();
         w.append(
             RecordKind::Write,
@@ -267,14 +269,14 @@ mod tests_support {
     }
 
     /// Fill and seal segments until one is full; return it.
-    pub fn fill_and_seal(w: &mut JournalWriter) -> SealedSegment {
+    fn fill_and_seal(w: &mut JournalWriter) -> SealedSegment {
         while !w.wants_rotation() {
             append(w);
         }
         w.seal().unwrap().unwrap()
     }
 
-    pub fn header_of(file: &Arc<dyn StorageFile>) -> crate::format::SegmentHeader {
+    fn header_of(file: &Arc<dyn StorageFile>) -> crate::format::SegmentHeader {
         let mut b = [0u8; crate::format::SEGMENT_HEADER_LEN];
         file.read_exact_at(&mut b, 0).unwrap();
         crate::format::SegmentHeader::decode(&b).unwrap()
@@ -283,7 +285,7 @@ mod tests_support {
     /// A journal whose active segment is a recycled file: segment 1 filled, merged
     /// (watermark) and offered as a spare, segment 2 sealed, segment 3 written into
     /// the spare. Returns the storage, the writer and the watermark.
-    pub fn recycled_journal() -> (MemStorage, JournalWriter, (u64, u64)) {
+    fn recycled_journal() -> (MemStorage, JournalWriter, (u64, u64)) {
         let storage = MemStorage::new();
         storage.create_dir_all(&dir()).unwrap();
         let shared: Arc<dyn Storage> = Arc::new(storage.clone());
@@ -315,15 +317,6 @@ mod tests_support {
         assert_eq!(w.active_seq(), 3);
         (storage, w, mark)
     }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
-mod tests {
-    use super::tests_support::*;
-    use crate::journal::reader::{scan_segment, Expect};
-    use crate::journal::recover;
-    use crate::storage::{CrashMode, MemStorage, OpenMode};
 
     const ANY: Expect = Expect {
         machine_id: None,
@@ -494,16 +487,6 @@ mod tests {
         assert!(names.iter().all(|n| !is_spare_name(n)), "{names:?}");
         assert_eq!(r.writer.active_seq(), 1);
     }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
-mod planted {
-    use super::tests_support::*;
-    use crate::format::{RecordHeader, RecordKind};
-    use crate::journal::recover;
-    use crate::storage::Storage;
-    use std::sync::Arc;
 
     /// The bytes after a recycled segment's records are an earlier segment's, and
     /// its payloads are a guest's: a record planted there, checksummed and carrying
