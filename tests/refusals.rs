@@ -416,3 +416,132 @@ fn a_newer_session_for_a_machine_takes_it_over_from_the_older() {
         None
     );
 }
+
+/// A Protect of `vm1` with one disk of 64 MiB (a fresh replica wants its initial copy).
+fn protect_64m(machine_id: u64) -> Message {
+    match protect(machine_id, 1) {
+        Message::Protect {
+            machine,
+            machine_id,
+            generation,
+            base_lsn,
+            base_seq,
+            retention_ms,
+            app_retention_ms,
+            ..
+        } => Message::Protect {
+            machine,
+            machine_id,
+            generation,
+            disks: vec![("d0".into(), 64 << 20)],
+            base_lsn,
+            base_seq,
+            retention_ms,
+            app_retention_ms,
+        },
+        other => other,
+    }
+}
+
+/// Initial-copy chunk `i`: MiB `i` of disk d0, pattern `i`.
+fn mib(i: u64) -> Message {
+    Message::InitialChunk {
+        machine: "vm1".into(),
+        generation: 1,
+        disk: 0,
+        offset: i << 20,
+        compressed: false,
+        bytes: common::pattern(i, 1 << 20),
+    }
+}
+
+/// The replica's initial copy as its store keeps it: (done, position).
+fn initial_state(fs: &FaultyStorage) -> (bool, (u32, u64)) {
+    let r = Replicas::new(
+        Arc::new(DirBackend::new(Arc::new(fs.clone()), "/t/replicas")),
+        ReplicaKey::from_bytes([3; 32]),
+    );
+    let st = r.open("vm1").expect("store");
+    (st.base_cursor().is_err(), st.base_position())
+}
+
+/// The initial copy's chunks are checked as they arrive and stored in batches of
+/// 16 MiB on a thread of their own while the next batch arrives: a chunk behind the
+/// position is refused as before, the batch already handed on stays stored, and a
+/// later session resumes there; a batch the store fails is refused with the store's
+/// error and leaves the position where it was.
+#[test]
+fn initial_chunks_are_checked_on_arrival_and_stored_in_batches() {
+    const ID: u64 = 42;
+    let fs = FaultyStorage::new();
+    let t = target_in(&fs);
+    // 20 MiB in order, then MiB 3 again: refused; the first 16 MiB were one batch.
+    let mut msgs = vec![protect_64m(ID)];
+    msgs.extend((0..20).map(mib));
+    msgs.push(mib(3));
+    assert_refused(
+        session(&t, true, &msgs),
+        RefusalCode::BrokenChain,
+        ErrorClass::NeedsResync,
+    );
+    assert_eq!(initial_state(&fs), (false, (0, 16 << 20)));
+
+    // A chunk past the disk's end: refused (a source that sends one is broken),
+    // nothing more stored.
+    let past = Message::InitialChunk {
+        machine: "vm1".into(),
+        generation: 1,
+        disk: 0,
+        offset: 63 << 20,
+        compressed: false,
+        bytes: vec![1; 2 << 20],
+    };
+    assert_refused(
+        session(&t, true, &[protect_64m(ID), mib(16), past]),
+        RefusalCode::Fatal,
+        ErrorClass::Critical,
+    );
+    assert_eq!(initial_state(&fs), (false, (0, 16 << 20)));
+
+    // The store fails while a batch is stored: its error, and the position stays.
+    fs.fail_with(libc::ENOSPC);
+    fs.fail_write_after(0, true);
+    // (A Protect of a replica that exists writes nothing: what fails below is the
+    // batch.)
+    assert_eq!(session(&t, true, &[protect_64m(ID)]), None);
+    let mut msgs = vec![protect_64m(ID)];
+    msgs.extend((16..40).map(mib));
+    assert_refused(
+        session(&t, true, &msgs),
+        RefusalCode::NoSpace,
+        ErrorClass::Retry,
+    );
+    fs.heal();
+    assert_eq!(initial_state(&fs), (false, (0, 16 << 20)));
+
+    // The rest, resumed where the store stands, completes the copy.
+    let mut msgs = vec![protect_64m(ID)];
+    msgs.extend((16..64).map(mib));
+    msgs.push(Message::InitialDone {
+        machine: "vm1".into(),
+    });
+    assert_eq!(session(&t, true, &msgs), None);
+    assert!(initial_state(&fs).0, "the copy is not complete");
+    let r = Replicas::new(
+        Arc::new(DirBackend::new(Arc::new(fs.clone()), "/t/replicas")),
+        ReplicaKey::from_bytes([3; 32]),
+    );
+    let st = r.open("vm1").expect("store");
+    let chunk = replog::replica::store::CHUNK_BYTES;
+    let mut disk = Vec::with_capacity(64 << 20);
+    for n in 0..(64 << 20) / chunk {
+        disk.extend(st.read_chunk(0, n).expect("read").expect("a stored chunk"));
+    }
+    for i in 0..64u64 {
+        let at = (i << 20) as usize;
+        assert!(
+            disk[at..at + (1 << 20)] == common::pattern(i, 1 << 20)[..],
+            "MiB {i} differs"
+        );
+    }
+}

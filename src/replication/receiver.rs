@@ -364,6 +364,7 @@ impl Target {
             token: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
             base_pending: Vec::new(),
             base_pending_bytes: 0,
+            base_cursor: None,
         };
         WIRE_FAULTS
             .with(|f| *f.borrow_mut() = crate::replication::wire_fault::WireFaults::from_env());
@@ -480,10 +481,50 @@ struct Session<'a> {
     /// [`BASE_BATCH`] bytes).
     base_pending: Vec<(u32, u64, Vec<u8>)>,
     base_pending_bytes: usize,
+    /// Where the initial copy stands after every chunk checked so far, stored or not
+    /// (none until the first chunk after the last flush).
+    base_cursor: Option<crate::replica::store::BaseCursor>,
+}
+
+/// Initial-copy chunks, checked, to store as one batch (on a thread of their own
+/// while the next batch arrives).
+struct BaseJob {
+    slot: SharedStore,
+    token: u64,
+    name: String,
+    items: Vec<(u32, u64, Vec<u8>)>,
+}
+
+impl BaseJob {
+    fn run(self) -> Result<(), Refusal> {
+        let items: Vec<(u32, u64, &[u8])> = self
+            .items
+            .iter()
+            .map(|(d, o, b)| (*d, *o, b.as_slice()))
+            .collect();
+        lock_owned(&self.slot, self.token, &self.name)?
+            .receive_base_batch(&items)
+            .map_err(refusal)
+    }
 }
 
 /// The Ack of the segment being stored, sent once it is stored.
 type PendingStore<'s> = std::thread::ScopedJoinHandle<'s, (Result<Message, Refusal>, Vec<u8>)>;
+
+/// A batch of initial-copy chunks being stored.
+type BaseStore<'s> = std::thread::ScopedJoinHandle<'s, Result<(), Refusal>>;
+
+/// Wait for the batch of initial-copy chunks being stored, if any.
+fn finish_base(job: &mut Option<BaseStore<'_>>) -> Result<(), Refusal> {
+    match job.take().map(|h| h.join()) {
+        None => Ok(()),
+        Some(Ok(stored)) => stored,
+        Some(Err(_)) => Err((
+            RefusalCode::Fatal,
+            "storing initial-copy chunks panicked".into(),
+        )),
+    }
+}
 
 fn finish_store(
     pending: &mut Option<PendingStore<'_>>,
@@ -507,7 +548,8 @@ impl Session<'_> {
     /// Read and answer messages until the peer closes. A whole segment is stored on a
     /// thread of its own while the next one's chunks arrive; its Ack goes out before
     /// any other reply, and before this thread would wait for input that
-    /// `input_ready` says is not there (the sender may be waiting for that Ack).
+    /// `input_ready` says is not there (the sender may be waiting for that Ack). So is
+    /// each batch of initial-copy chunks, while the next batch arrives.
     fn run<S: Read + Write>(
         &mut self,
         s: &mut S,
@@ -517,12 +559,14 @@ impl Session<'_> {
         let target = self.target;
         std::thread::scope(|sc| {
             let mut pending: Option<PendingStore<'_>> = None;
-            let r = self.run_loop(s, input_ready, sc, &mut pending, target);
+            let mut base: Option<BaseStore<'_>> = None;
+            let r = self.run_loop(s, input_ready, sc, (&mut pending, &mut base), target);
             // A store still running when the session failed: wait for it here (a
             // panic in it must not take the Error frame with it).
             if let Some(h) = pending.take() {
                 let _ = h.join();
             }
+            let _ = finish_base(&mut base);
             r
         })
     }
@@ -532,7 +576,10 @@ impl Session<'_> {
         s: &mut S,
         input_ready: fn(&mut S) -> bool,
         sc: &'scope std::thread::Scope<'scope, 'env>,
-        pending: &mut Option<PendingStore<'scope>>,
+        (pending, base): (
+            &mut Option<PendingStore<'scope>>,
+            &mut Option<BaseStore<'scope>>,
+        ),
         target: &'env Target,
     ) -> Result<(), Refusal> {
         loop {
@@ -550,7 +597,7 @@ impl Session<'_> {
                             code.as_str()
                         );
                     }
-                    return self.flush_base();
+                    return self.flush_base(base);
                 }
                 // After the greeting, another version in a frame header (which its
                 // checksum does not cover) is a damaged frame, not another replog.
@@ -563,7 +610,7 @@ impl Session<'_> {
                 Err(e) => return Err(frame_refusal(e)),
             };
             if matches!(msg, Message::SegmentChunk { .. }) {
-                self.flush_base()?;
+                self.flush_base(base)?;
                 if let Some(job) = self.on_segment_chunk(msg)? {
                     // One segment stored at a time, Acks in order.
                     finish_store(pending, &mut self.spare, s)?;
@@ -573,10 +620,25 @@ impl Session<'_> {
             }
             // Everything else follows the segments before it.
             finish_store(pending, &mut self.spare, s)?;
-            if !matches!(msg, Message::InitialChunk { .. }) {
-                // Everything else sees the initial chunks before it stored.
-                self.flush_base()?;
+            if let Message::InitialChunk {
+                machine,
+                generation,
+                disk,
+                offset,
+                compressed,
+                bytes,
+            } = msg
+            {
+                let chunk = (disk, offset, compressed, bytes);
+                if let Some(job) = self.on_initial_chunk(&machine, generation, chunk)? {
+                    // One batch stored at a time, in order.
+                    finish_base(base)?;
+                    *base = Some(sc.spawn(move || job.run()));
+                }
+                continue;
             }
+            // Everything else sees the initial chunks before it stored.
+            self.flush_base(base)?;
             if let Some(reply) = self.handle(msg)? {
                 send(s, &reply)?;
             }
@@ -633,16 +695,9 @@ impl Session<'_> {
                     app_retention_ms,
                 })
                 .map(Some),
-            Message::InitialChunk {
-                machine,
-                generation,
-                disk,
-                offset,
-                compressed,
-                bytes,
-            } => self
-                .on_initial_chunk(&machine, generation, disk, offset, compressed, bytes)
-                .map(|()| None),
+            // `run` takes every initial chunk itself (it stores them in batches on a
+            // thread of their own).
+            Message::InitialChunk { .. } => Err(protocol_error("initial chunk out of place")),
             Message::InitialDone { machine } => self.on_initial_done(&machine).map(Some),
             // `run` takes every segment chunk itself (it stores whole segments on a
             // thread of their own).
@@ -983,58 +1038,67 @@ impl Session<'_> {
         Ok(reply)
     }
 
+    /// One chunk of the initial copy (`(disk, offset, compressed, bytes)`): checked
+    /// now (a bad chunk is refused as itself), stored in batches — one edit of the
+    /// parent chunks and one position write for many small chunks (a reprotect's
+    /// delta is mostly single 4 KiB blocks). A full batch comes back as the job that
+    /// stores it.
     fn on_initial_chunk(
         &mut self,
         machine: &str,
         generation: u32,
-        disk: u32,
-        offset: u64,
-        compressed: bool,
-        bytes: Vec<u8>,
-    ) -> Result<(), Refusal> {
-        let (_, store) = self.store_at(machine, generation, "initial chunk")?;
+        (disk, offset, compressed, bytes): (u32, u64, bool, Vec<u8>),
+    ) -> Result<Option<BaseJob>, Refusal> {
+        let (name, store) = self.store_at(machine, generation, "initial chunk")?;
+        let (name, store) = (name.to_string(), store.clone());
         let data = if compressed {
             decompress(&bytes)?
         } else {
             bytes
         };
-        // Checked now (a bad chunk is refused as itself), stored in batches: one
-        // edit of the parent chunks and one position write for many small chunks (a
-        // reprotect's delta is mostly single 4 KiB blocks).
-        {
-            let st = self.lock(store)?;
-            let from = self
-                .base_pending
-                .last()
-                .map_or_else(|| st.base_position(), |(d, o, b)| (*d, o + b.len() as u64));
-            st.check_base(from, disk, offset, data.len() as u64)
-                .map_err(refusal)?;
-        }
+        // Checked against where the chunks before it end, stored or not: the store
+        // is not locked for it, so a batch being stored does not hold the next up.
+        let mut cursor = match self.base_cursor.take() {
+            Some(c) => c,
+            None => self.lock(&store)?.base_cursor().map_err(refusal)?,
+        };
+        cursor
+            .advance(disk, offset, data.len() as u64)
+            .map_err(refusal)?;
+        self.base_cursor = Some(cursor);
         self.base_pending_bytes += data.len();
         self.base_pending.push((disk, offset, data));
-        if self.base_pending_bytes >= BASE_BATCH {
-            self.flush_base()?;
+        if self.base_pending_bytes < BASE_BATCH {
+            return Ok(None);
         }
-        Ok(())
+        self.base_pending_bytes = 0;
+        Ok(Some(BaseJob {
+            slot: store,
+            token: self.token,
+            name,
+            items: std::mem::take(&mut self.base_pending),
+        }))
     }
 
-    /// Store the initial-copy chunks received and not stored yet.
-    fn flush_base(&mut self) -> Result<(), Refusal> {
+    /// Store the initial-copy chunks received and not stored yet, after the batch
+    /// being stored: every chunk received is stored when this returns.
+    fn flush_base(&mut self, job: &mut Option<BaseStore<'_>>) -> Result<(), Refusal> {
+        finish_base(job)?;
+        self.base_cursor = None;
         if self.base_pending.is_empty() {
             return Ok(());
         }
-        let pending = std::mem::take(&mut self.base_pending);
-        self.base_pending_bytes = 0;
-        let Some((_, store, _)) = &self.current else {
+        let Some((name, store, _)) = &self.current else {
             return Err(protocol_error("initial chunk before Protect"));
         };
-        let items: Vec<(u32, u64, &[u8])> = pending
-            .iter()
-            .map(|(d, o, b)| (*d, *o, b.as_slice()))
-            .collect();
-        self.lock(store)?
-            .receive_base_batch(&items)
-            .map_err(refusal)
+        self.base_pending_bytes = 0;
+        BaseJob {
+            slot: store.clone(),
+            token: self.token,
+            name: name.clone(),
+            items: std::mem::take(&mut self.base_pending),
+        }
+        .run()
     }
 
     fn on_initial_done(&mut self, machine: &str) -> Result<Message, Refusal> {

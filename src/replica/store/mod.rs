@@ -895,27 +895,25 @@ impl ReplicaStore {
         offset: u64,
         len: u64,
     ) -> Result<(u32, u64)> {
+        let mut cursor = self.base_cursor()?;
+        cursor.at = at;
+        cursor.advance(disk, offset, len)?;
+        Ok(cursor.at)
+    }
+
+    /// What the initial copy's next chunks are checked against: where it stands, and
+    /// the disks' sizes. A target checks chunks with it while earlier ones are still
+    /// being stored; an error if the copy is complete.
+    pub fn base_cursor(&self) -> Result<BaseCursor> {
         if self.initial.done {
             return Err(Error::InvalidInput(
                 "the initial copy is already complete".into(),
             ));
         }
-        let size = self.disk_size(disk)?;
-        let end = offset.saturating_add(len);
-        if end > size {
-            return Err(Error::OutOfRange {
-                what: "initial copy chunk".into(),
-                offset,
-                end,
-                size,
-            });
-        }
-        if (disk, offset) < at {
-            return Err(Error::BrokenChain(format!(
-                "initial chunk for disk {disk} at {offset} is behind the copy's position"
-            )));
-        }
-        Ok((disk, end))
+        Ok(BaseCursor {
+            at: self.base_position(),
+            sizes: self.manifest.disks.iter().map(|d| d.size).collect(),
+        })
     }
 
     /// The copy's persisted position (disk, offset).
@@ -963,6 +961,41 @@ impl ReplicaStore {
             .get(disk as usize)
             .map(|d| d.size)
             .ok_or_else(|| Error::InvalidInput(format!("no disk {disk} in this replica")))
+    }
+}
+
+/// Where an initial copy stands, for checking its chunks in order
+/// ([`ReplicaStore::base_cursor`]).
+#[derive(Debug, Clone)]
+pub struct BaseCursor {
+    at: (u32, u64),
+    sizes: Vec<u64>,
+}
+
+impl BaseCursor {
+    /// Accept a chunk of `len` bytes at `offset` of `disk`: it must lie within the
+    /// disk and at or after the end of the chunk before. An error changes nothing.
+    pub fn advance(&mut self, disk: u32, offset: u64, len: u64) -> Result<()> {
+        let size = *self
+            .sizes
+            .get(disk as usize)
+            .ok_or_else(|| Error::InvalidInput(format!("no disk {disk} in this replica")))?;
+        let end = offset.saturating_add(len);
+        if end > size {
+            return Err(Error::OutOfRange {
+                what: "initial copy chunk".into(),
+                offset,
+                end,
+                size,
+            });
+        }
+        if (disk, offset) < self.at {
+            return Err(Error::BrokenChain(format!(
+                "initial chunk for disk {disk} at {offset} is behind the copy's position"
+            )));
+        }
+        self.at = (disk, end);
+        Ok(())
     }
 }
 

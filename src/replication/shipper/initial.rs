@@ -157,74 +157,282 @@ impl Shipper {
         Ok(sent)
     }
 
-    /// Copy the frozen parent images from `resume` on.
+    /// Copy the frozen parent images from `resume` on. A reader thread finds, reads and
+    /// packs the data while this one sends what it packed before: the disk's reads
+    /// overlap the link's encryption and writes instead of alternating with them.
     fn initial_copy(&self, link: &mut Link, machine: &Machine, resume: (u32, u64)) -> Result<u64> {
-        const BLOCK: usize = 4096;
         let disks = machine.disks();
         let total: u64 = disks.iter().map(|(_, size)| size).sum();
-        let mut scanned_before: u64 = disks
-            .iter()
-            .take(resume.0 as usize)
-            .map(|(_, size)| size)
-            .sum();
-        let mut sent = 0u64;
-        let mut buf = vec![0u8; MAX_CHUNK];
+        let mut parents = Vec::new();
         for (i, (_, size)) in disks.iter().enumerate().skip(resume.0 as usize) {
             let parent = machine
                 .parent(i)
                 .ok_or_else(|| Error::NotFound(format!("disk {i}")))?;
-            let mut pos = if i as u32 == resume.0 { resume.1 } else { 0 };
-            while pos < *size {
-                let Some(data) = parent.seek_data(pos)? else {
-                    break;
-                };
-                if data >= *size {
-                    break;
+            let from = if i as u32 == resume.0 { resume.1 } else { 0 };
+            parents.push(ParentScan {
+                disk: i as u32,
+                size: *size,
+                from,
+                parent,
+            });
+        }
+        let scanned_before: u64 = disks
+            .iter()
+            .take(resume.0 as usize)
+            .map(|(_, size)| size)
+            .sum();
+        std::thread::scope(|sc| {
+            // Made in the scope: if sending fails, the receiver goes when this closure
+            // returns, before the scope waits for the reader, and the reader's next
+            // send fails instead of waiting for room.
+            let (tx, rx) = crossbeam::channel::bounded(READ_AHEAD);
+            sc.spawn(move || {
+                if let Err(e) = read_parents(&parents, scanned_before, &tx) {
+                    let _ = tx.send(Err(e));
                 }
-                let hole = parent.seek_hole(data)?.min(*size);
-                let mut at = data;
-                while at < hole {
-                    let n = ((hole - at) as usize).min(MAX_CHUNK);
-                    self.stopping()?;
-                    let chunk = buf.get_mut(..n).unwrap_or(&mut []);
-                    parent.read_exact_at(chunk, at)?;
-                    // Send each run of non-zero blocks.
-                    let mut run: Option<usize> = None;
-                    for b in 0..=n.div_ceil(BLOCK) {
-                        let block = chunk.get(b * BLOCK..((b + 1) * BLOCK).min(n));
-                        let nonzero = block.is_some_and(|x| x.iter().any(|v| *v != 0));
-                        match (nonzero, run) {
-                            (true, None) => run = Some(b * BLOCK),
-                            (false, Some(start)) => {
-                                let end = (b * BLOCK).min(n);
-                                let piece = chunk.get(start..end).unwrap_or(&[]);
-                                let (compressed, bytes) = super::pack(piece);
-                                link.send(&Message::InitialChunk {
-                                    machine: machine.name().to_string(),
-                                    generation: machine.generation(),
-                                    disk: i as u32,
-                                    offset: at + start as u64,
-                                    compressed,
-                                    bytes,
-                                })?;
-                                sent += piece.len() as u64;
-                                run = None;
-                            }
-                            _ => {}
+            });
+            let mut sent = 0u64;
+            for step in rx {
+                self.stopping()?;
+                match step? {
+                    Step::Piece {
+                        disk,
+                        offset,
+                        len,
+                        compressed,
+                        bytes,
+                    } => {
+                        link.send(&Message::InitialChunk {
+                            machine: machine.name().to_string(),
+                            generation: machine.generation(),
+                            disk,
+                            offset,
+                            compressed,
+                            bytes,
+                        })?;
+                        sent += len;
+                    }
+                    Step::Scanned(at) => {
+                        if let Some(p) = &self.progress {
+                            p(at, total);
                         }
                     }
-                    at += n as u64;
-                    if let Some(p) = &self.progress {
-                        p(scanned_before + at, total);
+                }
+            }
+            Ok(sent)
+        })
+    }
+}
+
+/// Pieces the initial copy's reader may have packed ahead of the sender (each at most
+/// [`MAX_CHUNK`] bytes).
+const READ_AHEAD: usize = 4;
+
+/// One parent image for the initial copy's reader: scanned from `from` to `size`.
+struct ParentScan {
+    disk: u32,
+    size: u64,
+    from: u64,
+    parent: std::sync::Arc<dyn crate::storage::StorageFile>,
+}
+
+/// What the initial copy's reader hands the sender.
+enum Step {
+    /// A run of non-zero blocks: `len` bytes at `offset` of `disk`, packed.
+    Piece {
+        disk: u32,
+        offset: u64,
+        len: u64,
+        compressed: bool,
+        bytes: Vec<u8>,
+    },
+    /// Everything before this many bytes of all disks is read (progress).
+    Scanned(u64),
+}
+
+/// Read the parents' data regions (SEEK_DATA/SEEK_HOLE) in order, and hand on every
+/// run of 4 KiB blocks that are not all zero. Returns when done, or when the sender
+/// is gone.
+fn read_parents(
+    parents: &[ParentScan],
+    mut scanned_before: u64,
+    tx: &crossbeam::channel::Sender<Result<Step>>,
+) -> Result<()> {
+    const BLOCK: usize = 4096;
+    let mut buf = vec![0u8; MAX_CHUNK];
+    // A closed channel means the sender stopped (and says why itself).
+    let hand = |step: Step| tx.send(Ok(step)).is_ok();
+    for p in parents {
+        let mut pos = p.from;
+        while pos < p.size {
+            let Some(data) = p.parent.seek_data(pos)? else {
+                break;
+            };
+            if data >= p.size {
+                break;
+            }
+            let hole = p.parent.seek_hole(data)?.min(p.size);
+            let mut at = data;
+            while at < hole {
+                let n = ((hole - at) as usize).min(MAX_CHUNK);
+                let chunk = buf.get_mut(..n).unwrap_or(&mut []);
+                p.parent.read_exact_at(chunk, at)?;
+                // Each run of non-zero blocks.
+                let mut run: Option<usize> = None;
+                for b in 0..=n.div_ceil(BLOCK) {
+                    let block = chunk.get(b * BLOCK..((b + 1) * BLOCK).min(n));
+                    let nonzero = block.is_some_and(|x| x.iter().any(|v| *v != 0));
+                    match (nonzero, run) {
+                        (true, None) => run = Some(b * BLOCK),
+                        (false, Some(start)) => {
+                            let end = (b * BLOCK).min(n);
+                            let piece = chunk.get(start..end).unwrap_or(&[]);
+                            let (compressed, bytes) = super::pack(piece);
+                            let step = Step::Piece {
+                                disk: p.disk,
+                                offset: at + start as u64,
+                                len: piece.len() as u64,
+                                compressed,
+                                bytes,
+                            };
+                            if !hand(step) {
+                                return Ok(());
+                            }
+                            run = None;
+                        }
+                        _ => {}
                     }
                 }
-                pos = hole;
+                at += n as u64;
+                if !hand(Step::Scanned(scanned_before + at)) {
+                    return Ok(());
+                }
             }
-            scanned_before += size;
-            if let Some(p) = &self.progress {
-                p(scanned_before, total);
+            pos = hole;
+        }
+        scanned_before += p.size;
+        if !hand(Step::Scanned(scanned_before)) {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{MemStorage, OpenMode, Storage};
+    use std::path::Path;
+
+    /// A file of `len` bytes in memory: `fill`'s blocks of 4 KiB hold bytes, the rest
+    /// zeroes.
+    fn parent(mem: &MemStorage, name: &str, len: usize, fill: impl Fn(usize) -> bool) -> Vec<u8> {
+        let mut bytes = vec![0u8; len];
+        for (i, block) in bytes.chunks_mut(4096).enumerate() {
+            if fill(i) {
+                for (j, b) in block.iter_mut().enumerate() {
+                    *b = (i * 31 + j * 7) as u8 | 1;
+                }
             }
         }
-        Ok(sent)
+        mem.create_dir_all(Path::new("/")).expect("root");
+        let f = mem
+            .open(Path::new(name), OpenMode::CreateNew)
+            .expect("create");
+        f.write_at(&[&bytes], 0).expect("write");
+        bytes
+    }
+
+    /// What the reader hands on, as the images it describes (zeroes where it sent
+    /// nothing), and every progress figure in order.
+    fn collect(parents: &[ParentScan], before: u64, sizes: &[usize]) -> (Vec<Vec<u8>>, Vec<u64>) {
+        let (tx, rx) = crossbeam::channel::bounded(READ_AHEAD);
+        std::thread::scope(|sc| {
+            // The reader's end of the channel goes with it: the loop below ends when
+            // the reader does.
+            let reader = sc.spawn(move || read_parents(parents, before, &tx));
+            let mut images: Vec<Vec<u8>> = sizes.iter().map(|s| vec![0u8; *s]).collect();
+            let mut progress = Vec::new();
+            for step in rx {
+                match step.expect("step") {
+                    Step::Piece {
+                        disk,
+                        offset,
+                        len,
+                        compressed,
+                        bytes,
+                    } => {
+                        let plain = if compressed {
+                            lz4_flex::block::decompress_size_prepended(&bytes).expect("lz4")
+                        } else {
+                            bytes
+                        };
+                        assert_eq!(plain.len() as u64, len);
+                        assert!(plain.chunks(4096).all(|b| b.iter().any(|x| *x != 0)));
+                        let at = offset as usize;
+                        images[disk as usize][at..at + plain.len()].copy_from_slice(&plain);
+                    }
+                    Step::Scanned(at) => progress.push(at),
+                }
+            }
+            reader.join().expect("reader").expect("read");
+            (images, progress)
+        })
+    }
+
+    /// Every non-zero block of the parents arrives, once, at its place (10 MiB: a run
+    /// crosses the reader's 8 MiB reads); progress only grows, to the whole size; a
+    /// resumed copy starts at its position.
+    #[test]
+    fn the_reader_hands_on_every_nonzero_block_and_its_progress() {
+        let mem = MemStorage::new();
+        let sizes = [10 << 20, 3 << 20];
+        let a = parent(&mem, "/a", sizes[0], |i| {
+            i % 7 != 3 && !(300..320).contains(&i)
+        });
+        let b = parent(&mem, "/b", sizes[1], |i| i % 2 == 0);
+        let scan = |disk: u32, from: u64| ParentScan {
+            disk,
+            size: sizes[disk as usize] as u64,
+            from,
+            parent: mem
+                .open(
+                    Path::new(if disk == 0 { "/a" } else { "/b" }),
+                    OpenMode::ReadOnly,
+                )
+                .expect("open"),
+        };
+        let (images, progress) = collect(&[scan(0, 0), scan(1, 0)], 0, &sizes);
+        assert!(images[0] == a && images[1] == b, "the images differ");
+        assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
+        assert_eq!(progress.last(), Some(&((sizes[0] + sizes[1]) as u64)));
+
+        // Resumed at 1 MiB into the second disk: nothing before it is sent.
+        let (images, progress) = collect(&[scan(1, 1 << 20)], sizes[0] as u64, &sizes);
+        assert!(images[0].iter().all(|x| *x == 0));
+        assert!(images[1][..1 << 20].iter().all(|x| *x == 0));
+        assert!(
+            images[1][1 << 20..] == b[1 << 20..],
+            "the resumed part differs"
+        );
+        assert_eq!(progress.last(), Some(&((sizes[0] + sizes[1]) as u64)));
+    }
+
+    /// When the sender stops (its link failed), the reader stops too instead of
+    /// waiting for room that never comes.
+    #[test]
+    fn the_reader_stops_when_the_sender_is_gone() {
+        let mem = MemStorage::new();
+        parent(&mem, "/a", 4 << 20, |_| true);
+        let file = mem.open(Path::new("/a"), OpenMode::ReadOnly).expect("open");
+        let scan = ParentScan {
+            disk: 0,
+            size: 4 << 20,
+            from: 0,
+            parent: file,
+        };
+        let (tx, rx) = crossbeam::channel::bounded(READ_AHEAD);
+        drop(rx);
+        read_parents(&[scan], 0, &tx).expect("a gone sender is not an error");
     }
 }
