@@ -504,8 +504,10 @@ fn initial_chunks_are_checked_on_arrival_and_stored_in_batches() {
     assert_eq!(initial_state(&fs), (false, (0, 16 << 20)));
 
     // The store fails while a batch is stored: its error, and the position stays.
+    // Only the first write fails: were the batch's error lost, the chunks after it
+    // would be stored and the position would pass the missing ones.
     fs.fail_with(libc::ENOSPC);
-    fs.fail_write_after(0, true);
+    fs.fail_write_after(0, false);
     // (A Protect of a replica that exists writes nothing: what fails below is the
     // batch.)
     assert_eq!(session(&t, true, &[protect_64m(ID)]), None);

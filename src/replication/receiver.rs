@@ -566,8 +566,20 @@ impl Session<'_> {
             if let Some(h) = pending.take() {
                 let _ = h.join();
             }
-            let _ = finish_base(&mut base);
-            r
+            // A batch of the initial copy the store failed meanwhile says more than
+            // what ended the loop (a damaged frame, a bad chunk): the source acts on
+            // the store's refusal (no space: retry later).
+            match (r, finish_base(&mut base)) {
+                (Err(ended), Err(stored)) => {
+                    tracing::warn!(
+                        "session ended ({}: {}) while a batch of the initial copy failed",
+                        ended.0.as_str(),
+                        ended.1
+                    );
+                    Err(stored)
+                }
+                (r, _) => r,
+            }
         })
     }
 

@@ -187,14 +187,24 @@ impl Shipper {
             // send fails instead of waiting for room.
             let (tx, rx) = crossbeam::channel::bounded(READ_AHEAD);
             sc.spawn(move || {
-                if let Err(e) = read_parents(&parents, scanned_before, &tx) {
-                    let _ = tx.send(Err(e));
-                }
+                // A panic is this pass's error, not the shipping thread's death (the
+                // scope would panic again at its end).
+                let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    read_parents(&parents, scanned_before, &tx)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(Error::InvalidInput(
+                        "the initial copy's reader panicked".into(),
+                    ))
+                });
+                let _ = tx.send(read.map(|()| Step::Done));
             });
             let mut sent = 0u64;
+            let mut done = false;
             for step in rx {
                 self.stopping()?;
                 match step? {
+                    Step::Done => done = true,
                     Step::Piece {
                         disk,
                         offset,
@@ -218,6 +228,11 @@ impl Shipper {
                         }
                     }
                 }
+            }
+            if !done {
+                return Err(Error::InvalidInput(
+                    "the initial copy's reader stopped before the end".into(),
+                ));
             }
             Ok(sent)
         })
@@ -248,11 +263,13 @@ enum Step {
     },
     /// Everything before this many bytes of all disks is read (progress).
     Scanned(u64),
+    /// Every disk is read: what came before is the whole copy.
+    Done,
 }
 
 /// Read the parents' data regions (SEEK_DATA/SEEK_HOLE) in order, and hand on every
-/// run of 4 KiB blocks that are not all zero. Returns when done, or when the sender
-/// is gone.
+/// run of 4 KiB blocks that are not all zero. Returns when done (the caller then
+/// hands on [`Step::Done`]), or when the sender is gone.
 fn read_parents(
     parents: &[ParentScan],
     mut scanned_before: u64,
@@ -321,12 +338,13 @@ fn read_parents(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{MemStorage, OpenMode, Storage};
+    use crate::storage::{FileStorage, MemStorage, OpenMode, Storage, StorageFile};
     use std::path::Path;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
 
-    /// A file of `len` bytes in memory: `fill`'s blocks of 4 KiB hold bytes, the rest
-    /// zeroes.
-    fn parent(mem: &MemStorage, name: &str, len: usize, fill: impl Fn(usize) -> bool) -> Vec<u8> {
+    /// Bytes of 4 KiB block `i` where `fill(i)`, zeroes elsewhere.
+    fn image(len: usize, fill: impl Fn(usize) -> bool) -> Vec<u8> {
         let mut bytes = vec![0u8; len];
         for (i, block) in bytes.chunks_mut(4096).enumerate() {
             if fill(i) {
@@ -335,16 +353,12 @@ mod tests {
                 }
             }
         }
-        mem.create_dir_all(Path::new("/")).expect("root");
-        let f = mem
-            .open(Path::new(name), OpenMode::CreateNew)
-            .expect("create");
-        f.write_at(&[&bytes], 0).expect("write");
         bytes
     }
 
     /// What the reader hands on, as the images it describes (zeroes where it sent
-    /// nothing), and every progress figure in order.
+    /// nothing), and every progress figure in order. Pieces of a disk must come in
+    /// order and never overlap (the target refuses a chunk behind its position).
     fn collect(parents: &[ParentScan], before: u64, sizes: &[usize]) -> (Vec<Vec<u8>>, Vec<u64>) {
         let (tx, rx) = crossbeam::channel::bounded(READ_AHEAD);
         std::thread::scope(|sc| {
@@ -353,6 +367,7 @@ mod tests {
             let reader = sc.spawn(move || read_parents(parents, before, &tx));
             let mut images: Vec<Vec<u8>> = sizes.iter().map(|s| vec![0u8; *s]).collect();
             let mut progress = Vec::new();
+            let mut next = (0u32, 0u64);
             for step in rx {
                 match step.expect("step") {
                     Step::Piece {
@@ -362,6 +377,8 @@ mod tests {
                         compressed,
                         bytes,
                     } => {
+                        assert!((disk, offset) >= next, "piece behind {next:?}");
+                        next = (disk, offset + len);
                         let plain = if compressed {
                             lz4_flex::block::decompress_size_prepended(&bytes).expect("lz4")
                         } else {
@@ -373,6 +390,7 @@ mod tests {
                         images[disk as usize][at..at + plain.len()].copy_from_slice(&plain);
                     }
                     Step::Scanned(at) => progress.push(at),
+                    Step::Done => panic!("the caller sends Done, not read_parents"),
                 }
             }
             reader.join().expect("reader").expect("read");
@@ -380,59 +398,127 @@ mod tests {
         })
     }
 
-    /// Every non-zero block of the parents arrives, once, at its place (10 MiB: a run
-    /// crosses the reader's 8 MiB reads); progress only grows, to the whole size; a
-    /// resumed copy starts at its position.
+    /// Every non-zero block of the parents arrives at its place, in order: 10 MiB in
+    /// memory (a run crosses the reader's 8 MiB reads) and a real sparse file (its
+    /// holes skipped by SEEK_DATA/SEEK_HOLE); progress only grows, to the whole size;
+    /// a copy resumed inside a hole starts at its position.
     #[test]
     fn the_reader_hands_on_every_nonzero_block_and_its_progress() {
         let mem = MemStorage::new();
-        let sizes = [10 << 20, 3 << 20];
-        let a = parent(&mem, "/a", sizes[0], |i| {
-            i % 7 != 3 && !(300..320).contains(&i)
+        mem.create_dir_all(Path::new("/")).expect("root");
+        let sizes = [10 << 20, 8 << 20];
+        let a = image(sizes[0], |i| i % 7 != 5 && !(300..320).contains(&i));
+        assert!(a[(2047 << 12)..(2049 << 12)].iter().all(|x| *x != 0));
+        let f = mem
+            .open(Path::new("/a"), OpenMode::CreateNew)
+            .expect("create");
+        f.write_at(&[&a], 0).expect("write");
+        // A sparse file: data in MiB 1, 2 (partly) and 6; holes elsewhere.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b");
+        let b = image(sizes[1], |i| {
+            (256..512).contains(&i) || (600..700).contains(&i) || (1536..1600).contains(&i)
         });
-        let b = parent(&mem, "/b", sizes[1], |i| i % 2 == 0);
+        let file = FileStorage::new()
+            .open(&path, OpenMode::CreateNew)
+            .expect("create");
+        file.set_len(sizes[1] as u64).expect("size");
+        for (from, to) in [(256usize, 512usize), (600, 700), (1536, 1600)] {
+            file.write_at(&[&b[from << 12..to << 12]], (from << 12) as u64)
+                .expect("write");
+        }
+        assert_eq!(
+            file.seek_data(0).expect("seek"),
+            Some(1 << 20),
+            "no hole here"
+        );
         let scan = |disk: u32, from: u64| ParentScan {
             disk,
             size: sizes[disk as usize] as u64,
             from,
-            parent: mem
-                .open(
-                    Path::new(if disk == 0 { "/a" } else { "/b" }),
-                    OpenMode::ReadOnly,
-                )
-                .expect("open"),
+            parent: if disk == 0 { f.clone() } else { file.clone() },
         };
         let (images, progress) = collect(&[scan(0, 0), scan(1, 0)], 0, &sizes);
-        assert!(images[0] == a && images[1] == b, "the images differ");
+        assert!(images[0] == a, "disk 0 differs");
+        assert!(images[1] == b, "disk 1 differs");
         assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
         assert_eq!(progress.last(), Some(&((sizes[0] + sizes[1]) as u64)));
 
-        // Resumed at 1 MiB into the second disk: nothing before it is sent.
-        let (images, progress) = collect(&[scan(1, 1 << 20)], sizes[0] as u64, &sizes);
+        // Resumed in the hole after MiB 2 of the second disk: only MiB 6 comes.
+        let (images, progress) = collect(&[scan(1, 3 << 20)], sizes[0] as u64, &sizes);
         assert!(images[0].iter().all(|x| *x == 0));
-        assert!(images[1][..1 << 20].iter().all(|x| *x == 0));
+        assert!(images[1][..3 << 20].iter().all(|x| *x == 0));
         assert!(
-            images[1][1 << 20..] == b[1 << 20..],
+            images[1][3 << 20..] == b[3 << 20..],
             "the resumed part differs"
         );
         assert_eq!(progress.last(), Some(&((sizes[0] + sizes[1]) as u64)));
     }
 
-    /// When the sender stops (its link failed), the reader stops too instead of
-    /// waiting for room that never comes.
+    /// A file that counts its reads.
+    #[derive(Debug)]
+    struct Counted {
+        inner: Arc<dyn StorageFile>,
+        reads: AtomicU64,
+    }
+
+    impl StorageFile for Counted {
+        fn path(&self) -> &Path {
+            self.inner.path()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
+            self.inner.write_at(bufs, offset)
+        }
+        fn sync_data(&self) -> Result<()> {
+            self.inner.sync_data()
+        }
+        fn set_len(&self, len: u64) -> Result<()> {
+            self.inner.set_len(len)
+        }
+        fn len(&self) -> Result<u64> {
+            self.inner.len()
+        }
+        fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+            self.inner.punch_hole(offset, len)
+        }
+    }
+
+    /// When the sender stops while the reader waits for room (its link failed), the
+    /// reader stops too, after the read it had made, instead of reading on.
     #[test]
     fn the_reader_stops_when_the_sender_is_gone() {
         let mem = MemStorage::new();
-        parent(&mem, "/a", 4 << 20, |_| true);
-        let file = mem.open(Path::new("/a"), OpenMode::ReadOnly).expect("open");
+        mem.create_dir_all(Path::new("/")).expect("root");
+        let f = mem
+            .open(Path::new("/a"), OpenMode::CreateNew)
+            .expect("create");
+        f.write_at(&[&image(64 << 20, |_| true)], 0).expect("write");
+        let counted = Arc::new(Counted {
+            inner: f,
+            reads: AtomicU64::new(0),
+        });
         let scan = ParentScan {
             disk: 0,
-            size: 4 << 20,
+            size: 64 << 20,
             from: 0,
-            parent: file,
+            parent: counted.clone(),
         };
-        let (tx, rx) = crossbeam::channel::bounded(READ_AHEAD);
-        drop(rx);
-        read_parents(&[scan], 0, &tx).expect("a gone sender is not an error");
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        std::thread::scope(|sc| {
+            let reader = sc.spawn(move || read_parents(&[scan], 0, &tx));
+            // The first piece; the reader then waits for room for its progress step.
+            assert!(matches!(rx.recv().expect("a step"), Ok(Step::Piece { .. })));
+            drop(rx);
+            reader
+                .join()
+                .expect("reader")
+                .expect("a gone sender is not an error");
+        });
+        let reads = counted.reads.load(Ordering::SeqCst);
+        assert!(reads <= 2, "the reader went on: {reads} reads of 8 MiB");
     }
 }
