@@ -1,5 +1,9 @@
 //! FUSE figures: the same fio jobs through a `replog serve --mount` disk and on a plain
 //! file in the same directory, in the same run, interleaved (plain, replog, plain, …).
+//! Each round starts once the compactor has merged what the rounds before left in the
+//! journal, so a figure is the write path's and not the write path's beside the merge
+//! of the round before; one more figure runs sequential writes back to back, the merge
+//! of each round running beside the next (the rate a guest that never pauses gets).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -179,6 +183,33 @@ fn fio(file: &Path, args: &[String]) -> Result<(f64, f64), String> {
     Ok((bw, iops))
 }
 
+/// Wait until the journal of the served machine holds at most one segment's bytes:
+/// what the compactor merges of the writes before is merged (it merges once the
+/// journal holds `compact_min_bytes`, or after a lull).
+fn merged(replog: &Path, site: &Path) -> Result<(), String> {
+    const ONE_SEGMENT: u64 = 64 << 20;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let st: serde_json::Value = serde_json::from_str(&run(Command::new(replog)
+            .arg("status")
+            .arg(site)
+            .arg("--json"))?)
+        .map_err(|e| format!("status json: {e}"))?;
+        let journal = st["machines"][0]["journal_bytes"]
+            .as_u64()
+            .ok_or_else(|| format!("status names no journal_bytes: {st}"))?;
+        if journal <= ONE_SEGMENT {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the journal was not merged within 120 s: {journal} bytes"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -256,14 +287,19 @@ pub fn run_all(
     };
 
     let mut out = Vec::new();
+    // `settle`: each round starts with the journal merged (see the module's doc).
     let mut compare = |name: &str,
                        args: &[String],
                        unit: &'static str,
                        iops: bool,
-                       cold: bool|
+                       cold: bool,
+                       settle: bool|
      -> Result<(), String> {
         let (mut v, mut b) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
+            if settle {
+                merged(replog, &site)?;
+            }
             if cold {
                 drop_caches();
             }
@@ -293,6 +329,7 @@ pub fn run_all(
             "MB/s",
             false,
             false,
+            true,
         )?;
         compare(
             &format!("FUSE seq read 1MiB direct=1, caches dropped, {engine} iodepth {depth} (fio)"),
@@ -300,8 +337,18 @@ pub fn run_all(
             "MB/s",
             false,
             true,
+            true,
         )?;
     }
+    compare(
+        "FUSE seq write 1MiB direct=1 end_fsync=1, psync iodepth 1, rounds back to back, \
+         each beside the merge of the one before (fio)",
+        &seq("write", 1),
+        "MB/s",
+        false,
+        false,
+        false,
+    )?;
     // Random reads of data written above (the first `size` bytes), from disk.
     compare(
         "FUSE 4KiB rand read direct=1, libaio iodepth 16, caches dropped (fio)",
@@ -318,6 +365,7 @@ pub fn run_all(
         "IOPS",
         true,
         true,
+        true,
     )?;
     compare(
         "FUSE 4KiB rand write + fdatasync each (fio)",
@@ -325,6 +373,7 @@ pub fn run_all(
         "IOPS",
         true,
         false,
+        true,
     )?;
     compare(
         "FUSE 4KiB rand write + fdatasync each, 4 jobs (fio)",
@@ -332,6 +381,7 @@ pub fn run_all(
         "IOPS",
         true,
         false,
+        true,
     )?;
     drop(serve);
     let _ = std::fs::remove_dir_all(&site);
