@@ -227,6 +227,37 @@ impl Drop for WorkDir {
     }
 }
 
+/// Remove what runs that died left in `root` (`run-<pid>-<stamp>` of a process that
+/// is gone): a run killed, or one whose serve's mount outlived it, leaves gigabytes
+/// (a full run filled the disk on 2026-12-05 with 37 GB of them). Mounts still under
+/// such a directory are detached first.
+fn remove_dead_runs(root: &Path) {
+    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+    for entry in fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("run-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let dir = entry.path();
+        for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+            if Path::new(m).starts_with(&dir) {
+                let _ = replog::frontend::detach(Path::new(m));
+            }
+        }
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => progress(&format!("removed {} (its run is gone)", dir.display())),
+            Err(e) => progress(&format!("could not remove {}: {e}", dir.display())),
+        }
+    }
+}
+
 /// State shared by the figures.
 struct Bench {
     quick: bool,
@@ -273,6 +304,7 @@ fn run(args: &Args) -> Result<()> {
         ),
     };
     fs::create_dir_all(&root).map_err(|e| format!("create {}: {e}", root.display()))?;
+    remove_dead_runs(&root);
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())

@@ -1,10 +1,12 @@
 //! In-memory storage that knows which bytes are durable.
 //!
 //! Every file keeps two images: `durable` (what survived the last sync) and `live`
-//! (what reads see), plus the writes made since the last sync, in order. A
-//! [`MemStorage::crash`] rebuilds every file from its durable image and a subset of
-//! its unsynced writes chosen by [`CrashMode`] — the way a power loss leaves a file
-//! whose dirty pages were written back partly and in any order.
+//! (what reads see), plus the changes made since the last sync, in order: writes and
+//! length changes (`set_len`: a truncation or an extension is no more durable than a
+//! write until the file is synced). A [`MemStorage::crash`] rebuilds every file from
+//! its durable image and a subset of its unsynced changes chosen by [`CrashMode`],
+//! applied in the order they were made — the way a power loss leaves a file whose
+//! dirty pages and size were written back partly and in any order.
 //!
 //! Names are durable only once their directory is synced: creations, renames and
 //! removals change the live namespace at once and the durable one at the next
@@ -29,14 +31,15 @@ use std::sync::Arc;
 pub enum CrashMode {
     /// Keep every unsynced write (a process crash: the page cache survives).
     KeepAll,
-    /// Drop every unsynced write.
+    /// Drop every unsynced write and length change.
     DropAll,
-    /// Keep, drop or cut short each unsynced write independently, from this seed,
-    /// and keep a prefix of the unsynced namespace changes.
+    /// Keep, drop or cut short each unsynced write independently, keep or drop each
+    /// unsynced length change, from this seed; and keep a prefix of the unsynced
+    /// namespace changes.
     Tear(u64),
-    /// Drop every unsynced write, keep every unsynced namespace change but the last
-    /// N: the journal had committed all but the operation in flight (and N - 1
-    /// before it).
+    /// Drop every unsynced write and length change, keep every unsynced namespace
+    /// change but the last N: the journal had committed all but the operation in
+    /// flight (and N - 1 before it).
     DropLastNames(usize),
 }
 
@@ -44,7 +47,16 @@ pub enum CrashMode {
 struct FileState {
     durable: Vec<u8>,
     live: Vec<u8>,
-    unsynced: Vec<(u64, Vec<u8>)>,
+    unsynced: Vec<Unsynced>,
+}
+
+/// A change to a file not made durable yet.
+#[derive(Debug)]
+enum Unsynced {
+    /// Bytes written at an offset.
+    Write(u64, Vec<u8>),
+    /// The file's length set.
+    Len(usize),
 }
 
 #[derive(Debug)]
@@ -150,18 +162,33 @@ impl MemStorage {
         for state in fs.files.values() {
             let mut st = state.lock();
             let mut image = st.durable.clone();
-            for (offset, data) in std::mem::take(&mut st.unsynced) {
-                let keep = match mode {
-                    CrashMode::KeepAll => data.len(),
-                    CrashMode::DropAll | CrashMode::DropLastNames(_) => 0,
-                    CrashMode::Tear(_) => match xorshift(&mut rng) % 3 {
-                        0 => 0,
-                        1 => data.len(),
-                        _ => (xorshift(&mut rng) % (data.len() as u64 + 1)) as usize,
-                    },
-                };
-                if keep > 0 {
-                    apply(&mut image, offset, data.get(..keep).unwrap_or(&[]));
+            for change in std::mem::take(&mut st.unsynced) {
+                match change {
+                    Unsynced::Write(offset, data) => {
+                        let keep = match mode {
+                            CrashMode::KeepAll => data.len(),
+                            CrashMode::DropAll | CrashMode::DropLastNames(_) => 0,
+                            CrashMode::Tear(_) => match xorshift(&mut rng) % 3 {
+                                0 => 0,
+                                1 => data.len(),
+                                _ => (xorshift(&mut rng) % (data.len() as u64 + 1)) as usize,
+                            },
+                        };
+                        if keep > 0 {
+                            apply(&mut image, offset, data.get(..keep).unwrap_or(&[]));
+                        }
+                    }
+                    Unsynced::Len(len) => {
+                        let keep = match mode {
+                            CrashMode::KeepAll => true,
+                            CrashMode::DropAll | CrashMode::DropLastNames(_) => false,
+                            // (A high bit: the lowest of xorshift's outputs repeats.)
+                            CrashMode::Tear(_) => xorshift(&mut rng) >> 40 & 1 == 0,
+                        };
+                        if keep {
+                            image.resize(len, 0);
+                        }
+                    }
                 }
             }
             st.durable = image.clone();
@@ -448,7 +475,7 @@ impl StorageFile for MemFile {
         let data: Vec<u8> = bufs.concat();
         let mut st = self.state.lock();
         apply(&mut st.live, offset, &data);
-        st.unsynced.push((offset, data));
+        st.unsynced.push(Unsynced::Write(offset, data));
         Ok(())
     }
 
@@ -463,16 +490,7 @@ impl StorageFile for MemFile {
         let mut st = self.state.lock();
         let len = len as usize;
         st.live.resize(len, 0);
-        st.durable.resize(len, 0);
-        // Unsynced writes past the new end are gone; cut those that straddle it.
-        st.unsynced.retain_mut(|(off, data)| {
-            let off = *off as usize;
-            if off >= len {
-                return false;
-            }
-            data.truncate(len - off);
-            true
-        });
+        st.unsynced.push(Unsynced::Len(len));
         Ok(())
     }
 
@@ -500,6 +518,64 @@ mod tests {
         let f = fs.open(Path::new(p), OpenMode::CreateNew).unwrap();
         f.write_at(&[bytes], 0).unwrap();
         f.sync_data().unwrap();
+    }
+
+    /// A length set and not synced is no more durable than a write: a power loss may
+    /// keep it or not, each independently of the writes around it, applied in the
+    /// order they were made; a sync makes it durable.
+    #[test]
+    fn a_length_change_is_durable_only_once_synced() {
+        // 8 KiB synced; then cut to 4 KiB and a footer-like write at the cut.
+        let scenario = || {
+            let fs = MemStorage::new();
+            fs.create_dir_all(Path::new("/d")).unwrap();
+            file(&fs, "/d/a", &[7u8; 8192]);
+            fs.sync_dir(Path::new("/d")).unwrap();
+            let f = fs.open(Path::new("/d/a"), OpenMode::ReadWrite).unwrap();
+            f.set_len(4096).unwrap();
+            f.write_at(&[b"end"], 4096).unwrap();
+            assert_eq!(f.len().unwrap(), 4099);
+            (fs, f)
+        };
+        let image = |fs: &MemStorage| {
+            let f = fs.open(Path::new("/d/a"), OpenMode::ReadOnly).unwrap();
+            let mut buf = vec![0u8; f.len().unwrap() as usize];
+            f.read_at(&mut buf, 0).unwrap();
+            buf
+        };
+        let (mut cut_lost_end_kept, mut cut_kept_end_lost) = (false, false);
+        for seed in 0..64 {
+            let (fs, f) = scenario();
+            drop(f);
+            fs.crash(CrashMode::Tear(seed));
+            let got = image(&fs);
+            match got.len() {
+                // The cut kept, the end not (or only a part of it: a longer file).
+                4096 => cut_kept_end_lost = true,
+                4097..=4099 => assert!(got[4096..].iter().zip(b"end").all(|(a, b)| a == b)),
+                // The cut lost: the old bytes after whatever of the end was kept.
+                8192 => {
+                    assert!(got[4099..].iter().all(|b| *b == 7), "seed {seed}");
+                    cut_lost_end_kept |= got[4096..4099] == b"end"[..];
+                }
+                n => panic!("seed {seed}: {n} bytes"),
+            }
+        }
+        assert!(
+            cut_lost_end_kept && cut_kept_end_lost,
+            "64 seeds never tore both ways"
+        );
+        // A crash that drops what was not synced: the old length and bytes.
+        let (fs, f) = scenario();
+        drop(f);
+        fs.crash(CrashMode::DropAll);
+        assert_eq!(image(&fs), vec![7u8; 8192]);
+        // Synced: the new length survives anything.
+        let (fs, f) = scenario();
+        f.sync_data().unwrap();
+        drop(f);
+        fs.crash(CrashMode::DropAll);
+        assert_eq!(image(&fs).len(), 4099);
     }
 
     #[test]
