@@ -220,9 +220,22 @@ impl Drop for WorkDir {
                 }
             }
         }
+        // A serve that did not unmount would keep its mount, and everything under it,
+        // from being removed.
+        detach_mounts_under(&self.path);
         let _ = fs::remove_dir_all(&self.path);
         if let Some(p) = &self.parent {
             let _ = fs::remove_dir(p);
+        }
+    }
+}
+
+/// Detach every mount the kernel lists under `dir`.
+fn detach_mounts_under(dir: &Path) {
+    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+    for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+        if Path::new(m).starts_with(dir) {
+            let _ = replog::frontend::detach(Path::new(m));
         }
     }
 }
@@ -232,7 +245,6 @@ impl Drop for WorkDir {
 /// (a full run filled the disk on 2026-12-05 with 37 GB of them). Mounts still under
 /// such a directory are detached first.
 fn remove_dead_runs(root: &Path) {
-    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
     for entry in fs::read_dir(root).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(pid) = name
@@ -246,11 +258,7 @@ fn remove_dead_runs(root: &Path) {
             continue;
         }
         let dir = entry.path();
-        for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
-            if Path::new(m).starts_with(&dir) {
-                let _ = replog::frontend::detach(Path::new(m));
-            }
-        }
+        detach_mounts_under(&dir);
         match fs::remove_dir_all(&dir) {
             Ok(()) => progress(&format!("removed {} (its run is gone)", dir.display())),
             Err(e) => progress(&format!("could not remove {}: {e}", dir.display())),
