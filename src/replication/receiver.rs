@@ -1083,13 +1083,18 @@ impl Session<'_> {
         if self.base_pending_bytes < BASE_BATCH {
             return Ok(None);
         }
+        Ok(Some(self.take_batch(name, store)))
+    }
+
+    /// The chunks received and not stored yet, as the job that stores them.
+    fn take_batch(&mut self, name: String, slot: SharedStore) -> BaseJob {
         self.base_pending_bytes = 0;
-        Ok(Some(BaseJob {
-            slot: store,
+        BaseJob {
+            slot,
             token: self.token,
             name,
             items: std::mem::take(&mut self.base_pending),
-        }))
+        }
     }
 
     /// Store the initial-copy chunks received and not stored yet, after the batch
@@ -1103,14 +1108,8 @@ impl Session<'_> {
         let Some((name, store, _)) = &self.current else {
             return Err(protocol_error("initial chunk before Protect"));
         };
-        self.base_pending_bytes = 0;
-        BaseJob {
-            slot: store.clone(),
-            token: self.token,
-            name: name.clone(),
-            items: std::mem::take(&mut self.base_pending),
-        }
-        .run()
+        let (name, store) = (name.clone(), store.clone());
+        self.take_batch(name, store).run()
     }
 
     fn on_initial_done(&mut self, machine: &str) -> Result<Message, Refusal> {

@@ -885,22 +885,6 @@ impl ReplicaStore {
         self.receive_base_batch(&[(disk, offset, data)])
     }
 
-    /// Where the initial copy stands after a chunk of `len` bytes at `offset` of
-    /// `disk` received when it stood at `at`; an error (nothing changed) for a chunk
-    /// out of the disk or behind that position.
-    pub fn check_base(
-        &self,
-        at: (u32, u64),
-        disk: u32,
-        offset: u64,
-        len: u64,
-    ) -> Result<(u32, u64)> {
-        let mut cursor = self.base_cursor()?;
-        cursor.at = at;
-        cursor.advance(disk, offset, len)?;
-        Ok(cursor.at)
-    }
-
     /// What the initial copy's next chunks are checked against: where it stands, and
     /// the disks' sizes. A target checks chunks with it while earlier ones are still
     /// being stored; an error if the copy is complete.
@@ -925,13 +909,14 @@ impl ReplicaStore {
     /// edit of the parent chunks they touch, then the position, durably. Every chunk
     /// is checked before anything is written.
     pub fn receive_base_batch(&mut self, items: &[(u32, u64, &[u8])]) -> Result<()> {
-        let mut at = self.base_position();
-        for (disk, offset, data) in items {
-            at = self.check_base(at, *disk, *offset, data.len() as u64)?;
-        }
         if items.is_empty() {
             return Ok(());
         }
+        let mut cursor = self.base_cursor()?;
+        for (disk, offset, data) in items {
+            cursor.advance(*disk, *offset, data.len() as u64)?;
+        }
+        let at = cursor.at;
         let mut ed = ChunkEditor::new(self);
         for (disk, offset, data) in items {
             ed.write(*disk, *offset, data)?;
