@@ -724,6 +724,7 @@ fn recover_params(machine_id: u64) -> replog::journal::JournalParams {
         watermark_lsn: 0,
         watermark_seq: 0,
         generation: 1,
+        spare_budget: 0,
     }
 }
 

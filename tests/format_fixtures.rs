@@ -989,7 +989,8 @@ fn version_8_a_journal_written_into_a_recycled_file_opens_with_every_write() {
         assert_eq!(sha256(&buf), f[0], "disk {} reads differently", f[2]);
     }
     assert!(
-        !jdir.join("00000000000000000001.spare").exists(),
-        "a spare left by the crash is removed at open"
+        jdir.join("00000000000000000001.spare").exists(),
+        "a spare left by the crash is kept at open, to be written again"
     );
+    assert!(m.status().spare_bytes > 0);
 }

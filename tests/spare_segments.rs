@@ -1,7 +1,8 @@
 //! Spare segment files (`journal::spare`) on real files: merged segments are written
 //! again, and a journal whose active segment is a recycled file inspects clean and
 //! reopens, after a close or a crash, with every write it made durable and nothing
-//! of the earlier segment that file held.
+//! of the earlier segment that file held; a spare is kept across the restart and
+//! written into.
 
 mod common;
 
@@ -127,17 +128,31 @@ fn a_recycled_active_segment_inspects_clean_and_reopens_with_every_write() {
     assert!(!text.contains("torn tail"), "{text}");
 
     // A crash (no close): every flushed write is back, nothing of the earlier
-    // segment.
+    // segment; the spare left is kept, to be written again.
     drop(m);
     let m = open(&dir);
     assert_reads(&m, &model, "after a crash");
+    let left: Vec<String> = names(&dir)
+        .into_iter()
+        .filter(|n| n.ends_with(".spare"))
+        .collect();
+    assert_eq!(left.len(), 1, "the spare is kept across a restart");
+    assert!(m.status().spare_bytes > 0);
+    // It goes on: writes (the next segment into that spare), a clean close and a
+    // reopen.
+    write(&m, &mut model, 2 << 20, SEGMENT + (44 << 10), 4);
+    m.flush().expect("flush");
+    let after = names(&dir);
     assert!(
-        !names(&dir).iter().any(|n| n.ends_with(".spare")),
-        "spares are not kept across a restart: {:?}",
-        names(&dir)
+        !after.iter().any(|n| n.ends_with(".spare")),
+        "the spare was written into: {after:?}"
     );
-    // It goes on: writes, a clean close and a reopen.
-    write(&m, &mut model, 2 << 20, 300 << 10, 4);
+    let active = dir
+        .join("journal")
+        .join(after.iter().rfind(|n| n.ends_with(".seg")).expect("seg"));
+    let header = replog::format::SegmentHeader::decode(&std::fs::read(&active).expect("read"))
+        .expect("header");
+    assert!(header.is_recycled(), "{after:?}");
     m.close().expect("close");
     let m = open(&dir);
     assert_reads(&m, &model, "after a close");

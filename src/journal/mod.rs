@@ -412,6 +412,11 @@ pub struct JournalParams {
     pub watermark_seq: u64,
     /// The machine's generation: new segments carry it.
     pub generation: u32,
+    /// Spare files an earlier run left (see [`spare`]) are kept, to be written again,
+    /// while the sealed segments and they fit in this many bytes (the compactor's
+    /// `compact_min_bytes`, the budget it keeps spares within); the rest are removed.
+    /// 0 removes them all.
+    pub spare_budget: u64,
 }
 
 /// Segment files of a journal directory, oldest first.
@@ -445,9 +450,10 @@ pub fn recover(
         repairs.push(format!("removed merged segment {}", path.display()));
         segs.remove(0);
     }
-    // Spares are never reused across a restart (see `spare`).
-    let spares_removed = spare::remove_leftovers(storage.as_ref(), dir)?;
-    if !repairs.is_empty() || spares_removed > 0 {
+    // Spares an earlier run left: kept within the budget once the sealed segments
+    // are known (below), the rest removed.
+    let leftover_spares = spare::leftovers(storage.as_ref(), dir)?;
+    if !repairs.is_empty() {
         storage.sync_dir(dir)?;
     }
 
@@ -705,6 +711,18 @@ pub fn recover(
     if let Some(p) = points.last() {
         last_point_lsn = last_point_lsn.max(p.lsn);
     }
+    let spares = Spares::new(params.segment_bytes);
+    let sealed_bytes = sealed.iter().map(|s| s.bytes).sum();
+    let removed = spares.adopt(
+        storage.as_ref(),
+        dir,
+        leftover_spares,
+        sealed_bytes,
+        params.spare_budget,
+    )?;
+    if removed > 0 {
+        storage.sync_dir(dir)?;
+    }
     let writer = JournalWriter {
         storage,
         dir: dir.to_path_buf(),
@@ -714,7 +732,7 @@ pub fn recover(
         active,
         next_lsn,
         last_point_lsn,
-        spares: Spares::new(params.segment_bytes),
+        spares,
     };
     Ok(Recovered {
         writer,

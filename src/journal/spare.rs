@@ -32,7 +32,12 @@
 //!   nothing there verifies: a scan stops at them as it stops at a torn tail. The
 //!   seal cuts them off before it writes the footer, so a sealed segment ends in its
 //!   footer as always.
-//! - Spares are not kept across a restart: recovery removes them.
+//! - Spares are kept across a restart: recovery takes back the ones an earlier run
+//!   left ([`Spares::adopt`]) within the same budget (`JournalParams::spare_budget`,
+//!   the configured `compact_min_bytes`, counted against the sealed segments it
+//!   found) and removes the rest. Without that, every restart began with new files,
+//!   each fdatasync of them writing the inode, until the compactor had merged a
+//!   budget's worth of segments again.
 
 use super::ZERO_PAGE;
 use crate::error::{Error, Result};
@@ -127,6 +132,45 @@ impl Spares {
         Ok(true)
     }
 
+    /// Take back the spare files an earlier run left in `dir` (`paths`, from
+    /// [`leftovers`]), newest first, as [`Spares::offer`] keeps them: while
+    /// `sealed_bytes` of sealed segments and the spares fit in `budget`, at most
+    /// [`MAX_SPARES`], none smaller than the least worth keeping, and only while the
+    /// file system has [`MIN_FREE_BYTES`] free. The rest are removed; returns how
+    /// many, and the caller syncs `dir` if any were.
+    ///
+    /// Whatever state a crash left a spare in (its old footer, cut or not, a new
+    /// header written but not yet renamed: see [`reuse`]), it is only ever written
+    /// again the way `reuse` writes one: cut to a 4 KiB multiple before its last
+    /// footer's bytes, its new last 4 KiB zeroed, a fresh salt chosen after all of
+    /// it was written. So its contents never matter, only that they are written blocks.
+    pub fn adopt(
+        &self,
+        storage: &dyn Storage,
+        dir: &Path,
+        paths: Vec<PathBuf>,
+        sealed_bytes: u64,
+        budget: u64,
+    ) -> Result<usize> {
+        let room = storage.free_bytes(dir).is_none_or(|f| f >= MIN_FREE_BYTES);
+        let mut spares = self.kept.lock();
+        let mut removed = 0;
+        for path in paths.into_iter().rev() {
+            let file = storage.open(&path, crate::storage::OpenMode::ReadWrite)?;
+            let len = file.len()?.saturating_sub(FOOTER_LEN as u64) & !4095;
+            let kept: u64 = spares.iter().map(|s| s.len).sum();
+            let fits = sealed_bytes.saturating_add(kept).saturating_add(len) <= budget;
+            if room && fits && len >= self.min_bytes && spares.len() < MAX_SPARES {
+                spares.push(Spare { file, path, len });
+            } else {
+                drop(file);
+                storage.remove_file(&path)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// The largest spare that nobody else holds a handle to (a reader that looked up
     /// the merged segment before it was merged may still be reading it).
     pub fn take(&self) -> Option<Spare> {
@@ -151,17 +195,15 @@ impl Spares {
     }
 }
 
-/// Remove spare files left in `dir` by an earlier run (they are never reused across
-/// a restart). Returns how many were removed; the caller syncs the directory.
-pub fn remove_leftovers(storage: &dyn Storage, dir: &Path) -> Result<usize> {
-    let mut n = 0;
-    for name in storage.list_dir(dir)? {
-        if is_spare_name(&name) {
-            storage.remove_file(&dir.join(&name))?;
-            n += 1;
-        }
-    }
-    Ok(n)
+/// The spare files an earlier run left in `dir`, oldest first.
+pub fn leftovers(storage: &dyn Storage, dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut names: Vec<String> = storage
+        .list_dir(dir)?
+        .into_iter()
+        .filter(|n| is_spare_name(n))
+        .collect();
+    names.sort();
+    Ok(names.into_iter().map(|n| dir.join(n)).collect())
 }
 
 /// True for a name this module gives spares (`<20 digits>.spare`).
@@ -244,6 +286,7 @@ mod tests {
             watermark_lsn,
             watermark_seq,
             generation: 1,
+            spare_budget: 0,
         }
     }
 
@@ -378,6 +421,97 @@ mod tests {
         }
     }
 
+    /// A power loss anywhere in a rotation into a spare (the old footer zeroed, the
+    /// cut, the new header, its sync, the rename, the directory's sync), then a
+    /// recovery that takes back the spares it finds: exactly the synced records, never
+    /// one of the spare's own; and the journal goes on, written into an adopted spare,
+    /// and recovers exactly again after another power loss.
+    #[test]
+    fn a_power_loss_while_reusing_a_spare_then_adopting_it_keeps_exactly_the_records() {
+        let modes: Vec<CrashMode> = [CrashMode::DropAll, CrashMode::KeepAll]
+            .into_iter()
+            .chain((1..20).map(CrashMode::Tear))
+            .collect();
+        let with_budget = |mark: (u64, u64)| JournalParams {
+            spare_budget: 8 * SEGMENT,
+            ..params(mark.0, mark.1)
+        };
+        let (mut adopted, mut recycled) = (0, 0);
+        for fail_at in 0..6 {
+            for &mode in &modes {
+                let storage = FaultyStorage::new();
+                storage.create_dir_all(&dir()).unwrap();
+                let shared: Arc<dyn Storage> = Arc::new(storage.clone());
+                let mut w = recover(shared.clone(), &dir(), with_budget((0, 0)), |_, _| {})
+                    .unwrap()
+                    .writer;
+                let first = fill_and_seal(&mut w);
+                let mark = (first.last_lsn, first.seq);
+                assert!(w
+                    .spares()
+                    .offer(
+                        shared.as_ref(),
+                        &dir(),
+                        first.seq,
+                        &first.file,
+                        first.bytes,
+                        0
+                    )
+                    .unwrap());
+                drop(first);
+                shared.sync_dir(&dir()).unwrap();
+                // Segment 2 full, every record of it synced; its seal rotates into
+                // the spare, and the power goes at one of the syncs on the way.
+                let mut last = mark.0;
+                while !w.wants_rotation() {
+                    last = append(&mut w);
+                }
+                w.active_file().sync_data().unwrap();
+                storage.fail_sync_after(fail_at, true);
+                let _ = w.seal();
+                drop(w);
+                storage.crash(mode);
+
+                let recover_all = |mark: (u64, u64)| {
+                    let mut seen = Vec::new();
+                    let r = recover(
+                        Arc::new(storage.clone()) as Arc<dyn Storage>,
+                        &dir(),
+                        with_budget(mark),
+                        |_, rec| {
+                            assert_eq!(rec.payload, &payload(rec.header.lsn)[..], "{mode:?}");
+                            seen.push(rec.header.lsn);
+                        },
+                    )
+                    .unwrap();
+                    (seen, r)
+                };
+                let (seen, r) = recover_all(mark);
+                let want: Vec<u64> = (mark.0 + 1..=last).collect();
+                assert_eq!(seen, want, "{fail_at} {mode:?}: {:?}", r.repairs);
+                adopted += r.writer.spares().count();
+
+                // On from there: a full segment (into the spare, if one was kept),
+                // three records synced, and the power goes again.
+                let mut w = r.writer;
+                let mut last = fill_and_seal(&mut w).last_lsn;
+                recycled += usize::from(header_of(&w.active_file()).is_recycled());
+                for _ in 0..3 {
+                    last = append(&mut w);
+                }
+                w.active_file().sync_data().unwrap();
+                drop(w);
+                storage.crash(mode);
+                let (seen, r) = recover_all(mark);
+                let want: Vec<u64> = (mark.0 + 1..=last).collect();
+                assert_eq!(seen, want, "{fail_at} {mode:?}, again: {:?}", r.repairs);
+                assert!(r.damaged.is_empty(), "{fail_at} {mode:?}");
+            }
+        }
+        assert!(adopted > 0, "no power loss left a spare to take back");
+        assert!(recycled > 0, "no adopted spare was written into");
+    }
+
     #[test]
     fn a_recycled_segment_recovers_exactly_its_records_after_any_crash() {
         let modes = [CrashMode::DropAll, CrashMode::KeepAll]
@@ -470,7 +604,7 @@ mod tests {
     }
 
     #[test]
-    fn a_spare_still_read_is_not_taken_and_leftovers_go_at_recovery() {
+    fn a_spare_still_read_is_not_taken_and_leftovers_are_kept_within_the_budget_at_recovery() {
         let storage = MemStorage::new();
         storage.create_dir_all(&dir()).unwrap();
         let shared: Arc<dyn Storage> = Arc::new(storage.clone());
@@ -523,12 +657,36 @@ mod tests {
         let names = storage.list_dir(&dir()).unwrap();
         assert_eq!(names.len(), MAX_SPARES + 1, "{names:?}"); // and the one taken
         assert!(names.iter().all(|n| is_spare_name(n)), "{names:?}");
-        // Recovery removes every spare (and the one taken above, left unused).
+        // Recovery keeps, newest first, what fits in its budget (three segments
+        // here) and removes the rest: the older spares and the one taken above, left
+        // unused.
         drop((taken, spares));
+        let budget = JournalParams {
+            spare_budget: 3 * SEGMENT,
+            ..params(0, 0)
+        };
+        let r = recover(shared.clone(), &dir(), budget, |_, _| {}).unwrap();
+        let mut names = storage.list_dir(&dir()).unwrap();
+        names.retain(|n| is_spare_name(n));
+        let newest: Vec<String> = (18..=20)
+            .map(|n| format!("{n:020}{SPARE_SUFFIX}"))
+            .collect();
+        assert_eq!(names, newest);
+        let mut w = r.writer;
+        assert_eq!(w.active_seq(), 1);
+        assert_eq!(w.spares().count(), 3);
+        assert_eq!(w.spares().bytes(), 3 * SEGMENT);
+        // The next segment is written into one of them.
+        fill_and_seal(&mut w);
+        assert_eq!(w.active_seq(), 2);
+        assert!(header_of(&w.active_file()).is_recycled());
+        assert_eq!(w.spares().count(), 2);
+        // With no budget (or the sealed segments filling it), every spare goes.
+        drop(w);
         let r = recover(shared, &dir(), params(0, 0), |_, _| {}).unwrap();
         let names = storage.list_dir(&dir()).unwrap();
         assert!(names.iter().all(|n| !is_spare_name(n)), "{names:?}");
-        assert_eq!(r.writer.active_seq(), 1);
+        assert_eq!(r.writer.spares().count(), 0);
     }
 
     /// The bytes after a recycled segment's records are an earlier segment's, and

@@ -168,6 +168,7 @@ impl Machine {
             watermark_lsn: watermark.lsn,
             watermark_seq: watermark.segment_seq,
             generation: manifest.generation,
+            spare_budget: cfg.compact_min_bytes,
         };
         let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
         let mut outside: Option<Error> = None;
