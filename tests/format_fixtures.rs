@@ -993,4 +993,38 @@ fn version_8_a_journal_written_into_a_recycled_file_opens_with_every_write() {
         "a spare left by the crash is kept at open, to be written again"
     );
     assert!(m.status().spare_bytes > 0);
+    // The older build's spare is written into: one segment's worth of writes (the
+    // site's 64 MiB), a clean close, a reopen that reads back the last of them.
+    let v = m.volume("os").expect("vol");
+    let size = v.size() as usize;
+    let mut last = Vec::new();
+    for pass in 0..66u8 {
+        last = (0..size)
+            .map(|i| (i as u8).wrapping_mul(7).wrapping_add(pass))
+            .collect();
+        v.write(0, &last).expect("write");
+    }
+    m.flush().expect("flush");
+    assert!(
+        !jdir.join("00000000000000000001.spare").exists(),
+        "the next segment took the spare"
+    );
+    let newest = std::fs::read_dir(&jdir)
+        .expect("journal")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .max()
+        .expect("a segment");
+    let header = replog::format::SegmentHeader::decode(&std::fs::read(&newest).expect("read"))
+        .expect("header");
+    assert!(header.is_recycled(), "{}", newest.display());
+    drop(v);
+    m.close().expect("close");
+    let m = s.open_machine("vm1").expect("reopen");
+    let mut buf = vec![0u8; size];
+    m.volume("os")
+        .expect("vol")
+        .read(0, &mut buf)
+        .expect("read");
+    assert!(buf == last, "the disk reads back the last writes");
 }

@@ -693,6 +693,20 @@ pub fn recover(
         }
         next_lsn = bound + 1;
     }
+    // Spares an earlier run left, now that the sealed segments are known: kept within
+    // the budget, so that even the segment made below can be written into one.
+    let spares = Spares::new(params.segment_bytes);
+    let sealed_bytes = sealed.iter().map(|s| s.bytes).sum();
+    let removed = spares.adopt(
+        storage.as_ref(),
+        dir,
+        leftover_spares,
+        sealed_bytes,
+        params.spare_budget,
+    )?;
+    if removed > 0 {
+        storage.sync_dir(dir)?;
+    }
     let active = match active {
         Some(a) => a,
         None => {
@@ -705,23 +719,17 @@ pub fn recover(
             let seq = expected_seq.unwrap_or(params.watermark_seq + 1);
             let header = SegmentHeader::new(params.machine_id, seq, next_lsn, now_ns())
                 .with_generation(params.generation);
-            create_segment(storage.as_ref(), dir, header, params.segment_bytes, None)?
+            create_segment(
+                storage.as_ref(),
+                dir,
+                header,
+                params.segment_bytes,
+                Some(&spares),
+            )?
         }
     };
     if let Some(p) = points.last() {
         last_point_lsn = last_point_lsn.max(p.lsn);
-    }
-    let spares = Spares::new(params.segment_bytes);
-    let sealed_bytes = sealed.iter().map(|s| s.bytes).sum();
-    let removed = spares.adopt(
-        storage.as_ref(),
-        dir,
-        leftover_spares,
-        sealed_bytes,
-        params.spare_budget,
-    )?;
-    if removed > 0 {
-        storage.sync_dir(dir)?;
     }
     let writer = JournalWriter {
         storage,

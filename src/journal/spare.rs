@@ -156,8 +156,17 @@ impl Spares {
         let mut spares = self.kept.lock();
         let mut removed = 0;
         for path in paths.into_iter().rev() {
-            let file = storage.open(&path, crate::storage::OpenMode::ReadWrite)?;
-            let len = file.len()?.saturating_sub(FOOTER_LEN as u64) & !4095;
+            // One that cannot be opened (or measured) is removed, as every spare
+            // was before they were kept: it must not keep the machine from opening.
+            let opened = storage
+                .open(&path, crate::storage::OpenMode::ReadWrite)
+                .and_then(|f| f.len().map(|n| (f, n)));
+            let Ok((file, flen)) = opened else {
+                storage.remove_file(&path)?;
+                removed += 1;
+                continue;
+            };
+            let len = flen.saturating_sub(FOOTER_LEN as u64) & !4095;
             let kept: u64 = spares.iter().map(|s| s.len).sum();
             let fits = sealed_bytes.saturating_add(kept).saturating_add(len) <= budget;
             if room && fits && len >= self.min_bytes && spares.len() < MAX_SPARES {
@@ -421,6 +430,64 @@ mod tests {
         }
     }
 
+    /// Leftover spares are kept, newest first, only while the sealed segments
+    /// recovery found and they fit in the budget, at most [`MAX_SPARES`], none too
+    /// small to be worth it (an empty one, one of a page); the rest are removed.
+    #[test]
+    fn leftover_spares_are_kept_only_within_the_budget_beside_the_sealed_segments() {
+        let storage = MemStorage::new();
+        storage.create_dir_all(&dir()).unwrap();
+        let shared: Arc<dyn Storage> = Arc::new(storage.clone());
+        let name = |n: u64| format!("{n:020}{SPARE_SUFFIX}");
+        let leave = |n: u64, len: usize| {
+            let f = shared
+                .open(&dir().join(name(n)), OpenMode::CreateNew)
+                .unwrap();
+            f.write_at(&[&vec![0x5a; len]], 0).unwrap();
+        };
+        let spares_left = || {
+            let mut v = storage.list_dir(&dir()).unwrap();
+            v.retain(|n| is_spare_name(n));
+            v
+        };
+        let budget = |bytes: u64| JournalParams {
+            spare_budget: bytes,
+            ..params(0, 0)
+        };
+        let mut w = recover(shared.clone(), &dir(), params(0, 0), |_, _| {})
+            .unwrap()
+            .writer;
+        let sealed: u64 = (0..2).map(|_| fill_and_seal(&mut w).bytes).sum();
+        let active = w.active_seq();
+        drop(w);
+        // Full ones, then (newer) one of a page and an empty one.
+        for n in 100..118 {
+            leave(n, SEGMENT as usize + 100);
+        }
+        leave(118, 4100);
+        leave(119, 0);
+        // Room for two beside the sealed segments.
+        let r = recover(
+            shared.clone(),
+            &dir(),
+            budget(sealed + 2 * SEGMENT),
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(spares_left(), vec![name(116), name(117)]);
+        assert_eq!(r.writer.spares().count(), 2);
+        assert_eq!(r.writer.active_seq(), active, "the active segment is kept");
+        drop(r);
+        // Room for all of them: at most MAX_SPARES.
+        for n in 100..116 {
+            leave(n, SEGMENT as usize + 100);
+        }
+        let r = recover(shared, &dir(), budget(1 << 40), |_, _| {}).unwrap();
+        let want: Vec<String> = (102..118).map(name).collect();
+        assert_eq!(spares_left(), want);
+        assert_eq!(r.writer.spares().count(), MAX_SPARES);
+    }
+
     /// A power loss anywhere in a rotation into a spare (the old footer zeroed, the
     /// cut, the new header, its sync, the rename, the directory's sync), then a
     /// recovery that takes back the spares it finds: exactly the synced records, never
@@ -659,7 +726,8 @@ mod tests {
         assert!(names.iter().all(|n| is_spare_name(n)), "{names:?}");
         // Recovery keeps, newest first, what fits in its budget (three segments
         // here) and removes the rest: the older spares and the one taken above, left
-        // unused.
+        // unused. The journal holds no segment, so the one recovery makes is written
+        // into one of the three.
         drop((taken, spares));
         let budget = JournalParams {
             spare_budget: 3 * SEGMENT,
@@ -671,16 +739,18 @@ mod tests {
         let newest: Vec<String> = (18..=20)
             .map(|n| format!("{n:020}{SPARE_SUFFIX}"))
             .collect();
-        assert_eq!(names, newest);
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.iter().all(|n| newest.contains(n)), "{names:?}");
         let mut w = r.writer;
         assert_eq!(w.active_seq(), 1);
-        assert_eq!(w.spares().count(), 3);
-        assert_eq!(w.spares().bytes(), 3 * SEGMENT);
-        // The next segment is written into one of them.
+        assert!(header_of(&w.active_file()).is_recycled());
+        assert_eq!(w.spares().count(), 2);
+        assert_eq!(w.spares().bytes(), 2 * SEGMENT);
+        // The next segment is written into another.
         fill_and_seal(&mut w);
         assert_eq!(w.active_seq(), 2);
         assert!(header_of(&w.active_file()).is_recycled());
-        assert_eq!(w.spares().count(), 2);
+        assert_eq!(w.spares().count(), 1);
         // With no budget (or the sealed segments filling it), every spare goes.
         drop(w);
         let r = recover(shared, &dir(), params(0, 0), |_, _| {}).unwrap();

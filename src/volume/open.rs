@@ -168,7 +168,13 @@ impl Machine {
             watermark_lsn: watermark.lsn,
             watermark_seq: watermark.segment_seq,
             generation: manifest.generation,
-            spare_budget: cfg.compact_min_bytes,
+            // A fenced machine (failed over, or an orphan point) takes no writes:
+            // spares would never be written again.
+            spare_budget: if manifest.fence.is_some() {
+                0
+            } else {
+                cfg.compact_min_bytes
+            },
         };
         let sizes: Vec<u64> = disks.iter().map(|d| d.size).collect();
         let mut outside: Option<Error> = None;
