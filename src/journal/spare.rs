@@ -334,6 +334,20 @@ mod tests {
         crate::format::SegmentHeader::decode(&b).unwrap()
     }
 
+    /// Fill and seal a segment and offer it as a spare, as the compactor does after
+    /// merging it: the watermark it leaves (last LSN, segment number).
+    fn merge_into_a_spare(shared: &dyn Storage, w: &mut JournalWriter) -> (u64, u64) {
+        let first = fill_and_seal(w);
+        assert!(w
+            .spares()
+            .offer(shared, &dir(), first.seq, &first.file, first.bytes, 0)
+            .unwrap());
+        let mark = (first.last_lsn, first.seq);
+        drop(first);
+        shared.sync_dir(&dir()).unwrap();
+        mark
+    }
+
     /// A journal whose active segment is a recycled file: segment 1 filled, merged
     /// (watermark) and offered as a spare, segment 2 sealed, segment 3 written into
     /// the spare. Returns the storage, the writer and the watermark.
@@ -344,21 +358,8 @@ mod tests {
         let mut w = recover(shared.clone(), &dir(), params(0, 0), |_, _| {})
             .unwrap()
             .writer;
-        let first = fill_and_seal(&mut w);
-        let mark = (first.last_lsn, first.seq);
+        let mark = merge_into_a_spare(shared.as_ref(), &mut w);
         let spares = w.spares();
-        assert!(spares
-            .offer(
-                shared.as_ref(),
-                &dir(),
-                first.seq,
-                &first.file,
-                first.bytes,
-                0
-            )
-            .unwrap());
-        drop(first);
-        shared.sync_dir(&dir()).unwrap();
         assert_eq!(
             storage.list_dir(&dir()).unwrap()[0],
             format!("{:020}.spare", 1)
@@ -512,21 +513,7 @@ mod tests {
                 let mut w = recover(shared.clone(), &dir(), with_budget((0, 0)), |_, _| {})
                     .unwrap()
                     .writer;
-                let first = fill_and_seal(&mut w);
-                let mark = (first.last_lsn, first.seq);
-                assert!(w
-                    .spares()
-                    .offer(
-                        shared.as_ref(),
-                        &dir(),
-                        first.seq,
-                        &first.file,
-                        first.bytes,
-                        0
-                    )
-                    .unwrap());
-                drop(first);
-                shared.sync_dir(&dir()).unwrap();
+                let mark = merge_into_a_spare(shared.as_ref(), &mut w);
                 // Segment 2 full, every record of it synced; its seal rotates into
                 // the spare, and the power goes at one of the syncs on the way.
                 let mut last = mark.0;
