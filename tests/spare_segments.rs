@@ -224,3 +224,48 @@ fn spares_keep_the_journal_directory_within_its_bound() {
     v.read(599 * 4096 % (1 << 20), &mut buf).expect("read");
     assert_eq!(buf, pattern(599, 4096));
 }
+
+/// A machine failed over to a newer generation takes no writes again: its spares
+/// would never be written into, so its next open removes them.
+#[test]
+fn a_failed_over_machine_keeps_no_spares_across_a_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let site_dir = tmp.path().join("site");
+    replog::Site::init(&site_dir).expect("init");
+    let site = replog::Site::open(&site_dir).expect("open site");
+    site.create_disk("vm1", "os", DISK, None).expect("disk");
+    let dir = site.machine_dir("vm1").expect("machine dir");
+    drop(site);
+    let mut model = vec![0u8; DISK as usize];
+
+    let m = open(&dir);
+    write(&m, &mut model, 0, 3 * SEGMENT, 1);
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    m.compact().expect("compact");
+    let spares = |dir: &Path| {
+        names(dir)
+            .into_iter()
+            .filter(|n| n.ends_with(".spare"))
+            .count()
+    };
+    assert_eq!(spares(&dir), 2, "{:?}", names(&dir));
+    // Control: a plain restart keeps them.
+    m.close().expect("close");
+    let m = open(&dir);
+    assert_eq!(spares(&dir), 2, "kept across a restart: {:?}", names(&dir));
+    m.persist_fence(replog::protection::Fence {
+        by_site: [7; 32],
+        generation: 2,
+        at_ns: 1,
+        reason: "failed over in a test".into(),
+    })
+    .expect("fence");
+    m.close().expect("close");
+    let m = open(&dir);
+    assert!(m.failed_over());
+    assert_eq!(spares(&dir), 0, "{:?}", names(&dir));
+    assert_eq!(m.status().spare_bytes, 0);
+    assert_reads(&m, &model, "after the fence");
+    m.close().expect("close");
+}
