@@ -35,6 +35,49 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
+/// How many spare files the journal directory of `dir` holds.
+fn spare_count(dir: &Path) -> usize {
+    names(dir).iter().filter(|n| n.ends_with(".spare")).count()
+}
+
+/// The newest segment file of the journal of `dir`.
+fn active_segment(dir: &Path) -> std::path::PathBuf {
+    let names = names(dir);
+    dir.join("journal").join(
+        names
+            .iter()
+            .rfind(|n| n.ends_with(".seg"))
+            .expect("a segment"),
+    )
+}
+
+/// A site with machine vm1 (one disk, `os`) whose journal wrote three full segments,
+/// merged: two are kept as spares (the default budget). The temporary directory, the
+/// site's and the machine's directories, the open machine and its disk's model.
+fn machine_with_two_spares() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    Machine,
+    Vec<u8>,
+) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let site_dir = tmp.path().join("site");
+    replog::Site::init(&site_dir).expect("init");
+    let site = replog::Site::open(&site_dir).expect("open site");
+    site.create_disk("vm1", "os", DISK, None).expect("disk");
+    let dir = site.machine_dir("vm1").expect("machine dir");
+    drop(site);
+    let mut model = vec![0u8; DISK as usize];
+    let m = open(&dir);
+    write(&m, &mut model, 0, 3 * SEGMENT, 1);
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    m.compact().expect("compact");
+    assert_eq!(spare_count(&dir), 2, "{:?}", names(&dir));
+    (tmp, site_dir, dir, m, model)
+}
+
 /// Write `len` bytes at `offset` of disk `os` and the model, in 60 KiB writes.
 fn write(m: &Machine, model: &mut [u8], offset: u64, len: u64, seed: u64) {
     let vol = m.volume("os").expect("volume");
@@ -62,26 +105,8 @@ fn assert_reads(m: &Machine, model: &[u8], what: &str) {
 
 #[test]
 fn a_recycled_active_segment_inspects_clean_and_reopens_with_every_write() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let site_dir = tmp.path().join("site");
-    replog::Site::init(&site_dir).expect("init");
-    let site = replog::Site::open(&site_dir).expect("open site");
-    site.create_disk("vm1", "os", DISK, None).expect("disk");
-    let dir = site.machine_dir("vm1").expect("machine dir");
-    drop(site);
-    let mut model = vec![0u8; DISK as usize];
-
-    let m = open(&dir);
-    // Three full segments, merged: two are kept as spares (the default budget).
-    write(&m, &mut model, 0, 3 * SEGMENT, 1);
-    m.flush().expect("flush");
-    m.seal().expect("seal");
-    m.compact().expect("compact");
-    let spares: Vec<String> = names(&dir)
-        .into_iter()
-        .filter(|n| n.ends_with(".spare"))
-        .collect();
-    assert_eq!(spares.len(), 2, "{:?}", names(&dir));
+    // Three full segments, merged: two are kept as spares.
+    let (_tmp, site_dir, dir, m, mut model) = machine_with_two_spares();
     // Status counts the disk they take.
     let kept = m.status().spare_bytes;
     assert!(kept > SEGMENT, "{kept}");
@@ -89,17 +114,9 @@ fn a_recycled_active_segment_inspects_clean_and_reopens_with_every_write() {
     write(&m, &mut model, SEGMENT, SEGMENT + (8 << 10), 2);
     write(&m, &mut model, 100 << 10, 40 << 10, 3);
     m.flush().expect("flush");
-    let after = names(&dir);
-    assert_eq!(
-        after.iter().filter(|n| n.ends_with(".spare")).count(),
-        1,
-        "one spare taken: {after:?}"
-    );
+    assert_eq!(spare_count(&dir), 1, "one spare taken: {:?}", names(&dir));
     assert!(m.status().spare_bytes < kept);
-    let active = dir
-        .join("journal")
-        .join(after.iter().rfind(|n| n.ends_with(".seg")).expect("seg"));
-    let bytes = std::fs::read(&active).expect("read active");
+    let bytes = std::fs::read(active_segment(&dir)).expect("read active");
     let header = replog::format::SegmentHeader::decode(&bytes).expect("header");
     assert!(
         header.is_recycled(),
@@ -132,27 +149,21 @@ fn a_recycled_active_segment_inspects_clean_and_reopens_with_every_write() {
     drop(m);
     let m = open(&dir);
     assert_reads(&m, &model, "after a crash");
-    let left: Vec<String> = names(&dir)
-        .into_iter()
-        .filter(|n| n.ends_with(".spare"))
-        .collect();
-    assert_eq!(left.len(), 1, "the spare is kept across a restart");
+    assert_eq!(spare_count(&dir), 1, "the spare is kept across a restart");
     assert!(m.status().spare_bytes > 0);
     // It goes on: writes (the next segment into that spare), a clean close and a
     // reopen.
     write(&m, &mut model, 2 << 20, SEGMENT + (44 << 10), 4);
     m.flush().expect("flush");
-    let after = names(&dir);
-    assert!(
-        !after.iter().any(|n| n.ends_with(".spare")),
-        "the spare was written into: {after:?}"
+    assert_eq!(
+        spare_count(&dir),
+        0,
+        "the spare was written into: {:?}",
+        names(&dir)
     );
-    let active = dir
-        .join("journal")
-        .join(after.iter().rfind(|n| n.ends_with(".seg")).expect("seg"));
-    let header = replog::format::SegmentHeader::decode(&std::fs::read(&active).expect("read"))
-        .expect("header");
-    assert!(header.is_recycled(), "{after:?}");
+    let bytes = std::fs::read(active_segment(&dir)).expect("read active");
+    let header = replog::format::SegmentHeader::decode(&bytes).expect("header");
+    assert!(header.is_recycled(), "{:?}", names(&dir));
     m.close().expect("close");
     let m = open(&dir);
     assert_reads(&m, &model, "after a close");
@@ -229,31 +240,16 @@ fn spares_keep_the_journal_directory_within_its_bound() {
 /// would never be written into, so its next open removes them.
 #[test]
 fn a_failed_over_machine_keeps_no_spares_across_a_restart() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let site_dir = tmp.path().join("site");
-    replog::Site::init(&site_dir).expect("init");
-    let site = replog::Site::open(&site_dir).expect("open site");
-    site.create_disk("vm1", "os", DISK, None).expect("disk");
-    let dir = site.machine_dir("vm1").expect("machine dir");
-    drop(site);
-    let mut model = vec![0u8; DISK as usize];
-
-    let m = open(&dir);
-    write(&m, &mut model, 0, 3 * SEGMENT, 1);
-    m.flush().expect("flush");
-    m.seal().expect("seal");
-    m.compact().expect("compact");
-    let spares = |dir: &Path| {
-        names(dir)
-            .into_iter()
-            .filter(|n| n.ends_with(".spare"))
-            .count()
-    };
-    assert_eq!(spares(&dir), 2, "{:?}", names(&dir));
+    let (_tmp, _site, dir, m, model) = machine_with_two_spares();
     // Control: a plain restart keeps them.
     m.close().expect("close");
     let m = open(&dir);
-    assert_eq!(spares(&dir), 2, "kept across a restart: {:?}", names(&dir));
+    assert_eq!(
+        spare_count(&dir),
+        2,
+        "kept across a restart: {:?}",
+        names(&dir)
+    );
     m.persist_fence(replog::protection::Fence {
         by_site: [7; 32],
         generation: 2,
@@ -264,7 +260,7 @@ fn a_failed_over_machine_keeps_no_spares_across_a_restart() {
     m.close().expect("close");
     let m = open(&dir);
     assert!(m.failed_over());
-    assert_eq!(spares(&dir), 0, "{:?}", names(&dir));
+    assert_eq!(spare_count(&dir), 0, "{:?}", names(&dir));
     assert_eq!(m.status().spare_bytes, 0);
     assert_reads(&m, &model, "after the fence");
     m.close().expect("close");

@@ -94,6 +94,17 @@ impl Spares {
         self.budget.store(bytes, Ordering::Relaxed);
     }
 
+    /// Whether one more spare of `len` kept bytes may join `kept`: worth keeping
+    /// (not too small), at most [`MAX_SPARES`], and the sealed segments and the
+    /// spares together within `budget`. The rule both [`Spares::offer`] and
+    /// [`Spares::adopt`] keep spares by.
+    fn admits(&self, kept: &[Spare], len: u64, sealed_bytes: u64, budget: u64) -> bool {
+        let kept_bytes: u64 = kept.iter().map(|s| s.len).sum();
+        len >= self.min_bytes
+            && kept.len() < MAX_SPARES
+            && sealed_bytes.saturating_add(kept_bytes).saturating_add(len) <= budget
+    }
+
     /// Keep the merged segment `file` of `bytes` bytes (named `<seq>.seg` in `dir`)
     /// as a spare, while `sealed_bytes` are still in the journal's sealed segments.
     /// True if it was renamed to a spare name (the caller must not remove it); false
@@ -108,16 +119,11 @@ impl Spares {
         bytes: u64,
         sealed_bytes: u64,
     ) -> Result<bool> {
-        let len = bytes.saturating_sub(FOOTER_LEN as u64) & !4095;
-        if len < self.min_bytes {
-            return Ok(false);
-        }
-        let mut spares = self.kept.lock();
-        let kept: u64 = spares.iter().map(|s| s.len).sum();
-        let fits = sealed_bytes.saturating_add(kept).saturating_add(len)
-            <= self.budget.load(Ordering::Relaxed);
+        let len = kept_len(bytes);
         let room = storage.free_bytes(dir).is_none_or(|f| f >= MIN_FREE_BYTES);
-        if spares.len() >= MAX_SPARES || !fits || !room {
+        let mut spares = self.kept.lock();
+        let budget = self.budget.load(Ordering::Relaxed);
+        if !room || !self.admits(&spares, len, sealed_bytes, budget) {
             return Ok(false);
         }
         let path = dir.join(format!("{seq:020}{SPARE_SUFFIX}"));
@@ -133,14 +139,13 @@ impl Spares {
     }
 
     /// Take back the spare files an earlier run left in `dir` (`paths`, from
-    /// [`leftovers`]), newest first, as [`Spares::offer`] keeps them: while
-    /// `sealed_bytes` of sealed segments and the spares fit in `budget`, at most
-    /// [`MAX_SPARES`], none smaller than the least worth keeping, and only while the
-    /// file system has [`MIN_FREE_BYTES`] free. The rest are removed; returns how
+    /// [`leftovers`]), newest first, by the rule [`Spares::offer`] keeps them by
+    /// (`admits`, with `sealed_bytes` of sealed segments and `budget`), and only while
+    /// the file system has [`MIN_FREE_BYTES`] free. The rest are removed; returns how
     /// many, and the caller syncs `dir` if any were.
     ///
     /// Whatever state a crash left a spare in (its old footer, cut or not, a new
-    /// header written but not yet renamed: see [`reuse`]), it is only ever written
+    /// header written but not yet renamed: see `reuse`), it is only ever written
     /// again the way `reuse` writes one: cut to a 4 KiB multiple before its last
     /// footer's bytes, its new last 4 KiB zeroed, a fresh salt chosen after all of
     /// it was written. So its contents never matter, only that they are written blocks.
@@ -166,10 +171,8 @@ impl Spares {
                 removed += 1;
                 continue;
             };
-            let len = flen.saturating_sub(FOOTER_LEN as u64) & !4095;
-            let kept: u64 = spares.iter().map(|s| s.len).sum();
-            let fits = sealed_bytes.saturating_add(kept).saturating_add(len) <= budget;
-            if room && fits && len >= self.min_bytes && spares.len() < MAX_SPARES {
+            let len = kept_len(flen);
+            if room && self.admits(&spares, len, sealed_bytes, budget) {
                 spares.push(Spare { file, path, len });
             } else {
                 drop(file);
@@ -202,6 +205,12 @@ impl Spares {
     pub fn bytes(&self) -> u64 {
         self.kept.lock().iter().map(|s| s.len).sum()
     }
+}
+
+/// The bytes of a spare file of `bytes` bytes that reuse keeps: up to the 4 KiB
+/// boundary before its last footer's bytes (see [`Spare::len`]).
+fn kept_len(bytes: u64) -> u64 {
+    bytes.saturating_sub(FOOTER_LEN as u64) & !4095
 }
 
 /// The spare files an earlier run left in `dir`, oldest first.
@@ -371,23 +380,26 @@ mod tests {
         (storage, w, mark)
     }
 
-    /// Recover the journal after the watermark `mark`: the LSNs of the records it
-    /// read (each payload checked), and what it found.
+    /// DropAll, KeepAll and `Tear(1)` to `Tear(tears - 1)`: the power losses the
+    /// crash tests go through.
+    fn crash_modes(tears: u64) -> impl Iterator<Item = CrashMode> {
+        [CrashMode::DropAll, CrashMode::KeepAll]
+            .into_iter()
+            .chain((1..tears).map(CrashMode::Tear))
+    }
+
+    /// Recover the journal with `params` (after its watermark): the LSNs of the
+    /// records it read (each payload checked), and what it found.
     fn recover_lsns(
         storage: &FaultyStorage,
-        mark: (u64, u64),
+        params: JournalParams,
         mode: CrashMode,
     ) -> (Vec<u64>, crate::journal::Recovered) {
         let mut seen = Vec::new();
-        let r = recover(
-            Arc::new(storage.clone()),
-            &dir(),
-            params(mark.0, mark.1),
-            |_, rec| {
-                assert_eq!(rec.payload, &payload(rec.header.lsn)[..], "{mode:?}");
-                seen.push(rec.header.lsn);
-            },
-        )
+        let r = recover(Arc::new(storage.clone()), &dir(), params, |_, rec| {
+            assert_eq!(rec.payload, &payload(rec.header.lsn)[..], "{mode:?}");
+            seen.push(rec.header.lsn);
+        })
         .unwrap();
         (seen, r)
     }
@@ -406,10 +418,7 @@ mod tests {
     /// by the seal's first sync, and never one of the earlier segment's.
     #[test]
     fn a_power_loss_in_a_recycled_segments_seal_keeps_exactly_its_records() {
-        let modes = [CrashMode::DropAll, CrashMode::KeepAll]
-            .into_iter()
-            .chain((1..40).map(CrashMode::Tear));
-        for mode in modes {
+        for mode in crash_modes(40) {
             let (storage, mut w, (mark_lsn, mark_seq)) = recycled_journal();
             let last = (0..3).map(|_| append(&mut w)).last().unwrap();
             // The seal's first sync goes through; the one after the cut and the
@@ -419,7 +428,7 @@ mod tests {
             drop(w);
             storage.crash(mode);
 
-            let (seen, r) = recover_lsns(&storage, (mark_lsn, mark_seq), mode);
+            let (seen, r) = recover_lsns(&storage, params(mark_lsn, mark_seq), mode);
             let first = mark_lsn + 1;
             assert_eq!(
                 seen,
@@ -496,10 +505,7 @@ mod tests {
     /// and recovers exactly again after another power loss.
     #[test]
     fn a_power_loss_while_reusing_a_spare_then_adopting_it_keeps_exactly_the_records() {
-        let modes: Vec<CrashMode> = [CrashMode::DropAll, CrashMode::KeepAll]
-            .into_iter()
-            .chain((1..20).map(CrashMode::Tear))
-            .collect();
+        let modes: Vec<CrashMode> = crash_modes(20).collect();
         let with_budget = |mark: (u64, u64)| JournalParams {
             spare_budget: 8 * SEGMENT,
             ..params(mark.0, mark.1)
@@ -526,21 +532,7 @@ mod tests {
                 drop(w);
                 storage.crash(mode);
 
-                let recover_all = |mark: (u64, u64)| {
-                    let mut seen = Vec::new();
-                    let r = recover(
-                        Arc::new(storage.clone()) as Arc<dyn Storage>,
-                        &dir(),
-                        with_budget(mark),
-                        |_, rec| {
-                            assert_eq!(rec.payload, &payload(rec.header.lsn)[..], "{mode:?}");
-                            seen.push(rec.header.lsn);
-                        },
-                    )
-                    .unwrap();
-                    (seen, r)
-                };
-                let (seen, r) = recover_all(mark);
+                let (seen, r) = recover_lsns(&storage, with_budget(mark), mode);
                 let want: Vec<u64> = (mark.0 + 1..=last).collect();
                 assert_eq!(seen, want, "{fail_at} {mode:?}: {:?}", r.repairs);
                 adopted += r.writer.spares().count();
@@ -556,7 +548,7 @@ mod tests {
                 w.active_file().sync_data().unwrap();
                 drop(w);
                 storage.crash(mode);
-                let (seen, r) = recover_all(mark);
+                let (seen, r) = recover_lsns(&storage, with_budget(mark), mode);
                 let want: Vec<u64> = (mark.0 + 1..=last).collect();
                 assert_eq!(seen, want, "{fail_at} {mode:?}, again: {:?}", r.repairs);
                 assert!(r.damaged.is_empty(), "{fail_at} {mode:?}");
@@ -568,10 +560,7 @@ mod tests {
 
     #[test]
     fn a_recycled_segment_recovers_exactly_its_records_after_any_crash() {
-        let modes = [CrashMode::DropAll, CrashMode::KeepAll]
-            .into_iter()
-            .chain((1..40).map(CrashMode::Tear));
-        for mode in modes {
+        for mode in crash_modes(40) {
             let (storage, mut w, (mark_lsn, mark_seq)) = recycled_journal();
             let file = w.active_file();
             let header = crate::format::SegmentHeader::decode(&{
@@ -592,7 +581,7 @@ mod tests {
             drop((w, file));
             storage.crash(mode);
 
-            let (seen, r) = recover_lsns(&storage, (mark_lsn, mark_seq), mode);
+            let (seen, r) = recover_lsns(&storage, params(mark_lsn, mark_seq), mode);
             // Segment 2's record, then a prefix of segment 3's that holds every
             // synced one: never an earlier segment's record.
             let first = mark_lsn + 1;

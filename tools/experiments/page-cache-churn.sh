@@ -12,28 +12,18 @@
 set -eu
 R=${R:-$PWD/target/release/replog}
 D=${DIR:-/tmp/churn}
-stop() { pkill -f "replog serve $D/site" || true; sleep 1; umount "$D/mnt" 2>/dev/null || true; }
-stop; rm -rf "$D"; mkdir -p "$D/mnt"
-"$R" init "$D/site" >/dev/null
-"$R" disk create "$D/site" vm1/bench --size $((2 << 30)) >/dev/null
+. "$(dirname "$0")/common.sh"
+stop_serve; rm -rf "$D"; mkdir -p "$D/mnt"
+make_site
 truncate -s 2G "$D/plain.img"
-REPLOG_LOG=warn "$R" serve "$D/site" --mount "$D/mnt" 2>"$D/serve.log" &
-for _ in $(seq 100); do [ -e "$D/mnt/vm1/bench.img" ] && break; sleep 0.1; done
+start_serve
 fiojob() {
   fio --name=b --filename="$1" --rw=write --bs=1M --size=1G --direct=1 --ioengine=psync \
     --end_fsync=1 --output-format=json |
     python3 -c 'import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["write"]["bw_bytes"]/1e6))'
 }
-merged() {
-  for _ in $(seq 600); do
-    j=$("$R" status "$D/site" --json |
-      python3 -c 'import json,sys; print(json.load(sys.stdin)["machines"][0]["journal_bytes"])')
-    [ "$j" -le $((64 << 20)) ] && return
-    sleep 0.1
-  done
-}
 round() {
-  merged
+  wait_merged
   p=$(fiojob "$D/plain.img"); v=$(fiojob "$D/mnt/vm1/bench.img")
   echo "$1: plain $p MB/s, replog $v MB/s, ratio $(python3 -c "print(round($v/$p, 2))")"
 }
@@ -55,4 +45,4 @@ cat "$D"/churn/* >/dev/null
 round "churned, read back"; round "churned, read back"
 rm -rf "$D/churn"; sync
 round removed; round removed
-stop; rm -rf "$D"
+stop_serve; rm -rf "$D"

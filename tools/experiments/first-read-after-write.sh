@@ -1,0 +1,30 @@
+#!/bin/bash
+# Sequential 1 MiB reads at depth 16 (libaio, O_DIRECT, caches dropped before each)
+# after a 1 GiB write through the mount, merged (docs/FUSE.md, "Sequential reads at
+# depth 16, round by round"): two rounds reading the machine's parent image directly,
+# then two through the mount, each beside the same read of a plain file. Run as root
+# from the project's root after `cargo build --release --bins`; uses DIR (default
+# /tmp/first-read), removed at the end.
+set -eu
+R=${REPLOG:-$PWD/target/release/replog}
+D=${DIR:-/tmp/first-read}
+. "$(dirname "$0")/common.sh"
+stop_serve; rm -rf "$D"; mkdir -p "$D/mnt"
+make_site
+truncate -s 2G "$D/plain.img"
+start_serve
+for f in "$D/plain.img" "$D/mnt/vm1/bench.img"; do
+  fio --name=w --filename="$f" --rw=write --bs=1M --size=1G --direct=1 --ioengine=libaio \
+    --iodepth=4 --end_fsync=1 >/dev/null
+done
+wait_merged
+read16() {
+  sync; echo 3 >/proc/sys/vm/drop_caches
+  fio --name=r --filename="$1" --rw=read --bs=1M --size=1G --direct=1 --ioengine=libaio \
+    --iodepth=16 --readonly --output-format=json |
+    python3 -c 'import json,sys; r=json.load(sys.stdin)["jobs"][0]["read"]; p=r["clat_ns"]["percentile"]; print("%.0f MB/s (median %.0f us, p99 %.0f us)" % (r["bw_bytes"]/1e6, p["50.000000"]/1e3, p["99.000000"]/1e3))'
+}
+parent="$D/site/machines/vm1/disks/bench.img"
+for r in 1 2; do echo "round $r: plain $(read16 "$D/plain.img"); parent read directly $(read16 "$parent")"; done
+for r in 3 4; do echo "round $r: plain $(read16 "$D/plain.img"); through the mount $(read16 "$D/mnt/vm1/bench.img")"; done
+stop_serve; rm -rf "$D"
