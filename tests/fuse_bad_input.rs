@@ -134,4 +134,27 @@ fn serve_refuses_bad_sites_and_mount_points() {
         .expect("serve");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
+
+    // A live replog mount, at a path the kernel lists with an escape (a space is
+    // `\040` in /proc/self/mountinfo): another serve onto it is refused, and the
+    // first mount keeps serving.
+    let spaced = tmp.path().join("my mnt");
+    let served = Served::start(&site, &spaced, &[]);
+    write_at(&served.disk("os"), 0, b"first");
+    let other_root = tmp.path().join("other");
+    std::fs::create_dir(&other_root).expect("mkdir");
+    let other = make_site(&other_root, &[("os", "1M")]);
+    let out = replog()
+        .arg("serve")
+        .arg(&other)
+        .arg("--mount")
+        .arg(&spaced)
+        .output()
+        .expect("serve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("already a live replog mount"), "{err}");
+    let head = std::fs::read(served.disk("os")).expect("read");
+    assert_eq!(head.get(..5), Some(&b"first"[..]));
+    assert!(served.stop().success());
 }

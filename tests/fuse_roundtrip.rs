@@ -38,6 +38,16 @@ impl Drop for Aligned {
     }
 }
 
+/// `path` opened for reading and writing with O_DIRECT.
+fn open_direct(path: &std::path::Path) -> std::fs::File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .expect("open O_DIRECT")
+}
+
 fn seek(fd: i32, off: i64, whence: i32) -> Result<i64, i32> {
     // SAFETY: lseek on an open descriptor.
     let r = unsafe { libc::lseek(fd, off, whence) };
@@ -140,12 +150,7 @@ fn round_trip(serve_args: &[&str]) {
     f.sync_data().expect("fdatasync");
 
     // O_DIRECT 4 KiB I/O.
-    let d = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&path)
-        .expect("open O_DIRECT");
+    let d = open_direct(&path);
     let mut ab = Aligned::new(4096);
     for k in 0..64usize {
         let off = (k * 7919 % 4096) * 4096;
@@ -182,4 +187,142 @@ fn round_trip(serve_args: &[&str]) {
 
     // And `replog inspect` finds every checksum good.
     run_ok(replog().arg("inspect").arg(&site));
+}
+
+/// Pages of `path` in the page cache (mincore over a mapping of it).
+fn resident_pages(path: &std::path::Path) -> usize {
+    let f = std::fs::File::open(path).expect("open parent");
+    let len = f.metadata().expect("stat").len() as usize;
+    // SAFETY: a read-only shared mapping of an open file, unmapped below; mincore
+    // fills one byte per page of it.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "mmap");
+        let mut vec = vec![0u8; len.div_ceil(4096)];
+        let rc = libc::mincore(p, len, vec.as_mut_ptr());
+        libc::munmap(p, len);
+        assert_eq!(rc, 0, "mincore");
+        vec.iter().filter(|b| **b & 1 != 0).count()
+    }
+}
+
+/// `serve --direct-reads`: an O_DIRECT reader gets what was merged into the parent
+/// (read with O_DIRECT, so none of it comes into the page cache) and what is still in
+/// the journal, aligned or not; a buffered reader gets the same through the page
+/// cache.
+#[test]
+fn direct_reads_return_the_parent_and_the_journal_without_caching_the_parent() {
+    if !fuse_available("direct_reads_return_the_parent_and_the_journal_without_caching_the_parent")
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let site = make_site(tmp.path(), &[("os", "32M")]);
+    edit_config(&site, |c| {
+        c.journal.segment_bytes = 1 << 20;
+        c.journal.compact_min_bytes = 2 << 20;
+        c.journal.compact_interval_ms = 50;
+        c.journal.compact_idle_ms = 100;
+    });
+    let served = Served::start(&site, &tmp.path().join("mnt"), &["--direct-reads"]);
+    let path = served.disk("os");
+    let mut model = vec![0u8; SIZE];
+    let d = open_direct(&path);
+    // 24 MiB in 1 MiB direct writes, then merged into the parent.
+    let mut ab = Aligned::new(1 << 20);
+    for k in 0..24usize {
+        let data = pattern(2000 + k as u64, 1 << 20);
+        ab.buf().copy_from_slice(&data);
+        d.write_all_at(ab.buf(), (k << 20) as u64).expect("write");
+        model[k << 20..(k + 1) << 20].copy_from_slice(&data);
+    }
+    d.sync_all().expect("fsync");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while status(&site)["machines"][0]["journal_bytes"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+        > 1 << 20
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the journal was not merged"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Newer, unaligned writes on top, left in the journal.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open");
+    for (i, (off, len)) in [
+        (4095usize, 10_000usize),
+        (3 << 20, 1),
+        ((20 << 20) + 7, 70_000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let data = pattern(3000 + i as u64, len);
+        f.write_all_at(&data, off as u64).expect("write");
+        model[off..off + len].copy_from_slice(&data);
+    }
+    f.sync_data().expect("fdatasync");
+    let parent = site.join("machines/vm1/disks/os.img");
+    {
+        let p = std::fs::File::open(&parent).expect("open parent");
+        // SAFETY: posix_fadvise on an open descriptor with integer arguments.
+        let rc = unsafe { libc::posix_fadvise(p.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+    }
+    assert_eq!(
+        resident_pages(&parent),
+        0,
+        "the parent's pages were not dropped"
+    );
+    // Every MiB, direct.
+    for k in 0..SIZE >> 20 {
+        d.read_exact_at(ab.buf(), (k << 20) as u64)
+            .expect("O_DIRECT read");
+        assert!(
+            ab.buf() == &model[k << 20..(k + 1) << 20],
+            "O_DIRECT read of MiB {k} differs"
+        );
+    }
+    // Unaligned direct reads, across journal and parent pieces.
+    for (off, len) in [
+        (4000usize, 20_000usize),
+        (12_345, 4096),
+        ((20 << 20) + 1, 100_000),
+    ] {
+        let b = &mut ab.buf()[..len];
+        d.read_exact_at(b, off as u64)
+            .expect("unaligned O_DIRECT read");
+        assert!(
+            *b == model[off..off + len],
+            "O_DIRECT read {off}+{len} differs"
+        );
+    }
+    let cached = resident_pages(&parent);
+    assert!(
+        cached < 16,
+        "direct reads brought {cached} pages of the parent into the page cache"
+    );
+    // A buffered reader sees the same, through the page cache.
+    let mut all = vec![0u8; SIZE];
+    f.read_exact_at(&mut all, 0).expect("read all");
+    assert!(all == model, "buffered read differs from the model");
+    assert!(
+        resident_pages(&parent) > 1000,
+        "buffered reads did not use the page cache"
+    );
+    drop((d, f));
+    assert!(served.stop().success());
 }

@@ -169,7 +169,7 @@ impl Drop for Sites {
             s.stop();
         }
         // The dead mounts of serves a test killed.
-        sweep_mounts(self.tmp.path());
+        replog::frontend::detach_replog_mounts_under(self.tmp.path());
     }
 }
 

@@ -222,20 +222,10 @@ impl Drop for WorkDir {
         }
         // A serve that did not unmount would keep its mount, and everything under it,
         // from being removed.
-        detach_mounts_under(&self.path);
+        replog::frontend::detach_replog_mounts_under(&self.path);
         let _ = fs::remove_dir_all(&self.path);
         if let Some(p) = &self.parent {
             let _ = fs::remove_dir(p);
-        }
-    }
-}
-
-/// Detach every mount the kernel lists under `dir`.
-fn detach_mounts_under(dir: &Path) {
-    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
-    for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
-        if Path::new(m).starts_with(dir) {
-            let _ = replog::frontend::detach(Path::new(m));
         }
     }
 }
@@ -258,7 +248,7 @@ fn remove_dead_runs(root: &Path) {
             continue;
         }
         let dir = entry.path();
-        detach_mounts_under(&dir);
+        replog::frontend::detach_replog_mounts_under(&dir);
         match fs::remove_dir_all(&dir) {
             Ok(()) => progress(&format!("removed {} (its run is gone)", dir.display())),
             Err(e) => progress(&format!("could not remove {}: {e}", dir.display())),

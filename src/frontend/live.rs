@@ -31,6 +31,12 @@ pub struct FrontendOptions {
     pub direct_io: bool,
     /// Let the kernel send parallel direct writes to one file.
     pub parallel_direct_writes: bool,
+    /// Read the parent image around the page cache (O_DIRECT, where aligned) for
+    /// openers that asked for O_DIRECT, and read nothing ahead for them: no double
+    /// caching of a guest that caches for itself, no page-cache memory taken per read.
+    /// Off: every read goes through the page cache, with readahead for sequential
+    /// readers (faster at depth 1 and for re-read data; see docs/FUSE.md).
+    pub direct_reads: bool,
     /// Hand writes to this many worker threads, which append and reply, so the
     /// session thread goes back to reading the next request at once (0: the session
     /// thread appends and replies itself). Costs a copy of the data.
@@ -49,6 +55,7 @@ impl Default for FrontendOptions {
             async_dio: true,
             direct_io: false,
             parallel_direct_writes: true,
+            direct_reads: false,
             write_workers: 0,
             max_background: 12,
         }
@@ -448,7 +455,7 @@ impl Filesystem for LiveFs {
         fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
@@ -471,13 +478,24 @@ impl Filesystem for LiveFs {
         }
         READ_BUF.with_borrow_mut(|scratch| {
             let buf = page_aligned(scratch, len);
-            match vol.read(offset, buf) {
+            // With --direct-reads, an O_DIRECT opener (a VM with cache=none, a
+            // database) reads the parent around the page cache, as it would a plain
+            // file, and nothing is read ahead for it.
+            let direct = self.opts.direct_reads && flags.0 & libc::O_DIRECT != 0;
+            let read = if direct {
+                vol.read_direct(offset, buf)
+            } else {
+                vol.read(offset, buf)
+            };
+            match read {
                 Ok(()) => {
                     reply.data(buf);
                     // After replying: a sequential reader's next request finds its data
                     // on its way into the page cache.
                     if let Some((at, n)) = self.seq_reads.record(ino.0, offset, len as u64) {
-                        let _ = vol.prefetch(at, n);
+                        if !direct {
+                            let _ = vol.prefetch(at, n);
+                        }
                     }
                 }
                 Err(e) => {

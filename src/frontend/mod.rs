@@ -14,7 +14,7 @@ pub use live::{FrontendOptions, LiveFs};
 pub use tree::Tree;
 
 use crate::error::{Error, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Prepare a mount point: create it if missing; detect a dead mount left behind by a
 /// killed `serve` (stat fails with ENOTCONN, or the kernel still lists a replog mount
@@ -78,25 +78,69 @@ pub fn is_live_replog_mount(dir: &Path) -> bool {
 
 /// True if the kernel lists a replog FUSE mount at `dir`.
 pub fn is_replog_mount(dir: &Path) -> bool {
-    let Ok(canon) = dir
-        .canonicalize()
-        .or_else(|_| Ok::<_, ()>(dir.to_path_buf()))
-    else {
-        return false;
-    };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    info.lines().any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        // mountinfo: id parent dev root MOUNTPOINT opts ... - FSTYPE SOURCE superopts
-        let sep = f.iter().position(|x| *x == "-");
-        let fstype = sep.and_then(|i| f.get(i + 1)).copied().unwrap_or("");
-        let source = sep.and_then(|i| f.get(i + 2)).copied().unwrap_or("");
-        f.get(4).map(|p| Path::new(p) == canon).unwrap_or(false)
-            && fstype.starts_with("fuse")
-            && source.starts_with("replog:")
-    })
+    let canon = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    replog_mounts().contains(&canon)
+}
+
+/// Every replog FUSE mount the kernel lists for this process, from
+/// `/proc/self/mountinfo` (empty if it cannot be read).
+pub fn replog_mounts() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| parse_replog_mounts(&info))
+        .unwrap_or_default()
+}
+
+/// The replog mount points in `mountinfo` text: lines `id parent dev root MOUNTPOINT
+/// opts ... - FSTYPE SOURCE superopts`, with FSTYPE `fuse*` and SOURCE `replog:*`. The
+/// kernel writes a space, tab, newline or backslash in a path as an octal escape
+/// (`\040`), undone here.
+fn parse_replog_mounts(info: &str) -> Vec<PathBuf> {
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            let fstype = f.get(sep + 1)?;
+            let source = f.get(sep + 2)?;
+            (fstype.starts_with("fuse") && source.starts_with("replog:"))
+                .then(|| f.get(4).map(|p| unescape_mount_path(p)))
+                .flatten()
+        })
+        .collect()
+}
+
+/// Undo the kernel's octal escapes (`\ooo`) in a path from `/proc/*/mountinfo`.
+fn unescape_mount_path(text: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let b = text.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        let code = b
+            .get(i + 1..i + 4)
+            .filter(|d| c == b'\\' && d.iter().all(|x| (b'0'..=b'7').contains(x)))
+            .and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
+        match code {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// Detach (lazily) every replog mount under `dir`, as left by a serve that was
+/// killed; errors are ignored (best effort, for clean-ups).
+pub fn detach_replog_mounts_under(dir: &Path) {
+    for m in replog_mounts() {
+        if m.starts_with(dir) {
+            let _ = detach(&m);
+        }
+    }
 }
 
 /// Lazily unmount `dir` (MNT_DETACH): works even while files on it are open.
@@ -114,4 +158,30 @@ pub fn detach(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped_and_only_replog_fuse_mounts_listed() {
+        let info = "\
+36 25 0:32 / /srv/my\\040vms/mnt rw,nosuid - fuse replog:site rw,user_id=0
+37 25 0:33 / /srv/tab\\011and\\134back rw - fuse.replog replog:other rw
+38 25 0:34 / /srv/plain rw - fuse sshfs:host rw
+39 25 8:1 / /srv/ext4 rw shared:1 - ext4 /dev/vda1 rw
+40 25 0:35 / /srv/odd\\9x\\0 rw - fuse replog:x rw
+41 25 0:36 / /srv/short
+";
+        assert_eq!(
+            parse_replog_mounts(info),
+            vec![
+                PathBuf::from("/srv/my vms/mnt"),
+                PathBuf::from("/srv/tab\tand\\back"),
+                PathBuf::from("/srv/odd\\9x\\0"),
+            ]
+        );
+    }
 }

@@ -93,6 +93,14 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     fn path(&self) -> &Path;
     /// Read up to `buf.len()` bytes at `offset`; fewer only at end of file.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize>;
+    /// [`StorageFile::read_at`] around the page cache where the file system allows it
+    /// (`FileStorage`: O_DIRECT, through an aligned buffer of its own when `buf` or
+    /// the range is not 4 KiB-aligned), for a reader that asked for uncached I/O:
+    /// nothing is read ahead or kept, and no page-cache memory is taken for data the
+    /// reader caches itself.
+    fn read_direct(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        self.read_at(buf, offset)
+    }
     /// Write all of `bufs`, one after the other, starting at `offset`.
     fn write_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()>;
     /// Write `data` at `offset` as [`StorageFile::write_at`] does, for a large write

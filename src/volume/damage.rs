@@ -416,7 +416,7 @@ impl Machine {
         for (disk, at, len) in &written {
             let mut buf = vec![0u8; *len as usize];
             inner
-                .read(*disk, *at, &mut buf)
+                .read(*disk, *at, &mut buf, false)
                 .and_then(|()| inner.update_digest(*disk, RecordKind::Write, *at, *len, &buf))
                 .map_err(|e| inner.poison(&e))?;
         }

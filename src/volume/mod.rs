@@ -739,7 +739,15 @@ impl Volume {
 
     /// Read at any offset and length inside the disk.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read(self.disk, offset, buf)
+        self.inner.read(self.disk, offset, buf, false)
+    }
+
+    /// [`read`](Self::read) for a reader that asked for uncached I/O (an O_DIRECT
+    /// open): what the parent image answers is read around the page cache where the
+    /// buffer and range are 4 KiB-aligned, as a plain file opened O_DIRECT would be.
+    /// The journal's recent writes are read as always (they are in memory already).
+    pub fn read_direct(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read(self.disk, offset, buf, true)
     }
 
     /// Hint that `offset..offset+len` will be read soon (sequential readers).

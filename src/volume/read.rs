@@ -132,8 +132,9 @@ impl MachineInner {
         Ok(())
     }
 
-    /// Read `buf.len()` bytes at `offset` of disk `disk`.
-    pub(super) fn read(&self, disk: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// Read `buf.len()` bytes at `offset` of disk `disk`; with `direct`, what the
+    /// parent answers is read around the page cache (see `StorageFile::read_direct`).
+    pub(super) fn read(&self, disk: u32, offset: u64, buf: &mut [u8], direct: bool) -> Result<()> {
         let d = self.disk(disk)?;
         self.check_range(d, "read", offset, buf.len() as u64)?;
         let (pieces, files) = self.resolve(disk, offset, buf.len() as u64)?;
@@ -151,7 +152,11 @@ impl MachineInner {
                     }
                 }
                 None => {
-                    let n = d.parent().read_at(dst, p.start)?;
+                    let n = if direct {
+                        d.parent().read_direct(dst, p.start)?
+                    } else {
+                        d.parent().read_at(dst, p.start)?
+                    };
                     if let Some(rest) = dst.get_mut(n..) {
                         rest.fill(0);
                     }

@@ -101,7 +101,7 @@ impl MachineInner {
         let Some(d) = g.as_mut().and_then(|v| v.get_mut(disk as usize)) else {
             return Ok(());
         };
-        let mut read = |at: u64, buf: &mut [u8]| self.read(disk, at, buf);
+        let mut read = |at: u64, buf: &mut [u8]| self.read(disk, at, buf, false);
         match kind {
             RecordKind::Write => d.write(offset, data, &mut read),
             _ => d.zero(offset, len, &mut read),
@@ -168,7 +168,7 @@ impl MachineInner {
                 while at < stop {
                     let n = step.min(stop - at) as usize;
                     let b = buf.get_mut(..n).unwrap_or(&mut []);
-                    self.read(id, at, b)?;
+                    self.read(id, at, b, false)?;
                     for (k, blk) in b.chunks(crate::digest::BLOCK as usize).enumerate() {
                         dd.set(at / crate::digest::BLOCK + k as u64, crc32c::crc32c(blk));
                     }

@@ -518,22 +518,6 @@ pub struct MountSweep(pub PathBuf);
 
 impl Drop for MountSweep {
     fn drop(&mut self) {
-        sweep_mounts(&self.0);
-    }
-}
-
-/// Detach every replog mount under `dir`.
-pub fn sweep_mounts(dir: &Path) {
-    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
-        return;
-    };
-    for line in mounts.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(src), Some(mnt)) = (f.next(), f.next()) else {
-            continue;
-        };
-        if src.starts_with("replog:") && Path::new(mnt).starts_with(dir) {
-            let _ = replog::frontend::detach(Path::new(mnt));
-        }
+        replog::frontend::detach_replog_mounts_under(&self.0);
     }
 }

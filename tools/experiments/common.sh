@@ -8,9 +8,10 @@ make_site() {
   "$R" disk create "$D/site" vm1/bench --size $((2 << 30)) >/dev/null
 }
 
-# Serve the site (its log appended to $D/serve.log) until the disk is mounted.
+# Serve the site (its log appended to $D/serve.log) until the disk is mounted; any
+# arguments are passed to serve.
 start_serve() {
-  REPLOG_LOG=warn "$R" serve "$D/site" --mount "$D/mnt" 2>>"$D/serve.log" &
+  REPLOG_LOG=warn "$R" serve "$D/site" --mount "$D/mnt" "$@" 2>>"$D/serve.log" &
   for _ in $(seq 100); do [ -e "$D/mnt/vm1/bench.img" ] && break; sleep 0.1; done
 }
 

@@ -1,0 +1,58 @@
+#!/bin/bash
+# The slow first read at depth 16 and serve --direct-reads (docs/FUSE.md, "The slow
+# first read, explained"): for each variant (serve's default, then --direct-reads), a
+# 1 GiB write through the mount and one to a plain file, merged, then two rounds of
+# 1 MiB reads at depth 16 (libaio, O_DIRECT, caches dropped before each), the plain
+# file beside the mount. Each read prints fio's figures, the disk's requests
+# (/proc/diskstats), the machine's system and steal time (/proc/stat) and serve's own
+# system time, in seconds. Run as root from the project's root after
+# `cargo build --release --bins`; uses DIR (default /tmp/direct-reads), removed at the
+# end.
+set -eu
+R=${REPLOG:-$PWD/target/release/replog}
+D=${DIR:-/tmp/direct-reads}
+. "$(dirname "$0")/common.sh"
+dev=$(lsblk -no PKNAME "$(findmnt -no SOURCE -T "${D%/*}")" 2>/dev/null || true)
+dev=${dev:-vda}
+hz=$(getconf CLK_TCK)
+# reads, sectors read, ms reading; system, steal ticks; serve's stime ticks
+counters() {
+  awk -v d="$dev" '$3==d {printf "%s %s %s ", $4, $6, $7}' /proc/diskstats
+  awk '/^cpu /{printf "%s %s ", $4, $9}' /proc/stat
+  awk '{print $15}' "/proc/$(pgrep -f "serve $D/site" | head -1)/stat"
+}
+read16() {
+  sync; echo 3 >/proc/sys/vm/drop_caches
+  local a b fio
+  a=$(counters)
+  fio=$(fio --name=r --filename="$1" --rw=read --bs=1M --size=1G --direct=1 \
+    --ioengine=libaio --iodepth=16 --readonly --output-format=json |
+    python3 -c 'import json,sys; r=json.load(sys.stdin)["jobs"][0]["read"]; p=r["clat_ns"]["percentile"]; print("%.0f MB/s (median %.1f ms, p99 %.1f ms)" % (r["bw_bytes"]/1e6, p["50.000000"]/1e6, p["99.000000"]/1e6))')
+  b=$(counters)
+  python3 - "$a" "$b" "$fio" "$hz" <<'PY'
+import sys
+a, b = (list(map(int, x.split())) for x in sys.argv[1:3])
+d = [y - x for x, y in zip(a, b)]
+hz = int(sys.argv[4])
+print(f"{sys.argv[3]}; disk {d[0]} reads of {d[1] * 512 / max(d[0], 1) / 1024:.0f} KiB, "
+      f"{d[2] / max(d[0], 1):.1f} ms each; system {d[3] / hz:.2f} s, steal {d[4] / hz:.2f} s, "
+      f"serve's system time {d[5] / hz:.2f} s")
+PY
+}
+for variant in default --direct-reads; do
+  stop_serve; rm -rf "$D"; mkdir -p "$D/mnt"
+  make_site
+  truncate -s 2G "$D/plain.img"
+  if [ "$variant" = default ]; then start_serve; else start_serve "$variant"; fi
+  for f in "$D/plain.img" "$D/mnt/vm1/bench.img"; do
+    fio --name=w --filename="$f" --rw=write --bs=1M --size=1G --direct=1 \
+      --ioengine=libaio --iodepth=4 --end_fsync=1 >/dev/null
+  done
+  wait_merged
+  echo "serve $variant:"
+  for r in 1 2; do
+    echo "  round $r plain: $(read16 "$D/plain.img")"
+    echo "  round $r mount: $(read16 "$D/mnt/vm1/bench.img")"
+  done
+done
+stop_serve; rm -rf "$D"
