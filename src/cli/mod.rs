@@ -133,11 +133,11 @@ pub enum Command {
         #[arg(long)]
         direct_io: bool,
         /// O_DIRECT openers (a VM with cache=none, fio direct=1) read the parent image
-        /// with O_DIRECT too, where aligned, and get no readahead: no double caching
-        /// and no page-cache memory taken per read (steadier on hosts that take freed
-        /// memory back, e.g. balloon free page reporting); slower for one sequential
-        /// reader at a time and for data read again. Recent writes are read from the
-        /// journal as always.
+        /// with O_DIRECT too (through an aligned buffer where their request is not
+        /// aligned) and get no readahead: no double caching and no page-cache memory
+        /// taken per read (steadier on hosts that take freed memory back, e.g. balloon
+        /// free page reporting); slower for one sequential reader at a time and for
+        /// data read again. Data still in the journal is read through the page cache.
         #[arg(long)]
         direct_reads: bool,
         /// Largest FUSE write request in bytes.

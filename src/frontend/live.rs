@@ -31,9 +31,10 @@ pub struct FrontendOptions {
     pub direct_io: bool,
     /// Let the kernel send parallel direct writes to one file.
     pub parallel_direct_writes: bool,
-    /// Read the parent image around the page cache (O_DIRECT, where aligned) for
-    /// openers that asked for O_DIRECT, and read nothing ahead for them: no double
-    /// caching of a guest that caches for itself, no page-cache memory taken per read.
+    /// Read the parent image around the page cache (O_DIRECT) for openers that asked
+    /// for O_DIRECT, and read nothing ahead for them: no double caching of a guest
+    /// that caches for itself, no page-cache memory taken per read (data still in the
+    /// journal is read through the page cache).
     /// Off: every read goes through the page cache, with readahead for sequential
     /// readers (faster at depth 1 and for re-read data; see docs/FUSE.md).
     pub direct_reads: bool,
@@ -68,18 +69,6 @@ thread_local! {
     /// Each session thread's read buffer, reused: no allocation, zeroing or page faults
     /// per request.
     static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// `len` bytes of `scratch` starting at a page boundary (copies between the page
-/// cache and a buffer are several times slower when their alignments differ).
-fn page_aligned(scratch: &mut Vec<u8>, len: usize) -> &mut [u8] {
-    const PAGE: usize = 4096;
-    if scratch.len() < len + PAGE {
-        scratch.resize(len + PAGE, 0);
-    }
-    let skip = scratch.as_ptr().align_offset(PAGE).min(PAGE);
-    let end = (skip + len).min(scratch.len());
-    scratch.get_mut(skip..end).unwrap_or(&mut [])
 }
 
 /// The live file system; see the module documentation.
@@ -477,7 +466,9 @@ impl Filesystem for LiveFs {
             return reply.data(&[]);
         }
         READ_BUF.with_borrow_mut(|scratch| {
-            let buf = page_aligned(scratch, len);
+            // Page-aligned: copies between the page cache and a buffer are several
+            // times slower when their alignments differ.
+            let buf = crate::storage::aligned_slice(scratch, len);
             // With --direct-reads, an O_DIRECT opener (a VM with cache=none, a
             // database) reads the parent around the page cache, as it would a plain
             // file, and nothing is read ahead for it.

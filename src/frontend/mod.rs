@@ -98,7 +98,8 @@ fn parse_replog_mounts(info: &str) -> Vec<PathBuf> {
     info.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
+            // At least six fields (through the mount options) before the separator.
+            let sep = f.iter().position(|x| *x == "-").filter(|i| *i >= 6)?;
             let fstype = f.get(sep + 1)?;
             let source = f.get(sep + 2)?;
             (fstype.starts_with("fuse") && source.starts_with("replog:"))
@@ -136,8 +137,9 @@ fn unescape_mount_path(text: &str) -> PathBuf {
 /// Detach (lazily) every replog mount under `dir`, as left by a serve that was
 /// killed; errors are ignored (best effort, for clean-ups).
 pub fn detach_replog_mounts_under(dir: &Path) {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     for m in replog_mounts() {
-        if m.starts_with(dir) {
+        if m.starts_with(&dir) {
             let _ = detach(&m);
         }
     }
@@ -174,6 +176,7 @@ mod tests {
 39 25 8:1 / /srv/ext4 rw shared:1 - ext4 /dev/vda1 rw
 40 25 0:35 / /srv/odd\\9x\\0 rw - fuse replog:x rw
 41 25 0:36 / /srv/short
+1 2 3:4 - fuse replog:x rw
 ";
         assert_eq!(
             parse_replog_mounts(info),

@@ -23,6 +23,30 @@ const DIRECT_MIN: usize = 1 << 20;
 /// The alignment of O_DIRECT buffers, offsets and lengths here.
 const DIRECT_ALIGN: usize = 4096;
 
+/// A second descriptor on `file` opened with O_DIRECT (for writing, or reading),
+/// through `/proc/self/fd`, so that a rename of its path cannot redirect it.
+fn open_direct(file: &File, write: bool) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// `len` bytes of `scratch` starting at a 4 KiB boundary, `scratch` grown as needed
+/// (and kept, so that reusing it costs no allocation or page faults).
+pub fn aligned_slice(scratch: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if scratch.len() < len + DIRECT_ALIGN {
+        scratch.resize(len + DIRECT_ALIGN, 0);
+    }
+    let skip = scratch
+        .as_ptr()
+        .align_offset(DIRECT_ALIGN)
+        .min(DIRECT_ALIGN);
+    scratch.get_mut(skip..skip + len).unwrap_or(&mut [])
+}
+
 #[derive(Debug)]
 struct RealFile {
     path: PathBuf,
@@ -204,15 +228,7 @@ impl StorageFile for RealFile {
     /// refused. The kernel writes back any dirty page cache of the range before a
     /// direct read, so what was written buffered is read.
     fn read_direct(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
-        let direct = self.direct.get_or_init(|| {
-            use std::os::unix::fs::OpenOptionsExt;
-            OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
-                .ok()
-        });
-        let Some(direct) = direct else {
+        let Some(direct) = self.direct_reader() else {
             return self.read_at(buf, offset);
         };
         let a = DIRECT_ALIGN as u64;
@@ -226,14 +242,13 @@ impl StorageFile for RealFile {
             static BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let start = offset / a * a;
-        let end = (offset + buf.len() as u64).div_ceil(a) * a;
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .map(|e| e.div_ceil(a) * a)
+            .ok_or_else(|| Error::InvalidInput(format!("read at {offset} past 2^64")))?;
         let span = (end - start) as usize;
         BOUNCE.with_borrow_mut(|bounce| {
-            if bounce.len() < span + DIRECT_ALIGN {
-                bounce.resize(span + DIRECT_ALIGN, 0);
-            }
-            let at = bounce.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-            let area = bounce.get_mut(at..at + span).unwrap_or(&mut []);
+            let area = aligned_slice(bounce, span);
             let n = self.pread_direct(direct, area, start)?;
             let skip = (offset - start) as usize;
             let got = n.saturating_sub(skip).min(buf.len());
@@ -268,14 +283,7 @@ impl StorageFile for RealFile {
         if data.len() < DIRECT_MIN || !offset.is_multiple_of(ALIGN as u64) {
             return self.write_at(&[data], offset);
         }
-        let direct = {
-            use std::os::unix::fs::OpenOptionsExt;
-            OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
-        };
-        let Ok(direct) = direct else {
+        let Ok(direct) = open_direct(&self.file, true) else {
             return self.write_at(&[data], offset);
         };
         // Aligned buffers are reused (a fresh one costs a page fault per 4 KiB).
@@ -418,30 +426,50 @@ impl StorageFile for RealFile {
 }
 
 impl RealFile {
+    /// The O_DIRECT descriptor for [`StorageFile::read_direct`], opened on first use;
+    /// None where O_DIRECT is refused (remembered), or for this call only when the
+    /// open failed otherwise (out of descriptors, say).
+    fn direct_reader(&self) -> Option<&File> {
+        if let Some(d) = self.direct.get() {
+            return d.as_ref();
+        }
+        match open_direct(&self.file, false) {
+            Ok(f) => self.direct.get_or_init(|| Some(f)).as_ref(),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                self.direct.get_or_init(|| None).as_ref()
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "{}: O_DIRECT open failed, reading buffered: {e}",
+                    self.path.display()
+                );
+                None
+            }
+        }
+    }
+
     /// Read all of `buf` (aligned) at `offset` (aligned) through `direct`, the O_DIRECT
-    /// descriptor; fewer bytes only at the end of the file. What O_DIRECT refuses
-    /// after all (EINVAL: an alignment the device wants bigger), or what is left
-    /// unaligned by a short read, is read buffered.
+    /// descriptor; fewer bytes only at the end of the file. What is left unaligned by
+    /// a short read, or refused after all (EINVAL: an alignment the device wants
+    /// bigger), is read buffered.
     fn pread_direct(&self, direct: &File, buf: &mut [u8], offset: u64) -> Result<usize> {
         let mut done = 0;
         while let Some(rest) = buf.get_mut(done..).filter(|r| !r.is_empty()) {
             match direct.read_at(rest, offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) if n.is_multiple_of(DIRECT_ALIGN) => done += n,
+                Ok(0) => return Ok(done),
                 Ok(n) => {
                     done += n;
-                    let rest = buf.get_mut(done..).unwrap_or(&mut []);
-                    return Ok(done + self.read_at(rest, offset + done as u64)?);
+                    if !n.is_multiple_of(DIRECT_ALIGN) {
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    let rest = buf.get_mut(done..).unwrap_or(&mut []);
-                    return Ok(done + self.read_at(rest, offset + done as u64)?);
-                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
                 Err(e) => return Err(Error::io("read", &self.path, e)),
             }
         }
-        Ok(done)
+        let rest = buf.get_mut(done..).unwrap_or(&mut []);
+        Ok(done + self.read_at(rest, offset + done as u64)?)
     }
 
     /// `lseek` with SEEK_DATA / SEEK_HOLE; None for ENXIO (nothing of that kind after
@@ -597,9 +625,9 @@ mod tests {
     }
 
     /// Direct reads return what buffered writes left in the page cache (not yet
-    /// written back), whatever the alignment (the unaligned ones read buffered), and
-    /// stop at the end of the file; on this file system they really go through the
-    /// O_DIRECT descriptor.
+    /// written back), whatever the alignment (the unaligned ones through the aligned
+    /// bounce buffer), and stop at the end of the file; on this file system they
+    /// really go through the O_DIRECT descriptor.
     #[test]
     fn direct_reads_see_buffered_writes_and_stop_at_the_end() {
         let tmp = tempfile::tempdir().unwrap();

@@ -19,7 +19,7 @@ mod mem;
 
 pub use fault::FaultyStorage;
 pub(crate) use file::renameat2;
-pub use file::{create_file_mode, FileStorage};
+pub use file::{aligned_slice, create_file_mode, FileStorage};
 pub use mem::{CrashMode, MemStorage};
 
 use crate::error::Result;

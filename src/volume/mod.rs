@@ -743,9 +743,9 @@ impl Volume {
     }
 
     /// [`read`](Self::read) for a reader that asked for uncached I/O (an O_DIRECT
-    /// open): what the parent image answers is read around the page cache where the
-    /// buffer and range are 4 KiB-aligned, as a plain file opened O_DIRECT would be.
-    /// The journal's recent writes are read as always (they are in memory already).
+    /// open): what the parent image answers is read around the page cache
+    /// (`StorageFile::read_direct`), as a plain file opened O_DIRECT would be. Data
+    /// still in the journal is read from its segments through the page cache.
     pub fn read_direct(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.inner.read(self.disk, offset, buf, true)
     }

@@ -173,7 +173,10 @@ fn step_times(site: &std::path::Path, machine: &str) -> Result<String> {
                             .unwrap_or(0.0),
                         _ => 0.0,
                     };
-                    format!("{} {ms:.0} ms", s.name)
+                    match s.detail.as_deref().filter(|d| d.contains("bytes read")) {
+                        Some(d) => format!("{} {ms:.0} ms ({d})", s.name),
+                        None => format!("{} {ms:.0} ms", s.name),
+                    }
                 })
                 .collect::<Vec<_>>()
                 .join(", ")
