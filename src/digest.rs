@@ -41,9 +41,9 @@ pub fn zero_crc(len: usize) -> u32 {
     const Z: [u8; BLOCK as usize] = [0; BLOCK as usize];
     static FULL: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     if len == BLOCK as usize {
-        return *FULL.get_or_init(|| crc32c::crc32c(&Z));
+        return *FULL.get_or_init(|| crate::crc::crc32c(&Z));
     }
-    crc32c::crc32c(Z.get(..len).unwrap_or(&Z))
+    crate::crc::crc32c(Z.get(..len).unwrap_or(&Z))
 }
 
 /// What block `i` (of `len` bytes) with CRC `crc` adds to a digest.
@@ -151,14 +151,14 @@ impl DiskDigest {
                 match data {
                     Some(d) => {
                         let at = (start - offset) as usize;
-                        crc32c::crc32c(d.get(at..at + n).unwrap_or(&[]))
+                        crate::crc::crc32c(d.get(at..at + n).unwrap_or(&[]))
                     }
                     None => zero_crc(n),
                 }
             } else {
                 let b = buf.get_mut(..n).unwrap_or(&mut []);
                 read_block(start, b)?;
-                crc32c::crc32c(b)
+                crate::crc::crc32c(b)
             };
             self.set(i, crc);
         }
@@ -186,7 +186,7 @@ pub fn of_ranges(
             let chunk = buf.get_mut(..bytes).unwrap_or(&mut []);
             read(i * BLOCK, chunk)?;
             for (k, b) in chunk.chunks(BLOCK as usize).enumerate() {
-                value ^= contribution(i + k as u64, b.len(), crc32c::crc32c(b));
+                value ^= contribution(i + k as u64, b.len(), crate::crc::crc32c(b));
             }
             i += bytes.div_ceil(BLOCK as usize) as u64;
         }

@@ -14,6 +14,7 @@ pub mod chunk_hash;
 pub mod compactor;
 pub mod config;
 pub mod control;
+pub mod crc;
 pub mod digest;
 pub mod error;
 pub mod failover;

@@ -94,7 +94,7 @@ pub fn digests(image: &PointImage) -> Result<(Vec<u64>, u64)> {
                         };
                         for (j, block) in b.chunks(BLOCK as usize).enumerate() {
                             let i = at / BLOCK + j as u64;
-                            *d ^= contribution(i, block.len(), crc32c::crc32c(block));
+                            *d ^= contribution(i, block.len(), crate::crc::crc32c(block));
                         }
                         bytes += len as u64;
                     }

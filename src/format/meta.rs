@@ -147,7 +147,7 @@ pub fn encode_version(kind: u16, version: u16, body: &[u8]) -> Vec<u8> {
     w.u16(10, kind);
     w.u32(12, 0);
     w.u32(16, body.len() as u32);
-    let crc = crc32c::crc32c_append(crc32c::crc32c(head.get(..20).unwrap_or(&[])), body);
+    let crc = crate::crc::crc32c_append(crate::crc::crc32c(head.get(..20).unwrap_or(&[])), body);
     LeMut(&mut head).u32(20, crc);
     let mut out = head.to_vec();
     out.extend_from_slice(body);
@@ -176,7 +176,7 @@ pub fn decode(expect_kind: u16, b: &[u8]) -> Result<(u16, &[u8]), DecodeError> {
     let Some(body) = b.get(META_HEADER_LEN..META_HEADER_LEN + len as usize) else {
         return Err(DecodeError::new(16, "body cut short"));
     };
-    let crc = crc32c::crc32c_append(crc32c::crc32c(head.get(..20).unwrap_or(&[])), body);
+    let crc = crate::crc::crc32c_append(crate::crc::crc32c(head.get(..20).unwrap_or(&[])), body);
     if crc != r.u32(20) {
         return Err(DecodeError::new(20, "checksum mismatch"));
     }

@@ -113,9 +113,9 @@ impl RecordHeader {
             crc: 0,
         };
         let head = h.encode_without_crc();
-        let mut crc = crc32c::crc32c(head.get(..44).unwrap_or(&[]));
+        let mut crc = crate::crc::crc32c(head.get(..44).unwrap_or(&[]));
         for p in payload {
-            crc = crc32c::crc32c_append(crc, p);
+            crc = crate::crc::crc32c_append(crc, p);
         }
         h.crc = crc;
         h
@@ -127,7 +127,11 @@ impl RecordHeader {
     pub fn salted(mut self, salt: u32) -> Self {
         if salt != 0 {
             let len = 44 + self.payload_len as usize;
-            self.crc = crc32c::crc32c_combine(crc32c::crc32c(&salt.to_le_bytes()), self.crc, len);
+            self.crc = crate::crc::crc32c_combine(
+                crate::crc::crc32c(&salt.to_le_bytes()),
+                self.crc,
+                len as u64,
+            );
         }
         self
     }
@@ -320,9 +324,9 @@ mod tests {
         let data = b"some payload bytes";
         let h = RecordHeader::new(RecordKind::Write, 0, 9, 1, 4096, 18, &[data]);
         let s = h.salted(0x1234_5678);
-        let mut direct = crc32c::crc32c(&0x1234_5678u32.to_le_bytes());
-        direct = crc32c::crc32c_append(direct, &h.encode()[..44]);
-        direct = crc32c::crc32c_append(direct, data);
+        let mut direct = crate::crc::crc32c(&0x1234_5678u32.to_le_bytes());
+        direct = crate::crc::crc32c_append(direct, &h.encode()[..44]);
+        direct = crate::crc::crc32c_append(direct, data);
         assert_eq!(s.crc, direct);
         assert_ne!(s.crc, h.crc);
         assert_eq!(h.salted(0), h, "salt 0 is no salt");

@@ -128,7 +128,7 @@ impl SegmentHeader {
         if self.version >= 2 {
             w.u32(56, self.generation);
         }
-        let crc = crc32c::crc32c(b.get(..60).unwrap_or(&[]));
+        let crc = crate::crc::crc32c(b.get(..60).unwrap_or(&[]));
         LeMut(&mut b).u32(60, crc);
         b
     }
@@ -147,7 +147,7 @@ impl SegmentHeader {
             return Err(DecodeError::new(0, "not a replog segment (bad magic)"));
         }
         let r = Le(b);
-        let crc = crc32c::crc32c(b.get(..60).unwrap_or(&[]));
+        let crc = crate::crc::crc32c(b.get(..60).unwrap_or(&[]));
         if crc != r.u32(60) {
             return Err(DecodeError::new(0, "segment header checksum mismatch"));
         }
@@ -229,7 +229,7 @@ impl SegmentFooter {
         w.u64(24, self.footer_offset);
         w.u64(32, self.sealed_ns);
         w.u32(40, self.chain_crc);
-        let crc = crc32c::crc32c(b.get(..44).unwrap_or(&[]));
+        let crc = crate::crc::crc32c(b.get(..44).unwrap_or(&[]));
         LeMut(&mut b).u32(44, crc);
         b
     }
@@ -239,7 +239,7 @@ impl SegmentFooter {
     pub fn checksum_ok(b: &[u8]) -> bool {
         Self::is_footer(b)
             && b.len() >= FOOTER_LEN
-            && crc32c::crc32c(b.get(..44).unwrap_or(&[])) == Le(b).u32(44)
+            && crate::crc::crc32c(b.get(..44).unwrap_or(&[])) == Le(b).u32(44)
     }
 
     /// True if `b` starts with the footer magic (as opposed to a record).
@@ -255,7 +255,7 @@ impl SegmentFooter {
             return Err(DecodeError::new(0, "bad footer magic"));
         }
         let r = Le(b);
-        if crc32c::crc32c(b.get(..44).unwrap_or(&[])) != r.u32(44) {
+        if crate::crc::crc32c(b.get(..44).unwrap_or(&[])) != r.u32(44) {
             return Err(DecodeError::new(0, "footer checksum mismatch"));
         }
         if r.u64(24) >= 1 << 62 || r.u64(16) >= super::record::MAX_LSN {
@@ -346,7 +346,7 @@ mod tests {
         );
         // The bit without a salt, a salt without the bit, an unknown bit: refused.
         let reseal = |mut b: [u8; SEGMENT_HEADER_LEN]| {
-            let crc = crc32c::crc32c(&b[..60]);
+            let crc = crate::crc::crc32c(&b[..60]);
             b[60..].copy_from_slice(&crc.to_le_bytes());
             SegmentHeader::decode(&b)
         };

@@ -168,7 +168,8 @@ impl JournalWriter {
         self.active.tail = end;
         self.active.records += 1;
         self.active.first_lsn.get_or_insert(lsn);
-        self.active.chain_crc = crc32c::crc32c_append(self.active.chain_crc, &h.crc.to_le_bytes());
+        self.active.chain_crc =
+            crate::crc::crc32c_append(self.active.chain_crc, &h.crc.to_le_bytes());
         self.next_lsn += 1;
         if kind == RecordKind::Point {
             self.last_point_lsn = lsn;

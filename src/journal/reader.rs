@@ -337,7 +337,7 @@ pub fn scan_segment(
         scan.records += 1;
         scan.first_lsn.get_or_insert(rh.lsn);
         scan.last_lsn = Some(rh.lsn);
-        scan.chain_crc = crc32c::crc32c_append(scan.chain_crc, &rh.crc.to_le_bytes());
+        scan.chain_crc = crate::crc::crc32c_append(scan.chain_crc, &rh.crc.to_le_bytes());
         next_lsn = rh.lsn + 1;
         pos = payload_offset + u64::from(rh.payload_len);
         scan.end = pos;

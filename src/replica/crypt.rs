@@ -220,7 +220,7 @@ impl ReplicaKey {
         head[8..10].copy_from_slice(&version.to_le_bytes());
         head[16..24].copy_from_slice(&seq.to_le_bytes());
         head[24..36].copy_from_slice(&nonce);
-        let crc = crc32c::crc32c(&head[..36]);
+        let crc = crate::crc::crc32c(&head[..36]);
         head[36..40].copy_from_slice(&crc.to_le_bytes());
         let Some(room) = buf.get_mut(..HEADER_LEN) else {
             return Err(Error::InvalidInput("no room for the header".into()));
@@ -277,7 +277,7 @@ impl ReplicaKey {
     pub fn header_nonce(head: &[u8]) -> Option<[u8; 12]> {
         let head = head.get(..HEADER_LEN)?;
         if head.get(..8)? != MAGIC
-            || crc32c::crc32c(head.get(..36)?).to_le_bytes() != *head.get(36..40)?
+            || crate::crc::crc32c(head.get(..36)?).to_le_bytes() != *head.get(36..40)?
         {
             return None;
         }
@@ -312,7 +312,7 @@ impl ReplicaKey {
             ));
         }
         let field = |a: usize, b: usize| h.get(a..b).unwrap_or(&[]);
-        if crc32c::crc32c(field(0, 36)).to_le_bytes() != field(36, 40) {
+        if crate::crc::crc32c(field(0, 36)).to_le_bytes() != field(36, 40) {
             return Err(Error::corruption(
                 path,
                 36,

@@ -106,7 +106,7 @@ impl Blocks {
                 let at = (start - offset) as usize;
                 let b = data.get(at..at + (stop - start) as usize).unwrap_or(&[]);
                 if let Some(acc) = self.whole.get_mut(disk as usize) {
-                    *acc ^= crate::digest::contribution(i, b.len(), crc32c::crc32c(b));
+                    *acc ^= crate::digest::contribution(i, b.len(), crate::crc::crc32c(b));
                 }
             } else {
                 self.partial.push((disk, i));
@@ -330,7 +330,7 @@ pub fn restore_on(
                 let n = (size - i * BLOCK).min(BLOCK) as usize;
                 let b = buf.get_mut(..n).unwrap_or(&mut []);
                 f.read_exact_at(b, i * BLOCK)?;
-                *d ^= crate::digest::contribution(i, n, crc32c::crc32c(b));
+                *d ^= crate::digest::contribution(i, n, crate::crc::crc32c(b));
             }
         }
         let point = image.point();

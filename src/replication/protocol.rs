@@ -472,7 +472,7 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    out.extend_from_slice(&crate::crc::crc32c(&body).to_le_bytes());
     out.extend_from_slice(&body);
     Ok(out)
 }
@@ -514,7 +514,7 @@ pub fn check_header(h: &[u8; FRAME_HEADER_LEN]) -> Result<(u32, u32), FrameError
 
 /// Decode a body whose header was checked.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8], crc: u32) -> Result<T, FrameError> {
-    if crc32c::crc32c(body) != crc {
+    if crate::crc::crc32c(body) != crc {
         return Err(FrameError::Checksum);
     }
     let (msg, rest) =
@@ -701,7 +701,7 @@ mod tests {
             f.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
             f.extend_from_slice(&0u16.to_le_bytes());
             f.extend_from_slice(&(body.len() as u32).to_le_bytes());
-            f.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+            f.extend_from_slice(&crate::crc::crc32c(&body).to_le_bytes());
             f.extend_from_slice(&body);
             if let Ok((m, used)) = decode::<Message>(&f) {
                 // Whatever decodes used the whole frame and survives a round trip.

@@ -170,7 +170,10 @@ impl MachineInner {
                     let b = buf.get_mut(..n).unwrap_or(&mut []);
                     self.read(id, at, b, false)?;
                     for (k, blk) in b.chunks(crate::digest::BLOCK as usize).enumerate() {
-                        dd.set(at / crate::digest::BLOCK + k as u64, crc32c::crc32c(blk));
+                        dd.set(
+                            at / crate::digest::BLOCK + k as u64,
+                            crate::crc::crc32c(blk),
+                        );
                     }
                     at += n as u64;
                 }
