@@ -55,6 +55,9 @@ struct RealFile {
     /// [`StorageFile::read_direct`]; opened on first use, None where O_DIRECT is
     /// refused.
     direct: std::sync::OnceLock<Option<File>>,
+    /// Set when a direct read was refused after the open succeeded (EINVAL: the
+    /// device wants a larger alignment): later reads go buffered at once.
+    direct_refused: std::sync::atomic::AtomicBool,
 }
 
 impl Storage for FileStorage {
@@ -70,6 +73,7 @@ impl Storage for FileStorage {
             path: path.to_path_buf(),
             file,
             direct: std::sync::OnceLock::new(),
+            direct_refused: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -430,6 +434,12 @@ impl RealFile {
     /// None where O_DIRECT is refused (remembered), or for this call only when the
     /// open failed otherwise (out of descriptors, say).
     fn direct_reader(&self) -> Option<&File> {
+        if self
+            .direct_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return None;
+        }
         if let Some(d) = self.direct.get() {
             return d.as_ref();
         }
@@ -464,7 +474,11 @@ impl RealFile {
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct_refused
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
                 Err(e) => return Err(Error::io("read", &self.path, e)),
             }
         }
@@ -642,6 +656,7 @@ mod tests {
             path,
             file,
             direct: std::sync::OnceLock::new(),
+            direct_refused: std::sync::atomic::AtomicBool::new(false),
         };
         let len = (3usize << 20) + 4567;
         let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
@@ -672,6 +687,10 @@ mod tests {
         assert!(
             matches!(f.direct.get(), Some(Some(_))),
             "O_DIRECT was refused here: the direct path went untested"
+        );
+        assert!(
+            !f.direct_refused.load(std::sync::atomic::Ordering::Relaxed),
+            "direct reads were refused after the open: the buffered fallback was tested instead"
         );
     }
 }
