@@ -126,12 +126,9 @@ impl RecordHeader {
     /// without reading the payload again: the CRC of `salt ‖ header ‖ payload`.
     pub fn salted(mut self, salt: u32) -> Self {
         if salt != 0 {
-            let len = 44 + self.payload_len as usize;
-            self.crc = crate::crc::crc32c_combine(
-                crate::crc::crc32c(&salt.to_le_bytes()),
-                self.crc,
-                len as u64,
-            );
+            let len = 44 + u64::from(self.payload_len);
+            self.crc =
+                crate::crc::crc32c_combine(crate::crc::crc32c(&salt.to_le_bytes()), self.crc, len);
         }
         self
     }

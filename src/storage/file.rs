@@ -475,8 +475,15 @@ impl RealFile {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    self.direct_refused
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    if !self
+                        .direct_refused
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::warn!(
+                            "{}: O_DIRECT reads refused (EINVAL); reading it buffered from now on",
+                            self.path.display()
+                        );
+                    }
                     break;
                 }
                 Err(e) => return Err(Error::io("read", &self.path, e)),
