@@ -40,15 +40,16 @@ fn spare_count(dir: &Path) -> usize {
     names(dir).iter().filter(|n| n.ends_with(".spare")).count()
 }
 
-/// The newest segment file of the journal of `dir`.
-fn active_segment(dir: &Path) -> std::path::PathBuf {
+/// The header and the length of the newest segment file of the journal of `dir`.
+fn active_segment(dir: &Path) -> (replog::format::SegmentHeader, u64) {
     let names = names(dir);
-    dir.join("journal").join(
-        names
-            .iter()
-            .rfind(|n| n.ends_with(".seg"))
-            .expect("a segment"),
-    )
+    let newest = names
+        .iter()
+        .rfind(|n| n.ends_with(".seg"))
+        .expect("a segment");
+    let bytes = std::fs::read(dir.join("journal").join(newest)).expect("read active");
+    let header = replog::format::SegmentHeader::decode(&bytes).expect("header");
+    (header, bytes.len() as u64)
 }
 
 /// A site with machine vm1 (one disk, `os`) whose journal wrote three full segments,
@@ -116,16 +117,14 @@ fn a_recycled_active_segment_inspects_clean_and_reopens_with_every_write() {
     m.flush().expect("flush");
     assert_eq!(spare_count(&dir), 1, "one spare taken: {:?}", names(&dir));
     assert!(m.status().spare_bytes < kept);
-    let bytes = std::fs::read(active_segment(&dir)).expect("read active");
-    let header = replog::format::SegmentHeader::decode(&bytes).expect("header");
+    let (header, len) = active_segment(&dir);
     assert!(
         header.is_recycled(),
         "the active segment is a recycled file"
     );
     assert!(
-        bytes.len() as u64 >= SEGMENT - 4096,
-        "the earlier segment's bytes follow its records ({} bytes)",
-        bytes.len()
+        len >= SEGMENT - 4096,
+        "the earlier segment's bytes follow its records ({len} bytes)"
     );
 
     // `replog inspect` reads the running journal: the stale bytes are no fault.
@@ -161,8 +160,7 @@ fn a_recycled_active_segment_inspects_clean_and_reopens_with_every_write() {
         "the spare was written into: {:?}",
         names(&dir)
     );
-    let bytes = std::fs::read(active_segment(&dir)).expect("read active");
-    let header = replog::format::SegmentHeader::decode(&bytes).expect("header");
+    let (header, _) = active_segment(&dir);
     assert!(header.is_recycled(), "{:?}", names(&dir));
     m.close().expect("close");
     let m = open(&dir);

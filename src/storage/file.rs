@@ -52,11 +52,10 @@ struct RealFile {
     path: PathBuf,
     file: File,
     /// A second descriptor on the same file opened with O_DIRECT, for
-    /// [`StorageFile::read_direct`]; opened on first use, None where O_DIRECT is
-    /// refused.
-    direct: std::sync::OnceLock<Option<File>>,
-    /// Set when a direct read was refused after the open succeeded (EINVAL: the
-    /// device wants a larger alignment): later reads go buffered at once.
+    /// [`StorageFile::read_direct`]; opened on first use.
+    direct: std::sync::OnceLock<File>,
+    /// Set when O_DIRECT was refused, at the open or at a read (EINVAL: the file
+    /// system or the device wants otherwise): later reads go buffered at once.
     direct_refused: std::sync::atomic::AtomicBool,
 }
 
@@ -69,12 +68,7 @@ impl Storage for FileStorage {
             OpenMode::ReadOnly => opts.read(true),
         };
         let file = opts.open(path).map_err(|e| Error::io("open", path, e))?;
-        Ok(Arc::new(RealFile {
-            path: path.to_path_buf(),
-            file,
-            direct: std::sync::OnceLock::new(),
-            direct_refused: std::sync::atomic::AtomicBool::new(false),
-        }))
+        Ok(Arc::new(RealFile::new(path, file)))
     }
 
     fn create_dir_all(&self, path: &Path) -> Result<()> {
@@ -281,10 +275,9 @@ impl StorageFile for RealFile {
     /// into an aligned buffer (the caller's need not be), the rest buffered. Where
     /// O_DIRECT is refused (tmpfs, some file systems), all of it is written buffered.
     fn write_bulk(&self, data: &[u8], offset: u64) -> Result<()> {
-        const ALIGN: usize = 4096;
         const PIECE: usize = 8 << 20;
-        let aligned = data.len() / ALIGN * ALIGN;
-        if data.len() < DIRECT_MIN || !offset.is_multiple_of(ALIGN as u64) {
+        let aligned = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+        if data.len() < DIRECT_MIN || !offset.is_multiple_of(DIRECT_ALIGN as u64) {
             return self.write_at(&[data], offset);
         }
         let Ok(direct) = open_direct(&self.file, true) else {
@@ -292,17 +285,12 @@ impl StorageFile for RealFile {
         };
         // Aligned buffers are reused (a fresh one costs a page fault per 4 KiB).
         static SPARE: parking_lot::Mutex<Vec<Vec<u8>>> = parking_lot::Mutex::new(Vec::new());
-        let mut bounce = SPARE
-            .lock()
-            .pop()
-            .unwrap_or_else(|| vec![0u8; PIECE + ALIGN]);
-        let start = bounce.as_ptr().align_offset(ALIGN).min(ALIGN);
+        let mut bounce = SPARE.lock().pop().unwrap_or_default();
         let mut done = 0usize;
         while done < aligned {
             let n = (aligned - done).min(PIECE);
-            let (Some(piece), Some(src)) =
-                (bounce.get_mut(start..start + n), data.get(done..done + n))
-            else {
+            let piece = aligned_slice(&mut bounce, n);
+            let Some(src) = data.get(done..done + n) else {
                 break;
             };
             piece.copy_from_slice(src);
@@ -430,6 +418,15 @@ impl StorageFile for RealFile {
 }
 
 impl RealFile {
+    fn new(path: &Path, file: File) -> Self {
+        RealFile {
+            path: path.to_path_buf(),
+            file,
+            direct: std::sync::OnceLock::new(),
+            direct_refused: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     /// The O_DIRECT descriptor for [`StorageFile::read_direct`], opened on first use;
     /// None where O_DIRECT is refused (remembered), or for this call only when the
     /// open failed otherwise (out of descriptors, say).
@@ -441,12 +438,14 @@ impl RealFile {
             return None;
         }
         if let Some(d) = self.direct.get() {
-            return d.as_ref();
+            return Some(d);
         }
         match open_direct(&self.file, false) {
-            Ok(f) => self.direct.get_or_init(|| Some(f)).as_ref(),
+            Ok(f) => Some(self.direct.get_or_init(|| f)),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
-                self.direct.get_or_init(|| None).as_ref()
+                self.direct_refused
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                None
             }
             Err(e) => {
                 tracing::warn!(
@@ -663,12 +662,7 @@ mod tests {
             .create_new(true)
             .open(&path)
             .unwrap();
-        let f = RealFile {
-            path,
-            file,
-            direct: std::sync::OnceLock::new(),
-            direct_refused: std::sync::atomic::AtomicBool::new(false),
-        };
+        let f = RealFile::new(&path, file);
         let len = (3usize << 20) + 4567;
         let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
         f.write_at(&[&data], 0).unwrap();
@@ -696,7 +690,7 @@ mod tests {
             );
         }
         assert!(
-            matches!(f.direct.get(), Some(Some(_))),
+            f.direct.get().is_some(),
             "O_DIRECT was refused here: the direct path went untested"
         );
         assert!(

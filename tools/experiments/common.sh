@@ -31,3 +31,27 @@ wait_merged() {
     sleep 0.1
   done
 }
+
+# Write 1 GiB to FILE in 1 MiB direct writes (libaio, depth 4), fsynced at the end.
+write_1g() {
+  fio --name=w --filename="$1" --rw=write --bs=1M --size=1G --direct=1 --ioengine=libaio \
+    --iodepth=4 --end_fsync=1 >/dev/null
+}
+
+# Write back and drop the page cache.
+drop_caches() {
+  sync; echo 3 >/proc/sys/vm/drop_caches
+}
+
+# Read 1 GiB of FILE in 1 MiB direct reads (libaio, depth 16); prints "N MB/s (median
+# X ms, p99 Y ms)".
+fio_read16() {
+  fio --name=r --filename="$1" --rw=read --bs=1M --size=1G --direct=1 --ioengine=libaio \
+    --iodepth=16 --readonly --output-format=json |
+    python3 -c 'import json,sys; r=json.load(sys.stdin)["jobs"][0]["read"]; p=r["clat_ns"]["percentile"]; print("%.0f MB/s (median %.1f ms, p99 %.1f ms)" % (r["bw_bytes"]/1e6, p["50.000000"]/1e6, p["99.000000"]/1e6))'
+}
+
+# fio_read16 with the caches dropped first.
+read16() {
+  drop_caches; fio_read16 "$1"
+}

@@ -21,13 +21,12 @@ counters() {
   awk '/^cpu /{printf "%s %s ", $4, $9}' /proc/stat
   awk '{print $15}' "/proc/$(pgrep -f "serve $D/site" | head -1)/stat"
 }
-read16() {
-  sync; echo 3 >/proc/sys/vm/drop_caches
+# read16 (common.sh), with the counters read around the read (after the drop).
+counted_read16() {
   local a b fio
+  drop_caches
   a=$(counters)
-  fio=$(fio --name=r --filename="$1" --rw=read --bs=1M --size=1G --direct=1 \
-    --ioengine=libaio --iodepth=16 --readonly --output-format=json |
-    python3 -c 'import json,sys; r=json.load(sys.stdin)["jobs"][0]["read"]; p=r["clat_ns"]["percentile"]; print("%.0f MB/s (median %.1f ms, p99 %.1f ms)" % (r["bw_bytes"]/1e6, p["50.000000"]/1e6, p["99.000000"]/1e6))')
+  fio=$(fio_read16 "$1")
   b=$(counters)
   python3 - "$a" "$b" "$fio" "$hz" <<'PY'
 import sys
@@ -44,15 +43,12 @@ for variant in default --direct-reads; do
   make_site
   truncate -s 2G "$D/plain.img"
   if [ "$variant" = default ]; then start_serve; else start_serve "$variant"; fi
-  for f in "$D/plain.img" "$D/mnt/vm1/bench.img"; do
-    fio --name=w --filename="$f" --rw=write --bs=1M --size=1G --direct=1 \
-      --ioengine=libaio --iodepth=4 --end_fsync=1 >/dev/null
-  done
+  for f in "$D/plain.img" "$D/mnt/vm1/bench.img"; do write_1g "$f"; done
   wait_merged
   echo "serve $variant:"
   for r in 1 2; do
-    echo "  round $r plain: $(read16 "$D/plain.img")"
-    echo "  round $r mount: $(read16 "$D/mnt/vm1/bench.img")"
+    echo "  round $r plain: $(counted_read16 "$D/plain.img")"
+    echo "  round $r mount: $(counted_read16 "$D/mnt/vm1/bench.img")"
   done
 done
 stop_serve; rm -rf "$D"

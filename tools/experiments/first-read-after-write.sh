@@ -13,17 +13,8 @@ stop_serve; rm -rf "$D"; mkdir -p "$D/mnt"
 make_site
 truncate -s 2G "$D/plain.img"
 start_serve
-for f in "$D/plain.img" "$D/mnt/vm1/bench.img"; do
-  fio --name=w --filename="$f" --rw=write --bs=1M --size=1G --direct=1 --ioengine=libaio \
-    --iodepth=4 --end_fsync=1 >/dev/null
-done
+for f in "$D/plain.img" "$D/mnt/vm1/bench.img"; do write_1g "$f"; done
 wait_merged
-read16() {
-  sync; echo 3 >/proc/sys/vm/drop_caches
-  fio --name=r --filename="$1" --rw=read --bs=1M --size=1G --direct=1 --ioengine=libaio \
-    --iodepth=16 --readonly --output-format=json |
-    python3 -c 'import json,sys; r=json.load(sys.stdin)["jobs"][0]["read"]; p=r["clat_ns"]["percentile"]; print("%.0f MB/s (median %.0f us, p99 %.0f us)" % (r["bw_bytes"]/1e6, p["50.000000"]/1e3, p["99.000000"]/1e3))'
-}
 parent="$D/site/machines/vm1/disks/bench.img"
 for r in 1 2; do echo "round $r: plain $(read16 "$D/plain.img"); parent read directly $(read16 "$parent")"; done
 for r in 3 4; do echo "round $r: plain $(read16 "$D/plain.img"); through the mount $(read16 "$D/mnt/vm1/bench.img")"; done

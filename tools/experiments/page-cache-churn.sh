@@ -39,7 +39,7 @@ for i in range(40000):
 PY
 sync; find "$D/churn" -name '*[02468]' -delete; sync
 round churned; round churned
-sync; echo 3 >/proc/sys/vm/drop_caches
+drop_caches
 round "churned, caches dropped"; round "churned, caches dropped"
 cat "$D"/churn/* >/dev/null
 round "churned, read back"; round "churned, read back"

@@ -14,8 +14,7 @@ spares() { find "$D/site/machines/vm1/journal" -name '*.spare' | wc -l; }
 stop_serve; rm -rf "$D"; mkdir -p "$D/mnt"
 make_site
 start_serve
-fio --name=w --filename="$D/mnt/vm1/bench.img" --rw=write --bs=1M --size=1G --direct=1 \
-  --ioengine=libaio --iodepth=4 --end_fsync=1 >/dev/null
+write_1g "$D/mnt/vm1/bench.img"
 wait_merged
 for r in 1 2 3; do
   stop_serve
