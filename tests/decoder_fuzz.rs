@@ -12,7 +12,7 @@ use replog::format::segment::parse_segment_name;
 use replog::format::{
     SegmentFooter, SegmentHeader, FOOTER_LEN, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
-use replog::journal::reader::{scan_segment, valid_records_after, Expect, SegmentScan};
+use replog::journal::reader::{scan_bytes, scan_segment, valid_records_after, Expect, SegmentScan};
 use replog::storage::{MemStorage, OpenMode, Storage, StorageFile};
 use std::path::Path;
 use std::sync::Arc;
@@ -385,7 +385,14 @@ fn scan_checked(bytes: &[u8], expect: Expect) -> SegmentScan {
     let mut handed_out = 0u32;
     let mut prev_lsn: Option<u64> = None;
     let mut chain = 0u32;
+    let mut from_file = Vec::new();
     let scan = scan_segment(file.as_ref(), expect, |rec| {
+        from_file.push((
+            rec.offset,
+            rec.payload_offset,
+            rec.header,
+            rec.payload.to_vec(),
+        ));
         // The CRC must verify, against the payload handed out and against the file.
         if let Err(e) = rec.header.verify(rec.payload) {
             panic!(
@@ -428,6 +435,21 @@ fn scan_checked(bytes: &[u8], expect: Expect) -> SegmentScan {
         Ok(())
     })
     .expect("MemStorage reads never fail");
+    // The same bytes scanned in place (a target's incoming segment): the same records
+    // handed out, the same verdict.
+    let mut in_place = Vec::new();
+    let same = scan_bytes(bytes, expect, |rec| {
+        in_place.push((
+            rec.offset,
+            rec.payload_offset,
+            rec.header,
+            rec.payload.to_vec(),
+        ));
+        Ok(())
+    })
+    .expect("a scan in memory does no I/O");
+    assert_eq!(in_place, from_file, "records scanned in place");
+    assert_eq!(format!("{same:?}"), format!("{scan:?}"), "scan in place");
     assert_eq!(scan.records, handed_out);
     assert_eq!(scan.chain_crc, chain);
     assert_eq!(scan.last_lsn, prev_lsn);

@@ -114,32 +114,49 @@ pub struct Expect {
     pub disk_count: Option<u32>,
 }
 
-struct Buffered<'f> {
-    file: &'f dyn StorageFile,
-    len: u64,
-    buf: Vec<u8>,
-    start: u64,
+/// What a scan reads: a file through a window of [`READ_AHEAD`] bytes, or a segment
+/// already in memory, read in place.
+enum Buffered<'f> {
+    File {
+        file: &'f dyn StorageFile,
+        len: u64,
+        buf: Vec<u8>,
+        start: u64,
+    },
+    Bytes(&'f [u8]),
 }
 
 impl<'f> Buffered<'f> {
-    /// `n` bytes at `off`, or None if the file ends first.
+    /// `n` bytes at `off`, or None if the segment ends first.
     fn get(&mut self, off: u64, n: usize) -> Result<Option<&[u8]>> {
-        if off + n as u64 > self.len {
+        let (file, len, buf, start) = match self {
+            Buffered::Bytes(bytes) => {
+                let end = usize::try_from(off).ok().and_then(|o| o.checked_add(n));
+                return Ok(end.and_then(|end| bytes.get(end - n..end)));
+            }
+            Buffered::File {
+                file,
+                len,
+                buf,
+                start,
+            } => (*file, *len, buf, start),
+        };
+        if off + n as u64 > len {
             return Ok(None);
         }
-        let have = off >= self.start && off + n as u64 <= self.start + self.buf.len() as u64;
+        let have = off >= *start && off + n as u64 <= *start + buf.len() as u64;
         if !have {
-            let want = n.max(READ_AHEAD).min((self.len - off) as usize);
-            self.buf.resize(want, 0);
-            let got = self.file.read_at(&mut self.buf, off)?;
-            self.buf.truncate(got);
-            self.start = off;
+            let want = n.max(READ_AHEAD).min((len - off) as usize);
+            buf.resize(want, 0);
+            let got = file.read_at(buf, off)?;
+            buf.truncate(got);
+            *start = off;
             if got < n {
                 return Ok(None);
             }
         }
-        let at = (off - self.start) as usize;
-        Ok(self.buf.get(at..at + n))
+        let at = (off - *start) as usize;
+        Ok(buf.get(at..at + n))
     }
 }
 
@@ -149,9 +166,34 @@ impl<'f> Buffered<'f> {
 pub fn scan_segment(
     file: &dyn StorageFile,
     expect: Expect,
-    mut each: impl FnMut(&ScannedRecord<'_>) -> Result<()>,
+    each: impl FnMut(&ScannedRecord<'_>) -> Result<()>,
 ) -> Result<SegmentScan> {
     let len = file.len()?;
+    let r = Buffered::File {
+        file,
+        len,
+        buf: Vec::new(),
+        start: 0,
+    };
+    scan(r, len, expect, each)
+}
+
+/// [`scan_segment`] of a segment's bytes in memory (a target's incoming segment),
+/// read in place: the same checks, no copy.
+pub fn scan_bytes(
+    bytes: &[u8],
+    expect: Expect,
+    each: impl FnMut(&ScannedRecord<'_>) -> Result<()>,
+) -> Result<SegmentScan> {
+    scan(Buffered::Bytes(bytes), bytes.len() as u64, expect, each)
+}
+
+fn scan(
+    mut r: Buffered<'_>,
+    len: u64,
+    expect: Expect,
+    mut each: impl FnMut(&ScannedRecord<'_>) -> Result<()>,
+) -> Result<SegmentScan> {
     let mut scan = SegmentScan {
         header: None,
         records: 0,
@@ -162,12 +204,6 @@ pub fn scan_segment(
         footer: None,
         file_len: len,
         fault: None,
-    };
-    let mut r = Buffered {
-        file,
-        len,
-        buf: Vec::new(),
-        start: 0,
     };
     let fault = |scan: &mut SegmentScan, offset: u64, what: String| {
         scan.fault = Some(ScanFault {

@@ -18,6 +18,10 @@
 //! postcard writes as the very same bytes, one serialize call per byte (8% of a
 //! shipping source's CPU); `serde_bytes` writes and reads them as one slice. The wire
 //! is unchanged, so the protocol version is too (the v3/v4 fixture frames decode).
+//! Since `bytes` is the last field of each message that has one, a sender writes the
+//! frame's head ([`encode_head`]) and then the payload from where it lies, and a
+//! target decodes a `SegmentChunk` in place ([`segment_chunk_ref`]): the same bytes on
+//! the wire, without two copies of every chunk at each end.
 //!
 //! A frame that does not decode — wrong magic or version, a length over the limit, a
 //! checksum mismatch, a body postcard cannot read, bytes left over — is a
@@ -464,15 +468,54 @@ pub fn check_hello(protocol: u16, features: u64, required: u64) -> Result<(), St
 /// Encode one message as a frame.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let body = postcard::to_stdvec(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    if body.len() as u64 > u64::from(MAX_FRAME_BODY) {
-        return Err(FrameError::TooLarge(body.len() as u64));
+    let mut out = frame_header(body.len(), crate::crc::crc32c(&body))?.to_vec();
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// The header of a frame whose body is `len` bytes with CRC-32C `crc`.
+fn frame_header(len: usize, crc: u32) -> Result<[u8; FRAME_HEADER_LEN], FrameError> {
+    let len32 = u32::try_from(len)
+        .ok()
+        .filter(|l| *l <= MAX_FRAME_BODY)
+        .ok_or(FrameError::TooLarge(len as u64))?;
+    let mut h = [0u8; FRAME_HEADER_LEN];
+    h[..4].copy_from_slice(&FRAME_MAGIC);
+    h[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&len32.to_le_bytes());
+    h[12..16].copy_from_slice(&crc.to_le_bytes());
+    Ok(h)
+}
+
+/// The frame of a message whose last field is a byte payload (`SegmentChunk`,
+/// `InitialChunk`, `ResyncChunk`, `ResyncData`), with the payload kept apart: `head`
+/// is the message with its `bytes` empty, and the returned head of the frame followed
+/// by `payload` is byte for byte the frame [`encode`] makes of the message holding
+/// `payload` (a test checks it). The payload — up to [`MAX_CHUNK`] bytes — is neither
+/// copied into a message nor into the frame: the sender writes both parts.
+pub fn encode_head(head: &Message, payload: &[u8]) -> Result<Vec<u8>, FrameError> {
+    let empty = match head {
+        Message::SegmentChunk { bytes, .. }
+        | Message::InitialChunk { bytes, .. }
+        | Message::ResyncChunk { bytes, .. }
+        | Message::ResyncData { bytes, .. } => bytes.is_empty(),
+        _ => false,
+    };
+    let malformed = || FrameError::Malformed("not a payload message with its bytes apart".into());
+    if !empty {
+        return Err(malformed());
     }
-    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
-    out.extend_from_slice(&FRAME_MAGIC);
-    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crate::crc::crc32c(&body).to_le_bytes());
+    let mut body = postcard::to_stdvec(head).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    // The empty payload is encoded last as its length, the varint 0: the payload's own
+    // length (a postcard varint too) takes its place, and its bytes follow.
+    if body.pop() != Some(0) {
+        return Err(malformed());
+    }
+    let len =
+        postcard::to_stdvec(&payload.len()).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    body.extend_from_slice(&len);
+    let crc = crate::crc::crc32c_append(crate::crc::crc32c(&body), payload);
+    let mut out = frame_header(body.len() + payload.len(), crc)?.to_vec();
     out.extend_from_slice(&body);
     Ok(out)
 }
@@ -517,6 +560,11 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8], crc: u32) -> Result<T, Fram
     if crate::crc::crc32c(body) != crc {
         return Err(FrameError::Checksum);
     }
+    decode_message(body)
+}
+
+/// Decode a body whose CRC was checked: exactly one message, nothing after it.
+pub fn decode_message<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
     let (msg, rest) =
         postcard::take_from_bytes::<T>(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
@@ -531,16 +579,58 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8], crc: u32) -> Result<T, Fram
 /// Read one frame. The body buffer grows as its bytes arrive (never past the checked
 /// length), so a peer that claims a large frame and stalls holds little memory.
 pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameError> {
+    let mut body = Vec::new();
+    read_frame_body(r, &mut body)?;
+    decode_message(&body)
+}
+
+/// Read one frame's body into `body`, checked against its header's length and CRC.
+/// The buffer is the caller's to reuse: it keeps its capacity, so a stream of 8 MiB
+/// chunks is read without allocating (and faulting in) 8 MiB for each. It grows as
+/// the bytes arrive, never past the checked length.
+pub fn read_frame_body(r: &mut impl Read, body: &mut Vec<u8>) -> Result<(), FrameError> {
     let mut h = [0u8; FRAME_HEADER_LEN];
     r.read_exact(&mut h)?;
     let (len, crc) = check_header(&h)?;
-    // Grow with the bytes that arrive, not with what the header claims.
-    let mut body = Vec::new();
-    r.take(u64::from(len)).read_to_end(&mut body)?;
+    body.clear();
+    r.take(u64::from(len)).read_to_end(body)?;
     if body.len() != len as usize {
         return Err(FrameError::Io(io::ErrorKind::UnexpectedEof.into()));
     }
-    decode_body(&body, crc)
+    if crate::crc::crc32c(body) != crc {
+        return Err(FrameError::Checksum);
+    }
+    Ok(())
+}
+
+/// The postcard variant index of [`Message::SegmentChunk`] (its place in the enum; a
+/// test checks it against an encoded message).
+const SEGMENT_CHUNK_TAG: u8 = 14;
+
+/// A [`Message::SegmentChunk`] decoded in place: its fields in the same order, its
+/// bytes borrowed from the frame's body, which the receiver copies once, into the
+/// segment it assembles.
+#[derive(Debug, PartialEq, Eq, Deserialize)]
+pub struct SegmentChunkRef<'a> {
+    pub machine: &'a str,
+    pub generation: u32,
+    pub seq: u64,
+    pub segment_len: u64,
+    pub offset: u64,
+    pub compressed: bool,
+    pub bytes: &'a [u8],
+}
+
+/// The body's message as a [`SegmentChunkRef`] if it is a `SegmentChunk` (None for
+/// any other message: decode those with [`decode_message`]). The same checks as
+/// [`decode_message`]: a body that does not decode, or has bytes after the message, is
+/// an error.
+pub fn segment_chunk_ref(body: &[u8]) -> Option<Result<SegmentChunkRef<'_>, FrameError>> {
+    let (&tag, fields) = body.split_first()?;
+    if tag != SEGMENT_CHUNK_TAG {
+        return None;
+    }
+    Some(decode_message(fields))
 }
 
 /// Decode one frame from the start of `bytes`; returns the message and bytes used.
@@ -710,5 +800,155 @@ mod tests {
                 prop_assert_eq!(decode::<Message>(&again).unwrap().0, m);
             }
         }
+    }
+
+    /// Each payload message with `payload` in it, and the same with its bytes empty.
+    fn payload_messages(payload: &[u8]) -> Vec<(Message, Message)> {
+        let with = |bytes: Vec<u8>| {
+            vec![
+                Message::SegmentChunk {
+                    machine: "vm1".into(),
+                    generation: 3,
+                    seq: 1 << 40,
+                    segment_len: 64 << 20,
+                    offset: 8 << 20,
+                    compressed: false,
+                    bytes: bytes.clone(),
+                },
+                Message::InitialChunk {
+                    machine: "a machine".into(),
+                    generation: 1,
+                    disk: 2,
+                    offset: u64::MAX,
+                    compressed: true,
+                    bytes: bytes.clone(),
+                },
+                Message::ResyncChunk {
+                    machine: "m".into(),
+                    disk: 0,
+                    offset: 4096,
+                    compressed: false,
+                    bytes: bytes.clone(),
+                },
+                Message::ResyncData {
+                    machine: String::new(),
+                    compressed: true,
+                    bytes,
+                },
+            ]
+        };
+        with(payload.to_vec())
+            .into_iter()
+            .zip(with(Vec::new()))
+            .collect()
+    }
+
+    #[test]
+    fn a_frame_with_its_payload_apart_is_the_frame_of_the_whole_message() {
+        // Payload lengths around the varint's byte boundaries, and a whole chunk.
+        for len in [
+            0, 1, 127, 128, 16383, 16384, 2_097_151, 2_097_152, MAX_CHUNK,
+        ] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            for (whole, head) in payload_messages(&payload) {
+                let mut frame = encode_head(&head, &payload).unwrap();
+                frame.extend_from_slice(&payload);
+                assert_eq!(frame, encode(&whole).unwrap(), "{len} bytes");
+                assert_eq!(decode::<Message>(&frame).unwrap(), (whole, frame.len()));
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_head_is_refused_for_a_message_that_is_not_a_payload_one_or_holds_its_bytes() {
+        assert!(matches!(
+            encode_head(&Message::Probe, b"data"),
+            Err(FrameError::Malformed(_))
+        ));
+        for (whole, _) in payload_messages(b"data") {
+            assert!(matches!(
+                encode_head(&whole, b"data"),
+                Err(FrameError::Malformed(_))
+            ));
+        }
+        // Over the frame limit with the payload counted.
+        let big = vec![0u8; MAX_FRAME_BODY as usize];
+        for (_, head) in payload_messages(b"") {
+            assert!(matches!(
+                encode_head(&head, &big),
+                Err(FrameError::TooLarge(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_segment_chunk_reads_in_place_and_nothing_else_does() {
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let (whole, _) = payload_messages(&payload).remove(0);
+        let frame = encode(&whole).unwrap();
+        let body = &frame[FRAME_HEADER_LEN..];
+        assert_eq!(
+            segment_chunk_ref(body).unwrap().unwrap(),
+            // The fields `payload_messages` gives it.
+            SegmentChunkRef {
+                machine: "vm1",
+                generation: 3,
+                seq: 1 << 40,
+                segment_len: 64 << 20,
+                offset: 8 << 20,
+                compressed: false,
+                bytes: &payload,
+            },
+            "the tag is SegmentChunk's place in the enum"
+        );
+        for (other, _) in payload_messages(&payload).into_iter().skip(1) {
+            let frame = encode(&other).unwrap();
+            assert!(segment_chunk_ref(&frame[FRAME_HEADER_LEN..]).is_none());
+        }
+        assert!(segment_chunk_ref(&encode(&Message::Probe).unwrap()[FRAME_HEADER_LEN..]).is_none());
+        assert!(segment_chunk_ref(&[]).is_none());
+        // Cut short, or with bytes after it: an error, never a chunk.
+        assert!(matches!(
+            segment_chunk_ref(&body[..body.len() - 1]),
+            Some(Err(FrameError::Malformed(_)))
+        ));
+        let mut longer = body.to_vec();
+        longer.push(0);
+        assert!(matches!(
+            segment_chunk_ref(&longer),
+            Some(Err(FrameError::Malformed(_)))
+        ));
+    }
+
+    #[test]
+    fn frame_bodies_are_read_into_one_buffer_that_keeps_its_room() {
+        let big = payload_messages(&vec![9u8; 1 << 20]).remove(0).0;
+        let mut wire = encode(&big).unwrap();
+        wire.extend(encode(&Message::Probe).unwrap());
+        wire.extend(encode(&big).unwrap());
+        let mut r = &wire[..];
+        let mut body = Vec::new();
+        read_frame_body(&mut r, &mut body).unwrap();
+        assert_eq!(decode_message::<Message>(&body).unwrap(), big);
+        let room = body.capacity();
+        read_frame_body(&mut r, &mut body).unwrap();
+        assert_eq!(decode_message::<Message>(&body).unwrap(), Message::Probe);
+        assert_eq!(body.capacity(), room, "a small frame keeps the room");
+        let at = body.as_ptr();
+        read_frame_body(&mut r, &mut body).unwrap();
+        assert_eq!(decode_message::<Message>(&body).unwrap(), big);
+        assert_eq!(body.as_ptr(), at, "the second big frame was read in place");
+        assert!(matches!(
+            read_frame_body(&mut r, &mut body),
+            Err(FrameError::Io(_))
+        ));
+        // A damaged body is refused.
+        let mut bad = encode(&big).unwrap();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(matches!(
+            read_frame_body(&mut &bad[..], &mut body),
+            Err(FrameError::Checksum)
+        ));
     }
 }

@@ -357,6 +357,7 @@ impl Target {
             current: None,
             assembling: None,
             spare: Vec::new(),
+            frame: Vec::new(),
             resync_chunks: Vec::new(),
             resync_held: 0,
             hash_cache: None,
@@ -467,6 +468,9 @@ struct Session<'a> {
     assembling: Option<Assembly>,
     /// A stored segment's buffer, for the next one to be assembled in.
     spare: Vec<u8>,
+    /// Every frame's body is read into this buffer, which keeps its room (up to one
+    /// maximum frame) for the next.
+    frame: Vec<u8>,
     /// The differing chunks of the resync batch in flight (applied at its end).
     resync_chunks: Vec<(u32, u64, Vec<u8>)>,
     resync_held: usize,
@@ -598,7 +602,34 @@ impl Session<'_> {
             if pending.is_some() && !input_ready(s) {
                 finish_store(pending, &mut self.spare, s)?;
             }
-            let msg = match read_frame::<Message>(s) {
+            let mut body = std::mem::take(&mut self.frame);
+            let msg = match protocol::read_frame_body(s, &mut body) {
+                Ok(()) => match protocol::segment_chunk_ref(&body) {
+                    // A segment chunk is read in place: its bytes are copied once,
+                    // into the segment assembled.
+                    Some(chunk) => {
+                        let job = self.flush_base(base).and_then(|()| {
+                            chunk
+                                .map_err(frame_refusal)
+                                .and_then(|c| self.on_segment_chunk(c))
+                        });
+                        self.frame = body;
+                        if let Some(job) = job? {
+                            // One segment stored at a time, Acks in order.
+                            finish_store(pending, &mut self.spare, s)?;
+                            *pending = Some(sc.spawn(move || job.run(target)));
+                        }
+                        continue;
+                    }
+                    None => {
+                        let msg = protocol::decode_message::<Message>(&body);
+                        self.frame = body;
+                        msg
+                    }
+                },
+                Err(e) => Err(e),
+            };
+            let msg = match msg {
                 Ok(m) => m,
                 Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     // What arrived whole is kept: the sender resumes after it.
@@ -621,15 +652,6 @@ impl Session<'_> {
                 }
                 Err(e) => return Err(frame_refusal(e)),
             };
-            if matches!(msg, Message::SegmentChunk { .. }) {
-                self.flush_base(base)?;
-                if let Some(job) = self.on_segment_chunk(msg)? {
-                    // One segment stored at a time, Acks in order.
-                    finish_store(pending, &mut self.spare, s)?;
-                    *pending = Some(sc.spawn(move || job.run(target)));
-                }
-                continue;
-            }
             // Everything else follows the segments before it.
             finish_store(pending, &mut self.spare, s)?;
             if let Message::InitialChunk {
@@ -1124,8 +1146,11 @@ impl Session<'_> {
 
     /// A `SegmentChunk`: its bytes go into the segment being assembled; a whole
     /// segment comes back as the job that stores it.
-    fn on_segment_chunk(&mut self, msg: Message) -> Result<Option<StoreJob>, Refusal> {
-        let Message::SegmentChunk {
+    fn on_segment_chunk(
+        &mut self,
+        chunk: protocol::SegmentChunkRef<'_>,
+    ) -> Result<Option<StoreJob>, Refusal> {
+        let protocol::SegmentChunkRef {
             machine,
             generation,
             seq,
@@ -1133,19 +1158,18 @@ impl Session<'_> {
             offset,
             compressed,
             bytes,
-        } = msg
-        else {
-            return Err(protocol_error("expected a segment chunk"));
-        };
-        let (name, store) = self.store_at(&machine, generation, "segment")?;
+        } = chunk;
+        let (name, store) = self.store_at(machine, generation, "segment")?;
         let (name, store) = (name.to_string(), store.clone());
         if segment_len > MAX_SEGMENT {
             return Err(protocol_error(format!(
                 "segment of {segment_len} bytes is over the limit"
             )));
         }
+        let unpacked;
         let data = if compressed {
-            decompress(&bytes)?
+            unpacked = decompress(bytes)?;
+            &unpacked[..]
         } else {
             bytes
         };
@@ -1184,7 +1208,7 @@ impl Session<'_> {
                 ))
             }
         };
-        a.bytes.extend_from_slice(&data);
+        a.bytes.extend_from_slice(data);
         let got = (a.bytes.len() - ROOM) as u64;
         if got > segment_len {
             return Err(protocol_error(format!(

@@ -7,9 +7,8 @@ use crate::error::{Error, Result};
 use crate::format::meta::Watermark;
 use crate::format::segment::segment_name;
 use crate::format::RecordKind;
-use crate::journal::reader::{scan_segment, Expect, FaultKind};
+use crate::journal::reader::{scan_bytes, Expect, FaultKind};
 use crate::replica::crypt;
-use crate::storage::{MemStorage, OpenMode, Storage};
 use std::path::Path;
 
 pub(super) const SEGMENTS: &str = "segments";
@@ -289,12 +288,6 @@ pub(super) fn index_segment(
     plain: &[u8],
     named: &Path,
 ) -> Result<SegmentIndex> {
-    let mem = MemStorage::new();
-    let dir = Path::new("/incoming");
-    let path = dir.join(segment_name(seq));
-    mem.create_dir_all(dir)?;
-    let f = mem.open(&path, OpenMode::CreateNew)?;
-    f.write_at(&[plain], 0)?;
     let sizes: Vec<u64> = man.disks.iter().map(|d| d.size).collect();
     let mut outside = None;
     let mut index = SegmentIndex::default();
@@ -304,7 +297,7 @@ pub(super) fn index_segment(
         first_lsn,
         disk_count: Some(sizes.len() as u32),
     };
-    let scan = scan_segment(f.as_ref(), expect, |rec| {
+    let scan = scan_bytes(plain, expect, |rec| {
         if let Some(what) = crate::volume::record_outside_disk(&rec.header, &sizes) {
             outside.get_or_insert((rec.offset, what));
         }

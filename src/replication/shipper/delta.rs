@@ -100,20 +100,16 @@ impl Shipper {
             };
             let last = seg.chunks.len().saturating_sub(1);
             for (i, (offset, compressed, bytes)) in seg.chunks.into_iter().enumerate() {
-                let m = Message::SegmentChunk {
+                let head = Message::SegmentChunk {
                     machine: name.clone(),
                     generation: machine.generation(),
                     seq: seg.seq,
                     segment_len: seg.len,
                     offset,
                     compressed,
-                    bytes,
+                    bytes: Vec::new(),
                 };
-                if i == last {
-                    link.send(&m)?;
-                } else {
-                    link.send_more(&m)?;
-                }
+                link.send_payload(&head, &bytes, i == last)?;
             }
             in_flight.push_back((seg.seq, seg.last_lsn, seg.len));
             while in_flight.len() >= WINDOW {
@@ -196,13 +192,19 @@ fn prepare(machine: &Machine, seg: &SealedSegment, prev: (u64, u64)) -> Result<P
     let len = seg.file.len()?;
     let mut chunks = Vec::new();
     let mut offset = 0u64;
-    let mut buf = vec![0u8; MAX_CHUNK];
     while offset < len {
         let n = ((len - offset) as usize).min(MAX_CHUNK);
-        let chunk = buf.get_mut(..n).unwrap_or(&mut []);
-        seg.file.read_exact_at(chunk, offset)?;
-        let (compressed, bytes) = pack(chunk);
-        chunks.push((offset, compressed, bytes));
+        // Read into the buffer that travels: an incompressible chunk is sent from it.
+        let mut bytes = vec![0u8; n];
+        seg.file.read_exact_at(&mut bytes, offset)?;
+        let packed = match pack(&bytes) {
+            (true, packed) => Some(packed.into_owned()),
+            (false, _) => None,
+        };
+        match packed {
+            Some(packed) => chunks.push((offset, true, packed)),
+            None => chunks.push((offset, false, bytes)),
+        }
         offset += n as u64;
     }
     Ok(Prepared {

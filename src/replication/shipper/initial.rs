@@ -132,14 +132,15 @@ impl Shipper {
                 let chunk = buf.get_mut(..n).unwrap_or(&mut []);
                 parent.read_exact_at(chunk, at)?;
                 let (compressed, bytes) = super::pack(chunk);
-                link.send(&Message::InitialChunk {
+                let head = Message::InitialChunk {
                     machine: machine.name().to_string(),
                     generation: machine.generation(),
                     disk,
                     offset: at,
                     compressed,
-                    bytes,
-                })?;
+                    bytes: Vec::new(),
+                };
+                link.send_payload(&head, &bytes, true)?;
                 sent += n as u64;
                 at += n as u64;
                 done += n as u64;
@@ -212,14 +213,15 @@ impl Shipper {
                         compressed,
                         bytes,
                     } => {
-                        link.send(&Message::InitialChunk {
+                        let head = Message::InitialChunk {
                             machine: machine.name().to_string(),
                             generation: machine.generation(),
                             disk,
                             offset,
                             compressed,
-                            bytes,
-                        })?;
+                            bytes: Vec::new(),
+                        };
+                        link.send_payload(&head, &bytes, true)?;
                         sent += len;
                     }
                     Step::Scanned(at) => {
@@ -310,7 +312,7 @@ fn read_parents(
                                 offset: at + start as u64,
                                 len: piece.len() as u64,
                                 compressed,
-                                bytes,
+                                bytes: bytes.into_owned(),
                             };
                             if !hand(step) {
                                 return Ok(());

@@ -22,6 +22,7 @@ use crate::format::meta::Watermark;
 use crate::holds::WatermarkHold;
 use crate::identity::SiteId;
 use crate::volume::Machine;
+use std::borrow::Cow;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -196,35 +197,55 @@ impl Link {
         self.send_opt(m, false)
     }
 
+    /// Send a message whose byte payload is kept apart ([`protocol::encode_head`]:
+    /// `head` with its `bytes` empty), without copying the payload into a frame;
+    /// flushed if `flush` (else more follows at once).
+    pub fn send_payload(&mut self, head: &Message, payload: &[u8], flush: bool) -> Result<()> {
+        /// A payload up to this size is copied after the head (one write, one TLS
+        /// record, instead of two for a small piece).
+        const COPY_BELOW: usize = 64 << 10;
+        match protocol::encode_head(head, payload) {
+            Ok(mut frame) if payload.len() < COPY_BELOW => {
+                frame.extend_from_slice(payload);
+                self.send_frame(&frame, &[], flush)
+            }
+            Ok(frame) => self.send_frame(&frame, payload, flush),
+            Err(e) => Err(self.frame_error("send to", e)),
+        }
+    }
+
     fn send_opt(&mut self, m: &Message, flush: bool) -> Result<()> {
-        let sent = protocol::encode(m)
-            .map_err(|e| self.frame_error("send to", e))
-            .and_then(|frame| {
-                if let Some(f) = &mut self.faults {
-                    return f
-                        .write(&mut self.stream, &frame)
-                        .map_err(|e| net_error("send to", &self.peer, e));
-                }
-                let limited = match &self.limiter {
-                    // Paced in pieces, so a large frame at a low rate still reaches
-                    // the target as a steady trickle, never a silence longer than its
-                    // read timeout.
-                    Some(l) => frame.chunks(LIMITED_PIECE).try_for_each(|piece| {
+        match protocol::encode(m) {
+            Ok(frame) => self.send_frame(&frame, &[], flush),
+            Err(e) => Err(self.frame_error("send to", e)),
+        }
+    }
+
+    /// Write one frame, `head` and then `tail`.
+    fn send_frame(&mut self, head: &[u8], tail: &[u8], flush: bool) -> Result<()> {
+        let sent = if let Some(f) = &mut self.faults {
+            // Wire faults (tests) see each frame whole.
+            f.write(&mut self.stream, &[head, tail].concat())
+        } else {
+            match &self.limiter {
+                // Paced in pieces, so a large frame at a low rate still reaches the
+                // target as a steady trickle, never a silence longer than its read
+                // timeout.
+                Some(l) => head
+                    .chunks(LIMITED_PIECE)
+                    .chain(tail.chunks(LIMITED_PIECE))
+                    .try_for_each(|piece| {
                         l.take(piece.len());
                         self.stream.write_all(piece)
                     }),
-                    None => self.stream.write_all(&frame),
-                };
-                limited.map_err(|e| net_error("send to", &self.peer, e))
-            })
-            .and_then(|()| {
-                if !flush {
-                    return Ok(());
-                }
-                self.stream
-                    .flush()
-                    .map_err(|e| net_error("send to", &self.peer, e))
-            });
+                None => self
+                    .stream
+                    .write_all(head)
+                    .and_then(|()| self.stream.write_all(tail)),
+            }
+        }
+        .and_then(|()| if flush { self.stream.flush() } else { Ok(()) })
+        .map_err(|e| net_error("send to", &self.peer, e));
         match sent {
             // The peer may have refused something and closed: its Error frame, if it
             // got here, says why (and whether to retry) better than the broken pipe.
@@ -292,22 +313,22 @@ pub enum PromoteOutcome {
     Unknown(Error),
 }
 
-/// A chunk as it travels: (compressed, bytes). LZ4 only where it pays: a chunk whose
+/// A chunk as it travels: (compressed, bytes), the chunk itself when not compressed. LZ4 only where it pays: a chunk whose
 /// first 64 KiB do not shrink by 1/16 is sent as it is (LZ4 over incompressible data
 /// costs a core at about 1 GB/s and saves nothing), and so is one LZ4 would not make
 /// smaller.
-pub(crate) fn pack(chunk: &[u8]) -> (bool, Vec<u8>) {
+pub(crate) fn pack(chunk: &[u8]) -> (bool, Cow<'_, [u8]>) {
     const SAMPLE: usize = 64 << 10;
     if let Some(sample) = chunk.get(..SAMPLE) {
         if lz4_flex::block::compress(sample).len() > SAMPLE / 16 * 15 {
-            return (false, chunk.to_vec());
+            return (false, Cow::Borrowed(chunk));
         }
     }
     let packed = lz4_flex::block::compress_prepend_size(chunk);
     if packed.len() >= chunk.len() {
-        (false, chunk.to_vec())
+        (false, Cow::Borrowed(chunk))
     } else {
-        (true, packed)
+        (true, Cow::Owned(packed))
     }
 }
 

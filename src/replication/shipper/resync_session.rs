@@ -521,13 +521,14 @@ impl<'a> ResyncRun<'a> {
                 self.sent_bytes += bytes.len() as u64;
                 self.sent_chunks += 1;
                 // Flushed with the batch's end.
-                self.link.send_more(&Message::ResyncChunk {
+                let head = Message::ResyncChunk {
                     machine: self.name.clone(),
                     disk: d,
                     offset: at,
                     compressed,
-                    bytes,
-                })?;
+                    bytes: Vec::new(),
+                };
+                self.link.send_payload(&head, &bytes, false)?;
             }
         }
         self.compared += count;
