@@ -129,34 +129,36 @@ enum Buffered<'f> {
 impl<'f> Buffered<'f> {
     /// `n` bytes at `off`, or None if the segment ends first.
     fn get(&mut self, off: u64, n: usize) -> Result<Option<&[u8]>> {
-        let (file, len, buf, start) = match self {
+        match self {
             Buffered::Bytes(bytes) => {
-                let end = usize::try_from(off).ok().and_then(|o| o.checked_add(n));
-                return Ok(end.and_then(|end| bytes.get(end - n..end)));
+                let start = usize::try_from(off).ok();
+                let end = start.and_then(|s| s.checked_add(n));
+                Ok(start.zip(end).and_then(|(s, e)| bytes.get(s..e)))
             }
             Buffered::File {
                 file,
                 len,
                 buf,
                 start,
-            } => (*file, *len, buf, start),
-        };
-        if off + n as u64 > len {
-            return Ok(None);
-        }
-        let have = off >= *start && off + n as u64 <= *start + buf.len() as u64;
-        if !have {
-            let want = n.max(READ_AHEAD).min((len - off) as usize);
-            buf.resize(want, 0);
-            let got = file.read_at(buf, off)?;
-            buf.truncate(got);
-            *start = off;
-            if got < n {
-                return Ok(None);
+            } => {
+                if off + n as u64 > *len {
+                    return Ok(None);
+                }
+                let have = off >= *start && off + n as u64 <= *start + buf.len() as u64;
+                if !have {
+                    let want = n.max(READ_AHEAD).min((*len - off) as usize);
+                    buf.resize(want, 0);
+                    let got = file.read_at(buf, off)?;
+                    buf.truncate(got);
+                    *start = off;
+                    if got < n {
+                        return Ok(None);
+                    }
+                }
+                let at = (off - *start) as usize;
+                Ok(buf.get(at..at + n))
             }
         }
-        let at = (off - *start) as usize;
-        Ok(buf.get(at..at + n))
     }
 }
 

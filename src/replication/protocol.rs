@@ -488,7 +488,8 @@ fn frame_header(len: usize, crc: u32) -> Result<[u8; FRAME_HEADER_LEN], FrameErr
 }
 
 /// The frame of a message whose last field is a byte payload (`SegmentChunk`,
-/// `InitialChunk`, `ResyncChunk`, `ResyncData`), with the payload kept apart: `head`
+/// `InitialChunk`, `ResyncChunk`; `ResyncData` too, though the target sends it whole),
+/// with the payload kept apart: `head`
 /// is the message with its `bytes` empty, and the returned head of the frame followed
 /// by `payload` is byte for byte the frame [`encode`] makes of the message holding
 /// `payload` (a test checks it). The payload — up to [`MAX_CHUNK`] bytes — is neither
@@ -605,7 +606,7 @@ pub fn read_frame_body(r: &mut impl Read, body: &mut Vec<u8>) -> Result<(), Fram
 
 /// The postcard variant index of [`Message::SegmentChunk`] (its place in the enum; a
 /// test checks it against an encoded message).
-const SEGMENT_CHUNK_TAG: u8 = 14;
+const SEGMENT_CHUNK_TAG: u32 = 14;
 
 /// A [`Message::SegmentChunk`] decoded in place: its fields in the same order, its
 /// bytes borrowed from the frame's body, which the receiver copies once, into the
@@ -626,7 +627,9 @@ pub struct SegmentChunkRef<'a> {
 /// [`decode_message`]: a body that does not decode, or has bytes after the message, is
 /// an error.
 pub fn segment_chunk_ref(body: &[u8]) -> Option<Result<SegmentChunkRef<'_>, FrameError>> {
-    let (&tag, fields) = body.split_first()?;
+    // The variant index is a varint, read as postcard reads it (an overlong encoding
+    // of 14 is a SegmentChunk to the owned decoder too).
+    let (tag, fields) = postcard::take_from_bytes::<u32>(body).ok()?;
     if tag != SEGMENT_CHUNK_TAG {
         return None;
     }
@@ -907,6 +910,14 @@ mod tests {
         }
         assert!(segment_chunk_ref(&encode(&Message::Probe).unwrap()[FRAME_HEADER_LEN..]).is_none());
         assert!(segment_chunk_ref(&[]).is_none());
+        // An overlong varint for the variant index is still a SegmentChunk, as the
+        // owned decoder reads it.
+        let overlong = [&[0x8E, 0x00][..], &body[1..]].concat();
+        assert_eq!(
+            segment_chunk_ref(&overlong).unwrap().unwrap(),
+            segment_chunk_ref(body).unwrap().unwrap()
+        );
+        assert_eq!(decode_message::<Message>(&overlong).unwrap(), whole);
         // Cut short, or with bytes after it: an error, never a chunk.
         assert!(matches!(
             segment_chunk_ref(&body[..body.len() - 1]),

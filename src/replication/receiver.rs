@@ -468,8 +468,8 @@ struct Session<'a> {
     assembling: Option<Assembly>,
     /// A stored segment's buffer, for the next one to be assembled in.
     spare: Vec<u8>,
-    /// Every frame's body is read into this buffer, which keeps its room (up to one
-    /// maximum frame) for the next.
+    /// Every frame's body is read into this buffer, which keeps its room for the next
+    /// (grown as bytes arrive, by doubling: at most about twice a maximum frame).
     frame: Vec<u8>,
     /// The differing chunks of the resync batch in flight (applied at its end).
     resync_chunks: Vec<(u32, u64, Vec<u8>)>,
@@ -608,10 +608,9 @@ impl Session<'_> {
                     // A segment chunk is read in place: its bytes are copied once,
                     // into the segment assembled.
                     Some(chunk) => {
-                        let job = self.flush_base(base).and_then(|()| {
-                            chunk
-                                .map_err(frame_refusal)
-                                .and_then(|c| self.on_segment_chunk(c))
+                        let job = chunk.map_err(frame_refusal).and_then(|c| {
+                            self.flush_base(base)?;
+                            self.on_segment_chunk(c)
                         });
                         self.frame = body;
                         if let Some(job) = job? {
@@ -733,8 +732,9 @@ impl Session<'_> {
             // thread of their own).
             Message::InitialChunk { .. } => Err(protocol_error("initial chunk out of place")),
             Message::InitialDone { machine } => self.on_initial_done(&machine).map(Some),
-            // `run` takes every segment chunk itself (it stores whole segments on a
-            // thread of their own).
+            // `run` takes every segment chunk itself, decoded in place
+            // (`protocol::segment_chunk_ref`), and stores whole segments on a thread
+            // of their own.
             Message::SegmentChunk { .. } => Err(protocol_error("segment chunk out of place")),
             Message::ResyncStart {
                 machine,

@@ -192,18 +192,18 @@ fn prepare(machine: &Machine, seg: &SealedSegment, prev: (u64, u64)) -> Result<P
     let len = seg.file.len()?;
     let mut chunks = Vec::new();
     let mut offset = 0u64;
+    let mut buf = Vec::new();
     while offset < len {
         let n = ((len - offset) as usize).min(MAX_CHUNK);
-        // Read into the buffer that travels: an incompressible chunk is sent from it.
-        let mut bytes = vec![0u8; n];
-        seg.file.read_exact_at(&mut bytes, offset)?;
-        let packed = match pack(&bytes) {
-            (true, packed) => Some(packed.into_owned()),
-            (false, _) => None,
-        };
+        // Read into a buffer that travels when the chunk is sent as it is (no copy),
+        // and is read into again when it was compressed.
+        buf.resize(n, 0);
+        seg.file.read_exact_at(&mut buf, offset)?;
+        let (compressed, packed) = pack(&buf);
+        let packed = compressed.then(|| packed.into_owned());
         match packed {
             Some(packed) => chunks.push((offset, true, packed)),
-            None => chunks.push((offset, false, bytes)),
+            None => chunks.push((offset, false, std::mem::take(&mut buf))),
         }
         offset += n as u64;
     }

@@ -313,10 +313,10 @@ pub enum PromoteOutcome {
     Unknown(Error),
 }
 
-/// A chunk as it travels: (compressed, bytes), the chunk itself when not compressed. LZ4 only where it pays: a chunk whose
-/// first 64 KiB do not shrink by 1/16 is sent as it is (LZ4 over incompressible data
-/// costs a core at about 1 GB/s and saves nothing), and so is one LZ4 would not make
-/// smaller.
+/// A chunk as it travels: (compressed, bytes), the chunk itself when it is not
+/// compressed. LZ4 only where it pays: a chunk whose first 64 KiB do not shrink by
+/// 1/16 is sent as it is (LZ4 over incompressible data costs a core at about 1 GB/s
+/// and saves nothing), and so is one LZ4 would not make smaller.
 pub(crate) fn pack(chunk: &[u8]) -> (bool, Cow<'_, [u8]>) {
     const SAMPLE: usize = 64 << 10;
     if let Some(sample) = chunk.get(..SAMPLE) {

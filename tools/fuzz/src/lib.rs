@@ -22,7 +22,7 @@ use replog::format::{
     RecordHeader, RecordKind, SegmentFooter, SegmentHeader, FOOTER_LEN, RECORD_HEADER_LEN,
     SEGMENT_HEADER_LEN,
 };
-use replog::journal::reader::{scan_segment, valid_records_after, Expect, SegmentScan};
+use replog::journal::reader::{scan_bytes, scan_segment, valid_records_after, Expect, SegmentScan};
 use replog::journal::{list_segments, recover, JournalParams};
 use replog::storage::{MemStorage, OpenMode, Storage, StorageFile};
 use std::path::Path;
@@ -133,7 +133,9 @@ pub fn scan_checked(bytes: &[u8], expect: Expect) -> SegmentScan {
     let mut handed_out = 0u32;
     let mut prev_lsn: Option<u64> = None;
     let mut chain = 0u32;
+    let mut from_file = Vec::new();
     let scan = scan_segment(file.as_ref(), expect, |rec| {
+        from_file.push((rec.offset, rec.header, rec.payload.to_vec()));
         if let Err(e) = rec.header.verify(rec.payload) {
             panic!(
                 "record at {} handed out with a bad CRC: {}",
@@ -174,6 +176,15 @@ pub fn scan_checked(bytes: &[u8], expect: Expect) -> SegmentScan {
         Ok(())
     })
     .expect("MemStorage reads never fail");
+    // The same bytes scanned in place, as a target scans an incoming segment.
+    let mut in_place = Vec::new();
+    let same = scan_bytes(bytes, expect, |rec| {
+        in_place.push((rec.offset, rec.header, rec.payload.to_vec()));
+        Ok(())
+    })
+    .expect("a scan in memory does no I/O");
+    assert_eq!(in_place, from_file, "records scanned in place");
+    assert_eq!(format!("{same:?}"), format!("{scan:?}"), "scan in place");
     assert_eq!(scan.records, handed_out);
     assert_eq!(scan.chain_crc, chain);
     assert_eq!(scan.last_lsn, prev_lsn);
@@ -195,8 +206,13 @@ pub fn scan_checked(bytes: &[u8], expect: Expect) -> SegmentScan {
             "clean unsealed scan must reach the end"
         );
     }
+    // Unsalted, and with the salt of the header (a recycled segment's records).
+    let salt = scan.header.map_or(0, |h| h.salt);
     for from in [scan.end, 0, 1, bytes.len() as u64] {
-        let _ = valid_records_after(file.as_ref(), from).expect("MemStorage reads never fail");
+        for salt in [0, salt] {
+            let _ = valid_records_after(file.as_ref(), from, salt)
+                .expect("MemStorage reads never fail");
+        }
     }
     scan
 }
@@ -216,6 +232,8 @@ fn recover_checked(bytes: &[u8], header: Option<SegmentHeader>) {
         watermark_lsn: h.base_lsn.saturating_sub(1),
         watermark_seq: h.seq.saturating_sub(1),
         generation: h.generation,
+        // No spares: recovery removes any it finds.
+        spare_budget: 0,
     };
     let storage = Arc::new(storage);
     let Ok(rec) = recover(storage.clone(), Path::new(DIR), params, |_, r| {
