@@ -115,30 +115,25 @@ pub fn check_frame(data: &[u8]) {
                 assert!(*used <= rest.len());
                 // The in-place decoder of segment chunks agrees with the owned one.
                 let body = &rest[protocol::FRAME_HEADER_LEN..*used];
-                match (protocol::segment_chunk_ref(body), m) {
-                    (None, Message::SegmentChunk { .. }) => {
-                        panic!("a SegmentChunk the in-place decoder did not take")
-                    }
-                    (None, _) => {}
-                    (
-                        Some(Ok(c)),
-                        Message::SegmentChunk {
-                            machine,
-                            generation,
-                            seq,
-                            segment_len,
-                            offset,
-                            compressed,
-                            bytes,
+                match protocol::segment_chunk_ref(body) {
+                    None => assert!(
+                        !matches!(m, Message::SegmentChunk { .. }),
+                        "a SegmentChunk the in-place decoder did not take"
+                    ),
+                    Some(Ok(c)) => assert_eq!(
+                        &Message::SegmentChunk {
+                            machine: c.machine.into(),
+                            generation: c.generation,
+                            seq: c.seq,
+                            segment_len: c.segment_len,
+                            offset: c.offset,
+                            compressed: c.compressed,
+                            bytes: c.bytes.to_vec(),
                         },
-                    ) => {
-                        assert_eq!(
-                            (c.machine, c.generation, c.seq, c.segment_len, c.offset),
-                            (machine.as_str(), *generation, *seq, *segment_len, *offset),
-                        );
-                        assert_eq!((c.compressed, c.bytes), (*compressed, &bytes[..]));
-                    }
-                    (other, _) => panic!("in place {other:?} but owned {m:?}"),
+                        m,
+                        "the in-place decoder read another message"
+                    ),
+                    Some(Err(e)) => panic!("in place {e} but owned {m:?}"),
                 }
                 if let Message::Hello {
                     protocol: p,
