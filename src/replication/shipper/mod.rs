@@ -23,7 +23,7 @@ use crate::holds::WatermarkHold;
 use crate::identity::SiteId;
 use crate::volume::Machine;
 use std::borrow::Cow;
-use std::io::Write;
+use std::io::{IoSlice, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -201,14 +201,7 @@ impl Link {
     /// `head` with its `bytes` empty), without copying the payload into a frame;
     /// flushed if `flush` (else more follows at once).
     pub fn send_payload(&mut self, head: &Message, payload: &[u8], flush: bool) -> Result<()> {
-        /// A payload up to this size is copied after the head (one write, one TLS
-        /// record, instead of two for a small piece).
-        const COPY_BELOW: usize = 64 << 10;
         match protocol::encode_head(head, payload) {
-            Ok(mut frame) if payload.len() < COPY_BELOW => {
-                frame.extend_from_slice(payload);
-                self.send_frame(&frame, &[], flush)
-            }
             Ok(frame) => self.send_frame(&frame, payload, flush),
             Err(e) => Err(self.frame_error("send to", e)),
         }
@@ -238,10 +231,7 @@ impl Link {
                         l.take(piece.len());
                         self.stream.write_all(piece)
                     }),
-                None => self
-                    .stream
-                    .write_all(head)
-                    .and_then(|()| self.stream.write_all(tail)),
+                None => write_all_parts(&mut self.stream, &[head, tail]),
             }
         }
         .and_then(|()| if flush { self.stream.flush() } else { Ok(()) })
@@ -311,6 +301,28 @@ pub enum PromoteOutcome {
     NotPromoted(Error),
     /// The connection failed after the request left: the next contact tells.
     Unknown(Error),
+}
+
+/// Write `parts` in order through TLS as one run of plaintext: rustls cuts records
+/// across the parts, so a frame's head does not travel as a small record of its own
+/// (`StreamOwned` writes only the first part of a vectored write; `Stream` all).
+fn write_all_parts(stream: &mut ClientStream, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| IoSlice::new(p))
+        .collect();
+    let mut left = &mut slices[..];
+    let mut tls = rustls::Stream::new(&mut stream.conn, &mut stream.sock);
+    while !left.is_empty() {
+        match tls.write_vectored(left) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut left, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// A chunk as it travels: (compressed, bytes), the chunk itself when it is not
