@@ -196,8 +196,13 @@ fn prepare(machine: &Machine, seg: &SealedSegment, prev: (u64, u64)) -> Result<P
     while offset < len {
         let n = ((len - offset) as usize).min(MAX_CHUNK);
         // Read into a buffer that travels when the chunk is sent as it is (no copy),
-        // and is read into again when it was compressed.
-        buf.resize(n, 0);
+        // and is read into again when it was compressed. A new one comes zeroed from
+        // the allocator (`vec!`: fresh pages, no memset of 8 MiB).
+        if buf.is_empty() {
+            buf = vec![0u8; n];
+        } else {
+            buf.resize(n, 0);
+        }
         seg.file.read_exact_at(&mut buf, offset)?;
         let (compressed, packed) = pack(&buf);
         let packed = compressed.then(|| packed.into_owned());
