@@ -479,7 +479,15 @@ fn kill_9_during_initial_replication_resumes() {
     );
     std::fs::remove_file(&raw).expect("rm raw");
     let t = TargetServe::start(&dst, &addr);
-    protect_vm1(&src, &addr);
+    // Paced, so that the copy is caught part-way at each step: unpaced, a resumed copy
+    // now finishes between two status samples (shipping lost its copies), and the test
+    // saw it done, never "copying again".
+    run_ok(replog().arg("protect").arg(&src).arg("vm1").args([
+        "--target",
+        &addr,
+        "--bandwidth",
+        "48MiB/s",
+    ]));
     let mnt = tmp.path().join("mnt");
 
     let progress = |m: &serde_json::Value| m["progress"].as_f64().unwrap_or(0.0);
