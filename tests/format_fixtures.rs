@@ -1028,3 +1028,77 @@ fn version_8_a_journal_written_into_a_recycled_file_opens_with_every_write() {
         .expect("read");
     assert!(buf == last, "the disk reads back the last writes");
 }
+
+/// Chunk frames of protocol 2 as the whole-message encoder wrote them (`v8/protocol`):
+/// they decode, a segment chunk decodes the same in place (as a target reads it), and
+/// a head written apart from its payload (as a source sends it) is the same bytes.
+#[test]
+fn chunk_frames_of_protocol_2_decode_whole_and_in_place_and_are_sent_as_they_were() {
+    let payload: Vec<u8> = (0..5000u32).map(|i| (i * 13 + i / 251) as u8).collect();
+    let frames = fixtures().join("v8/protocol");
+    let heads = [
+        (
+            "segment-chunk.frame",
+            Message::SegmentChunk {
+                machine: "vm1".into(),
+                generation: 2,
+                seq: 7,
+                segment_len: 64 << 20,
+                offset: 8 << 20,
+                compressed: false,
+                bytes: Vec::new(),
+            },
+        ),
+        (
+            "initial-chunk.frame",
+            Message::InitialChunk {
+                machine: "vm1".into(),
+                generation: 2,
+                disk: 1,
+                offset: 1 << 30,
+                compressed: true,
+                bytes: Vec::new(),
+            },
+        ),
+        (
+            "resync-chunk.frame",
+            Message::ResyncChunk {
+                machine: "vm1".into(),
+                disk: 0,
+                offset: 4096,
+                compressed: false,
+                bytes: Vec::new(),
+            },
+        ),
+    ];
+    for (name, expected) in heads {
+        let frame = std::fs::read(frames.join(name)).expect(name);
+        let (whole, used) = protocol::decode::<Message>(&frame).expect(name);
+        assert_eq!(used, frame.len(), "{name}");
+        // The message with its payload taken out: the head a source sends.
+        let mut head = whole.clone();
+        let got = match &mut head {
+            Message::SegmentChunk { bytes, .. }
+            | Message::InitialChunk { bytes, .. }
+            | Message::ResyncChunk { bytes, .. } => std::mem::take(bytes),
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!((&head, &got), (&expected, &payload), "{name}");
+        // In place, as a target reads it: a segment chunk only, the same message.
+        let body = &frame[protocol::FRAME_HEADER_LEN..];
+        match protocol::segment_chunk_ref(body) {
+            Some(c) => {
+                assert_eq!(c.expect("decodes in place").to_message(), whole, "{name}");
+            }
+            None => assert!(
+                !matches!(whole, Message::SegmentChunk { .. }),
+                "{name}: not taken in place"
+            ),
+        }
+        // Sent as a head and the payload apart: the same bytes.
+        let mut sent = protocol::encode_head(&head, &payload).expect(name);
+        sent.extend_from_slice(&payload);
+        assert_eq!(sent, frame, "{name}: sent as it was written");
+        assert_eq!(protocol::encode(&whole).expect(name), frame, "{name}");
+    }
+}

@@ -558,10 +558,16 @@ pub fn check_header(h: &[u8; FRAME_HEADER_LEN]) -> Result<(u32, u32), FrameError
 
 /// Decode a body whose header was checked.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8], crc: u32) -> Result<T, FrameError> {
+    check_body(body, crc)?;
+    decode_message(body)
+}
+
+/// A body's bytes against the CRC-32C its header gives.
+fn check_body(body: &[u8], crc: u32) -> Result<(), FrameError> {
     if crate::crc::crc32c(body) != crc {
         return Err(FrameError::Checksum);
     }
-    decode_message(body)
+    Ok(())
 }
 
 /// Decode a body whose CRC was checked: exactly one message, nothing after it.
@@ -598,10 +604,7 @@ pub fn read_frame_body(r: &mut impl Read, body: &mut Vec<u8>) -> Result<(), Fram
     if body.len() != len as usize {
         return Err(FrameError::Io(io::ErrorKind::UnexpectedEof.into()));
     }
-    if crate::crc::crc32c(body) != crc {
-        return Err(FrameError::Checksum);
-    }
-    Ok(())
+    check_body(body, crc)
 }
 
 /// The postcard variant index of [`Message::SegmentChunk`] (its place in the enum; a
@@ -620,6 +623,21 @@ pub struct SegmentChunkRef<'a> {
     pub offset: u64,
     pub compressed: bool,
     pub bytes: &'a [u8],
+}
+
+impl SegmentChunkRef<'_> {
+    /// The same chunk as an owned [`Message::SegmentChunk`] (a copy of its bytes).
+    pub fn to_message(&self) -> Message {
+        Message::SegmentChunk {
+            machine: self.machine.into(),
+            generation: self.generation,
+            seq: self.seq,
+            segment_len: self.segment_len,
+            offset: self.offset,
+            compressed: self.compressed,
+            bytes: self.bytes.to_vec(),
+        }
+    }
 }
 
 /// The body's message as a [`SegmentChunkRef`] if it is a `SegmentChunk` (None for

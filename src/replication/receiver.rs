@@ -603,31 +603,28 @@ impl Session<'_> {
                 finish_store(pending, &mut self.spare, s)?;
             }
             let mut body = std::mem::take(&mut self.frame);
-            let msg = match protocol::read_frame_body(s, &mut body) {
-                Ok(()) => match protocol::segment_chunk_ref(&body) {
-                    // A segment chunk is read in place: its bytes are copied once,
-                    // into the segment assembled.
-                    Some(chunk) => {
-                        let job = chunk.map_err(frame_refusal).and_then(|c| {
-                            self.flush_base(base)?;
-                            self.on_segment_chunk(c)
-                        });
-                        self.frame = body;
-                        if let Some(job) = job? {
-                            // One segment stored at a time, Acks in order.
-                            finish_store(pending, &mut self.spare, s)?;
-                            *pending = Some(sc.spawn(move || job.run(target)));
-                        }
-                        continue;
-                    }
-                    None => {
-                        let msg = protocol::decode_message::<Message>(&body);
-                        self.frame = body;
-                        msg
-                    }
-                },
-                Err(e) => Err(e),
-            };
+            let read = protocol::read_frame_body(s, &mut body);
+            // A segment chunk is read in place: its bytes are copied once, into the
+            // segment assembled.
+            if let Some(chunk) = read
+                .is_ok()
+                .then(|| protocol::segment_chunk_ref(&body))
+                .flatten()
+            {
+                let job = chunk.map_err(frame_refusal).and_then(|c| {
+                    self.flush_base(base)?;
+                    self.on_segment_chunk(c)
+                });
+                self.frame = body;
+                if let Some(job) = job? {
+                    // One segment stored at a time, Acks in order.
+                    finish_store(pending, &mut self.spare, s)?;
+                    *pending = Some(sc.spawn(move || job.run(target)));
+                }
+                continue;
+            }
+            let msg = read.and_then(|()| protocol::decode_message::<Message>(&body));
+            self.frame = body;
             let msg = match msg {
                 Ok(m) => m,
                 Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {

@@ -198,18 +198,16 @@ fn prepare(machine: &Machine, seg: &SealedSegment, prev: (u64, u64)) -> Result<P
         // Read into a buffer that travels when the chunk is sent as it is (no copy),
         // and is read into again when it was compressed. A new one comes zeroed from
         // the allocator (`vec!`: fresh pages, no memset of 8 MiB).
-        if buf.is_empty() {
+        if buf.len() != n {
             buf = vec![0u8; n];
-        } else {
-            buf.resize(n, 0);
         }
         seg.file.read_exact_at(&mut buf, offset)?;
         let (compressed, packed) = pack(&buf);
-        let packed = compressed.then(|| packed.into_owned());
-        match packed {
-            Some(packed) => chunks.push((offset, true, packed)),
-            None => chunks.push((offset, false, std::mem::take(&mut buf))),
-        }
+        let bytes = match compressed.then(|| packed.into_owned()) {
+            Some(packed) => packed,
+            None => std::mem::take(&mut buf),
+        };
+        chunks.push((offset, compressed, bytes));
         offset += n as u64;
     }
     Ok(Prepared {

@@ -121,15 +121,7 @@ pub fn check_frame(data: &[u8]) {
                         "a SegmentChunk the in-place decoder did not take"
                     ),
                     Some(Ok(c)) => assert_eq!(
-                        &Message::SegmentChunk {
-                            machine: c.machine.into(),
-                            generation: c.generation,
-                            seq: c.seq,
-                            segment_len: c.segment_len,
-                            offset: c.offset,
-                            compressed: c.compressed,
-                            bytes: c.bytes.to_vec(),
-                        },
+                        &c.to_message(),
                         m,
                         "the in-place decoder read another message"
                     ),
