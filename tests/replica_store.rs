@@ -34,13 +34,18 @@ fn source(dir: &Path) -> (u64, Vec<Vec<u8>>) {
 }
 
 fn replica(site: &Path, machine_id: u64) -> ReplicaStore {
+    replica_sized(site, machine_id, 1 << 20)
+}
+
+/// A replica of `machine_id` whose one disk "os" is `size` bytes.
+fn replica_sized(site: &Path, machine_id: u64, size: u64) -> ReplicaStore {
     let manifest = ReplicaManifest {
         source_site: [1u8; 32],
         machine_id,
         disks: vec![DiskEntry {
             id: 0,
             name: "os".into(),
-            size: 1 << 20,
+            size,
         }],
         base_lsn: 0,
         base_seq: 0,
@@ -315,4 +320,83 @@ fn a_fold_stopped_by_a_damaged_segment_loses_what_the_unfolded_segments_wrote() 
         r.read_replica(0, 300_000, &mut buf).expect("never written");
         assert_eq!(buf, vec![0u8; 5000]);
     }
+}
+
+/// Segments read into recycled buffers (`read_layer_pooled`: around the page cache,
+/// into memory a reader before used) are the same bytes as the plain read's, however
+/// big the buffer's earlier contents; unknown numbers and damage are refused alike.
+#[test]
+fn pooled_reads_match_plain_reads_and_refuse_damage() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("src");
+    let fs = FileStorage;
+    Machine::create(&fs, &dir).expect("create");
+    Machine::add_disk(&fs, &dir, "os", 32 << 20, None).expect("disk");
+    let m =
+        Machine::open(Arc::new(FileStorage), &dir, "vm1", JournalConfig::default()).expect("open");
+    let v = m.volume("os").expect("vol");
+    // A segment bigger than the pool keeps, then small ones: a small one read into
+    // the big one's buffer must not show the big one's bytes past its end.
+    let big: Vec<u8> = (0..12u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    v.write(0, &big).expect("write big");
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    for i in 0..2u64 {
+        v.write(i * 4096, &vec![b'x' + i as u8; 3000])
+            .expect("write");
+        m.flush().expect("flush");
+        m.seal().expect("seal");
+    }
+    let id = Machine::read_manifest(&fs, &dir)
+        .expect("manifest")
+        .machine_id;
+    drop(v);
+    drop(m);
+    let site = tmp.path().join("target");
+    let mut r = replica_sized(&site, id, 32 << 20);
+    for s in 1..=3u64 {
+        let seg = std::fs::read(dir.join("journal").join(segment_name(s))).expect("segment");
+        r.receive(s, &seg).expect("store");
+    }
+    assert!(
+        r.read_segment(1).expect("big").len() > replog::storage::pool::POOLED_MIN,
+        "the first segment is big enough to be pooled"
+    );
+    for round in 0..2 {
+        for s in [1u64, 2, 3, 1, 3] {
+            let plain = r.read_segment(s).expect("plain read");
+            let pooled = r.read_layer_pooled(s).expect("pooled read");
+            assert_eq!(&pooled[..], &plain[..], "segment {s}, round {round}");
+        }
+    }
+    for s in [0u64, 4] {
+        let err = r.read_layer_pooled(s).expect_err("no such segment");
+        assert!(matches!(err, Error::NotFound(_)), "{s}: {err}");
+    }
+    // A flipped byte and a cut file: corruption, naming the file.
+    let seg_dir = site.join("replicas/vm1/segments");
+    let file2 = std::fs::read_dir(&seg_dir)
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .find(|p| {
+            p.to_string_lossy().ends_with(".seg.enc") && p.to_string_lossy().contains("00002")
+        })
+        .expect("segment 2's file");
+    let good = std::fs::read(&file2).expect("read");
+    let mut bad = good.clone();
+    bad[good.len() / 2] ^= 0x20;
+    std::fs::write(&file2, &bad).expect("damage");
+    let err = r.read_layer_pooled(2).expect_err("damaged segment served");
+    assert!(err.is_corruption(), "{err}");
+    assert!(err.to_string().contains("segments"), "{err}");
+    std::fs::write(&file2, &good[..good.len() - 100]).expect("cut");
+    let err = r.read_layer_pooled(2).expect_err("cut segment served");
+    assert!(err.is_corruption(), "{err}");
+    std::fs::write(&file2, &good).expect("mend");
+    assert_eq!(
+        &r.read_layer_pooled(2).expect("mended")[..],
+        &r.read_segment(2).expect("plain")[..]
+    );
 }

@@ -15,8 +15,10 @@
 //! and fault injection in tests.
 
 use crate::error::{Error, Result};
+use crate::storage::pool::Pooled;
 use crate::storage::{
-    is_not_found, read_all, write_atomic, write_new, write_temp, OpenMode, Storage, StorageLock,
+    is_not_found, read_all, write_atomic, write_new, write_temp, OpenMode, Storage, StorageFile,
+    StorageLock,
 };
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -38,6 +40,12 @@ pub trait ReplicaBackend: Send + Sync + fmt::Debug {
     /// The whole object into `buf` (reused: no allocation once it is big enough);
     /// false, and `buf` untouched, if it does not exist.
     fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<bool>;
+    /// [`ReplicaBackend::get`] into a recycled buffer (`storage::pool`), for objects
+    /// read whole and dropped soon after (segments): a directory reads it around the
+    /// page cache, straight into memory the process has used before.
+    fn get_pooled(&self, key: &str) -> Result<Option<Pooled>> {
+        Ok(self.get(key)?.map(Pooled::from_vec))
+    }
     /// The first `len` bytes of the object (fewer if it is shorter), or None if it
     /// does not exist.
     fn get_head(&self, key: &str, len: usize) -> Result<Option<Vec<u8>>> {
@@ -129,6 +137,26 @@ impl fmt::Debug for DirBackend {
 }
 
 impl DirBackend {
+    /// Object `key` opened for reading, and its length (checked against the most
+    /// any replica object can be); None if it does not exist.
+    fn open_object(&self, key: &str) -> Result<Option<(Arc<dyn StorageFile>, u64)>> {
+        let path = self.path(key)?;
+        let file = match self.storage.open(&path, OpenMode::ReadOnly) {
+            Ok(f) => f,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let len = file.len()?;
+        if len > MAX_OBJECT {
+            return Err(Error::corruption(
+                &path,
+                0,
+                format!("object is {len} bytes, more than any replica object can be"),
+            ));
+        }
+        Ok(Some((file, len)))
+    }
+
     pub fn new(storage: Arc<dyn Storage>, root: impl Into<PathBuf>) -> Self {
         DirBackend {
             storage,
@@ -220,20 +248,9 @@ static PIN_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 
 impl ReplicaBackend for DirBackend {
     fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<bool> {
-        let path = self.path(key)?;
-        let file = match self.storage.open(&path, OpenMode::ReadOnly) {
-            Ok(f) => f,
-            Err(e) if is_not_found(&e) => return Ok(false),
-            Err(e) => return Err(e),
+        let Some((file, len)) = self.open_object(key)? else {
+            return Ok(false);
         };
-        let len = file.len()?;
-        if len > MAX_OBJECT {
-            return Err(Error::corruption(
-                &path,
-                0,
-                format!("object is {len} bytes, more than any replica object can be"),
-            ));
-        }
         buf.clear();
         buf.resize(len as usize, 0);
         let n = file.read_at(buf, 0)?;
@@ -261,6 +278,16 @@ impl ReplicaBackend for DirBackend {
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    fn get_pooled(&self, key: &str) -> Result<Option<Pooled>> {
+        let Some((file, len)) = self.open_object(key)? else {
+            return Ok(None);
+        };
+        let mut out = Pooled::with_room(len as usize);
+        let n = file.read_direct(out.room(), 0)?;
+        out.set_len(n.min(len as usize));
+        Ok(Some(out))
     }
 
     fn put(&self, key: &str, bytes: &[u8]) -> Result<()> {

@@ -295,6 +295,36 @@ impl ReplicaKey {
         buf: &mut Vec<u8>,
         path: &Path,
     ) -> Result<u16> {
+        let (version, plain_len) =
+            self.open_slice(label, newest, machine_id, seq, buf.as_mut_slice(), path)?;
+        buf.truncate(plain_len);
+        Ok(version)
+    }
+
+    /// Decrypt and authenticate segment `seq` held in `buf` (a pooled buffer), in
+    /// place: its first `len` bytes are then the plain bytes, `len` returned.
+    pub fn open_segment_slice(
+        &self,
+        machine_id: u64,
+        seq: u64,
+        buf: &mut [u8],
+        path: &Path,
+    ) -> Result<usize> {
+        self.open_slice(SEGMENT_LABEL, VERSION, machine_id, seq, buf, path)
+            .map(|(_, len)| len)
+    }
+
+    /// [`Self::open_in_place`] over a slice: the version and the plain length (the
+    /// plain bytes start the slice).
+    fn open_slice(
+        &self,
+        label: &[u8],
+        newest: u16,
+        machine_id: u64,
+        seq: u64,
+        buf: &mut [u8],
+        path: &Path,
+    ) -> Result<(u16, usize)> {
         let Some(head) = buf.get(..HEADER_LEN) else {
             return Err(Error::corruption(
                 path,
@@ -370,8 +400,7 @@ impl ReplicaKey {
                 )
             })?
             .len();
-        buf.truncate(plain_len);
-        Ok(version)
+        Ok((version, plain_len))
     }
 }
 

@@ -17,6 +17,7 @@ use super::store::{ReplicaStore, CHUNK_BYTES};
 use crate::error::{Error, Result};
 use crate::format::meta::DiskEntry;
 use crate::index::{ExtentMap, Location, Piece};
+use crate::storage::pool::Pooled;
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -147,7 +148,7 @@ pub struct PointImage {
     store: ReplicaStore,
     point: ReplicaPoint,
     maps: Vec<ExtentMap>,
-    segments: Cache<u64, Arc<Vec<u8>>>,
+    segments: Cache<u64, Arc<Pooled>>,
     chunks: Cache<(u32, u64), Chunk>,
     _pin: Pin,
 }
@@ -272,9 +273,9 @@ impl PointImage {
     }
 
     /// Segment `seq`'s plain bytes, or a patch's (`PATCH_SEQ + n`) (cached).
-    pub fn segment(&self, seq: u64) -> Result<Arc<Vec<u8>>> {
+    pub fn segment(&self, seq: u64) -> Result<Arc<Pooled>> {
         self.segments.get_or_load(seq, || {
-            let plain = Arc::new(self.store.read_layer(seq)?);
+            let plain = Arc::new(self.store.read_layer_pooled(seq)?);
             let size = plain.len();
             Ok((plain, size))
         })

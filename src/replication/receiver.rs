@@ -370,6 +370,11 @@ impl Target {
         WIRE_FAULTS
             .with(|f| *f.borrow_mut() = crate::replication::wire_fault::WireFaults::from_env());
         let ended = session.run(stream, input_ready);
+        // The session's segment buffers go back for the next session or reader.
+        crate::storage::pool::give(std::mem::take(&mut session.spare));
+        if let Some(a) = session.assembling.take() {
+            crate::storage::pool::give(a.bytes);
+        }
         WIRE_FAULTS.with(|f| *f.borrow_mut() = None);
         match ended {
             Ok(()) => tracing::debug!("replication session with {peer} ended"),
@@ -544,7 +549,7 @@ fn finish_store(
             Vec::new(),
         )
     });
-    *spare = buf;
+    crate::storage::pool::give(std::mem::replace(spare, buf));
     send(s, &ack?)
 }
 
@@ -907,6 +912,9 @@ impl Session<'_> {
                 "this target cannot promote replicas (it is not a site's serve)".into(),
             ));
         };
+        // The check reads the point's segments: into the buffers this session
+        // assembled segments in, which the process has touched already.
+        crate::storage::pool::give(std::mem::take(&mut self.spare));
         {
             let _under_way = Promoting::start(&self.target.failovers, &name);
             if let Err(e) = (hook.0)(&name, lsn, generation) {
@@ -1184,13 +1192,17 @@ impl Session<'_> {
             // The whole segment's room at once (its length is checked above): growing
             // by doubling copied and faulted in every segment several times.
             _ if offset == 0 => {
-                let mut bytes = std::mem::take(&mut self.spare);
-                bytes.clear();
                 // Bounded up front (a peer announcing a huge segment gets room as its
                 // bytes arrive).
-                bytes.reserve(
-                    ROOM + (segment_len as usize).min(RESERVE_MAX) + crate::replica::crypt::TAG_LEN,
-                );
+                let room =
+                    ROOM + (segment_len as usize).min(RESERVE_MAX) + crate::replica::crypt::TAG_LEN;
+                let mut bytes = std::mem::take(&mut self.spare);
+                if bytes.capacity() < room {
+                    crate::storage::pool::give(bytes);
+                    bytes = crate::storage::pool::take(crate::storage::pool::room_for(room));
+                }
+                bytes.clear();
+                bytes.reserve(room);
                 bytes.resize(ROOM, 0);
                 self.assembling.insert(Assembly {
                     seq,

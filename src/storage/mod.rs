@@ -16,6 +16,7 @@
 mod fault;
 mod file;
 mod mem;
+pub mod pool;
 
 pub use fault::FaultyStorage;
 pub(crate) use file::renameat2;

@@ -263,19 +263,10 @@ impl ReplicaStore {
 
     /// The plain bytes of stored segment `seq`, decrypted and authenticated.
     pub fn read_segment(&self, seq: u64) -> Result<Vec<u8>> {
-        if seq == 0 || seq > self.received.segment_seq {
+        if seq > super::PATCH_SEQ {
             return Err(Error::NotFound(format!("segment {seq} is not stored")));
         }
-        let rel = seg_rel(seq);
-        let path = self.locate(&rel);
-        let ct = self.backend().get(&self.key_of(&rel))?.ok_or_else(|| {
-            Error::corruption(
-                &path,
-                0,
-                "segment missing from the replica (deleted or lost)",
-            )
-        })?;
-        self.key().open(self.manifest.machine_id, seq, ct, &path)
+        self.read_layer(seq)
     }
 }
 
