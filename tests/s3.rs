@@ -129,6 +129,32 @@ fn restore_os(dst: &Path, at: &str, out: &Path) -> Vec<u8> {
 }
 
 /// Write `n` blocks of fresh data through the mount, fsync'd.
+/// How long each phase of a long test took, printed as each ends: nextest shows it
+/// for the tests `.config/nextest.toml` names, passed or failed, so a run much slower
+/// than the others says where its time went.
+struct Phases {
+    test: &'static str,
+    last: Instant,
+}
+
+impl Phases {
+    fn new(test: &'static str) -> Self {
+        Phases {
+            test,
+            last: Instant::now(),
+        }
+    }
+
+    fn done(&mut self, what: &str) {
+        eprintln!(
+            "{}: {what} in {:.1} s",
+            self.test,
+            self.last.elapsed().as_secs_f64()
+        );
+        self.last = Instant::now();
+    }
+}
+
 fn write_some(img: &Path, seed: u64, n: u64) {
     for i in 0..n {
         write_at(
@@ -638,11 +664,13 @@ fn retention_merges_in_the_bucket_and_a_failback_cycle_reprotects_into_it() {
     if !fuse_available(test) {
         return;
     }
+    let mut phase = Phases::new(test);
     let tmp = tempfile::tempdir().expect("tempdir");
     let _sweep = MountSweep(tmp.path().to_path_buf());
     let Some(cluster) = Cluster::start(&tmp.path().join("cluster"), test) else {
         return;
     };
+    phase.done("the store started");
     // Every replog process of this test reaches the store.
     for (k, v) in seaweed::env() {
         std::env::set_var(k, v);
@@ -655,6 +683,7 @@ fn retention_merges_in_the_bucket_and_a_failback_cycle_reprotects_into_it() {
     write_some(&sa.disk("os"), 1, 30);
     protect_when_listening_with(&a, &addr_b, &["--retention", "2s", "--app-retention", "2s"]);
     wait_shipped(&a);
+    phase.done("protected and shipped");
     let first = status(&a)["machines"][0]["acked_lsn"]
         .as_u64()
         .expect("acked");
@@ -676,12 +705,14 @@ fn retention_merges_in_the_bucket_and_a_failback_cycle_reprotects_into_it() {
         assert!(Instant::now() < deadline, "no point ever expired");
         std::thread::sleep(Duration::from_millis(200));
     }
+    phase.done("points expired and folded");
     assert!(restore_os(&b, "latest", &tmp.path().join("r1")) == read_all(&sa.disk("os")));
+    phase.done("restored from the bucket");
 
     // Planned failover to B, commit, reprotect B → A (A's local directory holds the
     // replica); then back: planned failover to A, commit, reprotect A → B — B's old
     // primary becomes the replica, seeded from its own disks, into the bucket.
-    let stage = |from: &Path, to: &Path, back: &str| {
+    let stage = |phase: &mut Phases, from: &Path, to: &Path, back: &str| {
         run_ok(
             replog()
                 .arg("failover")
@@ -689,7 +720,9 @@ fn retention_merges_in_the_bucket_and_a_failback_cycle_reprotects_into_it() {
                 .arg("vm1")
                 .arg("--planned"),
         );
+        phase.done("planned failover");
         run_ok(replog().arg("commit").arg(to).arg("vm1"));
+        phase.done("commit");
         run_ok(
             replog()
                 .arg("reprotect")
@@ -697,14 +730,18 @@ fn retention_merges_in_the_bucket_and_a_failback_cycle_reprotects_into_it() {
                 .arg("vm1")
                 .args(["--target", back]),
         );
+        phase.done("reprotect");
     };
-    stage(&a, &b, &addr_a);
+    stage(&mut phase, &a, &b, &addr_a);
     write_some(&sb.disk("os"), 7, 20);
     wait_shipped(&b);
-    stage(&b, &a, &addr_b);
+    phase.done("written and shipped at B");
+    stage(&mut phase, &b, &a, &addr_b);
     write_some(&sa.disk("os"), 8, 20);
     wait_shipped(&a);
+    phase.done("written and shipped at A, into the bucket");
     assert!(restore_os(&b, "latest", &tmp.path().join("r2")) == read_all(&sa.disk("os")));
+    phase.done("restored from the bucket");
     assert!(
         !b.join("replicas").exists(),
         "the replica went to the bucket"

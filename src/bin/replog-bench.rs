@@ -383,6 +383,9 @@ fn run(args: &Args) -> Result<()> {
                 let three = s3::S3Target::start(&b, 3)?;
                 figures.push(b.s3_vs_local(&target, &three)?);
                 figures.push(b.s3_fleet(&three)?);
+                // The store's processes stopped and its files removed before the
+                // next group.
+                drop(three);
             }
             if want("ship") {
                 figures.push(b.ship_throughput(&target)?);

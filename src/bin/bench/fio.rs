@@ -81,10 +81,20 @@ impl Drop for Serve {
 }
 
 /// Two trusted sites for a figure through real serves: `DIR/<name>-src` and
-/// `DIR/<name>-dst` (made afresh).
+/// `DIR/<name>-dst` (made afresh, removed when this is dropped: drop it after the
+/// serves).
 pub(crate) struct ServedPair {
     pub(crate) src: PathBuf,
     pub(crate) dst: PathBuf,
+}
+
+impl Drop for ServedPair {
+    fn drop(&mut self) {
+        drop(super::util::RemoveOnDrop(vec![
+            self.src.clone(),
+            self.dst.clone(),
+        ]));
+    }
 }
 
 impl ServedPair {

@@ -7,7 +7,9 @@
 //! protecting 10 and then 100 small machines that write all along.
 
 use super::replica::TargetSite;
-use super::{mb_per_s, median, pattern_at, progress, Bench, Figure, Result, GIB, KIB, MIB};
+use super::{
+    mb_per_s, median, pattern_at, progress, Bench, Figure, RemoveOnDrop, Result, GIB, KIB, MIB,
+};
 use replog::replica::objects::requests_sent;
 use replog::replication::shipper::Shipper;
 use replog::testkit::seaweed::{find_weed, Cluster, BUCKET};
@@ -22,6 +24,9 @@ pub struct S3Target {
     /// Copies the store keeps of every object.
     copies: u32,
     pub target: TargetSite,
+    /// The cluster's and the target's files, removed after both stopped (the fields
+    /// before it drop first).
+    _files: RemoveOnDrop,
 }
 
 impl S3Target {
@@ -40,20 +45,19 @@ impl S3Target {
             1 => "000",
             _ => "002",
         };
-        let cluster = Cluster::start_with(
-            &b.dir.join(format!("seaweedfs-{copies}")),
-            &weed,
-            replication,
-        )?;
+        let store_dir = b.dir.join(format!("seaweedfs-{copies}"));
+        let cluster = Cluster::start_with(&store_dir, &weed, replication)?;
         let mut cfg = replog::config::SiteConfig::default();
         cfg.replica.store = format!("s3://{BUCKET}/bench");
         cfg.replica.s3 = cluster.settings();
         cfg.replica.s3.credentials_file = cluster.credentials_file()?.display().to_string();
         let target = TargetSite::start_with(b, &format!("target-s3-{copies}"), cfg)?;
+        let files = RemoveOnDrop(vec![store_dir, target.path.clone()]);
         Ok(S3Target {
             cluster,
             copies,
             target,
+            _files: files,
         })
     }
 }

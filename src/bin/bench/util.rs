@@ -101,6 +101,19 @@ pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
     }
 }
 
+/// Directories removed (best effort) when this is dropped: a group's files, gone when
+/// the group ends, so that a full run does not hold every group's data at once (it
+/// filled the 48 GB free on this VM's disk once, and died at the last figure).
+pub(crate) struct RemoveOnDrop(pub(crate) Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
 pub(crate) fn best(runs: &[f64]) -> f64 {
     runs.iter().copied().fold(0.0, f64::max)
 }
