@@ -165,3 +165,41 @@ fn sites_have_ids_and_only_pinned_peers_connect() {
     );
     Site::open(&a).expect("site still opens");
 }
+
+/// Both ends of a replication session send small messages (the handshake's flights,
+/// Hello and its answer, acknowledgements) without waiting: TCP_NODELAY on the
+/// connecting and the accepting socket. Without it on the accepting one, every
+/// session began with a 40 ms stall (the peer's delayed acknowledgement holding back
+/// the target's next small write), which a planned failover paid twice.
+#[test]
+fn both_ends_of_a_session_send_small_writes_at_once() {
+    use replog::replication::transport::{connect, listen};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    for s in [&a, &b] {
+        Site::init(s).expect("init");
+    }
+    let (ida, idb) = (
+        Identity::load(&a).expect("a").id(),
+        Identity::load(&b).expect("b").id(),
+    );
+    identity::trust(&a, idb).expect("a trusts b");
+    identity::trust(&b, ida).expect("b trusts a");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let addr = listen(&a, "127.0.0.1:0", move |s, _peer| {
+        let _ = tx
+            .lock()
+            .expect("lock")
+            .send(s.sock.nodelay().expect("getsockopt"));
+    })
+    .expect("listen");
+    let (client, peer, _) =
+        connect(&b, &addr.to_string(), std::time::Duration::from_secs(10)).expect("connect");
+    assert_eq!(peer, ida);
+    assert!(client.sock.nodelay().expect("getsockopt"), "connecting end");
+    let accepted = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the session began");
+    assert!(accepted, "accepting end: TCP_NODELAY not set");
+}

@@ -229,6 +229,11 @@ fn accept(me: &Identity, site: &Path, tcp: TcpStream) -> Result<(ServerStream, S
             .map_err(|e| tls_io("configure", &from, e))
     };
     timeouts(&tcp, HANDSHAKE_TIMEOUT)?;
+    // As at the connecting end: without it the target's small writes (the handshake's
+    // last flight, a reply after another unacknowledged one) waited for the peer's
+    // delayed acknowledgement, 40 ms on Linux — at every session's start.
+    tcp.set_nodelay(true)
+        .map_err(|e| tls_io("configure", &from, e))?;
     let conn = ServerConnection::new(cfg).map_err(|e| Error::InvalidInput(e.to_string()))?;
     let mut stream = StreamOwned::new(conn, tcp);
     while stream.conn.is_handshaking() {
