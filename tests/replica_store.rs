@@ -335,14 +335,17 @@ fn pooled_reads_match_plain_reads_and_refuse_damage() {
     let m =
         Machine::open(Arc::new(FileStorage), &dir, "vm1", JournalConfig::default()).expect("open");
     let v = m.volume("os").expect("vol");
-    // A segment bigger than the pool keeps, then small ones: a small one read into
-    // the big one's buffer must not show the big one's bytes past its end.
+    // Segments big enough for the pool to keep their buffers (12 and 9 MiB, one size
+    // class), then small ones: the 9 MiB one read into the 12 MiB one's buffer must
+    // not show the bigger one's bytes past its end.
     let big: Vec<u8> = (0..12u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
-    v.write(0, &big).expect("write big");
-    m.flush().expect("flush");
-    m.seal().expect("seal");
+    for len in [12usize << 20, 9 << 20] {
+        v.write(0, &big[..len]).expect("write big");
+        m.flush().expect("flush");
+        m.seal().expect("seal");
+    }
     for i in 0..2u64 {
         v.write(i * 4096, &vec![b'x' + i as u8; 3000])
             .expect("write");
@@ -356,7 +359,7 @@ fn pooled_reads_match_plain_reads_and_refuse_damage() {
     drop(m);
     let site = tmp.path().join("target");
     let mut r = replica_sized(&site, id, 32 << 20);
-    for s in 1..=3u64 {
+    for s in 1..=4u64 {
         let seg = std::fs::read(dir.join("journal").join(segment_name(s))).expect("segment");
         r.receive(s, &seg).expect("store");
     }
@@ -365,13 +368,13 @@ fn pooled_reads_match_plain_reads_and_refuse_damage() {
         "the first segment is big enough to be pooled"
     );
     for round in 0..2 {
-        for s in [1u64, 2, 3, 1, 3] {
+        for s in [1u64, 2, 3, 4, 1, 4, 2] {
             let plain = r.read_segment(s).expect("plain read");
             let pooled = r.read_layer_pooled(s).expect("pooled read");
             assert_eq!(&pooled[..], &plain[..], "segment {s}, round {round}");
         }
     }
-    for s in [0u64, 4] {
+    for s in [0u64, 5] {
         let err = r.read_layer_pooled(s).expect_err("no such segment");
         assert!(matches!(err, Error::NotFound(_)), "{s}: {err}");
     }

@@ -128,7 +128,6 @@ fn restore_os(dst: &Path, at: &str, out: &Path) -> Vec<u8> {
     read_all(&out.join("os.img"))
 }
 
-/// Write `n` blocks of fresh data through the mount, fsync'd.
 /// How long each phase of a long test took, printed as each ends: nextest shows it
 /// for the tests `.config/nextest.toml` names, passed or failed, so a run much slower
 /// than the others says where its time went.
@@ -155,6 +154,7 @@ impl Phases {
     }
 }
 
+/// Write `n` blocks of fresh data through the mount, fsync'd.
 fn write_some(img: &Path, seed: u64, n: u64) {
     for i in 0..n {
         write_at(

@@ -276,7 +276,7 @@ impl PointImage {
     pub fn segment(&self, seq: u64) -> Result<Arc<Pooled>> {
         self.segments.get_or_load(seq, || {
             let plain = Arc::new(self.store.read_layer_pooled(seq)?);
-            let size = plain.len();
+            let size = plain.footprint();
             Ok((plain, size))
         })
     }

@@ -55,22 +55,28 @@ struct Idle {
 }
 
 /// A buffer with room for at least `room` bytes: one given back earlier (the
-/// smallest that fits; its length and bytes are whatever it held) or a new, empty
-/// one. Give it back with [`give`] when done.
-pub fn take(room: usize) -> Vec<u8> {
+/// smallest that fits, and no more than two grains bigger — a small reader must not
+/// hold, and be counted for, a big segment's buffer; its length and bytes are
+/// whatever it held) or None. Give it back with [`give`] when done.
+pub fn take_idle(room: usize) -> Option<Vec<u8>> {
     let mut idle = IDLE.lock();
-    expire(&mut idle.bufs);
+    let old = expire(&mut idle.bufs);
     let best = idle
         .bufs
         .iter()
         .enumerate()
-        .filter(|(_, (b, _))| b.capacity() >= room)
+        .filter(|(_, (b, _))| b.capacity() >= room && b.capacity() <= room + 2 * GRAIN)
         .min_by_key(|(_, (b, _))| b.capacity())
         .map(|(i, _)| i);
-    match best {
-        Some(i) => idle.bufs.swap_remove(i).0,
-        None => Vec::with_capacity(room),
-    }
+    let got = best.map(|i| idle.bufs.swap_remove(i).0);
+    drop(idle);
+    drop(old);
+    got
+}
+
+/// [`take_idle`], or a new, empty buffer of capacity `room`.
+pub fn take(room: usize) -> Vec<u8> {
+    take_idle(room).unwrap_or_else(|| Vec::with_capacity(room))
 }
 
 /// Keep `buf` for a later [`take`] (kept as it is, length and bytes: a buffer
@@ -80,19 +86,23 @@ pub fn give(buf: Vec<u8>) {
         return;
     }
     let mut idle = IDLE.lock();
-    expire(&mut idle.bufs);
+    let mut old = expire(&mut idle.bufs);
     let held: usize = idle.bufs.iter().map(|(b, _)| b.capacity()).sum();
     if idle.bufs.len() >= MAX_IDLE || held + buf.capacity() > MAX_IDLE_BYTES {
-        return;
+        // Freed with the expired ones, after the lock.
+        old.push((buf, Instant::now()));
+    } else {
+        idle.bufs.push((buf, Instant::now()));
+        if !idle.reaper {
+            let spawned = std::thread::Builder::new()
+                .name("replog-pool".into())
+                .spawn(reap);
+            // Without the thread, buffers still expire at the next take or give.
+            idle.reaper = spawned.is_ok();
+        }
     }
-    idle.bufs.push((buf, Instant::now()));
-    if !idle.reaper {
-        let spawned = std::thread::Builder::new()
-            .name("replog-pool".into())
-            .spawn(reap);
-        // Without the thread, buffers still expire at the next take or give.
-        idle.reaper = spawned.is_ok();
-    }
+    drop(idle);
+    drop(old);
 }
 
 /// Free expired buffers until none waits.
@@ -100,16 +110,28 @@ fn reap() {
     loop {
         std::thread::sleep(IDLE_FOR / 4);
         let mut idle = IDLE.lock();
-        expire(&mut idle.bufs);
-        if idle.bufs.is_empty() {
+        let old = expire(&mut idle.bufs);
+        let empty = idle.bufs.is_empty();
+        if empty {
             idle.reaper = false;
+        }
+        drop(idle);
+        drop(old);
+        if empty {
             return;
         }
     }
 }
 
-fn expire(bufs: &mut Vec<(Vec<u8>, Instant)>) {
-    bufs.retain(|(_, since)| since.elapsed() < IDLE_FOR);
+/// Take the buffers idle for [`IDLE_FOR`] out of `bufs`; the caller frees them after
+/// it lets go of the pool's lock (freeing hundreds of MiB takes a while).
+#[must_use]
+fn expire(bufs: &mut Vec<(Vec<u8>, Instant)>) -> Vec<(Vec<u8>, Instant)> {
+    let (keep, old) = std::mem::take(bufs)
+        .into_iter()
+        .partition(|(_, since)| since.elapsed() < IDLE_FOR);
+    *bufs = keep;
+    old
 }
 
 /// Bytes held in a pooled buffer, starting at a 4 KiB boundary in it (so that a
@@ -119,6 +141,8 @@ fn expire(bufs: &mut Vec<(Vec<u8>, Instant)>) {
 pub struct Pooled {
     buf: Vec<u8>,
     start: usize,
+    /// The aligned area's length (a multiple of 4 KiB; the bytes' for `from_vec`).
+    area: usize,
     len: usize,
 }
 
@@ -129,30 +153,62 @@ impl Pooled {
     /// [`Pooled::set_len`] says how much of it counts.
     pub fn with_room(len: usize) -> Pooled {
         let span = len.div_ceil(ALIGN) * ALIGN;
-        let mut buf = take(room_for(len));
-        if buf.len() < span + ALIGN {
-            // Zeroed once, the first time a buffer is this long; kept initialised.
-            buf.resize(span + ALIGN, 0);
-        }
+        let room = room_for(len);
+        let buf = match take_idle(room) {
+            Some(mut b) => {
+                if b.len() < span + ALIGN {
+                    // Zeroed once, the first time a buffer is this long; kept
+                    // initialised.
+                    b.resize(span + ALIGN, 0);
+                }
+                b
+            }
+            // Fresh zeroed pages from the allocator (nothing written before the read
+            // fills them), as long as the grain, so that it serves the next reader
+            // of about this size.
+            None => vec![0u8; room],
+        };
         let start = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
-        Pooled { buf, start, len }
+        Pooled {
+            buf,
+            start,
+            area: span,
+            len,
+        }
     }
 
-    /// Bytes already in memory, not read from a file (no copy: the vector is kept).
-    pub fn from_vec(buf: Vec<u8>) -> Pooled {
+    /// Bytes already in memory, not read from a file (no copy: the vector is kept;
+    /// one grown by doubling, an HTTP body read to its end, is cut to its length
+    /// first, since readers count it by its length).
+    pub fn from_vec(mut buf: Vec<u8>) -> Pooled {
+        if buf.capacity() > buf.len() + buf.len() / 8 {
+            buf.shrink_to_fit();
+        }
         let len = buf.len();
-        Pooled { buf, start: 0, len }
+        Pooled {
+            buf,
+            start: 0,
+            area: len,
+            len,
+        }
     }
 
     /// The whole aligned area (a multiple of 4 KiB, at least the length asked for).
     pub fn room(&mut self) -> &mut [u8] {
-        let end = self.start + (self.len.div_ceil(ALIGN) * ALIGN);
-        self.buf.get_mut(self.start..end).unwrap_or(&mut [])
+        self.buf
+            .get_mut(self.start..self.start + self.area)
+            .unwrap_or(&mut [])
     }
 
-    /// Count the first `len` bytes of the room (no more than it holds).
+    /// Count the first `len` bytes of the room (no more than the room: never bytes
+    /// past it, which are another reader's leftovers).
     pub fn set_len(&mut self, len: usize) {
-        self.len = len.min(self.buf.len() - self.start);
+        self.len = len.min(self.area);
+    }
+
+    /// The memory this holds (its buffer's capacity): what a cache of these counts.
+    pub fn footprint(&self) -> usize {
+        self.buf.capacity()
     }
 }
 
@@ -194,8 +250,9 @@ mod tests {
         p.room()[..5].copy_from_slice(b"hello");
         p.set_len(5);
         assert_eq!(&p[..], b"hello");
+        let area = p.room().len();
         p.set_len(usize::MAX);
-        assert!(p.len() >= POOLED_MIN + 100, "set_len clamps to the room");
+        assert_eq!(p.len(), area, "set_len clamps to the room");
         let addr = p.buf.as_ptr() as usize;
         drop(p);
         // The same buffer again (other tests may take it first: then a new one).
@@ -220,5 +277,12 @@ mod tests {
         }
         let v = take(POOLED_MIN);
         assert!(v.capacity() >= POOLED_MIN);
+        // A small reader never gets a far bigger buffer (it would hold it, counted
+        // by its own small length).
+        give(Vec::with_capacity(64 << 20));
+        let small = room_for(1 << 20);
+        if let Some(b) = take_idle(small) {
+            assert!(b.capacity() <= small + 2 * GRAIN, "{}", b.capacity());
+        }
     }
 }

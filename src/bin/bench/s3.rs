@@ -24,8 +24,9 @@ pub struct S3Target {
     /// Copies the store keeps of every object.
     copies: u32,
     pub target: TargetSite,
-    /// The cluster's and the target's files, removed after both stopped (the fields
-    /// before it drop first).
+    /// The cluster's and the target's files, removed when this drops (after the
+    /// cluster stopped: the fields before it drop first; the in-process target's
+    /// listener goes on, with nothing left to serve).
     _files: RemoveOnDrop,
 }
 
@@ -46,13 +47,15 @@ impl S3Target {
             _ => "002",
         };
         let store_dir = b.dir.join(format!("seaweedfs-{copies}"));
+        let target_dir = b.dir.join(format!("target-s3-{copies}"));
+        // Removed even if what follows fails.
+        let files = RemoveOnDrop(vec![store_dir.clone(), target_dir]);
         let cluster = Cluster::start_with(&store_dir, &weed, replication)?;
         let mut cfg = replog::config::SiteConfig::default();
         cfg.replica.store = format!("s3://{BUCKET}/bench");
         cfg.replica.s3 = cluster.settings();
         cfg.replica.s3.credentials_file = cluster.credentials_file()?.display().to_string();
         let target = TargetSite::start_with(b, &format!("target-s3-{copies}"), cfg)?;
-        let files = RemoveOnDrop(vec![store_dir, target.path.clone()]);
         Ok(S3Target {
             cluster,
             copies,

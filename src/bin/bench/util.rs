@@ -109,6 +109,8 @@ pub(crate) struct RemoveOnDrop(pub(crate) Vec<PathBuf>);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         for d in &self.0 {
+            // Never into a FUSE mount left behind (a failed serve's).
+            replog::frontend::detach_replog_mounts_under(d);
             let _ = std::fs::remove_dir_all(d);
         }
     }
