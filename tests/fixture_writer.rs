@@ -749,42 +749,7 @@ fn write_chunk_frame_fixtures() {
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v8/protocol");
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).expect("dir");
-    let payload: Vec<u8> = (0..5000u32).map(|i| (i * 13 + i / 251) as u8).collect();
-    let frames = [
-        (
-            "segment-chunk.frame",
-            Message::SegmentChunk {
-                machine: "vm1".into(),
-                generation: 2,
-                seq: 7,
-                segment_len: 64 << 20,
-                offset: 8 << 20,
-                compressed: false,
-                bytes: payload.clone(),
-            },
-        ),
-        (
-            "initial-chunk.frame",
-            Message::InitialChunk {
-                machine: "vm1".into(),
-                generation: 2,
-                disk: 1,
-                offset: 1 << 30,
-                compressed: true,
-                bytes: payload.clone(),
-            },
-        ),
-        (
-            "resync-chunk.frame",
-            Message::ResyncChunk {
-                machine: "vm1".into(),
-                disk: 0,
-                offset: 4096,
-                compressed: false,
-                bytes: payload,
-            },
-        ),
-    ];
+    let frames = common::frames::chunk_messages(&common::frames::payload());
     for (name, m) in frames {
         std::fs::write(out.join(name), protocol::encode(&m).expect("encode")).expect("write");
     }

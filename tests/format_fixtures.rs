@@ -1034,43 +1034,9 @@ fn version_8_a_journal_written_into_a_recycled_file_opens_with_every_write() {
 /// a head written apart from its payload (as a source sends it) is the same bytes.
 #[test]
 fn chunk_frames_of_protocol_2_decode_whole_and_in_place_and_are_sent_as_they_were() {
-    let payload: Vec<u8> = (0..5000u32).map(|i| (i * 13 + i / 251) as u8).collect();
+    let payload = common::frames::payload();
     let frames = fixtures().join("v8/protocol");
-    let heads = [
-        (
-            "segment-chunk.frame",
-            Message::SegmentChunk {
-                machine: "vm1".into(),
-                generation: 2,
-                seq: 7,
-                segment_len: 64 << 20,
-                offset: 8 << 20,
-                compressed: false,
-                bytes: Vec::new(),
-            },
-        ),
-        (
-            "initial-chunk.frame",
-            Message::InitialChunk {
-                machine: "vm1".into(),
-                generation: 2,
-                disk: 1,
-                offset: 1 << 30,
-                compressed: true,
-                bytes: Vec::new(),
-            },
-        ),
-        (
-            "resync-chunk.frame",
-            Message::ResyncChunk {
-                machine: "vm1".into(),
-                disk: 0,
-                offset: 4096,
-                compressed: false,
-                bytes: Vec::new(),
-            },
-        ),
-    ];
+    let heads = common::frames::chunk_messages(&[]);
     for (name, expected) in heads {
         let frame = std::fs::read(frames.join(name)).expect(name);
         let (whole, used) = protocol::decode::<Message>(&frame).expect(name);

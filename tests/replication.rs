@@ -53,7 +53,7 @@ fn sealed_segments_ship_in_order_and_merge_only_after_ack() {
         let mut want = vec![0u8; s.file.len().expect("len") as usize];
         s.file.read_exact_at(&mut want, 0).expect("read");
         assert!(
-            store.read_segment(s.seq).expect("stored") == want,
+            store.read_segment(s.seq).expect("stored")[..] == want[..],
             "segment {} differs",
             s.seq
         );

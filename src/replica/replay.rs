@@ -275,7 +275,7 @@ impl PointImage {
     /// Segment `seq`'s plain bytes, or a patch's (`PATCH_SEQ + n`) (cached).
     pub fn segment(&self, seq: u64) -> Result<Arc<Pooled>> {
         self.segments.get_or_load(seq, || {
-            let plain = Arc::new(self.store.read_layer_pooled(seq)?);
+            let plain = Arc::new(self.store.read_layer(seq)?);
             let size = plain.footprint();
             Ok((plain, size))
         })

@@ -252,7 +252,7 @@ pub fn restore_on(
                     Work::Segment(seq, pieces) => {
                         // Held until `plain` is dropped, whichever way this ends.
                         let _token = Token::take(&tokens, &token_back);
-                        let plain = store.read_layer_pooled(*seq)?;
+                        let plain = store.read_layer(*seq)?;
                         for &(id, at, from, len) in pieces {
                             let data = plain.get(from as usize..(from + len) as usize).ok_or_else(
                                 || {

@@ -66,13 +66,13 @@ impl Item {
     /// checks what the disk holds, not a cached copy.
     pub fn check(&self, store: &ReplicaStore) -> Result<u64> {
         Ok(match self {
-            Item::Segment(s) => store.read_layer_pooled(*s)?.len() as u64,
+            Item::Segment(s) => store.read_layer(*s)?.len() as u64,
             Item::Index(s) => store
                 .segment_index(*s)
                 .map(|i| 48 * i.records.len() as u64)?,
             Item::Chunk(d, n) => store.read_chunk(*d, *n)?.map_or(0, |c| c.len() as u64),
             Item::PatchIndex(n) => store.patch_index(*n).map(|i| 48 * i.records.len() as u64)?,
-            Item::PatchData(n) => store.read_layer_pooled(PATCH_SEQ + n)?.len() as u64,
+            Item::PatchData(n) => store.read_layer(PATCH_SEQ + n)?.len() as u64,
         })
     }
 }

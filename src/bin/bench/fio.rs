@@ -90,10 +90,7 @@ pub(crate) struct ServedPair {
 
 impl Drop for ServedPair {
     fn drop(&mut self) {
-        drop(super::util::RemoveOnDrop(vec![
-            self.src.clone(),
-            self.dst.clone(),
-        ]));
+        super::util::remove_trees(&[self.src.clone(), self.dst.clone()]);
     }
 }
 

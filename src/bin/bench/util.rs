@@ -108,11 +108,16 @@ pub(crate) struct RemoveOnDrop(pub(crate) Vec<PathBuf>);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        for d in &self.0 {
-            // Never into a FUSE mount left behind (a failed serve's).
-            replog::frontend::detach_replog_mounts_under(d);
-            let _ = std::fs::remove_dir_all(d);
-        }
+        remove_trees(&self.0);
+    }
+}
+
+/// Remove `dirs` (best effort), never descending into a FUSE mount left behind (a
+/// failed serve's): those are detached first.
+pub(crate) fn remove_trees(dirs: &[PathBuf]) {
+    for d in dirs {
+        replog::frontend::detach_replog_mounts_under(d);
+        let _ = std::fs::remove_dir_all(d);
     }
 }
 

@@ -96,7 +96,7 @@ impl ReplicaStore {
 
     /// The index and plain bytes of a layer: stored segment `seq`, or patch `n` as
     /// `PATCH_SEQ + n`.
-    pub fn layer(&self, seq: u64) -> Result<(SegmentIndex, Vec<u8>)> {
+    pub fn layer(&self, seq: u64) -> Result<(SegmentIndex, Pooled)> {
         let index = if seq > PATCH_SEQ {
             self.patch_index(seq - PATCH_SEQ)?
         } else {
@@ -106,22 +106,12 @@ impl ReplicaStore {
     }
 
     /// The plain bytes a map location's `seq` names: a stored segment, or a patch
-    /// (`PATCH_SEQ + n`).
-    pub fn read_layer(&self, seq: u64) -> Result<Vec<u8>> {
-        let (rel, missing) = self.layer_object(seq)?;
-        let path = self.locate(&rel);
-        let ct = self
-            .backend()
-            .get(&self.key_of(&rel))?
-            .ok_or_else(|| Error::corruption(&path, 0, missing))?;
-        self.key().open(self.manifest.machine_id, seq, ct, &path)
-    }
-
-    /// [`Self::read_layer`] into a recycled buffer, read around the page cache where
-    /// the store is a directory (`storage::pool`): for readers that hold a layer
-    /// briefly (a point's check and views, restores), so that reading one does not
-    /// fault in tens of MiB of fresh memory each time.
-    pub fn read_layer_pooled(&self, seq: u64) -> Result<Pooled> {
+    /// (`PATCH_SEQ + n`), decrypted and authenticated. Read into a recycled buffer,
+    /// around the page cache where the store is a directory (`storage::pool`): every
+    /// reader holds a layer briefly (a point's check and views, restores, merges,
+    /// the scrub), so reading one faults in no fresh memory once the pool holds a
+    /// buffer of its size, and what is checked is what the disk holds.
+    pub fn read_layer(&self, seq: u64) -> Result<Pooled> {
         let (rel, missing) = self.layer_object(seq)?;
         let path = self.locate(&rel);
         let mut buf = self

@@ -103,7 +103,7 @@ impl ReplicaStore {
                 }
             }
             return match stored {
-                Ok(p) if p == plain => Ok(Receipt::Duplicate {
+                Ok(p) if *p == *plain => Ok(Receipt::Duplicate {
                     lsn: self.received.lsn,
                 }),
                 Ok(_) => Err(Error::BrokenChain(format!(
@@ -262,7 +262,7 @@ impl ReplicaStore {
     }
 
     /// The plain bytes of stored segment `seq`, decrypted and authenticated.
-    pub fn read_segment(&self, seq: u64) -> Result<Vec<u8>> {
+    pub fn read_segment(&self, seq: u64) -> Result<crate::storage::pool::Pooled> {
         if seq > super::PATCH_SEQ {
             return Err(Error::NotFound(format!("segment {seq} is not stored")));
         }
