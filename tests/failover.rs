@@ -401,18 +401,32 @@ fn a_planned_failover_loses_nothing_and_fences_the_old_primary() {
     let o = out(replog().arg("commit").arg(&p.dst).arg("vm1"));
     assert!(o.status.success(), "commit: {}", text(&o));
     assert!(read_all(&img).starts_with(b"the new primary writes"));
-    // Both jobs succeeded, at both sites.
+    // Both jobs succeeded, at both sites; the target read the replica's segments
+    // ahead of its check, told by the primary as the failover began (PromoteSoon).
     for site in [&p.src, &p.dst] {
         let jobs = out(replog().arg("jobs").arg(site).arg("--json"));
         let jobs: serde_json::Value = serde_json::from_slice(&jobs.stdout).expect("jobs");
-        assert!(
-            jobs["jobs"]
+        let job = jobs["jobs"]
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .find(|j| j["kind"] == "failover-planned" && j["state"] == "succeeded")
+            .unwrap_or_else(|| panic!("no planned failover job at {}: {jobs}", site.display()))
+            .clone();
+        if site == &p.dst {
+            let check = job["steps"]
                 .as_array()
-                .expect("jobs")
+                .expect("steps")
                 .iter()
-                .any(|j| j["kind"] == "failover-planned" && j["state"] == "succeeded"),
-            "{jobs}"
-        );
+                .find(|s| s["name"] == "verify the point's digests")
+                .unwrap_or_else(|| panic!("no check: {job}"))
+                .clone();
+            let detail = check["detail"].as_str().unwrap_or_default();
+            assert!(
+                detail.contains("bytes of segments read ahead while the last ones shipped"),
+                "{check}"
+            );
+        }
     }
     // A second planned failover of the failed-over machine is refused.
     let o = out(replog()

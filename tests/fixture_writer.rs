@@ -754,3 +754,25 @@ fn write_chunk_frame_fixtures() {
         std::fs::write(out.join(name), protocol::encode(&m).expect("encode")).expect("write");
     }
 }
+
+/// Protocol frames of the read-ahead for a planned failover's check: `PromoteSoon`,
+/// and a `Hello` with `FEATURE_PROMOTE_SOON`.
+#[test]
+#[ignore]
+fn write_version_9_fixtures() {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v9/protocol");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).expect("dir");
+    for (name, msg) in [
+        ("hello.frame", protocol::hello([9; 32])),
+        (
+            "promote-soon.frame",
+            Message::PromoteSoon {
+                machine: "vm1".into(),
+                generation: 3,
+            },
+        ),
+    ] {
+        std::fs::write(out.join(name), protocol::encode(&msg).expect("encode")).expect("write");
+    }
+}

@@ -1068,3 +1068,34 @@ fn chunk_frames_of_protocol_2_decode_whole_and_in_place_and_are_sent_as_they_wer
         assert_eq!(protocol::encode(&whole).expect(name), frame, "{name}");
     }
 }
+
+/// The read-ahead for a planned failover's check (`v9/protocol`): `PromoteSoon` and a
+/// `Hello` with its feature bit decode as written, and encode to the same bytes.
+#[test]
+fn version_9_promote_soon_frames_decode() {
+    let frames = fixtures().join("v9/protocol");
+    let frame = |f: &str| {
+        let bytes = std::fs::read(frames.join(f)).expect(f);
+        let (m, used) = protocol::decode::<Message>(&bytes).expect(f);
+        assert_eq!(used, bytes.len(), "{f}");
+        assert_eq!(protocol::encode(&m).expect(f), bytes, "{f}");
+        m
+    };
+    assert_eq!(
+        frame("promote-soon.frame"),
+        Message::PromoteSoon {
+            machine: "vm1".into(),
+            generation: 3,
+        }
+    );
+    match frame("hello.frame") {
+        Message::Hello { features, .. } => {
+            assert_ne!(
+                features & protocol::FEATURE_PROMOTE_SOON,
+                0,
+                "no read-ahead bit"
+            )
+        }
+        other => panic!("not a Hello: {other:?}"),
+    }
+}

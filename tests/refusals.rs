@@ -547,3 +547,84 @@ fn initial_chunks_are_checked_on_arrival_and_stored_in_batches() {
         );
     }
 }
+
+/// `PromoteSoon` (a planned failover has begun at the primary): a target that can
+/// promote reads ahead the segments it holds and each one stored after it in that
+/// session, as the store gives them back; one before Protect, for another machine or
+/// generation, or a second in a session ends the session as a protocol error and
+/// reads nothing; a target that cannot promote takes it and reads nothing.
+#[test]
+fn promote_soon_reads_ahead_what_the_replica_stored() {
+    use std::time::Duration;
+    let (id, segs) = segments();
+    let fs = FaultyStorage::new();
+    let replicas = Replicas::new(
+        Arc::new(DirBackend::new(Arc::new(fs.clone()), "/t/replicas")),
+        ReplicaKey::from_bytes([3; 32]),
+    );
+    let t = Target::new(SiteId([8; 32]), replicas.clone()).on_promote(|_, _, _| Ok(()));
+    let soon = |machine: &str, generation| Message::PromoteSoon {
+        machine: machine.into(),
+        generation,
+    };
+    assert_eq!(
+        session(&t, true, &[protect(id, 1), chunk(1, &segs[0])]),
+        None
+    );
+    let warm = replicas.warm();
+    for (msgs, why) in [
+        (vec![soon("vm1", 1)], "before Protect"),
+        (vec![protect(id, 1), soon("vm2", 1)], "vm2"),
+        (vec![protect(id, 1), soon("vm1", 2)], "generation 2"),
+    ] {
+        let (code, message) = session(&t, true, &msgs).expect("refused");
+        assert_eq!(code, RefusalCode::Protocol, "{why}: {message}");
+        assert!(!warm.active("vm1"), "{why}: read ahead anyway");
+    }
+
+    assert_eq!(
+        session(
+            &t,
+            true,
+            &[protect(id, 1), soon("vm1", 1), chunk(2, &segs[1])]
+        ),
+        None
+    );
+    assert!(warm.active("vm1"));
+    assert!(warm.settle("vm1", Duration::from_secs(60)), "not read");
+    let store = replicas.open_readonly("vm1").expect("replica");
+    for seq in [1u64, 2] {
+        let (kept, header) = warm.get("vm1", seq).expect("kept");
+        assert_eq!(
+            &kept[..],
+            &store.read_segment(seq).expect("read")[..],
+            "segment {seq}"
+        );
+        assert_eq!(&header[..4], &replog::replica::crypt::MAGIC[..4]);
+        assert_eq!(kept[..], segs[seq as usize - 1][..], "segment {seq}");
+    }
+    assert!(warm.get("vm1", 3).is_none(), "not stored, not kept");
+    // A second in one session: a protocol error.
+    let (code, message) =
+        session(&t, true, &[protect(id, 1), soon("vm1", 1), soon("vm1", 1)]).expect("refused");
+    assert_eq!(code, RefusalCode::Protocol, "{message}");
+    warm.end("vm1");
+    assert!(!warm.active("vm1") && warm.get("vm1", 1).is_none());
+
+    // A target that cannot promote reads nothing ahead.
+    let fs2 = FaultyStorage::new();
+    let replicas2 = Replicas::new(
+        Arc::new(DirBackend::new(Arc::new(fs2.clone()), "/t/replicas")),
+        ReplicaKey::from_bytes([3; 32]),
+    );
+    let plain = Target::new(SiteId([8; 32]), replicas2.clone());
+    assert_eq!(
+        session(&plain, true, &[protect(id, 1), chunk(1, &segs[0])]),
+        None
+    );
+    assert_eq!(
+        session(&plain, true, &[protect(id, 1), soon("vm1", 1)]),
+        None
+    );
+    assert!(!replicas2.warm().active("vm1"));
+}

@@ -543,3 +543,91 @@ fn an_unplanned_failover_at_every_point_equals_the_model_there() {
     assert_eq!(img.point().lsn, last.0);
     assert!(read_image(&img) == last.1, "the replica changed");
 }
+
+/// A planned failover's read-ahead (`replica::warm`): the check takes the segments
+/// read ahead and finds what reading them again finds. A segment whose object was
+/// written again since (its header's random nonce differs) is read again, so damage
+/// in it is refused, never served from memory; so is one the read-ahead could not
+/// read.
+#[test]
+fn segments_read_ahead_for_a_check_are_the_stored_ones() {
+    use replog::failover::verify::verify;
+    use std::time::Duration;
+    let mut f = Fixture::new(41);
+    let vol = f.m.volume("os").expect("vol");
+    let mut lsn = 0;
+    for i in 0..3u64 {
+        vol.write(i * 100_000, &common::pattern(i + 70, 70_000))
+            .expect("write");
+        lsn = f.m.seal().expect("seal").expect("sealed");
+    }
+    f.shipper.ship_once(&f.m).expect("ship");
+    let key = replog::site::replica_key_at(&f.b).expect("key");
+    let replicas = replog::replica::store::Replicas::with_key(&f.b, key);
+    let open = || replicas.open_readonly("vm1").expect("replica");
+    let (from, to) = (open().parent().seq, open().received().segment_seq);
+    assert!(to >= from + 3, "segments {from}..{to}");
+    let plain: u64 = (from + 1..=to)
+        .map(|s| open().read_segment(s).expect("read").len() as u64)
+        .sum();
+    let cold = verify(&f.image(&format!("pt-{lsn}")).expect("image")).expect("verify");
+    assert_eq!(cold.read_ahead, 0);
+
+    let warm = replicas.warm();
+    warm.begin(open(), from + 1..=to);
+    assert!(
+        warm.settle("vm1", Duration::from_secs(60)),
+        "not read ahead"
+    );
+    let image = PointImage::open_exact(open(), lsn).expect("image");
+    let v = verify(&image).expect("verify");
+    assert!(v.digests_matched);
+    assert_eq!((v.bytes, v.read_ahead), (cold.bytes, plain));
+    let fresh = f.image(&format!("pt-{lsn}")).expect("image");
+    assert_eq!(read_image(&image), read_image(&fresh));
+    drop((image, fresh));
+    warm.end("vm1");
+
+    // The middle segment written again after it was read ahead (a new nonce, its
+    // ciphertext as before: it no longer authenticates): read again, and refused.
+    let seq = to - 1;
+    let path =
+        f.b.join("replicas/vm1/segments")
+            .join(format!("{seq:020}.seg.enc"));
+    let good = std::fs::read(&path).expect("segment");
+    let mut renonced = good.clone();
+    renonced[30] ^= 0x01;
+    let crc = replog::crc::crc32c(&renonced[..36]);
+    renonced[36..40].copy_from_slice(&crc.to_le_bytes());
+    warm.begin(open(), from + 1..=to);
+    assert!(
+        warm.settle("vm1", Duration::from_secs(60)),
+        "not read ahead"
+    );
+    std::fs::write(&path, &renonced).expect("rewrite");
+    let image = PointImage::open_exact(open(), lsn).expect("image");
+    let err = verify(&image).expect_err("a stale copy served");
+    assert!(matches!(err, Error::Corruption { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&format!("{seq:020}.seg.enc")),
+        "{err}"
+    );
+    drop(image);
+    warm.end("vm1");
+
+    // Damaged before the read-ahead: it keeps nothing of it, and the check reads it
+    // and says so.
+    warm.begin(open(), from + 1..=to);
+    assert!(
+        warm.settle("vm1", Duration::from_secs(60)),
+        "not read ahead"
+    );
+    assert!(warm.get("vm1", seq).is_none(), "a damaged segment kept");
+    let err =
+        verify(&PointImage::open_exact(open(), lsn).expect("image")).expect_err("damage served");
+    assert!(matches!(err, Error::Corruption { .. }), "{err}");
+    warm.end("vm1");
+    std::fs::write(&path, &good).expect("mend");
+    let v = verify(&PointImage::open_exact(open(), lsn).expect("image")).expect("mended");
+    assert_eq!(v.read_ahead, 0, "an ended set serves nothing");
+}

@@ -491,15 +491,33 @@ pub fn planned_target(host: &dyn Host, machine: &str, lsn: u64, generation: u32)
         // Verified before anything is recorded: a crash at any step leaves either no
         // promotion (the primary takes writes again) or a verified one.
         job.step("verify the point's digests");
+        // The primary said `PromoteSoon` as it began: the segments were read ahead
+        // while the last ones shipped (`replica::warm`).
+        let warm = host.replicas().warm();
+        let reading_ahead = warm.active(machine);
         let v = PointImage::open_exact(host.replicas().open_readonly(machine)?, lsn)
-            .and_then(|image| verify::verify(&image))?;
+            .and_then(|image| verify::verify(&image));
+        // What was read ahead for this check goes, whatever it found.
+        warm.end(machine);
+        let v = v?;
+        let ahead = if reading_ahead {
+            format!(
+                "; {} bytes of segments read ahead while the last ones shipped",
+                v.read_ahead
+            )
+        } else {
+            String::new()
+        };
         job.step_done(Some(if v.digests_matched {
             format!(
-                "every disk matches the source's digests ({} bytes read)",
+                "every disk matches the source's digests ({} bytes read{ahead})",
                 v.bytes
             )
         } else {
-            format!("no digests at this point; {} bytes authenticated", v.bytes)
+            format!(
+                "no digests at this point; {} bytes authenticated{ahead}",
+                v.bytes
+            )
         }))?;
         crate::failpoint::hit("promote:after-verify");
         job.step("promote");

@@ -25,6 +25,9 @@ pub struct Verified {
     pub digests_matched: bool,
     /// Bytes read and checked.
     pub bytes: u64,
+    /// Bytes of segments of it read ahead while a planned failover shipped its last
+    /// segments (`replica::warm`), not read again.
+    pub read_ahead: u64,
 }
 
 /// The digest of every disk of `image`, and the bytes read for it.
@@ -130,6 +133,7 @@ pub fn verify(image: &PointImage) -> Result<Verified> {
         return Ok(Verified {
             digests_matched: false,
             bytes,
+            read_ahead: image.read_ahead(),
         });
     };
     if want.len() != got.len() {
@@ -161,5 +165,6 @@ pub fn verify(image: &PointImage) -> Result<Verified> {
     Ok(Verified {
         digests_matched: true,
         bytes,
+        read_ahead: image.read_ahead(),
     })
 }

@@ -17,3 +17,4 @@ pub mod restore;
 pub mod resync_apply;
 pub mod scrub;
 pub mod store;
+pub mod warm;

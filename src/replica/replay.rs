@@ -150,6 +150,8 @@ pub struct PointImage {
     maps: Vec<ExtentMap>,
     segments: Cache<u64, Arc<Pooled>>,
     chunks: Cache<(u32, u64), Chunk>,
+    /// Bytes of segments taken from a read-ahead set (`replica::warm`).
+    read_ahead: std::sync::atomic::AtomicU64,
     _pin: Pin,
 }
 
@@ -250,12 +252,19 @@ impl PointImage {
             maps,
             segments: Cache::new(SEGMENT_CACHE),
             chunks: Cache::new(CHUNK_CACHE),
+            read_ahead: Default::default(),
             _pin: held,
         })
     }
 
     pub fn point(&self) -> &ReplicaPoint {
         &self.point
+    }
+
+    /// Bytes of segments this image took from a planned failover's read-ahead
+    /// (`replica::warm`) instead of reading them.
+    pub fn read_ahead(&self) -> u64 {
+        self.read_ahead.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn disks(&self) -> &[DiskEntry] {
@@ -272,10 +281,19 @@ impl PointImage {
         self.maps.get(disk as usize)
     }
 
-    /// Segment `seq`'s plain bytes, or a patch's (`PATCH_SEQ + n`) (cached).
+    /// Segment `seq`'s plain bytes, or a patch's (`PATCH_SEQ + n`) (cached; a
+    /// segment read ahead for a planned failover's check is taken from there:
+    /// `replica::warm`).
     pub fn segment(&self, seq: u64) -> Result<Arc<Pooled>> {
         self.segments.get_or_load(seq, || {
-            let plain = Arc::new(self.store.read_layer(seq)?);
+            let plain = match self.store.warmed(seq)? {
+                Some(kept) => {
+                    self.read_ahead
+                        .fetch_add(kept.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    kept
+                }
+                None => Arc::new(self.store.read_layer(seq)?),
+            };
             let size = plain.footprint();
             Ok((plain, size))
         })

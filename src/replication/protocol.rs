@@ -67,6 +67,9 @@ pub const FEATURE_SHUTDOWN_REQUEST: u64 = 1 << 4;
 pub const FEATURE_REPROTECT: u64 = 1 << 5;
 /// Resync chunk and group hashes are BLAKE3 (SHA-256 unless both sides set it).
 pub const FEATURE_RESYNC_BLAKE3: u64 = 1 << 6;
+/// A source says `PromoteSoon` when a planned failover starts, and a target reads
+/// ahead for the check to come (`replica::warm`).
+pub const FEATURE_PROMOTE_SOON: u64 = 1 << 7;
 /// What this build can do.
 pub const FEATURES: u64 = FEATURE_GENERATIONS
     | FEATURE_RESYNC
@@ -74,7 +77,8 @@ pub const FEATURES: u64 = FEATURE_GENERATIONS
     | FEATURE_FAILOVER
     | FEATURE_SHUTDOWN_REQUEST
     | FEATURE_REPROTECT
-    | FEATURE_RESYNC_BLAKE3;
+    | FEATURE_RESYNC_BLAKE3
+    | FEATURE_PROMOTE_SOON;
 
 /// The chunk hash of a resync with a peer whose Hello said `peer_features` (this
 /// build sets every bit of [`FEATURES`]).
@@ -316,6 +320,13 @@ pub enum Message {
         orphan: Option<OrphanReport>,
         verified: Option<u64>,
     },
+    /// Source → target, in a session of `machine` at `generation` (feature
+    /// `FEATURE_PROMOTE_SOON`): a planned failover has begun (the source takes no
+    /// writes and ships the rest); a `Promote` follows once everything is
+    /// acknowledged. Not answered: the target reads ahead what the check of the
+    /// promoted point will read (`replica::warm`); a target that does not, loses
+    /// nothing.
+    PromoteSoon { machine: String, generation: u32 },
 }
 
 /// What a target holds of a machine it is asked to reprotect toward.

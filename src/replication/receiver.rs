@@ -56,6 +56,8 @@ struct StoreJob {
     generation: u32,
     seq: u64,
     bytes: Vec<u8>,
+    /// Read back ahead of a planned failover's check once stored.
+    warm: Option<Arc<crate::replica::warm::WarmSet>>,
 }
 
 impl StoreJob {
@@ -77,6 +79,9 @@ impl StoreJob {
             | crate::replica::store::Receipt::Duplicate { lsn } => lsn,
         };
         drop(st);
+        if let Some(w) = &self.warm {
+            w.push(self.seq);
+        }
         crate::failover::reprotect::verify_after_segment(&target.replicas, &self.name, self.seq)
             .map_err(refusal)?;
         Ok(ack(&self.name, lsn))
@@ -366,6 +371,7 @@ impl Target {
             base_pending: Vec::new(),
             base_pending_bytes: 0,
             base_cursor: None,
+            warming: None,
         };
         WIRE_FAULTS
             .with(|f| *f.borrow_mut() = crate::replication::wire_fault::WireFaults::from_env());
@@ -493,6 +499,9 @@ struct Session<'a> {
     /// Where the initial copy stands after every chunk checked so far, stored or not
     /// (none until the first chunk after the last flush).
     base_cursor: Option<crate::replica::store::BaseCursor>,
+    /// A planned failover of this session's machine has begun (`PromoteSoon`): the
+    /// segments read ahead for its check, which each one stored from now on joins.
+    warming: Option<Arc<crate::replica::warm::WarmSet>>,
 }
 
 /// Initial-copy chunks, checked, to store as one batch (on a thread of their own
@@ -819,6 +828,10 @@ impl Session<'_> {
                     probe,
                 })
                 .map(Some),
+            Message::PromoteSoon {
+                machine,
+                generation,
+            } => self.on_promote_soon(&machine, generation).map(|()| None),
             Message::Probe => Ok(Some(Message::Room {
                 free_bytes: self.target.replicas.free_bytes(),
             })),
@@ -931,6 +944,32 @@ impl Session<'_> {
             generation,
             lsn,
         })
+    }
+
+    /// A planned failover of the session's machine has begun: read ahead the
+    /// segments its check will read — those stored past the parent's merge point, and
+    /// each one stored from now on (`replica::warm`). Only where a promotion can
+    /// follow, once per session.
+    fn on_promote_soon(&mut self, machine: &str, generation: u32) -> Result<(), Refusal> {
+        let (name, store) = self.store_at(machine, generation, "PromoteSoon")?;
+        if self.warming.is_some() {
+            return Err(protocol_error(format!(
+                "a second PromoteSoon for {name} in one session"
+            )));
+        }
+        if self.target.on_promote.is_none() {
+            return Ok(());
+        }
+        let (name, store) = (name.to_string(), store.clone());
+        let (from, to) = {
+            let st = self.lock(&store)?;
+            check_promotion(&st, &name, generation)?;
+            (st.parent().seq, st.received().segment_seq)
+        };
+        let reader = self.target.replicas.open_readonly(&name).map_err(refusal)?;
+        let set = self.target.replicas.warm().begin(reader, from + 1..=to);
+        self.warming = Some(set);
+        Ok(())
     }
 
     fn on_reprotect(
@@ -1235,6 +1274,7 @@ impl Session<'_> {
             generation,
             seq,
             bytes: whole,
+            warm: self.warming.clone(),
         }))
     }
 

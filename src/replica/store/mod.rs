@@ -461,11 +461,22 @@ pub fn object_backend(
 pub struct Replicas {
     backend: Arc<dyn ReplicaBackend>,
     key: ReplicaKey,
+    /// Segments read ahead for planned failovers' checks (shared by the clones).
+    warm: Arc<super::warm::Warm>,
 }
 
 impl Replicas {
     pub fn new(backend: Arc<dyn ReplicaBackend>, key: ReplicaKey) -> Self {
-        Replicas { backend, key }
+        Replicas {
+            backend,
+            key,
+            warm: Arc::default(),
+        }
+    }
+
+    /// Segments read ahead for planned failovers' checks.
+    pub fn warm(&self) -> &Arc<super::warm::Warm> {
+        &self.warm
     }
 
     /// The replicas of the site at `path` (in `SITE/replicas/`, or in the object store

@@ -5,7 +5,10 @@
 
 use super::{IndexedRecord, ReplicaStore, SegmentIndex, PATCH_SEQ};
 use crate::error::{Error, Result};
+use crate::replica::crypt::HEADER_LEN;
+use crate::replica::warm::Header;
 use crate::storage::pool::Pooled;
+use std::sync::Arc;
 
 pub(super) const PATCHES: &str = "patches";
 
@@ -112,17 +115,51 @@ impl ReplicaStore {
     /// the scrub), so reading one faults in no fresh memory once the pool holds a
     /// buffer of its size, and what is checked is what the disk holds.
     pub fn read_layer(&self, seq: u64) -> Result<Pooled> {
+        self.read_layer_headed(seq).map(|(buf, _)| buf)
+    }
+
+    /// [`Self::read_layer`], and the encrypted file's header as read (its random
+    /// nonce names this write of the object: see `replica::warm`).
+    pub fn read_layer_headed(&self, seq: u64) -> Result<(Pooled, Header)> {
         let (rel, missing) = self.layer_object(seq)?;
         let path = self.locate(&rel);
         let mut buf = self
             .backend()
             .get_pooled(&self.key_of(&rel))?
             .ok_or_else(|| Error::corruption(&path, 0, missing))?;
+        let mut header = [0u8; HEADER_LEN];
+        if let Some(h) = buf.get(..HEADER_LEN) {
+            header.copy_from_slice(h);
+        }
         let len = self
             .key()
             .open_segment_slice(self.manifest.machine_id, seq, &mut buf, &path)?;
         buf.set_len(len);
-        Ok(buf)
+        Ok((buf, header))
+    }
+
+    /// Segment `seq` as read ahead for a planned failover's check (`replica::warm`),
+    /// if it was and the object is still the one read (its header unchanged); None:
+    /// read it.
+    pub fn warmed(&self, seq: u64) -> Result<Option<Arc<Pooled>>> {
+        if seq == 0 || seq > PATCH_SEQ || seq > self.received.segment_seq {
+            return Ok(None);
+        }
+        let Some((buf, header)) = self.replicas().warm().get(&self.name, seq) else {
+            return Ok(None);
+        };
+        let key = self.key_of(&super::segments::seg_rel(seq));
+        let now = self.backend().get_head(&key, HEADER_LEN)?;
+        if now.as_deref() != Some(&header[..]) {
+            tracing::debug!(
+                machine = self.name,
+                seq,
+                "read ahead: the segment was replaced"
+            );
+            return Ok(None);
+        }
+        self.replicas().warm().served(buf.len() as u64);
+        Ok(Some(buf))
     }
 
     /// The object a layer is stored in (relative to the replica), and what to say

@@ -14,7 +14,7 @@
 use super::{pack, Link, ShipReport, Shipper};
 use crate::error::{Error, Result};
 use crate::journal::SealedSegment;
-use crate::replication::protocol::{Message, MAX_CHUNK};
+use crate::replication::protocol::{self, Message, MAX_CHUNK};
 use crate::volume::Machine;
 use std::collections::VecDeque;
 
@@ -45,6 +45,15 @@ impl Shipper {
         // the loop sees "unshipped" segments the target has).
         self.acked_lsn = acked.0;
         self.hold.set(acked.0);
+        // A planned failover under way (fenced, shipping the rest): the target may
+        // read ahead what its check will read (`replica::warm`) while this ships.
+        if machine.intent().is_some() && link.peer_features() & protocol::FEATURE_PROMOTE_SOON != 0
+        {
+            link.send(&Message::PromoteSoon {
+                machine: machine.name().to_string(),
+                generation: machine.generation(),
+            })?;
+        }
         let todo: Vec<SealedSegment> = machine
             .sealed_segments()
             .into_iter()
