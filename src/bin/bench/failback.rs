@@ -96,7 +96,7 @@ impl Bench {
         let seed_us = Arc::new(AtomicU64::new(0));
         let seeding = seed_us.clone();
         let receiver = Arc::new(
-            Target::new(aid, replog::replica::store::Replicas::local(&a)?)
+            Target::new(aid, host_a.replicas().clone())
                 .at_site(&a)
                 .on_reprotect(move |req| {
                     let t0 = Instant::now();

@@ -9,7 +9,7 @@ use super::{
     drop_caches, fmt_runs, mb_per_s, median, pattern_at, progress, settle, Bench, Figure, Result,
     Rng, GIB, KIB, MIB,
 };
-use replog::failover::Offline;
+use replog::failover::{Host, Offline};
 use replog::replica::replay::PointImage;
 use replog::replica::store::ReplicaStore;
 use replog::replication::receiver::Target;
@@ -53,7 +53,9 @@ impl TargetSite {
         let host = Arc::new(Offline::new(Site::open(&path)?)?);
         let promoting = host.clone();
         let target = Arc::new(
-            Target::new(tid, replog::replica::store::Replicas::local(&path)?)
+            // The host's replicas: the read-ahead a session starts is the one the
+            // check finds (`replica::warm`).
+            Target::new(tid, host.replicas().clone())
                 .at_site(&path)
                 .on_promote(move |m, lsn, generation| {
                     replog::failover::run::planned_target(&*promoting, m, lsn, generation)
