@@ -351,15 +351,19 @@ fn a_planned_failover_loses_nothing_and_fences_the_old_primary() {
         return;
     }
     let p = Pair::new();
-    // Written, fsynced, and some not shipped yet when the failover starts. (6 MiB of
-    // the 16 MiB disk: 8 MiB unshipped under load reached the resync threshold, 50%,
-    // and the failover was refused — rightly.)
+    // Written, fsynced, some of it shipped (so the target holds a segment past its
+    // parent to read ahead when the failover begins) and some not shipped yet when
+    // the failover starts. (6 MiB of the 16 MiB disk: 8 MiB unshipped under load
+    // reached the resync threshold, 50%, and the failover was refused — rightly.)
     for i in 0..6u64 {
         write_at(
             &p.src_img(),
             i * 2 * MIB,
             &common::pattern(30 + i, MIB as usize),
         );
+        if i == 2 {
+            wait_shipped(&p.src);
+        }
     }
     let final_src = read_all(&p.src_img());
     let o = out(replog()
@@ -421,11 +425,19 @@ fn a_planned_failover_loses_nothing_and_fences_the_old_primary() {
                 .find(|s| s["name"] == "verify the point's digests")
                 .unwrap_or_else(|| panic!("no check: {job}"))
                 .clone();
+            // "…; N bytes of segments read ahead while the last ones shipped": the
+            // segment stored before the failover was queued when it began, and the
+            // check waits for what is queued.
             let detail = check["detail"].as_str().unwrap_or_default();
-            assert!(
-                detail.contains("bytes of segments read ahead while the last ones shipped"),
-                "{check}"
-            );
+            let ahead: u64 = detail
+                .split("; ")
+                .nth(1)
+                .and_then(|t| {
+                    t.strip_suffix(" bytes of segments read ahead while the last ones shipped)")
+                })
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no read-ahead: {check}"));
+            assert!(ahead >= MIB, "{check}");
         }
     }
     // A second planned failover of the failed-over machine is refused.

@@ -150,8 +150,8 @@ pub struct PointImage {
     maps: Vec<ExtentMap>,
     segments: Cache<u64, Arc<Pooled>>,
     chunks: Cache<(u32, u64), Chunk>,
-    /// Bytes of segments taken from a read-ahead set (`replica::warm`).
-    read_ahead: std::sync::atomic::AtomicU64,
+    /// Segments taken from a read-ahead set (`replica::warm`), and their bytes.
+    read_ahead: parking_lot::Mutex<(std::collections::BTreeSet<u64>, u64)>,
     _pin: Pin,
 }
 
@@ -264,7 +264,7 @@ impl PointImage {
     /// Bytes of segments this image took from a planned failover's read-ahead
     /// (`replica::warm`) instead of reading them.
     pub fn read_ahead(&self) -> u64 {
-        self.read_ahead.load(std::sync::atomic::Ordering::Relaxed)
+        self.read_ahead.lock().1
     }
 
     pub fn disks(&self) -> &[DiskEntry] {
@@ -288,8 +288,10 @@ impl PointImage {
         self.segments.get_or_load(seq, || {
             let plain = match self.store.warmed(seq)? {
                 Some(kept) => {
-                    self.read_ahead
-                        .fetch_add(kept.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    let mut taken = self.read_ahead.lock();
+                    if taken.0.insert(seq) {
+                        taken.1 += kept.len() as u64;
+                    }
                     kept
                 }
                 None => Arc::new(self.store.read_layer(seq)?),

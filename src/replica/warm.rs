@@ -6,22 +6,26 @@
 //! failover took about twice its shipping. A primary that starts a planned failover
 //! (fenced, shipping the rest) says so first (`Message::PromoteSoon`, feature
 //! `FEATURE_PROMOTE_SOON`); the target then reads the segments it holds past the
-//! parent's merge point, and each one stored later in that session, into memory
-//! while the rest arrives — one reader thread per machine, at most [`BUDGET`] bytes.
-//! The check ([`crate::replica::replay::PointImage::segment`]) takes a segment from
-//! here instead of reading it again, waiting for one being read.
+//! parent's merge point, newest first, and each one stored later in that session
+//! before any older one, into memory while the rest arrives — one reader thread per
+//! machine, at most [`MAX_SETS`] machines and [`BUDGET`] bytes for the whole site
+//! (the oldest kept segment makes room for a newer one; the newest are the ones no
+//! check could have read earlier). The check
+//! ([`crate::replica::replay::PointImage::segment`]) takes a segment from here
+//! instead of reading it again, waiting for one queued or being read.
 //!
 //! What is kept is what the store gave back, read from the disk (around the page
 //! cache where the store is a directory) and authenticated, never the bytes the
 //! session received. Before a kept segment is used, the object's 40-byte header is
 //! read again and must be the one read with it (its random nonce names that write of
 //! the object): a segment replaced since — a replica seeded again, whose numbers
-//! start over — is read again. What the check cannot see is damage to a segment in
-//! the seconds between its reading here and the check; the scrub reads it again.
+//! start over — is read again. What the check cannot see is damage to a segment
+//! between its reading here and the check (the time the rest took to ship, at most
+//! [`MAX_AGE`]); the scrub reads it again.
 //!
-//! A set ends when its check has run (`end`), or [`TTL`] after anything last used it
-//! (a failover that stopped before `Promote`): its reader stops and the memory goes
-//! back to the pool.
+//! A set ends when its check has run (`end`), [`TTL`] after anything last used it (a
+//! failover that stopped before `Promote`), or [`MAX_AGE`] after it began: its reader
+//! stops and the memory goes back to the pool.
 
 use crate::error::Result;
 use crate::replica::crypt::HEADER_LEN;
@@ -29,25 +33,37 @@ use crate::replica::store::ReplicaStore;
 use crate::storage::pool::Pooled;
 use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Bytes of segments one machine's set keeps, at most (the readers' segment cache's
-/// size: the check keeps no more at once).
-pub const BUDGET: usize = crate::replica::replay::SEGMENT_CACHE;
+/// Bytes of segments the sets of one site keep, at most (beyond it, the one being
+/// read).
+pub const BUDGET: usize = 512 << 20;
+/// Machines read ahead for at once, at most (a recovery plan fails over a group's
+/// machines side by side).
+pub const MAX_SETS: usize = 8;
 /// A set nothing used for this long ends.
 pub const TTL: Duration = Duration::from_secs(30);
+/// A set ends this long after it began, used or not.
+pub const MAX_AGE: Duration = Duration::from_secs(600);
 
 /// A segment's encrypted-file header, as read with it.
 pub type Header = [u8; HEADER_LEN];
 
 /// The sets of a site's replicas, by machine.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Warm {
     sets: Mutex<HashMap<String, Arc<WarmSet>>>,
-    /// Bytes of segments the check took from here (for tests and the job's record).
-    served: AtomicU64,
+    /// Bytes the sets keep, all machines together.
+    held: Arc<AtomicUsize>,
+    budget: usize,
+}
+
+impl Default for Warm {
+    fn default() -> Self {
+        Warm::with_budget(BUDGET)
+    }
 }
 
 /// One machine's segments read ahead.
@@ -56,13 +72,17 @@ pub struct WarmSet {
     machine: String,
     state: Mutex<State>,
     changed: Condvar,
+    held: Arc<AtomicUsize>,
+    budget: usize,
+    began: Instant,
 }
 
 #[derive(Debug)]
 struct State {
     entries: HashMap<u64, Entry>,
+    /// What the reader reads next first.
     queue: VecDeque<u64>,
-    /// Footprint of the segments kept.
+    /// Footprint of the segments this set keeps.
     bytes: usize,
     touched: Instant,
     ended: bool,
@@ -76,23 +96,37 @@ enum Entry {
 }
 
 impl Warm {
-    /// Start (or go on with) reading ahead `store`'s segments `seqs` for a check to
-    /// come. One set and one reader per machine: a set under way takes the numbers it
-    /// lacks.
+    /// Sets that keep at most `budget` bytes between them (plus the one being read).
+    pub fn with_budget(budget: usize) -> Warm {
+        Warm {
+            sets: Mutex::new(HashMap::new()),
+            held: Arc::default(),
+            budget,
+        }
+    }
+
+    /// Start (or go on with) reading ahead `store`'s segments `seqs` (those it holds:
+    /// read newest first) for a check to come. One set and one reader per machine: a
+    /// set under way takes the numbers it lacks. None: [`MAX_SETS`] sets are under
+    /// way, or no reader could start.
     pub fn begin(
         self: &Arc<Self>,
         store: ReplicaStore,
         seqs: impl IntoIterator<Item = u64>,
-    ) -> Arc<WarmSet> {
+    ) -> Option<Arc<WarmSet>> {
         let machine = store.machine().to_string();
+        let mut seqs: Vec<u64> = seqs.into_iter().collect();
+        seqs.sort_unstable();
         let mut sets = self.sets.lock();
         if let Some(set) = sets.get(&machine).filter(|s| !s.state.lock().ended) {
             let set = set.clone();
             drop(sets);
-            for seq in seqs {
-                set.push(seq);
-            }
-            return set;
+            set.queue_held(&seqs);
+            return Some(set);
+        }
+        if sets.values().filter(|s| !s.state.lock().ended).count() >= MAX_SETS {
+            tracing::debug!(machine, "no read-ahead: {MAX_SETS} under way");
+            return None;
         }
         let set = Arc::new(WarmSet {
             machine: machine.clone(),
@@ -104,24 +138,32 @@ impl Warm {
                 ended: false,
             }),
             changed: Condvar::new(),
+            held: self.held.clone(),
+            budget: self.budget,
+            began: Instant::now(),
         });
-        for seq in seqs {
-            set.push(seq);
-        }
+        set.queue_held(&seqs);
         sets.insert(machine.clone(), set.clone());
         drop(sets);
         let (warm, reader) = (self.clone(), set.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("warm-{machine}"))
             .spawn(move || {
-                reader.read(store);
+                // However the reader stops (a panic too), the set ends: nobody waits on
+                // an entry no reader will finish.
+                let _ =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.read(store)));
+                reader.finish();
                 warm.forget(&reader);
             });
-        if let Err(e) = spawned {
-            tracing::warn!(machine, "no reader for the failover's check: {e}");
-            self.end(&machine);
+        match spawned {
+            Ok(_) => Some(set),
+            Err(e) => {
+                tracing::warn!(machine, "no reader for the failover's check: {e}");
+                self.end(&machine);
+                None
+            }
         }
-        set
     }
 
     /// The check of `machine` has run (or will not): drop what was kept.
@@ -133,7 +175,7 @@ impl Warm {
     }
 
     /// Segment `seq` of `machine` as read ahead, with its header (None: not kept,
-    /// and not being read). Waits for one being read.
+    /// and not to be read). Waits for one queued or being read.
     pub fn get(&self, machine: &str, seq: u64) -> Option<(Arc<Pooled>, Header)> {
         let set = self.sets.lock().get(machine).cloned()?;
         let mut st = set.state.lock();
@@ -144,25 +186,10 @@ impl Warm {
             }
             match st.entries.get(&seq) {
                 Some(Entry::Ready(p, h)) => return Some((p.clone(), *h)),
-                Some(Entry::Loading) => set.changed.wait(&mut st),
-                // Not started: the caller reads it now rather than wait its turn.
-                Some(Entry::Queued) => {
-                    st.entries.remove(&seq);
-                    return None;
-                }
+                Some(Entry::Loading | Entry::Queued) => set.changed.wait(&mut st),
                 None => return None,
             }
         }
-    }
-
-    /// Count `bytes` taken from a set by a check.
-    pub fn served(&self, bytes: u64) {
-        self.served.fetch_add(bytes, Ordering::Relaxed);
-    }
-
-    /// Bytes the checks of this process took from read-ahead sets.
-    pub fn served_bytes(&self) -> u64 {
-        self.served.load(Ordering::Relaxed)
     }
 
     /// Wait until `machine`'s set has read everything queued (false: it has not
@@ -178,8 +205,10 @@ impl Warm {
             if st.ended {
                 return false;
             }
-            let busy =
-                !st.queue.is_empty() || st.entries.values().any(|e| matches!(e, Entry::Loading));
+            let busy = st
+                .entries
+                .values()
+                .any(|e| matches!(e, Entry::Loading | Entry::Queued));
             if !busy {
                 return true;
             }
@@ -197,6 +226,11 @@ impl Warm {
             .is_some_and(|s| !s.state.lock().ended)
     }
 
+    /// Bytes the sets keep now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
     /// Unlist `set` (its reader stopped), unless another took its place.
     fn forget(&self, set: &Arc<WarmSet>) {
         let mut sets = self.sets.lock();
@@ -207,14 +241,32 @@ impl Warm {
 }
 
 impl WarmSet {
-    /// Read segment `seq` too (one stored after the set began).
+    /// Read segment `seq` too (one stored after the set began: the newest, read
+    /// before any older one).
     pub fn push(&self, seq: u64) {
         let mut st = self.state.lock();
         if st.ended || st.entries.contains_key(&seq) {
             return;
         }
         st.entries.insert(seq, Entry::Queued);
-        st.queue.push_back(seq);
+        st.queue.push_front(seq);
+        st.touched = Instant::now();
+        self.changed.notify_all();
+    }
+
+    /// Queue the segments `seqs` (ascending) held before the set began, newest first,
+    /// after what is queued.
+    fn queue_held(&self, seqs: &[u64]) {
+        let mut st = self.state.lock();
+        if st.ended {
+            return;
+        }
+        for &seq in seqs.iter().rev() {
+            if let std::collections::hash_map::Entry::Vacant(e) = st.entries.entry(seq) {
+                e.insert(Entry::Queued);
+                st.queue.push_back(seq);
+            }
+        }
         st.touched = Instant::now();
         self.changed.notify_all();
     }
@@ -224,12 +276,34 @@ impl WarmSet {
         st.ended = true;
         st.entries.clear();
         st.queue.clear();
+        self.held.fetch_sub(st.bytes, Ordering::Relaxed);
         st.bytes = 0;
         self.changed.notify_all();
     }
 
-    /// The reader: each queued segment in turn, until the set ends or lies unused
-    /// for [`TTL`].
+    /// Make room for `need` more bytes by dropping kept segments older than `seq`,
+    /// oldest first; whether there is room now.
+    fn room(&self, st: &mut State, seq: u64, need: usize) -> bool {
+        while self.held.load(Ordering::Relaxed) + need > self.budget {
+            let oldest = st
+                .entries
+                .iter()
+                .filter(|(s, e)| **s < seq && matches!(e, Entry::Ready(..)))
+                .map(|(s, _)| *s)
+                .min();
+            let Some(old) = oldest else {
+                return false;
+            };
+            if let Some(Entry::Ready(p, _)) = st.entries.remove(&old) {
+                st.bytes -= p.footprint();
+                self.held.fetch_sub(p.footprint(), Ordering::Relaxed);
+            }
+        }
+        true
+    }
+
+    /// The reader: each queued segment in turn, until the set ends, lies unused for
+    /// [`TTL`] or reaches [`MAX_AGE`].
     fn read(&self, mut store: ReplicaStore) {
         loop {
             let seq = {
@@ -238,23 +312,22 @@ impl WarmSet {
                     if st.ended {
                         return;
                     }
+                    let until = (st.touched + TTL).min(self.began + MAX_AGE);
+                    if Instant::now() >= until {
+                        return;
+                    }
                     if let Some(seq) = st.queue.pop_front() {
-                        // Claimed by a reader meanwhile, or no room left: skipped.
                         if !matches!(st.entries.get(&seq), Some(Entry::Queued)) {
                             continue;
                         }
-                        if st.bytes >= BUDGET {
+                        // No room, even without the older ones: left to the check.
+                        if !self.room(&mut st, seq, 1) {
                             st.entries.remove(&seq);
+                            self.changed.notify_all();
                             continue;
                         }
                         st.entries.insert(seq, Entry::Loading);
                         break seq;
-                    }
-                    let until = st.touched + TTL;
-                    if Instant::now() >= until {
-                        drop(st);
-                        self.finish();
-                        return;
                     }
                     self.changed.wait_until(&mut st, until);
                 }
@@ -268,8 +341,14 @@ impl WarmSet {
             let mut st = self.state.lock();
             match read {
                 Ok((p, h)) if matches!(st.entries.get(&seq), Some(Entry::Loading)) => {
-                    st.bytes += p.footprint();
-                    st.entries.insert(seq, Entry::Ready(Arc::new(p), h));
+                    let size = p.footprint();
+                    if self.room(&mut st, seq, size) {
+                        st.bytes += size;
+                        self.held.fetch_add(size, Ordering::Relaxed);
+                        st.entries.insert(seq, Entry::Ready(Arc::new(p), h));
+                    } else {
+                        st.entries.remove(&seq);
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -288,8 +367,8 @@ impl WarmSet {
 mod tests {
     use super::*;
 
-    fn set(machine: &str) -> WarmSet {
-        WarmSet {
+    fn set(warm: &Warm, machine: &str) -> Arc<WarmSet> {
+        let s = Arc::new(WarmSet {
             machine: machine.into(),
             state: Mutex::new(State {
                 entries: HashMap::new(),
@@ -299,46 +378,55 @@ mod tests {
                 ended: false,
             }),
             changed: Condvar::new(),
-        }
+            held: warm.held.clone(),
+            budget: warm.budget,
+            began: Instant::now(),
+        });
+        warm.sets.lock().insert(machine.into(), s.clone());
+        s
+    }
+
+    fn kept(bytes: &[u8]) -> Entry {
+        let mut p = Pooled::with_room(bytes.len());
+        p.set_len(bytes.len());
+        p.copy_from_slice(bytes);
+        Entry::Ready(Arc::new(p), [7u8; HEADER_LEN])
     }
 
     #[test]
-    fn a_queued_segment_is_claimed_and_a_loading_one_waited_for() {
+    fn a_queued_or_loading_segment_is_waited_for_and_an_ended_set_serves_nothing() {
         let warm = Arc::new(Warm::default());
-        let s = Arc::new(set("vm1"));
-        warm.sets.lock().insert("vm1".into(), s.clone());
-        s.push(3);
+        let s = set(&warm, "vm1");
+        s.queue_held(&[2, 3]);
         s.push(4);
         s.push(3);
-        assert_eq!(s.state.lock().queue.len(), 2, "a number is queued once");
-        // Queued, not started: the caller reads it itself, and the reader skips it.
-        assert!(warm.get("vm1", 3).is_none());
-        assert!(!s.state.lock().entries.contains_key(&3));
-        // Being read: the caller waits for it.
-        s.state.lock().entries.insert(4, Entry::Loading);
+        assert_eq!(
+            s.state.lock().queue.iter().copied().collect::<Vec<_>>(),
+            vec![4, 3, 2],
+            "newest first, each once"
+        );
+        for seq in [3u64, 4] {
+            if seq == 4 {
+                s.state.lock().entries.insert(4, Entry::Loading);
+            }
+            let waiter = {
+                let warm = warm.clone();
+                std::thread::spawn(move || warm.get("vm1", seq).map(|(p, h)| (p.to_vec(), h)))
+            };
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!waiter.is_finished(), "segment {seq}: not waited for");
+            s.state.lock().entries.insert(seq, kept(b"segment"));
+            s.changed.notify_all();
+            let (bytes, header) = waiter.join().unwrap().expect("kept");
+            assert_eq!((&bytes[..], header), (&b"segment"[..], [7u8; HEADER_LEN]));
+        }
+        // Ended: a waiter is let go, nothing is served, pushes are ignored.
         let waiter = {
             let warm = warm.clone();
-            std::thread::spawn(move || warm.get("vm1", 4).map(|(p, h)| (p.to_vec(), h)))
+            std::thread::spawn(move || warm.get("vm1", 2).is_none())
         };
-        std::thread::sleep(Duration::from_millis(20));
-        let mut p = Pooled::with_room(8);
-        p.set_len(8);
-        p.copy_from_slice(b"segment4");
-        s.state
-            .lock()
-            .entries
-            .insert(4, Entry::Ready(Arc::new(p), [7u8; HEADER_LEN]));
-        s.changed.notify_all();
-        let (bytes, header) = waiter.join().unwrap().expect("kept");
-        assert_eq!(bytes, b"segment4");
-        assert_eq!(header, [7u8; HEADER_LEN]);
-        // Ended: nothing is served, a waiter is let go, pushes are ignored.
-        s.state.lock().entries.insert(5, Entry::Loading);
-        let waiter = {
-            let warm = warm.clone();
-            std::thread::spawn(move || warm.get("vm1", 5).is_none())
-        };
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "segment 2: not waited for");
         warm.end("vm1");
         assert!(
             waiter.join().unwrap(),
@@ -348,5 +436,27 @@ mod tests {
         s.push(9);
         assert!(s.state.lock().entries.is_empty());
         assert!(!warm.active("vm1"));
+    }
+
+    #[test]
+    fn the_oldest_kept_segment_makes_room_for_a_newer_one_never_the_reverse() {
+        let one = Pooled::with_room(8).footprint();
+        let warm = Warm::with_budget(2 * one);
+        let s = set(&warm, "vm1");
+        let mut st = s.state.lock();
+        for seq in [5u64, 7] {
+            assert!(s.room(&mut st, seq, one));
+            st.bytes += one;
+            s.held.fetch_add(one, Ordering::Relaxed);
+            st.entries.insert(seq, kept(b"x"));
+        }
+        // Full: an older segment gets no room, a newer one takes the oldest's.
+        assert!(!s.room(&mut st, 3, one));
+        assert!(s.room(&mut st, 9, one));
+        assert!(!st.entries.contains_key(&5) && st.entries.contains_key(&7));
+        assert_eq!((st.bytes, warm.held()), (one, one));
+        drop(st);
+        s.finish();
+        assert_eq!(warm.held(), 0, "an ended set gives its bytes back");
     }
 }

@@ -372,6 +372,7 @@ impl Target {
             base_pending_bytes: 0,
             base_cursor: None,
             warming: None,
+            promote_soon: false,
         };
         WIRE_FAULTS
             .with(|f| *f.borrow_mut() = crate::replication::wire_fault::WireFaults::from_env());
@@ -502,6 +503,8 @@ struct Session<'a> {
     /// A planned failover of this session's machine has begun (`PromoteSoon`): the
     /// segments read ahead for its check, which each one stored from now on joins.
     warming: Option<Arc<crate::replica::warm::WarmSet>>,
+    /// `PromoteSoon` arrived in this session (once only).
+    promote_soon: bool,
 }
 
 /// Initial-copy chunks, checked, to store as one batch (on a thread of their own
@@ -952,23 +955,23 @@ impl Session<'_> {
     /// follow, once per session.
     fn on_promote_soon(&mut self, machine: &str, generation: u32) -> Result<(), Refusal> {
         let (name, store) = self.store_at(machine, generation, "PromoteSoon")?;
-        if self.warming.is_some() {
+        let (name, store) = (name.to_string(), store.clone());
+        if self.promote_soon {
             return Err(protocol_error(format!(
                 "a second PromoteSoon for {name} in one session"
             )));
         }
+        self.promote_soon = true;
         if self.target.on_promote.is_none() {
             return Ok(());
         }
-        let (name, store) = (name.to_string(), store.clone());
         let (from, to) = {
             let st = self.lock(&store)?;
             check_promotion(&st, &name, generation)?;
             (st.parent().seq, st.received().segment_seq)
         };
         let reader = self.target.replicas.open_readonly(&name).map_err(refusal)?;
-        let set = self.target.replicas.warm().begin(reader, from + 1..=to);
-        self.warming = Some(set);
+        self.warming = self.target.replicas.warm().begin(reader, from + 1..=to);
         Ok(())
     }
 

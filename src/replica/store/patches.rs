@@ -158,7 +158,6 @@ impl ReplicaStore {
             );
             return Ok(None);
         }
-        self.replicas().warm().served(buf.len() as u64);
         Ok(Some(buf))
     }
 
