@@ -54,6 +54,15 @@ pub trait Host {
     }
     /// Machine `name`, open (serve: the open one; offline: opened now).
     fn machine(&self, name: &str) -> Result<Arc<Machine>>;
+    /// Machine `name` was failed over (its fence persisted, in memory too): from now
+    /// on it ships and merges nothing, and what its target never acknowledged stays
+    /// in its journal. The default closes and opens it again (a failed-over machine
+    /// opens without loops); a host that knows its loops stops them in place, which
+    /// spares reading the whole journal again.
+    fn stop_loops(&self, name: &str) -> Result<()> {
+        self.close_to_reopen(name)?;
+        self.open(name)
+    }
 }
 
 /// The default name of a test copy of `machine`.
@@ -661,6 +670,14 @@ impl Host for Offline {
             Some(Err(_)) => Err(Error::Busy(format!("{name} is still in use"))),
             None => Ok(()),
         }
+    }
+
+    /// An offline site runs no loops (nothing starts a compactor here).
+    fn stop_loops(&self, name: &str) -> Result<()> {
+        if let Some(m) = self.open.lock().get(name) {
+            m.stop_compactor();
+        }
+        Ok(())
     }
 
     fn machine(&self, name: &str) -> Result<Arc<Machine>> {

@@ -245,9 +245,8 @@ pub fn run_as(
         rel.target
     )));
     drop(m);
-    // Reopened: a failed-over machine has no loops (its journal is kept).
-    host.close_to_reopen(name)?;
-    host.open(name)?;
+    // A failed-over machine has no loops (its journal is kept).
+    host.stop_loops(name)?;
     let job_id = id.clone();
     job.finish(|| {
         let man = Machine::read_manifest(

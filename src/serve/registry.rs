@@ -967,6 +967,22 @@ impl crate::failover::Host for Host<'_> {
         self.0.close_keeping(name, true)
     }
 
+    /// The machine stays open, under the mount and in status, as reopening would
+    /// leave it: its compactor and its shipping loop (and with it the loop's
+    /// watermark hold) stop.
+    fn stop_loops(&self, name: &str) -> Result<()> {
+        let (machine, ship) = match self.0.machines.lock().get_mut(name) {
+            Some(e) => (e.machine.clone(), e.ship.take()),
+            None => return Ok(()),
+        };
+        machine.stop_compactor();
+        if let Some(l) = ship {
+            l.stop();
+        }
+        self.0.lsn_seen.lock().remove(name);
+        Ok(())
+    }
+
     fn machine(&self, name: &str) -> Result<Arc<Machine>> {
         self.0
             .machine(name)
