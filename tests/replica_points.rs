@@ -631,3 +631,60 @@ fn segments_read_ahead_for_a_check_are_the_stored_ones() {
     let v = verify(&PointImage::open_exact(open(), lsn).expect("image")).expect("mended");
     assert_eq!(v.read_ahead, 0, "an ended set serves nothing");
 }
+
+/// A source says `PromoteSoon` on a pass while its machine has a planned failover's
+/// intent, and only then: not without an intent, and not on a pass that only asks
+/// how a failover whose answer was lost ended (`announce_promotion(false)`).
+#[test]
+fn a_source_announces_a_promotion_only_while_a_planned_failover_ships() {
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    trusted_pair(&a, &b);
+    create_vm1(&a, &common::pattern(3, 1 << 20), "2M", "1M");
+    let key = replog::site::replica_key_at(&b).expect("key");
+    let replicas = replog::replica::store::Replicas::with_key(&b, key);
+    let me = replog::identity::Identity::load(&b).expect("id").id();
+    let target = Arc::new(
+        replog::replication::receiver::Target::new(me, replicas.clone())
+            .on_promote(|_, _, _| Ok(())),
+    );
+    let addr = replog::replication::transport::listen(&b, "127.0.0.1:0", move |mut s, peer| {
+        target.session_tls(&mut s, peer)
+    })
+    .expect("listen")
+    .to_string();
+    let site = Site::open(&a).expect("open source");
+    let m = site.open_machine("vm1").expect("machine");
+    let mut shipper = Shipper::new(&a, &m, &addr);
+    let warm = replicas.warm();
+    let pass = |shipper: &mut Shipper, at: u64| {
+        m.volume("os")
+            .expect("vol")
+            .write(at, &common::pattern(at, 8192))
+            .expect("write");
+        m.seal().expect("seal");
+        shipper.ship_once(&m).expect("ship");
+    };
+    pass(&mut shipper, 0);
+    assert!(!warm.active("vm1"), "announced without a failover");
+    m.set_intent(Some(replog::protection::Intent {
+        target_site: me.0,
+        target: addr.clone(),
+        generation: 2,
+        job: "j-test".into(),
+        started_ns: 1,
+    }))
+    .expect("intent");
+    shipper.announce_promotion(false);
+    pass(&mut shipper, 16384);
+    assert!(!warm.active("vm1"), "announced by a pass that only asks");
+    shipper.announce_promotion(true);
+    pass(&mut shipper, 32768);
+    assert!(
+        warm.active("vm1"),
+        "a planned failover's pass did not announce it"
+    );
+    warm.end("vm1");
+    m.set_intent(None).expect("clear");
+}

@@ -401,7 +401,10 @@ impl Shipping for OfflineShipping {
     }
 
     fn resolve(&self, m: &Machine, _wait: Duration) -> Result<bool> {
-        let contact = self.with(m, |s| s.ship_once(m));
+        let contact = self.with(m, |s| {
+            s.announce_promotion(false);
+            s.ship_once(m)
+        });
         match contact {
             Ok(_) => {
                 m.set_intent(None)?;

@@ -1036,6 +1036,8 @@ fn run(
             park(&stop, shipper, control, crate::error::Failure::of(&e));
             return;
         }
+        // A pass that only asks how a lost answer ended announces no promotion.
+        shipper.announce_promotion(!control.resolve_intent);
         match shipper.ship_once(&machine) {
             Ok(report) => {
                 failures = 0;

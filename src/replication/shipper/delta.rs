@@ -47,7 +47,9 @@ impl Shipper {
         self.hold.set(acked.0);
         // A planned failover under way (fenced, shipping the rest): the target may
         // read ahead what its check will read (`replica::warm`) while this ships.
-        if machine.intent().is_some() && link.peer_features() & protocol::FEATURE_PROMOTE_SOON != 0
+        if self.announce_promotion
+            && machine.intent().is_some()
+            && link.peer_features() & protocol::FEATURE_PROMOTE_SOON != 0
         {
             link.send(&Message::PromoteSoon {
                 machine: machine.name().to_string(),

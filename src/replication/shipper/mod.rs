@@ -53,6 +53,9 @@ pub struct Shipper {
     limiter: Arc<crate::replication::bandwidth::Limiter>,
     /// The site ID the target must present (the relationship's), when known.
     target_id: Option<crate::identity::SiteId>,
+    /// A pass while the machine has a planned failover's intent says `PromoteSoon`
+    /// (false for a pass that only asks how a failover whose answer was lost ended).
+    announce_promotion: bool,
 }
 
 /// Called with each LSN the target acknowledges.
@@ -389,7 +392,15 @@ impl Shipper {
             on_reprotect: None,
             limiter: Arc::default(),
             target_id: None,
+            announce_promotion: true,
         }
+    }
+
+    /// Whether a pass while the machine has a planned failover's intent tells the
+    /// target a promotion follows (`PromoteSoon`: it reads ahead for its check). Off
+    /// for a pass that only finds out how a failover whose answer was lost ended.
+    pub fn announce_promotion(&mut self, on: bool) {
+        self.announce_promotion = on;
     }
 
     /// Tell `f` the target's answer to every `Reprotect`.
