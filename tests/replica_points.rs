@@ -8,6 +8,7 @@
 mod common;
 
 use common::pair::{create_vm1, restore, start_receiver, trusted_pair};
+use replog::failover::planned::Shipping;
 use replog::failover::{Host, Offline};
 use replog::protection::FailoverKind;
 use replog::replica::compact::compact_replica;
@@ -686,5 +687,17 @@ fn a_source_announces_a_promotion_only_while_a_planned_failover_ships() {
         "a planned failover's pass did not announce it"
     );
     warm.end("vm1");
-    m.set_intent(None).expect("clear");
+    // How a failover whose answer was lost ended, asked offline: not promoted (the
+    // intent goes), and nothing announced.
+    m.volume("os")
+        .expect("vol")
+        .write(49152, &common::pattern(9, 8192))
+        .expect("write");
+    m.seal().expect("seal");
+    let asked = replog::failover::planned::OfflineShipping::new(&a, &addr)
+        .resolve(&m, std::time::Duration::from_secs(30))
+        .expect("resolve");
+    assert!(!asked, "promoted?");
+    assert!(m.intent().is_none(), "the intent stayed");
+    assert!(!warm.active("vm1"), "announced by an offline asking pass");
 }

@@ -255,6 +255,10 @@ fn a_failed_over_machine_keeps_no_spares_across_a_restart() {
         reason: "failed over in a test".into(),
     })
     .expect("fence");
+    // Gone as soon as the fence is persisted (a failed-over machine stays open in
+    // serve, its loops stopped in place), and after a restart too.
+    assert_eq!(spare_count(&dir), 0, "{:?}", names(&dir));
+    assert_eq!(m.status().spare_bytes, 0);
     m.close().expect("close");
     let m = open(&dir);
     assert!(m.failed_over());

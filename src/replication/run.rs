@@ -216,7 +216,11 @@ impl ShipLoop {
             paused: false,
             waiting: Vec::new(),
             promote: None,
-            resolve_intent: false,
+            // A planned failover a process that died began: the first contact tells
+            // how it ended (refused as fenced: promoted; answered: not). Read here,
+            // under the caller's lock, not in the thread: a failover asked for just
+            // after this returns sets an intent of its own.
+            resolve_intent: machine.intent().is_some(),
             on_failover_request,
         };
         let thread = {
@@ -316,6 +320,8 @@ impl ShipLoop {
     /// Stop shipping (after the pass in progress).
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Release);
+        // Wake a loop waiting for a command (a parked one polls only every 50 ms).
+        let _ = self.commands.send(ShipCommand::Resume);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -860,9 +866,6 @@ fn run(
             tracing::error!(machine = %name, "{e}");
         }
     }
-    // A planned failover a process that died began: the first contact tells how it
-    // ended (refused as fenced: promoted; answered: not).
-    control.resolve_intent = machine.intent().is_some();
     while !stop.load(Ordering::Acquire) {
         control.drain(&machine);
         if let Some((lsn, generation, tx)) = control.promote.take() {
@@ -1053,9 +1056,9 @@ fn run(
                     .inc_by(report.segments as u64);
                 if control.resolve_intent {
                     // The target took our generation: it did not promote.
-                    control.resolve_intent = false;
                     match machine.set_intent(None) {
                         Ok(()) => {
+                            control.resolve_intent = false;
                             machine.unfence();
                             tracing::info!(
                                 machine = %name,

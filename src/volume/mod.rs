@@ -376,7 +376,29 @@ impl Machine {
         *self.inner.fence_record.lock() = Some(fence);
         self.inner.failed_over.store(true, Ordering::Release);
         drop(w);
+        // It takes no writes from now on: its spare segment files would never be
+        // written again (a fenced machine opened afresh keeps none either).
+        if let Err(e) = self.drop_spares() {
+            tracing::warn!(machine = %self.inner.name, "spare segment files: {e}");
+        }
         Ok(())
+    }
+
+    /// Remove the journal's spare segment files (those no reader still holds);
+    /// returns how many went.
+    pub fn drop_spares(&self) -> Result<usize> {
+        let mut n = 0;
+        while let Some(s) = self.inner.spares.take() {
+            drop(s.file);
+            self.inner.storage.remove_file(&s.path)?;
+            n += 1;
+        }
+        if n > 0 {
+            self.inner
+                .storage
+                .sync_dir(&self.inner.dir.join(JOURNAL_DIR))?;
+        }
+        Ok(n)
     }
 
     /// The persisted fence of a failed-over machine: the site and generation that
