@@ -128,20 +128,7 @@ impl Warm {
             tracing::debug!(machine, "no read-ahead: {MAX_SETS} under way");
             return None;
         }
-        let set = Arc::new(WarmSet {
-            machine: machine.clone(),
-            state: Mutex::new(State {
-                entries: HashMap::new(),
-                queue: VecDeque::new(),
-                bytes: 0,
-                touched: Instant::now(),
-                ended: false,
-            }),
-            changed: Condvar::new(),
-            held: self.held.clone(),
-            budget: self.budget,
-            began: Instant::now(),
-        });
+        let set = self.new_set(&machine);
         set.queue_held(&seqs);
         sets.insert(machine.clone(), set.clone());
         drop(sets);
@@ -164,6 +151,24 @@ impl Warm {
                 None
             }
         }
+    }
+
+    /// A set for `machine`, empty, sharing this site's budget (not listed).
+    fn new_set(&self, machine: &str) -> Arc<WarmSet> {
+        Arc::new(WarmSet {
+            machine: machine.to_string(),
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                queue: VecDeque::new(),
+                bytes: 0,
+                touched: Instant::now(),
+                ended: false,
+            }),
+            changed: Condvar::new(),
+            held: self.held.clone(),
+            budget: self.budget,
+            began: Instant::now(),
+        })
     }
 
     /// The check of `machine` has run (or will not): drop what was kept.
@@ -368,20 +373,7 @@ mod tests {
     use super::*;
 
     fn set(warm: &Warm, machine: &str) -> Arc<WarmSet> {
-        let s = Arc::new(WarmSet {
-            machine: machine.into(),
-            state: Mutex::new(State {
-                entries: HashMap::new(),
-                queue: VecDeque::new(),
-                bytes: 0,
-                touched: Instant::now(),
-                ended: false,
-            }),
-            changed: Condvar::new(),
-            held: warm.held.clone(),
-            budget: warm.budget,
-            began: Instant::now(),
-        });
+        let s = warm.new_set(machine);
         warm.sets.lock().insert(machine.into(), s.clone());
         s
     }
