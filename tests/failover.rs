@@ -40,6 +40,15 @@ fn entry(site: &Path, name: &str, role: &str) -> Option<serde_json::Value> {
         .cloned()
 }
 
+/// The names of process `pid`'s threads.
+fn threads(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
 /// A protected source with a mount and a listening target with a mount, vm1/os of
 /// 16 MiB, initial replication done.
 struct Pair {
@@ -366,12 +375,26 @@ fn a_planned_failover_loses_nothing_and_fences_the_old_primary() {
         }
     }
     let final_src = read_all(&p.src_img());
+    // The primary's serve ships and merges vm1 (its threads, by name)…
+    let pid = p.src_serve.as_ref().expect("src serve").pid();
+    let loops = ["ship-vm1", "compactor-vm1"];
+    let before = threads(pid);
+    assert!(
+        loops.iter().all(|l| before.iter().any(|t| t == l)),
+        "{before:?}"
+    );
     let o = out(replog()
         .arg("failover")
         .arg(&p.src)
         .arg("vm1")
         .arg("--planned"));
     assert!(o.status.success(), "planned failover: {}", text(&o));
+    // …and no longer once it failed over (stopped in place, the machine still open).
+    let after = threads(pid);
+    assert!(
+        loops.iter().all(|l| !after.iter().any(|t| t == l)),
+        "{after:?}"
+    );
     // The old primary refuses writes.
     let f = std::fs::OpenOptions::new()
         .write(true)

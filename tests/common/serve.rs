@@ -126,6 +126,11 @@ impl Served {
         s
     }
 
+    /// The serve process's ID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     fn wait_mounted(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         // A dead mount left by a killed serve is listed too, but stat fails on it.
