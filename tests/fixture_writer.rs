@@ -314,30 +314,29 @@ fn write_version_3_fixtures() {
         meta::encode(meta::KIND_PROMOTION, &body),
     )
     .expect("write");
-    let p = out.join("protocol");
-    std::fs::create_dir_all(&p).expect("mkdir");
-    for (name, msg) in [
-        ("hello.frame", protocol::hello([7; 32])),
-        (
-            "promote.frame",
-            Message::Promote {
-                machine: "vm1".into(),
-                machine_id: 42,
-                generation: 2,
-                lsn: 1234,
-            },
-        ),
-        (
-            "promoted.frame",
-            Message::Promoted {
-                machine: "vm1".into(),
-                generation: 2,
-                lsn: 1234,
-            },
-        ),
-    ] {
-        std::fs::write(p.join(name), protocol::encode(&msg).expect("encode")).expect("write");
-    }
+    write_frames(
+        &out.join("protocol"),
+        [
+            ("hello.frame", protocol::hello([7; 32])),
+            (
+                "promote.frame",
+                Message::Promote {
+                    machine: "vm1".into(),
+                    machine_id: 42,
+                    generation: 2,
+                    lsn: 1234,
+                },
+            ),
+            (
+                "promoted.frame",
+                Message::Promoted {
+                    machine: "vm1".into(),
+                    generation: 2,
+                    lsn: 1234,
+                },
+            ),
+        ],
+    );
 }
 
 /// `tests/fixtures/v4`: the formats the reprotect issue added — a changed-block map
@@ -389,40 +388,39 @@ fn write_version_4_fixtures() {
         serde_json::to_string_pretty(&orphan).expect("json"),
     )
     .expect("write");
-    let p = out.join("protocol");
-    std::fs::create_dir_all(&p).expect("mkdir");
-    for (name, msg) in [
-        ("hello.frame", protocol::hello([7; 32])),
-        (
-            "reprotect.frame",
-            Message::Reprotect {
-                machine: "vm1".into(),
-                machine_id: 42,
-                generation: 2,
-                since: 1234,
-                foreign_upto: Some(1300),
-                disks: vec![("os".into(), 16 << 20)],
-                base_lsn: 1500,
-                base_seq: 7,
-                probe: false,
-            },
-        ),
-        (
-            "reprotect-state.frame",
-            Message::ReprotectState {
-                machine: "vm1".into(),
-                held: Held::Seeded,
-                generation: 2,
-                tail: vec![(0, 8192, 4096)],
-                covered: true,
-                seeded_bytes: 1 << 20,
-                orphan: Some(orphan),
-                verified: Some(1501),
-            },
-        ),
-    ] {
-        std::fs::write(p.join(name), protocol::encode(&msg).expect("encode")).expect("write");
-    }
+    write_frames(
+        &out.join("protocol"),
+        [
+            ("hello.frame", protocol::hello([7; 32])),
+            (
+                "reprotect.frame",
+                Message::Reprotect {
+                    machine: "vm1".into(),
+                    machine_id: 42,
+                    generation: 2,
+                    since: 1234,
+                    foreign_upto: Some(1300),
+                    disks: vec![("os".into(), 16 << 20)],
+                    base_lsn: 1500,
+                    base_seq: 7,
+                    probe: false,
+                },
+            ),
+            (
+                "reprotect-state.frame",
+                Message::ReprotectState {
+                    machine: "vm1".into(),
+                    held: Held::Seeded,
+                    generation: 2,
+                    tail: vec![(0, 8192, 4096)],
+                    covered: true,
+                    seeded_bytes: 1 << 20,
+                    orphan: Some(orphan),
+                    verified: Some(1501),
+                },
+            ),
+        ],
+    );
 }
 
 #[test]
@@ -748,11 +746,10 @@ fn write_version_8_fixtures() {
 fn write_chunk_frame_fixtures() {
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v8/protocol");
     let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).expect("dir");
-    let frames = common::frames::chunk_messages(&common::frames::payload());
-    for (name, m) in frames {
-        std::fs::write(out.join(name), protocol::encode(&m).expect("encode")).expect("write");
-    }
+    write_frames(
+        &out,
+        common::frames::chunk_messages(&common::frames::payload()),
+    );
 }
 
 /// Protocol frames of the read-ahead for a planned failover's check: `PromoteSoon`,
@@ -762,17 +759,25 @@ fn write_chunk_frame_fixtures() {
 fn write_version_9_fixtures() {
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v9/protocol");
     let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).expect("dir");
-    for (name, msg) in [
-        ("hello.frame", protocol::hello([9; 32])),
-        (
-            "promote-soon.frame",
-            Message::PromoteSoon {
-                machine: "vm1".into(),
-                generation: 3,
-            },
-        ),
-    ] {
-        std::fs::write(out.join(name), protocol::encode(&msg).expect("encode")).expect("write");
+    write_frames(
+        &out,
+        [
+            ("hello.frame", protocol::hello([9; 32])),
+            (
+                "promote-soon.frame",
+                Message::PromoteSoon {
+                    machine: "vm1".into(),
+                    generation: 3,
+                },
+            ),
+        ],
+    );
+}
+
+/// Write each message as one frame file in `dir` (created if missing).
+fn write_frames<'a>(dir: &Path, frames: impl IntoIterator<Item = (&'a str, Message)>) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    for (name, msg) in frames {
+        std::fs::write(dir.join(name), protocol::encode(&msg).expect("encode")).expect("write");
     }
 }

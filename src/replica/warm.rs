@@ -33,6 +33,7 @@ use crate::replica::store::ReplicaStore;
 use crate::storage::pool::Pooled;
 use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, VecDeque};
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -105,23 +106,21 @@ impl Warm {
         }
     }
 
-    /// Start (or go on with) reading ahead `store`'s segments `seqs` (those it holds:
+    /// Start (or go on with) reading ahead `store`'s segments `seqs` (those it holds,
     /// read newest first) for a check to come. One set and one reader per machine: a
     /// set under way takes the numbers it lacks. None: [`MAX_SETS`] sets are under
     /// way, or no reader could start.
     pub fn begin(
         self: &Arc<Self>,
         store: ReplicaStore,
-        seqs: impl IntoIterator<Item = u64>,
+        seqs: RangeInclusive<u64>,
     ) -> Option<Arc<WarmSet>> {
         let machine = store.machine().to_string();
-        let mut seqs: Vec<u64> = seqs.into_iter().collect();
-        seqs.sort_unstable();
         let mut sets = self.sets.lock();
         if let Some(set) = sets.get(&machine).filter(|s| !s.state.lock().ended) {
             let set = set.clone();
             drop(sets);
-            set.queue_held(&seqs);
+            set.queue_held(seqs);
             return Some(set);
         }
         if sets.values().filter(|s| !s.state.lock().ended).count() >= MAX_SETS {
@@ -129,7 +128,7 @@ impl Warm {
             return None;
         }
         let set = self.new_set(&machine);
-        set.queue_held(&seqs);
+        set.queue_held(seqs);
         sets.insert(machine.clone(), set.clone());
         drop(sets);
         let (warm, reader) = (self.clone(), set.clone());
@@ -231,11 +230,6 @@ impl Warm {
             .is_some_and(|s| !s.state.lock().ended)
     }
 
-    /// Bytes the sets keep now.
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::Relaxed)
-    }
-
     /// Unlist `set` (its reader stopped), unless another took its place.
     fn forget(&self, set: &Arc<WarmSet>) {
         let mut sets = self.sets.lock();
@@ -259,14 +253,14 @@ impl WarmSet {
         self.changed.notify_all();
     }
 
-    /// Queue the segments `seqs` (ascending) held before the set began, newest first,
-    /// after what is queued.
-    fn queue_held(&self, seqs: &[u64]) {
+    /// Queue the segments `seqs` held before the set began, newest first, after what
+    /// is queued.
+    fn queue_held(&self, seqs: RangeInclusive<u64>) {
         let mut st = self.state.lock();
         if st.ended {
             return;
         }
-        for &seq in seqs.iter().rev() {
+        for seq in seqs.rev() {
             if let std::collections::hash_map::Entry::Vacant(e) = st.entries.entry(seq) {
                 e.insert(Entry::Queued);
                 st.queue.push_back(seq);
@@ -389,7 +383,7 @@ mod tests {
     fn a_queued_or_loading_segment_is_waited_for_and_an_ended_set_serves_nothing() {
         let warm = Arc::new(Warm::default());
         let s = set(&warm, "vm1");
-        s.queue_held(&[2, 3]);
+        s.queue_held(2..=3);
         s.push(4);
         s.push(3);
         assert_eq!(
@@ -446,9 +440,13 @@ mod tests {
         assert!(!s.room(&mut st, 3, one));
         assert!(s.room(&mut st, 9, one));
         assert!(!st.entries.contains_key(&5) && st.entries.contains_key(&7));
-        assert_eq!((st.bytes, warm.held()), (one, one));
+        assert_eq!((st.bytes, warm.held.load(Ordering::Relaxed)), (one, one));
         drop(st);
         s.finish();
-        assert_eq!(warm.held(), 0, "an ended set gives its bytes back");
+        assert_eq!(
+            warm.held.load(Ordering::Relaxed),
+            0,
+            "an ended set gives its bytes back"
+        );
     }
 }

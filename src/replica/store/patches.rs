@@ -142,14 +142,11 @@ impl ReplicaStore {
     /// if it was and the object is still the one read (its header unchanged); None:
     /// read it.
     pub fn warmed(&self, seq: u64) -> Result<Option<Arc<Pooled>>> {
-        if seq == 0 || seq > PATCH_SEQ || seq > self.received.segment_seq {
-            return Ok(None);
-        }
         let Some((buf, header)) = self.replicas().warm().get(&self.name, seq) else {
             return Ok(None);
         };
-        let key = self.key_of(&super::segments::seg_rel(seq));
-        let now = self.backend().get_head(&key, HEADER_LEN)?;
+        let (rel, _) = self.layer_object(seq)?;
+        let now = self.backend().get_head(&self.key_of(&rel), HEADER_LEN)?;
         if now.as_deref() != Some(&header[..]) {
             tracing::debug!(
                 machine = self.name,
