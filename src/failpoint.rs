@@ -33,7 +33,7 @@
 //! | point | reached when |
 //! |---|---|
 //! | `plan:after-request` | serve answered a machine's failover request; the run has not recorded the outcome |
-//! | `plan:action-started` | a `run` action's process started and was recorded |
+//! | `plan:action-started` | a `run` action's process group was recorded; its program waits behind the gate (a crash here: it never runs) |
 //! | `plan:after-step` | a step's outcome was recorded |
 //!
 //! `REPLOG_FAILPOINT=NAME:stall` stops the thread that reaches NAME for good instead

@@ -491,14 +491,15 @@ fn an_unplanned_run_goes_on_past_a_machine_that_cannot_fail_over() {
 }
 
 /// A plan program that blocks (touching `started`) until `go` exists, and then passes
-/// at once: (the program, started, go).
+/// at once: (the program, started, go). Each time it runs it adds its pid to `dir/runs`.
 fn blocking_program(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let (started, go) = (dir.join("started"), dir.join("go"));
     let block = script(
         dir,
         "block.sh",
         &format!(
-            "[ -e {go} ] && exit 0\ntouch {started}\nexec sleep 60",
+            "echo $$ >> {runs}\n[ -e {go} ] && exit 0\ntouch {started}\nexec sleep 60",
+            runs = dir.join("runs").display(),
             go = go.display(),
             started = started.display()
         ),
@@ -599,6 +600,42 @@ fn resume_goes_on_after_kill_9_of_the_command() {
     for m in ["app", "web"] {
         assert!(s.dst_mnt().join(format!("{m}-test/os.img")).exists());
     }
+
+    // 3. Killed once the action's process group was recorded, its program not run
+    //    yet (it waits behind its gate): the program never runs then — the gate
+    //    ends with its runner — and resume runs it once.
+    let o = plan("cleanup-test", &s.dst, &["erp"]);
+    assert!(o.status.success(), "cleanup: {}", text(&o));
+    let runs = || {
+        std::fs::read_to_string(s.dir().join("runs"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let before = runs();
+    assert!(before > 0, "the program never ran in parts 1 and 2");
+    let o = replog()
+        .args(["plan", "failover"])
+        .arg(&s.dst)
+        .args(["erp", "--test"])
+        .env("REPLOG_FAILPOINT", "plan:action-started")
+        .output()
+        .expect("run");
+    assert_eq!(
+        o.status.code(),
+        None,
+        "the failpoint did not kill it: {}",
+        text(&o)
+    );
+    let j = plan_job(&s.dst, "erp");
+    let gate = run_state(&s.dst, j["id"].as_str().expect("id"))["action"]["pid"]
+        .as_u64()
+        .expect("the action's process group, recorded before it ran") as i32;
+    assert!(gone_soon(gate), "the gate outlived the runner that held it");
+    assert_eq!(runs(), before, "the program ran behind a gate never opened");
+    let o = plan("resume", &s.dst, &["erp"]);
+    assert!(o.status.success(), "resume: {}", text(&o));
+    assert_eq!(runs(), before + 1, "resume did not run the program once");
+    assert_eq!(plan_job(&s.dst, "erp")["state"], "succeeded");
 }
 
 /// Every file under `dir` with its size and content digest (sorted).

@@ -4,6 +4,14 @@
 //! /dev/null, standard output and error captured together (the last
 //! [`OUTPUT_TAIL`] bytes kept for the job), killed when its timeout passes (SIGTERM,
 //! then SIGKILL after [`KILL_GRACE`]).
+//!
+//! An action starts behind a gate: `/bin/sh` waits on a pipe (fd 3) in the new process
+//! group and only then `exec`s the program, keeping its pid and start time. The runner
+//! records the group (durably, in the run's state) before it opens the gate, so no
+//! program runs that `plan abandon` or `plan resume` could not find after a crash of
+//! the runner; a runner that dies before opening the gate closes the pipe with it,
+//! and the gate exits without running anything. (`Command` cannot hold a child
+//! between fork and exec itself: `spawn` returns only once the exec happened.)
 
 use crate::error::{Error, Result};
 use std::io::Read;
@@ -111,39 +119,151 @@ impl Started {
     }
 }
 
-/// Run `argv` with `env` (added to this process's environment), at most `timeout`;
-/// `started` learns the process group before the wait begins.
+/// What the gate runs: wait for a line on fd 3 (EOF: the runner died before it
+/// recorded the group — exit without running the program), close fd 3 and become the
+/// program (`$0`, arguments `$@`).
+const GATE: &str = r#"read _ <&3 || exit 125; exec "$0" "$@" 3<&-"#;
+
+/// An action's process group, its program not started yet: [`Gated::open`] lets it
+/// run; dropping this without opening the gate ends the gate.
+struct Gated {
+    child: std::process::Child,
+    gate: std::io::PipeWriter,
+    started: Started,
+}
+
+impl Gated {
+    /// Start the gate of `argv` in a process group of its own, its output into
+    /// `output`.
+    fn spawn(
+        argv: &[String],
+        env: &[(String, String)],
+        output: std::io::PipeWriter,
+    ) -> Result<Gated> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let program = argv
+            .first()
+            .ok_or_else(|| Error::InvalidInput("an action with no program".into()))?;
+        check_program(program)?;
+        let (gate_r, gate) = std::io::pipe().map_err(|e| Error::io("pipe for", program, e))?;
+        let err_output = output
+            .try_clone()
+            .map_err(|e| Error::io("pipe for", program, e))?;
+        let fd = gate_r.as_raw_fd();
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(GATE)
+            .args(argv)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(output)
+            .stderr(err_output)
+            .process_group(0);
+        // SAFETY: between fork and exec only dup2(2) and fcntl(2), both
+        // async-signal-safe; `fd` stays open in the parent until spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                // The pipe is close-on-exec; dup2 gives fd 3 without the flag (and
+                // when it already is fd 3, the flag is cleared by hand).
+                let r = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if r < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        let child = cmd.spawn().map_err(|e| Error::io("start", program, e))?;
+        drop(gate_r);
+        let pid = child.id();
+        let stat = crate::jobs::proc_stat(pid);
+        Ok(Gated {
+            child,
+            gate,
+            started: Started {
+                pid,
+                start: stat.map_or(0, |p| p.start),
+                session: stat.map_or(0, |p| p.session),
+            },
+        })
+    }
+
+    /// Let the program run.
+    fn open(mut self) -> std::io::Result<std::process::Child> {
+        use std::io::Write;
+        if let Err(e) = self.gate.write_all(b"go\n") {
+            // The gate is gone (it can only have been killed): nothing ran.
+            self.close();
+            return Err(e);
+        }
+        Ok(self.child)
+    }
+
+    /// End the gate (the program never ran) and reap it.
+    fn close(mut self) {
+        drop(self.gate);
+        // SAFETY: kill(2) of the process group we started, still our child.
+        unsafe { libc::kill(-(self.started.pid as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Refuse a program that cannot be started (not there, or not executable), as
+/// starting it directly would have: the gate would only exit with 127 or 126.
+fn check_program(program: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.contains('/') {
+        executable(std::path::Path::new(program))
+    } else {
+        match std::env::var_os("PATH") {
+            Some(path) => std::env::split_paths(&path).any(|d| executable(&d.join(program))),
+            // sh has a default search path of its own: let it look.
+            None => true,
+        }
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(Error::io(
+            "start",
+            program,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no executable file of that name (or in PATH)",
+            ),
+        ))
+    }
+}
+
+/// Run `argv` with `env` (added to this process's environment), at most `timeout`.
+/// `started` learns the process group before the program runs and records it; the
+/// program runs only if it returns Ok (its error is this function's otherwise).
 pub fn run(
     argv: &[String],
     env: &[(String, String)],
     timeout: Duration,
-    started: impl FnOnce(Started),
+    started: impl FnOnce(Started) -> Result<()>,
 ) -> Result<Finished> {
-    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    use std::os::unix::process::ExitStatusExt;
     let program = argv
         .first()
         .ok_or_else(|| Error::InvalidInput("an action with no program".into()))?;
     let (mut reader, writer) = std::io::pipe().map_err(|e| Error::io("pipe for", program, e))?;
-    let err_writer = writer
-        .try_clone()
-        .map_err(|e| Error::io("pipe for", program, e))?;
     let t0 = Instant::now();
-    let mut child = Command::new(program)
-        .args(argv.get(1..).unwrap_or_default())
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(writer)
-        .stderr(err_writer)
-        .process_group(0)
-        .spawn()
-        .map_err(|e| Error::io("start", program, e))?;
-    let pid = child.id();
-    let stat = crate::jobs::proc_stat(pid);
-    started(Started {
-        pid,
-        start: stat.map_or(0, |p| p.start),
-        session: stat.map_or(0, |p| p.session),
-    });
+    let gated = Gated::spawn(argv, env, writer)?;
+    let pid = gated.started.pid;
+    if let Err(e) = started(gated.started) {
+        gated.close();
+        return Err(e);
+    }
+    let mut child = gated.open().map_err(|e| Error::io("start", program, e))?;
     // The output is read as it comes (a full pipe would stop the action), keeping
     // its end.
     let (tx, rx) = crossbeam::channel::bounded(1);
@@ -232,7 +352,7 @@ mod tests {
     fn sh(script: &str, timeout: Duration) -> Finished {
         let argv = vec!["/bin/sh".to_string(), "-c".to_string(), script.to_string()];
         let env = vec![("REPLOG_PLAN".to_string(), "erp".to_string())];
-        run(&argv, &env, timeout, |_| {}).unwrap()
+        run(&argv, &env, timeout, |_| Ok(())).unwrap()
     }
 
     #[test]
@@ -272,7 +392,11 @@ mod tests {
             "sleep 30 & sleep 30".to_string(),
         ];
         let mut group = None;
-        let f = run(&argv, &[], Duration::from_millis(300), |s| group = Some(s)).unwrap();
+        let f = run(&argv, &[], Duration::from_millis(300), |s| {
+            group = Some(s);
+            Ok(())
+        })
+        .unwrap();
         assert!(f.timed_out && !f.succeeded());
         assert!(f.describe().contains("timeout"), "{}", f.describe());
         // Nothing of its process group is left (the background sleep went too).
@@ -300,8 +424,100 @@ mod tests {
             &["/no/such/program".to_string()],
             &[],
             Duration::from_secs(1),
-            |_| {}
+            |_| Ok(())
         )
         .is_err());
+    }
+
+    /// A script that writes its pid to `marker` (`$$` of a `sh -c` is its own pid).
+    fn marking(marker: &std::path::Path) -> Vec<String> {
+        vec![
+            "/bin/sh".to_string(),
+            "-c".to_string(),
+            format!("echo $$ > {}", marker.display()),
+        ]
+    }
+
+    #[test]
+    fn the_program_runs_only_once_its_group_is_recorded_and_keeps_the_gates_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let mut group = None;
+        let f = run(&marking(&marker), &[], Duration::from_secs(30), |s| {
+            // The group exists and waits: the program has not run.
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(!marker.exists(), "the program ran before it was recorded");
+            assert!(crate::jobs::proc_stat(s.pid).is_some(), "no gate");
+            group = Some(s);
+            Ok(())
+        })
+        .unwrap();
+        assert!(f.succeeded(), "{}", f.describe());
+        let pid: u32 = std::fs::read_to_string(&marker)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            Some(pid),
+            group.map(|g| g.pid),
+            "the recorded pid is not the program's"
+        );
+    }
+
+    #[test]
+    fn nothing_runs_when_the_group_cannot_be_recorded_or_the_runner_dies_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let mut gate = None;
+        let e = run(&marking(&marker), &[], Duration::from_secs(30), |s| {
+            gate = Some(s.pid);
+            Err(Error::InvalidInput("no room to record it".into()))
+        })
+        .expect_err("ran without a record");
+        assert!(e.to_string().contains("no room"), "{e}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!marker.exists(), "the program ran");
+        // The gate was reaped, not left behind.
+        assert!(crate::jobs::proc_stat(gate.unwrap()).is_none());
+        // A runner that dies holding the gate closed: its end of the pipe closes
+        // with it, and the gate exits without running the program.
+        let (_reader, writer) = std::io::pipe().unwrap();
+        let Gated {
+            mut child, gate, ..
+        } = Gated::spawn(&marking(&marker), &[], writer).unwrap();
+        drop(gate);
+        let st = child.wait().unwrap();
+        assert_eq!(st.code(), Some(125));
+        assert!(!marker.exists(), "the program ran behind a closed gate");
+    }
+
+    #[test]
+    fn a_program_that_cannot_start_is_refused_before_anything_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("not-executable");
+        std::fs::write(&plain, "#!/bin/sh\ntrue\n").unwrap();
+        for program in [
+            plain.display().to_string(),
+            "/no/such/program".to_string(),
+            "no-such-program-in-path".to_string(),
+        ] {
+            let mut asked = false;
+            let e = run(&[program.clone()], &[], Duration::from_secs(1), |_| {
+                asked = true;
+                Ok(())
+            })
+            .expect_err(&program);
+            assert!(!asked, "{program}: a group was started");
+            assert!(e.to_string().contains(&program), "{e}");
+        }
+        // Found through PATH, as a program given by name is.
+        assert!(
+            run(&["true".to_string()], &[], Duration::from_secs(10), |_| Ok(
+                ()
+            ))
+            .unwrap()
+            .succeeded()
+        );
     }
 }

@@ -697,11 +697,18 @@ fn run_action(
     let n = ctx.job.lock().begin_step(name);
     let env = environment(ctx, group);
     let ran = action::run(argv, &env, Duration::from_millis(*timeout_ms), |started| {
-        ctx.note(|r| r.action = Some(started));
+        // Recorded before the program runs (it waits behind its gate): a program
+        // whose group is not in the run's state never runs.
+        ctx.update(|r| r.action = Some(started)).map_err(|e| {
+            Error::InvalidInput(format!(
+                "the run's state could not be saved, the program not started: {e}"
+            ))
+        })?;
         ctx.job
             .lock()
             .step_detail(n, format!("running (process {})", started.pid));
         crate::failpoint::hit("plan:action-started");
+        Ok(())
     });
     ctx.note(|r| r.action = None);
     match ran {
