@@ -503,10 +503,15 @@ mod tests {
             "no-such-program-in-path".to_string(),
         ] {
             let mut asked = false;
-            let e = run(&[program.clone()], &[], Duration::from_secs(1), |_| {
-                asked = true;
-                Ok(())
-            })
+            let e = run(
+                std::slice::from_ref(&program),
+                &[],
+                Duration::from_secs(1),
+                |_| {
+                    asked = true;
+                    Ok(())
+                },
+            )
             .expect_err(&program);
             assert!(!asked, "{program}: a group was started");
             assert!(e.to_string().contains(&program), "{e}");
