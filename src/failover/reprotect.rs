@@ -431,19 +431,37 @@ fn copy_disks(
             }
             let hole = vol.seek(data, false)?.unwrap_or(size).min(size);
             let mut at = data;
+            // Where the disk has been asked to read ahead to: a step's worth ahead of
+            // the reads, so that it reads the next step while this one is written out
+            // (the chunks' writes and the disk's reads overlap instead of taking
+            // turns; a disk read long ago is not in the page cache).
+            let mut ahead = at;
             while at < hole {
+                if ahead < at + SEED_STEP / 2 {
+                    let from = ahead.max(at);
+                    let to = (at + SEED_STEP).min(hole);
+                    vol.prefetch(from, to - from)?;
+                    ahead = to;
+                }
                 let n = ((hole - at) as usize).min(SLICE);
                 let chunk = buf.get_mut(..n).unwrap_or(&mut []);
                 vol.read(at, chunk)?;
-                let mut b = 0;
-                while b < n {
-                    let end = (b + BLOCK).min(n);
-                    let block = chunk.get(b..end).unwrap_or(&[]);
-                    if block.iter().any(|v| *v != 0) {
-                        ed.write(i as u32, at + b as u64, block)?;
-                        seed.seeded_bytes += block.len() as u64;
+                // Each run of non-zero blocks as one edit (a run over a whole chunk
+                // replaces it without reading it).
+                let mut run: Option<usize> = None;
+                for b in 0..=n.div_ceil(BLOCK) {
+                    let block = chunk.get(b * BLOCK..((b + 1) * BLOCK).min(n));
+                    let nonzero = block.is_some_and(|x| x.iter().any(|v| *v != 0));
+                    match (nonzero, run) {
+                        (true, None) => run = Some(b * BLOCK),
+                        (false, Some(start)) => {
+                            let piece = chunk.get(start..(b * BLOCK).min(n)).unwrap_or(&[]);
+                            ed.write(i as u32, at + start as u64, piece)?;
+                            seed.seeded_bytes += piece.len() as u64;
+                            run = None;
+                        }
+                        _ => {}
                     }
-                    b = end;
                 }
                 at += n as u64;
                 since_saved += n as u64;

@@ -141,10 +141,27 @@ impl<'a> ChunkEditor<'a> {
             let n = at / CHUNK_BYTES;
             let within = (at % CHUNK_BYTES) as usize;
             let take = ((end - at) as usize).min(CHUNK_BYTES as usize - within);
+            let from = (at - offset) as usize;
             if !self.dirty.contains_key(&(disk, n)) {
+                let len = self.store.chunk_len(disk, n)?;
+                if within == 0 && take == len {
+                    // The edit covers the whole chunk: what it held is not read, and
+                    // the chunk is written once (not zeroed first).
+                    let chunk = match data {
+                        Some(d) => d.get(from..from + take).unwrap_or(&[]).to_vec(),
+                        None => vec![0u8; len],
+                    };
+                    if chunk.len() != len {
+                        return Err(Error::InvalidInput("chunk edit out of range".into()));
+                    }
+                    self.bytes += len;
+                    self.dirty.insert((disk, n), chunk);
+                    at += take as u64;
+                    continue;
+                }
                 let chunk = match self.store.read_chunk(disk, n)? {
                     Some(c) => c,
-                    None => vec![0u8; self.store.chunk_len(disk, n)?],
+                    None => vec![0u8; len],
                 };
                 self.bytes += chunk.len();
                 self.dirty.insert((disk, n), chunk);
@@ -154,10 +171,7 @@ impl<'a> ChunkEditor<'a> {
                     .get_mut(within..within + take)
                     .ok_or_else(|| Error::InvalidInput("chunk edit out of range".into()))?;
                 match data {
-                    Some(d) => {
-                        let from = (at - offset) as usize;
-                        dst.copy_from_slice(d.get(from..from + take).unwrap_or(&[]));
-                    }
+                    Some(d) => dst.copy_from_slice(d.get(from..from + take).unwrap_or(&[])),
                     None => dst.fill(0),
                 }
             }

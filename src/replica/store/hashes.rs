@@ -652,4 +652,50 @@ mod tests {
         }
         assert_eq!(Page::decode(&b[..b.len() - 1]), None);
     }
+
+    #[test]
+    fn a_whole_chunk_edit_reads_nothing_of_it_and_a_partial_one_reports_damage() {
+        let (b, s) = store();
+        write(&s, 0, &data(1, CHUNK_BYTES as usize));
+        write(&s, CHUNK_BYTES, &data(4, CHUNK_BYTES as usize));
+        let short = (SIZE - 5 * CHUNK_BYTES) as usize;
+        write(&s, 5 * CHUNK_BYTES, &data(6, short));
+        damage_body(&b, 0);
+        damage_body(&b, 1);
+        damage_body(&b, 5);
+        // Part of a damaged chunk: the damage is reported, nothing changes.
+        let mut ed = ChunkEditor::new(&s);
+        let e = ed
+            .write(0, CHUNK_BYTES + 10, b"x")
+            .expect_err("a damaged chunk edited in part");
+        assert!(matches!(e, Error::Corruption { .. }), "{e}");
+        drop(ed);
+        // The whole of one (the short last one too): what it held is not needed, so
+        // not read, and the damage goes with it.
+        let mut ed = ChunkEditor::new(&s);
+        ed.write(0, 0, &data(2, CHUNK_BYTES as usize)).unwrap();
+        ed.write(0, 5 * CHUNK_BYTES, &data(7, short)).unwrap();
+        ed.finish().unwrap();
+        let mut back = vec![0u8; CHUNK_BYTES as usize];
+        s.read_parent(0, 0, &mut back).unwrap();
+        assert_eq!(back, data(2, CHUNK_BYTES as usize));
+        let mut back = vec![0u8; short];
+        s.read_parent(0, 5 * CHUNK_BYTES, &mut back).unwrap();
+        assert_eq!(back, data(7, short));
+        let mut back = vec![0u8; 10];
+        assert!(
+            s.read_parent(0, CHUNK_BYTES, &mut back).is_err(),
+            "chunk 1 mended"
+        );
+        // A chunk never written, edited in part after those: zero around the edit.
+        write(&s, 3 * CHUNK_BYTES + 100, b"mid");
+        let mut back = vec![1u8; CHUNK_BYTES as usize];
+        s.read_parent(0, 3 * CHUNK_BYTES, &mut back).unwrap();
+        assert_eq!(&back[100..103], b"mid");
+        back[100..103].fill(0);
+        assert!(
+            back.iter().all(|x| *x == 0),
+            "stale bytes of a recycled buffer"
+        );
+    }
 }
