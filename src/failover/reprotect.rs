@@ -440,7 +440,8 @@ fn copy_disks(
                 if ahead < at + SEED_STEP / 2 {
                     let from = ahead.max(at);
                     let to = (at + SEED_STEP).min(hole);
-                    vol.prefetch(from, to - from)?;
+                    // A hint: a failure only means the reads wait for the disk.
+                    let _ = vol.prefetch(from, to - from);
                     ahead = to;
                 }
                 let n = ((hole - at) as usize).min(SLICE);

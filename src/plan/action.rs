@@ -125,11 +125,24 @@ impl Started {
 const GATE: &str = r#"read _ <&3 || exit 125; exec "$0" "$@" 3<&-"#;
 
 /// An action's process group, its program not started yet: [`Gated::open`] lets it
-/// run; dropping this without opening the gate ends the gate.
+/// run; dropped without being opened (an error, a panic), it kills and reaps the
+/// gate.
 struct Gated {
-    child: std::process::Child,
+    /// None once the gate is opened (the child is the caller's then).
+    child: Option<std::process::Child>,
     gate: std::io::PipeWriter,
     started: Started,
+}
+
+impl Drop for Gated {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) of the process group we started, still our child (not
+            // reaped: its pid is not reused before the wait below).
+            unsafe { libc::kill(-(self.started.pid as i32), libc::SIGKILL) };
+            let _ = child.wait();
+        }
+    }
 }
 
 impl Gated {
@@ -182,7 +195,7 @@ impl Gated {
         let pid = child.id();
         let stat = crate::jobs::proc_stat(pid);
         Ok(Gated {
-            child,
+            child: Some(child),
             gate,
             started: Started {
                 pid,
@@ -192,32 +205,43 @@ impl Gated {
         })
     }
 
-    /// Let the program run.
+    /// Let the program run. An error (the gate is gone: it can only have been
+    /// killed) means nothing ran; the gate is reaped.
     fn open(mut self) -> std::io::Result<std::process::Child> {
         use std::io::Write;
-        if let Err(e) = self.gate.write_all(b"go\n") {
-            // The gate is gone (it can only have been killed): nothing ran.
-            self.close();
-            return Err(e);
-        }
-        Ok(self.child)
-    }
-
-    /// End the gate (the program never ran) and reap it.
-    fn close(mut self) {
-        drop(self.gate);
-        // SAFETY: kill(2) of the process group we started, still our child.
-        unsafe { libc::kill(-(self.started.pid as i32), libc::SIGKILL) };
-        let _ = self.child.wait();
+        self.gate.write_all(b"go\n")?;
+        self.child
+            .take()
+            .ok_or_else(|| std::io::Error::other("the gate was opened twice"))
     }
 }
 
-/// Refuse a program that cannot be started (not there, or not executable), as
-/// starting it directly would have: the gate would only exit with 127 or 126.
+/// Kill what is left of the group of an action that runs (`child` its leader) and
+/// reap the leader: for an error that ends the wait for it.
+fn abandon(mut child: std::process::Child) {
+    // SAFETY: kill(2) of the process group we started, its leader not reaped yet.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let _ = child.wait();
+}
+
+/// Refuse a program that cannot be started (not there, or not executable by this
+/// process), as starting it directly would have: the gate would only exit with 127
+/// or 126. A name starting with `-` is refused too: a shell's `exec` may take it for
+/// an option (bash does).
 fn check_program(program: &str) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::ffi::OsStrExt;
+    if program.starts_with('-') {
+        return Err(Error::InvalidInput(format!(
+            "program {program:?} starts with '-': give it as a path (./{program})"
+        )));
+    }
     let executable = |p: &std::path::Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+            return false;
+        };
+        // SAFETY: access(2) of a NUL-terminated path.
+        std::fs::metadata(p).is_ok_and(|m| m.is_file())
+            && unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0
     };
     let found = if program.contains('/') {
         executable(std::path::Path::new(program))
@@ -258,14 +282,9 @@ pub fn run(
     let (mut reader, writer) = std::io::pipe().map_err(|e| Error::io("pipe for", program, e))?;
     let t0 = Instant::now();
     let gated = Gated::spawn(argv, env, writer)?;
-    let pid = gated.started.pid;
-    if let Err(e) = started(gated.started) {
-        gated.close();
-        return Err(e);
-    }
-    let mut child = gated.open().map_err(|e| Error::io("start", program, e))?;
     // The output is read as it comes (a full pipe would stop the action), keeping
-    // its end.
+    // its end. Started before the gate opens: once the program runs, nothing may
+    // fail before the wait for it (an error would leave it running, unwaited).
     let (tx, rx) = crossbeam::channel::bounded(1);
     std::thread::Builder::new()
         .name("plan-action-output".into())
@@ -288,14 +307,20 @@ pub fn run(
             let _ = tx.send((tail, total));
         })
         .map_err(|e| Error::io("spawn a reader for", program, e))?;
+    let pid = gated.started.pid;
+    // The gate is killed and reaped if this fails (`Gated`'s drop).
+    started(gated.started)?;
+    let mut child = gated.open().map_err(|e| Error::io("start", program, e))?;
     let deadline = t0 + timeout;
     let mut timed_out = false;
     let status = loop {
-        if let Some(st) = child
-            .try_wait()
-            .map_err(|e| Error::io("wait for", program, e))?
-        {
-            break st;
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) => {}
+            Err(e) => {
+                abandon(child);
+                return Err(Error::io("wait for", program, e));
+            }
         }
         let now = Instant::now();
         if now >= deadline && !timed_out {
@@ -483,10 +508,9 @@ mod tests {
         // A runner that dies holding the gate closed: its end of the pipe closes
         // with it, and the gate exits without running the program.
         let (_reader, writer) = std::io::pipe().unwrap();
-        let Gated {
-            mut child, gate, ..
-        } = Gated::spawn(&marking(&marker), &[], writer).unwrap();
-        drop(gate);
+        let mut gated = Gated::spawn(&marking(&marker), &[], writer).unwrap();
+        let mut child = gated.child.take().unwrap();
+        drop(gated);
         let st = child.wait().unwrap();
         assert_eq!(st.code(), Some(125));
         assert!(!marker.exists(), "the program ran behind a closed gate");
@@ -516,6 +540,15 @@ mod tests {
             assert!(!asked, "{program}: a group was started");
             assert!(e.to_string().contains(&program), "{e}");
         }
+        // A name a shell's exec could take for an option.
+        let e = run(
+            &["-rf".to_string()],
+            &[],
+            Duration::from_secs(1),
+            |_| Ok(()),
+        )
+        .expect_err("a program named like an option");
+        assert!(e.to_string().contains("starts with '-'"), "{e}");
         // Found through PATH, as a program given by name is.
         assert!(
             run(&["true".to_string()], &[], Duration::from_secs(10), |_| Ok(

@@ -687,6 +687,10 @@ mod tests {
             s.read_parent(0, CHUNK_BYTES, &mut back).is_err(),
             "chunk 1 mended"
         );
+        // Mended whole too: the hash pages answer for the chunks written whole as
+        // reading them does.
+        write(&s, CHUNK_BYTES, &data(8, CHUNK_BYTES as usize));
+        assert_eq!(via_pages(&s, 0, u64::MAX), read_and_hash(&s));
         // A chunk never written, edited in part after those: zero around the edit.
         write(&s, 3 * CHUNK_BYTES + 100, b"mid");
         let mut back = vec![1u8; CHUNK_BYTES as usize];
