@@ -523,6 +523,23 @@ fn failover_until(site: &Path, kind: &str, started: &Path) -> std::process::Chil
     cli
 }
 
+/// `replog plan failover SITE erp --test`, killed by failpoint `point`.
+fn test_run_killed_at(site: &Path, point: &str) {
+    let o = replog()
+        .args(["plan", "failover"])
+        .arg(site)
+        .args(["erp", "--test"])
+        .env("REPLOG_FAILPOINT", point)
+        .output()
+        .expect("run");
+    assert_eq!(
+        o.status.code(),
+        None,
+        "the failpoint {point} did not kill it: {}",
+        text(&o)
+    );
+}
+
 /// The plan job's run state file (what `resume` goes on from).
 fn run_state(site: &Path, job: &str) -> serde_json::Value {
     let p = site.join("plans/runs").join(format!("{job}.json"));
@@ -575,19 +592,7 @@ fn resume_goes_on_after_kill_9_of_the_command() {
 
     // 2. Killed right after a failover request came back (serve did it): resume
     //    adopts that failover through its job instead of asking again.
-    let o = replog()
-        .args(["plan", "failover"])
-        .arg(&s.dst)
-        .args(["erp", "--test"])
-        .env("REPLOG_FAILPOINT", "plan:after-request")
-        .output()
-        .expect("run");
-    assert_eq!(
-        o.status.code(),
-        None,
-        "the failpoint did not kill it: {}",
-        text(&o)
-    );
+    test_run_killed_at(&s.dst, "plan:after-request");
     assert!(s.dst_mnt().join("db-test/os.img").exists());
     let o = plan("resume", &s.dst, &["erp"]);
     assert!(o.status.success(), "resume: {}", text(&o));
@@ -613,19 +618,7 @@ fn resume_goes_on_after_kill_9_of_the_command() {
     };
     let before = runs();
     assert!(before > 0, "the program never ran in parts 1 and 2");
-    let o = replog()
-        .args(["plan", "failover"])
-        .arg(&s.dst)
-        .args(["erp", "--test"])
-        .env("REPLOG_FAILPOINT", "plan:action-started")
-        .output()
-        .expect("run");
-    assert_eq!(
-        o.status.code(),
-        None,
-        "the failpoint did not kill it: {}",
-        text(&o)
-    );
+    test_run_killed_at(&s.dst, "plan:action-started");
     let j = plan_job(&s.dst, "erp");
     let gate = run_state(&s.dst, j["id"].as_str().expect("id"))["action"]["pid"]
         .as_u64()

@@ -449,20 +449,10 @@ fn copy_disks(
                 vol.read(at, chunk)?;
                 // Each run of non-zero blocks as one edit (a run over a whole chunk
                 // replaces it without reading it).
-                let mut run: Option<usize> = None;
-                for b in 0..=n.div_ceil(BLOCK) {
-                    let block = chunk.get(b * BLOCK..((b + 1) * BLOCK).min(n));
-                    let nonzero = block.is_some_and(|x| x.iter().any(|v| *v != 0));
-                    match (nonzero, run) {
-                        (true, None) => run = Some(b * BLOCK),
-                        (false, Some(start)) => {
-                            let piece = chunk.get(start..(b * BLOCK).min(n)).unwrap_or(&[]);
-                            ed.write(i as u32, at + start as u64, piece)?;
-                            seed.seeded_bytes += piece.len() as u64;
-                            run = None;
-                        }
-                        _ => {}
-                    }
+                for run in crate::storage::nonzero_runs(chunk, BLOCK) {
+                    let piece = chunk.get(run.clone()).unwrap_or(&[]);
+                    ed.write(i as u32, at + run.start as u64, piece)?;
+                    seed.seeded_bytes += piece.len() as u64;
                 }
                 at += n as u64;
                 since_saved += n as u64;

@@ -158,6 +158,28 @@ impl<'a> dyn StorageFile + 'a {
     }
 }
 
+/// The runs of `block`-byte blocks of `data` that are not all zero (the last block
+/// may be short), in order: what a copy of a disk's data sends or writes.
+pub fn nonzero_runs(data: &[u8], block: usize) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start: Option<usize> = None;
+    for (b, piece) in data.chunks(block.max(1)).enumerate() {
+        let at = b * block.max(1);
+        match (piece.iter().any(|v| *v != 0), start) {
+            (true, None) => start = Some(at),
+            (false, Some(s)) => {
+                runs.push(s..at);
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        runs.push(s..data.len());
+    }
+    runs
+}
+
 /// Read a whole small file (at most `limit` bytes; a bigger one is corruption).
 pub fn read_all(file: &dyn StorageFile, limit: u64) -> Result<Vec<u8>> {
     let len = file.len()?;
@@ -290,4 +312,29 @@ pub fn remove_uncommitted_dirs(
 /// True when `e` says a file or directory does not exist.
 pub fn is_not_found(e: &crate::error::Error) -> bool {
     matches!(e, crate::error::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonzero_runs_are_the_blocks_with_data_the_short_last_one_too() {
+        let mut d = vec![0u8; 10 * 4096 + 100];
+        assert!(nonzero_runs(&d, 4096).is_empty());
+        d[5] = 1; // block 0
+        d[4096 * 2 + 4095] = 1; // block 2, its last byte
+        d[4096 * 3] = 1; // block 3: one run with 2
+        d[4096 * 10 + 99] = 1; // the short last block
+        assert_eq!(
+            nonzero_runs(&d, 4096),
+            vec![0..4096, 2 * 4096..4 * 4096, 10 * 4096..10 * 4096 + 100]
+        );
+        d[4096 * 9] = 1; // block 9 joins the short last one
+        assert_eq!(
+            nonzero_runs(&d, 4096).last(),
+            Some(&(9 * 4096..10 * 4096 + 100))
+        );
+        assert!(nonzero_runs(&[], 4096).is_empty());
+    }
 }

@@ -297,29 +297,18 @@ fn read_parents(
                 let chunk = buf.get_mut(..n).unwrap_or(&mut []);
                 p.parent.read_exact_at(chunk, at)?;
                 // Each run of non-zero blocks.
-                let mut run: Option<usize> = None;
-                for b in 0..=n.div_ceil(BLOCK) {
-                    let block = chunk.get(b * BLOCK..((b + 1) * BLOCK).min(n));
-                    let nonzero = block.is_some_and(|x| x.iter().any(|v| *v != 0));
-                    match (nonzero, run) {
-                        (true, None) => run = Some(b * BLOCK),
-                        (false, Some(start)) => {
-                            let end = (b * BLOCK).min(n);
-                            let piece = chunk.get(start..end).unwrap_or(&[]);
-                            let (compressed, bytes) = super::pack(piece);
-                            let step = Step::Piece {
-                                disk: p.disk,
-                                offset: at + start as u64,
-                                len: piece.len() as u64,
-                                compressed,
-                                bytes: bytes.into_owned(),
-                            };
-                            if !hand(step) {
-                                return Ok(());
-                            }
-                            run = None;
-                        }
-                        _ => {}
+                for run in crate::storage::nonzero_runs(chunk, BLOCK) {
+                    let piece = chunk.get(run.clone()).unwrap_or(&[]);
+                    let (compressed, bytes) = super::pack(piece);
+                    let step = Step::Piece {
+                        disk: p.disk,
+                        offset: at + run.start as u64,
+                        len: piece.len() as u64,
+                        compressed,
+                        bytes: bytes.into_owned(),
+                    };
+                    if !hand(step) {
+                        return Ok(());
                     }
                 }
                 at += n as u64;
