@@ -659,12 +659,16 @@ fn a_source_announces_a_promotion_only_while_a_planned_failover_ships() {
     let m = site.open_machine("vm1").expect("machine");
     let mut shipper = Shipper::new(&a, &m, &addr);
     let warm = replicas.warm();
-    let pass = |shipper: &mut Shipper, at: u64| {
+    // 8 KiB written at `at` and sealed: a segment to ship.
+    let segment = |at: u64| {
         m.volume("os")
             .expect("vol")
             .write(at, &common::pattern(at, 8192))
             .expect("write");
         m.seal().expect("seal");
+    };
+    let pass = |shipper: &mut Shipper, at: u64| {
+        segment(at);
         shipper.ship_once(&m).expect("ship");
     };
     pass(&mut shipper, 0);
@@ -689,11 +693,7 @@ fn a_source_announces_a_promotion_only_while_a_planned_failover_ships() {
     warm.end("vm1");
     // How a failover whose answer was lost ended, asked offline: not promoted (the
     // intent goes), and nothing announced.
-    m.volume("os")
-        .expect("vol")
-        .write(49152, &common::pattern(9, 8192))
-        .expect("write");
-    m.seal().expect("seal");
+    segment(49152);
     let asked = replog::failover::planned::OfflineShipping::new(&a, &addr)
         .resolve(&m, std::time::Duration::from_secs(30))
         .expect("resolve");

@@ -462,14 +462,18 @@ fn program(line: &str) -> std::result::Result<Vec<String>, String> {
     Ok(argv)
 }
 
-/// Whether `p` is a regular file that someone may execute.
+/// Whether `p` is a regular file this process may execute (`access(X_OK)`: the
+/// file's mode as it applies to this user, not merely any execute bit).
 pub fn executable(p: &Path) -> std::result::Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::ffi::OsStrExt;
     let md = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
     if !md.is_file() {
         return Err(format!("{} is not a regular file", p.display()));
     }
-    if md.permissions().mode() & 0o111 == 0 {
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| format!("{} holds a NUL byte", p.display()))?;
+    // SAFETY: access(2) of a NUL-terminated path.
+    if unsafe { libc::access(c.as_ptr(), libc::X_OK) } != 0 {
         return Err(format!("{} is not executable", p.display()));
     }
     Ok(())

@@ -699,7 +699,7 @@ mod tests {
         back[100..103].fill(0);
         assert!(
             back.iter().all(|x| *x == 0),
-            "stale bytes of a recycled buffer"
+            "stale bytes around a partial edit"
         );
     }
 }
