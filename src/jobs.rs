@@ -42,6 +42,7 @@ pub enum JobKind {
     Reprotect,
     Plan,
     Restore,
+    AcceptLoss,
 }
 
 impl JobKind {
@@ -69,6 +70,7 @@ impl JobKind {
             JobKind::Reprotect => "reprotect",
             JobKind::Plan => "plan",
             JobKind::Restore => "restore",
+            JobKind::AcceptLoss => "accept-loss",
         }
     }
 }

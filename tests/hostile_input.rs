@@ -796,3 +796,28 @@ fn xorshift(s: &mut u64) -> u64 {
     *s ^= *s << 17;
     *s
 }
+
+/// `accept-loss` names a replica: a hostile or unknown name, or a site that holds no
+/// replica of it, is refused with a clear message, and nothing changes (no job either).
+#[test]
+fn accept_loss_refuses_bad_and_unknown_machines_and_changes_nothing() {
+    let (_tmp, site) = site_with_disk();
+    let before = snapshot(&site);
+    for name in ["../x", "vm1/..", "a b", "", "-rf", "vm9", "vm1"] {
+        let (code, stdout, stderr) = replog([
+            "accept-loss".as_ref(),
+            site.as_os_str(),
+            "--".as_ref(),
+            name.as_ref(),
+        ]);
+        assert_eq!(
+            code, 1,
+            "{name:?} accepted\nstdout: {stdout}\nstderr: {stderr}"
+        );
+        assert!(
+            stderr.contains("invalid") || stderr.contains("no replica"),
+            "{name:?}: unclear message: {stderr}"
+        );
+        assert_same(&before, &snapshot(&site), &format!("accept-loss {name:?}"));
+    }
+}

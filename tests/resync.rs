@@ -561,9 +561,11 @@ fn damage_found_at_open_in_a_shipped_segment_is_mended_from_the_replica() {
 /// target merged that segment into a parent chunk, and that chunk rots too (the
 /// scrub finds it). The resync's mend asks the replica for the range; the replica
 /// dropped the chunk, so it answers that the bytes are lost there too — never
-/// zeroes — and the source keeps refusing to serve them.
+/// zeroes — and the source keeps refusing to serve them, until an operator gives the
+/// range up at the target (`replog accept-loss`): then the mend takes the replica's
+/// zeroes, the machine takes writes again and the replica converges.
 #[test]
-fn damage_at_both_ends_of_a_range_is_reported_never_mended_with_zeroes() {
+fn damage_at_both_ends_of_a_range_is_never_mended_with_zeroes_until_the_loss_is_accepted() {
     let p = pair(4 << 20);
     let (a, b) = (common::pattern(21, 8192), common::pattern(22, 4096));
     let seq;
@@ -629,6 +631,67 @@ fn damage_at_both_ends_of_a_range_is_reported_never_mended_with_zeroes() {
             .any(|(d, x, y)| *d == 1 && *x <= 65_536 && *y >= 65_536 + 8192),
         "{lost:?}"
     );
+    assert!(text.contains("replog accept-loss"), "{text}");
+    assert!(
+        shipper.resync_once(&m, CHUNK).is_err(),
+        "a second try mended it without an operator"
+    );
+
+    // The operator gives the range up at the target: a job names every range.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_replog"))
+        .args([
+            "accept-loss".as_ref(),
+            p.b.as_os_str(),
+            "vm1".as_ref(),
+            "--json".as_ref(),
+        ])
+        .output()
+        .expect("run replog");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done: serde_json::Value = serde_json::from_str(&said).expect("one JSON document");
+    let ranges = done["ranges"].as_array().expect("ranges");
+    assert!(
+        ranges.iter().any(|r| r["disk"] == 1
+            && r["name"] == "data"
+            && r["start"].as_u64() <= Some(65_536)
+            && r["end"].as_u64() >= Some(73_728)),
+        "{said}"
+    );
+    let job = replog::jobs::get(&p.b, done["job"].as_str().expect("job id")).expect("job");
+    assert_eq!(job.kind, replog::jobs::JobKind::AcceptLoss);
+    assert_eq!(job.state, replog::jobs::JobState::Succeeded);
+    let said = format!("{:?}", job.steps);
+    assert!(said.contains("disk 1 (data) bytes 0..262144"), "{said}");
+    assert!(store.lost_ranges().expect("lost").is_empty());
+    // Nothing is left to give up: refused, and recorded as a failed job.
+    let e = replog::replica::resync_apply::accept_loss(&p.b, "vm1").expect_err("twice");
+    assert!(e.to_string().contains("nothing to accept"), "{e}");
+
+    // The mend now takes the replica's zeroes for the lost write (the loss is the
+    // target's job's to record: the source asked for every range the damage may hide).
+    let report = shipper
+        .resync_once(&m, CHUNK)
+        .expect("resync after the loss was accepted");
+    assert!(report.mended_bytes >= 8192, "{report:?}");
+    assert_eq!(read_data(&m, 65_536, 8192).expect("a"), vec![0u8; 8192]);
+    assert_eq!(
+        read_data(&m, 300_000, 4096).expect("b"),
+        b,
+        "b was in the replica"
+    );
+    assert!(!m.is_poisoned());
+    m.volume("data")
+        .expect("vol")
+        .write(65_536, &a)
+        .expect("the machine takes writes again");
+    m.seal().expect("seal");
+    shipper.ship_once(&m).expect("ship");
+    assert_replica_equals(&p, &disks(&m), "after the loss was accepted");
 }
 
 /// Damage in a segment the target never got, found at open: the records before the

@@ -215,6 +215,19 @@ pub enum Command {
         #[arg(long)]
         now: bool,
     },
+    /// At a target site: give up the ranges of MACHINE's replica that no copy is left
+    /// of. A resync that finds the replica's own copy of a range damaged drops it; if
+    /// the source's copy is damaged too, its mend is refused ("the replica lost them
+    /// too") and the machine stays stopped. This gives those ranges up: the replica
+    /// serves them as zeroes (older bytes where a fold stopped), the source's next
+    /// resync mends its damage with them and the machine takes writes again. Recorded
+    /// as an `accept-loss` job naming every range; exit 1 if none are listed.
+    AcceptLoss {
+        site: PathBuf,
+        machine: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write every disk of a replica held at this (target) site as DIR/<disk>.img
     /// (sparse raw images), at a recovery point, and check each against the source's
     /// digest at that point (a mismatch fails, nothing is kept). Works while `serve`
@@ -248,7 +261,7 @@ pub enum Command {
         remove: Option<String>,
     },
     /// Show the site's jobs — protect, initial replication, resync, restore,
-    /// failovers, reprotects, plan runs: newest first with their state; with JOB, its
+    /// failovers, reprotects, plan runs, accepted losses: newest first with their state; with JOB, its
     /// steps; --json: every field.
     Jobs {
         site: PathBuf,
@@ -819,6 +832,11 @@ pub fn run(cli: Cli) -> ExitCode {
             schedule,
         } => replicate::bandwidth(&site, &machine, rate.as_deref(), schedule.as_deref()),
         Command::Resync { site, machine, now } => replicate::resync(&site, &machine, now),
+        Command::AcceptLoss {
+            site,
+            machine,
+            json,
+        } => replicate::accept_loss(&site, &machine, json),
         Command::Checkpoint {
             site,
             machine,

@@ -522,6 +522,43 @@ fn restore_orphan(site: &Path, machine: &str, id: &str, out: &Path, json: bool) 
 }
 
 /// `replog points --remove ID`: remove an orphan point (only orphans).
+pub fn accept_loss(site: &Path, machine: &str, json: bool) -> Result<()> {
+    let done = replog::replica::resync_apply::accept_loss(site, machine)?;
+    if json {
+        let ranges: Vec<_> = done
+            .ranges
+            .iter()
+            .map(|r| {
+                serde_json::json!({"disk": r.disk, "name": r.name, "start": r.start, "end": r.end})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "machine": machine,
+                "job": done.job.id,
+                "bytes": done.bytes(),
+                "ranges": ranges,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "{machine}: gave up {} bytes in {} range(s) no copy of which was left (job {}):",
+        done.bytes(),
+        done.ranges.len(),
+        done.job.id
+    );
+    for r in &done.ranges {
+        println!("  {r}");
+    }
+    println!(
+        "the replica serves them as zeroes (older bytes where a fold stopped); the source's \
+         next resync mends its damage with them"
+    );
+    Ok(())
+}
+
 pub fn remove_point(site: &Path, machine: &str, id: &str) -> Result<()> {
     replog::failover::reprotect::remove_orphan(site, machine, id)?;
     println!("orphan point {id} of {machine} removed");

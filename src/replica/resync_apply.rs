@@ -28,6 +28,101 @@ use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
+/// What an operator gave up with `replog accept-loss`: the job that records it and
+/// the ranges.
+#[derive(Debug, Clone)]
+pub struct AcceptedLoss {
+    pub job: crate::jobs::Job,
+    pub ranges: Vec<GivenUp>,
+}
+
+/// One range given up: bytes `start..end` of disk `disk` (named `name`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GivenUp {
+    pub disk: u32,
+    pub name: String,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl std::fmt::Display for GivenUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "disk {} ({}) bytes {}..{}",
+            self.disk, self.name, self.start, self.end
+        )
+    }
+}
+
+impl AcceptedLoss {
+    pub fn bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.end - r.start).sum()
+    }
+}
+
+/// At the target site `site`: give up the ranges of `machine`'s replica that no copy
+/// is left of ([`ReplicaStore::accept_loss`]), recorded as an `accept-loss` job
+/// naming every range; the job succeeds once the replica lists none.
+pub fn accept_loss(site: &std::path::Path, machine: &str) -> Result<AcceptedLoss> {
+    crate::names::validate_name("machine", machine)?;
+    // A site without a replica key holds no replica (and a refusal creates none).
+    if !crate::site::replica_key_path(site)?.exists() {
+        return Err(Error::NotFound(format!(
+            "no replica of {machine} at {}: this site holds no replicas",
+            site.display()
+        )));
+    }
+    let replicas = super::store::Replicas::local(site)?;
+    let store = replicas.open_readonly(machine)?;
+    let mut job =
+        crate::jobs::JobHandle::start(site, crate::jobs::JobKind::AcceptLoss, Some(machine))?;
+    job.step("give up the ranges no copy is left of");
+    let ranges: Vec<GivenUp> = match store.accept_loss() {
+        Ok(r) => r
+            .into_iter()
+            .map(|(disk, start, end)| GivenUp {
+                disk,
+                name: store
+                    .manifest()
+                    .disks
+                    .get(disk as usize)
+                    .map_or_else(|| "?".into(), |d| d.name.clone()),
+                start,
+                end,
+            })
+            .collect(),
+        Err(e) => {
+            job.fail(&e);
+            return Err(e);
+        }
+    };
+    let list = ranges
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+    tracing::warn!(
+        machine,
+        "an operator gave up {bytes} bytes no copy of which was left: {list}"
+    );
+    job.step_done(Some(format!("{bytes} bytes given up: {list}")))?;
+    let job = job.finish(|| {
+        let left = store.lost_ranges()?;
+        if left.is_empty() {
+            Ok("the replica lists no lost ranges".into())
+        } else {
+            Err(Error::corruption(
+                store.dir(),
+                0,
+                format!("the replica still lists {} lost range(s)", left.len()),
+            ))
+        }
+    })?;
+    Ok(AcceptedLoss { job, ranges })
+}
+
 /// Where a resync stands (`resync.meta`, kind 7).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResyncProgress {
@@ -244,6 +339,27 @@ impl ReplicaStore {
             .map(|(d, a, b)| format!("{d} {a} {b}\n"))
             .collect();
         self.backend().put(&self.key_of(DROPPED), text.as_bytes())
+    }
+
+    /// Give up every range this resync lost (`dropped`), on an operator's word
+    /// ([`accept_loss`]): the replica then serves them as its parent holds them —
+    /// zeroes where a damaged chunk was removed, older bytes where a fold stopped — so
+    /// a source mending damage of its own takes those, and the comparison after it
+    /// makes the replica equal to the source. Under the merge lock, so no resync
+    /// beginning meanwhile can write a list this removes unseen. Returns the ranges
+    /// given up; refused, changing nothing, when there are none.
+    pub fn accept_loss(&self) -> Result<Vec<(u32, u64, u64)>> {
+        let _lock = pin::merge_lock(self)?;
+        let lost = self.lost_ranges()?;
+        if lost.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "nothing to accept: the replica of {} lists no lost ranges (only a resync \
+                 that found the replica's own copy of a range damaged lists some)",
+                self.machine()
+            )));
+        }
+        self.save_lost(&BTreeSet::new())?;
+        Ok(lost.into_iter().collect())
     }
 
     /// What this resync lost of the replica's own bytes: the ranges of the parent
@@ -528,8 +644,10 @@ impl ReplicaStore {
                 return Err(Error::Lost(format!(
                     "disk {disk} bytes {x}..{y}: the replica lost them too (the parent chunk \
                      holding them did not authenticate and was dropped when this resync \
-                     began, see {}); no copy of them is left here",
-                    self.locate(DROPPED).display()
+                     began, see {}); no copy of them is left here — `replog accept-loss` \
+                     for {} at the target site gives them up (they then read as zeroes)",
+                    self.locate(DROPPED).display(),
+                    self.machine()
                 )));
             }
         }
