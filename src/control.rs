@@ -52,7 +52,8 @@ pub enum Request {
         machine: String,
         relationship: crate::replication::relationship::Relationship,
     },
-    /// A resync of `machine` is required (`now`: start it at once, window or not).
+    /// A resync of `machine` is required (`now`: start it at once, window or not; a
+    /// running serve also starts again a shipping loop a Critical error stopped).
     Resync {
         machine: String,
         now: bool,
@@ -138,6 +139,11 @@ pub enum Request {
     CancelFailover {
         machine: String,
     },
+    /// At a target: give up the ranges `machine`'s replica lists as lost
+    /// (`replog accept-loss`), under the receiver's lock on the replica.
+    AcceptLoss {
+        machine: String,
+    },
     /// Make `machine`'s failover final.
     Commit {
         machine: String,
@@ -168,6 +174,9 @@ pub struct Reply {
     /// `plan-checkpoint`: what the barrier recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan_point: Option<PlanPointReply>,
+    /// `accept-loss`: the ranges given up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub given_up: Option<Vec<crate::replica::resync_apply::GivenUp>>,
 }
 
 /// A plan point as recorded: its ID, each machine's point, how long writes waited.
@@ -234,6 +243,21 @@ impl Reply {
         Reply {
             ok: true,
             detail: Some(detail.into()),
+            ..Default::default()
+        }
+    }
+
+    /// What `accept-loss` did: its job and the ranges given up.
+    pub fn accepted(done: crate::replica::resync_apply::AcceptedLoss) -> Reply {
+        let bytes = crate::replica::resync_apply::bytes_of(&done.ranges);
+        Reply {
+            ok: true,
+            detail: Some(format!(
+                "gave up {bytes} bytes in {} range(s) no copy of which was left",
+                done.ranges.len()
+            )),
+            job: Some(done.job.id),
+            given_up: Some(done.ranges),
             ..Default::default()
         }
     }
@@ -491,6 +515,13 @@ pub fn offline(site: &Path, req: &Request) -> Result<Reply> {
                 m.close()?;
             }
             reply
+        }
+        Request::AcceptLoss { machine } => {
+            // The site's lock is held (`s`): no serve, so no receiver writes the replica.
+            let store = crate::replica::store::Replicas::local(site)?.open_readonly(machine)?;
+            Ok(Reply::accepted(crate::replica::resync_apply::accept_loss(
+                site, &store,
+            )?))
         }
         Request::ServeInfo => Err(Error::InvalidInput(format!(
             "no `replog serve {}` runs",

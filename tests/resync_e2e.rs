@@ -256,3 +256,141 @@ fn a_disk_written_while_serve_was_stopped_is_detected_and_resynced() {
     drop(os);
     assert!(served.stop().success());
 }
+
+/// Damage at both ends as an operator meets it, with `serve` on both sites: the
+/// replica's parent chunk holding a range rots, and so does the source's journal
+/// segment holding the same range; the source's resync is refused ("the replica lost
+/// them too") and its loop stops, Critical. `replog accept-loss` at the target lists
+/// the ranges (changing nothing), then with `--yes` gives them up through the target's
+/// serve; `replog resync --now` at the source starts its stopped loop again, the mend
+/// takes the replica's zeroes, and replication converges.
+#[test]
+fn damage_at_both_ends_is_given_up_through_serve_and_the_stopped_loop_starts_again() {
+    if !fuse_available(
+        "damage_at_both_ends_is_given_up_through_serve_and_the_stopped_loop_starts_again",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, dst, addr) = sites(tmp.path(), "4M", 100);
+    // The source merges nothing: the segment holding `x` stays in its journal.
+    edit_config(&src, |c| {
+        c.journal.compact_min_bytes = 1 << 40;
+        c.journal.compact_idle_ms = 1 << 40;
+    });
+    let mnt = tmp.path().join("mnt");
+    let (x, y) = (common::pattern(41, 8192), common::pattern(42, 4096));
+    {
+        let target = TargetServe::start(&dst, &addr);
+        let served = Served::start(&src, &mnt, &[]);
+        let os = open_disk(&served, "os");
+        write_synced(&os, 40, 1 << 20, 0);
+        protect_when_listening(&src, &addr);
+        wait_caught_up(&src, "protected");
+        // After the initial copy (protecting merges the journal first).
+        os.write_all_at(&x, 65_536).expect("x");
+        os.write_all_at(&y, 1 << 20).expect("y");
+        os.sync_all().expect("fsync");
+        wait_caught_up(&src, "x shipped");
+        drop(os);
+        assert!(served.stop().success());
+        drop(target);
+    }
+    // The target merges it into its parent; the parent chunk holding `x` (disk os,
+    // chunk 0) rots and the scrub finds it.
+    let replicas = replog::replica::store::Replicas::local(&dst).expect("replicas");
+    let much_later = replog::format::now_ns() + 400 * 24 * 3600 * 1_000_000_000;
+    replog::replica::compact::compact_replica(&replicas, "vm1", much_later).expect("merge");
+    let chunk = dst.join("replicas/vm1/parent/0/0000000000.enc");
+    let mut bytes = std::fs::read(&chunk).expect("parent chunk");
+    let at = bytes.len() - 100;
+    bytes[at] ^= 1;
+    std::fs::write(&chunk, &bytes).expect("damage");
+    replog::replica::scrub::scrub_replica(&replicas, "vm1", u64::MAX).expect("scrub");
+    // The source's copy of `x` rots too, in its journal.
+    let journal = src.join("machines/vm1/journal");
+    let mut flipped = 0;
+    for e in std::fs::read_dir(&journal).expect("journal") {
+        let path = e.expect("entry").path();
+        let mut seg = std::fs::read(&path).expect("segment");
+        if let Some(i) = seg.windows(64).position(|w| w == &x[..64]) {
+            seg[i + 100] ^= 0x10;
+            std::fs::write(&path, &seg).expect("flip");
+            flipped += 1;
+        }
+    }
+    assert_eq!(
+        flipped,
+        1,
+        "x is not in one segment of {}",
+        journal.display()
+    );
+
+    let _target = TargetServe::start(&dst, &addr);
+    let served = Served::start(&src, &mnt, &[]);
+    run_ok(replog().arg("resync").arg(&src).arg("vm1").arg("--now"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        let st = status(&src);
+        if st["machines"][0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("lost them too")
+        {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never refused as lost at the target: {st}\nsource:\n{}\ntarget:\n{}",
+            served.log_text(),
+            TargetServe::log_text(&dst)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let m = &st["machines"][0];
+    assert_eq!(m["health"], "critical", "{m}");
+    let why = m["reason"].as_str().unwrap_or("");
+    assert!(why.contains("replog accept-loss"), "{why}");
+    // Listed, nothing changed.
+    let before = std::fs::read(dst.join("replicas/vm1/dropped")).expect("dropped");
+    let listed = run_ok(replog().arg("accept-loss").arg(&dst).arg("vm1"));
+    assert!(listed.contains("disk 0 (os) bytes 0..262144"), "{listed}");
+    assert_eq!(
+        std::fs::read(dst.join("replicas/vm1/dropped")).expect("dropped"),
+        before
+    );
+    // Given up through the target's serve.
+    let done = run_ok(
+        replog()
+            .arg("accept-loss")
+            .arg(&dst)
+            .arg("vm1")
+            .args(["--yes", "--json"]),
+    );
+    let done: serde_json::Value = serde_json::from_str(done.trim()).expect("json");
+    assert_eq!(done["given_up"], true, "{done}");
+    assert_eq!(done["ranges"][0]["start"], 0, "{done}");
+    let job = done["job"].as_str().expect("job").to_string();
+    let shown = run_ok(replog().arg("jobs").arg(&dst).arg(&job));
+    assert!(
+        shown.contains("accept-loss") && shown.contains("bytes given up"),
+        "{shown}"
+    );
+    assert!(!dst.join("replicas/vm1/dropped").exists());
+    // The source's stopped loop starts again on an operator's resync.
+    let out = run_ok(replog().arg("resync").arg(&src).arg("vm1").arg("--now"));
+    assert!(out.contains("starts again"), "{out}");
+    wait_caught_up(&src, "resynced after the loss was accepted");
+    let os = open_disk(&served, "os");
+    let mut got = vec![0u8; 8192];
+    os.read_exact_at(&mut got, 65_536).expect("read x");
+    assert!(got.iter().all(|b| *b == 0), "x is not the zeroes given up");
+    let mut got = vec![0u8; 4096];
+    os.read_exact_at(&mut got, 1 << 20).expect("read y");
+    assert_eq!(got, y, "y, outside the lost chunk, changed");
+    write_synced(&os, 43, 65_536, 65_536);
+    wait_caught_up(&src, "caught up after a write");
+    restore_equals(&dst, &tmp.path().join("restored"), &os, 4 << 20);
+    drop(os);
+    assert!(served.stop().success());
+}

@@ -207,7 +207,9 @@ pub enum Command {
     /// Resynchronise a protected machine with its replica: compare chunks (SHA-256)
     /// at both ends and send only those that differ. Marks a resync required; it runs
     /// in the resync window (replication.resync_window, local time) or, with --now, at
-    /// once. `replog status` shows progress, chunks compared and bytes sent.
+    /// once — and with --now a running serve starts again a shipping loop a Critical
+    /// error stopped (after `replog accept-loss` at the target, say). `replog status`
+    /// shows progress, chunks compared and bytes sent.
     Resync {
         site: PathBuf,
         machine: String,
@@ -215,16 +217,23 @@ pub enum Command {
         #[arg(long)]
         now: bool,
     },
-    /// At a target site: give up the ranges of MACHINE's replica that no copy is left
-    /// of. A resync that finds the replica's own copy of a range damaged drops it; if
-    /// the source's copy is damaged too, its mend is refused ("the replica lost them
-    /// too") and the machine stays stopped. This gives those ranges up: the replica
-    /// serves them as zeroes (older bytes where a fold stopped), the source's next
-    /// resync mends its damage with them and the machine takes writes again. Recorded
-    /// as an `accept-loss` job naming every range; exit 1 if none are listed.
+    /// At a target site: list, and with --yes give up, the ranges of MACHINE's replica
+    /// that no copy is left of. A resync that finds the replica's own copy of a range
+    /// damaged drops it; if the source's copy is damaged too, its mend is refused ("the
+    /// replica lost them too") and the machine stays stopped. Given up, the replica
+    /// serves those ranges as zeroes (older bytes where a fold stopped), and the
+    /// source's resync writes them over its own copy of every range it asks for — all
+    /// of them where its damage was found when it opened, even where its own older
+    /// bytes were intact; then `replog resync SOURCE-SITE MACHINE --now` at the source
+    /// mends its damage and the machine takes writes again. Recorded as an
+    /// `accept-loss` job naming every range. Exit 1 if no resync of MACHINE is under way
+    /// here or it lists none.
     AcceptLoss {
         site: PathBuf,
         machine: String,
+        /// Give the ranges up (without it: list them, change nothing).
+        #[arg(long)]
+        yes: bool,
         #[arg(long)]
         json: bool,
     },
@@ -835,8 +844,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::AcceptLoss {
             site,
             machine,
+            yes,
             json,
-        } => replicate::accept_loss(&site, &machine, json),
+        } => replicate::accept_loss(&site, &machine, yes, json),
         Command::Checkpoint {
             site,
             machine,

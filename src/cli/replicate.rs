@@ -521,12 +521,33 @@ fn restore_orphan(site: &Path, machine: &str, id: &str, out: &Path, json: bool) 
     Ok(())
 }
 
-/// `replog points --remove ID`: remove an orphan point (only orphans).
-pub fn accept_loss(site: &Path, machine: &str, json: bool) -> Result<()> {
-    let done = replog::replica::resync_apply::accept_loss(site, machine)?;
+/// `replog accept-loss`: without `yes`, list what would be given up (nothing
+/// changes); with it, give it up through the site's serve (under the receiver's lock
+/// on the replica) or offline.
+pub fn accept_loss(site: &Path, machine: &str, yes: bool, json: bool) -> Result<()> {
+    use replog::replica::resync_apply::{bytes_of, listed_losses, GivenUp};
+    replog::names::validate_name("machine", machine)?;
+    replog::site::Site::read_config(site)?;
+    if !replog::replica::store::held_at(site, machine) {
+        return Err(Error::NotFound(format!(
+            "this site holds no replica of {machine}"
+        )));
+    }
+    let (ranges, job): (Vec<GivenUp>, Option<String>) = if yes {
+        let reply = replog::control::run(
+            site,
+            &replog::control::Request::AcceptLoss {
+                machine: machine.into(),
+            },
+        )?;
+        (reply.given_up.unwrap_or_default(), reply.job)
+    } else {
+        let store = Replicas::local(site)?.open_readonly(machine)?;
+        (listed_losses(&store)?, None)
+    };
+    let bytes = bytes_of(&ranges);
     if json {
-        let ranges: Vec<_> = done
-            .ranges
+        let list: Vec<_> = ranges
             .iter()
             .map(|r| {
                 serde_json::json!({"disk": r.disk, "name": r.name, "start": r.start, "end": r.end})
@@ -536,29 +557,43 @@ pub fn accept_loss(site: &Path, machine: &str, json: bool) -> Result<()> {
             "{}",
             serde_json::json!({
                 "machine": machine,
-                "job": done.job.id,
-                "bytes": done.bytes(),
-                "ranges": ranges,
+                "given_up": yes,
+                "job": job,
+                "bytes": bytes,
+                "ranges": list,
             })
         );
         return Ok(());
     }
-    println!(
-        "{machine}: gave up {} bytes in {} range(s) no copy of which was left (job {}):",
-        done.bytes(),
-        done.ranges.len(),
-        done.job.id
-    );
-    for r in &done.ranges {
+    match &job {
+        Some(id) => println!(
+            "{machine}: gave up {bytes} bytes in {} range(s) no copy of which was left (job {id}):",
+            ranges.len()
+        ),
+        None => println!(
+            "{machine}: the replica lists {bytes} bytes in {} range(s) no copy of which is left:",
+            ranges.len()
+        ),
+    }
+    for r in &ranges {
         println!("  {r}");
     }
-    println!(
-        "the replica serves them as zeroes (older bytes where a fold stopped); the source's \
-         next resync mends its damage with them"
-    );
+    if job.is_some() {
+        println!(
+            "the replica serves them as zeroes (older bytes where a fold stopped); `replog \
+             resync SOURCE-SITE {machine} --now` at the source mends its damage with them"
+        );
+    } else {
+        println!(
+            "given up (--yes), the replica serves them as zeroes (older bytes where a fold \
+             stopped), and the source's resync writes those over its own copy of every \
+             range it asks for — all of them, where its damage was found at open"
+        );
+    }
     Ok(())
 }
 
+/// `replog points --remove ID`: remove an orphan point (only orphans).
 pub fn remove_point(site: &Path, machine: &str, id: &str) -> Result<()> {
     replog::failover::reprotect::remove_orphan(site, machine, id)?;
     println!("orphan point {id} of {machine} removed");
@@ -806,7 +841,7 @@ pub fn checkpoint(
 /// Mark a resync of MACHINE required (and, with `now`, wanted at once).
 pub fn resync(site: &Path, machine: &str, now: bool) -> Result<()> {
     let cfg = Site::read_config(site)?.replication;
-    replog::control::run(
+    let reply = replog::control::run(
         site,
         &replog::control::Request::Resync {
             machine: machine.to_string(),
@@ -815,6 +850,10 @@ pub fn resync(site: &Path, machine: &str, now: bool) -> Result<()> {
     )?;
     if now {
         println!("{machine}: resync requested now; a running serve starts it within a second");
+        // A running serve says when it started a loop a Critical error had stopped.
+        if let Some(d) = reply.detail.filter(|d| d.contains("starts again")) {
+            println!("{d}");
+        }
     } else {
         println!(
             "{machine}: resync required; it starts in the resync window ({}{})",

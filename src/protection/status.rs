@@ -351,8 +351,18 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
         st.reason = format!("writes refused: {why}");
     }
     if let Some(p) = &j.poisoned {
+        // What stopped the loop as well, when it says more than the damage (a mend the
+        // target refused names what the operator can do).
+        let loop_reason = std::mem::take(&mut st.reason);
+        st.reason = if st.health == Health::Critical
+            && !loop_reason.is_empty()
+            && !loop_reason.contains(p.as_str())
+        {
+            format!("{p}; {loop_reason}")
+        } else {
+            p.clone()
+        };
         st.health = Health::Critical;
-        st.reason = p.clone();
     }
     st
 }

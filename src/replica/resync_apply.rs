@@ -36,8 +36,9 @@ pub struct AcceptedLoss {
     pub ranges: Vec<GivenUp>,
 }
 
-/// One range given up: bytes `start..end` of disk `disk` (named `name`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One range a replica lists as lost: bytes `start..end` of disk `disk` (named
+/// `name`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GivenUp {
     pub disk: u32,
     pub name: String,
@@ -55,54 +56,72 @@ impl std::fmt::Display for GivenUp {
     }
 }
 
-impl AcceptedLoss {
-    pub fn bytes(&self) -> u64 {
-        self.ranges.iter().map(|r| r.end - r.start).sum()
-    }
+/// Bytes in `ranges`.
+pub fn bytes_of(ranges: &[GivenUp]) -> u64 {
+    ranges.iter().map(|r| r.end - r.start).sum()
 }
 
-/// At the target site `site`: give up the ranges of `machine`'s replica that no copy
-/// is left of ([`ReplicaStore::accept_loss`]), recorded as an `accept-loss` job
-/// naming every range; the job succeeds once the replica lists none.
-pub fn accept_loss(site: &std::path::Path, machine: &str) -> Result<AcceptedLoss> {
-    crate::names::validate_name("machine", machine)?;
-    // A site without a replica key holds no replica (and a refusal creates none).
-    if !crate::site::replica_key_path(site)?.exists() {
-        return Err(Error::NotFound(format!(
-            "no replica of {machine} at {}: this site holds no replicas",
-            site.display()
+/// The ranges a resync under way lists as lost in `store` (`dropped`), named: what
+/// `replog accept-loss` would give up. Refused when no resync is under way (a list
+/// left then is a crash's leftover, its chunks whole again) or none are listed.
+pub fn listed_losses(store: &ReplicaStore) -> Result<Vec<GivenUp>> {
+    let machine = store.machine();
+    if !store.parent().resyncing {
+        return Err(Error::InvalidInput(format!(
+            "nothing to accept: no resync of {machine} is under way here (only a resync \
+             that found the replica's own copy of a range damaged lists lost ranges)"
         )));
     }
-    let replicas = super::store::Replicas::local(site)?;
-    let store = replicas.open_readonly(machine)?;
-    let mut job =
-        crate::jobs::JobHandle::start(site, crate::jobs::JobKind::AcceptLoss, Some(machine))?;
-    job.step("give up the ranges no copy is left of");
-    let ranges: Vec<GivenUp> = match store.accept_loss() {
-        Ok(r) => r
-            .into_iter()
-            .map(|(disk, start, end)| GivenUp {
-                disk,
-                name: store
-                    .manifest()
-                    .disks
-                    .get(disk as usize)
-                    .map_or_else(|| "?".into(), |d| d.name.clone()),
-                start,
-                end,
-            })
-            .collect(),
-        Err(e) => {
-            job.fail(&e);
-            return Err(e);
-        }
-    };
+    let ranges: Vec<GivenUp> = store
+        .lost_ranges()?
+        .into_iter()
+        .map(|(disk, start, end)| GivenUp {
+            disk,
+            name: store
+                .manifest()
+                .disks
+                .get(disk as usize)
+                .map_or_else(|| "?".into(), |d| d.name.clone()),
+            start,
+            end,
+        })
+        .collect();
+    if ranges.is_empty() {
+        return Err(Error::InvalidInput(format!(
+            "nothing to accept: the replica of {machine} lists no lost ranges (only a \
+             resync that found the replica's own copy of a range damaged lists some)"
+        )));
+    }
+    Ok(ranges)
+}
+
+/// Give up every range `store`'s resync lists as lost, at an operator's word, at the
+/// target site `site`: the replica then serves them as its parent holds them —
+/// zeroes where a damaged chunk was removed, older bytes where a fold stopped — so a
+/// source mending damage of its own takes those wherever its resync asks, and the
+/// comparison after it makes the replica equal to the source. The caller keeps every
+/// other writer of the replica out (serve: the receiver's lock on its store; offline:
+/// the site's lock); the merge lock keeps the target compactor out. Recorded as an
+/// `accept-loss` job naming every range before anything changes; refused, changing
+/// nothing (no job either), when [`listed_losses`] is.
+pub fn accept_loss(site: &std::path::Path, store: &ReplicaStore) -> Result<AcceptedLoss> {
+    let _lock = pin::merge_lock(store)?;
+    let machine = store.machine();
+    let ranges = listed_losses(store)?;
     let list = ranges
         .iter()
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ");
-    let bytes: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+    let bytes = bytes_of(&ranges);
+    let mut job =
+        crate::jobs::JobHandle::start(site, crate::jobs::JobKind::AcceptLoss, Some(machine))?;
+    job.step("give up the ranges no copy is left of");
+    job.progress(format!("giving up {bytes} bytes: {list}"));
+    if let Err(e) = store.save_lost(&BTreeSet::new()) {
+        job.fail(&e);
+        return Err(e);
+    }
     tracing::warn!(
         machine,
         "an operator gave up {bytes} bytes no copy of which was left: {list}"
@@ -113,11 +132,10 @@ pub fn accept_loss(site: &std::path::Path, machine: &str) -> Result<AcceptedLoss
         if left.is_empty() {
             Ok("the replica lists no lost ranges".into())
         } else {
-            Err(Error::corruption(
-                store.dir(),
-                0,
-                format!("the replica still lists {} lost range(s)", left.len()),
-            ))
+            Err(Error::InvalidInput(format!(
+                "the replica still lists {} lost range(s)",
+                left.len()
+            )))
         }
     })?;
     Ok(AcceptedLoss { job, ranges })
@@ -339,27 +357,6 @@ impl ReplicaStore {
             .map(|(d, a, b)| format!("{d} {a} {b}\n"))
             .collect();
         self.backend().put(&self.key_of(DROPPED), text.as_bytes())
-    }
-
-    /// Give up every range this resync lost (`dropped`), on an operator's word
-    /// ([`accept_loss`]): the replica then serves them as its parent holds them —
-    /// zeroes where a damaged chunk was removed, older bytes where a fold stopped — so
-    /// a source mending damage of its own takes those, and the comparison after it
-    /// makes the replica equal to the source. Under the merge lock, so no resync
-    /// beginning meanwhile can write a list this removes unseen. Returns the ranges
-    /// given up; refused, changing nothing, when there are none.
-    pub fn accept_loss(&self) -> Result<Vec<(u32, u64, u64)>> {
-        let _lock = pin::merge_lock(self)?;
-        let lost = self.lost_ranges()?;
-        if lost.is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "nothing to accept: the replica of {} lists no lost ranges (only a resync \
-                 that found the replica's own copy of a range damaged lists some)",
-                self.machine()
-            )));
-        }
-        self.save_lost(&BTreeSet::new())?;
-        Ok(lost.into_iter().collect())
     }
 
     /// What this resync lost of the replica's own bytes: the ranges of the parent

@@ -265,6 +265,25 @@ impl Target {
 
     /// Answer reprotects toward this site with `f` (seed a replica from this site's
     /// own copy of the machine).
+    /// Run `f` on `machine`'s replica store with no session writing it meanwhile:
+    /// the store a session holds, under its lock, or one opened under the lock on the
+    /// table of stores (so no session opens it before `f` ends).
+    pub fn with_store<T>(
+        &self,
+        machine: &str,
+        f: impl FnOnce(&ReplicaStore) -> crate::error::Result<T>,
+    ) -> crate::error::Result<T> {
+        let stores = self.stores.lock();
+        match stores.get(machine).cloned() {
+            Some(slot) => {
+                drop(stores);
+                let store = slot.store.lock();
+                f(&store)
+            }
+            None => f(&self.replicas.open_readonly(machine)?),
+        }
+    }
+
     pub fn on_reprotect(
         mut self,
         f: impl Fn(

@@ -38,6 +38,9 @@ pub struct ShipLoop {
     thread: Option<JoinHandle<()>>,
     pub status: Arc<Mutex<LoopStatus>>,
     commands: Sender<ShipCommand>,
+    /// Set once a Critical error stopped the loop (`park`): it ships nothing until
+    /// serve stops or an operator's `resync --now` replaces it.
+    parked: Arc<AtomicBool>,
 }
 
 /// What the loop answers a ship request with: the LSN the target acknowledged, or
@@ -73,6 +76,8 @@ struct Control {
     resolve_intent: bool,
     /// Begins a planned failover when the target asks for one.
     on_failover_request: Option<FailoverRequestFn>,
+    /// The loop's `parked` flag.
+    parked: Arc<AtomicBool>,
 }
 
 impl Control {
@@ -211,7 +216,9 @@ impl ShipLoop {
             Err(e) => tracing::error!(machine = machine.name(), "target_id: {e}"),
         }
         let (commands, rx) = crossbeam::channel::unbounded();
+        let parked = Arc::new(AtomicBool::new(false));
         let control = Control {
+            parked: parked.clone(),
             rx,
             paused: false,
             waiting: Vec::new(),
@@ -235,7 +242,13 @@ impl ShipLoop {
             thread,
             status,
             commands,
+            parked,
         }
+    }
+
+    /// Whether a Critical error stopped the loop (see [`ShipLoop::parked`]).
+    pub fn is_parked(&self) -> bool {
+        self.parked.load(Ordering::Acquire)
     }
 
     /// A handle on the loop's command channel (cheap; usable without holding the
@@ -329,10 +342,12 @@ impl ShipLoop {
 }
 
 /// Stopped by a Critical error: keep the shipper, and with it the watermark hold,
-/// until serve stops — what the target has not acknowledged must not be merged. Ship
-/// requests are answered with `why`.
+/// until serve stops or an operator's `resync --now` starts a new loop (whose shipper
+/// holds before this one goes) — what the target has not acknowledged must not be
+/// merged. Ship requests are answered with `why`.
 fn park(stop: &AtomicBool, shipper: Shipper, mut control: Control, why: crate::error::Failure) {
     control.failed_with(why.clone());
+    control.parked.store(true, Ordering::Release);
     while !stop.load(Ordering::Acquire) {
         match control.rx.recv_timeout(Duration::from_millis(50)) {
             Ok(ShipCommand::ShipNow(tx)) => {

@@ -165,6 +165,7 @@ pub fn serve(site_path: &Path, opts: &ServeOptions, ready: impl FnOnce()) -> Res
                     }
                 }),
         );
+        registry.set_target(&target);
         let bound = transport::listen(site_path, addr, move |mut stream, peer| {
             target.session_tls(&mut stream, peer)
         })?;

@@ -73,6 +73,9 @@ pub struct Registry {
     /// `status.json` is worked out and written by one at a time (a snapshot taken
     /// before a change never replaces one taken after it).
     publishing: Mutex<()>,
+    /// The receiver (`serve --listen`): requests that change a replica take its lock
+    /// on the replica's store.
+    target: Mutex<Weak<crate::replication::receiver::Target>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -107,6 +110,7 @@ impl Registry {
             failovers: Arc::default(),
             me: me.clone(),
             publishing: Mutex::new(()),
+            target: Mutex::new(Weak::new()),
             config: site.config().clone(),
             site,
             replicas,
@@ -216,6 +220,28 @@ impl Registry {
 
     pub fn replicas(&self) -> &Replicas {
         &self.replicas
+    }
+
+    /// The receiver serve runs (`--listen`), once started.
+    pub fn set_target(&self, target: &Arc<crate::replication::receiver::Target>) {
+        *self.target.lock() = Arc::downgrade(target);
+    }
+
+    /// `accept-loss`: under the receiver's lock on the replica's store when serve
+    /// receives (no session writes it meanwhile), else on a store of its own.
+    fn accept_loss(&self, machine: &str) -> Result<Reply> {
+        let _one = self.changing.lock(&[machine]);
+        let site = self.path();
+        let done = match self.target.lock().upgrade() {
+            Some(t) => t.with_store(machine, |store| {
+                crate::replica::resync_apply::accept_loss(site, store)
+            })?,
+            None => crate::replica::resync_apply::accept_loss(
+                site,
+                &self.replicas.open_readonly(machine)?,
+            )?,
+        };
+        Ok(Reply::accepted(done))
     }
 
     /// The tree the mount shows (shared with the file system).
@@ -723,6 +749,42 @@ impl Registry {
         Ok(Reply::done(format!("removed machine {machine}")))
     }
 
+    /// An operator's `resync --now`: a shipping loop a Critical error stopped (a
+    /// resync refused, say, until an operator gave up what no copy was left of at the
+    /// target) is replaced by a new one, which resyncs. The new loop's shipper holds
+    /// the journal before the old one lets go. A machine fenced (failed over) keeps
+    /// its stopped loop. Returns why the old loop had stopped, if it was replaced.
+    fn restart_parked(&self, machine: &str) -> Result<Option<String>> {
+        let _one = self.changing.lock(&[machine]);
+        let Some(rel) = Relationship::load(self.path(), machine)? else {
+            return Ok(None);
+        };
+        let mut machines = self.machines.lock();
+        let Some(entry) = machines.get_mut(machine) else {
+            return Ok(None);
+        };
+        let parked = entry.ship.as_ref().is_some_and(ShipLoop::is_parked);
+        if !parked || entry.machine.fenced().is_some() || entry.machine.failed_over() {
+            return Ok(None);
+        }
+        let why = entry
+            .ship
+            .as_ref()
+            .map(|l| l.status.lock().reason.clone())
+            .unwrap_or_default();
+        let new = self.ship_loop(&entry.machine, rel);
+        let old = entry.ship.replace(new);
+        drop(machines);
+        tracing::warn!(
+            machine,
+            "an operator asked for a resync: the stopped shipping loop ({why}) starts again"
+        );
+        if let Some(old) = old {
+            old.stop();
+        }
+        Ok(Some(why))
+    }
+
     fn protect(&self, machine: &str, rel: &Relationship) -> Result<Reply> {
         let _one = self.changing.lock(&[machine]);
         crate::ops::record_protection(&self.site, machine, rel)?;
@@ -771,10 +833,20 @@ impl Registry {
             } => self.protect(machine, relationship),
             Request::Resync { machine, now } => {
                 crate::ops::require_resync(&self.site, machine, *now)?;
-                Ok(Reply::done(format!(
-                    "{machine}: resync required{}",
-                    if *now { "; it starts at once" } else { "" }
-                )))
+                let restarted = if *now {
+                    self.restart_parked(machine)?
+                } else {
+                    None
+                };
+                Ok(Reply::done(match restarted {
+                    Some(why) => {
+                        format!("{machine}: its shipping loop, stopped by \"{why}\", starts again")
+                    }
+                    None => format!(
+                        "{machine}: resync required{}",
+                        if *now { "; it starts at once" } else { "" }
+                    ),
+                }))
             }
             Request::Compact { machine } => {
                 let names = match machine {
@@ -828,6 +900,7 @@ impl Registry {
                 let refs: Vec<&Machine> = open.iter().map(|m| m.as_ref()).collect();
                 crate::control::PlanPointReply::record(&refs, *app_consistent, *max_pause_ms)
             }),
+            Request::AcceptLoss { machine } => self.accept_loss(machine),
             Request::ServeInfo => Ok(Reply {
                 ok: true,
                 mount: self.mount.lock().clone(),

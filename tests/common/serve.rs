@@ -353,13 +353,21 @@ pub fn critical_reason(src: &Path) -> String {
 pub struct TargetServe(Option<std::process::Child>);
 
 impl TargetServe {
+    /// `replog serve DST --listen ADDR`, its log appended to `DST.target-<pid>.log`
+    /// ([`TargetServe::log_text`]).
     pub fn start(dst: &Path, addr: &str) -> TargetServe {
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(Self::log(dst))
+            .expect("log");
         let t = TargetServe(Some(
             replog()
                 .arg("serve")
                 .arg(dst)
                 .args(["--listen", addr])
-                .stderr(Stdio::null())
+                .env("REPLOG_LOG", "info")
+                .stderr(logf)
                 .spawn()
                 .expect("target serve"),
         ));
@@ -369,6 +377,15 @@ impl TargetServe {
             std::thread::sleep(Duration::from_millis(50));
         }
         t
+    }
+
+    fn log(dst: &Path) -> PathBuf {
+        dst.with_extension(format!("target-{}.log", std::process::id()))
+    }
+
+    /// What the target serves of `dst` logged so far.
+    pub fn log_text(dst: &Path) -> String {
+        std::fs::read_to_string(Self::log(dst)).unwrap_or_default()
     }
 
     /// kill -9: the crash.
