@@ -327,8 +327,8 @@ fn damage_at_both_ends_is_given_up_through_serve_and_the_stopped_loop_starts_aga
     );
 
     let _target = TargetServe::start(&dst, &addr);
+    // The damage found at open starts a resync at once; the target refuses its mend.
     let served = Served::start(&src, &mnt, &[]);
-    run_ok(replog().arg("resync").arg(&src).arg("vm1").arg("--now"));
     let deadline = Instant::now() + Duration::from_secs(30);
     let st = loop {
         let st = status(&src);
@@ -388,6 +388,15 @@ fn damage_at_both_ends_is_given_up_through_serve_and_the_stopped_loop_starts_aga
     let mut got = vec![0u8; 4096];
     os.read_exact_at(&mut got, 1 << 20).expect("read y");
     assert_eq!(got, y, "y, outside the lost chunk, changed");
+    // The source's own older bytes in the chunk given up go too: its damage was found
+    // at open, so its resync asked for every range (as the help says).
+    let mut got = vec![1u8; 65_536];
+    os.read_exact_at(&mut got, 0)
+        .expect("read the chunk's start");
+    assert!(
+        got.iter().all(|b| *b == 0),
+        "the source's older bytes were kept"
+    );
     write_synced(&os, 43, 65_536, 65_536);
     wait_caught_up(&src, "caught up after a write");
     restore_equals(&dst, &tmp.path().join("restored"), &os, 4 << 20);

@@ -208,7 +208,8 @@ pub enum Command {
     /// at both ends and send only those that differ. Marks a resync required; it runs
     /// in the resync window (replication.resync_window, local time) or, with --now, at
     /// once — and with --now a running serve starts again a shipping loop a Critical
-    /// error stopped (after `replog accept-loss` at the target, say). `replog status`
+    /// error stopped (after `replog accept-loss` at the target, say; not for a machine
+    /// fenced or failed over). `replog status`
     /// shows progress, chunks compared and bytes sent.
     Resync {
         site: PathBuf,

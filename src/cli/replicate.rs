@@ -850,8 +850,8 @@ pub fn resync(site: &Path, machine: &str, now: bool) -> Result<()> {
     )?;
     if now {
         println!("{machine}: resync requested now; a running serve starts it within a second");
-        // A running serve says when it started a loop a Critical error had stopped.
-        if let Some(d) = reply.detail.filter(|d| d.contains("starts again")) {
+        // A running serve says what it did with a loop a Critical error had stopped.
+        if let Some(d) = reply.detail.filter(|d| d.contains("shipping loop")) {
             println!("{d}");
         }
     } else {

@@ -263,8 +263,6 @@ impl Target {
         }
     }
 
-    /// Answer reprotects toward this site with `f` (seed a replica from this site's
-    /// own copy of the machine).
     /// Run `f` on `machine`'s replica store with no session writing it meanwhile:
     /// the store a session holds, under its lock, or one opened under the lock on the
     /// table of stores (so no session opens it before `f` ends).
@@ -284,6 +282,8 @@ impl Target {
         }
     }
 
+    /// Answer reprotects toward this site with `f` (seed a replica from this site's
+    /// own copy of the machine).
     pub fn on_reprotect(
         mut self,
         f: impl Fn(

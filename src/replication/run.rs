@@ -38,9 +38,9 @@ pub struct ShipLoop {
     thread: Option<JoinHandle<()>>,
     pub status: Arc<Mutex<LoopStatus>>,
     commands: Sender<ShipCommand>,
-    /// Set once a Critical error stopped the loop (`park`): it ships nothing until
-    /// serve stops or an operator's `resync --now` replaces it.
-    parked: Arc<AtomicBool>,
+    /// What stopped the loop, once a Critical error did (`park`): it ships nothing
+    /// until serve stops or an operator's `resync --now` replaces it.
+    parked: Arc<Mutex<Option<crate::error::Failure>>>,
 }
 
 /// What the loop answers a ship request with: the LSN the target acknowledged, or
@@ -76,8 +76,8 @@ struct Control {
     resolve_intent: bool,
     /// Begins a planned failover when the target asks for one.
     on_failover_request: Option<FailoverRequestFn>,
-    /// The loop's `parked` flag.
-    parked: Arc<AtomicBool>,
+    /// The loop's `parked` record.
+    parked: Arc<Mutex<Option<crate::error::Failure>>>,
 }
 
 impl Control {
@@ -216,7 +216,7 @@ impl ShipLoop {
             Err(e) => tracing::error!(machine = machine.name(), "target_id: {e}"),
         }
         let (commands, rx) = crossbeam::channel::unbounded();
-        let parked = Arc::new(AtomicBool::new(false));
+        let parked = Arc::new(Mutex::new(None));
         let control = Control {
             parked: parked.clone(),
             rx,
@@ -246,9 +246,9 @@ impl ShipLoop {
         }
     }
 
-    /// Whether a Critical error stopped the loop (see [`ShipLoop::parked`]).
-    pub fn is_parked(&self) -> bool {
-        self.parked.load(Ordering::Acquire)
+    /// What stopped the loop, if a Critical error did.
+    pub fn parked(&self) -> Option<crate::error::Failure> {
+        self.parked.lock().clone()
     }
 
     /// A handle on the loop's command channel (cheap; usable without holding the
@@ -347,7 +347,7 @@ impl ShipLoop {
 /// merged. Ship requests are answered with `why`.
 fn park(stop: &AtomicBool, shipper: Shipper, mut control: Control, why: crate::error::Failure) {
     control.failed_with(why.clone());
-    control.parked.store(true, Ordering::Release);
+    *control.parked.lock() = Some(why.clone());
     while !stop.load(Ordering::Acquire) {
         match control.rx.recv_timeout(Duration::from_millis(50)) {
             Ok(ShipCommand::ShipNow(tx)) => {

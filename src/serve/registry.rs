@@ -232,7 +232,8 @@ impl Registry {
     fn accept_loss(&self, machine: &str) -> Result<Reply> {
         let _one = self.changing.lock(&[machine]);
         let site = self.path();
-        let done = match self.target.lock().upgrade() {
+        let target = self.target.lock().upgrade();
+        let done = match target {
             Some(t) => t.with_store(machine, |store| {
                 crate::replica::resync_apply::accept_loss(site, store)
             })?,
@@ -752,37 +753,54 @@ impl Registry {
     /// An operator's `resync --now`: a shipping loop a Critical error stopped (a
     /// resync refused, say, until an operator gave up what no copy was left of at the
     /// target) is replaced by a new one, which resyncs. The new loop's shipper holds
-    /// the journal before the old one lets go. A machine fenced (failed over) keeps
-    /// its stopped loop. Returns why the old loop had stopped, if it was replaced.
+    /// the journal before the old one lets go. A machine fenced or failed over, or
+    /// one whose loop was stopped by the target's fence, keeps its stopped loop.
+    /// Returns what to tell the operator about a stopped loop (None: it was not).
     fn restart_parked(&self, machine: &str) -> Result<Option<String>> {
         let _one = self.changing.lock(&[machine]);
         let Some(rel) = Relationship::load(self.path(), machine)? else {
             return Ok(None);
         };
-        let mut machines = self.machines.lock();
-        let Some(entry) = machines.get_mut(machine) else {
-            return Ok(None);
+        let (m, why) = {
+            let machines = self.machines.lock();
+            let Some(entry) = machines.get(machine) else {
+                return Ok(None);
+            };
+            let Some(why) = entry.ship.as_ref().and_then(ShipLoop::parked) else {
+                return Ok(None);
+            };
+            (entry.machine.clone(), why)
         };
-        let parked = entry.ship.as_ref().is_some_and(ShipLoop::is_parked);
-        if !parked || entry.machine.fenced().is_some() || entry.machine.failed_over() {
-            return Ok(None);
+        let fenced = why.code == Some(crate::replication::protocol::RefusalCode::Fenced);
+        if fenced || m.fenced().is_some() || m.failed_over() {
+            return Ok(Some(format!(
+                "{machine}: its shipping loop stays stopped (\"{}\"): the machine is fenced \
+                 or failed over",
+                why.message
+            )));
         }
-        let why = entry
-            .ship
-            .as_ref()
-            .map(|l| l.status.lock().reason.clone())
-            .unwrap_or_default();
-        let new = self.ship_loop(&entry.machine, rel);
-        let old = entry.ship.replace(new);
-        drop(machines);
+        // Built with only `changing` held (the new shipper may wait for a merge in
+        // progress before it holds the journal): nobody else replaces the entry's loop.
+        let new = self.ship_loop(&m, rel);
+        let old = match self.machines.lock().get_mut(machine) {
+            Some(entry) => entry.ship.replace(new),
+            None => {
+                new.stop();
+                return Ok(None);
+            }
+        };
         tracing::warn!(
             machine,
-            "an operator asked for a resync: the stopped shipping loop ({why}) starts again"
+            "an operator asked for a resync: the stopped shipping loop ({}) starts again",
+            why.message
         );
         if let Some(old) = old {
             old.stop();
         }
-        Ok(Some(why))
+        Ok(Some(format!(
+            "{machine}: its shipping loop, stopped by \"{}\", starts again",
+            why.message
+        )))
     }
 
     fn protect(&self, machine: &str, rel: &Relationship) -> Result<Reply> {
@@ -839,9 +857,7 @@ impl Registry {
                     None
                 };
                 Ok(Reply::done(match restarted {
-                    Some(why) => {
-                        format!("{machine}: its shipping loop, stopped by \"{why}\", starts again")
-                    }
+                    Some(said) => said,
                     None => format!(
                         "{machine}: resync required{}",
                         if *now { "; it starts at once" } else { "" }

@@ -40,13 +40,7 @@ pub fn replication() -> String {
         .unwrap_or_else(|| "002".into())
 }
 
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
+pub use super::free_port;
 
 fn failed(what: String) -> Error {
     Error::InvalidInput(format!("SeaweedFS test cluster: {what}"))

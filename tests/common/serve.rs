@@ -267,11 +267,7 @@ pub fn sh(cmd: &str, args: &[&str]) -> std::process::Output {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    replog::testkit::free_port()
 }
 
 /// Seal every 200 ms and retry quickly, for tests.
