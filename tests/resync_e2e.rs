@@ -271,6 +271,20 @@ fn damage_at_both_ends_is_given_up_through_serve_and_the_stopped_loop_starts_aga
     ) {
         return;
     }
+    damage_at_both_ends_given_up(true);
+}
+
+/// The same, the target's serve stopped while the operator gives the ranges up
+/// (offline, under the site's lock).
+#[test]
+fn damage_at_both_ends_is_given_up_offline_at_a_stopped_target() {
+    if !fuse_available("damage_at_both_ends_is_given_up_offline_at_a_stopped_target") {
+        return;
+    }
+    damage_at_both_ends_given_up(false);
+}
+
+fn damage_at_both_ends_given_up(through_serve: bool) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (src, dst, addr) = sites(tmp.path(), "4M", 100);
     // The source merges nothing: the segment holding `x` stays in its journal.
@@ -326,7 +340,7 @@ fn damage_at_both_ends_is_given_up_through_serve_and_the_stopped_loop_starts_aga
         journal.display()
     );
 
-    let _target = TargetServe::start(&dst, &addr);
+    let mut target = Some(TargetServe::start(&dst, &addr));
     // The damage found at open starts a resync at once; the target refuses its mend.
     let served = Served::start(&src, &mnt, &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -359,7 +373,10 @@ fn damage_at_both_ends_is_given_up_through_serve_and_the_stopped_loop_starts_aga
         std::fs::read(dst.join("replicas/vm1/dropped")).expect("dropped"),
         before
     );
-    // Given up through the target's serve.
+    // Given up through the target's serve, or with none running.
+    if !through_serve {
+        drop(target.take());
+    }
     let done = run_ok(
         replog()
             .arg("accept-loss")
@@ -377,6 +394,7 @@ fn damage_at_both_ends_is_given_up_through_serve_and_the_stopped_loop_starts_aga
         "{shown}"
     );
     assert!(!dst.join("replicas/vm1/dropped").exists());
+    let _started_again = target.is_none().then(|| TargetServe::start(&dst, &addr));
     // The source's stopped loop starts again on an operator's resync.
     let out = run_ok(replog().arg("resync").arg(&src).arg("vm1").arg("--now"));
     assert!(out.contains("starts again"), "{out}");
