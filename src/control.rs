@@ -370,11 +370,13 @@ fn serve_client(conn: UnixStream, handler: &dyn Handler) {
 }
 
 /// How long a client waits for serve's answer: a ship waits for the target, the rest
-/// for an fsync.
+/// for an fsync; failovers, and an accept-loss waiting for the target compactor's
+/// merge lock, as long as they take.
 fn reply_timeout(req: &Request) -> Duration {
     match req {
         Request::Ship { timeout_ms, .. } => Duration::from_millis(*timeout_ms + 10_000),
-        Request::CreateDisk { .. }
+        Request::AcceptLoss { .. }
+        | Request::CreateDisk { .. }
         | Request::RemoveMachine { .. }
         | Request::Failover { .. }
         | Request::PlannedFailover { .. }

@@ -526,9 +526,8 @@ fn restore_orphan(site: &Path, machine: &str, id: &str, out: &Path, json: bool) 
 /// on the replica) or offline.
 pub fn accept_loss(site: &Path, machine: &str, yes: bool, json: bool) -> Result<()> {
     use replog::replica::resync_apply::{bytes_of, listed_losses, GivenUp};
-    replog::names::validate_name("machine", machine)?;
     replog::site::Site::read_config(site)?;
-    if !replog::replica::store::held_at(site, machine) {
+    if !replog::replica::store::holds_replica(site, machine)? {
         return Err(Error::NotFound(format!(
             "this site holds no replica of {machine}"
         )));

@@ -271,14 +271,25 @@ impl Target {
         machine: &str,
         f: impl FnOnce(&ReplicaStore) -> crate::error::Result<T>,
     ) -> crate::error::Result<T> {
-        let stores = self.stores.lock();
-        match stores.get(machine).cloned() {
-            Some(slot) => {
-                drop(stores);
-                let store = slot.store.lock();
-                f(&store)
+        loop {
+            let stores = self.stores.lock();
+            match stores.get(machine).cloned() {
+                Some(slot) => {
+                    drop(stores);
+                    let store = slot.store.lock();
+                    // A reprotect may have replaced the slot meanwhile: use the one the
+                    // table holds now (nothing takes the table, then a slot's lock).
+                    let current = self
+                        .stores
+                        .lock()
+                        .get(machine)
+                        .is_some_and(|s| Arc::ptr_eq(s, &slot));
+                    if current {
+                        return f(&store);
+                    }
+                }
+                None => return f(&self.replicas.open_readonly(machine)?),
             }
-            None => f(&self.replicas.open_readonly(machine)?),
         }
     }
 

@@ -388,18 +388,20 @@ pub enum Receipt {
 /// Whether the site at `site` holds a replica of `machine` (in `SITE/replicas/` or
 /// its object store; no key needed, nothing created; false if it cannot say).
 pub fn held_at(site: &Path, machine: &str) -> bool {
-    let backend: Arc<dyn ReplicaBackend> = match backend_at(site) {
-        Ok(Some(b)) => b,
-        Ok(None) => Arc::new(DirBackend::new(
+    holds_replica(site, machine).unwrap_or(false)
+}
+
+/// [`held_at`], saying why it cannot tell (a bad name, a store it cannot reach).
+pub fn holds_replica(site: &Path, machine: &str) -> Result<bool> {
+    validate_name("machine", machine)?;
+    let backend: Arc<dyn ReplicaBackend> = match backend_at(site)? {
+        Some(b) => b,
+        None => Arc::new(DirBackend::new(
             Arc::new(FileStorage),
             site.join(REPLICAS_DIR),
         )),
-        Err(_) => return false,
     };
-    validate_name("machine", machine).is_ok()
-        && backend
-            .exists(&format!("{machine}/{MANIFEST}"))
-            .unwrap_or(false)
+    backend.exists(&format!("{machine}/{MANIFEST}"))
 }
 
 /// Local state of an object-store replica store (locks, pins): `SITE/replica-state/`.
