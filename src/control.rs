@@ -481,8 +481,7 @@ pub fn offline(site: &Path, req: &Request) -> Result<Reply> {
             )))
         }
         Request::Resync { machine, now } => {
-            ops::require_resync(&s, machine, *now)?;
-            Ok(Reply::done(format!("{machine}: resync required")))
+            Ok(Reply::done(ops::require_resync(&s, machine, *now)?))
         }
         Request::Compact { machine } => {
             let mut lines = Vec::new();

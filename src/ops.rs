@@ -100,8 +100,9 @@ pub fn record_protection(site: &Site, machine: &str, rel: &Relationship) -> Resu
     }
 }
 
-/// A resync of `machine` is required; with `now`, at once, window or not.
-pub fn require_resync(site: &Site, machine: &str, now: bool) -> Result<()> {
+/// A resync of `machine` is required; with `now`, at once, window or not. Returns
+/// what to tell the operator.
+pub fn require_resync(site: &Site, machine: &str, now: bool) -> Result<String> {
     must_exist(site, machine)?;
     if !is_protected(site, machine)? {
         return Err(Error::InvalidInput(format!(
@@ -111,8 +112,20 @@ pub fn require_resync(site: &Site, machine: &str, now: bool) -> Result<()> {
     SourceResync::require(site.path(), machine, "requested by an operator")?;
     if now {
         resync_schedule::request_now(site.path(), machine)?;
+        return Ok(format!(
+            "{machine}: resync requested now; a running serve starts it within a second"
+        ));
     }
-    Ok(())
+    let cfg = &site.config().replication;
+    Ok(format!(
+        "{machine}: resync required; it starts in the resync window ({}{})",
+        cfg.resync_window,
+        if cfg.resync_weekends {
+            " and weekends"
+        } else {
+            ""
+        }
+    ))
 }
 
 /// Seal `m` and merge what may be merged; what it did, for people. A protected

@@ -503,6 +503,29 @@ fn version_2_frames_and_job_records_decode() {
             .len(),
         2
     );
+    // Job records stay format 1 as kinds are added (`accept-loss` since 38ddc45): a
+    // kind this build knows lists; one it does not (what an older build meets in a
+    // newer one's history) is passed over, the others still listed.
+    let old = std::fs::read_to_string(tmp.path().join("jobs/j-20261202T005051-160999-cf7e.json"))
+        .expect("fixture");
+    for (id, kind) in [
+        ("j-20261203T000000-000001-0a0a", "accept-loss"),
+        ("j-20261203T000000-000002-0b0b", "a-kind-of-a-newer-build"),
+    ] {
+        let text = old
+            .replace("j-20261202T005051-160999-cf7e", id)
+            .replace("\"restore\"", &format!("\"{kind}\""));
+        std::fs::write(tmp.path().join(format!("jobs/{id}.json")), text).expect("write");
+    }
+    let jobs = replog::jobs::list(tmp.path()).expect("jobs");
+    let kinds: Vec<_> = jobs.iter().map(|j| j.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            replog::jobs::JobKind::AcceptLoss,
+            replog::jobs::JobKind::Restore
+        ]
+    );
 }
 
 #[test]

@@ -226,7 +226,8 @@ pub enum Command {
     /// source's resync writes them over its own copy of every range it asks for — all
     /// of them where its damage was found when it opened, even where its own older
     /// bytes were intact; then `replog resync SOURCE-SITE MACHINE --now` at the source
-    /// mends its damage and the machine takes writes again. Recorded as an
+    /// (its serve running: the stopped shipping loop starts again) mends its damage and
+    /// the machine takes writes again. Recorded as an
     /// `accept-loss` job naming every range. Exit 1 if no resync of MACHINE is under way
     /// here or it lists none.
     AcceptLoss {

@@ -546,12 +546,6 @@ pub fn accept_loss(site: &Path, machine: &str, yes: bool, json: bool) -> Result<
     };
     let bytes = bytes_of(&ranges);
     if json {
-        let list: Vec<_> = ranges
-            .iter()
-            .map(|r| {
-                serde_json::json!({"disk": r.disk, "name": r.name, "start": r.start, "end": r.end})
-            })
-            .collect();
         println!(
             "{}",
             serde_json::json!({
@@ -559,7 +553,7 @@ pub fn accept_loss(site: &Path, machine: &str, yes: bool, json: bool) -> Result<
                 "given_up": yes,
                 "job": job,
                 "bytes": bytes,
-                "ranges": list,
+                "ranges": ranges,
             })
         );
         return Ok(());
@@ -580,7 +574,8 @@ pub fn accept_loss(site: &Path, machine: &str, yes: bool, json: bool) -> Result<
     if job.is_some() {
         println!(
             "the replica serves them as zeroes (older bytes where a fold stopped); `replog \
-             resync SOURCE-SITE {machine} --now` at the source mends its damage with them"
+             resync SOURCE-SITE {machine} --now` at the source, its serve running, starts \
+             its stopped loop again and mends its damage with them"
         );
     } else {
         println!(
@@ -837,9 +832,9 @@ pub fn checkpoint(
     Ok(())
 }
 
-/// Mark a resync of MACHINE required (and, with `now`, wanted at once).
+/// Mark a resync of MACHINE required (and, with `now`, wanted at once); print what
+/// the site said (a running serve also says what it did with a stopped loop).
 pub fn resync(site: &Path, machine: &str, now: bool) -> Result<()> {
-    let cfg = Site::read_config(site)?.replication;
     let reply = replog::control::run(
         site,
         &replog::control::Request::Resync {
@@ -847,23 +842,7 @@ pub fn resync(site: &Path, machine: &str, now: bool) -> Result<()> {
             now,
         },
     )?;
-    if now {
-        println!("{machine}: resync requested now; a running serve starts it within a second");
-        // A running serve says what it did with a loop a Critical error had stopped.
-        if let Some(d) = reply.detail.filter(|d| d.contains("shipping loop")) {
-            println!("{d}");
-        }
-    } else {
-        println!(
-            "{machine}: resync required; it starts in the resync window ({}{})",
-            cfg.resync_window,
-            if cfg.resync_weekends {
-                " and weekends"
-            } else {
-                ""
-            }
-        );
-    }
+    println!("{}", reply.detail.unwrap_or_default());
     Ok(())
 }
 

@@ -850,18 +850,15 @@ impl Registry {
                 relationship,
             } => self.protect(machine, relationship),
             Request::Resync { machine, now } => {
-                crate::ops::require_resync(&self.site, machine, *now)?;
+                let said = crate::ops::require_resync(&self.site, machine, *now)?;
                 let restarted = if *now {
                     self.restart_parked(machine)?
                 } else {
                     None
                 };
                 Ok(Reply::done(match restarted {
-                    Some(said) => said,
-                    None => format!(
-                        "{machine}: resync required{}",
-                        if *now { "; it starts at once" } else { "" }
-                    ),
+                    Some(loop_said) => format!("{said}\n{loop_said}"),
+                    None => said,
                 }))
             }
             Request::Compact { machine } => {

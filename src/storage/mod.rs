@@ -161,10 +161,11 @@ impl<'a> dyn StorageFile + 'a {
 /// The runs of `block`-byte blocks of `data` that are not all zero (the last block
 /// may be short), in order: what a copy of a disk's data sends or writes.
 pub fn nonzero_runs(data: &[u8], block: usize) -> Vec<std::ops::Range<usize>> {
+    let block = block.max(1);
     let mut runs = Vec::new();
     let mut start: Option<usize> = None;
-    for (b, piece) in data.chunks(block.max(1)).enumerate() {
-        let at = b * block.max(1);
+    for (b, piece) in data.chunks(block).enumerate() {
+        let at = b * block;
         match (piece.iter().any(|v| *v != 0), start) {
             (true, None) => start = Some(at),
             (false, Some(s)) => {

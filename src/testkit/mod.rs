@@ -12,13 +12,11 @@ pub mod seaweed;
 pub fn free_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
     for _ in 0..200 {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        let port = 20_000 + (h.finish() % 12_768) as u16;
+        // Each RandomState is keyed afresh: a random number without a crate.
+        let r = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let port = 20_000 + (r % 12_768) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
