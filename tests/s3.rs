@@ -800,3 +800,140 @@ fn damage_in_the_bucket_is_found_by_the_scrub_and_mended_by_a_resync() {
     caught_up(&src);
     assert!(restore_os(&dst, "latest", &tmp.path().join("r")) == read_all(&os));
 }
+
+/// `replog accept-loss` against a replica in the bucket: with the target's serve
+/// running, the request goes through it, so the store keeps one writer (the receiver
+/// holding the replica), and the ranges given up read as zeroes after the source's
+/// stopped loop starts again.
+#[test]
+fn damage_at_both_ends_is_given_up_in_the_bucket_through_the_targets_serve() {
+    let test = "damage_at_both_ends_is_given_up_in_the_bucket_through_the_targets_serve";
+    let Some(Setup {
+        cluster,
+        src,
+        dst,
+        addr,
+        tmp,
+        ..
+    }) = setup(test, "loss", "4M")
+    else {
+        return;
+    };
+    // This process opens the bucket's replicas itself (the merge and the scrub).
+    for (k, v) in seaweed::env() {
+        std::env::set_var(k, v);
+    }
+    edit_config(&src, |c| {
+        c.replication.resync_window = "never".into();
+        c.replication.resync_weekends = false;
+        // The source merges nothing: the segment holding `x` stays in its journal.
+        c.journal.compact_min_bytes = 1 << 40;
+        c.journal.compact_idle_ms = 1 << 40;
+    });
+    let mnt = tmp.path().join("mnt");
+    let (x, y) = (common::pattern(41, 8192), common::pattern(42, 4096));
+    {
+        let _target = S3Target::start(&dst, &addr, &[]);
+        let served = Served::start(&src, &mnt, &[]);
+        let os = served.disk("os");
+        write_at(&os, 0, &common::pattern(40, 1 << 20));
+        protect_when_listening(&src, &addr);
+        caught_up(&src);
+        write_at(&os, 65_536, &x);
+        write_at(&os, 1 << 20, &y);
+        caught_up(&src);
+        assert!(served.stop().success());
+    }
+    // The replica's merge folds `x` into parent chunk 0 of disk 0, in the bucket; that
+    // object rots and the scrub drops it.
+    let replicas = replog::replica::store::Replicas::local(&dst).expect("replicas");
+    let much_later = replog::format::now_ns() + 400 * 24 * 3600 * 1_000_000_000;
+    replog::replica::compact::compact_replica(&replicas, "vm1", much_later).expect("merge");
+    let bucket = replica_objects(&cluster);
+    use replog::replica::objects::ObjectStore;
+    let chunks: Vec<String> = cluster
+        .keys("loss/vm1/")
+        .into_iter()
+        .filter(|k| k.contains("/parent/0/0000000000.enc"))
+        .collect();
+    assert!(!chunks.is_empty(), "{:?}", cluster.keys("loss/vm1/"));
+    for key in &chunks {
+        let mut bytes = bucket.get(key).expect("get").expect("chunk");
+        let at = bytes.len() - 100;
+        bytes[at] ^= 1;
+        bucket.put(key, &bytes).expect("damage");
+    }
+    replog::replica::scrub::scrub_replica(&replicas, "vm1", u64::MAX).expect("scrub");
+    // The source's copy of `x` rots too, in its journal.
+    let mut flipped = 0;
+    for e in std::fs::read_dir(src.join("machines/vm1/journal")).expect("journal") {
+        let path = e.expect("entry").path();
+        let mut seg = std::fs::read(&path).expect("segment");
+        if let Some(i) = seg.windows(64).position(|w| w == &x[..64]) {
+            seg[i + 100] ^= 0x10;
+            std::fs::write(&path, &seg).expect("flip");
+            flipped += 1;
+        }
+    }
+    assert_eq!(
+        flipped, 1,
+        "x is not in one segment of the source's journal"
+    );
+
+    let target = S3Target::start(&dst, &addr, &[]);
+    let served = Served::start(&src, &mnt, &[]);
+    let st = wait_for(&src, "refused as lost at the target", |m| {
+        m["reason"].as_str().unwrap_or("").contains("lost them too")
+    });
+    assert_eq!(st["machines"][0]["health"], "critical", "{st}");
+    let listed = run_ok(replog().arg("accept-loss").arg(&dst).arg("vm1"));
+    assert!(listed.contains("disk 0 (os) bytes 0..262144"), "{listed}");
+    let again = run_ok(replog().arg("accept-loss").arg(&dst).arg("vm1"));
+    assert_eq!(listed, again, "listing changed what is listed");
+    let done = run_ok(
+        replog()
+            .arg("accept-loss")
+            .arg(&dst)
+            .arg("vm1")
+            .args(["--yes", "--json"]),
+    );
+    let done: serde_json::Value = serde_json::from_str(done.trim()).expect("json");
+    assert_eq!(done["given_up"], true, "{done}");
+    assert_eq!(done["ranges"][0]["start"], 0, "{done}");
+    assert!(
+        target.log_text().contains("an operator gave up"),
+        "the target's serve did not carry it out:\n{}",
+        target.log_text()
+    );
+    let job = done["job"].as_str().expect("job").to_string();
+    let shown = run_ok(replog().arg("jobs").arg(&dst).arg(&job));
+    assert!(shown.contains("accept-loss"), "{shown}");
+    // Nothing is listed any more.
+    let after = replog()
+        .arg("accept-loss")
+        .arg(&dst)
+        .arg("vm1")
+        .output()
+        .expect("run");
+    let said = String::from_utf8_lossy(&after.stderr);
+    assert!(
+        !after.status.success() && said.contains("lists no lost ranges"),
+        "{said}"
+    );
+    let out = run_ok(replog().arg("resync").arg(&src).arg("vm1").arg("--now"));
+    assert!(out.contains("starts again"), "{out}");
+    caught_up(&src);
+    let os = served.disk("os");
+    let disk = read_all(&os);
+    assert!(
+        disk[65_536..65_536 + 8192].iter().all(|b| *b == 0),
+        "x is not the zeroes given up"
+    );
+    assert_eq!(
+        &disk[1 << 20..(1 << 20) + 4096],
+        &y[..],
+        "y, outside the lost chunk, changed"
+    );
+    assert!(restore_os(&dst, "latest", &tmp.path().join("r")) == disk);
+    assert!(served.stop().success());
+}
