@@ -408,3 +408,78 @@ fn segments_read_into_reused_buffers_are_their_bytes_and_damage_is_refused() {
     std::fs::write(&file2, &good).expect("mend");
     assert_eq!(&r.read_segment(2).expect("mended")[..], &segs[1][..]);
 }
+
+/// `Target::with_store` on a replica no session holds (what `accept-loss` through a
+/// serve that received nothing since it started does) makes the replica's slot and
+/// runs under that slot's lock, not the table's: another machine's store is reached
+/// while it runs, and the slot it made is the one used after.
+#[test]
+fn with_store_on_a_replica_no_session_holds_keeps_other_machines_free() {
+    use replog::replication::receiver::Target;
+    use std::sync::mpsc::channel;
+    use std::time::Duration;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let site = tmp.path().join("target");
+    let replicas = replog::replica::store::Replicas::with_key(&site, key(&site));
+    for (name, id) in [("vm1", 1u64), ("vm2", 2)] {
+        let manifest = ReplicaManifest {
+            source_site: [1u8; 32],
+            machine_id: id,
+            disks: vec![DiskEntry {
+                id: 0,
+                name: "os".into(),
+                size: 1 << 20,
+            }],
+            base_lsn: 0,
+            base_seq: 0,
+            generation: 1,
+        };
+        replicas
+            .create(name, manifest, Default::default())
+            .expect("create replica");
+    }
+    let target = Arc::new(Target::new(replog::identity::SiteId([9; 32]), replicas));
+    let (inside_tx, inside_rx) = channel();
+    let (release_tx, release_rx) = channel::<()>();
+    let held = {
+        let target = target.clone();
+        std::thread::spawn(move || {
+            target.with_store("vm1", |store| {
+                inside_tx.send(store.manifest().machine_id).expect("send");
+                release_rx.recv().expect("released");
+                Ok(())
+            })
+        })
+    };
+    assert_eq!(inside_rx.recv().expect("inside"), 1);
+    let (done_tx, done_rx) = channel();
+    {
+        let target = target.clone();
+        std::thread::spawn(move || {
+            let id = target.with_store("vm2", |store| Ok(store.manifest().machine_id));
+            let _ = done_tx.send(id);
+        });
+    }
+    // A liveness check, not a timing one: with the table locked across vm1's call,
+    // vm2's would wait until vm1's is released, which comes only after this.
+    let other = done_rx.recv_timeout(Duration::from_secs(120));
+    release_tx.send(()).expect("release");
+    held.join().expect("join").expect("vm1");
+    assert_eq!(
+        other
+            .expect("vm2's store waited for vm1's call")
+            .expect("vm2"),
+        2
+    );
+    // The slot made for vm1 stays (a session coming now gets it): a second call runs.
+    assert_eq!(
+        target
+            .with_store("vm1", |store| Ok(store.manifest().machine_id))
+            .expect("vm1 again"),
+        1
+    );
+    assert!(
+        target.with_store("vm3", |_| Ok(())).is_err(),
+        "no replica of vm3"
+    );
+}

@@ -263,16 +263,17 @@ impl Target {
         }
     }
 
-    /// Run `f` on `machine`'s replica store with no session writing it meanwhile:
-    /// the store a session holds, under its lock, or one opened under the lock on the
-    /// table of stores (so no session opens it before `f` ends).
+    /// Run `f` on `machine`'s replica store with no session writing it meanwhile,
+    /// under the lock of its slot in the table of stores: the slot a session made, or
+    /// one made here the way a session makes it (so a session that comes meanwhile
+    /// waits for `f` on that slot, and sessions of other machines do not wait).
     pub fn with_store<T>(
         &self,
         machine: &str,
         f: impl FnOnce(&ReplicaStore) -> crate::error::Result<T>,
     ) -> crate::error::Result<T> {
         loop {
-            let stores = self.stores.lock();
+            let mut stores = self.stores.lock();
             match stores.get(machine).cloned() {
                 Some(slot) => {
                     drop(stores);
@@ -288,7 +289,18 @@ impl Target {
                         return f(&store);
                     }
                 }
-                None => return f(&self.replicas.open_readonly(machine)?),
+                None => {
+                    let slot = Arc::new(Slot {
+                        store: Mutex::new(self.replicas.open(machine)?),
+                        owner: AtomicU64::new(0),
+                    });
+                    // Locked before anyone can see it: nobody waits on it yet, so the
+                    // table's lock is not held while waiting for a slot's.
+                    let store = slot.store.lock();
+                    stores.insert(machine.to_string(), slot.clone());
+                    drop(stores);
+                    return f(&store);
+                }
             }
         }
     }
