@@ -289,6 +289,12 @@ impl Target {
                         return f(&store);
                     }
                 }
+                // A machine of this site (promoted here) gets no sessions, and its
+                // replica is not opened for receiving.
+                None if self.machine_here(machine).is_some() => {
+                    drop(stores);
+                    return f(&self.replicas.open_readonly(machine)?);
+                }
                 None => {
                     let slot = Arc::new(Slot {
                         store: Mutex::new(self.replicas.open(machine)?),
@@ -344,14 +350,22 @@ impl Target {
 
     /// Machine `machine` is a machine of this site (promoted here, or its own):
     /// refused — fenced when this site's generation is newer than the sender's.
+    /// The directory of `machine` if it is a machine of this site (promoted here).
+    fn machine_here(&self, machine: &str) -> Option<std::path::PathBuf> {
+        let dir = self
+            .site
+            .as_ref()?
+            .join(crate::site::MACHINES_DIR)
+            .join(machine);
+        dir.join(crate::volume::MANIFEST_FILE)
+            .exists()
+            .then_some(dir)
+    }
+
     fn check_not_a_machine_here(&self, machine: &str, generation: u32) -> Result<(), Refusal> {
-        let Some(site) = &self.site else {
+        let Some(dir) = self.machine_here(machine) else {
             return Ok(());
         };
-        let dir = site.join(crate::site::MACHINES_DIR).join(machine);
-        if !dir.join(crate::volume::MANIFEST_FILE).exists() {
-            return Ok(());
-        }
         let m = crate::volume::Machine::read_manifest(&crate::storage::FileStorage, &dir)
             .map_err(refusal)?;
         if m.generation > generation {
