@@ -395,9 +395,28 @@ fn damage_at_both_ends_given_up(through_serve: bool) {
     );
     assert!(!dst.join("replicas/vm1/dropped").exists());
     let _started_again = target.is_none().then(|| TargetServe::start(&dst, &addr));
+    // Paused while stopped: the loop started again in its place starts paused.
+    let ask = |req| {
+        replog::control::request(&src, &req)
+            .expect("control socket")
+            .expect("the source's serve")
+    };
+    let machine = || "vm1".to_string();
+    assert!(ask(replog::control::Request::PauseShipping { machine: machine() }).ok);
     // The source's stopped loop starts again on an operator's resync.
     let out = run_ok(replog().arg("resync").arg(&src).arg("vm1").arg("--now"));
-    assert!(out.contains("starts again"), "{out}");
+    assert!(
+        out.contains("starts again") && out.contains("paused as the stopped one was"),
+        "{out}"
+    );
+    let st = wait_for(&src, "the new loop paused", |m| {
+        m["reason"].as_str().unwrap_or("").contains("is paused")
+    });
+    assert!(
+        st["machines"][0]["resync"].is_null(),
+        "resynced while paused: {st}"
+    );
+    assert!(ask(replog::control::Request::ResumeShipping { machine: machine() }).ok);
     wait_caught_up(&src, "resynced after the loss was accepted");
     let os = open_disk(&served, "os");
     let mut got = vec![0u8; 8192];

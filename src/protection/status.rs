@@ -188,6 +188,8 @@ pub struct ShipView {
     pub target: String,
     pub resync: Option<ResyncCounters>,
     pub reprotect: Option<ReprotectCounters>,
+    /// An operator paused shipping (the reason says so).
+    pub paused: bool,
 }
 
 /// What is known about a primary (or test copy) machine.
@@ -352,9 +354,10 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
     }
     if let Some(p) = &j.poisoned {
         // What stopped the loop as well, when it says more than the damage (a mend the
-        // target refused names what the operator can do).
+        // target refused names what the operator can do), or that it is paused.
         let loop_reason = std::mem::take(&mut st.reason);
-        st.reason = if st.health == Health::Critical
+        let paused = f.ship.is_some_and(|l| l.paused);
+        st.reason = if (st.health == Health::Critical || paused)
             && !loop_reason.is_empty()
             && !loop_reason.contains(p.as_str())
         {

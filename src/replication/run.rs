@@ -41,6 +41,9 @@ pub struct ShipLoop {
     /// What stopped the loop, once a Critical error did (`park`): it ships nothing
     /// until serve stops or an operator's `resync --now` replaces it.
     parked: Arc<Mutex<Option<crate::error::Failure>>>,
+    /// Whether an operator paused it (and has not resumed it): kept by the command
+    /// handles, so that a loop started again in a stopped one's place starts paused.
+    paused: Arc<AtomicBool>,
 }
 
 /// What the loop answers a ship request with: the LSN the target acknowledged, or
@@ -183,14 +186,16 @@ impl Control {
 pub type FailoverRequestFn = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl ShipLoop {
-    /// Start the loop; `on_failover_request` begins a planned failover when the target
-    /// asks for one (serve's registry; without it such a request is retried).
+    /// Start the loop (`paused`: as if paused before its first pass);
+    /// `on_failover_request` begins a planned failover when the target asks for one
+    /// (serve's registry; without it such a request is retried).
     pub fn spawn(
         site: PathBuf,
         machine: Arc<Machine>,
         rel: Relationship,
         cfg: ReplicationConfig,
         on_failover_request: Option<FailoverRequestFn>,
+        paused: bool,
     ) -> ShipLoop {
         let stop = Arc::new(AtomicBool::new(false));
         let status = Arc::new(Mutex::new(LoopStatus {
@@ -202,6 +207,7 @@ impl ShipLoop {
             target: rel.target.clone(),
             resync: None,
             reprotect: None,
+            paused,
         }));
         // The shipper (and with it the watermark hold) exists before this returns:
         // from now on nothing the target lacks can be merged away.
@@ -220,7 +226,7 @@ impl ShipLoop {
         let control = Control {
             parked: parked.clone(),
             rx,
-            paused: false,
+            paused,
             waiting: Vec::new(),
             promote: None,
             // A planned failover a process that died began: the first contact tells
@@ -243,6 +249,7 @@ impl ShipLoop {
             status,
             commands,
             parked,
+            paused: Arc::new(AtomicBool::new(paused)),
         }
     }
 
@@ -251,11 +258,17 @@ impl ShipLoop {
         self.parked.lock().clone()
     }
 
+    /// Whether it was paused (and not resumed since).
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
     /// A handle on the loop's command channel (cheap; usable without holding the
     /// loop).
     pub fn handle(&self) -> ShipHandle {
         ShipHandle {
             commands: self.commands.clone(),
+            paused: self.paused.clone(),
         }
     }
 }
@@ -264,6 +277,7 @@ impl ShipLoop {
 #[derive(Debug, Clone)]
 pub struct ShipHandle {
     commands: Sender<ShipCommand>,
+    paused: Arc<AtomicBool>,
 }
 
 impl ShipHandle {
@@ -320,11 +334,14 @@ impl ShipHandle {
         self.commands
             .send(ShipCommand::Pause(tx))
             .map_err(|_| Error::Busy("the shipping loop has stopped".into()))?;
+        // Sent: the loop pauses when its pass ends, whether or not that is in time.
+        self.paused.store(true, Ordering::Release);
         rx.recv_timeout(timeout)
             .map_err(|_| Error::Busy("the shipping loop did not pause in time".into()))
     }
 
     pub fn resume(&self) {
+        self.paused.store(false, Ordering::Release);
         let _ = self.commands.send(ShipCommand::Resume);
     }
 }
@@ -927,10 +944,12 @@ fn run(
             control.failed("shipping is paused");
             let mut s = status.lock();
             s.reason = format!("shipping to {} is paused", rel.target);
+            s.paused = true;
             drop(s);
             control.wait(&stop, Duration::from_millis(50), &machine);
             continue;
         }
+        status.lock().paused = false;
         // A resync required: wait for the window (or --now), then run it.
         let pending = match SourceResync::load(&site, &name) {
             Ok(p) => p,

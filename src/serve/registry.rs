@@ -284,7 +284,7 @@ impl Registry {
         }
         let ship = rel
             .filter(|_| !failed_over)
-            .map(|rel| self.ship_loop(&m, rel));
+            .map(|rel| self.ship_loop(&m, rel, false));
         drop(early); // the shipping loop holds the watermark now
         self.tree.add_machine(&m)?;
         tracing::info!(
@@ -301,7 +301,7 @@ impl Registry {
         Ok(())
     }
 
-    fn ship_loop(&self, m: &Arc<Machine>, rel: Relationship) -> ShipLoop {
+    fn ship_loop(&self, m: &Arc<Machine>, rel: Relationship, paused: bool) -> ShipLoop {
         tracing::info!(machine = m.name(), "protecting toward {}", rel.target);
         ShipLoop::spawn(
             self.path().to_path_buf(),
@@ -309,6 +309,7 @@ impl Registry {
             rel,
             self.config.replication.clone(),
             Some(self.on_failover_request()),
+            paused,
         )
     }
 
@@ -761,15 +762,18 @@ impl Registry {
         let Some(rel) = Relationship::load(self.path(), machine)? else {
             return Ok(None);
         };
-        let (m, why) = {
+        let (m, why, paused) = {
             let machines = self.machines.lock();
             let Some(entry) = machines.get(machine) else {
                 return Ok(None);
             };
-            let Some(why) = entry.ship.as_ref().and_then(ShipLoop::parked) else {
+            let Some(old) = entry.ship.as_ref() else {
                 return Ok(None);
             };
-            (entry.machine.clone(), why)
+            let Some(why) = old.parked() else {
+                return Ok(None);
+            };
+            (entry.machine.clone(), why, old.paused())
         };
         let fenced = why.code == Some(crate::replication::protocol::RefusalCode::Fenced);
         if fenced || m.fenced().is_some() || m.failed_over() {
@@ -781,7 +785,8 @@ impl Registry {
         }
         // Built with only `changing` held (the new shipper may wait for a merge in
         // progress before it holds the journal): nobody else replaces the entry's loop.
-        let new = self.ship_loop(&m, rel);
+        // A pause the operator sent the stopped loop holds for the new one.
+        let new = self.ship_loop(&m, rel, paused);
         let old = match self.machines.lock().get_mut(machine) {
             Some(entry) => entry.ship.replace(new),
             None => {
@@ -798,8 +803,13 @@ impl Registry {
             old.stop();
         }
         Ok(Some(format!(
-            "{machine}: its shipping loop, stopped by \"{}\", starts again",
-            why.message
+            "{machine}: its shipping loop, stopped by \"{}\", starts again{}",
+            why.message,
+            if paused {
+                ", paused as the stopped one was: it resynchronises once shipping is resumed"
+            } else {
+                ""
+            }
         )))
     }
 
@@ -811,7 +821,7 @@ impl Registry {
             .get_mut(machine)
             .ok_or_else(|| Error::NotFound(format!("this site has no open machine {machine}")))?;
         if entry.ship.is_none() {
-            entry.ship = Some(self.ship_loop(&entry.machine, rel.clone()));
+            entry.ship = Some(self.ship_loop(&entry.machine, rel.clone(), false));
         }
         Ok(Reply::done(format!(
             "{machine} is protected toward {}; initial replication has started",
