@@ -409,22 +409,14 @@ fn segments_read_into_reused_buffers_are_their_bytes_and_damage_is_refused() {
     assert_eq!(&r.read_segment(2).expect("mended")[..], &segs[1][..]);
 }
 
-/// `Target::with_store` on a replica no session holds (what `accept-loss` through a
-/// serve that received nothing since it started does) makes the replica's slot and
-/// runs under that slot's lock, not the table's: another machine's store is reached
-/// while it runs, and the slot it made is the one used after.
-#[test]
-fn with_store_on_a_replica_no_session_holds_keeps_other_machines_free() {
-    use replog::replication::receiver::Target;
-    use std::sync::mpsc::channel;
-    use std::time::Duration;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let site = tmp.path().join("target");
-    let replicas = replog::replica::store::Replicas::with_key(&site, key(&site));
-    for (name, id) in [("vm1", 1u64), ("vm2", 2)] {
+/// Replicas `names` (machine ids 1, 2, …) at `site`, and a target on them that is
+/// that site.
+fn target_of(site: &Path, names: &[&str]) -> Arc<replog::replication::receiver::Target> {
+    let replicas = replog::replica::store::Replicas::with_key(site, key(site));
+    for (i, name) in names.iter().enumerate() {
         let manifest = ReplicaManifest {
             source_site: [1u8; 32],
-            machine_id: id,
+            machine_id: i as u64 + 1,
             disks: vec![DiskEntry {
                 id: 0,
                 name: "os".into(),
@@ -438,48 +430,90 @@ fn with_store_on_a_replica_no_session_holds_keeps_other_machines_free() {
             .create(name, manifest, Default::default())
             .expect("create replica");
     }
-    let target = Arc::new(Target::new(replog::identity::SiteId([9; 32]), replicas));
+    Arc::new(
+        replog::replication::receiver::Target::new(replog::identity::SiteId([9; 32]), replicas)
+            .at_site(site),
+    )
+}
+
+/// While a `with_store` call on `held` waits inside, does one on `other` run within
+/// `wait`? Its machine id, or None if it did not. A call that waits for the held one
+/// can only end after this gives up and releases it.
+fn runs_beside(
+    target: &Arc<replog::replication::receiver::Target>,
+    held: &str,
+    other: &str,
+    wait: std::time::Duration,
+) -> Option<u64> {
+    use std::sync::mpsc::channel;
     let (inside_tx, inside_rx) = channel();
     let (release_tx, release_rx) = channel::<()>();
-    let held = {
-        let target = target.clone();
+    let holder = {
+        let (target, held) = (target.clone(), held.to_string());
         std::thread::spawn(move || {
-            target.with_store("vm1", |store| {
-                inside_tx.send(store.manifest().machine_id).expect("send");
+            target.with_store(&held, |_| {
+                inside_tx.send(()).expect("send");
                 release_rx.recv().expect("released");
                 Ok(())
             })
         })
     };
-    assert_eq!(inside_rx.recv().expect("inside"), 1);
+    inside_rx.recv().expect("inside");
     let (done_tx, done_rx) = channel();
     {
-        let target = target.clone();
+        let (target, other) = (target.clone(), other.to_string());
         std::thread::spawn(move || {
-            let id = target.with_store("vm2", |store| Ok(store.manifest().machine_id));
+            let id = target.with_store(&other, |store| Ok(store.manifest().machine_id));
             let _ = done_tx.send(id);
         });
     }
-    // A liveness check, not a timing one: with the table locked across vm1's call,
-    // vm2's would wait until vm1's is released, which comes only after this.
-    let other = done_rx.recv_timeout(Duration::from_secs(120));
+    let got = done_rx.recv_timeout(wait);
     release_tx.send(()).expect("release");
-    held.join().expect("join").expect("vm1");
+    holder.join().expect("join").expect("the held call");
+    got.ok().map(|id| id.expect("the other call"))
+}
+
+/// `Target::with_store` on a replica no session holds (what `accept-loss` through a
+/// serve that received nothing since it started does) makes the replica's slot and
+/// runs under that slot's lock, not the table's: another machine's store is reached
+/// while it runs; the same machine's is not (one writer of a store at a time).
+#[test]
+fn with_store_on_a_replica_no_session_holds_keeps_other_machines_free() {
+    use std::time::Duration;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let target = target_of(&tmp.path().join("target"), &["vm1", "vm2"]);
+    // A liveness check, not a timing one: 120 s is only how long to wait for a
+    // call that would otherwise wait for ever.
     assert_eq!(
-        other
-            .expect("vm2's store waited for vm1's call")
-            .expect("vm2"),
-        2
+        runs_beside(&target, "vm1", "vm2", Duration::from_secs(120)),
+        Some(2),
+        "vm2's store waited for vm1's call"
     );
-    // The slot made for vm1 stays (a session coming now gets it): a second call runs.
+    // The other way round, a call that runs at once where it should wait is caught
+    // (a slow machine can only make this pass, never fail).
     assert_eq!(
-        target
-            .with_store("vm1", |store| Ok(store.manifest().machine_id))
-            .expect("vm1 again"),
-        1
+        runs_beside(&target, "vm1", "vm1", Duration::from_secs(2)),
+        None,
+        "two calls on vm1 at once"
     );
     assert!(
         target.with_store("vm3", |_| Ok(())).is_err(),
         "no replica of vm3"
+    );
+}
+
+/// A machine of this site (promoted here) is given no receiving slot: its replica is
+/// read as it is, by as many calls as come.
+#[test]
+fn with_store_on_a_machine_of_this_site_reads_its_replica_without_a_slot() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let site = tmp.path().join("target");
+    let target = target_of(&site, &["vm1"]);
+    let dir = site.join("machines/vm1");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join(replog::volume::MANIFEST_FILE), b"a machine here").expect("manifest");
+    assert_eq!(
+        runs_beside(&target, "vm1", "vm1", std::time::Duration::from_secs(120)),
+        Some(1)
     );
 }

@@ -188,7 +188,8 @@ pub struct ShipView {
     pub target: String,
     pub resync: Option<ResyncCounters>,
     pub reprotect: Option<ReprotectCounters>,
-    /// An operator paused shipping (the reason says so).
+    /// An operator paused shipping (`ShipLoop::view` sets it: the loop's own status
+    /// says so only once a pass has seen it).
     pub paused: bool,
 }
 
@@ -354,17 +355,22 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
     }
     if let Some(p) = &j.poisoned {
         // What stopped the loop as well, when it says more than the damage (a mend the
-        // target refused names what the operator can do), or that it is paused.
+        // target refused names what the operator can do), and that shipping is paused.
         let loop_reason = std::mem::take(&mut st.reason);
-        let paused = f.ship.is_some_and(|l| l.paused);
-        st.reason = if (st.health == Health::Critical || paused)
+        let mut reason = p.clone();
+        if st.health == Health::Critical
             && !loop_reason.is_empty()
             && !loop_reason.contains(p.as_str())
         {
-            format!("{p}; {loop_reason}")
-        } else {
-            p.clone()
-        };
+            reason = format!("{reason}; {loop_reason}");
+        }
+        if let Some(l) = f.ship.filter(|l| l.paused) {
+            reason = format!("{reason}; shipping to {} is paused", l.target);
+            if f.resync.is_some() {
+                st.state = State::ResyncRequired;
+            }
+        }
+        st.reason = reason;
         st.health = Health::Critical;
     }
     st

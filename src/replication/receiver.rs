@@ -272,6 +272,12 @@ impl Target {
         machine: &str,
         f: impl FnOnce(&ReplicaStore) -> crate::error::Result<T>,
     ) -> crate::error::Result<T> {
+        // A machine of this site (promoted here) gets no sessions, and its replica is
+        // not opened for receiving (nor is a slot cached from before the promotion
+        // used).
+        if self.machine_here(machine).is_some() {
+            return f(&self.replicas.open_readonly(machine)?);
+        }
         loop {
             let mut stores = self.stores.lock();
             match stores.get(machine).cloned() {
@@ -288,12 +294,6 @@ impl Target {
                     if current {
                         return f(&store);
                     }
-                }
-                // A machine of this site (promoted here) gets no sessions, and its
-                // replica is not opened for receiving.
-                None if self.machine_here(machine).is_some() => {
-                    drop(stores);
-                    return f(&self.replicas.open_readonly(machine)?);
                 }
                 None => {
                     let slot = Arc::new(Slot {
@@ -348,9 +348,8 @@ impl Target {
         self
     }
 
-    /// Machine `machine` is a machine of this site (promoted here, or its own):
-    /// refused — fenced when this site's generation is newer than the sender's.
-    /// The directory of `machine` if it is a machine of this site (promoted here).
+    /// The directory of `machine` if it is a machine of this site (promoted here, or
+    /// its own).
     fn machine_here(&self, machine: &str) -> Option<std::path::PathBuf> {
         let dir = self
             .site
@@ -362,6 +361,8 @@ impl Target {
             .then_some(dir)
     }
 
+    /// Machine `machine` is a machine of this site (promoted here, or its own):
+    /// refused — fenced when this site's generation is newer than the sender's.
     fn check_not_a_machine_here(&self, machine: &str, generation: u32) -> Result<(), Refusal> {
         let Some(dir) = self.machine_here(machine) else {
             return Ok(());

@@ -41,10 +41,14 @@ pub struct ShipLoop {
     /// What stopped the loop, once a Critical error did (`park`): it ships nothing
     /// until serve stops or an operator's `resync --now` replaces it.
     parked: Arc<Mutex<Option<crate::error::Failure>>>,
-    /// Whether an operator paused it (and has not resumed it): kept by the command
-    /// handles, so that a loop started again in a stopped one's place starts paused.
-    paused: Arc<AtomicBool>,
+    /// Whether an operator paused it (and has not resumed it since): set by the
+    /// command handles, read by the loop before each pass; a loop started again in a
+    /// stopped one's place shares the stopped one's flag.
+    paused: PauseFlag,
 }
+
+/// Whether shipping is paused: the one place it is kept (see [`ShipLoop::spawn`]).
+pub type PauseFlag = Arc<AtomicBool>;
 
 /// What the loop answers a ship request with: the LSN the target acknowledged, or
 /// why it could not (with the error's class, so a fenced or refused machine is not
@@ -69,7 +73,7 @@ pub enum ShipCommand {
 /// The loop's side of the command channel.
 struct Control {
     rx: Receiver<ShipCommand>,
-    paused: bool,
+    paused: PauseFlag,
     /// Ship requests: the LSN each must see acknowledged, and where to answer.
     waiting: Vec<(u64, Sender<ShipAnswer>)>,
     /// A promotion to ask the target for.
@@ -94,11 +98,12 @@ impl Control {
     fn take(&mut self, c: ShipCommand, machine: &Machine) {
         match c {
             ShipCommand::ShipNow(tx) => self.waiting.push((machine.status().last_lsn, tx)),
+            // The handle set or cleared the flag before it sent these: one answers
+            // when the pass in progress has ended, the other wakes a waiting loop.
             ShipCommand::Pause(tx) => {
-                self.paused = true;
                 let _ = tx.send(());
             }
-            ShipCommand::Resume => self.paused = false,
+            ShipCommand::Resume => {}
             ShipCommand::Promote(lsn, g, tx) => self.promote = Some((lsn, g, tx)),
         }
     }
@@ -186,16 +191,18 @@ impl Control {
 pub type FailoverRequestFn = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl ShipLoop {
-    /// Start the loop (`paused`: as if paused before its first pass);
-    /// `on_failover_request` begins a planned failover when the target asks for one
-    /// (serve's registry; without it such a request is retried).
+    /// Start the loop, paused whenever `paused` is set (before its first pass too: a
+    /// loop started in a stopped one's place is given that one's flag, so a pause or
+    /// resume sent to either holds for both); `on_failover_request` begins a planned
+    /// failover when the target asks for one (serve's registry; without it such a
+    /// request is retried).
     pub fn spawn(
         site: PathBuf,
         machine: Arc<Machine>,
         rel: Relationship,
         cfg: ReplicationConfig,
         on_failover_request: Option<FailoverRequestFn>,
-        paused: bool,
+        paused: PauseFlag,
     ) -> ShipLoop {
         let stop = Arc::new(AtomicBool::new(false));
         let status = Arc::new(Mutex::new(LoopStatus {
@@ -207,7 +214,7 @@ impl ShipLoop {
             target: rel.target.clone(),
             resync: None,
             reprotect: None,
-            paused,
+            paused: false,
         }));
         // The shipper (and with it the watermark hold) exists before this returns:
         // from now on nothing the target lacks can be merged away.
@@ -226,7 +233,7 @@ impl ShipLoop {
         let control = Control {
             parked: parked.clone(),
             rx,
-            paused,
+            paused: paused.clone(),
             waiting: Vec::new(),
             promote: None,
             // A planned failover a process that died began: the first contact tells
@@ -249,7 +256,7 @@ impl ShipLoop {
             status,
             commands,
             parked,
-            paused: Arc::new(AtomicBool::new(paused)),
+            paused,
         }
     }
 
@@ -258,9 +265,16 @@ impl ShipLoop {
         self.parked.lock().clone()
     }
 
-    /// Whether it was paused (and not resumed since).
-    pub fn paused(&self) -> bool {
-        self.paused.load(Ordering::Acquire)
+    /// Its pause flag (to hand to a loop started in its place).
+    pub fn pause_flag(&self) -> PauseFlag {
+        self.paused.clone()
+    }
+
+    /// Its status for `replog status`, with whether it is paused (stopped or not).
+    pub fn view(&self) -> LoopStatus {
+        let mut v = self.status.lock().clone();
+        v.paused = self.paused.load(Ordering::Acquire);
+        v
     }
 
     /// A handle on the loop's command channel (cheap; usable without holding the
@@ -277,7 +291,7 @@ impl ShipLoop {
 #[derive(Debug, Clone)]
 pub struct ShipHandle {
     commands: Sender<ShipCommand>,
-    paused: Arc<AtomicBool>,
+    paused: PauseFlag,
 }
 
 impl ShipHandle {
@@ -330,12 +344,13 @@ impl ShipHandle {
     /// Stop shipping until [`ShipLoop::resume`]; returns once the pass in progress
     /// has ended.
     pub fn pause(&self, timeout: Duration) -> crate::error::Result<()> {
+        // Set first: the loop pauses when its pass ends, whether or not the answer
+        // comes in time.
+        self.paused.store(true, Ordering::Release);
         let (tx, rx) = crossbeam::channel::bounded(1);
         self.commands
             .send(ShipCommand::Pause(tx))
             .map_err(|_| Error::Busy("the shipping loop has stopped".into()))?;
-        // Sent: the loop pauses when its pass ends, whether or not that is in time.
-        self.paused.store(true, Ordering::Release);
         rx.recv_timeout(timeout)
             .map_err(|_| Error::Busy("the shipping loop did not pause in time".into()))
     }
@@ -940,16 +955,14 @@ fn run(
             let _ = tx.send(outcome);
             continue;
         }
-        if control.paused {
+        if control.paused.load(Ordering::Acquire) {
             control.failed("shipping is paused");
             let mut s = status.lock();
             s.reason = format!("shipping to {} is paused", rel.target);
-            s.paused = true;
             drop(s);
             control.wait(&stop, Duration::from_millis(50), &machine);
             continue;
         }
-        status.lock().paused = false;
         // A resync required: wait for the window (or --now), then run it.
         let pending = match SourceResync::load(&site, &name) {
             Ok(p) => p,

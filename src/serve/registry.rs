@@ -284,7 +284,7 @@ impl Registry {
         }
         let ship = rel
             .filter(|_| !failed_over)
-            .map(|rel| self.ship_loop(&m, rel, false));
+            .map(|rel| self.ship_loop(&m, rel, Default::default()));
         drop(early); // the shipping loop holds the watermark now
         self.tree.add_machine(&m)?;
         tracing::info!(
@@ -301,7 +301,12 @@ impl Registry {
         Ok(())
     }
 
-    fn ship_loop(&self, m: &Arc<Machine>, rel: Relationship, paused: bool) -> ShipLoop {
+    fn ship_loop(
+        &self,
+        m: &Arc<Machine>,
+        rel: Relationship,
+        paused: crate::replication::run::PauseFlag,
+    ) -> ShipLoop {
         tracing::info!(machine = m.name(), "protecting toward {}", rel.target);
         ShipLoop::spawn(
             self.path().to_path_buf(),
@@ -618,7 +623,7 @@ impl Registry {
         {
             let machines = self.machines.lock();
             for (name, e) in machines.iter() {
-                let ship = e.ship.as_ref().map(|l| l.status.lock().clone());
+                let ship = e.ship.as_ref().map(ShipLoop::view);
                 // Lag: the age of the oldest write the target lacks.
                 let lag = ship.as_ref().map(|l| {
                     self.lsn_seen
@@ -773,7 +778,7 @@ impl Registry {
             let Some(why) = old.parked() else {
                 return Ok(None);
             };
-            (entry.machine.clone(), why, old.paused())
+            (entry.machine.clone(), why, old.pause_flag())
         };
         let fenced = why.code == Some(crate::replication::protocol::RefusalCode::Fenced);
         if fenced || m.fenced().is_some() || m.failed_over() {
@@ -785,8 +790,9 @@ impl Registry {
         }
         // Built with only `changing` held (the new shipper may wait for a merge in
         // progress before it holds the journal): nobody else replaces the entry's loop.
-        // A pause the operator sent the stopped loop holds for the new one.
-        let new = self.ship_loop(&m, rel, paused);
+        // The new loop shares the stopped one's pause flag: a pause the operator sent
+        // the stopped loop, or sends either meanwhile, holds for the new one.
+        let new = self.ship_loop(&m, rel, paused.clone());
         let old = match self.machines.lock().get_mut(machine) {
             Some(entry) => entry.ship.replace(new),
             None => {
@@ -805,7 +811,7 @@ impl Registry {
         Ok(Some(format!(
             "{machine}: its shipping loop, stopped by \"{}\", starts again{}",
             why.message,
-            if paused {
+            if paused.load(std::sync::atomic::Ordering::Acquire) {
                 ", paused as the stopped one was: it resynchronises once shipping is resumed"
             } else {
                 ""
@@ -821,7 +827,7 @@ impl Registry {
             .get_mut(machine)
             .ok_or_else(|| Error::NotFound(format!("this site has no open machine {machine}")))?;
         if entry.ship.is_none() {
-            entry.ship = Some(self.ship_loop(&entry.machine, rel.clone(), false));
+            entry.ship = Some(self.ship_loop(&entry.machine, rel.clone(), Default::default()));
         }
         Ok(Reply::done(format!(
             "{machine} is protected toward {}; initial replication has started",
