@@ -322,22 +322,10 @@ fn damage_at_both_ends_given_up(through_serve: bool) {
     std::fs::write(&chunk, &bytes).expect("damage");
     replog::replica::scrub::scrub_replica(&replicas, "vm1", u64::MAX).expect("scrub");
     // The source's copy of `x` rots too, in its journal.
-    let journal = src.join("machines/vm1/journal");
-    let mut flipped = 0;
-    for e in std::fs::read_dir(&journal).expect("journal") {
-        let path = e.expect("entry").path();
-        let mut seg = std::fs::read(&path).expect("segment");
-        if let Some(i) = seg.windows(64).position(|w| w == &x[..64]) {
-            seg[i + 100] ^= 0x10;
-            std::fs::write(&path, &seg).expect("flip");
-            flipped += 1;
-        }
-    }
     assert_eq!(
-        flipped,
+        rot_in_journal(&src, &x),
         1,
-        "x is not in one segment of {}",
-        journal.display()
+        "x is not in one segment of the source's journal"
     );
 
     let mut target = Some(TargetServe::start(&dst, &addr));
@@ -377,22 +365,7 @@ fn damage_at_both_ends_given_up(through_serve: bool) {
     if !through_serve {
         drop(target.take());
     }
-    let done = run_ok(
-        replog()
-            .arg("accept-loss")
-            .arg(&dst)
-            .arg("vm1")
-            .args(["--yes", "--json"]),
-    );
-    let done: serde_json::Value = serde_json::from_str(done.trim()).expect("json");
-    assert_eq!(done["given_up"], true, "{done}");
-    assert_eq!(done["ranges"][0]["start"], 0, "{done}");
-    let job = done["job"].as_str().expect("job").to_string();
-    let shown = run_ok(replog().arg("jobs").arg(&dst).arg(&job));
-    assert!(
-        shown.contains("accept-loss") && shown.contains("bytes given up"),
-        "{shown}"
-    );
+    accept_loss_yes(&dst);
     assert!(!dst.join("replicas/vm1/dropped").exists());
     let _started_again = target.is_none().then(|| TargetServe::start(&dst, &addr));
     // Paused while stopped: the loop started again in its place starts paused.

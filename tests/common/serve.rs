@@ -62,6 +62,47 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `replog accept-loss DST vm1 --yes --json`: checks that the ranges were given up,
+/// the first from byte 0, and that `replog jobs` shows the job it names (an
+/// `accept-loss` job that says what was given up). Returns the reply.
+pub fn accept_loss_yes(dst: &Path) -> serde_json::Value {
+    let done = run_ok(
+        replog()
+            .arg("accept-loss")
+            .arg(dst)
+            .arg("vm1")
+            .args(["--yes", "--json"]),
+    );
+    let done: serde_json::Value = serde_json::from_str(done.trim()).expect("json");
+    assert_eq!(done["given_up"], true, "{done}");
+    assert_eq!(done["ranges"][0]["start"], 0, "{done}");
+    let job = done["job"].as_str().expect("job");
+    let shown = run_ok(replog().arg("jobs").arg(dst).arg(job));
+    assert!(
+        shown.contains("accept-loss") && shown.contains("bytes given up"),
+        "{shown}"
+    );
+    done
+}
+
+/// Flip a bit 100 bytes into the first copy of `data` (its first 64 bytes, found in
+/// the segment files) in the journal of machine vm1 at `site`: the source's copy rots.
+/// Returns how many segments held a copy (each is flipped).
+pub fn rot_in_journal(site: &Path, data: &[u8]) -> usize {
+    let journal = site.join("machines/vm1/journal");
+    let mut flipped = 0;
+    for e in std::fs::read_dir(&journal).expect("journal") {
+        let path = e.expect("entry").path();
+        let mut seg = std::fs::read(&path).expect("segment");
+        if let Some(i) = seg.windows(64).position(|w| w == &data[..64]) {
+            seg[i + 100] ^= 0x10;
+            std::fs::write(&path, &seg).expect("flip");
+            flipped += 1;
+        }
+    }
+    flipped
+}
+
 /// A site with machine vm1 and the given disks (name, size).
 pub fn make_site(root: &Path, disks: &[(&str, &str)]) -> PathBuf {
     let site = root.join("site");
