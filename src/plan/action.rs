@@ -12,8 +12,13 @@
 //! the runner; a runner that dies before opening the gate closes the pipe with it,
 //! and the gate exits without running anything. (`Command` cannot hold a child
 //! between fork and exec itself: `spawn` returns only once the exec happened.)
+//!
+//! The program gets the runner's environment with the plan's variables, no more: the
+//! gate unsets what a shell exports of its own ([`SHELL_ADDS`]: dash exports PWD,
+//! bash PWD and SHLVL) where that environment does not have it.
 
 use crate::error::{Error, Result};
+use std::ffi::OsString;
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -124,6 +129,23 @@ impl Started {
 /// program (`$0`, arguments `$@`).
 const GATE: &str = r#"read _ <&3 || exit 125; exec "$0" "$@" 3<&-"#;
 
+/// Variables a POSIX shell may export into what it runs without being asked to; the
+/// gate unsets each one the action's environment does not have.
+const SHELL_ADDS: [&str; 3] = ["PWD", "OLDPWD", "SHLVL"];
+
+/// The gate's script for an action whose whole environment is `env`.
+fn gate_script(env: &[(OsString, OsString)]) -> String {
+    let added: Vec<&str> = SHELL_ADDS
+        .into_iter()
+        .filter(|name| !env.iter().any(|(k, _)| k == name))
+        .collect();
+    if added.is_empty() {
+        GATE.to_string()
+    } else {
+        format!("unset {}; {GATE}", added.join(" "))
+    }
+}
+
 /// An action's process group, its program not started yet: [`Gated::open`] lets it
 /// run; dropped without being opened (an error, a panic), it kills and reaps the
 /// gate.
@@ -146,11 +168,11 @@ impl Drop for Gated {
 }
 
 impl Gated {
-    /// Start the gate of `argv` in a process group of its own, its output into
-    /// `output`.
+    /// Start the gate of `argv` in a process group of its own, with exactly the
+    /// environment `env`, its output into `output`.
     fn spawn(
         argv: &[String],
-        env: &[(String, String)],
+        env: &[(OsString, OsString)],
         output: std::io::PipeWriter,
     ) -> Result<Gated> {
         use std::os::fd::AsRawFd;
@@ -166,9 +188,10 @@ impl Gated {
         let fd = gate_r.as_raw_fd();
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c")
-            .arg(GATE)
+            .arg(gate_script(env))
             .args(argv)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(output)
             .stderr(err_output)
@@ -244,12 +267,26 @@ fn check_program(program: &str) -> Result<()> {
     super::file::executable(p).map_err(refused)
 }
 
-/// Run `argv` with `env` (added to this process's environment), at most `timeout`.
+/// Run `argv` with `env` added to this process's environment, at most `timeout`.
 /// `started` learns the process group before the program runs and records it; the
 /// program runs only if it returns Ok (its error is this function's otherwise).
 pub fn run(
     argv: &[String],
     env: &[(String, String)],
+    timeout: Duration,
+    started: impl FnOnce(Started) -> Result<()>,
+) -> Result<Finished> {
+    let mut whole: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !env.iter().any(|(name, _)| k == name.as_str()))
+        .collect();
+    whole.extend(env.iter().map(|(k, v)| (k.into(), v.into())));
+    run_in(argv, &whole, timeout, started)
+}
+
+/// [`run`] with exactly the environment `env`.
+fn run_in(
+    argv: &[String],
+    env: &[(OsString, OsString)],
     timeout: Duration,
     started: impl FnOnce(Started) -> Result<()>,
 ) -> Result<Finished> {
@@ -372,6 +409,46 @@ mod tests {
         );
         assert!(f.describe().contains("exit code 3"), "{}", f.describe());
         assert!(sh("true", Duration::from_secs(10)).succeeded());
+    }
+
+    #[test]
+    fn the_program_gets_the_environment_it_is_given_and_no_more() {
+        let env = |pairs: &[(&str, &str)]| -> Vec<(OsString, OsString)> {
+            pairs.iter().map(|(k, v)| (k.into(), v.into())).collect()
+        };
+        let printed = |f: Finished| {
+            assert!(f.succeeded(), "{}", f.describe());
+            let mut lines: Vec<String> = f.output.lines().map(str::to_string).collect();
+            lines.sort();
+            lines
+        };
+        let argv = vec!["/usr/bin/env".to_string()];
+        let timeout = Duration::from_secs(10);
+        // No PWD given: the gate's shell exports none (dash would).
+        let f = run_in(
+            &argv,
+            &env(&[("REPLOG_PLAN", "erp"), ("A", "1")]),
+            timeout,
+            |_| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(printed(f), ["A=1", "REPLOG_PLAN=erp"]);
+        // Given, it is kept.
+        let dir = std::env::current_dir().unwrap();
+        let pwd = dir.to_str().unwrap();
+        let f = run_in(
+            &argv,
+            &env(&[("PWD", pwd), ("SHLVL", "7")]),
+            timeout,
+            |_| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(printed(f), [format!("PWD={pwd}"), "SHLVL=7".to_string()]);
+        // `run` adds the plan's variables to this process's own.
+        let f = sh("echo \"$REPLOG_PLAN|$PATH\"", timeout);
+        assert!(f.succeeded(), "{}", f.describe());
+        let path = std::env::var("PATH").unwrap_or_default();
+        assert_eq!(f.output.trim_end(), format!("erp|{path}"));
     }
 
     #[test]
