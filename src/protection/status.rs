@@ -328,6 +328,14 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
                     st.health = level;
                 }
             }
+            // A loop an operator paused says so, stopped or not (a stopped loop's
+            // reason is what stopped it; a loop started paused has not run a pass).
+            if l.paused {
+                say_paused(&mut st.reason, &l.target);
+                if f.resync.is_some() {
+                    st.state = State::ResyncRequired;
+                }
+            }
         }
         (None, Some(r)) => {
             st.state = State::Protected;
@@ -365,15 +373,25 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
             reason = format!("{reason}; {loop_reason}");
         }
         if let Some(l) = f.ship.filter(|l| l.paused) {
-            reason = format!("{reason}; shipping to {} is paused", l.target);
-            if f.resync.is_some() {
-                st.state = State::ResyncRequired;
-            }
+            say_paused(&mut reason, &l.target);
         }
         st.reason = reason;
         st.health = Health::Critical;
     }
     st
+}
+
+/// Add to `reason` that shipping to `target` is paused, unless it says so already.
+fn say_paused(reason: &mut String, target: &str) {
+    let phrase = format!("shipping to {target} is paused");
+    if reason.contains(&phrase) {
+        return;
+    }
+    *reason = if reason.is_empty() {
+        phrase
+    } else {
+        format!("{reason}; {phrase}")
+    };
 }
 
 fn replica(name: &str, f: &ReplicaFacts<'_>) -> MachineStatus {
@@ -540,4 +558,136 @@ pub fn replicas_status(replicas: &crate::replica::store::Replicas) -> Vec<Machin
         }
     }
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn journal(poisoned: Option<&str>) -> JournalStatus {
+        JournalStatus {
+            sealed_segments: 0,
+            journal_bytes: 0,
+            spare_bytes: 0,
+            active_seq: 1,
+            last_lsn: 10,
+            durable_lsn: 10,
+            watermark: Default::default(),
+            index_extents: 0,
+            last_point: None,
+            poisoned: poisoned.map(str::to_string),
+        }
+    }
+
+    fn view(state: State, health: Health, reason: &str, paused: bool) -> ShipView {
+        ShipView {
+            state,
+            health,
+            reason: reason.into(),
+            progress: None,
+            acked_lsn: 0,
+            target: "b:7000".into(),
+            resync: None,
+            reprotect: None,
+            paused,
+        }
+    }
+
+    fn status(
+        j: &JournalStatus,
+        ship: &ShipView,
+        resync: Option<&SourceResync>,
+        failed_over: bool,
+    ) -> MachineStatus {
+        derive(
+            "vm1",
+            &Facts::Primary(PrimaryFacts {
+                role: Role::Primary,
+                generation: 1,
+                journal: j,
+                fenced: None,
+                failed_over,
+                fence: None,
+                relationship: None,
+                resync,
+                ship: Some(ship),
+                lag_seconds: None,
+                serve_running: true,
+                base: None,
+                pending: None,
+            }),
+        )
+    }
+
+    #[test]
+    fn a_paused_loop_says_so_once_whatever_stopped_it() {
+        let pending = SourceResync {
+            reason: "the source's journal is damaged".into(),
+            ..Default::default()
+        };
+        let healthy = journal(None);
+        // Stopped by a Critical error, then paused: both are said.
+        let stopped = view(
+            State::Protected,
+            Health::Critical,
+            "the target refused",
+            true,
+        );
+        let st = status(&healthy, &stopped, None, false);
+        assert_eq!(
+            st.reason, "the target refused; shipping to b:7000 is paused",
+            "{st:?}"
+        );
+        // Started paused in a stopped one's place, a resync pending: not an initial copy.
+        let fresh = view(
+            State::InitialReplication,
+            Health::Warning,
+            "connecting to b:7000",
+            true,
+        );
+        let st = status(&healthy, &fresh, Some(&pending), false);
+        assert_eq!(st.state, State::ResyncRequired, "{st:?}");
+        assert!(
+            st.reason.ends_with("shipping to b:7000 is paused"),
+            "{st:?}"
+        );
+        // A running loop that says it is paused, the journal damaged: said once.
+        let running = view(
+            State::Protected,
+            Health::Critical,
+            "shipping to b:7000 is paused",
+            true,
+        );
+        let st = status(
+            &journal(Some("segment 3 is damaged")),
+            &running,
+            Some(&pending),
+            false,
+        );
+        assert_eq!(st.reason.matches("is paused").count(), 1, "{st:?}");
+        assert!(st.reason.starts_with("segment 3 is damaged"), "{st:?}");
+        assert_eq!(st.health, Health::Critical);
+        // Failed over stays failed over.
+        let st = status(
+            &journal(Some("segment 3 is damaged")),
+            &fresh,
+            Some(&pending),
+            true,
+        );
+        assert_eq!(st.state, State::FailedOver, "{st:?}");
+        // Not paused: nothing is added.
+        let st = status(
+            &healthy,
+            &view(
+                State::Protected,
+                Health::Critical,
+                "the target refused",
+                false,
+            ),
+            None,
+            false,
+        );
+        assert_eq!(st.reason, "the target refused");
+    }
 }

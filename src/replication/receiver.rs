@@ -267,6 +267,9 @@ impl Target {
     /// under the lock of its slot in the table of stores: the slot a session made, or
     /// one made here the way a session makes it (so a session that comes meanwhile
     /// waits for `f` on that slot, and sessions of other machines do not wait).
+    /// Whether `machine` is of this site (promoted here, read without a slot) is
+    /// checked first: the caller keeps a promotion from starting meanwhile (serve's
+    /// registry holds the machine's `changing` lock, as a promotion does).
     pub fn with_store<T>(
         &self,
         machine: &str,

@@ -345,12 +345,14 @@ impl ShipHandle {
     /// has ended.
     pub fn pause(&self, timeout: Duration) -> crate::error::Result<()> {
         // Set first: the loop pauses when its pass ends, whether or not the answer
-        // comes in time.
-        self.paused.store(true, Ordering::Release);
+        // comes in time. A loop that is gone was not told: the flag goes back to what
+        // it was, as the error says.
+        let was = self.paused.swap(true, Ordering::AcqRel);
         let (tx, rx) = crossbeam::channel::bounded(1);
-        self.commands
-            .send(ShipCommand::Pause(tx))
-            .map_err(|_| Error::Busy("the shipping loop has stopped".into()))?;
+        if self.commands.send(ShipCommand::Pause(tx)).is_err() {
+            self.paused.store(was, Ordering::Release);
+            return Err(Error::Busy("the shipping loop has stopped".into()));
+        }
         rx.recv_timeout(timeout)
             .map_err(|_| Error::Busy("the shipping loop did not pause in time".into()))
     }

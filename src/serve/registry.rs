@@ -899,15 +899,22 @@ impl Registry {
                 self.with_ship(machine, |l| l.ship_now(timeout))
                     .map(Reply::at)
             }
-            Request::PauseShipping { machine } => self
-                .with_ship(machine, |l| l.pause(Duration::from_secs(60)))
-                .map(|()| Reply::done(format!("shipping of {machine} paused"))),
-            Request::ResumeShipping { machine } => self
-                .with_ship(machine, |l| {
+            // Under `changing`: a loop `resync --now` starts in a stopped one's place
+            // (`restart_parked`) is not swapped in between finding the loop and
+            // telling it, so the pause reaches the loop that ships from then on.
+            Request::PauseShipping { machine } => {
+                let _one = self.changing.lock(&[machine]);
+                self.with_ship(machine, |l| l.pause(Duration::from_secs(60)))
+                    .map(|()| Reply::done(format!("shipping of {machine} paused")))
+            }
+            Request::ResumeShipping { machine } => {
+                let _one = self.changing.lock(&[machine]);
+                self.with_ship(machine, |l| {
                     l.resume();
                     Ok(())
                 })
-                .map(|()| Reply::done(format!("shipping of {machine} resumed"))),
+                .map(|()| Reply::done(format!("shipping of {machine} resumed")))
+            }
             Request::Fence { machine, reason } => {
                 let m = self.machine(machine).ok_or_else(|| {
                     Error::NotFound(format!("this site has no machine {machine}"))
