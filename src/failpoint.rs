@@ -36,6 +36,9 @@
 //! | `plan:action-started` | a `run` action's process group was recorded; its program waits behind the gate (a crash here: it never runs) |
 //! | `plan:after-step` | a step's outcome was recorded |
 //!
+//! `serve:pause-found`: serve found the shipping loop a pause is for (holding the
+//! machine's `changing` lock) and has not told it yet.
+//!
 //! `REPLOG_FAILPOINT=NAME:stall` stops the thread that reaches NAME for good instead
 //! (the test looks at the process meanwhile — its status — and kills it itself).
 

@@ -320,3 +320,102 @@ impl AlignedBlock {
 }
 
 use std::os::unix::fs::OpenOptionsExt;
+
+/// A pause is carried out under the machine's `changing` lock, so a loop `resync
+/// --now` starts in a stopped one's place cannot be swapped in between finding the
+/// loop and telling it: while a pause stalls there (a failpoint), another change of
+/// the same machine through serve (a disk created) waits, and one of another machine
+/// does not.
+#[test]
+fn a_pause_holds_its_machine_against_other_changes_until_it_is_told() {
+    if !fuse_available("a_pause_holds_its_machine_against_other_changes_until_it_is_told") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (src, dst, addr) = two_sites(tmp.path(), "8M");
+    let tmnt = tmp.path().join("tmnt");
+    let _target = Served::start(&dst, &tmnt, &["--listen", &addr]);
+    let mnt = tmp.path().join("mnt");
+    let served = Served::start_with_env(
+        &src,
+        &mnt,
+        &[],
+        &[("REPLOG_FAILPOINT", "serve:pause-found:stall")],
+    );
+    protect_when_listening(&src, &addr);
+    run_ok(
+        replog()
+            .args(["disk", "create"])
+            .arg(&src)
+            .args(["vm2/os", "--size", "4M"]),
+    );
+    // The pause's request stays unanswered: its thread stalls with the lock held.
+    {
+        let src = src.clone();
+        std::thread::spawn(move || {
+            let _ = request(
+                &src,
+                &Request::PauseShipping {
+                    machine: "vm1".into(),
+                },
+            );
+        });
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !served.log_text().contains("failpoint serve:pause-found") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pause never reached its loop; log:\n{}",
+            served.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Another machine's change goes through at once (a liveness check: 120 s is
+    // only how long to wait for a call that would otherwise wait for ever).
+    let mut other = replog()
+        .args(["disk", "create"])
+        .arg(&src)
+        .args(["vm2/data", "--size", "4M"])
+        .spawn()
+        .expect("spawn");
+    let waited = wait_child(&mut other, std::time::Duration::from_secs(120));
+    assert!(
+        waited.is_some_and(|st| st.success()),
+        "vm2's change waited for vm1's pause"
+    );
+    // This machine's waits — to be refused, as a protected machine gets no new disk,
+    // but only once it has the machine (a slow machine can only make this pass, never
+    // fail).
+    let mut same = replog()
+        .args(["disk", "create"])
+        .arg(&src)
+        .args(["vm1/data", "--size", "4M"])
+        .spawn()
+        .expect("spawn");
+    let waited = wait_child(&mut same, std::time::Duration::from_secs(2));
+    assert!(
+        waited.is_none(),
+        "vm1's change was answered while its pause held the machine: {waited:?}"
+    );
+    // The stalled thread ends with the process.
+    served.kill();
+    let _ = same.wait();
+    let _ = replog::frontend::detach(&mnt);
+}
+
+/// The child's exit status if it ends within `timeout`.
+fn wait_child(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return Some(st);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -904,8 +904,11 @@ impl Registry {
             // telling it, so the pause reaches the loop that ships from then on.
             Request::PauseShipping { machine } => {
                 let _one = self.changing.lock(&[machine]);
-                self.with_ship(machine, |l| l.pause(Duration::from_secs(60)))
-                    .map(|()| Reply::done(format!("shipping of {machine} paused")))
+                self.with_ship(machine, |l| {
+                    crate::failpoint::hit("serve:pause-found");
+                    l.pause(Duration::from_secs(60))
+                })
+                .map(|()| Reply::done(format!("shipping of {machine} paused")))
             }
             Request::ResumeShipping { machine } => {
                 let _one = self.changing.lock(&[machine]);
