@@ -372,13 +372,15 @@ fn a_pause_holds_its_machine_against_other_changes_until_it_is_told() {
     }
     // Another machine's change goes through at once (a liveness check: 120 s is
     // only how long to wait for a call that would otherwise wait for ever).
-    let mut other = replog()
-        .args(["disk", "create"])
-        .arg(&src)
-        .args(["vm2/data", "--size", "4M"])
-        .spawn()
-        .expect("spawn");
-    let waited = wait_child(&mut other, std::time::Duration::from_secs(120));
+    let create = |disk: &str| {
+        replog()
+            .args(["disk", "create"])
+            .arg(&src)
+            .args([disk, "--size", "4M"])
+            .spawn()
+            .expect("spawn")
+    };
+    let waited = exited_within(&mut create("vm2/data"), std::time::Duration::from_secs(120));
     assert!(
         waited.is_some_and(|st| st.success()),
         "vm2's change waited for vm1's pause"
@@ -386,13 +388,8 @@ fn a_pause_holds_its_machine_against_other_changes_until_it_is_told() {
     // This machine's waits — to be refused, as a protected machine gets no new disk,
     // but only once it has the machine (a slow machine can only make this pass, never
     // fail).
-    let mut same = replog()
-        .args(["disk", "create"])
-        .arg(&src)
-        .args(["vm1/data", "--size", "4M"])
-        .spawn()
-        .expect("spawn");
-    let waited = wait_child(&mut same, std::time::Duration::from_secs(2));
+    let mut same = create("vm1/data");
+    let waited = exited_within(&mut same, std::time::Duration::from_secs(2));
     assert!(
         waited.is_none(),
         "vm1's change was answered while its pause held the machine: {waited:?}"
@@ -401,21 +398,4 @@ fn a_pause_holds_its_machine_against_other_changes_until_it_is_told() {
     served.kill();
     let _ = same.wait();
     let _ = replog::frontend::detach(&mnt);
-}
-
-/// The child's exit status if it ends within `timeout`.
-fn wait_child(
-    child: &mut std::process::Child,
-    timeout: std::time::Duration,
-) -> Option<std::process::ExitStatus> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            return Some(st);
-        }
-        if std::time::Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }

@@ -68,15 +68,11 @@ impl S3Target {
     /// Wait for it to die on its own (a failpoint).
     fn wait_killed(mut self) {
         let mut c = self.child.take().expect("running");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while c.try_wait().expect("wait").is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "target did not die:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(
+            exited_within(&mut c, Duration::from_secs(60)).is_some(),
+            "target did not die:\n{}",
+            self.log_text()
+        );
         // Its dead mount, as a crash leaves it.
         let _ = replog::frontend::detach(&self.mount);
     }

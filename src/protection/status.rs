@@ -383,7 +383,7 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
 
 /// Add to `reason` that shipping to `target` is paused, unless it says so already.
 fn say_paused(reason: &mut String, target: &str) {
-    let phrase = format!("shipping to {target} is paused");
+    let phrase = crate::replication::run::paused_reason(target);
     if reason.contains(&phrase) {
         return;
     }

@@ -31,6 +31,16 @@ struct Slot {
 }
 type SharedStore = Arc<Slot>;
 
+impl Slot {
+    /// A slot for `store` that no session owns yet.
+    fn new(store: ReplicaStore) -> SharedStore {
+        Arc::new(Slot {
+            store: Mutex::new(store),
+            owner: AtomicU64::new(0),
+        })
+    }
+}
+
 /// The store of `slot`, locked, while session `token` owns it.
 fn lock_owned<'s>(
     slot: &'s Slot,
@@ -299,10 +309,7 @@ impl Target {
                     }
                 }
                 None => {
-                    let slot = Arc::new(Slot {
-                        store: Mutex::new(self.replicas.open(machine)?),
-                        owner: AtomicU64::new(0),
-                    });
+                    let slot = Slot::new(self.replicas.open(machine)?);
                     // Locked before anyone can see it: nobody waits on it yet, so the
                     // table's lock is not held while waiting for a slot's.
                     let store = slot.store.lock();
@@ -502,10 +509,7 @@ impl Target {
             }
             Err(e) => return Err(refusal(e)),
         };
-        let store = Arc::new(Slot {
-            store: Mutex::new(store),
-            owner: AtomicU64::new(0),
-        });
+        let store = Slot::new(store);
         stores.insert(protect.machine.clone(), store.clone());
         Ok(store)
     }

@@ -50,6 +50,11 @@ pub struct ShipLoop {
 /// Whether shipping is paused: the one place it is kept (see [`ShipLoop::spawn`]).
 pub type PauseFlag = Arc<AtomicBool>;
 
+/// What a paused loop's status says (and `status` adds to a stopped loop's reason).
+pub fn paused_reason(target: &str) -> String {
+    format!("shipping to {target} is paused")
+}
+
 /// What the loop answers a ship request with: the LSN the target acknowledged, or
 /// why it could not (with the error's class, so a fenced or refused machine is not
 /// mistaken for a passing failure).
@@ -341,7 +346,7 @@ impl ShipHandle {
         }
     }
 
-    /// Stop shipping until [`ShipLoop::resume`]; returns once the pass in progress
+    /// Stop shipping until [`ShipHandle::resume`]; returns once the pass in progress
     /// has ended.
     pub fn pause(&self, timeout: Duration) -> crate::error::Result<()> {
         // Set first: the loop pauses when its pass ends, whether or not the answer
@@ -960,7 +965,7 @@ fn run(
         if control.paused.load(Ordering::Acquire) {
             control.failed("shipping is paused");
             let mut s = status.lock();
-            s.reason = format!("shipping to {} is paused", rel.target);
+            s.reason = paused_reason(&rel.target);
             drop(s);
             control.wait(&stop, Duration::from_millis(50), &machine);
             continue;

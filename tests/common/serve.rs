@@ -204,17 +204,10 @@ impl Served {
     pub fn wait_exit(mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         self.leave_mount = true;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = child.try_wait().expect("wait") {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("serve did not end; log:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        exited_within(&mut child, timeout).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("serve did not end; log:\n{}", self.log_text());
+        })
     }
 
     /// SIGKILL: the crash. The dead mount stays behind, as it would.
@@ -228,14 +221,21 @@ impl Served {
 fn signal_and_wait(mut child: Child, sig: i32) -> ExitStatus {
     // SAFETY: kill with a pid we spawned and a valid signal number.
     unsafe { libc::kill(child.id() as i32, sig) };
-    let deadline = Instant::now() + Duration::from_secs(60);
+    exited_within(&mut child, Duration::from_secs(60)).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("serve did not exit after signal {sig}");
+    })
+}
+
+/// The exit status of `child` if it ends within `timeout`.
+pub fn exited_within(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
     loop {
         if let Some(st) = child.try_wait().expect("wait") {
-            return st;
+            return Some(st);
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("serve did not exit after signal {sig}");
+            return None;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
