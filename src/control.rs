@@ -69,7 +69,8 @@ pub enum Request {
         machine: String,
         timeout_ms: u64,
     },
-    /// Stop shipping `machine` (its journal is kept) until `resume-shipping`.
+    /// Stop shipping `machine` (its journal is kept) until `resume-shipping`;
+    /// recorded in its relationship, so a serve started later keeps it paused.
     PauseShipping {
         machine: String,
     },
@@ -539,13 +540,23 @@ pub fn offline(site: &Path, req: &Request) -> Result<Reply> {
             let ship = crate::failover::planned::OfflineShipping::new(site, &rel.target);
             crate::failover::planned::run_as(&host, &ship, machine, None, job)
         }
-        Request::Ship { .. }
-        | Request::PauseShipping { .. }
-        | Request::ResumeShipping { .. }
-        | Request::Fence { .. }
-        | Request::Unfence { .. } => Err(Error::InvalidInput(format!(
-            "{req:?} needs a running `replog serve {}`",
-            site.display()
-        ))),
+        Request::PauseShipping { machine } | Request::ResumeShipping { machine } => {
+            let pause = matches!(req, Request::PauseShipping { .. });
+            ops::set_shipping_paused(&s, machine, pause)?;
+            Ok(Reply::done(if pause {
+                format!(
+                    "shipping of {machine} paused: no serve runs; one started later ships \
+                     nothing of it until `replog resume`"
+                )
+            } else {
+                format!("shipping of {machine} resumed: a serve started later ships it")
+            }))
+        }
+        Request::Ship { .. } | Request::Fence { .. } | Request::Unfence { .. } => {
+            Err(Error::InvalidInput(format!(
+                "{req:?} needs a running `replog serve {}`",
+                site.display()
+            )))
+        }
     }
 }

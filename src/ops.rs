@@ -128,6 +128,32 @@ pub fn require_resync(site: &Site, machine: &str, now: bool) -> Result<String> {
     ))
 }
 
+/// Record whether shipping of `machine` is paused (`replog pause` / `resume`) in its
+/// relationship; returns what it was. Refused for a machine that is not protected or
+/// was failed over. Whoever calls it holds what keeps the file from changing under it
+/// (the site's lock, or serve's `changing` lock of the machine).
+pub fn set_shipping_paused(site: &Site, machine: &str, paused: bool) -> Result<bool> {
+    must_exist(site, machine)?;
+    let man = Machine::read_manifest(&*site.storage(), &site.machine_dir(machine)?)?;
+    if man.fence.is_some() {
+        return Err(Error::InvalidInput(format!(
+            "{machine} was failed over: it ships nothing"
+        )));
+    }
+    let Some(mut rel) = Relationship::load(site.path(), machine)? else {
+        return Err(Error::InvalidInput(format!(
+            "{machine} is not protected; there is no shipping to {}",
+            if paused { "pause" } else { "resume" }
+        )));
+    };
+    let was = rel.paused;
+    if was != paused {
+        rel.paused = paused;
+        rel.save(site.path(), machine)?;
+    }
+    Ok(was)
+}
+
 /// Seal `m` and merge what may be merged; what it did, for people. A protected
 /// machine's journal is merged only as its target acknowledges it (by serve).
 pub fn compact(site: &Path, m: &Machine) -> Result<String> {

@@ -137,6 +137,7 @@ fn write_version_2_fixtures() {
         rpo: None,
         bandwidth: None,
         bandwidth_schedule: None,
+        paused: false,
     }
     .save(&a, "vm1")
     .expect("relationship");
@@ -610,6 +611,7 @@ fn write_version_6_fixtures() {
         rpo: Some("30s".into()),
         bandwidth: Some("50MiB/s".into()),
         bandwidth_schedule: Some("Mon-Fri 08:00-18:00=10MiB/s, *=unlimited".into()),
+        paused: false,
     }
     .save(&a, "vm1")
     .expect("relationship");
@@ -780,4 +782,32 @@ fn write_frames<'a>(dir: &Path, frames: impl IntoIterator<Item = (&'a str, Messa
     for (name, msg) in frames {
         std::fs::write(dir.join(name), protocol::encode(&msg).expect("encode")).expect("write");
     }
+}
+
+/// `relationship.toml` format 3: a relationship paused by `replog pause`.
+#[test]
+#[ignore]
+fn write_version_10_fixtures() {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v10/source");
+    let _ = std::fs::remove_dir_all(&out);
+    let site = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir_all(site.path().join("machines/vm1")).expect("mkdir");
+    replog::replication::relationship::Relationship {
+        target: "10.0.0.2:7000".into(),
+        target_id: "ab".repeat(32),
+        retention: Some("24h".into()),
+        app_retention: Some("72h".into()),
+        rpo: Some("30s".into()),
+        bandwidth: None,
+        bandwidth_schedule: None,
+        paused: true,
+    }
+    .save(site.path(), "vm1")
+    .expect("relationship");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    std::fs::copy(
+        site.path().join("machines/vm1/relationship.toml"),
+        out.join("relationship.toml"),
+    )
+    .expect("copy");
 }

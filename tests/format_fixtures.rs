@@ -875,7 +875,7 @@ fn a_settings_or_relationship_file_of_a_newer_format_is_refused_naming_both() {
         .expect_err("format 9");
     assert!(
         e.to_string()
-            .contains("format 9; this build reads formats 1 to 2"),
+            .contains("format 9; this build reads formats 1 to 3"),
         "{e}"
     );
     // Format 1 (v1, v2 fixtures) still reads: the tests of those fixtures open it.
@@ -1123,4 +1123,31 @@ fn version_9_promote_soon_frames_decode() {
         }
         other => panic!("not a Hello: {other:?}"),
     }
+}
+
+/// `relationship.toml` format 3 (`v10/source`): a paused relationship reads as
+/// paused; resumed, it is written as format 2 again (what builds before `paused`
+/// read), and paused again, as the fixture's bytes.
+#[test]
+fn version_10_a_paused_relationship_reads_back_and_resumed_is_format_2() {
+    use replog::replication::relationship::Relationship;
+    let fixture = fixtures().join("v10/source/relationship.toml");
+    let written = std::fs::read_to_string(&fixture).expect("fixture");
+    let site = tempfile::tempdir().expect("tmp");
+    let dir = site.path().join("machines/vm1");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::copy(&fixture, dir.join("relationship.toml")).expect("copy");
+    let mut r = Relationship::load(site.path(), "vm1")
+        .expect("format 3 reads")
+        .expect("protected");
+    assert!(r.paused);
+    assert_eq!(r.rpo.as_deref(), Some("30s"));
+    assert_eq!(r.to_toml().expect("toml"), written);
+    r.paused = false;
+    let text = r.to_toml().expect("toml");
+    assert!(
+        text.starts_with("# replog relationship, format 2\n"),
+        "{text}"
+    );
+    assert!(!text.contains("paused"), "{text}");
 }

@@ -792,3 +792,237 @@ fn rotating_either_sites_certificate_keeps_replication_going() {
     drop(os);
     assert!(served.stop().success());
 }
+
+/// The newest LSN among the target's points of vm1 (0: none).
+fn newest_point(dst: &Path) -> u64 {
+    let out = run_ok(replog().arg("points").arg(dst).args(["vm1", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("points json");
+    v["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .filter_map(|p| p["lsn"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+/// `replog pause` through a running serve: nothing more reaches the target, status
+/// says so (Warning), a planned failover is refused and changes nothing; the pause is
+/// kept in the relationship, so a serve started again (and `status` with none) keeps
+/// it; `replog resume` ships what accumulated, and the restore equals the disk.
+#[test]
+fn a_paused_machine_ships_nothing_stays_paused_across_a_restart_and_catches_up() {
+    if !fuse_available(
+        "a_paused_machine_ships_nothing_stays_paused_across_a_restart_and_catches_up",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let _sweep = MountSweep(tmp.path().to_path_buf());
+    let (src, dst, addr) = two_sites(tmp.path(), "32M");
+    let _target = TargetServe::start(&dst, &addr);
+    let mnt = tmp.path().join("mnt");
+    let served = Served::start(&src, &mnt, &[]);
+    protect_when_listening(&src, &addr);
+    write_at(&served.disk("os"), 0, &common::pattern(1, 1 << 20));
+    wait_shipped(&src);
+    let shipped = newest_point(&dst);
+    assert!(shipped > 0);
+
+    let said = run_ok(replog().arg("pause").arg(&src).arg("vm1"));
+    assert!(said.contains("shipping of vm1 paused"), "{said}");
+    let rel_path = src.join("machines/vm1/relationship.toml");
+    let rel = std::fs::read_to_string(&rel_path).expect("relationship");
+    assert!(
+        rel.starts_with("# replog relationship, format 3\n") && rel.contains("paused = true"),
+        "{rel}"
+    );
+    write_at(&served.disk("os"), 4 << 20, &common::pattern(2, 1 << 20));
+    // Several seal intervals (200 ms) go by: nothing is shipped.
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = fresh_status(&src);
+    let m = &st["machines"][0];
+    assert!(
+        m["reason"].as_str().unwrap_or("").contains("is paused"),
+        "{st}"
+    );
+    assert_eq!(m["health"], "warning", "{st}");
+    assert!(m["last_lsn"].as_u64() > m["acked_lsn"].as_u64(), "{st}");
+    assert_eq!(newest_point(&dst), shipped);
+
+    // A planned failover ships everything first: refused, the machine still writable.
+    let out = replog()
+        .arg("failover")
+        .arg(&src)
+        .args(["vm1", "--planned"])
+        .output()
+        .expect("failover");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is paused") && err.contains("replog resume"),
+        "{err}"
+    );
+    write_at(&served.disk("os"), 8 << 20, &common::pattern(3, 65536));
+
+    // Kept across a restart: with no serve, status says paused; a new serve ships
+    // nothing either.
+    assert!(served.stop().success());
+    let st = status(&src);
+    assert!(
+        st["machines"][0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("is paused"),
+        "{st}"
+    );
+    let served = Served::start(&src, &mnt, &[]);
+    write_at(&served.disk("os"), 12 << 20, &common::pattern(4, 1 << 20));
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = fresh_status(&src);
+    let m = &st["machines"][0];
+    assert!(
+        m["reason"].as_str().unwrap_or("").contains("is paused"),
+        "{st}"
+    );
+    assert_eq!(m["health"], "warning", "{st}");
+    assert_ne!(m["state"], "initial-replication", "{st}");
+    assert_eq!(newest_point(&dst), shipped);
+
+    let said = run_ok(replog().arg("resume").arg(&src).arg("vm1"));
+    assert!(said.contains("shipping of vm1 resumed"), "{said}");
+    let rel = std::fs::read_to_string(&rel_path).expect("relationship");
+    assert!(
+        rel.starts_with("# replog relationship, format 2\n") && !rel.contains("paused"),
+        "{rel}"
+    );
+    wait_shipped(&src);
+    let os = open_disk(&served, "os");
+    restore_and_compare(&dst, &tmp.path().join("restored"), &[("os", &os)]);
+    drop(os);
+    assert!(served.stop().success());
+
+    // Without a serve: recorded in the file, for the next serve.
+    let said = run_ok(replog().arg("pause").arg(&src).arg("vm1"));
+    assert!(said.contains("no serve runs"), "{said}");
+    let rel = std::fs::read_to_string(&rel_path).expect("relationship");
+    assert!(rel.contains("paused = true"), "{rel}");
+    run_ok(replog().arg("resume").arg(&src).arg("vm1"));
+    let rel = std::fs::read_to_string(&rel_path).expect("relationship");
+    assert!(!rel.contains("paused"), "{rel}");
+    // Not protected: refused.
+    run_ok(
+        replog()
+            .args(["disk", "create"])
+            .arg(&src)
+            .args(["vm2/os", "--size", "1M"]),
+    );
+    let out = replog()
+        .arg("pause")
+        .arg(&src)
+        .arg("vm2")
+        .output()
+        .expect("pause");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("vm2 is not protected"),
+        "{out:?}"
+    );
+}
+
+/// A journal that passes the resync threshold while shipping is paused makes a
+/// resync required (said with the pause); once resumed, the resync brings the target
+/// along and the restore equals the disk.
+#[test]
+fn a_journal_past_its_threshold_while_paused_is_resynchronised_once_resumed() {
+    if !fuse_available("a_journal_past_its_threshold_while_paused_is_resynchronised_once_resumed") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let _sweep = MountSweep(tmp.path().to_path_buf());
+    let (src, dst, addr) = two_sites(tmp.path(), "32M");
+    edit_config(&src, |cfg| {
+        cfg.replication.resync_threshold_percent = 10;
+        cfg.replication.resync_window = "always".into();
+    });
+    let _target = TargetServe::start(&dst, &addr);
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    protect_when_listening(&src, &addr);
+    write_at(&served.disk("os"), 0, &common::pattern(1, 1 << 20));
+    wait_shipped(&src);
+    run_ok(replog().arg("pause").arg(&src).arg("vm1"));
+    // Paused for a while first: the journal is measured while the pause goes on,
+    // not only as it begins.
+    std::thread::sleep(Duration::from_millis(500));
+    // 4 MiB: more than 10% of the 32 MiB disk.
+    write_at(&served.disk("os"), 8 << 20, &common::pattern(2, 4 << 20));
+    let st = wait_for(&src, "resync required while paused", |m| {
+        m["state"] == "resync-required"
+    });
+    let reason = st["machines"][0]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(reason.contains("is paused"), "{st}");
+    assert!(src.join("machines/vm1/resync.toml").exists());
+    run_ok(replog().arg("resume").arg(&src).arg("vm1"));
+    wait_shipped(&src);
+    assert!(!src.join("machines/vm1/resync.toml").exists());
+    let os = open_disk(&served, "os");
+    restore_and_compare(&dst, &tmp.path().join("restored"), &[("os", &os)]);
+    drop(os);
+    assert!(served.stop().success());
+}
+
+/// A pause during the initial copy stops it between chunks, not at its end (a copy
+/// may run for hours); resumed, it goes on from there and the restore equals the disk.
+#[test]
+fn a_pause_stops_an_initial_copy_between_chunks_and_resume_finishes_it() {
+    if !fuse_available("a_pause_stops_an_initial_copy_between_chunks_and_resume_finishes_it") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let _sweep = MountSweep(tmp.path().to_path_buf());
+    let (src, dst) = trusted_sites(tmp.path());
+    let raw = tmp.path().join("raw.img");
+    std::fs::write(&raw, common::pattern(7, 24 << 20)).expect("raw");
+    run_ok(
+        replog()
+            .args(["disk", "create"])
+            .arg(&src)
+            .args(["vm1/os", "--size", "32M", "--import"])
+            .arg(&raw),
+    );
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _target = TargetServe::start(&dst, &addr);
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    // 24 MiB at 4 MiB/s: about six seconds of copying.
+    protect_when_listening_with(&src, &addr, &["--bandwidth", "4MiB/s"]);
+    wait_for(&src, "copying", |m| {
+        m["state"] == "initial-replication" && m["progress"].as_f64().unwrap_or(0.0) > 0.0
+    });
+    let said = run_ok(replog().arg("pause").arg(&src).arg("vm1"));
+    assert!(said.contains("shipping of vm1 paused"), "{said}");
+    let at_pause = fresh_status(&src);
+    std::thread::sleep(Duration::from_millis(1500));
+    let later = fresh_status(&src);
+    for st in [&at_pause, &later] {
+        let m = &st["machines"][0];
+        assert_eq!(m["state"], "initial-replication", "{st}");
+        assert!(m["progress"].as_f64().unwrap_or(1.0) < 1.0, "{st}");
+        assert!(
+            m["reason"].as_str().unwrap_or("").contains("is paused"),
+            "{st}"
+        );
+    }
+    assert_eq!(
+        at_pause["machines"][0]["progress"], later["machines"][0]["progress"],
+        "the copy went on while paused"
+    );
+    run_ok(replog().arg("resume").arg(&src).arg("vm1"));
+    wait_shipped(&src);
+    let os = open_disk(&served, "os");
+    restore_and_compare(&dst, &tmp.path().join("restored"), &[("os", &os)]);
+    drop(os);
+    assert!(served.stop().success());
+}

@@ -188,6 +188,19 @@ pub enum Command {
         #[arg(long, value_name = "RULES")]
         schedule: Option<String>,
     },
+    /// Pause shipping of MACHINE to its target (initial copy and resync included)
+    /// until `replog resume`: a running serve stops once the pass in progress ends (an
+    /// initial copy or a resync between chunks, going on from there when resumed; up
+    /// to 30 s is waited for), and the pause is kept in the relationship, so a serve
+    /// started later keeps it. Writes go on; the journal keeps what the target lacks
+    /// and grows. Once the loop has shipped in this serve, a journal that reaches the
+    /// resync threshold (replication.resync_threshold_percent of the disks) makes a
+    /// resync required, and is then merged. `status` says paused. A planned failover
+    /// is refused while paused.
+    Pause { site: PathBuf, machine: String },
+    /// Resume shipping of MACHINE paused by `replog pause`: at once with a running
+    /// serve, else when one starts.
+    Resume { site: PathBuf, machine: String },
     /// Record a recovery point of MACHINE now (through the running `serve`, or by
     /// opening the site when none runs): crash-consistent, or with --app-consistent
     /// marked app-consistent; prints its ID.
@@ -843,6 +856,8 @@ pub fn run(cli: Cli) -> ExitCode {
             schedule,
         } => replicate::bandwidth(&site, &machine, rate.as_deref(), schedule.as_deref()),
         Command::Resync { site, machine, now } => replicate::resync(&site, &machine, now),
+        Command::Pause { site, machine } => replicate::pause(&site, &machine, true),
+        Command::Resume { site, machine } => replicate::pause(&site, &machine, false),
         Command::AcceptLoss {
             site,
             machine,

@@ -53,6 +53,7 @@ impl Settings<'_> {
             rpo: self.rpo.map(str::to_string),
             bandwidth: self.bandwidth.map(str::to_string),
             bandwidth_schedule: self.bandwidth_schedule.map(str::to_string),
+            paused: false,
         }
     }
 }
@@ -842,6 +843,21 @@ pub fn resync(site: &Path, machine: &str, now: bool) -> Result<()> {
             now,
         },
     )?;
+    println!("{}", reply.detail.unwrap_or_default());
+    Ok(())
+}
+
+/// `replog pause` (`pause`) or `replog resume`: through the running serve, or in the
+/// relationship file when none runs; print what the site said.
+pub fn pause(site: &Path, machine: &str, pause: bool) -> Result<()> {
+    replog::names::validate_name("machine", machine)?;
+    let machine = machine.to_string();
+    let req = if pause {
+        replog::control::Request::PauseShipping { machine }
+    } else {
+        replog::control::Request::ResumeShipping { machine }
+    };
+    let reply = replog::control::run(site, &req)?;
     println!("{}", reply.detail.unwrap_or_default());
     Ok(())
 }

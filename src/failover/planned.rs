@@ -89,6 +89,13 @@ pub fn run_as(
             "{name}'s own failover is not committed yet: commit it first"
         )));
     }
+    if rel.paused {
+        return Err(Error::InvalidInput(format!(
+            "shipping of {name} is paused (`replog pause`), and a planned failover ships \
+             everything first: `replog resume {} {name}`, then fail over",
+            site.display()
+        )));
+    }
     let target_id = rel.target_id()?;
     let generation = m.generation() + 1;
     let mut job = spec.start_on(

@@ -99,6 +99,12 @@ fn check_machine(
         let rel = crate::replication::relationship::Relationship::load(site, m)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("{m} is not protected: there is no target to fail over to"))?;
+        if rel.paused {
+            return Err(format!(
+                "shipping of {m} is paused: `replog resume {} {m}` first",
+                site.display()
+            ));
+        }
         // The failover ships through the machine's replication: it must be working
         // (serve's status says so; the target answered lately).
         if let Some(st) = status {

@@ -330,8 +330,10 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
             }
             // A loop an operator paused says so, stopped or not (a stopped loop's
             // reason is what stopped it; a loop started paused has not run a pass).
+            // Paused is a Warning: nothing reaches the target meanwhile.
             if l.paused {
                 say_paused(&mut st.reason, &l.target);
+                st.health = st.health.max(Health::Warning);
                 if f.resync.is_some() {
                     st.state = State::ResyncRequired;
                 }
@@ -350,6 +352,9 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
                 if !f.serve_running {
                     st.reason.push_str("; `replog serve` is not running");
                 }
+            }
+            if r.paused {
+                say_paused(&mut st.reason, &r.target);
             }
         }
         (None, None) => {}
@@ -372,8 +377,13 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
         {
             reason = format!("{reason}; {loop_reason}");
         }
-        if let Some(l) = f.ship.filter(|l| l.paused) {
-            say_paused(&mut reason, &l.target);
+        let paused = match (f.ship, f.relationship) {
+            (Some(l), _) => l.paused.then_some(l.target.as_str()),
+            (None, Some(r)) => r.paused.then_some(r.target.as_str()),
+            (None, None) => None,
+        };
+        if let Some(target) = paused {
+            say_paused(&mut reason, target);
         }
         st.reason = reason;
         st.health = Health::Critical;
@@ -689,5 +699,67 @@ mod tests {
             false,
         );
         assert_eq!(st.reason, "the target refused");
+        // A healthy loop, paused: a Warning.
+        let st = status(
+            &healthy,
+            &view(
+                State::Protected,
+                Health::Healthy,
+                "shipping to b:7000 is paused",
+                true,
+            ),
+            None,
+            false,
+        );
+        assert_eq!(st.health, Health::Warning, "{st:?}");
+    }
+
+    /// With no serve, the relationship says whether shipping is paused.
+    #[test]
+    fn a_paused_relationship_says_so_with_no_serve() {
+        let rel = |paused| Relationship {
+            target: "b:7000".into(),
+            target_id: "ab".repeat(32),
+            retention: None,
+            app_retention: None,
+            rpo: None,
+            bandwidth: None,
+            bandwidth_schedule: None,
+            paused,
+        };
+        let at_rest = |r: &Relationship, j: &JournalStatus| {
+            derive(
+                "vm1",
+                &Facts::Primary(PrimaryFacts {
+                    role: Role::Primary,
+                    generation: 1,
+                    journal: j,
+                    fenced: None,
+                    failed_over: false,
+                    fence: None,
+                    relationship: Some(r),
+                    resync: None,
+                    ship: None,
+                    lag_seconds: None,
+                    serve_running: false,
+                    base: None,
+                    pending: None,
+                }),
+            )
+        };
+        let st = at_rest(&rel(true), &journal(None));
+        assert!(
+            st.reason.ends_with("; shipping to b:7000 is paused"),
+            "{st:?}"
+        );
+        assert_eq!(st.health, Health::Warning);
+        let st = at_rest(&rel(false), &journal(None));
+        assert!(!st.reason.contains("paused"), "{st:?}");
+        // Damaged: the damage first, the pause once.
+        let st = at_rest(&rel(true), &journal(Some("segment 3 is damaged")));
+        assert_eq!(
+            st.reason, "segment 3 is damaged; shipping to b:7000 is paused",
+            "{st:?}"
+        );
     }
 }

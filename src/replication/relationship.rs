@@ -9,13 +9,17 @@
 //! rpo = "30s"                # optional: lag beyond it is Warning, beyond twice Critical
 //! bandwidth = "50MiB/s"      # optional: what shipping may send
 //! bandwidth_schedule = "Mon-Fri 08:00-18:00=10MiB/s, *=unlimited"   # optional
+//! paused = true              # optional: `replog pause`; nothing ships until `replog resume`
 //! ```
 //!
-//! Format 2 added `rpo`, `bandwidth` and `bandwidth_schedule`; format 1 files are read
-//! the same (they have none of them).
+//! Format 2 added `rpo`, `bandwidth` and `bandwidth_schedule`, format 3 `paused`;
+//! older files are read the same (they have none of them). A file is written as the
+//! oldest format that holds what it says (format 3 only while paused), so a build
+//! that predates a key it does not use still reads the file.
 //!
-//! Written by `replog protect` (atomically, without the site lock, so it works while
-//! `serve` runs); a running `serve` picks it up within a second.
+//! Written atomically by `replog protect` (a running `serve` picks it up within a
+//! second), `replog bandwidth` (its next shipping pass) and `replog pause` / `resume`
+//! (through a running serve, under the machine's lock, or offline).
 
 use crate::error::{Error, Result};
 use crate::identity::SiteId;
@@ -28,8 +32,8 @@ pub const DEFAULT_RETENTION_MS: u64 = 24 * 3600 * 1000;
 /// How long it keeps app-consistent points: 72 h.
 pub const DEFAULT_APP_RETENTION_MS: u64 = 72 * 3600 * 1000;
 const MAGIC: &str = "# replog relationship, format ";
-/// The format this build writes, and the newest it reads.
-pub const FORMAT: u32 = 2;
+/// The newest format this build reads (and writes, when the file needs it).
+pub const FORMAT: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,6 +57,11 @@ pub struct Relationship {
     /// *=unlimited`; see `replication::bandwidth`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth_schedule: Option<String>,
+    /// An operator paused shipping (`replog pause`): a serve ships nothing of the
+    /// machine, initial copy and resync included, until `replog resume`; its journal
+    /// is kept (and grows) meanwhile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 /// Parse a retention such as "24h" or "90s" into milliseconds.
@@ -186,10 +195,12 @@ impl Relationship {
         path(site, machine)
     }
 
-    /// The file's text, as `save` writes it (format line first).
+    /// The file's text, as `save` writes it (format line first: the oldest format
+    /// that holds every key it has).
     pub fn to_toml(&self) -> Result<String> {
         let body = toml::to_string(self).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        Ok(format!("{MAGIC}{FORMAT}\n{body}"))
+        let format = if self.paused { 3 } else { 2 };
+        Ok(format!("{MAGIC}{format}\n{body}"))
     }
 
     pub fn save(&self, site: &Path, machine: &str) -> Result<()> {

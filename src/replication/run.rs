@@ -14,7 +14,7 @@
 
 use super::relationship::Relationship;
 use super::resync_schedule::{SourceResync, Window};
-use super::shipper::Shipper;
+use super::shipper::{is_interrupted, Shipper};
 use crate::config::ReplicationConfig;
 use crate::error::{Error, ErrorClass};
 use crate::jobs::{JobHandle, JobKind};
@@ -210,11 +210,22 @@ impl ShipLoop {
         paused: PauseFlag,
     ) -> ShipLoop {
         let stop = Arc::new(AtomicBool::new(false));
+        // Started paused (kept across a restart, or a stopped loop's flag): whether
+        // the initial copy is done is not known until a pass has run.
+        let starts_paused = paused.load(Ordering::Acquire);
         let status = Arc::new(Mutex::new(LoopStatus {
-            state: State::InitialReplication,
+            state: if starts_paused {
+                State::Protected
+            } else {
+                State::InitialReplication
+            },
             health: Health::Warning,
-            reason: format!("connecting to {}", rel.target),
-            progress: Some(0.0),
+            reason: if starts_paused {
+                paused_reason(&rel.target)
+            } else {
+                format!("connecting to {}", rel.target)
+            },
+            progress: (!starts_paused).then_some(0.0),
             acked_lsn: 0,
             target: rel.target.clone(),
             resync: None,
@@ -225,6 +236,9 @@ impl ShipLoop {
         // from now on nothing the target lacks can be merged away.
         let mut shipper = Shipper::new(&site, &machine, &rel.target);
         shipper.stop_on(stop.clone());
+        // A pause gives up an initial copy or a resync between chunks (either may run
+        // for hours), not at its end.
+        shipper.stop_on(paused.clone());
         match rel.retention_ms() {
             Ok((every, app)) => shipper.set_retention(every, app),
             Err(e) => tracing::error!(machine = machine.name(), "retention: {e}"),
@@ -346,9 +360,10 @@ impl ShipHandle {
         }
     }
 
-    /// Stop shipping until [`ShipHandle::resume`]; returns once the pass in progress
-    /// has ended.
-    pub fn pause(&self, timeout: Duration) -> crate::error::Result<()> {
+    /// Stop shipping until [`ShipHandle::resume`]. True once the pass in progress has
+    /// ended; false if it had not within `timeout` (the loop pauses when it ends: an
+    /// initial copy or a resync may run long).
+    pub fn pause(&self, timeout: Duration) -> crate::error::Result<bool> {
         // Set first: the loop pauses when its pass ends, whether or not the answer
         // comes in time. A loop that is gone was not told: the flag goes back to what
         // it was, as the error says.
@@ -358,8 +373,13 @@ impl ShipHandle {
             self.paused.store(was, Ordering::Release);
             return Err(Error::Busy("the shipping loop has stopped".into()));
         }
-        rx.recv_timeout(timeout)
-            .map_err(|_| Error::Busy("the shipping loop did not pause in time".into()))
+        match rx.recv_timeout(timeout) {
+            Ok(()) => Ok(true),
+            Err(RecvTimeoutError::Timeout) => Ok(false),
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(Error::Busy("the shipping loop has stopped".into()))
+            }
+        }
     }
 
     pub fn resume(&self) {
@@ -459,6 +479,17 @@ fn unshipped_bytes(machine: &Machine, acked: u64) -> u64 {
         .map(|g| g.bytes)
         .sum::<u64>()
         + active
+}
+
+/// A paused loop's resync, as far as it matters while paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PausedResync {
+    /// None required (the journal is measured at each wait).
+    NotRequired,
+    /// Required and not begun: nothing need be held.
+    Required,
+    /// Begun: its hold stays until it ends.
+    UnderWay,
 }
 
 /// Whether the journal the target lacks has reached the resync threshold; if so, a
@@ -893,6 +924,8 @@ fn run(
     }
     let mut failures = 0usize;
     let mut initial_done = false;
+    // While paused: what of a resync (None: not yet looked at since the pause began).
+    let mut paused_resync: Option<PausedResync> = None;
     let site = shipper.site().to_path_buf();
     let name = machine.name().to_string();
     let window = match Window::parse(&cfg.resync_window, cfg.resync_weekends) {
@@ -964,12 +997,54 @@ fn run(
         }
         if control.paused.load(Ordering::Acquire) {
             control.failed("shipping is paused");
+            // The journal grows while nothing ships: past the resync threshold the
+            // machine needs a resync, as when its target is unreachable, and then
+            // nothing of it need be held (the resync brings the target along). A
+            // resync already required and not begun when the pause came counts; one
+            // under way (paused between its batches) keeps its hold, as it would.
+            let why = ", while shipping was paused";
+            paused_resync = Some(match paused_resync {
+                Some(PausedResync::NotRequired) | None
+                    if initial_done && overflowed(&machine, &shipper, &cfg, &site, why) =>
+                {
+                    // `overflowed` recorded it, keeping a resync's base if one began.
+                    match SourceResync::load(&site, &name) {
+                        Ok(Some(req)) if req.base.is_some() => PausedResync::UnderWay,
+                        _ => PausedResync::Required,
+                    }
+                }
+                Some(known) => known,
+                None => match SourceResync::load(&site, &name) {
+                    Ok(Some(req)) if req.base.is_some() => PausedResync::UnderWay,
+                    Ok(Some(_)) => PausedResync::Required,
+                    Ok(None) => PausedResync::NotRequired,
+                    Err(e) => {
+                        tracing::error!(machine = %name, "resync state: {e}");
+                        PausedResync::NotRequired
+                    }
+                },
+            });
+            let resync = paused_resync == Some(PausedResync::Required);
+            if resync {
+                shipper.release_hold(machine.status().last_lsn);
+            }
             let mut s = status.lock();
-            s.reason = paused_reason(&rel.target);
+            if resync {
+                s.state = State::ResyncRequired;
+                s.health = Health::Warning;
+                s.progress = None;
+                s.reason = format!(
+                    "resync required; {}: it resynchronises once resumed",
+                    paused_reason(&rel.target)
+                );
+            } else {
+                s.reason = paused_reason(&rel.target);
+            }
             drop(s);
             control.wait(&stop, Duration::from_millis(50), &machine);
             continue;
         }
+        paused_resync = None;
         // A resync required: wait for the window (or --now), then run it.
         let pending = match SourceResync::load(&site, &name) {
             Ok(p) => p,
@@ -1052,6 +1127,16 @@ fn run(
                     s.progress = None;
                     s.health = Health::Healthy;
                     s.reason = format!("resynchronised; replicating to {}", rel.target);
+                    continue;
+                }
+                // Paused mid-resync: given up between chunks, resumed from there once
+                // shipping is resumed; nothing failed.
+                Err(e) if control.paused.load(Ordering::Acquire) && is_interrupted(&e) => {
+                    continue;
+                }
+                // Paused mid-copy: the initial copy is given up between chunks and goes
+                // on from the target's position once resumed; nothing failed.
+                Err(e) if control.paused.load(Ordering::Acquire) && is_interrupted(&e) => {
                     continue;
                 }
                 Err(e) => match e.class() {

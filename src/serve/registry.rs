@@ -86,6 +86,9 @@ impl std::fmt::Debug for Registry {
 
 /// How often serve tries again to load the replicas of a store it could not reach.
 const REPLICA_LOAD_RETRY: Duration = Duration::from_secs(3);
+/// How long `replog pause` waits for the shipping pass in progress to end before it
+/// answers that the loop pauses when it does.
+const PAUSE_WAIT: Duration = Duration::from_secs(30);
 
 /// An object store that did not answer (as opposed to one that refused).
 fn store_unreachable(e: &Error) -> bool {
@@ -282,9 +285,11 @@ impl Registry {
         if !failed_over {
             m.start_compactor(self.config.journal.compact_policy());
         }
-        let ship = rel
-            .filter(|_| !failed_over)
-            .map(|rel| self.ship_loop(&m, rel, Default::default()));
+        let ship = rel.filter(|_| !failed_over).map(|rel| {
+            // Paused by an operator before this serve started: it stays paused.
+            let paused = Arc::new(std::sync::atomic::AtomicBool::new(rel.paused));
+            self.ship_loop(&m, rel, paused)
+        });
         drop(early); // the shipping loop holds the watermark now
         self.tree.add_machine(&m)?;
         tracing::info!(
@@ -493,19 +498,61 @@ impl Registry {
 
     /// The shipping loop of `name`, or why there is none.
     fn with_ship<T>(&self, name: &str, f: impl FnOnce(&ShipHandle) -> Result<T>) -> Result<T> {
-        // Taken out of the table: what is done with it may wait for the target.
-        let handle = {
-            let machines = self.machines.lock();
-            let entry = machines
-                .get(name)
-                .ok_or_else(|| Error::NotFound(format!("this site has no open machine {name}")))?;
-            entry
-                .ship
-                .as_ref()
-                .map(ShipLoop::handle)
-                .ok_or_else(|| Error::InvalidInput(format!("{name} is not protected")))?
-        };
-        f(&handle)
+        f(&self.ship_handle(name)?)
+    }
+
+    /// A handle on `name`'s shipping loop, taken out of the table (what is done with
+    /// it may wait for the target), or why there is none.
+    fn ship_handle(&self, name: &str) -> Result<ShipHandle> {
+        let machines = self.machines.lock();
+        let entry = machines
+            .get(name)
+            .ok_or_else(|| Error::NotFound(format!("this site has no open machine {name}")))?;
+        match &entry.ship {
+            Some(l) => Ok(l.handle()),
+            None if entry.machine.failed_over() => Err(Error::InvalidInput(format!(
+                "{name} was failed over: it ships nothing"
+            ))),
+            None => Err(Error::InvalidInput(format!("{name} is not protected"))),
+        }
+    }
+
+    /// `replog pause`: recorded in the relationship (a serve started later keeps the
+    /// machine paused), then the loop is told; it stops after the pass in progress.
+    /// With no loop to tell (not protected, failed over) nothing changes. Under the
+    /// machine's `changing` lock: a loop `resync --now` starts in a stopped one's place
+    /// (`restart_parked`) is not swapped in between finding the loop and telling it.
+    fn pause_shipping(&self, machine: &str) -> Result<Reply> {
+        let _one = self.changing.lock(&[machine]);
+        let handle = self.ship_handle(machine)?;
+        crate::failpoint::hit("serve:pause-found");
+        let was = crate::ops::set_shipping_paused(&self.site, machine, true)?;
+        match handle.pause(PAUSE_WAIT) {
+            Ok(true) => Ok(Reply::done(format!(
+                "shipping of {machine} paused (its journal is kept until `replog resume`)"
+            ))),
+            Ok(false) => Ok(Reply::done(format!(
+                "shipping of {machine} pauses when the pass in progress ends (it did not \
+                 within {} s); its journal is kept until `replog resume`",
+                PAUSE_WAIT.as_secs()
+            ))),
+            Err(e) => {
+                if !was {
+                    crate::ops::set_shipping_paused(&self.site, machine, false)?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// `replog resume`: the relationship no longer says paused, and the loop ships
+    /// again at once. Under `changing`, as [`pause_shipping`](Self::pause_shipping).
+    fn resume_shipping(&self, machine: &str) -> Result<Reply> {
+        let _one = self.changing.lock(&[machine]);
+        let handle = self.ship_handle(machine)?;
+        crate::ops::set_shipping_paused(&self.site, machine, false)?;
+        handle.resume();
+        Ok(Reply::done(format!("shipping of {machine} resumed")))
     }
 
     /// The target's half of a planned failover: promote replica `machine` at exactly
@@ -827,7 +874,8 @@ impl Registry {
             .get_mut(machine)
             .ok_or_else(|| Error::NotFound(format!("this site has no open machine {machine}")))?;
         if entry.ship.is_none() {
-            entry.ship = Some(self.ship_loop(&entry.machine, rel.clone(), Default::default()));
+            let paused = Arc::new(std::sync::atomic::AtomicBool::new(rel.paused));
+            entry.ship = Some(self.ship_loop(&entry.machine, rel.clone(), paused));
         }
         Ok(Reply::done(format!(
             "{machine} is protected toward {}; initial replication has started",
@@ -899,25 +947,8 @@ impl Registry {
                 self.with_ship(machine, |l| l.ship_now(timeout))
                     .map(Reply::at)
             }
-            // Under `changing`: a loop `resync --now` starts in a stopped one's place
-            // (`restart_parked`) is not swapped in between finding the loop and
-            // telling it, so the pause reaches the loop that ships from then on.
-            Request::PauseShipping { machine } => {
-                let _one = self.changing.lock(&[machine]);
-                self.with_ship(machine, |l| {
-                    crate::failpoint::hit("serve:pause-found");
-                    l.pause(Duration::from_secs(60))
-                })
-                .map(|()| Reply::done(format!("shipping of {machine} paused")))
-            }
-            Request::ResumeShipping { machine } => {
-                let _one = self.changing.lock(&[machine]);
-                self.with_ship(machine, |l| {
-                    l.resume();
-                    Ok(())
-                })
-                .map(|()| Reply::done(format!("shipping of {machine} resumed")))
-            }
+            Request::PauseShipping { machine } => self.pause_shipping(machine),
+            Request::ResumeShipping { machine } => self.resume_shipping(machine),
             Request::Fence { machine, reason } => {
                 let m = self.machine(machine).ok_or_else(|| {
                     Error::NotFound(format!("this site has no machine {machine}"))

@@ -99,6 +99,7 @@ impl Bench {
                 rpo: None,
                 bandwidth: None,
                 bandwidth_schedule: None,
+                paused: false,
             }
             .save(&src, &name)?;
             let m = host.machine(&name)?;

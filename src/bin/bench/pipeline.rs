@@ -140,6 +140,7 @@ impl Bench {
             rpo: None,
             bandwidth: Some("50MiB/s".into()),
             bandwidth_schedule: None,
+            paused: false,
         }
         .save(self.site.path(), name)?;
         let m = self.site.open_machine(name)?;

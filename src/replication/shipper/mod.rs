@@ -37,7 +37,8 @@ pub struct Shipper {
     hold: WatermarkHold,
     acked_lsn: u64,
     progress: Option<Box<Progress>>,
-    stop: Option<Arc<AtomicBool>>,
+    /// Flags that give up a pass between chunks (the loop's stop, its pause).
+    stop: Vec<Arc<AtomicBool>>,
     /// What the target keeps: (every point, app-consistent points), in ms.
     retention: (u64, u64),
     /// Where a resync reports its counters as it goes (status shows them).
@@ -381,7 +382,7 @@ impl Shipper {
             hold: machine.hold_watermark(base),
             acked_lsn: base,
             progress: None,
-            stop: None,
+            stop: Vec::new(),
             retention: (
                 super::relationship::DEFAULT_RETENTION_MS,
                 super::relationship::DEFAULT_APP_RETENTION_MS,
@@ -491,16 +492,18 @@ impl Shipper {
         self.target_id = Some(id);
     }
 
-    /// Give up a pass (between chunks) once `stop` is set.
+    /// Give up a pass (between chunks of an initial copy or a resync) once `stop` —
+    /// or any other flag given here — is set; the pass fails as interrupted
+    /// ([`is_interrupted`]).
     pub fn stop_on(&mut self, stop: Arc<AtomicBool>) {
-        self.stop = Some(stop);
+        self.stop.push(stop);
     }
 
     fn stopping(&self) -> Result<()> {
         if self
             .stop
-            .as_ref()
-            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Acquire))
+            .iter()
+            .any(|s| s.load(std::sync::atomic::Ordering::Acquire))
         {
             return Err(Error::Net {
                 op: "ship to",
@@ -687,4 +690,10 @@ impl Shipper {
         self.ship_segments(&mut link, machine, (p.lsn, p.seq), &mut report)?;
         Ok(report)
     }
+}
+
+/// Whether `e` is a pass given up because a flag given to [`Shipper::stop_on`] was
+/// set (nothing failed).
+pub fn is_interrupted(e: &Error) -> bool {
+    matches!(e, Error::Net { source, .. } if source.kind() == std::io::ErrorKind::Interrupted)
 }
