@@ -140,18 +140,15 @@ pub fn set_shipping_paused(site: &Site, machine: &str, paused: bool) -> Result<b
             "{machine} was failed over: it ships nothing"
         )));
     }
-    let Some(mut rel) = Relationship::load(site.path(), machine)? else {
-        return Err(Error::InvalidInput(format!(
+    let was = Relationship::update(site.path(), machine, |rel| {
+        Ok(std::mem::replace(&mut rel.paused, paused))
+    })?;
+    was.ok_or_else(|| {
+        Error::InvalidInput(format!(
             "{machine} is not protected; there is no shipping to {}",
             if paused { "pause" } else { "resume" }
-        )));
-    };
-    let was = rel.paused;
-    if was != paused {
-        rel.paused = paused;
-        rel.save(site.path(), machine)?;
-    }
-    Ok(was)
+        ))
+    })
 }
 
 /// Seal `m` and merge what may be merged; what it did, for people. A protected

@@ -900,6 +900,16 @@ fn a_planned_plan_run_at_the_primary_promotes_every_machine_at_the_target() {
     let body = "name = \"erp\"\n[[group]]\nmachines = [\"db\"]\n[[group]]\nmachines = [\"app\", \"web\"]\n";
     s.add_plan(&s.src, body);
     s.add_plan(&s.dst, body);
+    // A machine whose shipping is paused cannot fail over planned: the dry run says
+    // so, naming it; resumed, the run goes through.
+    run_ok(replog().arg("pause").arg(&s.src).arg("app"));
+    let o = plan("failover", &s.src, &["erp", "--planned", "--dry-run"]);
+    assert!(
+        !o.status.success() && text(&o).contains("shipping of app is paused"),
+        "{}",
+        text(&o)
+    );
+    run_ok(replog().arg("resume").arg(&s.src).arg("app"));
     let o = plan("failover", &s.src, &["erp", "--planned"]);
     assert!(o.status.success(), "planned plan failover: {}", text(&o));
     for (k, m) in ["db", "app", "web"].iter().enumerate() {

@@ -1019,6 +1019,10 @@ fn a_pause_stops_an_initial_copy_between_chunks_and_resume_finishes_it() {
         at_pause["machines"][0]["progress"], later["machines"][0]["progress"],
         "the copy went on while paused"
     );
+    // Given up as paused, not failed: no retry (which waits its delay even when
+    // resumed).
+    let log = served.log_text();
+    assert!(!log.contains("replication failed"), "{log}");
     run_ok(replog().arg("resume").arg(&src).arg("vm1"));
     wait_shipped(&src);
     let os = open_disk(&served, "os");

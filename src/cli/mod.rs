@@ -190,9 +190,9 @@ pub enum Command {
     },
     /// Pause shipping of MACHINE to its target (initial copy and resync included)
     /// until `replog resume`: a running serve stops once the pass in progress ends (an
-    /// initial copy or a resync between chunks, going on from there when resumed; up
-    /// to 30 s is waited for), and the pause is kept in the relationship, so a serve
-    /// started later keeps it. Writes go on; the journal keeps what the target lacks
+    /// initial copy between chunks, a resync between batches, going on from there
+    /// when resumed; up to 30 s is waited for), and the pause is kept in the
+    /// relationship, so a serve started later keeps it. Writes go on; the journal keeps what the target lacks
     /// and grows. Once the loop has shipped in this serve, a journal that reaches the
     /// resync threshold (replication.resync_threshold_percent of the disks) makes a
     /// resync required, and is then merged. `status` says paused. A planned failover

@@ -871,10 +871,10 @@ pub fn bandwidth(
     schedule: Option<&str>,
 ) -> Result<()> {
     Site::read_config(site)?;
-    let Some(mut rel) = Relationship::load(site, machine)? else {
-        return Err(Error::InvalidInput(format!(
+    let not_protected = || {
+        Error::InvalidInput(format!(
             "{machine} is not protected: give --bandwidth to `replog protect`"
-        )));
+        ))
     };
     let describe = |rel: &Relationship| {
         format!(
@@ -887,23 +887,28 @@ pub fn bandwidth(
         )
     };
     if rate.is_none() && schedule.is_none() {
+        let rel = Relationship::load(site, machine)?.ok_or_else(not_protected)?;
         rel.bandwidth()?;
         println!("{machine}: {}", describe(&rel));
         return Ok(());
     }
-    if let Some(r) = rate {
-        replog::replication::bandwidth::parse_rate(r)?;
-        rel.bandwidth = (!r.eq_ignore_ascii_case("unlimited")).then(|| r.to_string());
-    }
-    if let Some(s) = schedule {
-        rel.bandwidth_schedule = if s.trim().is_empty() {
-            None
-        } else {
-            replog::replication::bandwidth::Schedule::parse(s)?;
-            Some(s.to_string())
-        };
-    }
-    rel.save(site, machine)?;
+    // Under the relationship's lock: a pause recorded meanwhile is kept.
+    let rel = Relationship::update(site, machine, |rel| {
+        if let Some(r) = rate {
+            replog::replication::bandwidth::parse_rate(r)?;
+            rel.bandwidth = (!r.eq_ignore_ascii_case("unlimited")).then(|| r.to_string());
+        }
+        if let Some(s) = schedule {
+            rel.bandwidth_schedule = if s.trim().is_empty() {
+                None
+            } else {
+                replog::replication::bandwidth::Schedule::parse(s)?;
+                Some(s.to_string())
+            };
+        }
+        Ok(rel.clone())
+    })?
+    .ok_or_else(not_protected)?;
     println!(
         "{machine}: bandwidth {} (the next shipping pass takes it up)",
         describe(&rel)

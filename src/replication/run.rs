@@ -100,17 +100,21 @@ impl Control {
         }
     }
 
-    fn take(&mut self, c: ShipCommand, machine: &Machine) {
+    /// Take command `c`; true if a waiting loop is to wake for it.
+    fn take(&mut self, c: ShipCommand, machine: &Machine) -> bool {
         match c {
             ShipCommand::ShipNow(tx) => self.waiting.push((machine.status().last_lsn, tx)),
             // The handle set or cleared the flag before it sent these: one answers
-            // when the pass in progress has ended, the other wakes a waiting loop.
+            // when the pass in progress has ended, the other wakes a waiting loop
+            // (one paused, or waiting to retry: resumed, it ships at once).
             ShipCommand::Pause(tx) => {
                 let _ = tx.send(());
+                return false;
             }
             ShipCommand::Resume => {}
             ShipCommand::Promote(lsn, g, tx) => self.promote = Some((lsn, g, tx)),
         }
+        true
     }
 
     /// Sleep up to `d`, waking early when `stop` is set or a ship request arrives.
@@ -132,9 +136,9 @@ impl Control {
             let slice = Duration::from_millis(20).min(until - Instant::now());
             match self.rx.recv_timeout(slice) {
                 Ok(c) => {
-                    // A ship request is answered (or, paused, refused) at once.
-                    self.take(c, machine);
-                    if !self.waiting.is_empty() || self.promote.is_some() {
+                    // A ship request is answered (or, paused, refused) at once; a
+                    // resume is acted on at once.
+                    if self.take(c, machine) {
                         return;
                     }
                 }
@@ -482,12 +486,12 @@ fn unshipped_bytes(machine: &Machine, acked: u64) -> u64 {
 }
 
 /// A paused loop's resync, as far as it matters while paused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum PausedResync {
-    /// None required (the journal is measured at each wait).
+    /// None on record (the journal is measured at each wait).
     NotRequired,
-    /// Required and not begun: nothing need be held.
-    Required,
+    /// Required (why) and not begun: nothing need be held.
+    Required(String),
     /// Begun: its hold stays until it ends.
     UnderWay,
 }
@@ -1001,50 +1005,47 @@ fn run(
             // machine needs a resync, as when its target is unreachable, and then
             // nothing of it need be held (the resync brings the target along). A
             // resync already required and not begun when the pause came counts; one
-            // under way (paused between its batches) keeps its hold, as it would.
+            // under way (paused between its batches) keeps its hold, as it would. The
+            // hold is let go only for a resync on record: read back from its file.
             let why = ", while shipping was paused";
-            paused_resync = Some(match paused_resync {
-                Some(PausedResync::NotRequired) | None
-                    if initial_done && overflowed(&machine, &shipper, &cfg, &site, why) =>
-                {
-                    // `overflowed` recorded it, keeping a resync's base if one began.
-                    match SourceResync::load(&site, &name) {
-                        Ok(Some(req)) if req.base.is_some() => PausedResync::UnderWay,
-                        _ => PausedResync::Required,
-                    }
+            let look = match &paused_resync {
+                None => true,
+                Some(PausedResync::NotRequired) => {
+                    initial_done && overflowed(&machine, &shipper, &cfg, &site, why)
                 }
-                Some(known) => known,
-                None => match SourceResync::load(&site, &name) {
+                Some(_) => false,
+            };
+            if look {
+                paused_resync = Some(match SourceResync::load(&site, &name) {
                     Ok(Some(req)) if req.base.is_some() => PausedResync::UnderWay,
-                    Ok(Some(_)) => PausedResync::Required,
+                    Ok(Some(req)) => PausedResync::Required(req.reason),
                     Ok(None) => PausedResync::NotRequired,
                     Err(e) => {
                         tracing::error!(machine = %name, "resync state: {e}");
                         PausedResync::NotRequired
                     }
-                },
-            });
-            let resync = paused_resync == Some(PausedResync::Required);
-            if resync {
-                shipper.release_hold(machine.status().last_lsn);
+                });
             }
             let mut s = status.lock();
-            if resync {
+            s.reason = paused_reason(&rel.target);
+            if let Some(PausedResync::Required(why)) = &paused_resync {
+                shipper.release_hold(machine.status().last_lsn);
                 s.state = State::ResyncRequired;
                 s.health = Health::Warning;
                 s.progress = None;
                 s.reason = format!(
-                    "resync required; {}: it resynchronises once resumed",
-                    paused_reason(&rel.target)
+                    "resync required: {why}; {}: it resynchronises once resumed",
+                    s.reason
                 );
-            } else {
-                s.reason = paused_reason(&rel.target);
             }
             drop(s);
             control.wait(&stop, Duration::from_millis(50), &machine);
             continue;
         }
-        paused_resync = None;
+        if paused_resync.take().is_some() {
+            // Resumed: the paused reason goes now, not at the end of the next pass.
+            status.lock().reason = format!("resumed; shipping to {}", rel.target);
+        }
         // A resync required: wait for the window (or --now), then run it.
         let pending = match SourceResync::load(&site, &name) {
             Ok(p) => p,
@@ -1129,13 +1130,8 @@ fn run(
                     s.reason = format!("resynchronised; replicating to {}", rel.target);
                     continue;
                 }
-                // Paused mid-resync: given up between chunks, resumed from there once
+                // Paused mid-resync: given up between batches, resumed from there once
                 // shipping is resumed; nothing failed.
-                Err(e) if control.paused.load(Ordering::Acquire) && is_interrupted(&e) => {
-                    continue;
-                }
-                // Paused mid-copy: the initial copy is given up between chunks and goes
-                // on from the target's position once resumed; nothing failed.
                 Err(e) if control.paused.load(Ordering::Acquire) && is_interrupted(&e) => {
                     continue;
                 }
@@ -1248,6 +1244,11 @@ fn run(
                 if initial_done && overflowed(&machine, &shipper, &cfg, &site, "") {
                     continue;
                 }
+            }
+            // Paused mid-copy: the initial copy is given up between chunks and goes
+            // on from the target's position once resumed; nothing failed.
+            Err(e) if control.paused.load(Ordering::Acquire) && is_interrupted(&e) => {
+                continue;
             }
             // The target fails the machine over and asks us to shut down first: a
             // planned failover, begun here, ships everything and has it promoted.

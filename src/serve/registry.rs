@@ -529,11 +529,12 @@ impl Registry {
         let was = crate::ops::set_shipping_paused(&self.site, machine, true)?;
         match handle.pause(PAUSE_WAIT) {
             Ok(true) => Ok(Reply::done(format!(
-                "shipping of {machine} paused (its journal is kept until `replog resume`)"
+                "shipping of {machine} paused: writes go on into its journal; `replog \
+                 resume` ships them"
             ))),
             Ok(false) => Ok(Reply::done(format!(
                 "shipping of {machine} pauses when the pass in progress ends (it did not \
-                 within {} s); its journal is kept until `replog resume`",
+                 within {} s): writes go on into its journal; `replog resume` ships them",
                 PAUSE_WAIT.as_secs()
             ))),
             Err(e) => {

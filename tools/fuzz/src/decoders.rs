@@ -648,6 +648,7 @@ pub fn valid_config(rng: &mut Rng) -> Vec<u8> {
             rpo: Some("30s".into()),
             bandwidth: Some("50MiB/s".into()),
             bandwidth_schedule: Some("Mon-Fri 08:00-18:00=10MiB/s, *=unlimited".into()),
+            paused: true,
         }
         .to_toml()
         .expect("encodes")
