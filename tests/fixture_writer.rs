@@ -784,7 +784,8 @@ fn write_frames<'a>(dir: &Path, frames: impl IntoIterator<Item = (&'a str, Messa
     }
 }
 
-/// `relationship.toml` format 3: a relationship paused by `replog pause`.
+/// `relationship.toml` format 3: a relationship paused by `replog pause`; the copy
+/// mark (`copied.toml`, format 1) of its initial copy.
 #[test]
 #[ignore]
 fn write_version_10_fixtures() {
@@ -792,7 +793,7 @@ fn write_version_10_fixtures() {
     let _ = std::fs::remove_dir_all(&out);
     let site = tempfile::tempdir().expect("tmp");
     std::fs::create_dir_all(site.path().join("machines/vm1")).expect("mkdir");
-    replog::replication::relationship::Relationship {
+    let rel = replog::replication::relationship::Relationship {
         target: "10.0.0.2:7000".into(),
         target_id: "ab".repeat(32),
         retention: Some("24h".into()),
@@ -801,13 +802,12 @@ fn write_version_10_fixtures() {
         bandwidth: None,
         bandwidth_schedule: None,
         paused: true,
-    }
-    .save(site.path(), "vm1")
-    .expect("relationship");
+    };
+    rel.save(site.path(), "vm1").expect("relationship");
+    replog::replication::relationship::CopyMark::record(site.path(), "vm1", &rel, 3)
+        .expect("copy mark");
     std::fs::create_dir_all(&out).expect("mkdir");
-    std::fs::copy(
-        site.path().join("machines/vm1/relationship.toml"),
-        out.join("relationship.toml"),
-    )
-    .expect("copy");
+    for f in ["relationship.toml", "copied.toml"] {
+        std::fs::copy(site.path().join("machines/vm1").join(f), out.join(f)).expect("copy");
+    }
 }

@@ -1127,9 +1127,9 @@ fn version_9_promote_soon_frames_decode() {
 
 /// `relationship.toml` format 3 (`v10/source`): a paused relationship reads as
 /// paused; resumed, it is written as format 2 again (what builds before `paused`
-/// read), and paused again, as the fixture's bytes.
+/// read), and paused again, as the fixture's bytes. The copy mark beside it.
 #[test]
-fn version_10_a_paused_relationship_reads_back_and_resumed_is_format_2() {
+fn version_10_a_paused_relationship_and_a_copy_mark_read_back() {
     use replog::replication::relationship::Relationship;
     let fixture = fixtures().join("v10/source/relationship.toml");
     let written = std::fs::read_to_string(&fixture).expect("fixture");
@@ -1150,4 +1150,28 @@ fn version_10_a_paused_relationship_reads_back_and_resumed_is_format_2() {
         "{text}"
     );
     assert!(!text.contains("paused"), "{text}");
+
+    // The copy mark: it holds for its target and generation only.
+    use replog::replication::relationship::CopyMark;
+    std::fs::copy(
+        fixtures().join("v10/source/copied.toml"),
+        dir.join("copied.toml"),
+    )
+    .expect("copy");
+    let mark = CopyMark::load(site.path(), "vm1")
+        .expect("format 1 reads")
+        .expect("a mark");
+    assert_eq!(mark.generation, 3);
+    assert!(CopyMark::holds(site.path(), "vm1", &r, 3));
+    assert!(!CopyMark::holds(site.path(), "vm1", &r, 4));
+    r.target_id = "cd".repeat(32);
+    assert!(!CopyMark::holds(site.path(), "vm1", &r, 3));
+    // A newer format is refused naming both.
+    std::fs::write(dir.join("copied.toml"), "# replog copy mark, format 2\n").expect("write");
+    let e = CopyMark::load(site.path(), "vm1").expect_err("format 2");
+    assert!(
+        e.to_string()
+            .contains("format 2; this build reads formats 1 to 1"),
+        "{e}"
+    );
 }

@@ -828,6 +828,13 @@ fn a_paused_machine_ships_nothing_stays_paused_across_a_restart_and_catches_up()
     wait_shipped(&src);
     let shipped = newest_point(&dst);
     assert!(shipped > 0);
+    // The copy mark: the initial copy toward this target is complete.
+    let mark = std::fs::read_to_string(src.join("machines/vm1/copied.toml")).expect("mark");
+    let dst_id = run_ok(replog().arg("id").arg(&dst)).trim().to_string();
+    assert!(
+        mark.starts_with("# replog copy mark, format 1\n") && mark.contains(&dst_id),
+        "{mark}"
+    );
 
     let said = run_ok(replog().arg("pause").arg(&src).arg("vm1"));
     assert!(said.contains("shipping of vm1 paused"), "{said}");
@@ -946,11 +953,16 @@ fn a_journal_past_its_threshold_while_paused_is_resynchronised_once_resumed() {
         cfg.replication.resync_window = "always".into();
     });
     let _target = TargetServe::start(&dst, &addr);
-    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
+    let mnt = tmp.path().join("mnt");
+    let served = Served::start(&src, &mnt, &[]);
     protect_when_listening(&src, &addr);
     write_at(&served.disk("os"), 0, &common::pattern(1, 1 << 20));
     wait_shipped(&src);
     run_ok(replog().arg("pause").arg(&src).arg("vm1"));
+    // Started again, paused: the loop never reaches the target, and knows from the
+    // copy mark that its journal is a delta over a complete copy.
+    assert!(served.stop().success());
+    let served = Served::start(&src, &mnt, &[]);
     // Paused for a while first: the journal is measured while the pause goes on,
     // not only as it begins.
     std::thread::sleep(Duration::from_millis(500));

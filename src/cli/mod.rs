@@ -193,7 +193,7 @@ pub enum Command {
     /// initial copy between chunks, a resync between batches, going on from there
     /// when resumed; up to 30 s is waited for), and the pause is kept in the
     /// relationship, so a serve started later keeps it. Writes go on; the journal keeps what the target lacks
-    /// and grows. Once the loop has shipped in this serve, a journal that reaches the
+    /// and grows. Once the initial copy is complete, a journal that reaches the
     /// resync threshold (replication.resync_threshold_percent of the disks) makes a
     /// resync required, and is then merged. `status` says paused. A planned failover
     /// is refused while paused.

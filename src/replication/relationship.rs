@@ -238,6 +238,90 @@ impl Relationship {
     }
 }
 
+/// `SITE/machines/<m>/copied.toml`, the copy mark: the relationship (the target's
+/// ID, the machine's generation) whose initial copy a shipping pass saw complete at
+/// the target:
+///
+/// ```text
+/// # replog copy mark, format 1
+/// target_id = "<the target site's ID>"
+/// generation = 3
+/// ```
+///
+/// A loop that has not reached its target since it started (paused, or the target
+/// unreachable) reads it to know that the journal it keeps is a delta over a
+/// complete copy: past the resync threshold a resync is then required and the
+/// journal merged, as in a loop that has shipped. A mark of another target or
+/// generation (a relationship since replaced) says nothing. Older builds do not read
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyMark {
+    pub target_id: String,
+    pub generation: u32,
+}
+
+const COPY_FILE: &str = "copied.toml";
+const COPY_MAGIC: &str = "# replog copy mark, format ";
+const COPY_FORMAT: u32 = 1;
+
+impl CopyMark {
+    fn path(site: &Path, machine: &str) -> Result<PathBuf> {
+        Ok(path(site, machine)?.with_file_name(COPY_FILE))
+    }
+
+    /// Whether the mark says the initial copy toward `rel`'s target is complete for
+    /// `generation` (a missing or unreadable mark: no, and the latter is logged).
+    pub fn holds(site: &Path, machine: &str, rel: &Relationship, generation: u32) -> bool {
+        let want = CopyMark {
+            target_id: rel.target_id.clone(),
+            generation,
+        };
+        match Self::load(site, machine) {
+            Ok(m) => m.as_ref() == Some(&want),
+            Err(e) => {
+                tracing::warn!(machine, "{e}");
+                false
+            }
+        }
+    }
+
+    pub fn load(site: &Path, machine: &str) -> Result<Option<CopyMark>> {
+        let p = Self::path(site, machine)?;
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("read", &p, e)),
+        };
+        crate::config::read_format(&p, &text, COPY_MAGIC, COPY_FORMAT)?;
+        let at = crate::config::TomlAt {
+            file: &p,
+            text: &text,
+        };
+        toml::from_str(&text)
+            .map(Some)
+            .map_err(|e| at.parse_error(&e))
+    }
+
+    /// Record that the initial copy toward `rel`'s target is complete for
+    /// `generation` (atomically; nothing is written if the mark says so already).
+    pub fn record(site: &Path, machine: &str, rel: &Relationship, generation: u32) -> Result<()> {
+        if Self::holds(site, machine, rel, generation) {
+            return Ok(());
+        }
+        let mark = CopyMark {
+            target_id: rel.target_id.clone(),
+            generation,
+        };
+        let body = toml::to_string(&mark).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        crate::storage::write_atomic(
+            &crate::storage::FileStorage,
+            &Self::path(site, machine)?,
+            format!("{COPY_MAGIC}{COPY_FORMAT}\n{body}").as_bytes(),
+        )
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

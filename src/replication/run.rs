@@ -12,7 +12,7 @@
 //! failure, or a refusal the target calls fatal, make the machine Critical and stop
 //! shipping until an operator acts.
 
-use super::relationship::Relationship;
+use super::relationship::{CopyMark, Relationship};
 use super::resync_schedule::{SourceResync, Window};
 use super::shipper::{is_interrupted, Shipper};
 use crate::config::ReplicationConfig;
@@ -214,11 +214,13 @@ impl ShipLoop {
         paused: PauseFlag,
     ) -> ShipLoop {
         let stop = Arc::new(AtomicBool::new(false));
-        // Started paused (kept across a restart, or a stopped loop's flag): whether
-        // the initial copy is done is not known until a pass has run.
+        // Started paused (kept across a restart, or a stopped loop's flag): the copy
+        // mark tells whether the initial copy is done; how far one not done got is
+        // not known until a pass has run.
         let starts_paused = paused.load(Ordering::Acquire);
+        let copied = CopyMark::holds(&site, machine.name(), &rel, machine.generation());
         let status = Arc::new(Mutex::new(LoopStatus {
-            state: if starts_paused {
+            state: if starts_paused && copied {
                 State::Protected
             } else {
                 State::InitialReplication
@@ -932,6 +934,9 @@ fn run(
     let mut paused_resync: Option<PausedResync> = None;
     let site = shipper.site().to_path_buf();
     let name = machine.name().to_string();
+    // An initial copy a loop before this one saw complete (the copy mark): what the
+    // journal holds is a delta over it, even before this loop reaches the target.
+    let mut copied_before = CopyMark::holds(&site, &name, &rel, machine.generation());
     let window = match Window::parse(&cfg.resync_window, cfg.resync_weekends) {
         Ok(w) => w,
         Err(e) => {
@@ -1011,7 +1016,8 @@ fn run(
             let look = match &paused_resync {
                 None => true,
                 Some(PausedResync::NotRequired) => {
-                    initial_done && overflowed(&machine, &shipper, &cfg, &site, why)
+                    (initial_done || copied_before)
+                        && overflowed(&machine, &shipper, &cfg, &site, why)
                 }
                 Some(_) => false,
             };
@@ -1209,6 +1215,12 @@ fn run(
                 control.acked(report.acked_lsn);
                 jobs.pass_ok(report.acked_lsn, &rel.target);
                 initial_done |= report.initial_completed || report.initial_bytes == 0;
+                if initial_done && !copied_before {
+                    match CopyMark::record(&site, &name, &rel, machine.generation()) {
+                        Ok(()) => copied_before = true,
+                        Err(e) => tracing::warn!(machine = %name, "copy mark: {e}"),
+                    }
+                }
                 if jobs.reprotecting {
                     let view = shipper.reprotect_state().cloned();
                     jobs.reprotect_pass(
@@ -1320,7 +1332,9 @@ fn run(
                     );
                     // Unreachable for long with the journal growing: resync later.
                     let why = ", while the target was unreachable";
-                    if initial_done && overflowed(&machine, &shipper, &cfg, &site, why) {
+                    if (initial_done || copied_before)
+                        && overflowed(&machine, &shipper, &cfg, &site, why)
+                    {
                         continue;
                     }
                     {
