@@ -39,11 +39,15 @@
 //! `serve:pause-found`: serve found the shipping loop a pause is for (holding the
 //! machine's `changing` lock) and has not told it yet.
 //!
+//! `ship:protected`: a shipper read the target's answer to `Protect` (every pass).
+//!
 //! `REPLOG_FAILPOINT=NAME:stall` stops the thread that reaches NAME for good instead
-//! (the test looks at the process meanwhile — its status — and kills it itself).
+//! (the test looks at the process meanwhile — its status — and kills it itself);
+//! `NAME:delay` makes it wait a second each time it reaches NAME (what other threads
+//! do meanwhile — a merge — is then sure to happen there).
 
 /// Kill this process (SIGKILL) if `REPLOG_FAILPOINT` names `point`; stall the
-/// calling thread for good if it names `point:stall`.
+/// calling thread for good if it names `point:stall`, for a second if `point:delay`.
 pub fn hit(point: &str) {
     let Some(v) = std::env::var_os("REPLOG_FAILPOINT") else {
         return;
@@ -52,6 +56,11 @@ pub fn hit(point: &str) {
         tracing::error!("failpoint {point}: killing this process");
         // SAFETY: kill(2) on our own pid with a valid signal number.
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+    if v.to_str().and_then(|v| v.strip_suffix(":delay")) == Some(point) {
+        tracing::warn!("failpoint {point}: waiting a second");
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        return;
     }
     if v.to_str().and_then(|v| v.strip_suffix(":stall")) == Some(point) {
         tracing::error!("failpoint {point}: this thread stalls until the process is killed");

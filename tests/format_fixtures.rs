@@ -1163,6 +1163,13 @@ fn version_10_a_paused_relationship_and_a_copy_mark_read_back() {
         .expect("a mark");
     assert_eq!(mark.generation, 3);
     assert!(CopyMark::holds(site.path(), "vm1", &r, 3));
+    // Written again by this build: the fixture's bytes.
+    std::fs::remove_file(dir.join("copied.toml")).expect("rm");
+    CopyMark::record(site.path(), "vm1", &r, 3).expect("record");
+    assert_eq!(
+        std::fs::read(dir.join("copied.toml")).expect("mark"),
+        std::fs::read(fixtures().join("v10/source/copied.toml")).expect("fixture")
+    );
     assert!(!CopyMark::holds(site.path(), "vm1", &r, 4));
     r.target_id = "cd".repeat(32);
     assert!(!CopyMark::holds(site.path(), "vm1", &r, 3));
@@ -1173,5 +1180,12 @@ fn version_10_a_paused_relationship_and_a_copy_mark_read_back() {
         e.to_string()
             .contains("format 2; this build reads formats 1 to 1"),
         "{e}"
+    );
+    // … and not written over.
+    r.target_id = "ab".repeat(32);
+    CopyMark::record(site.path(), "vm1", &r, 3).expect_err("a newer mark");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("copied.toml")).expect("mark"),
+        "# replog copy mark, format 2\n"
     );
 }

@@ -1042,3 +1042,71 @@ fn a_pause_stops_an_initial_copy_between_chunks_and_resume_finishes_it() {
     drop(os);
     assert!(served.stop().success());
 }
+
+/// The target lost its replica while the source was paused and started again: the
+/// copy mark says the copy is complete, so the journal past its threshold is let go
+/// for a resync; resumed, the target says it has no complete copy, the mark goes, a
+/// new initial copy is based on parents that no merge moves meanwhile, and the
+/// restore equals the disk (no endless round of resync and broken chain).
+#[test]
+fn a_replica_lost_while_paused_is_copied_again_once_resumed() {
+    if !fuse_available("a_replica_lost_while_paused_is_copied_again_once_resumed") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let _sweep = MountSweep(tmp.path().to_path_buf());
+    let (src, dst, addr) = two_sites(tmp.path(), "32M");
+    edit_config(&src, |cfg| {
+        cfg.replication.resync_threshold_percent = 10;
+        cfg.replication.resync_window = "always".into();
+        // Small segments merged soon: what the hold lets go shows in journal_bytes.
+        cfg.journal.segment_bytes = 1 << 20;
+        cfg.journal.compact_interval_ms = 100;
+        cfg.journal.compact_idle_ms = 200;
+    });
+    let target = TargetServe::start(&dst, &addr);
+    let mnt = tmp.path().join("mnt");
+    let served = Served::start(&src, &mnt, &[]);
+    protect_when_listening(&src, &addr);
+    write_at(&served.disk("os"), 0, &common::pattern(1, 1 << 20));
+    wait_shipped(&src);
+    let mark = src.join("machines/vm1/copied.toml");
+    assert!(mark.exists());
+    run_ok(replog().arg("pause").arg(&src).arg("vm1"));
+    assert!(served.stop().success());
+    drop(target);
+    std::fs::remove_dir_all(dst.join("replicas/vm1")).expect("remove the replica");
+    let _target = TargetServe::start(&dst, &addr);
+    // Each pass waits a second after the target's answer to Protect: a merge due
+    // then happens between the new replica's creation and its copy.
+    let served = Served::start_with_env(
+        &src,
+        &mnt,
+        &[],
+        &[("REPLOG_FAILPOINT", "ship:protected:delay")],
+    );
+    write_at(&served.disk("os"), 8 << 20, &common::pattern(2, 4 << 20));
+    let st = wait_for(&src, "resync required while paused", |m| {
+        m["state"] == "resync-required"
+    });
+    // Let go (the mark says the copy is complete): the compactor merges it.
+    wait_for(&src, "the journal merged", |m| {
+        m["journal_bytes"].as_u64().unwrap_or(u64::MAX) < 2 << 20
+    });
+    assert!(st["machines"][0]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .contains("is paused"));
+    // Sealed segments not merged yet as shipping resumes: a merge ends during the
+    // first passes, and the new copy's base must not move under it.
+    write_at(&served.disk("os"), 16 << 20, &common::pattern(3, 3 << 20));
+    run_ok(replog().arg("resume").arg(&src).arg("vm1"));
+    wait_shipped(&src);
+    assert!(mark.exists(), "the mark of the new copy");
+    let os = open_disk(&served, "os");
+    restore_and_compare(&dst, &tmp.path().join("restored"), &[("os", &os)]);
+    drop(os);
+    let log = served.log_text();
+    assert!(!log.contains("parents stand for LSN"), "{log}");
+    assert!(served.stop().success());
+}

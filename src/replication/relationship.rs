@@ -304,21 +304,32 @@ impl CopyMark {
     }
 
     /// Record that the initial copy toward `rel`'s target is complete for
-    /// `generation` (atomically; nothing is written if the mark says so already).
+    /// `generation` (atomically; nothing is written if the mark says so already, and
+    /// a mark that does not read — a newer format — is left alone, as the error says).
     pub fn record(site: &Path, machine: &str, rel: &Relationship, generation: u32) -> Result<()> {
-        if Self::holds(site, machine, rel, generation) {
-            return Ok(());
-        }
         let mark = CopyMark {
             target_id: rel.target_id.clone(),
             generation,
         };
+        if Self::load(site, machine)?.as_ref() == Some(&mark) {
+            return Ok(());
+        }
         let body = toml::to_string(&mark).map_err(|e| Error::InvalidInput(e.to_string()))?;
         crate::storage::write_atomic(
             &crate::storage::FileStorage,
             &Self::path(site, machine)?,
             format!("{COPY_MAGIC}{COPY_FORMAT}\n{body}").as_bytes(),
         )
+    }
+
+    /// Remove the mark (the target said its copy is not complete).
+    pub fn clear(site: &Path, machine: &str) -> Result<()> {
+        let p = Self::path(site, machine)?;
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", &p, e)),
+        }
     }
 }
 

@@ -498,8 +498,8 @@ enum PausedResync {
     UnderWay,
 }
 
-/// Whether the journal the target lacks has reached the resync threshold; if so, a
-/// resync is recorded as required (`context` ends the reason).
+/// Whether the journal the target lacks has reached the resync threshold and a resync
+/// is now recorded as required (`context` ends the reason).
 fn overflowed(
     machine: &Machine,
     shipper: &Shipper,
@@ -519,10 +519,14 @@ fn overflowed(
         unshipped >> 20,
         unshipped.saturating_mul(100) / disk_bytes
     );
-    if let Err(e) = SourceResync::require(site, machine.name(), &why) {
-        tracing::error!(machine = machine.name(), "{e}");
+    match SourceResync::require(site, machine.name(), &why) {
+        Ok(()) => true,
+        // Not recorded (the disk full, say): nothing is let go; measured again later.
+        Err(e) => {
+            tracing::error!(machine = machine.name(), "{e}");
+            false
+        }
     }
-    true
 }
 
 /// The jobs a shipping loop runs (`crate::jobs`): the initial replication (begun at
@@ -964,6 +968,17 @@ fn run(
     }
     while !stop.load(Ordering::Acquire) {
         control.drain(&machine);
+        // The target says its copy is not complete (its replica was lost and begun
+        // again, say): what this loop or the mark knew no longer holds.
+        if shipper.target_copy_complete() == Some(false) {
+            initial_done = false;
+            if copied_before {
+                if let Err(e) = CopyMark::clear(&site, &name) {
+                    tracing::warn!(machine = %name, "copy mark: {e}");
+                }
+                copied_before = false;
+            }
+        }
         if let Some((lsn, generation, tx)) = control.promote.take() {
             use super::shipper::PromoteOutcome;
             let outcome = shipper.promote_at_target(&machine, lsn, generation);
@@ -1035,7 +1050,9 @@ fn run(
             let mut s = status.lock();
             s.reason = paused_reason(&rel.target);
             if let Some(PausedResync::Required(why)) = &paused_resync {
-                shipper.release_hold(machine.status().last_lsn);
+                if initial_done || copied_before {
+                    shipper.release_hold(machine.status().last_lsn);
+                }
                 s.state = State::ResyncRequired;
                 s.health = Health::Warning;
                 s.progress = None;
@@ -1062,8 +1079,11 @@ fn run(
         };
         if let Some(req) = pending {
             // Meanwhile the journal must stay bounded: nothing is shipped, so let the
-            // compactor merge everything (the resync brings the target along).
-            if req.base.is_none() {
+            // compactor merge everything (the resync brings the target along) — once
+            // the target's copy is known to be complete: an initial copy not done
+            // needs the parents frozen at its base (the resync then finds no copy to
+            // compare with, and the copy goes on).
+            if req.base.is_none() && (initial_done || copied_before) {
                 shipper.release_hold(machine.status().last_lsn);
             }
             let now = super::resync_schedule::requested_now(&site, &name);

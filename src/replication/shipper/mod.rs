@@ -39,6 +39,9 @@ pub struct Shipper {
     progress: Option<Box<Progress>>,
     /// Flags that give up a pass between chunks (the loop's stop, its pause).
     stop: Vec<Arc<AtomicBool>>,
+    /// Whether the target's initial copy is complete, as it said at the last
+    /// handshake of this process (or as this process completed it); None before one.
+    copy_complete: Option<bool>,
     /// What the target keeps: (every point, app-consistent points), in ms.
     retention: (u64, u64),
     /// Where a resync reports its counters as it goes (status shows them).
@@ -383,6 +386,7 @@ impl Shipper {
             acked_lsn: base,
             progress: None,
             stop: Vec::new(),
+            copy_complete: None,
             retention: (
                 super::relationship::DEFAULT_RETENTION_MS,
                 super::relationship::DEFAULT_APP_RETENTION_MS,
@@ -523,6 +527,12 @@ impl Shipper {
         self.acked_lsn
     }
 
+    /// Whether the target's initial copy is complete, as the last handshake of this
+    /// process said (or this process completed it); None before any.
+    pub fn target_copy_complete(&self) -> Option<bool> {
+        self.copy_complete
+    }
+
     /// Connect, greet and announce `machine`: the link and the target's answer.
     fn handshake(&mut self, machine: &Machine) -> Result<(Link, Protected)> {
         let mut link = Link::connect(&self.site, &self.target)?;
@@ -562,6 +572,21 @@ impl Shipper {
                 self.reprotect = Some(view);
             }
         }
+        // Until a target has said in this process that its copy is complete, the
+        // parents must not move under the base announced here: a target that starts
+        // a new replica (its copy lost) bases it there, and the copy needs the
+        // parents frozen at that base. So hold at the watermark and let a merge in
+        // flight end before reading it (once per loop, and while a copy is under way).
+        if self.copy_complete != Some(true) {
+            loop {
+                let w = machine.status().watermark;
+                self.hold.set(w.lsn);
+                machine.wait_for_merge();
+                if machine.status().watermark == w {
+                    break;
+                }
+            }
+        }
         let w = machine.status().watermark;
         link.send(&Message::Protect {
             machine: machine.name().to_string(),
@@ -595,17 +620,21 @@ impl Shipper {
                 resume_offset,
                 diverged,
                 ..
-            } => Ok((
-                link,
-                Protected {
-                    lsn,
-                    seq,
-                    initial_done,
-                    resume: (resume_disk, resume_offset),
-                    diverged,
-                    base: w,
-                },
-            )),
+            } => {
+                crate::failpoint::hit("ship:protected");
+                self.copy_complete = Some(initial_done);
+                Ok((
+                    link,
+                    Protected {
+                        lsn,
+                        seq,
+                        initial_done,
+                        resume: (resume_disk, resume_offset),
+                        diverged,
+                        base: w,
+                    },
+                ))
+            }
             other => Err(link.unexpected("Protected", &other)),
         }
     }
@@ -686,6 +715,7 @@ impl Shipper {
         if !p.initial_done {
             report.initial_bytes = self.initial_replication(&mut link, machine, &p)?;
             report.initial_completed = true;
+            self.copy_complete = Some(true);
         }
         self.ship_segments(&mut link, machine, (p.lsn, p.seq), &mut report)?;
         Ok(report)

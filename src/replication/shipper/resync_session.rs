@@ -110,7 +110,9 @@ impl Shipper {
             chunk_bytes,
             chunk_bytes.saturating_mul(crate::replication::receiver::MAX_HASHES),
         );
-        let base = self.resync_base(machine, chunk_bytes)?;
+        // The handshake first: with the target's copy not complete, the hold must stay
+        // where the copy needs the parents (at the replica's base), not move to a
+        // resync's base.
         let (link, p) = self.handshake(machine)?;
         if !p.initial_done {
             // Nothing to compare with yet: the initial copy (which the next pass
@@ -122,6 +124,7 @@ impl Shipper {
             SourceResync::clear(&self.site, machine.name())?;
             return Ok(ResyncReport::default());
         }
+        let base = self.resync_base(machine, chunk_bytes)?;
         let mut run = ResyncRun::start(self, link, machine, base, chunk_bytes)?;
         run.mend_damage(p.seq)?;
         run.compare(batch_bytes)?;
