@@ -103,6 +103,11 @@ pub enum Error {
     #[error("data lost: {0}")]
     Lost(String),
 
+    /// A replica that neither a resync nor its initial copy can bring along (an
+    /// initial copy whose base the source's parents have left). An operator must act.
+    #[error("replica cannot continue: {0}")]
+    Unmendable(String),
+
     /// A file written by a newer replog, or with incompatible feature bits.
     #[error("unsupported format in {}: {what}", path.display())]
     Unsupported { path: PathBuf, what: String },
@@ -270,7 +275,8 @@ impl Error {
             | Error::Fenced { .. }
             | Error::OutOfRange { .. }
             | Error::Unsupported { .. }
-            | Error::Lost(_) => ErrorClass::Critical,
+            | Error::Lost(_)
+            | Error::Unmendable(_) => ErrorClass::Critical,
         }
     }
 
@@ -299,7 +305,8 @@ impl Error {
             Error::AlreadyExists(_)
             | Error::Locked(_)
             | Error::Poisoned { .. }
-            | Error::Lost(_) => RefusalCode::Fatal,
+            | Error::Lost(_)
+            | Error::Unmendable(_) => RefusalCode::Fatal,
         }
     }
 
@@ -312,7 +319,8 @@ impl Error {
             Error::Corruption { .. }
             | Error::Poisoned { .. }
             | Error::BrokenChain(_)
-            | Error::Lost(_) => libc::EIO,
+            | Error::Lost(_)
+            | Error::Unmendable(_) => libc::EIO,
             Error::Fenced { .. } => libc::EROFS,
             Error::InvalidInput(_) | Error::Protocol { .. } | Error::Incompatible { .. } => {
                 libc::EINVAL

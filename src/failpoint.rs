@@ -39,7 +39,8 @@
 //! `serve:pause-found`: serve found the shipping loop a pause is for (holding the
 //! machine's `changing` lock) and has not told it yet.
 //!
-//! `ship:protected`: a shipper read the target's answer to `Protect` (every pass).
+//! `ship:protected`: a shipper read the target's answer to `Protect` (every pass:
+//! the one point on the shipping path, one environment lookup a pass).
 //!
 //! `REPLOG_FAILPOINT=NAME:stall` stops the thread that reaches NAME for good instead
 //! (the test looks at the process meanwhile — its status — and kills it itself);

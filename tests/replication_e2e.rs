@@ -1108,5 +1108,10 @@ fn a_replica_lost_while_paused_is_copied_again_once_resumed() {
     drop(os);
     let log = served.log_text();
     assert!(!log.contains("parents stand for LSN"), "{log}");
+    // The mark went when the target said it had no complete copy, then came back.
+    assert!(
+        log.contains("has no complete copy: the copy mark is removed"),
+        "{log}"
+    );
     assert!(served.stop().success());
 }

@@ -304,15 +304,20 @@ impl CopyMark {
     }
 
     /// Record that the initial copy toward `rel`'s target is complete for
-    /// `generation` (atomically; nothing is written if the mark says so already, and
-    /// a mark that does not read — a newer format — is left alone, as the error says).
+    /// `generation` (atomically; nothing is written if the mark says so already; a
+    /// mark of a newer format is left alone, as the error says; a damaged one is
+    /// written over).
     pub fn record(site: &Path, machine: &str, rel: &Relationship, generation: u32) -> Result<()> {
         let mark = CopyMark {
             target_id: rel.target_id.clone(),
             generation,
         };
-        if Self::load(site, machine)?.as_ref() == Some(&mark) {
-            return Ok(());
+        match Self::load(site, machine) {
+            Ok(Some(m)) if m == mark => return Ok(()),
+            // Written by a newer build: left alone.
+            Err(e @ Error::Unsupported { .. }) => return Err(e),
+            // Absent, of another relationship, or damaged: written (again).
+            _ => {}
         }
         let body = toml::to_string(&mark).map_err(|e| Error::InvalidInput(e.to_string()))?;
         crate::storage::write_atomic(
@@ -322,13 +327,17 @@ impl CopyMark {
         )
     }
 
-    /// Remove the mark (the target said its copy is not complete).
+    /// Remove the mark (the target said its copy is not complete), durably.
     pub fn clear(site: &Path, machine: &str) -> Result<()> {
         let p = Self::path(site, machine)?;
         match std::fs::remove_file(&p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("remove", &p, e)),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io("remove", &p, e)),
+        }
+        match p.parent() {
+            Some(dir) => crate::storage::Storage::sync_dir(&crate::storage::FileStorage, dir),
+            None => Ok(()),
         }
     }
 }

@@ -941,6 +941,8 @@ fn run(
     // An initial copy a loop before this one saw complete (the copy mark): what the
     // journal holds is a delta over it, even before this loop reaches the target.
     let mut copied_before = CopyMark::holds(&site, &name, &rel, machine.generation());
+    // A mark the target contradicted and not yet removed.
+    let mut stale_mark = false;
     let window = match Window::parse(&cfg.resync_window, cfg.resync_weekends) {
         Ok(w) => w,
         Err(e) => {
@@ -973,10 +975,23 @@ fn run(
         if shipper.target_copy_complete() == Some(false) {
             initial_done = false;
             if copied_before {
-                if let Err(e) = CopyMark::clear(&site, &name) {
-                    tracing::warn!(machine = %name, "copy mark: {e}");
-                }
                 copied_before = false;
+                stale_mark = true;
+            }
+        }
+        // Gone for good (a removal that failed is tried again): a mark left behind
+        // would say the copy is complete to the next serve.
+        if stale_mark {
+            match CopyMark::clear(&site, &name) {
+                Ok(()) => {
+                    stale_mark = false;
+                    tracing::warn!(
+                        machine = %name,
+                        "{} has no complete copy: the copy mark is removed",
+                        rel.target
+                    );
+                }
+                Err(e) => tracing::warn!(machine = %name, "copy mark: {e}"),
             }
         }
         if let Some((lsn, generation, tx)) = control.promote.take() {
@@ -1050,7 +1065,7 @@ fn run(
             let mut s = status.lock();
             s.reason = paused_reason(&rel.target);
             if let Some(PausedResync::Required(why)) = &paused_resync {
-                if initial_done || copied_before {
+                if shipper.target_copy_complete() != Some(false) {
                     shipper.release_hold(machine.status().last_lsn);
                 }
                 s.state = State::ResyncRequired;
@@ -1079,11 +1094,11 @@ fn run(
         };
         if let Some(req) = pending {
             // Meanwhile the journal must stay bounded: nothing is shipped, so let the
-            // compactor merge everything (the resync brings the target along) — once
-            // the target's copy is known to be complete: an initial copy not done
+            // compactor merge everything (the resync brings the target along) — unless
+            // the target said in this process that its copy is not complete: that copy
             // needs the parents frozen at its base (the resync then finds no copy to
             // compare with, and the copy goes on).
-            if req.base.is_none() && (initial_done || copied_before) {
+            if req.base.is_none() && shipper.target_copy_complete() != Some(false) {
                 shipper.release_hold(machine.status().last_lsn);
             }
             let now = super::resync_schedule::requested_now(&site, &name);

@@ -22,10 +22,18 @@ impl Shipper {
         machine.wait_for_merge();
         let frozen = machine.status().watermark;
         if frozen.lsn != p.lsn {
-            return Err(Error::BrokenChain(format!(
-                "the replica's initial copy is based on LSN {} but this source's parents \
-                 stand for LSN {}: resynchronisation required",
-                p.lsn, frozen.lsn
+            // A resync needs a complete copy to compare with, and this copy can go on
+            // only from parents at its base: nothing retries its way out (it was a
+            // resync that cleared itself and this error again, for ever).
+            return Err(Error::Unmendable(format!(
+                "the target's initial copy of {} is based on LSN {} but this source's \
+                 parents stand for LSN {}, so it can neither go on nor be resynchronised; \
+                 remove the replica at the target (its serve stopped: SITE/replicas/{}) \
+                 so that a new initial copy starts",
+                machine.name(),
+                p.lsn,
+                frozen.lsn,
+                machine.name()
             )));
         }
         let seeded = self

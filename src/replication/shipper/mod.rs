@@ -563,20 +563,12 @@ impl Shipper {
             ),
         }
         link.limit(self.limiter.clone());
-        if let Some(map) = machine.changed_map() {
-            if link.peer_features() & protocol::FEATURE_REPROTECT != 0 {
-                let view = Self::reprotect_exchange(&mut link, machine, &map, false)?;
-                if let Some(f) = &self.on_reprotect {
-                    f(&view);
-                }
-                self.reprotect = Some(view);
-            }
-        }
         // Until a target has said in this process that its copy is complete, the
         // parents must not move under the base announced here: a target that starts
         // a new replica (its copy lost) bases it there, and the copy needs the
         // parents frozen at that base. So hold at the watermark and let a merge in
-        // flight end before reading it (once per loop, and while a copy is under way).
+        // flight end before reading it (once per loop, and while a copy is under way;
+        // before a reprotect's exchange too, which announces the same base).
         if self.copy_complete != Some(true) {
             loop {
                 let w = machine.status().watermark;
@@ -585,6 +577,15 @@ impl Shipper {
                 if machine.status().watermark == w {
                     break;
                 }
+            }
+        }
+        if let Some(map) = machine.changed_map() {
+            if link.peer_features() & protocol::FEATURE_REPROTECT != 0 {
+                let view = Self::reprotect_exchange(&mut link, machine, &map, false)?;
+                if let Some(f) = &self.on_reprotect {
+                    f(&view);
+                }
+                self.reprotect = Some(view);
             }
         }
         let w = machine.status().watermark;
