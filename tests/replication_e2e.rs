@@ -793,6 +793,52 @@ fn rotating_either_sites_certificate_keeps_replication_going() {
     assert!(served.stop().success());
 }
 
+/// `replog pause|resume SRC vm1` (`verb`); what it said.
+fn shipping(src: &Path, verb: &str) -> String {
+    run_ok(replog().arg(verb).arg(src).arg("vm1"))
+}
+
+/// `replog resume`, then once everything is shipped the target's restore at latest
+/// must equal the disk; serve stops cleanly.
+fn resume_and_compare(src: &Path, dst: &Path, served: Served, tmp: &Path) {
+    shipping(src, "resume");
+    wait_shipped(src);
+    let os = open_disk(&served, "os");
+    restore_and_compare(dst, &tmp.join("restored"), &[("os", &os)]);
+    drop(os);
+    assert!(served.stop().success());
+}
+
+/// Write 1 MiB at `off` through the mount of a paused vm1, let several seal
+/// intervals (200 ms) go by: status says paused, Warning, and the target's newest
+/// point is still `shipped`. Machine 0's status.
+fn write_and_ship_nothing(
+    src: &Path,
+    dst: &Path,
+    served: &Served,
+    off: u64,
+    shipped: u64,
+) -> serde_json::Value {
+    write_at(&served.disk("os"), off, &common::pattern(off, 1 << 20));
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = fresh_status(src);
+    let m = st["machines"][0].clone();
+    assert!(
+        m["reason"].as_str().unwrap_or("").contains("is paused"),
+        "{st}"
+    );
+    assert_eq!(m["health"], "warning", "{st}");
+    assert_eq!(newest_point(dst), shipped);
+    m
+}
+
+/// A resync required once the journal the target lacks passes 10% of the disks,
+/// run at once (any hour).
+fn resync_past_a_tenth(cfg: &mut replog::config::SiteConfig) {
+    cfg.replication.resync_threshold_percent = 10;
+    cfg.replication.resync_window = "always".into();
+}
+
 /// The newest LSN among the target's points of vm1 (0: none).
 fn newest_point(dst: &Path) -> u64 {
     let out = run_ok(replog().arg("points").arg(dst).args(["vm1", "--json"]));
@@ -836,7 +882,7 @@ fn a_paused_machine_ships_nothing_stays_paused_across_a_restart_and_catches_up()
         "{mark}"
     );
 
-    let said = run_ok(replog().arg("pause").arg(&src).arg("vm1"));
+    let said = shipping(&src, "pause");
     assert!(said.contains("shipping of vm1 paused"), "{said}");
     let rel_path = src.join("machines/vm1/relationship.toml");
     let rel = std::fs::read_to_string(&rel_path).expect("relationship");
@@ -844,18 +890,8 @@ fn a_paused_machine_ships_nothing_stays_paused_across_a_restart_and_catches_up()
         rel.starts_with("# replog relationship, format 3\n") && rel.contains("paused = true"),
         "{rel}"
     );
-    write_at(&served.disk("os"), 4 << 20, &common::pattern(2, 1 << 20));
-    // Several seal intervals (200 ms) go by: nothing is shipped.
-    std::thread::sleep(Duration::from_millis(1500));
-    let st = fresh_status(&src);
-    let m = &st["machines"][0];
-    assert!(
-        m["reason"].as_str().unwrap_or("").contains("is paused"),
-        "{st}"
-    );
-    assert_eq!(m["health"], "warning", "{st}");
-    assert!(m["last_lsn"].as_u64() > m["acked_lsn"].as_u64(), "{st}");
-    assert_eq!(newest_point(&dst), shipped);
+    let m = write_and_ship_nothing(&src, &dst, &served, 4 << 20, shipped);
+    assert!(m["last_lsn"].as_u64() > m["acked_lsn"].as_u64(), "{m}");
 
     // A planned failover ships everything first: refused, the machine still writable.
     let out = replog()
@@ -884,19 +920,10 @@ fn a_paused_machine_ships_nothing_stays_paused_across_a_restart_and_catches_up()
         "{st}"
     );
     let served = Served::start(&src, &mnt, &[]);
-    write_at(&served.disk("os"), 12 << 20, &common::pattern(4, 1 << 20));
-    std::thread::sleep(Duration::from_millis(1500));
-    let st = fresh_status(&src);
-    let m = &st["machines"][0];
-    assert!(
-        m["reason"].as_str().unwrap_or("").contains("is paused"),
-        "{st}"
-    );
-    assert_eq!(m["health"], "warning", "{st}");
-    assert_ne!(m["state"], "initial-replication", "{st}");
-    assert_eq!(newest_point(&dst), shipped);
+    let m = write_and_ship_nothing(&src, &dst, &served, 12 << 20, shipped);
+    assert_ne!(m["state"], "initial-replication", "{m}");
 
-    let said = run_ok(replog().arg("resume").arg(&src).arg("vm1"));
+    let said = shipping(&src, "resume");
     assert!(said.contains("shipping of vm1 resumed"), "{said}");
     let rel = std::fs::read_to_string(&rel_path).expect("relationship");
     assert!(
@@ -910,11 +937,11 @@ fn a_paused_machine_ships_nothing_stays_paused_across_a_restart_and_catches_up()
     assert!(served.stop().success());
 
     // Without a serve: recorded in the file, for the next serve.
-    let said = run_ok(replog().arg("pause").arg(&src).arg("vm1"));
+    let said = shipping(&src, "pause");
     assert!(said.contains("no serve runs"), "{said}");
     let rel = std::fs::read_to_string(&rel_path).expect("relationship");
     assert!(rel.contains("paused = true"), "{rel}");
-    run_ok(replog().arg("resume").arg(&src).arg("vm1"));
+    shipping(&src, "resume");
     let rel = std::fs::read_to_string(&rel_path).expect("relationship");
     assert!(!rel.contains("paused"), "{rel}");
     // Not protected: refused.
@@ -948,17 +975,14 @@ fn a_journal_past_its_threshold_while_paused_is_resynchronised_once_resumed() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let _sweep = MountSweep(tmp.path().to_path_buf());
     let (src, dst, addr) = two_sites(tmp.path(), "32M");
-    edit_config(&src, |cfg| {
-        cfg.replication.resync_threshold_percent = 10;
-        cfg.replication.resync_window = "always".into();
-    });
+    edit_config(&src, resync_past_a_tenth);
     let _target = TargetServe::start(&dst, &addr);
     let mnt = tmp.path().join("mnt");
     let served = Served::start(&src, &mnt, &[]);
     protect_when_listening(&src, &addr);
     write_at(&served.disk("os"), 0, &common::pattern(1, 1 << 20));
     wait_shipped(&src);
-    run_ok(replog().arg("pause").arg(&src).arg("vm1"));
+    shipping(&src, "pause");
     // Started again, paused: the loop never reaches the target, and knows from the
     // copy mark that its journal is a delta over a complete copy.
     assert!(served.stop().success());
@@ -977,13 +1001,8 @@ fn a_journal_past_its_threshold_while_paused_is_resynchronised_once_resumed() {
         .to_string();
     assert!(reason.contains("is paused"), "{st}");
     assert!(src.join("machines/vm1/resync.toml").exists());
-    run_ok(replog().arg("resume").arg(&src).arg("vm1"));
-    wait_shipped(&src);
+    resume_and_compare(&src, &dst, served, tmp.path());
     assert!(!src.join("machines/vm1/resync.toml").exists());
-    let os = open_disk(&served, "os");
-    restore_and_compare(&dst, &tmp.path().join("restored"), &[("os", &os)]);
-    drop(os);
-    assert!(served.stop().success());
 }
 
 /// A pause during the initial copy stops it between chunks, not at its end (a copy
@@ -1013,7 +1032,7 @@ fn a_pause_stops_an_initial_copy_between_chunks_and_resume_finishes_it() {
     wait_for(&src, "copying", |m| {
         m["state"] == "initial-replication" && m["progress"].as_f64().unwrap_or(0.0) > 0.0
     });
-    let said = run_ok(replog().arg("pause").arg(&src).arg("vm1"));
+    let said = shipping(&src, "pause");
     assert!(said.contains("shipping of vm1 paused"), "{said}");
     let at_pause = fresh_status(&src);
     std::thread::sleep(Duration::from_millis(1500));
@@ -1035,12 +1054,7 @@ fn a_pause_stops_an_initial_copy_between_chunks_and_resume_finishes_it() {
     // resumed).
     let log = served.log_text();
     assert!(!log.contains("replication failed"), "{log}");
-    run_ok(replog().arg("resume").arg(&src).arg("vm1"));
-    wait_shipped(&src);
-    let os = open_disk(&served, "os");
-    restore_and_compare(&dst, &tmp.path().join("restored"), &[("os", &os)]);
-    drop(os);
-    assert!(served.stop().success());
+    resume_and_compare(&src, &dst, served, tmp.path());
 }
 
 /// The target lost its replica while the source was paused and started again: the
@@ -1057,8 +1071,7 @@ fn a_replica_lost_while_paused_is_copied_again_once_resumed() {
     let _sweep = MountSweep(tmp.path().to_path_buf());
     let (src, dst, addr) = two_sites(tmp.path(), "32M");
     edit_config(&src, |cfg| {
-        cfg.replication.resync_threshold_percent = 10;
-        cfg.replication.resync_window = "always".into();
+        resync_past_a_tenth(cfg);
         // Small segments merged soon: what the hold lets go shows in journal_bytes.
         cfg.journal.segment_bytes = 1 << 20;
         cfg.journal.compact_interval_ms = 100;
@@ -1072,7 +1085,7 @@ fn a_replica_lost_while_paused_is_copied_again_once_resumed() {
     wait_shipped(&src);
     let mark = src.join("machines/vm1/copied.toml");
     assert!(mark.exists());
-    run_ok(replog().arg("pause").arg(&src).arg("vm1"));
+    shipping(&src, "pause");
     assert!(served.stop().success());
     drop(target);
     std::fs::remove_dir_all(dst.join("replicas/vm1")).expect("remove the replica");
@@ -1100,18 +1113,14 @@ fn a_replica_lost_while_paused_is_copied_again_once_resumed() {
     // Sealed segments not merged yet as shipping resumes: a merge ends during the
     // first passes, and the new copy's base must not move under it.
     write_at(&served.disk("os"), 16 << 20, &common::pattern(3, 3 << 20));
-    run_ok(replog().arg("resume").arg(&src).arg("vm1"));
-    wait_shipped(&src);
+    let log_path = served.log.clone();
+    resume_and_compare(&src, &dst, served, tmp.path());
     assert!(mark.exists(), "the mark of the new copy");
-    let os = open_disk(&served, "os");
-    restore_and_compare(&dst, &tmp.path().join("restored"), &[("os", &os)]);
-    drop(os);
-    let log = served.log_text();
+    let log = std::fs::read_to_string(&log_path).expect("serve's log");
     assert!(!log.contains("parents stand for LSN"), "{log}");
     // The mark went when the target said it had no complete copy, then came back.
     assert!(
         log.contains("has no complete copy: the copy mark is removed"),
         "{log}"
     );
-    assert!(served.stop().success());
 }
