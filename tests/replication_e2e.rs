@@ -1124,3 +1124,80 @@ fn a_replica_lost_while_paused_is_copied_again_once_resumed() {
         "{log}"
     );
 }
+
+/// An initial copy whose base the parents have left cannot go on, and no resync can
+/// mend it (there is no complete copy to compare with). Reached here as a failed
+/// removal of a stale copy mark would leave it: the copy paused half done, a mark
+/// saying it is complete, the journal past its threshold across a restart, so it
+/// merges past the copy's base. The machine stops Critical saying to remove the
+/// replica at the target (where it went round between a broken chain and a resync
+/// that cleared itself, for ever); done, `replog resync --now` starts a new copy and
+/// the restore equals the disk.
+#[test]
+fn an_initial_copy_the_parents_have_left_stops_critical_until_its_replica_is_removed() {
+    if !fuse_available("an_initial_copy_the_parents_have_left_stops_critical") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let _sweep = MountSweep(tmp.path().to_path_buf());
+    let (src, dst) = trusted_sites(tmp.path());
+    edit_config(&src, |cfg| {
+        resync_past_a_tenth(cfg);
+        cfg.journal.segment_bytes = 1 << 20;
+        cfg.journal.compact_interval_ms = 100;
+        cfg.journal.compact_idle_ms = 200;
+    });
+    let raw = tmp.path().join("raw.img");
+    std::fs::write(&raw, common::pattern(8, 24 << 20)).expect("raw");
+    run_ok(
+        replog()
+            .args(["disk", "create"])
+            .arg(&src)
+            .args(["vm1/os", "--size", "32M", "--import"])
+            .arg(&raw),
+    );
+    let addr = format!("127.0.0.1:{}", free_port());
+    let target = TargetServe::start(&dst, &addr);
+    let mnt = tmp.path().join("mnt");
+    let served = Served::start(&src, &mnt, &[]);
+    protect_when_listening_with(&src, &addr, &["--bandwidth", "4MiB/s"]);
+    let st = wait_for(&src, "copying", |m| {
+        m["state"] == "initial-replication" && m["progress"].as_f64().unwrap_or(0.0) > 0.0
+    });
+    let generation = st["machines"][0]["generation"]
+        .as_u64()
+        .expect("generation") as u32;
+    shipping(&src, "pause");
+    assert!(served.stop().success());
+    let rel = replog::replication::relationship::Relationship::load(&src, "vm1")
+        .expect("relationship")
+        .expect("protected");
+    replog::replication::relationship::CopyMark::record(&src, "vm1", &rel, generation)
+        .expect("a stale mark");
+    let served = Served::start(&src, &mnt, &[]);
+    write_at(&served.disk("os"), 0, &common::pattern(9, 4 << 20));
+    wait_for(&src, "resync required while paused", |m| {
+        m["state"] == "resync-required"
+    });
+    wait_for(&src, "the journal merged", |m| {
+        m["journal_bytes"].as_u64().unwrap_or(u64::MAX) < 2 << 20
+    });
+    shipping(&src, "resume");
+    let reason = critical_reason(&src);
+    assert!(
+        reason.contains("can neither go on nor be resynchronised")
+            && reason.contains("remove the replica at the target"),
+        "{reason}"
+    );
+    // The operator does as it says.
+    drop(target);
+    std::fs::remove_dir_all(dst.join("replicas/vm1")).expect("remove the replica");
+    let _target = TargetServe::start(&dst, &addr);
+    let said = run_ok(replog().arg("resync").arg(&src).args(["vm1", "--now"]));
+    assert!(said.contains("starts again"), "{said}");
+    wait_shipped(&src);
+    let os = open_disk(&served, "os");
+    restore_and_compare(&dst, &tmp.path().join("restored"), &[("os", &os)]);
+    drop(os);
+    assert!(served.stop().success());
+}
