@@ -28,8 +28,9 @@ impl Shipper {
             return Err(Error::Unmendable(format!(
                 "the target's initial copy of {} is based on LSN {} but this source's \
                  parents stand for LSN {}, so it can neither go on nor be resynchronised; \
-                 remove the replica at the target (its serve stopped: SITE/replicas/{}) \
-                 so that a new initial copy starts",
+                 remove the replica at the target (its serve stopped: SITE/replicas/{}, \
+                 or the replica's objects in its S3 bucket) so that a new initial copy \
+                 starts, then `replog resync --now` here",
                 machine.name(),
                 p.lsn,
                 frozen.lsn,
