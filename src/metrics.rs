@@ -13,6 +13,7 @@
 //! | `replog_machine_acked_lsn` | gauge | newest LSN the target acknowledged |
 //! | `replog_machine_resync_progress_ratio` | gauge | chunks compared / all, of the resync under way or last |
 //! | `replog_machine_rpo_seconds` | gauge | the RPO set with `protect --rpo` (lag beyond it: warning; twice: critical) |
+//! | `replog_machine_paused` | gauge | 1 while shipping is paused by `replog pause` (primaries), else 0 |
 //!
 //! Counted as it happens:
 //!
@@ -71,6 +72,7 @@ pub struct Metrics {
     registry: Registry,
     lag: Family<MachineLabel, FloatGauge>,
     health: Family<MachineLabel, Gauge>,
+    paused: Family<MachineLabel, Gauge>,
     journal: Family<MachineLabel, Gauge>,
     spare: Family<MachineLabel, Gauge>,
     acked: Family<MachineLabel, Gauge>,
@@ -100,6 +102,7 @@ impl Metrics {
             registry: Registry::default(),
             lag: Family::default(),
             health: Family::default(),
+            paused: Family::default(),
             journal: Family::default(),
             spare: Family::default(),
             acked: Family::default(),
@@ -123,6 +126,11 @@ impl Metrics {
             "machine_health",
             "Health: 0 healthy, 1 warning, 2 critical",
             m.health.clone(),
+        );
+        registry.register(
+            "machine_paused",
+            "Shipping paused by an operator (replog pause): 1, else 0",
+            m.paused.clone(),
         );
         registry.register(
             "machine_journal_bytes",
@@ -198,6 +206,7 @@ impl Metrics {
     pub fn observe_status(&self, doc: &SiteStatus) {
         self.lag.clear();
         self.health.clear();
+        self.paused.clear();
         self.journal.clear();
         self.spare.clear();
         self.acked.clear();
@@ -219,6 +228,7 @@ impl Metrics {
                 crate::protection::Health::Critical => 2,
             };
             self.health.get_or_create(&l).set(health);
+            self.paused.get_or_create(&l).set(i64::from(m.paused));
             self.journal
                 .get_or_create(&l)
                 .set(i64::try_from(m.journal_bytes).unwrap_or(i64::MAX));
@@ -373,6 +383,30 @@ mod tests {
         }
         assert!(text.ends_with("# EOF\n"));
         // Per-machine gauges come from a status document, and go with it.
+        let mut vm1: crate::protection::status::MachineStatus = serde_json::from_value(
+            serde_json::json!({"name": "vm1", "role": "primary", "state": "protected",
+                "generation": 1, "health": "warning", "reason": "shipping to b:7000 is paused",
+                "lag_seconds": null, "journal_bytes": 0, "progress": null, "last_point": null,
+                "target": "b:7000", "acked_lsn": 0, "last_lsn": 0, "paused": true}),
+        )
+        .unwrap();
+        let doc = |machines| SiteStatus {
+            site: String::new(),
+            machines,
+            as_of_ns: 0,
+            warnings: Vec::new(),
+        };
+        m.observe_status(&doc(vec![vm1.clone()]));
+        let text = m.encode();
+        assert!(
+            text.contains("replog_machine_paused{machine=\"vm1\"} 1"),
+            "{text}"
+        );
+        vm1.paused = false;
+        m.observe_status(&doc(vec![vm1]));
+        assert!(m
+            .encode()
+            .contains("replog_machine_paused{machine=\"vm1\"} 0"));
         m.health.get_or_create(&m.machine("gone")).set(2);
         m.observe_status(&SiteStatus {
             site: String::new(),

@@ -892,6 +892,7 @@ fn a_paused_machine_ships_nothing_stays_paused_across_a_restart_and_catches_up()
     );
     let m = write_and_ship_nothing(&src, &dst, &served, 4 << 20, shipped);
     assert!(m["last_lsn"].as_u64() > m["acked_lsn"].as_u64(), "{m}");
+    assert_eq!(m["paused"], true, "{m}");
 
     // A planned failover ships everything first: refused, the machine still writable.
     let out = replog()
@@ -925,6 +926,8 @@ fn a_paused_machine_ships_nothing_stays_paused_across_a_restart_and_catches_up()
 
     let said = shipping(&src, "resume");
     assert!(said.contains("shipping of vm1 resumed"), "{said}");
+    let st = fresh_status(&src);
+    assert_eq!(st["machines"][0]["paused"], false, "{st}");
     let rel = std::fs::read_to_string(&rel_path).expect("relationship");
     assert!(
         rel.starts_with("# replog relationship, format 2\n") && !rel.contains("paused"),

@@ -60,6 +60,9 @@ pub struct MachineStatus {
     /// A reprotect under way (primaries): its stage and what is left to send.
     #[serde(default)]
     pub reprotect: Option<ReprotectCounters>,
+    /// Primaries: shipping paused by an operator (`replog pause`).
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// A reprotect under way, as its shipping loop sees it.
@@ -264,6 +267,7 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
         source: None,
         scrub: None,
         reprotect: None,
+        paused: false,
         failed_over_to: f.fence.as_ref().map(|x| FailedOverTo {
             site: crate::identity::SiteId(x.by_site).to_string(),
             generation: x.generation,
@@ -332,6 +336,7 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
             // reason is what stopped it; a loop started paused has not run a pass).
             // Paused is a Warning: nothing reaches the target meanwhile.
             if l.paused {
+                st.paused = true;
                 say_paused(&mut st.reason, &l.target);
                 st.health = st.health.max(Health::Warning);
                 if f.resync.is_some() {
@@ -354,6 +359,7 @@ fn primary(name: &str, f: &PrimaryFacts<'_>) -> MachineStatus {
                 }
             }
             if r.paused {
+                st.paused = true;
                 say_paused(&mut st.reason, &r.target);
             }
         }
@@ -431,6 +437,7 @@ fn replica(name: &str, f: &ReplicaFacts<'_>) -> MachineStatus {
         scrub: None,
         failed_over_to: None,
         reprotect: None,
+        paused: false,
     };
     let source = st.source.clone().unwrap_or_default();
     st.reason = format!("receiving from {source}");
@@ -564,6 +571,7 @@ pub fn replicas_status(replicas: &crate::replica::store::Replicas) -> Vec<Machin
                 scrub: None,
                 failed_over_to: None,
                 reprotect: None,
+                paused: false,
             }),
         }
     }
@@ -712,6 +720,7 @@ mod tests {
             false,
         );
         assert_eq!(st.health, Health::Warning, "{st:?}");
+        assert!(st.paused);
     }
 
     /// With no serve, the relationship says whether shipping is paused.
@@ -753,8 +762,10 @@ mod tests {
             "{st:?}"
         );
         assert_eq!(st.health, Health::Warning);
+        assert!(st.paused);
         let st = at_rest(&rel(false), &journal(None));
         assert!(!st.reason.contains("paused"), "{st:?}");
+        assert!(!st.paused);
         // Damaged: the damage first, the pause once.
         let st = at_rest(&rel(true), &journal(Some("segment 3 is damaged")));
         assert_eq!(
