@@ -518,7 +518,8 @@ impl Registry {
     }
 
     /// `replog pause`: recorded in the relationship (a serve started later keeps the
-    /// machine paused), then the loop is told; it stops after the pass in progress.
+    /// machine paused), then the loop is told; it stops when the pass in progress ends
+    /// (an initial copy between chunks, a resync between batches).
     /// With no loop to tell (not protected, failed over) nothing changes. Under the
     /// machine's `changing` lock: a loop `resync --now` starts in a stopped one's place
     /// (`restart_parked`) is not swapped in between finding the loop and telling it.
