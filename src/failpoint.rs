@@ -3,7 +3,8 @@
 //! `REPLOG_FAILPOINT=NAME` makes this process kill itself with SIGKILL — what
 //! `kill -9` does: no destructor runs, nothing is flushed — when it reaches the point
 //! called NAME. Unset (always, outside tests), [`hit`] costs one environment lookup
-//! and the operations it sits in are rare (failover steps), never the data path.
+//! and the operations it sits in are rare (failover steps, a shipping pass's
+//! handshake), never the write or read path.
 //!
 //! The points of a planned failover, in the order they are reached:
 //!
@@ -39,8 +40,7 @@
 //! `serve:pause-found`: serve found the shipping loop a pause is for (holding the
 //! machine's `changing` lock) and has not told it yet.
 //!
-//! `ship:protected`: a shipper read the target's answer to `Protect` (every pass:
-//! the one point on the shipping path, one environment lookup a pass).
+//! `ship:protected`: a shipper read the target's answer to `Protect` (once a pass).
 //!
 //! `REPLOG_FAILPOINT=NAME:stall` stops the thread that reaches NAME for good instead
 //! (the test looks at the process meanwhile — its status — and kills it itself);

@@ -134,10 +134,7 @@ fn write_version_2_fixtures() {
             .to_string(),
         retention: Some("1h".into()),
         app_retention: Some("2h".into()),
-        rpo: None,
-        bandwidth: None,
-        bandwidth_schedule: None,
-        paused: false,
+        ..Default::default()
     }
     .save(&a, "vm1")
     .expect("relationship");
@@ -611,7 +608,7 @@ fn write_version_6_fixtures() {
         rpo: Some("30s".into()),
         bandwidth: Some("50MiB/s".into()),
         bandwidth_schedule: Some("Mon-Fri 08:00-18:00=10MiB/s, *=unlimited".into()),
-        paused: false,
+        ..Default::default()
     }
     .save(&a, "vm1")
     .expect("relationship");
@@ -799,9 +796,8 @@ fn write_version_10_fixtures() {
         retention: Some("24h".into()),
         app_retention: Some("72h".into()),
         rpo: Some("30s".into()),
-        bandwidth: None,
-        bandwidth_schedule: None,
         paused: true,
+        ..Default::default()
     };
     rel.save(site.path(), "vm1").expect("relationship");
     replog::replication::relationship::CopyMark::record(site.path(), "vm1", &rel, 3)

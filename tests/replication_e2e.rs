@@ -798,15 +798,20 @@ fn shipping(src: &Path, verb: &str) -> String {
     run_ok(replog().arg(verb).arg(src).arg("vm1"))
 }
 
-/// `replog resume`, then once everything is shipped the target's restore at latest
-/// must equal the disk; serve stops cleanly.
-fn resume_and_compare(src: &Path, dst: &Path, served: Served, tmp: &Path) {
-    shipping(src, "resume");
+/// Once everything is shipped, the target's restore at latest must equal the disk;
+/// serve stops cleanly.
+fn shipped_and_compared(src: &Path, dst: &Path, served: Served, tmp: &Path) {
     wait_shipped(src);
     let os = open_disk(&served, "os");
     restore_and_compare(dst, &tmp.join("restored"), &[("os", &os)]);
     drop(os);
     assert!(served.stop().success());
+}
+
+/// `replog resume`, then [`shipped_and_compared`].
+fn resume_and_compare(src: &Path, dst: &Path, served: Served, tmp: &Path) {
+    shipping(src, "resume");
+    shipped_and_compared(src, dst, served, tmp);
 }
 
 /// Write 1 MiB at `off` through the mount of a paused vm1, let several seal
@@ -839,6 +844,95 @@ fn resync_past_a_tenth(cfg: &mut replog::config::SiteConfig) {
     cfg.replication.resync_window = "always".into();
 }
 
+/// [`resync_past_a_tenth`], with small segments merged soon: what the hold lets go
+/// shows in `journal_bytes`.
+fn resync_and_merge_soon(cfg: &mut replog::config::SiteConfig) {
+    resync_past_a_tenth(cfg);
+    cfg.journal.segment_bytes = 1 << 20;
+    cfg.journal.compact_interval_ms = 100;
+    cfg.journal.compact_idle_ms = 200;
+}
+
+/// Wait until vm1 of `src` is resync-required and its journal merged (the hold let
+/// go); the first of those statuses.
+fn resync_required_and_merged(src: &Path) -> serde_json::Value {
+    let st = wait_for(src, "resync required while paused", |m| {
+        m["state"] == "resync-required"
+    });
+    wait_for(src, "the journal merged", |m| {
+        m["journal_bytes"].as_u64().unwrap_or(u64::MAX) < 2 << 20
+    });
+    st
+}
+
+/// The target loses its replica of vm1: `target` stopped, the replica removed, a
+/// target started again at `addr`.
+fn lose_the_replica(dst: &Path, addr: &str, target: TargetServe) -> TargetServe {
+    drop(target);
+    std::fs::remove_dir_all(dst.join("replicas/vm1")).expect("remove the replica");
+    TargetServe::start(dst, addr)
+}
+
+/// Two sites under `tmp` (src's site.toml changed by `cfg`), vm1 with a 32 MiB disk,
+/// the target listening, src served under `tmp/mnt`, vm1 protected, 1 MiB written
+/// and shipped.
+fn protected_and_shipped(
+    tmp: &Path,
+    cfg: impl FnOnce(&mut replog::config::SiteConfig),
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    String,
+    TargetServe,
+    Served,
+) {
+    let (src, dst, addr) = two_sites(tmp, "32M");
+    edit_config(&src, cfg);
+    let target = TargetServe::start(&dst, &addr);
+    let served = Served::start(&src, &tmp.join("mnt"), &[]);
+    protect_when_listening(&src, &addr);
+    write_at(&served.disk("os"), 0, &common::pattern(1, 1 << 20));
+    wait_shipped(&src);
+    (src, dst, addr, target, served)
+}
+
+/// Two sites under `tmp` (src's site.toml changed by `cfg`), vm1 with 24 MiB of
+/// pattern `seed` imported into a 32 MiB disk, protected at 4 MiB/s (about six
+/// seconds of copying), src served under `tmp/mnt`; returns once the initial copy is
+/// under way, with that status.
+fn copying_at_4_mib_a_second(
+    tmp: &Path,
+    seed: u64,
+    cfg: impl FnOnce(&mut replog::config::SiteConfig),
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    String,
+    TargetServe,
+    Served,
+    serde_json::Value,
+) {
+    let (src, dst) = trusted_sites(tmp);
+    edit_config(&src, cfg);
+    let raw = tmp.join("raw.img");
+    std::fs::write(&raw, common::pattern(seed, 24 << 20)).expect("raw");
+    run_ok(
+        replog()
+            .args(["disk", "create"])
+            .arg(&src)
+            .args(["vm1/os", "--size", "32M", "--import"])
+            .arg(&raw),
+    );
+    let addr = format!("127.0.0.1:{}", free_port());
+    let target = TargetServe::start(&dst, &addr);
+    let served = Served::start(&src, &tmp.join("mnt"), &[]);
+    protect_when_listening_with(&src, &addr, &["--bandwidth", "4MiB/s"]);
+    let st = wait_for(&src, "copying", |m| {
+        m["state"] == "initial-replication" && m["progress"].as_f64().unwrap_or(0.0) > 0.0
+    });
+    (src, dst, addr, target, served, st)
+}
+
 /// The newest LSN among the target's points of vm1 (0: none).
 fn newest_point(dst: &Path) -> u64 {
     let out = run_ok(replog().arg("points").arg(dst).args(["vm1", "--json"]));
@@ -865,13 +959,7 @@ fn a_paused_machine_ships_nothing_stays_paused_across_a_restart_and_catches_up()
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let _sweep = MountSweep(tmp.path().to_path_buf());
-    let (src, dst, addr) = two_sites(tmp.path(), "32M");
-    let _target = TargetServe::start(&dst, &addr);
-    let mnt = tmp.path().join("mnt");
-    let served = Served::start(&src, &mnt, &[]);
-    protect_when_listening(&src, &addr);
-    write_at(&served.disk("os"), 0, &common::pattern(1, 1 << 20));
-    wait_shipped(&src);
+    let (src, dst, _addr, _target, served) = protected_and_shipped(tmp.path(), |_| {});
     let shipped = newest_point(&dst);
     assert!(shipped > 0);
     // The copy mark: the initial copy toward this target is complete.
@@ -920,7 +1008,7 @@ fn a_paused_machine_ships_nothing_stays_paused_across_a_restart_and_catches_up()
             .contains("is paused"),
         "{st}"
     );
-    let served = Served::start(&src, &mnt, &[]);
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
     let m = write_and_ship_nothing(&src, &dst, &served, 12 << 20, shipped);
     assert_ne!(m["state"], "initial-replication", "{m}");
 
@@ -933,11 +1021,7 @@ fn a_paused_machine_ships_nothing_stays_paused_across_a_restart_and_catches_up()
         rel.starts_with("# replog relationship, format 2\n") && !rel.contains("paused"),
         "{rel}"
     );
-    wait_shipped(&src);
-    let os = open_disk(&served, "os");
-    restore_and_compare(&dst, &tmp.path().join("restored"), &[("os", &os)]);
-    drop(os);
-    assert!(served.stop().success());
+    shipped_and_compared(&src, &dst, served, tmp.path());
 
     // Without a serve: recorded in the file, for the next serve.
     let said = shipping(&src, "pause");
@@ -977,19 +1061,12 @@ fn a_journal_past_its_threshold_while_paused_is_resynchronised_once_resumed() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let _sweep = MountSweep(tmp.path().to_path_buf());
-    let (src, dst, addr) = two_sites(tmp.path(), "32M");
-    edit_config(&src, resync_past_a_tenth);
-    let _target = TargetServe::start(&dst, &addr);
-    let mnt = tmp.path().join("mnt");
-    let served = Served::start(&src, &mnt, &[]);
-    protect_when_listening(&src, &addr);
-    write_at(&served.disk("os"), 0, &common::pattern(1, 1 << 20));
-    wait_shipped(&src);
+    let (src, dst, _addr, _target, served) = protected_and_shipped(tmp.path(), resync_past_a_tenth);
     shipping(&src, "pause");
     // Started again, paused: the loop never reaches the target, and knows from the
     // copy mark that its journal is a delta over a complete copy.
     assert!(served.stop().success());
-    let served = Served::start(&src, &mnt, &[]);
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
     // Paused for a while first: the journal is measured while the pause goes on,
     // not only as it begins.
     std::thread::sleep(Duration::from_millis(500));
@@ -1017,24 +1094,7 @@ fn a_pause_stops_an_initial_copy_between_chunks_and_resume_finishes_it() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let _sweep = MountSweep(tmp.path().to_path_buf());
-    let (src, dst) = trusted_sites(tmp.path());
-    let raw = tmp.path().join("raw.img");
-    std::fs::write(&raw, common::pattern(7, 24 << 20)).expect("raw");
-    run_ok(
-        replog()
-            .args(["disk", "create"])
-            .arg(&src)
-            .args(["vm1/os", "--size", "32M", "--import"])
-            .arg(&raw),
-    );
-    let addr = format!("127.0.0.1:{}", free_port());
-    let _target = TargetServe::start(&dst, &addr);
-    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
-    // 24 MiB at 4 MiB/s: about six seconds of copying.
-    protect_when_listening_with(&src, &addr, &["--bandwidth", "4MiB/s"]);
-    wait_for(&src, "copying", |m| {
-        m["state"] == "initial-replication" && m["progress"].as_f64().unwrap_or(0.0) > 0.0
-    });
+    let (src, dst, _addr, _target, served, _) = copying_at_4_mib_a_second(tmp.path(), 7, |_| {});
     let said = shipping(&src, "pause");
     assert!(said.contains("shipping of vm1 paused"), "{said}");
     let at_pause = fresh_status(&src);
@@ -1072,43 +1132,23 @@ fn a_replica_lost_while_paused_is_copied_again_once_resumed() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let _sweep = MountSweep(tmp.path().to_path_buf());
-    let (src, dst, addr) = two_sites(tmp.path(), "32M");
-    edit_config(&src, |cfg| {
-        resync_past_a_tenth(cfg);
-        // Small segments merged soon: what the hold lets go shows in journal_bytes.
-        cfg.journal.segment_bytes = 1 << 20;
-        cfg.journal.compact_interval_ms = 100;
-        cfg.journal.compact_idle_ms = 200;
-    });
-    let target = TargetServe::start(&dst, &addr);
-    let mnt = tmp.path().join("mnt");
-    let served = Served::start(&src, &mnt, &[]);
-    protect_when_listening(&src, &addr);
-    write_at(&served.disk("os"), 0, &common::pattern(1, 1 << 20));
-    wait_shipped(&src);
+    let (src, dst, addr, target, served) = protected_and_shipped(tmp.path(), resync_and_merge_soon);
     let mark = src.join("machines/vm1/copied.toml");
     assert!(mark.exists());
     shipping(&src, "pause");
     assert!(served.stop().success());
-    drop(target);
-    std::fs::remove_dir_all(dst.join("replicas/vm1")).expect("remove the replica");
-    let _target = TargetServe::start(&dst, &addr);
+    let _target = lose_the_replica(&dst, &addr, target);
     // Each pass waits a second after the target's answer to Protect: a merge due
     // then happens between the new replica's creation and its copy.
     let served = Served::start_with_env(
         &src,
-        &mnt,
+        &tmp.path().join("mnt"),
         &[],
         &[("REPLOG_FAILPOINT", "ship:protected:delay")],
     );
     write_at(&served.disk("os"), 8 << 20, &common::pattern(2, 4 << 20));
-    let st = wait_for(&src, "resync required while paused", |m| {
-        m["state"] == "resync-required"
-    });
     // Let go (the mark says the copy is complete): the compactor merges it.
-    wait_for(&src, "the journal merged", |m| {
-        m["journal_bytes"].as_u64().unwrap_or(u64::MAX) < 2 << 20
-    });
+    let st = resync_required_and_merged(&src);
     assert!(st["machines"][0]["reason"]
         .as_str()
         .unwrap_or("")
@@ -1143,30 +1183,8 @@ fn an_initial_copy_the_parents_have_left_stops_critical_until_its_replica_is_rem
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let _sweep = MountSweep(tmp.path().to_path_buf());
-    let (src, dst) = trusted_sites(tmp.path());
-    edit_config(&src, |cfg| {
-        resync_past_a_tenth(cfg);
-        cfg.journal.segment_bytes = 1 << 20;
-        cfg.journal.compact_interval_ms = 100;
-        cfg.journal.compact_idle_ms = 200;
-    });
-    let raw = tmp.path().join("raw.img");
-    std::fs::write(&raw, common::pattern(8, 24 << 20)).expect("raw");
-    run_ok(
-        replog()
-            .args(["disk", "create"])
-            .arg(&src)
-            .args(["vm1/os", "--size", "32M", "--import"])
-            .arg(&raw),
-    );
-    let addr = format!("127.0.0.1:{}", free_port());
-    let target = TargetServe::start(&dst, &addr);
-    let mnt = tmp.path().join("mnt");
-    let served = Served::start(&src, &mnt, &[]);
-    protect_when_listening_with(&src, &addr, &["--bandwidth", "4MiB/s"]);
-    let st = wait_for(&src, "copying", |m| {
-        m["state"] == "initial-replication" && m["progress"].as_f64().unwrap_or(0.0) > 0.0
-    });
+    let (src, dst, addr, target, served, st) =
+        copying_at_4_mib_a_second(tmp.path(), 8, resync_and_merge_soon);
     let generation = st["machines"][0]["generation"]
         .as_u64()
         .expect("generation") as u32;
@@ -1177,14 +1195,9 @@ fn an_initial_copy_the_parents_have_left_stops_critical_until_its_replica_is_rem
         .expect("protected");
     replog::replication::relationship::CopyMark::record(&src, "vm1", &rel, generation)
         .expect("a stale mark");
-    let served = Served::start(&src, &mnt, &[]);
+    let served = Served::start(&src, &tmp.path().join("mnt"), &[]);
     write_at(&served.disk("os"), 0, &common::pattern(9, 4 << 20));
-    wait_for(&src, "resync required while paused", |m| {
-        m["state"] == "resync-required"
-    });
-    wait_for(&src, "the journal merged", |m| {
-        m["journal_bytes"].as_u64().unwrap_or(u64::MAX) < 2 << 20
-    });
+    resync_required_and_merged(&src);
     shipping(&src, "resume");
     let reason = critical_reason(&src);
     assert!(
@@ -1193,14 +1206,8 @@ fn an_initial_copy_the_parents_have_left_stops_critical_until_its_replica_is_rem
         "{reason}"
     );
     // The operator does as it says.
-    drop(target);
-    std::fs::remove_dir_all(dst.join("replicas/vm1")).expect("remove the replica");
-    let _target = TargetServe::start(&dst, &addr);
+    let _target = lose_the_replica(&dst, &addr, target);
     let said = run_ok(replog().arg("resync").arg(&src).args(["vm1", "--now"]));
     assert!(said.contains("starts again"), "{said}");
-    wait_shipped(&src);
-    let os = open_disk(&served, "os");
-    restore_and_compare(&dst, &tmp.path().join("restored"), &[("os", &os)]);
-    drop(os);
-    assert!(served.stop().success());
+    shipped_and_compared(&src, &dst, served, tmp.path());
 }

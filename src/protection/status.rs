@@ -612,6 +612,26 @@ mod tests {
         }
     }
 
+    /// The facts of a healthy primary vm1 of generation 1 whose journal is `j`, with
+    /// no relationship, no loop, and serve running: a base for struct updates.
+    fn facts(j: &JournalStatus) -> PrimaryFacts<'_> {
+        PrimaryFacts {
+            role: Role::Primary,
+            generation: 1,
+            journal: j,
+            fenced: None,
+            failed_over: false,
+            fence: None,
+            relationship: None,
+            resync: None,
+            ship: None,
+            lag_seconds: None,
+            serve_running: true,
+            base: None,
+            pending: None,
+        }
+    }
+
     fn status(
         j: &JournalStatus,
         ship: &ShipView,
@@ -621,19 +641,10 @@ mod tests {
         derive(
             "vm1",
             &Facts::Primary(PrimaryFacts {
-                role: Role::Primary,
-                generation: 1,
-                journal: j,
-                fenced: None,
                 failed_over,
-                fence: None,
-                relationship: None,
                 resync,
                 ship: Some(ship),
-                lag_seconds: None,
-                serve_running: true,
-                base: None,
-                pending: None,
+                ..facts(j)
             }),
         )
     }
@@ -729,30 +740,16 @@ mod tests {
         let rel = |paused| Relationship {
             target: "b:7000".into(),
             target_id: "ab".repeat(32),
-            retention: None,
-            app_retention: None,
-            rpo: None,
-            bandwidth: None,
-            bandwidth_schedule: None,
             paused,
+            ..Default::default()
         };
         let at_rest = |r: &Relationship, j: &JournalStatus| {
             derive(
                 "vm1",
                 &Facts::Primary(PrimaryFacts {
-                    role: Role::Primary,
-                    generation: 1,
-                    journal: j,
-                    fenced: None,
-                    failed_over: false,
-                    fence: None,
                     relationship: Some(r),
-                    resync: None,
-                    ship: None,
-                    lag_seconds: None,
                     serve_running: false,
-                    base: None,
-                    pending: None,
+                    ..facts(j)
                 }),
             )
         };

@@ -35,7 +35,9 @@ const MAGIC: &str = "# replog relationship, format ";
 /// The newest format this build reads (and writes, when the file needs it).
 pub const FORMAT: u32 = 3;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `Default` is no relationship anyone can use (no target): a base for struct
+/// updates that name the target and its ID.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Relationship {
     pub target: String,
@@ -330,15 +332,8 @@ impl CopyMark {
     /// Remove the mark (the target said its copy is not complete), durably.
     pub fn clear(site: &Path, machine: &str) -> Result<()> {
         let p = Self::path(site, machine)?;
-        match std::fs::remove_file(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::io("remove", &p, e)),
-        }
-        match p.parent() {
-            Some(dir) => crate::storage::Storage::sync_dir(&crate::storage::FileStorage, dir),
-            None => Ok(()),
-        }
+        let dir = p.parent().unwrap_or(site);
+        crate::storage::remove_durably(&crate::storage::FileStorage, dir, &[COPY_FILE])
     }
 }
 
@@ -356,12 +351,7 @@ mod tests {
         Relationship {
             target: "b:7000".into(),
             target_id: "ab".repeat(32),
-            retention: None,
-            app_retention: None,
-            rpo: None,
-            bandwidth: None,
-            bandwidth_schedule: None,
-            paused: false,
+            ..Default::default()
         }
         .save(site.path(), "vm1")
         .unwrap();

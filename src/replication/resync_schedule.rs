@@ -85,14 +85,7 @@ impl SourceResync {
 
     pub fn clear(site: &Path, machine: &str) -> Result<()> {
         let d = dir(site, machine)?;
-        for f in [FILE, NOW] {
-            match std::fs::remove_file(d.join(f)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("remove", d.join(f), e)),
-            }
-        }
-        crate::storage::Storage::sync_dir(&crate::storage::FileStorage, &d)
+        crate::storage::remove_durably(&crate::storage::FileStorage, &d, &[FILE, NOW])
     }
 }
 

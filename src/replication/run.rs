@@ -66,8 +66,9 @@ pub enum ShipCommand {
     /// Seal now and ship everything written before the request; answer once the
     /// target has acknowledged it (or with the error that stopped it).
     ShipNow(Sender<ShipAnswer>),
-    /// Stop shipping (the watermark hold stays: nothing unshipped is merged) until
-    /// `Resume`; answered once the pass in progress has ended.
+    /// Stop shipping until `Resume` (the watermark hold stays, so nothing unshipped is
+    /// merged, until the journal passes the resync threshold and a resync is
+    /// required); answered once the pass in progress has ended.
     Pause(Sender<()>),
     Resume,
     /// A planned failover's last step (the machine fenced, everything up to the LSN

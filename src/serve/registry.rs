@@ -285,11 +285,9 @@ impl Registry {
         if !failed_over {
             m.start_compactor(self.config.journal.compact_policy());
         }
-        let ship = rel.filter(|_| !failed_over).map(|rel| {
-            // Paused by an operator before this serve started: it stays paused.
-            let paused = Arc::new(std::sync::atomic::AtomicBool::new(rel.paused));
-            self.ship_loop(&m, rel, paused)
-        });
+        let ship = rel
+            .filter(|_| !failed_over)
+            .map(|rel| self.new_ship_loop(&m, rel));
         drop(early); // the shipping loop holds the watermark now
         self.tree.add_machine(&m)?;
         tracing::info!(
@@ -304,6 +302,13 @@ impl Registry {
             .lock()
             .insert(name.to_string(), Entry { machine: m, ship });
         Ok(())
+    }
+
+    /// A shipping loop of its own: paused if the relationship says so (an operator's
+    /// `replog pause` before this serve started).
+    fn new_ship_loop(&self, m: &Arc<Machine>, rel: Relationship) -> ShipLoop {
+        let paused = Arc::new(std::sync::atomic::AtomicBool::new(rel.paused));
+        self.ship_loop(m, rel, paused)
     }
 
     fn ship_loop(
@@ -876,8 +881,7 @@ impl Registry {
             .get_mut(machine)
             .ok_or_else(|| Error::NotFound(format!("this site has no open machine {machine}")))?;
         if entry.ship.is_none() {
-            let paused = Arc::new(std::sync::atomic::AtomicBool::new(rel.paused));
-            entry.ship = Some(self.ship_loop(&entry.machine, rel.clone(), paused));
+            entry.ship = Some(self.new_ship_loop(&entry.machine, rel.clone()));
         }
         Ok(Reply::done(format!(
             "{machine} is protected toward {}; initial replication has started",

@@ -208,6 +208,18 @@ pub fn write_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<
     Ok(())
 }
 
+/// Remove the files `names` of `dir` (those not there are fine), then sync `dir`: the
+/// removal is durable. The undoing of [`write_atomic`] for small state files.
+pub fn remove_durably(storage: &dyn Storage, dir: &Path, names: &[&str]) -> Result<()> {
+    for name in names {
+        match storage.remove_file(&dir.join(name)) {
+            Err(e) if !is_not_found(&e) => return Err(e),
+            _ => {}
+        }
+    }
+    storage.sync_dir(dir)
+}
+
 /// Replace `path` atomically but not durably (no fsync): readers see the old bytes
 /// or the new, and after a crash either may be there. Only for derived files whose
 /// loss costs nothing, rewritten often (the status a running serve keeps).

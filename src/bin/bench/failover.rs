@@ -94,12 +94,7 @@ impl Bench {
             Relationship {
                 target: t.addr.clone(),
                 target_id: tid.to_string(),
-                retention: None,
-                app_retention: None,
-                rpo: None,
-                bandwidth: None,
-                bandwidth_schedule: None,
-                paused: false,
+                ..Default::default()
             }
             .save(&src, &name)?;
             let m = host.machine(&name)?;

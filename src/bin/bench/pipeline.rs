@@ -135,12 +135,8 @@ impl Bench {
         replog::replication::relationship::Relationship {
             target: t.addr.clone(),
             target_id: replog::identity::Identity::load(&t.path)?.id().to_string(),
-            retention: None,
-            app_retention: None,
-            rpo: None,
             bandwidth: Some("50MiB/s".into()),
-            bandwidth_schedule: None,
-            paused: false,
+            ..Default::default()
         }
         .save(self.site.path(), name)?;
         let m = self.site.open_machine(name)?;
