@@ -192,11 +192,11 @@ pub enum Command {
     /// until `replog resume`: a running serve stops once the pass in progress ends (an
     /// initial copy between chunks, a resync between batches, going on from there
     /// when resumed; up to 30 s is waited for), and the pause is kept in the
-    /// relationship, so a serve started later keeps it. Writes go on; the journal keeps what the target lacks
-    /// and grows. Once the initial copy is complete, a journal that reaches the
-    /// resync threshold (replication.resync_threshold_percent of the disks) makes a
-    /// resync required, and is then merged. `status` says paused. A planned failover
-    /// is refused while paused.
+    /// relationship, so a serve started later keeps it. Writes go on; the journal
+    /// keeps what the target lacks and grows. Once the initial copy is complete, a
+    /// journal that reaches the resync threshold (replication.resync_threshold_percent
+    /// of the disks) makes a resync required, and is then merged. `status` says
+    /// paused. A planned failover is refused while paused.
     Pause { site: PathBuf, machine: String },
     /// Resume shipping of MACHINE paused by `replog pause`: at once with a running
     /// serve, else when one starts.
