@@ -196,7 +196,8 @@ fn compact_batch(m: &MachineInner, max_bytes: u64) -> Result<CompactStats> {
             disk.parent().sync_data().map_err(|e| fail(m, e))?;
         }
     }
-    // 3. Reads move to the parents.
+    // 3. Reads move to the parents; what was read from them before is stale
+    // (`volume::ahead`).
     {
         let mut st = m.state.write();
         for seg in &batch {
@@ -204,6 +205,7 @@ fn compact_batch(m: &MachineInner, max_bytes: u64) -> Result<CompactStats> {
                 map.remove_segment(seg.seq);
             }
         }
+        st.parent_epoch += 1;
     }
     // The parents as replog leaves them (so a change made while it is not running
     // shows).

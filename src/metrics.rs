@@ -27,6 +27,7 @@
 //! | `replog_fsync_duration_seconds` | histogram | fsync/fdatasync of a disk through the mount |
 //! | `replog_tls_sessions_total{direction}` | counter | TLS sessions accepted (`in`) and opened (`out`) |
 //! | `replog_replica_store_requests_total` | counter | requests to an S3 replica store |
+//! | `replog_direct_read_bytes_total{source}` | counter | parent bytes read for O_DIRECT openers under `serve --direct-reads`: from the read-ahead (`read_ahead`) or the disk at the request (`disk`) |
 
 use crate::protection::status::SiteStatus;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -60,6 +61,11 @@ pub struct DirectionLabel {
     pub direction: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: &'static str,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Latency buckets: 10 µs to about 10 s.
@@ -86,6 +92,7 @@ pub struct Metrics {
     pub fsync: Histogram,
     pub tls_sessions: Family<DirectionLabel, Counter>,
     pub store_requests: Counter,
+    direct_reads: Family<SourceLabel, Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -116,6 +123,7 @@ impl Metrics {
             fsync: latency(),
             tls_sessions: Family::default(),
             store_requests: Counter::default(),
+            direct_reads: Family::default(),
         };
         registry.register(
             "machine_lag_seconds",
@@ -198,6 +206,12 @@ impl Metrics {
             "Requests to an S3 replica store",
             m.store_requests.clone(),
         );
+        registry.register(
+            "direct_read_bytes",
+            "Parent bytes read for O_DIRECT openers under serve --direct-reads, by source: \
+             the read-ahead (read_ahead) or the disk at the request (disk)",
+            m.direct_reads.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -257,6 +271,15 @@ impl Metrics {
             .observe(took.as_secs_f64());
         if op == "fsync" {
             self.fsync.observe(took.as_secs_f64());
+        }
+    }
+
+    /// A direct read of `all` parent bytes, `hit` of them from the read-ahead.
+    pub fn read_ahead(&self, hit: u64, all: u64) {
+        for (source, n) in [("read_ahead", hit), ("disk", all.saturating_sub(hit))] {
+            if n > 0 {
+                self.direct_reads.get_or_create(&SourceLabel { source }).inc_by(n);
+            }
         }
     }
 

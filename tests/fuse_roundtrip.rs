@@ -213,6 +213,31 @@ fn resident_pages(path: &std::path::Path) -> usize {
     }
 }
 
+/// Drop `path`'s pages from the page cache (all of them are clean).
+fn drop_pages(path: &std::path::Path) {
+    let p = std::fs::File::open(path).expect("open");
+    // SAFETY: posix_fadvise on an open descriptor with integer arguments.
+    let rc = unsafe { libc::posix_fadvise(p.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    assert_eq!(resident_pages(path), 0, "{path:?}'s pages were not dropped");
+}
+
+/// Wait until the journal of the site's one machine is down to its open segment.
+fn wait_merged(site: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while status(site)["machines"][0]["journal_bytes"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+        > 1 << 20
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the journal was not merged"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// `serve --direct-reads`: an O_DIRECT reader gets what was merged into the parent
 /// (read with O_DIRECT, so none of it comes into the page cache) and what is still in
 /// the journal, aligned or not; a buffered reader gets the same through the page
@@ -246,18 +271,7 @@ fn direct_reads_return_the_parent_and_the_journal_without_caching_the_parent() {
         model[k << 20..(k + 1) << 20].copy_from_slice(&data);
     }
     d.sync_all().expect("fsync");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while status(&site)["machines"][0]["journal_bytes"]
-        .as_u64()
-        .unwrap_or(u64::MAX)
-        > 1 << 20
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the journal was not merged"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_merged(&site);
     // Newer, unaligned writes on top, left in the journal.
     let f = OpenOptions::new()
         .read(true)
@@ -278,17 +292,7 @@ fn direct_reads_return_the_parent_and_the_journal_without_caching_the_parent() {
     }
     f.sync_data().expect("fdatasync");
     let parent = site.join("machines/vm1/disks/os.img");
-    {
-        let p = std::fs::File::open(&parent).expect("open parent");
-        // SAFETY: posix_fadvise on an open descriptor with integer arguments.
-        let rc = unsafe { libc::posix_fadvise(p.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        assert_eq!(rc, 0);
-    }
-    assert_eq!(
-        resident_pages(&parent),
-        0,
-        "the parent's pages were not dropped"
-    );
+    drop_pages(&parent);
     // Every MiB, direct.
     for k in 0..SIZE >> 20 {
         d.read_exact_at(ab.buf(), (k << 20) as u64)
@@ -326,5 +330,100 @@ fn direct_reads_return_the_parent_and_the_journal_without_caching_the_parent() {
         "buffered reads did not use the page cache"
     );
     drop((d, f));
+    assert!(served.stop().success());
+}
+
+/// By default a sequential O_DIRECT reader's run is read around the page cache and
+/// ahead into replog's own buffers (the metrics count the bytes it served), and never
+/// gets what a merge has replaced since: MiB 12, read ahead with its first contents, is
+/// written again and merged before the reader gets there, and the reader gets the new
+/// contents. Its stream leaves the parent's pages out of the page cache; O_DIRECT reads
+/// that are not a run go through it.
+#[test]
+fn a_sequential_direct_reader_is_read_ahead_and_never_served_what_a_merge_replaced() {
+    if !fuse_available(
+        "a_sequential_direct_reader_is_read_ahead_and_never_served_what_a_merge_replaced",
+    ) {
+        return;
+    }
+    // On a disk file system (the page-cache checks mean nothing on tmpfs).
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let site = make_site(tmp.path(), &[("os", "32M")]);
+    edit_config(&site, |c| {
+        c.journal.segment_bytes = 1 << 20;
+        c.journal.compact_min_bytes = 2 << 20;
+        c.journal.compact_interval_ms = 50;
+        c.journal.compact_idle_ms = 100;
+    });
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let served = Served::start(&site, &tmp.path().join("mnt"), &["--metrics", &metrics]);
+    let read_ahead = || {
+        metric_samples(&http_get(&metrics, "/metrics").1)
+            .get("replog_direct_read_bytes_total{source=\"read_ahead\"}")
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let parent = site.join("machines/vm1/disks/os.img");
+    let d = open_direct(&served.disk("os"));
+    let mut model = vec![0u8; SIZE];
+    let mut wb = Aligned::new(1 << 20);
+    let mut write_mib = |k: usize, seed: u64, model: &mut Vec<u8>| {
+        let data = pattern(seed, 1 << 20);
+        wb.buf().copy_from_slice(&data);
+        d.write_all_at(wb.buf(), (k << 20) as u64).expect("write");
+        d.sync_all().expect("fsync");
+        model[k << 20..(k + 1) << 20].copy_from_slice(&data);
+    };
+    for k in 0..SIZE >> 20 {
+        write_mib(k, 5000 + k as u64, &mut model);
+    }
+    wait_merged(&site);
+    drop_pages(&parent);
+    let mut rb = Aligned::new(1 << 20);
+    let mut read_mib = |k: usize, model: &[u8]| {
+        d.read_exact_at(rb.buf(), (k << 20) as u64)
+            .expect("O_DIRECT read");
+        assert!(
+            rb.buf() == &model[k << 20..(k + 1) << 20],
+            "O_DIRECT read of MiB {k} differs"
+        );
+    };
+    for k in 0..8 {
+        read_mib(k, &model);
+    }
+    assert!(
+        read_ahead() >= (1 << 20) as f64,
+        "nothing was read ahead for a sequential direct reader"
+    );
+    // MiB 12 is read ahead by now; write it again, and two more MiB elsewhere so that
+    // the merge runs now, and let the merge take them.
+    for (k, seed) in [(12usize, 9999u64), (30, 7030), (31, 7031)] {
+        write_mib(k, seed, &mut model);
+    }
+    wait_merged(&site);
+    for k in 8..SIZE >> 20 {
+        read_mib(k, &model);
+    }
+    let streamed = resident_pages(&parent);
+    assert!(
+        streamed < 1024,
+        "a sequential O_DIRECT reader's run brought {streamed} pages of the parent into \
+         the page cache"
+    );
+    // O_DIRECT reads that are not a run (4 KiB, 1 MiB apart) go through the page cache.
+    let mut small = Aligned::new(4096);
+    for k in (0..SIZE >> 20).rev() {
+        let off = (k << 20) + 8192;
+        d.read_exact_at(small.buf(), off as u64)
+            .expect("O_DIRECT read");
+        assert!(small.buf() == &model[off..off + 4096], "4 KiB read at {off} differs");
+    }
+    let after = resident_pages(&parent);
+    assert!(
+        after >= streamed + 24,
+        "O_DIRECT reads that were not a run did not use the page cache ({streamed} then \
+         {after} pages)"
+    );
+    drop(d);
     assert!(served.stop().success());
 }

@@ -5,48 +5,8 @@
 mod common;
 
 use common::serve::*;
-use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-/// GET `path` from `addr`: (status line, body).
-fn get(addr: &str, path: &str) -> (String, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    let (head, body) = out.split_once("\r\n\r\n").expect("a response");
-    (
-        head.lines().next().unwrap_or("").to_string(),
-        body.to_string(),
-    )
-}
-
-/// Every sample line `name{labels} value` of the text, checked for form.
-fn samples(text: &str) -> HashMap<String, f64> {
-    let mut out = HashMap::new();
-    for line in text.lines() {
-        if line.starts_with('#') || line.is_empty() {
-            continue;
-        }
-        let (key, value) = line.rsplit_once(' ').expect("name and value");
-        let name_end = key.find('{').unwrap_or(key.len());
-        let name = &key[..name_end];
-        assert!(
-            name.starts_with("replog_")
-                && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
-            "bad metric name in {line:?}"
-        );
-        if name_end < key.len() {
-            assert!(key.ends_with('}'), "bad labels in {line:?}");
-        }
-        let v: f64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
-        out.insert(key.to_string(), v);
-    }
-    out
-}
 
 #[test]
 fn a_running_serve_answers_metrics_that_follow_what_it_does() {
@@ -59,7 +19,7 @@ fn a_running_serve_answers_metrics_that_follow_what_it_does() {
     let _target = TargetServe::start(&dst, &addr);
     let metrics = format!("127.0.0.1:{}", free_port());
     let served = Served::start(&src, &tmp.path().join("mnt"), &["--metrics", &metrics]);
-    let (status, body) = get(&metrics, "/metrics");
+    let (status, body) = http_get(&metrics, "/metrics");
     assert!(status.contains("200"), "{status}");
     assert!(body.ends_with("# EOF\n"), "{body}");
     protect_when_listening(&src, &addr);
@@ -70,8 +30,8 @@ fn a_running_serve_answers_metrics_that_follow_what_it_does() {
     // The gauges come from the status at each scrape; the counters as things happen.
     let deadline = Instant::now() + Duration::from_secs(30);
     let m = loop {
-        let (_, body) = get(&metrics, "/metrics");
-        let m = samples(&body);
+        let (_, body) = http_get(&metrics, "/metrics");
+        let m = metric_samples(&body);
         let shipped = m
             .get("replog_shipped_bytes_total{machine=\"vm1\"}")
             .copied()
@@ -109,7 +69,7 @@ fn a_running_serve_answers_metrics_that_follow_what_it_does() {
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let m = samples(&get(&metrics, "/metrics").1);
+        let m = metric_samples(&http_get(&metrics, "/metrics").1);
         if m.get("replog_machine_health{machine=\"vm1\"}") == Some(&1.0)
             && m.get("replog_retries_total{machine=\"vm1\"}")
                 .copied()
@@ -122,7 +82,7 @@ fn a_running_serve_answers_metrics_that_follow_what_it_does() {
         std::thread::sleep(Duration::from_millis(200));
     }
     // Anything but /metrics is not found.
-    assert!(get(&metrics, "/other").0.contains("404"));
+    assert!(http_get(&metrics, "/other").0.contains("404"));
     assert!(served.stop().success());
 }
 
@@ -172,7 +132,7 @@ fn lag_beyond_the_rpo_is_a_warning_and_beyond_twice_it_critical() {
         .unwrap_or("")
         .to_string();
     assert!(reason.contains("of 2 s"), "{reason}");
-    let m = samples(&get(&metrics, "/metrics").1);
+    let m = metric_samples(&http_get(&metrics, "/metrics").1);
     assert_eq!(
         m.get("replog_machine_rpo_seconds{machine=\"vm1\"}"),
         Some(&2.0)

@@ -132,14 +132,19 @@ pub enum Command {
         /// Open disk files with FOPEN_DIRECT_IO (bypass the kernel page cache).
         #[arg(long)]
         direct_io: bool,
-        /// O_DIRECT openers (a VM with cache=none, fio direct=1) read the parent image
-        /// with O_DIRECT too (through an aligned buffer where their request is not
-        /// aligned) and get no readahead: no double caching and no page-cache memory
-        /// taken per read (steadier on hosts that take freed memory back, e.g. balloon
-        /// free page reporting); slower for one sequential reader at a time and for
-        /// data read again. Data still in the journal is read through the page cache.
-        #[arg(long)]
+        /// Every read of an O_DIRECT opener (a VM with cache=none, fio direct=1) reads
+        /// the parent image with O_DIRECT too: no double caching of a guest that
+        /// caches for itself; data read again goes to the disk again. By default only
+        /// sequential runs do (read ahead into replog's own buffers) and other reads
+        /// go through the page cache. Data still in the journal is always read
+        /// through the page cache.
+        #[arg(long, conflicts_with = "cached_reads")]
         direct_reads: bool,
+        /// Every read goes through the page cache, sequential runs of O_DIRECT
+        /// openers too (replog before 2026-12: faster where free memory costs nothing
+        /// to take again; see docs/FUSE.md).
+        #[arg(long)]
+        cached_reads: bool,
         /// Largest FUSE write request in bytes.
         #[arg(long, default_value_t = 1 << 20)]
         max_write: u32,
@@ -885,6 +890,7 @@ pub fn run(cli: Cli) -> ExitCode {
             fuse_threads,
             direct_io,
             direct_reads,
+            cached_reads,
             max_write,
             no_async_dio,
             write_workers,
@@ -901,7 +907,13 @@ pub fn run(cli: Cli) -> ExitCode {
                     max_write,
                     async_dio: !no_async_dio,
                     direct_io,
-                    direct_reads,
+                    reads: if direct_reads {
+                        replog::frontend::ReadPath::Direct
+                    } else if cached_reads {
+                        replog::frontend::ReadPath::Cached
+                    } else {
+                        replog::frontend::ReadPath::Sequential
+                    },
                     write_workers,
                     max_background,
                     ..Default::default()

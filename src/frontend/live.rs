@@ -31,13 +31,8 @@ pub struct FrontendOptions {
     pub direct_io: bool,
     /// Let the kernel send parallel direct writes to one file.
     pub parallel_direct_writes: bool,
-    /// Read the parent image around the page cache (O_DIRECT) for openers that asked
-    /// for O_DIRECT, and read nothing ahead for them: no double caching of a guest
-    /// that caches for itself, no page-cache memory taken per read (data still in the
-    /// journal is read through the page cache).
-    /// Off: every read goes through the page cache, with readahead for sequential
-    /// readers (faster at depth 1 and for re-read data; see docs/FUSE.md).
-    pub direct_reads: bool,
+    /// Which reads of openers that asked for O_DIRECT go around the page cache.
+    pub reads: ReadPath,
     /// Hand writes to this many worker threads, which append and reply, so the
     /// session thread goes back to reading the next request at once (0: the session
     /// thread appends and replies itself). Costs a copy of the data.
@@ -56,11 +51,31 @@ impl Default for FrontendOptions {
             async_dio: true,
             direct_io: false,
             parallel_direct_writes: true,
-            direct_reads: false,
+            reads: ReadPath::Sequential,
             write_workers: 0,
             max_background: 12,
         }
     }
+}
+
+/// How the parent image is read for an opener that asked for O_DIRECT (a VM with
+/// cache=none, a database, fio direct=1). Reads of other openers, and data still in
+/// the journal, always go through the page cache (docs/FUSE.md, "Reads around the page
+/// cache").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadPath {
+    /// Through the page cache, with readahead for sequential readers.
+    Cached,
+    /// A sequential run (a read that continues the reader's last ones) around the page
+    /// cache, read ahead with O_DIRECT into replog's own buffers (`volume::ahead`);
+    /// other reads through the page cache, which keeps what is read again. A stream
+    /// takes no page-cache memory, on a host that takes freed memory back (a balloon)
+    /// the costly part of a buffered read.
+    Sequential,
+    /// Every read around the page cache (sequential runs read ahead as above): no
+    /// double caching of a guest that caches for itself; random reads go to the disk
+    /// each time.
+    Direct,
 }
 
 const TTL: Duration = Duration::from_secs(60);
@@ -169,8 +184,8 @@ fn spawn_write_workers(n: usize, tree: &Arc<Tree>) -> Option<crossbeam::channel:
     Some(tx)
 }
 
-/// Where each inode's last read ended and how far ahead of it reads were asked for,
-/// to spot sequential readers and keep a readahead window in front of them.
+/// How far each inode's sequential reader has read and how far ahead of it reads were
+/// asked for, to spot sequential readers and keep a readahead window in front of them.
 #[derive(Debug, Default)]
 struct SequentialReads(parking_lot::Mutex<std::collections::HashMap<u64, (u64, u64)>>);
 
@@ -178,29 +193,40 @@ struct SequentialReads(parking_lot::Mutex<std::collections::HashMap<u64, (u64, u
 const READAHEAD_MIN: u64 = 8 << 20;
 /// …or this many of its requests, whichever is more.
 const READAHEAD_REQUESTS: u64 = 8;
+/// A read within this many of its own lengths of where the reader has got to still
+/// continues it: a reader with several requests in flight (libaio, io_uring) has them
+/// answered, and recorded, in any order.
+const REORDER_REQUESTS: u64 = 16;
 
 impl SequentialReads {
     /// Record a read of `len` bytes at `offset`: the range to ask the engine to fetch
-    /// now, if the read continued the previous one and less than half of the window
-    /// is left ahead of it. A direct reader at queue depth 1 waits for each request in
-    /// turn, so the disk must already be reading the next ones (2x the request, as
-    /// before, measured 0.4x a plain file; the window keeps several MiB in flight).
-    fn record(&self, ino: u64, offset: u64, len: u64) -> Option<(u64, u64)> {
+    /// now, if the read continued the reader's run (near the furthest end read so
+    /// far) and less than half of the window is left ahead of that end. A direct
+    /// reader at queue depth 1 waits for each request in turn, so the disk must
+    /// already be reading the next ones (2x the request, as before, measured 0.4x a
+    /// plain file; the window keeps several MiB in flight). Only ranges past what was
+    /// asked for before are asked for, so reordered requests ask for nothing twice.
+    /// The first of the pair says whether the read continued a run.
+    fn record(&self, ino: u64, offset: u64, len: u64) -> (bool, Option<(u64, u64)>) {
         let mut m = self.0.lock();
         let end = offset + len;
-        let (prev_end, asked) = m.get(&ino).copied().unwrap_or((u64::MAX, 0));
-        if prev_end != offset {
+        let Some((furthest, asked)) = m.get(&ino).copied() else {
             m.insert(ino, (end, end));
-            return None;
+            return (false, None);
+        };
+        if offset.abs_diff(furthest) > REORDER_REQUESTS * len {
+            m.insert(ino, (end, end));
+            return (false, None);
         }
+        let furthest = furthest.max(end);
         let window = READAHEAD_MIN.max(READAHEAD_REQUESTS * len);
-        let asked = asked.max(end);
-        if asked >= end + window / 2 {
-            m.insert(ino, (end, asked));
-            return None;
+        let asked = asked.max(furthest);
+        if asked >= furthest + window / 2 {
+            m.insert(ino, (furthest, asked));
+            return (true, None);
         }
-        m.insert(ino, (end, end + window));
-        Some((asked, end + window - asked))
+        m.insert(ino, (furthest, furthest + window));
+        (true, Some((asked, furthest + window - asked)))
     }
 }
 
@@ -469,10 +495,14 @@ impl Filesystem for LiveFs {
             // Page-aligned: copies between the page cache and a buffer are several
             // times slower when their alignments differ.
             let buf = crate::storage::aligned_slice(scratch, len);
-            // With --direct-reads, an O_DIRECT opener (a VM with cache=none, a
-            // database) reads the parent around the page cache, as it would a plain
-            // file, and nothing is read ahead for it.
-            let direct = self.opts.direct_reads && flags.0 & libc::O_DIRECT != 0;
+            // Recorded before the read: whether it continues a run decides its path.
+            let (run, fetch) = self.seq_reads.record(ino.0, offset, len as u64);
+            let direct = flags.0 & libc::O_DIRECT != 0
+                && match self.opts.reads {
+                    ReadPath::Cached => false,
+                    ReadPath::Sequential => run,
+                    ReadPath::Direct => true,
+                };
             let read = if direct {
                 vol.read_direct(offset, buf)
             } else {
@@ -481,12 +511,14 @@ impl Filesystem for LiveFs {
             match read {
                 Ok(()) => {
                     reply.data(buf);
-                    // After replying: a sequential reader's next request finds its data
-                    // on its way into the page cache.
-                    if let Some((at, n)) = self.seq_reads.record(ino.0, offset, len as u64) {
-                        if !direct {
-                            let _ = vol.prefetch(at, n);
-                        }
+                    // After replying: a sequential reader's next requests find their
+                    // data on its way into the page cache, or into read-ahead slots.
+                    if let Some((at, n)) = fetch {
+                        let _ = if direct {
+                            vol.prefetch_direct(at, n)
+                        } else {
+                            vol.prefetch(at, n)
+                        };
                     }
                 }
                 Err(e) => {
@@ -842,19 +874,39 @@ mod tests {
     fn a_sequential_reader_gets_a_readahead_window_refilled_below_half() {
         const MIB: u64 = 1 << 20;
         let r = SequentialReads::default();
+        let ask = |ino, offset, len| r.record(ino, offset, len).1;
+        // Whether a read continues a run (it then takes the sequential path).
+        assert!(!r.record(5, 0, MIB).0);
+        assert!(r.record(5, MIB, MIB).0);
+        assert!(r.record(5, 0, MIB).0, "reordered, within 16 requests");
+        assert!(!r.record(5, 900 * MIB, MIB).0);
         // A first read, or one that jumps: nothing to fetch.
-        assert_eq!(r.record(7, 0, MIB), None);
-        assert_eq!(r.record(7, 5 * MIB, MIB), None);
+        assert_eq!(ask(7, 0, MIB), None);
+        assert_eq!(ask(7, 50 * MIB, MIB), None);
         // It goes on where it ended: the window (8 MiB) ahead of it is asked for.
-        assert_eq!(r.record(7, 6 * MIB, MIB), Some((7 * MIB, 8 * MIB)));
+        assert_eq!(ask(7, 51 * MIB, MIB), Some((52 * MIB, 8 * MIB)));
         // While half of the window or more is left, nothing more…
-        for k in 7..=10 {
-            assert_eq!(r.record(7, k * MIB, MIB), None, "read at {k} MiB");
+        for k in 52..=55 {
+            assert_eq!(ask(7, k * MIB, MIB), None, "read at {k} MiB");
         }
         // …then what makes it whole again, from where the last ask ended.
-        assert_eq!(r.record(7, 11 * MIB, MIB), Some((15 * MIB, 5 * MIB)));
+        assert_eq!(ask(7, 56 * MIB, MIB), Some((60 * MIB, 5 * MIB)));
+        // Requests answered out of order (several in flight) continue the run, and
+        // what was asked for is not asked for again.
+        assert_eq!(ask(7, 58 * MIB, MIB), None);
+        assert_eq!(ask(7, 57 * MIB, MIB), None);
+        assert_eq!(ask(7, 60 * MIB, MIB), None);
+        assert_eq!(ask(7, 61 * MIB, MIB), Some((65 * MIB, 5 * MIB)));
+        assert_eq!(ask(7, 59 * MIB, MIB), None);
+        // A jump further than 16 requests starts again.
+        assert_eq!(ask(7, 100 * MIB, MIB), None);
+        assert_eq!(ask(7, 101 * MIB, MIB), Some((102 * MIB, 8 * MIB)));
         // Bigger requests get a bigger window (8 of them), other files their own.
-        assert_eq!(r.record(9, 0, 4 * MIB), None);
-        assert_eq!(r.record(9, 4 * MIB, 4 * MIB), Some((8 * MIB, 32 * MIB)));
+        assert_eq!(ask(9, 0, 4 * MIB), None);
+        assert_eq!(ask(9, 4 * MIB, 4 * MIB), Some((8 * MIB, 32 * MIB)));
+        // Small random reads far apart are never a run.
+        assert_eq!(ask(3, 0, 4096), None);
+        assert_eq!(ask(3, 900 * MIB, 4096), None);
+        assert_eq!(ask(3, 300 * MIB, 4096), None);
     }
 }

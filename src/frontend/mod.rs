@@ -10,7 +10,7 @@ mod live;
 pub(crate) mod points;
 mod tree;
 
-pub use live::{FrontendOptions, LiveFs};
+pub use live::{FrontendOptions, LiveFs, ReadPath};
 pub use tree::Tree;
 
 use crate::error::{Error, Result};

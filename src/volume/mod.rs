@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+mod ahead;
 mod barrier;
 mod base;
 mod changed;
@@ -86,6 +87,8 @@ pub(crate) struct Disk {
     pub size: u64,
     /// The parent image, or a replica point until the fold swaps the file in.
     parent: RwLock<Arc<dyn StorageFile>>,
+    /// Read-ahead of the parent for direct readers (`serve --direct-reads`).
+    ahead: ahead::DirectAhead,
 }
 
 impl Disk {
@@ -95,6 +98,7 @@ impl Disk {
             name,
             size,
             parent: RwLock::new(parent),
+            ahead: ahead::DirectAhead::default(),
         }
     }
 
@@ -123,6 +127,9 @@ pub(crate) struct IndexState {
     /// their later records wrote is unknown, so every range whose newest verified data
     /// is in such a segment or older (the parent included) is refused too.
     pub lost: std::collections::BTreeSet<u64>,
+    /// Bumped by the merge as it moves reads from its segments to the parents (after
+    /// writing them): what was read from a parent before is stale (`ahead`).
+    pub parent_epoch: u64,
 }
 
 #[derive(Debug, Default)]
@@ -774,7 +781,14 @@ impl Volume {
 
     /// Hint that `offset..offset+len` will be read soon (sequential readers).
     pub fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.prefetch(self.disk, offset, len)
+        self.inner.prefetch(self.disk, offset, len, false)
+    }
+
+    /// [`prefetch`](Self::prefetch) for a reader of [`read_direct`](Self::read_direct):
+    /// what the parent answers is read with O_DIRECT into buffers of replog's own
+    /// (`volume::ahead`), none of it into the page cache.
+    pub fn prefetch_direct(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.prefetch(self.disk, offset, len, true)
     }
 
     /// Write at any offset and length inside the disk; returns the record's LSN.

@@ -155,6 +155,7 @@ impl Machine {
             files: BTreeMap::new(),
             damaged: BTreeMap::new(),
             lost: Default::default(),
+            parent_epoch: 0,
         };
         // Damage found before (by this process's predecessors) is not forgotten; a
         // segment mended since holds nothing any range still needs.

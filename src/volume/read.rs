@@ -3,8 +3,9 @@
 
 use super::*;
 
-/// Pieces of a range and the segment files they read from.
-type Resolved = (Vec<Piece>, Vec<(u64, Arc<dyn StorageFile>)>);
+/// Pieces of a range, the segment files they read from, and the index's
+/// `parent_epoch` at the lookup.
+type Resolved = (Vec<Piece>, Vec<(u64, Arc<dyn StorageFile>)>, u64);
 
 impl MachineInner {
     /// Next data (or hole) at or after `offset` of `disk`: the index first, the parent
@@ -60,9 +61,11 @@ impl MachineInner {
         let mut pieces: Vec<Piece> = Vec::new();
         let mut files: Vec<(u64, Arc<dyn StorageFile>)> = Vec::new();
         let lost;
+        let epoch;
         {
             let st = self.state.read();
             lost = Self::lost(&st);
+            epoch = st.parent_epoch;
             if let Some(map) = st.disks.get(disk as usize) {
                 map.lookup(offset, len, &mut pieces);
             }
@@ -107,20 +110,23 @@ impl MachineInner {
                 ));
             }
         }
-        Ok((pieces, files))
+        Ok((pieces, files, epoch))
     }
 
-    /// Start reading a range into the page cache (for sequential readers).
-    pub(super) fn prefetch(&self, disk: u32, offset: u64, len: u64) -> Result<()> {
+    /// Start reading a range into the page cache (for sequential readers); with
+    /// `direct`, what the parent answers into the disk's read-ahead slots instead.
+    pub(super) fn prefetch(&self, disk: u32, offset: u64, len: u64, direct: bool) -> Result<()> {
         let d = self.disk(disk)?;
         let len = len.min(d.size.saturating_sub(offset));
         if len == 0 {
             return Ok(());
         }
-        let (pieces, files) = self.resolve(disk, offset, len)?;
+        let (pieces, files, epoch) = self.resolve(disk, offset, len)?;
+        let parent = d.parent();
         for p in pieces {
             match p.loc {
-                None => d.parent().prefetch(p.start, p.len),
+                None if direct => d.ahead.schedule(&parent, epoch, p.start, p.len, d.size),
+                None => parent.prefetch(p.start, p.len),
                 Some(Location::Segment { seq, offset: at }) => {
                     if let Some((_, f)) = files.iter().find(|(s, _)| *s == seq) {
                         f.prefetch(at, p.len);
@@ -137,7 +143,8 @@ impl MachineInner {
     pub(super) fn read(&self, disk: u32, offset: u64, buf: &mut [u8], direct: bool) -> Result<()> {
         let d = self.disk(disk)?;
         self.check_range(d, "read", offset, buf.len() as u64)?;
-        let (pieces, files) = self.resolve(disk, offset, buf.len() as u64)?;
+        let (pieces, files, epoch) = self.resolve(disk, offset, buf.len() as u64)?;
+        let parent = d.parent();
         for p in pieces {
             let from = (p.start - offset) as usize;
             let Some(dst) = buf.get_mut(from..from + p.len as usize) else {
@@ -151,12 +158,12 @@ impl MachineInner {
                         f.read_exact_at(dst, at)?;
                     }
                 }
+                None if direct => {
+                    let hit = d.ahead.read(&parent, epoch, p.start, dst)?;
+                    crate::metrics::get().read_ahead(hit as u64, dst.len() as u64);
+                }
                 None => {
-                    let n = if direct {
-                        d.parent().read_direct(dst, p.start)?
-                    } else {
-                        d.parent().read_at(dst, p.start)?
-                    };
+                    let n = parent.read_at(dst, p.start)?;
                     if let Some(rest) = dst.get_mut(n..) {
                         rest.fill(0);
                     }

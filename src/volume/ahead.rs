@@ -1,0 +1,364 @@
+//! Read-ahead for direct readers (`serve --direct-reads`): the parent image read with
+//! O_DIRECT into buffers of replog's own, in front of a sequential reader.
+//!
+//! An O_DIRECT reader (a VM with cache=none, a database) under `--direct-reads` reads
+//! the parent around the page cache, so the kernel reads nothing ahead for it, and a
+//! reader at queue depth 1 waits for the disk on every request. This keeps up to
+//! [`SLOTS`] slots of [`SLOT`] bytes, each filled by one O_DIRECT read on a small pool
+//! of threads, in front of a reader the front end saw reading sequentially. The
+//! buffers are allocated once and reused: they are not page-cache memory that is
+//! freed and taken again (on a VM whose balloon hands free memory back to its host,
+//! taking it again is what made buffered first reads slow, docs/FUSE.md).
+//!
+//! What a slot holds is the parent's bytes as they were when its fill began. A read
+//! uses a slot only for the pieces the index says the parent answers, and only if
+//! neither the parent's contents nor the parent file changed since: the merge bumps
+//! the index's `parent_epoch` in the same critical section that moves reads from its
+//! segments to the parents (after writing them), and a read takes the epoch in the
+//! critical section of its lookup. A range the index hands to the parent was not
+//! written by a merge still in progress (its records are in the index until the
+//! bump), so a slot filled at the reader's epoch holds that range's current bytes. A
+//! fold that swaps the parent file is caught by the file itself (`Arc::ptr_eq`).
+
+use crate::error::Result;
+use crate::storage::{aligned_slice, StorageFile};
+use parking_lot::{Condvar, Mutex};
+use std::sync::{Arc, OnceLock};
+
+/// Bytes per slot (one O_DIRECT read); slots start at multiples of it.
+pub(crate) const SLOT: u64 = 1 << 20;
+/// Slots per disk: the most read ahead of one disk's readers (16 MiB).
+pub(crate) const SLOTS: usize = 16;
+/// Threads that fill slots, for every disk of the process.
+const FILLERS: usize = 4;
+
+/// One slot's state.
+#[derive(Debug)]
+enum Fill {
+    /// Its read is queued or under way.
+    Pending,
+    /// Its read ended: the buffer and how many bytes of the range it holds (fewer
+    /// only at the parent's end).
+    Ready { buf: Vec<u8>, n: usize },
+    /// Its read failed: readers read for themselves (and see the error).
+    Failed,
+}
+
+#[derive(Debug)]
+struct Slot {
+    start: u64,
+    len: usize,
+    epoch: u64,
+    parent: Arc<dyn StorageFile>,
+    fill: Mutex<Fill>,
+    done: Condvar,
+}
+
+impl Slot {
+    fn matches(&self, parent: &Arc<dyn StorageFile>, epoch: u64) -> bool {
+        self.epoch == epoch && Arc::ptr_eq(&self.parent, parent)
+    }
+
+    /// Run on a filler: read the slot's range into `buf`.
+    fn run(&self, mut buf: Vec<u8>) {
+        let area = aligned_slice(&mut buf, self.len);
+        let next = match self.parent.read_direct(area, self.start) {
+            Ok(n) => Fill::Ready { buf, n },
+            Err(e) => {
+                tracing::debug!("read-ahead of {:?} at {}: {e}", self.parent.path(), self.start);
+                Fill::Failed
+            }
+        };
+        *self.fill.lock() = next;
+        self.done.notify_all();
+    }
+}
+
+/// A disk's read-ahead slots and the buffers it keeps for them.
+#[derive(Debug, Default)]
+pub(crate) struct DirectAhead {
+    state: Mutex<AheadState>,
+}
+
+#[derive(Debug, Default)]
+struct AheadState {
+    /// Oldest first.
+    slots: Vec<Arc<Slot>>,
+    /// Buffers of slots let go, to be filled again.
+    free: Vec<Vec<u8>>,
+}
+
+impl AheadState {
+    /// Let slot `i` go, keeping its buffer if its read ended.
+    fn evict(&mut self, i: usize) {
+        let slot = self.slots.remove(i);
+        let fill = std::mem::replace(&mut *slot.fill.lock(), Fill::Failed);
+        if let Fill::Ready { buf, .. } = fill {
+            self.free.push(buf);
+        }
+    }
+}
+
+/// The pool's queue (started on first use).
+fn fillers() -> &'static crossbeam::channel::Sender<(Arc<Slot>, Vec<u8>)> {
+    static POOL: OnceLock<crossbeam::channel::Sender<(Arc<Slot>, Vec<u8>)>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let (tx, rx) = crossbeam::channel::unbounded::<(Arc<Slot>, Vec<u8>)>();
+        for i in 0..FILLERS {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("read-ahead-{i}"))
+                .spawn(move || {
+                    for (slot, buf) in rx {
+                        slot.run(buf);
+                    }
+                });
+            if let Err(e) = spawned {
+                // With no filler, queued slots stay pending until evicted, and
+                // readers that find them read for themselves (see `take`).
+                tracing::warn!("could not start a read-ahead thread: {e}");
+            }
+        }
+        tx
+    })
+}
+
+impl DirectAhead {
+    /// Start filling the slots that cover `offset..offset+len` of `parent` (a disk of
+    /// `size` bytes) and are not there yet, as of index epoch `epoch`. Slots of an
+    /// older epoch or another parent file are let go. Stops when every slot is
+    /// pending (the reader has not caught up yet).
+    pub(crate) fn schedule(
+        &self,
+        parent: &Arc<dyn StorageFile>,
+        epoch: u64,
+        offset: u64,
+        len: u64,
+        size: u64,
+    ) {
+        let end = offset.saturating_add(len).min(size);
+        let mut at = offset / SLOT * SLOT;
+        let mut st = self.state.lock();
+        while let Some(i) = st.slots.iter().position(|s| !s.matches(parent, epoch)) {
+            if matches!(*st.slots[i].fill.lock(), Fill::Pending) {
+                break;
+            }
+            st.evict(i);
+        }
+        while at < end {
+            if !st.slots.iter().any(|s| s.start == at && s.matches(parent, epoch)) {
+                if st.slots.len() >= SLOTS {
+                    let Some(i) = st
+                        .slots
+                        .iter()
+                        .position(|s| !matches!(*s.fill.lock(), Fill::Pending))
+                    else {
+                        return;
+                    };
+                    st.evict(i);
+                }
+                let slot = Arc::new(Slot {
+                    start: at,
+                    len: SLOT.min(size - at) as usize,
+                    epoch,
+                    parent: parent.clone(),
+                    fill: Mutex::new(Fill::Pending),
+                    done: Condvar::new(),
+                });
+                let buf = st.free.pop().unwrap_or_default();
+                st.slots.push(slot.clone());
+                if fillers().send((slot.clone(), buf)).is_err() {
+                    *slot.fill.lock() = Fill::Failed;
+                }
+            }
+            at += SLOT;
+        }
+    }
+
+    /// Fill `dst` with `offset..offset+dst.len()` of `parent` as of index epoch
+    /// `epoch`: from slots where they hold it (waiting for one still being read),
+    /// with `read_direct` where none does. Bytes past the parent's end read as zeros.
+    /// Returns how many bytes came from slots.
+    pub(crate) fn read(
+        &self,
+        parent: &Arc<dyn StorageFile>,
+        epoch: u64,
+        offset: u64,
+        dst: &mut [u8],
+    ) -> Result<usize> {
+        let mut done = 0usize;
+        let mut from_slots = 0usize;
+        while done < dst.len() {
+            let at = offset + done as u64;
+            let chunk = at / SLOT * SLOT;
+            let want = ((chunk + SLOT - at) as usize).min(dst.len() - done);
+            let part = &mut dst[done..done + want];
+            if self.take(parent, epoch, chunk, at, part) {
+                from_slots += want;
+            } else {
+                let n = parent.read_direct(part, at)?;
+                if let Some(rest) = part.get_mut(n..) {
+                    rest.fill(0);
+                }
+            }
+            done += want;
+        }
+        Ok(from_slots)
+    }
+
+    /// Copy `at..at+part.len()` (inside the slot starting at `chunk`) from that slot if
+    /// it matches; a slot read to its end is let go. False if no slot holds it.
+    fn take(
+        &self,
+        parent: &Arc<dyn StorageFile>,
+        epoch: u64,
+        chunk: u64,
+        at: u64,
+        part: &mut [u8],
+    ) -> bool {
+        let slot = {
+            let st = self.state.lock();
+            match st
+                .slots
+                .iter()
+                .find(|s| s.start == chunk && s.matches(parent, epoch))
+            {
+                Some(s) => s.clone(),
+                None => return false,
+            }
+        };
+        let skip = (at - chunk) as usize;
+        let copied = {
+            let mut fill = slot.fill.lock();
+            while matches!(*fill, Fill::Pending) {
+                slot.done.wait(&mut fill);
+            }
+            match &mut *fill {
+                Fill::Ready { buf, n } => {
+                    let n = *n;
+                    let area = aligned_slice(buf, slot.len);
+                    let have = n.saturating_sub(skip).min(part.len());
+                    let (head, rest) = part.split_at_mut(have);
+                    match area.get(skip..skip + have) {
+                        Some(s) => head.copy_from_slice(s),
+                        None => return false,
+                    }
+                    rest.fill(0);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if copied && skip + part.len() >= slot.len {
+            let mut st = self.state.lock();
+            if let Some(i) = st.slots.iter().position(|s| Arc::ptr_eq(s, &slot)) {
+                st.evict(i);
+            }
+        }
+        copied
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{MemStorage, OpenMode, Storage};
+    use std::path::Path;
+
+    fn parent(storage: &MemStorage, name: &str, bytes: &[u8]) -> Arc<dyn StorageFile> {
+        storage.create_dir_all(Path::new("/d")).expect("mkdir");
+        let f = storage
+            .open(&Path::new("/d").join(name), OpenMode::CreateNew)
+            .expect("create");
+        f.write_at(&[bytes], 0).expect("write");
+        f
+    }
+
+    fn pattern(seed: u8, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    }
+
+    /// Read until every slot that covers `offset..offset+len` has ended its read.
+    fn settled(ahead: &DirectAhead) {
+        loop {
+            let pending = ahead
+                .state
+                .lock()
+                .slots
+                .iter()
+                .any(|s| matches!(*s.fill.lock(), Fill::Pending));
+            if !pending {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn reads_come_from_the_slots_and_equal_the_parent_at_any_alignment() {
+        let storage = MemStorage::new();
+        let size = 5 * SLOT as usize + 1000;
+        let data = pattern(7, size);
+        let p = parent(&storage, "p.img", &data);
+        let ahead = DirectAhead::default();
+        ahead.schedule(&p, 0, 0, size as u64, size as u64);
+        settled(&ahead);
+        assert_eq!(ahead.state.lock().slots.len(), 6);
+        // Unaligned, across slot boundaries, and past the parent's end (zeros).
+        let mut got = vec![0u8; 3 * SLOT as usize];
+        let hit = ahead.read(&p, 0, 12_345, &mut got).expect("read");
+        assert_eq!(hit, got.len(), "not all from the slots");
+        assert!(got == data[12_345..12_345 + got.len()]);
+        let mut tail = vec![9u8; 2000];
+        ahead
+            .read(&p, 0, size as u64 - 1000, &mut tail)
+            .expect("read the tail");
+        assert!(tail[..1000] == data[size - 1000..]);
+        // Slots read to their end were let go, their buffers kept.
+        let st = ahead.state.lock();
+        assert!(st.slots.iter().all(|s| s.start >= 3 * SLOT), "{:?}", st.slots.len());
+        assert!(!st.free.is_empty());
+    }
+
+    #[test]
+    fn a_slot_of_another_epoch_or_parent_file_is_never_read() {
+        let storage = MemStorage::new();
+        let size = 2 * SLOT as usize;
+        let old = pattern(1, size);
+        let p = parent(&storage, "p.img", &old);
+        let ahead = DirectAhead::default();
+        ahead.schedule(&p, 4, 0, size as u64, size as u64);
+        settled(&ahead);
+        // The parent changes (a merge), and the epoch with it.
+        let new = pattern(2, size);
+        p.write_at(&[&new], 0).expect("write");
+        let mut got = vec![0u8; size];
+        assert_eq!(ahead.read(&p, 5, 0, &mut got).expect("read"), 0);
+        assert!(got == new, "a stale slot was read");
+        // Another parent file (a fold swapped it in) at the same epoch.
+        ahead.schedule(&p, 5, 0, size as u64, size as u64);
+        settled(&ahead);
+        let q = parent(&storage, "q.img", &old);
+        assert_eq!(ahead.read(&q, 5, 0, &mut got).expect("read"), 0);
+        assert!(got == old, "another file's slot was read");
+        // Scheduling at the new epoch let the old slots go.
+        ahead.schedule(&p, 6, 0, SLOT, size as u64);
+        assert!(ahead.state.lock().slots.iter().all(|s| s.epoch == 6));
+    }
+
+    #[test]
+    fn slots_are_bounded_and_pending_ones_are_kept() {
+        let storage = MemStorage::new();
+        let size = 40 * SLOT as usize;
+        let p = parent(&storage, "p.img", &pattern(3, size));
+        let ahead = DirectAhead::default();
+        ahead.schedule(&p, 0, 0, size as u64, size as u64);
+        assert!(ahead.state.lock().slots.len() <= SLOTS);
+        settled(&ahead);
+        ahead.schedule(&p, 0, 20 * SLOT, 20 * SLOT, size as u64);
+        settled(&ahead);
+        let st = ahead.state.lock();
+        assert_eq!(st.slots.len(), SLOTS);
+        assert!(st.slots.iter().any(|s| s.start == 20 * SLOT));
+    }
+}
