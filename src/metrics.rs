@@ -27,7 +27,7 @@
 //! | `replog_fsync_duration_seconds` | histogram | fsync/fdatasync of a disk through the mount |
 //! | `replog_tls_sessions_total{direction}` | counter | TLS sessions accepted (`in`) and opened (`out`) |
 //! | `replog_replica_store_requests_total` | counter | requests to an S3 replica store |
-//! | `replog_direct_read_bytes_total{source}` | counter | parent bytes read for O_DIRECT openers under `serve --direct-reads`: from the read-ahead (`read_ahead`) or the disk at the request (`disk`) |
+//! | `replog_direct_read_bytes_total{source}` | counter | parent bytes read around the page cache for O_DIRECT openers (their sequential runs; every read with `serve --direct-reads`): from the read-ahead (`read_ahead`) or the disk at the request (`disk`) |
 
 use crate::protection::status::SiteStatus;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -208,7 +208,7 @@ impl Metrics {
         );
         registry.register(
             "direct_read_bytes",
-            "Parent bytes read for O_DIRECT openers under serve --direct-reads, by source: \
+            "Parent bytes read around the page cache for O_DIRECT openers, by source: \
              the read-ahead (read_ahead) or the disk at the request (disk)",
             m.direct_reads.clone(),
         );
@@ -278,7 +278,9 @@ impl Metrics {
     pub fn read_ahead(&self, hit: u64, all: u64) {
         for (source, n) in [("read_ahead", hit), ("disk", all.saturating_sub(hit))] {
             if n > 0 {
-                self.direct_reads.get_or_create(&SourceLabel { source }).inc_by(n);
+                self.direct_reads
+                    .get_or_create(&SourceLabel { source })
+                    .inc_by(n);
             }
         }
     }

@@ -7,7 +7,6 @@ mod common;
 use common::serve::*;
 use std::time::{Duration, Instant};
 
-
 #[test]
 fn a_running_serve_answers_metrics_that_follow_what_it_does() {
     if !fuse_available("a_running_serve_answers_metrics_that_follow_what_it_does") {

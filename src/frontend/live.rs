@@ -184,49 +184,76 @@ fn spawn_write_workers(n: usize, tree: &Arc<Tree>) -> Option<crossbeam::channel:
     Some(tx)
 }
 
-/// How far each inode's sequential reader has read and how far ahead of it reads were
-/// asked for, to spot sequential readers and keep a readahead window in front of them.
+/// Per inode, a reader's run: how far it has read, how far ahead of that reads were
+/// asked for, and whether the run is established (to spot sequential readers and keep
+/// a readahead window in front of them).
 #[derive(Debug, Default)]
-struct SequentialReads(parking_lot::Mutex<std::collections::HashMap<u64, (u64, u64)>>);
+struct SequentialReads(parking_lot::Mutex<std::collections::HashMap<u64, RunState>>);
+
+#[derive(Clone, Copy, Debug)]
+struct RunState {
+    /// The furthest end read.
+    furthest: u64,
+    /// The end of what was asked for.
+    asked: u64,
+    /// A read began exactly where the run had got to: it is a run.
+    established: bool,
+}
 
 /// The readahead window in front of a sequential reader: at least this much…
 const READAHEAD_MIN: u64 = 8 << 20;
 /// …or this many of its requests, whichever is more.
 const READAHEAD_REQUESTS: u64 = 8;
-/// A read within this many of its own lengths of where the reader has got to still
-/// continues it: a reader with several requests in flight (libaio, io_uring) has them
-/// answered, and recorded, in any order.
+/// Once a run is established, a read within this many of its own lengths of where
+/// the reader has got to still continues it: a reader with several requests in flight
+/// (libaio, io_uring) has them answered, and recorded, in any order.
 const REORDER_REQUESTS: u64 = 16;
 
 impl SequentialReads {
-    /// Record a read of `len` bytes at `offset`: the range to ask the engine to fetch
-    /// now, if the read continued the reader's run (near the furthest end read so
-    /// far) and less than half of the window is left ahead of that end. A direct
-    /// reader at queue depth 1 waits for each request in turn, so the disk must
-    /// already be reading the next ones (2x the request, as before, measured 0.4x a
-    /// plain file; the window keeps several MiB in flight). Only ranges past what was
-    /// asked for before are asked for, so reordered requests ask for nothing twice.
-    /// The first of the pair says whether the read continued a run.
+    /// Record a read of `len` bytes at `offset`. Returns whether it continues an
+    /// established run — one in which a read began exactly where the reader had got
+    /// to; after that, reads near the furthest end read (reordered ones) continue it,
+    /// a jump ends it, and reading the same range again never starts one — and the
+    /// range to ask the engine to fetch now, if less than half of the window is left
+    /// ahead of the furthest end. A direct reader at queue depth 1 waits for each
+    /// request in turn, so the disk must already be reading the next ones (2x the
+    /// request, as before, measured 0.4x a plain file; the window keeps several MiB in
+    /// flight). Only ranges past what was asked for before are asked for.
     fn record(&self, ino: u64, offset: u64, len: u64) -> (bool, Option<(u64, u64)>) {
         let mut m = self.0.lock();
         let end = offset + len;
-        let Some((furthest, asked)) = m.get(&ino).copied() else {
-            m.insert(ino, (end, end));
+        let fresh = RunState {
+            furthest: end,
+            asked: end,
+            established: false,
+        };
+        let Some(mut run) = m.get(&ino).copied() else {
+            m.insert(ino, fresh);
             return (false, None);
         };
-        if offset.abs_diff(furthest) > REORDER_REQUESTS * len {
-            m.insert(ino, (end, end));
+        let near = offset.abs_diff(run.furthest) <= REORDER_REQUESTS * len;
+        if offset == run.furthest {
+            run.established = true;
+        } else if !run.established && near && end <= run.furthest {
+            // Read again, or answered out of order before the run is known: no run
+            // yet, nothing forgotten.
+            return (false, None);
+        } else if !run.established || !near {
+            m.insert(ino, fresh);
             return (false, None);
         }
-        let furthest = furthest.max(end);
+        run.furthest = run.furthest.max(end);
         let window = READAHEAD_MIN.max(READAHEAD_REQUESTS * len);
-        let asked = asked.max(furthest);
-        if asked >= furthest + window / 2 {
-            m.insert(ino, (furthest, asked));
-            return (true, None);
+        let from = run.asked.max(run.furthest);
+        let fetch = (from < run.furthest + window / 2).then(|| {
+            run.asked = run.furthest + window;
+            (from, run.asked - from)
+        });
+        if fetch.is_none() {
+            run.asked = from;
         }
-        m.insert(ino, (furthest, furthest + window));
-        (true, Some((asked, furthest + window - asked)))
+        m.insert(ino, run);
+        (true, fetch)
     }
 }
 
@@ -880,6 +907,12 @@ mod tests {
         assert!(r.record(5, MIB, MIB).0);
         assert!(r.record(5, 0, MIB).0, "reordered, within 16 requests");
         assert!(!r.record(5, 900 * MIB, MIB).0);
+        // Reading a block again never starts a run; a read near but not adjacent to
+        // the last one does not either, until one begins where the reader got to.
+        assert_eq!(r.record(6, 0, 4096), (false, None));
+        assert_eq!(r.record(6, 0, 4096), (false, None));
+        assert_eq!(r.record(6, 8192, 4096), (false, None));
+        assert_eq!(r.record(6, 12288, 4096), (true, Some((16384, 8 * MIB))));
         // A first read, or one that jumps: nothing to fetch.
         assert_eq!(ask(7, 0, MIB), None);
         assert_eq!(ask(7, 50 * MIB, MIB), None);

@@ -1,14 +1,18 @@
-//! Read-ahead for direct readers (`serve --direct-reads`): the parent image read with
-//! O_DIRECT into buffers of replog's own, in front of a sequential reader.
+//! Read-ahead for sequential O_DIRECT readers: the parent image read with O_DIRECT
+//! into buffers of replog's own, in front of the reader (`frontend::ReadPath`).
 //!
-//! An O_DIRECT reader (a VM with cache=none, a database) under `--direct-reads` reads
-//! the parent around the page cache, so the kernel reads nothing ahead for it, and a
-//! reader at queue depth 1 waits for the disk on every request. This keeps up to
-//! [`SLOTS`] slots of [`SLOT`] bytes, each filled by one O_DIRECT read on a small pool
-//! of threads, in front of a reader the front end saw reading sequentially. The
-//! buffers are allocated once and reused: they are not page-cache memory that is
-//! freed and taken again (on a VM whose balloon hands free memory back to its host,
-//! taking it again is what made buffered first reads slow, docs/FUSE.md).
+//! An O_DIRECT reader (a VM with cache=none, a database) whose sequential run is read
+//! around the page cache (the default; every O_DIRECT read with `--direct-reads`) gets
+//! no readahead from the kernel, and at queue depth 1 it would wait for the disk on
+//! every request. This keeps up to [`SLOTS`] slots of [`SLOT`] bytes per disk, each
+//! filled by one O_DIRECT read on a pool of [`FILLERS`] threads shared by every disk,
+//! in front of a reader the front end saw reading sequentially. A disk's buffers (at
+//! most [`SLOTS`], slots and free list together) are reused from slot to slot and kept
+//! while the machine is open: they are not page-cache memory that is freed and taken
+//! again (on a VM whose balloon hands free memory back to its host, taking it again is
+//! what made buffered first reads slow, docs/FUSE.md). The fillers' queue is first in,
+//! first out across disks; a reader that finds its slot still queued reads for itself
+//! rather than wait behind other disks' fills.
 //!
 //! What a slot holds is the parent's bytes as they were when its fill began. A read
 //! uses a slot only for the pieces the index says the parent answers, and only if
@@ -23,7 +27,7 @@
 use crate::error::Result;
 use crate::storage::{aligned_slice, StorageFile};
 use parking_lot::{Condvar, Mutex};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 
 /// Bytes per slot (one O_DIRECT read); slots start at multiples of it.
 pub(crate) const SLOT: u64 = 1 << 20;
@@ -35,13 +39,17 @@ const FILLERS: usize = 4;
 /// One slot's state.
 #[derive(Debug)]
 enum Fill {
-    /// Its read is queued or under way.
-    Pending,
+    /// Its read waits for a filler.
+    Queued,
+    /// A filler is reading it.
+    Reading,
     /// Its read ended: the buffer and how many bytes of the range it holds (fewer
     /// only at the parent's end).
     Ready { buf: Vec<u8>, n: usize },
-    /// Its read failed: readers read for themselves (and see the error).
-    Failed,
+    /// Not read here (its read failed, or a reader found it queued and read for
+    /// itself): readers read for themselves (and see any error). The buffer, once
+    /// the filler let it go, to be used again.
+    Unread(Option<Vec<u8>>),
 }
 
 #[derive(Debug)]
@@ -52,6 +60,23 @@ struct Slot {
     parent: Arc<dyn StorageFile>,
     fill: Mutex<Fill>,
     done: Condvar,
+    /// The disk's slots, whose free list takes the buffer back if a reader read this
+    /// slot's range for itself before a filler came to it.
+    home: Weak<Mutex<AheadState>>,
+}
+
+/// Ends a slot's `Reading` state if its read unwinds (a panic), so that no reader
+/// waits for it for ever.
+struct Unwinding<'a>(&'a Slot);
+
+impl Drop for Unwinding<'_> {
+    fn drop(&mut self) {
+        let mut fill = self.0.fill.lock();
+        if matches!(*fill, Fill::Reading) {
+            *fill = Fill::Unread(None);
+            self.0.done.notify_all();
+        }
+    }
 }
 
 impl Slot {
@@ -59,25 +84,48 @@ impl Slot {
         self.epoch == epoch && Arc::ptr_eq(&self.parent, parent)
     }
 
-    /// Run on a filler: read the slot's range into `buf`.
+    /// Not read yet, or being read.
+    fn pending(&self) -> bool {
+        matches!(*self.fill.lock(), Fill::Queued | Fill::Reading)
+    }
+
+    /// Run on a filler: read the slot's range into `buf`, unless a reader got there
+    /// first and read for itself.
     fn run(&self, mut buf: Vec<u8>) {
+        {
+            let mut fill = self.fill.lock();
+            if !matches!(*fill, Fill::Queued) {
+                drop(fill);
+                if let Some(home) = self.home.upgrade() {
+                    home.lock().keep(buf);
+                }
+                return;
+            }
+            *fill = Fill::Reading;
+        }
+        let unwinding = Unwinding(self);
         let area = aligned_slice(&mut buf, self.len);
         let next = match self.parent.read_direct(area, self.start) {
             Ok(n) => Fill::Ready { buf, n },
             Err(e) => {
-                tracing::debug!("read-ahead of {:?} at {}: {e}", self.parent.path(), self.start);
-                Fill::Failed
+                tracing::debug!(
+                    "read-ahead of {:?} at {}: {e}",
+                    self.parent.path(),
+                    self.start
+                );
+                Fill::Unread(Some(buf))
             }
         };
         *self.fill.lock() = next;
         self.done.notify_all();
+        drop(unwinding);
     }
 }
 
 /// A disk's read-ahead slots and the buffers it keeps for them.
 #[derive(Debug, Default)]
 pub(crate) struct DirectAhead {
-    state: Mutex<AheadState>,
+    state: Arc<Mutex<AheadState>>,
 }
 
 #[derive(Debug, Default)]
@@ -92,8 +140,16 @@ impl AheadState {
     /// Let slot `i` go, keeping its buffer if its read ended.
     fn evict(&mut self, i: usize) {
         let slot = self.slots.remove(i);
-        let fill = std::mem::replace(&mut *slot.fill.lock(), Fill::Failed);
-        if let Fill::Ready { buf, .. } = fill {
+        let fill = std::mem::replace(&mut *slot.fill.lock(), Fill::Unread(None));
+        if let Fill::Ready { buf, .. } | Fill::Unread(Some(buf)) = fill {
+            self.keep(buf);
+        }
+    }
+
+    /// Keep `buf` to be filled again, as long as the disk's buffers stay within
+    /// [`SLOTS`].
+    fn keep(&mut self, buf: Vec<u8>) {
+        if self.slots.len() + self.free.len() < SLOTS {
             self.free.push(buf);
         }
     }
@@ -114,8 +170,8 @@ fn fillers() -> &'static crossbeam::channel::Sender<(Arc<Slot>, Vec<u8>)> {
                     }
                 });
             if let Err(e) = spawned {
-                // With no filler, queued slots stay pending until evicted, and
-                // readers that find them read for themselves (see `take`).
+                // With no filler at all, every send fails and its slot is unread at
+                // once: readers read for themselves.
                 tracing::warn!("could not start a read-ahead thread: {e}");
             }
         }
@@ -139,20 +195,23 @@ impl DirectAhead {
         let end = offset.saturating_add(len).min(size);
         let mut at = offset / SLOT * SLOT;
         let mut st = self.state.lock();
-        while let Some(i) = st.slots.iter().position(|s| !s.matches(parent, epoch)) {
-            if matches!(*st.slots[i].fill.lock(), Fill::Pending) {
-                break;
+        // Stale slots go first (those being read go once their read ends).
+        let mut i = 0;
+        while let Some(s) = st.slots.get(i) {
+            if !s.matches(parent, epoch) && !s.pending() {
+                st.evict(i);
+            } else {
+                i += 1;
             }
-            st.evict(i);
         }
         while at < end {
-            if !st.slots.iter().any(|s| s.start == at && s.matches(parent, epoch)) {
+            if !st
+                .slots
+                .iter()
+                .any(|s| s.start == at && s.matches(parent, epoch))
+            {
                 if st.slots.len() >= SLOTS {
-                    let Some(i) = st
-                        .slots
-                        .iter()
-                        .position(|s| !matches!(*s.fill.lock(), Fill::Pending))
-                    else {
+                    let Some(i) = st.slots.iter().position(|s| !s.pending()) else {
                         return;
                     };
                     st.evict(i);
@@ -162,13 +221,14 @@ impl DirectAhead {
                     len: SLOT.min(size - at) as usize,
                     epoch,
                     parent: parent.clone(),
-                    fill: Mutex::new(Fill::Pending),
+                    fill: Mutex::new(Fill::Queued),
                     done: Condvar::new(),
+                    home: Arc::downgrade(&self.state),
                 });
                 let buf = st.free.pop().unwrap_or_default();
                 st.slots.push(slot.clone());
-                if fillers().send((slot.clone(), buf)).is_err() {
-                    *slot.fill.lock() = Fill::Failed;
+                if let Err(e) = fillers().send((slot.clone(), buf)) {
+                    *slot.fill.lock() = Fill::Unread(Some(e.into_inner().1));
                 }
             }
             at += SLOT;
@@ -230,7 +290,13 @@ impl DirectAhead {
         let skip = (at - chunk) as usize;
         let copied = {
             let mut fill = slot.fill.lock();
-            while matches!(*fill, Fill::Pending) {
+            if matches!(*fill, Fill::Queued) {
+                // Behind other disks' fills in the fillers' queue: reading it here is
+                // sooner than waiting for them.
+                *fill = Fill::Unread(None);
+                return false;
+            }
+            while matches!(*fill, Fill::Reading) {
                 slot.done.wait(&mut fill);
             }
             match &mut *fill {
@@ -275,18 +341,15 @@ mod tests {
     }
 
     fn pattern(seed: u8, len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
     }
 
     /// Read until every slot that covers `offset..offset+len` has ended its read.
     fn settled(ahead: &DirectAhead) {
         loop {
-            let pending = ahead
-                .state
-                .lock()
-                .slots
-                .iter()
-                .any(|s| matches!(*s.fill.lock(), Fill::Pending));
+            let pending = ahead.state.lock().slots.iter().any(|s| s.pending());
             if !pending {
                 return;
             }
@@ -314,9 +377,17 @@ mod tests {
             .read(&p, 0, size as u64 - 1000, &mut tail)
             .expect("read the tail");
         assert!(tail[..1000] == data[size - 1000..]);
+        assert!(
+            tail[1000..].iter().all(|b| *b == 0),
+            "past the end is not zeros"
+        );
         // Slots read to their end were let go, their buffers kept.
         let st = ahead.state.lock();
-        assert!(st.slots.iter().all(|s| s.start >= 3 * SLOT), "{:?}", st.slots.len());
+        assert!(
+            st.slots.iter().all(|s| s.start >= 3 * SLOT),
+            "{:?}",
+            st.slots.len()
+        );
         assert!(!st.free.is_empty());
     }
 
@@ -344,6 +415,48 @@ mod tests {
         // Scheduling at the new epoch let the old slots go.
         ahead.schedule(&p, 6, 0, SLOT, size as u64);
         assert!(ahead.state.lock().slots.iter().all(|s| s.epoch == 6));
+    }
+
+    #[test]
+    fn a_reader_reads_a_queued_slot_itself_and_its_buffer_is_kept() {
+        let storage = MemStorage::new();
+        let size = SLOT as usize;
+        let data = pattern(5, size);
+        let p = parent(&storage, "p.img", &data);
+        let ahead = DirectAhead::default();
+        // A slot still in the fillers' queue (none picks it up here).
+        let slot = Arc::new(Slot {
+            start: 0,
+            len: size,
+            epoch: 1,
+            parent: p.clone(),
+            fill: Mutex::new(Fill::Queued),
+            done: Condvar::new(),
+            home: Arc::downgrade(&ahead.state),
+        });
+        ahead.state.lock().slots.push(slot.clone());
+        let mut got = vec![0u8; size];
+        assert_eq!(ahead.read(&p, 1, 0, &mut got).expect("read"), 0);
+        assert!(got == data);
+        // The filler comes to it later: it reads nothing and hands its buffer to the
+        // disk's free list, where the next slot takes it.
+        let buf = vec![0u8; size + 4096];
+        let at = buf.as_ptr();
+        slot.run(buf);
+        assert!(matches!(*slot.fill.lock(), Fill::Unread(None)));
+        assert_eq!(ahead.state.lock().free.len(), 1);
+        ahead.schedule(&p, 2, 0, SLOT, size as u64);
+        settled(&ahead);
+        {
+            let st = ahead.state.lock();
+            assert!(st.free.is_empty(), "the buffer was not used again");
+            let fill = st.slots.last().map(|s| s.fill.lock());
+            assert!(
+                matches!(fill.as_deref(), Some(Fill::Ready { buf, .. }) if buf.as_ptr() == at),
+                "the new slot was not filled into the kept buffer"
+            );
+        }
+        assert!(ahead.read(&p, 2, 0, &mut got).expect("read") == size);
     }
 
     #[test]

@@ -87,7 +87,7 @@ pub(crate) struct Disk {
     pub size: u64,
     /// The parent image, or a replica point until the fold swaps the file in.
     parent: RwLock<Arc<dyn StorageFile>>,
-    /// Read-ahead of the parent for direct readers (`serve --direct-reads`).
+    /// Read-ahead of the parent for sequential O_DIRECT readers (`volume::ahead`).
     ahead: ahead::DirectAhead,
 }
 
@@ -773,8 +773,10 @@ impl Volume {
 
     /// [`read`](Self::read) for a reader that asked for uncached I/O (an O_DIRECT
     /// open): what the parent image answers is read around the page cache
-    /// (`StorageFile::read_direct`), as a plain file opened O_DIRECT would be. Data
-    /// still in the journal is read from its segments through the page cache.
+    /// (`StorageFile::read_direct`), as a plain file opened O_DIRECT would be, or
+    /// taken from the read-ahead slots [`prefetch_direct`](Self::prefetch_direct)
+    /// filled where they are still current (`volume::ahead`). Data still in the
+    /// journal is read from its segments through the page cache.
     pub fn read_direct(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.inner.read(self.disk, offset, buf, true)
     }

@@ -1,8 +1,8 @@
 #!/bin/bash
 # The slow first read at depth 16 and serve --direct-reads (docs/FUSE.md, "The slow
-# first read, explained"): for each variant (serve's default, then --direct-reads), a
-# 1 GiB write through the mount and one to a plain file, merged, then two rounds of
-# 1 MiB reads at depth 16 (libaio, O_DIRECT, caches dropped before each), the plain
+# first read, explained"): for each variant (--cached-reads, serve's default before
+# 2026-12-06, then --direct-reads), a 1 GiB write through the mount and one to a plain
+# file, merged, then two rounds of 1 MiB reads at depth 16 (libaio, O_DIRECT, caches dropped before each), the plain
 # file beside the mount. Each read prints fio's figures, the disk's requests
 # (/proc/diskstats), the machine's system and steal time (/proc/stat) and serve's own
 # system time, in seconds. Run as root from the project's root after
@@ -38,11 +38,11 @@ print(f"{sys.argv[3]}; disk {d[0]} reads of {d[1] * 512 / max(d[0], 1) / 1024:.0
       f"serve's system time {d[5] / hz:.2f} s")
 PY
 }
-for variant in default --direct-reads; do
+for variant in --cached-reads --direct-reads; do
   stop_serve; rm -rf "$D"; mkdir -p "$D/mnt"
   make_site
   truncate -s 2G "$D/plain.img"
-  if [ "$variant" = default ]; then start_serve; else start_serve "$variant"; fi
+  start_serve "$variant"
   for f in "$D/plain.img" "$D/mnt/vm1/bench.img"; do write_1g "$f"; done
   wait_merged
   echo "serve $variant:"
