@@ -7,9 +7,9 @@
 //! every request. This keeps up to [`SLOTS`] slots of [`SLOT`] bytes per disk, each
 //! filled by one O_DIRECT read on a pool of [`FILLERS`] threads shared by every disk,
 //! in front of a reader the front end saw reading sequentially. A disk's buffers (at
-//! most [`SLOTS`], slots and free list together) are reused from slot to slot and kept
-//! while the machine is open: they are not page-cache memory that is freed and taken
-//! again (on a VM whose balloon hands free memory back to its host, taking it again is
+//! most [`SLOTS`], slots and free list together) are reused from slot to slot, and let
+//! go once its readers have asked for no read-ahead for [`IDLE`]: while a reader
+//! streams they are not page-cache memory that is freed and taken again (on a VM whose balloon hands free memory back to its host, taking it again is
 //! what made buffered first reads slow, docs/FUSE.md). The fillers' queue is first in,
 //! first out across disks; a reader that finds its slot still queued reads for itself
 //! rather than wait behind other disks' fills.
@@ -26,8 +26,10 @@
 
 use crate::error::Result;
 use crate::storage::{aligned_slice, StorageFile};
+use crossbeam::channel::RecvTimeoutError;
 use parking_lot::{Condvar, Mutex};
 use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 /// Bytes per slot (one O_DIRECT read); slots start at multiples of it.
 pub(crate) const SLOT: u64 = 1 << 20;
@@ -35,6 +37,11 @@ pub(crate) const SLOT: u64 = 1 << 20;
 pub(crate) const SLOTS: usize = 16;
 /// Threads that fill slots, for every disk of the process.
 const FILLERS: usize = 4;
+/// A disk whose readers asked for no read-ahead for this long lets its slots and
+/// buffers go…
+const IDLE: Duration = Duration::from_secs(10);
+/// …found by a sweep this often.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// One slot's state.
 #[derive(Debug)]
@@ -134,6 +141,8 @@ struct AheadState {
     slots: Vec<Arc<Slot>>,
     /// Buffers of slots let go, to be filled again.
     free: Vec<Vec<u8>>,
+    /// When a read-ahead was last asked for (None: never).
+    used: Option<Instant>,
 }
 
 impl AheadState {
@@ -155,7 +164,36 @@ impl AheadState {
     }
 }
 
-/// The pool's queue (started on first use).
+/// Every disk that has had read-ahead, for the sweep of idle ones.
+static DISKS: Mutex<Vec<Weak<Mutex<AheadState>>>> = Mutex::new(Vec::new());
+
+/// Let go of the slots and buffers of every disk that asked for no read-ahead in the
+/// last `idle` (its reader stopped, or moved on): their memory goes back.
+fn sweep(idle: Duration) {
+    let disks: Vec<_> = {
+        let mut all = DISKS.lock();
+        all.retain(|d| d.strong_count() > 0);
+        all.iter().filter_map(Weak::upgrade).collect()
+    };
+    for disk in disks {
+        let mut st = disk.lock();
+        if st.used.is_some_and(|at| at.elapsed() >= idle) {
+            let mut i = 0;
+            while let Some(s) = st.slots.get(i) {
+                if s.pending() {
+                    i += 1;
+                } else {
+                    st.evict(i);
+                }
+            }
+            st.free = Vec::new();
+            st.used = None;
+        }
+    }
+}
+
+/// The pool's queue (started on first use). The first filler also sweeps idle disks,
+/// every [`SWEEP_EVERY`].
 fn fillers() -> &'static crossbeam::channel::Sender<(Arc<Slot>, Vec<u8>)> {
     static POOL: OnceLock<crossbeam::channel::Sender<(Arc<Slot>, Vec<u8>)>> = OnceLock::new();
     POOL.get_or_init(|| {
@@ -165,8 +203,17 @@ fn fillers() -> &'static crossbeam::channel::Sender<(Arc<Slot>, Vec<u8>)> {
             let spawned = std::thread::Builder::new()
                 .name(format!("read-ahead-{i}"))
                 .spawn(move || {
-                    for (slot, buf) in rx {
-                        slot.run(buf);
+                    let mut swept = Instant::now();
+                    loop {
+                        match rx.recv_timeout(SWEEP_EVERY) {
+                            Ok((slot, buf)) => slot.run(buf),
+                            Err(RecvTimeoutError::Timeout) => {}
+                            Err(RecvTimeoutError::Disconnected) => return,
+                        }
+                        if i == 0 && swept.elapsed() >= SWEEP_EVERY {
+                            sweep(IDLE);
+                            swept = Instant::now();
+                        }
                     }
                 });
             if let Err(e) = spawned {
@@ -195,6 +242,13 @@ impl DirectAhead {
         let end = offset.saturating_add(len).min(size);
         let mut at = offset / SLOT * SLOT;
         let mut st = self.state.lock();
+        if st.used.is_none() {
+            let mut disks = DISKS.lock();
+            if !disks.iter().any(|d| d.ptr_eq(&Arc::downgrade(&self.state))) {
+                disks.push(Arc::downgrade(&self.state));
+            }
+        }
+        st.used = Some(Instant::now());
         // Stale slots go first (those being read go once their read ends).
         let mut i = 0;
         while let Some(s) = st.slots.get(i) {
@@ -457,6 +511,34 @@ mod tests {
             );
         }
         assert!(ahead.read(&p, 2, 0, &mut got).expect("read") == size);
+    }
+
+    #[test]
+    fn an_idle_disk_lets_its_slots_and_buffers_go() {
+        let storage = MemStorage::new();
+        let size = 4 * SLOT as usize;
+        let p = parent(&storage, "p.img", &pattern(9, size));
+        let idle = DirectAhead::default();
+        let busy = DirectAhead::default();
+        for a in [&idle, &busy] {
+            a.schedule(&p, 0, 0, size as u64, size as u64);
+            settled(a);
+            let mut got = vec![0u8; SLOT as usize];
+            a.read(&p, 0, 0, &mut got).expect("read");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        busy.schedule(&p, 0, SLOT, SLOT, size as u64);
+        sweep(Duration::from_millis(40));
+        let st = idle.state.lock();
+        assert!(
+            st.slots.is_empty() && st.free.is_empty(),
+            "the idle disk kept its buffers"
+        );
+        assert_eq!(
+            busy.state.lock().slots.len(),
+            3,
+            "the busy disk lost its slots"
+        );
     }
 
     #[test]
