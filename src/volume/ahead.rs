@@ -8,11 +8,15 @@
 //! filled by one O_DIRECT read on a pool of [`FILLERS`] threads shared by every disk,
 //! in front of a reader the front end saw reading sequentially. A disk's buffers (at
 //! most [`SLOTS`], slots and free list together) are reused from slot to slot, and let
-//! go once its readers have asked for no read-ahead for [`IDLE`]: while a reader
-//! streams they are not page-cache memory that is freed and taken again (on a VM whose balloon hands free memory back to its host, taking it again is
-//! what made buffered first reads slow, docs/FUSE.md). The fillers' queue is first in,
-//! first out across disks; a reader that finds its slot still queued reads for itself
-//! rather than wait behind other disks' fills.
+//! go by the first sweep ([`SWEEP_EVERY`]) after its readers have asked for no
+//! read-ahead for [`IDLE`]: while a reader streams they are not page-cache memory that
+//! is freed and taken again (on a VM whose balloon hands free memory back to its host,
+//! taking it again is what made buffered first reads slow, docs/FUSE.md). The
+//! fillers' queue is first in, first out across disks; a reader that finds its slot
+//! still queued reads for itself rather than wait behind other disks' fills. A slot is
+//! let go once readers have copied `len` bytes out of it, or when the disk needs room
+//! (never while it is being read), or when it is stale (another epoch or parent
+//! file), or by the sweep.
 //!
 //! What a slot holds is the parent's bytes as they were when its fill began. A read
 //! uses a slot only for the pieces the index says the parent answers, and only if
@@ -28,6 +32,7 @@ use crate::error::Result;
 use crate::storage::{aligned_slice, StorageFile};
 use crossbeam::channel::RecvTimeoutError;
 use parking_lot::{Condvar, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -70,6 +75,9 @@ struct Slot {
     /// The disk's slots, whose free list takes the buffer back if a reader read this
     /// slot's range for itself before a filler came to it.
     home: Weak<Mutex<AheadState>>,
+    /// Bytes readers have copied out of it: at `len`, it is let go (requests smaller
+    /// than a slot, answered in any order, each take a part).
+    taken: AtomicUsize,
 }
 
 /// Ends a slot's `Reading` state if its read unwinds (a panic), so that no reader
@@ -156,9 +164,9 @@ impl AheadState {
     }
 
     /// Keep `buf` to be filled again, as long as the disk's buffers stay within
-    /// [`SLOTS`].
+    /// [`SLOTS`], and none once the disk was swept idle.
     fn keep(&mut self, buf: Vec<u8>) {
-        if self.slots.len() + self.free.len() < SLOTS {
+        if self.used.is_some() && self.slots.len() + self.free.len() < SLOTS {
             self.free.push(buf);
         }
     }
@@ -176,17 +184,25 @@ fn sweep(idle: Duration) {
         all.iter().filter_map(Weak::upgrade).collect()
     };
     for disk in disks {
-        let mut st = disk.lock();
-        if st.used.is_some_and(|at| at.elapsed() >= idle) {
-            let mut i = 0;
-            while let Some(s) = st.slots.get(i) {
-                if s.pending() {
-                    i += 1;
-                } else {
-                    st.evict(i);
-                }
+        sweep_disk(&disk, idle);
+    }
+}
+
+/// [`sweep`] of one disk. Slots still being read stay, and the disk with them: the
+/// next sweep lets them go.
+fn sweep_disk(disk: &Mutex<AheadState>, idle: Duration) {
+    let mut st = disk.lock();
+    if st.used.is_some_and(|at| at.elapsed() >= idle) {
+        let mut i = 0;
+        while let Some(s) = st.slots.get(i) {
+            if s.pending() {
+                i += 1;
+            } else {
+                st.evict(i);
             }
-            st.free = Vec::new();
+        }
+        st.free = Vec::new();
+        if st.slots.is_empty() {
             st.used = None;
         }
     }
@@ -206,7 +222,12 @@ fn fillers() -> &'static crossbeam::channel::Sender<(Arc<Slot>, Vec<u8>)> {
                     let mut swept = Instant::now();
                     loop {
                         match rx.recv_timeout(SWEEP_EVERY) {
-                            Ok((slot, buf)) => slot.run(buf),
+                            Ok((slot, buf)) => {
+                                // A panic ends the slot's read (`Unwinding`), not the
+                                // filler.
+                                let run = std::panic::AssertUnwindSafe(|| slot.run(buf));
+                                let _ = std::panic::catch_unwind(run);
+                            }
                             Err(RecvTimeoutError::Timeout) => {}
                             Err(RecvTimeoutError::Disconnected) => return,
                         }
@@ -249,6 +270,15 @@ impl DirectAhead {
             }
         }
         st.used = Some(Instant::now());
+        // A prefetch that looked the index up before a merge's bump, scheduled after
+        // it: the slots of the newer epoch are not stale, and its own would be.
+        if st
+            .slots
+            .iter()
+            .any(|s| s.epoch > epoch && Arc::ptr_eq(&s.parent, parent))
+        {
+            return;
+        }
         // Stale slots go first (those being read go once their read ends).
         let mut i = 0;
         while let Some(s) = st.slots.get(i) {
@@ -278,6 +308,7 @@ impl DirectAhead {
                     fill: Mutex::new(Fill::Queued),
                     done: Condvar::new(),
                     home: Arc::downgrade(&self.state),
+                    taken: AtomicUsize::new(0),
                 });
                 let buf = st.free.pop().unwrap_or_default();
                 st.slots.push(slot.clone());
@@ -369,7 +400,8 @@ impl DirectAhead {
                 _ => false,
             }
         };
-        if copied && skip + part.len() >= slot.len {
+        let taken = slot.taken.fetch_add(part.len(), Ordering::Relaxed) + part.len();
+        if copied && taken >= slot.len {
             let mut st = self.state.lock();
             if let Some(i) = st.slots.iter().position(|s| Arc::ptr_eq(s, &slot)) {
                 st.evict(i);
@@ -400,7 +432,7 @@ mod tests {
             .collect()
     }
 
-    /// Read until every slot that covers `offset..offset+len` has ended its read.
+    /// Wait until every slot of `ahead` has ended its read.
     fn settled(ahead: &DirectAhead) {
         loop {
             let pending = ahead.state.lock().slots.iter().any(|s| s.pending());
@@ -435,14 +467,17 @@ mod tests {
             tail[1000..].iter().all(|b| *b == 0),
             "past the end is not zeros"
         );
-        // Slots read to their end were let go, their buffers kept.
+        // A slot read in parts, the later part first, goes once both are read.
+        let mut half = vec![0u8; SLOT as usize / 2];
+        for at in [4 * SLOT + SLOT / 2, 4 * SLOT] {
+            assert_eq!(ahead.read(&p, 0, at, &mut half).expect("read"), half.len());
+            assert!(half == data[at as usize..at as usize + half.len()]);
+        }
+        // Slots read whole were let go, their buffers kept; those read in part stay.
         let st = ahead.state.lock();
-        assert!(
-            st.slots.iter().all(|s| s.start >= 3 * SLOT),
-            "{:?}",
-            st.slots.len()
-        );
-        assert!(!st.free.is_empty());
+        let starts: Vec<u64> = st.slots.iter().map(|s| s.start / SLOT).collect();
+        assert_eq!(starts, [0, 3], "slots left");
+        assert_eq!(st.free.len(), 4);
     }
 
     #[test]
@@ -469,6 +504,11 @@ mod tests {
         // Scheduling at the new epoch let the old slots go.
         ahead.schedule(&p, 6, 0, SLOT, size as u64);
         assert!(ahead.state.lock().slots.iter().all(|s| s.epoch == 6));
+        // A prefetch that looked the index up before the bump lets them be.
+        settled(&ahead);
+        ahead.schedule(&p, 5, 0, size as u64, size as u64);
+        let st = ahead.state.lock();
+        assert!(st.slots.len() == 1 && st.slots.iter().all(|s| s.epoch == 6));
     }
 
     #[test]
@@ -487,8 +527,13 @@ mod tests {
             fill: Mutex::new(Fill::Queued),
             done: Condvar::new(),
             home: Arc::downgrade(&ahead.state),
+            taken: AtomicUsize::new(0),
         });
-        ahead.state.lock().slots.push(slot.clone());
+        {
+            let mut st = ahead.state.lock();
+            st.slots.push(slot.clone());
+            st.used = Some(Instant::now());
+        }
         let mut got = vec![0u8; size];
         assert_eq!(ahead.read(&p, 1, 0, &mut got).expect("read"), 0);
         assert!(got == data);
@@ -526,9 +571,12 @@ mod tests {
             let mut got = vec![0u8; SLOT as usize];
             a.read(&p, 0, 0, &mut got).expect("read");
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(300));
         busy.schedule(&p, 0, SLOT, SLOT, size as u64);
-        sweep(Duration::from_millis(40));
+        // One disk at a time: `sweep` would also sweep other tests' disks.
+        for a in [&idle, &busy] {
+            sweep_disk(&a.state, Duration::from_millis(200));
+        }
         let st = idle.state.lock();
         assert!(
             st.slots.is_empty() && st.free.is_empty(),
