@@ -141,8 +141,8 @@ pub enum Command {
         #[arg(long, conflicts_with = "cached_reads")]
         direct_reads: bool,
         /// Every read goes through the page cache, sequential runs of O_DIRECT
-        /// openers too (replog before 2026-12: faster where free memory costs nothing
-        /// to take again; see docs/FUSE.md).
+        /// openers too (the default before 2026-12-06; it may be faster where free
+        /// memory costs nothing to take again: docs/FUSE.md).
         #[arg(long)]
         cached_reads: bool,
         /// Largest FUSE write request in bytes.
