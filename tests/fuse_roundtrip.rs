@@ -213,6 +213,21 @@ fn resident_pages(path: &std::path::Path) -> usize {
     }
 }
 
+/// A site with one 32 MiB disk whose journal merges as soon as 2 MiB are sealed, in 1
+/// MiB segments; under the build's own directory, on a disk file system whatever
+/// TMPDIR is (the page-cache residency checks mean nothing on tmpfs).
+fn merging_site() -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let site = make_site(tmp.path(), &[("os", "32M")]);
+    edit_config(&site, |c| {
+        c.journal.segment_bytes = 1 << 20;
+        c.journal.compact_min_bytes = 2 << 20;
+        c.journal.compact_interval_ms = 50;
+        c.journal.compact_idle_ms = 100;
+    });
+    (tmp, site)
+}
+
 /// Drop `path`'s pages from the page cache (all of them are clean).
 fn drop_pages(path: &std::path::Path) {
     let p = std::fs::File::open(path).expect("open");
@@ -248,16 +263,7 @@ fn direct_reads_return_the_parent_and_the_journal_without_caching_the_parent() {
     {
         return;
     }
-    // Under the build's own directory, on a disk file system whatever TMPDIR is: the
-    // page-cache residency checks below mean nothing on tmpfs.
-    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
-    let site = make_site(tmp.path(), &[("os", "32M")]);
-    edit_config(&site, |c| {
-        c.journal.segment_bytes = 1 << 20;
-        c.journal.compact_min_bytes = 2 << 20;
-        c.journal.compact_interval_ms = 50;
-        c.journal.compact_idle_ms = 100;
-    });
+    let (tmp, site) = merging_site();
     let served = Served::start(&site, &tmp.path().join("mnt"), &["--direct-reads"]);
     let path = served.disk("os");
     let mut model = vec![0u8; SIZE];
@@ -346,15 +352,7 @@ fn a_sequential_direct_reader_is_read_ahead_and_never_served_what_a_merge_replac
     ) {
         return;
     }
-    // On a disk file system (the page-cache checks mean nothing on tmpfs).
-    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
-    let site = make_site(tmp.path(), &[("os", "32M")]);
-    edit_config(&site, |c| {
-        c.journal.segment_bytes = 1 << 20;
-        c.journal.compact_min_bytes = 2 << 20;
-        c.journal.compact_interval_ms = 50;
-        c.journal.compact_idle_ms = 100;
-    });
+    let (tmp, site) = merging_site();
     let metrics = format!("127.0.0.1:{}", free_port());
     let served = Served::start(&site, &tmp.path().join("mnt"), &["--metrics", &metrics]);
     let read_ahead = || {
