@@ -873,19 +873,20 @@ fn lose_the_replica(dst: &Path, addr: &str, target: TargetServe) -> TargetServe 
     TargetServe::start(dst, addr)
 }
 
-/// Two sites under `tmp` (src's site.toml changed by `cfg`), vm1 with a 32 MiB disk,
-/// the target listening, src served under `tmp/mnt`, vm1 protected, 1 MiB written
-/// and shipped.
-fn protected_and_shipped(
-    tmp: &Path,
-    cfg: impl FnOnce(&mut replog::config::SiteConfig),
-) -> (
+/// The source site, the target site, the target's address, the target's serve and
+/// the source's.
+type Pair = (
     std::path::PathBuf,
     std::path::PathBuf,
     String,
     TargetServe,
     Served,
-) {
+);
+
+/// Two sites under `tmp` (src's site.toml changed by `cfg`), vm1 with a 32 MiB disk,
+/// the target listening, src served under `tmp/mnt`, vm1 protected, 1 MiB written
+/// and shipped.
+fn protected_and_shipped(tmp: &Path, cfg: impl FnOnce(&mut replog::config::SiteConfig)) -> Pair {
     let (src, dst, addr) = two_sites(tmp, "32M");
     edit_config(&src, cfg);
     let target = TargetServe::start(&dst, &addr);
@@ -904,14 +905,7 @@ fn copying_at_4_mib_a_second(
     tmp: &Path,
     seed: u64,
     cfg: impl FnOnce(&mut replog::config::SiteConfig),
-) -> (
-    std::path::PathBuf,
-    std::path::PathBuf,
-    String,
-    TargetServe,
-    Served,
-    serde_json::Value,
-) {
+) -> (Pair, serde_json::Value) {
     let (src, dst) = trusted_sites(tmp);
     edit_config(&src, cfg);
     let raw = tmp.join("raw.img");
@@ -930,7 +924,7 @@ fn copying_at_4_mib_a_second(
     let st = wait_for(&src, "copying", |m| {
         m["state"] == "initial-replication" && m["progress"].as_f64().unwrap_or(0.0) > 0.0
     });
-    (src, dst, addr, target, served, st)
+    ((src, dst, addr, target, served), st)
 }
 
 /// The newest LSN among the target's points of vm1 (0: none).
@@ -1094,7 +1088,7 @@ fn a_pause_stops_an_initial_copy_between_chunks_and_resume_finishes_it() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let _sweep = MountSweep(tmp.path().to_path_buf());
-    let (src, dst, _addr, _target, served, _) = copying_at_4_mib_a_second(tmp.path(), 7, |_| {});
+    let ((src, dst, _addr, _target, served), _) = copying_at_4_mib_a_second(tmp.path(), 7, |_| {});
     let said = shipping(&src, "pause");
     assert!(said.contains("shipping of vm1 paused"), "{said}");
     let at_pause = fresh_status(&src);
@@ -1183,7 +1177,7 @@ fn an_initial_copy_the_parents_have_left_stops_critical_until_its_replica_is_rem
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let _sweep = MountSweep(tmp.path().to_path_buf());
-    let (src, dst, addr, target, served, st) =
+    let ((src, dst, addr, target, served), st) =
         copying_at_4_mib_a_second(tmp.path(), 8, resync_and_merge_soon);
     let generation = st["machines"][0]["generation"]
         .as_u64()

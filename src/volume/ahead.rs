@@ -184,15 +184,18 @@ fn sweep(idle: Duration) {
         all.iter().filter_map(Weak::upgrade).collect()
     };
     for disk in disks {
-        sweep_disk(&disk, idle);
+        sweep_disk(&disk, idle, Instant::now());
     }
 }
 
-/// [`sweep`] of one disk. Slots still being read stay, and the disk with them: the
-/// next sweep lets them go.
-fn sweep_disk(disk: &Mutex<AheadState>, idle: Duration) {
+/// [`sweep`] of one disk, as of `now`. Slots still being read stay, and the disk with
+/// them: the next sweep lets them go.
+fn sweep_disk(disk: &Mutex<AheadState>, idle: Duration, now: Instant) {
     let mut st = disk.lock();
-    if st.used.is_some_and(|at| at.elapsed() >= idle) {
+    if st
+        .used
+        .is_some_and(|at| now.saturating_duration_since(at) >= idle)
+    {
         let mut i = 0;
         while let Some(s) = st.slots.get(i) {
             if s.pending() {
@@ -426,6 +429,15 @@ mod tests {
         f
     }
 
+    /// A parent of `size` bytes of `pattern(seed)` on storage of its own (kept for
+    /// more files), and those bytes.
+    fn filled(seed: u8, size: usize) -> (MemStorage, Arc<dyn StorageFile>, Vec<u8>) {
+        let storage = MemStorage::new();
+        let data = pattern(seed, size);
+        let p = parent(&storage, "p.img", &data);
+        (storage, p, data)
+    }
+
     fn pattern(seed: u8, len: usize) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31) ^ seed)
@@ -445,10 +457,8 @@ mod tests {
 
     #[test]
     fn reads_come_from_the_slots_and_equal_the_parent_at_any_alignment() {
-        let storage = MemStorage::new();
         let size = 5 * SLOT as usize + 1000;
-        let data = pattern(7, size);
-        let p = parent(&storage, "p.img", &data);
+        let (_storage, p, data) = filled(7, size);
         let ahead = DirectAhead::default();
         ahead.schedule(&p, 0, 0, size as u64, size as u64);
         settled(&ahead);
@@ -482,10 +492,8 @@ mod tests {
 
     #[test]
     fn a_slot_of_another_epoch_or_parent_file_is_never_read() {
-        let storage = MemStorage::new();
         let size = 2 * SLOT as usize;
-        let old = pattern(1, size);
-        let p = parent(&storage, "p.img", &old);
+        let (storage, p, old) = filled(1, size);
         let ahead = DirectAhead::default();
         ahead.schedule(&p, 4, 0, size as u64, size as u64);
         settled(&ahead);
@@ -513,10 +521,8 @@ mod tests {
 
     #[test]
     fn a_reader_reads_a_queued_slot_itself_and_its_buffer_is_kept() {
-        let storage = MemStorage::new();
         let size = SLOT as usize;
-        let data = pattern(5, size);
-        let p = parent(&storage, "p.img", &data);
+        let (_storage, p, data) = filled(5, size);
         let ahead = DirectAhead::default();
         // A slot still in the fillers' queue (none picks it up here).
         let slot = Arc::new(Slot {
@@ -560,9 +566,8 @@ mod tests {
 
     #[test]
     fn an_idle_disk_lets_its_slots_and_buffers_go() {
-        let storage = MemStorage::new();
         let size = 4 * SLOT as usize;
-        let p = parent(&storage, "p.img", &pattern(9, size));
+        let (_storage, p, _) = filled(9, size);
         let idle = DirectAhead::default();
         let busy = DirectAhead::default();
         for a in [&idle, &busy] {
@@ -571,11 +576,16 @@ mod tests {
             let mut got = vec![0u8; SLOT as usize];
             a.read(&p, 0, 0, &mut got).expect("read");
         }
-        std::thread::sleep(Duration::from_millis(300));
+        // The busy disk asks for more read-ahead; the sweep then runs at that moment,
+        // with an idle time shorter than the idle disk's and longer than the busy
+        // one's (no clock waited for). One disk at a time: `sweep` would also sweep
+        // other tests' disks.
         busy.schedule(&p, 0, SLOT, SLOT, size as u64);
-        // One disk at a time: `sweep` would also sweep other tests' disks.
+        let used = |a: &DirectAhead| a.state.lock().used.expect("used");
+        let (then, now) = (used(&idle), used(&busy));
+        assert!(now > then, "the busy disk's schedule did not count as use");
         for a in [&idle, &busy] {
-            sweep_disk(&a.state, Duration::from_millis(200));
+            sweep_disk(&a.state, (now - then) / 2, now);
         }
         let st = idle.state.lock();
         assert!(
@@ -591,9 +601,8 @@ mod tests {
 
     #[test]
     fn slots_are_bounded_and_pending_ones_are_kept() {
-        let storage = MemStorage::new();
         let size = 40 * SLOT as usize;
-        let p = parent(&storage, "p.img", &pattern(3, size));
+        let (_storage, p, _) = filled(3, size);
         let ahead = DirectAhead::default();
         ahead.schedule(&p, 0, 0, size as u64, size as u64);
         assert!(ahead.state.lock().slots.len() <= SLOTS);

@@ -152,10 +152,7 @@ impl Machine {
         }
         let mut state = IndexState {
             disks: vec![ExtentMap::new(); disks.len()],
-            files: BTreeMap::new(),
-            damaged: BTreeMap::new(),
-            lost: Default::default(),
-            parent_epoch: 0,
+            ..Default::default()
         };
         // Damage found before (by this process's predecessors) is not forgotten; a
         // segment mended since holds nothing any range still needs.
