@@ -253,8 +253,9 @@ fn fillers() -> &'static crossbeam::channel::Sender<(Arc<Slot>, Vec<u8>)> {
 impl DirectAhead {
     /// Start filling the slots that cover `offset..offset+len` of `parent` (a disk of
     /// `size` bytes) and are not there yet, as of index epoch `epoch`. Slots of an
-    /// older epoch or another parent file are let go. Stops when every slot is
-    /// pending (the reader has not caught up yet).
+    /// older epoch or another parent file are let go. At most [`SLOTS`] slots from
+    /// `offset` on; stops when no slot can make room (every other one is pending:
+    /// the reader has not caught up yet).
     pub(crate) fn schedule(
         &self,
         parent: &Arc<dyn StorageFile>,
@@ -263,8 +264,14 @@ impl DirectAhead {
         len: u64,
         size: u64,
     ) {
-        let end = offset.saturating_add(len).min(size);
         let mut at = offset / SLOT * SLOT;
+        // At most a disk's worth of slots: more would evict the first of them to make
+        // room for the last.
+        let begin = at;
+        let end = offset
+            .saturating_add(len)
+            .min(size)
+            .min(begin + SLOTS as u64 * SLOT);
         let mut st = self.state.lock();
         if st.used.is_none() {
             let mut disks = DISKS.lock();
@@ -298,7 +305,9 @@ impl DirectAhead {
                 .any(|s| s.start == at && s.matches(parent, epoch))
             {
                 if st.slots.len() >= SLOTS {
-                    let Some(i) = st.slots.iter().position(|s| !s.pending()) else {
+                    // Room from the oldest slot read, never from those asked for here.
+                    let asked = |s: &Slot| (begin..end).contains(&s.start);
+                    let Some(i) = st.slots.iter().position(|s| !s.pending() && !asked(s)) else {
                         return;
                     };
                     st.evict(i);
@@ -609,8 +618,9 @@ mod tests {
         settled(&ahead);
         ahead.schedule(&p, 0, 20 * SLOT, 20 * SLOT, size as u64);
         settled(&ahead);
+        // 20 slots asked for: the first 16 of them, in place of the old ones.
         let st = ahead.state.lock();
-        assert_eq!(st.slots.len(), SLOTS);
-        assert!(st.slots.iter().any(|s| s.start == 20 * SLOT));
+        let starts: Vec<u64> = st.slots.iter().map(|s| s.start / SLOT).collect();
+        assert_eq!(starts, (20..36).collect::<Vec<u64>>());
     }
 }
