@@ -15,8 +15,8 @@
 //! fillers' queue is first in, first out across disks; a reader that finds its slot
 //! still queued reads for itself rather than wait behind other disks' fills. A slot is
 //! let go once readers have copied `len` bytes out of it, or when the disk needs room
-//! (never while it is being read), or when it is stale (another epoch or parent
-//! file), or by the sweep.
+//! (never while it is being read, nor for a slot the same prefetch asked for), or
+//! when it is stale (another epoch or parent file), or by the sweep.
 //!
 //! What a slot holds is the parent's bytes as they were when its fill began. A read
 //! uses a slot only for the pieces the index says the parent answers, and only if
