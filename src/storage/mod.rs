@@ -13,11 +13,13 @@
 //! [`Storage::sync_dir`] of their directory, in the in-memory model as on a real file
 //! system: the engine calls it after each of them where they must survive a power loss.
 
+mod direct_buf;
 mod fault;
 mod file;
 mod mem;
 pub mod pool;
 
+pub use direct_buf::{DirectBuf, HUGE_PAGE};
 pub use fault::FaultyStorage;
 pub(crate) use file::renameat2;
 pub use file::{aligned_slice, create_file_mode, FileStorage};

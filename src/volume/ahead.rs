@@ -6,7 +6,9 @@
 //! no readahead from the kernel, and at queue depth 1 it would wait for the disk on
 //! every request. This keeps up to [`SLOTS`] slots of [`SLOT`] bytes per disk, each
 //! filled by one O_DIRECT read on a pool of [`FILLERS`] threads shared by every disk,
-//! in front of a reader the front end saw reading sequentially. A disk's buffers (at
+//! in front of a reader the front end saw reading sequentially. Each slot's buffer is
+//! one huge page (`storage::DirectBuf`), so each fill is one request to the device,
+//! not two or three. A disk's buffers (at
 //! most [`SLOTS`], slots and free list together) are reused from slot to slot, and let
 //! go by the first sweep ([`SWEEP_EVERY`]) after its readers have asked for no
 //! read-ahead for [`IDLE`]: while a reader streams they are not page-cache memory that
@@ -29,16 +31,18 @@
 //! fold that swaps the parent file is caught by the file itself (`Arc::ptr_eq`).
 
 use crate::error::Result;
-use crate::storage::{aligned_slice, StorageFile};
+use crate::storage::{DirectBuf, StorageFile, HUGE_PAGE};
 use crossbeam::channel::RecvTimeoutError;
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-/// Bytes per slot (one O_DIRECT read); slots start at multiples of it.
-pub(crate) const SLOT: u64 = 1 << 20;
-/// Slots per disk: the most read ahead of one disk's readers (16 MiB).
+/// Bytes per slot (one O_DIRECT read into one huge page, so one request to a device
+/// that takes 2 MiB in one: `storage::DirectBuf`); slots start at multiples of it.
+pub(crate) const SLOT: u64 = HUGE_PAGE as u64;
+/// Slots per disk (32 MiB): a reader at queue depth 16 has 16 MiB of requests in
+/// flight, and the front end's window asks for 16 MiB past them.
 pub(crate) const SLOTS: usize = 16;
 /// Threads that fill slots, for every disk of the process.
 const FILLERS: usize = 4;
@@ -57,11 +61,11 @@ enum Fill {
     Reading,
     /// Its read ended: the buffer and how many bytes of the range it holds (fewer
     /// only at the parent's end).
-    Ready { buf: Vec<u8>, n: usize },
+    Ready { buf: DirectBuf, n: usize },
     /// Not read here (its read failed, or a reader found it queued and read for
     /// itself): readers read for themselves (and see any error). The buffer, once
     /// the filler let it go, to be used again.
-    Unread(Option<Vec<u8>>),
+    Unread(Option<DirectBuf>),
 }
 
 #[derive(Debug)]
@@ -104,14 +108,14 @@ impl Slot {
         matches!(*self.fill.lock(), Fill::Queued | Fill::Reading)
     }
 
-    /// Run on a filler: read the slot's range into `buf`, unless a reader got there
-    /// first and read for itself.
-    fn run(&self, mut buf: Vec<u8>) {
+    /// Run on a filler: read the slot's range into `buf` (a new one if None), unless
+    /// a reader got there first and read for itself.
+    fn run(&self, buf: Option<DirectBuf>) {
         {
             let mut fill = self.fill.lock();
             if !matches!(*fill, Fill::Queued) {
                 drop(fill);
-                if let Some(home) = self.home.upgrade() {
+                if let (Some(home), Some(buf)) = (self.home.upgrade(), buf) {
                     home.lock().keep(buf);
                 }
                 return;
@@ -119,16 +123,31 @@ impl Slot {
             *fill = Fill::Reading;
         }
         let unwinding = Unwinding(self);
-        let area = aligned_slice(&mut buf, self.len);
-        let next = match self.parent.read_direct(area, self.start) {
-            Ok(n) => Fill::Ready { buf, n },
+        let next = match buf.map_or_else(|| DirectBuf::new(SLOT as usize), Ok) {
+            Ok(mut buf) => {
+                let read = match buf.as_mut_slice().get_mut(..self.len) {
+                    Some(area) => self.parent.read_direct(area, self.start),
+                    None => Err(crate::error::Error::InvalidInput(format!(
+                        "a read-ahead buffer of {} bytes for a slot of {}",
+                        buf.len(),
+                        self.len
+                    ))),
+                };
+                match read {
+                    Ok(n) => Fill::Ready { buf, n },
+                    Err(e) => {
+                        tracing::debug!(
+                            "read-ahead of {:?} at {}: {e}",
+                            self.parent.path(),
+                            self.start
+                        );
+                        Fill::Unread(Some(buf))
+                    }
+                }
+            }
             Err(e) => {
-                tracing::debug!(
-                    "read-ahead of {:?} at {}: {e}",
-                    self.parent.path(),
-                    self.start
-                );
-                Fill::Unread(Some(buf))
+                tracing::debug!("read-ahead buffer: {e}");
+                Fill::Unread(None)
             }
         };
         *self.fill.lock() = next;
@@ -148,7 +167,7 @@ struct AheadState {
     /// Oldest first.
     slots: Vec<Arc<Slot>>,
     /// Buffers of slots let go, to be filled again.
-    free: Vec<Vec<u8>>,
+    free: Vec<DirectBuf>,
     /// When a read-ahead was last asked for (None: never).
     used: Option<Instant>,
 }
@@ -165,7 +184,7 @@ impl AheadState {
 
     /// Keep `buf` to be filled again, as long as the disk's buffers stay within
     /// [`SLOTS`], and none once the disk was swept idle.
-    fn keep(&mut self, buf: Vec<u8>) {
+    fn keep(&mut self, buf: DirectBuf) {
         if self.used.is_some() && self.slots.len() + self.free.len() < SLOTS {
             self.free.push(buf);
         }
@@ -213,10 +232,11 @@ fn sweep_disk(disk: &Mutex<AheadState>, idle: Duration, now: Instant) {
 
 /// The pool's queue (started on first use). The first filler also sweeps idle disks,
 /// every [`SWEEP_EVERY`].
-fn fillers() -> &'static crossbeam::channel::Sender<(Arc<Slot>, Vec<u8>)> {
-    static POOL: OnceLock<crossbeam::channel::Sender<(Arc<Slot>, Vec<u8>)>> = OnceLock::new();
+fn fillers() -> &'static crossbeam::channel::Sender<(Arc<Slot>, Option<DirectBuf>)> {
+    static POOL: OnceLock<crossbeam::channel::Sender<(Arc<Slot>, Option<DirectBuf>)>> =
+        OnceLock::new();
     POOL.get_or_init(|| {
-        let (tx, rx) = crossbeam::channel::unbounded::<(Arc<Slot>, Vec<u8>)>();
+        let (tx, rx) = crossbeam::channel::unbounded::<(Arc<Slot>, Option<DirectBuf>)>();
         for i in 0..FILLERS {
             let rx = rx.clone();
             let spawned = std::thread::Builder::new()
@@ -322,10 +342,10 @@ impl DirectAhead {
                     home: Arc::downgrade(&self.state),
                     taken: AtomicUsize::new(0),
                 });
-                let buf = st.free.pop().unwrap_or_default();
+                let buf = st.free.pop();
                 st.slots.push(slot.clone());
                 if let Err(e) = fillers().send((slot.clone(), buf)) {
-                    *slot.fill.lock() = Fill::Unread(Some(e.into_inner().1));
+                    *slot.fill.lock() = Fill::Unread(e.into_inner().1);
                 }
             }
             at += SLOT;
@@ -389,8 +409,15 @@ impl DirectAhead {
             let mut fill = slot.fill.lock();
             if matches!(*fill, Fill::Queued) {
                 // Behind other disks' fills in the fillers' queue: reading it here is
-                // sooner than waiting for them.
+                // sooner than waiting for them. The slot goes (the filler hands its
+                // buffer back when it comes to it), so that the range can be read
+                // ahead again.
                 *fill = Fill::Unread(None);
+                drop(fill);
+                let mut st = self.state.lock();
+                if let Some(i) = st.slots.iter().position(|s| Arc::ptr_eq(s, &slot)) {
+                    st.evict(i);
+                }
                 return false;
             }
             while matches!(*fill, Fill::Reading) {
@@ -399,7 +426,7 @@ impl DirectAhead {
             match &mut *fill {
                 Fill::Ready { buf, n } => {
                     let n = *n;
-                    let area = aligned_slice(buf, slot.len);
+                    let area = buf.as_slice().get(..slot.len).unwrap_or(&[]);
                     let have = n.saturating_sub(skip).min(part.len());
                     let (head, rest) = part.split_at_mut(have);
                     match area.get(skip..skip + have) {
@@ -554,9 +581,9 @@ mod tests {
         assert!(got == data);
         // The filler comes to it later: it reads nothing and hands its buffer to the
         // disk's free list, where the next slot takes it.
-        let buf = vec![0u8; size + 4096];
-        let at = buf.as_ptr();
-        slot.run(buf);
+        let buf = DirectBuf::new(size).expect("buffer");
+        let at = buf.as_slice().as_ptr();
+        slot.run(Some(buf));
         assert!(matches!(*slot.fill.lock(), Fill::Unread(None)));
         assert_eq!(ahead.state.lock().free.len(), 1);
         ahead.schedule(&p, 2, 0, SLOT, size as u64);
@@ -566,7 +593,7 @@ mod tests {
             assert!(st.free.is_empty(), "the buffer was not used again");
             let fill = st.slots.last().map(|s| s.fill.lock());
             assert!(
-                matches!(fill.as_deref(), Some(Fill::Ready { buf, .. }) if buf.as_ptr() == at),
+                matches!(fill.as_deref(), Some(Fill::Ready { buf, .. }) if buf.as_slice().as_ptr() == at),
                 "the new slot was not filled into the kept buffer"
             );
         }
