@@ -55,3 +55,14 @@ fio_read16() {
 read16() {
   drop_caches; fio_read16 "$1"
 }
+
+# A fresh site served (any arguments passed to serve), with 1 GiB written to its disk
+# and to a plain file beside it ($D/plain.img), and merged.
+setup_written() {
+  stop_serve; rm -rf "$D"; mkdir -p "$D/mnt"
+  make_site
+  truncate -s 2G "$D/plain.img"
+  start_serve "$@"
+  for f in "$D/plain.img" "$D/mnt/vm1/bench.img"; do write_1g "$f"; done
+  wait_merged
+}

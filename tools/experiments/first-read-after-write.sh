@@ -9,12 +9,7 @@ set -eu
 R=${REPLOG:-$PWD/target/release/replog}
 D=${DIR:-/tmp/first-read}
 . "$(dirname "$0")/common.sh"
-stop_serve; rm -rf "$D"; mkdir -p "$D/mnt"
-make_site
-truncate -s 2G "$D/plain.img"
-start_serve
-for f in "$D/plain.img" "$D/mnt/vm1/bench.img"; do write_1g "$f"; done
-wait_merged
+setup_written
 parent="$D/site/machines/vm1/disks/bench.img"
 for r in 1 2; do echo "round $r: plain $(read16 "$D/plain.img"); parent read directly $(read16 "$parent")"; done
 for r in 3 4; do echo "round $r: plain $(read16 "$D/plain.img"); through the mount $(read16 "$D/mnt/vm1/bench.img")"; done

@@ -11,12 +11,7 @@ set -eu
 R=${REPLOG:-$PWD/target/release/replog}
 D=${DIR:-/tmp/random-after-drop}
 . "$(dirname "$0")/common.sh"
-stop_serve; rm -rf "$D"; mkdir -p "$D/mnt"
-make_site
-truncate -s 2G "$D/plain.img"
-start_serve
-for f in "$D/plain.img" "$D/mnt/vm1/bench.img"; do write_1g "$f"; done
-wait_merged
+setup_written
 P="$D/site/machines/vm1/disks/bench.img"
 rr() { fio --name=r --filename="$1" --rw=randread --bs=4k --size=1G --direct=1 --ioengine=libaio --iodepth=16 --runtime=8 --time_based --readonly --output-format=terse --terse-version=3 | awk -F';' '{printf "%d", $8}'; }
 for r in 1 2 3; do
