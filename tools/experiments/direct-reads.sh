@@ -39,12 +39,7 @@ print(f"{sys.argv[3]}; disk {d[0]} reads of {d[1] * 512 / max(d[0], 1) / 1024:.0
 PY
 }
 for variant in --cached-reads --direct-reads; do
-  stop_serve; rm -rf "$D"; mkdir -p "$D/mnt"
-  make_site
-  truncate -s 2G "$D/plain.img"
-  start_serve "$variant"
-  for f in "$D/plain.img" "$D/mnt/vm1/bench.img"; do write_1g "$f"; done
-  wait_merged
+  setup_written "$variant"
   echo "serve $variant:"
   for r in 1 2; do
     echo "  round $r plain: $(counted_read16 "$D/plain.img")"

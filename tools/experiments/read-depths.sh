@@ -24,14 +24,9 @@ direct_bytes() {
 variants=("$@")
 [ ${#variants[@]} -gt 0 ] || variants=(default --direct-reads)
 for variant in "${variants[@]}"; do
-  stop_serve; rm -rf "$D"; mkdir -p "$D/mnt"
-  make_site
-  truncate -s 2G "$D/plain.img"
   args=(--metrics "127.0.0.1:$port")
   [ "$variant" = default ] || args+=("$variant")
-  start_serve "${args[@]}"
-  for f in "$D/plain.img" "$D/mnt/vm1/bench.img"; do write_1g "$f"; done
-  wait_merged
+  setup_written "${args[@]}"
   echo "serve $variant:"
   for depth in 1 4 16; do
     for r in 1 2; do
