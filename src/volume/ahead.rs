@@ -5,7 +5,7 @@
 //! around the page cache (the default; every O_DIRECT read with `--direct-reads`) gets
 //! no readahead from the kernel, and at queue depth 1 it would wait for the disk on
 //! every request. This keeps up to [`SLOTS`] slots of [`SLOT`] bytes per disk, each
-//! filled by one O_DIRECT read on a pool of [`FILLERS`] threads shared by every disk,
+//! filled with O_DIRECT reads on a pool of [`FILLERS`] threads shared by every disk,
 //! in front of a reader the front end saw reading sequentially. Each slot's buffer is
 //! one huge page (`storage::DirectBuf`), filled in reads of [`FILL_READ`], each one
 //! request to the device (from small pages, two). A disk's buffers (at
@@ -43,7 +43,8 @@ use std::time::{Duration, Instant};
 pub(crate) const SLOT: u64 = HUGE_PAGE as u64;
 /// A fill reads its slot in O_DIRECT reads of this much, one after the other: from a
 /// huge page each is one request to the device, and on the VMs measured 1 MiB
-/// requests ran at 2.4–2.5 GB/s at depth 4 where 2 MiB ones ran at 1.6–1.9 (docs/FUSE.md).
+/// requests ran at 2.4–2.5 GB/s at depth 4 where 2 MiB ones ran at 1.6–1.9
+/// (docs/FUSE.md).
 const FILL_READ: usize = 1 << 20;
 /// Slots per disk (32 MiB): a reader at queue depth 16 has 16 MiB of requests in
 /// flight, and the front end's window asks for 16 MiB past them.
