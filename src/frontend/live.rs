@@ -524,22 +524,14 @@ impl Filesystem for LiveFs {
             return reply.data(&[]);
         }
         READ_BUF.with_borrow_mut(|scratch| {
-            if scratch.as_ref().is_none_or(|b| b.len() < len) {
-                match DirectBuf::new(len) {
-                    Ok(b) => *scratch = Some(b),
-                    Err(e) => {
-                        tracing::error!("read buffer: {e}");
-                        return reply.error(errno(&e));
-                    }
-                }
-            }
             // Page-aligned (huge-page-aligned): copies between the page cache and a
             // buffer are several times slower when their alignments differ.
-            let Some(buf) = scratch
-                .as_mut()
-                .and_then(|b| b.as_mut_slice().get_mut(..len))
-            else {
-                return reply.error(Errno::EIO);
+            let buf = match DirectBuf::reuse(scratch.take(), len) {
+                Ok(b) => scratch.insert(b).as_mut_slice(),
+                Err(e) => {
+                    tracing::error!("read buffer: {e}");
+                    return reply.error(errno(&e));
+                }
             };
             // Recorded before the read: whether it continues a run decides its path.
             let (run, fetch) = self.seq_reads.record(ino.0, offset, len as u64);

@@ -15,8 +15,9 @@
 //! A [`DirectBuf`] is an anonymous mapping whose used part starts on a 2 MiB
 //! boundary and is advised `MADV_HUGEPAGE` (it takes effect where transparent huge
 //! pages are `always` or `madvise`, the usual settings; elsewhere the buffer is small
-//! pages, as a `Vec` would be). Lengths are rounded up to whole huge pages, so a
-//! buffer is meant to be allocated once and reused.
+//! pages, as a `Vec` would be). Its memory is whole huge pages whatever length it is
+//! asked for, so a buffer is meant to be allocated once and used again
+//! ([`DirectBuf::reuse`]).
 
 use crate::error::{Error, Result};
 use memmap2::{Advice, MmapMut};
@@ -24,53 +25,67 @@ use memmap2::{Advice, MmapMut};
 /// A transparent huge page on x86-64 and most aarch64 kernels.
 pub const HUGE_PAGE: usize = 2 << 20;
 
-/// A buffer of whole huge pages for O_DIRECT transfers (module doc).
+/// A buffer of whole huge pages for O_DIRECT transfers (module doc), of which the
+/// first `len` bytes are in use.
 pub struct DirectBuf {
     map: MmapMut,
-    /// Where the used part starts: the first 2 MiB boundary in the mapping.
+    /// Where the huge pages start: the first 2 MiB boundary in the mapping.
     start: usize,
+    /// Whole huge pages from `start`; at least `len`.
+    room: usize,
     len: usize,
 }
 
 impl std::fmt::Debug for DirectBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DirectBuf").field("len", &self.len).finish()
+        f.debug_struct("DirectBuf")
+            .field("len", &self.len)
+            .field("room", &self.room)
+            .finish()
     }
 }
 
 impl DirectBuf {
-    /// At least `len` bytes (rounded up to whole huge pages), zeroed. The memory is
-    /// taken when first touched (by the first transfer into it).
+    /// A buffer of `len` bytes, zeroed, in whole huge pages. The memory is taken when
+    /// first touched (by the first transfer into it).
     pub fn new(len: usize) -> Result<DirectBuf> {
-        let len = len.max(1).div_ceil(HUGE_PAGE) * HUGE_PAGE;
-        let mapped = len + HUGE_PAGE;
+        let room = len.max(1).div_ceil(HUGE_PAGE) * HUGE_PAGE;
+        let mapped = room + HUGE_PAGE;
         let map = MmapMut::map_anon(mapped)
             .map_err(|e| Error::io("map memory for", "an O_DIRECT buffer", e))?;
         let start = (map.as_ptr() as usize).next_multiple_of(HUGE_PAGE) - map.as_ptr() as usize;
         // Refused only where the kernel has no transparent huge pages: small pages.
-        if let Err(e) = map.advise_range(Advice::HugePage, start, len) {
+        if let Err(e) = map.advise_range(Advice::HugePage, start, room) {
             tracing::debug!("MADV_HUGEPAGE refused ({e}): O_DIRECT buffers in small pages");
         }
-        Ok(DirectBuf { map, start, len })
+        Ok(DirectBuf {
+            map,
+            start,
+            room,
+            len,
+        })
     }
 
-    /// The buffer's length: a whole number of huge pages.
-    pub fn len(&self) -> usize {
-        self.len
+    /// `buf` made `len` bytes long if its pages hold that many (its bytes are whatever
+    /// it held), else a new buffer: how a buffer is used again.
+    pub fn reuse(buf: Option<DirectBuf>, len: usize) -> Result<DirectBuf> {
+        match buf {
+            Some(mut b) if b.room >= len => {
+                b.len = len;
+                Ok(b)
+            }
+            _ => DirectBuf::new(len),
+        }
     }
 
-    /// Never empty; for clippy's sake.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
+    /// The `len` bytes in use, starting on a 2 MiB boundary (so on any O_DIRECT
+    /// alignment).
     pub fn as_slice(&self) -> &[u8] {
         self.map
             .get(self.start..self.start + self.len)
             .unwrap_or(&[])
     }
 
-    /// The buffer, starting on a 2 MiB boundary (so on any O_DIRECT alignment).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         let (start, len) = (self.start, self.len);
         self.map.get_mut(start..start + len).unwrap_or(&mut [])
@@ -83,20 +98,34 @@ mod tests {
 
     #[test]
     fn a_buffer_is_whole_huge_pages_on_a_huge_page_boundary_and_zeroed() {
-        for want in [1, 4096, HUGE_PAGE, HUGE_PAGE + 1, 8 << 20] {
+        for want in [2, 4096, HUGE_PAGE, HUGE_PAGE + 1, 8 << 20] {
             let mut b = DirectBuf::new(want).expect("map");
-            assert!(
-                b.len() >= want && b.len().is_multiple_of(HUGE_PAGE),
-                "{want}"
-            );
+            assert!(b.room >= want && b.room.is_multiple_of(HUGE_PAGE), "{want}");
             assert!((b.as_slice().as_ptr() as usize).is_multiple_of(HUGE_PAGE));
-            assert_eq!(b.as_slice().len(), b.len());
+            assert_eq!(b.as_slice().len(), want);
             assert!(b.as_slice().iter().all(|&x| x == 0));
             let s = b.as_mut_slice();
             s[0] = 1;
             *s.last_mut().expect("not empty") = 2;
             assert_eq!(b.as_slice()[0], 1);
-            assert_eq!(b.as_slice()[b.len() - 1], 2);
+            assert_eq!(b.as_slice()[want - 1], 2);
         }
+    }
+
+    #[test]
+    fn a_buffer_is_used_again_while_its_pages_hold_the_length_asked_for() {
+        let mut b = DirectBuf::new(4096).expect("map");
+        b.as_mut_slice()[0] = 7;
+        let at = b.as_slice().as_ptr();
+        let b = DirectBuf::reuse(Some(b), HUGE_PAGE).expect("reuse");
+        assert_eq!((b.as_slice().as_ptr(), b.as_slice().len()), (at, HUGE_PAGE));
+        assert_eq!(b.as_slice()[0], 7, "its bytes are what it held");
+        let b = DirectBuf::reuse(Some(b), HUGE_PAGE + 1).expect("grow");
+        assert_eq!(b.as_slice().len(), HUGE_PAGE + 1);
+        assert!(b.as_slice().iter().all(|&x| x == 0), "a new buffer");
+        assert_eq!(
+            DirectBuf::reuse(None, 10).expect("new").as_slice().len(),
+            10
+        );
     }
 }

@@ -287,7 +287,7 @@ impl StorageFile for RealFile {
         // is two requests to the device rather than nine or more (`DirectBuf`).
         static SPARE: parking_lot::Mutex<Vec<DirectBuf>> = parking_lot::Mutex::new(Vec::new());
         let spare = SPARE.lock().pop();
-        let Some(mut bounce) = spare.map_or_else(|| DirectBuf::new(PIECE).ok(), Some) else {
+        let Ok(mut bounce) = DirectBuf::reuse(spare, PIECE) else {
             return self.write_at(&[data], offset);
         };
         let mut done = 0usize;

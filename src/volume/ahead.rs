@@ -113,8 +113,8 @@ impl Slot {
         matches!(*self.fill.lock(), Fill::Queued | Fill::Reading)
     }
 
-    /// Run on a filler: read the slot's range into `buf` (a new one if None), unless
-    /// a reader got there first and read for itself.
+    /// Run on a filler: read the slot's range into `buf` (a new one if None or too
+    /// small), unless a reader got there first and read for itself.
     fn run(&self, buf: Option<DirectBuf>) {
         {
             let mut fill = self.fill.lock();
@@ -128,32 +128,22 @@ impl Slot {
             *fill = Fill::Reading;
         }
         let unwinding = Unwinding(self);
-        let next = match buf.map_or_else(|| DirectBuf::new(SLOT as usize), Ok) {
-            Ok(mut buf) => {
-                let read = match buf.as_mut_slice().get_mut(..self.len) {
-                    Some(area) => read_in_pieces(&*self.parent, area, self.start),
-                    None => Err(crate::error::Error::InvalidInput(format!(
-                        "a read-ahead buffer of {} bytes for a slot of {}",
-                        buf.len(),
-                        self.len
-                    ))),
-                };
-                match read {
-                    Ok(n) => Fill::Ready { buf, n },
-                    Err(e) => {
-                        tracing::debug!(
-                            "read-ahead of {:?} at {}: {e}",
-                            self.parent.path(),
-                            self.start
-                        );
-                        Fill::Unread(Some(buf))
-                    }
-                }
-            }
+        let next = match DirectBuf::reuse(buf, self.len) {
             Err(e) => {
                 tracing::debug!("read-ahead buffer: {e}");
                 Fill::Unread(None)
             }
+            Ok(mut buf) => match read_in_pieces(&*self.parent, buf.as_mut_slice(), self.start) {
+                Ok(n) => Fill::Ready { buf, n },
+                Err(e) => {
+                    tracing::debug!(
+                        "read-ahead of {:?} at {}: {e}",
+                        self.parent.path(),
+                        self.start
+                    );
+                    Fill::Unread(Some(buf))
+                }
+            },
         };
         *self.fill.lock() = next;
         self.done.notify_all();
@@ -446,7 +436,7 @@ impl DirectAhead {
             match &mut *fill {
                 Fill::Ready { buf, n } => {
                     let n = *n;
-                    let area = buf.as_slice().get(..slot.len).unwrap_or(&[]);
+                    let area = buf.as_slice();
                     let have = n.saturating_sub(skip).min(part.len());
                     let (head, rest) = part.split_at_mut(have);
                     match area.get(skip..skip + have) {
