@@ -254,7 +254,13 @@ fn fillers() -> &'static crossbeam::channel::Sender<(Arc<Slot>, Option<DirectBuf
                 .spawn(move || {
                     let mut swept = Instant::now();
                     loop {
-                        match rx.recv_timeout(SWEEP_EVERY) {
+                        // Only the sweeper wakes without work.
+                        let next = if i == 0 {
+                            rx.recv_timeout(SWEEP_EVERY)
+                        } else {
+                            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                        };
+                        match next {
                             Ok((slot, buf)) => {
                                 // A panic ends the slot's read (`Unwinding`), not the
                                 // filler.
