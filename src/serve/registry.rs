@@ -446,7 +446,10 @@ impl Registry {
                  is fenced at its next contact; what it did not ship stays in its journal)"
             )
         } else {
-            format!("the primary did not contact this site within {secs} s")
+            format!(
+                "the primary did not contact this site within {secs} s (it is down, cut \
+                 off, or its shipping is paused: a paused primary makes no contact)"
+            )
         }))
     }
 
