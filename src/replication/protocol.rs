@@ -656,13 +656,40 @@ impl SegmentChunkRef<'_> {
 /// [`decode_message`]: a body that does not decode, or has bytes after the message, is
 /// an error.
 pub fn segment_chunk_ref(body: &[u8]) -> Option<Result<SegmentChunkRef<'_>, FrameError>> {
+    variant_ref(body, SEGMENT_CHUNK_TAG)
+}
+
+/// The fields of the body's message as `T` if its variant index is `tag`, else None.
+fn variant_ref<'a, T: Deserialize<'a>>(body: &'a [u8], tag: u32) -> Option<Result<T, FrameError>> {
     // The variant index is a varint, read as postcard reads it (an overlong encoding
-    // of 14 is a SegmentChunk to the owned decoder too).
-    let (tag, fields) = postcard::take_from_bytes::<u32>(body).ok()?;
-    if tag != SEGMENT_CHUNK_TAG {
+    // of a variant's index is that variant to the owned decoder too).
+    let (found, fields) = postcard::take_from_bytes::<u32>(body).ok()?;
+    if found != tag {
         return None;
     }
     Some(decode_message(fields))
+}
+
+/// The postcard variant index of [`Message::InitialChunk`] (a test checks it).
+const INITIAL_CHUNK_TAG: u32 = 12;
+
+/// A [`Message::InitialChunk`] decoded in place: its fields in the same order, its
+/// bytes borrowed from the frame's body. The receiver keeps the body itself as the
+/// chunk's buffer until the chunk is stored (no copy, no new buffer per chunk).
+#[derive(Debug, PartialEq, Eq, Deserialize)]
+pub struct InitialChunkRef<'a> {
+    pub machine: &'a str,
+    pub generation: u32,
+    pub disk: u32,
+    pub offset: u64,
+    pub compressed: bool,
+    pub bytes: &'a [u8],
+}
+
+/// The body's message as an [`InitialChunkRef`] if it is an `InitialChunk` (None for
+/// any other message), with the same checks as [`segment_chunk_ref`].
+pub fn initial_chunk_ref(body: &[u8]) -> Option<Result<InitialChunkRef<'_>, FrameError>> {
+    variant_ref(body, INITIAL_CHUNK_TAG)
 }
 
 /// Decode one frame from the start of `bytes`; returns the message and bytes used.
@@ -911,6 +938,54 @@ mod tests {
                 Err(FrameError::TooLarge(_))
             ));
         }
+    }
+
+    #[test]
+    fn an_initial_chunk_reads_in_place_and_nothing_else_does() {
+        let payload: Vec<u8> = (0..70_000u32).map(|i| (i % 241) as u8).collect();
+        let mut all = payload_messages(&payload);
+        let (whole, _) = all.remove(1);
+        let frame = encode(&whole).unwrap();
+        let body = &frame[FRAME_HEADER_LEN..];
+        assert_eq!(
+            initial_chunk_ref(body).unwrap().unwrap(),
+            // The fields `payload_messages` gives it.
+            InitialChunkRef {
+                machine: "a machine",
+                generation: 1,
+                disk: 2,
+                offset: u64::MAX,
+                compressed: true,
+                bytes: &payload,
+            },
+            "the tag is InitialChunk's place in the enum"
+        );
+        // The receiver keeps the body as the chunk's buffer: the bytes are its end.
+        let c = initial_chunk_ref(body).unwrap().unwrap();
+        assert_eq!(
+            body[body.len() - payload.len()..].as_ptr(),
+            c.bytes.as_ptr()
+        );
+        for (other, _) in all {
+            let frame = encode(&other).unwrap();
+            assert!(initial_chunk_ref(&frame[FRAME_HEADER_LEN..]).is_none());
+        }
+        let done = Message::InitialDone {
+            machine: "a machine".into(),
+        };
+        assert!(initial_chunk_ref(&encode(&done).unwrap()[FRAME_HEADER_LEN..]).is_none());
+        assert!(initial_chunk_ref(&[]).is_none());
+        // Cut short, or with bytes after it: an error, never a chunk.
+        assert!(matches!(
+            initial_chunk_ref(&body[..body.len() - 1]),
+            Some(Err(FrameError::Malformed(_)))
+        ));
+        let mut longer = body.to_vec();
+        longer.push(0);
+        assert!(matches!(
+            initial_chunk_ref(&longer),
+            Some(Err(FrameError::Malformed(_)))
+        ));
     }
 
     #[test]

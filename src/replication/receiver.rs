@@ -438,6 +438,7 @@ impl Target {
             base_pending: Vec::new(),
             base_pending_bytes: 0,
             base_cursor: None,
+            base_frames: Arc::default(),
             warming: None,
             promote_soon: false,
         };
@@ -545,7 +546,9 @@ struct Session<'a> {
     /// A stored segment's buffer, for the next one to be assembled in.
     spare: Vec<u8>,
     /// Every frame's body is read into this buffer, which keeps its room for the next
-    /// (grown as bytes arrive, by doubling: at most about twice a maximum frame).
+    /// (grown as bytes arrive, by doubling: at most about twice a maximum frame) —
+    /// except an initial-copy chunk's, which is kept as the chunk's buffer and replaced
+    /// by one from [`Session::base_frames`].
     frame: Vec<u8>,
     /// The differing chunks of the resync batch in flight (applied at its end).
     resync_chunks: Vec<(u32, u64, Vec<u8>)>,
@@ -559,16 +562,33 @@ struct Session<'a> {
     token: u64,
     /// Initial-copy chunks received, checked and not stored yet (at most
     /// [`BASE_BATCH`] bytes).
-    base_pending: Vec<(u32, u64, Vec<u8>)>,
+    base_pending: Vec<BaseChunk>,
     base_pending_bytes: usize,
     /// Where the initial copy stands after every chunk checked so far, stored or not
     /// (none until the first chunk after the last flush).
     base_cursor: Option<crate::replica::store::BaseCursor>,
+    /// The frame buffers of initial-copy chunks stored, given back by the batches that
+    /// stored them, for the next frames to be read into (at most [`FRAMES_KEPT`]
+    /// bytes of room).
+    base_frames: Arc<Mutex<Vec<Vec<u8>>>>,
     /// A planned failover of this session's machine has begun (`PromoteSoon`): the
     /// segments read ahead for its check, which each one stored from now on joins.
     warming: Option<Arc<crate::replica::warm::WarmSet>>,
     /// `PromoteSoon` arrived in this session (once only).
     promote_soon: bool,
+}
+
+/// Room of initial-copy frame buffers a session keeps for its next frames, at most
+/// (a batch's worth and one more being read).
+const FRAMES_KEPT: usize = 2 * BASE_BATCH + MAX_CHUNK;
+
+/// One initial-copy chunk: its bytes are `buf[at]` — the frame's body it arrived in,
+/// kept as it is (no copy), or the bytes a compressed one unpacked to.
+struct BaseChunk {
+    disk: u32,
+    offset: u64,
+    buf: Vec<u8>,
+    at: std::ops::Range<usize>,
 }
 
 /// Initial-copy chunks, checked, to store as one batch (on a thread of their own
@@ -577,7 +597,9 @@ struct BaseJob {
     slot: SharedStore,
     token: u64,
     name: String,
-    items: Vec<(u32, u64, Vec<u8>)>,
+    items: Vec<BaseChunk>,
+    /// Where the frame buffers go back to once the chunks are stored.
+    frames: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 impl BaseJob {
@@ -585,11 +607,21 @@ impl BaseJob {
         let items: Vec<(u32, u64, &[u8])> = self
             .items
             .iter()
-            .map(|(d, o, b)| (*d, *o, b.as_slice()))
+            .map(|c| (c.disk, c.offset, c.buf.get(c.at.clone()).unwrap_or(&[])))
             .collect();
-        lock_owned(&self.slot, self.token, &self.name)?
+        let stored = lock_owned(&self.slot, self.token, &self.name)?
             .receive_base_batch(&items)
-            .map_err(refusal)
+            .map_err(refusal);
+        drop(items);
+        let mut frames = self.frames.lock();
+        let mut room: usize = frames.iter().map(Vec::capacity).sum();
+        for c in self.items {
+            if room + c.buf.capacity() <= FRAMES_KEPT {
+                room += c.buf.capacity();
+                frames.push(c.buf);
+            }
+        }
+        stored
     }
 }
 
@@ -704,6 +736,56 @@ impl Session<'_> {
                 }
                 continue;
             }
+            // So is an initial-copy chunk: its frame's body is kept as the chunk's
+            // buffer until its batch is stored, and the next frame is read into a
+            // buffer a stored batch gave back.
+            if let Some(chunk) = read
+                .is_ok()
+                .then(|| protocol::initial_chunk_ref(&body))
+                .flatten()
+            {
+                let head = chunk.map_err(frame_refusal).and_then(|c| {
+                    // The bytes are the message's last field, and nothing follows the
+                    // message: they are the body's last bytes (checked: the same place).
+                    let at = body.len().saturating_sub(c.bytes.len())..body.len();
+                    if body.get(at.clone()).map(<[u8]>::as_ptr) != Some(c.bytes.as_ptr()) {
+                        return Err(protocol_error("initial chunk's bytes not at its end"));
+                    }
+                    let head = (c.machine.to_string(), c.generation, c.disk, c.offset);
+                    Ok((head, c.compressed, at))
+                });
+                let ((machine, generation, disk, offset), compressed, at) = match head {
+                    Ok(h) => h,
+                    Err(e) => {
+                        self.frame = body;
+                        return Err(e);
+                    }
+                };
+                // Everything else follows the segments before it.
+                finish_store(pending, &mut self.spare, s)?;
+                let (buf, at) = if compressed {
+                    let data = decompress(body.get(at).unwrap_or(&[]));
+                    self.frame = body;
+                    let data = data?;
+                    let len = data.len();
+                    (data, 0..len)
+                } else {
+                    self.frame = self.base_frames.lock().pop().unwrap_or_default();
+                    (body, at)
+                };
+                let chunk = BaseChunk {
+                    disk,
+                    offset,
+                    buf,
+                    at,
+                };
+                if let Some(job) = self.on_initial_chunk(&machine, generation, chunk)? {
+                    // One batch stored at a time, in order.
+                    finish_base(base)?;
+                    *base = Some(sc.spawn(move || job.run()));
+                }
+                continue;
+            }
             let msg = read.and_then(|()| protocol::decode_message::<Message>(&body));
             self.frame = body;
             let msg = match msg {
@@ -731,23 +813,6 @@ impl Session<'_> {
             };
             // Everything else follows the segments before it.
             finish_store(pending, &mut self.spare, s)?;
-            if let Message::InitialChunk {
-                machine,
-                generation,
-                disk,
-                offset,
-                compressed,
-                bytes,
-            } = msg
-            {
-                let chunk = (disk, offset, compressed, bytes);
-                if let Some(job) = self.on_initial_chunk(&machine, generation, chunk)? {
-                    // One batch stored at a time, in order.
-                    finish_base(base)?;
-                    *base = Some(sc.spawn(move || job.run()));
-                }
-                continue;
-            }
             // Everything else sees the initial chunks before it stored.
             self.flush_base(base)?;
             if let Some(reply) = self.handle(msg)? {
@@ -1192,27 +1257,21 @@ impl Session<'_> {
         &mut self,
         machine: &str,
         generation: u32,
-        (disk, offset, compressed, bytes): (u32, u64, bool, Vec<u8>),
+        chunk: BaseChunk,
     ) -> Result<Option<BaseJob>, Refusal> {
         let (name, store) = self.store_at(machine, generation, "initial chunk")?;
         let (name, store) = (name.to_string(), store.clone());
-        let data = if compressed {
-            decompress(&bytes)?
-        } else {
-            bytes
-        };
+        let (disk, offset, len) = (chunk.disk, chunk.offset, chunk.at.len());
         // Checked against where the chunks before it end, stored or not: the store
         // is not locked for it, so a batch being stored does not hold the next up.
         let mut cursor = match self.base_cursor.take() {
             Some(c) => c,
             None => self.lock(&store)?.base_cursor().map_err(refusal)?,
         };
-        cursor
-            .advance(disk, offset, data.len() as u64)
-            .map_err(refusal)?;
+        cursor.advance(disk, offset, len as u64).map_err(refusal)?;
         self.base_cursor = Some(cursor);
-        self.base_pending_bytes += data.len();
-        self.base_pending.push((disk, offset, data));
+        self.base_pending_bytes += len;
+        self.base_pending.push(chunk);
         if self.base_pending_bytes < BASE_BATCH {
             return Ok(None);
         }
@@ -1227,6 +1286,7 @@ impl Session<'_> {
             token: self.token,
             name,
             items: std::mem::take(&mut self.base_pending),
+            frames: self.base_frames.clone(),
         }
     }
 

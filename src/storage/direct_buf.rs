@@ -81,6 +81,10 @@ impl DirectBuf {
     /// The `len` bytes in use, starting on a 2 MiB boundary (so on any O_DIRECT
     /// alignment).
     pub fn as_slice(&self) -> &[u8] {
+        // `new` maps `room` + a huge page with `start` below one and `reuse` keeps
+        // `len <= room`, so the empty fallback below cannot happen (a fill into it
+        // would read nothing, and serve zeros): asserted where tests run.
+        debug_assert!(self.start + self.len <= self.map.len());
         self.map
             .get(self.start..self.start + self.len)
             .unwrap_or(&[])
@@ -88,6 +92,7 @@ impl DirectBuf {
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         let (start, len) = (self.start, self.len);
+        debug_assert!(start + len <= self.map.len());
         self.map.get_mut(start..start + len).unwrap_or(&mut [])
     }
 }
