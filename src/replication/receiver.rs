@@ -583,12 +583,13 @@ struct Session<'a> {
 const FRAMES_KEPT: usize = 2 * BASE_BATCH + MAX_CHUNK;
 
 /// One initial-copy chunk: its bytes are `buf[at]` — the frame's body it arrived in,
-/// kept as it is (no copy), or the bytes a compressed one unpacked to.
+/// kept as it is (no copy; `frame`), or the bytes a compressed one unpacked to.
 struct BaseChunk {
     disk: u32,
     offset: u64,
     buf: Vec<u8>,
     at: std::ops::Range<usize>,
+    frame: bool,
 }
 
 /// Initial-copy chunks, checked, to store as one batch (on a thread of their own
@@ -615,7 +616,7 @@ impl BaseJob {
         drop(items);
         let mut frames = self.frames.lock();
         let mut room: usize = frames.iter().map(Vec::capacity).sum();
-        for c in self.items {
+        for c in self.items.into_iter().filter(|c| c.frame) {
             if room + c.buf.capacity() <= FRAMES_KEPT {
                 room += c.buf.capacity();
                 frames.push(c.buf);
@@ -763,22 +764,7 @@ impl Session<'_> {
                 };
                 // Everything else follows the segments before it.
                 finish_store(pending, &mut self.spare, s)?;
-                let (buf, at) = if compressed {
-                    let data = decompress(body.get(at).unwrap_or(&[]));
-                    self.frame = body;
-                    let data = data?;
-                    let len = data.len();
-                    (data, 0..len)
-                } else {
-                    self.frame = self.base_frames.lock().pop().unwrap_or_default();
-                    (body, at)
-                };
-                let chunk = BaseChunk {
-                    disk,
-                    offset,
-                    buf,
-                    at,
-                };
+                let chunk = (disk, offset, compressed, body, at);
                 if let Some(job) = self.on_initial_chunk(&machine, generation, chunk)? {
                     // One batch stored at a time, in order.
                     finish_base(base)?;
@@ -1248,20 +1234,44 @@ impl Session<'_> {
         Ok(reply)
     }
 
-    /// One chunk of the initial copy (`(disk, offset, compressed, bytes)`): checked
-    /// now (a bad chunk is refused as itself), stored in batches — one edit of the
-    /// parent chunks and one position write for many small chunks (a reprotect's
-    /// delta is mostly single 4 KiB blocks). A full batch comes back as the job that
-    /// stores it.
+    /// One chunk of the initial copy (`(disk, offset, compressed, body, at)`: its
+    /// bytes are `body[at]`, the frame's body it arrived in): checked now (a bad chunk
+    /// is refused as itself), stored in batches — one edit of the parent chunks and
+    /// one position write for many small chunks (a reprotect's delta is mostly single
+    /// 4 KiB blocks). The body is kept as the chunk's buffer (the next frame is read
+    /// into one a stored batch gave back), or, compressed, unpacked and left to be the
+    /// session's frame buffer again. A full batch comes back as the job that stores it.
     fn on_initial_chunk(
         &mut self,
         machine: &str,
         generation: u32,
-        chunk: BaseChunk,
+        (disk, offset, compressed, body, at): (u32, u64, bool, Vec<u8>, std::ops::Range<usize>),
     ) -> Result<Option<BaseJob>, Refusal> {
         let (name, store) = self.store_at(machine, generation, "initial chunk")?;
         let (name, store) = (name.to_string(), store.clone());
-        let (disk, offset, len) = (chunk.disk, chunk.offset, chunk.at.len());
+        let chunk = if compressed {
+            let data = decompress(body.get(at).unwrap_or(&[]));
+            self.frame = body;
+            let buf = data?;
+            let at = 0..buf.len();
+            BaseChunk {
+                disk,
+                offset,
+                buf,
+                at,
+                frame: false,
+            }
+        } else {
+            self.frame = self.base_frames.lock().pop().unwrap_or_default();
+            BaseChunk {
+                disk,
+                offset,
+                buf: body,
+                at,
+                frame: true,
+            }
+        };
+        let len = chunk.at.len();
         // Checked against where the chunks before it end, stored or not: the store
         // is not locked for it, so a batch being stored does not hold the next up.
         let mut cursor = match self.base_cursor.take() {
@@ -1295,14 +1305,19 @@ impl Session<'_> {
     fn flush_base(&mut self, job: &mut Option<BaseStore<'_>>) -> Result<(), Refusal> {
         finish_base(job)?;
         self.base_cursor = None;
-        if self.base_pending.is_empty() {
-            return Ok(());
-        }
-        let Some((name, store, _)) = &self.current else {
-            return Err(protocol_error("initial chunk before Protect"));
+        let stored = if self.base_pending.is_empty() {
+            Ok(())
+        } else {
+            let Some((name, store, _)) = &self.current else {
+                return Err(protocol_error("initial chunk before Protect"));
+            };
+            let (name, store) = (name.clone(), store.clone());
+            self.take_batch(name, store).run()
         };
-        let (name, store) = (name.clone(), store.clone());
-        self.take_batch(name, store).run()
+        // Every chunk received is stored (InitialDone, or anything else, comes next):
+        // the bodies kept for the copy's next frames go.
+        self.base_frames.lock().clear();
+        stored
     }
 
     fn on_initial_done(&mut self, machine: &str) -> Result<Message, Refusal> {
