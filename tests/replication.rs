@@ -152,6 +152,65 @@ fn initial_copy_then_deltas_restore_byte_equal() {
     assert!(!out.join("os.img.partial").exists());
 }
 
+/// An initial copy of several of the target's 16 MiB batches, whose chunks the target
+/// keeps in the frames they arrived in and whose frames come back for the next chunks:
+/// first 8 MiB pieces (big frames), then many small runs read into those frames again,
+/// some of them compressible (unpacked into buffers of their own). The replica restores
+/// byte-equal.
+#[test]
+fn an_initial_copy_of_many_batches_restores_byte_equal() {
+    const MIB: u64 = 1 << 20;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    trusted_pair(&a, &b);
+    replog(&["disk", "create", "vm1/os", "--size", "96M"], &a);
+    let addr = start_target(&b);
+
+    let site = Site::open(&a).expect("open source");
+    let m = site.open_machine("vm1").expect("machine");
+    let os = m.volume("os").expect("os");
+    // 40 MiB in one run: five 8 MiB chunks, two and a half batches.
+    os.write(0, &common::pattern(1, 40 * MIB as usize))
+        .expect("write");
+    // Then 300 runs of 20–80 KiB with holes between; every fifth compressible.
+    let mut at = 41 * MIB;
+    for i in 0..300u64 {
+        let len = (20 + i * 7 % 61) * 1024;
+        let run = if i % 5 == 0 {
+            vec![(i % 250) as u8 + 1; len as usize]
+        } else {
+            common::pattern(100 + i, len as usize)
+        };
+        os.write(at, &run).expect("write");
+        at += len + 64 * 1024 + i * 4096 % 40_960;
+    }
+    assert!(at < 96 * MIB);
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    m.compact().expect("compact");
+
+    let mut shipper = Shipper::new(&a, &m, &addr);
+    let r = shipper.ship_once(&m).expect("ship");
+    assert!(r.initial_completed);
+    assert!(
+        r.initial_bytes > 48 * MIB,
+        "sent {} bytes of parents",
+        r.initial_bytes
+    );
+    // A point after the copy (its base is not one).
+    os.write(95 * MIB, b"the end").expect("write");
+    m.flush().expect("flush");
+    m.seal().expect("seal");
+    assert_eq!(shipper.ship_once(&m).expect("ship").segments, 1);
+
+    let out = tmp.path().join("restored");
+    restore(&b, "latest", &out).expect("restore");
+    let mut want = vec![0u8; os.size() as usize];
+    os.read(0, &mut want).expect("read source");
+    let got = std::fs::read(out.join("os.img")).expect("restored image");
+    assert!(got == want, "the restored disk differs from the source");
+}
+
 /// Every point received restores exactly the source's disk at that point; points list
 /// with IDs; LSN, ID and time forms resolve; an unknown point writes nothing.
 #[test]
