@@ -1053,8 +1053,9 @@ fn version_8_a_journal_written_into_a_recycled_file_opens_with_every_write() {
 }
 
 /// Chunk frames of protocol 2 as the whole-message encoder wrote them (`v8/protocol`):
-/// they decode, a segment chunk decodes the same in place (as a target reads it), and
-/// a head written apart from its payload (as a source sends it) is the same bytes.
+/// they decode, a segment chunk and an initial chunk decode the same in place (as a
+/// target reads them), and a head written apart from its payload (as a source sends
+/// it) is the same bytes.
 #[test]
 fn chunk_frames_of_protocol_2_decode_whole_and_in_place_and_are_sent_as_they_were() {
     let payload = common::frames::payload();
@@ -1081,6 +1082,28 @@ fn chunk_frames_of_protocol_2_decode_whole_and_in_place_and_are_sent_as_they_wer
             }
             None => assert!(
                 !matches!(whole, Message::SegmentChunk { .. }),
+                "{name}: not taken in place"
+            ),
+        }
+        // So is an initial chunk, its bytes the body's last (the target keeps the body
+        // as the chunk's buffer).
+        match protocol::initial_chunk_ref(body) {
+            Some(c) => {
+                let c = c.expect("decodes in place");
+                let owned = Message::InitialChunk {
+                    machine: c.machine.into(),
+                    generation: c.generation,
+                    disk: c.disk,
+                    offset: c.offset,
+                    compressed: c.compressed,
+                    bytes: c.bytes.to_vec(),
+                };
+                assert_eq!(owned, whole, "{name}");
+                let end = body.get(body.len() - c.bytes.len()..).expect("the end");
+                assert_eq!(end.as_ptr(), c.bytes.as_ptr(), "{name}");
+            }
+            None => assert!(
+                !matches!(whole, Message::InitialChunk { .. }),
                 "{name}: not taken in place"
             ),
         }

@@ -592,6 +592,14 @@ struct BaseChunk {
     frame: bool,
 }
 
+impl BaseChunk {
+    /// The chunk's bytes (`at` is made from `buf`, so always inside it).
+    fn bytes(&self) -> &[u8] {
+        debug_assert!(self.at.end <= self.buf.len());
+        self.buf.get(self.at.clone()).unwrap_or(&[])
+    }
+}
+
 /// Initial-copy chunks, checked, to store as one batch (on a thread of their own
 /// while the next batch arrives).
 struct BaseJob {
@@ -608,7 +616,7 @@ impl BaseJob {
         let items: Vec<(u32, u64, &[u8])> = self
             .items
             .iter()
-            .map(|c| (c.disk, c.offset, c.buf.get(c.at.clone()).unwrap_or(&[])))
+            .map(|c| (c.disk, c.offset, c.bytes()))
             .collect();
         let stored = lock_owned(&self.slot, self.token, &self.name)?
             .receive_base_batch(&items)
