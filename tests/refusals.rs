@@ -503,6 +503,31 @@ fn initial_chunks_are_checked_on_arrival_and_stored_in_batches() {
     );
     assert_eq!(initial_state(&fs), (false, (0, 16 << 20)));
 
+    // An empty chunk, plain or compressed, would leave the position where it was,
+    // so a source could send them without end: refused, nothing more stored.
+    for compressed in [false, true] {
+        let empty = Message::InitialChunk {
+            machine: "vm1".into(),
+            generation: 1,
+            disk: 0,
+            offset: 17 << 20,
+            compressed,
+            bytes: if compressed {
+                lz4_flex::block::compress_prepend_size(&[])
+            } else {
+                Vec::new()
+            },
+        };
+        let got = session(&t, true, &[protect_64m(ID), mib(16), empty]);
+        assert!(
+            got.as_ref()
+                .is_some_and(|(_, m)| m.contains("empty initial chunk")),
+            "{got:?}"
+        );
+        assert_refused(got, RefusalCode::Fatal, ErrorClass::Critical);
+        assert_eq!(initial_state(&fs), (false, (0, 16 << 20)));
+    }
+
     // The store fails while a batch is stored: its error, and the position stays.
     // Only the first write fails: were the batch's error lost, the chunks after it
     // would be stored and the position would pass the missing ones.

@@ -971,9 +971,16 @@ pub struct BaseCursor {
 }
 
 impl BaseCursor {
-    /// Accept a chunk of `len` bytes at `offset` of `disk`: it must lie within the
-    /// disk and at or after the end of the chunk before. An error changes nothing.
+    /// Accept a chunk of `len` bytes at `offset` of `disk`: it must hold bytes, lie
+    /// within the disk and at or after the end of the chunk before (an empty chunk
+    /// would leave the position where it was, so a source could send them without
+    /// end). An error changes nothing.
     pub fn advance(&mut self, disk: u32, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Err(Error::InvalidInput(format!(
+                "an empty initial chunk for disk {disk} at {offset}"
+            )));
+        }
         let size = *self
             .sizes
             .get(disk as usize)
