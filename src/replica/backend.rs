@@ -59,7 +59,7 @@ pub trait ReplicaBackend: Send + Sync + fmt::Debug {
     /// Create `key` only if it does not exist; false (nothing written) if it does.
     fn put_if_absent(&self, key: &str, bytes: &[u8]) -> Result<bool>;
     /// Several puts, every one durable on return (and none half-written).
-    fn put_batch(&self, items: &[(String, Vec<u8>)]) -> Result<()> {
+    fn put_batch(&self, items: &[(String, &[u8])]) -> Result<()> {
         for (k, v) in items {
             self.put(k, v)?;
         }
@@ -69,7 +69,7 @@ pub trait ReplicaBackend: Send + Sync + fmt::Debug {
     /// each replaced atomically — readers see the old bytes or the new — but not
     /// necessarily durably, so after a crash any of them may be old, missing or
     /// damaged, which their readers must tell.
-    fn put_cache_batch(&self, items: &[(String, Vec<u8>)]) -> Result<()> {
+    fn put_cache_batch(&self, items: &[(String, &[u8])]) -> Result<()> {
         self.put_batch(items)
     }
     /// The names directly under `prefix` (objects and deeper prefixes), sorted; none
@@ -303,15 +303,15 @@ impl ReplicaBackend for DirBackend {
     /// Every object to its temporary name first, all fsynced (several at once, so the
     /// file system's journal commits them together instead of one commit each), then
     /// renamed, then each directory synced once.
-    fn put_batch(&self, items: &[(String, Vec<u8>)]) -> Result<()> {
+    fn put_batch(&self, items: &[(String, &[u8])]) -> Result<()> {
         let mut paths = Vec::with_capacity(items.len());
         for (k, _) in items {
             let p = self.path(k)?;
             self.ensure_parent(&p)?;
             paths.push(p);
         }
-        let jobs: Vec<(&PathBuf, &Vec<u8>)> =
-            paths.iter().zip(items.iter().map(|(_, v)| v)).collect();
+        let jobs: Vec<(&PathBuf, &[u8])> =
+            paths.iter().zip(items.iter().map(|(_, v)| *v)).collect();
         let per = jobs.len().div_ceil(8).max(1);
         let storage = self.storage.as_ref();
         let temps = std::thread::scope(|sc| -> Result<Vec<PathBuf>> {
@@ -349,7 +349,7 @@ impl ReplicaBackend for DirBackend {
     }
 
     /// No fsync: a file system's own ordering decides what a crash leaves.
-    fn put_cache_batch(&self, items: &[(String, Vec<u8>)]) -> Result<()> {
+    fn put_cache_batch(&self, items: &[(String, &[u8])]) -> Result<()> {
         for (k, v) in items {
             let path = self.path(k)?;
             self.with_parent(&path, || {

@@ -212,6 +212,36 @@ impl ReplicaKey {
         seq: u64,
         buf: &mut Vec<u8>,
     ) -> Result<()> {
+        let tag = self.seal_slice(label, version, machine_id, seq, buf)?;
+        buf.extend_from_slice(&tag);
+        Ok(())
+    }
+
+    /// Encrypt replica parent chunk `id` in `out`, in place: `out` holds
+    /// [`HEADER_LEN`] bytes of room, the plain chunk, and [`TAG_LEN`] bytes of room;
+    /// afterwards it holds the encrypted file. For a caller that keeps one buffer
+    /// for many chunks (nothing allocated, no fresh memory touched).
+    pub fn seal_chunk_in(&self, machine_id: u64, id: u64, out: &mut [u8]) -> Result<()> {
+        let body = out
+            .len()
+            .checked_sub(TAG_LEN)
+            .ok_or_else(|| Error::InvalidInput("no room for the tag".into()))?;
+        let (framed, tail) = out.split_at_mut(body);
+        let tag = self.seal_slice(CHUNK_LABEL, VERSION, machine_id, id, framed)?;
+        tail.copy_from_slice(&tag);
+        Ok(())
+    }
+
+    /// Write the header into the first [`HEADER_LEN`] bytes of `buf` and encrypt
+    /// the rest in place; the tag, returned, goes after it.
+    fn seal_slice(
+        &self,
+        label: &[u8],
+        version: u16,
+        machine_id: u64,
+        seq: u64,
+        buf: &mut [u8],
+    ) -> Result<[u8; TAG_LEN]> {
         let mut nonce = [0u8; 12];
         getrandom::fill(&mut nonce)
             .map_err(|e| Error::InvalidInput(format!("random nonce: {e}")))?;
@@ -222,7 +252,7 @@ impl ReplicaKey {
         head[24..36].copy_from_slice(&nonce);
         let crc = crate::crc::crc32c(&head[..36]);
         head[36..40].copy_from_slice(&crc.to_le_bytes());
-        let Some(room) = buf.get_mut(..HEADER_LEN) else {
+        let Some((room, plain)) = buf.split_at_mut_checked(HEADER_LEN) else {
             return Err(Error::InvalidInput("no room for the header".into()));
         };
         room.copy_from_slice(&head);
@@ -231,11 +261,12 @@ impl ReplicaKey {
             .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(&head[..36]),
-                buf.get_mut(HEADER_LEN..).unwrap_or(&mut []),
+                plain,
             )
             .map_err(|_| Error::InvalidInput("encryption failed".into()))?;
-        buf.extend_from_slice(tag.as_ref());
-        Ok(())
+        let mut out = [0u8; TAG_LEN];
+        out.copy_from_slice(tag.as_ref());
+        Ok(out)
     }
 
     /// Decrypt and authenticate an encrypted segment, read into `buf`; `path` names
@@ -434,6 +465,26 @@ mod tests {
             "a segment opened for another machine"
         );
         assert!(ReplicaKey::from_bytes([8u8; 32]).open(9, 3, ct, p).is_err());
+    }
+
+    #[test]
+    fn a_chunk_sealed_in_a_callers_room_opens_as_a_chunk() {
+        let k = ReplicaKey::from_bytes([7u8; 32]);
+        let p = Path::new("x");
+        let plain: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        let mut room = vec![0xee; HEADER_LEN + plain.len() + TAG_LEN];
+        room[HEADER_LEN..HEADER_LEN + plain.len()].copy_from_slice(&plain);
+        k.seal_chunk_in(9, 3, &mut room).unwrap();
+        assert_eq!(room.len(), k.seal_chunk(9, 3, &plain).unwrap().len());
+        let mut as_segment = room.clone();
+        assert!(k.open(9, 3, std::mem::take(&mut as_segment), p).is_err());
+        let mut wrong_id = room.clone();
+        assert!(k.open_chunk_in_place(9, 4, &mut wrong_id, p).is_err());
+        k.open_chunk_in_place(9, 3, &mut room, p).unwrap();
+        assert_eq!(room, plain);
+        // No room for a header and a tag: refused.
+        assert!(k.seal_chunk_in(9, 3, &mut [0u8; TAG_LEN]).is_err());
+        assert!(k.seal_chunk_in(9, 3, &mut [0u8; HEADER_LEN]).is_err());
     }
 
     #[test]

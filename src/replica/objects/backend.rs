@@ -678,8 +678,8 @@ impl ReplicaBackend for ObjectBackend {
     }
 
     /// Every data object at once (a few threads), then one manifest for them all.
-    fn put_batch(&self, items: &[(String, Vec<u8>)]) -> Result<()> {
-        let mut by_machine: BTreeMap<&str, Vec<(&str, &Vec<u8>)>> = BTreeMap::new();
+    fn put_batch(&self, items: &[(String, &[u8])]) -> Result<()> {
+        let mut by_machine: BTreeMap<&str, Vec<(&str, &[u8])>> = BTreeMap::new();
         for (k, v) in items {
             let (m, rel) = split(k)?;
             if rel.is_empty() {
@@ -890,8 +890,8 @@ mod tests {
         let big = vec![7u8; 10_000];
         b.put("vm1/segments/1.seg.enc", &big).unwrap();
         b.put_batch(&[
-            ("vm1/parent/1/0.enc".into(), big.clone()),
-            ("vm1/parent/1/1.enc".into(), vec![1; 10]),
+            ("vm1/parent/1/0.enc".into(), &big[..]),
+            ("vm1/parent/1/1.enc".into(), &[1; 10][..]),
         ])
         .unwrap();
         assert_eq!(b.get("vm1/received").unwrap().unwrap(), b"small");
@@ -1111,8 +1111,9 @@ mod tests {
     fn a_manifest_naming_every_chunk_of_a_1gib_disk_stays_small() {
         let o = Arc::new(MemObjects::new());
         let b = backend(&o);
-        let chunks: Vec<(String, Vec<u8>)> = (0..4096)
-            .map(|n| (format!("vm1/parent/1/{n}.enc"), vec![0u8; INLINE_MAX + 1]))
+        let body = vec![0u8; INLINE_MAX + 1];
+        let chunks: Vec<(String, &[u8])> = (0..4096)
+            .map(|n| (format!("vm1/parent/1/{n}.enc"), &body[..]))
             .collect();
         b.put_batch(&chunks).unwrap();
         let key = o.keys().into_iter().find(|k| k.contains("/m/")).unwrap();

@@ -4,7 +4,8 @@
 use super::hashes::{ChunkHead, Slot};
 use super::{ReplicaStore, SegmentIndex, CHUNK_BYTES};
 use crate::error::{Error, Result};
-use crate::replica::crypt::{ReplicaKey, HEADER_LEN};
+use crate::replica::crypt::{ReplicaKey, HEADER_LEN, TAG_LEN};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 pub(super) const PARENT: &str = "parent";
@@ -110,13 +111,42 @@ impl ReplicaStore {
 /// they pass a memory budget and at [`ChunkEditor::finish`]. Replaying records over
 /// chunks is idempotent, so a crash in between only leaves chunks somewhere between
 /// their old and new states.
-pub struct ChunkEditor<'a> {
+///
+/// A whole chunk given by [`ChunkEditor::write_borrowed`] is kept as the caller's
+/// bytes (`'d`), not copied, until it is sealed or edited again.
+pub struct ChunkEditor<'a, 'd> {
     store: &'a ReplicaStore,
-    dirty: BTreeMap<(u32, u64), Vec<u8>>,
+    dirty: BTreeMap<(u32, u64), Cow<'d, [u8]>>,
     bytes: usize,
 }
 
-impl<'a> ChunkEditor<'a> {
+/// A dirty chunk: (disk, number) and its plain bytes.
+type Dirty<'d> = ((u32, u64), Cow<'d, [u8]>);
+
+/// The bytes of an edit.
+#[derive(Clone, Copy)]
+enum Edit<'x, 'd> {
+    Zero,
+    /// Copied into the chunks.
+    Copy(&'x [u8]),
+    /// Kept as they are for a chunk they cover whole.
+    Borrow(&'d [u8]),
+}
+
+impl<'x, 'd> Edit<'x, 'd> {
+    /// `from..to` of the edit's bytes (None for zeroes).
+    fn bytes(self, from: usize, to: usize) -> Option<&'x [u8]>
+    where
+        'd: 'x,
+    {
+        match self {
+            Edit::Zero => None,
+            Edit::Copy(d) | Edit::Borrow(d) => Some(d.get(from..to).unwrap_or(&[])),
+        }
+    }
+}
+
+impl<'a, 'd> ChunkEditor<'a, 'd> {
     pub fn new(store: &'a ReplicaStore) -> Self {
         ChunkEditor {
             store,
@@ -125,7 +155,7 @@ impl<'a> ChunkEditor<'a> {
         }
     }
 
-    fn apply(&mut self, disk: u32, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+    fn apply(&mut self, disk: u32, offset: u64, len: u64, data: Edit<'_, 'd>) -> Result<()> {
         let size = self.store.disk_size(disk)?;
         let end = offset
             .checked_add(len)
@@ -147,9 +177,12 @@ impl<'a> ChunkEditor<'a> {
                 if within == 0 && take == len {
                     // The edit covers the whole chunk: what it held is not read, and
                     // the chunk is written once (not zeroed first).
-                    let chunk = match data {
-                        Some(d) => d.get(from..from + take).unwrap_or(&[]).to_vec(),
-                        None => vec![0u8; len],
+                    let chunk: Cow<'d, [u8]> = match data {
+                        Edit::Zero => Cow::Owned(vec![0u8; len]),
+                        Edit::Copy(d) => {
+                            Cow::Owned(d.get(from..from + take).unwrap_or(&[]).to_vec())
+                        }
+                        Edit::Borrow(d) => Cow::Borrowed(d.get(from..from + take).unwrap_or(&[])),
                     };
                     if chunk.len() != len {
                         return Err(Error::InvalidInput("chunk edit out of range".into()));
@@ -164,14 +197,15 @@ impl<'a> ChunkEditor<'a> {
                     None => vec![0u8; len],
                 };
                 self.bytes += chunk.len();
-                self.dirty.insert((disk, n), chunk);
+                self.dirty.insert((disk, n), Cow::Owned(chunk));
             }
             if let Some(chunk) = self.dirty.get_mut(&(disk, n)) {
                 let dst = chunk
+                    .to_mut()
                     .get_mut(within..within + take)
                     .ok_or_else(|| Error::InvalidInput("chunk edit out of range".into()))?;
-                match data {
-                    Some(d) => dst.copy_from_slice(d.get(from..from + take).unwrap_or(&[])),
+                match data.bytes(from, from + take) {
+                    Some(d) => dst.copy_from_slice(d),
                     None => dst.fill(0),
                 }
             }
@@ -207,65 +241,97 @@ impl<'a> ChunkEditor<'a> {
 
     /// `data` written at `offset` of `disk`.
     pub fn write(&mut self, disk: u32, offset: u64, data: &[u8]) -> Result<()> {
-        self.apply(disk, offset, data.len() as u64, Some(data))
+        self.apply(disk, offset, data.len() as u64, Edit::Copy(data))
+    }
+
+    /// [`Self::write`], keeping the chunks `data` covers whole as `data` itself
+    /// (sealed from it, not copied first): it must outlive the editor.
+    pub fn write_borrowed(&mut self, disk: u32, offset: u64, data: &'d [u8]) -> Result<()> {
+        self.apply(disk, offset, data.len() as u64, Edit::Borrow(data))
     }
 
     /// `offset..offset+len` of `disk` zeroed.
     pub fn zero(&mut self, disk: u32, offset: u64, len: u64) -> Result<()> {
-        self.apply(disk, offset, len, None)
+        self.apply(disk, offset, len, Edit::Zero)
     }
 
     /// Seal every dirty chunk (up to four at once) and put them as one batch, all-zero
     /// chunks removed; meanwhile hash their pieces for the hash pages, replaced after
     /// them (in whatever order the two land, a slot counts only while its chunk
-    /// carries its nonce). The plain and the sealed chunks are both held until the
-    /// batch is down: up to twice [`EDITOR_BUDGET`].
+    /// carries its nonce). The chunks are sealed into one buffer from
+    /// [`crate::storage::pool`] (a batch of the initial copy is 16 MiB: memory touched
+    /// before costs far less than fresh memory on a VM, see there), so the plain and
+    /// the sealed chunks are both held until the batch is down: up to twice
+    /// [`EDITOR_BUDGET`].
     fn write_out(&mut self) -> Result<()> {
-        let dirty: Vec<((u32, u64), Vec<u8>)> =
-            std::mem::take(&mut self.dirty).into_iter().collect();
+        let dirty: Vec<Dirty<'d>> = std::mem::take(&mut self.dirty).into_iter().collect();
+        self.bytes = 0;
         let store = self.store;
-        let seal = |((disk, n), chunk): &((u32, u64), Vec<u8>)| -> Result<Option<Vec<u8>>> {
-            if chunk.iter().all(|b| *b == 0) {
-                return Ok(None);
+        let room = |c: &[u8]| HEADER_LEN + c.len() + TAG_LEN;
+        let total: usize = dirty.iter().map(|(_, c)| room(c)).sum();
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        // Every byte of a chunk's room is written before it is put (a pooled
+        // buffer's old bytes are never stored); only new room is zeroed here.
+        let mut sealed = crate::storage::pool::take(crate::storage::pool::room_for(total));
+        if sealed.len() < total {
+            sealed.resize(total, 0);
+        }
+        sealed.truncate(total);
+        let result = (|| {
+            let mut jobs: Vec<(&Dirty<'d>, &mut [u8])> = Vec::with_capacity(dirty.len());
+            let mut rest = sealed.as_mut_slice();
+            for item in &dirty {
+                let (out, after) = std::mem::take(&mut rest).split_at_mut(room(&item.1));
+                jobs.push((item, out));
+                rest = after;
             }
-            store
-                .key()
-                .seal_chunk(store.manifest.machine_id, chunk_id(*disk, *n), chunk)
-                .map(Some)
-        };
-        let sealed = crate::parallel::map(&dirty, seal)?;
-        let mut puts = Vec::with_capacity(sealed.len());
-        let mut kept = Vec::with_capacity(sealed.len());
-        let mut zeroed = Vec::new();
-        for ((at, chunk), s) in dirty.iter().zip(sealed) {
-            let key = store.key_of(&chunk_rel(at.0, at.1));
-            match s {
-                None => zeroed.push(key),
-                Some(ct) => {
-                    if let Some(nonce) = ReplicaKey::header_nonce(&ct) {
-                        kept.push((*at, nonce, chunk.as_slice()));
+            // Each chunk's file, sealed in its room; None: all zeroes (removed).
+            let nonces = crate::parallel::map_mut(&mut jobs, |(((disk, n), chunk), out)| {
+                if chunk.iter().all(|b| *b == 0) {
+                    return Ok(None);
+                }
+                out.get_mut(HEADER_LEN..HEADER_LEN + chunk.len())
+                    .ok_or_else(|| Error::InvalidInput("no room to seal a chunk".into()))?
+                    .copy_from_slice(chunk);
+                store
+                    .key()
+                    .seal_chunk_in(store.manifest.machine_id, chunk_id(*disk, *n), out)?;
+                Ok(ReplicaKey::header_nonce(out))
+            })?;
+            let mut puts = Vec::with_capacity(jobs.len());
+            let mut kept = Vec::with_capacity(jobs.len());
+            let mut zeroed = Vec::new();
+            for ((((disk, n), chunk), out), nonce) in jobs.iter().zip(nonces) {
+                let key = store.key_of(&chunk_rel(*disk, *n));
+                match nonce {
+                    None => zeroed.push(key),
+                    Some(nonce) => {
+                        kept.push(((*disk, *n), nonce, chunk.as_ref()));
+                        puts.push((key, &**out));
                     }
-                    puts.push((key, ct));
                 }
             }
-        }
-        let slots = std::thread::scope(|s| -> Result<Vec<((u32, u64), Slot)>> {
-            let hashing = s.spawn(|| {
-                crate::parallel::map(&kept, |(at, nonce, plain)| {
-                    Ok((*at, Slot::of(*nonce, plain)))
-                })
-            });
-            let stored = store.backend().put_batch(&puts);
-            let slots = hashing
-                .join()
-                .unwrap_or_else(|_| Err(Error::InvalidInput("hash worker panicked".into())));
-            stored?;
-            slots
-        })?;
-        store.backend().delete(&zeroed)?;
-        self.bytes = 0;
+            let slots = std::thread::scope(|s| -> Result<Vec<((u32, u64), Slot)>> {
+                let hashing = s.spawn(|| {
+                    crate::parallel::map(&kept, |(at, nonce, plain)| {
+                        Ok((*at, Slot::of(*nonce, plain)))
+                    })
+                });
+                let stored = store.backend().put_batch(&puts);
+                let slots = hashing
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::InvalidInput("hash worker panicked".into())));
+                stored?;
+                slots
+            })?;
+            store.backend().delete(&zeroed)?;
+            Ok(slots)
+        })();
+        crate::storage::pool::give(sealed);
         // The chunks are in place; the pages are a cache (a failure is warned).
-        store.store_slots(slots);
+        store.store_slots(result?);
         Ok(())
     }
 

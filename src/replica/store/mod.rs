@@ -932,7 +932,7 @@ impl ReplicaStore {
         let at = cursor.at;
         let mut ed = ChunkEditor::new(self);
         for (disk, offset, data) in items {
-            ed.write(*disk, *offset, data)?;
+            ed.write_borrowed(*disk, *offset, data)?;
         }
         ed.finish()?;
         self.save_initial(InitialProgress {

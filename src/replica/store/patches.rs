@@ -46,15 +46,11 @@ impl ReplicaStore {
         let id = PATCH_SEQ + n;
         let (version, body) = index.encode()?;
         let machine_id = self.manifest.machine_id;
+        let idx = self.key().seal_index_as(version, machine_id, id, &body)?;
+        let data = self.key().seal(machine_id, id, &plain)?;
         self.backend().put_batch(&[
-            (
-                self.key_of(&patch_rel(n, "idx")),
-                self.key().seal_index_as(version, machine_id, id, &body)?,
-            ),
-            (
-                self.key_of(&patch_rel(n, "data")),
-                self.key().seal(machine_id, id, &plain)?,
-            ),
+            (self.key_of(&patch_rel(n, "idx")), &idx[..]),
+            (self.key_of(&patch_rel(n, "data")), &data[..]),
         ])
     }
 

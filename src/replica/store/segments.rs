@@ -125,13 +125,10 @@ impl ReplicaStore {
         // Index and segment in one batch (one commit in an object store, one directory
         // sync in a directory); the segment's buffer is lent to it, not copied. Both
         // are durable before `received` names them.
-        let mut batch = [
-            (self.key_of(&idx_rel(seq)), idx),
-            (self.key_of(&seg_rel(seq)), std::mem::take(framed)),
-        ];
-        let stored = self.backend().put_batch(&batch);
-        *framed = std::mem::take(&mut batch[1].1);
-        stored?;
+        self.backend().put_batch(&[
+            (self.key_of(&idx_rel(seq)), &idx[..]),
+            (self.key_of(&seg_rel(seq)), &framed[..]),
+        ])?;
         self.set_received(Watermark {
             lsn: index.last_lsn,
             segment_seq: seq,
