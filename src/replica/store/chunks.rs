@@ -10,6 +10,11 @@ use std::collections::BTreeMap;
 
 pub(super) const PARENT: &str = "parent";
 
+/// The biggest room for a write-out's sealed chunks taken from, and given back to,
+/// [`crate::storage::pool`]: an initial copy's 16 MiB batch fits, a merge of hundreds
+/// of MiB does not (it would hold the pool's room, meant for segments, for a minute).
+const SEALED_POOLED_MAX: usize = 32 << 20;
+
 /// Dirty parent chunks a [`ChunkEditor`] keeps in memory before writing them out.
 const EDITOR_BUDGET: usize = 256 << 20;
 
@@ -258,11 +263,11 @@ impl<'a, 'd> ChunkEditor<'a, 'd> {
     /// Seal every dirty chunk (up to four at once) and put them as one batch, all-zero
     /// chunks removed; meanwhile hash their pieces for the hash pages, replaced after
     /// them (in whatever order the two land, a slot counts only while its chunk
-    /// carries its nonce). The chunks are sealed into one buffer from
-    /// [`crate::storage::pool`] (a batch of the initial copy is 16 MiB: memory touched
-    /// before costs far less than fresh memory on a VM, see there), so the plain and
-    /// the sealed chunks are both held until the batch is down: up to twice
-    /// [`EDITOR_BUDGET`].
+    /// carries its nonce). The chunks are sealed into one buffer, from
+    /// [`crate::storage::pool`] up to [`SEALED_POOLED_MAX`] (a batch of the initial
+    /// copy is 16 MiB: memory touched before costs far less than fresh memory on a
+    /// VM, see there), so the plain and the sealed chunks are both held until the
+    /// batch is down: up to twice [`EDITOR_BUDGET`].
     fn write_out(&mut self) -> Result<()> {
         let dirty: Vec<Dirty<'d>> = std::mem::take(&mut self.dirty).into_iter().collect();
         self.bytes = 0;
@@ -274,7 +279,13 @@ impl<'a, 'd> ChunkEditor<'a, 'd> {
         }
         // Every byte of a chunk's room is written before it is put (a pooled
         // buffer's old bytes are never stored); only new room is zeroed here.
-        let mut sealed = crate::storage::pool::take(crate::storage::pool::room_for(total));
+        let want = crate::storage::pool::room_for(total);
+        let pooled = want <= SEALED_POOLED_MAX;
+        let mut sealed = if pooled {
+            crate::storage::pool::take(want)
+        } else {
+            Vec::with_capacity(total)
+        };
         if sealed.len() < total {
             sealed.resize(total, 0);
         }
@@ -329,7 +340,9 @@ impl<'a, 'd> ChunkEditor<'a, 'd> {
             store.backend().delete(&zeroed)?;
             Ok(slots)
         })();
-        crate::storage::pool::give(sealed);
+        if pooled {
+            crate::storage::pool::give(sealed);
+        }
         // The chunks are in place; the pages are a cache (a failure is warned).
         store.store_slots(result?);
         Ok(())
