@@ -607,7 +607,8 @@ pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameErro
 /// chunks is read without allocating (and faulting in) 8 MiB for each. It grows as
 /// the bytes arrive, never past the checked length. Bytes it already holds are read
 /// over in place (what `read_to_end` would first fill with zeroes: for a body given
-/// back by an earlier frame, a megabyte of memset saved each time).
+/// back by an earlier frame, a megabyte of memset saved each time). After an error
+/// `body` holds nothing to use (new and old bytes mixed).
 pub fn read_frame_body(r: &mut impl Read, body: &mut Vec<u8>) -> Result<(), FrameError> {
     let mut h = [0u8; FRAME_HEADER_LEN];
     r.read_exact(&mut h)?;

@@ -9,7 +9,10 @@
 //! the page cache, it took 107–149 ms; into these buffers, with O_DIRECT, 68–113 ms
 //! (docs/DESIGN.md, "Segment buffers"). So the readers of whole segments (a point's
 //! check and views, restores, the scrub) and the target's segment assembly take
-//! their buffers from here and give them back.
+//! their buffers from here and give them back; so does a parent-chunk write-out of
+//! up to 32 MiB sealed (`ChunkEditor::write_out`: an initial copy's 16 MiB batches
+//! seal into one ~20 MiB buffer, which then holds one of the idle places between
+//! batches and for up to [`IDLE_FOR`] after the copy).
 //!
 //! Bounded: at most [`MAX_IDLE`] buffers and [`MAX_IDLE_BYTES`] wait here, each of
 //! at least [`POOLED_MIN`] bytes (smaller ones are simply freed), and a thread frees
@@ -22,7 +25,8 @@ use std::time::{Duration, Instant};
 /// Buffers with less room than this are not kept (a small segment's buffer costs
 /// little to fault in).
 pub const POOLED_MIN: usize = 8 << 20;
-/// Idle buffers kept at most (two readers' segments and two being assembled).
+/// Idle buffers kept at most (two readers' segments and two being assembled, or a
+/// chunk write-out's sealed batch in place of one of them).
 pub const MAX_IDLE: usize = 4;
 /// Idle bytes kept at most (four segments of the default 64 MiB and their room): a
 /// buffer that would take the pool past it is freed.

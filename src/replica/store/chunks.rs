@@ -284,7 +284,8 @@ impl<'a, 'd> ChunkEditor<'a, 'd> {
         let mut sealed = if pooled {
             crate::storage::pool::take(want)
         } else {
-            Vec::with_capacity(total)
+            // Zeroed by the kernel as it is touched, not by a memset first.
+            vec![0u8; total]
         };
         if sealed.len() < total {
             sealed.resize(total, 0);
@@ -309,7 +310,11 @@ impl<'a, 'd> ChunkEditor<'a, 'd> {
                 store
                     .key()
                     .seal_chunk_in(store.manifest.machine_id, chunk_id(*disk, *n), out)?;
-                Ok(ReplicaKey::header_nonce(out))
+                // The header was just written: a nonce it does not name is a bug, never
+                // a reason to take the chunk for zeroes (and remove it).
+                ReplicaKey::header_nonce(out).map(Some).ok_or_else(|| {
+                    Error::InvalidInput("a chunk sealed just now names no nonce".into())
+                })
             })?;
             let mut puts = Vec::with_capacity(jobs.len());
             let mut kept = Vec::with_capacity(jobs.len());
