@@ -103,7 +103,8 @@ pub enum Command {
         machine: Option<String>,
     },
     /// Show each machine's state, health with the reason, replication lag, initial-copy
-    /// progress, journal size and last point (read from the running `serve` if any).
+    /// progress, journal size and last point (read from the running `serve` if any;
+    /// a serve still opening its machines is waited for up to 5 s).
     Status {
         site: PathBuf,
         machine: Option<String>,

@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 
 pub const STATUS_FILE: &str = "status.json";
 
+/// How long `replog status` waits for a starting serve's first `status.json`.
+pub const STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MachineStatus {
     pub name: String,
@@ -134,10 +137,29 @@ pub struct SiteStatus {
 }
 
 impl SiteStatus {
-    /// The status a running `serve` keeps in `SITE/status.json`.
+    /// The status a running `serve` keeps in `SITE/status.json`. A serve that holds
+    /// the site but has not written it yet (it writes it once its machines are open,
+    /// before it mounts) is waited for, up to [`STATUS_WAIT`], then
+    /// named as starting.
     pub fn load(site: &std::path::Path) -> crate::Result<SiteStatus> {
         let p = site.join(STATUS_FILE);
-        let text = std::fs::read_to_string(&p).map_err(|e| crate::Error::io("read", &p, e))?;
+        let waited = std::time::Instant::now();
+        let text = loop {
+            match std::fs::read_to_string(&p) {
+                Ok(text) => break text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if waited.elapsed() >= STATUS_WAIT {
+                        return Err(crate::Error::Busy(format!(
+                            "serve holds {} but has not written its status yet (it is \
+                             starting: opening its machines); try again in a moment",
+                            site.display()
+                        )));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(crate::Error::io("read", &p, e)),
+            }
+        };
         serde_json::from_str(&text)
             .map_err(|e| crate::Error::corruption(&p, e.column() as u64, e.to_string()))
     }
@@ -582,6 +604,38 @@ pub fn replicas_status(replicas: &crate::replica::store::Replicas) -> Vec<Machin
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A starting serve's first status is waited for; one that never comes is named
+    /// as starting (Busy), not as a missing file; a damaged one is reported.
+    #[test]
+    fn status_waits_for_a_starting_serve_then_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let doc = SiteStatus {
+            site: "abc".into(),
+            machines: Vec::new(),
+            as_of_ns: 7,
+            warnings: Vec::new(),
+        };
+        let text = serde_json::to_string(&doc).unwrap();
+        let p = dir.path().join(STATUS_FILE);
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            std::fs::write(p, text).unwrap();
+        });
+        assert_eq!(SiteStatus::load(dir.path()).unwrap().as_of_ns, 7);
+        writer.join().unwrap();
+
+        let empty = tempfile::tempdir().unwrap();
+        let e = SiteStatus::load(empty.path()).unwrap_err();
+        assert!(matches!(e, crate::Error::Busy(_)), "{e:?}");
+        assert!(e.to_string().contains("starting"), "{e}");
+
+        std::fs::write(dir.path().join(STATUS_FILE), "{").unwrap();
+        assert!(matches!(
+            SiteStatus::load(dir.path()),
+            Err(crate::Error::Corruption { .. })
+        ));
+    }
 
     fn journal(poisoned: Option<&str>) -> JournalStatus {
         JournalStatus {

@@ -301,7 +301,10 @@ struct StatusWriter {
 }
 
 impl StatusWriter {
+    /// Written once before this returns (so that the mount, started after it, never
+    /// shows a site whose `replog status` has nothing to read), then by a thread.
     fn start(registry: Arc<Registry>) -> StatusWriter {
+        registry.publish_status();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
@@ -309,8 +312,8 @@ impl StatusWriter {
                 .name("status".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Acquire) {
-                        registry.publish_status();
                         std::thread::sleep(std::time::Duration::from_millis(250));
+                        registry.publish_status();
                     }
                 })
                 .ok()
