@@ -1090,15 +1090,7 @@ fn chunk_frames_of_protocol_2_decode_whole_and_in_place_and_are_sent_as_they_wer
         match protocol::initial_chunk_ref(body) {
             Some(c) => {
                 let c = c.expect("decodes in place");
-                let owned = Message::InitialChunk {
-                    machine: c.machine.into(),
-                    generation: c.generation,
-                    disk: c.disk,
-                    offset: c.offset,
-                    compressed: c.compressed,
-                    bytes: c.bytes.to_vec(),
-                };
-                assert_eq!(owned, whole, "{name}");
+                assert_eq!(c.to_message(), whole, "{name}");
                 let end = body.get(body.len() - c.bytes.len()..).expect("the end");
                 assert_eq!(end.as_ptr(), c.bytes.as_ptr(), "{name}");
             }

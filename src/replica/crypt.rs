@@ -33,6 +33,12 @@ pub const MAGIC: [u8; 8] = *b"\x89RLE\r\n\x1a\n";
 pub const HEADER_LEN: usize = 40;
 /// The AES-GCM tag after the ciphertext.
 pub const TAG_LEN: usize = 16;
+
+/// The length of an encrypted file whose plain bytes are `plain` long: the header,
+/// the bytes, the tag.
+pub const fn sealed_len(plain: usize) -> usize {
+    HEADER_LEN + plain + TAG_LEN
+}
 /// HKDF labels: segments and initial-copy chunks never share a key.
 const SEGMENT_LABEL: &[u8] = b"replog segment ";
 const CHUNK_LABEL: &[u8] = b"replog parent chunk ";
@@ -190,10 +196,8 @@ impl ReplicaKey {
         seq: u64,
         plain: &[u8],
     ) -> Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(HEADER_LEN + plain.len() + TAG_LEN);
-        out.resize(HEADER_LEN, 0);
-        out.extend_from_slice(plain);
-        self.seal_framed_as(label, version, machine_id, seq, &mut out)?;
+        let mut out = vec![0u8; sealed_len(plain.len())];
+        self.seal_into(label, version, machine_id, seq, plain, &mut out)?;
         Ok(out)
     }
 
@@ -201,39 +205,53 @@ impl ReplicaKey {
     /// the plain segment; afterwards it holds the encrypted file (the header written,
     /// the tag appended). Keep [`TAG_LEN`] bytes of spare capacity to avoid a copy.
     pub fn seal_framed(&self, machine_id: u64, seq: u64, buf: &mut Vec<u8>) -> Result<()> {
-        self.seal_framed_as(SEGMENT_LABEL, VERSION, machine_id, seq, buf)
+        let (_, tag) = self.seal_slice(SEGMENT_LABEL, VERSION, machine_id, seq, buf)?;
+        buf.extend_from_slice(&tag);
+        Ok(())
     }
 
-    fn seal_framed_as(
+    /// Encrypt replica parent chunk `id` (`plain`) into `out`, which must be
+    /// [`sealed_len`] of it: the whole encrypted file. Returns the nonce it was sealed
+    /// with. For a caller that keeps one buffer for many chunks (nothing allocated).
+    pub fn seal_chunk_into(
+        &self,
+        machine_id: u64,
+        id: u64,
+        plain: &[u8],
+        out: &mut [u8],
+    ) -> Result<[u8; 12]> {
+        self.seal_into(CHUNK_LABEL, VERSION, machine_id, id, plain, out)
+    }
+
+    /// `plain` sealed into `out` ([`sealed_len`] of it), giving the nonce.
+    fn seal_into(
         &self,
         label: &[u8],
         version: u16,
         machine_id: u64,
         seq: u64,
-        buf: &mut Vec<u8>,
-    ) -> Result<()> {
-        let tag = self.seal_slice(label, version, machine_id, seq, buf)?;
-        buf.extend_from_slice(&tag);
-        Ok(())
-    }
-
-    /// Encrypt replica parent chunk `id` in `out`, in place: `out` holds
-    /// [`HEADER_LEN`] bytes of room, the plain chunk, and [`TAG_LEN`] bytes of room;
-    /// afterwards it holds the encrypted file. For a caller that keeps one buffer
-    /// for many chunks (nothing allocated, no fresh memory touched).
-    pub fn seal_chunk_in(&self, machine_id: u64, id: u64, out: &mut [u8]) -> Result<()> {
-        let body = out
-            .len()
-            .checked_sub(TAG_LEN)
-            .ok_or_else(|| Error::InvalidInput("no room for the tag".into()))?;
-        let (framed, tail) = out.split_at_mut(body);
-        let tag = self.seal_slice(CHUNK_LABEL, VERSION, machine_id, id, framed)?;
+        plain: &[u8],
+        out: &mut [u8],
+    ) -> Result<[u8; 12]> {
+        if out.len() != sealed_len(plain.len()) {
+            return Err(Error::InvalidInput(format!(
+                "{} bytes of room to seal {} bytes",
+                out.len(),
+                plain.len()
+            )));
+        }
+        let (framed, tail) = out.split_at_mut(HEADER_LEN + plain.len());
+        framed
+            .get_mut(HEADER_LEN..)
+            .unwrap_or(&mut [])
+            .copy_from_slice(plain);
+        let (nonce, tag) = self.seal_slice(label, version, machine_id, seq, framed)?;
         tail.copy_from_slice(&tag);
-        Ok(())
+        Ok(nonce)
     }
 
     /// Write the header into the first [`HEADER_LEN`] bytes of `buf` and encrypt
-    /// the rest in place; the tag, returned, goes after it.
+    /// the rest in place; the nonce and the tag (which goes after it) are returned.
     fn seal_slice(
         &self,
         label: &[u8],
@@ -241,7 +259,7 @@ impl ReplicaKey {
         machine_id: u64,
         seq: u64,
         buf: &mut [u8],
-    ) -> Result<[u8; TAG_LEN]> {
+    ) -> Result<([u8; 12], [u8; TAG_LEN])> {
         let mut nonce = [0u8; 12];
         getrandom::fill(&mut nonce)
             .map_err(|e| Error::InvalidInput(format!("random nonce: {e}")))?;
@@ -266,7 +284,7 @@ impl ReplicaKey {
             .map_err(|_| Error::InvalidInput("encryption failed".into()))?;
         let mut out = [0u8; TAG_LEN];
         out.copy_from_slice(tag.as_ref());
-        Ok(out)
+        Ok((nonce, out))
     }
 
     /// Decrypt and authenticate an encrypted segment, read into `buf`; `path` names
@@ -472,9 +490,9 @@ mod tests {
         let k = ReplicaKey::from_bytes([7u8; 32]);
         let p = Path::new("x");
         let plain: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
-        let mut room = vec![0xee; HEADER_LEN + plain.len() + TAG_LEN];
-        room[HEADER_LEN..HEADER_LEN + plain.len()].copy_from_slice(&plain);
-        k.seal_chunk_in(9, 3, &mut room).unwrap();
+        let mut room = vec![0xee; sealed_len(plain.len())];
+        let nonce = k.seal_chunk_into(9, 3, &plain, &mut room).unwrap();
+        assert_eq!(ReplicaKey::header_nonce(&room), Some(nonce));
         assert_eq!(room.len(), k.seal_chunk(9, 3, &plain).unwrap().len());
         let mut as_segment = room.clone();
         assert!(k.open(9, 3, std::mem::take(&mut as_segment), p).is_err());
@@ -482,9 +500,12 @@ mod tests {
         assert!(k.open_chunk_in_place(9, 4, &mut wrong_id, p).is_err());
         k.open_chunk_in_place(9, 3, &mut room, p).unwrap();
         assert_eq!(room, plain);
-        // No room for a header and a tag: refused.
-        assert!(k.seal_chunk_in(9, 3, &mut [0u8; TAG_LEN]).is_err());
-        assert!(k.seal_chunk_in(9, 3, &mut [0u8; HEADER_LEN]).is_err());
+        // Room of any other size: refused.
+        for len in [0, sealed_len(plain.len()) - 1, sealed_len(plain.len()) + 1] {
+            assert!(k
+                .seal_chunk_into(9, 3, &plain, &mut vec![0u8; len])
+                .is_err());
+        }
     }
 
     #[test]

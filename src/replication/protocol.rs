@@ -694,6 +694,20 @@ pub struct InitialChunkRef<'a> {
     pub bytes: &'a [u8],
 }
 
+impl InitialChunkRef<'_> {
+    /// The same chunk as an owned [`Message::InitialChunk`] (a copy of its bytes).
+    pub fn to_message(&self) -> Message {
+        Message::InitialChunk {
+            machine: self.machine.into(),
+            generation: self.generation,
+            disk: self.disk,
+            offset: self.offset,
+            compressed: self.compressed,
+            bytes: self.bytes.to_vec(),
+        }
+    }
+}
+
 /// The body's message as an [`InitialChunkRef`] if it is an `InitialChunk` (None for
 /// any other message), with the same checks as [`segment_chunk_ref`].
 pub fn initial_chunk_ref(body: &[u8]) -> Option<Result<InitialChunkRef<'_>, FrameError>> {

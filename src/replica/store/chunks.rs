@@ -4,7 +4,8 @@
 use super::hashes::{ChunkHead, Slot};
 use super::{ReplicaStore, SegmentIndex, CHUNK_BYTES};
 use crate::error::{Error, Result};
-use crate::replica::crypt::{ReplicaKey, HEADER_LEN, TAG_LEN};
+use crate::replica::crypt::{sealed_len, ReplicaKey, HEADER_LEN};
+use crate::storage::pool::{room_for, Pooled};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
@@ -263,93 +264,79 @@ impl<'a, 'd> ChunkEditor<'a, 'd> {
     /// Seal every dirty chunk (up to four at once) and put them as one batch, all-zero
     /// chunks removed; meanwhile hash their pieces for the hash pages, replaced after
     /// them (in whatever order the two land, a slot counts only while its chunk
-    /// carries its nonce). The chunks are sealed into one buffer, from
-    /// [`crate::storage::pool`] up to [`SEALED_POOLED_MAX`] (a batch of the initial
-    /// copy is 16 MiB: memory touched before costs far less than fresh memory on a
-    /// VM, see there), so the plain and the sealed chunks are both held until the
-    /// batch is down: up to twice [`EDITOR_BUDGET`].
+    /// carries its nonce). The chunks are sealed into one buffer, a [`Pooled`] one up
+    /// to [`SEALED_POOLED_MAX`] (a batch of the initial copy is 16 MiB: memory touched
+    /// before costs far less than fresh memory on a VM, see `storage::pool`), so the
+    /// plain and the sealed chunks are both held until the batch is down: up to twice
+    /// [`EDITOR_BUDGET`].
     fn write_out(&mut self) -> Result<()> {
         let dirty: Vec<Dirty<'d>> = std::mem::take(&mut self.dirty).into_iter().collect();
         self.bytes = 0;
-        let store = self.store;
-        let room = |c: &[u8]| HEADER_LEN + c.len() + TAG_LEN;
-        let total: usize = dirty.iter().map(|(_, c)| room(c)).sum();
         if dirty.is_empty() {
             return Ok(());
         }
+        let store = self.store;
+        let total: usize = dirty.iter().map(|(_, c)| sealed_len(c.len())).sum();
         // Every byte of a chunk's room is written before it is put (a pooled
-        // buffer's old bytes are never stored); only new room is zeroed here.
-        let want = crate::storage::pool::room_for(total);
-        let pooled = want <= SEALED_POOLED_MAX;
-        let mut sealed = if pooled {
-            crate::storage::pool::take(want)
+        // buffer's old bytes are never stored).
+        let (mut pooled, mut own);
+        let room: &mut [u8] = if room_for(total) <= SEALED_POOLED_MAX {
+            pooled = Pooled::with_room(total);
+            &mut pooled
         } else {
-            // Zeroed by the kernel as it is touched, not by a memset first.
-            vec![0u8; total]
+            own = vec![0u8; total];
+            &mut own
         };
-        if sealed.len() < total {
-            sealed.resize(total, 0);
+        let mut jobs: Vec<(&Dirty<'d>, &mut [u8])> = Vec::with_capacity(dirty.len());
+        let mut rest = room;
+        for item in &dirty {
+            let (out, after) = rest
+                .split_at_mut_checked(sealed_len(item.1.len()))
+                .ok_or_else(|| Error::InvalidInput("no room to seal a chunk".into()))?;
+            jobs.push((item, out));
+            rest = after;
         }
-        sealed.truncate(total);
-        let result = (|| {
-            let mut jobs: Vec<(&Dirty<'d>, &mut [u8])> = Vec::with_capacity(dirty.len());
-            let mut rest = sealed.as_mut_slice();
-            for item in &dirty {
-                let (out, after) = std::mem::take(&mut rest).split_at_mut(room(&item.1));
-                jobs.push((item, out));
-                rest = after;
+        // Each chunk's file, sealed in its room, and its nonce; None: all zeroes
+        // (removed).
+        let nonces = crate::parallel::map_mut(&mut jobs, |(((disk, n), chunk), out)| {
+            if chunk.iter().all(|b| *b == 0) {
+                return Ok(None);
             }
-            // Each chunk's file, sealed in its room; None: all zeroes (removed).
-            let nonces = crate::parallel::map_mut(&mut jobs, |(((disk, n), chunk), out)| {
-                if chunk.iter().all(|b| *b == 0) {
-                    return Ok(None);
+            let id = chunk_id(*disk, *n);
+            let nonce = store
+                .key()
+                .seal_chunk_into(store.manifest.machine_id, id, chunk, out)?;
+            Ok(Some(nonce))
+        })?;
+        let mut puts = Vec::with_capacity(jobs.len());
+        let mut kept = Vec::with_capacity(jobs.len());
+        let mut zeroed = Vec::new();
+        for ((((disk, n), chunk), out), nonce) in jobs.iter().zip(nonces) {
+            let key = store.key_of(&chunk_rel(*disk, *n));
+            match nonce {
+                None => zeroed.push(key),
+                Some(nonce) => {
+                    kept.push(((*disk, *n), nonce, chunk.as_ref()));
+                    puts.push((key, &**out));
                 }
-                out.get_mut(HEADER_LEN..HEADER_LEN + chunk.len())
-                    .ok_or_else(|| Error::InvalidInput("no room to seal a chunk".into()))?
-                    .copy_from_slice(chunk);
-                store
-                    .key()
-                    .seal_chunk_in(store.manifest.machine_id, chunk_id(*disk, *n), out)?;
-                // The header was just written: a nonce it does not name is a bug, never
-                // a reason to take the chunk for zeroes (and remove it).
-                ReplicaKey::header_nonce(out).map(Some).ok_or_else(|| {
-                    Error::InvalidInput("a chunk sealed just now names no nonce".into())
+            }
+        }
+        let slots = std::thread::scope(|s| -> Result<Vec<((u32, u64), Slot)>> {
+            let hashing = s.spawn(|| {
+                crate::parallel::map(&kept, |(at, nonce, plain)| {
+                    Ok((*at, Slot::of(*nonce, plain)))
                 })
-            })?;
-            let mut puts = Vec::with_capacity(jobs.len());
-            let mut kept = Vec::with_capacity(jobs.len());
-            let mut zeroed = Vec::new();
-            for ((((disk, n), chunk), out), nonce) in jobs.iter().zip(nonces) {
-                let key = store.key_of(&chunk_rel(*disk, *n));
-                match nonce {
-                    None => zeroed.push(key),
-                    Some(nonce) => {
-                        kept.push(((*disk, *n), nonce, chunk.as_ref()));
-                        puts.push((key, &**out));
-                    }
-                }
-            }
-            let slots = std::thread::scope(|s| -> Result<Vec<((u32, u64), Slot)>> {
-                let hashing = s.spawn(|| {
-                    crate::parallel::map(&kept, |(at, nonce, plain)| {
-                        Ok((*at, Slot::of(*nonce, plain)))
-                    })
-                });
-                let stored = store.backend().put_batch(&puts);
-                let slots = hashing
-                    .join()
-                    .unwrap_or_else(|_| Err(Error::InvalidInput("hash worker panicked".into())));
-                stored?;
-                slots
-            })?;
-            store.backend().delete(&zeroed)?;
-            Ok(slots)
-        })();
-        if pooled {
-            crate::storage::pool::give(sealed);
-        }
+            });
+            let stored = store.backend().put_batch(&puts);
+            let slots = hashing
+                .join()
+                .unwrap_or_else(|_| Err(Error::InvalidInput("hash worker panicked".into())));
+            stored?;
+            slots
+        })?;
+        store.backend().delete(&zeroed)?;
         // The chunks are in place; the pages are a cache (a failure is warned).
-        store.store_slots(result?);
+        store.store_slots(slots);
         Ok(())
     }
 

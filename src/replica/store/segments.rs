@@ -66,7 +66,7 @@ impl ReplicaStore {
     /// Receive segment `seq` (its plain bytes as the source has them). Verified, then
     /// stored durably, then acknowledged; nothing is stored if anything is wrong.
     pub fn receive(&mut self, seq: u64, plain: &[u8]) -> Result<Receipt> {
-        let mut framed = Vec::with_capacity(crypt::HEADER_LEN + plain.len() + crypt::TAG_LEN);
+        let mut framed = Vec::with_capacity(crypt::sealed_len(plain.len()));
         framed.resize(crypt::HEADER_LEN, 0);
         framed.extend_from_slice(plain);
         self.receive_framed(seq, &mut framed)
