@@ -695,6 +695,14 @@ pub struct InitialChunkRef<'a> {
 }
 
 impl InitialChunkRef<'_> {
+    /// Where the chunk's bytes lie in `body`, the frame's body it was decoded from:
+    /// its last bytes (the message's last field, nothing after the message), checked
+    /// by address. None if they are not there.
+    pub fn bytes_at(&self, body: &[u8]) -> Option<std::ops::Range<usize>> {
+        let at = body.len().checked_sub(self.bytes.len())?..body.len();
+        (body.get(at.clone())?.as_ptr() == self.bytes.as_ptr()).then_some(at)
+    }
+
     /// The same chunk as an owned [`Message::InitialChunk`] (a copy of its bytes).
     pub fn to_message(&self) -> Message {
         Message::InitialChunk {
@@ -988,6 +996,12 @@ mod tests {
             body[body.len() - payload.len()..].as_ptr(),
             c.bytes.as_ptr()
         );
+        assert_eq!(
+            c.bytes_at(body),
+            Some(body.len() - payload.len()..body.len())
+        );
+        let copy = body.to_vec();
+        assert_eq!(c.bytes_at(&copy), None, "another buffer");
         for (other, _) in all {
             let frame = encode(&other).unwrap();
             assert!(initial_chunk_ref(&frame[FRAME_HEADER_LEN..]).is_none());

@@ -754,12 +754,9 @@ impl Session<'_> {
                 .flatten()
             {
                 let head = chunk.map_err(frame_refusal).and_then(|c| {
-                    // The bytes are the message's last field, and nothing follows the
-                    // message: they are the body's last bytes (checked: the same place).
-                    let at = body.len().saturating_sub(c.bytes.len())..body.len();
-                    if body.get(at.clone()).map(<[u8]>::as_ptr) != Some(c.bytes.as_ptr()) {
-                        return Err(protocol_error("initial chunk's bytes not at its end"));
-                    }
+                    let at = c
+                        .bytes_at(&body)
+                        .ok_or_else(|| protocol_error("initial chunk's bytes not at its end"))?;
                     let head = (c.machine.to_string(), c.generation, c.disk, c.offset);
                     Ok((head, c.compressed, at))
                 });
