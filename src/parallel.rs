@@ -28,7 +28,25 @@ pub fn map_mut<T: Send, U: Send>(
     items: &mut [T],
     f: impl Fn(&mut T) -> Result<U> + Sync,
 ) -> Result<Vec<U>> {
-    let workers = workers(items.len());
+    map_mut_on(workers(items.len()), items, f)
+}
+
+/// [`map`] on `threads` threads whatever the cores (work that waits on the disk, not
+/// the CPU: many small files written at once), no more than there are items.
+pub fn map_on<T: Sync, U: Send>(
+    threads: usize,
+    items: &[T],
+    f: impl Fn(&T) -> Result<U> + Sync,
+) -> Result<Vec<U>> {
+    let mut refs: Vec<&T> = items.iter().collect();
+    map_mut_on(threads.min(items.len()), &mut refs, |t| f(t))
+}
+
+fn map_mut_on<T: Send, U: Send>(
+    workers: usize,
+    items: &mut [T],
+    f: impl Fn(&mut T) -> Result<U> + Sync,
+) -> Result<Vec<U>> {
     if workers <= 1 {
         return items.iter_mut().map(&f).collect();
     }
@@ -73,6 +91,29 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("777"), "{e}");
         assert!(map(&[] as &[u64], |x| Ok(*x)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn map_on_uses_more_threads_than_cores_and_keeps_the_order() {
+        let items: Vec<u64> = (0..100).collect();
+        let threads = parking_lot::Mutex::new(std::collections::HashSet::new());
+        let out = map_on(8, &items, |x| {
+            threads.lock().insert(std::thread::current().id());
+            Ok(x + 1)
+        })
+        .unwrap();
+        assert_eq!(out, (1..101).collect::<Vec<_>>());
+        assert_eq!(threads.lock().len(), 8);
+        assert_eq!(map_on(8, &items[..3], |x| Ok(*x)).unwrap(), vec![0, 1, 2]);
+        let e = map_on(8, &items, |x| {
+            if *x == 63 {
+                Err(Error::InvalidInput("63".into()))
+            } else {
+                Ok(*x)
+            }
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("63"), "{e}");
     }
 
     #[test]

@@ -17,8 +17,7 @@
 use crate::error::{Error, Result};
 use crate::storage::pool::Pooled;
 use crate::storage::{
-    is_not_found, read_all, write_atomic, write_new, write_temp, OpenMode, Storage, StorageFile,
-    StorageLock,
+    is_not_found, read_all, write_atomic, write_new, OpenMode, Storage, StorageFile, StorageLock,
 };
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -300,10 +299,14 @@ impl ReplicaBackend for DirBackend {
         self.with_parent(&path, || write_new(self.storage.as_ref(), &path, bytes))
     }
 
-    /// Every object to its temporary name first, all fsynced (several at once, so the
-    /// file system's journal commits them together instead of one commit each), then
-    /// renamed, then each directory synced once.
+    /// Every object to its temporary name first, from several threads, each file's
+    /// writeback started as it is written; then all fsynced (several at once, so the
+    /// device gets the batch's writes together and its cache flushes overlap, instead
+    /// of one write-then-flush after another), then renamed, then each directory
+    /// synced once. Measured with `tools/experiments/chunk-files.py` (`sfr` against
+    /// `files`): a 16 MiB batch of 64 files 10–15% quicker.
     fn put_batch(&self, items: &[(String, &[u8])]) -> Result<()> {
+        const THREADS: usize = 8;
         let mut paths = Vec::with_capacity(items.len());
         for (k, _) in items {
             let p = self.path(k)?;
@@ -312,29 +315,12 @@ impl ReplicaBackend for DirBackend {
         }
         let jobs: Vec<(&PathBuf, &[u8])> =
             paths.iter().zip(items.iter().map(|(_, v)| *v)).collect();
-        let per = jobs.len().div_ceil(8).max(1);
         let storage = self.storage.as_ref();
-        let temps = std::thread::scope(|sc| -> Result<Vec<PathBuf>> {
-            let handles: Vec<_> = jobs
-                .chunks(per)
-                .map(|part| {
-                    sc.spawn(move || -> Result<Vec<PathBuf>> {
-                        let mut temps = Vec::with_capacity(part.len());
-                        for (p, v) in part {
-                            temps.push(write_temp(storage, p, v)?);
-                        }
-                        Ok(temps)
-                    })
-                })
-                .collect();
-            let mut temps = Vec::with_capacity(paths.len());
-            for h in handles {
-                temps.extend(h.join().unwrap_or_else(|_| {
-                    Err(Error::InvalidInput("writer thread panicked".into()))
-                })?);
-            }
-            Ok(temps)
+        let written = crate::parallel::map_on(THREADS, &jobs, |(p, v)| {
+            crate::storage::write_temp_unsynced(storage, p, v)
         })?;
+        crate::parallel::map_on(THREADS, &written, |(_, file)| file.sync_data())?;
+        let temps: Vec<PathBuf> = written.into_iter().map(|(tmp, _)| tmp).collect();
         let mut dirs = std::collections::BTreeSet::new();
         for (p, tmp) in paths.iter().zip(&temps) {
             self.storage.rename(tmp, p)?;
@@ -533,6 +519,29 @@ mod tests {
         mem.crash(CrashMode::DropAll);
         assert_eq!(b.get("vm1/d/y").unwrap().as_deref(), Some(&b"two"[..]));
         assert_eq!(b.get("vm1/z").unwrap().as_deref(), Some(&b"new"[..]));
+    }
+
+    #[test]
+    fn a_batch_is_durable_on_return_and_leaves_no_temporaries() {
+        let mem = MemStorage::new();
+        let b = DirBackend::new(Arc::new(mem.clone()), "/r");
+        b.put("vm1/parent/c3", b"old").unwrap();
+        let bodies: Vec<(String, Vec<u8>)> = (0..20u8)
+            .map(|i| (format!("vm1/parent/c{i}"), vec![i; 300 + usize::from(i)]))
+            .collect();
+        let items: Vec<(String, &[u8])> = bodies
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_slice()))
+            .collect();
+        b.put_batch(&items).unwrap();
+        // A crash that drops every unsynced write and name keeps all of them, whole.
+        mem.crash(CrashMode::DropAll);
+        for (k, v) in &bodies {
+            assert_eq!(b.get(k).unwrap().as_ref(), Some(v), "{k}");
+        }
+        let names = b.list("vm1/parent").unwrap();
+        assert_eq!(names.len(), 20, "{names:?}");
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
     }
 
     #[test]

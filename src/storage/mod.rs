@@ -261,6 +261,22 @@ pub fn write_temp(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<Pa
     Ok(tmp)
 }
 
+/// [`write_temp`] without the sync: `bytes` written to a temporary name of `path` of
+/// its own and their writeback started, the file returned so that the caller syncs it
+/// (`sync_data`) before it renames — for many files at once, whose writebacks then go
+/// to the device together instead of one flush after each file's write.
+pub fn write_temp_unsynced(
+    storage: &dyn Storage,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(PathBuf, Arc<dyn StorageFile>)> {
+    let tmp = unique_temp_name(path);
+    let file = storage.open(&tmp, OpenMode::CreateNew)?;
+    file.write_bulk(bytes, 0)?;
+    file.start_writeback(0, bytes.len() as u64);
+    Ok((tmp, file))
+}
+
 /// `NAME.<pid>-<n>.tmp` beside `path`: unique within this host's live processes.
 fn unique_temp_name(path: &Path) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

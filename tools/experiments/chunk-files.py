@@ -8,8 +8,11 @@ bounds the initial copy): run it on the file system the benchmarks use.
     tools/experiments/chunk-files.py DIR [ROUNDS]
 
 Modes: `files` (as above), `direct` (final names written directly: no temporary
-files, no renames), `files2` (two batches at once, 16 threads), `one` (one file).
+files, no renames), `files2` (two batches at once, 16 threads), `sfr` (every file
+written and its writeback started with sync_file_range first, then all fdatasynced
+from 8 threads: what `put_batch` does since 2026-12-06), `one` (one file).
 Prints the median, min and max milliseconds per batch of each mode, alternated."""
+import ctypes
 import os
 import shutil
 import statistics
@@ -21,11 +24,14 @@ CHUNK = 256 << 10
 DIR = sys.argv[1]
 ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 12
 DATA = os.urandom(64 * CHUNK)
+LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+SYNC_FILE_RANGE_WRITE = 2
 
 
 def batch(d, mode):
     par = 2 if mode == "files2" else 1
     direct = mode == "direct"
+    late = mode == "sfr"
 
     def writer(first):
         for i in range(first, first + 8):
@@ -33,14 +39,25 @@ def batch(d, mode):
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             k = i % 64
             os.pwrite(fd, DATA[k * CHUNK:(k + 1) * CHUNK], 0)
+            if late:
+                LIBC.sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0),
+                                     SYNC_FILE_RANGE_WRITE)
+            else:
+                os.fdatasync(fd)
+            os.close(fd)
+
+    def syncer(first):
+        for i in range(first, first + 8):
+            fd = os.open(os.path.join(d, f"{i}.tmp"), os.O_WRONLY)
             os.fdatasync(fd)
             os.close(fd)
 
-    threads = [threading.Thread(target=writer, args=(t * 8,)) for t in range(8 * par)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for work in (writer, syncer) if late else (writer,):
+        threads = [threading.Thread(target=work, args=(t * 8,)) for t in range(8 * par)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     if not direct:
         for i in range(64 * par):
             os.rename(os.path.join(d, f"{i}.tmp"), os.path.join(d, f"{i}.enc"))
@@ -56,7 +73,7 @@ def one(d):
     os.close(fd)
 
 
-times = {m: [] for m in ("files", "direct", "files2", "one")}
+times = {m: [] for m in ("files", "direct", "files2", "sfr", "one")}
 os.makedirs(DIR, exist_ok=True)
 for r in range(ROUNDS):
     for mode in times:
