@@ -64,6 +64,18 @@ pub fn pass(replicas: &Replicas, machine: &str) {
     if !replicas.has(machine) {
         return;
     }
+    // Not beside a removal (a committed failover's fold): it waits for this pass, or
+    // this pass for it — and then finds no replica.
+    let _pass = match replicas.pass_lock(machine) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(machine, "replica maintenance lock: {e}");
+            return;
+        }
+    };
+    if !replicas.has(machine) {
+        return;
+    }
     // Promoted by a failover: every point stays as it is (a change of point may
     // need any of them) until the failover is cancelled or committed.
     match replicas.open_readonly(machine).and_then(|s| s.promotion()) {
@@ -83,5 +95,51 @@ pub fn pass(replicas: &Replicas, machine: &str) {
     }
     if let Err(e) = replicas.backend().collect(machine) {
         tracing::warn!(machine, "replica store collection: {e}");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::format::meta::{DiskEntry, Watermark};
+    use crate::replica::backend::DirBackend;
+    use crate::replica::crypt::ReplicaKey;
+    use crate::replica::store::ReplicaManifest;
+    use crate::storage::MemStorage;
+
+    #[test]
+    fn a_removal_waits_for_the_pass_under_way() {
+        let backend = Arc::new(DirBackend::new(Arc::new(MemStorage::new()), "/r"));
+        let replicas = Replicas::new(backend, ReplicaKey::from_bytes([5u8; 32]));
+        let manifest = ReplicaManifest {
+            source_site: [1; 32],
+            machine_id: 2,
+            disks: vec![DiskEntry {
+                id: 0,
+                name: "os".into(),
+                size: 1 << 20,
+            }],
+            base_lsn: 0,
+            base_seq: 0,
+            generation: 1,
+        };
+        replicas
+            .create("vm1", manifest, Watermark::default())
+            .unwrap();
+        // A pass holds its lock (here, this test does): the removal waits for it.
+        let held = replicas.pass_lock("vm1").unwrap();
+        std::thread::scope(|s| {
+            let removal = s.spawn(|| replicas.remove("vm1"));
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(replicas.has("vm1"), "removed while a pass held its lock");
+            assert!(!removal.is_finished());
+            drop(held);
+            removal.join().unwrap().unwrap();
+        });
+        assert!(!replicas.has("vm1"));
+        // A pass after the removal finds nothing to do (and writes nothing).
+        pass(&replicas, "vm1");
+        assert!(!replicas.has("vm1"));
     }
 }

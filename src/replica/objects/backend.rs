@@ -383,14 +383,20 @@ impl ObjectBackend {
 
     /// Commit manifest `seq + 1` = this process's base changed by `change`.
     fn commit(&self, m: &str, named: &[String], change: &dyn Fn(&mut Manifest, u64)) -> Result<()> {
-        self.commit_if(m, named, &|_| true, change).map(|_| ())
+        let cell = self.cell(m)?;
+        self.commit_if(m, &cell, named, &|_| true, change)
+            .map(|_| ())
     }
 
     /// [`Self::commit`] if `accept` takes the base it would build on (under the
-    /// machine's lock); false, nothing committed, if not.
+    /// machine's lock); false, nothing committed, if not. `cell` is the machine's
+    /// state as the operation found it when it began: if the replica was removed
+    /// since (`delete_prefix` fences that state), the commit fails instead of
+    /// starting the removed replica's namespace again with what it names.
     fn commit_if(
         &self,
         m: &str,
+        cell: &Mutex<Machine>,
         named: &[String],
         accept: &dyn Fn(&Manifest) -> bool,
         change: &dyn Fn(&mut Manifest, u64),
@@ -400,7 +406,6 @@ impl ObjectBackend {
             crate::failpoint::hit("s3:before-manifest");
         }
         self.ensure_probed()?;
-        let cell = self.cell(m)?;
         let mut st = cell.lock();
         if let Some(why) = &st.fenced {
             return Err(self.store_err(m, why.clone(), false));
@@ -646,9 +651,14 @@ impl ReplicaBackend for ObjectBackend {
                 "{key:?} names a replica, not an object"
             )));
         }
+        let cell = self.cell(m)?;
         let (name, entry) = self.put_data(m, rel, bytes)?;
         let named: Vec<String> = (!name.is_empty()).then_some(name).into_iter().collect();
-        let done = self.commit(m, &named, &|mf, now| mf.set(rel, entry.clone(), now));
+        let done = self
+            .commit_if(m, &cell, &named, &|_| true, &|mf, now| {
+                mf.set(rel, entry.clone(), now)
+            })
+            .map(|_| ());
         self.forget_pending(m, &named, done.is_err());
         done
     }
@@ -662,6 +672,7 @@ impl ReplicaBackend for ObjectBackend {
                 "{key:?} names a replica, not an object"
             )));
         }
+        let cell = self.cell(m)?;
         if self.view(m)?.entries.contains_key(rel) {
             return Ok(false);
         }
@@ -669,6 +680,7 @@ impl ReplicaBackend for ObjectBackend {
         let named: Vec<String> = (!name.is_empty()).then_some(name).into_iter().collect();
         let done = self.commit_if(
             m,
+            &cell,
             &named,
             &|base| !base.entries.contains_key(rel),
             &|mf, now| mf.set(rel, entry.clone(), now),
@@ -690,6 +702,7 @@ impl ReplicaBackend for ObjectBackend {
             by_machine.entry(m).or_default().push((rel, v));
         }
         for (m, puts) in by_machine {
+            let cell = self.cell(m)?;
             let per = puts.len().div_ceil(PUT_THREADS).max(1);
             let written = std::thread::scope(|sc| -> Result<Vec<(String, String, Entry)>> {
                 let handles: Vec<_> = puts
@@ -718,11 +731,13 @@ impl ReplicaBackend for ObjectBackend {
                 .filter(|(_, n, _)| !n.is_empty())
                 .map(|(_, n, _)| n.clone())
                 .collect();
-            let done = self.commit(m, &named, &|mf, now| {
-                for (rel, _, e) in &written {
-                    mf.set(rel, e.clone(), now);
-                }
-            });
+            let done = self
+                .commit_if(m, &cell, &named, &|_| true, &|mf, now| {
+                    for (rel, _, e) in &written {
+                        mf.set(rel, e.clone(), now);
+                    }
+                })
+                .map(|_| ());
             self.forget_pending(m, &named, done.is_err());
             done?;
         }
@@ -774,11 +789,12 @@ impl ReplicaBackend for ObjectBackend {
             by_machine.entry(m).or_default().push(rel);
         }
         for (m, rels) in by_machine {
+            let cell = self.cell(m)?;
             let view = self.view(m)?;
             if !rels.iter().any(|r| view.entries.contains_key(*r)) {
                 continue;
             }
-            self.commit(m, &[], &|mf, now| {
+            self.commit_if(m, &cell, &[], &|_| true, &|mf, now| {
                 for r in &rels {
                     mf.remove(r, now);
                 }
@@ -1033,6 +1049,35 @@ mod tests {
         assert!(!b.exists("vm1").unwrap());
         assert!(o.keys().iter().all(|k| !k.starts_with("vm1/")));
         assert_eq!(b.list("").unwrap(), vec!["vm2".to_string()]);
+    }
+
+    #[test]
+    fn a_write_under_way_when_its_replica_is_removed_does_not_bring_it_back() {
+        let o = Arc::new(MemObjects::new());
+        let b = backend(&o);
+        b.put("vm1/replica.meta", b"m").unwrap();
+        b.put("vm1/parent/0", &vec![1; 9000]).unwrap();
+        // A merge's batch: its data object PUT, its manifest not yet, when the
+        // replica goes (a committed failover's fold).
+        let cell = b.cell("vm1").unwrap();
+        let (name, entry) = b.put_data("vm1", "parent/1", &vec![2; 9000]).unwrap();
+        b.delete_prefix("vm1").unwrap();
+        let e = b
+            .commit_if("vm1", &cell, &[name], &|_| true, &|mf, now| {
+                mf.set("parent/1", entry.clone(), now)
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("removed"), "{e}");
+        assert!(
+            o.keys().iter().all(|k| !k.starts_with("vm1/m/")),
+            "{:?}",
+            o.keys()
+        );
+        assert!(!b.exists("vm1").unwrap());
+        // A replica of the same name made afterwards starts empty.
+        b.put("vm1/replica.meta", b"new").unwrap();
+        assert_eq!(b.list("vm1").unwrap(), vec!["replica.meta".to_string()]);
+        assert_eq!(b.latest_seq("vm1").unwrap(), 1);
     }
 
     #[test]

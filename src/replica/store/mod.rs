@@ -65,6 +65,8 @@ const DAMAGED: &str = "damaged";
 const PROMOTED: &str = "promoted.meta";
 pub(crate) const PINS: &str = "pins";
 pub(crate) const MERGE_LOCK: &str = "merge.lock";
+/// Held by a maintenance pass of a replica (`maintain::pass`) and by its removal.
+const PASS_LOCK: &str = "pass.lock";
 
 /// Bytes per parent chunk. Smaller chunks rewrite less when scattered blocks change (a
 /// merge or a resync rewrites every chunk it touches) but make more files; 256 KiB
@@ -535,10 +537,23 @@ impl Replicas {
     }
 
     /// Remove the replica of `machine`, every object of it (a committed failover's
-    /// replica, once nothing stands on it). Durable on return.
+    /// replica, once nothing stands on it). Durable on return. Waits for the
+    /// maintenance pass under way ([`Self::pass_lock`]): a merge writes parent chunks
+    /// without holding `merge.lock`, and its writes landing after the removal would
+    /// bring back part of the replica — chunk objects a later replica of the same
+    /// name would take for its own.
     pub fn remove(&self, machine: &str) -> Result<()> {
         validate_name("machine", machine)?;
+        let _pass = self.pass_lock(machine)?;
         self.backend.delete_prefix(machine)
+    }
+
+    /// The lock a maintenance pass of `machine`'s replica (compaction, scrub,
+    /// collection) holds from start to end, and a removal while it removes: the two
+    /// never overlap. Whoever takes it checks that the replica is still there.
+    pub fn pass_lock(&self, machine: &str) -> Result<Box<dyn super::backend::Held>> {
+        validate_name("machine", machine)?;
+        self.backend.lock(&format!("{machine}/{PASS_LOCK}"))
     }
 
     /// The machines this site holds replicas of.
