@@ -321,6 +321,61 @@ fn unplanned_failover_change_point_commit_and_the_old_primary_learns_it_is_fence
 }
 
 #[test]
+fn an_old_primary_still_running_through_a_commit_is_fenced_and_brings_no_replica_back() {
+    if !fuse_available("an_old_primary_still_running_through_a_commit") {
+        return;
+    }
+    let p = Pair::new();
+    write_at(&p.src_img(), 0, &common::pattern(31, MIB as usize));
+    wait_shipped(&p.src);
+    // The source stays up, its session open and idle, through an unplanned failover
+    // and its commit at the target (the fold removes the replica).
+    let o = failover(&p.dst, &[]);
+    assert!(o.status.success(), "failover: {}", text(&o));
+    let o = out(replog().arg("commit").arg(&p.dst).arg("vm1"));
+    assert!(o.status.success(), "commit: {}", text(&o));
+    assert!(!p.dst.join("replicas/vm1").exists(), "the replica stayed");
+    let img = p.dst_mnt().join("vm1/os.img");
+    let before = read_all(&img);
+    // It learns it was failed over (its session is told) and takes no more writes;
+    // nothing of the removed replica comes back at the target.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = status(&p.src);
+        if st["machines"][0]["state"] == "failed-over" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old primary never learnt it was failed over: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p.src_img())
+        .expect("open");
+    let e = f.write_all_at(b"x", 0).and_then(|()| f.sync_all());
+    assert_eq!(
+        e.expect_err("a fenced primary took a write").raw_os_error(),
+        Some(libc::EROFS)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !p.dst.join("replicas/vm1").exists(),
+        "a segment of the old primary was stored where the replica was"
+    );
+    assert!(
+        entry(&p.dst, "vm1", "replica").is_none(),
+        "a replica is listed again"
+    );
+    assert!(
+        read_all(&img) == before,
+        "the old primary changed the new one"
+    );
+}
+
+#[test]
 fn an_unplanned_failover_can_be_cancelled_and_replication_resumes() {
     if !fuse_available("an_unplanned_failover_can_be_cancelled") {
         return;

@@ -109,7 +109,7 @@ mod tests {
     use crate::storage::MemStorage;
 
     #[test]
-    fn a_removal_waits_for_the_pass_under_way() {
+    fn a_pass_and_a_removal_wait_for_each_other() {
         let backend = Arc::new(DirBackend::new(Arc::new(MemStorage::new()), "/r"));
         let replicas = Replicas::new(backend, ReplicaKey::from_bytes([5u8; 32]));
         let manifest = ReplicaManifest {
@@ -127,6 +127,18 @@ mod tests {
         replicas
             .create("vm1", manifest, Watermark::default())
             .unwrap();
+        // A pass takes the lock: it waits while another holds it.
+        let held = replicas.pass_lock("vm1").unwrap();
+        std::thread::scope(|s| {
+            let pass_under_way = s.spawn(|| pass(&replicas, "vm1"));
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(
+                !pass_under_way.is_finished(),
+                "a pass ran while the lock was held"
+            );
+            drop(held);
+            pass_under_way.join().unwrap();
+        });
         // A pass holds its lock (here, this test does): the removal waits for it.
         let held = replicas.pass_lock("vm1").unwrap();
         std::thread::scope(|s| {

@@ -81,6 +81,10 @@ impl StoreJob {
     fn store(&mut self, target: &Target) -> Result<Message, Refusal> {
         let mut st = lock_owned(&self.slot, self.token, &self.name)?;
         check_promotion(&st, &self.name, self.generation)?;
+        // Promoted, committed and folded since the session began: the promotion
+        // record went with the replica, the machine it became is here (without this,
+        // the segment would start the removed replica's keys again).
+        target.check_not_a_machine_here(&self.name, self.generation)?;
         let lsn = match st
             .receive_framed(self.seq, &mut self.bytes)
             .map_err(refusal)?

@@ -1080,6 +1080,90 @@ mod tests {
         assert_eq!(b.latest_seq("vm1").unwrap(), 1);
     }
 
+    /// A store that runs its hook once, right after the first data object is PUT.
+    struct OnDataPut {
+        inner: Arc<MemObjects>,
+        hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+
+    impl fmt::Debug for OnDataPut {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("OnDataPut")
+        }
+    }
+
+    impl ObjectStore for OnDataPut {
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+            self.inner.get(key)
+        }
+        fn put(&self, key: &str, bytes: &[u8]) -> Result<()> {
+            self.inner.put(key, bytes)?;
+            if key.contains("/d/") {
+                let hook = self.hook.lock().take();
+                if let Some(h) = hook {
+                    h();
+                }
+            }
+            Ok(())
+        }
+        fn put_if_absent(&self, key: &str, bytes: &[u8]) -> Result<bool> {
+            self.inner.put_if_absent(key, bytes)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+            self.inner.list(prefix)
+        }
+        fn list_dirs(&self, prefix: &str) -> Result<Vec<String>> {
+            self.inner.list_dirs(prefix)
+        }
+        fn delete(&self, keys: &[String]) -> Result<()> {
+            self.inner.delete(keys)
+        }
+        fn locate(&self, key: &str) -> String {
+            self.inner.locate(key)
+        }
+    }
+
+    #[test]
+    fn puts_and_batches_under_way_when_their_replica_is_removed_fail() {
+        let big = vec![7u8; 9000];
+        let batch: Vec<(String, &[u8])> = vec![
+            ("vm1/parent/0".into(), &big[..]),
+            ("vm1/parent/1".into(), &big[..]),
+        ];
+        for as_batch in [false, true] {
+            let mem = Arc::new(MemObjects::new());
+            let store = Arc::new(OnDataPut {
+                inner: mem.clone(),
+                hook: Mutex::new(None),
+            });
+            let b = Arc::new(ObjectBackend::new(
+                store.clone(),
+                DirBackend::new(Arc::new(MemStorage::new()), "/state"),
+                GRACE,
+                false,
+            ));
+            b.put("vm1/replica.meta", b"m").unwrap();
+            // The replica goes (a committed failover's fold) once the write's first
+            // data object is PUT, before its manifest.
+            let weak = Arc::downgrade(&b);
+            *store.hook.lock() = Some(Box::new(move || {
+                weak.upgrade().unwrap().delete_prefix("vm1").unwrap();
+            }));
+            let e = if as_batch {
+                b.put_batch(&batch).unwrap_err()
+            } else {
+                b.put("vm1/parent/0", &big).unwrap_err()
+            };
+            assert!(e.to_string().contains("removed"), "{e}");
+            assert!(
+                mem.keys().iter().all(|k| !k.starts_with("vm1/m/")),
+                "{:?}",
+                mem.keys()
+            );
+            assert!(!b.exists("vm1").unwrap());
+        }
+    }
+
     #[test]
     fn a_commit_whose_answer_was_lost_is_taken_up_not_fenced() {
         let o = Arc::new(MemObjects::new());
