@@ -129,6 +129,19 @@ pub struct Job {
     /// boot, from /proc), so a reused pid is not taken for it.
     pub owner_pid: u32,
     pub owner_start: u64,
+    /// Jobs of the same kind, machine and plan that failed the same way just before
+    /// this one, each right after the one before it, folded into this record (their
+    /// records removed): a request retried and refused alike every time leaves one
+    /// record, not a history of them pushing every other job out of it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repeats: u32,
+    /// When the first of those repeated failures started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_started: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 fn dir(site: &Path) -> PathBuf {
@@ -335,6 +348,8 @@ impl JobHandle {
                 steps: Vec::new(),
                 owner_pid: pid,
                 owner_start: start,
+                repeats: 0,
+                first_started: None,
             },
         };
         h.save()?;
@@ -538,8 +553,34 @@ impl JobHandle {
         self.job.state = JobState::Failed;
         self.job.error = Some(why.to_string());
         self.job.ended = Some(rfc3339(now_ns()));
+        let folded = self.fold_repeat();
         self.save_logged();
+        // Removed once this record holds its count: a crash in between leaves both.
+        if let Some(id) = folded {
+            if let Ok(p) = path_of(&self.site, &id) {
+                let _ = self.storage.remove_file(&p);
+            }
+        }
         prune(self.storage.as_ref(), &self.site);
+    }
+
+    /// If the newest ended job of this kind, machine and plan failed with the same
+    /// error, count it (and the failures it stands for) into this one; its ID.
+    fn fold_repeat(&mut self) -> Option<String> {
+        let jobs = list_on(self.storage.as_ref(), &self.site).ok()?;
+        let prev = jobs.into_iter().find(|j| {
+            j.id != self.job.id
+                && j.state.ended()
+                && j.kind == self.job.kind
+                && j.machine == self.job.machine
+                && j.plan == self.job.plan
+        })?;
+        if prev.state != JobState::Failed || prev.error != self.job.error {
+            return None;
+        }
+        self.job.repeats = prev.repeats.saturating_add(1);
+        self.job.first_started = Some(prev.first_started.unwrap_or(prev.started));
+        Some(prev.id)
     }
 }
 
@@ -711,6 +752,46 @@ mod tests {
             .unwrap()
             .contains("did not verify: it was not there"));
         assert_eq!(list(tmp.path()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_same_failure_again_and_again_is_one_record_with_a_count() {
+        let tmp = tempfile::tempdir().unwrap();
+        let site = tmp.path();
+        let fail = |kind: JobKind, machine: &str, why: &str| {
+            let j = JobHandle::start(site, kind, Some(machine)).unwrap();
+            j.fail(&Error::InvalidInput(why.into()))
+        };
+        let ok = JobHandle::start(site, JobKind::Commit, Some("vm1")).unwrap();
+        ok.finish(|| Ok("done".into())).unwrap();
+        let first = fail(JobKind::Reprotect, "vm1", "refused");
+        for _ in 0..HISTORY + 10 {
+            fail(JobKind::Reprotect, "vm1", "refused");
+        }
+        let all = list(site).unwrap();
+        assert_eq!(all.len(), 2, "{all:?}");
+        let newest = &all[0];
+        assert_eq!(newest.kind, JobKind::Reprotect);
+        assert_eq!(newest.repeats, HISTORY as u32 + 10);
+        assert_eq!(
+            newest.first_started.as_deref(),
+            Some(first.started.as_str())
+        );
+        assert_eq!(all[1].kind, JobKind::Commit, "the commit was pushed out");
+        // Another error, another machine, or a success in between: a record of its
+        // own.
+        fail(JobKind::Reprotect, "vm1", "refused for another reason");
+        fail(JobKind::Reprotect, "vm2", "refused for another reason");
+        let j = JobHandle::start(site, JobKind::Reprotect, Some("vm2")).unwrap();
+        j.finish(|| Ok(String::new())).unwrap();
+        let again = fail(JobKind::Reprotect, "vm2", "refused for another reason");
+        assert_eq!(again.repeats, 0);
+        assert_eq!(list(site).unwrap().len(), 6);
+        // Records without the new fields (older builds) read as no repeats.
+        let text = serde_json::to_string(&all[1]).unwrap();
+        assert!(!text.contains("repeats"), "{text}");
+        let back: Job = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.repeats, 0);
     }
 
     #[test]

@@ -30,6 +30,14 @@ pub fn show(site: &Path, id: Option<&str>, json: bool) -> Result<()> {
                     ""
                 }
             )
+        } else if j.repeats > 0 {
+            format!(
+                "{} (the same way {} time{} before, since {})",
+                j.state.as_str(),
+                j.repeats,
+                if j.repeats == 1 { "" } else { "s" },
+                j.first_started.as_deref().unwrap_or("?")
+            )
         } else {
             j.state.as_str().to_string()
         };
@@ -84,5 +92,7 @@ fn document(j: &Job) -> serde_json::Value {
         "steps": j.steps,
         "owner_pid": j.owner_pid,
         "owner_gone": j.state == jobs::JobState::InProgress && j.owner_gone(),
+        "repeats": j.repeats,
+        "first_started": j.first_started,
     })
 }

@@ -116,12 +116,18 @@ impl Manifest {
     }
 
     pub fn decode(b: &[u8], at: &str) -> Result<Manifest> {
-        let bad = |off: u64, what: String| Error::corruption(PathBuf::from(at), off, what);
-        let (_, body) = meta::decode(MANIFEST_KIND, b).map_err(|e| bad(e.offset, e.what))?;
+        Self::decode_file(b).map_err(|e| Error::corruption(PathBuf::from(at), e.offset, e.what))
+    }
+
+    /// [`Self::decode`] saying only where and what is wrong (`replog inspect` of a
+    /// manifest object saved from the store).
+    pub fn decode_file(b: &[u8]) -> std::result::Result<Manifest, crate::format::DecodeError> {
+        use crate::format::DecodeError;
+        let (_, body) = meta::decode(MANIFEST_KIND, b)?;
         let at_body = meta::META_HEADER_LEN as u64;
         let raw = crate::format::lz4_unpack(body, MAX_MANIFEST)
-            .map_err(|e| bad(at_body, format!("manifest body: {e}")))?;
-        meta::body_exact(&raw).ok_or_else(|| bad(at_body, "manifest does not decode".into()))
+            .map_err(|e| DecodeError::new(at_body, format!("manifest body: {e}")))?;
+        meta::body_exact(&raw).ok_or_else(|| DecodeError::new(at_body, "manifest does not decode"))
     }
 }
 
@@ -1162,6 +1168,28 @@ mod tests {
             );
             assert!(!b.exists("vm1").unwrap());
         }
+    }
+
+    #[test]
+    fn a_manifest_object_saved_from_the_store_is_read_by_inspect() {
+        use crate::replica::store::{decode_meta_file, MetaFile};
+        let o = Arc::new(MemObjects::new());
+        let b = backend(&o);
+        b.put("vm1/received", b"1").unwrap();
+        b.put("vm1/parent/0", &vec![3; 9000]).unwrap();
+        let bytes = o.get("vm1/m/00000000000000000002").unwrap().unwrap();
+        let (kind, file) = decode_meta_file(&bytes).unwrap();
+        assert_eq!(kind, MANIFEST_KIND);
+        let MetaFile::ObjectManifest(m) = file else {
+            panic!("{file:?}")
+        };
+        assert_eq!(m.seq, 2);
+        assert!(m.entries.contains_key("received") && m.entries.contains_key("parent/0"));
+        // Damaged: an error at the byte, never a manifest.
+        let mut bad = bytes.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(decode_meta_file(&bad).is_err());
     }
 
     #[test]

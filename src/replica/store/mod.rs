@@ -1036,6 +1036,8 @@ pub enum MetaFile {
     ChangedMap(crate::volume::ChangedMap),
     Seed(crate::failover::reprotect::Seed),
     Damage(crate::volume::DamageList),
+    /// A manifest object of a replica in an object store (`<m>/m/<seq>`).
+    ObjectManifest(crate::replica::objects::Manifest),
 }
 
 /// Decode a metadata file whatever its kind; the kind and version come from its
@@ -1071,6 +1073,10 @@ pub fn decode_meta_file(
             kind,
             MetaFile::Damage(crate::volume::DamageList::decode(b)?),
         ));
+    }
+    if kind == meta::KIND_OBJECT_MANIFEST {
+        let m = crate::replica::objects::Manifest::decode_file(b)?;
+        return Ok((kind, MetaFile::ObjectManifest(m)));
     }
     let (version, body) = meta::decode(kind, b)?;
     let file = match kind {
