@@ -409,6 +409,7 @@ pub fn check_meta(data: &[u8]) {
             MetaFile::ChangedMap(v) => v.encode().expect("a decoded map encodes"),
             MetaFile::Seed(v) => encode(kind, v),
             MetaFile::Damage(v) => v.encode().expect("a decoded list encodes"),
+            MetaFile::ObjectManifest(m) => m.encode().expect("a decoded manifest encodes"),
         };
         let (k2, file2) = decode_meta_file(&again).expect("re-decode");
         assert_eq!((k2, file2), (kind, file), "re-encoding changed the value");
