@@ -111,6 +111,35 @@ impl Drop for Pair {
     }
 }
 
+/// Wait until `site`'s (old) primary says it was failed over; its status entry.
+fn wait_failed_over(site: &Path) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = status(site);
+        if st["machines"][0]["state"] == "failed-over" {
+            return st["machines"][0].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old primary never learnt it was failed over: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A write to `img` is refused with EROFS (a fenced primary).
+fn assert_refuses_writes(img: &Path) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(img)
+        .expect("open");
+    let e = f.write_all_at(b"x", 0).and_then(|()| f.sync_all());
+    assert_eq!(
+        e.expect_err("a fenced primary took a write").raw_os_error(),
+        Some(libc::EROFS)
+    );
+}
+
 #[test]
 fn a_test_copy_is_writable_isolated_and_cleaned_up_while_replication_goes_on() {
     if !fuse_available("a_test_copy_is_writable_isolated") {
@@ -280,34 +309,12 @@ fn unplanned_failover_change_point_commit_and_the_old_primary_learns_it_is_fence
     let before = read_all(&img);
     let tmp = p._tmp.path().to_path_buf();
     let back = Served::start(&p.src, &tmp.join("src-mnt"), &[]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let st = status(&p.src);
-        if st["machines"][0]["state"] == "failed-over" {
-            assert!(
-                st["machines"][0]["reason"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("fenced"),
-                "{st}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the old primary never learnt: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(back.disk("os"))
-        .expect("open");
-    let e = f.write_all_at(b"x", 0).and_then(|()| f.sync_all());
-    assert_eq!(
-        e.expect_err("a fenced primary took a write").raw_os_error(),
-        Some(libc::EROFS)
+    let st = wait_failed_over(&p.src);
+    assert!(
+        st["reason"].as_str().unwrap_or("").contains("fenced"),
+        "{st}"
     );
+    assert_refuses_writes(&back.disk("os"));
     assert!(
         read_all(&img) == before,
         "the old primary changed the new one"
@@ -339,27 +346,8 @@ fn an_old_primary_still_running_through_a_commit_is_fenced_and_brings_no_replica
     let before = read_all(&img);
     // It learns it was failed over (its session is told) and takes no more writes;
     // nothing of the removed replica comes back at the target.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let st = status(&p.src);
-        if st["machines"][0]["state"] == "failed-over" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the old primary never learnt it was failed over: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(p.src_img())
-        .expect("open");
-    let e = f.write_all_at(b"x", 0).and_then(|()| f.sync_all());
-    assert_eq!(
-        e.expect_err("a fenced primary took a write").raw_os_error(),
-        Some(libc::EROFS)
-    );
+    wait_failed_over(&p.src);
+    assert_refuses_writes(&p.src_img());
     std::thread::sleep(Duration::from_secs(1));
     assert!(
         !p.dst.join("replicas/vm1").exists(),
