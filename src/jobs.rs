@@ -4,7 +4,7 @@
 //!
 //! `SITE/jobs/<id>.json`, one file a job (written atomically at every change, so a
 //! crash leaves the last state written), as DESIGN.md's `replog jobs --json` shows it,
-//! plus `format` (1), the owner's pid and its start time. IDs sort by start time
+//! plus `format` (2; 1 before `repeats` and `first_started`), the owner's pid and its start time. IDs sort by start time
 //! (`j-<UTC yyyymmddThhmmss>-<microseconds>-<4 hex>`). The history is bounded: the newest
 //! [`HISTORY`] ended jobs are kept; jobs in progress or waiting never go.
 //!
@@ -24,7 +24,9 @@ use std::sync::Arc;
 pub const JOBS_DIR: &str = "jobs";
 /// Ended jobs kept.
 pub const HISTORY: usize = 200;
-const FORMAT: u32 = 1;
+/// Job record format: 2 since records carry `repeats` and `first_started`
+/// (2026-12-06); format 1 records (without them) still read.
+const FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -639,9 +641,9 @@ pub fn list_on(storage: &dyn Storage, site: &Path) -> Result<Vec<Job>> {
             Err(e) => return Err(e),
         };
         match serde_json::from_slice::<Job>(&bytes) {
-            Ok(j) if j.format == FORMAT => out.push(j),
+            Ok(j) if (1..=FORMAT).contains(&j.format) => out.push(j),
             Ok(j) => tracing::warn!(
-                "{}: job format {}; this build reads 1",
+                "{}: job format {}; this build reads 1 to {FORMAT}",
                 p.display(),
                 j.format
             ),

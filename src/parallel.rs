@@ -19,8 +19,7 @@ pub fn workers(items: usize) -> usize {
 /// `f` of every item, in order, on [`workers`] threads (each a run of consecutive
 /// items); the first error wins.
 pub fn map<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> Result<U> + Sync) -> Result<Vec<U>> {
-    let mut refs: Vec<&T> = items.iter().collect();
-    map_mut(&mut refs, |t| f(t))
+    map_on(workers(items.len()), items, f)
 }
 
 /// [`map`] with each item lent to `f` mutably (each thread has a run of its own).

@@ -1207,3 +1207,27 @@ fn version_10_a_paused_relationship_and_a_copy_mark_read_back() {
         "# replog copy mark, format 2\n"
     );
 }
+
+/// Job records of format 2 (`v11/jobs`): a failure folded with the two identical ones
+/// before it (`repeats`, `first_started`). They list beside a format-1 record (`v2/jobs`),
+/// which reads as no repeats.
+#[test]
+fn version_11_job_records_with_repeats_read_beside_format_1() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    copy_dir(&fixtures().join("v2/jobs"), &tmp.path().join("jobs"));
+    copy_dir(&fixtures().join("v11/jobs"), &tmp.path().join("jobs"));
+    let jobs = replog::jobs::list(tmp.path()).expect("jobs");
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    let (new, old) = (&jobs[0], &jobs[1]);
+    assert_eq!((new.format, old.format), (2, 1));
+    assert_eq!(new.kind, replog::jobs::JobKind::Protect);
+    assert_eq!(new.state, replog::jobs::JobState::Failed);
+    assert_eq!(new.repeats, 2);
+    assert_eq!(
+        new.first_started.as_deref(),
+        Some("2026-12-06T21:32:26.806743Z")
+    );
+    assert_eq!((old.repeats, old.first_started.as_deref()), (0, None));
+    let got = replog::jobs::get(tmp.path(), &new.id).expect("get");
+    assert_eq!(&got, new);
+}
